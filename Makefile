@@ -1,0 +1,45 @@
+# hdslb: `make setup` installs everything (idempotent); `make test` and `make demo` run it first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+KREL := $(shell uname -r)
+APT_PKGS := python3-bpfcc linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup test test-unit test-bpf test-e2e demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PKGS); fi
+	@# bcc compiles against /lib/modules/$(KREL)/build; this kernel ships no headers of its own, so link Debian's.
+	@if [ ! -e /lib/modules/$(KREL)/build ]; then \
+	  hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+	  mkdir -p /lib/modules/$(KREL); \
+	  ln -sfn $$hdr /lib/modules/$(KREL)/build; \
+	  ln -sfn $${hdr%-amd64}-common /lib/modules/$(KREL)/source; fi
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@# Debian's bcc is pure Python over libbcc: link it in (never `pip install bcc`, an unrelated package).
+	@sp=$$($(PY) -c 'import site; print(site.getsitepackages()[0])'); ln -sfn /usr/lib/python3/dist-packages/bcc $$sp/bcc
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests/unit tests/bpf tests/e2e
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-bpf: setup
+	$(PY) -m pytest -q tests/bpf
+
+test-e2e: setup
+	$(PY) -m pytest -q tests/e2e
+
+demo: setup
+	$(PY) -m hdslb.lab.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,547 @@
+/* hdslb_xdp.c: the XDP entry point — parse, classify, find or create the connection, rewrite, transmit. */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+
+#include "hdslb_abi.h"
+#include "parse.h"
+#include "csum.h"
+
+/*
+ * Sizes and locations come from the loader as -D flags (hdslb/fastpath/loader.py), never by editing this
+ * text. Every map-touching function lives in this file because bcc rewrites map calls only in the main file.
+ */
+#ifndef PIN_DIR
+#error "PIN_DIR (bpffs directory for this instance) must be passed by the loader"
+#endif
+#ifndef CONN_MAP_FD
+#error "CONN_MAP_FD (fd of the pre-created per-CPU conn map) must be passed by the loader"
+#endif
+#ifndef HDSLB_NR_CPUS
+#error "HDSLB_NR_CPUS (number of possible CPUs) must be passed by the loader"
+#endif
+#ifndef MAX_CONNS
+#define MAX_CONNS 262144
+#endif
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 4096
+#endif
+#ifndef MAX_DESTS
+#define MAX_DESTS 65536
+#endif
+#ifndef MAX_LOCAL
+#define MAX_LOCAL 4096
+#endif
+#ifndef MAX_ROUTES
+#define MAX_ROUTES 131072
+#endif
+#ifndef MAX_NEIGH
+#define MAX_NEIGH 16384
+#endif
+#ifndef MAX_IFACES
+#define MAX_IFACES 64
+#endif
+
+/* VIP:port:proto -> service id; the first lookup for a packet that has no connection yet. */
+BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, svc_map, MAX_SERVICES, PIN_DIR "/svc_map");
+/* Service id -> scheduling ring; replaced whole by the daemon so a packet never sees half a table. */
+BPF_TABLE_PINNED("hash", __u32, struct sched_tbl, sched_map, MAX_SERVICES, PIN_DIR "/sched_map");
+/* Per-CPU position in each service's ring: rr/wrr without atomics (each CPU walks the ring itself). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u32, sched_cursor, MAX_SERVICES, PIN_DIR "/sched_cursor");
+/* Real servers by slot id; slots are stable while a real server exists so conns can count against them. */
+BPF_TABLE_PINNED("array", __u32, struct dest_val, dest_map, MAX_DESTS, PIN_DIR "/dest_map");
+/* Service id -> the local addresses FNAT may use as source (ipvsadm --add-laddr). */
+BPF_TABLE_PINNED("hash", __u32, struct laddr_set, laddr_map, MAX_SERVICES, PIN_DIR "/laddr_map");
+/* Per-CPU local-port cursor: each CPU walks the port range from its own offset (DPVS sa_pool, without FDIR). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u32, lport_cursor, 1, PIN_DIR "/lport_cursor");
+/* Addresses we own (DPVS local routes): ARP is answered for these. */
+BPF_TABLE_PINNED("hash", struct local_key, struct local_val, local_map, MAX_LOCAL, PIN_DIR "/local_map");
+/* Interfaces we are attached to: our MAC per ifindex, for ARP replies and rewritten frames. */
+BPF_TABLE_PINNED("hash", __u32, struct iface_val, iface_map, MAX_IFACES, PIN_DIR "/iface_map");
+/* Net routes (DPVS route4_output): longest-prefix match to the egress interface and next hop. */
+BPF_TABLE_PINNED("lpm_trie", struct route4_key, struct route_val, route4_map, MAX_ROUTES, PIN_DIR "/route4_map", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct route6_key, struct route_val, route6_map, MAX_ROUTES, PIN_DIR "/route6_map", BPF_F_NO_PREALLOC);
+/* Next hop -> MAC; filled by dpip neigh add, by ARP learned here, and by the daemon's resolver. */
+BPF_TABLE_PINNED("hash", struct neigh_key, struct neigh_val, neigh_map, MAX_NEIGH, PIN_DIR "/neigh_map");
+/*
+ * The connection table: one entry per direction, per-CPU values so the hot path never shares a cache
+ * line between CPUs. A key exists for all CPUs, but only the creating CPU's copy is filled in; a packet of
+ * the same flow on another CPU (the sender migrated) adopts that copy once (conn_find). Created by the
+ * loader before this program is compiled, because adoption needs its fd (bpf_map_lookup_percpu_elem).
+ */
+BPF_TABLE_PINNED("lru_percpu_hash", struct conn_key, struct conn_val, conn_map, MAX_CONNS, PIN_DIR "/conn_map");
+/* Traffic per service / per real server, per CPU; the daemon sums. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, svc_stats, MAX_SERVICES, PIN_DIR "/svc_stats");
+BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, dest_stats, MAX_DESTS, PIN_DIR "/dest_stats");
+/* Verdicts and drop reasons, indexed by enum hdslb_counter. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN_DIR "/counters");
+/* Runtime settings (local port range); read only on new flows. */
+BPF_TABLE_PINNED("array", __u32, struct fp_cfg, cfg_map, 1, PIN_DIR "/cfg_map");
+
+/* ARP for IPv4 over Ethernet, the only kind we answer. */
+struct arp_eth {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[6];
+	__be32 spa;
+	__u8 tha[6];
+	__be32 tpa;
+} __attribute__((packed));
+
+/* Hide a value from clang's range analysis so a bounds mask it considers redundant survives for the verifier. */
+#define barrier_var(v) asm volatile("" : "+r"(v))
+
+#define ARPOP_REQUEST_ 1
+#define ARPOP_REPLY_ 2
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = counters.lookup(&idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline int drop(__u32 reason)
+{
+	count(reason);
+	return XDP_DROP;
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline struct local_val *local_lookup4(__be32 addr)
+{
+	struct local_key lk = {};
+
+	lk.addr.v4 = addr;
+	lk.af = HDSLB_AF_INET;
+	return local_map.lookup(&lk);
+}
+
+/* Learn sender IP -> MAC from ARP, unless an operator pinned that neighbour with dpip neigh add. */
+static __always_inline void arp_learn(__be32 ip, const __u8 *mac, __u32 ifindex)
+{
+	struct neigh_key nk = {};
+	struct neigh_val nv = {};
+	struct neigh_val *old;
+
+	if (ip == 0)
+		return;
+	nk.addr.v4 = ip;
+	nk.af = HDSLB_AF_INET;
+	old = neigh_map.lookup(&nk);
+	if (old && (old->flags & NEIGH_F_PERMANENT))
+		return;
+	__builtin_memcpy(nv.mac, mac, 6);
+	nv.flags = NEIGH_F_LEARNED;
+	nv.ifindex = ifindex;
+	nv.updated = bpf_ktime_get_coarse_ns();
+	neigh_map.update(&nk, &nv);
+	count(CNT_ARP_LEARN);
+}
+
+/*
+ * Answer ARP requests for addresses we own on the interface they arrived on, in place (XDP_TX); learn
+ * senders. Everything else ARP goes to the kernel unchanged.
+ */
+static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
+{
+	struct arp_eth *a = nh->pos;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface_val *ifv;
+	struct local_val *lv;
+	__be32 tpa;
+
+	if ((void *)(a + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_ARP);
+	if (a->htype != bpf_htons(1) || a->ptype != bpf_htons(ETH_P_IP) || a->hlen != 6 || a->plen != 4)
+		goto pass;
+	ifv = iface_map.lookup(&ifindex);
+	if (!ifv)
+		goto pass;
+	lv = local_lookup4(a->tpa);
+	if (lv && lv->ifindex && lv->ifindex != ifindex)
+		lv = 0; /* owned, but on another interface: that side answers */
+
+	if (a->op == bpf_htons(ARPOP_REQUEST_)) {
+		if (!lv)
+			goto pass;
+		arp_learn(a->spa, a->sha, ifindex);
+		tpa = a->tpa;
+		__builtin_memcpy(a->tha, a->sha, 6);
+		a->tpa = a->spa;
+		__builtin_memcpy(a->sha, ifv->mac, 6);
+		a->spa = tpa;
+		a->op = bpf_htons(ARPOP_REPLY_);
+		__builtin_memcpy(eth->h_dest, eth->h_source, 6);
+		__builtin_memcpy(eth->h_source, ifv->mac, 6);
+		count(CNT_ARP_REPLY);
+		return XDP_TX;
+	}
+	if (a->op == bpf_htons(ARPOP_REPLY_) && (lv || mac_eq(eth->h_dest, ifv->mac)))
+		arp_learn(a->spa, a->sha, ifindex);
+pass:
+	count(CNT_PASS_ARP);
+	return XDP_PASS;
+}
+
+/*
+ * Find this flow's entry. The per-CPU value on this CPU is used when filled in; otherwise the flow was
+ * created on another CPU (e.g. the sender moved), so copy that CPU's entry here once and go on lockless.
+ */
+static __always_inline struct conn_val *conn_find(struct conn_key *k)
+{
+	struct conn_val *v = conn_map.lookup(k);
+	struct conn_val *o;
+
+	if (!v)
+		return 0;
+	if (v->flags & CONN_F_VALID)
+		return v;
+	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
+		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
+		if (o && (o->flags & CONN_F_VALID)) {
+			__builtin_memcpy(v, o, sizeof(*v));
+			count(CNT_CONN_ADOPT);
+			return v;
+		}
+	}
+	return 0;
+}
+
+/* Coarse TCP progress, enough for ActiveConn/InActConn and, later, per-state timeouts. */
+static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
+{
+	__u8 st = cv->state;
+
+	if (th->rst)
+		st = CS_CLOSE;
+	else if (th->fin)
+		st = st < CS_FIN_WAIT ? CS_FIN_WAIT : st;
+	else if (th->syn && !th->ack)
+		st = st == CS_NONE ? CS_SYN_RECV : st;
+	else if (th->ack && st == CS_SYN_RECV && !(cv->flags & CONN_F_OUT))
+		st = CS_ESTABLISHED;
+	cv->state = st;
+}
+
+static __always_inline void account(struct conn_val *cv, __u32 l3len)
+{
+	__u32 sid = cv->svc_id;
+	__u32 did = cv->dest_slot;
+	struct traffic_stats *ss = svc_stats.lookup(&sid);
+	struct traffic_stats *ds = dest_stats.lookup(&did);
+
+	if (cv->flags & CONN_F_OUT) {
+		if (ss) {
+			ss->outpkts++;
+			ss->outbytes += l3len;
+		}
+		if (ds) {
+			ds->outpkts++;
+			ds->outbytes += l3len;
+		}
+	} else {
+		if (ss) {
+			ss->inpkts++;
+			ss->inbytes += l3len;
+		}
+		if (ds) {
+			ds->inpkts++;
+			ds->inbytes += l3len;
+		}
+	}
+}
+
+/* Rewrite addresses and ports as the entry says (incremental checksums), then the L2 header, then send. */
+static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				      struct tcphdr *th, struct udphdr *uh, struct conn_val *cv)
+{
+	__be32 old_s = iph->saddr, old_d = iph->daddr;
+	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
+
+	if (th) {
+		hcsum_replace4(&th->check, old_s, new_s);
+		hcsum_replace4(&th->check, old_d, new_d);
+		hcsum_replace2(&th->check, th->source, cv->sport);
+		hcsum_replace2(&th->check, th->dest, cv->dport);
+		th->source = cv->sport;
+		th->dest = cv->dport;
+		tcp_track(cv, th);
+	} else if (uh) {
+		udp_csum_replace4(&uh->check, old_s, new_s);
+		udp_csum_replace4(&uh->check, old_d, new_d);
+		udp_csum_replace2(&uh->check, uh->source, cv->sport);
+		udp_csum_replace2(&uh->check, uh->dest, cv->dport);
+		uh->source = cv->sport;
+		uh->dest = cv->dport;
+	}
+	hcsum_replace4(&iph->check, old_s, new_s);
+	hcsum_replace4(&iph->check, old_d, new_d);
+	iph->saddr = new_s;
+	iph->daddr = new_d;
+	__builtin_memcpy(eth->h_dest, cv->dmac, 6);
+	__builtin_memcpy(eth->h_source, cv->smac, 6);
+
+	cv->last_seen = bpf_ktime_get_coarse_ns();
+	account(cv, bpf_ntohs(iph->tot_len));
+	if (cv->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(cv->ifindex, 0);
+}
+
+/*
+ * A new flow to a service: schedule a real server, pick a local address and a free local port, route to
+ * the real server, install both directions, forward. Any missing piece drops the packet with its reason.
+ */
+static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv)
+{
+	__u32 svc_id = sv->svc_id;
+	__u32 zero = 0;
+	struct sched_tbl *t;
+	struct dest_val *d;
+	struct laddr_set *ls;
+	struct laddr_ent *la;
+	struct route_val *rt;
+	struct neigh_val *nv;
+	struct iface_val *ifv;
+	struct fp_cfg *cfg;
+	__u32 *cur, *pc;
+	__u32 idx, slot, li, oif, span, cpu, start;
+	struct route4_key rk = {};
+	struct neigh_key nk = {};
+	struct conn_key ok = {};
+	struct conn_val ov = {};
+	struct conn_val iv = {};
+	struct traffic_stats *st;
+	__u64 now;
+	int found = 0;
+
+	t = sched_map.lookup(&svc_id);
+	cur = sched_cursor.lookup(&svc_id);
+	if (!t || !cur || t->len == 0 || t->len > SCHED_RING_MAX)
+		return drop(CNT_DROP_NO_DEST);
+	idx = *cur % t->len;
+	barrier_var(idx); /* keep the mask: the verifier needs the bound clang would prove and drop */
+	idx &= SCHED_RING_MAX - 1;
+	*cur += 1;
+	slot = t->slot[idx];
+	d = dest_map.lookup(&slot);
+	if (slot == DEST_SLOT_NONE || !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) ||
+	    d->af != HDSLB_AF_INET)
+		return drop(CNT_DROP_NO_DEST);
+
+	ls = laddr_map.lookup(&svc_id);
+	if (!ls || ls->n == 0 || ls->n > LADDR_MAX)
+		return drop(CNT_DROP_NO_LADDR);
+	li = *cur % ls->n;
+	barrier_var(li);
+	li &= LADDR_MAX - 1;
+	la = &ls->a[li];
+
+	rk.prefixlen = 32;
+	rk.addr = d->addr.v4;
+	rt = route4_map.lookup(&rk);
+	if (!rt)
+		return drop(CNT_DROP_NO_ROUTE);
+	nk.addr.v4 = (rt->flags & ROUTE_F_GW) ? rt->gw.v4 : d->addr.v4;
+	nk.af = HDSLB_AF_INET;
+	nv = neigh_map.lookup(&nk);
+	if (!nv)
+		return drop(CNT_DROP_NO_NEIGH);
+	oif = rt->ifindex;
+	ifv = iface_map.lookup(&oif);
+	if (!ifv)
+		return drop(CNT_DROP_NO_IFACE);
+
+	now = bpf_ktime_get_coarse_ns();
+
+	/* Reply direction: real server -> local address:lport, sent back the way the client's packet came. */
+	ok.saddr = d->addr;
+	ok.daddr = la->addr;
+	ok.sport = d->port;
+	ok.proto = k->proto;
+	ok.af = HDSLB_AF_INET;
+	ov.saddr = k->daddr;
+	ov.daddr = k->saddr;
+	ov.sport = k->dport;
+	ov.dport = k->sport;
+	ov.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(ov.dmac, eth->h_source, 6);
+	__builtin_memcpy(ov.smac, eth->h_dest, 6);
+	ov.dest_slot = slot;
+	ov.svc_id = svc_id;
+	ov.flags = CONN_F_VALID | CONN_F_OUT;
+	ov.state = th ? CS_SYN_RECV : CS_UDP;
+	ov.fwd = FWD_FNAT;
+	ov.last_seen = now;
+
+	/* A local port no live flow to this real server uses; the insert itself is the collision check. */
+	cfg = cfg_map.lookup(&zero);
+	pc = lport_cursor.lookup(&zero);
+	if (!cfg || !pc || cfg->lport_max < cfg->lport_min)
+		return drop(CNT_DROP_LPORT_EXHAUSTED);
+	span = (__u32)cfg->lport_max - cfg->lport_min + 1;
+	/* Each CPU starts in its own part of the range (fewer collisions) but may use all of it. */
+	cpu = bpf_get_smp_processor_id();
+	start = cpu * (span / HDSLB_NR_CPUS);
+#pragma unroll
+	for (int i = 0; i < LPORT_TRIES; i++) {
+		__u32 n = *pc;
+
+		*pc = n + 1;
+		ok.dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
+		if (conn_map.insert(&ok, &ov) == 0) {
+			found = 1;
+			break;
+		}
+	}
+	if (!found)
+		return drop(CNT_DROP_LPORT_EXHAUSTED);
+
+	/* Client direction: client -> VIP becomes local address:lport -> real server. */
+	iv.saddr = la->addr;
+	iv.daddr = d->addr;
+	iv.sport = ok.dport;
+	iv.dport = d->port;
+	iv.ifindex = oif;
+	__builtin_memcpy(iv.dmac, nv->mac, 6);
+	__builtin_memcpy(iv.smac, ifv->mac, 6);
+	iv.dest_slot = slot;
+	iv.svc_id = svc_id;
+	iv.flags = CONN_F_VALID;
+	iv.state = th ? CS_NONE : CS_UDP;
+	iv.fwd = FWD_FNAT;
+	iv.last_seen = now;
+	if (conn_map.update(k, &iv) != 0) {
+		conn_map.delete(&ok);
+		return drop(CNT_DROP_CONN_INSERT);
+	}
+
+	st = svc_stats.lookup(&svc_id);
+	if (st)
+		st->conns++;
+	st = dest_stats.lookup(&slot);
+	if (st)
+		st->conns++;
+	count(CNT_CONN_NEW);
+	return xmit_conn4(ctx, eth, iph, th, uh, &iv);
+}
+
+static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
+{
+	struct iphdr *iph;
+	struct tcphdr *th = 0;
+	struct udphdr *uh = 0;
+	struct conn_key k = {};
+	struct svc_key sk = {};
+	struct conn_val *cv;
+	struct svc_val *sv;
+	int proto;
+
+	proto = parse_iphdr(nh, data_end, &iph);
+	if (proto < 0)
+		return drop(CNT_DROP_MALFORMED_IP);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		goto not_balanced;
+	/* Fragments carry no (or a partial) L4 header: never balance them; ours are dropped and counted. */
+	if (iph->frag_off & bpf_htons(0x3fff)) {
+		if (local_lookup4(iph->daddr))
+			return drop(CNT_DROP_FRAGMENT);
+		goto not_balanced;
+	}
+	if (proto == IPPROTO_TCP) {
+		if (parse_tcphdr(nh, data_end, &th) < 0)
+			return drop(CNT_DROP_MALFORMED_L4);
+		k.sport = th->source;
+		k.dport = th->dest;
+	} else {
+		if (parse_udphdr(nh, data_end, &uh) < 0)
+			return drop(CNT_DROP_MALFORMED_L4);
+		k.sport = uh->source;
+		k.dport = uh->dest;
+	}
+	k.saddr.v4 = iph->saddr;
+	k.daddr.v4 = iph->daddr;
+	k.proto = proto;
+	k.af = HDSLB_AF_INET;
+
+	cv = conn_find(&k);
+	if (cv)
+		return xmit_conn4(ctx, eth, iph, th, uh, cv);
+
+	sk.addr.v4 = iph->daddr;
+	sk.port = k.dport;
+	sk.proto = proto;
+	sk.af = HDSLB_AF_INET;
+	sv = svc_map.lookup(&sk);
+	if (!sv)
+		goto not_balanced;
+	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
+	if (th && !(th->syn && !th->ack && !th->rst))
+		return drop(CNT_DROP_NO_CONN);
+	return new_conn4(ctx, eth, iph, th, uh, &k, sv);
+
+not_balanced:
+	count(local_lookup4(iph->daddr) ? CNT_PASS_LOCAL : CNT_PASS_NOT_OURS);
+	return XDP_PASS;
+}
+
+int xdp_main(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	struct ethhdr *eth;
+	int action;
+	int eth_type;
+
+	count(CNT_RX);
+	eth_type = parse_ethhdr(&nh, data_end, &eth);
+	if (eth_type < 0) {
+		action = drop(CNT_DROP_MALFORMED_ETH);
+		goto out;
+	}
+	if (eth_type == bpf_htons(ETH_P_ARP)) {
+		action = handle_arp(ctx, &nh, data_end, eth);
+		goto out;
+	}
+	if (eth_type == bpf_htons(ETH_P_IPV6)) {
+		count(CNT_PASS_IPV6);
+		action = XDP_PASS;
+		goto out;
+	}
+	if (eth_type != bpf_htons(ETH_P_IP)) {
+		count(CNT_PASS_NOT_IP);
+		action = XDP_PASS;
+		goto out;
+	}
+	action = handle_ipv4(ctx, &nh, data_end, eth);
+out:
+	switch (action) {
+	case XDP_PASS:
+		count(CNT_VERDICT_PASS);
+		break;
+	case XDP_TX:
+		count(CNT_VERDICT_TX);
+		break;
+	case XDP_REDIRECT:
+		count(CNT_VERDICT_REDIRECT);
+		break;
+	default:
+		count(CNT_VERDICT_DROP);
+		break;
+	}
+	return action;
+}

@@ -1,0 +1,55 @@
+/* csum.h: incremental Internet checksum updates (RFC 1624) for rewritten addresses and ports. */
+#ifndef HDSLB_CSUM_H
+#define HDSLB_CSUM_H
+
+/*
+ * One's-complement sums are byte-order independent as long as old and new values are in the same
+ * order, so every helper takes fields exactly as they sit in the packet (network order).
+ */
+
+static __always_inline __u16 hcsum_fold32(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)c;
+}
+
+/* HC' = ~(~HC + ~m + m') for a 32-bit field. */
+static __always_inline void hcsum_replace4(__sum16 *sum, __be32 from, __be32 to)
+{
+	__u32 c = (__u16)~*sum;
+
+	c += (~from & 0xffff) + (~from >> 16);
+	c += (to & 0xffff) + (to >> 16);
+	*sum = ~hcsum_fold32(c);
+}
+
+static __always_inline void hcsum_replace2(__sum16 *sum, __be16 from, __be16 to)
+{
+	__u32 c = (__u16)~*sum;
+
+	c += (__u16)~from;
+	c += to;
+	*sum = ~hcsum_fold32(c);
+}
+
+/* UDP over IPv4: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
+static __always_inline void udp_csum_replace4(__sum16 *sum, __be32 from, __be32 to)
+{
+	if (*sum == 0)
+		return;
+	hcsum_replace4(sum, from, to);
+	if (*sum == 0)
+		*sum = 0xffff;
+}
+
+static __always_inline void udp_csum_replace2(__sum16 *sum, __be16 from, __be16 to)
+{
+	if (*sum == 0)
+		return;
+	hcsum_replace2(sum, from, to);
+	if (*sum == 0)
+		*sum = 0xffff;
+}
+
+#endif /* HDSLB_CSUM_H */

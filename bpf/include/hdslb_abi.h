@@ -1,0 +1,267 @@
+/* hdslb_abi.h: every key, value, flag and enum that both the XDP program and the Python control plane read or write. */
+#ifndef HDSLB_ABI_H
+#define HDSLB_ABI_H
+
+/*
+ * Rules for this file (Python parses the enums below by name and checks struct sizes against bcc's ctypes):
+ * fixed-width types only, explicit padding, no bitfields, byte order noted on every multi-byte field.
+ * Addresses are 16-byte unions from day one so IPv6 needs no ABI change: IPv4 lives in the first word,
+ * the other twelve bytes are zero.
+ */
+
+/* An IPv4 or IPv6 address; v4 in v4 (first word), remaining bytes zero. Network order. */
+union hdslb_addr {
+	__be32 v4;
+	__be32 v6[4];
+	__u8 b[16];
+};
+
+/* Address family tags used in keys (not AF_INET values: one byte, stable across libcs). */
+enum hdslb_af {
+	HDSLB_AF_INET = 4,
+	HDSLB_AF_INET6 = 6,
+};
+
+/* Forwarding modes, as ipvsadm -b/-g/-m/-i/-J name them. */
+enum hdslb_fwd {
+	FWD_FNAT = 1,
+	FWD_DR = 2,
+	FWD_NAT = 3,
+	FWD_TUNNEL = 4,
+	FWD_SNAT = 5,
+};
+
+/* A virtual service: who we balance. 20 bytes. */
+struct svc_key {
+	union hdslb_addr addr; /* VIP, network order */
+	__be16 port;           /* VIP port, network order */
+	__u8 proto;            /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 af;               /* enum hdslb_af */
+};
+
+/* svc_val.flags */
+#define SVC_F_VALID 0x1
+
+/* What the fast path needs about a service; the scheduling table is a separate map so it can be swapped whole. */
+struct svc_val {
+	__u32 svc_id; /* index into per-service maps (sched, laddrs, stats); assigned by the daemon */
+	__u32 flags;  /* SVC_F_* */
+};
+
+/* Longest scheduling ring a service can have; rr/wrr rings longer than this are scaled by hdslb/sched. */
+#ifndef SCHED_RING_MAX
+#define SCHED_RING_MAX 1024
+#endif
+
+/*
+ * A service's scheduling table, written in one map update so no packet ever sees half a table.
+ * The fast path picks slot[cursor % len] with a per-CPU cursor (rr, wrr). 0xffff marks an empty slot.
+ */
+struct sched_tbl {
+	__u32 len;     /* entries used in slot[] */
+	__u32 gen;     /* bumped by the daemon on every rebuild (debugging aid) */
+	__u16 slot[SCHED_RING_MAX]; /* dest slot ids, host order */
+};
+
+#define DEST_SLOT_NONE 0xffff
+
+/* dest_val.flags */
+#define DEST_F_VALID 0x1
+#define DEST_F_DRAIN 0x2 /* weight 0: established flows continue, no new flows */
+
+/* One real server, indexed by its slot id. 28 bytes. */
+struct dest_val {
+	union hdslb_addr addr; /* real server address, network order */
+	__be16 port;           /* real server port, network order */
+	__u8 af;               /* enum hdslb_af */
+	__u8 fwd;              /* enum hdslb_fwd */
+	__u32 svc_id;          /* owning service */
+	__u32 flags;           /* DEST_F_* */
+};
+
+/* Local (FNAT source) addresses a service may use. */
+#ifndef LADDR_MAX
+#define LADDR_MAX 16
+#endif
+
+struct laddr_ent {
+	union hdslb_addr addr; /* network order */
+	__u32 ifindex;         /* interface the address was added on (-F) */
+	__u8 af;               /* enum hdslb_af */
+	__u8 pad[3];
+};
+
+struct laddr_set {
+	__u32 n; /* entries used */
+	__u32 pad;
+	struct laddr_ent a[LADDR_MAX];
+};
+
+/* Addresses the balancer owns (DPVS "local routes"): VIPs, local addresses, interface addresses. */
+struct local_key {
+	union hdslb_addr addr; /* network order */
+	__u8 af;
+	__u8 pad[3];
+};
+
+#define LOCAL_F_IFADDR 0x1 /* added with dpip addr add */
+#define LOCAL_F_LADDR 0x2  /* an FNAT local address (--add-laddr) */
+#define LOCAL_F_SAPOOL 0x4 /* usable as a SNAT/FNAT source pool */
+
+struct local_val {
+	__u32 flags;   /* LOCAL_F_* */
+	__u32 ifindex; /* the interface it lives on (ARP is answered there) */
+};
+
+/* Interfaces the program is attached to; keyed by ifindex (host order). */
+struct iface_val {
+	__u8 mac[6];
+	__u16 pad;
+	__u32 flags;
+	__u32 mtu;
+};
+
+/* Net routes: longest-prefix match, one trie per family (an LPM key must be a struct, prefixlen first). */
+struct route4_key {
+	__u32 prefixlen; /* host order, bits */
+	__be32 addr;     /* network order */
+};
+
+struct route6_key {
+	__u32 prefixlen; /* host order, bits */
+	__u8 addr[16];   /* network order */
+};
+
+#define ROUTE_F_GW 0x1  /* next hop is gw, not the destination itself */
+#define ROUTE_F_KNI 0x2 /* scope kni_host: hand matching traffic to the kernel */
+
+struct route_val {
+	union hdslb_addr gw;  /* next hop when ROUTE_F_GW, network order */
+	union hdslb_addr src; /* preferred source, network order (zero = none) */
+	__u32 ifindex;        /* egress interface */
+	__u32 mtu;
+	__u32 flags;          /* ROUTE_F_* */
+	__u32 pad;
+};
+
+/* The neighbour table: next hop IP -> MAC on an interface. */
+struct neigh_key {
+	union hdslb_addr addr; /* network order */
+	__u8 af;
+	__u8 pad[3];
+};
+
+#define NEIGH_F_PERMANENT 0x1 /* dpip neigh add: never overwritten by learning */
+#define NEIGH_F_LEARNED 0x2   /* learned from ARP by the fast path */
+
+struct neigh_val {
+	__u8 mac[6];
+	__u16 flags;     /* NEIGH_F_* */
+	__u32 ifindex;
+	__u32 pad;
+	__u64 updated;   /* bpf_ktime_get_coarse_ns() of the last confirmation */
+};
+
+/* One direction of a connection: the tuple as it arrives. 40 bytes. */
+struct conn_key {
+	union hdslb_addr saddr; /* network order */
+	union hdslb_addr daddr; /* network order */
+	__be16 sport;           /* network order */
+	__be16 dport;           /* network order */
+	__u8 proto;
+	__u8 af;
+	__u16 pad;
+};
+
+/* conn_val.flags */
+#define CONN_F_VALID 0x1 /* this CPU's copy is filled in (per-CPU map: other CPUs' slots start zeroed) */
+#define CONN_F_OUT 0x2   /* reply direction (real server -> local address) */
+
+/* Coarse TCP states for aging and ActiveConn/InActConn, ordered by progress. */
+enum conn_state {
+	CS_NONE = 0,
+	CS_SYN_RECV = 1,
+	CS_ESTABLISHED = 2,
+	CS_FIN_WAIT = 3,
+	CS_CLOSE = 4,
+	CS_UDP = 5,
+};
+
+/*
+ * One direction of a connection: what to rewrite the packet to and where to send it. The L2 result is
+ * cached (DPVS fast_xmit) so an established packet costs one lookup: no route or neighbour lookup.
+ * 72 bytes.
+ */
+struct conn_val {
+	union hdslb_addr saddr; /* new source, network order */
+	union hdslb_addr daddr; /* new destination, network order */
+	__be16 sport;           /* new source port, network order */
+	__be16 dport;           /* new destination port, network order */
+	__u32 ifindex;          /* egress interface */
+	__u8 dmac[6];           /* next hop MAC */
+	__u8 smac[6];           /* our MAC on ifindex */
+	__u16 dest_slot;        /* real server slot, for per-dest counters */
+	__u16 svc_id;           /* service, for per-service counters */
+	__u8 flags;             /* CONN_F_* */
+	__u8 state;             /* enum conn_state (this CPU's view) */
+	__u8 fwd;               /* enum hdslb_fwd */
+	__u8 pad;
+	__u32 pad2;
+	__u64 last_seen;        /* bpf_ktime_get_coarse_ns() on this CPU */
+};
+
+/* Per-service and per-real-server traffic counters (per-CPU, summed by the daemon). */
+struct traffic_stats {
+	__u64 conns;
+	__u64 inpkts;  /* client -> server direction */
+	__u64 outpkts; /* server -> client direction */
+	__u64 inbytes;
+	__u64 outbytes;
+};
+
+/* Runtime settings the daemon can change without recompiling (index 0 of the cfg array). */
+struct fp_cfg {
+	__u16 lport_min; /* FNAT local port range, host order, inclusive */
+	__u16 lport_max;
+	__u32 flags;
+};
+
+/* Tries at finding a free local port before the SYN is dropped as "lport_exhausted". */
+#define LPORT_TRIES 16
+
+/*
+ * Fast-path counters, indexed by this enum in a per-CPU array. Names double as metric labels:
+ * Python reads this enum by parsing this header, so a new counter needs no Python change.
+ */
+enum hdslb_counter {
+	CNT_RX = 0,
+	CNT_VERDICT_PASS,
+	CNT_VERDICT_DROP,
+	CNT_VERDICT_TX,
+	CNT_VERDICT_REDIRECT,
+	CNT_PASS_NOT_IP,
+	CNT_PASS_IPV6,
+	CNT_PASS_NOT_OURS,
+	CNT_PASS_LOCAL,
+	CNT_PASS_ARP,
+	CNT_ARP_REPLY,
+	CNT_ARP_LEARN,
+	CNT_CONN_NEW,
+	CNT_CONN_ADOPT,
+	CNT_DROP_MALFORMED_ETH,
+	CNT_DROP_MALFORMED_ARP,
+	CNT_DROP_MALFORMED_IP,
+	CNT_DROP_MALFORMED_L4,
+	CNT_DROP_FRAGMENT,
+	CNT_DROP_NO_CONN,
+	CNT_DROP_NO_DEST,
+	CNT_DROP_NO_LADDR,
+	CNT_DROP_LPORT_EXHAUSTED,
+	CNT_DROP_NO_ROUTE,
+	CNT_DROP_NO_NEIGH,
+	CNT_DROP_NO_IFACE,
+	CNT_DROP_CONN_INSERT,
+	CNT_MAX,
+};
+
+#endif /* HDSLB_ABI_H */

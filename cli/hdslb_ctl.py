@@ -1,0 +1,142 @@
+"""hdslb-ctl: start, stop and inspect a balancer instance (up / down / status)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from hdslb.ctl import protocol
+from hdslb.ctl.client import Client, DaemonUnreachable
+from hdslb.errors import HdslbError
+
+UP_TIMEOUT_S = 90.0  # a bcc compile takes ~2 s alone, much more on a loaded 2-core CI machine
+
+
+def log_path(ctl_socket: str) -> str:
+    from hdslb.daemon import instance_name
+
+    return os.path.join("/run/hdslb", instance_name(ctl_socket) + ".log")
+
+
+def cmd_up(ns) -> int:
+    ctl = protocol.resolve_socket(ns.ctl_socket)
+    try:
+        st = Client(ctl, timeout=5).call("daemon.status")
+        print(f"hdslb-ctl: hdslbd (pid {st['pid']}) already serves {ctl}", file=sys.stderr)
+        return 1
+    except DaemonUnreachable:
+        pass
+    argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
+    for opt in ("config", "pin_root", "instance", "max_conns", "lport_range", "log_level"):
+        v = getattr(ns, opt)
+        if v is not None:
+            argv += ["--" + opt.replace("_", "-"), str(v)]
+    logfile = ns.log_file or log_path(ctl)
+    os.makedirs(os.path.dirname(logfile), exist_ok=True)
+    with open(logfile, "ab") as lf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines of {logfile}:", file=sys.stderr)
+            with open(logfile, errors="replace") as f:
+                sys.stderr.writelines(f.readlines()[-15:])
+            return 1
+        try:
+            st = Client(ctl, timeout=5).call("daemon.status")
+            if st.get("attached"):
+                modes = ", ".join(f"{k} ({v})" for k, v in st["interfaces"].items())
+                print(f"hdslbd pid {st['pid']} attached to {modes}; control socket {ctl}; log {logfile}")
+                return 0
+        except DaemonUnreachable:
+            pass
+        time.sleep(0.2)
+    print(f"hdslb-ctl: hdslbd did not answer on {ctl} within {UP_TIMEOUT_S:.0f} s (log: {logfile})", file=sys.stderr)
+    return 1
+
+
+def cmd_down(ns) -> int:
+    ctl = protocol.resolve_socket(ns.ctl_socket)
+    try:
+        st = Client(ctl, timeout=10).call("daemon.status")
+        Client(ctl, timeout=10).call("daemon.shutdown", {"detach": True})
+    except DaemonUnreachable as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 1
+    pid = st["pid"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"hdslbd pid {pid} stopped; XDP detached from {', '.join(st['interfaces'])}")
+            return 0
+        time.sleep(0.1)
+    print(f"hdslb-ctl: hdslbd pid {pid} still running after 30 s", file=sys.stderr)
+    return 1
+
+
+def cmd_status(ns) -> int:
+    try:
+        st = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("daemon.status")
+    except DaemonUnreachable as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 3  # like systemctl status: not running
+    print(f"hdslbd {st['version']} pid {st['pid']} up {st['uptime_s']} s")
+    print(f"  control socket: {st['ctl_socket']}")
+    print(f"  pinned maps:    {st['pin_dir']}")
+    for ifname, mode in st["interfaces"].items():
+        print(f"  attached:       {ifname} ({mode} XDP)")
+    print(f"  services:       {st['services']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdslb-ctl", description="control an hdslb balancer instance")
+    p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="compile and attach the XDP program, start hdslbd in the background")
+    up.add_argument("interfaces", nargs="*", metavar="IFACE")
+    up.add_argument("-f", "--config", help="hdslb.conf")
+    up.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
+    up.add_argument("--pin-root")
+    up.add_argument("--instance")
+    up.add_argument("--max-conns", type=int)
+    up.add_argument("--lport-range")
+    up.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    up.add_argument("--log-file", help="daemon log (default /run/hdslb/<instance>.log)")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --ctl-socket is accepted anywhere on the line, as for ipvsadm and dpip.
+    ctl = None
+    if "--ctl-socket" in argv:
+        i = argv.index("--ctl-socket")
+        if i + 1 >= len(argv):
+            print("hdslb-ctl: --ctl-socket needs a path", file=sys.stderr)
+            return 2
+        ctl = argv[i + 1]
+        del argv[i:i + 2]
+    ns = build_parser().parse_args(argv)
+    ns.ctl_socket = ctl
+    if ns.cmd == "up" and not ns.interfaces and not ns.config:
+        print("hdslb-ctl: up needs at least one interface (or -f CONF)", file=sys.stderr)
+        return 2
+    try:
+        return ns.func(ns)
+    except HdslbError as e:
+        print(f"hdslb-ctl: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

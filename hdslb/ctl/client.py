@@ -1,0 +1,76 @@
+"""Blocking control-socket client used by the CLIs (ipvsadm, dpip, hdslb-ctl)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+
+from hdslb.ctl import protocol
+from hdslb.errors import HdslbError
+
+_ids = itertools.count(1)
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers on the socket; the message names the path that was tried."""
+
+
+class Client:
+    def __init__(self, path: str | None = None, timeout: float = 30.0):
+        self.path = protocol.resolve_socket(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            s.close()
+            raise DaemonUnreachable(
+                f"cannot reach hdslbd at {self.path}: {e.strerror} "
+                f"(is it running? see `hdslb-ctl up`, --ctl-socket or ${protocol.ENV_CTL_SOCKET})"
+            ) from None
+        self._sock = s
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                raise DaemonUnreachable(f"hdslbd at {self.path} closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def call(self, op: str, args: dict | None = None):
+        """Send one request; return its data or raise HdslbError(errno, message)."""
+        self.connect()
+        req_id = next(_ids)
+        self._sock.sendall(protocol.encode(protocol.request(req_id, op, args)))
+        n = protocol.frame_length(self._recv_exact(protocol.HEADER_SIZE))
+        rep = protocol.decode_body(self._recv_exact(n))
+        if rep.get("id") != req_id:
+            raise protocol.ProtocolError(f"reply id {rep.get('id')} does not match request {req_id}")
+        if rep.get("ok"):
+            return rep.get("data")
+        raise HdslbError(rep.get("errno", errno.EIO), rep.get("error", "unknown error"))
+
+
+def call(op: str, args: dict | None = None, path: str | None = None, timeout: float = 30.0):
+    with Client(path, timeout) as c:
+        return c.call(op, args)

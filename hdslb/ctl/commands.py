@@ -1,0 +1,275 @@
+"""The control operations, named noun.verb, registered in one table. The socket server and (later) REST call these.
+
+Each command takes the daemon context and an args map, validates through the balancer model (which refuses
+bad input before changing anything) and returns plain data (msgpack-able).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable
+
+from hdslb import __version__
+from hdslb.errors import HdslbError, invalid
+
+COMMANDS: dict[str, Callable] = {}
+
+IPVS_VERSION = "1.2.1"  # what ipvsadm prints in its header; we speak its protocol
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def dispatch(ctx, op: str, args: dict):
+    fn = COMMANDS.get(op)
+    if fn is None:
+        raise HdslbError(errno.EOPNOTSUPP, f"unknown operation {op!r}")
+    return fn(ctx, args)
+
+
+def _opt_svc(ctx, args: dict):
+    s = args.get("svc")
+    return None if s is None else ctx.bal.get_service(s)
+
+
+ZERO_RATES = {"cps": 0, "inpps": 0, "outpps": 0, "inbps": 0, "outbps": 0}
+
+
+def _svc_data(ctx, svc, conn_counts) -> dict:
+    dests = []
+    for d in svc.dests.values():
+        active, inactive = conn_counts.get(d.slot, (0, 0))
+        dests.append({
+            "addr": str(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight,
+            "active": active, "inactive": inactive,
+            "u_threshold": d.u_threshold, "l_threshold": d.l_threshold,
+            "stats": ctx.dest_stats(d.slot), "rates": ctx.rates.get(("dest", d.slot), ZERO_RATES),
+        })
+    return {
+        "proto": svc.proto, "addr": str(svc.addr), "port": svc.port, "sched": svc.sched,
+        "persistent": svc.persistent, "netmask": svc.netmask, "flags": list(svc.flags),
+        "dests": dests, "laddrs": _laddr_data(ctx, svc),
+        "stats": ctx.svc_stats(svc.svc_id), "rates": ctx.rates.get(("svc", svc.svc_id), ZERO_RATES),
+    }
+
+
+def _laddr_data(ctx, svc) -> list[dict]:
+    per = ctx.laddr_conns()
+    return [{"addr": str(la.addr), "ifname": la.ifname, "conns": per.get((svc.svc_id, str(la.addr)), 0),
+             "conflicts": 0} for la in svc.laddrs]
+
+
+def _svc_ident(args: dict) -> dict:
+    return {k: args.get(k) for k in ("proto", "addr", "port")}
+
+
+# --- services ---------------------------------------------------------------------------------------
+@command("service.add")
+def service_add(ctx, a):
+    ctx.bal.service_add(a)
+
+
+@command("service.edit")
+def service_edit(ctx, a):
+    ctx.bal.service_edit(a)
+
+
+@command("service.del")
+def service_del(ctx, a):
+    ctx.bal.service_del(_svc_ident(a))
+
+
+@command("service.flush")
+def service_flush(ctx, a):
+    ctx.bal.service_flush()
+
+
+@command("service.list")
+def service_list(ctx, a):
+    one = _opt_svc(ctx, a)
+    svcs = [one] if one else sorted(ctx.bal.services.values(), key=lambda s: (s.proto, s.addr.version, s.addr, s.port))
+    counts = ctx.conn_counts()
+    return {"version": IPVS_VERSION, "size": ctx.sizes.max_conns,
+            "services": [_svc_data(ctx, s, counts) for s in svcs]}
+
+
+@command("stats.zero")
+def stats_zero(ctx, a):
+    one = _opt_svc(ctx, a)
+    for s in [one] if one else ctx.bal.services.values():
+        ctx.maps.zero_svc_stats(s.svc_id)
+        for d in s.dests.values():
+            ctx.maps.zero_dest_stats(d.slot)
+
+
+# --- real servers -----------------------------------------------------------------------------------
+@command("dest.add")
+def dest_add(ctx, a):
+    ctx.bal.dest_add(a)
+    ctx.resolve_soon()
+
+
+@command("dest.edit")
+def dest_edit(ctx, a):
+    ctx.bal.dest_edit(a)
+
+
+@command("dest.del")
+def dest_del(ctx, a):
+    ctx.bal.dest_del(a)
+
+
+# --- local addresses --------------------------------------------------------------------------------
+@command("laddr.add")
+def laddr_add(ctx, a):
+    ctx.bal.laddr_add(a)
+    ctx.announce(a.get("addr"), a.get("ifname"))
+
+
+@command("laddr.del")
+def laddr_del(ctx, a):
+    ctx.bal.laddr_del(a)
+
+
+@command("laddr.list")
+def laddr_list(ctx, a):
+    one = _opt_svc(ctx, a)
+    svcs = [one] if one else sorted(ctx.bal.services.values(), key=lambda s: (s.proto, s.addr.version, s.addr, s.port))
+    return {"services": [{"proto": s.proto, "addr": str(s.addr), "port": s.port, "laddrs": _laddr_data(ctx, s)}
+                         for s in svcs]}
+
+
+# --- addresses, routes, neighbours (dpip) -----------------------------------------------------------
+@command("addr.add")
+def addr_add(ctx, a):
+    ad = ctx.bal.addr_add(a)
+    ctx.announce(str(ad.addr), ad.ifname)
+    ctx.resolve_soon()
+
+
+@command("addr.del")
+def addr_del(ctx, a):
+    ctx.bal.addr_del(a)
+
+
+@command("addr.flush")
+def addr_flush(ctx, a):
+    ctx.bal.addr_flush(a)
+
+
+@command("addr.list")
+def addr_list(ctx, a):
+    ifname, af = a.get("ifname"), a.get("af")
+    if ifname is not None:
+        ctx.bal.iface(ifname)
+    return {"addrs": [
+        {"addr": str(x.addr), "prefixlen": x.prefixlen, "ifname": x.ifname, "scope": x.scope,
+         "sapool": x.sapool, "af": x.addr.version}
+        for x in ctx.bal.addrs if ifname in (None, x.ifname) and af in (None, x.addr.version)]}
+
+
+def _route_args(a):
+    if a.get("af") not in (None, 4, 6):
+        raise invalid(f"invalid address family {a.get('af')!r}")
+    return a
+
+
+@command("route.add")
+def route_add(ctx, a):
+    ctx.bal.route_add(_route_args(a))
+    ctx.resolve_soon()
+
+
+@command("route.set")
+def route_set(ctx, a):
+    ctx.bal.route_set(_route_args(a))
+    ctx.resolve_soon()
+
+
+@command("route.del")
+def route_del(ctx, a):
+    ctx.bal.route_del(_route_args(a))
+
+
+@command("route.flush")
+def route_flush(ctx, a):
+    ctx.bal.route_flush(_route_args(a))
+
+
+@command("route.list")
+def route_list(ctx, a):
+    af = _route_args(a).get("af") or 4
+    zero = "0.0.0.0" if af == 4 else "::"
+    out = []
+    for r in ctx.bal.routes:
+        if r.net.version != af:
+            continue
+        out.append({"af": af, "prefix": str(r.net.network_address), "prefixlen": r.net.prefixlen,
+                    "via": str(r.via) if r.via else zero, "src": str(r.src) if r.src else zero,
+                    "ifname": r.ifname, "mtu": r.mtu or ctx.bal.ifaces[r.ifname].mtu, "tos": 0,
+                    "scope": r.scope, "metric": r.metric, "proto": r.proto,
+                    "flags": ["local"] if r.local else []})
+    return {"routes": out}
+
+
+@command("neigh.add")
+def neigh_add(ctx, a):
+    ctx.bal.neigh_add(a)
+
+
+@command("neigh.del")
+def neigh_del(ctx, a):
+    ctx.bal.neigh_del(a)
+
+
+@command("neigh.list")
+def neigh_list(ctx, a):
+    ifname, af = a.get("ifname"), a.get("af")
+    by_index = {i.ifindex: i.name for i in ctx.bal.ifaces.values()}
+    out = []
+    for n in ctx.maps.neighs():
+        name = by_index.get(n["ifindex"], str(n["ifindex"]))
+        if ifname not in (None, name) or af not in (None, n["addr"].version):
+            continue
+        out.append({"addr": str(n["addr"]), "lladdr": n["lladdr"], "ifname": name,
+                    "state": "PERMANENT" if n["permanent"] else "REACHABLE",
+                    "flags": ["static"] if n["permanent"] else ["learned"], "cpu": 0})
+    return {"neighs": sorted(out, key=lambda n: n["addr"])}
+
+
+@command("link.list")
+def link_list(ctx, a):
+    ifname = a.get("ifname")
+    if ifname is not None:
+        ctx.bal.iface(ifname)
+    return {"links": [
+        {"ifname": i.name, "ifindex": i.ifindex, "mac": ":".join(f"{b:02x}" for b in i.mac), "mtu": i.mtu,
+         "xdp_mode": ctx.xdp_modes.get(i.name, "none"), "stats": ctx.link_stats(i.name)}
+        for i in ctx.bal.ifaces.values() if ifname in (None, i.name)]}
+
+
+# --- the daemon itself ------------------------------------------------------------------------------
+@command("stats.get")
+def stats_get(ctx, a):
+    return {"counters": ctx.maps.counters(), "per_cpu": ctx.maps.per_cpu_counters()}
+
+
+@command("conn.list")
+def conn_list(ctx, a):
+    return {"conns": ctx.conn_list()}
+
+
+@command("daemon.status")
+def daemon_status(ctx, a):
+    return {"version": __version__, "pid": ctx.pid, "ctl_socket": ctx.ctl_path, "pin_dir": ctx.pin_dir,
+            "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
+            "services": len(ctx.bal.services), "uptime_s": ctx.uptime()}
+
+
+@command("daemon.shutdown")
+def daemon_shutdown(ctx, a):
+    ctx.request_shutdown(detach=bool(a.get("detach", True)))

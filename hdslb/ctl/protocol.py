@@ -1,0 +1,82 @@
+"""Control-socket framing: a 4-byte big-endian length, then one msgpack map.
+
+Request: {"v": 1, "id": <int>, "op": "<noun.verb>", "args": {...}}
+Reply:   {"v": 1, "id": <same>, "ok": true,  "data": <any>}
+      or {"v": 1, "id": <same>, "ok": false, "errno": <int>, "error": "<message>"}
+
+This module never touches a socket, so the CLIs, the daemon and the tests share one codec.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+
+VERSION = 1
+DEFAULT_CTL_SOCKET = "/var/run/hdslb_ctrl"  # the seed's ctrl_defs ipc_msg unix_domain
+ENV_CTL_SOCKET = "HDSLB_CTRL"
+MAX_FRAME = 64 * 1024 * 1024  # a restore of 100k real servers fits; anything larger is a bug or an attack
+_HDR = struct.Struct("!I")
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded; the peer gets an error reply, the connection is closed."""
+
+
+def resolve_socket(explicit: str | None = None) -> str:
+    """--ctl-socket beats $HDSLB_CTRL beats the default."""
+    return explicit or os.environ.get(ENV_CTL_SOCKET) or DEFAULT_CTL_SOCKET
+
+
+def encode(msg: dict) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HDR.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (n,) = _HDR.unpack(header)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+    return n
+
+
+HEADER_SIZE = _HDR.size
+
+
+def decode_body(body: bytes) -> dict:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable frame: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("frame is not a map")
+    return msg
+
+
+def request(req_id: int, op: str, args: dict | None = None) -> dict:
+    return {"v": VERSION, "id": req_id, "op": op, "args": args or {}}
+
+
+def validate_request(msg: dict) -> tuple[int, str, dict]:
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {msg.get('v')!r} (this daemon speaks {VERSION})")
+    req_id, op, args = msg.get("id"), msg.get("op"), msg.get("args", {})
+    if not isinstance(req_id, int):
+        raise ProtocolError("request id missing or not an integer")
+    if not isinstance(op, str) or not op:
+        raise ProtocolError("op missing")
+    if not isinstance(args, dict):
+        raise ProtocolError("args must be a map")
+    return req_id, op, args
+
+
+def reply_ok(req_id: int, data=None) -> dict:
+    return {"v": VERSION, "id": req_id, "ok": True, "data": data}
+
+
+def reply_err(req_id: int, err: int, message: str) -> dict:
+    return {"v": VERSION, "id": req_id, "ok": False, "errno": int(err), "error": str(message)}

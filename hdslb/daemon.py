@@ -1,0 +1,436 @@
+"""hdslbd: the one asyncio process. Composes fast path, balancer model, control socket and background tasks;
+starts them in order and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from hdslb import __version__
+from hdslb.balancer import Balancer, Iface
+from hdslb.ctl import commands, protocol
+from hdslb.ctl.server import CtlServer
+from hdslb.errors import HdslbError
+
+log = logging.getLogger("hdslb")
+
+DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
+DEFAULT_LPORT_RANGE = (1025, 65535)
+XDP_MODES = ("auto", "native", "generic")
+NEIGH_REFRESH_S = 30.0  # re-probe learned next hops this often (the slow-path issue brings real aging)
+
+
+@dataclass
+class Settings:
+    """Everything the daemon needs to start, resolved from argv and the environment."""
+
+    interfaces: list[str]
+    ctl_socket: str
+    instance: str
+    pin_root: str = DEFAULT_PIN_ROOT
+    xdp_mode: str = "auto"
+    max_conns: int = 262144
+    lport_min: int = DEFAULT_LPORT_RANGE[0]
+    lport_max: int = DEFAULT_LPORT_RANGE[1]
+    log_level: str = "info"
+    config_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pin_dir(self) -> str:
+        return os.path.join(self.pin_root, self.instance)
+
+
+def instance_name(ctl_socket: str) -> str:
+    """Per-instance name derived from the control socket, so HDSLB_CTRL alone separates instances."""
+    base = os.path.basename(ctl_socket.rstrip("/")) or "hdslb"
+    base = re.sub(r"\.(sock|ctrl|ctl)$", "", base)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base)
+
+
+def parse_lport_range(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)-(\d+)", s or "")
+    if not m:
+        raise ValueError(f"invalid local port range {s!r} (expected MIN-MAX)")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"invalid local port range {s!r} (1 <= MIN <= MAX <= 65535)")
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdslbd", description="hdslb daemon (runs in the foreground)")
+    p.add_argument("interfaces", nargs="*", metavar="IFACE", help="interfaces to attach the XDP program to")
+    p.add_argument("-f", "--config", dest="config_file", help="hdslb.conf to load")
+    p.add_argument("--xdp-mode", choices=XDP_MODES, default="auto",
+                   help="native needs driver support (veth: an XDP program on the peer); auto picks generic for veth")
+    p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
+    p.add_argument("--instance", help="instance name (default: derived from the control socket name)")
+    p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
+                   help="bpffs directory holding one sub-directory of pinned maps per instance")
+    p.add_argument("--max-conns", type=int, default=262144, help="connection table entries (both directions)")
+    p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
+                   help="FNAT local port range MIN-MAX")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if not ns.interfaces and not ns.config_file:
+        p.error("no interface given (name one or more, or use -f with a netif_defs section)")
+    try:
+        lo, hi = parse_lport_range(ns.lport_range)
+    except ValueError as e:
+        p.error(str(e))
+    if ns.max_conns < 1024:
+        p.error("--max-conns must be at least 1024")
+    ctl = protocol.resolve_socket(ns.ctl_socket)
+    return Settings(interfaces=list(ns.interfaces), ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
+                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=ns.max_conns, lport_min=lo,
+                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file)
+
+
+class MapDataPath:
+    """The balancer model's DataPath over the BPF maps."""
+
+    def __init__(self, maps):
+        self.m = maps
+
+    def service_set(self, svc):
+        self.m.set_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
+
+    def service_del(self, svc):
+        self.m.del_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
+
+    def dest_set(self, svc, d):
+        self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.weight == 0)
+
+    def dest_clear(self, d):
+        self.m.clear_dest(d.slot)
+
+    def sched_set(self, svc, slots):
+        self.m.set_sched(svc.svc_id, slots, svc.sched_gen)
+
+    def laddrs_set(self, svc, laddrs):
+        self.m.set_laddrs(svc.svc_id, laddrs)
+
+    def local_set(self, addr, flags, ifindex):
+        self.m.set_local(addr, flags, ifindex)
+
+    def local_del(self, addr):
+        self.m.del_local(addr)
+
+    def route_set(self, r, ifindex):
+        self.m.set_route(r.net, ifindex, r.via, r.src, r.mtu, r.scope == "kni_host")
+
+    def route_del(self, net):
+        self.m.del_route(net)
+
+    def neigh_set(self, n, ifindex):
+        self.m.set_neigh(n.addr, n.lladdr, ifindex, permanent=True)
+
+    def neigh_del(self, addr):
+        self.m.del_neigh(addr)
+
+
+def _proto(name: str) -> int:
+    return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[name]
+
+
+def read_ifaces(names: list[str]) -> dict[str, Iface]:
+    from pyroute2 import IPRoute
+
+    out = {}
+    with IPRoute() as ipr:
+        for name in names:
+            links = ipr.link_lookup(ifname=name)
+            if not links:
+                raise HdslbError(errno.ENODEV, f"no such interface: {name}")
+            link = ipr.link("get", index=links[0])[0]
+            mac = bytes(int(x, 16) for x in link.get_attr("IFLA_ADDRESS").split(":"))
+            out[name] = Iface(name=name, ifindex=links[0], mac=mac, mtu=link.get_attr("IFLA_MTU"))
+    return out
+
+
+def arp_frame(op: int, smac: bytes, sip, dmac: bytes, tip, tha: bytes = b"\0" * 6) -> bytes:
+    """An Ethernet ARP frame (op 1 request, 2 reply)."""
+    return (dmac + smac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, op)
+            + smac + ipaddress.IPv4Address(sip).packed + tha + ipaddress.IPv4Address(tip).packed)
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        from hdslb.fastpath.loader import Sizes
+
+        self.settings = settings
+        self.sizes = Sizes(max_conns=settings.max_conns)
+        self.ctl_path = settings.ctl_socket
+        self.pin_dir = settings.pin_dir
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.fp = None
+        self.maps = None
+        self.bal: Balancer | None = None
+        self.ctl: CtlServer | None = None
+        self.xdp_modes: dict[str, str] = {}
+        self.rates: dict = {}
+        self._stop = asyncio.Event()
+        self._detach_on_stop = False
+        self._resolve_now = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._conn_cache = (0.0, None)
+        self._pkt_socks: dict[str, socket.socket] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from hdslb.fastpath.loader import FastPath
+        from hdslb.fastpath.maps import Maps
+
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        # pyroute2's synchronous API refuses to run inside an event loop; netlink work goes to a thread.
+        ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)
+        self.fp = FastPath(self.pin_dir, self.sizes)
+        await loop.run_in_executor(None, self.fp.load)
+        self.maps = Maps(self.fp)
+        self.maps.set_cfg(s.lport_min, s.lport_max)
+        for ifc in ifaces.values():
+            self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu)
+        self.bal = Balancer(MapDataPath(self.maps), ifaces, max_services=self.sizes.max_services,
+                            max_dests=self.sizes.max_dests)
+        try:
+            for name in ifaces:
+                self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
+                log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
+            self.ctl = CtlServer(self.ctl_path, lambda op, args: commands.dispatch(self, op, args))
+            await self.ctl.start()
+        except Exception:
+            self.fp.detach_all()
+            self.fp.unpin()
+            raise
+        self._tasks = [asyncio.create_task(self._resolver()), asyncio.create_task(self._estimator())]
+        log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ctl:
+            await self.ctl.stop()
+        for sk in self._pkt_socks.values():
+            sk.close()
+        if self.fp:
+            if self._detach_on_stop:
+                self.fp.detach_all()
+                self.fp.unpin()
+                log.info("detached and removed pinned state")
+            else:
+                log.info("control plane stopped; the fast path stays attached with its state (hdslb-ctl down detaches)")
+            self.fp.close()
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        await self.stop()
+
+    def request_shutdown(self, detach: bool) -> None:
+        self._detach_on_stop = detach
+        # Reply first, then stop: the caller gets its answer before the socket disappears.
+        asyncio.get_running_loop().call_later(0.05, self._stop.set)
+
+    def uptime(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    # --- views used by commands -----------------------------------------------------------------
+    def svc_stats(self, svc_id: int) -> dict:
+        return self.maps.svc_stats(svc_id)
+
+    def dest_stats(self, slot: int) -> dict:
+        return self.maps.dest_stats(slot)
+
+    def _conns(self) -> list[dict]:
+        """One scan of the conn table, shared by the callers of the same second."""
+        at, conns = self._conn_cache
+        if conns is None or time.monotonic() - at > 1.0:
+            conns = list(self.maps.conns())
+            self._conn_cache = (time.monotonic(), conns)
+        return conns
+
+    def conn_counts(self) -> dict[int, tuple[int, int]]:
+        """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
+        from hdslb.fastpath.abi import conn_states
+
+        est = conn_states().index("established")
+        out: dict[int, list[int]] = {}
+        for c in self._conns():
+            if c["out"]:
+                continue
+            ent = out.setdefault(c["dest_slot"], [0, 0])
+            ent[0 if (c["proto"] == socket.IPPROTO_TCP and c["state"] == est) else 1] += 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def laddr_conns(self) -> dict:
+        out: dict = {}
+        for c in self._conns():
+            if not c["out"]:
+                key = (c["svc_id"], str(c["to_saddr"]))
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    def conn_list(self) -> list[dict]:
+        from hdslb.fastpath.abi import conn_states
+
+        names = conn_states()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = []
+        for c in self._conns():
+            out.append({k: (str(v) if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else v)
+                        for k, v in c.items()} | {"state": names[c["state"]] if c["state"] < len(names) else "?",
+                                                  "idle_s": max(0, (now - c["last_seen_ns"]) // 10**9)})
+        return out
+
+    def link_stats(self, ifname: str) -> dict:
+        out = {}
+        for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped"):
+            try:
+                with open(f"/sys/class/net/{ifname}/statistics/{k}") as f:
+                    out[k] = int(f.read())
+            except OSError:
+                out[k] = 0
+        out["drops"] = out.pop("rx_dropped")
+        return out
+
+    # --- neighbour resolution (until the AF_XDP slow path takes it over) -------------------------
+    def resolve_soon(self) -> None:
+        self._resolve_now.set()
+
+    def _pkt_sock(self, ifname: str) -> socket.socket:
+        sk = self._pkt_socks.get(ifname)
+        if sk is None:
+            sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: send only, never receive
+            sk.bind((ifname, 0))
+            self._pkt_socks[ifname] = sk
+        return sk
+
+    def _source_for(self, ifname: str, target) -> ipaddress.IPv4Address:
+        r = self.bal.route_lookup(target)
+        if r is not None and r.src is not None and r.src.version == 4:
+            return r.src
+        for ad in self.bal.addrs:
+            if ad.ifname == ifname and ad.addr.version == 4:
+                return ad.addr
+        for svc in self.bal.services.values():
+            for la in svc.laddrs:
+                if la.ifname == ifname and la.addr.version == 4:
+                    return la.addr
+        return ipaddress.IPv4Address("0.0.0.0")
+
+    def _send_arp(self, ifname: str, sip, tip) -> None:
+        ifc = self.bal.ifaces[ifname]
+        try:
+            self._pkt_sock(ifname).send(arp_frame(1, ifc.mac, sip, b"\xff" * 6, tip))
+        except OSError as e:
+            log.warning("ARP request for %s on %s failed: %s", tip, ifname, e)
+
+    def announce(self, addr, ifname) -> None:
+        """Gratuitous ARP for an address we just took, so neighbours learn (or relearn) our MAC."""
+        try:
+            a = ipaddress.ip_address(addr)
+        except ValueError:
+            return
+        if a.version == 4 and ifname in self.bal.ifaces:
+            self._send_arp(ifname, a, a)
+
+    def _wanted_nexthops(self) -> dict:
+        want = {}
+        for svc in self.bal.services.values():
+            for d in svc.dests.values():
+                nh = self.bal.nexthop(d.addr)
+                if nh and nh[0].version == 4:
+                    want[nh[0]] = nh[1]
+        return want
+
+    async def _resolver(self) -> None:
+        while True:
+            try:
+                known = {n["addr"]: n for n in self.maps.neighs()}
+                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                pending = False
+                for nh, ifname in self._wanted_nexthops().items():
+                    n = known.get(nh)
+                    if n is None:
+                        pending = True
+                    elif n["permanent"] or now - n["updated_ns"] < NEIGH_REFRESH_S * 1e9:
+                        continue
+                    self._send_arp(ifname, self._source_for(ifname, nh), nh)
+            except Exception:
+                log.exception("neighbour resolution pass failed")
+                pending = True
+            self._resolve_now.clear()
+            try:
+                await asyncio.wait_for(self._resolve_now.wait(), timeout=0.2 if pending else 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- rate estimation (ipvsadm --rate) -------------------------------------------------------
+    async def _estimator(self, interval: float = 2.0) -> None:
+        prev: dict = {}
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                cur = {}
+                for svc in self.bal.services.values():
+                    cur[("svc", svc.svc_id)] = self.maps.svc_stats(svc.svc_id)
+                    for d in svc.dests.values():
+                        cur[("dest", d.slot)] = self.maps.dest_stats(d.slot)
+                rates = {}
+                for k, v in cur.items():
+                    p = prev.get(k)
+                    if p is None:
+                        continue
+                    dt = interval
+                    rates[k] = {"cps": max(0, v["conns"] - p["conns"]) / dt,
+                                "inpps": max(0, v["inpkts"] - p["inpkts"]) / dt,
+                                "outpps": max(0, v["outpkts"] - p["outpkts"]) / dt,
+                                "inbps": max(0, v["inbytes"] - p["inbytes"]) / dt,
+                                "outbps": max(0, v["outbytes"] - p["outbytes"]) / dt}
+                self.rates = {k: {f: int(x) for f, x in r.items()} for k, r in rates.items()}
+                prev = cur
+            except Exception:
+                log.exception("rate estimation failed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s hdslbd[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(Daemon(settings).run())
+    except HdslbError as e:
+        log.error("%s", e.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

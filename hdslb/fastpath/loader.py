@@ -1,0 +1,189 @@
+"""Compile the XDP program with bcc, pin its maps under a per-instance bpffs directory, attach and detach it.
+
+This module and maps.py are the only places that import bcc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from hdslb.fastpath import abi
+
+log = logging.getLogger("hdslb.fastpath")
+
+DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_FS_MAGIC = "bpf"
+
+
+@dataclass
+class Sizes:
+    """Map capacities, passed to the compiler as -D flags."""
+
+    max_conns: int = 262144
+    max_services: int = 4096
+    max_dests: int = 65536
+    max_local: int = 4096
+    max_routes: int = 131072
+    max_neigh: int = 16384
+    max_ifaces: int = 64
+
+
+def possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+def _mount_type(path: str) -> str | None:
+    """Filesystem type of the mount point exactly at `path`, from this process's mountinfo."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if fields[4] == real:
+                found = right.split()[0]
+    return found
+
+
+def ensure_bpffs(root: str) -> None:
+    """Make `root` a bpffs mount if it is not one already.
+
+    Inside `ip netns exec` /sys is remounted, so /sys/fs/bpf is not usable there; a bpffs mounted under
+    /run before `ip netns exec` runs is inherited, so pins made through it outlive this process.
+    """
+    os.makedirs(root, exist_ok=True)
+    if _mount_type(root) == BPF_FS_MAGIC:
+        return
+    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
+    log.info("mounted bpffs at %s", root)
+
+
+def _libbcc():
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    lib.bcc_create_map.restype = ctypes.c_int
+    lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.bpf_obj_pin.restype = ctypes.c_int
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    return lib
+
+
+class FastPath:
+    """One compiled instance of bpf/hdslb_xdp.c with its pinned maps."""
+
+    def __init__(self, pin_dir: str, sizes: Sizes | None = None, bpf_dir: Path = abi.BPF_DIR):
+        self.pin_dir = pin_dir
+        self.sizes = sizes or Sizes()
+        self.bpf_dir = Path(bpf_dir)
+        self.bpf = None
+        self.fn = None
+        self.attached: dict[str, int] = {}  # ifname -> XDP flags used
+
+    @property
+    def prog_fd(self) -> int:
+        return self.fn.fd
+
+    def cflags(self, conn_fd: int, ncpus: int) -> list[str]:
+        s = self.sizes
+        return [
+            f"-I{self.bpf_dir / 'include'}",
+            f'-DPIN_DIR="{self.pin_dir}"',
+            f"-DCONN_MAP_FD={conn_fd}",
+            f"-DHDSLB_NR_CPUS={ncpus}",
+            f"-DMAX_CONNS={s.max_conns}",
+            f"-DMAX_SERVICES={s.max_services}",
+            f"-DMAX_DESTS={s.max_dests}",
+            f"-DMAX_LOCAL={s.max_local}",
+            f"-DMAX_ROUTES={s.max_routes}",
+            f"-DMAX_NEIGH={s.max_neigh}",
+            f"-DMAX_IFACES={s.max_ifaces}",
+            "-Wno-unused-function",
+        ]
+
+    def load(self) -> None:
+        """Start clean: remove this instance's old pins, create the conn map, compile and load the program."""
+        from bcc import BPF
+
+        ensure_bpffs(os.path.dirname(self.pin_dir.rstrip("/")) or "/")
+        if os.path.isdir(self.pin_dir):
+            shutil.rmtree(self.pin_dir)
+        os.makedirs(self.pin_dir)
+        lib = _libbcc()
+        conn_fd = lib.bcc_create_map(
+            BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE, self.sizes.max_conns, 0
+        )
+        if conn_fd < 0:
+            raise OSError(-conn_fd, f"cannot create the connection map ({self.sizes.max_conns} entries)")
+        try:
+            if lib.bpf_obj_pin(conn_fd, os.path.join(self.pin_dir, "conn_map").encode()) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
+            self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(conn_fd, possible_cpus()))
+            self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
+        finally:
+            os.close(conn_fd)
+        self._check_abi()
+
+    def _check_abi(self) -> None:
+        t = self.bpf["conn_map"]
+        ks, vs = ctypes.sizeof(t.Key), ctypes.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
+        if (ks, vs) != (abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE):
+            raise RuntimeError(f"conn map ABI mismatch: C has key {ks}/value {vs}, abi.py says "
+                               f"{abi.CONN_KEY_SIZE}/{abi.CONN_VAL_SIZE}")
+
+    def table(self, name: str):
+        return self.bpf[name]
+
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach to `ifname`; returns the mode used ("native" or "generic")."""
+        from bcc import BPF
+
+        if mode == "auto":
+            mode = "generic" if is_veth(ifname) else "native"
+        flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
+        BPF.attach_xdp(ifname, self.fn, flags)
+        self.attached[ifname] = flags
+        return mode
+
+    def detach(self, ifname: str) -> None:
+        from bcc import BPF
+
+        flags = self.attached.pop(ifname, 0)
+        BPF.remove_xdp(ifname, flags)
+
+    def detach_all(self) -> None:
+        for ifname in list(self.attached):
+            try:
+                self.detach(ifname)
+            except Exception as e:  # the interface may be gone already
+                log.warning("detach %s: %s", ifname, e)
+
+    def unpin(self) -> None:
+        if os.path.isdir(self.pin_dir):
+            shutil.rmtree(self.pin_dir)
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def is_veth(ifname: str) -> bool:
+    """veth needs help for native XDP_TX/redirect (an XDP program on the peer), so auto picks generic for it."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.link("get", ifname=ifname)
+    info = links[0].get_attr("IFLA_LINKINFO")
+    return bool(info) and info.get_attr("IFLA_INFO_KIND") == "veth"

@@ -1,0 +1,240 @@
+"""Typed writers and readers for the fast path's maps; bcc derives the ctypes, this module fills them."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+
+from hdslb.fastpath import abi
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _af(ip: IPAddr) -> int:
+    return 4 if ip.version == 4 else 6
+
+
+def _put_addr(field, ip: IPAddr | None) -> None:
+    raw = b"" if ip is None else ip.packed
+    ct.memmove(ct.addressof(field), raw.ljust(16, b"\0"), 16)
+
+
+def _get_addr(field, af: int) -> IPAddr:
+    raw = ct.string_at(ct.addressof(field), 16)
+    return ipaddress.IPv4Address(raw[:4]) if af == 4 else ipaddress.IPv6Address(raw)
+
+
+def _put_mac(field, mac: bytes) -> None:
+    ct.memmove(ct.addressof(field), bytes(mac), 6)
+
+
+def _mac_str(field) -> str:
+    return ":".join(f"{b:02x}" for b in ct.string_at(ct.addressof(field), 6))
+
+
+STAT_FIELDS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
+
+
+class Maps:
+    """All map access of the daemon goes through here; one instance per loaded FastPath."""
+
+    def __init__(self, fastpath):
+        self.fp = fastpath
+        self.t = {n: fastpath.table(n.encode()) for n in (
+            "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
+            "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
+            "cfg_map")}
+        self.counter_names = abi.counter_names()
+
+    # --- configuration writes -------------------------------------------------------------------
+    def set_cfg(self, lport_min: int, lport_max: int) -> None:
+        t = self.t["cfg_map"]
+        v = t.Leaf()
+        v.lport_min, v.lport_max = lport_min, lport_max
+        t[ct.c_uint32(0)] = v
+
+    def set_iface(self, ifindex: int, mac: bytes, mtu: int) -> None:
+        t = self.t["iface_map"]
+        v = t.Leaf()
+        _put_mac(v.mac, mac)
+        v.mtu = mtu
+        t[ct.c_uint32(ifindex)] = v
+
+    def del_iface(self, ifindex: int) -> None:
+        self._delete("iface_map", ct.c_uint32(ifindex))
+
+    def _svc_key(self, proto: int, addr: IPAddr, port: int):
+        k = self.t["svc_map"].Key()
+        _put_addr(k.addr, addr)
+        k.port = socket.htons(port)
+        k.proto = proto
+        k.af = _af(addr)
+        return k
+
+    def set_service(self, proto: int, addr: IPAddr, port: int, svc_id: int) -> None:
+        t = self.t["svc_map"]
+        v = t.Leaf()
+        v.svc_id = svc_id
+        v.flags = abi.SVC_F_VALID
+        t[self._svc_key(proto, addr, port)] = v
+
+    def del_service(self, proto: int, addr: IPAddr, port: int, svc_id: int) -> None:
+        self._delete("svc_map", self._svc_key(proto, addr, port))
+        self._delete("sched_map", ct.c_uint32(svc_id))
+        self._delete("laddr_map", ct.c_uint32(svc_id))
+        self.zero_svc_stats(svc_id)
+
+    def set_sched(self, svc_id: int, slots: list[int], gen: int) -> None:
+        """Replace a service's ring in one map update (readers see the old or the new table, never a mix)."""
+        if len(slots) > abi.SCHED_RING_MAX:
+            raise ValueError(f"ring of {len(slots)} exceeds {abi.SCHED_RING_MAX}")
+        t = self.t["sched_map"]
+        v = t.Leaf()
+        v.len = len(slots)
+        v.gen = gen & 0xFFFFFFFF
+        for i, s in enumerate(slots):
+            v.slot[i] = s
+        t[ct.c_uint32(svc_id)] = v
+
+    def set_dest(self, slot: int, addr: IPAddr, port: int, fwd: str, svc_id: int, drain: bool) -> None:
+        t = self.t["dest_map"]
+        v = t.Leaf()
+        _put_addr(v.addr, addr)
+        v.port = socket.htons(port)
+        v.af = _af(addr)
+        v.fwd = abi.FWD[fwd]
+        v.svc_id = svc_id
+        v.flags = abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0)
+        t[ct.c_uint32(slot)] = v
+
+    def clear_dest(self, slot: int) -> None:
+        t = self.t["dest_map"]
+        t[ct.c_uint32(slot)] = t.Leaf()
+        self.zero_dest_stats(slot)
+
+    def set_laddrs(self, svc_id: int, laddrs: list[tuple[IPAddr, int]]) -> None:
+        t = self.t["laddr_map"]
+        v = t.Leaf()
+        v.n = len(laddrs)
+        for i, (ip, ifindex) in enumerate(laddrs):
+            _put_addr(v.a[i].addr, ip)
+            v.a[i].ifindex = ifindex
+            v.a[i].af = _af(ip)
+        t[ct.c_uint32(svc_id)] = v
+
+    def _local_key(self, ip: IPAddr):
+        k = self.t["local_map"].Key()
+        _put_addr(k.addr, ip)
+        k.af = _af(ip)
+        return k
+
+    def set_local(self, ip: IPAddr, flags: int, ifindex: int) -> None:
+        t = self.t["local_map"]
+        v = t.Leaf()
+        v.flags, v.ifindex = flags, ifindex
+        t[self._local_key(ip)] = v
+
+    def del_local(self, ip: IPAddr) -> None:
+        self._delete("local_map", self._local_key(ip))
+
+    def _route_key(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network):
+        t = self.t["route4_map" if net.version == 4 else "route6_map"]
+        k = t.Key()
+        k.prefixlen = net.prefixlen
+        ct.memmove(ct.addressof(k) + 4, net.network_address.packed, len(net.network_address.packed))
+        return t, k
+
+    def set_route(self, net, ifindex: int, gw: IPAddr | None, src: IPAddr | None, mtu: int, kni: bool) -> None:
+        t, k = self._route_key(net)
+        v = t.Leaf()
+        _put_addr(v.gw, gw)
+        _put_addr(v.src, src)
+        v.ifindex, v.mtu = ifindex, mtu
+        v.flags = (abi.ROUTE_F_GW if gw is not None else 0) | (abi.ROUTE_F_KNI if kni else 0)
+        t[k] = v
+
+    def del_route(self, net) -> None:
+        t, k = self._route_key(net)
+        try:
+            del t[k]
+        except KeyError:
+            pass
+
+    def _neigh_key(self, ip: IPAddr):
+        k = self.t["neigh_map"].Key()
+        _put_addr(k.addr, ip)
+        k.af = _af(ip)
+        return k
+
+    def set_neigh(self, ip: IPAddr, mac: bytes, ifindex: int, permanent: bool) -> None:
+        t = self.t["neigh_map"]
+        v = t.Leaf()
+        _put_mac(v.mac, mac)
+        v.ifindex = ifindex
+        v.flags = abi.NEIGH_F_PERMANENT if permanent else abi.NEIGH_F_LEARNED
+        t[self._neigh_key(ip)] = v
+
+    def del_neigh(self, ip: IPAddr) -> None:
+        self._delete("neigh_map", self._neigh_key(ip))
+
+    def neighs(self) -> list[dict]:
+        out = []
+        for k, v in self.t["neigh_map"].items():
+            out.append({"addr": _get_addr(k.addr, k.af), "lladdr": _mac_str(v.mac), "ifindex": v.ifindex,
+                        "permanent": bool(v.flags & abi.NEIGH_F_PERMANENT), "updated_ns": v.updated})
+        return out
+
+    def _delete(self, name: str, key) -> None:
+        try:
+            del self.t[name][key]
+        except KeyError:
+            pass
+
+    # --- reads ----------------------------------------------------------------------------------
+    def _sum_stats(self, name: str, idx: int) -> dict:
+        per_cpu = self.t[name][ct.c_uint32(idx)]
+        return {f: sum(getattr(c, f) for c in per_cpu) for f in STAT_FIELDS}
+
+    def svc_stats(self, svc_id: int) -> dict:
+        return self._sum_stats("svc_stats", svc_id)
+
+    def dest_stats(self, slot: int) -> dict:
+        return self._sum_stats("dest_stats", slot)
+
+    def _zero(self, name: str, idx: int) -> None:
+        t = self.t[name]
+        t[ct.c_uint32(idx)] = t.Leaf()
+
+    def zero_svc_stats(self, svc_id: int) -> None:
+        self._zero("svc_stats", svc_id)
+
+    def zero_dest_stats(self, slot: int) -> None:
+        self._zero("dest_stats", slot)
+
+    def counters(self) -> dict[str, int]:
+        t = self.t["counters"]
+        return {name: int(sum(t[ct.c_uint32(i)])) for i, name in enumerate(self.counter_names)}
+
+    def per_cpu_counters(self) -> dict[str, list[int]]:
+        t = self.t["counters"]
+        return {name: [int(x) for x in t[ct.c_uint32(i)]] for i, name in enumerate(self.counter_names)}
+
+    def conns(self):
+        """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""
+        for k, per_cpu in self.t["conn_map"].items():
+            best, cpu = None, -1
+            for i, v in enumerate(per_cpu):
+                if v.flags & abi.CONN_F_VALID and (best is None or v.last_seen > best.last_seen):
+                    best, cpu = v, i
+            if best is None:
+                continue
+            yield {
+                "proto": k.proto, "af": k.af,
+                "saddr": _get_addr(k.saddr, k.af), "sport": socket.ntohs(k.sport),
+                "daddr": _get_addr(k.daddr, k.af), "dport": socket.ntohs(k.dport),
+                "to_saddr": _get_addr(best.saddr, k.af), "to_sport": socket.ntohs(best.sport),
+                "to_daddr": _get_addr(best.daddr, k.af), "to_dport": socket.ntohs(best.dport),
+                "out": bool(best.flags & abi.CONN_F_OUT), "state": best.state, "svc_id": best.svc_id,
+                "dest_slot": best.dest_slot, "last_seen_ns": best.last_seen, "cpu": cpu,
+            }

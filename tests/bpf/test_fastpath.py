@@ -1,0 +1,245 @@
+"""The compiled XDP program on crafted packets (BPF_PROG_TEST_RUN): verdicts, rewritten bytes, map side effects."""
+
+import ipaddress
+import os
+import socket
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.inet6 import IPv6
+
+from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
+
+from .conftest import LB_MAC, LO_IFINDEX
+
+CLIENT_MAC = "02:cc:00:00:00:01"
+RS_MAC = "02:55:00:00:00:02"
+CLIENT = "10.0.0.1"
+VIP = "10.0.0.100"
+LIP = "192.168.100.200"
+RS1, RS2 = "192.168.100.2", "192.168.100.3"
+LB_MAC_S = ":".join(f"{b:02x}" for b in LB_MAC)
+A = ipaddress.ip_address
+
+
+def setup_service(maps, proto=socket.IPPROTO_TCP, dests=((RS1, 80),), ring=None, drain=()):
+    """VIP:80 -> dests via LIP, everything reachable through the loopback 'interface' of the test run."""
+    maps.set_service(proto, A(VIP), 80, 0)
+    for slot, (addr, port) in enumerate(dests):
+        maps.set_dest(slot, A(addr), port, "fnat", 0, drain=slot in drain)
+    maps.set_sched(0, ring if ring is not None else list(range(len(dests))), 1)
+    maps.set_laddrs(0, [(A(LIP), LO_IFINDEX)])
+    maps.set_local(A(VIP), 0x1, LO_IFINDEX)
+    maps.set_local(A(LIP), 0x2, LO_IFINDEX)
+    maps.set_route(ipaddress.ip_network("192.168.100.0/24"), LO_IFINDEX, None, None, 1500, False)
+    for addr, _ in dests:
+        maps.set_neigh(A(addr), bytes.fromhex(RS_MAC.replace(":", "")), LO_IFINDEX, permanent=True)
+
+
+def syn(sport=40000, flags="S", src=CLIENT, payload=b""):
+    return Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=src, dst=VIP) / TCP(sport=sport, dport=80, flags=flags, seq=1000) / payload
+
+
+def run(fp, pkt):
+    verdict, out, _ = run_xdp(fp.prog_fd, bytes(pkt))
+    return verdict, Ether(out)
+
+
+def assert_checksums(p):
+    """Recompute with scapy and compare: the fast path's incremental updates must equal a full recompute."""
+    q = p.copy()
+    del q[IP].chksum
+    l4 = TCP if TCP in q else UDP
+    del q[l4].chksum
+    q = Ether(bytes(q))
+    assert p[IP].chksum == q[IP].chksum, "IP checksum"
+    assert p[l4].chksum == q[l4].chksum, f"{l4.__name__} checksum"
+
+
+def delta(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def test_syn_is_rewritten_as_fnat(fastpath, maps):
+    setup_service(maps)
+    v, p = run(fastpath, syn())
+    assert VERDICTS[v] == "XDP_TX", p.show(dump=True)
+    assert (p[IP].src, p[IP].dst, p[TCP].dport) == (LIP, RS1, 80)
+    assert 1025 <= p[TCP].sport <= 65535
+    assert (p[Ether].src, p[Ether].dst) == (LB_MAC_S, RS_MAC)
+    assert p[TCP].seq == 1000
+    assert_checksums(p)
+    c = maps.counters()
+    assert c["conn_new"] == 1 and c["verdict_tx"] == 1 and c["rx"] == 1
+
+
+def test_reply_is_rewritten_back_to_the_client(fastpath, maps):
+    setup_service(maps)
+    _, fwd = run(fastpath, syn(sport=41000))
+    lport = fwd[TCP].sport
+    reply = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=80, dport=lport, flags="SA", seq=5, ack=1001)
+    v, p = run(fastpath, reply)
+    assert v == XDP_TX
+    assert (p[IP].src, p[IP].dst, p[TCP].sport, p[TCP].dport) == (VIP, CLIENT, 80, 41000)
+    assert (p[Ether].src, p[Ether].dst) == (LB_MAC_S, CLIENT_MAC)
+    assert_checksums(p)
+    st = maps.svc_stats(0)
+    assert st["conns"] == 1 and st["inpkts"] == 1 and st["outpkts"] == 1
+    assert st["inbytes"] == 40 and st["outbytes"] == 40
+
+
+def test_udp_flow_both_ways_with_valid_checksums(fastpath, maps):
+    setup_service(maps, proto=socket.IPPROTO_UDP)
+    q = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / UDP(sport=5353, dport=80) / b"hello"
+    v, p = run(fastpath, q)
+    assert v == XDP_TX and (p[IP].dst, p[UDP].dport, p[IP].src) == (RS1, 80, LIP)
+    assert_checksums(p)
+    r = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / UDP(sport=80, dport=p[UDP].sport) / b"world"
+    v, p2 = run(fastpath, r)
+    assert v == XDP_TX and (p2[IP].src, p2[UDP].sport, p2[IP].dst, p2[UDP].dport) == (VIP, 80, CLIENT, 5353)
+    assert_checksums(p2)
+
+
+def test_rr_ring_alternates_and_drained_dest_gets_no_new_flows(fastpath, maps):
+    setup_service(maps, dests=((RS1, 80), (RS2, 80)))
+    got = [run(fastpath, syn(sport=42000 + i))[1][IP].dst for i in range(4)]
+    assert got == [RS1, RS2, RS1, RS2]
+    # weight 0: the daemon drops it from the ring and flags it; an existing flow to it keeps going
+    setup_service(maps, dests=((RS1, 80), (RS2, 80)), ring=[0], drain=(1,))
+    v, p = run(fastpath, syn(sport=42001, flags="A"))
+    assert v == XDP_TX and p[IP].dst == RS2
+    assert {run(fastpath, syn(sport=43000 + i))[1][IP].dst for i in range(4)} == {RS1}
+
+
+NOT_OURS = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst="10.9.9.9") / TCP(sport=1, dport=22, flags="S")
+
+# (description, packet, expected verdict, counter that must move)
+FIXTURES = [
+    ("not ours goes to the kernel", NOT_OURS, XDP_PASS, "pass_not_ours"),
+    ("ipv6 goes to the kernel", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::2") / TCP(), XDP_PASS, "pass_ipv6"),
+    # (frames shorter than an Ethernet header never reach XDP: the kernel refuses them even in a test run)
+    ("truncated vlan tag", bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S, type=0x8100))[:15], XDP_DROP, "drop_malformed_eth"),
+    ("ip header length 3", bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, ihl=3) / TCP(dport=80)), XDP_DROP, "drop_malformed_ip"),
+    ("ip total length beyond frame", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, len=1400) / TCP(dport=80), XDP_DROP, "drop_malformed_ip"),
+    ("truncated ip header", bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP))[:24], XDP_DROP, "drop_malformed_ip"),
+    ("tcp data offset 2", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / TCP(dport=80, dataofs=2, flags="S"), XDP_DROP, "drop_malformed_l4"),
+    ("truncated tcp header", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, proto=6) / (b"\x00" * 10), XDP_DROP, "drop_malformed_l4"),
+    ("udp length below header", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / UDP(dport=80, len=4), XDP_DROP, "drop_malformed_l4"),
+    ("ack without a connection", syn(sport=44000, flags="A"), XDP_DROP, "drop_no_conn"),
+    ("fragment to a vip", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, flags="MF") / TCP(dport=80), XDP_DROP, "drop_fragment"),
+    ("icmp to a vip goes to the kernel", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, proto=1) / (b"\x08\x00" + b"\x00" * 6), XDP_PASS, "pass_local"),
+    ("service port we do not balance", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / TCP(dport=81, flags="S"), XDP_PASS, "pass_local"),
+]
+
+
+@pytest.mark.parametrize("desc,pkt,verdict,counter", FIXTURES, ids=[f[0] for f in FIXTURES])
+def test_fixture(fastpath, maps, desc, pkt, verdict, counter):
+    setup_service(maps)
+    before = maps.counters()
+    raw = bytes(pkt)
+    v, out, _ = run_xdp(fastpath.prog_fd, raw)
+    assert v == verdict, f"{desc}: got {VERDICTS[v]}"
+    d = delta(before, maps.counters())
+    assert d.get(counter) == 1, f"{desc}: counters moved {d}"
+    if v == XDP_PASS:
+        assert out == raw, f"{desc}: a passed packet must reach the kernel unchanged"
+    assert maps.svc_stats(0)["conns"] == 0, f"{desc}: must not create a connection"
+
+
+def test_arp_request_for_an_owned_address_is_answered(fastpath, maps):
+    setup_service(maps)
+    req = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT, pdst=VIP)
+    v, p = run(fastpath, req)
+    assert v == XDP_TX
+    assert p[ARP].op == 2 and p[ARP].psrc == VIP and p[ARP].hwsrc == LB_MAC_S
+    assert p[ARP].pdst == CLIENT and p[ARP].hwdst == CLIENT_MAC and p[Ether].dst == CLIENT_MAC
+    learned = {str(n["addr"]): n["lladdr"] for n in maps.neighs()}
+    assert learned[CLIENT] == CLIENT_MAC
+    other = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT, pdst="10.0.0.77")
+    assert run(fastpath, other)[0] == XDP_PASS
+
+
+def test_vlan_tagged_syn_is_balanced(fastpath, maps):
+    setup_service(maps)
+    pkt = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / Dot1Q(vlan=7) / IP(src=CLIENT, dst=VIP) / TCP(sport=45000, dport=80, flags="S")
+    v, p = run(fastpath, pkt)
+    assert v == XDP_TX and p[Dot1Q].vlan == 7 and p[IP].dst == RS1
+    assert_checksums(p)
+
+
+def _on_cpu(cpu, fn):
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+
+
+@needs_two_cpus
+def test_flow_created_on_one_cpu_is_found_on_the_other(fastpath, maps):
+    setup_service(maps)
+    _, fwd = _on_cpu(0, lambda: run(fastpath, syn(sport=46000)))
+    reply = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=80, dport=fwd[TCP].sport, flags="SA")
+    v, p = _on_cpu(1, lambda: run(fastpath, reply))
+    assert v == XDP_TX and (p[IP].dst, p[TCP].dport) == (CLIENT, 46000)
+    v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=46000, flags="A")))
+    assert v == XDP_TX and p[TCP].sport == fwd[TCP].sport, "same local port on the other CPU"
+    assert maps.counters()["conn_adopt"] == 2
+
+
+@needs_two_cpus
+def test_counters_sum_across_cpus(fastpath, maps):
+    setup_service(maps)
+    for _ in range(3):
+        _on_cpu(0, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
+    for _ in range(5):
+        _on_cpu(1, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
+    per = maps.per_cpu_counters()["pass_not_ours"]
+    assert per[0] == 3 and per[1] == 5
+    assert maps.counters()["pass_not_ours"] == 8
+
+
+def test_exhausted_port_pool_drops_the_syn_and_never_reuses_a_port(fastpath, maps):
+    setup_service(maps)
+    maps.set_cfg(2000, 2001)
+    ports = []
+    for i in range(2):
+        v, p = run(fastpath, syn(sport=47000 + i))
+        assert v == XDP_TX
+        ports.append(p[TCP].sport)
+    assert sorted(ports) == [2000, 2001]
+    v, _ = run(fastpath, syn(sport=47002))
+    assert v == XDP_DROP
+    assert maps.counters()["drop_lport_exhausted"] == 1
+    # the live flows still map to their own ports
+    v, p = run(fastpath, syn(sport=47000, flags="A"))
+    assert v == XDP_TX and p[TCP].sport == ports[0]
+
+
+def test_missing_route_neighbour_or_laddr_is_counted(fastpath, maps):
+    setup_service(maps)
+    maps.del_neigh(A(RS1))
+    assert run(fastpath, syn(sport=48000))[0] == XDP_DROP
+    assert maps.counters()["drop_no_neigh"] == 1
+    maps.del_route(ipaddress.ip_network("192.168.100.0/24"))
+    assert run(fastpath, syn(sport=48001))[0] == XDP_DROP
+    assert maps.counters()["drop_no_route"] == 1
+    maps.set_laddrs(0, [])
+    assert run(fastpath, syn(sport=48002))[0] == XDP_DROP
+    assert maps.counters()["drop_no_laddr"] == 1
+
+
+def test_abi_sizes_match_the_compiled_program(fastpath):
+    import ctypes
+
+    from hdslb.fastpath import abi
+
+    t = fastpath.table("conn_map")
+    assert ctypes.sizeof(t.Key) == abi.CONN_KEY_SIZE
+    assert ctypes.sizeof(t.sLeaf) == abi.CONN_VAL_SIZE
+    assert len(abi.counter_names()) == len(fastpath.table("counters"))
