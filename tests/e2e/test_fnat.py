@@ -1,0 +1,137 @@
+"""The DPVS quick start with interface names, one-arm and two-arm, against real nginx and UDP servers."""
+
+import collections
+import hashlib
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+from hdslb.lab.servers import big_sha256
+
+LADDR = "192.168.100.200"
+REQUESTS = 200
+
+
+def curl_loop(lab, url, n):
+    """n sequential HTTP requests from the client namespace; returns the response bodies (one per line)."""
+    script = f'for i in $(seq {n}); do curl -s -m 5 {url} || echo FAIL; done'
+    r = lab.client_run(["bash", "-c", script], check=False, timeout=300)
+    return r.stdout.splitlines()
+
+
+def quick_start(lb, lab, vip, ifname_client, ifname_server, two_arm):
+    lb.up(*([ifname_client, ifname_server] if two_arm else [ifname_client]))
+    prefix = "10.0.0.100/24" if two_arm else "192.168.100.100/24"
+    lb.dpip("addr", "add", prefix, "dev", ifname_client)
+    if two_arm:
+        lb.dpip("route", "add", "192.168.100.0/24", "dev", ifname_server)
+    lb.ipvsadm("-A", "-t", f"{vip}:80", "-s", "rr")
+    for rs in lab.server_ips:
+        lb.ipvsadm("-a", "-t", f"{vip}:80", "-r", f"{rs}:80", "-b")
+    lb.ipvsadm("--add-laddr", "-z", LADDR, "-t", f"{vip}:80", "-F", ifname_server)
+    lb.ipvsadm("-A", "-u", f"{vip}:53", "-s", "rr")
+    for rs in lab.server_ips:
+        lb.ipvsadm("-a", "-u", f"{vip}:53", "-r", f"{rs}:53", "-b")
+    lb.ipvsadm("--add-laddr", "-z", LADDR, "-u", f"{vip}:53", "-F", ifname_server)
+
+
+def check_http_spread(lab, lb, servers, vip):
+    before = {s.name: len(s.access_log_remote_addrs()) for s in servers}
+    lines = curl_loop(lab, f"http://{vip}/", REQUESTS)
+    assert len(lines) == REQUESTS and "FAIL" not in lines, f"{lines.count('FAIL')} failed\n{lb.log()[-3000:]}"
+    per = collections.Counter(line.split()[0] for line in lines)
+    assert set(per) == {s.name for s in servers}
+    for name, n in per.items():
+        assert abs(n - REQUESTS / 2) <= 10, per
+    # the body is "<server> <remote_addr>": every server saw the local address as the source
+    assert {line.split()[1] for line in lines} == {LADDR}
+    for s in servers:
+        seen = s.access_log_remote_addrs()[before[s.name]:]
+        assert seen and set(seen) == {LADDR}, (s.name, set(seen))
+    return per
+
+
+def check_udp(lab, vip, n=20):
+    script = (
+        "import socket\n"
+        f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+        f"for i in range({n}):\n"
+        f"    s.sendto(b'ping%03d' % i, ('{vip}', 53)); print(s.recvfrom(200)[0].decode())\n")
+    r = lab.client_run(["python3", "-c", script], check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == n
+    assert all(line.split()[1].startswith(LADDR + ":") for line in replies), replies[:3]
+    return replies
+
+
+def svc_stats(lb, proto, vip, port):
+    data = lb.call("service.list", {"svc": {"proto": proto, "addr": vip, "port": port}})
+    return data["services"][0]
+
+
+@pytest.mark.root
+def test_one_arm_quick_start(one_arm):
+    lab, lb, servers, _ = one_arm
+    vip = "192.168.100.100"
+    quick_start(lb, lab, vip, "veth-lb0", "veth-lb0", two_arm=False)
+    per = check_http_spread(lab, lb, servers, vip)
+
+    # ipvsadm -Ln --stats: connections counted exactly, per real server as the servers saw them
+    svc = svc_stats(lb, "tcp", vip, 80)
+    assert svc["stats"]["conns"] == REQUESTS
+    by_rs = {d["addr"]: d["stats"]["conns"] for d in svc["dests"]}
+    names = {s.name: s.ip for s in servers}
+    assert by_rs == {names[n]: c for n, c in per.items()}
+    out = lb.ipvsadm("-Ln", "--stats").stdout
+    assert re.search(rf"TCP\s+{re.escape(vip)}:80\s+{REQUESTS}\s", out), out
+
+    # UDP through a UDP VIP; packet and byte counters match what was sent
+    replies = check_udp(lab, vip, n=20)
+    assert len(replies) == 20
+    u = svc_stats(lb, "udp", vip, 53)["stats"]
+    assert (u["inpkts"], u["outpkts"]) == (20, 20)
+    assert u["inbytes"] == 20 * (20 + 8 + 7)
+
+    listing = lb.ipvsadm("-Ln").stdout
+    assert "FullNat" in listing and f"TCP  {vip}:80 rr" in listing
+    assert LADDR in lb.ipvsadm("-G").stdout
+    assert "192.168.100.0/24" in lb.dpip("route", "show").stdout
+
+
+@pytest.mark.root
+def test_two_arm_quick_start(two_arm):
+    lab, lb, servers, _ = two_arm
+    vip = "10.0.0.100"
+    quick_start(lb, lab, vip, "veth-lb0", "veth-lb1", two_arm=True)
+    check_http_spread(lab, lb, servers, vip)
+    check_udp(lab, vip)
+    c = lb.call("stats.get")["counters"]
+    assert c["verdict_redirect"] > 0, "two-arm traffic crosses interfaces by redirect"
+
+
+@pytest.mark.root
+def test_transfer_survives_client_moving_between_cpus(one_arm):
+    """A download whose client is moved between CPUs mid-transfer: every byte arrives (conn adoption)."""
+    lab, lb, servers, _ = one_arm
+    if not lb.call("service.list")["services"]:
+        pytest.skip("needs the one-arm quick start")  # only when run alone with -k
+    before = lb.call("stats.get")["counters"]["conn_adopt"]
+    url = f"http://192.168.100.100/big"
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "taskset", "-c", "0", "curl", "-s", "-m", "60",
+                             "--limit-rate", "3M", url], stdout=subprocess.PIPE)
+    lab.procs.append(proc)
+    moves = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+        subprocess.run(["taskset", "-p", "-c", str(moves % 2 ^ 1), str(proc.pid)], capture_output=True)
+        moves += 1
+    body = proc.stdout.read()
+    proc.wait(timeout=10)
+    assert moves >= 4, "transfer too short to migrate"
+    assert hashlib.sha256(body).hexdigest() == big_sha256(len(body)) and len(body) == servers[0].big_size
+    assert lb.call("stats.get")["counters"]["conn_adopt"] > before, "no packet was seen on a second CPU"

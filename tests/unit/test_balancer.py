@@ -1,0 +1,115 @@
+"""The balancer model: invariants, local/net routes from addresses, refused changes leave no trace."""
+
+import copy
+import errno
+import ipaddress
+
+import pytest
+
+from hdslb.balancer import Balancer, Iface
+from hdslb.errors import HdslbError
+
+
+class Recorder:
+    """A DataPath that records what would be written to the maps."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *a: self.calls.append((name, a))
+
+
+SVC = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
+
+
+@pytest.fixture
+def bal():
+    ifaces = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
+    return Balancer(Recorder(), ifaces)
+
+
+def quick_start(b):
+    b.addr_add({"addr": "10.0.0.100", "prefixlen": 24, "ifname": "eth0"})
+    b.service_add(dict(SVC, sched="rr"))
+    b.dest_add({"svc": SVC, "addr": "192.168.100.2", "port": 80, "fwd": "fnat"})
+    b.dest_add({"svc": SVC, "addr": "192.168.100.3", "port": 80, "fwd": "fnat", "weight": 2})
+    b.laddr_add({"svc": SVC, "addr": "192.168.100.200", "ifname": "eth1"})
+
+
+def test_quick_start_model(bal):
+    quick_start(bal)
+    svc = bal.services[("tcp", ipaddress.ip_address("10.0.0.100"), 80)]
+    assert [d.weight for d in svc.dests.values()] == [1, 2]
+    # dpip addr add /24 makes a local route and a net route, as DPVS does
+    routes = {(str(r.net), r.local) for r in bal.routes}
+    assert routes == {("10.0.0.100/32", True), ("10.0.0.0/24", False)}
+    sched = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    assert sorted(sched) == [0, 1]  # rr: one entry per server regardless of weight
+    locals_ = {str(c[1][0]) for c in bal.dp.calls if c[0] == "local_set"}
+    assert locals_ == {"10.0.0.100", "192.168.100.200"}
+
+
+def test_host_address_gets_no_net_route(bal):
+    bal.addr_add({"addr": "10.0.0.5", "prefixlen": 32, "ifname": "eth0"})
+    assert [(str(r.net), r.local) for r in bal.routes] == [("10.0.0.5/32", True)]
+
+
+def test_default_scheduler_is_wlc_like_ipvsadm(bal):
+    with pytest.raises(HdslbError) as e:
+        bal.service_add(SVC)
+    assert "wlc" in e.value.message  # refused until the least-connection issue lands, never silently rr
+
+
+@pytest.mark.parametrize("op,args,err", [
+    ("service_add", dict(SVC, sched="rr"), errno.EEXIST),
+    ("service_add", dict(SVC, proto="sctp"), errno.EINVAL),
+    ("service_add", dict(SVC, addr="10.0.0.300"), errno.EINVAL),
+    ("service_add", dict(SVC, port=70000, sched="rr"), errno.EINVAL),
+    ("service_del", dict(SVC, port=81), errno.ESRCH),
+    ("dest_add", {"svc": SVC, "addr": "192.168.100.2", "port": 80}, errno.EEXIST),
+    ("dest_add", {"svc": SVC, "addr": "192.168.100.9", "weight": -1}, errno.EINVAL),
+    ("dest_add", {"svc": SVC, "addr": "192.168.100.9", "fwd": "dr"}, errno.EOPNOTSUPP),
+    ("dest_add", {"svc": SVC, "addr": "fd00::9"}, errno.EOPNOTSUPP),
+    ("dest_del", {"svc": SVC, "addr": "192.168.100.9"}, errno.ENOENT),
+    ("laddr_add", {"svc": SVC, "addr": "192.168.100.201", "ifname": "nope0"}, errno.ENODEV),
+    ("addr_add", {"addr": "10.0.0.100", "prefixlen": 24, "ifname": "eth0"}, errno.EEXIST),
+    ("addr_add", {"addr": "10.0.0.7", "prefixlen": 33, "ifname": "eth0"}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.1", "prefixlen": 16, "ifname": "eth0"}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "fd00::1"}, errno.EINVAL),
+    ("route_del", {"prefix": "10.9.0.0", "prefixlen": 16, "ifname": "eth0"}, errno.ESRCH),
+    ("neigh_add", {"addr": "10.0.0.1", "lladdr": "zz:00", "ifname": "eth0"}, errno.EINVAL),
+])
+def test_refused_changes_change_nothing(bal, op, args, err):
+    quick_start(bal)
+    before = (copy.deepcopy(bal.services), copy.deepcopy(bal.routes), copy.deepcopy(bal.addrs), len(bal.dp.calls))
+    with pytest.raises(HdslbError) as e:
+        getattr(bal, op)(args)
+    assert e.value.errno == err, e.value.message
+    assert (bal.services, bal.routes, bal.addrs, len(bal.dp.calls)) == before
+
+
+def test_weight_zero_drains(bal):
+    quick_start(bal)
+    bal.dest_edit({"svc": SVC, "addr": "192.168.100.3", "port": 80, "weight": 0})
+    ring = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    drained = [c for c in bal.dp.calls if c[0] == "dest_set"][-1][1][1]
+    assert ring == [0] and drained.weight == 0
+
+
+def test_route_metric_and_longest_prefix(bal):
+    bal.route_add({"prefix": "10.0.0.0", "prefixlen": 8, "ifname": "eth0", "metric": 10})
+    bal.route_add({"prefix": "10.0.0.0", "prefixlen": 8, "ifname": "eth1", "metric": 5})
+    bal.route_add({"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "10.0.0.254"})
+    assert bal.route_lookup(ipaddress.ip_address("10.2.3.4")).ifname == "eth1"
+    assert bal.nexthop(ipaddress.ip_address("10.1.2.3")) == (ipaddress.ip_address("10.0.0.254"), "eth0")
+    assert bal.nexthop(ipaddress.ip_address("11.0.0.1")) is None
+    bal.route_del({"prefix": "10.0.0.0", "prefixlen": 8, "ifname": "eth1", "metric": 5})
+    assert bal.route_lookup(ipaddress.ip_address("10.2.3.4")).ifname == "eth0"
+
+
+def test_service_delete_releases_ids_and_local_addresses(bal):
+    quick_start(bal)
+    bal.service_del(SVC)
+    assert not bal.services and not bal._slots_used and not bal._ids_used
+    assert ("local_del", (ipaddress.ip_address("192.168.100.200"),)) in bal.dp.calls

@@ -1,0 +1,90 @@
+"""Control protocol framing and the socket server, without a fast path."""
+
+import asyncio
+import errno
+import os
+
+import msgpack
+import pytest
+
+from hdslb.ctl import protocol
+from hdslb.ctl.client import Client, DaemonUnreachable
+from hdslb.ctl.server import CtlServer
+from hdslb.errors import HdslbError
+
+
+def test_frame_round_trip():
+    msg = protocol.request(7, "service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80})
+    raw = protocol.encode(msg)
+    n = protocol.frame_length(raw[:protocol.HEADER_SIZE])
+    assert n == len(raw) - protocol.HEADER_SIZE
+    assert protocol.validate_request(protocol.decode_body(raw[protocol.HEADER_SIZE:])) == (7, "service.add", msg["args"])
+
+
+@pytest.mark.parametrize("body,reason", [
+    (msgpack.packb([1, 2]), "not a map"),
+    (b"\xc1", "undecodable"),
+    (msgpack.packb({"v": 9, "id": 1, "op": "x"}), "version"),
+    (msgpack.packb({"v": 1, "id": "a", "op": "x"}), "id"),
+    (msgpack.packb({"v": 1, "id": 1, "op": "x", "args": []}), "args"),
+])
+def test_bad_frames_are_refused_with_a_reason(body, reason):
+    with pytest.raises(protocol.ProtocolError, match=reason):
+        protocol.validate_request(protocol.decode_body(body))
+
+
+def test_oversized_frame_header_is_refused():
+    with pytest.raises(protocol.ProtocolError):
+        protocol.frame_length((protocol.MAX_FRAME + 1).to_bytes(4, "big"))
+
+
+def test_socket_resolution_order(monkeypatch):
+    monkeypatch.delenv(protocol.ENV_CTL_SOCKET, raising=False)
+    assert protocol.resolve_socket() == "/var/run/hdslb_ctrl"
+    monkeypatch.setenv(protocol.ENV_CTL_SOCKET, "/run/x.ctrl")
+    assert protocol.resolve_socket() == "/run/x.ctrl"
+    assert protocol.resolve_socket("/tmp/y") == "/tmp/y"
+
+
+async def test_server_dispatches_and_survives_errors(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+
+    def dispatch(op, args):
+        if op == "echo":
+            return args
+        if op == "refuse":
+            raise HdslbError(errno.EEXIST, "Service already exists")
+        raise RuntimeError("boom")
+
+    srv = CtlServer(path, dispatch)
+    await srv.start()
+    try:
+        def client_side():
+            with Client(path) as c:
+                assert c.call("echo", {"a": 1}) == {"a": 1}
+                with pytest.raises(HdslbError) as e:
+                    c.call("refuse")
+                assert e.value.errno == errno.EEXIST and e.value.message == "Service already exists"
+                with pytest.raises(HdslbError, match="internal error in crash"):
+                    c.call("crash")
+                assert c.call("echo", {"still": "alive"}) == {"still": "alive"}
+
+        await asyncio.get_running_loop().run_in_executor(None, client_side)
+
+        # garbage on the wire: an error reply, then the connection is closed; the server keeps serving
+        r, w = await asyncio.open_unix_connection(path)
+        w.write(b"\x00\x00\x00\x02\xc1\xc1")
+        await w.drain()
+        n = protocol.frame_length(await r.readexactly(4))
+        rep = protocol.decode_body(await r.readexactly(n))
+        assert rep["ok"] is False and rep["errno"] == errno.EPROTO
+        w.close()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: Client(path).call("echo", {}))
+    finally:
+        await srv.stop()
+    assert not os.path.exists(path)
+
+
+def test_missing_daemon_names_the_socket(tmp_path):
+    with pytest.raises(DaemonUnreachable, match=str(tmp_path / "none.sock")):
+        Client(str(tmp_path / "none.sock")).call("daemon.status")

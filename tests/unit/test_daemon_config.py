@@ -1,0 +1,48 @@
+"""How hdslbd resolves its settings: socket, instance, pin directory, ranges."""
+
+import pytest
+
+from hdslb.daemon import arp_frame, instance_name, parse_lport_range, settings_from_args
+
+
+def test_defaults(monkeypatch):
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    s = settings_from_args(["eth0"])
+    assert s.ctl_socket == "/var/run/hdslb_ctrl"
+    assert s.instance == "hdslb_ctrl"
+    assert s.pin_dir == "/run/hdslb/bpffs/hdslb_ctrl"
+    assert (s.lport_min, s.lport_max) == (1025, 65535)
+    assert s.xdp_mode == "auto"
+
+
+def test_env_and_flags_select_the_instance(monkeypatch):
+    monkeypatch.setenv("HDSLB_CTRL", "/run/hdslb/lab1.ctrl")
+    s = settings_from_args(["veth-lb0", "--xdp-mode", "native"])
+    assert (s.ctl_socket, s.instance, s.xdp_mode) == ("/run/hdslb/lab1.ctrl", "lab1", "native")
+    s = settings_from_args(["a", "b", "--ctl-socket", "/tmp/x.sock", "--pin-root", "/mnt/bpf", "--instance", "blue"])
+    assert s.interfaces == ["a", "b"] and s.ctl_socket == "/tmp/x.sock" and s.pin_dir == "/mnt/bpf/blue"
+
+
+@pytest.mark.parametrize("argv", [[], ["eth0", "--lport-range", "5-2"], ["eth0", "--lport-range", "x"],
+                                  ["eth0", "--xdp-mode", "turbo"], ["eth0", "--max-conns", "10"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(argv)
+    assert e.value.code == 2
+
+
+def test_instance_name_is_path_safe():
+    assert instance_name("/var/run/hdslb_ctrl") == "hdslb_ctrl"
+    assert instance_name("/run/a b.sock") == "a_b"
+
+
+def test_lport_range():
+    assert parse_lport_range("1024-2048") == (1024, 2048)
+    with pytest.raises(ValueError):
+        parse_lport_range("0-10")
+
+
+def test_arp_request_layout():
+    f = arp_frame(1, bytes.fromhex("020000000001"), "10.0.0.1", b"\xff" * 6, "10.0.0.2")
+    assert len(f) == 42 and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"
+    assert f[28:32] == bytes([10, 0, 0, 1]) and f[38:42] == bytes([10, 0, 0, 2])
