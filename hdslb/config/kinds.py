@@ -1,0 +1,325 @@
+"""Value types of the keyword table: each turns a statement's argument tokens into a typed value or says why not.
+
+Contract, shared by every kind: `parse(keyword, args)` returns the value or raises `Bad(reason, token)`;
+`token` is the argument at fault (None: the keyword itself), so errors point at the right column.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .model import Endpoint, IPAddress, IPNetwork
+from .syntax import Token
+
+MAX_RANGE = 65536  # a range that expands past this is a typo, not a config
+
+
+class Bad(Exception):
+    def __init__(self, reason: str, token: Optional[Token] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.token = token
+
+
+class Kind:
+    """Base: exactly `nargs` arguments (None: any number, at least `min_args`)."""
+
+    nargs: Optional[int] = 1
+    min_args = 1
+    what = "a value"
+
+    def parse(self, keyword: Token, args: Sequence[Token]) -> Any:
+        self.arity(keyword, args)
+        return self.one(args[0]) if self.nargs == 1 else self.many(args)
+
+    def arity(self, keyword: Token, args: Sequence[Token]) -> None:
+        if self.nargs is not None and len(args) != self.nargs:
+            if len(args) < self.nargs:
+                raise Bad(f"expects {self.what}")
+            raise Bad(f"expects {self.what}, got extra {args[self.nargs].text!r}", args[self.nargs])
+        if self.nargs is None and len(args) < self.min_args:
+            raise Bad(f"expects {self.what}")
+
+    def one(self, tok: Token) -> Any:
+        raise NotImplementedError
+
+    def many(self, args: Sequence[Token]) -> Any:
+        raise NotImplementedError
+
+
+class Int(Kind):
+    def __init__(self, lo: int = 0, hi: int = 2**32 - 1, unit: str = "", what: str = ""):
+        self.lo, self.hi, self.unit = lo, hi, unit
+        self.what = what or f"an integer {lo}..{hi}" + (f" ({unit})" if unit else "")
+
+    def one(self, tok: Token) -> int:
+        v = int_of(tok, self.what)
+        if not self.lo <= v <= self.hi:
+            raise Bad(f"{v} is out of range, expects {self.what}", tok)
+        return v
+
+
+class OptionalInt(Int):
+    """An integer that may be left out, e.g. `persistence_timeout` alone means keepalived's 360 s."""
+
+    def __init__(self, when_bare: int, lo: int = 0, hi: int = 2**32 - 1, unit: str = ""):
+        super().__init__(lo, hi, unit)
+        self.when_bare = when_bare
+        self.nargs, self.min_args = None, 0
+
+    def many(self, args: Sequence[Token]) -> int:
+        if len(args) > 1:
+            raise Bad(f"expects at most one value, got extra {args[1].text!r}", args[1])
+        return self.one(args[0]) if args else self.when_bare
+
+
+class Seconds(Kind):
+    """Seconds, fractions allowed (keepalived accepts `connect_timeout 1.5`)."""
+
+    def __init__(self, lo: float = 0.0, hi: float = 86400.0 * 365):
+        self.lo, self.hi = lo, hi
+        self.what = f"seconds {lo:g}..{hi:g}"
+
+    def one(self, tok: Token) -> float:
+        try:
+            v = float(tok.text)
+        except ValueError:
+            raise Bad(f"{tok.text!r} is not a number, expects {self.what}", tok) from None
+        if not self.lo <= v <= self.hi:
+            raise Bad(f"{tok.text} is out of range, expects {self.what}", tok)
+        return v
+
+
+class IntList(Kind):
+    """One or more integers, space or comma separated (`rx_queue_ids 0 1`, `isol_rx_cpu_ids 9,10`)."""
+
+    nargs = None
+
+    def __init__(self, lo: int = 0, hi: int = 4095):
+        self.item = Int(lo, hi)
+        self.what = f"integers {lo}..{hi}"
+
+    def many(self, args: Sequence[Token]) -> Tuple[int, ...]:
+        out: List[int] = []
+        for t in args:
+            for part in t.text.split(","):
+                if part:
+                    out.append(self.item.one(Token(t.kind, part, t.where)))
+        return tuple(out)
+
+
+_ON = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False, "enable": True,
+       "disable": False}
+
+
+class OnOff(Kind):
+    what = "on or off"
+
+    def one(self, tok: Token) -> bool:
+        try:
+            return _ON[tok.text.lower()]
+        except KeyError:
+            raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
+
+
+class Flag(Kind):
+    """Presence means on (`sack`, `alpha`); an explicit on/off is also taken, as newer keepalived does."""
+
+    nargs, min_args = None, 0
+    what = "no value (or on/off)"
+
+    def many(self, args: Sequence[Token]) -> bool:
+        if not args:
+            return True
+        if len(args) > 1:
+            raise Bad(f"expects {self.what}, got extra {args[1].text!r}", args[1])
+        return OnOff().one(args[0])
+
+
+class Choice(Kind):
+    """One of a fixed set; `aliases` map other spellings to a canonical value."""
+
+    def __init__(self, *values: str, aliases: Optional[Dict[str, str]] = None, fold=str.lower,
+                 refuse: Optional[Dict[str, str]] = None):
+        self.values = values
+        self.fold = fold
+        self.table = {fold(v): v for v in values}
+        self.table.update({fold(k): v for k, v in (aliases or {}).items()})
+        self.refuse = {fold(k): why for k, why in (refuse or {}).items()}
+        self.what = "one of " + "|".join(values)
+
+    def one(self, tok: Token) -> str:
+        key = self.fold(tok.text)
+        if key in self.refuse:
+            raise Bad(f"{tok.text!r} {self.refuse[key]}", tok)
+        try:
+            return self.table[key]
+        except KeyError:
+            raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
+
+
+class Str(Kind):
+    what = "a value"
+
+    def __init__(self, pattern: Optional[str] = None, what: str = "a value"):
+        self.pattern = re.compile(pattern) if pattern else None
+        self.what = what
+
+    def one(self, tok: Token) -> str:
+        if self.pattern and not self.pattern.fullmatch(tok.text):
+            raise Bad(f"{tok.text!r} is not {self.what}", tok)
+        return tok.text
+
+
+class Text(Kind):
+    """The rest of the line as one string: a command or a quoted string."""
+
+    nargs = None
+    what = "a command or a quoted string"
+
+    def many(self, args: Sequence[Token]) -> str:
+        return " ".join(t.text for t in args)
+
+
+IFNAME = Str(r"[^\s/:]{1,15}", "an interface name (1-15 characters, no '/' or ':')")
+NAME = Str(r"[A-Za-z0-9_.\-]+", "a name (letters, digits, _ . -)")
+PATH = Str(r"/\S*", "an absolute path")
+
+
+class Hex(Kind):
+    """Bytes written as hex, as keepalived's UDP_CHECK payload is."""
+
+    nargs, min_args = None, 0
+    what = "hex bytes"
+
+    def __init__(self, optional: bool = False):
+        self.min_args = 0 if optional else 1
+
+    def many(self, args: Sequence[Token]) -> bytes:
+        if len(args) < self.min_args:
+            raise Bad(f"expects {self.what}")
+        text = "".join(t.text for t in args)
+        if text.lower().startswith("0x"):
+            text = text[2:]
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise Bad(f"{text!r} is not {self.what}", args[0]) from None
+
+
+class IP(Kind):
+    what = "an IPv4 or IPv6 address"
+
+    def one(self, tok: Token) -> IPAddress:
+        return ip_of(tok)
+
+
+class Port(Kind):
+    """0..65535 here; whether 0 is allowed depends on lb_kind, checked once the service is read."""
+
+    def __init__(self, lo: int = 1):
+        self.what = "a port 1..65535" + (" (0: SNAT only)" if lo == 0 else "")
+        self.item = Int(lo, 65535, what=self.what)
+
+    def one(self, tok: Token) -> int:
+        return self.item.one(tok)
+
+
+class IPPort(Kind):
+    nargs = 2
+    what = "an address and a port"
+
+    def __init__(self, port_lo: int = 1):
+        self.port = Port(port_lo)
+
+    def many(self, args: Sequence[Token]) -> Endpoint:
+        return Endpoint(ip_of(args[0]), self.port.one(args[1]))
+
+
+class Granularity(Kind):
+    """keepalived writes a netmask for IPv4 and a prefix length for IPv6; both become a prefix length."""
+
+    what = "a netmask (255.255.255.0) or a prefix length"
+
+    def one(self, tok: Token) -> int:
+        if tok.text.isdigit():
+            v = int(tok.text)
+            if not 0 <= v <= 128:
+                raise Bad(f"{v} is not a prefix length 0..128", tok)
+            return v
+        try:
+            return ipaddress.IPv4Network(f"0.0.0.0/{tok.text}").prefixlen
+        except ValueError:
+            raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
+
+
+class StatusCodes(Kind):
+    """`status_code 200`, `status_code 200-299 302`: inclusive ranges."""
+
+    nargs = None
+    what = "HTTP status codes or ranges (200, 200-299)"
+
+    def many(self, args: Sequence[Token]) -> Tuple[Tuple[int, int], ...]:
+        out = []
+        for t in args:
+            m = re.fullmatch(r"(\d{3})(?:-(\d{3}))?", t.text)
+            if not m:
+                raise Bad(f"{t.text!r} is not {self.what}", t)
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if not 100 <= lo <= hi <= 599:
+                raise Bad(f"{t.text!r} is not {self.what}", t)
+            out.append((lo, hi))
+        return tuple(out)
+
+
+# ---------------------------------------------------------------- helpers shared with the entry parsers
+
+
+def int_of(tok: Token, what: str = "an integer") -> int:
+    if not re.fullmatch(r"-?\d+", tok.text):
+        raise Bad(f"{tok.text!r} is not an integer, expects {what}", tok)
+    return int(tok.text)
+
+
+def ip_of(tok: Token) -> IPAddress:
+    try:
+        return ipaddress.ip_address(tok.text)
+    except ValueError:
+        raise Bad(f"{tok.text!r} is not an IPv4 or IPv6 address", tok) from None
+
+
+def ip_range(tok: Token) -> List[IPAddress]:
+    """`10.0.0.1`, `10.0.0.1-20` (keepalived: last octet, or last hextet in hex) or `10.0.0.1-10.0.0.20`."""
+    if "-" not in tok.text:
+        return [ip_of(tok)]
+    first_text, last_text = tok.text.split("-", 1)
+    first = ip_of(Token(tok.kind, first_text, tok.where))
+    try:
+        if first.version == 4 and last_text.isdigit():
+            last = ipaddress.ip_address(".".join(first_text.split(".")[:3] + [last_text]))
+        elif first.version == 6 and re.fullmatch(r"[0-9a-fA-F]{1,4}", last_text):
+            last = ipaddress.ip_address((int(first) & ~0xFFFF) | int(last_text, 16))
+        else:
+            last = ipaddress.ip_address(last_text)
+    except ValueError:
+        raise Bad(f"{tok.text!r} is not an address range", tok) from None
+    if last.version != first.version or last < first:
+        raise Bad(f"{tok.text!r} is not an address range (end before start or mixed families)", tok)
+    count = int(last) - int(first) + 1
+    if count > MAX_RANGE:
+        raise Bad(f"{tok.text!r} covers {count} addresses, more than {MAX_RANGE}", tok)
+    return [ipaddress.ip_address(int(first) + i) if first.version == 4
+            else ipaddress.IPv6Address(int(first) + i) for i in range(count)]
+
+
+def networks_of(tok: Token) -> List[IPNetwork]:
+    """A CIDR, an address, or a range, as the fewest networks covering exactly it."""
+    if "/" in tok.text:
+        try:
+            return [ipaddress.ip_network(tok.text, strict=False)]
+        except ValueError:
+            raise Bad(f"{tok.text!r} is not a network", tok) from None
+    addrs = ip_range(tok)
+    return list(ipaddress.summarize_address_range(addrs[0], addrs[-1]))

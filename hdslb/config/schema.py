@@ -1,0 +1,507 @@
+"""The keyword table: every keyword hdslb.conf accepts, its type, default, whether it applies under XDP, and
+whether it only takes effect at start. One table, read by the loader, the reload diff and the docs.
+
+A keyword either fills a dataclass field (model.py, same name unless `field=` says otherwise) or carries
+`na=` — the reason it means nothing to an XDP design. Not-applicable keywords still load (so DPVS and
+keepalived configs keep working) and are still type-checked, but each use yields a Notice the daemon logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
+
+from . import model as m
+from .kinds import (IFNAME, IP, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
+                    OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range, networks_of)
+from .syntax import Node
+
+MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """A leaf option: `keyword value…`."""
+
+    kind: Kind
+    default: Any = None
+    field: Optional[str] = None  # dataclass attribute; None: the keyword itself
+    na: Optional[str] = None  # why it has no effect under XDP (accepted, noticed)
+    init: bool = False  # takes effect only at start: changing it needs a restart
+    multi: bool = False  # may repeat; the field is a tuple
+    required: bool = False
+    aliases: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Block:
+    """A `keyword [header] { … }` block building `build(**fields)`; build None: no value (nothing applies)."""
+
+    build: Optional[Callable[..., Any]]
+    children: Mapping[str, Union[Key, "Block"]] = dataclasses.field(default_factory=dict)
+    header: Optional[Callable[[Node], Dict[str, Any]]] = None  # the words before `{` → fields
+    entries: Optional[Callable[[Node], List[Any]]] = None  # a list block: each line is one entry
+    entries_field: Optional[str] = None  # the field the entries fill; None: build(entries) itself
+    default: Any = MISSING  # value when the block is absent (else: built from its children's defaults)
+    field: Optional[str] = None  # as for Key
+    na: Optional[str] = None  # as for Key; the block's options are still type-checked
+    init: bool = False  # as for Key, for every option inside
+    multi: bool = False
+    collect: str = "tuple"  # for multi: "tuple" in file order, or "dict" by `key`
+    key: Optional[Callable[[Any], Any]] = None  # identity among repeats: a duplicate is an error
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # constant constructor arguments
+    opaque: bool = False  # another daemon's block: accepted whole, never read
+    check: Optional[Callable[[Node, Any, Any], Any]] = None  # cross-field rules; may return a normalised value
+    aliases: Tuple[str, ...] = ()
+    required: bool = False
+
+
+Spec = Union[Key, Block]
+
+
+# ---------------------------------------------------------------- headers and list entries
+
+
+def named(node: Node, kind: Kind = NAME) -> Dict[str, Any]:
+    if len(node.args) != 1:
+        raise Bad(f"expects one name before '{{', e.g. `{node.name} NAME {{`",
+                  node.args[1] if len(node.args) > 1 else None)
+    return {"name": kind.one(node.args[0])}
+
+
+def _ifname(node: Node) -> Dict[str, Any]:
+    return named(node, IFNAME)
+
+
+def _vs_header(node: Node) -> Dict[str, Any]:
+    a = node.args
+    first = a[0].text if a else ""
+    if first == "group":
+        if len(a) != 2:
+            raise Bad("expects `virtual_server group NAME {`", a[2] if len(a) > 2 else None)
+        return {"ip": None, "port": None, "group": NAME.one(a[1])}
+    if first == "fwmark":
+        raise Bad("fwmark services match netfilter marks, and XDP runs before netfilter; "
+                  "declare `virtual_server IP PORT` or a virtual_server_group", a[0])
+    if first == "match":
+        raise Bad("SNAT `match` rules are not supported; an SNAT service is "
+                  "`virtual_server IP 0 { lb_kind SNAT … }`", a[0])
+    if len(a) != 2:
+        raise Bad("expects `virtual_server IP PORT {` or `virtual_server group NAME {`",
+                  a[2] if len(a) > 2 else None)
+    return {"ip": ip_of(a[0]), "port": Port(0).one(a[1]), "group": None}
+
+
+def _rs_header(node: Node) -> Dict[str, Any]:
+    if len(node.args) != 2:
+        raise Bad("expects `real_server IP PORT {`", node.args[2] if len(node.args) > 2 else None)
+    return {"ip": ip_of(node.args[0]), "port": Port(0).one(node.args[1])}
+
+
+def _vsg_entry(node: Node) -> List[m.Endpoint]:
+    if node.name == "fwmark":
+        raise Bad("fwmark members match netfilter marks, and XDP runs before netfilter", node.keyword)
+    if len(node.args) != 1:
+        raise Bad("expects `IP PORT` or `IP-RANGE PORT` (10.0.0.1-9 80)", node.args[1] if node.args else None)
+    port = Port().one(node.args[0])
+    return [m.Endpoint(ip, port) for ip in ip_range(node.keyword)]
+
+
+def _laddr_entry(node: Node) -> List[m.LocalAddress]:
+    if len(node.args) > 1:
+        raise Bad("expects `IP [INTERFACE]` or `IP-RANGE [INTERFACE]`", node.args[1])
+    ifname = IFNAME.one(node.args[0]) if node.args else None
+    return [m.LocalAddress(ip, ifname) for ip in ip_range(node.keyword)]
+
+
+def _net_entry(node: Node) -> List[m.IPNetwork]:
+    if node.args:
+        raise Bad("expects one address, range or CIDR per line", node.args[0])
+    return networks_of(node.keyword)
+
+
+def _word_entry(node: Node) -> List[str]:
+    return [node.name] + [t.text for t in node.args]
+
+
+_REUSE_STATES = ("close", "time_wait", "fin_wait", "close_wait", "last_ack")
+
+
+def _state_entry(node: Node) -> List[str]:
+    if node.args:
+        raise Bad("a TCP state name takes no value", node.args[0])
+    if node.name not in _REUSE_STATES:
+        raise Bad(f"{node.name!r} is not one of " + "|".join(_REUSE_STATES), node.keyword)
+    return [node.name]
+
+
+# ---------------------------------------------------------------- cross-field rules (run after a block is read)
+
+
+def _worker_defs_check(node: Node, wd: m.WorkerDefs, ctx) -> m.WorkerDefs:
+    by_cpu: Dict[int, m.Worker] = {}
+    for w in wd.worker:
+        if w.cpu_id in by_cpu:
+            ctx.error(w.where, "cpu_id", f"cpu {w.cpu_id} is already used by worker {by_cpu[w.cpu_id].name}")
+        by_cpu[w.cpu_id] = w
+        if w.type == "master":
+            ctx.notice(w.where, "worker", "the master lcore is the asyncio controller; the OS schedules it "
+                       "(pin it with systemd CPUAffinity= if wanted)")
+    return wd
+
+
+def _rs_check(node: Node, rs: m.RealServer, ctx) -> m.RealServer:
+    if rs.uthreshold is not None and rs.lthreshold is not None and rs.lthreshold > rs.uthreshold:
+        ctx.error(ctx.where_of(node, "lthreshold"), "lthreshold",
+                  f"{rs.lthreshold} is above uthreshold {rs.uthreshold}")
+    return rs
+
+
+def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
+    kind = vs.lb_kind
+    if vs.port == 0 and kind != "SNAT":
+        ctx.error(node.args[1].where, "virtual_server", "port 0 is only for SNAT services (lb_kind SNAT)")
+    if vs.ops and vs.protocol != "UDP":
+        ctx.error(ctx.where_of(node, "ops"), "ops", "one-packet scheduling is for protocol UDP")
+    if vs.syn_proxy and vs.protocol != "TCP":
+        ctx.error(ctx.where_of(node, "syn_proxy"), "syn_proxy", "needs protocol TCP")
+    if vs.persistence_granularity is not None and vs.ip is not None and vs.ip.version == 4 \
+            and vs.persistence_granularity > 32:
+        ctx.error(ctx.where_of(node, "persistence_granularity"), "persistence_granularity",
+                  f"/{vs.persistence_granularity} is longer than an IPv4 address")
+    if vs.sorry_server is not None and vs.sorry_server.port == 0 and kind != "SNAT":
+        ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server", "port 0 is only for SNAT services")
+    rss = []
+    for rs in vs.real_servers:
+        if rs.port == 0 and kind != "SNAT":
+            ctx.error(rs.where, "real_server", f"{rs.ip} port 0 is only for SNAT services (lb_kind SNAT)")
+        if kind in ("NAT", "DR", "TUNNEL") and vs.ip is not None and rs.ip.version != vs.ip.version:
+            ctx.error(rs.where, "real_server", f"IPv{rs.ip.version} real server behind an IPv{vs.ip.version} "
+                      f"service needs lb_kind FNAT (NAT64/46)")
+        if kind in ("DR", "TUNNEL") and vs.port is not None and rs.port not in (vs.port, 0):
+            ctx.error(rs.where, "real_server", f"{kind} cannot rewrite ports: the real server port must be "
+                      f"the virtual port {vs.port}")
+        rss.append(_inherit(rs, vs))
+    for kw, name in (("laddr_group_name", vs.laddr_group_name), ("daddr_group_name", vs.daddr_group_name),
+                     ("waddr_group_name", vs.waddr_group_name)):
+        if name is not None:
+            ctx.ref(kw, name, ctx.where_of(node, kw))
+    if vs.group is not None:
+        ctx.ref("virtual_server group", vs.group, node.args[1].where)
+    return _replace(vs, real_servers=tuple(rss))
+
+
+def _inherit(rs: m.RealServer, vs: m.VirtualServer) -> m.RealServer:
+    """keepalived's defaults flow down: inhibit_on_failure, delay_loop and virtualhost set on the service."""
+    checkers = []
+    for c in rs.checkers:
+        if c.delay_loop is None:
+            c = _replace(c, delay_loop=vs.delay_loop)
+        if isinstance(c, m.HttpCheck) and c.virtualhost is None and vs.virtualhost is not None:
+            c = _replace(c, virtualhost=vs.virtualhost)
+        if isinstance(c, m.MiscCheck) and c.misc_timeout is None:
+            c = _replace(c, misc_timeout=c.delay_loop)
+        checkers.append(c)
+    return _replace(rs, inhibit_on_failure=rs.inhibit_on_failure or vs.inhibit_on_failure,
+                    checkers=tuple(checkers))
+
+
+def _replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- reasons shared by several keywords
+
+NO_MBUF_POOL = "XDP works in the driver's own RX buffers; there is no mbuf pool to size"
+RINGS = "ring sizes belong to the driver: set them with `ethtool -G DEV rx N tx N`"
+RSS = "RSS is the NIC's (`ethtool -X`); the XDP program runs on whichever CPU RSS picks"
+SHARED_CONNS = "the conn map is shared by every CPU, so no packet has to reach the CPU that saw the first one"
+KNI = "XDP_PASS to the kernel is the KNI: traffic that is not for a service goes up the kernel's own " \
+      "interface, and no extra device is created"
+QUEUES_TO_CPUS = "XDP runs on the CPU servicing each RX queue's interrupt; place queues with IRQ affinity, " \
+                 "not per-port queue lists"
+KERNEL_FORWARDS = "packets not for a service are passed to the kernel (XDP_PASS); its forwarding sysctl decides"
+NO_LCORES = "there are no lcores to message: the controller writes BPF maps directly"
+NO_MAIL = "hdslb sends no mail and runs no VRRP; state changes are logged and exported as metrics"
+VRRP = "VRRP is not part of hdslb; run keepalived's vrrp process (or a routing daemon) alongside to move VIPs"
+KERNEL_ADDRS = "addresses and routes are set with dpip (or ip), not at load time"
+
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "conhash", "fo")
+_LVS_ONLY = "is an LVS scheduler hdslb does not implement; use one of " + "|".join(SCHEDULERS)
+
+_SECONDS = Int(1, 31 * 86400, "seconds")
+
+
+def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
+    """TCP_CHECK, HTTP_GET, SSL_GET and UDP_CHECK share keepalived's connect options."""
+    return Block(build, {**_CHECK_COMMON, **_CONNECT, **extra}, multi=True, field="checkers",
+                 fixed={"kind": kind})
+
+
+_CHECK_COMMON: Mapping[str, Spec] = {
+    "retry": Key(Int(0, 100), 1, aliases=("nb_get_retry", "nb_sock_retry")),
+    "delay_before_retry": Key(Seconds(0, 3600), 1.0),
+    "delay_loop": Key(Seconds(0.001, 86400), None),
+    "warmup": Key(Seconds(0, 86400), None),
+}
+_CONNECT: Mapping[str, Spec] = {
+    "connect_ip": Key(IP(), None),
+    "connect_port": Key(Port(), None),
+    "bindto": Key(IP(), None),
+    "bind_port": Key(Port(), None),
+    "connect_timeout": Key(Seconds(0.001, 3600), 5.0),
+}
+_HTTP: Mapping[str, Spec] = {
+    "url": Block(m.HttpUrl, {
+        "path": Key(Str(r"/\S*", "a URL path starting with /"), required=True),
+        "status_code": Key(StatusCodes(), ()),
+        "digest": Key(Str(r"[0-9a-fA-F]{32}", "an md5 digest (32 hex digits)"), None),
+    }, multi=True),
+    "virtualhost": Key(Str(), None),
+}
+
+_REAL_SERVER = Block(m.RealServer, {
+    "weight": Key(Int(0, 65535), 1),
+    "inhibit_on_failure": Key(Flag(), False),
+    "uthreshold": Key(Int(0, 2**31 - 1), None),
+    "lthreshold": Key(Int(0, 2**31 - 1), None),
+    "notify_up": Key(Text(), None),
+    "notify_down": Key(Text(), None),
+    "TCP_CHECK": _netcheck("TCP_CHECK", m.TcpCheck, {}),
+    "HTTP_GET": _netcheck("HTTP_GET", m.HttpCheck, _HTTP),
+    "SSL_GET": _netcheck("SSL_GET", m.HttpCheck, _HTTP),
+    "UDP_CHECK": _netcheck("UDP_CHECK", m.UdpCheck, {
+        "payload": Key(Hex(), None),
+        "require_reply": Key(Hex(optional=True), None),
+    }),
+    "MISC_CHECK": Block(m.MiscCheck, {
+        **_CHECK_COMMON,
+        "misc_path": Key(Text(), required=True),
+        "misc_timeout": Key(Seconds(0.001, 86400), None),
+        "misc_dynamic": Key(Flag(), False),
+        "user": Key(Text(), None),
+    }, multi=True, field="checkers", fixed={"kind": "MISC_CHECK"}),
+}, header=_rs_header, multi=True, field="real_servers", key=lambda rs: str(m.Endpoint(rs.ip, rs.port)),
+    check=_rs_check)
+
+_VIRTUAL_SERVER = Block(m.VirtualServer, {
+    "delay_loop": Key(Seconds(1, 86400), 60.0),
+    "lb_algo": Key(Choice(*SCHEDULERS, refuse={s: _LVS_ONLY for s in ("lblc", "lblcr", "sed", "nq", "ovf", "twos")}),
+                   "wlc", aliases=("lvs_sched",)),
+    "lb_kind": Key(Choice("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),
+                   "NAT", aliases=("lvs_method",)),
+    "protocol": Key(Choice("TCP", "UDP", refuse={"SCTP": "is not handled by the XDP fast path (TCP and UDP are)"}),
+                    "TCP"),
+    "persistence_timeout": Key(OptionalInt(360, 0, 2**31 - 1, "seconds"), 0),
+    "persistence_granularity": Key(Granularity(), None),
+    "virtualhost": Key(Str(), None),
+    "alpha": Key(Flag(), False),
+    "omega": Key(Flag(), False),
+    "quorum": Key(Int(1, 2**31 - 1), 1),
+    "hysteresis": Key(Int(0, 2**31 - 1), 0),
+    "quorum_up": Key(Text(), None),
+    "quorum_down": Key(Text(), None),
+    "sorry_server": Key(IPPort(port_lo=0), None),
+    "sorry_server_inhibit": Key(Flag(), False),
+    "inhibit_on_failure": Key(Flag(), False),
+    "ha_suspend": Key(Flag(), False),
+    "ops": Key(Flag(), False),
+    "syn_proxy": Key(Flag(), False),
+    "establish_timeout": Key(Int(1, 3600, "seconds"), None),
+    "laddr_group_name": Key(NAME, None),
+    "daddr_group_name": Key(NAME, None),
+    "waddr_group_name": Key(NAME, None),
+    "real_server": _REAL_SERVER,
+}, header=_vs_header, multi=True, field="virtual_servers", key=lambda vs: "/".join(reversed(vs.key)),
+    check=_vs_check)
+
+
+def _group(build: type, entry: Callable[[Node], List[Any]], entries_field: str, field_name: str) -> Block:
+    return Block(build, header=named, entries=entry, entries_field=entries_field,
+                 multi=True, collect="dict", key=lambda g: g.name, field=field_name)
+
+
+def _opaque(reason: str) -> Block:
+    return Block(None, opaque=True, na=reason, multi=True)
+
+
+def _timeouts(build: type, defaults: Mapping[str, int]) -> Block:
+    return Block(build, {state: Key(_SECONDS, secs) for state, secs in defaults.items()})
+
+
+# The table. Order is documentation order; defaults are DPVS's unless a comment says otherwise.
+ROOT = Block(None, {
+    "global_defs": Block(m.GlobalDefs, {
+        "log_level": Key(Choice("EMERG", "ALERT", "CRIT", "ERR", "WARNING", "NOTICE", "INFO", "DEBUG",
+                                aliases={"ERROR": "ERR", "WARN": "WARNING"}, fold=str.upper), "INFO"),
+        "log_file": Key(PATH, None),
+        "log_async_mode": Key(OnOff(), False, na="logging is the controller's; there is no async DPDK log ring"),
+        "script_user": Key(Text(), None),
+        "enable_script_security": Key(Flag(), False),
+        # keepalived's own globals, so a keepalived.conf loads as it is
+        "router_id": Key(Str(), None, na=NO_MAIL),
+        "notification_email": Block(None, entries=_word_entry, na=NO_MAIL),
+        "notification_email_from": Key(Str(), None, na=NO_MAIL),
+        "smtp_server": Key(Text(), None, na=NO_MAIL),
+        "smtp_connect_timeout": Key(_SECONDS, 30, na=NO_MAIL),
+    }),
+    "netif_defs": Block(m.NetifDefs, {
+        "pktpool_size": Key(Int(1023, 2**31 - 1), 1048575, na=NO_MBUF_POOL, init=True),
+        "pktpool_cache": Key(Int(32, 8192), 256, na=NO_MBUF_POOL, init=True),
+        "device": Block(m.Device, {
+            "rx": Block(m.QueueConf, {
+                "queue_number": Key(Int(1, 4096), None),
+                "descriptor_number": Key(Int(16, 65536), 128, na=RINGS),
+                "rss": Key(Choice("all", "ip", "tcp", "udp", "sctp", "ether", "port", "tunnel"), "all", na=RSS),
+            }),
+            "tx": Block(m.QueueConf, {
+                "queue_number": Key(Int(1, 4096), None),
+                "descriptor_number": Key(Int(16, 65536), 128, na=RINGS),
+            }),
+            "fdir": Block(None, {
+                "mode": Key(Choice("perfect", "signature"), "perfect"),
+                "pballoc": Key(Choice("64k", "128k", "256k"), "64k"),
+                "status": Key(Choice("close", "matched", "always"), "matched"),
+            }, na="no flow director rules are needed: " + SHARED_CONNS),
+            "promisc_mode": Key(Flag(), False),
+            "mtu": Key(Int(68, 65535), None),
+            "kni_name": Key(IFNAME, None, na=KNI),
+        }, header=_ifname, multi=True, key=lambda d: d.name, init=True),
+        "bonding": Block(None, {
+            "mode": Key(Int(0, 6), 0),
+            "slave": Key(IFNAME, multi=True),
+            "primary": Key(IFNAME, None),
+            "numa_node": Key(Int(0, 63), 0),
+            "kni_name": Key(IFNAME, None),
+        }, header=_ifname, multi=True, init=True,
+            na="hdslb builds no bonds: create it in the kernel (`ip link add NAME type bond`) and "
+               "name it in a device block"),
+    }),
+    "worker_defs": Block(m.WorkerDefs, {
+        "worker": Block(m.Worker, {
+            "type": Key(Choice("master", "slave", refuse={"kni": "workers are not needed: " + KNI}), required=True),
+            "cpu_id": Key(Int(0, 4095), required=True),
+            "port": Block(None, {
+                "rx_queue_ids": Key(IntList(0, 4095), ()),
+                "tx_queue_ids": Key(IntList(0, 4095), ()),
+                "isol_rx_cpu_ids": Key(IntList(0, 4095), ()),
+                "isol_rxq_ring_sz": Key(Int(1, 2**31 - 1), 1048576),
+            }, header=_ifname, multi=True, na=QUEUES_TO_CPUS),
+        }, header=named, multi=True, key=lambda w: w.name, init=True),
+    }, check=_worker_defs_check),
+    "timer_defs": Block(None, {
+        "schedule_interval": Key(Int(1, 10**7), 500,
+                                 na="DPDK timer polling; the controller runs on asyncio timers"),
+    }),
+    "neigh_defs": Block(m.NeighDefs, {
+        "unres_queue_length": Key(Int(1, 65535), 128, init=True),
+        "timeout": Key(_SECONDS, 60, init=True),
+    }),
+    "ipv4_defs": Block(m.Ipv4Defs, {
+        "forwarding": Key(OnOff(), False, na=KERNEL_FORWARDS),
+        "default_ttl": Key(Int(1, 255), 64, init=True),
+        "fragment": Block(m.FragmentPolicy, {
+            "bucket_number": Key(Int(1, 2**24), 4096, init=True),
+            "bucket_entries": Key(Int(1, 4096), 16, init=True),
+            "max_entries": Key(Int(1, 2**24), 4096, init=True),
+            "ttl": Key(Int(1, 3600, "seconds"), 1, init=True),
+        }),
+    }),
+    "ipv6_defs": Block(m.Ipv6Defs, {
+        "disable": Key(OnOff(), False),
+        "forwarding": Key(OnOff(), False, na=KERNEL_FORWARDS),
+        "route6": Block(None, {
+            "method": Key(Choice("hlist", "lpm"), "hlist", init=True),
+            "recycle_time": Key(Int(1, 3600), 10),
+        }, na="IPv6 routes live in one LPM trie map; there is no method to choose or table to recycle"),
+    }),
+    "ctrl_defs": Block(m.CtrlDefs, {
+        "lcore_msg": Block(None, {
+            "ring_size": Key(Int(1, 2**24), 4096, init=True),
+            "sync_msg_timeout_us": Key(Int(1, 2**32 - 1), 2000),
+            "priority_level": Key(Choice("low", "norm", "high", "ign"), "low"),
+        }, na=NO_LCORES),
+        "ipc_msg": Block(m.IpcMsg, {
+            "unix_domain": Key(PATH, DEFAULT_CTL_SOCKET, init=True),
+        }),
+    }),
+    "ipvs_defs": Block(m.IpvsDefs, {
+        "conn": Block(m.ConnDefs, {
+            "conn_pool_size": Key(Int(1024, 2**28), 2097152, init=True),
+            "conn_pool_cache": Key(Int(1, 8192), 256, init=True,
+                                   na="conns are entries of one BPF map; there is no per-core mempool cache"),
+            "conn_init_timeout": Key(_SECONDS, 3),
+            "expire_quiescent_template": Key(Flag(), False),
+            "fast_xmit_close": Key(Flag(), False, na="there is no per-conn cached L2 header to turn off: "
+                                                     "every packet takes its MAC from the neighbour map"),
+            "redirect": Key(OnOff(), False, init=True, na=SHARED_CONNS),
+        }),
+        "udp": Block(m.UdpDefs, {
+            "defence_udp_drop": Key(Flag(), False),
+            "uoa_mode": Key(Choice("opp", "ipo"), "opp"),
+            "uoa_max_trail": Key(Int(0, 255), 3),
+            "timeout": _timeouts(m.UdpTimeouts, {"normal": 300, "last": 3}),
+        }),
+        "tcp": Block(m.TcpDefs, {
+            "defence_tcp_drop": Key(Flag(), False),
+            "timeout": _timeouts(m.TcpTimeouts, {
+                "none": 2, "established": 90, "syn_sent": 3, "syn_recv": 30, "fin_wait": 7, "time_wait": 7,
+                "close": 3, "close_wait": 7, "last_ack": 7, "listen": 120, "synack": 30, "last": 2}),
+            "synproxy": Block(m.SynproxyDefs, {
+                "synack_options": Block(m.SynackOptions, {
+                    "mss": Key(Int(536, 65535), 1452),
+                    "ttl": Key(Int(1, 255), 63),
+                    "sack": Key(Flag(), False),
+                    "wscale": Key(Flag(), False),
+                    "timestamp": Key(Flag(), False),
+                }),
+                "defer_rs_syn": Key(Flag(), False),
+                "rs_syn_max_retry": Key(Int(1, 255), 3),
+                "ack_storm_thresh": Key(Int(1, 65535), 10),
+                "max_ack_saved": Key(Int(1, 255), 3),
+                "conn_reuse_state": Block(frozenset, entries=_state_entry,
+                                          default=frozenset({"close", "time_wait"})),
+            }),
+        }),
+    }),
+    "sa_pool": Block(m.SaPoolDefs, {
+        "pool_hash_size": Key(Int(1, 65536), 16),
+    }),
+    # keepalived-style load-balancer declarations
+    "virtual_server_group": _group(m.VirtualServerGroup, _vsg_entry, "members", "virtual_server_groups"),
+    "local_address_group": _group(m.LocalAddressGroup, _laddr_entry, "addresses", "local_address_groups"),
+    "deny_address_group": _group(m.AddressGroup, _net_entry, "networks", "deny_address_groups"),
+    "allow_address_group": _group(m.AddressGroup, _net_entry, "networks", "allow_address_groups"),
+    "virtual_server": _VIRTUAL_SERVER,
+    # other daemons' blocks, so one keepalived.conf can serve both
+    "vrrp_instance": _opaque(VRRP),
+    "vrrp_sync_group": _opaque(VRRP),
+    "vrrp_script": _opaque(VRRP),
+    "static_ipaddress": _opaque(KERNEL_ADDRS),
+    "static_routes": _opaque(KERNEL_ADDRS),
+})
+
+# Top-level keywords whose content the reload diff compares as objects rather than as settings.
+LB_ROOTS = frozenset({"virtual_server", "virtual_server_group", "local_address_group", "deny_address_group",
+                      "allow_address_group"})
+
+
+def lookup(block: Block) -> Dict[str, Tuple[str, Spec]]:
+    """Every spelling a block accepts → (canonical keyword, spec)."""
+    out: Dict[str, Tuple[str, Spec]] = {}
+    for kw, spec in block.children.items():
+        for spelling in (kw,) + spec.aliases:
+            out[spelling] = (kw, spec)
+    return out
+
+
+def walk(block: Block = ROOT, path: str = "") -> Iterator[Tuple[str, Spec]]:
+    """(dotted path, spec) for every keyword in the table, depth first: for docs and tests."""
+    for kw, spec in block.children.items():
+        p = f"{path}.{kw}" if path else kw
+        yield p, spec
+        if isinstance(spec, Block):
+            yield from walk(spec, p)

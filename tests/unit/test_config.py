@@ -1,0 +1,466 @@
+"""hdslb.conf parsing: golden configs load to known values, broken ones fail at a known file:line:col."""
+
+import dataclasses
+import errno
+import ipaddress
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from hdslb.config import ConfigError, check, diff, load, loads
+from hdslb.config import model as m
+from hdslb.config.schema import ROOT, Block, walk
+from hdslb.errors import HdslbError
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+BROKEN = sorted((CONFIGS / "broken").glob("*.conf"))
+
+ip = ipaddress.ip_address
+
+
+def notices_by_keyword(cfg):
+    out = {}
+    for n in cfg.notices:
+        out.setdefault(n.keyword, []).append(n.line)
+    return out
+
+
+# ---------------------------------------------------------------- golden: the seed's hdslb.conf, verbatim
+
+
+@pytest.fixture(scope="module")
+def seed():
+    return load(str(CONF / "hdslb.conf"))
+
+
+def test_seed_config_values(seed):
+    assert seed.global_defs.log_level == "DEBUG"  # `log_level DEBUG # 方便调试`: the comment is stripped
+    assert seed.global_defs.log_file is None  # commented out with `!`
+    assert seed.netif_defs.interfaces == ("dpdk0",)
+    dev = seed.netif_defs.device[0]
+    assert (dev.rx.queue_number, dev.tx.queue_number, dev.promisc_mode) == (3, 3, False)
+    assert seed.worker_defs.fastpath_cpus == frozenset({1})
+    assert [(w.name, w.type, w.cpu_id) for w in seed.worker_defs.worker] == [("cpu0", "master", 0),
+                                                                              ("cpu1", "slave", 1)]
+    assert seed.neigh_defs == m.NeighDefs(unres_queue_length=128, timeout=60)
+    assert seed.ipv4_defs.default_ttl == 64
+    assert seed.ipv4_defs.fragment == m.FragmentPolicy(bucket_number=4096, bucket_entries=16, max_entries=4096,
+                                                       ttl=1)
+    assert seed.ipv6_defs.disable is False
+    assert seed.ctrl_defs.ctl_socket == "/var/run/hdslb_ctrl"
+    conn = seed.ipvs_defs.conn
+    assert (conn.conn_pool_size, conn.conn_init_timeout, conn.expire_quiescent_template) == (2097152, 30, False)
+    assert seed.ipvs_defs.udp.timeout == m.UdpTimeouts(normal=300, last=3)
+    assert (seed.ipvs_defs.udp.uoa_mode, seed.ipvs_defs.udp.uoa_max_trail) == ("opp", 3)
+    tcp = seed.ipvs_defs.tcp
+    assert tcp.timeout.as_dict() == {"none": 2, "established": 90, "syn_sent": 3, "syn_recv": 30, "fin_wait": 7,
+                                     "time_wait": 7, "close": 3, "close_wait": 7, "last_ack": 7, "listen": 120,
+                                     "synack": 30, "last": 2}
+    assert tcp.synproxy.synack_options == m.SynackOptions(mss=1452, ttl=63, sack=True, wscale=False,
+                                                          timestamp=False)
+    assert (tcp.synproxy.defer_rs_syn, tcp.synproxy.rs_syn_max_retry) == (False, 3)
+    assert (tcp.synproxy.ack_storm_thresh, tcp.synproxy.max_ack_saved) == (10, 3)
+    assert tcp.synproxy.conn_reuse_state == frozenset({"close", "time_wait"})
+    assert seed.sa_pool.pool_hash_size == 16
+    assert seed.virtual_servers == ()
+    assert seed.files == (str(CONF / "hdslb.conf"),)
+
+
+def test_seed_not_applicable_options_are_noticed_once_each(seed):
+    assert notices_by_keyword(seed) == {
+        "pktpool_size": [10], "pktpool_cache": [11],
+        "descriptor_number": [15, 20],  # rx and tx
+        "fdir": [22],  # one notice for the block, not one per option inside it
+        "kni_name": [28],
+        "worker": [42],  # the master lcore
+        "port": [51, 57],
+        "schedule_interval": [69],
+        "forwarding": [80, 93],  # ipv4 and ipv6
+        "route6": [94],
+        "lcore_msg": [102],
+        "conn_pool_cache": [116],
+    }
+    kni = next(n for n in seed.notices if n.keyword == "kni_name")
+    assert "XDP_PASS to the kernel is the KNI" in kni.reason
+    assert str(kni).startswith(f"{CONF / 'hdslb.conf'}:28: kni_name: XDP_PASS")
+
+
+def test_seed_init_markers_are_recorded_per_option(seed):
+    s = seed.settings
+    assert s["netif_defs.pktpool_size"].marked_init
+    assert s["netif_defs.device[dpdk0].rx.queue_number"].marked_init  # inherited from `<init> device`
+    assert s["ipv6_defs.route6.method"].marked_init
+    assert not s["ipv6_defs.route6.recycle_time"].marked_init
+    assert not s["ipvs_defs.conn.conn_init_timeout"].marked_init
+    assert s["ipvs_defs.conn.conn_pool_size"].marked_init and s["ipvs_defs.conn.conn_pool_size"].init_only
+    assert s["ctrl_defs.ipc_msg.unix_domain"].needs_restart
+    assert not s["netif_defs.pktpool_size"].applies and s["neigh_defs.timeout"].applies
+    where = s["ipvs_defs.tcp.timeout.established"].where
+    assert (where.line, where.col) == (137, 13)
+
+
+# ---------------------------------------------------------------- golden: the samples
+
+
+def test_single_nic_sample():
+    cfg = load(str(CONF / "single-nic.conf"))
+    assert cfg.notices == ()
+    assert cfg.netif_defs.interfaces == ("eth0",)
+    assert cfg.worker_defs.fastpath_cpus == frozenset({1, 2, 3})
+    assert cfg.ipvs_defs.conn.conn_pool_size == 1048576
+    assert cfg.ipvs_defs.tcp.timeout.established == 90
+    assert cfg.ipvs_defs.tcp.timeout.listen == 120  # not written: DPVS's default
+    assert [str(a) for a in cfg.local_address_groups["laddr_g1"].addresses] == [
+        "192.168.100.200 eth0", "192.168.100.201 eth0", "192.168.100.202 eth0", "192.168.100.203 eth0"]
+    vs = cfg.virtual_server("TCP", "192.168.100.254:80")
+    assert (vs.lb_algo, vs.lb_kind, vs.delay_loop, vs.laddr_group_name) == ("wrr", "FNAT", 3.0, "laddr_g1")
+    assert [(str(rs.ip), rs.port, rs.weight, rs.inhibit_on_failure) for rs in vs.real_servers] == [
+        ("192.168.100.2", 80, 100, False), ("192.168.100.3", 80, 100, True)]
+    chk = vs.real_servers[0].checkers[0]
+    assert isinstance(chk, m.TcpCheck)
+    assert (chk.connect_timeout, chk.retry, chk.delay_before_retry, chk.delay_loop) == (2.0, 2, 1.0, 3.0)
+    assert chk.connect_ip is None and chk.connect_port is None
+
+
+def test_two_arm_sample():
+    cfg = load(str(CONF / "two-arm.conf"))
+    assert cfg.netif_defs.interfaces == ("eth0", "eth1")
+    assert cfg.netif_defs.device[0].promisc_mode and not cfg.netif_defs.device[1].promisc_mode
+    assert cfg.worker_defs.fastpath_cpus == frozenset({1, 2, 3, 4})
+    assert cfg.ctrl_defs.ctl_socket == "/run/hdslb/ctrl.sock"
+    assert cfg.ipv6_defs.disable is True
+    assert cfg.ipv4_defs.fragment == m.FragmentPolicy(4096, 16, 8192, 2)  # two written, two defaults
+    assert cfg.ipvs_defs.udp.defence_udp_drop and cfg.ipvs_defs.tcp.defence_tcp_drop
+    assert cfg.ipvs_defs.tcp.synproxy.synack_options == m.SynackOptions(1452, 63, True, True, True)
+    assert len(cfg.local_address_groups["laddr_lan"].addresses) == 16
+    web = cfg.virtual_server("TCP", "203.0.113.10:80")
+    assert (web.lb_algo, web.syn_proxy, web.establish_timeout) == ("mh", True, 600)
+    http = web.real_servers[0].checkers[0]
+    assert isinstance(http, m.HttpCheck) and http.kind == "HTTP_GET"
+    assert http.retry == 3  # spelled nb_get_retry
+    assert http.url == (m.HttpUrl("/healthz", ((200, 200),), None),)
+    dns = cfg.virtual_server("udp", "203.0.113.10:53")
+    assert dns.ops and dns.protocol == "UDP"
+    udp = dns.real_servers[0].checkers[0]
+    assert isinstance(udp, m.UdpCheck)
+    assert udp.payload[12:20] == b"\x07example" and udp.require_reply == b""
+
+
+def test_keepalived_sample():
+    cfg = load(str(CONF / "keepalived-lb.conf"))
+    assert set(notices_by_keyword(cfg)) == {"router_id", "notification_email", "notification_email_from",
+                                            "smtp_server", "smtp_connect_timeout", "vrrp_instance", "kni_name"}
+    assert cfg.global_defs.script_user == "nobody" and cfg.global_defs.enable_script_security
+    assert [str(v) for v in cfg.virtual_servers] == ["group web/TCP", "198.51.100.10:443/TCP",
+                                                     "[2001:db8::10]:80/TCP", "198.51.100.11:53/UDP"]
+    web = cfg.virtual_servers[0]
+    assert (web.lb_algo, web.lb_kind) == ("wlc", "FNAT")  # lvs_sched / lvs_method
+    assert [str(e) for e in cfg.endpoints(web)] == ["198.51.100.10:80", "198.51.100.11:80"]
+    assert (web.persistence_timeout, web.persistence_granularity) == (300, 24)
+    assert (web.alpha, web.omega, web.quorum, web.hysteresis) == (True, True, 2, 1)
+    assert web.quorum_up == "/usr/local/bin/vip-up web"
+    assert web.sorry_server == m.Endpoint(ip("10.10.16.250"), 8080)
+    assert (web.daddr_group_name, web.syn_proxy) == ("blocked", True)
+    rs = web.real_servers[0]
+    assert (rs.uthreshold, rs.lthreshold, rs.inhibit_on_failure) == (20000, 15000, True)
+    http = rs.checkers[0]
+    assert http.virtualhost == "www.example.com"  # inherited from the virtual_server
+    assert http.url[0].digest == "9b3a0c85a887a256d6939da88aabd8cd"
+    assert http.url[1].accepts(304) and http.url[1].accepts(204) and not http.url[1].accepts(302)
+    assert http.url[0].accepts(200) and not http.url[0].accepts(404)  # no status_code: any 2xx
+    assert [str(n) for n in cfg.deny_address_groups["blocked"].networks] == [
+        "192.0.2.0/24", "203.0.113.7/32", "203.0.113.100/30", "203.0.113.104/29", "203.0.113.112/29"]
+    https = cfg.virtual_servers[1]
+    assert https.real_servers[0].checkers[0].kind == "SSL_GET" and https.waddr_group_name == "partners"
+    v6 = cfg.virtual_servers[2]
+    assert v6.ip.version == 6 and v6.real_servers[0].ip.version == 4
+    dns = cfg.virtual_servers[3]
+    assert dns.lb_kind == "TUNNEL"  # keepalived's TUN
+    misc = dns.real_servers[0].checkers[0]
+    assert isinstance(misc, m.MiscCheck)
+    assert misc.misc_path == "/usr/bin/dig +time=1 +tries=1 @10.10.17.1 example.com"
+    assert (misc.misc_timeout, misc.misc_dynamic, misc.delay_loop) == (3.0, True, 5.0)
+
+
+# ---------------------------------------------------------------- broken inputs
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_config_fails_at_the_expected_place(path, monkeypatch):
+    # Each file's first line says what the first error must be: `! expect: FILE:LINE:COL: KEYWORD: reason…`.
+    monkeypatch.chdir(path.parent)
+    expected = path.read_text(encoding="utf-8").splitlines()[0].split("expect: ", 1)[1].strip()
+    with pytest.raises(ConfigError) as ei:
+        load(path.name)
+    assert str(ei.value).startswith(expected)
+    e = ei.value
+    file, line, col, keyword = re.match(r"([^:]+):(\d+):(\d+): ([^:]+):", expected).groups()
+    assert (e.file, e.line, e.col, e.keyword) == (file, int(line), int(col), keyword)
+    assert isinstance(e, HdslbError) and e.errno == errno.EINVAL
+
+
+def test_include_cycle_is_detected():
+    with pytest.raises(ConfigError) as ei:
+        load(str(CONFIGS / "cycle" / "a.conf"))
+    e = ei.value
+    assert (Path(e.file).name, e.line, e.col, e.keyword) == ("b.conf", 2, 9, "include")
+    assert e.reason == "include cycle: a.conf -> b.conf -> a.conf"
+
+
+def test_check_reports_every_error_and_load_raises_the_first(tmp_path):
+    f = tmp_path / "two-errors.conf"
+    f.write_text("virtual_server 10.0.0.1 80 {\n"
+                 "    lb_algo bogus\n"
+                 "    real_server 10.0.0.2 80 {\n"
+                 "        weight -1\n"
+                 "    }\n"
+                 "}\n"
+                 "frobnicate yes\n")
+    problems = check(str(f))
+    assert [p.split(": ", 2)[:2] for p in problems] == [
+        [f"{f}:2:13", "lb_algo"], [f"{f}:4:16", "weight"], [f"{f}:7:1", "frobnicate"]]
+    with pytest.raises(ConfigError) as ei:
+        load(str(f))
+    assert str(ei.value) == problems[0] and len(ei.value.errors) == 3
+    assert check(str(CONF / "keepalived-lb.conf")) == []
+    assert check(str(tmp_path / "absent.conf"))[0].endswith("file: cannot read: No such file or directory")
+
+
+# ---------------------------------------------------------------- include
+
+
+def test_include_resolves_relative_to_the_including_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nowhere near the files: paths must not depend on the cwd
+    main = CONFIGS / "include" / "main.conf"
+    cfg = load(str(main))
+    assert cfg.global_defs.log_level == "NOTICE"
+    assert [str(v) for v in cfg.virtual_servers] == ["10.0.0.1:80/TCP", "10.0.0.1:53/UDP"]
+    assert cfg.virtual_servers[0].where.file.endswith("services/10-web.conf")
+    assert [os.path.basename(f) for f in cfg.files] == ["main.conf", "laddr.conf", "10-web.conf", "20-dns.conf"]
+
+
+def test_include_inside_a_block_and_from_loads(tmp_path):
+    (tmp_path / "rs.conf").write_text("real_server 10.0.0.2 80 {\n    weight 7\n}\n")
+    text = "virtual_server 10.0.0.1 80 {\n    include rs.conf\n}\n"
+    cfg = loads(text, name="inline", base_dir=str(tmp_path))
+    assert cfg.virtual_servers[0].real_servers[0].weight == 7
+    with pytest.raises(ConfigError) as ei:
+        loads(text.replace("rs.conf", "rs.conf extra"), base_dir=str(tmp_path))
+    assert str(ei.value) == "<string>:2:5: include: expects exactly one file name or glob"
+
+
+# ---------------------------------------------------------------- syntax and values
+
+
+def test_syntax_variants():
+    cfg = loads("""
+virtual_server 10.0.0.1 80
+{                                   # keepalived allows the brace on the next line
+    lb_kind fnat; lb_algo RR        ! `;` separates, values are case-insensitive
+    real_server 10.0.0.2 80 { weight 0 }
+    real_server 10.0.0.3 80 {
+        HTTP_GET { url { path /a#b
+        } }
+    }
+    persistence_timeout
+}
+virtual_server 10.0.0.1 0 { lb_kind SNAT; real_server 10.0.0.9 0 { } }
+""")
+    vs, snat = cfg.virtual_servers
+    assert (vs.lb_kind, vs.lb_algo, vs.persistence_timeout) == ("FNAT", "rr", 360)
+    assert vs.real_servers[0].weight == 0
+    assert vs.real_servers[1].checkers[0].url[0].path == "/a#b"  # `#` inside a word is not a comment
+    assert snat.port == 0 and snat.real_servers[0].port == 0
+
+
+def test_address_ranges():
+    cfg = loads("""
+virtual_server_group g6 {
+    2001:db8::fe-101 443
+}
+local_address_group lg {
+    10.0.0.1-10.0.0.3
+}
+""")
+    assert [str(e) for e in cfg.virtual_server_groups["g6"].members] == [
+        "[2001:db8::fe]:443", "[2001:db8::ff]:443", "[2001:db8::100]:443", "[2001:db8::101]:443"]
+    assert [str(a.ip) for a in cfg.local_address_groups["lg"].addresses] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    for entry, why in (("10.0.0.9-3 80", "end before start"), ("10.0.0.0-10.1.0.1 80", "more than 65536"),
+                       ("10.0.0.1 80 eth0", "expects `IP PORT`"), ("10.0.0.1 80 {\n}", "takes no '{ }' block")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            loads("virtual_server_group g {\n    " + entry + "\n}\n")
+
+
+def test_flags_take_explicit_on_off_and_nothing_else():
+    cfg = loads("ipvs_defs { tcp { synproxy { synack_options { sack off\n wscale on } } } }")
+    assert (cfg.ipvs_defs.tcp.synproxy.synack_options.sack, cfg.ipvs_defs.tcp.synproxy.synack_options.wscale) \
+        == (False, True)
+    with pytest.raises(ConfigError, match="'maybe' is not on or off"):
+        loads("virtual_server 10.0.0.1 80 {\n alpha maybe\n}")
+
+
+def test_defaults_when_sections_are_absent():
+    cfg = loads("")
+    assert cfg.netif_defs.interfaces == () and cfg.worker_defs.fastpath_cpus == frozenset()
+    assert cfg.ctrl_defs.ctl_socket == "/var/run/hdslb_ctrl"
+    assert cfg.ipvs_defs.tcp.synproxy.conn_reuse_state == frozenset({"close", "time_wait"})
+    assert cfg.ipvs_defs.conn.conn_pool_size == 2097152
+    vs = loads("virtual_server 10.0.0.1 80 {\n real_server 10.0.0.2 80 {\n TCP_CHECK {\n }\n }\n}").virtual_servers[0]
+    assert (vs.lb_algo, vs.lb_kind, vs.protocol, vs.delay_loop) == ("wlc", "NAT", "TCP", 60.0)
+    assert vs.real_servers[0].weight == 1 and vs.real_servers[0].checkers[0].connect_timeout == 5.0
+
+
+def test_semantic_rules():
+    cases = [
+        ("virtual_server 10.0.0.1 80 {\n protocol SCTP\n}", "2:11: protocol: 'SCTP' is not handled"),
+        ("virtual_server 10.0.0.1 80 {\n ops\n}", "2:2: ops: one-packet scheduling is for protocol UDP"),
+        ("virtual_server 10.0.0.1 53 {\n protocol UDP\n syn_proxy\n}", "3:2: syn_proxy: needs protocol TCP"),
+        ("virtual_server 10.0.0.1 80 {\n lb_kind DR\n real_server 10.0.0.2 8080 {\n }\n}",
+         "3:2: real_server: DR cannot rewrite ports"),
+        ("virtual_server 10.0.0.1 80 {\n real_server 10.0.0.2 80 {\n uthreshold 5\n lthreshold 9\n }\n}",
+         "4:13: lthreshold: 9 is above uthreshold 5"),
+        ("virtual_server 10.0.0.1 80 {\n establish_timeout 7200\n}", "2:20: establish_timeout: 7200 is out"),
+        ("worker_defs {\n worker a {\n type slave\n cpu_id 2\n }\n worker b {\n type slave\n cpu_id 2\n }\n}",
+         "6:2: cpu_id: cpu 2 is already used by worker a"),
+        ("worker_defs {\n worker a {\n type kni\n cpu_id 2\n }\n}", "3:7: type: 'kni' workers are not needed"),
+        ("virtual_server group nope {\n}", "1:22: virtual_server: no virtual_server_group named 'nope'"),
+        ("local_address_group lg {\n 10.0.0.1\n 10.0.0.1\n}", "3:2: 10.0.0.1: 10.0.0.1 is listed twice"),
+        ("netif_defs {\n device this-name-is-too-long {\n }\n}", "2:9: device: 'this-name-is-too-long'"),
+        ("ipvs_defs {\n tcp {\n synproxy {\n conn_reuse_state {\n established\n }\n }\n }\n}",
+         "5:2: established: 'established' is not one of close|"),
+        ("<init>\nglobal_defs {\n}", "1:1: <init>: must be followed by an option"),
+        ("global_defs {\n log_level 3 <init>\n}", "2:14: <init>: must come first on its line"),
+        ("global_defs\n", "1:1: global_defs: needs a '{ … }' block"),
+        ("virtual_server 10.0.0.1 80 {\n real_server 10.0.0.2 80 {\n HTTP_GET {\n url {\n digest 12\n }\n }\n }\n}",
+         "5:9: digest: '12' is not an md5 digest"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(ConfigError) as ei:
+            loads(text)
+        assert str(ei.value).startswith("<string>:" + expected), (text, str(ei.value))
+
+
+# ---------------------------------------------------------------- reload diff
+
+OLD = """
+ipvs_defs {
+    conn {
+        <init> conn_pool_size 1048576
+    }
+    tcp {
+        timeout {
+            established 90
+        }
+    }
+}
+local_address_group lg {
+    10.0.1.1
+    10.0.1.2
+}
+virtual_server 10.0.0.1 80 {
+    lb_kind FNAT
+    laddr_group_name lg
+    real_server 10.0.0.11 80 {
+        weight 1
+    }
+    real_server 10.0.0.12 80 {
+        weight 1
+    }
+}
+virtual_server 10.0.0.1 443 {
+    lb_kind FNAT
+}
+"""
+
+
+def test_diff_reports_what_a_reload_changes():
+    new_text = (OLD.replace("conn_pool_size 1048576", "conn_pool_size 2097152")
+                   .replace("established 90", "established 300")
+                   .replace("    10.0.1.2\n", "    10.0.1.3\n")
+                   .replace("real_server 10.0.0.12 80 {\n        weight 1", "real_server 10.0.0.12 80 {\n        weight 5")
+                   .replace("virtual_server 10.0.0.1 443 {\n    lb_kind FNAT\n}", "virtual_server 10.0.0.1 53 {\n"
+                            "    protocol UDP\n}")
+                   .replace("    lb_kind FNAT\n    laddr_group_name lg\n", "    lb_kind FNAT\n    lb_algo rr\n"
+                            "    laddr_group_name lg\n    real_server 10.0.0.13 80 {\n    }\n"))
+    old, new = loads(OLD), loads(new_text)
+    d = diff(old, new)
+    assert [str(v) for v in d.vs_added] == ["10.0.0.1:53/UDP"]
+    assert [str(v) for v in d.vs_removed] == ["10.0.0.1:443/TCP"]
+    assert [(a.lb_algo, b.lb_algo) for a, b in d.vs_changed] == [("wlc", "rr")]
+    assert [(k, str(rs.ip)) for k, rs in d.rs_added] == [(("TCP", "10.0.0.1:80"), "10.0.0.13")]
+    assert d.rs_removed == ()
+    assert [(str(a.ip), a.weight, b.weight) for _, a, b in d.rs_changed] == [("10.0.0.12", 1, 5)]
+    assert [(g, str(la)) for g, la in d.laddr_added] == [("lg", "10.0.1.3")]
+    assert [(g, str(la)) for g, la in d.laddr_removed] == [("lg", "10.0.1.2")]
+    assert [(c.path, c.old, c.new) for c in d.options_changed] == [
+        ("ipvs_defs.tcp.timeout.established", 90, 300)]
+    assert [(c.path, c.old, c.new) for c in d.init_changed] == [
+        ("ipvs_defs.conn.conn_pool_size", 1048576, 2097152)]
+    assert d.restart_needed
+    assert diff(old, loads(OLD)).empty
+
+
+def test_diff_restart_follows_init_marks_and_the_table():
+    a = loads("ipvs_defs {\n udp {\n <init> uoa_max_trail 3\n }\n}\nneigh_defs {\n timeout 60\n}")
+    b = loads("ipvs_defs {\n udp {\n uoa_max_trail 4\n }\n}\nneigh_defs {\n timeout 30\n}")
+    d = diff(a, b)
+    # uoa_max_trail is live in the table but was written `<init>`; neigh timeout is init-only in the table.
+    assert sorted(c.path for c in d.init_changed) == ["ipvs_defs.udp.uoa_max_trail", "neigh_defs.timeout"]
+    assert d.options_changed == ()
+
+
+def test_diff_sees_a_changed_virtual_server_group():
+    a = loads("virtual_server_group g {\n 10.0.0.1 80\n}\nvirtual_server group g {\n}")
+    b = loads("virtual_server_group g {\n 10.0.0.1 80\n 10.0.0.2 80\n}\nvirtual_server group g {\n}")
+    assert [str(x) for x, _ in diff(a, b).vs_changed] == ["group g/TCP"]
+
+
+def test_moving_a_block_is_not_a_change():
+    a = loads("virtual_server 10.0.0.1 80 {\n}\nvirtual_server 10.0.0.2 80 {\n}")
+    b = loads("\n\nvirtual_server 10.0.0.2 80 {\n}\n! moved\nvirtual_server 10.0.0.1 80 {\n}")
+    assert diff(a, b).empty
+
+
+# ---------------------------------------------------------------- the keyword table itself
+
+
+def test_every_keyword_is_mapped_or_explained():
+    for path, spec in walk():
+        if spec.na is not None:
+            assert len(spec.na) > 20, path  # a reason a person can act on, not a placeholder
+        if isinstance(spec, Block) and spec.opaque:
+            assert spec.na, path
+
+
+def test_table_fields_match_the_dataclasses():
+    def visit(block, path):
+        if block.build is not None and dataclasses.is_dataclass(block.build) and block.entries is None:
+            names = {f.name for f in dataclasses.fields(block.build)}
+            given = set(block.fixed) | {"where", "ip", "port", "group", "name"}
+            filled = set()
+            for kw, child in block.children.items():
+                if child.na or (isinstance(child, Block) and child.build is None):
+                    continue
+                fname = child.field or kw
+                assert fname in names, f"{path}.{kw} fills {block.build.__name__}.{fname}, which does not exist"
+                filled.add(fname)
+            missing = names - filled - given
+            assert not missing, f"{block.build.__name__} fields no keyword fills: {missing}"
+        for kw, child in block.children.items():
+            if isinstance(child, Block):
+                visit(child, f"{path}.{kw}")
+
+    visit(ROOT, "")
+    top = {f.name for f in dataclasses.fields(m.Config)} - {"source", "files", "notices", "settings"}
+    assert top == {c.field or kw for kw, c in ROOT.children.items()
+                   if not (isinstance(c, Block) and c.build is None)}
+
+
+def test_samples_stay_in_the_repo():
+    # conf/hdslb.conf is the seed document's config, verbatim; guard against "tidying" it.
+    text = (CONF / "hdslb.conf").read_text(encoding="utf-8")
+    assert "log_level   DEBUG # 方便调试" in text and "           }\n" in text
