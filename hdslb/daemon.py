@@ -29,6 +29,7 @@ log = logging.getLogger("hdslb")
 DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
+DEFAULT_MAX_CONNS = 262144
 NEIGH_REFRESH_S = 30.0  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="instance name (default: derived from the control socket name)")
     p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
                    help="bpffs directory holding one sub-directory of pinned maps per instance")
-    p.add_argument("--max-conns", type=int, default=262144, help="connection table entries (both directions)")
+    p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
     p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
                    help="FNAT local port range MIN-MAX")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -98,10 +99,27 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error(str(e))
     if ns.max_conns < 1024:
         p.error("--max-conns must be at least 1024")
-    ctl = protocol.resolve_socket(ns.ctl_socket)
-    return Settings(interfaces=list(ns.interfaces), ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=ns.max_conns, lport_min=lo,
-                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file)
+    interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
+    if ns.config_file:
+        # The file supplies what the command line left out; the command line wins where both speak.
+        from hdslb.config import ConfigError, load
+
+        try:
+            cfg = load(ns.config_file)
+        except (ConfigError, OSError) as e:
+            p.exit(2, f"hdslbd: {e}\n")
+        interfaces = interfaces or list(cfg.netif_defs.interfaces)
+        explicit_ctl = explicit_ctl or cfg.ctrl_defs.ctl_socket
+        if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
+            max_conns = cfg.ipvs_defs.conn.conn_pool_size
+        notices = [str(n) for n in cfg.notices]
+        if not interfaces:
+            p.error(f"{ns.config_file}: no interface in netif_defs and none given")
+    ctl = protocol.resolve_socket(explicit_ctl)
+    return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
+                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, lport_min=lo,
+                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file,
+                    extra={"notices": notices})
 
 
 class MapDataPath:
@@ -201,6 +219,8 @@ class Daemon:
         from hdslb.fastpath.maps import Maps
 
         s = self.settings
+        for n in s.extra.get("notices", []):
+            log.info("config: %s", n)
         loop = asyncio.get_running_loop()
         # pyroute2's synchronous API refuses to run inside an event loop; netlink work goes to a thread.
         ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)

@@ -46,3 +46,24 @@ def test_arp_request_layout():
     f = arp_frame(1, bytes.fromhex("020000000001"), "10.0.0.1", b"\xff" * 6, "10.0.0.2")
     assert len(f) == 42 and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"
     assert f[28:32] == bytes([10, 0, 0, 1]) and f[38:42] == bytes([10, 0, 0, 2])
+
+
+def test_config_file_supplies_interfaces_socket_and_table_size(tmp_path, monkeypatch):
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    conf = tmp_path / "lb.conf"
+    conf.write_text("netif_defs {\n  <init> device eth7 {\n  }\n}\n"
+                    "ctrl_defs {\n  ipc_msg {\n    <init> unix_domain /run/hdslb/x.ctrl\n  }\n}\n"
+                    "ipvs_defs {\n  conn {\n    <init> conn_pool_size 4096\n  }\n}\n")
+    s = settings_from_args(["-f", str(conf)])
+    assert (s.interfaces, s.ctl_socket, s.max_conns) == (["eth7"], "/run/hdslb/x.ctrl", 4096)
+    s = settings_from_args(["-f", str(conf), "eth1", "--ctl-socket", "/tmp/y"])
+    assert (s.interfaces, s.ctl_socket) == (["eth1"], "/tmp/y")
+
+
+def test_broken_config_exits_2_naming_the_line(tmp_path, capsys):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("ipvs_defs {\n  conn {\n    conn_pool_size lots\n  }\n}\n")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-f", str(conf)])
+    assert e.value.code == 2
+    assert f"{conf}:3:" in capsys.readouterr().err
