@@ -18,7 +18,10 @@ FWD_MODES = ("fnat", "dr", "nat", "tunnel", "snat")
 # Forwarding modes the fast path implements today; the rest are refused with a reason, never half-done.
 FWD_SUPPORTED = ("fnat",)
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "conhash", "fo")
-SCHED_SUPPORTED = ("rr", "wrr")
+# Schedulers whose table is a ring the fast path walks with a per-CPU cursor; lc/wlc rings are rebuilt from
+# live connection counts by the daemon (refresh_dynamic), so they lag by at most one refresh interval.
+SCHED_SUPPORTED = ("rr", "wrr", "lc", "wlc", "fo")
+DYNAMIC_SCHEDS = ("lc", "wlc")
 DEFAULT_SCHED = "wlc"
 ROUTE_SCOPES = ("host", "link", "global", "kni_host")
 MAX_WEIGHT = 65535
@@ -149,6 +152,8 @@ class Balancer:
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: set[int] = set()
         self._ids_used: set[int] = set()
+        # dest slot -> (active, inactive) connections, for lc/wlc; the daemon plugs in the fast path's view.
+        self.conn_counts = lambda: {}
 
     # --- helpers --------------------------------------------------------------------------------
     def iface(self, name) -> Iface:
@@ -301,10 +306,19 @@ class Balancer:
         self._slots_used.discard(d.slot)
 
     def _resched(self, svc: Service) -> None:
-        dests = [sched.Dest(slot_id=d.slot, weight=d.weight) for d in svc.dests.values()]
+        counts = self.conn_counts() if svc.sched in DYNAMIC_SCHEDS else {}
+        dests = [sched.Dest(slot_id=d.slot, weight=d.weight, addr=d.addr, port=d.port,
+                            active=counts.get(d.slot, (0, 0))[0], inactive=counts.get(d.slot, (0, 0))[1])
+                 for d in svc.dests.values()]
         table = sched.build_table(svc.sched, dests, max_len=self.ring_max)
         svc.sched_gen += 1
         self.dp.sched_set(svc, table.entries)
+
+    def refresh_dynamic(self) -> None:
+        """Rebuild the rings of schedulers that depend on live connection counts."""
+        for svc in self.services.values():
+            if svc.sched in DYNAMIC_SCHEDS and svc.dests:
+                self._resched(svc)
 
     # --- local addresses (FNAT sources) ---------------------------------------------------------
     def laddr_add(self, a: dict) -> Laddr:

@@ -184,6 +184,20 @@ def read_ifaces(names: list[str]) -> dict[str, Iface]:
     return out
 
 
+def kernel_neighbours(ifindexes: set[int]) -> list[tuple]:
+    """(ip, mac bytes, ifindex) of the kernel's reachable/stale/permanent neighbours on our interfaces."""
+    from pyroute2 import IPRoute
+
+    usable = 0x02 | 0x04 | 0x08 | 0x80  # NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PERMANENT
+    out = []
+    with IPRoute() as ipr:
+        for n in ipr.get_neighbours():
+            ll, dst = n.get_attr("NDA_LLADDR"), n.get_attr("NDA_DST")
+            if n["ifindex"] in ifindexes and ll and dst and n["state"] & usable:
+                out.append((ipaddress.ip_address(dst), bytes(int(x, 16) for x in ll.split(":")), n["ifindex"]))
+    return out
+
+
 def arp_frame(op: int, smac: bytes, sip, dmac: bytes, tip, tha: bytes = b"\0" * 6) -> bytes:
     """An Ethernet ARP frame (op 1 request, 2 reply)."""
     return (dmac + smac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, op)
@@ -232,6 +246,7 @@ class Daemon:
             self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu)
         self.bal = Balancer(MapDataPath(self.maps), ifaces, max_services=self.sizes.max_services,
                             max_dests=self.sizes.max_dests)
+        self.bal.conn_counts = self.conn_counts
         try:
             for name in ifaces:
                 self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
@@ -387,9 +402,22 @@ class Daemon:
                     want[nh[0]] = nh[1]
         return want
 
+    async def _import_kernel_neighbours(self) -> None:
+        """Neighbours the host kernel already resolved on our interfaces fill gaps in the fast path's table."""
+        loop = asyncio.get_running_loop()
+        idx = {i.ifindex for i in self.bal.ifaces.values()}
+        known = {n["addr"] for n in self.maps.neighs()}
+        for addr, mac, ifindex in await loop.run_in_executor(None, kernel_neighbours, idx):
+            if addr not in known:
+                self.maps.set_neigh(addr, mac, ifindex, permanent=False)
+
     async def _resolver(self) -> None:
+        last_import = 0.0
         while True:
             try:
+                if time.monotonic() - last_import > 5.0:
+                    last_import = time.monotonic()
+                    await self._import_kernel_neighbours()
                 known = {n["addr"]: n for n in self.maps.neighs()}
                 now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
                 pending = False
@@ -433,6 +461,7 @@ class Daemon:
                                 "outbps": max(0, v["outbytes"] - p["outbytes"]) / dt}
                 self.rates = {k: {f: int(x) for f, x in r.items()} for k, r in rates.items()}
                 prev = cur
+                self.bal.refresh_dynamic()
             except Exception:
                 log.exception("rate estimation failed")
 

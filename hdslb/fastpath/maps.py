@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+import time
 
 from hdslb.fastpath import abi
 
@@ -173,6 +174,7 @@ class Maps:
         _put_mac(v.mac, mac)
         v.ifindex = ifindex
         v.flags = abi.NEIGH_F_PERMANENT if permanent else abi.NEIGH_F_LEARNED
+        v.updated = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # same clock as bpf_ktime_get_coarse_ns
         t[self._neigh_key(ip)] = v
 
     def del_neigh(self, ip: IPAddr) -> None:

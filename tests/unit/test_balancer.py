@@ -56,9 +56,22 @@ def test_host_address_gets_no_net_route(bal):
 
 
 def test_default_scheduler_is_wlc_like_ipvsadm(bal):
+    assert bal.service_add(SVC).sched == "wlc"
+
+
+def test_wlc_ring_follows_live_connection_counts(bal):
+    quick_start(bal)
+    bal.service_edit(dict(SVC, sched="wlc"))
+    bal.conn_counts = lambda: {0: (10, 0), 1: (0, 0)}  # slot 0 busy, slot 1 idle
+    bal.refresh_dynamic()
+    ring = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    assert ring[:10] == [1] * 10, "the idle server takes the new flows until loads level"
+
+
+def test_unimplemented_scheduler_is_refused_with_the_reason(bal):
     with pytest.raises(HdslbError) as e:
-        bal.service_add(SVC)
-    assert "wlc" in e.value.message  # refused until the least-connection issue lands, never silently rr
+        bal.service_add(dict(SVC, sched="mh"))
+    assert e.value.errno == errno.EOPNOTSUPP and "mh" in e.value.message
 
 
 @pytest.mark.parametrize("op,args,err", [
