@@ -1,0 +1,135 @@
+"""Ring schedulers (rr, wrr, fo, lc, wlc): one cycle of LVS's choices, written out so the fast path only counts.
+
+LVS keeps a cursor per service under a lock and decides at each new connection. XDP runs on every CPU without
+locks, so the decisions are made here ahead of time: the table is the sequence LVS would produce over one
+cycle, and each CPU walks it with its own cursor (entries[cursor % len]). Each CPU therefore sees the exact
+LVS interleaving; across CPUs the shares are still exact per cycle, only the interleaving is per CPU.
+"""
+
+from __future__ import annotations
+
+import heapq
+from fractions import Fraction
+from typing import Optional
+
+from .model import RING, Dest, SchedError, Table, available, gcd_of, scale_weights
+
+# LVS's connection overhead: an active connection costs 256 inactive ones (ip_vs_dest_conn_overhead).
+ACTIVE_COST = 256
+DEFAULT_HORIZON = 256
+
+
+def _fit(n: int, max_len: Optional[int], sched: str) -> None:
+    if max_len is not None and n > max_len:
+        raise SchedError(f"{sched}: {n} available dests do not fit a table of {max_len} entries")
+
+
+def rr(dests: list[Dest], max_len: Optional[int] = None) -> Table:
+    """Round robin: each available dest once, in list order (ip_vs_rr starts after the list head)."""
+    ring = [d.slot_id for d in available(dests)]
+    _fit(len(ring), max_len, "rr")
+    return Table("rr", RING, ring)
+
+
+def wrr_sequence(weights: list[int]) -> list[int]:
+    """One cycle of ip_vs_wrr_schedule as indices into `weights`, starting from a freshly initialised service.
+
+    The kernel keeps a current weight cw, starting at mw = max - (gcd - 1), and walks the list returning every
+    dest with weight >= cw; at the end of the list cw drops by gcd, and when it reaches 0 or below it wraps to
+    mw. A cycle therefore holds max/gcd passes and each dest appears weight/gcd times. Weights <= 0 never match
+    (cw >= 1), as the kernel skips them.
+    """
+    di = gcd_of(weights)
+    mw = max(weights, default=0) - (di - 1)
+    seq = []
+    cw = mw
+    while cw > 0:
+        seq.extend(i for i, w in enumerate(weights) if w >= cw)
+        cw -= di
+    return seq
+
+
+def wrr(dests: list[Dest], max_len: Optional[int] = None) -> Table:
+    """Weighted round robin with LVS's interleaving (3:2:1 gives A A B A B C).
+
+    The cycle is sum(weight)/gcd entries long. When that exceeds max_len the weights are scaled down
+    (model.scale_weights: gcd first, then proportionally, every dest keeping at least one entry) and the
+    interleaving is that of the scaled weights. Overloaded or down dests are left out of the list, so the
+    ring is what LVS produces for the list without them (LVS skips them in place, which can interleave the
+    others differently while they are overloaded, with the same shares).
+    """
+    avail = available(dests)
+    weights = [d.weight for d in avail]
+    g = gcd_of(weights)
+    weights = [w // g for w in weights]  # the cycle LVS produces depends only on weight/gcd
+    if max_len is not None:
+        weights = scale_weights(weights, max_len, "wrr")
+    return Table("wrr", RING, [avail[i].slot_id for i in wrr_sequence(weights)])
+
+
+def fo(dests: list[Dest], max_len: Optional[int] = None) -> Table:
+    """Weighted failover: every new flow to the highest-weight available dest; on a tie the first in the list.
+
+    That is DPVS/LVS fo (a strict `>` while walking the list). The table has one entry, or none.
+    """
+    best: Optional[Dest] = None
+    for d in available(dests):
+        if best is None or d.weight > best.weight:
+            best = d
+    ring = [best.slot_id] if best else []
+    _fit(len(ring), max_len, "fo")
+    return Table("fo", RING, ring)
+
+
+def overhead(active: int, inactive: int) -> int:
+    """LVS's load estimate of a dest (ip_vs_dest_conn_overhead): active * 256 + inactive."""
+    return active * ACTIVE_COST + inactive
+
+
+def pick_least(dests: list[Dest], weighted: bool = True, horizon: int = DEFAULT_HORIZON,
+               max_len: Optional[int] = None) -> Table:
+    """lc / wlc from a snapshot of connection counts (Dest.active, Dest.inactive).
+
+    The ring is the sequence of choices LVS's lc (weighted=False) or wlc (weighted=True) would make for the
+    next `horizon` new connections if none ended meanwhile: each pick goes to the dest with the least
+    overhead (wlc: least overhead/weight; ties to the earlier dest, as LVS's strict comparison does) and adds
+    one active connection (256) to it. A dest far behind gets every early entry; once loads have levelled the
+    ring settles into a weight-proportional interleave.
+
+    Staleness: the counts are as of the call. The daemon rebuilds periodically (every stats interval,
+    typically 1 s), so between rebuilds the ring ignores connections that ended and new flows from other
+    services. If more new flows arrive than the ring holds, the ring repeats from its start, catch-up entries
+    included, and the least-loaded dest overshoots; so pass horizon = the new flows the service sees per
+    interval (it is capped by max_len) and the plan covers about one interval.
+    """
+    if horizon < 1:
+        raise SchedError(f"{'wlc' if weighted else 'lc'}: horizon must be at least 1, got {horizon}")
+    sched = "wlc" if weighted else "lc"
+    avail = available(dests)
+    if max_len is not None:
+        horizon = min(horizon, max_len)
+    if not avail:
+        return Table(sched, RING, [])
+
+    def load(oh: int, d: Dest):
+        # Exact rational compare: LVS cross-multiplies (loh * dw > doh * lw) for the same reason.
+        return Fraction(oh, d.weight) if weighted else oh
+
+    heap = [(load(overhead(d.active, d.inactive), d), i) for i, d in enumerate(avail)]
+    ohs = [overhead(d.active, d.inactive) for d in avail]
+    heapq.heapify(heap)  # (load, list index): the index breaks ties in list order, as LVS does
+    ring = []
+    for _ in range(horizon):
+        _, i = heapq.heappop(heap)
+        ring.append(avail[i].slot_id)
+        ohs[i] += ACTIVE_COST
+        heapq.heappush(heap, (load(ohs[i], avail[i]), i))
+    return Table(sched, RING, ring)
+
+
+def lc(dests: list[Dest], max_len: Optional[int] = None, horizon: int = DEFAULT_HORIZON) -> Table:
+    return pick_least(dests, weighted=False, horizon=horizon, max_len=max_len)
+
+
+def wlc(dests: list[Dest], max_len: Optional[int] = None, horizon: int = DEFAULT_HORIZON) -> Table:
+    return pick_least(dests, weighted=True, horizon=horizon, max_len=max_len)
