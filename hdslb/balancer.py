@@ -185,7 +185,11 @@ class Balancer:
         return svc
 
     # --- services -------------------------------------------------------------------------------
-    def _svc_opts(self, a: dict) -> dict:
+    def _svc_opts(self, a: dict, current: Service | None = None) -> dict:
+        """Options of an add, or of an edit (which changes only what it mentions, as DPVS edits by option)."""
+        if current is not None:
+            a = {"sched": current.sched, "persistent": current.persistent, "netmask": current.netmask,
+                 "flags": current.flags} | {k: v for k, v in a.items() if v is not None}
         sch = a.get("sched") or DEFAULT_SCHED
         if sch not in SCHEDULERS:
             raise HdslbError(errno.ENOENT, f"Scheduler not found: {sch}")
@@ -216,7 +220,7 @@ class Balancer:
 
     def service_edit(self, a: dict) -> Service:
         svc = self.get_service(a)
-        opts = self._svc_opts(a)
+        opts = self._svc_opts(a, current=svc)
         svc.sched, svc.persistent, svc.netmask, svc.flags = opts["sched"], opts["persistent"], opts["netmask"], opts["flags"]
         self._resched(svc)
         return svc
@@ -423,7 +427,7 @@ class Balancer:
             self._remove_addr(ad)
 
     # --- routes ---------------------------------------------------------------------------------
-    def _route_from(self, a: dict) -> Route:
+    def _route_from(self, a: dict, any_dev: bool = False) -> Route:
         prefix = a.get("prefix")
         plen = a.get("prefixlen")
         try:
@@ -433,7 +437,8 @@ class Balancer:
         af = a.get("af")
         if af not in (None, net.version):
             raise invalid(f"prefix {net} is not IPv{af}")
-        ifc = self.iface(a.get("ifname"))
+        ifname = a.get("ifname")
+        ifname = self.iface(ifname).name if (ifname is not None or not any_dev) else None
         via = a.get("via")
         via = ip(via, "gateway") if via not in (None, "", "0.0.0.0", "::") else None
         src = a.get("src")
@@ -449,7 +454,7 @@ class Balancer:
         for name, v in (("mtu", mtu), ("metric", metric)):
             if not isinstance(v, int) or v < 0:
                 raise invalid(f"invalid {name} {v!r}")
-        return Route(net=net, ifname=ifc.name, via=via, src=src, mtu=mtu, metric=metric, scope=scope, proto="auto")
+        return Route(net=net, ifname=ifname, via=via, src=src, mtu=mtu, metric=metric, scope=scope, proto="auto")
 
     def route_add(self, a: dict) -> Route:
         r = self._route_from(a)
@@ -469,14 +474,14 @@ class Balancer:
         raise notfound(f"route {r.net} not found")
 
     def route_del(self, a: dict) -> None:
-        r = self._route_from(a)
+        r = self._route_from(a, any_dev=True)  # DPVS deletes by prefix; dev narrows it when given
         for x in self.routes:
-            if x.net == r.net and not x.local and x.ifname == r.ifname and (r.via is None or x.via == r.via) and (
+            if x.net == r.net and not x.local and r.ifname in (None, x.ifname) and (r.via is None or x.via == r.via) and (
                     not a.get("metric") or x.metric == r.metric):
                 self.routes.remove(x)
                 self._sync_route(x.net)
                 return
-        raise HdslbError(errno.ESRCH, f"route {r.net} dev {r.ifname} not found")
+        raise HdslbError(errno.ESRCH, f"route {r.net}{' dev ' + r.ifname if r.ifname else ''} not found")
 
     def route_flush(self, a: dict) -> None:
         af = a.get("af")

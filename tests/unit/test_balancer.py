@@ -126,3 +126,17 @@ def test_service_delete_releases_ids_and_local_addresses(bal):
     bal.service_del(SVC)
     assert not bal.services and not bal._slots_used and not bal._ids_used
     assert ("local_del", (ipaddress.ip_address("192.168.100.200"),)) in bal.dp.calls
+
+
+def test_edit_changes_only_what_it_mentions(bal):
+    quick_start(bal)
+    bal.service_edit(dict(SVC, sched="wrr"))
+    bal.service_edit(dict(SVC, netmask="255.255.255.0"))
+    svc = bal.get_service(SVC)
+    assert (svc.sched, svc.netmask) == ("wrr", "255.255.255.0")
+
+
+def test_route_delete_by_prefix_alone(bal):
+    bal.route_add({"prefix": "172.0.0.0", "prefixlen": 16, "ifname": "eth1"})
+    bal.route_del({"prefix": "172.0.0.0", "prefixlen": 16, "ifname": None})
+    assert not bal.routes

@@ -1,0 +1,435 @@
+"""dpip for hdslb: DPVS's `dpip` (addr, route, neigh, link) spoken over the hdslbd control socket.
+
+Grammar and show layouts follow DPVS's tools/dpip (dpip.c, addr.c, route.c, neigh.c, link.c). Usage errors
+exit 2 and daemon refusals exit 1 (DPVS's dpip exits 1 for both). Addresses and prefixes are checked here,
+before anything is sent.
+
+    parse(argv) -> Invocation (requests to send + how to show the reply)    pure
+    render(inv, reply data) -> text                                           pure
+    main() = parse, call the daemon, render, exit code
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass, field
+
+from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
+from hdslb import __version__
+from hdslb.ctl.client import Client
+
+PROG = "dpip"
+AF_NAMES = {4: "inet", 6: "inet6"}  # DPVS's af_itoa
+
+USAGE = f"""\
+Usage:
+    {PROG} [OPTIONS] OBJECT {{ COMMAND | help }}
+Parameters:
+    OBJECT  := {{ link | addr | route | neigh }}
+    COMMAND := {{ add | del | show (list) | set (change) | flush }}
+Options:
+    -h, --help
+    -V, --version
+    -4, --family=inet
+    -6, --family=inet6
+    -s, --stats, statistics
+    --ctl-socket PATH    hdslbd control socket (default $HDSLB_CTRL or /var/run/hdslb_ctrl)
+"""
+
+OBJECT_HELP = {
+    "addr": f"""\
+Usage:
+    {PROG} addr show [ dev STRING ]
+    {PROG} -6 addr show [ dev STRING ]
+    {PROG} addr add IFADDR dev STRING [ SCOPE ] [ FLAGS ]
+    {PROG} addr del IFADDR dev STRING
+    {PROG} addr flush dev STRING
+    {PROG} addr help
+Parameters:
+    IFADDR    := {{ PREFIX | ADDR }}
+    PREFIX    := {{ ADDR/PLEN }}
+    SCOPE     := [ scope {{ host | link | global }} ]
+    FLAGS     := sapool
+""",
+    "route": f"""\
+Usage:
+    {PROG} route {{ show | flush | help }}
+    {PROG} route {{ add | del | set }} ROUTE
+Parameters:
+    ROUTE      := PREFIX [ via ADDR ] [ dev IFNAME ] [ OPTIONS ]
+    PREFIX     := {{ ADDR/PLEN | ADDR | default }}
+    OPTIONS    := [ SCOPE | mtu MTU | src ADDR | metric NUM ]
+    SCOPE      := [ scope {{ host | link | global | kni_host }} ]
+Examples:
+    {PROG} route show
+    {PROG} route add 172.0.0.0/16 via 172.0.0.3 dev dpdk0
+    {PROG} route add 192.168.0.0/24 dev dpdk0
+    {PROG} -6 route add 2001:db8:1::/64 via 2001:db8:1::1 dev dpdk0
+    {PROG} route del 172.0.0.0/16
+    {PROG} route set 172.0.0.0/16 via 172.0.0.1 dev dpdk0
+    {PROG} route flush
+""",
+    "neigh": f"""\
+Usage:
+    {PROG} neigh show [ dev DEVICE ]
+    {PROG} neigh add ADDR lladdr LLADDR dev DEVICE
+    {PROG} neigh del ADDR [ dev DEVICE ]
+    {PROG} neigh help
+""",
+    "link": f"""\
+Usage:
+    {PROG} link show [ NIC-NAME ]
+    {PROG} -s link show [ NIC-NAME ]
+""",
+}
+
+# DPVS's command words and their aliases, then which of them each object here implements.
+COMMAND_WORDS = {"add": "add", "del": "del", "set": "set", "change": "set", "show": "show", "list": "show",
+                 "flush": "flush", "create": "create", "destroy": "destroy",
+                 "replace": "replace", "test": "test", "enable": "enable", "disable": "disable"}
+OBJECT_COMMANDS = {
+    "addr": ("add", "del", "show", "flush"),
+    "route": ("add", "del", "set", "show", "flush"),
+    "neigh": ("add", "del", "show"),
+    "link": ("show",),
+}
+ADDR_SCOPES = ("host", "link", "global")
+ROUTE_SCOPES = ("host", "link", "global", "kni_host")
+MAC_RE = re.compile(r"[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}")
+
+
+@dataclass
+class Invocation:
+    """One parsed command line: the requests to send in order, and how to show the last reply."""
+    obj: str | None
+    cmd: str
+    requests: list[tuple[str, dict]] = field(default_factory=list)
+    stats: bool = False  # -s
+    text: str = ""  # what help and version print
+
+
+def _fail(msg: str) -> UsageError:
+    return UsageError(f"{PROG}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """Take dpip's own options out of argv wherever they are (getopt_long permutes), keep the words in order."""
+    opts = {"af": None, "stats": False, "help": False, "version": False}
+    words = []
+    it = iter(argv)
+    for tok in it:
+        if tok == "--":
+            words.extend(it)
+        elif tok.startswith("--"):
+            name, eq, val = tok[2:].partition("=")
+            if name in ("stats", "statistics"):
+                opts["stats"] = True
+            elif name == "help":
+                opts["help"] = True
+            elif name == "version":
+                opts["version"] = True
+            elif name == "family":
+                opts["af"] = _family(val if eq else next(it, ""))
+            else:
+                raise _fail(f"invalid option: {tok}")
+        elif tok.startswith("-") and len(tok) > 1:
+            chars = tok[1:]
+            for i, ch in enumerate(chars):
+                if ch in "46":
+                    opts["af"] = int(ch)
+                elif ch == "s":
+                    opts["stats"] = True
+                elif ch == "h":
+                    opts["help"] = True
+                elif ch == "V":
+                    opts["version"] = True
+                elif ch == "f":
+                    opts["af"] = _family(chars[i + 1:] or next(it, ""))
+                    break
+                else:
+                    raise _fail(f"invalid option: -{ch}")
+        else:
+            words.append(tok)
+    return opts, words
+
+
+def _family(name: str) -> int:
+    if name == "inet":
+        return 4
+    if name == "inet6":
+        return 6
+    raise _fail("invalid family")
+
+
+def _keywords(args: list[str], valued: tuple[str, ...], flags: tuple[str, ...] = (),
+              operand: bool = True) -> tuple[str | None, dict]:
+    """Split `[OPERAND] key value ... flag` into the operand and a {key: value or True} map.
+
+    `operand=False` is for commands that take keywords only: there a stray word is an error, not an address.
+    """
+    found, kw = None, {}
+    it = iter(args)
+    for tok in it:
+        if tok in valued:
+            val = next(it, None)
+            if val is None:
+                raise _fail(f"missing argument for '{tok}'")
+            kw[tok] = val
+        elif tok in flags:
+            kw[tok] = True
+        elif operand and found is None:
+            found = tok
+        else:
+            raise _fail(f"unexpected argument '{tok}'")
+    return found, kw
+
+
+def _ip(text: str, af: int | None, what: str):
+    a = ip_or_none(text)
+    if a is None:
+        raise _fail(f"invalid {what} '{text}'")
+    if af not in (None, a.version):
+        raise _fail(f"{what} {text} is not an IPv{af} address")
+    return a
+
+
+def _uint(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise _fail(f"invalid {what} '{text}'")
+    return int(text)
+
+
+def _require_dev(kw: dict) -> str:
+    if "dev" not in kw:
+        raise _fail("no device specified.")
+    return kw["dev"]
+
+
+def _parse_addr(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
+    if cmd == "show":
+        _, kw = _keywords(args, ("dev",), operand=False)
+        return "addr.list", {"ifname": kw.get("dev"), "af": af}
+    if cmd == "flush":
+        _, kw = _keywords(args, ("dev",), operand=False)
+        return "addr.flush", {"ifname": _require_dev(kw)}
+    valued, flags = (("dev", "scope"), ("sapool",)) if cmd == "add" else (("dev",), ())
+    prefix, kw = _keywords(args, valued, flags)
+    if prefix is None:
+        raise _fail("missing IFADDR")
+    try:
+        iface = ipaddress.ip_interface(prefix)
+    except ValueError:
+        raise _fail(f"invalid IFADDR '{prefix}'") from None
+    if af not in (None, iface.version):
+        raise _fail(f"IFADDR {prefix} is not an IPv{af} address")
+    dev = _require_dev(kw)
+    args = {"addr": str(iface.ip), "prefixlen": iface.network.prefixlen, "ifname": dev}
+    if cmd == "del":
+        return "addr.del", args
+    scope = kw.get("scope")
+    if scope is not None and scope not in ADDR_SCOPES:
+        raise _fail(f"invalid scope '{scope}' ({' | '.join(ADDR_SCOPES)})")
+    return "addr.add", {**args, "scope": scope, "sapool": bool(kw.get("sapool"))}
+
+
+def _parse_route(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
+    if cmd in ("show", "flush"):
+        _keywords(args, (), operand=False)
+        return ("route.list" if cmd == "show" else "route.flush"), {"af": af or 4}
+    prefix, kw = _keywords(args, ("via", "dev", "src", "mtu", "metric", "scope"))
+    if prefix is None:
+        raise _fail("missing prefix")
+    if prefix == "default":
+        net = ipaddress.ip_network("::/0" if af == 6 else "0.0.0.0/0")
+    else:
+        try:
+            net = ipaddress.ip_network(prefix)  # strict: host bits set in a prefix are a typo, not a route
+        except ValueError:
+            raise _fail(f"invalid prefix '{prefix}'") from None
+        if af not in (None, net.version):
+            raise _fail(f"prefix {prefix} is not an IPv{af} prefix")
+    af = net.version
+    scope = kw.get("scope")
+    if scope is not None and scope not in ROUTE_SCOPES:
+        raise _fail(f"invalid scope '{scope}' ({' | '.join(ROUTE_SCOPES)})")
+    # DPVS deletes a route by prefix alone; add and set need the device the route leaves by.
+    dev = kw.get("dev") if cmd == "del" else _require_dev(kw)
+    op = {"add": "route.add", "del": "route.del", "set": "route.set"}[cmd]
+    return op, {
+        "af": af, "prefix": str(net.network_address), "prefixlen": net.prefixlen,
+        "via": str(_ip(kw["via"], af, "gateway")) if "via" in kw else None,
+        "src": str(_ip(kw["src"], af, "source address")) if "src" in kw else None,
+        "ifname": dev,
+        "mtu": _uint(kw["mtu"], "mtu") if "mtu" in kw else None,
+        "metric": _uint(kw["metric"], "metric") if "metric" in kw else None,
+        "scope": scope,
+    }
+
+
+def _mac(text: str) -> str:
+    if not MAC_RE.fullmatch(text):
+        raise _fail("invalid link layer addr")
+    return ":".join(f"{int(x, 16):02x}" for x in text.split(":"))
+
+
+def _parse_neigh(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
+    if cmd == "show":
+        _, kw = _keywords(args, ("dev",), operand=False)
+        return "neigh.list", {"ifname": kw.get("dev"), "af": af}
+    addr, kw = _keywords(args, ("lladdr", "dev"))
+    if addr is None:
+        raise _fail("missing ip address")
+    ip = str(_ip(addr, af, "IP address"))
+    # DPVS's usage writes `neigh del ADDR lladdr LLADDR dev DEVICE`; the lladdr is checked, then not needed.
+    lladdr = _mac(kw["lladdr"]) if "lladdr" in kw else None
+    if cmd == "del":
+        return "neigh.del", {"addr": ip, "ifname": kw.get("dev")}
+    if lladdr is None or lladdr == "00:00:00:00:00:00":
+        raise _fail("invalid MAC address")
+    return "neigh.add", {"addr": ip, "lladdr": lladdr, "ifname": _require_dev(kw)}
+
+
+def _parse_link(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
+    ifname, _ = _keywords(args, ())
+    return "link.list", {"ifname": ifname}
+
+
+PARSERS = {"addr": _parse_addr, "route": _parse_route, "neigh": _parse_neigh, "link": _parse_link}
+
+
+def parse(argv: list[str]) -> Invocation:
+    """One dpip command line (without the program name) -> an Invocation. Raises UsageError."""
+    opts, words = _global_options(argv)
+    if opts["version"]:
+        return Invocation(None, "version", text=f"{PROG}-hdslb-{__version__}\n")
+    if not words:
+        if opts["help"]:
+            return Invocation(None, "help", text=USAGE)
+        raise UsageError(USAGE.rstrip("\n"))
+    obj = words[0]
+    if obj not in PARSERS:
+        raise _fail("invalid object, use `-h' for help.")
+    if opts["help"] or words[1:2] == ["help"]:
+        return Invocation(obj, "help", text=OBJECT_HELP[obj])
+    if len(words) < 2:
+        raise UsageError(OBJECT_HELP[obj].rstrip("\n"))
+    cmd = COMMAND_WORDS.get(words[1])
+    if cmd is None:
+        raise _fail(f"invalid command {words[1]}")
+    if cmd not in OBJECT_COMMANDS[obj]:
+        raise _fail(f"{obj} {words[1]} is not supported (use: {', '.join(OBJECT_COMMANDS[obj])})")
+    request = PARSERS[obj](cmd, words[2:], opts["af"])
+    return Invocation(obj, cmd, [request], stats=opts["stats"])
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def format_addrs(data: dict) -> str:
+    """DPVS addr.c addr_dump; no broadcast address, lifetimes are always forever."""
+    return "".join(
+        f"{AF_NAMES[a['af']]} {a['addr']}/{a['prefixlen']} scope {a['scope']} {a['ifname']}\n"
+        f"     valid_lft forever preferred_lft forever\n"
+        for a in data["addrs"])
+
+
+def _route4(r: dict) -> str:
+    """DPVS route.c route4_dump: every field, always."""
+    return (f"inet {r['prefix']}/{r['prefixlen']} via {r['via']} src {r['src']} dev {r['ifname']} "
+            f"mtu {r['mtu']} tos {r['tos']} scope {r['scope']} metric {r['metric']} proto {r['proto']}")
+
+
+def _route6(r: dict) -> str:
+    """DPVS route.c route6_dump: `default` for ::/0, via/src/mtu only when set."""
+    text = "inet6 default" if r["prefixlen"] == 0 else f"inet6 {r['prefix']}/{r['prefixlen']}"
+    if r["via"] not in (None, "::"):
+        text += f" via {r['via']}"
+    if r["src"] not in (None, "::"):
+        text += f" src {r['src']}"
+    text += f" dev {r['ifname']}"
+    if r["mtu"]:
+        text += f" mtu {r['mtu']}"
+    return text + f" scope {r['scope']}"
+
+
+def format_routes(data: dict) -> str:
+    return "".join((_route6(r) if r["af"] == 6 else _route4(r)) + "\n" for r in data["routes"])
+
+
+def format_neighs(data: dict) -> str:
+    """DPVS neigh.c neigh_dump, typo and spacing included, so scripts written against DPVS keep working."""
+    out = []
+    for n in data["neighs"]:
+        static = "static" if "static" in (n.get("flags") or []) else ""
+        if n.get("lladdr"):
+            out.append(f"ip: {n['addr']:<48} mac: {n['lladdr']}   state: {n['state']:<12}  "
+                       f"dev: {n['ifname']}  core: {n['cpu']}  {static}\n")
+        else:
+            out.append(f"ip: {n['addr']:<48} mac:incomplate                       state: {n['state']:<12}   "
+                       f"dev: {n['ifname']}  core: {n['cpu']}  {static}\n")
+    return "".join(out)
+
+
+def format_links(data: dict, stats: bool) -> str:
+    """DPVS link.c dump_nic_basic / dump_nic_stats, with what an XDP interface has instead of DPDK port facts."""
+    out = []
+    for link in data["links"]:
+        out.append(f"{link['ifindex']}: {link['ifname']}: mtu {link['mtu']} xdp {link['xdp_mode']}\n")
+        out.append(f"    addr {link['mac']}\n")
+        if stats:
+            s = link["stats"]
+            out.append(f"    {'ipackets':<20}{'opackets':<20}{'ibytes':<20}{'obytes':<20}\n")
+            out.append(f"    {s['rx_packets']:<20}{s['tx_packets']:<20}{s['rx_bytes']:<20}{s['tx_bytes']:<20}\n")
+            out.append(f"    {'drops':<20}\n")
+            out.append(f"    {s['drops']:<20}\n")
+    return "".join(out)
+
+
+def render(inv: Invocation, data) -> str:
+    """The text for an invocation's last reply (empty for commands that print nothing)."""
+    if inv.cmd in ("help", "version"):
+        return inv.text
+    if inv.cmd != "show":
+        return ""
+    if inv.obj == "addr":
+        return format_addrs(data)
+    if inv.obj == "route":
+        return format_routes(data)
+    if inv.obj == "neigh":
+        return format_neighs(data)
+    return format_links(data, inv.stats)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def execute(client, inv: Invocation) -> str:
+    data = None
+    for op, args in inv.requests:
+        data = client.call(op, args)
+    return render(inv, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        path, argv = take_ctl_socket(argv)
+        inv = parse(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    if not inv.requests:
+        sys.stdout.write(render(inv, None))
+        return EXIT_OK
+
+    def run() -> int:
+        with Client(path) as client:
+            sys.stdout.write(execute(client, inv))
+        return EXIT_OK
+
+    return guarded(run, f"{PROG}: ", PROG)

@@ -1,0 +1,765 @@
+"""ipvsadm for hdslb: the LVS/DPVS command set and output layouts, spoken over the hdslbd control socket.
+
+Options, the table of legal command/option combinations, error messages and list layouts follow ipvsadm 1.31
+and DPVS's fork of it (iqiyi/dpvs tools/ipvsadm/ipvsadm.c), including DPVS's local-address commands
+-P/-Q/-G. Two places differ on purpose: the command may come anywhere on the line (ipvsadm insists on it
+first), and an edit (-E or -e) keeps whatever the line does not mention (see _build).
+
+    parse(argv) -> Invocation (requests to send + how to show the reply)    pure
+    render(inv, reply data) -> text                                           pure
+    main() = parse, call the daemon, render, exit code
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
+from hdslb import __version__
+from hdslb.ctl.client import Client
+from hdslb.errors import HdslbError
+
+PROG = "ipvsadm"
+TRY_HELP = f"Try `{PROG} -h' or '{PROG} --help' for more information."
+IPVS_VERSION = "1.2.1"  # what the header says when the daemon does not
+DEFAULT_SIZE = 4096
+DEFAULT_SCHED = "wlc"
+DEFAULT_FWD = "dr"  # DPVS's process_options: "Set direct routing as default forwarding method"
+DEFAULT_PERSISTENT = 300  # IPVS_SVC_PERSISTENT_TIMEOUT, used when -p comes without a value
+MAX_TIMEOUT = 86400 * 31
+INT_MAX = 2**31 - 1
+
+FWD_NAMES = {"fnat": "FullNat", "dr": "Route", "nat": "Masq", "tunnel": "Tunnel", "snat": "SNAT"}
+FWD_SWITCHES = {"fnat": "-b", "dr": "-g", "nat": "-m", "tunnel": "-i", "snat": "-J"}
+PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+# How an option takes its argument (popt's POPT_ARG_NONE, POPT_ARG_STRING, POPT_ARGFLAG_OPTIONAL).
+NONE, REQUIRED, OPTIONAL = "none", "required", "optional"
+
+
+@dataclass(frozen=True)
+class _Opt:
+    short: str | None
+    long: str
+    arg: str = NONE
+    command: str | None = None  # a command: ipvsadm's name for it (cmdnames[]), used in messages
+    option: str | None = None  # an option: its column in _LEGAL (optnames[]); None for no-op options
+    value: str | None = None  # what the option sets: protocol for -t/-u, method for -g/-b/-m/-i/-J
+
+
+_OPTIONS = (
+    _Opt("A", "add-service", command="add-service"),
+    _Opt("E", "edit-service", command="edit-service"),
+    _Opt("D", "delete-service", command="delete-service"),
+    _Opt("C", "clear", command="flush"),
+    _Opt("L", "list", command="list"),
+    _Opt("l", "list", command="list"),
+    _Opt("Z", "zero", command="zero"),
+    _Opt("a", "add-server", command="add-server"),
+    _Opt("e", "edit-server", command="edit-server"),
+    _Opt("d", "delete-server", command="delete-server"),
+    _Opt("R", "restore", command="restore"),
+    _Opt("S", "save", command="save"),
+    _Opt("P", "add-laddr", command="add-laddr"),
+    _Opt("Q", "del-laddr", command="del-laddr"),
+    _Opt("G", "get-laddr", command="get-laddr"),
+    _Opt("h", "help", command="help"),
+    _Opt("v", "version", command="version"),
+    _Opt("t", "tcp-service", REQUIRED, option="service-address", value="tcp"),
+    _Opt("u", "udp-service", REQUIRED, option="service-address", value="udp"),
+    _Opt("s", "scheduler", REQUIRED, option="scheduler"),
+    _Opt("p", "persistent", OPTIONAL, option="persistent"),
+    _Opt("M", "netmask", REQUIRED, option="netmask"),
+    _Opt("r", "real-server", REQUIRED, option="real-server"),
+    _Opt("g", "gatewaying", option="forwarding-method", value="dr"),
+    _Opt("i", "ipip", option="forwarding-method", value="tunnel"),
+    _Opt("m", "masquerading", option="forwarding-method", value="nat"),
+    _Opt("b", "fullnat", option="forwarding-method", value="fnat"),
+    _Opt("J", "snat", option="forwarding-method", value="snat"),
+    _Opt("w", "weight", REQUIRED, option="weight"),
+    _Opt("x", "u-threshold", REQUIRED, option="u-threshold"),
+    _Opt("y", "l-threshold", REQUIRED, option="l-threshold"),
+    _Opt("n", "numeric", option="numeric"),
+    _Opt("c", "connection", option="connection"),
+    _Opt(None, "stats", option="stats"),
+    _Opt(None, "rate", option="rate"),
+    _Opt(None, "thresholds", option="thresholds"),
+    _Opt(None, "nosort", option="nosort"),
+    _Opt(None, "sort"),  # sorting is the default; ipvsadm keeps the option for backwards compatibility
+    _Opt("X", "exact", option="exact"),
+    _Opt("z", "laddr", REQUIRED, option="local-address"),
+    _Opt("F", "ifname", REQUIRED, option="ifname"),
+)
+_BY_SHORT = {o.short: o for o in _OPTIONS if o.short}
+_BY_LONG = {o.long: o for o in _OPTIONS}
+
+# Legal combinations of commands and options, ipvsadm's commands_v_options reduced to the options hdslb has.
+#   +  compulsory    x  illegal    1  exclusive (only one '1' option may be given)    .  optional
+_COLUMNS = ("numeric", "connection", "service-address", "scheduler", "persistent", "netmask", "real-server",
+            "forwarding-method", "weight", "u-threshold", "l-threshold", "stats", "rate", "thresholds",
+            "nosort", "exact", "local-address", "ifname")
+_LEGAL = {cmd: row.split() for cmd, row in {
+    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F
+    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x",
+    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x",
+    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x",
+    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x",
+    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x",
+    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x",
+    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +",
+    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +",
+    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+}.items()}
+
+
+@dataclass(frozen=True)
+class Format:
+    """ipvsadm's FMT_* flags that shape list output."""
+    numeric: bool = False
+    stats: bool = False
+    rate: bool = False
+    thresholds: bool = False
+    exact: bool = False
+    nosort: bool = False
+
+
+@dataclass
+class Invocation:
+    """One parsed command line: the requests to send in order, and how to show the last reply."""
+    command: str
+    requests: list[tuple[str, dict]] = field(default_factory=list)
+    view: str | None = None  # "services", "service", "save", "laddrs", "conns", "help", "version" or None
+    fmt: Format = Format()
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _tokens(argv: list[str]):
+    """Yield (_Opt, argument) per option and (None, word) per operand, reading argv the way popt does."""
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            for word in argv[i:]:
+                yield None, word
+            return
+        if tok.startswith("--"):
+            name, eq, val = tok[2:].partition("=")
+            opt = _BY_LONG.get(name)
+            if opt is None:
+                raise UsageError(f"--{name}: unknown option")
+            if opt.arg == NONE:
+                if eq:
+                    raise UsageError(f"--{name}: option does not take an argument")
+                yield opt, None
+            elif eq:
+                yield opt, val
+            elif opt.arg == REQUIRED:
+                if i >= len(argv):
+                    raise UsageError(f"--{name}: missing argument")
+                yield opt, argv[i]
+                i += 1
+            elif i < len(argv) and not argv[i].startswith("-"):
+                yield opt, argv[i]
+                i += 1
+            else:
+                yield opt, None
+        elif tok.startswith("-") and len(tok) > 1:
+            # A cluster like -Ln or -At10.0.0.1:80: flags until one takes an argument, which gets the rest.
+            for j, ch in enumerate(tok[1:], start=2):
+                opt = _BY_SHORT.get(ch)
+                if opt is None:
+                    raise UsageError(f"-{ch}: unknown option")
+                if opt.arg == NONE:
+                    yield opt, None
+                    continue
+                rest = tok[j:]
+                if rest:
+                    yield opt, rest
+                elif opt.arg == REQUIRED:
+                    if i >= len(argv):
+                        raise UsageError(f"-{ch}: missing argument")
+                    yield opt, argv[i]
+                    i += 1
+                elif i < len(argv) and not argv[i].startswith("-"):
+                    yield opt, argv[i]
+                    i += 1
+                else:
+                    yield opt, None
+                break
+        else:
+            yield None, tok
+
+
+def _number(text: str, lo: int, hi: int) -> int | None:
+    """strtol-style decimal within [lo, hi], or None (ipvsadm's string_to_number)."""
+    if not re.fullmatch(r"\s*[+-]?\d+", text):
+        return None
+    n = int(text)
+    return n if lo <= n <= hi else None
+
+
+def _port(text: str, proto: str) -> int | None:
+    n = _number(text, 0, 65535)
+    if n is not None:
+        return n
+    try:
+        return socket.getservbyname(text, proto)
+    except OSError:
+        return None
+
+
+def parse_addr_port(text: str, proto: str):
+    """(address, port or None) from `addr[:port]` or `[v6addr]:port`, or None when it is neither.
+
+    Ports may be service names (`http`) as in ipvsadm; host names are not looked up, so nothing here waits on
+    DNS. A bare IPv6 address is taken whole, so `2001:db8::1:80` is an address, not address and port.
+    """
+    if not text or text.isdigit():
+        return None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return None
+        addr = ip_or_none(host, 6)
+        port = _port(rest[1:], proto)
+        return None if addr is None or port is None else (addr, port)
+    addr = ip_or_none(text, 6)
+    if addr is not None:
+        return addr, None
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        addr = ip_or_none(text, 4)
+        return None if addr is None else (addr, None)
+    addr, port = ip_or_none(host, 4), _port(port_text, proto)
+    return None if addr is None or port is None else (addr, port)
+
+
+@dataclass
+class _Line:
+    """What the options of one command line said, before it becomes requests."""
+    command: str | None = None
+    given: list[str] = field(default_factory=list)  # option columns, in the order seen
+    operands: list[str] = field(default_factory=list)
+    proto: str = "tcp"
+    svc: tuple | None = None  # (address, port)
+    sched: str | None = None
+    persistent: int | None = None
+    netmask: str | None = None
+    server: str | None = None
+    fwd: str | None = None
+    weight: int | None = None
+    u_threshold: int | None = None
+    l_threshold: int | None = None
+    laddr: str | None = None
+    ifname: str | None = None
+
+
+def _take(line: _Line, opt: _Opt, val: str | None) -> None:
+    """Check and store one option's value; bad values fail here, as they do in ipvsadm's parse_options."""
+    name = opt.option
+    if name == "service-address":
+        line.proto = opt.value
+        parsed = parse_addr_port(val, opt.value)
+        if parsed is None:
+            raise UsageError("illegal virtual server address[:port] specified")
+        line.svc = (parsed[0], parsed[1] or 0)
+    elif name == "scheduler":
+        line.sched = val
+    elif name == "persistent":
+        if val is None:
+            line.persistent = DEFAULT_PERSISTENT
+        else:
+            line.persistent = _number(val, 1, MAX_TIMEOUT)
+            if line.persistent is None:
+                raise UsageError(f"invalid timeout value `{val}' specified")
+    elif name == "netmask":
+        line.netmask = val
+    elif name == "real-server":
+        line.server = val
+    elif name == "forwarding-method":
+        line.fwd = opt.value
+    elif name == "weight":
+        line.weight = _number(val, 0, 65535)
+        if line.weight is None:
+            raise UsageError("illegal weight specified")
+    elif name == "u-threshold":
+        line.u_threshold = _number(val, 0, INT_MAX)
+        if line.u_threshold is None:
+            raise UsageError("illegal u_threshold specified")
+    elif name == "l-threshold":
+        line.l_threshold = _number(val, 0, INT_MAX)
+        if line.l_threshold is None:
+            raise UsageError("illegal l_threshold specified")
+    elif name == "local-address":
+        parsed = parse_addr_port(val, "tcp")
+        if parsed is None:
+            raise UsageError("illegal local address")
+        line.laddr = str(parsed[0])
+    elif name == "ifname":
+        line.ifname = val
+
+
+def _check_table(command: str, given: list[str]) -> None:
+    """ipvsadm's generic_opt_check: walk the columns in order, the first violation wins."""
+    first_exclusive = None
+    for name, rule in zip(_COLUMNS, _LEGAL[command]):
+        if name not in given:
+            if rule == "+":
+                raise UsageError(f"You need to supply the '{name}' option for the '{command}' command")
+        elif rule == "x":
+            raise UsageError(f"Illegal '{name}' option with the '{command}' command")
+        elif rule == "1":
+            if first_exclusive:
+                raise UsageError(f"The option '{name}' conflicts with the '{first_exclusive}' option "
+                                 f"in the '{command}' command")
+            first_exclusive = name
+
+
+def _netmask(text: str, version: int) -> str:
+    """The persistence granularity as the daemon takes it: a dotted mask (IPv4) or a prefix length (IPv6)."""
+    if version == 6:
+        n = _number(text, 1, 128)
+        if n is None:
+            raise UsageError("illegal ipv6 netmask specified")
+        return str(n)
+    try:
+        # ipaddress checks the mask is contiguous; the address check keeps "-M 24" out, as inet_aton would.
+        ipaddress.IPv4Address(text)
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
+    except ValueError:
+        raise UsageError("illegal virtual server persistent mask specified") from None
+
+
+def parse(argv: list[str]) -> Invocation:
+    """One ipvsadm command line (without the program name) -> an Invocation. Raises UsageError."""
+    line = _Line(command="list" if not argv else None)
+    for opt, val in _tokens(argv):
+        if opt is None:
+            line.operands.append(val)
+        elif opt.command in ("help", "version"):
+            return Invocation(opt.command, view=opt.command)
+        elif opt.command:
+            if line.command:
+                raise UsageError("multiple commands specified")
+            line.command = opt.command
+        elif opt.option:
+            if opt.option in line.given:
+                raise UsageError(f"multiple '{opt.option}' options specified")
+            line.given.append(opt.option)
+            _take(line, opt, val)
+    if line.command is None:
+        raise UsageError(TRY_HELP)
+    if line.operands:
+        raise UsageError(f"unexpected argument {line.operands[0]}")
+    _check_table(line.command, line.given)
+    return _build(line)
+
+
+def _build(line: _Line) -> Invocation:
+    given = set(line.given)
+    fmt = Format(numeric="numeric" in given, stats="stats" in given, rate="rate" in given,
+                 thresholds="thresholds" in given, exact="exact" in given, nosort="nosort" in given)
+    cmd = line.command
+    svc = None
+    if line.svc:
+        svc = {"proto": line.proto, "addr": str(line.svc[0]), "port": line.svc[1]}
+
+    if cmd == "list":
+        if "connection" in given and given & {"stats", "rate", "thresholds"}:
+            raise UsageError("options conflicts in the list command")
+        if "connection" in given:
+            return Invocation(cmd, [("conn.list", {})], "conns", fmt)
+        return Invocation(cmd, [("service.list", {"svc": svc})], "service" if svc else "services", fmt)
+    if cmd == "save":
+        return Invocation(cmd, [("service.list", {"svc": None})], "save", fmt)
+    if cmd == "restore":
+        return Invocation(cmd)
+    if cmd == "flush":
+        return Invocation(cmd, [("service.flush", {})])
+    if cmd == "zero":
+        return Invocation(cmd, [("stats.zero", {"svc": svc})])
+    if cmd == "get-laddr":
+        return Invocation(cmd, [("laddr.list", {"svc": svc})], "laddrs", fmt)
+    if cmd in ("add-laddr", "del-laddr"):
+        op = "laddr.add" if cmd == "add-laddr" else "laddr.del"
+        return Invocation(cmd, [(op, {"svc": svc, "addr": line.laddr, "ifname": line.ifname})])
+    if cmd == "delete-service":
+        return Invocation(cmd, [("service.del", svc)])
+
+    if cmd in ("add-service", "edit-service"):
+        if svc["port"] == 0 and line.persistent is None:
+            raise UsageError("Zero port specified for non-persistent service")
+        netmask = None if line.netmask is None else _netmask(line.netmask, line.svc[0].version)
+        if cmd == "add-service":
+            return Invocation(cmd, [("service.add", {
+                **svc, "sched": line.sched or DEFAULT_SCHED, "persistent": line.persistent,
+                "netmask": netmask, "flags": []})])
+        # DPVS edits a service "by options": what the line does not mention stays as it is.
+        args = dict(svc)
+        for key, name, value in (("sched", "scheduler", line.sched), ("persistent", "persistent", line.persistent),
+                                 ("netmask", "netmask", netmask)):
+            if name in given:
+                args[key] = value
+        return Invocation(cmd, [("service.edit", args)])
+
+    # add-server, edit-server, delete-server
+    parsed = parse_addr_port(line.server, line.proto)
+    if parsed is None:
+        raise UsageError("illegal real server address[:port] specified")
+    addr, port = parsed
+    # No port: the service's. Direct routing and tunnelling cannot change the port, so theirs is forced.
+    if port is None or (line.fwd or (DEFAULT_FWD if cmd == "add-server" else None)) in ("dr", "tunnel"):
+        port = svc["port"]
+    dest = {"svc": svc, "addr": str(addr), "port": port}
+    if cmd == "delete-server":
+        return Invocation(cmd, [("dest.del", dest)])
+    if cmd == "add-server":
+        return Invocation(cmd, [("dest.add", {
+            **dest, "fwd": line.fwd or DEFAULT_FWD, "weight": 1 if line.weight is None else line.weight,
+            "u_threshold": line.u_threshold or 0, "l_threshold": line.l_threshold or 0})])
+    # edit-server: like edit-service, only what is given changes (ipvsadm would reset the rest to -g -w 1).
+    for key, name, value in (("fwd", "forwarding-method", line.fwd), ("weight", "weight", line.weight),
+                             ("u_threshold", "u-threshold", line.u_threshold),
+                             ("l_threshold", "l-threshold", line.l_threshold)):
+        if name in given:
+            dest[key] = value
+    return Invocation(cmd, [("dest.edit", dest)])
+
+
+def parse_restore(text: str) -> list[tuple[int, Invocation]]:
+    """ipvsadm -R input (one command line per line, as -S writes them) -> (line number, Invocation) pairs.
+
+    Every line is parsed before anything is sent, so a typo on line 40 does not leave 39 lines applied.
+    """
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        try:
+            inv = parse(shlex.split(raw))
+        except (UsageError, ValueError) as e:  # ValueError: shlex on an unbalanced quote
+            raise UsageError(f"line {n}: {e}") from None
+        if inv.command == "restore":
+            raise UsageError(f"line {n}: {TRY_HELP}")
+        out.append((n, inv))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def largenum(n: int, exact: bool) -> str:
+    """ipvsadm's print_largenum: 9 columns, scaled to K/M/G/T unless --exact."""
+    n = int(n)
+    if exact:
+        s = str(n)
+        return s.rjust(9 if len(s) <= 8 else len(s) + 1)
+    if n < 10**8:
+        return f"{n:9d}"
+    for limit, div, unit in ((10**9, 10**3, "K"), (10**11, 10**6, "M"), (10**14, 10**9, "G")):
+        if n < limit:
+            return f"{n // div:8d}{unit}"
+    return f"{n // 10**12:8d}T"
+
+
+def _port_name(port: int, proto: str) -> str:
+    try:
+        return socket.getservbyport(port, proto)
+    except (OSError, OverflowError):
+        return str(port)
+
+
+def addrport(addr: str, port: int, proto: str, numeric: bool) -> str:
+    """ipvsadm's addrport_to_anyname, minus reverse DNS: addresses always stay numeric."""
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"{host}:{port if numeric else _port_name(port, proto)}"
+
+
+def _version(addr: str) -> int:
+    return ipaddress.ip_address(addr).version
+
+
+def _sorted_services(services: list[dict], nosort: bool) -> list[dict]:
+    """ipvs_cmp_services: family, protocol, address, port."""
+    if nosort:
+        return list(services)
+    return sorted(services, key=lambda s: (_version(s["addr"]), PROTO_NUMBERS.get(s["proto"], 0),
+                                           int(ipaddress.ip_address(s["addr"])), s["port"]))
+
+
+def _sorted_dests(dests: list[dict], nosort: bool) -> list[dict]:
+    """ipvs_cmp_dests: address, port."""
+    if nosort:
+        return list(dests)
+    return sorted(dests, key=lambda d: (_version(d["addr"]), int(ipaddress.ip_address(d["addr"])), d["port"]))
+
+
+def _title(fmt: Format) -> list[str]:
+    head = "Prot LocalAddress:Port"
+    if fmt.stats:
+        cols = ("Conns", "InPkts", "OutPkts", "InBytes", "OutBytes")
+    elif fmt.rate:
+        cols = ("CPS", "InPPS", "OutPPS", "InBPS", "OutBPS")
+    elif fmt.thresholds:
+        return [f"{head:<33} {'Uthreshold':<10} {'Lthreshold':<10} {'ActiveConn':<10} {'InActConn':<10}",
+                "  -> RemoteAddress:Port"]
+    else:
+        return [f"{head} Scheduler Flags",
+                "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
+    return [f"{head:<33}" + "".join(f" {c:>8}" for c in cols), "  -> RemoteAddress:Port"]
+
+
+STATS_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
+RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
+
+
+def _full_mask(netmask, version: int) -> bool:
+    return netmask in (None, "255.255.255.255" if version == 4 else "128")
+
+
+def _service_line(s: dict, fmt: Format) -> str:
+    v4 = _version(s["addr"]) == 4
+    name = f"{s['proto'].upper()}  {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
+    if v4:
+        name = name[:33]  # ipvsadm cuts IPv4 names to the column
+    if fmt.stats:
+        return f"{name:<33}" + "".join(largenum(s["stats"][k], fmt.exact) for k in STATS_KEYS)
+    if fmt.rate:
+        return f"{name:<33}" + "".join(largenum(s["rates"][k], fmt.exact) for k in RATE_KEYS)
+    text = f"{name} {s['sched']}"
+    if s.get("persistent"):
+        text += f" persistent {s['persistent']}"
+        if not _full_mask(s.get("netmask"), 4 if v4 else 6):
+            text += f" mask {s['netmask']}"
+    return text + "".join(f" {f}" for f in s.get("flags") or [])
+
+
+def _dest_line(s: dict, d: dict, fmt: Format) -> str:
+    name = addrport(d["addr"], d["port"], s["proto"], fmt.numeric)
+    if _version(s["addr"]) == 4:
+        name = name[:28]
+    if fmt.stats:
+        return f"  -> {name:<28}" + "".join(largenum(d["stats"][k], fmt.exact) for k in STATS_KEYS)
+    if fmt.rate:
+        r = d["rates"]
+        return (f"  -> {name:<28} {int(r['cps']):8d} {int(r['inpps']):8d} {int(r['outpps']):8d}"
+                + largenum(r["inbps"], fmt.exact) + largenum(r["outbps"], fmt.exact))
+    if fmt.thresholds:
+        return (f"  -> {name:<28} {d['u_threshold']:<10} {d['l_threshold']:<10} "
+                f"{d['active']:<10} {d['inactive']:<10}")
+    return (f"  -> {name:<28} {FWD_NAMES.get(d['fwd'], d['fwd']):<7} {d['weight']:<6} "
+            f"{d['active']:<10} {d['inactive']:<10}")
+
+
+def format_list(data: dict, fmt: Format, header: bool = True) -> str:
+    """-L / -Ln / --stats / --rate / --thresholds. `header` is off for -L -t (ipvsadm's list_service)."""
+    out = []
+    if header:
+        out.append(f"IP Virtual Server version {data.get('version', IPVS_VERSION)} "
+                   f"(size={data.get('size', DEFAULT_SIZE)})")
+    out += _title(fmt)
+    for s in _sorted_services(data["services"], fmt.nosort):
+        out.append(_service_line(s, fmt))
+        out += [_dest_line(s, d, fmt) for d in _sorted_dests(s["dests"], fmt.nosort)]
+    return "".join(line + "\n" for line in out)
+
+
+def format_save(data: dict, fmt: Format) -> str:
+    """-S: one command line per service, real server and local address, readable by -R.
+
+    ipvsadm writes services and real servers only; the local addresses are added because a FullNAT service
+    restored without them cannot forward.
+    """
+    out = []
+    for s in _sorted_services(data["services"], fmt.nosort):
+        svc = f"{'-t' if s['proto'] == 'tcp' else '-u'} {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
+        line = f"-A {svc} -s {s['sched']}"
+        if s.get("persistent"):
+            line += f" -p {s['persistent']}"
+            if not _full_mask(s.get("netmask"), _version(s["addr"])):
+                line += f" -M {s['netmask']}"
+        out.append(line)
+        for d in _sorted_dests(s["dests"], fmt.nosort):
+            line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric)} "
+                    f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d['weight']}")
+            if d.get("u_threshold"):
+                line += f" -x {d['u_threshold']}"
+            if d.get("l_threshold"):
+                line += f" -y {d['l_threshold']}"
+            out.append(line)
+        out += [f"-P {svc} -z {la['addr']} -F {la['ifname']}" for la in s.get("laddrs") or []]
+    return "".join(line + "\n" for line in out)
+
+
+def format_laddrs(data: dict) -> str:
+    """-G, DPVS's list_laddrs layout: the title comes with the first service only."""
+    out = []
+    for i, s in enumerate(data["services"]):
+        if i == 0:
+            out.append(f"{'VIP:VPORT':<20} {'TOTAL':<8} {'SNAT_IP':<20} {'CONFLICTS':<10} {'CONNS':<10}")
+        out.append(f"{addrport(s['addr'], s['port'], s['proto'], True):<20} {len(s['laddrs']):<8} ")
+        out += [f"{'':<20} {'':<8} {la['addr']:<20} {la['conflicts']:<10} {la['conns']:<10}" for la in s["laddrs"]]
+    return "".join(line + "\n" for line in out)
+
+
+def format_conns(data: dict, fmt: Format) -> str:
+    """-c, DPVS's print_conn_entry layout: [cpu]proto time state client virtual local real-server.
+
+    The daemon keeps one entry per direction; only the inbound one is shown, as DPVS shows each connection
+    once. The time column is the seconds since the connection was last seen (the map keeps no expiry).
+    """
+    out = []
+    for c in data["conns"]:
+        if c.get("out"):
+            continue
+        proto = PROTO_NAMES.get(c["proto"], "--")
+
+        def ap(addr_key, port_key):
+            return addrport(str(c[addr_key]), c[port_key], proto, fmt.numeric or proto == "--")
+
+        out.append(f"[{c['cpu']}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
+                   f"{ap('saddr', 'sport'):<18} {ap('daddr', 'dport'):<18} {ap('to_saddr', 'to_sport'):<18} "
+                   f"{ap('to_daddr', 'to_dport')}")
+    return "".join(line + "\n" for line in out)
+
+
+USAGE = f"""\
+{PROG} hdslb-{__version__} (IPVS v{IPVS_VERSION} command set over the hdslbd control socket)
+Usage:
+  {PROG} -A|E -t|u service-address [-s scheduler] [-p [timeout]] [-M netmask]
+  {PROG} -D -t|u service-address
+  {PROG} -C
+  {PROG} -R
+  {PROG} -S [-n]
+  {PROG} -P|Q -t|u service-address -z local-address -F ifname
+  {PROG} -G [-t|u service-address]
+  {PROG} -a|e -t|u service-address -r server-address [options]
+  {PROG} -d -t|u service-address -r server-address
+  {PROG} -L|l [options]
+  {PROG} -Z [-t|u service-address]
+  {PROG} -h
+
+Commands:
+Either long or short options are allowed.
+  --add-service     -A        add virtual service with options
+  --edit-service    -E        edit virtual service with options
+  --delete-service  -D        delete virtual service
+  --clear           -C        clear the whole table
+  --restore         -R        restore rules from stdin
+  --save            -S        save rules to stdout
+  --add-laddr       -P        add local address
+  --del-laddr       -Q        del local address
+  --get-laddr       -G        get local address
+  --add-server      -a        add real server with options
+  --edit-server     -e        edit real server with options
+  --delete-server   -d        delete real server
+  --list            -L|-l     list the table
+  --zero            -Z        zero counters in a service or all services
+  --help            -h        display this help message
+  --version         -v        display the version
+
+Options:
+  --tcp-service  -t service-address   service-address is host[:port]
+  --udp-service  -u service-address   service-address is host[:port]
+  --scheduler    -s scheduler         the default scheduler is {DEFAULT_SCHED}.
+  --persistent   -p [timeout]         persistent service (default timeout {DEFAULT_PERSISTENT})
+  --netmask      -M netmask           persistent granularity mask
+  --real-server  -r server-address    server-address is host (and port)
+  --gatewaying   -g                   gatewaying (direct routing) (default)
+  --ipip         -i                   ipip encapsulation (tunneling)
+  --fullnat      -b                   fullnat mode
+  --snat         -J                   SNAT mode
+  --masquerading -m                   masquerading (NAT)
+  --weight       -w weight            capacity of real server
+  --u-threshold  -x uthreshold        upper threshold of connections
+  --l-threshold  -y lthreshold        lower threshold of connections
+  --connection   -c                   output of current connections
+  --stats                             output of statistics information
+  --rate                              output of rate information
+  --exact        -X                   expand numbers (display exact values)
+  --thresholds                        output of thresholds information
+  --nosort                            disable sorting output of service/server entries
+  --sort                              does nothing, for backwards compatibility
+  --numeric      -n                   numeric output of addresses and ports
+  --laddr        -z local-ip          local IP
+  --ifname       -F ifname            nic interface for laddrs
+  --ctl-socket   PATH                 hdslbd control socket (default $HDSLB_CTRL or /var/run/hdslb_ctrl)
+"""
+
+
+def render(inv: Invocation, data) -> str:
+    """The text for an invocation's last reply (empty for commands that print nothing)."""
+    if inv.view == "services":
+        return format_list(data, inv.fmt)
+    if inv.view == "service":
+        return format_list(data, inv.fmt, header=False)
+    if inv.view == "save":
+        return format_save(data, inv.fmt)
+    if inv.view == "laddrs":
+        return format_laddrs(data)
+    if inv.view == "conns":
+        return format_conns(data, inv.fmt)
+    if inv.view == "help":
+        return USAGE
+    if inv.view == "version":
+        return USAGE.splitlines()[0] + "\n"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def execute(client, inv: Invocation) -> str:
+    data = None
+    for op, args in inv.requests:
+        data = client.call(op, args)
+    return render(inv, data)
+
+
+def _restore(client, batch: list[tuple[int, Invocation]]) -> int:
+    """Apply every line; like ipvsadm, a refused line is reported and the rest still go."""
+    rc = EXIT_OK
+    for n, inv in batch:
+        try:
+            sys.stdout.write(execute(client, inv))
+        except HdslbError as e:
+            print(f"line {n}: {e.message}", file=sys.stderr)
+            rc = EXIT_FAIL
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        path, argv = take_ctl_socket(argv)
+        inv = parse(argv)
+        batch = parse_restore(sys.stdin.read()) if inv.command == "restore" else None
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    if batch is None and not inv.requests:
+        sys.stdout.write(render(inv, None))
+        return EXIT_OK
+
+    def run() -> int:
+        with Client(path) as client:
+            if batch is not None:
+                return _restore(client, batch)
+            sys.stdout.write(execute(client, inv))
+            return EXIT_OK
+
+    return guarded(run, "", PROG)

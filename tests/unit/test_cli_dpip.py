@@ -1,0 +1,304 @@
+"""dpip shim: argv -> control requests, reply data -> DPVS dpip text, and main()'s exit codes.
+
+Expected layouts are DPVS tools/dpip printf formats (addr.c addr_dump, route.c route4_dump/route6_dump,
+neigh.c neigh_dump, link.c dump_nic_*) written out by hand, trailing spaces included.
+"""
+
+import errno
+
+import pytest
+
+from cli import dpip
+from cli.common import UsageError
+from hdslb.ctl.client import DaemonUnreachable
+from hdslb.errors import HdslbError
+
+
+def requests(*argv):
+    return dpip.parse(list(argv)).requests
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["addr", "add", "192.168.100.100/24", "dev", "veth-lb0"],
+     ("addr.add", {"addr": "192.168.100.100", "prefixlen": 24, "ifname": "veth-lb0", "scope": None,
+                   "sapool": False})),
+    (["addr", "add", "192.168.100.200", "dev", "veth-lb0", "sapool", "scope", "host"],
+     ("addr.add", {"addr": "192.168.100.200", "prefixlen": 32, "ifname": "veth-lb0", "scope": "host",
+                   "sapool": True})),
+    (["-6", "addr", "add", "2001:db8::1/64", "dev", "eth0"],
+     ("addr.add", {"addr": "2001:db8::1", "prefixlen": 64, "ifname": "eth0", "scope": None, "sapool": False})),
+    (["addr", "del", "192.168.100.100/24", "dev", "veth-lb0"],
+     ("addr.del", {"addr": "192.168.100.100", "prefixlen": 24, "ifname": "veth-lb0"})),
+    (["addr", "flush", "dev", "veth-lb0"], ("addr.flush", {"ifname": "veth-lb0"})),
+    (["addr", "show"], ("addr.list", {"ifname": None, "af": None})),
+    (["-6", "addr", "list", "dev", "eth0"], ("addr.list", {"ifname": "eth0", "af": 6})),
+    (["route", "add", "10.0.0.0/16", "dev", "dpdk1"],
+     ("route.add", {"af": 4, "prefix": "10.0.0.0", "prefixlen": 16, "via": None, "src": None, "ifname": "dpdk1",
+                    "mtu": None, "metric": None, "scope": None})),
+    (["route", "add", "172.0.0.0/16", "via", "172.0.0.3", "dev", "dpdk0", "src", "172.0.0.1", "mtu", "1400",
+      "metric", "10", "scope", "global"],
+     ("route.add", {"af": 4, "prefix": "172.0.0.0", "prefixlen": 16, "via": "172.0.0.3", "src": "172.0.0.1",
+                    "ifname": "dpdk0", "mtu": 1400, "metric": 10, "scope": "global"})),
+    (["route", "add", "default", "via", "10.0.0.1", "dev", "dpdk0"],
+     ("route.add", {"af": 4, "prefix": "0.0.0.0", "prefixlen": 0, "via": "10.0.0.1", "src": None,
+                    "ifname": "dpdk0", "mtu": None, "metric": None, "scope": None})),
+    (["-6", "route", "add", "default", "via", "2001:db8::ff", "dev", "dpdk0"],
+     ("route.add", {"af": 6, "prefix": "::", "prefixlen": 0, "via": "2001:db8::ff", "src": None,
+                    "ifname": "dpdk0", "mtu": None, "metric": None, "scope": None})),
+    (["route", "add", "10.1.1.1", "dev", "dpdk0", "scope", "kni_host"],
+     ("route.add", {"af": 4, "prefix": "10.1.1.1", "prefixlen": 32, "via": None, "src": None, "ifname": "dpdk0",
+                    "mtu": None, "metric": None, "scope": "kni_host"})),
+    (["route", "change", "172.0.0.0/16", "via", "172.0.0.1", "dev", "dpdk0"],
+     ("route.set", {"af": 4, "prefix": "172.0.0.0", "prefixlen": 16, "via": "172.0.0.1", "src": None,
+                    "ifname": "dpdk0", "mtu": None, "metric": None, "scope": None})),
+    # DPVS deletes by prefix alone
+    (["route", "del", "172.0.0.0/16"],
+     ("route.del", {"af": 4, "prefix": "172.0.0.0", "prefixlen": 16, "via": None, "src": None, "ifname": None,
+                    "mtu": None, "metric": None, "scope": None})),
+    (["route", "show"], ("route.list", {"af": 4})),
+    (["-6", "route", "show"], ("route.list", {"af": 6})),
+    (["--family", "inet6", "route", "flush"], ("route.flush", {"af": 6})),
+    (["neigh", "add", "192.168.100.2", "lladdr", "52:54:0:AA:bb:cc", "dev", "veth-lb0"],
+     ("neigh.add", {"addr": "192.168.100.2", "lladdr": "52:54:00:aa:bb:cc", "ifname": "veth-lb0"})),
+    (["neigh", "del", "192.168.100.2", "lladdr", "52:54:00:aa:bb:cc", "dev", "veth-lb0"],
+     ("neigh.del", {"addr": "192.168.100.2", "ifname": "veth-lb0"})),
+    (["neigh", "del", "2001:db8::2"], ("neigh.del", {"addr": "2001:db8::2", "ifname": None})),
+    (["neigh", "show"], ("neigh.list", {"ifname": None, "af": None})),
+    (["-4", "neigh", "show", "dev", "veth-lb0"], ("neigh.list", {"ifname": "veth-lb0", "af": 4})),
+    (["link", "show"], ("link.list", {"ifname": None})),
+    (["link", "show", "veth-lb0"], ("link.list", {"ifname": "veth-lb0"})),
+])
+def test_parse_requests(argv, expected):
+    assert requests(*argv) == [expected]
+
+
+def test_global_options_anywhere():
+    for argv in (["-s", "link", "show"], ["link", "show", "-s"], ["link", "-s", "show"], ["--stats", "link", "show"]):
+        inv = dpip.parse(argv)
+        assert inv.stats and inv.requests == [("link.list", {"ifname": None})]
+    assert dpip.parse(["-6s", "addr", "show"]).requests == [("addr.list", {"ifname": None, "af": 6})]
+
+
+def test_help_and_version_send_nothing():
+    assert dpip.parse(["-h"]).text == dpip.USAGE
+    assert dpip.parse(["route", "help"]).text == dpip.OBJECT_HELP["route"]
+    assert dpip.parse(["-h", "neigh"]).text == dpip.OBJECT_HELP["neigh"]
+    assert dpip.parse(["-V"]).text.startswith("dpip-hdslb-")
+    assert all(not dpip.parse(a).requests for a in (["-h"], ["route", "help"], ["-V"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["route", "show", "-x"], "dpip: invalid option: -x"),
+    (["--bogus", "route", "show"], "dpip: invalid option: --bogus"),
+    (["--family=ipx", "route", "show"], "dpip: invalid family"),
+    (["vlan", "show"], "dpip: invalid object, use `-h' for help."),
+    (["addr", "frob"], "dpip: invalid command frob"),
+    (["link", "set", "eth0", "promisc", "on"], "dpip: link set is not supported (use: show)"),
+    (["addr", "set", "10.0.0.1/24", "dev", "eth0"], "dpip: addr set is not supported (use: add, del, show, flush)"),
+    (["addr", "add", "dev", "eth0"], "dpip: missing IFADDR"),
+    (["addr", "add", "10.0.0.1/24"], "dpip: no device specified."),
+    (["addr", "add", "10.0.0.256/24", "dev", "eth0"], "dpip: invalid IFADDR '10.0.0.256/24'"),
+    (["addr", "add", "10.0.0.1/33", "dev", "eth0"], "dpip: invalid IFADDR '10.0.0.1/33'"),
+    (["-6", "addr", "add", "10.0.0.1/24", "dev", "eth0"], "dpip: IFADDR 10.0.0.1/24 is not an IPv6 address"),
+    (["addr", "add", "10.0.0.1/24", "dev", "eth0", "scope", "universe"],
+     "dpip: invalid scope 'universe' (host | link | global)"),
+    (["addr", "add", "10.0.0.1/24", "dev", "eth0", "broadcast", "10.0.0.255"],
+     "dpip: unexpected argument 'broadcast'"),
+    (["addr", "del", "10.0.0.1/24", "dev", "eth0", "sapool"], "dpip: unexpected argument 'sapool'"),
+    (["addr", "flush"], "dpip: no device specified."),
+    (["addr", "show", "10.0.0.1"], "dpip: unexpected argument '10.0.0.1'"),
+    (["addr", "show", "dev"], "dpip: missing argument for 'dev'"),
+    (["route", "add", "via", "10.0.0.1", "dev", "eth0"], "dpip: missing prefix"),
+    (["route", "add", "10.0.0.1/16", "dev", "eth0"], "dpip: invalid prefix '10.0.0.1/16'"),
+    (["route", "add", "10.0.0.0/16"], "dpip: no device specified."),
+    (["-6", "route", "add", "10.0.0.0/16", "dev", "eth0"], "dpip: prefix 10.0.0.0/16 is not an IPv6 prefix"),
+    (["route", "add", "10.0.0.0/16", "via", "2001:db8::1", "dev", "eth0"],
+     "dpip: gateway 2001:db8::1 is not an IPv4 address"),
+    (["route", "add", "10.0.0.0/16", "src", "nowhere", "dev", "eth0"], "dpip: invalid source address 'nowhere'"),
+    (["route", "add", "10.0.0.0/16", "dev", "eth0", "mtu", "big"], "dpip: invalid mtu 'big'"),
+    (["route", "add", "10.0.0.0/16", "dev", "eth0", "metric", "-1"], "dpip: invalid option: -1"),
+    (["route", "add", "10.0.0.0/16", "dev", "eth0", "scope", "site"],
+     "dpip: invalid scope 'site' (host | link | global | kni_host)"),
+    (["route", "show", "table", "main"], "dpip: unexpected argument 'table'"),
+    (["neigh", "add", "lladdr", "52:54:00:aa:bb:cc", "dev", "eth0"], "dpip: missing ip address"),
+    (["neigh", "add", "192.168.100.2", "lladdr", "52:54:00:aa:bb", "dev", "eth0"], "dpip: invalid link layer addr"),
+    (["neigh", "add", "192.168.100.2", "lladdr", "00:00:00:00:00:00", "dev", "eth0"], "dpip: invalid MAC address"),
+    (["neigh", "add", "192.168.100.2", "dev", "eth0"], "dpip: invalid MAC address"),
+    (["neigh", "add", "192.168.100.2", "lladdr", "52:54:00:aa:bb:cc"], "dpip: no device specified."),
+    (["neigh", "add", "host.example", "lladdr", "52:54:00:aa:bb:cc", "dev", "eth0"],
+     "dpip: invalid IP address 'host.example'"),
+    (["-6", "neigh", "del", "192.168.100.2"], "dpip: IP address 192.168.100.2 is not an IPv6 address"),
+    (["link", "show", "eth0", "eth1"], "dpip: unexpected argument 'eth1'"),
+])
+def test_usage_errors(argv, message):
+    with pytest.raises(UsageError) as e:
+        dpip.parse(argv)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, help_text", [([], dpip.USAGE), (["addr"], dpip.OBJECT_HELP["addr"])])
+def test_missing_words_show_usage_as_an_error(argv, help_text):
+    with pytest.raises(UsageError) as e:
+        dpip.parse(argv)
+    assert str(e.value) == help_text.rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+
+def show(argv, data):
+    return dpip.render(dpip.parse(argv), data)
+
+
+def route(prefix, plen, ifname, scope, via="0.0.0.0", src="0.0.0.0", af=4, mtu=1500, metric=0):
+    return {"af": af, "prefix": prefix, "prefixlen": plen, "via": via, "src": src, "ifname": ifname, "mtu": mtu,
+            "tos": 0, "scope": scope, "metric": metric, "proto": "auto", "flags": []}
+
+
+def test_route_show_matches_dpvs_readme():
+    data = {"routes": [
+        route("10.0.0.100", 32, "dpdk1", "host"),
+        route("192.168.100.200", 32, "dpdk0", "host"),
+        route("192.168.100.0", 24, "dpdk0", "link"),
+        route("10.0.0.0", 16, "dpdk1", "link"),
+    ]}
+    assert show(["route", "show"], data) == (
+        "inet 10.0.0.100/32 via 0.0.0.0 src 0.0.0.0 dev dpdk1 mtu 1500 tos 0 scope host metric 0 proto auto\n"
+        "inet 192.168.100.200/32 via 0.0.0.0 src 0.0.0.0 dev dpdk0 mtu 1500 tos 0 scope host metric 0 proto auto\n"
+        "inet 192.168.100.0/24 via 0.0.0.0 src 0.0.0.0 dev dpdk0 mtu 1500 tos 0 scope link metric 0 proto auto\n"
+        "inet 10.0.0.0/16 via 0.0.0.0 src 0.0.0.0 dev dpdk1 mtu 1500 tos 0 scope link metric 0 proto auto\n")
+
+
+def test_route6_show_matches_dpvs():
+    data = {"routes": [
+        route("2001::1", 128, "dpdk0.102", "host", via="::", src="::", af=6),
+        route("2001::", 64, "dpdk0.102", "link", via="::", src="2001::28", af=6),
+        route("::", 0, "dpdk0", "global", via="2001::ff", src="::", af=6, mtu=0),
+    ]}
+    assert show(["-6", "route", "show"], data) == (
+        "inet6 2001::1/128 dev dpdk0.102 mtu 1500 scope host\n"
+        "inet6 2001::/64 src 2001::28 dev dpdk0.102 mtu 1500 scope link\n"
+        "inet6 default via 2001::ff dev dpdk0 scope global\n")
+
+
+def test_addr_show_matches_dpvs():
+    data = {"addrs": [
+        {"addr": "192.168.100.100", "prefixlen": 24, "ifname": "dpdk0", "scope": "global", "sapool": False,
+         "af": 4},
+        {"addr": "2001:db8::1", "prefixlen": 64, "ifname": "dpdk0", "scope": "link", "sapool": True, "af": 6},
+    ]}
+    assert show(["addr", "show"], data) == (
+        "inet 192.168.100.100/24 scope global dpdk0\n"
+        "     valid_lft forever preferred_lft forever\n"
+        "inet6 2001:db8::1/64 scope link dpdk0\n"
+        "     valid_lft forever preferred_lft forever\n")
+
+
+def test_neigh_show_matches_dpvs():
+    data = {"neighs": [
+        {"addr": "192.168.100.2", "lladdr": "52:54:00:aa:bb:cc", "ifname": "veth-lb0", "state": "REACHABLE",
+         "flags": ["static"], "cpu": 0},
+        {"addr": "192.168.100.3", "lladdr": "52:54:00:aa:bb:cd", "ifname": "veth-lb0", "state": "REACHABLE",
+         "flags": ["learned"], "cpu": 1},
+        {"addr": "192.168.100.4", "lladdr": None, "ifname": "veth-lb0", "state": "SEND", "flags": [], "cpu": 0},
+    ]}
+    pad = " " * (48 - len("192.168.100.2"))
+    assert show(["neigh", "show"], data) == (
+        f"ip: 192.168.100.2{pad} mac: 52:54:00:aa:bb:cc   state: REACHABLE     dev: veth-lb0  core: 0  static\n"
+        f"ip: 192.168.100.3{pad} mac: 52:54:00:aa:bb:cd   state: REACHABLE     dev: veth-lb0  core: 1  \n"
+        f"ip: 192.168.100.4{pad} mac:incomplate                       state: SEND           "
+        f"dev: veth-lb0  core: 0  \n")
+
+
+def test_link_show_with_and_without_stats():
+    data = {"links": [{"ifname": "veth-lb0", "ifindex": 7, "mac": "52:54:00:aa:bb:01", "mtu": 1500,
+                       "xdp_mode": "native", "stats": {"rx_packets": 10, "rx_bytes": 1000, "tx_packets": 20,
+                                                       "tx_bytes": 2000, "drops": 3}}]}
+    assert show(["link", "show"], data) == "7: veth-lb0: mtu 1500 xdp native\n    addr 52:54:00:aa:bb:01\n"
+    assert show(["-s", "link", "show"], data).splitlines()[2:] == [
+        "    ipackets            opackets            ibytes              obytes              ",
+        "    10                  20                  1000                2000                ",
+        "    drops               ",
+        "    3                   ",
+    ]
+
+
+def test_commands_that_change_state_print_nothing():
+    assert show(["route", "add", "10.0.0.0/16", "dev", "eth0"], None) == ""
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+class FakeClient:
+    """Stands in for hdslb.ctl.client.Client: replies by op, records what was sent."""
+
+    def __init__(self):
+        self.replies, self.fail, self.calls, self.path = {}, {}, [], None
+
+    def __call__(self, path=None):
+        self.path = path
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def call(self, op, args=None):
+        self.calls.append((op, args))
+        if op in self.fail:
+            raise self.fail[op]
+        return self.replies.get(op)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    fake = FakeClient()
+    monkeypatch.setattr(dpip, "Client", fake)
+    return fake
+
+
+def test_main_shows(client, capsys):
+    client.replies["route.list"] = {"routes": [route("10.0.0.0", 16, "dpdk1", "link")]}
+    assert dpip.main(["--ctl-socket=/run/x.sock", "route", "show"]) == 0
+    assert client.path == "/run/x.sock"
+    assert client.calls == [("route.list", {"af": 4})]
+    assert capsys.readouterr().out.startswith("inet 10.0.0.0/16 via 0.0.0.0")
+
+
+def test_main_change_prints_nothing(client, capsys):
+    assert dpip.main(["addr", "add", "192.168.100.100/24", "dev", "veth-lb0", "--ctl-socket", "/s"]) == 0
+    assert client.path == "/s"
+    assert [op for op, _ in client.calls] == ["addr.add"]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_main_usage_error_exits_2_without_a_request(client, capsys):
+    assert dpip.main(["route", "add", "10.0.0.0/33", "dev", "eth0"]) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err == "dpip: invalid prefix '10.0.0.0/33'\n"
+    assert dpip.main([]) == 2
+    assert capsys.readouterr().err.startswith("Usage:\n")
+
+
+def test_main_daemon_error_exits_1(client, capsys):
+    client.fail["neigh.del"] = HdslbError(errno.ENOENT, "neighbour 192.168.100.9 not found")
+    assert dpip.main(["neigh", "del", "192.168.100.9"]) == 1
+    assert capsys.readouterr().err == "dpip: neighbour 192.168.100.9 not found\n"
+
+
+def test_main_unreachable_daemon_exits_1(client, capsys):
+    client.fail["link.list"] = DaemonUnreachable("cannot reach hdslbd at /s: Connection refused")
+    assert dpip.main(["link", "show"]) == 1
+    assert capsys.readouterr().err == "cannot reach hdslbd at /s: Connection refused\n"
+
+
+def test_main_help_needs_no_daemon(client, capsys):
+    assert dpip.main(["addr", "help"]) == 0
+    assert capsys.readouterr().out == dpip.OBJECT_HELP["addr"]
+    assert client.calls == []

@@ -1,0 +1,447 @@
+"""ipvsadm shim: argv -> control requests, reply data -> ipvsadm/DPVS text, and main()'s exit codes.
+
+Expected layouts are ipvsadm 1.31 / DPVS tools/ipvsadm/ipvsadm.c printf formats written out by hand
+(trailing spaces included: `%-10u` pads the last column too).
+"""
+
+import errno
+import io
+import socket
+
+import pytest
+
+from cli import ipvsadm
+from cli.common import UsageError
+from hdslb.ctl.client import DaemonUnreachable
+from hdslb.errors import HdslbError
+
+VIP = {"proto": "tcp", "addr": "192.168.100.100", "port": 80}
+
+
+@pytest.fixture(autouse=True)
+def services_db(monkeypatch):
+    """A fixed /etc/services, so port names do not depend on the machine."""
+    names = {("http", "tcp"): 80, ("http", "udp"): 80, ("domain", "udp"): 53}
+    ports = {(v, p): n for (n, p), v in names.items()}
+
+    def byname(name, proto):
+        if (name, proto) not in names:
+            raise OSError("service/proto not found")
+        return names[(name, proto)]
+
+    def byport(port, proto):
+        if (port, proto) not in ports:
+            raise OSError("port/proto not found")
+        return ports[(port, proto)]
+
+    monkeypatch.setattr(socket, "getservbyname", byname)
+    monkeypatch.setattr(socket, "getservbyport", byport)
+
+
+def requests(*argv):
+    return ipvsadm.parse(list(argv)).requests
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], [("service.list", {"svc": None})]),
+    (["-Ln"], [("service.list", {"svc": None})]),
+    (["-l", "-n", "--sort"], [("service.list", {"svc": None})]),
+    (["-L", "-t", "192.168.100.100:80"], [("service.list", {"svc": VIP})]),
+    (["-A", "-t", "192.168.100.100:80", "-s", "rr"],
+     [("service.add", {**VIP, "sched": "rr", "persistent": None, "netmask": None, "flags": []})]),
+    # default scheduler wlc; -p without a value is 300; clustered short options with an attached argument
+    (["-At192.168.100.100:http", "-p"],
+     [("service.add", {**VIP, "sched": "wlc", "persistent": 300, "netmask": None, "flags": []})]),
+    (["--add-service", "--udp-service=10.0.0.1:domain", "--persistent=60", "--netmask", "255.255.255.0"],
+     [("service.add", {"proto": "udp", "addr": "10.0.0.1", "port": 53, "sched": "wlc", "persistent": 60,
+                       "netmask": "255.255.255.0", "flags": []})]),
+    # port 0 is fine once the service is persistent
+    (["-A", "-t", "10.0.0.1", "-p", "600"],
+     [("service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 0, "sched": "wlc", "persistent": 600,
+                       "netmask": None, "flags": []})]),
+    (["-A", "-t", "[2001:db8::1]:443", "-p", "-M", "64"],
+     [("service.add", {"proto": "tcp", "addr": "2001:db8::1", "port": 443, "sched": "wlc", "persistent": 300,
+                       "netmask": "64", "flags": []})]),
+    # edit changes only what it names (DPVS edits a service "by options")
+    (["-E", "-t", "192.168.100.100:80", "-s", "wrr"], [("service.edit", {**VIP, "sched": "wrr"})]),
+    (["-E", "-t", "192.168.100.100:80", "-p", "30"], [("service.edit", {**VIP, "persistent": 30})]),
+    (["-D", "-t", "192.168.100.100:80"], [("service.del", VIP)]),
+    (["-C"], [("service.flush", {})]),
+    (["-Z"], [("stats.zero", {"svc": None})]),
+    (["-Z", "-t", "192.168.100.100:80"], [("stats.zero", {"svc": VIP})]),
+    # -a: DPVS's defaults are -g (direct routing) and weight 1; the port defaults to the service's
+    (["-a", "-t", "192.168.100.100:80", "-r", "192.168.100.2"],
+     [("dest.add", {"svc": VIP, "addr": "192.168.100.2", "port": 80, "fwd": "dr", "weight": 1,
+                    "u_threshold": 0, "l_threshold": 0})]),
+    (["-a", "-t", "192.168.100.100:80", "-r", "192.168.100.2:8080", "-b", "-w", "3", "-x", "100", "-y", "10"],
+     [("dest.add", {"svc": VIP, "addr": "192.168.100.2", "port": 8080, "fwd": "fnat", "weight": 3,
+                    "u_threshold": 100, "l_threshold": 10})]),
+    # direct routing and tunnelling cannot change the port: the service's wins
+    (["-a", "-t", "192.168.100.100:80", "-r", "192.168.100.2:8080", "-i"],
+     [("dest.add", {"svc": VIP, "addr": "192.168.100.2", "port": 80, "fwd": "tunnel", "weight": 1,
+                    "u_threshold": 0, "l_threshold": 0})]),
+    (["-a", "-t", "192.168.100.100:80", "-r", "192.168.100.2", "-w", "0", "-m"],
+     [("dest.add", {"svc": VIP, "addr": "192.168.100.2", "port": 80, "fwd": "nat", "weight": 0,
+                    "u_threshold": 0, "l_threshold": 0})]),
+    (["-e", "-t", "192.168.100.100:80", "-r", "192.168.100.2", "-w", "5"],
+     [("dest.edit", {"svc": VIP, "addr": "192.168.100.2", "port": 80, "weight": 5})]),
+    (["-e", "-t", "192.168.100.100:80", "-r", "192.168.100.2", "-J"],
+     [("dest.edit", {"svc": VIP, "addr": "192.168.100.2", "port": 80, "fwd": "snat"})]),
+    (["-d", "-t", "192.168.100.100:80", "-r", "192.168.100.2"],
+     [("dest.del", {"svc": VIP, "addr": "192.168.100.2", "port": 80})]),
+    (["-P", "-t", "192.168.100.100:80", "-z", "192.168.100.200", "-F", "dpdk0"],
+     [("laddr.add", {"svc": VIP, "addr": "192.168.100.200", "ifname": "dpdk0"})]),
+    (["--del-laddr", "-t", "192.168.100.100:80", "--laddr=192.168.100.200", "--ifname=dpdk0"],
+     [("laddr.del", {"svc": VIP, "addr": "192.168.100.200", "ifname": "dpdk0"})]),
+    (["-G"], [("laddr.list", {"svc": None})]),
+    (["-G", "-t", "192.168.100.100:80"], [("laddr.list", {"svc": VIP})]),
+    (["-Lnc"], [("conn.list", {})]),
+    (["-S", "-n"], [("service.list", {"svc": None})]),
+])
+def test_parse_requests(argv, expected):
+    assert requests(*argv) == expected
+
+
+def test_parse_views_and_formats():
+    inv = ipvsadm.parse(["-L", "-n", "--stats", "--exact", "--nosort"])
+    assert inv.view == "services"
+    assert inv.fmt == ipvsadm.Format(numeric=True, stats=True, exact=True, nosort=True)
+    assert ipvsadm.parse(["-L", "-t", "192.168.100.100:80"]).view == "service"
+    assert ipvsadm.parse(["-h"]).view == "help"
+    assert ipvsadm.parse(["-Sn"]).view == "save"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-A", "-t", "192.168.100.100:80", "-w", "3"], "Illegal 'weight' option with the 'add-service' command"),
+    (["-a", "-t", "192.168.100.100:80"], "You need to supply the 'real-server' option for the 'add-server' command"),
+    (["-A", "-s", "rr"], "You need to supply the 'service-address' option for the 'add-service' command"),
+    (["-P", "-t", "192.168.100.100:80", "-z", "10.0.0.1"],
+     "You need to supply the 'ifname' option for the 'add-laddr' command"),
+    (["-L", "-c", "-t", "192.168.100.100:80"],
+     "The option 'service-address' conflicts with the 'connection' option in the 'list' command"),
+    (["-L", "-c", "--rate"], "options conflicts in the list command"),
+    (["-C", "-n"], "Illegal 'numeric' option with the 'flush' command"),
+    (["-A", "-D", "-t", "192.168.100.100:80"], "multiple commands specified"),
+    (["-A", "-t", "192.168.100.100:80", "-u", "192.168.100.100:53"],
+     "multiple 'service-address' options specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.2", "-g", "-b"],
+     "multiple 'forwarding-method' options specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.2", "-w", "65536"], "illegal weight specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.2", "-w", "heavy"], "illegal weight specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.2", "-x", "-1"], "illegal u_threshold specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.2", "-y", "x"], "illegal l_threshold specified"),
+    (["-a", "-t", "192.168.100.100:80", "-r", "10.0.0.256"], "illegal real server address[:port] specified"),
+    (["-A", "-t", "192.168.100.100:99999"], "illegal virtual server address[:port] specified"),
+    (["-A", "-t", "www.example.com:80"], "illegal virtual server address[:port] specified"),
+    (["-A", "-t", "8080"], "illegal virtual server address[:port] specified"),
+    (["-A", "-t", "[2001:db8::1]"], "illegal virtual server address[:port] specified"),
+    (["-A", "-t", "192.168.100.100:nosuchservice"], "illegal virtual server address[:port] specified"),
+    (["-A", "-t", "192.168.100.100"], "Zero port specified for non-persistent service"),
+    (["-A", "-t", "192.168.100.100:80", "-p", "0"], "invalid timeout value `0' specified"),
+    (["-A", "-t", "192.168.100.100:80", "-p", "soon"], "invalid timeout value `soon' specified"),
+    (["-A", "-t", "192.168.100.100:80", "-M", "255.0.255.0"], "illegal virtual server persistent mask specified"),
+    (["-A", "-t", "192.168.100.100:80", "-M", "24"], "illegal virtual server persistent mask specified"),
+    (["-A", "-t", "[2001:db8::1]:80", "-M", "129"], "illegal ipv6 netmask specified"),
+    (["-P", "-t", "192.168.100.100:80", "-z", "nope", "-F", "eth0"], "illegal local address"),
+    (["-L", "junk"], "unexpected argument junk"),
+    (["-L", "--bogus"], "--bogus: unknown option"),
+    (["-L", "-K"], "-K: unknown option"),
+    (["-L", "--numeric=yes"], "--numeric: option does not take an argument"),
+    (["-A", "-t"], "-t: missing argument"),
+    (["-n"], ipvsadm.TRY_HELP),
+])
+def test_usage_errors(argv, message):
+    with pytest.raises(UsageError) as e:
+        ipvsadm.parse(argv)
+    assert str(e.value) == message
+
+
+def test_table_is_complete():
+    """Every command has one rule per column, and every option the parser knows has a column."""
+    assert all(len(row) == len(ipvsadm._COLUMNS) for row in ipvsadm._LEGAL.values())
+    assert {o.option for o in ipvsadm._OPTIONS if o.option} == set(ipvsadm._COLUMNS)
+    assert {o.command for o in ipvsadm._OPTIONS if o.command} - {"help", "version"} == set(ipvsadm._LEGAL)
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+ZERO_STATS = {"conns": 0, "inpkts": 0, "outpkts": 0, "inbytes": 0, "outbytes": 0}
+ZERO_RATES = {"cps": 0, "inpps": 0, "outpps": 0, "inbps": 0, "outbps": 0}
+
+
+def dest(addr, port, fwd="fnat", weight=1, active=0, inactive=0, stats=ZERO_STATS, rates=ZERO_RATES):
+    return {"addr": addr, "port": port, "fwd": fwd, "weight": weight, "active": active, "inactive": inactive,
+            "u_threshold": 0, "l_threshold": 0, "stats": stats, "rates": rates}
+
+
+def service(proto, addr, port, sched, dests, persistent=None, netmask=None, laddrs=(), stats=ZERO_STATS,
+            rates=ZERO_RATES):
+    return {"proto": proto, "addr": addr, "port": port, "sched": sched, "persistent": persistent,
+            "netmask": netmask, "flags": [], "dests": dests, "laddrs": list(laddrs), "stats": stats,
+            "rates": rates}
+
+
+# The DPVS README's two-arm FullNAT example, as `ipvsadm -ln` prints it.
+TUTORIAL = {"version": "1.2.1", "size": 4096, "services": [
+    service("tcp", "10.0.0.100", 80, "rr", [dest("192.168.100.3", 80), dest("192.168.100.2", 80)],
+            laddrs=[{"addr": "192.168.100.200", "ifname": "dpdk0", "conns": 0, "conflicts": 0}]),
+]}
+
+
+def render(argv, data):
+    return ipvsadm.render(ipvsadm.parse(argv), data)
+
+
+def test_list_numeric_matches_ipvsadm():
+    assert render(["-ln"], TUTORIAL) == (
+        "IP Virtual Server version 1.2.1 (size=4096)\n"
+        "Prot LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n"
+        "TCP  10.0.0.100:80 rr\n"
+        "  -> 192.168.100.2:80             FullNat 1      0          0         \n"
+        "  -> 192.168.100.3:80             FullNat 1      0          0         \n")
+
+
+def test_list_sorting_forward_names_persistence_and_ipv6():
+    data = {"services": [
+        service("udp", "10.0.0.100", 53, "wrr", [dest("10.0.1.1", 53, "nat", 2, 7, 12345)]),
+        service("tcp", "2001:db8::100", 80, "rr", [dest("2001:db8::2", 80, "tunnel")], persistent=300,
+                netmask="64"),
+        service("tcp", "10.0.0.100", 443, "wlc", [dest("10.0.1.2", 443, "dr"), dest("10.0.1.1", 443, "snat")],
+                persistent=600, netmask="255.255.255.0"),
+    ]}
+    assert render(["-Ln"], data).splitlines()[1:] == [
+        "Prot LocalAddress:Port Scheduler Flags",
+        "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn",
+        "TCP  10.0.0.100:443 wlc persistent 600 mask 255.255.255.0",
+        "  -> 10.0.1.1:443                 SNAT    1      0          0         ",
+        "  -> 10.0.1.2:443                 Route   1      0          0         ",
+        "UDP  10.0.0.100:53 wrr",
+        "  -> 10.0.1.1:53                  Masq    2      7          12345     ",
+        "TCP  [2001:db8::100]:80 rr persistent 300 mask 64",
+        "  -> [2001:db8::2]:80             Tunnel  1      0          0         ",
+    ]
+    # without -n ports get their service names; the default header values apply when the daemon sends none
+    text = render(["-L"], data)
+    assert text.startswith("IP Virtual Server version 1.2.1 (size=4096)\n")
+    assert "UDP  10.0.0.100:domain wrr\n" in text
+    assert "  -> 10.0.1.1:domain              Masq    2" in text
+    # --nosort keeps the daemon's order
+    assert render(["-Ln", "--nosort"], data).splitlines()[3] == "UDP  10.0.0.100:53 wrr"
+
+
+def test_list_one_service_has_no_version_header():
+    assert render(["-L", "-n", "-t", "10.0.0.100:80"], TUTORIAL).splitlines()[0] == \
+        "Prot LocalAddress:Port Scheduler Flags"
+
+
+@pytest.mark.parametrize("n, text, exact", [
+    (0, "        0", "        0"),
+    (99_999_999, " 99999999", " 99999999"),
+    (100_000_000, "  100000K", " 100000000"),
+    (999_999_999, "  999999K", " 999999999"),
+    (1_000_000_000, "    1000M", " 1000000000"),
+    (99_999_999_999, "   99999M", " 99999999999"),
+    (100_000_000_000, "     100G", " 100000000000"),
+    (100_000_000_000_000, "     100T", " 100000000000000"),
+])
+def test_largenum(n, text, exact):
+    assert ipvsadm.largenum(n, exact=False) == text
+    assert ipvsadm.largenum(n, exact=True) == exact
+
+
+def test_stats_and_rate_layouts():
+    s = {"conns": 12, "inpkts": 3_000_000_000, "outpkts": 4, "inbytes": 150_000_000, "outbytes": 6}
+    r = {"cps": 1, "inpps": 2, "outpps": 3, "inbps": 1_500_000_000, "outbps": 5}
+    data = {"services": [service("tcp", "10.0.0.100", 80, "rr", [dest("192.168.100.2", 80, stats=s, rates=r)],
+                                 stats=s, rates=r)]}
+    assert render(["-Ln", "--stats"], data).splitlines()[1:] == [
+        "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes",
+        "  -> RemoteAddress:Port",
+        "TCP  10.0.0.100:80                      12    3000M        4  150000K        6",
+        "  -> 192.168.100.2:80                   12    3000M        4  150000K        6",
+    ]
+    assert render(["-Ln", "--stats", "--exact"], data).splitlines()[3] == \
+        "TCP  10.0.0.100:80                      12 3000000000        4 150000000        6"
+    assert render(["-Ln", "--rate"], data).splitlines()[1:] == [
+        "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS",
+        "  -> RemoteAddress:Port",
+        "TCP  10.0.0.100:80                       1        2        3    1500M        5",
+        "  -> 192.168.100.2:80                    1        2        3    1500M        5",
+    ]
+
+
+def test_thresholds_layout():
+    d = {**dest("192.168.100.2", 80, active=4, inactive=2), "u_threshold": 1000, "l_threshold": 10}
+    data = {"services": [service("tcp", "10.0.0.100", 80, "rr", [d])]}
+    assert render(["-Ln", "--thresholds"], data).splitlines()[1:] == [
+        "Prot LocalAddress:Port            Uthreshold Lthreshold ActiveConn InActConn ",
+        "  -> RemoteAddress:Port",
+        "TCP  10.0.0.100:80 rr",
+        "  -> 192.168.100.2:80             1000       10         4          2         ",
+    ]
+
+
+def test_get_laddr_layout_matches_dpvs():
+    data = {"services": [
+        {"proto": "tcp", "addr": "192.168.100.100", "port": 80,
+         "laddrs": [{"addr": "192.168.100.200", "ifname": "dpdk0", "conns": 7, "conflicts": 1}]},
+        {"proto": "udp", "addr": "2001:db8::1", "port": 53, "laddrs": []},
+    ]}
+    assert render(["-G"], data) == (
+        "VIP:VPORT            TOTAL    SNAT_IP              CONFLICTS  CONNS     \n"
+        "192.168.100.100:80   1        \n"
+        "                              192.168.100.200      1          7         \n"
+        "[2001:db8::1]:53     0        \n")
+    assert render(["-G"], {"services": []}) == ""
+
+
+def test_connection_layout_matches_dpvs():
+    conn = {"proto": 6, "af": 4, "saddr": "10.0.0.9", "sport": 53210, "daddr": "10.0.0.100", "dport": 80,
+            "to_saddr": "192.168.100.200", "to_sport": 1025, "to_daddr": "192.168.100.2", "to_dport": 80,
+            "out": False, "state": "established", "cpu": 1, "idle_s": 3}
+    reply = {**conn, "out": True}  # the same connection's other direction: not listed again
+    assert render(["-Lnc"], {"conns": [conn, reply]}) == (
+        "[1]tcp 3s     ESTABLISHED 10.0.0.9:53210     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80\n")
+
+
+def test_save_restore_round_trip():
+    data = {"services": [
+        service("tcp", "10.0.0.100", 80, "rr", [dest("192.168.100.2", 80), dest("192.168.100.3", 80, weight=2)],
+                persistent=600, netmask="255.255.255.0",
+                laddrs=[{"addr": "192.168.100.200", "ifname": "dpdk0", "conns": 0, "conflicts": 0}]),
+        service("udp", "2001:db8::1", 53, "wlc", [{**dest("2001:db8::2", 53, "dr"), "u_threshold": 9}]),
+    ]}
+    saved = render(["-S", "-n"], data)
+    assert saved == (
+        "-A -t 10.0.0.100:80 -s rr -p 600 -M 255.255.255.0\n"
+        "-a -t 10.0.0.100:80 -r 192.168.100.2:80 -b -w 1\n"
+        "-a -t 10.0.0.100:80 -r 192.168.100.3:80 -b -w 2\n"
+        "-P -t 10.0.0.100:80 -z 192.168.100.200 -F dpdk0\n"
+        "-A -u [2001:db8::1]:53 -s wlc\n"
+        "-a -u [2001:db8::1]:53 -r [2001:db8::2]:53 -g -w 1 -x 9\n")
+    # without -n the ports are named, and -R reads the names back
+    assert render(["-S"], data).startswith("-A -t 10.0.0.100:http -s rr")
+    sent = [r for _, inv in ipvsadm.parse_restore(render(["-S"], data)) for r in inv.requests]
+    svc = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
+    dns = {"proto": "udp", "addr": "2001:db8::1", "port": 53}
+    assert sent == [
+        ("service.add", {**svc, "sched": "rr", "persistent": 600, "netmask": "255.255.255.0", "flags": []}),
+        ("dest.add", {"svc": svc, "addr": "192.168.100.2", "port": 80, "fwd": "fnat", "weight": 1,
+                      "u_threshold": 0, "l_threshold": 0}),
+        ("dest.add", {"svc": svc, "addr": "192.168.100.3", "port": 80, "fwd": "fnat", "weight": 2,
+                      "u_threshold": 0, "l_threshold": 0}),
+        ("laddr.add", {"svc": svc, "addr": "192.168.100.200", "ifname": "dpdk0"}),
+        ("service.add", {**dns, "sched": "wlc", "persistent": None, "netmask": None, "flags": []}),
+        ("dest.add", {"svc": dns, "addr": "2001:db8::2", "port": 53, "fwd": "dr", "weight": 1,
+                      "u_threshold": 9, "l_threshold": 0}),
+    ]
+
+
+def test_restore_rejects_bad_lines_with_their_number():
+    with pytest.raises(UsageError, match=r"^line 3: illegal weight specified$"):
+        ipvsadm.parse_restore("# saved\n-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.0.0.2 -w x\n")
+    with pytest.raises(UsageError, match=r"^line 1: Try"):
+        ipvsadm.parse_restore("-R\n")
+    with pytest.raises(UsageError, match=r"^line 1: "):
+        ipvsadm.parse_restore("-A -t '10.0.0.1:80\n")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+class FakeClient:
+    """Stands in for hdslb.ctl.client.Client: replies by op, records what was sent."""
+
+    def __init__(self, replies=None, fail=None):
+        self.replies, self.fail, self.calls, self.path = replies or {}, fail or {}, [], None
+
+    def __call__(self, path=None):
+        self.path = path
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def call(self, op, args=None):
+        self.calls.append((op, args))
+        if op in self.fail:
+            raise self.fail[op]
+        return self.replies.get(op)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    fake = FakeClient()
+    monkeypatch.setattr(ipvsadm, "Client", fake)
+    return fake
+
+
+def test_main_lists(client, capsys):
+    client.replies["service.list"] = TUTORIAL
+    assert ipvsadm.main(["-Ln", "--ctl-socket", "/tmp/x.sock"]) == 0
+    assert client.path == "/tmp/x.sock"
+    assert client.calls == [("service.list", {"svc": None})]
+    assert capsys.readouterr().out.startswith("IP Virtual Server version 1.2.1 (size=4096)\n")
+
+
+def test_main_no_arguments_lists_and_ctl_socket_defaults_to_none(client, capsys):
+    client.replies["service.list"] = TUTORIAL
+    assert ipvsadm.main([]) == 0
+    assert client.path is None  # the client resolves $HDSLB_CTRL and the default itself
+    assert "TCP  10.0.0.100:http rr" in capsys.readouterr().out
+
+
+def test_main_usage_error_exits_2_without_a_request(client, capsys):
+    assert ipvsadm.main(["-A", "-t", "10.0.0.1:80", "-w", "3"]) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err == "Illegal 'weight' option with the 'add-service' command\n"
+    assert ipvsadm.main(["-L", "--ctl-socket"]) == 2
+
+
+def test_main_daemon_error_prints_message_and_exits_1(client, capsys):
+    client.fail["service.add"] = HdslbError(errno.EEXIST, "service tcp 10.0.0.1:80 already exists")
+    assert ipvsadm.main(["-A", "-t", "10.0.0.1:80"]) == 1
+    assert capsys.readouterr().err == "service tcp 10.0.0.1:80 already exists\n"
+
+
+def test_main_unsupported_op_is_reported(client, capsys):
+    client.fail["conn.list"] = HdslbError(errno.EOPNOTSUPP, "unknown operation 'conn.list'")
+    assert ipvsadm.main(["-Lnc"]) == 1
+    assert capsys.readouterr().err == "unknown operation 'conn.list'\n"
+
+
+def test_main_unreachable_daemon_exits_1(client, capsys):
+    client.fail["service.list"] = DaemonUnreachable("cannot reach hdslbd at /x: No such file or directory")
+    assert ipvsadm.main(["-L"]) == 1
+    assert capsys.readouterr().err == "cannot reach hdslbd at /x: No such file or directory\n"
+
+
+def test_main_help_and_version_need_no_daemon(client, capsys):
+    assert ipvsadm.main(["-h"]) == 0
+    assert "--add-service     -A" in capsys.readouterr().out
+    assert ipvsadm.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("ipvsadm hdslb-")
+    assert client.calls == []
+
+
+def test_main_restore_reads_stdin_and_keeps_going(client, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.0.0.2 -b\n-a -t 10.0.0.1:80 -r 10.0.0.3 -b\n"))
+    client.fail["dest.add"] = HdslbError(errno.ENOENT, "no such interface")
+    assert ipvsadm.main(["-R"]) == 1
+    assert [op for op, _ in client.calls] == ["service.add", "dest.add", "dest.add"]
+    assert capsys.readouterr().err == "line 2: no such interface\nline 3: no such interface\n"
+
+
+def test_main_restore_with_a_bad_line_sends_nothing(client, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80\n-A -t 10.0.0.2:80 -w 1\n"))
+    assert ipvsadm.main(["-R"]) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err == "line 2: Illegal 'weight' option with the 'add-service' command\n"
