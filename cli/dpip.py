@@ -433,3 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     return guarded(run, f"{PROG}: ", PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

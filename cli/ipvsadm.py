@@ -763,3 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
 
     return guarded(run, "", PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from hdslb.lab.servers import big_sha256
 
 LADDR = "192.168.100.200"
 REQUESTS = 200
@@ -73,11 +72,17 @@ def svc_stats(lb, proto, vip, port):
     return data["services"][0]
 
 
+@pytest.fixture(scope="module")
+def one_arm_up(one_arm):
+    lab, lb, servers, echo = one_arm
+    quick_start(lb, lab, "192.168.100.100", "veth-lb0", "veth-lb0", two_arm=False)
+    return one_arm
+
+
 @pytest.mark.root
-def test_one_arm_quick_start(one_arm):
-    lab, lb, servers, _ = one_arm
+def test_one_arm_quick_start(one_arm_up):
+    lab, lb, servers, _ = one_arm_up
     vip = "192.168.100.100"
-    quick_start(lb, lab, vip, "veth-lb0", "veth-lb0", two_arm=False)
     per = check_http_spread(lab, lb, servers, vip)
 
     # ipvsadm -Ln --stats: connections counted exactly, per real server as the servers saw them
@@ -114,24 +119,22 @@ def test_two_arm_quick_start(two_arm):
 
 
 @pytest.mark.root
-def test_transfer_survives_client_moving_between_cpus(one_arm):
+def test_transfer_survives_client_moving_between_cpus(one_arm_up):
     """A download whose client is moved between CPUs mid-transfer: every byte arrives (conn adoption)."""
-    lab, lb, servers, _ = one_arm
-    if not lb.call("service.list")["services"]:
-        pytest.skip("needs the one-arm quick start")  # only when run alone with -k
+    lab, lb, servers, _ = one_arm_up
     before = lb.call("stats.get")["counters"]["conn_adopt"]
-    url = f"http://192.168.100.100/big"
+    out = lab.workdir / "big.out"
     proc = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "taskset", "-c", "0", "curl", "-s", "-m", "60",
-                             "--limit-rate", "3M", url], stdout=subprocess.PIPE)
+                             "--limit-rate", "3M", "-o", str(out), "http://192.168.100.100/big"])
     lab.procs.append(proc)
     moves = 0
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.3)
-        subprocess.run(["taskset", "-p", "-c", str(moves % 2 ^ 1), str(proc.pid)], capture_output=True)
         moves += 1
-    body = proc.stdout.read()
-    proc.wait(timeout=10)
+        subprocess.run(["taskset", "-p", "-c", str(moves % 2), str(proc.pid)], capture_output=True)
+    assert proc.wait(timeout=10) == 0, "curl failed"
+    body = out.read_bytes()
     assert moves >= 4, "transfer too short to migrate"
-    assert hashlib.sha256(body).hexdigest() == big_sha256(len(body)) and len(body) == servers[0].big_size
+    assert len(body) == servers[0].big_size and hashlib.sha256(body).hexdigest() == servers[0].big_sha256
     assert lb.call("stats.get")["counters"]["conn_adopt"] > before, "no packet was seen on a second CPU"
