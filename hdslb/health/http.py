@@ -1,0 +1,162 @@
+"""HTTP_GET and SSL_GET: fetch each configured URL and judge its status code and, if asked, its body's MD5.
+
+As keepalived (check_http.c): one connection per URL, an HTTP/1.0 GET with `User-Agent: KeepAliveClient`
+and `Host: <virtualhost>` or, without one, `Host: <IP>:<port>`. Every URL must pass; a checker with no
+url passes without connecting. A status outside status_code (default 200-299) fails; with a digest, the
+MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived
+without an SSL block, verifies no certificate: health is about the service answering, not about trust.
+We add `Connection: close` (keepalived's 1.0C) so no server holds the connection open after answering.
+
+connect_timeout bounds the whole exchange for one URL (connect, request, response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from typing import Optional, Tuple
+
+from hdslb.config.model import HttpCheck, HttpUrl, RealServer
+from hdslb.health.base import (DEFAULT_STATUS_CODES, CheckResult, failed, hostport, local_addr, os_reason, passed,
+                               seconds, target)
+
+MAX_BODY = 16 * 1024 * 1024  # bytes hashed for a digest; a health page larger than this is a misconfiguration
+
+_insecure_ctx: Optional[ssl.SSLContext] = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One shared client context that accepts any certificate (building a context per probe is costly)."""
+    global _insecure_ctx
+    if _insecure_ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _insecure_ctx = ctx
+    return _insecure_ctx
+
+
+def want_codes(url: HttpUrl) -> str:
+    """'200', '200-299 503': status_code as the operator wrote it."""
+    ranges = url.status_code or DEFAULT_STATUS_CODES
+    return " ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+async def check_http(checker: HttpCheck, rs: RealServer) -> CheckResult:
+    urls = checker.url
+    if not urls:
+        return passed("no url to fetch: up without checking (as keepalived)")
+    for url in urls:
+        result = await _check_url(checker, rs, url)
+        if not result.ok:
+            return result
+    if len(urls) == 1:
+        return result
+    return passed(f"{len(urls)} URLs passed")
+
+
+async def _check_url(checker: HttpCheck, rs: RealServer, url: HttpUrl) -> CheckResult:
+    ip, port = target(checker, rs)
+    tls = checker.kind == "SSL_GET"
+    where = hostport(ip, port)
+    stage = [f"connect to {where}"]  # the step a timeout interrupts, for the reason
+    try:
+        code, body = await asyncio.wait_for(_fetch(checker, ip, port, url, tls, stage), checker.connect_timeout)
+    except asyncio.TimeoutError:
+        return failed(f"{stage[0]} timed out after {seconds(checker.connect_timeout)}")
+    except ConnectionRefusedError:
+        return failed(f"connect to {where} refused")
+    except _BadResponse as e:
+        return failed(f"bad HTTP response to GET {url.path} from {where}: {e}")
+    except ssl.SSLError as e:
+        return failed(f"TLS with {where} failed: {e.reason or e}")
+    except OSError as e:
+        return failed(f"GET {url.path} from {where} failed: {os_reason(e)}")
+    except asyncio.IncompleteReadError:
+        return failed(f"{where} closed the connection before answering GET {url.path}")
+    if not url.accepts(code):
+        return failed(f"HTTP {code} from {url.path} (want {want_codes(url)})")
+    if url.digest is not None:
+        got = hashlib.md5(body, usedforsecurity=False).hexdigest()  # a checksum, not security
+        if got != url.digest.lower():
+            return failed(f"MD5 of {url.path} is {got} (want {url.digest.lower()})")
+        return passed(f"HTTP {code} from {url.path}, digest matches")
+    return passed(f"HTTP {code} from {url.path}")
+
+
+class _BadResponse(Exception):
+    pass
+
+
+async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, stage: list) -> Tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(
+        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip))
+    try:
+        stage[0] = f"GET {url.path} from {hostport(ip, port)}"
+        host = checker.virtualhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port
+        writer.write(f"GET {url.path} HTTP/1.0\r\nUser-Agent: KeepAliveClient\r\nHost: {host}\r\n"
+                     f"Connection: close\r\n\r\n".encode("latin-1"))
+        await writer.drain()
+        code, headers = await _read_head(reader)
+        # Without a digest the body is never read: the status line is the whole answer.
+        body = await _read_body(reader, headers) if url.digest is not None else b""
+        return code, body
+    finally:
+        # abort(): no TLS close_notify round trip to wait for (keepalived sends none either by default).
+        writer.transport.abort()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> Tuple[int, dict]:
+    line = await reader.readline()
+    parts = line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        if not line:
+            raise _BadResponse("connection closed without a status line")
+        raise _BadResponse(f"status line {line[:60]!r}")
+    headers = {}
+    while True:
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict) -> bytes:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        return await _read_chunked(reader)
+    if "content-length" in headers:
+        try:
+            n = int(headers["content-length"])
+        except ValueError:
+            raise _BadResponse(f"Content-Length {headers['content-length']!r}") from None
+        if n > MAX_BODY:
+            raise _BadResponse(f"body of {n} bytes is over the {MAX_BODY}-byte limit for a digest")
+        return await reader.readexactly(n)
+    body = await reader.read(MAX_BODY + 1)
+    while body and len(body) <= MAX_BODY:
+        more = await reader.read(MAX_BODY + 1 - len(body))
+        if not more:
+            break
+        body += more
+    if len(body) > MAX_BODY:
+        raise _BadResponse(f"body is over the {MAX_BODY}-byte limit for a digest")
+    return body
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = await reader.readline()
+        try:
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise _BadResponse(f"chunk size {size_line[:20]!r}") from None
+        if size == 0:
+            return bytes(body)
+        if len(body) + size > MAX_BODY:
+            raise _BadResponse(f"body is over the {MAX_BODY}-byte limit for a digest")
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)  # the CRLF after each chunk

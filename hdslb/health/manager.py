@@ -1,0 +1,370 @@
+"""Runs every checker on its own schedule in the daemon's loop, keeps real-server and quorum state, tells the daemon.
+
+keepalived's rules, as its checker epilogues (check_tcp.c, check_udp.c, check_misc.c) and ipwrapper.c apply them:
+
+  - Each checker of each (virtual server, real server) pair is its own task. The first probe waits a
+    random 0..warmup seconds (warmup unset: 0..delay_loop; 0: at once), so a thousand servers are not all
+    probed in the same instant. After that, delay_loop between probes.
+  - A failing checker that is up retries `retry` times, delay_before_retry apart, before it is declared
+    down. A checker that is already down is not retried: it is probed again after delay_loop.
+  - alpha: checkers start down, so real servers stay out of the pool until every checker has passed once.
+  - A real server is up only while all of its checkers are up; one without checkers is always up.
+  - Quorum: the weights of the up real servers are summed. Quorum is gained at >= quorum + hysteresis and
+    lost at < quorum - hysteresis (or at 0). It starts as whatever the initial weights say.
+  - omega: when the daemon stops or a virtual server is removed, its up real servers are reported down
+    and its quorum lost, so the daemon can run the down/quorum_down actions.
+
+The daemon hears about changes through two callbacks, called one at a time and in order from one
+dispatcher task (a slow callback delays later notices, never a probe):
+
+  on_change(vs_key, rs_key, up, weight, reason)
+      up=True:  put the server in the pool, or set its weight (misc_dynamic), to `weight`
+      up=False, weight=0:    inhibit_on_failure: keep the server in the pool at weight 0
+      up=False, weight=None: take the server out of the pool
+  on_quorum(vs_key, lost)
+      lost=True: activate the sorry_server (and quorum_down); lost=False: back to the real servers.
+
+At start the daemon is told about every server that starts down (alpha) and every virtual server that
+starts without quorum; everything else is assumed to be in the pool at its configured weight.
+
+Concurrency: at most max_concurrent probes run at once (a semaphore held for the probe only). Each probe
+holds one socket or one child process, so the bound keeps the daemon inside its file-descriptor limit
+(commonly 1024) however many servers are configured; timers and state cost no descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import random
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from hdslb.config.model import Checker, MiscCheck, RealServer, VirtualServer
+from hdslb.health.base import CheckResult, failed, hostport
+from hdslb.health.probe import Probe, run_check
+from hdslb.health.state import CheckerState, RsKey, ServerState, ServiceState, VsKey
+
+log = logging.getLogger("hdslb.health")
+
+OnChange = Callable[[VsKey, RsKey, bool, Optional[int], str], Any]  # may be a coroutine function
+OnQuorum = Callable[[VsKey, bool], Any]
+Pair = Tuple[VirtualServer, RealServer]
+
+DEFAULT_MAX_CONCURRENT = 256  # probes in flight; well inside a 1024 fd limit with room for the daemon's own
+STOP_DRAIN_TIMEOUT = 5.0  # seconds stop() waits for the daemon's callbacks: a stuck one must not block shutdown
+
+
+def pairs_of(virtual_servers: Iterable[VirtualServer]) -> List[Pair]:
+    """Every (virtual server, real server) of a config, in file order: what start()/update() take."""
+    return [(vs, rs) for vs in virtual_servers for rs in vs.real_servers]
+
+
+class HealthManager:
+    def __init__(self, on_change: OnChange, on_quorum: Optional[OnQuorum] = None, *,
+                 probe: Probe = run_check, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+                 script_user: Optional[str] = None, rng: Optional[random.Random] = None):
+        """probe is replaceable for tests; script_user is global_defs' default user for MISC_CHECK."""
+        self._on_change = on_change
+        self._on_quorum = on_quorum
+        self._probe = probe
+        self._max_concurrent = max_concurrent
+        self._script_user = script_user
+        self._rng = rng or random.Random()
+        self._services: Dict[VsKey, ServiceState] = {}
+        self._tasks: Set[asyncio.Task] = set()
+        self._running = False
+        self._events: Optional[asyncio.Queue] = None
+        self._dispatcher: Optional[asyncio.Task] = None
+        self._sem: Optional[asyncio.Semaphore] = None
+        self._quorum_due: Dict[VsKey, ServiceState] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, pairs: Optional[Sequence[Pair]] = None) -> None:
+        """Start checking (pairs, if given, replace what update() set). Returns at once."""
+        if self._running:
+            raise RuntimeError("health manager already started")
+        if pairs is not None:
+            self.update(pairs)
+        # Created here, not in __init__, so they belong to the running loop.
+        self._events = asyncio.Queue()
+        self._sem = asyncio.Semaphore(self._max_concurrent)
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="health-dispatch")
+        self._running = True
+        for svc in self._services.values():
+            for srv in svc.servers.values():
+                self._begin(srv)
+            self._quorum(svc)
+
+    async def stop(self) -> None:
+        """Cancel every probe (MISC_CHECK children are killed), deliver omega notices, then return."""
+        if not self._running:
+            return
+        self._running = False
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for svc in self._services.values():
+            self._omega(svc, "hdslbd is stopping (omega)")
+        try:
+            await asyncio.wait_for(self._events.join(), STOP_DRAIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("health: %d notices undelivered at stop: a callback is stuck", self._events.qsize())
+        self._dispatcher.cancel()
+        await asyncio.gather(self._dispatcher, return_exceptions=True)
+        self._dispatcher = None
+
+    async def settle(self) -> None:
+        """Wait until every notice queued so far has been delivered (after start(), update())."""
+        if self._events is not None:
+            await self._events.join()
+
+    def update(self, pairs: Sequence[Pair]) -> None:
+        """Reload: servers that remain keep their state, new ones start, removed ones stop.
+
+        A remaining server whose checkers changed gets fresh checkers that start in its current state,
+        so a reload neither brings a failed server back nor drops a healthy one (keepalived: "do not
+        re-add failed RS instantly on reload"). Removed servers get no notice: the reload itself removes
+        them from the pool.
+        """
+        wanted: Dict[VsKey, Tuple[VirtualServer, Dict[RsKey, RealServer]]] = {}
+        for vs, rs in pairs:
+            wanted.setdefault(vs.key, (vs, {}))[1][rs.key] = rs
+        for key in [k for k in self._services if k not in wanted]:
+            svc = self._services.pop(key)
+            self._cancel(svc.servers.values())
+            if self._running:
+                self._omega(svc, "virtual server removed (omega)")
+        for key, (vs, rss) in wanted.items():
+            svc = self._services.get(key)
+            if svc is None:
+                svc = self._services[key] = ServiceState(vs)
+            svc.vs = vs
+            for rk in [k for k in svc.servers if k not in rss]:
+                self._cancel([svc.servers.pop(rk)])
+            for rk, rs in rss.items():
+                srv = svc.servers.get(rk)
+                if srv is None:
+                    srv = svc.servers[rk] = self._new_server(vs, rs)
+                    if self._running:
+                        self._begin(srv)
+                else:
+                    self._refresh(svc, srv, vs, rs)
+            if self._running:
+                self._quorum(svc)
+
+    # ------------------------------------------------------------ queries
+
+    def status(self) -> Dict[str, Any]:
+        """{"10.0.0.1:80/TCP": {"quorum", "weight", …, "real_servers": {"192.168.100.2:80": {...}}}}."""
+        return {str(svc.vs): svc.as_dict() for svc in self._services.values()}
+
+    def server(self, vs_key: VsKey, rs_key: RsKey) -> ServerState:
+        return self._services[vs_key].servers[rs_key]
+
+    def is_up(self, vs_key: VsKey, rs_key: RsKey) -> bool:
+        return self.server(vs_key, rs_key).alive
+
+    def quorum_up(self, vs_key: VsKey) -> Optional[bool]:
+        return self._services[vs_key].quorum_up
+
+    # ------------------------------------------------------------ servers and their tasks
+
+    def _checkers(self, rs: RealServer) -> Tuple[Checker, ...]:
+        if self._script_user is None:
+            return rs.checkers
+        return tuple(dataclasses.replace(c, user=self._script_user)
+                     if isinstance(c, MiscCheck) and c.user is None else c for c in rs.checkers)
+
+    def _new_server(self, vs: VirtualServer, rs: RealServer) -> ServerState:
+        checkers = [CheckerState(c, up=not vs.alpha) for c in self._checkers(rs)]
+        alive = all(c.up for c in checkers)
+        return ServerState(vs_key=vs.key, rs=rs, inhibit=rs.inhibit_on_failure or vs.inhibit_on_failure,
+                           checkers=checkers, alive=alive, since=time.time(),
+                           reason="no checkers: always up" if not checkers else
+                           "not checked yet" if alive else "alpha: down until every check has passed",
+                           notified_weight=rs.weight if alive else None)
+
+    def _begin(self, srv: ServerState) -> None:
+        """Start a server's checker tasks; tell the daemon if it starts outside the pool."""
+        for cs in srv.checkers:
+            self._spawn(srv, cs)
+        if not srv.alive:
+            self._tell(srv, False, srv.reason)
+
+    def _spawn(self, srv: ServerState, cs: CheckerState) -> None:
+        t = asyncio.create_task(self._run(srv, cs),
+                                name=f"health {cs.checker.kind} {hostport(*srv.rs_key)} of {srv.vs_key[1]}")
+        cs.task = t
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _cancel(self, servers: Iterable[ServerState]) -> None:
+        for srv in servers:
+            for cs in srv.checkers:
+                if cs.task is not None:
+                    cs.task.cancel()  # stop() still awaits it: it stays in self._tasks until done
+                    cs.task = None
+
+    def _refresh(self, svc: ServiceState, srv: ServerState, vs: VirtualServer, rs: RealServer) -> None:
+        checkers = self._checkers(rs)
+        srv.rs = rs
+        if checkers != tuple(cs.checker for cs in srv.checkers):
+            self._cancel([srv])
+            srv.checkers = [CheckerState(c, up=srv.alive) for c in checkers]
+            if self._running:
+                for cs in srv.checkers:
+                    self._spawn(srv, cs)
+        else:
+            for cs, c in zip(srv.checkers, checkers):
+                cs.checker = c  # equal, but carries the new file positions
+        inhibit = rs.inhibit_on_failure or vs.inhibit_on_failure
+        changed = inhibit != srv.inhibit
+        srv.inhibit = inhibit
+        if self._running:
+            if changed and not srv.alive:
+                self._tell(srv, False, srv.reason)  # in at weight 0 <-> out, as the new setting says
+            self._reconcile(svc, srv, "reload")
+
+    async def _run(self, srv: ServerState, cs: CheckerState) -> None:
+        svc = self._services[srv.vs_key]
+        delay = self._first_delay(cs.checker)
+        while True:
+            await asyncio.sleep(delay)
+            async with self._sem:
+                try:
+                    result = await self._probe(cs.checker, srv.rs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 — only a replaced probe can get here
+                    log.exception("probe of %s raised", hostport(*srv.rs_key))
+                    result = failed(f"probe error: {type(e).__name__}: {e}")
+            delay = self._record(svc, srv, cs, result)
+
+    def _first_delay(self, c: Checker) -> float:
+        limit = c.delay_loop if c.warmup is None else c.warmup
+        return self._rng.uniform(0, limit) if limit > 0 else 0.0
+
+    # ------------------------------------------------------------ keepalived's state rules
+
+    def _record(self, svc: ServiceState, srv: ServerState, cs: CheckerState, res: CheckResult) -> float:
+        """Apply one result as keepalived's checker epilogue does; return the delay to the next probe."""
+        c = cs.checker
+        cs.last_check = time.time()
+        cs.reason = res.reason
+        delay = c.delay_loop
+        reason = f"{c.kind}: {res.reason}"
+        if res.ok:
+            cs.failures = 0
+            cs.retry_it = 0
+            if res.weight is not None:
+                cs.dynamic_weight = res.weight
+            cs.up = True
+        else:
+            cs.failures += 1
+            srv.last_failure = reason
+            if cs.up and cs.retry_it < c.retry:
+                cs.retry_it += 1
+                delay = c.delay_before_retry
+                log.debug("%s of %s failed, retry %d/%d: %s", c.kind, hostport(*srv.rs_key),
+                          cs.retry_it, c.retry, res.reason)
+            elif cs.up or not cs.has_run:
+                if cs.up and c.retry:
+                    reason += f" (after {c.retry} {'retry' if c.retry == 1 else 'retries'})"
+                cs.retry_it = 0
+                cs.up = False
+        cs.has_run = True
+        self._reconcile(svc, srv, reason)
+        return delay
+
+    def _reconcile(self, svc: ServiceState, srv: ServerState, reason: str) -> None:
+        """Bring the server's state (and the daemon) in line with its checkers."""
+        alive = all(cs.up for cs in srv.checkers)
+        if alive != srv.alive:
+            srv.alive = alive
+            srv.since = time.time()
+            srv.reason = reason
+            self._tell(srv, alive, reason)
+            self._quorum_soon(svc)
+        elif alive and srv.weight != srv.notified_weight:
+            self._tell(srv, True, reason)
+            self._quorum_soon(svc)
+
+    def _quorum_soon(self, svc: ServiceState) -> None:
+        """Weigh a service once per loop iteration, not once per change: summing n servers after each of
+        n changes is O(n²) when a big pool fails (or comes up) at once."""
+        if not self._quorum_due:
+            asyncio.get_running_loop().call_soon(self._weigh_due)
+        self._quorum_due[svc.vs.key] = svc
+
+    def _weigh_due(self) -> None:
+        due, self._quorum_due = self._quorum_due, {}
+        for key, svc in due.items():
+            if self._running and self._services.get(key) is svc:
+                self._quorum(svc)
+
+    def _tell(self, srv: ServerState, up: bool, reason: str, *, remove: bool = False) -> None:
+        weight = srv.weight if up else (0 if srv.inhibit and not remove else None)
+        srv.notified_weight = weight if up else None
+        where = f"{hostport(*srv.rs_key)} of {srv.vs_key[1]}/{srv.vs_key[0]}"
+        if up:
+            log.info("real server %s is up, weight %d: %s", where, weight, reason)
+        else:
+            log.warning("real server %s is down%s: %s", where, " (inhibited: weight 0)" if weight == 0 else "",
+                        reason)
+        self._emit(self._on_change, srv.vs_key, srv.rs_key, up, weight, reason)
+
+    def _quorum(self, svc: ServiceState) -> None:
+        vs = svc.vs
+        total = svc.weight_sum()
+        gain, lose = vs.quorum + vs.hysteresis, vs.quorum - vs.hysteresis
+        if svc.quorum_up is None:
+            svc.quorum_up = total >= gain
+            if not svc.quorum_up:
+                self._quorum_changed(svc, True, f"starting with quorum down: weight {total} < {gain}")
+        elif not svc.quorum_up and total >= gain:
+            svc.quorum_up = True
+            self._quorum_changed(svc, False, f"gained quorum: weight {total} >= {vs.quorum}+{vs.hysteresis}")
+        elif svc.quorum_up and (total == 0 or total < lose):
+            svc.quorum_up = False
+            self._quorum_changed(svc, True, f"lost quorum: weight {total} < {vs.quorum}-{vs.hysteresis}")
+
+    def _quorum_changed(self, svc: ServiceState, lost: bool, why: str) -> None:
+        (log.warning if lost else log.info)("virtual server %s %s", svc.vs, why)
+        if self._on_quorum is not None:
+            self._emit(self._on_quorum, svc.vs.key, lost)
+
+    def _omega(self, svc: ServiceState, reason: str) -> None:
+        """keepalived's omega: report up servers down (removed, even if inhibited) and quorum lost."""
+        if not svc.vs.omega:
+            return
+        for srv in svc.servers.values():
+            if srv.alive:
+                srv.alive = False
+                srv.reason = reason
+                self._tell(srv, False, reason, remove=True)
+        if svc.quorum_up:
+            svc.quorum_up = False
+            self._quorum_changed(svc, True, reason)
+
+    # ------------------------------------------------------------ notices to the daemon
+
+    def _emit(self, fn: Callable, *args: Any) -> None:
+        if self._events is not None:
+            self._events.put_nowait((fn, args))
+
+    async def _dispatch(self) -> None:
+        while True:
+            fn, args = await self._events.get()
+            try:
+                r = fn(*args)
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:  # noqa: BLE001 — a failing callback must not stop later notices
+                log.exception("health callback %s%r failed", getattr(fn, "__name__", fn), args)
+            finally:
+                self._events.task_done()

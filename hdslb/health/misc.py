@@ -1,0 +1,88 @@
+"""MISC_CHECK: run the operator's command and judge its exit status, as keepalived's check_misc.c does.
+
+  exit 0         up; with misc_dynamic the weight goes back to the configured one
+  exit 1         down
+  exit 2..255    with misc_dynamic: up, weight = status - 2 (0..253); without: down
+  killed/timeout down; after misc_timeout the command's process group gets SIGTERM, then SIGKILL 2 s later
+
+misc_path is split like a shell word list (quotes group) but no shell runs it. The command gets its own
+session and process group so a timeout kills the whole tree, and no stdin/stdout/stderr: a chatty script
+can neither block on a full pipe nor fill a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+from typing import Optional
+
+from hdslb.config.model import MiscCheck, RealServer
+from hdslb.health.base import CheckResult, failed, os_reason, passed, seconds
+
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL (keepalived: 2)
+
+
+async def check_misc(checker: MiscCheck, rs: RealServer) -> CheckResult:
+    try:
+        argv = shlex.split(checker.misc_path)
+    except ValueError as e:
+        return failed(f"MISC_CHECK cannot parse misc_path {checker.misc_path!r}: {e}")
+    if not argv:
+        return failed("MISC_CHECK misc_path is empty")
+    name = argv[0]
+    timeout = checker.misc_timeout if checker.misc_timeout is not None else checker.delay_loop
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, **_credentials(checker.user))
+    except (OSError, KeyError, ValueError) as e:
+        why = os_reason(e) if isinstance(e, OSError) else str(e)
+        as_user = f" as {checker.user}" if checker.user else ""
+        return failed(f"MISC_CHECK cannot run {name}{as_user}: {why}")
+    try:
+        status = await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        await _terminate(proc)
+        return failed(f"MISC_CHECK {name} timed out after {seconds(timeout)}")
+    except asyncio.CancelledError:
+        _kill_group(proc.pid, signal.SIGKILL)
+        raise
+    if status < 0:
+        return failed(f"MISC_CHECK {name} was killed by signal {-status}")
+    if status == 0:
+        # keepalived resets a dynamic weight to the configured one on exit 0.
+        return passed(f"MISC_CHECK {name} exited 0", rs.weight if checker.misc_dynamic else None)
+    if checker.misc_dynamic and 2 <= status <= 255:
+        return passed(f"MISC_CHECK {name} exited {status}: weight {status - 2}", status - 2)
+    return failed(f"MISC_CHECK {name} exited {status}")
+
+
+def _credentials(user: Optional[str]) -> dict:
+    """`user NAME [[:]GROUP]` → subprocess user=/group=; nothing when unset (run as the daemon)."""
+    if not user:
+        return {}
+    words = user.split()
+    creds = {"user": words[0]}
+    if len(words) > 1 and words[1].lstrip(":"):
+        creds["group"] = words[1].lstrip(":")
+    return creds
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_GRACE)
+    except asyncio.TimeoutError:
+        pass
+    # Whatever the leader did, nothing it started may outlive the check.
+    _kill_group(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # start_new_session made the child its group's leader: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass

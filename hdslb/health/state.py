@@ -1,0 +1,95 @@
+"""What the health manager remembers per checker, real server and virtual server, and how it is reported.
+
+Timestamps are wall-clock seconds since the epoch (time.time()): they are for people and for JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from hdslb.config.model import Checker, IPAddress, RealServer, VirtualServer
+from hdslb.health.base import hostport
+
+VsKey = Tuple[str, str]  # VirtualServer.key: ("TCP", "10.0.0.1:80") or ("TCP", "group web")
+RsKey = Tuple[IPAddress, int]  # RealServer.key
+
+MAX_WEIGHT = 65535
+
+
+@dataclass
+class CheckerState:
+    """One checker of one real server: keepalived's checker_t fields that matter for state."""
+
+    checker: Checker
+    up: bool  # keepalived's is_up: starts False under alpha, True otherwise
+    has_run: bool = False
+    retry_it: int = 0  # retries spent on the current run of failures
+    failures: int = 0  # consecutive failed probes
+    reason: str = "not checked yet"
+    last_check: Optional[float] = None
+    dynamic_weight: Optional[int] = None  # last weight a misc_dynamic exit asked for
+    task: Optional[asyncio.Task] = field(default=None, repr=False)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"kind": self.checker.kind, "state": "up" if self.up else "down", "reason": self.reason,
+                "last_check": self.last_check, "failures": self.failures}
+
+
+@dataclass
+class ServerState:
+    """A real server as one virtual server sees it: up only while every one of its checkers is up."""
+
+    vs_key: VsKey
+    rs: RealServer
+    inhibit: bool  # on failure ask for weight 0 instead of removal
+    checkers: List[CheckerState]
+    alive: bool
+    reason: str  # why it is in its current state
+    since: float  # when it entered it
+    last_failure: Optional[str] = None
+    notified_weight: Optional[int] = None  # the weight the daemon was last told (None: not in the pool)
+
+    @property
+    def rs_key(self) -> RsKey:
+        return self.rs.key
+
+    @property
+    def weight(self) -> int:
+        """keepalived: each misc_dynamic checker moves the configured weight by (its weight - configured)."""
+        w = self.rs.weight + sum(c.dynamic_weight - self.rs.weight
+                                 for c in self.checkers if c.dynamic_weight is not None)
+        return max(0, min(MAX_WEIGHT, w))
+
+    @property
+    def failures(self) -> int:
+        return max((c.failures for c in self.checkers), default=0)
+
+    @property
+    def last_check(self) -> Optional[float]:
+        return max((c.last_check for c in self.checkers if c.last_check is not None), default=None)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"state": "up" if self.alive else "down", "weight": self.weight, "inhibit": self.inhibit,
+                "reason": self.reason, "since": self.since, "last_failure": self.last_failure,
+                "last_check": self.last_check, "failures": self.failures,
+                "checkers": [c.as_dict() for c in self.checkers]}
+
+
+@dataclass
+class ServiceState:
+    """A virtual server's real servers and its quorum (None until first computed)."""
+
+    vs: VirtualServer
+    servers: Dict[RsKey, ServerState] = field(default_factory=dict)
+    quorum_up: Optional[bool] = None
+
+    def weight_sum(self) -> int:
+        """keepalived's weigh_live_realservers: inhibited (weight 0) servers add nothing."""
+        return sum(s.weight for s in self.servers.values() if s.alive)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"quorum": None if self.quorum_up is None else ("up" if self.quorum_up else "down"),
+                "weight": self.weight_sum(), "quorum_needed": self.vs.quorum, "hysteresis": self.vs.hysteresis,
+                "real_servers": {hostport(*k): s.as_dict() for k, s in self.servers.items()}}
