@@ -30,10 +30,13 @@ def cmd_up(ns) -> int:
     except DaemonUnreachable:
         pass
     argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
-    for opt in ("config", "pin_root", "instance", "max_conns", "lport_range", "log_level"):
+    for opt in ("config", "pin_root", "instance", "max_conns", "lport_range", "log_level", "state_dir",
+                "aging_interval"):
         v = getattr(ns, opt)
         if v is not None:
             argv += ["--" + opt.replace("_", "-"), str(v)]
+    if ns.fresh:
+        argv.append("--fresh")
     logfile = ns.log_file or log_path(ctl)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     with open(logfile, "ab") as lf:
@@ -80,6 +83,20 @@ def cmd_down(ns) -> int:
     return 1
 
 
+def cmd_reload(ns) -> int:
+    ctl = protocol.resolve_socket(ns.ctl_socket)
+    if not ns.datapath:
+        print("hdslb-ctl: reload needs --datapath (configuration reload is not implemented yet)", file=sys.stderr)
+        return 2
+    try:
+        r = Client(ctl, timeout=UP_TIMEOUT_S).call("daemon.reload_datapath")
+    except DaemonUnreachable as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 1
+    print(f"datapath reloaded on {', '.join(r['interfaces'])}; {r['conn_entries']} connection entries kept")
+    return 0
+
+
 def cmd_status(ns) -> int:
     try:
         st = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("daemon.status")
@@ -109,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lport-range")
     up.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     up.add_argument("--log-file", help="daemon log (default /run/hdslb/<instance>.log)")
+    up.add_argument("--state-dir")
+    up.add_argument("--aging-interval", type=float)
+    up.add_argument("--fresh", action="store_true", help="discard pinned state instead of adopting it")
     up.set_defaults(func=cmd_up)
+    rl = sub.add_parser("reload", help="--datapath: recompile and swap the XDP program, keeping all maps")
+    rl.add_argument("--datapath", action="store_true")
+    rl.set_defaults(func=cmd_reload)
     sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
     return p

@@ -534,3 +534,74 @@ class Balancer:
             raise notfound(f"neighbour {addr} not found")
         del self.neighs[addr]
         self.dp.neigh_del(addr)
+
+
+# --- persistence: what a restarted daemon needs to adopt the running fast path --------------------------
+def snapshot(b: Balancer) -> dict:
+    """The whole model as plain data, with the ids and slots the fast path's maps are indexed by."""
+    s = str
+    return {
+        "version": 1,
+        "services": [{
+            "proto": v.proto, "addr": s(v.addr), "port": v.port, "sched": v.sched, "svc_id": v.svc_id,
+            "persistent": v.persistent, "netmask": v.netmask, "flags": list(v.flags), "sched_gen": v.sched_gen,
+            "dests": [{"addr": s(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight, "slot": d.slot,
+                       "u_threshold": d.u_threshold, "l_threshold": d.l_threshold} for d in v.dests.values()],
+            "laddrs": [{"addr": s(la.addr), "ifname": la.ifname} for la in v.laddrs],
+        } for v in b.services.values()],
+        "addrs": [{"addr": s(a.addr), "prefixlen": a.prefixlen, "ifname": a.ifname, "scope": a.scope,
+                   "sapool": a.sapool} for a in b.addrs],
+        "routes": [{"net": s(r.net), "ifname": r.ifname, "via": s(r.via) if r.via else None,
+                    "src": s(r.src) if r.src else None, "mtu": r.mtu, "metric": r.metric, "scope": r.scope,
+                    "proto": r.proto, "local": r.local} for r in b.routes],
+        "neighs": [{"addr": s(n.addr), "lladdr": n.lladdr.hex(), "ifname": n.ifname} for n in b.neighs.values()],
+    }
+
+
+def restore(b: Balancer, snap: dict) -> None:
+    """Rebuild the model from a snapshot and rewrite every map entry it owns (idempotent for pinned maps).
+
+    Ids and slots are kept, so connections in the pinned conn table keep pointing at the right real server
+    and counters. Interfaces are matched by name; one that no longer exists makes the restore fail whole.
+    """
+    if snap.get("version") != 1:
+        raise invalid(f"unsupported state version {snap.get('version')!r}")
+    A = ipaddress.ip_address
+    for name in {la["ifname"] for v in snap["services"] for la in v["laddrs"]} | \
+            {a["ifname"] for a in snap["addrs"]} | {r["ifname"] for r in snap["routes"]} | \
+            {n["ifname"] for n in snap["neighs"]}:
+        b.iface(name)
+    for v in snap["services"]:
+        svc = Service(proto=v["proto"], addr=A(v["addr"]), port=v["port"], sched=v["sched"], svc_id=v["svc_id"],
+                      persistent=v["persistent"], netmask=v["netmask"], flags=list(v["flags"]),
+                      sched_gen=v["sched_gen"])
+        for d in v["dests"]:
+            dest = Dest(addr=A(d["addr"]), port=d["port"], fwd=d["fwd"], weight=d["weight"], slot=d["slot"],
+                        u_threshold=d["u_threshold"], l_threshold=d["l_threshold"])
+            svc.dests[(dest.addr, dest.port)] = dest
+            b._slots_used.add(dest.slot)
+        svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]
+        b._ids_used.add(svc.svc_id)
+        b.services[svc.key] = svc
+    b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
+                    sapool=a["sapool"]) for a in snap["addrs"]]
+    b.routes = [Route(net=ipaddress.ip_network(r["net"]), ifname=r["ifname"], via=A(r["via"]) if r["via"] else None,
+                      src=A(r["src"]) if r["src"] else None, mtu=r["mtu"], metric=r["metric"], scope=r["scope"],
+                      proto=r["proto"], local=r["local"]) for r in snap["routes"]]
+    b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
+                for n in snap["neighs"]}
+    # Rewrite what the maps hold for this model (tables, dests, locals, routes, static neighbours).
+    for svc in b.services.values():
+        b.dp.service_set(svc)
+        for d in svc.dests.values():
+            b.dp.dest_set(svc, d)
+        b._push_laddrs(svc)
+        b.dp.sched_set(svc, sched.build_table(svc.sched, [
+            sched.Dest(slot_id=d.slot, weight=d.weight, addr=d.addr, port=d.port) for d in svc.dests.values()],
+            max_len=b.ring_max).entries)
+    for addr in {a.addr for a in b.addrs} | {la.addr for v in b.services.values() for la in v.laddrs}:
+        b._sync_local(addr)
+    for net in {r.net for r in b.routes}:
+        b._sync_route(net)
+    for n in b.neighs.values():
+        b.dp.neigh_set(n, b.ifaces[n.ifname].ifindex)

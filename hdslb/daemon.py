@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from hdslb import __version__
-from hdslb.balancer import Balancer, Iface
+from hdslb.balancer import Balancer, Iface, restore, snapshot
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
@@ -30,6 +30,9 @@ DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
 DEFAULT_MAX_CONNS = 262144
+DEFAULT_STATE_DIR = "/run/hdslb/state"
+# Idle timeouts (seconds) per connection state, DPVS's defaults (the seed's ipvs_defs); ipvs_defs overrides.
+DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
 NEIGH_REFRESH_S = 30.0  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
 
@@ -47,11 +50,19 @@ class Settings:
     lport_max: int = DEFAULT_LPORT_RANGE[1]
     log_level: str = "info"
     config_file: str | None = None
+    fresh: bool = False
+    state_dir: str = DEFAULT_STATE_DIR
+    timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
+    aging_interval: float = 2.0
     extra: dict = field(default_factory=dict)
 
     @property
     def pin_dir(self) -> str:
         return os.path.join(self.pin_root, self.instance)
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, self.instance + ".state")
 
 
 def instance_name(ctl_socket: str) -> str:
@@ -85,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
                    help="FNAT local port range MIN-MAX")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--fresh", action="store_true",
+                   help="discard pinned state left by a previous daemon instead of adopting it")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the model is saved for restarts")
+    p.add_argument("--aging-interval", type=float, default=2.0, help="seconds between connection aging sweeps")
     return p
 
 
@@ -97,9 +112,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         lo, hi = parse_lport_range(ns.lport_range)
     except ValueError as e:
         p.error(str(e))
-    if ns.max_conns < 1024:
-        p.error("--max-conns must be at least 1024")
+    if ns.max_conns < 256:
+        p.error("--max-conns must be at least 256")
+    if ns.aging_interval <= 0:
+        p.error("--aging-interval must be positive")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
+    timeouts = dict(DEFAULT_TIMEOUTS)
     if ns.config_file:
         # The file supplies what the command line left out; the command line wins where both speak.
         from hdslb.config import ConfigError, load
@@ -113,12 +131,16 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
         notices = [str(n) for n in cfg.notices]
+        tcp = cfg.ipvs_defs.tcp.timeout
+        timeouts.update(syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
+                        close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
         if not interfaces:
             p.error(f"{ns.config_file}: no interface in netif_defs and none given")
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                     pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, lport_min=lo,
-                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file,
+                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file, fresh=ns.fresh,
+                    state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     extra={"notices": notices})
 
 
@@ -239,7 +261,12 @@ class Daemon:
         # pyroute2's synchronous API refuses to run inside an event loop; netlink work goes to a thread.
         ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)
         self.fp = FastPath(self.pin_dir, self.sizes)
-        await loop.run_in_executor(None, self.fp.load)
+        snap = None if s.fresh else self._read_state()
+        adopt = snap is not None and self.fp.has_pins()
+        if self.fp.has_pins() and not adopt:
+            log.warning("discarding pinned state in %s (%s)", self.pin_dir,
+                        "--fresh" if s.fresh else "no saved model to adopt it with")
+        await loop.run_in_executor(None, self.fp.load, adopt)
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
         for ifc in ifaces.values():
@@ -247,17 +274,23 @@ class Daemon:
         self.bal = Balancer(MapDataPath(self.maps), ifaces, max_services=self.sizes.max_services,
                             max_dests=self.sizes.max_dests)
         self.bal.conn_counts = self.conn_counts
+        if adopt:
+            restore(self.bal, snap)
+            log.info("adopted pinned state: %d services, %d connection entries",
+                     len(self.bal.services), self.maps.conn_entries())
+        self._save_state()
         try:
             for name in ifaces:
                 self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
-            self.ctl = CtlServer(self.ctl_path, lambda op, args: commands.dispatch(self, op, args))
+            self.ctl = CtlServer(self.ctl_path, self.dispatch)
             await self.ctl.start()
         except Exception:
             self.fp.detach_all()
             self.fp.unpin()
             raise
-        self._tasks = [asyncio.create_task(self._resolver()), asyncio.create_task(self._estimator())]
+        self._tasks = [asyncio.create_task(self._resolver()), asyncio.create_task(self._estimator()),
+                       asyncio.create_task(self._aging())]
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
@@ -272,6 +305,10 @@ class Daemon:
             if self._detach_on_stop:
                 self.fp.detach_all()
                 self.fp.unpin()
+                try:
+                    os.unlink(self.settings.state_file)
+                except FileNotFoundError:
+                    pass
                 log.info("detached and removed pinned state")
             else:
                 log.info("control plane stopped; the fast path stays attached with its state (hdslb-ctl down detaches)")
@@ -289,6 +326,112 @@ class Daemon:
         self._detach_on_stop = detach
         # Reply first, then stop: the caller gets its answer before the socket disappears.
         asyncio.get_running_loop().call_later(0.05, self._stop.set)
+
+    def dispatch(self, op: str, args: dict):
+        """Run a control op; after any op that may change the model, save it for a restarted daemon."""
+        result = commands.dispatch(self, op, args)
+        if not commands.is_read_only(op):
+            self._save_state()
+        return result
+
+    def _read_state(self) -> dict | None:
+        import msgpack
+
+        try:
+            with open(self.settings.state_file, "rb") as f:
+                return msgpack.unpackb(f.read(), raw=False)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a torn or foreign file: refuse to guess, start clean
+            log.warning("ignoring unreadable state file %s: %s", self.settings.state_file, e)
+            return None
+
+    def _save_state(self) -> None:
+        import msgpack
+
+        path = self.settings.state_file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb(snapshot(self.bal), use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old or the new model, never half
+
+    async def reload_datapath(self) -> dict:
+        """Compile the program again and swap it in atomically; maps (connections included) are kept."""
+        from hdslb.fastpath.loader import FastPath
+        from hdslb.fastpath.maps import Maps
+
+        loop = asyncio.get_running_loop()
+        new = FastPath(self.pin_dir, self.sizes)
+        await loop.run_in_executor(None, new.load, True)
+        for name, mode in self.xdp_modes.items():
+            await loop.run_in_executor(None, new.attach, name, mode)
+        old, self.fp = self.fp, new
+        self.maps = Maps(new)
+        self.bal.dp = MapDataPath(self.maps)
+        old.attached.clear()  # the interfaces now run the new program; closing the old must not detach it
+        old.close()
+        log.info("datapath reloaded: new program attached to %s", ", ".join(self.xdp_modes))
+        return {"interfaces": dict(self.xdp_modes), "conn_entries": self.maps.conn_entries()}
+
+    def conn_table(self) -> dict:
+        c = self.maps.counters()
+        entries = self.maps.conn_entries()
+        expired = c["conn_expired"]
+        # Every new flow inserts two entries; what is neither alive nor aged out was evicted by the LRU.
+        return {"size": self.sizes.max_conns, "entries": entries, "expired": expired,
+                "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
+
+    def timeout_for(self, c: dict) -> int:
+        from hdslb.fastpath.abi import conn_states
+
+        if c["proto"] == socket.IPPROTO_UDP:
+            return self.settings.timeouts["udp"]
+        state = conn_states()[c["state"]] if c["state"] < len(conn_states()) else "close"
+        return self.settings.timeouts.get({"none": "syn_recv"}.get(state, state), self.settings.timeouts["close"])
+
+    def sweep(self) -> int:
+        """Remove connections idle past their state's timeout, both directions together; returns entries removed.
+
+        A flow's idle time is measured from the newest packet of either direction, so a half-closed transfer
+        that still moves data in one direction is not cut.
+        """
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        conns = list(self.maps.conns())
+        by_key = {(c["proto"], c["saddr"], c["sport"], c["daddr"], c["dport"]): c for c in conns}
+        removed, seen = 0, set()
+        for c in conns:
+            k = (c["proto"], c["saddr"], c["sport"], c["daddr"], c["dport"])
+            if k in seen:
+                continue
+            pk = (c["proto"], c["to_daddr"], c["to_dport"], c["to_saddr"], c["to_sport"])
+            partner = by_key.get(pk)
+            seen.update({k, pk})
+            pair = [c] + ([partner] if partner else [])
+            owner = next((x for x in pair if not x["out"]), c)
+            last = max(x["last_seen_ns"] for x in pair)
+            if now - last <= self.timeout_for(owner) * 10**9:
+                continue
+            # Re-read before deleting: a packet may have arrived since the scan.
+            fresh = [self.maps.conn_last_seen(x) for x in pair]
+            if any(f is not None and f > last for f in fresh):
+                continue
+            removed += sum(self.maps.del_conn(x) for x in pair)
+        if removed:
+            self.maps.add_counter("conn_expired", removed)
+            self._conn_cache = (0.0, None)
+        return removed
+
+    async def _aging(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.aging_interval)
+            try:
+                await loop.run_in_executor(None, self.sweep)
+            except Exception:
+                log.exception("connection aging sweep failed")
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started, 1)
@@ -338,7 +481,8 @@ class Daemon:
         for c in self._conns():
             out.append({k: (str(v) if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else v)
                         for k, v in c.items()} | {"state": names[c["state"]] if c["state"] < len(names) else "?",
-                                                  "idle_s": max(0, (now - c["last_seen_ns"]) // 10**9)})
+                                                  "idle_s": max(0, (now - c["last_seen_ns"]) // 10**9),
+                                                  "expire_s": max(0, self.timeout_for(c) - (now - c["last_seen_ns"]) // 10**9)})
         return out
 
     def link_stats(self, ifname: str) -> dict:

@@ -261,6 +261,7 @@ enum hdslb_counter {
 	CNT_DROP_NO_NEIGH,
 	CNT_DROP_NO_IFACE,
 	CNT_DROP_CONN_INSERT,
+	CNT_CONN_EXPIRED, /* written by the daemon's aging sweep (per direction), never by the program */
 	CNT_MAX,
 };
 

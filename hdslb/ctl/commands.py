@@ -24,6 +24,13 @@ def command(name: str):
     return deco
 
 
+READ_ONLY_SUFFIXES = (".list", ".get", ".status")
+
+
+def is_read_only(op: str) -> bool:
+    return op.endswith(READ_ONLY_SUFFIXES)
+
+
 def dispatch(ctx, op: str, args: dict):
     fn = COMMANDS.get(op)
     if fn is None:
@@ -255,7 +262,7 @@ def link_list(ctx, a):
 # --- the daemon itself ------------------------------------------------------------------------------
 @command("stats.get")
 def stats_get(ctx, a):
-    return {"counters": ctx.maps.counters(), "per_cpu": ctx.maps.per_cpu_counters()}
+    return {"counters": ctx.maps.counters(), "per_cpu": ctx.maps.per_cpu_counters(), "conn_table": ctx.conn_table()}
 
 
 @command("conn.list")
@@ -268,6 +275,11 @@ def daemon_status(ctx, a):
     return {"version": __version__, "pid": ctx.pid, "ctl_socket": ctx.ctl_path, "pin_dir": ctx.pin_dir,
             "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime()}
+
+
+@command("daemon.reload_datapath")
+def daemon_reload_datapath(ctx, a):
+    return ctx.reload_datapath()
 
 
 @command("daemon.shutdown")

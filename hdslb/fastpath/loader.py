@@ -77,6 +77,8 @@ def _libbcc():
     lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.bpf_obj_pin.restype = ctypes.c_int
     lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_obj_get.restype = ctypes.c_int
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
     return lib
 
 
@@ -112,24 +114,45 @@ class FastPath:
             "-Wno-unused-function",
         ]
 
-    def load(self) -> None:
-        """Start clean: remove this instance's old pins, create the conn map, compile and load the program."""
+    def has_pins(self) -> bool:
+        return os.path.exists(os.path.join(self.pin_dir, "conn_map"))
+
+    def load(self, adopt: bool = False) -> None:
+        """Compile and load the program.
+
+        adopt=False starts clean: this instance's old pins are removed and every map is created empty.
+        adopt=True keeps the pinned maps (connections, counters, tables) of a previous daemon or program
+        version and compiles the new program against them, so forwarding state survives.
+        """
         from bcc import BPF
 
         ensure_bpffs(os.path.dirname(self.pin_dir.rstrip("/")) or "/")
-        if os.path.isdir(self.pin_dir):
-            shutil.rmtree(self.pin_dir)
-        os.makedirs(self.pin_dir)
         lib = _libbcc()
-        conn_fd = lib.bcc_create_map(
-            BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE, self.sizes.max_conns, 0
-        )
-        if conn_fd < 0:
-            raise OSError(-conn_fd, f"cannot create the connection map ({self.sizes.max_conns} entries)")
-        try:
-            if lib.bpf_obj_pin(conn_fd, os.path.join(self.pin_dir, "conn_map").encode()) != 0:
+        conn_pin = os.path.join(self.pin_dir, "conn_map").encode()
+        if adopt and self.has_pins():
+            conn_fd = lib.bpf_obj_get(conn_pin)
+            if conn_fd < 0:
+                raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {conn_pin.decode()}")
+        else:
+            if os.path.isdir(self.pin_dir):
+                shutil.rmtree(self.pin_dir)
+            os.makedirs(self.pin_dir)
+            conn_fd = lib.bcc_create_map(BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", abi.CONN_KEY_SIZE,
+                                         abi.CONN_VAL_SIZE, self.sizes.max_conns, 0)
+            if conn_fd < 0:
+                raise OSError(-conn_fd, f"cannot create the connection map ({self.sizes.max_conns} entries)")
+            if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
+                os.close(conn_fd)
                 raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
-            self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(conn_fd, possible_cpus()))
+        try:
+            try:
+                self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"),
+                               cflags=self.cflags(conn_fd, possible_cpus()))
+            except Exception as e:
+                if adopt:
+                    raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
+                                       f"or size changed?): {e}; start with --fresh to discard that state") from e
+                raise
             self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
         finally:
             os.close(conn_fd)
@@ -146,7 +169,7 @@ class FastPath:
         return self.bpf[name]
 
     def attach(self, ifname: str, mode: str = "auto") -> str:
-        """Attach to `ifname`; returns the mode used ("native" or "generic")."""
+        """Attach to `ifname`, atomically replacing a program already there; returns the mode used."""
         from bcc import BPF
 
         if mode == "auto":

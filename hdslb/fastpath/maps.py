@@ -222,6 +222,40 @@ class Maps:
         t = self.t["counters"]
         return {name: [int(x) for x in t[ct.c_uint32(i)]] for i, name in enumerate(self.counter_names)}
 
+    def add_counter(self, name: str, n: int) -> None:
+        """Counters the daemon owns (e.g. conn_expired) live beside the program's so they survive restarts."""
+        t = self.t["counters"]
+        k = ct.c_uint32(self.counter_names.index(name))
+        v = t[k]
+        v[0] += n
+        t[k] = v
+
+    def _conn_key(self, c: dict):
+        k = self.t["conn_map"].Key()
+        _put_addr(k.saddr, c["saddr"])
+        _put_addr(k.daddr, c["daddr"])
+        k.sport, k.dport = socket.htons(c["sport"]), socket.htons(c["dport"])
+        k.proto, k.af = c["proto"], c["af"]
+        return k
+
+    def conn_last_seen(self, c: dict) -> int | None:
+        """Latest last_seen over the CPU copies of one direction, or None once it is gone."""
+        try:
+            per_cpu = self.t["conn_map"][self._conn_key(c)]
+        except KeyError:
+            return None
+        return max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
+
+    def del_conn(self, c: dict) -> bool:
+        try:
+            del self.t["conn_map"][self._conn_key(c)]
+            return True
+        except KeyError:
+            return False
+
+    def conn_entries(self) -> int:
+        return sum(1 for _ in self.t["conn_map"].keys())
+
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""
         for k, per_cpu in self.t["conn_map"].items():

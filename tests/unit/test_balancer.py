@@ -140,3 +140,32 @@ def test_route_delete_by_prefix_alone(bal):
     bal.route_add({"prefix": "172.0.0.0", "prefixlen": 16, "ifname": "eth1"})
     bal.route_del({"prefix": "172.0.0.0", "prefixlen": 16, "ifname": None})
     assert not bal.routes
+
+
+def test_snapshot_restore_keeps_ids_slots_and_rewrites_the_maps(bal):
+    from hdslb.balancer import restore, snapshot
+
+    quick_start(bal)
+    bal.neigh_add({"addr": "192.168.100.2", "lladdr": "02:00:00:00:00:02", "ifname": "eth1"})
+    bal.dest_del({"svc": SVC, "addr": "192.168.100.2", "port": 80})  # leaves a hole at slot 0
+    snap = snapshot(bal)
+    other = Balancer(Recorder(), bal.ifaces)
+    restore(other, snap)
+    assert snapshot(other) == snap
+    d = other.get_service(SVC).dests[(ipaddress.ip_address("192.168.100.3"), 80)]
+    assert d.slot == 1
+    written = {c[0] for c in other.dp.calls}
+    assert {"service_set", "dest_set", "sched_set", "laddrs_set", "local_set", "route_set", "neigh_set"} <= written
+    # new objects get free ids, never ones the restored state holds
+    assert other.dest_add({"svc": SVC, "addr": "192.168.100.9", "port": 80}).slot == 0
+
+
+def test_restore_refuses_a_missing_interface(bal):
+    from hdslb.balancer import restore, snapshot
+
+    quick_start(bal)
+    snap = snapshot(bal)
+    other = Balancer(Recorder(), {"eth0": bal.ifaces["eth0"]})
+    with pytest.raises(HdslbError) as e:
+        restore(other, snap)
+    assert e.value.errno == errno.ENODEV and not other.services
