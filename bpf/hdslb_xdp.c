@@ -421,7 +421,7 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.dest_slot = slot;
 	iv.svc_id = svc_id;
 	iv.flags = CONN_F_VALID;
-	iv.state = th ? CS_NONE : CS_UDP;
+	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
 	iv.fwd = FWD_FNAT;
 	iv.last_seen = now;
 	if (conn_map.update(k, &iv) != 0) {

@@ -285,3 +285,4 @@ def daemon_reload_datapath(ctx, a):
 @command("daemon.shutdown")
 def daemon_shutdown(ctx, a):
     ctx.request_shutdown(detach=bool(a.get("detach", True)))
+

@@ -243,3 +243,23 @@ def test_abi_sizes_match_the_compiled_program(fastpath):
     assert ctypes.sizeof(t.Key) == abi.CONN_KEY_SIZE
     assert ctypes.sizeof(t.sLeaf) == abi.CONN_VAL_SIZE
     assert len(abi.counter_names()) == len(fastpath.table("counters"))
+
+
+def test_tcp_state_follows_the_handshake_and_close(fastpath, maps):
+    setup_service(maps)
+    _, p = run(fastpath, syn(sport=50000))
+
+    def state():
+        return [c["state"] for c in maps.conns() if not c["out"]]
+
+    assert state() == [1]  # syn_recv
+    reply = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=80, dport=p[TCP].sport, flags="SA")
+    run(fastpath, reply)
+    run(fastpath, syn(sport=50000, flags="A"))
+    assert state() == [2]  # established
+    run(fastpath, syn(sport=50000, flags="PA", payload=b"GET /"))
+    assert state() == [2]
+    run(fastpath, syn(sport=50000, flags="FA"))
+    assert state() == [3]  # fin_wait
+    run(fastpath, syn(sport=50000, flags="R"))
+    assert state() == [4]  # close

@@ -1,0 +1,123 @@
+"""Connection aging per state and a connection table that fills up: entries leave on time, service goes on."""
+
+import time
+
+import pytest
+
+from hdslb.lab.servers import start_nginx, start_udp_echo
+from hdslb.lab.topology import OneArm
+
+from .conftest import Balancer
+from .test_fnat import curl_loop
+
+VIP = "192.168.100.100"
+CONF = """
+ipvs_defs {
+    tcp {
+        timeout {
+            established 5
+            fin_wait    1
+            close       1
+        }
+    }
+    udp {
+        timeout {
+            normal 2
+        }
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def small_lb():
+    lab = OneArm(n_servers=2)
+    lab.setup()
+    try:
+        start_nginx(lab)
+        start_udp_echo(lab)
+        lb = Balancer(lab)
+        conf = lab.workdir / "aging.conf"
+        conf.write_text(CONF)
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), "--max-conns", "1000",
+               "--aging-interval", "0.5")
+        lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
+        for proto, port in (("-t", 80), ("-u", 53)):
+            lb.ipvsadm("-A", proto, f"{VIP}:{port}", "-s", "rr")
+            for rs in lab.server_ips:
+                lb.ipvsadm("-a", proto, f"{VIP}:{port}", "-r", f"{rs}:{port}", "-b")
+            lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", proto, f"{VIP}:{port}", "-F", "veth-lb0")
+        yield lab, lb
+    finally:
+        try:
+            Balancer(lab).down()
+        finally:
+            lab.teardown()
+
+
+def conns(lb, proto):
+    return [c for c in lb.call("conn.list")["conns"] if c["proto"] == proto and c["daddr"] == VIP]
+
+
+def udp_flows(lab, n, first_port=20000):
+    """n UDP request/response flows, one per source port; returns how many got an answer."""
+    script = (
+        "import socket\n"
+        f"ok = 0\n"
+        f"for p in range({first_port}, {first_port + n}):\n"
+        "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)\n"
+        "    s.bind(('0.0.0.0', p))\n"
+        f"    s.sendto(b'x', ('{VIP}', 53))\n"
+        "    try:\n"
+        "        s.recvfrom(100); ok += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    s.close()\n"
+        "print(ok)\n")
+    return int(lab.client_run(["python3", "-c", script], timeout=600).stdout.strip())
+
+
+@pytest.mark.root
+def test_udp_flow_leaves_after_its_timeout(small_lb):
+    lab, lb = small_lb
+    assert udp_flows(lab, 3, first_port=31000) == 3
+    assert len(conns(lb, 17)) == 3
+    expired = lb.call("stats.get")["conn_table"]["expired"]
+    time.sleep(3.5)  # udp normal 2 s + one sweep
+    assert conns(lb, 17) == []
+    assert lb.call("stats.get")["conn_table"]["expired"] >= expired + 6  # both directions of three flows
+
+
+@pytest.mark.root
+def test_closed_tcp_connection_leaves_after_close_timeout(small_lb):
+    lab, lb = small_lb
+    import subprocess
+
+    # one connection held open, idle, then closed by the client
+    hold = ("import socket, time\n"
+            f"s = socket.create_connection(('{VIP}', 80)); time.sleep(3); s.close(); time.sleep(0.5)\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", hold])
+    lab.procs.append(p)
+    time.sleep(1.5)
+    live = conns(lb, 6)
+    assert [c["state"] for c in live if not c["out"]] == ["established"], live
+    assert 0 < [c for c in live if not c["out"]][0]["expire_s"] <= 5
+    assert p.wait(timeout=30) == 0
+    time.sleep(2.5)  # fin_wait/close 1 s + sweeps
+    assert conns(lb, 6) == []
+    out = lb.ipvsadm("-Ln").stdout
+    dest_lines = [ln for ln in out.splitlines() if ln.strip().startswith("->") and "RemoteAddress" not in ln]
+    assert dest_lines and all(ln.split()[-2:] == ["0", "0"] for ln in dest_lines), out
+
+
+@pytest.mark.root
+def test_full_table_keeps_serving_and_reports_evictions(small_lb):
+    lab, lb = small_lb
+    answered = udp_flows(lab, 5000, first_port=40000)
+    assert answered == 5000, "every flow is served although the table holds 1000 entries"
+    t = lb.call("stats.get")["conn_table"]
+    assert t["size"] == 1000 and t["entries"] <= 1000
+    assert t["evicted"] >= 2 * 5000 - 1000 - t["expired"] - 50, t
+    lines = curl_loop(lab, f"http://{VIP}/", 20)
+    assert "FAIL" not in lines and len(lines) == 20
