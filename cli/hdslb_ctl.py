@@ -85,15 +85,36 @@ def cmd_down(ns) -> int:
 
 def cmd_reload(ns) -> int:
     ctl = protocol.resolve_socket(ns.ctl_socket)
-    if not ns.datapath:
-        print("hdslb-ctl: reload needs --datapath (configuration reload is not implemented yet)", file=sys.stderr)
-        return 2
     try:
-        r = Client(ctl, timeout=UP_TIMEOUT_S).call("daemon.reload_datapath")
+        if ns.datapath:
+            r = Client(ctl, timeout=UP_TIMEOUT_S).call("daemon.reload_datapath")
+            print(f"datapath reloaded on {', '.join(r['interfaces'])}; {r['conn_entries']} connection entries kept")
+            return 0
+        r = Client(ctl, timeout=UP_TIMEOUT_S).call("config.reload")
     except DaemonUnreachable as e:
         print(f"hdslb-ctl: {e}", file=sys.stderr)
         return 1
-    print(f"datapath reloaded on {', '.join(r['interfaces'])}; {r['conn_entries']} connection entries kept")
+    print(f"configuration reloaded: {len(r['applied'])} changes")
+    for line in r["applied"]:
+        print(f"  {line}")
+    for opt in r["needs_restart"]:
+        print(f"  needs a restart to take effect: {opt}")
+    return 0
+
+
+def cmd_check(ns) -> int:
+    """Validate a config without running it, like `keepalived -t`."""
+    from hdslb.config import check
+
+    try:
+        errors = check(ns.config)
+    except OSError as e:
+        errors = [f"{ns.config}: {e.strerror}"]
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        return 1
+    print(f"{ns.config}: OK")
     return 0
 
 
@@ -130,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--aging-interval", type=float)
     up.add_argument("--fresh", action="store_true", help="discard pinned state instead of adopting it")
     up.set_defaults(func=cmd_up)
-    rl = sub.add_parser("reload", help="--datapath: recompile and swap the XDP program, keeping all maps")
-    rl.add_argument("--datapath", action="store_true")
+    rl = sub.add_parser("reload", help="re-read the config file (like SIGHUP); --datapath: swap the XDP program")
+    rl.add_argument("--datapath", action="store_true", help="recompile and swap the XDP program, keeping all maps")
     rl.set_defaults(func=cmd_reload)
+    ck = sub.add_parser("check", help="validate a config file without running it (like keepalived -t)")
+    ck.add_argument("-f", "--config", required=True)
+    ck.set_defaults(func=cmd_check)
     sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
     return p

@@ -57,6 +57,17 @@ class Dest:
     slot: int
     u_threshold: int = 0
     l_threshold: int = 0
+    health: str = "up"               # "down" once a health check fails (keepalived semantics)
+    health_weight: int | None = None  # weight a checker asked for (misc_dynamic, inhibit_on_failure: 0)
+    reason: str = ""                  # last failure reason, for ipvsadm/REST/metrics
+    sorry: bool = False               # a sorry_server added while the service's quorum is lost
+
+    @property
+    def eff_weight(self) -> int:
+        """The weight scheduling uses: configured, unless health checking overrides it."""
+        if self.health == "down":
+            return 0
+        return self.weight if self.health_weight is None else self.health_weight
 
 
 @dataclass
@@ -78,6 +89,7 @@ class Service:
     dests: dict[tuple, Dest] = field(default_factory=dict)
     laddrs: list[Laddr] = field(default_factory=list)
     sched_gen: int = 0
+    own_vip: bool = False  # declared in a config file: the balancer answers ARP for the VIP itself
 
     @property
     def key(self) -> tuple:
@@ -135,7 +147,7 @@ class DataPath(Protocol):
 
 
 # Why an address is ours (flags in local_map); an address stays local while any reason remains.
-LOCAL_IFADDR, LOCAL_LADDR, LOCAL_SAPOOL = 0x1, 0x2, 0x4
+LOCAL_IFADDR, LOCAL_LADDR, LOCAL_SAPOOL, LOCAL_VIP = 0x1, 0x2, 0x4, 0x8
 
 
 class Balancer:
@@ -154,6 +166,7 @@ class Balancer:
         self._ids_used: set[int] = set()
         # dest slot -> (active, inactive) connections, for lc/wlc; the daemon plugs in the fast path's view.
         self.conn_counts = lambda: {}
+        self.config_owned: set[tuple] = set()  # service keys the config file declares (reload manages them)
 
     # --- helpers --------------------------------------------------------------------------------
     def iface(self, name) -> Iface:
@@ -212,10 +225,12 @@ class Balancer:
         if key[2] == 0:
             raise invalid("service port 0 is only meaningful for SNAT, which is not implemented yet")
         svc_id = self._alloc(self._ids_used, self.max_services, "service id")
-        svc = Service(proto=key[0], addr=key[1], port=key[2], svc_id=svc_id, **opts)
+        svc = Service(proto=key[0], addr=key[1], port=key[2], svc_id=svc_id, own_vip=bool(a.get("own_vip")), **opts)
         self.services[key] = svc
         self.dp.service_set(svc)
         self._resched(svc)
+        if svc.own_vip:
+            self._sync_local(svc.addr)
         return svc
 
     def service_edit(self, a: dict) -> Service:
@@ -237,9 +252,12 @@ class Balancer:
         laddrs = list(svc.laddrs)
         svc.laddrs.clear()
         del self.services[svc.key]
+        self.config_owned.discard(svc.key)
         self._ids_used.discard(svc.svc_id)
         for la in laddrs:
             self._sync_local(la.addr)
+        if svc.own_vip:
+            self._sync_local(svc.addr)
 
     def service_flush(self) -> None:
         for svc in list(self.services.values()):
@@ -311,12 +329,25 @@ class Balancer:
 
     def _resched(self, svc: Service) -> None:
         counts = self.conn_counts() if svc.sched in DYNAMIC_SCHEDS else {}
-        dests = [sched.Dest(slot_id=d.slot, weight=d.weight, addr=d.addr, port=d.port,
+        dests = [sched.Dest(slot_id=d.slot, weight=d.eff_weight, addr=d.addr, port=d.port,
                             active=counts.get(d.slot, (0, 0))[0], inactive=counts.get(d.slot, (0, 0))[1])
                  for d in svc.dests.values()]
         table = sched.build_table(svc.sched, dests, max_len=self.ring_max)
         svc.sched_gen += 1
         self.dp.sched_set(svc, table.entries)
+
+    def dest_health(self, a: dict, up: bool, weight: int | None, reason: str) -> Dest:
+        """A health checker's verdict: down servers get no new flows (existing ones continue, as in LVS)."""
+        svc = self.get_service(a.get("svc"))
+        d = svc.dests.get(self._dest_key(svc, a))
+        if d is None:
+            raise notfound("No such destination")
+        d.health = "up" if up else "down"
+        d.health_weight = weight if up else None
+        d.reason = "" if up else reason
+        self.dp.dest_set(svc, d)
+        self._resched(svc)
+        return d
 
     def refresh_dynamic(self) -> None:
         """Rebuild the rings of schedulers that depend on live connection counts."""
@@ -367,6 +398,8 @@ class Balancer:
                 if la.addr == addr:
                     flags |= LOCAL_LADDR
                     ifindex = ifindex or self.ifaces[la.ifname].ifindex
+            if svc.own_vip and svc.addr == addr:
+                flags |= LOCAL_VIP  # ifindex 0: ARP is answered on every attached interface
         if flags:
             self.dp.local_set(addr, flags, ifindex)
         else:
@@ -545,8 +578,11 @@ def snapshot(b: Balancer) -> dict:
         "services": [{
             "proto": v.proto, "addr": s(v.addr), "port": v.port, "sched": v.sched, "svc_id": v.svc_id,
             "persistent": v.persistent, "netmask": v.netmask, "flags": list(v.flags), "sched_gen": v.sched_gen,
+            "own_vip": v.own_vip, "config_owned": v.key in b.config_owned,
             "dests": [{"addr": s(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight, "slot": d.slot,
-                       "u_threshold": d.u_threshold, "l_threshold": d.l_threshold} for d in v.dests.values()],
+                       "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "health": d.health,
+                       "health_weight": d.health_weight, "reason": d.reason, "sorry": d.sorry}
+                      for d in v.dests.values()],
             "laddrs": [{"addr": s(la.addr), "ifname": la.ifname} for la in v.laddrs],
         } for v in b.services.values()],
         "addrs": [{"addr": s(a.addr), "prefixlen": a.prefixlen, "ifname": a.ifname, "scope": a.scope,
@@ -574,10 +610,13 @@ def restore(b: Balancer, snap: dict) -> None:
     for v in snap["services"]:
         svc = Service(proto=v["proto"], addr=A(v["addr"]), port=v["port"], sched=v["sched"], svc_id=v["svc_id"],
                       persistent=v["persistent"], netmask=v["netmask"], flags=list(v["flags"]),
-                      sched_gen=v["sched_gen"])
+                      sched_gen=v["sched_gen"], own_vip=v.get("own_vip", False))
+        if v.get("config_owned"):
+            b.config_owned.add(svc.key)
         for d in v["dests"]:
             dest = Dest(addr=A(d["addr"]), port=d["port"], fwd=d["fwd"], weight=d["weight"], slot=d["slot"],
-                        u_threshold=d["u_threshold"], l_threshold=d["l_threshold"])
+                        u_threshold=d["u_threshold"], l_threshold=d["l_threshold"], health=d.get("health", "up"),
+                        health_weight=d.get("health_weight"), reason=d.get("reason", ""), sorry=d.get("sorry", False))
             svc.dests[(dest.addr, dest.port)] = dest
             b._slots_used.add(dest.slot)
         svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]
@@ -597,9 +636,10 @@ def restore(b: Balancer, snap: dict) -> None:
             b.dp.dest_set(svc, d)
         b._push_laddrs(svc)
         b.dp.sched_set(svc, sched.build_table(svc.sched, [
-            sched.Dest(slot_id=d.slot, weight=d.weight, addr=d.addr, port=d.port) for d in svc.dests.values()],
+            sched.Dest(slot_id=d.slot, weight=d.eff_weight, addr=d.addr, port=d.port) for d in svc.dests.values()],
             max_len=b.ring_max).entries)
-    for addr in {a.addr for a in b.addrs} | {la.addr for v in b.services.values() for la in v.laddrs}:
+    for addr in {a.addr for a in b.addrs} | {la.addr for v in b.services.values() for la in v.laddrs} | \
+            {v.addr for v in b.services.values() if v.own_vip}:
         b._sync_local(addr)
     for net in {r.net for r in b.routes}:
         b._sync_route(net)

@@ -144,6 +144,26 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     extra={"notices": notices})
 
 
+class _NullDataPath:
+    """Accepts every write: the scratch model of a dry run has no maps behind it."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
+
+
+class _ScratchCtx:
+    """Just enough of the daemon for commands to run against a scratch model during a dry run."""
+
+    def __init__(self, bal):
+        self.bal = bal
+
+    def resolve_soon(self):
+        pass
+
+    def announce(self, *a):
+        pass
+
+
 class MapDataPath:
     """The balancer model's DataPath over the BPF maps."""
 
@@ -157,7 +177,7 @@ class MapDataPath:
         self.m.del_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
 
     def dest_set(self, svc, d):
-        self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.weight == 0)
+        self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.eff_weight == 0)
 
     def dest_clear(self, d):
         self.m.clear_dest(d.slot)
@@ -246,6 +266,9 @@ class Daemon:
         self._detach_on_stop = False
         self._resolve_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.config = None  # the Config last applied
+        self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
+        self.health = None
         self._conn_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
 
@@ -291,9 +314,16 @@ class Daemon:
             raise
         self._tasks = [asyncio.create_task(self._resolver()), asyncio.create_task(self._estimator()),
                        asyncio.create_task(self._aging())]
+        if s.config_file:
+            from hdslb.config import load
+
+            self.apply_config(load(s.config_file))
+            await self._start_health()
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -319,6 +349,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_logged()))
         await self._stop.wait()
         await self.stop()
 
@@ -432,6 +463,138 @@ class Daemon:
                 await loop.run_in_executor(None, self.sweep)
             except Exception:
                 log.exception("connection aging sweep failed")
+
+    # --- the configuration file ---------------------------------------------------------------------
+    def _default_ifname(self, addr):
+        if addr is not None:
+            r = self.bal.route_lookup(addr)
+            if r is not None:
+                return r.ifname
+        return next(iter(self.bal.ifaces), None)
+
+    def apply_config(self, cfg) -> list[str]:
+        """Bring the config-owned services to what `cfg` declares; all or nothing. Returns the ops applied."""
+        from hdslb.config.apply import desired, plan
+
+        want = desired(cfg, self._default_ifname)
+        ops = plan(self.bal, want, self.bal.config_owned)
+        for op, args in ops:
+            if op == "service.add":
+                args["own_vip"] = True
+        scratch = Balancer(_NullDataPath(), self.bal.ifaces, max_services=self.sizes.max_services,
+                           max_dests=self.sizes.max_dests)
+        restore(scratch, snapshot(self.bal))
+        sctx = _ScratchCtx(scratch)
+        where = {w.key: w.where for w in want.values()}
+        for op, args in ops:
+            try:
+                commands.dispatch(sctx, op, args)
+            except HdslbError as e:
+                svc = args.get("svc", args)
+                key = (svc.get("proto"), ipaddress.ip_address(svc.get("addr")), svc.get("port"))
+                raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
+                                          f"{e.message}; nothing was applied") from None
+        for op, args in ops:
+            commands.dispatch(self, op, args)
+        self.bal.config_owned = set(want)
+        self.config, self.want = cfg, want
+        self._save_state()
+        if ops:
+            log.info("config %s applied: %d changes", cfg.source, len(ops))
+        return [f"{op} {args}" for op, args in ops]
+
+    async def reload_config(self, text: str | None = None) -> dict:
+        """Reload: parse the file (or `text`), apply the difference, report <init> changes needing a restart."""
+        from hdslb.config import ConfigError, diff, load, loads
+
+        path = self.settings.config_file
+        if text is None and not path:
+            raise HdslbError(errno.ENOENT, "hdslbd was started without -f: there is no config file to reload")
+        try:
+            cfg = loads(text, name=path or "<request>") if text is not None else load(path)
+        except ConfigError as e:
+            raise HdslbError(errno.EINVAL, f"{e}; nothing was applied") from None
+        except OSError as e:
+            raise HdslbError(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}") from None
+        restart = []
+        if self.config is not None:
+            restart = [str(c) for c in diff(self.config, cfg).init_changed]
+        applied = self.apply_config(cfg)
+        if self.health is not None:
+            from hdslb.health import pairs_of
+
+            self.health.update(pairs_of(cfg.virtual_servers))
+        else:
+            await self._start_health()
+        if text is not None:
+            self.config_text_override = text
+        return {"applied": applied, "needs_restart": restart}
+
+    async def _reload_logged(self) -> None:
+        try:
+            r = await self.reload_config()
+            log.info("reload: %d changes%s", len(r["applied"]),
+                     f"; needs restart: {', '.join(r['needs_restart'])}" if r["needs_restart"] else "")
+        except HdslbError as e:
+            log.error("reload refused: %s", e.message)
+
+    def config_text(self) -> str:
+        override = getattr(self, "config_text_override", None)
+        if override is not None:
+            return override
+        if not self.settings.config_file:
+            return ""
+        with open(self.settings.config_file) as f:
+            return f.read()
+
+    # --- health checks --------------------------------------------------------------------------
+    async def _start_health(self) -> None:
+        from hdslb.health import HealthManager, pairs_of
+
+        pairs = pairs_of(self.config.virtual_servers) if self.config else []
+        if not any(rs.checkers for _, rs in pairs):
+            return
+        self.health = HealthManager(self._on_health, self._on_quorum)
+        await self.health.start(pairs)
+
+    def _services_of(self, vs_key):
+        return [w for w in self.want.values() if w.vs_key == vs_key]
+
+    async def _on_health(self, vs_key, rs_key, up, weight, reason) -> None:
+        for w in self._services_of(vs_key):
+            port = rs_key[1] or w.port
+            try:
+                self.bal.dest_health({"svc": w.ident, "addr": str(rs_key[0]), "port": port}, up, weight, reason)
+            except HdslbError as e:
+                log.warning("health %s %s:%s: %s", w.where, rs_key[0], port, e.message)
+                continue
+            log.info("real server %s:%s of %s %s%s", rs_key[0], port, w.where, "up" if up else "down",
+                     f" ({reason})" if reason and not up else "")
+        self._save_state()
+
+    async def _on_quorum(self, vs_key, lost: bool) -> None:
+        vs = next((v for v in self.config.virtual_servers if v.key == vs_key), None) if self.config else None
+        if vs is None or vs.sorry_server is None:
+            return
+        ss = vs.sorry_server
+        for w in self._services_of(vs_key):
+            svc = self.bal.services.get(w.key)
+            if svc is None:
+                continue
+            args = {"svc": w.ident, "addr": str(ss.ip), "port": ss.port or w.port}
+            key = (ss.ip, ss.port or w.port)
+            try:
+                if lost and key not in svc.dests:
+                    d = self.bal.dest_add(dict(args, fwd=w.fwd, weight=1))
+                    d.sorry = True
+                    self.resolve_soon()
+                    log.warning("%s lost quorum: sorry server %s:%s takes new flows", w.where, ss.ip, args["port"])
+                elif not lost and key in svc.dests and svc.dests[key].sorry:
+                    self.bal.dest_del(args)
+                    log.info("%s regained quorum: sorry server removed", w.where)
+            except HdslbError as e:
+                log.error("sorry server for %s: %s", w.where, e.message)
+        self._save_state()
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started, 1)

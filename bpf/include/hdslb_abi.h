@@ -107,6 +107,7 @@ struct local_key {
 #define LOCAL_F_IFADDR 0x1 /* added with dpip addr add */
 #define LOCAL_F_LADDR 0x2  /* an FNAT local address (--add-laddr) */
 #define LOCAL_F_SAPOOL 0x4 /* usable as a SNAT/FNAT source pool */
+#define LOCAL_F_VIP 0x8    /* a VIP declared in the config file (no dpip addr add needed) */
 
 struct local_val {
 	__u32 flags;   /* LOCAL_F_* */

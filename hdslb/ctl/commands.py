@@ -51,7 +51,8 @@ def _svc_data(ctx, svc, conn_counts) -> dict:
     for d in svc.dests.values():
         active, inactive = conn_counts.get(d.slot, (0, 0))
         dests.append({
-            "addr": str(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight,
+            "addr": str(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.eff_weight,
+            "conf_weight": d.weight, "health": {"state": d.health, "reason": d.reason, "sorry": d.sorry},
             "active": active, "inactive": inactive,
             "u_threshold": d.u_threshold, "l_threshold": d.l_threshold,
             "stats": ctx.dest_stats(d.slot), "rates": ctx.rates.get(("dest", d.slot), ZERO_RATES),
@@ -280,6 +281,24 @@ def daemon_status(ctx, a):
 @command("daemon.reload_datapath")
 def daemon_reload_datapath(ctx, a):
     return ctx.reload_datapath()
+
+
+@command("config.reload")
+def config_reload(ctx, a):
+    text = a.get("text")
+    if text is not None and not isinstance(text, str):
+        raise invalid("text must be the config file's content as a string")
+    return ctx.reload_config(text)
+
+
+@command("config.get")
+def config_get(ctx, a):
+    return {"text": ctx.config_text(), "file": ctx.settings.config_file}
+
+
+@command("health.list")
+def health_list(ctx, a):
+    return {"health": ctx.health.status() if ctx.health is not None else {}}
 
 
 @command("daemon.shutdown")

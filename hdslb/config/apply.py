@@ -1,0 +1,124 @@
+"""Turn a loaded Config into control operations that bring the running model to what the file declares.
+
+The same plan serves start-up and reload: it is the difference between the services the config owns now
+and what the file wants, as a list of (op, args) for the command registry. The daemon runs it on a scratch
+copy of the model first, so a plan that fails anywhere changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from hdslb.errors import invalid
+
+LB_KIND = {"FNAT": "fnat", "DR": "dr", "NAT": "nat", "TUNNEL": "tunnel", "SNAT": "snat"}
+
+
+@dataclass
+class WantDest:
+    addr: str
+    port: int
+    weight: int
+    u_threshold: int = 0
+    l_threshold: int = 0
+
+
+@dataclass
+class WantService:
+    proto: str
+    addr: str
+    port: int
+    sched: str
+    fwd: str
+    persistent: int | None
+    dests: dict[tuple, WantDest] = field(default_factory=dict)
+    laddrs: dict[str, str] = field(default_factory=dict)  # address -> interface
+    vs_key: tuple = ()  # the config's identity of the virtual_server it came from (groups fan out)
+    where: str = ""
+
+    @property
+    def ident(self) -> dict:
+        return {"proto": self.proto, "addr": self.addr, "port": self.port}
+
+    @property
+    def key(self) -> tuple:
+        return (self.proto, ipaddress.ip_address(self.addr), self.port)
+
+
+def desired(cfg, default_ifname) -> dict[tuple, WantService]:
+    """Services the config declares, keyed like the model's services.
+
+    default_ifname(ip) names the interface for a local address whose group gives none (the route to the
+    real servers decides, as DPVS's keepalived does).
+    """
+    out: dict[tuple, WantService] = {}
+    for vs in cfg.virtual_servers:
+        where = f"{vs.where}" if vs.where else str(vs)
+        fwd = LB_KIND.get(vs.lb_kind.upper())
+        if fwd is None:
+            raise invalid(f"{where}: lb_kind {vs.lb_kind} is unknown")
+        laddrs: dict[str, str] = {}
+        if vs.laddr_group_name:
+            group = cfg.local_address_groups.get(vs.laddr_group_name)
+            if group is None:
+                raise invalid(f"{where}: laddr_group_name {vs.laddr_group_name} is not defined")
+            first_rs = vs.real_servers[0].ip if vs.real_servers else None
+            for la in group.addresses:
+                ifname = la.interface or default_ifname(first_rs)
+                if ifname is None:
+                    raise invalid(f"{where}: no interface for local address {la.ip} (name one in the group)")
+                laddrs[str(la.ip)] = ifname
+        for ep in cfg.endpoints(vs):
+            svc = WantService(proto=vs.protocol.lower(), addr=str(ep.ip), port=ep.port, sched=vs.lb_algo, fwd=fwd,
+                              persistent=vs.persistence_timeout or None, laddrs=dict(laddrs), vs_key=vs.key,
+                              where=where)
+            for rs in vs.real_servers:
+                svc.dests[(str(rs.ip), rs.port or ep.port)] = WantDest(
+                    addr=str(rs.ip), port=rs.port or ep.port, weight=rs.weight,
+                    u_threshold=rs.uthreshold or 0, l_threshold=rs.lthreshold or 0)
+            out[svc.key] = svc
+    return out
+
+
+def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[str, dict]]:
+    """Ops that turn the config-owned part of `bal` into `want`.
+
+    Services the config does not own (made with ipvsadm) are left alone unless the file now declares them,
+    in which case the file takes them over.
+    """
+    ops: list[tuple[str, dict]] = []
+    for key in sorted(owned - set(want), key=str):
+        if key in bal.services:
+            s = bal.services[key]
+            ops.append(("service.del", {"proto": s.proto, "addr": str(s.addr), "port": s.port}))
+    for key, w in want.items():
+        svc_args = dict(w.ident, sched=w.sched, persistent=w.persistent)
+        cur = bal.services.get(key)
+        if cur is None:
+            ops.append(("service.add", svc_args))
+            cur_dests, cur_laddrs = {}, {}
+        else:
+            if (cur.sched, cur.persistent) != (w.sched, w.persistent):
+                ops.append(("service.edit", svc_args))
+            # a sorry_server in the pool belongs to health checking, not to the file
+            cur_dests = {(str(d.addr), d.port): d for d in cur.dests.values() if not d.sorry}
+            cur_laddrs = {str(la.addr): la.ifname for la in cur.laddrs}
+        for dk in sorted(set(cur_dests) - set(w.dests)):
+            ops.append(("dest.del", {"svc": w.ident, "addr": dk[0], "port": dk[1]}))
+        for dk, wd in w.dests.items():
+            args = {"svc": w.ident, "addr": wd.addr, "port": wd.port, "fwd": w.fwd, "weight": wd.weight,
+                    "u_threshold": wd.u_threshold, "l_threshold": wd.l_threshold}
+            d = cur_dests.get(dk)
+            if d is None:
+                ops.append(("dest.add", args))
+            elif (d.fwd, d.weight, d.u_threshold, d.l_threshold) != (w.fwd, wd.weight, wd.u_threshold, wd.l_threshold):
+                ops.append(("dest.edit", args))
+        for addr in sorted(set(cur_laddrs) - set(w.laddrs)):
+            ops.append(("laddr.del", {"svc": w.ident, "addr": addr}))
+        for addr, ifname in w.laddrs.items():
+            if cur_laddrs.get(addr) != ifname:
+                if addr in cur_laddrs:
+                    ops.append(("laddr.del", {"svc": w.ident, "addr": addr}))
+                ops.append(("laddr.add", {"svc": w.ident, "addr": addr, "ifname": ifname}))
+    return ops

@@ -1,0 +1,96 @@
+"""From a config file to control ops: start-up, reload diffs, ownership, and refusals that name the file."""
+
+import errno
+
+import pytest
+
+from hdslb.balancer import Balancer, Iface
+from hdslb.config import loads
+from hdslb.config.apply import desired, plan
+from hdslb.ctl import commands
+from hdslb.errors import HdslbError
+
+from .test_balancer import Recorder
+
+BASE = """
+local_address_group lg {
+    192.168.100.200 eth1
+}
+virtual_server 10.0.0.100 80 {
+    lb_algo wrr
+    lb_kind FNAT
+    protocol TCP
+    laddr_group_name lg
+    real_server 192.168.100.2 80 {
+        weight 3
+    }
+    real_server 192.168.100.3 80 {
+        weight 1
+    }
+}
+"""
+
+
+class Ctx:
+    def __init__(self):
+        ifaces = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
+        self.bal = Balancer(Recorder(), ifaces)
+
+    def resolve_soon(self):
+        pass
+
+    def announce(self, *a):
+        pass
+
+    def apply(self, text):
+        cfg = loads(text, name="lb.conf")
+        want = desired(cfg, lambda ip: "eth1")
+        ops = plan(self.bal, want, self.bal.config_owned)
+        for op, args in ops:
+            commands.dispatch(self, op, args)
+        self.bal.config_owned = set(want)
+        return ops
+
+
+def test_start_creates_services_dests_and_laddrs():
+    ctx = Ctx()
+    ops = ctx.apply(BASE)
+    assert [o for o, _ in ops] == ["service.add", "dest.add", "dest.add", "laddr.add"]
+    svc = next(iter(ctx.bal.services.values()))
+    assert svc.sched == "wrr" and sorted(d.weight for d in svc.dests.values()) == [1, 3]
+    assert [str(la.addr) for la in svc.laddrs] == ["192.168.100.200"]
+    assert ctx.apply(BASE) == [], "applying the same file again changes nothing"
+
+
+def test_reload_diff_touches_only_what_changed():
+    ctx = Ctx()
+    ctx.apply(BASE)
+    new = BASE.replace("192.168.100.3 80 {\n        weight 1", "192.168.100.9 80 {\n        weight 1") \
+              .replace("weight 3", "weight 5").replace("lb_algo wrr", "lb_algo rr")
+    ops = ctx.apply(new)
+    assert sorted(o for o, _ in ops) == ["dest.add", "dest.del", "dest.edit", "service.edit"]
+
+
+def test_removed_virtual_server_is_deleted_but_ipvsadm_services_stay():
+    ctx = Ctx()
+    ctx.apply(BASE)
+    ctx.bal.service_add({"proto": "udp", "addr": "10.0.0.53", "port": 53, "sched": "rr"})  # operator's own
+    ops = ctx.apply("")
+    assert [o for o, _ in ops] == ["service.del"]
+    assert [s.proto for s in ctx.bal.services.values()] == ["udp"]
+
+
+def test_unknown_local_address_group_is_refused_at_load_with_its_line():
+    from hdslb.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        loads(BASE.replace("laddr_group_name lg", "laddr_group_name nope"), name="lb.conf")
+    assert str(e.value).startswith("lb.conf:9:")
+
+
+def test_unimplemented_lb_kind_fails_the_dry_run():
+    ctx = Ctx()
+    ops_text = BASE.replace("lb_kind FNAT", "lb_kind DR")
+    with pytest.raises(HdslbError) as e:
+        ctx.apply(ops_text)
+    assert e.value.errno == errno.EOPNOTSUPP
