@@ -31,7 +31,7 @@ def cmd_up(ns) -> int:
         pass
     argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
     for opt in ("config", "pin_root", "instance", "max_conns", "lport_range", "log_level", "state_dir",
-                "aging_interval"):
+                "aging_interval", "api_listen", "api_token_file"):
         v = getattr(ns, opt)
         if v is not None:
             argv += ["--" + opt.replace("_", "-"), str(v)]
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir")
     up.add_argument("--aging-interval", type=float)
     up.add_argument("--fresh", action="store_true", help="discard pinned state instead of adopting it")
+    up.add_argument("--api-listen", help="REST/metrics HOST:PORT (default 127.0.0.1:53225; off disables)")
+    up.add_argument("--api-token-file", help="bearer token file, required for a non-loopback --api-listen")
     up.set_defaults(func=cmd_up)
     rl = sub.add_parser("reload", help="re-read the config file (like SIGHUP); --datapath: swap the XDP program")
     rl.add_argument("--datapath", action="store_true", help="recompile and swap the XDP program, keeping all maps")
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.set_defaults(func=cmd_check)
     sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
+    sub.add_parser("top", help="live view of services, real servers, rates and drops (--interval, --count)")
     return p
 
 
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         ctl = argv[i + 1]
         del argv[i:i + 2]
+    if argv[:1] == ["top"]:
+        from hdslb import top
+
+        return top.main(argv[1:], ctl_socket=ctl)
     ns = build_parser().parse_args(argv)
     ns.ctl_socket = ctl
     if ns.cmd == "up" and not ns.interfaces and not ns.config:

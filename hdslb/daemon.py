@@ -54,6 +54,8 @@ class Settings:
     state_dir: str = DEFAULT_STATE_DIR
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     aging_interval: float = 2.0
+    api_listen: str | None = "127.0.0.1:53225"  # dpvs-agent's port; None: no REST server
+    api_token: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard pinned state left by a previous daemon instead of adopting it")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the model is saved for restarts")
     p.add_argument("--aging-interval", type=float, default=2.0, help="seconds between connection aging sweeps")
+    p.add_argument("--api-listen", default="127.0.0.1:53225",
+                   help="REST/metrics address HOST:PORT ('off' disables); non-loopback needs a token")
+    p.add_argument("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
     return p
 
 
@@ -136,12 +141,22 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                         close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
         if not interfaces:
             p.error(f"{ns.config_file}: no interface in netif_defs and none given")
+    api_listen = None if ns.api_listen in ("off", "none", "") else ns.api_listen
+    if api_listen is not None and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", api_listen):
+        p.error(f"invalid --api-listen {ns.api_listen!r} (HOST:PORT, [V6]:PORT or off)")
+    token = os.environ.get("HDSLB_API_TOKEN")
+    if ns.api_token_file:
+        try:
+            with open(ns.api_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                     pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, lport_min=lo,
                     lport_max=hi, log_level=ns.log_level, config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
-                    extra={"notices": notices})
+                    api_listen=api_listen, api_token=token or None, extra={"notices": notices})
 
 
 class _NullDataPath:
@@ -269,6 +284,7 @@ class Daemon:
         self.config = None  # the Config last applied
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
         self.health = None
+        self.api = None
         self._conn_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
 
@@ -308,6 +324,13 @@ class Daemon:
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
             self.ctl = CtlServer(self.ctl_path, self.dispatch)
             await self.ctl.start()
+            if s.api_listen:
+                from hdslb.api.app import start_api
+
+                host, _, port = s.api_listen.rpartition(":")
+                self.api = await start_api(self, host=host.strip("[]"), port=int(port), token=s.api_token)
+                log.info("REST API and /metrics on http://%s/v2 (token %s)", s.api_listen,
+                         "required" if s.api_token else "not set")
         except Exception:
             self.fp.detach_all()
             self.fp.unpin()
@@ -324,6 +347,10 @@ class Daemon:
     async def stop(self) -> None:
         if self.health is not None:
             await self.health.stop()
+        if self.api is not None:
+            from hdslb.api.app import stop_api
+
+            await stop_api(self.api)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -138,3 +138,42 @@ def test_transfer_survives_client_moving_between_cpus(one_arm_up):
     assert moves >= 4, "transfer too short to migrate"
     assert len(body) == servers[0].big_size and hashlib.sha256(body).hexdigest() == servers[0].big_sha256
     assert lb.call("stats.get")["counters"]["conn_adopt"] > before, "no packet was seen on a second CPU"
+
+
+def metric(lab, name, **labels):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = lab.lb_run(["curl", "-s", "-m", "5", "http://127.0.0.1:53225/metrics"]).stdout
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+@pytest.mark.root
+def test_metrics_and_rest_match_the_traffic(one_arm_up):
+    import json
+
+    lab, lb, servers, _ = one_arm_up
+    vip = "192.168.100.100"
+    labels = {"local_address": vip, "local_port": "80", "proto": "TCP"}
+    before = metric(lab, "hdslb_connections_total", **labels)
+    lines = curl_loop(lab, f"http://{vip}/", 20)
+    assert "FAIL" not in lines
+    assert metric(lab, "hdslb_connections_total", **labels) - before == 20
+    assert metric(lab, "hdslb_backend_weight", remote_address="192.168.100.2", remote_port="80", **labels) == 1
+
+    # the same state through REST, and a change made there is visible to ipvsadm
+    vs = json.loads(lab.lb_run(["curl", "-s", f"http://127.0.0.1:53225/v2/vs/{vip}-80-tcp"]).stdout)
+    assert "192.168.100.2" in json.dumps(vs)
+    body = json.dumps({"Items": [{"ip": "192.168.100.3", "port": 80, "weight": 3}]})
+    r = lab.lb_run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H",
+                    "Content-Type: application/json", "-d", body, f"http://127.0.0.1:53225/v2/vs/{vip}-80-tcp/rs"])
+    assert r.stdout == "200", r.stdout
+    assert re.search(r"192\.168\.100\.3:80\s+FullNat 3\s", lb.ipvsadm("-Ln").stdout)
+    bad = lab.lb_run(["curl", "-s", "-w", " %{http_code}", "-X", "PUT", "-H", "Content-Type: application/json",
+                      "-d", '{"Items": [{"ip": "192.168.100.3", "port": 80, "weight": "heavy"}]}',
+                      f"http://127.0.0.1:53225/v2/vs/{vip}-80-tcp/rs"]).stdout
+    assert bad.endswith(" 400") and "weight" in bad
+    lb.ipvsadm("-e", "-t", f"{vip}:80", "-r", "192.168.100.3:80", "-b", "-w", "1")

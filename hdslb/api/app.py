@@ -1,0 +1,736 @@
+"""The REST API: an aiohttp app whose handlers turn dpvs-agent shaped requests into control commands.
+
+Every handler validates its body against the OpenAPI schema first, then runs one or more noun.verb commands
+through the same registry as the unix socket (hdslb.api.dispatch); no model logic lives here. Set changes (the
+real servers of a service) are planned from one snapshot, applied step by step, and undone if a step is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass, field as dc_field
+
+from aiohttp import web
+
+from hdslb.api import DEFAULT_HOST, DEFAULT_PORT, dispatch_async, openapi
+from hdslb.errors import HdslbError
+
+log = logging.getLogger("hdslb.api")
+
+# errno -> HTTP status. ENODEV is 404 when the URL names the device (the resource's parent is missing) and
+# 400 when the body does (a bad field value); see _call.
+STATUS = {
+    errno.EINVAL: 400,
+    errno.ESRCH: 404,
+    errno.ENOENT: 404,
+    errno.EADDRNOTAVAIL: 404,
+    errno.ENODEV: 404,
+    errno.EEXIST: 409,
+    errno.EBUSY: 409,
+    errno.EOPNOTSUPP: 501,
+    errno.ENOSPC: 507,
+}
+# The errno carried by refusals that come from HTTP itself rather than from a command.
+HTTP_ERRNO = {401: errno.EACCES, 404: errno.ENOENT, 405: errno.EOPNOTSUPP, 413: errno.E2BIG}
+
+CONNS_DEFAULT_LIMIT = 100
+CONNS_MAX_LIMIT = 10000
+
+_AppKey = getattr(web, "AppKey", None)  # aiohttp >= 3.9 types app keys; older versions take strings
+CTX = _AppKey("hdslb_ctx", object) if _AppKey else "hdslb_ctx"
+TOKEN = _AppKey("hdslb_token", object) if _AppKey else "hdslb_token"
+LOCK = _AppKey("hdslb_lock", asyncio.Lock) if _AppKey else "hdslb_lock"
+REGISTRY = _AppKey("hdslb_registry", object) if _AppKey else "hdslb_registry"
+
+
+class ApiError(Exception):
+    """A refusal on its way to the client as {"error", "errno", "field", ...extra}."""
+
+    def __init__(self, status: int, err: int, message: str, field: str | None = None, **extra):
+        super().__init__(message)
+        self.status, self.errno, self.message, self.field, self.extra = status, err, message, field, extra
+
+
+def _json_default(o):
+    if isinstance(o, (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(o)
+    if isinstance(o, (bytes, bytearray)):
+        return o.hex()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
+
+
+_dumps = functools.partial(json.dumps, default=_json_default)
+
+
+def _reply(data, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps, headers=headers)
+
+
+def _error(status: int, err: int, message: str, field: str | None = None, headers: dict | None = None,
+           **extra) -> web.Response:
+    return _reply({"error": message, "errno": err, "field": field, **extra}, status, headers)
+
+
+# --- plumbing ---------------------------------------------------------------------------------------
+async def _call(request: web.Request, op: str, args: dict, field: str | None = None, device_in_body: bool = False):
+    """Run a command; a refusal becomes an ApiError with the status its errno maps to."""
+    try:
+        return await dispatch_async(request.app[CTX], op, args)
+    except HdslbError as e:
+        status = STATUS.get(e.errno, 500)
+        if e.errno == errno.ENODEV and device_in_body:
+            status, field = 400, field or "device"
+        extra = {}
+        if getattr(e, "errors", None) and len(e.errors) > 1:  # a ConfigError carries every problem found
+            extra["errors"] = [str(x) for x in e.errors]
+        raise ApiError(status, e.errno, e.message, field or getattr(e, "keyword", None), **extra) from None
+
+
+async def _body(request: web.Request, schema: str, required: bool = True):
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise ApiError(400, errno.EINVAL, "request body required (JSON)")
+        body = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, errno.EINVAL, f"request body is not JSON: {e}") from None
+    try:
+        openapi.validate(schema, body)
+    except openapi.BodyError as e:
+        raise ApiError(400, errno.EINVAL, e.message, e.field) from None
+    return body
+
+
+def _vs_ident(request: web.Request) -> dict:
+    """dpvs-agent's {VipPort}: VIP-PORT-PROTO (neither IPv4 nor IPv6 spelling contains '-')."""
+    vp = request.match_info["VipPort"]
+    parts = vp.split("-")
+    bad = f"VipPort {vp!r}: expected VIP-PORT-PROTO, e.g. 10.0.0.100-80-tcp"
+    if len(parts) != 3:
+        raise ApiError(400, errno.EINVAL, bad, "VipPort")
+    addr, port, proto = parts
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        raise ApiError(400, errno.EINVAL, f"{bad} ({addr!r} is not an IP address)", "VipPort") from None
+    if not port.isdigit() or int(port) > 65535:
+        raise ApiError(400, errno.EINVAL, f"{bad} ({port!r} is not a port)", "VipPort")
+    if proto.lower() not in ("tcp", "udp"):
+        raise ApiError(400, errno.EINVAL, f"{bad} ({proto!r} is not tcp or udp)", "VipPort")
+    return {"proto": proto.lower(), "addr": str(ip), "port": int(port)}
+
+
+def _vs_id(proto: str, addr: str, port: int) -> str:
+    return f"{addr}-{port}-{proto.lower()}"
+
+
+def _qint(request: web.Request, name: str, default: int, lo: int, hi: int | None = None) -> int:
+    v = request.query.get(name)
+    if v is None or v == "":
+        return default
+    if not v.isdigit() or int(v) < lo or (hi is not None and int(v) > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ApiError(400, errno.EINVAL, f"{name}: {v!r} is not an integer in {rng}", name)
+    return int(v)
+
+
+def _qbool(request: web.Request, name: str) -> bool:
+    v = request.query.get(name, "false").lower()
+    if v not in ("true", "false", "1", "0", ""):
+        raise ApiError(400, errno.EINVAL, f"{name}: {v!r} is not true or false", name)
+    return v in ("true", "1")
+
+
+def _changed(result: str, status: int, **more) -> web.Response:
+    return _reply({"result": result, **more}, status)
+
+
+# --- dpvs-agent shapes ------------------------------------------------------------------------------
+AF_NUM = {4: 2, 6: 10}  # AF_INET, AF_INET6 as dpvs-agent reports them
+PROTO_NUM = {"tcp": 6, "udp": 17}
+
+
+def _stats(stats: dict, rates: dict) -> dict:
+    return {"Conns": stats.get("conns", 0), "InPkts": stats.get("inpkts", 0), "InBytes": stats.get("inbytes", 0),
+            "OutPkts": stats.get("outpkts", 0), "OutBytes": stats.get("outbytes", 0),
+            "Cps": rates.get("cps", 0), "InPps": rates.get("inpps", 0), "InBps": rates.get("inbps", 0),
+            "OutPps": rates.get("outpps", 0), "OutBps": rates.get("outbps", 0)}
+
+
+def _rs_expand(d: dict) -> dict:
+    return {"Spec": {"ip": d["addr"], "port": d["port"], "weight": d["weight"], "mode": d["fwd"].upper(),
+                     "inhibited": False, "overloaded": False},
+            "Stats": _stats(d.get("stats") or {}, d.get("rates") or {}),
+            "ActiveConns": d.get("active", 0), "InactConns": d.get("inactive", 0),
+            "UThreshold": d.get("u_threshold", 0), "LThreshold": d.get("l_threshold", 0)}
+
+
+def _laddr_expand(la: dict) -> dict:
+    return {"af": AF_NUM[ipaddress.ip_address(la["addr"]).version], "addr": la["addr"], "device": la["ifname"],
+            "conns": la.get("conns", 0), "portConflict": la.get("conflicts", 0)}
+
+
+def _vs_expand(s: dict) -> dict:
+    return {"Id": _vs_id(s["proto"], s["addr"], s["port"]),
+            "Af": AF_NUM[ipaddress.ip_address(s["addr"]).version], "Proto": PROTO_NUM[s["proto"]],
+            "Addr": s["addr"], "Port": s["port"], "SchedName": s["sched"], "Flags": "|".join(s.get("flags") or []),
+            "Timeout": s.get("persistent") or 0, "Netmask": s.get("netmask"),
+            "Stats": _stats(s.get("stats") or {}, s.get("rates") or {}),
+            "RSs": {"Items": [_rs_expand(d) for d in s.get("dests", [])]},
+            "Laddrs": {"Items": [_laddr_expand(la) for la in s.get("laddrs", [])]}}
+
+
+async def _one_service(request: web.Request, ident: dict) -> dict:
+    return (await _call(request, "service.list", {"svc": ident}))["services"][0]
+
+
+# --- virtual servers ----------------------------------------------------------------------------------
+# dpvs-agent VirtualServerSpecTiny fields this fast path has no use for: a non-default value is refused (501),
+# never silently dropped.
+_VS_UNSUPPORTED = (("ConnTimeout", 0), ("Bps", 0), ("LimitProportion", 0), ("Fwmark", 0), ("SynProxy", False),
+                   ("ExpireQuiescent", False), ("Quic", False), ("ProxyProtocol", "disable"), ("Match", {}))
+
+
+def _vs_opts(body: dict) -> dict:
+    for name, default in _VS_UNSUPPORTED:
+        if name in body and body[name] not in (default, None):
+            raise ApiError(501, errno.EOPNOTSUPP, f"{name}: not implemented by this fast path", name)
+    opts = {}
+    if "SchedName" in body:
+        opts["sched"] = body["SchedName"]
+    if "Timeout" in body:
+        opts["persistent"] = body["Timeout"] or None  # 0 is dpvs-agent's "no persistence"
+    return opts
+
+
+async def list_vs(request):
+    data = await _call(request, "service.list", {"svc": None})
+    return _reply({"Items": [_vs_expand(s) for s in data["services"]]})
+
+
+async def create_vs(request):
+    body = await _body(request, "VirtualServerCreate")
+    proto = {6: "tcp", 17: "udp"}.get(body["Proto"], str(body["Proto"]).lower())
+    ident = {"proto": proto, "addr": str(ipaddress.ip_address(body["Addr"])), "port": body["Port"]}
+    await _call(request, "service.add", {**ident, **_vs_opts(body)})
+    vid = _vs_id(**ident)
+    return _reply({"result": "created", "Id": vid}, 201, headers={"Location": f"/v2/vs/{vid}"})
+
+
+async def get_vs(request):
+    return _reply({"Items": [_vs_expand(await _one_service(request, _vs_ident(request)))]})
+
+
+async def put_vs(request):
+    ident = _vs_ident(request)
+    opts = _vs_opts(await _body(request, "VirtualServerSpecTiny", required=False))
+    async with request.app[LOCK]:
+        try:
+            await _call(request, "service.add", {**ident, **opts})
+            return _changed("created", 201, Id=_vs_id(**ident))
+        except ApiError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        # Update by option, as DPVS edits: what the body does not mention stays as it is.
+        await _call(request, "service.edit", {**ident, **opts})
+    return _changed("updated", 200, Id=_vs_id(**ident))
+
+
+async def delete_vs(request):
+    ident = _vs_ident(request)
+    await _call(request, "service.del", ident)
+    return _changed("deleted", 200, Id=_vs_id(**ident))
+
+
+# --- real servers -----------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    what: str  # added / updated / removed
+    key: tuple  # (ip, port)
+    op: str
+    args: dict
+    undo_op: str
+    undo_args: dict
+    field: str | None = None
+
+
+@dataclass
+class _Plan:
+    steps: list = dc_field(default_factory=list)
+    unchanged: list = dc_field(default_factory=list)
+
+
+def _hostport(key: tuple) -> str:
+    ip, port = key
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _rs_key(ip: str, port, svc_port: int) -> tuple:
+    return (ipaddress.ip_address(ip), port or svc_port)  # port 0/absent: the service's, as ipvsadm and the model
+
+
+def _prev(d: dict) -> dict:
+    return {"weight": d["weight"], "fwd": d["fwd"], "u_threshold": d.get("u_threshold", 0),
+            "l_threshold": d.get("l_threshold", 0)}
+
+
+async def _rs_request(request):
+    """Validate the body (schema, then duplicates and unsupported flags) and take one snapshot of the service."""
+    ident = _vs_ident(request)
+    body = await _body(request, "RealServerTinyList")
+    svc = await _one_service(request, ident)
+    current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
+    items, seen = [], {}
+    for i, it in enumerate(body["Items"]):
+        f = f"Items[{i}]"
+        for flag in ("inhibited", "overloaded"):
+            if it.get(flag):
+                raise ApiError(501, errno.EOPNOTSUPP, f"{f}.{flag}: not implemented by this fast path", f"{f}.{flag}")
+        key = _rs_key(it["ip"], it.get("port"), svc["port"])
+        if key in seen:
+            raise ApiError(400, errno.EINVAL, f"{f}: {_hostport(key)} is listed twice (also Items[{seen[key]}])", f)
+        seen[key] = i
+        items.append((f, key, it))
+    return ident, current, items
+
+
+def _upserts(ident: dict, current: dict, items: list) -> _Plan:
+    plan = _Plan()
+    for f, key, it in items:
+        dargs = {"svc": ident, "addr": str(key[0]), "port": key[1]}
+        given = {}
+        if "weight" in it:
+            given["weight"] = it["weight"]
+        if it.get("mode"):
+            given["fwd"] = it["mode"].lower()
+        cur = current.get(key)
+        if cur is None:
+            plan.steps.append(_Step("added", key, "dest.add", {**dargs, **given}, "dest.del", dargs, f))
+        elif any(cur.get(k) != v for k, v in given.items()):
+            plan.steps.append(_Step("updated", key, "dest.edit", {**dargs, **given}, "dest.edit",
+                                    {**dargs, **_prev(cur)}, f))
+        else:
+            plan.unchanged.append(key)
+    return plan
+
+
+def _removal(ident: dict, key: tuple, cur: dict, f: str | None) -> _Step:
+    dargs = {"svc": ident, "addr": str(key[0]), "port": key[1]}
+    return _Step("removed", key, "dest.del", dargs, "dest.add", {**dargs, **_prev(cur)}, f)
+
+
+async def _apply(request, plan: _Plan) -> web.Response:
+    """Apply the steps in order; when one is refused, undo the ones before it (newest first) and report both."""
+    ctx = request.app[CTX]
+    done: list[_Step] = []
+    for st in plan.steps:
+        try:
+            await _call(request, st.op, st.args, field=st.field)
+        except ApiError as e:
+            undone, failed = [], []
+            for d in reversed(done):
+                try:
+                    await dispatch_async(ctx, d.undo_op, d.undo_args)
+                    undone.append(f"{d.what} {_hostport(d.key)}")
+                except HdslbError as ue:
+                    failed.append(f"{d.what} {_hostport(d.key)}: {ue.message}")
+            verb = {"added": "adding", "updated": "updating", "removed": "removing"}[st.what]
+            e.message = f"{verb} {_hostport(st.key)}: {e.message}"
+            if done:
+                e.message += "; the earlier changes were undone" if not failed else "; undoing earlier changes failed"
+                e.extra.update(rolled_back=not failed, undone=undone, rollback_failed=failed)
+            raise
+        done.append(st)
+    out = {k: [] for k in ("added", "updated", "removed")}
+    for st in done:
+        out[st.what].append(_hostport(st.key))
+    out["unchanged"] = [_hostport(k) for k in plan.unchanged]
+    return _reply(out)
+
+
+async def list_rs(request):
+    svc = await _one_service(request, _vs_ident(request))
+    return _reply({"Items": [_rs_expand(d) for d in svc["dests"]]})
+
+
+async def put_rs(request):
+    async with request.app[LOCK]:
+        ident, current, items = await _rs_request(request)
+        return await _apply(request, _upserts(ident, current, items))
+
+
+async def replace_rs(request):
+    async with request.app[LOCK]:
+        ident, current, items = await _rs_request(request)
+        plan = _upserts(ident, current, items)
+        wanted = {key for _, key, _ in items}
+        # New and changed servers go in before old ones leave: the service never runs short during the swap.
+        for key, cur in current.items():
+            if key not in wanted:
+                plan.steps.append(_removal(ident, key, cur, None))
+        return await _apply(request, plan)
+
+
+async def delete_rs(request):
+    async with request.app[LOCK]:
+        ident, current, items = await _rs_request(request)
+        plan = _Plan()
+        for f, key, _ in items:
+            if key not in current:  # refuse the whole request before anything is removed
+                raise ApiError(404, errno.ENOENT, f"{f}: no real server {_hostport(key)} in this service", f)
+            plan.steps.append(_removal(ident, key, current[key], f))
+        return await _apply(request, plan)
+
+
+# --- local addresses --------------------------------------------------------------------------------
+async def list_laddr(request):
+    data = await _call(request, "laddr.list", {"svc": _vs_ident(request)})
+    return _reply({"Items": [_laddr_expand(la) for la in data["services"][0]["laddrs"]]})
+
+
+async def put_laddr(request):
+    ident = _vs_ident(request)
+    body = await _body(request, "LocalAddressSpecTiny")
+    addr = ipaddress.ip_address(body["addr"])
+    async with request.app[LOCK]:
+        try:
+            await _call(request, "laddr.add", {"svc": ident, "addr": str(addr), "ifname": body["device"]},
+                        device_in_body=True)
+            return _changed("created", 201)
+        except ApiError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            data = await _call(request, "laddr.list", {"svc": ident})
+            for la in data["services"][0]["laddrs"]:
+                if ipaddress.ip_address(la["addr"]) == addr and la["ifname"] != body["device"]:
+                    raise ApiError(409, errno.EEXIST, f"local address {addr} exists on {la['ifname']}, not "
+                                                      f"{body['device']}", "device") from None
+    return _changed("unchanged", 200)
+
+
+async def delete_laddr(request):
+    ident = _vs_ident(request)
+    body = await _body(request, "LocalAddressRef")
+    await _call(request, "laddr.del", {"svc": ident, "addr": str(ipaddress.ip_address(body["addr"]))})
+    return _changed("deleted", 200)
+
+
+# --- devices: addresses and routes ------------------------------------------------------------------
+async def list_device(request):
+    data = await _call(request, "link.list", {})
+    return _reply({"Items": data["links"]})
+
+
+async def list_device_addr(request):
+    name = request.match_info["name"]
+    data = await _call(request, "addr.list", {"ifname": name})
+    return _reply({"Items": [{"addr": f"{a['addr']}/{a['prefixlen']}", "device": a["ifname"], "scope": a["scope"],
+                              "sapool": a["sapool"]} for a in data["addrs"]]})
+
+
+async def put_device_addr(request):
+    name = request.match_info["name"]
+    body = await _body(request, "InetAddrSpec")
+    sapool = _qbool(request, "sapool")
+    itf = ipaddress.ip_interface(body["addr"])
+    scope = body.get("scope")
+    args = {"addr": str(itf.ip), "prefixlen": itf.network.prefixlen, "ifname": name, "scope": scope, "sapool": sapool}
+    async with request.app[LOCK]:
+        try:
+            await _call(request, "addr.add", args)
+            return _changed("created", 201)
+        except ApiError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            have = [a for a in (await _call(request, "addr.list", {}))["addrs"]
+                    if ipaddress.ip_address(a["addr"]) == itf.ip]
+            same = have and (have[0]["ifname"], have[0]["prefixlen"], have[0]["scope"], have[0]["sapool"]) == (
+                name, itf.network.prefixlen, scope or "global", sapool)
+            if not same:
+                where = f" on {have[0]['ifname']} as {have[0]['addr']}/{have[0]['prefixlen']}" if have else ""
+                raise ApiError(409, errno.EEXIST, f"address {itf.ip} exists already{where}, with other settings",
+                               "addr") from None
+    return _changed("unchanged", 200)
+
+
+async def delete_device_addr(request):
+    name = request.match_info["name"]
+    body = await _body(request, "InetAddrRef")
+    itf = ipaddress.ip_interface(body["addr"])
+    await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
+    return _changed("deleted", 200)
+
+
+def _route_args(name: str, body: dict) -> dict:
+    if body.get("device") not in (None, "", name):
+        raise ApiError(400, errno.EINVAL, f"device: {body['device']!r} differs from the URL's {name!r}", "device")
+    if body.get("src") not in (None, "", "0.0.0.0/0", "::/0", "0.0.0.0", "::"):
+        raise ApiError(501, errno.EOPNOTSUPP, "src: source-prefix routing is not implemented "
+                                              "(prefixSrc sets the source address)", "src")
+    net = ipaddress.ip_network(body["dst"])
+    return {"af": net.version, "prefix": str(net.network_address), "prefixlen": net.prefixlen,
+            "via": body.get("gateway"), "src": body.get("prefixSrc"), "ifname": name, "mtu": body.get("mtu"),
+            "metric": body.get("metric"), "scope": body.get("scope")}
+
+
+async def list_device_route(request):
+    name = request.match_info["name"]
+    await _call(request, "addr.list", {"ifname": name})  # refuses an unknown device (ENODEV -> 404)
+    out = []
+    for af in (4, 6):
+        for r in (await _call(request, "route.list", {"af": af}))["routes"]:
+            if r["ifname"] == name:
+                out.append({"dst": f"{r['prefix']}/{r['prefixlen']}", "gateway": r["via"], "prefixSrc": r["src"],
+                            "device": r["ifname"], "scope": r["scope"], "mtu": r["mtu"], "metric": r["metric"],
+                            "proto": r["proto"], "flags": r["flags"]})
+    return _reply({"Items": out})
+
+
+async def put_device_route(request):
+    name = request.match_info["name"]
+    args = _route_args(name, await _body(request, "RouteSpec"))
+    async with request.app[LOCK]:
+        try:
+            await _call(request, "route.add", args)
+            return _changed("created", 201)
+        except ApiError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        await _call(request, "route.set", args)
+    return _changed("updated", 200)
+
+
+async def delete_device_route(request):
+    name = request.match_info["name"]
+    args = _route_args(name, await _body(request, "RouteSpec"))
+    await _call(request, "route.del", {k: args[k] for k in ("af", "prefix", "prefixlen", "via", "ifname", "metric")})
+    return _changed("deleted", 200)
+
+
+# --- neighbours -------------------------------------------------------------------------------------
+async def list_neigh(request):
+    device = request.query.get("device") or None
+    af = request.query.get("af")
+    if af not in (None, "", "4", "6"):
+        raise ApiError(400, errno.EINVAL, f"af: {af!r} is not 4 or 6", "af")
+    if device is not None:
+        await _call(request, "addr.list", {"ifname": device}, field="device")  # unknown device -> 404
+    data = await _call(request, "neigh.list", {"ifname": device, "af": int(af) if af else None})
+    return _reply({"Items": [{"addr": n["addr"], "lladdr": n["lladdr"], "device": n["ifname"], "state": n["state"],
+                              "flags": n["flags"]} for n in data["neighs"]]})
+
+
+async def put_neigh(request):
+    body = await _body(request, "NeighSpec")
+    addr = ipaddress.ip_address(body["addr"])
+    async with request.app[LOCK]:
+        known = any(ipaddress.ip_address(n["addr"]) == addr
+                    for n in (await _call(request, "neigh.list", {}))["neighs"])
+        await _call(request, "neigh.add", {"addr": str(addr), "lladdr": body["lladdr"], "ifname": body["device"]},
+                    device_in_body=True)
+    return _changed("updated", 200) if known else _changed("created", 201)
+
+
+async def delete_neigh(request):
+    body = await _body(request, "NeighRef")
+    await _call(request, "neigh.del", {"addr": str(ipaddress.ip_address(body["addr"]))})
+    return _changed("deleted", 200)
+
+
+# --- the daemon ---------------------------------------------------------------------------------------
+async def get_stats(request):
+    return _reply(await _call(request, "stats.get", {}))
+
+
+async def list_conns(request):
+    offset = _qint(request, "offset", 0, 0)
+    limit = _qint(request, "limit", CONNS_DEFAULT_LIMIT, 1, CONNS_MAX_LIMIT)
+    conns = (await _call(request, "conn.list", {}))["conns"]
+    return _reply({"Items": conns[offset:offset + limit], "total": len(conns), "offset": offset, "limit": limit})
+
+
+async def _ctx_hook(request, name: str, *args):
+    fn = getattr(request.app[CTX], name, None)
+    if not callable(fn):
+        raise ApiError(501, errno.EOPNOTSUPP, f"this daemon does not provide {name}()")
+    try:
+        res = fn(*args)
+        if inspect.isawaitable(res):
+            res = await res
+    except HdslbError as e:
+        raise ApiError(STATUS.get(e.errno, 500), e.errno, e.message, getattr(e, "keyword", None),
+                       **({"errors": [str(x) for x in e.errors]} if len(getattr(e, "errors", ())) > 1 else {})
+                       ) from None
+    return res
+
+
+async def get_config(request):
+    text = await _ctx_hook(request, "config_text")
+    if text is None:
+        raise ApiError(404, errno.ENOENT, "the daemon runs without a configuration file")
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def reload_config(request):
+    text = await request.text()
+    if not text.strip():
+        raise ApiError(400, errno.EINVAL, "request body: the configuration text is empty")
+    changes = await _ctx_hook(request, "reload_config", text)
+    return _reply({"result": "reloaded", **({"changes": changes} if changes is not None else {})})
+
+
+async def get_health(request):
+    try:
+        st = await dispatch_async(request.app[CTX], "daemon.status", {})
+    except Exception as e:  # health must answer whatever is broken; the reason is the answer
+        log.warning("health: daemon.status failed: %s", e)
+        return _reply({"state": "Failure", "msg": f"daemon.status failed: {e}"}, 503)
+    if st.get("attached"):
+        state, msg = "Ok", "attached to " + ", ".join(f"{k} ({v})" for k, v in st.get("interfaces", {}).items())
+    else:
+        state, msg = "Warning", "the XDP program is attached to no interface"
+    return _reply({"state": state, "msg": msg, **st})
+
+
+async def get_openapi(request):
+    return _reply(openapi.DOC)
+
+
+async def get_metrics(request):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = generate_latest(request.app[REGISTRY])
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+# --- the app --------------------------------------------------------------------------------------------
+ROUTES = [
+    ("GET", "/v2/vs", list_vs),
+    ("POST", "/v2/vs", create_vs),
+    ("GET", "/v2/vs/{VipPort}", get_vs),
+    ("PUT", "/v2/vs/{VipPort}", put_vs),
+    ("DELETE", "/v2/vs/{VipPort}", delete_vs),
+    ("GET", "/v2/vs/{VipPort}/rs", list_rs),
+    ("PUT", "/v2/vs/{VipPort}/rs", put_rs),
+    ("POST", "/v2/vs/{VipPort}/rs", replace_rs),
+    ("DELETE", "/v2/vs/{VipPort}/rs", delete_rs),
+    ("GET", "/v2/vs/{VipPort}/laddr", list_laddr),
+    ("PUT", "/v2/vs/{VipPort}/laddr", put_laddr),
+    ("DELETE", "/v2/vs/{VipPort}/laddr", delete_laddr),
+    ("GET", "/v2/device", list_device),
+    ("GET", "/v2/device/{name}/addr", list_device_addr),
+    ("PUT", "/v2/device/{name}/addr", put_device_addr),
+    ("DELETE", "/v2/device/{name}/addr", delete_device_addr),
+    ("GET", "/v2/device/{name}/route", list_device_route),
+    ("PUT", "/v2/device/{name}/route", put_device_route),
+    ("DELETE", "/v2/device/{name}/route", delete_device_route),
+    ("GET", "/v2/neigh", list_neigh),
+    ("PUT", "/v2/neigh", put_neigh),
+    ("DELETE", "/v2/neigh", delete_neigh),
+    ("GET", "/v2/stats", get_stats),
+    ("GET", "/v2/conns", list_conns),
+    ("GET", "/v2/config", get_config),
+    ("POST", "/v2/config", reload_config),
+    ("GET", "/v2/health", get_health),
+    ("GET", "/v2/openapi.json", get_openapi),
+    ("GET", "/metrics", get_metrics),
+]
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time compare: the time to refuse says nothing about how much of a guess was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())
+
+
+@web.middleware
+async def _guard(request: web.Request, handler):
+    token = request.app[TOKEN]
+    if token is not None and not _authorized(request, token):
+        # Never echo what the client sent: a near-miss token must not land in a proxy's or client's log.
+        return _error(401, errno.EACCES, "missing or wrong bearer token (Authorization: Bearer ...)",
+                      headers={"WWW-Authenticate": 'Bearer realm="hdslb"'})
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _error(e.status, e.errno, e.message, e.field, **e.extra)
+    except HdslbError as e:  # a command called outside _call; same mapping
+        return _error(STATUS.get(e.errno, 500), e.errno, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, HTTP_ERRNO.get(e.status, errno.EIO), f"{e.reason}: {request.method} {request.path}",
+                      headers={k: v for k, v in e.headers.items() if k.lower() == "allow"})
+    except Exception:
+        log.exception("REST %s %s failed", request.method, request.path)
+        return _error(500, errno.EIO, "internal error (the daemon log has the details)")
+
+
+def make_app(ctx, token: str | None = None) -> web.Application:
+    """The REST app over a daemon context; with a token every request must carry `Authorization: Bearer TOKEN`."""
+    from prometheus_client import CollectorRegistry
+
+    from hdslb.api.metrics import HdslbCollector
+
+    app = web.Application(middlewares=[_guard])
+    app[CTX] = ctx
+    app[TOKEN] = token or None
+    app[LOCK] = asyncio.Lock()
+    registry = CollectorRegistry(auto_describe=False)  # per app: no process-global counters, read at scrape time
+    registry.register(HdslbCollector(ctx))
+    app[REGISTRY] = registry
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False  # "" / None bind every address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
+async def start_api(ctx, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+                    access_log: bool = True) -> web.AppRunner:
+    """Serve the REST API; returns the runner to pass to stop_api. Off loopback a bearer token is required."""
+    token = token or None
+    if token is None and not is_loopback(host):
+        raise HdslbError(errno.EACCES, f"refusing to serve the REST API on {host or 'every address'}: away from "
+                                       f"loopback it needs a bearer token (set an API token, or bind 127.0.0.1)")
+    # The access log records the request line only (aiohttp's default format): never the Authorization header.
+    access = logging.getLogger("hdslb.api.access") if access_log else None
+    runner = web.AppRunner(make_app(ctx, token), access_log=access)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise HdslbError(e.errno or errno.EIO,
+                         f"cannot serve the REST API on {host}:{port}: {e.strerror or e}") from None
+    bound = ", ".join(f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}" for a in runner.addresses)
+    log.info("REST API on http://%s/v2 (%s)", bound, "bearer token required" if token else "no token: loopback only")
+    return runner
+
+
+async def stop_api(runner: web.AppRunner | None) -> None:
+    if runner is not None:
+        await runner.cleanup()

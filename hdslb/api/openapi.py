@@ -1,0 +1,512 @@
+"""The REST API's OpenAPI 3.1 document, as Python data, and request-body validation against the same schemas.
+
+Resources and field names follow iqiyi/dpvs tools/dpvs-agent (dpvs-agent-api.yaml: /v2/vs/{VipPort}, RSs.Items,
+RealServerSpecTiny{ip, port, weight, mode}, LocalAddressSpecTiny{addr, device}, InetAddrSpec, RouteSpec), so
+automation written for dpvs-agent finds the same shapes. Bodies are validated here before any command runs, so
+a malformed request changes nothing and its 400 names the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from functools import lru_cache
+
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import best_match
+
+from hdslb import __version__
+from hdslb.balancer import FWD_MODES, MAX_WEIGHT, ROUTE_SCOPES, SCHEDULERS
+
+# --- formats ------------------------------------------------------------------------------------------
+# Custom formats (OpenAPI leaves `format` open): checked by the same code the model would run, so a body that
+# passes here is not refused later for its spelling.
+FORMATS = FormatChecker(formats=())
+
+
+@FORMATS.checks("ip", raises=ValueError)
+def _is_ip(v) -> bool:
+    return not isinstance(v, str) or bool(ipaddress.ip_address(v))
+
+
+@FORMATS.checks("ip-interface", raises=ValueError)
+def _is_ip_interface(v) -> bool:
+    return not isinstance(v, str) or bool(ipaddress.ip_interface(v))
+
+
+@FORMATS.checks("ip-network", raises=ValueError)
+def _is_ip_network(v) -> bool:
+    return not isinstance(v, str) or bool(ipaddress.ip_network(v, strict=True))
+
+
+FORMAT_WORDS = {"ip": "an IP address", "ip-interface": "an ADDR or ADDR/PREFIXLEN",
+                "ip-network": "a PREFIX/LEN with no host bits set"}
+
+
+# --- schemas ------------------------------------------------------------------------------------------
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+UINT16 = {"type": "integer", "minimum": 0, "maximum": 65535}
+UINT32 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
+UINT64 = {"type": "integer", "minimum": 0}
+IP = {"type": "string", "format": "ip", "description": "IPv4 or IPv6 address"}
+MAC = {"type": "string", "pattern": "^[0-9A-Fa-f]{1,2}(:[0-9A-Fa-f]{1,2}){5}$"}
+MODES = [m.upper() for m in FWD_MODES] + list(FWD_MODES)  # dpvs-agent writes FNAT; ipvsadm's habit is fnat
+
+# dpvs-agent's VirtualServerSpecTiny. Only SchedName (and Timeout 0) mean something to this fast path; the rest
+# are accepted so dpvs-agent clients can send their defaults, and a non-default value is a 501 naming the field.
+VS_OPTIONS = {
+    "SchedName": {"type": "string", "enum": list(SCHEDULERS),
+                  "description": "lb_algo; rr wrr lc wlc fo are implemented, the others are 501"},
+    "Timeout": dict(UINT32, description="persistence timeout in seconds (ipvsadm -p); 0: none"),
+    "ConnTimeout": UINT32,
+    "Bps": UINT32,
+    "LimitProportion": UINT32,
+    "Fwmark": UINT32,
+    "SynProxy": {"type": "boolean"},
+    "ExpireQuiescent": {"type": "boolean"},
+    "Quic": {"type": "boolean"},
+    "ProxyProtocol": {"type": "string", "enum": ["v2", "v2-insecure", "v1", "v1-insecure", "disable"]},
+    "Match": {"type": "object", "description": "SNAT match (dpvs-agent MatchSpec); not implemented"},
+}
+
+STATS = {
+    "type": "object",
+    "description": "dpvs-agent ServerStats: totals since the last zero, and rates over the estimator's interval",
+    "properties": {k: UINT64 for k in ("Conns", "InPkts", "InBytes", "OutPkts", "OutBytes",
+                                       "Cps", "InPps", "InBps", "OutPps", "OutBps")},
+}
+
+SCHEMAS = {
+    "Error": {
+        "type": "object", "required": ["error", "errno", "field"],
+        "properties": {
+            "error": {"type": "string", "description": "what was refused and why"},
+            "errno": {"type": "integer", "description": "the control plane's errno (EEXIST, ESRCH, EINVAL, ...)"},
+            "field": {"type": ["string", "null"], "description": "the body field or parameter at fault, if known"},
+            "rolled_back": {"type": "boolean", "description": "set changes: earlier steps were undone"},
+            "undone": {"type": "array", "items": {"type": "string"}},
+            "rollback_failed": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "VirtualServerSpecTiny": {
+        "type": "object", "additionalProperties": False, "properties": VS_OPTIONS,
+    },
+    "VirtualServerCreate": {
+        "type": "object", "additionalProperties": False, "required": ["Addr", "Port", "Proto"],
+        "properties": {
+            "Addr": IP, "Port": UINT16,
+            "Proto": {"enum": ["tcp", "udp", "TCP", "UDP", 6, 17]},
+            **VS_OPTIONS,
+        },
+    },
+    "RealServerSpecTiny": {
+        "type": "object", "additionalProperties": False, "required": ["ip"],
+        "properties": {
+            "ip": IP,
+            "port": dict(UINT16, description="0 or absent: the service's port"),
+            "weight": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT,
+                       "description": "absent: 1 when added, unchanged when updated (PUT)"},
+            "mode": {"type": "string", "enum": MODES, "description": "forwarding method; FNAT is implemented"},
+            "inhibited": {"type": "boolean", "description": "health-check inhibition; true is 501"},
+            "overloaded": {"type": "boolean", "description": "true is 501"},
+        },
+    },
+    "RealServerTinyList": {
+        "type": "object", "additionalProperties": False, "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": _ref("RealServerSpecTiny")}},
+    },
+    "LocalAddressSpecTiny": {
+        "type": "object", "additionalProperties": False, "required": ["addr", "device"],
+        "properties": {"addr": IP, "device": {"type": "string", "minLength": 1}},
+    },
+    "LocalAddressRef": {
+        "type": "object", "additionalProperties": False, "required": ["addr"],
+        "properties": {"addr": IP, "device": {"type": "string", "description": "ignored: addr identifies it"}},
+    },
+    "InetAddrSpec": {
+        "type": "object", "additionalProperties": False, "required": ["addr"],
+        "properties": {
+            "addr": {"type": "string", "format": "ip-interface",
+                     "description": "ADDR or ADDR/PREFIXLEN (/32, /128 if absent)"},
+            "scope": {"type": "string", "enum": ["global", "link", "host"]},
+            "broadcast": {"type": "string", "description": "accepted for dpvs-agent clients; not used"},
+        },
+    },
+    "InetAddrRef": {
+        "type": "object", "additionalProperties": False, "required": ["addr"],
+        "properties": {"addr": {"type": "string", "format": "ip-interface"},
+                       "broadcast": {"type": "string"}, "scope": {"type": "string"}},
+    },
+    "RouteSpec": {
+        "type": "object", "additionalProperties": False, "required": ["dst"],
+        "properties": {
+            "dst": {"type": "string", "format": "ip-network",
+                    "description": "PREFIX/LEN (host bits clear); 0.0.0.0/0 is the default route"},
+            "gateway": IP,
+            "prefixSrc": IP,
+            "src": {"type": "string",
+                    "description": "source-prefix (policy) routing; not implemented: non-empty is 501"},
+            "device": {"type": "string", "description": "must match the path's device if given"},
+            "scope": {"type": "string", "enum": list(ROUTE_SCOPES)},
+            "mtu": UINT32,
+            "metric": UINT32,
+        },
+    },
+    "NeighSpec": {
+        "type": "object", "additionalProperties": False, "required": ["addr", "lladdr", "device"],
+        "properties": {"addr": IP, "lladdr": MAC, "device": {"type": "string", "minLength": 1}},
+    },
+    "NeighRef": {
+        "type": "object", "additionalProperties": False, "required": ["addr"],
+        "properties": {"addr": IP, "device": {"type": "string"}},
+    },
+    # --- responses ---
+    "ServerStats": STATS,
+    "RealServerSpecExpand": {
+        "type": "object", "required": ["Spec", "Stats"],
+        "properties": {
+            "Spec": {"type": "object", "required": ["ip", "port", "weight", "mode"],
+                     "properties": {"ip": IP, "port": UINT16, "weight": UINT16, "mode": {"type": "string"},
+                                    "inhibited": {"type": "boolean"}, "overloaded": {"type": "boolean"}}},
+            "Stats": _ref("ServerStats"),
+            "ActiveConns": UINT64, "InactConns": UINT64,
+            "UThreshold": UINT32, "LThreshold": UINT32,
+        },
+    },
+    "RealServerExpandList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": _ref("RealServerSpecExpand")}},
+    },
+    "LocalAddressSpecExpand": {
+        "type": "object", "required": ["af", "addr", "device", "conns"],
+        "properties": {"af": {"enum": [2, 10]}, "addr": IP, "device": {"type": "string"}, "conns": UINT64,
+                       "portConflict": UINT64},
+    },
+    "LocalAddressExpandList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": _ref("LocalAddressSpecExpand")}},
+    },
+    "VirtualServerSpecExpand": {
+        "type": "object", "required": ["Id", "Af", "Proto", "Addr", "Port", "SchedName", "Stats", "RSs"],
+        "properties": {
+            "Id": {"type": "string", "description": "the {VipPort} of this service's URL: VIP-PORT-PROTO"},
+            "Af": {"enum": [2, 10], "description": "AF_INET or AF_INET6"},
+            "Proto": {"enum": [6, 17]},
+            "Addr": IP, "Port": UINT16,
+            "SchedName": {"type": "string"},
+            "Flags": {"type": "string"},
+            "Timeout": UINT32,
+            "Netmask": {"type": ["string", "null"]},
+            "Stats": _ref("ServerStats"),
+            "RSs": _ref("RealServerExpandList"),
+            "Laddrs": _ref("LocalAddressExpandList"),
+        },
+    },
+    "VirtualServerList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": _ref("VirtualServerSpecExpand")}},
+    },
+    "InetAddrList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": {
+            "type": "object", "required": ["addr", "device"],
+            "properties": {"addr": {"type": "string", "format": "ip-interface"}, "device": {"type": "string"},
+                           "scope": {"type": "string"}, "sapool": {"type": "boolean"}}}}},
+    },
+    "RouteList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": {
+            "type": "object", "required": ["dst", "device"],
+            "properties": {"dst": {"type": "string", "format": "ip-network"}, "gateway": {"type": "string"},
+                           "prefixSrc": {"type": "string"}, "device": {"type": "string"},
+                           "scope": {"type": "string"}, "mtu": UINT32, "metric": UINT32,
+                           "proto": {"type": "string"}, "flags": {"type": "array", "items": {"type": "string"}}}}}},
+    },
+    "NeighList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": {
+            "type": "object", "required": ["addr", "lladdr", "device"],
+            "properties": {"addr": IP, "lladdr": {"type": "string"}, "device": {"type": "string"},
+                           "state": {"type": "string"}, "flags": {"type": "array", "items": {"type": "string"}}}}}},
+    },
+    "DeviceList": {
+        "type": "object", "required": ["Items"],
+        "properties": {"Items": {"type": "array", "items": {"type": "object"}}},
+    },
+    "Stats": {
+        "type": "object", "required": ["counters", "per_cpu"],
+        "properties": {
+            "counters": {"type": "object", "additionalProperties": UINT64,
+                         "description": "fast-path counters summed over CPUs: rx, verdict_*, pass_*, drop_*, ..."},
+            "per_cpu": {"type": "object", "additionalProperties": {"type": "array", "items": UINT64}},
+            "conn_table": {"type": "object"},
+        },
+    },
+    "ConnPage": {
+        "type": "object", "required": ["Items", "total", "offset", "limit"],
+        "properties": {"Items": {"type": "array", "items": {"type": "object"}},
+                       "total": UINT64, "offset": UINT64, "limit": UINT64},
+    },
+    "Health": {
+        "type": "object", "required": ["state", "msg"],
+        "description": "dpvs-agent's Status, plus what daemon.status reports",
+        "properties": {"state": {"enum": ["Ok", "Warning", "Failure", "Disabled"]}, "msg": {"type": "string"}},
+    },
+    "Change": {
+        "type": "object", "required": ["result"],
+        "properties": {"result": {"enum": ["created", "updated", "unchanged", "deleted", "reloaded"]},
+                       "Id": {"type": "string"}},
+    },
+    "SetChange": {
+        "type": "object", "required": ["added", "updated", "removed", "unchanged"],
+        "description": "real servers by ADDR:PORT ([ADDR]:PORT for IPv6)",
+        "properties": {k: {"type": "array", "items": {"type": "string"}}
+                       for k in ("added", "updated", "removed", "unchanged")},
+    },
+}
+
+# --- paths --------------------------------------------------------------------------------------------
+ERROR_RESPONSES = {
+    "400": "BadRequest: malformed body or parameter (EINVAL); `field` names it; also a body device unknown (ENODEV)",
+    "401": "Unauthorized: a bearer token is configured and the request lacks it or has another",
+    "404": "NotFound: no such service, real server, address, route, neighbour, or the URL's device "
+           "(ESRCH, ENOENT, ENODEV)",
+    "409": "Conflict: it exists already, differently (EEXIST)",
+    "501": "NotImplemented: valid, but this fast path does not do it yet (EOPNOTSUPP)",
+    "507": "InsufficientStorage: a table is full (ENOSPC)",
+}
+
+
+def _json(schema_name: str, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema_name)}}}
+
+
+def _op(op_id: str, summary: str, ops: list[str], ok: dict, errors: tuple = (), body: str | None = None,
+        params: tuple = (), body_required: bool = True) -> dict:
+    out = {"operationId": op_id, "summary": summary, "x-hdslb-ops": ops, "responses": {}}
+    for code, v in ok.items():
+        out["responses"][code] = v
+    for code in ("401", *errors):
+        out["responses"][code] = {"$ref": f"#/components/responses/{ERROR_RESPONSES[code].split(':')[0]}"}
+    if body:
+        out["requestBody"] = {"required": body_required,
+                              "content": {"application/json": {"schema": _ref(body)}}}
+    if params:
+        out["parameters"] = [{"$ref": f"#/components/parameters/{p}"} for p in params]
+    return out
+
+
+_VS = ["VipPort"]
+_DEV = ["name"]
+PATHS = {
+    "/v2/vs": {
+        "get": _op("listVs", "all virtual servers with their real servers and stats", ["service.list"],
+                   {"200": _json("VirtualServerList", "services")}, params=("stats",)),
+        "post": _op("createVs", "create a virtual server (409 if it exists; PUT /v2/vs/{VipPort} upserts)",
+                    ["service.add"], {"201": _json("Change", "created")}, ("400", "409", "501", "507"),
+                    body="VirtualServerCreate"),
+    },
+    "/v2/vs/{VipPort}": {
+        "parameters": [{"$ref": "#/components/parameters/VipPort"}],
+        "get": _op("getVs", "one virtual server", ["service.list"], {"200": _json("VirtualServerList", "the service")},
+                   ("400", "404"), params=("stats",)),
+        "put": _op("putVs", "create or update a virtual server (201 created, 200 updated)",
+                   ["service.add", "service.edit"],
+                   {"200": _json("Change", "updated"), "201": _json("Change", "created")},
+                   ("400", "501", "507"), body="VirtualServerSpecTiny", body_required=False),
+        "delete": _op("deleteVs", "delete a virtual server", ["service.del"], {"200": _json("Change", "deleted")},
+                      ("400", "404")),
+    },
+    "/v2/vs/{VipPort}/rs": {
+        "parameters": [{"$ref": "#/components/parameters/VipPort"}],
+        "get": _op("listRs", "the service's real servers", ["service.list"],
+                   {"200": _json("RealServerExpandList", "real servers")}, ("400", "404"), params=("stats",)),
+        "put": _op("putRs", "add real servers; ones that exist are updated with the fields given",
+                   ["service.list", "dest.add", "dest.edit"], {"200": _json("SetChange", "applied")},
+                   ("400", "404", "501", "507"), body="RealServerTinyList"),
+        "post": _op("replaceRs", "make the real servers exactly the body's (add, update, remove the rest)",
+                    ["service.list", "dest.add", "dest.edit", "dest.del"], {"200": _json("SetChange", "applied")},
+                    ("400", "404", "501", "507"), body="RealServerTinyList"),
+        "delete": _op("deleteRs", "remove the listed real servers (404, nothing removed, if one is absent)",
+                      ["service.list", "dest.del"], {"200": _json("SetChange", "applied")}, ("400", "404"),
+                      body="RealServerTinyList"),
+    },
+    "/v2/vs/{VipPort}/laddr": {
+        "parameters": [{"$ref": "#/components/parameters/VipPort"}],
+        "get": _op("listLaddr", "the service's FNAT local addresses", ["laddr.list"],
+                   {"200": _json("LocalAddressExpandList", "local addresses")}, ("400", "404"), params=("stats",)),
+        "put": _op("putLaddr", "add a local address (200 if it is there on that device already)",
+                   ["laddr.add", "laddr.list"],
+                   {"200": _json("Change", "unchanged"), "201": _json("Change", "created")},
+                   ("400", "404", "409", "501", "507"), body="LocalAddressSpecTiny"),
+        "delete": _op("deleteLaddr", "remove a local address", ["laddr.del"], {"200": _json("Change", "deleted")},
+                      ("400", "404"), body="LocalAddressRef"),
+    },
+    "/v2/device": {
+        "get": _op("listDevice", "the interfaces the fast path is attached to (dpip link show)", ["link.list"],
+                   {"200": _json("DeviceList", "devices")}),
+    },
+    "/v2/device/{name}/addr": {
+        "parameters": [{"$ref": "#/components/parameters/name"}],
+        "get": _op("listDeviceAddr", "the device's addresses (dpip addr show dev NAME)", ["addr.list"],
+                   {"200": _json("InetAddrList", "addresses")}, ("404",)),
+        "put": _op("putDeviceAddr", "add an address (200 if it is there already, the same)", ["addr.add", "addr.list"],
+                   {"200": _json("Change", "unchanged"), "201": _json("Change", "created")},
+                   ("400", "404", "409"), body="InetAddrSpec", params=("sapool",)),
+        "delete": _op("deleteDeviceAddr", "remove an address", ["addr.del"], {"200": _json("Change", "deleted")},
+                      ("400", "404"), body="InetAddrRef"),
+    },
+    "/v2/device/{name}/route": {
+        "parameters": [{"$ref": "#/components/parameters/name"}],
+        "get": _op("listDeviceRoute", "routes leaving by the device (both families)", ["addr.list", "route.list"],
+                   {"200": _json("RouteList", "routes")}, ("404",)),
+        "put": _op("putDeviceRoute", "add a route, or replace the one with the same prefix and metric",
+                   ["route.add", "route.set"],
+                   {"200": _json("Change", "updated"), "201": _json("Change", "created")},
+                   ("400", "404", "501", "507"), body="RouteSpec"),
+        "delete": _op("deleteDeviceRoute", "remove a route", ["route.del"], {"200": _json("Change", "deleted")},
+                      ("400", "404"), body="RouteSpec"),
+    },
+    "/v2/neigh": {
+        "get": _op("listNeigh", "the fast path's neighbour table (static and learned)", ["neigh.list", "addr.list"],
+                   {"200": _json("NeighList", "neighbours")}, ("400", "404"), params=("device", "af")),
+        "put": _op("putNeigh", "add or replace a static neighbour", ["neigh.list", "neigh.add"],
+                   {"200": _json("Change", "updated"), "201": _json("Change", "created")}, ("400",),
+                   body="NeighSpec"),
+        "delete": _op("deleteNeigh", "remove a static neighbour", ["neigh.del"], {"200": _json("Change", "deleted")},
+                      ("400", "404"), body="NeighRef"),
+    },
+    "/v2/stats": {
+        "get": _op("getStats", "fast-path counters (total and per CPU) and the connection table's fill",
+                   ["stats.get"], {"200": _json("Stats", "counters")}),
+    },
+    "/v2/conns": {
+        "get": _op("listConns", "connection table entries, one per direction, paged", ["conn.list"],
+                   {"200": _json("ConnPage", "a page of connections")}, ("400",), params=("offset", "limit")),
+    },
+    "/v2/config": {
+        "get": _op("getConfig", "the running configuration (keepalived-style text)", ["ctx.config_text"],
+                   {"200": {"description": "config text", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                   ("501",)),
+        "post": _op("reloadConfig", "replace the running configuration (reload); errors carry FILE:LINE",
+                    ["ctx.reload_config"], {"200": _json("Change", "reloaded")}, ("400", "501")),
+    },
+    "/v2/health": {
+        "get": _op("getHealth", "is the daemon up and attached", ["daemon.status"],
+                   {"200": _json("Health", "state Ok or Warning (not attached)"),
+                    "503": _json("Health", "state Failure")}),
+    },
+    "/v2/openapi.json": {
+        "get": _op("getOpenapi", "this document", [],
+                   {"200": {"description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}}}}),
+    },
+    "/metrics": {
+        "get": _op("getMetrics", "Prometheus metrics (text exposition format 0.0.4)", ["service.list", "stats.get"],
+                   {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}),
+    },
+}
+PATHS["/v2/config"]["post"]["requestBody"] = {
+    "required": True, "content": {"text/plain": {"schema": {"type": "string", "minLength": 1}}}}
+
+
+def _qparam(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+PARAMETERS = {
+    "VipPort": {"name": "VipPort", "in": "path", "required": True, "schema": {"type": "string"},
+                "description": "VIP-PORT-PROTO, as dpvs-agent: 10.0.0.100-80-tcp, 2001:db8::1-443-tcp"},
+    "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "an interface the fast path is attached to"},
+    "stats": _qparam("stats", {"type": "boolean"}, "accepted for dpvs-agent clients; stats are always included"),
+    "sapool": _qparam("sapool", {"type": "boolean"}, "reserve FNAT source ports on this address (dpip ... sapool)"),
+    "offset": _qparam("offset", {"type": "integer", "minimum": 0}, "first entry (default 0)"),
+    "limit": _qparam("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "entries per page (default 100)"),
+    "device": _qparam("device", {"type": "string"}, "only this interface"),
+    "af": _qparam("af", {"type": "integer", "enum": [4, 6]}, "only this address family"),
+}
+
+RESPONSES = {
+    code_desc.split(":")[0]: {"description": code_desc, "content": {"application/json": {"schema": _ref("Error")}}}
+    for code_desc in ERROR_RESPONSES.values()
+}
+
+DOC = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "hdslb",
+        "version": __version__,
+        "description": "hdslb control API, shaped like DPVS's dpvs-agent. Every operation runs the same control "
+                       "commands as the unix socket (x-hdslb-ops names them). Errors are "
+                       "{error, errno, field}; statuses: EINVAL 400, ENODEV 404 for the URL's device and 400 for "
+                       "a device named in the body, ESRCH/ENOENT 404, EEXIST 409, EOPNOTSUPP 501, ENOSPC 507.",
+    },
+    "servers": [{"url": "/"}],
+    "security": [{}, {"bearerAuth": []}],  # no token on loopback by default; required once one is configured
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "parameters": PARAMETERS,
+        "responses": RESPONSES,
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                           "description": "required when the daemon was given an API token"}},
+    },
+}
+
+
+def document() -> dict:
+    """A copy of the document, safe for a caller to change."""
+    return copy.deepcopy(DOC)
+
+
+# --- request validation -------------------------------------------------------------------------------
+class BodyError(Exception):
+    """A request body the schema refuses; `field` is a dotted path like Items[1].weight (None: the body)."""
+
+    def __init__(self, message: str, field: str | None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+def _path(parts) -> str | None:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str) -> Draft202012Validator:
+    if name not in SCHEMAS:
+        raise KeyError(f"no schema {name!r}")
+    # The root carries the components so every "#/components/schemas/..." reference resolves as in the document.
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": {"schemas": SCHEMAS}},
+                                format_checker=FORMATS)
+
+
+def validate(name: str, body) -> None:
+    """Raise BodyError naming the first offending field when `body` does not match schema `name`."""
+    err = best_match(_validator(name).iter_errors(body))
+    if err is None:
+        return
+    parts = list(err.absolute_path)
+    msg = err.message
+    if err.validator == "required" and isinstance(err.instance, dict):
+        missing = next((r for r in err.validator_value if r not in err.instance), None)
+        parts.append(missing)
+        msg = "is required"
+    elif err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = set(err.schema.get("properties", {}))
+        extra = sorted(k for k in err.instance if k not in known)
+        if extra:
+            parts.append(extra[0])
+            msg = f"unknown field (known: {', '.join(sorted(known))})"
+    elif err.validator == "format":
+        msg = f"{err.instance!r} is not {FORMAT_WORDS.get(err.validator_value, err.validator_value)}"
+    field = _path(parts)
+    raise BodyError(f"{field}: {msg}" if field else f"request body: {msg}", field)

@@ -1,0 +1,158 @@
+"""hdslb-ctl top: a live terminal view of services, real servers, their rates and the fast path's drops.
+
+render(data) is pure (tested directly); main() fetches with the control-socket client and redraws in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import time
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen: redraw in place without curses
+RATE_COLS = (("CPS", "cps"), ("InPPS", "inpps"), ("OutPPS", "outpps"), ("InBPS", "inbps"), ("OutBPS", "outbps"))
+MAX_DROP_REASONS = 6
+
+
+def human(n) -> str:
+    """1234 -> 1.2K, as ipvsadm-like columns can hold; below 1000 the exact integer."""
+    n = float(n or 0)
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{int(n)}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def _hostport(addr: str, port: int) -> str:
+    try:
+        v6 = ipaddress.ip_address(addr).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{addr}]:{port}" if v6 else f"{addr}:{port}"
+
+
+def _rates(counters: dict, prev: dict | None, interval: float | None) -> dict:
+    if not prev or not interval:
+        return {}
+    return {k: max(0, v - prev.get(k, 0)) / interval for k, v in counters.items()}
+
+
+# The first column holds "PROT ADDR:PORT" for a service and "  -> ADDR:PORT" for its real servers, as ipvsadm -L.
+ROW = "{:<33} {:<6} {:>6} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}"
+
+
+def render(data: dict) -> str:
+    """One frame. data: {"services": service.list reply, "stats": stats.get reply, and optionally
+    "prev_counters" (the previous frame's counters), "interval" (seconds since it), "time" (epoch seconds)}."""
+    svcs = (data.get("services") or {}).get("services", [])
+    st = data.get("stats") or {}
+    counters = st.get("counters") or {}
+    rates = _rates(counters, data.get("prev_counters"), data.get("interval"))
+    table = st.get("conn_table") or {}
+    size = table.get("size") or (data.get("services") or {}).get("size") or 0
+    entries = table.get("entries")
+    when = time.strftime("%H:%M:%S", time.localtime(data.get("time", time.time())))
+    lines = []
+    head = f"hdslb top  {when}"
+    if data.get("interval"):
+        head += f"  every {data['interval']:.1f}s"
+    head += f"  services {len(svcs)}"
+    if entries is not None and size:
+        head += f"  conn table {entries}/{size} ({100.0 * entries / size:.1f}%)"
+    lines.append(head)
+
+    def fp(name: str) -> str:
+        if rates:
+            return f"{name.replace('verdict_', '')} {human(rates.get(name, 0))}/s"
+        return f"{name.replace('verdict_', '')} {human(counters.get(name, 0))}"
+
+    lines.append("fast path  " + ("" if rates else "(totals) ") + "  ".join(
+        fp(n) for n in ("rx", "verdict_tx", "verdict_redirect", "verdict_pass", "verdict_drop")))
+    drops = [(k, counters[k]) for k in counters if k.startswith("drop_") and counters[k]]
+    if drops:
+        drops.sort(key=lambda kv: (-rates.get(kv[0], 0), -kv[1], kv[0]))
+        shown = [f"{k[5:]} {human(rates[k])}/s ({human(n)})" if rates else f"{k[5:]} {human(n)}"
+                 for k, n in drops[:MAX_DROP_REASONS]]
+        more = len(drops) - MAX_DROP_REASONS
+        lines.append("drops      " + "  ".join(shown) + (f"  +{more} more" if more > 0 else ""))
+    else:
+        lines.append("drops      none")
+    lines.append("")
+    lines.append(ROW.format("Prot LocalAddress:Port", "Sched", "Weight", "ActConn", "InActConn",
+                            *(c for c, _ in RATE_COLS)))
+    lines.append(ROW.format("  -> RemoteAddress:Port", "Fwd", "", "", "", "", "", "", "", ""))
+    for s in svcs:
+        r = s.get("rates") or {}
+        act = sum(d.get("active", 0) for d in s.get("dests", []))
+        inact = sum(d.get("inactive", 0) for d in s.get("dests", []))
+        first = f"{s['proto'].upper():<4} {_hostport(s['addr'], s['port'])}"
+        lines.append(ROW.format(first, s["sched"], "", act, inact, *(human(r.get(k, 0)) for _, k in RATE_COLS)))
+        for d in s.get("dests", []):
+            dr = d.get("rates") or {}
+            lines.append(ROW.format("  -> " + _hostport(d["addr"], d["port"]), d["fwd"].upper(), d["weight"],
+                                    d.get("active", 0), d.get("inactive", 0),
+                                    *(human(dr.get(k, 0)) for _, k in RATE_COLS)))
+    if not svcs:
+        lines.append("(no virtual services)")
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def fetch(call) -> dict:
+    """One sample through `call(op, args)` (a Client's call): the same ops ipvsadm uses."""
+    return {"services": call("service.list", {"svc": None}), "stats": call("stats.get", {}), "time": time.time()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdslb-ctl top", description="live view of services, real servers and drops")
+    p.add_argument("--interval", "-i", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--count", "-n", type=int, default=0, help="frames to draw, then exit (default: until ^C)")
+    p.add_argument("--ctl-socket", help="control socket (default $HDSLB_CTRL or /var/run/hdslb_ctrl)")
+    return p
+
+
+def main(argv: list[str] | None = None, ctl_socket: str | None = None, out=None) -> int:
+    from hdslb.ctl.client import Client, DaemonUnreachable
+    from hdslb.errors import HdslbError
+
+    out = out or sys.stdout
+    p = build_parser()
+    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.interval <= 0:
+        p.error("--interval must be positive")
+    if ns.count < 0:
+        p.error("--count must be 0 (forever) or more")
+    live = out.isatty() and os.environ.get("TERM") != "dumb"
+    prev, prev_t, frames = None, None, 0
+    try:
+        with Client(ns.ctl_socket or ctl_socket, timeout=10) as c:
+            while True:
+                data = fetch(c.call)
+                now = time.monotonic()
+                if prev is not None:
+                    data["prev_counters"], data["interval"] = prev, now - prev_t
+                prev, prev_t = (data["stats"] or {}).get("counters"), now
+                frame = render(data)
+                out.write((CLEAR + frame) if live else frame)
+                out.flush()
+                frames += 1
+                if ns.count and frames >= ns.count:
+                    return 0
+                if not live:
+                    out.write("\n")  # frames appended to a file or pipe stay apart
+                time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        return 0
+    except DaemonUnreachable as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+    except HdslbError as e:
+        print(f"hdslb-ctl: {e.message}", file=sys.stderr)
+    except OSError as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""/metrics: Prometheus text that parses, node_exporter IPVS style names, values read from the fake daemon."""
+
+import logging
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hdslb.api.app import make_app
+from hdslb.api.metrics import HdslbCollector, health_index
+from tests.unit.test_api import COUNTERS, FakeCtx, quick_start
+
+SVC_L = {"local_address": "10.0.0.100", "local_port": "80", "proto": "TCP"}
+
+
+def rs_l(ip, port="80"):
+    return dict(SVC_L, remote_address=ip, remote_port=port)
+
+
+def scrape(ctx) -> dict:
+    """{sample name: {frozenset(labels): value}} of one collect."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(HdslbCollector(ctx))
+    text = generate_latest(reg).decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def val(m, name, **labels):
+    return m[name][frozenset(labels.items())]
+
+
+@pytest.fixture
+def ctx():
+    return quick_start(FakeCtx(n_conns=7))
+
+
+async def test_metrics_endpoint_parses(ctx):
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        r = await c.get("/metrics")
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["hdslb_connections"].type == "counter"
+    assert fams["hdslb_backend_weight"].type == "gauge"
+    assert "hdslb_connections_total" in text
+
+
+def test_service_and_backend_traffic(ctx):
+    m = scrape(ctx)
+    assert val(m, "hdslb_connections_total", **SVC_L) == 30
+    assert val(m, "hdslb_incoming_packets_total", **SVC_L) == 300
+    assert val(m, "hdslb_outgoing_packets_total", **SVC_L) == 280
+    assert val(m, "hdslb_incoming_bytes_total", **SVC_L) == 30000
+    assert val(m, "hdslb_outgoing_bytes_total", **SVC_L) == 280000
+    assert val(m, "hdslb_backend_connections_total", **rs_l("192.168.100.2")) == 10
+    assert val(m, "hdslb_backend_outgoing_bytes_total", **rs_l("192.168.100.3")) == 190000
+    assert val(m, "hdslb_backend_connections_active", **rs_l("192.168.100.2")) == 3
+    assert val(m, "hdslb_backend_connections_inactive", **rs_l("192.168.100.2")) == 1
+    assert val(m, "hdslb_backend_weight", **rs_l("192.168.100.3")) == 2
+    assert "hdslb_backend_up" not in m, "no health checker, no up metric"
+
+
+def test_fastpath_counters_and_conn_table(ctx):
+    m = scrape(ctx)
+    for name, n in COUNTERS.items():
+        assert val(m, "hdslb_fastpath_packets_total", reason=name) == n
+    assert val(m, "hdslb_fastpath_cpu_packets_total", cpu="0") == 500
+    assert val(m, "hdslb_fastpath_cpu_packets_total", cpu="1") == 500
+    assert val(m, "hdslb_conn_table_entries") == 7
+    assert val(m, "hdslb_conn_table_size") == 4096
+
+
+def test_conn_table_without_stats_get_support(ctx):
+    ctx.conn_table = lambda: None  # an older stats.get: no conn_table; fall back to counting conn.list
+    assert val(scrape(ctx), "hdslb_conn_table_entries") == 7
+    ctx.conn_table_entries = lambda: 11
+    assert val(scrape(ctx), "hdslb_conn_table_entries") == 11
+
+
+def test_backend_up_from_health_checker(ctx):
+    class Health:
+        def status(self):
+            return {"10.0.0.100:80/TCP": {"real_servers": {"192.168.100.2:80": {"state": "up"},
+                                                           "192.168.100.3:80": {"state": "down"}}},
+                    "group web/TCP": {"real_servers": {"192.168.1.1:80": {"state": "up"}}}}
+
+    ctx.health = Health()
+    m = scrape(ctx)
+    assert val(m, "hdslb_backend_up", **rs_l("192.168.100.2")) == 1
+    assert val(m, "hdslb_backend_up", **rs_l("192.168.100.3")) == 0
+    assert len(m["hdslb_backend_up"]) == 2
+
+
+def test_health_index_spellings():
+    idx = health_index({"[2001:db8::1]:443/TCP": {"real_servers": {"[2001:db8::2]:8443": {"state": "up"}}},
+                        "10.0.0.1:53/UDP": {"real_servers": {"10.0.1.1:53": {"state": "down"}}}})
+    assert idx == {("TCP", "2001:db8::1", 443, "2001:db8::2", 8443): True,
+                   ("UDP", "10.0.0.1", 53, "10.0.1.1", 53): False}
+
+
+def test_slowpath_frames(ctx):
+    ctx.slowpath_stats = lambda: {"rx_frames": 12, "tx_frames": 9, "ok": True}
+    m = scrape(ctx)
+    assert val(m, "hdslb_slowpath_frames_total", counter="rx_frames") == 12
+    assert len(m["hdslb_slowpath_frames_total"]) == 2, "non-integers are left out"
+    ctx.slowpath_stats = lambda: {"eth0": {"rx_frames": 3}, "eth1": {"rx_frames": 4}}
+    assert val(scrape(ctx), "hdslb_slowpath_frames_total", ifname="eth1", counter="rx_frames") == 4
+
+
+def test_a_failing_section_does_not_break_the_scrape(ctx, caplog):
+    def broken():
+        raise RuntimeError("maps gone")
+
+    ctx.maps.counters = broken
+    with caplog.at_level(logging.WARNING):
+        m = scrape(ctx)
+    assert "hdslb_fastpath_packets_total" not in m and val(m, "hdslb_connections_total", **SVC_L) == 30
+    assert "maps gone" in caplog.text
+
+
+def test_values_are_read_at_scrape_time(ctx):
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(HdslbCollector(ctx))
+    series = (b'hdslb_backend_weight{local_address="10.0.0.100",local_port="80",proto="TCP",'
+              b'remote_address="192.168.100.2",remote_port="80"}')
+    assert series + b" 1.0" in generate_latest(reg)
+    ctx.bal.dest_edit({"svc": {"proto": "tcp", "addr": "10.0.0.100", "port": 80}, "addr": "192.168.100.2", "weight": 7})
+    assert series + b" 7.0" in generate_latest(reg)
+
+
+def test_ipv6_and_udp_labels():
+    ctx = FakeCtx()
+    ctx.bal.service_add({"proto": "udp", "addr": "2001:db8::1", "port": 53, "sched": "rr"})
+    ctx.bal.dest_add({"svc": {"proto": "udp", "addr": "2001:db8::1", "port": 53}, "addr": "2001:db8::2"})
+    m = scrape(ctx)
+    assert val(m, "hdslb_backend_weight", local_address="2001:db8::1", local_port="53", proto="UDP",
+               remote_address="2001:db8::2", remote_port="53") == 1

@@ -1,0 +1,99 @@
+"""hdslb-ctl top: the pure renderer, and one bounded run against a real control socket."""
+
+import asyncio
+import io
+
+from hdslb import top
+from hdslb.ctl import commands
+from hdslb.ctl.server import CtlServer
+from tests.unit.test_api import COUNTERS, FakeCtx, quick_start
+
+
+def sample(ctx):
+    return {"services": commands.dispatch(ctx, "service.list", {"svc": None}),
+            "stats": commands.dispatch(ctx, "stats.get", {}), "time": 0}
+
+
+def test_render_services_dests_and_rates():
+    ctx = quick_start(FakeCtx(n_conns=7))
+    out = top.render(sample(ctx))
+    lines = out.splitlines()
+    assert lines[0].startswith("hdslb top") and "services 1" in lines[0] and "conn table 7/4096 (0.2%)" in lines[0]
+    svc = next(line for line in lines if line.startswith("TCP"))
+    assert svc.split() == ["TCP", "10.0.0.100:80", "rr", "8", "1", "5", "50", "45", "5.0K", "45.0K"]
+    rs = [line.split() for line in lines if "->" in line and "Remote" not in line]
+    assert rs == [["->", "192.168.100.2:80", "FNAT", "1", "3", "1", "0", "0", "0", "0", "0"],
+                  ["->", "192.168.100.3:80", "FNAT", "2", "5", "0", "0", "0", "0", "0", "0"]]
+    # first frame: totals, no rates yet
+    assert "fast path  (totals) rx 1.0K  tx 983  redirect 0  pass 10  drop 7" in out
+    assert "drops      no_route 4  malformed_ip 3" in out
+
+
+def test_render_drop_rates_between_frames():
+    ctx = quick_start(FakeCtx())
+    data = sample(ctx)
+    prev = dict(COUNTERS, rx=0, drop_no_route=4, drop_malformed_ip=1)
+    data.update(prev_counters=prev, interval=2.0)
+    out = top.render(data)
+    assert "every 2.0s" in out
+    assert "fast path  rx 500/s" in out
+    # sorted by rate: malformed_ip moved 2 in 2 s, no_route did not move
+    assert "drops      malformed_ip 1/s (3)  no_route 0/s (4)" in out
+
+
+def test_render_empty_and_ipv6():
+    ctx = FakeCtx()
+    out = top.render(sample(ctx))
+    assert "(no virtual services)" in out
+    ctx.bal.service_add({"proto": "udp", "addr": "2001:db8::1", "port": 53, "sched": "rr"})
+    ctx.bal.dest_add({"svc": {"proto": "udp", "addr": "2001:db8::1", "port": 53}, "addr": "2001:db8::2"})
+    out = top.render(sample(ctx))
+    assert "UDP  [2001:db8::1]:53" in out and "-> [2001:db8::2]:53" in out
+
+
+def test_render_no_drops():
+    data = {"services": {"services": []}, "stats": {"counters": {"rx": 5, "drop_no_route": 0}}, "time": 0}
+    assert "drops      none" in top.render(data)
+
+
+def test_human():
+    assert [top.human(x) for x in (0, 999, 1000, 1234567, 5.5e9)] == ["0", "999", "1.0K", "1.2M", "5.5G"]
+
+
+async def test_main_count_1_against_a_control_socket(tmp_path):
+    ctx = quick_start(FakeCtx(n_conns=3))
+    path = str(tmp_path / "ctl.sock")
+    srv = CtlServer(path, ctx.dispatch)
+    await srv.start()
+    try:
+        out = io.StringIO()
+        rc = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: top.main(["--count", "1", "--interval", "0.01"], ctl_socket=path, out=out))
+    finally:
+        await srv.stop()
+    assert rc == 0
+    text = out.getvalue()
+    assert "\x1b[" not in text, "no screen control codes when not on a terminal"
+    assert "TCP  10.0.0.100:80" in text and "-> 192.168.100.3:80" in text and "conn table 3/4096" in text
+    assert [op for op, _ in ctx.ops] == ["service.list", "stats.get"]
+
+
+async def test_main_two_frames_compute_rates(tmp_path):
+    ctx = quick_start(FakeCtx())
+    path = str(tmp_path / "ctl.sock")
+    srv = CtlServer(path, ctx.dispatch)
+    await srv.start()
+    try:
+        out = io.StringIO()
+        rc = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: top.main(["--count", "2", "--interval", "0.01", "--ctl-socket", path], out=out))
+    finally:
+        await srv.stop()
+    assert rc == 0
+    first, second = out.getvalue().split("\n\nhdslb top")
+    assert "(totals)" in first and "(totals)" not in second and "rx 0/s" in second
+
+
+def test_main_without_daemon(tmp_path, capsys):
+    assert top.main(["--count", "1"], ctl_socket=str(tmp_path / "none.sock")) == 1
+    assert "cannot reach hdslbd" in capsys.readouterr().err
