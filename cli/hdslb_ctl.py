@@ -114,6 +114,11 @@ def cmd_check(ns) -> int:
         print(e, file=sys.stderr)
     if errors:
         return 1
+    from hdslb.config import load
+    from hdslb.config.apply import inactive_notices
+
+    for n in inactive_notices(load(ns.config)):
+        print(f"notice: {n}")
     print(f"{ns.config}: OK")
     return 0
 

@@ -31,6 +31,9 @@ DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
 DEFAULT_MAX_CONNS = 262144
 DEFAULT_STATE_DIR = "/run/hdslb/state"
+# DPVS/HDSLB global_defs log_level names -> Python logging levels
+DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "error", "WARNING": "warning",
+                   "NOTICE": "info", "INFO": "info", "DEBUG": "debug"}
 # Idle timeouts (seconds) per connection state, DPVS's defaults (the seed's ipvs_defs); ipvs_defs overrides.
 DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
 NEIGH_REFRESH_S = 30.0  # re-probe learned next hops this often (the slow-path issue brings real aging)
@@ -56,6 +59,7 @@ class Settings:
     aging_interval: float = 2.0
     api_listen: str | None = "127.0.0.1:53225"  # dpvs-agent's port; None: no REST server
     api_token: str | None = None
+    log_file: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -97,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
     p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
                    help="FNAT local port range MIN-MAX")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="default: global_defs log_level from -f, else info")
     p.add_argument("--fresh", action="store_true",
                    help="discard pinned state left by a previous daemon instead of adopting it")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the model is saved for restarts")
@@ -122,6 +127,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if ns.aging_interval <= 0:
         p.error("--aging-interval must be positive")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
+    log_level, log_file = ns.log_level, None
     timeouts = dict(DEFAULT_TIMEOUTS)
     if ns.config_file:
         # The file supplies what the command line left out; the command line wins where both speak.
@@ -135,7 +141,11 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         explicit_ctl = explicit_ctl or cfg.ctrl_defs.ctl_socket
         if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
-        notices = [str(n) for n in cfg.notices]
+        from hdslb.config.apply import inactive_notices
+
+        notices = inactive_notices(cfg)
+        log_level = log_level or DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
+        log_file = cfg.global_defs.log_file
         tcp = cfg.ipvs_defs.tcp.timeout
         timeouts.update(syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
                         close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
@@ -154,9 +164,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                     pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, lport_min=lo,
-                    lport_max=hi, log_level=ns.log_level, config_file=ns.config_file, fresh=ns.fresh,
+                    lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
-                    api_listen=api_listen, api_token=token or None, extra={"notices": notices})
+                    api_listen=api_listen, api_token=token or None, log_file=log_file,
+                    extra={"notices": notices})
 
 
 class _NullDataPath:
@@ -224,6 +235,19 @@ class MapDataPath:
 
 def _proto(name: str) -> int:
     return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[name]
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(state.encode())
+    return True
 
 
 def read_ifaces(names: list[str]) -> dict[str, Iface]:
@@ -373,11 +397,14 @@ class Daemon:
 
     async def run(self) -> None:
         await self.start()
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.bal.services)} services on {', '.join(self.xdp_modes)}\n"
+                  f"MAINPID={os.getpid()}")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_logged()))
         await self._stop.wait()
+        sd_notify("STOPPING=1")
         await self.stop()
 
     def request_shutdown(self, detach: bool) -> None:
@@ -547,6 +574,10 @@ class Daemon:
         if self.config is not None:
             restart = [str(c) for c in diff(self.config, cfg).init_changed]
         applied = self.apply_config(cfg)
+        from hdslb.config.apply import inactive_notices
+
+        for n in inactive_notices(cfg):
+            log.info("config: %s", n)
         if self.health is not None:
             from hdslb.health import pairs_of
 
@@ -558,12 +589,15 @@ class Daemon:
         return {"applied": applied, "needs_restart": restart}
 
     async def _reload_logged(self) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             r = await self.reload_config()
             log.info("reload: %d changes%s", len(r["applied"]),
                      f"; needs restart: {', '.join(r['needs_restart'])}" if r["needs_restart"] else "")
         except HdslbError as e:
             log.error("reload refused: %s", e.message)
+        finally:
+            sd_notify("READY=1")
 
     def config_text(self) -> str:
         override = getattr(self, "config_text_override", None)
@@ -802,7 +836,8 @@ class Daemon:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=settings.log_level.upper(),
+                        **({"filename": settings.log_file} if settings.log_file else {"stream": sys.stderr}),
                         format="%(asctime)s hdslbd[%(process)d] %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
         print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)

@@ -122,3 +122,42 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
                     ops.append(("laddr.del", {"svc": w.ident, "addr": addr}))
                 ops.append(("laddr.add", {"svc": w.ident, "addr": addr, "ifname": ifname}))
     return ops
+
+
+# Options the parser maps to the XDP design but this daemon does not act on yet, with the reason an operator
+# sees. Anything applicable and not listed here is acted on. Checked by prefix of the setting's path.
+NOT_ACTED_ON = {
+    "worker_defs": "XDP runs on whichever CPU receives the packet; steer with IRQ affinity / RSS (hdslb does not manage it yet)",
+    "neigh_defs": "neighbour aging and unresolved queues belong to the slow path, which is not implemented yet",
+    "ipv4_defs.default_ttl": "FNAT forwards without touching the TTL",
+    "ipv4_defs.fragment": "IPv4 fragments addressed to the balancer are dropped and counted (drop_fragment), not reassembled",
+    "ipv6_defs": "IPv6 is passed to the kernel; IPv6 balancing is not implemented yet",
+    "ipvs_defs.conn.conn_init_timeout": "a new flow ages by its state's timeout (syn_recv)",
+    "ipvs_defs.udp.uoa_": "UDP option of address (UOA) is not implemented",
+    "ipvs_defs.udp.timeout.last": "UDP flows age by the normal timeout only",
+    "ipvs_defs.tcp.timeout.none": "the fast path tracks syn_recv, established, fin_wait and close only",
+    "ipvs_defs.tcp.timeout.syn_sent": "the fast path tracks syn_recv, established, fin_wait and close only",
+    "ipvs_defs.tcp.timeout.time_wait": "folded into fin_wait: the fast path tracks syn_recv, established, fin_wait and close",
+    "ipvs_defs.tcp.timeout.close_wait": "folded into fin_wait: the fast path tracks syn_recv, established, fin_wait and close",
+    "ipvs_defs.tcp.timeout.last_ack": "folded into fin_wait: the fast path tracks syn_recv, established, fin_wait and close",
+    "ipvs_defs.tcp.timeout.listen": "the fast path tracks syn_recv, established, fin_wait and close only",
+    "ipvs_defs.tcp.timeout.synack": "the fast path tracks syn_recv, established, fin_wait and close only",
+    "ipvs_defs.tcp.timeout.last": "the fast path tracks syn_recv, established, fin_wait and close only",
+    "ipvs_defs.tcp.synproxy": "SYN proxy is not implemented yet",
+    "ipvs_defs.tcp.defence_tcp_drop": "not implemented",
+    "ipvs_defs.udp.defence_udp_drop": "not implemented",
+}
+
+
+def inactive_notices(cfg) -> list[str]:
+    """One line per option the file sets that has no effect: the parser's not-applicable notices plus the
+    options this daemon does not act on yet. Nothing set is silently ignored."""
+    out = [str(n) for n in cfg.notices]
+    for path, st in cfg.settings.items():
+        if not st.applies:
+            continue
+        for prefix, reason in NOT_ACTED_ON.items():
+            if path.startswith(prefix):
+                out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {reason}")
+                break
+    return out

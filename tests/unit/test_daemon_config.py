@@ -67,3 +67,50 @@ def test_broken_config_exits_2_naming_the_line(tmp_path, capsys):
         settings_from_args(["-f", str(conf)])
     assert e.value.code == 2
     assert f"{conf}:3:" in capsys.readouterr().err
+
+
+def test_sd_notify_speaks_to_systemd(tmp_path, monkeypatch):
+    import socket as s
+
+    from hdslb.daemon import sd_notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False
+    path = str(tmp_path / "notify")
+    with s.socket(s.AF_UNIX, s.SOCK_DGRAM) as srv:
+        srv.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert sd_notify("READY=1\nSTATUS=ok") is True
+        assert srv.recv(100) == b"READY=1\nSTATUS=ok"
+
+
+def test_systemd_unit_is_notify_and_reloads_with_sighup():
+    from pathlib import Path
+
+    unit = (Path(__file__).parents[2] / "conf" / "hdslb.service").read_text()
+    assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "hdslbd -f" in unit
+
+
+def test_options_without_effect_are_reported_never_ignored(tmp_path):
+    from hdslb.config import load
+    from hdslb.config.apply import inactive_notices
+
+    notices = inactive_notices(load(str(Path_conf())))
+    text = "\n".join(notices)
+    for kw in ("SYN proxy", "default_ttl", "unres_queue_length", "descriptor_number", "time_wait"):
+        assert kw in text, kw
+
+
+def Path_conf():
+    from pathlib import Path
+
+    return Path(__file__).parents[2] / "conf" / "hdslb.conf"
+
+
+def test_global_defs_logging_applies(tmp_path):
+    conf = tmp_path / "g.conf"
+    conf.write_text(f"global_defs {{\n  log_level DEBUG\n  log_file {tmp_path}/d.log\n}}\n")
+    s = settings_from_args(["-f", str(conf), "eth0"])
+    assert (s.log_level, s.log_file) == ("debug", f"{tmp_path}/d.log")
+    assert settings_from_args(["-f", str(conf), "eth0", "--log-level", "error"]).log_level == "error"
