@@ -123,6 +123,82 @@ def cmd_check(ns) -> int:
     return 0
 
 
+def _svc_arg(ns) -> dict:
+    import ipaddress
+
+    spec, proto = (ns.tcp, "tcp") if ns.tcp else (ns.udp, "udp")
+    host, _, port = spec.rpartition(":")
+    try:
+        return {"proto": proto, "addr": str(ipaddress.ip_address(host.strip("[]"))), "port": int(port)}
+    except ValueError:
+        raise SystemExit(f"hdslb-ctl: invalid service {spec!r} (VIP:PORT)") from None
+
+
+def _rs_arg(spec: str) -> tuple:
+    import ipaddress
+
+    host, sep, port = spec.rpartition(":") if spec.count(":") == 1 or spec.startswith("[") else ("", "", spec)
+    if not sep:
+        host, port = spec, "0"
+    try:
+        return str(ipaddress.ip_address(host.strip("[]"))), int(port)
+    except ValueError:
+        raise SystemExit(f"hdslb-ctl: invalid real server {spec!r} (RS[:PORT])") from None
+
+
+def cmd_health(ns) -> int:
+    ctl = protocol.resolve_socket(ns.ctl_socket)
+    try:
+        if ns.action == "show":
+            st = Client(ctl).call("health.list")["health"]
+            if not st:
+                print("no health checks")
+            for vs, v in st.items():
+                print(f"{vs}  quorum {v.get('quorum')}/{v.get('quorum_needed')}")
+                for rs, r in v.get("real_servers", {}).items():
+                    reason = f"  ({r.get('reason')})" if r.get("reason") else ""
+                    print(f"  -> {rs:<28} {r.get('state', '?'):<5} weight {r.get('weight')}{reason}")
+            return 0
+        if not (ns.tcp or ns.udp) or not ns.real_server:
+            print("hdslb-ctl: health add/del need -t|-u VIP:PORT and -r RS[:PORT]", file=sys.stderr)
+            return 2
+        addr, port = _rs_arg(ns.real_server)
+        args = {"svc": _svc_arg(ns), "addr": addr, "port": port}
+        if ns.action == "del":
+            Client(ctl).call("check.del", args)
+            return 0
+        params = {}
+        for kv in ns.params:
+            k, sep, v = kv.partition("=")
+            if not sep:
+                print(f"hdslb-ctl: parameter {kv!r} is not KEY=VALUE", file=sys.stderr)
+                return 2
+            if k in ("path", "status_code", "digest"):
+                params.setdefault("url", {})[k] = v
+            else:
+                params[k] = v
+        args.update(kind=ns.kind, delay_loop=ns.delay_loop, inhibit_on_failure=ns.inhibit, params=params)
+        print(f"check added: {Client(ctl).call('check.add', args)['key']}")
+        return 0
+    except DaemonUnreachable as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 1
+
+
+def health_parser() -> argparse.ArgumentParser:
+    hc = argparse.ArgumentParser(prog="hdslb-ctl health", description="show health checks, or add/del one at run time")
+    hc.add_argument("action", choices=("show", "add", "del"))
+    hc.add_argument("-t", "--tcp-service", dest="tcp")
+    hc.add_argument("-u", "--udp-service", dest="udp")
+    hc.add_argument("-r", "--real-server", dest="real_server")
+    hc.add_argument("--kind", default="TCP_CHECK", help="TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, MISC_CHECK")
+    hc.add_argument("--delay-loop", type=float, default=6)
+    hc.add_argument("--inhibit", action="store_true", help="inhibit_on_failure: weight 0 instead of removal")
+    hc.add_argument("params", nargs="*", metavar="KEY=VALUE",
+                    help="checker options, e.g. connect_timeout=1 connect_port=8080 path=/health status_code=200")
+    return hc
+
+
 def cmd_status(ns) -> int:
     try:
         st = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("daemon.status")
@@ -161,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", help="re-read the config file (like SIGHUP); --datapath: swap the XDP program")
     rl.add_argument("--datapath", action="store_true", help="recompile and swap the XDP program, keeping all maps")
     rl.set_defaults(func=cmd_reload)
+    sub.add_parser("health", help="health checks: show, or add/del one at run time (see hdslb-ctl health -h)")
     ck = sub.add_parser("check", help="validate a config file without running it (like keepalived -t)")
     ck.add_argument("-f", "--config", required=True)
     ck.set_defaults(func=cmd_check)
@@ -185,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         from hdslb import top
 
         return top.main(argv[1:], ctl_socket=ctl)
+    if argv[:1] == ["health"]:
+        hns = health_parser().parse_intermixed_args(argv[1:])
+        hns.ctl_socket = ctl
+        try:
+            return cmd_health(hns)
+        except HdslbError as e:
+            print(f"hdslb-ctl: {e.message}", file=sys.stderr)
+            return 1
     ns = build_parser().parse_args(argv)
     ns.ctl_socket = ctl
     if ns.cmd == "up" and not ns.interfaces and not ns.config:

@@ -237,6 +237,73 @@ def _proto(name: str) -> int:
     return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[name]
 
 
+def _endpoint(addr, port) -> str:
+    a = ipaddress.ip_address(str(addr))
+    return f"[{a}]:{port}" if a.version == 6 else f"{a}:{port}"
+
+
+CHECK_KINDS = {
+    "TCP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
+    "HTTP_GET": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
+    "SSL_GET": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
+    "UDP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup",
+                  "payload", "require_reply"),
+    "MISC_CHECK": ("misc_path", "misc_timeout", "misc_dynamic", "retry", "delay_before_retry", "warmup"),
+}
+_TOKEN = re.compile(r"[A-Za-z0-9_.:/%+=@-]+")
+
+
+def check_block(svc: dict, addr: str, port: int, a: dict) -> str:
+    """A one-server keepalived block for check.add, so run-time checks are parsed and validated exactly like
+    the file's. Values are restricted to plain tokens: nothing can inject configuration text."""
+    from hdslb.errors import invalid
+
+    kind = str(a.get("kind", "TCP_CHECK")).upper()
+    if kind not in CHECK_KINDS:
+        raise invalid(f"unknown check kind {kind!r} ({', '.join(CHECK_KINDS)})")
+    params = a.get("params") or {}
+    if not isinstance(params, dict):
+        raise invalid("params must be a map")
+
+    def tok(k, v):
+        v = str(v).lower() if isinstance(v, bool) else str(v)
+        if k == "misc_path":
+            if not v or any(ch in v for ch in '"{}\n!#'):
+                raise invalid(f"invalid misc_path {v!r}")
+            return f'"{v}"'
+        if not _TOKEN.fullmatch(v):
+            raise invalid(f"invalid value for {k}: {v!r}")
+        return v
+
+    body = []
+    for k, v in params.items():
+        if k == "url":
+            urls = v if isinstance(v, list) else [v]
+            for u in urls:
+                if kind not in ("HTTP_GET", "SSL_GET") or not isinstance(u, dict) or "path" not in u:
+                    raise invalid("url needs HTTP_GET/SSL_GET and a path")
+                body.append("            url {")
+                body += [f"                {uk} {tok(uk, uv)}" for uk, uv in u.items() if uk in ("path", "status_code", "digest")]
+                body.append("            }")
+        elif k in CHECK_KINDS[kind]:
+            if k == "misc_dynamic":
+                if v:
+                    body.append("            misc_dynamic")
+            else:
+                body.append(f"            {k} {tok(k, v)}")
+        else:
+            raise invalid(f"{kind} takes no parameter {k!r} (it takes: {', '.join(CHECK_KINDS[kind])}, url)")
+    delay = a.get("delay_loop", 6)
+    extra = ["        inhibit_on_failure"] if a.get("inhibit_on_failure") else []
+    return "\n".join([
+        f"virtual_server {svc['addr']} {svc['port']} {{",
+        f"    protocol {svc['proto'].upper()}",
+        f"    delay_loop {tok('delay_loop', delay)}",
+        "    lb_kind FNAT",
+        f"    real_server {addr} {port} {{", *extra,
+        f"        {kind} {{", *body, "        }", "    }", "}", ""])
+
+
 def sd_notify(state: str) -> bool:
     """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -309,6 +376,7 @@ class Daemon:
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
         self.health = None
         self.api = None
+        self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
         self._conn_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
 
@@ -339,6 +407,7 @@ class Daemon:
         self.bal.conn_counts = self.conn_counts
         if adopt:
             restore(self.bal, snap)
+            self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
             log.info("adopted pinned state: %d services, %d connection entries",
                      len(self.bal.services), self.maps.conn_entries())
         self._save_state()
@@ -365,7 +434,7 @@ class Daemon:
             from hdslb.config import load
 
             self.apply_config(load(s.config_file))
-            await self._start_health()
+        await self._start_health()
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
@@ -438,7 +507,8 @@ class Daemon:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(msgpack.packb(snapshot(self.bal), use_bin_type=True))
+            f.write(msgpack.packb(dict(snapshot(self.bal), checks=list(self.ctl_checks.values())),
+                                  use_bin_type=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old or the new model, never half
@@ -578,12 +648,7 @@ class Daemon:
 
         for n in inactive_notices(cfg):
             log.info("config: %s", n)
-        if self.health is not None:
-            from hdslb.health import pairs_of
-
-            self.health.update(pairs_of(cfg.virtual_servers))
-        else:
-            await self._start_health()
+        await self._start_health()
         if text is not None:
             self.config_text_override = text
         return {"applied": applied, "needs_restart": restart}
@@ -609,27 +674,75 @@ class Daemon:
             return f.read()
 
     # --- health checks --------------------------------------------------------------------------
-    async def _start_health(self) -> None:
-        from hdslb.health import HealthManager, pairs_of
+    def _health_pairs(self) -> list:
+        from hdslb.config import loads
+        from hdslb.health import pairs_of
 
         pairs = pairs_of(self.config.virtual_servers) if self.config else []
+        for c in self.ctl_checks.values():
+            pairs += pairs_of(loads(c["text"], name=f"check.add {c['key']}").virtual_servers)
+        return pairs
+
+    async def _start_health(self) -> None:
+        """Start the checkers, or hand the current set to the running manager (state of kept servers stays)."""
+        from hdslb.health import HealthManager
+
+        pairs = self._health_pairs()
+        if self.health is not None:
+            self.health.update(pairs)
+            return
         if not any(rs.checkers for _, rs in pairs):
             return
         self.health = HealthManager(self._on_health, self._on_quorum)
         await self.health.start(pairs)
 
     def _services_of(self, vs_key):
-        return [w for w in self.want.values() if w.vs_key == vs_key]
+        """(service ident, fwd, where) of every service a health-check identity stands for."""
+        out = [(w.ident, w.fwd, w.where) for w in self.want.values() if w.vs_key == vs_key]
+        for c in self.ctl_checks.values():
+            svc = c["svc"]
+            if (svc["proto"].upper(), _endpoint(svc["addr"], svc["port"])) == tuple(vs_key):
+                out.append((svc, None, f"check.add {c['key']}"))
+        return out
+
+    async def add_check(self, a: dict) -> dict:
+        svc = self.bal.get_service(a.get("svc"))
+        d = svc.dests.get(self.bal._dest_key(svc, a))
+        if d is None:
+            raise HdslbError(errno.ENOENT, "No such destination")
+        ident = {"proto": svc.proto, "addr": str(svc.addr), "port": svc.port}
+        key = f"{svc.proto}:{_endpoint(svc.addr, svc.port)}/{_endpoint(d.addr, d.port)}"
+        text = check_block(ident, str(d.addr), d.port, a)
+        from hdslb.config import ConfigError, loads
+
+        try:
+            loads(text, name="check.add")
+        except ConfigError as e:
+            raise HdslbError(errno.EINVAL, f"invalid check: {e.reason if hasattr(e, 'reason') else e}") from None
+        self.ctl_checks[key] = {"key": key, "svc": ident, "addr": str(d.addr), "port": d.port, "text": text}
+        await self._start_health()
+        return {"key": key}
+
+    async def del_check(self, a: dict) -> None:
+        svc = self.bal.get_service(a.get("svc"))
+        addr, port = self.bal._dest_key(svc, a)
+        key = f"{svc.proto}:{_endpoint(svc.addr, svc.port)}/{_endpoint(addr, port)}"
+        if self.ctl_checks.pop(key, None) is None:
+            raise HdslbError(errno.ENOENT, f"no check on {key} was added with check.add")
+        d = svc.dests.get((addr, port))
+        if d is not None and d.health == "down":  # no checker any more: nothing keeps it out of rotation
+            self.bal.dest_health({"svc": a.get("svc"), "addr": str(addr), "port": port}, True, None, "")
+        await self._start_health()
 
     async def _on_health(self, vs_key, rs_key, up, weight, reason) -> None:
-        for w in self._services_of(vs_key):
-            port = rs_key[1] or w.port
+        for ident, _, where in self._services_of(vs_key):
+            port = rs_key[1] or ident["port"]
             try:
-                self.bal.dest_health({"svc": w.ident, "addr": str(rs_key[0]), "port": port}, up, weight, reason)
+                self.bal.dest_health({"svc": ident, "addr": str(rs_key[0]), "port": port}, up, weight, reason)
             except HdslbError as e:
-                log.warning("health %s %s:%s: %s", w.where, rs_key[0], port, e.message)
+                log.warning("health %s %s:%s: %s", where, rs_key[0], port, e.message)
                 continue
-            log.info("real server %s:%s of %s %s%s", rs_key[0], port, w.where, "up" if up else "down",
+            log.info("real server %s:%s of %s %s%s", rs_key[0], port, where, "up" if up else "down",
                      f" ({reason})" if reason and not up else "")
         self._save_state()
 
@@ -638,23 +751,21 @@ class Daemon:
         if vs is None or vs.sorry_server is None:
             return
         ss = vs.sorry_server
-        for w in self._services_of(vs_key):
-            svc = self.bal.services.get(w.key)
-            if svc is None:
-                continue
-            args = {"svc": w.ident, "addr": str(ss.ip), "port": ss.port or w.port}
-            key = (ss.ip, ss.port or w.port)
+        for ident, fwd, where in self._services_of(vs_key):
+            svc = self.bal.get_service(ident)
+            args = {"svc": ident, "addr": str(ss.ip), "port": ss.port or ident["port"]}
+            key = (ss.ip, ss.port or ident["port"])
             try:
                 if lost and key not in svc.dests:
-                    d = self.bal.dest_add(dict(args, fwd=w.fwd, weight=1))
+                    d = self.bal.dest_add(dict(args, fwd=fwd or "fnat", weight=1))
                     d.sorry = True
                     self.resolve_soon()
-                    log.warning("%s lost quorum: sorry server %s:%s takes new flows", w.where, ss.ip, args["port"])
+                    log.warning("%s lost quorum: sorry server %s:%s takes new flows", where, ss.ip, args["port"])
                 elif not lost and key in svc.dests and svc.dests[key].sorry:
                     self.bal.dest_del(args)
-                    log.info("%s regained quorum: sorry server removed", w.where)
+                    log.info("%s regained quorum: sorry server removed", where)
             except HdslbError as e:
-                log.error("sorry server for %s: %s", w.where, e.message)
+                log.error("sorry server for %s: %s", where, e.message)
         self._save_state()
 
     def uptime(self) -> float:

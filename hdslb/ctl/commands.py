@@ -296,6 +296,16 @@ def config_get(ctx, a):
     return {"text": ctx.config_text(), "file": ctx.settings.config_file}
 
 
+@command("check.add")
+def check_add(ctx, a):
+    return ctx.add_check(a)
+
+
+@command("check.del")
+def check_del(ctx, a):
+    return ctx.del_check(a)
+
+
 @command("health.list")
 def health_list(ctx, a):
     return {"health": ctx.health.status() if ctx.health is not None else {}}

@@ -216,3 +216,32 @@ def test_reload_changes_the_set_without_breaking_a_transfer(hc):
         [ln.split()[:4] for ln in before.splitlines()]
     assert lb.ctl("check", "-f", str(conf), check=False).returncode == 1
     conf.write_text(new)
+
+
+@pytest.mark.root
+def test_check_added_at_run_time_takes_a_server_out_and_del_brings_it_back(hc):
+    lab, lb, servers, side, conf = hc
+    vip = "192.168.100.102"
+    listener = lab.spawn(lab.server(3).ns, ["python3", "-m", "http.server", "9001"])
+    lb.ipvsadm("-A", "-t", f"{vip}:80", "-s", "rr")
+    for rs in ("192.168.100.2", "192.168.100.4"):
+        lb.ipvsadm("-a", "-t", f"{vip}:80", "-r", f"{rs}:80", "-b")
+    lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", "-t", f"{vip}:80", "-F", "veth-lb0")
+    lb.dpip("addr", "add", f"{vip}/32", "dev", "veth-lb0")
+    lb.ctl("health", "add", "-t", f"{vip}:80", "-r", "192.168.100.4:80", "--delay-loop", "1",
+           "connect_port=9001", "connect_timeout=1", "retry=0")
+    time.sleep(2.5)
+    assert dest(lb, vip, "192.168.100.4")["health"]["state"] == "up"
+    assert {get(lab, vip) for _ in range(4)} == {"rs1", "rs3"}
+    lab.stop(listener)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 and dest(lb, vip, "192.168.100.4")["health"]["state"] != "down":
+        time.sleep(0.2)
+    assert dest(lb, vip, "192.168.100.4")["health"]["state"] == "down"
+    assert "192.168.100.4:80" in lb.ctl("health", "show").stdout
+    assert {get(lab, vip) for _ in range(4)} == {"rs1"}
+    bad = lb.ctl("health", "add", "-t", f"{vip}:80", "-r", "192.168.100.4:80", "bogus=1", check=False)
+    assert bad.returncode == 1 and "bogus" in bad.stderr
+    lb.ctl("health", "del", "-t", f"{vip}:80", "-r", "192.168.100.4:80")
+    assert dest(lb, vip, "192.168.100.4")["health"]["state"] == "up"
+    assert {get(lab, vip) for _ in range(4)} == {"rs1", "rs3"}

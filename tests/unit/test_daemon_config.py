@@ -114,3 +114,30 @@ def test_global_defs_logging_applies(tmp_path):
     s = settings_from_args(["-f", str(conf), "eth0"])
     assert (s.log_level, s.log_file) == ("debug", f"{tmp_path}/d.log")
     assert settings_from_args(["-f", str(conf), "eth0", "--log-level", "error"]).log_level == "error"
+
+
+def test_check_block_renders_a_parsable_one_server_config():
+    from hdslb.config import loads
+    from hdslb.daemon import check_block
+
+    svc = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
+    text = check_block(svc, "192.168.100.2", 80, {"kind": "HTTP_GET", "delay_loop": 1, "inhibit_on_failure": True,
+                                                   "params": {"connect_timeout": 1, "url": {"path": "/health", "status_code": 200}}})
+    vs = loads(text, name="t").virtual_servers[0]
+    rs = vs.real_servers[0]
+    assert vs.delay_loop == 1 and rs.inhibit_on_failure and rs.checkers[0].url[0].path == "/health"
+
+
+@pytest.mark.parametrize("a", [
+    {"kind": "PING"},
+    {"kind": "TCP_CHECK", "params": {"connect_timeout": "1 }\nvirtual_server 1.2.3.4 1 {"}},
+    {"kind": "TCP_CHECK", "params": {"misc_path": "/bin/true"}},
+    {"kind": "MISC_CHECK", "params": {"misc_path": 'x" }'}},
+    {"kind": "TCP_CHECK", "params": {"url": {"path": "/"}}},
+])
+def test_check_block_refuses_bad_or_injected_input(a):
+    from hdslb.daemon import check_block
+    from hdslb.errors import HdslbError
+
+    with pytest.raises(HdslbError):
+        check_block({"proto": "tcp", "addr": "10.0.0.1", "port": 80}, "10.0.0.2", 80, a)
