@@ -23,6 +23,19 @@ LB_MAC_S = ":".join(f"{b:02x}" for b in LB_MAC)
 A = ipaddress.ip_address
 
 
+def _on_cpu(cpu, fn):
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+
+
+
 def setup_service(maps, proto=socket.IPPROTO_TCP, dests=((RS1, 80),), ring=None, drain=()):
     """VIP:80 -> dests via LIP, everything reachable through the loopback 'interface' of the test run."""
     maps.set_service(proto, A(VIP), 80, 0)
@@ -103,7 +116,8 @@ def test_udp_flow_both_ways_with_valid_checksums(fastpath, maps):
 
 def test_rr_ring_alternates_and_drained_dest_gets_no_new_flows(fastpath, maps):
     setup_service(maps, dests=((RS1, 80), (RS2, 80)))
-    got = [run(fastpath, syn(sport=42000 + i))[1][IP].dst for i in range(4)]
+    # the ring cursor is per CPU: stay on one CPU to see one CPU's sequence
+    got = _on_cpu(0, lambda: [run(fastpath, syn(sport=42000 + i))[1][IP].dst for i in range(4)])
     assert got == [RS1, RS2, RS1, RS2]
     # weight 0: the daemon drops it from the ring and flags it; an existing flow to it keeps going
     setup_service(maps, dests=((RS1, 80), (RS2, 80)), ring=[0], drain=(1,))
@@ -166,18 +180,6 @@ def test_vlan_tagged_syn_is_balanced(fastpath, maps):
     v, p = run(fastpath, pkt)
     assert v == XDP_TX and p[Dot1Q].vlan == 7 and p[IP].dst == RS1
     assert_checksums(p)
-
-
-def _on_cpu(cpu, fn):
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        return fn()
-    finally:
-        os.sched_setaffinity(0, old)
-
-
-needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 
 
 @needs_two_cpus

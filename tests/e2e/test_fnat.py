@@ -125,7 +125,7 @@ def test_transfer_survives_client_moving_between_cpus(one_arm_up):
     before = lb.call("stats.get")["counters"]["conn_adopt"]
     out = lab.workdir / "big.out"
     proc = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "taskset", "-c", "0", "curl", "-s", "-m", "60",
-                             "--limit-rate", "3M", "-o", str(out), "http://192.168.100.100/big"])
+                             "--limit-rate", "2M", "-o", str(out), "http://192.168.100.100/big"])
     lab.procs.append(proc)
     moves = 0
     deadline = time.monotonic() + 60
