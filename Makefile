@@ -6,7 +6,10 @@ KREL := $(shell uname -r)
 APT_PKGS := python3-bpfcc linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-unit test-bpf test-e2e demo bench clean
+BENCH_PKGS := wrk haproxy bpftool
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -40,6 +43,19 @@ test-e2e: setup
 
 demo: setup
 	$(PY) -m hdslb.lab.demo
+
+# Peers and tools only the benchmarks use; never needed by `make test`.
+$(BENCH_STAMP): $(STAMP)
+	@if ! dpkg -s $(BENCH_PKGS) >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PKGS); fi
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

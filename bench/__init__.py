@@ -1,0 +1,1 @@
+"""hdslb benchmarks against its peers (`make bench`, `python -m bench.run`); see bench/README.md."""

@@ -1,0 +1,275 @@
+"""Turn section results into printed tables, bench/results/<date>.json, a PNG chart and a README Markdown block."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu, "python": platform.python_version()}
+
+
+def table(headers: list[str], rows: list[list], title: str = "") -> str:
+    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
+    w = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    sep = "  "
+    out = [title] if title else []
+    out.append(sep.join(h.ljust(w[i]) for i, h in enumerate(headers)).rstrip())
+    out.append(sep.join("-" * w[i] for i in range(len(headers))))
+    for r in cells:
+        out.append(sep.join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+    return "\n".join(out)
+
+
+def _pf(p) -> str:
+    return "n/a" if p is None else ("PASS" if p else "MISS")
+
+
+def _f(x, fmt="{:.2f}"):
+    return "" if x is None else fmt.format(x)
+
+
+def targets_table(ts: list[dict], title: str) -> str:
+    rows = []
+    for t in ts:
+        val = t.get("value")
+        extra = f" (LB-only est. {t['lb_only_ratio']})" if "lb_only_ratio" in t else ""
+        rows.append([t["name"], ("n/a" if val is None else f"{val}") + extra, t.get("limit"), _pf(t.get("pass"))
+                     + (f" ({t['na']})" if t.get("na") else "")])
+    return table(["target", "measured", "limit", "result"], rows, title)
+
+
+# --------------------------------------------------------------------------- sections
+
+def fmt_prog_cost(r: dict) -> str:
+    if "na" in r:
+        return f"prog cost: n/a ({r['na']})"
+    parts = []
+    rows = [[x["case"], _f(x["ns"], "{:.1f}"), _f(x["ratio"]), x["check"], x.get("method", "")] for x in r["hdslb"]]
+    parts.append(table(["hdslb case", "ns/pkt", "x minimal", "check", "method"], rows,
+                       "1a. hdslb XDP program, BPF_PROG_TEST_RUN"))
+    rows = [[x["prog"], _f(x["ns"], "{:.1f}"), _f(x["ratio"]), x["desc"]] for x in r["reference"] if not x["alternative"]]
+    parts.append(table(["reference (cumulative stages)", "ns/pkt", "x minimal", "what it adds"], rows,
+                       "1b. reference programs (bcc, same headers); the stages rebuild hdslb's established path"))
+    rows = [[x["prog"], _f(x["ns"], "{:.1f}"), x["desc"]] for x in r["reference"] if x["alternative"]]
+    parts.append(table(["alternative", "ns/pkt", "what changes"], rows, "1c. one step done another way"))
+    rows = [[x["stage"], _f(x["ns"], "{:.1f}"), x["check"]] for x in r["new_flow_stages"]]
+    parts.append(table(["new-flow path, in place (cumulative)", "ns/pkt", "check"], rows,
+                       "1d. where a new flow's time goes (hdslb's own program, each step made to fail)"))
+    rows = [[x["prog"], _f(x["ns"], "{:.1f}"), _f(x["insert_ns"], "{:.1f}"), x["desc"]] for x in r.get("inserts", [])]
+    parts.append(table(["insert microbench", "ns/iter", "insert ns", "map"], rows,
+                       "1e. cost of inserting a never-seen key, by map type"))
+    parts.append(targets_table(r["targets"], "1f. targets"))
+    return "\n\n".join(parts)
+
+
+E2E_COLS = [("udp", "UDP Mpps"), ("cps", "conn/s"), ("iperf_tso_off", "TCP Gbit/s TSO off"),
+            ("iperf_tso_on", "TCP Gbit/s TSO on")]
+
+
+E2E_TITLES = {"udp": "2b. UDP delivered, as ratios", "cps": "2c. new TCP connections/s (wrk, Connection: close)",
+              "iperf_tso_off": "2d. TCP throughput (iperf3), offloads off", "iperf_tso_on": "2e. TCP throughput, TSO/GSO/GRO on"}
+
+
+def _metric(m: dict, key: str):
+    if m is None:
+        return None
+    if "na" in m:
+        return None
+    return {"udp": m.get("mpps"), "cps": m.get("cps"), "iperf_tso_off": m.get("gbps"), "iperf_tso_on": m.get("gbps")}[key]
+
+
+def fmt_e2e(r: dict) -> str:
+    if "na" in r:
+        return f"e2e: n/a ({r['na']})"
+    rows_ = r["rows"]
+    by = {x["peer"]: x for x in rows_}
+    parts = []
+    fl = r.get("floor", {})
+    parts.append(f"2. end to end, two-arm netns lab (64-byte UDP from the live-frames generator; "
+                 f"generator+sink floor {fl.get('mpps', 0):.2f} Mpps = {1e3 / fl['mpps']:.0f} ns/pkt)"
+                 if fl.get("mpps") else "2. end to end, two-arm netns lab")
+    rows = []
+    for x in rows_:
+        u = x.get("udp", {})
+        rows.append([x["peer"],
+                     "n/a" if "na" in u else _f(u.get("mpps"), "{:.3f}"),
+                     "" if "na" in u else _f(u.get("gen_mpps")),
+                     "" if "na" in u else _f(u.get("lb_ns"), "{:.0f}"),
+                     "" if "na" in u else _f(u.get("lb_only_mpps")),
+                     "" if "na" in u else "/".join(f"{s:.2f}" for s in u.get("spread", [])),
+                     u.get("na", "") + (f"hdslbd CPU {u['daemon_cpu_pct']}%" if "daemon_cpu_pct" in u else "")])
+    parts.append(table(["peer", "delivered Mpps", "sent Mpps", "LB ns/pkt (est.)", "LB-only Mpps (est.)",
+                        "spread rs1/rs2", "note"], rows, "2a. UDP packets/s delivered to the real servers"))
+    for key, label in E2E_COLS:
+        rows = []
+        nft = _metric(by.get("nftables DNAT", {}).get(key), key)
+        rt = _metric(by.get("plain routing", {}).get(key), key)
+        for x in rows_:
+            m = x.get(key, {})
+            v = _metric(m, key)
+            note = m.get("na", "") if m else ""
+            if m and m.get("errors"):
+                note += f"errors: {m['errors']}"
+            if m and "daemon_cpu_pct" in m:
+                note += f" hdslbd CPU {m['daemon_cpu_pct']}%"
+            fmtv = "{:.3f}" if key == "udp" else ("{:.0f}" if key == "cps" else "{:.2f}")
+            rows.append([x["peer"], "n/a" if v is None else _f(v, fmtv),
+                         _f(v / nft) if v is not None and nft else "", _f(v / rt) if v is not None and rt else "",
+                         note.strip()])
+        parts.append(table(["peer", label, "x nft DNAT", "x routing", "note"], rows, E2E_TITLES[key]))
+    parts.append(targets_table(r["targets"], "2f. targets (measured = ratio of delivered rates; LB-only est. in brackets)"))
+    return "\n\n".join(parts)
+
+
+def fmt_scale(r: dict) -> str:
+    parts = []
+    m = r.get("memory", {})
+    if "na" in m:
+        parts.append(f"3a. memory: n/a ({m['na']})")
+    else:
+        rows = [["conn map entries (max)", m["max_entries"]], ["connections filled by the fast path", m["filled_connections"]],
+                ["memlock (fdinfo)", f"{m['memlock_bytes'] / 2**20:.1f} MiB"],
+                ["bpftool bytes_memlock", f"{m.get('bpftool_bytes_memlock', 0) / 2**20:.1f} MiB" if m.get("bpftool_bytes_memlock") else "n/a"],
+                ["Percpu delta at creation", f"{m['percpu_delta'] / 2**20:.1f} MiB"],
+                ["MemAvailable drop (creation / after fill)", f"{m['memavailable_delta'] / 2**20:.0f} / {m['memavailable_delta_after_fill'] / 2**20:.0f} MiB"],
+                ["bytes per entry", f"{m['bytes_per_entry']:.0f}"],
+                ["bytes per connection (2 entries)", f"{m['bytes_per_connection']:.0f}"],
+                ["layout", m["layout"]["note"]],
+                ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
+        parts.append(table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections"))
+    ob = r.get("op_breakdown", {})
+    if ob.get("routes"):
+        rows = [[x["routes_in_model"], x["route_add_model_us"], x["save_state_us"]] for x in ob["routes"]]
+        parts.append(table(["routes in model", "route_add model-only us", "save-state after each change us"], rows,
+                           "3b. one control op, in process: the model's work vs the save after every change"))
+    if "daemon" in r:
+        parts.append(f"3c. daemon loads: n/a ({r['daemon']['na']})")
+    else:
+        rows = []
+        for k in ("latency_idle", "latency_traffic"):
+            for op, v in r.get(k, {}).items():
+                rows.append([op, "idle" if k == "latency_idle" else f"{r.get('traffic_mpps')} Mpps through the LB",
+                             v["p50_us"], v["p99_us"], v["n"]])
+        parts.append(table(["control op", "while", "p50 us", "p99 us", "n"], rows, "3c. control-op latency (unix socket)"))
+        rows = []
+        s = r.get("services", {})
+        if s:
+            rows.append(["ipvsadm -R 10k services + 100k RS", f"{s['seconds']} s",
+                         f"{s['services_loaded']} services, {s['lines_refused']} lines refused", s.get("note", "")])
+        ro = r.get("routes", {})
+        if ro:
+            rows.append(["100k routes (Client, one connection)", f"{ro['seconds']} s", f"{ro['loaded']} routes",
+                         f"{ro['rate_first_1k_per_s']}/s first 1k, {ro['rate_last_1k_per_s']}/s last 1k"
+                         + (" (budget hit)" if ro["timed_out"] else "")])
+        re_ = r.get("rest", {})
+        if re_:
+            rows.append(["REST 10k services + 100k RS", "n/a" if "na" in re_ else f"{re_['seconds']} s",
+                         re_.get("na", f"{re_.get('services_loaded')} services, {re_.get('rs_loaded')} RS"),
+                         (re_.get("first_error") or "") + (" (budget hit)" if re_.get("timed_out") else "")])
+        parts.append(table(["load", "time", "loaded", "note"], rows, "3d. bulk loads against a running hdslbd"))
+        ts = [x["target"] for x in (s, ro) if x and "target" in x]
+        if "target" in m:
+            ts.insert(0, m["target"])
+        parts.append(targets_table(ts, "3e. targets"))
+    return "\n\n".join(parts)
+
+
+def markdown(res: dict) -> str:
+    mc = res["machine"]
+    lines = [f"Benchmarks ({res['date']}, {mc['nproc']} vCPU, {mc['cpu']}, kernel {mc['kernel']}; `make bench`)", ""]
+    pc = res.get("prog_cost", {})
+    if pc.get("hdslb"):
+        lines += ["| per-packet cost (BPF_PROG_TEST_RUN) | ns | x minimal |", "|---|---:|---:|"]
+        for x in pc["hdslb"]:
+            if not x.get("cross_check"):
+                lines.append(f"| {x['case']} | {x['ns']:.0f} | {x['ratio']:.2f} |")
+        for x in pc["reference"]:
+            if x["prog"] in ("ref_bare_tx", "ref_minimal"):
+                lines.append(f"| reference: {x['desc']} | {x['ns']:.0f} | {x['ratio']:.2f} |")
+        lines.append("")
+    e = res.get("e2e", {})
+    if e.get("rows"):
+        lines += ["| e2e (netns, veth) | UDP Mpps | conn/s | TCP Gbit/s (TSO off / on) |", "|---|---:|---:|---:|"]
+        for x in e["rows"]:
+            u, c = _metric(x.get("udp"), "udp"), _metric(x.get("cps"), "cps")
+            t0, t1 = _metric(x.get("iperf_tso_off"), "iperf_tso_off"), _metric(x.get("iperf_tso_on"), "iperf_tso_on")
+            lines.append(f"| {x['peer']} | {_f(u, '{:.2f}') or 'n/a'} | {_f(c, '{:.0f}') or 'n/a'} | "
+                         f"{_f(t0) or 'n/a'} / {_f(t1) or 'n/a'} |")
+        lines.append("")
+    s = res.get("scale", {})
+    m = s.get("memory", {})
+    if "bytes_per_connection" in m:
+        lines.append(f"Connection table: {m['bytes_per_connection']:.0f} B per connection (both directions, "
+                     f"{mc['nproc']} CPUs, per-CPU values) at {m['connections']} connections.")
+    return "\n".join(lines)
+
+
+def chart(res: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed (pip install matplotlib)"
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    e = res.get("e2e", {})
+    ax = axes[0]
+    if e.get("rows"):
+        names = [x["peer"] for x in e["rows"] if _metric(x.get("udp"), "udp") is not None]
+        vals = [_metric(x["udp"], "udp") for x in e["rows"] if _metric(x.get("udp"), "udp") is not None]
+        est = [x["udp"].get("lb_only_mpps") or 0 for x in e["rows"] if _metric(x.get("udp"), "udp") is not None]
+        ys = range(len(names))
+        ax.barh([y + 0.2 for y in ys], vals, height=0.4, label="delivered (1 core: generator + LB + sink)")
+        ax.barh([y - 0.2 for y in ys], est, height=0.4, label="LB-only estimate (floor removed)")
+        ax.set_yticks(list(ys), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("Mpps, 64-byte UDP")
+        ax.set_title("end to end (netns lab)")
+        ax.legend(fontsize=8)
+    ax = axes[1]
+    pc = res.get("prog_cost", {})
+    if pc.get("hdslb"):
+        items = [(x["prog"], x["ns"]) for x in pc["reference"] if not x["alternative"]]
+        items += [("hdslb: " + x["case"], x["ns"]) for x in pc["hdslb"] if not x.get("cross_check")]
+        ax.barh(range(len(items)), [v for _, v in items],
+                color=["tab:gray"] * (len(items) - len(pc["hdslb"]) + 1) + ["tab:blue"] * (len(pc["hdslb"]) - 1))
+        ax.set_yticks(range(len(items)), [n for n, _ in items], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ns per packet (BPF_PROG_TEST_RUN, log scale)")
+        ax.set_title("per-packet cost")
+    mc = res["machine"]
+    fig.suptitle(f"hdslb bench {res['date']} — {mc['nproc']} vCPU {mc['cpu']}, kernel {mc['kernel']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write(res: dict) -> tuple[Path, Path | None, str | None]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jp = RESULTS / f"{res['date']}.json"
+    jp.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    pp = RESULTS / f"{res['date']}.png"
+    err = chart(res, pp)
+    return jp, (None if err else pp), err
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()

@@ -1,0 +1,85 @@
+"""`make bench`: every section in one run, each on its own (a failing section prints n/a and the rest go on).
+
+    python -m bench.run [--quick] [--only prog_cost|e2e|scale] [--peers NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from bench import report
+
+SECTIONS = ("prog_cost", "e2e", "scale")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description="hdslb benchmarks against its peers")
+    ap.add_argument("--quick", action="store_true", help="small counts, ~2 minutes (development)")
+    ap.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
+    ap.add_argument("--peers", help="e2e: only peers whose name contains one of these (comma separated)")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+    # the lab runs `python -m hdslb...` inside namespaces: make this checkout importable there
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:  # a lab left behind by a killed earlier run would hold names and memory
+        from hdslb.lab import netns
+
+        netns.gc()
+    except Exception:
+        pass
+
+    res: dict = {"date": report.today(), "machine": report.machine(), "quick": a.quick}
+    _log(f"hdslb bench {res['date']}  {res['machine']}  {'(quick)' if a.quick else ''}")
+    t0 = time.monotonic()
+    printed = []
+    for name in SECTIONS:
+        if a.only and name not in a.only:
+            continue
+        _log(f"\n== {name} ==")
+        try:
+            if name == "prog_cost":
+                from bench import prog_cost
+
+                res[name] = prog_cost.run(a.quick, _log)
+                text = report.fmt_prog_cost(res[name])
+            elif name == "e2e":
+                from bench import e2e
+
+                peers = [p.strip() for p in a.peers.split(",")] if a.peers else None
+                res[name] = e2e.run(a.quick, _log, peers)
+                text = report.fmt_e2e(res[name])
+            else:
+                from bench import scale
+
+                res[name] = scale.run(a.quick, _log)
+                text = report.fmt_scale(res[name])
+        except Exception as e:  # one section's failure must not cost the others
+            traceback.print_exc()
+            res[name] = {"na": f"{type(e).__name__}: {e}"}
+            text = f"{name}: n/a ({res[name]['na']})"
+        printed.append(text)
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    jp, pp, err = report.write(res)
+    _log("\n== summary ==\n")
+    _log("\n\n".join(printed))
+    _log("\n== README block ==\n")
+    _log(report.markdown(res))
+    _log(f"\nresults: {jp}" + (f"\nchart:   {pp}" if pp else f"\nchart:   n/a ({err})") + f"\ntook {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

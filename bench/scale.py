@@ -1,0 +1,426 @@
+"""Section 3: scale — memory per connection at 1M connections, bulk load times, control-op latency under traffic.
+
+- Memory: a FastPath compiled with Sizes(max_conns=1<<21) (2M entries = 1M connections, one entry per
+  direction), filled with 1M real connections by the fast path itself: chained SYNs in BPF_PROG_TEST_RUN
+  (see prog_cost.new_flow_chain; every iteration is a new flow) spread over 16 local addresses per
+  service so no local port repeats. Memory is the map's `memlock` from /proc/self/fdinfo (the kernel's
+  own accounting), cross-checked with `bpftool map show` and the Percpu/MemAvailable deltas in
+  /proc/meminfo around the map's creation.
+- Load times run against hdslbd started with hdslb-ctl in a lab namespace: `ipvsadm -R` (one process,
+  one control connection, one request per line), routes through hdslb.ctl.client.Client in one
+  connection (dpip would pay a process start per route), and the REST API (keep-alive HTTP/1.1) when
+  the daemon serves it. Each load has a time budget; what did not finish in it is reported with the
+  rate reached and the count loaded, not extrapolated silently.
+- Control-op latency: service.list / dest.edit / daemon.status round trips on the control socket while
+  the live-frames generator pushes UDP through the balancer, and idle for comparison.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import http.client
+import importlib.util
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+from bench import livegen, ref_progs
+
+TARGET_BYTES_PER_CONN = 256
+TARGET_LOAD_S = 10.0
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _fdinfo(fd: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k.strip()] = v.strip()
+    return out
+
+
+# --------------------------------------------------------------------------- memory at 1M connections
+
+def memory(quick: bool, log) -> dict:
+    from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs, possible_cpus
+    from hdslb.fastpath.maps import Maps
+    from hdslb.fastpath.testrun import run_xdp
+
+    from bench import prog_cost as pc
+
+    conns = 1 << 20 if not quick else 1 << 17
+    entries = 2 * conns + (2 * conns >> 4)  # headroom: the LRU evicts early when a CPU's free list runs dry
+    ensure_bpffs(DEFAULT_PIN_ROOT)
+    m0 = _meminfo()
+    fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"bench-scale-{os.getpid()}"),
+                  Sizes(max_conns=entries, max_services=64, max_dests=256, max_local=64, max_routes=256, max_neigh=64))
+    res: dict = {"connections": conns, "max_entries": entries, "possible_cpus": possible_cpus()}
+    try:
+        fp.load()
+        m1 = _meminfo()
+        maps = Maps(fp)
+        t = fp.table("conn_map")
+        info = _fdinfo(t.map_fd)
+        memlock = int(info.get("memlock", 0))
+        res.update({"memlock_bytes": memlock, "map_id": int(info.get("map_id", 0)),
+                    "percpu_delta": m1.get("Percpu", 0) - m0.get("Percpu", 0),
+                    "memavailable_delta": m0["MemAvailable"] - m1["MemAvailable"]})
+        if shutil.which("bpftool") and res["map_id"]:
+            r = subprocess.run(["bpftool", "-j", "map", "show", "id", str(res["map_id"])], capture_output=True, text=True)
+            try:
+                res["bpftool_bytes_memlock"] = int(json.loads(r.stdout).get("bytes_memlock", 0))
+            except ValueError:
+                pass
+        # fill with real connections, made by the fast path itself (chained SYNs, 16 laddrs per service)
+        b = pc._Bench(True, log)
+        b.fp, b.maps = fp, maps
+        b.setup()
+        A = ipaddress.ip_address
+        maps.set_service(socket.IPPROTO_TCP, A(pc.RS[0]), 80, 2)
+        maps.set_dest(8, A(pc.VIP), 80, "fnat", 2, drain=False)
+        maps.set_sched(2, [8], 1)
+        maps.set_sched(pc.TCP_SVC, [0], 1)
+        maps.set_route(ipaddress.ip_network("10.0.0.0/24"), pc.LO_IFINDEX, None, None, 1500, False)
+        maps.set_neigh(A(pc.VIP), pc._mac(pc.LB_MAC), pc.LO_IFINDEX, permanent=True)
+        maps.set_laddrs(pc.TCP_SVC, [(A(f"192.168.101.{i + 1}"), pc.LO_IFINDEX) for i in range(16)])
+        maps.set_laddrs(2, [(A(f"192.168.102.{i + 1}"), pc.LO_IFINDEX) for i in range(16)])
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.l2 import Ether
+
+        syn = bytes(Ether(src=pc.CLIENT_MAC, dst=pc.LB_MAC) / IP(src="10.3.0.1", dst=pc.VIP)
+                    / TCP(sport=30000, dport=80, flags="S"))
+        before = maps.counters()
+        t0 = time.monotonic()
+        _, _, ns = run_xdp(fp.prog_fd, syn, conns)
+        fill_s = time.monotonic() - t0
+        after = maps.counters()
+        made = after["conn_new"] - before["conn_new"]
+        res.update({"filled_connections": made, "fill_seconds": round(fill_s, 2), "fill_ns_per_conn": ns,
+                    "fill_drops": {k: after[k] - before[k] for k in after
+                                   if k.startswith("drop") and after[k] != before[k]}})
+        m2 = _meminfo()
+        res["memavailable_delta_after_fill"] = m0["MemAvailable"] - m2["MemAvailable"]
+        res["bytes_per_entry"] = memlock / entries
+        res["bytes_per_connection"] = 2 * memlock / entries
+        res["target"] = {"name": f"<= {TARGET_BYTES_PER_CONN} B per connection (both directions)",
+                         "value": round(res["bytes_per_connection"], 1), "limit": TARGET_BYTES_PER_CONN,
+                         "pass": res["bytes_per_connection"] <= TARGET_BYTES_PER_CONN}
+        ks, vs = ct.sizeof(t.Key), ct.sizeof(t.sLeaf)
+        res["layout"] = {"key_bytes": ks, "value_bytes": vs,
+                         "note": f"per entry: key {ks} B + value {vs} B x {res['possible_cpus']} possible CPUs "
+                                 "(per-CPU map) + hash/LRU element header"}
+        log(f"  conn map {entries} entries: memlock {memlock / 2**20:.1f} MiB, {res['bytes_per_connection']:.0f} B/conn; "
+            f"filled {made} conns in {fill_s:.1f} s")
+    finally:
+        fp.close()
+        fp.unpin()
+    return res
+
+
+# --------------------------------------------------------------------------- daemon-side loads and latency
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] if s else float("nan")
+
+
+def _latency(client, ops: list[tuple[str, dict]], n: int) -> dict:
+    out = {}
+    for op, args in ops:
+        ds = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.call(op, args)
+            ds.append((time.perf_counter() - t0) * 1e6)
+        out[op] = {"p50_us": round(statistics.median(ds), 1), "p99_us": round(_pct(ds, 99), 1), "n": n}
+    return out
+
+
+def restore_text(n_svc: int, rs_per: int) -> str:
+    lines = []
+    for i in range(n_svc):
+        vip = ipaddress.IPv4Address("10.100.0.0") + i
+        lines.append(f"-A -t {vip}:80 -s rr")
+        for j in range(rs_per):
+            rs = ipaddress.IPv4Address("172.16.0.0") + i * rs_per + j
+            lines.append(f"-a -t {vip}:80 -r {rs}:80 -b -w 1")
+    return "\n".join(lines) + "\n"
+
+
+def daemon_loads(quick: bool, log) -> dict:
+    from hdslb.ctl.client import Client
+
+    from bench import e2e
+
+    res: dict = {}
+    bench = e2e.E2E(quick, log)
+    bench.setup()
+    peer = e2e.Hdslb(bench, generic=False)
+    try:
+        peer.setup()
+        lab = bench.lab
+        path = str(lab.ctrl_path)
+        # control-op latency, idle then under traffic
+        n = 200 if quick else 1000
+        svc = {"proto": "udp", "addr": e2e.VIP, "port": e2e.UDP_PORT}
+        ops = [("daemon.status", {}), ("service.list", {}),
+               ("dest.edit", {"svc": svc, "addr": lab.servers[0].ip, "port": e2e.UDP_PORT, "weight": 1})]
+        with Client(path) as c:
+            res["latency_idle"] = _latency(c, ops, n)
+            g = livegen.LiveGen(lab.cl_ns, "eth0", bench._frame(e2e.VIP), cpu=0).start()
+            try:
+                time.sleep(0.5)
+                c0, t0 = sum(ref_progs.sink_counts()[:-1]), time.monotonic()
+                res["latency_traffic"] = _latency(c, ops, n)
+                res["traffic_mpps"] = round((sum(ref_progs.sink_counts()[:-1]) - c0) / (time.monotonic() - t0) / 1e6, 3)
+            finally:
+                g.stop()
+        log(f"  control-op latency idle {res['latency_idle']}")
+        log(f"  control-op latency with {res['traffic_mpps']} Mpps through the LB {res['latency_traffic']}")
+        res["services"] = _ipvsadm_restore(peer, lab, quick, log)
+        res["routes"] = _routes(path, quick, log)
+        res["rest"] = _rest(lab, quick, log)
+    finally:
+        try:
+            peer.teardown()
+        finally:
+            bench.teardown()
+    return res
+
+
+def _status(path: str) -> dict:
+    from hdslb.ctl.client import call
+
+    return call("daemon.status", path=path, timeout=120)
+
+
+def _ipvsadm_restore(peer, lab, quick: bool, log) -> dict:
+    from bench import e2e
+
+    n_svc, rs_per = 10_000, 10
+    budget = 30.0 if quick else 120.0
+    text = restore_text(n_svc, rs_per)
+    nlines = text.count("\n")
+    path = str(lab.ctrl_path)
+    base = _status(path)["services"]
+    t0 = time.monotonic()
+    timed_out = False
+    progress: list = []  # (seconds, services) polled on a second connection while -R runs
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(budget / 10):
+            try:
+                progress.append((round(time.monotonic() - t0, 1), _status(path)["services"] - base))
+            except Exception:
+                pass
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        r = lab.lb_run(e2e.IPVSADM + ["-R"], check=False, timeout=budget, input=text)
+        stderr = r.stderr
+    except Exception as e:  # CommandError on timeout: the ipvsadm process was killed
+        timed_out = True
+        stderr = getattr(e, "stderr", "") or ""
+    took = time.monotonic() - t0
+    stop.set()
+    th.join()
+    svcs = _status(path)["services"] - base
+    refused = [ln for ln in stderr.splitlines() if ln.startswith("line ")]
+    reasons: dict[str, int] = {}
+    for ln in refused:
+        msg = re.sub(r"\d+", "N", ln.split(":", 1)[1].strip())
+        reasons[msg] = reasons.get(msg, 0) + 1
+    out = {"services_requested": n_svc, "rs_requested": n_svc * rs_per, "lines": nlines,
+           "seconds": round(took, 2), "timed_out": timed_out, "budget_s": budget, "services_loaded": svcs,
+           "progress_s_services": progress, "lines_refused": len(refused), "refusals": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:4])}
+    if timed_out:
+        out["note"] = (f"stopped at the {budget:.0f} s budget with {svcs} services loaded "
+                       f"(≈{svcs * (rs_per + 1) / took:.0f} lines/s)")
+    elif refused:
+        out["note"] = f"{len(refused)} of {nlines} lines refused; first reasons: {out['refusals']}"
+    out["target"] = {"name": f"10k services + 100k RS via ipvsadm -R <= {TARGET_LOAD_S:.0f} s",
+                     "value": round(took, 1) if not timed_out else None, "limit": TARGET_LOAD_S,
+                     "pass": (not timed_out and not refused and took <= TARGET_LOAD_S)}
+    log(f"  ipvsadm -R {n_svc} services/{n_svc * rs_per} RS: {took:.1f} s, {svcs} services loaded, "
+        f"{len(refused)} lines refused{' (budget hit)' if timed_out else ''} {out['refusals']}")
+    # leave the daemon small again for what follows
+    try:
+        lab.lb_run(e2e.IPVSADM + ["-C"], check=False, timeout=300)
+    except Exception:
+        pass
+    return out
+
+
+def _routes(path: str, quick: bool, log) -> dict:
+    from hdslb.ctl.client import Client
+    from hdslb.errors import HdslbError
+
+    n = 100_000
+    budget = 20.0 if quick else 90.0
+    done, errors, first_err = 0, 0, None
+    marks = []  # (routes, seconds) every 5000
+    t0 = time.monotonic()
+    with Client(path, timeout=120) as c:
+        for i in range(n):
+            net = ipaddress.IPv4Network((int(ipaddress.IPv4Address("20.0.0.0")) + (i << 8), 24))
+            try:
+                c.call("route.add", {"af": 4, "prefix": str(net.network_address), "prefixlen": 24,
+                                     "via": None, "src": None, "ifname": "veth-lb1", "mtu": None, "metric": None,
+                                     "scope": None})
+                done += 1
+            except HdslbError as e:
+                errors += 1
+                first_err = first_err or e.message
+            if (i + 1) % 1000 == 0:
+                marks.append((i + 1, round(time.monotonic() - t0, 2)))
+            if time.monotonic() - t0 > budget:
+                break
+        took = time.monotonic() - t0
+        try:
+            c.call("route.flush", {"af": 4})
+        except HdslbError:
+            pass
+    rate_first = marks[0][0] / marks[0][1] if marks else done / took
+    last = (marks[-1][0] - marks[-2][0]) / (marks[-1][1] - marks[-2][1]) if len(marks) >= 2 else None
+    marks = marks[:: max(1, len(marks) // 10)]
+    out = {"requested": n, "loaded": done, "errors": errors, "first_error": first_err, "seconds": round(took, 2),
+           "budget_s": budget, "timed_out": done + errors < n, "marks": marks,
+           "method": "hdslb.ctl.client.Client, one connection, one route.add per route (dpip would start a process per route)",
+           "rate_first_1k_per_s": round(rate_first), "rate_last_1k_per_s": round(last) if last else None}
+    out["target"] = {"name": f"100k routes <= {TARGET_LOAD_S:.0f} s", "value": round(took, 1) if not out["timed_out"] else None,
+                     "limit": TARGET_LOAD_S, "pass": (not out["timed_out"] and errors == 0 and took <= TARGET_LOAD_S)}
+    log(f"  routes: {done} loaded in {took:.1f} s ({errors} errors{', budget hit' if out['timed_out'] else ''}); "
+        f"rate first 1k {out['rate_first_1k_per_s']}/s, last 1k {out['rate_last_1k_per_s']}/s")
+    return out
+
+
+def _rest(lab, quick: bool, log) -> dict:
+    from hdslb.lab import netns as nx
+
+    if importlib.util.find_spec("hdslb.api") is None:
+        return {"na": "no REST API in this checkout (hdslb/api)"}
+    try:
+        sock = nx.ns_socket(lab.lb_ns, socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", 53225))
+    except OSError as e:
+        return {"na": f"REST API not reachable on 127.0.0.1:53225 in the LB namespace: {e}"}
+    conn = http.client.HTTPConnection("127.0.0.1", 53225, timeout=60)
+    conn.sock = sock
+    n_svc, rs_per = 10_000, 10
+    budget = 20.0 if quick else 60.0
+    done, first_err = 0, None
+    t0 = time.monotonic()
+
+    def req(method, url, body):
+        conn.request(method, url, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"{method} {url}: {r.status} {data[:200]!r}")
+
+    try:
+        for i in range(n_svc):
+            vip = ipaddress.IPv4Address("10.200.0.0") + i
+            vp = f"{vip}-80-tcp"
+            req("PUT", f"/v2/vs/{vp}", {"SchedName": "rr"})
+            items = [{"ip": str(ipaddress.IPv4Address("172.20.0.0") + i * rs_per + j), "port": 80, "weight": 1}
+                     for j in range(rs_per)]
+            req("PUT", f"/v2/vs/{vp}/rs", {"Items": items})
+            done += 1
+            if time.monotonic() - t0 > budget:
+                break
+    except Exception as e:
+        first_err = str(e)[:300]
+    took = time.monotonic() - t0
+    conn.close()
+    out = {"services_loaded": done, "rs_loaded": done * rs_per, "seconds": round(took, 2), "budget_s": budget,
+           "first_error": first_err, "timed_out": done < n_svc and first_err is None,
+           "method": "PUT /v2/vs/{vip-80-tcp} then PUT .../rs with 10 Items, one keep-alive connection"}
+    log(f"  REST: {done} services (+{done * rs_per} RS) in {took:.1f} s"
+        + (f"; stopped: {first_err}" if first_err else "") + (" (budget hit)" if out["timed_out"] else ""))
+    return out
+
+
+def op_breakdown(quick: bool, log) -> dict:
+    """Where a control op's time goes as the model grows, measured in this process without a daemon:
+    the model's own work (Balancer over a null datapath) and the save the daemon does after every change
+    (snapshot + msgpack + write + fsync to tmpfs, as hdslb.daemon._save_state)."""
+    import msgpack
+
+    from hdslb.balancer import Balancer, Iface, snapshot
+    from hdslb.daemon import _NullDataPath
+
+    bal = Balancer(_NullDataPath(), {"veth-lb1": Iface("veth-lb1", 3, b"\2" * 6, 1500)}, max_services=1 << 20,
+                   max_dests=65535)
+    sizes = [1000, 4000] if quick else [1000, 4000, 16000]
+    out = []
+    done = 0
+    path = f"/run/hdslb/bench-save-{os.getpid()}"
+    try:
+        for size in sizes:
+            t0 = time.perf_counter()
+            k = 0
+            while done < size:
+                net = ipaddress.IPv4Network((int(ipaddress.IPv4Address("20.0.0.0")) + (done << 8), 24))
+                bal.route_add({"prefix": str(net.network_address), "prefixlen": 24, "ifname": "veth-lb1"})
+                done += 1
+                k += 1
+            model_us = (time.perf_counter() - t0) / max(k, 1) * 1e6
+            t0 = time.perf_counter()
+            for _ in range(5):
+                with open(path, "wb") as f:
+                    f.write(msgpack.packb(snapshot(bal), use_bin_type=True))
+                    f.flush()
+                    os.fsync(f.fileno())
+            save_us = (time.perf_counter() - t0) / 5 * 1e6
+            out.append({"routes_in_model": size, "route_add_model_us": round(model_us, 1),
+                        "save_state_us": round(save_us, 1)})
+            log(f"    {size:>6} routes in the model: route_add (model only) {model_us:8.1f} us, "
+                f"save after it {save_us:9.1f} us")
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return {"routes": out}
+
+
+def run(quick: bool = False, log=print) -> dict:
+    t0 = time.monotonic()
+    res: dict = {}
+    try:
+        res["memory"] = memory(quick, log)
+    except Exception as e:
+        res["memory"] = {"na": f"{type(e).__name__}: {e}"}
+        log(f"  memory: n/a ({e})")
+    try:
+        res["op_breakdown"] = op_breakdown(quick, log)
+    except Exception as e:
+        res["op_breakdown"] = {"na": f"{type(e).__name__}: {e}"}
+    if os.geteuid() == 0:
+        try:
+            res.update(daemon_loads(quick, log))
+        except Exception as e:
+            res["daemon"] = {"na": f"{type(e).__name__}: {str(e)[-300:]}"}
+            log(f"  daemon loads: n/a ({e})")
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    return res
