@@ -161,6 +161,7 @@ class Balancer:
         self.services: dict[tuple, Service] = {}
         self.addrs: list[Addr] = []
         self.routes: list[Route] = []
+        self._rindex: dict[object, list[Route]] = {}  # net -> its routes: adds and syncs stay O(1) in bulk loads
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: set[int] = set()
         self._ids_used: set[int] = set()
@@ -426,13 +427,12 @@ class Balancer:
         new_routes = [Route(net=host, ifname=ifc.name, scope="host", local=True)]
         if plen != addr.max_prefixlen:
             net = ipaddress.ip_network(f"{addr}/{plen}", strict=False)
-            if not any(r.net == net and r.ifname == ifc.name and not r.local for r in self.routes):
+            if not any(r.ifname == ifc.name and not r.local for r in self._rindex.get(net, ())):
                 new_routes.append(Route(net=net, ifname=ifc.name, scope="link", src=addr))
         self.addrs.append(ad)
         self._sync_local(addr)
         for r in new_routes:
-            self.routes.append(r)
-            self._sync_route(r.net)
+            self._route_insert(r)
         return ad
 
     def addr_del(self, a: dict) -> None:
@@ -449,8 +449,7 @@ class Balancer:
         gone = [r for r in self.routes if r.ifname == ad.ifname and (
             (r.local and r.net.network_address == ad.addr) or (not r.local and r.src == ad.addr))]
         for r in gone:
-            self.routes.remove(r)
-            self._sync_route(r.net)
+            self._route_remove(r)
 
     def addr_flush(self, a: dict) -> None:
         ifname = a.get("ifname")
@@ -489,42 +488,52 @@ class Balancer:
                 raise invalid(f"invalid {name} {v!r}")
         return Route(net=net, ifname=ifname, via=via, src=src, mtu=mtu, metric=metric, scope=scope, proto="auto")
 
+    def _route_insert(self, r: Route) -> None:
+        self.routes.append(r)
+        self._rindex.setdefault(r.net, []).append(r)
+        self._sync_route(r.net)
+
+    def _route_remove(self, r: Route) -> None:
+        self.routes.remove(r)
+        same = self._rindex.get(r.net, [])
+        same.remove(r)
+        if not same:
+            self._rindex.pop(r.net, None)
+        self._sync_route(r.net)
+
     def route_add(self, a: dict) -> Route:
         r = self._route_from(a)
-        if any(x.net == r.net and x.metric == r.metric and not x.local for x in self.routes):
+        if any(x.metric == r.metric and not x.local for x in self._rindex.get(r.net, ())):
             raise exists(f"route {r.net} metric {r.metric} already exists")
-        self.routes.append(r)
-        self._sync_route(r.net)
+        self._route_insert(r)
         return r
 
     def route_set(self, a: dict) -> Route:
         r = self._route_from(a)
-        for x in self.routes:
-            if x.net == r.net and not x.local and x.metric == r.metric:
-                self.routes[self.routes.index(x)] = r
-                self._sync_route(r.net)
+        for x in self._rindex.get(r.net, ()):
+            if not x.local and x.metric == r.metric:
+                self._route_remove(x)
+                self._route_insert(r)
                 return r
         raise notfound(f"route {r.net} not found")
 
     def route_del(self, a: dict) -> None:
         r = self._route_from(a, any_dev=True)  # DPVS deletes by prefix; dev narrows it when given
-        for x in self.routes:
-            if x.net == r.net and not x.local and r.ifname in (None, x.ifname) and (r.via is None or x.via == r.via) and (
+        for x in list(self._rindex.get(r.net, ())):
+            if not x.local and r.ifname in (None, x.ifname) and (r.via is None or x.via == r.via) and (
                     not a.get("metric") or x.metric == r.metric):
-                self.routes.remove(x)
-                self._sync_route(x.net)
+                self._route_remove(x)
                 return
         raise HdslbError(errno.ESRCH, f"route {r.net}{' dev ' + r.ifname if r.ifname else ''} not found")
 
     def route_flush(self, a: dict) -> None:
         af = a.get("af")
         for x in [x for x in self.routes if not x.local and (af in (None, x.net.version))]:
-            self.routes.remove(x)
-            self._sync_route(x.net)
+            self._route_remove(x)
 
     def _sync_route(self, net) -> None:
         """The LPM map holds one route per prefix: the local route if any, else the lowest metric."""
-        cands = [r for r in self.routes if r.net == net]
+        cands = self._rindex.get(net, [])
         if not cands:
             self.dp.route_del(net)
             return
@@ -624,9 +633,13 @@ def restore(b: Balancer, snap: dict) -> None:
         b.services[svc.key] = svc
     b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
                     sapool=a["sapool"]) for a in snap["addrs"]]
-    b.routes = [Route(net=ipaddress.ip_network(r["net"]), ifname=r["ifname"], via=A(r["via"]) if r["via"] else None,
+    b.routes, b._rindex = [], {}
+    for r in snap["routes"]:
+        route = Route(net=ipaddress.ip_network(r["net"]), ifname=r["ifname"], via=A(r["via"]) if r["via"] else None,
                       src=A(r["src"]) if r["src"] else None, mtu=r["mtu"], metric=r["metric"], scope=r["scope"],
-                      proto=r["proto"], local=r["local"]) for r in snap["routes"]]
+                      proto=r["proto"], local=r["local"])
+        b.routes.append(route)
+        b._rindex.setdefault(route.net, []).append(route)
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
                 for n in snap["neighs"]}
     # Rewrite what the maps hold for this model (tables, dests, locals, routes, static neighbours).

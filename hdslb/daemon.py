@@ -36,7 +36,9 @@ DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "
                    "NOTICE": "info", "INFO": "info", "DEBUG": "debug"}
 # Idle timeouts (seconds) per connection state, DPVS's defaults (the seed's ipvs_defs); ipvs_defs overrides.
 DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
-NEIGH_REFRESH_S = 30.0  # re-probe learned next hops this often (the slow-path issue brings real aging)
+NEIGH_REFRESH_S = 30.0
+SAVE_COALESCE_S = 0.05
+SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
 
 @dataclass
@@ -377,6 +379,9 @@ class Daemon:
         self.health = None
         self.api = None
         self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
+        self._save_handle = None
+        self._last_save = 0.0
+        self._save_cost = 0.0
         self._conn_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
 
@@ -438,6 +443,9 @@ class Daemon:
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._deferred_save()
         if self.health is not None:
             await self.health.stop()
         if self.api is not None:
@@ -485,8 +493,27 @@ class Daemon:
         """Run a control op; after any op that may change the model, save it for a restarted daemon."""
         result = commands.dispatch(self, op, args)
         if not commands.is_read_only(op):
-            self._save_state()
+            self._state_changed()
         return result
+
+    def _state_changed(self) -> None:
+        """Save the model: at once for a lone change, coalesced inside a burst.
+
+        A bulk load (ipvsadm -R, 100k routes) would otherwise serialise the whole model once per line. A daemon
+        killed mid-burst can miss the changes of the last max(SAVE_COALESCE_S, 10 × one save) seconds.
+        """
+        if self._save_handle is not None:
+            return
+        # A big model costs more to save: wait long enough that saving stays a small share of a burst.
+        delay = max(SAVE_COALESCE_S, 10 * self._save_cost)
+        if time.monotonic() - self._last_save > delay:
+            self._save_state()
+        else:
+            self._save_handle = asyncio.get_running_loop().call_later(delay, self._deferred_save)
+
+    def _deferred_save(self) -> None:
+        self._save_handle = None
+        self._save_state()
 
     def _read_state(self) -> dict | None:
         import msgpack
@@ -504,14 +531,17 @@ class Daemon:
         import msgpack
 
         path = self.settings.state_file
+        t0 = time.monotonic()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
+        # No fsync: the file only matters while the pins exist, and neither survives a reboot; a crashed
+        # daemon loses nothing that reached the page cache.
         with open(tmp, "wb") as f:
             f.write(msgpack.packb(dict(snapshot(self.bal), checks=list(self.ctl_checks.values())),
                                   use_bin_type=True))
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old or the new model, never half
+        self._last_save = time.monotonic()
+        self._save_cost = self._last_save - t0
 
     async def reload_datapath(self) -> dict:
         """Compile the program again and swap it in atomically; maps (connections included) are kept."""
@@ -580,13 +610,18 @@ class Daemon:
         return removed
 
     async def _aging(self) -> None:
+        """Sweep every aging_interval, but never more than SWEEP_CPU_SHARE of a CPU: a big table is swept
+        less often (entries then live up to one sweep longer than their timeout)."""
         loop = asyncio.get_running_loop()
+        pause = self.settings.aging_interval
         while True:
-            await asyncio.sleep(self.settings.aging_interval)
+            await asyncio.sleep(pause)
+            t0 = time.monotonic()
             try:
                 await loop.run_in_executor(None, self.sweep)
             except Exception:
                 log.exception("connection aging sweep failed")
+            pause = max(self.settings.aging_interval, (time.monotonic() - t0) / SWEEP_CPU_SHARE)
 
     # --- the configuration file ---------------------------------------------------------------------
     def _default_ifname(self, addr):
@@ -874,11 +909,11 @@ class Daemon:
 
     def _wanted_nexthops(self) -> dict:
         want = {}
-        for svc in self.bal.services.values():
-            for d in svc.dests.values():
-                nh = self.bal.nexthop(d.addr)
-                if nh and nh[0].version == 4:
-                    want[nh[0]] = nh[1]
+        addrs = {d.addr for svc in self.bal.services.values() for d in svc.dests.values()}
+        for addr in addrs:  # one route lookup per distinct real server, however many services share it
+            nh = self.bal.nexthop(addr)
+            if nh and nh[0].version == 4:
+                want[nh[0]] = nh[1]
         return want
 
     async def _import_kernel_neighbours(self) -> None:
