@@ -168,6 +168,7 @@ class Balancer:
         # dest slot -> (active, inactive) connections, for lc/wlc; the daemon plugs in the fast path's view.
         self.conn_counts = lambda: {}
         self.config_owned: set[tuple] = set()  # service keys the config file declares (reload manages them)
+        self._dyn_seen: dict[int, tuple] = {}  # svc id -> the conn counts its lc/wlc ring was built from
 
     # --- helpers --------------------------------------------------------------------------------
     def iface(self, name) -> Iface:
@@ -351,10 +352,15 @@ class Balancer:
         return d
 
     def refresh_dynamic(self) -> None:
-        """Rebuild the rings of schedulers that depend on live connection counts."""
+        """Rebuild the rings of schedulers that depend on live connection counts, where the counts moved."""
+        counts = None
         for svc in self.services.values():
             if svc.sched in DYNAMIC_SCHEDS and svc.dests:
-                self._resched(svc)
+                counts = self.conn_counts() if counts is None else counts
+                seen = tuple(counts.get(d.slot, (0, 0)) for d in svc.dests.values())
+                if seen != self._dyn_seen.get(svc.svc_id):
+                    self._dyn_seen[svc.svc_id] = seen
+                    self._resched(svc)
 
     # --- local addresses (FNAT sources) ---------------------------------------------------------
     def laddr_add(self, a: dict) -> Laddr:

@@ -23,6 +23,7 @@ from hdslb.balancer import Balancer, Iface, restore, snapshot
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
+from hdslb.fastpath.maps import STAT_FIELDS
 
 log = logging.getLogger("hdslb")
 
@@ -945,9 +946,11 @@ class Daemon:
             except Exception:
                 log.exception("neighbour resolution pass failed")
                 pending = True
+            # A pass walks every real server: at most five a second, however many changes wake it.
+            await asyncio.sleep(0.2)
             self._resolve_now.clear()
             try:
-                await asyncio.wait_for(self._resolve_now.wait(), timeout=0.2 if pending else 1.0)
+                await asyncio.wait_for(self._resolve_now.wait(), timeout=0.0 if pending else 0.8)
             except asyncio.TimeoutError:
                 pass
 
@@ -957,11 +960,13 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             try:
+                zero = dict.fromkeys(STAT_FIELDS, 0)
+                svc_all, dest_all = self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")
                 cur = {}
                 for svc in self.bal.services.values():
-                    cur[("svc", svc.svc_id)] = self.maps.svc_stats(svc.svc_id)
+                    cur[("svc", svc.svc_id)] = svc_all.get(svc.svc_id, zero)
                     for d in svc.dests.values():
-                        cur[("dest", d.slot)] = self.maps.dest_stats(d.slot)
+                        cur[("dest", d.slot)] = dest_all.get(d.slot, zero)
                 rates = {}
                 for k, v in cur.items():
                     p = prev.get(k)

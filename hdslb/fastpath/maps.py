@@ -204,6 +204,16 @@ class Maps:
     def dest_stats(self, slot: int) -> dict:
         return self._sum_stats("dest_stats", slot)
 
+    def all_stats(self, name: str) -> dict[int, dict]:
+        """Every non-zero entry of svc_stats/dest_stats, summed over CPUs, in one batched read (the estimator
+        would otherwise pay one syscall per service and per real server every interval)."""
+        out = {}
+        for k, per_cpu in self.t[name].items_lookup_batch():
+            total = {f: sum(getattr(c, f) for c in per_cpu) for f in STAT_FIELDS}
+            if any(total.values()):
+                out[getattr(k, "value", k)] = total
+        return out
+
     def _zero(self, name: str, idx: int) -> None:
         t = self.t[name]
         t[ct.c_uint32(idx)] = t.Leaf()

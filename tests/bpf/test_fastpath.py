@@ -265,3 +265,11 @@ def test_tcp_state_follows_the_handshake_and_close(fastpath, maps):
     assert state() == [3]  # fin_wait
     run(fastpath, syn(sport=50000, flags="R"))
     assert state() == [4]  # close
+
+
+def test_batched_stats_read_matches_per_entry_reads(fastpath, maps):
+    setup_service(maps, dests=((RS1, 80), (RS2, 80)))
+    for i in range(3):
+        run(fastpath, syn(sport=51000 + i))
+    assert maps.all_stats("svc_stats") == {0: maps.svc_stats(0)}
+    assert maps.all_stats("dest_stats") == {s: maps.dest_stats(s) for s in (0, 1) if maps.dest_stats(s)["conns"]}
