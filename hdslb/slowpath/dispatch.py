@@ -1,0 +1,454 @@
+"""The slow path's dispatcher: frames the XDP program punts to AF_XDP in, frames to send and neighbour-map writes out.
+
+Pure logic over the balancer model and a NeighTable: no sockets, no maps, no clock of its own. The daemon feeds
+every received frame with the interface it came from to handle(), calls tick() a few times a second, and
+carries out the returned Actions: transmit each (ifname, frame) on that interface's socket, apply
+neigh_deletes and neigh_updates to the fast path's neighbour map (an address is in at most one of the two
+lists of one Actions, so their order does not matter). handle() never raises on any frame.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hdslb.balancer import LOCAL_IFADDR, LOCAL_LADDR, LOCAL_SAPOOL, LOCAL_VIP
+from hdslb.slowpath import packets as P
+from hdslb.slowpath.neigh import NeighEvents, NeighTable, Probe
+
+log = logging.getLogger("hdslb.slowpath")
+
+# Counter names, for metrics and `hdslb-ctl` (rx_* are per kind of received frame).
+RX_KINDS = ("arp_request", "arp_reply", "arp", "icmp_echo", "icmp6_echo", "nd_ns", "nd_na", "icmp_error",
+            "unresolved", "other")
+COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_request", "icmp_echo_reply", "nd_na",
+            "nd_ns", "announce", "unres_queued", "unres_dropped", "unres_sent", "nexthop_known", "no_route",
+            "addr_conflict", "icmp_error", "malformed", "unexpected", "error")
+
+
+@dataclass
+class Actions:
+    """What one call asks the daemon to do, and what it counted."""
+
+    tx: list = field(default_factory=list)  # (ifname, frame bytes), in order
+    neigh_updates: list = field(default_factory=list)  # (ip, mac bytes, ifname, permanent)
+    neigh_deletes: list = field(default_factory=list)  # (ip, ifname)
+    icmp_errors: list = field(default_factory=list)  # (ifname, packets.IcmpError) addressed to us: for translation
+    counters: Counter = field(default_factory=Counter)
+
+    def count(self, name: str, n: int = 1) -> None:
+        if n:
+            self.counters[name] += n
+
+    def send(self, ifname: str, frame: bytes, counter: str | None = None) -> None:
+        self.tx.append((ifname, frame))
+        if counter:
+            self.count(counter)
+
+    # Last write per address wins and lands in exactly one list: the map is keyed by address alone, so a
+    # delete followed by an update is just the update, and an update followed by a delete just the delete.
+    def neigh_set(self, ip, mac: bytes, ifname: str, permanent: bool = False) -> None:
+        self.neigh_deletes = [d for d in self.neigh_deletes if d[0] != ip]
+        self.neigh_updates = [u for u in self.neigh_updates if u[0] != ip] + [(ip, mac, ifname, permanent)]
+
+    def neigh_del(self, ip, ifname: str) -> None:
+        self.neigh_updates = [u for u in self.neigh_updates if u[0] != ip]
+        self.neigh_deletes = [d for d in self.neigh_deletes if d[0] != ip] + [(ip, ifname)]
+
+    def extend(self, other: Actions) -> Actions:
+        self.tx += other.tx
+        for ip, ifname in other.neigh_deletes:
+            self.neigh_del(ip, ifname)
+        for u in other.neigh_updates:
+            self.neigh_set(*u)
+        self.icmp_errors += other.icmp_errors
+        self.counters.update(other.counters)
+        return self
+
+    def by_iface(self) -> dict:
+        """tx grouped per interface, order kept: one send_batch per socket."""
+        out: dict = {}
+        for ifname, frame in self.tx:
+            out.setdefault(ifname, []).append(frame)
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.tx or self.neigh_updates or self.neigh_deletes or self.icmp_errors)
+
+
+def local_entry(model, addr) -> tuple[int, int]:
+    """(flags, ifindex) of addr's local_map entry: the rule of Balancer._sync_local, read from the model.
+
+    ifindex 0 means "answer ARP/ND on every interface" (a VIP with own_vip and no interface address).
+    """
+    flags, ifindex = 0, 0
+    for ad in model.addrs:
+        if ad.addr == addr:
+            flags |= LOCAL_IFADDR | (LOCAL_SAPOOL if ad.sapool else 0)
+            ifindex = model.ifaces[ad.ifname].ifindex
+    for svc in model.services.values():
+        for la in svc.laddrs:
+            if la.addr == addr:
+                flags |= LOCAL_LADDR
+                ifindex = ifindex or model.ifaces[la.ifname].ifindex
+        if svc.own_vip and svc.addr == addr:
+            flags |= LOCAL_VIP
+    return flags, ifindex
+
+
+def is_local(model, addr) -> bool:
+    """addr is ours on some interface (pings to it are answered wherever they arrive, like Linux)."""
+    return local_entry(model, addr)[0] != 0
+
+
+def owned_on(model, addr, ifname: str) -> bool:
+    """addr is answered for in ARP/ND on ifname: the same test the XDP program applies to ARP."""
+    flags, ifindex = local_entry(model, addr)
+    return bool(flags) and (ifindex == 0 or ifindex == model.ifaces[ifname].ifindex)
+
+
+def _unspecified(version: int):
+    return P.V4_ANY if version == 4 else P.V6_ANY
+
+
+class SlowPath:
+    def __init__(self, model, neigh: NeighTable | None = None, now=time.monotonic, ttl: int = 64,
+                 proactive: bool = True):
+        self.model = model
+        self.neigh = neigh if neigh is not None else NeighTable(now=now)
+        self.now = now
+        self.ttl = ttl  # TTL / hop limit of the echo replies we originate (ipv4_defs default_ttl)
+        # Resolve every real server's next hop before traffic needs it, and keep confirming it (the resolver
+        # the daemon ran before the slow path existed); without it only punted frames start resolution.
+        self.proactive = proactive
+        self.counters: Counter = Counter({k: 0 for k in COUNTERS})
+
+    # --- entry points ---------------------------------------------------------------------------
+    def handle(self, ifname: str, frame: bytes) -> Actions:
+        """One received frame from ifname."""
+        act = Actions()
+        try:
+            self._sync_static(act)
+            self._handle(ifname, bytes(frame), act)
+        except Exception:  # a bug must cost one frame, never the daemon
+            log.exception("slow path: frame from %s (%d bytes) raised", ifname, len(frame))
+            act.count("error")
+        return self._account(act)
+
+    def handle_batch(self, ifname: str, frames) -> Actions:
+        """A batch from one socket (XskSocket.attach_loop's callback): one Actions for all of it."""
+        act = Actions()
+        for f in frames:
+            act.extend(self.handle(ifname, f))
+        return act  # already accounted frame by frame
+
+    def tick(self) -> Actions:
+        """Periodic work: probe retries and failures, aging, and (proactive) real servers' next hops."""
+        act = Actions()
+        try:
+            self._sync_static(act)
+            self._apply(self.neigh.tick(), act)
+            if self.proactive:
+                for nh, ifname in self.wanted().items():
+                    self._apply(self.neigh.resolve(nh, ifname)[1], act)
+        except Exception:
+            log.exception("slow path: tick raised")
+            act.count("error")
+        return self._account(act)
+
+    def announce(self, ip, ifname: str) -> Actions:
+        """Gratuitous ARP (IPv4) or unsolicited NA (IPv6) for an address we just took on ifname."""
+        act = Actions()
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            return self._account(act)
+        ifc = self.model.ifaces.get(ifname)
+        if ifc is not None:
+            frame = P.gratuitous_arp(ifc.mac, a) if a.version == 4 else P.unsolicited_na(ifc.mac, a)
+            act.send(ifname, frame, "announce")
+        return self._account(act)
+
+    def wanted(self) -> dict:
+        """Next hop -> egress interface for every real server (what new connections will need)."""
+        want = {}
+        for svc in self.model.services.values():
+            for d in svc.dests.values():
+                nh = self.model.nexthop(d.addr)
+                if nh and nh[1] in self.model.ifaces and nh[0].version == d.addr.version and \
+                        not is_local(self.model, nh[0]):
+                    want[nh[0]] = nh[1]
+        return want
+
+    def show(self, ifname: str | None = None, af: int | None = None) -> list[dict]:
+        return self.neigh.show(ifname, af)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def _account(self, act: Actions) -> Actions:
+        act.count("tx", len(act.tx))
+        self.counters.update(act.counters)
+        return act
+
+    def _sync_static(self, act: Actions) -> None:
+        """Mirror the model's static neighbours (dpip neigh add/del) as PERMANENT entries."""
+        want = self.model.neighs
+        for ip, e in list(self.neigh.entries.items()):
+            if e.permanent and ip not in want:
+                self._apply(self.neigh.remove(ip), act)
+        for ip, n in want.items():
+            e = self.neigh.entries.get(ip)
+            if e is None or not e.permanent or e.mac != n.lladdr or e.ifname != n.ifname:
+                self._apply(self.neigh.set_permanent(ip, n.lladdr, n.ifname), act)
+
+    def _apply(self, ev: NeighEvents, act: Actions) -> None:
+        for ip, ifname in ev.deletes:
+            act.neigh_del(ip, ifname)
+        for ip, mac, ifname, perm in ev.updates:
+            act.neigh_set(ip, mac, ifname, perm)
+        for p in ev.probes:
+            self._send_probe(p, act)
+        for ifname, frame, mac in ev.send:
+            ifc = self.model.ifaces.get(ifname)
+            if ifc is None:  # the interface went away while the frame waited
+                act.count("unres_dropped")
+                continue
+            act.send(ifname, P.set_macs(frame, mac, ifc.mac), "unres_sent")
+        act.count("unres_queued", ev.queued)
+        act.count("unres_dropped", ev.dropped)
+
+    def _send_probe(self, p: Probe, act: Actions) -> None:
+        ifc = self.model.ifaces.get(p.ifname)
+        if ifc is None:
+            return
+        src = self.probe_source(p.ip, p.ifname)
+        if p.ip.version == 4:
+            act.send(p.ifname, P.arp_request(ifc.mac, src, p.ip, dmac=p.mac or P.BROADCAST), "arp_request")
+        else:
+            act.send(p.ifname, P.nd_ns(ifc.mac, src, p.ip, dmac=p.mac), "nd_ns")
+
+    def probe_source(self, target, ifname: str):
+        """Source address of an ARP request / NS for target on ifname: an address of ours on that interface
+        (one whose prefix covers target first), else the route's src, else the unspecified address."""
+        v = target.version
+        other = None
+        for ad in self.model.addrs:
+            if ad.ifname == ifname and ad.addr.version == v:
+                if target in ipaddress.ip_network(f"{ad.addr}/{ad.prefixlen}", strict=False):
+                    return ad.addr
+                other = other or ad.addr
+        if other is not None:
+            return other
+        for svc in self.model.services.values():
+            for la in svc.laddrs:
+                if la.ifname == ifname and la.addr.version == v:
+                    return la.addr
+        r = self.model.route_lookup(target)
+        if r is not None and r.src is not None and r.src.version == v:
+            return r.src
+        return _unspecified(v)
+
+    def _learnable(self, ip, mac: bytes, act: Actions) -> bool:
+        """A neighbour may be learned at ip/mac: a real unicast host that is not claiming one of our addresses."""
+        if ip.is_unspecified or ip.is_multicast or not P.is_unicast_mac(mac):
+            return False
+        if ip == P.V4_BCAST:
+            return False
+        if is_local(self.model, ip):
+            act.count("addr_conflict")  # someone else answers for our address: log-worthy, never learned
+            return False
+        return True
+
+    # --- classification -------------------------------------------------------------------------
+    def _handle(self, ifname: str, frame: bytes, act: Actions) -> None:
+        act.count("rx")
+        eth = P.parse_eth(frame)
+        if eth is None:
+            act.count("rx_other")
+            act.count("malformed")
+            return
+        ifc = self.model.ifaces.get(ifname)
+        if ifc is None or eth.src == ifc.mac:  # not an interface we manage, or our own frame looped back
+            act.count("rx_other")
+            act.count("unexpected")
+            return
+        l3 = frame[eth.l2len:]
+        if eth.ethertype == P.ETH_P_ARP:
+            self._arp(ifc, eth, l3, act)
+        elif eth.dst == P.ZERO_MAC and eth.ethertype in (P.ETH_P_IP, P.ETH_P_IPV6):
+            self._unresolved(eth, frame, l3, act)
+        elif eth.ethertype == P.ETH_P_IP:
+            self._ipv4(ifc, eth, frame, l3, act)
+        elif eth.ethertype == P.ETH_P_IPV6:
+            self._ipv6(ifc, eth, frame, l3, act)
+        else:
+            act.count("rx_other")
+            act.count("unexpected")
+
+    def _arp(self, ifc, eth: P.Eth, body: bytes, act: Actions) -> None:
+        arp = P.parse_arp(body)
+        if arp is None:
+            act.count("rx_arp")
+            act.count("malformed")
+            return
+        if arp.op not in (P.ARPOP_REQUEST, P.ARPOP_REPLY):
+            act.count("rx_arp")
+            act.count("unexpected")
+            return
+        ours = owned_on(self.model, arp.tpa, ifc.name)
+        learnable = self._learnable(arp.spa, arp.sha, act)
+        if arp.op == P.ARPOP_REQUEST:
+            act.count("rx_arp_request")
+            if ours:
+                reply = P.retag(P.arp_reply(ifc.mac, arp.tpa, arp.sha, arp.spa), eth.tags)
+                act.send(ifc.name, reply, "arp_reply")
+            # The asker is talking to us, so it is worth an entry; anyone else's request (gratuitous ARP
+            # included) only refreshes an entry we have, which is how a moved MAC is picked up.
+            ev = self.neigh.learn(arp.spa, arp.sha, ifc.name, confirmed=False, create=ours) if learnable else None
+            if ev is not None:
+                self._apply(ev, act)
+            if not ours and not (ev and ev.updates):
+                act.count("unexpected")
+            return
+        act.count("rx_arp_reply")
+        to_us = eth.dst == ifc.mac
+        if learnable:
+            # Two-way reachability is proven only by a reply sent to our MAC (Linux: REACHABLE vs STALE).
+            self._apply(self.neigh.learn(arp.spa, arp.sha, ifc.name, confirmed=to_us, create=to_us or ours), act)
+
+    def _unresolved(self, eth: P.Eth, frame: bytes, l3: bytes, act: Actions) -> None:
+        """A frame the fast path rewrote but could not address: its next hop had no MAC."""
+        act.count("rx_unresolved")
+        ip = P.parse_ipv4(l3) if eth.ethertype == P.ETH_P_IP else P.parse_ipv6(l3)
+        if ip is None:
+            act.count("malformed")
+            return
+        dst = ip.dst
+        if dst.is_multicast or dst.is_unspecified or is_local(self.model, dst):
+            act.count("unexpected")  # nothing a neighbour lookup can deliver (or a loop back to us)
+            return
+        nh = self.model.nexthop(dst)
+        if nh is None or nh[1] not in self.model.ifaces or nh[0].version != dst.version:
+            act.count("no_route")
+            return
+        nh_ip, oif = nh
+        if eth.tags:
+            frame = frame[:12] + frame[12 + len(eth.tags):]  # egress is untagged, as the fast path sends
+        mac, ev = self.neigh.resolve(nh_ip, oif, frame)
+        self._apply(ev, act)
+        if mac is not None:
+            act.send(oif, P.set_macs(frame, mac, self.model.ifaces[oif].mac), "nexthop_known")
+
+    def _ipv4(self, ifc, eth: P.Eth, frame: bytes, l3: bytes, act: Actions) -> None:
+        ip = P.parse_ipv4(l3)
+        if ip is None:
+            act.count("rx_other")
+            act.count("malformed")
+            return
+        if ip.proto != P.IPPROTO_ICMP or not is_local(self.model, ip.dst) or ip.is_fragment:
+            act.count("rx_other")
+            act.count("unexpected")
+            return
+        icmp = ip.payload
+        kind = icmp[0] if icmp else -1
+        if kind == P.ICMP_ECHO:
+            act.count("rx_icmp_echo")
+            if ip.src.is_multicast or ip.src.is_unspecified or ip.src == P.V4_BCAST:
+                act.count("unexpected")
+                return
+            reply = P.icmp_echo_reply(frame, smac=ifc.mac, ttl=self.ttl)
+            if reply is None:
+                act.count("malformed")
+            else:
+                act.send(ifc.name, reply, "icmp_echo_reply")
+        elif kind in (P.ICMP_DEST_UNREACH, P.ICMP_TIME_EXCEEDED):
+            act.count("rx_icmp_error")
+            err = P.parse_icmp_error(icmp) if P.checksum(icmp) == 0 else None
+            if err is None:
+                act.count("malformed")
+            else:
+                act.icmp_errors.append((ifc.name, err))
+                act.count("icmp_error")
+        else:
+            act.count("rx_other")
+            act.count("malformed" if kind < 0 else "unexpected")
+
+    def _ipv6(self, ifc, eth: P.Eth, frame: bytes, l3: bytes, act: Actions) -> None:
+        ip6 = P.parse_ipv6(l3)
+        if ip6 is None:
+            act.count("rx_other")
+            act.count("malformed")
+            return
+        if ip6.nh != P.IPPROTO_ICMPV6:
+            act.count("rx_other")
+            act.count("unexpected")
+            return
+        kind = ip6.payload[0] if ip6.payload else -1
+        rx = {P.ICMPV6_ECHO_REQUEST: "icmp6_echo", P.ND_NEIGHBOR_SOLICIT: "nd_ns", P.ND_NEIGHBOR_ADVERT: "nd_na",
+              P.ICMPV6_DEST_UNREACH: "icmp_error", P.ICMPV6_PKT_TOOBIG: "icmp_error",
+              P.ICMPV6_TIME_EXCEED: "icmp_error"}.get(kind, "other")
+        act.count(f"rx_{rx}")
+        if not P.icmp6_ok(ip6):
+            act.count("malformed")
+            return
+        if rx == "icmp6_echo":
+            if not is_local(self.model, ip6.dst) or ip6.src.is_multicast or ip6.src.is_unspecified:
+                act.count("unexpected")
+                return
+            reply = P.icmp6_echo_reply(frame, smac=ifc.mac, hlim=self.ttl)
+            if reply is None:
+                act.count("malformed")
+            else:
+                act.send(ifc.name, reply, "icmp_echo_reply")
+        elif rx in ("nd_ns", "nd_na"):
+            nd = P.parse_nd(ip6.payload)
+            if nd is None or ip6.hlim != P.ND_HOP_LIMIT:
+                act.count("malformed")  # RFC 4861 7.1: silently discarded
+                return
+            (self._ns if rx == "nd_ns" else self._na)(ifc, eth, ip6, nd, act)
+        elif rx == "icmp_error":
+            if not is_local(self.model, ip6.dst):
+                act.count("unexpected")
+                return
+            err = P.parse_icmp6_error(ip6.payload)
+            if err is None:
+                act.count("malformed")
+            else:
+                act.icmp_errors.append((ifc.name, err))
+                act.count("icmp_error")
+        else:
+            act.count("unexpected")
+
+    def _ns(self, ifc, eth: P.Eth, ip6: P.IPv6, nd: P.ND, act: Actions) -> None:
+        dad = ip6.src.is_unspecified
+        if dad and (nd.lladdr is not None or not ip6.dst.is_multicast):
+            act.count("malformed")  # RFC 4861 7.1.1: DAD probes carry no source link-layer option
+            return
+        if not owned_on(self.model, nd.target, ifc.name):
+            act.count("unexpected")
+            return
+        if dad:
+            # someone probes an address we hold: defend it to all nodes (not solicited: nobody to answer)
+            dst, dmac, solicited = P.ALL_NODES, P.mcast_mac(P.ALL_NODES), False
+        else:
+            dst, dmac, solicited = ip6.src, nd.lladdr or eth.src, True
+            if nd.lladdr is not None and self._learnable(ip6.src, nd.lladdr, act):
+                self._apply(self.neigh.learn(ip6.src, nd.lladdr, ifc.name, confirmed=False, create=True), act)
+        na = P.retag(P.nd_na(ifc.mac, nd.target, dst, dmac, solicited=solicited, override=True), eth.tags)
+        act.send(ifc.name, na, "nd_na")
+
+    def _na(self, ifc, eth: P.Eth, ip6: P.IPv6, nd: P.ND, act: Actions) -> None:
+        if nd.solicited and ip6.dst.is_multicast:
+            act.count("malformed")  # RFC 4861 7.1.2
+            return
+        if is_local(self.model, nd.target):
+            act.count("addr_conflict")
+            return
+        if nd.lladdr is not None and not P.is_unicast_mac(nd.lladdr):
+            act.count("malformed")
+            return
+        to_us = eth.dst == ifc.mac or owned_on(self.model, ip6.dst, ifc.name)
+        self._apply(self.neigh.learn(nd.target, nd.lladdr, ifc.name, confirmed=nd.solicited and to_us,
+                                     override=nd.override, create=nd.solicited and to_us), act)
