@@ -4,6 +4,7 @@
 #include <linux/ip.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <linux/icmp.h>
 #include <linux/in.h>
 
 #include "hdslb_abi.h"
@@ -81,6 +82,13 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN_DIR "/coun
 /* Runtime settings (local port range); read only on new flows. */
 BPF_TABLE_PINNED("array", __u32, struct fp_cfg, cfg_map, 1, PIN_DIR "/cfg_map");
 
+/*
+ * The slow path's AF_XDP sockets, one per (interface, rx queue). Not pinned: sockets belong to the running
+ * daemon, which registers them again after a restart. While none is registered the program answers ARP
+ * itself, so a restarting daemon never makes the balancer's addresses unreachable.
+ */
+BPF_XSKMAP(xsks, MAX_IFACES * XSK_MAX_QUEUES);
+
 /* ARP for IPv4 over Ethernet, the only kind we answer. */
 struct arp_eth {
 	__be16 htype;
@@ -128,6 +136,21 @@ static __always_inline struct local_val *local_lookup4(__be32 addr)
 	return local_map.lookup(&lk);
 }
 
+/* The XSKMAP key of the slow-path socket serving this packet's interface and queue. */
+static __always_inline __u32 xsk_key(struct xdp_md *ctx, struct iface_val *ifv)
+{
+	__u32 q = ctx->rx_queue_index;
+
+	if (q >= XSK_MAX_QUEUES)
+		q = 0;
+	return (__u32)ifv->xsk_slot * XSK_MAX_QUEUES + q;
+}
+
+static __always_inline int slowpath_up(__u32 key)
+{
+	return xsks.lookup(&key) != 0;
+}
+
 /* Learn sender IP -> MAC from ARP, unless an operator pinned that neighbour with dpip neigh add. */
 static __always_inline void arp_learn(__be32 ip, const __u8 *mac, __u32 ifindex)
 {
@@ -173,6 +196,15 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 	if (lv && lv->ifindex && lv->ifindex != ifindex)
 		lv = 0; /* owned, but on another interface: that side answers */
 
+	/* The slow path answers and learns when it runs; the code below is the fallback while it does not. */
+	if (lv && (a->op == bpf_htons(ARPOP_REQUEST_) || a->op == bpf_htons(ARPOP_REPLY_))) {
+		__u32 key = xsk_key(ctx, ifv);
+
+		if (slowpath_up(key)) {
+			count(CNT_PUNT_ARP);
+			return xsks.redirect_map(key, XDP_PASS);
+		}
+	}
 	if (a->op == bpf_htons(ARPOP_REQUEST_)) {
 		if (!lv)
 			goto pass;
@@ -269,6 +301,24 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 {
 	__be32 old_s = iph->saddr, old_d = iph->daddr;
 	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
+	int punt = 0;
+
+	if (cv->flags & CONN_F_NEED_L2) {
+		/* Created before its next hop was resolved: take the MAC as soon as the neighbour table has it. */
+		struct neigh_key nk = {};
+		struct neigh_val *nv;
+
+		nk.addr.v4 = cv->nh4;
+		nk.af = HDSLB_AF_INET;
+		nv = neigh_map.lookup(&nk);
+		if (nv) {
+			__builtin_memcpy(cv->dmac, nv->mac, 6);
+			cv->flags &= ~CONN_F_NEED_L2;
+			count(CNT_CONN_L2_FILLED);
+		} else {
+			punt = 1;
+		}
+	}
 
 	if (th) {
 		hcsum_replace4(&th->check, old_s, new_s);
@@ -295,6 +345,20 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 
 	cv->last_seen = bpf_ktime_get_coarse_ns();
 	account(cv, bpf_ntohs(iph->tot_len));
+	if (punt) {
+		/* The slow path queues it, resolves the next hop and sends it; without a slow path it is lost. */
+		__u32 in_if = ctx->ingress_ifindex;
+		struct iface_val *ifv = iface_map.lookup(&in_if);
+
+		if (!ifv)
+			return drop(CNT_DROP_NO_NEIGH);
+		__u32 key = xsk_key(ctx, ifv);
+
+		if (!slowpath_up(key))
+			return drop(CNT_DROP_NO_NEIGH);
+		count(CNT_PUNT_NO_NEIGH);
+		return xsks.redirect_map(key, XDP_DROP);
+	}
 	if (cv->ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
 	return bpf_redirect(cv->ifindex, 0);
@@ -358,12 +422,18 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	nk.addr.v4 = (rt->flags & ROUTE_F_GW) ? rt->gw.v4 : d->addr.v4;
 	nk.af = HDSLB_AF_INET;
 	nv = neigh_map.lookup(&nk);
-	if (!nv)
-		return drop(CNT_DROP_NO_NEIGH);
 	oif = rt->ifindex;
 	ifv = iface_map.lookup(&oif);
 	if (!ifv)
 		return drop(CNT_DROP_NO_IFACE);
+	if (!nv) {
+		/* No MAC yet: with a slow path the flow is created and its packets queued there until resolved. */
+		__u32 in_if = ctx->ingress_ifindex;
+		struct iface_val *inv = iface_map.lookup(&in_if);
+
+		if (!inv || !slowpath_up(xsk_key(ctx, inv)))
+			return drop(CNT_DROP_NO_NEIGH);
+	}
 
 	now = bpf_ktime_get_coarse_ns();
 
@@ -416,11 +486,16 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.sport = ok.dport;
 	iv.dport = d->port;
 	iv.ifindex = oif;
-	__builtin_memcpy(iv.dmac, nv->mac, 6);
+	if (nv) {
+		__builtin_memcpy(iv.dmac, nv->mac, 6);
+	} else {
+		iv.flags |= CONN_F_NEED_L2;
+		iv.nh4 = nk.addr.v4;
+	}
 	__builtin_memcpy(iv.smac, ifv->mac, 6);
 	iv.dest_slot = slot;
 	iv.svc_id = svc_id;
-	iv.flags = CONN_F_VALID;
+	iv.flags |= CONN_F_VALID;
 	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
 	iv.fwd = FWD_FNAT;
 	iv.last_seen = now;
@@ -453,6 +528,23 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	proto = parse_iphdr(nh, data_end, &iph);
 	if (proto < 0)
 		return drop(CNT_DROP_MALFORMED_IP);
+	if (proto == IPPROTO_ICMP) {
+		/* Echo requests to our addresses are answered by the slow path; other ICMP goes to the kernel. */
+		struct icmphdr *ic = nh->pos;
+		__u32 in_if = ctx->ingress_ifindex;
+		struct iface_val *inv;
+
+		if ((void *)(ic + 1) <= data_end && ic->type == ICMP_ECHO && !(iph->frag_off & bpf_htons(0x3fff)) &&
+		    local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
+			__u32 key = xsk_key(ctx, inv);
+
+			if (slowpath_up(key)) {
+				count(CNT_PUNT_ICMP);
+				return xsks.redirect_map(key, XDP_PASS);
+			}
+		}
+		goto not_balanced;
+	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		goto not_balanced;
 	/* Fragments carry no (or a partial) L4 header: never balance them; ours are dropped and counted. */

@@ -63,6 +63,10 @@ class Settings:
     api_listen: str | None = "127.0.0.1:53225"  # dpvs-agent's port; None: no REST server
     api_token: str | None = None
     log_file: str | None = None
+    neigh_timeout: float = 60.0
+    unres_queue_length: int = 128
+    default_ttl: int = 64
+    slowpath: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-listen", default="127.0.0.1:53225",
                    help="REST/metrics address HOST:PORT ('off' disables); non-loopback needs a token")
     p.add_argument("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
+    p.add_argument("--slowpath", action="store_true",
+                   help="serve ARP, ICMP echo and unresolved next hops from an AF_XDP slow path (experimental; "
+                        "default: ARP answered in XDP, neighbours probed over a packet socket)")
     return p
 
 
@@ -131,6 +138,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error("--aging-interval must be positive")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
     log_level, log_file = ns.log_level, None
+    neigh = (60.0, 128, 64)
     timeouts = dict(DEFAULT_TIMEOUTS)
     if ns.config_file:
         # The file supplies what the command line left out; the command line wins where both speak.
@@ -149,6 +157,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         notices = inactive_notices(cfg)
         log_level = log_level or DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
         log_file = cfg.global_defs.log_file
+        neigh = (cfg.neigh_defs.timeout, cfg.neigh_defs.unres_queue_length, cfg.ipv4_defs.default_ttl)
         tcp = cfg.ipvs_defs.tcp.timeout
         timeouts.update(syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
                         close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
@@ -170,7 +179,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
-                    extra={"notices": notices})
+                    neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
+                    slowpath=ns.slowpath, extra={"notices": notices})
 
 
 class _NullDataPath:
@@ -379,6 +389,7 @@ class Daemon:
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
         self.health = None
         self.api = None
+        self.slow = None  # SlowPathRunner when AF_XDP works
         self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
         self._save_handle = None
         self._last_save = 0.0
@@ -406,8 +417,8 @@ class Daemon:
         await loop.run_in_executor(None, self.fp.load, adopt)
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
-        for ifc in ifaces.values():
-            self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu)
+        for slot, ifc in enumerate(ifaces.values()):
+            self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu, xsk_slot=slot)
         self.bal = Balancer(MapDataPath(self.maps), ifaces, max_services=self.sizes.max_services,
                             max_dests=self.sizes.max_dests)
         self.bal.conn_counts = self.conn_counts
@@ -434,8 +445,19 @@ class Daemon:
             self.fp.detach_all()
             self.fp.unpin()
             raise
-        self._tasks = [asyncio.create_task(self._resolver()), asyncio.create_task(self._estimator()),
-                       asyncio.create_task(self._aging())]
+        self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging())]
+        if s.slowpath:
+            from hdslb.slowpath.runner import SlowPathRunner
+
+            runner = SlowPathRunner(self, s.neigh_timeout, s.unres_queue_length, s.default_ttl)
+            try:
+                runner.open()
+                self.slow = runner
+            except Exception as e:  # no AF_XDP here: the fast path answers ARP and a packet socket probes
+                await runner.close()
+                log.warning("AF_XDP slow path unavailable (%s); falling back to ARP in XDP", e)
+        if self.slow is None:
+            self._tasks.append(asyncio.create_task(self._resolver()))
         if s.config_file:
             from hdslb.config import load
 
@@ -456,6 +478,8 @@ class Daemon:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.slow is not None:
+            await self.slow.close()
         if self.ctl:
             await self.ctl.stop()
         for sk in self._pkt_socks.values():
@@ -558,6 +582,8 @@ class Daemon:
         self.maps = Maps(new)
         self.bal.dp = MapDataPath(self.maps)
         old.attached.clear()  # the interfaces now run the new program; closing the old must not detach it
+        if self.slow is not None:
+            self.slow.register()  # the new program has its own XSKMAP
         old.close()
         log.info("datapath reloaded: new program attached to %s", ", ".join(self.xdp_modes))
         return {"interfaces": dict(self.xdp_modes), "conn_entries": self.maps.conn_entries()}
@@ -869,6 +895,8 @@ class Daemon:
 
     # --- neighbour resolution (until the AF_XDP slow path takes it over) -------------------------
     def resolve_soon(self) -> None:
+        if self.slow is not None:
+            self.slow.kick()
         self._resolve_now.set()
 
     def _pkt_sock(self, ifname: str) -> socket.socket:
@@ -905,7 +933,9 @@ class Daemon:
             a = ipaddress.ip_address(addr)
         except ValueError:
             return
-        if a.version == 4 and ifname in self.bal.ifaces:
+        if self.slow is not None and ifname in self.bal.ifaces:
+            self.slow.announce(a, ifname)
+        elif a.version == 4 and ifname in self.bal.ifaces:
             self._send_arp(ifname, a, a)
 
     def _wanted_nexthops(self) -> dict:

@@ -117,7 +117,7 @@ struct local_val {
 /* Interfaces the program is attached to; keyed by ifindex (host order). */
 struct iface_val {
 	__u8 mac[6];
-	__u16 pad;
+	__u16 xsk_slot;  /* this interface's block of XSKMAP keys: slot * XSK_MAX_QUEUES + rx queue */
 	__u32 flags;
 	__u32 mtu;
 };
@@ -177,6 +177,7 @@ struct conn_key {
 /* conn_val.flags */
 #define CONN_F_VALID 0x1 /* this CPU's copy is filled in (per-CPU map: other CPUs' slots start zeroed) */
 #define CONN_F_OUT 0x2   /* reply direction (real server -> local address) */
+#define CONN_F_NEED_L2 0x4 /* next hop unresolved when created: dmac is empty, nh4 says whose MAC to find */
 
 /* Coarse TCP states for aging and ActiveConn/InActConn, ordered by progress. */
 enum conn_state {
@@ -207,7 +208,7 @@ struct conn_val {
 	__u8 state;             /* enum conn_state (this CPU's view) */
 	__u8 fwd;               /* enum hdslb_fwd */
 	__u8 pad;
-	__u32 pad2;
+	__be32 nh4;             /* IPv4 next hop while CONN_F_NEED_L2, network order */
 	__u64 last_seen;        /* bpf_ktime_get_coarse_ns() on this CPU */
 };
 
@@ -226,6 +227,9 @@ struct fp_cfg {
 	__u16 lport_max;
 	__u32 flags;
 };
+
+/* Receive queues per interface the slow path can serve (XSKMAP keys per interface). */
+#define XSK_MAX_QUEUES 16
 
 /* Tries at finding a free local port before the SYN is dropped as "lport_exhausted". */
 #define LPORT_TRIES 16
@@ -263,6 +267,10 @@ enum hdslb_counter {
 	CNT_DROP_NO_IFACE,
 	CNT_DROP_CONN_INSERT,
 	CNT_CONN_EXPIRED, /* written by the daemon's aging sweep (per direction), never by the program */
+	CNT_PUNT_ARP,     /* ARP for an owned address handed to the slow path (AF_XDP) */
+	CNT_PUNT_ICMP,    /* ICMP echo to an owned address handed to the slow path */
+	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
+	CNT_CONN_L2_FILLED, /* a connection created without a MAC found it in the neighbour table */
 	CNT_MAX,
 };
 

@@ -237,6 +237,9 @@ def neigh_del(ctx, a):
 @command("neigh.list")
 def neigh_list(ctx, a):
     ifname, af = a.get("ifname"), a.get("af")
+    slow = getattr(ctx, "slow", None)
+    if slow is not None:  # the slow path's table knows states (incomplete, probing, stale ...)
+        return {"neighs": slow.sp.show(ifname, af)}
     by_index = {i.ifindex: i.name for i in ctx.bal.ifaces.values()}
     out = []
     for n in ctx.maps.neighs():
@@ -263,7 +266,8 @@ def link_list(ctx, a):
 # --- the daemon itself ------------------------------------------------------------------------------
 @command("stats.get")
 def stats_get(ctx, a):
-    return {"counters": ctx.maps.counters(), "per_cpu": ctx.maps.per_cpu_counters(), "conn_table": ctx.conn_table()}
+    return {"counters": ctx.maps.counters(), "per_cpu": ctx.maps.per_cpu_counters(), "conn_table": ctx.conn_table(),
+            "slowpath": ctx.slow.stats() if getattr(ctx, "slow", None) is not None else None}
 
 
 @command("conn.list")

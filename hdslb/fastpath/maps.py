@@ -55,11 +55,12 @@ class Maps:
         v.lport_min, v.lport_max = lport_min, lport_max
         t[ct.c_uint32(0)] = v
 
-    def set_iface(self, ifindex: int, mac: bytes, mtu: int) -> None:
+    def set_iface(self, ifindex: int, mac: bytes, mtu: int, xsk_slot: int = 0) -> None:
         t = self.t["iface_map"]
         v = t.Leaf()
         _put_mac(v.mac, mac)
         v.mtu = mtu
+        v.xsk_slot = xsk_slot
         t[ct.c_uint32(ifindex)] = v
 
     def del_iface(self, ifindex: int) -> None:

@@ -270,15 +270,18 @@ class SlowPath:
             act.count("malformed")
             return
         ifc = self.model.ifaces.get(ifname)
+        l3 = frame[eth.l2len:]
+        # The fast path hands over rewritten frames with a zero destination and our own source MAC: check
+        # for those before treating our source MAC as a frame of ours looped back.
+        if ifc is not None and eth.dst == P.ZERO_MAC and eth.ethertype in (P.ETH_P_IP, P.ETH_P_IPV6):
+            self._unresolved(eth, frame, l3, act)
+            return
         if ifc is None or eth.src == ifc.mac:  # not an interface we manage, or our own frame looped back
             act.count("rx_other")
             act.count("unexpected")
             return
-        l3 = frame[eth.l2len:]
         if eth.ethertype == P.ETH_P_ARP:
             self._arp(ifc, eth, l3, act)
-        elif eth.dst == P.ZERO_MAC and eth.ethertype in (P.ETH_P_IP, P.ETH_P_IPV6):
-            self._unresolved(eth, frame, l3, act)
         elif eth.ethertype == P.ETH_P_IP:
             self._ipv4(ifc, eth, frame, l3, act)
         elif eth.ethertype == P.ETH_P_IPV6:

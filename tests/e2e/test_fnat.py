@@ -123,20 +123,34 @@ def test_transfer_survives_client_moving_between_cpus(one_arm_up):
     """A download whose client is moved between CPUs mid-transfer: every byte arrives (conn adoption)."""
     lab, lb, servers, _ = one_arm_up
     before = lb.call("stats.get")["counters"]["conn_adopt"]
-    out = lab.workdir / "big.out"
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "taskset", "-c", "0", "curl", "-s", "-m", "60",
-                             "--limit-rate", "2M", "-o", str(out), "http://192.168.100.100/big"])
+    # A small receive buffer and paced reads keep packets flowing for the whole transfer (curl's rate limit
+    # lets socket buffers swallow the file in a second, after which moving the client moves no packets).
+    client = (
+        "import hashlib, socket, sys, time\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)\n"
+        "s.connect(('192.168.100.100', 80))\n"
+        "s.sendall(b'GET /big HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "buf = bytearray()\n"
+        "while True:\n"
+        "    b = s.recv(32768)\n"
+        "    if not b: break\n"
+        "    buf += b; time.sleep(0.005)\n"
+        "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
+        "print(len(body), hashlib.sha256(body).hexdigest())\n")
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "taskset", "-c", "0", "python3", "-c", client],
+                            stdout=subprocess.PIPE, text=True)
     lab.procs.append(proc)
     moves = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.3)
         moves += 1
         subprocess.run(["taskset", "-p", "-c", str(moves % 2), str(proc.pid)], capture_output=True)
-    assert proc.wait(timeout=10) == 0, "curl failed"
-    body = out.read_bytes()
-    assert moves >= 4, "transfer too short to migrate"
-    assert len(body) == servers[0].big_size and hashlib.sha256(body).hexdigest() == servers[0].big_sha256
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, "client failed"
+    size, digest = out.split()
+    assert moves >= 4, f"transfer too short to migrate ({moves} moves)"
+    assert int(size) == servers[0].big_size and digest == servers[0].big_sha256
     assert lb.call("stats.get")["counters"]["conn_adopt"] > before, "no packet was seen on a second CPU"
 
 

@@ -499,3 +499,11 @@ def test_random_garbage_and_bit_flips_never_raise(sp):
             sp.handle(ifname, bytes(b))
     sp.tick()
     assert sp.counters["error"] == 0
+
+
+def test_unresolved_frame_carrying_our_source_mac_is_not_mistaken_for_a_loop(sp):
+    """The fast path punts with the egress interface's MAC as source; one-arm, that is the ingress interface's."""
+    frame = bytes(Ether(dst="00:00:00:00:00:00", src=M1, type=0x0800)) + fnat_frame()[14:]
+    act = sp.handle("eth1", frame)
+    assert act.counters["rx_unresolved"] == 1 and act.counters["unres_queued"] == 1
+    assert act.counters.get("unexpected", 0) == 0

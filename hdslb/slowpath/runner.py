@@ -1,0 +1,120 @@
+"""The slow path inside hdslbd: AF_XDP sockets per (interface, rx queue), the dispatcher, and map updates.
+
+The XDP program redirects what it owns but cannot finish (ARP for owned addresses, ICMP echo to them, packets
+whose next hop has no MAC yet) to the socket registered at key slot * XSK_MAX_QUEUES + queue in its XSKMAP.
+Frames go to SlowPath.handle_batch; its Actions are carried out here: frames sent on the egress interface's
+socket, neighbours written to (or deleted from) the fast path's neighbour map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes as ct
+import glob
+import logging
+import os
+import time
+
+from hdslb.slowpath.dispatch import Actions, SlowPath
+from hdslb.slowpath.neigh import NeighTable
+
+log = logging.getLogger("hdslb.slowpath")
+
+XSK_MAX_QUEUES = 16  # bpf/include/hdslb_abi.h
+TICK_S = 0.25
+
+
+def rx_queues(ifname: str) -> int:
+    """Receive queues the interface exposes (veth shows more than it activates: binding tells)."""
+    n = len(glob.glob(f"/sys/class/net/{ifname}/queues/rx-*"))
+    return max(1, min(n, XSK_MAX_QUEUES))
+
+
+class SlowPathRunner:
+    def __init__(self, daemon, neigh_timeout: float = 60.0, unres_queue_length: int = 128, ttl: int = 64):
+        self.d = daemon
+        self.neigh = NeighTable(now=time.monotonic, timeout=neigh_timeout, unres_queue_length=unres_queue_length)
+        self.sp = SlowPath(daemon.bal, self.neigh, ttl=ttl)
+        self.socks: dict[tuple[str, int], object] = {}  # (ifname, queue) -> XskSocket
+        self._tick_task: asyncio.Task | None = None
+        self._kick = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def open(self) -> None:
+        """One socket per interface queue; raises if the first queue of an interface cannot be served."""
+        from hdslb.slowpath.xsk import XskSocket
+
+        loop = asyncio.get_running_loop()
+        for ifc in self.d.bal.ifaces.values():
+            for q in range(rx_queues(ifc.name)):
+                try:
+                    sock = XskSocket(ifc.name, q)
+                except OSError as e:
+                    if q == 0:
+                        raise
+                    log.debug("%s queue %d not served: %s", ifc.name, q, e)
+                    break
+                self.socks[(ifc.name, q)] = sock
+                sock.attach_loop(loop, lambda frames, n=ifc.name: self.carry_out(self.sp.handle_batch(n, frames)))
+        self.register()
+        # Neighbours the fast path already holds (a previous daemon's, the kernel's) are adopted, not relearned.
+        by_index = {i.ifindex: i.name for i in self.d.bal.ifaces.values()}
+        for n in self.d.maps.neighs():
+            if not n["permanent"] and n["ifindex"] in by_index:
+                self.neigh.adopt(n["addr"], bytes.fromhex(n["lladdr"].replace(":", "")), by_index[n["ifindex"]])
+        self._tick_task = asyncio.create_task(self._ticker())
+        log.info("slow path: %d AF_XDP sockets on %s", len(self.socks), ", ".join(sorted({k[0] for k in self.socks})))
+
+    def register(self) -> None:
+        """Put every socket into the (current) program's XSKMAP; again after a datapath reload."""
+        xsks = self.d.fp.table(b"xsks")
+        slots = {name: i for i, name in enumerate(self.d.bal.ifaces)}
+        for (ifname, q), sock in self.socks.items():
+            xsks[ct.c_int(slots[ifname] * XSK_MAX_QUEUES + q)] = ct.c_int(sock.fd)
+
+    async def close(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            await asyncio.gather(self._tick_task, return_exceptions=True)
+        for sock in self.socks.values():
+            sock.close()  # the kernel drops the XSKMAP entry: XDP answers ARP itself again
+        self.socks.clear()
+
+    # --- work -----------------------------------------------------------------------------------
+    def carry_out(self, act: Actions) -> None:
+        for ifname, frames in act.by_iface().items():
+            sock = self.socks.get((ifname, 0))
+            if sock is not None:
+                sock.send_batch(frames)
+        ifaces = self.d.bal.ifaces
+        for ip, _ifname in act.neigh_deletes:
+            self.d.maps.del_neigh(ip)
+        for ip, mac, ifname, permanent in act.neigh_updates:
+            if ifname in ifaces:
+                self.d.maps.set_neigh(ip, mac, ifaces[ifname].ifindex, permanent=permanent)
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def announce(self, ip, ifname: str) -> None:
+        self.carry_out(self.sp.announce(ip, ifname))
+
+    async def _ticker(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), timeout=TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                self.carry_out(self.sp.tick())
+            except Exception:
+                log.exception("slow path tick failed")
+
+    def stats(self) -> dict:
+        out = {"counters": dict(self.sp.counters), "sockets": {}}
+        for (ifname, q), sock in self.socks.items():
+            st = sock.stats()
+            out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame",
+                                                                  "rx_dropped") if k in st}
+        return out
