@@ -1,4 +1,4 @@
-"""The AF_XDP slow path (hdslbd --slowpath): ARP and ICMP echo for owned addresses answered from Python, real
+"""The AF_XDP slow path (on by default): ARP and ICMP echo for owned addresses answered from Python, real
 servers reached with no static or pre-learned neighbour, the host's own traffic untouched."""
 
 import time
@@ -40,7 +40,7 @@ def sp_lab():
     try:
         servers = start_nginx(lab)
         lb = Balancer(lab)
-        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--slowpath", "--pin-root", str(lab.pin_dir.parent),
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
                "--log-file", str(lab.workdir / "hdslbd.log"))
         yield lab, lb, servers
     finally:
