@@ -12,6 +12,7 @@ from .conftest import Balancer
 from .test_fnat import LADDR, curl_loop
 
 VIP = "192.168.100.100"
+NEIGH_TIMEOUT = 2  # neigh_defs timeout: how long a learned MAC is trusted before it is confirmed again
 
 PING = """
 import os, socket, struct, sys, time
@@ -40,8 +41,10 @@ def sp_lab():
     try:
         servers = start_nginx(lab)
         lb = Balancer(lab)
+        conf = lab.workdir / "neigh.conf"
+        conf.write_text(f"neigh_defs {{\n    <init> timeout {NEIGH_TIMEOUT}\n}}\n")
         lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
-               "--log-file", str(lab.workdir / "hdslbd.log"))
+               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf))
         yield lab, lb, servers
     finally:
         try:
@@ -104,3 +107,36 @@ def test_unknown_next_hop_is_queued_and_resolved(sp_lab):
     sent = ("unres_sent", "nexthop_known")  # queued until ARP answered, or sent at once with a known MAC
     assert sum(after["slowpath"]["counters"][k] for k in sent) > sum(before["slowpath"]["counters"][k] for k in sent)
     assert rs2.ip in {n["addr"] for n in lb.call("neigh.list")["neighs"] if n["lladdr"]}
+
+
+@pytest.mark.root
+def test_traffic_follows_a_real_server_whose_mac_changed(sp_lab):
+    lab, lb, _ = sp_lab
+    rs1 = lab.server(1)
+    new_mac = "02:42:de:ad:be:01"
+    lab.server_run(1, ["ip", "link", "set", "dev", rs1.ifname, "address", new_mac])
+    t0 = time.monotonic()
+    ok_since = None
+    while time.monotonic() - t0 < NEIGH_TIMEOUT + 10:
+        lines = curl_loop(lab, f"http://{VIP}/", 2)
+        if "FAIL" not in lines:
+            ok_since = time.monotonic()
+            break
+        time.sleep(0.2)
+    assert ok_since is not None, "requests to the server with a new MAC never recovered"
+    assert ok_since - t0 <= NEIGH_TIMEOUT + 5, f"took {ok_since - t0:.1f} s"
+    neighs = {n["addr"]: n["lladdr"] for n in lb.call("neigh.list")["neighs"]}
+    assert neighs[rs1.ip] == new_mac
+
+
+@pytest.mark.root
+def test_route_flush_and_re_add_moves_traffic(sp_lab):
+    lab, lb, _ = sp_lab
+    lb.dpip("route", "flush")
+    assert "192.168.100.0/24" not in lb.dpip("route", "show").stdout
+    before = lb.call("stats.get")["counters"]["drop_no_route"]
+    assert curl_loop(lab, f"http://{VIP}/", 2) == ["FAIL", "FAIL"]
+    assert lb.call("stats.get")["counters"]["drop_no_route"] > before
+    lb.dpip("route", "add", "192.168.100.0/24", "dev", "veth-lb0")
+    lines = curl_loop(lab, f"http://{VIP}/", 4)
+    assert "FAIL" not in lines
