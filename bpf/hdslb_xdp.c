@@ -79,6 +79,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, svc_stats, MAX_SER
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, dest_stats, MAX_DESTS, PIN_DIR "/dest_stats");
 /* Verdicts and drop reasons, indexed by enum hdslb_counter. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN_DIR "/counters");
+/* Per-interface counters, per CPU (dpip link show -s). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct if_stats, if_stats, IF_STATS_SLOTS, PIN_DIR "/if_stats");
 /* Runtime settings (local port range); read only on new flows. */
 BPF_TABLE_PINNED("array", __u32, struct fp_cfg, cfg_map, 1, PIN_DIR "/cfg_map");
 
@@ -621,6 +623,24 @@ int xdp_main(struct xdp_md *ctx)
 	}
 	action = handle_ipv4(ctx, &nh, data_end, eth);
 out:
+	{
+		__u32 slot = ctx->ingress_ifindex & (IF_STATS_SLOTS - 1);
+		struct if_stats *is = if_stats.lookup(&slot);
+		__u64 len = (__u64)((long)ctx->data_end - (long)ctx->data);
+
+		if (is) {
+			is->rx_packets++;
+			is->rx_bytes += len;
+			if (action == XDP_TX || action == XDP_REDIRECT) {
+				is->tx_packets++;
+				is->tx_bytes += len;
+			} else if (action == XDP_PASS) {
+				is->pass++;
+			} else {
+				is->drops++;
+			}
+		}
+	}
 	switch (action) {
 	case XDP_PASS:
 		count(CNT_VERDICT_PASS);

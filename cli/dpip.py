@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 
 from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
@@ -108,6 +109,8 @@ class Invocation:
     requests: list[tuple[str, dict]] = field(default_factory=list)
     stats: bool = False  # -s
     text: str = ""  # what help and version print
+    interval: float | None = None  # -i: seconds between repeated shows
+    count: int | None = None  # -c: how many shows
 
 
 def _fail(msg: str) -> UsageError:
@@ -119,7 +122,7 @@ def _fail(msg: str) -> UsageError:
 
 def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
     """Take dpip's own options out of argv wherever they are (getopt_long permutes), keep the words in order."""
-    opts = {"af": None, "stats": False, "help": False, "version": False}
+    opts = {"af": None, "stats": False, "help": False, "version": False, "interval": None, "count": None}
     words = []
     it = iter(argv)
     for tok in it:
@@ -150,6 +153,16 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                     opts["version"] = True
                 elif ch == "f":
                     opts["af"] = _family(chars[i + 1:] or next(it, ""))
+                    break
+                elif ch in "ic":  # -i INTERVAL -c COUNT: repeat a show (DPVS link show)
+                    val = chars[i + 1:] or next(it, "")
+                    try:
+                        num = float(val) if ch == "i" else int(val)
+                        if num <= 0:
+                            raise ValueError
+                    except ValueError:
+                        raise _fail(f"invalid {'interval' if ch == 'i' else 'count'}: {val!r}") from None
+                    opts["interval" if ch == "i" else "count"] = num
                     break
                 else:
                     raise _fail(f"invalid option: -{ch}")
@@ -296,6 +309,8 @@ def _parse_neigh(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
 
 def _parse_link(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
     ifname, _ = _keywords(args, ())
+    if ifname == "cpu":  # dpip -s link show cpu: the fast path's counters per CPU
+        return "stats.get", {}
     return "link.list", {"ifname": ifname}
 
 
@@ -324,7 +339,9 @@ def parse(argv: list[str]) -> Invocation:
     if cmd not in OBJECT_COMMANDS[obj]:
         raise _fail(f"{obj} {words[1]} is not supported (use: {', '.join(OBJECT_COMMANDS[obj])})")
     request = PARSERS[obj](cmd, words[2:], opts["af"])
-    return Invocation(obj, cmd, [request], stats=opts["stats"])
+    if (opts["interval"] or opts["count"]) and obj != "link":
+        raise _fail("-i and -c repeat `link show` only")
+    return Invocation(obj, cmd, [request], stats=opts["stats"], interval=opts["interval"], count=opts["count"])
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -376,7 +393,8 @@ def format_neighs(data: dict) -> str:
 
 
 def format_links(data: dict, stats: bool) -> str:
-    """DPVS link.c dump_nic_basic / dump_nic_stats, with what an XDP interface has instead of DPDK port facts."""
+    """DPVS link.c dump_nic_basic / dump_nic_stats, with what an XDP interface has instead of DPDK port facts.
+    Counters are the fast path's, for frames received on the interface (tx: sent on by XDP_TX/redirect)."""
     out = []
     for link in data["links"]:
         out.append(f"{link['ifindex']}: {link['ifname']}: mtu {link['mtu']} xdp {link['xdp_mode']}\n")
@@ -385,8 +403,18 @@ def format_links(data: dict, stats: bool) -> str:
             s = link["stats"]
             out.append(f"    {'ipackets':<20}{'opackets':<20}{'ibytes':<20}{'obytes':<20}\n")
             out.append(f"    {s['rx_packets']:<20}{s['tx_packets']:<20}{s['rx_bytes']:<20}{s['tx_bytes']:<20}\n")
-            out.append(f"    {'drops':<20}\n")
-            out.append(f"    {s['drops']:<20}\n")
+            out.append(f"    {'drops':<20}{'kernel':<20}\n")
+            out.append(f"    {s['drops']:<20}{s.get('pass', 0):<20}\n")
+    return "".join(out)
+
+
+def format_cpu_stats(data: dict) -> str:
+    """dpip -s link show cpu: per-CPU fast-path verdicts (the slave lcores' view in DPVS)."""
+    pc = data["per_cpu"]
+    cols = ("rx", "verdict_tx", "verdict_redirect", "verdict_pass", "verdict_drop")
+    out = [f"{'cpu':<6}" + "".join(f"{c.replace('verdict_', ''):<14}" for c in cols) + "\n"]
+    for cpu in range(len(pc["rx"])):
+        out.append(f"{cpu:<6}" + "".join(f"{pc[c][cpu]:<14}" for c in cols) + "\n")
     return "".join(out)
 
 
@@ -402,6 +430,8 @@ def render(inv: Invocation, data) -> str:
         return format_routes(data)
     if inv.obj == "neigh":
         return format_neighs(data)
+    if inv.requests and inv.requests[-1][0] == "stats.get":
+        return format_cpu_stats(data)
     return format_links(data, inv.stats)
 
 
@@ -429,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         with Client(path) as client:
-            sys.stdout.write(execute(client, inv))
+            shows = inv.count or (None if inv.interval else 1)  # -i without -c: until interrupted
+            n = 0
+            while shows is None or n < shows:
+                if n:
+                    time.sleep(inv.interval or 1.0)
+                sys.stdout.write(execute(client, inv))
+                sys.stdout.flush()
+                n += 1
         return EXIT_OK
 
     return guarded(run, f"{PROG}: ", PROG)

@@ -221,6 +221,18 @@ struct traffic_stats {
 	__u64 outbytes;
 };
 
+/* Per-interface fast-path counters (dpip link show -s), per CPU, indexed by ingress ifindex & (IF_STATS_SLOTS - 1). */
+#define IF_STATS_SLOTS 1024
+
+struct if_stats {
+	__u64 rx_packets; /* frames the program saw on this interface */
+	__u64 rx_bytes;
+	__u64 tx_packets; /* of those, sent on by the fast path (XDP_TX or redirect) */
+	__u64 tx_bytes;
+	__u64 pass;       /* handed to the kernel */
+	__u64 drops;      /* dropped (every drop also has a reason counter) */
+};
+
 /* Runtime settings the daemon can change without recompiling (index 0 of the cfg array). */
 struct fp_cfg {
 	__u16 lport_min; /* FNAT local port range, host order, inclusive */

@@ -45,7 +45,7 @@ class Maps:
         self.t = {n: fastpath.table(n.encode()) for n in (
             "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
             "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
-            "cfg_map")}
+            "cfg_map", "if_stats")}
         self.counter_names = abi.counter_names()
 
     # --- configuration writes -------------------------------------------------------------------
@@ -224,6 +224,15 @@ class Maps:
 
     def zero_dest_stats(self, slot: int) -> None:
         self._zero("dest_stats", slot)
+
+    IF_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "pass", "drops")
+
+    def if_stats(self, ifindex: int) -> dict:
+        """Fast-path counters of frames received on ifindex: totals, and per CPU under "per_cpu"."""
+        per_cpu = self.t["if_stats"][ct.c_uint32(ifindex & 1023)]
+        out = {f: int(sum(getattr(c, f) for c in per_cpu)) for f in self.IF_FIELDS}
+        out["per_cpu"] = [{f: int(getattr(c, f)) for f in self.IF_FIELDS} for c in per_cpu]
+        return out
 
     def counters(self) -> dict[str, int]:
         t = self.t["counters"]

@@ -273,3 +273,15 @@ def test_batched_stats_read_matches_per_entry_reads(fastpath, maps):
         run(fastpath, syn(sport=51000 + i))
     assert maps.all_stats("svc_stats") == {0: maps.svc_stats(0)}
     assert maps.all_stats("dest_stats") == {s: maps.dest_stats(s) for s in (0, 1) if maps.dest_stats(s)["conns"]}
+
+
+def test_per_interface_counters(fastpath, maps):
+    setup_service(maps)
+    before = maps.if_stats(LO_IFINDEX)
+    run(fastpath, syn(sport=52000))  # forwarded (XDP_TX)
+    run_xdp(fastpath.prog_fd, bytes(NOT_OURS))  # to the kernel
+    run_xdp(fastpath.prog_fd, bytes(syn(sport=52001, flags="A")))  # dropped: no connection
+    after = maps.if_stats(LO_IFINDEX)
+    d = {k: after[k] - before[k] for k in maps.IF_FIELDS}
+    assert d["rx_packets"] == 3 and d["tx_packets"] == 1 and d["pass"] == 1 and d["drops"] == 1
+    assert d["rx_bytes"] == len(bytes(syn())) * 2 + len(bytes(NOT_OURS)) and d["tx_bytes"] == len(bytes(syn()))

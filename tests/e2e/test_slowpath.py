@@ -70,6 +70,13 @@ def test_quick_start_through_the_slow_path(sp_lab):
     assert c["punt_arp"] >= 1 and c["arp_reply"] == 0, "not by the XDP fallback"
     neighs = {n["addr"]: n for n in lb.call("neigh.list")["neighs"]}
     assert all(ip in neighs and neighs[ip]["lladdr"] for ip in lab.server_ips), neighs
+    # the fast path's own per-interface and per-CPU counters (the kernel's do not see XDP_TX)
+    link = lb.dpip("-s", "link", "show", "veth-lb0").stdout.splitlines()
+    rx, tx = int(link[3].split()[0]), int(link[3].split()[1])
+    assert rx >= 20 * 5 and tx >= 20 * 5, link
+    cpu = lb.dpip("-s", "link", "show", "cpu").stdout.splitlines()
+    assert sum(int(ln.split()[1]) for ln in cpu[1:]) >= rx
+    assert len(lb.dpip("-s", "link", "show", "-i", "0.2", "-c", "2").stdout.splitlines()) == 2 * len(link)
 
 
 @pytest.mark.root

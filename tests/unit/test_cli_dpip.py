@@ -216,14 +216,32 @@ def test_neigh_show_matches_dpvs():
 def test_link_show_with_and_without_stats():
     data = {"links": [{"ifname": "veth-lb0", "ifindex": 7, "mac": "52:54:00:aa:bb:01", "mtu": 1500,
                        "xdp_mode": "native", "stats": {"rx_packets": 10, "rx_bytes": 1000, "tx_packets": 20,
-                                                       "tx_bytes": 2000, "drops": 3}}]}
+                                                       "tx_bytes": 2000, "drops": 3, "pass": 4}}]}
     assert show(["link", "show"], data) == "7: veth-lb0: mtu 1500 xdp native\n    addr 52:54:00:aa:bb:01\n"
     assert show(["-s", "link", "show"], data).splitlines()[2:] == [
         "    ipackets            opackets            ibytes              obytes              ",
         "    10                  20                  1000                2000                ",
-        "    drops               ",
-        "    3                   ",
+        "    drops               kernel              ",
+        "    3                   4                   ",
     ]
+
+
+def test_link_show_cpu_prints_the_fast_path_per_cpu():
+    inv = dpip.parse(["-s", "link", "show", "cpu"])
+    assert inv.requests == [("stats.get", {})]
+    pc = {"rx": [5, 7], "verdict_tx": [4, 6], "verdict_redirect": [0, 0], "verdict_pass": [1, 0], "verdict_drop": [0, 1]}
+    lines = show(["-s", "link", "show", "cpu"], {"per_cpu": pc}).splitlines()
+    assert lines[0].split() == ["cpu", "rx", "tx", "redirect", "pass", "drop"]
+    assert lines[1].split() == ["0", "5", "4", "0", "1", "0"] and lines[2].split() == ["1", "7", "6", "0", "0", "1"]
+
+
+def test_link_show_repeats_with_interval_and_count(monkeypatch, capsys):
+    inv = dpip.parse(["-s", "link", "show", "-i", "0.01", "-c", "3"])
+    assert (inv.interval, inv.count) == (0.01, 3)
+    with pytest.raises(UsageError):
+        dpip.parse(["route", "show", "-c", "2"])
+    with pytest.raises(UsageError):
+        dpip.parse(["link", "show", "-i", "0"])
 
 
 def test_commands_that_change_state_print_nothing():
