@@ -571,6 +571,23 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	k.proto = proto;
 	k.af = HDSLB_AF_INET;
 
+	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's. Only paid for when
+	 * such a route exists. */
+	{
+		__u32 zero = 0;
+		struct fp_cfg *cfg = cfg_map.lookup(&zero);
+
+		if (cfg && (cfg->flags & CFG_F_KNI_ROUTES)) {
+			struct route4_key rk = { .prefixlen = 32, .addr = iph->daddr };
+			struct route_val *rt = route4_map.lookup(&rk);
+
+			if (rt && (rt->flags & ROUTE_F_KNI)) {
+				count(CNT_PASS_KNI);
+				return XDP_PASS;
+			}
+		}
+	}
+
 	cv = conn_find(&k);
 	if (cv)
 		return xmit_conn4(ctx, eth, iph, th, uh, cv);

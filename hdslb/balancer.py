@@ -538,12 +538,13 @@ class Balancer:
             self._route_remove(x)
 
     def _sync_route(self, net) -> None:
-        """The LPM map holds one route per prefix: the local route if any, else the lowest metric."""
+        """The LPM map holds one route per prefix: a kni_host route, else the local route, else the lowest metric."""
         cands = self._rindex.get(net, [])
         if not cands:
             self.dp.route_del(net)
             return
-        best = min(cands, key=lambda r: (not r.local, r.metric))
+        # kni_host first (it hands the prefix to the kernel, even an owned address), then local, then metric
+        best = min(cands, key=lambda r: (r.scope != "kni_host", not r.local, r.metric))
         self.dp.route_set(best, self.ifaces[best.ifname].ifindex)
 
     def route_lookup(self, addr) -> Route | None:

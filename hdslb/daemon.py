@@ -208,6 +208,7 @@ class MapDataPath:
 
     def __init__(self, maps):
         self.m = maps
+        self.kni: set = set()  # prefixes routed scope kni_host (the fast path checks the trie only when any)
 
     def service_set(self, svc):
         self.m.set_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
@@ -235,9 +236,21 @@ class MapDataPath:
 
     def route_set(self, r, ifindex):
         self.m.set_route(r.net, ifindex, r.via, r.src, r.mtu, r.scope == "kni_host")
+        if r.scope == "kni_host":
+            self.kni.add(r.net)
+            self.m.set_cfg(kni_routes=True)
+        elif r.net in self.kni:
+            self._kni_gone(r.net)
 
     def route_del(self, net):
         self.m.del_route(net)
+        if net in self.kni:
+            self._kni_gone(net)
+
+    def _kni_gone(self, net):
+        self.kni.discard(net)
+        if not self.kni:
+            self.m.set_cfg(kni_routes=False)
 
     def neigh_set(self, n, ifindex):
         self.m.set_neigh(n.addr, n.lladdr, ifindex, permanent=True)
@@ -580,7 +593,9 @@ class Daemon:
             await loop.run_in_executor(None, new.attach, name, mode)
         old, self.fp = self.fp, new
         self.maps = Maps(new)
+        kni = self.bal.dp.kni
         self.bal.dp = MapDataPath(self.maps)
+        self.bal.dp.kni = kni
         old.attached.clear()  # the interfaces now run the new program; closing the old must not detach it
         if self.slow is not None:
             self.slow.register()  # the new program has its own XSKMAP

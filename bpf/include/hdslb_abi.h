@@ -237,8 +237,10 @@ struct if_stats {
 struct fp_cfg {
 	__u16 lport_min; /* FNAT local port range, host order, inclusive */
 	__u16 lport_max;
-	__u32 flags;
+	__u32 flags;     /* CFG_F_* */
 };
+
+#define CFG_F_KNI_ROUTES 0x1 /* some route has scope kni_host: check destinations against the trie first */
 
 /* Receive queues per interface the slow path can serve (XSKMAP keys per interface). */
 #define XSK_MAX_QUEUES 16
@@ -260,6 +262,7 @@ enum hdslb_counter {
 	CNT_PASS_IPV6,
 	CNT_PASS_NOT_OURS,
 	CNT_PASS_LOCAL,
+	CNT_PASS_KNI,     /* destination routed scope kni_host: the kernel's, not balanced */
 	CNT_PASS_ARP,
 	CNT_ARP_REPLY,
 	CNT_ARP_LEARN,

@@ -49,10 +49,16 @@ class Maps:
         self.counter_names = abi.counter_names()
 
     # --- configuration writes -------------------------------------------------------------------
-    def set_cfg(self, lport_min: int, lport_max: int) -> None:
+    CFG_F_KNI_ROUTES = 0x1
+
+    def set_cfg(self, lport_min: int | None = None, lport_max: int | None = None, kni_routes: bool | None = None) -> None:
+        """Change the runtime settings given; the others keep their value."""
         t = self.t["cfg_map"]
-        v = t.Leaf()
-        v.lport_min, v.lport_max = lport_min, lport_max
+        v = t[ct.c_uint32(0)]
+        if lport_min is not None:
+            v.lport_min, v.lport_max = lport_min, lport_max
+        if kni_routes is not None:
+            v.flags = (v.flags | self.CFG_F_KNI_ROUTES) if kni_routes else (v.flags & ~self.CFG_F_KNI_ROUTES)
         t[ct.c_uint32(0)] = v
 
     def set_iface(self, ifindex: int, mac: bytes, mtu: int, xsk_slot: int = 0) -> None:

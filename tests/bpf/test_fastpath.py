@@ -285,3 +285,18 @@ def test_per_interface_counters(fastpath, maps):
     d = {k: after[k] - before[k] for k in maps.IF_FIELDS}
     assert d["rx_packets"] == 3 and d["tx_packets"] == 1 and d["pass"] == 1 and d["drops"] == 1
     assert d["rx_bytes"] == len(bytes(syn())) * 2 + len(bytes(NOT_OURS)) and d["tx_bytes"] == len(bytes(syn()))
+
+
+def test_kni_host_route_hands_a_vip_to_the_kernel(fastpath, maps):
+    setup_service(maps)
+    maps.set_route(ipaddress.ip_network(f"{VIP}/32"), LO_IFINDEX, None, None, 1500, kni=True)
+    maps.set_cfg(kni_routes=True)
+    try:
+        raw = bytes(syn(sport=53000))
+        v, out, _ = run_xdp(fastpath.prog_fd, raw)
+        assert v == XDP_PASS and out == raw and maps.counters()["pass_kni"] == 1
+        maps.set_cfg(kni_routes=False)  # without the flag the trie is not consulted
+        assert run_xdp(fastpath.prog_fd, raw)[0] == XDP_TX
+    finally:
+        maps.set_cfg(kni_routes=False)
+        maps.del_route(ipaddress.ip_network(f"{VIP}/32"))

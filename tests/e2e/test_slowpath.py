@@ -147,3 +147,15 @@ def test_route_flush_and_re_add_moves_traffic(sp_lab):
     lb.dpip("route", "add", "192.168.100.0/24", "dev", "veth-lb0")
     lines = curl_loop(lab, f"http://{VIP}/", 4)
     assert "FAIL" not in lines
+
+
+@pytest.mark.root
+def test_kni_host_route_gives_an_address_to_the_kernel(sp_lab):
+    lab, lb, _ = sp_lab
+    assert "FAIL" not in curl_loop(lab, f"http://{VIP}/", 2)
+    lb.dpip("route", "add", f"{VIP}/32", "dev", "veth-lb0", "scope", "kni_host")
+    before = lb.call("stats.get")["counters"]["pass_kni"]
+    assert curl_loop(lab, f"http://{VIP}/", 1) == ["FAIL"]  # the kernel owns nothing there
+    assert lb.call("stats.get")["counters"]["pass_kni"] > before
+    lb.dpip("route", "del", f"{VIP}/32", "dev", "veth-lb0")
+    assert "FAIL" not in curl_loop(lab, f"http://{VIP}/", 2)
