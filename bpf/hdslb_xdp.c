@@ -5,6 +5,7 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/icmp.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
 
 #include "hdslb_abi.h"
@@ -609,6 +610,57 @@ not_balanced:
 	return XDP_PASS;
 }
 
+/* ICMPv6 types the slow path answers for owned addresses. */
+#define ICMPV6_ECHO_REQUEST_ 128
+#define ICMPV6_NS_ 135
+#define ICMPV6_NA_ 136
+
+static __always_inline struct local_val *local_lookup6(const __u8 *addr)
+{
+	struct local_key lk = {};
+
+	__builtin_memcpy(lk.addr.b, addr, 16);
+	lk.af = HDSLB_AF_INET6;
+	return local_map.lookup(&lk);
+}
+
+/*
+ * IPv6 is not balanced yet; what the slow path owns goes to it: echo requests to our addresses, neighbour
+ * solicitations for them and advertisements sent to them. Everything else, and all of it while no slow path
+ * runs, goes to the kernel.
+ */
+static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end)
+{
+	struct ipv6hdr *ip6 = nh->pos;
+	__u8 *icmp;
+	__u32 in_if = ctx->ingress_ifindex;
+	struct iface_val *inv;
+	int ours = 0;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_IP);
+	if (ip6->nexthdr != IPPROTO_ICMPV6)
+		goto pass;
+	icmp = (__u8 *)(ip6 + 1);
+	if ((void *)(icmp + 8) > data_end)
+		goto pass;
+	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_)
+		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
+	else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end)
+		ours = local_lookup6(icmp + 8) != 0; /* the target address */
+	if (ours && (inv = iface_map.lookup(&in_if))) {
+		__u32 key = xsk_key(ctx, inv);
+
+		if (slowpath_up(key)) {
+			count(icmp[0] == ICMPV6_ECHO_REQUEST_ ? CNT_PUNT_ICMP : CNT_PUNT_ARP);
+			return xsks.redirect_map(key, XDP_PASS);
+		}
+	}
+pass:
+	count(CNT_PASS_IPV6);
+	return XDP_PASS;
+}
+
 int xdp_main(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -629,8 +681,7 @@ int xdp_main(struct xdp_md *ctx)
 		goto out;
 	}
 	if (eth_type == bpf_htons(ETH_P_IPV6)) {
-		count(CNT_PASS_IPV6);
-		action = XDP_PASS;
+		action = handle_ipv6(ctx, &nh, data_end);
 		goto out;
 	}
 	if (eth_type != bpf_htons(ETH_P_IP)) {

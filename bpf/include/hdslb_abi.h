@@ -282,7 +282,7 @@ enum hdslb_counter {
 	CNT_DROP_NO_IFACE,
 	CNT_DROP_CONN_INSERT,
 	CNT_CONN_EXPIRED, /* written by the daemon's aging sweep (per direction), never by the program */
-	CNT_PUNT_ARP,     /* ARP for an owned address handed to the slow path (AF_XDP) */
+	CNT_PUNT_ARP,     /* ARP or IPv6 neighbour discovery for an owned address handed to the slow path (AF_XDP) */
 	CNT_PUNT_ICMP,    /* ICMP echo to an owned address handed to the slow path */
 	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
 	CNT_CONN_L2_FILLED, /* a connection created without a MAC found it in the neighbour table */

@@ -300,3 +300,17 @@ def test_kni_host_route_hands_a_vip_to_the_kernel(fastpath, maps):
     finally:
         maps.set_cfg(kni_routes=False)
         maps.del_route(ipaddress.ip_network(f"{VIP}/32"))
+
+
+def test_ipv6_passes_to_the_kernel_while_no_slow_path_serves_it(fastpath, maps):
+    """Echo and NS for an owned v6 address go to the slow path only when its socket is registered."""
+    maps.set_local(A("fd00::100"), 0x1, LO_IFINDEX)
+    from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS
+
+    for pkt in (Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6EchoRequest(),
+                Ether(src=CLIENT_MAC, dst="33:33:ff:00:01:00") / IPv6(src="fd00::1", dst="ff02::1:ff00:100") /
+                ICMPv6ND_NS(tgt="fd00::100"),
+                bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100"))[:30]):
+        raw = bytes(pkt)
+        v, out, _ = run_xdp(fastpath.prog_fd, raw)
+        assert (v, out) == ((XDP_PASS, raw) if len(raw) > 54 else (XDP_DROP, out)), pkt

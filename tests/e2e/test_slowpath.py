@@ -159,3 +159,44 @@ def test_kni_host_route_gives_an_address_to_the_kernel(sp_lab):
     assert lb.call("stats.get")["counters"]["pass_kni"] > before
     lb.dpip("route", "del", f"{VIP}/32", "dev", "veth-lb0")
     assert "FAIL" not in curl_loop(lab, f"http://{VIP}/", 2)
+
+
+PING6 = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6); s.settimeout(2)
+ok = 0
+for seq in range(3):
+    s.sendto(struct.pack('!BBHHH', 128, 0, 0, 0x4243, seq) + b'hdslb-ping6', (sys.argv[1], 0))
+    try:
+        while True:
+            data = s.recv(200)
+            if data[0] == 129:
+                ok += struct.unpack('!H', data[4:6])[0] == 0x4243
+                break
+    except OSError:
+        pass
+print(ok)
+"""
+
+
+@pytest.mark.root
+def test_ipv6_neighbour_discovery_and_ping_through_the_slow_path():
+    lab = OneArm(n_servers=1, ipv6=True)
+    lab.setup()
+    try:
+        lb = Balancer(lab)
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"))
+        addr6 = "fd00:100::100"
+        lb.dpip("-6", "addr", "add", f"{addr6}/64", "dev", "veth-lb0")
+        r = lab.client_run(["python3", "-c", PING6, addr6], timeout=30)
+        assert r.stdout.strip() == "3", r.stdout + r.stderr
+        c = lb.call("stats.get")["slowpath"]["counters"]
+        assert c["nd_na"] >= 1 and c["icmp_echo_reply"] >= 3, c
+        neigh = lab.client_run(["ip", "-6", "neigh", "show", addr6]).stdout
+        assert lab.lb_mac in neigh, neigh
+    finally:
+        try:
+            Balancer(lab).down()
+        finally:
+            lab.teardown()
