@@ -532,13 +532,15 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	if (proto < 0)
 		return drop(CNT_DROP_MALFORMED_IP);
 	if (proto == IPPROTO_ICMP) {
-		/* Echo requests to our addresses are answered by the slow path; other ICMP goes to the kernel. */
+		/* ICMP to our addresses is the slow path's (when it runs); other ICMP goes to the kernel. */
 		struct icmphdr *ic = nh->pos;
 		__u32 in_if = ctx->ingress_ifindex;
 		struct iface_val *inv;
 
-		if ((void *)(ic + 1) <= data_end && ic->type == ICMP_ECHO && !(iph->frag_off & bpf_htons(0x3fff)) &&
-		    local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
+		/* Echo requests are answered there; errors quoting a balanced flow are translated for its client. */
+		if ((void *)(ic + 1) <= data_end &&
+		    (ic->type == ICMP_ECHO || ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED) &&
+		    !(iph->frag_off & bpf_htons(0x3fff)) && local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
 			__u32 key = xsk_key(ctx, inv);
 
 			if (slowpath_up(key)) {

@@ -272,6 +272,22 @@ class Maps:
             return None
         return max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
 
+    def conn_get(self, proto: int, saddr, sport: int, daddr, dport: int) -> dict | None:
+        """One direction of a flow by its tuple, merged over CPU copies like conns(); None if absent."""
+        c = {"proto": proto, "af": saddr.version if hasattr(saddr, "version") else 4, "saddr": saddr,
+             "sport": sport, "daddr": daddr, "dport": dport}
+        try:
+            per_cpu = self.t["conn_map"][self._conn_key(c)]
+        except KeyError:
+            return None
+        best = max((v for v in per_cpu if v.flags & abi.CONN_F_VALID), key=lambda v: v.last_seen, default=None)
+        if best is None:
+            return None
+        return dict(c, to_saddr=_get_addr(best.saddr, c["af"]), to_sport=socket.ntohs(best.sport),
+                    to_daddr=_get_addr(best.daddr, c["af"]), to_dport=socket.ntohs(best.dport),
+                    ifindex=best.ifindex, dmac=ct.string_at(ct.addressof(best.dmac), 6),
+                    smac=ct.string_at(ct.addressof(best.smac), 6), out=bool(best.flags & abi.CONN_F_OUT))
+
     def del_conn(self, c: dict) -> bool:
         try:
             del self.t["conn_map"][self._conn_key(c)]

@@ -38,6 +38,7 @@ class SlowPathRunner:
         self.socks: dict[tuple[str, int], object] = {}  # (ifname, queue) -> XskSocket
         self._tick_task: asyncio.Task | None = None
         self._kick = asyncio.Event()
+        self.translated = 0  # ICMP errors about balanced flows forwarded to their clients
 
     # --- lifecycle ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -82,6 +83,11 @@ class SlowPathRunner:
 
     # --- work -----------------------------------------------------------------------------------
     def carry_out(self, act: Actions) -> None:
+        for _ifname, err in act.icmp_errors:
+            out = self.translate_icmp_error(err)
+            if out is not None:
+                act.tx.append(out)
+                self.translated += 1
         for ifname, frames in act.by_iface().items():
             sock = self.socks.get((ifname, 0))
             if sock is not None:
@@ -92,6 +98,37 @@ class SlowPathRunner:
         for ip, mac, ifname, permanent in act.neigh_updates:
             if ifname in ifaces:
                 self.d.maps.set_neigh(ip, mac, ifaces[ifname].ifindex, permanent=permanent)
+
+    def translate_icmp_error(self, err) -> tuple[str, bytes] | None:
+        """An ICMP error a real server sent about a packet we forwarded (LIP:lport -> RS:port), rewritten into
+        the error the client would have got without the balancer (VIP:vport <- client:cport), framed for the
+        interface the client's packets come from. None when it quotes no flow of ours."""
+        import struct
+
+        from hdslb.slowpath import packets as P
+
+        if err.af != 4 or err.inner_sport is None:
+            return None
+        # The flow's reply direction is keyed by the real server's side: RS:port -> LIP:lport.
+        back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
+        if back is None or not back["out"]:
+            return None
+        vip, vport, client, cport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
+        q = bytearray(err.quoted)
+        ihl = (q[0] & 0x0F) * 4
+        q[12:16], q[16:20] = client.packed, vip.packed
+        q[10:12] = b"\0\0"
+        q[10:12] = struct.pack("!H", P.checksum(bytes(q[:ihl])))
+        q[ihl:ihl + 4] = struct.pack("!HH", cport, vport)
+        if err.inner_proto == 17 and len(q) >= ihl + 8:
+            q[ihl + 6:ihl + 8] = b"\0\0"  # the quoted UDP checksum no longer matches; 0 means "none"
+        icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, err.mtu or 0)) + q
+        icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
+        ip = P.ipv4_header(vip, client, 1, len(icmp), ttl=self.sp.ttl)
+        ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
+        if ifname is None:
+            return None
+        return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
 
     def kick(self) -> None:
         self._kick.set()
@@ -112,7 +149,7 @@ class SlowPathRunner:
                 log.exception("slow path tick failed")
 
     def stats(self) -> dict:
-        out = {"counters": dict(self.sp.counters), "sockets": {}}
+        out = {"counters": dict(self.sp.counters, icmp_error_translated=self.translated), "sockets": {}}
         for (ifname, q), sock in self.socks.items():
             st = sock.stats()
             out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame",

@@ -45,6 +45,11 @@ def sp_lab():
         conf.write_text(f"neigh_defs {{\n    <init> timeout {NEIGH_TIMEOUT}\n}}\n")
         lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
                "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf))
+        lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
+        lb.ipvsadm("-A", "-t", f"{VIP}:80", "-s", "rr")
+        for rs in lab.server_ips:
+            lb.ipvsadm("-a", "-t", f"{VIP}:80", "-r", f"{rs}:80", "-b")
+        lb.ipvsadm("--add-laddr", "-z", LADDR, "-t", f"{VIP}:80", "-F", "veth-lb0")
         yield lab, lb, servers
     finally:
         try:
@@ -57,11 +62,6 @@ def sp_lab():
 def test_quick_start_through_the_slow_path(sp_lab):
     lab, lb, servers = sp_lab
     assert "slow path: 1 AF_XDP sockets on veth-lb0" in lb.log()
-    lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
-    lb.ipvsadm("-A", "-t", f"{VIP}:80", "-s", "rr")
-    for rs in lab.server_ips:
-        lb.ipvsadm("-a", "-t", f"{VIP}:80", "-r", f"{rs}:80", "-b")
-    lb.ipvsadm("--add-laddr", "-z", LADDR, "-t", f"{VIP}:80", "-F", "veth-lb0")
     lines = curl_loop(lab, f"http://{VIP}/", 20)
     assert "FAIL" not in lines and {ln.split()[0] for ln in lines} == {"rs1", "rs2"}
     sp = lb.call("stats.get")["slowpath"]
@@ -200,3 +200,54 @@ def test_ipv6_neighbour_discovery_and_ping_through_the_slow_path():
             Balancer(lab).down()
         finally:
             lab.teardown()
+
+
+CLIENT_ICMP = """
+import socket, struct, sys, time
+t = socket.create_connection((sys.argv[1], 80)); print(t.getsockname()[1], flush=True)
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(8)
+try:
+    while True:
+        d = r.recv(300)
+        ihl = (d[0] & 15) * 4; icmp = d[ihl:]
+        if icmp[0] == 3:
+            q = icmp[8:]; qihl = (q[0] & 15) * 4
+            print(icmp[0], icmp[1], struct.unpack('!H', icmp[6:8])[0], socket.inet_ntoa(d[12:16]),
+                  socket.inet_ntoa(q[12:16]), socket.inet_ntoa(q[16:20]), *struct.unpack('!HH', q[qihl:qihl + 4]))
+            break
+except OSError as e:
+    print('none', e)
+"""
+
+SERVER_ICMP = """
+import socket, struct, sys
+def csum(b):
+    b += b'\\0' * (len(b) % 2); s = sum(struct.unpack('!%dH' % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+lip, rs, lport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+inner = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 1500, 1, 0x4000, 63, 6, 0, socket.inet_aton(lip), socket.inet_aton(rs))
+inner = inner[:10] + struct.pack('!H', csum(inner)) + inner[12:]
+inner += struct.pack('!HHI', lport, 80, 12345)
+icmp = struct.pack('!BBHHH', 3, 4, 0, 0, 1400) + inner
+icmp = icmp[:2] + struct.pack('!H', csum(icmp)) + icmp[4:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto(icmp, (lip, 0))
+"""
+
+
+@pytest.mark.root
+def test_icmp_error_about_a_flow_is_translated_for_its_client(sp_lab):
+    import subprocess
+
+    lab, lb, _ = sp_lab
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", CLIENT_ICMP, VIP],
+                         stdout=subprocess.PIPE, text=True)
+    lab.procs.append(p)
+    cport = int(p.stdout.readline())
+    flow = next(c for c in lb.call("conn.list")["conns"] if not c["out"] and c["sport"] == cport)
+    rs_index = lab.server_ips.index(flow["to_daddr"]) + 1
+    lab.server_run(rs_index, ["python3", "-c", SERVER_ICMP, flow["to_saddr"], flow["to_daddr"],
+                              str(flow["to_sport"])])
+    out, _ = p.communicate(timeout=15)
+    # type 3 code 4, MTU 1400, from the VIP, quoting client:cport -> VIP:80 as the client sent it
+    assert out.split() == ["3", "4", "1400", VIP, lab.client.ip, VIP, str(cport), "80"], out
+    assert lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"] >= 1
