@@ -13,7 +13,7 @@ import traceback
 
 from bench import report
 
-SECTIONS = ("prog_cost", "e2e", "scale")
+SECTIONS = ("prog_cost", "e2e", "scale", "slowpath")
 
 
 def _log(msg: str) -> None:
@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
                 peers = [p.strip() for p in a.peers.split(",")] if a.peers else None
                 res[name] = e2e.run(a.quick, _log, peers)
                 text = report.fmt_e2e(res[name])
+            elif name == "slowpath":
+                from bench import slowpath
+
+                res[name] = slowpath.run(a.quick, _log)
+                r = res[name]
+                text = report.table(["measure", "per second"], [
+                    ["echo replies answered by the slow path", r["answered_per_s"]],
+                    ["echo requests sent (2 Python senders)", r["sent_per_s"]]], "4. slow path (AF_XDP, Python)")
             else:
                 from bench import scale
 
