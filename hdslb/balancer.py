@@ -393,8 +393,10 @@ class Balancer:
     def _push_laddrs(self, svc: Service) -> None:
         self.dp.laddrs_set(svc, [(la.addr, self.ifaces[la.ifname].ifindex) for la in svc.laddrs])
 
-    def _sync_local(self, addr) -> None:
-        """Recompute why `addr` is ours and write (or remove) its local_map entry."""
+    def local_reasons(self, addr) -> tuple[int, int]:
+        """(LOCAL_* flags, ifindex) saying why `addr` is ours; (0, 0) when it is not. ifindex 0 with flags set
+        means every attached interface (a config-declared VIP). The fast path's local_map and the slow path's
+        ARP/ND answers both follow this one rule."""
         flags, ifindex = 0, 0
         for ad in self.addrs:
             if ad.addr == addr:
@@ -406,7 +408,12 @@ class Balancer:
                     flags |= LOCAL_LADDR
                     ifindex = ifindex or self.ifaces[la.ifname].ifindex
             if svc.own_vip and svc.addr == addr:
-                flags |= LOCAL_VIP  # ifindex 0: ARP is answered on every attached interface
+                flags |= LOCAL_VIP
+        return flags, ifindex
+
+    def _sync_local(self, addr) -> None:
+        """Write (or remove) addr's local_map entry from local_reasons."""
+        flags, ifindex = self.local_reasons(addr)
         if flags:
             self.dp.local_set(addr, flags, ifindex)
         else:

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from hdslb.balancer import LOCAL_IFADDR, LOCAL_LADDR, LOCAL_SAPOOL, LOCAL_VIP
 from hdslb.slowpath import packets as P
 from hdslb.slowpath.neigh import NeighEvents, NeighTable, Probe
 
@@ -80,23 +79,11 @@ class Actions:
 
 
 def local_entry(model, addr) -> tuple[int, int]:
-    """(flags, ifindex) of addr's local_map entry: the rule of Balancer._sync_local, read from the model.
+    """(flags, ifindex) of addr's local_map entry, by the model's own rule (Balancer.local_reasons).
 
     ifindex 0 means "answer ARP/ND on every interface" (a VIP with own_vip and no interface address).
     """
-    flags, ifindex = 0, 0
-    for ad in model.addrs:
-        if ad.addr == addr:
-            flags |= LOCAL_IFADDR | (LOCAL_SAPOOL if ad.sapool else 0)
-            ifindex = model.ifaces[ad.ifname].ifindex
-    for svc in model.services.values():
-        for la in svc.laddrs:
-            if la.addr == addr:
-                flags |= LOCAL_LADDR
-                ifindex = ifindex or model.ifaces[la.ifname].ifindex
-        if svc.own_vip and svc.addr == addr:
-            flags |= LOCAL_VIP
-    return flags, ifindex
+    return model.local_reasons(addr)
 
 
 def is_local(model, addr) -> bool:
