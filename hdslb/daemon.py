@@ -39,7 +39,8 @@ DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "
 DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
 NEIGH_REFRESH_S = 30.0
 SAVE_COALESCE_S = 0.05
-SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU  # re-probe learned next hops this often (the slow-path issue brings real aging)
+SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU
+BATCH_STATS_ABOVE = 2048  # services + real servers beyond which the estimator reads the stats arrays whole  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
 
 @dataclass
@@ -999,7 +1000,13 @@ class Daemon:
             await asyncio.sleep(interval)
             try:
                 zero = dict.fromkeys(STAT_FIELDS, 0)
-                svc_all, dest_all = self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")
+                n = sum(1 + len(s.dests) for s in self.bal.services.values())
+                if n < BATCH_STATS_ABOVE:  # a few lookups beat reading every slot of both arrays
+                    svc_all = {s.svc_id: self.maps.svc_stats(s.svc_id) for s in self.bal.services.values()}
+                    dest_all = {d.slot: self.maps.dest_stats(d.slot) for s in self.bal.services.values()
+                                for d in s.dests.values()}
+                else:
+                    svc_all, dest_all = self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")
                 cur = {}
                 for svc in self.bal.services.values():
                     cur[("svc", svc.svc_id)] = svc_all.get(svc.svc_id, zero)
