@@ -62,7 +62,7 @@ def run(quick: bool, log) -> dict:
         exe = Path(sys.executable).parent / "hdslb-ctl"
         ctl = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.hdslb_ctl"]
         dpip = [str(exe.parent / "dpip")] if exe.exists() else [sys.executable, "-m", "cli.dpip"]
-        lab.lb_run(ctl + ["up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+        lab.lb_run(ctl + ["up", "veth-lb0", "--xdp-mode", "native", "--slowpath", "--pin-root", str(lab.pin_dir.parent),
                           "--api-listen", "off", "--log-file", str(lab.workdir / "hdslbd.log")], timeout=120)
         lab.lb_run(dpip + ["addr", "add", "192.168.100.100/24", "dev", "veth-lb0"])
         r = lab.client_run(["python3", "-c", CLIENT, "192.168.100.100", str(secs), "2"], timeout=secs + 30)

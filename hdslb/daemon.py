@@ -67,7 +67,7 @@ class Settings:
     neigh_timeout: float = 60.0
     unres_queue_length: int = 128
     default_ttl: int = 64
-    slowpath: bool = True
+    slowpath: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-listen", default="127.0.0.1:53225",
                    help="REST/metrics address HOST:PORT ('off' disables); non-loopback needs a token")
     p.add_argument("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
-    p.add_argument("--slowpath", action="store_true", help="(the default) AF_XDP slow path for ARP/ICMP/next hops")
-    p.add_argument("--no-slowpath", action="store_true",
-                   help="no AF_XDP slow path: ARP answered in XDP, neighbours probed over a packet socket")
+    p.add_argument("--slowpath", action="store_true",
+                   help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (experimental; "
+                        "default: ARP answered in XDP, next hops probed over a packet socket)")
+    p.add_argument("--no-slowpath", action="store_true", help="the default; overrides --slowpath")
     return p
 
 
@@ -181,7 +182,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
-                    slowpath=not ns.no_slowpath, extra={"notices": notices})
+                    slowpath=ns.slowpath and not ns.no_slowpath, extra={"notices": notices})
 
 
 class _NullDataPath:

@@ -100,7 +100,7 @@ def test_options_without_effect_are_reported_never_ignored(tmp_path):
     text = "\n".join(notices)
     for kw in ("SYN proxy", "uoa_mode", "descriptor_number", "time_wait"):
         assert kw in text, kw
-    for kw in ("default_ttl", "unres_queue_length", "conn_pool_size"):  # these act
+    for kw in ("default_ttl", "conn_pool_size"):  # these act
         assert f"{kw}: accepted, not acted on" not in text, kw
 
 
