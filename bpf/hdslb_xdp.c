@@ -574,8 +574,12 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	k.proto = proto;
 	k.af = HDSLB_AF_INET;
 
-	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's. Only paid for when
-	 * such a route exists. */
+	cv = conn_find(&k);
+	if (cv)
+		return xmit_conn4(ctx, eth, iph, th, uh, cv);
+
+	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's. Checked only for
+	 * packets without a connection (established flows pay nothing), and the trie only while such a route exists. */
 	{
 		__u32 zero = 0;
 		struct fp_cfg *cfg = cfg_map.lookup(&zero);
@@ -590,10 +594,6 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 			}
 		}
 	}
-
-	cv = conn_find(&k);
-	if (cv)
-		return xmit_conn4(ctx, eth, iph, th, uh, cv);
 
 	sk.addr.v4 = iph->daddr;
 	sk.port = k.dport;
