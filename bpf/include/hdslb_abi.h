@@ -41,11 +41,15 @@ struct svc_key {
 
 /* svc_val.flags */
 #define SVC_F_VALID 0x1
+#define SVC_F_PERSIST 0x2 /* ipvsadm -p: a client (masked by persist_plen) sticks to one real server */
 
-/* What the fast path needs about a service; the scheduling table is a separate map so it can be swapped whole. */
+/* What the fast path needs about a service; the scheduling table is a separate map so it can be swapped whole. 12 bytes. */
 struct svc_val {
-	__u32 svc_id; /* index into per-service maps (sched, laddrs, stats); assigned by the daemon */
-	__u32 flags;  /* SVC_F_* */
+	__u32 svc_id;          /* index into per-service maps (sched, laddrs, stats); assigned by the daemon */
+	__u32 flags;           /* SVC_F_* */
+	__u32 persist_timeout; /* seconds a persistence template lives after its last new connection (-p) */
+	__u8 persist_plen;     /* -M netmask as a prefix length: v4 0..32, v6 0..128 */
+	__u8 pad[3];
 };
 
 /* Longest scheduling ring a service can have; rr/wrr rings longer than this are scaled by hdslb/sched. */
@@ -53,14 +57,33 @@ struct svc_val {
 #define SCHED_RING_MAX 1024
 #endif
 
+/* sched_tbl.kind */
+#define SCHED_RING 1 /* rr, wrr, lc, wlc, fo: slot[cursor % len], per-CPU cursor */
+#define SCHED_HASH 2 /* sh, dh, mh, conhash: hash_cells[hoff + hash % len] */
+
+/* sched_tbl.key: what a hash table hashes (hdslb/sched Table.key) */
+#define HKEY_SRC 1      /* client address */
+#define HKEY_DST 2      /* destination address (dh; SNAT: the outside address) */
+#define HKEY_SRC_PORT 3 /* client address and source port */
+
 /*
  * A service's scheduling table, written in one map update so no packet ever sees half a table.
- * The fast path picks slot[cursor % len] with a per-CPU cursor (rr, wrr). 0xffff marks an empty slot.
+ * Rings: the fast path picks slot[cursor % len] with a per-CPU cursor. Hash tables live in hash_cells
+ * (too big for this value): the daemon writes a new table into free cells, then swaps this value to point
+ * at it, then frees the old cells; the fast path reads hash_cells[hoff + jhash_2words(addr, port, seed) % len],
+ * addr being the address as one host-order word (v6: the XOR of its four words), port host order or 0.
+ * 0xffff marks an empty slot.
  */
 struct sched_tbl {
-	__u32 len;     /* entries used in slot[] */
+	__u32 len;     /* ring: entries used in slot[]; hash: table size */
 	__u32 gen;     /* bumped by the daemon on every rebuild (debugging aid) */
-	__u16 slot[SCHED_RING_MAX]; /* dest slot ids, host order */
+	__u8 kind;     /* SCHED_RING / SCHED_HASH */
+	__u8 key;      /* HKEY_* (hash tables) */
+	__u16 pad;
+	__u32 seed;    /* hash seed (initval of jhash_2words) */
+	__u32 hoff;    /* hash tables: first cell in hash_cells */
+	__u32 pad2;
+	__u16 slot[SCHED_RING_MAX]; /* ring: dest slot ids, host order */
 };
 
 #define DEST_SLOT_NONE 0xffff
@@ -95,6 +118,45 @@ struct laddr_set {
 	__u32 n; /* entries used */
 	__u32 pad;
 	struct laddr_ent a[LADDR_MAX];
+};
+
+/* Persistence templates (LVS ip_vs_conn templates): one per (service, client network). LRU, shared by all CPUs. */
+struct persist_key {
+	union hdslb_addr addr; /* client address masked to the service's persist_plen, network order */
+	__u32 svc_id;
+	__u8 af;
+	__u8 pad[3];
+};
+
+struct persist_val {
+	__u32 dest_slot; /* the real server this client sticks to */
+	__u32 pad;
+	__u64 expires;   /* bpf_ktime_get_coarse_ns() after which the template is void */
+};
+
+/*
+ * SNAT services (ipvsadm -A -H proto=..,src-range=..,dst-range=..,iif=..,oif=.. ; real servers -J): packets
+ * from inside that match no connection and no VIP are tried against these rules in order; the first match
+ * is the service. IPv4 only. Ranges inclusive, host order; 0/0 means any. iif/oif 0 = any (oif is the
+ * egress interface the route to the destination picks).
+ */
+#ifndef SNAT_RULES_MAX
+#define SNAT_RULES_MAX 16
+#endif
+
+#define SNAT_F_VALID 0x1
+
+struct snat_rule {
+	__u32 svc_id;
+	__u8 proto;   /* IPPROTO_TCP / UDP / ICMP; 0 = any of them */
+	__u8 flags;   /* SNAT_F_* */
+	__u16 pad;
+	__u32 src_min; /* host order */
+	__u32 src_max;
+	__u32 dst_min;
+	__u32 dst_max;
+	__u32 iif;    /* ingress ifindex, 0 = any */
+	__u32 oif;    /* egress ifindex, 0 = any */
 };
 
 /* Addresses the balancer owns (DPVS "local routes"): VIPs, local addresses, interface addresses. */
@@ -178,6 +240,7 @@ struct conn_key {
 #define CONN_F_VALID 0x1 /* this CPU's copy is filled in (per-CPU map: other CPUs' slots start zeroed) */
 #define CONN_F_OUT 0x2   /* reply direction (real server -> local address) */
 #define CONN_F_NEED_L2 0x4 /* next hop unresolved when created: dmac is empty, nh4 says whose MAC to find */
+#define CONN_F_XLAT 0x8    /* NAT64: the packet leaves in the other address family (v6 in -> v4 out, or back) */
 
 /* Coarse TCP states for aging and ActiveConn/InActConn, ordered by progress. */
 enum conn_state {
@@ -206,7 +269,7 @@ struct conn_val {
 	__u16 svc_id;           /* service, for per-service counters */
 	__u8 flags;             /* CONN_F_* */
 	__u8 state;             /* enum conn_state (this CPU's view) */
-	__u8 fwd;               /* enum hdslb_fwd */
+	__u8 fwd;               /* enum hdslb_fwd: FNAT/NAT/SNAT rewrite both ends, DR rewrites L2 only, TUNNEL encapsulates */
 	__u8 pad;
 	__be32 nh4;             /* IPv4 next hop while CONN_F_NEED_L2, network order */
 	__u64 last_seen;        /* bpf_ktime_get_coarse_ns() on this CPU */
@@ -235,9 +298,11 @@ struct if_stats {
 
 /* Runtime settings the daemon can change without recompiling (index 0 of the cfg array). */
 struct fp_cfg {
-	__u16 lport_min; /* FNAT local port range, host order, inclusive */
+	__u16 lport_min;  /* FNAT/SNAT local port range, host order, inclusive */
 	__u16 lport_max;
-	__u32 flags;     /* CFG_F_* */
+	__u32 flags;      /* CFG_F_* */
+	__u32 snat_rules; /* snat_rule entries in use (0 = no SNAT service: inside traffic costs nothing) */
+	__u32 pad;
 };
 
 #define CFG_F_KNI_ROUTES 0x1 /* some route has scope kni_host: check destinations against the trie first */
@@ -286,6 +351,9 @@ enum hdslb_counter {
 	CNT_PUNT_ICMP,    /* ICMP echo to an owned address handed to the slow path */
 	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
 	CNT_CONN_L2_FILLED, /* a connection created without a MAC found it in the neighbour table */
+	CNT_PERSIST_HIT,    /* a new connection followed its client's persistence template */
+	CNT_DROP_TOO_BIG,   /* TUNNEL: the encapsulated packet would exceed the egress MTU */
+	CNT_DROP_NO_SRC,    /* TUNNEL: no outer source (dpip route ... src, or a local address of the service) */
 	CNT_MAX,
 };
 
