@@ -11,6 +11,7 @@
 #include "hdslb_abi.h"
 #include "parse.h"
 #include "csum.h"
+#include "jhash.h"
 
 /*
  * Sizes and locations come from the loader as -D flags (hdslb/fastpath/loader.py), never by editing this
@@ -46,6 +47,12 @@
 #ifndef MAX_IFACES
 #define MAX_IFACES 64
 #endif
+#ifndef MAX_HASH_CELLS
+#define MAX_HASH_CELLS 2097152
+#endif
+#ifndef MAX_PERSIST
+#define MAX_PERSIST 65536
+#endif
 
 /* VIP:port:proto -> service id; the first lookup for a packet that has no connection yet. */
 BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, svc_map, MAX_SERVICES, PIN_DIR "/svc_map");
@@ -53,6 +60,12 @@ BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, svc_map, MAX_SERVICES, 
 BPF_TABLE_PINNED("hash", __u32, struct sched_tbl, sched_map, MAX_SERVICES, PIN_DIR "/sched_map");
 /* Per-CPU position in each service's ring: rr/wrr without atomics (each CPU walks the ring itself). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u32, sched_cursor, MAX_SERVICES, PIN_DIR "/sched_cursor");
+/* Hash scheduler tables (sh, dh, mh, conhash): cells [hoff, hoff + len) of a service's sched_tbl. */
+BPF_TABLE_PINNED("array", __u32, __u16, hash_cells, MAX_HASH_CELLS, PIN_DIR "/hash_cells");
+/* Persistence templates (ipvsadm -p): client network -> real server, shared by all CPUs. */
+BPF_TABLE_PINNED("lru_hash", struct persist_key, struct persist_val, persist_map, MAX_PERSIST, PIN_DIR "/persist_map");
+/* SNAT services' match rules (ipvsadm -H), tried in order; cfg_map says how many are in use. */
+BPF_TABLE_PINNED("array", __u32, struct snat_rule, snat_map, SNAT_RULES_MAX, PIN_DIR "/snat_map");
 /* Real servers by slot id; slots are stable while a real server exists so conns can count against them. */
 BPF_TABLE_PINNED("array", __u32, struct dest_val, dest_map, MAX_DESTS, PIN_DIR "/dest_map");
 /* Service id -> the local addresses FNAT may use as source (ipvsadm --add-laddr). */
@@ -298,173 +311,320 @@ static __always_inline void account(struct conn_val *cv, __u32 l3len)
 	}
 }
 
-/* Rewrite addresses and ports as the entry says (incremental checksums), then the L2 header, then send. */
-static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				      struct tcphdr *th, struct udphdr *uh, struct conn_val *cv)
+/* The slow path's socket for this packet's interface and queue; -1 while no slow path serves it. */
+static __always_inline int ingress_xsk(struct xdp_md *ctx, __u32 *key)
 {
-	__be32 old_s = iph->saddr, old_d = iph->daddr;
-	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
-	int punt = 0;
+	__u32 in_if = ctx->ingress_ifindex;
+	struct iface_val *inv = iface_map.lookup(&in_if);
 
-	if (cv->flags & CONN_F_NEED_L2) {
-		/* Created before its next hop was resolved: take the MAC as soon as the neighbour table has it. */
-		struct neigh_key nk = {};
-		struct neigh_val *nv;
+	if (!inv)
+		return -1;
+	*key = xsk_key(ctx, inv);
+	return slowpath_up(*key) ? 0 : -1;
+}
 
-		nk.addr.v4 = cv->nh4;
-		nk.af = HDSLB_AF_INET;
-		nv = neigh_map.lookup(&nk);
-		if (nv) {
-			__builtin_memcpy(cv->dmac, nv->mac, 6);
-			cv->flags &= ~CONN_F_NEED_L2;
-			count(CNT_CONN_L2_FILLED);
-		} else {
-			punt = 1;
-		}
-	}
+/* A connection created before its next hop was resolved takes the MAC as soon as the neighbour table has
+ * it; returns 1 while it still has none (the packet then goes to the slow path's queue). */
+static __always_inline int conn_fill_l2(struct conn_val *cv)
+{
+	struct neigh_key nk = {};
+	struct neigh_val *nv;
 
-	if (th) {
-		hcsum_replace4(&th->check, old_s, new_s);
-		hcsum_replace4(&th->check, old_d, new_d);
-		hcsum_replace2(&th->check, th->source, cv->sport);
-		hcsum_replace2(&th->check, th->dest, cv->dport);
-		th->source = cv->sport;
-		th->dest = cv->dport;
-		tcp_track(cv, th);
-	} else if (uh) {
-		udp_csum_replace4(&uh->check, old_s, new_s);
-		udp_csum_replace4(&uh->check, old_d, new_d);
-		udp_csum_replace2(&uh->check, uh->source, cv->sport);
-		udp_csum_replace2(&uh->check, uh->dest, cv->dport);
-		uh->source = cv->sport;
-		uh->dest = cv->dport;
-	}
-	hcsum_replace4(&iph->check, old_s, new_s);
-	hcsum_replace4(&iph->check, old_d, new_d);
-	iph->saddr = new_s;
-	iph->daddr = new_d;
+	nk.addr.v4 = cv->nh4;
+	nk.af = HDSLB_AF_INET;
+	nv = neigh_map.lookup(&nk);
+	if (!nv)
+		return 1;
+	__builtin_memcpy(cv->dmac, nv->mac, 6);
+	cv->flags &= ~CONN_F_NEED_L2;
+	count(CNT_CONN_L2_FILLED);
+	return 0;
+}
+
+/* A rewritten packet whose next hop has no MAC: the slow path queues it, resolves, sends; without one it is lost. */
+static __always_inline int punt_no_neigh(struct xdp_md *ctx)
+{
+	__u32 key;
+
+	if (ingress_xsk(ctx, &key) < 0)
+		return drop(CNT_DROP_NO_NEIGH);
+	count(CNT_PUNT_NO_NEIGH);
+	return xsks.redirect_map(key, XDP_DROP);
+}
+
+static __always_inline int send_l2(struct xdp_md *ctx, struct ethhdr *eth, struct conn_val *cv)
+{
 	__builtin_memcpy(eth->h_dest, cv->dmac, 6);
 	__builtin_memcpy(eth->h_source, cv->smac, 6);
-
-	cv->last_seen = bpf_ktime_get_coarse_ns();
-	account(cv, bpf_ntohs(iph->tot_len));
-	if (punt) {
-		/* The slow path queues it, resolves the next hop and sends it; without a slow path it is lost. */
-		__u32 in_if = ctx->ingress_ifindex;
-		struct iface_val *ifv = iface_map.lookup(&in_if);
-
-		if (!ifv)
-			return drop(CNT_DROP_NO_NEIGH);
-		__u32 key = xsk_key(ctx, ifv);
-
-		if (!slowpath_up(key))
-			return drop(CNT_DROP_NO_NEIGH);
-		count(CNT_PUNT_NO_NEIGH);
-		return xsks.redirect_map(key, XDP_DROP);
-	}
 	if (cv->ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
 	return bpf_redirect(cv->ifindex, 0);
 }
 
 /*
- * A new flow to a service: schedule a real server, pick a local address and a free local port, route to
- * the real server, install both directions, forward. Any missing piece drops the packet with its reason.
+ * TUNNEL (ipvsadm -i): wrap the client's packet in an outer IPv4 header to the real server (IPIP, as LVS),
+ * outer source from the entry. The frame leaves untagged: the head moves by exactly what the new Ethernet +
+ * outer IP headers need beyond the old L2 header, so the inner packet's bytes never move.
  */
-static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv)
+static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len, int punt)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct iphdr *outer, *inner;
+	struct iface_val *ov;
+	__u32 oif = cv->ifindex;
+	int delta;
+
+	ov = iface_map.lookup(&oif);
+	if (ov && ov->mtu && l3len + sizeof(struct iphdr) > ov->mtu)
+		return drop(CNT_DROP_TOO_BIG);
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_MALFORMED_ETH);
+	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr));
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_TOO_BIG); /* no headroom for the outer header */
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	outer = (void *)(eth + 1);
+	inner = (void *)(outer + 1);
+	if ((void *)(inner + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_IP);
+	outer->version = 4;
+	outer->ihl = 5;
+	outer->tos = inner->tos;
+	outer->tot_len = bpf_htons(bpf_ntohs(inner->tot_len) + sizeof(struct iphdr));
+	outer->id = 0;
+	outer->frag_off = inner->frag_off & bpf_htons(0x4000); /* copy DF (RFC 2003) */
+	outer->ttl = 64;
+	outer->protocol = IPPROTO_IPIP;
+	outer->check = 0;
+	outer->saddr = cv->saddr.v4;
+	outer->daddr = cv->daddr.v4;
+	outer->check = ip4_csum_full(outer);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	if (punt) {
+		__builtin_memcpy(eth->h_source, cv->smac, 6);
+		return punt_no_neigh(ctx);
+	}
+	return send_l2(ctx, eth, cv);
+}
+
+/*
+ * Send a packet of a known connection: account, track TCP state, then per mode — FNAT/NAT/SNAT rewrite
+ * addresses and ports as the entry says (incremental checksums), DR rewrites only the L2 header, TUNNEL
+ * encapsulates — and transmit.
+ */
+static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				      struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn_val *cv)
+{
+	__be32 old_s = iph->saddr, old_d = iph->daddr;
+	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
+	__u32 l3len = bpf_ntohs(iph->tot_len);
+	int punt = 0;
+
+	if (cv->flags & CONN_F_NEED_L2)
+		punt = conn_fill_l2(cv);
+	if (th)
+		tcp_track(cv, th);
+	cv->last_seen = bpf_ktime_get_coarse_ns();
+	account(cv, l3len);
+
+	if (cv->fwd == FWD_TUNNEL)
+		return encap4(ctx, cv, (__u32)((long)iph - (long)ctx->data), l3len, punt);
+	if (cv->fwd != FWD_DR) {
+		if (th) {
+			hcsum_replace4(&th->check, old_s, new_s);
+			hcsum_replace4(&th->check, old_d, new_d);
+			hcsum_replace2(&th->check, th->source, cv->sport);
+			hcsum_replace2(&th->check, th->dest, cv->dport);
+			th->source = cv->sport;
+			th->dest = cv->dport;
+		} else if (uh) {
+			udp_csum_replace4(&uh->check, old_s, new_s);
+			udp_csum_replace4(&uh->check, old_d, new_d);
+			udp_csum_replace2(&uh->check, uh->source, cv->sport);
+			udp_csum_replace2(&uh->check, uh->dest, cv->dport);
+			uh->source = cv->sport;
+			uh->dest = cv->dport;
+		} else if (ic) {
+			/* SNAT of ICMP echo: the identifier plays the port (no pseudo-header in ICMPv4's checksum). */
+			__be16 id = (cv->flags & CONN_F_OUT) ? cv->dport : cv->sport;
+
+			hcsum_replace2(&ic->checksum, ic->un.echo.id, id);
+			ic->un.echo.id = id;
+		}
+		hcsum_replace4(&iph->check, old_s, new_s);
+		hcsum_replace4(&iph->check, old_d, new_d);
+		iph->saddr = new_s;
+		iph->daddr = new_d;
+	}
+	if (punt) {
+		__builtin_memcpy(eth->h_source, cv->smac, 6);
+		return punt_no_neigh(ctx);
+	}
+	return send_l2(ctx, eth, cv);
+}
+
+/* An address as the one host-order word the hash schedulers hash (v6: XOR of its words, as LVS folds it). */
+static __always_inline __u32 addr_word(const union hdslb_addr *a, __u8 af)
+{
+	if (af == HDSLB_AF_INET)
+		return bpf_ntohl(a->v4);
+	return bpf_ntohl(a->v6[0]) ^ bpf_ntohl(a->v6[1]) ^ bpf_ntohl(a->v6[2]) ^ bpf_ntohl(a->v6[3]);
+}
+
+/* Network-order mask word i (0..3) of a prefix length. */
+static __always_inline __be32 plen_mask(__u32 plen, int i)
+{
+	int bits = (int)plen - 32 * i;
+
+	if (bits <= 0)
+		return 0;
+	if (bits >= 32)
+		return 0xffffffff;
+	return bpf_htonl(~0u << (32 - bits));
+}
+
+static __always_inline int dest_usable(struct dest_val *d, __u32 svc_id)
+{
+	return d && (d->flags & DEST_F_VALID) && !(d->flags & DEST_F_DRAIN) && d->svc_id == svc_id;
+}
+
+/*
+ * Which real server a new flow goes to: the client's persistence template if the service has -p and the
+ * template's server still takes new flows; else the service's table (a ring walked by a per-CPU cursor, or
+ * a hash table indexed by the flow's hash). Returns 0 when nothing is available.
+ */
+static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, const union hdslb_addr *src,
+						 __be16 sport, const union hdslb_addr *dst, __u32 *slot_out, __u64 now)
 {
 	__u32 svc_id = sv->svc_id;
-	__u32 zero = 0;
+	struct persist_key pk = {};
+	struct persist_val npv = {};
+	struct persist_val *pv;
 	struct sched_tbl *t;
 	struct dest_val *d;
-	struct laddr_set *ls;
-	struct laddr_ent *la;
-	struct route_val *rt;
-	struct neigh_val *nv;
-	struct iface_val *ifv;
-	struct fp_cfg *cfg;
-	__u32 *cur, *pc;
-	__u32 idx, slot, li, oif, span, cpu, start;
-	struct route4_key rk = {};
-	struct neigh_key nk = {};
-	struct conn_key ok = {};
-	struct conn_val ov = {};
-	struct conn_val iv = {};
-	struct traffic_stats *st;
-	__u64 now;
-	int found = 0;
+	__u32 slot, idx;
+	int persist = sv->flags & SVC_F_PERSIST;
+	__u64 ttl = (__u64)sv->persist_timeout * 1000000000ULL;
 
+	if (persist) {
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			pk.addr.v6[i] = src->v6[i] & plen_mask(sv->persist_plen, i);
+		pk.svc_id = svc_id;
+		pk.af = af;
+		pv = persist_map.lookup(&pk);
+		if (pv && pv->expires > now) {
+			slot = pv->dest_slot;
+			d = dest_map.lookup(&slot);
+			if (dest_usable(d, svc_id)) {
+				pv->expires = now + ttl;
+				count(CNT_PERSIST_HIT);
+				*slot_out = slot;
+				return d;
+			}
+		}
+	}
 	t = sched_map.lookup(&svc_id);
-	cur = sched_cursor.lookup(&svc_id);
-	if (!t || !cur || t->len == 0 || t->len > SCHED_RING_MAX)
-		return drop(CNT_DROP_NO_DEST);
-	idx = *cur % t->len;
-	barrier_var(idx); /* keep the mask: the verifier needs the bound clang would prove and drop */
-	idx &= SCHED_RING_MAX - 1;
-	*cur += 1;
-	slot = t->slot[idx];
-	d = dest_map.lookup(&slot);
-	if (slot == DEST_SLOT_NONE || !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) ||
-	    d->af != HDSLB_AF_INET)
-		return drop(CNT_DROP_NO_DEST);
+	if (!t || t->len == 0)
+		return 0;
+	if (t->kind == SCHED_HASH) {
+		const union hdslb_addr *a = t->key == HKEY_DST ? dst : src;
+		__u32 port = t->key == HKEY_SRC_PORT ? bpf_ntohs(sport) : 0;
+		__u32 cell = t->hoff + hdslb_jhash_2words(addr_word(a, af), port, t->seed) % t->len;
+		__u16 *c = hash_cells.lookup(&cell);
 
-	ls = laddr_map.lookup(&svc_id);
-	if (!ls || ls->n == 0 || ls->n > LADDR_MAX)
-		return drop(CNT_DROP_NO_LADDR);
-	li = *cur % ls->n;
-	barrier_var(li);
-	li &= LADDR_MAX - 1;
-	la = &ls->a[li];
+		if (!c)
+			return 0;
+		slot = *c;
+	} else {
+		__u32 *cur = sched_cursor.lookup(&svc_id);
+
+		if (!cur || t->len > SCHED_RING_MAX)
+			return 0;
+		idx = *cur % t->len;
+		barrier_var(idx); /* keep the mask: the verifier needs the bound clang would prove and drop */
+		idx &= SCHED_RING_MAX - 1;
+		*cur += 1;
+		slot = t->slot[idx];
+	}
+	if (slot == DEST_SLOT_NONE)
+		return 0;
+	d = dest_map.lookup(&slot);
+	if (!dest_usable(d, svc_id))
+		return 0;
+	if (persist) {
+		npv.dest_slot = slot;
+		npv.expires = now + ttl;
+		persist_map.update(&pk, &npv);
+	}
+	*slot_out = slot;
+	return d;
+}
+
+/* Route an IPv4 destination (DPVS route4_output): the route, and the next hop whose MAC we need. */
+static __always_inline struct route_val *route4(__be32 dst, __be32 *nh)
+{
+	struct route4_key rk = {};
+	struct route_val *rt;
 
 	rk.prefixlen = 32;
-	rk.addr = d->addr.v4;
+	rk.addr = dst;
 	rt = route4_map.lookup(&rk);
-	if (!rt)
-		return drop(CNT_DROP_NO_ROUTE);
-	nk.addr.v4 = (rt->flags & ROUTE_F_GW) ? rt->gw.v4 : d->addr.v4;
+	if (rt)
+		*nh = (rt->flags & ROUTE_F_GW) ? rt->gw.v4 : dst;
+	return rt;
+}
+
+/*
+ * The L2 half of a new connection's forward entry: our MAC on the egress interface and the next hop's MAC
+ * (or, while the slow path runs, a note to find it later). Returns 0 or the drop counter.
+ */
+static __always_inline __u32 new_l2(struct xdp_md *ctx, struct conn_val *cv, __u32 oif, __be32 nh)
+{
+	struct iface_val *ifv = iface_map.lookup(&oif);
+	struct neigh_key nk = {};
+	struct neigh_val *nv;
+	__u32 key;
+
+	if (!ifv)
+		return CNT_DROP_NO_IFACE;
+	__builtin_memcpy(cv->smac, ifv->mac, 6);
+	cv->ifindex = oif;
+	nk.addr.v4 = nh;
 	nk.af = HDSLB_AF_INET;
 	nv = neigh_map.lookup(&nk);
-	oif = rt->ifindex;
-	ifv = iface_map.lookup(&oif);
-	if (!ifv)
-		return drop(CNT_DROP_NO_IFACE);
-	if (!nv) {
-		/* No MAC yet: with a slow path the flow is created and its packets queued there until resolved. */
-		__u32 in_if = ctx->ingress_ifindex;
-		struct iface_val *inv = iface_map.lookup(&in_if);
-
-		if (!inv || !slowpath_up(xsk_key(ctx, inv)))
-			return drop(CNT_DROP_NO_NEIGH);
+	if (nv) {
+		__builtin_memcpy(cv->dmac, nv->mac, 6);
+		return 0;
 	}
+	if (ingress_xsk(ctx, &key) < 0)
+		return CNT_DROP_NO_NEIGH;
+	cv->flags |= CONN_F_NEED_L2;
+	cv->nh4 = nh;
+	return 0;
+}
 
-	now = bpf_ktime_get_coarse_ns();
+/* The reply entry's way back: out of the interface the client's packet came in on, to the MAC it came from. */
+static __always_inline void back_l2(struct xdp_md *ctx, struct ethhdr *eth, struct conn_val *ov)
+{
+	ov->ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(ov->dmac, eth->h_source, 6);
+	__builtin_memcpy(ov->smac, eth->h_dest, 6);
+}
 
-	/* Reply direction: real server -> local address:lport, sent back the way the client's packet came. */
-	ok.saddr = d->addr;
-	ok.daddr = la->addr;
-	ok.sport = d->port;
-	ok.proto = k->proto;
-	ok.af = HDSLB_AF_INET;
-	ov.saddr = k->daddr;
-	ov.daddr = k->saddr;
-	ov.sport = k->dport;
-	ov.dport = k->sport;
-	ov.ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(ov.dmac, eth->h_source, 6);
-	__builtin_memcpy(ov.smac, eth->h_dest, 6);
-	ov.dest_slot = slot;
-	ov.svc_id = svc_id;
-	ov.flags = CONN_F_VALID | CONN_F_OUT;
-	ov.state = th ? CS_SYN_RECV : CS_UDP;
-	ov.fwd = FWD_FNAT;
-	ov.last_seen = now;
+/*
+ * A local port (FNAT, SNAT) no live flow to this peer uses: try ports from this CPU's cursor; inserting the
+ * reply key is itself the collision check. Returns 0 once the reply entry is in, else the drop counter.
+ */
+static __always_inline __u32 alloc_lport(struct fp_cfg *cfg, __u32 *pc, struct conn_key *ok, struct conn_val *ov)
+{
+	__u32 span, start, cpu;
 
-	/* A local port no live flow to this real server uses; the insert itself is the collision check. */
-	cfg = cfg_map.lookup(&zero);
-	pc = lport_cursor.lookup(&zero);
-	if (!cfg || !pc || cfg->lport_max < cfg->lport_min)
-		return drop(CNT_DROP_LPORT_EXHAUSTED);
+	if (cfg->lport_max < cfg->lport_min)
+		return CNT_DROP_LPORT_EXHAUSTED;
 	span = (__u32)cfg->lport_max - cfg->lport_min + 1;
 	/* Each CPU starts in its own part of the range (fewer collisions) but may use all of it. */
 	cpu = bpf_get_smp_processor_id();
@@ -474,38 +634,16 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 		__u32 n = *pc;
 
 		*pc = n + 1;
-		ok.dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
-		if (conn_map.insert(&ok, &ov) == 0) {
-			found = 1;
-			break;
-		}
+		ok->dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
+		if (conn_map.insert(ok, ov) == 0)
+			return 0;
 	}
-	if (!found)
-		return drop(CNT_DROP_LPORT_EXHAUSTED);
+	return CNT_DROP_LPORT_EXHAUSTED;
+}
 
-	/* Client direction: client -> VIP becomes local address:lport -> real server. */
-	iv.saddr = la->addr;
-	iv.daddr = d->addr;
-	iv.sport = ok.dport;
-	iv.dport = d->port;
-	iv.ifindex = oif;
-	if (nv) {
-		__builtin_memcpy(iv.dmac, nv->mac, 6);
-	} else {
-		iv.flags |= CONN_F_NEED_L2;
-		iv.nh4 = nk.addr.v4;
-	}
-	__builtin_memcpy(iv.smac, ifv->mac, 6);
-	iv.dest_slot = slot;
-	iv.svc_id = svc_id;
-	iv.flags |= CONN_F_VALID;
-	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
-	iv.fwd = FWD_FNAT;
-	iv.last_seen = now;
-	if (conn_map.update(k, &iv) != 0) {
-		conn_map.delete(&ok);
-		return drop(CNT_DROP_CONN_INSERT);
-	}
+static __always_inline void conn_new_stats(__u32 svc_id, __u32 slot)
+{
+	struct traffic_stats *st;
 
 	st = svc_stats.lookup(&svc_id);
 	if (st)
@@ -514,7 +652,248 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	if (st)
 		st->conns++;
 	count(CNT_CONN_NEW);
-	return xmit_conn4(ctx, eth, iph, th, uh, &iv);
+}
+
+/*
+ * A new flow to an IPv4 service: schedule a real server, then per its forwarding mode build the entries —
+ * FNAT: local address + free local port, both directions; NAT: destination rewrite in, source rewrite on the
+ * replies that route back through us; DR and TUNNEL: the inbound direction only (the server answers the
+ * client itself). Any missing piece drops the packet with its reason.
+ */
+static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
+				     struct fp_cfg *cfg)
+{
+	__u32 svc_id = sv->svc_id;
+	__u32 zero = 0;
+	struct dest_val *d;
+	struct laddr_set *ls;
+	struct route_val *rt;
+	__u32 *pc;
+	__u32 slot = DEST_SLOT_NONE, li, err;
+	__be32 nh = 0;
+	struct conn_key ok = {};
+	struct conn_val ov = {};
+	struct conn_val iv = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int have_ok = 0;
+
+	d = pick_dest(sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, now);
+	if (!d || d->af != HDSLB_AF_INET)
+		return drop(CNT_DROP_NO_DEST);
+	rt = route4(d->addr.v4, &nh);
+	if (!rt)
+		return drop(CNT_DROP_NO_ROUTE);
+	err = new_l2(ctx, &iv, rt->ifindex, nh);
+	if (err)
+		return drop(err);
+	iv.dest_slot = slot;
+	iv.svc_id = svc_id;
+	iv.flags |= CONN_F_VALID;
+	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
+	iv.fwd = d->fwd;
+	iv.last_seen = now;
+	iv.daddr = d->addr;
+
+	/* The reply entry (NAT, FNAT): real server -> client side, sent back the way the client's packet came. */
+	ok.saddr = d->addr;
+	ok.sport = d->port;
+	ok.proto = k->proto;
+	ok.af = HDSLB_AF_INET;
+	ov.saddr = k->daddr;
+	ov.daddr = k->saddr;
+	ov.sport = k->dport;
+	ov.dport = k->sport;
+	back_l2(ctx, eth, &ov);
+	ov.dest_slot = slot;
+	ov.svc_id = svc_id;
+	ov.flags = CONN_F_VALID | CONN_F_OUT;
+	ov.state = iv.state;
+	ov.fwd = d->fwd;
+	ov.last_seen = now;
+
+	switch (d->fwd) {
+	case FWD_FNAT:
+		ls = laddr_map.lookup(&svc_id);
+		pc = lport_cursor.lookup(&zero);
+		if (!ls || ls->n == 0 || ls->n > LADDR_MAX || !pc)
+			return drop(CNT_DROP_NO_LADDR);
+		li = *pc % ls->n;
+		barrier_var(li);
+		li &= LADDR_MAX - 1;
+		ok.daddr = ls->a[li].addr;
+		err = alloc_lport(cfg, pc, &ok, &ov);
+		if (err)
+			return drop(err);
+		have_ok = 1;
+		iv.saddr = ok.daddr;
+		iv.sport = ok.dport;
+		iv.dport = d->port;
+		break;
+	case FWD_NAT:
+		ok.daddr = k->saddr;
+		ok.dport = k->sport;
+		if (conn_map.insert(&ok, &ov) != 0)
+			return drop(CNT_DROP_CONN_INSERT);
+		have_ok = 1;
+		iv.saddr = k->saddr;
+		iv.sport = k->sport;
+		iv.dport = d->port;
+		break;
+	case FWD_DR:
+		iv.saddr = k->saddr;
+		iv.sport = k->sport;
+		iv.dport = k->dport;
+		break;
+	case FWD_TUNNEL:
+		iv.saddr.v4 = rt->src.v4;
+		if (!iv.saddr.v4) {
+			ls = laddr_map.lookup(&svc_id);
+			if (ls && ls->n > 0 && ls->a[0].af == HDSLB_AF_INET)
+				iv.saddr.v4 = ls->a[0].addr.v4;
+		}
+		if (!iv.saddr.v4)
+			return drop(CNT_DROP_NO_SRC);
+		iv.sport = k->sport;
+		iv.dport = k->dport;
+		break;
+	default:
+		return drop(CNT_DROP_NO_DEST);
+	}
+	if (conn_map.update(k, &iv) != 0) {
+		if (have_ok)
+			conn_map.delete(&ok);
+		return drop(CNT_DROP_CONN_INSERT);
+	}
+	conn_new_stats(svc_id, slot);
+	return xmit_conn4(ctx, eth, iph, th, uh, 0, &iv);
+}
+
+/*
+ * SNAT (ipvsadm -J with -H match): an inside host's new flow to the outside leaves with a sapool address and
+ * a free port (ICMP echo: identifier) as its source; the reply entry translates the answers back. The
+ * service's "real servers" are the sapool addresses; 0.0.0.0 means the src of the route taken.
+ */
+static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				     struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn_key *k,
+				     __u32 svc_id, struct route_val *rt, __be32 nh, struct fp_cfg *cfg)
+{
+	struct svc_val sv = {};
+	struct dest_val *d;
+	__u32 slot = DEST_SLOT_NONE, err, zero = 0;
+	__u32 *pc;
+	__be32 src;
+	struct conn_key ok = {};
+	struct conn_val ov = {};
+	struct conn_val iv = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	sv.svc_id = svc_id;
+	sv.flags = SVC_F_VALID;
+	d = pick_dest(&sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, now);
+	if (!d || d->af != HDSLB_AF_INET)
+		return drop(CNT_DROP_NO_DEST);
+	src = d->addr.v4 ? d->addr.v4 : rt->src.v4;
+	if (!src)
+		return drop(CNT_DROP_NO_SRC);
+	err = new_l2(ctx, &iv, rt->ifindex, nh);
+	if (err)
+		return drop(err);
+	pc = lport_cursor.lookup(&zero);
+	if (!pc)
+		return drop(CNT_DROP_LPORT_EXHAUSTED);
+
+	/* Reply: outside -> sapool:port becomes outside -> inside host. */
+	ok.saddr = k->daddr;
+	ok.daddr.v4 = src;
+	ok.sport = k->dport;
+	ok.proto = k->proto;
+	ok.af = HDSLB_AF_INET;
+	ov.saddr = k->daddr;
+	ov.daddr = k->saddr;
+	ov.sport = k->dport;
+	ov.dport = k->sport;
+	back_l2(ctx, eth, &ov);
+	ov.dest_slot = slot;
+	ov.svc_id = svc_id;
+	ov.flags = CONN_F_VALID | CONN_F_OUT;
+	ov.state = th ? CS_SYN_RECV : CS_UDP;
+	ov.fwd = FWD_SNAT;
+	ov.last_seen = now;
+	err = alloc_lport(cfg, pc, &ok, &ov);
+	if (err)
+		return drop(err);
+
+	iv.saddr.v4 = src;
+	iv.daddr = k->daddr;
+	iv.sport = ok.dport;
+	iv.dport = k->dport;
+	iv.dest_slot = slot;
+	iv.svc_id = svc_id;
+	iv.flags |= CONN_F_VALID;
+	iv.state = ov.state;
+	iv.fwd = FWD_SNAT;
+	iv.last_seen = now;
+	if (conn_map.update(k, &iv) != 0) {
+		conn_map.delete(&ok);
+		return drop(CNT_DROP_CONN_INSERT);
+	}
+	conn_new_stats(svc_id, slot);
+	return xmit_conn4(ctx, eth, iph, th, uh, ic, &iv);
+}
+
+/* The first SNAT rule this packet matches (its service id), or -1. Only asked when SNAT services exist. */
+static __always_inline int snat_match(struct xdp_md *ctx, struct iphdr *iph, __u8 proto, __u32 n, __u32 oif)
+{
+	__u32 hs = bpf_ntohl(iph->saddr), hd = bpf_ntohl(iph->daddr);
+
+	for (__u32 i = 0; i < SNAT_RULES_MAX; i++) {
+		struct snat_rule *r;
+		__u32 key = i;
+
+		if (i >= n)
+			break;
+		r = snat_map.lookup(&key);
+		if (!r || !(r->flags & SNAT_F_VALID))
+			continue;
+		if (r->proto && r->proto != proto)
+			continue;
+		if ((r->src_min || r->src_max) && (hs < r->src_min || hs > r->src_max))
+			continue;
+		if ((r->dst_min || r->dst_max) && (hd < r->dst_min || hd > r->dst_max))
+			continue;
+		if (r->iif && r->iif != ctx->ingress_ifindex)
+			continue;
+		if (r->oif && r->oif != oif)
+			continue;
+		return (int)r->svc_id;
+	}
+	return -1;
+}
+
+/* Inside traffic that matches no connection and no VIP: SNAT it if a rule says so (*matched set, the verdict
+ * returned), else leave it alone. */
+static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph, struct tcphdr *th,
+				     struct udphdr *uh, struct icmphdr *ic, struct conn_key *k, struct fp_cfg *cfg,
+				     int *matched)
+{
+	struct route_val *rt;
+	__be32 nh = 0;
+	int svc;
+
+	if (local_lookup4(iph->daddr))
+		return XDP_PASS;
+	rt = route4(iph->daddr, &nh);
+	if (!rt || (rt->flags & ROUTE_F_KNI))
+		return XDP_PASS;
+	svc = snat_match(ctx, iph, k->proto, cfg->snat_rules, rt->ifindex);
+	if (svc < 0)
+		return XDP_PASS;
+	*matched = 1;
+	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
+	if (th && !(th->syn && !th->ack && !th->rst))
+		return drop(CNT_DROP_NO_CONN);
+	return new_snat4(ctx, eth, iph, th, uh, ic, k, (__u32)svc, rt, nh, cfg);
 }
 
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
@@ -522,30 +901,57 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	struct iphdr *iph;
 	struct tcphdr *th = 0;
 	struct udphdr *uh = 0;
+	struct icmphdr *ic = 0;
 	struct conn_key k = {};
 	struct svc_key sk = {};
 	struct conn_val *cv;
 	struct svc_val *sv;
-	int proto;
+	struct fp_cfg *cfg;
+	__u32 zero = 0;
+	int proto, rc, matched = 0;
 
 	proto = parse_iphdr(nh, data_end, &iph);
 	if (proto < 0)
 		return drop(CNT_DROP_MALFORMED_IP);
+	k.saddr.v4 = iph->saddr;
+	k.daddr.v4 = iph->daddr;
+	k.proto = proto;
+	k.af = HDSLB_AF_INET;
 	if (proto == IPPROTO_ICMP) {
-		/* ICMP to our addresses is the slow path's (when it runs); other ICMP goes to the kernel. */
-		struct icmphdr *ic = nh->pos;
 		__u32 in_if = ctx->ingress_ifindex;
 		struct iface_val *inv;
+		int frag = iph->frag_off & bpf_htons(0x3fff);
 
-		/* Echo requests are answered there; errors quoting a balanced flow are translated for its client. */
-		if ((void *)(ic + 1) <= data_end &&
-		    (ic->type == ICMP_ECHO || ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED) &&
-		    !(iph->frag_off & bpf_htons(0x3fff)) && local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
+		ic = nh->pos;
+		if ((void *)(ic + 1) > data_end)
+			goto not_balanced;
+		/* Echo of a SNAT flow: the identifier is the port (request: sport, reply: dport). */
+		if (!frag && (ic->type == ICMP_ECHO || ic->type == ICMP_ECHOREPLY)) {
+			if (ic->type == ICMP_ECHO)
+				k.sport = ic->un.echo.id;
+			else
+				k.dport = ic->un.echo.id;
+			cv = conn_find(&k);
+			if (cv)
+				return xmit_conn4(ctx, eth, iph, 0, 0, ic, cv);
+		}
+		/* ICMP to our addresses is the slow path's (when it runs): echo requests are answered there;
+		 * errors quoting a balanced flow are translated for its client. */
+		if ((ic->type == ICMP_ECHO || ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED) &&
+		    !frag && local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
 			__u32 key = xsk_key(ctx, inv);
 
 			if (slowpath_up(key)) {
 				count(CNT_PUNT_ICMP);
 				return xsks.redirect_map(key, XDP_PASS);
+			}
+		}
+		if (!frag && ic->type == ICMP_ECHO) {
+			cfg = cfg_map.lookup(&zero);
+			if (cfg && cfg->snat_rules) {
+				rc = try_snat4(ctx, eth, iph, 0, 0, ic, &k, cfg, &matched);
+				if (matched)
+					return rc;
 			}
 		}
 		goto not_balanced;
@@ -569,29 +975,24 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		k.sport = uh->source;
 		k.dport = uh->dest;
 	}
-	k.saddr.v4 = iph->saddr;
-	k.daddr.v4 = iph->daddr;
-	k.proto = proto;
-	k.af = HDSLB_AF_INET;
 
 	cv = conn_find(&k);
 	if (cv)
-		return xmit_conn4(ctx, eth, iph, th, uh, cv);
+		return xmit_conn4(ctx, eth, iph, th, uh, 0, cv);
 
-	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's. Checked only for
-	 * packets without a connection (established flows pay nothing), and the trie only while such a route exists. */
-	{
-		__u32 zero = 0;
-		struct fp_cfg *cfg = cfg_map.lookup(&zero);
+	/* No connection: read the runtime settings once (established packets never do). */
+	cfg = cfg_map.lookup(&zero);
+	if (!cfg)
+		goto not_balanced;
+	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's; the trie is
+	 * consulted only while such a route exists. */
+	if (cfg->flags & CFG_F_KNI_ROUTES) {
+		struct route4_key rk = { .prefixlen = 32, .addr = iph->daddr };
+		struct route_val *rt = route4_map.lookup(&rk);
 
-		if (cfg && (cfg->flags & CFG_F_KNI_ROUTES)) {
-			struct route4_key rk = { .prefixlen = 32, .addr = iph->daddr };
-			struct route_val *rt = route4_map.lookup(&rk);
-
-			if (rt && (rt->flags & ROUTE_F_KNI)) {
-				count(CNT_PASS_KNI);
-				return XDP_PASS;
-			}
+		if (rt && (rt->flags & ROUTE_F_KNI)) {
+			count(CNT_PASS_KNI);
+			return XDP_PASS;
 		}
 	}
 
@@ -600,15 +1001,21 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	sk.proto = proto;
 	sk.af = HDSLB_AF_INET;
 	sv = svc_map.lookup(&sk);
-	if (!sv)
+	if (!sv) {
+		if (cfg->snat_rules) {
+			rc = try_snat4(ctx, eth, iph, th, uh, 0, &k, cfg, &matched);
+			if (matched)
+				return rc;
+		}
 		goto not_balanced;
+	}
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
 	if (th && !(th->syn && !th->ack && !th->rst))
 		return drop(CNT_DROP_NO_CONN);
-	return new_conn4(ctx, eth, iph, th, uh, &k, sv);
+	return new_conn4(ctx, eth, iph, th, uh, &k, sv, cfg);
 
 not_balanced:
-	count(local_lookup4(iph->daddr) ? CNT_PASS_LOCAL : CNT_PASS_NOT_OURS);
+	count(local_lookup4(k.daddr.v4) ? CNT_PASS_LOCAL : CNT_PASS_NOT_OURS);
 	return XDP_PASS;
 }
 

@@ -52,4 +52,36 @@ static __always_inline void udp_csum_replace2(__sum16 *sum, __be16 from, __be16 
 		*sum = 0xffff;
 }
 
+/* A full IPv4 header checksum for a header we built (20 bytes, no options). */
+static __always_inline __sum16 ip4_csum_full(const void *hdr)
+{
+	const __u16 *w = hdr;
+	__u32 c = 0;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		c += w[i];
+	return ~hcsum_fold32(c);
+}
+
+/* HC' for a 128-bit field (an IPv6 address in an L4 pseudo-header), as eight 16-bit replacements. */
+static __always_inline void hcsum_replace16(__sum16 *sum, const __be32 *from, const __be32 *to)
+{
+	__u32 c = (__u16)~*sum;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		c += (~from[i] & 0xffff) + (~from[i] >> 16);
+		c += (to[i] & 0xffff) + (to[i] >> 16);
+	}
+	*sum = ~hcsum_fold32(c);
+}
+
+/* Fold 32-bit adds so a running sum never overflows across many terms. */
+static __always_inline __u32 hcsum_add(__u32 c, __u32 v)
+{
+	c += v;
+	return c + (c < v);
+}
+
 #endif /* HDSLB_CSUM_H */
