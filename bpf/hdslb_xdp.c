@@ -896,6 +896,388 @@ static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	return new_snat4(ctx, eth, iph, th, uh, ic, k, (__u32)svc, rt, nh, cfg);
 }
 
+/* ---- IPv6 and NAT64 ------------------------------------------------------------------------------- */
+
+static __always_inline struct local_val *local_lookup6(const __u8 *addr)
+{
+	struct local_key lk = {};
+
+	__builtin_memcpy(lk.addr.b, addr, 16);
+	lk.af = HDSLB_AF_INET6;
+	return local_map.lookup(&lk);
+}
+
+/* Route an IPv6 destination: the route, and the next hop whose MAC we need. */
+static __always_inline struct route_val *route6(const union hdslb_addr *dst, union hdslb_addr *nh)
+{
+	struct route6_key rk = {};
+	struct route_val *rt;
+
+	rk.prefixlen = 128;
+	__builtin_memcpy(rk.addr, dst->b, 16);
+	rt = route6_map.lookup(&rk);
+	if (rt)
+		*nh = (rt->flags & ROUTE_F_GW) ? rt->gw : *dst;
+	return rt;
+}
+
+/* new_l2 for an IPv6 next hop. v6 next hops are resolved ahead by the daemon (no slow-path queue): no MAC, no flow. */
+static __always_inline __u32 new_l2_6(struct conn_val *cv, __u32 oif, const union hdslb_addr *nh)
+{
+	struct iface_val *ifv = iface_map.lookup(&oif);
+	struct neigh_key nk = {};
+	struct neigh_val *nv;
+
+	if (!ifv)
+		return CNT_DROP_NO_IFACE;
+	__builtin_memcpy(cv->smac, ifv->mac, 6);
+	cv->ifindex = oif;
+	nk.addr = *nh;
+	nk.af = HDSLB_AF_INET6;
+	nv = neigh_map.lookup(&nk);
+	if (!nv)
+		return CNT_DROP_NO_NEIGH;
+	__builtin_memcpy(cv->dmac, nv->mac, 6);
+	return 0;
+}
+
+/* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. */
+static __always_inline int encap6(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct ipv6hdr *outer, *inner;
+	struct iface_val *ov;
+	__u32 oif = cv->ifindex;
+	int delta;
+
+	ov = iface_map.lookup(&oif);
+	if (ov && ov->mtu && l3len + sizeof(struct ipv6hdr) > ov->mtu)
+		return drop(CNT_DROP_TOO_BIG);
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_MALFORMED_ETH);
+	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	outer = (void *)(eth + 1);
+	inner = (void *)(outer + 1);
+	if ((void *)(inner + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_IP);
+	__builtin_memcpy(outer, inner, 4); /* version, traffic class, flow label of the inner packet */
+	outer->payload_len = bpf_htons(l3len);
+	outer->nexthdr = IPPROTO_IPV6;
+	outer->hop_limit = 64;
+	__builtin_memcpy(&outer->saddr, cv->saddr.b, 16);
+	__builtin_memcpy(&outer->daddr, cv->daddr.b, 16);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	return send_l2(ctx, eth, cv);
+}
+
+/* A packet of a known IPv6 connection (same family out): FNAT/NAT rewrite, DR L2 only, TUNNEL 6in6. */
+static __always_inline int xmit_conn6(struct xdp_md *ctx, struct ethhdr *eth, struct ipv6hdr *ip6,
+				      struct tcphdr *th, struct udphdr *uh, struct conn_val *cv)
+{
+	__u32 l3len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+
+	if (th)
+		tcp_track(cv, th);
+	cv->last_seen = bpf_ktime_get_coarse_ns();
+	account(cv, l3len);
+	if (cv->fwd == FWD_TUNNEL)
+		return encap6(ctx, cv, (__u32)((long)ip6 - (long)ctx->data), l3len);
+	if (cv->fwd != FWD_DR) {
+		if (th) {
+			hcsum_replace16(&th->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
+			hcsum_replace16(&th->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
+			hcsum_replace2(&th->check, th->source, cv->sport);
+			hcsum_replace2(&th->check, th->dest, cv->dport);
+			th->source = cv->sport;
+			th->dest = cv->dport;
+		} else if (uh) {
+			hcsum_replace16(&uh->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
+			hcsum_replace16(&uh->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
+			hcsum_replace2(&uh->check, uh->source, cv->sport);
+			hcsum_replace2(&uh->check, uh->dest, cv->dport);
+			if (uh->check == 0)
+				uh->check = 0xffff;
+			uh->source = cv->sport;
+			uh->dest = cv->dport;
+		}
+		__builtin_memcpy(&ip6->saddr, cv->saddr.b, 16);
+		__builtin_memcpy(&ip6->daddr, cv->daddr.b, 16);
+	}
+	return send_l2(ctx, eth, cv);
+}
+
+/*
+ * NAT64, client side in: a v6 packet of a translated connection leaves as IPv4 (RFC 7915 header
+ * translation, no options, DF set). L4 checksums change only by the addresses and ports: the pseudo-header's
+ * length and protocol sum the same in both families, and an IPv4 address is its 16-byte form's only non-zero word.
+ */
+static __always_inline int xlat64(struct xdp_md *ctx, struct ipv6hdr *ip6, struct tcphdr *th, struct udphdr *uh,
+				  struct conn_val *cv)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	__u32 l2len = (__u32)((long)ip6 - (long)ctx->data);
+	__u16 plen = bpf_ntohs(ip6->payload_len);
+	__u8 proto = ip6->nexthdr, ttl = ip6->hop_limit;
+	__u8 tos = (__u8)((bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xff);
+	int punt = 0, delta;
+
+	if (cv->flags & CONN_F_NEED_L2)
+		punt = conn_fill_l2(cv);
+	if (th)
+		tcp_track(cv, th);
+	cv->last_seen = bpf_ktime_get_coarse_ns();
+	account(cv, sizeof(*ip6) + plen);
+	{
+		if (th) {
+			hcsum_replace16(&th->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
+			hcsum_replace16(&th->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
+			hcsum_replace2(&th->check, th->source, cv->sport);
+			hcsum_replace2(&th->check, th->dest, cv->dport);
+			th->source = cv->sport;
+			th->dest = cv->dport;
+		} else if (uh) {
+			hcsum_replace16(&uh->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
+			hcsum_replace16(&uh->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
+			hcsum_replace2(&uh->check, uh->source, cv->sport);
+			hcsum_replace2(&uh->check, uh->dest, cv->dport);
+			if (uh->check == 0)
+				uh->check = 0xffff;
+			uh->source = cv->sport;
+			uh->dest = cv->dport;
+		}
+	}
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_MALFORMED_ETH);
+	delta = (int)l2len + (int)sizeof(struct ipv6hdr) - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr));
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_MALFORMED_IP);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	iph = (void *)(eth + 1);
+	if ((void *)(iph + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_IP);
+	iph->version = 4;
+	iph->ihl = 5;
+	iph->tos = tos;
+	iph->tot_len = bpf_htons(plen + sizeof(struct iphdr));
+	iph->id = 0;
+	iph->frag_off = bpf_htons(0x4000);
+	iph->ttl = ttl;
+	iph->protocol = proto;
+	iph->check = 0;
+	iph->saddr = cv->saddr.v4;
+	iph->daddr = cv->daddr.v4;
+	iph->check = ip4_csum_full(iph);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	if (punt) {
+		__builtin_memcpy(eth->h_source, cv->smac, 6);
+		return punt_no_neigh(ctx);
+	}
+	return send_l2(ctx, eth, cv);
+}
+
+/* NAT64, real server's reply: the v4 packet leaves as IPv6 to the client. A UDP reply without a checksum
+ * (legal in v4, not in v6) is dropped and counted rather than sent invalid. */
+static __always_inline int xlat46(struct xdp_md *ctx, struct iphdr *iph, struct tcphdr *th, struct udphdr *uh,
+				  struct conn_val *cv)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct ipv6hdr *ip6;
+	__u32 l2len = (__u32)((long)iph - (long)ctx->data);
+	__u32 ihl = iph->ihl * 4;
+	__u16 tot = bpf_ntohs(iph->tot_len);
+	__u8 proto = iph->protocol, ttl = iph->ttl, tos = iph->tos;
+	__be32 old[4] = {};
+	int delta;
+
+	if (uh && uh->check == 0)
+		return drop(CNT_DROP_MALFORMED_L4);
+	if (tot < ihl)
+		return drop(CNT_DROP_MALFORMED_IP);
+	if (th)
+		tcp_track(cv, th);
+	cv->last_seen = bpf_ktime_get_coarse_ns();
+	account(cv, tot);
+	{
+		__be32 old_d[4] = {};
+
+		old[0] = iph->saddr;
+		old_d[0] = iph->daddr;
+		if (th) {
+			hcsum_replace16(&th->check, old, cv->saddr.v6);
+			hcsum_replace16(&th->check, old_d, cv->daddr.v6);
+			hcsum_replace2(&th->check, th->source, cv->sport);
+			hcsum_replace2(&th->check, th->dest, cv->dport);
+			th->source = cv->sport;
+			th->dest = cv->dport;
+		} else if (uh) {
+			hcsum_replace16(&uh->check, old, cv->saddr.v6);
+			hcsum_replace16(&uh->check, old_d, cv->daddr.v6);
+			hcsum_replace2(&uh->check, uh->source, cv->sport);
+			hcsum_replace2(&uh->check, uh->dest, cv->dport);
+			if (uh->check == 0)
+				uh->check = 0xffff;
+			uh->source = cv->sport;
+			uh->dest = cv->dport;
+		}
+	}
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_MALFORMED_ETH);
+	delta = (int)(l2len + ihl) - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > data_end)
+		return drop(CNT_DROP_MALFORMED_IP);
+	*(__be32 *)ip6 = bpf_htonl((6u << 28) | ((__u32)tos << 20));
+	ip6->payload_len = bpf_htons(tot - ihl);
+	ip6->nexthdr = proto;
+	ip6->hop_limit = ttl;
+	__builtin_memcpy(&ip6->saddr, cv->saddr.b, 16);
+	__builtin_memcpy(&ip6->daddr, cv->daddr.b, 16);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	return send_l2(ctx, eth, cv);
+}
+
+/*
+ * A new flow to an IPv6 service. Same modes as IPv4 (FNAT with v6 local addresses, NAT, DR, TUNNEL as 6in6),
+ * plus NAT64: an FNAT real server that is IPv4 gets a v4 local address and both entries say XLAT.
+ */
+static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, struct ipv6hdr *ip6,
+				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
+				     struct fp_cfg *cfg)
+{
+	__u32 svc_id = sv->svc_id;
+	__u32 zero = 0;
+	struct dest_val *d;
+	struct laddr_set *ls;
+	struct route_val *rt;
+	__u32 *pc;
+	__u32 slot = DEST_SLOT_NONE, li, err;
+	union hdslb_addr nh = {};
+	struct conn_key ok = {};
+	struct conn_val ov = {};
+	struct conn_val iv = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int have_ok = 0, x64;
+
+	d = pick_dest(sv, HDSLB_AF_INET6, &k->saddr, k->sport, &k->daddr, &slot, now);
+	if (!d)
+		return drop(CNT_DROP_NO_DEST);
+	x64 = d->af == HDSLB_AF_INET;
+	if (x64 && d->fwd != FWD_FNAT)
+		return drop(CNT_DROP_NO_DEST); /* only FNAT translates families */
+	if (x64) {
+		rt = route4(d->addr.v4, &nh.v4);
+		if (!rt)
+			return drop(CNT_DROP_NO_ROUTE);
+		err = new_l2(ctx, &iv, rt->ifindex, nh.v4);
+	} else {
+		rt = route6(&d->addr, &nh);
+		if (!rt)
+			return drop(CNT_DROP_NO_ROUTE);
+		err = new_l2_6(&iv, rt->ifindex, &nh);
+	}
+	if (err)
+		return drop(err);
+	iv.dest_slot = slot;
+	iv.svc_id = svc_id;
+	iv.flags |= CONN_F_VALID | (x64 ? CONN_F_XLAT : 0);
+	iv.state = th ? CS_SYN_RECV : CS_UDP;
+	iv.fwd = d->fwd;
+	iv.last_seen = now;
+	iv.daddr = d->addr;
+
+	ok.saddr = d->addr;
+	ok.sport = d->port;
+	ok.proto = k->proto;
+	ok.af = d->af;
+	ov.saddr = k->daddr;
+	ov.daddr = k->saddr;
+	ov.sport = k->dport;
+	ov.dport = k->sport;
+	back_l2(ctx, eth, &ov);
+	ov.dest_slot = slot;
+	ov.svc_id = svc_id;
+	ov.flags = CONN_F_VALID | CONN_F_OUT | (x64 ? CONN_F_XLAT : 0);
+	ov.state = iv.state;
+	ov.fwd = d->fwd;
+	ov.last_seen = now;
+
+	switch (d->fwd) {
+	case FWD_FNAT:
+		ls = laddr_map.lookup(&svc_id);
+		pc = lport_cursor.lookup(&zero);
+		if (!ls || ls->n == 0 || ls->n > LADDR_MAX || !pc)
+			return drop(CNT_DROP_NO_LADDR);
+		li = *pc % ls->n;
+		barrier_var(li);
+		li &= LADDR_MAX - 1;
+		if (ls->a[li].af != d->af)
+			return drop(CNT_DROP_NO_LADDR);
+		ok.daddr = ls->a[li].addr;
+		err = alloc_lport(cfg, pc, &ok, &ov);
+		if (err)
+			return drop(err);
+		have_ok = 1;
+		iv.saddr = ok.daddr;
+		iv.sport = ok.dport;
+		iv.dport = d->port;
+		break;
+	case FWD_NAT:
+		ok.daddr = k->saddr;
+		ok.dport = k->sport;
+		if (conn_map.insert(&ok, &ov) != 0)
+			return drop(CNT_DROP_CONN_INSERT);
+		have_ok = 1;
+		iv.saddr = k->saddr;
+		iv.sport = k->sport;
+		iv.dport = d->port;
+		break;
+	case FWD_DR:
+		iv.saddr = k->saddr;
+		iv.sport = k->sport;
+		iv.dport = k->dport;
+		break;
+	case FWD_TUNNEL:
+		iv.saddr = rt->src;
+		if (!(iv.saddr.v6[0] | iv.saddr.v6[1] | iv.saddr.v6[2] | iv.saddr.v6[3])) {
+			ls = laddr_map.lookup(&svc_id);
+			if (ls && ls->n > 0 && ls->a[0].af == HDSLB_AF_INET6)
+				iv.saddr = ls->a[0].addr;
+			else
+				return drop(CNT_DROP_NO_SRC);
+		}
+		iv.sport = k->sport;
+		iv.dport = k->dport;
+		break;
+	default:
+		return drop(CNT_DROP_NO_DEST);
+	}
+	if (conn_map.update(k, &iv) != 0) {
+		if (have_ok)
+			conn_map.delete(&ok);
+		return drop(CNT_DROP_CONN_INSERT);
+	}
+	conn_new_stats(svc_id, slot);
+	if (x64)
+		return xlat64(ctx, ip6, th, uh, &iv);
+	return xmit_conn6(ctx, eth, ip6, th, uh, &iv);
+}
+
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
 	struct iphdr *iph;
@@ -977,8 +1359,11 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	}
 
 	cv = conn_find(&k);
-	if (cv)
+	if (cv) {
+		if (cv->flags & CONN_F_XLAT)
+			return xlat46(ctx, iph, th, uh, cv);
 		return xmit_conn4(ctx, eth, iph, th, uh, 0, cv);
+	}
 
 	/* No connection: read the runtime settings once (established packets never do). */
 	cfg = cfg_map.lookup(&zero);
@@ -1024,23 +1409,23 @@ not_balanced:
 #define ICMPV6_NS_ 135
 #define ICMPV6_NA_ 136
 
-static __always_inline struct local_val *local_lookup6(const __u8 *addr)
-{
-	struct local_key lk = {};
-
-	__builtin_memcpy(lk.addr.b, addr, 16);
-	lk.af = HDSLB_AF_INET6;
-	return local_map.lookup(&lk);
-}
-
 /*
- * IPv6 is not balanced yet; what the slow path owns goes to it: echo requests to our addresses, neighbour
- * solicitations for them and advertisements sent to them. Everything else, and all of it while no slow path
- * runs, goes to the kernel.
+ * IPv6: TCP and UDP to v6 services are balanced like IPv4 (and NAT64-translated where the real server is v4).
+ * What the slow path owns goes to it: echo requests to our addresses, neighbour solicitations for them and
+ * advertisements sent to them. Extension headers are not walked: such packets (fragments included) to our
+ * addresses are dropped and counted, the rest goes to the kernel.
  */
-static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end)
+static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
 	struct ipv6hdr *ip6 = nh->pos;
+	struct tcphdr *th = 0;
+	struct udphdr *uh = 0;
+	struct conn_key k = {};
+	struct svc_key sk = {};
+	struct conn_val *cv;
+	struct svc_val *sv;
+	struct fp_cfg *cfg;
+	__u32 zero = 0;
 	__u8 *icmp;
 	__u32 in_if = ctx->ingress_ifindex;
 	struct iface_val *inv;
@@ -1048,8 +1433,60 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 
 	if ((void *)(ip6 + 1) > data_end)
 		return drop(CNT_DROP_MALFORMED_IP);
-	if (ip6->nexthdr != IPPROTO_ICMPV6)
+	nh->pos = ip6 + 1;
+	if (ip6->nexthdr == IPPROTO_TCP) {
+		if (parse_tcphdr(nh, data_end, &th) < 0)
+			return drop(CNT_DROP_MALFORMED_L4);
+		k.sport = th->source;
+		k.dport = th->dest;
+	} else if (ip6->nexthdr == IPPROTO_UDP) {
+		if (parse_udphdr(nh, data_end, &uh) < 0)
+			return drop(CNT_DROP_MALFORMED_L4);
+		k.sport = uh->source;
+		k.dport = uh->dest;
+	} else if (ip6->nexthdr == IPPROTO_ICMPV6) {
+		goto icmp6;
+	} else {
+		if (local_lookup6(ip6->daddr.in6_u.u6_addr8) && ip6->nexthdr == 44 /* fragment */)
+			return drop(CNT_DROP_FRAGMENT);
 		goto pass;
+	}
+	__builtin_memcpy(k.saddr.b, ip6->saddr.in6_u.u6_addr8, 16);
+	__builtin_memcpy(k.daddr.b, ip6->daddr.in6_u.u6_addr8, 16);
+	k.proto = ip6->nexthdr;
+	k.af = HDSLB_AF_INET6;
+	cv = conn_find(&k);
+	if (cv) {
+		if (cv->flags & CONN_F_XLAT)
+			return xlat64(ctx, ip6, th, uh, cv);
+		return xmit_conn6(ctx, eth, ip6, th, uh, cv);
+	}
+	cfg = cfg_map.lookup(&zero);
+	if (!cfg)
+		goto pass;
+	if (cfg->flags & CFG_F_KNI_ROUTES) {
+		struct route6_key rk = { .prefixlen = 128 };
+		struct route_val *rt;
+
+		__builtin_memcpy(rk.addr, k.daddr.b, 16);
+		rt = route6_map.lookup(&rk);
+		if (rt && (rt->flags & ROUTE_F_KNI)) {
+			count(CNT_PASS_KNI);
+			return XDP_PASS;
+		}
+	}
+	sk.addr = k.daddr;
+	sk.port = k.dport;
+	sk.proto = k.proto;
+	sk.af = HDSLB_AF_INET6;
+	sv = svc_map.lookup(&sk);
+	if (!sv)
+		goto pass;
+	if (th && !(th->syn && !th->ack && !th->rst))
+		return drop(CNT_DROP_NO_CONN);
+	return new_conn6(ctx, eth, ip6, th, uh, &k, sv, cfg);
+
+icmp6:
 	icmp = (__u8 *)(ip6 + 1);
 	if ((void *)(icmp + 8) > data_end)
 		goto pass;
@@ -1090,7 +1527,7 @@ int xdp_main(struct xdp_md *ctx)
 		goto out;
 	}
 	if (eth_type == bpf_htons(ETH_P_IPV6)) {
-		action = handle_ipv6(ctx, &nh, data_end);
+		action = handle_ipv6(ctx, &nh, data_end, eth);
 		goto out;
 	}
 	if (eth_type != bpf_htons(ETH_P_IP)) {
