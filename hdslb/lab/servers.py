@@ -41,9 +41,11 @@ def _write_big(path: Path, size: int) -> None:
 class _Server:
     """A process started in server i's namespace, stopped at the lab's teardown (or by stop())."""
 
-    def __init__(self, lab, i: int, port: int, name: str | None):
+    def __init__(self, lab, i, port: int, name: str | None):
         self.lab = lab
-        self.host = lab.server(i)
+        # i: a server's 1-based index, or any Host of the lab (e.g. the client side acting as an outside
+        # network for SNAT tests, see hdslb.lab.modes)
+        self.host = i if hasattr(i, "ns") else lab.server(i)
         self.i = i
         self.ns = self.host.ns
         self.ip = self.host.ip

@@ -1,0 +1,124 @@
+"""IPv6 on a two-arm lab, one daemon for the module: FullNAT v6 -> v6, and NAT64 (v6 VIP -> v4 servers).
+
+    client fd00:10::1 ── veth-lb0  LB  veth-lb1 ── switch ── rs1 192.168.100.2 / fd00:100::2, rs2 .3 / ::3
+
+VIP6 fd00:10::100 balances to the servers' v6 addresses from the v6 local address fd00:100::200; VIP64
+fd00:10::101 balances to their v4 addresses from the v4 local address 192.168.100.200. The client only has
+IPv6 towards the VIPs (curl -6). The balancer runs with the slow path, which answers neighbour
+solicitations for its v6 addresses (ND is not done in XDP).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+
+import pytest
+
+from hdslb.lab import modes
+from hdslb.lab.servers import start_nginx, start_udp_echo
+from hdslb.lab.topology import TwoArm
+
+from .conftest import Balancer
+
+pytestmark = pytest.mark.root
+
+VIP6 = "fd00:10::100"
+VIP64 = "fd00:10::101"
+LADDR6 = "fd00:100::200"
+LADDR4 = "192.168.100.200"
+
+
+@pytest.fixture(scope="module")
+def lab6():
+    lab = TwoArm(n_servers=2, ipv6=True)
+    lab.setup()
+    lb = Balancer(lab)
+    try:
+        servers = start_nginx(lab)
+        start_udp_echo(lab)
+        lb.ctl("up", "veth-lb0", "veth-lb1", "--xdp-mode", "native", "--slowpath",
+               "--pin-root", str(lab.pin_dir.parent), "--log-file", str(lab.workdir / "hdslbd.log"))
+        lb.dpip("-6", "addr", "add", f"{VIP6}/64", "dev", "veth-lb0")
+        lb.dpip("-6", "addr", "add", f"{VIP64}/128", "dev", "veth-lb0")
+        lb.dpip("-6", "route", "add", "fd00:100::/64", "dev", "veth-lb1")
+        lb.dpip("route", "add", "192.168.100.0/24", "dev", "veth-lb1")
+        yield lab, lb, servers
+    finally:
+        try:
+            lb.down()
+        finally:
+            lab.teardown()
+
+
+def curl6(lab, url, *opts, timeout=5):
+    r = lab.client_run(["taskset", "-c", "0", "curl", "-6", "-s", "-m", str(timeout), *opts, url], check=False,
+                       timeout=timeout + 10)
+    return r
+
+
+def diag(lab, lb) -> str:
+    parts = [lb.ipvsadm("-Ln", "--stats", check=False).stdout, lb.ipvsadm("-Lnc", check=False).stdout,
+             lb.dpip("-6", "neigh", "show", check=False).stdout, lb.dpip("neigh", "show", check=False).stdout,
+             modes.nx.sh(["ip", "-n", lab.cl_ns, "-6", "neigh"], check=False).stdout]
+    try:
+        st = lb.call("stats.get")
+        parts.append(" ".join(f"{k}={v}" for k, v in sorted(st["counters"].items()) if v))
+        parts.append(" ".join(f"{k}={v}" for k, v in sorted((st.get("slowpath") or {}).get("counters", {}).items()) if v))
+    except Exception as e:
+        parts.append(f"stats.get: {e}")
+    parts.append(lb.log()[-2000:])
+    return "\n".join(parts)
+
+
+def spread_and_source(lab, lb, servers, vip, seen_as, n=10):
+    before = {s.name: len(s.access_log_lines()) for s in servers}
+    bodies = []
+    for _ in range(n):
+        r = curl6(lab, f"http://[{vip}]/")
+        assert r.returncode == 0 and r.stdout, f"curl -6 exit {r.returncode}\n{diag(lab, lb)}"
+        bodies.append(r.stdout.split())
+    assert collections.Counter(b[0] for b in bodies) == {"rs1": n // 2, "rs2": n // 2}
+    assert {b[1] for b in bodies} == {seen_as}
+    for s in servers:
+        logged = s.access_log_lines()[before[s.name]:]
+        assert len(logged) == n // 2 and {ln.split()[0] for ln in logged} == {seen_as}, logged
+
+
+def download_big(lab, lb, servers, vip):
+    out = lab.workdir / f"big-{vip.replace(':', '_')}"
+    r = curl6(lab, f"http://[{vip}]/big", "-o", str(out), timeout=60)
+    assert r.returncode == 0, f"curl exit {r.returncode}\n{diag(lab, lb)}"
+    body = out.read_bytes()
+    assert len(body) == servers[0].big_size and hashlib.sha256(body).hexdigest() == servers[0].big_sha256
+
+
+def test_fnat_v6_reaches_v6_servers_from_a_v6_local_address(lab6):
+    lab, lb, servers = lab6
+    lb.ipvsadm("-A", "-t", f"[{VIP6}]:80", "-s", "rr")
+    lb.ipvsadm("-A", "-u", f"[{VIP6}]:53", "-s", "rr")
+    for s in lab.servers:
+        lb.ipvsadm("-a", "-t", f"[{VIP6}]:80", "-r", f"[{s.ip6}]:80", "-b")
+        lb.ipvsadm("-a", "-u", f"[{VIP6}]:53", "-r", f"[{s.ip6}]:53", "-b")
+    lb.ipvsadm("--add-laddr", "-z", LADDR6, "-t", f"[{VIP6}]:80", "-F", "veth-lb1")
+    lb.ipvsadm("--add-laddr", "-z", LADDR6, "-u", f"[{VIP6}]:53", "-F", "veth-lb1")
+    spread_and_source(lab, lb, servers, VIP6, LADDR6)
+    download_big(lab, lb, servers, VIP6)
+    for i in range(4):
+        text, frm = modes.udp_ask(lab.cl_ns, VIP6, 53, b"v6-%d" % i)
+        assert frm == VIP6 and text.split()[1].startswith(f"[{LADDR6}]:"), (text, frm, diag(lab, lb))
+    out = lb.ipvsadm("-Ln").stdout
+    assert re.search(r"\[fd00:100::2\]:80\s+FullNat\s+1\s", out), out
+
+
+def test_nat64_reaches_v4_servers_from_a_v4_local_address(lab6):
+    lab, lb, servers = lab6
+    lb.ipvsadm("-A", "-t", f"[{VIP64}]:80", "-s", "rr")
+    for s in lab.servers:
+        lb.ipvsadm("-a", "-t", f"[{VIP64}]:80", "-r", f"{s.ip}:80", "-b")
+    lb.ipvsadm("--add-laddr", "-z", LADDR4, "-t", f"[{VIP64}]:80", "-F", "veth-lb1")
+    spread_and_source(lab, lb, servers, VIP64, LADDR4)
+    download_big(lab, lb, servers, VIP64)
+    out = lb.ipvsadm("-Ln").stdout
+    assert re.search(rf"TCP\s+\[{VIP64}\]:80 rr", out) and re.search(r"192\.168\.100\.3:80\s+FullNat\s+1\s", out), out
