@@ -96,6 +96,15 @@ def fnat_service(lb, vip, *extra):
     lb.ipvsadm("--add-laddr", "-z", LADDR, "-t", f"{vip}:80", "-F", "veth-lb1")
 
 
+def assert_spread(names, n, what=""):
+    """rr over two servers from one CPU: both used, evenly but for one. (A first SYN sent before the
+    balancer has resolved a server's MAC is dropped, drop_no_neigh, and retransmitted a second later: the
+    retransmission takes the next rr slot, so one server may get one more.)"""
+    per = collections.Counter(names)
+    assert set(per) == {"rs1", "rs2"} and min(per.values()) >= n // 2 - 1, f"{per}\n{what}"
+    return per
+
+
 def service(lb, proto, vip, port):
     return lb.call("service.list", {"svc": {"proto": proto, "addr": vip, "port": port}})["services"][0]
 
@@ -126,11 +135,11 @@ def test_nat_servers_see_the_client_and_reply_through_the_balancer(lab2):
     bodies = [curl(lab, lab.cl_ns, f"http://{VIP_NAT}/") for _ in range(10)]
     assert all(bodies), f"{sum(not b for b in bodies)} of 10 requests failed\n{diag(lab, lb)}"
     # Masquerading keeps the client's address: each server logged 10.0.0.1, not a local address.
-    assert collections.Counter(b[0] for b in bodies) == {"rs1": 5, "rs2": 5}
+    per = assert_spread([b[0] for b in bodies], 10, diag(lab, lb))
     assert {b[1] for b in bodies} == {lab.client.ip}
     for s in servers:
         logged = s.access_log_lines()[before[s.name]:]
-        assert len(logged) == 5 and {ln.split()[0] for ln in logged} == {lab.client.ip}, logged
+        assert len(logged) == per[s.name] and {ln.split()[0] for ln in logged} == {lab.client.ip}, logged
         assert {ln.split()[2] for ln in logged} == {f"{s.ip}:80"}  # the balancer rewrote VIP -> RIP
 
     # UDP: the reply reaches an unconnected client socket from the VIP (the server answered from its own
@@ -231,8 +240,7 @@ def test_persistence_keeps_one_client_on_one_server(lab2):
     assert all(sticky), diag(lab, lb)
     assert len({b[0] for b in sticky}) == 1, collections.Counter(b[0] for b in sticky)
     # the same client on a service without -p is spread
-    spread = collections.Counter(curl(lab, lab.cl_ns, f"http://{VIP_FNAT}/")[0] for _ in range(20))
-    assert spread == {"rs1": 10, "rs2": 10}, spread
+    assert_spread([curl(lab, lab.cl_ns, f"http://{VIP_FNAT}/")[0] for _ in range(20)], 20)
     assert re.search(rf"TCP\s+{re.escape(VIP_PERSIST)}:80 rr persistent 60", lb.ipvsadm("-Ln").stdout)
 
 

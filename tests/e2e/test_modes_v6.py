@@ -79,11 +79,12 @@ def spread_and_source(lab, lb, servers, vip, seen_as, n=10):
         r = curl6(lab, f"http://[{vip}]/")
         assert r.returncode == 0 and r.stdout, f"curl -6 exit {r.returncode}\n{diag(lab, lb)}"
         bodies.append(r.stdout.split())
-    assert collections.Counter(b[0] for b in bodies) == {"rs1": n // 2, "rs2": n // 2}
+    per = collections.Counter(b[0] for b in bodies)
+    assert set(per) == {"rs1", "rs2"} and min(per.values()) >= n // 2 - 1, f"{per}\n{diag(lab, lb)}"  # see test_modes.assert_spread
     assert {b[1] for b in bodies} == {seen_as}
     for s in servers:
         logged = s.access_log_lines()[before[s.name]:]
-        assert len(logged) == n // 2 and {ln.split()[0] for ln in logged} == {seen_as}, logged
+        assert len(logged) == per[s.name] and {ln.split()[0] for ln in logged} == {seen_as}, logged
 
 
 def download_big(lab, lb, servers, vip):
