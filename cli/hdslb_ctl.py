@@ -1,4 +1,4 @@
-"""hdslb-ctl: start, stop and inspect a balancer instance (up / down / status)."""
+"""hdslb-ctl: start, stop and inspect a balancer instance (up / down / status); decap on real servers."""
 
 from __future__ import annotations
 
@@ -201,6 +201,126 @@ def health_parser() -> argparse.ArgumentParser:
     return hc
 
 
+def decap_parser() -> argparse.ArgumentParser:
+    """`hdslb-ctl decap`: the real-server side of TUNNEL mode. Runs on the real server; needs no hdslbd."""
+    from hdslb.fastpath.decap import DEFAULT_PIN_ROOT, HOST_ADDRS, XDP_MODES
+
+    dp = argparse.ArgumentParser(prog="hdslb-ctl decap",
+                                 description="decapsulate the balancer's TUNNEL-mode packets (IPIP, IPv6-in-IPv6, "
+                                             "4in6, 6in4) in XDP on a real server, for kernels without tunnel modules")
+    sp = dp.add_subparsers(dest="action", required=True, metavar="{up,down,show,zero}")
+
+    def common(p):
+        p.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, help=f"bpffs root for the pins (default {DEFAULT_PIN_ROOT})")
+
+    up = sp.add_parser("up", help="attach (or refresh) the decap program on IFACE")
+    up.add_argument("iface", metavar="IFACE")
+    up.add_argument("--xdp-mode", choices=XDP_MODES, default="auto",
+                    help="auto: native where the driver supports XDP, else generic (default auto)")
+    up.add_argument("--addr", action="append", default=[], metavar="A",
+                    help="also decapsulate for this address (repeatable); e.g. a real-server address not on this host yet")
+    up.add_argument("--host-addrs", choices=HOST_ADDRS, default="all",
+                    help="which host addresses are outer destinations: all of this namespace's, IFACE's, or none "
+                         "(only --addr); default all")
+    common(up)
+    down = sp.add_parser("down", help="detach the decap program from IFACE and remove its pins")
+    down.add_argument("iface", metavar="IFACE")
+    common(down)
+    show = sp.add_parser("show", help="decap instances of this network namespace: state, addresses, counters")
+    show.add_argument("iface", nargs="?", metavar="IFACE")
+    show.add_argument("-j", "--json", action="store_true", help="JSON output")
+    common(show)
+    zero = sp.add_parser("zero", help="zero IFACE's decap counters")
+    zero.add_argument("iface", metavar="IFACE")
+    common(zero)
+    return dp
+
+
+def _decap_usage(ns) -> str | None:
+    """What is wrong with a decap command line that argparse cannot see, or None."""
+    from hdslb.fastpath.decap import check_ifname, parse_addr
+
+    if ns.iface is not None:
+        try:
+            check_ifname(ns.iface)
+        except ValueError as e:
+            return str(e)
+    for a in getattr(ns, "addr", []):
+        try:
+            parse_addr(a)
+        except ValueError as e:
+            return f"invalid --addr {a!r}: {e}"
+    return None
+
+
+def format_decap(st) -> list[str]:
+    """One instance as `show` prints it."""
+    if st.attached:
+        state = f"{st.attached_mode} XDP, prog id {st.prog_id}"
+    elif not st.iface_exists:
+        state = "NOT ATTACHED: the interface is gone (hdslb-ctl decap down removes the pins)"
+    elif st.attached_prog_id is not None:
+        state = f"NOT ATTACHED: XDP program id {st.attached_prog_id} of another tool runs there"
+    else:
+        state = "NOT ATTACHED: no XDP program on the interface"
+    lines = [f"{st.ifname}: {state}", f"  pinned:    {st.pin_dir}",
+             f"  addresses: {' '.join(str(a) for a in st.addrs) or '(none)'}"]
+    width = max((len(k) for k in st.counters), default=0)
+    lines += [f"  {k:<{width}}  {v}" for k, v in st.counters.items()]
+    return lines
+
+
+def cmd_decap(ns) -> int:
+    import json
+
+    from hdslb.fastpath import decap
+
+    if ns.action == "up":
+        st = decap.up(ns.iface, ns.xdp_mode, ns.addr, ns.host_addrs, ns.pin_root)
+        print(f"decap on {st.ifname} ({st.attached_mode} XDP), prog id {st.prog_id}, network namespace {st.netns}")
+        print(f"  decapsulating for: {' '.join(str(a) for a in st.addrs)}")
+        print(f"  pinned at {st.pin_dir}")
+    elif ns.action == "down":
+        st = decap.down(ns.iface, ns.pin_root)
+        what = f"detached from {st.ifname}" if st.attached else f"was no longer attached to {st.ifname}"
+        print(f"decap {what}; pins removed from {st.pin_dir}")
+    elif ns.action == "zero":
+        decap.zero(ns.iface, ns.pin_root)
+        print(f"decap counters of {ns.iface} zeroed")
+    else:
+        states = decap.show(ns.iface, ns.pin_root)
+        if ns.json:
+            print(json.dumps([s.as_dict() for s in states], indent=2))
+            return 0
+        if not states:
+            print(f"no decap instance in network namespace {decap.netns_name()}")
+        for s in states:
+            print("\n".join(format_decap(s)))
+    return 0
+
+
+def decap_main(argv: list[str]) -> int:
+    ns = decap_parser().parse_args(argv)
+    problem = _decap_usage(ns)
+    if problem:
+        print(f"hdslb-ctl decap {ns.action}: {problem}", file=sys.stderr)
+        return 2
+    from pyroute2 import NetlinkError
+
+    from hdslb.fastpath.decap import DecapError
+
+    try:
+        return cmd_decap(ns)
+    except DecapError as e:
+        print(f"hdslb-ctl: decap {ns.action}: {e}", file=sys.stderr)
+    except NetlinkError as e:  # the interface vanished between two netlink calls, or a permission
+        print(f"hdslb-ctl: decap {ns.action}: netlink: {os.strerror(e.code) if e.code else e}", file=sys.stderr)
+    except OSError as e:
+        print(f"hdslb-ctl: decap {ns.action}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+    return 1
+
+
 def cmd_status(ns) -> int:
     try:
         st = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("daemon.status")
@@ -248,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
     sub.add_parser("top", help="live view of services, real servers, rates and drops (--interval, --count)")
+    sub.add_parser("decap", help="real-server side of TUNNEL mode: XDP decapsulation, no hdslbd needed "
+                                 "(up/down/show, see hdslb-ctl decap -h)")
     return p
 
 
@@ -266,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         from hdslb import top
 
         return top.main(argv[1:], ctl_socket=ctl)
+    if argv[:1] == ["decap"]:
+        return decap_main(argv[1:])
     if argv[:1] == ["health"]:
         hns = health_parser().parse_intermixed_args(argv[1:])
         hns.ctl_socket = ctl

@@ -1,0 +1,125 @@
+"""hdslb-ctl decap: usage errors exit 2 before anything touches the kernel; the pure helpers and the show layout."""
+
+import ipaddress
+
+import pytest
+
+from cli import hdslb_ctl
+from hdslb.fastpath import decap
+
+
+@pytest.fixture(autouse=True)
+def no_kernel(monkeypatch):
+    """A usage error must be caught before any kernel call: these would fail the test if reached."""
+    def reached(*a, **kw):
+        raise AssertionError("a bad command line reached the kernel side")
+
+    for name in ("up", "down", "show", "zero"):
+        monkeypatch.setattr(decap, name, reached)
+
+
+def exit_code(argv):
+    try:
+        return hdslb_ctl.main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decap"], "required"),
+    (["decap", "frob"], "invalid choice"),
+    (["decap", "up"], "the following arguments are required: IFACE"),
+    (["decap", "down"], "the following arguments are required: IFACE"),
+    (["decap", "zero"], "the following arguments are required: IFACE"),
+    (["decap", "show", "eth0", "eth1"], "unrecognized arguments: eth1"),
+    (["decap", "up", "eth0", "--xdp-mode", "turbo"], "invalid choice: 'turbo'"),
+    (["decap", "up", "eth0", "--host-addrs", "some"], "invalid choice: 'some'"),
+    (["decap", "up", "eth0", "--addr"], "expected one argument"),
+    (["decap", "up", "eth0", "--addr", "10.0.0.300"], "invalid --addr '10.0.0.300'"),
+    (["decap", "up", "eth0", "--addr", "rs1.example.com"], "invalid --addr 'rs1.example.com'"),
+    (["decap", "up", "eth0", "--addr", "224.0.0.1"], "224.0.0.1 is not a unicast address"),
+    (["decap", "up", "eth0", "--addr", "::"], ":: is not a unicast address"),
+    (["decap", "up", "averyverylongname0"], "bad interface name 'averyverylongname0'"),
+    (["decap", "down", "eth/0"], "bad interface name 'eth/0'"),
+    (["decap", "show", ".."], "bad interface name '..'"),
+    (["decap", "up", "eth0", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_usage_errors_exit_2_with_a_reason(capsys, argv, message):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_decap_is_listed_in_the_top_level_help(capsys):
+    assert exit_code(["--help"]) == 0
+    assert "decap" in capsys.readouterr().out
+
+
+def test_runtime_failures_exit_1_with_the_reason(monkeypatch, capsys):
+    def refuse(*a, **kw):
+        raise decap.DecapError("no interface 'eth9' in network namespace init")
+
+    monkeypatch.setattr(decap, "up", refuse)
+    assert exit_code(["decap", "up", "eth9"]) == 1
+    assert capsys.readouterr().err.strip() == "hdslb-ctl: decap up: no interface 'eth9' in network namespace init"
+
+
+def test_up_passes_the_options_through(monkeypatch, capsys):
+    seen = {}
+
+    def up(ifname, mode, addrs, host_addrs, pin_root):
+        seen.update(ifname=ifname, mode=mode, addrs=addrs, host_addrs=host_addrs, pin_root=pin_root)
+        return decap.DecapStatus(ifname, "rs1", f"{pin_root}/decap/rs1/{ifname}", 7, mode, 7, True,
+                                 [ipaddress.ip_address(a) for a in addrs])
+
+    monkeypatch.setattr(decap, "up", up)
+    argv = ["decap", "up", "eth0", "--xdp-mode", "generic", "--addr", "10.0.0.2", "--addr", "fd00::2",
+            "--host-addrs", "none", "--pin-root", "/run/x"]
+    assert exit_code(argv) == 0
+    assert seen == {"ifname": "eth0", "mode": "generic", "addrs": ["10.0.0.2", "fd00::2"], "host_addrs": "none",
+                    "pin_root": "/run/x"}
+    out = capsys.readouterr().out
+    assert "decap on eth0 (generic XDP), prog id 7" in out and "10.0.0.2 fd00::2" in out
+
+
+def test_key_packing_round_trips_both_families():
+    for text in ("192.0.2.7", "2001:db8::7"):
+        a = ipaddress.ip_address(text)
+        raw = decap.pack_key(a)
+        assert len(raw) == decap.KEY.size == 20
+        assert decap.unpack_key(raw) == a
+    assert decap.pack_key(ipaddress.ip_address("192.0.2.7")) == bytes([4, 0, 0, 0, 192, 0, 2, 7]) + bytes(12)
+
+
+def test_counter_names_come_from_the_header():
+    names = decap.counter_names()
+    assert names[:4] == ["decap_4in4", "decap_6in4", "decap_4in6", "decap_6in6"]
+    assert {"pass", "pass_not_local", "pass_fragment", "drop_malformed"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+def _status(**kw):
+    st = decap.DecapStatus("eth0", "rs1", "/run/hdslb/bpffs/decap/rs1/eth0", 12, "native", 12, True,
+                           [ipaddress.ip_address("10.0.0.2")], {"decap_4in4": 3, "drop_malformed": 0})
+    for k, v in kw.items():
+        setattr(st, k, v)
+    return st
+
+
+@pytest.mark.parametrize("kw, state", [
+    ({}, "eth0: native XDP, prog id 12"),
+    ({"attached_mode": None, "attached_prog_id": None}, "eth0: NOT ATTACHED: no XDP program on the interface"),
+    ({"attached_mode": None, "attached_prog_id": 99}, "eth0: NOT ATTACHED: XDP program id 99 of another tool runs there"),
+    ({"attached_mode": None, "attached_prog_id": None, "iface_exists": False}, "eth0: NOT ATTACHED: the interface is gone"),
+])
+def test_show_layout(kw, state):
+    lines = hdslb_ctl.format_decap(_status(**kw))
+    assert lines[0].startswith(state)
+    assert lines[1:] == ["  pinned:    /run/hdslb/bpffs/decap/rs1/eth0", "  addresses: 10.0.0.2",
+                         "  decap_4in4      3", "  drop_malformed  0"]
+
+
+def test_instance_dirs_are_per_namespace_and_interface():
+    assert decap.instance_dir("eth0", "/run/hdslb/bpffs", netns="rs1") == "/run/hdslb/bpffs/decap/rs1/eth0"
+    with pytest.raises(ValueError):
+        decap.instance_dir("../x", netns="rs1")
