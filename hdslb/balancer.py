@@ -1,10 +1,20 @@
 """The balancer's desired state and its invariants: services, real servers, local addresses, addresses, routes,
 neighbours. No kernel calls: every change is validated first, then applied to the model and pushed through a
 DataPath (the map writer in the daemon, a recorder in unit tests). A refused change leaves everything as it was.
+
+Every ipvsadm forwarding mode is modelled (FNAT, DR, NAT, TUNNEL, SNAT) and every scheduler of hdslb.sched. Ring
+tables (rr, wrr, lc, wlc, fo) travel inside the service's sched_map value; hash tables (sh, dh, mh, conhash) are
+too big for it and live in the hash_cells array, managed here by a first-fit CellAllocator: a rebuilt table is
+written into free cells, the sched_map value is swapped to point at it (one map update: packets see the old or
+the new table), and only then are the old cells freed.
+
+SNAT services (ipvsadm -H) have no VIP: they are identified by their Match and reach the fast path as an ordered
+rule array (snat_map + cfg_map.snat_rules), first match wins, kept in creation order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 from dataclasses import dataclass, field
@@ -14,17 +24,28 @@ from hdslb import sched
 from hdslb.errors import HdslbError, exists, invalid, nospace, notfound
 
 PROTOS = {"tcp": 6, "udp": 17}
+MATCH_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}  # SNAT matches also carry ICMP echo (the echo id is the port)
 FWD_MODES = ("fnat", "dr", "nat", "tunnel", "snat")
-# Forwarding modes the fast path implements today; the rest are refused with a reason, never half-done.
-FWD_SUPPORTED = ("fnat",)
+# Forwarding modes the fast path implements; anything else is refused with a reason, never half-done.
+FWD_SUPPORTED = FWD_MODES
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "conhash", "fo")
-# Schedulers whose table is a ring the fast path walks with a per-CPU cursor; lc/wlc rings are rebuilt from
-# live connection counts by the daemon (refresh_dynamic), so they lag by at most one refresh interval.
-SCHED_SUPPORTED = ("rr", "wrr", "lc", "wlc", "fo")
+# Ring schedulers are walked with a per-CPU cursor; hash schedulers index hash_cells by flow_hash. lc/wlc rings are
+# rebuilt from live connection counts by the daemon (refresh_dynamic), so they lag by at most one refresh interval.
+SCHED_SUPPORTED = SCHEDULERS
+HASH_SCHEDS = ("sh", "dh", "mh", "conhash")
 DYNAMIC_SCHEDS = ("lc", "wlc")
 DEFAULT_SCHED = "wlc"
+# LVS scheduler flags (ipvsadm --sched-flags) and the scheduler each belongs to. The *-port flags add the client
+# port to the hash; the *-fallback flags are what hdslb always does (an unavailable server's buckets are handed to
+# the others at the next rebuild), accepted so LVS configurations load unchanged.
+SCHED_FLAGS = {"sh-port": "sh", "sh-fallback": "sh", "mh-port": "mh", "mh-fallback": "mh"}
 ROUTE_SCOPES = ("host", "link", "global", "kni_host")
 MAX_WEIGHT = 65535
+MAX_PERSIST_TIMEOUT = 86400 * 31  # ipvsadm's MAX_TIMEOUT
+SNAT_RULES_MAX = 16  # bpf/include/hdslb_abi.h
+DEFAULT_HASH_CELLS = 1 << 21  # hdslb_abi.h / the XDP program's MAX_HASH_CELLS default
+LADDR_MAX = 16
+ANY4 = ipaddress.IPv4Address("0.0.0.0")
 
 
 def ip(s, what: str = "address"):
@@ -38,6 +59,100 @@ def port_of(v, what: str = "port") -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
         raise invalid(f"invalid {what} {v!r}")
     return v
+
+
+def _uint(v, what: str, hi: int = 2**31 - 1) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+        raise invalid(f"illegal {what} specified: {v!r}")
+    return v
+
+
+def netmask_plen(netmask, version: int) -> int:
+    """ipvsadm -M as a prefix length: a dotted mask (or /N, or N) for IPv4, a prefix length for IPv6."""
+    full = 32 if version == 4 else 128
+    if netmask in (None, ""):
+        return full
+    text = str(netmask).lstrip("/")
+    if text.isdigit():
+        n = int(text)
+        if not (0 if version == 4 else 1) <= n <= full:
+            raise invalid(f"illegal {'ipv6 ' if version == 6 else ''}netmask {netmask!r} (prefix length "
+                          f"{'0..32' if version == 4 else '1..128'})")
+        return n
+    if version == 6:
+        raise invalid(f"illegal ipv6 netmask {netmask!r} (a prefix length 1..128)")
+    try:
+        ipaddress.IPv4Address(text)
+        return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+    except ValueError:
+        raise invalid(f"illegal virtual server persistent mask {netmask!r} (a contiguous dotted mask)") from None
+
+
+def netmask_text(plen: int, version: int) -> str:
+    """The canonical -M spelling ipvsadm prints: dotted for IPv4, the prefix length for IPv6."""
+    if version == 4:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{plen}").netmask)
+    return str(plen)
+
+
+# --- SNAT match (ipvsadm -H proto=..,src-range=..,dst-range=..,iif=..,oif=..) ------------------------------
+@dataclass(frozen=True)
+class Match:
+    """What selects a SNAT service: protocol, inclusive IPv4 source/destination ranges (None: any), and the
+    ingress/egress interfaces (None: any; oif is the interface the route to the destination leaves by)."""
+
+    proto: str
+    src: tuple | None = None
+    dst: tuple | None = None
+    iif: str | None = None
+    oif: str | None = None
+
+    @staticmethod
+    def range_text(r) -> str | None:
+        if r is None:
+            return None
+        return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+    def as_dict(self) -> dict:
+        return {"proto": self.proto, "src_range": self.range_text(self.src), "dst_range": self.range_text(self.dst),
+                "iif": self.iif, "oif": self.oif}
+
+    def __str__(self) -> str:
+        parts = [f"proto={self.proto}"]
+        for k, v in (("src-range", self.range_text(self.src)), ("dst-range", self.range_text(self.dst)),
+                     ("iif", self.iif), ("oif", self.oif)):
+            if v:
+                parts.append(f"{k}={v}")
+        return ",".join(parts)
+
+
+def _match_range(text, what: str):
+    """DPVS's RANGE := IP1[-IP2][:PORT1[-PORT2]] -> (lo, hi) IPv4 addresses, None for any. Ports other than
+    the 0-0 DPVS prints for 'any' are refused: the fast path's SNAT rules match addresses only."""
+    if text in (None, ""):
+        return None
+    if not isinstance(text, str):
+        raise invalid(f"{what} must be a string like 192.168.0.1-192.168.0.254")
+    t = text.strip()
+    if ":" in t:
+        t, _, ports = t.partition(":")
+        if ports not in ("", "0", "0-0"):
+            raise HdslbError(errno.EOPNOTSUPP, f"{what} {text!r}: port ranges are not supported by the fast "
+                                               f"path's SNAT rules (they match addresses only)")
+    lo_t, sep, hi_t = t.partition("-")
+    try:
+        lo = ipaddress.ip_address(lo_t)
+        hi = ipaddress.ip_address(hi_t) if sep else lo
+    except ValueError:
+        raise invalid(f"illegal {what} {text!r} (IP or IP1-IP2)") from None
+    if lo.version != 4 or hi.version != 4:
+        raise HdslbError(errno.EOPNOTSUPP, f"{what} {text!r}: SNAT is IPv4 only (the fast path's SNAT rules "
+                                           f"hold IPv4 ranges)")
+    if hi < lo:
+        raise invalid(f"illegal {what} {text!r}: the range ends before it starts")
+    if lo == hi == ANY4:
+        return None
+    return (lo, hi)
 
 
 @dataclass
@@ -61,6 +176,7 @@ class Dest:
     health_weight: int | None = None  # weight a checker asked for (misc_dynamic, inhibit_on_failure: 0)
     reason: str = ""                  # last failure reason, for ipvsadm/REST/metrics
     sorry: bool = False               # a sorry_server added while the service's quorum is lost
+    overloaded: bool = False          # LVS IP_VS_DEST_F_OVERLOAD: above u_threshold, from the estimator's counts
 
     @property
     def eff_weight(self) -> int:
@@ -68,6 +184,19 @@ class Dest:
         if self.health == "down":
             return 0
         return self.weight if self.health_weight is None else self.health_weight
+
+
+def overload_next(d: Dest, total: int) -> bool:
+    """LVS's overload rule for one dest given its connection count (active + inactive, ip_vs_dest_totalconns):
+    set once total >= u_threshold; cleared once total < l_threshold, or below 3/4 of u_threshold when no
+    l_threshold is set; never set without a u_threshold."""
+    if d.u_threshold <= 0:
+        return False
+    if not d.overloaded:
+        return total >= d.u_threshold
+    if d.l_threshold > 0:
+        return total >= d.l_threshold
+    return total * 4 >= d.u_threshold * 3
 
 
 @dataclass
@@ -83,17 +212,39 @@ class Service:
     port: int
     sched: str
     svc_id: int
-    persistent: int | None = None
-    netmask: str | None = None
-    flags: list[str] = field(default_factory=list)
+    persistent: int | None = None   # -p: seconds a client's template lives (None: not persistent)
+    netmask: str | None = None      # -M as ipvsadm prints it (dotted IPv4 mask, IPv6 prefix length)
+    flags: list[str] = field(default_factory=list)  # LVS scheduler flags (SCHED_FLAGS)
     dests: dict[tuple, Dest] = field(default_factory=dict)
     laddrs: list[Laddr] = field(default_factory=list)
     sched_gen: int = 0
     own_vip: bool = False  # declared in a config file: the balancer answers ARP for the VIP itself
+    sched_params: dict = field(default_factory=dict)  # extra table parameters (size, seed, replicas, horizon)
+    match: Match | None = None  # SNAT services: what selects them (they have no VIP)
+    hcells: tuple | None = None  # (first cell, cells) of its hash table in hash_cells
 
     @property
     def key(self) -> tuple:
-        return (self.proto, self.addr, self.port)
+        return ("match", self.match) if self.match is not None else (self.proto, self.addr, self.port)
+
+    @property
+    def persist_plen(self) -> int:
+        return netmask_plen(self.netmask, self.addr.version)
+
+    @property
+    def ident(self) -> dict:
+        """The service as control ops name it."""
+        if self.match is not None:
+            return {"match": self.match.as_dict()}
+        return {"proto": self.proto, "addr": str(self.addr), "port": self.port}
+
+    def rs_family(self) -> int | None:
+        """The address family of its real servers and local addresses (IPv4 under an IPv6 NAT64 service)."""
+        for d in self.dests.values():
+            return d.addr.version
+        for la in self.laddrs:
+            return la.addr.version
+        return None
 
 
 @dataclass
@@ -129,6 +280,81 @@ class Neigh:
     ifname: str
 
 
+class CellAllocator:
+    """First-fit allocation of contiguous ranges of the hash_cells array (one range per hash table).
+
+    Free space is a sorted list of (start, length) runs, merged on free. alloc() takes the first run long enough;
+    ENOSPC when none is. Ranges handed out are never overlapping, which the fast path relies on: a table being
+    read is never written until its service has been swapped to another range and the range freed.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.runs: list[list[int]] = [[0, size]] if size > 0 else []
+
+    def copy(self) -> "CellAllocator":
+        c = CellAllocator(0)
+        c.size, c.runs = self.size, [list(r) for r in self.runs]
+        return c
+
+    def free_cells(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    def largest(self) -> int:
+        return max((n for _, n in self.runs), default=0)
+
+    def alloc(self, n: int) -> int:
+        for r in self.runs:
+            if r[1] >= n:
+                start = r[0]
+                r[0] += n
+                r[1] -= n
+                if r[1] == 0:
+                    self.runs.remove(r)
+                return start
+        raise nospace(f"no {n} contiguous free hash cells (hash_cells holds {self.size}; {self.free_cells()} free, "
+                      f"largest free run {self.largest()}): use smaller hash tables (--sched-flags size=N) or "
+                      f"start hdslbd with more (--max-hash-cells)")
+
+    def reserve(self, start: int, n: int) -> None:
+        """Mark [start, start+n) used (adopting a table a previous daemon wrote)."""
+        for r in self.runs:
+            if r[0] <= start and start + n <= r[0] + r[1]:
+                before, after = start - r[0], r[0] + r[1] - (start + n)
+                i = self.runs.index(r)
+                self.runs[i:i + 1] = [x for x in ([r[0], before], [start + n, after]) if x[1] > 0]
+                return
+        raise invalid(f"hash cells {start}..{start + n - 1} are not free (outside hash_cells of {self.size}, or "
+                      f"claimed twice): the saved state does not fit this fast path; start with --fresh")
+
+    def free(self, start: int, n: int) -> None:
+        if n <= 0:
+            return
+        runs = self.runs
+        i = 0
+        while i < len(runs) and runs[i][0] < start:
+            i += 1
+        if (i > 0 and runs[i - 1][0] + runs[i - 1][1] > start) or (i < len(runs) and start + n > runs[i][0]):
+            raise RuntimeError(f"hash cells {start}+{n} freed twice")
+        runs.insert(i, [start, n])
+        if i + 1 < len(runs) and start + n == runs[i + 1][0]:  # merge with the run after
+            runs[i][1] += runs[i + 1][1]
+            del runs[i + 1]
+        if i > 0 and runs[i - 1][0] + runs[i - 1][1] == start:  # and the one before
+            runs[i - 1][1] += runs[i][1]
+            del runs[i]
+
+
+@dataclass
+class TablePlan:
+    """A built scheduling table and where it will live, decided before anything is written."""
+
+    table: sched.Table
+    hoff: int = 0
+    hlen: int = 0
+    overloaded: dict = field(default_factory=dict)  # slot -> overload state this table was built with
+
+
 class DataPath(Protocol):
     """What the model needs from the fast path; the daemon implements it over the BPF maps."""
 
@@ -136,8 +362,13 @@ class DataPath(Protocol):
     def service_del(self, svc: Service) -> None: ...
     def dest_set(self, svc: Service, d: Dest) -> None: ...
     def dest_clear(self, d: Dest) -> None: ...
-    def sched_set(self, svc: Service, slots: list[int]) -> None: ...
+    def hash_cells_set(self, first: int, entries: list[int]) -> None: ...
+    def sched_set(self, svc: Service, table: sched.Table, hoff: int) -> None: ...
     def laddrs_set(self, svc: Service, laddrs: list[tuple]) -> None: ...
+    def snat_rule_set(self, index: int, svc: Service) -> None: ...
+    def snat_rule_clear(self, index: int) -> None: ...
+    def snat_count_set(self, n: int) -> None: ...
+    def persist_flush(self, svc_id: int, slot: int | None) -> None: ...
     def local_set(self, addr, flags: int, ifindex: int) -> None: ...
     def local_del(self, addr) -> None: ...
     def route_set(self, r: Route, ifindex: int) -> None: ...
@@ -152,23 +383,28 @@ LOCAL_IFADDR, LOCAL_LADDR, LOCAL_SAPOOL, LOCAL_VIP = 0x1, 0x2, 0x4, 0x8
 
 class Balancer:
     def __init__(self, dp: DataPath, ifaces: dict[str, Iface], max_services: int = 4096, max_dests: int = 65535,
-                 ring_max: int = 1024):
+                 ring_max: int = 1024, max_hash_cells: int = DEFAULT_HASH_CELLS):
         self.dp = dp
         self.ifaces = ifaces
         self.max_services = max_services
         self.max_dests = min(max_dests, 0xFFFF)  # 0xffff marks an empty ring slot
         self.ring_max = ring_max
+        self.cells = CellAllocator(max_hash_cells)
         self.services: dict[tuple, Service] = {}
+        self.snat_order: list[Service] = []  # SNAT services in rule order (creation order)
         self.addrs: list[Addr] = []
         self.routes: list[Route] = []
         self._rindex: dict[object, list[Route]] = {}  # net -> its routes: adds and syncs stay O(1) in bulk loads
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: set[int] = set()
         self._ids_used: set[int] = set()
-        # dest slot -> (active, inactive) connections, for lc/wlc; the daemon plugs in the fast path's view.
+        # dest slot -> (active, inactive) connections, for lc/wlc and thresholds; the daemon plugs in the fast
+        # path's view (a conn table scan, refreshed once per estimator period).
         self.conn_counts = lambda: {}
         self.config_owned: set[tuple] = set()  # service keys the config file declares (reload manages them)
         self._dyn_seen: dict[int, tuple] = {}  # svc id -> the conn counts its lc/wlc ring was built from
+        self.expire_quiescent_template = False  # ipvs_defs: drop a dest's templates when its weight drops to 0
+        self.refresh_errors: dict[int, str] = {}  # svc id -> why its last periodic rebuild was refused
 
     # --- helpers --------------------------------------------------------------------------------
     def iface(self, name) -> Iface:
@@ -178,15 +414,39 @@ class Balancer:
         return self.ifaces[name]
 
     def _alloc(self, used: set[int], limit: int, what: str) -> int:
+        i = self._peek(used, limit, what)
+        used.add(i)
+        return i
+
+    @staticmethod
+    def _peek(used: set[int], limit: int, what: str) -> int:
         for i in range(limit):
             if i not in used:
-                used.add(i)
                 return i
         raise nospace(f"no free {what} (limit {limit})")
 
+    def parse_match(self, m) -> Match:
+        """A SNAT match from {proto, src_range, dst_range, iif, oif} (DPVS's -H keys, '-' or '_' spelt)."""
+        if not isinstance(m, dict):
+            raise invalid("match must be given as {proto, src_range, dst_range, iif, oif}")
+        m = {k.replace("-", "_"): v for k, v in m.items()}
+        unknown = set(m) - {"proto", "src_range", "dst_range", "iif", "oif"}
+        if unknown:
+            raise invalid(f"illegal match: unknown key {sorted(unknown)[0]!r} (proto, src-range, dst-range, iif, oif)")
+        proto = m.get("proto")
+        if proto not in MATCH_PROTOS:
+            raise invalid(f"illegal match: proto must be tcp, udp or icmp, got {proto!r}")
+        src = _match_range(m.get("src_range"), "src-range")
+        dst = _match_range(m.get("dst_range"), "dst-range")
+        iif = self.iface(m["iif"]).name if m.get("iif") else None
+        oif = self.iface(m["oif"]).name if m.get("oif") else None
+        return Match(proto=proto, src=src, dst=dst, iif=iif, oif=oif)
+
     def svc_key(self, a: dict) -> tuple:
         if not isinstance(a, dict):
-            raise invalid("service must be given as {proto, addr, port}")
+            raise invalid("service must be given as {proto, addr, port} or {match}")
+        if a.get("match") is not None:
+            return ("match", self.parse_match(a["match"]))
         proto = a.get("proto")
         if proto not in PROTOS:
             raise invalid(f"invalid protocol {proto!r} (tcp or udp)")
@@ -199,47 +459,174 @@ class Balancer:
             raise HdslbError(errno.ESRCH, "No such service")
         return svc
 
+    # --- scheduling tables ----------------------------------------------------------------------
+    def _sched_dests(self, dests, counts: dict, overloaded: dict) -> list[sched.Dest]:
+        out = []
+        for d in dests:
+            active, inactive = counts.get(d.slot, (0, 0))
+            flags = sched.DestFlag.OVERLOADED if overloaded.get(d.slot, d.overloaded) else sched.DestFlag.NONE
+            out.append(sched.Dest(slot_id=d.slot, weight=d.eff_weight, flags=flags, addr=d.addr, port=d.port,
+                                  active=active, inactive=inactive))
+        return out
+
+    @staticmethod
+    def _table_params(sch: str, flags: list[str], params: dict) -> dict:
+        out = dict(params)
+        if sch in ("sh", "mh"):
+            out["port"] = f"{sch}-port" in flags
+        return out
+
+    def _plan(self, svc: Service, dests=None, sched_name: str | None = None, flags: list[str] | None = None,
+              params: dict | None = None, counts: dict | None = None, overloaded: dict | None = None) -> TablePlan:
+        """Build the table `svc` would have with these changes and reserve cells for it; nothing is written.
+
+        Raises (EINVAL for a table that cannot be built, ENOSPC when hash_cells has no room) before any change,
+        so callers can plan first and apply after. A plan must be committed (_commit) or dropped (_drop).
+        """
+        sch = sched_name or svc.sched
+        dests = list(svc.dests.values()) if dests is None else list(dests)
+        flags = svc.flags if flags is None else flags
+        params = svc.sched_params if params is None else params
+        if counts is None:
+            counts = self.conn_counts() if sch in DYNAMIC_SCHEDS else {}
+        overloaded = overloaded or {}
+        hashed = sch in HASH_SCHEDS
+        table = sched.build_table(sch, self._sched_dests(dests, counts, overloaded),
+                                  max_len=self.cells.size if hashed else self.ring_max,
+                                  **self._table_params(sch, flags, params))
+        plan = TablePlan(table=table, overloaded=dict(overloaded))
+        if hashed and table.entries:
+            n = len(table.entries)
+            old = svc.hcells[1] if svc.hcells else 0
+            if n > old:
+                # A new (or bigger) table must leave room to rebuild the largest table beside itself later,
+                # else the next real-server change of any hash service would be refused.
+                sim = self.cells.copy()
+                sim.alloc(n)
+                if svc.hcells:
+                    sim.free(*svc.hcells)
+                sizes = [s.hcells[1] for s in self.services.values() if s.hcells and s is not svc] + [n]
+                if sim.largest() < max(sizes):
+                    raise nospace(f"a {sch} table of {n} cells would leave no room to rebuild hash tables of "
+                                  f"{max(sizes)} cells (hash_cells holds {self.cells.size}, "
+                                  f"{self.cells.free_cells()} free): use smaller tables (--sched-flags size=N) "
+                                  f"or start hdslbd with more (--max-hash-cells)")
+            plan.hoff, plan.hlen = self.cells.alloc(n), n
+        return plan
+
+    def _drop(self, plan: TablePlan) -> None:
+        if plan.hlen:
+            self.cells.free(plan.hoff, plan.hlen)
+
+    def _commit(self, svc: Service, plan: TablePlan, bump: bool = True) -> None:
+        """Write the new table, swap the service to it in one map update, then free the old cells."""
+        if plan.hlen:
+            self.dp.hash_cells_set(plan.hoff, plan.table.entries)
+        svc.sched_gen += bump
+        self.dp.sched_set(svc, plan.table, plan.hoff)
+        old, svc.hcells = svc.hcells, ((plan.hoff, plan.hlen) if plan.hlen else None)
+        if old:
+            self.cells.free(*old)
+        for slot, state in plan.overloaded.items():
+            for d in svc.dests.values():
+                if d.slot == slot:
+                    d.overloaded = state
+        self.refresh_errors.pop(svc.svc_id, None)
+
+    def _resched(self, svc: Service) -> None:
+        self._commit(svc, self._plan(svc))
+
     # --- services -------------------------------------------------------------------------------
-    def _svc_opts(self, a: dict, current: Service | None = None) -> dict:
-        """Options of an add, or of an edit (which changes only what it mentions, as DPVS edits by option)."""
+    def _svc_opts(self, a: dict, key: tuple, current: Service | None = None) -> dict:
+        """Options of an add, or of an edit (which changes only what it mentions, as DPVS edits by option).
+        `persistent: 0` turns persistence off (None means: not mentioned)."""
         if current is not None:
             a = {"sched": current.sched, "persistent": current.persistent, "netmask": current.netmask,
-                 "flags": current.flags} | {k: v for k, v in a.items() if v is not None}
+                 "flags": current.flags, "sched_params": current.sched_params} | \
+                {k: v for k, v in a.items() if v is not None}
         sch = a.get("sched") or DEFAULT_SCHED
         if sch not in SCHEDULERS:
             raise HdslbError(errno.ENOENT, f"Scheduler not found: {sch}")
-        if sch not in SCHED_SUPPORTED:
-            raise HdslbError(errno.EOPNOTSUPP, f"scheduler {sch} is not implemented by this fast path yet "
-                                               f"(available: {', '.join(SCHED_SUPPORTED)})")
-        pers = a.get("persistent")
-        if pers is not None:
-            raise HdslbError(errno.EOPNOTSUPP, "persistence (-p) is not implemented by this fast path yet")
         flags = a.get("flags") or []
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
             raise invalid("flags must be a list of strings")
-        return {"sched": sch, "persistent": pers, "netmask": a.get("netmask"), "flags": list(flags)}
+        for f in flags:
+            if f not in SCHED_FLAGS:
+                raise invalid(f"unknown scheduler flag {f!r} ({', '.join(SCHED_FLAGS)})")
+            if SCHED_FLAGS[f] != sch:
+                raise invalid(f"scheduler flag {f} is for scheduler {SCHED_FLAGS[f]}, not {sch}")
+        params = a.get("sched_params") or {}
+        if not isinstance(params, dict):
+            raise invalid("sched_params must be a map")
+        allowed = {k for k in sched.params_of(sch) if k != "port"}
+        for k, v in params.items():
+            if k not in allowed:
+                raise invalid(f"scheduler {sch} takes no parameter {k!r} (it takes: {', '.join(sorted(allowed)) or 'none'})")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise invalid(f"scheduler parameter {k} must be a non-negative integer, got {v!r}")
+        pers = a.get("persistent")
+        if pers == 0:
+            pers = None
+        if pers is not None and (not isinstance(pers, int) or isinstance(pers, bool) or not 1 <= pers <= MAX_PERSIST_TIMEOUT):
+            raise invalid(f"invalid persistence timeout {pers!r} (1..{MAX_PERSIST_TIMEOUT} seconds)")
+        version = 4 if key[0] == "match" else key[1].version
+        netmask = a.get("netmask")
+        netmask = None if netmask in (None, "") else netmask_text(netmask_plen(netmask, version), version)
+        if netmask == netmask_text(32 if version == 4 else 128, version):
+            netmask = None
+        if key[0] == "match" and (pers is not None or netmask is not None):
+            raise HdslbError(errno.EOPNOTSUPP, "SNAT services have no persistence (-p/-M): the source a client "
+                                               "gets is already stable per connection; use -s sh to keep each "
+                                               "inside host on one source address")
+        return {"sched": sch, "persistent": pers, "netmask": netmask, "flags": list(flags),
+                "sched_params": dict(params)}
 
     def service_add(self, a: dict) -> Service:
         key = self.svc_key(a)
-        opts = self._svc_opts(a)
+        opts = self._svc_opts(a, key)
         if key in self.services:
             raise exists("Service already exists")
-        if key[2] == 0:
-            raise invalid("service port 0 is only meaningful for SNAT, which is not implemented yet")
-        svc_id = self._alloc(self._ids_used, self.max_services, "service id")
-        svc = Service(proto=key[0], addr=key[1], port=key[2], svc_id=svc_id, own_vip=bool(a.get("own_vip")), **opts)
+        match = key[1] if key[0] == "match" else None
+        if match is None and key[2] == 0:
+            if opts["persistent"] is not None:
+                raise HdslbError(errno.EOPNOTSUPP, "port 0 (all-port persistent) services are not implemented "
+                                                   "by this fast path: give the service's port")
+            raise invalid("Zero port specified for non-persistent service (port 0 is for SNAT match services)")
+        if match is not None and len(self.snat_order) >= SNAT_RULES_MAX:
+            raise nospace(f"too many SNAT services (the fast path holds {SNAT_RULES_MAX} match rules)")
+        svc_id = self._peek(self._ids_used, self.max_services, "service id")
+        if match is not None:
+            svc = Service(proto=match.proto, addr=ANY4, port=0, svc_id=svc_id, match=match, **opts)
+        else:
+            svc = Service(proto=key[0], addr=key[1], port=key[2], svc_id=svc_id, own_vip=bool(a.get("own_vip")),
+                          **opts)
+        plan = self._plan(svc)  # validates scheduler parameters even with no real server yet
+        self._ids_used.add(svc_id)
         self.services[key] = svc
+        self._commit(svc, plan)  # the table exists before anything can lead a packet to it
         self.dp.service_set(svc)
-        self._resched(svc)
+        if match is not None:
+            self._snat_append(svc)
         if svc.own_vip:
             self._sync_local(svc.addr)
         return svc
 
     def service_edit(self, a: dict) -> Service:
         svc = self.get_service(a)
-        opts = self._svc_opts(a, current=svc)
-        svc.sched, svc.persistent, svc.netmask, svc.flags = opts["sched"], opts["persistent"], opts["netmask"], opts["flags"]
-        self._resched(svc)
+        opts = self._svc_opts(a, svc.key, current=svc)
+        table_changed = (opts["sched"], opts["flags"], opts["sched_params"]) != \
+            (svc.sched, svc.flags, svc.sched_params)
+        persist_changed = (opts["persistent"], opts["netmask"]) != (svc.persistent, svc.netmask)
+        plan = self._plan(svc, sched_name=opts["sched"], flags=opts["flags"], params=opts["sched_params"]) \
+            if table_changed else None
+        svc.sched, svc.persistent, svc.netmask = opts["sched"], opts["persistent"], opts["netmask"]
+        svc.flags, svc.sched_params = opts["flags"], opts["sched_params"]
+        if plan is not None:
+            self._commit(svc, plan)
+        if persist_changed:
+            self.dp.service_set(svc)
+            if svc.match is None:
+                self.dp.persist_flush(svc.svc_id, None)  # templates keyed by the old mask, or no longer wanted
         return svc
 
     def service_del(self, a: dict) -> None:
@@ -247,15 +634,24 @@ class Balancer:
         self._remove_service(svc)
 
     def _remove_service(self, svc: Service) -> None:
+        if svc.match is not None:
+            self._snat_remove(svc)  # no packet finds the service any more before its tables go
         self.dp.service_del(svc)
         for d in svc.dests.values():
             self.dp.dest_clear(d)
             self._slots_used.discard(d.slot)
+        if svc.match is None:
+            self.dp.persist_flush(svc.svc_id, None)
+        if svc.hcells:
+            self.cells.free(*svc.hcells)
+            svc.hcells = None
         laddrs = list(svc.laddrs)
         svc.laddrs.clear()
         del self.services[svc.key]
         self.config_owned.discard(svc.key)
         self._ids_used.discard(svc.svc_id)
+        self._dyn_seen.pop(svc.svc_id, None)
+        self.refresh_errors.pop(svc.svc_id, None)
         for la in laddrs:
             self._sync_local(la.addr)
         if svc.own_vip:
@@ -265,30 +661,94 @@ class Balancer:
         for svc in list(self.services.values()):
             self._remove_service(svc)
 
+    # --- SNAT rules -----------------------------------------------------------------------------
+    def _snat_append(self, svc: Service) -> None:
+        """Growing: the new entry first, then the count that makes it visible."""
+        i = len(self.snat_order)
+        self.snat_order.append(svc)
+        self.dp.snat_rule_set(i, svc)
+        self.dp.snat_count_set(i + 1)
+
+    def _snat_remove(self, svc: Service) -> None:
+        """Shrinking: the rules after it move down one (each briefly appears twice, in order: harmless, first
+        match wins and both copies are the same service, and no live rule is ever missing), then the count drops,
+        then the last entry, no longer counted, is cleared."""
+        order = self.snat_order
+        i, n = order.index(svc), len(order)
+        rest = order[:i] + order[i + 1:]
+        for j in range(i, n - 1):
+            self.dp.snat_rule_set(j, rest[j])
+        self.dp.snat_count_set(n - 1)
+        self.dp.snat_rule_clear(n - 1)
+        self.snat_order = rest
+
     # --- real servers ---------------------------------------------------------------------------
-    def _dest_opts(self, a: dict, svc: Service, current: Dest | None) -> dict:
-        fwd = a.get("fwd") or (current.fwd if current else "fnat")
+    def _dest_opts(self, a: dict, svc: Service, addr, port: int, current: Dest | None) -> dict:
+        fwd = a.get("fwd") or (current.fwd if current else ("snat" if svc.match is not None else "fnat"))
         if fwd not in FWD_MODES:
             raise invalid(f"invalid forwarding method {fwd!r}")
         if fwd not in FWD_SUPPORTED:
-            raise HdslbError(errno.EOPNOTSUPP, f"forwarding method {fwd} is not implemented by this fast path yet "
-                                               f"(available: {', '.join(FWD_SUPPORTED)})")
+            raise HdslbError(errno.EOPNOTSUPP, f"forwarding method {fwd} is not implemented by this fast path")
         weight = a.get("weight", current.weight if current else 1)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
             raise invalid(f"illegal weight specified: {weight!r}")
         out = {"fwd": fwd, "weight": weight}
         for k in ("u_threshold", "l_threshold"):
-            v = a.get(k, getattr(current, k) if current else 0)
-            if not isinstance(v, int) or v < 0:
-                raise invalid(f"illegal {k} specified: {v!r}")
-            out[k] = v
+            v = a.get(k)
+            out[k] = _uint(getattr(current, k) if current and v is None else (v or 0), k)
+        if out["l_threshold"] > out["u_threshold"]:
+            raise HdslbError(errno.ERANGE, f"lower threshold {out['l_threshold']} is above the upper threshold "
+                                           f"{out['u_threshold']} (-y must not exceed -x)")
+        self._check_fwd(svc, addr, port, fwd, current)
         return out
+
+    def _check_fwd(self, svc: Service, addr, port: int, fwd: str, current: Dest | None) -> None:
+        """What each forwarding method allows, as LVS/DPVS do, so the fast path never meets a combination it
+        cannot forward."""
+        if svc.match is not None:
+            if fwd != "snat":
+                raise invalid(f"a SNAT (match) service takes SNAT real servers only (-J), not {fwd}")
+            if addr.version != 4:
+                raise HdslbError(errno.EOPNOTSUPP, "SNAT is IPv4 only: its real servers are IPv4 source addresses")
+            if port != 0:
+                raise invalid("a SNAT real server is a source address: give it as ADDR:0")
+            if addr != ANY4 and not any(ad.addr == addr and ad.sapool for ad in self.addrs):
+                raise HdslbError(errno.EADDRNOTAVAIL, f"{addr} is not a sapool address: add it with "
+                                                      f"`dpip addr add {addr}/PLEN dev IF sapool` first (or use "
+                                                      f"0.0.0.0:0 for the source of the route to each destination)")
+            return
+        if fwd == "snat":
+            raise invalid("SNAT real servers (-J) belong to SNAT match services (-H), not to a VIP service")
+        if addr.version != svc.addr.version:
+            if fwd != "fnat":
+                raise HdslbError(errno.EOPNOTSUPP, f"an IPv{addr.version} real server behind an IPv{svc.addr.version} "
+                                                   f"service needs FullNAT (-b): only FNAT translates families")
+            if svc.addr.version == 4:
+                raise HdslbError(errno.EOPNOTSUPP, "NAT46 (IPv4 service, IPv6 real servers) is not implemented; "
+                                                   "NAT64 is: an IPv6 service with IPv4 real servers and IPv4 "
+                                                   "local addresses")
+        fam = self._rs_family_without(svc, current)
+        if fam is not None and fam != addr.version:
+            raise invalid(f"this service's real servers and local addresses are IPv{fam}; an IPv{addr.version} "
+                          f"real server cannot join them (NAT64 services use IPv4 throughout behind the VIP)")
+        if fwd in ("dr", "tunnel") and port != svc.port:
+            raise invalid(f"{'DR' if fwd == 'dr' else 'TUNNEL'} cannot rewrite ports: the real server port must be "
+                          f"the service port {svc.port} (or 0)")
+
+    @staticmethod
+    def _rs_family_without(svc: Service, skip: Dest | None) -> int | None:
+        for d in svc.dests.values():
+            if d is not skip:
+                return d.addr.version
+        for la in svc.laddrs:
+            return la.addr.version
+        return None
 
     def _dest_key(self, svc: Service, a: dict) -> tuple:
         addr = ip(a.get("addr"), "real server address")
-        if addr.version != svc.addr.version:
-            raise HdslbError(errno.EOPNOTSUPP, "real server and service address families differ (NAT64 is not implemented yet)")
         port = a.get("port")
+        if svc.match is not None:
+            return (addr, 0 if port is None else port_of(port, "real server port"))
         port = svc.port if port in (None, 0) else port_of(port, "real server port")
         return (addr, port)
 
@@ -297,12 +757,14 @@ class Balancer:
         key = self._dest_key(svc, a)
         if key in svc.dests:
             raise exists("Destination already exists")
-        opts = self._dest_opts(a, svc, None)
-        slot = self._alloc(self._slots_used, self.max_dests, "real server slot")
+        opts = self._dest_opts(a, svc, key[0], key[1], None)
+        slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
+        plan = self._plan(svc, dests=list(svc.dests.values()) + [d])
+        self._slots_used.add(slot)
         svc.dests[key] = d
         self.dp.dest_set(svc, d)
-        self._resched(svc)
+        self._commit(svc, plan)
         return d
 
     def dest_edit(self, a: dict) -> Dest:
@@ -311,68 +773,135 @@ class Balancer:
         d = svc.dests.get(key)
         if d is None:
             raise notfound("No such destination")
-        opts = self._dest_opts(a, svc, d)
+        opts = self._dest_opts(a, svc, key[0], key[1], d)
+        new = dataclasses.replace(d, **opts)
+        # LVS (__ip_vs_update_dest): a raised or removed upper threshold lifts the overload at once.
+        if new.u_threshold == 0 or new.u_threshold > d.u_threshold:
+            new.overloaded = False
+        plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()],
+                          overloaded={d.slot: new.overloaded})
+        drained = d.eff_weight > 0 and new.eff_weight == 0
         for k, v in opts.items():
             setattr(d, k, v)
         self.dp.dest_set(svc, d)
-        self._resched(svc)
+        self._commit(svc, plan)
+        if drained and self.expire_quiescent_template and svc.match is None:
+            self.dp.persist_flush(svc.svc_id, d.slot)
         return d
 
     def dest_del(self, a: dict) -> None:
         svc = self.get_service(a.get("svc"))
         key = self._dest_key(svc, a)
-        d = svc.dests.pop(key, None)
+        d = svc.dests.get(key)
         if d is None:
             raise notfound("No such destination")
-        # Table first, then the slot: no new flow can pick a slot that is about to be cleared.
-        self._resched(svc)
+        plan = self._plan(svc, dests=[x for x in svc.dests.values() if x is not d])
+        del svc.dests[key]
+        # Table first, then the slot, then its templates: no new flow can pick a slot that is about to be cleared,
+        # and a template can no longer lead to it once the slot is cleared.
+        self._commit(svc, plan)
         self.dp.dest_clear(d)
+        if svc.match is None:
+            self.dp.persist_flush(svc.svc_id, d.slot)
         self._slots_used.discard(d.slot)
 
-    def _resched(self, svc: Service) -> None:
-        counts = self.conn_counts() if svc.sched in DYNAMIC_SCHEDS else {}
-        dests = [sched.Dest(slot_id=d.slot, weight=d.eff_weight, addr=d.addr, port=d.port,
-                            active=counts.get(d.slot, (0, 0))[0], inactive=counts.get(d.slot, (0, 0))[1])
-                 for d in svc.dests.values()]
-        table = sched.build_table(svc.sched, dests, max_len=self.ring_max)
-        svc.sched_gen += 1
-        self.dp.sched_set(svc, table.entries)
-
     def dest_health(self, a: dict, up: bool, weight: int | None, reason: str) -> Dest:
-        """A health checker's verdict: down servers get no new flows (existing ones continue, as in LVS)."""
+        """A health checker's verdict: down servers get no new flows (existing ones continue, as in LVS), and
+        their persistence templates go, as keepalived removing the server from LVS would make them void."""
         svc = self.get_service(a.get("svc"))
         d = svc.dests.get(self._dest_key(svc, a))
         if d is None:
             raise notfound("No such destination")
-        d.health = "up" if up else "down"
-        d.health_weight = weight if up else None
-        d.reason = "" if up else reason
+        new = dataclasses.replace(d, health="up" if up else "down", health_weight=weight if up else None,
+                                  reason="" if up else reason)
+        plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()])
+        went_down = d.health == "up" and not up
+        d.health, d.health_weight, d.reason = new.health, new.health_weight, new.reason
         self.dp.dest_set(svc, d)
-        self._resched(svc)
+        self._commit(svc, plan)
+        if went_down and svc.match is None:
+            self.dp.persist_flush(svc.svc_id, d.slot)
         return d
 
+    def dest_warnings(self, svc: Service, d: Dest) -> list[str]:
+        """Things that will stop this real server from working that the operator can fix now (not refused: the
+        route or address may simply come later)."""
+        out = []
+        if d.fwd == "tunnel" and self.tunnel_source(svc, d) is None:
+            out.append(f"no outer source address for the tunnel to {d.addr}: add one with `dpip route add "
+                       f"{d.addr}/{d.addr.max_prefixlen} dev IF src ADDR` (or a route with `src`), or a local "
+                       f"address to the service (-P); until then its packets are dropped (drop_no_src)")
+        if d.fwd == "dr":
+            r = self.route_lookup(d.addr)
+            if r is None:
+                out.append(f"no route to {d.addr}: DR needs the real server on a directly connected network")
+            elif r.via is not None:
+                out.append(f"the route to {d.addr} goes via {r.via}: DR rewrites the MAC only, so the real server "
+                           f"must be on a directly connected network")
+        return out
+
+    def tunnel_source(self, svc: Service, d: Dest):
+        """The outer source of IPIP/6in6 packets to d: the src of the route to it, else the service's first local
+        address of its family (the fast path applies the same rule), else None."""
+        r = self.route_lookup(d.addr)
+        if r is not None and r.src is not None and r.src.version == d.addr.version:
+            return r.src
+        return next((la.addr for la in svc.laddrs if la.addr.version == d.addr.version), None)
+
     def refresh_dynamic(self) -> None:
-        """Rebuild the rings of schedulers that depend on live connection counts, where the counts moved."""
+        """Periodic (the daemon's estimator): re-evaluate thresholds and rebuild the tables of services whose
+        dests' overload state changed, and the lc/wlc rings whose connection counts moved."""
         counts = None
-        for svc in self.services.values():
-            if svc.sched in DYNAMIC_SCHEDS and svc.dests:
-                counts = self.conn_counts() if counts is None else counts
+        for svc in list(self.services.values()):
+            dynamic = svc.sched in DYNAMIC_SCHEDS
+            if not svc.dests or not (dynamic or any(d.u_threshold or d.overloaded for d in svc.dests.values())):
+                continue
+            counts = self.conn_counts() if counts is None else counts
+            changed = {}
+            for d in svc.dests.values():
+                active, inactive = counts.get(d.slot, (0, 0))
+                state = overload_next(d, active + inactive)
+                if state != d.overloaded:
+                    changed[d.slot] = state
+            seen = None
+            if dynamic:
                 seen = tuple(counts.get(d.slot, (0, 0)) for d in svc.dests.values())
-                if seen != self._dyn_seen.get(svc.svc_id):
-                    self._dyn_seen[svc.svc_id] = seen
-                    self._resched(svc)
+                if seen == self._dyn_seen.get(svc.svc_id) and not changed:
+                    continue
+            elif not changed:
+                continue
+            try:
+                plan = self._plan(svc, counts=counts, overloaded=changed)
+            except HdslbError as e:  # keep the old table; say why where ipvsadm and the log can show it
+                self.refresh_errors[svc.svc_id] = e.message
+                continue
+            self._commit(svc, plan)
+            if seen is not None:
+                self._dyn_seen[svc.svc_id] = seen
+
+    def overloaded(self) -> list[tuple[Service, Dest]]:
+        return [(s, d) for s in self.services.values() for d in s.dests.values() if d.overloaded]
 
     # --- local addresses (FNAT sources) ---------------------------------------------------------
     def laddr_add(self, a: dict) -> Laddr:
         svc = self.get_service(a.get("svc"))
         addr = ip(a.get("addr"), "local address")
         ifc = self.iface(a.get("ifname"))
-        if addr.version != svc.addr.version:
-            raise HdslbError(errno.EOPNOTSUPP, "local address family differs from the service's")
+        if svc.match is not None:
+            raise invalid("SNAT services take their source addresses as real servers (-a -H ... -r ADDR:0 -J), "
+                          "not as local addresses")
+        fam = svc.rs_family()
+        if addr.version != svc.addr.version and not (svc.addr.version == 6 and addr.version == 4):
+            raise HdslbError(errno.EOPNOTSUPP, "an IPv6 local address for an IPv4 service (NAT46) is not implemented")
+        if fam is not None and fam != addr.version:
+            raise HdslbError(errno.EOPNOTSUPP, f"local address family differs from the service's real servers "
+                                               f"(IPv{fam}): local addresses are the source toward them")
+        if addr.version != svc.addr.version and any(d.fwd != "fnat" for d in svc.dests.values()):
+            raise invalid("IPv4 local addresses for an IPv6 service serve NAT64, which is FullNAT only")
         if any(la.addr == addr for la in svc.laddrs):
             raise exists("Local address already exists")
-        if len(svc.laddrs) >= 16:
-            raise nospace("too many local addresses for one service (16)")
+        if len(svc.laddrs) >= LADDR_MAX:
+            raise nospace(f"too many local addresses for one service ({LADDR_MAX})")
         la = Laddr(addr=addr, ifname=ifc.name)
         svc.laddrs.append(la)
         self._push_laddrs(svc)
@@ -452,9 +981,19 @@ class Balancer:
         addr = ip(a.get("addr"))
         for ad in self.addrs:
             if ad.addr == addr and (a.get("ifname") in (None, ad.ifname)):
+                self._check_unused(ad)
                 self._remove_addr(ad)
                 return
         raise HdslbError(errno.EADDRNOTAVAIL, f"address {addr} not found")
+
+    def _check_unused(self, ad: Addr) -> None:
+        """A sapool address a SNAT service hands out as source cannot go while that service uses it."""
+        if not ad.sapool:
+            return
+        for svc in self.snat_order:
+            if (ad.addr, 0) in svc.dests:
+                raise HdslbError(errno.EBUSY, f"{ad.addr} is a source address of SNAT service {svc.match}: delete "
+                                              f"that real server first (ipvsadm -d -H {svc.match} -r {ad.addr}:0)")
 
     def _remove_addr(self, ad: Addr) -> None:
         self.addrs.remove(ad)
@@ -468,7 +1007,10 @@ class Balancer:
         ifname = a.get("ifname")
         if ifname is not None:
             self.iface(ifname)
-        for ad in [ad for ad in self.addrs if ifname in (None, ad.ifname)]:
+        gone = [ad for ad in self.addrs if ifname in (None, ad.ifname)]
+        for ad in gone:
+            self._check_unused(ad)
+        for ad in gone:
             self._remove_addr(ad)
 
     # --- routes ---------------------------------------------------------------------------------
@@ -592,15 +1134,18 @@ class Balancer:
         self.dp.neigh_del(addr)
 
 
+
 # --- persistence: what a restarted daemon needs to adopt the running fast path --------------------------
 def snapshot(b: Balancer) -> dict:
-    """The whole model as plain data, with the ids and slots the fast path's maps are indexed by."""
+    """The whole model as plain data, with the ids, slots and hash cells the fast path's maps are indexed by."""
     s = str
     return {
         "version": 1,
         "services": [{
             "proto": v.proto, "addr": s(v.addr), "port": v.port, "sched": v.sched, "svc_id": v.svc_id,
             "persistent": v.persistent, "netmask": v.netmask, "flags": list(v.flags), "sched_gen": v.sched_gen,
+            "sched_params": dict(v.sched_params), "match": v.match.as_dict() if v.match else None,
+            "hcells": list(v.hcells) if v.hcells else None,
             "own_vip": v.own_vip, "config_owned": v.key in b.config_owned,
             "dests": [{"addr": s(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight, "slot": d.slot,
                        "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "health": d.health,
@@ -617,23 +1162,31 @@ def snapshot(b: Balancer) -> dict:
     }
 
 
-def restore(b: Balancer, snap: dict) -> None:
+def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
     """Rebuild the model from a snapshot and rewrite every map entry it owns (idempotent for pinned maps).
 
-    Ids and slots are kept, so connections in the pinned conn table keep pointing at the right real server
-    and counters. Interfaces are matched by name; one that no longer exists makes the restore fail whole.
+    Ids, slots and SNAT rule order are kept, so connections in the pinned conn table keep pointing at the right
+    real server and counters. Hash tables the previous daemon wrote stay reserved where they are and are then
+    rebuilt beside themselves and swapped, as any rebuild is. tables=False (a dry run's scratch model) only
+    reserves them. Interfaces are matched by name; one that no longer exists makes the restore fail whole.
     """
     if snap.get("version") != 1:
         raise invalid(f"unsupported state version {snap.get('version')!r}")
     A = ipaddress.ip_address
     for name in {la["ifname"] for v in snap["services"] for la in v["laddrs"]} | \
             {a["ifname"] for a in snap["addrs"]} | {r["ifname"] for r in snap["routes"]} | \
-            {n["ifname"] for n in snap["neighs"]}:
+            {n["ifname"] for n in snap["neighs"]} | \
+            {v["match"][k] for v in snap["services"] if v.get("match") for k in ("iif", "oif") if v["match"].get(k)}:
         b.iface(name)
     for v in snap["services"]:
+        match = b.parse_match(v["match"]) if v.get("match") else None
         svc = Service(proto=v["proto"], addr=A(v["addr"]), port=v["port"], sched=v["sched"], svc_id=v["svc_id"],
                       persistent=v["persistent"], netmask=v["netmask"], flags=list(v["flags"]),
-                      sched_gen=v["sched_gen"], own_vip=v.get("own_vip", False))
+                      sched_gen=v["sched_gen"], own_vip=v.get("own_vip", False),
+                      sched_params=dict(v.get("sched_params") or {}), match=match)
+        if v.get("hcells"):
+            b.cells.reserve(*v["hcells"])
+            svc.hcells = tuple(v["hcells"])
         if v.get("config_owned"):
             b.config_owned.add(svc.key)
         for d in v["dests"]:
@@ -645,6 +1198,8 @@ def restore(b: Balancer, snap: dict) -> None:
         svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]
         b._ids_used.add(svc.svc_id)
         b.services[svc.key] = svc
+        if match is not None:
+            b.snat_order.append(svc)
     b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
                     sapool=a["sapool"]) for a in snap["addrs"]]
     b.routes, b._rindex = [], {}
@@ -656,15 +1211,20 @@ def restore(b: Balancer, snap: dict) -> None:
         b._rindex.setdefault(route.net, []).append(route)
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
                 for n in snap["neighs"]}
-    # Rewrite what the maps hold for this model (tables, dests, locals, routes, static neighbours).
+    if not tables:
+        return
+    # Rewrite what the maps hold for this model: tables before the entries that lead packets to them.
     for svc in b.services.values():
-        b.dp.service_set(svc)
         for d in svc.dests.values():
             b.dp.dest_set(svc, d)
         b._push_laddrs(svc)
-        b.dp.sched_set(svc, sched.build_table(svc.sched, [
-            sched.Dest(slot_id=d.slot, weight=d.eff_weight, addr=d.addr, port=d.port) for d in svc.dests.values()],
-            max_len=b.ring_max).entries)
+        b._commit(svc, b._plan(svc, counts={}), bump=False)
+        b.dp.service_set(svc)
+    for i, svc in enumerate(b.snat_order):
+        b.dp.snat_rule_set(i, svc)
+    b.dp.snat_count_set(len(b.snat_order))
+    for i in range(len(b.snat_order), SNAT_RULES_MAX):
+        b.dp.snat_rule_clear(i)
     for addr in {a.addr for a in b.addrs} | {la.addr for v in b.services.values() for la in v.laddrs} | \
             {v.addr for v in b.services.values() if v.own_vip}:
         b._sync_local(addr)

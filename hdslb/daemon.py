@@ -38,6 +38,10 @@ DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "
 # Idle timeouts (seconds) per connection state, DPVS's defaults (the seed's ipvs_defs); ipvs_defs overrides.
 DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
 NEIGH_REFRESH_S = 30.0
+# Connection counts (ActiveConn/InActConn, lc/wlc rings, -x/-y thresholds) come from a scan of the conn table,
+# reused for CONN_SCAN_CACHE_S; the estimator re-evaluates thresholds and lc/wlc every ESTIMATOR_INTERVAL_S.
+ESTIMATOR_INTERVAL_S = 2.0
+CONN_SCAN_CACHE_S = 1.0
 SAVE_COALESCE_S = 0.05
 SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU
 BATCH_STATS_ABOVE = 2048  # services + real servers beyond which the estimator reads the stats arrays whole  # re-probe learned next hops this often (the slow-path issue brings real aging)
@@ -68,6 +72,8 @@ class Settings:
     unres_queue_length: int = 128
     default_ttl: int = 64
     slowpath: bool = False
+    max_hash_cells: int = 1 << 21
+    max_persist: int = 65536
     extra: dict = field(default_factory=dict)
 
     @property
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
                    help="bpffs directory holding one sub-directory of pinned maps per instance")
     p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
+    p.add_argument("--max-hash-cells", type=int, default=1 << 21,
+                   help="cells for every sh/dh/mh/conhash table together (2 bytes each; a rebuild needs room for "
+                        "the new table beside the old)")
+    p.add_argument("--max-persist", type=int, default=65536, help="persistence templates (ipvsadm -p), LRU")
     p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
                    help="FNAT local port range MIN-MAX")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -138,6 +148,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error("--max-conns must be at least 256")
     if ns.aging_interval <= 0:
         p.error("--aging-interval must be positive")
+    if not 256 <= ns.max_hash_cells <= 1 << 26:
+        p.error("--max-hash-cells must be within 256..67108864")
+    if not 64 <= ns.max_persist <= 1 << 24:
+        p.error("--max-persist must be within 64..16777216")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
     log_level, log_file = ns.log_level, None
     neigh = (60.0, 128, 64)
@@ -182,7 +196,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
-                    slowpath=ns.slowpath and not ns.no_slowpath, extra={"notices": notices})
+                    slowpath=ns.slowpath and not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
+                    max_persist=ns.max_persist, extra={"notices": notices})
 
 
 class _NullDataPath:
@@ -208,15 +223,22 @@ class _ScratchCtx:
 class MapDataPath:
     """The balancer model's DataPath over the BPF maps."""
 
-    def __init__(self, maps):
+    def __init__(self, maps, ifindex=lambda name: 0):
         self.m = maps
+        self.ifindex = ifindex  # interface name (or None: any) -> ifindex, for SNAT rules
         self.kni: set = set()  # prefixes routed scope kni_host (the fast path checks the trie only when any)
 
     def service_set(self, svc):
-        self.m.set_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
+        if svc.match is not None:
+            return  # a SNAT service is found through its snat_map rule, not by VIP
+        self.m.set_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id,
+                           persist_timeout=svc.persistent or 0, persist_plen=svc.persist_plen)
 
     def service_del(self, svc):
-        self.m.del_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
+        if svc.match is not None:
+            self.m.del_service(None, None, None, svc.svc_id)
+        else:
+            self.m.del_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
 
     def dest_set(self, svc, d):
         self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.eff_weight == 0)
@@ -224,8 +246,33 @@ class MapDataPath:
     def dest_clear(self, d):
         self.m.clear_dest(d.slot)
 
-    def sched_set(self, svc, slots):
-        self.m.set_sched(svc.svc_id, slots, svc.sched_gen)
+    def hash_cells_set(self, first, entries):
+        self.m.set_hash_cells(first, entries)
+
+    def sched_set(self, svc, table, hoff):
+        from hdslb.fastpath import abi
+
+        if table.kind == "hash":
+            self.m.set_sched(svc.svc_id, [], svc.sched_gen, kind=abi.SCHED_HASH, key=abi.HKEY[table.key],
+                             seed=table.seed, hoff=hoff, hlen=len(table.entries))
+        else:
+            self.m.set_sched(svc.svc_id, table.entries, svc.sched_gen)
+
+    def snat_rule_set(self, index, svc):
+        m, ifx = svc.match, self.ifindex
+        self.m.set_snat_rule(index, svc.svc_id, _proto(m.proto), m.src, m.dst, ifx(m.iif), ifx(m.oif))
+
+    def snat_rule_clear(self, index):
+        self.m.clear_snat_rule(index)
+
+    def snat_count_set(self, n):
+        self.m.set_cfg(snat_rules=n)
+
+    def persist_flush(self, svc_id, slot):
+        try:
+            self.m.del_persists(svc_id, slot)
+        except RuntimeError as e:  # a program without persist_map has no templates to flush
+            log.debug("persist flush: %s", e)
 
     def laddrs_set(self, svc, laddrs):
         self.m.set_laddrs(svc.svc_id, laddrs)
@@ -262,7 +309,7 @@ class MapDataPath:
 
 
 def _proto(name: str) -> int:
-    return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[name]
+    return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}[name]
 
 
 def _endpoint(addr, port) -> str:
@@ -385,7 +432,8 @@ class Daemon:
         from hdslb.fastpath.loader import Sizes
 
         self.settings = settings
-        self.sizes = Sizes(max_conns=settings.max_conns)
+        self.sizes = Sizes(max_conns=settings.max_conns, max_hash_cells=settings.max_hash_cells,
+                           max_persist=settings.max_persist)
         self.ctl_path = settings.ctl_socket
         self.pin_dir = settings.pin_dir
         self.pid = os.getpid()
@@ -411,6 +459,13 @@ class Daemon:
         self._save_cost = 0.0
         self._conn_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
+        self._na_socks: dict[str, socket.socket] = {}
+
+    def _datapath(self, maps) -> MapDataPath:
+        def ifindex(name):
+            return self.bal.ifaces[name].ifindex if name else 0
+
+        return MapDataPath(maps, ifindex)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -434,8 +489,8 @@ class Daemon:
         self.maps.set_cfg(s.lport_min, s.lport_max)
         for slot, ifc in enumerate(ifaces.values()):
             self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu, xsk_slot=slot)
-        self.bal = Balancer(MapDataPath(self.maps), ifaces, max_services=self.sizes.max_services,
-                            max_dests=self.sizes.max_dests)
+        self.bal = Balancer(self._datapath(self.maps), ifaces, max_services=self.sizes.max_services,
+                            max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
         self.bal.conn_counts = self.conn_counts
         if adopt:
             restore(self.bal, snap)
@@ -473,6 +528,7 @@ class Daemon:
                 log.warning("AF_XDP slow path unavailable (%s); falling back to ARP in XDP", e)
         if self.slow is None:
             self._tasks.append(asyncio.create_task(self._resolver()))
+        self._open_na_listeners()
         if s.config_file:
             from hdslb.config import load
 
@@ -499,6 +555,7 @@ class Daemon:
             await self.ctl.stop()
         for sk in self._pkt_socks.values():
             sk.close()
+        self._close_na_listeners()
         if self.fp:
             if self._detach_on_stop:
                 self.fp.detach_all()
@@ -596,7 +653,7 @@ class Daemon:
         old, self.fp = self.fp, new
         self.maps = Maps(new)
         kni = self.bal.dp.kni
-        self.bal.dp = MapDataPath(self.maps)
+        self.bal.dp = self._datapath(self.maps)
         self.bal.dp.kni = kni
         old.attached.clear()  # the interfaces now run the new program; closing the old must not detach it
         if self.slow is not None:
@@ -685,18 +742,22 @@ class Daemon:
             if op == "service.add":
                 args["own_vip"] = True
         scratch = Balancer(_NullDataPath(), self.bal.ifaces, max_services=self.sizes.max_services,
-                           max_dests=self.sizes.max_dests)
-        restore(scratch, snapshot(self.bal))
+                           max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
+        restore(scratch, snapshot(self.bal), tables=False)
+        scratch.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
         sctx = _ScratchCtx(scratch)
         where = {w.key: w.where for w in want.values()}
         for op, args in ops:
             try:
                 commands.dispatch(sctx, op, args)
             except HdslbError as e:
-                svc = args.get("svc", args)
-                key = (svc.get("proto"), ipaddress.ip_address(svc.get("addr")), svc.get("port"))
+                try:
+                    key = scratch.svc_key(args.get("svc", args))
+                except HdslbError:
+                    key = None
                 raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
                                           f"{e.message}; nothing was applied") from None
+        self.bal.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
         for op, args in ops:
             commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
@@ -860,7 +921,7 @@ class Daemon:
     def _conns(self) -> list[dict]:
         """One scan of the conn table, shared by the callers of the same second."""
         at, conns = self._conn_cache
-        if conns is None or time.monotonic() - at > 1.0:
+        if conns is None or time.monotonic() - at > CONN_SCAN_CACHE_S:
             conns = list(self.maps.conns())
             self._conn_cache = (time.monotonic(), conns)
         return conns
@@ -899,6 +960,26 @@ class Daemon:
                                                   "expire_s": max(0, self.timeout_for(c) - (now - c["last_seen_ns"]) // 10**9)})
         return out
 
+    def persist_list(self) -> list[dict]:
+        """Live persistence templates (ipvsadm -Lnc shows them as LVS does: client port 0, state NONE)."""
+        try:
+            temps = self.maps.persists()
+        except RuntimeError:
+            return []
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        by_id = {s.svc_id: s for s in self.bal.services.values()}
+        out = []
+        for t in temps:
+            svc = by_id.get(t["svc_id"])
+            if svc is None or t["expires_ns"] <= now:
+                continue
+            d = next((d for d in svc.dests.values() if d.slot == t["dest_slot"]), None)
+            out.append({"proto": svc.proto, "client": str(t["addr"]), "plen": svc.persist_plen,
+                        "vaddr": str(svc.addr), "vport": svc.port, "svc_id": svc.svc_id,
+                        "daddr": str(d.addr) if d else None, "dport": d.port if d else 0,
+                        "dest_slot": t["dest_slot"], "expire_s": (t["expires_ns"] - now) // 10**9})
+        return out
+
     def link_stats(self, ifname: str) -> dict:
         """The fast path's own counters for frames received on ifname (the kernel's do not see XDP_TX)."""
         return self.maps.if_stats(self.bal.ifaces[ifname].ifindex)
@@ -917,18 +998,27 @@ class Daemon:
             self._pkt_socks[ifname] = sk
         return sk
 
-    def _source_for(self, ifname: str, target) -> ipaddress.IPv4Address:
+    def _source_for(self, ifname: str, target):
+        """Source of an ARP request / neighbour solicitation for target on ifname: the route's src, else an
+        address of ours on that interface (one whose prefix covers target first), else a local address there,
+        else the unspecified address (an NS from :: is answered to all nodes, which the NA listener hears)."""
+        v = target.version
         r = self.bal.route_lookup(target)
-        if r is not None and r.src is not None and r.src.version == 4:
+        if r is not None and r.src is not None and r.src.version == v:
             return r.src
+        other = None
         for ad in self.bal.addrs:
-            if ad.ifname == ifname and ad.addr.version == 4:
-                return ad.addr
+            if ad.ifname == ifname and ad.addr.version == v:
+                if target in ipaddress.ip_network(f"{ad.addr}/{ad.prefixlen}", strict=False):
+                    return ad.addr
+                other = other or ad.addr
+        if other is not None:
+            return other
         for svc in self.bal.services.values():
             for la in svc.laddrs:
-                if la.ifname == ifname and la.addr.version == 4:
+                if la.ifname == ifname and la.addr.version == v:
                     return la.addr
-        return ipaddress.IPv4Address("0.0.0.0")
+        return ipaddress.ip_address("0.0.0.0" if v == 4 else "::")
 
     def _send_arp(self, ifname: str, sip, tip) -> None:
         ifc = self.bal.ifaces[ifname]
@@ -937,8 +1027,24 @@ class Daemon:
         except OSError as e:
             log.warning("ARP request for %s on %s failed: %s", tip, ifname, e)
 
+    def _send_ns(self, ifname: str, src, target) -> None:
+        """Neighbour solicitation for target to its solicited-node group (IPv6's ARP request)."""
+        from hdslb.slowpath import packets as P
+
+        try:
+            self._pkt_sock(ifname).send(P.nd_ns(self.bal.ifaces[ifname].mac, src, target))
+        except OSError as e:
+            log.warning("neighbour solicitation for %s on %s failed: %s", target, ifname, e)
+
+    def _probe(self, ifname: str, target) -> None:
+        src = self._source_for(ifname, target)
+        if target.version == 4:
+            self._send_arp(ifname, src, target)
+        else:
+            self._send_ns(ifname, src, target)
+
     def announce(self, addr, ifname) -> None:
-        """Gratuitous ARP for an address we just took, so neighbours learn (or relearn) our MAC."""
+        """Gratuitous ARP / unsolicited NA for an address we just took, so neighbours learn (or relearn) our MAC."""
         try:
             a = ipaddress.ip_address(addr)
         except ValueError:
@@ -947,15 +1053,101 @@ class Daemon:
             self.slow.announce(a, ifname)
         elif a.version == 4 and ifname in self.bal.ifaces:
             self._send_arp(ifname, a, a)
+        elif ifname in self.bal.ifaces:
+            from hdslb.slowpath import packets as P
+
+            try:
+                self._pkt_sock(ifname).send(P.unsolicited_na(self.bal.ifaces[ifname].mac, a))
+            except OSError as e:
+                log.warning("unsolicited NA for %s on %s failed: %s", a, ifname, e)
 
     def _wanted_nexthops(self) -> dict:
+        """Next hop -> egress interface for every real server, IPv4 and IPv6 (what new connections will need)."""
         want = {}
-        addrs = {d.addr for svc in self.bal.services.values() for d in svc.dests.values()}
+        addrs = {d.addr for svc in self.bal.services.values() for d in svc.dests.values() if not d.addr.is_unspecified}
         for addr in addrs:  # one route lookup per distinct real server, however many services share it
             nh = self.bal.nexthop(addr)
-            if nh and nh[0].version == 4:
+            if nh and nh[1] in self.bal.ifaces and not self.bal.is_local(nh[0]):
                 want[nh[0]] = nh[1]
         return want
+
+    # --- IPv6 neighbour advertisements heard over a packet socket ---------------------------------
+    # cBPF: IPv6 (no extension header) carrying ICMPv6 type 136 (neighbour advertisement); everything else
+    # stays out of the socket, so the kernel's IPv6 traffic costs this process nothing.
+    _NA_FILTER = ((0x28, 0, 0, 12), (0x15, 0, 5, 0x86DD), (0x30, 0, 0, 20), (0x15, 0, 3, 58),
+                  (0x30, 0, 0, 54), (0x15, 0, 1, 136), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0))
+
+    def _open_na_listeners(self) -> None:
+        """Without the slow path nothing in XDP learns IPv6 neighbours: the program passes advertisements to
+        the kernel, where a packet socket per interface hears them (solicited ones to our address, and those a
+        real server multicasts in answer to an NS from ::). With the slow path, advertisements sent to our
+        addresses go to it directly; the multicast ones still arrive here and are handed to it."""
+        import ctypes
+
+        loop = asyncio.get_running_loop()
+        prog = (ctypes.c_uint64 * len(self._NA_FILTER))(*[
+            c | (jt << 16) | (jf << 24) | (k << 32) for c, jt, jf, k in self._NA_FILTER])
+        self._na_filter = prog  # kept alive: the kernel copies it at attach, but tidy all the same
+        fprog = struct.pack("HL", len(self._NA_FILTER), ctypes.addressof(prog))
+        for ifc in self.bal.ifaces.values():
+            try:
+                sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+                sk.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+                sk.bind((ifc.name, 0x86DD))
+                sk.setblocking(False)
+            except OSError as e:
+                log.warning("cannot listen for IPv6 neighbour advertisements on %s: %s", ifc.name, e)
+                continue
+            self._na_socks[ifc.name] = sk
+            loop.add_reader(sk.fileno(), self._na_readable, ifc.name, sk)
+
+    def _close_na_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sk in self._na_socks.values():
+            loop.remove_reader(sk.fileno())
+            sk.close()
+        self._na_socks.clear()
+
+    def _na_readable(self, ifname: str, sk: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                frame = sk.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("NA socket on %s: %s", ifname, e)
+                return
+            try:
+                self.learn_na(ifname, frame)
+            except Exception:  # a bad frame costs one frame, never the daemon
+                log.exception("IPv6 neighbour advertisement on %s", ifname)
+
+    def learn_na(self, ifname: str, frame: bytes) -> bool:
+        """Learn a real server's next hop from a neighbour advertisement frame; True when written."""
+        from hdslb.slowpath import packets as P
+
+        if self.slow is not None:  # the slow path's state machine owns neighbours then
+            self.slow.carry_out(self.slow.sp.handle(ifname, frame))
+            return False
+        eth = P.parse_eth(frame)
+        if eth is None or eth.ethertype != P.ETH_P_IPV6:
+            return False
+        ip6 = P.parse_ipv6(frame[eth.l2len:])
+        if ip6 is None or not P.icmp6_ok(ip6) or ip6.hlim != P.ND_HOP_LIMIT:
+            return False
+        nd = P.parse_nd(ip6.payload)
+        if nd is None or nd.type != P.ND_NEIGHBOR_ADVERT:
+            return False
+        mac = nd.lladdr or eth.src
+        if not P.is_unicast_mac(mac) or self.bal.is_local(nd.target):
+            return False
+        if self._wanted_nexthops().get(nd.target) != ifname:
+            return False  # only next hops we resolve: an advertisement cannot plant arbitrary entries
+        known = {n["addr"]: n for n in self.maps.neighs()}.get(nd.target)
+        if known is not None and known["permanent"]:
+            return False
+        self.maps.set_neigh(nd.target, mac, self.bal.ifaces[ifname].ifindex, permanent=False)
+        return True
 
     async def _import_kernel_neighbours(self) -> None:
         """Neighbours the host kernel already resolved on our interfaces fill gaps in the fast path's table."""
@@ -982,7 +1174,7 @@ class Daemon:
                         pending = True
                     elif n["permanent"] or now - n["updated_ns"] < NEIGH_REFRESH_S * 1e9:
                         continue
-                    self._send_arp(ifname, self._source_for(ifname, nh), nh)
+                    self._probe(ifname, nh)
             except Exception:
                 log.exception("neighbour resolution pass failed")
                 pending = True
@@ -995,7 +1187,12 @@ class Daemon:
                 pass
 
     # --- rate estimation (ipvsadm --rate) -------------------------------------------------------
-    async def _estimator(self, interval: float = 2.0) -> None:
+    def counts_staleness(self) -> float:
+        """How old (seconds) the counts behind an overload decision or an lc/wlc ring can be: one estimator
+        period plus the scan cache. Between decisions a real server can take more than its u_threshold."""
+        return ESTIMATOR_INTERVAL_S + CONN_SCAN_CACHE_S
+
+    async def _estimator(self, interval: float = ESTIMATOR_INTERVAL_S) -> None:
         prev: dict = {}
         while True:
             await asyncio.sleep(interval)
@@ -1026,7 +1223,16 @@ class Daemon:
                                 "outbps": max(0, v["outbytes"] - p["outbytes"]) / dt}
                 self.rates = {k: {f: int(x) for f, x in r.items()} for k, r in rates.items()}
                 prev = cur
+                errors = dict(self.bal.refresh_errors)
+                overloaded = {(s.svc_id, d.slot) for s, d in self.bal.overloaded()}
                 self.bal.refresh_dynamic()
+                for sid, why in self.bal.refresh_errors.items():
+                    if errors.get(sid) != why:
+                        log.warning("service %d: table rebuild refused, the old table stays: %s", sid, why)
+                for s, d in self.bal.overloaded():
+                    if (s.svc_id, d.slot) not in overloaded:
+                        log.info("real server %s:%s overloaded (u_threshold %d): no new flows", d.addr, d.port,
+                                 d.u_threshold)
             except Exception:
                 log.exception("rate estimation failed")
 

@@ -136,6 +136,48 @@ def _vs_id(proto: str, addr: str, port: int) -> str:
     return f"{addr}-{port}-{proto.lower()}"
 
 
+MATCH_ID = "match-"  # SNAT services have no VIP: their {VipPort} is match-<service id>
+
+
+async def _ident(request: web.Request) -> dict:
+    """{VipPort} as a service ident: VIP-PORT-PROTO, or match-ID for a SNAT (match) service."""
+    vp = request.match_info["VipPort"]
+    if not vp.startswith(MATCH_ID):
+        return _vs_ident(request)
+    sid = vp[len(MATCH_ID):]
+    if not sid.isdigit():
+        raise ApiError(400, errno.EINVAL, f"VipPort {vp!r}: a SNAT service is match-ID (its Id in GET /v2/vs)",
+                       "VipPort")
+    data = await _call(request, "service.list", {"svc": None})
+    for s in data["services"]:
+        if s.get("match") and s.get("svc_id") == int(sid):
+            return {"match": s["match"]}
+    raise ApiError(404, errno.ESRCH, f"no SNAT service {vp}", "VipPort")
+
+
+def _match_from(spec: dict, proto: str) -> dict:
+    """dpvs-agent MatchSpec {Src: {Start, End}, Dest: {Start, End}, InIfName, OutIfName} -> the model's match."""
+    def rng(r):
+        if not r or not r.get("Start"):
+            return None
+        return f"{r['Start']}-{r.get('End') or r['Start']}"
+
+    return {"proto": proto, "src_range": rng(spec.get("Src")), "dst_range": rng(spec.get("Dest")),
+            "iif": spec.get("InIfName") or None, "oif": spec.get("OutIfName") or None}
+
+
+def _match_expand(m: dict) -> dict:
+    def rng(text):
+        if not text:
+            return None
+        lo, _, hi = text.partition("-")
+        return {"Start": lo, "End": hi or lo}
+
+    out = {"Src": rng(m.get("src_range")), "Dest": rng(m.get("dst_range")), "InIfName": m.get("iif") or "",
+           "OutIfName": m.get("oif") or ""}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _qint(request: web.Request, name: str, default: int, lo: int, hi: int | None = None) -> int:
     v = request.query.get(name)
     if v is None or v == "":
@@ -159,7 +201,7 @@ def _changed(result: str, status: int, **more) -> web.Response:
 
 # --- dpvs-agent shapes ------------------------------------------------------------------------------
 AF_NUM = {4: 2, 6: 10}  # AF_INET, AF_INET6 as dpvs-agent reports them
-PROTO_NUM = {"tcp": 6, "udp": 17}
+PROTO_NUM = {"tcp": 6, "udp": 17, "icmp": 1}
 
 
 def _stats(stats: dict, rates: dict) -> dict:
@@ -171,7 +213,7 @@ def _stats(stats: dict, rates: dict) -> dict:
 
 def _rs_expand(d: dict) -> dict:
     return {"Spec": {"ip": d["addr"], "port": d["port"], "weight": d["weight"], "mode": d["fwd"].upper(),
-                     "inhibited": False, "overloaded": False},
+                     "inhibited": False, "overloaded": bool(d.get("overloaded"))},
             "Stats": _stats(d.get("stats") or {}, d.get("rates") or {}),
             "ActiveConns": d.get("active", 0), "InactConns": d.get("inactive", 0),
             "UThreshold": d.get("u_threshold", 0), "LThreshold": d.get("l_threshold", 0)}
@@ -183,13 +225,16 @@ def _laddr_expand(la: dict) -> dict:
 
 
 def _vs_expand(s: dict) -> dict:
-    return {"Id": _vs_id(s["proto"], s["addr"], s["port"]),
-            "Af": AF_NUM[ipaddress.ip_address(s["addr"]).version], "Proto": PROTO_NUM[s["proto"]],
-            "Addr": s["addr"], "Port": s["port"], "SchedName": s["sched"], "Flags": "|".join(s.get("flags") or []),
-            "Timeout": s.get("persistent") or 0, "Netmask": s.get("netmask"),
+    out = {"Id": f"{MATCH_ID}{s['svc_id']}" if s.get("match") else _vs_id(s["proto"], s["addr"], s["port"]),
+           "Af": AF_NUM[ipaddress.ip_address(s["addr"]).version], "Proto": PROTO_NUM[s["proto"]],
+           "Addr": s["addr"], "Port": s["port"], "SchedName": s["sched"], "Flags": "|".join(s.get("flags") or []),
+           "Timeout": s.get("persistent") or 0, "Netmask": s.get("netmask"),
             "Stats": _stats(s.get("stats") or {}, s.get("rates") or {}),
             "RSs": {"Items": [_rs_expand(d) for d in s.get("dests", [])]},
             "Laddrs": {"Items": [_laddr_expand(la) for la in s.get("laddrs", [])]}}
+    if s.get("match"):
+        out["Match"] = _match_expand(s["match"])
+    return out
 
 
 async def _one_service(request: web.Request, ident: dict) -> dict:
@@ -200,7 +245,7 @@ async def _one_service(request: web.Request, ident: dict) -> dict:
 # dpvs-agent VirtualServerSpecTiny fields this fast path has no use for: a non-default value is refused (501),
 # never silently dropped.
 _VS_UNSUPPORTED = (("ConnTimeout", 0), ("Bps", 0), ("LimitProportion", 0), ("Fwmark", 0), ("SynProxy", False),
-                   ("ExpireQuiescent", False), ("Quic", False), ("ProxyProtocol", "disable"), ("Match", {}))
+                   ("ExpireQuiescent", False), ("Quic", False), ("ProxyProtocol", "disable"))
 
 
 def _vs_opts(body: dict) -> dict:
@@ -211,7 +256,9 @@ def _vs_opts(body: dict) -> dict:
     if "SchedName" in body:
         opts["sched"] = body["SchedName"]
     if "Timeout" in body:
-        opts["persistent"] = body["Timeout"] or None  # 0 is dpvs-agent's "no persistence"
+        opts["persistent"] = body["Timeout"]  # 0 is dpvs-agent's "no persistence" (and turns it off on PUT)
+    if "Netmask" in body:
+        opts["netmask"] = "" if body["Netmask"] in (None, "", 0) else str(body["Netmask"])
     return opts
 
 
@@ -221,8 +268,24 @@ async def list_vs(request):
 
 
 async def create_vs(request):
+    """A VIP service from Addr/Port/Proto, or a SNAT service from Match (and Proto)."""
     body = await _body(request, "VirtualServerCreate")
-    proto = {6: "tcp", 17: "udp"}.get(body["Proto"], str(body["Proto"]).lower())
+    proto = {1: "icmp", 6: "tcp", 17: "udp"}.get(body["Proto"], str(body["Proto"]).lower())
+    if body.get("Match") is not None:
+        for f in ("Addr", "Port"):
+            if body.get(f) not in (None, 0, "", "0.0.0.0"):
+                raise ApiError(400, errno.EINVAL, f"{f}: a SNAT (Match) service has no VIP", f)
+        ident = {"match": _match_from(body["Match"], proto)}
+        opts = _vs_opts({k: v for k, v in body.items() if k != "Match"})
+        await _call(request, "service.add", {**ident, **opts}, field="Match")
+        svc = await _one_service(request, ident)
+        vid = f"{MATCH_ID}{svc['svc_id']}"
+        return _reply({"result": "created", "Id": vid}, 201, headers={"Location": f"/v2/vs/{vid}"})
+    for f in ("Addr", "Port"):
+        if body.get(f) is None:
+            raise ApiError(400, errno.EINVAL, f"{f}: required (or Match, for a SNAT service)", f)
+    if proto == "icmp":
+        raise ApiError(400, errno.EINVAL, "Proto: ICMP is for SNAT (Match) services only", "Proto")
     ident = {"proto": proto, "addr": str(ipaddress.ip_address(body["Addr"])), "port": body["Port"]}
     await _call(request, "service.add", {**ident, **_vs_opts(body)})
     vid = _vs_id(**ident)
@@ -230,28 +293,37 @@ async def create_vs(request):
 
 
 async def get_vs(request):
-    return _reply({"Items": [_vs_expand(await _one_service(request, _vs_ident(request)))]})
+    return _reply({"Items": [_vs_expand(await _one_service(request, await _ident(request)))]})
+
+
+def _put_opts(body: dict) -> dict:
+    if body.get("Match") is not None:
+        raise ApiError(400, errno.EINVAL, "Match identifies a SNAT service and cannot be changed: create one with "
+                                          "POST /v2/vs, address it as match-ID", "Match")
+    return _vs_opts(body)
 
 
 async def put_vs(request):
-    ident = _vs_ident(request)
-    opts = _vs_opts(await _body(request, "VirtualServerSpecTiny", required=False))
+    ident = await _ident(request)
+    opts = _put_opts(await _body(request, "VirtualServerSpecTiny", required=False))
+    vid = request.match_info["VipPort"] if "match" in ident else _vs_id(**ident)
     async with request.app[LOCK]:
-        try:
-            await _call(request, "service.add", {**ident, **opts})
-            return _changed("created", 201, Id=_vs_id(**ident))
-        except ApiError as e:
-            if e.errno != errno.EEXIST:
-                raise
+        if "match" not in ident:
+            try:
+                await _call(request, "service.add", {**ident, **opts})
+                return _changed("created", 201, Id=vid)
+            except ApiError as e:
+                if e.errno != errno.EEXIST:
+                    raise
         # Update by option, as DPVS edits: what the body does not mention stays as it is.
         await _call(request, "service.edit", {**ident, **opts})
-    return _changed("updated", 200, Id=_vs_id(**ident))
+    return _changed("updated", 200, Id=vid)
 
 
 async def delete_vs(request):
-    ident = _vs_ident(request)
+    ident = await _ident(request)
     await _call(request, "service.del", ident)
-    return _changed("deleted", 200, Id=_vs_id(**ident))
+    return _changed("deleted", 200, Id=request.match_info["VipPort"] if "match" in ident else _vs_id(**ident))
 
 
 # --- real servers -----------------------------------------------------------------------------------
@@ -288,7 +360,7 @@ def _prev(d: dict) -> dict:
 
 async def _rs_request(request):
     """Validate the body (schema, then duplicates and unsupported flags) and take one snapshot of the service."""
-    ident = _vs_ident(request)
+    ident = await _ident(request)
     body = await _body(request, "RealServerTinyList")
     svc = await _one_service(request, ident)
     current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
@@ -361,7 +433,7 @@ async def _apply(request, plan: _Plan) -> web.Response:
 
 
 async def list_rs(request):
-    svc = await _one_service(request, _vs_ident(request))
+    svc = await _one_service(request, await _ident(request))
     return _reply({"Items": [_rs_expand(d) for d in svc["dests"]]})
 
 
@@ -396,12 +468,12 @@ async def delete_rs(request):
 
 # --- local addresses --------------------------------------------------------------------------------
 async def list_laddr(request):
-    data = await _call(request, "laddr.list", {"svc": _vs_ident(request)})
+    data = await _call(request, "laddr.list", {"svc": await _ident(request)})
     return _reply({"Items": [_laddr_expand(la) for la in data["services"][0]["laddrs"]]})
 
 
 async def put_laddr(request):
-    ident = _vs_ident(request)
+    ident = await _ident(request)
     body = await _body(request, "LocalAddressSpecTiny")
     addr = ipaddress.ip_address(body["addr"])
     async with request.app[LOCK]:
@@ -421,7 +493,7 @@ async def put_laddr(request):
 
 
 async def delete_laddr(request):
-    ident = _vs_ident(request)
+    ident = await _ident(request)
     body = await _body(request, "LocalAddressRef")
     await _call(request, "laddr.del", {"svc": ident, "addr": str(ipaddress.ip_address(body["addr"]))})
     return _changed("deleted", 200)

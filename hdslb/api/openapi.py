@@ -55,12 +55,15 @@ IP = {"type": "string", "format": "ip", "description": "IPv4 or IPv6 address"}
 MAC = {"type": "string", "pattern": "^[0-9A-Fa-f]{1,2}(:[0-9A-Fa-f]{1,2}){5}$"}
 MODES = [m.upper() for m in FWD_MODES] + list(FWD_MODES)  # dpvs-agent writes FNAT; ipvsadm's habit is fnat
 
-# dpvs-agent's VirtualServerSpecTiny. Only SchedName (and Timeout 0) mean something to this fast path; the rest
-# are accepted so dpvs-agent clients can send their defaults, and a non-default value is a 501 naming the field.
+# dpvs-agent's VirtualServerSpecTiny. SchedName, Timeout, Netmask and (on create) Match mean something to this fast
+# path; the rest are accepted so dpvs-agent clients can send their defaults, and a non-default value is a 501
+# naming the field.
 VS_OPTIONS = {
-    "SchedName": {"type": "string", "enum": list(SCHEDULERS),
-                  "description": "lb_algo; rr wrr lc wlc fo are implemented, the others are 501"},
-    "Timeout": dict(UINT32, description="persistence timeout in seconds (ipvsadm -p); 0: none"),
+    "SchedName": {"type": "string", "enum": list(SCHEDULERS), "description": "lb_algo (ipvsadm -s)"},
+    "Timeout": dict(UINT32, maximum=86400 * 31,
+                    description="persistence timeout in seconds (ipvsadm -p); 0: none (turns it off on PUT)"),
+    "Netmask": {"type": ["string", "integer", "null"],
+                "description": "hdslb: persistence granularity (ipvsadm -M): an IPv4 mask or a prefix length"},
     "ConnTimeout": UINT32,
     "Bps": UINT32,
     "LimitProportion": UINT32,
@@ -69,8 +72,12 @@ VS_OPTIONS = {
     "ExpireQuiescent": {"type": "boolean"},
     "Quic": {"type": "boolean"},
     "ProxyProtocol": {"type": "string", "enum": ["v2", "v2-insecure", "v1", "v1-insecure", "disable"]},
-    "Match": {"type": "object", "description": "SNAT match (dpvs-agent MatchSpec); not implemented"},
+    "Match": _ref("MatchSpec"),
 }
+
+ADDR_RANGE = {"type": "object", "additionalProperties": False,
+              "description": "inclusive IPv4 range; absent or empty Start: any",
+              "properties": {"Start": {"type": "string"}, "End": {"type": "string"}}}
 
 STATS = {
     "type": "object",
@@ -95,12 +102,20 @@ SCHEMAS = {
         "type": "object", "additionalProperties": False, "properties": VS_OPTIONS,
     },
     "VirtualServerCreate": {
-        "type": "object", "additionalProperties": False, "required": ["Addr", "Port", "Proto"],
+        "type": "object", "additionalProperties": False, "required": ["Proto"],
+        "description": "a VIP service (Addr, Port, Proto), or a SNAT service (Match, Proto; icmp allowed)",
         "properties": {
             "Addr": IP, "Port": UINT16,
-            "Proto": {"enum": ["tcp", "udp", "TCP", "UDP", 6, 17]},
+            "Proto": {"enum": ["tcp", "udp", "icmp", "TCP", "UDP", "ICMP", 1, 6, 17]},
             **VS_OPTIONS,
         },
+    },
+    "MatchSpec": {
+        "type": "object", "additionalProperties": False,
+        "description": "dpvs-agent MatchSpec / ipvsadm -H: what selects a SNAT service (IPv4 only)",
+        "properties": {"Src": ADDR_RANGE, "Dest": ADDR_RANGE,
+                       "InIfName": {"type": "string", "description": "ingress interface; empty: any"},
+                       "OutIfName": {"type": "string", "description": "egress interface; empty: any"}},
     },
     "RealServerSpecTiny": {
         "type": "object", "additionalProperties": False, "required": ["ip"],
@@ -109,9 +124,11 @@ SCHEMAS = {
             "port": dict(UINT16, description="0 or absent: the service's port"),
             "weight": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT,
                        "description": "absent: 1 when added, unchanged when updated (PUT)"},
-            "mode": {"type": "string", "enum": MODES, "description": "forwarding method; FNAT is implemented"},
+            "mode": {"type": "string", "enum": MODES,
+                     "description": "forwarding method FNAT DR NAT TUNNEL SNAT (ipvsadm -b -g -m -i -J); absent: "
+                                    "FNAT when added (SNAT under a Match service), unchanged when updated"},
             "inhibited": {"type": "boolean", "description": "health-check inhibition; true is 501"},
-            "overloaded": {"type": "boolean", "description": "true is 501"},
+            "overloaded": {"type": "boolean", "description": "set by -x/-y thresholds, not by clients: true is 501"},
         },
     },
     "RealServerTinyList": {
@@ -192,9 +209,11 @@ SCHEMAS = {
     "VirtualServerSpecExpand": {
         "type": "object", "required": ["Id", "Af", "Proto", "Addr", "Port", "SchedName", "Stats", "RSs"],
         "properties": {
-            "Id": {"type": "string", "description": "the {VipPort} of this service's URL: VIP-PORT-PROTO"},
+            "Id": {"type": "string", "description": "the {VipPort} of this service's URL: VIP-PORT-PROTO, or "
+                                                    "match-ID for a SNAT service"},
             "Af": {"enum": [2, 10], "description": "AF_INET or AF_INET6"},
-            "Proto": {"enum": [6, 17]},
+            "Proto": {"enum": [1, 6, 17]},
+            "Match": _ref("MatchSpec"),
             "Addr": IP, "Port": UINT16,
             "SchedName": {"type": "string"},
             "Flags": {"type": "string"},
@@ -419,7 +438,8 @@ def _qparam(name: str, schema: dict, description: str) -> dict:
 
 PARAMETERS = {
     "VipPort": {"name": "VipPort", "in": "path", "required": True, "schema": {"type": "string"},
-                "description": "VIP-PORT-PROTO, as dpvs-agent: 10.0.0.100-80-tcp, 2001:db8::1-443-tcp"},
+                "description": "VIP-PORT-PROTO, as dpvs-agent: 10.0.0.100-80-tcp, 2001:db8::1-443-tcp; a SNAT "
+                               "service: match-ID (its Id in the list)"},
     "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "an interface the fast path is attached to"},
     "stats": _qparam("stats", {"type": "boolean"}, "accepted for dpvs-agent clients; stats are always included"),

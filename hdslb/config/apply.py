@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from hdslb.errors import invalid
+from hdslb.balancer import Match, _match_range, netmask_text
+from hdslb.errors import HdslbError, invalid
 
 LB_KIND = {"FNAT": "fnat", "DR": "dr", "NAT": "nat", "TUNNEL": "tunnel", "SNAT": "snat"}
 
@@ -36,14 +37,29 @@ class WantService:
     laddrs: dict[str, str] = field(default_factory=dict)  # address -> interface
     vs_key: tuple = ()  # the config's identity of the virtual_server it came from (groups fan out)
     where: str = ""
+    netmask: str | None = None  # persistence_granularity as ipvsadm -M spells it
+    flags: list = field(default_factory=list)  # sh-port, mh-port, ... (ipvsadm --sched-flags)
+    sched_params: dict = field(default_factory=dict)  # hash_table_size -> {"size": N}
+    match: dict | None = None  # SNAT: {proto, src_range, dst_range, iif, oif}
 
     @property
     def ident(self) -> dict:
+        if self.match is not None:
+            return {"match": self.match}
         return {"proto": self.proto, "addr": self.addr, "port": self.port}
 
     @property
     def key(self) -> tuple:
+        if self.match is not None:
+            m = self.match
+            return ("match", Match(proto=m["proto"], src=_match_range(m["src_range"], "src-range"),
+                                   dst=_match_range(m["dst_range"], "dst-range"), iif=m["iif"], oif=m["oif"]))
         return (self.proto, ipaddress.ip_address(self.addr), self.port)
+
+    def svc_args(self) -> dict:
+        """service.add / service.edit arguments; 0 and empty values say "none" (an edit keeps what is None)."""
+        return dict(self.ident, sched=self.sched, persistent=self.persistent or 0, netmask=self.netmask or "",
+                    flags=list(self.flags), sched_params=dict(self.sched_params))
 
 
 def desired(cfg, default_ifname) -> dict[tuple, WantService]:
@@ -69,15 +85,33 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
                 if ifname is None:
                     raise invalid(f"{where}: no interface for local address {la.ip} (name one in the group)")
                 laddrs[str(la.ip)] = ifname
-        for ep in cfg.endpoints(vs):
-            svc = WantService(proto=vs.protocol.lower(), addr=str(ep.ip), port=ep.port, sched=vs.lb_algo, fwd=fwd,
+        flags = [f for f, on in (("sh-port", vs.sh_port), ("sh-fallback", vs.sh_fallback),
+                                 ("mh-port", vs.mh_port), ("mh-fallback", vs.mh_fallback)) if on]
+        params = {"size": vs.hash_table_size} if vs.hash_table_size is not None else {}
+        if vs.match is not None:
+            ident = [(None, {"proto": vs.protocol.lower(), "src_range": vs.src_range, "dst_range": vs.dst_range,
+                             "iif": vs.iif, "oif": vs.oif})]
+        else:
+            ident = [(ep, None) for ep in cfg.endpoints(vs)]
+        for ep, match in ident:
+            addr = str(ep.ip) if ep else "0.0.0.0"
+            port = ep.port if ep else 0
+            netmask = None
+            if vs.persistence_granularity is not None and ep is not None and \
+                    vs.persistence_granularity < ep.ip.max_prefixlen:
+                netmask = netmask_text(vs.persistence_granularity, ep.ip.version)
+            svc = WantService(proto=vs.protocol.lower(), addr=addr, port=port, sched=vs.lb_algo, fwd=fwd,
                               persistent=vs.persistence_timeout or None, laddrs=dict(laddrs), vs_key=vs.key,
-                              where=where)
+                              where=where, netmask=netmask, flags=flags, sched_params=dict(params), match=match)
             for rs in vs.real_servers:
-                svc.dests[(str(rs.ip), rs.port or ep.port)] = WantDest(
-                    addr=str(rs.ip), port=rs.port or ep.port, weight=rs.weight,
+                rport = 0 if match is not None else (rs.port or port)
+                svc.dests[(str(rs.ip), rport)] = WantDest(
+                    addr=str(rs.ip), port=rport, weight=rs.weight,
                     u_threshold=rs.uthreshold or 0, l_threshold=rs.lthreshold or 0)
-            out[svc.key] = svc
+            try:
+                out[svc.key] = svc
+            except HdslbError as e:  # a range the schema let through but the model refuses
+                raise HdslbError(e.errno, f"{where}: {e.message}") from None
     return out
 
 
@@ -90,16 +124,16 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
     ops: list[tuple[str, dict]] = []
     for key in sorted(owned - set(want), key=str):
         if key in bal.services:
-            s = bal.services[key]
-            ops.append(("service.del", {"proto": s.proto, "addr": str(s.addr), "port": s.port}))
+            ops.append(("service.del", bal.services[key].ident))
     for key, w in want.items():
-        svc_args = dict(w.ident, sched=w.sched, persistent=w.persistent)
+        svc_args = w.svc_args()
         cur = bal.services.get(key)
         if cur is None:
             ops.append(("service.add", svc_args))
             cur_dests, cur_laddrs = {}, {}
         else:
-            if (cur.sched, cur.persistent) != (w.sched, w.persistent):
+            if (cur.sched, cur.persistent, cur.netmask, cur.flags, cur.sched_params) != \
+                    (w.sched, w.persistent, w.netmask, w.flags, w.sched_params):
                 ops.append(("service.edit", svc_args))
             # a sorry_server in the pool belongs to health checking, not to the file
             cur_dests = {(str(d.addr), d.port): d for d in cur.dests.values() if not d.sorry}
@@ -130,7 +164,7 @@ NOT_ACTED_ON = {
     "neigh_defs": "used by the AF_XDP slow path only (hdslbd --slowpath); by default learned neighbours stay until replaced",
     "worker_defs": "XDP runs on whichever CPU receives the packet; steer with IRQ affinity / RSS (hdslb does not manage it yet)",
     "ipv4_defs.fragment": "IPv4 fragments addressed to the balancer are dropped and counted (drop_fragment), not reassembled",
-    "ipv6_defs": "IPv6 is passed to the kernel; IPv6 balancing is not implemented yet",
+    "ipv6_defs.disable": "IPv6 services are balanced whenever one is declared; `disable` does not turn IPv6 off",
     "ipvs_defs.conn.conn_init_timeout": "a new flow ages by its state's timeout (syn_recv)",
     "ipvs_defs.udp.uoa_": "UDP option of address (UOA) is not implemented",
     "ipvs_defs.udp.timeout.last": "UDP flows age by the normal timeout only",
@@ -148,6 +182,23 @@ NOT_ACTED_ON = {
 }
 
 
+# virtual_server / real_server options (matched by keyword, since their paths carry the server's name) that are
+# accepted but not acted on. lb_kind (every mode), lb_algo (every scheduler), persistence_timeout,
+# persistence_granularity, sh-port/mh-port, hash_table_size, uthreshold/lthreshold and the SNAT match keywords are
+# acted on; sh-fallback/mh-fallback describe what hdslb always does.
+NOT_ACTED_ON_LB = {
+    "ops": "one-packet scheduling is not implemented: every UDP flow gets a connection entry",
+    "syn_proxy": "SYN proxy is not implemented yet",
+    "establish_timeout": "established flows age by ipvs_defs tcp timeout established",
+    "daddr_group_name": "deny/allow address groups are not enforced by the fast path",
+    "waddr_group_name": "deny/allow address groups are not enforced by the fast path",
+    "ha_suspend": "there is no VRRP here to suspend checkers with",
+    "sorry_server_inhibit": "the sorry server is added with weight 1 and removed when quorum returns",
+    "notify_up": "state changes are logged and exported as metrics; no script is run",
+    "notify_down": "state changes are logged and exported as metrics; no script is run",
+}
+
+
 def inactive_notices(cfg) -> list[str]:
     """One line per option the file sets that has no effect: the parser's not-applicable notices plus the
     options this daemon does not act on yet. Nothing set is silently ignored."""
@@ -159,4 +210,7 @@ def inactive_notices(cfg) -> list[str]:
             if path.startswith(prefix):
                 out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {reason}")
                 break
+        else:
+            if path.startswith("virtual_server[") and st.keyword in NOT_ACTED_ON_LB:
+                out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {NOT_ACTED_ON_LB[st.keyword]}")
     return out

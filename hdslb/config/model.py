@@ -360,14 +360,25 @@ class RealServer:
 
 @dataclass(frozen=True)
 class VirtualServer:
-    """`virtual_server IP PORT { … }` (ip/port set) or `virtual_server group NAME { … }` (group set)."""
+    """`virtual_server IP PORT { … }` (ip/port set), `virtual_server group NAME { … }` (group set) or, for SNAT,
+    DPVS keepalived's `virtual_server match NAME { … }` (match set: src-range/dst-range/iif/oif select it)."""
 
     ip: Optional[IPAddress]
     port: Optional[int]
     group: Optional[str]
-    protocol: str  # "TCP" | "UDP"
+    match: Optional[str]  # the name of a SNAT match service
+    protocol: str  # "TCP" | "UDP" | "ICMP" (ICMP: SNAT match services only)
     lb_algo: str  # rr wrr lc wlc sh dh mh conhash fo
     lb_kind: str  # NAT DR TUNNEL FNAT SNAT
+    src_range: Optional[str]  # SNAT match: inside source addresses, IP or IP1-IP2
+    dst_range: Optional[str]  # SNAT match: destinations, IP or IP1-IP2
+    iif: Optional[str]  # SNAT match: ingress interface
+    oif: Optional[str]  # SNAT match: egress interface (the route to the destination's)
+    sh_port: bool  # keepalived sh-port: sh hashes the client port too
+    sh_fallback: bool  # keepalived sh-fallback: what hdslb always does
+    mh_port: bool  # keepalived mh-port
+    mh_fallback: bool  # keepalived mh-fallback: what hdslb always does
+    hash_table_size: Optional[int]  # hdslb: buckets of an sh/dh/mh/conhash table (mh: a prime)
     delay_loop: float  # seconds between health checks
     persistence_timeout: int  # seconds; 0: no persistence
     persistence_granularity: Optional[int]  # prefix length of the client mask; None: host
@@ -393,9 +404,11 @@ class VirtualServer:
 
     @property
     def key(self) -> Tuple[str, str]:
-        """Identity across reloads: (protocol, "IP:PORT" or "group NAME")."""
+        """Identity across reloads: (protocol, "IP:PORT", "group NAME" or "match NAME")."""
         if self.group is not None:
             return (self.protocol, f"group {self.group}")
+        if self.match is not None:
+            return (self.protocol, f"match {self.match}")
         return (self.protocol, str(Endpoint(self.ip, self.port)))
 
     def __str__(self) -> str:
@@ -459,6 +472,8 @@ class Config:
         """The (VIP, port) pairs a virtual_server answers on: one, or its group's members."""
         if vs.group is not None:
             return self.virtual_server_groups[vs.group].members
+        if vs.match is not None:
+            return ()
         return (Endpoint(vs.ip, vs.port),)
 
     def virtual_server(self, protocol: str, address: str) -> VirtualServer:

@@ -9,6 +9,7 @@ keepalived configs keep working) and are still type-checked, but each use yields
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -82,17 +83,19 @@ def _vs_header(node: Node) -> Dict[str, Any]:
     if first == "group":
         if len(a) != 2:
             raise Bad("expects `virtual_server group NAME {`", a[2] if len(a) > 2 else None)
-        return {"ip": None, "port": None, "group": NAME.one(a[1])}
+        return {"ip": None, "port": None, "group": NAME.one(a[1]), "match": None}
     if first == "fwmark":
         raise Bad("fwmark services match netfilter marks, and XDP runs before netfilter; "
                   "declare `virtual_server IP PORT` or a virtual_server_group", a[0])
     if first == "match":
-        raise Bad("SNAT `match` rules are not supported; an SNAT service is "
-                  "`virtual_server IP 0 { lb_kind SNAT … }`", a[0])
+        if len(a) != 2:
+            raise Bad("expects `virtual_server match NAME {` (a SNAT service, selected by src-range, dst-range, "
+                      "iif and oif)", a[2] if len(a) > 2 else None)
+        return {"ip": None, "port": None, "group": None, "match": NAME.one(a[1])}
     if len(a) != 2:
-        raise Bad("expects `virtual_server IP PORT {` or `virtual_server group NAME {`",
+        raise Bad("expects `virtual_server IP PORT {`, `virtual_server group NAME {` or `virtual_server match NAME {`",
                   a[2] if len(a) > 2 else None)
-    return {"ip": ip_of(a[0]), "port": Port(0).one(a[1]), "group": None}
+    return {"ip": ip_of(a[0]), "port": Port(0).one(a[1]), "group": None, "match": None}
 
 
 def _rs_header(node: Node) -> Dict[str, Any]:
@@ -162,8 +165,20 @@ def _rs_check(node: Node, rs: m.RealServer, ctx) -> m.RealServer:
 
 def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
     kind = vs.lb_kind
-    if vs.port == 0 and kind != "SNAT":
-        ctx.error(node.args[1].where, "virtual_server", "port 0 is only for SNAT services (lb_kind SNAT)")
+    if vs.match is not None:
+        return _match_check(node, vs, ctx)
+    if kind == "SNAT":
+        ctx.error(ctx.where_of(node, "lb_kind"), "lb_kind",
+                  "a SNAT service is `virtual_server match NAME { lb_kind SNAT; src-range …; oif … }` "
+                  "(DPVS keepalived): it has no VIP")
+    for kw in ("src-range", "dst-range", "iif", "oif"):
+        if getattr(vs, kw.replace("-", "_")) is not None:
+            ctx.error(ctx.where_of(node, kw), kw, "belongs to SNAT `virtual_server match NAME` services")
+    if vs.protocol == "ICMP":
+        ctx.error(ctx.where_of(node, "protocol"), "protocol", "ICMP is for SNAT match services only")
+    if vs.port == 0:
+        ctx.error(node.args[1].where, "virtual_server", "port 0 is only for SNAT services, which are "
+                  "`virtual_server match NAME`")
     if vs.ops and vs.protocol != "UDP":
         ctx.error(ctx.where_of(node, "ops"), "ops", "one-packet scheduling is for protocol UDP")
     if vs.syn_proxy and vs.protocol != "TCP":
@@ -176,7 +191,7 @@ def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
         ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server", "port 0 is only for SNAT services")
     rss = []
     for rs in vs.real_servers:
-        if rs.port == 0 and kind != "SNAT":
+        if rs.port == 0 and kind != "SNAT" and vs.port != 0:
             ctx.error(rs.where, "real_server", f"{rs.ip} port 0 is only for SNAT services (lb_kind SNAT)")
         if kind in ("NAT", "DR", "TUNNEL") and vs.ip is not None and rs.ip.version != vs.ip.version:
             ctx.error(rs.where, "real_server", f"IPv{rs.ip.version} real server behind an IPv{vs.ip.version} "
@@ -192,6 +207,53 @@ def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
     if vs.group is not None:
         ctx.ref("virtual_server group", vs.group, node.args[1].where)
     return _replace(vs, real_servers=tuple(rss))
+
+
+def _match_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
+    """A SNAT match service: its real servers are IPv4 source addresses (port 0) without health checks."""
+    if vs.lb_kind != "SNAT":
+        ctx.error(ctx.where_of(node, "lb_kind") or node.keyword.where, "lb_kind",
+                  "a `virtual_server match` service needs lb_kind SNAT")
+    for kw in ("src-range", "dst-range"):
+        text = getattr(vs, kw.replace("-", "_"))
+        if text is not None:
+            try:
+                _snat_range(text)
+            except ValueError as e:
+                ctx.error(ctx.where_of(node, kw), kw, str(e))
+    if vs.persistence_timeout or vs.persistence_granularity is not None:
+        ctx.error(ctx.where_of(node, "persistence_timeout") or ctx.where_of(node, "persistence_granularity"),
+                  "persistence_timeout", "SNAT services have no persistence (use lb_algo sh to keep a host on "
+                  "one source address)")
+    if vs.laddr_group_name is not None:
+        ctx.error(ctx.where_of(node, "laddr_group_name"), "laddr_group_name",
+                  "a SNAT service's source addresses are its real servers (IP 0), not a local_address_group")
+    for rs in vs.real_servers:
+        if rs.ip.version != 4:
+            ctx.error(rs.where, "real_server", f"{rs.ip}: SNAT is IPv4 only")
+        if rs.port != 0:
+            ctx.error(rs.where, "real_server", f"{rs.ip} {rs.port}: a SNAT real server is a source address, "
+                      f"written `real_server IP 0`")
+        if rs.checkers:
+            ctx.error(rs.where, "real_server", f"{rs.ip}: a SNAT source address takes no health check")
+    return vs
+
+
+def _snat_range(text: str):
+    """DPVS RANGE (IP or IP1-IP2, an optional :0-0); the model re-checks it, this reports it at its line."""
+    addrs, _, ports = text.partition(":")
+    if ports not in ("", "0", "0-0"):
+        raise ValueError(f"{text!r}: port ranges are not supported by the fast path's SNAT rules")
+    lo, _, hi = addrs.partition("-")
+    try:
+        a, b = ipaddress.ip_address(lo), ipaddress.ip_address(hi or lo)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address range (IP or IP1-IP2)") from None
+    if a.version != 4 or b.version != 4:
+        raise ValueError(f"{text!r}: SNAT is IPv4 only")
+    if b < a:
+        raise ValueError(f"{text!r} ends before it starts")
+    return a, b
 
 
 def _inherit(rs: m.RealServer, vs: m.VirtualServer) -> m.RealServer:
@@ -293,10 +355,19 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
                    "wlc", aliases=("lvs_sched",)),
     "lb_kind": Key(Choice("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),
                    "NAT", aliases=("lvs_method",)),
-    "protocol": Key(Choice("TCP", "UDP", refuse={"SCTP": "is not handled by the XDP fast path (TCP and UDP are)"}),
-                    "TCP"),
+    "protocol": Key(Choice("TCP", "UDP", "ICMP",
+                           refuse={"SCTP": "is not handled by the XDP fast path (TCP and UDP are)"}), "TCP"),
     "persistence_timeout": Key(OptionalInt(360, 0, 2**31 - 1, "seconds"), 0),
     "persistence_granularity": Key(Granularity(), None),
+    "sh-port": Key(Flag(), False, field="sh_port"),
+    "sh-fallback": Key(Flag(), False, field="sh_fallback"),
+    "mh-port": Key(Flag(), False, field="mh_port"),
+    "mh-fallback": Key(Flag(), False, field="mh_fallback"),
+    "hash_table_size": Key(Int(1, 1 << 26, "buckets"), None),
+    "src-range": Key(Text(), None, field="src_range"),
+    "dst-range": Key(Text(), None, field="dst_range"),
+    "iif": Key(IFNAME, None),
+    "oif": Key(IFNAME, None),
     "virtualhost": Key(Str(), None),
     "alpha": Key(Flag(), False),
     "omega": Key(Flag(), False),

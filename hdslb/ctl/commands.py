@@ -46,23 +46,42 @@ def _opt_svc(ctx, args: dict):
 ZERO_RATES = {"cps": 0, "inpps": 0, "outpps": 0, "inbps": 0, "outbps": 0}
 
 
-def _svc_data(ctx, svc, conn_counts) -> dict:
+def _svc_data(ctx, svc, conn_counts, persist_counts) -> dict:
     dests = []
     for d in svc.dests.values():
         active, inactive = conn_counts.get(d.slot, (0, 0))
         dests.append({
             "addr": str(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.eff_weight,
             "conf_weight": d.weight, "health": {"state": d.health, "reason": d.reason, "sorry": d.sorry},
-            "active": active, "inactive": inactive,
-            "u_threshold": d.u_threshold, "l_threshold": d.l_threshold,
+            "active": active, "inactive": inactive, "persist_conns": persist_counts.get(d.slot, 0),
+            "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "overloaded": d.overloaded,
             "stats": ctx.dest_stats(d.slot), "rates": ctx.rates.get(("dest", d.slot), ZERO_RATES),
         })
+        if d.fwd == "tunnel":
+            src = ctx.bal.tunnel_source(svc, d)
+            dests[-1]["tunnel_src"] = str(src) if src is not None else None
     return {
-        "proto": svc.proto, "addr": str(svc.addr), "port": svc.port, "sched": svc.sched,
+        "proto": svc.proto, "addr": str(svc.addr), "port": svc.port, "svc_id": svc.svc_id, "sched": svc.sched,
         "persistent": svc.persistent, "netmask": svc.netmask, "flags": list(svc.flags),
+        "sched_params": dict(svc.sched_params), "match": svc.match.as_dict() if svc.match else None,
+        "hash_cells": list(svc.hcells) if svc.hcells else None,
+        "sched_error": ctx.bal.refresh_errors.get(svc.svc_id),
         "dests": dests, "laddrs": _laddr_data(ctx, svc),
         "stats": ctx.svc_stats(svc.svc_id), "rates": ctx.rates.get(("svc", svc.svc_id), ZERO_RATES),
     }
+
+
+def _sort_key(s):
+    return (s.proto, s.addr.version, s.addr, s.port, str(s.match or ""))
+
+
+def _persist_counts(ctx) -> dict:
+    """dest slot -> live persistence templates leading to it (ipvsadm --persistent-conn's PersistConn)."""
+    out: dict = {}
+    fn = getattr(ctx, "persist_list", None)
+    for t in (fn() if fn is not None else []):
+        out[t["dest_slot"]] = out.get(t["dest_slot"], 0) + 1
+    return out
 
 
 def _laddr_data(ctx, svc) -> list[dict]:
@@ -72,6 +91,8 @@ def _laddr_data(ctx, svc) -> list[dict]:
 
 
 def _svc_ident(args: dict) -> dict:
+    if args.get("match") is not None:
+        return {"match": args["match"]}
     return {k: args.get(k) for k in ("proto", "addr", "port")}
 
 
@@ -99,10 +120,14 @@ def service_flush(ctx, a):
 @command("service.list")
 def service_list(ctx, a):
     one = _opt_svc(ctx, a)
-    svcs = [one] if one else sorted(ctx.bal.services.values(), key=lambda s: (s.proto, s.addr.version, s.addr, s.port))
+    svcs = [one] if one else sorted(ctx.bal.services.values(), key=_sort_key)
     counts = ctx.conn_counts()
+    persist = _persist_counts(ctx) if any(s.persistent for s in svcs) else {}
     return {"version": IPVS_VERSION, "size": ctx.sizes.max_conns,
-            "services": [_svc_data(ctx, s, counts) for s in svcs]}
+            # connection counts (ActiveConn/InActConn, thresholds, lc/wlc) come from the estimator's conn table
+            # scan: at most this many seconds old
+            "counts_age_max_s": getattr(ctx, "counts_staleness", lambda: None)(),
+            "services": [_svc_data(ctx, s, counts, persist) for s in svcs]}
 
 
 @command("stats.zero")
@@ -117,13 +142,17 @@ def stats_zero(ctx, a):
 # --- real servers -----------------------------------------------------------------------------------
 @command("dest.add")
 def dest_add(ctx, a):
-    ctx.bal.dest_add(a)
+    d = ctx.bal.dest_add(a)
     ctx.resolve_soon()
+    warnings = ctx.bal.dest_warnings(ctx.bal.get_service(a.get("svc")), d)
+    return {"warnings": warnings} if warnings else None
 
 
 @command("dest.edit")
 def dest_edit(ctx, a):
-    ctx.bal.dest_edit(a)
+    d = ctx.bal.dest_edit(a)
+    warnings = ctx.bal.dest_warnings(ctx.bal.get_service(a.get("svc")), d)
+    return {"warnings": warnings} if warnings else None
 
 
 @command("dest.del")
@@ -146,7 +175,7 @@ def laddr_del(ctx, a):
 @command("laddr.list")
 def laddr_list(ctx, a):
     one = _opt_svc(ctx, a)
-    svcs = [one] if one else sorted(ctx.bal.services.values(), key=lambda s: (s.proto, s.addr.version, s.addr, s.port))
+    svcs = [one] if one else sorted((s for s in ctx.bal.services.values() if s.match is None), key=_sort_key)
     return {"services": [{"proto": s.proto, "addr": str(s.addr), "port": s.port, "laddrs": _laddr_data(ctx, s)}
                          for s in svcs]}
 
@@ -272,7 +301,9 @@ def stats_get(ctx, a):
 
 @command("conn.list")
 def conn_list(ctx, a):
-    return {"conns": ctx.conn_list()}
+    fn = getattr(ctx, "persist_list", None)
+    return {"conns": [] if a.get("templates_only") else ctx.conn_list(),
+            "templates": fn() if fn is not None else []}
 
 
 @command("daemon.status")

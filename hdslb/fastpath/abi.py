@@ -17,22 +17,34 @@ CONN_KEY_SIZE = 40
 CONN_VAL_SIZE = 72
 
 AF = {4: 4, 6: 6}
+PROTO = {"tcp": 6, "udp": 17, "icmp": 1}
 FWD = {"fnat": 1, "dr": 2, "nat": 3, "tunnel": 4, "snat": 5}
 FWD_NAMES = {v: k for k, v in FWD.items()}
 
 SVC_F_VALID = 0x1
+SVC_F_PERSIST = 0x2
+SCHED_RING = 1
+SCHED_HASH = 2
+HKEY = {"": 0, "src": 1, "dst": 2, "src+port": 3}  # hdslb.sched Table.key -> HKEY_*
+SNAT_F_VALID = 0x1
+SNAT_RULES_MAX = 16
+MAX_HASH_CELLS = 1 << 21  # the C default; the loader passes Sizes.max_hash_cells
+MAX_PERSIST = 65536
 DEST_F_VALID = 0x1
 DEST_F_DRAIN = 0x2
 DEST_SLOT_NONE = 0xFFFF
 LOCAL_F_IFADDR = 0x1
 LOCAL_F_LADDR = 0x2
 LOCAL_F_SAPOOL = 0x4
+LOCAL_F_VIP = 0x8
 ROUTE_F_GW = 0x1
 ROUTE_F_KNI = 0x2
 NEIGH_F_PERMANENT = 0x1
 NEIGH_F_LEARNED = 0x2
 CONN_F_VALID = 0x1
 CONN_F_OUT = 0x2
+CONN_F_NEED_L2 = 0x4
+CONN_F_XLAT = 0x8
 SCHED_RING_MAX = 1024
 LADDR_MAX = 16
 
@@ -54,3 +66,29 @@ def counter_names() -> list[str]:
 
 def conn_states() -> list[str]:
     return [n[len("CS_"):].lower() for n in _enum("conn_state", ABI_HEADER.read_text())]
+
+
+def defines() -> dict[str, int]:
+    """Every `#define NAME <integer>` of the header (flags, limits), for tests that the constants above match."""
+    out = {}
+    for m in re.finditer(r"^\s*#define\s+(\w+)\s+(\(?\s*(?:0x[0-9a-fA-F]+|\d+)(?:\s*<<\s*\d+)?\s*\)?)",
+                         ABI_HEADER.read_text(), re.M):
+        out[m.group(1)] = eval(m.group(2), {"__builtins__": {}})  # digits, 0x and << only (the regex says so)
+    return out
+
+
+def enum_values(name: str) -> dict[str, int]:
+    """NAME -> value of an enum with explicit or implicit values (e.g. hdslb_fwd)."""
+    m = re.search(r"enum\s+" + name + r"\s*\{(.*?)\};", ABI_HEADER.read_text(), re.S)
+    if not m:
+        raise RuntimeError(f"enum {name} not found in {ABI_HEADER}")
+    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    out, nxt = {}, 0
+    for item in (i.strip() for i in body.split(",")):
+        if not item:
+            continue
+        k, _, v = item.partition("=")
+        nxt = int(v.strip(), 0) if v.strip() else nxt
+        out[k.strip()] = nxt
+        nxt += 1
+    return out

@@ -35,6 +35,8 @@ class Sizes:
     max_routes: int = 131072
     max_neigh: int = 16384
     max_ifaces: int = 64
+    max_hash_cells: int = 1 << 21  # sh/dh/mh/conhash tables of every service together (a u16 per cell)
+    max_persist: int = 65536       # persistence templates (ipvsadm -p), LRU
 
 
 def possible_cpus() -> int:
@@ -111,6 +113,8 @@ class FastPath:
             f"-DMAX_ROUTES={s.max_routes}",
             f"-DMAX_NEIGH={s.max_neigh}",
             f"-DMAX_IFACES={s.max_ifaces}",
+            f"-DMAX_HASH_CELLS={s.max_hash_cells}",
+            f"-DMAX_PERSIST={s.max_persist}",
             "-Wno-unused-function",
         ]
 

@@ -46,12 +46,27 @@ class Maps:
             "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
             "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
             "cfg_map", "if_stats")}
+        # Maps of the forwarding modes beyond FNAT; looked up by name so a program without them still loads
+        # (a write that needs one then says which map is missing).
+        for n in ("hash_cells", "persist_map", "snat_map"):
+            try:
+                self.t[n] = fastpath.table(n.encode())
+            except KeyError:
+                pass
         self.counter_names = abi.counter_names()
+        self.batch_cells = True  # BPF_MAP_UPDATE_BATCH for hash_cells; off after the first refusal
+
+    def _table(self, name: str):
+        t = self.t.get(name)
+        if t is None:
+            raise RuntimeError(f"the loaded XDP program has no {name} map (an older bpf/hdslb_xdp.c?)")
+        return t
 
     # --- configuration writes -------------------------------------------------------------------
     CFG_F_KNI_ROUTES = 0x1
 
-    def set_cfg(self, lport_min: int | None = None, lport_max: int | None = None, kni_routes: bool | None = None) -> None:
+    def set_cfg(self, lport_min: int | None = None, lport_max: int | None = None, kni_routes: bool | None = None,
+                snat_rules: int | None = None) -> None:
         """Change the runtime settings given; the others keep their value."""
         t = self.t["cfg_map"]
         v = t[ct.c_uint32(0)]
@@ -59,6 +74,8 @@ class Maps:
             v.lport_min, v.lport_max = lport_min, lport_max
         if kni_routes is not None:
             v.flags = (v.flags | self.CFG_F_KNI_ROUTES) if kni_routes else (v.flags & ~self.CFG_F_KNI_ROUTES)
+        if snat_rules is not None:
+            v.snat_rules = snat_rules
         t[ct.c_uint32(0)] = v
 
     def set_iface(self, ifindex: int, mac: bytes, mtu: int, xsk_slot: int = 0) -> None:
@@ -80,30 +97,123 @@ class Maps:
         k.af = _af(addr)
         return k
 
-    def set_service(self, proto: int, addr: IPAddr, port: int, svc_id: int) -> None:
+    def set_service(self, proto: int, addr: IPAddr, port: int, svc_id: int, persist_timeout: int = 0,
+                    persist_plen: int = 0) -> None:
+        """persist_timeout > 0 makes the service persistent (-p), clients grouped by persist_plen (-M)."""
         t = self.t["svc_map"]
         v = t.Leaf()
         v.svc_id = svc_id
-        v.flags = abi.SVC_F_VALID
+        v.flags = abi.SVC_F_VALID | (abi.SVC_F_PERSIST if persist_timeout else 0)
+        v.persist_timeout = persist_timeout
+        v.persist_plen = persist_plen
         t[self._svc_key(proto, addr, port)] = v
 
-    def del_service(self, proto: int, addr: IPAddr, port: int, svc_id: int) -> None:
-        self._delete("svc_map", self._svc_key(proto, addr, port))
+    def del_service(self, proto: int | None, addr: IPAddr | None, port: int | None, svc_id: int) -> None:
+        """proto None: a SNAT service, which has no svc_map entry (its snat_map rule is removed first)."""
+        if proto is not None:
+            self._delete("svc_map", self._svc_key(proto, addr, port))
         self._delete("sched_map", ct.c_uint32(svc_id))
         self._delete("laddr_map", ct.c_uint32(svc_id))
         self.zero_svc_stats(svc_id)
 
-    def set_sched(self, svc_id: int, slots: list[int], gen: int) -> None:
-        """Replace a service's ring in one map update (readers see the old or the new table, never a mix)."""
-        if len(slots) > abi.SCHED_RING_MAX:
-            raise ValueError(f"ring of {len(slots)} exceeds {abi.SCHED_RING_MAX}")
+    def set_sched(self, svc_id: int, slots: list[int], gen: int, kind: int = abi.SCHED_RING, key: int = 0,
+                  seed: int = 0, hoff: int = 0, hlen: int | None = None) -> None:
+        """Replace a service's table in one map update (readers see the old or the new table, never a mix).
+
+        Rings carry their slots here; a hash table (kind SCHED_HASH) is only pointed at: hlen cells from hoff in
+        hash_cells, which set_hash_cells wrote before this call.
+        """
         t = self.t["sched_map"]
         v = t.Leaf()
-        v.len = len(slots)
         v.gen = gen & 0xFFFFFFFF
-        for i, s in enumerate(slots):
-            v.slot[i] = s
+        v.kind = kind
+        if kind == abi.SCHED_HASH:
+            v.len = len(slots) if hlen is None else hlen
+            v.key, v.seed, v.hoff = key, seed & 0xFFFFFFFF, hoff
+        else:
+            if len(slots) > abi.SCHED_RING_MAX:
+                raise ValueError(f"ring of {len(slots)} exceeds {abi.SCHED_RING_MAX}")
+            v.len = len(slots)
+            for i, s in enumerate(slots):
+                v.slot[i] = s
         t[ct.c_uint32(svc_id)] = v
+
+    def set_hash_cells(self, first: int, entries: list[int]) -> None:
+        """Write a hash table's cells (dest slots) at [first, first + len): one BPF_MAP_UPDATE_BATCH call when the
+        kernel takes it (a 65537-cell Maglev table in a few ms), else one update per cell."""
+        t = self._table("hash_cells")
+        n = len(entries)
+        if n == 0:
+            return
+        if self.batch_cells:
+            keys = (ct.c_uint32 * n)(*range(first, first + n))
+            vals = (t.Leaf * n)(*entries)
+            try:
+                t.items_update_batch(keys, vals)
+                return
+            except Exception:  # kernels or map types without batch ops: fall back for good
+                self.batch_cells = False
+        for i, s in enumerate(entries):
+            t[ct.c_uint32(first + i)] = t.Leaf(s)
+
+    def hash_cells(self, first: int, n: int) -> list[int]:
+        t = self._table("hash_cells")
+        return [int(t[ct.c_uint32(first + i)].value) for i in range(n)]
+
+    # --- SNAT rules -----------------------------------------------------------------------------
+    def set_snat_rule(self, index: int, svc_id: int, proto: int, src: tuple | None, dst: tuple | None,
+                      iif: int, oif: int) -> None:
+        """Rule `index` of the ordered SNAT match list; ranges are (lo, hi) IPv4 addresses or None (any)."""
+        t = self._table("snat_map")
+        v = t.Leaf()
+        v.svc_id, v.proto, v.flags = svc_id, proto, abi.SNAT_F_VALID
+        v.src_min, v.src_max = (int(src[0]), int(src[1])) if src else (0, 0)
+        v.dst_min, v.dst_max = (int(dst[0]), int(dst[1])) if dst else (0, 0)
+        v.iif, v.oif = iif, oif
+        t[ct.c_uint32(index)] = v
+
+    def clear_snat_rule(self, index: int) -> None:
+        t = self._table("snat_map")
+        t[ct.c_uint32(index)] = t.Leaf()
+
+    def snat_rules(self) -> list[dict]:
+        t = self._table("snat_map")
+        n = self.t["cfg_map"][ct.c_uint32(0)].snat_rules
+        out = []
+        for i in range(min(n, abi.SNAT_RULES_MAX)):
+            v = t[ct.c_uint32(i)]
+            out.append({"svc_id": v.svc_id, "proto": v.proto, "flags": v.flags,
+                        "src": (v.src_min, v.src_max), "dst": (v.dst_min, v.dst_max), "iif": v.iif, "oif": v.oif})
+        return out
+
+    # --- persistence templates ------------------------------------------------------------------
+    def _persist_items(self):
+        t = self._table("persist_map")
+        try:
+            return list(t.items_lookup_batch())
+        except Exception:  # no batch ops for this map type here
+            return list(t.items())
+
+    def persists(self) -> list[dict]:
+        """Live templates: {svc_id, af, addr (client network), dest_slot, expires_ns}."""
+        out = []
+        for k, v in self._persist_items():
+            out.append({"svc_id": k.svc_id, "af": k.af, "addr": _get_addr(k.addr, k.af),
+                        "dest_slot": v.dest_slot, "expires_ns": v.expires})
+        return out
+
+    def del_persists(self, svc_id: int, slot: int | None = None) -> int:
+        """Delete a service's templates (only those leading to `slot` when given); returns how many."""
+        t = self._table("persist_map")
+        gone = 0
+        for k, v in self._persist_items():
+            if k.svc_id == svc_id and (slot is None or v.dest_slot == slot):
+                try:
+                    del t[k]
+                    gone += 1
+                except KeyError:
+                    pass
+        return gone
 
     def set_dest(self, slot: int, addr: IPAddr, port: int, fwd: str, svc_id: int, drain: bool) -> None:
         t = self.t["dest_map"]

@@ -237,11 +237,46 @@ async def test_not_json_is_400(client):
     assert "not JSON" in (await expect(r, 400, field=None))["error"]
 
 
-@pytest.mark.parametrize("body,field", [({"SchedName": "mh"}, None), ({"SynProxy": True}, "SynProxy"),
-                                        ({"Timeout": 300}, None), ({"Match": {"Src": {}}}, "Match")])
+@pytest.mark.parametrize("body,field", [({"SynProxy": True}, "SynProxy"), ({"Quic": True}, "Quic"),
+                                        ({"Fwmark": 3}, "Fwmark")])
 async def test_unimplemented_is_501(client, body, field):
     b = await expect(await client.put("/v2/vs/10.0.0.9-80-tcp", json=body), 501, field=field)
     assert b["errno"] == errno.EOPNOTSUPP
+
+
+async def test_every_scheduler_and_persistence_over_rest(client, ctx):
+    await expect(await client.put("/v2/vs/10.0.0.9-80-tcp", json={"SchedName": "mh", "Timeout": 300,
+                                                                    "Netmask": "255.255.255.0"}), 201)
+    s = ctx.bal.get_service({"proto": "tcp", "addr": "10.0.0.9", "port": 80})
+    assert (s.sched, s.persistent, s.netmask, s.persist_plen) == ("mh", 300, "255.255.255.0", 24)
+    await expect(await client.put("/v2/vs/10.0.0.9-80-tcp", json={"Timeout": 0}), 200)  # 0 turns it off
+    assert s.persistent is None and s.sched == "mh"
+    body = await expect(await client.get("/v2/vs/10.0.0.9-80-tcp"), 200)
+    assert body["Items"][0]["SchedName"] == "mh" and body["Items"][0]["Timeout"] == 0
+
+
+async def test_snat_match_service_over_rest(client, ctx):
+    ctx.bal.addr_add({"addr": "203.0.113.1", "prefixlen": 24, "ifname": "eth0", "sapool": True})
+    match = {"Src": {"Start": "192.168.100.1", "End": "192.168.100.254"}, "OutIfName": "eth0"}
+    r = await client.post("/v2/vs", json={"Proto": "icmp", "Match": match, "SchedName": "sh"})
+    body = await expect(r, 201)
+    vid = body["Id"]
+    assert vid.startswith("match-") and r.headers["Location"] == f"/v2/vs/{vid}"
+    await expect(await client.put(f"/v2/vs/{vid}/rs", json={"Items": [{"ip": "203.0.113.1", "port": 0}]}), 200)
+    svc = next(s for s in ctx.bal.services.values() if s.match)
+    assert [(str(d.addr), d.port, d.fwd) for d in svc.dests.values()] == [("203.0.113.1", 0, "snat")]
+    got = (await expect(await client.get("/v2/vs"), 200))["Items"]
+    openapi._validator("VirtualServerList").validate({"Items": got})
+    item = next(i for i in got if i["Id"] == vid)
+    assert item["Proto"] == 1 and item["Match"]["Src"] == {"Start": "192.168.100.1", "End": "192.168.100.254"}
+    assert item["RSs"]["Items"][0]["Spec"]["mode"] == "SNAT"
+    # the match is the identity: a PUT cannot change it; a VIP with a Match is refused
+    await expect(await client.put(f"/v2/vs/{vid}", json={"Match": match}), 400, field="Match")
+    await expect(await client.post("/v2/vs", json={"Proto": "tcp", "Addr": "10.0.0.1", "Port": 80,
+                                                  "Match": match}), 400, field="Addr")
+    await expect(await client.get("/v2/vs/match-999"), 404)
+    await expect(await client.delete(f"/v2/vs/{vid}"), 200)
+    assert not any(s.match for s in ctx.bal.services.values())
 
 
 # --- real servers -----------------------------------------------------------------------------------
@@ -322,11 +357,18 @@ async def test_rs_failure_midway_is_reported_and_undone(client, ctx):
     assert ctx.dests() == before
 
 
-async def test_rs_mode_not_implemented_is_501_and_undone(client, ctx):
+async def test_rs_refused_mode_is_undone(client, ctx):
     before = ctx.dests()
-    r = await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.7"}, {"ip": "192.168.100.8", "mode": "DR"}]})
-    body = await expect(r, 501, field="Items[1]")
+    r = await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.7"},
+                                                     {"ip": "192.168.100.8", "port": 8080, "mode": "DR"}]})
+    body = await expect(r, 400, field="Items[1]")
+    assert "cannot rewrite ports" in body["error"]
     assert body["undone"] == ["added 192.168.100.7:80"] and ctx.dests() == before
+    # every mode is accepted where it makes sense
+    await expect(await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.8", "mode": "DR"},
+                                                              {"ip": "192.168.100.9", "mode": "TUNNEL"},
+                                                              {"ip": "192.168.100.10", "port": 8080,
+                                                               "mode": "NAT"}]}), 200)
 
 
 async def test_rs_on_unknown_service_is_404(client):
@@ -624,5 +666,5 @@ async def test_rs_failure_on_the_first_step_reports_no_rollback(client, ctx):
     before = ctx.dests()
     r = await client.put(VS + "/rs", json={"Items": [{"ip": "2001:db8::7"}]})
     body = await expect(r, 501, field="Items[0]")
-    assert "families differ" in body["error"] and "rolled_back" not in body
+    assert "NAT46" in body["error"] and "rolled_back" not in body
     assert ctx.dests() == before

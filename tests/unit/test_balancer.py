@@ -29,6 +29,11 @@ def bal():
     return Balancer(Recorder(), ifaces)
 
 
+def last_table(b):
+    """The table of the last sched_set the model wrote."""
+    return [c for c in b.dp.calls if c[0] == "sched_set"][-1][1][1]
+
+
 def quick_start(b):
     b.addr_add({"addr": "10.0.0.100", "prefixlen": 24, "ifname": "eth0"})
     b.service_add(dict(SVC, sched="rr"))
@@ -44,7 +49,7 @@ def test_quick_start_model(bal):
     # dpip addr add /24 makes a local route and a net route, as DPVS does
     routes = {(str(r.net), r.local) for r in bal.routes}
     assert routes == {("10.0.0.100/32", True), ("10.0.0.0/24", False)}
-    sched = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    sched = last_table(bal).entries
     assert sorted(sched) == [0, 1]  # rr: one entry per server regardless of weight
     locals_ = {str(c[1][0]) for c in bal.dp.calls if c[0] == "local_set"}
     assert locals_ == {"10.0.0.100", "192.168.100.200"}
@@ -64,14 +69,14 @@ def test_wlc_ring_follows_live_connection_counts(bal):
     bal.service_edit(dict(SVC, sched="wlc"))
     bal.conn_counts = lambda: {0: (10, 0), 1: (0, 0)}  # slot 0 busy, slot 1 idle
     bal.refresh_dynamic()
-    ring = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    ring = last_table(bal).entries
     assert ring[:10] == [1] * 10, "the idle server takes the new flows until loads level"
 
 
-def test_unimplemented_scheduler_is_refused_with_the_reason(bal):
+def test_unknown_scheduler_is_refused_like_ipvsadm(bal):
     with pytest.raises(HdslbError) as e:
-        bal.service_add(dict(SVC, sched="mh"))
-    assert e.value.errno == errno.EOPNOTSUPP and "mh" in e.value.message
+        bal.service_add(dict(SVC, sched="lblc"))
+    assert e.value.errno == errno.ENOENT and "Scheduler not found: lblc" in e.value.message
 
 
 @pytest.mark.parametrize("op,args,err", [
@@ -82,7 +87,7 @@ def test_unimplemented_scheduler_is_refused_with_the_reason(bal):
     ("service_del", dict(SVC, port=81), errno.ESRCH),
     ("dest_add", {"svc": SVC, "addr": "192.168.100.2", "port": 80}, errno.EEXIST),
     ("dest_add", {"svc": SVC, "addr": "192.168.100.9", "weight": -1}, errno.EINVAL),
-    ("dest_add", {"svc": SVC, "addr": "192.168.100.9", "fwd": "dr"}, errno.EOPNOTSUPP),
+    ("dest_add", {"svc": SVC, "addr": "192.168.100.9", "port": 8080, "fwd": "dr"}, errno.EINVAL),
     ("dest_add", {"svc": SVC, "addr": "fd00::9"}, errno.EOPNOTSUPP),
     ("dest_del", {"svc": SVC, "addr": "192.168.100.9"}, errno.ENOENT),
     ("laddr_add", {"svc": SVC, "addr": "192.168.100.201", "ifname": "nope0"}, errno.ENODEV),
@@ -105,7 +110,7 @@ def test_refused_changes_change_nothing(bal, op, args, err):
 def test_weight_zero_drains(bal):
     quick_start(bal)
     bal.dest_edit({"svc": SVC, "addr": "192.168.100.3", "port": 80, "weight": 0})
-    ring = [c for c in bal.dp.calls if c[0] == "sched_set"][-1][1][1]
+    ring = last_table(bal).entries
     drained = [c for c in bal.dp.calls if c[0] == "dest_set"][-1][1][1]
     assert ring == [0] and drained.weight == 0
 

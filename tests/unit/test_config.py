@@ -268,13 +268,14 @@ virtual_server 10.0.0.1 80
     }
     persistence_timeout
 }
-virtual_server 10.0.0.1 0 { lb_kind SNAT; real_server 10.0.0.9 0 { } }
+virtual_server match out { lb_kind SNAT; src-range 192.168.1.1-192.168.1.9; real_server 10.0.0.9 0 { } }
 """)
     vs, snat = cfg.virtual_servers
     assert (vs.lb_kind, vs.lb_algo, vs.persistence_timeout) == ("FNAT", "rr", 360)
     assert vs.real_servers[0].weight == 0
     assert vs.real_servers[1].checkers[0].url[0].path == "/a#b"  # `#` inside a word is not a comment
-    assert snat.port == 0 and snat.real_servers[0].port == 0
+    assert snat.key == ("TCP", "match out") and snat.src_range == "192.168.1.1-192.168.1.9"
+    assert snat.real_servers[0].port == 0
 
 
 def test_address_ranges():
@@ -440,7 +441,7 @@ def test_table_fields_match_the_dataclasses():
     def visit(block, path):
         if block.build is not None and dataclasses.is_dataclass(block.build) and block.entries is None:
             names = {f.name for f in dataclasses.fields(block.build)}
-            given = set(block.fixed) | {"where", "ip", "port", "group", "name"}
+            given = set(block.fixed) | {"where", "ip", "port", "group", "name", "match"}
             filled = set()
             for kw, child in block.children.items():
                 if child.na or (isinstance(child, Block) and child.build is None):

@@ -88,9 +88,14 @@ def test_unknown_local_address_group_is_refused_at_load_with_its_line():
     assert str(e.value).startswith("lb.conf:9:")
 
 
-def test_unimplemented_lb_kind_fails_the_dry_run():
+def test_every_lb_kind_applies_and_model_refusals_still_fail():
     ctx = Ctx()
-    ops_text = BASE.replace("lb_kind FNAT", "lb_kind DR")
+    ctx.apply(BASE.replace("lb_kind FNAT", "lb_kind DR"))
+    svc = next(iter(ctx.bal.services.values()))
+    assert {d.fwd for d in svc.dests.values()} == {"dr"}
+    # an IPv6 local address for an IPv4 service passes the parser; the model refuses it (NAT46)
     with pytest.raises(HdslbError) as e:
-        ctx.apply(ops_text)
+        Ctx().apply(BASE.replace("192.168.100.200 eth1", "fd00::200 eth1"))
     assert e.value.errno == errno.EOPNOTSUPP
+
+
