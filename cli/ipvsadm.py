@@ -36,7 +36,7 @@ INT_MAX = 2**31 - 1
 
 FWD_NAMES = {"fnat": "FullNat", "dr": "Route", "nat": "Masq", "tunnel": "Tunnel", "snat": "SNAT"}
 FWD_SWITCHES = {"fnat": "-b", "dr": "-g", "nat": "-m", "tunnel": "-i", "snat": "-J"}
-PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
 # How an option takes its argument (popt's POPT_ARG_NONE, POPT_ARG_STRING, POPT_ARGFLAG_OPTIONAL).
@@ -73,7 +73,9 @@ _OPTIONS = (
     _Opt("v", "version", command="version"),
     _Opt("t", "tcp-service", REQUIRED, option="service-address", value="tcp"),
     _Opt("u", "udp-service", REQUIRED, option="service-address", value="udp"),
+    _Opt("H", "match", REQUIRED, option="service-address", value="match"),
     _Opt("s", "scheduler", REQUIRED, option="scheduler"),
+    _Opt(None, "sched-flags", REQUIRED, option="sched-flags"),
     _Opt("p", "persistent", OPTIONAL, option="persistent"),
     _Opt("M", "netmask", REQUIRED, option="netmask"),
     _Opt("r", "real-server", REQUIRED, option="real-server"),
@@ -90,6 +92,7 @@ _OPTIONS = (
     _Opt(None, "stats", option="stats"),
     _Opt(None, "rate", option="rate"),
     _Opt(None, "thresholds", option="thresholds"),
+    _Opt(None, "persistent-conn", option="persistent-conn"),
     _Opt(None, "nosort", option="nosort"),
     _Opt(None, "sort"),  # sorting is the default; ipvsadm keeps the option for backwards compatibility
     _Opt("X", "exact", option="exact"),
@@ -103,24 +106,31 @@ _BY_LONG = {o.long: o for o in _OPTIONS}
 #   +  compulsory    x  illegal    1  exclusive (only one '1' option may be given)    .  optional
 _COLUMNS = ("numeric", "connection", "service-address", "scheduler", "persistent", "netmask", "real-server",
             "forwarding-method", "weight", "u-threshold", "l-threshold", "stats", "rate", "thresholds",
-            "nosort", "exact", "local-address", "ifname")
+            "nosort", "exact", "local-address", "ifname", "sched-flags", "persistent-conn")
 _LEGAL = {cmd: row.split() for cmd, row in {
-    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F
-    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x",
-    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x",
-    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
-    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
-    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x",
-    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x",
-    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x",
-    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x",
-    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
-    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
-    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
-    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +",
-    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +",
-    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x",
+    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F sf pc
+    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x",
+    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x",
+    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x  x  .",
+    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x",
+    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x",
+    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x",
+    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x",
+    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
 }.items()}
+
+# LVS scheduler flags (ipvsadm --sched-flags, upstream's -b, which DPVS gave to FullNAT) and hdslb's table
+# parameters, written NAME=N in the same list: size (hash table buckets; mh: a prime), seed, replicas (conhash),
+# horizon (lc/wlc ring length).
+SCHED_FLAG_NAMES = ("sh-fallback", "sh-port", "mh-fallback", "mh-port")
+SCHED_PARAM_NAMES = ("size", "seed", "replicas", "horizon")
+MATCH_KEYS = ("proto", "src-range", "dst-range", "iif", "oif")
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class Format:
     thresholds: bool = False
     exact: bool = False
     nosort: bool = False
+    persistent_conn: bool = False
 
 
 @dataclass
@@ -256,6 +267,9 @@ class _Line:
     operands: list[str] = field(default_factory=list)
     proto: str = "tcp"
     svc: tuple | None = None  # (address, port)
+    match: dict | None = None  # -H: a SNAT service's match
+    sched_flags: list | None = None
+    sched_params: dict | None = None
     sched: str | None = None
     persistent: int | None = None
     netmask: str | None = None
@@ -271,7 +285,10 @@ class _Line:
 def _take(line: _Line, opt: _Opt, val: str | None) -> None:
     """Check and store one option's value; bad values fail here, as they do in ipvsadm's parse_options."""
     name = opt.option
-    if name == "service-address":
+    if name == "service-address" and opt.value == "match":
+        line.match = parse_match(val)
+        line.proto = line.match["proto"]
+    elif name == "service-address":
         line.proto = opt.value
         parsed = parse_addr_port(val, opt.value)
         if parsed is None:
@@ -279,6 +296,8 @@ def _take(line: _Line, opt: _Opt, val: str | None) -> None:
         line.svc = (parsed[0], parsed[1] or 0)
     elif name == "scheduler":
         line.sched = val
+    elif name == "sched-flags":
+        line.sched_flags, line.sched_params = parse_sched_flags(val)
     elif name == "persistent":
         if val is None:
             line.persistent = DEFAULT_PERSISTENT
@@ -311,6 +330,68 @@ def _take(line: _Line, opt: _Opt, val: str | None) -> None:
         line.laddr = str(parsed[0])
     elif name == "ifname":
         line.ifname = val
+
+
+def parse_match(text: str) -> dict:
+    """-H proto=tcp,src-range=IP1[-IP2],dst-range=..,iif=IF,oif=IF (DPVS's parse_match; empty values allowed).
+
+    Ranges are passed on as written (the daemon checks them: IPv4 only, and the :PORT1-PORT2 part DPVS allows
+    is refused unless it is 0-0, since the fast path's SNAT rules match addresses only).
+    """
+    out = {"proto": None, "src_range": None, "dst_range": None, "iif": None, "oif": None}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        if not eq or key not in MATCH_KEYS:
+            raise UsageError("illegal match specified")
+        if key == "proto":
+            if val not in ("tcp", "udp", "icmp"):
+                raise UsageError("illegal match specified")
+            out["proto"] = val
+        else:
+            out[key.replace("-", "_")] = val or None
+    if out["proto"] is None:
+        raise UsageError("illegal match specified: proto= is required (tcp, udp or icmp)")
+    return out
+
+
+def match_text(m: dict, rule: bool) -> str:
+    """A match as -S writes it (`-H proto=..`, only the keys set) or as -L shows it (`MATCH tcp,from=..`)."""
+    if rule:
+        parts = [f"proto={m['proto']}"] + [f"{k}={m[k.replace('-', '_')]}" for k in MATCH_KEYS[1:]
+                                           if m.get(k.replace("-", "_"))]
+        return ",".join(parts)
+    text = f"MATCH {m['proto']}"
+    for key, label in (("src_range", "from"), ("dst_range", "to"), ("iif", "iif"), ("oif", "oif")):
+        if m.get(key):
+            text += f",{label}={m[key]}"
+    return text
+
+
+def parse_sched_flags(text: str) -> tuple[list, dict]:
+    """--sched-flags sh-port,mh-fallback,size=4093 -> (LVS flags, table parameters)."""
+    flags, params = [], {}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        name, eq, val = item.partition("=")
+        if eq:
+            n = _number(val, 0, 2**32 - 1)
+            if name not in SCHED_PARAM_NAMES or n is None:
+                raise UsageError(f"invalid scheduler flag `{item}' ({', '.join(SCHED_FLAG_NAMES)}, or "
+                                 f"{'|'.join(SCHED_PARAM_NAMES)}=N)")
+            params[name] = n
+        elif name in SCHED_FLAG_NAMES:
+            flags.append(name)
+        else:
+            raise UsageError(f"invalid scheduler flag `{item}' ({', '.join(SCHED_FLAG_NAMES)}, or "
+                             f"{'|'.join(SCHED_PARAM_NAMES)}=N)")
+    return flags, params
+
+
+def sched_flags_text(flags: list, params: dict) -> str:
+    return ",".join(list(flags) + [f"{k}={v}" for k, v in sorted((params or {}).items())])
 
 
 def _check_table(command: str, given: list[str]) -> None:
@@ -372,17 +453,24 @@ def parse(argv: list[str]) -> Invocation:
 def _build(line: _Line) -> Invocation:
     given = set(line.given)
     fmt = Format(numeric="numeric" in given, stats="stats" in given, rate="rate" in given,
-                 thresholds="thresholds" in given, exact="exact" in given, nosort="nosort" in given)
+                 thresholds="thresholds" in given, exact="exact" in given, nosort="nosort" in given,
+                 persistent_conn="persistent-conn" in given)
     cmd = line.command
     svc = None
-    if line.svc:
+    if line.match is not None:
+        svc = {"match": line.match}
+    elif line.svc:
         svc = {"proto": line.proto, "addr": str(line.svc[0]), "port": line.svc[1]}
 
     if cmd == "list":
         if "connection" in given and given & {"stats", "rate", "thresholds"}:
             raise UsageError("options conflicts in the list command")
+        if len(given & {"stats", "rate", "thresholds", "persistent-conn"} - {"connection"}) > 1:
+            raise UsageError("options conflicts in the list command")
         if "connection" in given:
-            return Invocation(cmd, [("conn.list", {})], "conns", fmt)
+            # -c lists connections and persistence templates; with --persistent-conn, templates only (DPVS)
+            return Invocation(cmd, [("conn.list", {"templates_only": True} if fmt.persistent_conn else {})],
+                              "conns", fmt)
         return Invocation(cmd, [("service.list", {"svc": svc})], "service" if svc else "services", fmt)
     if cmd == "save":
         return Invocation(cmd, [("service.list", {"svc": None})], "save", fmt)
@@ -401,17 +489,21 @@ def _build(line: _Line) -> Invocation:
         return Invocation(cmd, [("service.del", svc)])
 
     if cmd in ("add-service", "edit-service"):
-        if svc["port"] == 0 and line.persistent is None:
+        if line.match is None and svc["port"] == 0 and line.persistent is None:
             raise UsageError("Zero port specified for non-persistent service")
-        netmask = None if line.netmask is None else _netmask(line.netmask, line.svc[0].version)
+        version = 4 if line.match is not None else line.svc[0].version
+        netmask = None if line.netmask is None else _netmask(line.netmask, version)
         if cmd == "add-service":
-            return Invocation(cmd, [("service.add", {
-                **svc, "sched": line.sched or DEFAULT_SCHED, "persistent": line.persistent,
-                "netmask": netmask, "flags": []})])
+            args = {**svc, "sched": line.sched or DEFAULT_SCHED, "persistent": line.persistent,
+                    "netmask": netmask, "flags": list(line.sched_flags or [])}
+            if line.sched_params:
+                args["sched_params"] = dict(line.sched_params)
+            return Invocation(cmd, [("service.add", args)])
         # DPVS edits a service "by options": what the line does not mention stays as it is.
         args = dict(svc)
         for key, name, value in (("sched", "scheduler", line.sched), ("persistent", "persistent", line.persistent),
-                                 ("netmask", "netmask", netmask)):
+                                 ("netmask", "netmask", netmask), ("flags", "sched-flags", line.sched_flags),
+                                 ("sched_params", "sched-flags", line.sched_params)):
             if name in given:
                 args[key] = value
         return Invocation(cmd, [("service.edit", args)])
@@ -421,15 +513,19 @@ def _build(line: _Line) -> Invocation:
     if parsed is None:
         raise UsageError("illegal real server address[:port] specified")
     addr, port = parsed
+    # A match (SNAT) service's real servers are source addresses, port 0, and -J is their only method.
+    default_fwd = "snat" if line.match is not None else DEFAULT_FWD
+    if line.match is not None:
+        port = port or 0
     # No port: the service's. Direct routing and tunnelling cannot change the port, so theirs is forced.
-    if port is None or (line.fwd or (DEFAULT_FWD if cmd == "add-server" else None)) in ("dr", "tunnel"):
+    elif port is None or (line.fwd or (DEFAULT_FWD if cmd == "add-server" else None)) in ("dr", "tunnel"):
         port = svc["port"]
     dest = {"svc": svc, "addr": str(addr), "port": port}
     if cmd == "delete-server":
         return Invocation(cmd, [("dest.del", dest)])
     if cmd == "add-server":
         return Invocation(cmd, [("dest.add", {
-            **dest, "fwd": line.fwd or DEFAULT_FWD, "weight": 1 if line.weight is None else line.weight,
+            **dest, "fwd": line.fwd or default_fwd, "weight": 1 if line.weight is None else line.weight,
             "u_threshold": line.u_threshold or 0, "l_threshold": line.l_threshold or 0})])
     # edit-server: like edit-service, only what is given changes (ipvsadm would reset the rest to -g -w 1).
     for key, name, value in (("fwd", "forwarding-method", line.fwd), ("weight", "weight", line.weight),
@@ -517,6 +613,9 @@ def _title(fmt: Format) -> list[str]:
     elif fmt.thresholds:
         return [f"{head:<33} {'Uthreshold':<10} {'Lthreshold':<10} {'ActiveConn':<10} {'InActConn':<10}",
                 "  -> RemoteAddress:Port"]
+    elif fmt.persistent_conn:
+        return [f"{head:<33} {'Weight':<9} {'PersistConn':<11} {'ActiveConn':<10} {'InActConn':<10}",
+                "  -> RemoteAddress:Port"]
     else:
         return [f"{head} Scheduler Flags",
                 "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
@@ -533,19 +632,25 @@ def _full_mask(netmask, version: int) -> bool:
 
 def _service_line(s: dict, fmt: Format) -> str:
     v4 = _version(s["addr"]) == 4
-    name = f"{s['proto'].upper()}  {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
-    if v4:
-        name = name[:33]  # ipvsadm cuts IPv4 names to the column
+    if s.get("match"):
+        name = match_text(s["match"], rule=False)  # DPVS: MATCH tcp,from=..,to=..,iif=..,oif=..
+    else:
+        name = f"{s['proto'].upper()}  {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
+        if v4:
+            name = name[:33]  # ipvsadm cuts IPv4 names to the column
     if fmt.stats:
         return f"{name:<33}" + "".join(largenum(s["stats"][k], fmt.exact) for k in STATS_KEYS)
     if fmt.rate:
         return f"{name:<33}" + "".join(largenum(s["rates"][k], fmt.exact) for k in RATE_KEYS)
     text = f"{name} {s['sched']}"
+    flags = sched_flags_text(s.get("flags") or [], s.get("sched_params") or {})
+    if flags:
+        text += f" ({flags})"  # LVS prints scheduler flags in parentheses after the scheduler
     if s.get("persistent"):
         text += f" persistent {s['persistent']}"
         if not _full_mask(s.get("netmask"), 4 if v4 else 6):
             text += f" mask {s['netmask']}"
-    return text + "".join(f" {f}" for f in s.get("flags") or [])
+    return text
 
 
 def _dest_line(s: dict, d: dict, fmt: Format) -> str:
@@ -560,6 +665,9 @@ def _dest_line(s: dict, d: dict, fmt: Format) -> str:
                 + largenum(r["inbps"], fmt.exact) + largenum(r["outbps"], fmt.exact))
     if fmt.thresholds:
         return (f"  -> {name:<28} {d['u_threshold']:<10} {d['l_threshold']:<10} "
+                f"{d['active']:<10} {d['inactive']:<10}" + (" overloaded" if d.get("overloaded") else ""))
+    if fmt.persistent_conn:
+        return (f"  -> {name:<28} {d['weight']:<9} {d.get('persist_conns', 0):<11} "
                 f"{d['active']:<10} {d['inactive']:<10}")
     return (f"  -> {name:<28} {FWD_NAMES.get(d['fwd'], d['fwd']):<7} {d['weight']:<6} "
             f"{d['active']:<10} {d['inactive']:<10}")
@@ -575,6 +683,10 @@ def format_list(data: dict, fmt: Format, header: bool = True) -> str:
     for s in _sorted_services(data["services"], fmt.nosort):
         out.append(_service_line(s, fmt))
         out += [_dest_line(s, d, fmt) for d in _sorted_dests(s["dests"], fmt.nosort)]
+    if fmt.thresholds and data.get("counts_age_max_s"):
+        # hdslb: the counts are a periodic scan of the conn table, not per-packet counters as in LVS
+        out.append(f"# counts are the estimator's, up to {data['counts_age_max_s']:g}s old: a server is marked "
+                   f"overloaded (no new flows) at most that late, and may pass its Uthreshold meanwhile")
     return "".join(line + "\n" for line in out)
 
 
@@ -586,8 +698,14 @@ def format_save(data: dict, fmt: Format) -> str:
     """
     out = []
     for s in _sorted_services(data["services"], fmt.nosort):
-        svc = f"{'-t' if s['proto'] == 'tcp' else '-u'} {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
+        if s.get("match"):
+            svc = f"-H {match_text(s['match'], rule=True)}"
+        else:
+            svc = f"{'-t' if s['proto'] == 'tcp' else '-u'} {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
         line = f"-A {svc} -s {s['sched']}"
+        flags = sched_flags_text(s.get("flags") or [], s.get("sched_params") or {})
+        if flags:
+            line += f" --sched-flags {flags}"
         if s.get("persistent"):
             line += f" -p {s['persistent']}"
             if not _full_mask(s.get("netmask"), _version(s["addr"])):
@@ -634,13 +752,23 @@ def format_conns(data: dict, fmt: Format) -> str:
         out.append(f"[{c['cpu']}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
                    f"{ap('saddr', 'sport'):<18} {ap('daddr', 'dport'):<18} {ap('to_saddr', 'to_sport'):<18} "
                    f"{ap('to_daddr', 'to_dport')}")
+    # Persistence templates, as LVS lists them among connections: client port 0, state NONE; the client is
+    # its network (the address masked by -M), the time is what is left of the template's -p timeout, and the
+    # cpu is "-" (templates are shared by every CPU). There is no local address: "-".
+    for t in data.get("templates") or []:
+        proto = t["proto"]
+        real = addrport(t["daddr"], t["dport"], proto, fmt.numeric) if t.get("daddr") else "?"
+        out.append(f"[-]{proto:<3} {str(t['expire_s']) + 's':<6} {'NONE':<11} "
+                   f"{addrport(t['client'], 0, proto, True):<18} "
+                   f"{addrport(t['vaddr'], t['vport'], proto, fmt.numeric):<18} {'-':<18} {real}")
     return "".join(line + "\n" for line in out)
 
 
 USAGE = f"""\
 {PROG} hdslb-{__version__} (IPVS v{IPVS_VERSION} command set over the hdslbd control socket)
 Usage:
-  {PROG} -A|E -t|u service-address [-s scheduler] [-p [timeout]] [-M netmask]
+  {PROG} -A|E -t|u service-address [-s scheduler] [--sched-flags flags] [-p [timeout]] [-M netmask]
+  {PROG} -A|E -H match [-s scheduler] [--sched-flags flags]
   {PROG} -D -t|u service-address
   {PROG} -C
   {PROG} -R
@@ -648,6 +776,7 @@ Usage:
   {PROG} -P|Q -t|u service-address -z local-address -F ifname
   {PROG} -G [-t|u service-address]
   {PROG} -a|e -t|u service-address -r server-address [options]
+  {PROG} -a|e -H match -r source-address:0 [-J] [-w weight]
   {PROG} -d -t|u service-address -r server-address
   {PROG} -L|l [options]
   {PROG} -Z [-t|u service-address]
@@ -675,7 +804,15 @@ Either long or short options are allowed.
 Options:
   --tcp-service  -t service-address   service-address is host[:port]
   --udp-service  -u service-address   service-address is host[:port]
-  --scheduler    -s scheduler         the default scheduler is {DEFAULT_SCHED}.
+  --match        -H match             a SNAT service selected by MATCH (instead of -t|-u):
+                                      proto=tcp|udp|icmp[,src-range=IP1[-IP2]][,dst-range=IP1[-IP2]]
+                                      [,iif=IFNAME][,oif=IFNAME]  (IPv4; its real servers are sapool
+                                      addresses ADDR:0, or 0.0.0.0:0 for the src of the route taken)
+  --scheduler    -s scheduler         one of rr|wrr|lc|wlc|sh|dh|mh|conhash|fo,
+                                      the default scheduler is {DEFAULT_SCHED}.
+  --sched-flags  flags                sh-port,sh-fallback,mh-port,mh-fallback (LVS), and the table's
+                                      size=N (sh/dh/mh/conhash; mh: a prime, default 65537), seed=N,
+                                      replicas=N (conhash), horizon=N (lc/wlc)
   --persistent   -p [timeout]         persistent service (default timeout {DEFAULT_PERSISTENT})
   --netmask      -M netmask           persistent granularity mask
   --real-server  -r server-address    server-address is host (and port)
@@ -692,6 +829,7 @@ Options:
   --rate                              output of rate information
   --exact        -X                   expand numbers (display exact values)
   --thresholds                        output of thresholds information
+  --persistent-conn                   output of persistent connection info (with -c: templates only)
   --nosort                            disable sorting output of service/server entries
   --sort                              does nothing, for backwards compatibility
   --numeric      -n                   numeric output of addresses and ports
@@ -727,6 +865,10 @@ def execute(client, inv: Invocation) -> str:
     data = None
     for op, args in inv.requests:
         data = client.call(op, args)
+        # An accepted change that cannot work yet (a tunnel without an outer source, a DR server behind a
+        # gateway) comes back with warnings: said on stderr, the exit code stays 0.
+        for w in (data or {}).get("warnings", ()) if isinstance(data, dict) else ():
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
     return render(inv, data)
 
 

@@ -1,0 +1,207 @@
+"""ipvsadm for every forwarding mode: -g/-m/-i/-b/-J, SNAT match services (-H), persistence (-p/-M),
+thresholds (-x/-y), scheduler flags, templates in -Lnc, and -S/-R round trips of all of it."""
+
+import pytest
+
+from cli import ipvsadm
+from cli.common import UsageError
+
+from .test_cli_ipvsadm import FakeClient, dest, render, requests, service
+
+VIP = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
+MATCH = {"proto": "tcp", "src_range": "192.168.100.0-192.168.100.254", "dst_range": None, "iif": None,
+         "oif": "dpdk1"}
+
+
+# ------------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("switch, fwd", [("-g", "dr"), ("-m", "nat"), ("-i", "tunnel"), ("-b", "fnat"),
+                                         ("--masquerading", "nat"), ("--ipip", "tunnel"), ("--gatewaying", "dr")])
+def test_forwarding_switches(switch, fwd):
+    (op, args), = requests("-a", "-t", "10.0.0.100:80", "-r", "192.168.100.2:8080", switch, "-w", "3")
+    assert op == "dest.add" and args["fwd"] == fwd and args["weight"] == 3
+    # DR and TUNNEL cannot change the port: ipvsadm forces the service's; NAT and FNAT map it
+    assert args["port"] == (80 if fwd in ("dr", "tunnel") else 8080)
+
+
+def test_default_forwarding_is_dr_like_dpvs():
+    (_, args), = requests("-a", "-t", "10.0.0.100:80", "-r", "192.168.100.2")
+    assert (args["fwd"], args["port"]) == ("dr", 80)
+
+
+def test_thresholds_on_add_and_edit():
+    (_, args), = requests("-a", "-t", "10.0.0.100:80", "-r", "192.168.100.2:80", "-b", "-x", "100", "-y", "50")
+    assert (args["u_threshold"], args["l_threshold"]) == (100, 50)
+    # an edit sends only what it mentions
+    (op, args), = requests("-e", "-t", "10.0.0.100:80", "-r", "192.168.100.2:80", "-x", "10")
+    assert op == "dest.edit" and args == {"svc": VIP, "addr": "192.168.100.2", "port": 80, "u_threshold": 10}
+    with pytest.raises(UsageError, match="illegal u_threshold specified"):
+        requests("-a", "-t", "10.0.0.100:80", "-r", "192.168.100.2", "-x", "-1")
+
+
+def test_persistence_options():
+    (_, args), = requests("-A", "-t", "10.0.0.100:80", "-s", "sh", "-p", "-M", "255.255.0.0")
+    assert (args["sched"], args["persistent"], args["netmask"]) == ("sh", 300, "255.255.0.0")
+    (_, args), = requests("-A", "-t", "[2001:db8::1]:80", "-p", "60", "-M", "48")
+    assert (args["persistent"], args["netmask"]) == (60, "48")
+    with pytest.raises(UsageError, match="illegal ipv6 netmask"):
+        requests("-A", "-t", "[2001:db8::1]:80", "-p", "60", "-M", "255.255.0.0")
+
+
+def test_match_service_and_its_source_addresses():
+    (op, args), = requests("-A", "-s", "rr", "-H", "proto=tcp,src-range=192.168.100.0-192.168.100.254,oif=dpdk1")
+    assert op == "service.add" and args == {"match": MATCH, "sched": "rr", "persistent": None, "netmask": None,
+                                            "flags": []}
+    # DPVS's own example: `-a -H ... -r 101.0.0.11:0 -J`; -J is the default under -H, the port is 0
+    for extra in (["-J"], []):
+        (op, args), = requests("-a", "-H", "proto=tcp,src-range=192.168.100.0-192.168.100.254,oif=dpdk1",
+                               "-r", "101.0.0.11:0", "-w", "100", *extra)
+        assert op == "dest.add" and args["svc"] == {"match": MATCH}
+        assert (args["addr"], args["port"], args["fwd"], args["weight"]) == ("101.0.0.11", 0, "snat", 100)
+    (op, args), = requests("-d", "-H", "proto=icmp,dst-range=8.8.8.8,iif=", "-r", "0.0.0.0")
+    assert op == "dest.del" and args == {"svc": {"match": {"proto": "icmp", "src_range": None,
+                                                           "dst_range": "8.8.8.8", "iif": None, "oif": None}},
+                                         "addr": "0.0.0.0", "port": 0}
+    (op, args), = requests("-D", "-H", "proto=udp")
+    assert op == "service.del" and args["match"]["proto"] == "udp"
+
+
+@pytest.mark.parametrize("match", ["src-range=1.2.3.4", "proto=sctp", "proto=tcp,via=eth0", "proto=tcp,oif"])
+def test_illegal_match(match):
+    with pytest.raises(UsageError, match="illegal match specified"):
+        requests("-A", "-H", match)
+
+
+def test_match_and_vip_are_one_option():
+    with pytest.raises(UsageError, match="multiple 'service-address' options"):
+        requests("-A", "-t", "10.0.0.1:80", "-H", "proto=tcp")
+
+
+def test_sched_flags():
+    (_, args), = requests("-A", "-t", "10.0.0.100:80", "-s", "mh", "--sched-flags", "mh-port,size=4093,seed=7")
+    assert (args["flags"], args["sched_params"]) == (["mh-port"], {"size": 4093, "seed": 7})
+    (op, args), = requests("-E", "-t", "10.0.0.100:80", "--sched-flags", "mh-fallback")
+    assert op == "service.edit" and (args["flags"], args["sched_params"]) == (["mh-fallback"], {})
+    for bad in ("sh-nope", "size=x", "colour=3"):
+        with pytest.raises(UsageError, match="invalid scheduler flag"):
+            requests("-A", "-t", "10.0.0.100:80", "--sched-flags", bad)
+    with pytest.raises(UsageError, match="Illegal 'sched-flags' option"):
+        requests("-a", "-t", "10.0.0.100:80", "-r", "10.0.0.2", "--sched-flags", "sh-port")
+
+
+def test_connection_listing_requests():
+    assert requests("-Lnc") == [("conn.list", {})]
+    assert requests("-Lnc", "--persistent-conn") == [("conn.list", {"templates_only": True})]
+    assert requests("-Ln", "--persistent-conn") == [("service.list", {"svc": None})]
+    with pytest.raises(UsageError, match="options conflicts"):
+        requests("-Ln", "--thresholds", "--persistent-conn")
+
+
+# ---------------------------------------------------------------------------------------- formatting
+def snat_service():
+    return {**service("tcp", "0.0.0.0", 0, "rr", [dest("101.0.0.11", 0, "snat", weight=100)]), "match": MATCH}
+
+
+def test_every_forward_name_and_the_match_line():
+    data = {"services": [
+        service("tcp", "10.0.0.100", 80, "rr", [dest("192.168.100.2", 80, "fnat"), dest("192.168.100.3", 80, "dr"),
+                                                dest("192.168.100.4", 8080, "nat"),
+                                                dest("192.168.100.5", 80, "tunnel")]),
+        snat_service(),
+    ]}
+    lines = render(["-Ln"], data).splitlines()[3:]
+    assert lines == [
+        "MATCH tcp,from=192.168.100.0-192.168.100.254,oif=dpdk1 rr",
+        "  -> 101.0.0.11:0                 SNAT    100    0          0         ",
+        "TCP  10.0.0.100:80 rr",
+        "  -> 192.168.100.2:80             FullNat 1      0          0         ",
+        "  -> 192.168.100.3:80             Route   1      0          0         ",
+        "  -> 192.168.100.4:8080           Masq    1      0          0         ",
+        "  -> 192.168.100.5:80             Tunnel  1      0          0         ",
+    ]
+
+
+def test_sched_flags_are_shown_as_lvs_does():
+    s = {**service("tcp", "10.0.0.100", 80, "mh", [], persistent=300, netmask="255.255.255.0"),
+         "flags": ["mh-port"], "sched_params": {"size": 4093}}
+    assert render(["-Ln"], {"services": [s]}).splitlines()[3] == \
+        "TCP  10.0.0.100:80 mh (mh-port,size=4093) persistent 300 mask 255.255.255.0"
+
+
+def test_thresholds_view_marks_overload_and_says_how_old_counts_are():
+    d = {**dest("192.168.100.2", 80, active=90, inactive=20), "u_threshold": 100, "l_threshold": 50,
+         "overloaded": True}
+    data = {"counts_age_max_s": 3.0, "services": [service("tcp", "10.0.0.100", 80, "rr", [d])]}
+    lines = render(["-Ln", "--thresholds"], data).splitlines()
+    assert lines[1] == "Prot LocalAddress:Port            Uthreshold Lthreshold ActiveConn InActConn "
+    assert lines[4] == "  -> 192.168.100.2:80             100        50         90         20         overloaded"
+    assert lines[5].startswith("# counts are the estimator's, up to 3s old")
+
+
+def test_persistent_conn_view():
+    d = {**dest("192.168.100.2", 80, weight=2, active=3, inactive=4), "persist_conns": 7}
+    lines = render(["-Ln", "--persistent-conn"], {"services": [service("tcp", "10.0.0.100", 80, "rr", [d])]})
+    assert lines.splitlines()[1:] == [
+        "Prot LocalAddress:Port            Weight    PersistConn ActiveConn InActConn ",
+        "  -> RemoteAddress:Port",
+        "TCP  10.0.0.100:80 rr",
+        "  -> 192.168.100.2:80             2         7           3          4         ",
+    ]
+
+
+def test_templates_are_listed_like_lvs_connections():
+    t = {"proto": "tcp", "client": "10.1.2.0", "plen": 24, "vaddr": "10.0.0.100", "vport": 80, "daddr": "192.168.100.2",
+         "dport": 80, "dest_slot": 0, "expire_s": 285}
+    t6 = {**t, "client": "2001:db8:1::", "vaddr": "2001:db8::100", "daddr": "2001:db8::2"}
+    assert render(["-Lnc"], {"conns": [], "templates": [t, t6]}) == (
+        "[-]tcp 285s   NONE        10.1.2.0:0         10.0.0.100:80      -                  192.168.100.2:80\n"
+        "[-]tcp 285s   NONE        [2001:db8:1::]:0   [2001:db8::100]:80 -                  [2001:db8::2]:80\n")
+
+
+def test_save_restore_round_trip_of_every_mode():
+    persist = {**service("tcp", "10.0.0.100", 80, "sh", [
+        dest("192.168.100.2", 80, "dr"), {**dest("192.168.100.3", 80, "tunnel"), "u_threshold": 100, "l_threshold": 50},
+        dest("192.168.100.4", 8080, "nat", weight=0)], persistent=300, netmask="255.255.255.0"), "flags": ["sh-port"],
+        "sched_params": {"size": 1024}}
+    nat64 = service("tcp", "2001:db8::100", 80, "mh", [dest("192.168.100.2", 80)],
+                    laddrs=[{"addr": "192.168.100.200", "ifname": "dpdk1", "conns": 0, "conflicts": 0}])
+    data = {"services": [persist, nat64, snat_service()]}
+    saved = render(["-S", "-n"], data)
+    assert saved == (
+        "-A -H proto=tcp,src-range=192.168.100.0-192.168.100.254,oif=dpdk1 -s rr\n"
+        "-a -H proto=tcp,src-range=192.168.100.0-192.168.100.254,oif=dpdk1 -r 101.0.0.11:0 -J -w 100\n"
+        "-A -t 10.0.0.100:80 -s sh --sched-flags sh-port,size=1024 -p 300 -M 255.255.255.0\n"
+        "-a -t 10.0.0.100:80 -r 192.168.100.2:80 -g -w 1\n"
+        "-a -t 10.0.0.100:80 -r 192.168.100.3:80 -i -w 1 -x 100 -y 50\n"
+        "-a -t 10.0.0.100:80 -r 192.168.100.4:8080 -m -w 0\n"
+        "-A -t [2001:db8::100]:80 -s mh\n"
+        "-a -t [2001:db8::100]:80 -r 192.168.100.2:80 -b -w 1\n"
+        "-P -t [2001:db8::100]:80 -z 192.168.100.200 -F dpdk1\n")
+    sent = [r for _, inv in ipvsadm.parse_restore(saved) for r in inv.requests]
+    svc, v6 = VIP, {"proto": "tcp", "addr": "2001:db8::100", "port": 80}
+    assert sent == [
+        ("service.add", {"match": MATCH, "sched": "rr", "persistent": None, "netmask": None, "flags": []}),
+        ("dest.add", {"svc": {"match": MATCH}, "addr": "101.0.0.11", "port": 0, "fwd": "snat", "weight": 100,
+                      "u_threshold": 0, "l_threshold": 0}),
+        ("service.add", {**svc, "sched": "sh", "persistent": 300, "netmask": "255.255.255.0", "flags": ["sh-port"],
+                         "sched_params": {"size": 1024}}),
+        ("dest.add", {"svc": svc, "addr": "192.168.100.2", "port": 80, "fwd": "dr", "weight": 1, "u_threshold": 0,
+                      "l_threshold": 0}),
+        ("dest.add", {"svc": svc, "addr": "192.168.100.3", "port": 80, "fwd": "tunnel", "weight": 1,
+                      "u_threshold": 100, "l_threshold": 50}),
+        ("dest.add", {"svc": svc, "addr": "192.168.100.4", "port": 8080, "fwd": "nat", "weight": 0,
+                      "u_threshold": 0, "l_threshold": 0}),
+        ("service.add", {**v6, "sched": "mh", "persistent": None, "netmask": None, "flags": []}),
+        ("dest.add", {"svc": v6, "addr": "192.168.100.2", "port": 80, "fwd": "fnat", "weight": 1, "u_threshold": 0,
+                      "l_threshold": 0}),
+        ("laddr.add", {"svc": v6, "addr": "192.168.100.200", "ifname": "dpdk1"}),
+    ]
+    # what -S wrote, listed again after -R, saves the same text
+    assert render(["-S", "-n"], data) == saved
+
+
+# ---------------------------------------------------------------------------------------------- main
+def test_warnings_go_to_stderr_and_the_change_stands(monkeypatch, capsys):
+    fake = FakeClient(replies={"dest.add": {"warnings": ["no outer source address for the tunnel to 1.2.3.4"]}})
+    monkeypatch.setattr(ipvsadm, "Client", fake)
+    assert ipvsadm.main(["-a", "-t", "10.0.0.100:80", "-r", "1.2.3.4", "-i"]) == 0
+    assert capsys.readouterr().err == "ipvsadm: warning: no outer source address for the tunnel to 1.2.3.4\n"
