@@ -99,3 +99,65 @@ def test_every_lb_kind_applies_and_model_refusals_still_fail():
     assert e.value.errno == errno.EOPNOTSUPP
 
 
+
+
+MODES = """
+virtual_server 10.0.0.100 80 {
+    lb_algo mh
+    mh-port
+    hash_table_size 4093
+    lb_kind DR
+    persistence_timeout 300
+    persistence_granularity 255.255.255.0
+    real_server 192.168.100.2 80 {
+        uthreshold 100
+        lthreshold 50
+    }
+}
+virtual_server match outbound {
+    protocol UDP
+    lb_algo sh
+    lb_kind SNAT
+    src-range 192.168.100.1-192.168.100.254
+    oif eth0
+    real_server 203.0.113.1 0 {
+        weight 5
+    }
+}
+"""
+
+
+def test_modes_persistence_thresholds_and_snat_from_the_file():
+    ctx = Ctx()
+    ctx.bal.addr_add({"addr": "203.0.113.1", "prefixlen": 24, "ifname": "eth0", "sapool": True})
+    ops = ctx.apply(MODES)
+    assert [o for o, _ in ops] == ["service.add", "dest.add", "service.add", "dest.add"]
+    vip = ctx.bal.get_service({"proto": "tcp", "addr": "10.0.0.100", "port": 80})
+    assert (vip.sched, vip.flags, vip.sched_params, vip.persistent, vip.netmask) == \
+        ("mh", ["mh-port"], {"size": 4093}, 300, "255.255.255.0")
+    d = next(iter(vip.dests.values()))
+    assert (d.fwd, d.u_threshold, d.l_threshold) == ("dr", 100, 50)
+    snat = next(s for s in ctx.bal.services.values() if s.match)
+    assert (snat.proto, snat.sched, str(snat.match)) == \
+        ("udp", "sh", "proto=udp,src-range=192.168.100.1-192.168.100.254,oif=eth0")
+    assert [(str(x.addr), x.port, x.fwd, x.weight) for x in snat.dests.values()] == [("203.0.113.1", 0, "snat", 5)]
+    assert ctx.apply(MODES) == [], "applying the same file again changes nothing"
+    # dropping persistence in the file turns it off (an edit that says "none", not "unchanged")
+    ops = ctx.apply(MODES.replace("    persistence_timeout 300\n    persistence_granularity 255.255.255.0\n", ""))
+    assert [o for o, _ in ops] == ["service.edit"] and (vip.persistent, vip.netmask) == (None, None)
+    # and the SNAT service goes away like any other config-owned service
+    ops = ctx.apply(MODES[:MODES.index("virtual_server match")])
+    assert [o for o, _ in ops] == ["service.del", "service.edit"] and not ctx.bal.snat_order
+
+
+def test_options_not_acted_on_are_reported_and_acted_on_ones_are_not():
+    from hdslb.config.apply import inactive_notices
+
+    cfg = loads(MODES.replace("    lb_kind DR\n", "    lb_kind DR\n    establish_timeout 60\n")
+                .replace("protocol UDP", "protocol UDP\n    ops"), name="lb.conf")
+    notices = inactive_notices(cfg)
+    assert any("ops: accepted, not acted on" in n for n in notices)
+    assert any("establish_timeout: accepted, not acted on" in n for n in notices)
+    for acted in ("persistence_timeout", "persistence_granularity", "lb_kind", "lb_algo", "mh-port",
+                  "hash_table_size", "uthreshold", "src-range", "oif"):
+        assert not any(f": {acted}: " in n for n in notices), acted
