@@ -1,0 +1,125 @@
+"""The control plane's map writers against the compiled program: the Balancer, through the daemon's MapDataPath and
+Maps, sets up hash tables (batched hash_cells writes and the sched_map swap), SNAT rules, persistence, and the
+packets go where the model says. test_modes.py pins the ABI with hand-written entries; this pins the writers."""
+
+import ctypes as ct
+import ipaddress
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from hdslb import sched
+from hdslb.balancer import Balancer, Iface
+from hdslb.daemon import MapDataPath
+from hdslb.fastpath.testrun import XDP_PASS, XDP_TX, run_xdp
+
+from .conftest import LB_MAC, LO_IFINDEX
+
+A = ipaddress.ip_address
+LB = ":".join(f"{b:02x}" for b in LB_MAC)
+VIP, CLIENT = "10.0.0.100", "10.0.0.1"
+RSS = ("192.168.100.2", "192.168.100.3", "192.168.100.4")
+SVC = {"proto": "tcp", "addr": VIP, "port": 80}
+
+
+def mac_of(addr: str) -> bytes:
+    return bytes.fromhex("0255000000") + bytes([int(A(addr).packed[-1])])
+
+
+@pytest.fixture
+def bal(fastpath, maps):
+    for name in ("persist_map",):
+        t = fastpath.table(name)
+        for k in list(t.keys()):
+            del t[k]
+    t = fastpath.table("snat_map")
+    for i in range(16):
+        t[ct.c_uint32(i)] = t.Leaf()
+    maps.set_cfg(snat_rules=0)
+    ifaces = {"lo": Iface("lo", LO_IFINDEX, LB_MAC, 1500)}
+    b = Balancer(MapDataPath(maps, lambda name: ifaces[name].ifindex if name else 0), ifaces, max_services=64,
+                 max_dests=256, max_hash_cells=fastpath.sizes.max_hash_cells)
+    b.route_add({"prefix": "192.168.100.0", "prefixlen": 24, "ifname": "lo"})
+    for rs in RSS:
+        b.neigh_add({"addr": rs, "lladdr": mac_of(rs).hex(":"), "ifname": "lo"})
+    return b
+
+
+def syn(src=CLIENT, sport=40000, dst=VIP, dport=80):
+    return Ether(src="02:cc:00:00:00:01", dst=LB) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S")
+
+
+def run(fastpath, pkt):
+    v, out, _ = run_xdp(fastpath.prog_fd, bytes(pkt))
+    return v, Ether(out)
+
+
+def test_mh_through_the_model_lands_where_the_python_table_says(fastpath, maps, bal):
+    bal.service_add(dict(SVC, sched="mh", flags=["mh-port"], sched_params={"size": 251}))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
+    svc = bal.get_service(SVC)
+
+    def check():
+        off, n = svc.hcells
+        cells = maps.hash_cells(off, n)
+        want = sched.build_table("mh", [sched.Dest(slot_id=d.slot, weight=1, addr=d.addr, port=d.port)
+                                        for d in svc.dests.values()], size=251, port=True)
+        assert cells == want.entries, "the batched write put the table where sched_map points"
+        by_slot = {d.slot: d.addr for d in svc.dests.values()}
+        for i in range(16):
+            client, sport = f"10.0.{i % 4}.{i + 1}", 41000 + 13 * i
+            v, out = run(fastpath, syn(client, sport))
+            assert v == XDP_TX and out[Ether].dst == ":".join(f"{b:02x}" for b in mac_of(str(
+                by_slot[want.hash_pick(client, sport)])))
+
+    check()
+    first = svc.hcells
+    bal.dest_add({"svc": SVC, "addr": RSS[2], "port": 80, "fwd": "dr"})  # a rebuild: new cells, one swap
+    assert svc.hcells[0] != first[0]
+    for k in list(maps.t["conn_map"].keys()):
+        del maps.t["conn_map"][k]
+    check()
+
+
+def test_snat_rules_written_by_the_model(fastpath, maps, bal):
+    bal.addr_add({"addr": "10.0.0.254", "prefixlen": 24, "ifname": "lo", "sapool": True})
+    bal.neigh_add({"addr": "10.0.0.1", "lladdr": "02:99:00:00:00:09", "ifname": "lo"})
+    other = {"proto": "udp", "src_range": "192.168.100.2-192.168.100.9"}
+    match = {"proto": "tcp", "src_range": "192.168.100.2-192.168.100.9", "oif": "lo"}
+    bal.service_add({"match": other, "sched": "rr"})
+    bal.service_add({"match": match, "sched": "sh"})
+    bal.dest_add({"svc": {"match": match}, "addr": "10.0.0.254", "port": 0})
+    assert [r["svc_id"] for r in maps.snat_rules()] == [s.svc_id for s in bal.snat_order]
+    pkt = Ether(src="02:55:00:00:00:02", dst=LB) / IP(src="192.168.100.2", dst="10.0.0.1") / \
+        TCP(sport=50000, dport=80, flags="S")
+    v, out = run(fastpath, pkt)
+    assert v == XDP_TX and (out[IP].src, out[IP].dst) == ("10.0.0.254", "10.0.0.1")
+    # deleting the first rule moves the second down; it still matches
+    bal.service_del({"match": other})
+    assert [r["svc_id"] for r in maps.snat_rules()] == [bal.snat_order[0].svc_id]
+    v, out = run(fastpath, Ether(src="02:55:00:00:00:02", dst=LB) / IP(src="192.168.100.3", dst="10.0.0.1") /
+                 TCP(sport=50001, dport=80, flags="S"))
+    assert v == XDP_TX and out[IP].src == "10.0.0.254"
+    bal.service_del({"match": match})
+    assert maps.snat_rules() == []
+    v, _ = run(fastpath, Ether(src="02:55:00:00:00:02", dst=LB) / IP(src="192.168.100.4", dst="10.0.0.1") /
+               UDP(sport=50002, dport=53))
+    assert v == XDP_PASS
+
+
+def test_persistence_templates_are_listed_and_flushed_with_their_server(fastpath, maps, bal):
+    bal.service_add(dict(SVC, sched="rr", persistent=60, netmask="255.255.255.0"))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
+    svc = bal.get_service(SVC)
+    assert run(fastpath, syn("10.1.2.3", 42000))[0] == XDP_TX
+    temps = maps.persists()
+    assert [(t["svc_id"], str(t["addr"])) for t in temps] == [(svc.svc_id, "10.1.2.0")], "masked by -M /24"
+    slot = temps[0]["dest_slot"]
+    gone = next(d for d in svc.dests.values() if d.slot == slot)
+    bal.dest_edit({"svc": SVC, "addr": str(gone.addr), "port": 80, "weight": 0})
+    assert maps.persists(), "a drain keeps templates (LVS)"
+    bal.dest_del({"svc": SVC, "addr": str(gone.addr), "port": 80})
+    assert maps.persists() == []
