@@ -1,10 +1,11 @@
-"""IPv6 on a two-arm lab, one daemon for the module: FullNAT v6 -> v6, and NAT64 (v6 VIP -> v4 servers).
+"""IPv6 on a two-arm lab, one daemon for the module: FullNAT v6 -> v6, NAT64 (v6 VIP -> v4 servers), NAT v6.
 
     client fd00:10::1 ── veth-lb0  LB  veth-lb1 ── switch ── rs1 192.168.100.2 / fd00:100::2, rs2 .3 / ::3
 
 VIP6 fd00:10::100 balances to the servers' v6 addresses from the v6 local address fd00:100::200; VIP64
-fd00:10::101 balances to their v4 addresses from the v4 local address 192.168.100.200. The client only has
-IPv6 towards the VIPs (curl -6). The balancer runs with the slow path, which answers neighbour
+fd00:10::101 balances to their v4 addresses from the v4 local address 192.168.100.200; VIP6_NAT
+fd00:10::102 masquerades to their v6 addresses (their default route is fd00:100::254, owned by the
+balancer). The client only has IPv6 towards the VIPs (curl -6). The balancer runs with the slow path, which answers neighbour
 solicitations for its v6 addresses (ND is not done in XDP).
 """
 
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.root
 
 VIP6 = "fd00:10::100"
 VIP64 = "fd00:10::101"
+VIP6_NAT = "fd00:10::102"
+GW6 = "fd00:100::254"  # the servers' v6 default route: an address only the balancer owns (NAT replies)
 LADDR6 = "fd00:100::200"
 LADDR4 = "192.168.100.200"
 
@@ -42,7 +45,10 @@ def lab6():
                "--pin-root", str(lab.pin_dir.parent), "--log-file", str(lab.workdir / "hdslbd.log"))
         lb.dpip("-6", "addr", "add", f"{VIP6}/64", "dev", "veth-lb0")
         lb.dpip("-6", "addr", "add", f"{VIP64}/128", "dev", "veth-lb0")
+        lb.dpip("-6", "addr", "add", f"{VIP6_NAT}/128", "dev", "veth-lb0")
         lb.dpip("-6", "route", "add", "fd00:100::/64", "dev", "veth-lb1")
+        lb.dpip("-6", "addr", "add", f"{GW6}/64", "dev", "veth-lb1")
+        modes.routes_via_lb(lab, lab.servers, GW6)
         lb.dpip("route", "add", "192.168.100.0/24", "dev", "veth-lb1")
         yield lab, lb, servers
     finally:
@@ -123,3 +129,15 @@ def test_nat64_reaches_v4_servers_from_a_v4_local_address(lab6):
     download_big(lab, lb, servers, VIP64)
     out = lb.ipvsadm("-Ln").stdout
     assert re.search(rf"TCP\s+\[{VIP64}\]:80 rr", out) and re.search(r"192\.168\.100\.3:80\s+FullNat\s+1\s", out), out
+
+
+def test_nat_v6_servers_see_the_client_and_reply_through_the_balancer(lab6):
+    lab, lb, servers = lab6
+    lb.ipvsadm("-A", "-t", f"[{VIP6_NAT}]:80", "-s", "rr")
+    for s in lab.servers:
+        lb.ipvsadm("-a", "-t", f"[{VIP6_NAT}]:80", "-r", f"[{s.ip6}]:80", "-m")
+    spread_and_source(lab, lb, servers, VIP6_NAT, lab.client.ip6)
+    st = lb.call("service.list", {"svc": {"proto": "tcp", "addr": VIP6_NAT, "port": 80}})["services"][0]["stats"]
+    assert st["outpkts"] > 0, "replies crossed the balancer"
+    out = lb.ipvsadm("-Ln").stdout
+    assert re.search(r"\[fd00:100::3\]:80\s+Masq\s+1\s", out), out
