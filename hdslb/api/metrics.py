@@ -102,27 +102,34 @@ class HdslbCollector:
         health = self._health()
         up = GaugeMetricFamily("hdslb_backend_up", "1 while every health checker of the real server passes",
                                labels=RS_LABELS)
+        overloaded = GaugeMetricFamily("hdslb_backend_overloaded",
+                                       "1 while above its upper connection threshold (-x): no new flows",
+                                       labels=RS_LABELS)
         for s in data["services"]:
             proto = s["proto"].upper()
-            sl = [s["addr"], str(s["port"]), proto]
+            # a SNAT service has no VIP: its match (what -H says) names it, one series per service
+            vaddr = ("match:" + ",".join(f"{k}={v}" for k, v in s["match"].items() if v)) if s.get("match") \
+                else s["addr"]
+            sl = [vaddr, str(s["port"]), proto]
             stats = s.get("stats") or {}
             for stem, key, _ in TRAFFIC:
                 svc[stem].add_metric(sl, stats.get(key, 0))
             for d in s["dests"]:
-                rl = [s["addr"], str(s["port"]), d["addr"], str(d["port"]), proto]
+                rl = [vaddr, str(s["port"]), d["addr"], str(d["port"]), proto]
                 dstats = d.get("stats") or {}
                 for stem, key, _ in TRAFFIC:
                     rs[stem].add_metric(rl, dstats.get(key, 0))
                 active.add_metric(rl, d.get("active", 0))
                 inactive.add_metric(rl, d.get("inactive", 0))
                 weight.add_metric(rl, d["weight"])
+                overloaded.add_metric(rl, 1 if d.get("overloaded") else 0)
                 if health is not None:
                     h = health.get((proto, s["addr"], s["port"], d["addr"], d["port"]))
                     if h is not None:
                         up.add_metric(rl, 1 if h else 0)
         yield from svc.values()
         yield from rs.values()
-        yield from (active, inactive, weight)
+        yield from (active, inactive, weight, overloaded)
         if health is not None:
             yield up
 

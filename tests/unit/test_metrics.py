@@ -140,3 +140,21 @@ def test_ipv6_and_udp_labels():
     m = scrape(ctx)
     assert val(m, "hdslb_backend_weight", local_address="2001:db8::1", local_port="53", proto="UDP",
                remote_address="2001:db8::2", remote_port="53") == 1
+
+
+def test_snat_services_get_one_series_each_and_overload_is_exported(ctx):
+    ctx.bal.addr_add({"addr": "203.0.113.1", "prefixlen": 24, "ifname": "eth0", "sapool": True})
+    for rng in ("192.168.1.1-192.168.1.9", "192.168.2.1-192.168.2.9"):
+        ctx.bal.service_add({"match": {"proto": "tcp", "src_range": rng}, "sched": "rr"})
+        ctx.bal.dest_add({"svc": {"match": {"proto": "tcp", "src_range": rng}}, "addr": "203.0.113.1", "port": 0})
+    ctx.bal.dest_edit({"svc": {"proto": "tcp", "addr": "10.0.0.100", "port": 80}, "addr": "192.168.100.2",
+                       "port": 80, "u_threshold": 5})
+    ctx.counts = {next(d.slot for d in ctx.svc().dests.values() if str(d.addr) == "192.168.100.2"): (5, 0)}
+    ctx.bal.conn_counts = ctx.conn_counts
+    ctx.bal.refresh_dynamic()
+    m = scrape(ctx)
+    snat = {dict(k)["local_address"] for k in m["hdslb_connections_total"]} - {"10.0.0.100"}
+    assert snat == {"match:proto=tcp,src_range=192.168.1.1-192.168.1.9",
+                    "match:proto=tcp,src_range=192.168.2.1-192.168.2.9"}
+    assert val(m, "hdslb_backend_overloaded", **rs_l("192.168.100.2")) == 1
+    assert val(m, "hdslb_backend_overloaded", **rs_l("192.168.100.3")) == 0
