@@ -166,14 +166,9 @@ class Frame:
     dport: int = 0
     icmp_type: int | None = None
     length: int = 0  # IP total length (bytes on the wire minus the Ethernet header)
-    inner: "Frame | None" = None  # the encapsulated packet of an IPIP / 6in4 frame
+    tcp_flags: int = 0
+    inner: "Frame | None" = None  # the encapsulated packet of an IPIP / 6in4 / 4in6 / 6in6 frame
     payload: bytes = field(default=b"", repr=False)  # L4 payload (UDP / TCP data), truncated to the capture
-
-    @property
-    def tcp_flags(self) -> int:
-        return self._flags
-
-    _flags: int = 0
 
 
 def _mac(b: bytes) -> str:
@@ -201,7 +196,7 @@ def _parse_ip(f: Frame, data: bytes, v6: bool, depth: int = 0) -> None:
     if f.proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) and len(l4) >= 4:
         f.sport, f.dport = struct.unpack("!HH", l4[:4])
         if f.proto == socket.IPPROTO_TCP and len(l4) >= 20:
-            f._flags = l4[13]
+            f.tcp_flags = l4[13]
             f.payload = l4[(l4[12] >> 4) * 4:]
         elif f.proto == socket.IPPROTO_UDP:
             f.payload = l4[8:]
