@@ -267,6 +267,44 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
 	return 0;
 }
 
+/*
+ * A SYN that finds an entry: a retransmission keeps its real server, but a new connection on a finished
+ * flow's tuple (the client reused its port: the entry is in FIN_WAIT/CLOSE) or on a flow whose real server
+ * no longer takes new flows (drained, down, removed) is scheduled afresh, as LVS does with conn_reuse_mode
+ * and expire_nodest_conn. Without this, a client that reuses a port quickly (a refused connection leaves
+ * no TIME_WAIT) would be sent to a dead server for as long as the old entry lives.
+ */
+static __always_inline int conn_reusable(struct conn_val *cv, struct tcphdr *th)
+{
+	__u32 slot = cv->dest_slot;
+	struct dest_val *d;
+
+	if (!th || !th->syn || th->ack || (cv->flags & CONN_F_OUT))
+		return 0;
+	if (cv->state >= CS_FIN_WAIT && cv->state != CS_UDP)
+		return 1;
+	d = dest_map.lookup(&slot);
+	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
+}
+
+/* Remove a flow's inbound entry and, for the modes that have one, its reply entry. */
+static __always_inline void conn_expire(struct conn_key *k, struct conn_val *cv)
+{
+	struct conn_key rk = {};
+
+	if (cv->fwd == FWD_FNAT || cv->fwd == FWD_NAT || cv->fwd == FWD_SNAT) {
+		rk.saddr = cv->daddr;
+		rk.daddr = cv->saddr;
+		rk.sport = cv->dport;
+		rk.dport = cv->sport;
+		rk.proto = k->proto;
+		rk.af = (cv->flags & CONN_F_XLAT) ? (k->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : k->af;
+		conn_map.delete(&rk);
+	}
+	conn_map.delete(k);
+	count(CNT_CONN_REUSED);
+}
+
 /* Coarse TCP progress, enough for ActiveConn/InActConn and, later, per-state timeouts. */
 static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 {
@@ -1359,6 +1397,10 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	}
 
 	cv = conn_find(&k);
+	if (cv && conn_reusable(cv, th)) {
+		conn_expire(&k, cv);
+		cv = 0;
+	}
 	if (cv) {
 		if (cv->flags & CONN_F_XLAT)
 			return xlat46(ctx, iph, th, uh, cv);
@@ -1456,6 +1498,10 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	k.proto = ip6->nexthdr;
 	k.af = HDSLB_AF_INET6;
 	cv = conn_find(&k);
+	if (cv && conn_reusable(cv, th)) {
+		conn_expire(&k, cv);
+		cv = 0;
+	}
 	if (cv) {
 		if (cv->flags & CONN_F_XLAT)
 			return xlat64(ctx, ip6, th, uh, cv);

@@ -436,3 +436,47 @@ def test_persistence_template_expires(fastpath, m):
     run(fastpath, c4(sport=45001))
     assert m.counters()["persist_hit"] == before
     assert list(t.values())[0].expires > 1, "the expired template was replaced"
+
+
+# --- connection reuse (LVS conn_reuse_mode / expire_nodest_conn) --------------------------------------------------
+
+def _two_dest_service(fastpath, m, fwd="fnat"):
+    service(fastpath, TCP_, VIP, 80)
+    dest(m, 0, RS1, 80, fwd)
+    dest(m, 1, RS2, 80, fwd)
+    ring(fastpath, 0, [0])
+
+
+def test_retransmitted_syn_keeps_its_server(fastpath, m):
+    _two_dest_service(fastpath, m)
+    assert run(fastpath, c4(sport=48000))[1][IP].dst == RS1
+    ring(fastpath, 0, [1])
+    v, out = run(fastpath, c4(sport=48000))
+    assert v == XDP_TX and out[IP].dst == RS1
+    assert m.counters()["conn_reused"] == 0 and m.conn_entries() == 2
+
+
+@pytest.mark.parametrize("fwd", ["fnat", "nat", "dr"])
+def test_syn_on_a_finished_flow_is_scheduled_afresh(fastpath, m, fwd):
+    _two_dest_service(fastpath, m, fwd)
+    run(fastpath, c4(sport=48100))
+    run(fastpath, c4(sport=48100, flags="A"))
+    run(fastpath, c4(sport=48100, flags="FA"))  # client closes: FIN_WAIT
+    ring(fastpath, 0, [1])
+    v, out = run(fastpath, c4(sport=48100))  # the client reuses its port
+    assert v == XDP_TX and m.counters()["conn_reused"] == 1
+    if fwd != "dr":  # (DR leaves L3 alone; the entry count below shows the reschedule)
+        assert out[IP].dst == RS2
+    assert m.conn_entries() == (1 if fwd == "dr" else 2), "the old flow's entries are gone"
+
+
+def test_syn_on_a_flow_to_a_drained_server_is_scheduled_afresh(fastpath, m):
+    _two_dest_service(fastpath, m)
+    run(fastpath, c4(sport=48200))
+    run(fastpath, c4(sport=48200, flags="A"))  # established to RS1
+    dest(m, 0, RS1, 80, "fnat", drain=True)
+    ring(fastpath, 0, [1])
+    v, out = run(fastpath, c4(sport=48200, flags="A"))
+    assert v == XDP_TX and out[IP].dst == RS1, "established packets keep going to a drained server"
+    v, out = run(fastpath, c4(sport=48200))
+    assert v == XDP_TX and out[IP].dst == RS2 and m.counters()["conn_reused"] == 1
