@@ -32,6 +32,8 @@ LADDR = "192.168.100.200"  # FNAT local address
 VIP_NAT = "10.0.0.100"
 VIP_FNAT = "10.0.0.101"  # plain rr, no persistence (spread, weight-0 drain)
 VIP_PERSIST = "10.0.0.102"  # rr -p 60
+VIP_PERSIST_NET = "10.0.0.103"  # rr -p 60 -M 255.255.255.0
+CLIENTS_EXTRA = ("10.0.0.31", "10.0.0.32")  # more client addresses on the client's interface
 SNAT_MATCH = "src-range=192.168.100.2-192.168.100.9,oif=veth-lb0"
 
 
@@ -48,7 +50,7 @@ def lab2():
         lb.up("veth-lb0", "veth-lb1")
         lb.dpip("addr", "add", f"{SAPOOL}/24", "dev", "veth-lb0", "sapool")
         lb.dpip("addr", "add", f"{VIP_NAT}/24", "dev", "veth-lb0")
-        for vip in (VIP_FNAT, VIP_PERSIST):
+        for vip in (VIP_FNAT, VIP_PERSIST, VIP_PERSIST_NET):
             lb.dpip("addr", "add", f"{vip}/32", "dev", "veth-lb0")
         lb.dpip("addr", "add", f"{LB_INSIDE}/24", "dev", "veth-lb1")
         yield lab, lb, servers, outside
@@ -87,8 +89,7 @@ print(len(body), hashlib.sha256(body).hexdigest())
 
 def fnat_service(lb, vip, *extra):
     """rr FullNAT service vip:80 over rs1 and rs2 (made once: tests may share it)."""
-    have = {(s["addr"], s["port"]) for s in lb.call("service.list", {"svc": None})["services"]}
-    if (vip, 80) in have:
+    if ("tcp", vip, 80) in _have(lb):
         return
     lb.ipvsadm("-A", "-t", f"{vip}:80", "-s", "rr", *extra)
     for rs in ("192.168.100.2", "192.168.100.3"):
@@ -103,6 +104,30 @@ def assert_spread(names, n, what=""):
     per = collections.Counter(names)
     assert set(per) == {"rs1", "rs2"} and min(per.values()) >= n // 2 - 1, f"{per}\n{what}"
     return per
+
+
+def _have(lb) -> set:
+    return {(s["proto"], s["addr"], s["port"]) for s in lb.call("service.list", {"svc": None})["services"]}
+
+
+def nat_services(lb):
+    """Masquerading TCP :80 and UDP :53 on VIP_NAT over rs1 and rs2 (made once)."""
+    if ("tcp", VIP_NAT, 80) in _have(lb):
+        return
+    lb.ipvsadm("-A", "-t", f"{VIP_NAT}:80", "-s", "rr")
+    lb.ipvsadm("-A", "-u", f"{VIP_NAT}:53", "-s", "rr")
+    for rs in ("192.168.100.2", "192.168.100.3"):
+        lb.ipvsadm("-a", "-t", f"{VIP_NAT}:80", "-r", f"{rs}:80", "-m")
+        lb.ipvsadm("-a", "-u", f"{VIP_NAT}:53", "-r", f"{rs}:53", "-m")
+
+
+def snat_services(lb):
+    """SNAT for TCP, UDP and ICMP from 192.168.100.2-9 leaving by veth-lb0, from the sapool address (made once)."""
+    if lb.ipvsadm("-Ln").stdout.count(f"{SAPOOL}:0") >= 3:
+        return
+    for proto in ("tcp", "udp", "icmp"):
+        lb.ipvsadm("-A", "-s", "rr", "-H", f"proto={proto},{SNAT_MATCH}")
+        lb.ipvsadm("-a", "-H", f"proto={proto},{SNAT_MATCH}", "-r", f"{SAPOOL}:0", "-J")
 
 
 def service(lb, proto, vip, port):
@@ -125,11 +150,7 @@ def diag(lab, lb) -> str:
 
 def test_nat_servers_see_the_client_and_reply_through_the_balancer(lab2):
     lab, lb, servers, _ = lab2
-    lb.ipvsadm("-A", "-t", f"{VIP_NAT}:80", "-s", "rr")
-    lb.ipvsadm("-A", "-u", f"{VIP_NAT}:53", "-s", "rr")
-    for rs in lab.server_ips:
-        lb.ipvsadm("-a", "-t", f"{VIP_NAT}:80", "-r", f"{rs}:80", "-m")
-        lb.ipvsadm("-a", "-u", f"{VIP_NAT}:53", "-r", f"{rs}:53", "-m")
+    nat_services(lb)
     before = {s.name: len(s.access_log_lines()) for s in servers}
 
     bodies = [curl(lab, lab.cl_ns, f"http://{VIP_NAT}/") for _ in range(10)]
@@ -153,12 +174,34 @@ def test_nat_servers_see_the_client_and_reply_through_the_balancer(lab2):
     assert re.search(r"192\.168\.100\.2:80\s+Masq\s+1\s", out) and re.search(r"192\.168\.100\.3:53\s+Masq\s", out), out
 
 
+def forget_neigh(lb, addr, ifname):
+    """Make the balancer forget a neighbour it may have learned (from ARP the fast path answered): dpip neigh
+    del only knows static entries, so pin one and delete it, which removes the address from the neighbour map."""
+    lb.dpip("neigh", "add", addr, "lladdr", "02:00:00:00:00:01", "dev", ifname)
+    lb.dpip("neigh", "del", addr, "dev", ifname)
+
+
+def test_snat_resolves_an_outside_host_it_has_not_heard_from(lab2):
+    """The first packet to an outside host whose MAC the balancer never learned must still get there: the
+    balancer resolves the next hop (a router would ARP), it cannot wait for the outside host to speak first."""
+    lab, lb, _, outside = lab2
+    snat_services(lb)
+    forget_neigh(lb, lab.client.ip, "veth-lb0")
+    cap = modes.Capture(lab, lab.cl_ns, "eth0")
+    body = curl(lab, lab.server(1).ns, f"http://{lab.client.ip}/", timeout=5)
+    seen = [(f.ethertype, f.src, f.dst, f.proto, f.dport) for f in cap.read() if not f.outgoing]
+    cap.close()
+    assert body == ["outside", SAPOOL], (body, f"outside host received: {seen}",
+                                         lb.dpip("neigh", "show", check=False).stdout, diag(lab, lb))
+
+
 def test_snat_inside_hosts_reach_the_outside_from_the_sapool_address(lab2):
     lab, lb, _, outside = lab2
     nginx_out, _echo_out = outside
-    for proto in ("tcp", "udp", "icmp"):
-        lb.ipvsadm("-A", "-s", "rr", "-H", f"proto={proto},{SNAT_MATCH}")
-        lb.ipvsadm("-a", "-H", f"proto={proto},{SNAT_MATCH}", "-r", f"{SAPOOL}:0", "-J")
+    snat_services(lb)
+    # The outside host's MAC, pinned: this test is about translation; resolving an unknown outside next hop
+    # is the test above.
+    lb.dpip("neigh", "add", lab.client.ip, "lladdr", lab.client.mac, "dev", "veth-lb0")
     before = len(nginx_out.access_log_lines())
 
     # TCP: both inside hosts fetch from the outside server, which sees only the sapool address.
@@ -244,8 +287,35 @@ def test_persistence_keeps_one_client_on_one_server(lab2):
     assert re.search(rf"TCP\s+{re.escape(VIP_PERSIST)}:80 rr persistent 60", lb.ipvsadm("-Ln").stdout)
 
 
+def test_persistence_is_per_client_network(lab2):
+    """Templates are per client address (default mask) or per client network (-M): a second client with its
+    own template takes rr's next server; with -M 255.255.255.0 both share one template and one server."""
+    lab, lb, servers, _ = lab2
+    a, b = CLIENTS_EXTRA
+    have = {x.split("/")[0] for x in modes.nx.addrs(lab.cl_ns, "eth0")}
+    modes.add_addrs(lab, lab.client, [x for x in CLIENTS_EXTRA if x not in have])
+    fnat_service(lb, VIP_PERSIST, "-p", "60")
+    fnat_service(lb, VIP_PERSIST_NET, "-p", "60", "-M", "255.255.255.0")
+
+    def ask(vip, src):
+        got = curl(lab, lab.cl_ns, f"http://{vip}/", "--interface", src)
+        assert got, f"{src} -> {vip} failed\n{diag(lab, lb)}"
+        return got[0]
+
+    per_addr = {src: {ask(VIP_PERSIST, src) for _ in range(5)} for src in (a, b)}
+    assert all(len(v) == 1 for v in per_addr.values()), per_addr
+    assert per_addr[a] != per_addr[b], f"two clients, two templates, rr gave them different servers: {per_addr}"
+    per_net = [ask(VIP_PERSIST_NET, src) for src in (a, b) * 5]
+    assert len(set(per_net)) == 1, collections.Counter(per_net)
+    assert re.search(rf"TCP\s+{re.escape(VIP_PERSIST_NET)}:80 rr persistent 60 mask 255.255.255.0",
+                     lb.ipvsadm("-Ln").stdout)
+
+
 def test_listing_names_every_forwarding_method(lab2):
     lab, lb, _, _ = lab2
+    nat_services(lb)
+    snat_services(lb)
+    fnat_service(lb, VIP_FNAT)
     out = lb.ipvsadm("-Ln").stdout
     for name in ("FullNat", "Masq", "SNAT"):
         assert re.search(rf"->\s+\S+\s+{name}\s+\d+\s", out), (name, out)
