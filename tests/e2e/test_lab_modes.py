@@ -95,6 +95,9 @@ def test_tunnel_server_decapsulates_ipip_and_answers_the_client_from_the_vip():
         assert frm[0] == VIP and data.decode() == f"rs1 {lab.client.ip}:{sport}"
         seen = [f for f in wire.read() if f.proto == 4]
         assert seen and seen[0].src == outer_src and seen[0].inner.dst == VIP
+        pins = nx.BPFFS_DIR / "decap" / rs1.ns
+        assert pins.is_dir(), "decap pins its program and maps per namespace and interface"
+    assert not pins.exists(), "the lab's teardown ran `hdslb-ctl decap down`, which removed the pins"
 
 
 def _ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
