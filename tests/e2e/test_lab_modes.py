@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
 
 from hdslb.lab import modes
 from hdslb.lab import netns as nx
-from hdslb.lab.servers import start_nginx, start_udp_echo
+from hdslb.lab.servers import start_udp_echo
 from hdslb.lab.topology import OneArm, TwoArm
 
 pytestmark = pytest.mark.root
