@@ -1071,17 +1071,19 @@ class Daemon:
                 want[nh[0]] = nh[1]
         return want
 
-    # --- IPv6 neighbour advertisements heard over a packet socket ---------------------------------
-    # cBPF: IPv6 (no extension header) carrying ICMPv6 type 136 (neighbour advertisement); everything else
-    # stays out of the socket, so the kernel's IPv6 traffic costs this process nothing.
-    _NA_FILTER = ((0x28, 0, 0, 12), (0x15, 0, 5, 0x86DD), (0x30, 0, 0, 20), (0x15, 0, 3, 58),
-                  (0x30, 0, 0, 54), (0x15, 0, 1, 136), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0))
+    # --- IPv6 neighbour discovery over a packet socket ---------------------------------------------
+    # cBPF: IPv6 (no extension header) carrying ICMPv6 type 135 or 136 (neighbour solicitation or advertisement);
+    # everything else stays out of the socket, so the kernel's IPv6 traffic costs this process nothing.
+    _NA_FILTER = ((0x28, 0, 0, 12), (0x15, 0, 6, 0x86DD), (0x30, 0, 0, 20), (0x15, 0, 4, 58),
+                  (0x30, 0, 0, 54), (0x15, 1, 0, 135), (0x15, 0, 1, 136), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0))
 
     def _open_na_listeners(self) -> None:
-        """Without the slow path nothing in XDP learns IPv6 neighbours: the program passes advertisements to
-        the kernel, where a packet socket per interface hears them (solicited ones to our address, and those a
-        real server multicasts in answer to an NS from ::). With the slow path, advertisements sent to our
-        addresses go to it directly; the multicast ones still arrive here and are handed to it."""
+        """Without the slow path nothing in XDP speaks IPv6 neighbour discovery: the program passes it to the
+        kernel, where a packet socket per interface hears it. Advertisements teach real servers' next hops
+        (solicited ones to our address, and those a server multicasts in answer to an NS from ::); solicitations
+        for our own addresses (VIPs, local addresses: the kernel does not hold them) are answered, as XDP
+        answers ARP for IPv4. With the slow path, both go to it directly when addressed to us; the multicast
+        advertisements still arrive here and are handed to it."""
         import ctypes
 
         loop = asyncio.get_running_loop()
@@ -1095,6 +1097,13 @@ class Daemon:
                 sk.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
                 sk.bind((ifc.name, 0x86DD))
                 sk.setblocking(False)
+                # Solicitations go to solicited-node groups the kernel never joined for our addresses (it does
+                # not hold them): all-multicast, so a NIC's multicast filter lets them through to XDP and here.
+                mreq = struct.pack("iHH8s", ifc.ifindex, 2, 0, b"")  # PACKET_MR_ALLMULTI
+                try:
+                    sk.setsockopt(263, 1, mreq)  # SOL_PACKET, PACKET_ADD_MEMBERSHIP; dropped with the socket
+                except OSError as e:
+                    log.debug("all-multicast on %s: %s", ifc.name, e)
             except OSError as e:
                 log.warning("cannot listen for IPv6 neighbour advertisements on %s: %s", ifc.name, e)
                 continue
@@ -1118,9 +1127,43 @@ class Daemon:
                 log.debug("NA socket on %s: %s", ifname, e)
                 return
             try:
-                self.learn_na(ifname, frame)
+                if len(frame) > 54 and frame[54] == 135:
+                    self.answer_ns(ifname, frame)
+                else:
+                    self.learn_na(ifname, frame)
             except Exception:  # a bad frame costs one frame, never the daemon
-                log.exception("IPv6 neighbour advertisement on %s", ifname)
+                log.exception("IPv6 neighbour discovery on %s", ifname)
+
+    def answer_ns(self, ifname: str, frame: bytes) -> bool:
+        """Answer a neighbour solicitation for an address we own on ifname (without the slow path); True when
+        an advertisement was sent. A DAD probe (from ::) is answered to all nodes, defending the address."""
+        from hdslb.slowpath import packets as P
+
+        if self.slow is not None:
+            return False  # XDP hands solicitations for our addresses to the slow path, which answers them
+        eth = P.parse_eth(frame)
+        if eth is None or eth.ethertype != P.ETH_P_IPV6:
+            return False
+        ip6 = P.parse_ipv6(frame[eth.l2len:])
+        if ip6 is None or not P.icmp6_ok(ip6) or ip6.hlim != P.ND_HOP_LIMIT:
+            return False
+        nd = P.parse_nd(ip6.payload)
+        ifc = self.bal.ifaces.get(ifname)
+        if nd is None or nd.type != P.ND_NEIGHBOR_SOLICIT or ifc is None:
+            return False
+        flags, ifindex = self.bal.local_reasons(nd.target)
+        if not flags or ifindex not in (0, ifc.ifindex):
+            return False
+        if ip6.src.is_unspecified:
+            na = P.nd_na(ifc.mac, nd.target, P.ALL_NODES, P.mcast_mac(P.ALL_NODES), solicited=False)
+        else:
+            na = P.nd_na(ifc.mac, nd.target, ip6.src, nd.lladdr or eth.src, solicited=True)
+        try:
+            self._pkt_sock(ifname).send(na)
+        except OSError as e:
+            log.warning("neighbour advertisement for %s on %s failed: %s", nd.target, ifname, e)
+            return False
+        return True
 
     def learn_na(self, ifname: str, frame: bytes) -> bool:
         """Learn a real server's next hop from a neighbour advertisement frame; True when written."""

@@ -129,3 +129,33 @@ def test_size_flags(monkeypatch):
     assert (s.max_hash_cells, s.max_persist) == (65536, 1024)
     d = Daemon(s)
     assert (d.sizes.max_hash_cells, d.sizes.max_persist) == (65536, 1024)
+
+
+def ns(target, src, dmac=None):
+    return P.nd_ns(RS_MAC, A(src), A(target), dmac=dmac)
+
+
+def test_solicitations_for_our_addresses_are_answered_without_the_slow_path(d):
+    d.bal.addr_add({"addr": "fd00:100::254", "prefixlen": 64, "ifname": "eth1"})
+    assert d.answer_ns("eth1", ns("fd00:100::254", "fd00:100::2")) is True
+    frame = d._pkt_socks["eth1"].sent[-1]
+    eth = P.parse_eth(frame)
+    ip6 = P.parse_ipv6(frame[eth.l2len:])
+    nd = P.parse_nd(ip6.payload)
+    assert (eth.dst, eth.src) == (RS_MAC, LB1_MAC)
+    assert (ip6.src, ip6.dst, ip6.hlim) == (A("fd00:100::254"), A("fd00:100::2"), 255) and P.icmp6_ok(ip6)
+    assert (nd.type, nd.target, nd.lladdr, nd.solicited, nd.override) == \
+        (P.ND_NEIGHBOR_ADVERT, A("fd00:100::254"), LB1_MAC, True, True)
+    # a duplicate-address probe is defended to all nodes
+    assert d.answer_ns("eth1", ns("fd00:100::254", "::")) is True
+    ip6 = P.parse_ipv6(d._pkt_socks["eth1"].sent[-1][14:])
+    assert ip6.dst == A("ff02::1") and not P.parse_nd(ip6.payload).solicited
+
+
+def test_solicitations_we_must_not_answer(d):
+    d.bal.addr_add({"addr": "fd00:100::254", "prefixlen": 64, "ifname": "eth1"})
+    assert d.answer_ns("eth1", ns("fd00:100::99", "fd00:100::2")) is False  # not ours
+    assert d.answer_ns("eth0", ns("fd00:100::254", "fd00:100::2")) is False  # ours, on another interface
+    d.slow = object()  # the slow path answers them itself
+    assert d.answer_ns("eth1", ns("fd00:100::254", "fd00:100::2")) is False
+    assert d._pkt_socks["eth1"].sent == [] and d._pkt_socks["eth0"].sent == []
