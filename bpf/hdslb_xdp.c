@@ -442,6 +442,8 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32
 	outer->check = ip4_csum_full(outer);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (punt) {
+		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
+		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
@@ -498,6 +500,8 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 		iph->daddr = new_d;
 	}
 	if (punt) {
+		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
+		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
@@ -1117,6 +1121,8 @@ static __always_inline int xlat64(struct xdp_md *ctx, struct ipv6hdr *ip6, struc
 	iph->check = ip4_csum_full(iph);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (punt) {
+		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
+		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
