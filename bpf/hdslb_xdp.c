@@ -400,6 +400,76 @@ static __always_inline int send_l2(struct xdp_md *ctx, struct ethhdr *eth, struc
 }
 
 /*
+ * TUNNEL, packet too big for the encapsulation: tell the client (ICMP fragmentation needed, next-hop MTU =
+ * egress MTU - 20) so path MTU discovery shrinks its packets, as LVS does. Built in place from the client's
+ * frame: Ethernet back to the sender, an IPv4 header from the VIP, the ICMP header, then the client's IP
+ * header and the first 8 bytes of its payload (which never move). Sent back out the way it came.
+ */
+#define TOO_BIG_QUOTE 28 /* the client's 20-byte IP header + 8 bytes */
+static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph;
+	struct icmphdr *ic;
+	__u8 cmac[6], lmac[6];
+	__be32 client, vip;
+	int delta, len;
+
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_TOO_BIG);
+	barrier_var(l2len); /* keep the bound below for the verifier */
+	iph = data + (l2len & 0x3f);
+	if ((void *)(eth + 1) > data_end || (void *)iph + TOO_BIG_QUOTE > data_end || iph->ihl != 5)
+		return drop(CNT_DROP_TOO_BIG);
+	__builtin_memcpy(cmac, eth->h_source, 6);
+	__builtin_memcpy(lmac, eth->h_dest, 6);
+	client = iph->saddr;
+	vip = iph->daddr;
+	/* the quoted header starts where the new Ethernet + IP + ICMP headers end */
+	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr));
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	len = (int)((long)data_end - (long)data);
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
+					 TOO_BIG_QUOTE) - len))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	iph = (void *)(eth + 1);
+	ic = (void *)(iph + 1);
+	if ((void *)(ic + 1) + TOO_BIG_QUOTE > data_end)
+		return drop(CNT_DROP_TOO_BIG);
+	__builtin_memcpy(eth->h_dest, cmac, 6);
+	__builtin_memcpy(eth->h_source, lmac, 6);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	iph->version = 4;
+	iph->ihl = 5;
+	iph->tos = 0xc0; /* internetwork control, as the kernel's ICMP errors */
+	iph->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct icmphdr) + TOO_BIG_QUOTE);
+	iph->id = 0;
+	iph->frag_off = 0;
+	iph->ttl = 64;
+	iph->protocol = IPPROTO_ICMP;
+	iph->check = 0;
+	iph->saddr = vip;
+	iph->daddr = client;
+	iph->check = ip4_csum_full(iph);
+	ic->type = ICMP_DEST_UNREACH;
+	ic->code = ICMP_FRAG_NEEDED;
+	ic->checksum = 0;
+	ic->un.frag.__unused = 0;
+	ic->un.frag.mtu = bpf_htons((__u16)mtu);
+	ic->checksum = hcsum_fold32(bpf_csum_diff(0, 0, (__be32 *)ic, sizeof(*ic) + TOO_BIG_QUOTE, 0)) ^ 0xffff;
+	count(CNT_ICMP_TOO_BIG);
+	return XDP_TX;
+}
+
+/*
  * TUNNEL (ipvsadm -i): wrap the client's packet in an outer IPv4 header to the real server (IPIP, as LVS),
  * outer source from the entry. The frame leaves untagged: the head moves by exactly what the new Ethernet +
  * outer IP headers need beyond the old L2 header, so the inner packet's bytes never move.
@@ -414,8 +484,17 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32
 	int delta;
 
 	ov = iface_map.lookup(&oif);
-	if (ov && ov->mtu && l3len + sizeof(struct iphdr) > ov->mtu)
+	if (ov && ov->mtu > sizeof(struct iphdr) && l3len + sizeof(struct iphdr) > ov->mtu) {
+		__u32 off = l2len;
+		struct iphdr *in;
+
+		barrier_var(off);
+		in = (void *)(long)ctx->data + (off & 0x3f);
+
+		if ((void *)(in + 1) <= (void *)(long)ctx->data_end && (in->frag_off & bpf_htons(0x4000)))
+			return icmp_too_big4(ctx, l2len, ov->mtu - sizeof(struct iphdr));
 		return drop(CNT_DROP_TOO_BIG);
+	}
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr));

@@ -480,3 +480,21 @@ def test_syn_on_a_flow_to_a_drained_server_is_scheduled_afresh(fastpath, m):
     assert v == XDP_TX and out[IP].dst == RS1, "established packets keep going to a drained server"
     v, out = run(fastpath, c4(sport=48200))
     assert v == XDP_TX and out[IP].dst == RS2 and m.counters()["conn_reused"] == 1
+
+
+def test_tunnel_answers_a_too_big_df_packet_with_fragmentation_needed(fastpath, m):
+    _tunnel_setup(fastpath, m, mtu=1500)
+    run(fastpath, c4(sport=40100))  # the flow exists (a SYN fits)
+    big = Ether(src=CL_MAC, dst=LB) / IP(src=CLIENT, dst=VIP, flags="DF", id=77) / \
+        TCP(sport=40100, dport=80, flags="A", seq=1001) / (b"z" * 1460)
+    v, out = run(fastpath, big)
+    assert VERDICTS[v] == "XDP_TX"
+    assert (out[Ether].src, out[Ether].dst) == (LB, CL_MAC)
+    ip = out[IP]
+    assert (ip.src, ip.dst, ip.proto, ip.len) == (VIP, CLIENT, 1, 56)
+    ic = out[ICMP]
+    assert (ic.type, ic.code, ic.nexthopmtu) == (3, 4, 1480)
+    assert bytes(ic.payload)[:28] == bytes(big[IP])[:28], "quotes the client's header and 8 bytes"
+    checksums_ok(out)
+    c = m.counters()
+    assert c["icmp_too_big"] == 1 and c["drop_too_big"] == 0
