@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -395,6 +396,7 @@ class Balancer:
         self.addrs: list[Addr] = []
         self.routes: list[Route] = []
         self._rindex: dict[object, list[Route]] = {}  # net -> its routes: adds and syncs stay O(1) in bulk loads
+        self._gateways: Counter = Counter()  # (via, ifname) -> routes using it, for SNAT's next hops
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: set[int] = set()
         self._ids_used: set[int] = set()
@@ -1045,11 +1047,17 @@ class Balancer:
 
     def _route_insert(self, r: Route) -> None:
         self.routes.append(r)
+        if r.via is not None and r.scope != "kni_host":
+            self._gateways[(r.via, r.ifname)] += 1
         self._rindex.setdefault(r.net, []).append(r)
         self._sync_route(r.net)
 
     def _route_remove(self, r: Route) -> None:
         self.routes.remove(r)
+        if r.via is not None and r.scope != "kni_host":
+            self._gateways[(r.via, r.ifname)] -= 1
+            if self._gateways[(r.via, r.ifname)] <= 0:
+                del self._gateways[(r.via, r.ifname)]
         same = self._rindex.get(r.net, [])
         same.remove(r)
         if not same:
@@ -1109,6 +1117,36 @@ class Balancer:
         if r is None:
             return None
         return (r.via or addr, r.ifname)
+
+    SNAT_PROBE_RANGE = 256  # a SNAT dst-range this small has each of its next hops resolved ahead
+
+    def wanted_nexthops(self) -> dict:
+        """Next hop -> egress interface of what new flows will need a MAC for, to resolve ahead of them (the
+        daemon's ARP/NS probes, or the slow path's): every real server's next hop; for SNAT services, the
+        gateways of the routes on their oif (any interface without one), where traffic to the outside goes,
+        and the next hops of a small dst-range. Other directly connected outside hosts are learned when they
+        speak (ARP seen by XDP, the kernel's table, the slow path's queue)."""
+        want = {}
+
+        def add(nh, ifname):
+            if ifname in self.ifaces and not nh.is_unspecified and not self.is_local(nh):
+                want[nh] = ifname
+
+        for addr in {d.addr for s in self.services.values() if s.match is None for d in s.dests.values()}:
+            nh = self.nexthop(addr)  # one route lookup per distinct real server, however many services share it
+            if nh and nh[0].version == addr.version:
+                add(*nh)
+        for svc in self.snat_order:
+            m = svc.match
+            for via, ifname in self._gateways:
+                if via.version == 4 and m.oif in (None, ifname):
+                    add(via, ifname)
+            if m.dst is not None and int(m.dst[1]) - int(m.dst[0]) < self.SNAT_PROBE_RANGE:
+                for i in range(int(m.dst[0]), int(m.dst[1]) + 1):
+                    nh = self.nexthop(ipaddress.IPv4Address(i))
+                    if nh and m.oif in (None, nh[1]):
+                        add(*nh)
+        return want
 
     # --- neighbours -----------------------------------------------------------------------------
     def neigh_add(self, a: dict) -> Neigh:
@@ -1202,13 +1240,15 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
             b.snat_order.append(svc)
     b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
                     sapool=a["sapool"]) for a in snap["addrs"]]
-    b.routes, b._rindex = [], {}
+    b.routes, b._rindex, b._gateways = [], {}, Counter()
     for r in snap["routes"]:
         route = Route(net=ipaddress.ip_network(r["net"]), ifname=r["ifname"], via=A(r["via"]) if r["via"] else None,
                       src=A(r["src"]) if r["src"] else None, mtu=r["mtu"], metric=r["metric"], scope=r["scope"],
                       proto=r["proto"], local=r["local"])
         b.routes.append(route)
         b._rindex.setdefault(route.net, []).append(route)
+        if route.via is not None and route.scope != "kni_host":
+            b._gateways[(route.via, route.ifname)] += 1
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
                 for n in snap["neighs"]}
     if not tables:

@@ -1062,14 +1062,8 @@ class Daemon:
                 log.warning("unsolicited NA for %s on %s failed: %s", a, ifname, e)
 
     def _wanted_nexthops(self) -> dict:
-        """Next hop -> egress interface for every real server, IPv4 and IPv6 (what new connections will need)."""
-        want = {}
-        addrs = {d.addr for svc in self.bal.services.values() for d in svc.dests.values() if not d.addr.is_unspecified}
-        for addr in addrs:  # one route lookup per distinct real server, however many services share it
-            nh = self.bal.nexthop(addr)
-            if nh and nh[1] in self.bal.ifaces and not self.bal.is_local(nh[0]):
-                want[nh[0]] = nh[1]
-        return want
+        """Next hop -> egress interface for every real server (IPv4 and IPv6) and SNAT gateway."""
+        return self.bal.wanted_nexthops()
 
     # --- IPv6 neighbour discovery over a packet socket ---------------------------------------------
     # cBPF: IPv6 (no extension header) carrying ICMPv6 type 135 or 136 (neighbour solicitation or advertisement);

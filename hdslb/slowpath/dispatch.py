@@ -160,15 +160,9 @@ class SlowPath:
         return self._account(act)
 
     def wanted(self) -> dict:
-        """Next hop -> egress interface for every real server (what new connections will need)."""
-        want = {}
-        for svc in self.model.services.values():
-            for d in svc.dests.values():
-                nh = self.model.nexthop(d.addr)
-                if nh and nh[1] in self.model.ifaces and nh[0].version == d.addr.version and \
-                        not is_local(self.model, nh[0]):
-                    want[nh[0]] = nh[1]
-        return want
+        """Next hop -> egress interface for every real server and SNAT gateway (what new connections will
+        need): the model's one rule, shared with the daemon's own resolver."""
+        return self.model.wanted_nexthops()
 
     def show(self, ifname: str | None = None, af: int | None = None) -> list[dict]:
         return self.neigh.show(ifname, af)

@@ -471,3 +471,22 @@ def test_a_dry_run_model_refuses_what_the_real_one_would(bal):
         with pytest.raises(HdslbError) as e:
             add_snat(b, 7)
         assert e.value.errno == errno.EEXIST
+
+
+def test_next_hops_resolved_ahead_include_snat_gateways(bal):
+    bal.route_add({"prefix": "192.168.100.0", "prefixlen": 24, "ifname": "eth1"})
+    bal.route_add({"prefix": "0.0.0.0", "prefixlen": 0, "ifname": "eth0", "via": "203.0.113.254"})
+    bal.route_add({"prefix": "198.51.100.0", "prefixlen": 24, "ifname": "eth1", "via": "192.168.100.1"})
+    bal.addr_add({"addr": "203.0.113.1", "prefixlen": 24, "ifname": "eth0", "sapool": True})
+    bal.service_add(dict(SVC, sched="rr"))
+    bal.dest_add({"svc": SVC, "addr": "192.168.100.2", "port": 80, "fwd": "dr"})
+    assert bal.wanted_nexthops() == {A("192.168.100.2"): "eth1"}, "no SNAT: real servers only"
+    bal.service_add({"match": MATCH, "sched": "rr"})  # oif eth0: traffic leaves by the default gateway
+    bal.dest_add({"svc": {"match": MATCH}, "addr": "203.0.113.1", "port": 0})
+    assert bal.wanted_nexthops() == {A("192.168.100.2"): "eth1", A("203.0.113.254"): "eth0"}
+    # a small dst-range on a connected network: each of its hosts
+    bal.service_add({"match": {"proto": "udp", "dst_range": "203.0.113.10-203.0.113.11"}, "sched": "rr"})
+    want = bal.wanted_nexthops()
+    assert {A("203.0.113.10"), A("203.0.113.11"), A("192.168.100.1")} <= set(want)
+    bal.route_del({"prefix": "0.0.0.0", "prefixlen": 0})
+    assert A("203.0.113.254") not in bal.wanted_nexthops()
