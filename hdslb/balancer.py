@@ -1118,6 +1118,34 @@ class Balancer:
             return None
         return (r.via or addr, r.ifname)
 
+    def probe_source(self, target, ifname: str):
+        """Sender address of an ARP request / neighbour solicitation for `target` on `ifname` (one rule for the
+        daemon's prober and the slow path): the route's src (the operator's, or the one `dpip addr add` gave
+        its net route); else an address of ours on
+        that interface, one whose prefix covers target first; else a local address there; else the unspecified
+        address (answered like a duplicate-address probe). VIPs of DR and TUNNEL services are never used: their
+        real servers hold those addresses on lo and drop a request from them as a martian, so the next hop would
+        never resolve."""
+        v = target.version
+        held = {s.addr for s in self.services.values()
+                if any(d.fwd in ("dr", "tunnel") for d in s.dests.values())}
+        r = self.route_lookup(target)
+        if r is not None and r.src is not None and r.src.version == v and r.src not in held:
+            return r.src
+        other = None
+        for ad in self.addrs:
+            if ad.ifname == ifname and ad.addr.version == v and ad.addr not in held:
+                if target in ipaddress.ip_network(f"{ad.addr}/{ad.prefixlen}", strict=False):
+                    return ad.addr
+                other = other or ad.addr
+        if other is not None:
+            return other
+        for svc in self.services.values():
+            for la in svc.laddrs:
+                if la.ifname == ifname and la.addr.version == v and la.addr not in held:
+                    return la.addr
+        return ipaddress.ip_address("0.0.0.0" if v == 4 else "::")
+
     SNAT_PROBE_RANGE = 256  # a SNAT dst-range this small has each of its next hops resolved ahead
 
     def wanted_nexthops(self) -> dict:

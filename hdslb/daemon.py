@@ -71,7 +71,7 @@ class Settings:
     neigh_timeout: float = 60.0
     unres_queue_length: int = 128
     default_ttl: int = 64
-    slowpath: bool = False
+    slowpath: bool = True
     max_hash_cells: int = 1 << 21
     max_persist: int = 65536
     extra: dict = field(default_factory=dict)
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="REST/metrics address HOST:PORT ('off' disables); non-loopback needs a token")
     p.add_argument("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
     p.add_argument("--slowpath", action="store_true",
-                   help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (experimental; "
-                        "default: ARP answered in XDP, next hops probed over a packet socket)")
-    p.add_argument("--no-slowpath", action="store_true", help="the default; overrides --slowpath")
+                   help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (the default)")
+    p.add_argument("--no-slowpath", action="store_true",
+                   help="no AF_XDP slow path: ARP answered in XDP, next hops probed over a packet socket, "
+                        "packets to unresolved next hops dropped until resolved")
     return p
 
 
@@ -171,6 +172,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         from hdslb.config.apply import inactive_notices
 
         notices = inactive_notices(cfg)
+        if ns.no_slowpath:
+            notices += [f"{st.where}: {st.keyword}: accepted, not acted on: used by the AF_XDP slow path, which "
+                        f"--no-slowpath turns off (learned neighbours then stay until replaced)"
+                        for path, st in cfg.settings.items() if path.startswith("neigh_defs") and st.applies]
         log_level = log_level or DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
         log_file = cfg.global_defs.log_file
         neigh = (cfg.neigh_defs.timeout, cfg.neigh_defs.unres_queue_length, cfg.ipv4_defs.default_ttl)
@@ -196,7 +201,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
-                    slowpath=ns.slowpath and not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
+                    slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
                     max_persist=ns.max_persist, extra={"notices": notices})
 
 
@@ -999,26 +1004,9 @@ class Daemon:
         return sk
 
     def _source_for(self, ifname: str, target):
-        """Source of an ARP request / neighbour solicitation for target on ifname: the route's src, else an
-        address of ours on that interface (one whose prefix covers target first), else a local address there,
-        else the unspecified address (an NS from :: is answered to all nodes, which the NA listener hears)."""
-        v = target.version
-        r = self.bal.route_lookup(target)
-        if r is not None and r.src is not None and r.src.version == v:
-            return r.src
-        other = None
-        for ad in self.bal.addrs:
-            if ad.ifname == ifname and ad.addr.version == v:
-                if target in ipaddress.ip_network(f"{ad.addr}/{ad.prefixlen}", strict=False):
-                    return ad.addr
-                other = other or ad.addr
-        if other is not None:
-            return other
-        for svc in self.bal.services.values():
-            for la in svc.laddrs:
-                if la.ifname == ifname and la.addr.version == v:
-                    return la.addr
-        return ipaddress.ip_address("0.0.0.0" if v == 4 else "::")
+        """Sender address of an ARP request / NS for target on ifname: Balancer.probe_source (one rule, shared
+        with the slow path)."""
+        return self.bal.probe_source(target, ifname)
 
     def _send_arp(self, ifname: str, sip, tip) -> None:
         ifc = self.bal.ifaces[ifname]

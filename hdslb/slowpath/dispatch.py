@@ -211,25 +211,8 @@ class SlowPath:
             act.send(p.ifname, P.nd_ns(ifc.mac, src, p.ip, dmac=p.mac), "nd_ns")
 
     def probe_source(self, target, ifname: str):
-        """Source address of an ARP request / NS for target on ifname: an address of ours on that interface
-        (one whose prefix covers target first), else the route's src, else the unspecified address."""
-        v = target.version
-        other = None
-        for ad in self.model.addrs:
-            if ad.ifname == ifname and ad.addr.version == v:
-                if target in ipaddress.ip_network(f"{ad.addr}/{ad.prefixlen}", strict=False):
-                    return ad.addr
-                other = other or ad.addr
-        if other is not None:
-            return other
-        for svc in self.model.services.values():
-            for la in svc.laddrs:
-                if la.ifname == ifname and la.addr.version == v:
-                    return la.addr
-        r = self.model.route_lookup(target)
-        if r is not None and r.src is not None and r.src.version == v:
-            return r.src
-        return _unspecified(v)
+        """Sender address of an ARP request / NS for target on ifname: the model's one rule (Balancer.probe_source)."""
+        return self.model.probe_source(target, ifname)
 
     def _learnable(self, ip, mac: bytes, act: Actions) -> bool:
         """A neighbour may be learned at ip/mac: a real unicast host that is not claiming one of our addresses."""

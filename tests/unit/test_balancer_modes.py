@@ -490,3 +490,19 @@ def test_next_hops_resolved_ahead_include_snat_gateways(bal):
     assert {A("203.0.113.10"), A("203.0.113.11"), A("192.168.100.1")} <= set(want)
     bal.route_del({"prefix": "0.0.0.0", "prefixlen": 0})
     assert A("203.0.113.254") not in bal.wanted_nexthops()
+
+
+def test_probe_source_never_uses_a_vip_its_dr_servers_hold(bal):
+    A = ipaddress.ip_address
+    vip = {"proto": "tcp", "addr": "192.168.100.100", "port": 80}
+    bal.addr_add({"addr": "192.168.100.100", "prefixlen": 24, "ifname": "eth0"})
+    bal.service_add(dict(vip, sched="rr"))
+    # no DR server yet: the VIP on the servers' subnet is a fine sender
+    assert bal.probe_source(A("192.168.100.2"), "eth0") == A("192.168.100.100")
+    bal.dest_add({"svc": vip, "addr": "192.168.100.2", "port": 80, "fwd": "dr"})
+    # the DR server holds the VIP on lo and would drop "who-has .2 tell VIP" as a martian
+    assert bal.probe_source(A("192.168.100.2"), "eth0") == A("0.0.0.0")
+    bal.addr_add({"addr": "192.168.100.254", "prefixlen": 24, "ifname": "eth0"})
+    assert bal.probe_source(A("192.168.100.2"), "eth0") == A("192.168.100.254")
+    bal.route_add({"prefix": "192.168.100.0", "prefixlen": 25, "ifname": "eth0", "src": "192.168.100.253"})
+    assert bal.probe_source(A("192.168.100.2"), "eth0") == A("192.168.100.253"), "the operator's src wins"
