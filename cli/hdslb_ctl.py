@@ -37,8 +37,8 @@ def cmd_up(ns) -> int:
             argv += ["--" + opt.replace("_", "-"), str(v)]
     if ns.fresh:
         argv.append("--fresh")
-    if ns.slowpath:
-        argv.append("--slowpath")
+    if ns.no_slowpath:
+        argv.append("--no-slowpath")
     logfile = ns.log_file or log_path(ctl)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     with open(logfile, "ab") as lf:
@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--aging-interval", type=float)
     up.add_argument("--fresh", action="store_true", help="discard pinned state instead of adopting it")
     up.add_argument("--slowpath", action="store_true",
-                    help="AF_XDP slow path for ARP/ND, ICMP and unresolved next hops (experimental)")
+                    help="AF_XDP slow path for ARP/ND, ICMP and unresolved next hops (the default)")
+    up.add_argument("--no-slowpath", action="store_true",
+                    help="no AF_XDP slow path: ARP in XDP, next hops probed over a packet socket")
     up.add_argument("--api-listen", help="REST/metrics HOST:PORT (default 127.0.0.1:53225; off disables)")
     up.add_argument("--api-token-file", help="bearer token file, required for a non-loopback --api-listen")
     up.set_defaults(func=cmd_up)

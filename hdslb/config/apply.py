@@ -161,7 +161,6 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
 # Options the parser maps to the XDP design but this daemon does not act on yet, with the reason an operator
 # sees. Anything applicable and not listed here is acted on. Checked by prefix of the setting's path.
 NOT_ACTED_ON = {
-    "neigh_defs": "used by the AF_XDP slow path only (hdslbd --slowpath); by default learned neighbours stay until replaced",
     "worker_defs": "XDP runs on whichever CPU receives the packet; steer with IRQ affinity / RSS (hdslb does not manage it yet)",
     "ipv4_defs.fragment": "IPv4 fragments addressed to the balancer are dropped and counted (drop_fragment), not reassembled",
     "ipv6_defs.disable": "IPv6 services are balanced whenever one is declared; `disable` does not turn IPv6 off",

@@ -1,4 +1,7 @@
-"""Connection aging per state and a connection table that fills up: entries leave on time, service goes on."""
+"""Connection aging per state and a connection table that fills up: entries leave on time, service goes on.
+
+This module runs the daemon with --no-slowpath, so the fallback (ARP answered in XDP, next hops probed over a
+packet socket) keeps real traffic in the suite too."""
 
 import time
 
@@ -41,7 +44,7 @@ def small_lb():
         conf.write_text(CONF)
         lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
                "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), "--max-conns", "1000",
-               "--aging-interval", "0.5")
+               "--aging-interval", "0.5", "--no-slowpath")
         lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
         for proto, port in (("-t", 80), ("-u", 53)):
             lb.ipvsadm("-A", proto, f"{VIP}:{port}", "-s", "rr")
@@ -121,3 +124,10 @@ def test_full_table_keeps_serving_and_reports_evictions(small_lb):
     assert t["evicted"] >= 2 * 5000 - 1000 - t["expired"] - 50, t
     lines = curl_loop(lab, f"http://{VIP}/", 20)
     assert "FAIL" not in lines and len(lines) == 20
+
+
+@pytest.mark.root
+def test_without_the_slow_path_xdp_answers_arp(small_lb):
+    lab, lb = small_lb
+    c = lb.call("stats.get")["counters"]
+    assert c["arp_reply"] > 0 and c["punt_arp"] == 0, "ARP for the VIP answered in XDP, nothing punted"

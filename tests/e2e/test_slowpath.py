@@ -43,7 +43,7 @@ def sp_lab():
         lb = Balancer(lab)
         conf = lab.workdir / "neigh.conf"
         conf.write_text(f"neigh_defs {{\n    <init> timeout {NEIGH_TIMEOUT}\n}}\n")
-        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--slowpath", "--pin-root", str(lab.pin_dir.parent),
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
                "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf))
         lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
         lb.ipvsadm("-A", "-t", f"{VIP}:80", "-s", "rr")
@@ -188,7 +188,7 @@ def test_ipv6_neighbour_discovery_and_ping_through_the_slow_path():
     lab.setup()
     try:
         lb = Balancer(lab)
-        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--slowpath", "--pin-root", str(lab.pin_dir.parent),
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
                "--log-file", str(lab.workdir / "hdslbd.log"))
         addr6 = "fd00:100::100"
         lb.dpip("-6", "addr", "add", f"{addr6}/64", "dev", "veth-lb0")

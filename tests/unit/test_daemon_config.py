@@ -15,6 +15,14 @@ def test_defaults(monkeypatch):
     assert s.xdp_mode == "auto"
 
 
+def test_slow_path_is_on_unless_refused(monkeypatch):
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    assert settings_from_args(["eth0"]).slowpath is True
+    assert settings_from_args(["eth0", "--slowpath"]).slowpath is True
+    assert settings_from_args(["eth0", "--no-slowpath"]).slowpath is False
+    assert settings_from_args(["eth0", "--slowpath", "--no-slowpath"]).slowpath is False
+
+
 def test_env_and_flags_select_the_instance(monkeypatch):
     monkeypatch.setenv("HDSLB_CTRL", "/run/hdslb/lab1.ctrl")
     s = settings_from_args(["veth-lb0", "--xdp-mode", "native"])

@@ -633,7 +633,8 @@ async def test_a_thousand_checks_leave_the_loop_responsive(listener):
         stop.set()
         await tick
         assert sum(1 for _, up, _, _ in rec.changes if not up) == 500
-        assert max(lags) < 0.2, f"loop stalled {max(lags):.3f}s"
+        # a blocking checker stalls for whole connect timeouts (1 s here); 0.5 s leaves room for a loaded CI box
+        assert max(lags) < 0.5, f"loop stalled {max(lags):.3f}s"
         assert elapsed < 5
     finally:
         stop.set()
