@@ -61,7 +61,7 @@ BPF_TABLE_PINNED("hash", __u32, struct sched_tbl, sched_map, MAX_SERVICES, PIN_D
 /* Per-CPU position in each service's ring: rr/wrr without atomics (each CPU walks the ring itself). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u32, sched_cursor, MAX_SERVICES, PIN_DIR "/sched_cursor");
 /* Hash scheduler tables (sh, dh, mh, conhash): cells [hoff, hoff + len) of a service's sched_tbl. */
-BPF_TABLE_PINNED("array", __u32, __u16, hash_cells, MAX_HASH_CELLS, PIN_DIR "/hash_cells");
+BPF_TABLE_PINNED("array", __u32, __u32, hash_cells, MAX_HASH_CELLS, PIN_DIR "/hash_cells");
 /* Persistence templates (ipvsadm -p): client network -> real server, shared by all CPUs. */
 BPF_TABLE_PINNED("lru_hash", struct persist_key, struct persist_val, persist_map, MAX_PERSIST, PIN_DIR "/persist_map");
 /* SNAT services' match rules (ipvsadm -H), tried in order; cfg_map says how many are in use. */
@@ -368,7 +368,7 @@ static __always_inline int conn_fill_l2(struct conn_val *cv)
 	struct neigh_key nk = {};
 	struct neigh_val *nv;
 
-	nk.addr.v4 = cv->nh4;
+	__builtin_memcpy(&nk.addr.v4, cv->dmac, 4);
 	nk.af = HDSLB_AF_INET;
 	nv = neigh_map.lookup(&nk);
 	if (!nv)
@@ -546,7 +546,7 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 		punt = conn_fill_l2(cv);
 	if (th)
 		tcp_track(cv, th);
-	cv->last_seen = bpf_ktime_get_coarse_ns();
+	cv->last_seen = bpf_jiffies64();
 	account(cv, l3len);
 
 	if (cv->fwd == FWD_TUNNEL)
@@ -655,7 +655,7 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		const union hdslb_addr *a = t->key == HKEY_DST ? dst : src;
 		__u32 port = t->key == HKEY_SRC_PORT ? bpf_ntohs(sport) : 0;
 		__u32 cell = t->hoff + hdslb_jhash_2words(addr_word(a, af), port, t->seed) % t->len;
-		__u16 *c = hash_cells.lookup(&cell);
+		__u32 *c = hash_cells.lookup(&cell);
 
 		if (!c)
 			return 0;
@@ -724,7 +724,7 @@ static __always_inline __u32 new_l2(struct xdp_md *ctx, struct conn_val *cv, __u
 	if (ingress_xsk(ctx, &key) < 0)
 		return CNT_DROP_NO_NEIGH;
 	cv->flags |= CONN_F_NEED_L2;
-	cv->nh4 = nh;
+	__builtin_memcpy(cv->dmac, &nh, 4); /* the next hop to find, until its MAC replaces it */
 	return 0;
 }
 
@@ -796,7 +796,8 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct conn_key ok = {};
 	struct conn_val ov = {};
 	struct conn_val iv = {};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
+	__u64 jnow = bpf_jiffies64();          /* last_seen */
 	int have_ok = 0;
 
 	d = pick_dest(sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, now);
@@ -813,7 +814,7 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.flags |= CONN_F_VALID;
 	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
 	iv.fwd = d->fwd;
-	iv.last_seen = now;
+	iv.last_seen = jnow;
 	iv.daddr = d->addr;
 
 	/* The reply entry (NAT, FNAT): real server -> client side, sent back the way the client's packet came. */
@@ -831,7 +832,7 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	ov.flags = CONN_F_VALID | CONN_F_OUT;
 	ov.state = iv.state;
 	ov.fwd = d->fwd;
-	ov.last_seen = now;
+	ov.last_seen = jnow;
 
 	switch (d->fwd) {
 	case FWD_FNAT:
@@ -907,7 +908,8 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct conn_key ok = {};
 	struct conn_val ov = {};
 	struct conn_val iv = {};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
+	__u64 jnow = bpf_jiffies64();          /* last_seen */
 
 	sv.svc_id = svc_id;
 	sv.flags = SVC_F_VALID;
@@ -940,7 +942,7 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	ov.flags = CONN_F_VALID | CONN_F_OUT;
 	ov.state = th ? CS_SYN_RECV : CS_UDP;
 	ov.fwd = FWD_SNAT;
-	ov.last_seen = now;
+	ov.last_seen = jnow;
 	err = alloc_lport(cfg, pc, &ok, &ov);
 	if (err)
 		return drop(err);
@@ -954,7 +956,7 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.flags |= CONN_F_VALID;
 	iv.state = ov.state;
 	iv.fwd = FWD_SNAT;
-	iv.last_seen = now;
+	iv.last_seen = jnow;
 	if (conn_map.update(k, &iv) != 0) {
 		conn_map.delete(&ok);
 		return drop(CNT_DROP_CONN_INSERT);
@@ -1105,7 +1107,7 @@ static __always_inline int xmit_conn6(struct xdp_md *ctx, struct ethhdr *eth, st
 
 	if (th)
 		tcp_track(cv, th);
-	cv->last_seen = bpf_ktime_get_coarse_ns();
+	cv->last_seen = bpf_jiffies64();
 	account(cv, l3len);
 	if (cv->fwd == FWD_TUNNEL)
 		return encap6(ctx, cv, (__u32)((long)ip6 - (long)ctx->data), l3len);
@@ -1154,7 +1156,7 @@ static __always_inline int xlat64(struct xdp_md *ctx, struct ipv6hdr *ip6, struc
 		punt = conn_fill_l2(cv);
 	if (th)
 		tcp_track(cv, th);
-	cv->last_seen = bpf_ktime_get_coarse_ns();
+	cv->last_seen = bpf_jiffies64();
 	account(cv, sizeof(*ip6) + plen);
 	{
 		if (th) {
@@ -1229,7 +1231,7 @@ static __always_inline int xlat46(struct xdp_md *ctx, struct iphdr *iph, struct 
 		return drop(CNT_DROP_MALFORMED_IP);
 	if (th)
 		tcp_track(cv, th);
-	cv->last_seen = bpf_ktime_get_coarse_ns();
+	cv->last_seen = bpf_jiffies64();
 	account(cv, tot);
 	{
 		__be32 old_d[4] = {};
@@ -1294,7 +1296,8 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct conn_key ok = {};
 	struct conn_val ov = {};
 	struct conn_val iv = {};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
+	__u64 jnow = bpf_jiffies64();          /* last_seen */
 	int have_ok = 0, x64;
 
 	d = pick_dest(sv, HDSLB_AF_INET6, &k->saddr, k->sport, &k->daddr, &slot, now);
@@ -1321,7 +1324,7 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.flags |= CONN_F_VALID | (x64 ? CONN_F_XLAT : 0);
 	iv.state = th ? CS_SYN_RECV : CS_UDP;
 	iv.fwd = d->fwd;
-	iv.last_seen = now;
+	iv.last_seen = jnow;
 	iv.daddr = d->addr;
 
 	ok.saddr = d->addr;
@@ -1338,7 +1341,7 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 	ov.flags = CONN_F_VALID | CONN_F_OUT | (x64 ? CONN_F_XLAT : 0);
 	ov.state = iv.state;
 	ov.fwd = d->fwd;
-	ov.last_seen = now;
+	ov.last_seen = jnow;
 
 	switch (d->fwd) {
 	case FWD_FNAT:

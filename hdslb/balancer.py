@@ -388,7 +388,7 @@ class Balancer:
         self.dp = dp
         self.ifaces = ifaces
         self.max_services = max_services
-        self.max_dests = min(max_dests, 0xFFFF)  # 0xffff marks an empty ring slot
+        self.max_dests = min(max_dests, 0xFFFFFFFF)  # 0xffffffff marks an empty ring slot
         self.ring_max = ring_max
         self.cells = CellAllocator(max_hash_cells)
         self.services: dict[tuple, Service] = {}

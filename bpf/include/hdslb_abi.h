@@ -72,7 +72,7 @@ struct svc_val {
  * (too big for this value): the daemon writes a new table into free cells, then swaps this value to point
  * at it, then frees the old cells; the fast path reads hash_cells[hoff + jhash_2words(addr, port, seed) % len],
  * addr being the address as one host-order word (v6: the XOR of its four words), port host order or 0.
- * 0xffff marks an empty slot.
+ * Dest slots are u32 everywhere (rings, hash cells, connections); 0xffffffff marks an empty slot.
  */
 struct sched_tbl {
 	__u32 len;     /* ring: entries used in slot[]; hash: table size */
@@ -83,10 +83,10 @@ struct sched_tbl {
 	__u32 seed;    /* hash seed (initval of jhash_2words) */
 	__u32 hoff;    /* hash tables: first cell in hash_cells */
 	__u32 pad2;
-	__u16 slot[SCHED_RING_MAX]; /* ring: dest slot ids, host order */
+	__u32 slot[SCHED_RING_MAX]; /* ring: dest slot ids, host order */
 };
 
-#define DEST_SLOT_NONE 0xffff
+#define DEST_SLOT_NONE 0xffffffff
 
 /* dest_val.flags */
 #define DEST_F_VALID 0x1
@@ -239,7 +239,7 @@ struct conn_key {
 /* conn_val.flags */
 #define CONN_F_VALID 0x1 /* this CPU's copy is filled in (per-CPU map: other CPUs' slots start zeroed) */
 #define CONN_F_OUT 0x2   /* reply direction (real server -> local address) */
-#define CONN_F_NEED_L2 0x4 /* next hop unresolved when created: dmac is empty, nh4 says whose MAC to find */
+#define CONN_F_NEED_L2 0x4 /* next hop unresolved when created: dmac[0..3] holds the IPv4 next hop whose MAC to find */
 #define CONN_F_XLAT 0x8    /* NAT64: the packet leaves in the other address family (v6 in -> v4 out, or back) */
 
 /* Coarse TCP states for aging and ActiveConn/InActConn, ordered by progress. */
@@ -263,16 +263,15 @@ struct conn_val {
 	__be16 sport;           /* new source port, network order */
 	__be16 dport;           /* new destination port, network order */
 	__u32 ifindex;          /* egress interface */
-	__u8 dmac[6];           /* next hop MAC */
+	__u8 dmac[6];           /* next hop MAC; while CONN_F_NEED_L2: the IPv4 next hop in dmac[0..3] (network order) */
 	__u8 smac[6];           /* our MAC on ifindex */
-	__u16 dest_slot;        /* real server slot, for per-dest counters */
 	__u16 svc_id;           /* service, for per-service counters */
 	__u8 flags;             /* CONN_F_* */
 	__u8 state;             /* enum conn_state (this CPU's view) */
+	__u32 dest_slot;        /* real server slot, for per-dest counters */
 	__u8 fwd;               /* enum hdslb_fwd: FNAT/NAT/SNAT rewrite both ends, DR rewrites L2 only, TUNNEL encapsulates */
-	__u8 pad;
-	__be32 nh4;             /* IPv4 next hop while CONN_F_NEED_L2, network order */
-	__u64 last_seen;        /* bpf_ktime_get_coarse_ns() on this CPU */
+	__u8 pad[3];
+	__u64 last_seen;        /* bpf_jiffies64() of the last packet on this CPU (a clock read inline, no helper call) */
 };
 
 /* Per-service and per-real-server traffic counters (per-CPU, summed by the daemon). */

@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import time
 
+from hdslb.fastpath.clock import JiffiesClock
 from hdslb.fastpath import abi
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,6 +43,7 @@ class Maps:
 
     def __init__(self, fastpath):
         self.fp = fastpath
+        self.clock = JiffiesClock()  # conn_val.last_seen is bpf_jiffies64()
         self.t = {n: fastpath.table(n.encode()) for n in (
             "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
             "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
@@ -381,7 +383,8 @@ class Maps:
             per_cpu = self.t["conn_map"][self._conn_key(c)]
         except KeyError:
             return None
-        return max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
+        j = max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
+        return None if j is None else self.clock.to_mono_ns(j)
 
     def conn_get(self, proto: int, saddr, sport: int, daddr, dport: int) -> dict | None:
         """One direction of a flow by its tuple, merged over CPU copies like conns(); None if absent."""
@@ -418,12 +421,13 @@ class Maps:
                     best, cpu = v, i
             if best is None:
                 continue
+            to_af = (10 - k.af) if best.flags & abi.CONN_F_XLAT else k.af  # NAT64: the other family (4 <-> 6)
             yield {
                 "proto": k.proto, "af": k.af,
                 "saddr": _get_addr(k.saddr, k.af), "sport": socket.ntohs(k.sport),
                 "daddr": _get_addr(k.daddr, k.af), "dport": socket.ntohs(k.dport),
-                "to_saddr": _get_addr(best.saddr, k.af), "to_sport": socket.ntohs(best.sport),
-                "to_daddr": _get_addr(best.daddr, k.af), "to_dport": socket.ntohs(best.dport),
+                "to_saddr": _get_addr(best.saddr, to_af), "to_sport": socket.ntohs(best.sport),
+                "to_daddr": _get_addr(best.daddr, to_af), "to_dport": socket.ntohs(best.dport),
                 "out": bool(best.flags & abi.CONN_F_OUT), "state": best.state, "svc_id": best.svc_id,
-                "dest_slot": best.dest_slot, "last_seen_ns": best.last_seen, "cpu": cpu,
+                "dest_slot": best.dest_slot, "last_seen_ns": self.clock.to_mono_ns(best.last_seen), "cpu": cpu,
             }

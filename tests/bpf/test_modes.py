@@ -498,3 +498,17 @@ def test_tunnel_answers_a_too_big_df_packet_with_fragmentation_needed(fastpath, 
     checksums_ok(out)
     c = m.counters()
     assert c["icmp_too_big"] == 1 and c["drop_too_big"] == 0
+
+
+def test_last_seen_converts_to_the_daemons_clock(fastpath, m):
+    """conn_val.last_seen is bpf_jiffies64(); Maps hands it out as CLOCK_MONOTONIC ns, as aging expects."""
+    import time
+    service(fastpath, TCP_, VIP, 80)
+    dest(m, 0, RS1, 80, "fnat")
+    ring(fastpath, 0, [0])
+    t0 = time.monotonic_ns()
+    run(fastpath, c4(sport=49000))
+    seen = [c["last_seen_ns"] for c in m.conns()]
+    assert len(seen) == 2
+    for s in seen:  # within a tick or two of when the packet ran (a second of slack for a loaded machine)
+        assert t0 - 1_000_000_000 < s < time.monotonic_ns() + 1_000_000_000, (t0, s)
