@@ -776,52 +776,38 @@ static __always_inline void conn_new_stats(__u32 svc_id, __u32 slot)
 }
 
 /*
- * A new flow to an IPv4 service: schedule a real server, then per its forwarding mode build the entries —
- * FNAT: local address + free local port, both directions; NAT: destination rewrite in, source rewrite on the
- * replies that route back through us; DR and TUNNEL: the inbound direction only (the server answers the
- * client itself). Any missing piece drops the packet with its reason.
+ * The entries of a new flow to a service, once its real server d is picked and the forward entry iv has its
+ * L2 half: per forwarding mode — FNAT: a local address of the server's family and a free local port, both
+ * directions; NAT: destination rewrite in, and a reply entry for the answers that route back through us; DR
+ * and TUNNEL: the inbound direction only (the server answers the client itself). Family-neutral: the same
+ * code serves IPv4, IPv6 and NAT64 (xlat: the server's family differs from the client's). Returns 0 with
+ * both entries installed, or the drop counter with nothing left behind.
  */
-static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
-				     struct fp_cfg *cfg)
+static __always_inline __u32 conn_install(struct xdp_md *ctx, struct ethhdr *eth, struct conn_key *k, __u32 svc_id,
+					  struct fp_cfg *cfg, struct dest_val *d, __u32 slot, struct route_val *rt,
+					  struct conn_val *iv, int xlat, __u8 state)
 {
-	__u32 svc_id = sv->svc_id;
-	__u32 zero = 0;
-	struct dest_val *d;
+	__u32 zero = 0, li, err;
 	struct laddr_set *ls;
-	struct route_val *rt;
-	__u32 *pc;
-	__u32 slot = DEST_SLOT_NONE, li, err;
-	__be32 nh = 0;
 	struct conn_key ok = {};
 	struct conn_val ov = {};
-	struct conn_val iv = {};
-	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
-	__u64 jnow = bpf_jiffies64();          /* last_seen */
+	__u64 jnow = bpf_jiffies64(); /* last_seen */
+	__u32 *pc;
 	int have_ok = 0;
 
-	d = pick_dest(sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, now);
-	if (!d || d->af != HDSLB_AF_INET)
-		return drop(CNT_DROP_NO_DEST);
-	rt = route4(d->addr.v4, &nh);
-	if (!rt)
-		return drop(CNT_DROP_NO_ROUTE);
-	err = new_l2(ctx, &iv, rt->ifindex, nh);
-	if (err)
-		return drop(err);
-	iv.dest_slot = slot;
-	iv.svc_id = svc_id;
-	iv.flags |= CONN_F_VALID;
-	iv.state = th ? CS_SYN_RECV : CS_UDP; /* the SYN is forwarded from this stack copy, so set it here */
-	iv.fwd = d->fwd;
-	iv.last_seen = jnow;
-	iv.daddr = d->addr;
+	iv->dest_slot = slot;
+	iv->svc_id = svc_id;
+	iv->flags |= CONN_F_VALID | (xlat ? CONN_F_XLAT : 0);
+	iv->state = state; /* the first packet is forwarded from this copy, so its state is set here */
+	iv->fwd = d->fwd;
+	iv->last_seen = jnow;
+	iv->daddr = d->addr;
 
 	/* The reply entry (NAT, FNAT): real server -> client side, sent back the way the client's packet came. */
 	ok.saddr = d->addr;
 	ok.sport = d->port;
 	ok.proto = k->proto;
-	ok.af = HDSLB_AF_INET;
+	ok.af = d->af;
 	ov.saddr = k->daddr;
 	ov.daddr = k->saddr;
 	ov.sport = k->dport;
@@ -829,8 +815,8 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	back_l2(ctx, eth, &ov);
 	ov.dest_slot = slot;
 	ov.svc_id = svc_id;
-	ov.flags = CONN_F_VALID | CONN_F_OUT;
-	ov.state = iv.state;
+	ov.flags = CONN_F_VALID | CONN_F_OUT | (xlat ? CONN_F_XLAT : 0);
+	ov.state = state;
 	ov.fwd = d->fwd;
 	ov.last_seen = jnow;
 
@@ -839,55 +825,82 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 		ls = laddr_map.lookup(&svc_id);
 		pc = lport_cursor.lookup(&zero);
 		if (!ls || ls->n == 0 || ls->n > LADDR_MAX || !pc)
-			return drop(CNT_DROP_NO_LADDR);
+			return CNT_DROP_NO_LADDR;
 		li = *pc % ls->n;
 		barrier_var(li);
 		li &= LADDR_MAX - 1;
+		if (ls->a[li].af != d->af)
+			return CNT_DROP_NO_LADDR;
 		ok.daddr = ls->a[li].addr;
 		err = alloc_lport(cfg, pc, &ok, &ov);
 		if (err)
-			return drop(err);
+			return err;
 		have_ok = 1;
-		iv.saddr = ok.daddr;
-		iv.sport = ok.dport;
-		iv.dport = d->port;
+		iv->saddr = ok.daddr;
+		iv->sport = ok.dport;
+		iv->dport = d->port;
 		break;
 	case FWD_NAT:
 		ok.daddr = k->saddr;
 		ok.dport = k->sport;
 		if (conn_map.insert(&ok, &ov) != 0)
-			return drop(CNT_DROP_CONN_INSERT);
+			return CNT_DROP_CONN_INSERT;
 		have_ok = 1;
-		iv.saddr = k->saddr;
-		iv.sport = k->sport;
-		iv.dport = d->port;
+		iv->saddr = k->saddr;
+		iv->sport = k->sport;
+		iv->dport = d->port;
 		break;
 	case FWD_DR:
-		iv.saddr = k->saddr;
-		iv.sport = k->sport;
-		iv.dport = k->dport;
+		iv->saddr = k->saddr;
+		iv->sport = k->sport;
+		iv->dport = k->dport;
 		break;
 	case FWD_TUNNEL:
-		iv.saddr.v4 = rt->src.v4;
-		if (!iv.saddr.v4) {
+		/* outer source: the route's src (dpip route ... src), else the service's first local address */
+		iv->saddr = rt->src;
+		if (!(iv->saddr.v6[0] | iv->saddr.v6[1] | iv->saddr.v6[2] | iv->saddr.v6[3])) {
 			ls = laddr_map.lookup(&svc_id);
-			if (ls && ls->n > 0 && ls->a[0].af == HDSLB_AF_INET)
-				iv.saddr.v4 = ls->a[0].addr.v4;
+			if (!ls || ls->n == 0 || ls->a[0].af != d->af)
+				return CNT_DROP_NO_SRC;
+			iv->saddr = ls->a[0].addr;
 		}
-		if (!iv.saddr.v4)
-			return drop(CNT_DROP_NO_SRC);
-		iv.sport = k->sport;
-		iv.dport = k->dport;
+		iv->sport = k->sport;
+		iv->dport = k->dport;
 		break;
 	default:
-		return drop(CNT_DROP_NO_DEST);
+		return CNT_DROP_NO_DEST;
 	}
-	if (conn_map.update(k, &iv) != 0) {
+	if (conn_map.update(k, iv) != 0) {
 		if (have_ok)
 			conn_map.delete(&ok);
-		return drop(CNT_DROP_CONN_INSERT);
+		return CNT_DROP_CONN_INSERT;
 	}
 	conn_new_stats(svc_id, slot);
+	return 0;
+}
+
+/* A new flow to an IPv4 service: schedule, route to the real server, install the entries, forward. */
+static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
+				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
+				     struct fp_cfg *cfg)
+{
+	struct dest_val *d;
+	struct route_val *rt;
+	__u32 slot = DEST_SLOT_NONE, err;
+	__be32 nh = 0;
+	struct conn_val iv = {};
+
+	d = pick_dest(sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, bpf_ktime_get_coarse_ns());
+	if (!d || d->af != HDSLB_AF_INET)
+		return drop(CNT_DROP_NO_DEST);
+	rt = route4(d->addr.v4, &nh);
+	if (!rt)
+		return drop(CNT_DROP_NO_ROUTE);
+	err = new_l2(ctx, &iv, rt->ifindex, nh);
+	if (!err)
+		err = conn_install(ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, 0, th ? CS_SYN_RECV : CS_UDP);
+	if (err)
+		return drop(err);
 	return xmit_conn4(ctx, eth, iph, th, uh, 0, &iv);
 }
 
@@ -1285,22 +1298,14 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
 				     struct fp_cfg *cfg)
 {
-	__u32 svc_id = sv->svc_id;
-	__u32 zero = 0;
 	struct dest_val *d;
-	struct laddr_set *ls;
 	struct route_val *rt;
-	__u32 *pc;
-	__u32 slot = DEST_SLOT_NONE, li, err;
+	__u32 slot = DEST_SLOT_NONE, err;
 	union hdslb_addr nh = {};
-	struct conn_key ok = {};
-	struct conn_val ov = {};
 	struct conn_val iv = {};
-	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
-	__u64 jnow = bpf_jiffies64();          /* last_seen */
-	int have_ok = 0, x64;
+	int x64;
 
-	d = pick_dest(sv, HDSLB_AF_INET6, &k->saddr, k->sport, &k->daddr, &slot, now);
+	d = pick_dest(sv, HDSLB_AF_INET6, &k->saddr, k->sport, &k->daddr, &slot, bpf_ktime_get_coarse_ns());
 	if (!d)
 		return drop(CNT_DROP_NO_DEST);
 	x64 = d->af == HDSLB_AF_INET;
@@ -1317,88 +1322,10 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 			return drop(CNT_DROP_NO_ROUTE);
 		err = new_l2_6(&iv, rt->ifindex, &nh);
 	}
+	if (!err)
+		err = conn_install(ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, x64, th ? CS_SYN_RECV : CS_UDP);
 	if (err)
 		return drop(err);
-	iv.dest_slot = slot;
-	iv.svc_id = svc_id;
-	iv.flags |= CONN_F_VALID | (x64 ? CONN_F_XLAT : 0);
-	iv.state = th ? CS_SYN_RECV : CS_UDP;
-	iv.fwd = d->fwd;
-	iv.last_seen = jnow;
-	iv.daddr = d->addr;
-
-	ok.saddr = d->addr;
-	ok.sport = d->port;
-	ok.proto = k->proto;
-	ok.af = d->af;
-	ov.saddr = k->daddr;
-	ov.daddr = k->saddr;
-	ov.sport = k->dport;
-	ov.dport = k->sport;
-	back_l2(ctx, eth, &ov);
-	ov.dest_slot = slot;
-	ov.svc_id = svc_id;
-	ov.flags = CONN_F_VALID | CONN_F_OUT | (x64 ? CONN_F_XLAT : 0);
-	ov.state = iv.state;
-	ov.fwd = d->fwd;
-	ov.last_seen = jnow;
-
-	switch (d->fwd) {
-	case FWD_FNAT:
-		ls = laddr_map.lookup(&svc_id);
-		pc = lport_cursor.lookup(&zero);
-		if (!ls || ls->n == 0 || ls->n > LADDR_MAX || !pc)
-			return drop(CNT_DROP_NO_LADDR);
-		li = *pc % ls->n;
-		barrier_var(li);
-		li &= LADDR_MAX - 1;
-		if (ls->a[li].af != d->af)
-			return drop(CNT_DROP_NO_LADDR);
-		ok.daddr = ls->a[li].addr;
-		err = alloc_lport(cfg, pc, &ok, &ov);
-		if (err)
-			return drop(err);
-		have_ok = 1;
-		iv.saddr = ok.daddr;
-		iv.sport = ok.dport;
-		iv.dport = d->port;
-		break;
-	case FWD_NAT:
-		ok.daddr = k->saddr;
-		ok.dport = k->sport;
-		if (conn_map.insert(&ok, &ov) != 0)
-			return drop(CNT_DROP_CONN_INSERT);
-		have_ok = 1;
-		iv.saddr = k->saddr;
-		iv.sport = k->sport;
-		iv.dport = d->port;
-		break;
-	case FWD_DR:
-		iv.saddr = k->saddr;
-		iv.sport = k->sport;
-		iv.dport = k->dport;
-		break;
-	case FWD_TUNNEL:
-		iv.saddr = rt->src;
-		if (!(iv.saddr.v6[0] | iv.saddr.v6[1] | iv.saddr.v6[2] | iv.saddr.v6[3])) {
-			ls = laddr_map.lookup(&svc_id);
-			if (ls && ls->n > 0 && ls->a[0].af == HDSLB_AF_INET6)
-				iv.saddr = ls->a[0].addr;
-			else
-				return drop(CNT_DROP_NO_SRC);
-		}
-		iv.sport = k->sport;
-		iv.dport = k->dport;
-		break;
-	default:
-		return drop(CNT_DROP_NO_DEST);
-	}
-	if (conn_map.update(k, &iv) != 0) {
-		if (have_ok)
-			conn_map.delete(&ok);
-		return drop(CNT_DROP_CONN_INSERT);
-	}
-	conn_new_stats(svc_id, slot);
 	if (x64)
 		return xlat64(ctx, ip6, th, uh, &iv);
 	return xmit_conn6(ctx, eth, ip6, th, uh, &iv);
