@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
+from cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
 from hdslb import __version__
 from hdslb.ctl.client import Client
+from hdslb.errors import HdslbError
 
 PROG = "dpip"
 AF_NAMES = {4: "inet", 6: "inet6"}  # DPVS's af_itoa
@@ -36,6 +38,8 @@ Options:
     -4, --family=inet
     -6, --family=inet6
     -s, --stats, statistics
+    -b, --batch FILE     read commands from FILE ('-': stdin), one per line, as iproute2's ip -batch; every
+                         line is checked first, then the changes go as one request: all applied, or none
     --ctl-socket PATH    hdslbd control socket (default $HDSLB_CTRL or /var/run/hdslb_ctrl)
 """
 
@@ -111,6 +115,7 @@ class Invocation:
     text: str = ""  # what help and version print
     interval: float | None = None  # -i: seconds between repeated shows
     count: int | None = None  # -c: how many shows
+    batch: str | None = None  # -b FILE: commands read from FILE ('-': stdin)
 
 
 def _fail(msg: str) -> UsageError:
@@ -122,7 +127,8 @@ def _fail(msg: str) -> UsageError:
 
 def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
     """Take dpip's own options out of argv wherever they are (getopt_long permutes), keep the words in order."""
-    opts = {"af": None, "stats": False, "help": False, "version": False, "interval": None, "count": None}
+    opts = {"af": None, "stats": False, "help": False, "version": False, "interval": None, "count": None,
+            "batch": None}
     words = []
     it = iter(argv)
     for tok in it:
@@ -138,6 +144,10 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                 opts["version"] = True
             elif name == "family":
                 opts["af"] = _family(val if eq else next(it, ""))
+            elif name == "batch":
+                opts["batch"] = val if eq else next(it, "")
+                if not opts["batch"]:
+                    raise _fail("--batch needs a file name ('-' for stdin)")
             else:
                 raise _fail(f"invalid option: {tok}")
         elif tok.startswith("-") and len(tok) > 1:
@@ -153,6 +163,14 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                     opts["version"] = True
                 elif ch == "f":
                     opts["af"] = _family(chars[i + 1:] or next(it, ""))
+                    break
+                elif ch == "b":  # -b FILE, -batch FILE (iproute2's spelling)
+                    val = chars[i + 1:] or next(it, "")
+                    if val == "atch":
+                        val = next(it, "")
+                    if not val:
+                        raise _fail("-b needs a file name ('-' for stdin)")
+                    opts["batch"] = val
                     break
                 elif ch in "ic":  # -i INTERVAL -c COUNT: repeat a show (DPVS link show)
                     val = chars[i + 1:] or next(it, "")
@@ -320,6 +338,10 @@ PARSERS = {"addr": _parse_addr, "route": _parse_route, "neigh": _parse_neigh, "l
 def parse(argv: list[str]) -> Invocation:
     """One dpip command line (without the program name) -> an Invocation. Raises UsageError."""
     opts, words = _global_options(argv)
+    if opts["batch"] is not None and not opts["version"] and not opts["help"]:
+        if words:
+            raise _fail(f"unexpected argument {words[0]} with -b (the commands come from the file)")
+        return Invocation(None, "batch", batch=opts["batch"])
     if opts["version"]:
         return Invocation(None, "version", text=f"{PROG}-hdslb-{__version__}\n")
     if not words:
@@ -438,6 +460,71 @@ def render(inv: Invocation, data) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]]:
+    """dpip -b input: one command per line (no program name), '#' comments and blank lines skipped, words split
+    as a shell would -> (line number, Invocation). Every line is parsed before anything is sent."""
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        try:
+            words = shlex.split(raw)
+            if words and words[0] == PROG:
+                words = words[1:]
+            inv = parse((["-4"] if af == 4 else ["-6"] if af == 6 else []) + words)
+        except ValueError as e:  # shlex: an unbalanced quote
+            raise _fail(f"line {n}: {e}") from None
+        except UsageError as e:
+            msg = str(e)
+            msg = msg[len(PROG) + 2:] if msg.startswith(PROG + ": ") else msg
+            raise _fail(f"line {n}: {msg}") from None
+        if inv.batch is not None or inv.interval or inv.count:
+            raise _fail(f"line {n}: -b, -i and -c are not taken inside a batch")
+        out.append((n, inv))
+    return out
+
+
+def run_batch(client, lines: list[tuple[int, Invocation]]) -> int:
+    """Changes (add/del/set/flush) go as one batch request; a show runs alone, in its place. A refused line is
+    reported as `dpip: line N: reason`, exit 1, and nothing of that batch is applied."""
+    from hdslb.ctl.commands import BATCH_OPS
+
+    def flush(run) -> bool:
+        if not run:
+            return True
+        ops, where = [], []
+        for n, inv in run:
+            for req in inv.requests:
+                ops.append(req)
+                where.append(n)
+        try:
+            client.batch(ops)
+        except HdslbError as e:
+            i = getattr(e, "index", None)
+            line = f"line {where[i]}: " if isinstance(i, int) and 0 <= i < len(where) else ""
+            print(f"{PROG}: {line}{e.message}; nothing of the batch was applied", file=sys.stderr)
+            return False
+        return True
+
+    run: list = []
+    for n, inv in lines:
+        if inv.requests and all(op in BATCH_OPS for op, _ in inv.requests):
+            run.append((n, inv))
+            continue
+        if not flush(run):
+            return EXIT_FAIL
+        run = []
+        if inv.requests:
+            try:
+                sys.stdout.write(execute(client, inv))
+            except HdslbError as e:
+                print(f"{PROG}: line {n}: {e.message}", file=sys.stderr)
+                return EXIT_FAIL
+        else:
+            sys.stdout.write(render(inv, None))
+    return EXIT_OK if flush(run) else EXIT_FAIL
+
+
 def execute(client, inv: Invocation) -> str:
     data = None
     for op, args in inv.requests:
@@ -450,9 +537,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, argv = take_ctl_socket(argv)
         inv = parse(argv)
+        lines = None
+        if inv.batch is not None:
+            af = _global_options(argv)[0]["af"]
+            try:
+                text = sys.stdin.read() if inv.batch == "-" else open(inv.batch).read()
+            except OSError as e:
+                raise _fail(f"cannot read {inv.batch}: {e.strerror}") from None
+            lines = parse_batch(text, af)
     except UsageError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
+    if lines is not None:
+        def run_lines() -> int:
+            with Client(path) as client:
+                return run_batch(client, lines)
+
+        return guarded(run_lines, f"{PROG}: ", PROG)
     if not inv.requests:
         sys.stdout.write(render(inv, None))
         return EXIT_OK

@@ -14,10 +14,14 @@ rule array (snat_map + cfg_map.snat_rules), first match wins, kept in creation o
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import errno
 import ipaddress
+import socket
 from collections import Counter
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +54,16 @@ ANY4 = ipaddress.IPv4Address("0.0.0.0")
 
 
 def ip(s, what: str = "address"):
+    if type(s) is str:  # inet_pton is strict (no leading zeros, no short forms) and ~10x faster than ipaddress
+        try:
+            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, s))
+        except OSError:
+            pass
+        if "%" not in s:  # scoped IPv6 addresses keep their zone: ipaddress parses those
+            try:
+                return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, s))
+            except OSError:
+                pass
     try:
         return ipaddress.ip_address(s)
     except (ValueError, TypeError):
@@ -281,6 +295,140 @@ class Neigh:
     ifname: str
 
 
+class IdPool(set):
+    """The ids (service ids, real-server slots) in use, with the lowest id that may be free remembered, so
+    handing out the lowest free id stays O(1) amortised in a bulk load (a plain scan from 0 made loading 100k
+    real servers quadratic)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.low = 0
+
+    def discard(self, i) -> None:
+        super().discard(i)
+        if i < self.low:
+            self.low = i
+
+    def remove(self, i) -> None:
+        super().remove(i)
+        if i < self.low:
+            self.low = i
+
+    def clear(self) -> None:
+        super().clear()
+        self.low = 0
+
+    def copy(self) -> "IdPool":
+        c = IdPool(self)
+        c.low = self.low
+        return c
+
+    def lowest_free(self, limit: int):
+        i = self.low
+        while i in self:
+            i += 1
+        self.low = i  # every id below i is in use
+        return i if i < limit else None
+
+
+class _OverlayPool:
+    """An IdPool seen through a dry run: ids taken and given back are recorded here, the base is never written,
+    so a scratch model costs what the batch changes, not what the model holds."""
+
+    def __init__(self, base: IdPool):
+        self.base, self.added, self.removed = base, set(), set()
+        self.low = base.low
+
+    def __contains__(self, i) -> bool:
+        return i in self.added or (i in self.base and i not in self.removed)
+
+    def __len__(self) -> int:
+        return len(self.base) - len(self.removed) + len(self.added)
+
+    def __iter__(self):
+        yield from (i for i in self.base if i not in self.removed)
+        yield from self.added
+
+    def add(self, i) -> None:
+        if i in self.base:
+            self.removed.discard(i)
+        else:
+            self.added.add(i)
+
+    def discard(self, i) -> None:
+        if i in self.added:
+            self.added.discard(i)
+        elif i in self.base:
+            self.removed.add(i)
+        if i < self.low:
+            self.low = i
+
+    def lowest_free(self, limit: int):
+        i = self.low
+        while i in self:
+            i += 1
+        self.low = i
+        return i if i < limit else None
+
+
+class _Overlay(MutableMapping):
+    """A dict seen through a dry run: an entry is copied (copy_fn) the first time it is read, writes and deletes
+    stay here; the base is never written. Iterating copies every entry (rare ops: flush, local address scans)."""
+
+    def __init__(self, base: dict, copy_fn):
+        self.base, self.copy_fn, self.local, self.gone = base, copy_fn, {}, set()
+
+    def __getitem__(self, k):
+        try:
+            return self.local[k]
+        except KeyError:
+            pass
+        if k in self.gone:
+            raise KeyError(k)
+        v = self.local[k] = self.copy_fn(self.base[k])
+        return v
+
+    def __contains__(self, k) -> bool:
+        return k in self.local or (k not in self.gone and k in self.base)
+
+    def __setitem__(self, k, v) -> None:
+        self.local[k] = v
+        self.gone.discard(k)
+
+    def __delitem__(self, k) -> None:
+        self[k]
+        del self.local[k]
+        self.gone.add(k)
+
+    def __iter__(self):
+        for k in self.base:
+            if k not in self.gone and k not in self.local:
+                yield k
+        yield from list(self.local)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _copy_service(s: "Service") -> "Service":
+    n = copy.copy(s)
+    n.dests = {k: copy.copy(d) for k, d in s.dests.items()}
+    n.laddrs = [copy.copy(la) for la in s.laddrs]
+    n.flags, n.sched_params = list(s.flags), dict(s.sched_params)
+    return n
+
+
+class NullDataPath:
+    """Accepts every write: a dry run's scratch model has no maps behind it."""
+
+    def __getattr__(self, name):
+        return _ignore
+
+
+def _ignore(*a, **kw):
+    return None
+
+
 class CellAllocator:
     """First-fit allocation of contiguous ranges of the hash_cells array (one range per hash table).
 
@@ -347,6 +495,20 @@ class CellAllocator:
 
 
 @dataclass
+class Deferred:
+    """What a batch postponed to its end (Balancer.deferred): the services whose table must be rebuilt (each once,
+    from its final real servers), the services added in the batch (published once their table exists), and what
+    must wait until no table can lead a packet to a removed real server (clearing its slot, its templates, and
+    only then handing the slot out again)."""
+
+    dirty: dict = field(default_factory=dict)  # id(svc) -> (svc, tag of the last op that touched it)
+    new: set = field(default_factory=set)      # id(svc) of services added in the batch, not yet in svc_map
+    routes: dict = field(default_factory=dict)  # net -> tag: LPM entries to sync once
+    post: list = field(default_factory=list)   # (fn, args) run after every table is rebuilt
+    tag: object = None                         # the op being applied (a batch index), for error reports
+
+
+@dataclass
 class TablePlan:
     """A built scheduling table and where it will live, decided before anything is written."""
 
@@ -396,10 +558,11 @@ class Balancer:
         self.addrs: list[Addr] = []
         self.routes: list[Route] = []
         self._rindex: dict[object, list[Route]] = {}  # net -> its routes: adds and syncs stay O(1) in bulk loads
+        self._plens: Counter = Counter()  # (IP version, prefix length) -> routes: lookups walk lengths, not routes
         self._gateways: Counter = Counter()  # (via, ifname) -> routes using it, for SNAT's next hops
         self.neighs: dict[object, Neigh] = {}
-        self._slots_used: set[int] = set()
-        self._ids_used: set[int] = set()
+        self._slots_used: IdPool = IdPool()
+        self._ids_used: IdPool = IdPool()
         # dest slot -> (active, inactive) connections, for lc/wlc and thresholds; the daemon plugs in the fast
         # path's view (a conn table scan, refreshed once per estimator period).
         self.conn_counts = lambda: {}
@@ -407,6 +570,87 @@ class Balancer:
         self._dyn_seen: dict[int, tuple] = {}  # svc id -> the conn counts its lc/wlc ring was built from
         self.expire_quiescent_template = False  # ipvs_defs: drop a dest's templates when its weight drops to 0
         self.refresh_errors: dict[int, str] = {}  # svc id -> why its last periodic rebuild was refused
+        self._defer: Deferred | None = None  # inside deferred(): rebuilds and LPM writes wait for the end
+
+    # --- batches --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deferred(self):
+        """Apply many changes, rebuilding each touched service's table once at the end (from its final real
+        servers) and writing each touched prefix's LPM entry once, instead of after every change.
+
+        Tables are built at the end, so a table that cannot be built (a full hash_cells, ...) is refused there:
+        the HdslbError then carries `.tag`, the tag of the last op that touched that service (set `.tag` on the
+        yielded Deferred before each op). Validate a batch on a scratch() copy first: the real model then
+        cannot fail half way. Nested use joins the outer batch."""
+        if self._defer is not None:
+            yield self._defer
+            return
+        d = self._defer = Deferred()
+        try:
+            yield d
+        except BaseException:
+            self._defer = None
+            try:  # what was applied reaches the maps whole (a validated batch does not get here)
+                self._flush_deferred(d)
+            except HdslbError:
+                pass
+            raise
+        self._defer = None
+        self._flush_deferred(d)
+
+    def _flush_deferred(self, d: Deferred) -> None:
+        for svc, tag in d.dirty.values():
+            if self.services.get(svc.key) is not svc:
+                continue  # removed later in the batch
+            try:
+                plan = self._plan(svc)
+            except HdslbError as e:
+                e.tag = tag
+                raise
+            self._commit(svc, plan)
+            if id(svc) in d.new:  # the table exists before anything can lead a packet to it
+                self.dp.service_set(svc)
+                if svc.own_vip:
+                    self._sync_local(svc.addr)
+        for net in d.routes:
+            self._sync_route(net)
+        for fn, args in d.post:
+            fn(*args)
+
+    def _touch(self, svc: Service, new: bool = False) -> None:
+        d = self._defer
+        d.dirty[id(svc)] = (svc, d.tag)
+        if new:
+            d.new.add(id(svc))
+
+    def _hidden(self, svc: Service) -> bool:
+        """Added in the running batch and not yet published (its svc_map entry waits for its table)."""
+        return self._defer is not None and id(svc) in self._defer.new
+
+    def scratch(self, routes: bool = True, neighs: bool = True) -> "Balancer":
+        """A model over a NullDataPath to dry-run a batch on: what the batch does to it is what it would do here,
+        and nothing here changes. Services and id pools are overlays (a service is copied when first used), so
+        the copy costs what the batch touches. routes=False / neighs=False share the addresses and routes /
+        the neighbours instead of copying them: only for batches that change none of them."""
+        b = Balancer(NullDataPath(), self.ifaces, max_services=self.max_services, max_dests=self.max_dests,
+                     ring_max=self.ring_max, max_hash_cells=self.cells.size)
+        b.cells = self.cells.copy()
+        b.services = _Overlay(self.services, _copy_service)
+        b.snat_order = [b.services[s.key] for s in self.snat_order]
+        if routes:
+            b.addrs = [copy.copy(a) for a in self.addrs]
+            b.routes = list(self.routes)
+            b._rindex = _Overlay(self._rindex, list)
+            b._plens = Counter(self._plens)
+            b._gateways = Counter(self._gateways)
+        else:
+            b.addrs, b.routes, b._rindex, b._plens, b._gateways = (
+                self.addrs, self.routes, self._rindex, self._plens, self._gateways)
+        b.neighs = dict(self.neighs) if neighs else self.neighs
+        b._slots_used, b._ids_used = _OverlayPool(self._slots_used), _OverlayPool(self._ids_used)
+        b.config_owned = set(self.config_owned)
+        b.expire_quiescent_template = self.expire_quiescent_template
+        return b
 
     # --- helpers --------------------------------------------------------------------------------
     def iface(self, name) -> Iface:
@@ -422,10 +666,16 @@ class Balancer:
 
     @staticmethod
     def _peek(used: set[int], limit: int, what: str) -> int:
-        for i in range(limit):
-            if i not in used:
+        if isinstance(used, (IdPool, _OverlayPool)):
+            i = used.lowest_free(limit)
+            if i is not None:
                 return i
-        raise nospace(f"no free {what} (limit {limit})")
+        else:
+            for i in range(limit):
+                if i not in used:
+                    return i
+        raise nospace(f"no free {what} (limit {limit}: start hdslbd with a larger "
+                      f"{'--max-dests' if 'slot' in what else '--max-services'})")
 
     def parse_match(self, m) -> Match:
         """A SNAT match from {proto, src_range, dst_range, iif, oif} (DPVS's -H keys, '-' or '_' spelt)."""
@@ -522,6 +772,14 @@ class Balancer:
 
     def _commit(self, svc: Service, plan: TablePlan, bump: bool = True) -> None:
         """Write the new table, swap the service to it in one map update, then free the old cells."""
+        if self._defer is not None:  # a batch: the plan validated the change; the table is built at its end
+            self._drop(plan)
+            for slot, state in plan.overloaded.items():
+                for d in svc.dests.values():
+                    if d.slot == slot:
+                        d.overloaded = state
+            self._touch(svc)
+            return
         if plan.hlen:
             self.dp.hash_cells_set(plan.hoff, plan.table.entries)
         svc.sched_gen += bump
@@ -605,6 +863,10 @@ class Balancer:
         plan = self._plan(svc)  # validates scheduler parameters even with no real server yet
         self._ids_used.add(svc_id)
         self.services[key] = svc
+        if self._defer is not None and match is None:
+            self._drop(plan)
+            self._touch(svc, new=True)  # published by the batch's end, once its table is built
+            return svc
         self._commit(svc, plan)  # the table exists before anything can lead a packet to it
         self.dp.service_set(svc)
         if match is not None:
@@ -625,7 +887,7 @@ class Balancer:
         svc.flags, svc.sched_params = opts["flags"], opts["sched_params"]
         if plan is not None:
             self._commit(svc, plan)
-        if persist_changed:
+        if persist_changed and not self._hidden(svc):
             self.dp.service_set(svc)
             if svc.match is None:
                 self.dp.persist_flush(svc.svc_id, None)  # templates keyed by the old mask, or no longer wanted
@@ -636,6 +898,9 @@ class Balancer:
         self._remove_service(svc)
 
     def _remove_service(self, svc: Service) -> None:
+        if self._defer is not None:
+            self._defer.dirty.pop(id(svc), None)
+            self._defer.new.discard(id(svc))
         if svc.match is not None:
             self._snat_remove(svc)  # no packet finds the service any more before its tables go
         self.dp.service_del(svc)
@@ -762,6 +1027,12 @@ class Balancer:
         opts = self._dest_opts(a, svc, key[0], key[1], None)
         slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
+        if self._defer is not None:  # a batch: one table from the final real servers, built at its end
+            self._slots_used.add(slot)
+            svc.dests[key] = d
+            self.dp.dest_set(svc, d)
+            self._touch(svc)
+            return d
         plan = self._plan(svc, dests=list(svc.dests.values()) + [d])
         self._slots_used.add(slot)
         svc.dests[key] = d
@@ -788,7 +1059,10 @@ class Balancer:
         self.dp.dest_set(svc, d)
         self._commit(svc, plan)
         if drained and self.expire_quiescent_template and svc.match is None:
-            self.dp.persist_flush(svc.svc_id, d.slot)
+            if self._defer is not None:
+                self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
+            else:
+                self.dp.persist_flush(svc.svc_id, d.slot)
         return d
 
     def dest_del(self, a: dict) -> None:
@@ -797,6 +1071,16 @@ class Balancer:
         d = svc.dests.get(key)
         if d is None:
             raise notfound("No such destination")
+        if self._defer is not None:
+            # The slot is cleared, its templates dropped and the slot handed out again only after the batch's
+            # tables no longer hold it.
+            del svc.dests[key]
+            self._touch(svc)
+            self._defer.post.append((self.dp.dest_clear, (d,)))
+            if svc.match is None:
+                self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
+            self._defer.post.append((self._slots_used.discard, (d.slot,)))
+            return
         plan = self._plan(svc, dests=[x for x in svc.dests.values() if x is not d])
         del svc.dests[key]
         # Table first, then the slot, then its templates: no new flow can pick a slot that is about to be cleared,
@@ -1019,10 +1303,18 @@ class Balancer:
     def _route_from(self, a: dict, any_dev: bool = False) -> Route:
         prefix = a.get("prefix")
         plen = a.get("prefixlen")
-        try:
-            net = ipaddress.ip_network(f"{prefix}/{plen}" if plen is not None else str(prefix), strict=True)
-        except ValueError as e:
-            raise invalid(f"invalid prefix {prefix}/{plen}: {e}") from None
+        net = None
+        if type(prefix) is str and type(plen) is int and "%" not in prefix:  # the bulk path: parsed once
+            try:
+                base = ip(prefix)
+                net = (ipaddress.IPv4Network if base.version == 4 else ipaddress.IPv6Network)((int(base), plen))
+            except (HdslbError, ValueError):
+                net = None  # the general path below words the refusal
+        if net is None:
+            try:
+                net = ipaddress.ip_network(f"{prefix}/{plen}" if plen is not None else str(prefix), strict=True)
+            except ValueError as e:
+                raise invalid(f"invalid prefix {prefix}/{plen}: {e}") from None
         af = a.get("af")
         if af not in (None, net.version):
             raise invalid(f"prefix {net} is not IPv{af}")
@@ -1050,10 +1342,11 @@ class Balancer:
         if r.via is not None and r.scope != "kni_host":
             self._gateways[(r.via, r.ifname)] += 1
         self._rindex.setdefault(r.net, []).append(r)
-        self._sync_route(r.net)
+        self._plens[(r.net.version, r.net.prefixlen)] += 1
+        self._route_changed(r.net)
 
-    def _route_remove(self, r: Route) -> None:
-        self.routes.remove(r)
+    def _route_unindex(self, r: Route) -> None:
+        """Everything _route_remove does but taking r out of self.routes (O(n): bulk removals filter once)."""
         if r.via is not None and r.scope != "kni_host":
             self._gateways[(r.via, r.ifname)] -= 1
             if self._gateways[(r.via, r.ifname)] <= 0:
@@ -1062,7 +1355,21 @@ class Balancer:
         same.remove(r)
         if not same:
             self._rindex.pop(r.net, None)
-        self._sync_route(r.net)
+        pl = (r.net.version, r.net.prefixlen)
+        self._plens[pl] -= 1
+        if self._plens[pl] <= 0:
+            del self._plens[pl]
+        self._route_changed(r.net)
+
+    def _route_remove(self, r: Route) -> None:
+        self.routes.remove(r)
+        self._route_unindex(r)
+
+    def _route_changed(self, net) -> None:
+        if self._defer is not None:
+            self._defer.routes[net] = self._defer.tag  # one LPM write per prefix, at the batch's end
+        else:
+            self._sync_route(net)
 
     def route_add(self, a: dict) -> Route:
         r = self._route_from(a)
@@ -1091,8 +1398,13 @@ class Balancer:
 
     def route_flush(self, a: dict) -> None:
         af = a.get("af")
-        for x in [x for x in self.routes if not x.local and (af in (None, x.net.version))]:
-            self._route_remove(x)
+        gone = [x for x in self.routes if not x.local and (af in (None, x.net.version))]
+        if not gone:
+            return
+        ids = {id(x) for x in gone}
+        self.routes = [x for x in self.routes if id(x) not in ids]
+        for x in gone:
+            self._route_unindex(x)
 
     def _sync_route(self, net) -> None:
         """The LPM map holds one route per prefix: a kni_host route, else the local route, else the lowest metric."""
@@ -1105,11 +1417,17 @@ class Balancer:
         self.dp.route_set(best, self.ifaces[best.ifname].ifindex)
 
     def route_lookup(self, addr) -> Route | None:
-        best = None
-        for r in self.routes:
-            if addr in r.net and (best is None or (r.net.prefixlen, -r.metric) > (best.net.prefixlen, -best.metric)):
-                best = r
-        return best
+        """Longest prefix, then lowest metric, then the route added first; one probe of the route index per
+        prefix length in use (not a walk of every route: 100k routes times every real server's next hop)."""
+        v = addr.version
+        for plen in sorted((pl for ver, pl in self._plens if ver == v), reverse=True):
+            best = None
+            for r in self._rindex.get(ipaddress.ip_network((addr, plen), strict=False), ()):
+                if best is None or r.metric < best.metric:
+                    best = r
+            if best is not None:
+                return best
+        return None
 
     def nexthop(self, addr):
         """(next hop address, interface name) for reaching `addr`, or None when no route covers it."""
@@ -1268,13 +1586,14 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
             b.snat_order.append(svc)
     b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
                     sapool=a["sapool"]) for a in snap["addrs"]]
-    b.routes, b._rindex, b._gateways = [], {}, Counter()
+    b.routes, b._rindex, b._plens, b._gateways = [], {}, Counter(), Counter()
     for r in snap["routes"]:
         route = Route(net=ipaddress.ip_network(r["net"]), ifname=r["ifname"], via=A(r["via"]) if r["via"] else None,
                       src=A(r["src"]) if r["src"] else None, mtu=r["mtu"], metric=r["metric"], scope=r["scope"],
                       proto=r["proto"], local=r["local"])
         b.routes.append(route)
         b._rindex.setdefault(route.net, []).append(route)
+        b._plens[(route.net.version, route.net.prefixlen)] += 1
         if route.via is not None and route.scope != "kni_host":
             b._gateways[(route.via, route.ifname)] += 1
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])

@@ -2,7 +2,9 @@
 
 Every handler validates its body against the OpenAPI schema first, then runs one or more noun.verb commands
 through the same registry as the unix socket (hdslb.api.dispatch); no model logic lives here. Set changes (the
-real servers of a service) are planned from one snapshot, applied step by step, and undone if a step is refused.
+real servers of a service, a service with its real servers) are planned from one snapshot and sent as one batch
+command: the daemon checks every step on a copy of its model first, so a refused step changes nothing, and each
+touched service's table is rebuilt once.
 """
 
 from __future__ import annotations
@@ -305,8 +307,12 @@ def _put_opts(body: dict) -> dict:
 
 async def put_vs(request):
     ident = await _ident(request)
-    opts = _put_opts(await _body(request, "VirtualServerSpecTiny", required=False))
+    body = await _body(request, "VirtualServerSpecTiny", required=False)
+    rss = body.pop("RSs", None)
+    opts = _put_opts(body)
     vid = request.match_info["VipPort"] if "match" in ident else _vs_id(**ident)
+    if rss is not None:
+        return await _put_vs_with_rs(request, ident, opts, rss["Items"], vid)
     async with request.app[LOCK]:
         if "match" not in ident:
             try:
@@ -320,6 +326,26 @@ async def put_vs(request):
     return _changed("updated", 200, Id=vid)
 
 
+async def _put_vs_with_rs(request, ident: dict, opts: dict, items: list, vid: str) -> web.Response:
+    """PUT /v2/vs/{VipPort} with RSs: the service (created, or updated by option) and its real servers (upserted
+    as PUT .../rs does) in one batch: all of it, or nothing."""
+    async with request.app[LOCK]:
+        try:
+            svc = await _one_service(request, ident)
+        except ApiError as e:
+            if e.status != 404 or "match" in ident:
+                raise
+            svc = None
+        port = svc["port"] if svc is not None else ident["port"]
+        current = {_rs_key(d["addr"], d["port"], port): d for d in svc["dests"]} if svc is not None else {}
+        plan = _upserts(ident, current, _rs_items(items, port, "RSs.Items"))
+        made = svc is None
+        plan.steps.insert(0, _Step("created" if made else "updated", None, "service.add" if made else "service.edit",
+                                   {**ident, **opts}))
+        return await _apply(request, plan, status=201 if made else 200, result="created" if made else "updated",
+                            Id=vid)
+
+
 async def delete_vs(request):
     ident = await _ident(request)
     await _call(request, "service.del", ident)
@@ -329,12 +355,10 @@ async def delete_vs(request):
 # --- real servers -----------------------------------------------------------------------------------
 @dataclass
 class _Step:
-    what: str  # added / updated / removed
-    key: tuple  # (ip, port)
+    what: str  # added / updated / removed (created: the service itself)
+    key: tuple | None  # (ip, port); None: the service
     op: str
     args: dict
-    undo_op: str
-    undo_args: dict
     field: str | None = None
 
 
@@ -353,29 +377,30 @@ def _rs_key(ip: str, port, svc_port: int) -> tuple:
     return (ipaddress.ip_address(ip), port or svc_port)  # port 0/absent: the service's, as ipvsadm and the model
 
 
-def _prev(d: dict) -> dict:
-    return {"weight": d["weight"], "fwd": d["fwd"], "u_threshold": d.get("u_threshold", 0),
-            "l_threshold": d.get("l_threshold", 0)}
-
-
 async def _rs_request(request):
     """Validate the body (schema, then duplicates and unsupported flags) and take one snapshot of the service."""
     ident = await _ident(request)
     body = await _body(request, "RealServerTinyList")
     svc = await _one_service(request, ident)
     current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
+    return ident, current, _rs_items(body["Items"], svc["port"], "Items")
+
+
+def _rs_items(body_items: list, svc_port: int, where: str) -> list:
+    """(field, key, item) per listed real server; duplicates and unsupported flags refused before anything."""
     items, seen = [], {}
-    for i, it in enumerate(body["Items"]):
-        f = f"Items[{i}]"
+    for i, it in enumerate(body_items):
+        f = f"{where}[{i}]"
         for flag in ("inhibited", "overloaded"):
             if it.get(flag):
                 raise ApiError(501, errno.EOPNOTSUPP, f"{f}.{flag}: not implemented by this fast path", f"{f}.{flag}")
-        key = _rs_key(it["ip"], it.get("port"), svc["port"])
+        key = _rs_key(it["ip"], it.get("port"), svc_port)
         if key in seen:
-            raise ApiError(400, errno.EINVAL, f"{f}: {_hostport(key)} is listed twice (also Items[{seen[key]}])", f)
+            raise ApiError(400, errno.EINVAL, f"{f}: {_hostport(key)} is listed twice (also {where}[{seen[key]}])",
+                           f)
         seen[key] = i
         items.append((f, key, it))
-    return ident, current, items
+    return items
 
 
 def _upserts(ident: dict, current: dict, items: list) -> _Plan:
@@ -389,10 +414,9 @@ def _upserts(ident: dict, current: dict, items: list) -> _Plan:
             given["fwd"] = it["mode"].lower()
         cur = current.get(key)
         if cur is None:
-            plan.steps.append(_Step("added", key, "dest.add", {**dargs, **given}, "dest.del", dargs, f))
+            plan.steps.append(_Step("added", key, "dest.add", {**dargs, **given}, f))
         elif any(cur.get(k) != v for k, v in given.items()):
-            plan.steps.append(_Step("updated", key, "dest.edit", {**dargs, **given}, "dest.edit",
-                                    {**dargs, **_prev(cur)}, f))
+            plan.steps.append(_Step("updated", key, "dest.edit", {**dargs, **given}, f))
         else:
             plan.unchanged.append(key)
     return plan
@@ -400,36 +424,32 @@ def _upserts(ident: dict, current: dict, items: list) -> _Plan:
 
 def _removal(ident: dict, key: tuple, cur: dict, f: str | None) -> _Step:
     dargs = {"svc": ident, "addr": str(key[0]), "port": key[1]}
-    return _Step("removed", key, "dest.del", dargs, "dest.add", {**dargs, **_prev(cur)}, f)
+    return _Step("removed", key, "dest.del", dargs, f)
 
 
-async def _apply(request, plan: _Plan) -> web.Response:
-    """Apply the steps in order; when one is refused, undo the ones before it (newest first) and report both."""
-    ctx = request.app[CTX]
-    done: list[_Step] = []
-    for st in plan.steps:
+async def _apply(request, plan: _Plan, status: int = 200, **head) -> web.Response:
+    """Send the steps as one batch command: the daemon checks them all on a copy of its model, then applies them
+    (each touched service's table rebuilt once). A refused step is reported by its field; nothing was changed."""
+    if plan.steps:
         try:
-            await _call(request, st.op, st.args, field=st.field)
-        except ApiError as e:
-            undone, failed = [], []
-            for d in reversed(done):
-                try:
-                    await dispatch_async(ctx, d.undo_op, d.undo_args)
-                    undone.append(f"{d.what} {_hostport(d.key)}")
-                except HdslbError as ue:
-                    failed.append(f"{d.what} {_hostport(d.key)}: {ue.message}")
-            verb = {"added": "adding", "updated": "updating", "removed": "removing"}[st.what]
-            e.message = f"{verb} {_hostport(st.key)}: {e.message}"
-            if done:
-                e.message += "; the earlier changes were undone" if not failed else "; undoing earlier changes failed"
-                e.extra.update(rolled_back=not failed, undone=undone, rollback_failed=failed)
-            raise
-        done.append(st)
-    out = {k: [] for k in ("added", "updated", "removed")}
-    for st in done:
-        out[st.what].append(_hostport(st.key))
+            await dispatch_async(request.app[CTX], "batch", {"ops": [[st.op, st.args] for st in plan.steps]})
+        except HdslbError as e:
+            i = getattr(e, "index", None)
+            st = plan.steps[i] if isinstance(i, int) and 0 <= i < len(plan.steps) else None
+            verb = {"added": "adding", "updated": "updating", "removed": "removing", "created": "creating"}.get(
+                st.what, "") if st is not None else ""
+            what = (_hostport(st.key) if st.key is not None else "the service") if st is not None else ""
+            prefix = f"{verb} {what}: " if st is not None else ""
+            raise ApiError(STATUS.get(e.errno, 500), e.errno, f"{prefix}{e.message}; nothing was changed",
+                           st.field if st is not None else None) from None
+    out = dict(head)
+    for k in ("added", "updated", "removed"):
+        out[k] = []
+    for st in plan.steps:
+        if st.key is not None:
+            out[st.what].append(_hostport(st.key))
     out["unchanged"] = [_hostport(k) for k in plan.unchanged]
-    return _reply(out)
+    return _reply(out, status)
 
 
 async def list_rs(request):

@@ -93,13 +93,14 @@ SCHEMAS = {
             "error": {"type": "string", "description": "what was refused and why"},
             "errno": {"type": "integer", "description": "the control plane's errno (EEXIST, ESRCH, EINVAL, ...)"},
             "field": {"type": ["string", "null"], "description": "the body field or parameter at fault, if known"},
-            "rolled_back": {"type": "boolean", "description": "set changes: earlier steps were undone"},
-            "undone": {"type": "array", "items": {"type": "string"}},
-            "rollback_failed": {"type": "array", "items": {"type": "string"}},
         },
     },
     "VirtualServerSpecTiny": {
-        "type": "object", "additionalProperties": False, "properties": VS_OPTIONS,
+        "type": "object", "additionalProperties": False,
+        "properties": {**VS_OPTIONS, "RSs": dict(_ref("RealServerTinyList"), description=(
+            "hdslb bulk extension (dpvs-agent's VirtualServerSpecExpand carries RSs too): the service and these "
+            "real servers in one request, applied as one batch (upserted as PUT .../rs does; all or nothing). "
+            "The reply is a SetChange with result and Id"))},
     },
     "VirtualServerCreate": {
         "type": "object", "additionalProperties": False, "required": ["Proto"],
@@ -281,9 +282,11 @@ SCHEMAS = {
     },
     "SetChange": {
         "type": "object", "required": ["added", "updated", "removed", "unchanged"],
-        "description": "real servers by ADDR:PORT ([ADDR]:PORT for IPv6)",
-        "properties": {k: {"type": "array", "items": {"type": "string"}}
-                       for k in ("added", "updated", "removed", "unchanged")},
+        "description": "real servers by ADDR:PORT ([ADDR]:PORT for IPv6); result and Id when a PUT /v2/vs/{VipPort} "
+                       "with RSs also created or updated the service",
+        "properties": {**{k: {"type": "array", "items": {"type": "string"}}
+                          for k in ("added", "updated", "removed", "unchanged")},
+                       "result": {"enum": ["created", "updated"]}, "Id": {"type": "string"}},
     },
 }
 
@@ -332,9 +335,12 @@ PATHS = {
         "parameters": [{"$ref": "#/components/parameters/VipPort"}],
         "get": _op("getVs", "one virtual server", ["service.list"], {"200": _json("VirtualServerList", "the service")},
                    ("400", "404"), params=("stats",)),
-        "put": _op("putVs", "create or update a virtual server (201 created, 200 updated)",
-                   ["service.add", "service.edit"],
-                   {"200": _json("Change", "updated"), "201": _json("Change", "created")},
+        "put": _op("putVs", "create or update a virtual server (201 created, 200 updated); with RSs, its real "
+                            "servers too, in one batch (all or nothing: a refused item changes nothing and is named "
+                            "by `field`, RSs.Items[i])",
+                   ["service.add", "service.edit", "service.list", "batch"],
+                   {"200": _json("Change", "updated (SetChange with RSs)"),
+                    "201": _json("Change", "created (SetChange with RSs)")},
                    ("400", "501", "507"), body="VirtualServerSpecTiny", body_required=False),
         "delete": _op("deleteVs", "delete a virtual server", ["service.del"], {"200": _json("Change", "deleted")},
                       ("400", "404")),
@@ -343,14 +349,16 @@ PATHS = {
         "parameters": [{"$ref": "#/components/parameters/VipPort"}],
         "get": _op("listRs", "the service's real servers", ["service.list"],
                    {"200": _json("RealServerExpandList", "real servers")}, ("400", "404"), params=("stats",)),
-        "put": _op("putRs", "add real servers; ones that exist are updated with the fields given",
-                   ["service.list", "dest.add", "dest.edit"], {"200": _json("SetChange", "applied")},
+        "put": _op("putRs", "add real servers; ones that exist are updated with the fields given (one batch: all "
+                            "or nothing)",
+                   ["service.list", "batch", "dest.add", "dest.edit"], {"200": _json("SetChange", "applied")},
                    ("400", "404", "501", "507"), body="RealServerTinyList"),
-        "post": _op("replaceRs", "make the real servers exactly the body's (add, update, remove the rest)",
-                    ["service.list", "dest.add", "dest.edit", "dest.del"], {"200": _json("SetChange", "applied")},
+        "post": _op("replaceRs", "make the real servers exactly the body's (add, update, remove the rest; one "
+                             "batch: all or nothing)",
+                    ["service.list", "batch", "dest.add", "dest.edit", "dest.del"], {"200": _json("SetChange", "applied")},
                     ("400", "404", "501", "507"), body="RealServerTinyList"),
         "delete": _op("deleteRs", "remove the listed real servers (404, nothing removed, if one is absent)",
-                      ["service.list", "dest.del"], {"200": _json("SetChange", "applied")}, ("400", "404"),
+                      ["service.list", "batch", "dest.del"], {"200": _json("SetChange", "applied")}, ("400", "404"),
                       body="RealServerTinyList"),
     },
     "/v2/vs/{VipPort}/laddr": {

@@ -68,7 +68,14 @@ class Client:
             raise protocol.ProtocolError(f"reply id {rep.get('id')} does not match request {req_id}")
         if rep.get("ok"):
             return rep.get("data")
-        raise HdslbError(rep.get("errno", errno.EIO), rep.get("error", "unknown error"))
+        e = HdslbError(rep.get("errno", errno.EIO), rep.get("error", "unknown error"))
+        e.index = rep.get("index")  # a refused batch: the position of the op refused
+        raise e
+
+    def batch(self, ops: list) -> dict:
+        """Send many changes as one request (op "batch"): all are applied, or none (HdslbError.index says which
+        op was refused)."""
+        return self.call("batch", {"ops": [[op, args] for op, args in ops]})
 
 
 def call(op: str, args: dict | None = None, path: str | None = None, timeout: float = 30.0):

@@ -292,6 +292,90 @@ def link_list(ctx, a):
         for i in ctx.bal.ifaces.values() if ifname in (None, i.name)]}
 
 
+# --- batches ------------------------------------------------------------------------------------------
+# Ops a batch may carry: changes of the model only (no reload, shutdown or health-check ops, no nested batch).
+BATCH_OPS = frozenset({
+    "service.add", "service.edit", "service.del", "service.flush", "dest.add", "dest.edit", "dest.del",
+    "laddr.add", "laddr.del", "addr.add", "addr.del", "addr.flush", "route.add", "route.set", "route.del",
+    "route.flush", "neigh.add", "neigh.del"})
+
+
+class _ScratchCtx:
+    """Just enough of the daemon for commands to run against a scratch model during a batch's dry run."""
+
+    def __init__(self, bal):
+        self.bal = bal
+
+    def resolve_soon(self):
+        pass
+
+    def announce(self, *a):
+        pass
+
+
+def _batch_ops(a) -> list:
+    ops = a.get("ops")
+    if not isinstance(ops, list):
+        raise invalid("batch: ops must be a list of [op, args] pairs")
+    out = []
+    for i, item in enumerate(ops):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], dict)):
+            e = invalid(f"batch op {i}: not an [op, args] pair")
+            e.index = i
+            raise e
+        if item[0] not in BATCH_OPS:
+            e = HdslbError(errno.EOPNOTSUPP, f"{item[0]!r} cannot be batched (batchable: {', '.join(sorted(BATCH_OPS))})")
+            e.index = i
+            raise e
+        out.append((item[0], item[1]))
+    return out
+
+
+def run_batch(ctx, ops: list) -> list:
+    """Apply ops in order with the balancer's rebuilds deferred to the end; a refusal carries .index, the position
+    of the op it belongs to (for a table built at the end: the last op that touched that service)."""
+    results = []
+    with ctx.bal.deferred() as d:
+        for i, (op, args) in enumerate(ops):
+            d.tag = i
+            try:
+                results.append(COMMANDS[op](ctx, args))
+            except HdslbError as e:
+                e.index = i
+                raise
+    return results
+
+
+def _flush_index(e: HdslbError, n: int) -> HdslbError:
+    """A refusal raised by the deferred rebuilds at the end names the op through its tag."""
+    if getattr(e, "index", None) is None:
+        e.index = getattr(e, "tag", None)
+    return e
+
+
+@command("batch")
+def batch(ctx, a):
+    """Many changes as one: validated on a scratch copy of the model first (a refusal leaves everything as it was
+    and names the op by its position, .index), then applied with each touched service's table rebuilt once and
+    each touched prefix written once. Replies the warnings of the ops, each with its index."""
+    ops = _batch_ops(a)
+    if not ops:
+        return {"applied": 0, "warnings": []}
+    # The dry run copies what the batch can change: services it names (on first use), and addresses, routes or
+    # neighbours only when it has ops on them.
+    scratch = ctx.bal.scratch(routes=any(op.startswith(("route.", "addr.")) for op, _ in ops),
+                              neighs=any(op.startswith("neigh.") for op, _ in ops))
+    try:
+        run_batch(_ScratchCtx(scratch), ops)
+    except HdslbError as e:
+        raise _flush_index(e, len(ops)) from None
+    results = run_batch(ctx, ops)
+    warnings = [{"index": i, "warning": w} for i, r in enumerate(results)
+                if isinstance(r, dict) for w in r.get("warnings", ())]
+    return {"applied": len(ops), "warnings": warnings}
+
+
 # --- the daemon itself ------------------------------------------------------------------------------
 @command("stats.get")
 def stats_get(ctx, a):

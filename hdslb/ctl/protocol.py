@@ -2,7 +2,9 @@
 
 Request: {"v": 1, "id": <int>, "op": "<noun.verb>", "args": {...}}
 Reply:   {"v": 1, "id": <same>, "ok": true,  "data": <any>}
-      or {"v": 1, "id": <same>, "ok": false, "errno": <int>, "error": "<message>"}
+      or {"v": 1, "id": <same>, "ok": false, "errno": <int>, "error": "<message>"[, "index": <int>]}
+
+op "batch" carries {"ops": [[op, args], ...]}: all applied or none; a refusal's "index" is the op refused.
 
 This module never touches a socket, so the CLIs, the daemon and the tests share one codec.
 """
@@ -78,5 +80,9 @@ def reply_ok(req_id: int, data=None) -> dict:
     return {"v": VERSION, "id": req_id, "ok": True, "data": data}
 
 
-def reply_err(req_id: int, err: int, message: str) -> dict:
-    return {"v": VERSION, "id": req_id, "ok": False, "errno": int(err), "error": str(message)}
+def reply_err(req_id: int, err: int, message: str, index: int | None = None) -> dict:
+    """index: for a refused batch, the position of the op refused (nothing of the batch was applied)."""
+    rep = {"v": VERSION, "id": req_id, "ok": False, "errno": int(err), "error": str(message)}
+    if index is not None:
+        rep["index"] = int(index)
+    return rep

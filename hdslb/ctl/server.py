@@ -69,7 +69,7 @@ class CtlServer:
                 data = await data
             return protocol.reply_ok(req_id, data)
         except HdslbError as e:
-            return protocol.reply_err(req_id, e.errno, e.message)
+            return protocol.reply_err(req_id, e.errno, e.message, getattr(e, "index", None))
         except Exception as e:  # a bug in a command must not kill the daemon; it is logged and reported
             log.exception("op %s failed", op)
             return protocol.reply_err(req_id, errno.EIO, f"internal error in {op}: {e}")

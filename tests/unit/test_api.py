@@ -83,7 +83,14 @@ class FakeCtx:
         return commands.dispatch(self, op, args)
 
     def mutations(self):
-        return [op for op, _ in self.ops if not commands.is_read_only(op)]
+        """Changes in order, the ops inside a batch command in their place."""
+        out = []
+        for op, args in self.ops:
+            if op == "batch":
+                out += [o for o, _ in args["ops"]]
+            elif not commands.is_read_only(op):
+                out.append(op)
+        return out
 
     def svc_stats(self, svc_id):
         return self.svc_traffic.get(svc_id, traffic(0, 0, 0, 0, 0))
@@ -345,16 +352,17 @@ async def test_rs_body_validated_before_anything_applies(client, ctx):
     assert ctx.bal.dp.calls == before
 
 
-async def test_rs_failure_midway_is_reported_and_undone(client, ctx):
-    ctx.fail_op = ("dest.add", lambda a: a["addr"] == "192.168.100.8")
-    before = ctx.dests()
+async def test_rs_failure_midway_changes_nothing(client, ctx):
+    ctx.bal.max_dests = 3  # two real servers exist: 192.168.100.7 takes the last slot, .8 finds none
+    before, writes = ctx.dests(), len(ctx.bal.dp.calls)
     r = await client.post(VS + "/rs", json={"Items": [{"ip": "192.168.100.2", "weight": 9}, {"ip": "192.168.100.7"},
                                                        {"ip": "192.168.100.8"}]})
     body = await expect(r, 507, field="Items[2]")
     assert body["errno"] == errno.ENOSPC and "192.168.100.8:80" in body["error"]
-    assert body["rolled_back"] is True
-    assert body["undone"] == ["added 192.168.100.7:80", "updated 192.168.100.2:80"]
+    assert "nothing was changed" in body["error"] and "rolled_back" not in body
     assert ctx.dests() == before
+    assert len(ctx.bal.dp.calls) == writes, "a refused batch writes no map entry"
+    assert [op for op, _ in ctx.ops if op == "batch"] == ["batch"], "the set goes as one request"
 
 
 async def test_rs_refused_mode_is_undone(client, ctx):
@@ -362,8 +370,8 @@ async def test_rs_refused_mode_is_undone(client, ctx):
     r = await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.7"},
                                                      {"ip": "192.168.100.8", "port": 8080, "mode": "DR"}]})
     body = await expect(r, 400, field="Items[1]")
-    assert "cannot rewrite ports" in body["error"]
-    assert body["undone"] == ["added 192.168.100.7:80"] and ctx.dests() == before
+    assert "cannot rewrite ports" in body["error"] and "nothing was changed" in body["error"]
+    assert ctx.dests() == before
     # every mode is accepted where it makes sense
     await expect(await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.8", "mode": "DR"},
                                                               {"ip": "192.168.100.9", "mode": "TUNNEL"},
@@ -538,7 +546,7 @@ async def test_unknown_path_and_method_are_json_errors(client):
 async def test_rest_changes_go_through_ctx_dispatch(client, ctx):
     """The daemon's dispatch persists the model; REST must not go around it."""
     await expect(await client.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.5"}]}), 200)
-    assert ("dest.add", {"svc": SVC, "addr": "192.168.100.5", "port": 80}) in ctx.ops
+    assert ("batch", {"ops": [["dest.add", {"svc": SVC, "addr": "192.168.100.5", "port": 80}]]}) in ctx.ops
 
 
 async def test_command_registry_is_used_without_ctx_dispatch():

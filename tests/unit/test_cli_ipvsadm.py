@@ -375,6 +375,9 @@ class FakeClient:
             raise self.fail[op]
         return self.replies.get(op)
 
+    def batch(self, ops):
+        return self.call("batch", {"ops": [[op, args] for op, args in ops]})
+
 
 @pytest.fixture
 def client(monkeypatch):
@@ -431,13 +434,16 @@ def test_main_help_and_version_need_no_daemon(client, capsys):
     assert client.calls == []
 
 
-def test_main_restore_reads_stdin_and_keeps_going(client, capsys, monkeypatch):
+def test_main_restore_sends_one_batch_and_names_the_refused_line(client, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(
-        "-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.0.0.2 -b\n-a -t 10.0.0.1:80 -r 10.0.0.3 -b\n"))
-    client.fail["dest.add"] = HdslbError(errno.ENOENT, "no such interface")
-    assert ipvsadm.main(["-R"]) == 1
-    assert [op for op, _ in client.calls] == ["service.add", "dest.add", "dest.add"]
-    assert capsys.readouterr().err == "line 2: no such interface\nline 3: no such interface\n"
+        "-A -t 10.0.0.1:80 -s rr\n# comment\n-a -t 10.0.0.1:80 -r 10.0.0.2 -b\n-a -t 10.0.0.1:80 -r 10.0.0.3 -b\n"))
+    err = HdslbError(errno.ENOENT, "no such interface")
+    err.index = 1  # the daemon refused the batch's second op: line 3 of the input
+    client.fail["batch"] = err
+    assert ipvsadm.main(["-R"]) == 2
+    assert [op for op, _ in client.calls] == ["batch"]
+    assert [op for op, _ in client.calls[0][1]["ops"]] == ["service.add", "dest.add", "dest.add"]
+    assert capsys.readouterr().err == "line 3: no such interface; nothing of the restore was applied\n"
 
 
 def test_main_restore_with_a_bad_line_sends_nothing(client, capsys, monkeypatch):
