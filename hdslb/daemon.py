@@ -31,6 +31,10 @@ DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
 DEFAULT_MAX_CONNS = 262144
+DEFAULT_MAX_SERVICES = 4096
+DEFAULT_MAX_DESTS = 65536
+MAX_SERVICES_LIMIT = 65536  # conn_val.svc_id is a u16 (hdslb_abi.h)
+MAX_DESTS_LIMIT = 1 << 22   # dest slots are u32 (0xffffffff: empty); bounded for memory (dest_map, per-CPU stats)
 DEFAULT_STATE_DIR = "/run/hdslb/state"
 # DPVS/HDSLB global_defs log_level names -> Python logging levels
 DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "error", "WARNING": "warning",
@@ -74,6 +78,8 @@ class Settings:
     slowpath: bool = True
     max_hash_cells: int = 1 << 21
     max_persist: int = 65536
+    max_services: int = DEFAULT_MAX_SERVICES
+    max_dests: int = DEFAULT_MAX_DESTS
     extra: dict = field(default_factory=dict)
 
     @property
@@ -114,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bpffs directory holding one sub-directory of pinned maps per instance")
     p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
     p.add_argument("--max-hash-cells", type=int, default=1 << 21,
-                   help="cells for every sh/dh/mh/conhash table together (2 bytes each; a rebuild needs room for "
+                   help="cells for every sh/dh/mh/conhash table together (4 bytes each; a rebuild needs room for "
                         "the new table beside the old)")
+    p.add_argument("--max-services", type=int, default=DEFAULT_MAX_SERVICES,
+                   help=f"virtual services (SNAT ones included), 1..{MAX_SERVICES_LIMIT}")
+    p.add_argument("--max-dests", type=int, default=DEFAULT_MAX_DESTS,
+                   help=f"real servers of every service together (dest slots), 1..{MAX_DESTS_LIMIT}")
     p.add_argument("--max-persist", type=int, default=65536, help="persistence templates (ipvsadm -p), LRU")
     p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
                    help="FNAT local port range MIN-MAX")
@@ -153,6 +163,11 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error("--max-hash-cells must be within 256..67108864")
     if not 64 <= ns.max_persist <= 1 << 24:
         p.error("--max-persist must be within 64..16777216")
+    if not 1 <= ns.max_services <= MAX_SERVICES_LIMIT:
+        p.error(f"--max-services must be within 1..{MAX_SERVICES_LIMIT} (service ids are 16 bits in the fast "
+                f"path's connection entries)")
+    if not 1 <= ns.max_dests <= MAX_DESTS_LIMIT:
+        p.error(f"--max-dests must be within 1..{MAX_DESTS_LIMIT}")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
     log_level, log_file = ns.log_level, None
     neigh = (60.0, 128, 64)
@@ -202,7 +217,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
                     slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
-                    max_persist=ns.max_persist, extra={"notices": notices})
+                    max_persist=ns.max_persist, max_services=ns.max_services, max_dests=ns.max_dests,
+                    extra={"notices": notices})
 
 
 class _NullDataPath:
@@ -438,7 +454,8 @@ class Daemon:
 
         self.settings = settings
         self.sizes = Sizes(max_conns=settings.max_conns, max_hash_cells=settings.max_hash_cells,
-                           max_persist=settings.max_persist)
+                           max_persist=settings.max_persist, max_services=settings.max_services,
+                           max_dests=settings.max_dests)
         self.ctl_path = settings.ctl_socket
         self.pin_dir = settings.pin_dir
         self.pid = os.getpid()

@@ -26,7 +26,8 @@ BPF_FS_MAGIC = "bpf"
 
 @dataclass
 class Sizes:
-    """Map capacities, passed to the compiler as -D flags."""
+    """Map capacities, passed to the compiler as -D flags. hdslbd sets max_services/max_dests from --max-services
+    and --max-dests (the Balancer hands out service ids and dest slots below them)."""
 
     max_conns: int = 262144
     max_services: int = 4096
@@ -35,7 +36,7 @@ class Sizes:
     max_routes: int = 131072
     max_neigh: int = 16384
     max_ifaces: int = 64
-    max_hash_cells: int = 1 << 21  # sh/dh/mh/conhash tables of every service together (a u16 per cell)
+    max_hash_cells: int = 1 << 21  # sh/dh/mh/conhash tables of every service together (a u32 per cell)
     max_persist: int = 65536       # persistence templates (ipvsadm -p), LRU
 
 

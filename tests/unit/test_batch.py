@@ -1,0 +1,444 @@
+"""Batches: ipvsadm -R, dpip -b and REST set changes as one request each, validated on a scratch model before
+anything is applied, with each touched service's table rebuilt once; the id pools and route index that keep bulk
+loads linear; the configurable limits."""
+
+import asyncio
+import errno
+import io
+import ipaddress
+import random
+
+import msgpack
+import pytest
+
+from cli import dpip, ipvsadm
+from hdslb.balancer import Balancer, Iface, IdPool, restore, snapshot
+from hdslb.ctl import commands, protocol
+from hdslb.ctl.client import Client
+from hdslb.ctl.server import CtlServer
+from hdslb.errors import HdslbError
+
+from .test_balancer import Recorder
+
+A = ipaddress.ip_address
+IFACES = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
+
+
+class Ctx:
+    """What the commands need from the daemon, over a real Balancer with a recording datapath."""
+
+    def __init__(self, **kw):
+        self.bal = Balancer(Recorder(), dict(IFACES), **kw)
+
+    def resolve_soon(self):
+        pass
+
+    def announce(self, *a):
+        pass
+
+
+class ModelClient:
+    """Stands in for hdslb.ctl.client.Client: runs each request through the command registry of a real model, and
+    carries refusals back as the control socket does (errno, message, index)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.calls, self.path = ctx, [], None
+
+    def __call__(self, path=None):
+        self.path = path
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def call(self, op, args=None):
+        self.calls.append(op)
+        args = msgpack.unpackb(msgpack.packb(args or {}), strict_map_key=False)  # what the wire carries
+        try:
+            return commands.dispatch(self.ctx, op, args)
+        except HdslbError as e:
+            rep = protocol.reply_err(1, e.errno, e.message, getattr(e, "index", None))
+            err = HdslbError(rep["errno"], rep["error"])
+            err.index = rep.get("index")
+            raise err from None
+
+    batch = Client.batch
+
+
+def state(b: Balancer):
+    return snapshot(b), sorted(b._slots_used), sorted(b._ids_used), [list(r) for r in b.cells.runs]
+
+
+RESTORE = """\
+-A -t 10.0.0.1:80 -s rr
+-a -t 10.0.0.1:80 -r 192.168.1.1:80 -b -w 1
+-a -t 10.0.0.1:80 -r 192.168.1.2:80 -b -w 2
+-A -u 10.0.0.2:53 -s mh
+-a -u 10.0.0.2:53 -r 192.168.1.3:53 -b
+-a -u 10.0.0.2:53 -r 192.168.1.4:53 -b
+"""
+
+
+# --- ipvsadm -R -------------------------------------------------------------------------------------
+@pytest.fixture
+def model(monkeypatch):
+    ctx = Ctx()
+    ctx.bal.service_add({"proto": "tcp", "addr": "10.9.9.9", "port": 80, "sched": "wrr"})
+    ctx.bal.dest_add({"svc": {"proto": "tcp", "addr": "10.9.9.9", "port": 80}, "addr": "192.168.9.1", "port": 80})
+    client = ModelClient(ctx)
+    monkeypatch.setattr(ipvsadm, "Client", client)
+    monkeypatch.setattr(dpip, "Client", client)
+    return ctx, client
+
+
+def test_restore_is_one_request_and_applies_everything(model, monkeypatch):
+    ctx, client = model
+    monkeypatch.setattr("sys.stdin", io.StringIO(RESTORE))
+    assert ipvsadm.main(["-R"]) == 0
+    assert client.calls == ["batch"]
+    svc = ctx.bal.services[("udp", A("10.0.0.2"), 53)]
+    assert sorted(str(d.addr) for d in svc.dests.values()) == ["192.168.1.3", "192.168.1.4"]
+    assert svc.hcells is not None, "the mh table was built and placed in hash_cells"
+
+
+def test_restore_bad_line_in_the_middle_applies_nothing(model, monkeypatch, capsys):
+    ctx, client = model
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    # line 5 names a service nobody created: the daemon refuses it after lines 1-4 were accepted in the dry run
+    text = RESTORE.replace("-a -u 10.0.0.2:53 -r 192.168.1.3:53 -b", "-a -u 10.0.0.7:53 -r 192.168.1.3:53 -b")
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert ipvsadm.main(["-R"]) == 2
+    assert capsys.readouterr().err == "line 5: No such service; nothing of the restore was applied\n"
+    assert client.calls == ["batch"]
+    assert state(ctx.bal) == before, "nothing of the batch reached the model"
+    assert len(ctx.bal.dp.calls) == writes, "nor the maps"
+
+
+def test_restore_table_refused_at_the_end_names_the_last_line_of_that_service(model, monkeypatch, capsys):
+    ctx, client = model
+    ctx.bal.cells = type(ctx.bal.cells)(600)  # one 251-cell Maglev table and room to rebuild it; not two
+    before = state(ctx.bal)
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        "-A -t 10.0.0.1:80 -s mh --sched-flags size=251\n-a -t 10.0.0.1:80 -r 192.168.1.1:80 -b\n"
+        "-A -t 10.0.0.3:80 -s mh --sched-flags size=251\n-a -t 10.0.0.3:80 -r 192.168.1.5:80 -b\n"
+        "-a -t 10.0.0.3:80 -r 192.168.1.6:80 -b\n"))
+    assert ipvsadm.main(["-R"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("line 5: ") and "hash" in err and "nothing of the restore was applied" in err
+    assert state(ctx.bal) == before
+
+
+def test_restore_prints_warnings_with_their_line(model, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r 192.168.1.1 -g\n"))
+    assert ipvsadm.main(["-R"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("ipvsadm: warning: line 2: no route to 192.168.1.1")
+
+
+# --- deferred rebuilds ------------------------------------------------------------------------------
+def _ops():
+    """Adds, edits and deletes over ring and hash services, with a slot freed and one taken in the same batch."""
+    ops = []
+    for i, sch in enumerate(("rr", "wrr", "mh", "sh", "wlc")):
+        svc = {"proto": "tcp", "addr": f"10.0.1.{i + 1}", "port": 80}
+        ops.append(("service.add", dict(svc, sched=sch)))
+        for j in range(6):
+            ops.append(("dest.add", {"svc": svc, "addr": f"192.168.{i}.{j + 1}", "port": 80, "weight": j + 1}))
+        ops.append(("dest.edit", {"svc": svc, "addr": f"192.168.{i}.2", "port": 80, "weight": 0}))
+        ops.append(("dest.del", {"svc": svc, "addr": f"192.168.{i}.3", "port": 80}))
+        ops.append(("dest.add", {"svc": svc, "addr": f"192.168.{i}.9", "port": 80, "weight": 4}))
+    ops.append(("service.edit", {"proto": "tcp", "addr": "10.0.1.1", "port": 80, "sched": "wrr"}))
+    ops.append(("service.add", {"proto": "tcp", "addr": "10.0.1.9", "port": 80}))
+    ops.append(("service.del", {"proto": "tcp", "addr": "10.0.1.9", "port": 80}))
+    return ops
+
+
+def _tables(b: Balancer) -> dict:
+    """Each service's final table as the fast path reads it, with slots named by their real server."""
+    last, cells = {}, {}
+    for name, args in b.dp.calls:
+        if name == "sched_set":
+            last[args[0].svc_id] = (args[1], args[2])
+        elif name == "hash_cells_set":
+            for k, v in enumerate(args[1]):
+                cells[args[0] + k] = v
+    out = {}
+    for svc in b.services.values():
+        by_slot = {d.slot: (str(d.addr), d.port) for d in svc.dests.values()}
+        table, hoff = last[svc.svc_id]
+        entries = table.entries if table.kind != "hash" else [cells[hoff + k] for k in range(len(table.entries))]
+        out[svc.key] = (table.kind, [by_slot.get(s, s) for s in entries])
+    return out
+
+
+def test_deferred_rebuild_equals_one_at_a_time():
+    one = Ctx()
+    for op, args in _ops():
+        commands.dispatch(one, op, args)
+    batched = Ctx()
+    commands.dispatch(batched, "batch", {"ops": [[op, args] for op, args in _ops()]})
+    assert _tables(batched.bal) == _tables(one.bal)
+    assert {k: sorted(d for d in s.dests) for k, s in batched.bal.services.items()} == \
+        {k: sorted(d for d in s.dests) for k, s in one.bal.services.items()}
+
+
+def test_deferred_rebuild_writes_each_table_once_and_in_a_safe_order():
+    ctx = Ctx()
+    commands.dispatch(ctx, "batch", {"ops": [[op, args] for op, args in _ops()]})
+    calls = ctx.bal.dp.calls
+    per_svc = {}
+    for name, args in calls:
+        if name == "sched_set":
+            per_svc[args[0].svc_id] = per_svc.get(args[0].svc_id, 0) + 1
+    assert set(per_svc.values()) == {1}, "each touched service's table is built once"
+    names = [(n, a) for n, a in calls]
+    for i, (n, a) in enumerate(names):
+        if n == "service_set":  # a new service becomes visible only after its table exists
+            assert any(m == "sched_set" and b[0] is a[0] for m, b in names[:i])
+        if n == "dest_clear":  # a removed server's slot is cleared only after no table holds it
+            slot = a[0].slot
+            later = [b for m, b in names[i:] if m == "sched_set"]
+            assert not any(slot in b[1].entries for b in later)
+            assert any(m == "sched_set" for m, _ in names[:i])
+    assert not any(n == "service_set" and a[0].addr == A("10.0.1.9") for n, a in names), \
+        "a service added and deleted in one batch never reaches svc_map"
+
+
+def test_a_freed_slot_is_not_reused_within_its_batch():
+    ctx = Ctx()
+    svc = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
+    commands.dispatch(ctx, "service.add", dict(svc, sched="rr"))
+    commands.dispatch(ctx, "dest.add", {"svc": svc, "addr": "192.168.0.1", "port": 80})
+    old = ctx.bal.services[("tcp", A("10.0.0.1"), 80)].dests[(A("192.168.0.1"), 80)].slot
+    commands.dispatch(ctx, "batch", {"ops": [["dest.del", {"svc": svc, "addr": "192.168.0.1", "port": 80}],
+                                             ["dest.add", {"svc": svc, "addr": "192.168.0.2", "port": 80}]]})
+    new = ctx.bal.services[("tcp", A("10.0.0.1"), 80)].dests[(A("192.168.0.2"), 80)].slot
+    assert new != old, "the old table still led to the old slot while the batch ran"
+    assert old not in ctx.bal._slots_used, "released at the batch's end"
+
+
+def test_batch_refuses_unbatchable_and_malformed_ops():
+    ctx = Ctx()
+    for ops, err in (([["daemon.shutdown", {}]], errno.EOPNOTSUPP), ([["batch", {"ops": []}]], errno.EOPNOTSUPP),
+                     ([["route.add"]], errno.EINVAL), ("nope", errno.EINVAL)):
+        with pytest.raises(HdslbError) as e:
+            commands.dispatch(ctx, "batch", {"ops": ops})
+        assert e.value.errno == err
+    assert ctx.bal.dp.calls == []
+
+
+async def test_refused_batch_index_travels_over_the_socket(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    ctx = Ctx()
+    srv = CtlServer(path, lambda op, args: commands.dispatch(ctx, op, args))
+    await srv.start()
+    try:
+        def client_side():
+            with Client(path) as c:
+                with pytest.raises(HdslbError) as e:
+                    c.batch([("service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80}),
+                             ("service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80})])
+                return e.value
+
+        e = await asyncio.get_running_loop().run_in_executor(None, client_side)
+    finally:
+        await srv.stop()
+    assert e.errno == errno.EEXIST and e.index == 1
+    assert not ctx.bal.services
+
+
+# --- dpip -b ----------------------------------------------------------------------------------------
+def test_dpip_batch_file_is_one_request(model, tmp_path):
+    ctx, client = model
+    f = tmp_path / "routes"
+    f.write_text("# routes\nroute add 20.0.0.0/24 dev eth1\n\nroute add 20.0.1.0/24 via 10.1.0.1 dev eth1\n"
+                 "dpip addr add 10.1.0.2/24 dev eth1\nroute show\n")
+    client.calls.clear()
+    assert dpip.main(["-b", str(f)]) == 0
+    assert client.calls == ["batch", "route.list"]
+    nets = {str(r.net) for r in ctx.bal.routes}
+    assert {"20.0.0.0/24", "20.0.1.0/24", "10.1.0.0/24", "10.1.0.2/32"} <= nets
+
+
+def test_dpip_batch_refused_line_applies_nothing(model, tmp_path, capsys):
+    ctx, client = model
+    f = tmp_path / "routes"
+    f.write_text("route add 20.0.0.0/24 dev eth1\nroute add 20.0.1.0/24 dev nosuch0\nroute add 20.0.2.0/24 dev eth1\n")
+    before = state(ctx.bal)
+    client.calls.clear()
+    assert dpip.main(["--batch", str(f)]) == 1
+    assert client.calls == ["batch"]
+    err = capsys.readouterr().err
+    assert err.startswith("dpip: line 2: device 'nosuch0'") and "nothing of the batch was applied" in err
+    assert state(ctx.bal) == before and not ctx.bal.routes
+
+
+def test_dpip_batch_usage_error_sends_nothing(model, tmp_path, capsys, monkeypatch):
+    ctx, client = model
+    client.calls.clear()
+    monkeypatch.setattr("sys.stdin", io.StringIO("route add 20.0.0.0/24 dev eth1\nroute add 20.0.0.300/24 dev eth1\n"))
+    assert dpip.main(["-b", "-"]) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err.startswith("dpip: line 2: ")
+    assert dpip.main(["-b", str(tmp_path / "missing")]) == 2
+    assert dpip.main(["-b", "-", "route", "show"]) == 2
+
+
+def test_route_batch_writes_each_prefix_once():
+    """Routes in one batch: each prefix's LPM entry is written once, at the batch's end."""
+    ctx = Ctx()
+    ops = [["route.add", {"af": 4, "prefix": f"20.{i >> 8}.{i & 255}.0", "prefixlen": 24, "ifname": "eth1"}]
+           for i in range(300)] + [["route.del", {"af": 4, "prefix": "20.0.5.0", "prefixlen": 24}]]
+    commands.dispatch(ctx, "batch", {"ops": ops})
+    sets = [a[0].net for n, a in ctx.bal.dp.calls if n == "route_set"]
+    assert len(sets) == 299 and len(set(sets)) == 299, "one LPM write per prefix"
+    assert ipaddress.ip_network("20.0.5.0/24") not in sets, "added and deleted in the batch: never set"
+
+
+# --- what keeps bulk loads linear -------------------------------------------------------------------
+def test_id_pool_hands_out_the_lowest_free_id():
+    p = IdPool()
+    assert [Balancer._peek(p, 10, "x") for _ in range(1)] == [0]
+    p.update(range(5))
+    assert Balancer._peek(p, 10, "x") == 5
+    p.discard(2)
+    assert Balancer._peek(p, 10, "x") == 2
+    p.add(2)
+    p.update(range(5, 10))
+    with pytest.raises(HdslbError) as e:
+        Balancer._peek(p, 10, "real server slot")
+    assert e.value.errno == errno.ENOSPC and "--max-dests" in e.value.message
+
+
+def test_route_lookup_is_longest_prefix_then_metric_then_first_added():
+    rnd = random.Random(7)
+    b = Balancer(Recorder(), dict(IFACES))
+    for _ in range(300):
+        plen = rnd.choice((8, 16, 20, 24, 28, 32))
+        net = ipaddress.ip_network((rnd.randrange(1 << 32) >> (32 - plen) << (32 - plen), plen))
+        try:
+            b.route_add({"prefix": str(net.network_address), "prefixlen": plen, "ifname": rnd.choice(list(IFACES)),
+                         "metric": rnd.choice((0, 0, 5))})
+        except HdslbError:
+            pass
+    b.route_add({"prefix": "0.0.0.0", "prefixlen": 0, "ifname": "eth0", "via": "10.0.0.1"})
+
+    def brute(addr):
+        best = None
+        for r in b.routes:
+            if addr in r.net and (best is None or (r.net.prefixlen, -r.metric) > (best.net.prefixlen, -best.metric)):
+                best = r
+        return best
+
+    for r in b.routes[:100]:
+        for addr in (r.net.network_address, r.net.broadcast_address):
+            assert b.route_lookup(addr) is brute(addr)
+    for _ in range(200):
+        addr = ipaddress.IPv4Address(rnd.randrange(1 << 32))
+        assert b.route_lookup(addr) is brute(addr)
+    assert b.route_lookup(A("2001:db8::1")) is None
+    b.route_flush({})
+    assert b.route_lookup(A("1.2.3.4")) is None and not b._plens
+
+
+def test_restore_rebuilds_the_route_index():
+    b = Balancer(Recorder(), dict(IFACES))
+    b.route_add({"prefix": "20.0.0.0", "prefixlen": 16, "ifname": "eth1"})
+    other = Balancer(Recorder(), dict(IFACES))
+    restore(other, snapshot(b))
+    assert other.route_lookup(A("20.0.3.4")).ifname == "eth1"
+
+
+# --- limits -----------------------------------------------------------------------------------------
+def test_max_services_and_dests_flags_reach_sizes_and_the_model():
+    from hdslb.daemon import Daemon, settings_from_args
+
+    s = settings_from_args(["eth0", "--max-services", "16384", "--max-dests", "131072"])
+    assert (s.max_services, s.max_dests) == (16384, 131072)
+    d = Daemon(s)
+    assert (d.sizes.max_services, d.sizes.max_dests) == (16384, 131072)
+    assert "-DMAX_SERVICES=16384" in _cflags(d.sizes) and "-DMAX_DESTS=131072" in _cflags(d.sizes)
+    dflt = settings_from_args(["eth0"])
+    assert (dflt.max_services, dflt.max_dests) == (4096, 65536)
+    for bad in (["--max-services", "0"], ["--max-services", "65537"], ["--max-dests", "0"]):
+        with pytest.raises(SystemExit):
+            settings_from_args(["eth0", *bad])
+
+
+def _cflags(sizes):
+    from hdslb.fastpath.loader import FastPath
+
+    return FastPath("/nonexistent", sizes).cflags(conn_fd=3, ncpus=2)
+
+
+def test_dest_slots_beyond_16_bits():
+    b = Balancer(Recorder(), dict(IFACES), max_services=16384, max_dests=131072)
+    b._slots_used.update(range(70000))
+    svc = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
+    b.service_add(dict(svc, sched="rr"))
+    d = b.dest_add({"svc": svc, "addr": "192.168.0.1", "port": 80})
+    assert d.slot == 70000
+    assert [a for n, a in b.dp.calls if n == "sched_set"][-1][1].entries == [70000]
+    b._ids_used.update(range(5000))
+    assert b.service_add({"proto": "tcp", "addr": "10.0.0.2", "port": 80}).svc_id == 5000, \
+        "above the old 4096 default"
+    small = Balancer(Recorder(), dict(IFACES), max_services=1)
+    small.service_add(svc)
+    with pytest.raises(HdslbError) as e:
+        small.service_add({"proto": "tcp", "addr": "10.0.0.2", "port": 80})
+    assert e.value.errno == errno.ENOSPC and "--max-services" in e.value.message
+
+
+# --- REST bulk ----------------------------------------------------------------------------------------
+@pytest.fixture
+async def rest():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from hdslb.api.app import make_app
+
+    from .test_api import FakeCtx
+
+    ctx = FakeCtx()
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        yield c, ctx
+
+
+async def test_rest_put_vs_with_rss_creates_the_service_and_its_servers_in_one_batch(rest):
+    c, ctx = rest
+    r = await c.put("/v2/vs/10.0.0.50-80-tcp", json={"SchedName": "rr", "RSs": {"Items": [
+        {"ip": "192.168.5.1", "port": 80, "weight": 1}, {"ip": "192.168.5.2", "weight": 2}]}})
+    assert r.status == 201, await r.text()
+    body = await r.json()
+    assert body["result"] == "created" and body["Id"] == "10.0.0.50-80-tcp"
+    assert body["added"] == ["192.168.5.1:80", "192.168.5.2:80"]
+    assert [op for op, _ in ctx.ops if not commands.is_read_only(op)] == ["batch"]
+    svc = ctx.bal.services[("tcp", A("10.0.0.50"), 80)]
+    assert svc.sched == "rr" and len(svc.dests) == 2
+    # again: the service is updated by option, servers upserted
+    r = await c.put("/v2/vs/10.0.0.50-80-tcp", json={"SchedName": "wrr", "RSs": {"Items": [
+        {"ip": "192.168.5.2", "weight": 5}, {"ip": "192.168.5.3"}]}})
+    assert r.status == 200
+    body = await r.json()
+    assert (body["result"], body["added"], body["updated"]) == ("updated", ["192.168.5.3:80"], ["192.168.5.2:80"])
+    assert svc.sched == "wrr" and len(svc.dests) == 3
+
+
+async def test_rest_bulk_bad_body_is_4xx_and_changes_nothing(rest):
+    c, ctx = rest
+    before, writes = snapshot(ctx.bal), len(ctx.bal.dp.calls)
+    # refused by the model: DR cannot change the port (the third item); the service would have been new
+    r = await c.put("/v2/vs/10.0.0.51-80-tcp", json={"SchedName": "rr", "RSs": {"Items": [
+        {"ip": "192.168.6.1"}, {"ip": "192.168.6.2"}, {"ip": "192.168.6.3", "port": 8080, "mode": "DR"}]}})
+    assert r.status == 400
+    body = await r.json()
+    assert body["field"] == "RSs.Items[2]" and "nothing was changed" in body["error"]
+    # refused by the schema, and a duplicate
+    r = await c.put("/v2/vs/10.0.0.51-80-tcp", json={"RSs": {"Items": [{"ip": "not-an-ip"}]}})
+    assert r.status == 400
+    r = await c.put("/v2/vs/10.0.0.51-80-tcp", json={"RSs": {"Items": [{"ip": "192.168.6.1"},
+                                                                       {"ip": "192.168.6.1", "port": 80}]}})
+    assert r.status == 400 and (await r.json())["field"] == "RSs.Items[1]"
+    assert snapshot(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
