@@ -281,7 +281,10 @@ static __always_inline int conn_reusable(struct conn_val *cv, struct tcphdr *th)
 
 	if (!th || !th->syn || th->ack || (cv->flags & CONN_F_OUT))
 		return 0;
-	if (cv->state >= CS_FIN_WAIT && cv->state != CS_UDP)
+	/* A finished connection: closed after its handshake completed. A handshake cut by a reset is not one:
+	 * the client retransmits the same SYN, which must keep its local port (the RST that ended the attempt
+	 * may have cleared the server's TIME_WAIT for exactly that port; a fresh port may still be in one). */
+	if ((cv->state == CS_FIN_WAIT || cv->state == CS_CLOSE) && (cv->flags & CONN_F_WAS_EST))
 		return 1;
 	d = dest_map.lookup(&slot);
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
@@ -316,8 +319,10 @@ static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 		st = st < CS_FIN_WAIT ? CS_FIN_WAIT : st;
 	else if (th->syn && !th->ack)
 		st = st == CS_NONE ? CS_SYN_RECV : st;
-	else if (th->ack && st == CS_SYN_RECV && !(cv->flags & CONN_F_OUT))
+	else if (th->ack && st == CS_SYN_RECV && !(cv->flags & CONN_F_OUT)) {
 		st = CS_ESTABLISHED;
+		cv->flags |= CONN_F_WAS_EST;
+	}
 	cv->state = st;
 }
 

@@ -241,6 +241,7 @@ struct conn_key {
 #define CONN_F_OUT 0x2   /* reply direction (real server -> local address) */
 #define CONN_F_NEED_L2 0x4 /* next hop unresolved when created: dmac[0..3] holds the IPv4 next hop whose MAC to find */
 #define CONN_F_XLAT 0x8    /* NAT64: the packet leaves in the other address family (v6 in -> v4 out, or back) */
+#define CONN_F_WAS_EST 0x10 /* the handshake completed (this CPU's copy saw the client's ACK) */
 
 /* Coarse TCP states for aging and ActiveConn/InActConn, ordered by progress. */
 enum conn_state {

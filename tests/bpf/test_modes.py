@@ -512,3 +512,15 @@ def test_last_seen_converts_to_the_daemons_clock(fastpath, m):
     assert len(seen) == 2
     for s in seen:  # within a tick or two of when the packet ran (a second of slack for a loaded machine)
         assert t0 - 1_000_000_000 < s < time.monotonic_ns() + 1_000_000_000, (t0, s)
+
+
+def test_syn_after_a_reset_handshake_keeps_its_server_and_local_port(fastpath, m):
+    """A reset during the handshake (e.g. the client answering a server's stale TIME_WAIT ACK) is followed by
+    the client's retransmitted SYN: same connection attempt, so same server and same local port."""
+    _two_dest_service(fastpath, m)
+    first = run(fastpath, c4(sport=48300))[1]
+    run(fastpath, c4(sport=48300, flags="R"))
+    ring(fastpath, 0, [1])
+    v, again = run(fastpath, c4(sport=48300))
+    assert v == XDP_TX and (again[IP].dst, again[TCP].sport) == (first[IP].dst, first[TCP].sport)
+    assert m.counters()["conn_reused"] == 0
