@@ -527,7 +527,7 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (punt) {
 		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
-		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
+		__builtin_memset(eth->h_dest, 0, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
@@ -585,7 +585,7 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 	}
 	if (punt) {
 		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
-		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
+		__builtin_memset(eth->h_dest, 0, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
@@ -1221,7 +1221,7 @@ static __always_inline int xlat64(struct xdp_md *ctx, struct ipv6hdr *ip6, struc
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (punt) {
 		/* the slow path knows these by a zero destination MAC (the entry has none yet) and our source */
-		__builtin_memcpy(eth->h_dest, cv->dmac, 6);
+		__builtin_memset(eth->h_dest, 0, 6);
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
