@@ -173,16 +173,18 @@ def fmt_scale(r: dict) -> str:
                          f"{s['services_loaded']} services, {s['lines_refused']} lines refused", s.get("note", "")])
         ro = r.get("routes", {})
         if ro:
-            rows.append(["100k routes (Client, one connection)", f"{ro['seconds']} s", f"{ro['loaded']} routes",
-                         f"{ro['rate_first_1k_per_s']}/s first 1k, {ro['rate_last_1k_per_s']}/s last 1k"
-                         + (" (budget hit)" if ro["timed_out"] else "")])
+            rate = (f"{ro['rate_per_s']}/s" if "rate_per_s" in ro else
+                    f"{ro['rate_first_1k_per_s']}/s first 1k, {ro['rate_last_1k_per_s']}/s last 1k")
+            rows.append([ro.get("label", "100k routes (Client, one connection)"), f"{ro['seconds']} s",
+                         f"{ro['loaded']} routes", rate + (" (budget hit)" if ro["timed_out"] else "")
+                         + (f"; {ro['first_error']}" if ro.get("first_error") else "")])
         re_ = r.get("rest", {})
         if re_:
             rows.append(["REST 10k services + 100k RS", "n/a" if "na" in re_ else f"{re_['seconds']} s",
                          re_.get("na", f"{re_.get('services_loaded')} services, {re_.get('rs_loaded')} RS"),
                          (re_.get("first_error") or "") + (" (budget hit)" if re_.get("timed_out") else "")])
         parts.append(table(["load", "time", "loaded", "note"], rows, "3d. bulk loads against a running hdslbd"))
-        ts = [x["target"] for x in (s, ro) if x and "target" in x]
+        ts = [x["target"] for x in (s, ro, re_) if x and "target" in x]
         if "target" in m:
             ts.insert(0, m["target"])
         parts.append(targets_table(ts, "3e. targets"))

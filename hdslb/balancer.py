@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import ipaddress
 import socket
+import time
 from collections import Counter
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -559,6 +560,12 @@ class Balancer:
         self.routes: list[Route] = []
         self._rindex: dict[object, list[Route]] = {}  # net -> its routes: adds and syncs stay O(1) in bulk loads
         self._plens: Counter = Counter()  # (IP version, prefix length) -> routes: lookups walk lengths, not routes
+        self._route_gen = 0  # bumped by every route change: what is cached from route lookups is valid for one gen
+        self._nh_cache: dict = {}  # real server address -> nexthop(), for wanted_nexthops
+        self._nh_gen = -1
+        self.wanted_cost = 0.0  # seconds the last wanted_nexthops() took: the daemon spaces its resolver kicks by it
+        self._wgen = 0  # bumped by changes of real server addresses, local addresses and SNAT services
+        self._wanted: tuple | None = None  # ((wgen, route gen), result) of the last wanted_nexthops()
         self._gateways: Counter = Counter()  # (via, ifname) -> routes using it, for SNAT's next hops
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: IdPool = IdPool()
@@ -898,6 +905,7 @@ class Balancer:
         self._remove_service(svc)
 
     def _remove_service(self, svc: Service) -> None:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         if self._defer is not None:
             self._defer.dirty.pop(id(svc), None)
             self._defer.new.discard(id(svc))
@@ -931,6 +939,7 @@ class Balancer:
     # --- SNAT rules -----------------------------------------------------------------------------
     def _snat_append(self, svc: Service) -> None:
         """Growing: the new entry first, then the count that makes it visible."""
+        self._wgen += 1  # what wanted_nexthops() returns may change
         i = len(self.snat_order)
         self.snat_order.append(svc)
         self.dp.snat_rule_set(i, svc)
@@ -940,6 +949,7 @@ class Balancer:
         """Shrinking: the rules after it move down one (each briefly appears twice, in order: harmless, first
         match wins and both copies are the same service, and no live rule is ever missing), then the count drops,
         then the last entry, no longer counted, is cleared."""
+        self._wgen += 1  # what wanted_nexthops() returns may change
         order = self.snat_order
         i, n = order.index(svc), len(order)
         rest = order[:i] + order[i + 1:]
@@ -1020,6 +1030,7 @@ class Balancer:
         return (addr, port)
 
     def dest_add(self, a: dict) -> Dest:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         svc = self.get_service(a.get("svc"))
         key = self._dest_key(svc, a)
         if key in svc.dests:
@@ -1066,6 +1077,7 @@ class Balancer:
         return d
 
     def dest_del(self, a: dict) -> None:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         svc = self.get_service(a.get("svc"))
         key = self._dest_key(svc, a)
         d = svc.dests.get(key)
@@ -1170,6 +1182,7 @@ class Balancer:
 
     # --- local addresses (FNAT sources) ---------------------------------------------------------
     def laddr_add(self, a: dict) -> Laddr:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         svc = self.get_service(a.get("svc"))
         addr = ip(a.get("addr"), "local address")
         ifc = self.iface(a.get("ifname"))
@@ -1195,6 +1208,7 @@ class Balancer:
         return la
 
     def laddr_del(self, a: dict) -> None:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         svc = self.get_service(a.get("svc"))
         addr = ip(a.get("addr"), "local address")
         for la in svc.laddrs:
@@ -1240,6 +1254,7 @@ class Balancer:
 
     # --- interface addresses (dpip addr) --------------------------------------------------------
     def addr_add(self, a: dict) -> Addr:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         addr = ip(a.get("addr"))
         plen = a.get("prefixlen", addr.max_prefixlen)
         if not isinstance(plen, int) or not 0 <= plen <= addr.max_prefixlen:
@@ -1282,6 +1297,7 @@ class Balancer:
                                               f"that real server first (ipvsadm -d -H {svc.match} -r {ad.addr}:0)")
 
     def _remove_addr(self, ad: Addr) -> None:
+        self._wgen += 1  # what wanted_nexthops() returns may change
         self.addrs.remove(ad)
         self._sync_local(ad.addr)
         gone = [r for r in self.routes if r.ifname == ad.ifname and (
@@ -1343,6 +1359,7 @@ class Balancer:
             self._gateways[(r.via, r.ifname)] += 1
         self._rindex.setdefault(r.net, []).append(r)
         self._plens[(r.net.version, r.net.prefixlen)] += 1
+        self._route_gen += 1
         self._route_changed(r.net)
 
     def _route_unindex(self, r: Route) -> None:
@@ -1359,6 +1376,7 @@ class Balancer:
         self._plens[pl] -= 1
         if self._plens[pl] <= 0:
             del self._plens[pl]
+        self._route_gen += 1
         self._route_changed(r.net)
 
     def _route_remove(self, r: Route) -> None:
@@ -1471,15 +1489,29 @@ class Balancer:
         daemon's ARP/NS probes, or the slow path's): every real server's next hop; for SNAT services, the
         gateways of the routes on their oif (any interface without one), where traffic to the outside goes,
         and the next hops of a small dst-range. Other directly connected outside hosts are learned when they
-        speak (ARP seen by XDP, the kernel's table, the slow path's queue)."""
+        speak (ARP seen by XDP, the kernel's table, the slow path's queue). The result is shared between calls
+        until the model changes: read it, do not modify it."""
+        key = (self._wgen, self._route_gen)
+        if self._wanted is not None and self._wanted[0] == key:  # the slow path asks 4 times a second
+            return self._wanted[1]
+        t0 = time.perf_counter()
         want = {}
+        # Asked after every change (the resolvers' kick): with 100k real servers, one is_local() scan of every
+        # service per next hop took 35 s. Local addresses are gathered once; next hops are remembered per real
+        # server address until a route changes.
+        local = {ad.addr for ad in self.addrs} | {la.addr for s in self.services.values() for la in s.laddrs}
 
         def add(nh, ifname):
-            if ifname in self.ifaces and not nh.is_unspecified and not self.is_local(nh):
+            if ifname in self.ifaces and not nh.is_unspecified and nh not in local:
                 want[nh] = ifname
 
+        if self._nh_gen != self._route_gen:
+            self._nh_cache, self._nh_gen = {}, self._route_gen
+        cache = self._nh_cache
         for addr in {d.addr for s in self.services.values() if s.match is None for d in s.dests.values()}:
-            nh = self.nexthop(addr)  # one route lookup per distinct real server, however many services share it
+            nh = cache.get(addr, cache)
+            if nh is cache:  # one route lookup per distinct real server, however many services share it
+                nh = cache[addr] = self.nexthop(addr)
             if nh and nh[0].version == addr.version:
                 add(*nh)
         for svc in self.snat_order:
@@ -1492,6 +1524,8 @@ class Balancer:
                     nh = self.nexthop(ipaddress.IPv4Address(i))
                     if nh and m.oif in (None, nh[1]):
                         add(*nh)
+        self.wanted_cost = time.perf_counter() - t0
+        self._wanted = (key, want)
         return want
 
     # --- neighbours -----------------------------------------------------------------------------
@@ -1596,6 +1630,7 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
         b._plens[(route.net.version, route.net.prefixlen)] += 1
         if route.via is not None and route.scope != "kni_host":
             b._gateways[(route.via, route.ifname)] += 1
+    b._route_gen += 1
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
                 for n in snap["neighs"]}
     if not tables:

@@ -47,6 +47,7 @@ NEIGH_REFRESH_S = 30.0
 ESTIMATOR_INTERVAL_S = 2.0
 CONN_SCAN_CACHE_S = 1.0
 SAVE_COALESCE_S = 0.05
+RESOLVE_COALESCE_S = 0.2
 SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU
 BATCH_STATS_ABOVE = 2048  # services + real servers beyond which the estimator reads the stats arrays whole  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
@@ -477,6 +478,8 @@ class Daemon:
         self.slow = None  # SlowPathRunner when AF_XDP works
         self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
         self._save_handle = None
+        self._resolve_handle = None
+        self._last_resolve = 0.0
         self._last_save = 0.0
         self._save_cost = 0.0
         self._conn_cache = (0.0, None)
@@ -562,6 +565,9 @@ class Daemon:
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._deferred_save()
+        if self._resolve_handle is not None:
+            self._resolve_handle.cancel()
+            self._resolve_handle = None
         if self.health is not None:
             await self.health.stop()
         if self.api is not None:
@@ -1008,6 +1014,24 @@ class Daemon:
 
     # --- neighbour resolution (until the AF_XDP slow path takes it over) -------------------------
     def resolve_soon(self) -> None:
+        """Have the resolvers look at the model's next hops soon: at once for a lone change, inside a burst at most
+        every RESOLVE_COALESCE_S or 10 x what the last look took (each look walks every real server: one per REST
+        request of a bulk load would starve the loop)."""
+        if self._resolve_handle is not None:
+            return
+        wait = self._last_resolve + max(RESOLVE_COALESCE_S, 10 * self.bal.wanted_cost) - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a caller outside the daemon's): nothing to coalesce with
+            wait, loop = 0, None
+        if wait <= 0:
+            self._kick_resolvers()
+        else:
+            self._resolve_handle = loop.call_later(wait, self._kick_resolvers)
+
+    def _kick_resolvers(self) -> None:
+        self._resolve_handle = None
+        self._last_resolve = time.monotonic()
         if self.slow is not None:
             self.slow.kick()
         self._resolve_now.set()
