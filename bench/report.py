@@ -180,11 +180,16 @@ def fmt_scale(r: dict) -> str:
                          + (f"; {ro['first_error']}" if ro.get("first_error") else "")])
         re_ = r.get("rest", {})
         if re_:
-            rows.append(["REST 10k services + 100k RS", "n/a" if "na" in re_ else f"{re_['seconds']} s",
+            rows.append(["REST 10k services + 100k RS (PATCH /v2/vs)", "n/a" if "na" in re_ else f"{re_['seconds']} s",
                          re_.get("na", f"{re_.get('services_loaded')} services, {re_.get('rs_loaded')} RS"),
                          (re_.get("first_error") or "") + (" (budget hit)" if re_.get("timed_out") else "")])
+        rp = r.get("rest_per_service", {})
+        if rp:
+            rows.append(["REST 10k x PUT /v2/vs/{VipPort} with RSs", "n/a" if "na" in rp else f"{rp['seconds']} s",
+                         rp.get("na", f"{rp.get('services_loaded')} services, {rp.get('rs_loaded')} RS"),
+                         (rp.get("first_error") or "") + (" (budget hit)" if rp.get("timed_out") else "")])
         parts.append(table(["load", "time", "loaded", "note"], rows, "3d. bulk loads against a running hdslbd"))
-        ts = [x["target"] for x in (s, ro, re_) if x and "target" in x]
+        ts = [x["target"] for x in (s, ro, re_, rp) if x and "target" in x]
         if "target" in m:
             ts.insert(0, m["target"])
         parts.append(targets_table(ts, "3e. targets"))

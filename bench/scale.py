@@ -209,7 +209,12 @@ def daemon_loads(quick: bool, log) -> dict:
         log(f"  control-op latency with {res['traffic_mpps']} Mpps through the LB {res['latency_traffic']}")
         res["services"] = _ipvsadm_restore(peer, lab, quick, log)
         res["routes"] = _routes(lab, quick, log)
-        res["rest"] = _rest(lab, quick, log)
+        res["rest"] = _rest(lab, quick, log, bulk=True)
+        try:
+            lab.lb_run(e2e.IPVSADM + ["-C"], check=False, timeout=300)
+        except Exception:
+            pass
+        res["rest_per_service"] = _rest(lab, quick, log, bulk=False)
     finally:
         try:
             peer.teardown()
@@ -337,7 +342,9 @@ def _call(path: str, op: str, args: dict):
     return call(op, args, path=path, timeout=120)
 
 
-def _rest(lab, quick: bool, log) -> dict:
+def _rest(lab, quick: bool, log, bulk: bool) -> dict:
+    """10k services x 10 real servers over REST: bulk = one PATCH /v2/vs carrying them all (hdslb's bulk
+    extension, one batch); else one PUT /v2/vs/{VipPort} with RSs per service (dpvs-agent shaped)."""
     from hdslb.lab import netns as nx
 
     if importlib.util.find_spec("hdslb.api") is None:
@@ -365,16 +372,24 @@ def _rest(lab, quick: bool, log) -> dict:
         if r.status >= 300:
             raise RuntimeError(f"{method} {url}: {r.status} {data[:200]!r}")
 
+    def rss(i):
+        return [{"ip": str(ipaddress.IPv4Address("172.20.0.0") + i * rs_per + j), "port": 80, "weight": 1}
+                for j in range(rs_per)]
+
     try:
-        for i in range(n_svc):
-            vip = ipaddress.IPv4Address("10.200.0.0") + i
-            vp = f"{vip}-80-tcp"
-            items = [{"ip": str(ipaddress.IPv4Address("172.20.0.0") + i * rs_per + j), "port": 80, "weight": 1}
-                     for j in range(rs_per)]
-            req("PUT", f"/v2/vs/{vp}", {"SchedName": "rr", "RSs": {"Items": items}})
-            done += 1
-            if time.monotonic() - t0 > budget:
-                break
+        if bulk:
+            conn.sock.settimeout(budget)
+            req("PATCH", "/v2/vs", {"Items": [{"Addr": str(ipaddress.IPv4Address("10.200.0.0") + i), "Port": 80,
+                                               "Proto": "tcp", "SchedName": "rr", "RSs": {"Items": rss(i)}}
+                                              for i in range(n_svc)]})
+            done = n_svc
+        else:
+            for i in range(n_svc):
+                vip = ipaddress.IPv4Address("10.200.0.0") + i
+                req("PUT", f"/v2/vs/{vip}-80-tcp", {"SchedName": "rr", "RSs": {"Items": rss(i)}})
+                done += 1
+                if time.monotonic() - t0 > budget:
+                    break
     except Exception as e:
         first_err = str(e)[:300]
     took = time.monotonic() - t0
@@ -382,12 +397,15 @@ def _rest(lab, quick: bool, log) -> dict:
     out = {"services_loaded": done, "rs_loaded": done * rs_per, "seconds": round(took, 2), "budget_s": budget,
            "first_error": first_err, "timed_out": done < n_svc and first_err is None,
            "requests_per_s": round(done / took) if took else None,
-           "method": "PUT /v2/vs/{vip-80-tcp} with RSs (10 real servers) per service: one batch per request, one "
-                     "keep-alive connection"}
-    out["target"] = {"name": f"10k services + 100k RS via REST <= {TARGET_LOAD_S:.0f} s",
+           "method": ("one PATCH /v2/vs with 10k services x 10 RSs (hdslb bulk extension, one batch; body built "
+                      "and serialised inside the timing)" if bulk else
+                      "PUT /v2/vs/{vip-80-tcp} with RSs (10 real servers) per service: one batch per request, one "
+                      "keep-alive connection")}
+    out["target"] = {"name": f"10k services + 100k RS via REST ({'PATCH /v2/vs' if bulk else 'PUT per service'}) "
+                             f"<= {TARGET_LOAD_S:.0f} s",
                      "value": round(took, 1) if done == n_svc else None, "limit": TARGET_LOAD_S,
                      "pass": done == n_svc and first_err is None and took <= TARGET_LOAD_S}
-    log(f"  REST: {done} services (+{done * rs_per} RS) in {took:.1f} s"
+    log(f"  REST {'PATCH /v2/vs' if bulk else 'PUT per service'}: {done} services (+{done * rs_per} RS) in {took:.1f} s"
         + (f"; stopped: {first_err}" if first_err else "") + (" (budget hit)" if out["timed_out"] else ""))
     return out
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field as dc_field
 from aiohttp import web
 
 from hdslb.api import DEFAULT_HOST, DEFAULT_PORT, dispatch_async, openapi
+from hdslb.ctl.protocol import MAX_FRAME
 from hdslb.errors import HdslbError
 
 log = logging.getLogger("hdslb.api")
@@ -344,6 +345,46 @@ async def _put_vs_with_rs(request, ident: dict, opts: dict, items: list, vid: st
                                    {**ident, **opts}))
         return await _apply(request, plan, status=201 if made else 200, result="created" if made else "updated",
                             Id=vid)
+
+
+async def patch_vs(request):
+    """hdslb bulk extension: many services, each with its real servers, in one request and one batch command.
+
+    Each item is upserted (service.set: created, or updated by option; dest.set per real server: added, or
+    updated with the fields given); services and servers not listed stay as they are. All or nothing: a refused
+    item is named by `field` and nothing is changed."""
+    body = await _body(request, "VirtualServerBulk")
+    ops, where, seen, n_rs = [], [], {}, 0
+    for i, it in enumerate(body["Items"]):
+        f = f"Items[{i}]"
+        proto = {6: "tcp", 17: "udp"}.get(it["Proto"], str(it["Proto"]).lower())
+        ident = {"proto": proto, "addr": str(ipaddress.ip_address(it["Addr"])), "port": it["Port"]}
+        key = (proto, ipaddress.ip_address(it["Addr"]), it["Port"])
+        if key in seen:
+            raise ApiError(400, errno.EINVAL, f"{f}: {_vs_id(**ident)} is listed twice (also Items[{seen[key]}])", f)
+        seen[key] = i
+        opts = _vs_opts({k: v for k, v in it.items() if k not in ("Addr", "Port", "Proto", "RSs")})
+        ops.append(["service.set", {**ident, **opts}])
+        where.append(f)
+        for rf, rkey, rit in _rs_items(it.get("RSs", {"Items": []})["Items"], it["Port"], f"{f}.RSs.Items"):
+            dargs = {"svc": ident, "addr": str(rkey[0]), "port": rkey[1]}
+            if "weight" in rit:
+                dargs["weight"] = rit["weight"]
+            if rit.get("mode"):
+                dargs["fwd"] = rit["mode"].lower()
+            ops.append(["dest.set", dargs])
+            where.append(rf)
+            n_rs += 1
+    async with request.app[LOCK]:
+        try:
+            data = await dispatch_async(request.app[CTX], "batch", {"ops": ops})
+        except HdslbError as e:
+            i = getattr(e, "index", None)
+            f = where[i] if isinstance(i, int) and 0 <= i < len(where) else None
+            raise ApiError(STATUS.get(e.errno, 500), e.errno, f"{f + ': ' if f else ''}{e.message}; nothing was changed",
+                           f) from None
+    warnings = [f"{where[w['index']]}: {w['warning']}" for w in (data or {}).get("warnings", ())]
+    return _reply({"result": "applied", "services": len(seen), "real_servers": n_rs, "warnings": warnings})
 
 
 async def delete_vs(request):
@@ -713,6 +754,7 @@ async def get_metrics(request):
 ROUTES = [
     ("GET", "/v2/vs", list_vs),
     ("POST", "/v2/vs", create_vs),
+    ("PATCH", "/v2/vs", patch_vs),
     ("GET", "/v2/vs/{VipPort}", get_vs),
     ("PUT", "/v2/vs/{VipPort}", put_vs),
     ("DELETE", "/v2/vs/{VipPort}", delete_vs),
@@ -778,7 +820,8 @@ def make_app(ctx, token: str | None = None) -> web.Application:
 
     from hdslb.api.metrics import HdslbCollector
 
-    app = web.Application(middlewares=[_guard])
+    # A bulk PATCH /v2/vs of 10k services x 10 servers is ~6 MB of JSON: the control socket's frame limit applies.
+    app = web.Application(middlewares=[_guard], client_max_size=MAX_FRAME)
     app[CTX] = ctx
     app[TOKEN] = token or None
     app[LOCK] = asyncio.Lock()

@@ -107,6 +107,20 @@ def service_edit(ctx, a):
     ctx.bal.service_edit(a)
 
 
+@command("service.set")
+def service_set(ctx, a):
+    """Create the service, or edit it by option when it exists (what a REST bulk PUT/PATCH means)."""
+    try:
+        ctx.bal.get_service(a)
+    except HdslbError as e:
+        if e.errno != errno.ESRCH:
+            raise
+        ctx.bal.service_add(a)
+        return {"result": "created"}
+    ctx.bal.service_edit(a)
+    return {"result": "updated"}
+
+
 @command("service.del")
 def service_del(ctx, a):
     ctx.bal.service_del(_svc_ident(a))
@@ -153,6 +167,18 @@ def dest_edit(ctx, a):
     d = ctx.bal.dest_edit(a)
     warnings = ctx.bal.dest_warnings(ctx.bal.get_service(a.get("svc")), d)
     return {"warnings": warnings} if warnings else None
+
+
+@command("dest.set")
+def dest_set(ctx, a):
+    """Add the real server, or change what `a` gives when it is there (REST bulk upserts)."""
+    try:
+        ctx.bal.dest_edit(a)
+        return {"result": "updated"}
+    except HdslbError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    return dict(dest_add(ctx, a) or {}, result="added")
 
 
 @command("dest.del")
@@ -295,7 +321,8 @@ def link_list(ctx, a):
 # --- batches ------------------------------------------------------------------------------------------
 # Ops a batch may carry: changes of the model only (no reload, shutdown or health-check ops, no nested batch).
 BATCH_OPS = frozenset({
-    "service.add", "service.edit", "service.del", "service.flush", "dest.add", "dest.edit", "dest.del",
+    "service.add", "service.edit", "service.set", "service.del", "service.flush", "dest.add", "dest.edit",
+    "dest.set", "dest.del",
     "laddr.add", "laddr.del", "addr.add", "addr.del", "addr.flush", "route.add", "route.set", "route.del",
     "route.flush", "neigh.add", "neigh.del"})
 

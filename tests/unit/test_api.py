@@ -539,7 +539,7 @@ async def test_health(client, ctx):
 
 async def test_unknown_path_and_method_are_json_errors(client):
     await expect(await client.get("/v2/nope"), 404)
-    b = await expect(await client.patch("/v2/vs"), 405)
+    b = await expect(await client.patch("/v2/vs/10.0.0.100-80-tcp"), 405)
     assert b["errno"] == errno.EOPNOTSUPP
 
 
