@@ -210,7 +210,10 @@ def test_tunnelled_syn_is_answered_from_the_vip_straight_to_the_client(lab, sock
             assert IP not in synack[IP].payload, "the reply must not be encapsulated"
             assert lab.show()["counters"]["decap_4in4"] >= 1
             assert "zeroed" in lab.ctl(lab.rs, "decap", "zero", "eth0").stdout
-            assert not any(lab.show()["counters"].values())
+            # Plain frames (the tx namespace's kernel answers the SYN-ACK with a RST, ND traffic) may count
+            # "pass" again right after zeroing; every tunnel counter must read zero.
+            after = lab.show()["counters"]
+            assert not any(v for k, v in after.items() if k != "pass"), after
         finally:
             lab.ctl(lab.rs, "decap", "down", "eth0")
     finally:
