@@ -302,9 +302,11 @@ static __always_inline void conn_expire(struct conn_key *k, struct conn_val *cv)
 		rk.dport = cv->sport;
 		rk.proto = k->proto;
 		rk.af = (cv->flags & CONN_F_XLAT) ? (k->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : k->af;
-		conn_map.delete(&rk);
+		if (conn_map.delete(&rk) == 0)
+			count(CNT_CONN_EXPIRED);
 	}
-	conn_map.delete(k);
+	if (conn_map.delete(k) == 0)
+		count(CNT_CONN_EXPIRED);
 	count(CNT_CONN_REUSED);
 }
 
@@ -741,13 +743,91 @@ static __always_inline void back_l2(struct xdp_md *ctx, struct ethhdr *eth, stru
 	__builtin_memcpy(ov->smac, eth->h_dest, 6);
 }
 
+/* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none.
+ * The winner is looked up again by its CPU: the verifier refuses the branch-free pointer select clang makes of
+ * keeping the best pointer. */
+static __always_inline struct conn_val *conn_newest(struct conn_key *k)
+{
+	struct conn_val *o;
+	__u64 newest = 0;
+	__s32 best = -1;
+
+	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
+		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
+		if (o && (o->flags & CONN_F_VALID) && o->last_seen > newest) {
+			newest = o->last_seen;
+			best = cpu;
+		}
+	}
+	if (best < 0)
+		return 0;
+	o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, (__u32)best);
+	return (o && (o->flags & CONN_F_VALID)) ? o : 0;
+}
+
+static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_addr *b)
+{
+	return ((a->v6[0] ^ b->v6[0]) | (a->v6[1] ^ b->v6[1]) | (a->v6[2] ^ b->v6[2]) | (a->v6[3] ^ b->v6[3])) == 0;
+}
+
+/*
+ * The reply key rk (real server -> local address:port) is taken. When the flow holding it has been idle past
+ * its state's timeout in both directions on every CPU, it is dead: only the daemon's sweep has not removed it
+ * yet (a big table is swept seldom). Remove both of its entries, as the sweep would, so the port can go to the
+ * new flow now. Returns 1 when rk is free again.
+ */
+static __always_inline int conn_reclaim(struct fp_cfg *cfg, struct conn_key *rk, __u64 now)
+{
+	struct conn_val *rv, *iv;
+	struct conn_key ik = {};
+	__u64 last;
+	__u8 state;
+	int partner = 0;
+
+	if (!(cfg->flags & CFG_F_RECLAIM))
+		return 0;
+	rv = conn_newest(rk);
+	if (!rv || !(rv->flags & CONN_F_OUT))
+		return 0; /* being installed by another CPU right now, or not a reply entry */
+	last = rv->last_seen;
+	state = rv->state;
+	ik.saddr = rv->daddr;
+	ik.daddr = rv->saddr;
+	ik.sport = rv->dport;
+	ik.dport = rv->sport;
+	ik.proto = rk->proto;
+	ik.af = (rv->flags & CONN_F_XLAT) ? (rk->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : rk->af;
+	iv = conn_newest(&ik);
+	/* The inbound entry is this flow's only if it still points at rk (a client's tuple may carry a newer flow). */
+	if (iv && addr_eq(&iv->saddr, &rk->daddr) && iv->sport == rk->dport && addr_eq(&iv->daddr, &rk->saddr) &&
+	    iv->dport == rk->sport) {
+		partner = 1;
+		state = iv->state; /* the sweep, too, times a flow by its inbound entry's state */
+		if (iv->last_seen > last)
+			last = iv->last_seen;
+	}
+	if (rk->proto == IPPROTO_UDP)
+		state = CS_UDP;
+	if (now - last <= cfg->idle_tmo[state & (IDLE_TMO_SLOTS - 1)])
+		return 0;
+	if (partner && conn_map.delete(&ik) == 0)
+		count(CNT_CONN_EXPIRED);
+	if (conn_map.delete(rk) == 0)
+		count(CNT_CONN_EXPIRED);
+	count(CNT_LPORT_RECLAIMED);
+	return 1;
+}
+
 /*
  * A local port (FNAT, SNAT) no live flow to this peer uses: try ports from this CPU's cursor; inserting the
- * reply key is itself the collision check. Returns 0 once the reply entry is in, else the drop counter.
+ * reply key is itself the collision check. A port whose flow has expired but not yet been swept is taken back
+ * (conn_reclaim); one try per SYN pays that cost, so a range full of live flows stays cheap to fail in.
+ * Returns 0 once the reply entry is in, else the drop counter.
  */
 static __always_inline __u32 alloc_lport(struct fp_cfg *cfg, __u32 *pc, struct conn_key *ok, struct conn_val *ov)
 {
 	__u32 span, start, cpu;
+	int reclaim_tried = 0;
 
 	if (cfg->lport_max < cfg->lport_min)
 		return CNT_DROP_LPORT_EXHAUSTED;
@@ -763,6 +843,11 @@ static __always_inline __u32 alloc_lport(struct fp_cfg *cfg, __u32 *pc, struct c
 		ok->dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
 		if (conn_map.insert(ok, ov) == 0)
 			return 0;
+		if (!reclaim_tried) {
+			reclaim_tried = 1;
+			if (conn_reclaim(cfg, ok, ov->last_seen) && conn_map.insert(ok, ov) == 0)
+				return 0;
+		}
 	}
 	return CNT_DROP_LPORT_EXHAUSTED;
 }

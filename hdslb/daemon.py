@@ -512,6 +512,7 @@ class Daemon:
         await loop.run_in_executor(None, self.fp.load, adopt)
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
+        self.maps.set_idle_timeouts(s.timeouts)
         for slot, ifc in enumerate(ifaces.values()):
             self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu, xsk_slot=slot)
         self.bal = Balancer(self._datapath(self.maps), ifaces, max_services=self.sizes.max_services,
@@ -722,7 +723,14 @@ class Daemon:
                 continue
             pk = (c["proto"], c["to_daddr"], c["to_dport"], c["to_saddr"], c["to_sport"])
             partner = by_key.get(pk)
-            seen.update({k, pk})
+            # The entry at the partner key is this flow's only if it points back here: the fast path may have
+            # given an expired flow's local port to a new flow, whose reply entry then sits at that key.
+            if partner is not None and (partner["proto"], partner["to_daddr"], partner["to_dport"],
+                                        partner["to_saddr"], partner["to_sport"]) != k:
+                partner = None
+            seen.add(k)
+            if partner is not None:
+                seen.add(pk)
             pair = [c] + ([partner] if partner else [])
             owner = next((x for x in pair if not x["out"]), c)
             last = max(x["last_seen_ns"] for x in pair)

@@ -252,6 +252,8 @@ enum conn_state {
 	CS_CLOSE = 4,
 	CS_UDP = 5,
 };
+#define CONN_STATES 6
+#define IDLE_TMO_SLOTS 8 /* fp_cfg.idle_tmo: a power of two >= CONN_STATES, so a masked index is in bounds */
 
 /*
  * One direction of a connection: what to rewrite the packet to and where to send it. The L2 result is
@@ -303,9 +305,14 @@ struct fp_cfg {
 	__u32 flags;      /* CFG_F_* */
 	__u32 snat_rules; /* snat_rule entries in use (0 = no SNAT service: inside traffic costs nothing) */
 	__u32 pad;
+	/* Idle timeout per enum conn_state, in jiffies (CS_UDP: every UDP flow), the daemon's aging timeouts.
+	 * Used only while CFG_F_RECLAIM is set: a local port held by a flow idle past its timeout is taken back
+	 * at once instead of waiting for the sweep. */
+	__u32 idle_tmo[IDLE_TMO_SLOTS];
 };
 
 #define CFG_F_KNI_ROUTES 0x1 /* some route has scope kni_host: check destinations against the trie first */
+#define CFG_F_RECLAIM 0x2    /* idle_tmo is filled in: alloc_lport may reclaim an expired flow's port */
 
 /* Receive queues per interface the slow path can serve (XSKMAP keys per interface). */
 #define XSK_MAX_QUEUES 16
@@ -346,7 +353,9 @@ enum hdslb_counter {
 	CNT_DROP_NO_NEIGH,
 	CNT_DROP_NO_IFACE,
 	CNT_DROP_CONN_INSERT,
-	CNT_CONN_EXPIRED, /* written by the daemon's aging sweep (per direction), never by the program */
+	CNT_CONN_EXPIRED, /* entries removed before the LRU had to evict them (per direction): idle past their
+			   * timeout (the daemon's sweep; the program reclaiming a local port) or a finished flow
+			   * whose tuple a new SYN reuses */
 	CNT_PUNT_ARP,     /* ARP or IPv6 neighbour discovery for an owned address handed to the slow path (AF_XDP) */
 	CNT_PUNT_ICMP,    /* ICMP echo to an owned address handed to the slow path */
 	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
@@ -358,6 +367,7 @@ enum hdslb_counter {
 	CNT_CONN_REUSED,    /* a SYN on a finished flow's tuple, or on a flow whose real server takes no new flows:
 			     * the old entries are dropped and the SYN scheduled afresh (LVS conn_reuse_mode,
 			     * expire_nodest_conn) */
+	CNT_LPORT_RECLAIMED, /* a local port held by a flow idle past its timeout (not yet swept) given to a new flow */
 	CNT_MAX,
 };
 

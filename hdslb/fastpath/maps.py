@@ -80,6 +80,31 @@ class Maps:
             v.snat_rules = snat_rules
         t[ct.c_uint32(0)] = v
 
+    CFG_F_RECLAIM = 0x2
+
+    def set_idle_timeouts(self, timeouts: dict | None) -> None:
+        """Give the fast path the aging timeouts (seconds, by state name as the daemon keeps them: syn_recv,
+        established, fin_wait, close, udp) so it can take back the local port of a flow idle past its timeout
+        before the sweep removes it. None turns reclaiming off."""
+        from hdslb.fastpath.abi import conn_states
+
+        t = self.t["cfg_map"]
+        v = t[ct.c_uint32(0)]
+        if timeouts is None:
+            v.flags &= ~self.CFG_F_RECLAIM
+        else:
+            hz = self.clock.hz or (1_000_000_000 // self.clock.tick_ns)
+            names = conn_states()
+            if len(names) > len(v.idle_tmo):
+                raise RuntimeError(f"conn_state has {len(names)} states, fp_cfg.idle_tmo {len(v.idle_tmo)}")
+            for i in range(len(v.idle_tmo)):
+                # the sweep's rule (Daemon.timeout_for): "none" is a SYN not yet answered, unknown ones close
+                state = names[i] if i < len(names) else "close"
+                secs = timeouts.get({"none": "syn_recv"}.get(state, state), timeouts["close"])
+                v.idle_tmo[i] = min(int(secs * hz), 0xFFFFFFFF)
+            v.flags |= self.CFG_F_RECLAIM
+        t[ct.c_uint32(0)] = v
+
     def set_iface(self, ifindex: int, mac: bytes, mtu: int, xsk_slot: int = 0) -> None:
         t = self.t["iface_map"]
         v = t.Leaf()

@@ -38,5 +38,6 @@ def maps(fastpath):
         for i in range(n):
             t[ct.c_uint32(i)] = t.Leaf()
     m.set_cfg(1025, 65535)
+    m.set_idle_timeouts(None)  # a test that wants port reclaiming turns it on
     m.set_iface(LO_IFINDEX, LB_MAC, 1500)
     return m

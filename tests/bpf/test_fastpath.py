@@ -316,3 +316,87 @@ def test_ipv6_passes_to_the_kernel_while_no_slow_path_serves_it(fastpath, maps):
         raw = bytes(pkt)
         v, out, _ = run_xdp(fastpath.prog_fd, raw)
         assert (v, out) == ((XDP_PASS, raw) if len(raw) > 54 else (XDP_DROP, out)), pkt
+
+
+TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
+
+
+def _age_conns(maps, seconds):
+    """Make every copy of every conn entry `seconds` older, as if that much idle time had passed."""
+    t = maps.t["conn_map"]
+    back = int(seconds * maps.clock.hz) if maps.clock.hz else int(seconds * 1e9) // maps.clock.tick_ns
+    for k in list(t.keys()):
+        vals = t[k]
+        for v in vals:
+            if v.flags & 0x1:
+                v.last_seen -= back
+        t[k] = vals
+
+
+def _conn_ports(maps):
+    return sorted((c["sport"], c["dport"], c["out"]) for c in maps.conns())
+
+
+def test_expired_flows_local_port_is_reclaimed_before_the_sweep(fastpath, maps):
+    """A one-port range: the port of a flow idle past its state's timeout goes to the next SYN at once (and both of
+    the old flow's entries go), but never the port of a flow still within its timeout."""
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    v, p = run(fastpath, syn(sport=47000))
+    assert v == XDP_TX and p[TCP].sport == 2000
+    assert run(fastpath, syn(sport=47000, flags="A"))[0] == XDP_TX      # established: 90 s
+    _age_conns(maps, 10)
+    assert run(fastpath, syn(sport=47001))[0] == XDP_DROP               # idle 10 s < 90 s: the port is live
+    c = maps.counters()
+    assert c["drop_lport_exhausted"] == 1 and c["lport_reclaimed"] == 0 and c["conn_expired"] == 0
+
+    assert run(fastpath, syn(sport=47000, flags="FA"))[0] == XDP_TX     # fin_wait: 7 s
+    _age_conns(maps, 8)
+    v, p = run(fastpath, syn(sport=47001))
+    assert v == XDP_TX and p[TCP].sport == 2000 and p[IP].src == LIP
+    c = maps.counters()
+    assert c["lport_reclaimed"] == 1 and c["conn_expired"] == 2 and c["drop_lport_exhausted"] == 1
+    # the old flow is gone in both directions; the new one owns the port
+    assert _conn_ports(maps) == [(80, 2000, True), (47001, 80, False)]
+    assert run(fastpath, syn(sport=47000, flags="A"))[0] == XDP_DROP
+    assert maps.counters()["drop_no_conn"] == 1
+
+
+def test_udp_port_is_reclaimed_after_the_udp_timeout_and_not_when_reclaiming_is_off(fastpath, maps):
+    setup_service(maps, proto=socket.IPPROTO_UDP)
+    maps.set_cfg(2000, 2000)
+    udp = lambda sport: (Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) /  # noqa: E731
+                         UDP(sport=sport, dport=80) / b"x")
+    assert run(fastpath, udp(5000))[0] == XDP_TX
+    _age_conns(maps, 301)
+    assert run(fastpath, udp(5001))[0] == XDP_DROP       # off (no timeouts given): only the sweep frees ports
+    maps.set_idle_timeouts(dict(TIMEOUTS, udp=400))
+    assert run(fastpath, udp(5001))[0] == XDP_DROP       # 301 s idle < 400 s
+    maps.set_idle_timeouts(TIMEOUTS)
+    v, p = run(fastpath, udp(5001))
+    assert v == XDP_TX and p[UDP].sport == 2000
+    assert maps.counters()["lport_reclaimed"] == 1
+    assert _conn_ports(maps) == [(80, 2000, True), (5001, 80, False)]
+
+
+def test_reclaim_leaves_a_newer_flow_on_the_old_clients_tuple_alone(fastpath, maps):
+    """The reply entry's partner key may hold another flow of the same client tuple (one that no longer uses
+    this port): reclaiming the port deletes only the stale reply entry, never that flow."""
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    assert run(fastpath, syn(sport=47000))[0] == XDP_TX
+    t = maps.t["conn_map"]
+    for k in list(t.keys()):
+        vals = t[k]
+        for v in vals:
+            if v.flags & 0x1 and not v.flags & 0x2:        # the inbound entry now belongs to a flow on port 2999
+                v.sport = socket.htons(2999)
+        t[k] = vals
+    _age_conns(maps, 31)                                   # syn_recv: 30 s
+    v, p = run(fastpath, syn(sport=47001))
+    assert v == XDP_TX and p[TCP].sport == 2000
+    c = maps.counters()
+    assert c["lport_reclaimed"] == 1 and c["conn_expired"] == 1
+    assert _conn_ports(maps) == [(80, 2000, True), (47000, 80, False), (47001, 80, False)]

@@ -131,3 +131,46 @@ def test_without_the_slow_path_xdp_answers_arp(small_lb):
     lab, lb = small_lb
     c = lb.call("stats.get")["counters"]
     assert c["arp_reply"] > 0 and c["punt_arp"] == 0, "ARP for the VIP answered in XDP, nothing punted"
+
+
+@pytest.fixture(scope="module")
+def one_port_lb():
+    """One local port and one real server: every flow needs the same (laddr, lport) and the sweep never runs,
+    so only the fast path's reclaiming can free the port."""
+    lab = OneArm(n_servers=1)
+    lab.setup()
+    try:
+        start_udp_echo(lab)
+        lb = Balancer(lab)
+        conf = lab.workdir / "aging.conf"
+        conf.write_text(CONF)
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), "--lport-range", "20000-20000",
+               "--aging-interval", "3600")
+        lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
+        lb.ipvsadm("-A", "-u", f"{VIP}:53", "-s", "rr")
+        lb.ipvsadm("-a", "-u", f"{VIP}:53", "-r", f"{lab.server_ips[0]}:53", "-b")
+        lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", "-u", f"{VIP}:53", "-F", "veth-lb0")
+        yield lab, lb
+    finally:
+        try:
+            Balancer(lab).down()
+        finally:
+            lab.teardown()
+
+
+@pytest.mark.root
+def test_expired_flows_port_goes_to_a_new_flow_without_waiting_for_the_sweep(one_port_lb):
+    lab, lb = one_port_lb
+    assert udp_flows(lab, 1, first_port=32000) == 1
+    before = lb.call("stats.get")
+    assert udp_flows(lab, 1, first_port=32001) == 0, "the only port is held by a live flow"
+    assert lb.call("stats.get")["counters"]["drop_lport_exhausted"] > before["counters"]["drop_lport_exhausted"]
+    time.sleep(2.5)  # udp normal 2 s; the sweep (every hour) does not run
+    assert [c["sport"] for c in conns(lb, 17)] == [32000], "the first flow is still there: nothing swept it"
+    assert udp_flows(lab, 1, first_port=32002) == 1
+    after = lb.call("stats.get")
+    assert after["counters"]["lport_reclaimed"] == before["counters"]["lport_reclaimed"] + 1
+    assert after["conn_table"]["expired"] == before["conn_table"]["expired"] + 2
+    time.sleep(1.1)  # conn.list reuses one table scan for a second (CONN_SCAN_CACHE_S)
+    assert [c["sport"] for c in conns(lb, 17)] == [32002]
