@@ -36,7 +36,11 @@ from pathlib import Path
 from bench import livegen, ref_progs
 
 VIP = "10.0.0.100"
-LADDR = "192.168.100.200"
+# Each hdslb peer gets its own local address: the real servers keep the TIME_WAIT of every FNAT connection for
+# 60 s, and a daemon started --fresh (an empty conn table) would hand out the same local ports again at once, so a
+# peer sharing the previous one's address would pay SYN retransmits (the server's TIME_WAIT refuses a SYN whose
+# sequence number is from another client's connection) that say nothing about it.
+LADDRS = ("192.168.100.200", "192.168.100.201", "192.168.100.202", "192.168.100.203")
 LB_CL_IP, LB_RS_IP = "10.0.0.254", "192.168.100.254"  # kernel addresses, for the kernel peers only
 UDP_PORT = ref_progs.SINK_PORT
 XDP_DRV, XDP_SKB = 1 << 2, 1 << 1
@@ -241,8 +245,9 @@ class BareRedirect(Peer):
 class Hdslb(Peer):
     kind = "xdp"
 
-    def __init__(self, bench, generic: bool, aging: float | None = None):
+    def __init__(self, bench, generic: bool, aging: float | None = None, laddr: str = LADDRS[0]):
         super().__init__(bench)
+        self.laddr = laddr
         self.generic = generic
         self.aging = aging
         self.name = f"hdslb FNAT ({'generic' if generic else 'native'}" + (f", aging sweep every {aging:g} s)" if aging else ")")
@@ -276,7 +281,7 @@ class Hdslb(Peer):
             self.run(IPVSADM, "-A", proto, f"{VIP}:{port}", "-s", "rr")
             for s in servers:
                 self.run(IPVSADM, "-a", proto, f"{VIP}:{port}", "-r", f"{s.ip}:{port}", "-b")
-            self.run(IPVSADM, "--add-laddr", "-z", LADDR, proto, f"{VIP}:{port}", "-F", "veth-lb1")
+            self.run(IPVSADM, "--add-laddr", "-z", self.laddr, proto, f"{VIP}:{port}", "-F", "veth-lb1")
 
     def state_dir(self) -> Path:
         """On tmpfs like the daemon's default (/run/hdslb/state): the model is saved with fsync after every change."""
@@ -528,10 +533,10 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
             out["floor"] = f
             self.log(f"  generator + sink floor: {f['mpps']:.2f} Mpps ({1e3 / f['mpps']:.0f} ns/pkt)")
             makers = [Routing, NftDnat, HAProxy, lambda b: BareRedirect(b, False), lambda b: BareRedirect(b, True),
-                      lambda b: Hdslb(b, False), lambda b: Hdslb(b, True),
+                      lambda b: Hdslb(b, False, laddr=LADDRS[0]), lambda b: Hdslb(b, True, laddr=LADDRS[1]),
                       # the daemon's aging sweep reads the whole conn table from Python every 2 s on the same
                       # two cores: the same balancer with the sweep made rare shows what that costs
-                      lambda b: Hdslb(b, False, aging=60.0)]
+                      lambda b: Hdslb(b, False, aging=60.0, laddr=LADDRS[2])]
             for mk in makers:
                 peer = mk(self)
                 if peers and not any(p in peer.name for p in peers):
