@@ -604,6 +604,12 @@ def targets(rows: list[dict]) -> list[dict]:
                         "na": "missing measurement"})
             continue
         entry = {"name": name, "value": round(a / b, 2), "limit": factor, "pass": a / b >= factor}
+        # What a program that does nothing but redirect reaches on the same ratio: the most any XDP balancer
+        # could show with this generator and lab (a limit above it cannot be met by the balancer's own work).
+        ceil = by.get("bare XDP redirect (native)")
+        c = value(ceil, metric) if ceil and other != "bare XDP redirect (native)" else None
+        if c:
+            entry["ceiling"] = round(c / b, 2)
         # the same ratio on the derived LB-only rates (generator+sink floor removed), for information
         if metric == "udp_mpps":
             la, lb = value(me, "udp_lb_only_mpps"), value(by[other], "udp_lb_only_mpps")

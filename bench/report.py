@@ -50,7 +50,12 @@ def targets_table(ts: list[dict], title: str) -> str:
         extra = f" (LB-only est. {t['lb_only_ratio']})" if "lb_only_ratio" in t else ""
         rows.append([t["name"], ("n/a" if val is None else f"{val}") + extra, t.get("limit"), _pf(t.get("pass"))
                      + (f" ({t['na']})" if t.get("na") else "")])
-    return table(["target", "measured", "limit", "result"], rows, title)
+    head = ["target", "measured", "limit", "result"]
+    if any("ceiling" in t for t in ts):  # e2e: what a bare redirect reaches on the same ratio
+        head.append("bare redirect's ratio")
+        for row, t in zip(rows, ts):
+            row.append(t.get("ceiling", ""))
+    return table(head, rows, title)
 
 
 # --------------------------------------------------------------------------- sections
