@@ -966,14 +966,20 @@ class Daemon:
         """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
         from hdslb.fastpath.abi import conn_states
 
+        conns = self._conns()
+        cached = getattr(self, "_counts_cache", None)
+        if cached is not None and cached[0] is conns:  # counted once per table scan, not once per caller
+            return cached[1]
         est = conn_states().index("established")
         out: dict[int, list[int]] = {}
-        for c in self._conns():
+        for c in conns:
             if c["out"]:
                 continue
             ent = out.setdefault(c["dest_slot"], [0, 0])
             ent[0 if (c["proto"] == socket.IPPROTO_TCP and c["state"] == est) else 1] += 1
-        return {k: (v[0], v[1]) for k, v in out.items()}
+        counts = {k: (v[0], v[1]) for k, v in out.items()}
+        self._counts_cache = (conns, counts)
+        return counts
 
     def laddr_conns(self) -> dict:
         out: dict = {}
