@@ -156,6 +156,8 @@ def fmt_scale(r: dict) -> str:
                 ["bytes per connection (2 entries)", f"{m['bytes_per_connection']:.0f}"],
                 ["layout", m["layout"]["note"]],
                 ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
+        rows += [[f"daemon reads {name}", f"{v['seconds']} s for {v['entries']} entries"]
+                 for name, v in m.get("scans", {}).items()]
         parts.append(table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections"))
     ob = r.get("op_breakdown", {})
     if ob.get("routes"):

@@ -122,6 +122,16 @@ def memory(quick: bool, log) -> dict:
                                    if k.startswith("drop") and after[k] != before[k]}})
         m2 = _meminfo()
         res["memavailable_delta_after_fill"] = m0["MemAvailable"] - m2["MemAvailable"]
+        # What the daemon pays to look at that table: the aging sweep's and connection counts' batched view,
+        # and the full per-entry dicts of ipvsadm -Lnc / conn.list.
+        scans = {}
+        for name, fn in (("entries (stats.get)", maps.conn_entries),
+                         ("aging view (sweep, ActiveConn/InActConn)", lambda: len(maps.conn_aging_view())),
+                         ("conn.list dicts (ipvsadm -Lnc)", lambda: sum(1 for _ in maps.conns()))):
+            t0 = time.monotonic()
+            n = fn()
+            scans[name] = {"entries": n, "seconds": round(time.monotonic() - t0, 2)}
+        res["scans"] = scans
         res["bytes_per_entry"] = memlock / entries
         res["bytes_per_connection"] = 2 * memlock / entries
         res["target"] = {"name": f"<= {TARGET_BYTES_PER_CONN} B per connection (both directions)",

@@ -483,6 +483,7 @@ class Daemon:
         self._last_save = 0.0
         self._save_cost = 0.0
         self._conn_cache = (0.0, None)
+        self._counts_cache = (0.0, None)
         self._pkt_socks: dict[str, socket.socket] = {}
         self._na_socks: dict[str, socket.socket] = {}
 
@@ -711,39 +712,51 @@ class Daemon:
         """Remove connections idle past their state's timeout, both directions together; returns entries removed.
 
         A flow's idle time is measured from the newest packet of either direction, so a half-closed transfer
-        that still moves data in one direction is not cut.
+        that still moves data in one direction is not cut. Works on raw keys and jiffies (no address objects):
+        the table is read in batches and only the dead are looked at twice.
         """
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        conns = list(self.maps.conns())
-        by_key = {(c["proto"], c["saddr"], c["sport"], c["daddr"], c["dport"]): c for c in conns}
+        from hdslb.fastpath.abi import conn_states
+
+        names = conn_states()
+        clock = self.maps.clock
+        hz = 10**9 // clock.tick_ns
+        now = clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        t = self.settings.timeouts
+        by_state = [t.get({"none": "syn_recv"}.get(n, n), t["close"]) * hz for n in names]
+        udp_j, close_j = t["udp"] * hz, t["close"] * hz
+        recs = self.maps.conn_aging_view()
+        by_key = {r[0]: r for r in recs}
         removed, seen = 0, set()
-        for c in conns:
-            k = (c["proto"], c["saddr"], c["sport"], c["daddr"], c["dport"])
+        for r in recs:
+            k = r[0]
             if k in seen:
                 continue
-            pk = (c["proto"], c["to_daddr"], c["to_dport"], c["to_saddr"], c["to_sport"])
-            partner = by_key.get(pk)
+            partner = by_key.get(r[1])
             # The entry at the partner key is this flow's only if it points back here: the fast path may have
             # given an expired flow's local port to a new flow, whose reply entry then sits at that key.
-            if partner is not None and (partner["proto"], partner["to_daddr"], partner["to_dport"],
-                                        partner["to_saddr"], partner["to_sport"]) != k:
+            if partner is not None and partner[1] != k:
                 partner = None
             seen.add(k)
+            pair = (r,) if partner is None else (r, partner)
             if partner is not None:
-                seen.add(pk)
-            pair = [c] + ([partner] if partner else [])
-            owner = next((x for x in pair if not x["out"]), c)
-            last = max(x["last_seen_ns"] for x in pair)
-            if now - last <= self.timeout_for(owner) * 10**9:
+                seen.add(partner[0])
+            owner = next((x for x in pair if not x[4]), r)
+            last = max(x[2] for x in pair)
+            if owner[5] == socket.IPPROTO_UDP:
+                limit = udp_j
+            else:
+                limit = by_state[owner[3]] if owner[3] < len(by_state) else close_j
+            if now - last <= limit:
                 continue
             # Re-read before deleting: a packet may have arrived since the scan.
-            fresh = [self.maps.conn_last_seen(x) for x in pair]
+            fresh = [self.maps.conn_last_seen_jiffies(x[0]) for x in pair]
             if any(f is not None and f > last for f in fresh):
                 continue
-            removed += sum(self.maps.del_conn(x) for x in pair)
+            removed += sum(self.maps.del_conn_raw(x[0]) for x in pair)
         if removed:
             self.maps.add_counter("conn_expired", removed)
             self._conn_cache = (0.0, None)
+            self._counts_cache = (0.0, None)
         return removed
 
     async def _aging(self) -> None:
@@ -966,19 +979,18 @@ class Daemon:
         """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
         from hdslb.fastpath.abi import conn_states
 
-        conns = self._conns()
-        cached = getattr(self, "_counts_cache", None)
-        if cached is not None and cached[0] is conns:  # counted once per table scan, not once per caller
-            return cached[1]
+        at, counts = self._counts_cache
+        if counts is not None and time.monotonic() - at <= CONN_SCAN_CACHE_S:  # one scan serves the same second
+            return counts
         est = conn_states().index("established")
         out: dict[int, list[int]] = {}
-        for c in conns:
-            if c["out"]:
+        for _k, _p, _last, state, is_out, proto, slot in self.maps.conn_aging_view():
+            if is_out:
                 continue
-            ent = out.setdefault(c["dest_slot"], [0, 0])
-            ent[0 if (c["proto"] == socket.IPPROTO_TCP and c["state"] == est) else 1] += 1
+            ent = out.setdefault(slot, [0, 0])
+            ent[0 if (proto == socket.IPPROTO_TCP and state == est) else 1] += 1
         counts = {k: (v[0], v[1]) for k, v in out.items()}
-        self._counts_cache = (conns, counts)
+        self._counts_cache = (time.monotonic(), counts)
         return counts
 
     def laddr_conns(self) -> dict:

@@ -400,3 +400,50 @@ def test_reclaim_leaves_a_newer_flow_on_the_old_clients_tuple_alone(fastpath, ma
     c = maps.counters()
     assert c["lport_reclaimed"] == 1 and c["conn_expired"] == 1
     assert _conn_ports(maps) == [(80, 2000, True), (47000, 80, False), (47001, 80, False)]
+
+
+def test_batched_conn_walk_sees_every_entry_across_batches(fastpath, maps):
+    setup_service(maps)
+    for i in range(40):
+        assert run(fastpath, syn(sport=41000 + i))[0] == XDP_TX
+    maps.CONN_BATCH = 7  # an instance override: many batches and a partial last one
+    keys = {bytes(k) for k in maps.t["conn_map"].keys()}
+    view = maps.conn_aging_view()
+    assert len(keys) == 80 and maps.conn_entries() == 80
+    assert {r[0] for r in view} == keys
+    by_key = {r[0]: r for r in view}
+    # every entry's partner key is the other direction's, which points back
+    assert all(by_key[r[1]][1] == r[0] for r in view)
+    assert sorted(c["sport"] for c in maps.conns() if not c["out"]) == list(range(41000, 41040))
+
+
+def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, maps):
+    """The daemon's sweep over the batched view: a flow idle past its state's timeout goes in both directions,
+    a live one stays, and a reply entry whose partner key now holds another flow goes alone."""
+    import types
+
+    from hdslb.daemon import Daemon
+
+    setup_service(maps)
+    for sport in (42000, 42001, 42002):
+        assert run(fastpath, syn(sport=sport))[0] == XDP_TX
+    t = maps.t["conn_map"]
+    for k in list(t.keys()):   # 42002's inbound entry now belongs to a flow on another local port
+        vals = t[k]
+        if socket.ntohs(k.sport) == 42002:
+            for v in vals:
+                if v.flags & 0x1:
+                    v.sport = socket.htons(2999)
+            t[k] = vals
+    _age_conns(maps, 31)                                   # past syn_recv (30 s)
+    assert run(fastpath, syn(sport=42001, flags="A"))[0] == XDP_TX   # 42001 is alive again (established)
+    assert run(fastpath, syn(sport=42002, flags="A"))[0] == XDP_TX   # and so is the foreign flow on 42002
+    d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(timeouts=dict(TIMEOUTS)),
+                              _conn_cache=None, _counts_cache=None)
+    before = maps.counters()["conn_expired"]
+    # 42000: both entries (2); 42001: kept; 42002's old reply entry goes alone (1): its partner key holds the
+    # live foreign flow, which must not keep it alive nor be removed with it.
+    assert Daemon.sweep(d) == 3
+    assert maps.counters()["conn_expired"] == before + 3
+    left = sorted((c["sport"], c["out"]) for c in maps.conns())
+    assert left == [(80, True), (42001, False), (42002, False)], left
