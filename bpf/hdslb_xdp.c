@@ -290,18 +290,24 @@ static __always_inline int conn_reusable(struct conn_val *cv, struct tcphdr *th)
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
 }
 
+/* The other direction's key of the entry (k, v): its rewritten tuple reversed, in the other family for NAT64. */
+static __always_inline void conn_partner_key(struct conn_key *out, const struct conn_key *k, const struct conn_val *v)
+{
+	out->saddr = v->daddr;
+	out->daddr = v->saddr;
+	out->sport = v->dport;
+	out->dport = v->sport;
+	out->proto = k->proto;
+	out->af = (v->flags & CONN_F_XLAT) ? (k->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : k->af;
+}
+
 /* Remove a flow's inbound entry and, for the modes that have one, its reply entry. */
 static __always_inline void conn_expire(struct conn_key *k, struct conn_val *cv)
 {
 	struct conn_key rk = {};
 
 	if (cv->fwd == FWD_FNAT || cv->fwd == FWD_NAT || cv->fwd == FWD_SNAT) {
-		rk.saddr = cv->daddr;
-		rk.daddr = cv->saddr;
-		rk.sport = cv->dport;
-		rk.dport = cv->sport;
-		rk.proto = k->proto;
-		rk.af = (cv->flags & CONN_F_XLAT) ? (k->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : k->af;
+		conn_partner_key(&rk, k, cv);
 		if (conn_map.delete(&rk) == 0)
 			count(CNT_CONN_EXPIRED);
 	}
@@ -791,12 +797,7 @@ static __always_inline int conn_reclaim(struct fp_cfg *cfg, struct conn_key *rk,
 		return 0; /* being installed by another CPU right now, or not a reply entry */
 	last = rv->last_seen;
 	state = rv->state;
-	ik.saddr = rv->daddr;
-	ik.daddr = rv->saddr;
-	ik.sport = rv->dport;
-	ik.dport = rv->sport;
-	ik.proto = rk->proto;
-	ik.af = (rv->flags & CONN_F_XLAT) ? (rk->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : rk->af;
+	conn_partner_key(&ik, rk, rv);
 	iv = conn_newest(&ik);
 	/* The inbound entry is this flow's only if it still points at rk (a client's tuple may carry a newer flow). */
 	if (iv && addr_eq(&iv->saddr, &rk->daddr) && iv->sport == rk->dport && addr_eq(&iv->daddr, &rk->saddr) &&

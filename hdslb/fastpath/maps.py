@@ -405,15 +405,6 @@ class Maps:
         k.proto, k.af = c["proto"], c["af"]
         return k
 
-    def conn_last_seen(self, c: dict) -> int | None:
-        """Latest last_seen over the CPU copies of one direction, or None once it is gone."""
-        try:
-            per_cpu = self.t["conn_map"][self._conn_key(c)]
-        except KeyError:
-            return None
-        j = max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
-        return None if j is None else self.clock.to_mono_ns(j)
-
     def conn_get(self, proto: int, saddr, sport: int, daddr, dport: int) -> dict | None:
         """One direction of a flow by its tuple, merged over CPU copies like conns(); None if absent."""
         c = {"proto": proto, "af": saddr.version if hasattr(saddr, "version") else 4, "saddr": saddr,
@@ -429,13 +420,6 @@ class Maps:
                     to_daddr=_get_addr(best.daddr, c["af"]), to_dport=socket.ntohs(best.dport),
                     ifindex=best.ifindex, dmac=ct.string_at(ct.addressof(best.dmac), 6),
                     smac=ct.string_at(ct.addressof(best.smac), 6), out=bool(best.flags & abi.CONN_F_OUT))
-
-    def del_conn(self, c: dict) -> bool:
-        try:
-            del self.t["conn_map"][self._conn_key(c)]
-            return True
-        except KeyError:
-            return False
 
     CONN_BATCH = 4096
 

@@ -1,8 +1,9 @@
 """Connection aging per state and a connection table that fills up: entries leave on time, service goes on.
 
-This module runs the daemon with --no-slowpath, so the fallback (ARP answered in XDP, next hops probed over a
+The small_lb daemon runs with --no-slowpath, so the fallback (ARP answered in XDP, next hops probed over a
 packet socket) keeps real traffic in the suite too."""
 
+import contextlib
 import time
 
 import pytest
@@ -32,21 +33,22 @@ ipvs_defs {
 """
 
 
-@pytest.fixture(scope="module")
-def small_lb():
-    lab = OneArm(n_servers=2)
+@contextlib.contextmanager
+def aging_lab(n_servers, services, *daemon_args, nginx=True):
+    """A one-arm lab whose daemon runs with CONF's short timeouts; services: (ipvsadm proto flag, port)."""
+    lab = OneArm(n_servers=n_servers)
     lab.setup()
     try:
-        start_nginx(lab)
+        if nginx:
+            start_nginx(lab)
         start_udp_echo(lab)
         lb = Balancer(lab)
         conf = lab.workdir / "aging.conf"
         conf.write_text(CONF)
         lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
-               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), "--max-conns", "1000",
-               "--aging-interval", "0.5", "--no-slowpath")
+               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), *daemon_args)
         lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
-        for proto, port in (("-t", 80), ("-u", 53)):
+        for proto, port in services:
             lb.ipvsadm("-A", proto, f"{VIP}:{port}", "-s", "rr")
             for rs in lab.server_ips:
                 lb.ipvsadm("-a", proto, f"{VIP}:{port}", "-r", f"{rs}:{port}", "-b")
@@ -57,6 +59,13 @@ def small_lb():
             Balancer(lab).down()
         finally:
             lab.teardown()
+
+
+@pytest.fixture(scope="module")
+def small_lb():
+    with aging_lab(2, (("-t", 80), ("-u", 53)), "--max-conns", "1000", "--aging-interval", "0.5",
+                   "--no-slowpath") as lab_lb:
+        yield lab_lb
 
 
 def conns(lb, proto):
@@ -137,26 +146,9 @@ def test_without_the_slow_path_xdp_answers_arp(small_lb):
 def one_port_lb():
     """One local port and one real server: every flow needs the same (laddr, lport) and the sweep never runs,
     so only the fast path's reclaiming can free the port."""
-    lab = OneArm(n_servers=1)
-    lab.setup()
-    try:
-        start_udp_echo(lab)
-        lb = Balancer(lab)
-        conf = lab.workdir / "aging.conf"
-        conf.write_text(CONF)
-        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
-               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), "--lport-range", "20000-20000",
-               "--aging-interval", "3600")
-        lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
-        lb.ipvsadm("-A", "-u", f"{VIP}:53", "-s", "rr")
-        lb.ipvsadm("-a", "-u", f"{VIP}:53", "-r", f"{lab.server_ips[0]}:53", "-b")
-        lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", "-u", f"{VIP}:53", "-F", "veth-lb0")
-        yield lab, lb
-    finally:
-        try:
-            Balancer(lab).down()
-        finally:
-            lab.teardown()
+    with aging_lab(1, (("-u", 53),), "--lport-range", "20000-20000", "--aging-interval", "3600",
+                   nginx=False) as lab_lb:
+        yield lab_lb
 
 
 @pytest.mark.root
