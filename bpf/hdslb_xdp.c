@@ -1169,6 +1169,81 @@ static __always_inline __u32 new_l2_6(struct conn_val *cv, __u32 oif, const unio
 }
 
 /* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. */
+/*
+ * IPv6 routers never fragment: a packet too big for the 6in6 tunnel is answered with ICMPv6 Packet Too Big
+ * (RFC 4443) from the VIP to the client, quoting as much of it as fits the minimum MTU (1280 - 40 - 8 bytes),
+ * like the kernel. The frame is rewritten in place and sent back the way it came.
+ */
+#define TOO_BIG_QUOTE6 1232
+#define IPV6_MIN_MTU 1280
+#define ICMPV6_PKT_TOOBIG_ 2
+
+static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6;
+	__u8 *ic;
+	__u8 cmac[6], lmac[6];
+	struct in6_addr client, vip;
+	__u32 sum;
+	int delta, len;
+
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return drop(CNT_DROP_TOO_BIG);
+	barrier_var(l2len);
+	ip6 = data + (l2len & 0x3f);
+	if ((void *)(eth + 1) > data_end || (void *)ip6 + TOO_BIG_QUOTE6 > data_end)
+		return drop(CNT_DROP_TOO_BIG);
+	__builtin_memcpy(cmac, eth->h_source, 6);
+	__builtin_memcpy(lmac, eth->h_dest, 6);
+	__builtin_memcpy(&client, &ip6->saddr, 16);
+	__builtin_memcpy(&vip, &ip6->daddr, 16);
+	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8);
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	len = (int)((long)data_end - (long)data);
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6) - len))
+		return drop(CNT_DROP_TOO_BIG);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	ic = (void *)(ip6 + 1);
+	if ((void *)ic + 8 + TOO_BIG_QUOTE6 > data_end)
+		return drop(CNT_DROP_TOO_BIG);
+	__builtin_memcpy(eth->h_dest, cmac, 6);
+	__builtin_memcpy(eth->h_source, lmac, 6);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	ip6->version = 6;
+	ip6->priority = 0;
+	ip6->flow_lbl[0] = ip6->flow_lbl[1] = ip6->flow_lbl[2] = 0;
+	ip6->payload_len = bpf_htons(8 + TOO_BIG_QUOTE6);
+	ip6->nexthdr = IPPROTO_ICMPV6;
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, &vip, 16);
+	__builtin_memcpy(&ip6->daddr, &client, 16);
+	if (mtu < IPV6_MIN_MTU)
+		mtu = IPV6_MIN_MTU; /* hosts ignore a smaller one (RFC 8200 5); such a tunnel link is misconfigured */
+	ic[0] = ICMPV6_PKT_TOOBIG_;
+	ic[1] = 0;
+	ic[2] = ic[3] = 0;
+	*(__be32 *)(ic + 4) = bpf_htonl(mtu);
+	/* pseudo-header (addresses, upper-layer length, next header) + message, 512 bytes a csum_diff at most */
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, 0);
+	sum = hcsum_add(sum, bpf_htonl(8 + TOO_BIG_QUOTE6));
+	sum = hcsum_add(sum, bpf_htonl(IPPROTO_ICMPV6));
+	sum = bpf_csum_diff(0, 0, (__be32 *)ic, 512, sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)(ic + 512), 512, sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)(ic + 1024), 8 + TOO_BIG_QUOTE6 - 1024, sum);
+	*(__sum16 *)(ic + 2) = hcsum_fold32(sum) ^ 0xffff;
+	count(CNT_ICMP_TOO_BIG);
+	return XDP_TX;
+}
+
 static __always_inline int encap6(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len)
 {
 	void *data, *data_end;
@@ -1179,8 +1254,8 @@ static __always_inline int encap6(struct xdp_md *ctx, struct conn_val *cv, __u32
 	int delta;
 
 	ov = iface_map.lookup(&oif);
-	if (ov && ov->mtu && l3len + sizeof(struct ipv6hdr) > ov->mtu)
-		return drop(CNT_DROP_TOO_BIG);
+	if (ov && ov->mtu > sizeof(struct ipv6hdr) && l3len + sizeof(struct ipv6hdr) > ov->mtu)
+		return icmp_too_big6(ctx, l2len, ov->mtu - sizeof(struct ipv6hdr));
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr));

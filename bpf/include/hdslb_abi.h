@@ -363,7 +363,8 @@ enum hdslb_counter {
 	CNT_PERSIST_HIT,    /* a new connection followed its client's persistence template */
 	CNT_DROP_TOO_BIG,   /* TUNNEL: the encapsulated packet would exceed the egress MTU */
 	CNT_DROP_NO_SRC,    /* TUNNEL: no outer source (dpip route ... src, or a local address of the service) */
-	CNT_ICMP_TOO_BIG,   /* TUNNEL: a DF packet too big for the encapsulation answered with ICMP fragmentation needed */
+	CNT_ICMP_TOO_BIG,   /* TUNNEL: a packet too big for the encapsulation answered with ICMP fragmentation
+			     * needed (IPv4 with DF) or ICMPv6 Packet Too Big (IPv6) */
 	CNT_CONN_REUSED,    /* a SYN on a finished flow's tuple, or on a flow whose real server takes no new flows:
 			     * the old entries are dropped and the SYN scheduled afresh (LVS conn_reuse_mode,
 			     * expire_nodest_conn) */

@@ -240,6 +240,51 @@ def test_tunnel_v6_is_ip6ip6(fastpath, m):
     assert bytes(outer.payload) == bytes(pkt[IPv6])
 
 
+
+def _tunnel6_setup(fastpath, m, mtu=1500):
+    m.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, A("fd00:100::fe"), 1500, False)
+    m.set_iface(LO_IFINDEX, LB_MAC, mtu)
+    service(fastpath, TCP_, VIP6, 80)
+    dest(m, 0, RS61, 80, "tunnel")
+    ring(fastpath, 0, [0])
+
+
+def test_tunnel_v6_answers_a_too_big_packet_with_packet_too_big(fastpath, m):
+    """IPv6 is never fragmented on the way: a packet that does not fit the 6in6 tunnel gets ICMPv6 Packet Too Big
+    from the VIP, quoting the first 1232 bytes (the most a 1280-byte error can carry), checksum checked by scapy."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    _tunnel6_setup(fastpath, m)
+    assert run(fastpath, c6(sport=40200))[0] == XDP_TX  # the flow exists
+    big = c6(sport=40200, flags="A", payload=b"z" * 1440)  # 40 + 20 + 1440 = 1500 > 1500 - 40
+    v, out = run(fastpath, big)
+    assert VERDICTS[v] == "XDP_TX"
+    assert (out[Ether].src, out[Ether].dst, out[Ether].type) == (LB, CL_MAC, 0x86DD)
+    ip6 = out[IPv6]
+    assert (ip6.src, ip6.dst, ip6.nh, ip6.plen, ip6.hlim) == (VIP6, CLIENT6, 58, 1240, 64)
+    ptb = out[ICMPv6PacketTooBig]
+    assert (ptb.type, ptb.code, ptb.mtu) == (2, 0, 1460)
+    assert bytes(ptb.payload) == bytes(big[IPv6])[:1232]
+    assert len(out) == 14 + 40 + 8 + 1232
+    q = Ether(bytes(out))
+    del q[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(q))[ICMPv6PacketTooBig].cksum == ptb.cksum, "ICMPv6 checksum"
+    c = m.counters()
+    assert c["icmp_too_big"] == 1 and c["drop_too_big"] == 0
+    # a packet that fits still goes through the tunnel
+    v, out = run(fastpath, c6(sport=40200, flags="A", payload=b"z" * 1400))
+    assert v == XDP_TX and out[IPv6].nh == 41
+
+
+def test_tunnel_v6_too_big_but_too_short_to_quote_is_dropped_and_counted(fastpath, m):
+    """On a link below IPv6's 1280 minimum a too-big packet may be shorter than the quote: counted, dropped."""
+    _tunnel6_setup(fastpath, m, mtu=200)
+    v, _ = run(fastpath, c6(sport=40300, payload=b"z" * 200))
+    assert v == XDP_DROP
+    c = m.counters()
+    assert c["drop_too_big"] == 1 and c["icmp_too_big"] == 0
+
+
 # --- FNAT v6 and NAT64 ----------------------------------------------------------------------------------------
 
 def test_fnat_v6_both_directions(fastpath, m):

@@ -227,3 +227,31 @@ def test_tunnel_bulk_upload_fits_the_mtu_room(tunnel):
     sizes = [f.length for f in wire.read() if f.outgoing and f.proto == fam.outer_proto]
     wire.close()
     assert sizes and max(sizes) <= 1500 and max(sizes) > 1400, (max(sizes or [0]), len(sizes))
+
+
+def test_tunnel_path_mtu_discovery_when_the_client_does_not_leave_room(tunnel):
+    """No MTU room on the client's route: its full-sized segments do not fit once encapsulated. The balancer
+    answers with ICMP fragmentation needed (v4, DF) or ICMPv6 Packet Too Big (v6), the client's kernel learns
+    the path MTU and resends smaller, and 4 MB still arrive intact (without the error the upload would stall)."""
+    fam, lab, lb, servers = tunnel
+    port = SINK_PORT + 1
+    sink = lab.spawn(lab.server(1).ns, ["python3", "-c", SINK, str(port)])
+    modes.nx.wait_listening(sink, port, what="upload sink on rs1")
+    svc = f"{fam.host_port(fam.vip_tun)}:{port}"
+    lb.ipvsadm("-A", "-t", svc, "-s", "rr")
+    lb.ipvsadm("-a", "-t", svc, "-r", fam.addr(lab.server(1)), "-i")
+    plen = 128 if fam.v == 6 else 32
+    modes.route(lab, lab.client, f"{fam.vip_tun}/{plen}", dev="eth0")  # no mtu, no advmss: full 1500 bytes
+    flush = ["ip", "-n", lab.cl_ns] + (["-6"] if fam.v == 6 else []) + ["route", "flush", "cache"]
+    modes.nx.sh(flush)  # forget a path MTU learned by an earlier test
+    before = lb.call("stats.get")["counters"]["icmp_too_big"]
+    try:
+        r = lab.client_run(["python3", "-c", UPLOAD, fam.vip_tun, str(port)], check=False, timeout=60)
+        assert r.returncode == 0, f"{r.stderr[-1500:]}\n{diag(lab, lb)}"
+        got_n, got_sha, sent_n, sent_sha = r.stdout.split()
+        assert (got_n, got_sha) == (sent_n, sent_sha), "the server received every byte, in order"
+        assert lb.call("stats.get")["counters"]["icmp_too_big"] > before
+    finally:
+        mtu = 1500 - fam.overhead
+        modes.route(lab, lab.client, f"{fam.vip_tun}/{plen}", dev="eth0", mtu=mtu, advmss=mtu - fam.tcp_header)
+        modes.nx.sh(flush)
