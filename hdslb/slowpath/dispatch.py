@@ -139,8 +139,7 @@ class SlowPath:
             self._sync_static(act)
             self._apply(self.neigh.tick(), act)
             if self.proactive:
-                for nh, ifname in self.wanted().items():
-                    self._apply(self.neigh.resolve(nh, ifname)[1], act)
+                self._apply(self.neigh.keep_wanted(self.wanted()), act)
         except Exception:
             log.exception("slow path: tick raised")
             act.count("error")

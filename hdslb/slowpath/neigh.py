@@ -263,6 +263,22 @@ class NeighTable:
                 self.stats["queued"] += 1
         return None, ev
 
+    def keep_wanted(self, wanted: dict) -> NeighEvents:
+        """Resolve ahead every next hop new flows will need ({ip: ifname}, ip as ipaddress objects): a known,
+        reachable one on the same interface only has its use noted (the common case, a dict lookup: the
+        slow path asks this four times a second for every real server's next hop); the rest go through
+        resolve() (probe, re-confirm, move to another interface)."""
+        ev = NeighEvents()
+        now = self.now()
+        entries = self.entries
+        for ip, ifname in wanted.items():
+            e = entries.get(ip)
+            if e is not None and e.state is State.REACHABLE and e.ifname == ifname:
+                e.used = now
+            else:
+                ev.extend(self.resolve(ip, ifname)[1])
+        return ev
+
     # --- time -----------------------------------------------------------------------------------
     def tick(self) -> NeighEvents:
         """Periodic work: age REACHABLE to STALE, forget unused STALE, retry or fail probing entries."""

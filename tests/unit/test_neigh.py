@@ -265,3 +265,33 @@ def test_show_uses_dpvs_state_names(tbl, clock):
     assert [r["addr"] for r in tbl.show(ifname="eth1")] == ["10.0.0.5"]
     assert set(DPVS_STATE) == set(State)
     assert list(rows) == sorted(rows, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
+
+
+def test_keep_wanted_notes_use_of_reachable_next_hops_and_resolves_the_rest(tbl, clock):
+    other = ipaddress.ip_address("192.168.100.3")
+    new = ipaddress.ip_address("192.168.100.4")
+    tbl.learn(IP, MAC1, "eth1", confirmed=True)
+    tbl.learn(other, MAC2, "eth1", confirmed=True)
+    clock.advance(60)
+    tbl.tick()                                           # both STALE now
+    tbl.learn(IP, MAC1, "eth1", confirmed=True)          # IP confirmed again: REACHABLE
+    clock.advance(1)
+    ev = tbl.keep_wanted({IP: "eth1", other: "eth1", new: "eth1"})
+    assert tbl.get(IP).state is State.REACHABLE and tbl.get(IP).used == clock()
+    # the stale one is re-confirmed by unicast to its known MAC, the unknown one asked for by broadcast
+    assert ev.probes == [Probe(other, "eth1", MAC2), Probe(new, "eth1", None)]
+    assert tbl.get(other).state is State.PROBE and tbl.get(new).state is State.INCOMPLETE
+    # a wanted next hop whose route moved to another interface is resolved afresh there
+    ev = tbl.keep_wanted({IP: "eth2"})
+    assert tbl.get(IP).ifname == "eth2" and tbl.get(IP).state is State.INCOMPLETE
+    assert ev.deletes == [(IP, "eth1")] and ev.probes == [Probe(IP, "eth2", None)]
+
+
+def test_a_wanted_next_hop_is_never_forgotten_while_wanted(tbl, clock):
+    tbl.learn(IP, MAC1, "eth1", confirmed=True)
+    for _ in range(10):                                  # 10 minutes, asked for every minute
+        clock.advance(60)
+        tbl.tick()
+        tbl.keep_wanted({IP: "eth1"})
+        tbl.learn(IP, MAC1, "eth1", confirmed=True)      # the probe's answer
+    assert tbl.get(IP) is not None and tbl.get(IP).state is State.REACHABLE
