@@ -566,6 +566,7 @@ class Balancer:
         self.wanted_cost = 0.0  # seconds the last wanted_nexthops() took: the daemon spaces its resolver kicks by it
         self._wgen = 0  # bumped by changes of real server addresses, local addresses and SNAT services
         self._wanted: tuple | None = None  # ((wgen, route gen), result) of the last wanted_nexthops()
+        self._wanted_at = 0.0
         self._gateways: Counter = Counter()  # (via, ifname) -> routes using it, for SNAT's next hops
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: IdPool = IdPool()
@@ -1483,6 +1484,7 @@ class Balancer:
         return ipaddress.ip_address("0.0.0.0" if v == 4 else "::")
 
     SNAT_PROBE_RANGE = 256  # a SNAT dst-range this small has each of its next hops resolved ahead
+    WANTED_STALE_ABOVE_S = 0.005  # wanted_nexthops() walks cheaper than this are never served stale
 
     def wanted_nexthops(self) -> dict:
         """Next hop -> egress interface of what new flows will need a MAC for, to resolve ahead of them (the
@@ -1495,6 +1497,13 @@ class Balancer:
         if self._wanted is not None and self._wanted[0] == key:  # the slow path asks 4 times a second
             return self._wanted[1]
         t0 = time.perf_counter()
+        # A big model costs more to walk (50 ms at 100k real servers) and a bulk load changes it with every
+        # request: then the previous answer serves for up to 20 walks' time (at most 2 s), so the walks stay a
+        # small share of the load; new servers' next hops are resolved that much later (a flow that needs one
+        # first waits in the slow path's queue). Small models are always answered fresh.
+        if (self._wanted is not None and self.wanted_cost >= self.WANTED_STALE_ABOVE_S
+                and t0 - self._wanted_at < min(20 * self.wanted_cost, 2.0)):
+            return self._wanted[1]
         want = {}
         # Asked after every change (the resolvers' kick): with 100k real servers, one is_local() scan of every
         # service per next hop took 35 s. Local addresses are gathered once; next hops are remembered per real
@@ -1524,7 +1533,8 @@ class Balancer:
                     nh = self.nexthop(ipaddress.IPv4Address(i))
                     if nh and m.oif in (None, nh[1]):
                         add(*nh)
-        self.wanted_cost = time.perf_counter() - t0
+        self._wanted_at = time.perf_counter()
+        self.wanted_cost = self._wanted_at - t0
         self._wanted = (key, want)
         return want
 
