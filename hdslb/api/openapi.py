@@ -554,6 +554,7 @@ def _ip_ok(v) -> bool:
 _RS_KEYS = frozenset(("ip", "port", "weight", "mode"))
 _BULK_KEYS = frozenset(("Addr", "Port", "Proto", "SchedName", "RSs"))
 _BULK_PROTOS = ("tcp", "udp", "TCP", "UDP", 6, 17)
+_TINY_KEYS = frozenset(("SchedName", "RSs"))
 
 
 def _rs_list_ok(rss) -> bool:
@@ -574,6 +575,9 @@ def _plainly_valid(name: str, body) -> bool:
     beyond the common ones), goes to the schema, which stays the one judge and words the refusal."""
     if name == "RealServerTinyList":
         return _rs_list_ok(body)
+    if name == "VirtualServerSpecTiny":  # PUT /v2/vs/{VipPort}, commonly a scheduler and the real servers
+        return (type(body) is dict and body.keys() <= _TINY_KEYS and body.get("SchedName", "rr") in SCHEDULERS
+                and ("RSs" not in body or _rs_list_ok(body["RSs"])))
     if name != "VirtualServerBulk" or type(body) is not dict or body.keys() != {"Items"} \
             or type(body["Items"]) is not list:
         return False

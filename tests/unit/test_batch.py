@@ -523,3 +523,24 @@ def test_plain_python_fast_path_never_accepts_what_the_schema_refuses():
                 openapi.validate("VirtualServerBulk", body)
     assert openapi._plainly_valid("RealServerTinyList", {"Items": [rs]})
     assert not openapi._plainly_valid("RealServerTinyList", {"Items": [dict(rs, overloaded=True)]})
+
+
+def test_plain_python_check_of_put_vs_bodies_agrees_with_the_schema():
+    from hdslb.api import openapi
+
+    rs = {"ip": "192.168.0.1", "port": 80, "weight": 3, "mode": "FNAT"}
+    good = {"SchedName": "wlc", "RSs": {"Items": [rs, {"ip": "2001:db8::1"}]}}
+    assert openapi._plainly_valid("VirtualServerSpecTiny", good)
+    assert openapi._plainly_valid("VirtualServerSpecTiny", {"RSs": {"Items": [rs]}})
+    v = openapi._validator("VirtualServerSpecTiny")
+    variants = [good, {}, {"SchedName": "nope"}, {"SchedName": 3}, dict(good, Timeout=30), dict(good, Extra=1),
+                {"RSs": {"Items": [dict(rs, weight=-1)]}}, {"RSs": {"Items": [dict(rs, ip="1.2.3")]}},
+                {"RSs": {"Items": [dict(rs, mode="x")]}}, {"RSs": []}, {"RSs": {"Items": [], "x": 1}}, []]
+    for body in variants:
+        if openapi._plainly_valid("VirtualServerSpecTiny", body):
+            assert v.is_valid(body), body
+        elif v.is_valid(body):
+            openapi.validate("VirtualServerSpecTiny", body)
+        else:
+            with pytest.raises(openapi.BodyError):
+                openapi.validate("VirtualServerSpecTiny", body)
