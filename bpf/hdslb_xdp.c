@@ -419,6 +419,18 @@ static __always_inline int send_l2(struct xdp_md *ctx, struct ethhdr *eth, struc
  * header and the first 8 bytes of its payload (which never move). Sent back out the way it came.
  */
 #define TOO_BIG_QUOTE 28 /* the client's 20-byte IP header + 8 bytes */
+/* Make the frame an ICMP error's size in place: move its start by delta (the quoted header lands right after
+ * the new headers) and cut it to total bytes. Packet pointers must be reloaded afterwards. */
+static __always_inline int reshape_for_error(struct xdp_md *ctx, int delta, int total)
+{
+	int len;
+
+	if (bpf_xdp_adjust_head(ctx, delta))
+		return -1;
+	len = (int)((long)ctx->data_end - (long)ctx->data);
+	return bpf_xdp_adjust_tail(ctx, total - len) ? -1 : 0;
+}
+
 static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data;
@@ -428,7 +440,7 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	struct icmphdr *ic;
 	__u8 cmac[6], lmac[6];
 	__be32 client, vip;
-	int delta, len;
+	int delta;
 
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_TOO_BIG);
@@ -442,13 +454,8 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	vip = iph->daddr;
 	/* the quoted header starts where the new Ethernet + IP + ICMP headers end */
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr));
-	if (bpf_xdp_adjust_head(ctx, delta))
-		return drop(CNT_DROP_TOO_BIG);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	len = (int)((long)data_end - (long)data);
-	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
-					 TOO_BIG_QUOTE) - len))
+	if (reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
+					  TOO_BIG_QUOTE))
 		return drop(CNT_DROP_TOO_BIG);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
@@ -1188,7 +1195,7 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	__u8 cmac[6], lmac[6];
 	struct in6_addr client, vip;
 	__u32 sum;
-	int delta, len;
+	int delta;
 
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_TOO_BIG);
@@ -1201,12 +1208,7 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	__builtin_memcpy(&client, &ip6->saddr, 16);
 	__builtin_memcpy(&vip, &ip6->daddr, 16);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8);
-	if (bpf_xdp_adjust_head(ctx, delta))
-		return drop(CNT_DROP_TOO_BIG);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	len = (int)((long)data_end - (long)data);
-	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6) - len))
+	if (reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6))
 		return drop(CNT_DROP_TOO_BIG);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
