@@ -1,0 +1,31 @@
+"""The daemon's conn table entry count: counted afresh for small tables, reused for a while for big ones."""
+
+import time
+import types
+
+from hdslb.daemon import Daemon
+
+
+def _daemon(count_s: float):
+    state = {"n": 0}
+
+    def conn_entries():
+        time.sleep(count_s)
+        state["n"] += 1
+        return state["n"]
+
+    d = types.SimpleNamespace(maps=types.SimpleNamespace(conn_entries=conn_entries), _entries_cache=(0.0, None, 0.0))
+    return d, state
+
+
+def test_a_cheap_count_is_always_fresh():
+    d, _ = _daemon(0.0)
+    assert [Daemon.conn_table_entries(d) for _ in range(3)] == [1, 2, 3]
+
+
+def test_an_expensive_count_is_reused_for_twenty_times_its_cost():
+    d, state = _daemon(0.06)                 # reused for 1.2 s
+    assert Daemon.conn_table_entries(d) == 1
+    assert Daemon.conn_table_entries(d) == 1 and state["n"] == 1
+    d._entries_cache = (d._entries_cache[0] - 1.3, 1, d._entries_cache[2])  # 1.3 s later
+    assert Daemon.conn_table_entries(d) == 2
