@@ -1015,6 +1015,11 @@ class Daemon:
                 out[key] = out.get(key, 0) + 1
         return out
 
+    async def conn_list_async(self) -> list[dict]:
+        """conn_list() in a worker thread: a million connections take seconds to read and format, and the
+        event loop goes on serving meanwhile (the thread gives it the GIL every switch interval)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.conn_list)
+
     def conn_list(self) -> list[dict]:
         from hdslb.fastpath.abi import conn_states
 

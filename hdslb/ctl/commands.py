@@ -413,8 +413,17 @@ def stats_get(ctx, a):
 @command("conn.list")
 def conn_list(ctx, a):
     fn = getattr(ctx, "persist_list", None)
-    return {"conns": [] if a.get("templates_only") else ctx.conn_list(),
-            "templates": fn() if fn is not None else []}
+    templates = fn() if fn is not None else []
+    if a.get("templates_only"):
+        return {"conns": [], "templates": templates}
+    off_loop = getattr(ctx, "conn_list_async", None)
+    if off_loop is not None:  # the daemon: a big table is read in a worker thread, the loop keeps serving
+
+        async def listed():
+            return {"conns": await off_loop(), "templates": templates}
+
+        return listed()
+    return {"conns": ctx.conn_list(), "templates": templates}
 
 
 @command("daemon.status")
