@@ -29,3 +29,31 @@ def test_an_expensive_count_is_reused_for_twenty_times_its_cost():
     assert Daemon.conn_table_entries(d) == 1 and state["n"] == 1
     d._entries_cache = (d._entries_cache[0] - 1.3, 1, d._entries_cache[2])  # 1.3 s later
     assert Daemon.conn_table_entries(d) == 2
+
+
+async def test_conn_list_runs_off_the_event_loop():
+    """A slow listing (a big table) leaves the loop free: another task runs while it is read."""
+    import asyncio
+
+    from hdslb.ctl import commands
+
+    def slow_list():
+        time.sleep(0.3)
+        return [{"proto": 6}]
+
+    d = types.SimpleNamespace(conn_list=slow_list, persist_list=lambda: [])
+    d.conn_list_async = lambda: Daemon.conn_list_async(d)
+    ticks = []
+
+    async def ticker():
+        for _ in range(5):
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    t = asyncio.create_task(ticker())
+    res = commands.dispatch(d, "conn.list", {})
+    assert asyncio.iscoroutine(res)
+    out = await res
+    await t
+    assert out == {"conns": [{"proto": 6}], "templates": []}
+    assert len(ticks) == 5 and ticks[-1] - ticks[0] < 0.25, "the ticker ran while the list was read"
