@@ -522,6 +522,7 @@ class Daemon:
         self.bal.conn_counts = self.conn_counts
         if adopt:
             restore(self.bal, snap)
+            self._prune_to_model()
             self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
             log.info("adopted pinned state: %d services, %d connection entries",
                      len(self.bal.services), self.maps.conn_entries())
@@ -642,6 +643,19 @@ class Daemon:
     def _deferred_save(self) -> None:
         self._save_handle = None
         self._save_state()
+
+    def _prune_to_model(self) -> None:
+        """After adopting pinned maps with a saved model: drop the services and real servers the model does not
+        have. A crash inside the save coalescing window (a burst of changes) leaves maps newer than the saved
+        model; the restarted daemon says, and now does, what the model says (established flows keep going)."""
+        svcs = list(self.bal.services.values())
+        keep_keys = {self.maps.svc_key_bytes(_proto(v.proto), v.addr, v.port) for v in svcs if v.match is None}
+        pruned = self.maps.prune_services(keep_keys, {v.svc_id for v in svcs},
+                                          {d.slot for v in svcs for d in v.dests.values()})
+        if any(pruned.values()):
+            log.warning("pinned maps held changes the saved model missed (a crash before they were saved): "
+                        "removed %d services, %d tables and %d real servers", pruned["services"],
+                        pruned["tables"], pruned["dests"])
 
     def _read_state(self) -> dict | None:
         import msgpack

@@ -146,6 +146,39 @@ class Maps:
         self._delete("laddr_map", ct.c_uint32(svc_id))
         self.zero_svc_stats(svc_id)
 
+    def prune_services(self, keep_keys: set, keep_ids: set, keep_slots: set) -> dict:
+        """Remove what services and real servers the model does not have: svc_map entries whose key (raw bytes)
+        is not in keep_keys, sched_map/laddr_map entries of other service ids, filled dest_map slots not in
+        keep_slots. After a restart from a saved model that missed the last changes before a crash, the maps
+        then say what the model says. Connections already made keep their rewrite and keep flowing."""
+        out = {"services": 0, "tables": 0, "dests": 0}
+        t = self.t["svc_map"]
+        for k in list(t.keys()):
+            if bytes(k) not in keep_keys:
+                self._delete("svc_map", k)
+                out["services"] += 1
+        for name in ("sched_map", "laddr_map"):
+            t = self.t[name]
+            for k in list(t.keys()):
+                if k.value not in keep_ids:
+                    self._delete(name, k)
+                    out["tables"] += name == "sched_map"
+        t = self.t["dest_map"]
+        for batch in self._batches("dest_map"):
+            if batch is None:
+                items = [(k.value, v) for k, v in t.items()]
+            else:
+                keys, vals, n = batch
+                items = [(keys[i], vals[i]) for i in range(n) if vals[i].flags & abi.DEST_F_VALID]
+            stale = [slot for slot, v in items if v.flags & abi.DEST_F_VALID and slot not in keep_slots]
+            for slot in stale:
+                self.clear_dest(slot)
+            out["dests"] += len(stale)
+        return out
+
+    def svc_key_bytes(self, proto: int, addr: IPAddr, port: int) -> bytes:
+        return bytes(self._svc_key(proto, addr, port))
+
     def set_sched(self, svc_id: int, slots: list[int], gen: int, kind: int = abi.SCHED_RING, key: int = 0,
                   seed: int = 0, hoff: int = 0, hlen: int | None = None) -> None:
         """Replace a service's table in one map update (readers see the old or the new table, never a mix).

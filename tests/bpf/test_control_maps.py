@@ -123,3 +123,27 @@ def test_persistence_templates_are_listed_and_flushed_with_their_server(fastpath
     assert maps.persists(), "a drain keeps templates (LVS)"
     bal.dest_del({"svc": SVC, "addr": str(gone.addr), "port": 80})
     assert maps.persists() == []
+
+
+def test_prune_services_removes_what_the_model_does_not_have(maps):
+    """A restart from a saved model older than the maps: entries of the service and real server the model does
+    not have go, the model's stay; pruning again changes nothing."""
+    import socket
+
+    m, A = maps, ipaddress.ip_address
+    for svc_id, vip in ((5, "10.9.0.1"), (6, "10.9.0.2")):
+        m.set_service(socket.IPPROTO_TCP, A(vip), 80, svc_id)
+        m.set_sched(svc_id, [svc_id * 10], 1)
+        m.set_laddrs(svc_id, [(A("192.168.9.200"), 1)])
+        m.set_dest(svc_id * 10, A(f"192.168.9.{svc_id}"), 80, "fnat", svc_id, drain=False)
+    keep = {m.svc_key_bytes(socket.IPPROTO_TCP, A("10.9.0.1"), 80)}
+    out = m.prune_services(keep, {5}, {50})
+    assert out["services"] == 1 and out["tables"] == 1 and out["dests"] >= 1
+    assert {bytes(k) for k in m.t["svc_map"].keys()} == keep
+    assert {k.value for k in m.t["sched_map"].keys()} == {5}
+    assert {k.value for k in m.t["laddr_map"].keys()} == {5}
+    dest = m.t["dest_map"]
+    assert dest[ct.c_uint32(50)].flags & 1 and not dest[ct.c_uint32(60)].flags & 1
+    assert m.prune_services(keep, {5}, {50}) == {"services": 0, "tables": 0, "dests": 0}
+    m.del_service(socket.IPPROTO_TCP, A("10.9.0.1"), 80, 5)
+    m.clear_dest(50)
