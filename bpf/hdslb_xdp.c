@@ -243,9 +243,31 @@ pass:
 	return XDP_PASS;
 }
 
+/* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none.
+ * The winner is looked up again by its CPU: the verifier refuses the branch-free pointer select clang makes of
+ * keeping the best pointer. */
+static __always_inline struct conn_val *conn_newest(struct conn_key *k)
+{
+	struct conn_val *o;
+	__u64 newest = 0;
+	__s32 best = -1;
+
+	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
+		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
+		if (o && (o->flags & CONN_F_VALID) && o->last_seen > newest) {
+			newest = o->last_seen;
+			best = cpu;
+		}
+	}
+	if (best < 0)
+		return 0;
+	o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, (__u32)best);
+	return (o && (o->flags & CONN_F_VALID)) ? o : 0;
+}
+
 /*
  * Find this flow's entry. The per-CPU value on this CPU is used when filled in; otherwise the flow was
- * created on another CPU (e.g. the sender moved), so copy that CPU's entry here once and go on lockless.
+ * created on another CPU (e.g. the sender moved), so copy the newest other copy here once and go on lockless.
  */
 static __always_inline struct conn_val *conn_find(struct conn_key *k)
 {
@@ -256,15 +278,12 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
 		return 0;
 	if (v->flags & CONN_F_VALID)
 		return v;
-	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
-		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
-		if (o && (o->flags & CONN_F_VALID)) {
-			__builtin_memcpy(v, o, sizeof(*v));
-			count(CNT_CONN_ADOPT);
-			return v;
-		}
-	}
-	return 0;
+	o = conn_newest(k);
+	if (!o)
+		return 0;
+	__builtin_memcpy(v, o, sizeof(*v));
+	count(CNT_CONN_ADOPT);
+	return v;
 }
 
 /*
@@ -756,28 +775,6 @@ static __always_inline void back_l2(struct xdp_md *ctx, struct ethhdr *eth, stru
 	__builtin_memcpy(ov->smac, eth->h_dest, 6);
 }
 
-/* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none.
- * The winner is looked up again by its CPU: the verifier refuses the branch-free pointer select clang makes of
- * keeping the best pointer. */
-static __always_inline struct conn_val *conn_newest(struct conn_key *k)
-{
-	struct conn_val *o;
-	__u64 newest = 0;
-	__s32 best = -1;
-
-	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
-		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
-		if (o && (o->flags & CONN_F_VALID) && o->last_seen > newest) {
-			newest = o->last_seen;
-			best = cpu;
-		}
-	}
-	if (best < 0)
-		return 0;
-	o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, (__u32)best);
-	return (o && (o->flags & CONN_F_VALID)) ? o : 0;
-}
-
 static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_addr *b)
 {
 	return ((a->v6[0] ^ b->v6[0]) | (a->v6[1] ^ b->v6[1]) | (a->v6[2] ^ b->v6[2]) | (a->v6[3] ^ b->v6[3])) == 0;
@@ -1175,7 +1172,6 @@ static __always_inline __u32 new_l2_6(struct conn_val *cv, __u32 oif, const unio
 	return 0;
 }
 
-/* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. */
 /*
  * IPv6 routers never fragment: a packet too big for the 6in6 tunnel is answered with ICMPv6 Packet Too Big
  * (RFC 4443) from the VIP to the client, quoting as much of it as fits the minimum MTU (1280 - 40 - 8 bytes),
@@ -1246,6 +1242,7 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	return XDP_TX;
 }
 
+/* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. */
 static __always_inline int encap6(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len)
 {
 	void *data, *data_end;

@@ -729,12 +729,13 @@ class Daemon:
                 "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
 
     def timeout_for(self, c: dict) -> int:
-        from hdslb.fastpath.abi import conn_states
+        from hdslb.fastpath.abi import state_timeouts
 
+        t = self.settings.timeouts
         if c["proto"] == socket.IPPROTO_UDP:
-            return self.settings.timeouts["udp"]
-        state = conn_states()[c["state"]] if c["state"] < len(conn_states()) else "close"
-        return self.settings.timeouts.get({"none": "syn_recv"}.get(state, state), self.settings.timeouts["close"])
+            return t["udp"]
+        by_state = state_timeouts(t)
+        return by_state[c["state"]] if c["state"] < len(by_state) else t["close"]
 
     def sweep(self) -> int:
         """Remove connections idle past their state's timeout, both directions together; returns entries removed.
@@ -743,15 +744,13 @@ class Daemon:
         that still moves data in one direction is not cut. Works on raw keys and jiffies (no address objects):
         the table is read in batches and only the dead are looked at twice.
         """
-        from hdslb.fastpath.abi import conn_states
+        from hdslb.fastpath.abi import state_timeouts
 
-        names = conn_states()
         clock = self.maps.clock
-        hz = 10**9 // clock.tick_ns
         now = clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         t = self.settings.timeouts
-        by_state = [t.get({"none": "syn_recv"}.get(n, n), t["close"]) * hz for n in names]
-        udp_j, close_j = t["udp"] * hz, t["close"] * hz
+        by_state = [clock.seconds_to_jiffies(x) for x in state_timeouts(t)]
+        udp_j, close_j = clock.seconds_to_jiffies(t["udp"]), clock.seconds_to_jiffies(t["close"])
         recs = self.maps.conn_aging_view()
         by_key = {r[0]: r for r in recs}
         removed, seen = 0, set()

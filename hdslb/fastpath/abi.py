@@ -69,6 +69,14 @@ def conn_states() -> list[str]:
     return [n[len("CS_"):].lower() for n in _enum("conn_state", ABI_HEADER.read_text())]
 
 
+def state_timeouts(timeouts: dict) -> list:
+    """Idle timeout (seconds) per conn_state index, from the daemon's timeouts by name (syn_recv, established,
+    fin_wait, close, udp): "none" is a SYN not yet answered (syn_recv), a state without its own timeout closes.
+    The one rule the sweep, the fast path's port reclaiming (fp_cfg.idle_tmo) and ipvsadm -Lnc's expire use;
+    a UDP flow is timed by the udp entry whatever its state."""
+    return [timeouts.get({"none": "syn_recv"}.get(n, n), timeouts["close"]) for n in conn_states()]
+
+
 def defines() -> dict[str, int]:
     """Every `#define NAME <integer>` of the header (flags, limits), for tests that the constants above match."""
     out = {}

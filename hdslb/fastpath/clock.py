@@ -81,6 +81,9 @@ class JiffiesClock:
     def to_mono_ns(self, jiffies: int) -> int:
         return jiffies * self.tick_ns + self._calibrate()
 
+    def seconds_to_jiffies(self, seconds: float) -> int:
+        return int(seconds * 1_000_000_000) // self.tick_ns
+
     def mono_to_jiffies(self, mono_ns: int) -> int:
         """The jiffies value at CLOCK_MONOTONIC mono_ns (the inverse of to_mono_ns, to within a tick)."""
         return (mono_ns - self._calibrate()) // self.tick_ns

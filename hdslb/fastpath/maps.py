@@ -68,7 +68,7 @@ class Maps:
         return t
 
     # --- configuration writes -------------------------------------------------------------------
-    CFG_F_KNI_ROUTES = 0x1
+    CFG_F_KNI_ROUTES = abi.defines()["CFG_F_KNI_ROUTES"]  # read from bpf/include/hdslb_abi.h, as the counters
 
     def set_cfg(self, lport_min: int | None = None, lport_max: int | None = None, kni_routes: bool | None = None,
                 snat_rules: int | None = None) -> None:
@@ -83,28 +83,23 @@ class Maps:
             v.snat_rules = snat_rules
         t[ct.c_uint32(0)] = v
 
-    CFG_F_RECLAIM = 0x2
+    CFG_F_RECLAIM = abi.defines()["CFG_F_RECLAIM"]
 
     def set_idle_timeouts(self, timeouts: dict | None) -> None:
         """Give the fast path the aging timeouts (seconds, by state name as the daemon keeps them: syn_recv,
         established, fin_wait, close, udp) so it can take back the local port of a flow idle past its timeout
         before the sweep removes it. None turns reclaiming off."""
-        from hdslb.fastpath.abi import conn_states
-
         t = self.t["cfg_map"]
         v = t[ct.c_uint32(0)]
         if timeouts is None:
             v.flags &= ~self.CFG_F_RECLAIM
         else:
-            hz = self.clock.hz or (1_000_000_000 // self.clock.tick_ns)
-            names = conn_states()
-            if len(names) > len(v.idle_tmo):
-                raise RuntimeError(f"conn_state has {len(names)} states, fp_cfg.idle_tmo {len(v.idle_tmo)}")
-            for i in range(len(v.idle_tmo)):
-                # the sweep's rule (Daemon.timeout_for): "none" is a SYN not yet answered, unknown ones close
-                state = names[i] if i < len(names) else "close"
-                secs = timeouts.get({"none": "syn_recv"}.get(state, state), timeouts["close"])
-                v.idle_tmo[i] = min(int(secs * hz), 0xFFFFFFFF)
+            secs = abi.state_timeouts(timeouts)
+            if len(secs) > len(v.idle_tmo):
+                raise RuntimeError(f"conn_state has {len(secs)} states, fp_cfg.idle_tmo {len(v.idle_tmo)}")
+            secs += [timeouts["close"]] * (len(v.idle_tmo) - len(secs))  # slots past the last state: masked reads
+            for i, sec in enumerate(secs):
+                v.idle_tmo[i] = min(self.clock.seconds_to_jiffies(sec), 0xFFFFFFFF)
             v.flags |= self.CFG_F_RECLAIM
         t[ct.c_uint32(0)] = v
 

@@ -57,3 +57,13 @@ async def test_conn_list_runs_off_the_event_loop():
     await t
     assert out == {"conns": [{"proto": 6}], "templates": []}
     assert len(ticks) == 5 and ticks[-1] - ticks[0] < 0.25, "the ticker ran while the list was read"
+
+
+def test_one_timeout_rule_per_conn_state():
+    """The rule the sweep, the fast path's port reclaiming and ipvsadm -Lnc share."""
+    from hdslb.fastpath.abi import conn_states, state_timeouts
+
+    t = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
+    by = dict(zip(conn_states(), state_timeouts(t)))
+    assert by == {"none": 30, "syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
+    assert state_timeouts({"close": 5, "udp": 1})[conn_states().index("established")] == 5, "no own timeout: close"
