@@ -438,16 +438,27 @@ static __always_inline int send_l2(struct xdp_md *ctx, struct ethhdr *eth, struc
  * header and the first 8 bytes of its payload (which never move). Sent back out the way it came.
  */
 #define TOO_BIG_QUOTE 28 /* the client's 20-byte IP header + 8 bytes */
-/* Make the frame an ICMP error's size in place: move its start by delta (the quoted header lands right after
- * the new headers) and cut it to total bytes. Packet pointers must be reloaded afterwards. */
-static __always_inline int reshape_for_error(struct xdp_md *ctx, int delta, int total)
+/* Make the frame an ICMP error of total bytes, in place, addressed back to the client: move its start by delta
+ * (the quoted header lands right after the new headers), cut it to total, write the Ethernet header. Returns
+ * the Ethernet header with total bytes proven in bounds, or 0. */
+static __always_inline struct ethhdr *reshape_for_error(struct xdp_md *ctx, int delta, int total, const __u8 *cmac,
+							 const __u8 *lmac, __be16 proto)
 {
+	struct ethhdr *eth;
 	int len;
 
 	if (bpf_xdp_adjust_head(ctx, delta))
-		return -1;
+		return 0;
 	len = (int)((long)ctx->data_end - (long)ctx->data);
-	return bpf_xdp_adjust_tail(ctx, total - len) ? -1 : 0;
+	if (bpf_xdp_adjust_tail(ctx, total - len))
+		return 0;
+	eth = (void *)(long)ctx->data;
+	if ((void *)eth + total > (void *)(long)ctx->data_end)
+		return 0;
+	__builtin_memcpy(eth->h_dest, cmac, 6);
+	__builtin_memcpy(eth->h_source, lmac, 6);
+	eth->h_proto = proto;
+	return eth;
 }
 
 static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 mtu)
@@ -473,19 +484,12 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	vip = iph->daddr;
 	/* the quoted header starts where the new Ethernet + IP + ICMP headers end */
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr));
-	if (reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
-					  TOO_BIG_QUOTE))
+	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
+				TOO_BIG_QUOTE, cmac, lmac, bpf_htons(ETH_P_IP));
+	if (!eth)
 		return drop(CNT_DROP_TOO_BIG);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
 	iph = (void *)(eth + 1);
 	ic = (void *)(iph + 1);
-	if ((void *)(ic + 1) + TOO_BIG_QUOTE > data_end)
-		return drop(CNT_DROP_TOO_BIG);
-	__builtin_memcpy(eth->h_dest, cmac, 6);
-	__builtin_memcpy(eth->h_source, lmac, 6);
-	eth->h_proto = bpf_htons(ETH_P_IP);
 	iph->version = 4;
 	iph->ihl = 5;
 	iph->tos = 0xc0; /* internetwork control, as the kernel's ICMP errors */
@@ -1204,18 +1208,12 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	__builtin_memcpy(&client, &ip6->saddr, 16);
 	__builtin_memcpy(&vip, &ip6->daddr, 16);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8);
-	if (reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6))
+	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6, cmac,
+				lmac, bpf_htons(ETH_P_IPV6));
+	if (!eth)
 		return drop(CNT_DROP_TOO_BIG);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
 	ip6 = (void *)(eth + 1);
 	ic = (void *)(ip6 + 1);
-	if ((void *)ic + 8 + TOO_BIG_QUOTE6 > data_end)
-		return drop(CNT_DROP_TOO_BIG);
-	__builtin_memcpy(eth->h_dest, cmac, 6);
-	__builtin_memcpy(eth->h_source, lmac, 6);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
 	ip6->version = 6;
 	ip6->priority = 0;
 	ip6->flow_lbl[0] = ip6->flow_lbl[1] = ip6->flow_lbl[2] = 0;

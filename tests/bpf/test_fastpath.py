@@ -324,13 +324,26 @@ TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp":
 def _age_conns(maps, seconds):
     """Make every copy of every conn entry `seconds` older, as if that much idle time had passed."""
     t = maps.t["conn_map"]
-    back = int(seconds * maps.clock.hz) if maps.clock.hz else int(seconds * 1e9) // maps.clock.tick_ns
+    back = maps.clock.seconds_to_jiffies(seconds)
     for k in list(t.keys()):
         vals = t[k]
         for v in vals:
             if v.flags & 0x1:
                 v.last_seen -= back
         t[k] = vals
+
+
+def _repoint_inbound(maps, cport, lport):
+    """Make the inbound entry of client port cport point at local port lport, as a newer flow of the same client
+    tuple would (its old reply entry then no longer has a partner pointing back)."""
+    t = maps.t["conn_map"]
+    for k in list(t.keys()):
+        vals = t[k]
+        if socket.ntohs(k.sport) == cport:
+            for v in vals:
+                if v.flags & 0x1 and not v.flags & 0x2:
+                    v.sport = socket.htons(lport)
+            t[k] = vals
 
 
 def _conn_ports(maps):
@@ -387,13 +400,7 @@ def test_reclaim_leaves_a_newer_flow_on_the_old_clients_tuple_alone(fastpath, ma
     maps.set_cfg(2000, 2000)
     maps.set_idle_timeouts(TIMEOUTS)
     assert run(fastpath, syn(sport=47000))[0] == XDP_TX
-    t = maps.t["conn_map"]
-    for k in list(t.keys()):
-        vals = t[k]
-        for v in vals:
-            if v.flags & 0x1 and not v.flags & 0x2:        # the inbound entry now belongs to a flow on port 2999
-                v.sport = socket.htons(2999)
-        t[k] = vals
+    _repoint_inbound(maps, 47000, 2999)
     _age_conns(maps, 31)                                   # syn_recv: 30 s
     v, p = run(fastpath, syn(sport=47001))
     assert v == XDP_TX and p[TCP].sport == 2000
@@ -427,14 +434,7 @@ def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, ma
     setup_service(maps)
     for sport in (42000, 42001, 42002):
         assert run(fastpath, syn(sport=sport))[0] == XDP_TX
-    t = maps.t["conn_map"]
-    for k in list(t.keys()):   # 42002's inbound entry now belongs to a flow on another local port
-        vals = t[k]
-        if socket.ntohs(k.sport) == 42002:
-            for v in vals:
-                if v.flags & 0x1:
-                    v.sport = socket.htons(2999)
-            t[k] = vals
+    _repoint_inbound(maps, 42002, 2999)                    # 42002's inbound entry: a flow on another port
     _age_conns(maps, 31)                                   # past syn_recv (30 s)
     assert run(fastpath, syn(sport=42001, flags="A"))[0] == XDP_TX   # 42001 is alive again (established)
     assert run(fastpath, syn(sport=42002, flags="A"))[0] == XDP_TX   # and so is the foreign flow on 42002

@@ -227,26 +227,22 @@ def test_tunnel_without_source_or_beyond_mtu_is_dropped_and_counted(fastpath, m)
     assert m.counters()["drop_too_big"] == 1
 
 
-def test_tunnel_v6_is_ip6ip6(fastpath, m):
-    m.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, A("fd00:100::fe"), 1500, False)
-    service(fastpath, TCP_, VIP6, 80)
-    dest(m, 0, RS61, 80, "tunnel")
-    ring(fastpath, 0, [0])
-    pkt = c6(payload=b"abc")
-    v, out = run(fastpath, pkt)
-    assert v == XDP_TX and out[Ether].type == 0x86DD
-    outer = out[IPv6]
-    assert (outer.src, outer.dst, outer.nh, outer.plen) == ("fd00:100::fe", RS61, 41, len(pkt[IPv6]))
-    assert bytes(outer.payload) == bytes(pkt[IPv6])
-
-
-
 def _tunnel6_setup(fastpath, m, mtu=1500):
     m.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, A("fd00:100::fe"), 1500, False)
     m.set_iface(LO_IFINDEX, LB_MAC, mtu)
     service(fastpath, TCP_, VIP6, 80)
     dest(m, 0, RS61, 80, "tunnel")
     ring(fastpath, 0, [0])
+
+
+def test_tunnel_v6_is_ip6ip6(fastpath, m):
+    _tunnel6_setup(fastpath, m)
+    pkt = c6(payload=b"abc")
+    v, out = run(fastpath, pkt)
+    assert v == XDP_TX and out[Ether].type == 0x86DD
+    outer = out[IPv6]
+    assert (outer.src, outer.dst, outer.nh, outer.plen) == ("fd00:100::fe", RS61, 41, len(pkt[IPv6]))
+    assert bytes(outer.payload) == bytes(pkt[IPv6])
 
 
 def test_tunnel_v6_answers_a_too_big_packet_with_packet_too_big(fastpath, m):
