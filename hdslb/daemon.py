@@ -515,6 +515,8 @@ class Daemon:
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
         self.maps.set_idle_timeouts(s.timeouts)
+        if not adopt:  # an adopted table keeps its cursor: the ports just used are in it
+            self.maps.seed_lport_cursor()
         for slot, ifc in enumerate(ifaces.values()):
             self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu, xsk_slot=slot)
         self.bal = Balancer(self._datapath(self.maps), ifaces, max_services=self.sizes.max_services,

@@ -50,7 +50,7 @@ class Maps:
         self.t = {n: fastpath.table(n.encode()) for n in (
             "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
             "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
-            "cfg_map", "if_stats")}
+            "cfg_map", "if_stats", "lport_cursor")}
         # Maps of the forwarding modes beyond FNAT; looked up by name so a program without them still loads
         # (a write that needs one then says which map is missing).
         for n in ("hash_cells", "persist_map", "snat_map"):
@@ -82,6 +82,26 @@ class Maps:
         if snat_rules is not None:
             v.snat_rules = snat_rules
         t[ct.c_uint32(0)] = v
+
+    def seed_lport_cursor(self, values: list | None = None) -> None:
+        """Start each CPU's local-port cursor at a random place (or at values, per CPU). A daemon that starts
+        with an empty conn table (first start, --fresh) would otherwise hand out the same ports as the last
+        one did, right into the real servers' TIME_WAIT for them (60 s), where a new SYN is refused unless its
+        sequence number happens to be newer: the client retries a second later."""
+        import random
+
+        from bcc.libbcc import lib
+
+        t = self.t["lport_cursor"]
+        n = len(t.Leaf())
+        rng = random.SystemRandom()
+        # Written raw: the kernel lays a per-CPU u32 out in 8-byte slots, and bcc's 4-byte leaf array fills only
+        # the first CPU's slot.
+        raw = (ct.c_uint64 * n)(*[values[i] if values is not None else rng.randrange(1 << 32) for i in range(n)])
+        key = ct.c_uint32(0)
+        if lib.bpf_update_elem(t.map_fd, ct.byref(key), ct.byref(raw), 0) != 0:
+            err = ct.get_errno()
+            raise OSError(err, f"cannot seed the local-port cursor: {os.strerror(err)}")
 
     CFG_F_RECLAIM = abi.defines()["CFG_F_RECLAIM"]
 

@@ -1,5 +1,6 @@
 """The compiled XDP program on crafted packets (BPF_PROG_TEST_RUN): verdicts, rewritten bytes, map side effects."""
 
+import ctypes as ct
 import ipaddress
 import os
 import socket
@@ -447,3 +448,18 @@ def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, ma
     assert maps.counters()["conn_expired"] == before + 3
     left = sorted((c["sport"], c["out"]) for c in maps.conns())
     assert left == [(80, True), (42001, False), (42002, False)], left
+
+
+def test_seeded_lport_cursor_starts_the_port_walk_there(fastpath, maps):
+    """A fresh daemon seeds each CPU's cursor at random, so it does not hand out the previous daemon's ports
+    (still in the servers' TIME_WAIT) first; the walk starts at the seed."""
+    setup_service(maps)
+    maps.set_cfg(2000, 2999)
+    ncpu = len(maps.t["lport_cursor"][ct.c_uint32(0)])
+    maps.seed_lport_cursor([123] * ncpu)
+    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=43000)))
+    assert v == XDP_TX and p[TCP].sport == 2123
+    if ncpu > 1:  # the other CPU walks from its own seed (plus its share of the range)
+        maps.seed_lport_cursor([123] + [700] * (ncpu - 1))
+        v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=43001)))
+        assert v == XDP_TX and p[TCP].sport == 2000 + (700 + 1000 // ncpu) % 1000

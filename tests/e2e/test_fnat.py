@@ -21,6 +21,26 @@ def curl_loop(lab, url, n):
     return r.stdout.splitlines()
 
 
+def pinned_lport_cursor(pin_dir: str) -> list[int]:
+    """Each CPU's local-port cursor, read from the daemon's pinned lport_cursor map (a per-CPU u32 array)."""
+    import ctypes as ct
+
+    from bcc.libbcc import lib
+
+    from hdslb.fastpath.loader import possible_cpus
+
+    fd = lib.bpf_obj_get(f"{pin_dir}/lport_cursor".encode())
+    assert fd >= 0, "lport_cursor is pinned"
+    try:
+        n = possible_cpus()
+        vals, key = (ct.c_uint64 * n)(), ct.c_uint32(0)  # per-CPU values are 8-byte slots
+        assert lib.bpf_lookup_elem(fd, ct.byref(key), ct.byref(vals)) == 0
+        return [v & 0xFFFFFFFF for v in vals]
+    finally:
+        import os
+        os.close(fd)
+
+
 def quick_start(lb, lab, vip, ifname_client, ifname_server, two_arm):
     lb.up(*([ifname_client, ifname_server] if two_arm else [ifname_client]))
     prefix = "10.0.0.100/24" if two_arm else "192.168.100.100/24"
@@ -112,6 +132,9 @@ def test_two_arm_quick_start(two_arm):
     lab, lb, servers, _ = two_arm
     vip = "10.0.0.100"
     quick_start(lb, lab, vip, "veth-lb0", "veth-lb1", two_arm=True)
+    # a fresh start seeds every CPU's local-port cursor at random (not where the last daemon began)
+    seeds = pinned_lport_cursor(lb.call("daemon.status")["pin_dir"])
+    assert len(seeds) >= 1 and all(seeds), seeds
     check_http_spread(lab, lb, servers, vip)
     check_udp(lab, vip)
     c = lb.call("stats.get")["counters"]
