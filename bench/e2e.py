@@ -37,9 +37,10 @@ from bench import livegen, ref_progs
 
 VIP = "10.0.0.100"
 # Each hdslb peer gets its own local address: the real servers keep the TIME_WAIT of every FNAT connection for
-# 60 s, and a daemon started --fresh (an empty conn table) would hand out the same local ports again at once, so a
-# peer sharing the previous one's address would pay SYN retransmits (the server's TIME_WAIT refuses a SYN whose
-# sequence number is from another client's connection) that say nothing about it.
+# 60 s, and a daemon started --fresh (an empty conn table) may hand out ports the previous peer just used (its
+# random cursor start makes that rarer, not impossible), so a peer sharing the previous one's address could pay
+# SYN retransmits (the server's TIME_WAIT refuses a SYN whose sequence number is from another client's
+# connection) that say nothing about it.
 LADDRS = ("192.168.100.200", "192.168.100.201", "192.168.100.202", "192.168.100.203")
 LB_CL_IP, LB_RS_IP = "10.0.0.254", "192.168.100.254"  # kernel addresses, for the kernel peers only
 UDP_PORT = ref_progs.SINK_PORT
