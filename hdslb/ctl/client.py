@@ -61,9 +61,15 @@ class Client:
         """Send one request; return its data or raise HdslbError(errno, message)."""
         self.connect()
         req_id = next(_ids)
-        self._sock.sendall(protocol.encode(protocol.request(req_id, op, args)))
-        n = protocol.frame_length(self._recv_exact(protocol.HEADER_SIZE))
-        rep = protocol.decode_body(self._recv_exact(n))
+        try:
+            self._sock.sendall(protocol.encode(protocol.request(req_id, op, args)))
+            n = protocol.frame_length(self._recv_exact(protocol.HEADER_SIZE))
+            rep = protocol.decode_body(self._recv_exact(n))
+        except (ConnectionResetError, BrokenPipeError) as e:
+            # A daemon that died with our connection still in its listen queue (kill -9, then `hdslb-ctl up`
+            # at once) resets it: nobody serves the socket, which is what the callers ask about.
+            self.close()
+            raise DaemonUnreachable(f"hdslbd at {self.path} went away: {e.strerror}") from None
         if rep.get("id") != req_id:
             raise protocol.ProtocolError(f"reply id {rep.get('id')} does not match request {req_id}")
         if rep.get("ok"):

@@ -3,6 +3,7 @@
 import asyncio
 import errno
 import os
+import socket
 
 import msgpack
 import pytest
@@ -88,3 +89,16 @@ async def test_server_dispatches_and_survives_errors(tmp_path):
 def test_missing_daemon_names_the_socket(tmp_path):
     with pytest.raises(DaemonUnreachable, match=str(tmp_path / "none.sock")):
         Client(str(tmp_path / "none.sock")).call("daemon.status")
+
+
+def test_a_daemon_dying_with_our_connection_queued_is_unreachable(tmp_path):
+    """kill -9 leaves the socket file; a connection queued on the dead listener is reset, not served."""
+    path = str(tmp_path / "dying.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    c = Client(path, timeout=5)
+    c.connect()  # queued, never accepted
+    listener.close()
+    with pytest.raises(DaemonUnreachable, match="went away"):
+        c.call("daemon.status")
