@@ -1336,18 +1336,21 @@ class Daemon:
                     cur[("svc", svc.svc_id)] = svc_all.get(svc.svc_id, zero)
                     for d in svc.dests.values():
                         cur[("dest", d.slot)] = dest_all.get(d.slot, zero)
-                rates = {}
+                rates, dt = {}, interval
+                idle = dict.fromkeys(("cps", "inpps", "outpps", "inbps", "outbps"), 0)  # shared: read-only
                 for k, v in cur.items():
                     p = prev.get(k)
                     if p is None:
                         continue
-                    dt = interval
-                    rates[k] = {"cps": max(0, v["conns"] - p["conns"]) / dt,
-                                "inpps": max(0, v["inpkts"] - p["inpkts"]) / dt,
-                                "outpps": max(0, v["outpkts"] - p["outpkts"]) / dt,
-                                "inbps": max(0, v["inbytes"] - p["inbytes"]) / dt,
-                                "outbps": max(0, v["outbytes"] - p["outbytes"]) / dt}
-                self.rates = {k: {f: int(x) for f, x in r.items()} for k, r in rates.items()}
+                    if v == p:  # most of a big model is idle at any moment: no per-field arithmetic for it
+                        rates[k] = idle
+                        continue
+                    rates[k] = {"cps": int(max(0, v["conns"] - p["conns"]) / dt),
+                                "inpps": int(max(0, v["inpkts"] - p["inpkts"]) / dt),
+                                "outpps": int(max(0, v["outpkts"] - p["outpkts"]) / dt),
+                                "inbps": int(max(0, v["inbytes"] - p["inbytes"]) / dt),
+                                "outbps": int(max(0, v["outbytes"] - p["outbytes"]) / dt)}
+                self.rates = rates
                 prev = cur
                 errors = dict(self.bal.refresh_errors)
                 overloaded = {(s.svc_id, d.slot) for s, d in self.bal.overloaded()}
@@ -1365,9 +1368,12 @@ class Daemon:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
+    # The pid is written into the format once, and records skip the thread/process lookups the format does not
+    # show: the REST access log writes a record per request (10k in a bulk load).
+    logging.logThreads = logging.logMultiprocessing = logging.logProcesses = False
     logging.basicConfig(level=settings.log_level.upper(),
                         **({"filename": settings.log_file} if settings.log_file else {"stream": sys.stderr}),
-                        format="%(asctime)s hdslbd[%(process)d] %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s hdslbd[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
         print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)
         return 1

@@ -20,10 +20,12 @@ import logging
 from dataclasses import dataclass, field as dc_field
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from hdslb.api import DEFAULT_HOST, DEFAULT_PORT, dispatch_async, openapi
 from hdslb.ctl.protocol import MAX_FRAME
 from hdslb.errors import HdslbError
+from hdslb.net.addr import ip_address
 
 log = logging.getLogger("hdslb.api")
 
@@ -415,7 +417,7 @@ def _hostport(key: tuple) -> str:
 
 
 def _rs_key(ip: str, port, svc_port: int) -> tuple:
-    return (ipaddress.ip_address(ip), port or svc_port)  # port 0/absent: the service's, as ipvsadm and the model
+    return (ip_address(ip), port or svc_port)  # port 0/absent: the service's, as ipvsadm and the model
 
 
 async def _rs_request(request):
@@ -844,6 +846,16 @@ def is_loopback(host: str | None) -> bool:
         return False  # a host name may resolve anywhere
 
 
+class AccessLog(AbstractAccessLogger):
+    """One line per request: peer, request line, status, body bytes, seconds taken. aiohttp's default logger
+    renders its format (a timestamp among it) for every request: 5 % of the daemon in a bulk load of 10k PUTs.
+    Here the arguments go to the logging call as they are, and the log handler adds the time once."""
+
+    def log(self, request, response, time):
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.6f', request.remote, request.method, request.path_qs,
+                         request.version.major, request.version.minor, response.status, response.body_length, time)
+
+
 async def start_api(ctx, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
                     access_log: bool = True) -> web.AppRunner:
     """Serve the REST API; returns the runner to pass to stop_api. Off loopback a bearer token is required."""
@@ -853,7 +865,7 @@ async def start_api(ctx, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tok
                                        f"loopback it needs a bearer token (set an API token, or bind 127.0.0.1)")
     # The access log records the request line only (aiohttp's default format): never the Authorization header.
     access = logging.getLogger("hdslb.api.access") if access_log else None
-    runner = web.AppRunner(make_app(ctx, token), access_log=access)
+    runner = web.AppRunner(make_app(ctx, token), access_log=access, access_log_class=AccessLog)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

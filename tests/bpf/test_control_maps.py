@@ -147,3 +147,20 @@ def test_prune_services_removes_what_the_model_does_not_have(maps):
     assert m.prune_services(keep, {5}, {50}) == {"services": 0, "tables": 0, "dests": 0}
     m.del_service(socket.IPPROTO_TCP, A("10.9.0.1"), 80, 5)
     m.clear_dest(50)
+
+
+@pytest.mark.parametrize("addr,fwd,drain", [("192.168.9.7", "fnat", False), ("2001:db8::7", "dr", True)])
+def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain):
+    """set_dest packs struct dest_val by hand (speed); it must land exactly where bcc's view of the struct has
+    each field, for both families and the flags."""
+    import socket
+
+    from hdslb.fastpath import abi
+
+    slot = 250
+    maps.set_dest(slot, A(addr), 8080, fwd, 77, drain=drain)
+    v = maps.t["dest_map"][ct.c_uint32(slot)]
+    assert bytes(v.addr.b)[:len(A(addr).packed)] == A(addr).packed
+    assert (v.port, v.af, v.fwd, v.svc_id) == (socket.htons(8080), A(addr).version, abi.FWD[fwd], 77)
+    assert v.flags == abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0)
+    maps.clear_dest(slot)

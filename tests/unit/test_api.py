@@ -600,6 +600,10 @@ async def test_token_never_logged(ctx, caplog):
     assert "REST API on http://0.0.0.0" in caplog.text and "bearer token required" in caplog.text
     assert "/v2/vs" in caplog.text, "the access log is on (and captured)"
     assert TOKEN not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "hdslb.api.access"]
+    assert len(lines) == 4
+    assert lines[0].startswith('127.0.0.1 "GET /v2/vs?stats=true HTTP/1.1" 200 ')
+    assert [ln.split('" ')[1].split()[0] for ln in lines] == ["200", "401", "401", "400"]
 
 
 async def test_start_api_on_loopback_without_token(ctx):

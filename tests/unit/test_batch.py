@@ -340,6 +340,27 @@ def test_route_lookup_is_longest_prefix_then_metric_then_first_added():
         addr = ipaddress.IPv4Address(rnd.randrange(1 << 32))
         assert b.route_lookup(addr) is brute(addr)
     assert b.route_lookup(A("2001:db8::1")) is None
+    # the bulk walkers' int index (index_routes) answers the same, v6 included, until a route changes
+    for i in range(40):
+        plen = rnd.choice((32, 48, 56, 64, 128))
+        net = ipaddress.ip_network(((0x20010db8 << 96 | rnd.randrange(1 << 24) << 80) >> (128 - plen) << (128 - plen),
+                                    plen))
+        try:
+            b.route_add({"prefix": str(net.network_address), "prefixlen": plen, "ifname": "eth1", "af": 6})
+        except HdslbError:
+            pass
+    probes = [r.net.network_address for r in b.routes] + [ipaddress.IPv4Address(rnd.randrange(1 << 32))
+                                                          for _ in range(300)] + [A("2001:db9::1"), A("::")]
+    slow = [b.route_lookup(a) for a in probes]
+    b.index_routes()
+    assert b._rint is not None
+    assert [b.route_lookup(a) for a in probes] == slow and all(b.route_lookup(a) is brute(a) for a in probes)
+    b.route_add({"prefix": "0.0.0.0", "prefixlen": 0, "ifname": "eth1", "via": "10.0.0.9", "metric": 1})
+    b.route_add({"prefix": "100.64.0.0", "prefixlen": 10, "ifname": "eth1"})
+    assert b.route_lookup(A("100.64.1.1")).net == ipaddress.ip_network("100.64.0.0/10"), "a stale index is not used"
+    b.index_routes()
+    assert b.route_lookup(A("100.64.1.1")).net == ipaddress.ip_network("100.64.0.0/10")
+    assert all(b.route_lookup(a) is brute(a) for a in probes)
     b.route_flush({})
     assert b.route_lookup(A("1.2.3.4")) is None and not b._plens
 
