@@ -654,10 +654,15 @@ class Daemon:
         keep_keys = {self.maps.svc_key_bytes(_proto(v.proto), v.addr, v.port) for v in svcs if v.match is None}
         pruned = self.maps.prune_services(keep_keys, {v.svc_id for v in svcs},
                                           {d.slot for v in svcs for d in v.dests.values()})
+        b = self.bal
+        local = ({ad.addr for ad in b.addrs} | {la.addr for v in svcs for la in v.laddrs}
+                 | {v.addr for v in svcs if v.own_vip})
+        pruned.update(self.maps.prune_addresses(local, {r.net for r in b.routes}))
         if any(pruned.values()):
             log.warning("pinned maps held changes the saved model missed (a crash before they were saved): "
-                        "removed %d services, %d tables and %d real servers", pruned["services"],
-                        pruned["tables"], pruned["dests"])
+                        "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
+                        pruned["services"], pruned["tables"], pruned["dests"], pruned["addresses"],
+                        pruned["routes"])
 
     def _read_state(self) -> dict | None:
         import msgpack

@@ -203,6 +203,26 @@ class Maps:
             out["dests"] += len(stale)
         return out
 
+    def prune_addresses(self, keep_local: set, keep_nets: set) -> dict:
+        """The same for what addresses and routes the model does not have: local_map entries (addresses the fast
+        path owns: interface addresses, VIPs, local addresses) not in keep_local, and LPM route entries of
+        prefixes not in keep_nets. Neighbours are not pruned: the table also holds what was learned."""
+        out = {"addresses": 0, "routes": 0}
+        keep = {bytes(self._local_key(a)) for a in keep_local}
+        t = self.t["local_map"]
+        for k in list(t.keys()):
+            if bytes(k) not in keep:
+                self._delete("local_map", k)
+                out["addresses"] += 1
+        keep = {bytes(self._route_key(n)[1]) for n in keep_nets}
+        for name in ("route4_map", "route6_map"):
+            t = self.t[name]
+            for k in list(t.keys()):
+                if bytes(k) not in keep:
+                    self._delete(name, k)
+                    out["routes"] += 1
+        return out
+
     def svc_key_bytes(self, proto: int, addr: IPAddr, port: int) -> bytes:
         return bytes(self._svc_key(proto, addr, port))
 

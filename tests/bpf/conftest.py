@@ -27,7 +27,7 @@ def fastpath():
 def maps(fastpath):
     """Maps emptied before each test so tests cannot see each other's flows or counters."""
     m = Maps(fastpath)
-    for name in ("svc_map", "sched_map", "laddr_map", "local_map", "iface_map", "route4_map", "neigh_map",
+    for name in ("svc_map", "sched_map", "laddr_map", "local_map", "iface_map", "route4_map", "route6_map", "neigh_map",
                  "conn_map"):
         t = m.t[name]
         for k in list(t.keys()):

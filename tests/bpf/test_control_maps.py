@@ -149,6 +149,24 @@ def test_prune_services_removes_what_the_model_does_not_have(maps):
     m.clear_dest(50)
 
 
+def test_prune_addresses_removes_what_the_model_does_not_have(maps):
+    """The same for local_map and the LPM route tries: the model's entries stay, the others go, v4 and v6."""
+    m, A, N = maps, ipaddress.ip_address, ipaddress.ip_network
+    for a in ("10.9.1.1", "10.9.1.2", "2001:db8:9::1"):
+        m.set_local(A(a), 1, LO_IFINDEX)
+    for n in ("10.9.2.0/24", "10.9.3.0/24", "10.9.3.128/25", "2001:db8:9::/64", "2001:db8:a::/48"):
+        m.set_route(N(n), LO_IFINDEX, None, None, 0, False)
+    keep_local, keep_nets = {A("10.9.1.1"), A("2001:db8:9::1")}, {N("10.9.3.0/24"), N("2001:db8:9::/64")}
+    assert m.prune_addresses(keep_local, keep_nets) == {"addresses": 1, "routes": 3}
+    assert m.t["local_map"].get(m._local_key(A("10.9.1.2"))) is None
+    assert m.t["local_map"].get(m._local_key(A("10.9.1.1"))) is not None
+    routes = {(bytes(k)) for name in ("route4_map", "route6_map") for k in m.t[name].keys()}
+    assert routes == {bytes(m._route_key(n)[1]) for n in keep_nets}
+    assert m.prune_addresses(keep_local, keep_nets) == {"addresses": 0, "routes": 0}
+    m.prune_addresses(set(), set())
+    assert not list(m.t["local_map"].keys()) and not list(m.t["route4_map"].keys())
+
+
 @pytest.mark.parametrize("addr,fwd,drain", [("192.168.9.7", "fnat", False), ("2001:db8::7", "dr", True)])
 def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain):
     """set_dest packs struct dest_val by hand (speed); it must land exactly where bcc's view of the struct has

@@ -86,8 +86,8 @@ def test_datapath_reload_keeps_flows(lab_up):
 @pytest.mark.root
 def test_restart_from_a_model_older_than_the_maps_drops_what_it_does_not_have(lab_up):
     """A crash inside the save-coalescing window of a burst leaves the pinned maps newer than the saved model.
-    Simulated here by taking the last service out of the saved model after a kill -9: the restarted daemon
-    removes that service from the fast path too (the model is what runs), and the rest keeps serving."""
+    Simulated here by taking the last service, address and route out of the saved model after a kill -9: the
+    restarted daemon removes them from the fast path too (the model is what runs), and the rest keeps serving."""
     import msgpack
 
     from hdslb.daemon import DEFAULT_STATE_DIR, instance_name
@@ -97,6 +97,8 @@ def test_restart_from_a_model_older_than_the_maps_drops_what_it_does_not_have(la
     lb.ipvsadm("-A", "-t", extra, "-s", "rr")
     lb.ipvsadm("-a", "-t", extra, "-r", f"{lab.server_ips[0]}:80", "-b")
     lb.ipvsadm("--add-laddr", "-z", LADDR, "-t", extra, "-F", "veth-lb0")
+    lb.dpip("addr", "add", "10.98.0.1/32", "dev", "veth-lb0")
+    lb.dpip("route", "add", "10.99.0.0/24", "dev", "veth-lb0")
     ok = lab.client_run(["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", f"http://{extra}/"],
                         check=False)
     assert ok.stdout == "200", "the extra service balances before the crash"
@@ -107,11 +109,15 @@ def test_restart_from_a_model_older_than_the_maps_drops_what_it_does_not_have(la
     with open(path, "rb") as f:
         snap = msgpack.unpackb(f.read(), raw=False)
     snap["services"] = [s for s in snap["services"] if s["port"] != 8080]
+    snap["addrs"] = [a for a in snap["addrs"] if a["addr"] != "10.98.0.1"]
+    snap["routes"] = [r for r in snap["routes"] if r["net"] not in ("10.98.0.1/32", "10.99.0.0/24")]
     with open(path, "wb") as f:
         f.write(msgpack.packb(snap, use_bin_type=True))
     lb.up("veth-lb0")
     assert "8080" not in lb.ipvsadm("-Ln").stdout
     assert "removed 1 services" in lb.log()
+    assert "1 local addresses and 2 routes" in lb.log(), "the address, its local route and the other route"
+    assert "10.98.0.1" not in lb.dpip("addr", "show").stdout
     r = lab.client_run(["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", f"http://{extra}/"],
                        check=False)
     assert r.stdout != "200", "no longer balanced: the fast path forgot the service with the model"
