@@ -46,6 +46,27 @@ def possible_cpus() -> int:
     return len(get_possible_cpus())
 
 
+def conn_table_estimate(entries: int, ncpus: int) -> int:
+    """Bytes the kernel locks for a preallocated per-CPU LRU hash of `entries` conn entries (htab_map_mem_usage):
+    per entry a 48-byte element header, the key and a pointer to the per-CPU value, plus the value once per
+    *possible* CPU; a bucket head (16 B) per power-of-two bucket. The per-CPU values make it grow with the CPU
+    count: ~270 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB on 64."""
+    n_buckets = 1 << max(0, (entries - 1).bit_length())
+    elem = 48 + (abi.CONN_KEY_SIZE + 7) // 8 * 8 + 8
+    return entries * (elem + (abi.CONN_VAL_SIZE + 7) // 8 * 8 * ncpus) + n_buckets * 16
+
+
+def _fd_memlock(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _mount_type(path: str) -> str | None:
     """Filesystem type of the mount point exactly at `path`, from this process's mountinfo."""
     real = os.path.realpath(path)
@@ -94,6 +115,7 @@ class FastPath:
         self.bpf_dir = Path(bpf_dir)
         self.bpf = None
         self.fn = None
+        self.conn_memlock: int | None = None  # kernel memory of the conn table, from fdinfo, after load()
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
     @property
@@ -145,7 +167,11 @@ class FastPath:
             conn_fd = lib.bcc_create_map(BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", abi.CONN_KEY_SIZE,
                                          abi.CONN_VAL_SIZE, self.sizes.max_conns, 0)
             if conn_fd < 0:
-                raise OSError(-conn_fd, f"cannot create the connection map ({self.sizes.max_conns} entries)")
+                need = conn_table_estimate(self.sizes.max_conns, possible_cpus())
+                raise OSError(-conn_fd, f"cannot create the connection map: {self.sizes.max_conns} entries need "
+                                        f"~{need / 2**20:.0f} MiB of kernel memory on {possible_cpus()} possible "
+                                        f"CPUs (values are per CPU): {os.strerror(-conn_fd)}; lower --max-conns "
+                                        f"(conn_pool_size)")
             if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
                 os.close(conn_fd)
                 raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
@@ -159,8 +185,13 @@ class FastPath:
                                        f"or size changed?): {e}; start with --fresh to discard that state") from e
                 raise
             self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
+            self.conn_memlock = _fd_memlock(conn_fd)
         finally:
             os.close(conn_fd)
+        if self.conn_memlock:
+            log.info("connection table: %d entries, %.1f MiB of kernel memory (%d B an entry, values per CPU on "
+                     "%d possible CPUs)", self.sizes.max_conns, self.conn_memlock / 2**20,
+                     self.conn_memlock // max(1, self.sizes.max_conns), possible_cpus())
         self._check_abi()
 
     def _check_abi(self) -> None:

@@ -463,3 +463,16 @@ def test_seeded_lport_cursor_starts_the_port_walk_there(fastpath, maps):
         maps.seed_lport_cursor([123] + [700] * (ncpu - 1))
         v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=43001)))
         assert v == XDP_TX and p[TCP].sport == 2000 + (700 + 1000 // ncpu) % 1000
+
+
+def test_conn_table_memory_is_measured_and_the_estimate_holds(fastpath):
+    """The loader reports the conn table's kernel memory (fdinfo memlock, logged at start) and the estimate it
+    gives when creating the table fails agrees with it: operators size --max-conns from that estimate, which
+    grows with the possible-CPU count."""
+    from hdslb.fastpath.loader import conn_table_estimate, possible_cpus
+
+    got = fastpath.conn_memlock
+    assert got, "fdinfo memlock of the conn map"
+    est = conn_table_estimate(fastpath.sizes.max_conns, possible_cpus())
+    assert abs(est - got) / got < 0.05, (est, got)
+    assert conn_table_estimate(1 << 20, 64) // (1 << 20) >= 64 * 72, "a value per possible CPU in every entry"
