@@ -78,6 +78,12 @@ def fmt_prog_cost(r: dict) -> str:
     rows = [[x["prog"], _f(x["ns"], "{:.1f}"), _f(x["insert_ns"], "{:.1f}"), x["desc"]] for x in r.get("inserts", [])]
     parts.append(table(["insert microbench", "ns/iter", "insert ns", "map"], rows,
                        "1e. cost of inserting a never-seen key, by map type"))
+    rows = [[x["mode"], _f(x["ns"], "{:.1f}"), _f(x["ratio"]), _f(x["single_ns"], "{:.0f}"), x["check"]]
+            for x in r.get("modes", [])]
+    if rows:
+        parts.append(table(["forwarding mode, established", "ns/pkt", "x minimal", "single-run ns", "check"], rows,
+                           "1g. every mode through the control plane's model: one packet per test run, calibrated "
+                           "on FNAT v4 (its repeat-loop figure from 1a)"))
     parts.append(targets_table(r["targets"], "1f. targets"))
     return "\n\n".join(parts)
 
@@ -212,6 +218,9 @@ def markdown(res: dict) -> str:
         for x in pc["hdslb"]:
             if not x.get("cross_check"):
                 lines.append(f"| {x['case']} | {x['ns']:.0f} | {x['ratio']:.2f} |")
+        for x in pc.get("modes", [])[1:]:
+            if x["ns"] is not None:
+                lines.append(f"| established {x['mode']} (calibrated single runs) | {x['ns']:.0f} | {x['ratio']:.2f} |")
         for x in pc["reference"]:
             if x["prog"] in ("ref_bare_tx", "ref_minimal"):
                 lines.append(f"| reference: {x['desc']} | {x['ns']:.0f} | {x['ratio']:.2f} |")
