@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except HdslbError as e:
         print(f"hdslb-ctl: {e.message}", file=sys.stderr)
         return 1
+    except (protocol.ProtocolError, OSError) as e:  # a daemon that does not answer, a garbled reply, EACCES
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ class Client:
             self._sock.sendall(protocol.encode(protocol.request(req_id, op, args)))
             n = protocol.frame_length(self._recv_exact(protocol.HEADER_SIZE))
             rep = protocol.decode_body(self._recv_exact(n))
+        except TimeoutError:
+            # A daemon that holds the socket but does not answer (stopped, wedged): say so by name. Still an
+            # OSError, so the CLIs report it and exit 1; never "unreachable", which would let `up` start a second.
+            self.close()
+            raise TimeoutError(f"hdslbd at {self.path} did not answer {op} within {self.timeout:g} s") from None
         except (ConnectionResetError, BrokenPipeError) as e:
             # A daemon that died with our connection still in its listen queue (kill -9, then `hdslb-ctl up`
             # at once) resets it: nobody serves the socket, which is what the callers ask about.

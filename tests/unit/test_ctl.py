@@ -102,3 +102,24 @@ def test_a_daemon_dying_with_our_connection_queued_is_unreachable(tmp_path):
     listener.close()
     with pytest.raises(DaemonUnreachable, match="went away"):
         c.call("daemon.status")
+
+
+def test_a_daemon_that_does_not_answer_is_named_and_hdslb_ctl_does_not_start_another(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A listener that never answers (a stopped or wedged daemon): the call times out with the socket named,
+    and `hdslb-ctl up` reports it instead of starting a second daemon over the same pins."""
+    from cli import hdslb_ctl
+
+    path = str(tmp_path / "wedged.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    try:
+        with pytest.raises(TimeoutError, match="did not answer daemon.status within 0.2 s"):
+            Client(path, timeout=0.2).call("daemon.status")
+        monkeypatch.setattr(hdslb_ctl, "Client", lambda p, timeout=5: Client(p, timeout=0.2))
+        rc = hdslb_ctl.main(["--ctl-socket", path, "up", "nonexistent0"])
+    finally:
+        listener.close()
+    err = capsys.readouterr().err
+    assert rc == 1 and "did not answer" in err and "Traceback" not in err
