@@ -482,6 +482,7 @@ class Daemon:
         self._last_resolve = 0.0
         self._last_save = 0.0
         self._save_cost = 0.0
+        self._routes_packed = None  # (the routes rows, their msgpack bytes): see _save_state
         self._conn_cache = (0.0, None)
         self._counts_cache = (0.0, None)
         self._entries_cache = (0.0, None, 0.0)
@@ -685,9 +686,17 @@ class Daemon:
         tmp = f"{path}.{os.getpid()}.tmp"
         # No fsync: the file only matters while the pins exist, and neither survives a reboot; a crashed
         # daemon loses nothing that reached the page cache.
+        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()))
+        # One msgpack map, as packb would write it, but the routes' bytes are reused while the routes are the
+        # same rows (snapshot_routes keeps them until a route changes): 100k routes pack in 45 ms each save.
+        routes = snap.pop("routes")
+        if self._routes_packed is None or self._routes_packed[0] is not routes:
+            self._routes_packed = (routes, msgpack.packb(routes, use_bin_type=True))
+        pk = msgpack.Packer(use_bin_type=True)
+        data = b"".join([pk.pack_map_header(len(snap) + 1), *(pk.pack(k) + pk.pack(v) for k, v in snap.items()),
+                         pk.pack("routes"), self._routes_packed[1]])
         with open(tmp, "wb") as f:
-            f.write(msgpack.packb(dict(snapshot(self.bal), checks=list(self.ctl_checks.values())),
-                                  use_bin_type=True))
+            f.write(data)
         os.replace(tmp, path)  # readers see the old or the new model, never half
         self._last_save = time.monotonic()
         self._save_cost = self._last_save - t0

@@ -565,3 +565,50 @@ def test_plain_python_check_of_put_vs_bodies_agrees_with_the_schema():
         else:
             with pytest.raises(openapi.BodyError):
                 openapi.validate("VirtualServerSpecTiny", body)
+
+
+def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
+    """The saved model is what snapshot() says, byte for byte as data, after every kind of route change; the
+    routes' rows are reused between saves only while no route changed."""
+    import msgpack
+
+    from hdslb.balancer import snapshot_routes
+    from hdslb.daemon import Daemon, settings_from_args
+
+    d = Daemon(settings_from_args(["eth0", "--state-dir", str(tmp_path)]))
+    b = d.bal = Balancer(Recorder(), dict(IFACES))
+    d.ctl_checks = {}
+    b.service_add({"proto": "tcp", "addr": "10.0.0.1", "port": 80, "sched": "rr"})
+
+    def saved():
+        d._save_state()
+        with open(d.settings.state_file, "rb") as f:
+            return msgpack.unpackb(f.read(), raw=False)
+
+    def fresh():
+        b._routes_snap = None
+        want = dict(snapshot(b), checks=[])
+        return want
+
+    changes = [
+        lambda: b.route_add({"prefix": "20.0.0.0", "prefixlen": 16, "ifname": "eth1"}),
+        lambda: b.route_add({"prefix": "2001:db8::", "prefixlen": 32, "ifname": "eth0", "af": 6}),
+        lambda: b.route_set({"prefix": "20.0.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 1400}),
+        lambda: b.addr_add({"addr": "10.1.0.1", "prefixlen": 24, "ifname": "eth0"}),  # its local + net routes
+        lambda: b.dest_add({"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80}, "addr": "20.0.0.9"}),
+        lambda: b.route_del({"prefix": "20.0.0.0", "prefixlen": 16}),
+        lambda: b.route_flush({}),
+    ]
+    assert saved() == fresh()
+    for change in changes:
+        rows = snapshot_routes(b)
+        change()
+        got = saved()
+        assert got == fresh()
+        assert sorted(got) == sorted(["version", "services", "addrs", "routes", "neighs", "checks"])
+    rows = snapshot_routes(b)
+    b.service_add({"proto": "udp", "addr": "10.0.0.1", "port": 53})
+    assert snapshot_routes(b) is rows, "no route changed: the same rows"
+    b.route_add({"prefix": "30.0.0.0", "prefixlen": 8, "ifname": "eth0"})
+    assert snapshot_routes(b) is not rows
+    assert saved()["routes"][-1]["net"] == "30.0.0.0/8"
