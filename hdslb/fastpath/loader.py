@@ -50,7 +50,7 @@ def conn_table_estimate(entries: int, ncpus: int) -> int:
     """Bytes the kernel locks for a preallocated per-CPU LRU hash of `entries` conn entries (htab_map_mem_usage):
     per entry a 48-byte element header, the key and a pointer to the per-CPU value, plus the value once per
     *possible* CPU; a bucket head (16 B) per power-of-two bucket. The per-CPU values make it grow with the CPU
-    count: ~270 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB on 64."""
+    count: ~256 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB on 64."""
     n_buckets = 1 << max(0, (entries - 1).bit_length())
     elem = 48 + (abi.CONN_KEY_SIZE + 7) // 8 * 8 + 8
     return entries * (elem + (abi.CONN_VAL_SIZE + 7) // 8 * 8 * ncpus) + n_buckets * 16
