@@ -13,6 +13,11 @@ One lab, one run, every peer configured for the same VIP (10.0.0.100) and the sa
   runs to completion on that CPU (softirq in the sender's context), so `delivered` is the rate of one
   core doing all of it. `LB ns/pkt` subtracts the generator+sink floor (generator straight into a sink
   on the LB's ingress veth) to estimate the LB's own per-packet cost; `LB-only Mpps` is its inverse.
+- The same UDP measurement with 8192 and 32768 source ports (concurrent flows) for nftables DNAT, the bare
+  redirect and hdslb native: per-flow state that outgrows the CPU caches shows here, not at 1024 flows.
+- The same UDP measurement with trafgen (netsniff-ng) sending instead, pinned to the same CPU: a user-space
+  generator as a second, slower opinion (~1.7 Mpps into a veth here), so a peer's rate is also seen without
+  the kernel's test-run loop transmitting.
 - New TCP connections/s: wrk with `Connection: close` against nginx through the VIP (a Python
   connect/close loop when wrk is missing).
 - TCP throughput: iperf3 to the first real server through the VIP, with offloads off (the lab's default,
@@ -33,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import livegen, ref_progs
+from bench import livegen, ref_progs, trafgen
 
 VIP = "10.0.0.100"
 # Each hdslb peer gets its own local address: the real servers keep the TIME_WAIT of every FNAT connection for
@@ -369,10 +374,14 @@ class E2E:
         lab = self.lab
         return livegen.udp_frame(lab.lb_ifaces["veth-lb0"].mac, lab.client.mac, lab.client.ip, dst_ip, UDP_PORT)
 
-    def _pump(self, frame: bytes) -> dict:
-        """Generator on CPU 0 in the client namespace; sink counts over `windows` windows after a warm-up."""
+    def _pump(self, frame: bytes, gen=None) -> dict:
+        """Generator on CPU 0 in the client namespace (the live-frames one unless `gen` makes another from
+        (ns, ifname, frame)); sink counts over `windows` windows after a warm-up."""
         rates, per = [], None
-        g = livegen.LiveGen(self.lab.cl_ns, "eth0", frame, cpu=0, nflows=1024).start()
+        if gen is None:
+            g = livegen.LiveGen(self.lab.cl_ns, "eth0", frame, cpu=0, nflows=1024).start()
+        else:
+            g = gen(self.lab.cl_ns, "eth0", frame).start()
         try:
             time.sleep(self.warmup)
             for _ in range(self.windows):
@@ -419,6 +428,50 @@ class E2E:
             lb_ns = 1e3 / r["mpps"] - 1e3 / self.floor_mpps
             r["lb_ns"] = lb_ns
             r["lb_only_mpps"] = 1e3 / lb_ns if lb_ns > 0 else None
+        return r
+
+    FLOW_COUNTS = (8192, 32768)
+    FLOW_PEERS = ("nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)")
+
+    def udp_flows(self, peer: Peer) -> dict:
+        """UDP Mpps with more concurrent flows than the main measurement's 1024 (the live-frames generator's
+        source ports): a balancer's per-flow state outgrows the CPU caches, which a 1024-flow test hides."""
+        if peer.udp_na:
+            raise NA(peer.udp_na)
+        if peer.name not in self.FLOW_PEERS:
+            raise NA("measured for " + ", ".join(self.FLOW_PEERS))
+        out = {}
+        windows = self.windows
+        self.windows = 1
+        if peer.gro_for_udp:
+            self.gro(True)
+        try:
+            for n in self.FLOW_COUNTS:
+                r = self._pump(self._frame(peer.udp_dst),
+                               gen=lambda ns, ifname, frame: livegen.LiveGen(ns, ifname, frame, cpu=0, nflows=n))
+                out[str(n)] = round(r["mpps"], 3)
+        finally:
+            self.windows = windows
+            if peer.gro_for_udp:
+                self.gro(False)
+        return {"by_flows": out}
+
+    def udp_trafgen(self, peer: Peer) -> dict:
+        """The same UDP measurement with trafgen sending (a user-space generator: the second, slower opinion)."""
+        if peer.udp_na:
+            raise NA(peer.udp_na)
+        if shutil.which("trafgen") is None:
+            raise NA("trafgen not installed (netsniff-ng)")
+        if peer.gro_for_udp:
+            self.gro(True)
+        try:
+            r = self._pump(self._frame(peer.udp_dst), gen=lambda ns, ifname, frame: trafgen.TrafGen(ns, ifname, frame))
+        finally:
+            if peer.gro_for_udp:
+                self.gro(False)
+        if r["mpps"] < 0.001:
+            raise NA(f"nothing delivered (trafgen sent {r['gen_mpps']:.2f} Mpps)")
+        r["generator"] = "trafgen, 1 CPU, random UDP source port"
         return r
 
     def cps(self, peer: Peer) -> dict:
@@ -499,12 +552,14 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
             peer.setup()
         except Exception as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            for k in ("udp", "cps", "iperf_tso_off", "iperf_tso_on"):
+            for k in ("udp", "udp_flows", "udp_trafgen", "cps", "iperf_tso_off", "iperf_tso_on"):
                 row[k] = {"na": f"setup failed: {msg}"}
             peer.teardown()
             return row
         try:
-            for key, fn in (("udp", lambda: self.udp(peer)), ("cps", lambda: self.cps(peer)),
+            for key, fn in (("udp", lambda: self.udp(peer)), ("udp_flows", lambda: self.udp_flows(peer)),
+                            ("udp_trafgen", lambda: self.udp_trafgen(peer)),
+                            ("cps", lambda: self.cps(peer)),
                             ("iperf_tso_off", lambda: self.iperf(peer, False)),
                             ("iperf_tso_on", lambda: self.iperf(peer, True))):
                 cpu0 = _cpu_s(peer.pid)
@@ -565,7 +620,9 @@ def _cpu_s(pid: int | None) -> float | None:
 def _short(m: dict) -> str:
     if "na" in m:
         return f"n/a ({m['na']})"
-    if "mpps" in m:
+    if "by_flows" in m:
+        s = ", ".join(f"{k} flows {v:.3f} Mpps" for k, v in m["by_flows"].items())
+    elif "mpps" in m:
         s = f"{m['mpps']:.3f} Mpps (gen {m['gen_mpps']:.2f}, spread {m['spread']})"
     elif "cps" in m:
         s = f"{m['cps']:.0f} conn/s {m.get('errors') or ''}"
@@ -581,6 +638,8 @@ def _short(m: dict) -> str:
 def value(row: dict, metric: str):
     if metric == "udp_mpps":
         return row.get("udp", {}).get("mpps")
+    if metric == "udp_trafgen_mpps":
+        return row.get("udp_trafgen", {}).get("mpps")
     if metric == "udp_lb_only_mpps":
         return row.get("udp", {}).get("lb_only_mpps")
     if metric == "cps":

@@ -88,11 +88,13 @@ def fmt_prog_cost(r: dict) -> str:
     return "\n\n".join(parts)
 
 
-E2E_COLS = [("udp", "UDP Mpps"), ("cps", "conn/s"), ("iperf_tso_off", "TCP Gbit/s TSO off"),
-            ("iperf_tso_on", "TCP Gbit/s TSO on")]
+E2E_COLS = [("udp", "UDP Mpps"), ("udp_trafgen", "UDP Mpps (trafgen)"), ("cps", "conn/s"),
+            ("iperf_tso_off", "TCP Gbit/s TSO off"), ("iperf_tso_on", "TCP Gbit/s TSO on")]
 
 
-E2E_TITLES = {"udp": "2b. UDP delivered, as ratios", "cps": "2c. new TCP connections/s (wrk, Connection: close)",
+E2E_TITLES = {"udp": "2b. UDP delivered, as ratios",
+              "udp_trafgen": "2b'. UDP delivered with trafgen sending (user-space generator: the second opinion)",
+              "cps": "2c. new TCP connections/s (wrk, Connection: close)",
               "iperf_tso_off": "2d. TCP throughput (iperf3), offloads off", "iperf_tso_on": "2e. TCP throughput, TSO/GSO/GRO on"}
 
 
@@ -101,7 +103,8 @@ def _metric(m: dict, key: str):
         return None
     if "na" in m:
         return None
-    return {"udp": m.get("mpps"), "cps": m.get("cps"), "iperf_tso_off": m.get("gbps"), "iperf_tso_on": m.get("gbps")}[key]
+    return {"udp": m.get("mpps"), "udp_trafgen": m.get("mpps"), "cps": m.get("cps"), "iperf_tso_off": m.get("gbps"),
+            "iperf_tso_on": m.get("gbps")}[key]
 
 
 def fmt_e2e(r: dict) -> str:
@@ -138,11 +141,22 @@ def fmt_e2e(r: dict) -> str:
                 note += f"errors: {m['errors']}"
             if m and "daemon_cpu_pct" in m:
                 note += f" hdslbd CPU {m['daemon_cpu_pct']}%"
-            fmtv = "{:.3f}" if key == "udp" else ("{:.0f}" if key == "cps" else "{:.2f}")
+            fmtv = "{:.3f}" if key.startswith("udp") else ("{:.0f}" if key == "cps" else "{:.2f}")
             rows.append([x["peer"], "n/a" if v is None else _f(v, fmtv),
                          _f(v / nft) if v is not None and nft else "", _f(v / rt) if v is not None and rt else "",
                          note.strip()])
         parts.append(table(["peer", label, "x nft DNAT", "x routing", "note"], rows, E2E_TITLES[key]))
+    rows = []
+    for x in rows_:
+        fl = x.get("udp_flows", {}).get("by_flows")
+        u = _metric(x.get("udp"), "udp")
+        if fl and u:
+            rows.append([x["peer"], _f(u, "{:.3f}")] + [_f(v, "{:.3f}") for v in fl.values()]
+                        + [_f(list(fl.values())[-1] / u)])
+    if rows:
+        counts = list(next(x["udp_flows"]["by_flows"] for x in rows_ if x.get("udp_flows", {}).get("by_flows")))
+        parts.append(table(["peer", "1024 flows"] + [f"{c} flows" for c in counts] + [f"{counts[-1]} / 1024"], rows,
+                           "2g. UDP Mpps by concurrent flows (live-frames generator, source ports)"))
     parts.append(targets_table(r["targets"], "2f. targets (measured = ratio of delivered rates; LB-only est. in brackets)"))
     return "\n\n".join(parts)
 
@@ -227,12 +241,14 @@ def markdown(res: dict) -> str:
         lines.append("")
     e = res.get("e2e", {})
     if e.get("rows"):
-        lines += ["| e2e (netns, veth) | UDP Mpps | conn/s | TCP Gbit/s (TSO off / on) |", "|---|---:|---:|---:|"]
+        lines += ["| e2e (netns, veth) | UDP Mpps | UDP Mpps (trafgen) | conn/s | TCP Gbit/s (TSO off / on) |",
+                  "|---|---:|---:|---:|---:|"]
         for x in e["rows"]:
             u, c = _metric(x.get("udp"), "udp"), _metric(x.get("cps"), "cps")
+            tg = _metric(x.get("udp_trafgen"), "udp_trafgen")
             t0, t1 = _metric(x.get("iperf_tso_off"), "iperf_tso_off"), _metric(x.get("iperf_tso_on"), "iperf_tso_on")
-            lines.append(f"| {x['peer']} | {_f(u, '{:.2f}') or 'n/a'} | {_f(c, '{:.0f}') or 'n/a'} | "
-                         f"{_f(t0) or 'n/a'} / {_f(t1) or 'n/a'} |")
+            lines.append(f"| {x['peer']} | {_f(u, '{:.2f}') or 'n/a'} | {_f(tg, '{:.2f}') or 'n/a'} | "
+                         f"{_f(c, '{:.0f}') or 'n/a'} | {_f(t0) or 'n/a'} / {_f(t1) or 'n/a'} |")
         lines.append("")
     s = res.get("scale", {})
     m = s.get("memory", {})
