@@ -249,6 +249,7 @@ class _Bench:
         out["new_flow_stages"] = self.new_flow_stages(new_ns)
         out["modes"] = self.modes(est_rep, statistics.median(ack_ds), minimal)
         out["inserts"] = self.inserts(ref_progs.INSERTS)
+        out["lookups"] = self.lookups()
         for r in out["hdslb"]:
             r["ratio"] = r["ns"] / minimal
         for r in out["reference"]:
@@ -309,6 +310,35 @@ class _Bench:
         base = res[0]["ns"]
         for r in res:
             r["insert_ns"] = r["ns"] - base
+        return res
+
+    LOOK_SETS = (1024, 16384, 131072)
+
+    def lookups(self) -> list[dict]:
+        """Cost of an established-path lookup (hit, then last_seen/state written) by working set and map type:
+        keys 1..n looked up in turn. Beyond the caches, each packet waits on memory for the bucket, the
+        element and, for per-CPU values, the value kept elsewhere."""
+        ref = ref_progs.compile_refs()
+        seq, ncfg = ref["look_seq"], ref["look_n"]
+        rep = self.repeat // 2
+        res = []
+        for name, desc in ref_progs.LOOKUPS:
+            seq[ct.c_int(0)] = seq.Leaf(*([0] * len(seq.Leaf())))
+            fill = ref_progs.load(f"ref_fill_{name}").fd
+            v, _, _ = run_xdp(fill, b"\0" * 60, max(self.LOOK_SETS))
+            check = "ok" if v == XDP_DROP else f"fill: {VERDICTS.get(v, v)}"
+            look = ref_progs.load(f"ref_look_{name}").fd
+            for n in self.LOOK_SETS:
+                ncfg[ct.c_int(0)] = ct.c_uint32(n)
+                run_xdp(look, b"\0" * 60, n)  # one pass to warm what fits
+                runs, bad = [], 0
+                for _ in range(self.runs):
+                    v, _, ns = run_xdp(look, b"\0" * 60, rep)
+                    runs.append(ns)
+                    bad += v != XDP_DROP
+                res.append({"map": name, "desc": desc, "flows": n, "ns": statistics.median(runs), "runs": runs,
+                            "check": check if not bad else f"{bad} runs missed"})
+                self.log(f"    lookup {name:<10} {n:7d} keys {res[-1]['ns']:7.1f} ns")
         return res
 
     def _empty_maps(self) -> None:

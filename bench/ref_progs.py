@@ -92,6 +92,10 @@ BPF_F_TABLE("lru_percpu_hash", struct conn_key, struct conn_val, ins_lru_pcpu_no
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, ins_lru, INS_MAX);
 BPF_TABLE("percpu_hash", struct conn_key, struct conn_val, ins_pcpu, INS_MAX);
 BPF_TABLE("hash", struct conn_key, struct conn_val, ins_hash, INS_MAX);
+BPF_TABLE("lru_percpu_hash", struct conn_key, struct conn_val, look_lru_pcpu, LOOK_MAX);
+BPF_TABLE("lru_hash", struct conn_key, struct conn_val, look_lru, LOOK_MAX);
+BPF_PERCPU_ARRAY(look_seq, __u64, 1);
+BPF_ARRAY(look_n, __u32, 1);
 BPF_PERCPU_ARRAY(ins_seq, __u64, 1);
 
 /* A key never seen before on each call (sequence number, CPU in the top bits), and a filled value. */
@@ -366,6 +370,57 @@ int bench_sink(struct xdp_md *ctx)
 }
 """
 
+# Lookup cost by working set: LOOKUPS maps are filled with keys 1..n (fill program), then looked up in turn
+# (key i, i+1, ... mod n) with the established path's writes to the value. Per-CPU values live apart from the
+# hash element (one more cache line to fetch); a shared value follows the key in the element.
+LOOK_MAX = 1 << 18
+LOOKUPS = [
+    ("lru_pcpu", "lru_percpu_hash (hdslb's conn map type): element, then the per-CPU value elsewhere"),
+    ("lru", "lru_hash: one shared value, inline after the key"),
+]
+_LOOK_PROG = """
+int ref_fill_MAP(struct xdp_md *ctx)
+{
+	struct conn_key k = {};
+	struct conn_val v = {};
+	__u32 zero = 0;
+	__u64 *seq = look_seq.lookup(&zero);
+
+	if (!seq)
+		return XDP_ABORTED;
+	*seq += 1;
+	k.saddr.v4 = (__u32)*seq;
+	k.daddr.v4 = 0x0164a8c0;
+	k.proto = IPPROTO_TCP;
+	k.af = HDSLB_AF_INET;
+	v.flags = CONN_F_VALID;
+	return look_MAP.update(&k, &v) == 0 ? XDP_DROP : XDP_PASS;
+}
+
+int ref_look_MAP(struct xdp_md *ctx)
+{
+	struct conn_key k = {};
+	struct conn_val *v;
+	__u32 zero = 0;
+	__u64 *seq = look_seq.lookup(&zero);
+	__u32 *n = look_n.lookup(&zero);
+
+	if (!seq || !n || !*n)
+		return XDP_ABORTED;
+	*seq += 1;
+	k.saddr.v4 = (__u32)(*seq % *n) + 1;
+	k.daddr.v4 = 0x0164a8c0;
+	k.proto = IPPROTO_TCP;
+	k.af = HDSLB_AF_INET;
+	v = look_MAP.lookup(&k);
+	if (!v || !(v->flags & CONN_F_VALID))
+		return XDP_PASS;
+	v->last_seen = bpf_jiffies64();
+	v->state = CS_ESTABLISHED;
+	return XDP_DROP;
+}
+"""
+
 _INS_PROG = """
 int ref_ins_MAP(struct xdp_md *ctx)
 {
@@ -378,7 +433,8 @@ int ref_ins_MAP(struct xdp_md *ctx)
 }
 """
 # bcc rewrites map calls only outside macros, so each insert program is spelled out here.
-SRC = SRC.replace("@INS_PROGS@", "".join(_INS_PROG.replace("MAP", n[len("ref_ins_"):]) for n, _ in INSERTS[1:]))
+SRC = SRC.replace("@INS_PROGS@", "".join(_INS_PROG.replace("MAP", n[len("ref_ins_"):]) for n, _ in INSERTS[1:])
+                  + "".join(_LOOK_PROG.replace("MAP", n) for n, _ in LOOKUPS))
 
 _REF = None
 
@@ -390,7 +446,7 @@ def compile_refs():
         from bcc import BPF
 
         _REF = BPF(text=SRC, cflags=[f"-I{abi.BPF_DIR / 'include'}", f"-DSINK_PORT={SINK_PORT}",
-                                     f"-DSINK_MAX={SINK_MAX}", f"-DSINK_OTHER={SINK_OTHER}", f"-DINS_MAX={INS_MAX}",
+                                     f"-DSINK_MAX={SINK_MAX}", f"-DSINK_OTHER={SINK_OTHER}", f"-DINS_MAX={INS_MAX}", f"-DLOOK_MAX={LOOK_MAX}",
                                      "-Wno-unused-function"])
     return _REF
 

@@ -78,6 +78,11 @@ def fmt_prog_cost(r: dict) -> str:
     rows = [[x["prog"], _f(x["ns"], "{:.1f}"), _f(x["insert_ns"], "{:.1f}"), x["desc"]] for x in r.get("inserts", [])]
     parts.append(table(["insert microbench", "ns/iter", "insert ns", "map"], rows,
                        "1e. cost of inserting a never-seen key, by map type"))
+    rows = [[x["map"], x["flows"], _f(x["ns"], "{:.1f}"), x["check"], x["desc"]] for x in r.get("lookups", [])]
+    if rows:
+        parts.append(table(["lookup microbench", "keys in turn", "ns/lookup", "check", "map"], rows,
+                           "1h. established lookup (hit + last_seen/state written) by working set: beyond the caches "
+                           "each packet waits on memory"))
     rows = [[x["mode"], _f(x["ns"], "{:.1f}"), _f(x["ratio"]), _f(x["single_ns"], "{:.0f}"), x["check"]]
             for x in r.get("modes", [])]
     if rows:
