@@ -648,8 +648,8 @@ class Daemon:
         self._save_state()
 
     def _prune_to_model(self) -> None:
-        """After adopting pinned maps with a saved model: drop the services and real servers the model does not
-        have. A crash inside the save coalescing window (a burst of changes) leaves maps newer than the saved
+        """After adopting pinned maps with a saved model: drop the services, real servers, owned addresses and
+        routes the model does not have. A crash inside the save coalescing window (a burst of changes) leaves maps newer than the saved
         model; the restarted daemon says, and now does, what the model says (established flows keep going)."""
         svcs = list(self.bal.services.values())
         keep_keys = {self.maps.svc_key_bytes(_proto(v.proto), v.addr, v.port) for v in svcs if v.match is None}
@@ -1350,21 +1350,7 @@ class Daemon:
                     cur[("svc", svc.svc_id)] = svc_all.get(svc.svc_id, zero)
                     for d in svc.dests.values():
                         cur[("dest", d.slot)] = dest_all.get(d.slot, zero)
-                rates, dt = {}, interval
-                idle = dict.fromkeys(("cps", "inpps", "outpps", "inbps", "outbps"), 0)  # shared: read-only
-                for k, v in cur.items():
-                    p = prev.get(k)
-                    if p is None:
-                        continue
-                    if v == p:  # most of a big model is idle at any moment: no per-field arithmetic for it
-                        rates[k] = idle
-                        continue
-                    rates[k] = {"cps": int(max(0, v["conns"] - p["conns"]) / dt),
-                                "inpps": int(max(0, v["inpkts"] - p["inpkts"]) / dt),
-                                "outpps": int(max(0, v["outpkts"] - p["outpkts"]) / dt),
-                                "inbps": int(max(0, v["inbytes"] - p["inbytes"]) / dt),
-                                "outbps": int(max(0, v["outbytes"] - p["outbytes"]) / dt)}
-                self.rates = rates
+                self.rates = rates_between(prev, cur, interval)
                 prev = cur
                 errors = dict(self.bal.refresh_errors)
                 overloaded = {(s.svc_id, d.slot) for s, d in self.bal.overloaded()}
@@ -1378,6 +1364,27 @@ class Daemon:
                                  d.u_threshold)
             except Exception:
                 log.exception("rate estimation failed")
+
+
+def rates_between(prev: dict, cur: dict, dt: float) -> dict:
+    """Per-second rates (ipvsadm --rate: cps, in/out pps and bps) of every key in both counter snapshots. A
+    counter that went back (zeroed) gives 0. Keys whose counters did not move share one all-zero dict, read
+    only: most of a big model is idle at any moment, and this runs over every service and real server."""
+    idle = dict.fromkeys(("cps", "inpps", "outpps", "inbps", "outbps"), 0)
+    rates = {}
+    for k, v in cur.items():
+        p = prev.get(k)
+        if p is None:
+            continue
+        if v == p:
+            rates[k] = idle
+            continue
+        rates[k] = {"cps": int(max(0, v["conns"] - p["conns"]) / dt),
+                    "inpps": int(max(0, v["inpkts"] - p["inpkts"]) / dt),
+                    "outpps": int(max(0, v["outpkts"] - p["outpkts"]) / dt),
+                    "inbps": int(max(0, v["inbytes"] - p["inbytes"]) / dt),
+                    "outbps": int(max(0, v["outbytes"] - p["outbytes"]) / dt)}
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:

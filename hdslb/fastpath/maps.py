@@ -102,8 +102,6 @@ class Maps:
         sequence number happens to be newer: the client retries a second later."""
         import random
 
-        from bcc.libbcc import lib
-
         t = self.t["lport_cursor"]
         n = len(t.Leaf())
         rng = random.SystemRandom()
@@ -111,7 +109,7 @@ class Maps:
         # the first CPU's slot.
         raw = (ct.c_uint64 * n)(*[values[i] if values is not None else rng.randrange(1 << 32) for i in range(n)])
         key = ct.c_uint32(0)
-        if lib.bpf_update_elem(t.map_fd, ct.byref(key), ct.byref(raw), 0) != 0:
+        if _bpf_update_elem(t.map_fd, ct.byref(key), ct.byref(raw), 0) < 0:
             err = ct.get_errno()
             raise OSError(err, f"cannot seed the local-port cursor: {os.strerror(err)}")
 

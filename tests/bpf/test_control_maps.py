@@ -182,3 +182,15 @@ def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain):
     assert (v.port, v.af, v.fwd, v.svc_id) == (socket.htons(8080), A(addr).version, abi.FWD[fwd], 77)
     assert v.flags == abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0)
     maps.clear_dest(slot)
+
+
+def test_a_dest_val_layout_change_is_refused_at_start(fastpath, monkeypatch):
+    """set_dest packs struct dest_val by hand: if the header grows and the packer does not, the daemon must not
+    start writing short values (the kernel would read past them)."""
+    import struct
+
+    from hdslb.fastpath.maps import Maps
+
+    monkeypatch.setattr(Maps, "_DEST_VAL", struct.Struct("=16s2sBBIII"))
+    with pytest.raises(RuntimeError, match="struct dest_val is 28 bytes"):
+        Maps(fastpath)

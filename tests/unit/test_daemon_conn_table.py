@@ -67,3 +67,20 @@ def test_one_timeout_rule_per_conn_state():
     by = dict(zip(conn_states(), state_timeouts(t)))
     assert by == {"none": 30, "syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
     assert state_timeouts({"close": 5, "udp": 1})[conn_states().index("established")] == 5, "no own timeout: close"
+
+
+def test_rates_between_two_counter_snapshots():
+    """ipvsadm --rate's numbers: per second over the interval, 0 for a counter that went back (zeroed) and for
+    an idle key, nothing for a key seen once."""
+    from hdslb.daemon import rates_between
+
+    z = dict.fromkeys(("conns", "inpkts", "outpkts", "inbytes", "outbytes"), 0)
+    prev = {("svc", 1): dict(z, conns=10, inpkts=100, outpkts=50, inbytes=6000, outbytes=3000),
+            ("dest", 2): dict(z, inpkts=40), ("dest", 3): dict(z, conns=5)}
+    cur = {("svc", 1): dict(z, conns=30, inpkts=300, outpkts=150, inbytes=18000, outbytes=9000),
+           ("dest", 2): dict(z, inpkts=40), ("dest", 3): dict(z), ("dest", 4): dict(z, conns=1)}
+    r = rates_between(prev, cur, 2.0)
+    assert r[("svc", 1)] == {"cps": 10, "inpps": 100, "outpps": 50, "inbps": 6000, "outbps": 3000}
+    assert r[("dest", 2)] == {"cps": 0, "inpps": 0, "outpps": 0, "inbps": 0, "outbps": 0}
+    assert r[("dest", 3)]["cps"] == 0, "zeroed counters give 0, not a negative rate"
+    assert ("dest", 4) not in r
