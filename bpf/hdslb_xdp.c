@@ -243,18 +243,27 @@ pass:
 	return XDP_PASS;
 }
 
-/* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none.
+/* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none;
+ * *state gets the flow's state, the furthest any copy has seen (states only move forward, and the packet that
+ * advanced it may have crossed another CPU than the newest one), and *was_est CONN_F_WAS_EST if any copy has it.
  * The winner is looked up again by its CPU: the verifier refuses the branch-free pointer select clang makes of
  * keeping the best pointer. */
-static __always_inline struct conn_val *conn_newest(struct conn_key *k)
+static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *state, __u8 *was_est)
 {
 	struct conn_val *o;
 	__u64 newest = 0;
 	__s32 best = -1;
 
+	*state = CS_NONE;
+	*was_est = 0;
 	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
 		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
-		if (o && (o->flags & CONN_F_VALID) && o->last_seen > newest) {
+		if (!o || !(o->flags & CONN_F_VALID))
+			continue;
+		if (o->state > *state)
+			*state = o->state;
+		*was_est |= o->flags & CONN_F_WAS_EST;
+		if (o->last_seen > newest) {
 			newest = o->last_seen;
 			best = cpu;
 		}
@@ -273,15 +282,18 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
 {
 	struct conn_val *v = conn_map.lookup(k);
 	struct conn_val *o;
+	__u8 state, was_est;
 
 	if (!v)
 		return 0;
 	if (v->flags & CONN_F_VALID)
 		return v;
-	o = conn_newest(k);
+	o = conn_newest(k, &state, &was_est);
 	if (!o)
 		return 0;
 	__builtin_memcpy(v, o, sizeof(*v));
+	v->state = state;
+	v->flags |= was_est;
 	count(CNT_CONN_ADOPT);
 	return v;
 }
@@ -795,23 +807,22 @@ static __always_inline int conn_reclaim(struct fp_cfg *cfg, struct conn_key *rk,
 	struct conn_val *rv, *iv;
 	struct conn_key ik = {};
 	__u64 last;
-	__u8 state;
+	__u8 state, istate, was_est;
 	int partner = 0;
 
 	if (!(cfg->flags & CFG_F_RECLAIM))
 		return 0;
-	rv = conn_newest(rk);
+	rv = conn_newest(rk, &state, &was_est);
 	if (!rv || !(rv->flags & CONN_F_OUT))
 		return 0; /* being installed by another CPU right now, or not a reply entry */
 	last = rv->last_seen;
-	state = rv->state;
 	conn_partner_key(&ik, rk, rv);
-	iv = conn_newest(&ik);
+	iv = conn_newest(&ik, &istate, &was_est);
 	/* The inbound entry is this flow's only if it still points at rk (a client's tuple may carry a newer flow). */
 	if (iv && addr_eq(&iv->saddr, &rk->daddr) && iv->sport == rk->dport && addr_eq(&iv->daddr, &rk->saddr) &&
 	    iv->dport == rk->sport) {
 		partner = 1;
-		state = iv->state; /* the sweep, too, times a flow by its inbound entry's state */
+		state = istate; /* the sweep, too, times a flow by its inbound entry's state */
 		if (iv->last_seen > last)
 			last = iv->last_seen;
 	}

@@ -565,11 +565,15 @@ class Maps:
 
     @staticmethod
     def _newest(per_cpu):
-        best, cpu = None, -1
+        """The newest filled-in CPU copy, its CPU, and the flow's state: the furthest any copy has seen (TCP
+        states only move forward, and a FIN may have crossed another CPU than the last packet did)."""
+        best, cpu, state = None, -1, 0
         for i, v in enumerate(per_cpu):
-            if v.flags & abi.CONN_F_VALID and (best is None or v.last_seen > best.last_seen):
-                best, cpu = v, i
-        return best, cpu
+            if v.flags & abi.CONN_F_VALID:
+                state = max(state, v.state)
+                if best is None or v.last_seen > best.last_seen:
+                    best, cpu = v, i
+        return best, cpu, state
 
     def conn_entries(self) -> int:
         n = 0
@@ -586,8 +590,9 @@ class Maps:
     def conn_aging_view(self) -> list[tuple]:
         """What the aging sweep and the connection counts need of every entry, unpacked straight from the batch
         buffers (no ctypes fields, no address objects: 2.8 us an entry, under half of conns()' cost):
-        (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies, state,
-        is-reply, proto, dest slot). Entries with no filled-in copy are left out."""
+        (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies, state
+        (the furthest any copy has seen, as in _newest), is-reply, proto, dest slot). Entries with no filled-in
+        copy are left out."""
         t = self.t["conn_map"]
         ks, vs = self._KEY.size, self._VAL.size
         ncpu = len(t.Leaf()) if hasattr(t.Leaf(), "__len__") else 1
@@ -607,16 +612,18 @@ class Maps:
                 kbuf = memoryview(keys).cast("B")[:n * ks]
                 vbuf = memoryview(vals).cast("B")[:n * vs * ncpu]
             for i, (k, v) in enumerate(zip(self._KEY.iter_unpack(kbuf), per_entry.iter_unpack(vbuf))):
-                best = -1
-                for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +8, last_seen at +12
-                    if v[c + 8] & valid and (best < 0 or v[c + 12] > v[best + 12]):
-                        best = c
+                best, state = -1, 0
+                for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +8, state +9, last_seen +12
+                    if v[c + 8] & valid:
+                        state = max(state, v[c + 9])
+                        if best < 0 or v[c + 12] > v[best + 12]:
+                            best = c
                 if best < 0:
                     continue
                 af = (10 - k[5]) if v[best + 8] & xlat else k[5]
                 out.append((bytes(kbuf[i * ks:(i + 1) * ks]),
                             v[best + 1] + v[best] + pack(v[best + 3], v[best + 2], k[4], af, 0),
-                            v[best + 12], v[best + 9], bool(v[best + 8] & out_f), k[4], v[best + 10]))
+                            v[best + 12], state, bool(v[best + 8] & out_f), k[4], v[best + 10]))
         return out
 
     def conn_key_from_bytes(self, raw: bytes):
@@ -640,7 +647,7 @@ class Maps:
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""
         for k, per_cpu in self._conn_items():
-            best, cpu = self._newest(per_cpu)
+            best, cpu, state = self._newest(per_cpu)
             if best is None:
                 continue
             to_af = (10 - k.af) if best.flags & abi.CONN_F_XLAT else k.af  # NAT64: the other family (4 <-> 6)
@@ -650,6 +657,6 @@ class Maps:
                 "daddr": _get_addr(k.daddr, k.af), "dport": socket.ntohs(k.dport),
                 "to_saddr": _get_addr(best.saddr, to_af), "to_sport": socket.ntohs(best.sport),
                 "to_daddr": _get_addr(best.daddr, to_af), "to_dport": socket.ntohs(best.dport),
-                "out": bool(best.flags & abi.CONN_F_OUT), "state": best.state, "svc_id": best.svc_id,
+                "out": bool(best.flags & abi.CONN_F_OUT), "state": state, "svc_id": best.svc_id,
                 "dest_slot": best.dest_slot, "last_seen_ns": self.clock.to_mono_ns(best.last_seen), "cpu": cpu,
             }

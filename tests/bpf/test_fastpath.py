@@ -196,6 +196,24 @@ def test_flow_created_on_one_cpu_is_found_on_the_other(fastpath, maps):
 
 
 @needs_two_cpus
+def test_a_flow_s_state_is_the_furthest_any_cpu_saw(fastpath, maps):
+    """A FIN that crossed one CPU while the flow's last packet crossed another: the flow is closing, not active
+    (ActiveConn/InActConn, the sweep's timeout and ipvsadm -Lnc all read the merged state)."""
+    import time
+
+    setup_service(maps)
+    _on_cpu(0, lambda: run(fastpath, syn(sport=46100)))
+    _on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="A")))
+    _on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
+    _on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="FA")))
+    time.sleep(0.05)  # later jiffies: CPU 1's copy is the newest
+    assert _on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))[0] == XDP_TX
+    states = {c["state"] for c in maps.conns() if not c["out"] and c["sport"] == 46100}
+    assert states == {3}, "FIN_WAIT"
+    assert {r[3] for r in maps.conn_aging_view() if not r[4]} == {3}
+
+
+@needs_two_cpus
 def test_counters_sum_across_cpus(fastpath, maps):
     setup_service(maps)
     for _ in range(3):
@@ -392,6 +410,27 @@ def test_udp_port_is_reclaimed_after_the_udp_timeout_and_not_when_reclaiming_is_
     assert v == XDP_TX and p[UDP].sport == 2000
     assert maps.counters()["lport_reclaimed"] == 1
     assert _conn_ports(maps) == [(80, 2000, True), (5001, 80, False)]
+
+
+@needs_two_cpus
+def test_reclaim_times_a_flow_by_the_furthest_state_any_cpu_saw(fastpath, maps):
+    """The FIN crossed CPU 0, the flow's last packet CPU 1: past the fin_wait timeout (7 s) but within the
+    established one (90 s), the port is taken back, as the sweep would."""
+    import time
+
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    _on_cpu(0, lambda: run(fastpath, syn(sport=47000)))
+    _on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="A")))
+    _on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
+    _on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="FA")))
+    time.sleep(0.05)
+    _on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # the newest copy says ESTABLISHED
+    _age_conns(maps, 10)
+    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=47001)))
+    assert v == XDP_TX and p[TCP].sport == 2000
+    assert maps.counters()["lport_reclaimed"] == 1
 
 
 def test_reclaim_leaves_a_newer_flow_on_the_old_clients_tuple_alone(fastpath, maps):
