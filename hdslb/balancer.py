@@ -497,6 +497,8 @@ class Deferred:
     routes: dict = field(default_factory=dict)  # net -> tag: LPM entries to sync once
     post: list = field(default_factory=list)   # (fn, args) run after every table is rebuilt
     tag: object = None                         # the op being applied (a batch index), for error reports
+    undo_new: bool = False                     # on failure remove the new services instead of publishing them
+    published: set = field(default_factory=set)  # id(svc) of new services whose maps the flush has written
 
 
 @dataclass
@@ -574,31 +576,94 @@ class Balancer:
 
     # --- batches --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def deferred(self):
+    def deferred(self, undo_new: bool = False):
         """Apply many changes, rebuilding each touched service's table once at the end (from its final real
         servers) and writing each touched prefix's LPM entry once, instead of after every change.
 
         Tables are built at the end, so a table that cannot be built (a full hash_cells, ...) is refused there:
         the HdslbError then carries `.tag`, the tag of the last op that touched that service (set `.tag` on the
         yielded Deferred before each op). Validate a batch on a scratch() copy first: the real model then
-        cannot fail half way. Nested use joins the outer batch."""
+        cannot fail half way. Nested use joins the outer batch.
+
+        undo_new=True is for a batch that only adds services and real servers of those services (see
+        commands.only_creates): it needs no scratch copy, because a refusal anywhere, in an op or in building a table at
+        the end, removes the services it added. They were never published (svc_map is written only once every
+        table of the batch is built), so no packet could have reached them; the slots they had written are
+        cleared and their ids and slots handed back, and the model and maps are as they were."""
         if self._defer is not None:
             yield self._defer
             return
-        d = self._defer = Deferred()
+        d = self._defer = Deferred(undo_new=undo_new)
         try:
             yield d
         except BaseException:
             self._defer = None
+            if d.undo_new:
+                self._undo_new(d)
+                raise
             try:  # what was applied reaches the maps whole (a validated batch does not get here)
                 self._flush_deferred(d)
             except HdslbError:
                 pass
             raise
         self._defer = None
-        self._flush_deferred(d)
+        if not d.undo_new:
+            self._flush_deferred(d)
+            return
+        try:
+            self._flush_deferred(d)
+        except BaseException:
+            self._undo_new(d)
+            raise
+
+    def _undo_new(self, d: Deferred) -> None:
+        """Remove the services an undo_new batch added. One not published yet left nothing in the maps (its
+        slots are written when it is published): it leaves the model only."""
+        for svc, _tag in list(d.dirty.values()):
+            if id(svc) not in d.new:  # only_creates() let no other change into the batch
+                raise AssertionError(f"an undo_new batch changed the existing service {svc.key}")
+        for svc, _tag in list(d.dirty.values()):
+            if self.services.get(svc.key) is not svc:
+                continue
+            if id(svc) in d.published:
+                self._remove_service(svc)
+                continue
+            del self.services[svc.key]
+            self.config_owned.discard(svc.key)
+            self._ids_used.discard(svc.svc_id)
+            for x in svc.dests.values():
+                self._slots_used.discard(x.slot)
+
+    def _write_slots(self, svc: Service) -> None:
+        """A service added in the batch, about to be published: its real servers' slots, before its table."""
+        for x in svc.dests.values():
+            self.dp.dest_set(svc, x)
 
     def _flush_deferred(self, d: Deferred) -> None:
+        if d.undo_new:  # every table is planned before any is written or any service published
+            plans = []
+            try:
+                for svc, tag in d.dirty.values():
+                    if self.services.get(svc.key) is svc:
+                        try:
+                            plans.append((svc, self._plan(svc)))
+                        except HdslbError as e:
+                            e.tag = tag
+                            raise
+            except BaseException:
+                for _svc, plan in plans:
+                    self._drop(plan)
+                raise
+            for svc, plan in plans:
+                d.published.add(id(svc))
+                self._write_slots(svc)
+                self._commit(svc, plan)
+                self.dp.service_set(svc)
+                if svc.own_vip:
+                    self._sync_local(svc.addr)
+            for fn, args in d.post:
+                fn(*args)
+            return
         for svc, tag in d.dirty.values():
             if self.services.get(svc.key) is not svc:
                 continue  # removed later in the batch
@@ -607,6 +672,8 @@ class Balancer:
             except HdslbError as e:
                 e.tag = tag
                 raise
+            if id(svc) in d.new:
+                self._write_slots(svc)
             self._commit(svc, plan)
             if id(svc) in d.new:  # the table exists before anything can lead a packet to it
                 self.dp.service_set(svc)
@@ -1034,7 +1101,8 @@ class Balancer:
         if self._defer is not None:  # a batch: one table from the final real servers, built at its end
             self._slots_used.add(slot)
             svc.dests[key] = d
-            self.dp.dest_set(svc, d)
+            if not self._hidden(svc):  # a service new in the batch has its slots written when it is published
+                self.dp.dest_set(svc, d)
             self._touch(svc)
             return d
         plan = self._plan(svc, dests=list(svc.dests.values()) + [d])
@@ -1060,7 +1128,8 @@ class Balancer:
         drained = d.eff_weight > 0 and new.eff_weight == 0
         for k, v in opts.items():
             setattr(d, k, v)
-        self.dp.dest_set(svc, d)
+        if not self._hidden(svc):
+            self.dp.dest_set(svc, d)
         self._commit(svc, plan)
         if drained and self.expire_quiescent_template and svc.match is None:
             if self._defer is not None:

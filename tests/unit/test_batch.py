@@ -1,6 +1,6 @@
 """Batches: ipvsadm -R, dpip -b and REST set changes as one request each, validated on a scratch model before
-anything is applied, with each touched service's table rebuilt once; the id pools and route index that keep bulk
-loads linear; the configurable limits."""
+anything is applied (or, adding only new services, undone whole when refused), with each touched service's table
+rebuilt once; the id pools and route index that keep bulk loads linear; the configurable limits."""
 
 import asyncio
 import errno
@@ -129,6 +129,74 @@ def test_restore_table_refused_at_the_end_names_the_last_line_of_that_service(mo
     err = capsys.readouterr().err
     assert err.startswith("line 5: ") and "hash" in err and "nothing of the restore was applied" in err
     assert state(ctx.bal) == before
+
+
+def test_a_batch_of_new_services_is_applied_without_a_dry_run_and_undone_whole(monkeypatch):
+    """A bulk load of new services skips the scratch copy (a quarter of a REST PUT's daemon time); a refusal in an op or
+    in building a table at the end removes what it added, and no map was written before it was refused."""
+    ctx = Ctx()
+    ctx.bal.service_add({"proto": "tcp", "addr": "10.9.9.9", "port": 80, "sched": "wrr"})
+    ctx.bal.dest_add({"svc": {"proto": "tcp", "addr": "10.9.9.9", "port": 80}, "addr": "192.168.9.1", "port": 80})
+
+    def no_scratch(*a, **kw):
+        raise AssertionError("dry run")
+
+    monkeypatch.setattr(ctx.bal, "scratch", no_scratch)
+    new = [["service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80, "sched": "rr"}],
+           ["dest.add", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80}, "addr": "192.168.1.1"}],
+           ["service.set", {"proto": "udp", "addr": "10.0.0.2", "port": 53, "sched": "mh"}],
+           ["dest.set", {"svc": {"proto": "udp", "addr": "10.0.0.2", "port": 53}, "addr": "192.168.1.2"}]]
+    assert commands.only_creates(ctx.bal, new)
+    for refused, bad in ((3, ["dest.add", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
+                                           "addr": "192.168.1.3", "port": 8080, "fwd": "dr"}]),
+                         (2, ["dest.add", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
+                                           "addr": "192.168.1.1"}])):
+        before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+        with pytest.raises(HdslbError) as e:
+            commands.dispatch(ctx, "batch", {"ops": new[:2] + [bad] + new[2:]})
+        assert e.value.index == 2 and state(ctx.bal) == before
+        assert len(ctx.bal.dp.calls) == writes, "a refused batch of new services wrote nothing"
+    # refused at the end: the second Maglev table finds no room; the first service is not published either
+    cells, ctx.bal.cells = ctx.bal.cells, type(ctx.bal.cells)(600)
+    two = new + [["service.add", {"proto": "udp", "addr": "10.0.0.3", "port": 53, "sched": "mh",
+                                  "sched_params": {"size": 251}}],
+                 ["dest.add", {"svc": {"proto": "udp", "addr": "10.0.0.3", "port": 53}, "addr": "192.168.1.4"}]]
+    two[2] = ["service.set", dict(two[2][1], sched_params={"size": 251})]
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    with pytest.raises(HdslbError) as e:
+        commands.dispatch(ctx, "batch", {"ops": two})
+    assert e.value.errno == errno.ENOSPC and e.value.index == 5
+    assert state(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
+    ctx.bal.cells = cells
+    # accepted: published in order, each new service's slots and table before its svc_map entry
+    assert commands.dispatch(ctx, "batch", {"ops": new}) == {"applied": 4, "warnings": []}
+    names = [(n, a[0].addr if n in ("service_set", "sched_set", "dest_set") else None)
+             for n, a in ctx.bal.dp.calls[writes:]]
+    for vip in (A("10.0.0.1"), A("10.0.0.2")):
+        seq = [n for n, a in names if a == vip]
+        assert seq == ["dest_set", "sched_set", "service_set"], seq
+    assert len(ctx.bal.services) == 3
+
+
+def test_only_new_services_skip_the_dry_run():
+    ctx = Ctx()
+    ctx.bal.service_add({"proto": "tcp", "addr": "10.9.9.9", "port": 80})
+    old = {"proto": "tcp", "addr": "10.9.9.9", "port": 80}
+    add = ["service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80}]
+    mine = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
+    assert commands.only_creates(ctx.bal, [add, ["dest.add", {"svc": mine, "addr": "192.168.1.1"}],
+                                           ["dest.edit", {"svc": mine, "addr": "192.168.1.1", "weight": 3}],
+                                           ["service.edit", dict(mine, sched="wrr")]])
+    for ops in ([["service.add", old]],                                        # exists
+                [add, ["dest.add", {"svc": old, "addr": "192.168.1.1"}]],      # touches an existing service
+                [add, add],                                                    # the second add is refused
+                [add, ["dest.del", {"svc": mine, "addr": "192.168.1.1"}]],     # not a creation
+                [add, ["route.add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0"}]],
+                [["service.add", {"match": {"proto": "tcp", "src_range": "10.0.0.0-10.0.0.9"}}]],
+                [["service.add", {"proto": "tcp", "addr": "nope", "port": 80}]],   # the dry run names it
+                [["dest.add", {"svc": "nope", "addr": "192.168.1.1"}]],
+                []):
+        assert not commands.only_creates(ctx.bal, ops), ops
 
 
 def test_restore_prints_warnings_with_their_line(model, monkeypatch, capsys):
