@@ -305,17 +305,24 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
  * and expire_nodest_conn. Without this, a client that reuses a port quickly (a refused connection leaves
  * no TIME_WAIT) would be sent to a dead server for as long as the old entry lives.
  */
-static __always_inline int conn_reusable(struct conn_val *cv, struct tcphdr *th)
+static __always_inline int conn_reusable(struct conn_key *k, struct conn_val *cv, struct tcphdr *th)
 {
 	__u32 slot = cv->dest_slot;
 	struct dest_val *d;
+	__u8 state, was_est;
 
 	if (!th || !th->syn || th->ack || (cv->flags & CONN_F_OUT))
 		return 0;
 	/* A finished connection: closed after its handshake completed. A handshake cut by a reset is not one:
 	 * the client retransmits the same SYN, which must keep its local port (the RST that ended the attempt
-	 * may have cleared the server's TIME_WAIT for exactly that port; a fresh port may still be in one). */
-	if ((cv->state == CS_FIN_WAIT || cv->state == CS_CLOSE) && (cv->flags & CONN_F_WAS_EST))
+	 * may have cleared the server's TIME_WAIT for exactly that port; a fresh port may still be in one).
+	 * This CPU's copy may not have seen the end (the FIN crossed another CPU): when it does not say finished,
+	 * the flow's state is read over every CPU's copy (only SYNs that find an entry pay for it). */
+	state = cv->state;
+	was_est = cv->flags & CONN_F_WAS_EST;
+	if (!((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est))
+		conn_newest(k, &state, &was_est);
+	if ((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est)
 		return 1;
 	d = dest_map.lookup(&slot);
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
@@ -1586,7 +1593,7 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	}
 
 	cv = conn_find(&k);
-	if (cv && conn_reusable(cv, th)) {
+	if (cv && conn_reusable(&k, cv, th)) {
 		conn_expire(&k, cv);
 		cv = 0;
 	}
@@ -1687,7 +1694,7 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	k.proto = ip6->nexthdr;
 	k.af = HDSLB_AF_INET6;
 	cv = conn_find(&k);
-	if (cv && conn_reusable(cv, th)) {
+	if (cv && conn_reusable(&k, cv, th)) {
 		conn_expire(&k, cv);
 		cv = 0;
 	}

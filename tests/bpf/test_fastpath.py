@@ -214,6 +214,19 @@ def test_a_flow_s_state_is_the_furthest_any_cpu_saw(fastpath, maps):
 
 
 @needs_two_cpus
+def test_a_syn_on_a_flow_finished_on_another_cpu_is_scheduled_afresh(fastpath, maps):
+    """The client's FIN crossed CPU 1; its new SYN on the same port arrives on CPU 0, whose copy still says
+    ESTABLISHED: the flow is finished all the same (LVS conn_reuse_mode), so the SYN is scheduled afresh."""
+    setup_service(maps, dests=((RS1, 80), (RS2, 80)), ring=[0])
+    _on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
+    _on_cpu(0, lambda: run(fastpath, syn(sport=46200, flags="A")))
+    _on_cpu(1, lambda: run(fastpath, syn(sport=46200, flags="FA")))  # CPU 1 adopts, then sees the FIN
+    maps.set_sched(0, [1], 2)
+    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
+    assert v == XDP_TX and p[IP].dst == RS2 and maps.counters()["conn_reused"] == 1
+
+
+@needs_two_cpus
 def test_counters_sum_across_cpus(fastpath, maps):
     setup_service(maps)
     for _ in range(3):
