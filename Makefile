@@ -6,7 +6,7 @@ KREL := $(shell uname -r)
 APT_PKGS := python3-bpfcc linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
 STAMP := $(VENV)/.setup-stamp
 
-BENCH_PKGS := wrk haproxy bpftool netsniff-ng
+BENCH_PKGS := wrk haproxy bpftool netsniff-ng gcc
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick clean

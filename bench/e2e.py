@@ -19,7 +19,11 @@ One lab, one run, every peer configured for the same VIP (10.0.0.100) and the sa
   generator as a second, slower opinion (~1.7 Mpps into a veth here), so a peer's rate is also seen without
   the kernel's test-run loop transmitting.
 - New TCP connections/s: wrk with `Connection: close` against nginx through the VIP (a Python
-  connect/close loop when wrk is missing).
+  connect/close loop when wrk is missing). wrk and nginx take most of a short connection's CPU on these
+  two cores, so the same is also measured with light endpoints: bench/cps_loop.c (compiled here) keeps
+  2 x 64 connects in flight and resets each connection as soon as its handshake completes (SYN, SYN-ACK,
+  ACK, RST through the balancer; nginx accepts and finds it reset), which leaves the balancer's own share
+  of the cores larger.
 - TCP throughput: iperf3 to the first real server through the VIP, with offloads off (the lab's default,
   what XDP on veth needs) and, for the kernel peers only, with TSO/GSO/GRO/tx-checksum on everywhere.
 
@@ -34,6 +38,7 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +62,23 @@ TARGETS = [  # (metric, peer compared to, factor)
     ("udp_mpps", "plain routing", 2.5),
     ("udp_mpps", "nftables DNAT", 4.0),
     ("cps", "nftables DNAT", 1.5),
+    ("cps_light", "nftables DNAT", 1.5),  # the same target read with light endpoints (cps_loop)
 ]
+
+
+def _build_cps_loop():
+    """Compile bench/cps_loop.c into a private directory; an NA (reported per peer) when there is no compiler."""
+    import tempfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return NA("no C compiler to build bench/cps_loop.c (make bench installs gcc)")
+    out = os.path.join(tempfile.mkdtemp(prefix="hdslb-bench-"), "cps_loop")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cps_loop.c")
+    r = subprocess.run([cc, "-O2", "-Wall", "-o", out, src], capture_output=True, text=True)
+    if r.returncode != 0:
+        return NA(f"building cps_loop failed: {r.stderr.strip()[-200:]}")
+    return out
 
 
 def _tool(name: str, module: str) -> list[str]:
@@ -342,8 +363,12 @@ class E2E:
         _xdp(lab.sw_ns, "sw-lb1", self.sink, XDP_DRV)
         self.nginx = start_nginx(lab)
         self.iperf3 = start_iperf3(lab, which=[1])
+        self.cps_loop = _build_cps_loop()
 
     def teardown(self):
+        if isinstance(getattr(self, "cps_loop", None), str):
+            shutil.rmtree(os.path.dirname(self.cps_loop), ignore_errors=True)
+            self.cps_loop = None
         if self.lab is not None:
             self.lab.teardown()
             self.lab = None
@@ -493,6 +518,22 @@ class E2E:
                     "errors": (errs.group(1).strip() if errs else "") + (f" non-2xx {non2xx.group(1)}" if non2xx else "")}
         return self._cps_python(peer, secs)
 
+    def cps_light(self, peer: Peer) -> dict:
+        if peer.cps_na:
+            raise NA(peer.cps_na)
+        if isinstance(self.cps_loop, NA):
+            raise self.cps_loop
+        host = peer.http.split("/")[2]
+        conc, procs = 64, 2
+        r = self.lab.client_run([self.cps_loop, host, "80", str(self.tcp_secs), str(conc), str(procs), "rst"],
+                                check=False, timeout=self.tcp_secs + 30)
+        try:
+            cps, errs = r.stdout.split()
+        except ValueError:
+            raise NA(f"cps_loop failed: {(r.stderr or r.stdout).strip()[-200:]}") from None
+        return {"cps": float(cps), "tool": f"cps_loop {procs} x {conc} in flight, reset once established",
+                "errors": "" if errs == "0" else errs}
+
     def _cps_python(self, peer: Peer, secs: int) -> dict:
         host = peer.http.split("/")[2]
         script = f"""
@@ -552,14 +593,14 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
             peer.setup()
         except Exception as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            for k in ("udp", "udp_flows", "udp_trafgen", "cps", "iperf_tso_off", "iperf_tso_on"):
+            for k in ("udp", "udp_flows", "udp_trafgen", "cps", "cps_light", "iperf_tso_off", "iperf_tso_on"):
                 row[k] = {"na": f"setup failed: {msg}"}
             peer.teardown()
             return row
         try:
             for key, fn in (("udp", lambda: self.udp(peer)), ("udp_flows", lambda: self.udp_flows(peer)),
                             ("udp_trafgen", lambda: self.udp_trafgen(peer)),
-                            ("cps", lambda: self.cps(peer)),
+                            ("cps", lambda: self.cps(peer)), ("cps_light", lambda: self.cps_light(peer)),
                             ("iperf_tso_off", lambda: self.iperf(peer, False)),
                             ("iperf_tso_on", lambda: self.iperf(peer, True))):
                 cpu0 = _cpu_s(peer.pid)
@@ -644,6 +685,8 @@ def value(row: dict, metric: str):
         return row.get("udp", {}).get("lb_only_mpps")
     if metric == "cps":
         return row.get("cps", {}).get("cps")
+    if metric == "cps_light":
+        return row.get("cps_light", {}).get("cps")
     if metric == "iperf_tso_off":
         return row.get("iperf_tso_off", {}).get("gbps")
     if metric == "iperf_tso_on":

@@ -93,13 +93,14 @@ def fmt_prog_cost(r: dict) -> str:
     return "\n\n".join(parts)
 
 
-E2E_COLS = [("udp", "UDP Mpps"), ("udp_trafgen", "UDP Mpps (trafgen)"), ("cps", "conn/s"),
+E2E_COLS = [("udp", "UDP Mpps"), ("udp_trafgen", "UDP Mpps (trafgen)"), ("cps", "conn/s"), ("cps_light", "conn/s"),
             ("iperf_tso_off", "TCP Gbit/s TSO off"), ("iperf_tso_on", "TCP Gbit/s TSO on")]
 
 
 E2E_TITLES = {"udp": "2b. UDP delivered, as ratios",
               "udp_trafgen": "2b'. UDP delivered with trafgen sending (user-space generator: the second opinion)",
               "cps": "2c. new TCP connections/s (wrk, Connection: close)",
+              "cps_light": "2c'. new TCP connections/s with light endpoints (cps_loop: connect, reset once established)",
               "iperf_tso_off": "2d. TCP throughput (iperf3), offloads off", "iperf_tso_on": "2e. TCP throughput, TSO/GSO/GRO on"}
 
 
@@ -108,7 +109,8 @@ def _metric(m: dict, key: str):
         return None
     if "na" in m:
         return None
-    return {"udp": m.get("mpps"), "udp_trafgen": m.get("mpps"), "cps": m.get("cps"), "iperf_tso_off": m.get("gbps"),
+    return {"udp": m.get("mpps"), "udp_trafgen": m.get("mpps"), "cps": m.get("cps"), "cps_light": m.get("cps"),
+            "iperf_tso_off": m.get("gbps"),
             "iperf_tso_on": m.get("gbps")}[key]
 
 
@@ -146,7 +148,7 @@ def fmt_e2e(r: dict) -> str:
                 note += f"errors: {m['errors']}"
             if m and "daemon_cpu_pct" in m:
                 note += f" hdslbd CPU {m['daemon_cpu_pct']}%"
-            fmtv = "{:.3f}" if key.startswith("udp") else ("{:.0f}" if key == "cps" else "{:.2f}")
+            fmtv = "{:.3f}" if key.startswith("udp") else ("{:.0f}" if key.startswith("cps") else "{:.2f}")
             rows.append([x["peer"], "n/a" if v is None else _f(v, fmtv),
                          _f(v / nft) if v is not None and nft else "", _f(v / rt) if v is not None and rt else "",
                          note.strip()])
