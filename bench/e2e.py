@@ -46,12 +46,15 @@ from pathlib import Path
 from bench import livegen, ref_progs, trafgen
 
 VIP = "10.0.0.100"
-# Each hdslb peer gets its own local address: the real servers keep the TIME_WAIT of every FNAT connection for
-# 60 s, and a daemon started --fresh (an empty conn table) may hand out ports the previous peer just used (its
-# random cursor start makes that rarer, not impossible), so a peer sharing the previous one's address could pay
-# SYN retransmits (the server's TIME_WAIT refuses a SYN whose sequence number is from another client's
-# connection) that say nothing about it.
-LADDRS = ("192.168.100.200", "192.168.100.201", "192.168.100.202", "192.168.100.203")
+# Each hdslb peer gets its own pool of local addresses, as an FNAT deployment has (DPVS's laddr pools):
+# - a pool, because the real servers keep every FNAT connection's (laddr, lport) in TIME_WAIT for 60 s, and with
+#   one address the ~64k ports come round again within seconds at the lab's 30k+ new connections/s: measured
+#   with wrk, 3 % of the SYNs then met a TIME_WAIT that refused them (TcpExtPAWSTimewait on the servers) and
+#   were retransmitted a second later (27.4k conn/s; with 8 addresses 2 refusals in 426k and 30.9k conn/s);
+# - its own, because a daemon started --fresh (an empty conn table) may hand out ports the previous peer just
+#   used, and a peer sharing the previous one's addresses could pay retransmits that say nothing about it.
+LADDR_POOL = 8
+LADDRS = tuple(tuple(f"192.168.100.{200 + LADDR_POOL * i + j}" for j in range(LADDR_POOL)) for i in range(4))
 LB_CL_IP, LB_RS_IP = "10.0.0.254", "192.168.100.254"  # kernel addresses, for the kernel peers only
 UDP_PORT = ref_progs.SINK_PORT
 XDP_DRV, XDP_SKB = 1 << 2, 1 << 1
@@ -123,6 +126,7 @@ class Peer:
     iperf = VIP
     gro_for_udp = True  # live frames into veth-lb0 need its NAPI: an XDP program or GRO
     cps_na = ""
+    cps_light_na = ""
     iperf_na = ""
     tso_na = ""
     udp_na = ""
@@ -205,6 +209,8 @@ table ip {self.TABLE} {{
 class HAProxy(KernelBase):
     name = "HAProxy (TCP mode)"
     udp_na = "HAProxy does not balance UDP"
+    # a proxy completes the client's handshake itself: a connection reset before any data never reaches a server
+    cps_light_na = "a proxy answers the handshake itself (the reset connection never reaches a real server)"
 
     def setup(self):
         from hdslb.lab import netns as nx
@@ -272,9 +278,9 @@ class BareRedirect(Peer):
 class Hdslb(Peer):
     kind = "xdp"
 
-    def __init__(self, bench, generic: bool, aging: float | None = None, laddr: str = LADDRS[0]):
+    def __init__(self, bench, generic: bool, aging: float | None = None, laddrs: tuple = LADDRS[0]):
         super().__init__(bench)
-        self.laddr = laddr
+        self.laddrs = laddrs
         self.generic = generic
         self.aging = aging
         self.name = f"hdslb FNAT ({'generic' if generic else 'native'}" + (f", aging sweep every {aging:g} s)" if aging else ")")
@@ -308,7 +314,8 @@ class Hdslb(Peer):
             self.run(IPVSADM, "-A", proto, f"{VIP}:{port}", "-s", "rr")
             for s in servers:
                 self.run(IPVSADM, "-a", proto, f"{VIP}:{port}", "-r", f"{s.ip}:{port}", "-b")
-            self.run(IPVSADM, "--add-laddr", "-z", self.laddr, proto, f"{VIP}:{port}", "-F", "veth-lb1")
+            for la in self.laddrs:
+                self.run(IPVSADM, "--add-laddr", "-z", la, proto, f"{VIP}:{port}", "-F", "veth-lb1")
 
     def state_dir(self) -> Path:
         """On tmpfs like the daemon's default (/run/hdslb/state): the model is saved with fsync after every change."""
@@ -519,8 +526,8 @@ class E2E:
         return self._cps_python(peer, secs)
 
     def cps_light(self, peer: Peer) -> dict:
-        if peer.cps_na:
-            raise NA(peer.cps_na)
+        if peer.cps_na or peer.cps_light_na:
+            raise NA(peer.cps_na or peer.cps_light_na)
         if isinstance(self.cps_loop, NA):
             raise self.cps_loop
         host = peer.http.split("/")[2]
@@ -630,10 +637,10 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
             out["floor"] = f
             self.log(f"  generator + sink floor: {f['mpps']:.2f} Mpps ({1e3 / f['mpps']:.0f} ns/pkt)")
             makers = [Routing, NftDnat, HAProxy, lambda b: BareRedirect(b, False), lambda b: BareRedirect(b, True),
-                      lambda b: Hdslb(b, False, laddr=LADDRS[0]), lambda b: Hdslb(b, True, laddr=LADDRS[1]),
+                      lambda b: Hdslb(b, False, laddrs=LADDRS[0]), lambda b: Hdslb(b, True, laddrs=LADDRS[1]),
                       # the daemon's aging sweep reads the whole conn table from Python every 2 s on the same
                       # two cores: the same balancer with the sweep made rare shows what that costs
-                      lambda b: Hdslb(b, False, aging=60.0, laddr=LADDRS[2])]
+                      lambda b: Hdslb(b, False, aging=60.0, laddrs=LADDRS[2])]
             for mk in makers:
                 peer = mk(self)
                 if peers and not any(p in peer.name for p in peers):
