@@ -86,7 +86,7 @@ def _persist_counts(ctx) -> dict:
 
 def _laddr_data(ctx, svc) -> list[dict]:
     per = ctx.laddr_conns()
-    return [{"addr": str(la.addr), "ifname": la.ifname, "conns": per.get((svc.svc_id, str(la.addr)), 0),
+    return [{"addr": str(la.addr), "ifname": la.ifname, "conns": per.get((svc.svc_id, la.addr), 0),
              "conflicts": 0} for la in svc.laddrs]
 
 

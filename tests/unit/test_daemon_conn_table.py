@@ -84,3 +84,35 @@ def test_rates_between_two_counter_snapshots():
     assert r[("dest", 2)] == {"cps": 0, "inpps": 0, "outpps": 0, "inbps": 0, "outbps": 0}
     assert r[("dest", 3)]["cps"] == 0, "zeroed counters give 0, not a negative rate"
     assert ("dest", 4) not in r
+
+
+def test_local_address_counts_are_one_walk_per_table_scan():
+    """ipvsadm -G / service.list count connections per (service, local address): once per conn-table scan,
+    however many services ask, and a new scan is counted afresh."""
+    import ipaddress
+
+    from hdslb.ctl import commands
+
+    A = ipaddress.ip_address
+
+    class Scan(list):
+        walks = 0
+
+        def __iter__(self):
+            Scan.walks += 1
+            return super().__iter__()
+
+    scan = Scan([{"svc_id": 1, "to_saddr": A("192.168.100.200"), "out": False},
+                 {"svc_id": 1, "to_saddr": A("192.168.100.200"), "out": False},
+                 {"svc_id": 1, "to_saddr": A("10.0.0.1"), "out": True},  # a reply entry: not counted
+                 {"svc_id": 2, "to_saddr": A("192.168.100.201"), "out": False}])
+    d = types.SimpleNamespace(_conns=lambda: scan, _laddr_cache=None)
+    d.laddr_conns = lambda: Daemon.laddr_conns(d)
+    svcs = [types.SimpleNamespace(svc_id=i, laddrs=[types.SimpleNamespace(addr=A(a), ifname="eth1")
+                                                    for a in ("192.168.100.200", "192.168.100.201")])
+            for i in (1, 2)]
+    got = [[la["conns"] for la in commands._laddr_data(d, s)] for s in svcs]
+    assert got == [[2, 0], [0, 1]]
+    assert Scan.walks == 1, "one walk served both services"
+    scan = Scan(scan[:1])  # the next scan
+    assert Daemon.laddr_conns(d) == {(1, A("192.168.100.200")): 1} and Scan.walks == 2
