@@ -654,13 +654,20 @@ class Balancer:
                 for _svc, plan in plans:
                     self._drop(plan)
                 raise
-            for svc, plan in plans:
-                d.published.add(id(svc))
-                self._write_slots(svc)
-                self._commit(svc, plan)
-                self.dp.service_set(svc)
-                if svc.own_vip:
-                    self._sync_local(svc.addr)
+            done = 0
+            try:
+                for svc, plan in plans:
+                    d.published.add(id(svc))
+                    self._write_slots(svc)
+                    self._commit(svc, plan)
+                    done += 1  # its cells are the service's now: removing it frees them
+                    self.dp.service_set(svc)
+                    if svc.own_vip:
+                        self._sync_local(svc.addr)
+            except BaseException:  # a map write failed: the tables not committed give their cells back
+                for _svc, plan in plans[done:]:
+                    self._drop(plan)
+                raise
             for fn, args in d.post:
                 fn(*args)
             return

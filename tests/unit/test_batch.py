@@ -168,6 +168,29 @@ def test_a_batch_of_new_services_is_applied_without_a_dry_run_and_undone_whole(m
     assert e.value.errno == errno.ENOSPC and e.value.index == 5
     assert state(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
     ctx.bal.cells = cells
+    # a map write failing while the second service is published (writing its Maglev table): both services go,
+    # the first one's maps are cleared, and every hash cell is free again
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    rec = ctx.bal.dp
+
+    class Failing:
+        def __getattr__(self, name):
+            def call(*a):
+                if name == "hash_cells_set":
+                    raise OSError(errno.ENOMEM, "cannot write hash_cells")
+                return getattr(rec, name)(*a)
+            return call
+
+    ctx.bal.dp = Failing()
+    with pytest.raises(OSError):
+        commands.dispatch(ctx, "batch", {"ops": new})
+    ctx.bal.dp = rec
+    assert state(ctx.bal) == before, "model, slots, ids and hash cells as they were"
+    done = [(n, a[0].addr) for n, a in rec.calls[writes:] if n in ("service_set", "service_del")]
+    # the first was published and is removed; the second had its slots written: removed too (clears them)
+    assert done == [("service_set", A("10.0.0.1")), ("service_del", A("10.0.0.1")),
+                    ("service_del", A("10.0.0.2"))], done
+    writes = len(ctx.bal.dp.calls)
     # accepted: published in order, each new service's slots and table before its svc_map entry
     assert commands.dispatch(ctx, "batch", {"ops": new}) == {"applied": 4, "warnings": []}
     names = [(n, a[0].addr if n in ("service_set", "sched_set", "dest_set") else None)
