@@ -126,7 +126,7 @@ def memory(quick: bool, log) -> dict:
         # and the full per-entry dicts of ipvsadm -Lnc / conn.list.
         scans = {}
         for name, fn in (("entries (stats.get)", maps.conn_entries),
-                         ("aging view (sweep, ActiveConn/InActConn)", lambda: len(maps.conn_aging_view())),
+                         ("aging columns (sweep, ActiveConn/InActConn)", lambda: len(maps.conn_aging_columns())),
                          ("conn.list dicts (ipvsadm -Lnc)", lambda: sum(1 for _ in maps.conns()))):
             t0 = time.monotonic()
             n = fn()

@@ -758,45 +758,28 @@ class Daemon:
         """Remove connections idle past their state's timeout, both directions together; returns entries removed.
 
         A flow's idle time is measured from the newest packet of either direction, so a half-closed transfer
-        that still moves data in one direction is not cut. Works on raw keys and jiffies (no address objects):
-        the table is read in batches and only the dead are looked at twice.
+        that still moves data in one direction is not cut. The table is read in batches into numpy columns
+        (hdslb.fastpath.aging: which flows are dead is worked out for the whole table at once) and only the
+        dead are looked at again, one by one, before they go.
         """
+        from hdslb.fastpath import aging
         from hdslb.fastpath.abi import state_timeouts
 
         clock = self.maps.clock
         now = clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         t = self.settings.timeouts
-        by_state = [clock.seconds_to_jiffies(x) for x in state_timeouts(t)]
-        udp_j, close_j = clock.seconds_to_jiffies(t["udp"]), clock.seconds_to_jiffies(t["close"])
-        recs = self.maps.conn_aging_view()
-        by_key = {r[0]: r for r in recs}
-        removed, seen = 0, set()
-        for r in recs:
-            k = r[0]
-            if k in seen:
-                continue
-            partner = by_key.get(r[1])
-            # The entry at the partner key is this flow's only if it points back here: the fast path may have
-            # given an expired flow's local port to a new flow, whose reply entry then sits at that key.
-            if partner is not None and partner[1] != k:
-                partner = None
-            seen.add(k)
-            pair = (r,) if partner is None else (r, partner)
-            if partner is not None:
-                seen.add(partner[0])
-            owner = next((x for x in pair if not x[4]), r)
-            last = max(x[2] for x in pair)
-            if owner[5] == socket.IPPROTO_UDP:
-                limit = udp_j
-            else:
-                limit = by_state[owner[3]] if owner[3] < len(by_state) else close_j
-            if now - last <= limit:
-                continue
+        lim = aging.Limits(by_state=tuple(clock.seconds_to_jiffies(x) for x in state_timeouts(t)),
+                           udp=clock.seconds_to_jiffies(t["udp"]), close=clock.seconds_to_jiffies(t["close"]))
+        cols = self.maps.conn_aging_columns()
+        dead = cols.expired(now, lim) if cols is not None else \
+            aging.expired_rows(self.maps.conn_aging_view(), now, lim)
+        removed = 0
+        for keys, last in dead:
             # Re-read before deleting: a packet may have arrived since the scan.
-            fresh = [self.maps.conn_last_seen_jiffies(x[0]) for x in pair]
+            fresh = [self.maps.conn_last_seen_jiffies(k) for k in keys]
             if any(f is not None and f > last for f in fresh):
                 continue
-            removed += sum(self.maps.del_conn_raw(x[0]) for x in pair)
+            removed += sum(self.maps.del_conn_raw(k) for k in keys)
         if removed:
             self.maps.add_counter("conn_expired", removed)
             self._conn_cache = (0.0, None)
@@ -1021,19 +1004,13 @@ class Daemon:
 
     def conn_counts(self) -> dict[int, tuple[int, int]]:
         """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
-        from hdslb.fastpath.abi import conn_states
+        from hdslb.fastpath import aging
 
         at, counts = self._counts_cache
         if counts is not None and time.monotonic() - at <= CONN_SCAN_CACHE_S:  # one scan serves the same second
             return counts
-        est = conn_states().index("established")
-        out: dict[int, list[int]] = {}
-        for _k, _p, _last, state, is_out, proto, slot in self.maps.conn_aging_view():
-            if is_out:
-                continue
-            ent = out.setdefault(slot, [0, 0])
-            ent[0 if (proto == socket.IPPROTO_TCP and state == est) else 1] += 1
-        counts = {k: (v[0], v[1]) for k, v in out.items()}
+        cols = self.maps.conn_aging_columns()
+        counts = cols.counts() if cols is not None else aging.counts_rows(self.maps.conn_aging_view())
         self._counts_cache = (time.monotonic(), counts)
         return counts
 

@@ -11,7 +11,7 @@ import struct
 import time
 
 from hdslb.fastpath.clock import JiffiesClock
-from hdslb.fastpath import abi
+from hdslb.fastpath import abi, aging
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -584,47 +584,43 @@ class Maps:
         return n
 
     # conn_key and conn_val as bytes (bpf/include/hdslb_abi.h); the loader checks both sizes against the C.
-    _KEY = struct.Struct("=16s16sHHBBH")
-    _VAL = struct.Struct("=16s16sHHI6s6sHBBIB3xQ")
+    _KEY = struct.Struct(aging.KEY_FMT)
+    _VAL = struct.Struct(aging.VAL_FMT)
 
-    def conn_aging_view(self) -> list[tuple]:
-        """What the aging sweep and the connection counts need of every entry, unpacked straight from the batch
-        buffers (no ctypes fields, no address objects: 2.8 us an entry, under half of conns()' cost):
-        (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies, state
-        (the furthest any copy has seen, as in _newest), is-reply, proto, dest slot). Entries with no filled-in
-        copy are left out."""
+    def _aging_buffers(self):
+        """(key bytes, value bytes, CPUs) of the conn table, batch by batch (the views are reused by the next)."""
         t = self.t["conn_map"]
         ks, vs = self._KEY.size, self._VAL.size
         ncpu = len(t.Leaf()) if hasattr(t.Leaf(), "__len__") else 1
-        if ct.sizeof(t.Key) != ks or ct.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf) != vs:
-            raise RuntimeError("conn_key/conn_val layout changed: update Maps._KEY/_VAL")
-        valid, out_f, xlat = abi.CONN_F_VALID, abi.CONN_F_OUT, abi.CONN_F_XLAT
-        pack = struct.Struct("=HHBBH").pack
-        per_entry = struct.Struct("=" + self._VAL.format.lstrip("=") * ncpu)  # every CPU's copy in one unpack
-        nf = len(self._VAL.unpack(bytes(vs)))
-        out = []
+        leaf = t.sLeaf if hasattr(t, "sLeaf") else t.Leaf
+        offs = {(t.Key, "proto"): aging.K_PROTO, (t.Key, "af"): aging.K_AF, (leaf, "saddr"): aging.V_SADDR,
+                (leaf, "daddr"): aging.V_DADDR, (leaf, "sport"): aging.V_SPORT, (leaf, "dport"): aging.V_DPORT,
+                (leaf, "flags"): aging.V_FLAGS, (leaf, "state"): aging.V_STATE, (leaf, "dest_slot"): aging.V_SLOT,
+                (leaf, "last_seen"): aging.V_LAST}
+        if ct.sizeof(t.Key) != ks or ct.sizeof(leaf) != vs or \
+                any(getattr(ty, f).offset != off for (ty, f), off in offs.items()):
+            raise RuntimeError("conn_key/conn_val layout changed: update Maps._KEY/_VAL and fastpath/aging.py")
         for batch in self._conn_batches():
             if batch is None:  # no batch ops: the same from a key-by-key walk
                 items = [(bytes(k), bytes(v)) for k, v in t.items()]
-                kbuf, vbuf, n = b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
-            else:
-                keys, vals, n = batch
-                kbuf = memoryview(keys).cast("B")[:n * ks]
-                vbuf = memoryview(vals).cast("B")[:n * vs * ncpu]
-            for i, (k, v) in enumerate(zip(self._KEY.iter_unpack(kbuf), per_entry.iter_unpack(vbuf))):
-                best, state = -1, 0
-                for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +8, state +9, last_seen +12
-                    if v[c + 8] & valid:
-                        state = max(state, v[c + 9])
-                        if best < 0 or v[c + 12] > v[best + 12]:
-                            best = c
-                if best < 0:
-                    continue
-                af = (10 - k[5]) if v[best + 8] & xlat else k[5]
-                out.append((bytes(kbuf[i * ks:(i + 1) * ks]),
-                            v[best + 1] + v[best] + pack(v[best + 3], v[best + 2], k[4], af, 0),
-                            v[best + 12], state, bool(v[best + 8] & out_f), k[4], v[best + 10]))
+                yield b"".join(k for k, _ in items), b"".join(v for _, v in items), ncpu
+                return
+            keys, vals, n = batch
+            yield memoryview(keys).cast("B")[:n * ks], memoryview(vals).cast("B")[:n * vs * ncpu], ncpu
+
+    def conn_aging_view(self) -> list[tuple]:
+        """What the aging sweep and the connection counts need of every entry, unpacked straight from the batch
+        buffers (no ctypes fields, no address objects): one tuple per entry, see hdslb.fastpath.aging (the
+        reference implementation; the daemon uses conn_aging_columns)."""
+        out = []
+        for kbuf, vbuf, ncpu in self._aging_buffers():
+            out.extend(aging.rows(kbuf, vbuf, ncpu))
         return out
+
+    def conn_aging_columns(self):
+        """conn_aging_view() as numpy columns (hdslb.fastpath.aging.Columns), several times cheaper for a big
+        table; None in the (astronomically rare) case its key hashing cannot tell two keys apart."""
+        return aging.Columns.from_batches([aging.Columns.extract(k, v, n) for k, v, n in self._aging_buffers()])
 
     def conn_key_from_bytes(self, raw: bytes):
         return self.t["conn_map"].Key.from_buffer_copy(raw)

@@ -475,6 +475,23 @@ def test_batched_conn_walk_sees_every_entry_across_batches(fastpath, maps):
     # every entry's partner key is the other direction's, which points back
     assert all(by_key[r[1]][1] == r[0] for r in view)
     assert sorted(c["sport"] for c in maps.conns() if not c["out"]) == list(range(41000, 41040))
+    # the daemon's columns (numpy, batch by batch) read the real layout as the reference does
+    from hdslb.fastpath import abi, aging
+
+    cols = maps.conn_aging_columns()
+    assert {cols.key(i) for i in range(len(cols))} == keys
+    p = cols.partner_index()
+    assert all(p[i] >= 0 and cols.key(int(p[i])) == by_key[cols.key(i)][1] for i in range(len(cols)))
+    assert cols.counts() == aging.counts_rows(view) == {0: (0, 40)}  # 40 SYN_RECV flows on slot 0
+    now = max(r[2] for r in view) + 31 * maps.clock.seconds_to_jiffies(1)
+    lim = aging.Limits(by_state=tuple(maps.clock.seconds_to_jiffies(x) for x in abi.state_timeouts(TIMEOUTS)),
+                       udp=1, close=1)
+    assert cols.expired(now, lim) == aging.expired_rows(view, now, lim) and len(cols.expired(now, lim)) == 40
+    # the sweep's re-read and removal, by raw key
+    k = view[0][0]
+    assert maps.conn_last_seen_jiffies(k) == view[0][2]
+    assert maps.del_conn_raw(k) is True and maps.del_conn_raw(k) is False
+    assert maps.conn_last_seen_jiffies(k) is None and maps.conn_entries() == 79
 
 
 def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, maps):

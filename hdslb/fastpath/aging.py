@@ -1,0 +1,262 @@
+"""The conn table as the aging sweep and the connection counts see it, computed from the raw batch buffers.
+
+Two implementations of the same thing. `rows()` / `expired_rows()` / `counts_rows()` are plain Python over one
+tuple per entry (the reference, and what tests read). `Columns` does it with numpy over the whole table at once
+(the daemon's path: a sweep of a million-connection table is several times cheaper, and at 30k new connections/s
+the sweep is the daemon's main work). Tests hold the two to the same answers.
+
+An entry is (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies over
+the filled-in CPU copies, state (the furthest any copy has seen), is-reply, proto, dest slot), taken from the
+newest copy; entries with no filled-in copy are left out. Two entries are one flow when each one's partner key is
+the other's key; a flow is idle for the time since the newest packet of either direction, and times out by its
+inbound entry's state (UDP: the udp timeout).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from hdslb.fastpath import abi
+
+KEY_SIZE, VAL_SIZE = 40, 72
+# struct conn_key / conn_val (bpf/include/hdslb_abi.h), checked against the loaded map's ctypes types in Maps
+KEY_FMT = "=16s16sHHBBH"
+VAL_FMT = "=16s16sHHI6s6sHBBIB3xQ"
+K_PROTO, K_AF = 36, 37
+V_SADDR, V_DADDR, V_SPORT, V_DPORT = 0, 16, 32, 34
+V_FLAGS, V_STATE, V_SLOT, V_LAST = 54, 55, 56, 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Idle timeouts in jiffies: by TCP state (index = state), for UDP, and for a state beyond the list."""
+
+    by_state: tuple
+    udp: int
+    close: int
+
+    def of(self, proto: int, state: int) -> int:
+        if proto == socket.IPPROTO_UDP:
+            return self.udp
+        return self.by_state[state] if state < len(self.by_state) else self.close
+
+
+# --- the reference: one tuple per entry ---------------------------------------------------------------
+def rows(kbuf, vbuf, ncpu: int) -> list[tuple]:
+    key, val = struct.Struct(KEY_FMT), struct.Struct(VAL_FMT)
+    valid, out_f, xlat = abi.CONN_F_VALID, abi.CONN_F_OUT, abi.CONN_F_XLAT
+    pack = struct.Struct("=HHBBH").pack
+    per_entry = struct.Struct("=" + VAL_FMT.lstrip("=") * ncpu)  # every CPU's copy in one unpack
+    nf = len(val.unpack(bytes(VAL_SIZE)))
+    out = []
+    for i, (k, v) in enumerate(zip(key.iter_unpack(kbuf), per_entry.iter_unpack(vbuf))):
+        best, state = -1, 0
+        for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +8, state +9, last_seen +12
+            if v[c + 8] & valid:
+                state = max(state, v[c + 9])
+                if best < 0 or v[c + 12] > v[best + 12]:
+                    best = c
+        if best < 0:
+            continue
+        af = (10 - k[5]) if v[best + 8] & xlat else k[5]
+        out.append((bytes(kbuf[i * KEY_SIZE:(i + 1) * KEY_SIZE]),
+                    v[best + 1] + v[best] + pack(v[best + 3], v[best + 2], k[4], af, 0),
+                    v[best + 12], state, bool(v[best + 8] & out_f), k[4], v[best + 10]))
+    return out
+
+
+def unique(recs: list[tuple]) -> list[tuple]:
+    """Each key once, at its first place with its last copy's values (a batch walk of a live table can meet an
+    entry twice; the later copy is the fresher)."""
+    return list({r[0]: r for r in recs}.values())
+
+
+def expired_rows(recs: list[tuple], now: int, lim: Limits) -> list[tuple[tuple[bytes, ...], int]]:
+    """The flows idle past their timeout: (their entries' keys, the newest last_seen of the flow)."""
+    recs = unique(recs)
+    by_key = {r[0]: r for r in recs}
+    seen, out = set(), []
+    for r in recs:
+        k = r[0]
+        if k in seen:
+            continue
+        partner = by_key.get(r[1])
+        # The entry at the partner key is this flow's only if it points back here: the fast path may have
+        # given an expired flow's local port to a new flow, whose reply entry then sits at that key.
+        if partner is not None and (partner[1] != k or partner[0] == k):
+            partner = None
+        seen.add(k)
+        pair = (r,) if partner is None else (r, partner)
+        if partner is not None:
+            seen.add(partner[0])
+        owner = next((x for x in pair if not x[4]), r)
+        last = max(x[2] for x in pair)
+        if now - last > lim.of(owner[5], owner[3]):
+            out.append((tuple(x[0] for x in pair), last))
+    return out
+
+
+def counts_rows(recs: list[tuple]) -> dict[int, tuple[int, int]]:
+    """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
+    est = abi.conn_states().index("established")
+    out: dict[int, list[int]] = {}
+    for _k, _p, _last, state, is_out, proto, slot in unique(recs):
+        if is_out:
+            continue
+        ent = out.setdefault(slot, [0, 0])
+        ent[0 if (proto == socket.IPPROTO_TCP and state == est) else 1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+# --- the daemon's path: numpy over the whole table ----------------------------------------------------
+_MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5, 0x94D049BB133111EB)
+
+
+def _hash_rows(a):
+    """A 64-bit hash of each 40-byte row (five 8-byte words mixed), for sorting and matching keys."""
+    import numpy as np
+
+    w = a.view("<u8")
+    h = w[:, 0] * np.uint64(_MIX[0])
+    for i in range(1, 5):
+        h = ((h ^ (h >> np.uint64(29))) * np.uint64(_MIX[i])) ^ w[:, i]
+    return h ^ (h >> np.uint64(32))
+
+
+class Columns:
+    """rows() as columns: keys and partners (n x 40 uint8), last (uint64), state, out, proto, slot, each key once
+    as unique() keeps it. Built batch by batch (from_batches), so the table's raw values are never all held at
+    once. from_batches() returns None in the astronomically rare case of two different keys with the same
+    64-bit hash: the caller then uses the reference path."""
+
+    FIELDS = ("keys", "partner", "last", "state", "out", "proto", "slot")
+
+    def __init__(self, cols: dict, khash):
+        for f in self.FIELDS:
+            setattr(self, f, cols[f])
+        self._khash = khash
+
+    def __len__(self) -> int:
+        return len(self.last)
+
+    @staticmethod
+    def extract(kbuf, vbuf, ncpu: int) -> dict:
+        """One batch's entries with a filled-in copy, as columns (copies: the buffers may be reused)."""
+        import numpy as np
+
+        n = len(kbuf) // KEY_SIZE
+        K = np.frombuffer(kbuf, np.uint8, n * KEY_SIZE).reshape(n, KEY_SIZE)
+        V = np.frombuffer(vbuf, np.uint8, n * ncpu * VAL_SIZE).reshape(n, ncpu, VAL_SIZE)
+        valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
+        last_all = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
+        # the newest filled-in copy: the first CPU with the largest last_seen among the filled-in ones
+        best = np.where(valid, last_all.astype(np.int64), -1).argmax(axis=1)
+        idx = np.flatnonzero(valid.any(axis=1))
+        best = best[idx]
+        bv = V[idx, best]  # (m, 72): the newest copy's bytes
+        K = K[idx]
+        flags = bv[:, V_FLAGS]
+        proto = K[:, K_PROTO].copy()
+        af = K[:, K_AF].astype(np.int16)
+        af = np.where((flags & abi.CONN_F_XLAT) != 0, 10 - af, af).astype(np.uint8)
+        partner = np.zeros_like(K)
+        partner[:, 0:16] = bv[:, V_DADDR:V_DADDR + 16]
+        partner[:, 16:32] = bv[:, V_SADDR:V_SADDR + 16]
+        partner[:, 32:34] = bv[:, V_DPORT:V_DPORT + 2]
+        partner[:, 34:36] = bv[:, V_SPORT:V_SPORT + 2]
+        partner[:, K_PROTO] = proto
+        partner[:, K_AF] = af
+        return {"keys": np.ascontiguousarray(K), "partner": partner, "last": last_all[idx, best],
+                "state": np.where(valid, V[:, :, V_STATE], 0)[idx].max(axis=1),
+                "out": (flags & abi.CONN_F_OUT) != 0, "proto": proto,
+                "slot": np.ascontiguousarray(bv[:, V_SLOT:V_SLOT + 4]).view("<u4")[:, 0]}
+
+    @classmethod
+    def from_batches(cls, parts: list) -> "Columns | None":
+        import numpy as np
+
+        if not parts:
+            parts = [Columns.extract(b"", b"", 1)]
+        cols = {f: np.concatenate([p[f] for p in parts]) for f in cls.FIELDS}
+        kh = _hash_rows(cols["keys"])
+        n = len(kh)
+        order = np.argsort(kh, kind="stable")
+        sh = kh[order]
+        start = np.ones(n, bool)
+        start[1:] = sh[1:] != sh[:-1]
+        if n and not start.all():
+            run = np.cumsum(start) - 1                  # each sorted row's run of equal hashes
+            firsts = order[np.flatnonzero(start)]
+            if not np.array_equal(cols["keys"][order], cols["keys"][firsts[run]]):
+                return None  # a hash collision between different keys
+            lasts = order[np.r_[np.flatnonzero(start)[1:] - 1, n - 1]]
+            perm = np.argsort(firsts, kind="stable")    # table order of each key's first place
+            src = lasts[perm]                           # with its last copy's values
+            cols = {f: v[src] for f, v in cols.items()}
+            kh = kh[src]
+        cols["partner"] = np.ascontiguousarray(cols["partner"])
+        return cls(cols, kh)
+
+    def key(self, i: int) -> bytes:
+        return self.keys[i].tobytes()
+
+    def partner_index(self):
+        """For each row, the row holding its partner key, or -1."""
+        import numpy as np
+
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        order = np.argsort(self._khash, kind="stable")
+        sh = self._khash[order]
+        ph = _hash_rows(self.partner)
+        pos = np.minimum(np.searchsorted(sh, ph), n - 1)
+        cand = order[pos]
+        hit = (sh[pos] == ph) & np.all(self.keys[cand] == self.partner, axis=1)
+        return np.where(hit, cand, -1)
+
+    def expired(self, now: int, lim: Limits) -> list[tuple[tuple[bytes, ...], int]]:
+        """expired_rows() over the columns: the same flows, in the same order."""
+        import numpy as np
+
+        n = len(self)
+        if n == 0:
+            return []
+        rows_ = np.arange(n)
+        p = self.partner_index()
+        pc = np.where(p >= 0, p, 0)
+        mutual = (p >= 0) & (p != rows_) & (p[pc] == rows_)
+        # each flow once, from its first row in table order (as expired_rows walks it)
+        first = ~mutual | (rows_ < p)
+        r = rows_[first]
+        j = np.where(mutual[first], p[first], -1)
+        jc = np.where(j >= 0, j, r)
+        # the owner is the first non-reply entry of (r, partner), else r
+        owner = np.where(~self.out[r] | (j < 0) | self.out[jc], r, jc)
+        last = np.maximum(self.last[r], np.where(j >= 0, self.last[jc], 0))
+        by_state = np.array(list(lim.by_state) + [lim.close] * (256 - len(lim.by_state)), np.int64)
+        limit = np.where(self.proto[owner] == socket.IPPROTO_UDP, lim.udp, by_state[self.state[owner]])
+        idle = np.int64(now) - last.astype(np.int64)
+        dead = np.flatnonzero(idle > limit)
+        out = []
+        for x in dead:
+            i, k = int(r[x]), int(j[x])
+            out.append(((self.key(i),) if k < 0 else (self.key(i), self.key(k)), int(last[x])))
+        return out
+
+    def counts(self) -> dict[int, tuple[int, int]]:
+        import numpy as np
+
+        est = abi.conn_states().index("established")
+        inb = ~self.out
+        slots = self.slot[inb]
+        active = (self.proto[inb] == socket.IPPROTO_TCP) & (self.state[inb] == est)
+        out = {}
+        for want, col in ((True, 0), (False, 1)):
+            u, c = np.unique(slots[active == want], return_counts=True)
+            for s, m in zip(u.tolist(), c.tolist()):
+                ent = out.setdefault(s, [0, 0])
+                ent[col] = m
+        return {k: (v[0], v[1]) for k, v in out.items()}

@@ -1,0 +1,106 @@
+"""The sweep's two implementations agree: numpy columns (the daemon's path) and the plain-Python reference, on
+random conn tables with every case the sweep must get right."""
+
+import random
+import socket
+import struct
+
+import pytest
+
+from hdslb.fastpath import abi, aging
+
+KEY = struct.Struct(aging.KEY_FMT)
+VAL = struct.Struct(aging.VAL_FMT)
+VALID, OUT, XLAT = abi.CONN_F_VALID, abi.CONN_F_OUT, abi.CONN_F_XLAT
+LIM = aging.Limits(by_state=(0, 30_000, 30_000, 900_000, 7_000, 60_000, 10_000, 60_000, 120_000),
+                   udp=300_000, close=10_000)
+
+
+def _addr(rnd, af):
+    return rnd.randbytes(4) + bytes(12) if af == 4 else rnd.randbytes(16)
+
+
+def _val(rnd, saddr, daddr, sport, dport, flags, state, slot, last):
+    return VAL.pack(saddr, daddr, sport, dport, 7, b"\x02" * 6, b"\x04" * 6, 3, flags, state, slot, 1, last)
+
+
+def _entry(rnd, key, rewrite, out, ncpu, now, xlat=False):
+    """A conn entry: key bytes and ncpu copies, some not filled in, the newest rewriting as `rewrite` says."""
+    saddr, daddr, sport, dport = rewrite
+    copies = []
+    filled = rnd.sample(range(ncpu), rnd.randint(0 if rnd.random() < 0.05 else 1, ncpu))
+    for c in range(ncpu):
+        if c in filled:
+            fl = VALID | (OUT if out else 0) | (XLAT if xlat else 0)
+            last = now - rnd.choice([0, 5, 5_000, 20_000, 40_000, 100_000, 400_000, 2_000_000])
+            copies.append(_val(rnd, saddr, daddr, sport, dport, fl, rnd.randint(0, 10), rnd.randint(0, 50), last))
+        else:
+            copies.append(bytes(aging.VAL_SIZE) if rnd.random() < 0.7 else
+                          _val(rnd, saddr, daddr, sport, dport, 0, 3, 9, now))  # stale, not filled in
+    return key, b"".join(copies)
+
+
+def _table(seed, ncpu, n_flows=400):
+    rnd = random.Random(seed)
+    now = 10_000_000
+    ents = []
+    for f in range(n_flows):
+        af = rnd.choice([4, 4, 6])
+        proto = rnd.choice([socket.IPPROTO_TCP, socket.IPPROTO_UDP])
+        cl, vip, rs, la = (_addr(rnd, af) for _ in range(4))
+        cp, vp, rp, lp = (rnd.randrange(1, 65536) for _ in range(4))
+        kin = KEY.pack(cl, vip, cp, vp, proto, af, 0)
+        kind = rnd.random()
+        if kind < 0.1:  # DR/TUNNEL: one entry, its partner key holds nothing
+            ents.append(_entry(rnd, kin, (cl, rs, cp, rp), False, ncpu, now))
+            continue
+        xlat = kind < 0.15
+        raf = 10 - af if xlat else af
+        ra, rl = (_addr(rnd, raf), _addr(rnd, raf)) if xlat else (rs, la)
+        kout = KEY.pack(ra, rl, rp, lp, proto, raf, 0)
+        ein = _entry(rnd, kin, (rl, ra, lp, rp), False, ncpu, now, xlat)
+        eout = _entry(rnd, kout, (vip, cl, vp, cp), True, ncpu, now, xlat)
+        if kind < 0.25:  # the reply key now belongs to another flow: its inbound entry points elsewhere
+            ein = _entry(rnd, kin, (rl, ra, (lp + 1) % 65536, rp), False, ncpu, now, xlat)
+        pair = [ein, eout]
+        rnd.shuffle(pair)
+        ents.extend(pair)
+    rnd.shuffle(ents)
+    for _ in range(n_flows // 20):  # a walk of a live table meets some entries twice
+        k, _v = rnd.choice(ents)
+        ents.insert(rnd.randrange(len(ents) + 1), _entry(rnd, k, (_addr(rnd, 4),) * 2 + (1, 2), rnd.random() < .5,
+                                                          ncpu, now))
+    return ents, now
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ncpu", [1, 2, 4])
+def test_numpy_columns_agree_with_the_reference(seed, ncpu):
+    ents, now = _table(seed, ncpu)
+    kbuf, vbuf = b"".join(k for k, _ in ents), b"".join(v for _, v in ents)
+    recs = aging.rows(kbuf, vbuf, ncpu)
+    # the daemon reads the table in batches: columns built per batch, then joined
+    cut = len(ents) // 3
+    parts = [aging.Columns.extract(b"".join(k for k, _ in ch), b"".join(v for _, v in ch), ncpu)
+             for ch in (ents[:cut], ents[cut:2 * cut], ents[2 * cut:])]
+    cols = aging.Columns.from_batches(parts)
+    assert cols is not None and len(cols) == len(aging.unique(recs))
+    want = aging.expired_rows(recs, now, LIM)
+    assert 0 < len(want) < len(recs), "the table mixes live and dead flows"
+    assert any(len(keys) == 2 for keys, _ in want) and any(len(keys) == 1 for keys, _ in want)
+    assert cols.expired(now, LIM) == want
+    assert cols.counts() == aging.counts_rows(recs)
+
+
+def test_empty_table():
+    cols = aging.Columns.from_batches([])
+    assert len(cols) == 0 and cols.expired(1000, LIM) == [] and cols.counts() == {}
+
+
+def test_a_hash_collision_hands_the_sweep_to_the_reference(monkeypatch):
+    ents, now = _table(1, 2, 50)
+    kbuf, vbuf = b"".join(k for k, _ in ents), b"".join(v for _, v in ents)
+    import numpy as np
+
+    monkeypatch.setattr(aging, "_hash_rows", lambda a: np.zeros(len(a), np.uint64))
+    assert aging.Columns.from_batches([aging.Columns.extract(kbuf, vbuf, 2)]) is None
