@@ -650,8 +650,9 @@ class Daemon:
 
     def _prune_to_model(self) -> None:
         """After adopting pinned maps with a saved model: drop the services, real servers, owned addresses and
-        routes the model does not have. A crash inside the save coalescing window (a burst of changes) leaves maps newer than the saved
-        model; the restarted daemon says, and now does, what the model says (established flows keep going)."""
+        routes the model does not have. A crash inside the save coalescing window (a burst of changes) leaves maps
+        newer than the saved model; the restarted daemon says, and now does, what the model says (established
+        flows keep going)."""
         svcs = list(self.bal.services.values())
         keep_keys = {self.maps.svc_key_bytes(_proto(v.proto), v.addr, v.port) for v in svcs if v.match is None}
         pruned = self.maps.prune_services(keep_keys, {v.svc_id for v in svcs},
@@ -745,14 +746,18 @@ class Daemon:
         return {"size": self.sizes.max_conns, "entries": entries, "expired": expired,
                 "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
 
-    def timeout_for(self, c: dict) -> int:
+    def idle_limits(self, unit=lambda seconds: seconds):
+        """The idle timeouts as hdslb.fastpath.aging.Limits, converted by `unit` (seconds by default)."""
+        from hdslb.fastpath import aging
         from hdslb.fastpath.abi import state_timeouts
 
         t = self.settings.timeouts
-        if c["proto"] == socket.IPPROTO_UDP:
-            return t["udp"]
-        by_state = state_timeouts(t)
-        return by_state[c["state"]] if c["state"] < len(by_state) else t["close"]
+        return aging.Limits(by_state=tuple(unit(x) for x in state_timeouts(t)), udp=unit(t["udp"]),
+                            close=unit(t["close"]))
+
+    def timeout_for(self, c: dict) -> int:
+        """Seconds a connection may stay idle (ipvsadm -Lnc's expire), by the rule the sweep applies."""
+        return self.idle_limits().of(c["proto"], c["state"])
 
     def sweep(self) -> int:
         """Remove connections idle past their state's timeout, both directions together; returns entries removed.
@@ -763,13 +768,10 @@ class Daemon:
         dead are looked at again, one by one, before they go.
         """
         from hdslb.fastpath import aging
-        from hdslb.fastpath.abi import state_timeouts
 
         clock = self.maps.clock
         now = clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-        t = self.settings.timeouts
-        lim = aging.Limits(by_state=tuple(clock.seconds_to_jiffies(x) for x in state_timeouts(t)),
-                           udp=clock.seconds_to_jiffies(t["udp"]), close=clock.seconds_to_jiffies(t["close"]))
+        lim = Daemon.idle_limits(self, clock.seconds_to_jiffies)  # (tests pass stand-ins for self)
         cols = self.maps.conn_aging_columns()
         dead = cols.expired(now, lim) if cols is not None else \
             aging.expired_rows(self.maps.conn_aging_view(), now, lim)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from hdslb.fastpath import abi
 
-KEY_SIZE, VAL_SIZE = 40, 72
+KEY_SIZE, VAL_SIZE = abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE
 # struct conn_key / conn_val (bpf/include/hdslb_abi.h), checked against the loaded map's ctypes types in Maps
 KEY_FMT = "=16s16sHHBBH"
 VAL_FMT = "=16s16sHHI6s6sHBBIB3xQ"

@@ -116,3 +116,33 @@ def test_local_address_counts_are_one_walk_per_table_scan():
     assert Scan.walks == 1, "one walk served both services"
     scan = Scan(scan[:1])  # the next scan
     assert Daemon.laddr_conns(d) == {(1, A("192.168.100.200")): 1} and Scan.walks == 2
+
+
+def test_sweep_and_counts_fall_back_to_the_reference_when_the_columns_cannot_be_built():
+    """Two keys sharing a 64-bit hash (conn_aging_columns() is None): the sweep and ActiveConn/InActConn come
+    from the plain-Python view, with the same rules."""
+    import socket
+    import struct
+
+    from hdslb.fastpath import abi
+    from hdslb.fastpath.aging import KEY_FMT
+
+    key = struct.Struct(KEY_FMT).pack
+    est = abi.conn_states().index("established")
+    dead_in, dead_out = key(b"\1" * 16, b"\2" * 16, 1, 2, 6, 4, 0), key(b"\3" * 16, b"\4" * 16, 3, 4, 6, 4, 0)
+    live = key(b"\5" * 16, b"\6" * 16, 5, 6, 6, 4, 0)
+    now = 1_000_000
+    view = [(dead_in, dead_out, now - 200_000, est, False, socket.IPPROTO_TCP, 7),
+            (dead_out, dead_in, now - 300_000, est, True, socket.IPPROTO_TCP, 7),
+            (live, b"\0" * 40, now - 10, est, False, socket.IPPROTO_TCP, 8)]
+    gone, counted = [], []
+    maps = types.SimpleNamespace(
+        clock=types.SimpleNamespace(mono_to_jiffies=lambda ns: now, seconds_to_jiffies=lambda s: s * 1000),
+        conn_aging_columns=lambda: None, conn_aging_view=lambda: view,
+        conn_last_seen_jiffies=lambda k: next(r[2] for r in view if r[0] == k),
+        del_conn_raw=lambda k: gone.append(k) or True, add_counter=lambda name, n: counted.append((name, n)))
+    d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(
+        timeouts={"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}),
+        _conn_cache=None, _counts_cache=(0.0, None))
+    assert Daemon.sweep(d) == 2 and gone == [dead_in, dead_out] and counted == [("conn_expired", 2)]
+    assert Daemon.conn_counts(d) == {7: (1, 0), 8: (1, 0)}
