@@ -308,11 +308,14 @@ def chart(res: dict, path: Path) -> str | None:
     return None
 
 
-def write(res: dict) -> tuple[Path, Path | None, str | None]:
+def write(res: dict, partial: bool = False) -> tuple[Path, Path | None, str | None]:
+    """The day's results file; a quick or partial run (--quick, --only, --peers) writes <date>-quick or
+    <date>-partial beside it (not kept in git) so it never replaces that day's full run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    jp = RESULTS / f"{res['date']}.json"
+    stem = res["date"] + ("-quick" if res.get("quick") else "-partial" if partial else "")
+    jp = RESULTS / f"{stem}.json"
     jp.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    pp = RESULTS / f"{res['date']}.png"
+    pp = RESULTS / f"{stem}.png"
     err = chart(res, pp)
     return jp, (None if err else pp), err
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f"{name}: n/a ({res[name]['na']})"
         printed.append(text)
     res["seconds"] = round(time.monotonic() - t0, 1)
-    jp, pp, err = report.write(res)
+    jp, pp, err = report.write(res, partial=bool(a.only or a.peers))
     _log("\n== summary ==\n")
     _log("\n\n".join(printed))
     _log("\n== README block ==\n")
