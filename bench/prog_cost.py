@@ -245,6 +245,7 @@ class _Bench:
             "cross_check": True,
         })
         self.log(f"  {'new TCP flow (repeat=1 each)':<34} {single:7.1f} ns  (established ACK same way: {est_single:.0f})")
+        out["hdslb"].append(self.reuse_single(floor1, bare_rep, est_single))
 
         out["new_flow_stages"] = self.new_flow_stages(new_ns)
         out["modes"] = self.modes(est_rep, statistics.median(ack_ds), minimal)
@@ -262,6 +263,35 @@ class _Bench:
             _target("new flow <= 3 x minimal", new_ns / minimal, TARGET_NEW),
         ]
         return out
+
+    def reuse_single(self, floor1: float, bare_rep: float, est_single: float) -> dict:
+        """A SYN on the tuple of a finished flow (the client reused its port), one per test run like the
+        cross-check above: each flow is opened, established and reset untimed first, then its port's new SYN
+        is timed. The old flow's entries go and a new flow is scheduled afresh (conn_reused, conn_new)."""
+        Ether, IP, TCP, UDP = _pkts()
+        n = self.new_samples // 2
+        self.setup()
+        fd = self.fp.prog_fd
+        pk = [(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(A("10.2.0.0") + i // 50000), dst=VIP))
+              for i in range(n)]
+        tuples = [(p, 1024 + i % 50000) for i, p in enumerate(pk)]
+        setup = [bytes(p / TCP(sport=sp, dport=80, flags=f)) for p, sp in tuples for f in ("S", "A", "R")]
+        syns = [bytes(p / TCP(sport=sp, dport=80, flags="S", seq=1000)) for p, sp in tuples]
+        for b in setup:
+            run_xdp(fd, b, 1)
+        before = self.maps.counters()
+        ds, bad = self.single_runs(fd, syns, XDP_TX)
+        after = self.maps.counters()
+        d = {k: after[k] - before[k] for k in ("conn_new", "conn_reused")}
+        ns = statistics.median(ds) - floor1 + bare_rep
+        self.log(f"  {'SYN on a finished tuple (reuse)':<34} {ns:7.1f} ns")
+        return {"case": "SYN on a finished flow's tuple (client reused its port; repeat=1 each)", "ns": ns,
+                "method": f"{n} SYNs with repeat=1, each on an established-then-reset flow: median "
+                          f"{statistics.median(ds):.0f} - timer floor {floor1:.0f} + bare {bare_rep:.0f} "
+                          f"(an established ACK measured this way: {est_single:.0f} ns)",
+                "check": ("ok" if bad == 0 and d["conn_new"] == n and d["conn_reused"] == n
+                          else f"{bad} not forwarded; conn_new {d['conn_new']}, conn_reused {d['conn_reused']} of {n}"),
+                "cross_check": True}
 
     def new_flow_chain(self) -> tuple[float, list[int], str]:
         """Median ns of a new flow in the repeat loop: every iteration schedules, allocates a port, inserts.
