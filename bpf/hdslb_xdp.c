@@ -86,8 +86,14 @@ BPF_TABLE_PINNED("hash", struct neigh_key, struct neigh_val, neigh_map, MAX_NEIG
  * line between CPUs. A key exists for all CPUs, but only the creating CPU's copy is filled in; a packet of
  * the same flow on another CPU (the sender migrated) adopts that copy once (conn_find). Created by the
  * loader before this program is compiled, because adoption needs its fd (bpf_map_lookup_percpu_elem).
+ * With CONN_SHARED (--conn-table shared) one value serves every CPU instead: the table's memory no longer
+ * grows with the CPU count, at the price of CPUs writing the same entry when a flow's packets cross them.
  */
+#ifdef CONN_SHARED
+BPF_TABLE_PINNED("lru_hash", struct conn_key, struct conn_val, conn_map, MAX_CONNS, PIN_DIR "/conn_map");
+#else
 BPF_TABLE_PINNED("lru_percpu_hash", struct conn_key, struct conn_val, conn_map, MAX_CONNS, PIN_DIR "/conn_map");
+#endif
 /* Traffic per service / per real server, per CPU; the daemon sums. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, svc_stats, MAX_SERVICES, PIN_DIR "/svc_stats");
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, dest_stats, MAX_DESTS, PIN_DIR "/dest_stats");
@@ -243,6 +249,28 @@ pass:
 	return XDP_PASS;
 }
 
+#ifdef CONN_SHARED
+/* The one shared copy (see the per-CPU version below). */
+static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *state, __u8 *was_est)
+{
+	struct conn_val *o = conn_map.lookup(k);
+
+	*state = CS_NONE;
+	*was_est = 0;
+	if (!o || !(o->flags & CONN_F_VALID))
+		return 0;
+	*state = o->state;
+	*was_est = o->flags & CONN_F_WAS_EST;
+	return o;
+}
+
+static __always_inline struct conn_val *conn_find(struct conn_key *k)
+{
+	struct conn_val *v = conn_map.lookup(k);
+
+	return (v && (v->flags & CONN_F_VALID)) ? v : 0;
+}
+#else
 /* The newest filled-in copy of k over every CPU (read in place: no copy on the stack), or 0 when there is none;
  * *state gets the flow's state, the furthest any copy has seen (states only move forward, and the packet that
  * advanced it may have crossed another CPU than the newest one), and *was_est CONN_F_WAS_EST if any copy has it.
@@ -297,6 +325,7 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
 	count(CNT_CONN_ADOPT);
 	return v;
 }
+#endif /* CONN_SHARED */
 
 /*
  * A SYN that finds an entry: a retransmission keeps its real server, but a new connection on a finished

@@ -30,8 +30,8 @@ def cmd_up(ns) -> int:
     except DaemonUnreachable:
         pass
     argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
-    for opt in ("config", "pin_root", "instance", "max_conns", "max_services", "max_dests", "lport_range",
-                "log_level", "state_dir", "aging_interval", "api_listen", "api_token_file"):
+    for opt in ("config", "pin_root", "instance", "max_conns", "conn_table", "max_services", "max_dests",
+                "lport_range", "log_level", "state_dir", "aging_interval", "api_listen", "api_token_file"):
         v = getattr(ns, opt)
         if v is not None:
             argv += ["--" + opt.replace("_", "-"), str(v)]
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pin-root")
     up.add_argument("--instance")
     up.add_argument("--max-conns", type=int)
+    up.add_argument("--conn-table", choices=("percpu", "shared"),
+                    help="connection values per CPU (default) or one shared value an entry (memory independent "
+                         "of the CPU count)")
     up.add_argument("--max-services", type=int, help="virtual services (default 4096)")
     up.add_argument("--max-dests", type=int, help="real servers of all services together (default 65536)")
     up.add_argument("--lport-range")

@@ -23,6 +23,7 @@ from hdslb.balancer import Balancer, Iface, restore, snapshot
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
+from hdslb.fastpath.loader import CONN_TABLES
 from hdslb.fastpath.maps import STAT_FIELDS
 
 log = logging.getLogger("hdslb")
@@ -62,6 +63,7 @@ class Settings:
     pin_root: str = DEFAULT_PIN_ROOT
     xdp_mode: str = "auto"
     max_conns: int = 262144
+    conn_table: str = "percpu"  # the conn map's values: one per CPU, or one shared ("shared")
     lport_min: int = DEFAULT_LPORT_RANGE[0]
     lport_max: int = DEFAULT_LPORT_RANGE[1]
     log_level: str = "info"
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
                    help="bpffs directory holding one sub-directory of pinned maps per instance")
     p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
+    p.add_argument("--conn-table", choices=CONN_TABLES,
+                   help="connection values per CPU (the default: no cache line shared on the hot path; memory grows "
+                        "with the CPU count) or one shared value an entry (conn_table in the config)")
     p.add_argument("--max-hash-cells", type=int, default=1 << 21,
                    help="cells for every sh/dh/mh/conhash table together (4 bytes each; a rebuild needs room for "
                         "the new table beside the old)")
@@ -170,6 +175,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if not 1 <= ns.max_dests <= MAX_DESTS_LIMIT:
         p.error(f"--max-dests must be within 1..{MAX_DESTS_LIMIT}")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
+    conn_table = ns.conn_table
     log_level, log_file = ns.log_level, None
     neigh = (60.0, 128, 64)
     timeouts = dict(DEFAULT_TIMEOUTS)
@@ -185,6 +191,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         explicit_ctl = explicit_ctl or cfg.ctrl_defs.ctl_socket
         if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
+        conn_table = conn_table or cfg.ipvs_defs.conn.conn_table
         from hdslb.config.apply import inactive_notices
 
         notices = inactive_notices(cfg)
@@ -212,7 +219,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, lport_min=lo,
+                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns,
+                    conn_table=conn_table or "percpu", lport_min=lo,
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
@@ -454,9 +462,9 @@ class Daemon:
         from hdslb.fastpath.loader import Sizes
 
         self.settings = settings
-        self.sizes = Sizes(max_conns=settings.max_conns, max_hash_cells=settings.max_hash_cells,
-                           max_persist=settings.max_persist, max_services=settings.max_services,
-                           max_dests=settings.max_dests)
+        self.sizes = Sizes(max_conns=settings.max_conns, conn_table=settings.conn_table,
+                           max_hash_cells=settings.max_hash_cells, max_persist=settings.max_persist,
+                           max_services=settings.max_services, max_dests=settings.max_dests)
         self.ctl_path = settings.ctl_socket
         self.pin_dir = settings.pin_dir
         self.pid = os.getpid()
@@ -743,8 +751,8 @@ class Daemon:
         entries = self.conn_table_entries()
         expired = c["conn_expired"]
         # Every new flow inserts two entries; what is neither alive nor aged out was evicted by the LRU.
-        return {"size": self.sizes.max_conns, "entries": entries, "expired": expired,
-                "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
+        return {"size": self.sizes.max_conns, "kind": self.sizes.conn_table, "entries": entries,
+                "expired": expired, "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
 
     def idle_limits(self, unit=lambda seconds: seconds):
         """The idle timeouts as hdslb.fastpath.aging.Limits, converted by `unit` (seconds by default)."""

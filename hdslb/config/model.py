@@ -197,6 +197,7 @@ class CtrlDefs:
 @dataclass(frozen=True)
 class ConnDefs:
     conn_pool_size: int  # entries in the conn map (its max_entries)
+    conn_table: str  # "percpu": a value per CPU in each entry; "shared": one (hdslb's own keyword)
     conn_init_timeout: int  # seconds a conn lives before its protocol state is known
     expire_quiescent_template: bool  # drop persistence templates whose dest has weight 0
 

@@ -502,6 +502,8 @@ ROOT = Block(None, {
     "ipvs_defs": Block(m.IpvsDefs, {
         "conn": Block(m.ConnDefs, {
             "conn_pool_size": Key(Int(1024, 2**28), 2097152, init=True),
+            # hdslb's own: the conn map's values per CPU or one shared (hdslbd --conn-table)
+            "conn_table": Key(Choice("percpu", "shared"), "percpu", init=True),
             "conn_pool_cache": Key(Int(1, 8192), 256, init=True,
                                    na="conns are entries of one BPF map; there is no per-core mempool cache"),
             "conn_init_timeout": Key(_SECONDS, 3),

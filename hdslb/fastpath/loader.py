@@ -20,7 +20,9 @@ log = logging.getLogger("hdslb.fastpath")
 DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+CONN_TABLES = ("percpu", "shared")  # --conn-table: a value per CPU (the default), or one for all
 BPF_FS_MAGIC = "bpf"
 
 
@@ -38,6 +40,7 @@ class Sizes:
     max_ifaces: int = 64
     max_hash_cells: int = 1 << 21  # sh/dh/mh/conhash tables of every service together (a u32 per cell)
     max_persist: int = 65536       # persistence templates (ipvsadm -p), LRU
+    conn_table: str = "percpu"     # CONN_TABLES: the conn map's values per CPU, or one shared value per entry
 
 
 def possible_cpus() -> int:
@@ -46,25 +49,31 @@ def possible_cpus() -> int:
     return len(get_possible_cpus())
 
 
-def conn_table_estimate(entries: int, ncpus: int) -> int:
-    """Bytes the kernel locks for a preallocated per-CPU LRU hash of `entries` conn entries (htab_map_mem_usage):
-    per entry a 48-byte element header, the key and a pointer to the per-CPU value, plus the value once per
-    *possible* CPU; a bucket head (16 B) per power-of-two bucket. The per-CPU values make it grow with the CPU
-    count: ~256 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB on 64."""
+def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu") -> int:
+    """Bytes the kernel locks for a preallocated LRU hash of `entries` conn entries (htab_map_mem_usage): per
+    entry a 48-byte element header and the key, then per CPU table a pointer to the per-CPU value and the value
+    once per *possible* CPU, per shared table the value once, inline; a bucket head (16 B) per power-of-two
+    bucket. Per-CPU values make it grow with the CPU count: ~256 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB
+    on 64; shared, ~180 B whatever the count."""
     n_buckets = 1 << max(0, (entries - 1).bit_length())
-    elem = 48 + (abi.CONN_KEY_SIZE + 7) // 8 * 8 + 8
-    return entries * (elem + (abi.CONN_VAL_SIZE + 7) // 8 * 8 * ncpus) + n_buckets * 16
+    key, val = (abi.CONN_KEY_SIZE + 7) // 8 * 8, (abi.CONN_VAL_SIZE + 7) // 8 * 8
+    per_entry = 48 + key + (val if table == "shared" else 8 + val * ncpus)
+    return entries * per_entry + n_buckets * 16
 
 
-def _fd_memlock(fd: int) -> int | None:
+def _fdinfo_int(fd: int, field: str) -> int | None:
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:
-                if line.startswith("memlock:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _fd_memlock(fd: int) -> int | None:
+    return _fdinfo_int(fd, "memlock")
 
 
 def _mount_type(path: str) -> str | None:
@@ -138,6 +147,7 @@ class FastPath:
             f"-DMAX_IFACES={s.max_ifaces}",
             f"-DMAX_HASH_CELLS={s.max_hash_cells}",
             f"-DMAX_PERSIST={s.max_persist}",
+            *(["-DCONN_SHARED"] if s.conn_table == "shared" else []),
             "-Wno-unused-function",
         ]
 
@@ -156,22 +166,33 @@ class FastPath:
         ensure_bpffs(os.path.dirname(self.pin_dir.rstrip("/")) or "/")
         lib = _libbcc()
         conn_pin = os.path.join(self.pin_dir, "conn_map").encode()
+        table = self.sizes.conn_table
+        if table not in CONN_TABLES:
+            raise ValueError(f"conn table {table!r}: expected one of {', '.join(CONN_TABLES)}")
+        map_type = BPF_MAP_TYPE_LRU_HASH if table == "shared" else BPF_MAP_TYPE_LRU_PERCPU_HASH
         if adopt and self.has_pins():
             conn_fd = lib.bpf_obj_get(conn_pin)
             if conn_fd < 0:
                 raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {conn_pin.decode()}")
+            pinned = _fdinfo_int(conn_fd, "map_type")
+            if pinned is not None and pinned != map_type:
+                os.close(conn_fd)
+                have = "shared" if pinned == BPF_MAP_TYPE_LRU_HASH else "percpu"
+                raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
+                                   f"{table}: start with --fresh to discard its connections and change it")
         else:
             if os.path.isdir(self.pin_dir):
                 shutil.rmtree(self.pin_dir)
             os.makedirs(self.pin_dir)
-            conn_fd = lib.bcc_create_map(BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", abi.CONN_KEY_SIZE,
+            conn_fd = lib.bcc_create_map(map_type, b"conn_map", abi.CONN_KEY_SIZE,
                                          abi.CONN_VAL_SIZE, self.sizes.max_conns, 0)
             if conn_fd < 0:
-                need = conn_table_estimate(self.sizes.max_conns, possible_cpus())
+                need = conn_table_estimate(self.sizes.max_conns, possible_cpus(), table)
+                per = (f"on {possible_cpus()} possible CPUs (values are per CPU; --conn-table shared keeps one)"
+                       if table == "percpu" else "(one shared value an entry)")
                 raise OSError(-conn_fd, f"cannot create the connection map: {self.sizes.max_conns} entries need "
-                                        f"~{need / 2**20:.0f} MiB of kernel memory on {possible_cpus()} possible "
-                                        f"CPUs (values are per CPU): {os.strerror(-conn_fd)}; lower --max-conns "
-                                        f"(conn_pool_size)")
+                                        f"~{need / 2**20:.0f} MiB of kernel memory {per}: "
+                                        f"{os.strerror(-conn_fd)}; lower --max-conns (conn_pool_size)")
             if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
                 os.close(conn_fd)
                 raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
@@ -189,9 +210,9 @@ class FastPath:
         finally:
             os.close(conn_fd)
         if self.conn_memlock:
-            log.info("connection table: %d entries, %.1f MiB of kernel memory (%d B an entry, values per CPU on "
-                     "%d possible CPUs)", self.sizes.max_conns, self.conn_memlock / 2**20,
-                     self.conn_memlock // max(1, self.sizes.max_conns), possible_cpus())
+            log.info("connection table: %d entries, %.1f MiB of kernel memory (%d B an entry, %s)",
+                     self.sizes.max_conns, self.conn_memlock / 2**20, self.conn_memlock // max(1, self.sizes.max_conns),
+                     f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
 
     def _check_abi(self) -> None:

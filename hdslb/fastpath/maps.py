@@ -509,7 +509,7 @@ class Maps:
         c = {"proto": proto, "af": saddr.version if hasattr(saddr, "version") else 4, "saddr": saddr,
              "sport": sport, "daddr": daddr, "dport": dport}
         try:
-            per_cpu = self.t["conn_map"][self._conn_key(c)]
+            per_cpu = self._copies(self.t["conn_map"][self._conn_key(c)])
         except KeyError:
             return None
         best = max((v for v in per_cpu if v.flags & abi.CONN_F_VALID), key=lambda v: v.last_seen, default=None)
@@ -554,14 +554,25 @@ class Maps:
             token.value, first = nxt.value, False
 
     def _conn_items(self):
-        """(key, per-CPU values) of every conn entry, batched (see _conn_batches); objects are reused."""
+        """(key, value copies (see _copies)) of every conn entry, batched (see _conn_batches); objects are reused."""
+        shared = self.conn_shared
         for batch in self._conn_batches():
             if batch is None:
-                yield from self.t["conn_map"].items()
+                for k, v in self.t["conn_map"].items():
+                    yield k, ((v,) if shared else v)
                 return
             keys, vals, n = batch
             for i in range(n):
-                yield keys[i], vals[i]
+                yield keys[i], ((vals[i],) if shared else vals[i])
+
+    @property
+    def conn_shared(self) -> bool:
+        """The conn table has one value an entry (--conn-table shared), not one per CPU."""
+        return not hasattr(self.t["conn_map"].Leaf(), "__len__")
+
+    def _copies(self, v):
+        """A conn entry's value copies: the per-CPU array, or the one shared value as a sequence of one."""
+        return (v,) if self.conn_shared else v
 
     @staticmethod
     def _newest(per_cpu):
@@ -591,7 +602,7 @@ class Maps:
         """(key bytes, value bytes, CPUs) of the conn table, batch by batch (the views are reused by the next)."""
         t = self.t["conn_map"]
         ks, vs = self._KEY.size, self._VAL.size
-        ncpu = len(t.Leaf()) if hasattr(t.Leaf(), "__len__") else 1
+        ncpu = 1 if self.conn_shared else len(t.Leaf())
         leaf = t.sLeaf if hasattr(t, "sLeaf") else t.Leaf
         offs = {(t.Key, "proto"): aging.K_PROTO, (t.Key, "af"): aging.K_AF, (leaf, "saddr"): aging.V_SADDR,
                 (leaf, "daddr"): aging.V_DADDR, (leaf, "sport"): aging.V_SPORT, (leaf, "dport"): aging.V_DPORT,
@@ -628,7 +639,7 @@ class Maps:
     def conn_last_seen_jiffies(self, raw_key: bytes) -> int | None:
         """Newest last_seen (jiffies) over the CPU copies of the entry at raw_key, None once it is gone."""
         try:
-            per_cpu = self.t["conn_map"][self.conn_key_from_bytes(raw_key)]
+            per_cpu = self._copies(self.t["conn_map"][self.conn_key_from_bytes(raw_key)])
         except KeyError:
             return None
         return max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
@@ -642,8 +653,11 @@ class Maps:
 
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""
+        shared = self.conn_shared
         for k, per_cpu in self._conn_items():
             best, cpu, state = self._newest(per_cpu)
+            if shared:
+                cpu = None  # one value for every CPU
             if best is None:
                 continue
             to_af = (10 - k.af) if best.flags & abi.CONN_F_XLAT else k.af  # NAT64: the other family (4 <-> 6)

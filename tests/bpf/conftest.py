@@ -13,14 +13,34 @@ LB_MAC = bytes.fromhex("02aa00000001")
 
 
 @pytest.fixture(scope="session")
-def fastpath():
-    ensure_bpffs(DEFAULT_PIN_ROOT)
-    fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"pytest-bpf-{os.getpid()}"),
-                  Sizes(max_conns=4096, max_services=64, max_dests=256, max_local=64, max_routes=256, max_neigh=64))
-    fp.load()
-    yield fp
-    fp.close()
-    fp.unpin()
+def fastpath_of():
+    """The program compiled for one conn table kind ("percpu", "shared"), once per session per kind."""
+    built: dict[str, FastPath] = {}
+
+    def get(table: str) -> FastPath:
+        if table not in built:
+            ensure_bpffs(DEFAULT_PIN_ROOT)
+            fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"pytest-bpf-{os.getpid()}-{table}"),
+                          Sizes(max_conns=4096, max_services=64, max_dests=256, max_local=64, max_routes=256,
+                                max_neigh=64, conn_table=table))
+            built[table] = fp
+            fp.load()
+        return built[table]
+
+    yield get
+    for fp in built.values():
+        fp.close()
+        fp.unpin()
+
+
+@pytest.fixture
+def fastpath(fastpath_of):
+    """The default build (per-CPU conn table). Modules about connections override this to run on both kinds
+    (CONN_TABLES)."""
+    return fastpath_of("percpu")
+
+
+CONN_TABLES = ("percpu", "shared")
 
 
 @pytest.fixture

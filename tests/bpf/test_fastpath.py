@@ -12,7 +12,13 @@ from scapy.layers.inet6 import IPv6
 
 from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
 
-from .conftest import LB_MAC, LO_IFINDEX
+from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX
+
+
+@pytest.fixture(params=CONN_TABLES)
+def fastpath(fastpath_of, request):
+    """Every test here runs on both conn table kinds: a value per CPU (the default) and one shared value."""
+    return fastpath_of(request.param)
 
 CLIENT_MAC = "02:cc:00:00:00:01"
 RS_MAC = "02:55:00:00:00:02"
@@ -192,7 +198,8 @@ def test_flow_created_on_one_cpu_is_found_on_the_other(fastpath, maps):
     assert v == XDP_TX and (p[IP].dst, p[TCP].dport) == (CLIENT, 46000)
     v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=46000, flags="A")))
     assert v == XDP_TX and p[TCP].sport == fwd[TCP].sport, "same local port on the other CPU"
-    assert maps.counters()["conn_adopt"] == 2
+    # per-CPU table: CPU 1 copies each direction's entry once; shared: there is nothing to copy
+    assert maps.counters()["conn_adopt"] == (0 if maps.conn_shared else 2)
 
 
 @needs_two_cpus
@@ -277,7 +284,7 @@ def test_abi_sizes_match_the_compiled_program(fastpath):
 
     t = fastpath.table("conn_map")
     assert ctypes.sizeof(t.Key) == abi.CONN_KEY_SIZE
-    assert ctypes.sizeof(t.sLeaf) == abi.CONN_VAL_SIZE
+    assert ctypes.sizeof(getattr(t, "sLeaf", t.Leaf)) == abi.CONN_VAL_SIZE
     assert len(abi.counter_names()) == len(fastpath.table("counters"))
 
 
@@ -359,7 +366,7 @@ def _age_conns(maps, seconds):
     back = maps.clock.seconds_to_jiffies(seconds)
     for k in list(t.keys()):
         vals = t[k]
-        for v in vals:
+        for v in maps._copies(vals):
             if v.flags & 0x1:
                 v.last_seen -= back
         t[k] = vals
@@ -372,7 +379,7 @@ def _repoint_inbound(maps, cport, lport):
     for k in list(t.keys()):
         vals = t[k]
         if socket.ntohs(k.sport) == cport:
-            for v in vals:
+            for v in maps._copies(vals):
                 if v.flags & 0x1 and not v.flags & 0x2:
                     v.sport = socket.htons(lport)
             t[k] = vals
@@ -541,7 +548,25 @@ def test_conn_table_memory_is_measured_and_the_estimate_holds(fastpath):
     from hdslb.fastpath.loader import conn_table_estimate, possible_cpus
 
     got = fastpath.conn_memlock
+    table = fastpath.sizes.conn_table
     assert got, "fdinfo memlock of the conn map"
-    est = conn_table_estimate(fastpath.sizes.max_conns, possible_cpus())
+    est = conn_table_estimate(fastpath.sizes.max_conns, possible_cpus(), table)
     assert abs(est - got) / got < 0.05, (est, got)
-    assert conn_table_estimate(1 << 20, 64) // (1 << 20) >= 64 * 72, "a value per possible CPU in every entry"
+    if table == "percpu":
+        assert conn_table_estimate(1 << 20, 64) // (1 << 20) >= 64 * 72, "a value per possible CPU in every entry"
+    else:
+        assert conn_table_estimate(1 << 20, 64, table) == conn_table_estimate(1 << 20, 2, table) < 200 << 20
+
+
+def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath_of):
+    """A restart that changes --conn-table cannot keep the pinned connections (the map's type differs): the
+    loader says so and names --fresh, and the pinned table is left as it was."""
+    from hdslb.fastpath.loader import FastPath, Sizes
+
+    other = "shared" if fastpath.sizes.conn_table == "percpu" else "percpu"
+    before = len(list(fastpath.table("conn_map").keys()))
+    fp = FastPath(fastpath.pin_dir, Sizes(**{**fastpath.sizes.__dict__, "conn_table": other}))
+    with pytest.raises(RuntimeError, match=f"is --conn-table {fastpath.sizes.conn_table}, not {other}.*--fresh"):
+        fp.load(adopt=True)
+    assert fp.bpf is None and len(list(fastpath.table("conn_map").keys())) == before
+    assert os.path.exists(os.path.join(fastpath.pin_dir, "conn_map"))

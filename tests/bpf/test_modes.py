@@ -19,7 +19,14 @@ from hdslb.fastpath import abi
 from hdslb.fastpath.maps import _put_addr
 from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
 
-from .conftest import LB_MAC, LO_IFINDEX
+from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX
+
+
+@pytest.fixture(params=CONN_TABLES)
+def fastpath(fastpath_of, request):
+    """Every test here runs on both conn table kinds: a value per CPU (the default) and one shared value."""
+    return fastpath_of(request.param)
+
 
 A = ipaddress.ip_address
 LB = ":".join(f"{b:02x}" for b in LB_MAC)

@@ -61,10 +61,12 @@ def aging_lab(n_servers, services, *daemon_args, nginx=True):
             lab.teardown()
 
 
-@pytest.fixture(scope="module")
-def small_lb():
+@pytest.fixture(scope="module", params=["percpu", "shared"])
+def small_lb(request):
+    """Both conn table kinds (--conn-table): aging, eviction and listing read either layout."""
     with aging_lab(2, (("-t", 80), ("-u", 53)), "--max-conns", "1000", "--aging-interval", "0.5",
-                   "--no-slowpath") as lab_lb:
+                   "--no-slowpath", "--conn-table", request.param) as lab_lb:
+        assert lab_lb[1].call("stats.get")["conn_table"]["kind"] == request.param
         yield lab_lb
 
 

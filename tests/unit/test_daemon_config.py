@@ -68,6 +68,31 @@ def test_config_file_supplies_interfaces_socket_and_table_size(tmp_path, monkeyp
     assert (s.interfaces, s.ctl_socket) == (["eth1"], "/tmp/y")
 
 
+def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
+    """--conn-table picks the conn map's values (per CPU, the default, or one shared); the config's conn_table
+    supplies it when the command line does not, and a bad value is refused with the line."""
+    assert settings_from_args(["eth0"]).conn_table == "percpu"
+    assert settings_from_args(["eth0", "--conn-table", "shared"]).conn_table == "shared"
+    conf = tmp_path / "lb.conf"
+    conf.write_text("ipvs_defs {\n  conn {\n    <init> conn_table shared\n  }\n}\n")
+    assert settings_from_args(["-f", str(conf), "eth0"]).conn_table == "shared"
+    assert settings_from_args(["-f", str(conf), "eth0", "--conn-table", "percpu"]).conn_table == "percpu"
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "--conn-table", "mine"])
+    assert e.value.code == 2 and "--conn-table" in capsys.readouterr().err
+    conf.write_text("ipvs_defs {\n  conn {\n    <init> conn_table everywhere\n  }\n}\n")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-f", str(conf), "eth0"])
+    assert e.value.code == 2 and f"{conf}:3:" in capsys.readouterr().err
+
+
+def test_the_daemon_sizes_its_conn_table_as_told():
+    from hdslb.daemon import Daemon
+
+    assert Daemon(settings_from_args(["eth0", "--conn-table", "shared"])).sizes.conn_table == "shared"
+    assert Daemon(settings_from_args(["eth0"])).sizes.conn_table == "percpu"
+
+
 def test_broken_config_exits_2_naming_the_line(tmp_path, capsys):
     conf = tmp_path / "bad.conf"
     conf.write_text("ipvs_defs {\n  conn {\n    conn_pool_size lots\n  }\n}\n")
