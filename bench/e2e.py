@@ -278,12 +278,15 @@ class BareRedirect(Peer):
 class Hdslb(Peer):
     kind = "xdp"
 
-    def __init__(self, bench, generic: bool, aging: float | None = None, laddrs: tuple = LADDRS[0]):
+    def __init__(self, bench, generic: bool, aging: float | None = None, laddrs: tuple = LADDRS[0],
+                 conn_table: str = "percpu"):
         super().__init__(bench)
         self.laddrs = laddrs
         self.generic = generic
         self.aging = aging
-        self.name = f"hdslb FNAT ({'generic' if generic else 'native'}" + (f", aging sweep every {aging:g} s)" if aging else ")")
+        self.conn_table = conn_table
+        self.name = (f"hdslb FNAT ({'generic' if generic else 'native'}" + (f", aging sweep every {aging:g} s" if aging else "")
+                     + (f", --conn-table {conn_table}" if conn_table != "percpu" else "") + ")")
         self.gro_for_udp = generic
         self.pid = None
         self.tso_na = ("generic XDP cannot redirect GSO packets larger than the MTU" if generic
@@ -298,7 +301,7 @@ class Hdslb(Peer):
     def setup(self):
         lab = self.lab
         mode = "generic" if self.generic else "native"
-        extra = ["--aging-interval", self.aging] if self.aging else []
+        extra = (["--aging-interval", self.aging] if self.aging else []) + ["--conn-table", self.conn_table]
         self.run(HDSLB_CTL, "up", "veth-lb0", "veth-lb1", "--xdp-mode", mode, "--pin-root", lab.pin_dir.parent,
                  "--log-file", Path(lab.workdir) / f"hdslbd-{mode}.log", "--fresh",
                  "--state-dir", self.state_dir(), *extra)
@@ -463,7 +466,8 @@ class E2E:
         return r
 
     FLOW_COUNTS = (8192, 32768)
-    FLOW_PEERS = ("nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)")
+    FLOW_PEERS = ("nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)",
+                  "hdslb FNAT (native, --conn-table shared)")
 
     def udp_flows(self, peer: Peer) -> dict:
         """UDP Mpps with more concurrent flows than the main measurement's 1024 (the live-frames generator's
@@ -640,7 +644,9 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
                       lambda b: Hdslb(b, False, laddrs=LADDRS[0]), lambda b: Hdslb(b, True, laddrs=LADDRS[1]),
                       # the daemon's aging sweep reads the whole conn table from Python every 2 s on the same
                       # two cores: the same balancer with the sweep made rare shows what that costs
-                      lambda b: Hdslb(b, False, aging=60.0, laddrs=LADDRS[2])]
+                      lambda b: Hdslb(b, False, aging=60.0, laddrs=LADDRS[2]),
+                      # one value an entry for every CPU instead of one per CPU (the memory alternative)
+                      lambda b: Hdslb(b, False, laddrs=LADDRS[3], conn_table="shared")]
             for mk in makers:
                 peer = mk(self)
                 if peers and not any(p in peer.name for p in peers):

@@ -168,24 +168,29 @@ def fmt_e2e(r: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _fmt_memory(m: dict, what: str) -> str:
+    if "na" in m:
+        return f"3a. memory ({what}): n/a ({m['na']})"
+    rows = [["conn map entries (max)", m["max_entries"]], ["connections filled by the fast path", m["filled_connections"]],
+            ["entries after the fill", m.get("entries_after_fill", "n/a")],
+            ["memlock (fdinfo)", f"{m['memlock_bytes'] / 2**20:.1f} MiB"],
+            ["bpftool bytes_memlock", f"{m.get('bpftool_bytes_memlock', 0) / 2**20:.1f} MiB" if m.get("bpftool_bytes_memlock") else "n/a"],
+            ["Percpu delta at creation", f"{m['percpu_delta'] / 2**20:.1f} MiB"],
+            ["MemAvailable drop (creation / after fill)", f"{m['memavailable_delta'] / 2**20:.0f} / {m['memavailable_delta_after_fill'] / 2**20:.0f} MiB"],
+            ["bytes per entry", f"{m['bytes_per_entry']:.0f}"],
+            ["bytes per connection (2 entries)", f"{m['bytes_per_connection']:.0f}"],
+            ["layout", m["layout"]["note"]],
+            ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
+    rows += [[f"daemon reads {name}", f"{v['seconds']} s for {v['entries']} entries"]
+             for name, v in m.get("scans", {}).items()]
+    return table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections ({what})")
+
+
 def fmt_scale(r: dict) -> str:
     parts = []
-    m = r.get("memory", {})
-    if "na" in m:
-        parts.append(f"3a. memory: n/a ({m['na']})")
-    else:
-        rows = [["conn map entries (max)", m["max_entries"]], ["connections filled by the fast path", m["filled_connections"]],
-                ["memlock (fdinfo)", f"{m['memlock_bytes'] / 2**20:.1f} MiB"],
-                ["bpftool bytes_memlock", f"{m.get('bpftool_bytes_memlock', 0) / 2**20:.1f} MiB" if m.get("bpftool_bytes_memlock") else "n/a"],
-                ["Percpu delta at creation", f"{m['percpu_delta'] / 2**20:.1f} MiB"],
-                ["MemAvailable drop (creation / after fill)", f"{m['memavailable_delta'] / 2**20:.0f} / {m['memavailable_delta_after_fill'] / 2**20:.0f} MiB"],
-                ["bytes per entry", f"{m['bytes_per_entry']:.0f}"],
-                ["bytes per connection (2 entries)", f"{m['bytes_per_connection']:.0f}"],
-                ["layout", m["layout"]["note"]],
-                ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
-        rows += [[f"daemon reads {name}", f"{v['seconds']} s for {v['entries']} entries"]
-                 for name, v in m.get("scans", {}).items()]
-        parts.append(table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections"))
+    for key, what in (("memory", "per-CPU values, the default"), ("memory_shared", "--conn-table shared")):
+        if key in r:
+            parts.append(_fmt_memory(r[key], what))
     ob = r.get("op_breakdown", {})
     if ob.get("routes"):
         rows = [[x["routes_in_model"], x["route_add_model_us"], x["save_state_us"]] for x in ob["routes"]]
@@ -224,8 +229,9 @@ def fmt_scale(r: dict) -> str:
                          (rp.get("first_error") or "") + (" (budget hit)" if rp.get("timed_out") else "")])
         parts.append(table(["load", "time", "loaded", "note"], rows, "3d. bulk loads against a running hdslbd"))
         ts = [x["target"] for x in (s, ro, re_, rp) if x and "target" in x]
-        if "target" in m:
-            ts.insert(0, m["target"])
+        for key in ("memory_shared", "memory"):
+            if "target" in r.get(key, {}):
+                ts.insert(0, r[key]["target"])
         parts.append(targets_table(ts, "3e. targets"))
     return "\n\n".join(parts)
 
@@ -258,10 +264,12 @@ def markdown(res: dict) -> str:
                          f"{_f(c, '{:.0f}') or 'n/a'} | {_f(t0) or 'n/a'} / {_f(t1) or 'n/a'} |")
         lines.append("")
     s = res.get("scale", {})
-    m = s.get("memory", {})
+    m, sh = s.get("memory", {}), s.get("memory_shared", {})
     if "bytes_per_connection" in m:
         lines.append(f"Connection table: {m['bytes_per_connection']:.0f} B per connection (both directions, "
-                     f"{mc['nproc']} CPUs, per-CPU values) at {m['connections']} connections.")
+                     f"{mc['nproc']} CPUs, per-CPU values) at {m['connections']} connections"
+                     + (f"; {sh['bytes_per_connection']:.0f} B with --conn-table shared." if "bytes_per_connection" in sh
+                        else "."))
     return "\n".join(lines)
 
 
@@ -292,9 +300,10 @@ def chart(res: dict, path: Path) -> str | None:
     pc = res.get("prog_cost", {})
     if pc.get("hdslb"):
         items = [(x["prog"], x["ns"]) for x in pc["reference"] if not x["alternative"]]
-        items += [("hdslb: " + x["case"], x["ns"]) for x in pc["hdslb"] if not x.get("cross_check")]
-        ax.barh(range(len(items)), [v for _, v in items],
-                color=["tab:gray"] * (len(items) - len(pc["hdslb"]) + 1) + ["tab:blue"] * (len(pc["hdslb"]) - 1))
+        own = [("hdslb: " + x["case"], x["ns"]) for x in pc["hdslb"] if not x.get("cross_check")]
+        ax.barh(range(len(items) + len(own)), [v for _, v in items + own],
+                color=["tab:gray"] * len(items) + ["tab:blue"] * len(own))
+        items += own
         ax.set_yticks(range(len(items)), [n for n, _ in items], fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
