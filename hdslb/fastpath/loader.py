@@ -61,6 +61,31 @@ def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu") -> int:
     return entries * per_entry + n_buckets * 16
 
 
+def conn_table_advice(entries: int, ncpus: int, table: str, mem_total: int) -> str | None:
+    """A warning when a per-CPU conn table takes a large share of the machine's memory (a DPVS config's
+    conn_pool_size of 2^21 is 9.4 GiB with per-CPU values on 64 CPUs), saying what the shared one would take."""
+    if table != "percpu" or mem_total <= 0:
+        return None
+    need = conn_table_estimate(entries, ncpus)
+    if need < mem_total // 10:
+        return None
+    return (f"the connection table takes {need / 2**30:.1f} GiB ({100 * need / mem_total:.0f}% of memory): its "
+            f"values are per CPU on {ncpus} possible CPUs; --conn-table shared would take "
+            f"{conn_table_estimate(entries, ncpus, 'shared') / 2**30:.1f} GiB, a smaller --max-conns (conn_pool_size) "
+            f"less")
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _fdinfo_int(fd: int, field: str) -> int | None:
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -184,6 +209,9 @@ class FastPath:
             if os.path.isdir(self.pin_dir):
                 shutil.rmtree(self.pin_dir)
             os.makedirs(self.pin_dir)
+            advice = conn_table_advice(self.sizes.max_conns, possible_cpus(), table, _mem_total())
+            if advice:
+                log.warning("%s", advice)
             conn_fd = lib.bcc_create_map(map_type, b"conn_map", abi.CONN_KEY_SIZE,
                                          abi.CONN_VAL_SIZE, self.sizes.max_conns, 0)
             if conn_fd < 0:

@@ -176,3 +176,16 @@ def test_check_block_refuses_bad_or_injected_input(a):
 
     with pytest.raises(HdslbError):
         check_block({"proto": "tcp", "addr": "10.0.0.1", "port": 80}, "10.0.0.2", 80, a)
+
+
+def test_a_per_cpu_conn_table_taking_much_memory_is_warned_about_with_the_shared_size():
+    from hdslb.fastpath.loader import conn_table_advice, conn_table_estimate
+
+    gib = 1 << 30
+    # DPVS's default conn_pool_size on a 64-CPU host with 64 GiB: ~9.3 GiB per CPU, ~0.3 GiB shared
+    msg = conn_table_advice(1 << 21, 64, "percpu", 64 * gib)
+    assert msg and "per CPU on 64 possible CPUs" in msg and "--conn-table shared would take 0.3 GiB" in msg
+    assert f"{conn_table_estimate(1 << 21, 64) / gib:.1f} GiB" in msg
+    assert conn_table_advice(1 << 21, 2, "percpu", 64 * gib) is None      # 0.5 GiB of 64: fine
+    assert conn_table_advice(1 << 21, 64, "shared", 64 * gib) is None     # already shared
+    assert conn_table_advice(1 << 18, 2, "percpu", 0) is None            # memory unknown
