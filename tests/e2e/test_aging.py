@@ -45,8 +45,9 @@ def aging_lab(n_servers, services, *daemon_args, nginx=True):
         lb = Balancer(lab)
         conf = lab.workdir / "aging.conf"
         conf.write_text(CONF)
-        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
-               "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), *daemon_args)
+        lb.up_args = ["veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+                      "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf), *daemon_args]
+        lb.ctl("up", *lb.up_args)
         lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
         for proto, port in services:
             lb.ipvsadm("-A", proto, f"{VIP}:{port}", "-s", "rr")
@@ -142,6 +143,31 @@ def test_without_the_slow_path_xdp_answers_arp(small_lb):
     lab, lb = small_lb
     c = lb.call("stats.get")["counters"]
     assert c["arp_reply"] > 0 and c["punt_arp"] == 0, "ARP for the VIP answered in XDP, nothing punted"
+
+
+@pytest.mark.root
+def test_kill_9_and_restart_keep_a_flow_in_either_table_and_refuse_to_switch_kinds(small_lb):
+    """The pinned table of either kind is adopted by the next daemon (the held connection answers after the
+    restart); a restart asking for the other kind is refused, naming --fresh, and changes nothing."""
+    import subprocess
+
+    lab, lb = small_lb
+    kind = lb.call("stats.get")["conn_table"]["kind"]
+    hold = ("import socket, time\n"
+            f"s = socket.create_connection(('{VIP}', 80)); time.sleep(3)\n"
+            "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100).split(b'\\r\\n')[0].decode())\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", hold], stdout=subprocess.PIPE, text=True)
+    lab.procs.append(p)
+    time.sleep(1)
+    subprocess.run(["kill", "-9", str(lb.call("daemon.status")["pid"])], check=True)
+    other = "shared" if kind == "percpu" else "percpu"
+    i = lb.up_args.index("--conn-table")
+    r = lb.ctl("up", *lb.up_args[:i], *lb.up_args[i + 2:], "--conn-table", other, check=False)
+    assert r.returncode != 0 and f"is --conn-table {kind}, not {other}" in r.stderr + lb.log(), r.stderr
+    lb.ctl("up", *lb.up_args)
+    assert lb.call("stats.get")["conn_table"]["kind"] == kind
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.strip().startswith("HTTP/1.1 200"), out
 
 
 @pytest.fixture(scope="module")
