@@ -63,7 +63,7 @@ def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu") -> int:
 
 def conn_table_advice(entries: int, ncpus: int, table: str, mem_total: int) -> str | None:
     """A warning when a per-CPU conn table takes a large share of the machine's memory (a DPVS config's
-    conn_pool_size of 2^21 is 9.4 GiB with per-CPU values on 64 CPUs), saying what the shared one would take."""
+    conn_pool_size of 2^21 is ~9 GiB with per-CPU values on 64 CPUs), saying what the shared one would take."""
     if table != "percpu" or mem_total <= 0:
         return None
     need = conn_table_estimate(entries, ncpus)
