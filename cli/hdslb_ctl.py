@@ -333,6 +333,10 @@ def cmd_status(ns) -> int:
     for ifname, mode in st["interfaces"].items():
         print(f"  attached:       {ifname} ({mode} XDP)")
     print(f"  services:       {st['services']}")
+    ct = st.get("conn_table")
+    if ct:
+        mem = f", {ct['memlock_bytes'] / 2**20:.1f} MiB" if ct.get("memlock_bytes") else ""
+        print(f"  conn table:     {ct['kind']}, {ct['size']} entries{mem}")
     return 0
 
 

@@ -68,6 +68,7 @@ def small_lb(request):
     with aging_lab(2, (("-t", 80), ("-u", 53)), "--max-conns", "1000", "--aging-interval", "0.5",
                    "--no-slowpath", "--conn-table", request.param) as lab_lb:
         assert lab_lb[1].call("stats.get")["conn_table"]["kind"] == request.param
+        assert f"conn table:     {request.param}, 1000 entries" in lab_lb[1].ctl("status").stdout
         yield lab_lb
 
 
