@@ -60,7 +60,8 @@ def _pkts():
 
 
 class _Bench:
-    def __init__(self, quick: bool, log):
+    def __init__(self, quick: bool, log, conn_table: str = "percpu"):
+        self.conn_table = conn_table
         self.quick = quick
         self.log = log
         self.repeat = 200_000 if quick else 1_000_000
@@ -76,9 +77,9 @@ class _Bench:
         from hdslb.fastpath.maps import Maps
 
         ensure_bpffs(DEFAULT_PIN_ROOT)
-        self.fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"bench-cost-{os.getpid()}"),
+        self.fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"bench-cost-{os.getpid()}-{self.conn_table}"),
                            Sizes(max_conns=1 << 20, max_services=64, max_dests=256, max_local=64, max_routes=256,
-                                 max_neigh=64))
+                                 max_neigh=64, conn_table=self.conn_table))
         self.fp.load()
         self.maps = Maps(self.fp)
 
@@ -117,7 +118,7 @@ class _Bench:
         ct.memmove(ct.addressof(k.daddr), A(out_pkt[IP].dst).packed.ljust(16, b"\0"), 16)
         k.sport, k.dport = socket.htons(out_pkt[l4].sport), socket.htons(out_pkt[l4].dport)
         k.proto, k.af = out_pkt[IP].proto, 4
-        v = t.sLeaf()
+        v = getattr(t, "sLeaf", t.Leaf)()
         ct.memmove(ct.addressof(v.saddr), A(back_to[IP].src).packed.ljust(16, b"\0"), 16)
         ct.memmove(ct.addressof(v.daddr), A(back_to[IP].dst).packed.ljust(16, b"\0"), 16)
         v.sport, v.dport = socket.htons(back_to[l4].sport), socket.htons(back_to[l4].dport)
@@ -128,7 +129,7 @@ class _Bench:
         v.flags = abi.CONN_F_VALID | (abi.CONN_F_OUT if out_flag else 0)
         v.state = 2 if l4 is TCP else 5
         v.fwd = abi.FWD["fnat"]
-        t[k] = t.Leaf(*([v] * len(t.Leaf())))
+        t[k] = v if self.maps.conn_shared else t.Leaf(*([v] * len(t.Leaf())))
 
     # -- measuring ----------------------------------------------------------------------------
     def repeat_ns(self, prog_fd: int, pkt: bytes) -> tuple[float, list[int]]:
@@ -514,6 +515,60 @@ class _Bench:
         return steps
 
 
+def contention(quick: bool, log) -> list[dict]:
+    """One established flow's packets on both CPUs at once, per conn table kind: what a shared value costs when
+    two CPUs write the same entry (last_seen, state) against a per-CPU value each CPU owns after adopting it.
+    Each CPU runs the established ACK in the repeat loop, first alone, then both together (started together)."""
+    import threading
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        return [{"na": "needs 2 CPUs"}]
+    Ether, IP, TCP, UDP = _pkts()
+    out = []
+    for table in ("percpu", "shared"):
+        b = _Bench(quick, log, table)
+        try:
+            b.load()
+            b.setup()
+            fd = b.fp.prog_fd
+            syn = Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S")
+            ack = Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A")
+            run_xdp(fd, bytes(syn), 1)
+            v, o, _ = run_xdp(fd, bytes(ack), 1)
+            b.complement(Ether(o), ack, out_flag=False)
+            pkt = bytes(ack)
+            res: dict = {}
+
+            def on(cpu, key, go=None):
+                os.sched_setaffinity(0, {cpu})
+                run_xdp(fd, pkt, 1000)  # this CPU's first packet (a per-CPU copy is adopted here)
+                if go is not None:
+                    go.wait()
+                res[key] = statistics.median(run_xdp(fd, pkt, b.repeat)[2] for _ in range(b.runs))
+
+            for cpu in cpus:
+                th = threading.Thread(target=on, args=(cpu, f"alone{cpu}"))
+                th.start()
+                th.join()
+            go = threading.Barrier(2)
+            ths = [threading.Thread(target=on, args=(cpu, f"both{cpu}", go)) for cpu in cpus]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            alone = statistics.mean(res[f"alone{c}"] for c in cpus)
+            both = statistics.mean(res[f"both{c}"] for c in cpus)
+            out.append({"table": table, "alone_ns": round(alone, 1), "both_ns": round(both, 1),
+                        "per_cpu": {str(c): [res[f"alone{c}"], res[f"both{c}"]] for c in cpus}})
+            log(f"  same flow on {len(cpus)} CPUs ({table}): {alone:.0f} ns alone, {both:.0f} ns both at once")
+        except Exception as e:  # one table's failure must not cost the other's figure
+            out.append({"table": table, "na": f"{type(e).__name__}: {e}"})
+        finally:
+            b.close()
+    return out
+
+
 def _pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(len(s) * p / 100))]
@@ -535,6 +590,10 @@ def run(quick: bool = False, log=print) -> dict:
     finally:
         b.close()
         os.sched_setaffinity(0, old)
+    try:
+        res["contention"] = contention(quick, log)
+    except Exception as e:  # a second opinion: its failure must not cost the section
+        res["contention"] = [{"na": f"{type(e).__name__}: {e}"}]
     res["cpu"] = cpu
     res["seconds"] = round(time.monotonic() - t0, 1)
     return res

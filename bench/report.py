@@ -89,6 +89,11 @@ def fmt_prog_cost(r: dict) -> str:
         parts.append(table(["forwarding mode, established", "ns/pkt", "x minimal", "single-run ns", "check"], rows,
                            "1g. every mode through the control plane's model: one packet per test run, calibrated "
                            "on FNAT v4 (its repeat-loop figure from 1a)"))
+    rows = [[x["table"], _f(x["alone_ns"], "{:.1f}"), _f(x["both_ns"], "{:.1f}")] for x in r.get("contention", [])
+            if "na" not in x]
+    if rows:
+        parts.append(table(["conn table", "one CPU ns/pkt", "both CPUs at once ns/pkt"], rows,
+                           "1i. one established flow on both CPUs at once: a shared value is written by both"))
     parts.append(targets_table(r["targets"], "1f. targets"))
     return "\n\n".join(parts)
 
