@@ -755,7 +755,8 @@ def format_laddrs(data: dict) -> str:
 
 
 def format_conns(data: dict, fmt: Format) -> str:
-    """-c, DPVS's print_conn_entry layout: [cpu]proto time state client virtual local real-server.
+    """-c, DPVS's print_conn_entry layout: [cpu]proto time state client virtual local real-server ([-] for a
+    shared conn table: every CPU uses the one copy).
 
     The daemon keeps one entry per direction; only the inbound one is shown, as DPVS shows each connection
     once. The time column is the seconds since the connection was last seen (the map keeps no expiry).
@@ -769,7 +770,8 @@ def format_conns(data: dict, fmt: Format) -> str:
         def ap(addr_key, port_key):
             return addrport(str(c[addr_key]), c[port_key], proto, fmt.numeric or proto == "--")
 
-        out.append(f"[{c['cpu']}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
+        cpu = "-" if c.get("cpu") is None else c["cpu"]  # None: --conn-table shared, one copy for every CPU
+        out.append(f"[{cpu}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
                    f"{ap('saddr', 'sport'):<18} {ap('daddr', 'dport'):<18} {ap('to_saddr', 'to_sport'):<18} "
                    f"{ap('to_daddr', 'to_dport')}")
     # Persistence templates, as LVS lists them among connections: client port 0, state NONE; the client is

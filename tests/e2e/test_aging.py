@@ -119,6 +119,9 @@ def test_closed_tcp_connection_leaves_after_close_timeout(small_lb):
     live = conns(lb, 6)
     assert [c["state"] for c in live if not c["out"]] == ["established"], live
     assert 0 < [c for c in live if not c["out"]][0]["expire_s"] <= 5
+    listed = [ln for ln in lb.ipvsadm("-Lnc").stdout.splitlines() if "ESTABLISHED" in ln]
+    shared = lb.call("stats.get")["conn_table"]["kind"] == "shared"
+    assert len(listed) == 1 and listed[0].startswith("[-]tcp" if shared else ("[0]tcp", "[1]tcp")), listed
     assert p.wait(timeout=30) == 0
     time.sleep(2.5)  # fin_wait/close 1 s + sweeps
     assert conns(lb, 6) == []

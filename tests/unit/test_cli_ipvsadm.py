@@ -306,6 +306,8 @@ def test_connection_layout_matches_dpvs():
     reply = {**conn, "out": True}  # the same connection's other direction: not listed again
     assert render(["-Lnc"], {"conns": [conn, reply]}) == (
         "[1]tcp 3s     ESTABLISHED 10.0.0.9:53210     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80\n")
+    # a shared conn table has no owning CPU: "-", as for persistence templates
+    assert render(["-Lnc"], {"conns": [{**conn, "cpu": None}]}).startswith("[-]tcp 3s     ESTABLISHED")
 
 
 def test_save_restore_round_trip():
