@@ -119,10 +119,30 @@ def cmd_check(ns) -> int:
     from hdslb.config import load
     from hdslb.config.apply import inactive_notices
 
-    for n in inactive_notices(load(ns.config)):
+    cfg = load(ns.config)
+    for n in inactive_notices(cfg):
         print(f"notice: {n}")
+    print(conn_table_line(cfg.ipvs_defs.conn.conn_pool_size, cfg.ipvs_defs.conn.conn_table))
     print(f"{ns.config}: OK")
     return 0
+
+
+def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_total: int | None = None) -> str:
+    """What the config's connection table will take on this machine (and a notice when that is a lot), so the
+    memory is known before hdslbd starts. hdslbd --max-conns overrides conn_pool_size."""
+    from hdslb.fastpath import loader
+
+    if ncpus is None:
+        try:
+            ncpus = loader.possible_cpus()
+        except Exception:
+            ncpus = os.cpu_count() or 1
+    mem_total = loader._mem_total() if mem_total is None else mem_total
+    need = loader.conn_table_estimate(entries, ncpus, table)
+    line = (f"connection table: {entries} entries (conn_pool_size), {table}: ~{need / 2**20:.0f} MiB of kernel memory"
+            + (f" on {ncpus} possible CPUs" if table == "percpu" else ""))
+    advice = loader.conn_table_advice(entries, ncpus, table, mem_total)
+    return line + (f"\nnotice: {advice}" if advice else "")
 
 
 def _svc_arg(ns) -> dict:

@@ -189,3 +189,17 @@ def test_a_per_cpu_conn_table_taking_much_memory_is_warned_about_with_the_shared
     assert conn_table_advice(1 << 21, 2, "percpu", 64 * gib) is None      # 0.5 GiB of 64: fine
     assert conn_table_advice(1 << 21, 64, "shared", 64 * gib) is None     # already shared
     assert conn_table_advice(1 << 18, 2, "percpu", 0) is None            # memory unknown
+
+
+def test_check_says_what_the_configs_conn_table_will_take():
+    """hdslb-ctl check -f prints the connection table's kernel memory for the config on this machine, with the
+    same notice hdslbd logs when a per-CPU table takes a large share of memory."""
+    from cli.hdslb_ctl import conn_table_line
+
+    gib = 1 << 30
+    assert conn_table_line(1 << 21, "percpu", 2, 64 * gib) == (
+        "connection table: 2097152 entries (conn_pool_size), percpu: ~512 MiB of kernel memory on 2 possible CPUs")
+    assert conn_table_line(1 << 21, "shared", 64, 64 * gib) == (
+        "connection table: 2097152 entries (conn_pool_size), shared: ~352 MiB of kernel memory")
+    big = conn_table_line(1 << 21, "percpu", 64, 64 * gib).splitlines()
+    assert big[0].endswith("on 64 possible CPUs") and big[1].startswith("notice: the connection table takes 9.2 GiB")
