@@ -349,8 +349,10 @@ static __always_inline int conn_reusable(struct conn_key *k, struct conn_val *cv
 	 * the flow's state is read over every CPU's copy (only SYNs that find an entry pay for it). */
 	state = cv->state;
 	was_est = cv->flags & CONN_F_WAS_EST;
+#ifndef CONN_SHARED /* a shared table's cv is the only copy */
 	if (!((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est))
 		conn_newest(k, &state, &was_est);
+#endif
 	if ((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est)
 		return 1;
 	d = dest_map.lookup(&slot);

@@ -11,6 +11,7 @@ import time
 from hdslb.ctl import protocol
 from hdslb.ctl.client import Client, DaemonUnreachable
 from hdslb.errors import HdslbError
+from hdslb.fastpath.loader import CONN_TABLES
 
 UP_TIMEOUT_S = 90.0  # a bcc compile takes ~2 s alone, much more on a loaded 2-core CI machine
 
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pin-root")
     up.add_argument("--instance")
     up.add_argument("--max-conns", type=int)
-    up.add_argument("--conn-table", choices=("percpu", "shared"),
+    up.add_argument("--conn-table", choices=CONN_TABLES,
                     help="connection values per CPU (default) or one shared value an entry (memory independent "
                          "of the CPU count)")
     up.add_argument("--max-services", type=int, help="virtual services (default 4096)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
+from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
 from .kinds import (IFNAME, IP, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
@@ -503,7 +504,7 @@ ROOT = Block(None, {
         "conn": Block(m.ConnDefs, {
             "conn_pool_size": Key(Int(1024, 2**28), 2097152, init=True),
             # hdslb's own: the conn map's values per CPU or one shared (hdslbd --conn-table)
-            "conn_table": Key(Choice("percpu", "shared"), "percpu", init=True),
+            "conn_table": Key(Choice(*CONN_TABLES), CONN_TABLES[0], init=True),
             "conn_pool_cache": Key(Int(1, 8192), 256, init=True,
                                    na="conns are entries of one BPF map; there is no per-core mempool cache"),
             "conn_init_timeout": Key(_SECONDS, 3),

@@ -209,21 +209,7 @@ class FastPath:
             if os.path.isdir(self.pin_dir):
                 shutil.rmtree(self.pin_dir)
             os.makedirs(self.pin_dir)
-            advice = conn_table_advice(self.sizes.max_conns, possible_cpus(), table, _mem_total())
-            if advice:
-                log.warning("%s", advice)
-            conn_fd = lib.bcc_create_map(map_type, b"conn_map", abi.CONN_KEY_SIZE,
-                                         abi.CONN_VAL_SIZE, self.sizes.max_conns, 0)
-            if conn_fd < 0:
-                need = conn_table_estimate(self.sizes.max_conns, possible_cpus(), table)
-                per = (f"on {possible_cpus()} possible CPUs (values are per CPU; --conn-table shared keeps one)"
-                       if table == "percpu" else "(one shared value an entry)")
-                raise OSError(-conn_fd, f"cannot create the connection map: {self.sizes.max_conns} entries need "
-                                        f"~{need / 2**20:.0f} MiB of kernel memory {per}: "
-                                        f"{os.strerror(-conn_fd)}; lower --max-conns (conn_pool_size)")
-            if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
-                os.close(conn_fd)
-                raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
+            conn_fd = self._create_conn_map(lib, map_type, conn_pin)
         try:
             try:
                 self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"),
@@ -242,6 +228,25 @@ class FastPath:
                      self.sizes.max_conns, self.conn_memlock / 2**20, self.conn_memlock // max(1, self.sizes.max_conns),
                      f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
+
+    def _create_conn_map(self, lib, map_type: int, conn_pin: bytes) -> int:
+        """Create and pin an empty conn map; warn first when a per-CPU one takes much of the memory."""
+        table, entries = self.sizes.conn_table, self.sizes.max_conns
+        advice = conn_table_advice(entries, possible_cpus(), table, _mem_total())
+        if advice:
+            log.warning("%s", advice)
+        conn_fd = lib.bcc_create_map(map_type, b"conn_map", abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE, entries, 0)
+        if conn_fd < 0:
+            need = conn_table_estimate(entries, possible_cpus(), table)
+            per = (f"on {possible_cpus()} possible CPUs (values are per CPU; --conn-table shared keeps one)"
+                   if table == "percpu" else "(one shared value an entry)")
+            raise OSError(-conn_fd, f"cannot create the connection map: {entries} entries need "
+                                    f"~{need / 2**20:.0f} MiB of kernel memory {per}: "
+                                    f"{os.strerror(-conn_fd)}; lower --max-conns (conn_pool_size)")
+        if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
+            os.close(conn_fd)
+            raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
+        return conn_fd
 
     def _check_abi(self) -> None:
         t = self.bpf["conn_map"]

@@ -70,6 +70,8 @@ class Maps:
                 self.t[n] = fastpath.table(n.encode())
             except KeyError:
                 pass
+        # --conn-table shared: one value an entry, not one per CPU (bcc's Leaf is then the struct, not an array)
+        self.conn_shared = not hasattr(self.t["conn_map"].Leaf(), "__len__")
         self.counter_names = abi.counter_names()
         self.batch_cells = True  # BPF_MAP_UPDATE_BATCH for hash_cells; off after the first refusal
 
@@ -564,11 +566,6 @@ class Maps:
             keys, vals, n = batch
             for i in range(n):
                 yield keys[i], ((vals[i],) if shared else vals[i])
-
-    @property
-    def conn_shared(self) -> bool:
-        """The conn table has one value an entry (--conn-table shared), not one per CPU."""
-        return not hasattr(self.t["conn_map"].Leaf(), "__len__")
 
     def _copies(self, v):
         """A conn entry's value copies: the per-CPU array, or the one shared value as a sequence of one."""

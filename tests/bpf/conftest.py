@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs
+from hdslb.fastpath.loader import CONN_TABLES, DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs  # noqa: F401 (CONN_TABLES: for the modules)
 from hdslb.fastpath.maps import Maps
 
 LO_IFINDEX = 1  # BPF_PROG_TEST_RUN without a ctx runs as if received on loopback
@@ -40,7 +40,6 @@ def fastpath(fastpath_of):
     return fastpath_of("percpu")
 
 
-CONN_TABLES = ("percpu", "shared")
 
 
 @pytest.fixture

@@ -570,3 +570,26 @@ def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath
         fp.load(adopt=True)
     assert fp.bpf is None and len(list(fastpath.table("conn_map").keys())) == before
     assert os.path.exists(os.path.join(fastpath.pin_dir, "conn_map"))
+
+
+def test_creating_a_per_cpu_table_that_takes_much_memory_is_warned_about(monkeypatch, caplog):
+    """The loader logs the advice (what --conn-table shared would take) when it creates a per-CPU table that
+    takes a tenth of the memory or more, and says nothing for a shared one or a small table."""
+    import logging
+
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "_mem_total", lambda: 4 << 20)  # a machine of 4 MiB: 4096 entries are a lot
+    lib = loader._libbcc()
+    loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
+    for table in ("percpu", "shared"):
+        pin = os.path.join(loader.DEFAULT_PIN_ROOT, f"pytest-warn-{os.getpid()}-{table}").encode()
+        fp = loader.FastPath(pin.decode(), loader.Sizes(max_conns=4096, conn_table=table))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hdslb.fastpath"):
+            fd = fp._create_conn_map(lib, loader.BPF_MAP_TYPE_LRU_HASH if table == "shared"
+                                     else loader.BPF_MAP_TYPE_LRU_PERCPU_HASH, pin)
+        os.close(fd)
+        os.unlink(pin)
+        warned = [r.getMessage() for r in caplog.records if "--conn-table shared would take" in r.getMessage()]
+        assert len(warned) == (1 if table == "percpu" else 0), (table, caplog.text)
