@@ -34,6 +34,7 @@ import time
 from bench import ref_progs
 from hdslb.fastpath import abi
 from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
+from hdslb.fastpath.maps import _put_addr
 
 LO_IFINDEX = 1  # a test run without ctx sees loopback as the ingress interface
 LB_MAC = "02:aa:00:00:00:01"
@@ -112,15 +113,15 @@ class _Bench:
         """Conn entry keyed by the rewritten packet's tuple that rewrites it back to `back_to` (see module doc)."""
         Ether, IP, TCP, UDP = _pkts()
         l4 = TCP if TCP in out_pkt else UDP
-        t = self.maps.t["conn_map"]
+        t = self.maps.t["conn4_map"]
         k = t.Key()
-        ct.memmove(ct.addressof(k.saddr), A(out_pkt[IP].src).packed.ljust(16, b"\0"), 16)
-        ct.memmove(ct.addressof(k.daddr), A(out_pkt[IP].dst).packed.ljust(16, b"\0"), 16)
+        _put_addr(k.saddr, A(out_pkt[IP].src))
+        _put_addr(k.daddr, A(out_pkt[IP].dst))
         k.sport, k.dport = socket.htons(out_pkt[l4].sport), socket.htons(out_pkt[l4].dport)
         k.proto, k.af = out_pkt[IP].proto, 4
         v = getattr(t, "sLeaf", t.Leaf)()
-        ct.memmove(ct.addressof(v.saddr), A(back_to[IP].src).packed.ljust(16, b"\0"), 16)
-        ct.memmove(ct.addressof(v.daddr), A(back_to[IP].dst).packed.ljust(16, b"\0"), 16)
+        _put_addr(v.saddr, A(back_to[IP].src))
+        _put_addr(v.daddr, A(back_to[IP].dst))
         v.sport, v.dport = socket.htons(back_to[l4].sport), socket.htons(back_to[l4].dport)
         v.ifindex = LO_IFINDEX
         ct.memmove(ct.addressof(v.dmac), _mac(back_to[Ether].dst), 6)
@@ -378,7 +379,7 @@ class _Bench:
     def _empty_maps(self) -> None:
         m = self.maps
         for name in ("svc_map", "sched_map", "laddr_map", "local_map", "route4_map", "route6_map", "neigh_map",
-                     "conn_map", "persist_map"):
+                     "conn4_map", "conn6_map", "persist_map"):
             t = m.t[name]
             for k in list(t.keys()):
                 del t[k]

@@ -94,6 +94,8 @@ BPF_TABLE("percpu_hash", struct conn_key, struct conn_val, ins_pcpu, INS_MAX);
 BPF_TABLE("hash", struct conn_key, struct conn_val, ins_hash, INS_MAX);
 BPF_TABLE("lru_percpu_hash", struct conn_key, struct conn_val, look_lru_pcpu, LOOK_MAX);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, look_lru, LOOK_MAX);
+BPF_TABLE("lru_percpu_hash", struct conn4_key, struct conn4_val, look_lru_pcpu4, LOOK_MAX);
+BPF_TABLE("lru_hash", struct conn4_key, struct conn4_val, look_lru4, LOOK_MAX);
 BPF_PERCPU_ARRAY(look_seq, __u64, 1);
 BPF_ARRAY(look_n, __u32, 1);
 BPF_PERCPU_ARRAY(ins_seq, __u64, 1);
@@ -375,14 +377,17 @@ int bench_sink(struct xdp_md *ctx)
 # hash element (one more cache line to fetch); a shared value follows the key in the element.
 LOOK_MAX = 1 << 18
 LOOKUPS = [
-    ("lru_pcpu", "lru_percpu_hash (hdslb's conn map type): element, then the per-CPU value elsewhere"),
-    ("lru", "lru_hash: one shared value, inline after the key"),
+    ("lru_pcpu", "lru_percpu_hash, wide entries (conn6_map's layout): element, then the per-CPU value elsewhere"),
+    ("lru", "lru_hash, wide entries: one shared value, inline after the key (160-byte element)"),
+    ("lru_pcpu4", "lru_percpu_hash, compact IPv4 entries (conn4_map, the default): 16-byte key, 48-byte value"),
+    ("lru4", "lru_hash, compact IPv4 entries (conn4_map --conn-table shared): 112-byte element"),
 ]
+_LOOK_TYPES = {"lru_pcpu": "", "lru": "", "lru_pcpu4": "4", "lru4": "4"}  # struct conn{,4}_key / _val
 _LOOK_PROG = """
 int ref_fill_MAP(struct xdp_md *ctx)
 {
-	struct conn_key k = {};
-	struct conn_val v = {};
+	struct connT_key k = {};
+	struct connT_val v = {};
 	__u32 zero = 0;
 	__u64 *seq = look_seq.lookup(&zero);
 
@@ -399,8 +404,8 @@ int ref_fill_MAP(struct xdp_md *ctx)
 
 int ref_look_MAP(struct xdp_md *ctx)
 {
-	struct conn_key k = {};
-	struct conn_val *v;
+	struct connT_key k = {};
+	struct connT_val *v;
 	__u32 zero = 0;
 	__u64 *seq = look_seq.lookup(&zero);
 	__u32 *n = look_n.lookup(&zero);
@@ -434,7 +439,8 @@ int ref_ins_MAP(struct xdp_md *ctx)
 """
 # bcc rewrites map calls only outside macros, so each insert program is spelled out here.
 SRC = SRC.replace("@INS_PROGS@", "".join(_INS_PROG.replace("MAP", n[len("ref_ins_"):]) for n, _ in INSERTS[1:])
-                  + "".join(_LOOK_PROG.replace("MAP", n) for n, _ in LOOKUPS))
+                  + "".join(_LOOK_PROG.replace("MAP", n).replace("connT_", f"conn{_LOOK_TYPES[n]}_")
+                            for n, _ in LOOKUPS))
 
 _REF = None
 

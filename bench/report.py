@@ -176,7 +176,7 @@ def fmt_e2e(r: dict) -> str:
 def _fmt_memory(m: dict, what: str) -> str:
     if "na" in m:
         return f"3a. memory ({what}): n/a ({m['na']})"
-    rows = [["conn map entries (max)", m["max_entries"]], ["connections filled by the fast path", m["filled_connections"]],
+    rows = [["conn4_map entries (max)", m["max_entries"]], ["connections filled by the fast path", m["filled_connections"]],
             ["entries after the fill", m.get("entries_after_fill", "n/a")],
             ["memlock (fdinfo)", f"{m['memlock_bytes'] / 2**20:.1f} MiB"],
             ["bpftool bytes_memlock", f"{m.get('bpftool_bytes_memlock', 0) / 2**20:.1f} MiB" if m.get("bpftool_bytes_memlock") else "n/a"],
@@ -185,6 +185,9 @@ def _fmt_memory(m: dict, what: str) -> str:
             ["bytes per entry", f"{m['bytes_per_entry']:.0f}"],
             ["bytes per connection (2 entries)", f"{m['bytes_per_connection']:.0f}"],
             ["layout", m["layout"]["note"]],
+            ["conn6_map beside (IPv6/NAT64, fixed)", f"{m['conn6_map']['max_entries']} entries, "
+                                                     f"{m['conn6_map']['memlock_bytes'] / 2**10:.0f} KiB"
+             if "conn6_map" in m else "n/a"],
             ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
     rows += [[f"daemon reads {name}", f"{v['seconds']} s for {v['entries']} entries"]
              for name, v in m.get("scans", {}).items()]
@@ -271,7 +274,7 @@ def markdown(res: dict) -> str:
     s = res.get("scale", {})
     m, sh = s.get("memory", {}), s.get("memory_shared", {})
     if "bytes_per_connection" in m:
-        lines.append(f"Connection table: {m['bytes_per_connection']:.0f} B per connection (both directions, "
+        lines.append(f"Connection table: {m['bytes_per_connection']:.0f} B per IPv4 connection (both directions, "
                      f"{mc['nproc']} CPUs, per-CPU values) at {m['connections']} connections"
                      + (f"; {sh['bytes_per_connection']:.0f} B with --conn-table shared." if "bytes_per_connection" in sh
                         else "."))

@@ -20,14 +20,17 @@
 #ifndef PIN_DIR
 #error "PIN_DIR (bpffs directory for this instance) must be passed by the loader"
 #endif
-#ifndef CONN_MAP_FD
-#error "CONN_MAP_FD (fd of the pre-created per-CPU conn map) must be passed by the loader"
+#if !defined(CONN4_MAP_FD) || !defined(CONN6_MAP_FD)
+#error "CONN4_MAP_FD and CONN6_MAP_FD (fds of the pre-created conn maps) must be passed by the loader"
 #endif
 #ifndef HDSLB_NR_CPUS
 #error "HDSLB_NR_CPUS (number of possible CPUs) must be passed by the loader"
 #endif
 #ifndef MAX_CONNS
 #define MAX_CONNS 262144
+#endif
+#ifndef MAX_CONNS6
+#define MAX_CONNS6 (MAX_CONNS / 4)
 #endif
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 4096
@@ -82,18 +85,103 @@ BPF_TABLE_PINNED("lpm_trie", struct route6_key, struct route_val, route6_map, MA
 /* Next hop -> MAC; filled by dpip neigh add, by ARP learned here, and by the daemon's resolver. */
 BPF_TABLE_PINNED("hash", struct neigh_key, struct neigh_val, neigh_map, MAX_NEIGH, PIN_DIR "/neigh_map");
 /*
- * The connection table: one entry per direction, per-CPU values so the hot path never shares a cache
- * line between CPUs. A key exists for all CPUs, but only the creating CPU's copy is filled in; a packet of
- * the same flow on another CPU (the sender migrated) adopts that copy once (conn_find). Created by the
- * loader before this program is compiled, because adoption needs its fd (bpf_map_lookup_percpu_elem).
- * With CONN_SHARED (--conn-table shared) one value serves every CPU instead: the table's memory no longer
- * grows with the CPU count, at the price of CPUs writing the same entry when a flow's packets cross them.
+ * The connection tables: one entry per direction, per-CPU values so the hot path never shares a cache line
+ * between CPUs. A key exists for all CPUs, but only the creating CPU's copy is filled in; a packet of the same
+ * flow on another CPU (the sender migrated) adopts that copy once (conn_find). With CONN_SHARED
+ * (--conn-table shared) one value serves every CPU instead: the memory no longer grows with the CPU count, at
+ * the price of CPUs writing the same entry when a flow's packets cross them.
+ * IPv4 flows live in conn4_map with 16-byte keys and 48-byte values; IPv6 flows and NAT64 flows (both of
+ * their directions: the reply is an IPv4 key with IPv6 addresses to write) in conn6_map, 40 and 72 bytes. An
+ * IPv4 connection so takes 112 bytes of element per direction instead of 160, and IPv6 capacity is sized on
+ * its own (MAX_CONNS6). Both are created by the loader before this program is compiled: the code below
+ * reaches them by fd (CONN4_MAP_FD, CONN6_MAP_FD), which is also what adoption needs
+ * (bpf_map_lookup_percpu_elem). Which table a call works on is its first argument, T4 or T6, a constant
+ * at every call: each inlined call compiles to one table's code.
  */
 #ifdef CONN_SHARED
-BPF_TABLE_PINNED("lru_hash", struct conn_key, struct conn_val, conn_map, MAX_CONNS, PIN_DIR "/conn_map");
+BPF_TABLE_PINNED("lru_hash", struct conn4_key, struct conn4_val, conn4_map, MAX_CONNS, PIN_DIR "/conn4_map");
+BPF_TABLE_PINNED("lru_hash", struct conn_key, struct conn_val, conn6_map, MAX_CONNS6, PIN_DIR "/conn6_map");
 #else
-BPF_TABLE_PINNED("lru_percpu_hash", struct conn_key, struct conn_val, conn_map, MAX_CONNS, PIN_DIR "/conn_map");
+BPF_TABLE_PINNED("lru_percpu_hash", struct conn4_key, struct conn4_val, conn4_map, MAX_CONNS, PIN_DIR "/conn4_map");
+BPF_TABLE_PINNED("lru_percpu_hash", struct conn_key, struct conn_val, conn6_map, MAX_CONNS6, PIN_DIR "/conn6_map");
 #endif
+#define T4 1
+#define T6 0
+#define CONN_MAP(t4) ((void *)((t4) ? bpf_pseudo_fd(1, CONN4_MAP_FD) : bpf_pseudo_fd(1, CONN6_MAP_FD)))
+#define K4(k) ((struct conn4_key *)(k))
+#define V4(v) ((struct conn4_val *)(v))
+#define CV(v) ((struct conn_val *)(v))
+
+static __always_inline void *conn_lookup(int t4, void *k)
+{
+	return bpf_map_lookup_elem(CONN_MAP(t4), k);
+}
+
+static __always_inline int conn_insert(int t4, void *k, void *v)
+{
+	return bpf_map_update_elem(CONN_MAP(t4), k, v, BPF_NOEXIST);
+}
+
+static __always_inline int conn_update(int t4, void *k, void *v)
+{
+	return bpf_map_update_elem(CONN_MAP(t4), k, v, BPF_ANY);
+}
+
+static __always_inline int conn_delete(int t4, void *k)
+{
+	return bpf_map_delete_elem(CONN_MAP(t4), k);
+}
+
+/* Addresses of a key or value of either table, as the wide union (IPv4 in .v4, the rest zero) and back. */
+static __always_inline union hdslb_addr ck_addr(int t4, const void *k, int dst)
+{
+	union hdslb_addr a = {};
+
+	if (t4)
+		a.v4 = dst ? K4(k)->daddr.v4 : K4(k)->saddr.v4;
+	else
+		a = dst ? ((const struct conn_key *)k)->daddr : ((const struct conn_key *)k)->saddr;
+	return a;
+}
+
+static __always_inline void ck_set(int t4, void *k, int dst, union hdslb_addr a)
+{
+	if (t4) {
+		if (dst)
+			K4(k)->daddr.v4 = a.v4;
+		else
+			K4(k)->saddr.v4 = a.v4;
+	} else if (dst) {
+		((struct conn_key *)k)->daddr = a;
+	} else {
+		((struct conn_key *)k)->saddr = a;
+	}
+}
+
+static __always_inline union hdslb_addr cv_addr(int t4, const struct conn_val *v, int dst)
+{
+	union hdslb_addr a = {};
+
+	if (t4)
+		a.v4 = dst ? V4(v)->daddr.v4 : V4(v)->saddr.v4;
+	else
+		a = dst ? v->daddr : v->saddr;
+	return a;
+}
+
+static __always_inline void cv_set(int t4, struct conn_val *v, int dst, union hdslb_addr a)
+{
+	if (t4) {
+		if (dst)
+			V4(v)->daddr.v4 = a.v4;
+		else
+			V4(v)->saddr.v4 = a.v4;
+	} else if (dst) {
+		v->daddr = a;
+	} else {
+		v->saddr = a;
+	}
+}
 /* Traffic per service / per real server, per CPU; the daemon sums. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, svc_stats, MAX_SERVICES, PIN_DIR "/svc_stats");
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, dest_stats, MAX_DESTS, PIN_DIR "/dest_stats");
@@ -251,9 +339,9 @@ pass:
 
 #ifdef CONN_SHARED
 /* The one shared copy (see the per-CPU version below). */
-static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *state, __u8 *was_est)
+static __always_inline struct conn_val *conn_newest(int t4, void *k, __u8 *state, __u8 *was_est)
 {
-	struct conn_val *o = conn_map.lookup(k);
+	struct conn_val *o = conn_lookup(t4, k);
 
 	*state = CS_NONE;
 	*was_est = 0;
@@ -264,9 +352,9 @@ static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *st
 	return o;
 }
 
-static __always_inline struct conn_val *conn_find(struct conn_key *k)
+static __always_inline struct conn_val *conn_find(int t4, void *k)
 {
-	struct conn_val *v = conn_map.lookup(k);
+	struct conn_val *v = conn_lookup(t4, k);
 
 	return (v && (v->flags & CONN_F_VALID)) ? v : 0;
 }
@@ -276,7 +364,7 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
  * advanced it may have crossed another CPU than the newest one), and *was_est CONN_F_WAS_EST if any copy has it.
  * The winner is looked up again by its CPU: the verifier refuses the branch-free pointer select clang makes of
  * keeping the best pointer. */
-static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *state, __u8 *was_est)
+static __always_inline struct conn_val *conn_newest(int t4, void *k, __u8 *state, __u8 *was_est)
 {
 	struct conn_val *o;
 	__u64 newest = 0;
@@ -285,7 +373,7 @@ static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *st
 	*state = CS_NONE;
 	*was_est = 0;
 	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
-		o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, cpu);
+		o = bpf_map_lookup_percpu_elem(CONN_MAP(t4), k, cpu);
 		if (!o || !(o->flags & CONN_F_VALID))
 			continue;
 		if (o->state > *state)
@@ -298,7 +386,7 @@ static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *st
 	}
 	if (best < 0)
 		return 0;
-	o = bpf_map_lookup_percpu_elem((void *)bpf_pseudo_fd(1, CONN_MAP_FD), k, (__u32)best);
+	o = bpf_map_lookup_percpu_elem(CONN_MAP(t4), k, (__u32)best);
 	return (o && (o->flags & CONN_F_VALID)) ? o : 0;
 }
 
@@ -306,9 +394,9 @@ static __always_inline struct conn_val *conn_newest(struct conn_key *k, __u8 *st
  * Find this flow's entry. The per-CPU value on this CPU is used when filled in; otherwise the flow was
  * created on another CPU (e.g. the sender moved), so copy the newest other copy here once and go on lockless.
  */
-static __always_inline struct conn_val *conn_find(struct conn_key *k)
+static __always_inline struct conn_val *conn_find(int t4, void *k)
 {
-	struct conn_val *v = conn_map.lookup(k);
+	struct conn_val *v = conn_lookup(t4, k);
 	struct conn_val *o;
 	__u8 state, was_est;
 
@@ -316,10 +404,13 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
 		return 0;
 	if (v->flags & CONN_F_VALID)
 		return v;
-	o = conn_newest(k, &state, &was_est);
+	o = conn_newest(t4, k, &state, &was_est);
 	if (!o)
 		return 0;
-	__builtin_memcpy(v, o, sizeof(*v));
+	if (t4)
+		__builtin_memcpy(v, o, sizeof(struct conn4_val));
+	else
+		__builtin_memcpy(v, o, sizeof(struct conn_val));
 	v->state = state;
 	v->flags |= was_est;
 	count(CNT_CONN_ADOPT);
@@ -334,7 +425,7 @@ static __always_inline struct conn_val *conn_find(struct conn_key *k)
  * and expire_nodest_conn. Without this, a client that reuses a port quickly (a refused connection leaves
  * no TIME_WAIT) would be sent to a dead server for as long as the old entry lives.
  */
-static __always_inline int conn_reusable(struct conn_key *k, struct conn_val *cv, struct tcphdr *th)
+static __always_inline int conn_reusable(int t4, void *k, struct conn_val *cv, struct tcphdr *th)
 {
 	__u32 slot = cv->dest_slot;
 	struct dest_val *d;
@@ -351,7 +442,7 @@ static __always_inline int conn_reusable(struct conn_key *k, struct conn_val *cv
 	was_est = cv->flags & CONN_F_WAS_EST;
 #ifndef CONN_SHARED /* a shared table's cv is the only copy */
 	if (!((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est))
-		conn_newest(k, &state, &was_est);
+		conn_newest(t4, k, &state, &was_est);
 #endif
 	if ((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est)
 		return 1;
@@ -359,28 +450,32 @@ static __always_inline int conn_reusable(struct conn_key *k, struct conn_val *cv
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
 }
 
-/* The other direction's key of the entry (k, v): its rewritten tuple reversed, in the other family for NAT64. */
-static __always_inline void conn_partner_key(struct conn_key *out, const struct conn_key *k, const struct conn_val *v)
+/* The other direction's key of the entry (k, v): its rewritten tuple reversed, in the other family for NAT64
+ * (a NAT64 flow is in conn6_map both ways: its IPv4 reply key is a wide key with af IPv4). */
+static __always_inline void conn_partner_key(int t4, void *out, const void *k, const struct conn_val *v)
 {
-	out->saddr = v->daddr;
-	out->daddr = v->saddr;
-	out->sport = v->dport;
-	out->dport = v->sport;
-	out->proto = k->proto;
-	out->af = (v->flags & CONN_F_XLAT) ? (k->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : k->af;
+	const struct conn_key *kh = k; /* the head both key layouts share */
+	struct conn_key *oh = out;
+
+	ck_set(t4, out, 0, cv_addr(t4, v, 1));
+	ck_set(t4, out, 1, cv_addr(t4, v, 0));
+	oh->sport = v->dport;
+	oh->dport = v->sport;
+	oh->proto = kh->proto;
+	oh->af = (v->flags & CONN_F_XLAT) ? (kh->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : kh->af;
 }
 
 /* Remove a flow's inbound entry and, for the modes that have one, its reply entry. */
-static __always_inline void conn_expire(struct conn_key *k, struct conn_val *cv)
+static __always_inline void conn_expire(int t4, void *k, struct conn_val *cv)
 {
-	struct conn_key rk = {};
+	struct conn_key rk = {}; /* big enough for either table's key */
 
 	if (cv->fwd == FWD_FNAT || cv->fwd == FWD_NAT || cv->fwd == FWD_SNAT) {
-		conn_partner_key(&rk, k, cv);
-		if (conn_map.delete(&rk) == 0)
+		conn_partner_key(t4, &rk, k, cv);
+		if (conn_delete(t4, &rk) == 0)
 			count(CNT_CONN_EXPIRED);
 	}
-	if (conn_map.delete(k) == 0)
+	if (conn_delete(t4, k) == 0)
 		count(CNT_CONN_EXPIRED);
 	count(CNT_CONN_REUSED);
 }
@@ -567,7 +662,7 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
  * outer source from the entry. The frame leaves untagged: the head moves by exactly what the new Ethernet +
  * outer IP headers need beyond the old L2 header, so the inner packet's bytes never move.
  */
-static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len, int punt)
+static __always_inline int encap4(struct xdp_md *ctx, struct conn4_val *cv, __u32 l2len, __u32 l3len, int punt)
 {
 	void *data, *data_end;
 	struct ethhdr *eth;
@@ -619,7 +714,7 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
-	return send_l2(ctx, eth, cv);
+	return send_l2(ctx, eth, CV(cv));
 }
 
 /*
@@ -628,7 +723,7 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn_val *cv, __u32
  * encapsulates — and transmit.
  */
 static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				      struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn_val *cv)
+				      struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn4_val *cv)
 {
 	__be32 old_s = iph->saddr, old_d = iph->daddr;
 	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
@@ -636,11 +731,11 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 	int punt = 0;
 
 	if (cv->flags & CONN_F_NEED_L2)
-		punt = conn_fill_l2(cv);
+		punt = conn_fill_l2(CV(cv));
 	if (th)
-		tcp_track(cv, th);
+		tcp_track(CV(cv), th);
 	cv->last_seen = bpf_jiffies64();
-	account(cv, l3len);
+	account(CV(cv), l3len);
 
 	if (cv->fwd == FWD_TUNNEL)
 		return encap4(ctx, cv, (__u32)((long)iph - (long)ctx->data), l3len, punt);
@@ -677,7 +772,7 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 		__builtin_memcpy(eth->h_source, cv->smac, 6);
 		return punt_no_neigh(ctx);
 	}
-	return send_l2(ctx, eth, cv);
+	return send_l2(ctx, eth, CV(cv));
 }
 
 /* An address as the one host-order word the hash schedulers hash (v6: XOR of its words, as LVS folds it). */
@@ -840,40 +935,91 @@ static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_
  * yet (a big table is swept seldom). Remove both of its entries, as the sweep would, so the port can go to the
  * new flow now. Returns 1 when rk is free again.
  */
-static __always_inline int conn_reclaim(struct fp_cfg *cfg, struct conn_key *rk, __u64 now)
+static __always_inline int conn_reclaim(int t4, struct fp_cfg *cfg, void *rk, __u64 now)
 {
+	struct conn_key *rh = rk; /* the head both key layouts share */
 	struct conn_val *rv, *iv;
-	struct conn_key ik = {};
+	struct conn_key ik = {}; /* big enough for either table's key */
 	__u64 last;
 	__u8 state, istate, was_est;
 	int partner = 0;
 
 	if (!(cfg->flags & CFG_F_RECLAIM))
 		return 0;
-	rv = conn_newest(rk, &state, &was_est);
+	rv = conn_newest(t4, rk, &state, &was_est);
 	if (!rv || !(rv->flags & CONN_F_OUT))
 		return 0; /* being installed by another CPU right now, or not a reply entry */
 	last = rv->last_seen;
-	conn_partner_key(&ik, rk, rv);
-	iv = conn_newest(&ik, &istate, &was_est);
+	conn_partner_key(t4, &ik, rk, rv);
+	iv = conn_newest(t4, &ik, &istate, &was_est);
 	/* The inbound entry is this flow's only if it still points at rk (a client's tuple may carry a newer flow). */
-	if (iv && addr_eq(&iv->saddr, &rk->daddr) && iv->sport == rk->dport && addr_eq(&iv->daddr, &rk->saddr) &&
-	    iv->dport == rk->sport) {
-		partner = 1;
-		state = istate; /* the sweep, too, times a flow by its inbound entry's state */
-		if (iv->last_seen > last)
-			last = iv->last_seen;
+	if (iv && iv->sport == rh->dport && iv->dport == rh->sport) {
+		union hdslb_addr is = cv_addr(t4, iv, 0), id = cv_addr(t4, iv, 1);
+		union hdslb_addr rs = ck_addr(t4, rk, 0), rd = ck_addr(t4, rk, 1);
+
+		if (addr_eq(&is, &rd) && addr_eq(&id, &rs)) {
+			partner = 1;
+			state = istate; /* the sweep, too, times a flow by its inbound entry's state */
+			if (iv->last_seen > last)
+				last = iv->last_seen;
+		}
 	}
-	if (rk->proto == IPPROTO_UDP)
+	if (rh->proto == IPPROTO_UDP)
 		state = CS_UDP;
 	if (now - last <= cfg->idle_tmo[state & (IDLE_TMO_SLOTS - 1)])
 		return 0;
-	if (partner && conn_map.delete(&ik) == 0)
+	if (partner && conn_delete(t4, &ik) == 0)
 		count(CNT_CONN_EXPIRED);
-	if (conn_map.delete(rk) == 0)
+	if (conn_delete(t4, rk) == 0)
 		count(CNT_CONN_EXPIRED);
 	count(CNT_LPORT_RECLAIMED);
 	return 1;
+}
+
+/*
+ * An IPv4 reply tuple can be asked for in both tables: a plain IPv4 flow's in conn4_map, a NAT64 flow's in
+ * conn6_map (the same local address may serve both kinds of service). Once a port's reply entry is in one
+ * table, it is given up again if the other table holds the same tuple. Both sides insert first and check
+ * after, so of two CPUs taking the same port for the two kinds at once at least one sees the other. Only
+ * while IPv6 services exist (CFG_F_NAT64); returns 1 when the tuple is taken in the other table.
+ */
+static __always_inline int lport_taken_other(int t4, struct fp_cfg *cfg, void *ok)
+{
+	struct conn_key *oh = ok;
+
+	if (!(cfg->flags & CFG_F_NAT64) || oh->af != HDSLB_AF_INET)
+		return 0;
+	if (t4) {
+		struct conn_key wk = {};
+
+		wk.saddr.v4 = K4(ok)->saddr.v4;
+		wk.daddr.v4 = K4(ok)->daddr.v4;
+		wk.sport = oh->sport;
+		wk.dport = oh->dport;
+		wk.proto = oh->proto;
+		wk.af = HDSLB_AF_INET;
+		return conn_lookup(T6, &wk) != 0;
+	} else {
+		struct conn4_key nk = {};
+
+		nk.saddr.v4 = oh->saddr.v4;
+		nk.daddr.v4 = oh->daddr.v4;
+		nk.sport = oh->sport;
+		nk.dport = oh->dport;
+		nk.proto = oh->proto;
+		nk.af = HDSLB_AF_INET;
+		return conn_lookup(T4, &nk) != 0;
+	}
+}
+
+static __always_inline int lport_claim(int t4, struct fp_cfg *cfg, void *ok, struct conn_val *ov)
+{
+	if (conn_insert(t4, ok, ov) != 0)
+		return 0;
+	if (!lport_taken_other(t4, cfg, ok))
+		return 1;
+	conn_delete(t4, ok);
+	return 0;
 }
 
 /*
@@ -882,8 +1028,9 @@ static __always_inline int conn_reclaim(struct fp_cfg *cfg, struct conn_key *rk,
  * (conn_reclaim); one try per SYN pays that cost, so a range full of live flows stays cheap to fail in.
  * Returns 0 once the reply entry is in, else the drop counter.
  */
-static __always_inline __u32 alloc_lport(struct fp_cfg *cfg, __u32 *pc, struct conn_key *ok, struct conn_val *ov)
+static __always_inline __u32 alloc_lport(int t4, struct fp_cfg *cfg, __u32 *pc, void *ok, struct conn_val *ov)
 {
+	struct conn_key *oh = ok; /* the head both key layouts share */
 	__u32 span, start, cpu;
 	int reclaim_tried = 0;
 
@@ -898,12 +1045,12 @@ static __always_inline __u32 alloc_lport(struct fp_cfg *cfg, __u32 *pc, struct c
 		__u32 n = *pc;
 
 		*pc = n + 1;
-		ok->dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
-		if (conn_map.insert(ok, ov) == 0)
+		oh->dport = bpf_htons((__u16)(cfg->lport_min + ((n + start) % span)));
+		if (lport_claim(t4, cfg, ok, ov))
 			return 0;
 		if (!reclaim_tried) {
 			reclaim_tried = 1;
-			if (conn_reclaim(cfg, ok, ov->last_seen) && conn_map.insert(ok, ov) == 0)
+			if (conn_reclaim(t4, cfg, ok, ov->last_seen) && lport_claim(t4, cfg, ok, ov))
 				return 0;
 		}
 	}
@@ -928,17 +1075,20 @@ static __always_inline void conn_new_stats(__u32 svc_id, __u32 slot)
  * L2 half: per forwarding mode — FNAT: a local address of the server's family and a free local port, both
  * directions; NAT: destination rewrite in, and a reply entry for the answers that route back through us; DR
  * and TUNNEL: the inbound direction only (the server answers the client itself). Family-neutral: the same
- * code serves IPv4, IPv6 and NAT64 (xlat: the server's family differs from the client's). Returns 0 with
- * both entries installed, or the drop counter with nothing left behind.
+ * code serves IPv4 (t4: conn4_map's compact layout), IPv6 and NAT64 (xlat: the server's family differs from
+ * the client's; both entries in conn6_map). Returns 0 with both entries installed, or the drop counter with
+ * nothing left behind.
  */
-static __always_inline __u32 conn_install(struct xdp_md *ctx, struct ethhdr *eth, struct conn_key *k, __u32 svc_id,
+static __always_inline __u32 conn_install(int t4, struct xdp_md *ctx, struct ethhdr *eth, void *k, __u32 svc_id,
 					  struct fp_cfg *cfg, struct dest_val *d, __u32 slot, struct route_val *rt,
 					  struct conn_val *iv, int xlat, __u8 state)
 {
+	struct conn_key *kh = k; /* the head both key layouts share */
 	__u32 zero = 0, li, err;
 	struct laddr_set *ls;
-	struct conn_key ok = {};
+	struct conn_key ok = {}; /* big enough for either table's key and value */
 	struct conn_val ov = {};
+	union hdslb_addr src;
 	__u64 jnow = bpf_jiffies64(); /* last_seen */
 	__u32 *pc;
 	int have_ok = 0;
@@ -949,17 +1099,17 @@ static __always_inline __u32 conn_install(struct xdp_md *ctx, struct ethhdr *eth
 	iv->state = state; /* the first packet is forwarded from this copy, so its state is set here */
 	iv->fwd = d->fwd;
 	iv->last_seen = jnow;
-	iv->daddr = d->addr;
+	cv_set(t4, iv, 1, d->addr);
 
 	/* The reply entry (NAT, FNAT): real server -> client side, sent back the way the client's packet came. */
-	ok.saddr = d->addr;
+	ck_set(t4, &ok, 0, d->addr);
 	ok.sport = d->port;
-	ok.proto = k->proto;
+	ok.proto = kh->proto;
 	ok.af = d->af;
-	ov.saddr = k->daddr;
-	ov.daddr = k->saddr;
-	ov.sport = k->dport;
-	ov.dport = k->sport;
+	cv_set(t4, &ov, 0, ck_addr(t4, k, 1));
+	cv_set(t4, &ov, 1, ck_addr(t4, k, 0));
+	ov.sport = kh->dport;
+	ov.dport = kh->sport;
 	back_l2(ctx, eth, &ov);
 	ov.dest_slot = slot;
 	ov.svc_id = svc_id;
@@ -979,48 +1129,49 @@ static __always_inline __u32 conn_install(struct xdp_md *ctx, struct ethhdr *eth
 		li &= LADDR_MAX - 1;
 		if (ls->a[li].af != d->af)
 			return CNT_DROP_NO_LADDR;
-		ok.daddr = ls->a[li].addr;
-		err = alloc_lport(cfg, pc, &ok, &ov);
+		ck_set(t4, &ok, 1, ls->a[li].addr);
+		err = alloc_lport(t4, cfg, pc, &ok, &ov);
 		if (err)
 			return err;
 		have_ok = 1;
-		iv->saddr = ok.daddr;
+		cv_set(t4, iv, 0, ls->a[li].addr);
 		iv->sport = ok.dport;
 		iv->dport = d->port;
 		break;
 	case FWD_NAT:
-		ok.daddr = k->saddr;
-		ok.dport = k->sport;
-		if (conn_map.insert(&ok, &ov) != 0)
+		ck_set(t4, &ok, 1, ck_addr(t4, k, 0));
+		ok.dport = kh->sport;
+		if (conn_insert(t4, &ok, &ov) != 0)
 			return CNT_DROP_CONN_INSERT;
 		have_ok = 1;
-		iv->saddr = k->saddr;
-		iv->sport = k->sport;
+		cv_set(t4, iv, 0, ck_addr(t4, k, 0));
+		iv->sport = kh->sport;
 		iv->dport = d->port;
 		break;
 	case FWD_DR:
-		iv->saddr = k->saddr;
-		iv->sport = k->sport;
-		iv->dport = k->dport;
+		cv_set(t4, iv, 0, ck_addr(t4, k, 0));
+		iv->sport = kh->sport;
+		iv->dport = kh->dport;
 		break;
 	case FWD_TUNNEL:
 		/* outer source: the route's src (dpip route ... src), else the service's first local address */
-		iv->saddr = rt->src;
-		if (!(iv->saddr.v6[0] | iv->saddr.v6[1] | iv->saddr.v6[2] | iv->saddr.v6[3])) {
+		src = rt->src;
+		if (!(src.v6[0] | src.v6[1] | src.v6[2] | src.v6[3])) {
 			ls = laddr_map.lookup(&svc_id);
 			if (!ls || ls->n == 0 || ls->a[0].af != d->af)
 				return CNT_DROP_NO_SRC;
-			iv->saddr = ls->a[0].addr;
+			src = ls->a[0].addr;
 		}
-		iv->sport = k->sport;
-		iv->dport = k->dport;
+		cv_set(t4, iv, 0, src);
+		iv->sport = kh->sport;
+		iv->dport = kh->dport;
 		break;
 	default:
 		return CNT_DROP_NO_DEST;
 	}
-	if (conn_map.update(k, iv) != 0) {
+	if (conn_update(t4, k, iv) != 0) {
 		if (have_ok)
-			conn_map.delete(&ok);
+			conn_delete(t4, &ok);
 		return CNT_DROP_CONN_INSERT;
 	}
 	conn_new_stats(svc_id, slot);
@@ -1029,24 +1180,25 @@ static __always_inline __u32 conn_install(struct xdp_md *ctx, struct ethhdr *eth
 
 /* A new flow to an IPv4 service: schedule, route to the real server, install the entries, forward. */
 static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				     struct tcphdr *th, struct udphdr *uh, struct conn_key *k, struct svc_val *sv,
+				     struct tcphdr *th, struct udphdr *uh, struct conn4_key *k, struct svc_val *sv,
 				     struct fp_cfg *cfg)
 {
 	struct dest_val *d;
 	struct route_val *rt;
 	__u32 slot = DEST_SLOT_NONE, err;
 	__be32 nh = 0;
-	struct conn_val iv = {};
+	struct conn4_val iv = {};
+	union hdslb_addr src = { .v4 = k->saddr.v4 }, dst = { .v4 = k->daddr.v4 };
 
-	d = pick_dest(sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, bpf_ktime_get_coarse_ns());
+	d = pick_dest(sv, HDSLB_AF_INET, &src, k->sport, &dst, &slot, bpf_ktime_get_coarse_ns());
 	if (!d || d->af != HDSLB_AF_INET)
 		return drop(CNT_DROP_NO_DEST);
 	rt = route4(d->addr.v4, &nh);
 	if (!rt)
 		return drop(CNT_DROP_NO_ROUTE);
-	err = new_l2(ctx, &iv, rt->ifindex, nh);
+	err = new_l2(ctx, CV(&iv), rt->ifindex, nh);
 	if (!err)
-		err = conn_install(ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, 0, th ? CS_SYN_RECV : CS_UDP);
+		err = conn_install(T4, ctx, eth, k, sv->svc_id, cfg, d, slot, rt, CV(&iv), 0, th ? CS_SYN_RECV : CS_UDP);
 	if (err)
 		return drop(err);
 	return xmit_conn4(ctx, eth, iph, th, uh, 0, &iv);
@@ -1058,7 +1210,7 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
  * service's "real servers" are the sapool addresses; 0.0.0.0 means the src of the route taken.
  */
 static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
-				     struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn_key *k,
+				     struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn4_key *k,
 				     __u32 svc_id, struct route_val *rt, __be32 nh, struct fp_cfg *cfg)
 {
 	struct svc_val sv = {};
@@ -1066,21 +1218,22 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	__u32 slot = DEST_SLOT_NONE, err, zero = 0;
 	__u32 *pc;
 	__be32 src;
-	struct conn_key ok = {};
-	struct conn_val ov = {};
-	struct conn_val iv = {};
+	struct conn4_key ok = {};
+	struct conn4_val ov = {};
+	struct conn4_val iv = {};
+	union hdslb_addr sa = { .v4 = k->saddr.v4 }, da = { .v4 = k->daddr.v4 };
 	__u64 now = bpf_ktime_get_coarse_ns(); /* persistence templates */
 	__u64 jnow = bpf_jiffies64();          /* last_seen */
 
 	sv.svc_id = svc_id;
 	sv.flags = SVC_F_VALID;
-	d = pick_dest(&sv, HDSLB_AF_INET, &k->saddr, k->sport, &k->daddr, &slot, now);
+	d = pick_dest(&sv, HDSLB_AF_INET, &sa, k->sport, &da, &slot, now);
 	if (!d || d->af != HDSLB_AF_INET)
 		return drop(CNT_DROP_NO_DEST);
 	src = d->addr.v4 ? d->addr.v4 : rt->src.v4;
 	if (!src)
 		return drop(CNT_DROP_NO_SRC);
-	err = new_l2(ctx, &iv, rt->ifindex, nh);
+	err = new_l2(ctx, CV(&iv), rt->ifindex, nh);
 	if (err)
 		return drop(err);
 	pc = lport_cursor.lookup(&zero);
@@ -1097,14 +1250,14 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	ov.daddr = k->saddr;
 	ov.sport = k->dport;
 	ov.dport = k->sport;
-	back_l2(ctx, eth, &ov);
+	back_l2(ctx, eth, CV(&ov));
 	ov.dest_slot = slot;
 	ov.svc_id = svc_id;
 	ov.flags = CONN_F_VALID | CONN_F_OUT;
 	ov.state = th ? CS_SYN_RECV : CS_UDP;
 	ov.fwd = FWD_SNAT;
 	ov.last_seen = jnow;
-	err = alloc_lport(cfg, pc, &ok, &ov);
+	err = alloc_lport(T4, cfg, pc, &ok, CV(&ov));
 	if (err)
 		return drop(err);
 
@@ -1118,8 +1271,8 @@ static __always_inline int new_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	iv.state = ov.state;
 	iv.fwd = FWD_SNAT;
 	iv.last_seen = jnow;
-	if (conn_map.update(k, &iv) != 0) {
-		conn_map.delete(&ok);
+	if (conn_update(T4, k, &iv) != 0) {
+		conn_delete(T4, &ok);
 		return drop(CNT_DROP_CONN_INSERT);
 	}
 	conn_new_stats(svc_id, slot);
@@ -1158,7 +1311,7 @@ static __always_inline int snat_match(struct xdp_md *ctx, struct iphdr *iph, __u
 /* Inside traffic that matches no connection and no VIP: SNAT it if a rule says so (*matched set, the verdict
  * returned), else leave it alone. */
 static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph, struct tcphdr *th,
-				     struct udphdr *uh, struct icmphdr *ic, struct conn_key *k, struct fp_cfg *cfg,
+				     struct udphdr *uh, struct icmphdr *ic, struct conn4_key *k, struct fp_cfg *cfg,
 				     int *matched)
 {
 	struct route_val *rt;
@@ -1535,7 +1688,7 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 		err = new_l2_6(&iv, rt->ifindex, &nh);
 	}
 	if (!err)
-		err = conn_install(ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, x64, th ? CS_SYN_RECV : CS_UDP);
+		err = conn_install(T6, ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, x64, th ? CS_SYN_RECV : CS_UDP);
 	if (err)
 		return drop(err);
 	if (x64)
@@ -1549,9 +1702,9 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	struct tcphdr *th = 0;
 	struct udphdr *uh = 0;
 	struct icmphdr *ic = 0;
-	struct conn_key k = {};
+	struct conn4_key k = {};
 	struct svc_key sk = {};
-	struct conn_val *cv;
+	struct conn4_val *cv;
 	struct svc_val *sv;
 	struct fp_cfg *cfg;
 	__u32 zero = 0;
@@ -1578,7 +1731,7 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 				k.sport = ic->un.echo.id;
 			else
 				k.dport = ic->un.echo.id;
-			cv = conn_find(&k);
+			cv = (struct conn4_val *)conn_find(T4, &k);
 			if (cv)
 				return xmit_conn4(ctx, eth, iph, 0, 0, ic, cv);
 		}
@@ -1623,21 +1776,33 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		k.dport = uh->dest;
 	}
 
-	cv = conn_find(&k);
-	if (cv && conn_reusable(&k, cv, th)) {
-		conn_expire(&k, cv);
+	cv = (struct conn4_val *)conn_find(T4, &k);
+	if (cv && conn_reusable(T4, &k, CV(cv), th)) {
+		conn_expire(T4, &k, CV(cv));
 		cv = 0;
 	}
-	if (cv) {
-		if (cv->flags & CONN_F_XLAT)
-			return xlat46(ctx, iph, th, uh, cv);
+	if (cv)
 		return xmit_conn4(ctx, eth, iph, th, uh, 0, cv);
-	}
 
 	/* No connection: read the runtime settings once (established packets never do). */
 	cfg = cfg_map.lookup(&zero);
 	if (!cfg)
 		goto not_balanced;
+	/* A NAT64 flow's reply: an IPv4 key in conn6_map (looked for only while IPv6 services exist). */
+	if (cfg->flags & CFG_F_NAT64) {
+		struct conn_key wk = {};
+		struct conn_val *wv;
+
+		wk.saddr.v4 = k.saddr.v4;
+		wk.daddr.v4 = k.daddr.v4;
+		wk.sport = k.sport;
+		wk.dport = k.dport;
+		wk.proto = k.proto;
+		wk.af = HDSLB_AF_INET;
+		wv = conn_find(T6, &wk);
+		if (wv && (wv->flags & CONN_F_XLAT))
+			return xlat46(ctx, iph, th, uh, wv);
+	}
 	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's; the trie is
 	 * consulted only while such a route exists. */
 	if (cfg->flags & CFG_F_KNI_ROUTES) {
@@ -1724,9 +1889,9 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	__builtin_memcpy(k.daddr.b, ip6->daddr.in6_u.u6_addr8, 16);
 	k.proto = ip6->nexthdr;
 	k.af = HDSLB_AF_INET6;
-	cv = conn_find(&k);
-	if (cv && conn_reusable(&k, cv, th)) {
-		conn_expire(&k, cv);
+	cv = conn_find(T6, &k);
+	if (cv && conn_reusable(T6, &k, cv, th)) {
+		conn_expire(T6, &k, cv);
 		cv = 0;
 	}
 	if (cv) {

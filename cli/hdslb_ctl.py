@@ -31,7 +31,7 @@ def cmd_up(ns) -> int:
     except DaemonUnreachable:
         pass
     argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
-    for opt in ("config", "pin_root", "instance", "max_conns", "conn_table", "max_services", "max_dests",
+    for opt in ("config", "pin_root", "instance", "max_conns", "max_conns6", "conn_table", "max_services", "max_dests",
                 "lport_range", "log_level", "state_dir", "aging_interval", "api_listen", "api_token_file"):
         v = getattr(ns, opt)
         if v is not None:
@@ -123,14 +123,17 @@ def cmd_check(ns) -> int:
     cfg = load(ns.config)
     for n in inactive_notices(cfg):
         print(f"notice: {n}")
-    print(conn_table_line(cfg.ipvs_defs.conn.conn_pool_size, cfg.ipvs_defs.conn.conn_table))
+    conn = cfg.ipvs_defs.conn
+    print(conn_table_line(conn.conn_pool_size, conn.conn_table, entries6=conn.conn6_pool_size))
     print(f"{ns.config}: OK")
     return 0
 
 
-def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_total: int | None = None) -> str:
-    """What the config's connection table will take on this machine (and a notice when that is a lot), so the
-    memory is known before hdslbd starts. hdslbd --max-conns overrides conn_pool_size."""
+def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_total: int | None = None,
+                    entries6: int | None = None) -> str:
+    """What the config's connection tables will take on this machine (and a notice when that is a lot), so the
+    memory is known before hdslbd starts. hdslbd --max-conns / --max-conns6 override conn_pool_size /
+    conn6_pool_size."""
     from hdslb.fastpath import loader
 
     if ncpus is None:
@@ -139,10 +142,12 @@ def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_tota
         except Exception:
             ncpus = os.cpu_count() or 1
     mem_total = loader._mem_total() if mem_total is None else mem_total
-    need = loader.conn_table_estimate(entries, ncpus, table)
-    line = (f"connection table: {entries} entries (conn_pool_size), {table}: ~{need / 2**20:.0f} MiB of kernel memory"
+    sizes = loader.Sizes(max_conns=entries, max_conns6=entries6 or 0, conn_table=table)
+    need = loader.conn_tables_estimate(sizes, ncpus)
+    line = (f"connection tables: {entries} IPv4 entries (conn_pool_size) + {sizes.conn6_entries()} IPv6 "
+            f"(conn6_pool_size), {table}: ~{need / 2**20:.0f} MiB of kernel memory"
             + (f" on {ncpus} possible CPUs" if table == "percpu" else ""))
-    advice = loader.conn_table_advice(entries, ncpus, table, mem_total)
+    advice = loader.conn_table_advice(sizes, ncpus, table, mem_total)
     return line + (f"\nnotice: {advice}" if advice else "")
 
 
@@ -357,7 +362,8 @@ def cmd_status(ns) -> int:
     ct = st.get("conn_table")
     if ct:
         mem = f", {ct['memlock_bytes'] / 2**20:.1f} MiB" if ct.get("memlock_bytes") else ""
-        print(f"  conn table:     {ct['kind']}, {ct['size']} entries{mem}")
+        six = f" + {ct['size6']} IPv6" if ct.get("size6") else ""
+        print(f"  conn table:     {ct['kind']}, {ct['size']} IPv4{six} entries{mem}")
     return 0
 
 
@@ -371,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
     up.add_argument("--pin-root")
     up.add_argument("--instance")
-    up.add_argument("--max-conns", type=int)
+    up.add_argument("--max-conns", type=int, help="IPv4 connection entries (default 262144)")
+    up.add_argument("--max-conns6", type=int, help="IPv6 and NAT64 connection entries (default: a quarter of --max-conns)")
     up.add_argument("--conn-table", choices=CONN_TABLES,
                     help="connection values per CPU (default) or one shared value an entry (memory independent "
                          "of the CPU count)")

@@ -63,6 +63,7 @@ class Settings:
     pin_root: str = DEFAULT_PIN_ROOT
     xdp_mode: str = "auto"
     max_conns: int = 262144
+    max_conns6: int = 0  # 0: max_conns / 4 (Sizes.conn6_entries)
     conn_table: str = "percpu"  # the conn map's values: one per CPU, or one shared ("shared")
     lport_min: int = DEFAULT_LPORT_RANGE[0]
     lport_max: int = DEFAULT_LPORT_RANGE[1]
@@ -121,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="instance name (default: derived from the control socket name)")
     p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
                    help="bpffs directory holding one sub-directory of pinned maps per instance")
-    p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS, help="connection table entries (both directions)")
+    p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS,
+                   help="IPv4 connection table entries (one per direction; conn_pool_size in the config)")
+    p.add_argument("--max-conns6", type=int,
+                   help="IPv6 and NAT64 connection table entries (default: a quarter of --max-conns; "
+                        "conn6_pool_size in the config)")
     p.add_argument("--conn-table", choices=CONN_TABLES,
                    help="connection values per CPU (the default: no cache line shared on the hot path; memory grows "
                         "with the CPU count) or one shared value an entry (conn_table in the config)")
@@ -163,6 +168,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error(str(e))
     if ns.max_conns < 256:
         p.error("--max-conns must be at least 256")
+    if ns.max_conns6 is not None and ns.max_conns6 < 256:
+        p.error("--max-conns6 must be at least 256")
     if ns.aging_interval <= 0:
         p.error("--aging-interval must be positive")
     if not 256 <= ns.max_hash_cells <= 1 << 26:
@@ -175,7 +182,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if not 1 <= ns.max_dests <= MAX_DESTS_LIMIT:
         p.error(f"--max-dests must be within 1..{MAX_DESTS_LIMIT}")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
-    conn_table = ns.conn_table
+    conn_table, max_conns6 = ns.conn_table, ns.max_conns6
     log_level, log_file = ns.log_level, None
     neigh = (60.0, 128, 64)
     timeouts = dict(DEFAULT_TIMEOUTS)
@@ -192,6 +199,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
         conn_table = conn_table or cfg.ipvs_defs.conn.conn_table
+        max_conns6 = max_conns6 or cfg.ipvs_defs.conn.conn6_pool_size
         from hdslb.config.apply import inactive_notices
 
         notices = inactive_notices(cfg)
@@ -219,7 +227,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns,
+                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, max_conns6=max_conns6 or 0,
                     conn_table=conn_table or "percpu", lport_min=lo,
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
@@ -462,7 +470,7 @@ class Daemon:
         from hdslb.fastpath.loader import Sizes
 
         self.settings = settings
-        self.sizes = Sizes(max_conns=settings.max_conns, conn_table=settings.conn_table,
+        self.sizes = Sizes(max_conns=settings.max_conns, max_conns6=settings.max_conns6, conn_table=settings.conn_table,
                            max_hash_cells=settings.max_hash_cells, max_persist=settings.max_persist,
                            max_services=settings.max_services, max_dests=settings.max_dests)
         self.ctl_path = settings.ctl_socket
@@ -751,7 +759,9 @@ class Daemon:
         entries = self.conn_table_entries()
         expired = c["conn_expired"]
         # Every new flow inserts two entries; what is neither alive nor aged out was evicted by the LRU.
-        return {"size": self.sizes.max_conns, "kind": self.sizes.conn_table, "entries": entries,
+        # size: both tables (IPv4, IPv6 + NAT64) together
+        return {"size": self.sizes.max_conns + self.sizes.conn6_entries(), "size4": self.sizes.max_conns,
+                "size6": self.sizes.conn6_entries(), "kind": self.sizes.conn_table, "entries": entries,
                 "expired": expired, "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
 
     def idle_limits(self, unit=lambda seconds: seconds):

@@ -225,15 +225,32 @@ struct neigh_val {
 	__u64 updated;   /* bpf_ktime_get_coarse_ns() of the last confirmation */
 };
 
-/* One direction of a connection: the tuple as it arrives. 40 bytes. */
+/*
+ * One direction of a connection: the tuple as it arrives. Two tables hold them (see hdslb_xdp.c): IPv4 flows
+ * in conn4_map with this compact key (16 bytes), IPv6 and NAT64 flows in conn6_map with the wide one (40
+ * bytes). Both start with the same 8 bytes (ports, protocol, family), so code reading those does not care which.
+ */
+union hdslb_addr4 {
+	__be32 v4;
+};
+
+#define CONN_KEY_HEAD \
+	__be16 sport;           /* network order */ \
+	__be16 dport;           /* network order */ \
+	__u8 proto;                                 \
+	__u8 af;                                    \
+	__u16 pad;
+
+struct conn4_key {
+	CONN_KEY_HEAD
+	union hdslb_addr4 saddr; /* network order */
+	union hdslb_addr4 daddr; /* network order */
+};
+
 struct conn_key {
+	CONN_KEY_HEAD
 	union hdslb_addr saddr; /* network order */
 	union hdslb_addr daddr; /* network order */
-	__be16 sport;           /* network order */
-	__be16 dport;           /* network order */
-	__u8 proto;
-	__u8 af;
-	__u16 pad;
 };
 
 /* conn_val.flags */
@@ -258,23 +275,34 @@ enum conn_state {
 /*
  * One direction of a connection: what to rewrite the packet to and where to send it. The L2 result is
  * cached (DPVS fast_xmit) so an established packet costs one lookup: no route or neighbour lookup.
- * 72 bytes.
+ * Everything but the new addresses comes first and is laid out alike in both tables' values (40 bytes), so
+ * the code that tracks state, counts and sends reads either through a struct conn_val pointer; the addresses
+ * follow: 4 bytes each in conn4_map (48 bytes a value), 16 in conn6_map (72).
  */
+#define CONN_VAL_HEAD \
+	__be16 sport;    /* new source port, network order */ \
+	__be16 dport;    /* new destination port, network order */ \
+	__u32 ifindex;   /* egress interface */ \
+	__u8 dmac[6];    /* next hop MAC; while CONN_F_NEED_L2: the IPv4 next hop in dmac[0..3] (network order) */ \
+	__u8 smac[6];    /* our MAC on ifindex */ \
+	__u16 svc_id;    /* service, for per-service counters */ \
+	__u8 flags;      /* CONN_F_* */ \
+	__u8 state;      /* enum conn_state (this CPU's view) */ \
+	__u32 dest_slot; /* real server slot, for per-dest counters */ \
+	__u8 fwd;        /* enum hdslb_fwd: FNAT/NAT/SNAT rewrite both ends, DR rewrites L2 only, TUNNEL encapsulates */ \
+	__u8 pad[3]; \
+	__u64 last_seen; /* bpf_jiffies64() of the last packet on this CPU (a clock read inline, no helper call) */
+
+struct conn4_val {
+	CONN_VAL_HEAD
+	union hdslb_addr4 saddr; /* new source, network order */
+	union hdslb_addr4 daddr; /* new destination, network order */
+};
+
 struct conn_val {
+	CONN_VAL_HEAD
 	union hdslb_addr saddr; /* new source, network order */
 	union hdslb_addr daddr; /* new destination, network order */
-	__be16 sport;           /* new source port, network order */
-	__be16 dport;           /* new destination port, network order */
-	__u32 ifindex;          /* egress interface */
-	__u8 dmac[6];           /* next hop MAC; while CONN_F_NEED_L2: the IPv4 next hop in dmac[0..3] (network order) */
-	__u8 smac[6];           /* our MAC on ifindex */
-	__u16 svc_id;           /* service, for per-service counters */
-	__u8 flags;             /* CONN_F_* */
-	__u8 state;             /* enum conn_state (this CPU's view) */
-	__u32 dest_slot;        /* real server slot, for per-dest counters */
-	__u8 fwd;               /* enum hdslb_fwd: FNAT/NAT/SNAT rewrite both ends, DR rewrites L2 only, TUNNEL encapsulates */
-	__u8 pad[3];
-	__u64 last_seen;        /* bpf_jiffies64() of the last packet on this CPU (a clock read inline, no helper call) */
 };
 
 /* Per-service and per-real-server traffic counters (per-CPU, summed by the daemon). */
@@ -313,6 +341,7 @@ struct fp_cfg {
 
 #define CFG_F_KNI_ROUTES 0x1 /* some route has scope kni_host: check destinations against the trie first */
 #define CFG_F_RECLAIM 0x2    /* idle_tmo is filled in: alloc_lport may reclaim an expired flow's port */
+#define CFG_F_NAT64 0x4      /* an IPv6 service exists: a NAT64 flow's IPv4 reply entry may be in conn6_map */
 
 /* Receive queues per interface the slow path can serve (XSKMAP keys per interface). */
 #define XSK_MAX_QUEUES 16

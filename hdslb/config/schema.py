@@ -503,6 +503,8 @@ ROOT = Block(None, {
     "ipvs_defs": Block(m.IpvsDefs, {
         "conn": Block(m.ConnDefs, {
             "conn_pool_size": Key(Int(1024, 2**28), 2097152, init=True),
+            # hdslb's own: IPv6 and NAT64 flows have a table of their own (hdslbd --max-conns6)
+            "conn6_pool_size": Key(Int(256, 2**28), None, init=True),
             # hdslb's own: the conn map's values per CPU or one shared (hdslbd --conn-table)
             "conn_table": Key(Choice(*CONN_TABLES), CONN_TABLES[0], init=True),
             "conn_pool_cache": Key(Int(1, 8192), 256, init=True,

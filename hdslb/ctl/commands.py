@@ -471,6 +471,7 @@ def daemon_status(ctx, a):
             "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
             "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
+                           "size6": ctx.sizes.conn6_entries(),
                            "memlock_bytes": getattr(getattr(ctx, "fp", None), "conn_memlock", None)}}
 
 

@@ -12,9 +12,12 @@ from pathlib import Path
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 ABI_HEADER = BPF_DIR / "include" / "hdslb_abi.h"
 
-# Struct sizes (bytes) the loader needs before bcc has compiled anything (the conn map is created first).
+# Struct sizes (bytes) the loader needs before bcc has compiled anything (the conn maps are created first):
+# conn6_map (IPv6 and NAT64 flows) has the wide key and value, conn4_map (IPv4 flows) the compact ones.
 CONN_KEY_SIZE = 40
 CONN_VAL_SIZE = 72
+CONN4_KEY_SIZE = 16
+CONN4_VAL_SIZE = 48
 
 AF = {4: 4, 6: 6}
 PROTO = {"tcp": 6, "udp": 17, "icmp": 1}

@@ -21,12 +21,39 @@ from dataclasses import dataclass
 from hdslb.fastpath import abi
 
 KEY_SIZE, VAL_SIZE = abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE
-# struct conn_key / conn_val (bpf/include/hdslb_abi.h), checked against the loaded map's ctypes types in Maps
-KEY_FMT = "=16s16sHHBBH"
-VAL_FMT = "=16s16sHHI6s6sHBBIB3xQ"
-K_PROTO, K_AF = 36, 37
-V_SADDR, V_DADDR, V_SPORT, V_DPORT = 0, 16, 32, 34
-V_FLAGS, V_STATE, V_SLOT, V_LAST = 54, 55, 56, 64
+KEY4_SIZE, VAL4_SIZE = abi.CONN4_KEY_SIZE, abi.CONN4_VAL_SIZE
+# struct conn_key / conn_val (bpf/include/hdslb_abi.h), the wide layout of conn6_map, checked against the loaded
+# map's ctypes types in Maps. conn4_map's compact entries share the head and are widened to it (widen()): every
+# function here sees one layout.
+KEY_FMT = "=HHBBH16s16s"
+VAL_FMT = "=HHI6s6sHBBIB3xQ16s16s"
+K_PROTO, K_AF, K_SADDR, K_DADDR = 4, 5, 8, 24
+K4_SADDR, K4_DADDR = 8, 12
+V_SPORT, V_DPORT, V_FLAGS, V_STATE, V_SLOT, V_LAST = 0, 2, 22, 23, 24, 32
+V_SADDR, V_DADDR, V4_DADDR = 40, 56, 44
+
+
+def widen(kbuf, vbuf, ncpu: int):
+    """conn4_map's compact keys (16 B) and values (48 B per CPU copy) in conn6_map's wide layout (40 / 72 B):
+    the shared heads as they are, each IPv4 address at the start of its 16-byte field, zeros after."""
+    import numpy as np
+
+    n = len(kbuf) // KEY4_SIZE
+    K = np.frombuffer(kbuf, np.uint8, n * KEY4_SIZE).reshape(n, KEY4_SIZE)
+    V = np.frombuffer(vbuf, np.uint8, n * ncpu * VAL4_SIZE).reshape(n * ncpu, VAL4_SIZE)
+    wk = np.zeros((n, KEY_SIZE), np.uint8)
+    wk[:, :K4_SADDR] = K[:, :K4_SADDR]
+    wk[:, K_SADDR:K_SADDR + 4] = K[:, K4_SADDR:K4_SADDR + 4]
+    wk[:, K_DADDR:K_DADDR + 4] = K[:, K4_DADDR:K4_DADDR + 4]
+    wv = np.zeros((n * ncpu, VAL_SIZE), np.uint8)
+    wv[:, :V_SADDR + 4] = V[:, :V_SADDR + 4]
+    wv[:, V_DADDR:V_DADDR + 4] = V[:, V4_DADDR:V4_DADDR + 4]
+    return wk.tobytes(), wv.tobytes()
+
+
+def narrow_key(raw: bytes) -> bytes:
+    """A wide raw key of an IPv4 tuple as conn4_map's compact key."""
+    return bytes(raw[:K4_SADDR]) + bytes(raw[K_SADDR:K_SADDR + 4]) + bytes(raw[K_DADDR:K_DADDR + 4])
 
 
 @dataclass(frozen=True)
@@ -53,17 +80,18 @@ def rows(kbuf, vbuf, ncpu: int) -> list[tuple]:
     out = []
     for i, (k, v) in enumerate(zip(key.iter_unpack(kbuf), per_entry.iter_unpack(vbuf))):
         best, state = -1, 0
-        for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +8, state +9, last_seen +12
-            if v[c + 8] & valid:
-                state = max(state, v[c + 9])
-                if best < 0 or v[c + 12] > v[best + 12]:
+        for c in range(0, nf * ncpu, nf):  # newest filled-in copy: flags at +6, state +7, last_seen +10
+            if v[c + 6] & valid:
+                state = max(state, v[c + 7])
+                if best < 0 or v[c + 10] > v[best + 10]:
                     best = c
         if best < 0:
             continue
-        af = (10 - k[5]) if v[best + 8] & xlat else k[5]
+        af = (10 - k[3]) if v[best + 6] & xlat else k[3]
+        # the partner key: the rewritten tuple reversed (ports, proto, family, then daddr, saddr)
         out.append((bytes(kbuf[i * KEY_SIZE:(i + 1) * KEY_SIZE]),
-                    v[best + 1] + v[best] + pack(v[best + 3], v[best + 2], k[4], af, 0),
-                    v[best + 12], state, bool(v[best + 8] & out_f), k[4], v[best + 10]))
+                    pack(v[best + 1], v[best], k[2], af, 0) + v[best + 12] + v[best + 11],
+                    v[best + 10], state, bool(v[best + 6] & out_f), k[2], v[best + 8]))
     return out
 
 
@@ -162,10 +190,10 @@ class Columns:
         af = K[:, K_AF].astype(np.int16)
         af = np.where((flags & abi.CONN_F_XLAT) != 0, 10 - af, af).astype(np.uint8)
         partner = np.zeros_like(K)
-        partner[:, 0:16] = bv[:, V_DADDR:V_DADDR + 16]
-        partner[:, 16:32] = bv[:, V_SADDR:V_SADDR + 16]
-        partner[:, 32:34] = bv[:, V_DPORT:V_DPORT + 2]
-        partner[:, 34:36] = bv[:, V_SPORT:V_SPORT + 2]
+        partner[:, K_SADDR:K_SADDR + 16] = bv[:, V_DADDR:V_DADDR + 16]
+        partner[:, K_DADDR:K_DADDR + 16] = bv[:, V_SADDR:V_SADDR + 16]
+        partner[:, 0:2] = bv[:, V_DPORT:V_DPORT + 2]
+        partner[:, 2:4] = bv[:, V_SPORT:V_SPORT + 2]
         partner[:, K_PROTO] = proto
         partner[:, K_AF] = af
         return {"keys": np.ascontiguousarray(K), "partner": partner, "last": last_all[idx, best],

@@ -31,7 +31,8 @@ class Sizes:
     """Map capacities, passed to the compiler as -D flags. hdslbd sets max_services/max_dests from --max-services
     and --max-dests (the Balancer hands out service ids and dest slots below them)."""
 
-    max_conns: int = 262144
+    max_conns: int = 262144        # conn4_map: IPv4 connection entries (two a connection for FNAT/NAT/SNAT)
+    max_conns6: int = 0            # conn6_map: IPv6 and NAT64 entries; 0: max_conns / 4 (conn6_entries)
     max_services: int = 4096
     max_dests: int = 65536
     max_local: int = 4096
@@ -40,7 +41,10 @@ class Sizes:
     max_ifaces: int = 64
     max_hash_cells: int = 1 << 21  # sh/dh/mh/conhash tables of every service together (a u32 per cell)
     max_persist: int = 65536       # persistence templates (ipvsadm -p), LRU
-    conn_table: str = "percpu"     # CONN_TABLES: the conn map's values per CPU, or one shared value per entry
+    conn_table: str = "percpu"     # CONN_TABLES: the conn maps' values per CPU, or one shared value per entry
+
+    def conn6_entries(self) -> int:
+        return self.max_conns6 or max(256, self.max_conns // 4)
 
 
 def possible_cpus() -> int:
@@ -49,30 +53,39 @@ def possible_cpus() -> int:
     return len(get_possible_cpus())
 
 
-def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu") -> int:
+def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu", family: int = 4) -> int:
     """Bytes the kernel locks for a preallocated LRU hash of `entries` conn entries (htab_map_mem_usage): per
     entry a 48-byte element header and the key, then per CPU table a pointer to the per-CPU value and the value
     once per *possible* CPU, per shared table the value once, inline; a bucket head (16 B) per power-of-two
-    bucket. Per-CPU values make it grow with the CPU count: ~256 B an entry on 2 CPUs, ~2.4 KB on 32, ~4.7 KB
-    on 64; shared, ~180 B whatever the count."""
+    bucket. family 4 is conn4_map (16-byte keys, 48-byte values), 6 conn6_map (40, 72). Per-CPU values make it
+    grow with the CPU count: conn4_map ~184 B an entry on 2 CPUs, ~1.6 KB on 32, ~3.2 KB on 64; shared, 128 B
+    whatever the count."""
     n_buckets = 1 << max(0, (entries - 1).bit_length())
-    key, val = (abi.CONN_KEY_SIZE + 7) // 8 * 8, (abi.CONN_VAL_SIZE + 7) // 8 * 8
+    ks, vs = (abi.CONN4_KEY_SIZE, abi.CONN4_VAL_SIZE) if family == 4 else (abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE)
+    key, val = (ks + 7) // 8 * 8, (vs + 7) // 8 * 8
     per_entry = 48 + key + (val if table == "shared" else 8 + val * ncpus)
     return entries * per_entry + n_buckets * 16
 
 
-def conn_table_advice(entries: int, ncpus: int, table: str, mem_total: int) -> str | None:
-    """A warning when a per-CPU conn table takes a large share of the machine's memory (a DPVS config's
-    conn_pool_size of 2^21 is ~9 GiB with per-CPU values on 64 CPUs), saying what the shared one would take."""
+def conn_tables_estimate(sizes: "Sizes", ncpus: int, table: str | None = None) -> int:
+    """Both conn tables of these sizes together."""
+    table = table or sizes.conn_table
+    return (conn_table_estimate(sizes.max_conns, ncpus, table, 4)
+            + conn_table_estimate(sizes.conn6_entries(), ncpus, table, 6))
+
+
+def conn_table_advice(sizes: "Sizes", ncpus: int, table: str, mem_total: int) -> str | None:
+    """A warning when per-CPU conn tables take a large share of the machine's memory (a DPVS config's
+    conn_pool_size of 2^21 is ~7 GiB with per-CPU values on 64 CPUs), saying what shared ones would take."""
     if table != "percpu" or mem_total <= 0:
         return None
-    need = conn_table_estimate(entries, ncpus)
+    need = conn_tables_estimate(sizes, ncpus, "percpu")
     if need < mem_total // 10:
         return None
-    return (f"the connection table takes {need / 2**30:.1f} GiB ({100 * need / mem_total:.0f}% of memory): its "
+    return (f"the connection tables take {need / 2**30:.1f} GiB ({100 * need / mem_total:.0f}% of memory): their "
             f"values are per CPU on {ncpus} possible CPUs; --conn-table shared would take "
-            f"{conn_table_estimate(entries, ncpus, 'shared') / 2**30:.1f} GiB, a smaller --max-conns (conn_pool_size) "
-            f"less")
+            f"{conn_tables_estimate(sizes, ncpus, 'shared') / 2**30:.1f} GiB, a smaller --max-conns (conn_pool_size) "
+            f"or --max-conns6 (conn6_pool_size) less")
 
 
 def _mem_total() -> int:
@@ -149,21 +162,24 @@ class FastPath:
         self.bpf_dir = Path(bpf_dir)
         self.bpf = None
         self.fn = None
-        self.conn_memlock: int | None = None  # kernel memory of the conn table, from fdinfo, after load()
+        self.conn_memlock: int | None = None  # kernel memory of both conn tables, from fdinfo, after load()
+        self.conn_memlock_by_map: dict[str, int] = {}
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
     @property
     def prog_fd(self) -> int:
         return self.fn.fd
 
-    def cflags(self, conn_fd: int, ncpus: int) -> list[str]:
+    def cflags(self, conn_fds: dict, ncpus: int) -> list[str]:
         s = self.sizes
         return [
             f"-I{self.bpf_dir / 'include'}",
             f'-DPIN_DIR="{self.pin_dir}"',
-            f"-DCONN_MAP_FD={conn_fd}",
+            f"-DCONN4_MAP_FD={conn_fds['conn4_map']}",
+            f"-DCONN6_MAP_FD={conn_fds['conn6_map']}",
             f"-DHDSLB_NR_CPUS={ncpus}",
             f"-DMAX_CONNS={s.max_conns}",
+            f"-DMAX_CONNS6={s.conn6_entries()}",
             f"-DMAX_SERVICES={s.max_services}",
             f"-DMAX_DESTS={s.max_dests}",
             f"-DMAX_LOCAL={s.max_local}",
@@ -173,11 +189,17 @@ class FastPath:
             f"-DMAX_HASH_CELLS={s.max_hash_cells}",
             f"-DMAX_PERSIST={s.max_persist}",
             *(["-DCONN_SHARED"] if s.conn_table == "shared" else []),
+            "-fno-strict-aliasing",  # conn entries of both tables are read through the same head (struct conn_val)
             "-Wno-unused-function",
         ]
 
+    # name -> (family, key size, value size): IPv4 flows, then IPv6 and NAT64 flows (bpf/hdslb_xdp.c)
+    CONN_MAPS = {"conn4_map": (4, abi.CONN4_KEY_SIZE, abi.CONN4_VAL_SIZE),
+                 "conn6_map": (6, abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE)}
+    LEGACY_CONN_PIN = "conn_map"  # one table for both families, before conn4_map/conn6_map
+
     def has_pins(self) -> bool:
-        return os.path.exists(os.path.join(self.pin_dir, "conn_map"))
+        return any(os.path.exists(os.path.join(self.pin_dir, n)) for n in (*self.CONN_MAPS, self.LEGACY_CONN_PIN))
 
     def load(self, adopt: bool = False) -> None:
         """Compile and load the program.
@@ -190,70 +212,98 @@ class FastPath:
 
         ensure_bpffs(os.path.dirname(self.pin_dir.rstrip("/")) or "/")
         lib = _libbcc()
-        conn_pin = os.path.join(self.pin_dir, "conn_map").encode()
         table = self.sizes.conn_table
         if table not in CONN_TABLES:
             raise ValueError(f"conn table {table!r}: expected one of {', '.join(CONN_TABLES)}")
         map_type = BPF_MAP_TYPE_LRU_HASH if table == "shared" else BPF_MAP_TYPE_LRU_PERCPU_HASH
-        if adopt and self.has_pins():
-            conn_fd = lib.bpf_obj_get(conn_pin)
-            if conn_fd < 0:
-                raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {conn_pin.decode()}")
-            pinned = _fdinfo_int(conn_fd, "map_type")
-            if pinned is not None and pinned != map_type:
-                os.close(conn_fd)
-                have = "shared" if pinned == BPF_MAP_TYPE_LRU_HASH else "percpu"
-                raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
-                                   f"{table}: start with --fresh to discard its connections and change it")
-        else:
-            if os.path.isdir(self.pin_dir):
-                shutil.rmtree(self.pin_dir)
-            os.makedirs(self.pin_dir)
-            conn_fd = self._create_conn_map(lib, map_type, conn_pin)
+        fds: dict[str, int] = {}
         try:
+            if adopt and self.has_pins():
+                if os.path.exists(os.path.join(self.pin_dir, self.LEGACY_CONN_PIN)):
+                    raise RuntimeError(f"the pinned connection table in {self.pin_dir} has the layout of an older "
+                                       f"hdslb (one table for IPv4 and IPv6): start with --fresh to discard its "
+                                       f"connections")
+                for name in self.CONN_MAPS:
+                    fds[name] = self._open_conn_map(lib, name, map_type)
+            else:
+                if os.path.isdir(self.pin_dir):
+                    shutil.rmtree(self.pin_dir)
+                os.makedirs(self.pin_dir)
+                self._create_conn_maps(lib, map_type, fds)
             try:
-                self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"),
-                               cflags=self.cflags(conn_fd, possible_cpus()))
+                self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(fds, possible_cpus()))
             except Exception as e:
                 if adopt:
                     raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
                                        f"or size changed?): {e}; start with --fresh to discard that state") from e
                 raise
             self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
-            self.conn_memlock = _fd_memlock(conn_fd)
+            self.conn_memlock_by_map = {n: _fd_memlock(fd) or 0 for n, fd in fds.items()}
+            self.conn_memlock = sum(self.conn_memlock_by_map.values()) or None
         finally:
-            os.close(conn_fd)
+            for fd in fds.values():
+                os.close(fd)
         if self.conn_memlock:
-            log.info("connection table: %d entries, %.1f MiB of kernel memory (%d B an entry, %s)",
-                     self.sizes.max_conns, self.conn_memlock / 2**20, self.conn_memlock // max(1, self.sizes.max_conns),
+            log.info("connection tables: %d IPv4 + %d IPv6 entries, %.1f MiB of kernel memory (%s)",
+                     self.sizes.max_conns, self.sizes.conn6_entries(), self.conn_memlock / 2**20,
                      f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
 
-    def _create_conn_map(self, lib, map_type: int, conn_pin: bytes) -> int:
-        """Create and pin an empty conn map; warn first when a per-CPU one takes much of the memory."""
-        table, entries = self.sizes.conn_table, self.sizes.max_conns
-        advice = conn_table_advice(entries, possible_cpus(), table, _mem_total())
+    def _conn_entries(self, name: str) -> int:
+        return self.sizes.max_conns if self.CONN_MAPS[name][0] == 4 else self.sizes.conn6_entries()
+
+    def _open_conn_map(self, lib, name: str, map_type: int) -> int:
+        """The pinned conn map `name` of a previous daemon, checked to be of this table kind and size."""
+        path = os.path.join(self.pin_dir, name)
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {path}")
+        pinned, entries = _fdinfo_int(fd, "map_type"), _fdinfo_int(fd, "max_entries")
+        if pinned is not None and pinned != map_type:
+            os.close(fd)
+            have = "shared" if pinned == BPF_MAP_TYPE_LRU_HASH else "percpu"
+            raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
+                               f"{self.sizes.conn_table}: start with --fresh to discard its connections and change it")
+        if entries is not None and entries != self._conn_entries(name):
+            os.close(fd)
+            opt = "--max-conns (conn_pool_size)" if self.CONN_MAPS[name][0] == 4 else "--max-conns6 (conn6_pool_size)"
+            raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {entries} entries, not "
+                               f"{self._conn_entries(name)}: keep {opt} as it was, or start with --fresh to "
+                               f"discard its connections and resize")
+        return fd
+
+    def _create_conn_maps(self, lib, map_type: int, fds: dict) -> None:
+        """Create and pin both conn maps empty (their fds into fds); warn first when per-CPU ones take much of
+        the memory."""
+        advice = conn_table_advice(self.sizes, possible_cpus(), self.sizes.conn_table, _mem_total())
         if advice:
             log.warning("%s", advice)
-        conn_fd = lib.bcc_create_map(map_type, b"conn_map", abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE, entries, 0)
-        if conn_fd < 0:
-            need = conn_table_estimate(entries, possible_cpus(), table)
+        for name in self.CONN_MAPS:
+            fds[name] = self._create_conn_map(lib, name, map_type)
+
+    def _create_conn_map(self, lib, name: str, map_type: int) -> int:
+        """Create and pin an empty conn map."""
+        family, ks, vs = self.CONN_MAPS[name]
+        table, entries = self.sizes.conn_table, self._conn_entries(name)
+        fd = lib.bcc_create_map(map_type, name.encode(), ks, vs, entries, 0)
+        if fd < 0:
+            need = conn_table_estimate(entries, possible_cpus(), table, family)
             per = (f"on {possible_cpus()} possible CPUs (values are per CPU; --conn-table shared keeps one)"
                    if table == "percpu" else "(one shared value an entry)")
-            raise OSError(-conn_fd, f"cannot create the connection map: {entries} entries need "
-                                    f"~{need / 2**20:.0f} MiB of kernel memory {per}: "
-                                    f"{os.strerror(-conn_fd)}; lower --max-conns (conn_pool_size)")
-        if lib.bpf_obj_pin(conn_fd, conn_pin) != 0:
-            os.close(conn_fd)
+            opt = "--max-conns (conn_pool_size)" if family == 4 else "--max-conns6 (conn6_pool_size)"
+            raise OSError(-fd, f"cannot create the IPv{family} connection map: {entries} entries need "
+                               f"~{need / 2**20:.0f} MiB of kernel memory {per}: {os.strerror(-fd)}; lower {opt}")
+        if lib.bpf_obj_pin(fd, os.path.join(self.pin_dir, name).encode()) != 0:
+            os.close(fd)
             raise OSError(ctypes.get_errno(), f"cannot pin the connection map under {self.pin_dir}")
-        return conn_fd
+        return fd
 
     def _check_abi(self) -> None:
-        t = self.bpf["conn_map"]
-        ks, vs = ctypes.sizeof(t.Key), ctypes.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
-        if (ks, vs) != (abi.CONN_KEY_SIZE, abi.CONN_VAL_SIZE):
-            raise RuntimeError(f"conn map ABI mismatch: C has key {ks}/value {vs}, abi.py says "
-                               f"{abi.CONN_KEY_SIZE}/{abi.CONN_VAL_SIZE}")
+        for name, (_fam, kw, vw) in self.CONN_MAPS.items():
+            t = self.bpf[name]
+            ks, vs = ctypes.sizeof(t.Key), ctypes.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
+            if (ks, vs) != (kw, vw):
+                raise RuntimeError(f"{name} ABI mismatch: C has key {ks}/value {vs}, abi.py says {kw}/{vw}")
 
     def table(self, name: str):
         return self.bpf[name]

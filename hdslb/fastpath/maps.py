@@ -30,12 +30,15 @@ def _af(ip: IPAddr) -> int:
 
 
 def _put_addr(field, ip: IPAddr | None) -> None:
-    raw = b"" if ip is None else ip.packed
-    ct.memmove(ct.addressof(field), raw.ljust(16, b"\0"), 16)
+    """An address into a 16-byte union hdslb_addr, or a 4-byte union hdslb_addr4 (conn4_map, IPv4 only)."""
+    raw, n = b"" if ip is None else ip.packed, ct.sizeof(field)
+    if len(raw) > n:
+        raise ValueError(f"{ip} does not fit a {n}-byte address field")
+    ct.memmove(ct.addressof(field), raw.ljust(n, b"\0"), n)
 
 
 def _get_addr(field, af: int) -> IPAddr:
-    raw = ct.string_at(ct.addressof(field), 16)
+    raw = ct.string_at(ct.addressof(field), ct.sizeof(field))
     return ipaddress.IPv4Address(raw[:4]) if af == 4 else ipaddress.IPv6Address(raw)
 
 
@@ -58,7 +61,7 @@ class Maps:
         self.clock = JiffiesClock()  # conn_val.last_seen is bpf_jiffies64()
         self.t = {n: fastpath.table(n.encode()) for n in (
             "svc_map", "sched_map", "sched_cursor", "dest_map", "laddr_map", "local_map", "iface_map",
-            "route4_map", "route6_map", "neigh_map", "conn_map", "svc_stats", "dest_stats", "counters",
+            "route4_map", "route6_map", "neigh_map", "conn4_map", "conn6_map", "svc_stats", "dest_stats", "counters",
             "cfg_map", "if_stats", "lport_cursor")}
         if ct.sizeof(self.t["dest_map"].Leaf) != self._DEST_VAL.size:  # set_dest packs it by hand
             raise RuntimeError(f"struct dest_val is {ct.sizeof(self.t['dest_map'].Leaf)} bytes in the program, "
@@ -71,7 +74,7 @@ class Maps:
             except KeyError:
                 pass
         # --conn-table shared: one value an entry, not one per CPU (bcc's Leaf is then the struct, not an array)
-        self.conn_shared = not hasattr(self.t["conn_map"].Leaf(), "__len__")
+        self.conn_shared = not hasattr(self.t["conn4_map"].Leaf(), "__len__")
         self.counter_names = abi.counter_names()
         self.batch_cells = True  # BPF_MAP_UPDATE_BATCH for hash_cells; off after the first refusal
 
@@ -163,7 +166,21 @@ class Maps:
         v.flags = abi.SVC_F_VALID | (abi.SVC_F_PERSIST if persist_timeout else 0)
         v.persist_timeout = persist_timeout
         v.persist_plen = persist_plen
+        if addr.version == 6:
+            self.set_nat64()
         t[self._svc_key(proto, addr, port)] = v
+
+    CFG_F_NAT64 = abi.defines()["CFG_F_NAT64"]
+
+    def set_nat64(self) -> None:
+        """Tell the fast path an IPv6 service exists, before its first flow: a NAT64 flow's IPv4 replies are then
+        looked for in conn6_map, and IPv4 local ports are checked against both tables. Never cleared (a flow may
+        outlive its service; the cost is one more lookup for IPv4 packets of no connection)."""
+        t = self.t["cfg_map"]
+        v = t[ct.c_uint32(0)]
+        if not v.flags & self.CFG_F_NAT64:
+            v.flags |= self.CFG_F_NAT64
+            t[ct.c_uint32(0)] = v
 
     def del_service(self, proto: int | None, addr: IPAddr | None, port: int | None, svc_id: int) -> None:
         """proto None: a SNAT service, which has no svc_map entry (its snat_map rule is removed first)."""
@@ -498,8 +515,15 @@ class Maps:
         v[0] += n
         t[k] = v
 
-    def _conn_key(self, c: dict):
-        k = self.t["conn_map"].Key()
+    # The conn tables (bpf/hdslb_xdp.c): IPv4 flows in conn4_map, IPv6 and NAT64 flows in conn6_map. An IPv4
+    # tuple is looked for in both (a NAT64 flow's reply key is IPv4 but lives in conn6_map).
+    CONN_MAPS = ("conn4_map", "conn6_map")
+
+    def _conn_tables_for(self, af: int) -> tuple[str, ...]:
+        return self.CONN_MAPS if af == 4 else ("conn6_map",)
+
+    def _conn_key(self, name: str, c: dict):
+        k = self.t[name].Key()
         _put_addr(k.saddr, c["saddr"])
         _put_addr(k.daddr, c["daddr"])
         k.sport, k.dport = socket.htons(c["sport"]), socket.htons(c["dport"])
@@ -510,22 +534,24 @@ class Maps:
         """One direction of a flow by its tuple, merged over CPU copies like conns(); None if absent."""
         c = {"proto": proto, "af": saddr.version if hasattr(saddr, "version") else 4, "saddr": saddr,
              "sport": sport, "daddr": daddr, "dport": dport}
-        try:
-            per_cpu = self._copies(self.t["conn_map"][self._conn_key(c)])
-        except KeyError:
+        for name in self._conn_tables_for(c["af"]):
+            try:
+                per_cpu = self._copies(self.t[name][self._conn_key(name, c)])
+                break
+            except KeyError:
+                continue
+        else:
             return None
         best = max((v for v in per_cpu if v.flags & abi.CONN_F_VALID), key=lambda v: v.last_seen, default=None)
         if best is None:
             return None
-        return dict(c, to_saddr=_get_addr(best.saddr, c["af"]), to_sport=socket.ntohs(best.sport),
-                    to_daddr=_get_addr(best.daddr, c["af"]), to_dport=socket.ntohs(best.dport),
+        to_af = (10 - c["af"]) if best.flags & abi.CONN_F_XLAT else c["af"]
+        return dict(c, to_saddr=_get_addr(best.saddr, to_af), to_sport=socket.ntohs(best.sport),
+                    to_daddr=_get_addr(best.daddr, to_af), to_dport=socket.ntohs(best.dport),
                     ifindex=best.ifindex, dmac=ct.string_at(ct.addressof(best.dmac), 6),
                     smac=ct.string_at(ct.addressof(best.smac), 6), out=bool(best.flags & abi.CONN_F_OUT))
 
     CONN_BATCH = 4096
-
-    def _conn_batches(self):
-        return self._batches("conn_map")
 
     def _batches(self, name: str):
         """A map read with BPF_MAP_LOOKUP_BATCH a few thousand entries at a time: one syscall per batch instead
@@ -556,16 +582,18 @@ class Maps:
             token.value, first = nxt.value, False
 
     def _conn_items(self):
-        """(key, value copies (see _copies)) of every conn entry, batched (see _conn_batches); objects are reused."""
+        """(key, value copies (see _copies)) of every entry of both conn tables, batched (see _batches); the
+        objects are reused."""
         shared = self.conn_shared
-        for batch in self._conn_batches():
-            if batch is None:
-                for k, v in self.t["conn_map"].items():
-                    yield k, ((v,) if shared else v)
-                return
-            keys, vals, n = batch
-            for i in range(n):
-                yield keys[i], ((vals[i],) if shared else vals[i])
+        for name in self.CONN_MAPS:
+            for batch in self._batches(name):
+                if batch is None:
+                    for k, v in self.t[name].items():
+                        yield k, ((v,) if shared else v)
+                    break
+                keys, vals, n = batch
+                for i in range(n):
+                    yield keys[i], ((vals[i],) if shared else vals[i])
 
     def _copies(self, v):
         """A conn entry's value copies: the per-CPU array, or the one shared value as a sequence of one."""
@@ -584,37 +612,52 @@ class Maps:
         return best, cpu, state
 
     def conn_entries(self) -> int:
+        """Entries in both conn tables."""
         n = 0
-        for batch in self._conn_batches():
-            if batch is None:
-                return sum(1 for _ in self.t["conn_map"].keys())
-            n += batch[2]
+        for name in self.CONN_MAPS:
+            for batch in self._batches(name):
+                if batch is None:
+                    n += sum(1 for _ in self.t[name].keys())
+                    break
+                n += batch[2]
         return n
 
-    # conn_key and conn_val as bytes (bpf/include/hdslb_abi.h); the loader checks both sizes against the C.
+    # conn_key and conn_val as bytes (bpf/include/hdslb_abi.h); the loader checks the sizes against the C.
     _KEY = struct.Struct(aging.KEY_FMT)
     _VAL = struct.Struct(aging.VAL_FMT)
 
-    def _aging_buffers(self):
-        """(key bytes, value bytes, CPUs) of the conn table, batch by batch (the views are reused by the next)."""
-        t = self.t["conn_map"]
-        ks, vs = self._KEY.size, self._VAL.size
-        ncpu = 1 if self.conn_shared else len(t.Leaf())
+    def _check_conn_layout(self, name: str) -> None:
+        t = self.t[name]
         leaf = t.sLeaf if hasattr(t, "sLeaf") else t.Leaf
-        offs = {(t.Key, "proto"): aging.K_PROTO, (t.Key, "af"): aging.K_AF, (leaf, "saddr"): aging.V_SADDR,
-                (leaf, "daddr"): aging.V_DADDR, (leaf, "sport"): aging.V_SPORT, (leaf, "dport"): aging.V_DPORT,
-                (leaf, "flags"): aging.V_FLAGS, (leaf, "state"): aging.V_STATE, (leaf, "dest_slot"): aging.V_SLOT,
-                (leaf, "last_seen"): aging.V_LAST}
+        compact = name == "conn4_map"
+        offs = {(t.Key, "proto"): aging.K_PROTO, (t.Key, "af"): aging.K_AF,
+                (t.Key, "saddr"): aging.K4_SADDR if compact else aging.K_SADDR,
+                (t.Key, "daddr"): aging.K4_DADDR if compact else aging.K_DADDR,
+                (leaf, "saddr"): aging.V_SADDR, (leaf, "daddr"): aging.V4_DADDR if compact else aging.V_DADDR,
+                (leaf, "sport"): aging.V_SPORT, (leaf, "dport"): aging.V_DPORT, (leaf, "flags"): aging.V_FLAGS,
+                (leaf, "state"): aging.V_STATE, (leaf, "dest_slot"): aging.V_SLOT, (leaf, "last_seen"): aging.V_LAST}
+        ks, vs = (aging.KEY4_SIZE, aging.VAL4_SIZE) if compact else (aging.KEY_SIZE, aging.VAL_SIZE)
         if ct.sizeof(t.Key) != ks or ct.sizeof(leaf) != vs or \
                 any(getattr(ty, f).offset != off for (ty, f), off in offs.items()):
-            raise RuntimeError("conn_key/conn_val layout changed: update Maps._KEY/_VAL and fastpath/aging.py")
-        for batch in self._conn_batches():
-            if batch is None:  # no batch ops: the same from a key-by-key walk
-                items = [(bytes(k), bytes(v)) for k, v in t.items()]
-                yield b"".join(k for k, _ in items), b"".join(v for _, v in items), ncpu
-                return
-            keys, vals, n = batch
-            yield memoryview(keys).cast("B")[:n * ks], memoryview(vals).cast("B")[:n * vs * ncpu], ncpu
+            raise RuntimeError(f"{name}'s key/value layout changed: update fastpath/aging.py")
+
+    def _aging_buffers(self):
+        """(key bytes, value bytes, CPUs) of both conn tables, batch by batch, in conn6_map's wide layout (the
+        views are reused by the next batch)."""
+        for name in self.CONN_MAPS:
+            self._check_conn_layout(name)
+            t = self.t[name]
+            ncpu = 1 if self.conn_shared else len(t.Leaf())
+            ks, vs = ct.sizeof(t.Key), ct.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
+            widen = aging.widen if name == "conn4_map" else (lambda k, v, n: (k, v))
+            for batch in self._batches(name):
+                if batch is None:  # no batch ops: the same from a key-by-key walk
+                    items = [(bytes(k), bytes(v)) for k, v in t.items()]
+                    yield (*widen(b"".join(k for k, _ in items), b"".join(v for _, v in items), ncpu), ncpu)
+                    break
+                keys, vals, n = batch
+                yield (*widen(memoryview(keys).cast("B")[:n * ks], memoryview(vals).cast("B")[:n * vs * ncpu], ncpu),
+                       ncpu)
 
     def conn_aging_view(self) -> list[tuple]:
         """What the aging sweep and the connection counts need of every entry, unpacked straight from the batch
@@ -630,23 +673,38 @@ class Maps:
         table; None in the (astronomically rare) case its key hashing cannot tell two keys apart."""
         return aging.Columns.from_batches([aging.Columns.extract(k, v, n) for k, v, n in self._aging_buffers()])
 
-    def conn_key_from_bytes(self, raw: bytes):
-        return self.t["conn_map"].Key.from_buffer_copy(raw)
+    def _raw_entry(self, raw: bytes):
+        """The entry at a wide raw key (as the aging views give them): (table, key object, value), or None."""
+        if raw[aging.K_AF] == 4:
+            narrow = aging.narrow_key(raw)
+            try:
+                k = self.t["conn4_map"].Key.from_buffer_copy(narrow)
+                return "conn4_map", k, self.t["conn4_map"][k]
+            except KeyError:
+                pass
+        try:
+            k = self.t["conn6_map"].Key.from_buffer_copy(raw)
+            return "conn6_map", k, self.t["conn6_map"][k]
+        except KeyError:
+            return None
 
     def conn_last_seen_jiffies(self, raw_key: bytes) -> int | None:
         """Newest last_seen (jiffies) over the CPU copies of the entry at raw_key, None once it is gone."""
-        try:
-            per_cpu = self._copies(self.t["conn_map"][self.conn_key_from_bytes(raw_key)])
-        except KeyError:
+        e = self._raw_entry(raw_key)
+        if e is None:
             return None
-        return max((v.last_seen for v in per_cpu if v.flags & abi.CONN_F_VALID), default=None)
+        return max((v.last_seen for v in self._copies(e[2]) if v.flags & abi.CONN_F_VALID), default=None)
 
     def del_conn_raw(self, raw_key: bytes) -> bool:
-        try:
-            del self.t["conn_map"][self.conn_key_from_bytes(raw_key)]
-            return True
-        except KeyError:
-            return False
+        tables = ("conn4_map", "conn6_map") if raw_key[aging.K_AF] == 4 else ("conn6_map",)
+        for name in tables:
+            try:
+                key = aging.narrow_key(raw_key) if name == "conn4_map" else raw_key
+                del self.t[name][self.t[name].Key.from_buffer_copy(key)]
+                return True
+            except KeyError:
+                continue
+        return False
 
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""

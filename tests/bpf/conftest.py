@@ -47,7 +47,7 @@ def maps(fastpath):
     """Maps emptied before each test so tests cannot see each other's flows or counters."""
     m = Maps(fastpath)
     for name in ("svc_map", "sched_map", "laddr_map", "local_map", "iface_map", "route4_map", "route6_map", "neigh_map",
-                 "conn_map"):
+                 "conn4_map", "conn6_map"):
         t = m.t[name]
         for k in list(t.keys()):
             del t[k]
@@ -56,6 +56,7 @@ def maps(fastpath):
         t = fastpath.table(name)
         for i in range(n):
             t[ct.c_uint32(i)] = t.Leaf()
+    m.t["cfg_map"][ct.c_uint32(0)] = m.t["cfg_map"].Leaf()  # flags (KNI routes, NAT64) from an earlier test
     m.set_cfg(1025, 65535)
     m.set_idle_timeouts(None)  # a test that wants port reclaiming turns it on
     m.set_iface(LO_IFINDEX, LB_MAC, 1500)

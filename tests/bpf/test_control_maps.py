@@ -78,8 +78,9 @@ def test_mh_through_the_model_lands_where_the_python_table_says(fastpath, maps, 
     first = svc.hcells
     bal.dest_add({"svc": SVC, "addr": RSS[2], "port": 80, "fwd": "dr"})  # a rebuild: new cells, one swap
     assert svc.hcells[0] != first[0]
-    for k in list(maps.t["conn_map"].keys()):
-        del maps.t["conn_map"][k]
+    for name in maps.CONN_MAPS:
+        for k in list(maps.t[name].keys()):
+            del maps.t[name][k]
     check()
 
 

@@ -3,6 +3,7 @@
 import ctypes as ct
 import ipaddress
 import os
+import shutil
 import socket
 
 import pytest
@@ -282,9 +283,12 @@ def test_abi_sizes_match_the_compiled_program(fastpath):
 
     from hdslb.fastpath import abi
 
-    t = fastpath.table("conn_map")
+    t = fastpath.table("conn6_map")
     assert ctypes.sizeof(t.Key) == abi.CONN_KEY_SIZE
     assert ctypes.sizeof(getattr(t, "sLeaf", t.Leaf)) == abi.CONN_VAL_SIZE
+    t = fastpath.table("conn4_map")
+    assert ctypes.sizeof(t.Key) == abi.CONN4_KEY_SIZE
+    assert ctypes.sizeof(getattr(t, "sLeaf", t.Leaf)) == abi.CONN4_VAL_SIZE
     assert len(abi.counter_names()) == len(fastpath.table("counters"))
 
 
@@ -362,20 +366,21 @@ TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp":
 
 def _age_conns(maps, seconds):
     """Make every copy of every conn entry `seconds` older, as if that much idle time had passed."""
-    t = maps.t["conn_map"]
     back = maps.clock.seconds_to_jiffies(seconds)
-    for k in list(t.keys()):
-        vals = t[k]
-        for v in maps._copies(vals):
-            if v.flags & 0x1:
-                v.last_seen -= back
-        t[k] = vals
+    for name in maps.CONN_MAPS:
+        t = maps.t[name]
+        for k in list(t.keys()):
+            vals = t[k]
+            for v in maps._copies(vals):
+                if v.flags & 0x1:
+                    v.last_seen -= back
+            t[k] = vals
 
 
 def _repoint_inbound(maps, cport, lport):
     """Make the inbound entry of client port cport point at local port lport, as a newer flow of the same client
     tuple would (its old reply entry then no longer has a partner pointing back)."""
-    t = maps.t["conn_map"]
+    t = maps.t["conn4_map"]
     for k in list(t.keys()):
         vals = t[k]
         if socket.ntohs(k.sport) == cport:
@@ -474,7 +479,11 @@ def test_batched_conn_walk_sees_every_entry_across_batches(fastpath, maps):
     for i in range(40):
         assert run(fastpath, syn(sport=41000 + i))[0] == XDP_TX
     maps.CONN_BATCH = 7  # an instance override: many batches and a partial last one
-    keys = {bytes(k) for k in maps.t["conn_map"].keys()}
+    from hdslb.fastpath import abi, aging
+
+    keys4 = {bytes(k) for k in maps.t["conn4_map"].keys()}
+    keys = {aging.widen(k, bytes(abi.CONN4_VAL_SIZE), 1)[0] for k in keys4}
+    assert not list(maps.t["conn6_map"].keys()), "IPv4 flows are in conn4_map only"
     view = maps.conn_aging_view()
     assert len(keys) == 80 and maps.conn_entries() == 80
     assert {r[0] for r in view} == keys
@@ -547,15 +556,19 @@ def test_conn_table_memory_is_measured_and_the_estimate_holds(fastpath):
     grows with the possible-CPU count."""
     from hdslb.fastpath.loader import conn_table_estimate, possible_cpus
 
-    got = fastpath.conn_memlock
-    table = fastpath.sizes.conn_table
-    assert got, "fdinfo memlock of the conn map"
-    est = conn_table_estimate(fastpath.sizes.max_conns, possible_cpus(), table)
-    assert abs(est - got) / got < 0.05, (est, got)
+    table, sizes = fastpath.sizes.conn_table, fastpath.sizes
+    for name, entries, family in (("conn4_map", sizes.max_conns, 4), ("conn6_map", sizes.conn6_entries(), 6)):
+        got = fastpath.conn_memlock_by_map[name]
+        assert got, f"fdinfo memlock of {name}"
+        est = conn_table_estimate(entries, possible_cpus(), table, family)
+        assert abs(est - got) / got < 0.05, (name, est, got)
+    assert fastpath.conn_memlock == sum(fastpath.conn_memlock_by_map.values())
     if table == "percpu":
-        assert conn_table_estimate(1 << 20, 64) // (1 << 20) >= 64 * 72, "a value per possible CPU in every entry"
+        assert conn_table_estimate(1 << 20, 64) // (1 << 20) >= 64 * 48, "a value per possible CPU in every entry"
     else:
-        assert conn_table_estimate(1 << 20, 64, table) == conn_table_estimate(1 << 20, 2, table) < 200 << 20
+        assert conn_table_estimate(1 << 20, 64, table) == conn_table_estimate(1 << 20, 2, table)
+        # the compact IPv4 entry: 48-byte element header + 16-byte key + 48-byte value + a 16-byte bucket
+        assert conn_table_estimate(1 << 20, 2, table) == 128 << 20
 
 
 def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath_of):
@@ -564,12 +577,41 @@ def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath
     from hdslb.fastpath.loader import FastPath, Sizes
 
     other = "shared" if fastpath.sizes.conn_table == "percpu" else "percpu"
-    before = len(list(fastpath.table("conn_map").keys()))
+    before = len(list(fastpath.table("conn4_map").keys()))
     fp = FastPath(fastpath.pin_dir, Sizes(**{**fastpath.sizes.__dict__, "conn_table": other}))
     with pytest.raises(RuntimeError, match=f"is --conn-table {fastpath.sizes.conn_table}, not {other}.*--fresh"):
         fp.load(adopt=True)
-    assert fp.bpf is None and len(list(fastpath.table("conn_map").keys())) == before
-    assert os.path.exists(os.path.join(fastpath.pin_dir, "conn_map"))
+    assert fp.bpf is None and len(list(fastpath.table("conn4_map").keys())) == before
+    assert os.path.exists(os.path.join(fastpath.pin_dir, "conn4_map"))
+    # nor one of another size: the pinned table would silently keep its own
+    fp = FastPath(fastpath.pin_dir, Sizes(**{**fastpath.sizes.__dict__, "max_conns6": 512}))
+    with pytest.raises(RuntimeError, match=r"conn6_map .* has \d+ entries, not 512.*--max-conns6.*--fresh"):
+        fp.load(adopt=True)
+    assert fp.bpf is None
+
+
+def test_a_pinned_table_of_the_single_table_layout_is_not_adopted(tmp_path):
+    """Before conn4_map/conn6_map one conn_map held both families with another value layout: its entries cannot
+    be read by this program, and the loader says so (naming --fresh) instead of compiling beside it."""
+    from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs
+
+    ensure_bpffs(DEFAULT_PIN_ROOT)
+    pin = os.path.join(DEFAULT_PIN_ROOT, f"pytest-legacy-{os.getpid()}")
+    os.makedirs(pin, exist_ok=True)
+    try:
+        from hdslb.fastpath import loader
+
+        lib = loader._libbcc()
+        fd = lib.bcc_create_map(loader.BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", 40, 72, 64, 0)
+        assert fd >= 0 and lib.bpf_obj_pin(fd, os.path.join(pin, "conn_map").encode()) == 0
+        os.close(fd)
+        fp = FastPath(pin, Sizes(max_conns=4096))
+        assert fp.has_pins()
+        with pytest.raises(RuntimeError, match="older hdslb.*--fresh"):
+            fp.load(adopt=True)
+        assert fp.bpf is None and os.path.exists(os.path.join(pin, "conn_map"))
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
 
 
 def test_creating_a_per_cpu_table_that_takes_much_memory_is_warned_about(monkeypatch, caplog):
@@ -586,10 +628,16 @@ def test_creating_a_per_cpu_table_that_takes_much_memory_is_warned_about(monkeyp
         pin = os.path.join(loader.DEFAULT_PIN_ROOT, f"pytest-warn-{os.getpid()}-{table}").encode()
         fp = loader.FastPath(pin.decode(), loader.Sizes(max_conns=4096, conn_table=table))
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="hdslb.fastpath"):
-            fd = fp._create_conn_map(lib, loader.BPF_MAP_TYPE_LRU_HASH if table == "shared"
-                                     else loader.BPF_MAP_TYPE_LRU_PERCPU_HASH, pin)
-        os.close(fd)
-        os.unlink(pin)
+        os.makedirs(pin, exist_ok=True)
+        fds = {}
+        try:
+            with caplog.at_level(logging.WARNING, logger="hdslb.fastpath"):
+                fp._create_conn_maps(lib, loader.BPF_MAP_TYPE_LRU_HASH if table == "shared"
+                                     else loader.BPF_MAP_TYPE_LRU_PERCPU_HASH, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            shutil.rmtree(pin, ignore_errors=True)
+        assert sorted(fds) == ["conn4_map", "conn6_map"]
         warned = [r.getMessage() for r in caplog.records if "--conn-table shared would take" in r.getMessage()]
         assert len(warned) == (1 if table == "percpu" else 0), (table, caplog.text)

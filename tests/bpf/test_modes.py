@@ -82,6 +82,11 @@ def service(fp, proto, vip, port, svc_id=0, persist=0, plen=32):
     v.flags = SVC_F_VALID | (SVC_F_PERSIST if persist else 0)
     v.persist_timeout = persist
     v.persist_plen = plen
+    if A(vip).version == 6:  # as Maps.set_service: NAT64 replies are looked for in conn6_map
+        c = fp.table("cfg_map")
+        cv = c[ct.c_uint32(0)]
+        cv.flags |= abi.defines()["CFG_F_NAT64"]
+        c[ct.c_uint32(0)] = cv
     t[k] = v
 
 
@@ -335,6 +340,59 @@ def test_nat64_translates_headers_both_ways(fastpath, m, proto):
     del q[TCP if proto == "tcp" else UDP].chksum
     assert bytes(IPv6(bytes(q))) == bytes(ip6)
     checksums_ok(out)
+
+
+def _entries(fp):
+    return {name: len(list(fp.table(name).keys())) for name in ("conn4_map", "conn6_map")}
+
+
+def test_each_family_lands_in_its_table(fastpath, m):
+    """IPv4 flows in conn4_map (compact entries), IPv6 and NAT64 flows (both directions) in conn6_map."""
+    service(fastpath, TCP_, VIP, 80, svc_id=0)
+    service(fastpath, TCP_, VIP6, 80, svc_id=1)
+    service(fastpath, TCP_, VIP6, 81, svc_id=2)
+    dest(m, 0, RS1, 8080, "fnat", svc_id=0)
+    dest(m, 1, RS61, 8080, "fnat", svc_id=1)
+    dest(m, 2, RS2, 8080, "fnat", svc_id=2)
+    for sid, slot in ((0, 0), (1, 1), (2, 2)):
+        ring(fastpath, sid, [slot])
+    m.set_laddrs(1, [(A(LIP6), LO_IFINDEX)])
+    m.set_laddrs(2, [(A(LIP), LO_IFINDEX)])
+    assert run(fastpath, c4(sport=41000))[0] == XDP_TX
+    assert _entries(fastpath) == {"conn4_map": 2, "conn6_map": 0}
+    assert run(fastpath, c6(sport=41001))[0] == XDP_TX
+    assert _entries(fastpath) == {"conn4_map": 2, "conn6_map": 2}
+    assert run(fastpath, c6(sport=41002, dport=81))[0] == XDP_TX  # NAT64: the v4 reply key too
+    assert _entries(fastpath) == {"conn4_map": 2, "conn6_map": 4}
+    by = sorted((c["af"], c["sport"], c["out"]) for c in m.conns())
+    assert by == [(4, 8080, True), (4, 8080, True), (4, 41000, False), (6, 8080, True), (6, 41001, False),
+                  (6, 41002, False)]
+
+
+@pytest.mark.parametrize("first", ["ipv4", "nat64"])
+def test_a_local_port_is_never_given_to_both_an_ipv4_and_a_nat64_flow(fastpath, m, first):
+    """An IPv4 service and a NAT64 service share a local address and a real server: their reply tuples
+    (real server -> local address:port) look alike but live in different tables. With one port in the range,
+    the second flow must find it taken and be dropped, not be given the same port (its replies would reach
+    the other flow)."""
+    service(fastpath, TCP_, VIP, 80, svc_id=0)
+    service(fastpath, TCP_, VIP6, 80, svc_id=1)
+    dest(m, 0, RS1, 8080, "fnat", svc_id=0)
+    dest(m, 1, RS1, 8080, "fnat", svc_id=1)
+    ring(fastpath, 0, [0])
+    ring(fastpath, 1, [1])
+    m.set_laddrs(1, [(A(LIP), LO_IFINDEX)])
+    m.set_cfg(2000, 2000)
+    pkts = {"ipv4": c4(sport=42000), "nat64": c6(sport=42000)}
+    second = "nat64" if first == "ipv4" else "ipv4"
+    v, out = run(fastpath, pkts[first])
+    assert v == XDP_TX and out[TCP].sport == 2000
+    assert run(fastpath, pkts[second])[0] == XDP_DROP
+    assert m.counters()["drop_lport_exhausted"] == 1
+    # the reply still reaches the first flow's client
+    r = Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP) / TCP(sport=8080, dport=2000, flags="SA")
+    v, back = run(fastpath, r)
+    assert v == XDP_TX and (IPv6 in back) == (first == "nat64")
 
 
 def test_nat64_udp_reply_without_checksum_is_dropped(fastpath, m):

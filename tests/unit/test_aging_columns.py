@@ -21,7 +21,7 @@ def _addr(rnd, af):
 
 
 def _val(rnd, saddr, daddr, sport, dport, flags, state, slot, last):
-    return VAL.pack(saddr, daddr, sport, dport, 7, b"\x02" * 6, b"\x04" * 6, 3, flags, state, slot, 1, last)
+    return VAL.pack(sport, dport, 7, b"\x02" * 6, b"\x04" * 6, 3, flags, state, slot, 1, last, saddr, daddr)
 
 
 def _entry(rnd, key, rewrite, out, ncpu, now, xlat=False):
@@ -49,7 +49,7 @@ def _table(seed, ncpu, n_flows=400):
         proto = rnd.choice([socket.IPPROTO_TCP, socket.IPPROTO_UDP])
         cl, vip, rs, la = (_addr(rnd, af) for _ in range(4))
         cp, vp, rp, lp = (rnd.randrange(1, 65536) for _ in range(4))
-        kin = KEY.pack(cl, vip, cp, vp, proto, af, 0)
+        kin = KEY.pack(cp, vp, proto, af, 0, cl, vip)
         kind = rnd.random()
         if kind < 0.1:  # DR/TUNNEL: one entry, its partner key holds nothing
             ents.append(_entry(rnd, kin, (cl, rs, cp, rp), False, ncpu, now))
@@ -57,7 +57,7 @@ def _table(seed, ncpu, n_flows=400):
         xlat = kind < 0.15
         raf = 10 - af if xlat else af
         ra, rl = (_addr(rnd, raf), _addr(rnd, raf)) if xlat else (rs, la)
-        kout = KEY.pack(ra, rl, rp, lp, proto, raf, 0)
+        kout = KEY.pack(rp, lp, proto, raf, 0, ra, rl)
         ein = _entry(rnd, kin, (rl, ra, lp, rp), False, ncpu, now, xlat)
         eout = _entry(rnd, kout, (vip, cl, vp, cp), True, ncpu, now, xlat)
         if kind < 0.25:  # the reply key now belongs to another flow: its inbound entry points elsewhere
@@ -104,3 +104,26 @@ def test_a_hash_collision_hands_the_sweep_to_the_reference(monkeypatch):
 
     monkeypatch.setattr(aging, "_hash_rows", lambda a: np.zeros(len(a), np.uint64))
     assert aging.Columns.from_batches([aging.Columns.extract(kbuf, vbuf, 2)]) is None
+
+
+@pytest.mark.parametrize("ncpu", [1, 2, 4])
+def test_compact_ipv4_entries_widen_to_the_wide_layout(ncpu):
+    """conn4_map's entries (16-byte keys, 48-byte values) reach the sweep widened: the same bytes the wide table
+    would hold for the same IPv4 flow, so partner keys, the sweep and the counts need no second layout; and
+    narrow_key() gives the compact key back for the removal."""
+    rnd = random.Random(ncpu)
+    k4, v4, kw, vw = [], [], [], []
+    for _ in range(50):
+        s, d, ns, nd = (rnd.randbytes(4) for _ in range(4))
+        sp, dp, nsp, ndp, slot, last = (rnd.randrange(65536) for _ in range(6))
+        k4.append(struct.pack("=HHBBH4s4s", sp, dp, 6, 4, 0, s, d))
+        kw.append(KEY.pack(sp, dp, 6, 4, 0, s + bytes(12), d + bytes(12)))
+        for _c in range(ncpu):
+            head = (nsp, ndp, 7, b"\x02" * 6, b"\x04" * 6, 3, VALID, 2, slot, 1, last)
+            v4.append(struct.pack("=HHI6s6sHBBIB3xQ4s4s", *head, ns, nd))
+            vw.append(VAL.pack(*head, ns + bytes(12), nd + bytes(12)))
+    assert struct.calcsize("=HHBBH4s4s") == aging.KEY4_SIZE and struct.calcsize("=HHI6s6sHBBIB3xQ4s4s") == aging.VAL4_SIZE
+    wk, wv = aging.widen(b"".join(k4), b"".join(v4), ncpu)
+    assert (wk, wv) == (b"".join(kw), b"".join(vw))
+    assert [aging.narrow_key(k) for k in kw] == k4
+    assert aging.rows(wk, wv, ncpu) == aging.rows(b"".join(kw), b"".join(vw), ncpu)

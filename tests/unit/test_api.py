@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from hdslb.api import app as api_app
 from hdslb.api import openapi
+from hdslb.fastpath.loader import Sizes
 from hdslb.api.app import ROUTES, make_app, start_api, stop_api
 from hdslb.balancer import Balancer, Iface
 from hdslb.ctl import commands
@@ -66,7 +67,7 @@ class FakeCtx:
         ifaces = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
         self.bal = Balancer(Recorder(), ifaces)
         self.maps = FakeMaps(self)
-        self.sizes = SimpleNamespace(max_conns=4096, conn_table="percpu")
+        self.sizes = Sizes(max_conns=4096, conn_table="percpu")
         self.rates = {}
         self.xdp_modes = {"eth0": "native", "eth1": "native"}
         self.pid, self.ctl_path, self.pin_dir = 4242, "/tmp/x.ctrl", "/sys/fs/bpf/x"

@@ -483,7 +483,7 @@ def test_max_services_and_dests_flags_reach_sizes_and_the_model():
 def _cflags(sizes):
     from hdslb.fastpath.loader import FastPath
 
-    return FastPath("/nonexistent", sizes).cflags(conn_fd=3, ncpus=2)
+    return FastPath("/nonexistent", sizes).cflags({"conn4_map": 3, "conn6_map": 4}, ncpus=2)
 
 
 def test_dest_slots_beyond_16_bits():

@@ -91,6 +91,26 @@ def test_the_daemon_sizes_its_conn_table_as_told():
 
     assert Daemon(settings_from_args(["eth0", "--conn-table", "shared"])).sizes.conn_table == "shared"
     assert Daemon(settings_from_args(["eth0"])).sizes.conn_table == "percpu"
+    d = Daemon(settings_from_args(["eth0", "--max-conns", "65536", "--max-conns6", "4096"]))
+    assert (d.sizes.max_conns, d.sizes.conn6_entries()) == (65536, 4096)
+    assert Daemon(settings_from_args(["eth0", "--max-conns", "65536"])).sizes.conn6_entries() == 16384
+
+
+def test_ipv6_table_size_from_the_command_line_or_the_config(tmp_path, capsys):
+    """--max-conns6 / conn6_pool_size size the IPv6 and NAT64 table; the command line wins; out of range is
+    refused (exit 2, the config's file:line)."""
+    assert settings_from_args(["eth0"]).max_conns6 == 0  # a quarter of --max-conns
+    conf = tmp_path / "c.conf"
+    conf.write_text("ipvs_defs {\n  conn {\n    <init> conn6_pool_size 8192\n  }\n}\n")
+    assert settings_from_args(["-f", str(conf), "eth0"]).max_conns6 == 8192
+    assert settings_from_args(["-f", str(conf), "eth0", "--max-conns6", "1024"]).max_conns6 == 1024
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "--max-conns6", "100"])
+    assert e.value.code == 2 and "--max-conns6 must be at least 256" in capsys.readouterr().err
+    conf.write_text("ipvs_defs {\n  conn {\n    <init> conn6_pool_size 10\n  }\n}\n")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-f", str(conf), "eth0"])
+    assert e.value.code == 2 and f"{conf}:3:" in capsys.readouterr().err
 
 
 def test_broken_config_exits_2_naming_the_line(tmp_path, capsys):
@@ -179,16 +199,31 @@ def test_check_block_refuses_bad_or_injected_input(a):
 
 
 def test_a_per_cpu_conn_table_taking_much_memory_is_warned_about_with_the_shared_size():
-    from hdslb.fastpath.loader import conn_table_advice, conn_table_estimate
+    from hdslb.fastpath.loader import Sizes, conn_table_advice, conn_tables_estimate
 
     gib = 1 << 30
-    # DPVS's default conn_pool_size on a 64-CPU host with 64 GiB: ~9.3 GiB per CPU, ~0.3 GiB shared
-    msg = conn_table_advice(1 << 21, 64, "percpu", 64 * gib)
+    # DPVS's default conn_pool_size on a 64-CPU host with 64 GiB: ~8.5 GiB per CPU, ~0.3 GiB shared
+    big = Sizes(max_conns=1 << 21)
+    msg = conn_table_advice(big, 64, "percpu", 64 * gib)
     assert msg and "per CPU on 64 possible CPUs" in msg and "--conn-table shared would take 0.3 GiB" in msg
-    assert f"{conn_table_estimate(1 << 21, 64) / gib:.1f} GiB" in msg
-    assert conn_table_advice(1 << 21, 2, "percpu", 64 * gib) is None      # 0.5 GiB of 64: fine
-    assert conn_table_advice(1 << 21, 64, "shared", 64 * gib) is None     # already shared
-    assert conn_table_advice(1 << 18, 2, "percpu", 0) is None            # memory unknown
+    assert f"{conn_tables_estimate(big, 64, 'percpu') / gib:.1f} GiB" in msg
+    assert conn_table_advice(big, 2, "percpu", 64 * gib) is None      # 0.5 GiB of 64: fine
+    assert conn_table_advice(big, 64, "shared", 64 * gib) is None     # already shared
+    assert conn_table_advice(Sizes(max_conns=1 << 18), 2, "percpu", 0) is None  # memory unknown
+
+
+def test_conn_tables_are_sized_apart_and_the_ipv4_one_is_compact():
+    """IPv4 flows take 256 bytes a connection in a shared table (two 128-byte entries), IPv6 flows their own
+    table, a quarter of the IPv4 one unless sized (conn6_pool_size / --max-conns6)."""
+    from hdslb.fastpath.loader import Sizes, conn_table_estimate, conn_tables_estimate
+
+    assert conn_table_estimate(1 << 21, 2, "shared", 4) == 256 << 20      # 1M connections, 2M entries
+    assert conn_table_estimate(1 << 21, 2, "percpu", 4) == 368 << 20      # 184 B an entry on 2 CPUs
+    assert conn_table_estimate(1 << 21, 2, "shared", 6) == 352 << 20      # the wide entries: 176 B
+    assert Sizes(max_conns=1 << 21).conn6_entries() == 1 << 19
+    assert Sizes(max_conns=1 << 21, max_conns6=4096).conn6_entries() == 4096
+    assert Sizes(max_conns=512).conn6_entries() == 256                    # never below the minimum
+    assert conn_tables_estimate(Sizes(max_conns=1 << 21), 2, "shared") == (256 + 88) << 20
 
 
 def test_check_says_what_the_configs_conn_table_will_take():
@@ -198,8 +233,10 @@ def test_check_says_what_the_configs_conn_table_will_take():
 
     gib = 1 << 30
     assert conn_table_line(1 << 21, "percpu", 2, 64 * gib) == (
-        "connection table: 2097152 entries (conn_pool_size), percpu: ~512 MiB of kernel memory on 2 possible CPUs")
-    assert conn_table_line(1 << 21, "shared", 64, 64 * gib) == (
-        "connection table: 2097152 entries (conn_pool_size), shared: ~352 MiB of kernel memory")
+        "connection tables: 2097152 IPv4 entries (conn_pool_size) + 524288 IPv6 (conn6_pool_size), percpu: "
+        "~496 MiB of kernel memory on 2 possible CPUs")
+    assert conn_table_line(1 << 21, "shared", 64, 64 * gib, entries6=4096) == (
+        "connection tables: 2097152 IPv4 entries (conn_pool_size) + 4096 IPv6 (conn6_pool_size), shared: "
+        "~257 MiB of kernel memory")
     big = conn_table_line(1 << 21, "percpu", 64, 64 * gib).splitlines()
-    assert big[0].endswith("on 64 possible CPUs") and big[1].startswith("notice: the connection table takes 9.2 GiB")
+    assert big[0].endswith("on 64 possible CPUs") and big[1].startswith("notice: the connection tables take 8.5 GiB")

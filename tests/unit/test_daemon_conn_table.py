@@ -129,8 +129,8 @@ def test_sweep_and_counts_fall_back_to_the_reference_when_the_columns_cannot_be_
 
     key = struct.Struct(KEY_FMT).pack
     est = abi.conn_states().index("established")
-    dead_in, dead_out = key(b"\1" * 16, b"\2" * 16, 1, 2, 6, 4, 0), key(b"\3" * 16, b"\4" * 16, 3, 4, 6, 4, 0)
-    live = key(b"\5" * 16, b"\6" * 16, 5, 6, 6, 4, 0)
+    dead_in, dead_out = key(1, 2, 6, 4, 0, b"\1" * 16, b"\2" * 16), key(3, 4, 6, 4, 0, b"\3" * 16, b"\4" * 16)
+    live = key(5, 6, 6, 4, 0, b"\5" * 16, b"\6" * 16)
     now = 1_000_000
     view = [(dead_in, dead_out, now - 200_000, est, False, socket.IPPROTO_TCP, 7),
             (dead_out, dead_in, now - 300_000, est, True, socket.IPPROTO_TCP, 7),
