@@ -551,6 +551,11 @@ class Daemon:
             for name in ifaces:
                 self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
+            if self.fp.legacy_conn_pin:  # an upgrade from the single-table layout: its flows move over now
+                try:
+                    await loop.run_in_executor(None, self.fp.migrate_legacy_conns)
+                except OSError as e:
+                    log.error("could not move the connections of the old single-table layout: %s", e)
             self.ctl = CtlServer(self.ctl_path, self.dispatch)
             await self.ctl.start()
             if s.api_listen:

@@ -6,6 +6,7 @@ This module and maps.py are the only places that import bcc.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -164,6 +165,7 @@ class FastPath:
         self.fn = None
         self.conn_memlock: int | None = None  # kernel memory of both conn tables, from fdinfo, after load()
         self.conn_memlock_by_map: dict[str, int] = {}
+        self.legacy_conn_pin: str | None = None  # an adopted single-table conn_map, until migrate_legacy_conns()
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
     @property
@@ -219,12 +221,15 @@ class FastPath:
         fds: dict[str, int] = {}
         try:
             if adopt and self.has_pins():
-                if os.path.exists(os.path.join(self.pin_dir, self.LEGACY_CONN_PIN)):
-                    raise RuntimeError(f"the pinned connection table in {self.pin_dir} has the layout of an older "
-                                       f"hdslb (one table for IPv4 and IPv6): start with --fresh to discard its "
-                                       f"connections")
+                legacy = os.path.join(self.pin_dir, self.LEGACY_CONN_PIN)
+                if os.path.exists(legacy):
+                    self._check_legacy(lib, legacy, map_type)
+                    self.legacy_conn_pin = legacy  # its connections move over once attached (migrate_legacy_conns)
                 for name in self.CONN_MAPS:
-                    fds[name] = self._open_conn_map(lib, name, map_type)
+                    if self.legacy_conn_pin and not os.path.exists(os.path.join(self.pin_dir, name)):
+                        fds[name] = self._create_conn_map(lib, name, map_type)
+                    else:
+                        fds[name] = self._open_conn_map(lib, name, map_type)
             else:
                 if os.path.isdir(self.pin_dir):
                     shutil.rmtree(self.pin_dir)
@@ -248,6 +253,95 @@ class FastPath:
                      self.sizes.max_conns, self.sizes.conn6_entries(), self.conn_memlock / 2**20,
                      f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
+
+    # --- the single-table layout of earlier versions ------------------------------------------------------
+    # One conn_map held both families: key (saddr[16], daddr[16], sport, dport, proto, af, pad), value
+    # (saddr[16], daddr[16], then the 40-byte head conn_val has now). Its connections are carried over on a
+    # restart into the new program (adopt), so an upgrade keeps flows as any restart does.
+    LEGACY_KEY_SIZE, LEGACY_VAL_SIZE = 40, 72
+
+    def _check_legacy(self, lib, path: str, map_type: int) -> None:
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {path}")
+        try:
+            kind, ks, vs = (_fdinfo_int(fd, f) for f in ("map_type", "key_size", "value_size"))
+        finally:
+            os.close(fd)
+        if (ks, vs) != (self.LEGACY_KEY_SIZE, self.LEGACY_VAL_SIZE):
+            raise RuntimeError(f"the pinned connection table {path} has a layout this hdslb does not know "
+                               f"(key {ks} B, value {vs} B): start with --fresh to discard its connections")
+        if kind != map_type:
+            have = "shared" if kind == BPF_MAP_TYPE_LRU_HASH else "percpu"
+            raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
+                               f"{self.sizes.conn_table}: start with --fresh to discard its connections and change it")
+
+    def migrate_legacy_conns(self) -> int:
+        """Move the connections of an adopted single-table conn_map into conn4_map / conn6_map, then unpin it.
+        Called right after the new program is attached: until then the old program keeps serving (and adding
+        to) the old table; packets of old flows that arrive in between miss (TCP retransmits; a UDP flow may be
+        scheduled anew, and is then put back on its old server). Returns the entries moved."""
+        import numpy as np
+
+        from bcc.libbcc import lib
+
+        from hdslb.fastpath import aging
+
+        path, self.legacy_conn_pin = self.legacy_conn_pin, None
+        if not path:
+            return 0
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {path}")
+        shared = self.sizes.conn_table == "shared"
+        ncpu = 1 if shared else possible_cpus()
+        kl, vl = self.LEGACY_KEY_SIZE, self.LEGACY_VAL_SIZE
+        n_batch = 4096
+        keys = (ctypes.c_uint8 * (kl * n_batch))()
+        vals = (ctypes.c_uint8 * (vl * ncpu * n_batch))()
+        token, nxt, cnt = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        moved, first = 0, True
+        try:
+            while True:
+                cnt.value = n_batch
+                res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token), ctypes.byref(nxt),
+                                           ctypes.addressof(keys), ctypes.addressof(vals), ctypes.byref(cnt))
+                err = ctypes.get_errno()
+                if res != 0 and err != errno.ENOENT:
+                    raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {path}: {os.strerror(err)}")
+                n = cnt.value
+                if n:
+                    K = np.frombuffer(keys, np.uint8, n * kl).reshape(n, kl)
+                    V = np.frombuffer(vals, np.uint8, n * ncpu * vl).reshape(n, ncpu, vl)
+                    wk = np.concatenate([K[:, 32:40], K[:, 0:32]], axis=1)        # head first, then addresses
+                    wv = np.concatenate([V[:, :, 32:72], V[:, :, 0:32]], axis=2)
+                    flags = np.bitwise_or.reduce(wv[:, :, aging.V_FLAGS], axis=1)
+                    v4 = (wk[:, aging.K_AF] == 4) & ((flags & abi.CONN_F_XLAT) == 0)
+                    for name, sel in (("conn4_map", v4), ("conn6_map", ~v4)):
+                        m = int(sel.sum())
+                        if not m:
+                            continue
+                        if name == "conn4_map":
+                            ok = np.concatenate([wk[sel, :8], wk[sel, aging.K_SADDR:aging.K_SADDR + 4],
+                                                 wk[sel, aging.K_DADDR:aging.K_DADDR + 4]], axis=1)
+                            ov = np.concatenate([wv[sel][:, :, :aging.V_SADDR + 4],
+                                                 wv[sel][:, :, aging.V_DADDR:aging.V_DADDR + 4]], axis=2)
+                        else:
+                            ok, ov = wk[sel], wv[sel]
+                        kb, vb = np.ascontiguousarray(ok).tobytes(), np.ascontiguousarray(ov).tobytes()
+                        c = ctypes.c_uint32(m)
+                        if lib.bpf_update_batch(self.bpf[name].map_fd, kb, vb, ctypes.byref(c)) != 0:
+                            e = ctypes.get_errno()
+                            raise OSError(e, f"BPF_MAP_UPDATE_BATCH on {name}: {os.strerror(e)}")
+                        moved += m
+                if res != 0:
+                    break
+                token.value, first = nxt.value, False
+        finally:
+            os.close(fd)
+        os.unlink(path)
+        log.info("moved %d connection entries from the single-table layout into conn4_map/conn6_map", moved)
+        return moved
 
     def _conn_entries(self, name: str) -> int:
         return self.sizes.max_conns if self.CONN_MAPS[name][0] == 4 else self.sizes.conn6_entries()

@@ -590,27 +590,84 @@ def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath
     assert fp.bpf is None
 
 
-def test_a_pinned_table_of_the_single_table_layout_is_not_adopted(tmp_path):
-    """Before conn4_map/conn6_map one conn_map held both families with another value layout: its entries cannot
-    be read by this program, and the loader says so (naming --fresh) instead of compiling beside it."""
-    from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs
+def _legacy_entry(saddr, daddr, sport, dport, to, flags, ncpu, af=4):
+    """A key and per-CPU value of the single-table conn_map of earlier versions (addresses first), CPU 0's copy
+    filled in."""
+    import struct
 
-    ensure_bpffs(DEFAULT_PIN_ROOT)
-    pin = os.path.join(DEFAULT_PIN_ROOT, f"pytest-legacy-{os.getpid()}")
+    from hdslb.fastpath.clock import JiffiesClock
+
+    def a(x):
+        return A(x).packed.ljust(16, b"\0")
+
+    key = struct.pack("=16s16s2s2sBBH", a(saddr), a(daddr), sport.to_bytes(2, "big"), dport.to_bytes(2, "big"),
+                      socket.IPPROTO_TCP, af, 0)
+    ts, td, tsp, tdp = to
+    val = struct.pack("=16s16s2s2sI6s6sHBBIB3xQ", a(ts), a(td), tsp.to_bytes(2, "big"), tdp.to_bytes(2, "big"),
+                      LO_IFINDEX, bytes.fromhex(RS_MAC.replace(":", "")), LB_MAC, 0, flags, 2, 0, 1,
+                      JiffiesClock().mono_to_jiffies(__import__("time").monotonic_ns()))
+    return key, val + bytes(72) * (ncpu - 1)
+
+
+def test_connections_of_the_single_table_layout_move_over_on_restart():
+    """Before conn4_map/conn6_map one conn_map held both families with another layout. A daemon restarted on
+    such pins (an upgrade) compiles the new program beside it and, once attached, moves every entry into the
+    table of its family: IPv4 pairs to conn4_map, IPv6 and NAT64 to conn6_map; the old pin goes. The moved
+    IPv4 flow forwards as before. A pinned table of the other kind is refused (naming --fresh)."""
+    from hdslb.fastpath import loader
+    from hdslb.fastpath.maps import Maps
+
+    loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
+    pin = os.path.join(loader.DEFAULT_PIN_ROOT, f"pytest-legacy-{os.getpid()}")
     os.makedirs(pin, exist_ok=True)
+    lib = loader._libbcc()
+    ncpu = loader.possible_cpus()
+    fp = None
     try:
-        from hdslb.fastpath import loader
-
-        lib = loader._libbcc()
         fd = lib.bcc_create_map(loader.BPF_MAP_TYPE_LRU_PERCPU_HASH, b"conn_map", 40, 72, 64, 0)
         assert fd >= 0 and lib.bpf_obj_pin(fd, os.path.join(pin, "conn_map").encode()) == 0
+        V, O, X = 0x1, 0x2, 0x8
+        entries = [
+            _legacy_entry(CLIENT, VIP, 40000, 80, (LIP, RS1, 2001, 8080), V, ncpu),            # IPv4 in
+            _legacy_entry(RS1, LIP, 8080, 2001, (VIP, CLIENT, 80, 40000), V | O, ncpu),        # IPv4 reply
+            _legacy_entry("fd00::1", "fd00::100", 40001, 80, ("fd00::200", "fd00::2", 2002, 8080), V, ncpu, 6),
+            _legacy_entry("fd00::1", "fd00::100", 40002, 80, (LIP, RS2, 2003, 8080), V | X, ncpu, 6),  # NAT64 in
+            _legacy_entry(RS2, LIP, 8080, 2003, ("fd00::100", "fd00::1", 80, 40002), V | O | X, ncpu),  # NAT64 out
+        ]
+        for k, v in entries:
+            kb, vb = ct.create_string_buffer(k, len(k)), ct.create_string_buffer(v, len(v))
+            assert loader._libbcc().bpf_update_elem(fd, kb, vb, 0) == 0
         os.close(fd)
-        fp = FastPath(pin, Sizes(max_conns=4096))
+
+        other = loader.FastPath(pin, loader.Sizes(max_conns=4096, conn_table="shared"))
+        with pytest.raises(RuntimeError, match="is --conn-table percpu, not shared.*--fresh"):
+            other.load(adopt=True)
+
+        fp = loader.FastPath(pin, loader.Sizes(max_conns=4096, max_services=64, max_dests=256, max_local=64,
+                                               max_routes=256, max_neigh=64))
         assert fp.has_pins()
-        with pytest.raises(RuntimeError, match="older hdslb.*--fresh"):
-            fp.load(adopt=True)
-        assert fp.bpf is None and os.path.exists(os.path.join(pin, "conn_map"))
+        fp.load(adopt=True)
+        assert fp.legacy_conn_pin and os.path.exists(os.path.join(pin, "conn_map"))
+        assert fp.migrate_legacy_conns() == 5
+        assert not os.path.exists(os.path.join(pin, "conn_map")) and fp.migrate_legacy_conns() == 0
+        assert len(list(fp.table("conn4_map").keys())) == 2 and len(list(fp.table("conn6_map").keys())) == 3
+        m = Maps(fp)
+        got = {(c["af"], str(c["saddr"]), c["sport"], str(c["to_daddr"]), c["to_dport"], c["out"]) for c in m.conns()}
+        assert got == {(4, CLIENT, 40000, RS1, 8080, False), (4, RS1, 8080, CLIENT, 40000, True),
+                       (6, "fd00::1", 40001, "fd00::2", 8080, False), (6, "fd00::1", 40002, RS2, 8080, False),
+                       (4, RS2, 8080, "fd00::1", 40002, True)}
+        # the moved IPv4 flow forwards both ways as before
+        ack = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A")
+        v, out, _ = run_xdp(fp.prog_fd, bytes(ack))
+        p = Ether(out)
+        assert v == XDP_TX and (p[IP].src, p[IP].dst, p[TCP].sport, p[TCP].dport) == (LIP, RS1, 2001, 8080)
+        back = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=8080, dport=2001, flags="A")
+        v, out, _ = run_xdp(fp.prog_fd, bytes(back))
+        p = Ether(out)
+        assert v == XDP_TX and (p[IP].src, p[IP].dst, p[TCP].sport, p[TCP].dport) == (VIP, CLIENT, 80, 40000)
     finally:
+        if fp is not None:
+            fp.close()
         shutil.rmtree(pin, ignore_errors=True)
 
 
