@@ -198,3 +198,78 @@ def test_expired_flows_port_goes_to_a_new_flow_without_waiting_for_the_sweep(one
     assert after["conn_table"]["expired"] == before["conn_table"]["expired"] + 2
     time.sleep(1.1)  # conn.list reuses one table scan for a second (CONN_SCAN_CACHE_S)
     assert [c["sport"] for c in conns(lb, 17)] == [32002]
+
+
+def _to_single_table_layout(pin_dir: str, shared: bool) -> int:
+    """Rewrite an instance's pinned conn4_map/conn6_map as the single conn_map of earlier versions (addresses
+    first in key and value), as a host upgraded from one would have it. Returns the entries written."""
+    import ctypes as ct
+    import os
+
+    from bcc.libbcc import lib as L
+
+    from hdslb.fastpath import loader
+
+    lib = loader._libbcc()
+    ncpu = 1 if shared else loader.possible_cpus()
+    old = []
+    for name, (family, ks, vs) in loader.FastPath.CONN_MAPS.items():
+        fd = lib.bpf_obj_get(os.path.join(pin_dir, name).encode())
+        assert fd >= 0, name
+        key, nxt, val = ct.create_string_buffer(ks), ct.create_string_buffer(ks), ct.create_string_buffer(vs * ncpu)
+        first = True
+        while L.bpf_get_next_key(fd, None if first else key, nxt) == 0:
+            first = False
+            ct.memmove(key, nxt, ks)
+            if L.bpf_lookup_elem(fd, key, val) != 0:
+                continue
+            k, v = key.raw, val.raw
+            if family == 4:
+                lk = k[8:12] + bytes(12) + k[12:16] + bytes(12) + k[:8]
+                lv = b"".join(c[40:44] + bytes(12) + c[44:48] + bytes(12) + c[:40]
+                              for c in (v[i * vs:(i + 1) * vs] for i in range(ncpu)))
+            else:
+                lk = k[8:40] + k[:8]
+                lv = b"".join(c[40:72] + c[:40] for c in (v[i * vs:(i + 1) * vs] for i in range(ncpu)))
+            old.append((lk, lv))
+        os.close(fd)
+    fd = lib.bcc_create_map(loader.BPF_MAP_TYPE_LRU_HASH if shared else loader.BPF_MAP_TYPE_LRU_PERCPU_HASH,
+                            b"conn_map", 40, 72, 4096, 0)
+    assert fd >= 0
+    for lk, lv in old:
+        assert L.bpf_update_elem(fd, ct.create_string_buffer(lk, 40), ct.create_string_buffer(lv, len(lv)), 0) == 0
+    assert lib.bpf_obj_pin(fd, os.path.join(pin_dir, "conn_map").encode()) == 0
+    os.close(fd)
+    for name in loader.FastPath.CONN_MAPS:
+        os.unlink(os.path.join(pin_dir, name))
+    return len(old)
+
+
+@pytest.mark.root
+def test_an_upgrade_from_the_single_table_layout_keeps_a_held_flow(small_lb):
+    """A host upgraded from the version with one conn_map for both families: the restarted daemon attaches,
+    moves the old table's connections into conn4_map/conn6_map and unpins it; a connection held across the
+    upgrade goes on (its request, sent a header line a second, completes after the restart, when only the
+    moved entries can carry it: the converted table is a snapshot, and the old maps it came from are gone)."""
+    import os
+    import subprocess
+
+    lab, lb = small_lb
+    st = lb.call("daemon.status")
+    kind = st["conn_table"]["kind"]
+    hold = ("import socket, time\n"
+            f"s = socket.create_connection(('{VIP}', 80)); s.sendall(b'GET / HTTP/1.0\\r\\n')\n"
+            "for i in range(12):\n    time.sleep(1); s.sendall(b'X-Wait: %d\\r\\n' % i)\n"
+            "s.sendall(b'\\r\\n'); print(s.recv(100).split(b'\\r\\n')[0].decode())\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", hold], stdout=subprocess.PIPE, text=True)
+    lab.procs.append(p)
+    time.sleep(1)
+    t0 = time.monotonic()
+    subprocess.run(["kill", "-9", str(st["pid"])], check=True)
+    assert _to_single_table_layout(st["pin_dir"], kind == "shared") >= 2, "the held flow's two entries"
+    lb.ctl("up", *lb.up_args)
+    assert time.monotonic() - t0 < 9, "the request must still be going after the restart"
+    assert "from the single-table layout into conn4_map/conn6_map" in lb.log()
+    assert not os.path.exists(os.path.join(st["pin_dir"], "conn_map"))
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.strip().startswith("HTTP/1.1 200"), out
