@@ -32,6 +32,7 @@ DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
 DEFAULT_MAX_CONNS = 262144
+SWEEP_CHUNK = 256  # dead flows re-read, then removed together (Daemon.sweep)
 DEFAULT_MAX_SERVICES = 4096
 DEFAULT_MAX_DESTS = 65536
 MAX_SERVICES_LIMIT = 65536  # conn_val.svc_id is a u16 (hdslb_abi.h)
@@ -799,12 +800,20 @@ class Daemon:
         dead = cols.expired(now, lim) if cols is not None else \
             aging.expired_rows(self.maps.conn_aging_view(), now, lim)
         removed = 0
-        for keys, last in dead:
-            # Re-read before deleting: a packet may have arrived since the scan.
-            fresh = [self.maps.conn_last_seen_jiffies(k) for k in keys]
-            if any(f is not None and f > last for f in fresh):
-                continue
-            removed += sum(self.maps.del_conn_raw(k) for k in keys)
+        for i in range(0, len(dead), SWEEP_CHUNK):
+            # Re-read before deleting: a packet may have arrived since the scan. A chunk of flows is re-read,
+            # then its dead entries go in one batch delete per table (a packet arriving in between, a fraction
+            # of a millisecond, finds its flow gone, as it would a moment after a timeout).
+            chunk = dead[i:i + SWEEP_CHUNK]
+            keys = [k for ks, _ in chunk for k in ks]
+            fresh = iter(self.maps.conn_last_seen_many(keys))
+            gone = []
+            for ks, last in chunk:
+                now_last = [next(fresh) for _ in ks]
+                if not any(f is not None and f > last for f in now_last):
+                    gone.extend(ks)
+            if gone:
+                removed += self.maps.del_conns_raw(gone)
         if removed:
             self.maps.add_counter("conn_expired", removed)
             self._conn_cache = (0.0, None)

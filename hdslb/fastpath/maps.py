@@ -706,6 +706,106 @@ class Maps:
                 continue
         return False
 
+    # --- the sweep's removal: raw syscalls into reused buffers, deletes batched -------------------------------
+    _U64 = struct.Struct("<Q")
+
+    def _raw_tables(self) -> dict:
+        """Per conn table: (fd, value buffer, value size, CPU copies), made once."""
+        if getattr(self, "_raw_cache", None) is None:
+            out = {}
+            for name in self.CONN_MAPS:
+                t = self.t[name]
+                vs = ct.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
+                ncpu = 1 if self.conn_shared else len(t.Leaf())
+                out[name] = (t.map_fd, ct.create_string_buffer(vs * ncpu), vs, ncpu)
+            self._raw_cache = out
+        return self._raw_cache
+
+    @staticmethod
+    def _key_arrays(raw_keys: list):
+        """The wide raw keys as one buffer, their IPv4 ones narrowed to conn4_map's layout in another, and
+        which are IPv4: built with numpy once, so the per-key work is a pointer and a syscall."""
+        import numpy as np
+
+        n = len(raw_keys)
+        K = np.frombuffer(b"".join(raw_keys), np.uint8).reshape(n, aging.KEY_SIZE)
+        N = np.concatenate([K[:, :aging.K4_SADDR], K[:, aging.K_SADDR:aging.K_SADDR + 4],
+                            K[:, aging.K_DADDR:aging.K_DADDR + 4]], axis=1)
+        wide = ct.create_string_buffer(K.tobytes(), n * aging.KEY_SIZE)
+        narrow = ct.create_string_buffer(N.tobytes(), n * aging.KEY4_SIZE)
+        return wide, narrow, (K[:, aging.K_AF] == 4).tolist()
+
+    def conn_last_seen_many(self, raw_keys: list) -> list:
+        """conn_last_seen_jiffies() of each wide raw key: one lookup syscall each into a reused buffer, no
+        ctypes objects per entry (the sweep re-reads every flow it found dead before removing it)."""
+        from bcc.libbcc import lib
+
+        if not raw_keys:
+            return []
+        tables = self._raw_tables()
+        valid, f_off, l_off, u64 = abi.CONN_F_VALID, aging.V_FLAGS, aging.V_LAST, self._U64.unpack_from
+        wide, narrow, is4 = self._key_arrays(raw_keys)
+        wa, na = ct.addressof(wide), ct.addressof(narrow)
+        fd4, buf4, vs4, nc4 = tables["conn4_map"]
+        fd6, buf6, vs6, nc6 = tables["conn6_map"]
+        lookup = lib.bpf_lookup_elem
+        out = []
+        for i, v4 in enumerate(is4):
+            if v4 and lookup(fd4, na + i * aging.KEY4_SIZE, buf4) == 0:
+                v, vs, ncpu = buf4.raw, vs4, nc4
+            elif lookup(fd6, wa + i * aging.KEY_SIZE, buf6) == 0:
+                v, vs, ncpu = buf6.raw, vs6, nc6
+            else:
+                out.append(None)
+                continue
+            out.append(max((u64(v, c * vs + l_off)[0] for c in range(ncpu) if v[c * vs + f_off] & valid),
+                           default=None))
+        return out
+
+    def del_conns_raw(self, raw_keys: list) -> int:
+        """Remove the entries at these wide raw keys, with one BPF_MAP_DELETE_BATCH per table (a key the
+        table does not hold is skipped: the batch stops there and goes on after it). Returns entries removed."""
+        from bcc.libbcc import lib
+
+        if not raw_keys:
+            return 0
+        tables = self._raw_tables()
+        wide, narrow, is4 = self._key_arrays(raw_keys)
+        k4 = [narrow.raw[i * aging.KEY4_SIZE:(i + 1) * aging.KEY4_SIZE] for i, v4 in enumerate(is4) if v4]
+        idx4 = [i for i, v4 in enumerate(is4) if v4]
+        n4, missed4 = self._delete_batch(lib, tables["conn4_map"][0], k4)
+        # IPv4 tuples are conn4_map's, but a NAT64 flow's IPv4 reply entry is in conn6_map
+        rest = sorted([i for i, v4 in enumerate(is4) if not v4] + [idx4[j] for j in missed4])
+        n6, _ = self._delete_batch(lib, tables["conn6_map"][0],
+                                   [wide.raw[i * aging.KEY_SIZE:(i + 1) * aging.KEY_SIZE] for i in rest])
+        return n4 + n6
+
+    @staticmethod
+    def _delete_batch(lib, fd: int, keys: list) -> tuple[int, list]:
+        """(deleted, indexes of the keys that were not there)."""
+        done, missed, i, n = 0, [], 0, len(keys)
+        while i < n:
+            buf = b"".join(keys[i:])
+            cnt = ct.c_uint32(n - i)
+            res = lib.bpf_delete_batch(fd, buf, ct.byref(cnt))
+            err = ct.get_errno()
+            done += cnt.value
+            i += cnt.value
+            if res == 0:
+                break
+            if err != errno.ENOENT:
+                if err == errno.EINVAL and done == 0:  # no batch delete here: one by one
+                    for j in range(i, n):
+                        if lib.bpf_delete_elem(fd, keys[j]) == 0:
+                            done += 1
+                        else:
+                            missed.append(j)
+                    break
+                raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
+            missed.append(i)  # the key the batch stopped at is not in the table
+            i += 1
+        return done, missed
+
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""
         shared = self.conn_shared

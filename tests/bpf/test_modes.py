@@ -369,6 +369,22 @@ def test_each_family_lands_in_its_table(fastpath, m):
                   (6, 41002, False)]
 
 
+def test_the_sweeps_reread_and_batch_delete_find_each_entry_in_its_table(fastpath, m):
+    """The sweep's re-read and removal take the wide raw keys of the aging view: IPv4 ones are looked for in
+    conn4_map, then conn6_map (a NAT64 reply), the rest in conn6_map; a key no table holds reads None and the
+    batch delete skips it and goes on."""
+    test_each_family_lands_in_its_table(fastpath, m)
+    view = m.conn_aging_view()
+    keys = [r[0] for r in view]
+    ghost = bytes(keys[0][:8]) + bytes([9] * 32)  # an IPv4 tuple no table holds
+    keys.insert(3, ghost)
+    seen = m.conn_last_seen_many(keys)
+    assert seen[3] is None and seen[:3] + seen[4:] == [r[2] for r in view]
+    assert m.del_conns_raw(keys) == 6
+    assert _entries(fastpath) == {"conn4_map": 0, "conn6_map": 0}
+    assert m.conn_last_seen_many(keys) == [None] * 7 and m.del_conns_raw(keys) == 0
+
+
 @pytest.mark.parametrize("first", ["ipv4", "nat64"])
 def test_a_local_port_is_never_given_to_both_an_ipv4_and_a_nat64_flow(fastpath, m, first):
     """An IPv4 service and a NAT64 service share a local address and a real server: their reply tuples
