@@ -1945,6 +1945,89 @@ pass:
 	return XDP_PASS;
 }
 
+/* ---- the daemon's sweep, in the kernel --------------------------------------------------------------- */
+
+/*
+ * The daemon finds dead flows in a scan of the tables (hdslb/fastpath/aging.py) and hands them here, SWEEP_BATCH
+ * at a time, as the packet of a BPF_PROG_RUN: each flow's one or two entries (wide keys, IPv4 ones narrowed
+ * for conn4_map first) go only if no copy on any CPU has seen a packet since the scan's `last`; `removed` says
+ * how many went. One syscall for a batch instead of a lookup and a delete per entry from Python.
+ */
+struct sweep_req {
+	struct conn_key k[2];
+	__u64 last;      /* the newest last_seen the scan saw for the flow */
+	__u32 nkeys;     /* 1 or 2 */
+	__u32 removed;   /* out */
+};
+
+#ifndef SWEEP_BATCH
+#define SWEEP_BATCH 8
+#endif
+
+/* Where the entry at wide key wk is (T4 with *nk filled in, T6, or -1) and its newest last_seen. */
+static __always_inline int sweep_find(struct conn_key *wk, struct conn4_key *nk, __u64 *newest)
+{
+	struct conn_val *o;
+	__u8 state, was_est;
+
+	if (wk->af == HDSLB_AF_INET) {
+		nk->sport = wk->sport;
+		nk->dport = wk->dport;
+		nk->proto = wk->proto;
+		nk->af = wk->af;
+		nk->pad = 0;
+		nk->saddr.v4 = wk->saddr.v4;
+		nk->daddr.v4 = wk->daddr.v4;
+		if (conn_lookup(T4, nk)) {
+			o = conn_newest(T4, nk, &state, &was_est);
+			*newest = o ? o->last_seen : 0;
+			return T4;
+		}
+	}
+	if (!conn_lookup(T6, wk))
+		return -1;
+	o = conn_newest(T6, wk, &state, &was_est);
+	*newest = o ? o->last_seen : 0;
+	return T6;
+}
+
+int hdslb_sweep(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	for (__u32 i = 0; i < SWEEP_BATCH; i++) {
+		struct sweep_req *r = data + i * sizeof(struct sweep_req);
+		struct conn_key k0, k1;
+		struct conn4_key n0 = {}, n1 = {};
+		__u64 t0 = 0, t1 = 0;
+		int w0, w1 = -1;
+		__u32 removed = 0;
+
+		if ((void *)(r + 1) > data_end)
+			break;
+		__builtin_memcpy(&k0, &r->k[0], sizeof(k0));
+		__builtin_memcpy(&k1, &r->k[1], sizeof(k1));
+		w0 = sweep_find(&k0, &n0, &t0);
+		if (r->nkeys > 1)
+			w1 = sweep_find(&k1, &n1, &t1);
+		if (t0 > r->last || t1 > r->last) {
+			r->removed = 0; /* a packet since the scan: the flow lives */
+			continue;
+		}
+		if (w0 == T4 && conn_delete(T4, &n0) == 0)
+			removed++;
+		else if (w0 == T6 && conn_delete(T6, &k0) == 0)
+			removed++;
+		if (w1 == T4 && conn_delete(T4, &n1) == 0)
+			removed++;
+		else if (w1 == T6 && conn_delete(T6, &k1) == 0)
+			removed++;
+		r->removed = removed;
+	}
+	return XDP_DROP;
+}
+
 int xdp_main(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;

@@ -32,7 +32,6 @@ DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 DEFAULT_LPORT_RANGE = (1025, 65535)
 XDP_MODES = ("auto", "native", "generic")
 DEFAULT_MAX_CONNS = 262144
-SWEEP_CHUNK = 256  # dead flows re-read, then removed together (Daemon.sweep)
 DEFAULT_MAX_SERVICES = 4096
 DEFAULT_MAX_DESTS = 65536
 MAX_SERVICES_LIMIT = 65536  # conn_val.svc_id is a u16 (hdslb_abi.h)
@@ -797,23 +796,14 @@ class Daemon:
         now = clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         lim = Daemon.idle_limits(self, clock.seconds_to_jiffies)  # (tests pass stand-ins for self)
         cols = self.maps.conn_aging_columns()
-        dead = cols.expired(now, lim) if cols is not None else \
-            aging.expired_rows(self.maps.conn_aging_view(), now, lim)
-        removed = 0
-        for i in range(0, len(dead), SWEEP_CHUNK):
-            # Re-read before deleting: a packet may have arrived since the scan. A chunk of flows is re-read,
-            # then its dead entries go in one batch delete per table (a packet arriving in between, a fraction
-            # of a millisecond, finds its flow gone, as it would a moment after a timeout).
-            chunk = dead[i:i + SWEEP_CHUNK]
-            keys = [k for ks, _ in chunk for k in ks]
-            fresh = iter(self.maps.conn_last_seen_many(keys))
-            gone = []
-            for ks, last in chunk:
-                now_last = [next(fresh) for _ in ks]
-                if not any(f is not None and f > last for f in now_last):
-                    gone.extend(ks)
-            if gone:
-                removed += self.maps.del_conns_raw(gone)
+        # A packet may have arrived since the scan: each flow goes only if none did (checked in the kernel,
+        # entry by entry, right before the delete: Maps.remove_dead_requests / remove_dead_flows).
+        if cols is not None and getattr(self.maps, "can_sweep_in_kernel", lambda: False)():
+            removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim))
+        else:
+            dead = cols.expired(now, lim) if cols is not None else \
+                aging.expired_rows(self.maps.conn_aging_view(), now, lim)
+            removed = self.maps.remove_dead_flows(dead) if dead else 0
         if removed:
             self.maps.add_counter("conn_expired", removed)
             self._conn_cache = (0.0, None)

@@ -247,11 +247,38 @@ class Columns:
 
     def expired(self, now: int, lim: Limits) -> list[tuple[tuple[bytes, ...], int]]:
         """expired_rows() over the columns: the same flows, in the same order."""
+        r, j, last = self._dead(now, lim)
+        out = []
+        for x in range(len(r)):
+            i, k = int(r[x]), int(j[x])
+            out.append(((self.key(i),) if k < 0 else (self.key(i), self.key(k)), int(last[x])))
+        return out
+
+    # struct sweep_req (bpf/hdslb_xdp.c): two wide keys, the newest last_seen, how many keys, removed (out)
+    SWEEP_REQ = 2 * KEY_SIZE + 16
+
+    def sweep_requests(self, now: int, lim: Limits) -> bytes:
+        """expired()'s flows as hdslb_sweep's requests, built with numpy (no Python object per flow)."""
+        import numpy as np
+
+        r, j, last = self._dead(now, lim)
+        req = np.zeros((len(r), self.SWEEP_REQ), np.uint8)
+        req[:, :KEY_SIZE] = self.keys[r]
+        two = j >= 0
+        req[two, KEY_SIZE:2 * KEY_SIZE] = self.keys[j[two]]
+        tail = req[:, 2 * KEY_SIZE:].view("<u4")  # (n, 4): last (two words), nkeys, removed
+        tail[:, 0:2] = last.astype("<u8").view("<u4").reshape(-1, 2)
+        tail[:, 2] = 1 + two
+        return req.tobytes()
+
+    def _dead(self, now: int, lim: Limits):
+        """The flows idle past their timeout: (their first row, the partner's row or -1, newest last_seen)."""
         import numpy as np
 
         n = len(self)
         if n == 0:
-            return []
+            e = np.zeros(0, np.int64)
+            return e, e, e.astype(np.uint64)
         rows_ = np.arange(n)
         p = self.partner_index()
         pc = np.where(p >= 0, p, 0)
@@ -268,11 +295,7 @@ class Columns:
         limit = np.where(self.proto[owner] == socket.IPPROTO_UDP, lim.udp, by_state[self.state[owner]])
         idle = np.int64(now) - last.astype(np.int64)
         dead = np.flatnonzero(idle > limit)
-        out = []
-        for x in dead:
-            i, k = int(r[x]), int(j[x])
-            out.append(((self.key(i),) if k < 0 else (self.key(i), self.key(k)), int(last[x])))
-        return out
+        return r[dead], j[dead], last[dead]
 
     def counts(self) -> dict[int, tuple[int, int]]:
         import numpy as np

@@ -48,6 +48,12 @@ class Sizes:
         return self.max_conns6 or max(256, self.max_conns // 4)
 
 
+def sweep_batch(table: str, ncpus: int) -> int:
+    """Dead flows per BPF_PROG_RUN of hdslb_sweep: as many as fit the test run's packet (3.5 KB, 96 B a flow),
+    fewer with many CPUs, whose per-CPU copies each flow's check walks (the verifier walks every iteration)."""
+    return 32 if table == "shared" else max(2, min(32, 256 // max(1, ncpus)))
+
+
 def possible_cpus() -> int:
     from bcc.utils import get_possible_cpus
 
@@ -165,6 +171,8 @@ class FastPath:
         self.fn = None
         self.conn_memlock: int | None = None  # kernel memory of both conn tables, from fdinfo, after load()
         self.conn_memlock_by_map: dict[str, int] = {}
+        self.sweep_fn = None  # hdslb_sweep (see bpf/hdslb_xdp.c), loaded with the program
+        self.sweep_batch = 0
         self.legacy_conn_pin: str | None = None  # an adopted single-table conn_map, until migrate_legacy_conns()
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
@@ -180,6 +188,7 @@ class FastPath:
             f"-DCONN4_MAP_FD={conn_fds['conn4_map']}",
             f"-DCONN6_MAP_FD={conn_fds['conn6_map']}",
             f"-DHDSLB_NR_CPUS={ncpus}",
+            f"-DSWEEP_BATCH={sweep_batch(s.conn_table, ncpus)}",
             f"-DMAX_CONNS={s.max_conns}",
             f"-DMAX_CONNS6={s.conn6_entries()}",
             f"-DMAX_SERVICES={s.max_services}",
@@ -243,6 +252,8 @@ class FastPath:
                                        f"or size changed?): {e}; start with --fresh to discard that state") from e
                 raise
             self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
+            self.sweep_fn = self.bpf.load_func("hdslb_sweep", BPF.XDP)  # run by the daemon's sweep, never attached
+            self.sweep_batch = sweep_batch(table, possible_cpus())
             self.conn_memlock_by_map = {n: _fd_memlock(fd) or 0 for n, fd in fds.items()}
             self.conn_memlock = sum(self.conn_memlock_by_map.values()) or None
         finally:

@@ -721,6 +721,49 @@ class Maps:
             self._raw_cache = out
         return self._raw_cache
 
+    def remove_dead_flows(self, dead: list) -> int:
+        """Remove the flows the sweep found dead, [(wide raw keys, newest last_seen the scan saw)], unless a
+        packet came since: in the kernel (hdslb_sweep, SWEEP_BATCH flows a BPF_PROG_RUN), so nothing is read
+        back into Python. Returns the entries removed. Without that program: re-read, then batch deletes."""
+        if not self.can_sweep_in_kernel():
+            return self._remove_dead_flows_by_reads(dead)
+        # struct sweep_req: two wide keys (the second zero for a one-entry flow), last, nkeys, removed
+        tail, none = struct.Struct("<QII").pack, bytes(aging.KEY_SIZE)
+        return self.remove_dead_requests(b"".join(
+            bytes(keys[0]) + (bytes(keys[1]) if len(keys) > 1 else none) + tail(last, min(2, len(keys)), 0)
+            for keys, last in dead))
+
+    def can_sweep_in_kernel(self) -> bool:
+        return getattr(self.fp, "sweep_fn", None) is not None and getattr(self.fp, "sweep_batch", 0) > 0
+
+    def remove_dead_requests(self, blob: bytes) -> int:
+        """Run hdslb_sweep over sweep requests (aging.Columns.sweep_requests), SWEEP_BATCH a BPF_PROG_RUN."""
+        import numpy as np
+
+        from hdslb.fastpath.testrun import run_xdp
+
+        size, batch, fd = aging.Columns.SWEEP_REQ, self.fp.sweep_batch, self.fp.sweep_fn.fd
+        removed = 0
+        for off in range(0, len(blob), batch * size):
+            _verdict, out, _ = run_xdp(fd, blob[off:off + batch * size])
+            removed += int(np.frombuffer(out, "<u4")[size // 4 - 1::size // 4].sum())
+        return removed
+
+    def _remove_dead_flows_by_reads(self, dead: list, chunk: int = 256) -> int:
+        removed = 0
+        for i in range(0, len(dead), chunk):
+            part = dead[i:i + chunk]
+            keys = [k for ks, _ in part for k in ks]
+            fresh = iter(self.conn_last_seen_many(keys))
+            gone = []
+            for ks, last in part:
+                now_last = [next(fresh) for _ in ks]
+                if not any(f is not None and f > last for f in now_last):
+                    gone.extend(ks)
+            if gone:
+                removed += self.del_conns_raw(gone)
+        return removed
+
     @staticmethod
     def _key_arrays(raw_keys: list):
         """The wide raw keys as one buffer, their IPv4 ones narrowed to conn4_map's layout in another, and

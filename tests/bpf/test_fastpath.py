@@ -535,6 +535,35 @@ def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, ma
     assert left == [(80, True), (42001, False), (42002, False)], left
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_a_flow_that_sees_a_packet_after_the_scan_is_not_swept(fastpath, maps, monkeypatch, in_kernel):
+    """The sweep scans, then removes: a flow found dead by the scan that carries a packet before its removal
+    stays (the removal re-checks every CPU's copy: in the kernel, hdslb_sweep, or from Python where that
+    program is missing); the other dead flow goes in both directions."""
+    from hdslb.fastpath import abi, aging
+
+    setup_service(maps)
+    for sport in (44000, 44001):
+        assert run(fastpath, syn(sport=sport))[0] == XDP_TX
+    _age_conns(maps, 31)                                   # past syn_recv (30 s)
+    now = maps.clock.mono_to_jiffies(__import__("time").clock_gettime_ns(__import__("time").CLOCK_MONOTONIC))
+    lim = aging.Limits(by_state=tuple(maps.clock.seconds_to_jiffies(x) for x in abi.state_timeouts(TIMEOUTS)),
+                       udp=maps.clock.seconds_to_jiffies(300), close=maps.clock.seconds_to_jiffies(3))
+    cols = maps.conn_aging_columns()
+    dead = cols.expired(now, lim)
+    assert len(dead) == 2 and all(len(ks) == 2 for ks, _ in dead)
+    assert run(fastpath, syn(sport=44001, flags="A"))[0] == XDP_TX   # after the scan, before the removal
+    assert maps.can_sweep_in_kernel(), "the loader loads hdslb_sweep beside xdp_main"
+    if in_kernel:
+        removed = maps.remove_dead_requests(cols.sweep_requests(now, lim))
+    else:
+        monkeypatch.setattr(maps, "can_sweep_in_kernel", lambda: False)
+        removed = maps.remove_dead_flows(dead)
+    assert removed == 2
+    assert sorted(c["sport"] for c in maps.conns() if not c["out"]) == [44001]
+    assert maps.conn_entries() == 2
+
+
 def test_seeded_lport_cursor_starts_the_port_walk_there(fastpath, maps):
     """A fresh daemon seeds each CPU's cursor at random, so it does not hand out the previous daemon's ports
     (still in the servers' TIME_WAIT) first; the walk starts at the seed."""

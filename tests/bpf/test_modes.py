@@ -385,6 +385,25 @@ def test_the_sweeps_reread_and_batch_delete_find_each_entry_in_its_table(fastpat
     assert m.conn_last_seen_many(keys) == [None] * 7 and m.del_conns_raw(keys) == 0
 
 
+def test_the_kernel_sweep_finds_each_entry_in_its_table(fastpath, m):
+    """hdslb_sweep takes wide keys: an IPv4 flow's in conn4_map, an IPv6 and a NAT64 flow's (its IPv4 reply
+    included) in conn6_map; a flow whose scan-time last_seen is older than its entries' keeps them."""
+    test_each_family_lands_in_its_table(fastpath, m)
+    view = m.conn_aging_view()
+    by_key = {r[0]: r for r in view}
+    flows, seen = [], set()
+    for r in view:
+        if r[0] in seen:
+            continue
+        seen |= {r[0], r[1]}
+        flows.append(((r[0], r[1]), max(r[2], by_key[r[1]][2])))
+    assert len(flows) == 3
+    stale = [(ks, last - 1) for ks, last in flows]       # each entry has seen a packet since "the scan"
+    assert m.remove_dead_flows(stale) == 0 and _entries(fastpath) == {"conn4_map": 2, "conn6_map": 4}
+    assert m.remove_dead_flows(flows) == 6
+    assert _entries(fastpath) == {"conn4_map": 0, "conn6_map": 0}
+
+
 @pytest.mark.parametrize("first", ["ipv4", "nat64"])
 def test_a_local_port_is_never_given_to_both_an_ipv4_and_a_nat64_flow(fastpath, m, first):
     """An IPv4 service and a NAT64 service share a local address and a real server: their reply tuples

@@ -139,8 +139,8 @@ def test_sweep_and_counts_fall_back_to_the_reference_when_the_columns_cannot_be_
     maps = types.SimpleNamespace(
         clock=types.SimpleNamespace(mono_to_jiffies=lambda ns: now, seconds_to_jiffies=lambda s: s * 1000),
         conn_aging_columns=lambda: None, conn_aging_view=lambda: view,
-        conn_last_seen_many=lambda ks: [next(r[2] for r in view if r[0] == k) for k in ks],
-        del_conns_raw=lambda ks: gone.extend(ks) or len(ks), add_counter=lambda name, n: counted.append((name, n)))
+        remove_dead_flows=lambda dead: gone.extend(k for ks, _ in dead for k in ks) or sum(len(ks) for ks, _ in dead),
+        add_counter=lambda name, n: counted.append((name, n)))
     d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(
         timeouts={"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}),
         _conn_cache=None, _counts_cache=(0.0, None))
