@@ -189,8 +189,8 @@ def _fmt_memory(m: dict, what: str) -> str:
                                                      f"{m['conn6_map']['memlock_bytes'] / 2**10:.0f} KiB"
              if "conn6_map" in m else "n/a"],
             ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
-    rows += [[f"daemon reads {name}", f"{v['seconds']} s for {v['entries']} entries"]
-             for name, v in m.get("scans", {}).items()]
+    rows += [[f"daemon {'runs' if name.startswith('aging sweep') else 'reads'} {name}",
+              f"{v['seconds']} s for {v['entries']} entries"] for name, v in m.get("scans", {}).items()]
     return table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections ({what})")
 
 

@@ -146,6 +146,24 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
             t0 = time.monotonic()
             n = fn()
             scans[name] = {"entries": n, "seconds": round(time.monotonic() - t0, 2)}
+        # The aging sweep with every flow past its timeout (the clock moved a day on): scan, pairing, and the
+        # removal of all of them (hdslb_sweep in the kernel), as the daemon runs it.
+        import types
+
+        from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+        from hdslb.fastpath.clock import JiffiesClock
+
+        class _DayLater(JiffiesClock):
+            def mono_to_jiffies(self, ns):
+                return super().mono_to_jiffies(ns + 86400 * 10**9)
+
+        maps.clock = _DayLater()
+        d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)),
+                                  _conn_cache=None, _counts_cache=None)
+        t0 = time.monotonic()
+        gone = Daemon.sweep(d)
+        scans["aging sweep removing every flow (scan + removal in the kernel)"] = {
+            "entries": gone, "seconds": round(time.monotonic() - t0, 2)}
         res["scans"] = scans
         res["bytes_per_entry"] = memlock / entries
         res["bytes_per_connection"] = 2 * memlock / entries
