@@ -798,7 +798,7 @@ class Daemon:
         cols = self.maps.conn_aging_columns()
         # A packet may have arrived since the scan: each flow goes only if none did (checked in the kernel,
         # entry by entry, right before the delete: Maps.remove_dead_requests / remove_dead_flows).
-        if cols is not None and getattr(self.maps, "can_sweep_in_kernel", lambda: False)():
+        if cols is not None:
             removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim))
         else:
             dead = cols.expired(now, lim) if cols is not None else \

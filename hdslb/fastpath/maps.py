@@ -12,6 +12,7 @@ import time
 
 from hdslb.fastpath.clock import JiffiesClock
 from hdslb.fastpath import abi, aging
+from hdslb.fastpath.loader import FastPath
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -517,7 +518,7 @@ class Maps:
 
     # The conn tables (bpf/hdslb_xdp.c): IPv4 flows in conn4_map, IPv6 and NAT64 flows in conn6_map. An IPv4
     # tuple is looked for in both (a NAT64 flow's reply key is IPv4 but lives in conn6_map).
-    CONN_MAPS = ("conn4_map", "conn6_map")
+    CONN_MAPS = tuple(FastPath.CONN_MAPS)
 
     def _conn_tables_for(self, af: int) -> tuple[str, ...]:
         return self.CONN_MAPS if af == 4 else ("conn6_map",)
@@ -673,71 +674,20 @@ class Maps:
         table; None in the (astronomically rare) case its key hashing cannot tell two keys apart."""
         return aging.Columns.from_batches([aging.Columns.extract(k, v, n) for k, v, n in self._aging_buffers()])
 
-    def _raw_entry(self, raw: bytes):
-        """The entry at a wide raw key (as the aging views give them): (table, key object, value), or None."""
-        if raw[aging.K_AF] == 4:
-            narrow = aging.narrow_key(raw)
-            try:
-                k = self.t["conn4_map"].Key.from_buffer_copy(narrow)
-                return "conn4_map", k, self.t["conn4_map"][k]
-            except KeyError:
-                pass
-        try:
-            k = self.t["conn6_map"].Key.from_buffer_copy(raw)
-            return "conn6_map", k, self.t["conn6_map"][k]
-        except KeyError:
-            return None
-
-    def conn_last_seen_jiffies(self, raw_key: bytes) -> int | None:
-        """Newest last_seen (jiffies) over the CPU copies of the entry at raw_key, None once it is gone."""
-        e = self._raw_entry(raw_key)
-        if e is None:
-            return None
-        return max((v.last_seen for v in self._copies(e[2]) if v.flags & abi.CONN_F_VALID), default=None)
-
-    def del_conn_raw(self, raw_key: bytes) -> bool:
-        tables = ("conn4_map", "conn6_map") if raw_key[aging.K_AF] == 4 else ("conn6_map",)
-        for name in tables:
-            try:
-                key = aging.narrow_key(raw_key) if name == "conn4_map" else raw_key
-                del self.t[name][self.t[name].Key.from_buffer_copy(key)]
-                return True
-            except KeyError:
-                continue
-        return False
-
-    # --- the sweep's removal: raw syscalls into reused buffers, deletes batched -------------------------------
-    _U64 = struct.Struct("<Q")
-
-    def _raw_tables(self) -> dict:
-        """Per conn table: (fd, value buffer, value size, CPU copies), made once."""
-        if getattr(self, "_raw_cache", None) is None:
-            out = {}
-            for name in self.CONN_MAPS:
-                t = self.t[name]
-                vs = ct.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
-                ncpu = 1 if self.conn_shared else len(t.Leaf())
-                out[name] = (t.map_fd, ct.create_string_buffer(vs * ncpu), vs, ncpu)
-            self._raw_cache = out
-        return self._raw_cache
-
+    # --- the sweep's removal ----------------------------------------------------------------------------
     def remove_dead_flows(self, dead: list) -> int:
         """Remove the flows the sweep found dead, [(wide raw keys, newest last_seen the scan saw)], unless a
-        packet came since: in the kernel (hdslb_sweep, SWEEP_BATCH flows a BPF_PROG_RUN), so nothing is read
-        back into Python. Returns the entries removed. Without that program: re-read, then batch deletes."""
-        if not self.can_sweep_in_kernel():
-            return self._remove_dead_flows_by_reads(dead)
+        packet came since (see remove_dead_requests). Returns the entries removed."""
         # struct sweep_req: two wide keys (the second zero for a one-entry flow), last, nkeys, removed
         tail, none = struct.Struct("<QII").pack, bytes(aging.KEY_SIZE)
         return self.remove_dead_requests(b"".join(
             bytes(keys[0]) + (bytes(keys[1]) if len(keys) > 1 else none) + tail(last, min(2, len(keys)), 0)
             for keys, last in dead))
 
-    def can_sweep_in_kernel(self) -> bool:
-        return getattr(self.fp, "sweep_fn", None) is not None and getattr(self.fp, "sweep_batch", 0) > 0
-
     def remove_dead_requests(self, blob: bytes) -> int:
-        """Run hdslb_sweep over sweep requests (aging.Columns.sweep_requests), SWEEP_BATCH a BPF_PROG_RUN."""
+        """Run hdslb_sweep (bpf/hdslb_xdp.c) over sweep requests (aging.Columns.sweep_requests), SWEEP_BATCH
+        flows a BPF_PROG_RUN: each flow's entries go only if no CPU's copy has seen a packet since the scan,
+        checked in the kernel right before the delete; nothing is read back into Python."""
         import numpy as np
 
         from hdslb.fastpath.testrun import run_xdp
@@ -748,106 +698,6 @@ class Maps:
             _verdict, out, _ = run_xdp(fd, blob[off:off + batch * size])
             removed += int(np.frombuffer(out, "<u4")[size // 4 - 1::size // 4].sum())
         return removed
-
-    def _remove_dead_flows_by_reads(self, dead: list, chunk: int = 256) -> int:
-        removed = 0
-        for i in range(0, len(dead), chunk):
-            part = dead[i:i + chunk]
-            keys = [k for ks, _ in part for k in ks]
-            fresh = iter(self.conn_last_seen_many(keys))
-            gone = []
-            for ks, last in part:
-                now_last = [next(fresh) for _ in ks]
-                if not any(f is not None and f > last for f in now_last):
-                    gone.extend(ks)
-            if gone:
-                removed += self.del_conns_raw(gone)
-        return removed
-
-    @staticmethod
-    def _key_arrays(raw_keys: list):
-        """The wide raw keys as one buffer, their IPv4 ones narrowed to conn4_map's layout in another, and
-        which are IPv4: built with numpy once, so the per-key work is a pointer and a syscall."""
-        import numpy as np
-
-        n = len(raw_keys)
-        K = np.frombuffer(b"".join(raw_keys), np.uint8).reshape(n, aging.KEY_SIZE)
-        N = np.concatenate([K[:, :aging.K4_SADDR], K[:, aging.K_SADDR:aging.K_SADDR + 4],
-                            K[:, aging.K_DADDR:aging.K_DADDR + 4]], axis=1)
-        wide = ct.create_string_buffer(K.tobytes(), n * aging.KEY_SIZE)
-        narrow = ct.create_string_buffer(N.tobytes(), n * aging.KEY4_SIZE)
-        return wide, narrow, (K[:, aging.K_AF] == 4).tolist()
-
-    def conn_last_seen_many(self, raw_keys: list) -> list:
-        """conn_last_seen_jiffies() of each wide raw key: one lookup syscall each into a reused buffer, no
-        ctypes objects per entry (the sweep re-reads every flow it found dead before removing it)."""
-        from bcc.libbcc import lib
-
-        if not raw_keys:
-            return []
-        tables = self._raw_tables()
-        valid, f_off, l_off, u64 = abi.CONN_F_VALID, aging.V_FLAGS, aging.V_LAST, self._U64.unpack_from
-        wide, narrow, is4 = self._key_arrays(raw_keys)
-        wa, na = ct.addressof(wide), ct.addressof(narrow)
-        fd4, buf4, vs4, nc4 = tables["conn4_map"]
-        fd6, buf6, vs6, nc6 = tables["conn6_map"]
-        lookup = lib.bpf_lookup_elem
-        out = []
-        for i, v4 in enumerate(is4):
-            if v4 and lookup(fd4, na + i * aging.KEY4_SIZE, buf4) == 0:
-                v, vs, ncpu = buf4.raw, vs4, nc4
-            elif lookup(fd6, wa + i * aging.KEY_SIZE, buf6) == 0:
-                v, vs, ncpu = buf6.raw, vs6, nc6
-            else:
-                out.append(None)
-                continue
-            out.append(max((u64(v, c * vs + l_off)[0] for c in range(ncpu) if v[c * vs + f_off] & valid),
-                           default=None))
-        return out
-
-    def del_conns_raw(self, raw_keys: list) -> int:
-        """Remove the entries at these wide raw keys, with one BPF_MAP_DELETE_BATCH per table (a key the
-        table does not hold is skipped: the batch stops there and goes on after it). Returns entries removed."""
-        from bcc.libbcc import lib
-
-        if not raw_keys:
-            return 0
-        tables = self._raw_tables()
-        wide, narrow, is4 = self._key_arrays(raw_keys)
-        k4 = [narrow.raw[i * aging.KEY4_SIZE:(i + 1) * aging.KEY4_SIZE] for i, v4 in enumerate(is4) if v4]
-        idx4 = [i for i, v4 in enumerate(is4) if v4]
-        n4, missed4 = self._delete_batch(lib, tables["conn4_map"][0], k4)
-        # IPv4 tuples are conn4_map's, but a NAT64 flow's IPv4 reply entry is in conn6_map
-        rest = sorted([i for i, v4 in enumerate(is4) if not v4] + [idx4[j] for j in missed4])
-        n6, _ = self._delete_batch(lib, tables["conn6_map"][0],
-                                   [wide.raw[i * aging.KEY_SIZE:(i + 1) * aging.KEY_SIZE] for i in rest])
-        return n4 + n6
-
-    @staticmethod
-    def _delete_batch(lib, fd: int, keys: list) -> tuple[int, list]:
-        """(deleted, indexes of the keys that were not there)."""
-        done, missed, i, n = 0, [], 0, len(keys)
-        while i < n:
-            buf = b"".join(keys[i:])
-            cnt = ct.c_uint32(n - i)
-            res = lib.bpf_delete_batch(fd, buf, ct.byref(cnt))
-            err = ct.get_errno()
-            done += cnt.value
-            i += cnt.value
-            if res == 0:
-                break
-            if err != errno.ENOENT:
-                if err == errno.EINVAL and done == 0:  # no batch delete here: one by one
-                    for j in range(i, n):
-                        if lib.bpf_delete_elem(fd, keys[j]) == 0:
-                            done += 1
-                        else:
-                            missed.append(j)
-                    break
-                raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
-            missed.append(i)  # the key the batch stopped at is not in the table
-            i += 1
-        return done, missed
 
     def conns(self):
         """Yield one dict per connection direction, merging the per-CPU copies (latest last_seen wins)."""

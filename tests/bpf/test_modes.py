@@ -369,22 +369,6 @@ def test_each_family_lands_in_its_table(fastpath, m):
                   (6, 41002, False)]
 
 
-def test_the_sweeps_reread_and_batch_delete_find_each_entry_in_its_table(fastpath, m):
-    """The sweep's re-read and removal take the wide raw keys of the aging view: IPv4 ones are looked for in
-    conn4_map, then conn6_map (a NAT64 reply), the rest in conn6_map; a key no table holds reads None and the
-    batch delete skips it and goes on."""
-    test_each_family_lands_in_its_table(fastpath, m)
-    view = m.conn_aging_view()
-    keys = [r[0] for r in view]
-    ghost = bytes(keys[0][:8]) + bytes([9] * 32)  # an IPv4 tuple no table holds
-    keys.insert(3, ghost)
-    seen = m.conn_last_seen_many(keys)
-    assert seen[3] is None and seen[:3] + seen[4:] == [r[2] for r in view]
-    assert m.del_conns_raw(keys) == 6
-    assert _entries(fastpath) == {"conn4_map": 0, "conn6_map": 0}
-    assert m.conn_last_seen_many(keys) == [None] * 7 and m.del_conns_raw(keys) == 0
-
-
 def test_the_kernel_sweep_finds_each_entry_in_its_table(fastpath, m):
     """hdslb_sweep takes wide keys: an IPv4 flow's in conn4_map, an IPv6 and a NAT64 flow's (its IPv4 reply
     included) in conn6_map; a flow whose scan-time last_seen is older than its entries' keeps them."""
