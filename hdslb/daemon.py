@@ -750,23 +750,29 @@ class Daemon:
         """Entries in the conn table. Counting reads the whole table (1.3 s at 1M connections, on the event
         loop): a count that took 50 ms or more is reused for 20 times its cost (5 s at most), so frequent
         callers (stats.get, /metrics) cannot stall the daemon; small tables are always counted afresh."""
+        return sum(Daemon.conn_table_entries_by_family(self).values())
+
+    def conn_table_entries_by_family(self) -> dict[int, int]:
+        """conn_table_entries() per table (4: IPv4 flows, 6: IPv6 and NAT64 flows), cached the same way."""
         at, n, cost = self._entries_cache
         if n is not None and cost >= 0.05 and time.monotonic() - at < min(20 * cost, 5.0):
             return n
         t0 = time.monotonic()
-        n = self.maps.conn_entries()
+        n = self.maps.conn_entries_by_family()
         t1 = time.monotonic()
         self._entries_cache = (t1, n, t1 - t0)
         return n
 
     def conn_table(self) -> dict:
         c = self.maps.counters()
-        entries = self.conn_table_entries()
+        fam = self.conn_table_entries_by_family()
+        entries = sum(fam.values())
         expired = c["conn_expired"]
         # Every new flow inserts two entries; what is neither alive nor aged out was evicted by the LRU.
         # size: both tables (IPv4, IPv6 + NAT64) together
         return {"size": self.sizes.max_conns + self.sizes.conn6_entries(), "size4": self.sizes.max_conns,
                 "size6": self.sizes.conn6_entries(), "kind": self.sizes.conn_table, "entries": entries,
+                "entries4": fam.get(4, 0), "entries6": fam.get(6, 0),
                 "expired": expired, "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
 
     def idle_limits(self, unit=lambda seconds: seconds):

@@ -62,6 +62,9 @@ def render(data: dict) -> str:
     head += f"  services {len(svcs)}"
     if entries is not None and size:
         head += f"  conn table {entries}/{size} ({100.0 * entries / size:.1f}%)"
+        if table.get("size6"):  # each table fills (and evicts) on its own
+            head += (f" [v4 {table.get('entries4', 0)}/{table.get('size4', 0)}"
+                     f" v6 {table.get('entries6', 0)}/{table['size6']}]")
     lines.append(head)
 
     def fp(name: str) -> str:

@@ -165,6 +165,17 @@ class HdslbCollector:
         yield GaugeMetricFamily("hdslb_conn_table_entries", "Connection table entries in use (one per direction)",
                                 value=entries)
         yield GaugeMetricFamily("hdslb_conn_table_size", "Connection table capacity (entries)", value=size)
+        if "entries4" in table:  # each table evicts on its own when full: watch each against its size
+            fe = GaugeMetricFamily("hdslb_conn_table_family_entries",
+                                   "Entries in use per connection table (4: IPv4 flows, 6: IPv6 and NAT64 flows)",
+                                   labels=["family"])
+            fs = GaugeMetricFamily("hdslb_conn_table_family_size", "Capacity per connection table (entries)",
+                                   labels=["family"])
+            for f in ("4", "6"):
+                fe.add_metric([f], table.get("entries" + f, 0))
+                fs.add_metric([f], table.get("size" + f, 0))
+            yield fe
+            yield fs
 
     def _conn_entries(self) -> int:
         fn = getattr(self.ctx, "conn_table_entries", None)

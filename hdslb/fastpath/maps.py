@@ -614,14 +614,21 @@ class Maps:
 
     def conn_entries(self) -> int:
         """Entries in both conn tables."""
-        n = 0
+        return sum(self.conn_entries_by_family().values())
+
+    def conn_entries_by_family(self) -> dict[int, int]:
+        """Entries per conn table: 4 (conn4_map, IPv4 flows), 6 (conn6_map, IPv6 and NAT64 flows). Each table
+        evicts on its own when full, so each is worth watching against its size."""
+        out = {}
         for name in self.CONN_MAPS:
+            n = 0
             for batch in self._batches(name):
                 if batch is None:
-                    n += sum(1 for _ in self.t[name].keys())
+                    n = sum(1 for _ in self.t[name].keys())
                     break
                 n += batch[2]
-        return n
+            out[FastPath.CONN_MAPS[name][0]] = n
+        return out
 
     # conn_key and conn_val as bytes (bpf/include/hdslb_abi.h); the loader checks the sizes against the C.
     _KEY = struct.Struct(aging.KEY_FMT)

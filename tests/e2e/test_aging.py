@@ -137,6 +137,7 @@ def test_full_table_keeps_serving_and_reports_evictions(small_lb):
     assert answered == 5000, "every flow is served although the table holds 1000 entries"
     t = lb.call("stats.get")["conn_table"]
     assert (t["size4"], t["size6"], t["size"]) == (1000, 256, 1256) and t["entries"] <= 1000
+    assert t["entries4"] == t["entries"] and t["entries6"] == 0, "IPv4 flows fill conn4_map only"
     assert t["evicted"] >= 2 * 5000 - 1000 - t["expired"] - 50, t
     lines = curl_loop(lab, f"http://{VIP}/", 20)
     assert "FAIL" not in lines and len(lines) == 20

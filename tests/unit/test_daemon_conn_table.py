@@ -14,7 +14,8 @@ def _daemon(count_s: float):
         state["n"] += 1
         return state["n"]
 
-    d = types.SimpleNamespace(maps=types.SimpleNamespace(conn_entries=conn_entries), _entries_cache=(0.0, None, 0.0))
+    d = types.SimpleNamespace(maps=types.SimpleNamespace(conn_entries_by_family=lambda: {4: conn_entries(), 6: 0}),
+                              _entries_cache=(0.0, None, 0.0))
     return d, state
 
 
@@ -27,7 +28,7 @@ def test_an_expensive_count_is_reused_for_twenty_times_its_cost():
     d, state = _daemon(0.06)                 # reused for 1.2 s
     assert Daemon.conn_table_entries(d) == 1
     assert Daemon.conn_table_entries(d) == 1 and state["n"] == 1
-    d._entries_cache = (d._entries_cache[0] - 1.3, 1, d._entries_cache[2])  # 1.3 s later
+    d._entries_cache = (d._entries_cache[0] - 1.3, *d._entries_cache[1:])  # 1.3 s later
     assert Daemon.conn_table_entries(d) == 2
 
 

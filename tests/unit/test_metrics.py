@@ -75,6 +75,17 @@ def test_fastpath_counters_and_conn_table(ctx):
     assert val(m, "hdslb_conn_table_size") == 4096
 
 
+def test_conn_table_per_family(ctx):
+    """Each table evicts on its own when full: entries and size per table, beside the totals."""
+    ctx.conn_table = lambda: {"size": 5120, "size4": 4096, "size6": 1024, "entries": 7, "entries4": 5,
+                              "entries6": 2, "expired": 0, "evicted": 0}
+    m = scrape(ctx)
+    assert val(m, "hdslb_conn_table_entries") == 7 and val(m, "hdslb_conn_table_size") == 5120
+    assert val(m, "hdslb_conn_table_family_entries", family="4") == 5
+    assert val(m, "hdslb_conn_table_family_entries", family="6") == 2
+    assert val(m, "hdslb_conn_table_family_size", family="6") == 1024
+
+
 def test_conn_table_without_stats_get_support(ctx):
     ctx.conn_table = lambda: None  # an older stats.get: no conn_table; fall back to counting conn.list
     assert val(scrape(ctx), "hdslb_conn_table_entries") == 7

@@ -24,6 +24,10 @@ def test_render_services_dests_and_rates():
     rs = [line.split() for line in lines if "->" in line and "Remote" not in line]
     assert rs == [["->", "192.168.100.2:80", "FNAT", "1", "3", "1", "0", "0", "0", "0", "0"],
                   ["->", "192.168.100.3:80", "FNAT", "2", "5", "0", "0", "0", "0", "0", "0"]]
+    # two tables: each one's fill beside the total (each evicts on its own)
+    data = sample(ctx)
+    data["stats"]["conn_table"].update(size=5120, size4=4096, size6=1024, entries4=5, entries6=2)
+    assert "conn table 7/5120 (0.1%) [v4 5/4096 v6 2/1024]" in top.render(data).splitlines()[0]
     # first frame: totals, no rates yet
     assert "fast path  (totals) rx 1.0K  tx 983  redirect 0  pass 10  drop 7" in out
     assert "drops      no_route 4  malformed_ip 3" in out
