@@ -740,18 +740,20 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 	if (cv->fwd == FWD_TUNNEL)
 		return encap4(ctx, cv, (__u32)((long)iph - (long)ctx->data), l3len, punt);
 	if (cv->fwd != FWD_DR) {
+		/* the addresses' change, once: into the L4 checksum (pseudo-header) with the ports', and the IP one */
+		__u32 da = hcsum_delta4(old_s, new_s) + hcsum_delta4(old_d, new_d);
+
 		if (th) {
-			hcsum_replace4(&th->check, old_s, new_s);
-			hcsum_replace4(&th->check, old_d, new_d);
-			hcsum_replace2(&th->check, th->source, cv->sport);
-			hcsum_replace2(&th->check, th->dest, cv->dport);
+			hcsum_apply(&th->check, da + hcsum_delta2(th->source, cv->sport) + hcsum_delta2(th->dest, cv->dport));
 			th->source = cv->sport;
 			th->dest = cv->dport;
 		} else if (uh) {
-			udp_csum_replace4(&uh->check, old_s, new_s);
-			udp_csum_replace4(&uh->check, old_d, new_d);
-			udp_csum_replace2(&uh->check, uh->source, cv->sport);
-			udp_csum_replace2(&uh->check, uh->dest, cv->dport);
+			if (uh->check) { /* UDP over IPv4: zero is "no checksum"; a computed zero goes as 0xffff */
+				hcsum_apply(&uh->check,
+					    da + hcsum_delta2(uh->source, cv->sport) + hcsum_delta2(uh->dest, cv->dport));
+				if (!uh->check)
+					uh->check = 0xffff;
+			}
 			uh->source = cv->sport;
 			uh->dest = cv->dport;
 		} else if (ic) {
@@ -761,8 +763,7 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 			hcsum_replace2(&ic->checksum, ic->un.echo.id, id);
 			ic->un.echo.id = id;
 		}
-		hcsum_replace4(&iph->check, old_s, new_s);
-		hcsum_replace4(&iph->check, old_d, new_d);
+		hcsum_apply(&iph->check, da);
 		iph->saddr = new_s;
 		iph->daddr = new_d;
 	}
@@ -1490,18 +1491,16 @@ static __always_inline int xmit_conn6(struct xdp_md *ctx, struct ethhdr *eth, st
 	if (cv->fwd == FWD_TUNNEL)
 		return encap6(ctx, cv, (__u32)((long)ip6 - (long)ctx->data), l3len);
 	if (cv->fwd != FWD_DR) {
+		/* the addresses' change once (at most 8 x 4 x 0xffff: no overflow), then each checksum once */
+		__u32 da = hcsum_delta16(ip6->saddr.in6_u.u6_addr32, cv->saddr.v6) +
+			   hcsum_delta16(ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
+
 		if (th) {
-			hcsum_replace16(&th->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
-			hcsum_replace16(&th->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
-			hcsum_replace2(&th->check, th->source, cv->sport);
-			hcsum_replace2(&th->check, th->dest, cv->dport);
+			hcsum_apply(&th->check, da + hcsum_delta2(th->source, cv->sport) + hcsum_delta2(th->dest, cv->dport));
 			th->source = cv->sport;
 			th->dest = cv->dport;
 		} else if (uh) {
-			hcsum_replace16(&uh->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
-			hcsum_replace16(&uh->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
-			hcsum_replace2(&uh->check, uh->source, cv->sport);
-			hcsum_replace2(&uh->check, uh->dest, cv->dport);
+			hcsum_apply(&uh->check, da + hcsum_delta2(uh->source, cv->sport) + hcsum_delta2(uh->dest, cv->dport));
 			if (uh->check == 0)
 				uh->check = 0xffff;
 			uh->source = cv->sport;

@@ -33,6 +33,33 @@ static __always_inline void hcsum_replace2(__sum16 *sum, __be16 from, __be16 to)
 	*sum = ~hcsum_fold32(c);
 }
 
+/* The same in two steps, for several fields into several checksums: the partial sum of a field's change
+ * (at most 4 x 0xffff; sums of a few stay far from overflow), then one update per checksum. */
+static __always_inline __u32 hcsum_delta4(__be32 from, __be32 to)
+{
+	return (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
+}
+
+static __always_inline __u32 hcsum_delta2(__be16 from, __be16 to)
+{
+	return (__u16)~from + (__u32)to;
+}
+
+static __always_inline __u32 hcsum_delta16(const __be32 *from, const __be32 *to)
+{
+	__u32 d = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		d += hcsum_delta4(from[i], to[i]);
+	return d;
+}
+
+static __always_inline void hcsum_apply(__sum16 *sum, __u32 delta)
+{
+	*sum = ~hcsum_fold32((__u16)~*sum + delta);
+}
+
 /* UDP over IPv4: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
 static __always_inline void udp_csum_replace4(__sum16 *sum, __be32 from, __be32 to)
 {
