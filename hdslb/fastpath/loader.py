@@ -251,6 +251,12 @@ class FastPath:
                     raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
                                        f"or size changed?): {e}; start with --fresh to discard that state") from e
                 raise
+            if adopt:
+                try:
+                    self._check_pinned_sizes()
+                except RuntimeError:
+                    self.close()
+                    raise
             self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
             self.sweep_fn = self.bpf.load_func("hdslb_sweep", BPF.XDP)  # run by the daemon's sweep, never attached
             self.sweep_batch = sweep_batch(table, possible_cpus())
@@ -363,19 +369,34 @@ class FastPath:
         fd = lib.bpf_obj_get(path.encode())
         if fd < 0:
             raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {path}")
-        pinned, entries = _fdinfo_int(fd, "map_type"), _fdinfo_int(fd, "max_entries")
+        pinned = _fdinfo_int(fd, "map_type")
         if pinned is not None and pinned != map_type:
             os.close(fd)
             have = "shared" if pinned == BPF_MAP_TYPE_LRU_HASH else "percpu"
             raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
                                f"{self.sizes.conn_table}: start with --fresh to discard its connections and change it")
-        if entries is not None and entries != self._conn_entries(name):
-            os.close(fd)
-            opt = "--max-conns (conn_pool_size)" if self.CONN_MAPS[name][0] == 4 else "--max-conns6 (conn6_pool_size)"
-            raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {entries} entries, not "
-                               f"{self._conn_entries(name)}: keep {opt} as it was, or start with --fresh to "
-                               f"discard its connections and resize")
-        return fd
+        return fd  # its size is checked with every other pinned map's (_check_pinned_sizes)
+
+    # The option that sizes a pinned map, for the refusal's message (the rest have fixed sizes).
+    SIZE_OPTIONS = {"conn4_map": "--max-conns (conn_pool_size)", "conn6_map": "--max-conns6 (conn6_pool_size)",
+                    **{n: "--max-services" for n in ("svc_map", "sched_map", "sched_cursor", "laddr_map", "svc_stats")},
+                    **{n: "--max-dests" for n in ("dest_map", "dest_stats")},
+                    "hash_cells": "--max-hash-cells", "persist_map": "--max-persist"}
+
+    def _check_pinned_sizes(self) -> None:
+        """bcc adopts a pinned map whatever its size: a restart with another --max-services (say) would run on
+        the old map while the daemon hands out ids up to the new limit. Every pinned map this program uses is
+        held to the size the build declares; a mismatch is refused before anything is attached."""
+        for name in sorted(os.listdir(self.pin_dir)):
+            try:
+                t = self.bpf[name]
+            except KeyError:
+                continue  # not one of this program's maps
+            have, want = _fdinfo_int(t.map_fd, "max_entries"), int(t.max_entries)
+            if have is not None and have != want:
+                opt = self.SIZE_OPTIONS.get(name, "its size")
+                raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {have} entries, not {want}: keep {opt} "
+                                   f"as it was, or start with --fresh to discard the pinned state and resize")
 
     def _create_conn_maps(self, lib, map_type: int, fds: dict) -> None:
         """Create and pin both conn maps empty (their fds into fds); warn first when per-CPU ones take much of

@@ -610,11 +610,13 @@ def test_a_pinned_conn_table_of_the_other_kind_is_not_adopted(fastpath, fastpath
         fp.load(adopt=True)
     assert fp.bpf is None and len(list(fastpath.table("conn4_map").keys())) == before
     assert os.path.exists(os.path.join(fastpath.pin_dir, "conn4_map"))
-    # nor one of another size: the pinned table would silently keep its own
-    fp = FastPath(fastpath.pin_dir, Sizes(**{**fastpath.sizes.__dict__, "max_conns6": 512}))
-    with pytest.raises(RuntimeError, match=r"conn6_map .* has \d+ entries, not 512.*--max-conns6.*--fresh"):
-        fp.load(adopt=True)
-    assert fp.bpf is None
+    # nor any pinned map of another size: bcc would silently run on the old one
+    for change, opt in (("max_conns6", "--max-conns6"), ("max_services", "--max-services"), ("max_dests", "--max-dests")):
+        fp = FastPath(fastpath.pin_dir, Sizes(**{**fastpath.sizes.__dict__, change: 512}))
+        with pytest.raises(RuntimeError, match=rf"has \d+ entries, not 512: keep {opt}\b.*as it was.*--fresh"):
+            fp.load(adopt=True)
+        assert fp.bpf is None
+    assert len(list(fastpath.table("conn4_map").keys())) == before
 
 
 def _legacy_entry(saddr, daddr, sport, dport, to, flags, ncpu, af=4):
