@@ -793,8 +793,8 @@ class Daemon:
 
         A flow's idle time is measured from the newest packet of either direction, so a half-closed transfer
         that still moves data in one direction is not cut. The table is read in batches into numpy columns
-        (hdslb.fastpath.aging: which flows are dead is worked out for the whole table at once) and only the
-        dead are looked at again, one by one, before they go.
+        (hdslb.fastpath.aging: which flows are dead is worked out for the whole table at once); the dead go to
+        the kernel's hdslb_sweep, which re-checks every copy of each right before deleting it.
         """
         from hdslb.fastpath import aging
 
@@ -806,9 +806,8 @@ class Daemon:
         # entry by entry, right before the delete: Maps.remove_dead_requests / remove_dead_flows).
         if cols is not None:
             removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim))
-        else:
-            dead = cols.expired(now, lim) if cols is not None else \
-                aging.expired_rows(self.maps.conn_aging_view(), now, lim)
+        else:  # the columns' key hashing could not tell two keys apart: the per-entry reading
+            dead = aging.expired_rows(self.maps.conn_aging_view(), now, lim)
             removed = self.maps.remove_dead_flows(dead) if dead else 0
         if removed:
             self.maps.add_counter("conn_expired", removed)
