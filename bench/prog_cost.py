@@ -518,7 +518,8 @@ class _Bench:
 
 def contention(quick: bool, log) -> list[dict]:
     """One established flow's packets on both CPUs at once, per conn table kind: what a shared value costs when
-    two CPUs write the same entry (last_seen, state) against a per-CPU value each CPU owns after adopting it.
+    two CPUs use the same entry (the fast path stores its last_seen at most once a jiffy and its state only when
+    it changes, so both mostly read it) against a per-CPU value each CPU owns after adopting it.
     Each CPU runs the established ACK in the repeat loop, first alone, then both together (started together)."""
     import threading
 

@@ -93,7 +93,7 @@ def fmt_prog_cost(r: dict) -> str:
             if "na" not in x]
     if rows:
         parts.append(table(["conn table", "one CPU ns/pkt", "both CPUs at once ns/pkt"], rows,
-                           "1i. one established flow on both CPUs at once: a shared value is written by both"))
+                           "1i. one established flow on both CPUs at once: both read a shared value (written at most once a jiffy)"))
     parts.append(targets_table(r["targets"], "1f. targets"))
     return "\n\n".join(parts)
 
