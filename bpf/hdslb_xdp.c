@@ -480,6 +480,19 @@ static __always_inline void conn_expire(int t4, void *k, struct conn_val *cv)
 	count(CNT_CONN_REUSED);
 }
 
+/*
+ * A field of a flow's value written on its packets (state, last_seen). A shared value is stored only when it
+ * changes (last_seen then at most once a jiffy): every CPU reads the one value, and a store on each packet would
+ * move its cache line between the CPUs whenever one flow's packets land on both (bench table 1i: 122 ns a packet
+ * instead of 36). A per-CPU value is each CPU's own: stored every time, which measured faster live once the
+ * table outgrows the caches (32k flows: 2.2 Mpps against 1.9 with the compare first, alternating runs).
+ */
+#ifdef CONN_SHARED
+#define CONN_SET(field, val) do { __typeof__(field) v_ = (val); if ((field) != v_) (field) = v_; } while (0)
+#else
+#define CONN_SET(field, val) ((field) = (val))
+#endif
+
 /* Coarse TCP progress, enough for ActiveConn/InActConn and, later, per-state timeouts. */
 static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 {
@@ -495,23 +508,15 @@ static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 		st = CS_ESTABLISHED;
 		cv->flags |= CONN_F_WAS_EST;
 	}
-	if (st != cv->state)
-		cv->state = st;
+	CONN_SET(cv->state, st);
 }
 
-/*
- * A packet of a known flow: its TCP progress and last-seen time, each stored only when it changes (last_seen
- * at most once a jiffy). With a shared table every CPU reads the one value; a store on every packet would move
- * its cache line back and forth whenever one flow's packets land on two CPUs (bench table 1i).
- */
+/* A packet of a known flow: its TCP progress and last-seen time. */
 static __always_inline void conn_touch(struct conn_val *cv, struct tcphdr *th)
 {
-	__u64 now = bpf_jiffies64();
-
 	if (th)
 		tcp_track(cv, th);
-	if (cv->last_seen != now)
-		cv->last_seen = now;
+	CONN_SET(cv->last_seen, bpf_jiffies64());
 }
 
 static __always_inline void account(struct conn_val *cv, __u32 l3len)
