@@ -707,12 +707,25 @@ def value(row: dict, metric: str):
     return None
 
 
+# Whose ratios the targets are read for: the default build, and the shared conn table beside it (as section 3e
+# reads the memory target for both); the second only when its peer ran.
+TARGET_PEERS = (("hdslb FNAT (native)", "hdslb native"),
+                ("hdslb FNAT (native, --conn-table shared)", "hdslb native, --conn-table shared,"))
+
+
 def targets(rows: list[dict]) -> list[dict]:
     by = {r["peer"]: r for r in rows}
-    me = by.get("hdslb FNAT (native)")
+    res = []
+    for peer, label in TARGET_PEERS:
+        if peer in by or peer == TARGET_PEERS[0][0]:
+            res.extend(_targets_of(by, by.get(peer), label))
+    return res
+
+
+def _targets_of(by: dict, me: dict | None, label: str) -> list[dict]:
     res = []
     for metric, other, factor in TARGETS:
-        name = f"hdslb native {metric} >= {factor} x {other}"
+        name = f"{label} {metric} >= {factor} x {other}"
         a = value(me, metric) if me else None
         b = value(by[other], metric) if other in by else None
         if a is None or not b:
