@@ -54,6 +54,7 @@ VIP = "10.0.0.100"
 # - its own, because a daemon started --fresh (an empty conn table) may hand out ports the previous peer just
 #   used, and a peer sharing the previous one's addresses could pay retransmits that say nothing about it.
 LADDR_POOL = 8
+CPS_RUNS = 3  # conn/s is the median of this many runs per peer (one with --quick)
 LADDRS = tuple(tuple(f"192.168.100.{200 + LADDR_POOL * i + j}" for j in range(LADDR_POOL)) for i in range(4))
 LB_CL_IP, LB_RS_IP = "10.0.0.254", "192.168.100.254"  # kernel addresses, for the kernel peers only
 UDP_PORT = ref_progs.SINK_PORT
@@ -597,6 +598,15 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
         return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
                 "retransmits": end.get("sum_sent", {}).get("retransmits")}
 
+    def _median_cps(self, fn) -> dict:
+        """conn/s moves ±10 % from one 5-second run to the next (more with the light endpoints): the median of
+        CPS_RUNS runs, with every run's figure kept beside it."""
+        results = [fn() for _ in range(1 if self.quick else CPS_RUNS)]
+        results.sort(key=lambda r: r["cps"])
+        med = dict(results[len(results) // 2])
+        med["runs"] = [round(r["cps"]) for r in results]
+        return med
+
     # -- run ----------------------------------------------------------------------------------
     def measure(self, peer: Peer) -> dict:
         row: dict = {"peer": peer.name, "kind": peer.kind}
@@ -611,7 +621,8 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
         try:
             for key, fn in (("udp", lambda: self.udp(peer)), ("udp_flows", lambda: self.udp_flows(peer)),
                             ("udp_trafgen", lambda: self.udp_trafgen(peer)),
-                            ("cps", lambda: self.cps(peer)), ("cps_light", lambda: self.cps_light(peer)),
+                            ("cps", lambda: self._median_cps(lambda: self.cps(peer))),
+                            ("cps_light", lambda: self._median_cps(lambda: self.cps_light(peer))),
                             ("iperf_tso_off", lambda: self.iperf(peer, False)),
                             ("iperf_tso_on", lambda: self.iperf(peer, True))):
                 cpu0 = _cpu_s(peer.pid)

@@ -151,6 +151,8 @@ def fmt_e2e(r: dict) -> str:
             note = m.get("na", "") if m else ""
             if m and m.get("errors"):
                 note += f"errors: {m['errors']}"
+            if m and len(m.get("runs", ())) > 1:
+                note += f" median of {'/'.join(map(str, m['runs']))}"
             if m and "daemon_cpu_pct" in m:
                 note += f" hdslbd CPU {m['daemon_cpu_pct']}%"
             fmtv = "{:.3f}" if key.startswith("udp") else ("{:.0f}" if key.startswith("cps") else "{:.2f}")
