@@ -743,6 +743,30 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn4_val *cv, __u3
  * addresses and ports as the entry says (incremental checksums), DR rewrites only the L2 header, TUNNEL
  * encapsulates — and transmit.
  */
+/*
+ * A rewritten flow's TCP or UDP header: the new ports, and its checksum updated once with da (the addresses'
+ * change, which the pseudo-header carries) and the ports' change. A UDP checksum that computes to zero goes as
+ * 0xffff; an IPv4 UDP checksum of zero means "none" and stays so when none_ok (IPv6 and translated packets
+ * always carry one: the NAT64 paths drop an IPv4 datagram without one before this).
+ */
+static __always_inline void l4_rewrite(struct tcphdr *th, struct udphdr *uh, __u32 da, __be16 sport, __be16 dport,
+				       int none_ok)
+{
+	if (th) {
+		hcsum_apply(&th->check, da + hcsum_delta2(th->source, sport) + hcsum_delta2(th->dest, dport));
+		th->source = sport;
+		th->dest = dport;
+	} else if (uh) {
+		if (uh->check || !none_ok) {
+			hcsum_apply(&uh->check, da + hcsum_delta2(uh->source, sport) + hcsum_delta2(uh->dest, dport));
+			if (!uh->check)
+				uh->check = 0xffff;
+		}
+		uh->source = sport;
+		uh->dest = dport;
+	}
+}
+
 static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
 				      struct tcphdr *th, struct udphdr *uh, struct icmphdr *ic, struct conn4_val *cv)
 {
@@ -762,19 +786,8 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 		/* the addresses' change, once: into the L4 checksum (pseudo-header) with the ports', and the IP one */
 		__u32 da = hcsum_delta4(old_s, new_s) + hcsum_delta4(old_d, new_d);
 
-		if (th) {
-			hcsum_apply(&th->check, da + hcsum_delta2(th->source, cv->sport) + hcsum_delta2(th->dest, cv->dport));
-			th->source = cv->sport;
-			th->dest = cv->dport;
-		} else if (uh) {
-			if (uh->check) { /* UDP over IPv4: zero is "no checksum"; a computed zero goes as 0xffff */
-				hcsum_apply(&uh->check,
-					    da + hcsum_delta2(uh->source, cv->sport) + hcsum_delta2(uh->dest, cv->dport));
-				if (!uh->check)
-					uh->check = 0xffff;
-			}
-			uh->source = cv->sport;
-			uh->dest = cv->dport;
+		if (th || uh) {
+			l4_rewrite(th, uh, da, cv->sport, cv->dport, 1);
 		} else if (ic) {
 			/* SNAT of ICMP echo: the identifier plays the port (no pseudo-header in ICMPv4's checksum). */
 			__be16 id = (cv->flags & CONN_F_OUT) ? cv->dport : cv->sport;
@@ -1512,17 +1525,7 @@ static __always_inline int xmit_conn6(struct xdp_md *ctx, struct ethhdr *eth, st
 		__u32 da = hcsum_delta16(ip6->saddr.in6_u.u6_addr32, cv->saddr.v6) +
 			   hcsum_delta16(ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
 
-		if (th) {
-			hcsum_apply(&th->check, da + hcsum_delta2(th->source, cv->sport) + hcsum_delta2(th->dest, cv->dport));
-			th->source = cv->sport;
-			th->dest = cv->dport;
-		} else if (uh) {
-			hcsum_apply(&uh->check, da + hcsum_delta2(uh->source, cv->sport) + hcsum_delta2(uh->dest, cv->dport));
-			if (uh->check == 0)
-				uh->check = 0xffff;
-			uh->source = cv->sport;
-			uh->dest = cv->dport;
-		}
+		l4_rewrite(th, uh, da, cv->sport, cv->dport, 0);
 		__builtin_memcpy(&ip6->saddr, cv->saddr.b, 16);
 		__builtin_memcpy(&ip6->daddr, cv->daddr.b, 16);
 	}
@@ -1550,25 +1553,9 @@ static __always_inline int xlat64(struct xdp_md *ctx, struct ipv6hdr *ip6, struc
 		punt = conn_fill_l2(cv);
 	conn_touch(cv, th);
 	account(cv, sizeof(*ip6) + plen);
-	{
-		if (th) {
-			hcsum_replace16(&th->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
-			hcsum_replace16(&th->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
-			hcsum_replace2(&th->check, th->source, cv->sport);
-			hcsum_replace2(&th->check, th->dest, cv->dport);
-			th->source = cv->sport;
-			th->dest = cv->dport;
-		} else if (uh) {
-			hcsum_replace16(&uh->check, ip6->saddr.in6_u.u6_addr32, cv->saddr.v6);
-			hcsum_replace16(&uh->check, ip6->daddr.in6_u.u6_addr32, cv->daddr.v6);
-			hcsum_replace2(&uh->check, uh->source, cv->sport);
-			hcsum_replace2(&uh->check, uh->dest, cv->dport);
-			if (uh->check == 0)
-				uh->check = 0xffff;
-			uh->source = cv->sport;
-			uh->dest = cv->dport;
-		}
-	}
+	l4_rewrite(th, uh, hcsum_delta16(ip6->saddr.in6_u.u6_addr32, cv->saddr.v6) +
+			   hcsum_delta16(ip6->daddr.in6_u.u6_addr32, cv->daddr.v6),
+		   cv->sport, cv->dport, 0);
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);
 	delta = (int)l2len + (int)sizeof(struct ipv6hdr) - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr));
@@ -1628,23 +1615,8 @@ static __always_inline int xlat46(struct xdp_md *ctx, struct iphdr *iph, struct 
 
 		old[0] = iph->saddr;
 		old_d[0] = iph->daddr;
-		if (th) {
-			hcsum_replace16(&th->check, old, cv->saddr.v6);
-			hcsum_replace16(&th->check, old_d, cv->daddr.v6);
-			hcsum_replace2(&th->check, th->source, cv->sport);
-			hcsum_replace2(&th->check, th->dest, cv->dport);
-			th->source = cv->sport;
-			th->dest = cv->dport;
-		} else if (uh) {
-			hcsum_replace16(&uh->check, old, cv->saddr.v6);
-			hcsum_replace16(&uh->check, old_d, cv->daddr.v6);
-			hcsum_replace2(&uh->check, uh->source, cv->sport);
-			hcsum_replace2(&uh->check, uh->dest, cv->dport);
-			if (uh->check == 0)
-				uh->check = 0xffff;
-			uh->source = cv->sport;
-			uh->dest = cv->dport;
-		}
+		l4_rewrite(th, uh, hcsum_delta16(old, cv->saddr.v6) + hcsum_delta16(old_d, cv->daddr.v6),
+			   cv->sport, cv->dport, 0);
 	}
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);

@@ -14,27 +14,11 @@ static __always_inline __u16 hcsum_fold32(__u32 c)
 	return (__u16)c;
 }
 
-/* HC' = ~(~HC + ~m + m') for a 32-bit field. */
-static __always_inline void hcsum_replace4(__sum16 *sum, __be32 from, __be32 to)
-{
-	__u32 c = (__u16)~*sum;
-
-	c += (~from & 0xffff) + (~from >> 16);
-	c += (to & 0xffff) + (to >> 16);
-	*sum = ~hcsum_fold32(c);
-}
-
-static __always_inline void hcsum_replace2(__sum16 *sum, __be16 from, __be16 to)
-{
-	__u32 c = (__u16)~*sum;
-
-	c += (__u16)~from;
-	c += to;
-	*sum = ~hcsum_fold32(c);
-}
-
-/* The same in two steps, for several fields into several checksums: the partial sum of a field's change
- * (at most 4 x 0xffff; sums of a few stay far from overflow), then one update per checksum. */
+/*
+ * HC' = ~(~HC + ~m + m') (RFC 1624, eqn. 3) in two steps, so that several changed fields go into a checksum at
+ * once and one field's change into several checksums: the partial sum of each field's change (hcsum_delta*,
+ * at most 4 x 0xffff for 32 bits; sums of a few dozen stay far from overflow), then one update (hcsum_apply).
+ */
 static __always_inline __u32 hcsum_delta4(__be32 from, __be32 to)
 {
 	return (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
@@ -45,6 +29,7 @@ static __always_inline __u32 hcsum_delta2(__be16 from, __be16 to)
 	return (__u16)~from + (__u32)to;
 }
 
+/* a 128-bit field: an IPv6 address in an L4 pseudo-header */
 static __always_inline __u32 hcsum_delta16(const __be32 *from, const __be32 *to)
 {
 	__u32 d = 0;
@@ -60,23 +45,15 @@ static __always_inline void hcsum_apply(__sum16 *sum, __u32 delta)
 	*sum = ~hcsum_fold32((__u16)~*sum + delta);
 }
 
-/* UDP over IPv4: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
-static __always_inline void udp_csum_replace4(__sum16 *sum, __be32 from, __be32 to)
+/* One field into one checksum. */
+static __always_inline void hcsum_replace4(__sum16 *sum, __be32 from, __be32 to)
 {
-	if (*sum == 0)
-		return;
-	hcsum_replace4(sum, from, to);
-	if (*sum == 0)
-		*sum = 0xffff;
+	hcsum_apply(sum, hcsum_delta4(from, to));
 }
 
-static __always_inline void udp_csum_replace2(__sum16 *sum, __be16 from, __be16 to)
+static __always_inline void hcsum_replace2(__sum16 *sum, __be16 from, __be16 to)
 {
-	if (*sum == 0)
-		return;
-	hcsum_replace2(sum, from, to);
-	if (*sum == 0)
-		*sum = 0xffff;
+	hcsum_apply(sum, hcsum_delta2(from, to));
 }
 
 /* A full IPv4 header checksum for a header we built (20 bytes, no options). */
@@ -89,19 +66,6 @@ static __always_inline __sum16 ip4_csum_full(const void *hdr)
 	for (int i = 0; i < 10; i++)
 		c += w[i];
 	return ~hcsum_fold32(c);
-}
-
-/* HC' for a 128-bit field (an IPv6 address in an L4 pseudo-header), as eight 16-bit replacements. */
-static __always_inline void hcsum_replace16(__sum16 *sum, const __be32 *from, const __be32 *to)
-{
-	__u32 c = (__u16)~*sum;
-
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		c += (~from[i] & 0xffff) + (~from[i] >> 16);
-		c += (to[i] & 0xffff) + (to[i] >> 16);
-	}
-	*sum = ~hcsum_fold32(c);
 }
 
 /* Fold 32-bit adds so a running sum never overflows across many terms. */

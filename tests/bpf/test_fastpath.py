@@ -122,6 +122,26 @@ def test_udp_flow_both_ways_with_valid_checksums(fastpath, maps):
     assert_checksums(p2)
 
 
+def test_udp_without_a_checksum_is_forwarded_without_one(fastpath, maps):
+    """IPv4 UDP may carry no checksum (zero): both directions keep zero while addresses and ports are rewritten
+    (an incremental update of a zero would send a wrong checksum the receiver then checks); the IP header's
+    checksum is still updated."""
+    def ip_checksum_ok(p):
+        q = p.copy()
+        del q[IP].chksum
+        return p[IP].chksum == Ether(bytes(q))[IP].chksum
+
+    setup_service(maps, proto=socket.IPPROTO_UDP)
+    q = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / UDP(sport=5354, dport=80, chksum=0) / b"hi"
+    v, p = run(fastpath, q)
+    assert v == XDP_TX and (p[IP].src, p[IP].dst, p[UDP].dport) == (LIP, RS1, 80)
+    assert p[UDP].chksum == 0 and ip_checksum_ok(p)
+    r = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / UDP(sport=80, dport=p[UDP].sport, chksum=0) / b"yo"
+    v, p = run(fastpath, r)
+    assert v == XDP_TX and (p[IP].src, p[UDP].sport, p[IP].dst, p[UDP].dport) == (VIP, 80, CLIENT, 5354)
+    assert p[UDP].chksum == 0 and ip_checksum_ok(p)
+
+
 def test_rr_ring_alternates_and_drained_dest_gets_no_new_flows(fastpath, maps):
     setup_service(maps, dests=((RS1, 80), (RS2, 80)))
     # the ring cursor is per CPU: stay on one CPU to see one CPU's sequence
