@@ -10,8 +10,8 @@ import time
 
 from hdslb.ctl import protocol
 from hdslb.ctl.client import Client, DaemonUnreachable
+from hdslb.daemon import add_daemon_options
 from hdslb.errors import HdslbError
-from hdslb.fastpath.loader import CONN_TABLES
 
 UP_TIMEOUT_S = 90.0  # a bcc compile takes ~2 s alone, much more on a loaded 2-core CI machine
 
@@ -30,16 +30,10 @@ def cmd_up(ns) -> int:
         return 1
     except DaemonUnreachable:
         pass
-    argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl, "--xdp-mode", ns.xdp_mode]
-    for opt in ("config", "pin_root", "instance", "max_conns", "max_conns6", "conn_table", "max_services", "max_dests",
-                "lport_range", "log_level", "state_dir", "aging_interval", "api_listen", "api_token_file"):
-        v = getattr(ns, opt)
-        if v is not None:
-            argv += ["--" + opt.replace("_", "-"), str(v)]
-    if ns.fresh:
-        argv.append("--fresh")
-    if ns.no_slowpath:
-        argv.append("--no-slowpath")
+    argv = [sys.executable, "-m", "hdslb.daemon", *ns.interfaces, "--ctl-socket", ctl]
+    for dest, (opt, takes_value) in ns.forward.items():  # the options given, as given
+        if hasattr(ns, dest):
+            argv += [opt, str(getattr(ns, dest))] if takes_value else [opt] if getattr(ns, dest) else []
     logfile = ns.log_file or log_path(ctl)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     with open(logfile, "ab") as lf:
@@ -372,31 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="compile and attach the XDP program, start hdslbd in the background")
-    up.add_argument("interfaces", nargs="*", metavar="IFACE")
-    up.add_argument("-f", "--config", help="hdslb.conf")
-    up.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
-    up.add_argument("--pin-root")
-    up.add_argument("--instance")
-    up.add_argument("--max-conns", type=int, help="IPv4 connection entries (default 262144)")
-    up.add_argument("--max-conns6", type=int, help="IPv6 and NAT64 connection entries (default: a quarter of --max-conns)")
-    up.add_argument("--conn-table", choices=CONN_TABLES,
-                    help="connection values per CPU (default) or one shared value an entry (memory independent "
-                         "of the CPU count)")
-    up.add_argument("--max-services", type=int, help="virtual services (default 4096)")
-    up.add_argument("--max-dests", type=int, help="real servers of all services together (default 65536)")
-    up.add_argument("--lport-range")
-    up.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     up.add_argument("--log-file", help="daemon log (default /run/hdslb/<instance>.log)")
-    up.add_argument("--state-dir")
-    up.add_argument("--aging-interval", type=float)
-    up.add_argument("--fresh", action="store_true", help="discard pinned state instead of adopting it")
-    up.add_argument("--slowpath", action="store_true",
-                    help="AF_XDP slow path for ARP/ND, ICMP and unresolved next hops (the default)")
-    up.add_argument("--no-slowpath", action="store_true",
-                    help="no AF_XDP slow path: ARP in XDP, next hops probed over a packet socket")
-    up.add_argument("--api-listen", help="REST/metrics HOST:PORT (default 127.0.0.1:53225; off disables)")
-    up.add_argument("--api-token-file", help="bearer token file, required for a non-loopback --api-listen")
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=cmd_up, forward=add_daemon_options(up, defaults=False))  # every hdslbd option
     rl = sub.add_parser("reload", help="re-read the config file (like SIGHUP); --datapath: swap the XDP program")
     rl.add_argument("--datapath", action="store_true", help="recompile and swap the XDP program, keeping all maps")
     rl.set_defaults(func=cmd_reload)
@@ -439,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     ns = build_parser().parse_args(argv)
     ns.ctl_socket = ctl
-    if ns.cmd == "up" and not ns.interfaces and not ns.config:
+    if ns.cmd == "up" and not ns.interfaces and not getattr(ns, "config_file", None):
         print("hdslb-ctl: up needs at least one interface (or -f CONF)", file=sys.stderr)
         return 2
     try:

@@ -114,47 +114,68 @@ def parse_lport_range(s: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdslbd", description="hdslb daemon (runs in the foreground)")
-    p.add_argument("interfaces", nargs="*", metavar="IFACE", help="interfaces to attach the XDP program to")
-    p.add_argument("-f", "--config", dest="config_file", help="hdslb.conf to load")
-    p.add_argument("--xdp-mode", choices=XDP_MODES, default="auto",
-                   help="native needs driver support (veth: an XDP program on the peer); auto picks generic for veth")
     p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
-    p.add_argument("--instance", help="instance name (default: derived from the control socket name)")
-    p.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
-                   help="bpffs directory holding one sub-directory of pinned maps per instance")
-    p.add_argument("--max-conns", type=int, default=DEFAULT_MAX_CONNS,
-                   help="IPv4 connection table entries (one per direction; conn_pool_size in the config)")
-    p.add_argument("--max-conns6", type=int,
-                   help="IPv6 and NAT64 connection table entries (default: a quarter of --max-conns; "
-                        "conn6_pool_size in the config)")
-    p.add_argument("--conn-table", choices=CONN_TABLES,
-                   help="connection values per CPU (the default: no cache line shared on the hot path; memory grows "
-                        "with the CPU count) or one shared value an entry (conn_table in the config)")
-    p.add_argument("--max-hash-cells", type=int, default=1 << 21,
-                   help="cells for every sh/dh/mh/conhash table together (4 bytes each; a rebuild needs room for "
-                        "the new table beside the old)")
-    p.add_argument("--max-services", type=int, default=DEFAULT_MAX_SERVICES,
-                   help=f"virtual services (SNAT ones included), 1..{MAX_SERVICES_LIMIT}")
-    p.add_argument("--max-dests", type=int, default=DEFAULT_MAX_DESTS,
-                   help=f"real servers of every service together (dest slots), 1..{MAX_DESTS_LIMIT}")
-    p.add_argument("--max-persist", type=int, default=65536, help="persistence templates (ipvsadm -p), LRU")
-    p.add_argument("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
-                   help="FNAT local port range MIN-MAX")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                   help="default: global_defs log_level from -f, else info")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard pinned state left by a previous daemon instead of adopting it")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the model is saved for restarts")
-    p.add_argument("--aging-interval", type=float, default=2.0, help="seconds between connection aging sweeps")
-    p.add_argument("--api-listen", default="127.0.0.1:53225",
-                   help="REST/metrics address HOST:PORT ('off' disables); non-loopback needs a token")
-    p.add_argument("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
-    p.add_argument("--slowpath", action="store_true",
-                   help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (the default)")
-    p.add_argument("--no-slowpath", action="store_true",
-                   help="no AF_XDP slow path: ARP answered in XDP, next hops probed over a packet socket, "
-                        "packets to unresolved next hops dropped until resolved")
+    add_daemon_options(p)
     return p
+
+
+def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dict[str, tuple[str, bool]]:
+    """hdslbd's options (all but --ctl-socket), on hdslbd's parser and on `hdslb-ctl up`'s, which forwards them:
+    one list, so neither command lacks an option of the other. defaults=False leaves an option not given out of
+    the namespace (the daemon applies its own default). Returns {dest: (option, takes a value)} of the options,
+    for a forwarder to pass on."""
+    forward = {}
+
+    def add(*names, **kw):
+        if not defaults and names[0].startswith("-"):
+            kw["default"] = argparse.SUPPRESS  # an option not given is left to the daemon's default
+        a = p.add_argument(*names, **kw)
+        if a.option_strings:
+            forward[a.dest] = (a.option_strings[-1], a.nargs != 0)
+    add("interfaces", nargs="*", metavar="IFACE", help="interfaces to attach the XDP program to")
+    add("-f", "--config", dest="config_file", metavar="CONFIG", help="hdslb.conf to load")
+    add("--xdp-mode", choices=XDP_MODES, default="auto",
+        help="native needs driver support (veth: an XDP program on the peer); auto picks generic for veth")
+    add("--instance", help="instance name (default: derived from the control socket name)")
+    add("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
+        help=f"bpffs directory holding one sub-directory of pinned maps per instance (default "
+             f"${{HDSLB_PIN_ROOT}} or {DEFAULT_PIN_ROOT})")
+    add("--max-conns", type=int, default=DEFAULT_MAX_CONNS,
+        help=f"IPv4 connection table entries, one per direction (default {DEFAULT_MAX_CONNS}; conn_pool_size in "
+             "the config)")
+    add("--max-conns6", type=int,
+        help="IPv6 and NAT64 connection table entries (default: a quarter of --max-conns; "
+             "conn6_pool_size in the config)")
+    add("--conn-table", choices=CONN_TABLES,
+        help="connection values per CPU (the default: no cache line shared on the hot path; memory grows "
+             "with the CPU count) or one shared value an entry (conn_table in the config)")
+    add("--max-hash-cells", type=int, default=1 << 21,
+        help="cells for every sh/dh/mh/conhash table together (4 bytes each; a rebuild needs room for "
+             "the new table beside the old; default 2097152)")
+    add("--max-services", type=int, default=DEFAULT_MAX_SERVICES,
+        help=f"virtual services (SNAT ones included), 1..{MAX_SERVICES_LIMIT} (default {DEFAULT_MAX_SERVICES})")
+    add("--max-dests", type=int, default=DEFAULT_MAX_DESTS,
+        help=f"real servers of every service together (dest slots), 1..{MAX_DESTS_LIMIT} (default "
+             f"{DEFAULT_MAX_DESTS})")
+    add("--max-persist", type=int, default=65536, help="persistence templates (ipvsadm -p), LRU (default 65536)")
+    add("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
+        help=f"FNAT local port range MIN-MAX (default {DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]})")
+    add("--log-level", choices=("debug", "info", "warning", "error"),
+        help="default: global_defs log_level from -f, else info")
+    add("--fresh", action="store_true",
+        help="discard pinned state left by a previous daemon instead of adopting it")
+    add("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the model is saved for restarts (default {DEFAULT_STATE_DIR})")
+    add("--aging-interval", type=float, default=2.0, help="seconds between connection aging sweeps (default 2)")
+    add("--api-listen", default="127.0.0.1:53225",
+        help="REST/metrics address HOST:PORT (default 127.0.0.1:53225; 'off' disables); non-loopback "
+             "needs a token")
+    add("--api-token-file", help="file holding the REST bearer token (or set $HDSLB_API_TOKEN)")
+    add("--slowpath", action="store_true",
+        help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (the default)")
+    add("--no-slowpath", action="store_true",
+        help="no AF_XDP slow path: ARP answered in XDP, next hops probed over a packet socket, "
+             "packets to unresolved next hops dropped until resolved")
+    return forward
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -528,7 +549,7 @@ class Daemon:
         adopt = snap is not None and self.fp.has_pins()
         if self.fp.has_pins() and not adopt:
             log.warning("discarding pinned state in %s (%s)", self.pin_dir,
-                        "--fresh" if s.fresh else "no saved model to adopt it with")
+             "--fresh" if s.fresh else "no saved model to adopt it with")
         await loop.run_in_executor(None, self.fp.load, adopt)
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
@@ -684,7 +705,7 @@ class Daemon:
         pruned.update(self.maps.prune_addresses(local, {r.net for r in b.routes}))
         if any(pruned.values()):
             log.warning("pinned maps held changes the saved model missed (a crash before they were saved): "
-                        "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
+             "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
                         pruned["services"], pruned["tables"], pruned["dests"], pruned["addresses"],
                         pruned["routes"])
 
@@ -1092,9 +1113,9 @@ class Daemon:
                 continue
             d = next((d for d in svc.dests.values() if d.slot == t["dest_slot"]), None)
             out.append({"proto": svc.proto, "client": str(t["addr"]), "plen": svc.persist_plen,
-                        "vaddr": str(svc.addr), "vport": svc.port, "svc_id": svc.svc_id,
-                        "daddr": str(d.addr) if d else None, "dport": d.port if d else 0,
-                        "dest_slot": t["dest_slot"], "expire_s": (t["expires_ns"] - now) // 10**9})
+             "vaddr": str(svc.addr), "vport": svc.port, "svc_id": svc.svc_id,
+             "daddr": str(d.addr) if d else None, "dport": d.port if d else 0,
+             "dest_slot": t["dest_slot"], "expire_s": (t["expires_ns"] - now) // 10**9})
         return out
 
     def link_stats(self, ifname: str) -> dict:

@@ -123,3 +123,46 @@ def test_a_daemon_that_does_not_answer_is_named_and_hdslb_ctl_does_not_start_ano
         listener.close()
     err = capsys.readouterr().err
     assert rc == 1 and "did not answer" in err and "Traceback" not in err
+
+
+def test_hdslb_ctl_up_passes_every_hdslbd_option_on_as_given(tmp_path, monkeypatch, capsys):
+    """`hdslb-ctl up` takes each of hdslbd's options (one list: add_daemon_options) and starts hdslbd with
+    those given, so the daemon parses the same settings as if started by hand; options not given are left
+    to hdslbd's defaults (and to the config file, which only fills what the command line leaves out)."""
+    from cli import hdslb_ctl
+    from hdslb import daemon
+
+    given = ["eth7", "eth8", "-f", str(tmp_path / "x.conf"), "--xdp-mode", "native", "--instance", "i1",
+             "--pin-root", "/sys/fs/bpf/x", "--max-conns", "1048576", "--max-conns6", "4096", "--conn-table", "shared",
+             "--max-hash-cells", "4096", "--max-services", "16", "--max-dests", "64", "--max-persist", "128",
+             "--lport-range", "2000-3000", "--log-level", "debug", "--fresh", "--state-dir", str(tmp_path / "st"),
+             "--aging-interval", "0.5", "--api-listen", "off", "--api-token-file", str(tmp_path / "tok"),
+             "--no-slowpath"]
+    every = {a.dest for a in daemon.build_parser()._actions if a.option_strings} - {"help", "ctl_socket", "slowpath"}
+    named = {a.dest for a in daemon.build_parser()._actions for o in a.option_strings if o in given}
+    assert named == every, f"options this test does not give: {every - named}"  # a new option joins the test
+
+    started = []
+
+    class Exited:
+        returncode = 3
+
+        def __init__(self, argv, **kw):
+            started.append(argv)
+
+        def poll(self):
+            return 3
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exited)
+    sock = str(tmp_path / "none.sock")
+    log = str(tmp_path / "d.log")
+    assert hdslb_ctl.main(["--ctl-socket", sock, "up", "--log-file", log, *given]) == 1
+    assert "hdslbd exited with status 3" in capsys.readouterr().err
+    argv = started[-1]
+    assert argv[1:3] == ["-m", "hdslb.daemon"]
+    assert vars(daemon.build_parser().parse_args(argv[3:])) == \
+        vars(daemon.build_parser().parse_args(["--ctl-socket", sock, *given]))
+
+    # nothing but an interface: hdslbd sees its own defaults, not hdslb-ctl's
+    hdslb_ctl.main(["--ctl-socket", sock, "up", "--log-file", log, "eth7"])
+    assert started[-1][3:] == ["eth7", "--ctl-socket", sock]
