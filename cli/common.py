@@ -71,3 +71,73 @@ def guarded(run: Callable[[], int], daemon_prefix: str, prog: str) -> int:
     except (ProtocolError, OSError) as e:  # OSError: permission denied on the socket, timeouts, resets
         print(f"{prog}: {e}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def run_lines(client, lines: list, run_alone: Callable, report: Callable[[str], None], warn: Callable[[str], None],
+              noun: str) -> bool:
+    """Run the lines of ipvsadm -R / dpip -b: [(line number, Invocation)]. A run of lines that only change rules
+    goes as one batch request; a line that reads (a listing, -Z, show) runs alone, in its place, through
+    run_alone(invocation). When reads split the changes into several batches, all the changes are first checked
+    together on the daemon's scratch copy (a dry run), so a refused change still leaves everything as it was.
+    A failure is reported as `line N: reason; <what was applied>` through report (a read that fails after
+    changes were applied, say -Z of a service that is not there, says which); returns False then."""
+    from hdslb.ctl.commands import BATCH_OPS
+
+    segments: list = []  # [True, [(n, inv), ...]] for a run of changes, [False, [(n, inv)]] for a line alone
+    for n, inv in lines:
+        change = bool(inv.requests) and all(op in BATCH_OPS for op, _ in inv.requests)
+        if change and segments and segments[-1][0]:
+            segments[-1][1].append((n, inv))
+        else:
+            segments.append([change, [(n, inv)]])
+
+    def ops_of(run) -> tuple[list, list]:
+        ops, where = [], []
+        for n, inv in run:
+            for req in inv.requests:
+                ops.append(req)
+                where.append(n)
+        return ops, where
+
+    def at(e: HdslbError, where: list) -> str:
+        i = getattr(e, "index", None)
+        return f"line {where[i]}: " if isinstance(i, int) and 0 <= i < len(where) else ""
+
+    if sum(change for change, _ in segments) > 1:
+        ops, where = ops_of([x for change, run in segments if change for x in run])
+        if ops:
+            try:
+                client.batch(ops, dry_run=True)
+            except HdslbError as e:
+                report(f"{at(e, where)}{e.message}; nothing of the {noun} was applied")
+                return False
+    done = None  # the last line whose change was applied
+    for change, run in segments:
+        try:
+            if change:
+                ops, where = ops_of(run)
+                try:
+                    data = client.batch(ops)
+                except HdslbError as e:
+                    raise _At(at(e, where), e) from None
+                for w in (data or {}).get("warnings", ()):
+                    warn(f"line {where[w['index']]}: {w['warning']}")
+            else:
+                try:
+                    run_alone(run[0][1])
+                except HdslbError as e:
+                    raise _At(f"line {run[0][0]}: ", e) from None
+        except _At as f:
+            applied = (f"nothing of the {noun} was applied" if done is None else
+                       f"the changes up to line {done} were applied, none after")
+            report(f"{f.where}{f.err.message}; {applied}")
+            return False
+        if change:
+            done = run[-1][0]
+    return True
+
+
+class _At(Exception):
+    def __init__(self, where: str, err: HdslbError):
+        super().__init__(where)
+        self.where, self.err = where, err

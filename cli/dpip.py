@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
+from cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, take_ctl_socket
 from hdslb import __version__
 from hdslb.ctl.client import Client
 from hdslb.errors import HdslbError
@@ -485,44 +485,16 @@ def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]
 
 
 def run_batch(client, lines: list[tuple[int, Invocation]]) -> int:
-    """Changes (add/del/set/flush) go as one batch request; a show runs alone, in its place. A refused line is
-    reported as `dpip: line N: reason`, exit 1, and nothing of that batch is applied."""
-    from hdslb.ctl.commands import BATCH_OPS
+    """Changes (add/del/set/flush) go as one batch request; a show runs alone, in its place (the changes around
+    it checked together first). A refused line is reported as `dpip: line N: reason`, exit 1, and nothing of
+    the batch is applied."""
 
-    def flush(run) -> bool:
-        if not run:
-            return True
-        ops, where = [], []
-        for n, inv in run:
-            for req in inv.requests:
-                ops.append(req)
-                where.append(n)
-        try:
-            client.batch(ops)
-        except HdslbError as e:
-            i = getattr(e, "index", None)
-            line = f"line {where[i]}: " if isinstance(i, int) and 0 <= i < len(where) else ""
-            print(f"{PROG}: {line}{e.message}; nothing of the batch was applied", file=sys.stderr)
-            return False
-        return True
+    def alone(inv):
+        sys.stdout.write(execute(client, inv) if inv.requests else render(inv, None))
 
-    run: list = []
-    for n, inv in lines:
-        if inv.requests and all(op in BATCH_OPS for op, _ in inv.requests):
-            run.append((n, inv))
-            continue
-        if not flush(run):
-            return EXIT_FAIL
-        run = []
-        if inv.requests:
-            try:
-                sys.stdout.write(execute(client, inv))
-            except HdslbError as e:
-                print(f"{PROG}: line {n}: {e.message}", file=sys.stderr)
-                return EXIT_FAIL
-        else:
-            sys.stdout.write(render(inv, None))
-    return EXIT_OK if flush(run) else EXIT_FAIL
+    ok = run_lines(client, lines, alone, lambda msg: print(f"{PROG}: {msg}", file=sys.stderr),
+                   lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr), "batch")
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def execute(client, inv: Invocation) -> str:

@@ -19,7 +19,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, take_ctl_socket
+from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, take_ctl_socket
 from hdslb import __version__
 from hdslb.ctl.client import Client
 from hdslb.ctl.commands import BATCH_OPS
@@ -894,51 +894,16 @@ def execute(client, inv: Invocation) -> str:
     return render(inv, data)
 
 
-def _segments(batch: list[tuple[int, Invocation]]):
-    """Runs of lines whose requests only change rules (one batch each), and single lines that read something
-    (-L, -Z ... run alone, in their place)."""
-    run: list = []
-    for n, inv in batch:
-        if inv.requests and all(op in BATCH_OPS for op, _ in inv.requests):
-            run.append((n, inv))
-            continue
-        if run:
-            yield True, run
-            run = []
-        yield False, [(n, inv)]
-    if run:
-        yield True, run
-
-
 def _restore(client, batch: list[tuple[int, Invocation]]) -> int:
-    """Send the lines as one batch (each rule line a request inside it): the daemon checks them all on a copy of
-    its rules, then applies them, each touched service's table rebuilt once. A refused line is reported as
-    `line N: reason` with exit 2 and nothing of the batch is applied (ipvsadm -R stops at a bad line too; here
-    the lines before it are not left half applied either)."""
-    for batched, lines in _segments(batch):
-        if not batched:
-            n, inv = lines[0]
-            try:
-                sys.stdout.write(execute(client, inv))
-            except HdslbError as e:
-                print(f"line {n}: {e.message}", file=sys.stderr)
-                return EXIT_USAGE
-            continue
-        ops, where = [], []
-        for n, inv in lines:
-            for req in inv.requests:
-                ops.append(req)
-                where.append(n)
-        try:
-            data = client.batch(ops)
-        except HdslbError as e:
-            i = getattr(e, "index", None)
-            line = f"line {where[i]}: " if isinstance(i, int) and 0 <= i < len(where) else ""
-            print(f"{line}{e.message}; nothing of the restore was applied", file=sys.stderr)
-            return EXIT_USAGE
-        for w in (data or {}).get("warnings", ()):
-            print(f"{PROG}: warning: line {where[w['index']]}: {w['warning']}", file=sys.stderr)
-    return EXIT_OK
+    """Send the rule lines as one batch (each a request inside it): the daemon checks them all on a copy of its
+    rules, then applies them, each touched service's table rebuilt once. A refused line is reported as
+    `line N: reason` with exit 2 and nothing of the restore is applied (ipvsadm -R stops at a bad line too; here
+    the lines before it are not left half applied either). Lines that read (-L, -Z, -S, -G) run in their place;
+    the changes around them are checked together first (run_lines)."""
+    ok = run_lines(client, batch, lambda inv: sys.stdout.write(execute(client, inv)),
+                   lambda msg: print(msg, file=sys.stderr), lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr),
+                   "restore")
+    return EXIT_OK if ok else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -392,10 +392,10 @@ class _Overlay(MutableMapping):
         self.gone.add(k)
 
     def __iter__(self):
-        for k in self.base:
-            if k not in self.gone and k not in self.local:
-                yield k
-        yield from list(self.local)
+        # The keys as they are now: reading a value while iterating copies it into self.local, which must not
+        # make it come round a second time (a flush would then remove a service twice).
+        keys = [k for k in self.base if k not in self.gone and k not in self.local]
+        return iter(keys + list(self.local))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

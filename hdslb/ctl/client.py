@@ -83,10 +83,10 @@ class Client:
         e.index = rep.get("index")  # a refused batch: the position of the op refused
         raise e
 
-    def batch(self, ops: list) -> dict:
+    def batch(self, ops: list, dry_run: bool = False) -> dict:
         """Send many changes as one request (op "batch"): all are applied, or none (HdslbError.index says which
-        op was refused)."""
-        return self.call("batch", {"ops": [[op, args] for op, args in ops]})
+        op was refused). dry_run: only check them, apply nothing."""
+        return self.call("batch", {"ops": [[op, args] for op, args in ops], **({"dry_run": True} if dry_run else {})})
 
 
 def call(op: str, args: dict | None = None, path: str | None = None, timeout: float = 30.0):

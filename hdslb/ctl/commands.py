@@ -414,11 +414,14 @@ def batch(ctx, a):
     """Many changes as one: validated on a scratch copy of the model first (a refusal leaves everything as it was
     and names the op by its position, .index; a batch that only adds new services is applied at once and undone
     whole if refused, see only_creates), then applied with each touched service's table rebuilt once and
-    each touched prefix written once. Replies the warnings of the ops, each with its index."""
+    each touched prefix written once. Replies the warnings of the ops, each with its index. With dry_run the
+    ops are only checked on the scratch copy ({"applied": 0, "checked": n}): a tool whose input interleaves
+    changes with reads (ipvsadm -R, dpip -b) checks all its changes at once before it applies any."""
     ops = _batch_ops(a)
+    dry_run = bool(a.get("dry_run"))
     if not ops:
         return {"applied": 0, "warnings": []}
-    if only_creates(ctx.bal, ops):  # undone by removing what it added: no dry run (half of a batch's cost)
+    if not dry_run and only_creates(ctx.bal, ops):  # undone by removing what it added: no dry run (half of a batch's cost)
         try:
             results = run_batch(ctx, ops, undo_new=True)
         except HdslbError as e:
@@ -429,9 +432,11 @@ def batch(ctx, a):
     scratch = ctx.bal.scratch(routes=any(op.startswith(("route.", "addr.")) for op, _ in ops),
                               neighs=any(op.startswith("neigh.") for op, _ in ops))
     try:
-        run_batch(_ScratchCtx(scratch), ops)
+        checked = run_batch(_ScratchCtx(scratch), ops)
     except HdslbError as e:
         raise _flush_index(e, len(ops)) from None
+    if dry_run:
+        return dict(_batch_reply(ops, checked), applied=0, checked=len(ops))
     results = run_batch(ctx, ops)
     return _batch_reply(ops, results)
 

@@ -117,6 +117,41 @@ def test_restore_bad_line_in_the_middle_applies_nothing(model, monkeypatch, caps
     assert len(ctx.bal.dp.calls) == writes, "nor the maps"
 
 
+def test_restore_that_clears_first_replaces_the_table(model, monkeypatch):
+    """The usual `-C` then the saved rules: the flush runs in the dry run's scratch model too, over services it
+    copies while iterating (each must come round once, or the second removal of a service fails)."""
+    ctx, client = model
+    ctx.bal.service_add({"proto": "udp", "addr": "10.9.9.8", "port": 53, "sched": "rr"})
+    monkeypatch.setattr("sys.stdin", io.StringIO("-C\n" + RESTORE))
+    assert ipvsadm.main(["-R"]) == 0
+    assert client.calls == ["batch"]
+    assert sorted((k[0], str(k[1]), k[2]) for k in ctx.bal.services) == [("tcp", "10.0.0.1", 80),
+                                                                         ("udp", "10.0.0.2", 53)]
+
+
+def test_restore_with_reads_between_changes_checks_every_change_first(model, monkeypatch, capsys):
+    """-Z or -L between rule lines splits them into several batches; a refused rule after such a line still
+    leaves everything as it was: all the changes are checked together (a dry run) before any is applied."""
+    ctx, client = model
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        "-A -t 10.0.0.1:80 -s rr\n-Z\n-A -t 10.0.0.2:80 -s rr\n-a -t 10.0.0.3:80 -r 192.168.1.1 -b\n"))
+    assert ipvsadm.main(["-R"]) == 2
+    assert capsys.readouterr().err == "line 4: No such service; nothing of the restore was applied\n"
+    assert client.calls == ["batch"], "the dry run refused it: nothing else was sent"
+    assert state(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
+    # accepted: the lines run in order, -Z in its place between the two batches (on a service the first made)
+    monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80 -s rr\n-Z -t 10.0.0.1:80\n-A -t 10.0.0.2:80 -s rr\n"))
+    client.calls.clear()
+    zeroed = []
+    monkeypatch.setattr(commands, "COMMANDS", dict(commands.COMMANDS, **{
+        "stats.zero": lambda c, a: zeroed.append((a, sorted(str(k[1]) for k in c.bal.services)))}))
+    assert ipvsadm.main(["-R"]) == 0
+    assert client.calls == ["batch", "batch", "stats.zero", "batch"]
+    assert zeroed[0][1] == ["10.0.0.1", "10.9.9.9"], "-Z ran after the first line, before the third"
+    assert ("tcp", A("10.0.0.2"), 80) in ctx.bal.services
+
+
 def test_restore_table_refused_at_the_end_names_the_last_line_of_that_service(model, monkeypatch, capsys):
     ctx, client = model
     ctx.bal.cells = type(ctx.bal.cells)(600)  # one 251-cell Maglev table and room to rebuild it; not two
@@ -365,6 +400,18 @@ def test_dpip_batch_refused_line_applies_nothing(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("dpip: line 2: device 'nosuch0'") and "nothing of the batch was applied" in err
     assert state(ctx.bal) == before and not ctx.bal.routes
+
+
+def test_dpip_batch_with_a_show_between_changes_applies_nothing_when_a_later_change_is_refused(model, tmp_path,
+                                                                                              capsys):
+    ctx, client = model
+    f = tmp_path / "b"
+    f.write_text("addr add 10.0.0.8/24 dev eth0\nroute show\nroute del 1.2.3.0/24\n")
+    before = state(ctx.bal)
+    client.calls.clear()
+    assert dpip.main(["-b", str(f)]) == 1
+    assert capsys.readouterr().err == "dpip: line 3: route 1.2.3.0/24 not found; nothing of the batch was applied\n"
+    assert client.calls == ["batch"] and state(ctx.bal) == before
 
 
 def test_dpip_batch_usage_error_sends_nothing(model, tmp_path, capsys, monkeypatch):
