@@ -733,7 +733,7 @@ def format_save(data: dict, fmt: Format) -> str:
         out.append(line)
         for d in _sorted_dests(s["dests"], fmt.nosort):
             line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric)} "
-                    f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d['weight']}")
+                    f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d.get('conf_weight', d['weight'])}")
             if d.get("u_threshold"):
                 line += f" -x {d['u_threshold']}"
             if d.get("l_threshold"):

@@ -6,6 +6,7 @@ Expected layouts are ipvsadm 1.31 / DPVS tools/ipvsadm/ipvsadm.c printf formats 
 
 import errno
 import io
+import re
 import socket
 
 import pytest
@@ -341,6 +342,16 @@ def test_save_restore_round_trip():
         ("dest.add", {"svc": dns, "addr": "2001:db8::2", "port": 53, "fwd": "dr", "weight": 1,
                       "u_threshold": 9, "l_threshold": 0}),
     ]
+
+
+def test_save_writes_the_configured_weight_not_the_one_a_health_check_set():
+    """A real server that a failing check holds at weight 0 (inhibit) is listed with 0 but saved with the weight
+    it was configured with: save, clear and restore must not turn a check's verdict into configuration."""
+    down = {**dest("192.168.100.3", 80, weight=0), "conf_weight": 5,
+            "health": {"state": "down", "reason": "connect refused", "sorry": False}}
+    data = {"services": [service("tcp", "10.0.0.100", 80, "rr", [dest("192.168.100.2", 80), down])]}
+    assert "-a -t 10.0.0.100:80 -r 192.168.100.3:80 -b -w 5\n" in render(["-S", "-n"], data)
+    assert re.search(r"192\.168\.100\.3:80 +FullNat +0 ", render(["-L", "-n"], data)), "listed as it runs"
 
 
 def test_restore_rejects_bad_lines_with_their_number():
