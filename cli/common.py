@@ -48,12 +48,13 @@ def take_ctl_socket(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def ip_or_none(text: str, version: int | None = None):
-    """The address in `text` (of the given IP version, if one is asked for), or None when it is not one."""
+    """The address in `text` (of the given IP version, if one is asked for), or None when it is not one. A scoped
+    IPv6 address (fe80::1%eth0) is not one here: the daemon keys on the address alone (hdslb.net.addr)."""
     try:
         a = ipaddress.ip_address(text)
     except ValueError:
         return None
-    return a if version in (None, a.version) else None
+    return a if version in (None, a.version) and not getattr(a, "scope_id", None) else None
 
 
 def guarded(run: Callable[[], int], daemon_prefix: str, prog: str) -> int:

@@ -125,6 +125,8 @@ def test_parse_views_and_formats():
      "The option 'service-address' conflicts with the 'connection' option in the 'list' command"),
     (["-L", "-c", "--rate"], "options conflicts in the list command"),
     (["-C", "-n"], "Illegal 'numeric' option with the 'flush' command"),
+    (["-A", "-t", "[fe80::1%eth0]:80"], "illegal virtual server address[:port] specified"),
+    (["-a", "-t", "[2001:db8::1]:80", "-r", "[2001:db8::2%2]:80"], "illegal real server address[:port] specified"),
     (["-A", "-D", "-t", "192.168.100.100:80"], "multiple commands specified"),
     (["-A", "-t", "192.168.100.100:80", "-u", "192.168.100.100:53"],
      "multiple 'service-address' options specified"),
