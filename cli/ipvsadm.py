@@ -481,8 +481,6 @@ def _build(line: _Line) -> Invocation:
     if cmd == "list":
         if "connection" in given and given & {"stats", "rate", "thresholds"}:
             raise UsageError("options conflicts in the list command")
-        if len(given & {"stats", "rate", "thresholds", "persistent-conn"} - {"connection"}) > 1:
-            raise UsageError("options conflicts in the list command")
         if "connection" in given:
             # -c lists connections and persistence templates; with --persistent-conn, templates only (DPVS)
             return Invocation(cmd, [("conn.list", {"templates_only": True} if fmt.persistent_conn else {})],
@@ -685,7 +683,7 @@ def _dest_line(s: dict, d: dict, fmt: Format) -> str:
                 + largenum(r["inbps"], fmt.exact) + largenum(r["outbps"], fmt.exact))
     if fmt.thresholds:
         return (f"  -> {name:<28} {d['u_threshold']:<10} {d['l_threshold']:<10} "
-                f"{d['active']:<10} {d['inactive']:<10}" + (" overloaded" if d.get("overloaded") else ""))
+                f"{d['active']:<10} {d['inactive']:<10}")  # DPVS's columns only: scripts parse them
     if fmt.persistent_conn:
         return (f"  -> {name:<28} {d['weight']:<9} {d.get('persist_conns', 0):<11} "
                 f"{d['active']:<10} {d['inactive']:<10}")
@@ -694,7 +692,9 @@ def _dest_line(s: dict, d: dict, fmt: Format) -> str:
 
 
 def format_list(data: dict, fmt: Format, header: bool = True) -> str:
-    """-L / -Ln / --stats / --rate / --thresholds. `header` is off for -L -t (ipvsadm's list_service)."""
+    """-L / -Ln / --stats / --rate / --thresholds / --persistent-conn (given together, the first of these is the
+    layout, as in ipvsadm's print_title). `header` is off for -L -t (ipvsadm's list_service). Nothing but
+    DPVS's lines: scripts parse them (whether a server is overloaded is in REST and /metrics)."""
     out = []
     if header:
         out.append(f"IP Virtual Server version {data.get('version', IPVS_VERSION)} "
@@ -703,10 +703,6 @@ def format_list(data: dict, fmt: Format, header: bool = True) -> str:
     for s in _sorted_services(data["services"], fmt.nosort):
         out.append(_service_line(s, fmt))
         out += [_dest_line(s, d, fmt) for d in _sorted_dests(s["dests"], fmt.nosort)]
-    if fmt.thresholds and data.get("counts_age_max_s"):
-        # hdslb: the counts are a periodic scan of the conn table, not per-packet counters as in LVS
-        out.append(f"# counts are the estimator's, up to {data['counts_age_max_s']:g}s old: a server is marked "
-                   f"overloaded (no new flows) at most that late, and may pass its Uthreshold meanwhile")
     return "".join(line + "\n" for line in out)
 
 

@@ -277,9 +277,22 @@ def test_stats_and_rate_layouts():
     ]
 
 
-def test_thresholds_layout():
-    d = {**dest("192.168.100.2", 80, active=4, inactive=2), "u_threshold": 1000, "l_threshold": 10}
+def test_list_formats_combine_as_in_ipvsadm():
+    """--stats, --rate, --thresholds and --persistent-conn are each optional in the list command, not exclusive:
+    given together, the first of them in that order sets the layout (ipvsadm's print_title)."""
+    d = {**dest("192.168.100.2", 80), "u_threshold": 5, "l_threshold": 1}
     data = {"services": [service("tcp", "10.0.0.100", 80, "rr", [d])]}
+    for argv, alone in ((["--stats", "--rate"], "--stats"), (["--rate", "--thresholds"], "--rate"),
+                        (["--thresholds", "--persistent-conn"], "--thresholds"), (["--persistent-conn"], None)):
+        assert render(["-Ln", *argv], data) == render(["-Ln", alone or argv[0]], data)
+    assert render(["-Ln", "--rate", "--stats"], data) == render(["-Ln", "--stats"], data)
+
+
+def test_thresholds_layout():
+    """DPVS's columns and nothing else (an overloaded server, the estimator's age: not in the listing)."""
+    d = {**dest("192.168.100.2", 80, active=4, inactive=2), "u_threshold": 1000, "l_threshold": 10,
+         "overloaded": True}
+    data = {"services": [service("tcp", "10.0.0.100", 80, "rr", [d])], "counts_age_max_s": 3}
     assert render(["-Ln", "--thresholds"], data).splitlines()[1:] == [
         "Prot LocalAddress:Port            Uthreshold Lthreshold ActiveConn InActConn ",
         "  -> RemoteAddress:Port",
