@@ -49,6 +49,7 @@ ESTIMATOR_INTERVAL_S = 2.0
 CONN_SCAN_CACHE_S = 1.0
 SAVE_COALESCE_S = 0.05
 RESOLVE_COALESCE_S = 0.2
+POSTED_CONFIG_NAME = "<posted config>"  # how errors name text sent by POST /v2/config or config.reload
 SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU
 BATCH_STATS_ABOVE = 2048  # services + real servers beyond which the estimator reads the stats arrays whole  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
@@ -901,11 +902,17 @@ class Daemon:
         if text is None and not path:
             raise HdslbError(errno.ENOENT, "hdslbd was started without -f: there is no config file to reload")
         try:
-            cfg = loads(text, name=path or "<request>") if text is not None else load(path)
+            # Text sent over the API (or the control socket) is not a file root wrote: it may not include files or
+            # name programs to run (loads posted=True refuses them with EPERM, naming each line).
+            cfg = loads(text, name=POSTED_CONFIG_NAME, posted=True) if text is not None else load(path)
         except ConfigError as e:
-            raise HdslbError(errno.EINVAL, f"{e}; nothing was applied") from None
+            err = HdslbError(e.errno, f"{e}; nothing was applied")
+            err.keyword, err.errors = e.keyword, e.errors  # the REST reply names the keyword and every error
+            raise err from None
         except OSError as e:
             raise HdslbError(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}") from None
+        if text is not None:
+            self._refuse_posted_security_changes(cfg)
         restart = []
         if self.config is not None:
             restart = [str(c) for c in diff(self.config, cfg).init_changed]
@@ -918,6 +925,24 @@ class Daemon:
         if text is not None:
             self.config_text_override = text
         return {"applied": applied, "needs_restart": restart}
+
+    def _refuse_posted_security_changes(self, cfg) -> None:
+        """A posted config may not change where the daemon writes its log or how it runs scripts: those are
+        root's to decide, in the file on disk (a log file path is a file root appends to; script_user and
+        enable_script_security guard the scripts that check.add and the file run)."""
+        from hdslb.config.loader import POSTED_HINT
+
+        gd = cfg.global_defs
+        cur = self.config.global_defs if self.config is not None else None
+        for kw in ("log_file", "script_user", "enable_script_security"):
+            want, have = getattr(gd, kw), getattr(cur, kw) if cur is not None else None
+            if bool(want) == bool(have) and (not want or want == have):
+                continue
+            st = cfg.settings.get(f"global_defs.{kw}")
+            where = f"{st.where}: " if st is not None else f"{POSTED_CONFIG_NAME}: "
+            was = f"{have!r}" if have not in (None, False) else "unset"
+            raise HdslbError(errno.EPERM, f"{where}{kw}: differs from the running configuration's ({was}): "
+                                          f"{POSTED_HINT}; nothing was applied")
 
     async def _reload_logged(self) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
@@ -951,15 +976,21 @@ class Daemon:
 
     async def _start_health(self) -> None:
         """Start the checkers, or hand the current set to the running manager (state of kept servers stays)."""
+        from hdslb.config.model import GlobalDefs
         from hdslb.health import HealthManager
 
         pairs = self._health_pairs()
+        gd = self.config.global_defs if self.config is not None else GlobalDefs("INFO", None, None, False)
         if self.health is not None:
+            # keepalived's global_defs script_user / enable_script_security, for every MISC_CHECK (a change
+            # restarts the checkers it touches; their servers keep their state)
+            self.health.set_script_policy(gd.script_user, gd.enable_script_security)
             self.health.update(pairs)
             return
         if not any(rs.checkers for _, rs in pairs):
             return
-        self.health = HealthManager(self._on_health, self._on_quorum)
+        self.health = HealthManager(self._on_health, self._on_quorum, script_user=gd.script_user,
+                                    script_security=gd.enable_script_security)
         await self.health.start(pairs)
 
     def _services_of(self, vs_key):

@@ -33,6 +33,7 @@ log = logging.getLogger("hdslb.api")
 # 400 when the body does (a bad field value); see _call.
 STATUS = {
     errno.EINVAL: 400,
+    errno.EPERM: 403,  # e.g. a posted config that includes a file or runs a program
     errno.ESRCH: 404,
     errno.ENOENT: 404,
     errno.EADDRNOTAVAIL: 404,
@@ -44,6 +45,14 @@ STATUS = {
 }
 # The errno carried by refusals that come from HTTP itself rather than from a command.
 HTTP_ERRNO = {401: errno.EACCES, 404: errno.ENOENT, 405: errno.EOPNOTSUPP, 413: errno.E2BIG}
+
+# What a request that changes something must say its body is. None of these is a CORS "simple" type
+# (text/plain, application/x-www-form-urlencoded, multipart/form-data), so a web page cannot make a browser send
+# such a request to the API cross-origin without a preflight, which this API never answers.
+JSON_TYPE = "application/json"
+CONFIG_TYPE = "text/x-hdslb-conf"  # POST /v2/config: the keepalived-style text
+CONFIG_PATH = "/v2/config"
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 CONNS_DEFAULT_LIMIT = 100
 CONNS_MAX_LIMIT = 10000
@@ -719,7 +728,11 @@ async def get_config(request):
 
 
 async def reload_config(request):
-    text = await request.text()
+    try:
+        text = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, errno.EINVAL, f"request body: the configuration text is not UTF-8 ({e.reason} at byte "
+                                          f"{e.start})") from None
     if not text.strip():
         raise ApiError(400, errno.EINVAL, "request body: the configuration text is empty")
     changes = await _ctx_hook(request, "reload_config", text)
@@ -793,13 +806,50 @@ def _authorized(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())
 
 
+def _host_is_loopback(request: web.Request) -> bool:
+    """The Host header names a loopback address (or localhost), or is absent. Without a token the API serves
+    loopback only; a browser led to it by DNS rebinding sends the attacker's host name and is refused."""
+    host = request.headers.get("Host")
+    if host is None:
+        return True  # every browser sends Host; a local HTTP/1.0 client may not
+    host = host.strip()
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return is_loopback(name)
+
+
+def _media_refusal(request: web.Request) -> ApiError | None:
+    """A changing request (any POST, or a PUT/PATCH/DELETE with a body) must declare its body's type: JSON, or
+    CONFIG_TYPE for POST /v2/config. A PUT or DELETE without a body cannot be sent cross-origin without a
+    preflight, so dpvs-agent's body-less calls (DELETE /v2/vs/{VipPort}) need no header."""
+    if request.method not in MUTATING or getattr(request.match_info, "http_exception", None) is not None:
+        return None  # unknown path or method: the handler's 404/405 says so
+    if request.method != "POST" and not request.body_exists:
+        return None
+    want = CONFIG_TYPE if request.path == CONFIG_PATH else JSON_TYPE
+    got = request.headers.get("Content-Type")
+    if got is not None and request.content_type == want:
+        return None
+    return ApiError(415, errno.EMEDIUMTYPE, f"Content-Type must be {want} for {request.method} {request.path} "
+                                            f"(got {request.content_type if got is not None else 'none'})",
+                    "Content-Type")
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
     token = request.app[TOKEN]
+    if token is None and not _host_is_loopback(request):
+        return _error(403, errno.EPERM, "without an API token this API answers only requests addressed to a "
+                                        "loopback host (Host: 127.0.0.1, [::1] or localhost)", "Host")
     if token is not None and not _authorized(request, token):
         # Never echo what the client sent: a near-miss token must not land in a proxy's or client's log.
         return _error(401, errno.EACCES, "missing or wrong bearer token (Authorization: Bearer ...)",
                       headers={"WWW-Authenticate": 'Bearer realm="hdslb"'})
+    refused = _media_refusal(request)
+    if refused is not None:
+        return _error(refused.status, refused.errno, refused.message, refused.field)
     try:
         return await handler(request)
     except ApiError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,13 +28,50 @@ def load(path: str) -> Config:
     return _build(nodes, path, reader.files)
 
 
-def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None) -> Config:
-    """Like load() for text in hand; `include` resolves against base_dir (default: name's directory, or cwd)."""
-    reader = Reader()
+def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, posted: bool = False) -> Config:
+    """Like load() for text in hand; `include` resolves against base_dir (default: name's directory, or cwd).
+
+    posted=True: the text came over the network (POST /v2/config, config.reload with text), not from a file root
+    wrote. It may then contain nothing that reads a file or runs a program (POSTED_REFUSED): a ConfigError with
+    errno EPERM names every such line, and says to put it in the config file on disk."""
+    reader = Reader(allow_include=not posted)
     if base_dir is None:
         base_dir = os.path.dirname(name) if os.path.exists(name) else os.getcwd()
     nodes = parse(reader.read_text(text, name, base_dir))
+    if posted:
+        _refuse_posted(nodes)
     return _build(nodes, name, [name] + reader.files)
+
+
+# What a posted configuration may not contain, and why: each reads a file or runs a program as root. `include`
+# is refused by the Reader (it would splice any file's words into the text, and errors would echo them).
+POSTED_REFUSED = {
+    "MISC_CHECK": "runs a program",
+    "misc_path": "names a program to run",
+    "notify_up": "names a script",
+    "notify_down": "names a script",
+    "quorum_up": "names a script",
+    "quorum_down": "names a script",
+}
+POSTED_HINT = "a configuration sent over the API may not read files or run programs; put it in the config file " \
+              "on disk and reload from the file (SIGHUP / systemctl reload hdslb)"
+
+
+def _refuse_posted(nodes: List[Node]) -> None:
+    errors: List[ConfigError] = []
+    stack = list(reversed(nodes))
+    while stack:
+        n = stack.pop()
+        why = POSTED_REFUSED.get(n.name)
+        if why is not None:
+            errors.append(ConfigError(n.where, n.name, f"{why}: {POSTED_HINT}"))
+            continue  # what is inside a refused block is not looked at
+        stack.extend(reversed(n.body or ()))
+    if errors:
+        for e in errors:
+            e.errno = errno.EPERM
+        errors[0].errors = tuple(errors)
+        raise errors[0]
 
 
 def check(path: str) -> List[str]:

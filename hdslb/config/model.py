@@ -340,6 +340,9 @@ class MiscCheck(Checker):
     misc_dynamic: bool  # exit codes 2..255 set weight = code - 2
     user: Optional[str]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    # global_defs enable_script_security, set by the health manager (not a keyword of the check itself): refuse
+    # to run the command as root when it, or a directory on its path, is writable by anyone but root
+    script_security: bool = False
 
 
 @dataclass(frozen=True)

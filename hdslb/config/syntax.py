@@ -12,6 +12,7 @@ relative to the including file, which is why it works anywhere, even inside a bl
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ def tokenize(text: str, file: str) -> List[Token]:
 class Reader:
     """Reads a file and everything it includes; remembers every file read, for the reload watcher."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_include: bool = True) -> None:
         self.files: List[str] = []
+        self.allow_include = allow_include  # False: text from the network (see loader.loads posted=True)
 
     def read_file(self, path: str) -> List[Token]:
         return self._file(path, stack=(), at=None) + [Token(EOF, "", Where(path, 0, 0))]
@@ -130,6 +132,12 @@ class Reader:
         while i < len(toks):
             t = toks[i]
             if t.kind == WORD and t.text == "include" and _starts_statement(out):
+                if not self.allow_include:
+                    err = ConfigError(t.where, "include", "reads a file: a configuration sent over the API may not "
+                                      "include files; put the include in the config file on disk and reload from "
+                                      "the file (SIGHUP / systemctl reload hdslb)")
+                    err.errno = errno.EPERM
+                    raise err
                 args, j = [], i + 1
                 while toks[j].kind in (WORD, STRING):
                     args.append(toks[j])

@@ -65,13 +65,16 @@ def pairs_of(virtual_servers: Iterable[VirtualServer]) -> List[Pair]:
 class HealthManager:
     def __init__(self, on_change: OnChange, on_quorum: Optional[OnQuorum] = None, *,
                  probe: Probe = run_check, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-                 script_user: Optional[str] = None, rng: Optional[random.Random] = None):
-        """probe is replaceable for tests; script_user is global_defs' default user for MISC_CHECK."""
+                 script_user: Optional[str] = None, script_security: bool = False,
+                 rng: Optional[random.Random] = None):
+        """probe is replaceable for tests; script_user is global_defs' default user for MISC_CHECK (`user` in
+        the check wins), script_security its enable_script_security (see hdslb.health.misc.insecure_reason)."""
         self._on_change = on_change
         self._on_quorum = on_quorum
         self._probe = probe
         self._max_concurrent = max_concurrent
         self._script_user = script_user
+        self._script_security = script_security
         self._rng = rng or random.Random()
         self._services: Dict[VsKey, ServiceState] = {}
         self._tasks: Set[asyncio.Task] = set()
@@ -174,11 +177,18 @@ class HealthManager:
 
     # ------------------------------------------------------------ servers and their tasks
 
+    def set_script_policy(self, script_user: Optional[str], script_security: bool) -> None:
+        """global_defs script_user / enable_script_security after a reload; takes effect with the next update()
+        (checkers whose effective user or policy changed are restarted, their servers keep their state)."""
+        self._script_user = script_user
+        self._script_security = script_security
+
     def _checkers(self, rs: RealServer) -> Tuple[Checker, ...]:
-        if self._script_user is None:
+        if self._script_user is None and not self._script_security:
             return rs.checkers
-        return tuple(dataclasses.replace(c, user=self._script_user)
-                     if isinstance(c, MiscCheck) and c.user is None else c for c in rs.checkers)
+        return tuple(dataclasses.replace(c, user=c.user if c.user is not None else self._script_user,
+                                         script_security=self._script_security)
+                     if isinstance(c, MiscCheck) else c for c in rs.checkers)
 
     def _new_server(self, vs: VirtualServer, rs: RealServer) -> ServerState:
         checkers = [CheckerState(c, up=not vs.alpha) for c in self._checkers(rs)]

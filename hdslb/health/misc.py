@@ -8,14 +8,22 @@
 misc_path is split like a shell word list (quotes group) but no shell runs it. The command gets its own
 session and process group so a timeout kills the whole tree, and no stdin/stdout/stderr: a chatty script
 can neither block on a full pipe nor fill a log.
+
+As keepalived: the check's `user USER [GROUP]`, else global_defs script_user, else the daemon's own user (root)
+runs the command; with global_defs enable_script_security a command that would run as root is not run when it,
+or a directory on its path, can be changed by anyone but root (insecure_reason); the check then fails with that
+reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shlex
+import shutil
 import signal
+import stat
 from typing import Optional
 
 from hdslb.config.model import MiscCheck, RealServer
@@ -33,6 +41,11 @@ async def check_misc(checker: MiscCheck, rs: RealServer) -> CheckResult:
         return failed("MISC_CHECK misc_path is empty")
     name = argv[0]
     timeout = checker.misc_timeout if checker.misc_timeout is not None else checker.delay_loop
+    if checker.script_security and _runs_as_root(checker.user):
+        why = insecure_reason(name)
+        if why is not None:
+            return failed(f"MISC_CHECK {name} not run (enable_script_security): {why}; run it as another user "
+                          f"(script_user, or `user` in the check) or make it and its directories root's alone")
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -57,6 +70,47 @@ async def check_misc(checker: MiscCheck, rs: RealServer) -> CheckResult:
     if checker.misc_dynamic and 2 <= status <= 255:
         return passed(f"MISC_CHECK {name} exited {status}: weight {status - 2}", status - 2)
     return failed(f"MISC_CHECK {name} exited {status}")
+
+
+def _runs_as_root(user: Optional[str]) -> bool:
+    if not user:
+        return os.geteuid() == 0
+    try:
+        return pwd.getpwnam(user.split()[0]).pw_uid == 0
+    except KeyError:
+        return False  # an unknown user: the spawn fails with that reason
+
+
+def insecure_reason(program: str) -> Optional[str]:
+    """keepalived's enable_script_security test: why a program run as root could be replaced by a non-root user
+    (it, or a directory on its path, owned by someone else or writable by a non-root group or by everyone),
+    or None. A writable directory with the sticky bit (/tmp) is fine: nobody else can replace root's entries in
+    it, and the next component is checked in turn. Both the path as written and the one symlinks lead to count.
+    A program that cannot be found is not judged here: running it fails with its own reason."""
+    path = program if "/" in program else shutil.which(program)
+    if path is None:
+        return None
+    written, real = os.path.abspath(path), os.path.realpath(path)
+    seen = set()
+    for full in (written, real):
+        parts = full.split(os.sep)[1:]
+        comps = ["/"] + ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        for i, comp in enumerate(comps):
+            if comp in seen:
+                continue
+            seen.add(comp)
+            try:
+                st = os.stat(comp)
+            except OSError:
+                return None
+            last = i == len(comps) - 1
+            if st.st_uid != 0:
+                return f"{comp} is owned by uid {st.st_uid}, not root"
+            group_w = bool(st.st_mode & stat.S_IWGRP) and st.st_gid != 0
+            other_w = bool(st.st_mode & stat.S_IWOTH)
+            if (group_w or other_w) and (last or not st.st_mode & stat.S_ISVTX):
+                return f"{comp} is writable by {'everyone' if other_w else f'group {st.st_gid}'}"
+    return None
 
 
 def _credentials(user: Optional[str]) -> dict:

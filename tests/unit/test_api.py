@@ -20,6 +20,7 @@ from hdslb.errors import HdslbError
 
 SVC = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
 VS = "/v2/vs/10.0.0.100-80-tcp"
+CONF = {"Content-Type": "text/x-hdslb-conf"}  # what POST /v2/config takes
 COUNTERS = {"rx": 1000, "verdict_pass": 10, "verdict_drop": 7, "verdict_tx": 983, "verdict_redirect": 0,
             "drop_malformed_ip": 3, "drop_no_route": 4, "conn_new": 50}
 
@@ -501,7 +502,7 @@ async def test_conns_are_paged(client):
 async def test_config_is_501_without_daemon_support(client):
     b = await expect(await client.get("/v2/config"), 501)
     assert b["errno"] == errno.EOPNOTSUPP
-    await expect(await client.post("/v2/config", data="x"), 501)
+    await expect(await client.post("/v2/config", data="x", headers=CONF), 501)
 
 
 async def test_config_get_and_reload(ctx):
@@ -520,11 +521,11 @@ async def test_config_get_and_reload(ctx):
         r = await c.get("/v2/config")
         assert r.status == 200 and r.content_type == "text/plain"
         assert (await r.text()).startswith("virtual_server")
-        body = await expect(await c.post("/v2/config", data="virtual_server 10.0.0.1 80 {}\n"), 200)
+        body = await expect(await c.post("/v2/config", data="virtual_server 10.0.0.1 80 {}\n", headers=CONF), 200)
         assert body == {"result": "reloaded", "changes": {"added": ["10.0.0.1:80/TCP"]}}
-        b = await expect(await c.post("/v2/config", data="lb_algo bad\n"), 400, field="lb_algo")
+        b = await expect(await c.post("/v2/config", data="lb_algo bad\n", headers=CONF), 400, field="lb_algo")
         assert "<rest>:3:5" in b["error"]
-        await expect(await c.post("/v2/config", data="  \n"), 400)
+        await expect(await c.post("/v2/config", data="  \n", headers=CONF), 400)
     assert seen == ["virtual_server 10.0.0.1 80 {}\n"]
 
 
