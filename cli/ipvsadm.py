@@ -103,6 +103,29 @@ _OPTIONS = (
 _BY_SHORT = {o.short: o for o in _OPTIONS if o.short}
 _BY_LONG = {o.long: o for o in _OPTIONS}
 
+# Options of LVS's and DPVS's ipvsadm that hdslb does not have: refused by name with the reason (not as a typo).
+_SYNC = "connection sync daemons are not needed: flows live in pinned BPF maps and survive a restart of hdslbd"
+_TIMEOUTS = "timeouts are set in hdslb.conf (ipvs_defs { tcp { timeout ... } udp { timeout ... } }) and reloaded"
+_UNSUPPORTED = {
+    ("f", "fwmark-service"): "firewall-mark services need netfilter marks, which the XDP fast path never sees",
+    ("6", "ipv6"): "it only applies to firewall-mark services (-f), which hdslb does not have",
+    ("q", "icmp-service"): "ICMP virtual services are not balanced (ICMP to a VIP is answered by the slow path)",
+    ("o", "ops"): "one-packet scheduling is not supported",
+    (None, "pe"): "persistence engines (sip) are not supported; -p and -M give persistence per client address",
+    ("j", "synproxy"): "SYN proxy is not supported",
+    ("Y", "hash-target"): "conhash hashes the client address (sip); the QUIC id target is not supported",
+    (None, "sockpair"): "connections are listed whole with -c; filter its output instead",
+    ("U", "add-blklst"): "deny lists are not supported (filter before the balancer, e.g. nftables on the uplink)",
+    ("V", "del-blklst"): "deny lists are not supported",
+    ("B", "get-blklst"): "deny lists are not supported",
+    ("k", "blklst"): "deny lists are not supported",
+    (None, "start-daemon"): _SYNC, (None, "stop-daemon"): _SYNC, (None, "daemon"): _SYNC,
+    (None, "mcast-interface"): _SYNC, (None, "syncid"): _SYNC,
+    (None, "set"): _TIMEOUTS, (None, "timeout"): _TIMEOUTS,
+}
+_UNSUPPORTED_SHORT = {short: (long, why) for (short, long), why in _UNSUPPORTED.items() if short}
+_UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}
+
 # Legal combinations of commands and options, ipvsadm's commands_v_options reduced to the options hdslb has.
 #   +  compulsory    x  illegal    1  exclusive (only one '1' option may be given)    .  optional
 _COLUMNS = ("numeric", "connection", "service-address", "scheduler", "persistent", "netmask", "real-server",
@@ -171,6 +194,8 @@ def _tokens(argv: list[str]):
         if tok.startswith("--"):
             name, eq, val = tok[2:].partition("=")
             opt = _BY_LONG.get(name)
+            if opt is None and name in _UNSUPPORTED_LONG:
+                raise UsageError(f"--{name}: not supported by hdslb: {_UNSUPPORTED_LONG[name]}")
             if opt is None:
                 raise UsageError(f"--{name}: unknown option")
             if opt.arg == NONE:
@@ -193,6 +218,9 @@ def _tokens(argv: list[str]):
             # A cluster like -Ln or -At10.0.0.1:80: flags until one takes an argument, which gets the rest.
             for j, ch in enumerate(tok[1:], start=2):
                 opt = _BY_SHORT.get(ch)
+                if opt is None and ch in _UNSUPPORTED_SHORT:
+                    long, why = _UNSUPPORTED_SHORT[ch]
+                    raise UsageError(f"-{ch} (--{long}): not supported by hdslb: {why}")
                 if opt is None:
                     raise UsageError(f"-{ch}: unknown option")
                 if opt.arg == NONE:
@@ -504,7 +532,7 @@ def _build(line: _Line) -> Invocation:
 
     if cmd in ("add-service", "edit-service"):
         if line.match is None and svc["port"] == 0 and line.persistent is None:
-            raise UsageError("Zero port specified for non-persistent service")
+            raise UsageError("Zero port specified for no-match and non-persistent service")
         version = 4 if line.match is not None else line.svc[0].version
         netmask = None if line.netmask is None else _netmask(line.netmask, version)
         if cmd == "add-service":

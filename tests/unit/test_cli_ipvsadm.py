@@ -142,7 +142,7 @@ def test_parse_views_and_formats():
     (["-A", "-t", "8080"], "illegal virtual server address[:port] specified"),
     (["-A", "-t", "[2001:db8::1]"], "illegal virtual server address[:port] specified"),
     (["-A", "-t", "192.168.100.100:nosuchservice"], "illegal virtual server address[:port] specified"),
-    (["-A", "-t", "192.168.100.100"], "Zero port specified for non-persistent service"),
+    (["-A", "-t", "192.168.100.100"], "Zero port specified for no-match and non-persistent service"),
     (["-A", "-t", "192.168.100.100:80", "-p", "0"], "invalid timeout value `0' specified"),
     (["-A", "-t", "192.168.100.100:80", "-p", "soon"], "invalid timeout value `soon' specified"),
     (["-A", "-t", "192.168.100.100:80", "-M", "255.0.255.0"], "illegal virtual server persistent mask specified"),
@@ -160,6 +160,22 @@ def test_usage_errors(argv, message):
     with pytest.raises(UsageError) as e:
         ipvsadm.parse(argv)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["-A", "-f", "1"], "-f (--fwmark-service): not supported by hdslb: firewall-mark services need netfilter"),
+    (["--start-daemon", "master"], "--start-daemon: not supported by hdslb: connection sync daemons are not needed"),
+    (["-L", "--timeout"], "--timeout: not supported by hdslb: timeouts are set in hdslb.conf"),
+    (["--set", "900", "120", "300"], "--set: not supported by hdslb: timeouts are set in hdslb.conf"),
+    (["-U", "-t", "10.0.0.1:80", "-k", "1.2.3.4"], "-U (--add-blklst): not supported by hdslb: deny lists"),
+    (["-Lnc", "--sockpair", "x"], "--sockpair: not supported by hdslb"),
+    (["-A", "-t", "10.0.0.1:80", "--frobnicate"], "--frobnicate: unknown option"),
+])
+def test_options_of_lvs_and_dpvs_that_hdslb_lacks_are_named_with_the_reason(argv, start):
+    """Not "unknown option" (which reads as a typo): the option exists in ipvsadm, hdslb says why it has none."""
+    with pytest.raises(UsageError) as e:
+        ipvsadm.parse(argv)
+    assert str(e.value).startswith(start)
 
 
 def test_table_is_complete():
