@@ -429,13 +429,18 @@ def _rs_key(ip: str, port, svc_port: int) -> tuple:
     return (ip_address(ip), port or svc_port)  # port 0/absent: the service's, as ipvsadm and the model
 
 
-async def _rs_request(request):
-    """Validate the body (schema, then duplicates and unsupported flags) and take one snapshot of the service."""
+async def _rs_body(request):
+    """The service named by the URL and the validated body. Called before the app lock is taken: a client that
+    sends its body slowly (or never) must hold up nobody else's writes."""
     ident = await _ident(request)
-    body = await _body(request, "RealServerTinyList")
+    return ident, await _body(request, "RealServerTinyList")
+
+
+async def _rs_snapshot(request, ident: dict, body: dict):
+    """Under the app lock: one snapshot of the service, and the items checked against it (duplicates, flags)."""
     svc = await _one_service(request, ident)
     current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
-    return ident, current, _rs_items(body["Items"], svc["port"], "Items")
+    return current, _rs_items(body["Items"], svc["port"], "Items")
 
 
 def _rs_items(body_items: list, svc_port: int, where: str) -> list:
@@ -510,14 +515,16 @@ async def list_rs(request):
 
 
 async def put_rs(request):
+    ident, body = await _rs_body(request)
     async with request.app[LOCK]:
-        ident, current, items = await _rs_request(request)
+        current, items = await _rs_snapshot(request, ident, body)
         return await _apply(request, _upserts(ident, current, items))
 
 
 async def replace_rs(request):
+    ident, body = await _rs_body(request)
     async with request.app[LOCK]:
-        ident, current, items = await _rs_request(request)
+        current, items = await _rs_snapshot(request, ident, body)
         plan = _upserts(ident, current, items)
         wanted = {key for _, key, _ in items}
         # New and changed servers go in before old ones leave: the service never runs short during the swap.
@@ -528,8 +535,9 @@ async def replace_rs(request):
 
 
 async def delete_rs(request):
+    ident, body = await _rs_body(request)
     async with request.app[LOCK]:
-        ident, current, items = await _rs_request(request)
+        current, items = await _rs_snapshot(request, ident, body)
         plan = _Plan()
         for f, key, _ in items:
             if key not in current:  # refuse the whole request before anything is removed
