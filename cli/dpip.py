@@ -461,14 +461,17 @@ def render(inv: Invocation, data) -> str:
 
 
 def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]]:
-    """dpip -b input: one command per line (no program name), '#' comments and blank lines skipped, words split
-    as a shell would -> (line number, Invocation). Every line is parsed before anything is sent."""
+    """dpip -b input: one command per line (no program name), '#' comments (whole lines, or from a word that starts
+    with '#' to the end of the line, as a shell reads them) and blank lines skipped, words split as a shell would
+    -> (line number, Invocation). Every line is parsed before anything is sent."""
     out = []
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            words = shlex.split(raw)
+            words = shlex.split(raw, comments=True)
+            if not words:
+                continue
             if words and words[0] == PROG:
                 words = words[1:]
             inv = parse((["-4"] if af == 4 else ["-6"] if af == 6 else []) + words)

@@ -380,7 +380,7 @@ async def test_refused_batch_index_travels_over_the_socket(tmp_path):
 def test_dpip_batch_file_is_one_request(model, tmp_path):
     ctx, client = model
     f = tmp_path / "routes"
-    f.write_text("# routes\nroute add 20.0.0.0/24 dev eth1\n\nroute add 20.0.1.0/24 via 10.1.0.1 dev eth1\n"
+    f.write_text("# routes\nroute add 20.0.0.0/24 dev eth1  # the lab's\n\nroute add 20.0.1.0/24 via 10.1.0.1 dev eth1\n"
                  "dpip addr add 10.1.0.2/24 dev eth1\nroute show\n")
     client.calls.clear()
     assert dpip.main(["-b", str(f)]) == 0
