@@ -470,6 +470,11 @@ def _upserts(ident: dict, current: dict, items: list) -> _Plan:
         if it.get("mode"):
             given["fwd"] = it["mode"].lower()
         cur = current.get(key)
+        if cur is not None:
+            # service.list's "weight" is the effective one (0 while a health check has the server down); a
+            # request's weight is the configured one, so that is what it is compared with: a drain to 0 of a
+            # server that is down must still be kept. (An older service.list sends no conf_weight.)
+            cur = {**cur, "weight": cur.get("conf_weight", cur["weight"])}
         if cur is None:
             plan.steps.append(_Step("added", key, "dest.add", {**dargs, **given}, f))
         elif any(cur.get(k) != v for k, v in given.items()):

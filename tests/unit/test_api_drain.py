@@ -1,0 +1,56 @@
+"""A drain (weight 0) over REST is compared with the configured weight, never lost to a health check's effective
+weight: PUT/POST .../rs and PUT /v2/vs/{VipPort} with RSs."""
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hdslb.api.app import make_app
+from tests.unit.test_api import SVC, VS, FakeCtx, expect, quick_start
+
+
+# --- a drain is compared with the configured weight, not the effective one --------------------------------------
+@pytest.fixture
+def down_ctx():
+    """192.168.100.3 has weight 2 configured and is down by a health check: effective weight 0."""
+    ctx = quick_start(FakeCtx())
+    ctx.bal.dest_health({"svc": SVC, "addr": "192.168.100.3", "port": 80}, False, None, "checker down")
+    d = [d for d in ctx.svc().dests.values() if str(d.addr) == "192.168.100.3"][0]
+    assert (d.weight, d.eff_weight) == (2, 0)
+    return ctx
+
+
+def conf_weight(ctx, ip="192.168.100.3"):
+    return [d.weight for d in ctx.svc().dests.values() if str(d.addr) == ip][0]
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("PUT", VS + "/rs", {"Items": [{"ip": "192.168.100.3", "weight": 0}]}),
+    ("POST", VS + "/rs", {"Items": [{"ip": "192.168.100.3", "weight": 0}, {"ip": "192.168.100.2"}]}),
+    ("PUT", VS, {"RSs": {"Items": [{"ip": "192.168.100.3", "weight": 0}]}}),
+])
+async def test_draining_a_server_that_is_down_is_kept(down_ctx, method, path, body):
+    async with TestClient(TestServer(make_app(down_ctx))) as c:
+        b = await expect(await c.request(method, path, json=body), 200)
+        assert b["updated"] == ["192.168.100.3:80"] and "192.168.100.3:80" not in b["unchanged"]
+    assert conf_weight(down_ctx) == 0
+
+
+async def test_the_configured_weight_is_what_unchanged_means(down_ctx):
+    async with TestClient(TestServer(make_app(down_ctx))) as c:
+        b = await expect(await c.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.3", "weight": 2}]}), 200)
+        assert b["unchanged"] == ["192.168.100.3:80"] and b["updated"] == []
+    assert conf_weight(down_ctx) == 2
+
+
+def test_upserts_reads_conf_weight_when_service_list_sends_it():
+    """service.list sends "weight" (effective) and, newer, "conf_weight": compare with the configured one."""
+    import ipaddress
+
+    from hdslb.api.app import _upserts
+
+    key = (ipaddress.ip_address("10.1.0.1"), 80)
+    item = [("Items[0]", key, {"ip": "10.1.0.1", "weight": 0})]
+    drained = {key: {"addr": "10.1.0.1", "port": 80, "weight": 0, "conf_weight": 2, "fwd": "fnat"}}
+    assert [s.what for s in _upserts(SVC, drained, item).steps] == ["updated"]
+    older = {key: {"addr": "10.1.0.1", "port": 80, "weight": 0, "fwd": "fnat"}}  # no conf_weight: weight is it
+    assert _upserts(SVC, older, item).unchanged == [key]
