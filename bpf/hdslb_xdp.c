@@ -1707,8 +1707,12 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		int frag = iph->frag_off & bpf_htons(0x3fff);
 
 		ic = nh->pos;
-		if ((void *)(ic + 1) > data_end)
+		if ((void *)(ic + 1) > data_end || (void *)(ic + 1) > nh->end) {
+			/* a datagram too short for the 8-byte ICMP header is malformed; fragments stay the kernel's */
+			if (!frag)
+				return drop(CNT_DROP_MALFORMED_L4);
 			goto not_balanced;
+		}
 		/* Echo of a SNAT flow: the identifier is the port (request: sport, reply: dport). */
 		if (!frag && (ic->type == ICMP_ECHO || ic->type == ICMP_ECHOREPLY)) {
 			if (ic->type == ICMP_ECHO)
@@ -1835,7 +1839,7 @@ not_balanced:
  */
 static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
-	struct ipv6hdr *ip6 = nh->pos;
+	struct ipv6hdr *ip6;
 	struct tcphdr *th = 0;
 	struct udphdr *uh = 0;
 	struct conn_key k = {};
@@ -1849,9 +1853,8 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	struct iface_val *inv;
 	int ours = 0;
 
-	if ((void *)(ip6 + 1) > data_end)
+	if (parse_ip6hdr(nh, data_end, &ip6) < 0)
 		return drop(CNT_DROP_MALFORMED_IP);
-	nh->pos = ip6 + 1;
 	if (ip6->nexthdr == IPPROTO_TCP) {
 		if (parse_tcphdr(nh, data_end, &th) < 0)
 			return drop(CNT_DROP_MALFORMED_L4);
@@ -1910,11 +1913,11 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 
 icmp6:
 	icmp = (__u8 *)(ip6 + 1);
-	if ((void *)(icmp + 8) > data_end)
-		goto pass;
+	if ((void *)(icmp + 8) > data_end || (void *)(icmp + 8) > nh->end)
+		return drop(CNT_DROP_MALFORMED_L4);
 	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_)
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
-	else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end)
+	else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end && (void *)(icmp + 24) <= nh->end)
 		ours = local_lookup6(icmp + 8) != 0; /* the target address */
 	if (ours && (inv = iface_map.lookup(&in_if))) {
 		__u32 key = xsk_key(ctx, inv);

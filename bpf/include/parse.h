@@ -6,10 +6,14 @@
  * Contract (as in xdp-tutorial's parsing_helpers.h): each helper takes a cursor into the packet and
  * data_end, checks that the whole header fits, stores a pointer to it, advances the cursor past it and
  * returns the next protocol number (host order), or -1 if the header does not fit or is malformed.
+ * "Fits" means inside the frame (data_end: what the verifier needs) and inside the enclosing datagram
+ * (cursor.end: the frame's end until an IP header narrows it to its own length). Bytes between the two are
+ * link padding (a short frame is padded to 60 bytes) or junk: never a header, never a length's room.
  */
 
 struct hdr_cursor {
 	void *pos;
+	void *end; /* end of the innermost datagram parsed so far (<= data_end) */
 };
 
 struct vlan_hdr {
@@ -31,6 +35,7 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, s
 	struct vlan_hdr *vlh;
 	__u16 h_proto;
 
+	nh->end = data_end;
 	if ((void *)(eth + 1) > data_end)
 		return -1;
 	nh->pos = eth + 1;
@@ -51,7 +56,7 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, s
 	return h_proto;
 }
 
-/* IPv4: version 4, ihl >= 5, tot_len covering the header and within the frame. */
+/* IPv4: version 4, ihl >= 5, tot_len covering the header and within the frame; the datagram ends at tot_len. */
 static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end, struct iphdr **iphdr)
 {
 	struct iphdr *iph = nh->pos;
@@ -66,12 +71,32 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end, st
 		return -1;
 	if (bpf_ntohs(iph->tot_len) < hdrsize || nh->pos + bpf_ntohs(iph->tot_len) > data_end)
 		return -1;
+	nh->end = nh->pos + bpf_ntohs(iph->tot_len);
 	nh->pos += hdrsize;
 	*iphdr = iph;
 	return iph->protocol;
 }
 
-/* TCP: doff >= 5 and the whole header (options included) inside the frame. */
+/*
+ * IPv6: version 6 and the payload (payload_len) inside the frame; the datagram ends there. Extension headers
+ * are not walked: the next header is returned as it stands. A payload_len of 0 (a jumbogram, which needs a
+ * Hop-by-Hop header) leaves no room for an upper-layer header, so such a TCP or UDP header does not fit.
+ */
+static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end, struct ipv6hdr **ip6hdr)
+{
+	struct ipv6hdr *ip6 = nh->pos;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	if (ip6->version != 6 || (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+		return -1;
+	nh->end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);
+	nh->pos = ip6 + 1;
+	*ip6hdr = ip6;
+	return ip6->nexthdr;
+}
+
+/* TCP: doff >= 5 and the whole header (options included) inside the frame and the datagram. */
 static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end, struct tcphdr **tcphdr)
 {
 	struct tcphdr *h = nh->pos;
@@ -82,21 +107,26 @@ static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end, s
 	len = h->doff * 4;
 	if (len < (int)sizeof(*h))
 		return -1;
-	if (nh->pos + len > data_end)
+	if (nh->pos + len > data_end || nh->pos + len > nh->end)
 		return -1;
 	nh->pos += len;
 	*tcphdr = h;
 	return 0;
 }
 
-/* UDP: the 8-byte header inside the frame and a length field that is at least the header. */
+/*
+ * UDP: the 8-byte header inside the frame and the datagram, and a length field that is at least the header and
+ * at most what the IP datagram carries (a shorter one leaves IP-level padding, as the kernel accepts).
+ */
 static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, struct udphdr **udphdr)
 {
 	struct udphdr *h = nh->pos;
+	__u16 len;
 
-	if ((void *)(h + 1) > data_end)
+	if ((void *)(h + 1) > data_end || (void *)(h + 1) > nh->end)
 		return -1;
-	if (bpf_ntohs(h->len) < sizeof(*h))
+	len = bpf_ntohs(h->len);
+	if (len < sizeof(*h) || nh->pos + len > nh->end)
 		return -1;
 	nh->pos = h + 1;
 	*udphdr = h;

@@ -1,0 +1,204 @@
+"""Packets the fast path must refuse: each is counted and dropped (or left to the kernel), never creates or changes
+a connection and is never forwarded as garbage. One case per way a packet can lie: lengths that disagree with the
+frame, headers that are not what they claim, flags no opening segment carries, sources no flow can come from.
+"""
+
+import ctypes as ct
+import ipaddress
+import socket
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.l2 import ARP, Ether
+
+from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
+
+from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX
+
+
+@pytest.fixture(params=CONN_TABLES)
+def fastpath(fastpath_of, request):
+    """Every test here runs on both conn table kinds: a value per CPU (the default) and one shared value."""
+    return fastpath_of(request.param)
+
+
+A = ipaddress.ip_address
+LB = ":".join(f"{b:02x}" for b in LB_MAC)
+CL_MAC, RS_MAC, GW_MAC = "02:cc:00:00:00:01", "02:55:00:00:00:02", "02:99:00:00:00:09"
+CLIENT, VIP, VIP_TUN, LIP, TUNSRC = "10.0.0.50", "10.0.0.100", "10.0.0.101", "192.168.100.200", "192.168.100.254"
+RS1 = "192.168.100.2"
+CLIENT6, VIP6, VIP6_TUN, LIP6, RS61 = "fd00:10::1", "fd00:10::100", "fd00:10::101", "fd00:100::200", "fd00:100::2"
+TCP_, UDP_ = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+E = Ether(src=CL_MAC, dst=LB)
+
+# svc_id: (proto, vip, port, real server, its port, mode, local address)
+SERVICES = {
+    0: (TCP_, VIP, 80, RS1, 80, "fnat", LIP),
+    1: (UDP_, VIP, 53, RS1, 53, "fnat", LIP),
+    2: (TCP_, VIP6, 80, RS61, 80, "fnat", LIP6),
+    3: (UDP_, VIP6, 53, RS61, 53, "fnat", LIP6),
+    4: (TCP_, VIP6, 8080, RS1, 8080, "fnat", LIP),  # NAT64
+    5: (UDP_, VIP6, 5353, RS1, 5353, "fnat", LIP),  # NAT64
+    6: (TCP_, VIP_TUN, 80, RS1, 80, "tunnel", LIP),
+    7: (TCP_, VIP6_TUN, 80, RS61, 80, "tunnel", LIP6),
+}
+
+
+@pytest.fixture
+def m(fastpath, maps):
+    """Every service above, reachable over the test run's loopback 'interface' (MTU 1500)."""
+    for name in ("persist_map",):
+        t = fastpath.table(name)
+        for k in list(t.keys()):
+            del t[k]
+    t = fastpath.table("snat_map")
+    for i in range(16):
+        t[ct.c_uint32(i)] = t.Leaf()
+    maps.set_route(ipaddress.ip_network("192.168.100.0/24"), LO_IFINDEX, None, A(TUNSRC), 1500, False)
+    maps.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, A("fd00:100::fe"), 1500, False)
+    for a in (RS1, RS61):
+        maps.set_neigh(A(a), bytes.fromhex(RS_MAC.replace(":", "")), LO_IFINDEX, permanent=True)
+    for sid, (proto, vip, port, rs, rport, fwd, lip) in SERVICES.items():
+        maps.set_service(proto, A(vip), port, sid)
+        maps.set_dest(sid, A(rs), rport, fwd, sid, drain=False)
+        maps.set_sched(sid, [sid], 1)
+        maps.set_laddrs(sid, [(A(lip), LO_IFINDEX)])
+    for a in (VIP, VIP_TUN, VIP6, VIP6_TUN):
+        maps.set_local(A(a), 0x8, LO_IFINDEX)
+    for a in (LIP, LIP6):
+        maps.set_local(A(a), 0x2, LO_IFINDEX)
+    return maps
+
+
+def run(fp, pkt):
+    v, out, _ = run_xdp(fp.prog_fd, bytes(pkt))
+    return v, Ether(out)
+
+
+def delta(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def refused(fp, m, pkt, counter, verdict=XDP_DROP):
+    """pkt is dropped (or passed) with counter moving once, and leaves no connection and no service stats."""
+    entries, before = m.conn_entries(), m.counters()
+    stats = {sid: m.svc_stats(sid) for sid in SERVICES}
+    v, out, _ = run_xdp(fp.prog_fd, bytes(pkt))
+    d = delta(before, m.counters())
+    assert v == verdict, f"{VERDICTS[v]} {d}\n{Ether(bytes(pkt)).show(dump=True)}"
+    assert d.get(counter) == 1, d
+    assert "conn_new" not in d and m.conn_entries() == entries, "no connection state"
+    assert {sid: m.svc_stats(sid) for sid in SERVICES} == stats, "no service stats"
+    if v == XDP_PASS:
+        assert out == bytes(pkt), "a passed packet reaches the kernel unchanged"
+    return d
+
+
+def states(m, sport):
+    return sorted(c["state"] for c in m.conns() if not c["out"] and c["sport"] == sport)
+
+
+# --- 1. L4 headers end where the IP datagram ends, not where the frame does -----------------------------------
+
+def test_tcp_header_beyond_the_ip_total_length_opens_nothing(fastpath, m):
+    """tot_len 20 says "no payload": the SYN after it is link padding, not a segment."""
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=20, proto=6) / TCP(sport=5000, dport=80, flags="S"),
+            "drop_malformed_l4")
+    # 8 bytes of the TCP header inside tot_len, the rest outside
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=28, proto=6) / TCP(sport=5001, dport=80, flags="S"),
+            "drop_malformed_l4")
+    # options announced by the data offset but cut by tot_len
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=40, proto=6) /
+            TCP(sport=5002, dport=80, flags="S", options=[("MSS", 1460)]), "drop_malformed_l4")
+
+
+def test_a_reset_beyond_the_ip_total_length_leaves_the_flow_alone(fastpath, m):
+    assert run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5010, dport=80, flags="S"))[0] == XDP_TX
+    assert run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5010, dport=80, flags="A"))[0] == XDP_TX
+    assert states(m, 5010) == [2]
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=20, proto=6) / TCP(sport=5010, dport=80, flags="R"),
+            "drop_malformed_l4")
+    assert states(m, 5010) == [2], "still established"
+
+
+def test_udp_header_beyond_the_ip_total_length_opens_nothing(fastpath, m):
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=20, proto=17) / UDP(sport=5020, dport=53) / b"abc",
+            "drop_malformed_l4")
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, len=24, proto=17) / UDP(sport=5021, dport=53) / b"abc",
+            "drop_malformed_l4")
+
+
+def test_an_icmp_header_beyond_the_ip_total_length_is_not_rewritten(fastpath, m):
+    """A SNAT echo reply whose identifier lies past tot_len would get it rewritten in the padding."""
+    OUTSIDE, INSIDE, SAPOOL = "10.0.0.1", "192.168.100.2", "10.0.0.254"
+    m.set_route(ipaddress.ip_network("10.0.0.0/24"), LO_IFINDEX, None, None, 1500, False)
+    m.set_neigh(A(OUTSIDE), bytes.fromhex(GW_MAC.replace(":", "")), LO_IFINDEX, permanent=True)
+    m.set_local(A(SAPOOL), 0x4, LO_IFINDEX)
+    m.set_dest(20, A(SAPOOL), 0, "snat", 20, drain=False)
+    m.set_sched(20, [20], 1)
+    m.set_snat_rule(0, 20, 0, (A(INSIDE), A(INSIDE)), None, 0, LO_IFINDEX)
+    m.set_cfg(snat_rules=1)
+    req = Ether(src=RS_MAC, dst=LB) / IP(src=INSIDE, dst=OUTSIDE) / ICMP(type=8, id=777, seq=1) / b"ping"
+    v, out = run(fastpath, req)
+    assert v == XDP_TX and out[IP].src == SAPOOL
+    lport = out[ICMP].id
+    bad = Ether(src=GW_MAC, dst=LB) / IP(src=OUTSIDE, dst=SAPOOL, len=24, proto=1) / ICMP(type=0, id=lport, seq=1)
+    refused(fastpath, m, bad, "drop_malformed_l4")
+    good = Ether(src=GW_MAC, dst=LB) / IP(src=OUTSIDE, dst=SAPOOL) / ICMP(type=0, id=lport, seq=1) / b"ping"
+    v, back = run(fastpath, good)
+    assert v == XDP_TX and (back[IP].dst, back[ICMP].id) == (INSIDE, 777)
+
+
+def test_ethernet_padding_after_the_datagram_is_still_fine(fastpath, m):
+    """Short frames arrive padded to 60 bytes: the bytes after tot_len (payload_len) are no one's concern."""
+    for pkt in (E / IP(src=CLIENT, dst=VIP) / TCP(sport=5030, dport=80, flags="S"),
+                E / IP(src=CLIENT, dst=VIP) / UDP(sport=5031, dport=53) / b"q",
+                E / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5032, dport=53) / b"q",
+                E / IPv6(src=CLIENT6, dst=VIP6, plen=20) / TCP(sport=5033, dport=80, flags="S") / b"pad"):
+        raw = bytes(pkt)
+        raw += b"\0" * max(60 - len(raw), 0) + b"\xee" * 4
+        v, out = run(fastpath, raw)
+        assert v == XDP_TX, (VERDICTS[v], pkt.summary(), m.counters())
+    assert m.counters()["conn_new"] == 4
+
+
+# --- 2. UDP's length field against the IP payload -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_udp_length_beyond_the_ip_payload_is_dropped(fastpath, m, family):
+    ip = IP(src=CLIENT, dst=VIP) if family == 4 else IPv6(src=CLIENT6, dst=VIP6)
+    refused(fastpath, m, E / ip / UDP(sport=5040, dport=53, len=1000) / b"abc", "drop_malformed_l4")
+    refused(fastpath, m, E / ip / UDP(sport=5041, dport=53, len=12) / b"abc", "drop_malformed_l4")  # 11 carried
+
+
+def test_udp_length_short_of_the_ip_payload_is_ip_padding(fastpath, m):
+    """UDP says 9 bytes, IP carries 12: the kernel accepts it (the rest is padding), so do we."""
+    v, out = run(fastpath, E / IP(src=CLIENT, dst=VIP) / UDP(sport=5042, dport=53, len=9) / b"abcd")
+    assert v == XDP_TX and out[IP].dst == RS1
+
+
+# --- 3. the IPv6 header -------------------------------------------------------------------------------------
+
+def test_ipv6_header_of_another_version_is_dropped(fastpath, m):
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6, version=4) / TCP(sport=5050, dport=80, flags="S"),
+            "drop_malformed_ip")
+    # and an IPv4 header claiming to be version 6 in an IPv4 frame
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP, version=6) / TCP(sport=5051, dport=80, flags="S"),
+            "drop_malformed_ip")
+
+
+@pytest.mark.parametrize("vip,port", [(VIP6, 80), (VIP6, 8080), (VIP6_TUN, 80)], ids=["fnat", "nat64", "6in6"])
+def test_ipv6_payload_length_beyond_the_frame_is_dropped(fastpath, m, vip, port):
+    """payload_len 65535 (60000) in a 74-byte frame: neither counted as 65,575 bytes nor turned into an IPv4
+    tot_len or an outer payload_len."""
+    for plen in (65535, 60000, 21):
+        refused(fastpath, m, E / IPv6(src=CLIENT6, dst=vip, plen=plen) / TCP(sport=5060, dport=port, flags="S"),
+                "drop_malformed_ip")
+
+
+def test_ipv6_payload_length_short_of_the_tcp_header_is_dropped(fastpath, m):
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6, plen=8) / TCP(sport=5070, dport=80, flags="S"),
+            "drop_malformed_l4")
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6, plen=0) / TCP(sport=5071, dport=80, flags="S"),
+            "drop_malformed_l4")
