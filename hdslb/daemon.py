@@ -179,6 +179,13 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
     return forward
 
 
+def timeouts_of(cfg) -> dict:
+    """The idle timeouts (seconds, by the names Settings.timeouts uses) a config's ipvs_defs sets."""
+    tcp = cfg.ipvs_defs.tcp.timeout
+    return dict(DEFAULT_TIMEOUTS, syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
+                close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
+
+
 def settings_from_args(argv: list[str] | None = None) -> Settings:
     p = build_parser()
     ns = p.parse_args(argv)
@@ -232,9 +239,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         log_level = log_level or DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
         log_file = cfg.global_defs.log_file
         neigh = (cfg.neigh_defs.timeout, cfg.neigh_defs.unres_queue_length, cfg.ipv4_defs.default_ttl)
-        tcp = cfg.ipvs_defs.tcp.timeout
-        timeouts.update(syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
-                        close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
+        timeouts = timeouts_of(cfg)
         if not interfaces:
             p.error(f"{ns.config_file}: no interface in netif_defs and none given")
     api_listen = None if ns.api_listen in ("off", "none", "") else ns.api_listen
@@ -257,7 +262,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
                     slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
                     max_persist=ns.max_persist, max_services=ns.max_services, max_dests=ns.max_dests,
-                    extra={"notices": notices})
+                    extra={"notices": notices, "log_level_from_cli": ns.log_level is not None})
 
 
 class _NullDataPath:
@@ -485,6 +490,27 @@ def arp_frame(op: int, smac: bytes, sip, dmac: bytes, tip, tha: bytes = b"\0" * 
     """An Ethernet ARP frame (op 1 request, 2 reply)."""
     return (dmac + smac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, op)
             + smac + ipaddress.IPv4Address(sip).packed + tha + ipaddress.IPv4Address(tip).packed)
+
+
+def _option_line(c) -> str:
+    """A changed option as the reload reply and log show it: FILE:LINE: PATH: OLD -> NEW."""
+    def val(v):
+        return "(unset)" if v is None else " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    return f"{c.where.file}:{c.where.line}: {c.path}: {val(c.old)} -> {val(c.new)}"
+
+
+def swap_log_handler(root: logging.Logger, new: logging.Handler) -> None:
+    """Send the log to `new` in place of the handler main() set up (a plain StreamHandler or FileHandler, with
+    its format); handlers others added (a test's capture, journald) stay."""
+    mine = [h for h in root.handlers if type(h) in (logging.StreamHandler, logging.FileHandler)]
+    if mine:
+        new.setFormatter(mine[0].formatter)
+    root.addHandler(new)
+    for h in mine:
+        root.removeHandler(h)
+        if isinstance(h, logging.FileHandler):
+            h.close()
 
 
 class Daemon:
@@ -913,10 +939,18 @@ class Daemon:
             raise HdslbError(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}") from None
         if text is not None:
             self._refuse_posted_security_changes(cfg)
-        restart = []
-        if self.config is not None:
-            restart = [str(c) for c in diff(self.config, cfg).init_changed]
-        applied = self.apply_config(cfg)
+        changes = diff(self.config, cfg) if self.config is not None else None
+        restart = [_option_line(c) for c in changes.init_changed] if changes else []
+        live, idle, later = self._sort_live_options(changes.options_changed if changes else (), cfg)
+        restart += later
+        new_log = self._open_log_file(cfg) if any(c.path == "global_defs.log_file" for c in live) else None
+        try:
+            applied = self.apply_config(cfg)
+        except BaseException:
+            if new_log is not None:
+                new_log.close()
+            raise
+        applied += self._apply_live_options(cfg, live, new_log)
         from hdslb.config.apply import inactive_notices
 
         for n in inactive_notices(cfg):
@@ -924,7 +958,66 @@ class Daemon:
         await self._start_health()
         if text is not None:
             self.config_text_override = text
-        return {"applied": applied, "needs_restart": restart}
+        return {"applied": applied, "needs_restart": restart, "not_acted_on": idle}
+
+    # Options a reload applies at once (the rest of the *_defs options that act are read at start only, and a
+    # change of one is reported in needs_restart). keepalived and DPVS also reload non-<init> options live.
+    LIVE_OPTIONS = ("global_defs.log_level", "global_defs.log_file", "global_defs.script_user",
+                    "global_defs.enable_script_security", "ipvs_defs.conn.expire_quiescent_template",
+                    "ipvs_defs.tcp.timeout.syn_recv", "ipvs_defs.tcp.timeout.established",
+                    "ipvs_defs.tcp.timeout.fin_wait", "ipvs_defs.tcp.timeout.close", "ipvs_defs.udp.timeout.normal")
+
+    def _sort_live_options(self, changes, cfg) -> tuple[list, list[str], list[str]]:
+        """Changed options that are not <init>: (applied now, lines for those accepted but not acted on, lines
+        for those that act only from the next start)."""
+        from hdslb.config.apply import not_acted_on
+
+        live, idle, later = [], [], []
+        for c in changes:
+            st = cfg.settings.get(c.path) or self.config.settings.get(c.path)
+            why = not_acted_on(c.path)
+            if st is not None and not st.applies:
+                why = "it means nothing under XDP (the notice logged for it says why)"
+            if c.path == "global_defs.log_level" and self.settings.extra.get("log_level_from_cli"):
+                why = "hdslbd --log-level on the command line wins over the file"
+            if why is not None:
+                idle.append(f"{_option_line(c)}: accepted, not acted on: {why}")
+            elif c.path in self.LIVE_OPTIONS:
+                live.append(c)
+            else:
+                later.append(_option_line(c))
+        return live, idle, later
+
+    def _open_log_file(self, cfg):
+        """The handler for a changed log_file, opened before anything is applied: a path that cannot be written
+        refuses the reload whole."""
+        path = cfg.global_defs.log_file
+        if path is None:
+            return logging.StreamHandler(sys.stderr)
+        try:
+            return logging.FileHandler(path)
+        except OSError as e:
+            raise HdslbError(e.errno or errno.EIO, f"{cfg.settings['global_defs.log_file'].where}: log_file: cannot "
+                                                   f"open {path}: {e.strerror}; nothing was applied") from None
+
+    def _apply_live_options(self, cfg, live, new_log) -> list[str]:
+        """Act on the changed live options (after the services were applied); one line per option for the reply."""
+        paths = {c.path for c in live}
+        if any(p.startswith("ipvs_defs.") and ".timeout." in p for p in paths):
+            self.settings.timeouts = timeouts_of(cfg)  # what the aging sweep and ipvsadm -Lnc read
+            set_idle = getattr(self.maps, "set_idle_timeouts", None)
+            if set_idle is not None:  # the fast path's port reclaiming reads them from its cfg map
+                set_idle(self.settings.timeouts)
+        if "global_defs.log_level" in paths:
+            self.settings.log_level = DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
+            logging.getLogger().setLevel(self.settings.log_level.upper())
+        if new_log is not None:
+            swap_log_handler(logging.getLogger(), new_log)
+            self.settings.log_file = cfg.global_defs.log_file
+        lines = [_option_line(c) for c in live]
+        for line in lines:
+            log.info("reload: %s", line)
+        return lines
 
     def _refuse_posted_security_changes(self, cfg) -> None:
         """A posted config may not change where the daemon writes its log or how it runs scripts: those are

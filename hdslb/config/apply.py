@@ -198,6 +198,14 @@ NOT_ACTED_ON_LB = {
 }
 
 
+def not_acted_on(path: str) -> str | None:
+    """Why the `*_defs` option at `path` (a Setting's path) has no effect, or None if it acts."""
+    for prefix, reason in NOT_ACTED_ON.items():
+        if path.startswith(prefix):
+            return reason
+    return None
+
+
 def inactive_notices(cfg) -> list[str]:
     """One line per option the file sets that has no effect: the parser's not-applicable notices plus the
     options this daemon does not act on yet. Nothing set is silently ignored."""

@@ -1,0 +1,110 @@
+"""A reload acts on every changed option it can (timeouts, logging) and names the rest: applied, needs_restart or
+not_acted_on. Nothing changed in the file is silently dropped."""
+
+import logging
+
+import pytest
+
+from tests.unit.test_api_security import BASE, HarnessDaemon
+
+TIMEOUTS = """ipvs_defs {
+    tcp {
+        timeout {
+            established 90
+        }
+    }
+}
+"""
+
+
+@pytest.fixture
+def root_logging():
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield root
+    for h in root.handlers:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
+async def make(tmp_path, text, *args):
+    conf = tmp_path / "hdslb.conf"
+    conf.write_text(text)
+    d = HarnessDaemon(conf, tmp_path)
+    if args:
+        from hdslb.daemon import settings_from_args
+        d.settings = settings_from_args(["-f", str(conf), "eth0", "--state-dir", str(tmp_path), *args])
+    await d.reload_config()
+    return d, conf
+
+
+async def test_timeouts_are_applied_live(tmp_path):
+    d, conf = await make(tmp_path, BASE + TIMEOUTS)
+    seen = []
+    d.maps.set_idle_timeouts = seen.append
+    conf.write_text(BASE + TIMEOUTS.replace("established 90", "established 300\n            fin_wait 11"))
+    r = await d.reload_config()
+    assert d.settings.timeouts["established"] == 300 and d.settings.timeouts["fin_wait"] == 11
+    assert seen == [d.settings.timeouts]  # the fast path's cfg map (port reclaiming) too
+    from hdslb.fastpath.abi import conn_states
+
+    assert d.idle_limits().of(6, conn_states().index("established")) == 300  # what the aging sweep uses
+    assert [line.split(": ", 1)[1] for line in r["applied"]] == ["ipvs_defs.tcp.timeout.established: 90 -> 300",
+                                                                 "ipvs_defs.tcp.timeout.fin_wait: (unset) -> 11"]
+    assert r["needs_restart"] == [] and r["not_acted_on"] == []
+    # back to the default when the line goes
+    conf.write_text(BASE)
+    r = await d.reload_config()
+    assert d.settings.timeouts["established"] == 90 and d.settings.timeouts["fin_wait"] == 7
+
+
+async def test_log_level_is_applied_live_unless_the_command_line_set_it(tmp_path, root_logging):
+    d, conf = await make(tmp_path, BASE)
+    conf.write_text(BASE.replace("log_level INFO", "log_level DEBUG"))
+    r = await d.reload_config()
+    assert root_logging.level == logging.DEBUG and any("global_defs.log_level: INFO -> DEBUG" in x
+                                                       for x in r["applied"])
+    d, conf = await make(tmp_path, BASE, "--log-level", "warning")
+    root_logging.setLevel(logging.WARNING)
+    conf.write_text(BASE.replace("log_level INFO", "log_level DEBUG"))
+    r = await d.reload_config()
+    assert root_logging.level == logging.WARNING
+    assert any("log_level" in x and "command line wins" in x for x in r["not_acted_on"])
+
+
+async def test_log_file_is_reopened_on_reload(tmp_path, root_logging):
+    d, conf = await make(tmp_path, BASE)
+    log_path = tmp_path / "hdslb.log"
+    conf.write_text(BASE.replace("log_level INFO", f"log_level INFO\n    log_file {log_path}"))
+    r = await d.reload_config()
+    assert any("global_defs.log_file" in x for x in r["applied"])
+    logging.getLogger("hdslb.test").warning("after the reload")
+    for h in root_logging.handlers:
+        h.flush()
+    assert "after the reload" in log_path.read_text()
+
+
+async def test_a_log_file_that_cannot_be_opened_refuses_the_reload(tmp_path, root_logging):
+    d, conf = await make(tmp_path, BASE)
+    handlers = list(root_logging.handlers)
+    conf.write_text(BASE.replace("log_level INFO", f"log_level INFO\n    log_file {tmp_path}/no/such/dir/x.log")
+                    .replace("weight 3", "weight 5"))
+    from hdslb.errors import HdslbError
+
+    with pytest.raises(HdslbError) as e:
+        await d.reload_config()
+    assert "hdslb.conf:3:" in e.value.message and "nothing was applied" in e.value.message
+    assert [x.weight for s in d.bal.services.values() for x in s.dests.values()] == [3]
+    assert root_logging.handlers == handlers
+
+
+async def test_options_without_effect_are_named_in_the_reply(tmp_path):
+    d, conf = await make(tmp_path, BASE + TIMEOUTS)
+    conf.write_text(BASE + TIMEOUTS.replace("established 90", "established 90\n            time_wait 9")
+                    + "timer_defs {\n    schedule_interval 100\n}\n")
+    r = await d.reload_config()
+    idle = "\n".join(r["not_acted_on"])
+    assert "ipvs_defs.tcp.timeout.time_wait: (unset) -> 9: accepted, not acted on" in idle
+    assert "timer_defs.schedule_interval" in idle and r["applied"] == []
