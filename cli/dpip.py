@@ -261,6 +261,8 @@ def _parse_addr(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
     dev = _require_dev(kw)
     args = {"addr": str(iface.ip), "prefixlen": iface.network.prefixlen, "ifname": dev}
     if cmd == "del":
+        if "/" not in prefix:  # any prefix length; given, it must be the address's (as ip addr del)
+            del args["prefixlen"]
         return "addr.del", args
     scope = kw.get("scope")
     if scope is not None and scope not in ADDR_SCOPES:

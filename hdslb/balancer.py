@@ -61,6 +61,18 @@ def ip(s, what: str = "address"):
         raise invalid(f"invalid {what} {s!r}") from None
 
 
+BCAST4 = ipaddress.IPv4Address("255.255.255.255")
+
+
+def unicast(addr, what: str):
+    """addr, when it can be one host's address on a link: not unspecified, multicast, loopback (the fast path never
+    sees those on a NIC), the IPv4 broadcast, nor IPv4-mapped IPv6 (::ffff:a.b.c.d: the IPv4 address is meant)."""
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr == BCAST4 or \
+            (addr.version == 6 and addr.ipv4_mapped is not None):
+        raise invalid(f"{what} {addr} is not a unicast address")
+    return addr
+
+
 def port_of(v, what: str = "port") -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
         raise invalid(f"invalid {what} {v!r}")
@@ -921,6 +933,8 @@ class Balancer:
         if key in self.services:
             raise exists("Service already exists")
         match = key[1] if key[0] == "match" else None
+        if match is None:
+            unicast(key[1], "service address")
         if match is None and key[2] == 0:
             if opts["persistent"] is not None:
                 raise HdslbError(errno.EOPNOTSUPP, "port 0 (all-port persistent) services are not implemented "
@@ -1102,6 +1116,8 @@ class Balancer:
         key = self._dest_key(svc, a)
         if key in svc.dests:
             raise exists("Destination already exists")
+        if not (svc.match is not None and key[0] == ANY4):  # SNAT's 0.0.0.0:0: the src of the route taken
+            unicast(key[0], "real server address")
         opts = self._dest_opts(a, svc, key[0], key[1], None)
         slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
@@ -1253,7 +1269,7 @@ class Balancer:
     def laddr_add(self, a: dict) -> Laddr:
         self._wgen += 1  # what wanted_nexthops() returns may change
         svc = self.get_service(a.get("svc"))
-        addr = ip(a.get("addr"), "local address")
+        addr = unicast(ip(a.get("addr"), "local address"), "local address")
         ifc = self.iface(a.get("ifname"))
         if svc.match is not None:
             raise invalid("SNAT services take their source addresses as real servers (-a -H ... -r ADDR:0 -J), "
@@ -1324,7 +1340,7 @@ class Balancer:
     # --- interface addresses (dpip addr) --------------------------------------------------------
     def addr_add(self, a: dict) -> Addr:
         self._wgen += 1  # what wanted_nexthops() returns may change
-        addr = ip(a.get("addr"))
+        addr = unicast(ip(a.get("addr")), "address")
         plen = a.get("prefixlen", addr.max_prefixlen)
         if not isinstance(plen, int) or not 0 <= plen <= addr.max_prefixlen:
             raise invalid(f"invalid prefix length {plen!r}")
@@ -1349,12 +1365,13 @@ class Balancer:
 
     def addr_del(self, a: dict) -> None:
         addr = ip(a.get("addr"))
+        plen = a.get("prefixlen")  # given, it must be the address's (as the kernel has it for ip addr del)
         for ad in self.addrs:
-            if ad.addr == addr and (a.get("ifname") in (None, ad.ifname)):
+            if ad.addr == addr and a.get("ifname") in (None, ad.ifname) and plen in (None, ad.prefixlen):
                 self._check_unused(ad)
                 self._remove_addr(ad)
                 return
-        raise HdslbError(errno.EADDRNOTAVAIL, f"address {addr} not found")
+        raise HdslbError(errno.EADDRNOTAVAIL, f"address {addr}{'' if plen is None else f'/{plen}'} not found")
 
     def _check_unused(self, ad: Addr) -> None:
         """A sapool address a SNAT service hands out as source cannot go while that service uses it."""
@@ -1406,9 +1423,9 @@ class Balancer:
         ifname = a.get("ifname")
         ifname = self.iface(ifname).name if (ifname is not None or not any_dev) else None
         via = a.get("via")
-        via = ip(via, "gateway") if via not in (None, "", "0.0.0.0", "::") else None
+        via = unicast(ip(via, "gateway"), "gateway") if via not in (None, "", "0.0.0.0", "::") else None
         src = a.get("src")
-        src = ip(src, "source") if src not in (None, "", "0.0.0.0", "::") else None
+        src = unicast(ip(src, "source"), "source") if src not in (None, "", "0.0.0.0", "::") else None
         for x in (via, src):
             if x is not None and x.version != net.version:
                 raise invalid(f"{x} does not match the family of {net}")
@@ -1418,8 +1435,11 @@ class Balancer:
         mtu = a.get("mtu") or 0
         metric = a.get("metric") or 0
         for name, v in (("mtu", mtu), ("metric", metric)):
-            if not isinstance(v, int) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise invalid(f"invalid {name} {v!r}")
+        lo = 1280 if net.version == 6 else 68  # the least MTU of each family (RFC 8200, RFC 791)
+        if mtu and not lo <= mtu <= 65535:
+            raise invalid(f"invalid mtu {mtu} ({lo}..65535, or 0 for the interface's)")
         return Route(net=net, ifname=ifname, via=via, src=src, mtu=mtu, metric=metric, scope=scope, proto="auto")
 
     def _route_insert(self, r: Route) -> None:
@@ -1641,7 +1661,7 @@ class Balancer:
 
     # --- neighbours -----------------------------------------------------------------------------
     def neigh_add(self, a: dict) -> Neigh:
-        addr = ip(a.get("addr"))
+        addr = unicast(ip(a.get("addr")), "neighbour address")
         ll = a.get("lladdr")
         try:
             mac = bytes(int(x, 16) for x in str(ll).split(":"))

@@ -97,6 +97,17 @@ def test_unknown_scheduler_is_refused_like_ipvsadm(bal):
     ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "fd00::1"}, errno.EINVAL),
     ("route_del", {"prefix": "10.9.0.0", "prefixlen": 16, "ifname": "eth0"}, errno.ESRCH),
     ("neigh_add", {"addr": "10.0.0.1", "lladdr": "zz:00", "ifname": "eth0"}, errno.EINVAL),
+    # addresses no host has on a link: the fast path would never see, or could not answer, their traffic
+    *[("service_add", dict(SVC, addr=a, sched="rr"), errno.EINVAL)
+      for a in ("0.0.0.0", "224.0.0.5", "255.255.255.255", "127.0.0.1", "::", "ff02::1", "::1", "::ffff:10.0.0.9")],
+    *[("dest_add", {"svc": SVC, "addr": a}, errno.EINVAL) for a in ("0.0.0.0", "255.255.255.255", "239.1.1.1")],
+    *[("laddr_add", {"svc": SVC, "addr": a, "ifname": "eth1"}, errno.EINVAL) for a in ("0.0.0.0", "224.0.0.1")],
+    ("addr_add", {"addr": "224.0.0.9", "prefixlen": 32, "ifname": "eth0"}, errno.EINVAL),
+    ("neigh_add", {"addr": "255.255.255.255", "lladdr": "02:00:00:00:00:01", "ifname": "eth0"}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "224.0.0.1"}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 100000}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 40}, errno.EINVAL),
+    ("addr_del", {"addr": "10.0.0.100", "prefixlen": 8, "ifname": "eth0"}, errno.EADDRNOTAVAIL),
 ])
 def test_refused_changes_change_nothing(bal, op, args, err):
     quick_start(bal)
@@ -105,6 +116,22 @@ def test_refused_changes_change_nothing(bal, op, args, err):
         getattr(bal, op)(args)
     assert e.value.errno == err, e.value.message
     assert (bal.services, bal.routes, bal.addrs, len(bal.dp.calls)) == before
+
+
+def test_address_delete_takes_any_prefix_length_unless_one_is_given(bal):
+    quick_start(bal)
+    bal.addr_del({"addr": "10.0.0.100", "ifname": "eth0"})  # dpip addr del 10.0.0.100 dev eth0
+    assert not bal.addrs
+    bal.addr_add({"addr": "10.0.0.100", "prefixlen": 24, "ifname": "eth0"})
+    bal.addr_del({"addr": "10.0.0.100", "prefixlen": 24, "ifname": "eth0"})
+    assert not bal.addrs
+
+
+def test_snat_real_server_any_address_is_still_taken(bal):
+    """0.0.0.0:0 under a SNAT match service means: the src of the route taken (not refused as unspecified)."""
+    m = {"match": {"proto": "tcp", "src-range": "192.168.100.2-192.168.100.254", "oif": "eth0"}}
+    bal.service_add(dict(m, sched="rr"))
+    bal.dest_add({"svc": m, "addr": "0.0.0.0", "port": 0, "fwd": "snat"})
 
 
 def test_weight_zero_drains(bal):

@@ -32,6 +32,8 @@ def requests(*argv):
      ("addr.add", {"addr": "2001:db8::1", "prefixlen": 64, "ifname": "eth0", "scope": None, "sapool": False})),
     (["addr", "del", "192.168.100.100/24", "dev", "veth-lb0"],
      ("addr.del", {"addr": "192.168.100.100", "prefixlen": 24, "ifname": "veth-lb0"})),
+    (["addr", "del", "192.168.100.100", "dev", "veth-lb0"],  # no length: whichever the address has
+     ("addr.del", {"addr": "192.168.100.100", "ifname": "veth-lb0"})),
     (["addr", "flush", "dev", "veth-lb0"], ("addr.flush", {"ifname": "veth-lb0"})),
     (["addr", "show"], ("addr.list", {"ifname": None, "af": None})),
     (["-6", "addr", "list", "dev", "eth0"], ("addr.list", {"ifname": "eth0", "af": 6})),
