@@ -419,6 +419,16 @@ static __always_inline struct conn_val *conn_find(int t4, void *k)
 #endif /* CONN_SHARED */
 
 /*
+ * A segment that may open a flow: SYN alone (ECE/CWR may ride along). SYN+ACK belongs to a flow already open,
+ * and SYN with FIN or RST is no segment a TCP sends (the "Christmas tree" and scanning combinations that
+ * conntrack calls invalid): none of them creates, reschedules or removes a connection.
+ */
+static __always_inline int tcp_opens(const struct tcphdr *th)
+{
+	return th->syn && !th->ack && !th->rst && !th->fin;
+}
+
+/*
  * A SYN that finds an entry: a retransmission keeps its real server, but a new connection on a finished
  * flow's tuple (the client reused its port: the entry is in FIN_WAIT/CLOSE) or on a flow whose real server
  * no longer takes new flows (drained, down, removed) is scheduled afresh, as LVS does with conn_reuse_mode
@@ -431,7 +441,7 @@ static __always_inline int conn_reusable(int t4, void *k, struct conn_val *cv, s
 	struct dest_val *d;
 	__u8 state, was_est;
 
-	if (!th || !th->syn || th->ack || (cv->flags & CONN_F_OUT))
+	if (!th || !tcp_opens(th) || (cv->flags & CONN_F_OUT))
 		return 0;
 	/* A finished connection: closed after its handshake completed. A handshake cut by a reset is not one:
 	 * the client retransmits the same SYN, which must keep its local port (the RST that ended the attempt
@@ -1361,7 +1371,7 @@ static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 		return XDP_PASS;
 	*matched = 1;
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
-	if (th && !(th->syn && !th->ack && !th->rst))
+	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
 	return new_snat4(ctx, eth, iph, th, uh, ic, k, (__u32)svc, rt, nh, cfg);
 }
@@ -1817,7 +1827,7 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		goto not_balanced;
 	}
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
-	if (th && !(th->syn && !th->ack && !th->rst))
+	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
 	return new_conn4(ctx, eth, iph, th, uh, &k, sv, cfg);
 
@@ -1907,7 +1917,7 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	sv = svc_map.lookup(&sk);
 	if (!sv)
 		goto pass;
-	if (th && !(th->syn && !th->ack && !th->rst))
+	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
 	return new_conn6(ctx, eth, ip6, th, uh, &k, sv, cfg);
 

@@ -202,3 +202,49 @@ def test_ipv6_payload_length_short_of_the_tcp_header_is_dropped(fastpath, m):
             "drop_malformed_l4")
     refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6, plen=0) / TCP(sport=5071, dport=80, flags="S"),
             "drop_malformed_l4")
+
+
+# --- 4. only a bare SYN opens a flow ------------------------------------------------------------------------
+
+def _snat_lab(m, inside="192.168.100.2", outside="10.0.0.1", sapool="10.0.0.254", svc_id=20):
+    """An SNAT service for inside -> 10.0.0.0/24 (sapool address), as ipvsadm -H src-range=inside."""
+    m.set_route(ipaddress.ip_network("10.0.0.0/24"), LO_IFINDEX, None, None, 1500, False)
+    m.set_neigh(A(outside), bytes.fromhex(GW_MAC.replace(":", "")), LO_IFINDEX, permanent=True)
+    m.set_local(A(sapool), 0x4, LO_IFINDEX)
+    m.set_dest(svc_id, A(sapool), 0, "snat", svc_id, drain=False)
+    m.set_sched(svc_id, [svc_id], 1)
+    m.set_snat_rule(0, svc_id, 0, None, None, 0, LO_IFINDEX)
+    m.set_cfg(snat_rules=1)
+
+
+@pytest.mark.parametrize("flags", ["SF", "SFR", "SR", "SFPU"])
+@pytest.mark.parametrize("where", ["ipv4", "ipv6", "nat64", "snat"])
+def test_a_syn_with_fin_or_rst_opens_nothing(fastpath, m, where, flags):
+    if where == "snat":
+        _snat_lab(m)
+        pkt = Ether(src=RS_MAC, dst=LB) / IP(src="192.168.100.2", dst="10.0.0.1") / TCP(sport=5100, dport=80, flags=flags)
+    elif where == "ipv4":
+        pkt = E / IP(src=CLIENT, dst=VIP) / TCP(sport=5100, dport=80, flags=flags)
+    else:
+        pkt = E / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=5100, dport=80 if where == "ipv6" else 8080, flags=flags)
+    refused(fastpath, m, pkt, "drop_no_conn")
+
+
+def test_a_syn_with_fin_on_a_finished_flow_leaves_it_alone(fastpath, m):
+    """A SYN on a finished flow's tuple reschedules it (conn_reuse_mode); a SYN+FIN there must not remove it."""
+    for f in ("S", "A", "FA"):
+        assert run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5110, dport=80, flags=f))[0] == XDP_TX
+    entries = m.conn_entries()
+    run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5110, dport=80, flags="SF"))
+    c = m.counters()
+    assert c["conn_reused"] == 0 and c["conn_expired"] == 0 and m.conn_entries() == entries
+    assert c["conn_new"] == 1
+    # a plain SYN still reuses the tuple
+    assert run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5110, dport=80, flags="S"))[0] == XDP_TX
+    assert m.counters()["conn_reused"] == 1
+
+
+def test_syn_with_ecn_flags_still_opens_a_flow(fastpath, m):
+    """RFC 3168: an ECN-setup SYN carries ECE and CWR; it is a bare SYN for our purposes."""
+    v, out = run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5120, dport=80, flags="SEC"))
+    assert v == XDP_TX and out[IP].dst == RS1
