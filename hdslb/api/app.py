@@ -120,11 +120,20 @@ async def _body(request: web.Request, schema: str, required: bool = True):
             body = json.loads(raw)
         except ValueError as e:
             raise ApiError(400, errno.EINVAL, f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, errno.EINVAL, "request body is not JSON this API takes: nested too deeply") from None
     try:
         openapi.validate(schema, body)
     except openapi.BodyError as e:
         raise ApiError(400, errno.EINVAL, e.message, e.field) from None
+    except RecursionError:
+        raise ApiError(400, errno.EINVAL, "request body: nested too deeply") from None
     return body
+
+
+def _ascii_digits(s: str) -> bool:
+    """0-9 only: str.isdigit() is also true for "²" and "٣", which int() then refuses (or reads)."""
+    return s.isascii() and s.isdigit()
 
 
 def _vs_ident(request: web.Request) -> dict:
@@ -139,7 +148,7 @@ def _vs_ident(request: web.Request) -> dict:
         ip = ipaddress.ip_address(addr.strip("[]"))
     except ValueError:
         raise ApiError(400, errno.EINVAL, f"{bad} ({addr!r} is not an IP address)", "VipPort") from None
-    if not port.isdigit() or int(port) > 65535:
+    if not _ascii_digits(port) or int(port) > 65535:
         raise ApiError(400, errno.EINVAL, f"{bad} ({port!r} is not a port)", "VipPort")
     if proto.lower() not in ("tcp", "udp"):
         raise ApiError(400, errno.EINVAL, f"{bad} ({proto!r} is not tcp or udp)", "VipPort")
@@ -159,7 +168,7 @@ async def _ident(request: web.Request) -> dict:
     if not vp.startswith(MATCH_ID):
         return _vs_ident(request)
     sid = vp[len(MATCH_ID):]
-    if not sid.isdigit():
+    if not _ascii_digits(sid):
         raise ApiError(400, errno.EINVAL, f"VipPort {vp!r}: a SNAT service is match-ID (its Id in GET /v2/vs)",
                        "VipPort")
     data = await _call(request, "service.list", {"svc": None})
@@ -196,7 +205,7 @@ def _qint(request: web.Request, name: str, default: int, lo: int, hi: int | None
     v = request.query.get(name)
     if v is None or v == "":
         return default
-    if not v.isdigit() or int(v) < lo or (hi is not None and int(v) > hi):
+    if not _ascii_digits(v) or int(v) < lo or (hi is not None and int(v) > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ApiError(400, errno.EINVAL, f"{name}: {v!r} is not an integer in {rng}", name)
     return int(v)
@@ -815,8 +824,10 @@ ROUTES = [
 
 def _authorized(request: web.Request, token: str) -> bool:
     scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
-    # Constant-time compare: the time to refuse says nothing about how much of a guess was right.
-    return scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())
+    # Constant-time compare: the time to refuse says nothing about how much of a guess was right. aiohttp decodes
+    # header bytes that are not UTF-8 as surrogate escapes: encode them back the same way (never a 500).
+    return scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode("utf-8", "surrogateescape"),
+                                                              token.encode())
 
 
 def _host_is_loopback(request: web.Request) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from functools import lru_cache
 
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import best_match
 
 from hdslb import __version__
@@ -39,8 +40,14 @@ def _is_ip_network(v) -> bool:
     return not isinstance(v, str) or bool(ipaddress.ip_network(v, strict=True))
 
 
+@FORMATS.checks("mac")
+def _is_mac(v) -> bool:
+    # fullmatch: a pattern's `$` (re.search, as jsonschema applies it) also takes "...:01\n"
+    return not isinstance(v, str) or re.fullmatch(r"[0-9A-Fa-f]{1,2}(:[0-9A-Fa-f]{1,2}){5}", v) is not None
+
+
 FORMAT_WORDS = {"ip": "an IP address", "ip-interface": "an ADDR or ADDR/PREFIXLEN",
-                "ip-network": "a PREFIX/LEN with no host bits set"}
+                "ip-network": "a PREFIX/LEN with no host bits set", "mac": "a MAC address (02:00:00:00:00:01)"}
 
 
 # --- schemas ------------------------------------------------------------------------------------------
@@ -52,7 +59,7 @@ UINT16 = {"type": "integer", "minimum": 0, "maximum": 65535}
 UINT32 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
 UINT64 = {"type": "integer", "minimum": 0}
 IP = {"type": "string", "format": "ip", "description": "IPv4 or IPv6 address"}
-MAC = {"type": "string", "pattern": "^[0-9A-Fa-f]{1,2}(:[0-9A-Fa-f]{1,2}){5}$"}
+MAC = {"type": "string", "format": "mac", "pattern": "^[0-9A-Fa-f]{1,2}(:[0-9A-Fa-f]{1,2}){5}$"}
 MODES = [m.upper() for m in FWD_MODES] + list(FWD_MODES)  # dpvs-agent writes FNAT; ipvsadm's habit is fnat
 
 # dpvs-agent's VirtualServerSpecTiny. SchedName, Timeout, Netmask and (on create) Match mean something to this fast
@@ -531,13 +538,19 @@ def _path(parts) -> str | None:
     return out or None
 
 
+# JSON Schema counts 80.0 as an integer; the model then gets a float (and refuses it without naming the field).
+# Here an integer field takes a JSON integer only, so the refusal names the field.
+_Validator = validators.extend(Draft202012Validator, type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool)))
+
+
 @lru_cache(maxsize=None)
 def _validator(name: str) -> Draft202012Validator:
     if name not in SCHEMAS:
         raise KeyError(f"no schema {name!r}")
     # The root carries the components so every "#/components/schemas/..." reference resolves as in the document.
-    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": {"schemas": SCHEMAS}},
-                                format_checker=FORMATS)
+    return _Validator({"$ref": f"#/components/schemas/{name}", "components": {"schemas": SCHEMAS}},
+                      format_checker=FORMATS)
 
 
 def _u(v, hi: int) -> bool:

@@ -244,7 +244,7 @@ class Granularity(Kind):
     what = "a netmask (255.255.255.0) or a prefix length"
 
     def one(self, tok: Token) -> int:
-        if tok.text.isdigit():
+        if _digits(tok.text):
             v = int(tok.text)
             if not 0 <= v <= 128:
                 raise Bad(f"{v} is not a prefix length 0..128", tok)
@@ -264,7 +264,7 @@ class StatusCodes(Kind):
     def many(self, args: Sequence[Token]) -> Tuple[Tuple[int, int], ...]:
         out = []
         for t in args:
-            m = re.fullmatch(r"(\d{3})(?:-(\d{3}))?", t.text)
+            m = re.fullmatch(r"([0-9]{3})(?:-([0-9]{3}))?", t.text)
             if not m:
                 raise Bad(f"{t.text!r} is not {self.what}", t)
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
@@ -277,8 +277,13 @@ class StatusCodes(Kind):
 # ---------------------------------------------------------------- helpers shared with the entry parsers
 
 
+def _digits(text: str) -> bool:
+    """ASCII 0-9 only: str.isdigit() and re's \\d also take "٣" and "²"."""
+    return text.isascii() and text.isdigit()
+
+
 def int_of(tok: Token, what: str = "an integer") -> int:
-    if not re.fullmatch(r"-?\d+", tok.text):
+    if not re.fullmatch(r"-?[0-9]+", tok.text):
         raise Bad(f"{tok.text!r} is not an integer, expects {what}", tok)
     return int(tok.text)
 
@@ -297,7 +302,7 @@ def ip_range(tok: Token) -> List[IPAddress]:
     first_text, last_text = tok.text.split("-", 1)
     first = ip_of(Token(tok.kind, first_text, tok.where))
     try:
-        if first.version == 4 and last_text.isdigit():
+        if first.version == 4 and _digits(last_text):
             last = ipaddress.ip_address(".".join(first_text.split(".")[:3] + [last_text]))
         elif first.version == 6 and re.fullmatch(r"[0-9a-fA-F]{1,4}", last_text):
             last = ipaddress.ip_address((int(first) & ~0xFFFF) | int(last_text, 16))

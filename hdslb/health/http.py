@@ -110,7 +110,7 @@ async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, sta
 async def _read_head(reader: asyncio.StreamReader) -> Tuple[int, dict]:
     line = await reader.readline()
     parts = line.decode("latin-1").split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
         if not line:
             raise _BadResponse("connection closed without a status line")
         raise _BadResponse(f"status line {line[:60]!r}")

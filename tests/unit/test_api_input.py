@@ -1,0 +1,70 @@
+"""Odd input gets a 4xx naming what is wrong, never a 500: non-ASCII digits, floats for integers, deep nesting,
+header bytes that are not UTF-8, a MAC with a trailing newline."""
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hdslb.api.app import make_app
+from tests.unit.test_api import VS, FakeCtx, expect, quick_start
+
+
+@pytest.fixture
+async def client():
+    ctx = quick_start(FakeCtx(n_conns=3))
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        c.ctx = ctx
+        yield c
+
+
+@pytest.mark.parametrize("method,path,field", [
+    ("PUT", "/v2/vs/10.0.0.100-²-tcp", "VipPort"),        # "²".isdigit() is True, int("²") raises
+    ("PUT", "/v2/vs/10.0.0.100-８０-tcp", "VipPort"),      # int("８０") == 80: still not how a port is written
+    ("GET", "/v2/vs/10.0.0.100-٨٠-tcp", "VipPort"),
+    ("GET", "/v2/vs/match-²", "VipPort"),
+    ("GET", "/v2/conns?limit=²", "limit"),
+    ("GET", "/v2/conns?offset=٣", "offset"),
+])
+async def test_non_ascii_digits_are_400(client, method, path, field):
+    before = list(client.ctx.bal.dp.calls)
+    await expect(await client.request(method, path, json={} if method == "PUT" else None), 400, field=field)
+    assert client.ctx.bal.dp.calls == before
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v2/vs", {"Addr": "10.0.0.1", "Port": 80.0, "Proto": "tcp"}, "Port"),
+    (VS + "/rs", {"Items": [{"ip": "192.168.100.9", "weight": 2.0}]}, "Items[0].weight"),
+    (VS, {"Timeout": 10.0}, "Timeout"),
+    (VS + "/rs", {"Items": [{"ip": "192.168.100.9", "port": 8080.0}]}, "Items[0].port"),
+])
+async def test_a_float_is_not_an_integer(client, path, body, field):
+    method = "POST" if path == "/v2/vs" else "PUT"
+    before = list(client.ctx.bal.dp.calls)
+    b = await expect(await client.request(method, path, json=body), 400, field=field)
+    assert "integer" in b["error"]
+    assert client.ctx.bal.dp.calls == before
+
+
+async def test_deeply_nested_json_is_400(client):
+    r = await client.put(VS, data=b"[" * 100000 + b"]" * 100000, headers={"Content-Type": "application/json"})
+    assert "nested too deeply" in (await expect(r, 400))["error"]
+
+
+async def test_a_mac_with_a_trailing_newline_is_refused(client):
+    body = {"addr": "10.0.0.1", "lladdr": "02:00:00:00:00:01\n", "device": "eth0"}
+    b = await expect(await client.put("/v2/neigh", json=body), 400, field="lladdr")
+    assert "MAC" in b["error"] and not client.ctx.bal.neighs
+    await expect(await client.put("/v2/neigh", json=dict(body, lladdr="02:00:00:00:00:01")), 201)
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401_not_500():
+    ctx = quick_start(FakeCtx())
+    async with TestServer(make_app(ctx, "s3cret")) as srv:
+        rd, wr = await asyncio.open_connection(srv.host, srv.port)
+        wr.write(b"GET /v2/vs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n"
+                 b"Connection: close\r\n\r\n")
+        await wr.drain()
+        data = await asyncio.wait_for(rd.read(4000), 5)
+        wr.close()
+    assert data.startswith(b"HTTP/1.1 401"), data[:200]
