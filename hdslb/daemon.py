@@ -956,9 +956,14 @@ class Daemon:
         for n in inactive_notices(cfg):
             log.info("config: %s", n)
         await self._start_health()
+        out = {"applied": applied, "needs_restart": restart, "not_acted_on": idle}
+        # GET /v2/config and config.get show what runs: the posted text until the file is read again.
+        self.config_text_override = text
         if text is not None:
-            self.config_text_override = text
-        return {"applied": applied, "needs_restart": restart, "not_acted_on": idle}
+            back = f"the file {path}" if path else "no configuration (hdslbd was started without -f)"
+            out["note"] = (f"the posted configuration runs but was not written to disk: a reload from the file "
+                           f"(SIGHUP, systemctl reload, hdslb-ctl reload) or a restart goes back to {back}")
+        return out
 
     # Options a reload applies at once (the rest of the *_defs options that act are read at start only, and a
     # change of one is reported in needs_restart). keepalived and DPVS also reload non-<init> options live.

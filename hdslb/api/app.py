@@ -743,13 +743,20 @@ async def _ctx_hook(request, name: str, *args):
 
 
 async def get_config(request):
+    """The running configuration: the file's text, or the text last posted (X-Hdslb-Config-Source says which)."""
     text = await _ctx_hook(request, "config_text")
     if text is None:
         raise ApiError(404, errno.ENOENT, "the daemon runs without a configuration file")
-    return web.Response(text=text, content_type="text/plain")
+    posted = getattr(request.app[CTX], "config_text_override", None) is not None
+    return web.Response(text=text, content_type="text/plain",
+                        headers={"X-Hdslb-Config-Source": "posted" if posted else "file"})
 
 
 async def reload_config(request):
+    """Replace the running configuration with the posted text (Content-Type: text/x-hdslb-conf). The text is
+    not written to disk: a reload from the file (SIGHUP) or a restart goes back to the file, and the reply's
+    `changes.note` says so. It may not include files, run programs (MISC_CHECK, notify_*, quorum_*) or change
+    log_file / script_user / enable_script_security: those belong in the file on disk (403 naming the line)."""
     try:
         text = (await request.read()).decode("utf-8")
     except UnicodeDecodeError as e:

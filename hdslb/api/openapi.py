@@ -321,7 +321,11 @@ ERROR_RESPONSES = {
     "401": "Unauthorized: a bearer token is configured and the request lacks it or has another",
     "404": "NotFound: no such service, real server, address, route, neighbour, or the URL's device "
            "(ESRCH, ENOENT, ENODEV)",
+    "403": "Forbidden: a posted config that includes a file or runs a program (EPERM), or, without a token, a Host "
+           "that is not loopback",
     "409": "Conflict: it exists already, differently (EEXIST)",
+    "415": "UnsupportedMediaType: a POST, or a PUT/PATCH/DELETE with a body, must say Content-Type: "
+           "application/json (text/x-hdslb-conf for POST /v2/config)",
     "501": "NotImplemented: valid, but this fast path does not do it yet (EOPNOTSUPP)",
     "507": "InsufficientStorage: a table is full (ENOSPC)",
 }
@@ -448,8 +452,12 @@ PATHS = {
         "get": _op("getConfig", "the running configuration (keepalived-style text)", ["ctx.config_text"],
                    {"200": {"description": "config text", "content": {"text/plain": {"schema": {"type": "string"}}}}},
                    ("501",)),
-        "post": _op("reloadConfig", "replace the running configuration (reload); errors carry FILE:LINE",
-                    ["ctx.reload_config"], {"200": _json("Change", "reloaded")}, ("400", "501")),
+        "post": _op("reloadConfig", "replace the running configuration (reload) with the body (Content-Type: "
+                    "text/x-hdslb-conf); errors carry FILE:LINE. The text is not written to disk: a reload from the "
+                    "file (SIGHUP) or a restart goes back to the file. It may not include files, run programs "
+                    "(MISC_CHECK, notify_*, quorum_*) or change log_file, script_user or enable_script_security (403 "
+                    "naming the line): put those in the config file on disk",
+                    ["ctx.reload_config"], {"200": _json("Change", "reloaded")}, ("400", "403", "415", "501")),
     },
     "/v2/health": {
         "get": _op("getHealth", "is the daemon up and attached", ["daemon.status"],
@@ -467,7 +475,7 @@ PATHS = {
     },
 }
 PATHS["/v2/config"]["post"]["requestBody"] = {
-    "required": True, "content": {"text/plain": {"schema": {"type": "string", "minLength": 1}}}}
+    "required": True, "content": {"text/x-hdslb-conf": {"schema": {"type": "string", "minLength": 1}}}}
 
 
 def _qparam(name: str, schema: dict, description: str) -> dict:
@@ -501,7 +509,9 @@ DOC = {
         "description": "hdslb control API, shaped like DPVS's dpvs-agent. Every operation runs the same control "
                        "commands as the unix socket (x-hdslb-ops names them). Errors are "
                        "{error, errno, field}; statuses: EINVAL 400, ENODEV 404 for the URL's device and 400 for "
-                       "a device named in the body, ESRCH/ENOENT 404, EEXIST 409, EOPNOTSUPP 501, ENOSPC 507.",
+                       "a device named in the body, ESRCH/ENOENT 404, EEXIST 409, EOPNOTSUPP 501, ENOSPC 507, EPERM "
+                       "403. Every POST, and every PUT/PATCH/DELETE with a body, says Content-Type: application/json "
+                       "(text/x-hdslb-conf for POST /v2/config), else 415: no web page can send one cross-origin.",
     },
     "servers": [{"url": "/"}],
     "security": [{}, {"bearerAuth": []}],  # no token on loopback by default; required once one is configured

@@ -108,3 +108,31 @@ async def test_options_without_effect_are_named_in_the_reply(tmp_path):
     idle = "\n".join(r["not_acted_on"])
     assert "ipvs_defs.tcp.timeout.time_wait: (unset) -> 9: accepted, not acted on" in idle
     assert "timer_defs.schedule_interval" in idle and r["applied"] == []
+
+
+async def test_a_reload_from_the_file_ends_the_posted_config(tmp_path):
+    """GET /v2/config shows what runs: the posted text until the file is read again (SIGHUP), then the file."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from hdslb.api.app import make_app
+    from tests.unit.test_api import CONF, expect
+
+    d, conf = await make(tmp_path, BASE)
+    async with TestClient(TestServer(make_app(d))) as c:
+        b = await expect(await c.post("/v2/config", data=BASE.replace("weight 3", "weight 7"), headers=CONF), 200)
+        assert "not written to disk" in b["changes"]["note"] and str(conf) in b["changes"]["note"]
+        r = await c.get("/v2/config")
+        assert "weight 7" in await r.text() and r.headers["X-Hdslb-Config-Source"] == "posted"
+        await d.reload_config()  # what SIGHUP does
+        assert [x.weight for s in d.bal.services.values() for x in s.dests.values()] == [3]
+        r = await c.get("/v2/config")
+        assert await r.text() == BASE and r.headers["X-Hdslb-Config-Source"] == "file"
+    assert "note" not in await d.reload_config()
+
+
+def test_the_openapi_document_says_a_posted_config_is_not_saved():
+    from hdslb.api.openapi import DOC
+
+    post = DOC["paths"]["/v2/config"]["post"]
+    assert "not written to disk" in post["summary"] and "text/x-hdslb-conf" in post["requestBody"]["content"]
+    assert {"403", "415"} <= set(post["responses"])
