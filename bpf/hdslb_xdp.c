@@ -757,7 +757,7 @@ static __always_inline int encap4(struct xdp_md *ctx, struct conn4_val *cv, __u3
  * A rewritten flow's TCP or UDP header: the new ports, and its checksum updated once with da (the addresses'
  * change, which the pseudo-header carries) and the ports' change. A UDP checksum that computes to zero goes as
  * 0xffff; an IPv4 UDP checksum of zero means "none" and stays so when none_ok (IPv6 and translated packets
- * always carry one: the NAT64 paths drop an IPv4 datagram without one before this).
+ * always carry one: handle_ipv6 drops an IPv6 datagram without one, xlat46 an IPv4 one, before this).
  */
 static __always_inline void l4_rewrite(struct tcphdr *th, struct udphdr *uh, __u32 da, __be16 sport, __be16 dport,
 				       int none_ok)
@@ -1892,6 +1892,8 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 		cv = 0;
 	}
 	if (cv) {
+		if (uh && !uh->check)
+			return drop(CNT_DROP_MALFORMED_L4); /* see below */
 		if (cv->flags & CONN_F_XLAT)
 			return xlat64(ctx, ip6, th, uh, cv);
 		return xmit_conn6(ctx, eth, ip6, th, uh, cv);
@@ -1919,6 +1921,11 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 		goto pass;
 	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
+	/* UDP over IPv6 must carry a checksum (RFC 8200 8.1; the zero-checksum tunnels of RFC 6935 are an
+	 * endpoint's opt-in, not a balanced service's): an incremental update of "none" would send garbage, and
+	 * the server would drop it anyway. Checked only for balanced packets: the kernel's own tunnels may allow it. */
+	if (uh && !uh->check)
+		return drop(CNT_DROP_MALFORMED_L4);
 	return new_conn6(ctx, eth, ip6, th, uh, &k, sv, cfg);
 
 icmp6:

@@ -248,3 +248,24 @@ def test_syn_with_ecn_flags_still_opens_a_flow(fastpath, m):
     """RFC 3168: an ECN-setup SYN carries ECE and CWR; it is a bare SYN for our purposes."""
     v, out = run(fastpath, E / IP(src=CLIENT, dst=VIP) / TCP(sport=5120, dport=80, flags="SEC"))
     assert v == XDP_TX and out[IP].dst == RS1
+
+
+# --- 5. IPv6 UDP without a checksum --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("port", [53, 5353], ids=["fnat", "nat64"])
+def test_ipv6_udp_without_a_checksum_is_dropped_new_or_established(fastpath, m, port):
+    """RFC 8200 8.1: zero is no checksum, which IPv6 UDP must have; rewriting it incrementally sent garbage."""
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5200, dport=port, chksum=0) / b"q",
+            "drop_malformed_l4")
+    v, out = run(fastpath, E / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5201, dport=port) / b"q")
+    assert v == XDP_TX
+    stats = m.svc_stats(3 if port == 53 else 5)
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5201, dport=port, chksum=0) / b"q",
+            "drop_malformed_l4")
+    assert m.svc_stats(3 if port == 53 else 5) == stats
+
+
+def test_ipv6_udp_without_a_checksum_not_for_us_is_the_kernels(fastpath, m):
+    """A zero-checksum tunnel (RFC 6935) the kernel terminates is its business."""
+    refused(fastpath, m, E / IPv6(src=CLIENT6, dst="fd00:99::1") / UDP(sport=5202, dport=4789, chksum=0) / b"q",
+            "pass_ipv6", verdict=XDP_PASS)
