@@ -17,6 +17,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import struct
 from dataclasses import dataclass, field as dc_field
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from hdslb.api import DEFAULT_HOST, DEFAULT_PORT, dispatch_async, openapi
 from hdslb.ctl.protocol import MAX_FRAME
 from hdslb.errors import HdslbError
+from hdslb.balancer import netmask_plen
 from hdslb.net.addr import ip_address
 
 log = logging.getLogger("hdslb.api")
@@ -251,7 +253,8 @@ def _vs_expand(s: dict) -> dict:
     out = {"Id": f"{MATCH_ID}{s['svc_id']}" if s.get("match") else _vs_id(s["proto"], s["addr"], s["port"]),
            "Af": AF_NUM[ipaddress.ip_address(s["addr"]).version], "Proto": PROTO_NUM[s["proto"]],
            "Addr": s["addr"], "Port": s["port"], "SchedName": s["sched"], "Flags": "|".join(s.get("flags") or []),
-           "Timeout": s.get("persistent") or 0, "Netmask": s.get("netmask"),
+           "Timeout": s.get("persistent") or 0,
+           "Netmask": _netmask_out(s.get("netmask"), ipaddress.ip_address(s["addr"]).version),
             "Stats": _stats(s.get("stats") or {}, s.get("rates") or {}),
             "RSs": {"Items": [_rs_expand(d) for d in s.get("dests", [])]},
             "Laddrs": {"Items": [_laddr_expand(la) for la in s.get("laddrs", [])]}}
@@ -271,7 +274,51 @@ _VS_UNSUPPORTED = (("ConnTimeout", 0), ("Bps", 0), ("LimitProportion", 0), ("Fwm
                    ("ExpireQuiescent", False), ("Quic", False), ("ProxyProtocol", "disable"))
 
 
-def _vs_opts(body: dict) -> dict:
+def _netmask_out(netmask: str | None, version: int) -> int:
+    """dpvs-agent's Netmask (VirtualServerSpecExpand, a uint32): DPVS's dp_vs_service netmask as dpvs-agent reads
+    it on x86. IPv4: the mask's network-order bytes read as a little-endian uint32 (255.255.255.0 -> 16777215;
+    0xFFFFFFFF, all ones, is no granularity); IPv6: the prefix length (128: none)."""
+    plen = netmask_plen(netmask, version)
+    if version == 6:
+        return plen
+    return struct.unpack("<I", ipaddress.IPv4Network(f"0.0.0.0/{plen}").netmask.packed)[0]
+
+
+def _netmask_in(v, version: int) -> str:
+    """PUT/POST Netmask -> the model's -M text ("" is none). Taken: what GET shows (the dpvs-agent uint32 above),
+    a prefix length (IPv4 1..32, IPv6 1..128), ipvsadm's dotted mask as a string, and 0/null/"" for none."""
+    if v in (None, "", 0):
+        return ""
+    if isinstance(v, str):
+        if not v.isascii() or (version == 4 and "." in v and _contiguous_plen(v) is None):
+            raise ApiError(400, errno.EINVAL, f"Netmask: {v!r} is not a mask (ones, then zeros) or a prefix length",
+                           "Netmask")
+        return v
+    full = 32 if version == 4 else 128
+    if 1 <= v <= full:
+        return "" if v == full else str(v)
+    if version == 6:
+        raise ApiError(400, errno.EINVAL, f"Netmask: {v} is not an IPv6 prefix length (1..128)", "Netmask")
+    mask = ipaddress.IPv4Address(struct.pack("<I", v))
+    plen = _contiguous_plen(str(mask))
+    if plen is None:
+        raise ApiError(400, errno.EINVAL, f"Netmask: {v} is {mask} as dpvs-agent encodes an IPv4 mask (its bytes in "
+                                          f"network order, read little-endian): not a mask (ones, then zeros)",
+                       "Netmask")
+    return "" if plen == 32 else str(mask)
+
+
+def _contiguous_plen(text: str) -> int | None:
+    """The prefix length of a dotted IPv4 netmask, or None. ipaddress would also take a host mask (0.0.0.255)."""
+    try:
+        m = int(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+    inv = ~m & 0xFFFFFFFF
+    return None if inv & (inv + 1) else 32 - inv.bit_length()
+
+
+def _vs_opts(body: dict, version: int = 4) -> dict:
     for name, default in _VS_UNSUPPORTED:
         if name in body and body[name] not in (default, None):
             raise ApiError(501, errno.EOPNOTSUPP, f"{name}: not implemented by this fast path", name)
@@ -281,7 +328,7 @@ def _vs_opts(body: dict) -> dict:
     if "Timeout" in body:
         opts["persistent"] = body["Timeout"]  # 0 is dpvs-agent's "no persistence" (and turns it off on PUT)
     if "Netmask" in body:
-        opts["netmask"] = "" if body["Netmask"] in (None, "", 0) else str(body["Netmask"])
+        opts["netmask"] = _netmask_in(body["Netmask"], version)
     return opts
 
 
@@ -299,7 +346,7 @@ async def create_vs(request):
             if body.get(f) not in (None, 0, "", "0.0.0.0"):
                 raise ApiError(400, errno.EINVAL, f"{f}: a SNAT (Match) service has no VIP", f)
         ident = {"match": _match_from(body["Match"], proto)}
-        opts = _vs_opts({k: v for k, v in body.items() if k != "Match"})
+        opts = _vs_opts({k: v for k, v in body.items() if k != "Match"}, 4)
         await _call(request, "service.add", {**ident, **opts}, field="Match")
         svc = await _one_service(request, ident)
         vid = f"{MATCH_ID}{svc['svc_id']}"
@@ -310,7 +357,7 @@ async def create_vs(request):
     if proto == "icmp":
         raise ApiError(400, errno.EINVAL, "Proto: ICMP is for SNAT (Match) services only", "Proto")
     ident = {"proto": proto, "addr": str(ipaddress.ip_address(body["Addr"])), "port": body["Port"]}
-    await _call(request, "service.add", {**ident, **_vs_opts(body)})
+    await _call(request, "service.add", {**ident, **_vs_opts(body, ipaddress.ip_address(body["Addr"]).version)})
     vid = _vs_id(**ident)
     return _reply({"result": "created", "Id": vid}, 201, headers={"Location": f"/v2/vs/{vid}"})
 
@@ -319,18 +366,18 @@ async def get_vs(request):
     return _reply({"Items": [_vs_expand(await _one_service(request, await _ident(request)))]})
 
 
-def _put_opts(body: dict) -> dict:
+def _put_opts(body: dict, ident: dict) -> dict:
     if body.get("Match") is not None:
         raise ApiError(400, errno.EINVAL, "Match identifies a SNAT service and cannot be changed: create one with "
                                           "POST /v2/vs, address it as match-ID", "Match")
-    return _vs_opts(body)
+    return _vs_opts(body, ipaddress.ip_address(ident["addr"]).version if "addr" in ident else 4)
 
 
 async def put_vs(request):
     ident = await _ident(request)
     body = await _body(request, "VirtualServerSpecTiny", required=False)
     rss = body.pop("RSs", None)
-    opts = _put_opts(body)
+    opts = _put_opts(body, ident)
     vid = request.match_info["VipPort"] if "match" in ident else _vs_id(**ident)
     if rss is not None:
         return await _put_vs_with_rs(request, ident, opts, rss["Items"], vid)
@@ -383,7 +430,8 @@ async def patch_vs(request):
         if key in seen:
             raise ApiError(400, errno.EINVAL, f"{f}: {_vs_id(**ident)} is listed twice (also Items[{seen[key]}])", f)
         seen[key] = i
-        opts = _vs_opts({k: v for k, v in it.items() if k not in ("Addr", "Port", "Proto", "RSs")})
+        opts = _vs_opts({k: v for k, v in it.items() if k not in ("Addr", "Port", "Proto", "RSs")},
+                        ipaddress.ip_address(it["Addr"]).version)
         ops.append(["service.set", {**ident, **opts}])
         where.append(f)
         for rf, rkey, rit in _rs_items(it.get("RSs", {"Items": []})["Items"], it["Port"], f"{f}.RSs.Items"):

@@ -69,8 +69,11 @@ VS_OPTIONS = {
     "SchedName": {"type": "string", "enum": list(SCHEDULERS), "description": "lb_algo (ipvsadm -s)"},
     "Timeout": dict(UINT32, maximum=86400 * 31,
                     description="persistence timeout in seconds (ipvsadm -p); 0: none (turns it off on PUT)"),
-    "Netmask": {"type": ["string", "integer", "null"],
-                "description": "hdslb: persistence granularity (ipvsadm -M): an IPv4 mask or a prefix length"},
+    "Netmask": {"type": ["string", "integer", "null"], "minimum": 0, "maximum": 2**32 - 1,
+                "description": "persistence granularity (ipvsadm -M): what GET shows (dpvs-agent's uint32: IPv4, the "
+                               "mask's network-order bytes read little-endian, 255.255.255.0 = 16777215, 4294967295 "
+                               "= none; IPv6, the prefix length, 128 = none), a prefix length, or ipvsadm's dotted "
+                               "mask as a string; 0 or null: none"},
     "ConnTimeout": UINT32,
     "Bps": UINT32,
     "LimitProportion": UINT32,
@@ -244,7 +247,9 @@ SCHEMAS = {
             "SchedName": {"type": "string"},
             "Flags": {"type": "string"},
             "Timeout": UINT32,
-            "Netmask": {"type": ["string", "null"]},
+            "Netmask": {**UINT32, "description": "dpvs-agent's uint32: IPv4, the mask's network-order bytes read "
+                                                 "little-endian (255.255.255.0 = 16777215, 4294967295 = none); "
+                                                 "IPv6, the prefix length (128 = none)"},
             "Stats": _ref("ServerStats"),
             "RSs": _ref("RealServerExpandList"),
             "Laddrs": _ref("LocalAddressExpandList"),
