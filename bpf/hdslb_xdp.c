@@ -237,6 +237,37 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
 }
 
+/*
+ * Addresses no flow can come from, the sources Linux calls martian (ip_route_input_slow, ip6_rcv_core):
+ * IPv4 0.0.0.0/8, 127.0.0.0/8, multicast 224.0.0.0/4 and the limited broadcast; IPv6 ::, ::1, multicast
+ * ff00::/8 and IPv4-mapped ::ffff:0:0/96 (RFC 4291 2.5.5.2). A connection from one would send its replies
+ * there. (240.0.0.0/4 is not on the list: Linux routes it, and some networks use it.)
+ */
+static __always_inline int martian4(__be32 a)
+{
+	__u32 h = bpf_ntohl(a);
+	__u32 top = h >> 24;
+
+	return top == 0 || top == 127 || (top >= 224 && top < 240) || h == 0xffffffff;
+}
+
+static __always_inline int martian6(const __be32 *a)
+{
+	if ((bpf_ntohl(a[0]) >> 24) == 0xff)
+		return 1;
+	if (a[0] | a[1])
+		return 0;
+	if (a[2] == bpf_htonl(0xffff))
+		return 1;
+	return a[2] == 0 && (a[3] == 0 || a[3] == bpf_htonl(1));
+}
+
+/* A multicast or broadcast Ethernet address (the group bit): never a sender, never a reply's destination. */
+static __always_inline int mac_group(const __u8 *mac)
+{
+	return mac[0] & 1;
+}
+
 static __always_inline struct local_val *local_lookup4(__be32 addr)
 {
 	struct local_key lk = {};
@@ -658,6 +689,8 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	__builtin_memcpy(lmac, eth->h_dest, 6);
 	client = iph->saddr;
 	vip = iph->daddr;
+	if (martian4(client) || mac_group(cmac))
+		return drop(CNT_DROP_MARTIAN); /* an ICMP error is never sent to a group (RFC 1122 3.2.2) */
 	/* the quoted header starts where the new Ethernet + IP + ICMP headers end */
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr));
 	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
@@ -1221,6 +1254,21 @@ static __always_inline __u32 conn_install(int t4, struct xdp_md *ctx, struct eth
 	return 0;
 }
 
+/*
+ * The first packet of a would-be flow from a source no flow can have: a martian address, its own destination
+ * (a land attack: the server would answer itself), a group Ethernet source (the reply entry would send to it),
+ * or TCP/UDP port 0. Asked before anything is scheduled or stored; the caller drops it as drop_martian.
+ */
+static __always_inline int bad_opener4(struct ethhdr *eth, struct iphdr *iph, struct conn4_key *k, int ports)
+{
+	return martian4(iph->saddr) || iph->saddr == iph->daddr || mac_group(eth->h_source) || (ports && !k->sport);
+}
+
+static __always_inline int bad_opener6(struct ethhdr *eth, struct conn_key *k)
+{
+	return martian6(k->saddr.v6) || addr_eq(&k->saddr, &k->daddr) || mac_group(eth->h_source) || !k->sport;
+}
+
 /* A new flow to an IPv4 service: schedule, route to the real server, install the entries, forward. */
 static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *iph,
 				     struct tcphdr *th, struct udphdr *uh, struct conn4_key *k, struct svc_val *sv,
@@ -1361,7 +1409,8 @@ static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	__be32 nh = 0;
 	int svc;
 
-	if (local_lookup4(iph->daddr))
+	/* ours, or no one's to translate (broadcast, multicast, loopback, "this network": mDNS, SSDP...) */
+	if (martian4(iph->daddr) || local_lookup4(iph->daddr))
 		return XDP_PASS;
 	rt = route4(iph->daddr, &nh);
 	if (!rt || (rt->flags & ROUTE_F_KNI))
@@ -1373,6 +1422,8 @@ static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
 	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
+	if (bad_opener4(eth, iph, k, k->proto != IPPROTO_ICMP))
+		return drop(CNT_DROP_MARTIAN);
 	return new_snat4(ctx, eth, iph, th, uh, ic, k, (__u32)svc, rt, nh, cfg);
 }
 
@@ -1452,6 +1503,8 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	__builtin_memcpy(lmac, eth->h_dest, 6);
 	__builtin_memcpy(&client, &ip6->saddr, 16);
 	__builtin_memcpy(&vip, &ip6->daddr, 16);
+	if (martian6(client.in6_u.u6_addr32) || mac_group(cmac))
+		return drop(CNT_DROP_MARTIAN); /* never an ICMPv6 error to a group (RFC 4443 2.4) */
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8);
 	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 8 + TOO_BIG_QUOTE6, cmac,
 				lmac, bpf_htons(ETH_P_IPV6));
@@ -1829,6 +1882,8 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
 	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
+	if (bad_opener4(eth, iph, &k, 1))
+		return drop(CNT_DROP_MARTIAN);
 	return new_conn4(ctx, eth, iph, th, uh, &k, sv, cfg);
 
 not_balanced:
@@ -1926,6 +1981,8 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	 * the server would drop it anyway. Checked only for balanced packets: the kernel's own tunnels may allow it. */
 	if (uh && !uh->check)
 		return drop(CNT_DROP_MALFORMED_L4);
+	if (bad_opener6(eth, &k))
+		return drop(CNT_DROP_MARTIAN);
 	return new_conn6(ctx, eth, ip6, th, uh, &k, sv, cfg);
 
 icmp6:

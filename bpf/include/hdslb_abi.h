@@ -398,6 +398,10 @@ enum hdslb_counter {
 			     * the old entries are dropped and the SYN scheduled afresh (LVS conn_reuse_mode,
 			     * expire_nodest_conn) */
 	CNT_LPORT_RECLAIMED, /* a local port held by a flow idle past its timeout (not yet swept) given to a new flow */
+	CNT_DROP_MARTIAN,   /* a packet that would open a flow from a source no flow can have: a martian address
+			     * (0/8, 127/8, 224/4, 255.255.255.255; ::, ::1, ff00::/8, ::ffff:0:0/96), its own
+			     * destination (land attack), a multicast or broadcast Ethernet source, or port 0; also a
+			     * TUNNEL "too big" that would be answered to such a source */
 	CNT_MAX,
 };
 

@@ -269,3 +269,74 @@ def test_ipv6_udp_without_a_checksum_not_for_us_is_the_kernels(fastpath, m):
     """A zero-checksum tunnel (RFC 6935) the kernel terminates is its business."""
     refused(fastpath, m, E / IPv6(src=CLIENT6, dst="fd00:99::1") / UDP(sport=5202, dport=4789, chksum=0) / b"q",
             "pass_ipv6", verdict=XDP_PASS)
+
+
+# --- 6. sources no flow can come from ------------------------------------------------------------------------
+
+MARTIANS4 = ["255.255.255.255", "0.0.0.0", "0.1.2.3", "224.0.0.1", "239.255.255.250", "127.0.0.1", "127.9.9.9"]
+MARTIANS6 = ["::", "::1", "ff02::1", "ff0e::1234", "::ffff:10.0.0.1"]
+
+
+@pytest.mark.parametrize("src", MARTIANS4 + [VIP])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_martian_ipv4_source_opens_nothing(fastpath, m, src, proto):
+    l4 = TCP(sport=5300, dport=80, flags="S") if proto == "tcp" else UDP(sport=5300, dport=53)
+    refused(fastpath, m, E / IP(src=src, dst=VIP) / l4, "drop_martian")
+
+
+@pytest.mark.parametrize("src,dst", [(s, VIP6) for s in MARTIANS6] + [(VIP6, VIP6), (CLIENT6, VIP6)],
+                         ids=MARTIANS6 + ["land", "nat64-land"])
+def test_a_martian_ipv6_source_opens_nothing(fastpath, m, src, dst):
+    port = 8080 if src == CLIENT6 else 80
+    if src == CLIENT6:  # NAT64 service, client address equal to the VIP: land on the v6 side
+        src = dst
+    refused(fastpath, m, E / IPv6(src=src, dst=dst) / TCP(sport=5310, dport=port, flags="S"), "drop_martian")
+
+
+@pytest.mark.parametrize("smac", ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "33:33:00:00:00:01"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_group_ethernet_source_opens_nothing(fastpath, m, smac, family):
+    """The reply entry would send every answer to the broadcast (or a multicast) MAC."""
+    ip = IP(src=CLIENT, dst=VIP) if family == 4 else IPv6(src=CLIENT6, dst=VIP6)
+    refused(fastpath, m, Ether(src=smac, dst=LB) / ip / TCP(sport=5320, dport=80, flags="S"), "drop_martian")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_source_port_zero_opens_nothing(fastpath, m, family, proto):
+    ip = IP(src=CLIENT, dst=VIP) if family == 4 else IPv6(src=CLIENT6, dst=VIP6)
+    l4 = TCP(sport=0, dport=80, flags="S") if proto == "tcp" else UDP(sport=0, dport=53)
+    refused(fastpath, m, E / ip / l4, "drop_martian")
+
+
+@pytest.mark.parametrize("src", ["255.255.255.255", "224.0.0.5", "127.0.0.1"])
+def test_snat_does_not_translate_martian_sources(fastpath, m, src):
+    _snat_lab(m)
+    pkt = Ether(src=RS_MAC, dst=LB) / IP(src=src, dst="10.0.0.1") / UDP(sport=5330, dport=53)
+    refused(fastpath, m, pkt, "drop_martian")
+    refused(fastpath, m, Ether(src=RS_MAC, dst=LB) / IP(src=src, dst="10.0.0.1") / ICMP(type=8, id=9), "drop_martian")
+
+
+@pytest.mark.parametrize("dst", ["255.255.255.255", "224.0.0.251", "239.255.255.250"])
+def test_snat_leaves_broadcast_and_multicast_to_the_kernel(fastpath, m, dst):
+    """mDNS, SSDP and the like from an inside host are not flows to the outside, whatever the rule's dst range."""
+    _snat_lab(m)
+    m.set_route(ipaddress.ip_network("0.0.0.0/0"), LO_IFINDEX, A("10.0.0.1"), None, 1500, False)
+    refused(fastpath, m, Ether(src=RS_MAC, dst=LB) / IP(src="192.168.100.2", dst=dst) / UDP(sport=5353, dport=5353),
+            "pass_not_ours", verdict=XDP_PASS)
+
+
+def test_tunnel_fragmentation_needed_is_never_sent_to_broadcast(fastpath, m):
+    """A too-big DF SYN 'from' 255.255.255.255 was answered with ICMP fragmentation needed to it."""
+    big = E / IP(src="255.255.255.255", dst=VIP_TUN, flags="DF") / TCP(sport=5340, dport=80, flags="S") / (b"y" * 1461)
+    refused(fastpath, m, big, "drop_martian")
+    big6 = E / IPv6(src="ff02::1", dst=VIP6_TUN) / TCP(sport=5340, dport=80, flags="S") / (b"y" * 1441)
+    refused(fastpath, m, big6, "drop_martian")
+
+
+def test_a_good_source_still_opens_a_flow(fastpath, m):
+    """The checks above leave ordinary clients alone, 240.0.0.0/4 included (Linux routes it)."""
+    for src in (CLIENT, "1.2.3.4", "240.0.0.1", "223.255.255.255"):
+        assert run(fastpath, E / IP(src=src, dst=VIP) / TCP(sport=5350, dport=80, flags="S"))[0] == XDP_TX, src
+    for src in (CLIENT6, "2001:db8::1", "fe80::1", "::2"):
+        assert run(fastpath, E / IPv6(src=src, dst=VIP6) / TCP(sport=5350, dport=80, flags="S"))[0] == XDP_TX, src
