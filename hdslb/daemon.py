@@ -940,9 +940,14 @@ class Daemon:
         if text is not None:
             self._refuse_posted_security_changes(cfg)
         changes = diff(self.config, cfg) if self.config is not None else None
-        restart = [_option_line(c) for c in changes.init_changed] if changes else []
+        from hdslb.config.apply import not_acted_on
+
+        restart = [_option_line(c) for c in changes.init_changed if not not_acted_on(c.path)] if changes else []
+        idle_init = [f"{_option_line(c)}: accepted, not acted on: {not_acted_on(c.path)}"
+                     for c in (changes.init_changed if changes else ()) if not_acted_on(c.path)]
         live, idle, later = self._sort_live_options(changes.options_changed if changes else (), cfg)
         restart += later
+        idle = idle_init + idle
         new_log = self._open_log_file(cfg) if any(c.path == "global_defs.log_file" for c in live) else None
         try:
             applied = self.apply_config(cfg)

@@ -87,7 +87,8 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
                 laddrs[str(la.ip)] = ifname
         flags = [f for f, on in (("sh-port", vs.sh_port), ("sh-fallback", vs.sh_fallback),
                                  ("mh-port", vs.mh_port), ("mh-fallback", vs.mh_fallback)) if on]
-        params = {"size": vs.hash_table_size} if vs.hash_table_size is not None else {}
+        # hash_table_size sizes a hash scheduler's table; under any other it is noticed (inactive_notices), not sent
+        params = {"size": vs.hash_table_size} if vs.hash_table_size is not None and hashed(vs.lb_algo) else {}
         if vs.match is not None:
             ident = [(None, {"proto": vs.protocol.lower(), "src_range": vs.src_range, "dst_range": vs.dst_range,
                              "iif": vs.iif, "oif": vs.oif})]
@@ -178,6 +179,15 @@ NOT_ACTED_ON = {
     "ipvs_defs.tcp.synproxy": "SYN proxy is not implemented yet",
     "ipvs_defs.tcp.defence_tcp_drop": "not implemented",
     "ipvs_defs.udp.defence_udp_drop": "not implemented",
+    "sa_pool.pool_hash_size": "local ports come from per-CPU ranges of each local address, not a hashed pool",
+}
+
+# netif_defs device options (by keyword: their paths carry the device's name) the daemon does not act on. The
+# device's name is: it names an interface to attach to.
+NOT_ACTED_ON_DEVICE = {
+    "queue_number": "the driver's queue count is ethtool's (`ethtool -L DEV combined N`); XDP runs on every queue",
+    "promisc_mode": "hdslb does not change the interface's flags (`ip link set DEV promisc on`)",
+    "mtu": "the interface's MTU is the kernel's (`ip link set DEV mtu N`); hdslb reads it",
 }
 
 
@@ -195,7 +205,19 @@ NOT_ACTED_ON_LB = {
     "sorry_server_inhibit": "the sorry server is added with weight 1 and removed when quorum returns",
     "notify_up": "state changes are logged and exported as metrics; no script is run",
     "notify_down": "state changes are logged and exported as metrics; no script is run",
+    "quorum_up": "quorum changes are logged (and bring in the sorry_server); no script is run",
+    "quorum_down": "quorum changes are logged (and bring in the sorry_server); no script is run",
 }
+
+
+def hashed(lb_algo: str) -> bool:
+    """lb_algo builds a hash table that hash_table_size sizes (sh, dh, mh, conhash)."""
+    from hdslb.sched import params_of
+
+    try:
+        return "size" in params_of(lb_algo)
+    except (KeyError, ValueError):
+        return False
 
 
 def not_acted_on(path: str) -> str | None:
@@ -203,6 +225,8 @@ def not_acted_on(path: str) -> str | None:
     for prefix, reason in NOT_ACTED_ON.items():
         if path.startswith(prefix):
             return reason
+    if path.startswith("netif_defs.device[") and "]." in path:
+        return NOT_ACTED_ON_DEVICE.get(path.rsplit(".", 1)[-1].split("[", 1)[0])
     return None
 
 
@@ -210,14 +234,29 @@ def inactive_notices(cfg) -> list[str]:
     """One line per option the file sets that has no effect: the parser's not-applicable notices plus the
     options this daemon does not act on yet. Nothing set is silently ignored."""
     out = [str(n) for n in cfg.notices]
+    vs_at = {(vs.where.file, vs.where.line, vs.where.col): vs for vs in cfg.virtual_servers if vs.where is not None}
     for path, st in cfg.settings.items():
         if not st.applies:
             continue
-        for prefix, reason in NOT_ACTED_ON.items():
-            if path.startswith(prefix):
-                out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {reason}")
-                break
-        else:
-            if path.startswith("virtual_server[") and st.keyword in NOT_ACTED_ON_LB:
-                out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {NOT_ACTED_ON_LB[st.keyword]}")
+        why = not_acted_on(path)
+        if why is None and path.startswith("virtual_server["):
+            why = NOT_ACTED_ON_LB.get(st.keyword) or _vs_option_inactive(path, st, cfg, vs_at)
+        if why is not None:
+            out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {why}")
     return out
+
+
+def _vs_option_inactive(path: str, st, cfg, vs_at: dict) -> str | None:
+    """Why a virtual_server option that acts in general does nothing where it is written, or None."""
+    if st.marked_init and "]." in path:
+        return ("`<init>` marks *_defs options that need a restart; virtual_server options are applied on every "
+                "reload, with or without it")
+    owner = cfg.settings.get(path.split("].", 1)[0] + "]")
+    vs = vs_at.get((owner.where.file, owner.where.line, owner.where.col)) if owner is not None else None
+    if vs is None or path.count("[") > 1:  # a real_server's or a check's option
+        return None
+    if st.keyword == "persistence_granularity" and not vs.persistence_timeout:
+        return "without persistence_timeout there is no persistence for it to group clients by"
+    if st.keyword == "hash_table_size" and not hashed(vs.lb_algo):
+        return f"lb_algo {vs.lb_algo} builds no hash table (sh, dh, mh and conhash do)"
+    return None
