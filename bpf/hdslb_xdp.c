@@ -292,14 +292,21 @@ static __always_inline int slowpath_up(__u32 key)
 	return xsks.lookup(&key) != 0;
 }
 
-/* Learn sender IP -> MAC from ARP, unless an operator pinned that neighbour with dpip neigh add. */
+/*
+ * Learn sender IP -> MAC from ARP, unless an operator pinned that neighbour with dpip neigh add. Only a real
+ * unicast host is learned, as the slow path does (dispatch._learnable): not a martian sender address (0.0.0.0
+ * is an ARP probe's, RFC 5227: answered, never learned), not a group or all-zero MAC, and not one of our own
+ * addresses (someone else claiming a VIP or local address is a conflict, not a next hop).
+ */
 static __always_inline void arp_learn(__be32 ip, const __u8 *mac, __u32 ifindex)
 {
 	struct neigh_key nk = {};
 	struct neigh_val nv = {};
 	struct neigh_val *old;
 
-	if (ip == 0)
+	if (martian4(ip) || mac_group(mac) || !(mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))
+		return;
+	if (local_lookup4(ip))
 		return;
 	nk.addr.v4 = ip;
 	nk.af = HDSLB_AF_INET;

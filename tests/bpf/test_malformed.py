@@ -340,3 +340,39 @@ def test_a_good_source_still_opens_a_flow(fastpath, m):
         assert run(fastpath, E / IP(src=src, dst=VIP) / TCP(sport=5350, dport=80, flags="S"))[0] == XDP_TX, src
     for src in (CLIENT6, "2001:db8::1", "fe80::1", "::2"):
         assert run(fastpath, E / IPv6(src=src, dst=VIP6) / TCP(sport=5350, dport=80, flags="S"))[0] == XDP_TX, src
+
+
+# --- 7. ARP learns real unicast neighbours only --------------------------------------------------------------
+
+def _learned(m):
+    return {str(n["addr"]): n["lladdr"] for n in m.neighs()}
+
+
+@pytest.mark.parametrize("spa,sha", [("255.255.255.255", CL_MAC), ("224.0.0.1", CL_MAC), ("127.0.0.1", CL_MAC),
+                                     (VIP_TUN, CL_MAC), (LIP, CL_MAC), (CLIENT, "ff:ff:ff:ff:ff:ff"),
+                                     (CLIENT, "01:00:5e:00:00:01"), (CLIENT, "00:00:00:00:00:00")],
+                         ids=["bcast", "mcast", "loopback", "our-vip", "our-laddr", "bcast-mac", "mcast-mac", "zero-mac"])
+@pytest.mark.parametrize("op", [1, 2])
+def test_arp_does_not_learn_what_is_no_neighbour(fastpath, m, spa, sha, op):
+    before = _learned(m)
+    arp = Ether(src=CL_MAC, dst=LB if op == 2 else "ff:ff:ff:ff:ff:ff") / ARP(op=op, hwsrc=sha, psrc=spa, pdst=VIP,
+                                                                              hwdst=LB if op == 2 else "00:00:00:00:00:00")
+    v, _ = run(fastpath, arp)
+    assert v in (XDP_TX, XDP_PASS)
+    assert _learned(m) == before, _learned(m)
+    assert m.counters()["arp_learn"] == 0
+
+
+def test_an_arp_probe_is_answered_and_not_learned(fastpath, m):
+    """RFC 5227: a probe's sender address is 0.0.0.0; the owner answers (to its MAC), nothing is learned."""
+    before = _learned(m)
+    probe = Ether(src=CL_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CL_MAC, psrc="0.0.0.0", pdst=VIP)
+    v, out = run(fastpath, probe)
+    assert v == XDP_TX and out[ARP].op == 2 and out[ARP].psrc == VIP and out[Ether].dst == CL_MAC
+    assert _learned(m) == before
+
+
+def test_arp_still_learns_a_real_neighbour(fastpath, m):
+    req = Ether(src=CL_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CL_MAC, psrc=CLIENT, pdst=VIP)
+    assert run(fastpath, req)[0] == XDP_TX
+    assert _learned(m)[CLIENT] == CL_MAC
