@@ -182,12 +182,15 @@ async def _ident(request: web.Request) -> dict:
 
 def _match_from(spec: dict, proto: str) -> dict:
     """dpvs-agent MatchSpec {Src: {Start, End}, Dest: {Start, End}, InIfName, OutIfName} -> the model's match."""
-    def rng(r):
+    def rng(r, name):
+        if r and r.get("End") and not r.get("Start"):
+            raise ApiError(400, errno.EINVAL, f"Match.{name}: End without Start (a range is Start, or Start and End)",
+                           f"Match.{name}.Start")
         if not r or not r.get("Start"):
             return None
         return f"{r['Start']}-{r.get('End') or r['Start']}"
 
-    return {"proto": proto, "src_range": rng(spec.get("Src")), "dst_range": rng(spec.get("Dest")),
+    return {"proto": proto, "src_range": rng(spec.get("Src"), "Src"), "dst_range": rng(spec.get("Dest"), "Dest"),
             "iif": spec.get("InIfName") or None, "oif": spec.get("OutIfName") or None}
 
 
@@ -601,11 +604,29 @@ async def delete_rs(request):
     async with request.app[LOCK]:
         current, items = await _rs_snapshot(request, ident, body)
         plan = _Plan()
-        for f, key, _ in items:
+        for f, key, it in items:
             if key not in current:  # refuse the whole request before anything is removed
                 raise ApiError(404, errno.ENOENT, f"{f}: no real server {_hostport(key)} in this service", f)
+            _delete_item_matches(f, it, current[key])
             plan.steps.append(_removal(ident, key, current[key], f))
         return await _apply(request, plan)
+
+
+def _delete_item_matches(f: str, it: dict, cur: dict) -> None:
+    """DELETE .../rs names servers by ip and port. dpvs-agent's Go client always sends weight (and may send the
+    flags) as their zero values, and a client may send back what GET showed: those are fine. Any other value
+    says the caller means some other server state, and is refused rather than silently ignored."""
+    have = {"weight": {0, cur.get("conf_weight", cur["weight"]), cur["weight"]},
+            "mode": {"", cur["fwd"].upper()}, "inhibited": {False}, "overloaded": {False, bool(cur.get("overloaded"))}}
+    for k, ok in have.items():
+        if k in it and (it[k].upper() if k == "mode" and isinstance(it[k], str) else it[k]) not in ok:
+            raise ApiError(400, errno.EINVAL, f"{f}.{k}: {it[k]!r} is not this server's ({_hostport_of(cur)}); "
+                                              f"DELETE names servers by ip and port only, nothing removed",
+                           f"{f}.{k}")
+
+
+def _hostport_of(d: dict) -> str:
+    return _hostport((ip_address(d["addr"]), d["port"]))
 
 
 # --- local addresses --------------------------------------------------------------------------------
@@ -683,6 +704,15 @@ async def delete_device_addr(request):
     name = request.match_info["name"]
     body = await _body(request, "InetAddrRef")
     itf = ipaddress.ip_interface(body["addr"])
+    if "/" in body["addr"]:  # as `ip addr del`: a prefix given must be the address's
+        async with request.app[LOCK]:
+            have = [a for a in (await _call(request, "addr.list", {"ifname": name}))["addrs"]
+                    if ipaddress.ip_address(a["addr"]) == itf.ip]
+            if have and have[0]["prefixlen"] != itf.network.prefixlen:
+                raise ApiError(404, errno.EADDRNOTAVAIL, f"{name} has {itf.ip}/{have[0]['prefixlen']}, not "
+                                                         f"{itf.ip}/{itf.network.prefixlen}: nothing deleted", "addr")
+            await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
+        return _changed("deleted", 200)
     await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
     return _changed("deleted", 200)
 
@@ -916,6 +946,21 @@ def _media_refusal(request: web.Request) -> ApiError | None:
                     "Content-Type")
 
 
+def _query_refusal(request: web.Request) -> ApiError | None:
+    """A query parameter the operation does not take (the OpenAPI document lists each one's) is a 400 naming it:
+    a misspelt ?limt= must not quietly mean the default."""
+    if not request.query or getattr(request.match_info, "http_exception", None) is not None:
+        return None
+    route = request.match_info.route.resource
+    known = openapi.query_names(route.canonical if route is not None else request.path, request.method)
+    extra = sorted(set(request.query) - known)
+    if not extra:
+        return None
+    takes = f"it takes: {', '.join(sorted(known))}" if known else "it takes none"
+    return ApiError(400, errno.EINVAL, f"unknown query parameter{'s' if len(extra) > 1 else ''} "
+                                       f"{', '.join(extra)} for {request.method} {request.path} ({takes})", extra[0])
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
     token = request.app[TOKEN]
@@ -926,7 +971,7 @@ async def _guard(request: web.Request, handler):
         # Never echo what the client sent: a near-miss token must not land in a proxy's or client's log.
         return _error(401, errno.EACCES, "missing or wrong bearer token (Authorization: Bearer ...)",
                       headers={"WWW-Authenticate": 'Bearer realm="hdslb"'})
-    refused = _media_refusal(request)
+    refused = _media_refusal(request) or _query_refusal(request)
     if refused is not None:
         return _error(refused.status, refused.errno, refused.message, refused.field)
     try:

@@ -391,12 +391,14 @@ PATHS = {
         "put": _op("putRs", "add real servers; ones that exist are updated with the fields given (one batch: all "
                             "or nothing)",
                    ["service.list", "batch", "dest.add", "dest.edit"], {"200": _json("SetChange", "applied")},
-                   ("400", "404", "501", "507"), body="RealServerTinyList"),
+                   ("400", "404", "501", "507"), body="RealServerTinyList", params=("healthcheck",)),
         "post": _op("replaceRs", "make the real servers exactly the body's (add, update, remove the rest; one "
                              "batch: all or nothing)",
                     ["service.list", "batch", "dest.add", "dest.edit", "dest.del"], {"200": _json("SetChange", "applied")},
                     ("400", "404", "501", "507"), body="RealServerTinyList"),
-        "delete": _op("deleteRs", "remove the listed real servers (404, nothing removed, if one is absent)",
+        "delete": _op("deleteRs", "remove the listed real servers (404, nothing removed, if one is absent). Items "
+                                  "name servers by ip and port; weight, mode, inhibited and overloaded may be "
+                                  "given only as their zero value or the server's own (400 otherwise)",
                       ["service.list", "batch", "dest.del"], {"200": _json("SetChange", "applied")}, ("400", "404"),
                       body="RealServerTinyList"),
     },
@@ -413,22 +415,23 @@ PATHS = {
     },
     "/v2/device": {
         "get": _op("listDevice", "the interfaces the fast path is attached to (dpip link show)", ["link.list"],
-                   {"200": _json("DeviceList", "devices")}),
+                   {"200": _json("DeviceList", "devices")}, params=("stats",)),
     },
     "/v2/device/{name}/addr": {
         "parameters": [{"$ref": "#/components/parameters/name"}],
         "get": _op("listDeviceAddr", "the device's addresses (dpip addr show dev NAME)", ["addr.list"],
-                   {"200": _json("InetAddrList", "addresses")}, ("404",)),
+                   {"200": _json("InetAddrList", "addresses")}, ("404",), params=("stats", "verbose")),
         "put": _op("putDeviceAddr", "add an address (200 if it is there already, the same)", ["addr.add", "addr.list"],
                    {"200": _json("Change", "unchanged"), "201": _json("Change", "created")},
                    ("400", "404", "409"), body="InetAddrSpec", params=("sapool",)),
-        "delete": _op("deleteDeviceAddr", "remove an address", ["addr.del"], {"200": _json("Change", "deleted")},
-                      ("400", "404"), body="InetAddrRef"),
+        "delete": _op("deleteDeviceAddr", "remove an address (with a /PREFIXLEN, only if it has that prefix: 404 "
+                                          "otherwise, as ip addr del)", ["addr.list", "addr.del"],
+                      {"200": _json("Change", "deleted")}, ("400", "404"), body="InetAddrRef", params=("sapool_del",)),
     },
     "/v2/device/{name}/route": {
         "parameters": [{"$ref": "#/components/parameters/name"}],
         "get": _op("listDeviceRoute", "routes leaving by the device (both families)", ["addr.list", "route.list"],
-                   {"200": _json("RouteList", "routes")}, ("404",)),
+                   {"200": _json("RouteList", "routes")}, ("404",), params=("stats",)),
         "put": _op("putDeviceRoute", "add a route, or replace the one with the same prefix and metric",
                    ["route.add", "route.set"],
                    {"200": _json("Change", "updated"), "201": _json("Change", "created")},
@@ -483,6 +486,19 @@ PATHS["/v2/config"]["post"]["requestBody"] = {
     "required": True, "content": {"text/x-hdslb-conf": {"schema": {"type": "string", "minLength": 1}}}}
 
 
+def query_names(path: str, method: str) -> frozenset:
+    """The query parameters the document lists for an operation: the REST app refuses any other (400)."""
+    op = PATHS.get(path, {}).get(method.lower())
+    if op is None:
+        return frozenset()
+    names = set()
+    for ref in op.get("parameters", ()):
+        p = PARAMETERS[ref["$ref"].rsplit("/", 1)[1]]
+        if p["in"] == "query":
+            names.add(p["name"])
+    return frozenset(names)
+
+
 def _qparam(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
@@ -495,6 +511,12 @@ PARAMETERS = {
              "description": "an interface the fast path is attached to"},
     "stats": _qparam("stats", {"type": "boolean"}, "accepted for dpvs-agent clients; stats are always included"),
     "sapool": _qparam("sapool", {"type": "boolean"}, "reserve FNAT source ports on this address (dpip ... sapool)"),
+    "sapool_del": _qparam("sapool", {"type": "boolean"}, "accepted for dpvs-agent clients; the address goes with its "
+                                                         "port pool whatever it says"),
+    "verbose": _qparam("verbose", {"type": "boolean"}, "accepted for dpvs-agent clients; the list is always whole"),
+    "healthcheck": _qparam("healthcheck", {"type": "boolean"},
+                           "accepted for dpvs-agent clients (its health checker's writes), not acted on: hdslb's "
+                           "own health checks set inhibited servers' weights, and the request is applied as any other"),
     "offset": _qparam("offset", {"type": "integer", "minimum": 0}, "first entry (default 0)"),
     "limit": _qparam("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "entries per page (default 100)"),
     "device": _qparam("device", {"type": "string"}, "only this interface"),

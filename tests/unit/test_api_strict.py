@@ -1,0 +1,77 @@
+"""What a request says is what it gets: an address deleted only with its own prefix, a DELETE of real servers
+that names another state refused, a range with an End but no Start refused, unknown query parameters refused
+(dpvs-agent's own ones taken)."""
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hdslb.api.app import make_app
+from tests.unit.test_api import VS, FakeCtx, expect, quick_start
+
+
+@pytest.fixture
+async def client():
+    ctx = quick_start(FakeCtx())
+    ctx.bal.addr_add({"addr": "10.0.0.7", "prefixlen": 24, "ifname": "eth0"})
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        c.ctx = ctx
+        yield c
+
+
+def addrs(ctx):
+    return {str(a.addr) for a in ctx.bal.addrs}
+
+
+async def test_deleting_an_address_with_another_prefix_deletes_nothing(client):
+    b = await expect(await client.delete("/v2/device/eth0/addr", json={"addr": "10.0.0.7/8"}), 404, field="addr")
+    assert "10.0.0.7/24" in b["error"] and "10.0.0.7" in addrs(client.ctx)
+    await expect(await client.delete("/v2/device/eth0/addr", json={"addr": "10.0.0.7/24"}), 200)
+    assert "10.0.0.7" not in addrs(client.ctx)
+
+
+async def test_deleting_an_address_without_a_prefix_still_works(client):
+    await expect(await client.delete("/v2/device/eth0/addr", json={"addr": "10.0.0.7"}), 200)
+    assert "10.0.0.7" not in addrs(client.ctx)
+
+
+@pytest.mark.parametrize("item,field", [({"weight": 99}, "Items[0].weight"), ({"mode": "DR"}, "Items[0].mode")])
+async def test_delete_rs_naming_another_state_is_refused(client, item, field):
+    body = {"Items": [{"ip": "192.168.100.3", **item}]}
+    await expect(await client.delete(VS + "/rs", json=body), 400, field=field)
+    assert len(client.ctx.svc().dests) == 2
+
+
+@pytest.mark.parametrize("item", [{"weight": 0, "inhibited": False, "overloaded": False},  # dpvs-agent's Go client
+                                  {"port": 80, "weight": 2, "mode": "FNAT"}])               # what GET showed
+async def test_delete_rs_takes_zero_values_and_the_servers_own(client, item):
+    await expect(await client.delete(VS + "/rs", json={"Items": [{"ip": "192.168.100.3", **item}]}), 200)
+    assert len(client.ctx.svc().dests) == 1
+
+
+@pytest.mark.parametrize("which", ["Src", "Dest"])
+async def test_a_match_range_with_end_but_no_start_is_400(client, which):
+    n = len(client.ctx.bal.services)
+    body = {"Proto": "tcp", "Match": {which: {"End": "10.0.0.1"}}}
+    await expect(await client.post("/v2/vs", json=body), 400, field=f"Match.{which}.Start")
+    assert len(client.ctx.bal.services) == n
+
+
+@pytest.mark.parametrize("method,path,query", [
+    ("GET", "/v2/conns", "limt=5"), ("GET", "/v2/vs", "statz=true"), ("PUT", VS + "/rs", "bogus=1"),
+    ("GET", "/v2/neigh", "dev=eth0"),
+])
+async def test_unknown_query_parameters_are_400_naming_them(client, method, path, query):
+    kw = {"json": {"Items": []}} if method == "PUT" else {}
+    b = await expect(await client.request(method, f"{path}?{query}", **kw), 400, field=query.split("=")[0])
+    assert "unknown query parameter" in b["error"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v2/vs?stats=true"), ("GET", VS + "?stats=true"), ("GET", VS + "/rs?stats=true"),
+    ("GET", VS + "/laddr?stats=true"), ("GET", "/v2/device?stats=true"),
+    ("GET", "/v2/device/eth0/addr?stats=true&verbose=true"), ("GET", "/v2/device/eth0/route?stats=true"),
+    ("PUT", VS + "/rs?healthcheck=true"), ("GET", "/v2/conns?offset=0&limit=5"), ("GET", "/v2/neigh?af=4"),
+])
+async def test_dpvs_agents_query_parameters_are_taken(client, method, path):
+    kw = {"json": {"Items": [{"ip": "192.168.100.3", "weight": 2}]}} if method == "PUT" else {}
+    await expect(await client.request(method, path, **kw), 200)
