@@ -1903,11 +1903,23 @@ not_balanced:
 #define ICMPV6_NS_ 135
 #define ICMPV6_NA_ 136
 
+/* IPv6 extension headers (RFC 8200 4, IANA's list) other than ESP and AH, which end our parsing like a transport. */
+static __always_inline int ipv6_exthdr(__u8 nh)
+{
+	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_FRAGMENT || nh == IPPROTO_DSTOPTS ||
+	       nh == 135 /* Mobility */ || nh == 139 /* HIP */ || nh == 140 /* Shim6 */ || nh == 253 || nh == 254;
+}
+
 /*
  * IPv6: TCP and UDP to v6 services are balanced like IPv4 (and NAT64-translated where the real server is v4).
  * What the slow path owns goes to it: echo requests to our addresses, neighbour solicitations for them and
- * advertisements sent to them. Extension headers are not walked: such packets (fragments included) to our
- * addresses are dropped and counted, the rest goes to the kernel.
+ * advertisements sent to them. Extension headers are not walked, so a packet to one of our addresses that
+ * starts with one (Hop-by-Hop, Routing, Destination Options, Mobility, HIP, Shim6, experimental; a fragment
+ * header too) cannot be balanced, and is dropped and counted (drop_ipv6_exthdr, drop_fragment) rather than
+ * passed: the kernel would answer it for a VIP (a RST, an unreachable, or a local listener on the VIP), so one
+ * option header would be enough to reach the host past the balancer. No legitimate sender needs them towards
+ * a VIP (MLD's Hop-by-Hop goes to multicast groups, not to our addresses). ESP and AH are upper layers here:
+ * IPsec to the host's own addresses stays the kernel's. The same headers to anyone else go to the kernel.
  */
 static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
@@ -1940,8 +1952,8 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	} else if (ip6->nexthdr == IPPROTO_ICMPV6) {
 		goto icmp6;
 	} else {
-		if (local_lookup6(ip6->daddr.in6_u.u6_addr8) && ip6->nexthdr == 44 /* fragment */)
-			return drop(CNT_DROP_FRAGMENT);
+		if (ipv6_exthdr(ip6->nexthdr) && local_lookup6(ip6->daddr.in6_u.u6_addr8))
+			return drop(ip6->nexthdr == IPPROTO_FRAGMENT ? CNT_DROP_FRAGMENT : CNT_DROP_IPV6_EXTHDR);
 		goto pass;
 	}
 	__builtin_memcpy(k.saddr.b, ip6->saddr.in6_u.u6_addr8, 16);

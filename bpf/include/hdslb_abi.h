@@ -402,6 +402,8 @@ enum hdslb_counter {
 			     * (0/8, 127/8, 224/4, 255.255.255.255; ::, ::1, ff00::/8, ::ffff:0:0/96), its own
 			     * destination (land attack), a multicast or broadcast Ethernet source, or port 0; also a
 			     * TUNNEL "too big" that would be answered to such a source */
+	CNT_DROP_IPV6_EXTHDR, /* IPv6 to one of our addresses starting with an extension header the fast path does not
+			       * walk (Hop-by-Hop, Routing, Destination Options, ...): not balanced, and not the kernel's */
 	CNT_MAX,
 };
 

@@ -376,3 +376,29 @@ def test_arp_still_learns_a_real_neighbour(fastpath, m):
     req = Ether(src=CL_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CL_MAC, psrc=CLIENT, pdst=VIP)
     assert run(fastpath, req)[0] == XDP_TX
     assert _learned(m)[CLIENT] == CL_MAC
+
+
+# --- 8. IPv6 extension headers towards our addresses --------------------------------------------------------
+
+EXT = {"hbh": IPv6ExtHdrHopByHop, "dstopt": IPv6ExtHdrDestOpt, "routing": lambda: IPv6ExtHdrRouting(segleft=0)}
+
+
+@pytest.mark.parametrize("ext", list(EXT))
+@pytest.mark.parametrize("dst", [VIP6, LIP6], ids=["vip", "laddr"])
+def test_ipv6_extension_headers_to_our_addresses_are_dropped_not_passed(fastpath, m, ext, dst):
+    """Not walked, so not balanced; passed, the kernel would answer for the VIP (or a listener on it would)."""
+    pkt = E / IPv6(src=CLIENT6, dst=dst) / EXT[ext]() / TCP(sport=5400, dport=80, flags="S")
+    refused(fastpath, m, pkt, "drop_ipv6_exthdr")
+
+
+def test_ipv6_fragments_to_our_addresses_still_count_as_fragments(fastpath, m):
+    pkt = E / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment(m=1) / TCP(sport=5401, dport=80, flags="S")
+    refused(fastpath, m, pkt, "drop_fragment")
+
+
+@pytest.mark.parametrize("ext", list(EXT))
+def test_ipv6_extension_headers_to_anyone_else_are_the_kernels(fastpath, m, ext):
+    pkt = E / IPv6(src=CLIENT6, dst="fd00:99::1") / EXT[ext]() / TCP(sport=5402, dport=80, flags="S")
+    refused(fastpath, m, pkt, "pass_ipv6", verdict=XDP_PASS)
+    mld = E / IPv6(src="fe80::1", dst="ff02::16") / IPv6ExtHdrHopByHop() / (b"\x8f\x00" + b"\x00" * 6)
+    refused(fastpath, m, mld, "pass_ipv6", verdict=XDP_PASS)
