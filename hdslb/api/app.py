@@ -708,10 +708,11 @@ async def delete_device_addr(request):
         async with request.app[LOCK]:
             have = [a for a in (await _call(request, "addr.list", {"ifname": name}))["addrs"]
                     if ipaddress.ip_address(a["addr"]) == itf.ip]
-            if have and have[0]["prefixlen"] != itf.network.prefixlen:
+            if have and have[0]["prefixlen"] != itf.network.prefixlen:  # the model refuses it too; this names both
                 raise ApiError(404, errno.EADDRNOTAVAIL, f"{name} has {itf.ip}/{have[0]['prefixlen']}, not "
                                                          f"{itf.ip}/{itf.network.prefixlen}: nothing deleted", "addr")
-            await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
+            await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name,
+                                              "prefixlen": itf.network.prefixlen})
         return _changed("deleted", 200)
     await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
     return _changed("deleted", 200)
