@@ -96,6 +96,10 @@ def cmd_reload(ns) -> int:
         print(f"  {line}")
     for opt in r["needs_restart"]:
         print(f"  needs a restart to take effect: {opt}")
+    for opt in r.get("not_acted_on", ()):
+        print(f"  accepted, not acted on: {opt}")
+    if r.get("note"):
+        print(f"  {r['note']}")
     return 0
 
 

@@ -91,7 +91,7 @@ def netmask_plen(netmask, version: int) -> int:
     if netmask in (None, ""):
         return full
     text = str(netmask).lstrip("/")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         n = int(text)
         if not (0 if version == 4 else 1) <= n <= full:
             raise invalid(f"illegal {'ipv6 ' if version == 6 else ''}netmask {netmask!r} (prefix length "
@@ -100,7 +100,9 @@ def netmask_plen(netmask, version: int) -> int:
     if version == 6:
         raise invalid(f"illegal ipv6 netmask {netmask!r} (a prefix length 1..128)")
     try:
-        ipaddress.IPv4Address(text)
+        mask = int(ipaddress.IPv4Address(text))
+        if mask and (~mask & 0xFFFFFFFF) & ((~mask & 0xFFFFFFFF) + 1):  # the ones must come first: no host mask
+            raise ValueError(text)
         return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
     except ValueError:
         raise invalid(f"illegal virtual server persistent mask {netmask!r} (a contiguous dotted mask)") from None

@@ -201,3 +201,14 @@ def test_restore_refuses_a_missing_interface(bal):
     with pytest.raises(HdslbError) as e:
         restore(other, snap)
     assert e.value.errno == errno.ENODEV and not other.services
+
+
+@pytest.mark.parametrize("mask", ["0.0.0.255", "255.0.255.0", "٢٤", "/²"])
+def test_persistence_mask_must_be_contiguous_and_ascii(mask):
+    """ipaddress reads 0.0.0.255 as a host mask (/24) and str.isdigit takes other scripts' digits: both refused,
+    for ipvsadm -M and the config alike (they reach the model as text)."""
+    from hdslb.balancer import netmask_plen
+
+    with pytest.raises(HdslbError) as e:
+        netmask_plen(mask, 4)
+    assert e.value.errno == errno.EINVAL
