@@ -649,9 +649,11 @@ static __always_inline int send_l2(struct xdp_md *ctx, struct ethhdr *eth, struc
  * TUNNEL, packet too big for the encapsulation: tell the client (ICMP fragmentation needed, next-hop MTU =
  * egress MTU - 20) so path MTU discovery shrinks its packets, as LVS does. Built in place from the client's
  * frame: Ethernet back to the sender, an IPv4 header from the VIP, the ICMP header, then the client's IP
- * header and the first 8 bytes of its payload (which never move). Sent back out the way it came.
+ * header (options included) and at least the first 8 bytes of its payload (RFC 792; they never move). Sent
+ * back out the way it came.
  */
-#define TOO_BIG_QUOTE 28 /* the client's 20-byte IP header + 8 bytes */
+#define TOO_BIG_QUOTE 28     /* a 20-byte client IP header + 8 bytes */
+#define TOO_BIG_QUOTE_OPT 68 /* a client IP header with options (60 bytes at most) + at least 8 bytes */
 /* Make the frame an ICMP error of total bytes, in place, addressed back to the client: move its start by delta
  * (the quoted header lands right after the new headers), cut it to total, write the Ethernet header. Returns
  * the Ethernet header with total bytes proven in bounds, or 0. */
@@ -675,7 +677,8 @@ static __always_inline struct ethhdr *reshape_for_error(struct xdp_md *ctx, int 
 	return eth;
 }
 
-static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 mtu)
+/* The error quoting quote bytes of the client's datagram (a constant at each call: sizes the verifier can check). */
+static __always_inline int icmp_too_big4_quote(struct xdp_md *ctx, __u32 l2len, __u32 mtu, const int quote)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -690,7 +693,7 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 		return drop(CNT_DROP_TOO_BIG);
 	barrier_var(l2len); /* keep the bound below for the verifier */
 	iph = data + (l2len & 0x3f);
-	if ((void *)(eth + 1) > data_end || (void *)iph + TOO_BIG_QUOTE > data_end || iph->ihl != 5)
+	if ((void *)(eth + 1) > data_end || (void *)iph + quote > data_end)
 		return drop(CNT_DROP_TOO_BIG);
 	__builtin_memcpy(cmac, eth->h_source, 6);
 	__builtin_memcpy(lmac, eth->h_dest, 6);
@@ -700,8 +703,8 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 		return drop(CNT_DROP_MARTIAN); /* an ICMP error is never sent to a group (RFC 1122 3.2.2) */
 	/* the quoted header starts where the new Ethernet + IP + ICMP headers end */
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr));
-	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) +
-				TOO_BIG_QUOTE, cmac, lmac, bpf_htons(ETH_P_IP));
+	eth = reshape_for_error(ctx, delta, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct icmphdr) + quote,
+				cmac, lmac, bpf_htons(ETH_P_IP));
 	if (!eth)
 		return drop(CNT_DROP_TOO_BIG);
 	iph = (void *)(eth + 1);
@@ -709,7 +712,7 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	iph->version = 4;
 	iph->ihl = 5;
 	iph->tos = 0xc0; /* internetwork control, as the kernel's ICMP errors */
-	iph->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct icmphdr) + TOO_BIG_QUOTE);
+	iph->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct icmphdr) + quote);
 	iph->id = 0;
 	iph->frag_off = 0;
 	iph->ttl = 64;
@@ -723,39 +726,73 @@ static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 
 	ic->checksum = 0;
 	ic->un.frag.__unused = 0;
 	ic->un.frag.mtu = bpf_htons((__u16)mtu);
-	ic->checksum = hcsum_fold32(bpf_csum_diff(0, 0, (__be32 *)ic, sizeof(*ic) + TOO_BIG_QUOTE, 0)) ^ 0xffff;
+	ic->checksum = hcsum_fold32(bpf_csum_diff(0, 0, (__be32 *)ic, sizeof(*ic) + quote, 0)) ^ 0xffff;
 	count(CNT_ICMP_TOO_BIG);
 	return XDP_TX;
+}
+
+/* The quote is the client's IP header and at least 8 bytes after it (RFC 792): 28 bytes without options; with
+ * options, 68 (any header length fits, and routers may quote more: RFC 1812 4.3.2.3). */
+static __always_inline int icmp_too_big4(struct xdp_md *ctx, __u32 l2len, __u32 mtu, int options)
+{
+	if (options)
+		return icmp_too_big4_quote(ctx, l2len, mtu, TOO_BIG_QUOTE_OPT);
+	return icmp_too_big4_quote(ctx, l2len, mtu, TOO_BIG_QUOTE);
+}
+
+/*
+ * TUNNEL, before anything is counted or tracked: does the packet (l3len bytes, the IP datagram) fit the egress
+ * interface's MTU with the outer header? Returns -1 when it does (or the MTU is unknown); otherwise the packet
+ * is answered with ICMP fragmentation needed (DF set) or dropped (drop_too_big), and that verdict is returned.
+ */
+static __always_inline int tunnel4_too_big(struct xdp_md *ctx, __u32 oif, __u32 l2len, __u32 l3len)
+{
+	struct iface_val *ov = iface_map.lookup(&oif);
+	__u32 off = l2len;
+	struct iphdr *in;
+
+	if (!ov || ov->mtu <= sizeof(struct iphdr) || l3len + sizeof(struct iphdr) <= ov->mtu)
+		return -1;
+	barrier_var(off);
+	in = (void *)(long)ctx->data + (off & 0x3f);
+	if ((void *)(in + 1) <= (void *)(long)ctx->data_end && (in->frag_off & bpf_htons(0x4000)))
+		return icmp_too_big4(ctx, l2len, ov->mtu - sizeof(struct iphdr), in->ihl != 5);
+	return drop(CNT_DROP_TOO_BIG);
+}
+
+/*
+ * Cut the frame to the IP datagram (l2len + l3len bytes) before a header goes in front of it: link padding or
+ * junk after tot_len would otherwise travel inside the tunnel, past the MTU check made on tot_len. Returns 0,
+ * or -1 when the frame cannot be cut.
+ */
+static __always_inline int trim_to_datagram(struct xdp_md *ctx, __u32 l2len, __u32 l3len)
+{
+	__u32 len = (__u32)((long)ctx->data_end - (long)ctx->data);
+	__u32 want = l2len + l3len;
+
+	barrier_var(len); /* a length, not a pointer compare with an unbounded offset (which the verifier refuses) */
+	if (len > want && bpf_xdp_adjust_tail(ctx, (int)want - (int)len))
+		return -1;
+	return 0;
 }
 
 /*
  * TUNNEL (ipvsadm -i): wrap the client's packet in an outer IPv4 header to the real server (IPIP, as LVS),
  * outer source from the entry. The frame leaves untagged: the head moves by exactly what the new Ethernet +
- * outer IP headers need beyond the old L2 header, so the inner packet's bytes never move.
+ * outer IP headers need beyond the old L2 header, so the inner packet's bytes never move. The MTU was checked
+ * before (tunnel4_too_big).
  */
 static __always_inline int encap4(struct xdp_md *ctx, struct conn4_val *cv, __u32 l2len, __u32 l3len, int punt)
 {
 	void *data, *data_end;
 	struct ethhdr *eth;
 	struct iphdr *outer, *inner;
-	struct iface_val *ov;
-	__u32 oif = cv->ifindex;
 	int delta;
 
-	ov = iface_map.lookup(&oif);
-	if (ov && ov->mtu > sizeof(struct iphdr) && l3len + sizeof(struct iphdr) > ov->mtu) {
-		__u32 off = l2len;
-		struct iphdr *in;
-
-		barrier_var(off);
-		in = (void *)(long)ctx->data + (off & 0x3f);
-
-		if ((void *)(in + 1) <= (void *)(long)ctx->data_end && (in->frag_off & bpf_htons(0x4000)))
-			return icmp_too_big4(ctx, l2len, ov->mtu - sizeof(struct iphdr));
-		return drop(CNT_DROP_TOO_BIG);
-	}
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);
+	if (trim_to_datagram(ctx, l2len, l3len))
+		return drop(CNT_DROP_MALFORMED_IP);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct iphdr));
 	if (bpf_xdp_adjust_head(ctx, delta))
 		return drop(CNT_DROP_TOO_BIG); /* no headroom for the outer header */
@@ -823,15 +860,19 @@ static __always_inline int xmit_conn4(struct xdp_md *ctx, struct ethhdr *eth, st
 	__be32 old_s = iph->saddr, old_d = iph->daddr;
 	__be32 new_s = cv->saddr.v4, new_d = cv->daddr.v4;
 	__u32 l3len = bpf_ntohs(iph->tot_len);
-	int punt = 0;
+	__u32 l2len = (__u32)((long)iph - (long)ctx->data);
+	int punt = 0, rc;
 
+	/* a packet the tunnel cannot carry is answered or dropped before it counts as the flow's */
+	if (cv->fwd == FWD_TUNNEL && (rc = tunnel4_too_big(ctx, cv->ifindex, l2len, l3len)) >= 0)
+		return rc;
 	if (cv->flags & CONN_F_NEED_L2)
 		punt = conn_fill_l2(CV(cv));
 	conn_touch(CV(cv), th);
 	account(CV(cv), l3len);
 
 	if (cv->fwd == FWD_TUNNEL)
-		return encap4(ctx, cv, (__u32)((long)iph - (long)ctx->data), l3len, punt);
+		return encap4(ctx, cv, l2len, l3len, punt);
 	if (cv->fwd != FWD_DR) {
 		/* the addresses' change, once: into the L4 checksum (pseudo-header) with the ports', and the IP one */
 		__u32 da = hcsum_delta4(old_s, new_s) + hcsum_delta4(old_d, new_d);
@@ -1295,8 +1336,16 @@ static __always_inline int new_conn4(struct xdp_md *ctx, struct ethhdr *eth, str
 	if (!rt)
 		return drop(CNT_DROP_NO_ROUTE);
 	err = new_l2(ctx, CV(&iv), rt->ifindex, nh);
-	if (!err)
-		err = conn_install(T4, ctx, eth, k, sv->svc_id, cfg, d, slot, rt, CV(&iv), 0, th ? CS_SYN_RECV : CS_UDP);
+	if (err)
+		return drop(err);
+	/* TUNNEL: a first packet too big for the tunnel opens no flow (answered or dropped, as on a known flow) */
+	if (d->fwd == FWD_TUNNEL) {
+		int rc = tunnel4_too_big(ctx, rt->ifindex, (__u32)((long)iph - (long)ctx->data), bpf_ntohs(iph->tot_len));
+
+		if (rc >= 0)
+			return rc;
+	}
+	err = conn_install(T4, ctx, eth, k, sv->svc_id, cfg, d, slot, rt, CV(&iv), 0, th ? CS_SYN_RECV : CS_UDP);
 	if (err)
 		return drop(err);
 	return xmit_conn4(ctx, eth, iph, th, uh, 0, &iv);
@@ -1545,21 +1594,30 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	return XDP_TX;
 }
 
-/* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. */
+/* tunnel4_too_big for 6in6: IPv6 is never fragmented on the way, so a packet that does not fit is always
+ * answered with Packet Too Big (or dropped when it cannot be quoted). -1: it fits. */
+static __always_inline int tunnel6_too_big(struct xdp_md *ctx, __u32 oif, __u32 l2len, __u32 l3len)
+{
+	struct iface_val *ov = iface_map.lookup(&oif);
+
+	if (!ov || ov->mtu <= sizeof(struct ipv6hdr) || l3len + sizeof(struct ipv6hdr) <= ov->mtu)
+		return -1;
+	return icmp_too_big6(ctx, l2len, ov->mtu - sizeof(struct ipv6hdr));
+}
+
+/* TUNNEL for IPv6: IPv6-in-IPv6 (next header 41) to the real server; the inner bytes never move. The MTU was
+ * checked before (tunnel6_too_big); bytes after the inner datagram are cut (trim_to_datagram). */
 static __always_inline int encap6(struct xdp_md *ctx, struct conn_val *cv, __u32 l2len, __u32 l3len)
 {
 	void *data, *data_end;
 	struct ethhdr *eth;
 	struct ipv6hdr *outer, *inner;
-	struct iface_val *ov;
-	__u32 oif = cv->ifindex;
 	int delta;
 
-	ov = iface_map.lookup(&oif);
-	if (ov && ov->mtu > sizeof(struct ipv6hdr) && l3len + sizeof(struct ipv6hdr) > ov->mtu)
-		return icmp_too_big6(ctx, l2len, ov->mtu - sizeof(struct ipv6hdr));
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_MALFORMED_ETH);
+	if (trim_to_datagram(ctx, l2len, l3len))
+		return drop(CNT_DROP_MALFORMED_IP);
 	delta = (int)l2len - (int)(sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
 	if (bpf_xdp_adjust_head(ctx, delta))
 		return drop(CNT_DROP_TOO_BIG);
@@ -1585,11 +1643,15 @@ static __always_inline int xmit_conn6(struct xdp_md *ctx, struct ethhdr *eth, st
 				      struct tcphdr *th, struct udphdr *uh, struct conn_val *cv)
 {
 	__u32 l3len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	__u32 l2len = (__u32)((long)ip6 - (long)ctx->data);
+	int rc;
 
+	if (cv->fwd == FWD_TUNNEL && (rc = tunnel6_too_big(ctx, cv->ifindex, l2len, l3len)) >= 0)
+		return rc;
 	conn_touch(cv, th);
 	account(cv, l3len);
 	if (cv->fwd == FWD_TUNNEL)
-		return encap6(ctx, cv, (__u32)((long)ip6 - (long)ctx->data), l3len);
+		return encap6(ctx, cv, l2len, l3len);
 	if (cv->fwd != FWD_DR) {
 		/* the addresses' change once (at most 8 x 4 x 0xffff: no overflow), then each checksum once */
 		__u32 da = hcsum_delta16(ip6->saddr.in6_u.u6_addr32, cv->saddr.v6) +
@@ -1740,6 +1802,13 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 		if (!rt)
 			return drop(CNT_DROP_NO_ROUTE);
 		err = new_l2_6(&iv, rt->ifindex, &nh);
+		if (!err && d->fwd == FWD_TUNNEL) {
+			int rc = tunnel6_too_big(ctx, rt->ifindex, (__u32)((long)ip6 - (long)ctx->data),
+						 sizeof(*ip6) + bpf_ntohs(ip6->payload_len));
+
+			if (rc >= 0)
+				return rc; /* a first packet too big for the tunnel opens no flow */
+		}
 	}
 	if (!err)
 		err = conn_install(T6, ctx, eth, k, sv->svc_id, cfg, d, slot, rt, &iv, x64, th ? CS_SYN_RECV : CS_UDP);

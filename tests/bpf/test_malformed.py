@@ -402,3 +402,67 @@ def test_ipv6_extension_headers_to_anyone_else_are_the_kernels(fastpath, m, ext)
     refused(fastpath, m, pkt, "pass_ipv6", verdict=XDP_PASS)
     mld = E / IPv6(src="fe80::1", dst="ff02::16") / IPv6ExtHdrHopByHop() / (b"\x8f\x00" + b"\x00" * 6)
     refused(fastpath, m, mld, "pass_ipv6", verdict=XDP_PASS)
+
+
+# --- 9. TUNNEL: what is checked is what is sent, and only what is sent counts ----------------------------------
+
+def test_tunnel_too_big_with_ip_options_is_answered_with_fragmentation_needed(fastpath, m):
+    """ihl 6 used to be dropped as drop_too_big: the client never learned the path MTU."""
+    big = E / IP(src=CLIENT, dst=VIP_TUN, flags="DF", options=[IPOption_NOP()] * 4) / \
+        TCP(sport=5500, dport=80, flags="S") / (b"y" * 1460)
+    d = refused(fastpath, m, big, "icmp_too_big", verdict=XDP_TX)
+    assert "drop_too_big" not in d
+    v, out = run(fastpath, big)
+    assert v == XDP_TX
+    assert (out[Ether].dst, out[IP].src, out[IP].dst, out[IP].proto) == (CL_MAC, VIP_TUN, CLIENT, 1)
+    assert (out[ICMP].type, out[ICMP].code, out[ICMP].nexthopmtu) == (3, 4, 1480)
+    quoted = bytes(out[ICMP].payload)
+    assert quoted == bytes(big[IP])[:68] and out[IP].len == 20 + 8 + 68, "the whole header with options + 8 bytes"
+    q = Ether(bytes(out))
+    del q[IP].chksum, q[ICMP].chksum
+    q = Ether(bytes(q))
+    assert (q[IP].chksum, q[ICMP].chksum) == (out[IP].chksum, out[ICMP].chksum)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tunnel_sends_the_datagram_not_the_bytes_after_it(fastpath, m, family):
+    """The MTU check uses tot_len (payload_len); junk after it must not travel inside the tunnel."""
+    if family == 4:
+        pkt = E / IP(src=CLIENT, dst=VIP_TUN, flags="DF") / TCP(sport=5510, dport=80, flags="S")
+        inner = bytes(pkt[IP])
+    else:
+        pkt = E / IPv6(src=CLIENT6, dst=VIP6_TUN) / TCP(sport=5510, dport=80, flags="S")
+        inner = bytes(pkt[IPv6])
+    v, out = run(fastpath, bytes(pkt) + b"z" * 1470)  # frame 1524+: far beyond the MTU, the datagram is not
+    assert v == XDP_TX, (VERDICTS[v], m.counters())
+    outer = 20 if family == 4 else 40
+    assert len(bytes(out)) == 14 + outer + len(inner)
+    assert bytes(out)[14 + outer:] == inner
+    if family == 4:
+        assert out[IP].len == 20 + len(inner) and out[IP].proto == 4
+    else:
+        assert out[IPv6].plen == len(inner) and out[IPv6].nh == 41
+
+
+def test_tunnel_padding_is_cut_too(fastpath, m):
+    raw = bytes(E / IP(src=CLIENT, dst=VIP_TUN) / TCP(sport=5511, dport=80, flags="S"))
+    v, out = run(fastpath, raw + b"\0" * 6)  # padded to 60
+    assert v == XDP_TX and len(bytes(out)) == len(raw) + 20
+
+
+def test_tunnel_too_big_counts_no_connection_and_no_traffic(fastpath, m):
+    """Without DF the packet is dropped (drop_too_big), with DF answered: neither is the flow's traffic, and a
+    first packet that does not fit opens no flow."""
+    nodf = E / IP(src=CLIENT, dst=VIP_TUN) / TCP(sport=5520, dport=80, flags="S") / (b"y" * 1461)
+    refused(fastpath, m, nodf, "drop_too_big")
+    df = E / IP(src=CLIENT, dst=VIP_TUN, flags="DF") / TCP(sport=5521, dport=80, flags="S") / (b"y" * 1461)
+    refused(fastpath, m, df, "icmp_too_big", verdict=XDP_TX)
+    big6 = E / IPv6(src=CLIENT6, dst=VIP6_TUN) / TCP(sport=5522, dport=80, flags="S") / (b"y" * 1441)
+    refused(fastpath, m, big6, "icmp_too_big", verdict=XDP_TX)
+    # a known flow: its stats count only what went through the tunnel
+    assert run(fastpath, E / IP(src=CLIENT, dst=VIP_TUN) / TCP(sport=5523, dport=80, flags="S"))[0] == XDP_TX
+    st = m.svc_stats(6)
+    assert (st["conns"], st["inpkts"]) == (1, 1)
+    refused(fastpath, m, E / IP(src=CLIENT, dst=VIP_TUN) / TCP(sport=5523, dport=80, flags="A") / (b"y" * 1461),
+            "drop_too_big")
+    assert m.svc_stats(6) == st
