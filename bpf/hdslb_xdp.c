@@ -1304,17 +1304,23 @@ static __always_inline __u32 conn_install(int t4, struct xdp_md *ctx, struct eth
 
 /*
  * The first packet of a would-be flow from a source no flow can have: a martian address, its own destination
- * (a land attack: the server would answer itself), a group Ethernet source (the reply entry would send to it),
- * or TCP/UDP port 0. Asked before anything is scheduled or stored; the caller drops it as drop_martian.
+ * (a land attack: the server would answer itself) or any other address of ours (Linux's fib_validate_source
+ * refuses a local source from the wire too: only a spoofer sends it), a group Ethernet source (the reply
+ * entry would send to it), or TCP/UDP port 0. Asked before anything is scheduled or stored; the caller drops
+ * it as drop_martian. The local-address lookup comes last: only a packet that passed the rest pays it.
  */
 static __always_inline int bad_opener4(struct ethhdr *eth, struct iphdr *iph, struct conn4_key *k, int ports)
 {
-	return martian4(iph->saddr) || iph->saddr == iph->daddr || mac_group(eth->h_source) || (ports && !k->sport);
+	return martian4(iph->saddr) || iph->saddr == iph->daddr || mac_group(eth->h_source) || (ports && !k->sport) ||
+	       local_lookup4(iph->saddr);
 }
+
+static __always_inline struct local_val *local_lookup6(const __u8 *addr);
 
 static __always_inline int bad_opener6(struct ethhdr *eth, struct conn_key *k)
 {
-	return martian6(k->saddr.v6) || addr_eq(&k->saddr, &k->daddr) || mac_group(eth->h_source) || !k->sport;
+	return martian6(k->saddr.v6) || addr_eq(&k->saddr, &k->daddr) || mac_group(eth->h_source) || !k->sport ||
+	       local_lookup6(k->saddr.b);
 }
 
 /* A new flow to an IPv4 service: schedule, route to the real server, install the entries, forward. */

@@ -277,15 +277,16 @@ MARTIANS4 = ["255.255.255.255", "0.0.0.0", "0.1.2.3", "224.0.0.1", "239.255.255.
 MARTIANS6 = ["::", "::1", "ff02::1", "ff0e::1234", "::ffff:10.0.0.1"]
 
 
-@pytest.mark.parametrize("src", MARTIANS4 + [VIP])
+@pytest.mark.parametrize("src", MARTIANS4 + [VIP, VIP_TUN, LIP])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_a_martian_ipv4_source_opens_nothing(fastpath, m, src, proto):
+    """... its own destination (land) or another of our addresses included: only a spoofer sends those."""
     l4 = TCP(sport=5300, dport=80, flags="S") if proto == "tcp" else UDP(sport=5300, dport=53)
     refused(fastpath, m, E / IP(src=src, dst=VIP) / l4, "drop_martian")
 
 
-@pytest.mark.parametrize("src,dst", [(s, VIP6) for s in MARTIANS6] + [(VIP6, VIP6), (CLIENT6, VIP6)],
-                         ids=MARTIANS6 + ["land", "nat64-land"])
+@pytest.mark.parametrize("src,dst", [(s, VIP6) for s in MARTIANS6] + [(VIP6, VIP6), (CLIENT6, VIP6), (LIP6, VIP6)],
+                         ids=MARTIANS6 + ["land", "nat64-land", "our-laddr"])
 def test_a_martian_ipv6_source_opens_nothing(fastpath, m, src, dst):
     port = 8080 if src == CLIENT6 else 80
     if src == CLIENT6:  # NAT64 service, client address equal to the VIP: land on the v6 side
