@@ -47,16 +47,16 @@ def maps(fastpath):
     """Maps emptied before each test so tests cannot see each other's flows or counters."""
     m = Maps(fastpath)
     for name in ("svc_map", "sched_map", "laddr_map", "local_map", "iface_map", "route4_map", "route6_map", "neigh_map",
-                 "conn4_map", "conn6_map"):
+                 "conn4_map", "conn6_map", "persist_map"):
         t = m.t[name]
         for k in list(t.keys()):
             del t[k]
     for name, n in (("counters", len(m.counter_names)), ("svc_stats", 64), ("dest_stats", 256),
-                    ("sched_cursor", 64), ("lport_cursor", 1)):
+                    ("sched_cursor", 64), ("lport_cursor", 1), ("snat_map", 16)):
         t = fastpath.table(name)
         for i in range(n):
             t[ct.c_uint32(i)] = t.Leaf()
-    m.t["cfg_map"][ct.c_uint32(0)] = m.t["cfg_map"].Leaf()  # flags (KNI routes, NAT64) from an earlier test
+    m.t["cfg_map"][ct.c_uint32(0)] = m.t["cfg_map"].Leaf()  # flags (KNI routes, NAT64), SNAT rule count
     m.set_cfg(1025, 65535)
     m.set_idle_timeouts(None)  # a test that wants port reclaiming turns it on
     m.set_iface(LO_IFINDEX, LB_MAC, 1500)

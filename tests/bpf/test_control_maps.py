@@ -29,14 +29,6 @@ def mac_of(addr: str) -> bytes:
 
 @pytest.fixture
 def bal(fastpath, maps):
-    for name in ("persist_map",):
-        t = fastpath.table(name)
-        for k in list(t.keys()):
-            del t[k]
-    t = fastpath.table("snat_map")
-    for i in range(16):
-        t[ct.c_uint32(i)] = t.Leaf()
-    maps.set_cfg(snat_rules=0)
     ifaces = {"lo": Iface("lo", LO_IFINDEX, LB_MAC, 1500)}
     b = Balancer(MapDataPath(maps, lambda name: ifaces[name].ifindex if name else 0), ifaces, max_services=64,
                  max_dests=256, max_hash_cells=fastpath.sizes.max_hash_cells)

@@ -3,7 +3,6 @@ a connection and is never forwarded as garbage. One case per way a packet can li
 frame, headers that are not what they claim, flags no opening segment carries, sources no flow can come from.
 """
 
-import ctypes as ct
 import ipaddress
 import socket
 
@@ -48,13 +47,6 @@ SERVICES = {
 @pytest.fixture
 def m(fastpath, maps):
     """Every service above, reachable over the test run's loopback 'interface' (MTU 1500)."""
-    for name in ("persist_map",):
-        t = fastpath.table(name)
-        for k in list(t.keys()):
-            del t[k]
-    t = fastpath.table("snat_map")
-    for i in range(16):
-        t[ct.c_uint32(i)] = t.Leaf()
     maps.set_route(ipaddress.ip_network("192.168.100.0/24"), LO_IFINDEX, None, A(TUNSRC), 1500, False)
     maps.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, A("fd00:100::fe"), 1500, False)
     for a in (RS1, RS61):

@@ -44,17 +44,7 @@ HKEY = {sched.KEY_SRC: 1, sched.KEY_DST: 2, sched.KEY_SRC_PORT: 3}
 
 @pytest.fixture
 def m(fastpath, maps):
-    """The shared `maps` fixture, plus the maps it does not know about emptied."""
-    for name in ("persist_map", "route6_map"):
-        t = fastpath.table(name)
-        for k in list(t.keys()):
-            del t[k]
-    t = fastpath.table("snat_map")
-    for i in range(16):
-        t[ct.c_uint32(i)] = t.Leaf()
-    set_snat_count(fastpath, 0)
-    for name in ("svc_stats", "dest_stats"):
-        pass
+    """The shared `maps` fixture, plus this module's routes and neighbours."""
     maps.set_route(ipaddress.ip_network("192.168.100.0/24"), LO_IFINDEX, None, None, 1500, False)
     maps.set_route(ipaddress.ip_network("fd00:100::/64"), LO_IFINDEX, None, None, 1500, False)
     for a in (RS1, RS2, RS3, RS61, RS62):
