@@ -1,5 +1,6 @@
 """The REST API over a real Balancer with a recording datapath: routes, statuses, set semantics, auth, OpenAPI."""
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -153,9 +154,17 @@ def ctx():
     return quick_start(FakeCtx(n_conns=7))
 
 
+@contextlib.asynccontextmanager
+async def serving(ctx):
+    """A test client of the REST app over ctx (also as client.ctx)."""
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        c.ctx = ctx
+        yield c
+
+
 @pytest.fixture
 async def client(ctx):
-    async with TestClient(TestServer(make_app(ctx))) as c:
+    async with serving(ctx) as c:
         yield c
 
 

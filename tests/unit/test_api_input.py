@@ -7,14 +7,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from hdslb.api.app import make_app
-from tests.unit.test_api import VS, FakeCtx, expect, quick_start
+from tests.unit.test_api import VS, FakeCtx, expect, quick_start, serving
 
 
 @pytest.fixture
 async def client():
     ctx = quick_start(FakeCtx(n_conns=3))
-    async with TestClient(TestServer(make_app(ctx))) as c:
-        c.ctx = ctx
+    async with serving(ctx) as c:
         yield c
 
 

@@ -2,11 +2,9 @@
 the prefix length for IPv6). GET shows it so; PUT takes it back (and the spellings hdslb took before)."""
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from hdslb.api import openapi
-from hdslb.api.app import make_app
-from tests.unit.test_api import FakeCtx, expect, quick_start
+from tests.unit.test_api import FakeCtx, expect, quick_start, serving
 
 V4 = "/v2/vs/10.0.0.9-80-tcp"
 V6 = "/v2/vs/2001:db8::9-80-tcp"
@@ -15,8 +13,7 @@ V6 = "/v2/vs/2001:db8::9-80-tcp"
 @pytest.fixture
 async def client():
     ctx = quick_start(FakeCtx())
-    async with TestClient(TestServer(make_app(ctx))) as c:
-        c.ctx = ctx
+    async with serving(ctx) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ from hdslb.api.app import ROUTES, make_app
 from hdslb.balancer import Balancer, Iface
 from hdslb.config import ConfigError, loads
 from hdslb.daemon import Daemon, settings_from_args
-from tests.unit.test_api import CONF, SVC, VS, FakeCtx, FakeMaps, Recorder, expect, quick_start
+from tests.unit.test_api import CONF, SVC, VS, FakeCtx, FakeMaps, Recorder, expect, quick_start, serving
 
 BASE = """global_defs {
     log_level INFO
@@ -155,8 +155,7 @@ def test_no_rest_route_adds_a_check_or_runs_a_script():
 @pytest.fixture
 async def client():
     ctx = quick_start(FakeCtx())
-    async with TestClient(TestServer(make_app(ctx))) as c:
-        c.ctx = ctx
+    async with serving(ctx) as c:
         yield c
 
 

@@ -3,18 +3,15 @@ that names another state refused, a range with an End but no Start refused, unkn
 (dpvs-agent's own ones taken)."""
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from hdslb.api.app import make_app
-from tests.unit.test_api import VS, FakeCtx, expect, quick_start
+from tests.unit.test_api import VS, FakeCtx, expect, quick_start, serving
 
 
 @pytest.fixture
 async def client():
     ctx = quick_start(FakeCtx())
     ctx.bal.addr_add({"addr": "10.0.0.7", "prefixlen": 24, "ifname": "eth0"})
-    async with TestClient(TestServer(make_app(ctx))) as c:
-        c.ctx = ctx
+    async with serving(ctx) as c:
         yield c
 
 
