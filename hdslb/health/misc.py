@@ -130,8 +130,11 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
         await asyncio.wait_for(proc.wait(), KILL_GRACE)
     except asyncio.TimeoutError:
         pass
-    # Whatever the leader did, nothing it started may outlive the check.
-    _kill_group(proc.pid, signal.SIGKILL)
+    finally:
+        # Whatever the leader did, nothing it started may outlive the check: not when it ignores SIGTERM, and not
+        # when the check is cancelled during the grace (server or service removed, hdslbd stopping), which would
+        # otherwise skip this line and leave a script that traps TERM running for good.
+        _kill_group(proc.pid, signal.SIGKILL)
     await proc.wait()
 
 
