@@ -1084,6 +1084,7 @@ class Daemon:
 
         pairs = self._health_pairs()
         gd = self.config.global_defs if self.config is not None else GlobalDefs("INFO", None, None, False)
+        self._release_unchecked(pairs)
         if self.health is not None:
             # keepalived's global_defs script_user / enable_script_security, for every MISC_CHECK (a change
             # restarts the checkers it touches; their servers keep their state)
@@ -1092,18 +1093,84 @@ class Daemon:
             return
         if not any(rs.checkers for _, rs in pairs):
             return
+        # The manager starts from what the pool holds (after a restart: the verdicts of the daemon before, which
+        # restore() brought back), so a server taken out comes back when its checks pass and a sorry server in
+        # goes when quorum is there: the first result that differs from the pool is a notice.
         self.health = HealthManager(self._on_health, self._on_quorum, script_user=gd.script_user,
-                                    script_security=gd.enable_script_security)
+                                    script_security=gd.enable_script_security, pool_state=self._pool_state,
+                                    quorum_lost=self._quorum_lost)
         await self.health.start(pairs)
+
+    def _dests_of(self, vs_key, rs_key) -> list:
+        """The model's dests a health-check identity (virtual server, real server) stands for."""
+        out = []
+        for ident, _, _ in self._services_of(vs_key):
+            try:
+                svc = self.bal.get_service(ident)
+                d = svc.dests.get(self.bal._dest_key(svc, {"addr": str(rs_key[0]), "port": rs_key[1]}))
+            except HdslbError:
+                continue
+            if d is not None and not d.sorry:
+                out.append(d)
+        return out
+
+    def _pool_state(self, vs_key, rs_key):
+        """What the pool holds for a real server the health manager starts checking (see HealthManager)."""
+        from hdslb.health.state import PoolState
+
+        dests = self._dests_of(vs_key, rs_key)
+        if not dests:
+            return None
+        down = [d for d in dests if d.health == "down"]
+        if down:
+            return PoolState(False, None, down[0].reason)
+        weights = {d.eff_weight for d in dests}
+        return PoolState(True, weights.pop() if len(weights) == 1 else None)
+
+    def _quorum_lost(self, vs_key) -> bool:
+        """The pool shows the virtual server's quorum lost: its sorry server is in."""
+        for ident, _, _ in self._services_of(vs_key):
+            try:
+                svc = self.bal.get_service(ident)
+            except HdslbError:
+                continue
+            if any(d.sorry for d in svc.dests.values()):
+                return True
+        return False
+
+    def _release_unchecked(self, pairs) -> None:
+        """A dest no checker watches any more (its check removed from the config or with check.del, possibly
+        while hdslbd was down) is up at its configured weight: a verdict nobody will revise must not keep it
+        out of rotation, or at a weight a checker once asked for."""
+        checked = {id(d) for vs, rs in pairs if rs.checkers for d in self._dests_of(vs.key, rs.key)}
+        for svc in self.bal.services.values():
+            for d in list(svc.dests.values()):
+                if id(d) in checked or (d.health == "up" and d.health_weight in (None, d.weight)):
+                    continue
+                try:
+                    self.bal.dest_health({"svc": svc.ident, "addr": str(d.addr), "port": d.port}, True, None, "")
+                except HdslbError as e:
+                    log.warning("real server %s:%s: %s", d.addr, d.port, e.message)
+                    continue
+                log.info("real server %s:%s of %s has no health check any more: up, weight %d", d.addr, d.port,
+                         _endpoint(svc.addr, svc.port), d.weight)
 
     def _services_of(self, vs_key):
         """(service ident, fwd, where) of every service a health-check identity stands for."""
-        out = [(w.ident, w.fwd, w.where) for w in self.want.values() if w.vs_key == vs_key]
-        for c in self.ctl_checks.values():
-            svc = c["svc"]
-            if (svc["proto"].upper(), _endpoint(svc["addr"], svc["port"])) == tuple(vs_key):
-                out.append((svc, None, f"check.add {c['key']}"))
-        return out
+        # Indexed once per config and set of checks: start and reload ask for every real server, and a scan of
+        # every service each time is quadratic with a thousand virtual servers.
+        stamp = (id(self.want), tuple(self.ctl_checks))
+        cache = getattr(self, "_services_index", None)
+        if cache is None or cache[0] != stamp or cache[1] is not self.want:
+            index: dict = {}
+            for w in self.want.values():
+                index.setdefault(tuple(w.vs_key), []).append((w.ident, w.fwd, w.where))
+            for c in self.ctl_checks.values():
+                svc = c["svc"]
+                index.setdefault((svc["proto"].upper(), _endpoint(svc["addr"], svc["port"])), []).append(
+                    (svc, None, f"check.add {c['key']}"))
+            cache = self._services_index = (stamp, self.want, index)
+        return cache[2].get(tuple(vs_key), [])
 
     async def add_check(self, a: dict) -> dict:
         svc = self.bal.get_service(a.get("svc"))
@@ -1129,10 +1196,7 @@ class Daemon:
         key = f"{svc.proto}:{_endpoint(svc.addr, svc.port)}/{_endpoint(addr, port)}"
         if self.ctl_checks.pop(key, None) is None:
             raise HdslbError(errno.ENOENT, f"no check on {key} was added with check.add")
-        d = svc.dests.get((addr, port))
-        if d is not None and d.health == "down":  # no checker any more: nothing keeps it out of rotation
-            self.bal.dest_health({"svc": a.get("svc"), "addr": str(addr), "port": port}, True, None, "")
-        await self._start_health()
+        await self._start_health()  # no checker any more: _release_unchecked puts it back in rotation
 
     async def _on_health(self, vs_key, rs_key, up, weight, reason) -> None:
         for ident, _, where in self._services_of(vs_key):

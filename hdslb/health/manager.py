@@ -24,8 +24,14 @@ dispatcher task (a slow callback delays later notices, never a probe):
   on_quorum(vs_key, lost)
       lost=True: activate the sorry_server (and quorum_down); lost=False: back to the real servers.
 
-At start the daemon is told about every server that starts down (alpha) and every virtual server that
-starts without quorum; everything else is assumed to be in the pool at its configured weight.
+Where the manager starts from. Without pool_state/quorum_lost (keepalived without a restart to survive), a server
+is assumed to be in the pool at its configured weight, and the daemon is told about every server that starts
+down (alpha) and every virtual server that starts without quorum. With them (hdslbd after a restart restores
+the previous daemon's verdicts), a new server starts as the pool has it: one the pool holds down starts down
+(every checker must pass once to bring it back, as under alpha), and a virtual server whose sorry server is
+in starts without quorum. Where the start state still differs from the pool (alpha; no checkers, so up; a
+configured weight the pool does not have) the daemon is told at once, so after start the manager and the pool
+agree and the first probe result that differs produces a notice.
 
 Concurrency: at most max_concurrent probes run at once (a semaphore held for the probe only). Each probe
 holds one socket or one child process, so the bound keeps the daemon inside its file-descriptor limit
@@ -45,12 +51,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 from hdslb.config.model import Checker, MiscCheck, RealServer, VirtualServer
 from hdslb.health.base import CheckResult, failed, hostport
 from hdslb.health.probe import Probe, run_check
-from hdslb.health.state import CheckerState, RsKey, ServerState, ServiceState, VsKey
+from hdslb.health.state import CheckerState, PoolState, RsKey, ServerState, ServiceState, VsKey
 
 log = logging.getLogger("hdslb.health")
 
 OnChange = Callable[[VsKey, RsKey, bool, Optional[int], str], Any]  # may be a coroutine function
 OnQuorum = Callable[[VsKey, bool], Any]
+PoolStateOf = Callable[[VsKey, RsKey], Optional[PoolState]]  # None: the pool does not have it (yet)
+QuorumLostOf = Callable[[VsKey], bool]  # True: the pool shows the quorum lost (its sorry server is in)
 Pair = Tuple[VirtualServer, RealServer]
 
 DEFAULT_MAX_CONCURRENT = 256  # probes in flight; well inside a 1024 fd limit with room for the daemon's own
@@ -66,11 +74,16 @@ class HealthManager:
     def __init__(self, on_change: OnChange, on_quorum: Optional[OnQuorum] = None, *,
                  probe: Probe = run_check, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
                  script_user: Optional[str] = None, script_security: bool = False,
-                 rng: Optional[random.Random] = None):
+                 rng: Optional[random.Random] = None, pool_state: Optional[PoolStateOf] = None,
+                 quorum_lost: Optional[QuorumLostOf] = None):
         """probe is replaceable for tests; script_user is global_defs' default user for MISC_CHECK (`user` in
-        the check wins), script_security its enable_script_security (see hdslb.health.misc.insecure_reason)."""
+        the check wins), script_security its enable_script_security (see hdslb.health.misc.insecure_reason).
+        pool_state and quorum_lost say what the daemon's pool holds, for servers and virtual servers the manager
+        starts checking (see "Where the manager starts from" above)."""
         self._on_change = on_change
         self._on_quorum = on_quorum
+        self._pool_state = pool_state
+        self._quorum_lost = quorum_lost
         self._probe = probe
         self._max_concurrent = max_concurrent
         self._script_user = script_user
@@ -146,6 +159,8 @@ class HealthManager:
             svc = self._services.get(key)
             if svc is None:
                 svc = self._services[key] = ServiceState(vs)
+                if self._quorum_lost is not None and self._quorum_lost(key):
+                    svc.quorum_up = False  # its sorry server is in: regaining quorum takes it out
             svc.vs = vs
             for rk in [k for k in svc.servers if k not in rss]:
                 self._cancel([svc.servers.pop(rk)])
@@ -191,20 +206,38 @@ class HealthManager:
                      if isinstance(c, MiscCheck) else c for c in rs.checkers)
 
     def _new_server(self, vs: VirtualServer, rs: RealServer) -> ServerState:
-        checkers = [CheckerState(c, up=not vs.alpha) for c in self._checkers(rs)]
+        pool = self._pool_state(vs.key, rs.key) if self._pool_state is not None else None
+        # alpha: down until checked, whatever the pool holds; else as the pool has it (keepalived: up).
+        up = not vs.alpha and (pool is None or pool.up)
+        checkers = [CheckerState(c, up=up) for c in self._checkers(rs)]
         alive = all(c.up for c in checkers)
+        if alive and pool is not None and pool.weight is not None and pool.weight != rs.weight:
+            # a misc_dynamic weight outlives the restart until the script says otherwise
+            dyn = next((cs for cs in checkers if isinstance(cs.checker, MiscCheck) and cs.checker.misc_dynamic), None)
+            if dyn is not None:
+                dyn.dynamic_weight = pool.weight
+        if not checkers:
+            reason = "no checkers: always up"
+        elif alive:
+            reason = "not checked yet"
+        elif vs.alpha:
+            reason = "alpha: down until every check has passed"
+        else:
+            reason = "down when checking began" + (f" ({pool.reason})" if pool.reason else "") + \
+                     ": up once every check has passed"
+        # What the daemon has: without pool_state, keepalived's assumption (in at the configured weight).
+        told = rs.weight if pool is None else pool.weight if pool.up else None
         return ServerState(vs_key=vs.key, rs=rs, inhibit=rs.inhibit_on_failure or vs.inhibit_on_failure,
-                           checkers=checkers, alive=alive, since=time.time(),
-                           reason="no checkers: always up" if not checkers else
-                           "not checked yet" if alive else "alpha: down until every check has passed",
-                           notified_weight=rs.weight if alive else None)
+                           checkers=checkers, alive=alive, since=time.time(), reason=reason, notified_weight=told)
 
     def _begin(self, srv: ServerState) -> None:
-        """Start a server's checker tasks; tell the daemon if it starts outside the pool."""
+        """Start a server's checker tasks; tell the daemon where the state it starts in differs from the pool's
+        (alpha, no checkers, a configured weight the pool does not have)."""
         for cs in srv.checkers:
             self._spawn(srv, cs)
-        if not srv.alive:
-            self._tell(srv, False, srv.reason)
+        told_up = srv.notified_weight is not None
+        if srv.alive != told_up or (srv.alive and srv.weight != srv.notified_weight):
+            self._tell(srv, srv.alive, srv.reason)
 
     def _spawn(self, srv: ServerState, cs: CheckerState) -> None:
         t = asyncio.create_task(self._run(srv, cs),

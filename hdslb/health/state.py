@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from hdslb.config.model import Checker, IPAddress, RealServer, VirtualServer
 from hdslb.health.base import hostport
@@ -16,6 +16,16 @@ VsKey = Tuple[str, str]  # VirtualServer.key: ("TCP", "10.0.0.1:80") or ("TCP", 
 RsKey = Tuple[IPAddress, int]  # RealServer.key
 
 MAX_WEIGHT = 65535
+
+
+class PoolState(NamedTuple):
+    """What the daemon's pool already holds for a real server the manager starts checking: after a restart, the
+    verdict of the hdslbd before (the saved model keeps it). up=False: out of rotation (removed or inhibited);
+    weight: the weight it is in at, None if unknown or if the services it stands for disagree."""
+
+    up: bool
+    weight: Optional[int] = None
+    reason: str = ""  # why it is down, as the daemon recorded it
 
 
 @dataclass
