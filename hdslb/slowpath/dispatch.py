@@ -25,7 +25,9 @@ RX_KINDS = ("arp_request", "arp_reply", "arp", "icmp_echo", "icmp6_echo", "nd_ns
             "unresolved", "other")
 COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_request", "icmp_echo_reply", "nd_na",
             "nd_ns", "announce", "unres_queued", "unres_dropped", "unres_sent", "nexthop_known", "no_route",
-            "addr_conflict", "icmp_error", "malformed", "unexpected", "error")
+            "addr_conflict", "icmp_error", "malformed", "unexpected", "error",
+            # limits (neigh.py): entries refused at gc_thresh3, entries a forced GC evicted
+            "neigh_table_full", "neigh_gc_forced")
 
 
 @dataclass
@@ -112,13 +114,15 @@ class SlowPath:
         # the daemon ran before the slow path existed); without it only punted frames start resolution.
         self.proactive = proactive
         self.counters: Counter = Counter({k: 0 for k in COUNTERS})
+        self._static_seen = None  # (the model's neighs dict, its length) at the last sync of static entries
+        self.static_syncs = 0  # full syncs of static entries done (each costs one pass over them)
 
     # --- entry points ---------------------------------------------------------------------------
     def handle(self, ifname: str, frame: bytes) -> Actions:
         """One received frame from ifname."""
         act = Actions()
         try:
-            self._sync_static(act)
+            self._sync_static(act, full=False)
             self._handle(ifname, bytes(frame), act)
         except Exception:  # a bug must cost one frame, never the daemon
             log.exception("slow path: frame from %s (%d bytes) raised", ifname, len(frame))
@@ -143,6 +147,14 @@ class SlowPath:
         except Exception:
             log.exception("slow path: tick raised")
             act.count("error")
+        return self._account(act)
+
+    def adopt(self, neighs) -> Actions:
+        """Take over what the fast path's neighbour map already holds ((ip, mac, ifname) each, at start); those
+        beyond gc_thresh3 are deleted from the map, where nothing would ever age them."""
+        act = Actions()
+        for ip, mac, ifname in neighs:
+            self._apply(self.neigh.adopt(ip, mac, ifname), act)
         return self._account(act)
 
     def announce(self, ip, ifname: str) -> Actions:
@@ -172,12 +184,23 @@ class SlowPath:
         self.counters.update(act.counters)
         return act
 
-    def _sync_static(self, act: Actions) -> None:
-        """Mirror the model's static neighbours (dpip neigh add/del) as PERMANENT entries."""
+    def _sync_static(self, act: Actions, full: bool = True) -> None:
+        """Mirror the model's static neighbours (dpip neigh add/del) as PERMANENT entries.
+
+        Per frame (full False) only when the model's set looks changed: another dict or another count, so an
+        added or deleted static neighbour counts from the next frame at O(1) a frame, whatever the size of the
+        table. A static neighbour given a new MAC in place is caught by the tick's full sync (the model writes
+        static entries into the fast path's map itself, so only queued frames could wait that long). A full
+        sync walks the static entries, never the learned ones."""
         want = self.model.neighs
-        for ip, e in list(self.neigh.entries.items()):
-            if e.permanent and ip not in want:
-                self._apply(self.neigh.remove(ip), act)
+        seen = (want, len(want))
+        if not full and self._static_seen is not None and self._static_seen[0] is want \
+                and self._static_seen[1] == seen[1]:
+            return
+        self._static_seen = seen
+        self.static_syncs += 1
+        for ip in [ip for ip in self.neigh.static_ips if ip not in want]:
+            self._apply(self.neigh.remove(ip), act)
         for ip, n in want.items():
             e = self.neigh.entries.get(ip)
             if e is None or not e.permanent or e.mac != n.lladdr or e.ifname != n.ifname:
@@ -198,6 +221,8 @@ class SlowPath:
             act.send(ifname, P.set_macs(frame, mac, ifc.mac), "unres_sent")
         act.count("unres_queued", ev.queued)
         act.count("unres_dropped", ev.dropped)
+        for name, n in ev.counters.items():
+            act.count(name, n)
 
     def _send_probe(self, p: Probe, act: Actions) -> None:
         ifc = self.model.ifaces.get(p.ifname)

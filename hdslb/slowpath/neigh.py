@@ -15,6 +15,13 @@ States (Linux names; show() prints DPVS's):
 
 Linux's DELAY (wait before probing) is folded into PROBE: the slow path sees no upper-layer confirmations
 that DELAY would wait for, so it probes at once.
+
+Size, as Linux bounds its own (gc_thresh2/3): anyone on the segment can make us create entries (an ARP request
+or NS to our address is worth an entry), so learned entries are counted against gc_thresh2 and gc_thresh3.
+Creating one at gc_thresh3 (or above gc_thresh2 when the last forced GC is 5 s old) first runs a forced GC,
+which forgets FAILED, then STALE, then other unreferenced entries, least recently active first, down to
+gc_thresh2; an entry that still does not fit is refused and counted. Static entries, wanted next hops (real
+servers, gateways) and entries with queued frames are never evicted.
 """
 
 from __future__ import annotations
@@ -30,6 +37,22 @@ DEFAULT_TIMEOUT = 60.0  # neigh_defs timeout: seconds a confirmation keeps an en
 DEFAULT_UNRES_QLEN = 128  # neigh_defs unres_queue_length: frames held per unresolved next hop
 DEFAULT_MAX_PROBES = 3  # probes per resolution attempt (Linux mcast_solicit / ucast_solicit)
 DEFAULT_RETRANS = 1.0  # seconds between probes (Linux retrans_time)
+MAX_NEIGH = 16384  # the fast path's neigh_map size (fastpath.loader.Sizes.max_neigh, -DMAX_NEIGH)
+GC_THRESH2_INTERVAL = 5.0  # seconds between forced GCs between gc_thresh2 and gc_thresh3 (Linux: 5 s)
+GC_THRESH3_INTERVAL = 1.0  # ... and at gc_thresh3: a table full of entries in use costs one walk a second
+
+
+def gc_thresholds(max_neigh: int) -> tuple[int, int]:
+    """(gc_thresh2, gc_thresh3) for a fast path whose neigh_map holds max_neigh entries.
+
+    gc_thresh3, the most learned entries: half the map, so static entries (the model writes them into the same
+    map) and whatever a previous daemon left have the other half, and a walk of the table (tick, forced GC)
+    stays short. gc_thresh2, what a forced GC shrinks the table to: half of that, Linux's ratio."""
+    thresh3 = max(2, max_neigh // 2)
+    return thresh3 // 2, thresh3
+
+
+DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3 = gc_thresholds(MAX_NEIGH)  # 4096, 8192
 
 
 class State(Enum):
@@ -82,6 +105,9 @@ class NeighEvents:
     send: list = field(default_factory=list)  # (ifname, frame, mac): queued frames whose next hop is now known
     queued: int = 0  # frames put on an unresolved queue
     dropped: int = 0  # frames dropped: queue full, resolution failed, or next hop in FAILED hold-down
+    # limits hit, by the slow path's counter name: neigh_table_full (an entry refused at gc_thresh3),
+    # neigh_gc_forced (entries a forced GC evicted)
+    counters: Counter = field(default_factory=Counter)
 
     def extend(self, other: NeighEvents) -> NeighEvents:
         self.probes += other.probes
@@ -90,13 +116,15 @@ class NeighEvents:
         self.send += other.send
         self.queued += other.queued
         self.dropped += other.dropped
+        self.counters.update(other.counters)
         return self
 
 
 class NeighTable:
     def __init__(self, now: Callable[[], float] = time.monotonic, timeout: float = DEFAULT_TIMEOUT,
                  unres_queue_length: int = DEFAULT_UNRES_QLEN, max_probes: int = DEFAULT_MAX_PROBES,
-                 retrans: float = DEFAULT_RETRANS, gc_stale: float | None = None, fail_hold: float | None = None):
+                 retrans: float = DEFAULT_RETRANS, gc_stale: float | None = None, fail_hold: float | None = None,
+                 gc_thresh2: int = DEFAULT_GC_THRESH2, gc_thresh3: int = DEFAULT_GC_THRESH3):
         self.now = now
         self.timeout = timeout
         self.unres_queue_length = unres_queue_length
@@ -108,7 +136,12 @@ class NeighTable:
         # A failed next hop is not re-probed for this long: frames to it are dropped rather than starting a
         # new probe burst each time (bounds ARP to a dead server at max_probes per 2 * max_probes * retrans).
         self.fail_hold = self.max_probes * retrans if fail_hold is None else fail_hold
+        self.gc_thresh3 = max(1, gc_thresh3)
+        self.gc_thresh2 = min(max(0, gc_thresh2), self.gc_thresh3)
         self.entries: dict = {}
+        self.static_ips: set = set()  # addresses of the PERMANENT entries: not counted against the thresholds
+        self.wanted: dict = {}  # the last keep_wanted() set: next hops that are never evicted
+        self.last_forced_gc = float("-inf")
         self.stats: Counter = Counter()
 
     # --- reads ----------------------------------------------------------------------------------
@@ -120,6 +153,11 @@ class NeighTable:
 
     def __contains__(self, ip) -> bool:
         return self.get(ip) is not None
+
+    @property
+    def learned(self) -> int:
+        """Entries counted against gc_thresh2/3: all but the static ones."""
+        return len(self.entries) - len(self.static_ips)
 
     def show(self, ifname: str | None = None, af: int | None = None) -> list[dict]:
         """Rows for `dpip neigh show` (the neigh.list reply shape), sorted by address."""
@@ -141,6 +179,7 @@ class NeighTable:
         ip = ipaddress.ip_address(ip)
         ev = NeighEvents()
         e = self.entries.get(ip)
+        self.static_ips.add(ip)
         if e is None:
             self.entries[ip] = Entry(ip=ip, ifname=ifname, state=State.PERMANENT, mac=mac, updated=self.now())
             return ev
@@ -152,7 +191,9 @@ class NeighTable:
         """Forget ip (a static entry deleted by the operator, or any entry on request); its queue is dropped.
         A learned entry's map entry is deleted; a static one's is the model's to delete."""
         ev = NeighEvents()
-        e = self.entries.pop(ipaddress.ip_address(ip), None)
+        ip = ipaddress.ip_address(ip)
+        e = self.entries.pop(ip, None)
+        self.static_ips.discard(ip)
         if e is not None:
             self._drop_queue(e, ev)
             if e.mac is not None and not e.permanent:
@@ -162,11 +203,15 @@ class NeighTable:
     def adopt(self, ip, mac: bytes, ifname: str) -> NeighEvents:
         """Take over an entry the fast path already holds (left by a previous daemon or imported from the
         kernel) as STALE: usable now, confirmed again once in use. No update: the map has it. An entry this
-        table already has a MAC for is kept (it is at least as fresh)."""
+        table already has a MAC for is kept (it is at least as fresh). One that does not fit (gc_thresh3) is
+        deleted from the map: nothing would ever age it there."""
         ip = ipaddress.ip_address(ip)
         ev = NeighEvents()
         e = self.entries.get(ip)
         if e is None:
+            if not self._room(self.now(), ev):
+                ev.deletes.append((ip, ifname))
+                return ev
             self.entries[ip] = Entry(ip=ip, ifname=ifname, state=State.STALE, mac=mac, updated=self.now())
         elif e.mac is None:
             e.state, e.mac, e.ifname, e.updated, e.probes = State.STALE, mac, ifname, self.now(), 0
@@ -193,7 +238,7 @@ class NeighTable:
             self.stats["ignored_permanent"] += 1
             return ev
         if e is None:
-            if not create or mac is None:
+            if not create or mac is None or not self._room(now, ev):
                 return ev
             e = self.entries[ip] = Entry(ip=ip, ifname=ifname, state=State.STALE, mac=None, updated=now)
         new_state = State.REACHABLE if confirmed else State.STALE
@@ -237,6 +282,11 @@ class NeighTable:
             ev.extend(self.remove(ip))
             e = None
         if e is None:
+            if not self._room(now, ev):
+                if frame is not None:
+                    ev.dropped += 1
+                    self.stats["dropped_full"] += 1
+                return None, ev
             e = self.entries[ip] = Entry(ip=ip, ifname=ifname, state=State.INCOMPLETE, updated=now)
             self._probe(e, now, ev)
         e.used = now
@@ -271,6 +321,7 @@ class NeighTable:
         ev = NeighEvents()
         now = self.now()
         entries = self.entries
+        self.wanted = wanted
         for ip, ifname in wanted.items():
             e = entries.get(ip)
             if e is not None and e.state is State.REACHABLE and e.ifname == ifname:
@@ -303,6 +354,46 @@ class NeighTable:
                 if now - e.updated >= self.fail_hold:
                     del self.entries[e.ip]
         return ev
+
+    # --- size -----------------------------------------------------------------------------------
+    def _room(self, now: float, ev: NeighEvents) -> bool:
+        """May a learned entry be created now? Runs a forced GC when the table is at gc_thresh3, or above
+        gc_thresh2 with the last forced GC GC_THRESH2_INTERVAL old (Linux neigh_alloc); False (counted) when
+        the entry still does not fit."""
+        n = self.learned
+        if n < self.gc_thresh2:
+            return True
+        since = now - self.last_forced_gc
+        if since >= GC_THRESH2_INTERVAL or (n >= self.gc_thresh3 and since >= GC_THRESH3_INTERVAL):
+            self.forced_gc(now, ev)
+        if self.learned < self.gc_thresh3:
+            return True
+        ev.counters["neigh_table_full"] += 1
+        self.stats["table_full"] += 1
+        return False
+
+    def evictable(self, e: Entry) -> bool:
+        """Not static, no frames waiting on it, not a next hop the balancer wants (Linux: unreferenced)."""
+        return not e.permanent and not e.queue and e.ip not in self.wanted
+
+    def forced_gc(self, now: float, ev: NeighEvents) -> int:
+        """Evict unreferenced entries down to gc_thresh2: FAILED first, then STALE, then the rest, the least
+        recently active first. One walk of the table: callers space the calls (see _room)."""
+        self.last_forced_gc = now
+        excess = self.learned - self.gc_thresh2
+        if excess <= 0:
+            return 0
+        rank = {State.FAILED: 0, State.STALE: 1}
+        victims = sorted((e for e in self.entries.values() if self.evictable(e)),
+                         key=lambda e: (rank.get(e.state, 2), max(e.updated, e.used)))[:excess]
+        for e in victims:
+            del self.entries[e.ip]
+            if e.mac is not None:
+                ev.deletes.append((e.ip, e.ifname))
+        if victims:
+            ev.counters["neigh_gc_forced"] += len(victims)
+            self.stats["gc_forced"] += len(victims)
+        return len(victims)
 
     # --- internals ------------------------------------------------------------------------------
     def _probe(self, e: Entry, now: float, ev: NeighEvents) -> None:

@@ -16,7 +16,7 @@ import os
 import time
 
 from hdslb.slowpath.dispatch import Actions, SlowPath
-from hdslb.slowpath.neigh import NeighTable
+from hdslb.slowpath.neigh import MAX_NEIGH, NeighTable, gc_thresholds
 
 log = logging.getLogger("hdslb.slowpath")
 
@@ -33,7 +33,10 @@ def rx_queues(ifname: str) -> int:
 class SlowPathRunner:
     def __init__(self, daemon, neigh_timeout: float = 60.0, unres_queue_length: int = 128, ttl: int = 64):
         self.d = daemon
-        self.neigh = NeighTable(now=time.monotonic, timeout=neigh_timeout, unres_queue_length=unres_queue_length)
+        sizes = getattr(daemon, "sizes", None)
+        thresh2, thresh3 = gc_thresholds(getattr(sizes, "max_neigh", MAX_NEIGH))
+        self.neigh = NeighTable(now=time.monotonic, timeout=neigh_timeout, unres_queue_length=unres_queue_length,
+                                gc_thresh2=thresh2, gc_thresh3=thresh3)
         self.sp = SlowPath(daemon.bal, self.neigh, ttl=ttl)
         self.socks: dict[tuple[str, int], object] = {}  # (ifname, queue) -> XskSocket
         self._tick_task: asyncio.Task | None = None
@@ -59,10 +62,10 @@ class SlowPathRunner:
                 sock.attach_loop(loop, lambda frames, n=ifc.name: self.carry_out(self.sp.handle_batch(n, frames)))
         self.register()
         # Neighbours the fast path already holds (a previous daemon's, the kernel's) are adopted, not relearned.
+        # Those beyond gc_thresh3 are deleted from the map (nothing would age them there).
         by_index = {i.ifindex: i.name for i in self.d.bal.ifaces.values()}
-        for n in self.d.maps.neighs():
-            if not n["permanent"] and n["ifindex"] in by_index:
-                self.neigh.adopt(n["addr"], bytes.fromhex(n["lladdr"].replace(":", "")), by_index[n["ifindex"]])
+        self.carry_out(self.sp.adopt((n["addr"], bytes.fromhex(n["lladdr"].replace(":", "")), by_index[n["ifindex"]])
+                                     for n in self.d.maps.neighs() if not n["permanent"] and n["ifindex"] in by_index))
         self._tick_task = asyncio.create_task(self._ticker())
         log.info("slow path: %d AF_XDP sockets on %s", len(self.socks), ", ".join(sorted({k[0] for k in self.socks})))
 
@@ -149,7 +152,10 @@ class SlowPathRunner:
                 log.exception("slow path tick failed")
 
     def stats(self) -> dict:
-        out = {"counters": dict(self.sp.counters, icmp_error_translated=self.translated), "sockets": {}}
+        n = self.neigh
+        out = {"counters": dict(self.sp.counters, icmp_error_translated=self.translated), "sockets": {},
+               "neigh": {"entries": len(n), "learned": n.learned, "gc_thresh2": n.gc_thresh2,
+                         "gc_thresh3": n.gc_thresh3}}
         for (ifname, q), sock in self.socks.items():
             st = sock.stats()
             out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame",

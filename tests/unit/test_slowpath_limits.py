@@ -1,0 +1,219 @@
+"""The slow path's limits: a bounded neighbour table (gc_thresh2/3) and per-frame work independent of its size."""
+
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+from scapy.layers.l2 import ARP, Ether
+
+from hdslb.slowpath.dispatch import SlowPath
+from hdslb.slowpath.neigh import (DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3, GC_THRESH3_INTERVAL, MAX_NEIGH, Entry,
+                                  NeighEvents, NeighTable, State, gc_thresholds)
+from hdslb.slowpath.runner import SlowPathRunner
+
+from .test_slowpath_dispatch import CLIENT, M0, M1, RS2, Clock, arp_rep, fnat_frame
+from .test_slowpath_dispatch import bal as bal  # noqa: F401  (fixture)
+
+A = ipaddress.ip_address
+MAC = bytes.fromhex("525400000042")
+VIP = "10.0.0.100"
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def spoofed_request(i: int, tpa: str = VIP) -> bytes:
+    """An ARP request for our address from the i-th of many made-up senders."""
+    spa = str(A("172.16.0.0") + i)
+    return bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=CLIENT) / ARP(op=1, hwsrc=CLIENT, psrc=spa, pdst=tpa))
+
+
+def fill(tbl: NeighTable, n: int, state=State.STALE, start: int = 0, at: float | None = None) -> list:
+    """n learned entries straight into the table (what n senders would leave), oldest first."""
+    ips = []
+    for i in range(start, start + n):
+        ip = A("172.16.0.0") + i
+        t = tbl.now() if at is None else at
+        tbl.entries[ip] = Entry(ip=ip, ifname="eth0", state=state, mac=None if state is State.FAILED else MAC,
+                                updated=t)
+        ips.append(ip)
+    return ips
+
+
+# --- defaults ---------------------------------------------------------------------------------------
+def test_default_thresholds_leave_half_the_map_to_static_entries():
+    assert (DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3) == (4096, 8192) == gc_thresholds(MAX_NEIGH)
+    assert gc_thresholds(64) == (16, 32)
+
+
+# --- per-frame cost ---------------------------------------------------------------------------------
+class WalkCounting(dict):
+    """The neighbour table's dict, counting every walk over it (a frame must cost no walk)."""
+
+    walks = 0
+
+    def _walk(self):
+        type(self).walks += 1
+
+    def items(self):
+        self._walk()
+        return super().items()
+
+    def values(self):
+        self._walk()
+        return super().values()
+
+    def keys(self):
+        self._walk()
+        return super().keys()
+
+    def __iter__(self):
+        self._walk()
+        return super().__iter__()
+
+
+def test_a_frame_costs_no_walk_of_the_table_nor_of_the_static_entries(bal, clock):
+    tbl = NeighTable(now=clock, gc_thresh2=20000, gc_thresh3=20000)
+    sp = SlowPath(bal, tbl, now=clock, proactive=False)
+    fill(tbl, 10000)
+    tbl.entries = WalkCounting(tbl.entries)
+    WalkCounting.walks = 0
+    bal.neigh_add({"addr": "192.168.100.3", "lladdr": "52:54:00:00:00:03", "ifname": "eth1"})
+    sp.handle("eth0", spoofed_request(20000))
+    syncs = sp.static_syncs
+    for i in range(200):  # requests from new senders, unresolved frames, replies: none walks anything
+        sp.handle("eth0", spoofed_request(20001 + i))
+        sp.handle("eth0", fnat_frame(dst="192.168.100.3"))
+        sp.handle("eth1", arp_rep("192.168.100.3", RS2, "192.168.100.200", M1))
+    assert WalkCounting.walks == 0, "a frame walked the neighbour table"
+    assert sp.static_syncs == syncs, "a frame re-synced the static neighbours with none changed"
+    assert len(tbl) == 10202
+
+    # a static neighbour added or deleted counts from the next frame (one sync), still without a walk
+    bal.neigh_add({"addr": "192.168.100.2", "lladdr": RS2, "ifname": "eth1"})
+    sp.handle("eth0", spoofed_request(30000))
+    assert sp.static_syncs == syncs + 1 and tbl.get("192.168.100.2").state is State.PERMANENT
+    bal.neigh_del({"addr": "192.168.100.2"})
+    sp.handle("eth0", spoofed_request(30001))
+    assert sp.static_syncs == syncs + 2 and "192.168.100.2" not in tbl
+    assert WalkCounting.walks == 0
+
+
+def test_a_static_neighbour_whose_mac_changed_in_place_is_taken_on_the_next_tick(bal, clock):
+    sp = SlowPath(bal, NeighTable(now=clock), now=clock, proactive=False)
+    bal.neigh_add({"addr": "192.168.100.3", "lladdr": "52:54:00:00:00:03", "ifname": "eth1"})
+    sp.handle("eth0", spoofed_request(1))
+    bal.neigh_add({"addr": "192.168.100.3", "lladdr": "52:54:00:00:00:33", "ifname": "eth1"})  # same count
+    sp.tick()
+    assert sp.neigh.get("192.168.100.3").mac == bytes.fromhex("525400000033")
+
+
+# --- the bound --------------------------------------------------------------------------------------
+def test_spoofed_arp_requests_cannot_grow_the_table_past_thresh3(bal, clock):
+    tbl = NeighTable(now=clock, gc_thresh2=50, gc_thresh3=100)
+    sp = SlowPath(bal, tbl, now=clock, proactive=False)
+    writes = 0
+    for i in range(2000):
+        act = sp.handle("eth0", spoofed_request(i))
+        assert act.counters["arp_reply"] == 1, "the request is answered whether or not its sender is kept"
+        writes += len(act.neigh_updates)
+        clock.advance(0.001)
+        assert tbl.learned <= 100
+    c = sp.counters
+    # a forced GC at 100 (down to 50) at most once a second: 2 s of flood -> at most 3 GCs
+    assert 1 <= c["neigh_gc_forced"] // 50 <= 3 and c["neigh_gc_forced"] % 50 == 0
+    assert c["neigh_table_full"] == 2000 - writes
+    assert writes == 100 + c["neigh_gc_forced"], "a map write for every entry made, none for one refused"
+
+
+def test_a_full_table_costs_one_forced_gc_a_second_not_one_a_frame(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=5, gc_thresh3=10)
+    calls = []
+    real = tbl.forced_gc
+    tbl.forced_gc = lambda now, ev: calls.append(now) or real(now, ev)
+    for ip in fill(tbl, 10, state=State.INCOMPLETE):  # all in use: frames wait on every one
+        tbl.entries[ip].queue.append(("eth1", b"x" * 60))
+    for i in range(100):
+        ev = tbl.learn(A("10.9.0.0") + i, MAC, "eth0", confirmed=False)
+        assert not ev.updates and ev.counters["neigh_table_full"] == 1
+        clock.advance(0.005)
+    assert len(calls) == 1 and tbl.learned == 10
+    clock.advance(GC_THRESH3_INTERVAL)
+    tbl.learn(A("10.9.1.0"), MAC, "eth0", confirmed=False)
+    assert len(calls) == 2
+
+
+def test_forced_gc_never_evicts_static_wanted_or_queued_entries(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=2, gc_thresh3=6)
+    tbl.set_permanent(A("192.168.100.9"), MAC, "eth1")
+    tbl.keep_wanted({A("192.168.100.2"): "eth1"})  # INCOMPLETE, wanted
+    tbl.resolve(A("192.168.100.3"), "eth1", b"frame")  # INCOMPLETE, a frame waits on it
+    tbl.learn(A("192.168.100.2"), MAC, "eth1", confirmed=True)
+    fill(tbl, 20, start=100)
+    ev = NeighEvents()
+    tbl.forced_gc(clock(), ev)
+    assert {str(ip) for ip in tbl.entries} == {"192.168.100.9", "192.168.100.2", "192.168.100.3"}
+    assert ev.counters["neigh_gc_forced"] == 20 and len(ev.deletes) == 20
+    assert tbl.get("192.168.100.3").queue
+
+
+def test_forced_gc_evicts_failed_then_stale_then_the_rest_least_recent_first(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=3, gc_thresh3=100)
+    reach_old = fill(tbl, 2, state=State.REACHABLE, start=0, at=clock() - 30)
+    stale_new = fill(tbl, 2, state=State.STALE, start=10, at=clock() - 1)
+    stale_old = fill(tbl, 2, state=State.STALE, start=20, at=clock() - 50)
+    failed = fill(tbl, 1, state=State.FAILED, start=30)
+    ev = NeighEvents()
+    assert tbl.forced_gc(clock(), ev) == 4
+    assert set(tbl.entries) == set(reach_old) | {stale_new[1]} or set(tbl.entries) == set(reach_old) | {stale_new[0]}
+    assert not set(failed + stale_old) & set(tbl.entries)
+    assert (failed[0], "eth0") not in ev.deletes, "a FAILED entry has nothing in the map"
+
+
+def test_static_entries_do_not_count_against_the_thresholds(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=2, gc_thresh3=3)
+    for i in range(10):
+        tbl.set_permanent(A("192.168.1.0") + i, MAC, "eth1")
+    for i in range(3):
+        assert tbl.learn(A("10.9.0.0") + i, MAC, "eth0", confirmed=False).updates
+    assert tbl.learned == 3 and len(tbl) == 13
+    tbl.remove(A("192.168.1.0"))
+    assert tbl.learned == 3 and len(tbl.static_ips) == 9
+
+
+def test_unresolved_next_hop_refused_at_thresh3_drops_its_frame(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=1, gc_thresh3=2)
+    for i in range(2):
+        tbl.resolve(A("192.168.100.10") + i, "eth1", b"f" * 100)
+    mac, ev = tbl.resolve(A("192.168.100.20"), "eth1", b"f" * 100)
+    assert mac is None and ev.dropped == 1 and not ev.probes and ev.counters["neigh_table_full"] == 1
+    assert A("192.168.100.20") not in tbl.entries
+
+
+def test_adopting_more_than_thresh3_deletes_the_rest_from_the_map(clock):
+    tbl = NeighTable(now=clock, gc_thresh2=2, gc_thresh3=4)
+    deletes = []
+    for i in range(10):
+        deletes += tbl.adopt(A("10.9.0.0") + i, MAC, "eth0").deletes
+    assert tbl.learned == 4 and len(deletes) == 6 and not set(ip for ip, _ in deletes) & set(tbl.entries)
+
+
+# --- the runner -------------------------------------------------------------------------------------
+@pytest.fixture
+def runner(bal):
+    d = SimpleNamespace(bal=bal, maps=SimpleNamespace(), sizes=SimpleNamespace(max_neigh=64))
+    return SlowPathRunner(d)
+
+
+def test_runner_thresholds_follow_the_fast_paths_map_size(runner):
+    assert (runner.neigh.gc_thresh2, runner.neigh.gc_thresh3) == (16, 32)
+    st = runner.stats()["neigh"]
+    assert st["gc_thresh3"] == 32 and st["entries"] == 0
+
+
+def test_adopted_neighbours_beyond_thresh3_are_deleted_from_the_map(runner):
+    runner.neigh.gc_thresh2, runner.neigh.gc_thresh3 = 2, 4
+    act = runner.sp.adopt((A("10.9.0.0") + i, MAC, "eth0") for i in range(10))
+    assert len(runner.neigh) == 4 and len(act.neigh_deletes) == 6 and not act.neigh_updates
