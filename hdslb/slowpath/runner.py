@@ -3,7 +3,10 @@
 The XDP program redirects what it owns but cannot finish (ARP for owned addresses, ICMP echo to them, packets
 whose next hop has no MAC yet) to the socket registered at key slot * XSK_MAX_QUEUES + queue in its XSKMAP.
 Frames go to SlowPath.handle_batch; its Actions are carried out here: frames sent on the egress interface's
-socket, neighbours written to (or deleted from) the fast path's neighbour map.
+socket, neighbours written to (or deleted from) the fast path's neighbour map. A map write that fails (the map
+full, a map swapped under us) is counted, kept as the address's pending write and retried every tick until it
+lands or a newer write for the address replaces it: the neighbour table never believes in an entry the fast
+path does not have.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ log = logging.getLogger("hdslb.slowpath")
 
 XSK_MAX_QUEUES = 16  # bpf/include/hdslb_abi.h
 TICK_S = 0.25
+RETRY_PER_TICK = 256  # failed neighbour-map writes retried per tick: a map that stays full costs this, no more
 
 
 def rx_queues(ifname: str) -> int:
@@ -38,6 +42,8 @@ class SlowPathRunner:
         self.neigh = NeighTable(now=time.monotonic, timeout=neigh_timeout, unres_queue_length=unres_queue_length,
                                 gc_thresh2=thresh2, gc_thresh3=thresh3)
         self.sp = SlowPath(daemon.bal, self.neigh, ttl=ttl)
+        # address -> the write that failed, (ip, mac, ifname, permanent) or (ip, ifname) for a delete; oldest first
+        self.dirty: dict = {}
         self.socks: dict[tuple[str, int], object] = {}  # (ifname, queue) -> XskSocket
         self._tick_task: asyncio.Task | None = None
         self._kick = asyncio.Event()
@@ -86,6 +92,11 @@ class SlowPathRunner:
 
     # --- work -----------------------------------------------------------------------------------
     def carry_out(self, act: Actions) -> None:
+        # Map writes first: they never raise, and nothing after them (a send, a translation) can lose them.
+        for d in act.neigh_deletes:
+            self._write(d)
+        for u in act.neigh_updates:
+            self._write(u)
         for _ifname, err in act.icmp_errors:
             out = self.translate_icmp_error(err)
             if out is not None:
@@ -95,12 +106,35 @@ class SlowPathRunner:
             sock = self.socks.get((ifname, 0))
             if sock is not None:
                 sock.send_batch(frames)
-        ifaces = self.d.bal.ifaces
-        for ip, _ifname in act.neigh_deletes:
-            self.d.maps.del_neigh(ip)
-        for ip, mac, ifname, permanent in act.neigh_updates:
-            if ifname in ifaces:
-                self.d.maps.set_neigh(ip, mac, ifaces[ifname].ifindex, permanent=permanent)
+
+    def _write(self, op: tuple) -> bool:
+        """One neighbour-map write: (ip, ifname) deletes, (ip, mac, ifname, permanent) sets. Never raises: a
+        failure is counted and the write kept for retry_dirty(); a success clears what was pending for ip."""
+        ip = op[0]
+        self.dirty.pop(ip, None)  # this write supersedes whatever was pending for the address
+        try:
+            if len(op) == 2:
+                self.d.maps.del_neigh(ip)
+            else:
+                _ip, mac, ifname, permanent = op
+                ifc = self.d.bal.ifaces.get(ifname)
+                if ifc is None:
+                    return True  # the interface went away: nothing to write
+                self.d.maps.set_neigh(ip, mac, ifc.ifindex, permanent=permanent)
+            return True
+        except Exception as e:  # the map full (E2BIG/ENOMEM), a map swapped during a datapath reload, ...
+            if not self.dirty:
+                log.warning("slow path: neighbour map write for %s failed (%s); retried every tick", ip, e)
+            self.dirty[ip] = op
+            self.sp.counters["neigh_write_failed"] += 1
+            return False
+
+    def retry_dirty(self, limit: int = RETRY_PER_TICK) -> int:
+        """Retry up to limit pending map writes, oldest first; returns how many landed."""
+        done = 0
+        for op in list(self.dirty.values())[:limit]:
+            done += self._write(op)
+        return done
 
     def translate_icmp_error(self, err) -> tuple[str, bytes] | None:
         """An ICMP error a real server sent about a packet we forwarded (LIP:lport -> RS:port), rewritten into
@@ -148,6 +182,8 @@ class SlowPathRunner:
             self._kick.clear()
             try:
                 self.carry_out(self.sp.tick())
+                if self.dirty:
+                    self.retry_dirty()
             except Exception:
                 log.exception("slow path tick failed")
 
@@ -155,7 +191,8 @@ class SlowPathRunner:
         n = self.neigh
         out = {"counters": dict(self.sp.counters, icmp_error_translated=self.translated), "sockets": {},
                "neigh": {"entries": len(n), "learned": n.learned, "gc_thresh2": n.gc_thresh2,
-                         "gc_thresh3": n.gc_thresh3}}
+                         "gc_thresh3": n.gc_thresh3,
+                         "write_pending": len(self.dirty)}}
         for (ifname, q), sock in self.socks.items():
             st = sock.stats()
             out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame",

@@ -1,4 +1,5 @@
-"""The slow path's limits: a bounded neighbour table (gc_thresh2/3) and per-frame work independent of its size."""
+"""The slow path's limits: a bounded neighbour table (gc_thresh2/3), per-frame work independent of its size, map
+writes that fail without being lost."""
 
 import ipaddress
 from types import SimpleNamespace
@@ -6,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
-from hdslb.slowpath.dispatch import SlowPath
+from hdslb.slowpath.dispatch import Actions, SlowPath
 from hdslb.slowpath.neigh import (DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3, GC_THRESH3_INTERVAL, MAX_NEIGH, Entry,
                                   NeighEvents, NeighTable, State, gc_thresholds)
 from hdslb.slowpath.runner import SlowPathRunner
@@ -200,20 +201,88 @@ def test_adopting_more_than_thresh3_deletes_the_rest_from_the_map(clock):
     assert tbl.learned == 4 and len(deletes) == 6 and not set(ip for ip, _ in deletes) & set(tbl.entries)
 
 
-# --- the runner -------------------------------------------------------------------------------------
+# --- map writes -------------------------------------------------------------------------------------
+class FlakyMaps:
+    """A neighbour map that refuses writes for the addresses in `full` (as a full BPF hash map does)."""
+
+    def __init__(self):
+        self.neigh: dict = {}
+        self.full: set = set()
+
+    def set_neigh(self, ip, mac, ifindex, permanent):
+        if ip in self.full:
+            raise Exception("Could not update table: [Errno 7] Argument list too long")
+        self.neigh[ip] = (mac, ifindex, permanent)
+
+    def del_neigh(self, ip):
+        if ip in self.full:
+            raise OSError(1, "Operation not permitted")
+        self.neigh.pop(ip, None)
+
+
 @pytest.fixture
 def runner(bal):
-    d = SimpleNamespace(bal=bal, maps=SimpleNamespace(), sizes=SimpleNamespace(max_neigh=64))
+    d = SimpleNamespace(bal=bal, maps=FlakyMaps(), sizes=SimpleNamespace(max_neigh=64))
     return SlowPathRunner(d)
 
 
 def test_runner_thresholds_follow_the_fast_paths_map_size(runner):
     assert (runner.neigh.gc_thresh2, runner.neigh.gc_thresh3) == (16, 32)
     st = runner.stats()["neigh"]
-    assert st["gc_thresh3"] == 32 and st["entries"] == 0
+    assert st["gc_thresh3"] == 32 and st["write_pending"] == 0 and st["entries"] == 0
+
+
+def test_a_failed_map_write_is_counted_kept_and_retried_never_raised(runner):
+    maps = runner.d.maps
+    a, b, c = A("192.168.100.2"), A("192.168.100.3"), A("192.168.100.4")
+    maps.full = {b}
+    act = Actions(neigh_updates=[(a, MAC, "eth1", False), (b, MAC, "eth1", False), (c, MAC, "eth1", False)])
+    runner.carry_out(act)  # must not raise
+    assert set(maps.neigh) == {a, c}, "the writes after the failed one still land"
+    assert runner.sp.counters["neigh_write_failed"] == 1 and set(runner.dirty) == {b}
+    assert runner.stats()["neigh"]["write_pending"] == 1
+    assert runner.retry_dirty() == 0 and runner.sp.counters["neigh_write_failed"] == 2
+    maps.full = set()
+    assert runner.retry_dirty() == 1 and maps.neigh[b] == (MAC, 3, False) and not runner.dirty
+
+
+def test_a_newer_write_replaces_a_pending_one(runner):
+    maps = runner.d.maps
+    b = A("192.168.100.3")
+    maps.full = {b}
+    runner.carry_out(Actions(neigh_updates=[(b, MAC, "eth1", False)]))
+    runner.carry_out(Actions(neigh_deletes=[(b, "eth1")]))
+    assert runner.dirty == {b: (b, "eth1")}, "the pending write is the delete now, not the stale set"
+    maps.full = set()
+    maps.neigh[b] = "left over"
+    runner.retry_dirty()
+    assert b not in maps.neigh and not runner.dirty
+
+
+def test_retries_are_bounded_per_tick(runner):
+    maps = runner.d.maps
+    ips = [A("192.168.0.0") + i for i in range(10)]
+    maps.full = set(ips)
+    runner.carry_out(Actions(neigh_updates=[(ip, MAC, "eth1", False) for ip in ips]))
+    failed = runner.sp.counters["neigh_write_failed"]
+    maps.full = set()
+    assert runner.retry_dirty(limit=4) == 4 and len(runner.dirty) == 6
+    assert runner.sp.counters["neigh_write_failed"] == failed
 
 
 def test_adopted_neighbours_beyond_thresh3_are_deleted_from_the_map(runner):
     runner.neigh.gc_thresh2, runner.neigh.gc_thresh3 = 2, 4
     act = runner.sp.adopt((A("10.9.0.0") + i, MAC, "eth0") for i in range(10))
     assert len(runner.neigh) == 4 and len(act.neigh_deletes) == 6 and not act.neigh_updates
+
+
+def test_map_writes_land_even_when_a_send_raises(runner):
+    class Broken:
+        def send_batch(self, frames):
+            raise OSError(105, "No buffer space available")
+
+    runner.socks[("eth1", 0)] = Broken()
+    a = A("192.168.100.2")
+    with pytest.raises(OSError):
+        runner.carry_out(Actions(tx=[("eth1", b"frame")], neigh_updates=[(a, MAC, "eth1", False)]))
+    assert a in runner.d.maps.neigh
