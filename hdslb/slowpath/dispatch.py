@@ -28,7 +28,9 @@ COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_reques
             "addr_conflict", "icmp_error", "malformed", "unexpected", "error",
             # limits (neigh.py): entries refused at gc_thresh3, entries a forced GC evicted; neighbour map
             # writes that failed (the runner retries them)
-            "neigh_table_full", "neigh_gc_forced", "neigh_write_failed")
+            "neigh_table_full", "neigh_gc_forced", "neigh_write_failed",
+            # ARP replies / neighbour advertisements about a neighbour we never asked for: not learned
+            "neigh_unsolicited")
 
 
 @dataclass
@@ -307,8 +309,13 @@ class SlowPath:
         act.count("rx_arp_reply")
         to_us = eth.dst == ifc.mac
         if learnable:
-            # Two-way reachability is proven only by a reply sent to our MAC (Linux: REACHABLE vs STALE).
-            self._apply(self.neigh.learn(arp.spa, arp.sha, ifc.name, confirmed=to_us, create=to_us or ours), act)
+            # A reply only updates an entry we have (Linux with arp_accept=0): one for an address we never asked
+            # about would let anyone plant entries. Two-way reachability is proven only by a reply sent to our
+            # MAC (Linux: REACHABLE vs STALE).
+            if arp.spa not in self.neigh.entries:
+                act.count("neigh_unsolicited")
+                return
+            self._apply(self.neigh.learn(arp.spa, arp.sha, ifc.name, confirmed=to_us, create=False), act)
 
     def _unresolved(self, eth: P.Eth, frame: bytes, l3: bytes, act: Actions) -> None:
         """A frame the fast path rewrote but could not address: its next hop had no MAC."""
@@ -441,6 +448,9 @@ class SlowPath:
         if nd.lladdr is not None and not P.is_unicast_mac(nd.lladdr):
             act.count("malformed")
             return
+        if nd.target not in self.neigh.entries:
+            act.count("neigh_unsolicited")  # RFC 4861 7.2.5: no entry, the advertisement is silently discarded
+            return
         to_us = eth.dst == ifc.mac or owned_on(self.model, ip6.dst, ifc.name)
         self._apply(self.neigh.learn(nd.target, nd.lladdr, ifc.name, confirmed=nd.solicited and to_us,
-                                     override=nd.override, create=nd.solicited and to_us), act)
+                                     override=nd.override, create=False), act)

@@ -258,7 +258,8 @@ def test_ipv6_unresolved_uses_multicast_ns_then_na(sp):
 
 # --- learning and static neighbours ---------------------------------------------------------------
 def test_gratuitous_arp_moves_a_known_server_to_its_new_mac(sp):
-    sp.handle("eth1", arp_rep("192.168.100.2", RS2, "192.168.100.200", M1))
+    sp.handle("eth0", fnat_frame())  # we ask for the server ...
+    sp.handle("eth1", arp_rep("192.168.100.2", RS2, "192.168.100.200", M1))  # ... and it answers
     new = "52:54:00:00:99:02"
     garp = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=new) /
                  ARP(op=1, hwsrc=new, psrc="192.168.100.2", pdst="192.168.100.2"))
@@ -276,6 +277,30 @@ def test_gratuitous_arp_from_a_stranger_creates_nothing(sp):
                  ARP(op=1, hwsrc=CLIENT, psrc="10.0.0.77", pdst="10.0.0.77"))
     act = sp.handle("eth0", garp)
     assert not act and "10.0.0.77" not in sp.neigh
+
+
+def test_an_arp_reply_we_never_asked_for_creates_nothing(sp):
+    stranger = "66:66:66:66:66:66"
+    for dst, tpa in ((M0, "10.0.0.100"), ("ff:ff:ff:ff:ff:ff", "10.0.0.77")):  # unicast to us, broadcast
+        act = sp.handle("eth0", arp_rep("10.0.0.77", stranger, tpa, dst))
+        assert not act.neigh_updates and "10.0.0.77" not in sp.neigh
+    assert sp.counters["neigh_unsolicited"] == 2
+    sp.handle("eth0", arp_req("10.0.0.100", spa="10.0.0.77", sha=stranger))  # it talks to us first: learned
+    act = sp.handle("eth0", arp_rep("10.0.0.77", stranger, "10.0.0.100", M0))
+    assert sp.neigh.get("10.0.0.77").state is State.REACHABLE and sp.counters["neigh_unsolicited"] == 2
+
+
+def test_a_solicited_na_we_never_solicited_creates_nothing(sp):
+    def na(tgt):
+        return bytes(Ether(dst=M0, src="66:66:66:66:66:66") / IPv6(src=tgt, dst="2001:db8::100", hlim=255) /
+                     ICMPv6ND_NA(tgt=tgt, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr="66:66:66:66:66:66"))
+
+    act = sp.handle("eth0", na("2001:db8::77"))
+    assert not act.neigh_updates and "2001:db8::77" not in sp.neigh and act.counters["neigh_unsolicited"] == 1
+    sp.neigh.resolve(A("2001:db8::78"), "eth0")  # one we did solicit
+    act = sp.handle("eth0", na("2001:db8::78"))
+    assert act.neigh_updates == [(A("2001:db8::78"), bytes.fromhex("666666666666"), "eth0", False)]
+    assert sp.neigh.get("2001:db8::78").state is State.REACHABLE
 
 
 def test_broadcast_reply_is_learned_unconfirmed(sp):
@@ -313,6 +338,7 @@ def test_proactive_tick_resolves_every_real_server(bal, clock):
 
 def test_proactive_failure_deletes_the_map_entry(bal, clock):
     sp = SlowPath(bal, NeighTable(now=clock), now=clock)
+    sp.tick()  # probes every real server's next hop
     sp.handle("eth1", arp_rep("192.168.100.2", RS2, "192.168.100.200", M1))
     clock.advance(60)
     deletes = []
