@@ -1090,8 +1090,10 @@ class Daemon:
             # restarts the checkers it touches; their servers keep their state)
             self.health.set_script_policy(gd.script_user, gd.enable_script_security)
             self.health.update(pairs)
+            self._sync_sorry()
             return
-        if not any(rs.checkers for _, rs in pairs):
+        if not any(rs.checkers for _, rs in pairs) and not any(w.sorry for w in self.want.values()):
+            self._sync_sorry()  # nothing to weigh: no sorry server belongs in
             return
         # The manager starts from what the pool holds (after a restart: the verdicts of the daemon before, which
         # restore() brought back), so a server taken out comes back when its checks pass and a sorry server in
@@ -1100,6 +1102,7 @@ class Daemon:
                                     script_security=gd.enable_script_security, pool_state=self._pool_state,
                                     quorum_lost=self._quorum_lost)
         await self.health.start(pairs)
+        self._sync_sorry()
 
     def _dests_of(self, vs_key, rs_key) -> list:
         """The model's dests a health-check identity (virtual server, real server) stands for."""
@@ -1211,26 +1214,62 @@ class Daemon:
         self._save_state()
 
     async def _on_quorum(self, vs_key, lost: bool) -> None:
-        vs = next((v for v in self.config.virtual_servers if v.key == vs_key), None) if self.config else None
-        if vs is None or vs.sorry_server is None:
-            return
-        ss = vs.sorry_server
-        for ident, fwd, where in self._services_of(vs_key):
+        # The sorry server the config names now (a reload may have changed it since the quorum was lost); on
+        # regaining quorum, whichever sorry server is in goes, named or not.
+        if lost:
+            targets = [(w.ident, w.fwd, w.where, w.sorry) for w in self.want.values()
+                       if tuple(w.vs_key) == tuple(vs_key)]
+        else:
+            targets = [(ident, fwd, where, None) for ident, fwd, where in self._services_of(vs_key)]
+        for ident, fwd, where, sorry in targets:
+            self._set_sorry(ident, fwd, where, sorry, "lost quorum" if lost else "regained quorum")
+        self._save_state()
+
+    def _set_sorry(self, ident, fwd, where, want, why: str) -> bool:
+        """Make the service's sorry server `want` ((addr, port), as WantService.sorry) or none: other sorry servers
+        go, the wanted one comes in if it is not there. Returns whether the model changed."""
+        changed = False
+        try:
             svc = self.bal.get_service(ident)
-            args = {"svc": ident, "addr": str(ss.ip), "port": ss.port or ident["port"]}
-            key = (ss.ip, ss.port or ident["port"])
+            key = self.bal._dest_key(svc, {"addr": want[0], "port": want[1]}) if want is not None else None
+        except HdslbError as e:
+            log.error("sorry server for %s: %s", where, e.message)
+            return changed
+        for d in [d for d in svc.dests.values() if d.sorry and (d.addr, d.port) != key]:
             try:
-                if lost and key not in svc.dests:
-                    d = self.bal.dest_add(dict(args, fwd=fwd or "fnat", weight=1))
-                    d.sorry = True
-                    self.resolve_soon()
-                    log.warning("%s lost quorum: sorry server %s:%s takes new flows", where, ss.ip, args["port"])
-                elif not lost and key in svc.dests and svc.dests[key].sorry:
-                    self.bal.dest_del(args)
-                    log.info("%s regained quorum: sorry server removed", where)
+                self.bal.dest_del({"svc": ident, "addr": str(d.addr), "port": d.port})
             except HdslbError as e:
                 log.error("sorry server for %s: %s", where, e.message)
-        self._save_state()
+                continue
+            changed = True
+            log.info("%s %s: sorry server %s removed", where, why, _endpoint(d.addr, d.port))
+        if key is not None and key not in svc.dests:
+            try:
+                d = self.bal.dest_add({"svc": ident, "addr": str(key[0]), "port": key[1], "fwd": fwd or "fnat",
+                                       "weight": 1})
+            except HdslbError as e:
+                log.error("sorry server for %s: %s", where, e.message)
+                return changed
+            d.sorry = True
+            changed = True
+            self.resolve_soon()
+            log.warning("%s %s: sorry server %s takes new flows", where, why, _endpoint(key[0], key[1]))
+        return changed
+
+    def _sync_sorry(self) -> None:
+        """Each config service has in the sorry server its config names now if its quorum is lost, and none
+        otherwise: after a start (a sorry server restored in a service nobody weighs goes) and after a reload
+        (one whose sorry_server changed while quorum was lost gets the new one)."""
+        changed = False
+        for w in self.want.values():
+            try:
+                lost = self.health is not None and self.health.quorum_up(w.vs_key) is False
+            except KeyError:  # not weighed
+                lost = False
+            changed |= self._set_sorry(w.ident, w.fwd, w.where, w.sorry if lost else None,
+                                       "is without quorum" if lost else "has quorum")
+        if changed:
+            self._save_state()
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started, 1)

@@ -41,6 +41,7 @@ class WantService:
     flags: list = field(default_factory=list)  # sh-port, mh-port, ... (ipvsadm --sched-flags)
     sched_params: dict = field(default_factory=dict)  # hash_table_size -> {"size": N}
     match: dict | None = None  # SNAT: {proto, src_range, dst_range, iif, oif}
+    sorry: tuple | None = None  # the sorry_server as a dest key (addr, port): in the pool only while quorum is lost
 
     @property
     def ident(self) -> dict:
@@ -104,6 +105,9 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
             svc = WantService(proto=vs.protocol.lower(), addr=addr, port=port, sched=vs.lb_algo, fwd=fwd,
                               persistent=vs.persistence_timeout or None, laddrs=dict(laddrs), vs_key=vs.key,
                               where=where, netmask=netmask, flags=flags, sched_params=dict(params), match=match)
+            if vs.sorry_server is not None:
+                ss = vs.sorry_server
+                svc.sorry = (str(ss.ip), 0 if match is not None else (ss.port or port))
             for rs in vs.real_servers:
                 rport = 0 if match is not None else (rs.port or port)
                 svc.dests[(str(rs.ip), rport)] = WantDest(
@@ -136,8 +140,13 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
             if (cur.sched, cur.persistent, cur.netmask, cur.flags, cur.sched_params) != \
                     (w.sched, w.persistent, w.netmask, w.flags, w.sched_params):
                 ops.append(("service.edit", svc_args))
-            # a sorry_server in the pool belongs to health checking, not to the file
+            # A sorry_server in the pool belongs to health checking (it is there while quorum is lost), not to the
+            # file; but one the file no longer names goes now, or it would take new flows for good (the daemon
+            # puts the new one in if quorum is still lost).
             cur_dests = {(str(d.addr), d.port): d for d in cur.dests.values() if not d.sorry}
+            for d in cur.dests.values():
+                if d.sorry and (str(d.addr), d.port) != w.sorry:
+                    ops.append(("dest.del", {"svc": w.ident, "addr": str(d.addr), "port": d.port}))
             cur_laddrs = {str(la.addr): la.ifname for la in cur.laddrs}
         for dk in sorted(set(cur_dests) - set(w.dests)):
             ops.append(("dest.del", {"svc": w.ident, "addr": dk[0], "port": dk[1]}))

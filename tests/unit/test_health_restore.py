@@ -242,11 +242,18 @@ async def test_restart_without_the_check_puts_the_server_back(tmp_path, probe):
             warmup 0
             retry 0
         }
-""", "")  # no checker anywhere now: no health manager at all
+""", "")  # no checker anywhere now
     new = await daemon(tmp_path, unchecked, snap)
     try:
-        assert new.health is None
         assert dests(new)[RS2].health == "up" and dests(new)[RS2].eff_weight == 1
+        assert SORRY not in dests(new)  # weight 2 >= quorum 2
+    finally:
+        await stop(new)
+    nosorry = unchecked.replace("    sorry_server 192.168.100.9 80\n", "")  # and nothing to weigh at all
+    new = await daemon(tmp_path, nosorry, snap)
+    try:
+        assert new.health is None
+        assert dests(new)[RS2].health == "up" and SORRY not in dests(new)
     finally:
         await stop(new)
 
