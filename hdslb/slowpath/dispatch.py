@@ -26,9 +26,9 @@ RX_KINDS = ("arp_request", "arp_reply", "arp", "icmp_echo", "icmp6_echo", "nd_ns
 COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_request", "icmp_echo_reply", "nd_na",
             "nd_ns", "announce", "unres_queued", "unres_dropped", "unres_sent", "nexthop_known", "no_route",
             "addr_conflict", "icmp_error", "malformed", "unexpected", "error",
-            # limits (neigh.py): entries refused at gc_thresh3, entries a forced GC evicted; neighbour map
-            # writes that failed (the runner retries them)
-            "neigh_table_full", "neigh_gc_forced", "neigh_write_failed",
+            # limits (neigh.py): entries refused at gc_thresh3, entries a forced GC evicted, frames dropped at
+            # the unresolved queues' byte cap; neighbour map writes that failed (the runner retries them)
+            "neigh_table_full", "neigh_gc_forced", "unres_bytes_full", "neigh_write_failed",
             # ARP replies / neighbour advertisements about a neighbour we never asked for: not learned
             "neigh_unsolicited")
 

@@ -21,7 +21,8 @@ or NS to our address is worth an entry), so learned entries are counted against 
 Creating one at gc_thresh3 (or above gc_thresh2 when the last forced GC is 5 s old) first runs a forced GC,
 which forgets FAILED, then STALE, then other unreferenced entries, least recently active first, down to
 gc_thresh2; an entry that still does not fit is refused and counted. Static entries, wanted next hops (real
-servers, gateways) and entries with queued frames are never evicted.
+servers, gateways) and entries with queued frames are never evicted. Unresolved queues are bounded per next
+hop (unres_queue_length frames) and together (unres_qbytes bytes).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ DEFAULT_RETRANS = 1.0  # seconds between probes (Linux retrans_time)
 MAX_NEIGH = 16384  # the fast path's neigh_map size (fastpath.loader.Sizes.max_neigh, -DMAX_NEIGH)
 GC_THRESH2_INTERVAL = 5.0  # seconds between forced GCs between gc_thresh2 and gc_thresh3 (Linux: 5 s)
 GC_THRESH3_INTERVAL = 1.0  # ... and at gc_thresh3: a table full of entries in use costs one walk a second
+# Bytes held by all unresolved queues together: ~5500 full-size frames, 100k SYNs; without it an attacker
+# who makes next hops unresolved pins unres_queue_length x MTU per entry, i.e. gigabytes at gc_thresh3.
+DEFAULT_UNRES_QBYTES = 8 << 20
 
 
 def gc_thresholds(max_neigh: int) -> tuple[int, int]:
@@ -106,7 +110,7 @@ class NeighEvents:
     queued: int = 0  # frames put on an unresolved queue
     dropped: int = 0  # frames dropped: queue full, resolution failed, or next hop in FAILED hold-down
     # limits hit, by the slow path's counter name: neigh_table_full (an entry refused at gc_thresh3),
-    # neigh_gc_forced (entries a forced GC evicted)
+    # neigh_gc_forced (entries a forced GC evicted), unres_bytes_full (a frame dropped at unres_qbytes)
     counters: Counter = field(default_factory=Counter)
 
     def extend(self, other: NeighEvents) -> NeighEvents:
@@ -124,7 +128,8 @@ class NeighTable:
     def __init__(self, now: Callable[[], float] = time.monotonic, timeout: float = DEFAULT_TIMEOUT,
                  unres_queue_length: int = DEFAULT_UNRES_QLEN, max_probes: int = DEFAULT_MAX_PROBES,
                  retrans: float = DEFAULT_RETRANS, gc_stale: float | None = None, fail_hold: float | None = None,
-                 gc_thresh2: int = DEFAULT_GC_THRESH2, gc_thresh3: int = DEFAULT_GC_THRESH3):
+                 gc_thresh2: int = DEFAULT_GC_THRESH2, gc_thresh3: int = DEFAULT_GC_THRESH3,
+                 unres_qbytes: int = DEFAULT_UNRES_QBYTES):
         self.now = now
         self.timeout = timeout
         self.unres_queue_length = unres_queue_length
@@ -138,9 +143,11 @@ class NeighTable:
         self.fail_hold = self.max_probes * retrans if fail_hold is None else fail_hold
         self.gc_thresh3 = max(1, gc_thresh3)
         self.gc_thresh2 = min(max(0, gc_thresh2), self.gc_thresh3)
+        self.unres_qbytes = unres_qbytes
         self.entries: dict = {}
         self.static_ips: set = set()  # addresses of the PERMANENT entries: not counted against the thresholds
         self.wanted: dict = {}  # the last keep_wanted() set: next hops that are never evicted
+        self.unres_bytes = 0  # bytes of frames on all unresolved queues
         self.last_forced_gc = float("-inf")
         self.stats: Counter = Counter()
 
@@ -307,8 +314,13 @@ class NeighTable:
             if len(e.queue) >= self.unres_queue_length:
                 ev.dropped += 1  # DPVS drops the newcomer: the queued frames are older and already waited
                 self.stats["dropped_full"] += 1
+            elif self.unres_bytes + len(frame) > self.unres_qbytes:
+                ev.dropped += 1  # all queues together hold what they may: the newcomer again
+                ev.counters["unres_bytes_full"] += 1
+                self.stats["dropped_bytes"] += 1
             else:
                 e.queue.append((ifname, frame))
+                self.unres_bytes += len(frame)
                 ev.queued += 1
                 self.stats["queued"] += 1
         return None, ev
@@ -417,10 +429,12 @@ class NeighTable:
         if n:
             ev.dropped += n
             self.stats["dropped_failed"] += n
+            self.unres_bytes -= sum(len(f) for _, f in e.queue)
             e.queue.clear()
 
     def _flush(self, e: Entry, ev: NeighEvents) -> None:
         while e.queue:
             ifname, frame = e.queue.popleft()
+            self.unres_bytes -= len(frame)
             ev.send.append((ifname, frame, e.mac))
             self.stats["sent"] += 1

@@ -191,7 +191,7 @@ class SlowPathRunner:
         n = self.neigh
         out = {"counters": dict(self.sp.counters, icmp_error_translated=self.translated), "sockets": {},
                "neigh": {"entries": len(n), "learned": n.learned, "gc_thresh2": n.gc_thresh2,
-                         "gc_thresh3": n.gc_thresh3,
+                         "gc_thresh3": n.gc_thresh3, "unres_bytes": n.unres_bytes, "unres_qbytes": n.unres_qbytes,
                          "write_pending": len(self.dirty)}}
         for (ifname, q), sock in self.socks.items():
             st = sock.stats()

@@ -1,5 +1,5 @@
 """The slow path's limits: a bounded neighbour table (gc_thresh2/3), per-frame work independent of its size, map
-writes that fail without being lost."""
+writes that fail without being lost, and the bound on all unresolved queues together."""
 
 import ipaddress
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ import pytest
 from scapy.layers.l2 import ARP, Ether
 
 from hdslb.slowpath.dispatch import Actions, SlowPath
-from hdslb.slowpath.neigh import (DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3, GC_THRESH3_INTERVAL, MAX_NEIGH, Entry,
-                                  NeighEvents, NeighTable, State, gc_thresholds)
+from hdslb.slowpath.neigh import (DEFAULT_GC_THRESH2, DEFAULT_GC_THRESH3, DEFAULT_UNRES_QBYTES, GC_THRESH3_INTERVAL,
+                                  MAX_NEIGH, Entry, NeighEvents, NeighTable, State, gc_thresholds)
 from hdslb.slowpath.runner import SlowPathRunner
 
 from .test_slowpath_dispatch import CLIENT, M0, M1, RS2, Clock, arp_rep, fnat_frame
@@ -230,6 +230,7 @@ def test_runner_thresholds_follow_the_fast_paths_map_size(runner):
     assert (runner.neigh.gc_thresh2, runner.neigh.gc_thresh3) == (16, 32)
     st = runner.stats()["neigh"]
     assert st["gc_thresh3"] == 32 and st["write_pending"] == 0 and st["entries"] == 0
+    assert st["unres_bytes"] == 0 and st["unres_qbytes"] == DEFAULT_UNRES_QBYTES == 8 << 20
 
 
 def test_a_failed_map_write_is_counted_kept_and_retried_never_raised(runner):
@@ -286,3 +287,23 @@ def test_map_writes_land_even_when_a_send_raises(runner):
     with pytest.raises(OSError):
         runner.carry_out(Actions(tx=[("eth1", b"frame")], neigh_updates=[(a, MAC, "eth1", False)]))
     assert a in runner.d.maps.neigh
+
+
+# --- unresolved queues ------------------------------------------------------------------------------
+def test_all_unresolved_queues_together_are_bounded_in_bytes(bal, clock):
+    tbl = NeighTable(now=clock, unres_queue_length=128, unres_qbytes=10_000)
+    sp = SlowPath(bal, tbl, now=clock, proactive=False)
+    assert len(fnat_frame(payload=b"x" * 946)) == 1000
+    for i in range(30):  # three next hops in turn, ten frames each: room for ten 1000-byte frames in all
+        act = sp.handle("eth0", fnat_frame(dst=f"192.168.100.{10 + i % 3}", payload=b"x" * 946))
+    assert tbl.unres_bytes == 10_000 and sum(len(e.queue) for e in tbl.entries.values()) == 10
+    assert sp.counters["unres_bytes_full"] == 20 and sp.counters["unres_dropped"] == 20
+    assert act.counters["unres_bytes_full"] == 1
+    # what leaves a queue gives its bytes back: sent once resolved, dropped once failed
+    sp.handle("eth1", arp_rep("192.168.100.10", RS2, "192.168.100.200", M1))
+    assert tbl.unres_bytes == 10_000 - 4000  # .10 had frames 0, 3, 6 and 9
+    for _ in range(4):
+        sp.tick()
+        clock.advance(1)
+    assert tbl.unres_bytes == 0
+    assert sp.handle("eth0", fnat_frame(dst="192.168.100.20")).counters["unres_queued"] == 1
