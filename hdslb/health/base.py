@@ -8,6 +8,7 @@ scheduling and state belong to the manager.
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -82,6 +83,23 @@ def open_socket(checker: NetChecker, ip: IPAddress, kind: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def close_without_time_wait(checker: NetChecker, sock) -> None:
+    """Make the coming close() of a probe's TCP socket an abort (RST) when the checker binds a fixed bind_port.
+
+    Closing first, we would hold the connection in TIME_WAIT for 60 s, and every probe in that time fails to
+    bind the same local port ("Address already in use"). SO_REUSEADDR is not the cure: bind() would then
+    succeed, but connect() from that port to the same real server collides with our own TIME_WAIT entry for the
+    same four-tuple and fails (EADDRNOTAVAIL) unless net.ipv4.tcp_tw_reuse allows it, which by default it does
+    on loopback only. SO_LINGER {on, 0 s} closes with a reset and leaves nothing behind, and loses nothing: a
+    TCP_CHECK sends no data, an HTTP check has read all it wanted. Without bind_port the kernel picks a fresh
+    port each time and a normal close (FIN) stays, as keepalived's, so real servers do not log resets."""
+    if checker.bind_port:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # the socket is gone already: nothing to linger
 
 
 def os_reason(e: OSError) -> str:

@@ -18,8 +18,8 @@ import ssl
 from typing import Optional, Tuple
 
 from hdslb.config.model import HttpCheck, HttpUrl, RealServer
-from hdslb.health.base import (DEFAULT_STATUS_CODES, CheckResult, failed, hostport, local_addr, os_reason, passed,
-                               seconds, target)
+from hdslb.health.base import (DEFAULT_STATUS_CODES, CheckResult, close_without_time_wait, failed, hostport, local_addr,
+                               os_reason, passed, seconds, target)
 
 MAX_BODY = 16 * 1024 * 1024  # bytes hashed for a digest; a health page larger than this is a misconfiguration
 
@@ -104,6 +104,9 @@ async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, sta
         return code, body
     finally:
         # abort(): no TLS close_notify round trip to wait for (keepalived sends none either by default).
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            close_without_time_wait(checker, sock)
         writer.transport.abort()
 
 

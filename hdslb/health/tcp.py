@@ -9,7 +9,8 @@ import asyncio
 import socket
 
 from hdslb.config.model import RealServer, TcpCheck
-from hdslb.health.base import BindError, CheckResult, failed, hostport, open_socket, os_reason, passed, seconds, target
+from hdslb.health.base import (BindError, CheckResult, close_without_time_wait, failed, hostport, open_socket, os_reason,
+                               passed, seconds, target)
 
 
 async def check_tcp(checker: TcpCheck, rs: RealServer) -> CheckResult:
@@ -31,5 +32,6 @@ async def check_tcp(checker: TcpCheck, rs: RealServer) -> CheckResult:
     except OSError as e:
         return failed(f"connect to {where} failed: {os_reason(e)}")
     finally:
+        close_without_time_wait(checker, sock)
         sock.close()
     return passed(f"connected to {where}")

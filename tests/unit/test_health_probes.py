@@ -1,0 +1,58 @@
+"""Probes against awkward peers: a fixed bind_port probed again at once, malformed HTTP responses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from hdslb.health import check_http, check_tcp, run_check
+from tests.unit.test_health import LO, closed_port, http_check, port_of, real, tcp_check, url
+
+
+async def wait_for_eof(reader, writer, answer=b""):
+    """A server that (after `answer`) keeps the connection until the client ends it: the client closes first."""
+    try:
+        if answer:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    writer.close()
+
+
+@pytest.fixture
+async def eof_server():
+    servers = []
+
+    async def make(answer=b""):
+        s = await asyncio.start_server(lambda r, w: wait_for_eof(r, w, answer), "127.0.0.1", 0)
+        servers.append(s)
+        return port_of(s)
+
+    yield make
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+# ---------------------------------------------------------------- bind_port
+
+
+async def test_tcp_check_with_a_bind_port_passes_again_and_again(eof_server):
+    port = await eof_server()
+    check = tcp_check(port, bindto=LO, bind_port=closed_port())
+    for i in range(3):
+        r = await check_tcp(check, real())
+        assert r.ok, f"probe {i}: {r.reason}"  # no TIME_WAIT of ours on the port: it binds again at once
+
+
+async def test_http_check_with_a_bind_port_passes_again_and_again(eof_server):
+    port = await eof_server(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    check = http_check(url("/", 200), port=port, bindto=LO, bind_port=closed_port())
+    for i in range(3):
+        r = await check_http(check, real())
+        assert r.ok, f"probe {i}: {r.reason}"
