@@ -22,6 +22,7 @@ from hdslb.health.base import (DEFAULT_STATUS_CODES, CheckResult, close_without_
                                os_reason, passed, seconds, target)
 
 MAX_BODY = 16 * 1024 * 1024  # bytes hashed for a digest; a health page larger than this is a misconfiguration
+LINE_LIMIT = 2 ** 16  # bytes: asyncio's StreamReader limit, the longest status or header line read
 
 _insecure_ctx: Optional[ssl.SSLContext] = None
 
@@ -68,7 +69,11 @@ async def _check_url(checker: HttpCheck, rs: RealServer, url: HttpUrl) -> CheckR
     except ConnectionRefusedError:
         return failed(f"connect to {where} refused")
     except _BadResponse as e:
-        return failed(f"bad HTTP response to GET {url.path} from {where}: {e}")
+        return failed(f"malformed HTTP response to GET {url.path} from {where}: {e}")
+    except (ValueError, asyncio.LimitOverrunError) as e:
+        # the stream's own limits (a line over its buffer limit, a negative length): a server answering
+        # nonsense is down, not a bug of ours to log a traceback for every delay_loop
+        return failed(f"malformed HTTP response to GET {url.path} from {where}: {e}")
     except ssl.SSLError as e:
         return failed(f"TLS with {where} failed: {e.reason or e}")
     except OSError as e:
@@ -91,7 +96,7 @@ class _BadResponse(Exception):
 
 async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, stage: list) -> Tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(
-        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip))
+        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip), limit=LINE_LIMIT)
     try:
         stage[0] = f"GET {url.path} from {hostport(ip, port)}"
         host = checker.virtualhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port
@@ -110,8 +115,15 @@ async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, sta
         writer.transport.abort()
 
 
+async def _line(reader: asyncio.StreamReader, what: str) -> bytes:
+    try:
+        return await reader.readline()
+    except ValueError:  # readline's LimitOverrunError, as ValueError: the line does not fit the stream's buffer
+        raise _BadResponse(f"{what} longer than {LINE_LIMIT} bytes") from None
+
+
 async def _read_head(reader: asyncio.StreamReader) -> Tuple[int, dict]:
-    line = await reader.readline()
+    line = await _line(reader, "status line")
     parts = line.decode("latin-1").split(None, 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
         if not line:
@@ -119,7 +131,7 @@ async def _read_head(reader: asyncio.StreamReader) -> Tuple[int, dict]:
         raise _BadResponse(f"status line {line[:60]!r}")
     headers = {}
     while True:
-        h = await reader.readline()
+        h = await _line(reader, "header line")
         if h in (b"\r\n", b"\n", b""):
             break
         name, _, value = h.decode("latin-1").partition(":")
@@ -135,6 +147,8 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict) -> bytes:
             n = int(headers["content-length"])
         except ValueError:
             raise _BadResponse(f"Content-Length {headers['content-length']!r}") from None
+        if n < 0:
+            raise _BadResponse(f"Content-Length {n}")
         if n > MAX_BODY:
             raise _BadResponse(f"body of {n} bytes is over the {MAX_BODY}-byte limit for a digest")
         return await reader.readexactly(n)
@@ -152,11 +166,13 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict) -> bytes:
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     while True:
-        size_line = await reader.readline()
+        size_line = await _line(reader, "chunk size line")
         try:
             size = int(size_line.split(b";", 1)[0].strip(), 16)
         except ValueError:
             raise _BadResponse(f"chunk size {size_line[:20]!r}") from None
+        if size < 0:
+            raise _BadResponse(f"chunk size {size_line[:20]!r}")
         if size == 0:
             return bytes(body)
         if len(body) + size > MAX_BODY:

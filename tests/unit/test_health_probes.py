@@ -56,3 +56,39 @@ async def test_http_check_with_a_bind_port_passes_again_and_again(eof_server):
     for i in range(3):
         r = await check_http(check, real())
         assert r.ok, f"probe {i}: {r.reason}"
+
+
+# ---------------------------------------------------------------- malformed HTTP
+
+
+async def answering(answer: bytes):
+    async def handle(reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("answer, why", [
+    (b"HTTP/1.0 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", "header line longer than 65536 bytes"),
+    (b"HTTP/1.0 200 " + b"O" * 70000 + b"\r\n\r\n", "status line longer than 65536 bytes"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length -1"),
+    (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n", "chunk size b'-5\\r\\n'"),
+])
+async def test_a_malformed_response_is_a_failed_check_without_a_traceback(answer, why, caplog):
+    server = await answering(answer)
+    try:
+        check = http_check(url("/", 200, digest="0" * 32), port=port_of(server))
+        with caplog.at_level(logging.DEBUG, logger="hdslb.health"):
+            r = await run_check(check, real())
+        assert not r.ok
+        assert r.reason == f"malformed HTTP response to GET / from 127.0.0.1:{port_of(server)}: {why}"
+        assert not [rec for rec in caplog.records if rec.exc_info]
+    finally:
+        server.close()
+        await server.wait_closed()
