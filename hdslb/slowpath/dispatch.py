@@ -43,6 +43,12 @@ class Actions:
     icmp_errors: list = field(default_factory=list)  # (ifname, packets.IcmpError) addressed to us: for translation
     counters: Counter = field(default_factory=Counter)
 
+    def __post_init__(self):
+        # addresses in each list: a write for an address not there yet appends, O(1), instead of filtering
+        # the lists (a forced GC's thousands of deletes, a batch's hundreds of updates)
+        self._updated = {u[0] for u in self.neigh_updates}
+        self._deleted = {d[0] for d in self.neigh_deletes}
+
     def count(self, name: str, n: int = 1) -> None:
         if n:
             self.counters[name] += n
@@ -55,12 +61,22 @@ class Actions:
     # Last write per address wins and lands in exactly one list: the map is keyed by address alone, so a
     # delete followed by an update is just the update, and an update followed by a delete just the delete.
     def neigh_set(self, ip, mac: bytes, ifname: str, permanent: bool = False) -> None:
-        self.neigh_deletes = [d for d in self.neigh_deletes if d[0] != ip]
-        self.neigh_updates = [u for u in self.neigh_updates if u[0] != ip] + [(ip, mac, ifname, permanent)]
+        self._forget(ip)
+        self.neigh_updates.append((ip, mac, ifname, permanent))
+        self._updated.add(ip)
 
     def neigh_del(self, ip, ifname: str) -> None:
-        self.neigh_updates = [u for u in self.neigh_updates if u[0] != ip]
-        self.neigh_deletes = [d for d in self.neigh_deletes if d[0] != ip] + [(ip, ifname)]
+        self._forget(ip)
+        self.neigh_deletes.append((ip, ifname))
+        self._deleted.add(ip)
+
+    def _forget(self, ip) -> None:
+        if ip in self._updated:
+            self.neigh_updates = [u for u in self.neigh_updates if u[0] != ip]
+            self._updated.discard(ip)
+        if ip in self._deleted:
+            self.neigh_deletes = [d for d in self.neigh_deletes if d[0] != ip]
+            self._deleted.discard(ip)
 
     def extend(self, other: Actions) -> Actions:
         self.tx += other.tx

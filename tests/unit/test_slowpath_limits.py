@@ -102,6 +102,28 @@ def test_a_frame_costs_no_walk_of_the_table_nor_of_the_static_entries(bal, clock
     assert WalkCounting.walks == 0
 
 
+def test_actions_take_a_write_for_a_new_address_without_rewriting_their_lists():
+    act = Actions()
+    updates, deletes = act.neigh_updates, act.neigh_deletes
+    for i in range(5000):  # what one forced GC hands over: thousands of deletes, then an update
+        act.neigh_del(A("172.16.0.0") + i, "eth0")
+    act.neigh_set(A("10.9.0.1"), MAC, "eth0")
+    assert act.neigh_updates is updates and act.neigh_deletes is deletes, "a list was rebuilt"
+    assert len(deletes) == 5000 and updates == [(A("10.9.0.1"), MAC, "eth0", False)]
+    act.neigh_set(A("172.16.0.7"), MAC, "eth0")  # one address again: still one op for it, the last
+    act.neigh_del(A("10.9.0.1"), "eth0")
+    assert act.neigh_updates == [(A("172.16.0.7"), MAC, "eth0", False)] and len(act.neigh_deletes) == 5000
+    assert act.neigh_deletes[-1] == (A("10.9.0.1"), "eth0") and (A("172.16.0.7"), "eth0") not in act.neigh_deletes
+
+
+def test_the_frame_that_runs_a_forced_gc_hands_over_every_delete(bal, clock):
+    sp = SlowPath(bal, NeighTable(now=clock), now=clock, proactive=False)
+    fill(sp.neigh, 10000, at=clock() - 10)
+    act = sp.handle("eth0", spoofed_request(20000))
+    assert len(act.neigh_deletes) == 10000 - DEFAULT_GC_THRESH2 and len(act.neigh_updates) == 1
+    assert sp.neigh.learned == DEFAULT_GC_THRESH2 + 1 and act.counters["neigh_gc_forced"] == 10000 - 4096
+
+
 def test_a_static_neighbour_whose_mac_changed_in_place_is_taken_on_the_next_tick(bal, clock):
     sp = SlowPath(bal, NeighTable(now=clock), now=clock, proactive=False)
     bal.neigh_add({"addr": "192.168.100.3", "lladdr": "52:54:00:00:00:03", "ifname": "eth1"})
