@@ -246,3 +246,29 @@ def test_check_added_at_run_time_takes_a_server_out_and_del_brings_it_back(hc):
     lb.ctl("health", "del", "-t", f"{vip}:80", "-r", "192.168.100.4:80")
     assert dest(lb, vip, "192.168.100.4")["health"]["state"] == "up"
     assert {get(lab, vip) for _ in range(4)} == {"rs1", "rs3"}
+
+
+@pytest.mark.root
+def test_restart_brings_back_servers_that_recovered_while_hdslbd_was_down(hc):
+    """The restarted daemon adopts the saved verdicts (VIP B's servers down, its sorry server in) and its checks
+    revise them: servers that came back while it was dead return, and the sorry server goes."""
+    lab, lb, servers, side, conf = hc
+    assert dest(lb, VIP_B, "192.168.100.2")["health"]["state"] == "down", "left down by the quorum test"
+    assert dest(lb, VIP_B, "192.168.100.5") is not None, "sorry server in since the quorum test"
+    pid = lb.call("daemon.status")["pid"]
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    for i in (1, 2):
+        side[i] = lab.spawn(lab.server(i).ns, ["python3", "-m", "http.server", str(CHECK_PORT)])
+    lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+           "--log-file", str(lab.workdir / "hdslbd.log"), "-f", str(conf))
+    assert lb.call("daemon.status")["pid"] != pid and "adopted pinned state" in lb.log()
+
+    def recovered():
+        return dest(lb, VIP_B, "192.168.100.5") is None and all(
+            dest(lb, VIP_B, a)["health"]["state"] == "up" for a in ("192.168.100.2", "192.168.100.3"))
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 8 and not recovered():
+        time.sleep(0.2)
+    assert recovered(), lb.ipvsadm("-Ln").stdout
+    assert {get(lab, VIP_B) for _ in range(4)} == {"rs1", "rs2"}
