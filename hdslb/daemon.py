@@ -794,6 +794,14 @@ class Daemon:
         log.info("datapath reloaded: new program attached to %s", ", ".join(self.xdp_modes))
         return {"interfaces": dict(self.xdp_modes), "conn_entries": self.maps.conn_entries()}
 
+    def slowpath_stats(self) -> dict:
+        """The slow path's event counters (/metrics: hdslb_slowpath_frames_total), empty without one."""
+        return dict(self.slow.stats()["counters"]) if self.slow is not None else {}
+
+    def slowpath_neigh(self) -> dict:
+        """The slow path's neighbour table and unresolved queues against their bounds (/metrics gauges)."""
+        return dict(self.slow.stats()["neigh"]) if self.slow is not None else {}
+
     def conn_table_entries(self) -> int:
         """Entries in the conn table. Counting reads the whole table (1.3 s at 1M connections, on the event
         loop): a count that took 50 ms or more is reused for 20 times its cost (5 s at most), so frequent

@@ -198,3 +198,13 @@ class HdslbCollector:
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                 fam.add_metric(labels, v)
         yield fam
+        fn = getattr(self.ctx, "slowpath_neigh", None)
+        neigh = (fn() or {}) if callable(fn) else {}
+        if neigh:
+            g = GaugeMetricFamily("hdslb_slowpath_neigh", "Slow-path neighbour table and unresolved queues: entries, "
+                                  "learned, gc_thresh2/3 (its bounds), unres_bytes (queued) against unres_qbytes, "
+                                  "write_pending (neigh_map writes to retry)", labels=["field"])
+            for k, v in sorted(neigh.items()):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    g.add_metric([k], v)
+            yield g

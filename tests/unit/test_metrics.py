@@ -123,6 +123,27 @@ def test_slowpath_frames(ctx):
     assert val(scrape(ctx), "hdslb_slowpath_frames_total", ifname="eth1", counter="rx_frames") == 4
 
 
+def test_the_daemon_exports_its_slow_path(ctx):
+    """hdslbd gives /metrics the slow path's counters and its neighbour table's size against the bounds."""
+    from hdslb.daemon import Daemon
+
+    class Runner:
+        def stats(self):
+            return {"counters": {"arp_reply": 5, "neigh_unsolicited": 2}, "sockets": {},
+                    "neigh": {"entries": 10, "learned": 7, "gc_thresh2": 4096, "gc_thresh3": 8192,
+                              "unres_bytes": 0, "unres_qbytes": 8 << 20, "write_pending": 1}}
+
+    d = Daemon.__new__(Daemon)
+    d.slow = Runner()
+    ctx.slowpath_stats, ctx.slowpath_neigh = d.slowpath_stats, d.slowpath_neigh
+    m = scrape(ctx)
+    assert val(m, "hdslb_slowpath_frames_total", counter="neigh_unsolicited") == 2
+    assert val(m, "hdslb_slowpath_neigh", field="gc_thresh3") == 8192
+    assert val(m, "hdslb_slowpath_neigh", field="write_pending") == 1
+    d.slow = None  # --no-slowpath
+    assert Daemon.slowpath_stats(d) == {} and Daemon.slowpath_neigh(d) == {}
+
+
 def test_a_failing_section_does_not_break_the_scrape(ctx, caplog):
     def broken():
         raise RuntimeError("maps gone")
