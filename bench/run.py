@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"date": report.today(), "machine": report.machine(), "quick": a.quick}
     _log(f"hdslb bench {res['date']}  {res['machine']}  {'(quick)' if a.quick else ''}")
     t0 = time.monotonic()
-    printed = []
+    printed, failed = [], []
     for name in SECTIONS:
         if a.only and name not in a.only:
             continue
@@ -78,14 +78,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             res[name] = {"na": f"{type(e).__name__}: {e}"}
             text = f"{name}: n/a ({res[name]['na']})"
+            failed.append(name)
         printed.append(text)
     res["seconds"] = round(time.monotonic() - t0, 1)
-    jp, pp, err = report.write(res, partial=bool(a.only or a.peers))
+    # A run with a failed section is not the day's result: it goes beside it (-partial), never over it.
+    jp, pp, err = report.write(res, partial=bool(a.only or a.peers or failed))
     _log("\n== summary ==\n")
     _log("\n\n".join(printed))
     _log("\n== README block ==\n")
     _log(report.markdown(res))
     _log(f"\nresults: {jp}" + (f"\nchart:   {pp}" if pp else f"\nchart:   n/a ({err})") + f"\ntook {res['seconds']} s")
+    if failed:
+        _log(f"\nbench: section(s) failed: {', '.join(failed)} (tracebacks above)")
+        return 1
     return 0
 
 

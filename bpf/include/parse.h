@@ -2,6 +2,14 @@
 #ifndef HDSLB_PARSE_H
 #define HDSLB_PARSE_H
 
+/* Self-contained: every program that parses (the balancer, the decap program, the bench's reference
+ * programs) gets the header types these helpers dereference. */
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
 /*
  * Contract (as in xdp-tutorial's parsing_helpers.h): each helper takes a cursor into the packet and
  * data_end, checks that the whole header fits, stores a pointer to it, advances the cursor past it and
