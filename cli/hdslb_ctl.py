@@ -362,7 +362,31 @@ def cmd_status(ns) -> int:
         mem = f", {ct['memlock_bytes'] / 2**20:.1f} MiB" if ct.get("memlock_bytes") else ""
         six = f" + {ct['size6']} IPv6" if ct.get("size6") else ""
         print(f"  conn table:     {ct['kind']}, {ct['size']} IPv4{six} entries{mem}")
+    try:
+        stats = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("stats.get")
+    except (HdslbError, DaemonUnreachable, protocol.ProtocolError, OSError):
+        return 0  # what status said above stands
+    ct = stats.get("conn_table") or {}
+    if "entries" in ct:
+        print(f"  connections:    {ct['entries']} entries in use")
+    print(f"  slow path:      {slowpath_line(stats.get('slowpath'))}")
     return 0
+
+
+def slowpath_line(sp: dict | None) -> str:
+    """The slow path in one line: its neighbour table against the bound, unresolved bytes against theirs."""
+    if not sp:
+        return "off (--no-slowpath, or AF_XDP unavailable)"
+    n, c = sp.get("neigh") or {}, sp.get("counters") or {}
+    line = f"{len(sp.get('sockets') or {})} AF_XDP socket(s)"
+    if n:
+        line += (f"; {n.get('entries', 0)} neighbours ({n.get('learned', 0)} learned, at most {n.get('gc_thresh3')})"
+                 f"; {n.get('unres_bytes', 0)} of {n.get('unres_qbytes')} bytes queued for unresolved next hops")
+    refused = {k: c[k] for k in ("neigh_table_full", "neigh_unsolicited", "neigh_write_failed", "unres_bytes_full")
+               if c.get(k)}
+    if refused:
+        line += "; " + ", ".join(f"{k} {v}" for k, v in refused.items())
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:

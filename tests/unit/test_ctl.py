@@ -166,3 +166,15 @@ def test_hdslb_ctl_up_passes_every_hdslbd_option_on_as_given(tmp_path, monkeypat
     # nothing but an interface: hdslbd sees its own defaults, not hdslb-ctl's
     hdslb_ctl.main(["--ctl-socket", sock, "up", "--log-file", log, "eth7"])
     assert started[-1][3:] == ["eth7", "--ctl-socket", sock]
+
+
+def test_status_shows_the_slow_path_against_its_bounds():
+    from cli.hdslb_ctl import slowpath_line
+
+    assert slowpath_line(None).startswith("off")
+    line = slowpath_line({"sockets": {"eth0/0": {}, "eth0/1": {}},
+                          "counters": {"neigh_table_full": 3, "arp_reply": 9},
+                          "neigh": {"entries": 12, "learned": 10, "gc_thresh3": 8192, "unres_bytes": 0,
+                                    "unres_qbytes": 8388608}})
+    assert line == ("2 AF_XDP socket(s); 12 neighbours (10 learned, at most 8192); 0 of 8388608 bytes queued for "
+                    "unresolved next hops; neigh_table_full 3")
