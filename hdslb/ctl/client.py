@@ -75,6 +75,9 @@ class Client:
             # at once) resets it: nobody serves the socket, which is what the callers ask about.
             self.close()
             raise DaemonUnreachable(f"hdslbd at {self.path} went away: {e.strerror}") from None
+        if rep.get("id") == 0 and rep.get("ok") is False:  # about the connection or frame, not one request's id
+            self.close()  # the daemon closes it after such a reply
+            raise HdslbError(rep.get("errno", errno.EIO), rep.get("error", "unknown error"))
         if rep.get("id") != req_id:
             raise protocol.ProtocolError(f"reply id {rep.get('id')} does not match request {req_id}")
         if rep.get("ok"):

@@ -27,6 +27,10 @@ class ProtocolError(Exception):
     """A frame that cannot be decoded; the peer gets an error reply, the connection is closed."""
 
 
+class _TooMany(Exception):
+    pass
+
+
 def resolve_socket(explicit: str | None = None) -> str:
     """--ctl-socket beats $HDSLB_CTRL beats the default."""
     return explicit or os.environ.get(ENV_CTL_SOCKET) or DEFAULT_CTL_SOCKET
@@ -49,9 +53,28 @@ def frame_length(header: bytes) -> int:
 HEADER_SIZE = _HDR.size
 
 
+# Bytes per map or array a frame must carry on average: a frame of empty maps (1 byte each, 72 once decoded) would
+# turn 64 MiB into 4.6 GiB of daemon memory. Real frames spend 30 (a 100k-op batch), and even a batch of ops
+# without arguments ([["dest.del", {}], ...]) more than 5.
+MIN_BYTES_PER_CONTAINER = 4
+
+
 def decode_body(body: bytes) -> dict:
+    budget = [max(4096, len(body) // MIN_BYTES_PER_CONTAINER)]
+
+    def count(obj):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooMany
+        return obj
+
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False, list_hook=count, object_hook=count)
+    except _TooMany:
+        raise ProtocolError(f"frame of {len(body)} bytes holds more than one map or array per "
+                            f"{MIN_BYTES_PER_CONTAINER} bytes") from None
+    except msgpack.StackError:
+        raise ProtocolError("undecodable frame: nested too deeply") from None
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(f"undecodable frame: {e}") from None
     if not isinstance(msg, dict):
