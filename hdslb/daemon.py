@@ -737,26 +737,79 @@ class Daemon:
                         pruned["routes"])
 
     def _read_state(self) -> dict | None:
+        """The model saved by the previous daemon, checked whole; None when there is none to adopt.
+
+        A state file that cannot be used while pinned maps exist is refused, naming the file: starting empty would
+        throw away every service and flow the pinned program is forwarding (it keeps forwarding until the operator
+        chooses), and adopting the maps without their model would leave entries nothing knows. Without pins the
+        file describes nothing that runs, and a start from scratch is what is left anyway."""
         import msgpack
 
+        path = self.settings.state_file
         try:
-            with open(self.settings.state_file, "rb") as f:
-                return msgpack.unpackb(f.read(), raw=False)
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return None
-        except Exception as e:  # a torn or foreign file: refuse to guess, start clean
-            log.warning("ignoring unreadable state file %s: %s", self.settings.state_file, e)
+        except OSError as e:
+            return self._unusable_state(f"cannot be read: {e.strerror or e}")
+        if not raw:
+            return self._unusable_state("is empty")
+        try:
+            snap = msgpack.unpackb(raw, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types; a torn or foreign file
+            return self._unusable_state(f"is not a saved model ({len(raw)} bytes, undecodable: {e or type(e).__name__})")
+        if not isinstance(snap, dict):
+            return self._unusable_state(f"is not a saved model (a {type(snap).__name__}, not a map)")
+        version, reads = snap.get("version"), 1  # what balancer.snapshot writes and restore reads
+        if version != reads:
+            if isinstance(version, int) and version > reads:
+                return self._unusable_state(f"was written by a newer hdslbd (state version {version}; this one "
+                                            f"reads {reads})", "start that newer hdslbd again")
+            return self._unusable_state(f"has an unknown state version {version!r} (this hdslbd reads {reads})")
+
+        class AnyIfaces(dict):  # the model's shape is checked here; the real restore names a missing interface
+            def __contains__(self, name) -> bool:
+                return isinstance(name, str)
+
+            def __missing__(self, name):
+                return Iface(name=name, ifindex=0, mac=b"\0" * 6, mtu=1500)
+
+        try:  # the whole model, into a scratch balancer: a half-applied restore is what this must never cause
+            scratch = Balancer(_NullDataPath(), AnyIfaces(), max_services=self.sizes.max_services,
+                               max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
+            restore(scratch, snap, tables=False)
+            checks = snap.get("checks", [])
+            if not isinstance(checks, list) or not all(isinstance(c, dict) and "key" in c for c in checks):
+                raise ValueError("its checks are not a list of checks")
+        except Exception as e:
+            why = e.message if isinstance(e, HdslbError) else f"{type(e).__name__}: {e}"
+            return self._unusable_state(f"does not hold a valid model ({why})")
+        return snap
+
+    def _unusable_state(self, why: str, first_choice: str = "put back a good copy of it") -> None:
+        path = self.settings.state_file
+        if self.fp is None or not self.fp.has_pins():
+            log.warning("ignoring state file %s, which %s; no pinned maps to adopt, starting empty", path, why)
             return None
+        raise HdslbError(errno.EINVAL, (
+            f"state file {path} {why}, while the pinned maps in {self.pin_dir} still forward with the model it held; "
+            f"adopting them without it would lose track of their services and flows, so nothing was changed (the "
+            f"attached program keeps forwarding). Either {first_choice}, or start with --fresh to discard the "
+            f"pinned state (services, connections, counters) and start empty."))
 
     def _save_state(self) -> None:
+        """Write the model for a restarted daemon: whole or not at all (temp file, then rename over the old one).
+
+        No fsync: the file only matters while the pins exist, and neither survives a reboot (bpffs, /run); a
+        crashed daemon loses nothing that reached the page cache. A failed write (full or read-only file system)
+        leaves the previous file in place, is logged, and does not fail the change that triggered it: forwarding
+        does not depend on the file, only a restart does."""
         import msgpack
 
         path = self.settings.state_file
         t0 = time.monotonic()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        # No fsync: the file only matters while the pins exist, and neither survives a reboot; a crashed
-        # daemon loses nothing that reached the page cache.
         snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()))
         # One msgpack map, as packb would write it, but the routes' bytes are reused while the routes are the
         # same rows (snapshot_routes keeps them until a route changes): 100k routes pack in 45 ms each save.
@@ -766,9 +819,25 @@ class Daemon:
         pk = msgpack.Packer(use_bin_type=True)
         data = b"".join([pk.pack_map_header(len(snap) + 1), *(pk.pack(k) + pk.pack(v) for k, v in snap.items()),
                          pk.pack("routes"), self._routes_packed[1]])
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers see the old or the new model, never half
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # readers see the old or the new model, never half
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if not getattr(self, "_save_failing", False):
+                log.error("cannot save the model to %s: %s; a restart now would adopt the pinned maps with the last "
+                          "model saved (said once; a line follows when saving works again)", path, e.strerror or e)
+            self._save_failing = True
+            return
+        if getattr(self, "_save_failing", False):
+            log.warning("model saved to %s again", path)
+            self._save_failing = False
         self._last_save = time.monotonic()
         self._save_cost = self._last_save - t0
 
