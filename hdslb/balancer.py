@@ -767,14 +767,14 @@ class Balancer:
 
     def parse_match(self, m) -> Match:
         """A SNAT match from {proto, src_range, dst_range, iif, oif} (DPVS's -H keys, '-' or '_' spelt)."""
-        if not isinstance(m, dict):
+        if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):
             raise invalid("match must be given as {proto, src_range, dst_range, iif, oif}")
         m = {k.replace("-", "_"): v for k, v in m.items()}
         unknown = set(m) - {"proto", "src_range", "dst_range", "iif", "oif"}
         if unknown:
             raise invalid(f"illegal match: unknown key {sorted(unknown)[0]!r} (proto, src-range, dst-range, iif, oif)")
         proto = m.get("proto")
-        if proto not in MATCH_PROTOS:
+        if not isinstance(proto, str) or proto not in MATCH_PROTOS:
             raise invalid(f"illegal match: proto must be tcp, udp or icmp, got {proto!r}")
         src = _match_range(m.get("src_range"), "src-range")
         dst = _match_range(m.get("dst_range"), "dst-range")
@@ -788,7 +788,7 @@ class Balancer:
         if a.get("match") is not None:
             return ("match", self.parse_match(a["match"]))
         proto = a.get("proto")
-        if proto not in PROTOS:
+        if not isinstance(proto, str) or proto not in PROTOS:
             raise invalid(f"invalid protocol {proto!r} (tcp or udp)")
         return (proto, ip(a.get("addr"), "service address"), port_of(a.get("port"), "service port"))
 

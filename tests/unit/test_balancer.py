@@ -82,6 +82,9 @@ def test_unknown_scheduler_is_refused_like_ipvsadm(bal):
 @pytest.mark.parametrize("op,args,err", [
     ("service_add", dict(SVC, sched="rr"), errno.EEXIST),
     ("service_add", dict(SVC, proto="sctp"), errno.EINVAL),
+    ("service_add", dict(SVC, proto=[1]), errno.EINVAL),  # what the wire can carry: never a TypeError
+    ("service_add", {"match": {"proto": ["tcp"]}}, errno.EINVAL),
+    ("service_add", {"match": {1: "tcp"}}, errno.EINVAL),
     ("service_add", dict(SVC, addr="10.0.0.300"), errno.EINVAL),
     ("service_add", dict(SVC, port=70000, sched="rr"), errno.EINVAL),
     ("service_del", dict(SVC, port=81), errno.ESRCH),
