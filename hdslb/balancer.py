@@ -1373,7 +1373,9 @@ class Balancer:
                 self._check_unused(ad)
                 self._remove_addr(ad)
                 return
-        raise HdslbError(errno.EADDRNOTAVAIL, f"address {addr}{'' if plen is None else f'/{plen}'} not found")
+        other = [ad for ad in self.addrs if ad.addr == addr and a.get("ifname") in (None, ad.ifname)]
+        has = f" ({other[0].ifname} has {addr}/{other[0].prefixlen})" if other else ""
+        raise HdslbError(errno.EADDRNOTAVAIL, f"address {addr}{'' if plen is None else f'/{plen}'} not found{has}")
 
     def _check_unused(self, ad: Addr) -> None:
         """A sapool address a SNAT service hands out as source cannot go while that service uses it."""

@@ -576,7 +576,7 @@ class Daemon:
         adopt = snap is not None and self.fp.has_pins()
         if self.fp.has_pins() and not adopt:
             log.warning("discarding pinned state in %s (%s)", self.pin_dir,
-             "--fresh" if s.fresh else "no saved model to adopt it with")
+                        "--fresh" if s.fresh else "no saved model to adopt it with")
         await loop.run_in_executor(None, self.fp.load, adopt)
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
@@ -732,7 +732,7 @@ class Daemon:
         pruned.update(self.maps.prune_addresses(local, {r.net for r in b.routes}))
         if any(pruned.values()):
             log.warning("pinned maps held changes the saved model missed (a crash before they were saved): "
-             "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
+                        "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
                         pruned["services"], pruned["tables"], pruned["dests"], pruned["addresses"],
                         pruned["routes"])
 
@@ -1239,7 +1239,7 @@ class Daemon:
         """(service ident, fwd, where) of every service a health-check identity stands for."""
         # Indexed once per config and set of checks: start and reload ask for every real server, and a scan of
         # every service each time is quadratic with a thousand virtual servers.
-        stamp = (id(self.want), tuple(self.ctl_checks))
+        stamp = tuple(self.ctl_checks)  # self.want is replaced whole by a reload: its identity is the other key
         cache = getattr(self, "_services_index", None)
         if cache is None or cache[0] != stamp or cache[1] is not self.want:
             index: dict = {}
@@ -1427,9 +1427,9 @@ class Daemon:
                 continue
             d = next((d for d in svc.dests.values() if d.slot == t["dest_slot"]), None)
             out.append({"proto": svc.proto, "client": str(t["addr"]), "plen": svc.persist_plen,
-             "vaddr": str(svc.addr), "vport": svc.port, "svc_id": svc.svc_id,
-             "daddr": str(d.addr) if d else None, "dport": d.port if d else 0,
-             "dest_slot": t["dest_slot"], "expire_s": (t["expires_ns"] - now) // 10**9})
+                        "vaddr": str(svc.addr), "vport": svc.port, "svc_id": svc.svc_id,
+                        "daddr": str(d.addr) if d else None, "dport": d.port if d else 0,
+                        "dest_slot": t["dest_slot"], "expire_s": (t["expires_ns"] - now) // 10**9})
         return out
 
     def link_stats(self, ifname: str) -> dict:

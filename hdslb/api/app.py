@@ -312,13 +312,11 @@ def _netmask_in(v, version: int) -> str:
 
 
 def _contiguous_plen(text: str) -> int | None:
-    """The prefix length of a dotted IPv4 netmask, or None. ipaddress would also take a host mask (0.0.0.255)."""
+    """The prefix length of a dotted IPv4 netmask (ones, then zeros: the model's rule), or None."""
     try:
-        m = int(ipaddress.IPv4Address(text))
-    except ValueError:
+        return netmask_plen(text, 4)
+    except HdslbError:
         return None
-    inv = ~m & 0xFFFFFFFF
-    return None if inv & (inv + 1) else 32 - inv.bit_length()
 
 
 def _vs_opts(body: dict, version: int = 4) -> dict:
@@ -704,17 +702,9 @@ async def delete_device_addr(request):
     name = request.match_info["name"]
     body = await _body(request, "InetAddrRef")
     itf = ipaddress.ip_interface(body["addr"])
-    if "/" in body["addr"]:  # as `ip addr del`: a prefix given must be the address's
-        async with request.app[LOCK]:
-            have = [a for a in (await _call(request, "addr.list", {"ifname": name}))["addrs"]
-                    if ipaddress.ip_address(a["addr"]) == itf.ip]
-            if have and have[0]["prefixlen"] != itf.network.prefixlen:  # the model refuses it too; this names both
-                raise ApiError(404, errno.EADDRNOTAVAIL, f"{name} has {itf.ip}/{have[0]['prefixlen']}, not "
-                                                         f"{itf.ip}/{itf.network.prefixlen}: nothing deleted", "addr")
-            await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name,
-                                              "prefixlen": itf.network.prefixlen})
-        return _changed("deleted", 200)
-    await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name})
+    # as `ip addr del`: a prefix given must be the address's (the model refuses another, naming the one it has)
+    plen = {"prefixlen": itf.network.prefixlen} if "/" in body["addr"] else {}
+    await _call(request, "addr.del", {"addr": str(itf.ip), "ifname": name, **plen}, field="addr")
     return _changed("deleted", 200)
 
 
