@@ -244,21 +244,26 @@ class FastPath:
                     shutil.rmtree(self.pin_dir)
                 os.makedirs(self.pin_dir)
                 self._create_conn_maps(lib, map_type, fds)
+            pinned_before = set(os.listdir(self.pin_dir))  # bcc pins the maps it creates as it compiles
             try:
                 self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(fds, possible_cpus()))
             except Exception as e:
                 if adopt:
+                    self._unpin_new(pinned_before)
                     raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
                                        f"or size changed?): {e}; start with --fresh to discard that state") from e
                 raise
-            if adopt:
-                try:
+            try:
+                if adopt:
                     self._check_pinned_sizes()
-                except RuntimeError:
+                self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
+                self.sweep_fn = self.bpf.load_func("hdslb_sweep", BPF.XDP)  # run by the daemon's sweep, never attached
+            except Exception:
+                if adopt:  # a refused adoption leaves the pins as it found them (no new map of this build)
                     self.close()
-                    raise
-            self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
-            self.sweep_fn = self.bpf.load_func("hdslb_sweep", BPF.XDP)  # run by the daemon's sweep, never attached
+                    self.fn = self.sweep_fn = None
+                    self._unpin_new(pinned_before)
+                raise
             self.sweep_batch = sweep_batch(table, possible_cpus())
             self.conn_memlock_by_map = {n: _fd_memlock(fd) or 0 for n, fd in fds.items()}
             self.conn_memlock = sum(self.conn_memlock_by_map.values()) or None
@@ -270,6 +275,13 @@ class FastPath:
                      self.sizes.max_conns, self.sizes.conn6_entries(), self.conn_memlock / 2**20,
                      f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
+
+    def _unpin_new(self, pinned_before: set) -> None:
+        for name in set(os.listdir(self.pin_dir)) - pinned_before:
+            try:
+                os.unlink(os.path.join(self.pin_dir, name))
+            except OSError as e:
+                log.warning("cannot remove %s/%s: %s", self.pin_dir, name, e)
 
     # --- the single-table layout of earlier versions ------------------------------------------------------
     # One conn_map held both families: key (saddr[16], daddr[16], sport, dport, proto, af, pad), value
@@ -384,19 +396,39 @@ class FastPath:
                     "hash_cells": "--max-hash-cells", "persist_map": "--max-persist"}
 
     def _check_pinned_sizes(self) -> None:
-        """bcc adopts a pinned map whatever its size: a restart with another --max-services (say) would run on
-        the old map while the daemon hands out ids up to the new limit. Every pinned map this program uses is
-        held to the size the build declares; a mismatch is refused before anything is attached."""
+        """bcc adopts a pinned map whatever its kind, size or layout: a restart with another --max-services (say)
+        would run on the old map while the daemon hands out ids up to the new limit, and an upgrade whose struct
+        grew or shrank would have the daemon read and write values of the wrong size (a kernel copy past the end
+        of its buffer). Every pinned map this program uses is held to the type, key size, value size and entries
+        the build declares; a mismatch is refused, naming the map and what differs, before anything is loaded
+        or attached (the previous program keeps forwarding)."""
+        from bcc import libbcc
+
+        lib = libbcc.lib
+        lib.bpf_table_key_size_id.restype = lib.bpf_table_leaf_size_id.restype = ctypes.c_size_t
+        lib.bpf_table_key_size_id.argtypes = lib.bpf_table_leaf_size_id.argtypes = [ctypes.c_void_p,
+                                                                                      ctypes.c_ulonglong]
         for name in sorted(os.listdir(self.pin_dir)):
             try:
                 t = self.bpf[name]
             except KeyError:
                 continue  # not one of this program's maps
-            have, want = _fdinfo_int(t.map_fd, "max_entries"), int(t.max_entries)
-            if have is not None and have != want:
-                opt = self.SIZE_OPTIONS.get(name, "its size")
-                raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {have} entries, not {want}: keep {opt} "
-                                   f"as it was, or start with --fresh to discard the pinned state and resize")
+            mod, mid = self.bpf.module, t.map_id
+            want = {"map_type": lib.bpf_table_type_id(mod, mid), "key_size": lib.bpf_table_key_size_id(mod, mid),
+                    "value_size": lib.bpf_table_leaf_size_id(mod, mid), "max_entries": int(t.max_entries)}
+            have = {f: _fdinfo_int(t.map_fd, f) for f in want}
+            diff = [f for f in want if have[f] is not None and have[f] != want[f]]
+            if not diff:
+                continue
+            if diff == ["max_entries"] and name in self.SIZE_OPTIONS:
+                raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {have['max_entries']} entries, not "
+                                   f"{want['max_entries']}: keep {self.SIZE_OPTIONS[name]} as it was, or start with "
+                                   f"--fresh to discard the pinned state and resize")
+            what = ", ".join(f"{f.replace('_', ' ')} {have[f]} (this build: {want[f]})" for f in diff)
+            raise RuntimeError(f"the pinned {name} in {self.pin_dir} does not have the layout this hdslb's program "
+                               f"declares: {what}. Another hdslb version made it; nothing was changed and the "
+                               f"attached program keeps forwarding. Start the version that made it again, or start "
+                               f"with --fresh to discard the pinned state (services, connections, counters)")
 
     def _create_conn_maps(self, lib, map_type: int, fds: dict) -> None:
         """Create and pin both conn maps empty (their fds into fds); warn first when per-CPU ones take much of
