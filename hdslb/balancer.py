@@ -801,11 +801,16 @@ class Balancer:
 
     # --- scheduling tables ----------------------------------------------------------------------
     def _sched_dests(self, dests, counts: dict, overloaded: dict) -> list[sched.Dest]:
+        """The schedulers' view: a server down by its health check is flagged DOWN at its weight (not weight 0),
+        so sh/dh keep its place in their layout and only its clients move while it is down."""
         out = []
         for d in dests:
             active, inactive = counts.get(d.slot, (0, 0))
             flags = sched.DestFlag.OVERLOADED if overloaded.get(d.slot, d.overloaded) else sched.DestFlag.NONE
-            out.append(sched.Dest(slot_id=d.slot, weight=d.eff_weight, flags=flags, addr=d.addr, port=d.port,
+            if d.health == "down":
+                flags |= sched.DestFlag.DOWN
+            weight = d.weight if d.health_weight is None else d.health_weight
+            out.append(sched.Dest(slot_id=d.slot, weight=weight, flags=flags, addr=d.addr, port=d.port,
                                   active=active, inactive=inactive))
         return out
 

@@ -2,16 +2,17 @@
 
 All four hash with hashing.flow_hash (jhash_2words of the address, the port or 0, and the table's seed), so the
 C side has one hash whatever the scheduler; only which address is hashed, and whether the source port joins
-it, differ (Table.key). Unavailable dests (weight 0, overloaded, down) are left out of the table and their
-buckets go to the others. LVS instead keeps them in place and fails the lookup (or, with the sh-fallback /
-mh-fallback flags, rehashes it); leaving them out works here because every change rebuilds the table, and
-with mh and conhash it moves only that server's buckets.
+it, differ (Table.key). No table holds an unavailable dest (weight 0, overloaded, down): the fast path never
+has to fail or rehash a lookup. sh and dh keep such a dest's place in their layout and hand its buckets to
+the others (LVS keeps it in place and, with the sh-fallback flag, rehashes its clients elsewhere: the same
+clients move); mh and conhash are rebuilt without it, which moves (almost) only its buckets.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from functools import reduce
 from typing import Optional
 
@@ -50,20 +51,43 @@ def _by_ident(sched: str, dests: list[Dest]) -> list[tuple[str, Dest]]:
 
 
 def _buckets(sched: str, key: str, dests: list[Dest], max_len: Optional[int], size: int, seed: int) -> Table:
-    """LVS sh/dh assignment: walk the dest list filling buckets in order, weight consecutive buckets per dest,
-    wrapping until the table is full. When the weights add up to more than the table, LVS lets the first
-    dests take it all; here they are scaled to fit (model.scale_weights) so every dest keeps >= 1 bucket.
-    Not consistent: any change of the available set reshuffles most buckets, as in LVS.
+    """LVS sh/dh assignment (ip_vs_sh_reassign): walk the dest list filling buckets in order, max(weight, 1)
+    consecutive buckets per dest, wrapping until the table is full. Every dest holds its place in that layout,
+    available or not, so a server that is drained, overloaded or down moves only its own clients: its buckets
+    go to the available dests (_fallback), which is what LVS's sh-fallback achieves by rehashing, and they come
+    back to it when it does. When the weights add up to more than the table, LVS lets the first dests take it
+    all; here they are scaled to fit (model.scale_weights) so every dest keeps >= 1 bucket; when even one
+    bucket each does not fit, the layout is over the available dests alone.
+    Not consistent: adding or removing a server, or changing a weight, reshuffles most buckets, as in LVS.
     """
     _check_size(sched, size, max_len)
     seed = _check_seed(sched, seed)
     avail = available(dests)
     if not avail:
         return Table(sched, HASH, [], key, seed)
-    weights = scale_weights([d.weight for d in avail], size, sched)
-    one_round = [slot for d, w in zip(avail, weights) for slot in [d.slot_id] * w]
-    entries = (one_round * (size // len(one_round) + 1))[:size]
-    return Table(sched, HASH, entries, key, seed)
+    placed = dests if len(dests) <= size else avail
+    weights = scale_weights([max(1, d.weight) for d in placed], size, sched)
+    one_round = [d for d, w in zip(placed, weights) for _ in range(w)]
+    layout = (one_round * (size // len(one_round) + 1))[:size]
+    return Table(sched, HASH, _fallback(layout, avail), key, seed)
+
+
+def _fallback(layout: list[Dest], avail: list[Dest]) -> list[int]:
+    """The layout's buckets as slots, each bucket of an unavailable dest handed to the available dest whose
+    bucket count is furthest below its weight (ties to the earlier dest), so the orphans spread by weight."""
+    ok = {id(d) for d in avail}
+    have = Counter(id(d) for d in layout if id(d) in ok)
+    heap = [((have[id(d)] + 1) / d.weight, i) for i, d in enumerate(avail)]
+    heapq.heapify(heap)
+    out = []
+    for d in layout:
+        if id(d) not in ok:
+            _, i = heap[0]
+            d = avail[i]
+            have[id(d)] += 1
+            heapq.heapreplace(heap, ((have[id(d)] + 1) / d.weight, i))
+        out.append(d.slot_id)
+    return out
 
 
 def sh(dests: list[Dest], max_len: Optional[int] = None, size: int = SH_SIZE, port: bool = False,

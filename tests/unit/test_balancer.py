@@ -215,3 +215,37 @@ def test_persistence_mask_must_be_contiguous_and_ascii(mask):
     with pytest.raises(HdslbError) as e:
         netmask_plen(mask, 4)
     assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("how", ["health", "drain", "overload"])
+def test_sh_server_out_of_service_moves_only_its_clients(bal, how):
+    """-s sh with 4 servers: one failing its check, drained to weight 0, or over its upper threshold must not
+    move the clients of the other three (LVS sh-fallback); back in service, the table is as before. (A drain
+    keeps the layout when the weights are 1, as in LVS, where a weight-0 server holds one bucket in a row.)"""
+    w = 1 if how == "drain" else 2
+    bal.service_add(dict(SVC, sched="sh", flags=["sh-fallback"]))
+    for i in range(4):
+        bal.dest_add({"svc": SVC, "addr": f"192.168.100.{i + 2}", "port": 80, "fwd": "fnat", "weight": w,
+                      "u_threshold": 10 if how == "overload" else 0})
+    before = list(last_table(bal).entries)
+    gone = 2  # slot of 192.168.100.4
+    rs = {"svc": SVC, "addr": "192.168.100.4", "port": 80}
+    bal.conn_counts = lambda: {}
+    if how == "health":
+        bal.dest_health(rs, False, None, "connection refused")
+    elif how == "drain":
+        bal.dest_edit(dict(rs, weight=0))
+    else:
+        bal.conn_counts = lambda: {gone: (10, 0)}
+        bal.refresh_dynamic()
+    during = last_table(bal).entries
+    assert gone not in during
+    assert all(a == b for a, b in zip(before, during) if a != gone)
+    if how == "health":
+        bal.dest_health(rs, True, None, "")
+    elif how == "drain":
+        bal.dest_edit(dict(rs, weight=w))
+    else:
+        bal.conn_counts = lambda: {gone: (0, 0)}
+        bal.refresh_dynamic()
+    assert last_table(bal).entries == before

@@ -216,6 +216,44 @@ def test_sched_sh_overweight_scaled_not_starved():
     assert abs(c[1] / c[2] - 3) < 0.1
 
 
+@pytest.mark.parametrize("name", ["sh", "dh"])
+@pytest.mark.parametrize("how", ["down", "overloaded", "drained"])
+def test_sched_sh_unavailable_server_moves_only_its_own_clients(name, how):
+    """LVS's sh-fallback: a server that stops taking new flows keeps its place in the bucket layout and only its
+    buckets go to the others, spread by weight; every other client stays where it was. (Rebuilding the layout
+    over the remaining servers moved about 3/4 of all clients when one of 4 failed its health check.)"""
+    full = build_table(name, dests(1, 1, 1, 1))
+    ds = dests(1, 1, 1, 1)
+    ds[2] = {"down": Dest(3, 1, DestFlag.DOWN, addr=ds[2].addr, port=80),
+             "overloaded": Dest(3, 1, DestFlag.OVERLOADED, addr=ds[2].addr, port=80),
+             "drained": Dest(3, 0, addr=ds[2].addr, port=80)}[how]
+    less = build_table(name, ds)
+    assert 3 not in less.entries
+    for a, b in zip(full.entries, less.entries):
+        if a != 3:
+            assert a == b
+    assert moved(full, less) == full.counts()[3] / len(full)
+    c = less.counts()
+    assert max(c.values()) - min(c.values()) <= 1, c  # its 64 buckets spread evenly: 85 or 86 each
+    # back in service: its own buckets return to it, nothing else moves
+    assert build_table(name, dests(1, 1, 1, 1)).entries == full.entries
+
+
+def test_sched_sh_fallback_buckets_follow_weights():
+    ds = dests(1, 2, 1) + [Dest(4, 4, DestFlag.DOWN, addr="10.0.0.4", port=80)]
+    t = build_table("sh", ds)
+    c = t.counts()
+    assert 4 not in c
+    assert abs(c[2] / c[1] - 2) < 0.1 and abs(c[3] / c[1] - 1) < 0.1, c
+
+
+def test_sched_sh_layout_beyond_the_table_falls_back_to_available_servers():
+    # 300 servers, 100 drained, cannot all hold a bucket of 256: the table is laid out over the 200 available ones.
+    ds = dests(*([1] * 200 + [0] * 100))
+    t = build_table("sh", ds)
+    assert set(t.entries) == set(range(1, 201))
+
+
 def test_sched_dh_hashes_destination():
     t = build_table("dh", dests(2, 1), size=64)
     assert t.key == "dst" and t.counts() == {1: 43, 2: 21}  # 21 rounds of 1 1 2, then 1
