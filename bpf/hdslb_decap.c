@@ -77,6 +77,38 @@ static __always_inline int is_tunnel_proto(__u8 proto)
 }
 
 /*
+ * The outer IPv4 header checksum (RFC 1071), options included: ip_rcv drops a header that fails it before any
+ * tunnel handler runs, and a corrupted header may carry a corrupted length, protocol or ECN field. hlen is
+ * 20..60 and lies inside the frame (checked by the caller); the loop reads it 16 bits at a time.
+ */
+static __always_inline int ip4_csum_ok(struct iphdr *iph, void *data_end, int hlen)
+{
+	__u16 *w = (__u16 *)iph;
+	__u64 sum = 0;
+
+	if ((void *)(iph + 1) > data_end)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+#pragma unroll
+	for (int i = 0; i < 10; i++) { /* options: up to 40 bytes, 4 at a time */
+		__u32 *opt = (__u32 *)(iph + 1) + i;
+
+		if ((int)sizeof(*iph) + i * 4 >= hlen)
+			break;
+		if ((void *)(opt + 1) > data_end)
+			return 0;
+		sum += *opt;
+	}
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+/*
  * Outer IPv4. Returns the counter that decides the packet's fate, or -1 with *t filled in when the packet
  * is a well-formed, unfragmented tunnel packet for one of our addresses. Nothing is validated before the
  * address matched: other hosts' packets, however broken, are the kernel's business.
@@ -98,7 +130,7 @@ static __always_inline int parse_outer4(struct hdr_cursor *nh, void *data_end, s
 	if (iph->version != 4 || iph->ihl < 5)
 		return DECAP_CNT_DROP_MALFORMED;
 	hlen = iph->ihl * 4; /* 20..60: options are stripped with the header */
-	if (nh->pos + hlen > data_end)
+	if (nh->pos + hlen > data_end || !ip4_csum_ok(iph, data_end, hlen))
 		return DECAP_CNT_DROP_MALFORMED;
 	tot = bpf_ntohs(iph->tot_len);
 	if (tot < hlen || nh->pos + tot > data_end)

@@ -31,7 +31,8 @@ enum decap_counter {
 	DECAP_CNT_PASS,            /* not a tunnel packet: passed untouched */
 	DECAP_CNT_PASS_NOT_LOCAL,  /* a tunnel packet for an address not in decap_addrs: passed untouched */
 	DECAP_CNT_PASS_FRAGMENT,   /* a fragment of a tunnel packet for us: passed untouched (not decapsulated) */
-	DECAP_CNT_DROP_MALFORMED,  /* a tunnel packet for us whose outer or inner header is truncated or invalid */
+	DECAP_CNT_DROP_MALFORMED,  /* a tunnel packet for us whose outer or inner header is truncated or invalid (outer IPv4
+	                            * header checksum included) */
 	DECAP_CNT_DROP_ADJUST,     /* bpf_xdp_adjust_head refused to strip the outer header */
 	DECAP_CNT_DROP_ECN,        /* outer header marked CE over a Not-ECT inner packet (RFC 6040: drop) */
 	DECAP_CNT_MAX

@@ -201,6 +201,9 @@ UNTOUCHED = [
     ("outer ipv4 ihl 4", eth() / out4(ihl=4) / tcp4(), XDP_DROP, "drop_malformed"),
     ("outer ipv4 ihl 15, frame shorter", eth() / out4(ihl=15, len=60, proto=4) / (b"\x01" * 20), XDP_DROP,
      "drop_malformed"),
+    ("outer ipv4 header checksum wrong", eth() / out4(chksum=0x1234) / tcp4(), XDP_DROP, "drop_malformed"),
+    ("outer ipv4 header checksum wrong over its options", eth() / out4(options=[IPOption_Router_Alert()], chksum=1)
+     / udp6(), XDP_DROP, "drop_malformed"),
     ("outer ipv4 version 6", bytes(eth() / out4() / tcp4())[:14] + b"\x65" + bytes(out4() / tcp4())[1:], XDP_DROP,
      "drop_malformed"),
     ("inner ipv4 header truncated", TRUNC_INNER4, XDP_DROP, "drop_malformed"),
