@@ -153,7 +153,7 @@ static __always_inline int parse_outer6(struct hdr_cursor *nh, void *data_end, s
 	struct ipv6hdr *ip6 = nh->pos;
 	struct decap_addr_key key = {};
 	struct frag6_hdr *fh;
-	int off = sizeof(*ip6), plen;
+	int off = sizeof(*ip6), plen, hbh_late = 0;
 	__u8 nexthdr;
 
 	if ((void *)(ip6 + 1) > data_end)
@@ -166,6 +166,8 @@ static __always_inline int parse_outer6(struct hdr_cursor *nh, void *data_end, s
 
 		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_DSTOPTS)
 			break;
+		if (nexthdr == IPPROTO_HOPOPTS && i > 0)
+			hbh_late = 1;
 		oh = nh->pos + off;
 		if ((void *)(oh + 1) > data_end)
 			return DECAP_CNT_PASS; /* not recognisably a tunnel packet: the kernel judges it */
@@ -183,7 +185,8 @@ static __always_inline int parse_outer6(struct hdr_cursor *nh, void *data_end, s
 	__builtin_memcpy(key.addr, ip6->daddr.in6_u.u6_addr32, sizeof(key.addr));
 	if (!decap_addrs.lookup(&key))
 		return DECAP_CNT_PASS_NOT_LOCAL;
-	if (ip6->version != 6)
+	/* RFC 8200 4.1: Hop-by-Hop Options only right after the IPv6 header; ip6_input refuses one further on. */
+	if (ip6->version != 6 || hbh_late)
 		return DECAP_CNT_DROP_MALFORMED;
 	plen = bpf_ntohs(ip6->payload_len);
 	/* payload_len 0 would be a jumbogram (RFC 2675), which no Ethernet frame carries. */

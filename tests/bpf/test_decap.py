@@ -218,6 +218,8 @@ UNTOUCHED = [
      "drop_malformed"),
     ("inner ipv6 payload longer than the outer payload", eth() / out6(plen=40 + 8) / IPv6(plen=100) / (b"\0" * 8),
      XDP_DROP, "drop_malformed"),
+    ("outer ipv6 hop-by-hop after destination options (rfc 8200: first only)", eth() / out6()
+     / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / tcp4(), XDP_DROP, "drop_malformed"),
     ("outer ce over a not-ect inner ipv4 packet", eth() / out4(tos=0x03) / tcp4(), XDP_DROP, "drop_ecn"),
     ("outer ce over a not-ect inner ipv6 packet", eth() / out6(tc=0x03) / udp6(), XDP_DROP, "drop_ecn"),
     ("inner ipv6 truncated to 30 bytes", eth() / out6(plen=30, nh=41) / (bytes(udp6())[:30]), XDP_DROP,
