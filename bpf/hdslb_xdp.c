@@ -974,13 +974,20 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		slot = *c;
 	} else {
 		__u32 *cur = sched_cursor.lookup(&svc_id);
+		__u32 g = t->gen << 16, c;
 
 		if (!cur || t->len > SCHED_RING_MAX)
 			return 0;
-		idx = *cur % t->len;
+		/* The cursor's top half is the generation of the table it walks: a rebuilt table is walked from its
+		 * start on every CPU (an lc/wlc ring is a plan that begins with the least loaded servers; LVS wrr
+		 * restarts its walk too), the same table goes on where it was. */
+		c = *cur;
+		if ((c & 0xffff0000) != g)
+			c = g;
+		idx = (c & 0xffff) % t->len;
+		*cur = g | (idx + 1);
 		barrier_var(idx); /* keep the mask: the verifier needs the bound clang would prove and drop */
 		idx &= SCHED_RING_MAX - 1;
-		*cur += 1;
 		slot = t->slot[idx];
 	}
 	if (slot == DEST_SLOT_NONE)

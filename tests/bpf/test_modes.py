@@ -7,6 +7,7 @@ pin the ABI the control plane must honour.
 
 import ctypes as ct
 import ipaddress
+import os
 import socket
 
 import pytest
@@ -551,6 +552,46 @@ def test_persistence_template_expires(fastpath, m):
     run(fastpath, c4(sport=45001))
     assert m.counters()["persist_hit"] == before
     assert list(t.values())[0].expires > 1, "the expired template was replaced"
+
+
+def _ring_gen(fp, svc_id, slots, gen):
+    t = fp.table("sched_map")
+    v = t.Leaf()
+    v.len, v.gen, v.kind = len(slots), gen, SCHED_RING
+    for i, s in enumerate(slots):
+        v.slot[i] = s
+    t[ct.c_uint32(svc_id)] = v
+
+
+def _on_cpu(cpu, fn):
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_a_rebuilt_ring_is_walked_from_its_start_on_every_cpu(fastpath, m):
+    """lc/wlc rings are plans: their first entries go to the least loaded server until loads level. Every CPU
+    must start a rebuilt table (a new gen) at its first entry, whatever its cursor had reached in the old one
+    (it used to go on at cursor % len: an lc service whose idle server holds the plan's first entry sent the next
+    connection to the busy one). A table rewritten with the same gen goes on where it was."""
+    service(fastpath, TCP_, VIP, 80)
+    dest(m, 0, RS1, 80, "fnat")
+    dest(m, 1, RS2, 80, "fnat")
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    _ring_gen(fastpath, 0, [0, 1], gen=7)
+    sport = iter(range(49000, 49100))
+    pick = lambda: run(fastpath, c4(sport=next(sport)))[1][IP].dst  # noqa: E731
+    for cpu in cpus:
+        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS1, RS2, RS1]
+    _ring_gen(fastpath, 0, [1, 1, 0, 1, 0], gen=8)  # RS2 idle: the plan's catch-up comes first
+    for cpu in cpus:
+        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS2, RS1], f"cpu {cpu}"
+    _ring_gen(fastpath, 0, [1, 1, 0, 1, 0], gen=8)  # the same table written again (a restart adopting it)
+    for cpu in cpus:
+        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS1, RS2], f"cpu {cpu}"
 
 
 # --- connection reuse (LVS conn_reuse_mode / expire_nodest_conn) --------------------------------------------------
