@@ -559,6 +559,45 @@ static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 	CONN_SET(cv->state, st);
 }
 
+/*
+ * A new handshake on an entry whose last one ended: the client's SYN, or the server's SYN-ACK, on an entry in
+ * FIN_WAIT or CLOSE that conn_reusable kept (the client retransmits its SYN after a reset cut the handshake;
+ * the server answers a SYN on a tuple it had reset). As in LVS's table (a SYN moves CLOSE to SYN_RECV), the
+ * entry starts over at SYN_RECV, so the handshake's ACK establishes it: left in CLOSE, the connection would be
+ * timed by the close timeout, swept after a few idle seconds, and its later packets dropped. The flow's state
+ * is the furthest any CPU's copy has seen, so the other CPUs' copies (which may say CLOSE) are emptied: a CPU
+ * that meets the flow again adopts this copy. Only SYNs that find an entry get here.
+ */
+static __always_inline void conn_restart(int t4, void *k, struct conn_val *cv, struct tcphdr *th)
+{
+	__u8 state = cv->state, was_est;
+
+	if (!th || !th->syn || th->rst || th->fin || !th->ack != !(cv->flags & CONN_F_OUT))
+		return; /* client side: SYN alone; server side: SYN-ACK */
+#ifndef CONN_SHARED
+	/* the client's reset may have crossed another CPU: its SYN reads every copy, as conn_reusable does (the
+	 * server's SYN-ACK, which every new flow has, reads this CPU's only) */
+	if (!th->ack && state != CS_FIN_WAIT && state != CS_CLOSE)
+		conn_newest(t4, k, &state, &was_est);
+#endif
+	if (state != CS_FIN_WAIT && state != CS_CLOSE)
+		return;
+	cv->state = CS_SYN_RECV;
+#ifndef CONN_SHARED
+	__u32 me = bpf_get_smp_processor_id();
+
+	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
+		struct conn_val *o;
+
+		if (cpu == me)
+			continue;
+		o = bpf_map_lookup_percpu_elem(CONN_MAP(t4), k, cpu);
+		if (o)
+			o->flags &= ~CONN_F_VALID;
+	}
+#endif
+}
+
 /* A packet of a known flow: its TCP progress and last-seen time. */
 static __always_inline void conn_touch(struct conn_val *cv, struct tcphdr *th)
 {
@@ -1921,8 +1960,11 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		conn_expire(T4, &k, CV(cv));
 		cv = 0;
 	}
-	if (cv)
+	if (cv) {
+		if (th && th->syn)
+			conn_restart(T4, &k, CV(cv), th);
 		return xmit_conn4(ctx, eth, iph, th, uh, 0, cv);
+	}
 
 	/* No connection: read the runtime settings once (established packets never do). */
 	cfg = cfg_map.lookup(&zero);
@@ -1940,8 +1982,11 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		wk.proto = k.proto;
 		wk.af = HDSLB_AF_INET;
 		wv = conn_find(T6, &wk);
-		if (wv && (wv->flags & CONN_F_XLAT))
+		if (wv && (wv->flags & CONN_F_XLAT)) {
+			if (th && th->syn)
+				conn_restart(T6, &wk, wv, th);
 			return xlat46(ctx, iph, th, uh, wv);
+		}
 	}
 	/* DPVS `scope kni_host` routes: such destinations belong to the kernel, even a VIP's; the trie is
 	 * consulted only while such a route exists. */
@@ -2048,6 +2093,8 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 		cv = 0;
 	}
 	if (cv) {
+		if (th && th->syn)
+			conn_restart(T6, &k, cv, th);
 		if (uh && !uh->check)
 			return drop(CNT_DROP_MALFORMED_L4); /* see below */
 		if (cv->flags & CONN_F_XLAT)

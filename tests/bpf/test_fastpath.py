@@ -494,6 +494,67 @@ def test_reclaim_leaves_a_newer_flow_on_the_old_clients_tuple_alone(fastpath, ma
     assert _conn_ports(maps) == [(80, 2000, True), (47000, 80, False), (47001, 80, False)]
 
 
+def _lim(maps):
+    from hdslb.fastpath import abi, aging
+
+    j = maps.clock.seconds_to_jiffies
+    return aging.Limits(by_state=tuple(j(x) for x in abi.state_timeouts(TIMEOUTS)), udp=j(TIMEOUTS["udp"]),
+                        close=j(TIMEOUTS["close"]))
+
+
+def _now(maps):
+    import time
+
+    return maps.clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+
+
+def _server(lport, flags, sport=80):
+    return Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=sport, dport=lport, flags=flags)
+
+
+def test_a_handshake_retried_after_a_reset_is_established_and_timed_as_such(fastpath, maps):
+    """The client reset a handshake (its SYN met the server's old TIME_WAIT, say) and retransmitted the SYN on
+    the same port, which keeps its local port (see conn_reusable). That handshake completes: the flow is
+    ESTABLISHED again, as LVS moves CLOSE back to SYN_RECV on a SYN, so it counts as active and lives by the
+    established timeout, not by close's few seconds (it was swept after 3 s idle and its next packets dropped)."""
+    from hdslb.fastpath import aging
+
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    _, p = run(fastpath, syn(sport=50100))
+    assert run(fastpath, syn(sport=50100, flags="R"))[0] == XDP_TX
+    assert [c["state"] for c in maps.conns() if not c["out"]] == [4]       # close
+    v, p2 = run(fastpath, syn(sport=50100))
+    assert v == XDP_TX and p2[TCP].sport == p[TCP].sport == 2000
+    assert run(fastpath, _server(2000, "SA"))[0] == XDP_TX
+    assert run(fastpath, syn(sport=50100, flags="A"))[0] == XDP_TX
+    assert [c["state"] for c in maps.conns() if not c["out"]] == [2]       # established
+    assert maps.conn_aging_columns().counts() == aging.counts_rows(maps.conn_aging_view()) == {0: (1, 0)}
+    _age_conns(maps, 10)                                   # idle 10 s: past close (3 s), within established (90 s)
+    now, lim = _now(maps), _lim(maps)
+    assert maps.conn_aging_columns().expired(now, lim) == aging.expired_rows(maps.conn_aging_view(), now, lim) == []
+    assert run(fastpath, syn(sport=50101))[0] == XDP_DROP  # its port is not taken back either
+    assert maps.counters()["lport_reclaimed"] == 0
+    assert run(fastpath, syn(sport=50100, flags="PA", payload=b"x"))[0] == XDP_TX
+
+
+@needs_two_cpus
+def test_a_handshake_retried_after_a_reset_on_another_cpu_is_established(fastpath, maps):
+    """The reset crossed CPU 1, the retransmitted SYN and the rest of the handshake CPU 0: the flow's state (the
+    furthest any copy saw) is ESTABLISHED, not the CLOSE CPU 1's copy saw."""
+    setup_service(maps)
+    _, p = _on_cpu(0, lambda: run(fastpath, syn(sport=50150)))
+    _on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="R")))
+    assert _on_cpu(0, lambda: run(fastpath, syn(sport=50150)))[1][TCP].sport == p[TCP].sport
+    _on_cpu(0, lambda: run(fastpath, _server(p[TCP].sport, "SA")))
+    _on_cpu(0, lambda: run(fastpath, syn(sport=50150, flags="A")))
+    assert [c["state"] for c in maps.conns() if not c["out"]] == [2]
+    assert maps.conn_aging_columns().counts() == {0: (1, 0)}
+    assert _on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="A")))[0] == XDP_TX  # CPU 1 adopts it again
+    assert [c["state"] for c in maps.conns() if not c["out"]] == [2]
+
+
 def test_batched_conn_walk_sees_every_entry_across_batches(fastpath, maps):
     setup_service(maps)
     for i in range(40):
