@@ -1129,7 +1129,10 @@ static __always_inline int conn_reclaim(int t4, struct fp_cfg *cfg, void *rk, __
 
 		if (addr_eq(&is, &rd) && addr_eq(&id, &rs)) {
 			partner = 1;
-			state = istate; /* the sweep, too, times a flow by its inbound entry's state */
+			/* the flow's state, as the sweep takes it: the furthest either direction has seen (a reset or
+			 * FIN from the server closes it as one from the client does) */
+			if (istate > state)
+				state = istate;
 			if (iv->last_seen > last)
 				last = iv->last_seen;
 		}

@@ -1400,16 +1400,31 @@ class Daemon:
         return await asyncio.get_running_loop().run_in_executor(None, self.conn_list)
 
     def conn_list(self) -> list[dict]:
+        """Every entry (ipvsadm -Lnc shows the inbound ones). An entry's state is its flow's, the furthest either
+        direction has seen (a reset from the real server closes the flow: hdslb.fastpath.aging), and its idle
+        time the flow's, as the sweep times it."""
         from hdslb.fastpath.abi import conn_states
 
         names = conn_states()
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        conns = self._conns()
+
+        def key(c, pre=""):
+            return (c["proto"], c[pre + "saddr"], c[pre + "sport"], c[pre + "daddr"], c[pre + "dport"])
+
+        by_key = {key(c): c for c in conns}
         out = []
-        for c in self._conns():
+        for c in conns:
+            state, last = c["state"], c["last_seen_ns"]
+            p = by_key.get((c["proto"], c["to_daddr"], c["to_dport"], c["to_saddr"], c["to_sport"]))
+            if p is not None and p is not c and key(p, "to_") == (c["proto"], c["daddr"], c["dport"], c["saddr"],
+                                                                   c["sport"]):
+                state, last = max(state, p["state"]), max(last, p["last_seen_ns"])
+            idle = max(0, (now - last) // 10**9)  # a stamp converted from jiffies may lie a tick ahead of now
             out.append({k: (str(v) if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else v)
-                        for k, v in c.items()} | {"state": names[c["state"]] if c["state"] < len(names) else "?",
-                                                  "idle_s": max(0, (now - c["last_seen_ns"]) // 10**9),
-                                                  "expire_s": max(0, self.timeout_for(c) - (now - c["last_seen_ns"]) // 10**9)})
+                        for k, v in c.items()} | {"state": names[state] if state < len(names) else "?",
+                                                  "idle_s": idle,
+                                                  "expire_s": max(0, self.timeout_for(dict(c, state=state)) - idle)})
         return out
 
     def persist_list(self) -> list[dict]:

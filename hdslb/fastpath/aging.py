@@ -8,8 +8,11 @@ the sweep is the daemon's main work). Tests hold the two to the same answers.
 An entry is (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies over
 the filled-in CPU copies, state (the furthest any copy has seen), is-reply, proto, dest slot), taken from the
 newest copy; entries with no filled-in copy are left out. Two entries are one flow when each one's partner key is
-the other's key; a flow is idle for the time since the newest packet of either direction, and times out by its
-inbound entry's state (UDP: the udp timeout).
+the other's key; a flow is idle for the time since the newest packet of either direction. A flow's state is the
+furthest either of its entries has seen: the inbound entry follows the client's packets, the reply entry the real
+server's, so a reset or FIN from the server closes the flow as one from the client does (LVS's one state per
+connection moves on both directions' packets). It times out by that state (UDP: the udp timeout) and is active
+(ActiveConn) only while ESTABLISHED.
 """
 
 from __future__ import annotations
@@ -119,20 +122,25 @@ def expired_rows(recs: list[tuple], now: int, lim: Limits) -> list[tuple[tuple[b
         pair = (r,) if partner is None else (r, partner)
         if partner is not None:
             seen.add(partner[0])
-        owner = next((x for x in pair if not x[4]), r)
         last = max(x[2] for x in pair)
-        if now - last > lim.of(owner[5], owner[3]):
+        if now - last > lim.of(r[5], max(x[3] for x in pair)):
             out.append((tuple(x[0] for x in pair), last))
     return out
 
 
 def counts_rows(recs: list[tuple]) -> dict[int, tuple[int, int]]:
-    """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not."""
+    """dest slot -> (ActiveConn, InActConn) as LVS defines them: established TCP is active, the rest not (the
+    flow's state: its reply entry's too, see the module's doc)."""
     est = abi.conn_states().index("established")
+    recs = unique(recs)
+    by_key = {r[0]: r for r in recs}
     out: dict[int, list[int]] = {}
-    for _k, _p, _last, state, is_out, proto, slot in unique(recs):
+    for k, partner_key, _last, state, is_out, proto, slot in recs:
         if is_out:
             continue
+        partner = by_key.get(partner_key)
+        if partner is not None and partner[1] == k and partner[0] != k:
+            state = max(state, partner[3])
         ent = out.setdefault(slot, [0, 0])
         ent[0 if (proto == socket.IPPROTO_TCP and state == est) else 1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
@@ -288,11 +296,10 @@ class Columns:
         r = rows_[first]
         j = np.where(mutual[first], p[first], -1)
         jc = np.where(j >= 0, j, r)
-        # the owner is the first non-reply entry of (r, partner), else r
-        owner = np.where(~self.out[r] | (j < 0) | self.out[jc], r, jc)
         last = np.maximum(self.last[r], np.where(j >= 0, self.last[jc], 0))
+        state = np.maximum(self.state[r], np.where(j >= 0, self.state[jc], 0))  # the flow's: either direction's
         by_state = np.array(list(lim.by_state) + [lim.close] * (256 - len(lim.by_state)), np.int64)
-        limit = np.where(self.proto[owner] == socket.IPPROTO_UDP, lim.udp, by_state[self.state[owner]])
+        limit = np.where(self.proto[r] == socket.IPPROTO_UDP, lim.udp, by_state[state])
         idle = np.int64(now) - last.astype(np.int64)
         dead = np.flatnonzero(idle > limit)
         return r[dead], j[dead], last[dead]
@@ -301,9 +308,15 @@ class Columns:
         import numpy as np
 
         est = abi.conn_states().index("established")
+        n = len(self)
+        rows_ = np.arange(n)
+        p = self.partner_index()
+        pc = np.where(p >= 0, p, 0)
+        mutual = (p >= 0) & (p != rows_) & (p[pc] == rows_)
+        state = np.where(mutual, np.maximum(self.state, self.state[pc]), self.state)  # the flow's
         inb = ~self.out
         slots = self.slot[inb]
-        active = (self.proto[inb] == socket.IPPROTO_TCP) & (self.state[inb] == est)
+        active = (self.proto[inb] == socket.IPPROTO_TCP) & (state[inb] == est)
         out = {}
         for want, col in ((True, 0), (False, 1)):
             u, c = np.unique(slots[active == want], return_counts=True)

@@ -512,6 +512,18 @@ def _server(lport, flags, sport=80):
     return Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=sport, dport=lport, flags=flags)
 
 
+def _daemon_conn_list(maps):
+    """The daemon's conn.list (ipvsadm -Lnc) over these maps."""
+    import types
+
+    from hdslb.daemon import Daemon
+
+    d = types.SimpleNamespace(settings=types.SimpleNamespace(timeouts=dict(TIMEOUTS)), _conns=lambda: list(maps.conns()))
+    d.idle_limits = lambda unit=lambda x: x: Daemon.idle_limits(d, unit)
+    d.timeout_for = lambda c: Daemon.timeout_for(d, c)
+    return Daemon.conn_list(d)
+
+
 def test_a_handshake_retried_after_a_reset_is_established_and_timed_as_such(fastpath, maps):
     """The client reset a handshake (its SYN met the server's old TIME_WAIT, say) and retransmitted the SYN on
     the same port, which keeps its local port (see conn_reusable). That handshake completes: the flow is
@@ -553,6 +565,52 @@ def test_a_handshake_retried_after_a_reset_on_another_cpu_is_established(fastpat
     assert maps.conn_aging_columns().counts() == {0: (1, 0)}
     assert _on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="A")))[0] == XDP_TX  # CPU 1 adopts it again
     assert [c["state"] for c in maps.conns() if not c["out"]] == [2]
+
+
+def test_a_server_answering_a_new_handshake_on_a_tuple_it_reset_starts_it_over(fastpath, maps):
+    """The server reset a SYN (nothing listening yet); the client (behind a NAT that keeps its port) sends a SYN
+    on the same tuple again, which the server now accepts: its SYN-ACK starts the reply entry over, and the flow
+    is established, not closing."""
+    from hdslb.fastpath import aging
+
+    setup_service(maps)
+    _, p = run(fastpath, syn(sport=50200))
+    lport = p[TCP].sport
+    assert run(fastpath, _server(lport, "RA"))[0] == XDP_TX
+    assert run(fastpath, syn(sport=50200))[1][TCP].sport == lport
+    assert run(fastpath, _server(lport, "SA"))[0] == XDP_TX
+    assert run(fastpath, syn(sport=50200, flags="A"))[0] == XDP_TX
+    assert maps.conn_aging_columns().counts() == {0: (1, 0)}
+    _age_conns(maps, 10)
+    assert maps.conn_aging_columns().expired(_now(maps), _lim(maps)) == []
+
+
+@pytest.mark.parametrize("flags,timeout", [("R", "close"), ("RA", "close"), ("FA", "fin_wait")])
+def test_the_server_closing_a_flow_ends_it_as_the_client_closing_it_would(fastpath, maps, flags, timeout):
+    """LVS's state follows the real server's packets too (a reset from it: CLOSE; its FIN: FIN_WAIT). A flow the
+    server reset or closed is inactive (InActConn, lc/wlc) and leaves after that state's timeout, in the sweep
+    and in the fast path's port reclaiming; it no longer counts as active and lives the established timeout."""
+    from hdslb.fastpath import aging
+
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    run(fastpath, syn(sport=50300))
+    run(fastpath, _server(2000, "SA"))
+    run(fastpath, syn(sport=50300, flags="A"))
+    assert maps.conn_aging_columns().counts() == {0: (1, 0)}
+    assert run(fastpath, _server(2000, flags))[0] == XDP_TX
+    view = maps.conn_aging_view()
+    assert maps.conn_aging_columns().counts() == aging.counts_rows(view) == {0: (0, 1)}
+    listed = [c for c in _daemon_conn_list(maps) if not c["out"]]  # ipvsadm -Lnc
+    assert [(c["state"], c["expire_s"] <= TIMEOUTS[timeout]) for c in listed] == [(timeout, True)]
+    _age_conns(maps, TIMEOUTS[timeout] + 1)                # past its timeout, well within established (90 s)
+    cols, now = maps.conn_aging_columns(), _now(maps)
+    dead = cols.expired(now, _lim(maps))
+    assert dead == aging.expired_rows(maps.conn_aging_view(), now, _lim(maps))
+    assert len(dead) == 1 and len(dead[0][0]) == 2
+    v, p = run(fastpath, syn(sport=50301))                 # the fast path takes its port back, as the sweep would
+    assert v == XDP_TX and p[TCP].sport == 2000 and maps.counters()["lport_reclaimed"] == 1
 
 
 def test_batched_conn_walk_sees_every_entry_across_batches(fastpath, maps):
