@@ -1,10 +1,11 @@
 """/metrics: Prometheus text that parses, node_exporter IPVS style names, values read from the fake daemon."""
 
+import gzip
 import logging
+import re
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hdslb.api.app import make_app
@@ -20,9 +21,7 @@ def rs_l(ip, port="80"):
 
 def scrape(ctx) -> dict:
     """{sample name: {frozenset(labels): value}} of one collect."""
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(HdslbCollector(ctx))
-    text = generate_latest(reg).decode()
+    text = HdslbCollector(ctx).exposition().decode()
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -156,13 +155,12 @@ def test_a_failing_section_does_not_break_the_scrape(ctx, caplog):
 
 
 def test_values_are_read_at_scrape_time(ctx):
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(HdslbCollector(ctx))
-    series = (b'hdslb_backend_weight{local_address="10.0.0.100",local_port="80",proto="TCP",'
-              b'remote_address="192.168.100.2",remote_port="80"}')
-    assert series + b" 1.0" in generate_latest(reg)
+    col = HdslbCollector(ctx)
+    series = (b'hdslb_backend_weight{local_address="10.0.0.100",local_port="80",'
+              b'remote_address="192.168.100.2",remote_port="80",proto="TCP"}')
+    assert series + b" 1\n" in col.exposition()
     ctx.bal.dest_edit({"svc": {"proto": "tcp", "addr": "10.0.0.100", "port": 80}, "addr": "192.168.100.2", "weight": 7})
-    assert series + b" 7.0" in generate_latest(reg)
+    assert series + b" 7\n" in col.exposition()
 
 
 def test_ipv6_and_udp_labels():
@@ -190,3 +188,48 @@ def test_snat_services_get_one_series_each_and_overload_is_exported(ctx):
                     "match:proto=tcp,src_range=192.168.2.1-192.168.2.9"}
     assert val(m, "hdslb_backend_overloaded", **rs_l("192.168.100.2")) == 1
     assert val(m, "hdslb_backend_overloaded", **rs_l("192.168.100.3")) == 0
+
+
+async def test_gzip_when_the_scraper_accepts_it(ctx):
+    """Prometheus asks for gzip: 10k services x 10 real servers are ~130 MB of text, ~3 MB gzipped."""
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        r = await c.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+        assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(await r.read()).decode()
+        plain = await c.get("/metrics", headers={"Accept-Encoding": "identity"}, auto_decompress=False)
+        assert "Content-Encoding" not in plain.headers
+        assert await plain.text() == text
+        refused = await c.get("/metrics", headers={"Accept-Encoding": "gzip;q=0"}, auto_decompress=False)
+        assert "Content-Encoding" not in refused.headers
+    assert 'hdslb_connections_total{local_address="10.0.0.100",local_port="80",proto="TCP"} 30' in text
+
+
+def test_exposition_format_rules(ctx):
+    """One HELP and one TYPE per family, before its samples; counters end in _total; no series twice;
+    label values escaped (quotes, backslashes, newlines) so that a parser gets them back exactly."""
+    ctx.bal.service_add({"proto": "udp", "addr": "2001:db8::1", "port": 53, "sched": "rr"})
+    ctx.bal.dest_add({"svc": {"proto": "udp", "addr": "2001:db8::1", "port": 53}, "addr": "2001:db8::2"})
+    odd = 'eth"0\\x\nnew'
+    ctx.slowpath_stats = lambda: {odd: {"rx_frames": 3}, "eth1": {"rx_frames": 4}}
+    text = HdslbCollector(ctx).exposition().decode()
+    types, seen, current = {}, set(), None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            current = line.split()[2]
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name == current and name not in types, f"one HELP then one TYPE per family: {line}"
+            types[name] = kind
+            assert (kind == "counter") == name.endswith("_total"), name
+            continue
+        m = re.match(r"([a-z_]+)(\{.*\})? (\S+)$", line)
+        assert m and m.group(1) == current, f"a sample outside its family: {line}"
+        assert (m.group(1), m.group(2)) not in seen, f"duplicate series: {line}"
+        seen.add((m.group(1), m.group(2)))
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    frames = {s.labels["ifname"]: s.value for s in fams["hdslb_slowpath_frames"].samples}
+    assert frames == {odd: 3, "eth1": 4}
+    v6 = [s.labels for s in fams["hdslb_backend_weight"].samples if s.labels["proto"] == "UDP"]
+    assert v6 == [{"local_address": "2001:db8::1", "local_port": "53", "remote_address": "2001:db8::2",
+                   "remote_port": "53", "proto": "UDP"}]
