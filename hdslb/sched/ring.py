@@ -90,25 +90,34 @@ def pick_least(dests: list[Dest], weighted: bool = True, horizon: int = DEFAULT_
     """lc / wlc from a snapshot of connection counts (Dest.active, Dest.inactive).
 
     The ring is the sequence of choices LVS's lc (weighted=False) or wlc (weighted=True) would make for the
-    next `horizon` new connections if none ended meanwhile: each pick goes to the dest with the least
-    overhead (wlc: least overhead/weight; ties to the earlier dest, as LVS's strict comparison does) and adds
-    one active connection (256) to it. A dest far behind gets every early entry; once loads have levelled the
-    ring settles into a weight-proportional interleave.
+    next new connections if none ended meanwhile: each pick goes to the dest with the least overhead (wlc:
+    least overhead/weight; ties to the earlier dest, as LVS's strict comparison does) and adds one active
+    connection (256) to it. A dest far behind gets every early entry; once loads have levelled the choices
+    go round in a fixed order, one round being every dest once (wlc: weight/gcd times).
 
-    Staleness: the counts are as of the call. The daemon rebuilds periodically (every stats interval,
-    typically 1 s), so between rebuilds the ring ignores connections that ended and new flows from other
-    services. If more new flows arrive than the ring holds, the ring repeats from its start, catch-up entries
-    included, and the least-loaded dest overshoots; so pass horizon = the new flows the service sees per
-    interval (it is capped by max_len) and the plan covers about one interval.
+    Length: at least `horizon` and at least one round, then up to the end of a round (or back to the last end
+    of a round when that would pass max_len), so a ring walked again and again holds whole rounds: cut
+    mid-round, the dests early in the list got one entry more than the others on every walk (3 against 2
+    with 100 dests and 256 entries), and a round longer than the ring left the last dests out altogether.
+
+    Staleness: the counts are as of the call. The daemon rebuilds periodically (every stats interval), so
+    between rebuilds the ring ignores connections that ended and new flows from other services. If more new
+    flows arrive than the ring holds, the ring repeats from its start, catch-up entries included, and the
+    least-loaded dest overshoots; so pass horizon = the new flows the service sees per interval (it is capped
+    by max_len) and the plan covers about one interval.
     """
     if horizon < 1:
         raise SchedError(f"{'wlc' if weighted else 'lc'}: horizon must be at least 1, got {horizon}")
     sched = "wlc" if weighted else "lc"
     avail = available(dests)
-    if max_len is not None:
-        horizon = min(horizon, max_len)
     if not avail:
         return Table(sched, RING, [])
+    g = gcd_of([d.weight for d in avail])
+    period = sum(d.weight // g for d in avail) if weighted else len(avail)  # picks in one round
+    want = max(horizon, period)
+    cap = want + period - 1
+    if max_len is not None:
+        want, cap = min(want, max_len), min(cap, max_len)
 
     def load(oh: int, d: Dest):
         # LVS cross-multiplies (loh * dw > doh * lw). A float quotient orders the same way: equal rationals
@@ -120,12 +129,21 @@ def pick_least(dests: list[Dest], weighted: bool = True, horizon: int = DEFAULT_
     ohs = [overhead(d.active, d.inactive) for d in avail]
     heapq.heapify(heap)  # (load, list index): the index breaks ties in list order, as LVS does
     ring = []
-    for _ in range(horizon):
+    for _ in range(cap):
         _, i = heapq.heappop(heap)
         ring.append(avail[i].slot_id)
         ohs[i] += ACTIVE_COST
         heapq.heappush(heap, (load(ohs[i], avail[i]), i))
-    return Table(sched, RING, ring)
+    # Where the rounds begin: from `start` on, every pick repeats one round later (within what was planned).
+    start = len(ring) - period
+    while start > 0 and ring[start - 1] == ring[start - 1 + period]:
+        start -= 1
+    if start + period <= want:
+        rounds = -(-(want - start) // period)  # up to the end of the round `want` falls in ...
+        if start + rounds * period > cap:
+            rounds -= 1                          # ... or back to the last one that fits
+        return Table(sched, RING, ring[:start + rounds * period])
+    return Table(sched, RING, ring[:want])  # no whole round fits after the catch-up: the plan as far as it goes
 
 
 def lc(dests: list[Dest], max_len: Optional[int] = None, horizon: int = DEFAULT_HORIZON) -> Table:

@@ -174,8 +174,9 @@ def test_sched_lc_catches_up_then_alternates():
     ds = [Dest(1, 1, active=2), Dest(2, 1, active=0), Dest(3, 1, active=1, inactive=5)]
     t = build_table("lc", ds, horizon=9)
     # Overheads 512, 0, 261: slot 2 takes two (to 512), 3 one (to 517), then 1 and 2 tie at 512 and the
-    # earlier dest wins, as in LVS; from there on they rotate.
-    assert t.entries == [2, 2, 3, 1, 2, 3, 1, 2, 3]
+    # earlier dest wins, as in LVS; from there on they rotate, and the ring ends with a whole round.
+    assert t.entries == [2, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+    assert build_table("lc", ds, horizon=9, max_len=9).entries == [2, 2, 3, 1, 2, 3, 1]  # back to a round's end
 
 
 def test_sched_wlc_weights_and_ties():
@@ -188,6 +189,22 @@ def test_sched_wlc_weights_and_ties():
     ds = [Dest(1, 1, active=10), Dest(2, 1, inactive=3), Dest(3, 1, inactive=1)]
     t = build_table("wlc", ds, horizon=6)
     assert t.entries[:2] == [3, 2] and 1 not in t.entries
+
+
+@pytest.mark.parametrize("name,weights", [("wlc", [1] * 100), ("lc", [1] * 100), ("wlc", [1] * 400),
+                                          ("wlc", [3, 1, 2] * 30), ("lc", [5, 1] * 7)])
+def test_sched_least_conn_ring_is_fair_once_loads_are_level(name, weights):
+    """With level loads (new, or short connections that end before the next rebuild) the ring is what every
+    CPU walks, again and again until the next rebuild: it must hold whole rounds. It used to stop after 256
+    picks: with 100 servers the first 56 in the list got 3 entries and the other 44 got 2 (50 % more new
+    connections), and with 400 servers the last 144 got none."""
+    ds = dests(*weights)
+    t = build_table(name, ds, max_len=1024)
+    c = t.counts()
+    assert set(c) == {d.slot_id for d in ds}, "every server has a place in the ring"
+    unit = {d.slot_id: (d.weight if name == "wlc" else 1) for d in ds}
+    assert len({c[s] / unit[s] for s in c}) == 1, sorted(c.items())
+    assert len(t) >= 256
 
 
 def test_sched_lc_horizon_capped_by_max_len():
