@@ -35,18 +35,44 @@ def _hostport(addr: str, port: int) -> str:
 
 
 def _rates(counters: dict, prev: dict | None, interval: float | None) -> dict:
+    """Per-second rates; a counter below its previous value was reset (a restart with --fresh, `decap zero`)
+    and counted afresh from 0 within the interval, as Prometheus' rate() takes it: v / interval."""
     if not prev or not interval:
         return {}
-    return {k: max(0, v - prev.get(k, 0)) / interval for k, v in counters.items()}
+    return {k: (v - prev.get(k, 0) if v >= prev.get(k, 0) else v) / interval for k, v in counters.items()}
+
+
+def _service_name(s: dict) -> str:
+    """'TCP  10.0.0.100:80', or a SNAT service's match as ipvsadm -L shows it: 'MATCH tcp,from=..,oif=..'."""
+    m = s.get("match")
+    if m:
+        text = f"MATCH {m.get('proto', s['proto'])}"
+        for key, label in (("src_range", "from"), ("dst_range", "to"), ("iif", "iif"), ("oif", "oif")):
+            if m.get(key):
+                text += f",{label}={m[key]}"
+        return text
+    return f"{s['proto'].upper():<4} {_hostport(s['addr'], s['port'])}"
+
+
+def _activity(s: dict) -> tuple:
+    """Sort key, busiest first: packets per second, then new connections, then connections held."""
+    r = s.get("rates") or {}
+    conns = sum(d.get("active", 0) + d.get("inactive", 0) for d in s.get("dests", []))
+    return (-(r.get("inpps", 0) + r.get("outpps", 0)), -r.get("cps", 0), -conns)
 
 
 # The first column holds "PROT ADDR:PORT" for a service and "  -> ADDR:PORT" for its real servers, as ipvsadm -L.
 ROW = "{:<33} {:<6} {:>6} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}"
 
 
-def render(data: dict) -> str:
+def render(data: dict, rows: int | None = None, cols: int | None = None) -> str:
     """One frame. data: {"services": service.list reply, "stats": stats.get reply, and optionally
-    "prev_counters" (the previous frame's counters), "interval" (seconds since it), "time" (epoch seconds)}."""
+    "prev_counters" (the previous frame's counters), "interval" (seconds since it), "time" (epoch seconds)}.
+
+    rows/cols (a terminal's size) bound the frame: lines are cut at cols (a wrapped line would push the
+    header off the screen), and when the services do not fit in rows the busiest come first (packet rate,
+    then new connections, then connections held), whole with their real servers, and a last line says
+    how many are left out. Without them (a pipe, a file) every service is written, in ipvsadm's order."""
     svcs = (data.get("services") or {}).get("services", [])
     st = data.get("stats") or {}
     counters = st.get("counters") or {}
@@ -87,19 +113,36 @@ def render(data: dict) -> str:
     lines.append(ROW.format("Prot LocalAddress:Port", "Sched", "Weight", "ActConn", "InActConn",
                             *(c for c, _ in RATE_COLS)))
     lines.append(ROW.format("  -> RemoteAddress:Port", "Fwd", "", "", "", "", "", "", "", ""))
+    blocks = []
     for s in svcs:
         r = s.get("rates") or {}
         act = sum(d.get("active", 0) for d in s.get("dests", []))
         inact = sum(d.get("inactive", 0) for d in s.get("dests", []))
-        first = f"{s['proto'].upper():<4} {_hostport(s['addr'], s['port'])}"
-        lines.append(ROW.format(first, s["sched"], "", act, inact, *(human(r.get(k, 0)) for _, k in RATE_COLS)))
+        block = [ROW.format(_service_name(s), s["sched"], "", act, inact, *(human(r.get(k, 0)) for _, k in RATE_COLS))]
         for d in s.get("dests", []):
             dr = d.get("rates") or {}
-            lines.append(ROW.format("  -> " + _hostport(d["addr"], d["port"]), d["fwd"].upper(), d["weight"],
+            block.append(ROW.format("  -> " + _hostport(d["addr"], d["port"]), d["fwd"].upper(), d["weight"],
                                     d.get("active", 0), d.get("inactive", 0),
                                     *(human(dr.get(k, 0)) for _, k in RATE_COLS)))
+        blocks.append((s, block))
     if not svcs:
         lines.append("(no virtual services)")
+    elif rows is not None and len(lines) + sum(len(b) for _, b in blocks) > rows:
+        room = max(0, rows - len(lines) - 1)  # the last row says what is left out
+        shown = 0
+        for s, block in sorted(blocks, key=lambda sb: _activity(sb[0])):
+            if len(block) > room:
+                break
+            lines += block
+            room -= len(block)
+            shown += 1
+        lines.append(f"... {len(svcs) - shown} of {len(svcs)} services not shown (busiest first; "
+                     "a taller terminal, or `hdslb-ctl top -n 1 | less`, shows them all)")
+    else:
+        for _, block in blocks:
+            lines += block
+    if cols is not None:
+        lines = [line[:cols] for line in lines]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -116,7 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size(out) -> tuple[int | None, int | None]:
+    """(rows, columns) of the terminal out writes to, read afresh every frame (it may be resized)."""
+    try:
+        size = os.get_terminal_size(out.fileno())
+    except (AttributeError, ValueError, OSError):
+        return None, None
+    return max(size.lines - 1, 1), max(size.columns, 1)  # the cursor's line stays free: no scroll
+
+
 def main(argv: list[str] | None = None, ctl_socket: str | None = None, out=None) -> int:
+    """Draw frames until ^C or --count. hdslbd must answer the first one (else exit 1, for scripts); once it has,
+    a daemon that goes away (restart, upgrade) gets a frame saying so and is asked again every interval,
+    the rates resuming from the counters it left (they live in pinned maps)."""
+    from hdslb.ctl import protocol
     from hdslb.ctl.client import Client, DaemonUnreachable
     from hdslb.errors import HdslbError
 
@@ -128,32 +184,51 @@ def main(argv: list[str] | None = None, ctl_socket: str | None = None, out=None)
     if ns.count < 0:
         p.error("--count must be 0 (forever) or more")
     live = out.isatty() and os.environ.get("TERM") != "dumb"
-    prev, prev_t, frames = None, None, 0
+    path = protocol.resolve_socket(ns.ctl_socket or ctl_socket)
+    prev, prev_t, frames, client = None, None, 0, None
     try:
-        with Client(ns.ctl_socket or ctl_socket, timeout=10) as c:
-            while True:
-                data = fetch(c.call)
+        while True:
+            try:
+                if client is None:
+                    client = Client(path, timeout=10)
+                    client.connect()
+                data = fetch(client.call)
+            except (DaemonUnreachable, TimeoutError, OSError, protocol.ProtocolError) as e:
+                if client is not None:
+                    client.close()
+                    client = None
+                if frames == 0:
+                    raise
+                reason = e.message if isinstance(e, HdslbError) else str(e)
+                frame = (f"hdslb top  {time.strftime('%H:%M:%S')}  hdslbd is not answering ({reason}); "
+                         f"asking again every {ns.interval:g}s\n")
+            else:
                 now = time.monotonic()
                 if prev is not None:
                     data["prev_counters"], data["interval"] = prev, now - prev_t
                 prev, prev_t = (data["stats"] or {}).get("counters"), now
-                frame = render(data)
-                out.write((CLEAR + frame) if live else frame)
-                out.flush()
-                frames += 1
-                if ns.count and frames >= ns.count:
-                    return 0
-                if not live:
-                    out.write("\n")  # frames appended to a file or pipe stay apart
-                time.sleep(ns.interval)
+                frame = render(data, *_size(out)) if live else render(data)
+            out.write((CLEAR + frame) if live else frame)
+            out.flush()
+            frames += 1
+            if ns.count and frames >= ns.count:
+                return 0
+            if not live:
+                out.write("\n")  # frames appended to a file or pipe stay apart
+            time.sleep(ns.interval)
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        return 0  # `hdslb-ctl top | head`: the reader has what it wanted
     except DaemonUnreachable as e:
         print(f"hdslb-ctl: {e}", file=sys.stderr)
     except HdslbError as e:
         print(f"hdslb-ctl: {e.message}", file=sys.stderr)
-    except OSError as e:
+    except (OSError, protocol.ProtocolError) as e:
         print(f"hdslb-ctl: {e}", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
     return 1
 
 

@@ -101,3 +101,86 @@ async def test_main_two_frames_compute_rates(tmp_path):
 def test_main_without_daemon(tmp_path, capsys):
     assert top.main(["--count", "1"], ctl_socket=str(tmp_path / "none.sock")) == 1
     assert "cannot reach hdslbd" in capsys.readouterr().err
+
+
+def test_snat_services_are_named_by_their_match_as_ipvsadm_does():
+    ctx = quick_start(FakeCtx())
+    ctx.bal.addr_add({"addr": "203.0.113.1", "prefixlen": 24, "ifname": "eth0", "sapool": True})
+    for rng in ("192.168.1.1-192.168.1.9", "192.168.2.1-192.168.2.9"):
+        m = {"proto": "tcp", "src_range": rng, "oif": "eth0"}
+        ctx.bal.service_add({"match": m, "sched": "rr"})
+        ctx.bal.dest_add({"svc": {"match": m}, "addr": "203.0.113.1", "port": 0})
+    out = top.render(sample(ctx))
+    assert "MATCH tcp,from=192.168.1.1-192.168.1.9,oif=eth0 " in out
+    assert "MATCH tcp,from=192.168.2.1-192.168.2.9,oif=eth0 " in out
+    assert "0.0.0.0:0" not in out
+
+
+def many_services(n):
+    ctx = FakeCtx()
+    for i in range(n):
+        svc = {"proto": "tcp", "addr": f"10.0.1.{i + 1}", "port": 80}
+        ctx.bal.service_add(dict(svc, sched="rr"))
+        for j in range(2):
+            ctx.bal.dest_add({"svc": svc, "addr": f"192.168.{i}.{j + 2}", "port": 80, "fwd": "dr"})
+    return ctx
+
+
+def test_a_small_terminal_gets_the_busiest_services_that_fit():
+    ctx = many_services(6)
+    busy = ctx.svc("10.0.1.5")
+    ctx.rates = {("svc", busy.svc_id): {"cps": 9, "inpps": 900, "outpps": 800, "inbps": 0, "outbps": 0}}
+    lines = top.render(sample(ctx), rows=12, cols=50).splitlines()
+    assert len(lines) <= 12 and all(len(line) <= 50 for line in lines)
+    services = [line.split()[1] for line in lines if line.startswith("TCP")]
+    assert services[0] == "10.0.1.5:80", "the busiest service comes first"
+    assert lines[-1].startswith(f"... {6 - len(services)} of 6 services not shown")
+    # every line of a service shown is there: the service and its two real servers
+    i = next(i for i, line in enumerate(lines) if line.startswith("TCP  10.0.1.5:80"))
+    assert lines[i + 1].startswith("  -> 192.168.4.2:80") and lines[i + 2].startswith("  -> 192.168.4.3:80")
+    # a terminal that holds everything: every service in ipvsadm's order, nothing left out
+    full = top.render(sample(ctx), rows=100, cols=200)
+    assert "not shown" not in full and full == top.render(sample(ctx))
+
+
+def test_rates_after_a_counter_reset_count_from_zero():
+    ctx = quick_start(FakeCtx())
+    data = sample(ctx)
+    data.update(prev_counters=dict(COUNTERS, rx=5000), interval=2.0)  # rx went 5000 -> 1000: reset
+    assert "fast path  rx 500/s" in top.render(data)
+
+
+async def test_top_waits_for_a_restarted_daemon(tmp_path, monkeypatch):
+    """Once drawing, a daemon that goes away (restart) is a frame saying so, then top goes on with the new one."""
+    ctx = quick_start(FakeCtx())
+    path = str(tmp_path / "ctl.sock")
+    loop = asyncio.get_running_loop()
+    servers = [CtlServer(path, ctx.dispatch)]
+    await servers[0].start()
+    real_fetch, calls = top.fetch, []
+
+    def fetch(call):
+        calls.append(1)
+        if len(calls) != 2:
+            return real_fetch(call)
+        # the daemon restarts between two frames: our connection is closed, a new daemon listens afterwards
+        asyncio.run_coroutine_threadsafe(servers[0].stop(), loop).result()
+        try:
+            return real_fetch(call)
+        finally:
+            servers.append(CtlServer(path, ctx.dispatch))
+            asyncio.run_coroutine_threadsafe(servers[1].start(), loop).result()
+
+    monkeypatch.setattr(top, "fetch", fetch)
+    try:
+        out = io.StringIO()
+        rc = await loop.run_in_executor(
+            None, lambda: top.main(["--count", "3", "--interval", "0.01"], ctl_socket=path, out=out))
+    finally:
+        for srv in servers:
+            await srv.stop()
+    assert rc == 0
+    frames = out.getvalue().split("\n\nhdslb top")
+    assert len(frames) == 3 and "TCP  10.0.0.100:80" in frames[0]
+    assert "hdslbd is not answering" in frames[1] and "asking again every 0.01s" in frames[1]
+    assert "TCP  10.0.0.100:80" in frames[2] and "(totals)" not in frames[2], "rates resume from the last counters"
