@@ -938,7 +938,54 @@ class Daemon:
             self.maps.add_counter("conn_expired", removed)
             self._conn_cache = (0.0, None)
             self._counts_cache = (0.0, None)
+        if cols is not None:
+            Daemon.keep_templates(self, cols, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         return removed
+
+    def keep_templates(self, cols, now_ns: int) -> int:
+        """Renew the persistence templates whose client still has a live flow to the template's server; returns
+        how many. LVS does not expire a template while it controls connections, so a client whose one long
+        connection outlives -p keeps its server for the next one; the fast path renews a template only when a
+        new connection uses it. A template is renewed (to -p from now) once less than half its timeout is left,
+        or when it ran out but is still in the map, so each is written at most every -p/2 seconds; the templates
+        are read at most every quarter of the shortest -p (a template never runs out between two looks)."""
+        import numpy as np
+
+        from hdslb.fastpath import aging
+
+        svcs = {s.svc_id: s for s in self.bal.services.values() if s.persistent}
+        if not svcs or not len(cols) or now_ns < getattr(self, "_templates_due_ns", 0):
+            return 0
+        self._templates_due_ns = now_ns + min(s.persistent for s in svcs.values()) * 10**9 // 4
+        temps = [t for t in self.maps.persists() if t["svc_id"] in svcs
+                 and t["expires_ns"] - now_ns < svcs[t["svc_id"]].persistent * 10**9 // 2]
+        if not temps:
+            return 0
+        plen_of = {d.slot: svcs[t["svc_id"]].persist_plen for t in temps
+                   for d in svcs[t["svc_id"]].dests.values()}
+
+        def record(addr16, slot, af):  # (client network, server slot, family) as 24 bytes, one row each
+            rec = np.zeros((len(slot), 24), np.uint8)
+            rec[:, :16] = addr16
+            rec[:, 16:20] = np.asarray(slot, "<u4").view(np.uint8).reshape(-1, 4)
+            rec[:, 20] = af
+            return rec.view(np.dtype((np.void, 24)))[:, 0]
+
+        rows = np.flatnonzero(~cols.out & np.isin(cols.slot, list(plen_of)))
+        if not len(rows):
+            return 0
+        addr = cols.keys[rows, aging.K_SADDR:aging.K_SADDR + 16].copy()
+        ks = np.array(sorted(plen_of), np.uint32)
+        plens = np.array([plen_of[int(k)] for k in ks])[np.searchsorted(ks, cols.slot[rows])]
+        for plen in np.unique(plens).tolist():  # the template's -M mask: the first plen bits
+            addr[plens == plen] &= np.packbits(np.arange(128) < plen)
+        live = record(addr, cols.slot[rows], cols.keys[rows, aging.K_AF])
+        taddr = np.frombuffer(b"".join(t["addr"].packed.ljust(16, b"\0") for t in temps), np.uint8)
+        want = record(taddr.reshape(-1, 16), [t["dest_slot"] for t in temps], [t["af"] for t in temps])
+        keep = [t for t, hit in zip(temps, np.isin(want, live)) if hit]
+        for t in keep:
+            t["expires_ns"] = now_ns + svcs[t["svc_id"]].persistent * 10**9
+        return self.maps.renew_persists(keep) if keep else 0
 
     async def _aging(self) -> None:
         """Sweep every aging_interval, but never more than SWEEP_CPU_SHARE of a CPU: a big table is swept

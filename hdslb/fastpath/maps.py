@@ -330,6 +330,21 @@ class Maps:
                         "dest_slot": v.dest_slot, "expires_ns": v.expires})
         return out
 
+    def renew_persists(self, temps: list[dict]) -> int:
+        """Set the expiry of templates as persists() lists them (svc_id, af, addr, dest_slot, expires_ns), each
+        only while it still leads to that server (the fast path may have replaced it); returns how many."""
+        want = {(t["svc_id"], t["af"], t["addr"].packed.ljust(16, b"\0"), t["dest_slot"]): t["expires_ns"]
+                for t in temps}
+        tbl = self._table("persist_map")
+        done = 0
+        for k, v in self._persist_items():
+            exp = want.get((k.svc_id, k.af, bytes(k.addr.b), v.dest_slot))
+            if exp is not None:
+                v.expires = exp
+                tbl[k] = v
+                done += 1
+        return done
+
     def del_persists(self, svc_id: int, slot: int | None = None) -> int:
         """Delete a service's templates (only those leading to `slot` when given); returns how many."""
         t = self._table("persist_map")

@@ -187,3 +187,46 @@ def test_a_dest_val_layout_change_is_refused_at_start(fastpath, monkeypatch):
     monkeypatch.setattr(Maps, "_DEST_VAL", struct.Struct("=16s2sBBIII"))
     with pytest.raises(RuntimeError, match="struct dest_val is 28 bytes"):
         Maps(fastpath)
+
+
+def test_a_template_lives_while_a_connection_it_scheduled_does(fastpath, maps, bal):
+    """LVS does not expire a persistence template while it controls connections: a client whose one long
+    connection outlives -p still has its next connection sent to the same server. The fast path renews a
+    template only when a new connection uses it, so the aging sweep renews the template of a client that still
+    has a live flow to the template's server (here one that already ran out); a client with none loses its
+    template at its time."""
+    import time
+    import types
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    bal.service_add(dict(SVC, sched="rr", persistent=60, netmask="255.255.255.0"))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
+    assert run(fastpath, syn("10.1.2.3", 42000))[0] == XDP_TX          # a long connection, still going
+    ack = syn("10.1.2.3", 42000)
+    ack[TCP].flags = "A"
+    assert run(fastpath, ack)[0] == XDP_TX
+    assert run(fastpath, syn("10.1.3.4", 42001))[0] == XDP_TX          # a connection that ended (swept)
+    t = maps.t["conn4_map"]
+    for k in list(t.keys()):
+        if ipaddress.ip_address(k.saddr.v4.to_bytes(4, "little")) == A("10.1.3.4"):
+            del t[k]
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    pt = maps.t["persist_map"]
+    for k in list(pt.keys()):                                          # 60 s on: both templates ran out
+        v = pt[k]
+        v.expires = now - 10**9
+        pt[k] = v
+    d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    Daemon.sweep(d)
+    left = {str(x["addr"]): x["expires_ns"] for x in maps.persists()}
+    assert left["10.1.2.0"] >= now + 59 * 10**9, "renewed: its client has a live connection"
+    assert left["10.1.3.0"] < now, "not renewed: its client has none"
+    hits = maps.counters()["persist_hit"]
+    first = [c for c in maps.conns() if str(c["saddr"]) == "10.1.2.3"][0]["dest_slot"]
+    for i in range(4):                                                 # its network's next connections follow it
+        assert run(fastpath, syn(f"10.1.2.{10 + i}", 42100 + i))[0] == XDP_TX
+    assert maps.counters()["persist_hit"] == hits + 4
+    assert {c["dest_slot"] for c in maps.conns() if str(c["saddr"]).startswith("10.1.2.")} == {first}

@@ -664,7 +664,7 @@ def test_sweep_removes_dead_pairs_only_and_leaves_a_foreign_partner(fastpath, ma
     assert run(fastpath, syn(sport=42001, flags="A"))[0] == XDP_TX   # 42001 is alive again (established)
     assert run(fastpath, syn(sport=42002, flags="A"))[0] == XDP_TX   # and so is the foreign flow on 42002
     d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(timeouts=dict(TIMEOUTS)),
-                              _conn_cache=None, _counts_cache=None)
+                              _conn_cache=None, _counts_cache=None, bal=types.SimpleNamespace(services={}))
     before = maps.counters()["conn_expired"]
     # 42000: both entries (2); 42001: kept; 42002's old reply entry goes alone (1): its partner key holds the
     # live foreign flow, which must not keep it alive nor be removed with it.
