@@ -1139,7 +1139,8 @@ static __always_inline int conn_reclaim(int t4, struct fp_cfg *cfg, void *rk, __
 	}
 	if (rh->proto == IPPROTO_UDP)
 		state = CS_UDP;
-	if (now - last <= cfg->idle_tmo[state & (IDLE_TMO_SLOTS - 1)])
+	/* signed: another CPU may have stamped the flow a jiffy after this SYN read the clock (alive, not 2^64 idle) */
+	if ((__s64)(now - last) <= (__s64)cfg->idle_tmo[state & (IDLE_TMO_SLOTS - 1)])
 		return 0;
 	if (partner && conn_delete(t4, &ik) == 0)
 		count(CNT_CONN_EXPIRED);

@@ -457,6 +457,20 @@ def test_udp_port_is_reclaimed_after_the_udp_timeout_and_not_when_reclaiming_is_
     assert _conn_ports(maps) == [(80, 2000, True), (5001, 80, False)]
 
 
+def test_reclaim_leaves_a_flow_stamped_after_the_syn_read_the_clock(fastpath, maps):
+    """Another CPU may stamp a packet of the port's flow a jiffy after the SYN read the clock: that flow is as live
+    as can be. Its idle time must not wrap around to 2^64 jiffies and hand its port to the SYN."""
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    maps.set_idle_timeouts(TIMEOUTS)
+    assert run(fastpath, syn(sport=47000))[0] == XDP_TX
+    _age_conns(maps, -1)                                   # last seen "after now"
+    assert run(fastpath, syn(sport=47001))[0] == XDP_DROP
+    c = maps.counters()
+    assert c["lport_reclaimed"] == 0 and c["drop_lport_exhausted"] == 1
+    assert run(fastpath, syn(sport=47000, flags="A"))[0] == XDP_TX
+
+
 @needs_two_cpus
 def test_reclaim_times_a_flow_by_the_furthest_state_any_cpu_saw(fastpath, maps):
     """The FIN crossed CPU 0, the flow's last packet CPU 1: past the fin_wait timeout (7 s) but within the
