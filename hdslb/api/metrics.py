@@ -14,6 +14,7 @@ Fast path:
     hdslb_fastpath_cpu_packets_total{cpu}  rx per CPU
     hdslb_conn_table_entries, hdslb_conn_table_size
     hdslb_slowpath_frames_total{counter[, ifname]}  (only when the daemon has a slow path)
+    hdslb_slowpath_socket_frames_total{ifname, queue, counter}  its AF_XDP sockets, the kernel's drops included
 
 Service and real-server traffic are separate families (node_exporter keeps one set of totals) so that
 sum(hdslb_incoming_packets_total) never counts a packet twice.
@@ -240,6 +241,19 @@ class HdslbCollector:
                 fs.add_metric([f], table.get("size" + f, 0))
             yield fe
             yield fs
+        socks = (st.get("slowpath") or {}).get("sockets") or {}
+        if socks:  # the slow path's AF_XDP sockets, one per interface queue ("eth0/0")
+            fam = Family("hdslb_slowpath_socket_frames", "counter",
+                         "AF_XDP socket counters per interface queue: rx_frames/tx_frames handled, rx_bad/tx_no_frame "
+                         "refused by the slow path, rx_dropped/rx_ring_full/rx_fill_ring_empty_descs/*_invalid_descs "
+                         "the kernel's (XDP_STATISTICS: frames lost while the slow path was behind)",
+                         ["ifname", "queue", "counter"])
+            for name, per in sorted(socks.items()):
+                ifname, _, queue = name.rpartition("/")
+                for k, v in sorted((per or {}).items()):
+                    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                        fam.add_metric([ifname, queue, k], v)
+            yield fam
 
     def _conn_entries(self) -> int:
         fn = getattr(self.ctx, "conn_table_entries", None)

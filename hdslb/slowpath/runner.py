@@ -34,6 +34,12 @@ def rx_queues(ifname: str) -> int:
     return max(1, min(n, XSK_MAX_QUEUES))
 
 
+# Per-socket counters stats.get and /metrics carry: ours, then the kernel's (XDP_STATISTICS). rx_ring_full and
+# rx_fill_ring_empty_descs are frames the kernel dropped because the slow path was not draining fast enough.
+SOCKET_COUNTERS = ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame", "rx_dropped", "rx_ring_full",
+                   "rx_fill_ring_empty_descs", "rx_invalid_descs", "tx_invalid_descs")
+
+
 class SlowPathRunner:
     def __init__(self, daemon, neigh_timeout: float = 60.0, unres_queue_length: int = 128, ttl: int = 64):
         self.d = daemon
@@ -195,6 +201,5 @@ class SlowPathRunner:
                          "write_pending": len(self.dirty)}}
         for (ifname, q), sock in self.socks.items():
             st = sock.stats()
-            out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in ("rx_frames", "tx_frames", "rx_bad", "tx_no_frame",
-                                                                  "rx_dropped") if k in st}
+            out["sockets"][f"{ifname}/{q}"] = {k: st[k] for k in SOCKET_COUNTERS if k in st}
         return out

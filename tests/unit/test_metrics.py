@@ -233,3 +233,26 @@ def test_exposition_format_rules(ctx):
     v6 = [s.labels for s in fams["hdslb_backend_weight"].samples if s.labels["proto"] == "UDP"]
     assert v6 == [{"local_address": "2001:db8::1", "local_port": "53", "remote_address": "2001:db8::2",
                    "remote_port": "53", "proto": "UDP"}]
+
+
+def test_the_slow_paths_sockets_and_the_kernels_drops_on_them(ctx):
+    """Frames the kernel dropped on an AF_XDP socket (ring full: the slow path fell behind) reach /metrics."""
+    from types import SimpleNamespace
+
+    from hdslb.slowpath.runner import SlowPathRunner
+    from hdslb.slowpath.xsk import COUNTERS, KERNEL_STATS
+
+    class Sock:
+        def __init__(self, n):
+            self.n = n
+
+        def stats(self):  # XskSocket.stats(): the kernel's XDP_STATISTICS and our own counters
+            return {**{k: self.n for k in KERNEL_STATS + COUNTERS}, "last_kick_errno": 0}
+
+    runner = SlowPathRunner(SimpleNamespace(bal=ctx.bal, maps=None, sizes=SimpleNamespace(max_neigh=64)))
+    runner.socks = {("eth0", 0): Sock(7), ("eth1", 1): Sock(3)}
+    ctx.slow = runner
+    m = scrape(ctx)
+    for counter in ("rx_ring_full", "rx_fill_ring_empty_descs", "rx_dropped", "rx_frames", "tx_no_frame"):
+        assert val(m, "hdslb_slowpath_socket_frames_total", ifname="eth0", queue="0", counter=counter) == 7
+        assert val(m, "hdslb_slowpath_socket_frames_total", ifname="eth1", queue="1", counter=counter) == 3
