@@ -187,6 +187,12 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, svc_stats, MAX_SER
 BPF_TABLE_PINNED("percpu_array", __u32, struct traffic_stats, dest_stats, MAX_DESTS, PIN_DIR "/dest_stats");
 /* Verdicts and drop reasons, indexed by enum hdslb_counter. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN_DIR "/counters");
+/*
+ * Flows installed with one entry (DR, TUNNEL: the server answers the client itself), per CPU. With conn_new it
+ * tells the entries flows inserted, so the daemon can tell the LRU's evictions from the entries it removed. A map
+ * of its own, not a counter: the pinned counters array keeps its size across upgrades.
+ */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, conn_single, 1, PIN_DIR "/conn_single");
 /* Per-interface counters, per CPU (dpip link show -s). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct if_stats, if_stats, IF_STATS_SLOTS, PIN_DIR "/if_stats");
 /* Runtime settings (local port range); read only on new flows. */
@@ -1347,6 +1353,12 @@ static __always_inline __u32 conn_install(int t4, struct xdp_md *ctx, struct eth
 		if (have_ok)
 			conn_delete(t4, &ok);
 		return CNT_DROP_CONN_INSERT;
+	}
+	if (!have_ok) {
+		__u64 *n = conn_single.lookup(&zero);
+
+		if (n)
+			(*n)++;
 	}
 	conn_new_stats(svc_id, slot);
 	return 0;

@@ -893,12 +893,14 @@ class Daemon:
         fam = self.conn_table_entries_by_family()
         entries = sum(fam.values())
         expired = c["conn_expired"]
-        # Every new flow inserts two entries; what is neither alive nor aged out was evicted by the LRU.
+        # Every new flow inserts two entries, DR and TUNNEL flows one; what is neither alive nor removed (swept,
+        # reclaimed, replaced by a reused tuple) was evicted by the LRU.
+        inserted = 2 * c["conn_new"] - self.maps.single_entry_flows()
         # size: both tables (IPv4, IPv6 + NAT64) together
         return {"size": self.sizes.max_conns + self.sizes.conn6_entries(), "size4": self.sizes.max_conns,
                 "size6": self.sizes.conn6_entries(), "kind": self.sizes.conn_table, "entries": entries,
                 "entries4": fam.get(4, 0), "entries6": fam.get(6, 0),
-                "expired": expired, "evicted": max(0, 2 * c["conn_new"] - entries - expired)}
+                "expired": expired, "evicted": max(0, inserted - entries - expired)}
 
     def idle_limits(self, unit=lambda seconds: seconds):
         """The idle timeouts as hdslb.fastpath.aging.Limits, converted by `unit` (seconds by default)."""

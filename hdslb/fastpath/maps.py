@@ -69,7 +69,7 @@ class Maps:
                                f"{self._DEST_VAL.size} in Maps._DEST_VAL: update the packer with the header")
         # Maps of the forwarding modes beyond FNAT; looked up by name so a program without them still loads
         # (a write that needs one then says which map is missing).
-        for n in ("hash_cells", "persist_map", "snat_map"):
+        for n in ("hash_cells", "persist_map", "snat_map", "conn_single"):
             try:
                 self.t[n] = fastpath.table(n.encode())
             except KeyError:
@@ -518,6 +518,11 @@ class Maps:
     def counters(self) -> dict[str, int]:
         t = self.t["counters"]
         return {name: int(sum(t[ct.c_uint32(i)])) for i, name in enumerate(self.counter_names)}
+
+    def single_entry_flows(self) -> int:
+        """Flows the fast path installed with one entry (DR, TUNNEL), all CPUs (0 for a program without the map)."""
+        t = self.t.get("conn_single")
+        return sum(t[ct.c_uint32(0)]) if t is not None else 0
 
     def per_cpu_counters(self) -> dict[str, list[int]]:
         t = self.t["counters"]

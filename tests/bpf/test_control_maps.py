@@ -230,3 +230,32 @@ def test_a_template_lives_while_a_connection_it_scheduled_does(fastpath, maps, b
         assert run(fastpath, syn(f"10.1.2.{10 + i}", 42100 + i))[0] == XDP_TX
     assert maps.counters()["persist_hit"] == hits + 4
     assert {c["dest_slot"] for c in maps.conns() if str(c["saddr"]).startswith("10.1.2.")} == {first}
+
+
+def test_evicted_counts_only_what_the_lru_evicted(fastpath, maps, bal):
+    """stats.get's conn_table.evicted is the entries flows inserted less those alive and those removed. A DR
+    or TUNNEL flow inserts one entry, not two: 30 DR flows and 20 FullNAT flows in a table with room for all
+    of them evicted nothing (each DR flow used to count as one eviction, so a DR site saw every connection
+    as evicted). Flows swept away are expired, not evicted."""
+    import types
+
+    from hdslb.daemon import Daemon
+
+    bal.service_add(dict(SVC, sched="rr"))
+    bal.dest_add({"svc": SVC, "addr": RSS[0], "port": 80, "fwd": "dr"})
+    fnat = {"proto": "tcp", "addr": VIP, "port": 81}
+    bal.service_add(dict(fnat, sched="rr"))
+    bal.dest_add({"svc": fnat, "addr": RSS[1], "port": 80, "fwd": "fnat"})
+    bal.laddr_add({"svc": fnat, "addr": "192.168.100.200", "ifname": "lo"})
+    for i in range(30):
+        assert run(fastpath, syn(f"10.1.0.{i + 1}", 43000 + i))[0] == XDP_TX
+    for i in range(20):
+        assert run(fastpath, syn(f"10.2.0.{i + 1}", 44000 + i, dport=81))[0] == XDP_TX
+    d = types.SimpleNamespace(maps=maps, sizes=fastpath.sizes, _entries_cache=(0.0, None, 0.0))
+    d.conn_table_entries_by_family = lambda: Daemon.conn_table_entries_by_family(d)
+    ct_ = Daemon.conn_table(d)
+    assert (ct_["entries"], ct_["expired"], ct_["evicted"]) == (70, 0, 0)
+    t = maps.t["conn4_map"]
+    for k in list(t.keys())[:5]:                           # entries the LRU took for newer ones
+        del t[k]
+    assert Daemon.conn_table(d)["evicted"] == 5
