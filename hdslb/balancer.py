@@ -892,10 +892,14 @@ class Balancer:
     # --- services -------------------------------------------------------------------------------
     def _svc_opts(self, a: dict, key: tuple, current: Service | None = None) -> dict:
         """Options of an add, or of an edit (which changes only what it mentions, as DPVS edits by option).
-        `persistent: 0` turns persistence off (None means: not mentioned)."""
+        `persistent: 0` turns persistence off (None means: not mentioned). An edit to another scheduler does not
+        carry over the flags and table parameters of the one it replaces (sh-port, size=...): they are that
+        scheduler's; the ones the edit names are checked against the new one."""
         if current is not None:
-            a = {"sched": current.sched, "persistent": current.persistent, "netmask": current.netmask,
-                 "flags": current.flags, "sched_params": current.sched_params} | \
+            kept = {"flags": current.flags, "sched_params": current.sched_params}
+            if a.get("sched") not in (None, current.sched):
+                kept = {"flags": [], "sched_params": {}}
+            a = {"sched": current.sched, "persistent": current.persistent, "netmask": current.netmask} | kept | \
                 {k: v for k, v in a.items() if v is not None}
         sch = a.get("sched") or DEFAULT_SCHED
         if sch not in SCHEDULERS:

@@ -249,3 +249,25 @@ def test_sh_server_out_of_service_moves_only_its_clients(bal, how):
         bal.conn_counts = lambda: {gone: (0, 0)}
         bal.refresh_dynamic()
     assert last_table(bal).entries == before
+
+
+def test_changing_the_scheduler_drops_the_old_one_s_flags_and_table_parameters(bal):
+    """`ipvsadm -E -t VIP:80 -s rr` on a `-s sh --sched-flags sh-port,size=512` service was refused ("scheduler
+    flag sh-port is for scheduler sh, not rr"): the edit kept flags and table parameters the new scheduler
+    does not have. They belong to the scheduler being replaced; what the edit names still counts."""
+    bal.service_add(dict(SVC, sched="sh", flags=["sh-port", "sh-fallback"], sched_params={"size": 512}))
+    bal.dest_add({"svc": SVC, "addr": "192.168.100.2", "port": 80, "fwd": "fnat"})
+    svc = bal.service_edit(dict(SVC, sched="rr"))
+    assert (svc.sched, svc.flags, svc.sched_params) == ("rr", [], {})
+    assert last_table(bal).entries == [0] and svc.hcells is None  # the sh table's cells are free again
+    svc = bal.service_edit(dict(SVC, sched="mh", sched_params={"size": 251}))
+    assert (svc.flags, svc.sched_params, len(last_table(bal))) == ([], {"size": 251}, 251)
+    svc = bal.service_edit(dict(SVC, sched="sh"))  # mh's size=251 is not sh's: sh's default table
+    assert (svc.sched_params, len(last_table(bal))) == ({}, 256)
+    svc = bal.service_edit(dict(SVC, persistent=60))  # an edit that keeps the scheduler keeps its options
+    bal.service_edit(dict(SVC, flags=["sh-port"]))
+    assert bal.service_edit(dict(SVC, persistent=30)).flags == ["sh-port"]
+    before = copy.deepcopy((svc.sched, svc.flags, svc.sched_params, bal.dp.calls))
+    with pytest.raises(HdslbError, match="sh-port is for scheduler sh, not mh"):
+        bal.service_edit(dict(SVC, sched="mh", flags=["sh-port"]))  # named in the edit: refused, nothing changes
+    assert (svc.sched, svc.flags, svc.sched_params, bal.dp.calls) == before
