@@ -93,7 +93,7 @@ def ring(fp, svc_id, slots):
 def hash_table(fp, svc_id, table, hoff):
     cells = fp.table("hash_cells")
     for i, s in enumerate(table.entries):
-        cells[ct.c_uint32(hoff + i)] = cells.Leaf(s)  # u32 slots: a 2-byte value would leave the kernel reading 2 bytes past it
+        cells[ct.c_uint32(hoff + i)] = cells.Leaf(s)  # u32 slots (a 2-byte value: the kernel reads past it)
     t = fp.table("sched_map")
     v = t.Leaf()
     v.len, v.gen, v.kind, v.key, v.seed, v.hoff = len(table.entries), 1, SCHED_HASH, HKEY[table.key], table.seed, hoff
