@@ -2,8 +2,11 @@
 
 LVS keeps a cursor per service under a lock and decides at each new connection. XDP runs on every CPU without
 locks, so the decisions are made here ahead of time: the table is the sequence LVS would produce over one
-cycle, and each CPU walks it with its own cursor (entries[cursor % len]). Each CPU therefore sees the exact
-LVS interleaving; across CPUs the shares are still exact per cycle, only the interleaving is per CPU.
+cycle, and each CPU walks it with its own cursor (entries[cursor % len]), from the first entry whenever the
+table is rebuilt (LVS wrr restarts its walk when a server changes; lc/wlc rings are plans that start with the
+least loaded servers). Each CPU therefore sees the exact LVS interleaving; across CPUs the shares are still
+exact per cycle, only the interleaving is per CPU, and every CPU's first new flow after a rebuild goes to the
+same server.
 """
 
 from __future__ import annotations
