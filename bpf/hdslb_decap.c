@@ -109,6 +109,42 @@ static __always_inline int ip4_csum_ok(struct iphdr *iph, void *data_end, int hl
 }
 
 /*
+ * The outer IPv4 options, as ip_options_compile reads them before any tunnel handler runs: each option
+ * after End (0) / NOP (1) has a length of at least 2 that stays inside the header, else the kernel drops the
+ * packet. A source route (IPOPT_LSRR 131, IPOPT_SSRR 137; linux/ip.h) asks to be forwarded further, which a
+ * host refuses (accept_source_route is off on hosts): such a packet is not for us to open either. hlen is 20..60.
+ */
+static __always_inline int ip4_opts_ok(struct iphdr *iph, void *data_end, int hlen)
+{
+	int off = sizeof(*iph);
+
+#pragma unroll
+	for (int i = 0; i < 40; i++) { /* each step takes at least one of at most 40 option bytes */
+		__u8 *o;
+		__u8 len;
+
+		if (off >= hlen || off >= 60)
+			return 1;
+		o = (__u8 *)iph + off;
+		if ((void *)(o + 1) > data_end)
+			return 0;
+		if (o[0] == IPOPT_END)
+			return 1;
+		if (o[0] == IPOPT_NOOP) {
+			off++;
+			continue;
+		}
+		if ((void *)(o + 2) > data_end)
+			return 0;
+		len = o[1];
+		if (len < 2 || off + len > hlen || o[0] == IPOPT_LSRR || o[0] == IPOPT_SSRR)
+			return 0;
+		off += len;
+	}
+	return 1;
+}
+
+/*
  * Outer IPv4. Returns the counter that decides the packet's fate, or -1 with *t filled in when the packet
  * is a well-formed, unfragmented tunnel packet for one of our addresses. Nothing is validated before the
  * address matched: other hosts' packets, however broken, are the kernel's business.
@@ -131,6 +167,8 @@ static __always_inline int parse_outer4(struct hdr_cursor *nh, void *data_end, s
 		return DECAP_CNT_DROP_MALFORMED;
 	hlen = iph->ihl * 4; /* 20..60: options are stripped with the header */
 	if (nh->pos + hlen > data_end || !ip4_csum_ok(iph, data_end, hlen))
+		return DECAP_CNT_DROP_MALFORMED;
+	if (hlen > (int)sizeof(*iph) && !ip4_opts_ok(iph, data_end, hlen))
 		return DECAP_CNT_DROP_MALFORMED;
 	tot = bpf_ntohs(iph->tot_len);
 	if (tot < hlen || nh->pos + tot > data_end)

@@ -5,7 +5,8 @@ import os
 import shutil
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet import (IP, TCP, UDP, IPOption_EOL, IPOption_LSRR, IPOption_NOP, IPOption_Router_Alert,
+                                IPOption_SSRR, IPOption_Timestamp)
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
@@ -95,6 +96,10 @@ DECAP = [
     ("qinq, ipv4 in ipv6", eth(Dot1AD(vlan=20), Dot1Q(vlan=10)), out6(), tcp4(), ETH_IP, "decap_4in6"),
     ("outer ipv4 options (ihl 6)", eth(), out4(options=[IPOption_Router_Alert()]), tcp4(), ETH_IP, "decap_4in4"),
     ("outer ipv4 options (ihl 15)", eth(), out4(options=[b"\x01" * 40]), udp6(), ETH_IPV6, "decap_6in4"),
+    ("outer ipv4 options: timestamp, nop, end", eth(), out4(options=[IPOption_Timestamp(flg=0, timestamp=1),
+     IPOption_NOP(), IPOption_EOL()]), tcp4(), ETH_IP, "decap_4in4"),
+    ("outer ipv4 options: end, then bytes the kernel does not read", eth(), out4(options=[b"\x00\x00\x05\x00"]),
+     tcp4(), ETH_IP, "decap_4in4"),
     ("outer ipv6 destination options (rfc 2473 encap limit)", eth(),
      out6() / IPv6ExtHdrDestOpt(options=[]), tcp4(), ETH_IP, "decap_4in6"),
     ("outer ipv6 hop-by-hop then destination options", eth(),
@@ -204,6 +209,13 @@ UNTOUCHED = [
     ("outer ipv4 header checksum wrong", eth() / out4(chksum=0x1234) / tcp4(), XDP_DROP, "drop_malformed"),
     ("outer ipv4 header checksum wrong over its options", eth() / out4(options=[IPOption_Router_Alert()], chksum=1)
      / udp6(), XDP_DROP, "drop_malformed"),
+    ("outer ipv4 option length 1", eth() / out4(options=[b"\x44\x01\x00\x00"]) / tcp4(), XDP_DROP, "drop_malformed"),
+    ("outer ipv4 option running past the header", eth() / out4(options=[b"\x01\x07\x08\x00"]) / tcp4(), XDP_DROP,
+     "drop_malformed"),
+    ("outer ipv4 loose source route (hosts refuse it)", eth() / out4(options=[IPOption_LSRR(routers=[OTHER4])])
+     / tcp4(), XDP_DROP, "drop_malformed"),
+    ("outer ipv4 strict source route", eth() / out4(options=[IPOption_SSRR(routers=[OTHER4])]) / udp6(), XDP_DROP,
+     "drop_malformed"),
     ("outer ipv4 version 6", bytes(eth() / out4() / tcp4())[:14] + b"\x65" + bytes(out4() / tcp4())[1:], XDP_DROP,
      "drop_malformed"),
     ("inner ipv4 header truncated", TRUNC_INNER4, XDP_DROP, "drop_malformed"),
