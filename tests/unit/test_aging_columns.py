@@ -127,3 +127,29 @@ def test_compact_ipv4_entries_widen_to_the_wide_layout(ncpu):
     assert (wk, wv) == (b"".join(kw), b"".join(vw))
     assert [aging.narrow_key(k) for k in kw] == k4
     assert aging.rows(wk, wv, ncpu) == aging.rows(b"".join(kw), b"".join(vw), ncpu)
+
+
+@pytest.mark.parametrize("out_state", ["close", "fin_wait"])
+def test_a_flow_the_server_closed_is_timed_and_counted_by_that(out_state):
+    """The flow's state is the furthest either entry saw: an ESTABLISHED inbound entry whose reply entry saw
+    the server's reset (CLOSE) or FIN (FIN_WAIT) is inactive and expires by that state's timeout, in both
+    implementations."""
+    names = abi.conn_states()
+    tmo = {"none": 30_000, "syn_recv": 30_000, "established": 90_000, "fin_wait": 7_000, "close": 3_000}
+    lim = aging.Limits(by_state=tuple(tmo.get(n, 3_000) for n in names), udp=300_000, close=3_000)
+    timeout = tmo[out_state]
+    now = 10_000_000
+    cl, vip, rs, la = (bytes([i]) * 4 + bytes(12) for i in (1, 2, 3, 4))
+    kin, kout = KEY.pack(1000, 80, 6, 4, 0, cl, vip), KEY.pack(80, 2000, 6, 4, 0, rs, la)
+
+    def table(idle):
+        vin = _val(None, la, rs, 2000, 80, VALID, names.index("established"), 5, now - idle)
+        vout = _val(None, vip, cl, 80, 1000, VALID | OUT, names.index(out_state), 5, now - idle)
+        kbuf, vbuf = kin + kout, vin + vout
+        return aging.rows(kbuf, vbuf, 1), aging.Columns.from_batches([aging.Columns.extract(kbuf, vbuf, 1)])
+
+    recs, cols = table(timeout - 1)
+    assert aging.counts_rows(recs) == cols.counts() == {5: (0, 1)}
+    assert aging.expired_rows(recs, now, lim) == cols.expired(now, lim) == []
+    recs, cols = table(timeout + 1)
+    assert aging.expired_rows(recs, now, lim) == cols.expired(now, lim) == [((kin, kout), now - timeout - 1)]
