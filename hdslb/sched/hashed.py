@@ -143,7 +143,8 @@ def mh(dests: list[Dest], max_len: Optional[int] = None, size: int = MH_SIZE, po
     if not pairs:
         return Table("mh", HASH, [], key, seed)
     if len(pairs) > size:
-        raise SchedError(f"mh: {len(pairs)} dests exceed the table size {size}")
+        raise SchedError(f"mh: {len(pairs)} real servers exceed the table size {size}: give it a larger prime "
+                         f"(--sched-flags size=N, hash_table_size in hdslb.conf)")
     slots = [d.slot_id for _, d in pairs]
     g = gcd_of([d.weight for _, d in pairs])
     units = [d.weight // g for _, d in pairs]

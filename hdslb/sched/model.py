@@ -121,6 +121,13 @@ class Table:
         return self.entries[self.hash_index(addr, port)] if self.entries else None
 
 
+RING_HINT = ("the fast path's ring holds {n}: lc/wlc plan the next choices over any number of servers, mh and "
+             "conhash hash over up to their table size")
+SIZE_HINT = ": give it a larger table (--sched-flags size=N, hash_table_size in hdslb.conf)"
+# What to do when a scheduler's table cannot give every server a place (appended to the refusal).
+TOO_MANY_HINT = {"wrr": ": " + RING_HINT, "sh": SIZE_HINT, "dh": SIZE_HINT, "conhash": SIZE_HINT}
+
+
 def check_dests(dests: Iterable[Dest]) -> list[Dest]:
     """Validate the caller's list once so every builder can trust it; order is kept (LVS's list order matters)."""
     out = list(dests)
@@ -159,7 +166,8 @@ def scale_weights(weights: list[int], budget: int, sched: str = "") -> list[int]
         return list(weights)
     if len(weights) > budget:
         who = f"{sched}: " if sched else ""
-        raise SchedError(f"{who}{len(weights)} dests cannot fit a table of {budget} entries with one entry each")
+        raise SchedError(f"{who}{len(weights)} real servers cannot have an entry each in a table of {budget}"
+                         + TOO_MANY_HINT.get(sched, "").format(n=budget))
     g = gcd_of(weights)
     weights = [w // g for w in weights]
     total = sum(weights)

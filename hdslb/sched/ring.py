@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from typing import Optional
 
-from .model import RING, Dest, SchedError, Table, available, gcd_of, scale_weights
+from .model import RING, RING_HINT, Dest, SchedError, Table, available, gcd_of, scale_weights
 
 # LVS's connection overhead: an active connection costs 256 inactive ones (ip_vs_dest_conn_overhead).
 ACTIVE_COST = 256
@@ -23,7 +23,7 @@ DEFAULT_HORIZON = 256
 
 def _fit(n: int, max_len: Optional[int], sched: str) -> None:
     if max_len is not None and n > max_len:
-        raise SchedError(f"{sched}: {n} available dests do not fit a table of {max_len} entries")
+        raise SchedError(f"{sched}: {n} real servers take new flows and {RING_HINT.format(n=max_len)}")
 
 
 def rr(dests: list[Dest], max_len: Optional[int] = None) -> Table:

@@ -142,7 +142,7 @@ def test_sched_wrr_scaled_to_max_len():
     # gcd first: 300:200:100 is 3:2:1 without any loss.
     assert build_table("wrr", dests(300, 200, 100), max_len=6).entries == [1, 1, 2, 1, 2, 3]
     # One entry each is the floor: more dests than entries is refused.
-    with pytest.raises(SchedError, match="3 dests"):
+    with pytest.raises(SchedError, match="3 real servers"):
         build_table("wrr", dests(1, 1, 1), max_len=2)
     with pytest.raises(SchedError):
         build_table("rr", dests(1, 1, 1), max_len=2)
@@ -392,6 +392,16 @@ def test_sched_conhash_weights_and_seed():
 
 
 # --- build_table ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,n,params,hint", [
+    ("rr", 1025, {}, "ring holds 1024"), ("wrr", 1025, {}, "ring holds 1024"),
+    ("sh", 257, {}, "size=N"), ("dh", 300, {"size": 64}, "size=N"), ("mh", 252, {"size": 251}, "size=N")])
+def test_sched_table_limits_are_refused_with_the_way_out(name, n, params, hint):
+    """More servers than a table holds: the refusal says what the limit is and what to do about it."""
+    with pytest.raises(SchedError) as e:
+        build_table(name, dests(*[1] * n), max_len=1024, **params)
+    assert hint in str(e.value) and f"{n} real servers" in str(e.value), str(e.value)
+
 
 def test_sched_build_table_refuses_bad_input():
     with pytest.raises(SchedError, match="unknown scheduler 'nq'"):
