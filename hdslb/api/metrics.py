@@ -13,6 +13,7 @@ Fast path:
     hdslb_fastpath_packets_total{reason}   every fast-path counter (rx, verdict_*, pass_*, drop_*, ...)
     hdslb_fastpath_cpu_packets_total{cpu}  rx per CPU
     hdslb_conn_table_entries, hdslb_conn_table_size
+    hdslb_interface_{receive,transmit}_{packets,bytes}_total{ifname}, hdslb_interface_{pass,drop}_packets_total
     hdslb_slowpath_frames_total{counter[, ifname]}  (only when the daemon has a slow path)
     hdslb_slowpath_socket_frames_total{ifname, queue, counter}  its AF_XDP sockets, the kernel's drops included
 
@@ -143,7 +144,7 @@ class HdslbCollector:
     def collect_families(self) -> list[Family]:
         """Every family, read from the daemon now (on its event loop); render() turns them into text."""
         out = []
-        for section in (self._services, self._fastpath, self._slowpath):
+        for section in (self._services, self._fastpath, self._interfaces, self._slowpath):
             try:
                 fams = list(section())
             except Exception as e:
@@ -253,6 +254,30 @@ class HdslbCollector:
                 for k, v in sorted((per or {}).items()):
                     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                         fam.add_metric([ifname, queue, k], v)
+            yield fam
+
+    # (family, if_stats field, help): the fast path's counters of the frames it saw on each interface
+    IFACE = (
+        ("hdslb_interface_receive_packets", "rx_packets", "Frames the XDP program saw arrive on the interface"),
+        ("hdslb_interface_receive_bytes", "rx_bytes", "Bytes of the frames the XDP program saw arrive"),
+        ("hdslb_interface_transmit_packets", "tx_packets",
+         "Of the frames that arrived on the interface, those the fast path sent on (XDP_TX or redirect)"),
+        ("hdslb_interface_transmit_bytes", "tx_bytes", "Bytes of the frames the fast path sent on"),
+        ("hdslb_interface_pass_packets", "pass", "Of the frames that arrived on the interface, those handed to the "
+                                                 "kernel"),
+        ("hdslb_interface_drop_packets", "drops", "Of the frames that arrived on the interface, those dropped "
+                                                  "(hdslb_fastpath_packets_total has each drop's reason)"),
+    )
+
+    def _interfaces(self):
+        """dpip link show -s: the kernel's own interface counters never see XDP_TX or redirected frames."""
+        links = dispatch(self.ctx, "link.list", {}).get("links") or []
+        for name, field, doc in self.IFACE:
+            fam = Family(name, "counter", doc, ["ifname"])
+            for link in links:
+                v = (link.get("stats") or {}).get(field)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    fam.add_metric([link["ifname"]], v)
             yield fam
 
     def _conn_entries(self) -> int:

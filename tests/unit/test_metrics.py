@@ -256,3 +256,18 @@ def test_the_slow_paths_sockets_and_the_kernels_drops_on_them(ctx):
     for counter in ("rx_ring_full", "rx_fill_ring_empty_descs", "rx_dropped", "rx_frames", "tx_no_frame"):
         assert val(m, "hdslb_slowpath_socket_frames_total", ifname="eth0", queue="0", counter=counter) == 7
         assert val(m, "hdslb_slowpath_socket_frames_total", ifname="eth1", queue="1", counter=counter) == 3
+
+
+def test_per_interface_fast_path_counters(ctx):
+    """dpip link show -s's counters (the kernel's interface counters never see XDP_TX or redirects)."""
+    ctx.link_stats = lambda ifname: {"rx_packets": 10, "rx_bytes": 1000, "tx_packets": 7, "tx_bytes": 700,
+                                     "pass": 2, "drops": 1, "per_cpu": []} if ifname == "eth1" else \
+        {"rx_packets": 5, "rx_bytes": 500, "tx_packets": 0, "tx_bytes": 0, "pass": 5, "drops": 0, "per_cpu": []}
+    m = scrape(ctx)
+    assert val(m, "hdslb_interface_receive_packets_total", ifname="eth1") == 10
+    assert val(m, "hdslb_interface_receive_bytes_total", ifname="eth1") == 1000
+    assert val(m, "hdslb_interface_transmit_packets_total", ifname="eth1") == 7
+    assert val(m, "hdslb_interface_transmit_bytes_total", ifname="eth1") == 700
+    assert val(m, "hdslb_interface_pass_packets_total", ifname="eth0") == 5
+    assert val(m, "hdslb_interface_drop_packets_total", ifname="eth1") == 1
+    assert len(m["hdslb_interface_receive_packets_total"]) == 2
