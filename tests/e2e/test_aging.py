@@ -131,6 +131,52 @@ def test_closed_tcp_connection_leaves_after_close_timeout(small_lb):
 
 
 @pytest.mark.root
+def test_a_connection_the_server_resets_is_closed_inactive_and_leaves_after_close_timeout(small_lb):
+    """A real server aborting a connection (a reset, SO_LINGER 0) ends it as LVS's state table does: ipvsadm
+    -Lnc says CLOSE, -Ln counts it inactive, and it leaves after the close timeout (1 s here), not the
+    established one (5 s), although the client never sends another packet."""
+    lab, lb = small_lb
+    import subprocess
+
+    port = 8081
+    rst_server = ("import socket, struct\n"
+                  "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                  f"s.bind(('0.0.0.0', {port})); s.listen(16)\n"
+                  "while True:\n"
+                  "    c, _ = s.accept(); c.recv(16)\n"
+                  "    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); c.close()\n")
+    for i in range(1, len(lab.server_ips) + 1):
+        lab.spawn(lab.server(i).ns, ["python3", "-c", rst_server])
+    lb.ipvsadm("-A", "-t", f"{VIP}:{port}", "-s", "rr")
+    try:
+        for rs in lab.server_ips:
+            lb.ipvsadm("-a", "-t", f"{VIP}:{port}", "-r", f"{rs}:{port}", "-b")
+        lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", "-t", f"{VIP}:{port}", "-F", "veth-lb0")
+        time.sleep(0.5)  # the servers listen
+        client = ("import socket, time\n"
+                  f"s = socket.create_connection(('{VIP}', {port}), timeout=5); s.sendall(b'x')\n"
+                  "try:\n"
+                  "    s.recv(16)\n"
+                  "except ConnectionResetError:\n"
+                  "    print('reset')\n"
+                  "time.sleep(4)\n")
+        p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", client], stdout=subprocess.PIPE,
+                             text=True)
+        lab.procs.append(p)
+        time.sleep(0.4)
+        mine = [c for c in conns(lb, 6) if c["dport"] == port and not c["out"]]
+        assert [c["state"] for c in mine] == ["close"], mine
+        out = lb.ipvsadm("-Ln").stdout
+        lines = out[out.index(f"{VIP}:{port}"):].splitlines()[1:3]
+        assert sum(int(ln.split()[-2]) for ln in lines) == 0, out  # ActiveConn
+        time.sleep(2.5)  # close 1 s + sweeps, well within established's 5 s
+        assert [c for c in conns(lb, 6) if c["dport"] == port] == []
+        assert p.wait(timeout=30) == 0 and p.stdout.read().strip() == "reset"
+    finally:
+        lb.ipvsadm("-D", "-t", f"{VIP}:{port}")
+
+
+@pytest.mark.root
 def test_full_table_keeps_serving_and_reports_evictions(small_lb):
     lab, lb = small_lb
     answered = udp_flows(lab, 5000, first_port=40000)
