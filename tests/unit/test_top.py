@@ -184,3 +184,29 @@ async def test_top_waits_for_a_restarted_daemon(tmp_path, monkeypatch):
     assert len(frames) == 3 and "TCP  10.0.0.100:80" in frames[0]
     assert "hdslbd is not answering" in frames[1] and "asking again every 0.01s" in frames[1]
     assert "TCP  10.0.0.100:80" in frames[2] and "(totals)" not in frames[2], "rates resume from the last counters"
+
+
+async def test_a_slow_fetch_stretches_the_interval(tmp_path, monkeypatch):
+    """A daemon with 10k services takes ~1.5 s of its event loop per frame: top must not ask every 2 s."""
+    ctx = quick_start(FakeCtx())
+    path = str(tmp_path / "ctl.sock")
+    srv = CtlServer(path, ctx.dispatch)
+    await srv.start()
+    clock, sleeps = [1000.0], []
+    real_fetch = top.fetch
+
+    def slow_fetch(call):
+        data = real_fetch(call)
+        clock[0] += 1.5  # this sample took the daemon 1.5 s
+        return data
+
+    monkeypatch.setattr(top, "fetch", slow_fetch)
+    monkeypatch.setattr(top, "_clock", lambda: clock[0])
+    monkeypatch.setattr(top, "_sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+    try:
+        rc = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: top.main(["--count", "3", "--interval", "2"], ctl_socket=path, out=io.StringIO()))
+    finally:
+        await srv.stop()
+    assert rc == 0 and sleeps == [6.0, 6.0]
+    assert top.pause(2.0, 0.1) == 2.0, "a quick fetch keeps the interval asked for"
