@@ -48,7 +48,9 @@ def cmd_up(ns) -> int:
             return 1
         try:
             st = Client(ctl, timeout=5).call("daemon.status")
-            if st.get("attached"):
+            # ready: the start finished (the socket answers while the REST server, the config and the health
+            # checks still start, any of which can fail); an older hdslbd without it says attached
+            if st.get("ready", st.get("attached")):
                 modes = ", ".join(f"{k} ({v})" for k, v in st["interfaces"].items())
                 print(f"hdslbd pid {st['pid']} attached to {modes}; control socket {ctl}; log {logfile}")
                 return 0
@@ -65,8 +67,18 @@ def cmd_down(ns) -> int:
         st = Client(ctl, timeout=10).call("daemon.status")
         Client(ctl, timeout=10).call("daemon.shutdown", {"detach": True})
     except DaemonUnreachable as e:
-        print(f"hdslb-ctl: {e}", file=sys.stderr)
-        return 1
+        # No daemon (kill -9, a crash): what it left behind is taken down all the same.
+        from hdslb.daemon import Settings, down_offline, instance_name
+
+        settings = Settings(interfaces=[], ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
+                            pin_root=ns.pin_root, state_dir=ns.state_dir)
+        done = down_offline(settings)
+        if not done:
+            print(f"hdslb-ctl: {e}; and nothing of instance {settings.instance} is left (no pins in "
+                  f"{settings.pin_dir}, no {settings.state_file})", file=sys.stderr)
+            return 1
+        print(f"hdslbd is not running ({e}); " + "; ".join(done))
+        return 0
     pid = st["pid"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -403,7 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="validate a config file without running it (like keepalived -t)")
     ck.add_argument("-f", "--config", required=True)
     ck.set_defaults(func=cmd_check)
-    sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd").set_defaults(func=cmd_down)
+    dn = sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd")
+    dn.set_defaults(func=cmd_down)
+    # Where the instance's pins and model are, for a down with no daemon to ask (as given to up / hdslbd).
+    from hdslb.daemon import DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR
+
+    dn.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
+                    help="with no hdslbd running: the --pin-root it was started with")
+    dn.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                    help="with no hdslbd running: the --state-dir it was started with")
+    dn.add_argument("--instance", help="with no hdslbd running: the --instance it was started with")
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
     sub.add_parser("top", help="live view of services, real servers, rates and drops (--interval, --count)")
     sub.add_parser("decap", help="real-server side of TUNNEL mode: XDP decapsulation, no hdslbd needed "

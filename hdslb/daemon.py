@@ -37,6 +37,9 @@ DEFAULT_MAX_DESTS = 65536
 MAX_SERVICES_LIMIT = 65536  # conn_val.svc_id is a u16 (hdslb_abi.h)
 MAX_DESTS_LIMIT = 1 << 22   # dest slots are u32 (0xffffffff: empty); bounded for memory (dest_map, per-CPU stats)
 DEFAULT_STATE_DIR = "/run/hdslb/state"
+# One hdslbd per set of pinned maps and per state file: flock()ed files here (tmpfs, root's; released when the
+# process dies, kill -9 included).
+LOCK_DIR = "/run/hdslb/lock"
 # DPVS/HDSLB global_defs log_level names -> Python logging levels
 DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "error", "WARNING": "warning",
                    "NOTICE": "info", "INFO": "info", "DEBUG": "debug"}
@@ -530,6 +533,7 @@ class Daemon:
         self.bal: Balancer | None = None
         self.ctl: CtlServer | None = None
         self.xdp_modes: dict[str, str] = {}
+        self.ready = False  # start() finished: what hdslb-ctl up waits for (the control socket answers before)
         self.rates: dict = {}
         self._stop = asyncio.Event()
         self._detach_on_stop = False
@@ -565,9 +569,15 @@ class Daemon:
         from hdslb.fastpath.loader import FastPath
         from hdslb.fastpath.maps import Maps
 
+        from hdslb.fastpath import loader
+
         s = self.settings
         for n in s.extra.get("notices", []):
             log.info("config: %s", n)
+        # Before anything is read or touched: a second daemon on these pins or this state file must not adopt,
+        # re-attach, discard (--fresh) or, failing later, tear down what the first one runs.
+        self._take_locks()
+        self._remove_stale_saves()
         loop = asyncio.get_running_loop()
         # pyroute2's synchronous API refuses to run inside an event loop; netlink work goes to a thread.
         ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)
@@ -575,9 +585,32 @@ class Daemon:
         snap = None if s.fresh else self._read_state()
         adopt = snap is not None and self.fp.has_pins()
         if self.fp.has_pins() and not adopt:
-            log.warning("discarding pinned state in %s (%s)", self.pin_dir,
-                        "--fresh" if s.fresh else "no saved model to adopt it with")
-        await loop.run_in_executor(None, self.fp.load, adopt)
+            log.warning("discarding pinned state in %s (--fresh)", self.pin_dir)
+        # Attaching replaces whatever XDP program an interface runs: only this instance's own (one using its pinned
+        # maps, left by the daemon before) may be replaced, never another instance's or another tool's.
+        ours = await loop.run_in_executor(None, loader.pinned_map_ids, self.pin_dir)
+        for name in ifaces:
+            other = await loop.run_in_executor(None, loader.foreign_xdp, name, ours)
+            if other is not None:
+                raise HdslbError(errno.EBUSY, (
+                    f"{name} already runs XDP program id {other[0]} ({other[1]}), which is not this instance's (it "
+                    f"uses none of the maps pinned in {self.pin_dir}): another hdslbd instance or another tool owns "
+                    f"the interface, and attaching would replace it. Nothing was changed. Stop that one first; a "
+                    f"program nobody runs any more goes with `ip link set dev {name} xdp off` (xdpgeneric off for "
+                    f"generic mode)"))
+        if snap is None and not adopt:
+            # New pins get a model from the start (empty until the first change): a daemon killed before its first
+            # save must not leave pins without one, which the next start would have to refuse.
+            self.bal = Balancer(_NullDataPath(), ifaces, max_services=self.sizes.max_services,
+                                max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
+            self._save_state()
+        if snap is not None and not adopt:
+            log.warning("no pinned maps in %s: restoring the saved model of %s (%d services) into new maps; "
+                        "connections and counters start empty", self.pin_dir, s.state_file, len(snap["services"]))
+        try:
+            await loop.run_in_executor(None, self.fp.load, adopt)
+        except RuntimeError as e:  # the pinned maps do not fit this build (sizes, table kind, layout): named
+            raise HdslbError(errno.EINVAL, str(e)) from None
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
         self.maps.set_idle_timeouts(s.timeouts)
@@ -588,10 +621,11 @@ class Daemon:
         self.bal = Balancer(self._datapath(self.maps), ifaces, max_services=self.sizes.max_services,
                             max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
         self.bal.conn_counts = self.conn_counts
-        if adopt:
+        if snap is not None:
             restore(self.bal, snap)
-            self._prune_to_model()
             self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
+        if adopt:
+            self._prune_to_model()
             log.info("adopted pinned state: %d services, %d connection entries",
                      len(self.bal.services), self.maps.conn_entries())
         self._save_state()
@@ -613,9 +647,15 @@ class Daemon:
                 self.api = await start_api(self, host=host.strip("[]"), port=int(port), token=s.api_token)
                 log.info("REST API and /metrics on http://%s/v2 (token %s)", s.api_listen,
                          "required" if s.api_token else "not set")
-        except Exception:
-            self.fp.detach_all()
-            self.fp.unpin()
+        except Exception as e:
+            if adopt:
+                # The pinned state is the previous daemon's, forwarding until now: never torn down by a start that
+                # failed (a port in use, an interface that refused). What was attached runs the same maps.
+                log.error("start failed (%s): the fast path stays attached with its pinned state; fix the cause "
+                          "and start again", e.message if isinstance(e, HdslbError) else e)
+            else:
+                self.fp.detach_all()
+                self.fp.unpin()
             raise
         self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging())]
         if s.slowpath:
@@ -636,6 +676,7 @@ class Daemon:
 
             self.apply_config(load(s.config_file))
         await self._start_health()
+        self.ready = True
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
@@ -673,9 +714,14 @@ class Daemon:
             else:
                 log.info("control plane stopped; the fast path stays attached with its state (hdslb-ctl down detaches)")
             self.fp.close()
+        self._release_locks()
 
     async def run(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            self._release_locks()
+            raise
         sd_notify(f"READY=1\nSTATUS=serving {len(self.bal.services)} services on {', '.join(self.xdp_modes)}\n"
                   f"MAINPID={os.getpid()}")
         loop = asyncio.get_running_loop()
@@ -736,6 +782,74 @@ class Daemon:
                         pruned["services"], pruned["tables"], pruned["dests"], pruned["addresses"],
                         pruned["routes"])
 
+    def _lock_files(self) -> list[tuple[str, str, str]]:
+        """(lock file, what it guards, the guarded path) for this instance's pins and state file."""
+        def name(kind, path):
+            return os.path.join(LOCK_DIR, f"{kind}{os.path.realpath(path).replace('/', '%')}.lock")
+
+        return [(name("pins", self.pin_dir), "the pinned maps in", self.pin_dir),
+                (name("state", self.settings.state_file), "the state file", self.settings.state_file)]
+
+    def _take_locks(self) -> None:
+        """Hold this instance's locks until the process ends; refuse (EBUSY, naming the holder) when another
+        hdslbd holds one."""
+        import fcntl
+
+        self._locks = getattr(self, "_locks", [])
+        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        for path, what, guarded in self._lock_files():
+            if any(p == path for _, p in self._locks):
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:  # unlinked by a daemon stopping meanwhile: again
+                    os.close(fd)
+                    return self._take_locks()
+            except FileNotFoundError:
+                os.close(fd)
+                return self._take_locks()
+            except BlockingIOError:
+                holder = os.pread(fd, 16, 0).decode(errors="replace").strip()
+                os.close(fd)
+                self._release_locks()  # the ones this daemon took (never the one another holds)
+                who = f"hdslbd pid {holder}" if holder.isdigit() else "another hdslbd"
+                raise HdslbError(errno.EBUSY, (
+                    f"{who} already runs with {what} {guarded} (lock {path}); nothing was changed. Two daemons on "
+                    f"one instance would fight over its maps: stop that one first (hdslb-ctl down detaches, "
+                    f"SIGTERM leaves the fast path forwarding), or give this one its own --ctl-socket/--instance"))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._locks.append((fd, path))
+
+    def _release_locks(self, unlink: bool = True) -> None:
+        for fd, path in getattr(self, "_locks", []):
+            if unlink:
+                try:
+                    os.unlink(path)  # while still held: no other daemon can hold this inode's lock meanwhile
+                except OSError:
+                    pass
+            os.close(fd)
+        self._locks = []
+
+    def _remove_stale_saves(self) -> None:
+        """Temp files of saves cut short (a daemon killed between writing and renaming, <state>.<pid>.tmp): with
+        the state file's lock held no other daemon writes one, so every one left is stale."""
+        path = self.settings.state_file
+        d, base = os.path.split(path)
+        pat = re.compile(re.escape(base) + r"\.\d+\.tmp")
+        try:
+            names = os.listdir(d or ".")
+        except OSError:
+            return
+        for n in names:
+            if pat.fullmatch(n):
+                try:
+                    os.unlink(os.path.join(d, n))
+                    log.info("removed %s, left by a save that was cut short", os.path.join(d, n))
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", os.path.join(d, n), e.strerror or e)
+
     def _read_state(self) -> dict | None:
         """The model saved by the previous daemon, checked whole; None when there is none to adopt.
 
@@ -750,7 +864,10 @@ class Daemon:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return None
+            if self.fp is None or not self.fp.has_pins():
+                return None
+            return self._unusable_state("does not exist", "start with the --state-dir that was used before (or "
+                                                          "put back a copy of the file)")
         except OSError as e:
             return self._unusable_state(f"cannot be read: {e.strerror or e}")
         if not raw:
@@ -1799,6 +1916,37 @@ def rates_between(prev: dict, cur: dict, dt: float) -> dict:
                     "inbps": int(max(0, v["inbytes"] - p["inbytes"]) / dt),
                     "outbps": int(max(0, v["outbytes"] - p["outbytes"]) / dt)}
     return rates
+
+
+def down_offline(settings: Settings) -> list[str]:
+    """`hdslb-ctl down` with no daemon to ask (killed, crashed): detach the program an instance's daemon left on this
+    namespace's interfaces (only one using the instance's pinned maps), remove its pins and its saved model.
+    Returns what was done, one line each (empty: there was nothing of the instance). Refused while a daemon of the
+    instance holds its lock (one starting, or not answering)."""
+    from hdslb.fastpath import loader, xdp_pass
+
+    d = Daemon(settings)
+    d._take_locks()
+    done = []
+    try:
+        ours = loader.pinned_map_ids(d.pin_dir)
+        for name, mode, prog_id in loader.our_xdp_links(ours) if ours else ():
+            xdp_pass.detach(name, generic=mode == "generic")
+            done.append(f"detached XDP program id {prog_id} from {name} ({mode})")
+        if os.path.isdir(d.pin_dir):
+            import shutil
+
+            shutil.rmtree(d.pin_dir)
+            done.append(f"removed the pinned maps in {d.pin_dir}")
+        try:
+            os.unlink(settings.state_file)
+            done.append(f"removed the saved model {settings.state_file}")
+        except FileNotFoundError:
+            pass
+        d._remove_stale_saves()
+    finally:
+        d._release_locks()
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

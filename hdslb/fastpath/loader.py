@@ -500,6 +500,106 @@ class FastPath:
             self.bpf = None
 
 
+def _obj_info(fd: int, size: int = 256):
+    """bpf_obj_get_info_by_fd into a zeroed buffer; None when the kernel refuses."""
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    lib.bpf_obj_get_info.restype = ctypes.c_int
+    lib.bpf_obj_get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    buf = ctypes.create_string_buffer(size)
+    n = ctypes.c_uint32(size)
+    return buf if lib.bpf_obj_get_info(fd, buf, ctypes.byref(n)) == 0 else None
+
+
+def pinned_map_ids(pin_dir: str) -> set[int]:
+    """Kernel ids of the maps pinned in pin_dir (an instance's maps, whichever program version made them)."""
+    lib = _libbcc()
+    ids = set()
+    try:
+        names = os.listdir(pin_dir)
+    except FileNotFoundError:
+        return ids
+    for name in names:
+        fd = lib.bpf_obj_get(os.path.join(pin_dir, name).encode())
+        if fd < 0:
+            continue
+        try:
+            info = _obj_info(fd)
+            if info is not None:
+                ids.add(int.from_bytes(info.raw[4:8], "little"))  # struct bpf_map_info: type, id, ...
+        finally:
+            os.close(fd)
+    return ids
+
+
+def prog_info(prog_id: int) -> tuple[str, set[int]] | None:
+    """(name, ids of the maps it uses) of a loaded program, None when it is gone."""
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    lib.bpf_prog_get_fd_by_id.restype = ctypes.c_int
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        # struct bpf_prog_info: nr_map_ids (u32) at 52, map_ids (u64 pointer) at 56, name[16] at 64
+        info = _obj_info(fd)
+        if info is None:
+            return None
+        n = int.from_bytes(info.raw[52:56], "little")
+        name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+        if not n:
+            return name, set()
+        ids = (ctypes.c_uint32 * n)()
+        buf = ctypes.create_string_buffer(256)
+        ctypes.memmove(ctypes.addressof(buf) + 52, ctypes.byref(ctypes.c_uint32(n)), 4)
+        ctypes.memmove(ctypes.addressof(buf) + 56, ctypes.byref(ctypes.c_uint64(ctypes.addressof(ids))), 8)
+        ln = ctypes.c_uint32(256)
+        if libbcc.lib.bpf_obj_get_info(fd, buf, ctypes.byref(ln)) != 0:
+            return name, set()
+        return name, set(ids)
+    finally:
+        os.close(fd)
+
+
+def foreign_xdp(ifname: str, ours: set[int]) -> tuple[int, str] | None:
+    """(id, name) of an XDP program on ifname that is not this instance's (it uses none of the map ids `ours`, those
+    of the instance's pins), None when the interface runs none or ours."""
+    from hdslb.fastpath import xdp_pass
+
+    _mode, prog_id = xdp_pass.query(ifname)
+    if not prog_id:
+        return None
+    info = prog_info(prog_id)
+    if info is None:
+        return None  # detached meanwhile
+    name, maps = info
+    return None if maps & ours else (prog_id, name or "?")
+
+
+def our_xdp_links(ours: set[int]) -> list[tuple[str, str, int]]:
+    """(interface, mode, program id) of every interface of this network namespace whose XDP program uses one of
+    the map ids `ours` (an instance's pins): what a daemon of that instance attached."""
+    from pyroute2 import IPRoute
+
+    from hdslb.fastpath import xdp_pass
+
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    out = []
+    for name in names:
+        try:
+            mode, prog_id = xdp_pass.query(name)
+        except OSError:  # gone meanwhile
+            continue
+        info = prog_info(prog_id) if prog_id else None
+        if info is not None and info[1] & ours:
+            out.append((name, mode, prog_id))
+    return out
+
+
 def is_veth(ifname: str) -> bool:
     """veth needs help for native XDP_TX/redirect (an XDP program on the peer), so auto picks generic for it."""
     from pyroute2 import IPRoute

@@ -123,3 +123,177 @@ def test_restart_from_a_model_older_than_the_maps_drops_what_it_does_not_have(la
     assert r.stdout != "200", "no longer balanced: the fast path forgot the service with the model"
     lines = curl_loop(lab, f"http://{VIP}/", 10)
     assert len(lines) == 10 and "FAIL" not in lines, lines
+
+
+def wait_gone(pid):
+    """Until a killed process has released what it held (its sockets): gone, or a zombie whose threads have all
+    ended (the leader turns zombie first; the files go with the last thread)."""
+    import os
+
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z" and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+
+
+def xdp_prog_id(lab, ifname="veth-lb0"):
+    import json
+
+    link = json.loads(lab.lb_run(["ip", "-j", "-d", "link", "show", ifname]).stdout)[0]
+    return (link.get("xdp") or {}).get("prog", {}).get("id")
+
+
+def assert_still_serving(lab, lb, pid, prog):
+    """The running daemon, its program and its pins as they were, and the VIP balanced."""
+    assert daemon_pid(lb) == pid
+    assert xdp_prog_id(lab) == prog, "the program on the interface is the running daemon's"
+    assert (lab.pin_dir / "conn4_map").exists() and (lab.pin_dir / "svc_map").exists()
+    lines = curl_loop(lab, f"http://{VIP}/", 6)
+    assert len(lines) == 6 and "FAIL" not in lines, lines
+
+
+@pytest.mark.root
+def test_a_second_daemon_on_the_same_instance_refuses_and_changes_nothing(lab_up):
+    """hdslbd started by hand (or by a unit) beside a running one used to adopt the pins, attach over the running
+    program, then fail at the control socket and, cleaning up, detach XDP and remove the pins: the instance
+    stopped forwarding. It must refuse before touching anything."""
+    import sys
+
+    lab, lb, servers, _ = lab_up
+    pid, prog = daemon_pid(lb), xdp_prog_id(lab)
+    assert prog
+    r = lab.lb_run([sys.executable, "-m", "hdslb.daemon", "veth-lb0", "--ctl-socket", str(lab.ctrl_path),
+                    "--pin-root", str(lab.pin_dir.parent), "--xdp-mode", "native", "--fresh"],
+                   check=False, timeout=120)
+    assert r.returncode == 1 and f"hdslbd pid {pid} already runs with" in r.stderr, r.stderr
+    assert_still_serving(lab, lb, pid, prog)
+    r = lb.ctl("up", "veth-lb0", "--pin-root", str(lab.pin_dir.parent), check=False)
+    assert r.returncode == 1 and "already serves" in r.stderr  # hdslb-ctl up twice: told, nothing started
+    assert_still_serving(lab, lb, pid, prog)
+
+
+@pytest.mark.root
+def test_an_interface_running_another_xdp_program_is_refused(lab_up):
+    """A second instance (another control socket) on the same interface, or any interface running another tool's
+    XDP program: attaching would replace that program. Refused, naming it; both keep running."""
+    lab, lb, servers, _ = lab_up
+    pid, prog = daemon_pid(lb), xdp_prog_id(lab)
+    other = lab.workdir / "other.ctrl"
+    other_pins = lab.pin_dir.parent / f"{lab.pin_dir.name}-other"
+    try:
+        r = lb.ctl("up", "veth-lb0", "--ctl-socket", str(other), "--pin-root", str(other_pins), "--xdp-mode",
+                   "native", "--api-listen", "off", "--log-file", str(lab.workdir / "other.log"), check=False)
+        assert r.returncode == 1 and f"veth-lb0 already runs XDP program id {prog} (xdp_main)" in r.stderr, r.stderr
+        assert "not this instance's" in r.stderr
+        assert_still_serving(lab, lb, pid, prog)
+        lab.lb_run(["ip", "link", "add", "rsx0", "type", "veth", "peer", "name", "rsx1"])
+        lab.lb_run(["ip", "link", "set", "rsx0", "up"])
+        import sys
+
+        lab.lb_run([sys.executable, "-m", "hdslb.fastpath.xdp_pass", "rsx0", "--generic"])
+        foreign = xdp_prog_id(lab, "rsx0")
+        r = lb.ctl("up", "rsx0", "--ctl-socket", str(other), "--pin-root", str(other_pins), "--api-listen", "off",
+                   "--log-file", str(lab.workdir / "other.log"), check=False)
+        assert r.returncode == 1 and f"rsx0 already runs XDP program id {foreign} (hdslb_xdp_pass)" in r.stderr, \
+            r.stderr
+        assert xdp_prog_id(lab, "rsx0") == foreign
+    finally:
+        lb.ctl("down", "--ctl-socket", str(other), check=False)  # had it started (a failure above)
+        lab.lb_run(["ip", "link", "del", "rsx0"], check=False)
+        import shutil
+
+        shutil.rmtree(other_pins, ignore_errors=True)
+    assert_still_serving(lab, lb, pid, prog)
+
+
+@pytest.mark.root
+def test_a_restart_that_fails_leaves_the_adopted_fast_path_forwarding(lab_up):
+    """After a kill -9, a restart that fails once attached (here: its REST port is taken) used to detach XDP and
+    remove the pins on its way out: every flow and service the previous daemon left was gone. It must leave them
+    forwarding, and the next start adopts them."""
+    import sys
+
+    lab, lb, servers, _ = lab_up
+    adopted = lb.log().count("adopted pinned state")
+    transfers = start_transfers(lab, 4)
+    time.sleep(1)
+    pid = daemon_pid(lb)
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    wait_gone(pid)
+    squatter = subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, sys.executable, "-c",
+                                 "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                                 "s.bind(('127.0.0.1', 53225)); "
+                                 "s.listen(); print('ok', flush=True); time.sleep(300)"], stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() == b"ok", lab.lb_run(["ss", "-tanp"], check=False).stdout
+        r = lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+                   "--log-file", str(lab.workdir / "hdslbd.log"), check=False)
+        assert r.returncode == 1
+        assert "the fast path stays attached with its pinned state" in lb.log()
+        assert xdp_prog_id(lab) and (lab.pin_dir / "conn4_map").exists()
+        lines = curl_loop(lab, f"http://{VIP}/", 6)
+        assert len(lines) == 6 and "FAIL" not in lines, lines
+    finally:
+        squatter.kill()
+        squatter.wait()
+    lb.up("veth-lb0")
+    assert lb.log().count("adopted pinned state") == adopted + 2  # the failed start, then this one
+    check_transfers(transfers, servers)
+
+
+@pytest.mark.root
+def test_a_saved_model_without_pins_is_restored_into_new_maps(lab_up):
+    """The pins gone but the saved model there (the bpffs remounted, another --pin-root, a reboot with the state dir
+    on disk): the start used to come up empty and overwrite the model, every service lost. It restores the model
+    into new maps (connections and counters start empty). The program the old daemon left attached uses maps no
+    longer pinned: that is refused until the operator detaches it, as the message says."""
+    import shutil
+
+    lab, lb, servers, _ = lab_up
+    before = lb.ipvsadm("-Ln").stdout
+    pid = daemon_pid(lb)
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)  # stops the control plane, the fast path stays
+    wait_gone(pid)
+    shutil.rmtree(lab.pin_dir)
+    r = lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"), check=False)
+    assert r.returncode == 1 and "veth-lb0 already runs XDP program id" in r.stderr, r.stderr
+    assert "ip link set dev veth-lb0 xdp off" in r.stderr
+    lab.lb_run(["ip", "link", "set", "dev", "veth-lb0", "xdp", "off"])
+    lb.up("veth-lb0")
+    assert "restoring the saved model" in lb.log()
+    assert [ln.split()[:4] for ln in lb.ipvsadm("-Ln").stdout.splitlines()] == \
+        [ln.split()[:4] for ln in before.splitlines()]
+    assert LADDR in lb.ipvsadm("-G").stdout
+    lines = curl_loop(lab, f"http://{VIP}/", 6)
+    assert len(lines) == 6 and "FAIL" not in lines, lines
+
+
+@pytest.mark.root
+def test_down_with_no_daemon_takes_down_what_it_left(lab_up):
+    """`hdslb-ctl down` after a kill -9 used to say "cannot reach hdslbd" and leave the program attached, the pins
+    and the model: the documented way out did nothing. It detaches the instance's program (only one using its
+    pinned maps) and removes its pins and model; a second down says there is nothing left."""
+    from hdslb.daemon import DEFAULT_STATE_DIR, instance_name
+
+    from .test_fnat import quick_start
+
+    lab, lb, servers, _ = lab_up
+    state = f"{DEFAULT_STATE_DIR}/{instance_name(str(lab.ctrl_path))}.state"
+    pid = daemon_pid(lb)
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    wait_gone(pid)
+    r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
+    assert r.returncode == 0, r.stderr
+    assert "detached XDP program id" in r.stdout and str(lab.pin_dir) in r.stdout and state in r.stdout, r.stdout
+    assert xdp_prog_id(lab) is None and not lab.pin_dir.exists()
+    import os
+
+    assert not os.path.exists(state)
+    r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
+    assert r.returncode == 1 and "nothing of instance" in r.stderr, r.stderr
+    quick_start(lb, lab, VIP, "veth-lb0", "veth-lb0", two_arm=False)  # the module's lab as the other tests left it

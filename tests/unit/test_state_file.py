@@ -93,8 +93,8 @@ def test_without_pins_an_unusable_file_is_ignored_with_a_warning(tmp_path, caplo
 
 
 def test_a_good_state_file_is_adopted_and_a_missing_one_is_none(tmp_path):
+    assert _daemon(tmp_path, pins=False)._read_state() is None  # a first start (with pins: see test_daemon_instance)
     d = _daemon(tmp_path)
-    assert d._read_state() is None
     _model(d)
     snap = _daemon(tmp_path)._read_state()
     assert snap == dict(snapshot(d.bal), checks=[])

@@ -1,0 +1,91 @@
+"""One daemon per instance, and what a restart finds on disk: the lock that makes a second hdslbd on the same pins
+or state file refuse before touching anything, the temp files of saves cut short, a state file gone while pins
+forward."""
+
+import errno
+import os
+
+import pytest
+
+from hdslb import daemon as D
+from hdslb.daemon import Daemon, settings_from_args
+from hdslb.errors import HdslbError
+
+
+def _daemon(tmp_path, *extra) -> Daemon:
+    return Daemon(settings_from_args(["eth0", "--state-dir", str(tmp_path / "state"), "--pin-root",
+                                      str(tmp_path / "bpf"), *extra]))
+
+
+@pytest.fixture(autouse=True)
+def lock_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "LOCK_DIR", str(tmp_path / "lock"))
+    return tmp_path / "lock"
+
+
+def test_a_second_daemon_on_the_same_instance_is_refused_naming_the_first(tmp_path, lock_dir):
+    first = _daemon(tmp_path)
+    first._take_locks()
+    try:
+        with pytest.raises(HdslbError) as e:
+            _daemon(tmp_path)._take_locks()
+        assert e.value.errno == errno.EBUSY
+        msg = e.value.message
+        assert f"hdslbd pid {os.getpid()}" in msg and first.pin_dir in msg and "nothing was changed" in msg, msg
+        # the same pins under another state dir, or the same state file with other pins: refused as well
+        with pytest.raises(HdslbError, match="the pinned maps in"):
+            _daemon(tmp_path, "--state-dir", str(tmp_path / "other-state"))._take_locks()
+        with pytest.raises(HdslbError, match="the state file"):
+            _daemon(tmp_path, "--pin-root", str(tmp_path / "other-bpf"))._take_locks()
+        other = _daemon(tmp_path, "--instance", "other")  # another instance runs beside it
+        other._take_locks()
+        other._release_locks()
+    finally:
+        first._release_locks()
+    second = _daemon(tmp_path)  # the first gone (stopped or killed: the kernel drops its locks), a start goes on
+    second._take_locks()
+    second._release_locks()
+    assert os.listdir(lock_dir) == [], "a stopped daemon leaves no lock file behind"
+
+
+def test_a_refused_daemon_keeps_none_of_the_locks_it_took(tmp_path):
+    first = _daemon(tmp_path, "--pin-root", str(tmp_path / "other-bpf"))  # holds only the state file's lock
+    first._take_locks()
+    try:
+        second = _daemon(tmp_path)
+        with pytest.raises(HdslbError, match="the state file"):
+            second._take_locks()
+        assert second._locks == []
+        third = _daemon(tmp_path, "--state-dir", str(tmp_path / "s3"))  # the pins' lock was given back
+        third._take_locks()
+        third._release_locks()
+    finally:
+        first._release_locks()
+
+
+def test_temp_files_of_saves_cut_short_are_removed_at_start(tmp_path):
+    d = _daemon(tmp_path)
+    state = d.settings.state_file
+    os.makedirs(os.path.dirname(state))
+    for name in (f"{state}.4242.tmp", f"{state}.17.tmp", state, f"{state}.bak", f"{state}.x.tmp",
+                 os.path.join(os.path.dirname(state), "other.state.4242.tmp")):
+        with open(name, "wb") as f:
+            f.write(b"x")
+    d._remove_stale_saves()
+    assert sorted(os.listdir(os.path.dirname(state))) == sorted(
+        ["hdslb_ctrl.state", "hdslb_ctrl.state.bak", "hdslb_ctrl.state.x.tmp", "other.state.4242.tmp"])
+
+
+def test_a_state_file_gone_while_pins_forward_refuses_the_start(tmp_path):
+    class Pins:
+        def has_pins(self):
+            return True
+
+    d = _daemon(tmp_path)
+    d.fp = Pins()
+    with pytest.raises(HdslbError) as e:
+        d._read_state()
+    msg = e.value.message
+    assert d.settings.state_file in msg and "does not exist" in msg and "--state-dir" in msg and "--fresh" in msg
+    d.fp.has_pins = lambda: False
+    assert d._read_state() is None, "no pins, no file: a first start"
