@@ -1135,9 +1135,9 @@ static __always_inline int conn_reclaim(int t4, struct fp_cfg *cfg, void *rk, __
 
 		if (addr_eq(&is, &rd) && addr_eq(&id, &rs)) {
 			partner = 1;
-			/* the flow's state, as the sweep takes it: the furthest either direction has seen (a reset or
-			 * FIN from the server closes it as one from the client does) */
-			if (istate > state)
+			/* the flow's state, as the sweep takes it: the inbound entry's, or the reply entry's once that is
+			 * further and past ESTABLISHED (a reset or FIN from the server closes it as the client's would) */
+			if (state <= CS_ESTABLISHED || istate > state)
 				state = istate;
 			if (iv->last_seen > last)
 				last = iv->last_seen;

@@ -1566,12 +1566,13 @@ class Daemon:
         return await asyncio.get_running_loop().run_in_executor(None, self.conn_list)
 
     def conn_list(self) -> list[dict]:
-        """Every entry (ipvsadm -Lnc shows the inbound ones). An entry's state is its flow's, the furthest either
-        direction has seen (a reset from the real server closes the flow: hdslb.fastpath.aging), and its idle
-        time the flow's, as the sweep times it."""
+        """Every entry (ipvsadm -Lnc shows the inbound ones). An entry's state is its flow's (a reset or FIN from
+        the real server closes the flow: hdslb.fastpath.aging.flow_state), and its idle time the flow's, as the
+        sweep times them."""
         from hdslb.fastpath.abi import conn_states
 
         names = conn_states()
+        est = names.index("established")
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         conns = self._conns()
 
@@ -1585,7 +1586,9 @@ class Daemon:
             p = by_key.get((c["proto"], c["to_daddr"], c["to_dport"], c["to_saddr"], c["to_sport"]))
             if p is not None and p is not c and key(p, "to_") == (c["proto"], c["daddr"], c["dport"], c["saddr"],
                                                                    c["sport"]):
-                state, last = max(state, p["state"]), max(last, p["last_seen_ns"])
+                inb, rep = (p, c) if c["out"] and not p["out"] else (c, p)
+                state = max(inb["state"], rep["state"]) if rep["state"] > est else inb["state"]
+                last = max(last, p["last_seen_ns"])
             idle = max(0, (now - last) // 10**9)  # a stamp converted from jiffies may lie a tick ahead of now
             out.append({k: (str(v) if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else v)
                         for k, v in c.items()} | {"state": names[state] if state < len(names) else "?",

@@ -8,9 +8,10 @@ the sweep is the daemon's main work). Tests hold the two to the same answers.
 An entry is (key bytes, the key its rewrite points at (the other direction's), newest last_seen in jiffies over
 the filled-in CPU copies, state (the furthest any copy has seen), is-reply, proto, dest slot), taken from the
 newest copy; entries with no filled-in copy are left out. Two entries are one flow when each one's partner key is
-the other's key; a flow is idle for the time since the newest packet of either direction. A flow's state is the
-furthest either of its entries has seen: the inbound entry follows the client's packets, the reply entry the real
-server's, so a reset or FIN from the server closes the flow as one from the client does (LVS's one state per
+the other's key; a flow is idle for the time since the newest packet of either direction. A flow's state is its
+inbound entry's, which the client's packets move, or its reply entry's once that one is further and past
+ESTABLISHED: the reply entry follows the real server's packets (SYN_RECV, then FIN_WAIT or CLOSE on its FIN or
+reset), so a reset or FIN from the server closes the flow as one from the client does (LVS's one state per
 connection moves on both directions' packets). It times out by that state (UDP: the udp timeout) and is active
 (ActiveConn) only while ESTABLISHED.
 """
@@ -98,6 +99,14 @@ def rows(kbuf, vbuf, ncpu: int) -> list[tuple]:
     return out
 
 
+def flow_state(pair: tuple) -> int:
+    """The state of a flow, from its one or two entries (rows() tuples): the inbound entry's (the first non-reply
+    entry, else the first), or the other entry's once that is further and past ESTABLISHED (module doc)."""
+    est = abi.conn_states().index("established")
+    owner = next((x for x in pair if not x[4]), pair[0])
+    return max([owner[3]] + [x[3] for x in pair if x is not owner and x[3] > est])
+
+
 def unique(recs: list[tuple]) -> list[tuple]:
     """Each key once, at its first place with its last copy's values (a batch walk of a live table can meet an
     entry twice; the later copy is the fresher)."""
@@ -123,7 +132,7 @@ def expired_rows(recs: list[tuple], now: int, lim: Limits) -> list[tuple[tuple[b
         if partner is not None:
             seen.add(partner[0])
         last = max(x[2] for x in pair)
-        if now - last > lim.of(r[5], max(x[3] for x in pair)):
+        if now - last > lim.of(r[5], flow_state(pair)):
             out.append((tuple(x[0] for x in pair), last))
     return out
 
@@ -139,7 +148,7 @@ def counts_rows(recs: list[tuple]) -> dict[int, tuple[int, int]]:
         if is_out:
             continue
         partner = by_key.get(partner_key)
-        if partner is not None and partner[1] == k and partner[0] != k:
+        if partner is not None and partner[1] == k and partner[0] != k and partner[3] > est:
             state = max(state, partner[3])
         ent = out.setdefault(slot, [0, 0])
         ent[0 if (proto == socket.IPPROTO_TCP and state == est) else 1] += 1
@@ -297,7 +306,12 @@ class Columns:
         j = np.where(mutual[first], p[first], -1)
         jc = np.where(j >= 0, j, r)
         last = np.maximum(self.last[r], np.where(j >= 0, self.last[jc], 0))
-        state = np.maximum(self.state[r], np.where(j >= 0, self.state[jc], 0))  # the flow's: either direction's
+        # the flow's state (module doc): the owner's, the other entry's once further and past ESTABLISHED
+        owner = np.where(~self.out[r] | (j < 0) | self.out[jc], r, jc)
+        other = np.where(owner == r, jc, r)
+        est = abi.conn_states().index("established")
+        so, sx = self.state[owner], self.state[other]
+        state = np.where((j >= 0) & (sx > est), np.maximum(so, sx), so)
         by_state = np.array(list(lim.by_state) + [lim.close] * (256 - len(lim.by_state)), np.int64)
         limit = np.where(self.proto[r] == socket.IPPROTO_UDP, lim.udp, by_state[state])
         idle = np.int64(now) - last.astype(np.int64)
@@ -308,15 +322,26 @@ class Columns:
         import numpy as np
 
         est = abi.conn_states().index("established")
-        n = len(self)
-        rows_ = np.arange(n)
-        p = self.partner_index()
-        pc = np.where(p >= 0, p, 0)
-        mutual = (p >= 0) & (p != rows_) & (p[pc] == rows_)
-        state = np.where(mutual, np.maximum(self.state, self.state[pc]), self.state)  # the flow's
         inb = ~self.out
+        tcp = self.proto == socket.IPPROTO_TCP
+        active = inb & tcp & (self.state == est)
+        # The flow's state is the furthest either entry saw: an ESTABLISHED inbound entry whose reply entry saw
+        # the server's FIN or reset is not active. Only entries past ESTABLISHED (few) are looked up, by key: the
+        # estimator asks for counts every few seconds, and pairing the whole table costs as much as reading it.
+        closing = np.flatnonzero(tcp & (self.state > est))
+        cand = np.flatnonzero(active)
+        if len(closing) and len(cand):
+            order = np.argsort(self._khash[closing])
+            skh = self._khash[closing][order]
+            ph = _hash_rows(self.partner[cand])
+            pos = np.minimum(np.searchsorted(skh, ph), len(skh) - 1)
+            hit = skh[pos] == ph
+            ci, oi = cand[hit], closing[order[pos[hit]]]
+            mutual = np.all(self.keys[oi] == self.partner[ci], axis=1) & np.all(self.partner[oi] == self.keys[ci],
+                                                                                 axis=1)
+            active[ci[mutual & (ci != oi)]] = False
         slots = self.slot[inb]
-        active = (self.proto[inb] == socket.IPPROTO_TCP) & (state[inb] == est)
+        active = active[inb]
         out = {}
         for want, col in ((True, 0), (False, 1)):
             u, c = np.unique(slots[active == want], return_counts=True)
