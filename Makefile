@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 KREL := $(shell uname -r)
-APT_PKGS := python3-bpfcc linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
+APT_PKGS := python3-bpfcc python3-venv linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
 STAMP := $(VENV)/.setup-stamp
 
 BENCH_PKGS := wrk haproxy bpftool netsniff-ng gcc
