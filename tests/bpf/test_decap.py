@@ -2,7 +2,10 @@
 
 import ctypes
 import os
+import random
 import shutil
+import socket
+import struct
 
 import pytest
 from scapy.layers.inet import (IP, TCP, UDP, IPOption_EOL, IPOption_LSRR, IPOption_NOP, IPOption_Router_Alert,
@@ -279,3 +282,118 @@ def test_a_second_load_adopts_the_pinned_maps(prog, maps):
         assert (c["decap_4in4"], c["decap_6in6"]) == (1, 1)  # one counter array shared by both programs
     finally:
         again.close()
+
+
+# ---------------------------------------------------------------------------------------------------- fuzz
+
+def _csum16(b: bytes) -> int:
+    b = b + b"\0" * (len(b) % 2)
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def kernel_outer(raw: bytes):
+    """What Linux does with the outer header of a frame for RIP4/RIP6 before any tunnel handler (ip_rcv with its
+    options, ip6_rcv with its extension headers): ("decap", (l3 offset, outer length, bytes left, inner proto)),
+    ("drop", why), ("fragment", None) or ("other", None) for what is no tunnel packet for us."""
+    off, et = 14, int.from_bytes(raw[12:14], "big") if len(raw) >= 14 else 0
+    if et == 0x8100 and len(raw) >= 18:
+        off, et = 18, int.from_bytes(raw[16:18], "big")
+    if et == ETH_IP and len(raw) >= off + 20:
+        ihl = (raw[off] & 15) * 4
+        if raw[off + 9] not in (4, 41) or raw[off + 16:off + 20] != socket.inet_aton(RIP4):
+            return "other", None
+        if raw[off] >> 4 != 4 or ihl < 20 or len(raw) < off + ihl or _csum16(raw[off:off + ihl]) != 0xFFFF:
+            return "drop", "header"
+        o = 20
+        while o < ihl and raw[off + o] != 0:  # options until End
+            if raw[off + o] == 1:
+                o += 1
+                continue
+            if o + 1 >= ihl or raw[off + o + 1] < 2 or o + raw[off + o + 1] > ihl or raw[off + o] in (131, 137):
+                return "drop", "options"
+            o += raw[off + o + 1]
+        tot = int.from_bytes(raw[off + 2:off + 4], "big")
+        if tot < ihl or off + tot > len(raw):
+            return "drop", "length"
+        if int.from_bytes(raw[off + 6:off + 8], "big") & 0x3FFF:
+            return "fragment", None
+        return "decap", (off, ihl, tot - ihl, raw[off + 9])
+    if et == ETH_IPV6 and len(raw) >= off + 40:
+        nh, o, hbh_late = raw[off + 6], 40, False
+        for i in range(4):
+            if nh not in (0, 60):
+                break
+            hbh_late |= nh == 0 and i > 0
+            if len(raw) < off + o + 2:
+                return "other", None
+            nh, o = raw[off + o], o + (raw[off + o + 1] + 1) * 8
+        if nh not in (4, 41) or raw[off + 24:off + 40] != socket.inet_pton(socket.AF_INET6, RIP6):
+            return "other", None
+        plen = int.from_bytes(raw[off + 4:off + 6], "big")
+        if raw[off] >> 4 != 6 or hbh_late or plen == 0 or off + 40 + plen > len(raw) or o > 40 + plen:
+            return "drop", "header"
+        return "decap", (off, o, 40 + plen - o, nh)
+    return "other", None
+
+
+def inner_fits(raw: bytes, at: int, avail: int, proto: int) -> bool:
+    i = raw[at:]
+    if proto == 4:
+        return (len(i) >= 20 and i[0] >> 4 == 4 and (i[0] & 15) >= 5
+                and (i[0] & 15) * 4 <= int.from_bytes(i[2:4], "big") <= avail)
+    return len(i) >= 40 and i[0] >> 4 == 6 and 40 + int.from_bytes(i[4:6], "big") <= avail
+
+
+FUZZ_BASES = [
+    eth() / out4() / tcp4(), eth() / out4(options=[IPOption_Router_Alert()]) / tcp4(), eth() / out4() / udp6(),
+    eth() / out4(options=[b"\x01\x44\x0c\x05" + bytes(8)]) / udp6(), eth() / out6() / tcp4(), eth() / out6() / udp6(),
+    eth() / out6() / IPv6ExtHdrDestOpt() / udp6(), eth() / out6() / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / tcp4(),
+    eth(Dot1Q(vlan=5)) / out4() / tcp4(), eth() / out4() / out4() / tcp4(),  # the last one nested
+]
+
+
+def test_fuzzed_headers_match_what_the_kernel_would_do(prog, maps):
+    """Seeded mutations of good tunnel packets (bytes overwritten or flipped in the headers, frames cut short; the
+    outer IPv4 checksum often made right again so the later checks are reached): every packet lands in exactly
+    one counter, is passed untouched unless decapsulated, decapsulated only when the kernel would accept its
+    outer header and the inner one fits, and then to exactly the inner packet (ECN aside)."""
+    rng = random.Random(20261206)
+    bases = [bytes(b) for b in FUZZ_BASES]
+    problems = []
+    for _ in range(3000):
+        raw = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(12, min(len(raw), 110))
+            if rng.random() < 0.8:
+                raw[i] = rng.randrange(256) if rng.random() < 0.6 else raw[i] ^ (1 << rng.randrange(8))
+            else:
+                del raw[max(i, 15):]
+        if rng.random() < 0.6 and len(raw) >= 34 and raw[12:14] == b"\x08\x00" and len(raw) >= 14 + (raw[14] & 15) * 4:
+            raw[24:26] = b"\0\0"
+            raw[24:26] = (0xFFFF - _csum16(bytes(raw[14:14 + (raw[14] & 15) * 4]))).to_bytes(2, "big")
+        raw = bytes(raw)
+        before = maps.counters()
+        v, out = run(prog, raw)
+        d = delta(before, maps.counters())
+        want, info = kernel_outer(raw)
+        if v not in (XDP_PASS, XDP_DROP) or len(d) != 1:
+            problems.append((raw, f"{VERDICTS[v]} {d}"))
+            continue
+        (c,) = d
+        if c.startswith("decap_"):
+            if want != "decap" or not inner_fits(raw, info[0] + info[1], info[2], info[3]):
+                problems.append((raw, f"{c}, the kernel: {want} {info}"))
+                continue
+            l3, olen, _, proto = info
+            exp = raw[:l3 - 2] + (b"\x08\x00" if proto == 4 else b"\x86\xdd") + raw[l3 + olen:]
+            diff = [j for j in range(min(len(out), len(exp))) if out[j] != exp[j]]
+            if len(out) != len(exp) or any(j not in (l3 + 1, l3 + 10, l3 + 11) for j in diff):  # tos/tc, IPv4 csum
+                problems.append((raw, f"{c}: not exactly the inner packet"))
+        elif v == XDP_PASS and out != raw:
+            problems.append((raw, f"{c}: passed modified"))
+        elif want == "decap" and c != "drop_ecn" and inner_fits(raw, info[0] + info[1], info[2], info[3]):
+            problems.append((raw, f"{c}, though the kernel would decapsulate it"))
+    assert not problems, f"{len(problems)} of 3000, e.g. {problems[0][1]}:\n{show(problems[0][0])}"
