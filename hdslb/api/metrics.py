@@ -1,7 +1,10 @@
 """Prometheus metrics read from the daemon at scrape time, named like node_exporter's IPVS collector (hdslb_ prefix).
 
-A custom Collector, not process-global counters: every scrape asks the same commands ipvsadm and the REST API
-use (service.list, stats.get), so the numbers on /metrics are the numbers `ipvsadm -L --stats` prints.
+Read at scrape time, no process-global counters: every scrape asks the same commands ipvsadm and the REST API
+use (service.list, stats.get, link.list), so the numbers on /metrics are the numbers `ipvsadm -L --stats` prints.
+`ipvsadm -Z` zeroes the service and real-server counters, as on LVS (node_exporter's IPVS counters drop the
+same way): Prometheus takes the drop for a counter reset. The fast-path, interface and slow-path counters are
+never zeroed, and the fast path's live in pinned maps, so they run on across daemon restarts.
 
 Per service (labels local_address, local_port, proto):
     hdslb_connections_total, hdslb_{incoming,outgoing}_{packets,bytes}_total
@@ -21,8 +24,8 @@ Service and real-server traffic are separate families (node_exporter keeps one s
 sum(hdslb_incoming_packets_total) never counts a packet twice.
 
 The text is written here, not by prometheus_client: 10k services x 10 real servers are ~950k series, and
-prometheus_client's generic writer took 8.4 s a scrape for them (6 s of it escaping and formatting the same five
-labels nine times per real server). Reading the daemon (collect_families) runs on the event loop; writing and
+prometheus_client's generic writer took 14-18 s a scrape for them in hdslbd, all on its event loop (most of it
+escaping and formatting the same five labels nine times per real server). Reading the daemon (collect_families) runs on the event loop; writing and
 compressing the text (render, and gzip when the scraper accepts it, as Prometheus does) runs in a worker thread.
 """
 
