@@ -341,8 +341,8 @@ class Maps:
             exp = want.get((k.svc_id, k.af, bytes(k.addr.b), v.dest_slot))
             if exp is not None:
                 v.expires = exp
-                tbl[k] = v
-                done += 1
+                # BPF_EXIST: a template deleted meanwhile (its server removed, -p changed) stays deleted
+                done += _bpf_update_elem(tbl.map_fd, ct.byref(k), ct.byref(v), 2) == 0
         return done
 
     def del_persists(self, svc_id: int, slot: int | None = None) -> int:

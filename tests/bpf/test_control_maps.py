@@ -232,6 +232,24 @@ def test_a_template_lives_while_a_connection_it_scheduled_does(fastpath, maps, b
     assert {c["dest_slot"] for c in maps.conns() if str(c["saddr"]).startswith("10.1.2.")} == {first}
 
 
+def test_renewing_templates_never_brings_back_one_deleted_meanwhile(fastpath, maps, bal, monkeypatch):
+    """The sweep renews templates from a thread while the daemon may delete them (a real server removed): a
+    template deleted between the read and the write stays deleted, the others are renewed."""
+    bal.service_add(dict(SVC, sched="rr", persistent=60))
+    bal.dest_add({"svc": SVC, "addr": RSS[0], "port": 80, "fwd": "dr"})
+    for client in ("10.1.2.3", "10.1.2.4"):
+        assert run(fastpath, syn(client, 42000))[0] == XDP_TX
+    temps = maps.persists()
+    items = maps._persist_items()
+    t = maps.t["persist_map"]
+    gone = next(k for k, _ in items if ipaddress.ip_address(bytes(k.addr.b)[:4]) == A("10.1.2.4"))
+    del t[gone]                                            # deleted after the sweep read the templates
+    monkeypatch.setattr(maps, "_persist_items", lambda: items)
+    assert maps.renew_persists([dict(x, expires_ns=x["expires_ns"] + 10**9) for x in temps]) == 1
+    monkeypatch.undo()
+    assert [str(x["addr"]) for x in maps.persists()] == ["10.1.2.3"]
+
+
 def test_evicted_counts_only_what_the_lru_evicted(fastpath, maps, bal):
     """stats.get's conn_table.evicted is the entries flows inserted less those alive and those removed. A DR
     or TUNNEL flow inserts one entry, not two: 30 DR flows and 20 FullNAT flows in a table with room for all
