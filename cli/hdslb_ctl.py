@@ -367,7 +367,10 @@ def cmd_status(ns) -> int:
     print(f"  control socket: {st['ctl_socket']}")
     print(f"  pinned maps:    {st['pin_dir']}")
     for ifname, mode in st["interfaces"].items():
-        print(f"  attached:       {ifname} ({mode} XDP)")
+        if ifname in st.get("gone", ()):
+            print(f"  NOT ATTACHED:   {ifname}: the interface is gone (attached again when it comes back)")
+        else:
+            print(f"  attached:       {ifname} ({mode} XDP)")
     print(f"  services:       {st['services']}")
     ct = st.get("conn_table")
     if ct:

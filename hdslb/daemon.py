@@ -46,6 +46,7 @@ DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "
 # Idle timeouts (seconds) per connection state, DPVS's defaults (the seed's ipvs_defs); ipvs_defs overrides.
 DEFAULT_TIMEOUTS = {"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}
 NEIGH_REFRESH_S = 30.0
+IFACE_WATCH_S = 1.0  # how often the interfaces served are looked for (deleted, or re-created with a new ifindex)
 # Connection counts (ActiveConn/InActConn, lc/wlc rings, -x/-y thresholds) come from a scan of the conn table,
 # reused for CONN_SCAN_CACHE_S; the estimator re-evaluates thresholds and lc/wlc every ESTIMATOR_INTERVAL_S.
 ESTIMATOR_INTERVAL_S = 2.0
@@ -534,6 +535,8 @@ class Daemon:
         self.ctl: CtlServer | None = None
         self.xdp_modes: dict[str, str] = {}
         self.ready = False  # start() finished: what hdslb-ctl up waits for (the control socket answers before)
+        self.reexec = False  # stop, then exec hdslbd again (an interface it serves was recreated): see main()
+        self.ifaces_gone: set[str] = set()
         self.rates: dict = {}
         self._stop = asyncio.Event()
         self._detach_on_stop = False
@@ -657,7 +660,8 @@ class Daemon:
                 self.fp.detach_all()
                 self.fp.unpin()
             raise
-        self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging())]
+        self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging()),
+                       asyncio.create_task(self._watch_ifaces())]
         if s.slowpath:
             from hdslb.slowpath.runner import SlowPathRunner
 
@@ -731,6 +735,30 @@ class Daemon:
         await self._stop.wait()
         sd_notify("STOPPING=1")
         await self.stop()
+
+    async def _watch_ifaces(self, interval: float = IFACE_WATCH_S) -> None:
+        """An interface deleted takes the XDP program with it; one created again under the same name (a veth pair
+        re-made, a driver reloaded) has a new ifindex and no program. The fast path's entries name the old index,
+        and the slow path's sockets are bound to it: hdslbd restarts itself (the model saved, the pins kept, exec
+        of the same command line), which reads the interfaces afresh and attaches as any restart does."""
+        while True:
+            await asyncio.sleep(interval)
+            for name, ifc in list(self.bal.ifaces.items()):
+                try:
+                    index = socket.if_nametoindex(name)
+                except OSError:
+                    if name not in self.ifaces_gone:
+                        self.ifaces_gone.add(name)
+                        log.error("interface %s is gone, and the XDP program with it; hdslbd attaches again when it "
+                                  "comes back", name)
+                    continue
+                if index != ifc.ifindex:
+                    log.warning("interface %s is back (ifindex %d, was %d): restarting hdslbd to attach to it; "
+                                "services and connections are kept", name, index, ifc.ifindex)
+                    self.reexec = True
+                    self._stop.set()
+                    return
+                self.ifaces_gone.discard(name)
 
     def request_shutdown(self, detach: bool) -> None:
         self._detach_on_stop = detach
@@ -1963,11 +1991,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)
         return 1
+    d = Daemon(settings)
     try:
-        asyncio.run(Daemon(settings).run())
+        asyncio.run(d.run())
     except HdslbError as e:
         log.error("%s", e.message)
         return 1
+    if d.reexec:  # the same command line, the same pid (systemd's MAINPID): it adopts what this one left
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
 
 

@@ -297,3 +297,73 @@ def test_down_with_no_daemon_takes_down_what_it_left(lab_up):
     r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
     assert r.returncode == 1 and "nothing of instance" in r.stderr, r.stderr
     quick_start(lb, lab, VIP, "veth-lb0", "veth-lb0", two_arm=False)  # the module's lab as the other tests left it
+
+
+@pytest.mark.root
+def test_an_interface_recreated_while_hdslbd_runs_is_attached_again(tmp_path):
+    """A veth pair deleted and made again (or a driver reloaded) comes back with a new ifindex and no XDP program;
+    hdslbd went on as if attached (status said so) and nothing forwarded there until someone restarted it. It
+    restarts itself now (same pid: exec), adopts its pins and attaches to the new interface."""
+    import os
+
+    from hdslb.ctl.client import DaemonUnreachable, call
+
+    from .conftest import HDSLB_CTL, IPVSADM
+
+    ns, ctl, state = f"rs{os.getpid()}", str(tmp_path / f"rs{os.getpid()}.ctrl"), str(tmp_path / "state")
+    log = tmp_path / "hdslbd.log"
+
+    def run(*argv, check=True):
+        return subprocess.run(["ip", "netns", "exec", ns, *map(str, argv)], check=check, capture_output=True,
+                              text=True, timeout=120)
+
+    def prog_id():
+        import json
+
+        link = json.loads(run("ip", "-j", "-d", "link", "show", "rsa").stdout)[0]
+        return (link.get("xdp") or {}).get("prog", {}).get("id")
+
+    def status():
+        try:
+            return call("daemon.status", None, path=ctl)
+        except (DaemonUnreachable, OSError):
+            return None
+
+    def make_veth():
+        run("ip", "link", "add", "rsa", "type", "veth", "peer", "name", "rsb")
+        run("ip", "link", "set", "rsa", "up")
+        run("ip", "link", "set", "rsb", "up")
+
+    pid = None
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        run("ip", "link", "set", "lo", "up")
+        make_veth()
+        run(*HDSLB_CTL, "up", "rsa", "--ctl-socket", ctl, "--xdp-mode", "generic", "--state-dir", state,
+            "--api-listen", "off", "--log-file", log)
+        run(*IPVSADM, "--ctl-socket", ctl, "-A", "-t", "10.0.0.1:80", "-s", "rr")
+        pid, before = status()["pid"], prog_id()
+        assert before
+        run("ip", "link", "del", "rsa")
+        make_veth()
+        assert prog_id() is None
+        deadline = time.monotonic() + 90  # a bound for a restart (a compile) on a loaded machine, not a measurement
+        while time.monotonic() < deadline and not (prog_id() and (status() or {}).get("ready")):
+            time.sleep(0.5)
+        assert prog_id() and (status() or {}).get("ready"), log.read_text()
+        assert status()["pid"] == pid and "restarting hdslbd to attach to it" in log.read_text()
+        assert "10.0.0.1:80" in run(*IPVSADM, "--ctl-socket", ctl, "-Ln").stdout
+    finally:
+        deadline = time.monotonic() + 90
+        while pid and time.monotonic() < deadline and not (status() or {}).get("ready"):
+            time.sleep(0.5)  # a restart under way finishes before it is stopped
+        run(*HDSLB_CTL, "down", "--ctl-socket", ctl, "--state-dir", state, check=False)
+        if pid:
+            try:
+                os.kill(pid, 9)  # only if down could not stop it: it must not outlive its namespace
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        import shutil
+
+        shutil.rmtree(f"/run/hdslb/bpffs/rs{os.getpid()}", ignore_errors=True)
