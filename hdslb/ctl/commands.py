@@ -474,7 +474,8 @@ def conn_list(ctx, a):
 def daemon_status(ctx, a):
     return {"version": __version__, "pid": ctx.pid, "ctl_socket": ctx.ctl_path, "pin_dir": ctx.pin_dir,
             "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
-            "ready": getattr(ctx, "ready", True), "gone": sorted(getattr(ctx, "ifaces_gone", ())), "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
+            "ready": getattr(ctx, "ready", True), "gone": sorted(getattr(ctx, "ifaces_gone", ())),
+            "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
             "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
                            "size6": ctx.sizes.conn6_entries(),
                            "memlock_bytes": getattr(getattr(ctx, "fp", None), "conn_memlock", None)}}
