@@ -517,6 +517,29 @@ def swap_log_handler(root: logging.Logger, new: logging.Handler) -> None:
             h.close()
 
 
+def _flock_unless_live(fd: int, dying_wait_s: float = 10.0) -> None:
+    """flock(LOCK_EX) the lock file fd; BlockingIOError while a live process holds it. A holder that is dying (its
+    leader already a zombie after kill -9, its threads still ending; the lock goes with the last one) is waited
+    for: `kill -9` then `hdslb-ctl up` at once must not be refused as a second daemon."""
+    import fcntl
+
+    deadline = time.monotonic() + dying_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 16, 0).decode(errors="replace").strip()
+            try:
+                with open(f"/proc/{holder}/stat") as f:
+                    dying = f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+            except (OSError, IndexError, ValueError):
+                dying = False  # unknown holder (no pid written yet): a daemon starting
+            if not dying or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Daemon:
     def __init__(self, settings: Settings):
         from hdslb.fastpath.loader import Sizes
@@ -830,7 +853,7 @@ class Daemon:
                 continue
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_unless_live(fd)
                 if os.fstat(fd).st_ino != os.stat(path).st_ino:  # unlinked by a daemon stopping meanwhile: again
                     os.close(fd)
                     return self._take_locks()

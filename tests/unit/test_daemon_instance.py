@@ -89,3 +89,44 @@ def test_a_state_file_gone_while_pins_forward_refuses_the_start(tmp_path):
     assert d.settings.state_file in msg and "does not exist" in msg and "--state-dir" in msg and "--fresh" in msg
     d.fp.has_pins = lambda: False
     assert d._read_state() is None, "no pins, no file: a first start"
+
+
+def test_a_holder_being_killed_is_waited_for_not_taken_for_a_second_daemon(tmp_path):
+    """`kill -9` then `hdslb-ctl up` at once: the killed daemon's leader is a zombie while its threads end, and its
+    lock goes with the last of them. That dying holder is waited for; a live one is refused at once (above)."""
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    sys_exit = {"x86_64": 60, "aarch64": 93}.get(platform.machine())
+    if sys_exit is None:
+        pytest.skip("exit(2) syscall number unknown here")
+    first = _daemon(tmp_path)
+    path = first._lock_files()[0][0]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # A process holding the lock whose leader thread exits (exit(2), not exit_group) while another thread lives on
+    # for a while: what a multi-threaded hdslbd looks like between SIGKILL and its end.
+    script = f"""
+import ctypes, fcntl, os, threading, time
+fd = os.open({path!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, str(os.getpid()).encode(), 0)
+threading.Thread(target=lambda: (time.sleep(1.0), os._exit(0))).start()
+print("held", flush=True)
+ctypes.CDLL(None).syscall({sys_exit}, 0)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == b"held"
+        while True:  # until its leader is a zombie (its other thread still holds the lock)
+            with open(f"/proc/{p.pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        first._take_locks()
+        assert [p for _, p in first._locks][0] == path
+        first._release_locks()
+    finally:
+        p.kill()
+        p.wait()
