@@ -245,17 +245,22 @@ class FastPath:
                 os.makedirs(self.pin_dir)
                 self._create_conn_maps(lib, map_type, fds)
             pinned_before = set(os.listdir(self.pin_dir))  # bcc pins the maps it creates as it compiles
+            held: dict[str, int] = {}  # counter maps of another layout set aside: {name: fd}, re-pinned on failure
             try:
-                self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(fds, possible_cpus()))
-            except Exception as e:
+                self._compile(BPF, fds, adopt, pinned_before)
                 if adopt:
-                    self._unpin_new(pinned_before)
-                    raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
-                                       f"or size changed?): {e}; start with --fresh to discard that state") from e
-                raise
-            try:
-                if adopt:
-                    self._check_pinned_sizes()
+                    reset = self._check_pinned_sizes()
+                    if reset:  # counters of another version's layout: new empty ones, the flows kept
+                        for name in reset:
+                            path = os.path.join(self.pin_dir, name)
+                            held[name] = lib.bpf_obj_get(path.encode())
+                            os.unlink(path)
+                        self.close()
+                        self._compile(BPF, fds, adopt, pinned_before)
+                        self._check_pinned_sizes()
+                        log.warning("%s pinned by another hdslb version with another layout (%s): created anew for "
+                                    "this version, these counters start from zero; services and connections are "
+                                    "kept", ", ".join(reset), "; ".join(reset.values()))
                 self.fn = self.bpf.load_func("xdp_main", BPF.XDP)
                 self.sweep_fn = self.bpf.load_func("hdslb_sweep", BPF.XDP)  # run by the daemon's sweep, never attached
             except Exception:
@@ -263,7 +268,17 @@ class FastPath:
                     self.close()
                     self.fn = self.sweep_fn = None
                     self._unpin_new(pinned_before)
+                    for name, fd in held.items():
+                        path = os.path.join(self.pin_dir, name)
+                        if os.path.exists(path):
+                            os.unlink(path)
+                        if fd >= 0 and lib.bpf_obj_pin(fd, path.encode()) != 0:
+                            log.error("cannot pin %s back (%s)", path, os.strerror(ctypes.get_errno()))
                 raise
+            finally:
+                for fd in held.values():
+                    if fd >= 0:
+                        os.close(fd)
             self.sweep_batch = sweep_batch(table, possible_cpus())
             self.conn_memlock_by_map = {n: _fd_memlock(fd) or 0 for n, fd in fds.items()}
             self.conn_memlock = sum(self.conn_memlock_by_map.values()) or None
@@ -275,6 +290,16 @@ class FastPath:
                      self.sizes.max_conns, self.sizes.conn6_entries(), self.conn_memlock / 2**20,
                      f"values per CPU on {possible_cpus()} possible CPUs" if table == "percpu" else "one shared value")
         self._check_abi()
+
+    def _compile(self, BPF, fds: dict, adopt: bool, pinned_before: set) -> None:
+        try:
+            self.bpf = BPF(src_file=str(self.bpf_dir / "hdslb_xdp.c"), cflags=self.cflags(fds, possible_cpus()))
+        except Exception as e:
+            if adopt:
+                self._unpin_new(pinned_before)
+                raise RuntimeError(f"cannot compile against the pinned maps in {self.pin_dir} (a map layout "
+                                   f"or size changed?): {e}; start with --fresh to discard that state") from e
+            raise
 
     def _unpin_new(self, pinned_before: set) -> None:
         for name in set(os.listdir(self.pin_dir)) - pinned_before:
@@ -395,15 +420,22 @@ class FastPath:
                     **{n: "--max-dests" for n in ("dest_map", "dest_stats")},
                     "hash_cells": "--max-hash-cells", "persist_map": "--max-persist"}
 
-    def _check_pinned_sizes(self) -> None:
+    # Counters whose size or layout follows the build (CNT_MAX grows with every new drop reason, if_stats with the
+    # per-interface counters): another version's are replaced by empty ones of this build's layout rather than
+    # refused, so an upgrade that counts one more thing keeps services and flows. Everything else is refused.
+    RESETTABLE = ("counters", "if_stats")
+
+    def _check_pinned_sizes(self) -> dict[str, str]:
         """bcc adopts a pinned map whatever its kind, size or layout: a restart with another --max-services (say)
         would run on the old map while the daemon hands out ids up to the new limit, and an upgrade whose struct
         grew or shrank would have the daemon read and write values of the wrong size (a kernel copy past the end
         of its buffer). Every pinned map this program uses is held to the type, key size, value size and entries
         the build declares; a mismatch is refused, naming the map and what differs, before anything is loaded
-        or attached (the previous program keeps forwarding)."""
+        or attached (the previous program keeps forwarding). The RESETTABLE counters are the exception: those of
+        another layout are returned ({name: what differs}) for load() to create anew."""
         from bcc import libbcc
 
+        reset = {}
         lib = libbcc.lib
         lib.bpf_table_key_size_id.restype = lib.bpf_table_leaf_size_id.restype = ctypes.c_size_t
         lib.bpf_table_key_size_id.argtypes = lib.bpf_table_leaf_size_id.argtypes = [ctypes.c_void_p,
@@ -420,15 +452,19 @@ class FastPath:
             diff = [f for f in want if have[f] is not None and have[f] != want[f]]
             if not diff:
                 continue
+            what = ", ".join(f"{f.replace('_', ' ')} {have[f]} (this build: {want[f]})" for f in diff)
+            if name in self.RESETTABLE and "map_type" not in diff:
+                reset[name] = what
+                continue
             if diff == ["max_entries"] and name in self.SIZE_OPTIONS:
                 raise RuntimeError(f"the pinned {name} in {self.pin_dir} has {have['max_entries']} entries, not "
                                    f"{want['max_entries']}: keep {self.SIZE_OPTIONS[name]} as it was, or start with "
                                    f"--fresh to discard the pinned state and resize")
-            what = ", ".join(f"{f.replace('_', ' ')} {have[f]} (this build: {want[f]})" for f in diff)
             raise RuntimeError(f"the pinned {name} in {self.pin_dir} does not have the layout this hdslb's program "
                                f"declares: {what}. Another hdslb version made it; nothing was changed and the "
                                f"attached program keeps forwarding. Start the version that made it again, or start "
                                f"with --fresh to discard the pinned state (services, connections, counters)")
+        return reset
 
     def _create_conn_maps(self, lib, map_type: int, fds: dict) -> None:
         """Create and pin both conn maps empty (their fds into fds); warn first when per-CPU ones take much of

@@ -70,3 +70,62 @@ def test_pins_of_this_layout_are_adopted(pin_dir):
         assert fp.fn is not None
     finally:
         fp.close()
+
+
+def _pin_counters(pin_dir: str, entries: int) -> None:
+    """A fast-path counters array as a version counting `entries` reasons pinned it, with counts in it."""
+    import ctypes as ct
+
+    lib = loader._libbcc()
+    ncpu = loader.possible_cpus()
+    fd = lib.bcc_create_map(6, b"counters", 4, 8, entries, 0)  # BPF_MAP_TYPE_PERCPU_ARRAY of u64
+    assert fd >= 0
+    try:
+        vals = (ct.c_uint64 * ncpu)(*([7] * ncpu))
+        assert lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(0)), vals, 0) == 0
+        assert lib.bpf_obj_pin(fd, os.path.join(pin_dir, "counters").encode()) == 0
+    finally:
+        os.close(fd)
+
+
+def _max_entries(path: str) -> int:
+    lib = loader._libbcc()
+    fd = lib.bpf_obj_get(path.encode())
+    try:
+        return loader._fdinfo_int(fd, "max_entries")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.root
+def test_counters_of_another_version_start_anew_and_the_rest_is_adopted(pin_dir, caplog):
+    """An upgrade that counts one more drop reason (CNT_MAX grew) used to be refused: --fresh, every flow lost.
+    The counters are created anew for this build (and said so); services and connections are adopted."""
+    import logging
+
+    _pins_with_iface_map(pin_dir, 4, 16)
+    _pin_counters(pin_dir, 3)
+    fp = loader.FastPath(pin_dir, loader.Sizes(**SIZES))
+    try:
+        with caplog.at_level(logging.WARNING, logger="hdslb.fastpath"):
+            fp.load(adopt=True)
+        assert fp.fn is not None
+        want = int(fp.table("counters").max_entries)
+        assert want > 3 and _max_entries(os.path.join(pin_dir, "counters")) == want
+        assert "counters pinned by another hdslb version" in caplog.text and "max entries 3" in caplog.text
+        assert all(v == 0 for v in fp.table("counters")[0]), "a new, empty map"
+    finally:
+        fp.close()
+
+
+@pytest.mark.root
+def test_a_refusal_puts_counters_of_another_version_back(pin_dir):
+    _pins_with_iface_map(pin_dir, 4, 24)  # refused: the flows' tables cannot be made anew
+    _pin_counters(pin_dir, 3)
+    fp = loader.FastPath(pin_dir, loader.Sizes(**SIZES))
+    try:
+        with pytest.raises(RuntimeError, match="iface_map"):
+            fp.load(adopt=True)
+    finally:
+        fp.close()
+    assert _max_entries(os.path.join(pin_dir, "counters")) == 3, "the previous version's counters, as they were"
