@@ -570,7 +570,8 @@ class Maps:
         return dict(c, to_saddr=_get_addr(best.saddr, to_af), to_sport=socket.ntohs(best.sport),
                     to_daddr=_get_addr(best.daddr, to_af), to_dport=socket.ntohs(best.dport),
                     ifindex=best.ifindex, dmac=ct.string_at(ct.addressof(best.dmac), 6),
-                    smac=ct.string_at(ct.addressof(best.smac), 6), out=bool(best.flags & abi.CONN_F_OUT))
+                    smac=ct.string_at(ct.addressof(best.smac), 6), out=bool(best.flags & abi.CONN_F_OUT),
+                    fwd=abi.FWD_NAMES.get(best.fwd), need_l2=bool(best.flags & abi.CONN_F_NEED_L2))
 
     CONN_BATCH = 4096
 

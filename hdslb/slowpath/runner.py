@@ -143,31 +143,43 @@ class SlowPathRunner:
         return done
 
     def translate_icmp_error(self, err) -> tuple[str, bytes] | None:
-        """An ICMP error a real server sent about a packet we forwarded (LIP:lport -> RS:port), rewritten into
-        the error the client would have got without the balancer (VIP:vport <- client:cport), framed for the
-        interface the client's packets come from. None when it quotes no flow of ours."""
+        """An ICMP error about a packet of a balanced flow that we rewrote, rewritten as its other side must see it
+        and framed for that side's interface; None when it quotes no such flow.
+
+        From a real server, about a packet we sent it (LIP:lport -> RS:port): the error the client would have got
+        without the balancer (from the VIP, quoting client:cport -> VIP:vport). From the client's side (a router
+        on its path, the client itself), about a packet we sent the client (VIP:vport -> client:cport): the error
+        the real server would have got (from the address it sends the flow to, LIP or the client, quoting
+        RS:port -> that address), as LVS forwards it, so path-MTU discovery works for what servers send. DR and
+        TUNNEL flows' replies do not cross the balancer: nothing of theirs is rewritten here."""
         import struct
 
         from hdslb.slowpath import packets as P
 
         if err.af != 4 or err.inner_sport is None:
             return None
-        # The flow's reply direction is keyed by the real server's side: RS:port -> LIP:lport.
+        # The entry keyed by the quoted packet's reverse: for a packet to a real server (RS:port -> LIP:lport),
+        # the flow's reply entry; for a packet to a client (client:cport -> VIP:vport), its inbound entry.
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
-        if back is None or not back["out"]:
+        if back is None or back.get("need_l2") or back["to_saddr"].version != 4 or back["to_daddr"].version != 4:
+            return None  # (NAT64: the other side is IPv6; an unresolved next hop: no MAC to send to)
+        if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
             return None
-        vip, vport, client, cport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
+        # Either way the entry's rewrite says where the error goes: from to_saddr (the VIP; LIP or, NAT, the
+        # client) to to_daddr (the client; the real server), quoting what to_daddr sent: to_daddr:to_dport ->
+        # to_saddr:to_sport.
+        esrc, esport, edst, edport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
         q = bytearray(err.quoted)
         ihl = (q[0] & 0x0F) * 4
-        q[12:16], q[16:20] = client.packed, vip.packed
+        q[12:16], q[16:20] = edst.packed, esrc.packed
         q[10:12] = b"\0\0"
         q[10:12] = struct.pack("!H", P.checksum(bytes(q[:ihl])))
-        q[ihl:ihl + 4] = struct.pack("!HH", cport, vport)
+        q[ihl:ihl + 4] = struct.pack("!HH", edport, esport)
         if err.inner_proto == 17 and len(q) >= ihl + 8:
             q[ihl + 6:ihl + 8] = b"\0\0"  # the quoted UDP checksum no longer matches; 0 means "none"
         icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, err.mtu or 0)) + q
         icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
-        ip = P.ipv4_header(vip, client, 1, len(icmp), ttl=self.sp.ttl)
+        ip = P.ipv4_header(esrc, edst, 1, len(icmp), ttl=self.sp.ttl)
         ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
         if ifname is None:
             return None

@@ -254,3 +254,70 @@ def test_icmp_error_about_a_flow_is_translated_for_its_client(sp_lab):
     # type 3 code 4, MTU 1400, from the VIP, quoting client:cport -> VIP:80 as the client sent it
     assert out.split() == ["3", "4", "1400", VIP, lab.client.ip, VIP, str(cport), "80"], out
     assert lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"] >= 1
+
+
+CLIENT_SIDE_ERROR = """
+import socket, struct, sys
+def csum(b):
+    b += b'\\0' * (len(b) % 2); s = sum(struct.unpack('!%dH' % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+vip, client = sys.argv[1], sys.argv[2]
+t = socket.create_connection((vip, 80)); cport = t.getsockname()[1]; print(cport, flush=True)
+sys.stdin.readline()
+inner = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 1500, 1, 0x4000, 63, 6, 0, socket.inet_aton(vip), socket.inet_aton(client))
+inner = inner[:10] + struct.pack('!H', csum(inner)) + inner[12:]
+inner += struct.pack('!HHI', 80, cport, 12345)
+icmp = struct.pack('!BBHHH', 3, 4, 0, 0, 1400) + inner
+icmp = icmp[:2] + struct.pack('!H', csum(icmp)) + icmp[4:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto(icmp, (vip, 0))
+sys.stdin.readline()
+"""
+
+SERVER_LISTEN = """
+import socket, struct
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(8); print('ready', flush=True)
+try:
+    while True:
+        d = r.recv(300)
+        ihl = (d[0] & 15) * 4; icmp = d[ihl:]
+        if icmp[0] == 3:
+            q = icmp[8:]; qihl = (q[0] & 15) * 4
+            print(icmp[0], icmp[1], struct.unpack('!H', icmp[6:8])[0], socket.inet_ntoa(d[12:16]),
+                  socket.inet_ntoa(q[12:16]), socket.inet_ntoa(q[16:20]), *struct.unpack('!HH', q[qihl:qihl + 4]))
+            break
+except OSError as e:
+    print('none', e)
+"""
+
+
+@pytest.mark.root
+def test_icmp_error_from_the_client_side_is_sent_on_to_the_real_server(sp_lab):
+    """A router on the client's path cannot forward the server's full-size reply: its "fragmentation needed" to
+    the VIP reaches the real server, from the local address and quoting RS:80 -> LIP:lport as the server sent it,
+    so the server's path-MTU discovery works through FullNAT (LVS forwards such errors too)."""
+    import subprocess
+
+    lab, lb, _ = sp_lab
+    c = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", CLIENT_SIDE_ERROR, VIP, lab.client.ip],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lab.procs.append(c)
+    cport = int(c.stdout.readline())
+    for _ in range(30):  # conn.list reuses a scan for a second
+        flow = next((x for x in lb.call("conn.list")["conns"] if not x["out"] and x["sport"] == cport), None)
+        if flow is not None:
+            break
+        time.sleep(0.2)
+    rs_index = lab.server_ips.index(flow["to_daddr"]) + 1
+    s = subprocess.Popen(["ip", "netns", "exec", lab.server(rs_index).ns, "python3", "-c", SERVER_LISTEN],
+                         stdout=subprocess.PIPE, text=True)
+    lab.procs.append(s)
+    assert s.stdout.readline().strip() == "ready"
+    before = lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"]
+    c.stdin.write("send\n")
+    c.stdin.flush()
+    out, _ = s.communicate(timeout=15)
+    c.stdin.write("done\n")
+    c.stdin.flush()
+    c.wait(timeout=10)
+    assert out.split() == ["3", "4", "1400", LADDR, flow["to_daddr"], LADDR, "80", str(flow["to_sport"])], out
+    assert lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"] == before + 1

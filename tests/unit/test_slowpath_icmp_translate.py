@@ -1,0 +1,100 @@
+"""ICMP errors about a balanced flow, translated by the slow path: a real server's error about a packet we sent
+it goes to the client as if the VIP had sent it; an error from the client's side (a router on the way to the
+client, the client itself) about a packet we sent the client goes to the real server, as LVS forwards it, so
+path-MTU discovery works for what the servers send (downloads)."""
+
+import ipaddress
+import types
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
+from scapy.layers.l2 import Ether
+
+from hdslb.slowpath import packets as P
+from hdslb.slowpath.runner import SlowPathRunner
+
+A = ipaddress.ip_address
+CLIENT, VIP, LIP, RS = "10.0.0.1", "10.0.0.100", "192.168.100.200", "192.168.100.2"
+ROUTER = "10.0.0.254"
+CMAC, RMAC, LBMAC = b"\x02\xcc\0\0\0\x01", b"\x02\x55\0\0\0\x02", b"\x02\xaa\0\0\0\x01"
+
+
+def _runner(entries: dict):
+    """A runner over a stand-in conn table: {(proto, saddr, sport, daddr, dport): entry}."""
+    def conn_get(proto, saddr, sport, daddr, dport):
+        e = entries.get((proto, str(saddr), sport, str(daddr), dport))
+        return None if e is None else dict(e, proto=proto, saddr=A(saddr), sport=sport, daddr=A(daddr), dport=dport)
+
+    d = types.SimpleNamespace(maps=types.SimpleNamespace(conn_get=conn_get),
+                              bal=types.SimpleNamespace(ifaces={"eth1": types.SimpleNamespace(name="eth1", ifindex=7),
+                                                                "eth0": types.SimpleNamespace(name="eth0", ifindex=5)}))
+    return types.SimpleNamespace(d=d, sp=types.SimpleNamespace(ttl=64))
+
+
+def _flow(proto, fwd, lport=2000):
+    """A flow client:40000 -> VIP:80 to RS:80, FullNAT through LIP:lport or NAT, both entries."""
+    src = LIP if fwd == "fnat" else CLIENT
+    sport = lport if fwd == "fnat" else 40000
+    inbound = {"to_saddr": A(src), "to_sport": sport, "to_daddr": A(RS), "to_dport": 80, "out": False,
+               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": fwd, "need_l2": False}
+    reply = {"to_saddr": A(VIP), "to_sport": 80, "to_daddr": A(CLIENT), "to_dport": 40000, "out": True,
+             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": fwd, "need_l2": False}
+    return {(proto, CLIENT, 40000, VIP, 80): inbound, (proto, RS, 80, src, sport): reply}
+
+
+def _error(outer_src, outer_dst, quoted, mtu=1400):
+    icmp = bytes(ICMP(type=3, code=4, nexthopmtu=mtu) / bytes(quoted)[:28])
+    return P.parse_icmp_error(icmp)
+
+
+@pytest.mark.parametrize("fwd", ["fnat", "nat"])
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_an_error_from_the_client_side_goes_to_the_real_server(fwd, l4):
+    """A router on the client's path cannot take the server's 1500-byte reply (VIP:80 -> client:40000): its
+    "fragmentation needed" reaches the VIP and is sent on to the real server, quoting the packet as the server
+    sent it (RS:80 -> LIP:lport, or -> client for NAT), from the address the server sends that flow to."""
+    proto = 6 if l4 is TCP else 17
+    sent = IP(src=VIP, dst=CLIENT, flags="DF", len=1500) / l4(sport=80, dport=40000)
+    r = _runner(_flow(proto, fwd))
+    out = SlowPathRunner.translate_icmp_error(r, _error(ROUTER, VIP, sent))
+    assert out is not None
+    ifname, frame = out
+    p = Ether(frame)
+    assert ifname == "eth1" and (p.dst, p.src) == ("02:55:00:00:00:02", "02:aa:00:00:00:01")
+    peer = LIP if fwd == "fnat" else CLIENT
+    assert (p[IP].src, p[IP].dst, p[ICMP].type, p[ICMP].code, p[ICMP].nexthopmtu) == (peer, RS, 3, 4, 1400)
+    q = p[IPerror]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, inner.sport, inner.dport) == (RS, peer, 80, 2000 if fwd == "fnat" else 40000)
+    chk = IP(bytes(p[IP]))
+    del chk[IP].chksum
+    del chk[ICMP].chksum
+    chk = IP(bytes(chk))
+    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+    q2 = IP(bytes(q)[:20])
+    del q2.chksum
+    assert IP(bytes(q2)).chksum == q.chksum, "the quoted header's checksum is the rewritten header's"
+
+
+def test_an_error_from_a_real_server_still_goes_to_the_client():
+    sent = IP(src=LIP, dst=RS, flags="DF") / TCP(sport=2000, dport=80)
+    r = _runner(_flow(6, "fnat"))
+    ifname, frame = SlowPathRunner.translate_icmp_error(r, _error(RS, LIP, sent))
+    p = Ether(frame)
+    assert ifname == "eth0" and (p[IP].src, p[IP].dst) == (VIP, CLIENT)
+    assert (p[IPerror].src, p[IPerror].dst, p[TCPerror].sport, p[TCPerror].dport) == (CLIENT, VIP, 40000, 80)
+
+
+@pytest.mark.parametrize("fwd", ["dr", "tunnel"])
+def test_an_error_about_a_flow_the_balancer_does_not_rewrite_is_left(fwd):
+    """DR and TUNNEL replies leave the servers straight to the client: no rewrite to undo here (not forwarded)."""
+    sent = IP(src=VIP, dst=CLIENT, flags="DF") / TCP(sport=80, dport=40000)
+    flows = _flow(6, "fnat")
+    flows[(6, CLIENT, 40000, VIP, 80)] = dict(flows[(6, CLIENT, 40000, VIP, 80)], fwd=fwd, to_saddr=A(CLIENT),
+                                               to_sport=40000)
+    assert SlowPathRunner.translate_icmp_error(_runner(flows), _error(ROUTER, VIP, sent)) is None
+
+
+def test_an_error_quoting_no_flow_is_left():
+    sent = IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40001)
+    assert SlowPathRunner.translate_icmp_error(_runner(_flow(6, "fnat")), _error(ROUTER, VIP, sent)) is None
