@@ -1984,7 +1984,14 @@ def down_offline(settings: Settings) -> list[str]:
     done = []
     try:
         ours = loader.pinned_map_ids(d.pin_dir)
-        for name, mode, prog_id in loader.our_xdp_links(ours) if ours else ():
+        here = loader.our_xdp_links(ours) if ours else []
+        elsewhere = loader.progs_using(ours) - {prog_id for _, _, prog_id in here} if ours else set()
+        if elsewhere:  # removing the pins would leave it forwarding with nothing able to reach its maps
+            raise HdslbError(errno.EBUSY, (
+                f"XDP program id {', '.join(map(str, sorted(elsewhere)))} uses the pinned maps in {d.pin_dir} and is "
+                f"not attached to an interface of this network namespace: hdslbd ran in another one. Nothing was "
+                f"changed; run the down there (ip netns exec NS hdslb-ctl down)"))
+        for name, mode, prog_id in here:
             xdp_pass.detach(name, generic=mode == "generic")
             done.append(f"detached XDP program id {prog_id} from {name} ({mode})")
         if os.path.isdir(d.pin_dir):

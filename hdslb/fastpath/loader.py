@@ -615,6 +615,22 @@ def foreign_xdp(ifname: str, ours: set[int]) -> tuple[int, str] | None:
     return None if maps & ours else (prog_id, name or "?")
 
 
+def progs_using(ours: set[int]) -> set[int]:
+    """Ids of every loaded program that uses one of the map ids `ours`, wherever it is attached (any namespace)."""
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    lib.bpf_prog_get_next_id.restype = ctypes.c_int
+    lib.bpf_prog_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    out, cur, nxt = set(), 0, ctypes.c_uint32(0)
+    while lib.bpf_prog_get_next_id(cur, ctypes.byref(nxt)) == 0:
+        cur = nxt.value
+        info = prog_info(cur)
+        if info is not None and info[1] & ours:
+            out.add(cur)
+    return out
+
+
 def our_xdp_links(ours: set[int]) -> list[tuple[str, str, int]]:
     """(interface, mode, program id) of every interface of this network namespace whose XDP program uses one of
     the map ids `ours` (an instance's pins): what a daemon of that instance attached."""

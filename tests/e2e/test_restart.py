@@ -278,8 +278,11 @@ def test_down_with_no_daemon_takes_down_what_it_left(lab_up):
     """`hdslb-ctl down` after a kill -9 used to say "cannot reach hdslbd" and leave the program attached, the pins
     and the model: the documented way out did nothing. It detaches the instance's program (only one using its
     pinned maps) and removes its pins and model; a second down says there is nothing left."""
+    import os
+
     from hdslb.daemon import DEFAULT_STATE_DIR, instance_name
 
+    from .conftest import HDSLB_CTL
     from .test_fnat import quick_start
 
     lab, lb, servers, _ = lab_up
@@ -287,12 +290,16 @@ def test_down_with_no_daemon_takes_down_what_it_left(lab_up):
     pid = daemon_pid(lb)
     subprocess.run(["kill", "-9", str(pid)], check=True)
     wait_gone(pid)
+    # from the wrong namespace (here: the host's) nothing is taken down: the program runs where hdslbd ran
+    wrong = subprocess.run([*HDSLB_CTL, "down", "--ctl-socket", str(lab.ctrl_path), "--pin-root",
+                            str(lab.pin_dir.parent)], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "not attached to an interface of this network namespace" in wrong.stderr, \
+        wrong.stderr
+    assert xdp_prog_id(lab) and lab.pin_dir.exists() and os.path.exists(state)
     r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
     assert r.returncode == 0, r.stderr
     assert "detached XDP program id" in r.stdout and str(lab.pin_dir) in r.stdout and state in r.stdout, r.stdout
     assert xdp_prog_id(lab) is None and not lab.pin_dir.exists()
-    import os
-
     assert not os.path.exists(state)
     r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
     assert r.returncode == 1 and "nothing of instance" in r.stderr, r.stderr
