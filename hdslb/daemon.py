@@ -609,6 +609,8 @@ class Daemon:
         ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)
         self.fp = FastPath(self.pin_dir, self.sizes)
         snap = None if s.fresh else self._read_state()
+        if snap is not None:
+            self._check_snapshot_ifaces(snap, ifaces)
         adopt = snap is not None and self.fp.has_pins()
         if self.fp.has_pins() and not adopt:
             log.warning("discarding pinned state in %s (--fresh)", self.pin_dir)
@@ -954,6 +956,28 @@ class Daemon:
             why = e.message if isinstance(e, HdslbError) else f"{type(e).__name__}: {e}"
             return self._unusable_state(f"does not hold a valid model ({why})")
         return snap
+
+    def _check_snapshot_ifaces(self, snap: dict, ifaces: dict) -> None:
+        """The saved model's entries on an interface this start does not name (a restart with fewer interfaces)
+        cannot be restored: refused before anything is loaded, naming the interfaces and what uses them."""
+        uses: dict[str, set] = {}
+        for v in snap["services"]:
+            for la in v["laddrs"]:
+                uses.setdefault(la["ifname"], set()).add("local addresses")
+            for k in ("iif", "oif"):
+                if v.get("match") and v["match"].get(k):
+                    uses.setdefault(v["match"][k], set()).add("SNAT rules")
+        for kind, what in (("addrs", "addresses"), ("routes", "routes"), ("neighs", "neighbours")):
+            for e in snap[kind]:
+                uses.setdefault(e["ifname"], set()).add(what)
+        missing = {n: w for n, w in uses.items() if n not in ifaces}
+        if missing:
+            names = ", ".join(f"{n} ({', '.join(sorted(w))})" for n, w in sorted(missing.items()))
+            raise HdslbError(errno.ENODEV, (
+                f"the saved model {self.settings.state_file} has entries on interfaces this start does not name: "
+                f"{names}; nothing was changed. Start with them too ({' '.join([*ifaces, *sorted(missing)])}), or "
+                f"remove those entries first with the interfaces named, or start with --fresh to discard the "
+                f"saved state"))
 
     def _unusable_state(self, why: str, first_choice: str = "put back a good copy of it") -> None:
         path = self.settings.state_file

@@ -130,3 +130,26 @@ ctypes.CDLL(None).syscall({sys_exit}, 0)
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_restart_naming_fewer_interfaces_than_the_model_uses_is_refused_naming_them(tmp_path):
+    """Restarted with `up eth0` where the saved model has a route and an address on eth1, the start adopted the pins,
+    then failed in the restore with "device 'eth1' is not managed by this balancer": nothing said it came from the
+    saved model or what to do. Refused before anything is loaded, naming the interface, what uses it and the way
+    out."""
+    from hdslb.balancer import Balancer, snapshot
+
+    from .test_balancer import Recorder
+    from .test_batch import IFACES
+
+    bal = Balancer(Recorder(), dict(IFACES))
+    bal.route_add({"prefix": "20.0.0.0", "prefixlen": 16, "ifname": "eth1"})
+    bal.addr_add({"addr": "10.9.0.1", "prefixlen": 32, "ifname": "eth1"})
+    snap = snapshot(bal)
+    d = _daemon(tmp_path)
+    d._check_snapshot_ifaces(snap, dict(IFACES))  # every interface named: fine
+    with pytest.raises(HdslbError) as e:
+        d._check_snapshot_ifaces(snap, {"eth0": IFACES["eth0"]})
+    msg = e.value.message
+    assert "eth1 (addresses, routes)" in msg and d.settings.state_file in msg and "eth0 eth1" in msg, msg
+    assert "--fresh" in msg
