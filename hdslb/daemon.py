@@ -1124,7 +1124,10 @@ class Daemon:
         # A packet may have arrived since the scan: each flow goes only if none did (checked in the kernel,
         # entry by entry, right before the delete: Maps.remove_dead_requests / remove_dead_flows).
         if cols is not None:
-            removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim))
+            # UDP flows of a removed real server go whatever their idle time (LVS expire_nodest_conn): a client
+            # that keeps sending on one tuple would otherwise be sent to it for good
+            gone = cols.nodest_udp(Daemon.real_servers(self))
+            removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim, gone))
         else:  # the columns' key hashing could not tell two keys apart: the per-entry reading
             dead = aging.expired_rows(self.maps.conn_aging_view(), now, lim)
             removed = self.maps.remove_dead_flows(dead) if dead else 0
@@ -1135,6 +1138,15 @@ class Daemon:
         if cols is not None:
             Daemon.keep_templates(self, cols, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         return removed
+
+    def real_servers(self) -> list[tuple[int, bytes, bool]]:
+        """(slot, address as 16 bytes, is a SNAT source) of every real server, drained ones included. Read from
+        the sweep's thread: the dicts are copied whole first (one C call each, atomic under the GIL)."""
+        out = []
+        for s in list(self.bal.services.values()):
+            for d in list(s.dests.values()):
+                out.append((d.slot, d.addr.packed.ljust(16, b"\0"), s.match is not None))
+        return out
 
     def keep_templates(self, cols, now_ns: int) -> int:
         """Renew the persistence templates whose client still has a live flow to the template's server; returns
@@ -1147,7 +1159,7 @@ class Daemon:
 
         from hdslb.fastpath import aging
 
-        svcs = {s.svc_id: s for s in self.bal.services.values() if s.persistent}
+        svcs = {s.svc_id: s for s in list(self.bal.services.values()) if s.persistent}
         if not svcs or not len(cols) or now_ns < getattr(self, "_templates_due_ns", 0):
             return 0
         self._templates_due_ns = now_ns + min(s.persistent for s in svcs.values()) * 10**9 // 4
@@ -1156,7 +1168,7 @@ class Daemon:
         if not temps:
             return 0
         plen_of = {d.slot: svcs[t["svc_id"]].persist_plen for t in temps
-                   for d in svcs[t["svc_id"]].dests.values()}
+                   for d in list(svcs[t["svc_id"]].dests.values())}
 
         def record(addr16, slot, af):  # (client network, server slot, family) as 24 bytes, one row each
             rec = np.zeros((len(slot), 24), np.uint8)

@@ -274,11 +274,15 @@ class Columns:
     # struct sweep_req (bpf/hdslb_xdp.c): two wide keys, the newest last_seen, how many keys, removed (out)
     SWEEP_REQ = 2 * KEY_SIZE + 16
 
-    def sweep_requests(self, now: int, lim: Limits) -> bytes:
-        """expired()'s flows as hdslb_sweep's requests, built with numpy (no Python object per flow)."""
+    # hdslb_sweep removes a flow only if no copy has seen a packet after `last`: never true with this one
+    LAST_FORCED = (1 << 64) - 1
+
+    def sweep_requests(self, now: int, lim: Limits, force=None) -> bytes:
+        """expired()'s flows as hdslb_sweep's requests, built with numpy (no Python object per flow); plus the
+        flows of the rows in `force` (indexes), removed whatever their idle time and even if a packet comes."""
         import numpy as np
 
-        r, j, last = self._dead(now, lim)
+        r, j, last = self._dead(now, lim, force)
         req = np.zeros((len(r), self.SWEEP_REQ), np.uint8)
         req[:, :KEY_SIZE] = self.keys[r]
         two = j >= 0
@@ -288,8 +292,9 @@ class Columns:
         tail[:, 2] = 1 + two
         return req.tobytes()
 
-    def _dead(self, now: int, lim: Limits):
-        """The flows idle past their timeout: (their first row, the partner's row or -1, newest last_seen)."""
+    def _dead(self, now: int, lim: Limits, force=None):
+        """The flows idle past their timeout: (their first row, the partner's row or -1, newest last_seen); those
+        of the rows in `force` too, with last_seen LAST_FORCED."""
         import numpy as np
 
         n = len(self)
@@ -315,8 +320,37 @@ class Columns:
         by_state = np.array(list(lim.by_state) + [lim.close] * (256 - len(lim.by_state)), np.int64)
         limit = np.where(self.proto[r] == socket.IPPROTO_UDP, lim.udp, by_state[state])
         idle = np.int64(now) - last.astype(np.int64)
-        dead = np.flatnonzero(idle > limit)
+        if force is not None and len(force):
+            forced = np.zeros(n, bool)
+            forced[force] = True
+            forced = forced[r] | ((j >= 0) & forced[jc])
+            last = np.where(forced, np.uint64(self.LAST_FORCED), last)
+            dead = np.flatnonzero((idle > limit) | forced)
+        else:
+            dead = np.flatnonzero(idle > limit)
         return r[dead], j[dead], last[dead]
+
+    def nodest_udp(self, dests) -> "np.ndarray":
+        """The inbound UDP rows whose real server is gone: dests is every real server there is, (slot, address
+        as 16 bytes, is a SNAT source); a row is gone when its slot is none of theirs, or the slot's server now
+        has another address than the one the flow is rewritten to (the slot went to a new server). A SNAT
+        flow's rewrite is the outside host, so its slot alone is checked."""
+        import numpy as np
+
+        rows = np.flatnonzero(~self.out & (self.proto == socket.IPPROTO_UDP))
+        if not len(rows):
+            return rows
+        dests = sorted(dests)
+        ks = np.array([x[0] for x in dests], np.int64)
+        slot = self.slot[rows].astype(np.int64)
+        if not len(ks):
+            return rows
+        pos = np.minimum(np.searchsorted(ks, slot), len(ks) - 1)
+        known = ks[pos] == slot
+        addr = np.frombuffer(b"".join(x[1] for x in dests), np.uint8).reshape(-1, 16)[pos]
+        snat = np.array([x[2] for x in dests], bool)[pos]
+        same = np.all(addr == self.partner[rows, K_SADDR:K_SADDR + 16], axis=1)  # the rewrite's destination
+        return rows[~(known & (snat | same))]
 
     def counts(self) -> dict[int, tuple[int, int]]:
         import numpy as np

@@ -277,3 +277,43 @@ def test_evicted_counts_only_what_the_lru_evicted(fastpath, maps, bal):
     for k in list(t.keys())[:5]:                           # entries the LRU took for newer ones
         del t[k]
     assert Daemon.conn_table(d)["evicted"] == 5
+
+
+def test_a_udp_flow_whose_server_was_removed_is_scheduled_afresh(fastpath, maps, bal):
+    """A client that keeps sending on one UDP tuple (syslog, SIP, QUIC, a resolver with a fixed port) never lets
+    its flow go idle: after its real server was removed (by hand, or by a failing health check) it was sent
+    to that server for good. The sweep now expires such flows at once, as LVS does with expire_nodest_conn,
+    so the next datagram is scheduled to a server that is there, also when the removed server's slot went to
+    a new server meanwhile. A drained server (weight 0) keeps its flows, as in LVS."""
+    import types
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    usvc = {"proto": "udp", "addr": VIP, "port": 53}
+    bal.service_add(dict(usvc, sched="rr"))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": usvc, "addr": rs, "port": 53, "fwd": "fnat"})
+    bal.laddr_add({"svc": usvc, "addr": "192.168.100.200", "ifname": "lo"})
+
+    def dgram(sport):
+        return Ether(src="02:cc:00:00:00:01", dst=LB) / IP(src=CLIENT, dst=VIP) / UDP(sport=sport, dport=53) / b"q"
+
+    def server_of(sport):
+        v, out = run(fastpath, dgram(sport))
+        assert v == XDP_TX
+        return out[IP].dst
+
+    first = {sport: server_of(sport) for sport in (5000, 5001, 5002, 5003)}
+    gone, stays = RSS[0], RSS[1]
+    bal.dest_edit({"svc": usvc, "addr": stays, "port": 53, "weight": 0})    # drained: its flows go on
+    svc = bal.get_service(usvc)
+    freed = next(x.slot for x in svc.dests.values() if str(x.addr) == gone)
+    bal.dest_del({"svc": usvc, "addr": gone, "port": 53})
+    bal.dest_add({"svc": usvc, "addr": RSS[2], "port": 53, "fwd": "fnat"})
+    assert next(x.slot for x in svc.dests.values() if str(x.addr) == RSS[2]) == freed, "the new server's slot"
+    d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    removed = Daemon.sweep(d)
+    assert removed == 2 * sum(1 for s in first.values() if s == gone)
+    for sport, was in first.items():
+        assert server_of(sport) == (RSS[2] if was == gone else stays), sport
