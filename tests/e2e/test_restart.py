@@ -53,12 +53,15 @@ def test_kill_9_then_restart_loses_no_flow(lab_up):
     transfers = start_transfers(lab, TRANSFERS)
     time.sleep(2)
     pid = daemon_pid(lb)
+    new_before = lb.call("stats.get")["counters"]["conn_new"]
     subprocess.run(["kill", "-9", str(pid)], check=True)
     # the fast path keeps forwarding with nobody at the control socket, new connections included
     lines = curl_loop(lab, f"http://{VIP}/", 10)
     assert len(lines) == 10 and "FAIL" not in lines, lines
     lb.up("veth-lb0")
     assert daemon_pid(lb) != pid
+    # the counters went on: those from before the kill, and the ten connections made while no daemon ran
+    assert lb.call("stats.get")["counters"]["conn_new"] >= new_before + 10
     # same services, real servers, forwarding and weights (the connection columns have moved on)
     assert [ln.split()[:4] for ln in lb.ipvsadm("-Ln").stdout.splitlines()] == [ln.split()[:4] for ln in before.splitlines()]
     assert LADDR in lb.ipvsadm("-G").stdout
