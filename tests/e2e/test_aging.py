@@ -177,6 +177,38 @@ def test_a_connection_the_server_resets_is_closed_inactive_and_leaves_after_clos
 
 
 @pytest.mark.root
+def test_a_udp_client_on_one_tuple_follows_when_its_server_is_removed(small_lb):
+    """A client sending on one UDP source port without pause never lets its flow idle out: when its real server
+    is removed the next sweep expires the flow and the following datagrams reach the other server (before, they
+    went to the removed one for as long as the client kept sending)."""
+    lab, lb = small_lb
+    import subprocess
+
+    script = ("import socket, sys, time\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.3); s.bind(('0.0.0.0', 33000))\n"
+              "end = time.time() + 6\n"
+              "while time.time() < end:\n"
+              f"    s.sendto(b'x', ('{VIP}', 53))\n"
+              "    try:\n"
+              "        print(s.recvfrom(100)[0].decode().split()[0], flush=True)\n"
+              "    except OSError:\n"
+              "        print('-', flush=True)\n"
+              "    time.sleep(0.1)\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", script], stdout=subprocess.PIPE,
+                         text=True)
+    lab.procs.append(p)
+    first = p.stdout.readline().strip()
+    assert first in ("rs1", "rs2"), first
+    gone = lab.server_ips[int(first[2:]) - 1]
+    lb.ipvsadm("-d", "-u", f"{VIP}:53", "-r", f"{gone}:53")
+    try:
+        out = p.communicate(timeout=30)[0].split()
+        assert out[-15:] == [f"rs{3 - int(first[2:])}"] * 15, out  # the last 1.5 s: the other server only
+    finally:
+        lb.ipvsadm("-a", "-u", f"{VIP}:53", "-r", f"{gone}:53", "-b")
+
+
+@pytest.mark.root
 def test_full_table_keeps_serving_and_reports_evictions(small_lb):
     lab, lb = small_lb
     answered = udp_flows(lab, 5000, first_port=40000)
