@@ -503,13 +503,34 @@ class FastPath:
         return self.bpf[name]
 
     def attach(self, ifname: str, mode: str = "auto") -> str:
-        """Attach to `ifname`, atomically replacing a program already there; returns the mode used."""
+        """Attach to `ifname`, atomically replacing a program already there in the same mode; returns the mode used.
+
+        The caller has made sure what runs there is this instance's (a restart's predecessor). auto keeps the mode
+        that program runs in. Another mode asked for explicitly (a restart with a changed --xdp-mode) cannot be
+        attached over it (the kernel runs one mode at a time): the old one is detached first, packets in between
+        reaching the kernel's stack, and put back if the new mode fails."""
         from bcc import BPF
 
+        from hdslb.fastpath import xdp_pass
+
+        flags_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+        current, _prog = xdp_pass.query(ifname)
         if mode == "auto":
-            mode = "generic" if is_veth(ifname) else "native"
-        flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
-        BPF.attach_xdp(ifname, self.fn, flags)
+            mode = current if current in flags_of else "generic" if is_veth(ifname) else "native"
+        flags = flags_of[mode]
+        if current in flags_of and current != mode:
+            log.warning("%s runs XDP in %s mode; switching to %s (packets in between reach the kernel's stack)",
+                        ifname, current, mode)
+            BPF.remove_xdp(ifname, flags_of[current])
+            try:
+                BPF.attach_xdp(ifname, self.fn, flags)
+            except Exception:
+                BPF.attach_xdp(ifname, self.fn, flags_of[current])
+                self.attached[ifname] = flags_of[current]
+                log.error("%s: %s mode refused; attached again in %s mode", ifname, mode, current)
+                raise
+        else:
+            BPF.attach_xdp(ifname, self.fn, flags)
         self.attached[ifname] = flags
         return mode
 

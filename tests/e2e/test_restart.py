@@ -377,3 +377,26 @@ def test_an_interface_recreated_while_hdslbd_runs_is_attached_again(tmp_path):
         import shutil
 
         shutil.rmtree(f"/run/hdslb/bpffs/rs{os.getpid()}", ignore_errors=True)
+
+
+@pytest.mark.root
+def test_a_restart_in_another_xdp_mode_switches_the_mode(lab_up):
+    """--xdp-mode changed across a restart (native to generic, say a driver whose native XDP misbehaves): the kernel
+    runs one mode at a time, so attaching in the other mode over the running program failed (EBUSY, a traceback;
+    and the failed start's clean-up then wiped the pins). The old mode is detached first, then the new attached."""
+    import json
+
+    lab, lb, servers, _ = lab_up
+
+    def mode():
+        link = json.loads(lab.lb_run(["ip", "-j", "-d", "link", "show", "veth-lb0"]).stdout)[0]
+        return (link.get("xdp") or {}).get("mode")
+
+    for want, code in (("generic", 2), ("native", 1)):  # IFLA_XDP_ATTACHED: 1 driver, 2 generic (skb)
+        pid = daemon_pid(lb)
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+        wait_gone(pid)
+        lb.up("veth-lb0", mode=want)
+        assert mode() == code and lb.call("daemon.status")["interfaces"] == {"veth-lb0": want}
+        lines = curl_loop(lab, f"http://{VIP}/", 4)
+        assert len(lines) == 4 and "FAIL" not in lines, lines
