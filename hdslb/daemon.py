@@ -23,7 +23,7 @@ from hdslb.balancer import Balancer, Iface, restore, snapshot
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
-from hdslb.fastpath.loader import CONN_TABLES
+from hdslb.fastpath.loader import CONN_TABLES, XdpAttachError
 from hdslb.fastpath.maps import STAT_FIELDS
 
 log = logging.getLogger("hdslb")
@@ -659,7 +659,10 @@ class Daemon:
         self._save_state()
         try:
             for name in ifaces:
-                self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
+                try:
+                    self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
+                except XdpAttachError as e:  # one line naming the interface and the way out, not a traceback
+                    raise HdslbError(errno.EOPNOTSUPP, str(e)) from None
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
             if self.fp.legacy_conn_pin:  # an upgrade from the single-table layout: its flows move over now
                 try:

@@ -515,6 +515,7 @@ class FastPath:
 
         flags_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
         current, _prog = xdp_pass.query(ifname)
+        fallback = mode == "auto" and current not in flags_of  # a first attach may fall back to generic
         if mode == "auto":
             mode = current if current in flags_of else "generic" if is_veth(ifname) else "native"
         flags = flags_of[mode]
@@ -530,7 +531,23 @@ class FastPath:
                 log.error("%s: %s mode refused; attached again in %s mode", ifname, mode, current)
                 raise
         else:
-            BPF.attach_xdp(ifname, self.fn, flags)
+            try:
+                BPF.attach_xdp(ifname, self.fn, flags)
+            except Exception as e:
+                if not (fallback and mode == "native"):
+                    raise XdpAttachError(
+                        f"{ifname}: the driver refused XDP in {mode} mode ({e})"
+                        + ("; --xdp-mode generic works on any interface (slower)" if mode == "native" else "")
+                    ) from None
+                # The driver has no native XDP (or refuses it as configured: LRO on, an MTU too large): the
+                # generic hook runs on any interface, as `ip link set xdp` users expect of auto.
+                log.warning("%s: native XDP refused (%s); attaching in generic mode", ifname, e)
+                mode, flags = "generic", XDP_FLAGS_SKB_MODE
+                try:
+                    BPF.attach_xdp(ifname, self.fn, flags)
+                except Exception as e2:
+                    raise XdpAttachError(f"{ifname}: the kernel refused XDP in native and in generic mode "
+                                         f"({e2})") from None
         self.attached[ifname] = flags
         return mode
 
@@ -671,6 +688,10 @@ def our_xdp_links(ours: set[int]) -> list[tuple[str, str, int]]:
         if info is not None and info[1] & ours:
             out.append((name, mode, prog_id))
     return out
+
+
+class XdpAttachError(RuntimeError):
+    """An interface refused the program: the message names it, the mode and what to do."""
 
 
 def is_veth(ifname: str) -> bool:
