@@ -145,7 +145,7 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
     add("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
         help=f"bpffs directory holding one sub-directory of pinned maps per instance (default "
              f"${{HDSLB_PIN_ROOT}} or {DEFAULT_PIN_ROOT})")
-    add("--max-conns", type=int, default=DEFAULT_MAX_CONNS,
+    add("--max-conns", type=int,
         help=f"IPv4 connection table entries, one per direction (default {DEFAULT_MAX_CONNS}; conn_pool_size in "
              "the config)")
     add("--max-conns6", type=int,
@@ -199,7 +199,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         lo, hi = parse_lport_range(ns.lport_range)
     except ValueError as e:
         p.error(str(e))
-    if ns.max_conns < 256:
+    if ns.max_conns is not None and ns.max_conns < 256:
         p.error("--max-conns must be at least 256")
     if ns.max_conns6 is not None and ns.max_conns6 < 256:
         p.error("--max-conns6 must be at least 256")
@@ -229,7 +229,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             p.exit(2, f"hdslbd: {e}\n")
         interfaces = interfaces or list(cfg.netif_defs.interfaces)
         explicit_ctl = explicit_ctl or cfg.ctrl_defs.ctl_socket
-        if ns.max_conns == DEFAULT_MAX_CONNS and cfg.ipvs_defs.conn.conn_pool_size:
+        if ns.max_conns is None and cfg.ipvs_defs.conn.conn_pool_size:  # the command line wins, also at 262144
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
         conn_table = conn_table or cfg.ipvs_defs.conn.conn_table
         max_conns6 = max_conns6 or cfg.ipvs_defs.conn.conn6_pool_size
@@ -258,7 +258,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
     ctl = protocol.resolve_socket(explicit_ctl)
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns, max_conns6=max_conns6 or 0,
+                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns or DEFAULT_MAX_CONNS,
+                    max_conns6=max_conns6 or 0,
                     conn_table=conn_table or "percpu", lport_min=lo,
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,

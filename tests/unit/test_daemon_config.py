@@ -66,6 +66,9 @@ def test_config_file_supplies_interfaces_socket_and_table_size(tmp_path, monkeyp
     assert (s.interfaces, s.ctl_socket, s.max_conns) == (["eth7"], "/run/hdslb/x.ctrl", 4096)
     s = settings_from_args(["-f", str(conf), "eth1", "--ctl-socket", "/tmp/y"])
     assert (s.interfaces, s.ctl_socket) == (["eth1"], "/tmp/y")
+    # the command line wins, also when it names the built-in default (it used to lose to the file then)
+    assert settings_from_args(["-f", str(conf), "--max-conns", "262144"]).max_conns == 262144
+    assert settings_from_args(["eth0"]).max_conns == 262144
 
 
 def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
