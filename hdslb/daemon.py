@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from hdslb import __version__
 from hdslb.balancer import Balancer, Iface, restore, snapshot
+from hdslb.config.model import LVS_TIMEOUTS
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
@@ -184,10 +185,17 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
 
 
 def timeouts_of(cfg) -> dict:
-    """The idle timeouts (seconds, by the names Settings.timeouts uses) a config's ipvs_defs sets."""
+    """The idle timeouts (seconds, by the names Settings.timeouts uses) a config sets: ipvs_defs's timeout blocks,
+    and keepalived's `global_defs { lvs_timeouts tcp N tcpfin N udp N }` for the three it names (the loader refuses
+    a file where both set one timeout to different values, so neither silently wins)."""
+    from hdslb.config.model import LVS_TIMEOUTS
+
     tcp = cfg.ipvs_defs.tcp.timeout
-    return dict(DEFAULT_TIMEOUTS, syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
-                close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
+    out = dict(DEFAULT_TIMEOUTS, syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
+               close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
+    for lvs, secs in (cfg.global_defs.lvs_timeouts or {}).items():
+        out[LVS_TIMEOUTS[lvs]] = secs
+    return out
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -268,6 +276,18 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
                     max_persist=ns.max_persist, max_services=ns.max_services, max_dests=ns.max_dests,
                     extra={"notices": notices, "log_level_from_cli": ns.log_level is not None})
+
+
+def _check_saved_timeouts(saved) -> None:
+    """The state file's --set timeouts: {state name: {"value": s, "base": s}}; raises ValueError naming the fault."""
+    from hdslb.config.model import MAX_TIMEOUT_S
+
+    if not isinstance(saved, dict):
+        raise ValueError("its timeouts are not a map")
+    for name, o in saved.items():
+        if name not in DEFAULT_TIMEOUTS or not isinstance(o, dict) or set(o) != {"value", "base"} or not all(
+                type(o[k]) is int and 1 <= o[k] <= MAX_TIMEOUT_S for k in ("value", "base")):
+            raise ValueError(f"its timeout {name!r} is not {{value, base}} in 1..{MAX_TIMEOUT_S} seconds")
 
 
 class _NullDataPath:
@@ -551,6 +571,11 @@ class Daemon:
                            max_services=settings.max_services, max_dests=settings.max_dests)
         self.ctl_path = settings.ctl_socket
         self.pin_dir = settings.pin_dir
+        # Timeouts: the config's (file_timeouts, or the defaults without -f), and the ipvsadm --set / timeouts.set
+        # values standing over them: state name -> {"value": seconds, "base": the config's value when it was set}.
+        # settings.timeouts is what runs: file_timeouts with the set values over it (see _rebase_timeouts).
+        self.file_timeouts = dict(settings.timeouts)
+        self.timeout_overrides: dict[str, dict] = {}
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.fp = None
@@ -642,6 +667,8 @@ class Daemon:
             raise HdslbError(errno.EINVAL, str(e)) from None
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
+        if snap is not None:
+            self._adopt_saved_timeouts(snap)
         self.maps.set_idle_timeouts(s.timeouts)
         if not adopt:  # an adopted table keeps its cursor: the ports just used are in it
             self.maps.seed_lport_cursor()
@@ -956,6 +983,7 @@ class Daemon:
             checks = snap.get("checks", [])
             if not isinstance(checks, list) or not all(isinstance(c, dict) and "key" in c for c in checks):
                 raise ValueError("its checks are not a list of checks")
+            _check_saved_timeouts(snap.get("timeouts", {}))  # absent in files written before ipvsadm --set
         except Exception as e:
             why = e.message if isinstance(e, HdslbError) else f"{type(e).__name__}: {e}"
             return self._unusable_state(f"does not hold a valid model ({why})")
@@ -1006,7 +1034,7 @@ class Daemon:
         path = self.settings.state_file
         t0 = time.monotonic()
         tmp = f"{path}.{os.getpid()}.tmp"
-        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()))
+        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()), timeouts=self.timeout_overrides)
         # One msgpack map, as packb would write it, but the routes' bytes are reused while the routes are the
         # same rows (snapshot_routes keeps them until a route changes): 100k routes pack in 45 ms each save.
         routes = snap.pop("routes")
@@ -1309,7 +1337,8 @@ class Daemon:
     LIVE_OPTIONS = ("global_defs.log_level", "global_defs.log_file", "global_defs.script_user",
                     "global_defs.enable_script_security", "ipvs_defs.conn.expire_quiescent_template",
                     "ipvs_defs.tcp.timeout.syn_recv", "ipvs_defs.tcp.timeout.established",
-                    "ipvs_defs.tcp.timeout.fin_wait", "ipvs_defs.tcp.timeout.close", "ipvs_defs.udp.timeout.normal")
+                    "ipvs_defs.tcp.timeout.fin_wait", "ipvs_defs.tcp.timeout.close", "ipvs_defs.udp.timeout.normal",
+                    "global_defs.lvs_timeouts")
 
     def _sort_live_options(self, changes, cfg) -> tuple[list, list[str], list[str]]:
         """Changed options that are not <init>: (applied now, lines for those accepted but not acted on, lines
@@ -1347,11 +1376,11 @@ class Daemon:
     def _apply_live_options(self, cfg, live, new_log) -> list[str]:
         """Act on the changed live options (after the services were applied); one line per option for the reply."""
         paths = {c.path for c in live}
-        if any(p.startswith("ipvs_defs.") and ".timeout." in p for p in paths):
-            self.settings.timeouts = timeouts_of(cfg)  # what the aging sweep and ipvsadm -Lnc read
-            set_idle = getattr(self.maps, "set_idle_timeouts", None)
-            if set_idle is not None:  # the fast path's port reclaiming reads them from its cfg map
-                set_idle(self.settings.timeouts)
+        if any(p.startswith("ipvs_defs.") and ".timeout." in p or p == "global_defs.lvs_timeouts" for p in paths):
+            # The file changed timeouts: for those it changed, the file wins over an ipvsadm --set.
+            if self._rebase_timeouts(timeouts_of(cfg), "in this reload"):
+                self._save_state()
+            self.apply_timeouts(self._running_timeouts())
         if "global_defs.log_level" in paths:
             self.settings.log_level = DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
             logging.getLogger().setLevel(self.settings.log_level.upper())
@@ -1362,6 +1391,62 @@ class Daemon:
         for line in lines:
             log.info("reload: %s", line)
         return lines
+
+    # --- timeouts (ipvsadm --set / -L --timeout, timeouts.set/get, a reload's timeout options) ------------------
+    def apply_timeouts(self, timeouts: dict) -> None:
+        """Make `timeouts` (seconds by state name) the running ones: what the aging sweep and ipvsadm -Lnc read
+        (settings.timeouts) and the fast path's cfg map, whose port reclaiming judges a flow dead by them. The one
+        way a reload and ipvsadm --set change them."""
+        self.settings.timeouts = dict(timeouts)
+        set_idle = getattr(self.maps, "set_idle_timeouts", None)
+        if set_idle is not None:
+            set_idle(self.settings.timeouts)
+
+    def _running_timeouts(self) -> dict:
+        """The config's timeouts with the --set values over them."""
+        return dict(self.file_timeouts, **{k: o["value"] for k, o in self.timeout_overrides.items()})
+
+    def _rebase_timeouts(self, file_timeouts: dict, when: str) -> bool:
+        """Take the config's timeouts; a --set value stands only while the config still says what it said when the
+        value was set (a reload or restart whose file changes a timeout wins for that timeout, as keepalived's
+        lvs_timeouts are set again on a reload). Returns whether a --set value was dropped."""
+        self.file_timeouts = dict(file_timeouts)
+        dropped = False
+        for name, o in list(self.timeout_overrides.items()):
+            if file_timeouts.get(name) != o["base"]:
+                log.info("timeouts: the config changed %s from %s to %s %s: it replaces the %s s set at run time",
+                         name, o["base"], file_timeouts.get(name), when, o["value"])
+                del self.timeout_overrides[name]
+                dropped = True
+        return dropped
+
+    def _adopt_saved_timeouts(self, snap: dict) -> None:
+        """At start: the previous daemon's ipvsadm --set values run on, except where the config file changed that
+        timeout since (then the file's value runs, as a reload would have made it). A state file written before
+        --set existed has none."""
+        self.timeout_overrides = {k: dict(v) for k, v in (snap.get("timeouts") or {}).items()}
+        self._rebase_timeouts(self.file_timeouts, "since the value was set")
+        self.settings.timeouts = self._running_timeouts()
+
+    def timeouts(self) -> dict:
+        """timeouts.get: LVS's three (ipvsadm -L --timeout), every state's, the config's, and what --set holds."""
+        t = self.settings.timeouts
+        return {**{lvs: t[state] for lvs, state in LVS_TIMEOUTS.items()}, "states": dict(t),
+                "config": dict(self.file_timeouts),
+                "set": {state: o["value"] for state, o in self.timeout_overrides.items()}}
+
+    def set_timeouts(self, by_state: dict) -> dict:
+        """timeouts.set, checked by the command: seconds by state name, each non-zero. Applied as a reload applies
+        timeouts, and kept in the state file (a restart runs them on; see _rebase_timeouts)."""
+        for name, secs in by_state.items():
+            base = self.file_timeouts[name]
+            if secs == base:
+                self.timeout_overrides.pop(name, None)  # the config's own value: nothing stands over it
+            else:
+                self.timeout_overrides[name] = {"value": secs, "base": base}
+        self.apply_timeouts(self._running_timeouts())
+        log.info("timeouts set: %s", ", ".join(f"{k} {v}" for k, v in by_state.items()))
+        return self.timeouts()
 
     def _refuse_posted_security_changes(self, cfg) -> None:
         """A posted config may not change where the daemon writes its log or how it runs scripts: those are

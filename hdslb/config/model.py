@@ -17,6 +17,12 @@ from hdslb.errors import HdslbError
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
+# Connection idle timeouts are 1..31 days: ipvsadm's MAX_TIMEOUT, and within the fast path's u32 jiffies
+# (fp_cfg.idle_tmo) at any HZ up to 1600. The config, ipvsadm --set, timeouts.set and REST share this bound.
+MAX_TIMEOUT_S = 31 * 86400
+# LVS's three settable timeouts (ipvsadm --set tcp tcpfin udp, keepalived's lvs_timeouts) -> the state each sets.
+LVS_TIMEOUTS = {"tcp": "established", "tcpfin": "fin_wait", "udp": "udp"}
+
 
 @dataclass(frozen=True)
 class Where:
@@ -104,6 +110,8 @@ class GlobalDefs:
     log_file: Optional[str]  # None: log to stderr (journald)
     script_user: Optional[str]  # MISC_CHECK scripts run as this user (keepalived)
     enable_script_security: bool
+    # keepalived's `lvs_timeouts tcp N tcpfin N udp N`: LVS name -> seconds, only those given (0 = not set)
+    lvs_timeouts: Optional[Mapping[str, int]] = None
 
 
 @dataclass(frozen=True)

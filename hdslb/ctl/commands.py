@@ -10,6 +10,7 @@ import errno
 from typing import Callable
 
 from hdslb import __version__
+from hdslb.config.model import LVS_TIMEOUTS, MAX_TIMEOUT_S
 from hdslb.errors import HdslbError, invalid
 
 COMMANDS: dict[str, Callable] = {}
@@ -324,7 +325,7 @@ BATCH_OPS = frozenset({
     "service.add", "service.edit", "service.set", "service.del", "service.flush", "dest.add", "dest.edit",
     "dest.set", "dest.del",
     "laddr.add", "laddr.del", "addr.add", "addr.del", "addr.flush", "route.add", "route.set", "route.del",
-    "route.flush", "neigh.add", "neigh.del"})
+    "route.flush", "neigh.add", "neigh.del", "timeouts.set"})
 
 
 class _ScratchCtx:
@@ -445,6 +446,41 @@ def _batch_reply(ops: list, results: list) -> dict:
     warnings = [{"index": i, "warning": w} for i, r in enumerate(results)
                 if isinstance(r, dict) for w in r.get("warnings", ())]
     return {"applied": len(ops), "warnings": warnings}
+
+
+# --- connection timeouts (ipvsadm --set / -L --timeout) -------------------------------------------------
+@command("timeouts.get")
+def timeouts_get(ctx, a):
+    return ctx.timeouts()
+
+
+def timeouts_args(a) -> dict:
+    """timeouts.set's args, LVS's names {tcp, tcpfin, udp} in seconds (absent or 0 keeps the value, as ipvsadm
+    --set does) -> {state name: seconds} for those that change. Refuses the whole request on any bad value."""
+    if not isinstance(a, dict):
+        raise invalid("timeouts.set: args must be a map of tcp, tcpfin, udp")
+    unknown = sorted(str(k) for k in a if k not in LVS_TIMEOUTS)
+    if unknown:
+        raise invalid(f"timeouts.set: unknown timeout {unknown[0]!r} (tcp, tcpfin, udp)")
+    out = {}
+    for lvs, state in LVS_TIMEOUTS.items():
+        v = a.get(lvs, 0)
+        if type(v) is not int or not 0 <= v <= MAX_TIMEOUT_S:
+            raise invalid(f"invalid {lvs} timeout {v!r}: expects seconds 0..{MAX_TIMEOUT_S} (31 days; 0 keeps the "
+                          f"current value)")
+        if v:
+            out[state] = v
+    return out
+
+
+@command("timeouts.set")
+def timeouts_set(ctx, a):
+    """Set ESTABLISHED (tcp), FIN_WAIT (tcpfin) and UDP idle timeouts live; replies what timeouts.get does."""
+    new = timeouts_args(a)
+    setter = getattr(ctx, "set_timeouts", None)
+    if setter is None:  # a batch's dry run on a scratch model: checked only
+        return None
+    return setter(new) if new else ctx.timeouts()
 
 
 # --- the daemon itself ------------------------------------------------------------------------------
