@@ -980,7 +980,7 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 	__u32 svc_id = sv->svc_id;
 	struct persist_key pk = {};
 	struct persist_val npv = {};
-	struct persist_val *pv;
+	struct persist_val *pv = 0;
 	struct sched_tbl *t;
 	struct dest_val *d;
 	__u32 slot, idx;
@@ -1043,7 +1043,38 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 	if (persist) {
 		npv.dest_slot = slot;
 		npv.expires = now + ttl;
-		persist_map.update(&pk, &npv);
+		if (pv) {
+			persist_map.update(&pk, &npv); /* a stale template (expired, or its server takes no new flows) */
+		} else {
+#ifdef HDSLB_TEST_PERSIST_RACE
+			/* Tests only (never in the daemon's build): another CPU's template for this client network
+			 * lands between the lookup above and the insert below. The test stores it beforehand under
+			 * svc_id + HDSLB_TEST_PERSIST_RACE; it is copied to the real key here. */
+			struct persist_val *rv;
+
+			pk.svc_id += HDSLB_TEST_PERSIST_RACE; /* (no second key on the stack: it is full) */
+			rv = persist_map.lookup(&pk);
+			pk.svc_id -= HDSLB_TEST_PERSIST_RACE;
+			if (rv)
+				persist_map.update(&pk, rv);
+#endif
+			/* The first connection from this network: insert only if no other CPU's first connection
+			 * did meanwhile (both missed the lookup and scheduled, maybe different servers). The loser
+			 * follows the winner's template, so the client is not split across servers. */
+			if (persist_map.insert(&pk, &npv) != 0) {
+				pv = persist_map.lookup(&pk);
+				if (pv) {
+					__u32 won = pv->dest_slot;
+					struct dest_val *wd = dest_map.lookup(&won);
+
+					if (dest_usable(wd, svc_id)) {
+						count(CNT_PERSIST_HIT);
+						slot = won;
+						d = wd;
+					}
+				}
+			}
+		}
 	}
 	*slot_out = slot;
 	return d;
