@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, take_ctl_socket
 from hdslb import __version__
+from hdslb.config.model import MAX_TIMEOUT_S
 from hdslb.ctl.client import Client
 from hdslb.ctl.commands import BATCH_OPS
 from hdslb.errors import HdslbError
@@ -32,7 +33,7 @@ DEFAULT_SIZE = 4096
 DEFAULT_SCHED = "wlc"
 DEFAULT_FWD = "dr"  # DPVS's process_options: "Set direct routing as default forwarding method"
 DEFAULT_PERSISTENT = 300  # IPVS_SVC_PERSISTENT_TIMEOUT, used when -p comes without a value
-MAX_TIMEOUT = 86400 * 31
+MAX_TIMEOUT = MAX_TIMEOUT_S  # ipvsadm's MAX_TIMEOUT (31 days): -p, and --set within the fast path's u32 jiffies
 INT_MAX = 2**31 - 1
 
 FWD_NAMES = {"fnat": "FullNat", "dr": "Route", "nat": "Masq", "tunnel": "Tunnel", "snat": "SNAT"}
@@ -70,6 +71,7 @@ _OPTIONS = (
     _Opt("P", "add-laddr", command="add-laddr"),
     _Opt("Q", "del-laddr", command="del-laddr"),
     _Opt("G", "get-laddr", command="get-laddr"),
+    _Opt(None, "set", command="set"),
     _Opt("h", "help", command="help"),
     _Opt("v", "version", command="version"),
     _Opt("t", "tcp-service", REQUIRED, option="service-address", value="tcp"),
@@ -99,13 +101,13 @@ _OPTIONS = (
     _Opt("X", "exact", option="exact"),
     _Opt("z", "laddr", REQUIRED, option="local-address"),
     _Opt("F", "ifname", REQUIRED, option="ifname"),
+    _Opt(None, "timeout", option="timeout"),
 )
 _BY_SHORT = {o.short: o for o in _OPTIONS if o.short}
 _BY_LONG = {o.long: o for o in _OPTIONS}
 
 # Options of LVS's and DPVS's ipvsadm that hdslb does not have: refused by name with the reason (not as a typo).
 _SYNC = "connection sync daemons are not needed: flows live in pinned BPF maps and survive a restart of hdslbd"
-_TIMEOUTS = "timeouts are set in hdslb.conf (ipvs_defs { tcp { timeout ... } udp { timeout ... } }) and reloaded"
 _UNSUPPORTED = {
     ("f", "fwmark-service"): "firewall-mark services need netfilter marks, which the XDP fast path never sees",
     ("6", "ipv6"): "it only applies to firewall-mark services (-f), which hdslb does not have",
@@ -121,7 +123,6 @@ _UNSUPPORTED = {
     ("k", "blklst"): "deny lists are not supported",
     (None, "start-daemon"): _SYNC, (None, "stop-daemon"): _SYNC, (None, "daemon"): _SYNC,
     (None, "mcast-interface"): _SYNC, (None, "syncid"): _SYNC,
-    (None, "set"): _TIMEOUTS, (None, "timeout"): _TIMEOUTS,
 }
 _UNSUPPORTED_SHORT = {short: (long, why) for (short, long), why in _UNSUPPORTED.items() if short}
 _UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}
@@ -130,23 +131,24 @@ _UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}
 #   +  compulsory    x  illegal    1  exclusive (only one '1' option may be given)    .  optional
 _COLUMNS = ("numeric", "connection", "service-address", "scheduler", "persistent", "netmask", "real-server",
             "forwarding-method", "weight", "u-threshold", "l-threshold", "stats", "rate", "thresholds",
-            "nosort", "exact", "local-address", "ifname", "sched-flags", "persistent-conn")
+            "nosort", "exact", "local-address", "ifname", "sched-flags", "persistent-conn", "timeout")
 _LEGAL = {cmd: row.split() for cmd, row in {
-    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F sf pc
-    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x",
-    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x",
-    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x  x  .",
-    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x",
-    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x",
-    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
-    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x",
-    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x",
-    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x",
+    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F sf pc tot
+    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x",
+    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x",
+    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x  x  .  1",
+    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x",
+    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x",
+    "set":            "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x",
+    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x",
+    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
 }.items()}
 
 # LVS scheduler flags (ipvsadm --sched-flags, upstream's -b, which DPVS gave to FullNAT) and hdslb's table
@@ -181,6 +183,9 @@ class Invocation:
 # --------------------------------------------------------------------------------------------- parsing
 
 
+_NEGATIVE = re.compile(r"-\d+")
+
+
 def _tokens(argv: list[str]):
     """Yield (_Opt, argument) per option and (None, word) per operand, reading argv the way popt does."""
     i = 0
@@ -191,7 +196,9 @@ def _tokens(argv: list[str]):
             for word in argv[i:]:
                 yield None, word
             return
-        if tok.startswith("--"):
+        if _NEGATIVE.fullmatch(tok):  # no option is a digit: a number (--set's values), refused as a value
+            yield None, tok
+        elif tok.startswith("--"):
             name, eq, val = tok[2:].partition("=")
             opt = _BY_LONG.get(name)
             if opt is None and name in _UNSUPPORTED_LONG:
@@ -324,6 +331,7 @@ class _Line:
     l_threshold: int | None = None
     laddr: str | None = None
     ifname: str | None = None
+    timeouts: list | None = None  # --set's tcp, tcpfin, udp
 
 
 def _take(line: _Line, opt: _Opt, val: str | None) -> None:
@@ -469,6 +477,14 @@ def _netmask(text: str, version: int) -> str:
         raise UsageError("illegal virtual server persistent mask specified") from None
 
 
+def _timeout_value(text: str) -> int:
+    """One --set value: ipvsadm's parse_timeout(buf, 0, MAX_TIMEOUT), the bound the fast path's u32 jiffies keep."""
+    n = _number(text, 0, MAX_TIMEOUT)
+    if n is None:
+        raise UsageError(f"invalid timeout value `{text}' specified")
+    return n
+
+
 def parse(argv: list[str]) -> Invocation:
     """One ipvsadm command line (without the program name) -> an Invocation. Raises UsageError."""
     line = _Line(command="list" if not argv else None)
@@ -488,6 +504,11 @@ def parse(argv: list[str]) -> Invocation:
             _take(line, opt, val)
     if line.command is None:
         raise UsageError(TRY_HELP)
+    if line.command == "set":  # ipvsadm --set tcp tcpfin udp: three values, 0 keeps the current one
+        if len(line.operands) < 3:
+            raise UsageError("--set option requires 3 timeout values")
+        line.timeouts = [_timeout_value(v) for v in line.operands[:3]]
+        line.operands = line.operands[3:]
     if line.operands:
         raise UsageError(f"unexpected argument {line.operands[0]}")
     _check_table(line.command, line.given)
@@ -506,9 +527,14 @@ def _build(line: _Line) -> Invocation:
     elif line.svc:
         svc = {"proto": line.proto, "addr": str(line.svc[0]), "port": line.svc[1]}
 
+    if cmd == "set":
+        return Invocation(cmd, [("timeouts.set", dict(zip(("tcp", "tcpfin", "udp"), line.timeouts)))])
     if cmd == "list":
-        if "connection" in given and given & {"stats", "rate", "thresholds"}:
+        if given & {"connection", "timeout"} and given & {"stats", "rate", "thresholds"} or \
+                "timeout" in given and "persistent-conn" in given:
             raise UsageError("options conflicts in the list command")
+        if "timeout" in given:
+            return Invocation(cmd, [("timeouts.get", {})], "timeout", fmt)
         if "connection" in given:
             # -c lists connections and persistence templates; with --persistent-conn, templates only (DPVS)
             return Invocation(cmd, [("conn.list", {"templates_only": True} if fmt.persistent_conn else {})],
@@ -767,6 +793,11 @@ def format_save(data: dict, fmt: Format) -> str:
     return "".join(line + "\n" for line in out)
 
 
+def format_timeout(data: dict) -> str:
+    """-L --timeout, ipvsadm's list_timeout: ESTABLISHED, FIN_WAIT and UDP idle timeouts in seconds."""
+    return f"Timeout (tcp tcpfin udp): {data['tcp']} {data['tcpfin']} {data['udp']}\n"
+
+
 def format_laddrs(data: dict) -> str:
     """-G, DPVS's list_laddrs layout: the title comes with the first service only."""
     out = []
@@ -826,6 +857,7 @@ Usage:
   {PROG} -d -t|u service-address -r server-address
   {PROG} -L|l [options]
   {PROG} -Z [-t|u service-address]
+  {PROG} --set tcp tcpfin udp
   {PROG} -h
 
 Commands:
@@ -844,6 +876,7 @@ Either long or short options are allowed.
   --delete-server   -d        delete real server
   --list            -L|-l     list the table
   --zero            -Z        zero counters in a service or all services
+  --set tcp tcpfin udp        set connection timeout values (seconds; 0 keeps the current value)
   --help            -h        display this help message
   --version         -v        display the version
 
@@ -871,6 +904,7 @@ Options:
   --u-threshold  -x uthreshold        upper threshold of connections
   --l-threshold  -y lthreshold        lower threshold of connections
   --connection   -c                   output of current connections
+  --timeout                           output of timeout (tcp tcpfin udp)
   --stats                             output of statistics information
   --rate                              output of rate information
   --exact        -X                   expand numbers (display exact values)
@@ -895,6 +929,8 @@ def render(inv: Invocation, data) -> str:
         return format_save(data, inv.fmt)
     if inv.view == "laddrs":
         return format_laddrs(data)
+    if inv.view == "timeout":
+        return format_timeout(data)
     if inv.view == "conns":
         return format_conns(data, inv.fmt)
     if inv.view == "help":

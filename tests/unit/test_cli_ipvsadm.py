@@ -165,8 +165,6 @@ def test_usage_errors(argv, message):
 @pytest.mark.parametrize("argv, start", [
     (["-A", "-f", "1"], "-f (--fwmark-service): not supported by hdslb: firewall-mark services need netfilter"),
     (["--start-daemon", "master"], "--start-daemon: not supported by hdslb: connection sync daemons are not needed"),
-    (["-L", "--timeout"], "--timeout: not supported by hdslb: timeouts are set in hdslb.conf"),
-    (["--set", "900", "120", "300"], "--set: not supported by hdslb: timeouts are set in hdslb.conf"),
     (["-U", "-t", "10.0.0.1:80", "-k", "1.2.3.4"], "-U (--add-blklst): not supported by hdslb: deny lists"),
     (["-Lnc", "--sockpair", "x"], "--sockpair: not supported by hdslb"),
     (["-A", "-t", "10.0.0.1:80", "--frobnicate"], "--frobnicate: unknown option"),
