@@ -245,16 +245,18 @@ class Maps:
         return bytes(self._svc_key(proto, addr, port))
 
     def set_sched(self, svc_id: int, slots: list[int], gen: int, kind: int = abi.SCHED_RING, key: int = 0,
-                  seed: int = 0, hoff: int = 0, hlen: int | None = None) -> None:
+                  seed: int = 0, hoff: int = 0, hlen: int | None = None, spread: bool = False) -> None:
         """Replace a service's table in one map update (readers see the old or the new table, never a mix).
 
         Rings carry their slots here; a hash table (kind SCHED_HASH) is only pointed at: hlen cells from hoff in
-        hash_cells, which set_hash_cells wrote before this call.
+        hash_cells, which set_hash_cells wrote before this call. spread (Table.spread: rr, wrr): each CPU starts a
+        new ring at cpu * len / ncpus instead of its first entry.
         """
         t = self.t["sched_map"]
         v = t.Leaf()
         v.gen = gen & 0xFFFFFFFF
         v.kind = kind
+        v.flags = abi.SCHED_F_SPREAD if spread and kind == abi.SCHED_RING else 0
         if kind == abi.SCHED_HASH:
             v.len = len(slots) if hlen is None else hlen
             v.key, v.seed, v.hoff = key, seed & 0xFFFFFFFF, hoff
@@ -468,16 +470,17 @@ class Maps:
 
     def all_stats(self, name: str) -> dict[int, dict]:
         """Every non-zero entry of svc_stats/dest_stats, summed over CPUs, in batched reads (the estimator would
-        otherwise pay one syscall per service and per real server every interval). Slots are compared as raw
-        bytes first: the many unused ones (a zero value) cost a slice and a compare, not a Python sum."""
+        otherwise pay one syscall per service and per real server every interval, and service.list one per
+        service and real server per call: 1.6 s of the event loop at 10k x 10). Summed in numpy a batch at a time;
+        Python dicts are made only for the slots in use. Same sums as svc_stats/dest_stats (u64 per field)."""
+        import numpy as np
+
         t = self.t[name]
         ncpu = len(t.Leaf())
         size = ct.sizeof(t.Leaf)
         nf = len(STAT_FIELDS)
         if size != 8 * nf * ncpu:
             raise RuntimeError(f"{name}: unexpected value layout ({size} bytes for {ncpu} CPUs)")
-        per_slot = struct.Struct("=" + "Q" * nf * ncpu)
-        zero = bytes(size)
         out = {}
         for batch in self._batches(name):
             if batch is None:  # no batch ops: key by key
@@ -487,13 +490,15 @@ class Maps:
                         out[getattr(k, "value", k)] = total
                 return out
             keys, vals, n = batch
-            buf = bytes(memoryview(vals).cast("B")[:n * size])
-            for i in range(n):
-                raw = buf[i * size:(i + 1) * size]
-                if raw == zero:
-                    continue
-                v = per_slot.unpack(raw)
-                out[keys[i]] = {f: sum(v[j::nf]) for j, f in enumerate(STAT_FIELDS)}
+            if n == 0:
+                continue
+            # The per-CPU sums of a whole batch in numpy (a slot is ncpu x nf u64), then Python ints only for the
+            # non-zero slots: at 10k services x 10 real servers every slot may be in use.
+            sums = np.frombuffer(vals, np.uint64, n * ncpu * nf).reshape(n, ncpu, nf).sum(axis=1, dtype=np.uint64)
+            idx = np.flatnonzero(sums.any(axis=1))
+            slots = np.frombuffer(keys, np.uint32, n)[idx].tolist()
+            for slot, row in zip(slots, sums[idx].tolist()):
+                out[slot] = dict(zip(STAT_FIELDS, row))
         return out
 
     def _zero(self, name: str, idx: int) -> None:
