@@ -193,7 +193,7 @@ def timeouts_of(cfg) -> dict:
     tcp = cfg.ipvs_defs.tcp.timeout
     out = dict(DEFAULT_TIMEOUTS, syn_recv=tcp.syn_recv, established=tcp.established, fin_wait=tcp.fin_wait,
                close=tcp.close, udp=cfg.ipvs_defs.udp.timeout.normal)
-    for lvs, secs in (cfg.global_defs.lvs_timeouts or {}).items():
+    for lvs, secs in cfg.global_defs.lvs_timeouts:
         out[LVS_TIMEOUTS[lvs]] = secs
     return out
 
@@ -346,7 +346,7 @@ class MapDataPath:
             self.m.set_sched(svc.svc_id, [], svc.sched_gen, kind=abi.SCHED_HASH, key=abi.HKEY[table.key],
                              seed=table.seed, hoff=hoff, hlen=len(table.entries))
         else:
-            self.m.set_sched(svc.svc_id, table.entries, svc.sched_gen)
+            self.m.set_sched(svc.svc_id, table.entries, svc.sched_gen, spread=table.spread)
 
     def snat_rule_set(self, index, svc):
         m, ifx = svc.match, self.ifindex

@@ -92,6 +92,37 @@ class Seconds(Kind):
         return v
 
 
+class LvsTimeouts(Kind):
+    """keepalived's `lvs_timeouts tcp N tcpfin N udp N`: NAME SECONDS pairs in any order, at least one, each name
+    once; 0 leaves that timeout unset (keepalived: not set). The value: ((name, seconds), ...) of those set."""
+
+    nargs = None
+    min_args = 2
+
+    def __init__(self, names: Sequence[str], hi: int):
+        self.names, self.hi = tuple(names), hi
+        self.what = f"{'|'.join(self.names)} SECONDS pairs (seconds 0..{hi}, 0: not set)"
+
+    def many(self, args: Sequence[Token]) -> Tuple[Tuple[str, int], ...]:
+        out: List[Tuple[str, int]] = []
+        seen = set()
+        for i in range(0, len(args), 2):
+            name = args[i]
+            if name.text not in self.names:
+                raise Bad(f"unknown option {name.text!r}, expects {self.what}", name)
+            if name.text in seen:
+                raise Bad(f"{name.text} is given twice", name)
+            seen.add(name.text)
+            if i + 1 >= len(args):
+                raise Bad(f"{name.text} needs a value, expects {self.what}", name)
+            v = int_of(args[i + 1], f"seconds 0..{self.hi}")
+            if not 0 <= v <= self.hi:
+                raise Bad(f"{v} is out of range, expects seconds 0..{self.hi} (0: not set)", args[i + 1])
+            if v:
+                out.append((name.text, v))
+        return tuple(out)
+
+
 class IntList(Kind):
     """One or more integers, space or comma separated (`rx_queue_ids 0 1`, `isol_rx_cpu_ids 9,10`)."""
 

@@ -336,8 +336,29 @@ _REF_TARGETS = {
 }
 
 
+# keepalived's lvs_timeouts names -> the ipvs_defs option that sets the same timeout
+LVS_TIMEOUT_PATHS = {"tcp": "ipvs_defs.tcp.timeout.established", "tcpfin": "ipvs_defs.tcp.timeout.fin_wait",
+                     "udp": "ipvs_defs.udp.timeout.normal"}
+
+
+def _timeouts_agree(fields: Dict[str, Any], ctx: _Ctx) -> None:
+    """A timeout set both by `lvs_timeouts` and in an ipvs_defs timeout block: the same value, or an error naming
+    both places (neither silently wins; which one the operator meant is theirs to say)."""
+    lvs = ctx.settings.get("global_defs.lvs_timeouts")
+    if lvs is None:
+        return
+    for name, secs in lvs.value:
+        st = ctx.settings.get(LVS_TIMEOUT_PATHS[name])
+        if st is not None and st.value != secs:
+            ctx.error(lvs.where, "lvs_timeouts", f"{name} {secs} differs from `{st.keyword} {st.value}` at {st.where} "
+                                                 f"({LVS_TIMEOUT_PATHS[name]}), the same timeout: set it in one "
+                                                 f"place, or to the same value in both")
+
+
 def _link(fields: Dict[str, Any], ctx: _Ctx) -> None:
-    """Names point at groups that exist (anywhere in the file, as keepalived allows); no VIP:port is served twice."""
+    """Names point at groups that exist (anywhere in the file, as keepalived allows); no VIP:port is served twice;
+    a timeout set twice is set alike."""
+    _timeouts_agree(fields, ctx)
     for keyword, name, where in ctx.refs:
         fname, what = _REF_TARGETS[keyword]
         if name not in fields[fname]:

@@ -110,8 +110,8 @@ class GlobalDefs:
     log_file: Optional[str]  # None: log to stderr (journald)
     script_user: Optional[str]  # MISC_CHECK scripts run as this user (keepalived)
     enable_script_security: bool
-    # keepalived's `lvs_timeouts tcp N tcpfin N udp N`: LVS name -> seconds, only those given (0 = not set)
-    lvs_timeouts: Optional[Mapping[str, int]] = None
+    # keepalived's `lvs_timeouts tcp N tcpfin N udp N`: ((LVS name, seconds), ...), those set (0 = not set)
+    lvs_timeouts: Tuple[Tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

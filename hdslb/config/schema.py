@@ -18,7 +18,7 @@ from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
 from .kinds import (IFNAME, IP, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
-                    OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range, networks_of)
+                    LvsTimeouts, OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range, networks_of)
 from .syntax import Node
 
 MISSING: Any = object()
@@ -295,7 +295,7 @@ KERNEL_ADDRS = "addresses and routes are set with dpip (or ip), not at load time
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "conhash", "fo")
 _LVS_ONLY = "is an LVS scheduler hdslb does not implement; use one of " + "|".join(SCHEDULERS)
 
-_SECONDS = Int(1, 31 * 86400, "seconds")
+_SECONDS = Int(1, m.MAX_TIMEOUT_S, "seconds")
 
 
 def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
@@ -413,6 +413,8 @@ ROOT = Block(None, {
         "log_async_mode": Key(OnOff(), False, na="logging is the controller's; there is no async DPDK log ring"),
         "script_user": Key(Text(), None),
         "enable_script_security": Key(Flag(), False),
+        # keepalived's LVS timeouts (ipvsadm --set's three); a timeout also set in ipvs_defs must agree (loader)
+        "lvs_timeouts": Key(LvsTimeouts(tuple(m.LVS_TIMEOUTS), m.MAX_TIMEOUT_S), ()),
         # keepalived's own globals, so a keepalived.conf loads as it is
         "router_id": Key(Str(), None, na=NO_MAIL),
         "notification_email": Block(None, entries=_word_entry, na=NO_MAIL),
