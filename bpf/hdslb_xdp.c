@@ -1024,11 +1024,15 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		if (!cur || t->len > SCHED_RING_MAX)
 			return 0;
 		/* The cursor's top half is the generation of the table it walks: a rebuilt table is walked from its
-		 * start on every CPU (an lc/wlc ring is a plan that begins with the least loaded servers; LVS wrr
-		 * restarts its walk too), the same table goes on where it was. */
+		 * start (an lc/wlc ring is a plan that begins with the least loaded servers; LVS wrr restarts its
+		 * walk too), the same table goes on where it was. With SCHED_F_SPREAD (rr, wrr) each CPU starts
+		 * its own share of the way in, so N CPUs' first new flows are not a burst of N to one server. */
 		c = *cur;
-		if ((c & 0xffff0000) != g)
+		if ((c & 0xffff0000) != g) {
 			c = g;
+			if (t->flags & SCHED_F_SPREAD)
+				c |= bpf_get_smp_processor_id() * t->len / HDSLB_NR_CPUS;
+		}
 		idx = (c & 0xffff) % t->len;
 		*cur = g | (idx + 1);
 		barrier_var(idx); /* keep the mask: the verifier needs the bound clang would prove and drop */

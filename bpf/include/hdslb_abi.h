@@ -61,6 +61,12 @@ struct svc_val {
 #define SCHED_RING 1 /* rr, wrr, lc, wlc, fo: slot[cursor % len], per-CPU cursor */
 #define SCHED_HASH 2 /* sh, dh, mh, conhash: hash_cells[hoff + hash % len] */
 
+/* sched_tbl.flags */
+#define SCHED_F_SPREAD 0x1 /* ring: each CPU walks a new table (gen) from cpu * len / ncpus, not from entry 0, so
+			    * the CPUs' first new flows after a rebuild go to different servers (rr, wrr: a cycle's
+			    * shares do not depend on where it starts; lc/wlc rings are plans that start with the
+			    * least loaded servers and leave it clear) */
+
 /* sched_tbl.key: what a hash table hashes (hdslb/sched Table.key) */
 #define HKEY_SRC 1      /* client address */
 #define HKEY_DST 2      /* destination address (dh; SNAT: the outside address) */
@@ -79,7 +85,7 @@ struct sched_tbl {
 	__u32 gen;     /* bumped by the daemon on every rebuild (debugging aid) */
 	__u8 kind;     /* SCHED_RING / SCHED_HASH */
 	__u8 key;      /* HKEY_* (hash tables) */
-	__u16 pad;
+	__u16 flags;   /* SCHED_F_* (was padding: zero in tables written before it existed) */
 	__u32 seed;    /* hash seed (initval of jhash_2words) */
 	__u32 hoff;    /* hash tables: first cell in hash_cells */
 	__u32 pad2;

@@ -28,6 +28,7 @@ SVC_F_VALID = 0x1
 SVC_F_PERSIST = 0x2
 SCHED_RING = 1
 SCHED_HASH = 2
+SCHED_F_SPREAD = 0x1  # sched_tbl.flags: each CPU starts a new ring at cpu * len / ncpus (rr, wrr)
 HKEY = {"": 0, "src": 1, "dst": 2, "src+port": 3}  # hdslb.sched Table.key -> HKEY_*
 SNAT_F_VALID = 0x1
 SNAT_RULES_MAX = 16

@@ -1,8 +1,9 @@
 """What the schedulers take and give: Dest (a real server as scheduling sees it) and Table (what the fast path indexes).
 
 The contract with the fast path, stated once:
-  kind "ring": slot = entries[cursor % len(entries)], the per-CPU cursor advancing by one per new flow and
-               starting at 0 on every CPU when the table is rebuilt (a new sched_tbl.gen) (rr, wrr, fo, lc, wlc);
+  kind "ring": slot = entries[cursor % len(entries)], the per-CPU cursor advancing by one per new flow and,
+               when the table is rebuilt (a new sched_tbl.gen), starting at 0 on every CPU (fo, lc, wlc), or at
+               cpu * len // ncpus when `spread` (rr, wrr: SCHED_F_SPREAD);
   kind "hash": slot = entries[flow_hash(addr, port, seed) % len(entries)] (hashing.flow_hash), where `key` says
                which address is hashed ("src" or "dst") and whether the flow's source port is too ("+port").
   len(entries) == 0 means no real server takes new flows: the fast path drops with "no dest".
@@ -94,6 +95,7 @@ class Table:
     entries: list[int] = field(default_factory=list)
     key: str = KEY_NONE
     seed: int = 0
+    spread: bool = False  # ring: each CPU starts a new table its own share of the way in (see the module docstring)
 
     def __len__(self) -> int:
         return len(self.entries)

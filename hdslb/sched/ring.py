@@ -2,11 +2,11 @@
 
 LVS keeps a cursor per service under a lock and decides at each new connection. XDP runs on every CPU without
 locks, so the decisions are made here ahead of time: the table is the sequence LVS would produce over one
-cycle, and each CPU walks it with its own cursor (entries[cursor % len]), from the first entry whenever the
-table is rebuilt (LVS wrr restarts its walk when a server changes; lc/wlc rings are plans that start with the
-least loaded servers). Each CPU therefore sees the exact LVS interleaving; across CPUs the shares are still
-exact per cycle, only the interleaving is per CPU, and every CPU's first new flow after a rebuild goes to the
-same server.
+cycle, and each CPU walks it with its own cursor (entries[cursor % len]). When the table is rebuilt, lc/wlc
+(plans that start with the least loaded servers) and fo (one entry) are walked from the first entry on every
+CPU; rr/wrr tables are `spread`: CPU i starts at i * len // ncpus (LVS wrr restarts its walk when a server
+changes, but every CPU starting at entry 0 would send the CPUs' first new flows all to one server). Each CPU
+sees the LVS interleaving from its starting point; across CPUs the shares are still exact per cycle.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def rr(dests: list[Dest], max_len: Optional[int] = None) -> Table:
     """Round robin: each available dest once, in list order (ip_vs_rr starts after the list head)."""
     ring = [d.slot_id for d in available(dests)]
     _fit(len(ring), max_len, "rr")
-    return Table("rr", RING, ring)
+    return Table("rr", RING, ring, spread=True)
 
 
 def wrr_sequence(weights: list[int]) -> list[int]:
@@ -66,7 +66,7 @@ def wrr(dests: list[Dest], max_len: Optional[int] = None) -> Table:
     weights = [w // g for w in weights]  # the cycle LVS produces depends only on weight/gcd
     if max_len is not None:
         weights = scale_weights(weights, max_len, "wrr")
-    return Table("wrr", RING, [avail[i].slot_id for i in wrr_sequence(weights)])
+    return Table("wrr", RING, [avail[i].slot_id for i in wrr_sequence(weights)], spread=True)
 
 
 def fo(dests: list[Dest], max_len: Optional[int] = None) -> Table:

@@ -594,6 +594,43 @@ def test_a_rebuilt_ring_is_walked_from_its_start_on_every_cpu(fastpath, m):
         assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS1, RS2], f"cpu {cpu}"
 
 
+def test_rr_and_wrr_rings_start_each_cpu_at_its_own_offset_lc_and_wlc_at_their_first_entry(fastpath, m):
+    """After a rebuild every CPU used to start at entry 0, so N CPUs' first new flows all went to one server. rr
+    and wrr tables (Table.spread, written by Maps.set_sched as SCHED_F_SPREAD) start CPU i at i * len // ncpus;
+    lc/wlc plans (their first entries are the least loaded servers') and fo still start at entry 0 everywhere."""
+    from hdslb.fastpath.loader import possible_cpus
+
+    ncpus = possible_cpus()
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert len(cpus) == 2 and ncpus >= 2, "needs two CPUs"
+    service(fastpath, TCP_, VIP, 80)
+    for d in DESTS:
+        dest(m, d.slot_id, d.addr, 80, "fnat")
+    addr = {d.slot_id: d.addr for d in DESTS}
+    sport = iter(range(49200, 49400))
+    pick = lambda: run(fastpath, c4(sport=next(sport)))[1][IP].dst  # noqa: E731
+    gen = 20
+    loaded = [sched.Dest(slot_id=d.slot_id, weight=1 + d.slot_id, addr=d.addr, port=80, active=3 - d.slot_id)
+              for d in DESTS]
+    for name in ("rr", "wrr", "lc", "wlc", "fo"):
+        table = sched.build_table(name, loaded)
+        assert table.spread == (name in ("rr", "wrr")), name
+        gen += 1
+        m.set_sched(0, table.entries, gen, spread=table.spread)
+        n = len(table.entries)
+        first = {cpu: _on_cpu(cpu, pick) for cpu in cpus}
+        for cpu in cpus:
+            start = cpu * n // ncpus if table.spread else 0
+            assert first[cpu] == addr[table.entries[start]], (name, cpu, table.entries)
+        if name == "rr":
+            assert first[cpus[0]] != first[cpus[1]], "two CPUs, two different first servers"
+        # then each CPU walks on from there, and a table written again with the same gen goes on too
+        for cpu in cpus:
+            start = cpu * n // ncpus if table.spread else 0
+            assert _on_cpu(cpu, pick) == addr[table.entries[(start + 1) % n]], (name, cpu)
+    assert len(sched.build_table("fo", loaded).entries) == 1  # (one entry: nothing to spread)
+
+
 # --- connection reuse (LVS conn_reuse_mode / expire_nodest_conn) --------------------------------------------------
 
 def _two_dest_service(fastpath, m, fwd="fnat"):
