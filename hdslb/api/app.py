@@ -790,6 +790,15 @@ async def get_stats(request):
     return _reply(await _call(request, "stats.get", {}))
 
 
+async def get_timeouts(request):
+    return _reply(await _call(request, "timeouts.get", {}))
+
+
+async def put_timeouts(request):
+    body = await _body(request, "TimeoutsSpec")
+    return _reply(dict(await _call(request, "timeouts.set", body), result="updated"))
+
+
 async def list_conns(request):
     offset = _qint(request, "offset", 0, 0)
     limit = _qint(request, "limit", CONNS_DEFAULT_LIMIT, 1, CONNS_MAX_LIMIT)
@@ -873,9 +882,10 @@ def _accepts_gzip(header: str) -> bool:
 async def get_metrics(request):
     from hdslb.api.metrics import CONTENT_TYPE, render
 
-    # The daemon is read on the loop; the text (~130 MB for 10k services x 10 real servers) is written and,
+    # The daemon is read on the loop (a big service listing yielding to it; its series are made in a worker thread);
+    # the text (~130 MB for 10k services x 10 real servers) is written and,
     # when the scraper accepts it (Prometheus does), gzipped in a worker thread (then ~3 MB).
-    fams = request.app[REGISTRY].collect_families()
+    fams = await request.app[REGISTRY].collect_families_async()
     gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
     def write() -> bytes:
@@ -917,6 +927,8 @@ ROUTES = [
     ("DELETE", "/v2/neigh", delete_neigh),
     ("GET", "/v2/stats", get_stats),
     ("GET", "/v2/conns", list_conns),
+    ("GET", "/v2/timeouts", get_timeouts),
+    ("PUT", "/v2/timeouts", put_timeouts),
     ("GET", "/v2/config", get_config),
     ("POST", "/v2/config", reload_config),
     ("GET", "/v2/health", get_health),

@@ -18,6 +18,7 @@ from jsonschema.exceptions import best_match
 
 from hdslb import __version__
 from hdslb.balancer import FWD_MODES, MAX_WEIGHT, ROUTE_SCOPES, SCHEDULERS
+from hdslb.config.model import LVS_TIMEOUTS, MAX_TIMEOUT_S
 
 # --- formats ------------------------------------------------------------------------------------------
 # Custom formats (OpenAPI leaves `format` open): checked by the same code the model would run, so a body that
@@ -209,7 +210,22 @@ SCHEMAS = {
         "type": "object", "additionalProperties": False, "required": ["addr"],
         "properties": {"addr": IP, "device": {"type": "string"}},
     },
+    "TimeoutsSpec": {
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "description": "ipvsadm --set: idle timeouts in seconds, tcp = ESTABLISHED, tcpfin = FIN_WAIT, udp = UDP; "
+                       "0 or absent keeps the current value",
+        "properties": {k: dict(UINT32, maximum=MAX_TIMEOUT_S) for k in LVS_TIMEOUTS},
+    },
     # --- responses ---
+    "Timeouts": {
+        "type": "object", "required": [*LVS_TIMEOUTS, "states", "config", "set"],
+        "description": "the running idle timeouts (seconds): LVS's three (ipvsadm -L --timeout), every state's, the "
+                       "config's, and the states an ipvsadm --set holds (a config change of that timeout replaces "
+                       "it)",
+        "properties": {**{k: UINT32 for k in LVS_TIMEOUTS},
+                       **{k: {"type": "object", "additionalProperties": UINT32} for k in ("states", "config", "set")},
+                       "result": {"enum": ["updated"]}},
+    },
     "ServerStats": STATS,
     "RealServerSpecExpand": {
         "type": "object", "required": ["Spec", "Stats"],
@@ -451,6 +467,13 @@ PATHS = {
     "/v2/stats": {
         "get": _op("getStats", "fast-path counters (total and per CPU) and the connection table's fill",
                    ["stats.get"], {"200": _json("Stats", "counters")}),
+    },
+    "/v2/timeouts": {
+        "get": _op("getTimeouts", "the running connection idle timeouts (ipvsadm -L --timeout)", ["timeouts.get"],
+                   {"200": _json("Timeouts", "timeouts")}),
+        "put": _op("putTimeouts", "set the ESTABLISHED (tcp), FIN_WAIT (tcpfin) and UDP idle timeouts live, as "
+                   "ipvsadm --set (0 keeps a value); kept across restarts until the config changes that timeout",
+                   ["timeouts.set"], {"200": _json("Timeouts", "updated")}, ("400", "415"), body="TimeoutsSpec"),
     },
     "/v2/conns": {
         "get": _op("listConns", "connection table entries, one per direction, paged", ["conn.list"],
