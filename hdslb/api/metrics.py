@@ -25,16 +25,19 @@ sum(hdslb_incoming_packets_total) never counts a packet twice.
 
 The text is written here, not by prometheus_client: 10k services x 10 real servers are ~950k series, and
 prometheus_client's generic writer took 14-18 s a scrape for them in hdslbd, all on its event loop (most of it
-escaping and formatting the same five labels nine times per real server). Reading the daemon (collect_families) runs on the event loop; writing and
-compressing the text (render, and gzip when the scraper accepts it, as Prometheus does) runs in a worker thread.
+escaping and formatting the same five labels nine times per real server). A scrape (collect_families_async) reads
+the daemon on its event loop, service.list yielding to the loop between chunks of services; turning that listing
+into the per-service and per-real-server series, writing and compressing the text (render, and gzip when the
+scraper accepts it, as Prometheus does) run in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 
-from hdslb.api import dispatch
+from hdslb.api import dispatch, dispatch_async
 
 log = logging.getLogger("hdslb.api.metrics")
 
@@ -156,12 +159,38 @@ class HdslbCollector:
             out += fams
         return out
 
+    async def collect_families_async(self) -> list[Family]:
+        """collect_families() for the event loop: the same families in the same order, the service listing
+        awaited (at scale it is built in chunks, the loop served in between) and turned into series in a worker
+        thread (~950k samples at 10k services x 10 real servers); the small sections are read on the loop."""
+        out = []
+        try:
+            data = await dispatch_async(self.ctx, "service.list", {"svc": None})
+            health = self._health()
+            out += await asyncio.get_running_loop().run_in_executor(None, lambda: list(self._services(data, health)))
+        except Exception as e:
+            log.warning("metrics: services skipped: %s", e)
+        for section in (self._fastpath, self._interfaces, self._slowpath):
+            try:
+                fams = list(section())
+            except Exception as e:
+                log.warning("metrics: %s skipped: %s", section.__name__.strip("_"), e)
+                continue
+            out += fams
+        return out
+
     def exposition(self) -> bytes:
         return render(self.collect_families())
 
     # --- services and real servers ------------------------------------------------------------------
-    def _services(self):
-        data = dispatch(self.ctx, "service.list", {"svc": None})
+    def _services(self, data: dict | None = None, health: dict | None | bool = False):
+        """The service and real-server families of a service.list reply (read now when not given; health: the
+        health index, read now when not given). Reads only its arguments when both are given: safe in a thread."""
+        if data is None:
+            data = dispatch(self.ctx, "service.list", {"svc": None})
+            if asyncio.iscoroutine(data):  # a big listing inside the event loop: collect_families_async awaits it
+                data.close()
+                raise RuntimeError("service.list must be awaited here: use collect_families_async")
         svc = {stem: Family(f"hdslb_{stem}", "counter", f"Service {doc}", SVC_LABELS) for stem, _, doc in TRAFFIC}
         rs = {stem: Family(f"hdslb_backend_{stem}", "counter", f"Real server {doc}", RS_LABELS)
               for stem, _, doc in TRAFFIC}
@@ -169,7 +198,8 @@ class HdslbCollector:
                         RS_LABELS)
         inactive = Family("hdslb_backend_connections_inactive", "gauge", "Other connections (InActConn)", RS_LABELS)
         weight = Family("hdslb_backend_weight", "gauge", "Real server weight", RS_LABELS)
-        health = self._health()
+        if health is False:
+            health = self._health()
         up = Family("hdslb_backend_up", "gauge", "1 while every health checker of the real server passes", RS_LABELS)
         overloaded = Family("hdslb_backend_overloaded", "gauge",
                             "1 while above its upper connection threshold (-x): no new flows", RS_LABELS)

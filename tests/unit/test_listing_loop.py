@@ -1,0 +1,137 @@
+"""Big listings and the event loop: service.list of many services reads the stats arrays whole (one batched read
+each, not a lookup per service and real server), does that read in a worker thread, and builds its reply a chunk
+of services at a time, so other control calls (and the slow path's ARP/ND, health checks) are served meanwhile.
+The reply is the same as the one built in one go. /metrics collects through the same listing."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+
+from hdslb.api.metrics import HdslbCollector
+from hdslb.ctl import commands
+from hdslb.ctl.server import CtlServer
+from tests.unit.test_api import FakeCtx, FakeMaps, quick_start, traffic
+
+N_SVC = getattr(commands, "LIST_CHUNK", 200) * 2 + 7  # more than one chunk, and a chunk left over
+RS_PER = 10  # N_SVC x (1 + RS_PER) is past BATCH_STATS_MIN
+
+
+def big_ctx(maps_cls=FakeMaps) -> FakeCtx:
+    ctx = quick_start(FakeCtx())
+    ctx.maps = maps_cls(ctx)
+    for i in range(N_SVC):
+        svc = {"proto": "udp", "addr": str(ipaddress.IPv4Address("10.100.0.0") + i), "port": 53}
+        ctx.bal.service_add(dict(svc, sched="rr"))
+        for j in range(RS_PER):
+            d = ctx.bal.dest_add({"svc": svc, "addr": str(ipaddress.IPv4Address("172.16.0.0") + i * RS_PER + j),
+                                  "port": 53, "fwd": "fnat"})
+            if j % 3:  # some real servers with traffic, some without (absent from the batched read)
+                ctx.dest_traffic[d.slot] = traffic(d.slot, 2 * d.slot, 3, 4 * d.slot, 5)
+        if i % 2:
+            ctx.svc_traffic[ctx.bal.services[("udp", ipaddress.ip_address(svc["addr"]), 53)].svc_id] = \
+                traffic(i, i, i, i, i)
+    ctx.counts = {s: (s % 4, s % 3) for s in ctx.dest_traffic}
+    return ctx
+
+
+class BatchMaps(FakeMaps):
+    """A datapath whose stats arrays can be read whole, as hdslb.fastpath.maps.Maps.all_stats (non-zero slots)."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.whole_reads = []
+
+    def all_stats(self, name):
+        self.whole_reads.append((name, threading.current_thread() is threading.main_thread()))
+        src = self.ctx.svc_traffic if name == "svc_stats" else self.ctx.dest_traffic
+        return {k: dict(v) for k, v in src.items() if any(v.values())}
+
+
+def counting(ctx):
+    """Count the per-key stats reads."""
+    calls = []
+    svc_stats, dest_stats = ctx.svc_stats, ctx.dest_stats
+    ctx.svc_stats = lambda i: calls.append(("svc", i)) or svc_stats(i)
+    ctx.dest_stats = lambda s: calls.append(("dest", s)) or dest_stats(s)
+    return calls
+
+
+def test_a_big_listing_reads_the_stats_whole_and_replies_the_same():
+    want = commands.dispatch(big_ctx(), "service.list", {"svc": None})  # per-key reads (a datapath without batch)
+    ctx = big_ctx(BatchMaps)
+    calls = counting(ctx)
+    got = commands.dispatch(ctx, "service.list", {"svc": None})
+    assert got == want
+    assert [list(s) for s in got["services"]] == [list(s) for s in want["services"]]  # fields in the same order
+    assert calls == [] and [n for n, _ in ctx.maps.whole_reads] == ["svc_stats", "dest_stats"]
+    # a small listing (one service) keeps the per-key reads: reading both arrays whole would cost more
+    one = commands.dispatch(ctx, "service.list", {"svc": {"proto": "tcp", "addr": "10.0.0.100", "port": 80}})
+    assert one["services"] == [s for s in want["services"] if s["addr"] == "10.0.0.100"]
+    assert len(calls) == 3 and len(ctx.maps.whole_reads) == 2
+
+
+def _race(ctx, first: str, first_args: dict):
+    """Send a big service.list and, once it has started, daemon.status-like small call (one service's listing)
+    through the control socket's handler; returns (order of the replies, the big reply)."""
+    server = CtlServer("/nonexistent", lambda op, a: commands.dispatch(ctx, op, a))
+    done = []
+
+    async def main():
+        async def big():
+            rep = await server.handle(1, first, first_args)
+            done.append("big")
+            return rep
+
+        async def small():
+            await asyncio.sleep(0)  # the big call has begun
+            rep = await server.handle(2, "service.list", {"svc": {"proto": "tcp", "addr": "10.0.0.100", "port": 80}})
+            assert rep["ok"], rep
+            done.append("small")
+            small.answered.set()
+
+        small.answered = threading.Event()
+        ctx.answered = small.answered
+        results = await asyncio.gather(big(), small())
+        return results[0]
+
+    rep = asyncio.run(main())
+    return done, rep
+
+
+def test_a_concurrent_control_call_is_answered_before_a_big_listing_ends():
+    ctx = big_ctx()  # per-key stats reads on the loop, chunk by chunk
+    reads = counting(ctx)
+    order, rep = _race(ctx, "service.list", {"svc": None})
+    assert order == ["small", "big"]
+    assert rep["ok"] and rep["data"] == commands.dispatch(big_ctx(), "service.list", {"svc": None})
+    assert reads  # the listing read per key, and the small call got in between its chunks
+
+
+def test_the_batched_read_runs_off_the_loop_while_it_serves_others():
+    class SlowMaps(BatchMaps):
+        """A whole-array read that lasts until the loop has answered another control call (or 30 s)."""
+
+        def all_stats(self, name):
+            if name == "dest_stats":
+                self.loop_answered = self.ctx.answered.wait(30)
+            return super().all_stats(name)
+
+    ctx = big_ctx(SlowMaps)
+    order, rep = _race(ctx, "service.list", {"svc": None})
+    assert ctx.maps.loop_answered, "the loop answered nothing while the stats arrays were read"
+    assert [on_main for _, on_main in ctx.maps.whole_reads] == [False, False]  # in a worker thread
+    assert order == ["small", "big"] and rep["data"] == commands.dispatch(big_ctx(), "service.list", {"svc": None})
+
+
+def test_metrics_collected_on_the_loop_are_those_collected_in_one_go():
+    ctx = big_ctx(BatchMaps)
+    want = HdslbCollector(ctx).collect_families()  # no loop running: built in one go
+
+    async def scrape():
+        return await HdslbCollector(ctx).collect_families_async()
+
+    got = asyncio.run(scrape())
+    assert [(f.name, f.rows) for f in got] == [(f.name, f.rows) for f in want]
+    assert sum(len(f.rows) for f in got) > N_SVC * RS_PER * 9
