@@ -346,7 +346,7 @@ class MapDataPath:
             self.m.set_sched(svc.svc_id, [], svc.sched_gen, kind=abi.SCHED_HASH, key=abi.HKEY[table.key],
                              seed=table.seed, hoff=hoff, hlen=len(table.entries))
         else:
-            self.m.set_sched(svc.svc_id, table.entries, svc.sched_gen)
+            self.m.set_sched(svc.svc_id, table.entries, svc.sched_gen, spread=table.spread)
 
     def snat_rule_set(self, index, svc):
         m, ifx = svc.match, self.ifindex
