@@ -135,3 +135,22 @@ def test_metrics_collected_on_the_loop_are_those_collected_in_one_go():
     got = asyncio.run(scrape())
     assert [(f.name, f.rows) for f in got] == [(f.name, f.rows) for f in want]
     assert sum(len(f.rows) for f in got) > N_SVC * RS_PER * 9
+
+
+def test_the_daemon_counts_connections_off_the_loop_also_for_one_service():
+    """ActiveConn/InActConn and the local addresses' counts scan the whole conn table (seconds at 1M connections):
+    in the daemon (a context with conn_list_async) even a one-service listing does that in a worker thread."""
+    ctx = quick_start(FakeCtx())
+    ctx.conn_list_async = object()  # the daemon's marker: its conn table can be big
+    seen = []
+    counts, laddrs = ctx.conn_counts, ctx.laddr_conns
+    ctx.conn_counts = lambda: seen.append(threading.current_thread() is threading.main_thread()) or counts()
+    ctx.laddr_conns = lambda: seen.append(threading.current_thread() is threading.main_thread()) or laddrs()
+    want = commands.dispatch(quick_start(FakeCtx()), "service.list", {"svc": None})
+
+    async def main():
+        rep = commands.dispatch(ctx, "service.list", {"svc": None})
+        return await rep if asyncio.iscoroutine(rep) else rep
+
+    assert asyncio.run(main()) == want
+    assert seen == [False, False]
