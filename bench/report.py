@@ -243,6 +243,14 @@ def fmt_scale(r: dict) -> str:
             if "target" in r.get(key, {}):
                 ts.insert(0, r[key]["target"])
         parts.append(targets_table(ts, "3e. targets"))
+        li = r.get("listing")
+        if li:
+            rows = [[op, "n/a" if t is None else f"{t} s", ""] for op, t in li.get("round_trip_s", {}).items()]
+            rows += [[f"daemon.status while {k}", f"p50 {v['p50_ms']} / p99 {v['p99_ms']} / max {v['max_ms']} ms",
+                      f"n {v['n']}, {v['busy_calls']} listings meanwhile"] for k, v in li.get("status_while", {}).items()]
+            parts.append(table(["op", "time", "note"], rows,
+                               f"3f. listing {li.get('services')} services x 10 real servers: round trips, and what "
+                               "another client waits meanwhile (max = longest event-loop stall)"))
     return "\n\n".join(parts)
 
 

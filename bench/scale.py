@@ -16,6 +16,10 @@
   loaded, not extrapolated silently.
 - Control-op latency: service.list / dest.edit / daemon.status round trips on the control socket while
   the live-frames generator pushes UDP through the balancer, and idle for comparison.
+- Listing at scale (3f), with the 10k x 10 of `ipvsadm -R` loaded: the round trip of what ipvsadm -Ln, hdslb-ctl
+  top and a Prometheus scrape ask (service.list, stats.get, conn.list, GET /metrics), and `daemon.status` p50 /
+  p99 / max on a second connection while another client lists back to back (or scrapes /metrics back to back):
+  the max is the longest the daemon's event loop was held, what ARP/ND answers and health checks waited too.
 """
 
 from __future__ import annotations
@@ -256,7 +260,8 @@ def daemon_loads(quick: bool, log) -> dict:
                 g.stop()
         log(f"  control-op latency idle {res['latency_idle']}")
         log(f"  control-op latency with {res['traffic_mpps']} Mpps through the LB {res['latency_traffic']}")
-        res["services"] = _ipvsadm_restore(peer, lab, quick, log)
+        res["services"] = _ipvsadm_restore(peer, lab, quick, log,
+                                           measure=lambda: res.__setitem__("listing", listing(lab, quick, log)))
         res["routes"] = _routes(lab, quick, log)
         res["rest"] = _rest(lab, quick, log, bulk=True)
         try:
@@ -278,7 +283,7 @@ def _status(path: str) -> dict:
     return call("daemon.status", path=path, timeout=120)
 
 
-def _ipvsadm_restore(peer, lab, quick: bool, log) -> dict:
+def _ipvsadm_restore(peer, lab, quick: bool, log, measure=None) -> dict:
     from bench import e2e
 
     n_svc, rs_per = 10_000, 10
@@ -331,6 +336,11 @@ def _ipvsadm_restore(peer, lab, quick: bool, log) -> dict:
                      "pass": (not timed_out and not refused and took <= TARGET_LOAD_S)}
     log(f"  ipvsadm -R {n_svc} services/{n_svc * rs_per} RS: {took:.1f} s, {svcs} services loaded, "
         f"{len(refused)} lines refused{' (budget hit)' if timed_out else ''} {out['refusals']}")
+    if measure is not None:  # what wants the 10k x 10 loaded (3f)
+        try:
+            measure()
+        except Exception as e:
+            log(f"  listing at scale: n/a ({type(e).__name__}: {e})")
     # leave the daemon small again for what follows
     t0 = time.monotonic()
     try:
@@ -339,6 +349,127 @@ def _ipvsadm_restore(peer, lab, quick: bool, log) -> dict:
     except Exception:
         pass
     return out
+
+
+def _scrape(lab) -> tuple[float, int]:
+    """One GET /metrics (gzip, as Prometheus asks) in the LB namespace: (seconds, bytes on the wire)."""
+    from hdslb.lab import netns as nx
+
+    sock = nx.ns_socket(lab.lb_ns, socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(120)
+    sock.connect(("127.0.0.1", 53225))
+    conn = http.client.HTTPConnection("127.0.0.1", 53225, timeout=120)
+    conn.sock = sock
+    try:
+        t0 = time.perf_counter()
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        r = conn.getresponse()
+        body = r.read()
+        took = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"GET /metrics: {r.status}")
+        return took, len(body)
+    finally:
+        conn.close()
+
+
+def listing(lab, quick: bool, log) -> dict:
+    """3f: with the services of ipvsadm -R loaded, what a listing costs and what it makes others wait.
+
+    Round trips (client's wall clock, median of a few) of service.list (ipvsadm -Ln, top, /metrics read it),
+    stats.get, conn.list and a gzipped GET /metrics; then daemon.status on its own connection, back to back for
+    a few seconds, idle and while another client lists (service.list back to back, as `hdslb-ctl top` with a
+    short interval or several ipvsadm -Ln) or scrapes /metrics back to back. Its max is the longest the event
+    loop was held (the slow path's ARP/ND answers, health checks and every other client wait as long)."""
+    from hdslb.ctl.client import Client
+
+    path = str(lab.ctrl_path)
+    services = _status(path)["services"]
+    out: dict = {"services": services}
+    trips = {}
+    with Client(path, timeout=300) as c:
+        for op in ("service.list", "stats.get", "conn.list"):
+            ds = []
+            for _ in range(2 if quick else 3):
+                t0 = time.perf_counter()
+                c.call(op, {"svc": None} if op == "service.list" else {})
+                ds.append(time.perf_counter() - t0)
+            trips[op] = round(statistics.median(ds), 3)
+    try:
+        ds = [_scrape(lab) for _ in range(2 if quick else 3)]
+        trips["GET /metrics (gzip)"] = round(statistics.median(d for d, _ in ds), 3)
+        out["metrics_bytes"] = ds[-1][1]
+    except Exception as e:
+        trips["GET /metrics (gzip)"] = None
+        out["metrics_na"] = f"{type(e).__name__}: {e}"
+    out["round_trip_s"] = trips
+    secs = 4.0 if quick else 8.0
+
+    def probe(busy) -> dict:
+        stop, lists = threading.Event(), [0]
+
+        def lister():
+            with Client(path, timeout=300) as c2:
+                while not stop.is_set():
+                    if busy == "service.list":
+                        c2.call("service.list", {"svc": None})
+                    else:
+                        _scrape(lab)
+                    lists[0] += 1
+
+        th = threading.Thread(target=lister, daemon=True) if busy else None
+        ds = []
+        with Client(path, timeout=300) as c:
+            if th is not None:
+                th.start()
+                time.sleep(0.2)
+            end = time.monotonic() + secs
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                c.call("daemon.status", {})
+                ds.append((time.perf_counter() - t0) * 1e3)
+                time.sleep(0.001)  # a prober, not a load: ~1k calls a second at most
+        stop.set()
+        if th is not None:
+            th.join(300)
+        return {"p50_ms": round(statistics.median(ds), 2), "p99_ms": round(_pct(ds, 99), 2),
+                "max_ms": round(max(ds), 1), "n": len(ds), "busy_calls": lists[0]}
+
+    out["status_while"] = {"idle": probe(None), "service.list back to back": probe("service.list")}
+    if trips.get("GET /metrics (gzip)") is not None:
+        out["status_while"]["GET /metrics back to back"] = probe("metrics")
+    log(f"  listing at {services} services: round trips {trips}")
+    for k, v in out["status_while"].items():
+        log(f"    daemon.status while {k}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms "
+            f"(n {v['n']}, {v['busy_calls']} listings meanwhile)")
+    return out
+
+
+def listing_only(quick: bool = False, log=print) -> dict:
+    """3f on its own (development: `python -c 'from bench import scale; scale.listing_only()'`): the lab,
+    hdslbd with the load section's limits, ipvsadm -R of 10k x 10, the listing measurements, teardown."""
+    from bench import e2e
+
+    class BigHdslb(e2e.Hdslb):
+        def run(self, tool, *args, timeout=120):
+            if tool is e2e.HDSLB_CTL and args[:1] == ("up",):
+                args = (*args, "--max-services", MAX_SERVICES, "--max-dests", MAX_DESTS)
+            return super().run(tool, *args, timeout=timeout)
+
+    res: dict = {}
+    bench = e2e.E2E(quick, log)
+    bench.setup()
+    peer = BigHdslb(bench, generic=False)
+    try:
+        peer.setup()
+        res["services"] = _ipvsadm_restore(peer, bench.lab, quick, log,
+                                           measure=lambda: res.__setitem__("listing", listing(bench.lab, quick, log)))
+    finally:
+        try:
+            peer.teardown()
+        finally:
+            bench.teardown()
+    return res
 
 
 def route_batch_text(n: int, ifname: str) -> str:
