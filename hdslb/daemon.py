@@ -1034,7 +1034,9 @@ class Daemon:
         path = self.settings.state_file
         t0 = time.monotonic()
         tmp = f"{path}.{os.getpid()}.tmp"
-        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()), timeouts=self.timeout_overrides)
+        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()))
+        if self.timeout_overrides:  # ipvsadm --set values; without them the file is as before --set existed
+            snap["timeouts"] = self.timeout_overrides
         # One msgpack map, as packb would write it, but the routes' bytes are reused while the routes are the
         # same rows (snapshot_routes keeps them until a route changes): 100k routes pack in 45 ms each save.
         routes = snap.pop("routes")

@@ -144,8 +144,11 @@ def test_a_state_file_without_timeouts_still_loads(tmp_path):
     d.bal.service_add({"proto": "tcp", "addr": "10.0.0.1", "port": 80, "sched": "rr"})
     d._save_state()
     with open(d.settings.state_file, "rb") as f:
+        assert "timeouts" not in msgpack.unpackb(f.read(), raw=False)  # no --set: the file as before
+    d.set_timeouts({"udp": 2})
+    d._save_state()
+    with open(d.settings.state_file, "rb") as f:
         snap = msgpack.unpackb(f.read(), raw=False)
-    assert "timeouts" in snap
     del snap["timeouts"]  # as hdslbd wrote it before ipvsadm --set
     with open(d.settings.state_file, "wb") as f:
         f.write(msgpack.packb(snap))
