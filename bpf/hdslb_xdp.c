@@ -472,6 +472,21 @@ static __always_inline int tcp_opens(const struct tcphdr *th)
 	return th->syn && !th->ack && !th->rst && !th->fin;
 }
 
+/* The other direction's key of the entry (k, v): its rewritten tuple reversed, in the other family for NAT64
+ * (a NAT64 flow is in conn6_map both ways: its IPv4 reply key is a wide key with af IPv4). */
+static __always_inline void conn_partner_key(int t4, void *out, const void *k, const struct conn_val *v)
+{
+	const struct conn_key *kh = k; /* the head both key layouts share */
+	struct conn_key *oh = out;
+
+	ck_set(t4, out, 0, cv_addr(t4, v, 1));
+	ck_set(t4, out, 1, cv_addr(t4, v, 0));
+	oh->sport = v->dport;
+	oh->dport = v->sport;
+	oh->proto = kh->proto;
+	oh->af = (v->flags & CONN_F_XLAT) ? (kh->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : kh->af;
+}
+
 /*
  * A SYN that finds an entry: a retransmission keeps its real server, but a new connection on a finished
  * flow's tuple (the client reused its port: the entry is in FIN_WAIT/CLOSE) or on a flow whose real server
@@ -500,23 +515,20 @@ static __always_inline int conn_reusable(int t4, void *k, struct conn_val *cv, s
 #endif
 	if ((state == CS_FIN_WAIT || state == CS_CLOSE) && was_est)
 		return 1;
+	/* The real server's FIN or reset is seen by the reply entry only (the flow's state is the further of its
+	 * two entries, as for aging): a connection the server reset or closed is finished too, as LVS's CLOSE is
+	 * whichever side reset it. Read only for a completed handshake's tuple: a retransmitted SYN never pays. */
+	if (was_est && (cv->fwd == FWD_FNAT || cv->fwd == FWD_NAT || cv->fwd == FWD_SNAT)) {
+		struct conn_key rk = {}; /* big enough for either table's key */
+		__u8 rstate, rwas;
+
+		conn_partner_key(t4, &rk, k, cv);
+		conn_newest(t4, &rk, &rstate, &rwas);
+		if (rstate == CS_FIN_WAIT || rstate == CS_CLOSE)
+			return 1;
+	}
 	d = dest_map.lookup(&slot);
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
-}
-
-/* The other direction's key of the entry (k, v): its rewritten tuple reversed, in the other family for NAT64
- * (a NAT64 flow is in conn6_map both ways: its IPv4 reply key is a wide key with af IPv4). */
-static __always_inline void conn_partner_key(int t4, void *out, const void *k, const struct conn_val *v)
-{
-	const struct conn_key *kh = k; /* the head both key layouts share */
-	struct conn_key *oh = out;
-
-	ck_set(t4, out, 0, cv_addr(t4, v, 1));
-	ck_set(t4, out, 1, cv_addr(t4, v, 0));
-	oh->sport = v->dport;
-	oh->dport = v->sport;
-	oh->proto = kh->proto;
-	oh->af = (v->flags & CONN_F_XLAT) ? (kh->af == HDSLB_AF_INET6 ? HDSLB_AF_INET : HDSLB_AF_INET6) : kh->af;
 }
 
 /* Remove a flow's inbound entry and, for the modes that have one, its reply entry. */

@@ -675,6 +675,39 @@ def test_syn_on_a_flow_to_a_drained_server_is_scheduled_afresh(fastpath, m):
     assert v == XDP_TX and out[IP].dst == RS2 and m.counters()["conn_reused"] == 1
 
 
+@pytest.mark.parametrize("fwd", ["fnat", "nat"])
+def test_syn_after_the_real_server_reset_an_established_flow_is_scheduled_afresh(fastpath, m, fwd):
+    """LVS reschedules a SYN on a flow in CLOSE whichever side reset it (conn_reuse_mode). The server's reset is
+    seen by the reply entry only; the SYN used to read the inbound entry's state (ESTABLISHED), take it for a
+    retransmission and send the client's new connection back to the server that had just reset it, on the old
+    entry (no new connection counted, the old local port)."""
+    _two_dest_service(fastpath, m, fwd)
+    first = run(fastpath, c4(sport=48400))[1]
+    run(fastpath, c4(sport=48400, flags="A"))  # established to RS1
+    back = (RS1, LIP, 80, first[TCP].sport) if fwd == "fnat" else (RS1, CLIENT, 80, 48400)
+    rst = Ether(src=RS_MAC, dst=LB) / IP(src=back[0], dst=back[1]) / TCP(sport=back[2], dport=back[3], flags="R")
+    assert run(fastpath, rst)[0] == XDP_TX  # the server resets it (the client's side never says so)
+    ring(fastpath, 0, [1])
+    conns = m.counters()["conn_new"]
+    v, out = run(fastpath, c4(sport=48400))  # the client reuses its port
+    assert v == XDP_TX and out[IP].dst == RS2
+    c = m.counters()
+    assert c["conn_reused"] == 1 and c["conn_new"] == conns + 1
+    assert m.conn_entries() == 2, "the old flow's entries are gone"
+
+
+def test_syn_after_a_reset_of_an_established_flow_by_a_drained_server_is_scheduled_afresh(fastpath, m):
+    _two_dest_service(fastpath, m)
+    first = run(fastpath, c4(sport=48500))[1]
+    run(fastpath, c4(sport=48500, flags="A"))
+    rst = Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP) / TCP(sport=80, dport=first[TCP].sport, flags="R")
+    run(fastpath, rst)
+    dest(m, 0, RS1, 80, "fnat", drain=True)
+    ring(fastpath, 0, [1])
+    v, out = run(fastpath, c4(sport=48500))
+    assert v == XDP_TX and out[IP].dst == RS2 and m.counters()["conn_reused"] == 1
+
+
 def test_tunnel_answers_a_too_big_df_packet_with_fragmentation_needed(fastpath, m):
     _tunnel_setup(fastpath, m, mtu=1500)
     run(fastpath, c4(sport=40100))  # the flow exists (a SYN fits)
