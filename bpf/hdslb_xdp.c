@@ -998,6 +998,8 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 	__u32 slot, idx;
 	int persist = sv->flags & SVC_F_PERSIST;
 	__u64 ttl = (__u64)sv->persist_timeout * 1000000000ULL;
+	__u64 seen = 0, cur = 0;
+	int lost = 0; /* another CPU's template won: cur is its first word */
 
 	if (persist) {
 #pragma unroll
@@ -1006,6 +1008,8 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		pk.svc_id = svc_id;
 		pk.af = af;
 		pv = persist_map.lookup(&pk);
+		if (pv)
+			seen = *(volatile __u64 *)pv; /* dest_slot and seq, for replacing it should it be stale */
 		if (pv && pv->expires > now) {
 			slot = pv->dest_slot;
 			d = dest_map.lookup(&slot);
@@ -1059,36 +1063,63 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 	if (persist) {
 		npv.dest_slot = slot;
 		npv.expires = now + ttl;
-		if (pv) {
-			persist_map.update(&pk, &npv); /* a stale template (expired, or its server takes no new flows) */
-		} else {
 #ifdef HDSLB_TEST_PERSIST_RACE
-			/* Tests only (never in the daemon's build): another CPU's template for this client network
-			 * lands between the lookup above and the insert below. The test stores it beforehand under
-			 * svc_id + HDSLB_TEST_PERSIST_RACE; it is copied to the real key here. */
+		/* Tests only (never in the daemon's build): another CPU's connection from this client network writes
+		 * its template between the lookup above and the write below, the one the test stored beforehand under
+		 * svc_id + HDSLB_TEST_PERSIST_RACE: inserted where there was none, or claimed in place where this one
+		 * found it stale (as the compare-and-swap below would have let the other CPU do). */
+		{
 			struct persist_val *rv;
 
 			pk.svc_id += HDSLB_TEST_PERSIST_RACE; /* (no second key on the stack: it is full) */
 			rv = persist_map.lookup(&pk);
 			pk.svc_id -= HDSLB_TEST_PERSIST_RACE;
-			if (rv)
+			if (rv && pv) {
+				pv->dest_slot = rv->dest_slot;
+				pv->seq = (__u32)(seen >> 32) + 1; /* (the seq of a little-endian word: tests run on x86) */
+				pv->expires = rv->expires;
+			} else if (rv) {
 				persist_map.update(&pk, rv);
+			}
+		}
 #endif
+		if (pv) {
+			/* A stale template (expired, or its server takes no new flows), which another CPU's connection
+			 * from this network may be replacing too: claimed by a compare-and-swap of its first word
+			 * (dest_slot and seq) against what the lookup read. The CPU whose swap fails follows the
+			 * server the winner swapped in, so the client is not split across servers (one window remains:
+			 * a third connection reading the template between the winner's swap and its expiry store). */
+			__u64 want;
+
+			npv.seq = (__u32)(seen >> 32) + 1; /* seq: the word changes even when the server does not */
+			__builtin_memcpy(&want, &npv, sizeof(want));
+			cur = __sync_val_compare_and_swap((__u64 *)pv, seen, want);
+			if (cur == seen)
+				pv->expires = npv.expires;
+			else
+				lost = 1;
+		} else {
 			/* The first connection from this network: insert only if no other CPU's first connection
 			 * did meanwhile (both missed the lookup and scheduled, maybe different servers). The loser
 			 * follows the winner's template, so the client is not split across servers. */
 			if (persist_map.insert(&pk, &npv) != 0) {
 				pv = persist_map.lookup(&pk);
 				if (pv) {
-					__u32 won = pv->dest_slot;
-					struct dest_val *wd = dest_map.lookup(&won);
-
-					if (dest_usable(wd, svc_id)) {
-						count(CNT_PERSIST_HIT);
-						slot = won;
-						d = wd;
-					}
+					cur = *(volatile __u64 *)pv;
+					lost = 1;
 				}
+			}
+		}
+		if (lost) { /* its server, if it still takes new flows */
+			__u32 won;
+			struct dest_val *wd;
+
+			__builtin_memcpy(&won, &cur, sizeof(won)); /* dest_slot: the word's first four bytes */
+			wd = dest_map.lookup(&won);
+			if (dest_usable(wd, svc_id)) {
+				count(CNT_PERSIST_HIT);
+				slot = won;
+				d = wd;
 			}
 		}
 	}

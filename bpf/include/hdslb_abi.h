@@ -136,7 +136,8 @@ struct persist_key {
 
 struct persist_val {
 	__u32 dest_slot; /* the real server this client sticks to */
-	__u32 pad;
+	__u32 seq;       /* was padding: bumped by the CPU that replaces a stale template, which swaps dest_slot and seq
+			  * as one 8-byte word (compare-and-swap), so a CPU replacing it at the same time sees it lost */
 	__u64 expires;   /* bpf_ktime_get_coarse_ns() after which the template is void */
 };
 

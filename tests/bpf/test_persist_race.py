@@ -17,7 +17,7 @@ from scapy.layers.inet import IP
 from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs
 from hdslb.fastpath.maps import _put_addr
 
-from .test_modes import A, CLIENT, RS1, RS2, TCP_, VIP, c4, dest, ring, run, service
+from .test_modes import A, CLIENT, RS1, RS2, RS3, TCP_, VIP, c4, dest, ring, run, service
 
 RACE = 1000  # the hook's svc_id offset
 
@@ -43,7 +43,7 @@ def fastpath():
 def m(fastpath, maps):
     maps.set_route(ipaddress.ip_network("192.168.100.0/24"),
                    1, None, None, 1500, False)
-    for a in (RS1, RS2):
+    for a in (RS1, RS2, RS3):
         maps.set_neigh(A(a), bytes.fromhex("025500000002"), 1, permanent=True)
     maps.set_laddrs(0, [(A("192.168.100.200"), 1)])
     return maps
@@ -87,3 +87,42 @@ def test_without_a_race_the_first_connection_writes_its_own_template(fastpath, m
     assert run(fastpath, c4(sport=45000))[1][IP].dst == RS1
     ((k, v),) = list(fastpath.table("persist_map").items())
     assert v.dest_slot == 0 and m.counters()["persist_hit"] == 0
+
+
+@pytest.mark.parametrize("why", ["expired", "drained"])
+def test_a_connection_that_loses_the_race_to_replace_a_stale_template_follows_the_winner(fastpath, m, why):
+    """A stale template (expired, or its server drained) is replaced by a compare-and-swap of its first word. Here
+    another CPU's connection swaps in RS3 after this one read the template and scheduled RS2: this connection
+    goes to RS3 too and the template stays RS3's. (Each CPU overwrote the template with its own choice, and their
+    connections went to different servers.)"""
+    service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
+    for slot, rs in enumerate((RS1, RS2, RS3)):
+        dest(m, slot, rs, 80, "fnat", drain=(why == "drained" and slot == 0))
+    ring(fastpath, 0, [1])
+    k = _template(fastpath, CLIENT, 0, 0)  # the client's template: RS1 ...
+    t = fastpath.table("persist_map")
+    if why == "expired":  # ... long expired, or its server drained (above)
+        v = t[k]
+        v.expires = 1
+        t[k] = v
+    _template(fastpath, CLIENT, RACE, 2)  # the other CPU's choice: RS3
+    out = run(fastpath, c4(sport=45100))[1]
+    assert out[IP].dst == RS3
+    assert t[k].dest_slot == 2, "the winner's template is kept"
+    assert m.counters()["persist_hit"] == 1
+
+
+def test_a_stale_template_replaced_without_a_race_takes_this_connections_server(fastpath, m):
+    service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
+    dest(m, 0, RS1, 80, "fnat")
+    dest(m, 1, RS2, 80, "fnat")
+    ring(fastpath, 0, [1])
+    k = _template(fastpath, CLIENT, 0, 0)
+    t = fastpath.table("persist_map")
+    v = t[k]
+    v.expires, v.seq = 1, 7
+    t[k] = v
+    assert run(fastpath, c4(sport=45200))[1][IP].dst == RS2
+    v = t[k]
+    assert (v.dest_slot, v.seq) == (1, 8) and v.expires > time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert m.counters()["persist_hit"] == 0
