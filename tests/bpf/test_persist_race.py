@@ -2,9 +2,10 @@
 
 Both miss the template lookup and schedule, maybe different servers; each then writes its template. A race
 of two CPUs cannot be run deterministically, so the state it leaves is made instead: this module's build has
-a hook (-DHDSLB_TEST_PERSIST_RACE, never in the daemon's build) that, between pick_dest's lookup and its insert,
-copies a template the test stored under svc_id + HDSLB_TEST_PERSIST_RACE to the real key: another CPU's template
-landing exactly there.
+a hook (-DHDSLB_TEST_PERSIST_RACE, never in the daemon's build) that, between pick_dest's lookup and its write,
+copies a template the test stored under svc_id + HDSLB_TEST_PERSIST_RACE to the real key (or, where the lookup
+found a stale template, into it in place, as a winning compare-and-swap would): another CPU's template landing
+exactly there.
 """
 
 import ipaddress
