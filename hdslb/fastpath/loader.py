@@ -572,6 +572,22 @@ class FastPath:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+            release_freed_heap()
+
+
+def release_freed_heap() -> None:
+    """Give the heap a compile freed back to the kernel (glibc's malloc_trim; a no-op elsewhere).
+
+    bcc/LLVM take ~220 MB a compile and free it at cleanup, but glibc keeps freed memory in its arenas (the
+    compile runs in an executor thread, with its own arena): without this every `reload --datapath` left
+    the daemon ~110 MB larger for good (276 -> 569 MiB over eight reloads in the soak)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _obj_info(fd: int, size: int = 256):
