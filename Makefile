@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 BENCH_PKGS := wrk haproxy bpftool netsniff-ng gcc
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick clean
+.PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick soak clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.run --quick
+
+# ~10 min of traffic and churn against hdslbd in a netns lab, then invariants (bench/soak.py); not part of `make test`.
+soak: $(BENCH_STAMP)
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info
