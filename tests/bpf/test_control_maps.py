@@ -12,6 +12,7 @@ from scapy.layers.l2 import Ether
 from hdslb import sched
 from hdslb.balancer import Balancer, Iface
 from hdslb.daemon import MapDataPath
+from hdslb.fastpath import abi
 from hdslb.fastpath.testrun import XDP_PASS, XDP_TX, run_xdp
 
 from .conftest import LB_MAC, LO_IFINDEX
@@ -317,3 +318,14 @@ def test_a_udp_flow_whose_server_was_removed_is_scheduled_afresh(fastpath, maps,
     assert removed == 2 * sum(1 for s in first.values() if s == gone)
     for sport, was in first.items():
         assert server_of(sport) == (RSS[2] if was == gone else stays), sport
+
+
+@pytest.mark.parametrize("name,spread", [("rr", True), ("wrr", True), ("wlc", False), ("lc", False), ("fo", False)])
+def test_the_model_marks_rr_and_wrr_rings_spread_and_leaves_lc_wlc_fo_at_entry_0(fastpath, maps, bal, name, spread):
+    """sched_tbl.flags SCHED_F_SPREAD reaches the map through Balancer -> MapDataPath.sched_set -> Maps.set_sched (a
+    line of that chain was once lost in a merge, and every CPU went back to starting a rebuilt rr ring at entry 0)."""
+    bal.service_add(dict(SVC, sched=name))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
+    v = maps.t["sched_map"][ct.c_uint32(bal.get_service(SVC).svc_id)]
+    assert v.len >= 1 and v.flags == (abi.SCHED_F_SPREAD if spread else 0)
