@@ -448,7 +448,7 @@ class Soak:
     def soak(self) -> None:
         cycle, kill9 = self.steps()
         dur = self.args.duration
-        kills = [dur * 0.35, dur * 0.7]
+        kills = [dur * (i + 1) / (self.args.kills + 1) for i in range(self.args.kills)]
         next_obs = next_step = self.t
         i = 0
         while self.t < dur:
@@ -678,7 +678,9 @@ def _model(services) -> list[tuple]:
         key = (s.get("proto"), s.get("addr"), s.get("port"), s.get("sched"))
         rows.append(key)
         for d in s.get("dests", []):
-            rows.append(key + ("rs", d.get("addr"), d.get("port"), d.get("weight"), d.get("fwd", d.get("mode"))))
+            h = d.get("health")
+            rows.append(key + ("rs", d.get("addr"), d.get("port"), d.get("weight"), d.get("fwd", d.get("mode")),
+                               h.get("state") if isinstance(h, dict) else h))
         for la in s.get("laddrs", []):
             rows.append(key + ("laddr", la.get("addr"), la.get("ifname")))
     return rows
@@ -690,6 +692,7 @@ def main(argv=None) -> int:
     ap.add_argument("--interval", type=float, default=5, help="seconds between observations (default 5)")
     ap.add_argument("--step", type=float, default=4, help="seconds between churn steps (default 4)")
     ap.add_argument("--servers", type=int, default=3)
+    ap.add_argument("--kills", type=int, default=2, help="kill -9 + restarts, evenly spread (default 2)")
     args = ap.parse_args(argv)
     s = Soak(args)
 
