@@ -1743,6 +1743,24 @@ class Daemon:
         event loop goes on serving meanwhile (the thread gives it the GIL every switch interval)."""
         return await asyncio.get_running_loop().run_in_executor(None, self.conn_list)
 
+    def conn_listing(self, inbound: bool = False):
+        """The conn table as conn.list lists it (hdslb.fastpath.aging.Listing, the same entries conn_list() gives,
+        turned into dicts page by page), read in batches into numpy columns: in a worker thread (commands.conn_list
+        keeps it as a snapshot its pages are served from). inbound: the client's direction only (ipvsadm -Lnc)."""
+        from hdslb.fastpath import aging
+        from hdslb.fastpath.abi import conn_states
+
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        cols = aging.ListColumns.from_batches([aging.ListColumns.extract(k, v, n)
+                                               for k, v, n in self.maps._aging_buffers()])
+        if cols is None:  # two different keys with one 64-bit hash (see Columns.from_batches)
+            raise HdslbError(errno.EAGAIN, "conn.list: two of the conn table's keys share a 64-bit hash "
+                                           "(astronomically rare); try again once the table has changed")
+        clock = self.maps.clock
+        tick, base = clock.tick_ns, clock.to_mono_ns(0)
+        return aging.Listing(cols, now, lambda j: j.astype("int64") * tick + base, self.idle_limits(),
+                             conn_states(), bool(self.maps.conn_shared), inbound)
+
     def conn_list(self) -> list[dict]:
         """Every entry (ipvsadm -Lnc shows the inbound ones). An entry's state is its flow's (a reset or FIN from
         the real server closes the flow: hdslb.fastpath.aging.flow_state), and its idle time the flow's, as the

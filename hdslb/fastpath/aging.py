@@ -383,3 +383,126 @@ class Columns:
                 ent = out.setdefault(s, [0, 0])
                 ent[col] = m
         return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+# --- the connection listing (ipvsadm -Lnc, REST /v2/conns) from columns ---------------------------------
+class ListColumns(Columns):
+    """Columns plus what a listing prints and the sweep does not need: the service (svc_id) and the CPU whose
+    copy is the newest (cpu). The sweep's Columns are untouched; this is read for conn.list only."""
+
+    FIELDS = Columns.FIELDS + ("svc_id", "cpu")
+    V_SVC = 20  # conn_val.svc_id (CONN_VAL_HEAD)
+
+    @staticmethod
+    def extract(kbuf, vbuf, ncpu: int) -> dict:
+        import numpy as np
+
+        cols = Columns.extract(kbuf, vbuf, ncpu)
+        n = len(kbuf) // KEY_SIZE
+        V = np.frombuffer(vbuf, np.uint8, n * ncpu * VAL_SIZE).reshape(n, ncpu, VAL_SIZE)
+        valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
+        last_all = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
+        best = np.where(valid, last_all.astype(np.int64), -1).argmax(axis=1)  # as Columns.extract picks it
+        idx = np.flatnonzero(valid.any(axis=1))
+        best = best[idx]
+        bv = V[idx, best]
+        cols["svc_id"] = np.ascontiguousarray(bv[:, ListColumns.V_SVC:ListColumns.V_SVC + 2]).view("<u2")[:, 0]
+        cols["cpu"] = best.astype(np.int32)
+        return cols
+
+
+# Every field of a conn.list entry, in the order the dict-based listing (Daemon.conn_list) gives them.
+LIST_FIELDS = ("proto", "af", "saddr", "sport", "daddr", "dport", "to_saddr", "to_sport", "to_daddr", "to_dport",
+               "out", "state", "svc_id", "dest_slot", "last_seen_ns", "cpu", "idle_s", "expire_s")
+
+
+class Listing:
+    """A snapshot of the conn table as conn.list lists it, computed once over the columns (flow state, idle and
+    expire times as Daemon.conn_list computes them: the entry paired with its partner only when each points at
+    the other), its entries turned into dicts only page by page (entries(): a million-connection table is never
+    a million dicts at once).
+
+    cols: ListColumns; now_ns: CLOCK_MONOTONIC of the listing; to_ns(jiffies array) -> monotonic ns; lim: Limits
+    in seconds; names: the state names; shared: one copy for every CPU (cpu is None); inbound: only the entries
+    of the client's direction (what ipvsadm -Lnc prints)."""
+
+    def __init__(self, cols: "ListColumns", now_ns: int, to_ns, lim: Limits, names, shared: bool,
+                 inbound: bool = False):
+        import numpy as np
+
+        self.cols, self.names, self.shared = cols, list(names), shared
+        n = len(cols)
+        rows_ = np.arange(n)
+        p = cols.partner_index()
+        pc = np.where(p >= 0, p, 0)
+        pair = (p >= 0) & (p != rows_) & (p[pc] == rows_) if n else np.zeros(0, bool)
+        est = self.names.index("established")
+        # conn_list's rule: the inbound entry is the other one only when this one is a reply and it is not
+        inb = np.where(pair & cols.out & ~cols.out[pc], pc, rows_)
+        rep = np.where(inb == rows_, pc, rows_)
+        st = cols.state.astype(np.int64)
+        self.state = np.where(pair, np.where(st[rep] > est, np.maximum(st[inb], st[rep]), st[inb]), st)
+        # last_seen_ns is the entry's own; its idle time is the flow's (the newest packet of either direction)
+        self.last_ns = np.asarray(to_ns(cols.last), np.int64)
+        flow_last = np.where(pair, np.maximum(self.last_ns, self.last_ns[pc]), self.last_ns)
+        self.idle = np.maximum(0, (np.int64(now_ns) - flow_last) // 10**9)
+        by_state = np.array(list(lim.by_state) + [lim.close] * (256 - len(lim.by_state)), np.int64)
+        limit = np.where(cols.proto == socket.IPPROTO_UDP, lim.udp, by_state[np.minimum(self.state, 255)])
+        self.expire = np.maximum(0, limit - self.idle)
+        self.rows = np.flatnonzero(~cols.out) if inbound else rows_
+        self.inbound = inbound
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def max_bytes(self, start: int = 0, stop: int | None = None) -> int:
+        """An upper bound on the msgpack size of entries(start, stop) (the field names, and each value at its
+        largest encoding: an IPv4 address 16 bytes, an IPv6 one 41), checked before any entry is built."""
+        import numpy as np
+
+        r = self.rows[start:stop]
+        keys = sum(len(k) + 1 for k in LIST_FIELDS) + 3  # fixstr names, a map16 header
+        state = 1 + max([len(x) for x in self.names] + [1])
+        # proto 2, af 1, ports 4 x 3, out 1, svc_id 3, dest_slot 5, last_seen_ns 9, cpu 5, idle_s 9, expire_s 9
+        fixed = keys + 2 + 1 + 12 + 1 + state + 3 + 5 + 9 + 5 + 9 + 9
+        v6 = int(np.count_nonzero(self.cols.keys[r, K_AF] != 4)) + int(np.count_nonzero(self.cols.partner[r, K_AF] != 4))
+        return 5 + len(r) * (fixed + 4 * 16) + v6 * 2 * (41 - 16)
+
+    def entries(self, start: int = 0, stop: int | None = None) -> list[dict]:
+        """The listing's entries [start, stop) as conn.list dicts (addresses as strings)."""
+        import ipaddress
+
+        c, r = self.cols, self.rows[start:stop]
+        keys, part = c.keys[r], c.partner[r]
+        af, to_af = keys[:, K_AF].tolist(), part[:, K_AF].tolist()
+        be16 = lambda a: a.view(">u2")[:, 0].tolist()  # noqa: E731  (network-order ports)
+        sport, dport = be16(keys[:, 0:2].copy()), be16(keys[:, 2:4].copy())
+        to_dport, to_sport = be16(part[:, 0:2].copy()), be16(part[:, 2:4].copy())
+        sa, da = keys[:, K_SADDR:K_SADDR + 16].tobytes(), keys[:, K_DADDR:K_DADDR + 16].tobytes()
+        # the rewrite's source is the partner key's destination, and its destination the partner's source
+        tsa, tda = part[:, K_DADDR:K_DADDR + 16].tobytes(), part[:, K_SADDR:K_SADDR + 16].tobytes()
+        memo: dict = {}
+        ntop = socket.inet_ntop
+
+        def addr(buf, i, fam):
+            raw = buf[16 * i:16 * i + (4 if fam == 4 else 16)]
+            s = memo.get(raw)
+            if s is None:  # IPv6 as ipaddress prints it (inet_ntop differs on a few forms)
+                s = memo[raw] = ntop(socket.AF_INET, raw) if fam == 4 else str(ipaddress.IPv6Address(raw))
+            return s
+
+        names, nn = self.names, len(self.names)
+        proto, out, state = c.proto[r].tolist(), c.out[r].tolist(), self.state[r].tolist()
+        svc, slot, last = c.svc_id[r].tolist(), c.slot[r].tolist(), self.last_ns[r].tolist()
+        cpu = [None] * len(r) if self.shared else c.cpu[r].tolist()
+        idle, expire = self.idle[r].tolist(), self.expire[r].tolist()
+        out_list = []
+        for i in range(len(r)):
+            f, t = af[i], to_af[i]
+            out_list.append({"proto": proto[i], "af": f, "saddr": addr(sa, i, f), "sport": sport[i],
+                             "daddr": addr(da, i, f), "dport": dport[i], "to_saddr": addr(tsa, i, t),
+                             "to_sport": to_sport[i], "to_daddr": addr(tda, i, t), "to_dport": to_dport[i],
+                             "out": out[i], "state": names[state[i]] if state[i] < nn else "?",
+                             "svc_id": svc[i], "dest_slot": slot[i], "last_seen_ns": last[i], "cpu": cpu[i],
+                             "idle_s": idle[i], "expire_s": expire[i]})
+        return out_list
