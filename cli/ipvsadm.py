@@ -816,8 +816,13 @@ def format_conns(data: dict, fmt: Format) -> str:
     The daemon keeps one entry per direction; only the inbound one is shown, as DPVS shows each connection
     once. The time column is the seconds since the connection was last seen (the map keeps no expiry).
     """
+    return format_conn_lines(data["conns"], fmt) + format_templates(data.get("templates"), fmt)
+
+
+def format_conn_lines(conns: list, fmt: Format) -> str:
+    """format_conns()'s connection lines (a page of them)."""
     out = []
-    for c in data["conns"]:
+    for c in conns:
         if c.get("out"):
             continue
         proto = PROTO_NAMES.get(c["proto"], "--")
@@ -829,10 +834,16 @@ def format_conns(data: dict, fmt: Format) -> str:
         out.append(f"[{cpu}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
                    f"{ap('saddr', 'sport'):<18} {ap('daddr', 'dport'):<18} {ap('to_saddr', 'to_sport'):<18} "
                    f"{ap('to_daddr', 'to_dport')}")
+    return "".join(line + "\n" for line in out)
+
+
+def format_templates(templates, fmt: Format) -> str:
+    """format_conns()'s template lines, after the connections."""
+    out = []
     # Persistence templates, as LVS lists them among connections: client port 0, state NONE; the client is
     # its network (the address masked by -M), the time is what is left of the template's -p timeout, and the
     # cpu is "-" (templates are shared by every CPU). There is no local address: "-".
-    for t in data.get("templates") or []:
+    for t in templates or []:
         proto = t["proto"]
         real = addrport(t["daddr"], t["dport"], proto, fmt.numeric) if t.get("daddr") else "?"
         out.append(f"[-]{proto:<3} {str(t['expire_s']) + 's':<6} {'NONE':<11} "
@@ -943,7 +954,35 @@ def render(inv: Invocation, data) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def execute(client, inv: Invocation) -> str:
+# -Lnc reads the connections in pages of this many entries (each direction one), printing each page as it comes:
+# the daemon lists a snapshot of the table page by page (conn.list's limit/cursor), so a million connections
+# never make one reply past the control frame, nor hold the daemon's event loop.
+CONN_PAGE = 20_000
+
+
+def _page_conns(client, args: dict, fmt: Format, write=None) -> str:
+    """conn.list page by page, each page's lines written as they come, the templates last. A daemon that does not
+    page (no "next" in its reply) gives everything in its first reply. Returns what was not written (write None:
+    everything, for a caller that wants the text)."""
+    text = []
+    emit = write or text.append
+    first = client.call("conn.list", dict(args, limit=CONN_PAGE, inbound=True))
+    data, templates = first, first.get("templates")
+    while True:
+        emit(format_conn_lines(data.get("conns") or [], fmt))
+        if data.get("next") is None or data.get("cursor") is None:
+            break
+        data = client.call("conn.list", dict(args, limit=CONN_PAGE, inbound=True, cursor=data["cursor"],
+                                             offset=data["next"]))
+    emit(format_templates(templates, fmt))
+    return "".join(text)
+
+
+def execute(client, inv: Invocation, write=None) -> str:
+    """Run an invocation's requests and return the text of its last reply; a connection listing (-c) is read in
+    pages, written with write() as it comes when given."""
+    if inv.view == "conns" and len(inv.requests) == 1 and not inv.requests[0][1].get("templates_only"):
+        return _page_conns(client, inv.requests[0][1], inv.fmt, write)
     data = None
     for op, args in inv.requests:
         data = client.call(op, args)
@@ -983,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
         with Client(path) as client:
             if batch is not None:
                 return _restore(client, batch)
-            sys.stdout.write(execute(client, inv))
+            sys.stdout.write(execute(client, inv, sys.stdout.write))
             return EXIT_OK
 
     return guarded(run, "", PROG)

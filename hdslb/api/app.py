@@ -802,8 +802,11 @@ async def put_timeouts(request):
 async def list_conns(request):
     offset = _qint(request, "offset", 0, 0)
     limit = _qint(request, "limit", CONNS_DEFAULT_LIMIT, 1, CONNS_MAX_LIMIT)
-    conns = (await _call(request, "conn.list", {}))["conns"]
-    return _reply({"Items": conns[offset:offset + limit], "total": len(conns), "offset": offset, "limit": limit})
+    # A page of the daemon's shared REST snapshot (conn.list's paging): offset 0 reads the table anew, a later
+    # offset reads the snapshot the last offset-0 page made while it lives (60 s after its last page), so a client
+    # walking the offsets sees one consistent table, read once, not once per page.
+    page = await _call(request, "conn.list", {"offset": offset, "limit": limit, "shared": True})
+    return _reply({"Items": page["conns"], "total": page["total"], "offset": offset, "limit": limit})
 
 
 async def _ctx_hook(request, name: str, *args):

@@ -561,14 +561,172 @@ def stats_get(ctx, a):
             "slowpath": ctx.slow.stats() if getattr(ctx, "slow", None) is not None else None}
 
 
+# conn.list pages: a listing is read from the conn table once (a snapshot: hdslb.fastpath.aging.Listing, built in
+# a worker thread from the table's numpy columns) and served page by page from it, so its pages are consistent and
+# a million-connection table is neither read once per page nor sent as one reply (454 MB at 1M connections, past
+# the 64 MiB control frame). A snapshot lives CONN_SNAPSHOT_TTL_S after its last page was asked for (until its
+# last page for a cursor listing), at most CONN_SNAPSHOTS_MAX at once (the oldest goes first): ~200 MB each at 1M.
+CONN_PAGE_DEFAULT = 10_000
+CONN_PAGE_MAX = 100_000
+CONN_SNAPSHOT_TTL_S = 60.0
+CONN_SNAPSHOTS_MAX = 4
+
+
+class ConnSnapshots:
+    """The live conn.list snapshots, by cursor (an opaque token). `shared` is REST's: /v2/conns takes offset and
+    limit only, so offset 0 makes a new shared snapshot and later offsets read it while it lives."""
+
+    def __init__(self, ttl: float = CONN_SNAPSHOT_TTL_S, cap: int = CONN_SNAPSHOTS_MAX, clock=None):
+        import collections
+        import time
+
+        self.ttl, self.cap, self.clock = ttl, cap, clock or time.monotonic
+        self._snaps = collections.OrderedDict()  # cursor -> [listing, last used]
+        self.shared: str | None = None
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for c in [c for c, (_, used) in self._snaps.items() if now - used > self.ttl]:
+            self.drop(c)
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._snaps)
+
+    def add(self, listing, shared: bool = False) -> str:
+        import secrets
+
+        self._expire()
+        cursor = secrets.token_hex(8)
+        self._snaps[cursor] = [listing, self.clock()]
+        if shared:
+            if self.shared is not None:
+                self.drop(self.shared)
+            self.shared = cursor
+        while len(self._snaps) > self.cap:
+            self.drop(next(iter(self._snaps)))
+        return cursor
+
+    def get(self, cursor: str):
+        self._expire()
+        ent = self._snaps.get(cursor)
+        if ent is None:
+            raise HdslbError(errno.ESTALE, f"conn.list: cursor {cursor!r} is unknown or expired (a listing is kept "
+                                           f"{self.ttl:g} s after its last page, {self.cap} at most): start the "
+                                           f"listing again without a cursor")
+        ent[1] = self.clock()
+        self._snaps.move_to_end(cursor)
+        return ent[0]
+
+    def get_shared(self):
+        self._expire()
+        return (self.shared, self.get(self.shared)) if self.shared in self._snaps else (None, None)
+
+    def drop(self, cursor: str) -> None:
+        self._snaps.pop(cursor, None)
+        if cursor == self.shared:
+            self.shared = None
+
+
+def _conn_snapshots(ctx) -> ConnSnapshots:
+    snaps = getattr(ctx, "conn_snapshots", None)
+    if snaps is None:
+        snaps = ctx.conn_snapshots = ConnSnapshots()
+    return snaps
+
+
+def _conn_page_args(a) -> dict | None:
+    """The paging arguments of conn.list, checked (None: an unpaged listing): limit (1..CONN_PAGE_MAX), offset
+    (>= 0), cursor (a previous page's), inbound (only the client's direction: what ipvsadm -Lnc prints), shared
+    (REST's listing, see ConnSnapshots)."""
+    if not any(k in a for k in ("limit", "offset", "cursor", "shared")):
+        return None
+
+    def num(name, default, lo, hi=None):
+        v = a.get(name, default)
+        if v is None:
+            v = default
+        if type(v) is not int or v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise invalid(f"conn.list: {name} must be an integer in {rng}, not {v!r}")
+        return v
+
+    cursor = a.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or not cursor or len(cursor) > 64):
+        raise invalid(f"conn.list: cursor must be the cursor a previous page gave, not {cursor!r}")
+    for flag in ("inbound", "shared"):
+        if type(a.get(flag, False)) is not bool:
+            raise invalid(f"conn.list: {flag} must be true or false, not {a.get(flag)!r}")
+    if cursor is not None and a.get("shared"):
+        raise invalid("conn.list: cursor and shared do not go together")
+    return {"limit": num("limit", CONN_PAGE_DEFAULT, 1, CONN_PAGE_MAX), "offset": num("offset", 0, 0),
+            "cursor": cursor, "inbound": bool(a.get("inbound", False)), "shared": bool(a.get("shared", False))}
+
+
+def conn_list_too_big(n: int, nbytes: int) -> HdslbError:
+    from hdslb.ctl import protocol
+
+    return HdslbError(errno.EMSGSIZE, f"conn.list: {n} entries take up to {nbytes / 2**20:.0f} MiB, more than a "
+                                      f"control reply carries ({protocol.MAX_FRAME // 2**20} MiB): list them in pages "
+                                      f"(limit, then cursor and offset from each reply; ipvsadm -Lnc does)")
+
+
+async def _conn_pages(ctx, p: dict, templates: list) -> dict:
+    """One page of a snapshot listing (a new snapshot unless a cursor, or REST's shared one, is given)."""
+    loop = asyncio.get_running_loop()
+    snaps = _conn_snapshots(ctx)
+    cursor, listing = p["cursor"], None
+    if cursor is not None:
+        listing = snaps.get(cursor)
+    elif p["shared"] and p["offset"] > 0:
+        cursor, listing = snaps.get_shared()
+    if listing is None:
+        listing = await loop.run_in_executor(None, ctx.conn_listing, p["inbound"] and not p["shared"])
+        cursor = snaps.add(listing, shared=p["shared"])
+    off, n = p["offset"], len(listing)
+    page = await loop.run_in_executor(None, listing.entries, off, off + p["limit"]) if off < n else []
+    nxt = off + len(page) if off + len(page) < n else None
+    if nxt is None and not p["shared"]:  # a cursor listing read to its end: its memory goes at once
+        snaps.drop(cursor)
+    return {"conns": page, "templates": templates if p["cursor"] is None else [], "total": n, "offset": off,
+            "cursor": cursor, "next": nxt}
+
+
 @command("conn.list")
 def conn_list(ctx, a):
+    """Connections (every entry, both directions) and persistence templates. Unpaged, the whole table in one reply,
+    refused (EMSGSIZE, naming paging) when that could not fit in a control frame; paged (limit, offset, cursor:
+    see _conn_page_args), a page of a snapshot read once per listing, with total, cursor and next (the offset of
+    the next page, None after the last)."""
+    p = _conn_page_args(a)
     fn = getattr(ctx, "persist_list", None)
     templates = fn() if fn is not None else []
     if a.get("templates_only"):
         return {"conns": [], "templates": templates}
+    listing = getattr(ctx, "conn_listing", None)
+    if listing is not None:  # the daemon: snapshots of the table's columns, built in a worker thread
+        if p is not None:
+            return _conn_pages(ctx, p, templates)
+
+        async def whole():
+            loop = asyncio.get_running_loop()
+            lst = await loop.run_in_executor(None, listing, False)
+            nbytes = lst.max_bytes()
+            from hdslb.ctl import protocol
+            if nbytes > protocol.MAX_FRAME - 4096:
+                raise conn_list_too_big(len(lst), nbytes)
+            return {"conns": await loop.run_in_executor(None, lst.entries), "templates": templates}
+
+        return whole()
+    if p is not None:  # a context without snapshots (tests, a dry run): pages of its list
+        conns = ctx.conn_list()
+        off = p["offset"]
+        page = conns[off:off + p["limit"]]
+        nxt = off + len(page) if off + len(page) < len(conns) else None
+        return {"conns": page, "templates": templates if p["cursor"] is None else [], "total": len(conns),
+                "offset": off, "cursor": None, "next": nxt}
     off_loop = getattr(ctx, "conn_list_async", None)
-    if off_loop is not None:  # the daemon: a big table is read in a worker thread, the loop keeps serving
+    if off_loop is not None:  # a big table is read in a worker thread, the loop keeps serving
 
         async def listed():
             return {"conns": await off_loop(), "templates": templates}
