@@ -150,6 +150,7 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
             t0 = time.monotonic()
             n = fn()
             scans[name] = {"entries": n, "seconds": round(time.monotonic() - t0, 2)}
+        scans["conn.list pages (ipvsadm -Lnc: columns snapshot, 20k-entry pages encoded)"] = conn_pages_cost(maps)
         # The aging sweep with every flow past its timeout (the clock moved a day on): scan, pairing, and the
         # removal of all of them (hdslb_sweep in the kernel), as the daemon runs it.
         import types
@@ -190,6 +191,74 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
         fp.close()
         fp.unpin()
     return res
+
+
+def conn_pages_cost(maps, old: bool = False) -> dict:
+    """ipvsadm -Lnc as the daemon serves it, on these maps: conn.list page by page (inbound entries, pages of the
+    CLI's size, each reply msgpack-encoded on the loop as the control server does), with a task ticking every
+    millisecond on the same event loop to find its longest stall; then the client's side (decoding and formatting
+    every page). old: the dict-based listing instead (one unpaged reply; past ~210k connections refused as larger
+    than a control frame after it was built and encoded)."""
+    import asyncio
+    import types
+
+    import msgpack
+
+    from cli import ipvsadm
+    from hdslb.ctl import commands, protocol
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)),
+                              persist_list=lambda: [], _conn_cache=(0.0, None))
+    d.idle_limits = lambda unit=lambda x: x: Daemon.idle_limits(d, unit)
+    d._conns = lambda: Daemon._conns(d)
+    if old:
+        d.conn_list = lambda: Daemon.conn_list(d)
+        d.conn_list_async = lambda: Daemon.conn_list_async(d)
+    else:
+        d.conn_listing = lambda inbound=False: Daemon.conn_listing(d, inbound)
+    fmt = ipvsadm.parse(["-Lnc"]).fmt
+
+    async def main():
+        stall, done, replies = [0.0], [False], []
+
+        async def ticker():
+            last = time.monotonic()
+            while not done[0]:
+                await asyncio.sleep(0.001)
+                now = time.monotonic()
+                stall[0] = max(stall[0], now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        t0 = time.monotonic()
+        args = {} if old else {"limit": ipvsadm.CONN_PAGE, "inbound": True}
+        err = None
+        while True:
+            res = commands.dispatch(d, "conn.list", args)
+            data = await res if asyncio.iscoroutine(res) else res
+            try:
+                replies.append(protocol.encode(protocol.reply_ok(1, data)))
+            except protocol.ProtocolError as e:
+                err = str(e)
+                break
+            await asyncio.sleep(0)  # the reply goes out: other clients' turn
+            if old or data.get("next") is None:
+                break
+            args = {"limit": ipvsadm.CONN_PAGE, "inbound": True, "cursor": data["cursor"], "offset": data["next"]}
+        daemon_s = time.monotonic() - t0
+        done[0] = True
+        await tick
+        return replies, daemon_s, stall[0], err
+
+    replies, daemon_s, stall, err = asyncio.run(main())
+    t0, lines = time.monotonic(), 0
+    for r in replies:
+        text = ipvsadm.format_conn_lines(msgpack.unpackb(r[4:], raw=False)["data"]["conns"], fmt)
+        lines += text.count("\n")
+    return {"pages": len(replies), "lines": lines, "reply_bytes": sum(len(r) for r in replies),
+            "daemon_seconds": round(daemon_s, 2), "client_seconds": round(time.monotonic() - t0, 2),
+            "longest_loop_stall_s": round(stall, 3), **({"error": err} if err else {})}
 
 
 # --------------------------------------------------------------------------- daemon-side loads and latency

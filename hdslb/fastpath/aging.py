@@ -465,7 +465,8 @@ class Listing:
         state = 1 + max([len(x) for x in self.names] + [1])
         # proto 2, af 1, ports 4 x 3, out 1, svc_id 3, dest_slot 5, last_seen_ns 9, cpu 5, idle_s 9, expire_s 9
         fixed = keys + 2 + 1 + 12 + 1 + state + 3 + 5 + 9 + 5 + 9 + 9
-        v6 = int(np.count_nonzero(self.cols.keys[r, K_AF] != 4)) + int(np.count_nonzero(self.cols.partner[r, K_AF] != 4))
+        v6 = int(np.count_nonzero(self.cols.keys[r, K_AF] != 4)) + \
+            int(np.count_nonzero(self.cols.partner[r, K_AF] != 4))
         return 5 + len(r) * (fixed + 4 * 16) + v6 * 2 * (41 - 16)
 
     def entries(self, start: int = 0, stop: int | None = None) -> list[dict]:
