@@ -149,14 +149,17 @@ class HdslbCollector:
 
     def collect_families(self) -> list[Family]:
         """Every family, read from the daemon now (on its event loop); render() turns them into text."""
+        return self._read_sections((self._services, self._fastpath, self._interfaces, self._slowpath))
+
+    @staticmethod
+    def _read_sections(sections) -> list[Family]:
+        """Each section's families; one that fails is logged and left out, the others still served."""
         out = []
-        for section in (self._services, self._fastpath, self._interfaces, self._slowpath):
+        for section in sections:
             try:
-                fams = list(section())
+                out += list(section())
             except Exception as e:
                 log.warning("metrics: %s skipped: %s", section.__name__.strip("_"), e)
-                continue
-            out += fams
         return out
 
     async def collect_families_async(self) -> list[Family]:
@@ -170,14 +173,7 @@ class HdslbCollector:
             out += await asyncio.get_running_loop().run_in_executor(None, lambda: list(self._services(data, health)))
         except Exception as e:
             log.warning("metrics: services skipped: %s", e)
-        for section in (self._fastpath, self._interfaces, self._slowpath):
-            try:
-                fams = list(section())
-            except Exception as e:
-                log.warning("metrics: %s skipped: %s", section.__name__.strip("_"), e)
-                continue
-            out += fams
-        return out
+        return out + self._read_sections((self._fastpath, self._interfaces, self._slowpath))
 
     def exposition(self) -> bytes:
         return render(self.collect_families())
