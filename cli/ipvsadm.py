@@ -966,14 +966,14 @@ def _page_conns(client, args: dict, fmt: Format, write=None) -> str:
     everything, for a caller that wants the text)."""
     text = []
     emit = write or text.append
-    first = client.call("conn.list", dict(args, limit=CONN_PAGE, inbound=True))
-    data, templates = first, first.get("templates")
+    data = client.call("conn.list", dict(args, limit=CONN_PAGE, inbound=True)) or {}
+    templates = data.get("templates")
     while True:
         emit(format_conn_lines(data.get("conns") or [], fmt))
         if data.get("next") is None or data.get("cursor") is None:
             break
         data = client.call("conn.list", dict(args, limit=CONN_PAGE, inbound=True, cursor=data["cursor"],
-                                             offset=data["next"]))
+                                             offset=data["next"])) or {}
     emit(format_templates(templates, fmt))
     return "".join(text)
 

@@ -565,8 +565,8 @@ def stats_get(ctx, a):
 # a worker thread from the table's numpy columns) and served page by page from it, so its pages are consistent and
 # a million-connection table is neither read once per page nor sent as one reply (454 MB at 1M connections, past
 # the 64 MiB control frame). A snapshot lives CONN_SNAPSHOT_TTL_S after its last page was asked for (until its
-# last page for a cursor listing), at most CONN_SNAPSHOTS_MAX at once (the oldest goes first): ~300 MB each at 1M
-# connections (~150 B an entry).
+# last page for a cursor listing), at most CONN_SNAPSHOTS_MAX at once (the oldest goes first): ~250 MB each at 1M
+# connections (~120 B an entry).
 CONN_PAGE_DEFAULT = 10_000
 CONN_PAGE_MAX = 100_000
 CONN_SNAPSHOT_TTL_S = 60.0

@@ -451,6 +451,12 @@ class Listing:
         self.expire = np.maximum(0, limit - self.idle)
         self.rows = np.flatnonzero(~cols.out) if inbound else rows_
         self.inbound = inbound
+        # kept for the snapshot's lifetime: held in the narrowest types that carry the values (idle and expire
+        # are seconds), and the key hashes the pairing needed let go
+        self.state = self.state.astype(np.uint8)
+        self.idle, self.expire = self.idle.astype(np.int32), self.expire.astype(np.int32)
+        self.rows = self.rows.astype(np.int32)
+        cols._khash = None
 
     def __len__(self) -> int:
         return len(self.rows)

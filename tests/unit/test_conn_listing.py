@@ -327,3 +327,30 @@ def test_ipvsadm_lnc_pages_through_and_prints_as_one_listing_would(monkeypatch, 
     assert pages[0] == {"limit": 50, "inbound": True} and len(pages) > 2
     assert all(a["cursor"] == pages[1]["cursor"] for a in pages[1:])
     assert [n for _, _, n in calls] == list(range(len(calls))), "each page written before the next is asked for"
+
+
+async def test_rest_conns_pages_read_the_table_once():
+    """GET /v2/conns?offset=&limit= (parameters unchanged): offset 0 reads the table, the later pages of the walk
+    come from that snapshot though the table changes, and the items are conn.list's entries."""
+    from tests.unit.test_api import FakeCtx, expect, quick_start, serving
+
+    ctx = quick_start(FakeCtx(n_conns=0))
+    fake = FakeDaemon(_unique(_table(10, 2, 120)[0]))
+    whole = fake.conn_listing().entries()
+    fake.reads = 0
+    ctx.conn_listing = fake.conn_listing
+    async with serving(ctx) as client:
+        got, off = [], 0
+        while True:
+            body = await expect(await client.get(f"/v2/conns?offset={off}&limit=70"), 200)
+            assert body["total"] == len(whole) and body["offset"] == off and body["limit"] == 70
+            got += body["Items"]
+            fake.ents = fake.ents[:5]  # the table changes under the walk
+            off += 70
+            if off >= body["total"]:
+                break
+        assert got == whole and fake.reads == 1
+        body = await expect(await client.get("/v2/conns"), 200)  # offset 0: read anew
+        assert fake.reads == 2 and body["total"] == len(_listing(fake.ents, 2, False, to_ns(fake.now)))
+        await expect(await client.get("/v2/conns?offset=5&limit=0"), 400, field="limit")
+        assert fake.reads == 2, "a refused request reads nothing"
