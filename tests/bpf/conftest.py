@@ -61,3 +61,13 @@ def maps(fastpath):
     m.set_idle_timeouts(None)  # a test that wants port reclaiming turns it on
     m.set_iface(LO_IFINDEX, LB_MAC, 1500)
     return m
+
+
+def on_cpu(cpu, fn):
+    """fn() run with this thread pinned to `cpu`: BPF_PROG_TEST_RUN runs the program on the caller's CPU."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, old)

@@ -13,7 +13,7 @@ from scapy.layers.inet6 import IPv6
 
 from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
 
-from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX
+from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX, on_cpu
 
 
 @pytest.fixture(params=CONN_TABLES)
@@ -29,15 +29,6 @@ LIP = "192.168.100.200"
 RS1, RS2 = "192.168.100.2", "192.168.100.3"
 LB_MAC_S = ":".join(f"{b:02x}" for b in LB_MAC)
 A = ipaddress.ip_address
-
-
-def _on_cpu(cpu, fn):
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        return fn()
-    finally:
-        os.sched_setaffinity(0, old)
 
 
 needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
@@ -145,7 +136,7 @@ def test_udp_without_a_checksum_is_forwarded_without_one(fastpath, maps):
 def test_rr_ring_alternates_and_drained_dest_gets_no_new_flows(fastpath, maps):
     setup_service(maps, dests=((RS1, 80), (RS2, 80)))
     # the ring cursor is per CPU: stay on one CPU to see one CPU's sequence
-    got = _on_cpu(0, lambda: [run(fastpath, syn(sport=42000 + i))[1][IP].dst for i in range(4)])
+    got = on_cpu(0, lambda: [run(fastpath, syn(sport=42000 + i))[1][IP].dst for i in range(4)])
     assert got == [RS1, RS2, RS1, RS2]
     # weight 0: the daemon drops it from the ring and flags it; an existing flow to it keeps going
     setup_service(maps, dests=((RS1, 80), (RS2, 80)), ring=[0], drain=(1,))
@@ -213,11 +204,11 @@ def test_vlan_tagged_syn_is_balanced(fastpath, maps):
 @needs_two_cpus
 def test_flow_created_on_one_cpu_is_found_on_the_other(fastpath, maps):
     setup_service(maps)
-    _, fwd = _on_cpu(0, lambda: run(fastpath, syn(sport=46000)))
+    _, fwd = on_cpu(0, lambda: run(fastpath, syn(sport=46000)))
     reply = Ether(src=RS_MAC, dst=LB_MAC_S) / IP(src=RS1, dst=LIP) / TCP(sport=80, dport=fwd[TCP].sport, flags="SA")
-    v, p = _on_cpu(1, lambda: run(fastpath, reply))
+    v, p = on_cpu(1, lambda: run(fastpath, reply))
     assert v == XDP_TX and (p[IP].dst, p[TCP].dport) == (CLIENT, 46000)
-    v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=46000, flags="A")))
+    v, p = on_cpu(1, lambda: run(fastpath, syn(sport=46000, flags="A")))
     assert v == XDP_TX and p[TCP].sport == fwd[TCP].sport, "same local port on the other CPU"
     # per-CPU table: CPU 1 copies each direction's entry once; shared: there is nothing to copy
     assert maps.counters()["conn_adopt"] == (0 if maps.conn_shared else 2)
@@ -230,12 +221,12 @@ def test_a_flow_s_state_is_the_furthest_any_cpu_saw(fastpath, maps):
     import time
 
     setup_service(maps)
-    _on_cpu(0, lambda: run(fastpath, syn(sport=46100)))
-    _on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="A")))
-    _on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
-    _on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="FA")))
+    on_cpu(0, lambda: run(fastpath, syn(sport=46100)))
+    on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="A")))
+    on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
+    on_cpu(0, lambda: run(fastpath, syn(sport=46100, flags="FA")))
     time.sleep(0.05)  # later jiffies: CPU 1's copy is the newest
-    assert _on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))[0] == XDP_TX
+    assert on_cpu(1, lambda: run(fastpath, syn(sport=46100, flags="A")))[0] == XDP_TX
     states = {c["state"] for c in maps.conns() if not c["out"] and c["sport"] == 46100}
     assert states == {3}, "FIN_WAIT"
     assert {r[3] for r in maps.conn_aging_view() if not r[4]} == {3}
@@ -246,11 +237,11 @@ def test_a_syn_on_a_flow_finished_on_another_cpu_is_scheduled_afresh(fastpath, m
     """The client's FIN crossed CPU 1; its new SYN on the same port arrives on CPU 0, whose copy still says
     ESTABLISHED: the flow is finished all the same (LVS conn_reuse_mode), so the SYN is scheduled afresh."""
     setup_service(maps, dests=((RS1, 80), (RS2, 80)), ring=[0])
-    _on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
-    _on_cpu(0, lambda: run(fastpath, syn(sport=46200, flags="A")))
-    _on_cpu(1, lambda: run(fastpath, syn(sport=46200, flags="FA")))  # CPU 1 adopts, then sees the FIN
+    on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
+    on_cpu(0, lambda: run(fastpath, syn(sport=46200, flags="A")))
+    on_cpu(1, lambda: run(fastpath, syn(sport=46200, flags="FA")))  # CPU 1 adopts, then sees the FIN
     maps.set_sched(0, [1], 2)
-    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
+    v, p = on_cpu(0, lambda: run(fastpath, syn(sport=46200)))
     assert v == XDP_TX and p[IP].dst == RS2 and maps.counters()["conn_reused"] == 1
 
 
@@ -258,9 +249,9 @@ def test_a_syn_on_a_flow_finished_on_another_cpu_is_scheduled_afresh(fastpath, m
 def test_counters_sum_across_cpus(fastpath, maps):
     setup_service(maps)
     for _ in range(3):
-        _on_cpu(0, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
+        on_cpu(0, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
     for _ in range(5):
-        _on_cpu(1, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
+        on_cpu(1, lambda: run_xdp(fastpath.prog_fd, bytes(NOT_OURS)))
     per = maps.per_cpu_counters()["pass_not_ours"]
     assert per[0] == 3 and per[1] == 5
     assert maps.counters()["pass_not_ours"] == 8
@@ -480,14 +471,14 @@ def test_reclaim_times_a_flow_by_the_furthest_state_any_cpu_saw(fastpath, maps):
     setup_service(maps)
     maps.set_cfg(2000, 2000)
     maps.set_idle_timeouts(TIMEOUTS)
-    _on_cpu(0, lambda: run(fastpath, syn(sport=47000)))
-    _on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="A")))
-    _on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
-    _on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="FA")))
+    on_cpu(0, lambda: run(fastpath, syn(sport=47000)))
+    on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="A")))
+    on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # CPU 1 adopts the ESTABLISHED copy
+    on_cpu(0, lambda: run(fastpath, syn(sport=47000, flags="FA")))
     time.sleep(0.05)
-    _on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # the newest copy says ESTABLISHED
+    on_cpu(1, lambda: run(fastpath, syn(sport=47000, flags="A")))  # the newest copy says ESTABLISHED
     _age_conns(maps, 10)
-    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=47001)))
+    v, p = on_cpu(0, lambda: run(fastpath, syn(sport=47001)))
     assert v == XDP_TX and p[TCP].sport == 2000
     assert maps.counters()["lport_reclaimed"] == 1
 
@@ -570,14 +561,14 @@ def test_a_handshake_retried_after_a_reset_on_another_cpu_is_established(fastpat
     """The reset crossed CPU 1, the retransmitted SYN and the rest of the handshake CPU 0: the flow's state (the
     furthest any copy saw) is ESTABLISHED, not the CLOSE CPU 1's copy saw."""
     setup_service(maps)
-    _, p = _on_cpu(0, lambda: run(fastpath, syn(sport=50150)))
-    _on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="R")))
-    assert _on_cpu(0, lambda: run(fastpath, syn(sport=50150)))[1][TCP].sport == p[TCP].sport
-    _on_cpu(0, lambda: run(fastpath, _server(p[TCP].sport, "SA")))
-    _on_cpu(0, lambda: run(fastpath, syn(sport=50150, flags="A")))
+    _, p = on_cpu(0, lambda: run(fastpath, syn(sport=50150)))
+    on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="R")))
+    assert on_cpu(0, lambda: run(fastpath, syn(sport=50150)))[1][TCP].sport == p[TCP].sport
+    on_cpu(0, lambda: run(fastpath, _server(p[TCP].sport, "SA")))
+    on_cpu(0, lambda: run(fastpath, syn(sport=50150, flags="A")))
     assert [c["state"] for c in maps.conns() if not c["out"]] == [2]
     assert maps.conn_aging_columns().counts() == {0: (1, 0)}
-    assert _on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="A")))[0] == XDP_TX  # CPU 1 adopts it again
+    assert on_cpu(1, lambda: run(fastpath, syn(sport=50150, flags="A")))[0] == XDP_TX  # CPU 1 adopts it again
     assert [c["state"] for c in maps.conns() if not c["out"]] == [2]
 
 
@@ -722,11 +713,11 @@ def test_seeded_lport_cursor_starts_the_port_walk_there(fastpath, maps):
     maps.set_cfg(2000, 2999)
     ncpu = len(maps.t["lport_cursor"][ct.c_uint32(0)])
     maps.seed_lport_cursor([123] * ncpu)
-    v, p = _on_cpu(0, lambda: run(fastpath, syn(sport=43000)))
+    v, p = on_cpu(0, lambda: run(fastpath, syn(sport=43000)))
     assert v == XDP_TX and p[TCP].sport == 2123
     if ncpu > 1:  # the other CPU walks from its own seed (plus its share of the range)
         maps.seed_lport_cursor([123] + [700] * (ncpu - 1))
-        v, p = _on_cpu(1, lambda: run(fastpath, syn(sport=43001)))
+        v, p = on_cpu(1, lambda: run(fastpath, syn(sport=43001)))
         assert v == XDP_TX and p[TCP].sport == 2000 + (700 + 1000 // ncpu) % 1000
 
 

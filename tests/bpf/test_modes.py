@@ -20,7 +20,7 @@ from hdslb.fastpath import abi
 from hdslb.fastpath.maps import _put_addr
 from hdslb.fastpath.testrun import VERDICTS, XDP_DROP, XDP_PASS, XDP_TX, run_xdp
 
-from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX
+from .conftest import CONN_TABLES, LB_MAC, LO_IFINDEX, on_cpu
 
 
 @pytest.fixture(params=CONN_TABLES)
@@ -563,15 +563,6 @@ def _ring_gen(fp, svc_id, slots, gen):
     t[ct.c_uint32(svc_id)] = v
 
 
-def _on_cpu(cpu, fn):
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        return fn()
-    finally:
-        os.sched_setaffinity(0, old)
-
-
 def test_a_rebuilt_ring_is_walked_from_its_start_on_every_cpu(fastpath, m):
     """lc/wlc rings are plans: their first entries go to the least loaded server until loads level. Every CPU
     must start a rebuilt table (a new gen) at its first entry, whatever its cursor had reached in the old one
@@ -585,13 +576,13 @@ def test_a_rebuilt_ring_is_walked_from_its_start_on_every_cpu(fastpath, m):
     sport = iter(range(49000, 49100))
     pick = lambda: run(fastpath, c4(sport=next(sport)))[1][IP].dst  # noqa: E731
     for cpu in cpus:
-        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS1, RS2, RS1]
+        assert on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS1, RS2, RS1]
     _ring_gen(fastpath, 0, [1, 1, 0, 1, 0], gen=8)  # RS2 idle: the plan's catch-up comes first
     for cpu in cpus:
-        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS2, RS1], f"cpu {cpu}"
+        assert on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS2, RS1], f"cpu {cpu}"
     _ring_gen(fastpath, 0, [1, 1, 0, 1, 0], gen=8)  # the same table written again (a restart adopting it)
     for cpu in cpus:
-        assert _on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS1, RS2], f"cpu {cpu}"
+        assert on_cpu(cpu, lambda: [pick() for _ in range(3)]) == [RS2, RS1, RS2], f"cpu {cpu}"
 
 
 def test_rr_and_wrr_rings_start_each_cpu_at_its_own_offset_lc_and_wlc_at_their_first_entry(fastpath, m):
@@ -618,7 +609,7 @@ def test_rr_and_wrr_rings_start_each_cpu_at_its_own_offset_lc_and_wlc_at_their_f
         gen += 1
         m.set_sched(0, table.entries, gen, spread=table.spread)
         n = len(table.entries)
-        first = {cpu: _on_cpu(cpu, pick) for cpu in cpus}
+        first = {cpu: on_cpu(cpu, pick) for cpu in cpus}
         for cpu in cpus:
             start = cpu * n // ncpus if table.spread else 0
             assert first[cpu] == addr[table.entries[start]], (name, cpu, table.entries)
@@ -627,7 +618,7 @@ def test_rr_and_wrr_rings_start_each_cpu_at_its_own_offset_lc_and_wlc_at_their_f
         # then each CPU walks on from there, and a table written again with the same gen goes on too
         for cpu in cpus:
             start = cpu * n // ncpus if table.spread else 0
-            assert _on_cpu(cpu, pick) == addr[table.entries[(start + 1) % n]], (name, cpu)
+            assert on_cpu(cpu, pick) == addr[table.entries[(start + 1) % n]], (name, cpu)
     assert len(sched.build_table("fo", loaded).entries) == 1  # (one entry: nothing to spread)
 
 
