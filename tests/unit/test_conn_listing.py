@@ -354,3 +354,39 @@ async def test_rest_conns_pages_read_the_table_once():
         assert fake.reads == 2 and body["total"] == len(_listing(fake.ents, 2, False, to_ns(fake.now)))
         await expect(await client.get("/v2/conns?offset=5&limit=0"), 400, field="limit")
         assert fake.reads == 2, "a refused request reads nothing"
+
+
+async def test_ipvsadm_lnc_over_the_control_socket_past_the_frame_limit(tmp_path, monkeypatch):
+    """Through the real control server and client, with the frame limit shrunk below the table's size: -Lnc
+    pages through and prints every connection; the unpaged conn.list is refused with an error naming paging."""
+    import io
+
+    from cli import ipvsadm
+    from hdslb.ctl.client import Client
+    from hdslb.ctl.server import CtlServer
+
+    d = FakeDaemon(_unique(_table(11, 2, 400)[0]))
+    tmpl = [{"proto": "tcp", "client": "10.1.0.0", "plen": 24, "vaddr": "10.0.0.100", "vport": 80,
+             "daddr": "192.168.100.2", "dport": 80, "expire_s": 5}]
+    d.persist_list = lambda: tmpl
+    want = ipvsadm.format_conns({"conns": d.conn_listing().entries(), "templates": d.persist_list()},
+                                ipvsadm.parse(["-Lnc"]).fmt)
+    monkeypatch.setattr(protocol, "MAX_FRAME", 64 * 1024)
+    monkeypatch.setattr(ipvsadm, "CONN_PAGE", 100)
+    path = str(tmp_path / "ctl.sock")
+    srv = CtlServer(path, lambda op, args: commands.dispatch(d, op, args))
+    await srv.start()
+    try:
+        def client_side():
+            with pytest.raises(HdslbError) as e:
+                Client(path).call("conn.list", {})
+            assert e.value.errno == errno.EMSGSIZE and "pages" in e.value.message
+            out = io.StringIO()
+            monkeypatch.setattr(ipvsadm.sys, "stdout", out)
+            assert ipvsadm.main(["-Lnc", "--ctl-socket", path]) == 0
+            return out.getvalue()
+
+        got = await asyncio.get_running_loop().run_in_executor(None, client_side)
+    finally:
+        await srv.stop()
+    assert got == want and got.count("\n") > 300
