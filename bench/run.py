@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             res[name] = {"na": f"{type(e).__name__}: {e}"}
             text = f"{name}: n/a ({res[name]['na']})"
             failed.append(name)
+        else:  # a section that caught a part's failure (scale's memory, loads, ...) says so as {"na": reason}
+            failed += [f"{name}.{k}" for k, v in res[name].items() if isinstance(v, dict) and "na" in v]
         printed.append(text)
     res["seconds"] = round(time.monotonic() - t0, 1)
     # A run with a failed section is not the day's result: it goes beside it (-partial), never over it.

@@ -164,7 +164,8 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
 
         maps.clock = _DayLater()
         d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)),
-                                  _conn_cache=None, _counts_cache=None)
+                                  _conn_cache=None, _counts_cache=None,
+                                  bal=types.SimpleNamespace(services={}))  # no model: no nodest/template work
         t0 = time.monotonic()
         gone = Daemon.sweep(d)
         scans["aging sweep removing every flow (scan + removal in the kernel)"] = {

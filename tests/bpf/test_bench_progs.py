@@ -30,3 +30,20 @@ def test_a_failed_section_exits_1_and_never_writes_over_the_days_results(monkeyp
     monkeypatch.setattr(report, "chart", lambda res, path: "no chart in tests")
     assert run.main([]) == 1
     assert [p.name for p in tmp_path.iterdir()] == [f"{report.today()}-partial.json"]
+
+
+def test_a_part_of_a_section_that_failed_also_fails_the_run(monkeypatch, tmp_path):
+    """scale.run catches each part's failure (memory, loads) as {"na": reason} so the others still run; the run
+    must still exit 1 and write -partial (a sweep stand-in lacking `bal` once cost a day's memory rows silently)."""
+    import types
+
+    from bench import report, run
+
+    parts = {"memory": {"na": "AttributeError: no bal"}, "op_breakdown": {"rows": []}}
+    monkeypatch.setitem(__import__("sys").modules, "bench.scale", types.SimpleNamespace(run=lambda q, log: parts))
+    monkeypatch.setattr(run, "SECTIONS", ("scale",))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "chart", lambda res, path: "no chart in tests")
+    monkeypatch.setattr(report, "fmt_scale", lambda res: "scale")
+    assert run.main([]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f"{report.today()}-partial.json"]
