@@ -52,6 +52,7 @@ async def test_conn_list_runs_off_the_event_loop():
             await asyncio.sleep(0.02)
 
     t = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the first tick before the listing: a blocked loop stretches the ticks past 0.3 s
     res = commands.dispatch(d, "conn.list", {})
     assert asyncio.iscoroutine(res)
     out = await res
@@ -147,3 +148,42 @@ def test_sweep_and_counts_fall_back_to_the_reference_when_the_columns_cannot_be_
         _conn_cache=None, _counts_cache=(0.0, None))
     assert Daemon.sweep(d) == 2 and gone == [dead_in, dead_out] and counted == [("conn_expired", 2)]
     assert Daemon.conn_counts(d) == {7: (1, 0), 8: (1, 0)}
+
+
+async def test_the_daemons_columns_listing_is_built_off_the_event_loop():
+    """The daemon's path (conn_listing: a snapshot of the table's columns, built in seconds at 1M connections)
+    leaves the loop free, paged or not: another task runs while the snapshot is built."""
+    import asyncio
+
+    from hdslb.ctl import commands
+
+    class SlowListing:
+        def __init__(self, inbound):
+            time.sleep(0.3)  # the batched read and the numpy work
+
+        def __len__(self):
+            return 1
+
+        def max_bytes(self):
+            return 100
+
+        def entries(self, start=0, stop=None):
+            return [{"proto": 6}][start:stop]
+
+    for args in ({}, {"limit": 10}):
+        d = types.SimpleNamespace(conn_listing=SlowListing, persist_list=lambda: [])
+        ticks = []
+
+        async def ticker():
+            for _ in range(5):
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.02)
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the first tick before the listing: a blocked loop stretches the ticks past 0.3 s
+        res = commands.dispatch(d, "conn.list", args)
+        assert asyncio.iscoroutine(res)
+        out = await res
+        await t
+        assert out["conns"] == [{"proto": 6}], out
+        assert len(ticks) == 5 and ticks[-1] - ticks[0] < 0.25, f"{args}: the ticker ran while the listing was built"
