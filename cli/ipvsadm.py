@@ -814,7 +814,10 @@ def format_conns(data: dict, fmt: Format) -> str:
     shared conn table: every CPU uses the one copy).
 
     The daemon keeps one entry per direction; only the inbound one is shown, as DPVS shows each connection
-    once. The time column is the seconds since the connection was last seen (the map keeps no expiry).
+    once. The time column is the seconds left before the entry expires (expire_s: its state's running timeout
+    less its idle time; 0 once past it, until the sweep removes it), counting down as LVS's expire column does
+    (DPVS's ipvsadm prints the state's whole timeout there, which never counts down), written in DPVS's form
+    ("87s"), as the template lines are. No header line: DPVS prints none for -c.
     """
     return format_conn_lines(data["conns"], fmt) + format_templates(data.get("templates"), fmt)
 
@@ -831,7 +834,7 @@ def format_conn_lines(conns: list, fmt: Format) -> str:
             return addrport(str(c[addr_key]), c[port_key], proto, fmt.numeric or proto == "--")
 
         cpu = "-" if c.get("cpu") is None else c["cpu"]  # None: --conn-table shared, one copy for every CPU
-        out.append(f"[{cpu}]{proto:<3} {str(c['idle_s']) + 's':<6} {str(c['state']).upper():<11} "
+        out.append(f"[{cpu}]{proto:<3} {str(c['expire_s']) + 's':<6} {str(c['state']).upper():<11} "
                    f"{ap('saddr', 'sport'):<18} {ap('daddr', 'dport'):<18} {ap('to_saddr', 'to_sport'):<18} "
                    f"{ap('to_daddr', 'to_dport')}")
     return "".join(line + "\n" for line in out)

@@ -332,12 +332,35 @@ def test_get_laddr_layout_matches_dpvs():
 def test_connection_layout_matches_dpvs():
     conn = {"proto": 6, "af": 4, "saddr": "10.0.0.9", "sport": 53210, "daddr": "10.0.0.100", "dport": 80,
             "to_saddr": "192.168.100.200", "to_sport": 1025, "to_daddr": "192.168.100.2", "to_dport": 80,
-            "out": False, "state": "established", "cpu": 1, "idle_s": 3}
+            "out": False, "state": "established", "cpu": 1, "idle_s": 3, "expire_s": 87}
     reply = {**conn, "out": True}  # the same connection's other direction: not listed again
     assert render(["-Lnc"], {"conns": [conn, reply]}) == (
-        "[1]tcp 3s     ESTABLISHED 10.0.0.9:53210     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80\n")
+        "[1]tcp 87s    ESTABLISHED 10.0.0.9:53210     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80\n")
     # a shared conn table has no owning CPU: "-", as for persistence templates
-    assert render(["-Lnc"], {"conns": [{**conn, "cpu": None}]}).startswith("[-]tcp 3s     ESTABLISHED")
+    assert render(["-Lnc"], {"conns": [{**conn, "cpu": None}]}).startswith("[-]tcp 87s    ESTABLISHED")
+
+
+def test_connection_time_column_is_the_time_left_not_the_idle_time():
+    """The time column counts down as LVS's expire column does (seconds left before the entry expires: expire_s),
+    never the seconds idle (idle_s); 0 for an entry past its timeout that the sweep has not removed yet; in DPVS's
+    "%-6s" form, a wider value pushing the line right as DPVS's printf would. No header line (DPVS prints none)."""
+    base = {"proto": 6, "af": 4, "saddr": "10.0.0.9", "sport": 53210, "daddr": "10.0.0.100", "dport": 80,
+            "to_saddr": "192.168.100.200", "to_sport": 1025, "to_daddr": "192.168.100.2", "to_dport": 80,
+            "out": False, "state": "established", "cpu": 0}
+    conns = [{**base, "idle_s": 0, "expire_s": 90},  # fresh: the whole ESTABLISHED timeout
+             {**base, "sport": 53211, "state": "fin_wait", "idle_s": 9, "expire_s": 0},  # past its 7 s: 0
+             {**base, "sport": 53212, "proto": 17, "state": "udp", "idle_s": 1, "expire_s": 299},
+             {**base, "sport": 53213, "idle_s": 5, "expire_s": 2678395}]  # --set tcp 2678400 (31 days)
+    assert render(["-Lnc"], {"conns": conns}).splitlines() == [
+        "[0]tcp 90s    ESTABLISHED 10.0.0.9:53210     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80",
+        "[0]tcp 0s     FIN_WAIT    10.0.0.9:53211     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80",
+        "[0]udp 299s   UDP         10.0.0.9:53212     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80",
+        "[0]tcp 2678395s ESTABLISHED 10.0.0.9:53213     10.0.0.100:80      192.168.100.200:1025 192.168.100.2:80",
+    ]
+    # ipvsadm's -c options: -n only names or numbers the addresses; --exact changes nothing (it scales counters)
+    assert render(["-Lnc", "--exact"], {"conns": conns}) == render(["-Lnc"], {"conns": conns})
+    assert render(["-Lc"], {"conns": conns[:1]}) == (
+        "[0]tcp 90s    ESTABLISHED 10.0.0.9:53210     10.0.0.100:http    192.168.100.200:1025 192.168.100.2:http\n")
 
 
 def test_save_restore_round_trip():
