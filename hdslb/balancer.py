@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import errno
 import ipaddress
+import re
 import time
 from collections import Counter
 from collections.abc import MutableMapping
@@ -55,6 +56,10 @@ ANY4 = ipaddress.IPv4Address("0.0.0.0")
 
 
 def ip(s, what: str = "address"):
+    # An address is given as text (or as an address object, from inside the daemon): ipaddress would also read
+    # an integer (True is 0.0.0.1, 2**64 an IPv6 address), which no client means.
+    if not isinstance(s, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        raise invalid(f"invalid {what} {s!r}: an address is given as text")
     try:
         return ip_address(s)
     except (ValueError, TypeError):
@@ -62,6 +67,13 @@ def ip(s, what: str = "address"):
 
 
 BCAST4 = ipaddress.IPv4Address("255.255.255.255")
+_MAC = re.compile(r"[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{1,2}){5}")
+
+
+def _or_default(v, default):
+    """An option's value, or its default when not given (None, or the empty text): not when it is False, 0, [] or
+    {}, which are no scheduler, method or scope and are refused as the values they are."""
+    return default if v is None or (isinstance(v, str) and not v) else v
 
 
 def unicast(addr, what: str):
@@ -901,8 +913,8 @@ class Balancer:
                 kept = {"flags": [], "sched_params": {}}
             a = {"sched": current.sched, "persistent": current.persistent, "netmask": current.netmask} | kept | \
                 {k: v for k, v in a.items() if v is not None}
-        sch = a.get("sched") or DEFAULT_SCHED
-        if sch not in SCHEDULERS:
+        sch = _or_default(a.get("sched"), DEFAULT_SCHED)
+        if not isinstance(sch, str) or sch not in SCHEDULERS:
             raise HdslbError(errno.ENOENT, f"Scheduler not found: {sch}")
         flags = a.get("flags") or []
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
@@ -922,7 +934,7 @@ class Balancer:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise invalid(f"scheduler parameter {k} must be a non-negative integer, got {v!r}")
         pers = a.get("persistent")
-        if pers == 0:
+        if pers == 0 and not isinstance(pers, bool):
             pers = None
         if pers is not None and (not isinstance(pers, int) or isinstance(pers, bool) or not 1 <= pers <= MAX_PERSIST_TIMEOUT):
             raise invalid(f"invalid persistence timeout {pers!r} (1..{MAX_PERSIST_TIMEOUT} seconds)")
@@ -1053,8 +1065,8 @@ class Balancer:
 
     # --- real servers ---------------------------------------------------------------------------
     def _dest_opts(self, a: dict, svc: Service, addr, port: int, current: Dest | None) -> dict:
-        fwd = a.get("fwd") or (current.fwd if current else ("snat" if svc.match is not None else "fnat"))
-        if fwd not in FWD_MODES:
+        fwd = _or_default(a.get("fwd"), current.fwd if current else ("snat" if svc.match is not None else "fnat"))
+        if not isinstance(fwd, str) or fwd not in FWD_MODES:
             raise invalid(f"invalid forwarding method {fwd!r}")
         if fwd not in FWD_SUPPORTED:
             raise HdslbError(errno.EOPNOTSUPP, f"forwarding method {fwd} is not implemented by this fast path")
@@ -1064,7 +1076,7 @@ class Balancer:
         out = {"fwd": fwd, "weight": weight}
         for k in ("u_threshold", "l_threshold"):
             v = a.get(k)
-            out[k] = _uint(getattr(current, k) if current and v is None else (v or 0), k)
+            out[k] = _uint((getattr(current, k) if current else 0) if v is None else v, k)
         if out["l_threshold"] > out["u_threshold"]:
             raise HdslbError(errno.ERANGE, f"lower threshold {out['l_threshold']} is above the upper threshold "
                                            f"{out['u_threshold']} (-y must not exceed -x)")
@@ -1118,7 +1130,7 @@ class Balancer:
         port = a.get("port")
         if svc.match is not None:
             return (addr, 0 if port is None else port_of(port, "real server port"))
-        port = svc.port if port in (None, 0) else port_of(port, "real server port")
+        port = svc.port if port is None or (port == 0 and type(port) is int) else port_of(port, "real server port")
         return (addr, port)
 
     def dest_add(self, a: dict) -> Dest:
@@ -1353,12 +1365,14 @@ class Balancer:
         self._wgen += 1  # what wanted_nexthops() returns may change
         addr = unicast(ip(a.get("addr")), "address")
         plen = a.get("prefixlen", addr.max_prefixlen)
-        if not isinstance(plen, int) or not 0 <= plen <= addr.max_prefixlen:
+        if not isinstance(plen, int) or isinstance(plen, bool) or not 0 <= plen <= addr.max_prefixlen:
             raise invalid(f"invalid prefix length {plen!r}")
         ifc = self.iface(a.get("ifname"))
-        scope = a.get("scope") or "global"
-        if scope not in ("global", "link", "host"):
+        scope = _or_default(a.get("scope"), "global")
+        if not isinstance(scope, str) or scope not in ("global", "link", "host"):
             raise invalid(f"invalid scope {scope!r}")
+        if a.get("sapool") is not None and type(a.get("sapool")) is not bool:
+            raise invalid(f"invalid sapool {a.get('sapool')!r}: true or false")
         if any(ad.addr == addr for ad in self.addrs):
             raise exists(f"address {addr} already exists")
         ad = Addr(addr=addr, prefixlen=plen, ifname=ifc.name, scope=scope, sapool=bool(a.get("sapool")))
@@ -1442,13 +1456,14 @@ class Balancer:
         for x in (via, src):
             if x is not None and x.version != net.version:
                 raise invalid(f"{x} does not match the family of {net}")
-        scope = a.get("scope") or ("global" if via else "link")
-        if scope not in ROUTE_SCOPES:
+        scope = _or_default(a.get("scope"), "global" if via else "link")
+        if not isinstance(scope, str) or scope not in ROUTE_SCOPES:
             raise invalid(f"invalid scope {scope!r} ({', '.join(ROUTE_SCOPES)})")
-        mtu = a.get("mtu") or 0
-        metric = a.get("metric") or 0
+        mtu = a.get("mtu")
+        metric = a.get("metric")
+        mtu, metric = (0 if mtu is None else mtu), (0 if metric is None else metric)
         for name, v in (("mtu", mtu), ("metric", metric)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFFFFFF:
                 raise invalid(f"invalid {name} {v!r}")
         lo = 1280 if net.version == 6 else 68  # the least MTU of each family (RFC 8200, RFC 791)
         if mtu and not lo <= mtu <= 65535:
@@ -1676,12 +1691,11 @@ class Balancer:
     def neigh_add(self, a: dict) -> Neigh:
         addr = unicast(ip(a.get("addr")), "neighbour address")
         ll = a.get("lladdr")
-        try:
-            mac = bytes(int(x, 16) for x in str(ll).split(":"))
-            if len(mac) != 6:
-                raise ValueError
-        except ValueError:
-            raise invalid(f"invalid lladdr {ll!r}") from None
+        # six hex pairs (one digit each also taken, as ip neigh does): int(x, 16) alone also reads "+2", "1_0",
+        # " 1" and "01\n"
+        if not isinstance(ll, str) or not _MAC.fullmatch(ll):
+            raise invalid(f"invalid lladdr {ll!r}")
+        mac = bytes(int(x, 16) for x in ll.split(":"))
         ifc = self.iface(a.get("ifname"))
         n = Neigh(addr=addr, lladdr=mac, ifname=ifc.name)
         self.neighs[addr] = n

@@ -459,6 +459,8 @@ def check_block(svc: dict, addr: str, port: int, a: dict) -> str:
         else:
             raise invalid(f"{kind} takes no parameter {k!r} (it takes: {', '.join(CHECK_KINDS[kind])}, url)")
     delay = a.get("delay_loop", 6)
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise invalid(f"invalid delay_loop {delay!r}: seconds, a number")
     extra = ["        inhibit_on_failure"] if a.get("inhibit_on_failure") else []
     return "\n".join([
         f"virtual_server {svc['addr']} {svc['port']} {{",

@@ -296,11 +296,20 @@ def addr_flush(ctx, a):
     ctx.bal.addr_flush(a)
 
 
-@command("addr.list")
-def addr_list(ctx, a):
+def _list_filter(ctx, a) -> tuple:
+    """(ifname, af) of a listing by device and family, each None for all; an unknown device or family is refused
+    (a typo must not list nothing as if there were nothing)."""
     ifname, af = a.get("ifname"), a.get("af")
     if ifname is not None:
         ctx.bal.iface(ifname)
+    if af is not None and (type(af) is not int or af not in (4, 6)):
+        raise invalid(f"invalid address family {af!r} (4 or 6)")
+    return ifname, af
+
+
+@command("addr.list")
+def addr_list(ctx, a):
+    ifname, af = _list_filter(ctx, a)
     return {"addrs": [
         {"addr": str(x.addr), "prefixlen": x.prefixlen, "ifname": x.ifname, "scope": x.scope,
          "sapool": x.sapool, "af": x.addr.version}
@@ -308,7 +317,7 @@ def addr_list(ctx, a):
 
 
 def _route_args(a):
-    if a.get("af") not in (None, 4, 6):
+    if a.get("af") is not None and (type(a.get("af")) is not int or a.get("af") not in (4, 6)):
         raise invalid(f"invalid address family {a.get('af')!r}")
     return a
 
@@ -363,7 +372,7 @@ def neigh_del(ctx, a):
 
 @command("neigh.list")
 def neigh_list(ctx, a):
-    ifname, af = a.get("ifname"), a.get("af")
+    ifname, af = _list_filter(ctx, a)
     slow = getattr(ctx, "slow", None)
     if slow is not None:  # the slow path's table knows states (incomplete, probing, stale ...)
         return {"neighs": slow.sp.show(ifname, af)}
@@ -490,7 +499,10 @@ def batch(ctx, a):
     ops are only checked on the scratch copy ({"applied": 0, "checked": n}): a tool whose input interleaves
     changes with reads (ipvsadm -R, dpip -b) checks all its changes at once before it applies any."""
     ops = _batch_ops(a)
-    dry_run = bool(a.get("dry_run"))
+    dry_run = a.get("dry_run")
+    if dry_run is not None and type(dry_run) is not bool:  # a "false" taken as true would apply nothing, and say so quietly
+        raise invalid(f"batch: dry_run must be true or false, not {dry_run!r}")
+    dry_run = bool(dry_run)
     if not ops:
         return {"applied": 0, "warnings": []}
     if not dry_run and only_creates(ctx.bal, ops):  # undone by removing what it added: no dry run (half of a batch's cost)
