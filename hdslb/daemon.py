@@ -24,6 +24,7 @@ from hdslb.config.model import LVS_TIMEOUTS
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
+from hdslb.heap import HeapSettler, model_size
 from hdslb.fastpath.loader import CONN_TABLES, XdpAttachError
 from hdslb.fastpath.maps import STAT_FIELDS
 
@@ -586,6 +587,7 @@ class Daemon:
         self.ctl: CtlServer | None = None
         self.xdp_modes: dict[str, str] = {}
         self.ready = False  # start() finished: what hdslb-ctl up waits for (the control socket answers before)
+        self.heap = HeapSettler()  # main() turns it on: the model's objects kept out of full collections
         self.reexec = False  # stop, then exec hdslbd again (an interface it serves was recreated): see main()
         self.ifaces_gone: set[str] = set()
         self.rates: dict = {}
@@ -738,6 +740,7 @@ class Daemon:
 
             self.apply_config(load(s.config_file))
         await self._start_health()
+        self.heap.maybe_settle(model_size(self.bal))
         self.ready = True
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
@@ -1068,6 +1071,8 @@ class Daemon:
             self._save_failing = False
         self._last_save = time.monotonic()
         self._save_cost = self._last_save - t0
+        # A burst of changes has settled (saves are coalesced): freeze the model again if it moved a lot.
+        self.heap.maybe_settle(model_size(self.bal))
 
     async def reload_datapath(self) -> dict:
         """Compile the program again and swap it in atomically; maps (connections included) are kept."""
@@ -2172,6 +2177,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)
         return 1
     d = Daemon(settings)
+    d.heap.enabled = os.environ.get("HDSLB_GC_FREEZE", "1") != "0"  # 0: the collector as CPython runs it (bench's A/B)
     try:
         asyncio.run(d.run())
     except HdslbError as e:

@@ -1,6 +1,7 @@
 """What the soak (bench/soak.py) found, each reduced to its smallest reproduction against a running hdslbd."""
 
 import re
+import time
 
 import pytest
 
@@ -45,3 +46,26 @@ def test_datapath_reloads_do_not_grow_the_daemon_by_a_compile_each(bare):
     after = rss_kb(pid)
     assert after - before <= ALLOWED_GROWTH_KB, (
         f"RSS {before // 1024} -> {after // 1024} MiB over {RELOADS} datapath reloads")
+
+
+@pytest.mark.root
+def test_hdslbd_keeps_its_model_out_of_full_collections(bare):
+    """The real daemon turns hdslb.heap on (tests/unit/test_heap.py has the rule): frozen at start, and again
+    after a bulk change settles, so full collections at 10k x 10 no longer walk the model with the loop held."""
+    lab, lb = bare
+    st = lb.call("daemon.status")["heap"]
+    assert st["enabled"] and st["settles"] >= 1 and st["frozen_objects"] > 10000, st
+    from hdslb.ctl.client import Client
+
+    before = st["settles"]
+    ops = [["service.add", {"proto": "udp", "addr": f"10.77.{i // 256}.{i % 256}", "port": 53, "sched": "rr"}]
+           for i in range(2500)]
+    with Client(str(lab.ctrl_path), 60) as c:
+        c.batch(ops)
+        try:
+            deadline = time.monotonic() + 20  # the save after a burst is coalesced: a few seconds at most
+            while c.call("daemon.status")["heap"]["settles"] == before and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.call("daemon.status")["heap"]["settles"] == before + 1
+        finally:
+            c.batch([["service.del", {"proto": "udp", "addr": a["addr"], "port": 53}] for _, a in ops])

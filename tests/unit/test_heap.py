@@ -1,0 +1,98 @@
+"""The daemon keeps its long-lived model out of CPython's full collections (hdslb.heap): after a bulk change has
+settled (the coalesced save), what is alive is frozen, so later full collections walk only what is new; small
+changes do not pay a collection each; cycles that died meanwhile are collected at the next settle."""
+
+import gc
+
+import pytest
+
+from hdslb.balancer import Balancer
+from hdslb.ctl import commands
+from hdslb.daemon import Daemon, settings_from_args
+from hdslb.heap import HeapSettler, model_size
+
+from .test_balancer import Recorder
+from .test_batch import IFACES
+
+
+@pytest.fixture
+def unfrozen():
+    """Whatever a test froze is given back to the collector afterwards (the runner's heap is not ours)."""
+    yield
+    gc.unfreeze()
+
+
+def _daemon(tmp_path) -> Daemon:
+    d = Daemon(settings_from_args(["eth0", "--state-dir", str(tmp_path / "state"), "--pin-root", str(tmp_path / "b")]))
+    d.bal = Balancer(Recorder(), dict(IFACES), max_services=4096, max_dests=65535)
+    d.ctl_checks = {}
+    return d
+
+
+def _load(d: Daemon, n_svc: int, rs_per: int, base: int = 0) -> list:
+    dests = []
+    for i in range(base, base + n_svc):
+        svc = {"proto": "tcp", "addr": f"10.1.{i // 256}.{i % 256}", "port": 80}
+        d.bal.service_add(dict(svc, sched="rr"))
+        for j in range(rs_per):
+            n = i * rs_per + j
+            dests.append(d.bal.dest_add({"svc": svc, "addr": f"172.16.{n // 256}.{n % 256}", "port": 80}))
+    return dests
+
+
+def _frozen(objs) -> bool:
+    """Whether these objects are in the permanent generation: gc.get_objects() lists only the collected ones."""
+    ids = {id(o) for o in objs}
+    return not any(id(o) in ids for o in gc.get_objects())
+
+
+def test_a_bulk_load_is_frozen_once_it_settles_and_small_changes_are_not(tmp_path, unfrozen):
+    d = _daemon(tmp_path)
+    d.heap.enabled = True  # as main() does for hdslbd
+    dests = _load(d, 300, 10)
+    assert not _frozen(dests)  # not yet: the burst has not settled
+    d._save_state()
+    assert _frozen(dests) and d.heap.settles == 1 and d.heap.size == model_size(d.bal) == 300 * 11
+    status = commands.dispatch(d, "daemon.status", {})["heap"]
+    assert status["settles"] == 1 and status["frozen_objects"] >= len(dests)
+
+    more = _load(d, 2, 10, base=300)  # a few changes: no collection for them
+    d._save_state()
+    assert d.heap.settles == 1 and not _frozen(more)
+
+    more += _load(d, 300, 10, base=302)  # another bulk load: frozen again, the new objects too
+    d._save_state()
+    assert d.heap.settles == 2 and _frozen(more) and _frozen(dests)
+
+
+def test_off_unless_the_daemon_turns_it_on(tmp_path, unfrozen):
+    d = _daemon(tmp_path)
+    dests = _load(d, 300, 10)
+    d._save_state()
+    assert d.heap.settles == 0 and not _frozen(dests) and d.heap.status()["enabled"] is False
+
+
+def test_a_settle_collects_cycles_that_died_while_frozen(unfrozen):
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.peer, b.peer = b, a  # a cycle: only the cyclic collector frees it
+    h = HeapSettler(enabled=True, min_change=1)
+    h.settle(10)
+    import weakref
+    ref = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert ref() is not None  # frozen: a full collection does not walk it
+    h.settle(20)
+    assert ref() is None
+
+
+def test_due_needs_a_big_move():
+    h = HeapSettler(enabled=True, min_change=100)
+    assert h.due(5)  # never settled
+    h.size = 1000
+    assert not h.due(1099) and not h.due(901)
+    assert not h.due(1249)  # a quarter of 1000 is more than 100
+    assert h.due(1250) and h.due(750)
