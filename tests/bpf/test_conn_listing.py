@@ -83,3 +83,13 @@ def test_the_columns_listing_is_the_dict_listing(fastpath, maps, monkeypatch):
     assert [list(c) for c in new] == [list(c) for c in old]
     inbound = Daemon.conn_listing(d, True)
     assert inbound.entries(0, 500) + inbound.entries(500) == [c for c in old if not c["out"]]
+    # expire_s (ipvsadm -Lnc's time column): the state's running timeout less the flow's idle time, never below
+    # 0 (the first half's closed flows are 5 s idle, past close's 3 s, and not swept yet)
+    assert all(c["expire_s"] == max(0, TIMEOUTS[c["state"]] - c["idle_s"]) for c in new)
+    assert any(c["expire_s"] == 0 for c in new) and any(0 < c["expire_s"] < TIMEOUTS[c["state"]] for c in new)
+    # after ipvsadm --set 900 120 2 the next listing counts down from the new timeouts, both ways alike
+    d.settings.timeouts = dict(TIMEOUTS, established=900, fin_wait=120, udp=2)
+    new2, old2 = Daemon.conn_listing(d).entries(), Daemon.conn_list(d)
+    assert new2 == old2
+    assert all(c["expire_s"] == max(0, d.settings.timeouts[c["state"]] - c["idle_s"]) for c in new2)
+    assert [c["idle_s"] for c in new2] == [c["idle_s"] for c in new]
