@@ -985,9 +985,15 @@ def _query_refusal(request: web.Request) -> ApiError | None:
     if not request.query or getattr(request.match_info, "http_exception", None) is not None:
         return None
     route = request.match_info.route.resource
-    known = openapi.query_names(route.canonical if route is not None else request.path, request.method)
+    schemas = openapi.query_schemas(route.canonical if route is not None else request.path, request.method)
+    known = frozenset(schemas)
     extra = sorted(set(request.query) - known)
     if not extra:
+        # A flag taken for dpvs-agent clients and otherwise ignored (?stats=, ?verbose=) is still a flag:
+        # ?stats=maybe is refused as the flags that act (?sapool=) are.
+        for name, v in request.query.items():
+            if schemas[name].get("type") == "boolean" and v.lower() not in ("true", "false", "1", "0", ""):
+                return ApiError(400, errno.EINVAL, f"{name}: {v!r} is not true or false", name)
         return None
     takes = f"it takes: {', '.join(sorted(known))}" if known else "it takes none"
     return ApiError(400, errno.EINVAL, f"unknown query parameter{'s' if len(extra) > 1 else ''} "

@@ -511,15 +511,20 @@ PATHS["/v2/config"]["post"]["requestBody"] = {
 
 def query_names(path: str, method: str) -> frozenset:
     """The query parameters the document lists for an operation: the REST app refuses any other (400)."""
+    return frozenset(query_schemas(path, method))
+
+
+def query_schemas(path: str, method: str) -> dict:
+    """{name: schema} of the query parameters the document lists for an operation."""
     op = PATHS.get(path, {}).get(method.lower())
     if op is None:
-        return frozenset()
-    names = set()
+        return {}
+    out = {}
     for ref in op.get("parameters", ()):
         p = PARAMETERS[ref["$ref"].rsplit("/", 1)[1]]
         if p["in"] == "query":
-            names.add(p["name"])
-    return frozenset(names)
+            out[p["name"]] = p["schema"]
+    return out
 
 
 def _qparam(name: str, schema: dict, description: str) -> dict:

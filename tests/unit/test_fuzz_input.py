@@ -135,6 +135,7 @@ BAD = {
             "1_0:0:0:0:0:1", "02:00:00:00:00:01:02", [], {}],
     "flags": [True, "sh-port", ["nosuch"], ["mh-port"], [1], [[]], {"sh-port": 1}, _deep(200)],
     "text": [1, True, [], {}, b"\xff"],
+    "netmask": [True, -1, 33, 2**64, "x", "255.0.255.0", "٢٤", 1.5, NAN, [], {}],  # 1..32 are prefix lengths
     "ops": [None, 1, "x", {}, [1], [["dest.add"]], [["nosuch.op", {}]], [["batch", {"ops": []}]],
             [["dest.add", []]], [[1, {}]], [["config.reload", {"text": "x"}]], _deep(200)],
 }
@@ -380,3 +381,186 @@ async def test_conflicting_requests_are_refused_and_change_nothing(daemon, op, a
     assert e.value.errno == err, e.value.message
     assert _refusal_ok(e.value)
     assert await observable(daemon) == before
+
+
+# --- REST ---------------------------------------------------------------------------------------------------
+VS_PATH = "/v2/vs/10.0.0.100-80-tcp"
+JSON_H = {"Content-Type": "application/json"}
+# (method, route) -> (path, valid body or None, {field: kind}). Bodies are valid against make_daemon's state.
+REST = {
+    ("POST", "/v2/vs"): ("/v2/vs", {"Addr": "10.0.0.60", "Port": 80, "Proto": "tcp", "SchedName": "rr"},
+                         {"Addr": "ip", "Port": "port", "Proto": "proto", "SchedName": "enum", "Timeout": "uint",
+                          "Match": "svc", "Netmask": "netmask"}),
+    ("PATCH", "/v2/vs"): ("/v2/vs", {"Items": [{"Addr": "10.0.0.60", "Port": 80, "Proto": "tcp",
+                                                "RSs": {"Items": [{"ip": "192.168.100.9"}]}}]},
+                          {"Items": "ops", "Items.0.Addr": "ip", "Items.0.Port": "port", "Items.0.Proto": "proto",
+                           "Items.0.SchedName": "enum", "Items.0.RSs.Items.0.ip": "ip",
+                           "Items.0.RSs.Items.0.weight": "weight", "Items.0.RSs.Items.0.mode": "enum"}),
+    ("GET", "/v2/vs"): ("/v2/vs", None, {}),
+    ("GET", "/v2/vs/{VipPort}"): (VS_PATH, None, {}),
+    ("PUT", "/v2/vs/{VipPort}"): (VS_PATH, {"SchedName": "rr", "RSs": {"Items": [{"ip": "192.168.100.2", "port": 80}]}},
+                                  {"SchedName": "enum", "Timeout": "uint", "Netmask": "netmask", "Match": "svc",
+                                   "RSs": "svc", "RSs.Items.0.ip": "ip"}),
+    ("DELETE", "/v2/vs/{VipPort}"): (VS_PATH, None, {}),
+    ("GET", "/v2/vs/{VipPort}/rs"): (VS_PATH + "/rs", None, {}),
+    ("PUT", "/v2/vs/{VipPort}/rs"): (VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.9", "port": 80, "weight": 2,
+                                                                  "mode": "FNAT"}]},
+                                     {"Items": "ops", "Items.0.ip": "ip", "Items.0.port": "port",
+                                      "Items.0.weight": "weight", "Items.0.mode": "enum", "Items.0.inhibited": "bool",
+                                      "Items.0.overloaded": "bool"}),
+    ("POST", "/v2/vs/{VipPort}/rs"): (VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.2", "port": 80}]},
+                                      {"Items": "ops", "Items.0.ip": "ip", "Items.0.port": "port",
+                                       "Items.0.weight": "weight", "Items.0.mode": "enum"}),
+    ("DELETE", "/v2/vs/{VipPort}/rs"): (VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.2", "port": 80}]},
+                                        {"Items": "ops", "Items.0.ip": "ip", "Items.0.port": "port",
+                                         "Items.0.weight": "weight", "Items.0.mode": "enum"}),
+    ("GET", "/v2/vs/{VipPort}/laddr"): (VS_PATH + "/laddr", None, {}),
+    ("PUT", "/v2/vs/{VipPort}/laddr"): (VS_PATH + "/laddr", {"addr": "192.168.100.201", "device": "eth1"},
+                                        {"addr": "ip", "device": "ifname"}),
+    ("DELETE", "/v2/vs/{VipPort}/laddr"): (VS_PATH + "/laddr", {"addr": "192.168.100.200"},
+                                           {"addr": "ip", "device": "text"}),
+    ("GET", "/v2/device"): ("/v2/device", None, {}),
+    ("GET", "/v2/device/{name}/addr"): ("/v2/device/eth0/addr", None, {}),
+    ("PUT", "/v2/device/{name}/addr"): ("/v2/device/eth0/addr", {"addr": "10.0.5.1/24", "scope": "global"},
+                                        {"addr": "ip", "scope": "enum", "broadcast": "text"}),
+    ("DELETE", "/v2/device/{name}/addr"): ("/v2/device/eth0/addr", {"addr": "10.0.0.7/24"},
+                                           {"addr": "ip", "scope": "text"}),
+    ("GET", "/v2/device/{name}/route"): ("/v2/device/eth0/route", None, {}),
+    ("PUT", "/v2/device/{name}/route"): ("/v2/device/eth0/route", {"dst": "10.9.0.0/16", "gateway": "10.0.0.1",
+                                                                   "mtu": 1500, "metric": 1},
+                                         {"dst": "ip", "gateway": "ip", "prefixSrc": "ip", "device": "ifname",
+                                          "scope": "enum", "mtu": "uint", "metric": "uint"}),
+    ("DELETE", "/v2/device/{name}/route"): ("/v2/device/eth0/route", {"dst": "10.8.0.0/16"},
+                                            {"dst": "ip", "gateway": "ip", "device": "ifname"}),
+    ("GET", "/v2/neigh"): ("/v2/neigh", None, {}),
+    ("PUT", "/v2/neigh"): ("/v2/neigh", {"addr": "10.0.0.19", "lladdr": "02:00:00:00:00:19", "device": "eth0"},
+                           {"addr": "ip", "lladdr": "mac", "device": "ifname"}),
+    ("DELETE", "/v2/neigh"): ("/v2/neigh", {"addr": "10.0.0.9"}, {"addr": "ip", "device": "text"}),
+    ("GET", "/v2/stats"): ("/v2/stats", None, {}),
+    ("GET", "/v2/conns"): ("/v2/conns", None, {}),
+    ("GET", "/v2/timeouts"): ("/v2/timeouts", None, {}),
+    ("PUT", "/v2/timeouts"): ("/v2/timeouts", {"tcp": 900}, {"tcp": "uint", "tcpfin": "uint", "udp": "uint"}),
+    ("GET", "/v2/config"): ("/v2/config", None, {}),
+    ("POST", "/v2/config"): ("/v2/config", None, {}),
+    ("GET", "/v2/health"): ("/v2/health", None, {}),
+    ("GET", "/v2/openapi.json"): ("/v2/openapi.json", None, {}),
+    ("GET", "/metrics"): ("/metrics", None, {}),
+}
+# Values the schema takes for a field beyond its template's (they are no malformed input).
+REST_LEGAL = {("POST", "/v2/vs", "Proto", 6), ("PATCH", "/v2/vs", "Items.0.Proto", 6), ("PUT", "/v2/vs/{VipPort}", "Netmask", 0),
+              ("POST", "/v2/vs", "Timeout", 0), ("PUT", "/v2/vs/{VipPort}", "Timeout", 0),
+              ("PUT", "/v2/timeouts", "tcpfin", 0), ("PUT", "/v2/timeouts", "udp", 0),
+              ("PUT", "/v2/vs/{VipPort}/rs", "Items.0.weight", 0), ("POST", "/v2/vs/{VipPort}/rs", "Items.0.weight", 0),
+              ("PATCH", "/v2/vs", "Items.0.RSs.Items.0.weight", 0),
+              ("PUT", "/v2/vs/{VipPort}/rs", "Items.0.inhibited", False),
+              ("PUT", "/v2/vs/{VipPort}/rs", "Items.0.overloaded", False),
+              ("DELETE", "/v2/vs/{VipPort}/laddr", "device", ""), ("DELETE", "/v2/neigh", "device", ""),
+              ("PUT", "/v2/device/{name}/addr", "broadcast", ""), ("DELETE", "/v2/device/{name}/addr", "scope", ""),
+              ("DELETE", "/v2/vs/{VipPort}/rs", "Items.0.weight", 0), ("PUT", "/v2/device/{name}/route", "device", ""),
+              ("DELETE", "/v2/device/{name}/route", "device", ""),
+              # fields accepted for dpvs-agent clients and ignored: any text
+              ("DELETE", "/v2/vs/{VipPort}/laddr", "device", "\udcff"), ("DELETE", "/v2/neigh", "device", "\udcff"),
+              ("PUT", "/v2/device/{name}/addr", "broadcast", "\udcff"),
+              ("DELETE", "/v2/device/{name}/addr", "scope", "\udcff")}
+NESTED = b'{"a":' * 5000 + b"1" + b"}" * 5000
+RAW_BODIES = [b"", b"  \n", b"null", b"[]", b"1", b'"x"', b"{", b"\xff\xfe{}", b"[" * 100000, NESTED, b"1e999",
+              b'{"Items": NaN}', b'{"x": "' + b"a" * (1 << 20) + b'"}', b'{"\\ud800": 1}', b'{"\\u0000": 1}',
+              '{"addr": "１０.0.0.1"}'.encode(), b'{"a": 1, "a": 2}']
+BAD_VIPPORTS = ["10.0.0.100-80-tcp-x", "10.0.0.100-99999-tcp", "10.0.0.100--1-tcp", "10.0.0.100-80-sctp",
+                "x-80-tcp", "match-x", "10.0.0.100-%D9%A8%D9%A0-tcp", "%FF", "10.0.0.100-80-tcp%0A", "a" * 3000,
+                "10.0.0.100-80", "match-", "[10.0.0.100]-80-tcp%00"]
+BAD_DEVICES = ["nosuch0", "eth0%0A", "x" * 3000, "%00", "%C3%ABth0", "eth0%2F..", "%FF"]
+BAD_QUERIES = ["bogus=1", "limit=0", "limit=10001", "limit=-1", "limit=1e3", "offset=-1", "offset=abc",
+               "limit=%C2%B2", "af=7", "af=four", "device=nosuch0", "stats=maybe", "sapool=2", "verbose=%FF",
+               "healthcheck=yes"]
+CONFIG_BODIES = [b"", b"\xff\xfe", CONF_TEXT.replace("}\n}\n", "}\n").encode(),
+                 CONF_TEXT.replace("lb_algo wrr", "lb_algo nosuch").encode(),
+                 CONF_TEXT.replace("weight 3", "weight -3").encode(), CONF_TEXT.replace("weight 3", "weight 3x").encode(),
+                 (CONF_TEXT + "include /etc/passwd\n").encode(), (CONF_TEXT + "no_such_keyword 1\n").encode(),
+                 b"{" * 100000, CONF_TEXT.replace("protocol TCP", "protocol SCTP").encode(),
+                 CONF_TEXT.encode() + CONF_TEXT[CONF_TEXT.index("virtual_server"):].encode(),
+                 CONF_TEXT.replace("192.168.100.200 eth1", "192.168.100.200 nosuch0").encode(),
+                 CONF_TEXT.replace("global_defs {", "global_defs {\n    log_file /tmp/x.log").encode()]
+
+
+def _rest_value(v):
+    """A BAD value as JSON can carry it: bytes become a lone surrogate (what \\udcff in JSON text decodes to)."""
+    return "\udcff" if isinstance(v, (bytes, bytearray)) else v
+
+
+def _set_path(body, dotted: str, v):
+    *head, last = dotted.split(".")
+    cur = body
+    for p in head:
+        cur = cur[int(p)] if isinstance(cur, list) else cur.setdefault(p, {} if not p.isdigit() else [])
+    cur[int(last) if isinstance(cur, list) else last] = v
+
+
+def rest_cases(method: str, route: str, rng: random.Random) -> list:
+    """(name, method, path, data, headers) that must each be answered 4xx, changing nothing."""
+    path, body, kinds = REST[(method, route)]
+    out = [("bogus query", method, path + ("&" if "?" in path else "?") + "bogus=1", None, {})]
+    for q in BAD_QUERIES:
+        if route in ("/v2/conns", "/v2/neigh", "/v2/device/{name}/addr", "/v2/vs") or rng.random() < 0.3:
+            out.append((f"?{q}", method, f"{path}?{q}", json.dumps(body).encode() if body is not None else None,
+                        JSON_H if body is not None else {}))
+    if "{VipPort}" in route:
+        for vp in BAD_VIPPORTS:
+            p = path.replace("10.0.0.100-80-tcp", vp)
+            out.append((f"VipPort {vp[:20]}", method, p, json.dumps(body).encode() if body is not None else None,
+                        JSON_H if body is not None else {}))
+    if "{name}" in route:
+        for dev in BAD_DEVICES:
+            out.append((f"device {dev[:20]}", method, path.replace("eth0", dev),
+                        json.dumps(body).encode() if body is not None else None, JSON_H if body is not None else {}))
+    if route == "/v2/config" and method == "POST":
+        for i, raw in enumerate(CONFIG_BODIES):
+            out.append((f"config {i}", method, path, raw, {"Content-Type": "text/x-hdslb-conf"}))
+        out.append(("config as JSON", method, path, CONF_TEXT.encode(), JSON_H))
+    if body is None:
+        return out
+    out.append(("no Content-Type", method, path, json.dumps(body).encode(), {}))
+    out.append(("text/plain", method, path, json.dumps(body).encode(), {"Content-Type": "text/plain"}))
+    for raw in RAW_BODIES:
+        if not raw.strip() and (method, route) == ("PUT", "/v2/vs/{VipPort}"):
+            continue  # no body: create or keep the service as it is (dpvs-agent's PUT)
+        out.append((f"raw {raw[:16]!r}", method, path, raw, JSON_H))
+    out.append(("extra key", method, path, json.dumps(dict(body, bogus=1)).encode(), JSON_H))
+    for f, kind in kinds.items():
+        for v in BAD[kind]:
+            v = _rest_value(v)
+            if any(m == method and r == route and ff == f and type(x) is type(v) and x == v
+                   for m, r, ff, x in REST_LEGAL):
+                continue
+            b = copy.deepcopy(body)
+            _set_path(b, f, v)
+            out.append((f"{f}={_short(v)}", method, path, json.dumps(b).encode(), JSON_H))
+    return out
+
+
+@pytest.mark.parametrize("method,route", [(m, p) for m, p, _ in ROUTES], ids=[f"{m} {p}" for m, p, _ in ROUTES])
+async def test_malformed_rest_requests_are_4xx_and_change_nothing(tmp_path, method, route):
+    assert (method, route) in REST, "a new route: give it a template in REST"
+    d = await make_daemon(tmp_path)
+    before = await observable(d)
+    bad = []
+    cases = rest_cases(method, route, random.Random(f"{SEED}{method}{route}"))
+    async with TestClient(TestServer(make_app(d))) as c:
+        for name, m, path, data, headers in cases:
+            r = await c.request(m, path, data=data, headers=headers)
+            text = await r.text()
+            try:
+                b = json.loads(text)
+            except ValueError:
+                b = None
+            if not 400 <= r.status < 500:
+                bad.append(f"{m} {path[:60]} {name}: {r.status} {text[:200]}")
+            elif not (isinstance(b, dict) and isinstance(b.get("error"), str) and b["error"]
+                      and isinstance(b.get("errno"), int) and "field" in b):
+                bad.append(f"{m} {path[:60]} {name}: {r.status} without error/errno/field: {text[:200]}")
+            if await observable(d) != before:
+                bad.append(f"{m} {path[:60]} {name}: the state changed")
+                break
+        assert not bad, "\n".join(bad)
+        r = await c.get("/v2/vs")  # still answers
+        assert r.status == 200 and len((await r.json())["Items"]) == 3
