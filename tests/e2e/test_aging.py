@@ -118,10 +118,15 @@ def test_closed_tcp_connection_leaves_after_close_timeout(small_lb):
     time.sleep(1.5)
     live = conns(lb, 6)
     assert [c["state"] for c in live if not c["out"]] == ["established"], live
-    assert 0 < [c for c in live if not c["out"]][0]["expire_s"] <= 5
+    before = [c for c in live if not c["out"]][0]
+    assert 0 < before["expire_s"] <= 5 and before["idle_s"] + before["expire_s"] == 5, before
     listed = [ln for ln in lb.ipvsadm("-Lnc").stdout.splitlines() if "ESTABLISHED" in ln]
+    after = [c for c in conns(lb, 6) if not c["out"]][0]
     shared = lb.call("stats.get")["conn_table"]["kind"] == "shared"
     assert len(listed) == 1 and listed[0].startswith("[-]tcp" if shared else ("[0]tcp", "[1]tcp")), listed
+    # ipvsadm's time column is the time left (expire_s, counting down on the idle connection), not the idle time
+    shown = int(listed[0].split()[1].rstrip("s"))
+    assert after["expire_s"] <= shown <= before["expire_s"], (before, listed, after)
     assert p.wait(timeout=30) == 0
     time.sleep(2.5)  # fin_wait/close 1 s + sweeps
     assert conns(lb, 6) == []
