@@ -10,11 +10,11 @@
 
 from hdslb.health.base import CheckResult
 from hdslb.health.http import check_http
-from hdslb.health.manager import DEFAULT_MAX_CONCURRENT, HealthManager, pairs_of
+from hdslb.health.manager import FD_RESERVE, HealthManager, pairs_of
 from hdslb.health.misc import check_misc
 from hdslb.health.probe import run_check
 from hdslb.health.tcp import check_tcp
 from hdslb.health.udp import check_udp
 
 __all__ = ["CheckResult", "HealthManager", "pairs_of", "run_check", "check_tcp", "check_http", "check_udp",
-           "check_misc", "DEFAULT_MAX_CONCURRENT"]
+           "check_misc", "FD_RESERVE"]

@@ -33,18 +33,27 @@ in starts without quorum. Where the start state still differs from the pool (alp
 configured weight the pool does not have) the daemon is told at once, so after start the manager and the pool
 agree and the first probe result that differs produces a notice.
 
-Concurrency: at most max_concurrent probes run at once (a semaphore held for the probe only). Each probe
-holds one socket or one child process, so the bound keeps the daemon inside its file-descriptor limit
-(commonly 1024) however many servers are configured; timers and state cost no descriptors.
+Concurrency: a probe holds one socket (or one child process) while it runs, so at most `slots` probes run at
+once, first come first served (a slot is held for the probe only; timers and state cost no descriptors). As
+keepalived does for its checker process, the slots are sized to the checkers: every checker gets a slot of its own
+when the file-descriptor limit allows, and the soft RLIMIT_NOFILE is raised (up to the hard limit) to
+checkers + FD_RESERVE at start and at each update() that adds checkers. A fixed bound smaller than the checkers
+makes a blackholed server's probe (a slot held for the whole connect_timeout) delay everyone else's: with 2,500
+of 5,000 servers blackholed, 256 slots and a 3 s timeout, a server that answers was probed every ~30 s instead
+of every delay_loop (6 s), measured with bench/health_scale.py. Where the hard limit leaves fewer descriptors
+than checkers, the slots are what it allows, a warning says so once per sizing, and probes that wait for a slot
+are reported (warning, at most once a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import logging
 import random
+import resource
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -61,7 +70,10 @@ PoolStateOf = Callable[[VsKey, RsKey], Optional[PoolState]]  # None: the pool do
 QuorumLostOf = Callable[[VsKey], bool]  # True: the pool shows the quorum lost (its sorry server is in)
 Pair = Tuple[VirtualServer, RealServer]
 
-DEFAULT_MAX_CONCURRENT = 256  # probes in flight; well inside a 1024 fd limit with room for the daemon's own
+# Descriptors left for the daemon itself beside the probes: pinned maps and programs, AF_XDP sockets, the control
+# and REST listeners and their clients, state and log files.
+FD_RESERVE = 256
+SLOT_WAIT_WARN_EVERY = 60.0  # seconds between two "probes waited for a slot" warnings
 STOP_DRAIN_TIMEOUT = 5.0  # seconds stop() waits for the daemon's callbacks: a stuck one must not block shutdown
 
 
@@ -72,14 +84,15 @@ def pairs_of(virtual_servers: Iterable[VirtualServer]) -> List[Pair]:
 
 class HealthManager:
     def __init__(self, on_change: OnChange, on_quorum: Optional[OnQuorum] = None, *,
-                 probe: Probe = run_check, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+                 probe: Probe = run_check, max_concurrent: Optional[int] = None,
                  script_user: Optional[str] = None, script_security: bool = False,
                  rng: Optional[random.Random] = None, pool_state: Optional[PoolStateOf] = None,
                  quorum_lost: Optional[QuorumLostOf] = None):
-        """probe is replaceable for tests; script_user is global_defs' default user for MISC_CHECK (`user` in
-        the check wins), script_security its enable_script_security (see hdslb.health.misc.insecure_reason).
-        pool_state and quorum_lost say what the daemon's pool holds, for servers and virtual servers the manager
-        starts checking (see "Where the manager starts from" above)."""
+        """probe is replaceable for tests; max_concurrent fixes the probe slots (None: sized to the checkers and
+        the file-descriptor limit, see "Concurrency" above); script_user is global_defs' default user for
+        MISC_CHECK (`user` in the check wins), script_security its enable_script_security (see
+        hdslb.health.misc.insecure_reason). pool_state and quorum_lost say what the daemon's pool holds, for
+        servers and virtual servers the manager starts checking (see "Where the manager starts from" above)."""
         self._on_change = on_change
         self._on_quorum = on_quorum
         self._pool_state = pool_state
@@ -94,8 +107,9 @@ class HealthManager:
         self._running = False
         self._events: Optional[asyncio.Queue] = None
         self._dispatcher: Optional[asyncio.Task] = None
-        self._sem: Optional[asyncio.Semaphore] = None
+        self._slots = Slots(1)
         self._quorum_due: Dict[VsKey, ServiceState] = {}
+        self._warned_wait = -SLOT_WAIT_WARN_EVERY
 
     # ------------------------------------------------------------ lifecycle
 
@@ -107,7 +121,7 @@ class HealthManager:
             self.update(pairs)
         # Created here, not in __init__, so they belong to the running loop.
         self._events = asyncio.Queue()
-        self._sem = asyncio.Semaphore(self._max_concurrent)
+        self._size_slots()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="health-dispatch")
         self._running = True
         for svc in self._services.values():
@@ -174,6 +188,31 @@ class HealthManager:
                     self._refresh(svc, srv, vs, rs)
             if self._running:
                 self._quorum(svc)
+        if self._running:
+            self._size_slots()
+
+    # ------------------------------------------------------------ probe slots
+
+    @property
+    def slots(self) -> int:
+        """How many probes may run at once."""
+        return self._slots.size
+
+    def _size_slots(self) -> None:
+        """One slot per checker, as far as RLIMIT_NOFILE allows (raised toward its hard limit if need be)."""
+        n = sum(len(srv.checkers) for svc in self._services.values() for srv in svc.servers.values())
+        if self._max_concurrent is not None:
+            size = self._max_concurrent
+        else:
+            soft = raise_nofile(n + FD_RESERVE)
+            size = max(1, min(n, soft - FD_RESERVE))
+            if size < n:
+                log.warning("health: %d checkers but room for %d probes at once (RLIMIT_NOFILE %d, %d kept for "
+                            "hdslbd itself): when more are due, they wait, and each blackholed server holds a "
+                            "probe for its connect_timeout, delaying the others' checks; raise the limit "
+                            "(systemd LimitNOFILE=, ulimit -n) to %d or more", n, size, soft, FD_RESERVE,
+                            n + FD_RESERVE)
+        self._slots.resize(size)
 
     # ------------------------------------------------------------ queries
 
@@ -278,7 +317,9 @@ class HealthManager:
         delay = self._first_delay(cs.checker)
         while True:
             await asyncio.sleep(delay)
-            async with self._sem:
+            if self._slots.full:
+                self._slot_wait_warning()
+            async with self._slots:
                 try:
                     result = await self._probe(cs.checker, srv.rs)
                 except asyncio.CancelledError:
@@ -287,6 +328,13 @@ class HealthManager:
                     log.exception("probe of %s raised", hostport(*srv.rs_key))
                     result = failed(f"probe error: {type(e).__name__}: {e}")
             delay = self._record(svc, srv, cs, result)
+
+    def _slot_wait_warning(self) -> None:
+        now = time.monotonic()
+        if now - self._warned_wait >= SLOT_WAIT_WARN_EVERY:
+            self._warned_wait = now
+            log.warning("health: all %d probe slots busy, %d probes waiting: checks run later than delay_loop "
+                        "(said at most once a minute)", self._slots.size, self._slots.waiting + 1)
 
     def _first_delay(self, c: Checker) -> float:
         limit = c.delay_loop if c.warmup is None else c.warmup
@@ -411,3 +459,77 @@ class HealthManager:
                 log.exception("health callback %s%r failed", getattr(fn, "__name__", fn), args)
             finally:
                 self._events.task_done()
+
+
+def raise_nofile(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to `want` (never above the hard limit, never lower it); return the soft limit
+    now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max(want, 1 << 20)  # unlimited: any number of slots fits
+    if soft >= want:
+        return soft
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError) as e:
+            log.warning("health: cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, new, e)
+            return soft
+        log.info("health: RLIMIT_NOFILE raised from %d to %d for %d checkers", soft, new, want - FD_RESERVE)
+        return new
+    return soft
+
+
+class Slots:
+    """A semaphore whose size can change (a reload adds checkers): at most `size` holders, first come first served."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.used = 0
+        self._waiters: collections.deque = collections.deque()
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.size
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def resize(self, size: int) -> None:
+        """A smaller size takes effect as probes finish; a larger one lets waiting probes in at once."""
+        self.size = max(1, size)
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        if self.used < self.size and not self._waiters:
+            self.used += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # _wake counted the slot as ours before setting the result
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed a slot, then cancelled before using it
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self.size:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += 1
+                fut.set_result(None)

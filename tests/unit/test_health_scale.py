@@ -1,0 +1,166 @@
+"""Health checking at scale, shown with fake probes (no sockets, no clock): probe slots sized to the checkers and
+the file-descriptor limit, so a blackholed server's probe does not hold up the others; the daemon's side of a burst
+of verdicts. What it costs in time is measured by bench/health_scale.py, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from ipaddress import ip_address
+
+import hdslb.health.manager as manager
+from hdslb.health import CheckResult, HealthManager, pairs_of
+from hdslb.health.manager import FD_RESERVE, Slots
+from tests.unit.test_health import Recorder, real, tcp_check, until, virtual
+
+
+class Blackhole:
+    """A probe that answers at once for some ports and never for the others (until cancelled), as a SYN
+    dropped on the way does until connect_timeout."""
+
+    def __init__(self, dead_ports):
+        self.dead = set(dead_ports)
+        self.answered = set()
+        self.hanging = 0
+
+    async def __call__(self, checker, rs):
+        if rs.port in self.dead:
+            self.hanging += 1
+            await asyncio.Event().wait()
+        self.answered.add(rs.port)
+        return CheckResult(True, "fine")
+
+
+async def test_blackholed_servers_do_not_hold_up_the_others_checks():
+    """300 servers listed first are blackholed, 100 answer, all due at once: every answering one is probed while
+    the blackholed probes still hang. With the old fixed 256 probe slots the 100 never got one."""
+    dead = range(20000, 20300)
+    alive = range(30000, 30100)
+    probe = Blackhole(dead)
+    servers = [real(p, tcp_check(warmup=0.0)) for p in (*dead, *alive)]
+    mgr = HealthManager(Recorder().on_change, probe=probe)
+    await mgr.start(pairs_of([virtual(*servers)]))
+    try:
+        await until(lambda: probe.answered == set(alive))
+        assert probe.hanging == 300
+        assert mgr.slots == 400
+    finally:
+        await mgr.stop()
+
+
+async def test_slots_follow_checkers_added_by_a_reload():
+    probe = Blackhole([])
+    first = [real(p, tcp_check(warmup=3600.0)) for p in range(40000, 40002)]
+    mgr = HealthManager(Recorder().on_change, probe=probe)
+    await mgr.start(pairs_of([virtual(*first)]))
+    try:
+        assert mgr.slots == 2
+        more = [real(p, tcp_check(warmup=3600.0)) for p in range(40000, 40300)]
+        mgr.update(pairs_of([virtual(*more)]))
+        assert mgr.slots == 300
+    finally:
+        await mgr.stop()
+
+
+def _limits(monkeypatch, soft, hard):
+    now = {"soft": soft, "hard": hard}
+    calls = []
+
+    def getrlimit(which):
+        assert which == resource.RLIMIT_NOFILE
+        return now["soft"], now["hard"]
+
+    def setrlimit(which, lim):
+        calls.append(lim)
+        now["soft"], now["hard"] = lim
+
+    monkeypatch.setattr(manager.resource, "getrlimit", getrlimit)
+    monkeypatch.setattr(manager.resource, "setrlimit", setrlimit)
+    return calls
+
+
+async def test_the_fd_limit_is_raised_to_fit_the_checkers(monkeypatch):
+    calls = _limits(monkeypatch, 1024, 65536)
+    servers = [real(p, tcp_check(warmup=3600.0)) for p in range(1000, 3000)]
+    mgr = HealthManager(Recorder().on_change, probe=Blackhole([]))
+    await mgr.start(pairs_of([virtual(*servers)]))
+    try:
+        assert calls == [(2000 + FD_RESERVE, 65536)]
+        assert mgr.slots == 2000
+    finally:
+        await mgr.stop()
+
+
+async def test_a_hard_fd_limit_too_low_bounds_the_slots_and_says_so(monkeypatch, caplog):
+    calls = _limits(monkeypatch, 1024, 1024)
+    servers = [real(p, tcp_check(warmup=3600.0)) for p in range(1000, 3000)]
+    mgr = HealthManager(Recorder().on_change, probe=Blackhole([]))
+    with caplog.at_level(logging.WARNING, logger="hdslb.health"):
+        await mgr.start(pairs_of([virtual(*servers)]))
+    try:
+        assert calls == []  # already at the hard limit: nothing to raise
+        assert mgr.slots == 1024 - FD_RESERVE
+        assert any("2000 checkers but room for 768 probes at once" in r.getMessage() and
+                   f"to {2000 + FD_RESERVE} or more" in r.getMessage() for r in caplog.records)
+    finally:
+        await mgr.stop()
+
+
+async def test_probes_waiting_for_a_slot_are_reported(caplog):
+    probe = Blackhole(range(50000, 50003))
+    servers = [real(p, tcp_check(warmup=0.0)) for p in range(50000, 50003)]
+    mgr = HealthManager(Recorder().on_change, probe=probe, max_concurrent=1)
+    with caplog.at_level(logging.WARNING, logger="hdslb.health"):
+        await mgr.start(pairs_of([virtual(*servers)]))
+        try:
+            await until(lambda: probe.hanging == 1 and mgr._slots.waiting == 2)
+            msgs = [r.getMessage() for r in caplog.records if "probe slots busy" in r.getMessage()]
+            assert len(msgs) == 1 and "all 1 probe slots busy" in msgs[0]  # once, not per waiting probe
+        finally:
+            await mgr.stop()
+
+
+async def test_slots_hand_over_in_order_and_grow_at_once():
+    slots = Slots(1)
+    order = []
+    release = asyncio.Event()
+
+    async def holder(name):
+        async with slots:
+            order.append(name)
+            await release.wait()
+
+    tasks = [asyncio.create_task(holder(n)) for n in "abc"]
+    await asyncio.sleep(0)
+    assert order == ["a"] and slots.waiting == 2
+    slots.resize(2)  # a reload added checkers: the first waiter gets in at once
+    await asyncio.sleep(0)
+    assert order == ["a", "b"] and slots.used == 2
+    release.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c"] and slots.used == 0 and slots.waiting == 0
+
+
+async def test_a_waiter_handed_a_slot_and_cancelled_before_it_ran_gives_it_back():
+    slots = Slots(1)
+    await slots.__aenter__()
+    t = asyncio.create_task(slots.__aenter__())
+    await asyncio.sleep(0)
+    await slots.__aexit__(None, None, None)  # handed to t, which has not run since
+    assert slots.used == 1 and slots.waiting == 0
+    t.cancel()
+    await asyncio.gather(t, return_exceptions=True)
+    assert t.cancelled() and slots.used == 0
+
+
+async def test_a_waiter_cancelled_while_waiting_leaves_no_trace():
+    slots = Slots(1)
+    async with slots:
+        t = asyncio.create_task(slots.__aenter__())
+        await asyncio.sleep(0)
+        assert slots.waiting == 1
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        assert slots.waiting == 0
+    assert slots.used == 0
