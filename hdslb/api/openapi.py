@@ -311,9 +311,30 @@ SCHEMAS = {
             "conn_table": {"type": "object"},
         },
     },
+    "Conn": {
+        "type": "object", "description": "a connection table entry (conn.list's; ipvsadm -Lnc prints the inbound ones)",
+        "required": ["proto", "af", "saddr", "sport", "daddr", "dport", "to_saddr", "to_sport", "to_daddr",
+                     "to_dport", "out", "state", "svc_id", "dest_slot", "last_seen_ns", "cpu", "idle_s", "expire_s"],
+        "properties": {
+            "proto": dict(UINT16, description="IP protocol number (6 TCP, 17 UDP)"),
+            "af": {"enum": [4, 6]}, "saddr": IP, "sport": UINT16, "daddr": IP, "dport": UINT16,
+            "to_saddr": dict(IP, description="the rewrite's source (FullNAT: the local address)"),
+            "to_sport": UINT16, "to_daddr": dict(IP, description="the rewrite's destination"), "to_dport": UINT16,
+            "out": {"type": "boolean", "description": "the reply-side entry (the real server's packets)"},
+            "state": {"type": "string", "description": "the flow's state (both entries show it)"},
+            "svc_id": UINT16, "dest_slot": UINT32,
+            "last_seen_ns": dict(UINT64, description="this entry's newest packet, CLOCK_MONOTONIC ns"),
+            "cpu": {"type": ["integer", "null"], "minimum": 0,
+                    "description": "the CPU whose copy is newest; null for a shared conn table"},
+            "idle_s": dict(UINT64, description="seconds since the flow's newest packet, either direction"),
+            "expire_s": dict(UINT64, description="seconds left before the entry expires (ipvsadm -Lnc's time "
+                                                 "column): the flow state's running timeout less idle_s, 0 past it "
+                                                 "until the sweep removes it"),
+        },
+    },
     "ConnPage": {
         "type": "object", "required": ["Items", "total", "offset", "limit"],
-        "properties": {"Items": {"type": "array", "items": {"type": "object"}},
+        "properties": {"Items": {"type": "array", "items": _ref("Conn")},
                        "total": UINT64, "offset": UINT64, "limit": UINT64},
     },
     "Health": {

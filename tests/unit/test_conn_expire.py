@@ -120,6 +120,7 @@ async def test_ipvsadm_set_reaches_the_next_listing_and_rest(tmp_path, monkeypat
     import hdslb.daemon as dmod
     from aiohttp.test_utils import TestClient, TestServer
 
+    from hdslb.api import openapi
     from hdslb.api.app import make_app
     from tests.unit.test_timeouts import harness
 
@@ -145,6 +146,7 @@ async def test_ipvsadm_set_reaches_the_next_listing_and_rest(tmp_path, monkeypat
         resp = await client.get("/v2/conns?offset=0&limit=10")
         body = await resp.json()
         assert resp.status == 200, body
+    openapi._validator("ConnPage").validate(body)  # idle_s and expire_s are in the document's Conn
     assert [(c["sport"], c["out"], c["idle_s"], c["expire_s"]) for c in body["Items"]] == [
         (1001, False, 40, 860), (8080, True, 40, 860), (1002, False, 5, 0), (8080, True, 5, 0),
         (1003, False, 1, 1), (8080, True, 1, 1)]
