@@ -745,14 +745,14 @@ class Daemon:
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
     async def stop(self) -> None:
-        if self._save_handle is not None:
-            self._save_handle.cancel()
-            self._deferred_save()
         if self._resolve_handle is not None:
             self._resolve_handle.cancel()
             self._resolve_handle = None
         if self.health is not None:
             await self.health.stop()
+        if self._save_handle is not None:  # a coalesced save, the omega notices' included
+            self._save_handle.cancel()
+            self._deferred_save()
         if self.api is not None:
             from hdslb.api.app import stop_api
 
@@ -1639,7 +1639,9 @@ class Daemon:
                 continue
             log.info("real server %s:%s of %s %s%s", rs_key[0], port, where, "up" if up else "down",
                      f" ({reason})" if reason and not up else "")
-        self._save_state()
+        # Coalesced as control ops are: a rack going down is thousands of notices, and a save per notice (the
+        # whole model each time, 36 ms with 500 services x 10 real servers) took 91 s to apply 2500 of them.
+        self._state_changed()
 
     async def _on_quorum(self, vs_key, lost: bool) -> None:
         # The sorry server the config names now (a reload may have changed it since the quorum was lost); on
@@ -1651,7 +1653,7 @@ class Daemon:
             targets = [(ident, fwd, where, None) for ident, fwd, where in self._services_of(vs_key)]
         for ident, fwd, where, sorry in targets:
             self._set_sorry(ident, fwd, where, sorry, "lost quorum" if lost else "regained quorum")
-        self._save_state()
+        self._state_changed()
 
     def _set_sorry(self, ident, fwd, where, want, why: str) -> bool:
         """Make the service's sorry server `want` ((addr, port), as WantService.sorry) or none: other sorry servers
