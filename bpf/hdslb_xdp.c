@@ -492,7 +492,8 @@ static __always_inline void conn_partner_key(int t4, void *out, const void *k, c
  * flow's tuple (the client reused its port: the entry is in FIN_WAIT/CLOSE) or on a flow whose real server
  * no longer takes new flows (drained, down, removed) is scheduled afresh, as LVS does with conn_reuse_mode
  * and expire_nodest_conn. Without this, a client that reuses a port quickly (a refused connection leaves
- * no TIME_WAIT) would be sent to a dead server for as long as the old entry lives.
+ * no TIME_WAIT) would be sent to a dead server for as long as the old entry lives. Afresh means through
+ * pick_dest: a persistent client whose template names a drained server goes back to it (LVS does the same).
  */
 static __always_inline int conn_reusable(int t4, void *k, struct conn_val *cv, struct tcphdr *th)
 {
@@ -981,10 +982,19 @@ static __always_inline int dest_usable(struct dest_val *d, __u32 svc_id)
 	return d && (d->flags & DEST_F_VALID) && !(d->flags & DEST_F_DRAIN) && d->svc_id == svc_id;
 }
 
+/* Whether a persistence template naming d is honoured, as LVS's ip_vs_check_template: a drained (weight 0) or
+ * overloaded server keeps its persistent clients; one the daemon flagged DEST_F_NO_PERSIST (down, a checker's
+ * weight 0, drained with expire_quiescent_template) or that is gone does not. */
+static __always_inline int dest_persists(struct dest_val *d, __u32 svc_id)
+{
+	return d && (d->flags & DEST_F_VALID) && !(d->flags & DEST_F_NO_PERSIST) && d->svc_id == svc_id;
+}
+
 /*
  * Which real server a new flow goes to: the client's persistence template if the service has -p and the
- * template's server still takes new flows; else the service's table (a ring walked by a per-CPU cursor, or
- * a hash table indexed by the flow's hash). Returns 0 when nothing is available.
+ * template's server still takes its persistent clients (dest_persists: a drained one does); else the
+ * service's table (a ring walked by a per-CPU cursor, or a hash table indexed by the flow's hash), which
+ * holds only servers that take new flows. Returns 0 when nothing is available.
  */
 static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, const union hdslb_addr *src,
 						 __be16 sport, const union hdslb_addr *dst, __u32 *slot_out, __u64 now)
@@ -1013,7 +1023,7 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		if (pv && pv->expires > now) {
 			slot = pv->dest_slot;
 			d = dest_map.lookup(&slot);
-			if (dest_usable(d, svc_id)) {
+			if (dest_persists(d, svc_id)) {
 				pv->expires = now + ttl;
 				count(CNT_PERSIST_HIT);
 				*slot_out = slot;
@@ -1084,8 +1094,8 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 		}
 #endif
 		if (pv) {
-			/* A stale template (expired, or its server takes no new flows), which another CPU's connection
-			 * from this network may be replacing too: claimed by a compare-and-swap of its first word
+			/* A stale template (expired, or its server no longer keeps persistent clients), which another
+			 * CPU's connection from this network may be replacing too: claimed by a compare-and-swap of its first word
 			 * (dest_slot and seq) against what the lookup read. The CPU whose swap fails follows the
 			 * server the winner swapped in, so the client is not split across servers (one window remains:
 			 * a third connection reading the template between the winner's swap and its expiry store). */
@@ -1110,13 +1120,13 @@ static __always_inline struct dest_val *pick_dest(struct svc_val *sv, __u8 af, c
 				}
 			}
 		}
-		if (lost) { /* its server, if it still takes new flows */
+		if (lost) { /* its server, if a template naming it is honoured */
 			__u32 won;
 			struct dest_val *wd;
 
 			__builtin_memcpy(&won, &cur, sizeof(won)); /* dest_slot: the word's first four bytes */
 			wd = dest_map.lookup(&won);
-			if (dest_usable(wd, svc_id)) {
+			if (dest_persists(wd, svc_id)) {
 				count(CNT_PERSIST_HIT);
 				slot = won;
 				d = wd;

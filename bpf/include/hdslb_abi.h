@@ -97,6 +97,10 @@ struct sched_tbl {
 /* dest_val.flags */
 #define DEST_F_VALID 0x1
 #define DEST_F_DRAIN 0x2 /* weight 0: established flows continue, no new flows */
+/* A persistence template naming it is not honoured (LVS ip_vs_check_template refuses it): down by its health
+ * check, a checker's weight 0, or drained while expire_quiescent_template is set. A drain alone keeps the
+ * server's persistent clients coming back until their templates expire. */
+#define DEST_F_NO_PERSIST 0x4
 
 /* One real server, indexed by its slot id. 28 bytes. */
 struct dest_val {

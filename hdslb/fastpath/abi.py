@@ -36,6 +36,7 @@ MAX_HASH_CELLS = 1 << 21  # the C default; the loader passes Sizes.max_hash_cell
 MAX_PERSIST = 65536
 DEST_F_VALID = 0x1
 DEST_F_DRAIN = 0x2
+DEST_F_NO_PERSIST = 0x4  # templates naming it are not honoured (see hdslb_abi.h)
 DEST_SLOT_NONE = 0xFFFFFFFF
 LOCAL_F_IFADDR = 0x1
 LOCAL_F_LADDR = 0x2

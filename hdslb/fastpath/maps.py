@@ -364,10 +364,13 @@ class Maps:
     # cost ~11 us each (10 % of a REST load of 10k services); this is ~2 us. Checked against bcc's layout in tests.
     _DEST_VAL = struct.Struct("=16s2sBBII")
 
-    def set_dest(self, slot: int, addr: IPAddr, port: int, fwd: str, svc_id: int, drain: bool) -> None:
+    def set_dest(self, slot: int, addr: IPAddr, port: int, fwd: str, svc_id: int, drain: bool,
+                 no_persist: bool = False) -> None:
+        """drain: no new flows from the scheduler; no_persist: templates naming it are not honoured either."""
         t = self.t["dest_map"]
         val = self._DEST_VAL.pack(addr.packed, port.to_bytes(2, "big"), _af(addr), abi.FWD[fwd], svc_id,
-                                  abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0))
+                                  abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0) |
+                                  (abi.DEST_F_NO_PERSIST if no_persist else 0))
         if _bpf_update_elem(t.map_fd, ct.byref(ct.c_uint32(slot)), val, 0) < 0:
             err = ct.get_errno()
             raise OSError(err, f"cannot write real server slot {slot}: {os.strerror(err)}")

@@ -161,8 +161,10 @@ def test_prune_addresses_removes_what_the_model_does_not_have(maps):
     assert not list(m.t["local_map"].keys()) and not list(m.t["route4_map"].keys())
 
 
-@pytest.mark.parametrize("addr,fwd,drain", [("192.168.9.7", "fnat", False), ("2001:db8::7", "dr", True)])
-def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain):
+@pytest.mark.parametrize("addr,fwd,drain,no_persist", [("192.168.9.7", "fnat", False, False),
+                                                       ("2001:db8::7", "dr", True, False),
+                                                       ("192.168.9.8", "nat", True, True)])
+def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain, no_persist):
     """set_dest packs struct dest_val by hand (speed); it must land exactly where bcc's view of the struct has
     each field, for both families and the flags."""
     import socket
@@ -170,11 +172,12 @@ def test_dest_written_raw_matches_the_program_s_struct(maps, addr, fwd, drain):
     from hdslb.fastpath import abi
 
     slot = 250
-    maps.set_dest(slot, A(addr), 8080, fwd, 77, drain=drain)
+    maps.set_dest(slot, A(addr), 8080, fwd, 77, drain=drain, no_persist=no_persist)
     v = maps.t["dest_map"][ct.c_uint32(slot)]
     assert bytes(v.addr.b)[:len(A(addr).packed)] == A(addr).packed
     assert (v.port, v.af, v.fwd, v.svc_id) == (socket.htons(8080), A(addr).version, abi.FWD[fwd], 77)
-    assert v.flags == abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0)
+    assert v.flags == abi.DEST_F_VALID | (abi.DEST_F_DRAIN if drain else 0) | \
+        (abi.DEST_F_NO_PERSIST if no_persist else 0)
     maps.clear_dest(slot)
 
 

@@ -100,8 +100,8 @@ def hash_table(fp, svc_id, table, hoff):
     t[ct.c_uint32(svc_id)] = v
 
 
-def dest(m, slot, addr, port, fwd, svc_id=0, drain=False):
-    m.set_dest(slot, A(addr), port, fwd, svc_id, drain=drain)
+def dest(m, slot, addr, port, fwd, svc_id=0, drain=False, no_persist=False):
+    m.set_dest(slot, A(addr), port, fwd, svc_id, drain=drain, no_persist=no_persist)
 
 
 def run(fp, pkt):
@@ -529,13 +529,68 @@ def test_persistence_keeps_a_client_network_on_one_server(fastpath, m):
     # another /24 takes the next ring entry and then sticks to it
     other = {run(fastpath, c4(src="10.0.1.1", sport=46000 + i))[1][IP].dst for i in range(5)}
     assert len(other) == 1
-    # the template's server drained (weight 0: the daemon flags it and rebuilds the ring without it): a new
-    # flow is scheduled elsewhere and the template follows it (LVS with expire_quiescent_template=1)
-    slot = 0 if first == RS1 else 1
-    dest(m, slot, first, 80, "fnat", drain=True)
-    ring(fastpath, 0, [1 - slot])
-    moved = {run(fastpath, c4(src="10.0.0.1", sport=47000 + i))[1][IP].dst for i in range(3)}
-    assert moved and first not in moved and len(moved) == 1
+
+
+def _persistent_pair(fastpath, m):
+    """A -p 60 service on RS1 and RS2 and one client whose template names RS1; returns the template's key."""
+    service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
+    dest(m, 0, RS1, 80, "fnat")
+    dest(m, 1, RS2, 80, "fnat")
+    ring(fastpath, 0, [0, 1])
+    assert run(fastpath, c4(sport=45000))[1][IP].dst == RS1
+    ((k, v),) = list(fastpath.table("persist_map").items())
+    assert v.dest_slot == 0
+    return k
+
+
+def test_a_drained_server_keeps_its_persistent_clients_and_gets_no_new_ones(fastpath, m):
+    """LVS's graceful drain of a sticky server (ipvsadm -e -w 0): its template still holds (ip_vs_check_template
+    refuses only a server that is gone, or one of weight 0 under expire_quiescent_template), so the client's new
+    connections go back to it and renew the template, while a client without a template is scheduled from the
+    ring, which no longer holds it. (It used to be rescheduled off the drained server at its next connection.)"""
+    k = _persistent_pair(fastpath, m)
+    t = fastpath.table("persist_map")
+    dest(m, 0, RS1, 80, "fnat", drain=True)  # weight 0: the daemon flags it and rebuilds the ring without it
+    ring(fastpath, 0, [1])
+    t_before = t[k].expires
+    hits = m.counters()["persist_hit"]
+    assert {run(fastpath, c4(sport=45001 + i))[1][IP].dst for i in range(3)} == {RS1}
+    assert m.counters()["persist_hit"] == hits + 3
+    assert t[k].dest_slot == 0 and t[k].expires >= t_before, "the template still names it, renewed"
+    assert {run(fastpath, c4(src=f"10.0.2.{i}", sport=45100))[1][IP].dst for i in range(1, 4)} == {RS2}, \
+        "new clients never go to the drained server"
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_a_server_flagged_no_persist_loses_its_persistent_clients(fastpath, m, drain):
+    """DEST_F_NO_PERSIST (down by its health check, a checker's weight 0, a drain under
+    expire_quiescent_template): the client's next connection is scheduled afresh and its template follows the
+    new server. The flag alone decides (the daemon sets it with DEST_F_DRAIN, but a template is judged by it)."""
+    k = _persistent_pair(fastpath, m)
+    dest(m, 0, RS1, 80, "fnat", drain=drain, no_persist=True)
+    ring(fastpath, 0, [1])
+    hits = m.counters()["persist_hit"]
+    assert {run(fastpath, c4(sport=45001 + i))[1][IP].dst for i in range(3)} == {RS2}
+    assert fastpath.table("persist_map")[k].dest_slot == 1, "the template follows the new server"
+    assert m.counters()["persist_hit"] == hits + 2, "the first was scheduled, the next two followed the template"
+
+
+@pytest.mark.parametrize("no_persist", [False, True])
+def test_a_reused_port_syn_of_a_persistent_client_of_a_drained_server_follows_its_template(fastpath, m,
+                                                                                           no_persist):
+    """A SYN on a flow whose server was drained is scheduled afresh (conn_reusable), and for a persistent
+    client afresh means through its template: back to the drained server, as LVS's expire_nodest_conn reschedule
+    goes through ip_vs_sched_persist; to another server once the template is not honoured."""
+    _persistent_pair(fastpath, m)
+    run(fastpath, c4(sport=45000, flags="A"))  # established to RS1
+    dest(m, 0, RS1, 80, "fnat", drain=True, no_persist=no_persist)
+    ring(fastpath, 0, [1])
+    conns = m.counters()["conn_new"]
+    v, out = run(fastpath, c4(sport=45000))  # the client reuses its port
+    assert v == XDP_TX and out[IP].dst == (RS2 if no_persist else RS1)
+    c = m.counters()
+    assert c["conn_reused"] == 1 and c["conn_new"] == conns + 1, "a new connection, not the old entry"
+    assert m.conn_entries() == 2, "the old flow's entries are gone"
 
 
 def test_persistence_template_expires(fastpath, m):

@@ -81,6 +81,22 @@ def test_a_first_connection_that_loses_the_template_race_follows_the_winner(fast
     assert {run(fastpath, c4(sport=45001 + i))[1][IP].dst for i in range(3)} == {RS2}
 
 
+@pytest.mark.parametrize("no_persist", [False, True])
+def test_a_connection_that_loses_the_race_to_a_drained_server_s_template_follows_it_while_it_holds(fastpath, m,
+                                                                                                  no_persist):
+    """The other CPU's first connection wrote a template for RS2 just before RS2 was drained; this one missed it,
+    took RS1 from the new ring and lost the insert. A drained server's template holds (LVS), so this connection
+    follows it to RS2 and the client stays on one server; a template the fast path would refuse (RS2 down) is
+    not followed."""
+    service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
+    dest(m, 0, RS1, 80, "fnat")
+    dest(m, 1, RS2, 80, "fnat", drain=True, no_persist=no_persist)
+    ring(fastpath, 0, [0])
+    _template(fastpath, CLIENT, RACE, 1)
+    assert run(fastpath, c4(sport=45000))[1][IP].dst == (RS1 if no_persist else RS2)
+    assert m.counters()["persist_hit"] == (0 if no_persist else 1)
+
+
 def test_without_a_race_the_first_connection_writes_its_own_template(fastpath, m):
     """The hook's build behaves as the daemon's when nothing is stored for it: the ring's pick, template written."""
     service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
@@ -92,19 +108,21 @@ def test_without_a_race_the_first_connection_writes_its_own_template(fastpath, m
     assert v.dest_slot == 0 and m.counters()["persist_hit"] == 0
 
 
-@pytest.mark.parametrize("why", ["expired", "drained"])
+@pytest.mark.parametrize("why", ["expired", "no_persist"])
 def test_a_connection_that_loses_the_race_to_replace_a_stale_template_follows_the_winner(fastpath, m, why):
-    """A stale template (expired, or its server drained) is replaced by a compare-and-swap of its first word. Here
-    another CPU's connection swaps in RS3 after this one read the template and scheduled RS2: this connection
-    goes to RS3 too and the template stays RS3's. (Each CPU overwrote the template with its own choice, and their
-    connections went to different servers.)"""
+    """A stale template (expired, or its server no longer keeps persistent clients: down, say) is replaced by a
+    compare-and-swap of its first word. Here another CPU's connection swaps in RS3 after this one read the
+    template and scheduled RS2: this connection goes to RS3 too and the template stays RS3's. (Each CPU
+    overwrote the template with its own choice, and their connections went to different servers.) A drained
+    server's template is not stale: test_modes has it honoured."""
     service(fastpath, TCP_, VIP, 80, persist=60, plen=32)
     for slot, rs in enumerate((RS1, RS2, RS3)):
-        dest(m, slot, rs, 80, "fnat", drain=(why == "drained" and slot == 0))
+        stale = why == "no_persist" and slot == 0
+        dest(m, slot, rs, 80, "fnat", drain=stale, no_persist=stale)
     ring(fastpath, 0, [1])
     k = _template(fastpath, CLIENT, 0, 0)  # the client's template: RS1 ...
     t = fastpath.table("persist_map")
-    if why == "expired":  # ... long expired, or its server drained (above)
+    if why == "expired":  # ... long expired, or its server down (above)
         v = t[k]
         v.expires = 1
         t[k] = v
