@@ -218,6 +218,19 @@ class Dest:
         return self.weight if self.health_weight is None else self.health_weight
 
 
+def keeps_persistent(d: Dest, expire_quiescent_template: bool) -> bool:
+    """Whether a persistence template naming d is honoured (its client's next connection goes to d), as LVS's
+    ip_vs_check_template decides: yes for a server an operator drained (weight 0), which is how a sticky server
+    is drained gracefully (its clients come back until their templates expire, nobody new comes), unless
+    expire_quiescent_template is set; yes when overloaded (LVS does not look at the overload there); no when it
+    is down by its health check or a checker set its weight to 0 (keepalived's inhibit_on_failure, a
+    misc_dynamic 0), the LVS pitfall expire_quiescent_template exists for: our checker knows the server failed.
+    The fast path reads the answer as DEST_F_NO_PERSIST."""
+    if d.health == "down" or d.health_weight == 0:
+        return False
+    return not (expire_quiescent_template and d.eff_weight == 0)
+
+
 def overload_next(d: Dest, total: int) -> bool:
     """LVS's overload rule for one dest given its connection count (active + inactive, ip_vs_dest_totalconns):
     set once total >= u_threshold; cleared once total < l_threshold, or below 3/4 of u_threshold when no
@@ -542,7 +555,7 @@ class DataPath(Protocol):
 
     def service_set(self, svc: Service) -> None: ...
     def service_del(self, svc: Service) -> None: ...
-    def dest_set(self, svc: Service, d: Dest) -> None: ...
+    def dest_set(self, svc: Service, d: Dest, no_persist: bool) -> None: ...
     def dest_clear(self, d: Dest) -> None: ...
     def hash_cells_set(self, first: int, entries: list[int]) -> None: ...
     def sched_set(self, svc: Service, table: sched.Table, hoff: int) -> None: ...
@@ -663,7 +676,27 @@ class Balancer:
     def _write_slots(self, svc: Service) -> None:
         """A service added in the batch, about to be published: its real servers' slots, before its table."""
         for x in svc.dests.values():
-            self.dp.dest_set(svc, x)
+            self._dest_write(svc, x)
+
+    def _dest_write(self, svc: Service, d: Dest) -> None:
+        """A real server's slot, with what the fast path needs to know about its templates."""
+        self.dp.dest_set(svc, d, not keeps_persistent(d, self.expire_quiescent_template))
+
+    def set_expire_quiescent_template(self, on: bool) -> None:
+        """ipvs_defs conn expire_quiescent_template, from the config at start and on every reload. The flag of the
+        servers it concerns (drained by their weight) is written again; turning it on also drops their templates,
+        as draining them under it would have."""
+        on = bool(on)
+        if on == self.expire_quiescent_template:
+            return
+        self.expire_quiescent_template = on
+        for svc in self.services.values():
+            for d in svc.dests.values():
+                if d.health == "up" and d.health_weight is None and d.weight == 0:
+                    if not self._hidden(svc):
+                        self._dest_write(svc, d)
+                    if on and svc.match is None:
+                        self.dp.persist_flush(svc.svc_id, d.slot)
 
     def _flush_deferred(self, d: Deferred) -> None:
         if d.undo_new:  # every table is planned before any is written or any service published
@@ -1148,13 +1181,13 @@ class Balancer:
             self._slots_used.add(slot)
             svc.dests[key] = d
             if not self._hidden(svc):  # a service new in the batch has its slots written when it is published
-                self.dp.dest_set(svc, d)
+                self._dest_write(svc, d)
             self._touch(svc)
             return d
         plan = self._plan(svc, dests=list(svc.dests.values()) + [d])
         self._slots_used.add(slot)
         svc.dests[key] = d
-        self.dp.dest_set(svc, d)
+        self._dest_write(svc, d)
         self._commit(svc, plan)
         return d
 
@@ -1171,13 +1204,15 @@ class Balancer:
             new.overloaded = False
         plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()],
                           overloaded={d.slot: new.overloaded})
-        drained = d.eff_weight > 0 and new.eff_weight == 0
+        # With expire_quiescent_template a drain stops its templates from being honoured: they go at once.
+        quiesced = keeps_persistent(d, self.expire_quiescent_template) and not keeps_persistent(
+            new, self.expire_quiescent_template)
         for k, v in opts.items():
             setattr(d, k, v)
         if not self._hidden(svc):
-            self.dp.dest_set(svc, d)
+            self._dest_write(svc, d)
         self._commit(svc, plan)
-        if drained and self.expire_quiescent_template and svc.match is None:
+        if quiesced and svc.match is None:
             if self._defer is not None:
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
             else:
@@ -1213,7 +1248,9 @@ class Balancer:
 
     def dest_health(self, a: dict, up: bool, weight: int | None, reason: str) -> Dest:
         """A health checker's verdict: down servers get no new flows (existing ones continue, as in LVS), and
-        their persistence templates go, as keepalived removing the server from LVS would make them void."""
+        their persistence templates go, as keepalived removing the server from LVS would make them void; so do
+        those of a server a checker set to weight 0 (inhibit_on_failure, misc_dynamic), which keeps_persistent
+        refuses (a drain by hand keeps its templates)."""
         svc = self.get_service(a.get("svc"))
         d = svc.dests.get(self._dest_key(svc, a))
         if d is None:
@@ -1222,10 +1259,12 @@ class Balancer:
                                   reason="" if up else reason)
         plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()])
         went_down = d.health == "up" and not up
+        lost = keeps_persistent(d, self.expire_quiescent_template) and not keeps_persistent(
+            new, self.expire_quiescent_template)
         d.health, d.health_weight, d.reason = new.health, new.health_weight, new.reason
-        self.dp.dest_set(svc, d)
+        self._dest_write(svc, d)
         self._commit(svc, plan)
-        if went_down and svc.match is None:
+        if (went_down or lost) and svc.match is None:
             self.dp.persist_flush(svc.svc_id, d.slot)
         return d
 
@@ -1809,7 +1848,7 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
     # Rewrite what the maps hold for this model: tables before the entries that lead packets to them.
     for svc in b.services.values():
         for d in svc.dests.values():
-            b.dp.dest_set(svc, d)
+            b._dest_write(svc, d)
         b._push_laddrs(svc)
         b._commit(svc, b._plan(svc, counts={}), bump=False)
         b.dp.service_set(svc)

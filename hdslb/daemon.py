@@ -331,8 +331,8 @@ class MapDataPath:
         else:
             self.m.del_service(_proto(svc.proto), svc.addr, svc.port, svc.svc_id)
 
-    def dest_set(self, svc, d):
-        self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.eff_weight == 0)
+    def dest_set(self, svc, d, no_persist=False):
+        self.m.set_dest(d.slot, d.addr, d.port, d.fwd, svc.svc_id, drain=d.eff_weight == 0, no_persist=no_persist)
 
     def dest_clear(self, d):
         self.m.clear_dest(d.slot)
@@ -1281,7 +1281,7 @@ class Daemon:
                     key = None
                 raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
                                           f"{e.message}; nothing was applied") from None
-        self.bal.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
+        self.bal.set_expire_quiescent_template(cfg.ipvs_defs.conn.expire_quiescent_template)
         for op, args in ops:
             commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)

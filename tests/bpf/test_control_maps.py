@@ -119,6 +119,97 @@ def test_persistence_templates_are_listed_and_flushed_with_their_server(fastpath
     assert maps.persists() == []
 
 
+def _sticky_pair(fastpath, bal):
+    """A DR -p 60 service on two servers and CLIENT's first connection: (its server, the other) as Dests."""
+    bal.service_add(dict(SVC, sched="rr", persistent=60))
+    for rs in RSS[:2]:
+        bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
+    svc = bal.get_service(SVC)
+    first = server_of(fastpath, CLIENT, 42000)
+    x = next(d for d in svc.dests.values() if str(d.addr) == first)
+    return x, next(d for d in svc.dests.values() if d is not x)
+
+
+def server_of(fastpath, src, sport):
+    """The real server a new connection went to (DR: told by the destination MAC)."""
+    v, out = run(fastpath, syn(src, sport))
+    assert v == XDP_TX
+    return next(rs for rs in RSS if mac_of(rs) == bytes.fromhex(out[Ether].dst.replace(":", "")))
+
+
+def dest_flags(maps, d):
+    return maps.t["dest_map"][ct.c_uint32(d.slot)].flags
+
+
+def rs_of(d):
+    return {"svc": SVC, "addr": str(d.addr), "port": 80}
+
+
+def test_the_model_keeps_persistent_clients_on_a_drained_server_and_moves_them_off_a_failed_one(fastpath, maps,
+                                                                                                 bal):
+    """What the operator and the checkers do, through Balancer -> MapDataPath -> dest_map, decides where a client
+    with a template goes: a drain by hand keeps it (LVS), a health check's down or weight 0 moves it."""
+    x, other = _sticky_pair(fastpath, bal)
+    sport = iter(range(42001, 42100))
+    bal.dest_edit(dict(rs_of(x), weight=0))
+    assert dest_flags(maps, x) == abi.DEST_F_VALID | abi.DEST_F_DRAIN
+    assert server_of(fastpath, CLIENT, next(sport)) == str(x.addr), "drained: its persistent client stays"
+    assert server_of(fastpath, "10.9.9.9", next(sport)) == str(other.addr), "a new client does not go there"
+    assert maps.persists(), "a drain keeps templates"
+    bal.dest_edit(dict(rs_of(x), weight=1))
+    bal.dest_health(rs_of(x), False, None, "connection refused")
+    assert dest_flags(maps, x) == abi.DEST_F_VALID | abi.DEST_F_DRAIN | abi.DEST_F_NO_PERSIST
+    assert server_of(fastpath, CLIENT, next(sport)) == str(other.addr), "down: the client moves"
+    bal.dest_health(rs_of(x), True, None, "")
+    assert dest_flags(maps, x) == abi.DEST_F_VALID
+    # a checker's weight 0 (misc_dynamic; inhibit_on_failure reports down at weight 0, as above) on the server the
+    # client has now: it moves back
+    bal.dest_health(rs_of(other), True, 0, "")
+    assert dest_flags(maps, other) == abi.DEST_F_VALID | abi.DEST_F_DRAIN | abi.DEST_F_NO_PERSIST
+    assert server_of(fastpath, CLIENT, next(sport)) == str(x.addr)
+    bal.dest_health(rs_of(other), True, None, "")
+    assert dest_flags(maps, other) == abi.DEST_F_VALID
+
+
+def test_an_overloaded_server_keeps_its_persistent_clients(fastpath, maps, bal):
+    """LVS's ip_vs_sched_persist takes a valid template's server without looking at IP_VS_DEST_F_OVERLOAD: above
+    its upper threshold a server gets no new clients but its persistent ones still come."""
+    x, other = _sticky_pair(fastpath, bal)
+    bal.dest_edit(dict(rs_of(x), u_threshold=1))
+    bal.conn_counts = lambda: {x.slot: (1, 0)}
+    bal.refresh_dynamic()
+    assert x.overloaded and dest_flags(maps, x) == abi.DEST_F_VALID
+    assert server_of(fastpath, CLIENT, 42001) == str(x.addr)
+    assert server_of(fastpath, "10.9.9.9", 42002) == str(other.addr), "no new client while overloaded"
+
+
+def test_expire_quiescent_template_stops_a_drained_server_keeping_its_clients(fastpath, maps, bal):
+    """ipvs_defs conn expire_quiescent_template (LVS's sysctl): a drain then drops the server's templates and
+    refuses any it meets; turning it on (a reload) flags the servers drained before and drops their templates,
+    turning it off lets a drained server keep its persistent clients again."""
+    x, other = _sticky_pair(fastpath, bal)
+    bal.dest_edit(dict(rs_of(x), weight=0))
+    assert maps.persists() and dest_flags(maps, x) & abi.DEST_F_NO_PERSIST == 0
+    bal.set_expire_quiescent_template(True)
+    assert dest_flags(maps, x) == abi.DEST_F_VALID | abi.DEST_F_DRAIN | abi.DEST_F_NO_PERSIST
+    assert maps.persists() == [], "the drained server's templates went, as a drain under the flag drops them"
+    assert server_of(fastpath, CLIENT, 42001) == str(other.addr)
+    bal.set_expire_quiescent_template(False)
+    assert dest_flags(maps, x) == abi.DEST_F_VALID | abi.DEST_F_DRAIN
+    # the client's template names `other` now: drained by hand, it keeps the client
+    bal.dest_edit(dict(rs_of(x), weight=1))
+    bal.dest_edit(dict(rs_of(other), weight=0))
+    assert server_of(fastpath, CLIENT, 42002) == str(other.addr)
+    # and under the flag, a drain drops the templates and flags the server at once
+    bal.dest_edit(dict(rs_of(other), weight=1))
+    bal.set_expire_quiescent_template(True)
+    assert dest_flags(maps, other) == abi.DEST_F_VALID and maps.persists()
+    bal.dest_edit(dict(rs_of(other), weight=0))
+    assert dest_flags(maps, other) == abi.DEST_F_VALID | abi.DEST_F_DRAIN | abi.DEST_F_NO_PERSIST
+    assert maps.persists() == []
+    assert server_of(fastpath, CLIENT, 42003) == str(x.addr)
+
+
 def test_prune_services_removes_what_the_model_does_not_have(maps):
     """A restart from a saved model older than the maps: entries of the service and real server the model does
     not have go, the model's stay; pruning again changes nothing."""
