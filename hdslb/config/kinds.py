@@ -83,10 +83,10 @@ class Seconds(Kind):
         self.what = f"seconds {lo:g}..{hi:g}"
 
     def one(self, tok: Token) -> float:
-        try:
-            v = float(tok.text)
-        except ValueError:
-            raise Bad(f"{tok.text!r} is not a number, expects {self.what}", tok) from None
+        # ASCII digits, as int_of: float() also reads "٣", "３.5" and "1_0" (keepalived's strtod does not)
+        if not re.fullmatch(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", tok.text):
+            raise Bad(f"{tok.text!r} is not a number, expects {self.what}", tok)
+        v = float(tok.text)
         if not self.lo <= v <= self.hi:
             raise Bad(f"{tok.text} is out of range, expects {self.what}", tok)
         return v

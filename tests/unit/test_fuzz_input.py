@@ -564,3 +564,118 @@ async def test_malformed_rest_requests_are_4xx_and_change_nothing(tmp_path, meth
         assert not bad, "\n".join(bad)
         r = await c.get("/v2/vs")  # still answers
         assert r.status == 200 and len((await r.json())["Items"]) == 3
+
+
+# --- the config file: mutated samples, each refused naming file:line, a reload with it changing nothing ---------
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = ["conf/hdslb.conf", "conf/keepalived-lb.conf", "conf/single-nic.conf", "conf/two-arm.conf",
+           "tests/unit/configs/include/main.conf", "tests/unit/configs/include/services/10-web.conf"]
+JUNK_VALUES = ["-1", "99999999999999999999", "nan", "inf", "1.5e3", "٣", "0x10", "x" * 5000, "\"", "{", "}",
+               "10.0.0.1/33", "256.1.1.1", "", "1_0", "３.5"]
+NOT_A_NUMBER = {"nan", "inf", "٣", "x" * 5000, "1_0", "３.5"}  # where a number was, each of these is refused
+VRRP_BLOCKS = {"vrrp_instance", "vrrp_sync_group", "vrrp_script", "virtual_ipaddress", "virtual_ipaddress_excluded",
+               "virtual_routes", "authentication", "track_interface", "track_script", "notification_email", "group"}
+_KEYWORD_LINE = re.compile(r"^(\s*)(<init>\s+)?([A-Za-z_][A-Za-z0-9_]*)(\s+)(.*?)\s*$")
+
+
+def config_mutations(text: str, rng: random.Random, own: str) -> list:
+    """(name, mutated text, line it must name or None for any line, must it be refused). Lines count from 1."""
+    lines = text.split("\n")
+    out = []
+    braces = [i for i, line in enumerate(lines) if ("{" in line or "}" in line) and not line.lstrip().startswith(("!", "#"))]
+    for i in rng.sample(braces, min(4, len(braces))):
+        ch = "{" if "{" in lines[i] else "}"
+        out.append((f"line {i + 1} without its {ch}", "\n".join(lines[:i] + [lines[i].replace(ch, "", 1)]
+                                                                  + lines[i + 1:]), None, True))
+    vrrp, depth, top = set(), 0, None
+    for i, line in enumerate(lines):
+        if depth == 0 and line.strip():
+            top = line.split()[0]
+        if top in VRRP_BLOCKS:
+            vrrp.add(i)
+        depth += line.count("{") - line.count("}")
+    valued = [i for i, line in enumerate(lines) if _KEYWORD_LINE.match(line) and "{" not in line and "}" not in line
+              and not line.lstrip().startswith(("!", "#", "include")) and i not in vrrp]
+    for i in valued:  # every keyword's value position, with a sample of junk
+        m = _KEYWORD_LINE.match(lines[i])
+        number = re.fullmatch(r"[0-9]+(\.[0-9]+)?", m.group(5)) is not None and m.group(3) != "payload"
+        for junk in rng.sample(JUNK_VALUES, 3) + (["٣", "1_0", "３.5"] if number else []):
+            bad = f"{m.group(1)}{m.group(2) or ''}{m.group(3)} {junk}"
+            out.append((f"line {i + 1}: {m.group(3)} {junk[:12]}", "\n".join(lines[:i] + [bad] + lines[i + 1:]),
+                        None if junk in ("{", "}") else i + 1,  # a brace is found unmatched elsewhere
+                        number and junk in NOT_A_NUMBER))
+    # (VRRP's blocks and the lists in them are keepalived's vrrp process's: accepted whole, reported as not ours)
+    opens = [i for i, line in enumerate(lines) if line.rstrip().endswith("{") and not line.lstrip().startswith("!")
+             and line.split()[0] not in VRRP_BLOCKS]
+    for i in rng.sample(opens, min(4, len(opens))):
+        out.append((f"unknown keyword after line {i + 1}",
+                    "\n".join(lines[:i + 1] + ["    no_such_keyword 1"] + lines[i + 1:]), i + 2, True))
+    vs = [i for i, line in enumerate(lines) if re.match(r"virtual_server\s", line)]
+    if vs:  # the first virtual_server block twice
+        i, depth, j = vs[0], 0, vs[0]
+        for j in range(vs[0], len(lines)):
+            depth += lines[j].count("{") - lines[j].count("}")
+            if depth == 0:
+                break
+        block = lines[i:j + 1]
+        out.append(("a virtual_server twice", "\n".join(lines + block), len(lines) + 1, True))
+    out.append(("include of a missing file", text + "\ninclude /nonexistent/rv.conf\n", len(lines) + 1, True))
+    out.append(("include of itself", text + f"\ninclude {own}\n", len(lines) + 1, True))
+    out.append(("a stray }", text + "\n}\n", len(lines) + 1, True))
+    out.append(("an unterminated string", text + '\nglobal_defs {\n    router_id "abc\n}\n', len(lines) + 2, True))
+    return out
+
+
+class ConfigFuzzDaemon(FuzzDaemon):
+    async def _start_health(self):  # no checkers: nothing changes on its own while the cases run
+        pass
+
+
+@pytest.mark.parametrize("conf", CONFIGS)
+async def test_a_mutated_config_is_refused_naming_file_and_line_and_a_reload_changes_nothing(tmp_path, conf):
+    src = REPO / conf
+    root = src.parent if "include" not in conf else REPO / "tests/unit/configs/include"
+    work = tmp_path / "etc"
+    shutil.copytree(root, work)
+    path = work / src.relative_to(root)
+    main = work / "main.conf" if "include" in conf else path
+    text = path.read_text()
+    d = ConfigFuzzDaemon(main, tmp_path)
+    await d.reload_config()
+    before = await observable(d)
+    bad, refused, accepted = [], 0, 0
+    for name, mutated, line, must_refuse in config_mutations(text, random.Random(f"{SEED}{conf}"), path.name):
+        path.write_text(mutated)
+        try:
+            await d.reload_config()
+        except HdslbError as e:
+            refused += 1
+            at = re.search(r"(\S+?):(\d+):(\d+): ", e.message)
+            if at is None or not at.group(1).endswith(path.name) and "include" not in name:
+                bad.append(f"{name}: the refusal names no {path.name}:LINE: {e.message[:200]}")
+            elif line is not None and at.group(1).endswith(path.name) and int(at.group(2)) != line:
+                bad.append(f"{name}: names line {at.group(2)}, not {line}: {e.message[:200]}")
+            if "nothing was applied" not in e.message:
+                bad.append(f"{name}: does not say nothing was applied: {e.message[:200]}")
+        except Exception as e:
+            bad.append(f"{name}: {type(e).__name__}: {e}")
+        else:
+            accepted += 1
+            if must_refuse:
+                bad.append(f"{name}: accepted")
+            path.write_text(text)
+            await d.reload_config()
+            before = await observable(d)  # (the fast path was written to and back)
+            continue
+        path.write_text(text)  # config.get reads the file
+        if await observable(d) != before:
+            bad.append(f"{name}: the state changed")
+            path.write_text(text)
+            await d.reload_config()
+            before = await observable(d)
+    assert not bad, "\n".join(bad)
+    assert refused >= 8
