@@ -161,15 +161,27 @@ def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_tota
     return line + (f"\nnotice: {advice}" if advice else "")
 
 
+class _Usage(Exception):
+    """A bad `health add/del` argument: printed, exit 2 (as argparse's own usage errors)."""
+
+
+def _port_of(text: str, spec: str, what: str) -> int:
+    # ASCII digits: int() also reads "٨٠", " 80" and "8_0"
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise _Usage(f"hdslb-ctl: invalid {what} {spec!r}: {text!r} is not a port (0..65535)")
+    return int(text)
+
+
 def _svc_arg(ns) -> dict:
     import ipaddress
 
     spec, proto = (ns.tcp, "tcp") if ns.tcp else (ns.udp, "udp")
     host, _, port = spec.rpartition(":")
     try:
-        return {"proto": proto, "addr": str(ipaddress.ip_address(host.strip("[]"))), "port": int(port)}
+        addr = str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        raise SystemExit(f"hdslb-ctl: invalid service {spec!r} (VIP:PORT)") from None
+        raise _Usage(f"hdslb-ctl: invalid service {spec!r} (VIP:PORT)") from None
+    return {"proto": proto, "addr": addr, "port": _port_of(port, spec, "service")}
 
 
 def _rs_arg(spec: str) -> tuple:
@@ -179,9 +191,10 @@ def _rs_arg(spec: str) -> tuple:
     if not sep:
         host, port = spec, "0"
     try:
-        return str(ipaddress.ip_address(host.strip("[]"))), int(port)
+        addr = str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        raise SystemExit(f"hdslb-ctl: invalid real server {spec!r} (RS[:PORT])") from None
+        raise _Usage(f"hdslb-ctl: invalid real server {spec!r} (RS[:PORT])") from None
+    return addr, _port_of(port, spec, "real server")
 
 
 def cmd_health(ns) -> int:
@@ -221,6 +234,9 @@ def cmd_health(ns) -> int:
     except DaemonUnreachable as e:
         print(f"hdslb-ctl: {e}", file=sys.stderr)
         return 1
+    except _Usage as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 def health_parser() -> argparse.ArgumentParser:

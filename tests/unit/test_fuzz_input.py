@@ -679,3 +679,130 @@ async def test_a_mutated_config_is_refused_naming_file_and_line_and_a_reload_cha
             before = await observable(d)
     assert not bad, "\n".join(bad)
     assert refused >= 8
+
+
+# --- the CLIs: random command lines, each a usage error (exit 2, a message) or a daemon refusal (exit 1) -------
+import io  # noqa: E402
+
+from cli import dpip as dpip_cli  # noqa: E402
+from cli import hdslb_ctl as ctl_cli  # noqa: E402
+from cli import ipvsadm as ipvsadm_cli  # noqa: E402
+
+REFUSAL = "refused by the test daemon"
+CLI_VALUES = ["10.0.0.1:80", "10.0.0.1:99999", "10.0.0.1", "[2001:db8::1]:80", "x", "", "-1", "٣", "10.0.0.1:٨٠",
+              "a" * 3000, "nan", "1.5", "65536", "0", "rr", "sh-port", "proto=tcp", "eth0", "255.255.255.0", "1e9",
+              "10.0.0.0/33", "02:00:00:00:00:01", "\x00", "--", "-"]
+VALID_LINES = {
+    "ipvsadm": ["-A -t 10.0.0.1:80 -s rr", "-A -u 10.0.0.1:53 -s sh -b sh-port -p 60 -M 255.255.255.0",
+                "-E -t 10.0.0.1:80 -s wrr", "-D -t 10.0.0.1:80", "-a -t 10.0.0.1:80 -r 192.168.1.2:8080 -m -w 3 -x 100 -y 50",
+                "-e -t 10.0.0.1:80 -r 192.168.1.2 -g -w 0", "-d -t 10.0.0.1:80 -r 192.168.1.2:80",
+                "-P -t 10.0.0.1:80 -z 192.168.1.200 -F eth1", "-Q -t 10.0.0.1:80 -z 192.168.1.200",
+                "-G -t 10.0.0.1:80", "-L -n -t 10.0.0.1:80 --stats", "-Z -t 10.0.0.1:80", "--set 900 10 300",
+                "-A -H proto=tcp,src-range=10.1.0.0-10.1.0.9 -s rr", "-C", "-L -n -c"],
+    "dpip": ["addr add 10.0.0.1/24 dev eth0 sapool", "addr del 10.0.0.1/24 dev eth0",
+             "route add 10.8.0.0/16 via 10.0.0.254 dev eth0 mtu 1400 metric 5", "route del 10.8.0.0/16 dev eth0",
+             "-6 route add 2001:db8::/64 dev eth1", "neigh add 10.0.0.9 lladdr 02:00:00:00:00:09 dev eth0",
+             "neigh del 10.0.0.9 dev eth0", "addr show dev eth0", "route show", "link show eth0", "-s link show"],
+    "hdslb-ctl": ["health add -t 10.0.0.1:80 -r 192.168.1.2:80 --kind TCP_CHECK --delay-loop 3",
+                  "health add -u 10.0.0.1:53 -r 192.168.1.2 --kind HTTP_GET path=/ status_code=200",
+                  "health del -t 10.0.0.1:80 -r 192.168.1.2:80", "health show", "reload", "reload --datapath"],
+}
+EXTRA_TOKENS = {"ipvsadm": ["-A", "-a", "-t", "-u", "-r", "-s", "-p", "-w", "-g", "-m", "-i", "-J", "-b", "-n", "-c",
+                            "--bogus", "-o", "-j", "-f"],
+                "dpip": ["addr", "route", "neigh", "link", "add", "del", "show", "dev", "via", "lladdr", "scope",
+                         "sapool", "mtu", "metric", "-6", "-4", "bogus"],
+                "hdslb-ctl": ["-t", "-u", "-r", "--kind", "--delay-loop", "--inhibit", "--bogus", "add", "bogus=1"]}
+
+
+def cli_cases(tool: str, rng: random.Random, n: int) -> list:
+    """n command lines one mutation away from a valid one: a value replaced by junk, a word dropped, a word
+    added, two words swapped."""
+    out = []
+    for _ in range(n):
+        argv = rng.choice(VALID_LINES[tool]).split()
+        how = rng.randrange(4)
+        i = rng.randrange(len(argv))
+        if how == 0:
+            argv[i] = rng.choice(CLI_VALUES)
+        elif how == 1 and len(argv) > 1:
+            del argv[i]
+        elif how == 2:
+            argv.insert(i, rng.choice(EXTRA_TOKENS[tool] + CLI_VALUES))
+        elif len(argv) > 1:
+            j = rng.randrange(len(argv))
+            argv[i], argv[j] = argv[j], argv[i]
+        out.append(argv)
+    return out
+
+
+class RefusingClient:
+    """Any request gets the daemon's refusal: what the CLI prints for it, and its exit code, are checked."""
+
+    calls: list = []
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+    def call(self, op, args=None, **kw):
+        RefusingClient.calls.append(op)
+        raise HdslbError(errno.EINVAL, REFUSAL)
+
+
+def _argv(rng, tokens, n_max=5, start=()):
+    out = list(start)
+    for _ in range(rng.randint(0 if start else 1, n_max)):
+        out.append(rng.choice(tokens))
+        if rng.random() < 0.6:
+            out.append(rng.choice(CLI_VALUES))
+    return out
+
+
+def _run_cli(main, argv, capsys, monkeypatch, stdin=""):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    RefusingClient.calls = []
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's usage errors (hdslb-ctl)
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("tool", ["ipvsadm", "dpip", "hdslb-ctl"])
+def test_random_command_lines_exit_2_with_a_message_or_1_with_the_daemons(tool, capsys, monkeypatch, tmp_path):
+    for mod in (ipvsadm_cli, dpip_cli, ctl_cli):
+        monkeypatch.setattr(mod, "Client", RefusingClient)
+    rng = random.Random(f"{SEED}{tool}")
+    bad, seen = [], {}
+    main = {"ipvsadm": ipvsadm_cli.main, "dpip": dpip_cli.main, "hdslb-ctl": ctl_cli.main}[tool]
+    for argv in cli_cases(tool, rng, 400):
+        try:
+            rc, out, err = _run_cli(main, argv, capsys, monkeypatch, stdin="-A -t 10.0.0.1:80 -s nosuch\n")
+        except Exception as e:
+            bad.append(f"{tool} {argv!r}: {type(e).__name__}: {e}")
+            continue
+        seen[rc if rc in (0, 2) else ("refused" if RefusingClient.calls else rc)] = \
+            seen.get(rc if rc in (0, 2) else ("refused" if RefusingClient.calls else rc), 0) + 1
+        if "Traceback" in err:
+            bad.append(f"{tool} {argv!r}: a traceback")
+        elif rc not in (0, 1, 2):
+            bad.append(f"{tool} {argv!r}: exit {rc!r}: {err[:200]}")
+        elif rc == 0 and RefusingClient.calls:
+            bad.append(f"{tool} {argv!r}: exit 0 though the daemon refused {RefusingClient.calls}")
+        elif rc in (1, 2) and not err.strip():
+            bad.append(f"{tool} {argv!r}: exit {rc} without a message")
+        elif rc == 1 and not RefusingClient.calls:
+            bad.append(f"{tool} {argv!r}: exit 1 (a failure, not a usage error) without asking the daemon: {err[:200]}")
+        elif rc == 1 and RefusingClient.calls and REFUSAL not in err:
+            bad.append(f"{tool} {argv!r}: the daemon's refusal is not in the message: {err[:200]}")
+    assert not bad, "\n".join(bad[:40])
+    assert seen.get(2, 0) > 100 and seen.get("refused", 0) > 30, seen  # both kinds of failure were exercised
