@@ -806,3 +806,45 @@ def test_random_command_lines_exit_2_with_a_message_or_1_with_the_daemons(tool, 
             bad.append(f"{tool} {argv!r}: the daemon's refusal is not in the message: {err[:200]}")
     assert not bad, "\n".join(bad[:40])
     assert seen.get(2, 0) > 100 and seen.get("refused", 0) > 30, seen  # both kinds of failure were exercised
+
+
+async def test_malformed_args_over_the_control_socket_get_errno_replies_and_the_daemon_answers_on(tmp_path):
+    """The same cases through the real control server and client: each an error reply with its errno and message
+    (never the server's EIO "internal error" for an exception a command let out), one connection for all of them,
+    and the state unchanged at the end."""
+    import asyncio
+
+    from hdslb.ctl.client import Client
+    from hdslb.ctl.server import CtlServer
+
+    d = await make_daemon(tmp_path)
+    before = await observable(d)
+    srv = CtlServer(str(tmp_path / "ctl.sock"), d.dispatch)
+    await srv.start()
+    rng = random.Random(SEED)
+    cases = [(op, name, args) for op in sorted(OPS) if op != "config.reload"
+             for name, args in rng.sample(ctl_cases(op, rng), min(25, len(ctl_cases(op, rng))))]
+
+    def ask() -> list:
+        bad = []
+        with Client(srv.path, timeout=10) as c:
+            for op, name, args in cases:
+                try:
+                    c.call(op, args)
+                except HdslbError as e:
+                    if not _refusal_ok(e):
+                        bad.append(f"{op} {name}: errno {e.errno} {e.message!r}")
+                except (OverflowError, TypeError, ValueError):
+                    pass  # msgpack cannot carry it (an integer past 64 bits): no client can send it
+                else:
+                    bad.append(f"{op} {name}: accepted")
+            assert c.call("daemon.status", {})["services"] == 3
+        return bad
+
+    try:
+        bad = await asyncio.get_running_loop().run_in_executor(None, ask)
+    finally:
+        await srv.stop()
+    assert not bad, "\n".join(bad)
+    assert len(cases) > 500
+    assert await observable(d) == before
