@@ -249,6 +249,55 @@ def test_check_added_at_run_time_takes_a_server_out_and_del_brings_it_back(hc):
 
 
 @pytest.mark.root
+def test_a_persistent_client_stays_on_a_drained_server_and_leaves_a_failed_one(hc):
+    """A sticky server drained by hand (ipvsadm -e -w 0) keeps the client whose template names it, as LVS does,
+    while a new client goes elsewhere; the same server failing its health check loses the client at once."""
+    lab, lb, servers, side, conf = hc
+    vip, port, fresh = "192.168.100.103", "9002", "192.168.100.91"
+    rss = {"rs1": "192.168.100.2", "rs2": "192.168.100.3"}
+    listeners = {name: lab.spawn(lab.server(int(name[2:])).ns, ["python3", "-m", "http.server", port])
+                 for name in rss}
+    lb.ipvsadm("-A", "-t", f"{vip}:80", "-s", "rr", "-p", "60")
+    for rs in rss.values():
+        lb.ipvsadm("-a", "-t", f"{vip}:80", "-r", f"{rs}:80", "-b")
+    lb.ipvsadm("--add-laddr", "-z", "192.168.100.200", "-t", f"{vip}:80", "-F", "veth-lb0")
+    lb.dpip("addr", "add", f"{vip}/32", "dev", "veth-lb0")
+    for rs in rss.values():  # checks first: a new check holds its server down until its first pass (alpha)
+        lb.ctl("health", "add", "-t", f"{vip}:80", "-r", f"{rs}:80", "--delay-loop", "1", f"connect_port={port}",
+               "connect_timeout=1", "retry=0")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 and any(dest(lb, vip, rs)["health"]["state"] != "up" for rs in rss.values()):
+        time.sleep(0.2)
+    lab.client_run(["ip", "addr", "add", f"{fresh}/24", "dev", lab.client.ifname])
+    try:
+        first = {get(lab, vip) for _ in range(3)}
+        assert len(first) == 1 and None not in first, first
+        (sticky,) = first
+        (other,) = set(rss) - first
+        lb.ipvsadm("-e", "-t", f"{vip}:80", "-r", f"{rss[sticky]}:80", "-b", "-w", "0")
+        assert {get(lab, vip) for _ in range(4)} == {sticky}, "drained: its persistent client keeps coming"
+        r = lab.client_run(["curl", "-s", "-m", "2", "--interface", fresh, f"http://{vip}/"], check=False, timeout=10)
+        assert r.stdout.split()[:1] == [other], "a new client does not go to the drained server"
+        lb.ipvsadm("-e", "-t", f"{vip}:80", "-r", f"{rss[sticky]}:80", "-b", "-w", "1")
+        assert {get(lab, vip) for _ in range(2)} == {sticky}
+        lab.stop(listeners[sticky])
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5 and dest(lb, vip, rss[sticky])["health"]["state"] != "down":
+            time.sleep(0.2)
+        assert dest(lb, vip, rss[sticky])["health"]["state"] == "down"
+        assert {get(lab, vip) for _ in range(3)} == {other}, "down by its check: the client moves"
+    finally:
+        lab.client_run(["ip", "addr", "del", f"{fresh}/24", "dev", lab.client.ifname], check=False)
+        for rs in rss.values():
+            lb.ctl("health", "del", "-t", f"{vip}:80", "-r", f"{rs}:80", check=False)
+        lb.ipvsadm("-D", "-t", f"{vip}:80", check=False)
+        lb.dpip("addr", "del", f"{vip}/32", "dev", "veth-lb0", check=False)
+        for p in listeners.values():
+            if p in lab.procs:
+                lab.stop(p)
+
+
+@pytest.mark.root
 def test_restart_brings_back_servers_that_recovered_while_hdslbd_was_down(hc):
     """The restarted daemon adopts the saved verdicts (VIP B's servers down, its sorry server in) and its checks
     revise them: servers that came back while it was dead return, and the sorry server goes."""
