@@ -36,6 +36,7 @@ class HeapSettler:
         self.size: int | None = None  # the model's size at the last settle
         self.settles = 0
         self.last_pause_s: float | None = None
+        self.frozen = 0  # objects frozen at the last settle (gc.get_freeze_count() walks them all: 7 ms at 500k)
 
     def due(self, size: int) -> bool:
         if not self.enabled:
@@ -51,9 +52,9 @@ class HeapSettler:
         gc.collect()
         gc.freeze()
         pause = time.perf_counter() - t0
-        self.size, self.last_pause_s = size, pause
+        self.size, self.last_pause_s, self.frozen = size, pause, gc.get_freeze_count()
         self.settles += 1
-        log.debug("heap settled at a model of %d objects: %d frozen, %.3f s", size, gc.get_freeze_count(), pause)
+        log.debug("heap settled at a model of %d objects: %d frozen, %.3f s", size, self.frozen, pause)
         return pause
 
     def maybe_settle(self, size: int) -> bool:
@@ -63,7 +64,7 @@ class HeapSettler:
         return True
 
     def status(self) -> dict:
-        return {"enabled": self.enabled, "frozen_objects": gc.get_freeze_count(), "settles": self.settles,
+        return {"enabled": self.enabled, "frozen_objects": self.frozen, "settles": self.settles,
                 "model_size": self.size,
                 "last_pause_ms": None if self.last_pause_s is None else round(self.last_pause_s * 1e3, 1)}
 
