@@ -686,17 +686,19 @@ class Balancer:
         """ipvs_defs conn expire_quiescent_template, from the config at start and on every reload. The flag of the
         servers it concerns (drained by their weight) is written again; turning it on also drops their templates,
         as draining them under it would have."""
-        on = bool(on)
-        if on == self.expire_quiescent_template:
+        was, on = self.expire_quiescent_template, bool(on)
+        if on == was:
             return
         self.expire_quiescent_template = on
         for svc in self.services.values():
             for d in svc.dests.values():
-                if d.health == "up" and d.health_weight is None and d.weight == 0:
-                    if not self._hidden(svc):
-                        self._dest_write(svc, d)
-                    if on and svc.match is None:
-                        self.dp.persist_flush(svc.svc_id, d.slot)
+                kept = keeps_persistent(d, was)
+                if kept == keeps_persistent(d, on):
+                    continue
+                if not self._hidden(svc):
+                    self._dest_write(svc, d)
+                if kept and svc.match is None:
+                    self.dp.persist_flush(svc.svc_id, d.slot)
 
     def _flush_deferred(self, d: Deferred) -> None:
         if d.undo_new:  # every table is planned before any is written or any service published
