@@ -565,6 +565,10 @@ def _flock_unless_live(fd: int, dying_wait_s: float = 10.0) -> None:
 
 
 class Daemon:
+    # Its conn table can hold millions of entries: service.list counts connections in a worker thread even for
+    # one service, and builds big listings in chunks (hdslb.ctl.commands.service_list).
+    lists_off_loop = True
+
     def __init__(self, settings: Settings):
         from hdslb.fastpath.loader import Sizes
 

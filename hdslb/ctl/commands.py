@@ -187,9 +187,9 @@ def _list_reply(ctx, services: list) -> dict:
 def service_list(ctx, a):
     one = _opt_svc(ctx, a)
     svcs = [one] if one else sorted(ctx.bal.services.values(), key=_sort_key)
-    # On the event loop, a listing of many services is built in chunks; the daemon's (conn_list_async marks it)
-    # also reads the conn table's counts in a worker thread for one service: at 1M connections they take seconds.
-    if _loop_running() and (len(svcs) > LIST_CHUNK or getattr(ctx, "conn_list_async", None) is not None):
+    # On the event loop, a listing of many services is built in chunks; the daemon's (lists_off_loop) also reads
+    # the conn table's counts in a worker thread for one service: at 1M connections they take seconds.
+    if _loop_running() and (len(svcs) > LIST_CHUNK or getattr(ctx, "lists_off_loop", False)):
         return _service_list_chunked(ctx, svcs)
     counts = ctx.conn_counts()
     persist = _persist_counts(ctx) if any(s.persistent for s in svcs) else {}

@@ -139,9 +139,12 @@ def test_metrics_collected_on_the_loop_are_those_collected_in_one_go():
 
 def test_the_daemon_counts_connections_off_the_loop_also_for_one_service():
     """ActiveConn/InActConn and the local addresses' counts scan the whole conn table (seconds at 1M connections):
-    in the daemon (a context with conn_list_async) even a one-service listing does that in a worker thread."""
+    in the daemon (Daemon.lists_off_loop) even a one-service listing does that in a worker thread."""
+    from hdslb.daemon import Daemon
+
+    assert Daemon.lists_off_loop is True
     ctx = quick_start(FakeCtx())
-    ctx.conn_list_async = object()  # the daemon's marker: its conn table can be big
+    ctx.lists_off_loop = True  # as the daemon: its conn table can be big
     seen = []
     counts, laddrs = ctx.conn_counts, ctx.laddr_conns
     ctx.conn_counts = lambda: seen.append(threading.current_thread() is threading.main_thread()) or counts()
