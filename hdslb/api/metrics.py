@@ -261,6 +261,15 @@ class HdslbCollector:
         yield Family("hdslb_conn_table_entries", "gauge", "Connection table entries in use (one per direction)",
                      value=entries)
         yield Family("hdslb_conn_table_size", "gauge", "Connection table capacity (entries)", value=size)
+        # A full table makes room by evicting its least recently used entries (idle flows break): alert on this.
+        if table.get("evicted") is not None:
+            yield Family("hdslb_conn_table_evicted", "counter",
+                         "Entries the full connection table's LRU evicted (inserted less alive less removed)",
+                         value=table["evicted"])
+        if table.get("expired") is not None:
+            yield Family("hdslb_conn_table_expired", "counter",
+                         "Entries removed: aged out by the sweep, a reused tuple, a reclaimed port",
+                         value=table["expired"])
         if "entries4" in table:  # each table evicts on its own when full: watch each against its size
             fe = Family("hdslb_conn_table_family_entries", "gauge",
                         "Entries in use per connection table (4: IPv4 flows, 6: IPv6 and NAT64 flows)", ["family"])

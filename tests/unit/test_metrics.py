@@ -77,8 +77,10 @@ def test_fastpath_counters_and_conn_table(ctx):
 def test_conn_table_per_family(ctx):
     """Each table evicts on its own when full: entries and size per table, beside the totals."""
     ctx.conn_table = lambda: {"size": 5120, "size4": 4096, "size6": 1024, "entries": 7, "entries4": 5,
-                              "entries6": 2, "expired": 0, "evicted": 0}
+                              "entries6": 2, "expired": 3, "evicted": 40}
     m = scrape(ctx)
+    # a full table evicts: what an operator alerts on, and what the sweep removed beside it
+    assert val(m, "hdslb_conn_table_evicted_total") == 40 and val(m, "hdslb_conn_table_expired_total") == 3
     assert val(m, "hdslb_conn_table_entries") == 7 and val(m, "hdslb_conn_table_size") == 5120
     assert val(m, "hdslb_conn_table_family_entries", family="4") == 5
     assert val(m, "hdslb_conn_table_family_entries", family="6") == 2
