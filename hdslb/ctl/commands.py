@@ -37,7 +37,42 @@ def dispatch(ctx, op: str, args: dict):
     fn = COMMANDS.get(op)
     if fn is None:
         raise HdslbError(errno.EOPNOTSUPP, f"unknown operation {op!r}")
+    check_keys(op, args)
     return fn(ctx, args)
+
+
+_SVC = ("proto", "addr", "port", "match")
+_SVC_OPTS = _SVC + ("sched", "flags", "sched_params", "persistent", "netmask", "own_vip")
+_DEST = ("svc", "addr", "port", "fwd", "weight", "u_threshold", "l_threshold")
+_ROUTE = ("af", "prefix", "prefixlen", "via", "src", "ifname", "mtu", "metric", "scope")
+# The arguments each op reads. Any other is refused naming it: a misspelt key (check.add's "type" for "kind",
+# dest.add's "weigth") would otherwise be dropped in silence and the op run with the default in its place.
+ARG_KEYS: dict[str, frozenset] = {op: frozenset(keys) for op, keys in {
+    "service.add": _SVC_OPTS, "service.edit": _SVC_OPTS, "service.set": _SVC_OPTS, "service.del": _SVC,
+    "service.flush": (), "service.list": ("svc",), "stats.zero": ("svc",),
+    "dest.add": _DEST, "dest.edit": _DEST, "dest.set": _DEST, "dest.del": ("svc", "addr", "port"),
+    "laddr.add": ("svc", "addr", "ifname"), "laddr.del": ("svc", "addr", "ifname"), "laddr.list": ("svc",),
+    "addr.add": ("addr", "prefixlen", "ifname", "scope", "sapool"), "addr.del": ("addr", "prefixlen", "ifname"),
+    "addr.flush": ("ifname",), "addr.list": ("ifname", "af"),
+    "route.add": _ROUTE, "route.set": _ROUTE, "route.del": _ROUTE, "route.flush": ("af",), "route.list": ("af",),
+    "neigh.add": ("addr", "lladdr", "ifname"), "neigh.del": ("addr", "ifname"), "neigh.list": ("ifname", "af"),
+    "link.list": ("ifname",), "batch": ("ops", "dry_run"),
+    "timeouts.get": (), "stats.get": (),  # (timeouts.set names its unknown timeout itself)
+    "conn.list": ("limit", "offset", "cursor", "inbound", "shared", "templates_only"),
+    "daemon.status": (), "daemon.reload_datapath": (), "daemon.shutdown": ("detach",),
+    "config.reload": ("text",), "config.get": (),
+    "check.add": ("svc", "addr", "port", "kind", "params", "delay_loop", "inhibit_on_failure"),
+    "check.del": ("svc", "addr", "port"), "health.list": (),
+}.items()}
+
+
+def check_keys(op: str, args) -> None:
+    keys = ARG_KEYS.get(op)
+    if keys is None or not isinstance(args, dict):
+        return
+    extra = sorted(str(k) for k in args if k not in keys)
+    if extra:
+        raise invalid(f"{op}: unknown argument {extra[0]!r} (it takes: {', '.join(sorted(keys)) or 'none'})")
 
 
 def _opt_svc(ctx, args: dict):
@@ -436,6 +471,12 @@ def _batch_ops(a) -> list:
             e = HdslbError(errno.EOPNOTSUPP, f"{item[0]!r} cannot be batched (batchable: {', '.join(sorted(BATCH_OPS))})")
             e.index = i
             raise e
+        try:
+            check_keys(item[0], item[1])
+        except HdslbError as e:
+            e.index = i
+            e.message = f"batch op {i}: {e.message}"
+            raise
         out.append((item[0], item[1]))
     return out
 

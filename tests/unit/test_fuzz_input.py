@@ -137,6 +137,7 @@ BAD = {
     "text": [1, True, [], {}, b"\xff"],
     "netmask": [True, -1, 33, 2**64, "x", "255.0.255.0", "٢٤", 1.5, NAN, [], {}],  # 1..32 are prefix lengths
     "ops": [None, 1, "x", {}, [1], [["dest.add"]], [["nosuch.op", {}]], [["batch", {"ops": []}]],
+            [["dest.add", {"svc": SVC, "addr": "192.168.100.9", "weigth": 5}]],
             [["dest.add", []]], [[1, {}]], [["config.reload", {"text": "x"}]], _deep(200)],
 }
 
@@ -232,6 +233,9 @@ def ctl_cases(op: str, rng: random.Random, per_field: int | None = None) -> list
     per_field of them when given), each required field dropped, and no arguments at all."""
     args, kinds, required = OPS[op]
     out = [("no arguments", {})] if required else []
+    # a key the op does not take (a misspelt one, or one of another op's) is refused, not dropped in silence
+    typo = {"check.add": "type", "dest.add": "weigth", "service.add": "scheduler", "conn.list": "limt"}.get(op, "bogus")
+    out.append((f"unknown key {typo}", dict(args, **{typo: 1})))
     for f in required:
         out.append((f"without {f}", {k: v for k, v in args.items() if k != f}))
     for f, kind in kinds.items():
@@ -303,6 +307,9 @@ CONFLICTS = [
     ("route.del", {"af": 4, "prefix": "10.99.0.0", "prefixlen": 16}, errno.ESRCH),
     ("neigh.del", {"addr": "10.0.0.99"}, errno.ENOENT),
     ("timeouts.set", {"established": 5}, errno.EINVAL),
+    ("service.flush", {"svc": SVC}, errno.EINVAL),  # not "flush this one": it would flush every service
+    ("timeouts.get", {"tcp": 5}, errno.EINVAL), ("daemon.status", {"verbose": True}, errno.EINVAL),
+    ("daemon.shutdown", {"detahc": False}, errno.EINVAL),
     ("conn.list", {"cursor": "feedfeedfeedfeed", "shared": True}, errno.EINVAL),
     ("check.del", {"svc": SVC, "addr": "192.168.100.2", "port": 80}, errno.ENOENT),
     ("check.add", {"svc": SVC, "addr": "192.168.100.99", "port": 80}, errno.ENOENT),
