@@ -68,7 +68,11 @@ def cmd_down(ns) -> int:
         Client(ctl, timeout=10).call("daemon.shutdown", {"detach": True})
     except DaemonUnreachable as e:
         # No daemon (kill -9, a crash): what it left behind is taken down all the same.
-        from hdslb.daemon import Settings, down_offline, instance_name
+        from hdslb.daemon import Settings, down_offline, instance_error, instance_name
+
+        if ns.instance is not None and instance_error(ns.instance):  # ("..": the pin root's parent, removed)
+            print(f"hdslb-ctl: --instance: {instance_error(ns.instance)}", file=sys.stderr)
+            return 2
 
         settings = Settings(interfaces=[], ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                             pin_root=ns.pin_root, state_dir=ns.state_dir)

@@ -106,11 +106,25 @@ def instance_name(ctl_socket: str) -> str:
     """Per-instance name derived from the control socket, so HDSLB_CTRL alone separates instances."""
     base = os.path.basename(ctl_socket.rstrip("/")) or "hdslb"
     base = re.sub(r"\.(sock|ctrl|ctl)$", "", base)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base)
+    # (no leading dot: "..sock" would name the instance "." and its pin directory the pin root itself)
+    return re.sub(r"^\.", "_", re.sub(r"[^A-Za-z0-9_.-]", "_", base)) or "hdslb"
+
+
+INSTANCE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def instance_error(name: str) -> str | None:
+    """Why `name` cannot be an --instance, or None. It names the instance's pin directory, state file and locks
+    (PIN_ROOT/NAME, STATE_DIR/NAME.state): "..", "a/b" or "../x" would reach outside them, and a down of such an
+    instance removes what is there."""
+    if INSTANCE_RE.fullmatch(name):
+        return None
+    return (f"invalid instance name {name!r}: 1..64 of A-Z a-z 0-9 _ . -, not starting with '.' or '-' (it names "
+            f"the instance's pin directory and state file)")
 
 
 def parse_lport_range(s: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)-(\d+)", s or "")
+    m = re.fullmatch(r"([0-9]+)-([0-9]+)", s or "")  # (\d would take "١-٢")
     if not m:
         raise ValueError(f"invalid local port range {s!r} (expected MIN-MAX)")
     lo, hi = int(m.group(1)), int(m.group(2))
@@ -212,8 +226,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error("--max-conns must be at least 256")
     if ns.max_conns6 is not None and ns.max_conns6 < 256:
         p.error("--max-conns6 must be at least 256")
-    if ns.aging_interval <= 0:
-        p.error("--aging-interval must be positive")
+    if not 0 < ns.aging_interval <= 86400:  # (nan and inf too: a sweep never, or at an undefined time)
+        p.error("--aging-interval must be a number of seconds, more than 0 and at most 86400")
+    if ns.instance is not None and instance_error(ns.instance):
+        p.error(f"--instance: {instance_error(ns.instance)}")
     if not 256 <= ns.max_hash_cells <= 1 << 26:
         p.error("--max-hash-cells must be within 256..67108864")
     if not 64 <= ns.max_persist <= 1 << 24:
@@ -256,7 +272,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         if not interfaces:
             p.error(f"{ns.config_file}: no interface in netif_defs and none given")
     api_listen = None if ns.api_listen in ("off", "none", "") else ns.api_listen
-    if api_listen is not None and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", api_listen):
+    if api_listen is not None and (not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}", api_listen)
+                                   or int(api_listen.rpartition(":")[2]) > 65535):
         p.error(f"invalid --api-listen {ns.api_listen!r} (HOST:PORT, [V6]:PORT or off)")
     token = os.environ.get("HDSLB_API_TOKEN")
     if ns.api_token_file:

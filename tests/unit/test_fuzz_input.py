@@ -855,3 +855,50 @@ async def test_malformed_args_over_the_control_socket_get_errno_replies_and_the_
     assert not bad, "\n".join(bad)
     assert len(cases) > 500
     assert await observable(d) == before
+
+
+# --- hdslbd's own command line --------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["--aging-interval", "nan"], ["--aging-interval", "inf"], ["--aging-interval", "1e400"],  # no sweep, ever
+    ["--instance", ".."], ["--instance", "../x"], ["--instance", "a/b"], ["--instance", "."], ["--instance", ""],
+    ["--instance", "a\nb"], ["--instance", "x" * 65], ["--lport-range", "١-٢"], ["--api-listen", "127.0.0.1:99999"],
+    ["--api-listen", "127.0.0.1:٨٠"],
+])
+def test_hdslbd_refuses_a_bad_command_line_with_exit_2(argv, capsys):
+    from hdslb.daemon import settings_from_args
+
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "hdslbd: error: " in err and (argv[0] in err or repr(argv[1]) in err), err
+
+
+def test_a_derived_instance_name_stays_inside_the_pin_root():
+    from hdslb.daemon import instance_error, instance_name
+
+    for ctl in ("/run/..sock", "/run/.sock", "/run/.hidden.ctrl", "/run/hdslb/lb1.ctrl", "/"):
+        name = instance_name(ctl)
+        assert instance_error(name) is None, (ctl, name)
+
+
+@pytest.mark.parametrize("instance", ["..", "../..", "a/../..", "."])
+def test_down_without_a_daemon_refuses_an_instance_outside_the_pin_root(instance, monkeypatch, capsys, tmp_path):
+    """With no daemon to ask, down removes PIN_ROOT/INSTANCE whole: --instance .. was the pin root's parent."""
+    from hdslb import daemon as daemon_mod
+    from hdslb.ctl.client import DaemonUnreachable
+
+    class Gone(RefusingClient):
+        def call(self, op, args=None, **kw):
+            raise DaemonUnreachable("no hdslbd")
+
+    removed = []
+    monkeypatch.setattr(ctl_cli, "Client", Gone)
+    monkeypatch.setattr(daemon_mod, "down_offline", lambda s: removed.append(s.pin_dir) or ["removed"])
+    rc = ctl_cli.main(["down", "--instance", instance, "--pin-root", str(tmp_path / "bpffs"),
+                       "--ctl-socket", str(tmp_path / "x.ctrl")])
+    assert rc == 2 and removed == []
+    assert "invalid instance name" in capsys.readouterr().err
+    assert ctl_cli.main(["down", "--instance", "lb1", "--pin-root", str(tmp_path / "bpffs"),
+                         "--ctl-socket", str(tmp_path / "x.ctrl")]) == 0
+    assert removed == [str(tmp_path / "bpffs" / "lb1")]
