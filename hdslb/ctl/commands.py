@@ -73,6 +73,11 @@ def check_keys(op: str, args) -> None:
     extra = sorted(str(k) for k in args if k not in keys)
     if extra:
         raise invalid(f"{op}: unknown argument {extra[0]!r} (it takes: {', '.join(sorted(keys)) or 'none'})")
+    svc = args.get("svc")
+    if isinstance(svc, dict):  # the service a real server, local address or listing names
+        extra = sorted(str(k) for k in svc if k not in _SVC)
+        if extra:
+            raise invalid(f"{op}: unknown argument 'svc.{extra[0]}' (a service is proto, addr, port, or match)")
 
 
 def _opt_svc(ctx, args: dict):

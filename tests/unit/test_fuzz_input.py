@@ -236,6 +236,9 @@ def ctl_cases(op: str, rng: random.Random, per_field: int | None = None) -> list
     # a key the op does not take (a misspelt one, or one of another op's) is refused, not dropped in silence
     typo = {"check.add": "type", "dest.add": "weigth", "service.add": "scheduler", "conn.list": "limt"}.get(op, "bogus")
     out.append((f"unknown key {typo}", dict(args, **{typo: 1})))
+    if isinstance(args.get("svc"), dict):
+        out.append(("unknown key svc.prot", dict(args, svc={"prot": "udp", "addr": "10.0.0.100", "port": 80})))
+        out.append(("unknown key svc.sched", dict(args, svc=dict(SVC, sched="rr"))))
     for f in required:
         out.append((f"without {f}", {k: v for k, v in args.items() if k != f}))
     for f, kind in kinds.items():
