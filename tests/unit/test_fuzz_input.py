@@ -905,3 +905,52 @@ def test_down_without_a_daemon_refuses_an_instance_outside_the_pin_root(instance
     assert ctl_cli.main(["down", "--instance", "lb1", "--pin-root", str(tmp_path / "bpffs"),
                          "--ctl-socket", str(tmp_path / "x.ctrl")]) == 0
     assert removed == [str(tmp_path / "bpffs" / "lb1")]
+
+
+# Valid REST requests that conflict with the state: the status, and nothing changed.
+REST_CONFLICTS = [
+    ("POST", "/v2/vs", {"Addr": "10.0.0.100", "Port": 80, "Proto": "tcp"}, 409),
+    ("DELETE", "/v2/vs/10.0.0.61-80-tcp", None, 404),
+    ("GET", "/v2/vs/10.0.0.61-80-tcp", None, 404),
+    ("PUT", "/v2/vs/10.0.0.61-80-tcp/rs", {"Items": [{"ip": "192.168.100.9"}]}, 404),
+    ("DELETE", VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.99", "port": 80}]}, 404),
+    ("DELETE", VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.2", "port": 80}, {"ip": "192.168.100.98"}]}, 404),
+    ("PUT", VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.3", "port": 8080, "mode": "DR"}]}, 400),
+    ("PUT", VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.9"}, {"ip": "192.168.100.9", "port": 80}]}, 400),
+    ("POST", VS_PATH + "/rs", {"Items": [{"ip": "192.168.100.9", "mode": "SNAT"}]}, 400),
+    ("PUT", VS_PATH + "/rs", {"Items": [{"ip": "2001:db8::9"}]}, 501),  # NAT46: not implemented, refused
+    ("PATCH", "/v2/vs", {"Items": [{"Addr": "10.0.0.60", "Port": 80, "Proto": "tcp"},
+                                   {"Addr": "10.0.0.60", "Port": 80, "Proto": "TCP"}]}, 400),
+    ("PATCH", "/v2/vs", {"Items": [{"Addr": "10.0.0.60", "Port": 80, "Proto": "tcp"},
+                                   {"Addr": "10.0.0.100", "Port": 80, "Proto": "tcp", "SchedName": "mh",
+                                    "RSs": {"Items": [{"ip": "192.168.100.2", "mode": "SNAT"}]}}]}, 400),
+    ("PUT", VS_PATH + "/laddr", {"addr": "192.168.100.200", "device": "eth0"}, 409),
+    ("DELETE", VS_PATH + "/laddr", {"addr": "192.168.100.250"}, 404),
+    ("PUT", "/v2/device/eth0/addr", {"addr": "10.0.0.7/16"}, 409),
+    ("DELETE", "/v2/device/eth0/addr", {"addr": "10.0.0.77/24"}, 404),
+    ("DELETE", "/v2/device/eth0/addr", {"addr": "10.0.0.8/24"}, 409),  # a SNAT service's source address
+    ("PUT", "/v2/device/eth0/route", {"dst": "10.9.0.0/16", "gateway": "2001:db8::1"}, 400),
+    ("PUT", "/v2/device/eth0/route", {"dst": "10.9.0.0/16", "device": "eth1"}, 400),
+    ("DELETE", "/v2/device/eth0/route", {"dst": "10.99.0.0/16"}, 404),
+    ("DELETE", "/v2/neigh", {"addr": "10.0.0.99"}, 404),
+    ("PUT", "/v2/neigh", {"addr": "10.0.0.19", "lladdr": "02:00:00:00:00:19", "device": "nosuch0"}, 400),
+    ("GET", "/v2/conns?offset=0&limit=10001", None, 400),
+    ("POST", "/v2/config", CONF_TEXT + "virtual_server 10.0.0.102 80 {\n lb_kind DR\n real_server 192.168.100.5 8080"
+                                       " {\n }\n}\n", 400),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", REST_CONFLICTS,
+                         ids=[f"{i}-{c[0]} {c[1][:30]}" for i, c in enumerate(REST_CONFLICTS)])
+async def test_conflicting_rest_requests_are_refused_and_change_nothing(tmp_path, method, path, body, status):
+    d = await make_daemon(tmp_path)
+    before = await observable(d)
+    async with TestClient(TestServer(make_app(d))) as c:
+        if isinstance(body, str):
+            r = await c.request(method, path, data=body, headers={"Content-Type": "text/x-hdslb-conf"})
+        else:
+            r = await c.request(method, path, json=body)
+        b = await r.json()
+        assert r.status == status, b
+        assert b["error"] and isinstance(b["errno"], int) and "field" in b
+    assert await observable(d) == before
