@@ -222,10 +222,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         lo, hi = parse_lport_range(ns.lport_range)
     except ValueError as e:
         p.error(str(e))
-    if ns.max_conns is not None and ns.max_conns < 256:
-        p.error("--max-conns must be at least 256")
-    if ns.max_conns6 is not None and ns.max_conns6 < 256:
-        p.error("--max-conns6 must be at least 256")
+    # (at most a BPF map's u32 max_entries, as conn_pool_size in the config is: a larger one cannot be a map)
+    for opt, v in (("--max-conns", ns.max_conns), ("--max-conns6", ns.max_conns6)):
+        if v is not None and v < 256:
+            p.error(f"{opt} must be at least 256")
+        if v is not None and v > 2**32 - 1:
+            p.error(f"{opt} must be at most 4294967295")
     if not 0 < ns.aging_interval <= 86400:  # (nan and inf too: a sweep never, or at an undefined time)
         p.error("--aging-interval must be a number of seconds, more than 0 and at most 86400")
     if ns.instance is not None and instance_error(ns.instance):

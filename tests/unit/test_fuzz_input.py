@@ -865,7 +865,7 @@ async def test_malformed_args_over_the_control_socket_get_errno_replies_and_the_
     ["--aging-interval", "nan"], ["--aging-interval", "inf"], ["--aging-interval", "1e400"],  # no sweep, ever
     ["--instance", ".."], ["--instance", "../x"], ["--instance", "a/b"], ["--instance", "."], ["--instance", ""],
     ["--instance", "a\nb"], ["--instance", "x" * 65], ["--lport-range", "١-٢"], ["--api-listen", "127.0.0.1:99999"],
-    ["--api-listen", "127.0.0.1:٨٠"],
+    ["--api-listen", "127.0.0.1:٨٠"], ["--max-conns", str(2**32)], ["--max-conns6", "99999999999999999999"],
 ])
 def test_hdslbd_refuses_a_bad_command_line_with_exit_2(argv, capsys):
     from hdslb.daemon import settings_from_args
