@@ -236,6 +236,7 @@ def ctl_cases(op: str, rng: random.Random, per_field: int | None = None) -> list
     # a key the op does not take (a misspelt one, or one of another op's) is refused, not dropped in silence
     typo = {"check.add": "type", "dest.add": "weigth", "service.add": "scheduler", "conn.list": "limt"}.get(op, "bogus")
     out.append((f"unknown key {typo}", dict(args, **{typo: 1})))
+    out.append(("a key that is not text", {**args, 1: 2}))  # msgpack maps may have any keys
     if isinstance(args.get("svc"), dict):
         out.append(("unknown key svc.prot", dict(args, svc={"prot": "udp", "addr": "10.0.0.100", "port": 80})))
         out.append(("unknown key svc.sched", dict(args, svc=dict(SVC, sched="rr"))))
