@@ -13,6 +13,7 @@ from typing import Callable
 from hdslb import __version__
 from hdslb.config.model import LVS_TIMEOUTS, MAX_TIMEOUT_S
 from hdslb.errors import HdslbError, invalid
+from hdslb.net.link import link_facts
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -435,7 +436,8 @@ def link_list(ctx, a):
         ctx.bal.iface(ifname)
     return {"links": [
         {"ifname": i.name, "ifindex": i.ifindex, "mac": ":".join(f"{b:02x}" for b in i.mac), "mtu": i.mtu,
-         "xdp_mode": ctx.xdp_modes.get(i.name, "none"), "stats": ctx.link_stats(i.name)}
+         "xdp_mode": ctx.xdp_modes.get(i.name, "none"), "stats": ctx.link_stats(i.name),
+         **link_facts(i.name, i.ifindex)}  # state, speed, duplex, numa, rxq, txq: DPVS's dump_nic_basic
         for i in ctx.bal.ifaces.values() if ifname in (None, i.name)]}
 
 
