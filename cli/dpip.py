@@ -2,7 +2,8 @@
 
 Grammar and show layouts follow DPVS's tools/dpip (dpip.c, addr.c, route.c, neigh.c, link.c). Usage errors
 exit 2 and daemon refusals exit 1 (DPVS's dpip exits 1 for both). Addresses and prefixes are checked here,
-before anything is sent.
+before anything is sent. What DPVS's dpip takes and hdslb cannot do (its DPDK, bonding, vlan/tunnel devices, traffic
+control, lifetimes, tos routing) is refused with the reason, never taken and ignored.
 
     parse(argv) -> Invocation (requests to send + how to show the reply)    pure
     render(inv, reply data) -> text                                           pure
@@ -11,6 +12,7 @@ before anything is sent.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import shlex
@@ -38,6 +40,10 @@ Options:
     -4, --family=inet
     -6, --family=inet6
     -s, --stats, statistics
+    -v, --verbose        taken, as DPVS's; nothing more is shown (no DPDK device details here)
+    -C, --color          taken, as DPVS's; output stays plain
+    -i, --interval=SECS  with -s link show: per-second rates sampled over SECS, repeated
+    -c, --count=N        how many samples of -i (default: until interrupted)
     -b, --batch FILE     read commands from FILE ('-': stdin), one per line, as iproute2's ip -batch; every
                          line is checked first, then the changes go as one request: all applied, or none
     --ctl-socket PATH    hdslbd control socket (default $HDSLB_CTRL or /var/run/hdslb_ctrl)
@@ -48,7 +54,7 @@ OBJECT_HELP = {
 Usage:
     {PROG} addr show [ dev STRING ]
     {PROG} -6 addr show [ dev STRING ]
-    {PROG} addr add IFADDR dev STRING [ SCOPE ] [ FLAGS ]
+    {PROG} addr add IFADDR dev STRING [ LIFETIME ] [ SCOPE ] [ FLAGS ]
     {PROG} addr del IFADDR dev STRING
     {PROG} addr flush dev STRING
     {PROG} addr help
@@ -56,6 +62,7 @@ Parameters:
     IFADDR    := {{ PREFIX | ADDR }}
     PREFIX    := {{ ADDR/PLEN }}
     SCOPE     := [ scope {{ host | link | global }} ]
+    LIFETIME  := [ valid_lft forever ] [ preferred_lft forever ]
     FLAGS     := sapool
 """,
     "route": f"""\
@@ -65,8 +72,9 @@ Usage:
 Parameters:
     ROUTE      := PREFIX [ via ADDR ] [ dev IFNAME ] [ OPTIONS ]
     PREFIX     := {{ ADDR/PLEN | ADDR | default }}
-    OPTIONS    := [ SCOPE | mtu MTU | src ADDR | metric NUM ]
+    OPTIONS    := [ SCOPE | mtu MTU | src ADDR | metric NUM | local | onlink | tos 0 | PROTOCOL ]
     SCOPE      := [ scope {{ host | link | global | kni_host }} ]
+    PROTOCOL   := [ proto {{ auto | boot | static | ra | NUM }} ] (taken, not kept: shown as auto, as DPVS does)
 Examples:
     {PROG} route show
     {PROG} route add 172.0.0.0/16 via 172.0.0.3 dev dpdk0
@@ -86,7 +94,11 @@ Usage:
     "link": f"""\
 Usage:
     {PROG} link show [ NIC-NAME ]
-    {PROG} -s link show [ NIC-NAME ]
+    {PROG} -s link show [ -i INTERVAL ] [ -c COUNT ] [ NIC-NAME ]
+    {PROG} link show cpu
+    {PROG} -s link show [ -i INTERVAL ] [ -c COUNT ] CPU-NAME
+Parameters:
+    CPU-NAME := {{ cpu | cpuN }}
 """,
 }
 
@@ -101,7 +113,32 @@ OBJECT_COMMANDS = {
     "link": ("show",),
 }
 ADDR_SCOPES = ("host", "link", "global")
+ADDR_LIFETIMES = ("valid_lft", "preferred_lft", "prefered_lft")  # DPVS's parser spells it prefered_lft
 ROUTE_SCOPES = ("host", "link", "global", "kni_host")
+ROUTE_PROTOS = ("auto", "boot", "static", "ra")
+# What DPVS's dpip has that hdslb cannot do, and why: refused (exit 2) rather than taken and ignored.
+DPVS_ONLY_OBJECTS = {
+    "vlan": "hdslb creates no devices; a VLAN interface is the kernel's (ip link add ... type vlan), attached by "
+            "naming it in hdslb.conf",
+    "tunnel": "hdslb creates no devices; a tunnel interface is the kernel's (ip link / ip tunnel), and TUNNEL "
+              "forwarding (ipvsadm -i) encapsulates without one",
+    "qsch": "hdslb has no traffic control of its own; tc on the interface sees only what the fast path passes",
+    "cls": "hdslb has no traffic control of its own; tc on the interface sees only what the fast path passes",
+    "ipv6": "hdslb keeps no IPv6 stack settings or counters of its own (dpip -s link show, hdslb-ctl top)",
+    "iftraf": "no per-flow interface traffic table is kept (hdslb-ctl top shows the fast path's rates)",
+    "eal-mem": "there is no DPDK (EAL) memory: the fast path is XDP",
+    "ipset": "hdslb has no ipsets (deny/allow lists are the config's deny/allow groups)",
+    "flow": "there are no DPDK rte_flow rules: the fast path is XDP (steer with the NIC's ethtool -N rules)",
+    "maddr": "multicast addresses are the kernel's (ip maddr)",
+    "lldp": "LLDP is the kernel's (lldpd on the interface)",
+}
+DPVS_ONLY_COMMANDS = {
+    ("link", "set"): "the interface is the kernel's (ip link set DEV promisc|up|down|address ...); hdslb has no "
+                     "forward2kni, bonding or tc of its own",
+    ("link", "add"): "hdslb has no bonding devices of its own (a kernel bond is attached as any interface)",
+    ("link", "del"): "hdslb has no bonding devices of its own (a kernel bond is attached as any interface)",
+    ("addr", "set"): "delete the address and add it again with the new scope or flags",
+}
 MAC_RE = re.compile(r"[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}")
 
 
@@ -116,6 +153,7 @@ class Invocation:
     interval: float | None = None  # -i: seconds between repeated shows
     count: int | None = None  # -c: how many shows
     batch: str | None = None  # -b FILE: commands read from FILE ('-': stdin)
+    cpu: int | None = None  # link show cpuN: that CPU's row only
 
 
 def _fail(msg: str) -> UsageError:
@@ -126,7 +164,8 @@ def _fail(msg: str) -> UsageError:
 
 
 def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
-    """Take dpip's own options out of argv wherever they are (getopt_long permutes), keep the words in order."""
+    """Take dpip's own options out of argv wherever they are (getopt_long permutes), keep the words in order.
+    DPVS's -v (verbose) and -C (color) only change what a show prints: taken, and the output stays as it is."""
     opts = {"af": None, "stats": False, "help": False, "version": False, "interval": None, "count": None,
             "batch": None}
     words = []
@@ -142,8 +181,14 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                 opts["help"] = True
             elif name == "version":
                 opts["version"] = True
+            elif name in ("verbose", "color"):
+                pass
+            elif name == "force":
+                raise _fail(_NO_FORCE)
             elif name == "family":
                 opts["af"] = _family(val if eq else next(it, ""))
+            elif name in ("interval", "count"):
+                opts[name] = _sample_option(name[0], val if eq else next(it, ""))
             elif name == "batch":
                 opts["batch"] = val if eq else next(it, "")
                 if not opts["batch"]:
@@ -161,6 +206,10 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                     opts["help"] = True
                 elif ch == "V":
                     opts["version"] = True
+                elif ch in "vC":
+                    pass
+                elif ch == "F":
+                    raise _fail(_NO_FORCE)
                 elif ch == "f":
                     opts["af"] = _family(chars[i + 1:] or next(it, ""))
                     break
@@ -172,21 +221,27 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
                         raise _fail("-b needs a file name ('-' for stdin)")
                     opts["batch"] = val
                     break
-                elif ch in "ic":  # -i INTERVAL -c COUNT: repeat a show (DPVS link show)
-                    val = chars[i + 1:] or next(it, "")
-                    try:
-                        num = float(val) if ch == "i" else int(val)
-                        if num <= 0:
-                            raise ValueError
-                    except ValueError:
-                        raise _fail(f"invalid {'interval' if ch == 'i' else 'count'}: {val!r}") from None
-                    opts["interval" if ch == "i" else "count"] = num
+                elif ch in "ic":  # -i INTERVAL -c COUNT: sample the counters of -s link show
+                    opts["interval" if ch == "i" else "count"] = _sample_option(ch, chars[i + 1:] or next(it, ""))
                     break
                 else:
                     raise _fail(f"invalid option: -{ch}")
         else:
             words.append(tok)
     return opts, words
+
+
+_NO_FORCE = "-F (force) is not taken: no command here has a forced form"
+
+
+def _sample_option(ch: str, val: str) -> float | int:
+    try:
+        num = float(val) if ch == "i" else int(val)
+        if num <= 0:
+            raise ValueError
+    except ValueError:
+        raise _fail(f"invalid {'interval' if ch == 'i' else 'count'}: {val!r}") from None
+    return num
 
 
 def _family(name: str) -> int:
@@ -248,8 +303,14 @@ def _parse_addr(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
     if cmd == "flush":
         _, kw = _keywords(args, ("dev",), operand=False)
         return "addr.flush", {"ifname": _require_dev(kw)}
-    valued, flags = (("dev", "scope"), ("sapool",)) if cmd == "add" else (("dev",), ())
+    valued, flags = ((("dev", "scope", "broadcast") + ADDR_LIFETIMES, ("sapool",)) if cmd == "add"
+                     else (("dev",), ()))
     prefix, kw = _keywords(args, valued, flags)
+    if "broadcast" in kw:
+        raise _fail("broadcast is not supported: hdslb keeps no broadcast address")
+    for name in ADDR_LIFETIMES:
+        if kw.get(name, "forever") != "forever":
+            raise _fail(f"{name} {kw[name]} is not supported: addresses stay until deleted (forever)")
     if prefix is None:
         raise _fail("missing IFADDR")
     try:
@@ -274,9 +335,19 @@ def _parse_route(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
     if cmd in ("show", "flush"):
         _keywords(args, (), operand=False)
         return ("route.list" if cmd == "show" else "route.flush"), {"af": af or 4}
-    prefix, kw = _keywords(args, ("via", "dev", "src", "mtu", "metric", "scope"))
+    prefix, kw = _keywords(args, ("via", "dev", "src", "mtu", "metric", "scope", "tos", "proto"),
+                           ("local", "onlink"))
     if prefix is None:
         raise _fail("missing prefix")
+    # DPVS's parser: onlink is output only (a route without via is on-link), proto is not kept (shown as auto)
+    if "proto" in kw and kw["proto"] not in ROUTE_PROTOS and not kw["proto"].isdigit():
+        raise _fail(f"invalid proto '{kw['proto']}' ({' | '.join(ROUTE_PROTOS)} | NUM)")
+    if kw.get("tos", "0") != "0":
+        raise _fail(f"tos {kw['tos']} is not supported: routes here match on the destination alone")
+    if kw.get("local"):  # DPVS: local = scope host
+        if kw.get("scope", "host") != "host":
+            raise _fail(f"local is scope host, not scope {kw['scope']}")
+        kw["scope"] = "host"
     if prefix == "default":
         net = ipaddress.ip_network("::/0" if af == 6 else "0.0.0.0/0")
     else:
@@ -328,10 +399,24 @@ def _parse_neigh(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
 
 
 def _parse_link(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
-    ifname, _ = _keywords(args, ())
-    if ifname == "cpu":  # dpip -s link show cpu: the fast path's counters per CPU
+    ifname, kw = _keywords(args, (), ("status",))
+    if kw:
+        raise _fail("link show status is not supported: hdslb has no bonding devices of its own (a kernel bond "
+                    "is shown as any interface)")
+    if _cpu_of(ifname) is not False:  # dpip link show cpu[N]: the fast path's counters per CPU
         return "stats.get", {}
     return "link.list", {"ifname": ifname}
+
+
+def _cpu_of(name: str | None) -> int | None | bool:
+    """DPVS's CPU-NAME: `cpu` -> None (every CPU), `cpuN` -> N; False for a NIC name (one not starting with cpu)."""
+    if name is None or not name.startswith("cpu"):
+        return False
+    if name == "cpu":
+        return None
+    if not name[3:].isdigit():
+        raise _fail(f"invalid CPU-NAME '{name}' (cpu or cpuN)")
+    return int(name[3:])
 
 
 PARSERS = {"addr": _parse_addr, "route": _parse_route, "neigh": _parse_neigh, "link": _parse_link}
@@ -351,6 +436,8 @@ def parse(argv: list[str]) -> Invocation:
             return Invocation(None, "help", text=USAGE)
         raise UsageError(USAGE.rstrip("\n"))
     obj = words[0]
+    if obj in DPVS_ONLY_OBJECTS:
+        raise _fail(f"{obj} is not supported: {DPVS_ONLY_OBJECTS[obj]}")
     if obj not in PARSERS:
         raise _fail("invalid object, use `-h' for help.")
     if opts["help"] or words[1:2] == ["help"]:
@@ -361,11 +448,17 @@ def parse(argv: list[str]) -> Invocation:
     if cmd is None:
         raise _fail(f"invalid command {words[1]}")
     if cmd not in OBJECT_COMMANDS[obj]:
-        raise _fail(f"{obj} {words[1]} is not supported (use: {', '.join(OBJECT_COMMANDS[obj])})")
+        why = DPVS_ONLY_COMMANDS.get((obj, cmd), f"use: {', '.join(OBJECT_COMMANDS[obj])}")
+        raise _fail(f"{obj} {words[1]} is not supported: {why}")
     request = PARSERS[obj](cmd, words[2:], opts["af"])
-    if (opts["interval"] or opts["count"]) and obj != "link":
-        raise _fail("-i and -c repeat `link show` only")
-    return Invocation(obj, cmd, [request], stats=opts["stats"], interval=opts["interval"], count=opts["count"])
+    if opts["interval"] or opts["count"]:
+        if obj != "link" or not opts["stats"]:
+            raise _fail("-i and -c sample the counters of -s link show only")
+        if not opts["interval"]:
+            raise _fail("missing option '-i'")
+    cpu = _cpu_of(words[2]) if obj == "link" and len(words) > 2 else False
+    return Invocation(obj, cmd, [request], stats=opts["stats"], interval=opts["interval"], count=opts["count"],
+                      cpu=None if cpu is False else cpu)
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -380,9 +473,9 @@ def format_addrs(data: dict) -> str:
 
 
 def _route4(r: dict) -> str:
-    """DPVS route.c route4_dump: every field, always."""
+    """DPVS route.c route4_dump: every field, always, and the space its empty flags field leaves at the end."""
     return (f"inet {r['prefix']}/{r['prefixlen']} via {r['via']} src {r['src']} dev {r['ifname']} "
-            f"mtu {r['mtu']} tos {r['tos']} scope {r['scope']} metric {r['metric']} proto {r['proto']}")
+            f"mtu {r['mtu']} tos {r['tos']} scope {r['scope']} metric {r['metric']} proto {r['proto']} ")
 
 
 def _route6(r: dict) -> str:
@@ -416,13 +509,24 @@ def format_neighs(data: dict) -> str:
     return "".join(out)
 
 
+def format_link_basic(link: dict) -> str:
+    """DPVS link.c dump_nic_basic: `N: NAME: socket S mtu M rx-queue R tx-queue T`, then the state line (UP or
+    DOWN, speed, duplex, then flags, each word followed by a space), then `addr MAC` in DPDK's capitals.
+    hdslb's flag is the XDP mode; N is the kernel's ifindex (DPVS: port id + 1)."""
+    words = [link.get("state", "UNKNOWN"), f"{link.get('speed', 0)} Mbps", link.get("duplex", ""),
+             f"xdp-{link['xdp_mode']}"]
+    return (f"{link['ifindex']}: {link['ifname']}: socket {link.get('numa', 0)} mtu {link['mtu']} "
+            f"rx-queue {link.get('rxq', 0)} tx-queue {link.get('txq', 0)}\n"
+            f"    {''.join(w + ' ' for w in words if w)}\n"
+            f"    addr {link['mac'].upper()} \n")
+
+
 def format_links(data: dict, stats: bool) -> str:
     """DPVS link.c dump_nic_basic / dump_nic_stats, with what an XDP interface has instead of DPDK port facts.
     Counters are the fast path's, for frames received on the interface (tx: sent on by XDP_TX/redirect)."""
     out = []
     for link in data["links"]:
-        out.append(f"{link['ifindex']}: {link['ifname']}: mtu {link['mtu']} xdp {link['xdp_mode']}\n")
-        out.append(f"    addr {link['mac']}\n")
+        out.append(format_link_basic(link))
         if stats:
             s = link["stats"]
             out.append(f"    {'ipackets':<20}{'opackets':<20}{'ibytes':<20}{'obytes':<20}\n")
@@ -432,13 +536,44 @@ def format_links(data: dict, stats: bool) -> str:
     return "".join(out)
 
 
-def format_cpu_stats(data: dict) -> str:
-    """dpip -s link show cpu: per-CPU fast-path verdicts (the slave lcores' view in DPVS)."""
+def format_link_rates(before: dict, after: dict, seconds: float) -> str:
+    """DPVS link.c dump_nic_stats_velocity: what the counters gained over the interval, per second."""
+    def rate(key):
+        return int((after.get(key, 0) - before.get(key, 0)) / seconds)
+
+    return (f"    {'ipackets/pps':<16}{'opackets/pps':<16}{'ibytes/Bps':<16}{'obytes/Bps':<16}\n"
+            f"    {rate('rx_packets'):<16}{rate('tx_packets'):<16}{rate('rx_bytes'):<16}{rate('tx_bytes'):<16}\n"
+            f"    {'drops/pps':<16}{'kernel/pps':<16}\n"
+            f"    {rate('drops'):<16}{rate('pass'):<16}\n")
+
+
+CPU_COLUMNS = ("rx", "verdict_tx", "verdict_redirect", "verdict_pass", "verdict_drop")
+
+
+def _cpus(pc: dict, cpu: int | None) -> range:
+    n = len(pc["rx"])
+    if cpu is None:
+        return range(n)
+    if cpu >= n:
+        raise HdslbError(errno.ENODEV, f"cpu{cpu} is not a CPU of the fast path (cpu0..cpu{n - 1})")
+    return range(cpu, cpu + 1)
+
+
+def format_cpu_stats(data: dict, cpu: int | None = None) -> str:
+    """dpip -s link show cpu[N]: per-CPU fast-path verdicts (the slave lcores' view in DPVS)."""
     pc = data["per_cpu"]
-    cols = ("rx", "verdict_tx", "verdict_redirect", "verdict_pass", "verdict_drop")
-    out = [f"{'cpu':<6}" + "".join(f"{c.replace('verdict_', ''):<14}" for c in cols) + "\n"]
-    for cpu in range(len(pc["rx"])):
-        out.append(f"{cpu:<6}" + "".join(f"{pc[c][cpu]:<14}" for c in cols) + "\n")
+    out = [f"{'cpu':<6}" + "".join(f"{c.replace('verdict_', ''):<14}" for c in CPU_COLUMNS) + "\n"]
+    for n in _cpus(pc, cpu):
+        out.append(f"{n:<6}" + "".join(f"{pc[c][n]:<14}" for c in CPU_COLUMNS) + "\n")
+    return "".join(out)
+
+
+def format_cpu_rates(before: dict, after: dict, seconds: float, cpu: int | None = None) -> str:
+    """dpip -s link show cpu[N] -i SECS: the per-CPU verdicts gained over the interval, per second."""
+    a, b = before["per_cpu"], after["per_cpu"]
+    out = [f"{'cpu':<6}" + "".join(f"{c.replace('verdict_', '') + '/pps':<14}" for c in CPU_COLUMNS) + "\n"]
+    for n in _cpus(b, cpu):
+        out.append(f"{n:<6}" + "".join(f"{int((b[c][n] - a[c][n]) / seconds):<14}" for c in CPU_COLUMNS) + "\n")
     return "".join(out)
 
 
@@ -455,7 +590,7 @@ def render(inv: Invocation, data) -> str:
     if inv.obj == "neigh":
         return format_neighs(data)
     if inv.requests and inv.requests[-1][0] == "stats.get":
-        return format_cpu_stats(data)
+        return format_cpu_stats(data, inv.cpu)
     return format_links(data, inv.stats)
 
 
@@ -502,6 +637,31 @@ def run_batch(client, lines: list[tuple[int, Invocation]]) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def sample(client, inv: Invocation, sleep=None) -> None:
+    """dpip -s link show [NIC | cpu[N]] -i SECS [-c N], as DPVS's: a NIC's basic lines once, then N times (without
+    -c: until interrupted) two readings SECS apart and the rates between them; every NIC in turn."""
+    op, args = inv.requests[-1]
+    sleep = sleep or time.sleep
+
+    def rounds(read, show):
+        n = 0
+        while inv.count is None or n < inv.count:
+            before = read()
+            sleep(inv.interval)
+            sys.stdout.write(show(before, read()))
+            sys.stdout.flush()
+            n += 1
+
+    if op == "stats.get":
+        rounds(lambda: client.call(op, args), lambda a, b: format_cpu_rates(a, b, inv.interval, inv.cpu))
+        return
+    for link in client.call(op, args)["links"]:
+        sys.stdout.write(format_link_basic(link))
+        one = {"ifname": link["ifname"]}
+        rounds(lambda: client.call(op, one)["links"][0]["stats"],
+               lambda a, b: format_link_rates(a, b, inv.interval))
+
+
 def execute(client, inv: Invocation) -> str:
     data = None
     for op, args in inv.requests:
@@ -537,14 +697,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         with Client(path) as client:
-            shows = inv.count or (None if inv.interval else 1)  # -i without -c: until interrupted
-            n = 0
-            while shows is None or n < shows:
-                if n:
-                    time.sleep(inv.interval or 1.0)
+            if inv.interval:
+                sample(client, inv)
+            else:
                 sys.stdout.write(execute(client, inv))
-                sys.stdout.flush()
-                n += 1
         return EXIT_OK
 
     return guarded(run, f"{PROG}: ", PROG)

@@ -72,11 +72,14 @@ def test_quick_start_through_the_slow_path(sp_lab):
     assert all(ip in neighs and neighs[ip]["lladdr"] for ip in lab.server_ips), neighs
     # the fast path's own per-interface and per-CPU counters (the kernel's do not see XDP_TX)
     link = lb.dpip("-s", "link", "show", "veth-lb0").stdout.splitlines()
-    rx, tx = int(link[3].split()[0]), int(link[3].split()[1])
+    rx, tx = int(link[4].split()[0]), int(link[4].split()[1])
     assert rx >= 20 * 5 and tx >= 20 * 5, link
+    # DPVS's dump_nic_basic lines, the state from the namespace's own sysfs (what DPVS scripts grep for UP)
+    assert link[0].split()[1:3] == ["veth-lb0:", "socket"] and link[1].split()[0] == "UP", link
     cpu = lb.dpip("-s", "link", "show", "cpu").stdout.splitlines()
     assert sum(int(ln.split()[1]) for ln in cpu[1:]) >= rx
-    assert len(lb.dpip("-s", "link", "show", "-i", "0.2", "-c", "2").stdout.splitlines()) == 2 * len(link)
+    rates = lb.dpip("-s", "link", "show", "veth-lb0", "-i", "0.2", "-c", "2").stdout.splitlines()
+    assert rates[:3] == link[:3] and len(rates) == 3 + 2 * 4 and rates[3].split()[0] == "ipackets/pps", rates
 
 
 @pytest.mark.root
