@@ -424,7 +424,7 @@ def neigh_list(ctx, a):
         if ifname not in (None, name) or af not in (None, n["addr"].version):
             continue
         out.append({"addr": str(n["addr"]), "lladdr": n["lladdr"], "ifname": name,
-                    "state": "PERMANENT" if n["permanent"] else "REACHABLE",
+                    "state": "REACHABLE",  # DPVS names a static entry REACHABLE too (neigh_dump: `static`)
                     "flags": ["static"] if n["permanent"] else ["learned"], "cpu": 0})
     return {"neighs": sorted(out, key=lambda n: n["addr"])}
 

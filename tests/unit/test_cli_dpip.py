@@ -435,3 +435,24 @@ def test_main_help_needs_no_daemon(client, capsys):
     assert dpip.main(["addr", "help"]) == 0
     assert capsys.readouterr().out == dpip.OBJECT_HELP["addr"]
     assert client.calls == []
+
+
+def test_neigh_show_without_the_slow_path_names_static_entries_as_dpvs():
+    """The fast path's neighbour map (no --slowpath): a static entry is `REACHABLE ... static`, as DPVS and the slow
+    path show it (there is no PERMANENT state in DPVS's nud_state_names)."""
+    import ipaddress
+    from types import SimpleNamespace
+
+    from hdslb.ctl import commands
+
+    def entry(ip, mac, permanent):
+        return {"addr": ipaddress.ip_address(ip), "lladdr": mac, "ifindex": 3, "permanent": permanent}
+
+    maps = SimpleNamespace(neighs=lambda: [entry("192.168.100.2", "52:54:00:aa:bb:cc", True),
+                                           entry("192.168.100.3", "52:54:00:aa:bb:cd", False)])
+    eth = SimpleNamespace(name="veth-lb0", ifindex=3)
+    ctx = SimpleNamespace(bal=SimpleNamespace(ifaces={"veth-lb0": eth}, iface=lambda n: eth), maps=maps, slow=None)
+    pad = " " * (48 - len("192.168.100.2"))
+    assert show(["neigh", "show"], commands.COMMANDS["neigh.list"](ctx, {})) == (
+        f"ip: 192.168.100.2{pad} mac: 52:54:00:aa:bb:cc   state: REACHABLE     dev: veth-lb0  core: 0  static\n"
+        f"ip: 192.168.100.3{pad} mac: 52:54:00:aa:bb:cd   state: REACHABLE     dev: veth-lb0  core: 0  \n")
