@@ -26,6 +26,7 @@ from hdslb.ctl.client import Client
 from hdslb.errors import HdslbError
 
 PROG = "dpip"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 AF_NAMES = {4: "inet", 6: "inet6"}  # DPVS's af_itoa
 
 USAGE = f"""\
@@ -698,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         with Client(path) as client:
             if inv.interval:
-                sample(client, inv)
+                try:
+                    sample(client, inv)
+                except KeyboardInterrupt:  # how -i without -c ends: quietly, with a shell's status for SIGINT
+                    return EXIT_INTERRUPTED
             else:
                 sys.stdout.write(execute(client, inv))
         return EXIT_OK

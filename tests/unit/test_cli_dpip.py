@@ -437,6 +437,22 @@ def test_main_help_needs_no_daemon(client, capsys):
     assert client.calls == []
 
 
+def test_link_show_interval_ends_quietly_on_ctrl_c(client, monkeypatch, capsys):
+    client.replies["link.list"] = {"links": [LINK]}
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpip.time, "sleep", interrupted)
+    try:
+        rc = dpip.main(["-s", "link", "show", "-i", "1"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out of main as a traceback")
+    assert rc == 130
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].startswith("7: veth-lb0: socket 0") and out.err == ""
+
+
 def test_neigh_show_without_the_slow_path_names_static_entries_as_dpvs():
     """The fast path's neighbour map (no --slowpath): a static entry is `REACHABLE ... static`, as DPVS and the slow
     path show it (there is no PERMANENT state in DPVS's nud_state_names)."""
