@@ -124,7 +124,7 @@ def cmd_check(ns) -> int:
     from hdslb.config import check
 
     try:
-        errors = check(ns.config)
+        errors = check(ns.config, ns.config_id)
     except OSError as e:
         errors = [f"{ns.config}: {e.strerror}"]
     for e in errors:
@@ -134,7 +134,7 @@ def cmd_check(ns) -> int:
     from hdslb.config import load
     from hdslb.config.apply import inactive_notices
 
-    cfg = load(ns.config)
+    cfg = load(ns.config, ns.config_id)
     for n in inactive_notices(cfg):
         print(f"notice: {n}")
     conn = cfg.ipvs_defs.conn
@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("health", help="health checks: show, or add/del one at run time (see hdslb-ctl health -h)")
     ck = sub.add_parser("check", help="validate a config file without running it (like keepalived -t)")
     ck.add_argument("-f", "--config", required=True)
+    ck.add_argument("-i", "--config-id", metavar="ID", help="as keepalived -i: which `@ID` lines apply (default: the "
+                                                            "node name, up to its first dot)")
     ck.set_defaults(func=cmd_check)
     dn = sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd")
     dn.set_defaults(func=cmd_down)

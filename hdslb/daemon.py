@@ -76,6 +76,7 @@ class Settings:
     lport_max: int = DEFAULT_LPORT_RANGE[1]
     log_level: str = "info"
     config_file: str | None = None
+    config_id: str | None = None  # keepalived -i: which `@ID` lines of the config apply; None: the node name
     fresh: bool = False
     state_dir: str = DEFAULT_STATE_DIR
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
@@ -155,6 +156,8 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
             forward[a.dest] = (a.option_strings[-1], a.nargs != 0)
     add("interfaces", nargs="*", metavar="IFACE", help="interfaces to attach the XDP program to")
     add("-f", "--config", dest="config_file", metavar="CONFIG", help="hdslb.conf to load")
+    add("-i", "--config-id", metavar="ID", help="as keepalived -i: the config's `@ID` lines apply, `@^ID` ones do "
+                                                "not (default: the node name, up to its first dot)")
     add("--xdp-mode", choices=XDP_MODES, default="auto",
         help="native needs driver support (veth: an XDP program on the peer); auto picks generic for veth")
     add("--instance", help="instance name (default: derived from the control socket name)")
@@ -251,7 +254,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         from hdslb.config import ConfigError, load
 
         try:
-            cfg = load(ns.config_file)
+            cfg = load(ns.config_file, ns.config_id)
         except (ConfigError, OSError) as e:
             p.exit(2, f"hdslbd: {e}\n")
         interfaces = interfaces or list(cfg.netif_defs.interfaces)
@@ -289,7 +292,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns or DEFAULT_MAX_CONNS,
                     max_conns6=max_conns6 or 0,
                     conn_table=conn_table or "percpu", lport_min=lo,
-                    lport_max=hi, log_level=log_level or "info", config_file=ns.config_file, fresh=ns.fresh,
+                    lport_max=hi, log_level=log_level or "info", config_file=ns.config_file,
+                    config_id=ns.config_id, fresh=ns.fresh,
                     state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
@@ -761,7 +765,7 @@ class Daemon:
         if s.config_file:
             from hdslb.config import load
 
-            self.apply_config(load(s.config_file))
+            self.apply_config(load(s.config_file, s.config_id))
         await self._start_health()
         self.heap.maybe_settle(model_size(self.bal))
         self.ready = True
@@ -1324,7 +1328,8 @@ class Daemon:
         try:
             # Text sent over the API (or the control socket) is not a file root wrote: it may not include files or
             # name programs to run (loads posted=True refuses them with EPERM, naming each line).
-            cfg = loads(text, name=POSTED_CONFIG_NAME, posted=True) if text is not None else load(path)
+            cfg = loads(text, name=POSTED_CONFIG_NAME, posted=True, config_id=self.settings.config_id) \
+                if text is not None else load(path, self.settings.config_id)
         except ConfigError as e:
             err = HdslbError(e.errno, f"{e}; nothing was applied")
             err.keyword, err.errors = e.keyword, e.errors  # the REST reply names the keyword and every error

@@ -21,20 +21,22 @@ from .schema import MISSING, ROOT, Block, Key, lookup
 from .syntax import Node, Reader, parse
 
 
-def load(path: str) -> Config:
-    """Read `path` and everything it includes; raise ConfigError (the first of them) if anything is wrong."""
-    reader = Reader()
+def load(path: str, config_id: Optional[str] = None) -> Config:
+    """Read `path` and everything it includes; raise ConfigError (the first of them) if anything is wrong.
+    config_id: what keepalived's `@ID` lines are matched against (keepalived -i); None: the node name."""
+    reader = Reader(config_id=config_id)
     nodes = parse(reader.read_file(path))
     return _build(nodes, path, reader.files)
 
 
-def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, posted: bool = False) -> Config:
+def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, posted: bool = False,
+          config_id: Optional[str] = None) -> Config:
     """Like load() for text in hand; `include` resolves against base_dir (default: name's directory, or cwd).
 
     posted=True: the text came over the network (POST /v2/config, config.reload with text), not from a file root
     wrote. It may then contain nothing that reads a file or runs a program (POSTED_REFUSED): a ConfigError with
     errno EPERM names every such line, and says to put it in the config file on disk."""
-    reader = Reader(allow_include=not posted)
+    reader = Reader(allow_include=not posted, config_id=config_id)
     if base_dir is None:
         base_dir = os.path.dirname(name) if os.path.exists(name) else os.getcwd()
     nodes = parse(reader.read_text(text, name, base_dir))
@@ -74,10 +76,10 @@ def _refuse_posted(nodes: List[Node]) -> None:
         raise errors[0]
 
 
-def check(path: str) -> List[str]:
+def check(path: str, config_id: Optional[str] = None) -> List[str]:
     """Every error in `path` as `FILE:LINE:COL: KEYWORD: reason`; empty means it loads (`hdslb-ctl check -f`)."""
     try:
-        load(path)
+        load(path, config_id)
     except ConfigError as e:
         return [str(x) for x in e.errors]
     return []

@@ -1,13 +1,17 @@
-"""keepalived/DPVS config syntax: tokens with file:line:col, `include` splicing, and a tree of statements.
+r"""keepalived/DPVS config syntax: tokens with file:line:col, `include` splicing, and a tree of statements.
 
 No keyword is known here; schema.py gives them meaning. The grammar, as keepalived and DPVS read it:
 
     statement := ["<init>"] WORD arg* ( "{" statement* "}" )? (newline | ";")
     arg       := WORD | "double-quoted string"
 
-`!` and `#` start a comment when they start a word (so `/index.html#top` stays a word). A `{` may sit
-on the line after its keyword. `include GLOB` is replaced by the tokens of the files it names,
-relative to the including file, which is why it works anywhere, even inside a block.
+Lines are read as keepalived's parser (lib/parser.c read_line) reads them, so a keepalived.conf means the same:
+`!` and `#` start a comment anywhere outside a double-quoted string (`\#` and `\!` are the characters
+themselves); a line starting `@ID` is kept only when ID is the config id (keepalived -i; by default the host's
+node name), `@^ID` only when it is not; `$NAME=TEXT` defines a parameter (a trailing `\` continues TEXT on the next
+line) and `$NAME` or `${NAME}` later in the text is replaced by it (`$_PWD`: the directory of the file being read,
+`$_INSTANCE`: the config id). A `{` may sit on the line after its keyword. `include GLOB` is replaced by the tokens
+of the files it names, relative to the including file, which is why it works anywhere, even inside a block.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import errno
 import glob
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .model import ConfigError, Where
 
@@ -56,17 +62,158 @@ class Node:
         return self.keyword.text
 
 
-def tokenize(text: str, file: str) -> List[Token]:
+def default_config_id() -> str:
+    """keepalived's default config id (what `@ID` lines are matched against): the node name, up to its first dot."""
+    return socket.gethostname().split(".")[0]
+
+
+_DEF_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_EXPANSIONS = 64  # substitutions in one line: a parameter defined through itself never ends
+
+
+@dataclass
+class Params:
+    """What keepalived's reader carries from line to line and file to file: the config id and `$NAME` definitions."""
+
+    config_id: Optional[str] = None
+    defs: Dict[str, List[str]] = field(default_factory=dict)  # name -> its lines (one unless continued with `\`)
+    _open: Optional[str] = None  # the multi-line definition being read
+
+    def lines(self, text: str, file: str) -> List[Tuple[int, str]]:
+        """(line number, text to tokenize) for each line of `text`, as keepalived would see it."""
+        out: List[Tuple[int, str]] = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line, cont = _decomment(raw)
+            if self._open is not None:
+                if not line.strip():
+                    self._open = None
+                    continue
+                self.defs[self._open].append(line.lstrip())
+                if not cont:
+                    self._open = None
+                continue
+            if not line.strip():
+                continue
+            if cont:
+                line += "\\"  # a `\` ends the line: only a definition continues; elsewhere it stays a character
+            for text_ in self._line(line, Where(file, lineno, 1), file):
+                out.append((lineno, text_))
+        self._open = None
+        return out
+
+    def _line(self, line: str, where: Where, file: str) -> List[str]:
+        pending, out, n = [line], [], 0
+        while pending:
+            line = pending.pop(0)
+            word = line.lstrip()
+            if word.startswith("@"):
+                parts = word[1:].split(None, 1)
+                tag, rest = (parts[0], parts[1]) if len(parts) == 2 else (word[1:], "")
+                negate = tag.startswith("^")
+                if negate:
+                    tag = tag[1:]
+                if not rest or (tag == self.config_id) == negate:
+                    continue
+                line = " " * (len(line) - len(rest)) + rest  # blanks for `@ID `: columns stay the file's
+                word = rest
+            if word.startswith("$") and self._define(word, file):
+                continue
+            if word.startswith("~SEQ"):
+                raise ConfigError(where, "~SEQ", "keepalived's ~SEQ line generator is not supported: write the lines "
+                                                 "out (or generate the file)")
+            if "$" in line:
+                n += 1
+                if n > MAX_EXPANSIONS:
+                    raise ConfigError(where, "$", f"parameters still unexpanded after {MAX_EXPANSIONS} substitutions "
+                                                  f"(a parameter defined through itself?)")
+                got = self._substitute(line, file)
+                if got is not None:
+                    pending[:0] = got
+                    continue
+            out.append(line)
+        return out
+
+    def _define(self, line: str, file: str) -> bool:
+        m = _DEF_NAME.match(line, 1)
+        if m is None:
+            return False
+        rest = line[m.end():].lstrip(" \t")
+        if not rest.startswith("="):
+            return False
+        value = rest[1:].lstrip(" \t")
+        multi = value.endswith("\\")
+        if multi:
+            value = value[:-1].rstrip(" \t")
+        self.defs[m.group()] = [value] if value or not multi else []
+        if multi:
+            self._open = m.group()
+        return True
+
+    def _value(self, name: str, file: str) -> Optional[List[str]]:
+        if name in self.defs:
+            return self.defs[name]
+        if name == "_PWD":
+            return [os.path.dirname(os.path.abspath(file))]
+        if name == "_INSTANCE" and self.config_id is not None:
+            return [self.config_id]
+        return None
+
+    def _substitute(self, line: str, file: str) -> Optional[List[str]]:
+        """The first defined `$NAME`/`${NAME}` replaced; None if there is none. A multi-line parameter must end
+        its line (as keepalived allows): its first line takes the reference's place, the others follow."""
+        for m in re.finditer(r"\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(\})?", line):
+            braces, name = m.group(1), m.group(2)
+            if braces and not m.group(3):
+                continue
+            end = m.end()
+            if not braces and end < len(line) and line[end] not in " \t,)":
+                continue
+            value = self._value(name, file)
+            if value is None or (len(value) > 1 and line[end:].strip()):
+                continue
+            head = line[:m.start()] + (value[0] if value else "") + line[end:]
+            return [head] + value[1:]
+        return None
+
+
+def _decomment(raw: str) -> Tuple[str, bool]:
+    r"""keepalived's decomment(): drop the comment (an unquoted `!` or `#` anywhere), unescape `\#` and `\!`
+    outside quotes, strip trailing blanks (leading ones stay, for columns); True if the line ended with a `\`."""
+    out: List[str] = []
+    quote, i, n = False, 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == '"':
+            quote = not quote
+        elif c == "\\":
+            if i + 1 >= n:
+                return "".join(out).rstrip(), True
+            if not quote and raw[i + 1] in "#!":
+                out.append(raw[i + 1])
+                i += 2
+                continue
+            out.append(raw[i:i + 2])
+            i += 2
+            continue
+        elif not quote and c in _COMMENT:
+            break
+        out.append(c)
+        i += 1
+    return "".join(out).rstrip(), False
+
+
+def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Token]:
     """Split one file's text; ends with an EOF token. Raises ConfigError for an unterminated string."""
     toks: List[Token] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    if params is None:
+        params = Params(config_id=default_config_id())
+    lineno = 0
+    for lineno, line in params.lines(text, file):
         i, n = 0, len(line)
         while i < n:
             c = line[i]
             if c.isspace():
                 i += 1
-            elif c in _COMMENT:
-                break
             elif c in _PUNCT:
                 toks.append(Token(_PUNCT[c], c, Where(file, lineno, i + 1)))
                 i += 1
@@ -96,16 +243,19 @@ def tokenize(text: str, file: str) -> List[Token]:
 class Reader:
     """Reads a file and everything it includes; remembers every file read, for the reload watcher."""
 
-    def __init__(self, allow_include: bool = True) -> None:
+    def __init__(self, allow_include: bool = True, config_id: Optional[str] = None) -> None:
         self.files: List[str] = []
         self.allow_include = allow_include  # False: text from the network (see loader.loads posted=True)
+        # `@ID` lines and `$NAME` definitions, shared by every file read (a definition holds in the files included
+        # after it, as in keepalived)
+        self.params = Params(config_id=default_config_id() if config_id is None else config_id)
 
     def read_file(self, path: str) -> List[Token]:
         return self._file(path, stack=(), at=None) + [Token(EOF, "", Where(path, 0, 0))]
 
     def read_text(self, text: str, name: str, base_dir: str) -> List[Token]:
         stack = (os.path.realpath(name),) if os.path.exists(name) else ()
-        return self._expand(tokenize(text, name), base_dir, stack)
+        return self._expand(tokenize(text, name, self.params), base_dir, stack)
 
     def _file(self, path: str, stack: Tuple[str, ...], at: Optional[Token]) -> List[Token]:
         real = os.path.realpath(path)
@@ -122,7 +272,7 @@ class Reader:
                 raise ConfigError(Where(path, 0, 0), "file", f"cannot read: {_why(e)}") from None
             raise ConfigError(at.where, "include", f"cannot read {path}: {_why(e)}") from None
         self.files.append(path)
-        toks = tokenize(text, path)
+        toks = tokenize(text, path, self.params)
         toks.pop()  # EOF: only the outermost file's end ends the config
         return self._expand(toks, os.path.dirname(path), stack + (real,))
 

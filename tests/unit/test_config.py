@@ -263,7 +263,7 @@ virtual_server 10.0.0.1 80
     lb_kind fnat; lb_algo RR        ! `;` separates, values are case-insensitive
     real_server 10.0.0.2 80 { weight 0 }
     real_server 10.0.0.3 80 {
-        HTTP_GET { url { path /a#b
+        HTTP_GET { url { path /a\\#b#c
         } }
     }
     persistence_timeout
@@ -273,7 +273,8 @@ virtual_server match out { lb_kind SNAT; src-range 192.168.1.1-192.168.1.9; real
     vs, snat = cfg.virtual_servers
     assert (vs.lb_kind, vs.lb_algo, vs.persistence_timeout) == ("FNAT", "rr", 360)
     assert vs.real_servers[0].weight == 0
-    assert vs.real_servers[1].checkers[0].url[0].path == "/a#b"  # `#` inside a word is not a comment
+    # as in keepalived, `#` starts a comment even inside a word; `\#` is the character itself
+    assert vs.real_servers[1].checkers[0].url[0].path == "/a#b"
     assert snat.key == ("TCP", "match out") and snat.src_range == "192.168.1.1-192.168.1.9"
     assert snat.real_servers[0].port == 0
 

@@ -1,0 +1,167 @@
+"""keepalived.conf as keepalived's own reader (lib/parser.c) sees it: comments anywhere, `@ID` conditional lines,
+`$NAME` parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdslb.config import ConfigError, loads
+
+VS = "virtual_server 10.0.0.1 80 {{\n{body}\n}}\n"
+
+
+def load(text, **kw):
+    return loads(text, name="k.conf", **kw)
+
+
+def refused(text, **kw):
+    with pytest.raises(ConfigError) as ei:
+        load(text, **kw)
+    return [str(e) for e in ei.value.errors]
+
+
+def weights(cfg):
+    return [(str(rs.ip), rs.weight) for vs in cfg.virtual_servers for rs in vs.real_servers]
+
+
+# ---------------------------------------------------------------- comments
+
+
+def test_comment_starts_anywhere_outside_quotes():
+    cfg = load(VS.format(body=' real_server 10.1.0.1 80 { weight 3#three\n HTTP_GET { url { path "/a#b"!x\n'
+                              ' status_code 200!ok\n } }\n }\n real_server 10.1.0.2 80 { weight 4! four\n }'))
+    rs1, rs2 = cfg.virtual_servers[0].real_servers
+    assert (rs1.weight, rs2.weight) == (3, 4)
+    url = rs1.checkers[0].url[0]
+    assert (url.path, url.status_code) == ("/a#b", ((200, 200),))  # inside quotes `#` is a character
+
+
+def test_escaped_comment_characters_are_characters():
+    cfg = load(VS.format(body=' real_server 10.1.0.1 80 {\n MISC_CHECK { misc_path /bin/check\\#1\\!x#not\n }\n }'))
+    assert cfg.virtual_servers[0].real_servers[0].checkers[0].misc_path == "/bin/check#1!x"
+
+
+def test_columns_after_a_comment_are_the_files():
+    errs = refused(VS.format(body="   lb_algo nope # a comment"))
+    assert errs[0].startswith("k.conf:2:12: lb_algo: 'nope' is not one of")
+
+
+# ---------------------------------------------------------------- @ID conditional lines
+
+
+CONDITIONAL = VS.format(body=" real_server 10.1.0.1 80 {\n@lb1  weight 11\n@lb2 weight 33\n"
+                              "@^lb1 inhibit_on_failure\n }")
+
+
+def read_conditional(**kw):
+    rs = load(CONDITIONAL, **kw).virtual_servers[0].real_servers[0]
+    return rs.weight, rs.inhibit_on_failure
+
+
+@pytest.mark.parametrize("config_id,want", [("lb1", (11, False)), ("lb2", (33, True)), ("other", (1, True))])
+def test_at_lines_follow_the_config_id(config_id, want):
+    assert read_conditional(config_id=config_id) == want
+
+
+def test_config_id_defaults_to_the_node_name(monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "lb2.example.net")
+    assert read_conditional() == (33, True)
+
+
+def test_at_line_keeps_its_columns_and_a_bare_tag_is_nothing():
+    errs = refused(VS.format(body="@lb1 lb_algo nope\n@lb1"), config_id="lb1")
+    assert errs == ["k.conf:2:14: lb_algo: 'nope' is not one of rr|wrr|lc|wlc|sh|dh|mh|conhash|fo"]
+
+
+# ---------------------------------------------------------------- $NAME parameters
+
+
+def test_parameters_are_substituted():
+    cfg = load("$VIP=10.0.0.1\n$W = 5\n$PORT=80\n"
+               "virtual_server $VIP ${PORT} {\n real_server 10.1.0.1 $PORT { weight $W }\n}\n")
+    vs = cfg.virtual_servers[0]
+    assert vs.key == ("TCP", "10.0.0.1:80") and weights(cfg) == [("10.1.0.1", 5)]
+
+
+def test_parameter_names_end_where_keepalived_ends_them():
+    # `$W0` is not `$W` followed by 0; an undefined parameter stays as written (and is then refused as a value)
+    errs = refused("$W=5\n" + VS.format(body=" real_server 10.1.0.1 80 { weight $W0 }"))
+    assert errs[0].startswith("k.conf:3:") and "weight" in errs[0] and "$W0" in errs[0]
+
+
+def test_multiline_parameter_becomes_lines():
+    text = ("$RS=real_server 10.1.0.1 80 { \\\n   weight 7 \\\n   }\n"
+            "$CHECK=\\\n TCP_CHECK {\\\n connect_timeout 2\\\n }\n"
+            "virtual_server 10.0.0.1 80 {\n $RS\n real_server 10.1.0.2 80 {\n  $CHECK\n }\n}\n")
+    cfg = load(text)
+    rs1, rs2 = cfg.virtual_servers[0].real_servers
+    assert rs1.weight == 7 and not rs1.checkers
+    assert rs2.checkers[0].kind == "TCP_CHECK" and rs2.checkers[0].connect_timeout == 2.0
+
+
+def test_parameters_reach_included_files(tmp_path):
+    (tmp_path / "rs.conf").write_text("real_server $RIP 80 { weight 9 }\n")
+    (tmp_path / "main.conf").write_text("$RIP=10.1.0.9\nvirtual_server 10.0.0.1 80 {\n include rs.conf\n}\n")
+    from hdslb.config import load as load_file
+    assert weights(load_file(str(tmp_path / "main.conf"))) == [("10.1.0.9", 9)]
+
+
+def test_standard_parameters(tmp_path):
+    (tmp_path / "check.sh").write_text("")
+    (tmp_path / "main.conf").write_text(VS.format(body=" real_server 10.1.0.1 80 {\n MISC_CHECK {\n"
+                                                       '  misc_path "${_PWD}/check.sh ${_INSTANCE} $_INSTANCE"\n }\n }'))
+    from hdslb.config import load as load_file
+    cfg = load_file(str(tmp_path / "main.conf"), config_id="lb7")
+    # as in keepalived, `$NAME` ends at a blank, `,`, `)` or the line's end: before a `"` it needs `${NAME}`
+    assert cfg.virtual_servers[0].real_servers[0].checkers[0].misc_path == f"{tmp_path}/check.sh lb7 $_INSTANCE"
+
+
+def test_a_parameter_defined_through_itself_is_refused():
+    errs = refused("$A=x $A\n" + VS.format(body=" real_server 10.1.0.1 80 { weight $A }"))
+    assert errs == ["k.conf:3:1: $: parameters still unexpanded after 64 substitutions (a parameter defined "
+                    "through itself?)"]
+
+
+def test_seq_lines_are_refused():
+    errs = refused("~SEQ(I,1,3) $X=1\n")
+    assert errs == ["k.conf:1:1: ~SEQ: keepalived's ~SEQ line generator is not supported: write the lines out "
+                    "(or generate the file)"]
+
+
+# ---------------------------------------------------------------- the config id from the command lines
+
+ONLY_LB1 = "@lb1 no_such_keyword\nvirtual_server 10.0.0.1 80 {\n}\n"
+
+
+def test_hdslbd_config_id_selects_the_lines(tmp_path, monkeypatch):
+    from hdslb.daemon import settings_from_args
+
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    conf = tmp_path / "k.conf"
+    conf.write_text(ONLY_LB1)
+    s = settings_from_args(["eth0", "-f", str(conf), "-i", "lb2", "--state-dir", str(tmp_path)])
+    assert s.config_id == "lb2"
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "-f", str(conf), "--config-id", "lb1", "--state-dir", str(tmp_path)])
+    assert e.value.code == 2
+
+
+async def test_reload_reads_the_file_with_the_daemons_config_id(tmp_path):
+    from tests.unit.test_config_reload import make
+
+    d, conf = await make(tmp_path, ONLY_LB1, "-i", "lb2")
+    assert d.settings.config_id == "lb2"
+    conf.write_text(ONLY_LB1.replace("@lb1", "@lb2"))
+    with pytest.raises(Exception) as e:
+        await d.reload_config()
+    assert "no_such_keyword: unknown keyword at the top level" in str(e.value)
+
+
+def test_hdslb_ctl_check_config_id(tmp_path, capsys):
+    from cli.hdslb_ctl import main
+
+    conf = tmp_path / "k.conf"
+    conf.write_text(ONLY_LB1)
+    assert main(["check", "-f", str(conf), "-i", "lb2"]) == 0
+    assert main(["check", "-f", str(conf), "--config-id", "lb1"]) == 1
+    assert f"{conf}:1:6: no_such_keyword: unknown keyword at the top level" in capsys.readouterr().err
