@@ -215,7 +215,8 @@ class Text(Kind):
 
 
 IFNAME = Str(r"[^\s/:]{1,15}", "an interface name (1-15 characters, no '/' or ':')")
-NAME = Str(r"[A-Za-z0-9_.\-]+", "a name (letters, digits, _ . -)")
+# `:` too: DPVS names groups after their address and port (`2001::1-80-TCP_QLB`, `2001::1_deny`)
+NAME = Str(r"[A-Za-z0-9_.:\-]+", "a name (letters, digits, _ . : -)")
 PATH = Str(r"/\S*", "an absolute path")
 
 

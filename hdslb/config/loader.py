@@ -151,10 +151,16 @@ def _read_children(spec: Block, owner: Optional[Node], body: List[Node], scope: 
     seen: Dict[str, int] = {}  # keyword → blocks of it so far, to tell unnamed repeats apart in paths
     for n in body:
         hit = table.get(n.name)
+        if hit is None and spec.others is not None:
+            other = spec.others(n.name)
+            hit = (n.name, other) if other is not None else None
         if hit is None:
             ctx.error(n.where, n.name, _unknown(n.name, scope, table))
             continue
         kw, child = hit
+        if isinstance(child, Block) and child.refuse is not None:
+            ctx.error(n.where, n.name, child.refuse)
+            continue
         fname = child.field or kw
         if not child.multi and fname in first:
             ctx.error(n.where, n.name, f"given twice{_in(scope)} (first at line {first[fname].where.line})")

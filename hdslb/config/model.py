@@ -292,6 +292,8 @@ class HttpUrl:
     path: str
     status_code: Tuple[Tuple[int, int], ...]  # inclusive ranges; empty: any 2xx
     digest: Optional[str]  # md5 of the body, lower-case hex
+    username: Optional[str] = None  # HTTP basic authentication (keepalived's url username/password)
+    password: Optional[str] = None
 
     def accepts(self, code: int) -> bool:
         if not self.status_code:

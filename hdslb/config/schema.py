@@ -59,6 +59,9 @@ class Block:
     check: Optional[Callable[[Node, Any, Any], Any]] = None  # cross-field rules; may return a normalised value
     aliases: Tuple[str, ...] = ()
     required: bool = False
+    refuse: Optional[str] = None  # a keyword known and refused: the file does not load, and this says why
+    # keywords not in `children` looked up by this (e.g. keepalived's vrrp_* globals); None: none
+    others: Optional[Callable[[str], Optional["Block"]]] = None
 
 
 Spec = Union[Key, Block]
@@ -162,6 +165,12 @@ def _rs_check(node: Node, rs: m.RealServer, ctx) -> m.RealServer:
         ctx.error(ctx.where_of(node, "lthreshold"), "lthreshold",
                   f"{rs.lthreshold} is above uthreshold {rs.uthreshold}")
     return rs
+
+
+def _url_check(node: Node, url: m.HttpUrl, ctx) -> m.HttpUrl:
+    if url.password is not None and url.username is None:
+        ctx.error(ctx.where_of(node, "password"), "password", "needs a username (HTTP basic authentication)")
+    return url
 
 
 def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
@@ -298,6 +307,16 @@ _LVS_ONLY = "is an LVS scheduler hdslb does not implement; use one of " + "|".jo
 _SECONDS = Int(1, m.MAX_TIMEOUT_S, "seconds")
 
 
+def _refused(reason: str) -> Block:
+    """A keepalived keyword (a block or an option) that hdslb cannot honour and must not ignore: ignoring it would
+    change which servers get traffic, so the file is refused at its line with this reason."""
+    return Block(None, refuse=reason, multi=True)
+
+
+_NOT_A_CHECKER = "is a keepalived health checker hdslb does not implement (it has TCP_CHECK, HTTP_GET, SSL_GET, " \
+                 "UDP_CHECK and MISC_CHECK); ignoring it would keep the server in the pool whatever its health"
+
+
 def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
     """TCP_CHECK, HTTP_GET, SSL_GET and UDP_CHECK share keepalived's connect options."""
     return Block(build, {**_CHECK_COMMON, **_CONNECT, **extra}, multi=True, field="checkers",
@@ -322,7 +341,12 @@ _HTTP: Mapping[str, Spec] = {
         "path": Key(Str(r"/\S*", "a URL path starting with /"), required=True),
         "status_code": Key(StatusCodes(), ()),
         "digest": Key(Str(r"[0-9a-fA-F]{32}", "an md5 digest (32 hex digits)"), None),
-    }, multi=True),
+        # HTTP basic authentication; RFC 7617: the user name cannot hold a ':'
+        "username": Key(Str(r"[^:\x00-\x1f\x7f]+", "a user name (no ':' or control characters)"), None),
+        "password": Key(Str(r"[^\x00-\x1f\x7f]*", "a password (no control characters)"), None),
+        "tls_compliant": Key(Flag(), False, na="hdslb's SSL_GET ends every probe the same way (a reset, no TLS "
+                                               "close_notify) and judges only the status and digest"),
+    }, multi=True, check=_url_check),
     "virtualhost": Key(Str(), None),
 }
 
@@ -340,6 +364,8 @@ _REAL_SERVER = Block(m.RealServer, {
         "payload": Key(Hex(), None),
         "require_reply": Key(Hex(optional=True), None),
     }),
+    **{kind: _refused(f"{kind} {_NOT_A_CHECKER}") for kind in ("SMTP_CHECK", "PING_CHECK", "DNS_CHECK",
+                                                                  "BFD_CHECK", "FILE_CHECK")},
     "MISC_CHECK": Block(m.MiscCheck, {
         **_CHECK_COMMON,
         "misc_path": Key(Text(), required=True),
@@ -387,6 +413,11 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "daddr_group_name": Key(NAME, None),
     "waddr_group_name": Key(NAME, None),
     "real_server": _REAL_SERVER,
+    # keepalived's failover pool: backup servers that take over when failover_threshold % of the others fail
+    **dict.fromkeys(("backup_real_server", "failover_threshold", "failover_up", "failover_down"), _refused(
+        "keepalived's failover pool is not implemented: its backup servers would never get traffic; make them "
+        "real_server entries (weight 0 to hold them back) or use sorry_server")),
+    "nat_mask": Key(Text(), None, na="keepalived never used it (LVS NAT needs no mask) and dropped it in 2.0"),
 }, header=_vs_header, multi=True, field="virtual_servers", key=lambda vs: "/".join(reversed(vs.key)),
     check=_vs_check)
 
@@ -400,8 +431,50 @@ def _opaque(reason: str) -> Block:
     return Block(None, opaque=True, na=reason, multi=True)
 
 
+
 def _timeouts(build: type, defaults: Mapping[str, int]) -> Block:
     return Block(build, {state: Key(_SECONDS, secs) for state, secs in defaults.items()})
+
+
+_PROCESS = "keepalived's own process tuning; hdslbd's is systemd's (Nice=, CPUSchedulingPolicy=, LimitMEMLOCK=, …)"
+_SNMP = "hdslb exports its state as Prometheus metrics and over REST, not over SNMP or D-Bus"
+_KEEPALIVED_GLOBALS = {
+    # keepalived 2.x global_defs keywords with no bearing on hdslb's services, by reason
+    **dict.fromkeys(("smtp_helo_name", "smtp_alert", "smtp_alert_vrrp", "smtp_alert_checker", "no_email_faults",
+                     "notify_fifo", "notify_fifo_script", "lvs_notify_fifo", "lvs_notify_fifo_script",
+                     "checker_log_all_failures"), NO_MAIL),
+    **dict.fromkeys(("dynamic_interfaces", "default_interface", "max_auto_priority", "min_auto_priority_delay",
+                     "log_unknown_vrids", "disable_local_igmp", "fifo_write_vrrp_states_on_reload"), VRRP),
+    **dict.fromkeys(("process_names", "process_name", "use_pid_dir", "instance", "umask", "linkbeat_use_polling",
+                     "random_seed", "reload_check_config", "reload_time_file", "reload_repeat", "reload_file",
+                     "config_save_dir", "include_check", "tmp_config_directory", "data_use_instance",
+                     "process_monitor_rcv_bufs", "process_monitor_rcv_bufs_force"), _PROCESS),
+    **dict.fromkeys(("enable_traps", "enable_dbus", "dbus_service_name", "snmp_socket"), _SNMP),
+    "lvs_sync_daemon": "hdslb has no connection sync daemon: a standby balancer that takes over starts without the "
+                       "active one's flows (established connections through it are reset)",
+    **dict.fromkeys(("lvs_flush", "lvs_flush_onstop"),
+                    "there is no kernel IPVS table to flush: hdslb starts from its own model and leaves services made "
+                    "with ipvsadm alone on reload"),
+}
+
+
+def _keepalived_global(kw: str) -> Optional[Block]:
+    """keepalived's global_defs keywords that are not in the table: VRRP's (vrrp_*), BFD's, SNMP's, process tuning;
+    accepted, with the reason they mean nothing here, so one keepalived.conf serves keepalived's VRRP and hdslb."""
+    if kw.startswith("vrrp_"):
+        return _opaque(VRRP)
+    if kw.startswith("bfd_"):
+        return _opaque("BFD is not part of hdslb; run keepalived's bfd process (or a routing daemon) alongside")
+    if kw.startswith(("enable_snmp_", "snmp_")):
+        return _opaque(_SNMP)
+    if kw.startswith(("checker_", "lvs_netlink_")) and kw.endswith(
+            ("_priority", "_no_swap", "_rlimit_rttime", "_process_name", "_rcv_bufs", "_rcv_bufs_force", "_cpu_affinity")):
+        return _opaque(_PROCESS)
+    if kw in ("startup_script", "startup_script_timeout", "shutdown_script", "shutdown_script_timeout"):
+        return _refused("hdslb runs no script at start or stop: run it from the service unit (ExecStartPre=, "
+                        "ExecStopPost=), so it is not silently skipped")
+    reason = _KEEPALIVED_GLOBALS.get(kw)
+    return _opaque(reason) if reason is not None else None
 
 
 # The table. Order is documentation order; defaults are DPVS's unless a comment says otherwise.
@@ -416,12 +489,12 @@ ROOT = Block(None, {
         # keepalived's LVS timeouts (ipvsadm --set's three); a timeout also set in ipvs_defs must agree (loader)
         "lvs_timeouts": Key(LvsTimeouts(tuple(m.LVS_TIMEOUTS), m.MAX_TIMEOUT_S), ()),
         # keepalived's own globals, so a keepalived.conf loads as it is
-        "router_id": Key(Str(), None, na=NO_MAIL),
+        "router_id": Key(Str(), None, na=NO_MAIL, aliases=("lvs_id",)),  # lvs_id: keepalived 1.x's name
         "notification_email": Block(None, entries=_word_entry, na=NO_MAIL),
         "notification_email_from": Key(Str(), None, na=NO_MAIL),
         "smtp_server": Key(Text(), None, na=NO_MAIL),
         "smtp_connect_timeout": Key(_SECONDS, 30, na=NO_MAIL),
-    }),
+    }, others=_keepalived_global),
     "netif_defs": Block(m.NetifDefs, {
         "pktpool_size": Key(Int(1023, 2**31 - 1), 1048575, na=NO_MBUF_POOL, init=True),
         "pktpool_cache": Key(Int(32, 8192), 256, na=NO_MBUF_POOL, init=True),
@@ -560,7 +633,15 @@ ROOT = Block(None, {
     "vrrp_script": _opaque(VRRP),
     "static_ipaddress": _opaque(KERNEL_ADDRS),
     "static_routes": _opaque(KERNEL_ADDRS),
-})
+    "static_rules": _opaque(KERNEL_ADDRS),
+    "vrrp_track_process": _opaque(VRRP),
+    "track_file": _opaque(VRRP),
+    "garp_group": _opaque(VRRP),
+    "bfd_instance": _opaque("BFD is not part of hdslb; run keepalived's bfd process (or a routing daemon) alongside"),
+    "linkbeat_use_polling": _opaque(VRRP),
+    "net_namespace": _refused("hdslb serves the network namespace it is started in: start it there "
+                              "(ip netns exec NAME hdslbd …) rather than have it ignore this"),
+}, others=lambda kw: _opaque(VRRP) if kw.startswith("vrrp_") else None)
 
 # Top-level keywords whose content the reload diff compares as objects rather than as settings.
 LB_ROOTS = frozenset({"virtual_server", "virtual_server_group", "local_address_group", "deny_address_group",

@@ -5,7 +5,8 @@ and `Host: <virtualhost>` or, without one, `Host: <IP>:<port>`. Every URL must p
 url passes without connecting. A status outside status_code (default 200-299) fails; with a digest, the
 MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived
 without an SSL block, verifies no certificate: health is about the service answering, not about trust.
-We add `Connection: close` (keepalived's 1.0C) so no server holds the connection open after answering.
+We add `Connection: close` (keepalived's 1.0C) so no server holds the connection open after answering, and, when
+the url names a username (and password), `Authorization: Basic` with them.
 
 connect_timeout bounds the whole exchange for one URL (connect, request, response).
 """
@@ -13,6 +14,7 @@ connect_timeout bounds the whole exchange for one URL (connect, request, respons
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ssl
 from typing import Optional, Tuple
@@ -100,7 +102,11 @@ async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, sta
     try:
         stage[0] = f"GET {url.path} from {hostport(ip, port)}"
         host = checker.virtualhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port
-        writer.write(f"GET {url.path} HTTP/1.0\r\nUser-Agent: KeepAliveClient\r\nHost: {host}\r\n"
+        auth = ""
+        if url.username is not None:  # keepalived's url username/password: HTTP basic authentication
+            token = base64.b64encode(f"{url.username}:{url.password or ''}".encode("utf-8")).decode("ascii")
+            auth = f"Authorization: Basic {token}\r\n"
+        writer.write(f"GET {url.path} HTTP/1.0\r\nUser-Agent: KeepAliveClient\r\nHost: {host}\r\n{auth}"
                      f"Connection: close\r\n\r\n".encode("latin-1"))
         await writer.drain()
         code, headers = await _read_head(reader)

@@ -1,11 +1,18 @@
 """keepalived.conf as keepalived's own reader (lib/parser.c) sees it: comments anywhere, `@ID` conditional lines,
-`$NAME` parameters."""
+`$NAME` parameters; keepalived's own global_defs keywords and the checkers hdslb does not run; HTTP basic
+authentication in HTTP_GET/SSL_GET urls."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
+from aiohttp import web
 
 from hdslb.config import ConfigError, loads
+from hdslb.config.apply import inactive_notices
+from hdslb.config.model import HttpCheck, HttpUrl
+from hdslb.health import check_http
 
 VS = "virtual_server 10.0.0.1 80 {{\n{body}\n}}\n"
 
@@ -126,6 +133,91 @@ def test_seq_lines_are_refused():
     errs = refused("~SEQ(I,1,3) $X=1\n")
     assert errs == ["k.conf:1:1: ~SEQ: keepalived's ~SEQ line generator is not supported: write the lines out "
                     "(or generate the file)"]
+
+
+# ---------------------------------------------------------------- keepalived's own keywords
+
+
+def test_keepalived_globals_are_accepted_with_their_reason():
+    cfg = load("global_defs {\n lvs_id LVS_1\n vrrp_strict\n vrrp_garp_interval 0.1\n enable_snmp_checker\n"
+               " lvs_sync_daemon eth0 VI_1\n checker_priority -5\n process_names\n}\nvrrp_track_process p {\n}\n")
+    notes = inactive_notices(cfg)
+    for line, kw, reason in ((2, "lvs_id", "hdslb sends no mail"), (3, "vrrp_strict", "VRRP is not part of hdslb"),
+                             (4, "vrrp_garp_interval", "VRRP is not part"), (5, "enable_snmp_checker", "not over SNMP"),
+                             (6, "lvs_sync_daemon", "no connection sync daemon"),
+                             (7, "checker_priority", "process tuning"), (8, "process_names", "process tuning"),
+                             (10, "vrrp_track_process", "VRRP is not part")):
+        assert any(n.startswith(f"k.conf:{line}: {kw}: ") and reason in n for n in notes), (kw, notes)
+
+
+def test_unknown_globals_are_still_refused():
+    assert refused("global_defs {\n router_idd x\n}\n") == [
+        "k.conf:2:2: router_idd: unknown keyword in global_defs; did you mean `router_id`?"]
+
+
+NOT_RUN = "health checker hdslb does not implement"
+
+
+@pytest.mark.parametrize("text,where,why", [
+    ("global_defs {\n startup_script /bin/true\n}\n", "2:2: startup_script", "hdslb runs no script at start"),
+    ("net_namespace blue\n", "1:1: net_namespace", "serves the network namespace it is started in"),
+    (VS.format(body=" real_server 10.1.0.1 80 {\n  DNS_CHECK {\n  }\n }"), "3:3: DNS_CHECK", NOT_RUN),
+    (VS.format(body=" real_server 10.1.0.1 80 {\n  BFD_CHECK {\n  }\n }"), "3:3: BFD_CHECK", NOT_RUN),
+    (VS.format(body=" real_server 10.1.0.1 80 {\n  FILE_CHECK {\n  }\n }"), "3:3: FILE_CHECK", NOT_RUN),
+    (VS.format(body=" backup_real_server 10.1.0.1 80 {\n }"), "2:2: backup_real_server", "failover pool"),
+])
+def test_what_would_change_traffic_if_ignored_is_refused(text, where, why):
+    (err,) = refused(text)
+    assert err.startswith(f"k.conf:{where}: ") and why in err
+
+
+def test_dpvs_group_names_may_hold_colons():
+    cfg = load("virtual_server_group 2001::1-80-TCP {\n 2001::1 80\n}\n"
+               "virtual_server group 2001::1-80-TCP {\n lb_kind FNAT\n}\n")
+    assert cfg.virtual_servers[0].group == "2001::1-80-TCP"
+
+
+def test_url_credentials():
+    def conf(creds):
+        return VS.format(body=" real_server 10.1.0.1 80 {\n  HTTP_GET {\n   url {\n    path /\n" + creds +
+                         "\n   }\n  }\n }")
+
+    url = load(conf("    username u\n    password \"p w:x\"")).virtual_servers[0].real_servers[0].checkers[0].url[0]
+    assert (url.username, url.password) == ("u", "p w:x")
+    assert refused(conf("    password p")) == ["k.conf:6:14: password: needs a username (HTTP basic authentication)"]
+    assert refused(conf("    username a:b"))[0].startswith("k.conf:6:14: username: ")
+
+
+# ---------------------------------------------------------------- HTTP basic authentication on the wire
+
+
+@pytest.fixture
+async def auth_port():
+    want = "Basic " + base64.b64encode(b"myuser:my pass").decode()
+
+    async def secret(request):
+        return web.Response(status=200 if request.headers.get("Authorization") == want else 401)
+
+    app = web.Application()
+    app.add_routes([web.get("/secret", secret)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]
+    await runner.cleanup()
+
+
+async def test_http_get_sends_basic_authentication(auth_port):
+    cfg = load(f"virtual_server 10.0.0.1 80 {{\n real_server 127.0.0.1 {auth_port} {{\n  HTTP_GET {{\n"
+               "   url {\n    path /secret\n    status_code 200\n    username myuser\n    password \"my pass\"\n"
+               "   }\n   connect_timeout 2\n  }\n }\n}\n")
+    rs = cfg.virtual_servers[0].real_servers[0]
+    check: HttpCheck = rs.checkers[0]
+    assert (await check_http(check, rs)).ok
+    anonymous = HttpUrl(path="/secret", status_code=((200, 200),), digest=None)
+    r = await check_http(HttpCheck(**{**check.__dict__, "url": (anonymous,)}), rs)
+    assert not r.ok and r.reason == "HTTP 401 from /secret (want 200)"
 
 
 # ---------------------------------------------------------------- the config id from the command lines
