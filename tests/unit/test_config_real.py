@@ -1,0 +1,279 @@
+"""Real keepalived.conf files, as operators have them (configs/real/: keepalived's doc/samples, DPVS's docs and
+other public repositories, each naming its source in its first line), pointed at hdslb's loader.
+
+Each one either loads, with the services, real servers and checks keepalived would build from it (spot checked),
+or is refused at the FILE:LINE of the keyword hdslb cannot honour, with the reason. Nothing in them is dropped
+in silence: whatever loads but does nothing here is in the notices, at its line."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from hdslb.config import ConfigError
+from hdslb.config.apply import inactive_notices
+from hdslb.config.loader import check, load
+
+REAL = Path(__file__).parent / "configs" / "real"
+HEADER = 2  # the lines each fixture's source header adds in front of the quoted file
+ID = "lb1"  # the config id (keepalived -i) the files are read with, unless a test says otherwise
+
+
+def cfg(name, **kw):
+    return load(str(REAL / name), config_id=kw.get("config_id", ID))
+
+
+def errors(name, **kw):
+    return [e.replace(str(REAL) + "/", "") for e in check(str(REAL / name), config_id=kw.get("config_id", ID))]
+
+
+def notices(c):
+    return [n.replace(str(REAL) + "/", "") for n in inactive_notices(c)]
+
+
+def one_vs(c):
+    assert len(c.virtual_servers) == 1
+    return c.virtual_servers[0]
+
+
+def endpoints(vs):
+    return [(str(rs.ip), rs.port, rs.weight) for rs in vs.real_servers]
+
+
+def test_every_fixture_names_its_source_and_is_tested():
+    names = sorted(p.name for p in REAL.iterdir())
+    assert len(names) >= 20
+    for p in REAL.iterdir():
+        head = p.read_text(encoding="utf-8").splitlines()[:HEADER]
+        assert head[0].startswith("# Source: ") and ", " in head[0], p.name
+    assert set(names) == set(LOADS) | set(REFUSED)
+
+
+# ---------------------------------------------------------------- files that load
+
+
+def _sample(c):
+    vs = one_vs(c)
+    assert (vs.key, vs.lb_kind, vs.lb_algo, vs.persistence_timeout, vs.delay_loop) == \
+        (("TCP", "10.10.10.2:1358"), "NAT", "rr", 50, 6.0)
+    assert str(vs.sorry_server) == "192.168.200.200:1358"
+    assert endpoints(vs) == [("192.168.200.2", 1358, 1)]
+    (http,) = vs.real_servers[0].checkers
+    assert (http.kind, http.connect_timeout, http.retry, http.delay_before_retry) == ("HTTP_GET", 3.0, 3, 3.0)
+    assert [(u.path, u.digest) for u in http.url] == [("/testurl3/test.jsp", "640205b7b0fc66c1ea91c463fac6334d")]
+
+
+def _inhibit(c):
+    rs = one_vs(c).real_servers[0]
+    assert rs.inhibit_on_failure and rs.checkers[0].url[0].path == "/testurl3/test.jsp"
+
+
+def _misc_check(c):
+    (misc,) = one_vs(c).real_servers[0].checkers
+    # `!         misc_dynamic` is a comment; misc_timeout defaults to the service's delay_loop, as in keepalived
+    assert (misc.kind, misc.misc_path, misc.misc_dynamic, misc.misc_timeout) == \
+        ("MISC_CHECK", "/usr/local/bin/script.sh", False, 6.0)
+
+
+def _misc_check_arg(c):
+    vs = one_vs(c)
+    assert vs.real_servers[0].checkers[0].misc_path == "/usr/local/bin/script.sh arg1 arg2"
+    assert "keepalived.conf.misc_check_arg:19: nat_mask: keepalived never used it (LVS NAT needs no mask) and " \
+           "dropped it in 2.0" in notices(c)
+
+
+def _virtualhost(c):
+    vs = one_vs(c)
+    (ssl,) = vs.real_servers[0].checkers
+    # the virtual_server's virtualhost (the `# The VirtualHost …` comment cut off) flows into its SSL_GET
+    assert vs.virtualhost == "www.firewall.loc" and ssl.kind == "SSL_GET" and ssl.virtualhost == "www.firewall.loc"
+    assert [u.path for u in ssl.url] == ["/", "/mrtg/"] and ssl.retry == 3  # nb_get_retry
+
+
+def _http_get_port(c):
+    (ssl,) = one_vs(c).real_servers[0].checkers
+    assert (ssl.kind, ssl.connect_port) == ("SSL_GET", 444)
+
+
+def _status_code(c):
+    (ssl,) = one_vs(c).real_servers[0].checkers
+    assert [(u.path, u.status_code, u.digest) for u in ssl.url] == [
+        ("/", ((200, 200),), None), ("/mrtg/", ((200, 200),), "9b3a0c85a887a256d6939da88aabd8cd")]
+
+
+def _ssl_get(c):
+    https, http = c.virtual_servers
+    assert (https.key, http.key) == (("TCP", "192.168.200.100:443"), ("TCP", "192.168.200.100:80"))
+    assert https.real_servers[0].checkers[0].kind == "SSL_GET"
+    assert http.real_servers[0].checkers[0].kind == "HTTP_GET"
+    assert any(": vrrp_instance: VRRP is not part of hdslb" in n for n in notices(c))
+
+
+def _udp_check(c):
+    vs = one_vs(c)
+    assert vs.protocol == "UDP" and vs.real_servers[0].checkers[0].kind == "UDP_CHECK"
+
+
+def _quorum(c):
+    vs = one_vs(c)
+    assert (vs.lb_algo, vs.persistence_timeout, vs.alpha, vs.omega, vs.quorum, vs.hysteresis) == \
+        ("wrr", 900, True, True, 7, 2)
+    assert endpoints(vs) == [(f"10.0.0.{i}", 8080, 1) for i in range(1, 11)]
+    assert {(ch.kind, ch.connect_port) for rs in vs.real_servers for ch in rs.checkers} == {("TCP_CHECK", 80)}
+    # the scripts are not run, and the operator is told so at their lines
+    for line, kw in ((HEADER + 33, "quorum_up"), (HEADER + 34, "quorum_down")):
+        assert f"keepalived.conf.quorum:{line}:3: {kw}: accepted, not acted on: quorum changes are logged (and " \
+               "bring in the sorry_server); no script is run" in notices(c)
+
+
+def _auth(c):
+    vs = one_vs(c)
+    http, ssl = (rs.checkers[0] for rs in vs.real_servers)
+    assert [(u.path, u.username, u.password) for u in http.url] == [("/testurl3/test.jsp", "myuser", "mypassword")]
+    assert [(u.path, u.username, u.password) for u in ssl.url] == [("/secure/test.jsp", "admin", "secret123")]
+    assert "keepalived.conf.HTTP_GET.auth.simple:46: tls_compliant: hdslb's SSL_GET ends every probe the same " \
+           "way (a reset, no TLS close_notify) and judges only the status and digest" in notices(c)
+
+
+def _conditional(c):
+    # neither `@high` nor `@low` is this host's config id: both net_namespace lines are skipped, as keepalived does
+    assert not c.virtual_servers
+    assert [n.split(": ")[1] for n in notices(c)] == ["vrrp_script", "vrrp_instance"]
+
+
+def _dpvs_containerized(c):
+    v4, v6 = c.virtual_servers
+    assert (v4.group, v4.lb_kind, v4.laddr_group_name) == ("192.168.88.1-80-TCP_QLB", "FNAT", "laddr_g1")
+    assert [str(e) for e in c.virtual_server_groups["2001::1-80-TCP_QLB"].members] == ["[2001::1]:80"]
+    assert v6.lb_algo == "conhash" and endpoints(v6) == [
+        ("192.168.88.30", 80, 100), ("192.168.88.130", 8080, 100), ("192.168.88.30", 8080, 100)]
+    assert all(rs.inhibit_on_failure for rs in v6.real_servers)
+    assert [str(a.ip) for a in c.local_address_groups["laddr_g1"].addresses] == ["192.168.88.240", "192.168.88.241"]
+    assert set(c.deny_address_groups) == {"192.168.88.1_deny", "2001::1_deny"}
+    assert any(": establish_timeout: " in n for n in notices(c))
+
+
+def _dpvs_fnat(c):
+    vs = one_vs(c)
+    assert (vs.group, vs.lb_kind, vs.delay_loop) == ("192.168.100.254-80", "FNAT", 3.0)
+    assert endpoints(vs) == [("192.168.100.2", 80, 100), ("192.168.100.3", 80, 100)]
+    tcp = vs.real_servers[0].checkers[0]
+    assert (tcp.kind, tcp.retry, tcp.connect_timeout, tcp.connect_port) == ("TCP_CHECK", 2, 3.0, 80)  # nb_sock_retry
+    assert [a.interface for a in c.local_address_groups["laddr_g1"].addresses] == ["dpdk0", "dpdk0"]
+
+
+def _dpvs_snat(c):
+    udp, icmp = c.virtual_servers
+    assert (udp.match, udp.protocol, udp.src_range, udp.oif) == \
+        ("SNAT1", "UDP", "192.168.100.0-192.168.100.254", "dpdk1")
+    assert (icmp.match, icmp.protocol, icmp.lb_algo, icmp.iif) == ("SNAT2", "ICMP", "wrr", "dpdk0")
+    assert endpoints(icmp) == [("123.1.2.1", 0, 4)]
+
+
+def _augeas(c):
+    vs = one_vs(c)
+    assert (vs.key, str(vs.sorry_server)) == (("TCP", "192.168.1.11:22"), "10.20.40.30:22")
+    assert vs.real_servers[0].checkers[0].connect_port == 22
+    n = notices(c)
+    # keepalived 1.x's lvs_id is router_id; vrrp_* globals and every VRRP block are VRRP's
+    assert any(x.startswith("augeas-test_keepalived.conf:21: lvs_id: hdslb sends no mail") for x in n)
+    assert any(x.startswith("augeas-test_keepalived.conf:23: vrrp_mcast_group4: VRRP is not part") for x in n)
+    assert any(x.startswith("augeas-test_keepalived.conf:127: nat_mask: keepalived never used it") for x in n)
+
+
+def _fanux(c):
+    vs = one_vs(c)
+    assert (vs.lb_algo, vs.persistence_timeout) == ("wlc", 600)
+    assert endpoints(vs) == [(f"172.18.1.{i}", 80, 100) for i in (11, 12, 13)]
+
+
+LOADS = {
+    "keepalived.conf.sample": _sample,
+    "keepalived.conf.inhibit": _inhibit,
+    "keepalived.conf.misc_check": _misc_check,
+    "keepalived.conf.misc_check_arg": _misc_check_arg,
+    "keepalived.conf.virtualhost": _virtualhost,
+    "keepalived.conf.HTTP_GET.port": _http_get_port,
+    "keepalived.conf.status_code": _status_code,
+    "keepalived.conf.SSL_GET": _ssl_get,
+    "keepalived.conf.UDP_CHECK": _udp_check,
+    "keepalived.conf.quorum": _quorum,
+    "keepalived.conf.HTTP_GET.auth.simple": _auth,
+    "keepalived.conf.conditional_conf": _conditional,
+    "dpvs-containerized.keepalived.conf": _dpvs_containerized,
+    "dpvs-tutorial-fnat.keepalived.conf": _dpvs_fnat,
+    "dpvs-tutorial-snat.keepalived.conf": _dpvs_snat,
+    "fanux-kubeinit.keepalived.conf": _fanux,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADS))
+def test_real_file_loads(name):
+    assert errors(name) == []
+    c = cfg(name)
+    LOADS[name](c)
+    for n in notices(c):  # whatever loads without acting is named at its line, with a reason
+        assert n.startswith(f"{name}:") and len(n.split(": ", 2)[2]) > 20, n
+
+
+# ---------------------------------------------------------------- files refused, at the line, with the reason
+
+NOT_A_CHECKER = "is a keepalived health checker hdslb does not implement (it has TCP_CHECK, HTTP_GET, SSL_GET, " \
+                "UDP_CHECK and MISC_CHECK); ignoring it would keep the server in the pool whatever its health"
+FAILOVER = "keepalived's failover pool is not implemented: its backup servers would never get traffic; make them " \
+           "real_server entries (weight 0 to hold them back) or use sorry_server"
+FWMARK_MEMBER = "fwmark: fwmark members match netfilter marks, and XDP runs before netfilter"
+
+REFUSED = {
+    "keepalived.conf.SMTP_CHECK": [f"{HEADER + line}:9: SMTP_CHECK: SMTP_CHECK {NOT_A_CHECKER}"
+                                   for line in (39, 58, 90)],
+    "keepalived.conf.IPv6": [f"26:9: SMTP_CHECK: SMTP_CHECK {NOT_A_CHECKER}"],
+    "keepalived.conf.PING_CHECK": [f"25:2: PING_CHECK: PING_CHECK {NOT_A_CHECKER}"],
+    "keepalived.conf.failover_pool": [f"{line}:3: {kw}: {FAILOVER}" for line, kw in (
+        (36, "failover_threshold"), (37, "failover_up"), (38, "failover_down"), (60, "backup_real_server"),
+        (66, "backup_real_server"))],
+    "keepalived.conf.fwmark": ["9:16: virtual_server: fwmark services match netfilter marks, and XDP runs before "
+                               "netfilter; declare `virtual_server IP PORT` or a virtual_server_group"],
+    "keepalived.conf.virtual_server_group": [f"20:2: {FWMARK_MEMBER}", f"21:2: {FWMARK_MEMBER}"],
+    # a DPVS SNAT source address under a health check (the tutorial's alpha-mode MISC_CHECK)
+    "dpvs-tutorial-snat-misc.keepalived.conf": ["16:5: real_server: 123.1.2.2: a SNAT source address takes no "
+                                                "health check"],
+    "augeas-test_keepalived.conf": ["158:3: 10.45.58.59/32: '10.45.58.59/32' is not an IPv4 or IPv6 address"],
+    # `lb_algo loadbalance` is no scheduler (IPVS would refuse the service); net_mask is no keepalived keyword
+    "xusxlinux-master02.keepalived.conf": [
+        "24:13: lb_algo: 'loadbalance' is not one of rr|wrr|lc|wlc|sh|dh|mh|conhash|fo",
+        "26:5: net_mask: unknown keyword in virtual_server 10.4.7.10 6443; did you mean `nat_mask`?"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_real_file_is_refused_at_the_line(name):
+    assert errors(name) == [f"{name}:{e}" for e in REFUSED[name]]
+    with pytest.raises(ConfigError):
+        cfg(name)
+
+
+def test_conditional_lines_follow_the_config_id():
+    # `keepalived -i high`: the @high lines are read; hdslb is started in its namespace, it does not switch to one
+    assert errors("keepalived.conf.conditional_conf", config_id="high") == [
+        f"keepalived.conf.conditional_conf:{HEADER + 3}:7: net_namespace: hdslb serves the network namespace it is "
+        "started in: start it there (ip netns exec NAME hdslbd …) rather than have it ignore this"]
+    assert errors("keepalived.conf.conditional_conf", config_id="low") == [
+        f"keepalived.conf.conditional_conf:{HEADER + 4}:6: net_namespace: hdslb serves the network namespace it is "
+        "started in: start it there (ip netns exec NAME hdslbd …) rather than have it ignore this"]
+
+
+def test_dpvs_quoted_misc_path_loses_its_trailing_comment(tmp_path):
+    # keepalived reads `misc_path 'exit'##Just …` as `misc_path 'exit'` (a `#` anywhere starts a comment); the
+    # same file with the service's source address checked as an ordinary real server shows what hdslb reads
+    text = (REAL / "dpvs-tutorial-snat-misc.keepalived.conf").read_text(encoding="utf-8")
+    text = text.replace("virtual_server match SNAT", "virtual_server 10.0.0.1 53").replace("lb_kind SNAT", "")
+    for kw in ("src-range 192.168.100.0-192.168.100.254", "oif dpdk1", "real_server 123.1.2.2 0"):
+        text = text.replace(kw, "real_server 123.1.2.2 53" if kw.startswith("real") else "")
+    (tmp_path / "k.conf").write_text(text)
+    vs = one_vs(load(str(tmp_path / "k.conf"), config_id=ID))
+    assert vs.real_servers[0].checkers[0].misc_path == "'exit'"
+    assert vs.quorum_up == "dpip addr add XXX;"
+    assert ip_address("123.1.2.2") == vs.real_servers[0].ip
