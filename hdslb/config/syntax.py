@@ -207,6 +207,8 @@ def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Toke
     toks: List[Token] = []
     if params is None:
         params = Params(config_id=default_config_id())
+    if text.startswith("\ufeff"):  # a byte-order mark some editors write: not part of the first keyword
+        text = text[1:]
     lineno = 0
     for lineno, line in params.lines(text, file):
         i, n = 0, len(line)

@@ -36,3 +36,18 @@ def test_ascii_digits_still_load():
 def test_a_vsg_range_end_in_other_digits_is_refused():
     with pytest.raises(ConfigError):
         loads("virtual_server_group g {\n 10.0.0.1-٣ 80\n}\n")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_keyword(tmp_path):
+    """Editors on other systems save UTF-8 with a BOM: it was read as part of the first keyword ("unknown keyword
+    … did you mean global_defs?"). It is skipped, in a file and in posted text; one later in the text is still junk."""
+    from hdslb.config import load
+
+    text = VS.format(port="80", body="", weight="2")
+    f = tmp_path / "bom.conf"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load(str(f)) == loads(text, name=str(f))
+    assert loads("\ufeff" + text, name="t.conf") == loads(text, name="t.conf")
+    with pytest.raises(ConfigError) as e:
+        loads(text + "\ufeffglobal_defs {\n}\n", name="t.conf")
+    assert e.value.line == 8
