@@ -132,7 +132,8 @@ def test_hdslb_ctl_up_passes_every_hdslbd_option_on_as_given(tmp_path, monkeypat
     from cli import hdslb_ctl
     from hdslb import daemon
 
-    given = ["eth7", "eth8", "-f", str(tmp_path / "x.conf"), "--xdp-mode", "native", "--instance", "i1",
+    given = ["eth7", "eth8", "-f", str(tmp_path / "x.conf"), "--config-id", "lb2", "--xdp-mode", "native",
+             "--instance", "i1",
              "--pin-root", "/sys/fs/bpf/x", "--max-conns", "1048576", "--max-conns6", "4096", "--conn-table", "shared",
              "--max-hash-cells", "4096", "--max-services", "16", "--max-dests", "64", "--max-persist", "128",
              "--lport-range", "2000-3000", "--log-level", "debug", "--fresh", "--state-dir", str(tmp_path / "st"),
