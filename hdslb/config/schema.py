@@ -337,6 +337,8 @@ _CONNECT: Mapping[str, Spec] = {
     "connect_timeout": Key(Seconds(0.001, 3600), 5.0),
 }
 _HTTP: Mapping[str, Spec] = {
+    # keepalived (check_http.c): HTTP_GET and SSL_GET wait 3 s before a retry, the other checkers 1 s
+    "delay_before_retry": Key(Seconds(0, 3600), 3.0),
     "url": Block(m.HttpUrl, {
         "path": Key(Str(r"/\S*", "a URL path starting with /"), required=True),
         "status_code": Key(StatusCodes(), ()),
@@ -368,6 +370,8 @@ _REAL_SERVER = Block(m.RealServer, {
                                                                   "BFD_CHECK", "FILE_CHECK")},
     "MISC_CHECK": Block(m.MiscCheck, {
         **_CHECK_COMMON,
+        # keepalived (check_misc.c): a failed script takes the server out at once unless retry says otherwise
+        "retry": Key(Int(0, 100), 0, aliases=("nb_get_retry", "nb_sock_retry")),
         "misc_path": Key(Text(), required=True),
         "misc_timeout": Key(Seconds(0.001, 86400), None),
         "misc_dynamic": Key(Flag(), False),

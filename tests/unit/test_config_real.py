@@ -73,8 +73,8 @@ def _inhibit(c):
 def _misc_check(c):
     (misc,) = one_vs(c).real_servers[0].checkers
     # `!         misc_dynamic` is a comment; misc_timeout defaults to the service's delay_loop, as in keepalived
-    assert (misc.kind, misc.misc_path, misc.misc_dynamic, misc.misc_timeout) == \
-        ("MISC_CHECK", "/usr/local/bin/script.sh", False, 6.0)
+    assert (misc.kind, misc.misc_path, misc.misc_dynamic, misc.misc_timeout, misc.retry) == \
+        ("MISC_CHECK", "/usr/local/bin/script.sh", False, 6.0, 0)  # keepalived: a failed script takes it out
 
 
 def _misc_check_arg(c):

@@ -188,6 +188,15 @@ def test_url_credentials():
     assert refused(conf("    username a:b"))[0].startswith("k.conf:6:14: username: ")
 
 
+def test_checker_defaults_are_keepalived_s():
+    # check_api.c queue_checker: retry 1, delay_before_retry 1 s; check_http.c: 3 s; check_misc.c: retry 0
+    cfg = load(VS.format(body=" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n  }\n  HTTP_GET {\n  }\n"
+                              "  SSL_GET {\n  }\n  UDP_CHECK {\n  }\n  MISC_CHECK {\n   misc_path /bin/true\n  }\n }"))
+    got = [(c.kind, c.retry, c.delay_before_retry) for c in cfg.virtual_servers[0].real_servers[0].checkers]
+    assert got == [("TCP_CHECK", 1, 1.0), ("HTTP_GET", 1, 3.0), ("SSL_GET", 1, 3.0), ("UDP_CHECK", 1, 1.0),
+                   ("MISC_CHECK", 0, 1.0)]
+
+
 # ---------------------------------------------------------------- HTTP basic authentication on the wire
 
 
