@@ -263,11 +263,15 @@ class IPPort(Kind):
     nargs = 2
     what = "an address and a port"
 
-    def __init__(self, port_lo: int = 1):
+    def __init__(self, port_lo: int = 1, port_optional: bool = False):
         self.port = Port(port_lo)
+        if port_optional:  # keepalived's sorry_server: without a port it takes the virtual server's (port None here)
+            self.nargs, self.what = None, "an address and, optionally, a port"
 
     def many(self, args: Sequence[Token]) -> Endpoint:
-        return Endpoint(ip_of(args[0]), self.port.one(args[1]))
+        if len(args) > 2:
+            raise Bad(f"expects {self.what}, got extra {args[2].text!r}", args[2])
+        return Endpoint(ip_of(args[0]), self.port.one(args[1]) if len(args) > 1 else None)
 
 
 class Granularity(Kind):

@@ -103,9 +103,10 @@ def _vs_header(node: Node) -> Dict[str, Any]:
 
 
 def _rs_header(node: Node) -> Dict[str, Any]:
-    if len(node.args) != 2:
-        raise Bad("expects `real_server IP PORT {`", node.args[2] if len(node.args) > 2 else None)
-    return {"ip": ip_of(node.args[0]), "port": Port(0).one(node.args[1])}
+    if len(node.args) not in (1, 2):
+        raise Bad("expects `real_server IP [PORT] {`", node.args[2] if len(node.args) > 2 else None)
+    # keepalived: no port is the virtual server's port (filled in by _vs_check)
+    return {"ip": ip_of(node.args[0]), "port": Port(0).one(node.args[1]) if len(node.args) == 2 else None}
 
 
 def _vsg_entry(node: Node) -> List[m.Endpoint]:
@@ -173,7 +174,40 @@ def _url_check(node: Node, url: m.HttpUrl, ctx) -> m.HttpUrl:
     return url
 
 
+def _fill_ports(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
+    """keepalived (check_data.c, validate_check_config): a real server or sorry server written without a port
+    takes the virtual server's. A group or SNAT service has no one port to give: there a port must be written."""
+    label = " ".join(a.text for a in node.args)
+    rss, seen = [], {}
+    for rs in vs.real_servers:
+        filled = rs.port is None
+        if filled:
+            if vs.port is None:
+                ctx.error(rs.where, "real_server", f"{rs.ip}: needs a port: virtual_server {label} has no single "
+                                                   f"port to give it (`real_server IP PORT`)")
+                continue
+            rs = _replace(rs, port=vs.port)
+        first = seen.get(rs.key)
+        if first is not None:
+            if filled or first[1]:  # two written alike are refused when the servers are collected
+                ctx.error(rs.where, "real_server", f"duplicate real_server {m.Endpoint(rs.ip, rs.port)} in "
+                                                   f"virtual_server {label} (first at {first[0]})")
+            continue
+        seen[rs.key] = (rs.where, filled)
+        rss.append(rs)
+    sorry = vs.sorry_server
+    if sorry is not None and sorry.port is None:
+        if vs.port is None:
+            ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server",
+                      f"needs a port: virtual_server {label} has no single port to give it")
+            sorry = None
+        else:
+            sorry = m.Endpoint(sorry.ip, vs.port)
+    return _replace(vs, real_servers=tuple(rss), sorry_server=sorry)
+
+
 def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
+    vs = _fill_ports(node, vs, ctx)
     kind = vs.lb_kind
     if vs.match is not None:
         return _match_check(node, vs, ctx)
@@ -406,7 +440,7 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "hysteresis": Key(Int(0, 2**31 - 1), 0),
     "quorum_up": Key(Text(), None),
     "quorum_down": Key(Text(), None),
-    "sorry_server": Key(IPPort(port_lo=0), None),
+    "sorry_server": Key(IPPort(port_lo=0, port_optional=True), None),
     "sorry_server_inhibit": Key(Flag(), False),
     "inhibit_on_failure": Key(Flag(), False),
     "ha_suspend": Key(Flag(), False),

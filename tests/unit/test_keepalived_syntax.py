@@ -188,6 +188,23 @@ def test_url_credentials():
     assert refused(conf("    username a:b"))[0].startswith("k.conf:6:14: username: ")
 
 
+def test_a_real_or_sorry_server_without_a_port_takes_the_virtual_servers():
+    # keepalived (check_data.c): `real_server IP` and `sorry_server IP` use the virtual server's port
+    vs = load("virtual_server 10.0.0.1 443 {\n lb_kind DR\n sorry_server 10.9.9.9\n real_server 10.1.0.1 {\n"
+              "  weight 2\n  TCP_CHECK {\n  }\n }\n real_server 10.1.0.2 443 {\n }\n}\n").virtual_servers[0]
+    assert [(str(rs.ip), rs.port, rs.weight) for rs in vs.real_servers] == [("10.1.0.1", 443, 2), ("10.1.0.2", 443, 1)]
+    assert str(vs.sorry_server) == "10.9.9.9:443"
+    # the same server once with and once without its port is one server given twice
+    assert refused(VS.format(body=" real_server 10.1.0.1 {\n }\n real_server 10.1.0.1 80 {\n }")) == [
+        "k.conf:4:2: real_server: duplicate real_server 10.1.0.1:80 in virtual_server 10.0.0.1 80 (first at "
+        "k.conf:2:2)"]
+    # a group has no one port to give
+    assert refused("virtual_server_group g {\n 10.0.0.1 80\n 10.0.0.2 81\n}\nvirtual_server group g {\n"
+                   " real_server 10.1.0.1 {\n }\n}\n") == [
+        "k.conf:6:2: real_server: 10.1.0.1: needs a port: virtual_server group g has no single port to give it "
+        "(`real_server IP PORT`)"]
+
+
 def test_checker_defaults_are_keepalived_s():
     # check_api.c queue_checker: retry 1, delay_before_retry 1 s; check_http.c: 3 s; check_misc.c: retry 0
     cfg = load(VS.format(body=" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n  }\n  HTTP_GET {\n  }\n"
