@@ -350,8 +350,13 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 	if (lv && lv->ifindex && lv->ifindex != ifindex)
 		lv = 0; /* owned, but on another interface: that side answers */
 
-	/* The slow path answers and learns when it runs; the code below is the fallback while it does not. */
-	if (lv && (a->op == bpf_htons(ARPOP_REQUEST_) || a->op == bpf_htons(ARPOP_REPLY_))) {
+	/* The slow path answers and learns when it runs; the code below is the fallback while it does not. It also
+	 * gets the replies to our MAC addressed to 0.0.0.0: the answers to its probes sent from the unspecified
+	 * address (no address of ours on this interface, RFC 5227), without which such a next hop never resolved
+	 * (probed, failed, probed again, its queued frames dropped). Other replies to our MAC may answer the
+	 * kernel's own ARP (its address on this interface): those stay the kernel's. */
+	if ((lv && (a->op == bpf_htons(ARPOP_REQUEST_) || a->op == bpf_htons(ARPOP_REPLY_))) ||
+	    (a->op == bpf_htons(ARPOP_REPLY_) && !a->tpa && mac_eq(eth->h_dest, ifv->mac))) {
 		__u32 key = xsk_key(ctx, ifv);
 
 		if (slowpath_up(key)) {

@@ -208,6 +208,40 @@ def test_ipv6_neighbour_discovery_and_ping_through_the_slow_path():
             lab.teardown()
 
 
+
+@pytest.mark.root
+def test_a_next_hop_probed_from_the_unspecified_address_resolves():
+    """With no address of ours on an interface (a DR VIP is never a probe source), the slow path probes its next
+    hops from 0.0.0.0 as RFC 5227 allows, and Linux answers to 0.0.0.0. The fast path handed the slow path only
+    ARP addressed to one of our addresses, so that answer never reached it: the server's entry went SEND, NONE
+    (failed), SEND... with a broadcast probe a second and the frames queued for it dropped at each failure."""
+    lab = OneArm(n_servers=1)
+    lab.setup()
+    try:
+        lb = Balancer(lab)
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"))
+        rs = lab.server(1)
+        lb.dpip("route", "add", f"{lab.server_net}", "dev", "veth-lb0")
+        lb.ipvsadm("-A", "-t", f"{VIP}:80", "-s", "rr")
+        lb.ipvsadm("-a", "-t", f"{VIP}:80", "-r", f"{rs.ip}:80", "-g")  # a wanted next hop: resolved ahead
+        assert lb.dpip("addr", "show").stdout.strip() == "", "no address of ours: the probe's sender is 0.0.0.0"
+        deadline = time.monotonic() + 20  # one probe a second, three before a failure: a bound, not a timing
+        entry = {}
+        while time.monotonic() < deadline:
+            entry = next((n for n in lb.call("neigh.list")["neighs"] if n["addr"] == rs.ip), {})
+            if entry.get("state") == "REACHABLE":
+                break
+            time.sleep(0.2)
+        assert entry.get("state") == "REACHABLE" and entry.get("lladdr") == rs.mac, entry
+        sp = lb.call("stats.get")["slowpath"]["counters"]
+        assert sp["rx_arp_reply"] >= 1, sp
+    finally:
+        try:
+            Balancer(lab).down()
+        finally:
+            lab.teardown()
+
 # Prints the first ICMP unreachable the raw socket `r` receives: type, code, MTU, outer source, quoted source,
 # quoted destination and quoted ports; "none" after 8 s.
 PRINT_UNREACH = """try:
