@@ -305,7 +305,7 @@ class HttpUrl:
 class Checker:
     """What every checker shares; the health module runs them."""
 
-    kind: str  # TCP_CHECK | HTTP_GET | SSL_GET | UDP_CHECK | MISC_CHECK
+    kind: str  # TCP_CHECK | HTTP_GET | SSL_GET | UDP_CHECK | SMTP_CHECK | MISC_CHECK
     retry: int  # retries after a failure before the real server is declared down
     delay_before_retry: float  # seconds
     delay_loop: float  # seconds between checks (the virtual_server's unless set here)
@@ -340,6 +340,25 @@ class UdpCheck(NetChecker):
     payload: Optional[bytes]
     # None: any outcome but ICMP port-unreachable counts as up; b"": a reply is needed; else its prefix.
     require_reply: Optional[bytes]
+    where: Optional[Where] = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SmtpHost:
+    """An SMTP_CHECK `host { }` block: another address the dialogue must pass at; None: the check's own."""
+
+    connect_ip: Optional[IPAddress]
+    connect_port: Optional[int]
+    bindto: Optional[IPAddress]
+    bind_port: Optional[int]
+    connect_timeout: Optional[float]  # seconds
+    where: Optional[Where] = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SmtpCheck(NetChecker):
+    helo_name: str  # sent in HELO
+    hosts: Tuple[SmtpHost, ...]  # empty: the check's own address (the real server's unless connect_ip)
     where: Optional[Where] = field(default=None, compare=False, repr=False)
 
 

@@ -348,7 +348,8 @@ def _refused(reason: str) -> Block:
 
 
 _NOT_A_CHECKER = "is a keepalived health checker hdslb does not implement (it has TCP_CHECK, HTTP_GET, SSL_GET, " \
-                 "UDP_CHECK and MISC_CHECK); ignoring it would keep the server in the pool whatever its health"
+                 "UDP_CHECK, SMTP_CHECK and MISC_CHECK); ignoring it would keep the server in the pool whatever its " \
+                 "health"
 
 
 def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
@@ -400,8 +401,14 @@ _REAL_SERVER = Block(m.RealServer, {
         "payload": Key(Hex(), None),
         "require_reply": Key(Hex(optional=True), None),
     }),
-    **{kind: _refused(f"{kind} {_NOT_A_CHECKER}") for kind in ("SMTP_CHECK", "PING_CHECK", "DNS_CHECK",
-                                                                  "BFD_CHECK", "FILE_CHECK")},
+    "SMTP_CHECK": _netcheck("SMTP_CHECK", m.SmtpCheck, {
+        "helo_name": Key(Str(r"[^\x00-\x1f\x7f]+", "a name to send in HELO"), "smtpchecker.keepalived.org"),
+        # keepalived's older form: one dialogue per host, each host's connect options over the check's own
+        "host": Block(m.SmtpHost, {kw: dataclasses.replace(spec, default=None) for kw, spec in _CONNECT.items()},
+                      multi=True, field="hosts"),
+    }),
+    **{kind: _refused(f"{kind} {_NOT_A_CHECKER}") for kind in ("PING_CHECK", "DNS_CHECK", "BFD_CHECK",
+                                                                  "FILE_CHECK")},
     "MISC_CHECK": Block(m.MiscCheck, {
         **_CHECK_COMMON,
         # keepalived (check_misc.c): a failed script takes the server out at once unless retry says otherwise

@@ -9,6 +9,7 @@ from hdslb.config.model import Checker, RealServer
 from hdslb.health.base import CheckResult, failed
 from hdslb.health.http import check_http
 from hdslb.health.misc import check_misc
+from hdslb.health.smtp import check_smtp
 from hdslb.health.tcp import check_tcp
 from hdslb.health.udp import check_udp
 
@@ -21,6 +22,7 @@ PROBES: Dict[str, Probe] = {
     "HTTP_GET": check_http,
     "SSL_GET": check_http,
     "UDP_CHECK": check_udp,
+    "SMTP_CHECK": check_smtp,
     "MISC_CHECK": check_misc,
 }
 
