@@ -44,7 +44,11 @@ TCP_EST, TCP_FIN, TCP_SYN, TCP_CLOSE, UDP_NORMAL = 8, 4, 4, 3, 4
 DRAIN_WAIT = TCP_EST + 12
 # Drops the churn explains: new flows while a service has no server that takes them (every server of the
 # flapped/drained set out at once, or the service just removed), and TCP segments of flows whose entries a
-# removal or the short timeouts took away (late FIN/ACKs, retransmits after a kill -9 window).
+# removal or the short timeouts took away. The drop_no_conn of the soak runs were that, one client FIN at a time,
+# not the restarts they sometimes followed (captured on both sides of the balancer: 9 kill -9 restarts under
+# traffic dropped nothing): a /big download whose whole body landed in the socket buffer at once sits idle while
+# curl's --limit-rate pays it out (up to ~10 s, past TCP_EST), the sweep expires it, and its FIN is dropped with
+# its 8 retransmissions (tcp_orphan_retries: 5-7 within 6 s, then one at about +12, +25 and +51 s).
 # drop_no_laddr: the ipvsadm service is built line by line as an operator does (-A, -a, then --add-laddr), and a
 # SYN of the curl loop aimed at it can arrive between the -a and the --add-laddr.
 EXPLAINED_DROPS = {"drop_no_dest", "drop_no_conn", "drop_no_laddr"}
