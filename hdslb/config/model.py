@@ -386,6 +386,14 @@ class RealServer:
     notify_down: Optional[str]
     checkers: Tuple[Checker, ...]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    # keepalived 2's defaults for this server's checkers (None: the virtual server's, then the checker kind's);
+    # the checkers carry the resolved values, these stay as written
+    retry: Optional[int] = None
+    delay_before_retry: Optional[float] = None  # seconds
+    warmup: Optional[float] = None  # seconds
+    connect_timeout: Optional[float] = None  # seconds
+    delay_loop: Optional[float] = None  # seconds
+    virtualhost: Optional[str] = None
 
     @property
     def key(self) -> Tuple[IPAddress, int]:
@@ -435,6 +443,11 @@ class VirtualServer:
     waddr_group_name: Optional[str]  # allow_address_group
     real_servers: Tuple[RealServer, ...]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    # keepalived 2's defaults for every checker of the service (None: the checker kind's)
+    retry: Optional[int] = None
+    delay_before_retry: Optional[float] = None  # seconds
+    warmup: Optional[float] = None  # seconds
+    connect_timeout: Optional[float] = None  # seconds
 
     @property
     def key(self) -> Tuple[str, str]:

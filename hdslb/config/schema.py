@@ -300,14 +300,27 @@ def _snat_range(text: str):
     return a, b
 
 
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
 def _inherit(rs: m.RealServer, vs: m.VirtualServer) -> m.RealServer:
-    """keepalived's defaults flow down: inhibit_on_failure, delay_loop and virtualhost set on the service."""
+    """keepalived's defaults flow down (check_api.c): a checker's retry, delay_before_retry, warmup,
+    connect_timeout, delay_loop and virtualhost are its own, else its real server's, else its virtual server's,
+    else the checker kind's (retry 1, MISC_CHECK 0; delay_before_retry 1 s, HTTP_GET/SSL_GET 3 s; connect_timeout
+    5 s); inhibit_on_failure set on the service holds for every server."""
     checkers = []
     for c in rs.checkers:
-        if c.delay_loop is None:
-            c = _replace(c, delay_loop=vs.delay_loop)
-        if isinstance(c, m.HttpCheck) and c.virtualhost is None and vs.virtualhost is not None:
-            c = _replace(c, virtualhost=vs.virtualhost)
+        http = c.kind in ("HTTP_GET", "SSL_GET")
+        c = _replace(c, delay_loop=_first(c.delay_loop, rs.delay_loop, vs.delay_loop),
+                     retry=_first(c.retry, rs.retry, vs.retry, 0 if c.kind == "MISC_CHECK" else 1),
+                     delay_before_retry=_first(c.delay_before_retry, rs.delay_before_retry, vs.delay_before_retry,
+                                               3.0 if http else 1.0),
+                     warmup=_first(c.warmup, rs.warmup, vs.warmup))
+        if isinstance(c, m.NetChecker):
+            c = _replace(c, connect_timeout=_first(c.connect_timeout, rs.connect_timeout, vs.connect_timeout, 5.0))
+        if isinstance(c, m.HttpCheck):
+            c = _replace(c, virtualhost=_first(c.virtualhost, rs.virtualhost, vs.virtualhost))
         if isinstance(c, m.MiscCheck) and c.misc_timeout is None:
             c = _replace(c, misc_timeout=c.delay_loop)
         checkers.append(c)
@@ -358,22 +371,28 @@ def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
                  fixed={"kind": kind})
 
 
+# None: from the real server, the virtual server, or the checker kind's default (_inherit)
 _CHECK_COMMON: Mapping[str, Spec] = {
-    "retry": Key(Int(0, 100), 1, aliases=("nb_get_retry", "nb_sock_retry")),
-    "delay_before_retry": Key(Seconds(0, 3600), 1.0),
+    "retry": Key(Int(0, 100), None, aliases=("nb_get_retry", "nb_sock_retry")),
+    "delay_before_retry": Key(Seconds(0, 3600), None),
     "delay_loop": Key(Seconds(0.001, 86400), None),
     "warmup": Key(Seconds(0, 86400), None),
+}
+# keepalived 2: the same options on a real_server or virtual_server are its checkers' defaults
+_CHECK_DEFAULTS: Mapping[str, Spec] = {
+    "retry": Key(Int(0, 100), None),
+    "delay_before_retry": Key(Seconds(0, 3600), None),
+    "warmup": Key(Seconds(0, 86400), None),
+    "connect_timeout": Key(Seconds(0.001, 3600), None),
 }
 _CONNECT: Mapping[str, Spec] = {
     "connect_ip": Key(IP(), None),
     "connect_port": Key(Port(), None),
     "bindto": Key(IP(), None),
     "bind_port": Key(Port(), None),
-    "connect_timeout": Key(Seconds(0.001, 3600), 5.0),
+    "connect_timeout": Key(Seconds(0.001, 3600), None),
 }
 _HTTP: Mapping[str, Spec] = {
-    # keepalived (check_http.c): HTTP_GET and SSL_GET wait 3 s before a retry, the other checkers 1 s
-    "delay_before_retry": Key(Seconds(0, 3600), 3.0),
     "url": Block(m.HttpUrl, {
         "path": Key(Str(r"/\S*", "a URL path starting with /"), required=True),
         "status_code": Key(StatusCodes(), ()),
@@ -389,6 +408,10 @@ _HTTP: Mapping[str, Spec] = {
 
 _REAL_SERVER = Block(m.RealServer, {
     "weight": Key(Int(0, 65535), 1),
+    **_CHECK_DEFAULTS,
+    "delay_loop": Key(Seconds(0.001, 86400), None),
+    "virtualhost": Key(Str(), None),
+    "smtp_alert": Key(Flag(), False, na=NO_MAIL),
     "inhibit_on_failure": Key(Flag(), False),
     "uthreshold": Key(Int(0, 2**31 - 1), None),
     "lthreshold": Key(Int(0, 2**31 - 1), None),
@@ -411,8 +434,6 @@ _REAL_SERVER = Block(m.RealServer, {
                                                                   "FILE_CHECK")},
     "MISC_CHECK": Block(m.MiscCheck, {
         **_CHECK_COMMON,
-        # keepalived (check_misc.c): a failed script takes the server out at once unless retry says otherwise
-        "retry": Key(Int(0, 100), 0, aliases=("nb_get_retry", "nb_sock_retry")),
         "misc_path": Key(Text(), required=True),
         "misc_timeout": Key(Seconds(0.001, 86400), None),
         "misc_dynamic": Key(Flag(), False),
@@ -423,6 +444,8 @@ _REAL_SERVER = Block(m.RealServer, {
 
 _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "delay_loop": Key(Seconds(1, 86400), 60.0),
+    **_CHECK_DEFAULTS,
+    "smtp_alert": Key(Flag(), False, na=NO_MAIL),
     "lb_algo": Key(Choice(*SCHEDULERS, refuse={s: _LVS_ONLY for s in ("lblc", "lblcr", "sed", "nq", "ovf", "twos")}),
                    "wlc", aliases=("lvs_sched",)),
     "lb_kind": Key(Choice("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),

@@ -214,6 +214,25 @@ def test_checker_defaults_are_keepalived_s():
                    ("MISC_CHECK", 0, 1.0)]
 
 
+def test_checker_options_on_the_real_or_virtual_server_are_its_checkers_defaults():
+    # keepalived 2 (check_parser.c, check_api.c): checker, else real_server, else virtual_server, else the kind's
+    cfg = load("virtual_server 10.0.0.1 80 {\n delay_loop 20\n retry 4\n connect_timeout 2\n warmup 1\n"
+               " virtualhost vs.example\n smtp_alert\n"
+               " real_server 10.1.0.1 80 {\n  delay_loop 7\n  delay_before_retry 0.5\n  connect_timeout 9\n"
+               "  virtualhost rs.example\n  HTTP_GET {\n   retry 2\n  }\n  TCP_CHECK {\n   connect_timeout 3\n  }\n"
+               "  MISC_CHECK {\n   misc_path /bin/true\n  }\n }\n"
+               " real_server 10.1.0.2 80 {\n  HTTP_GET {\n  }\n }\n}\n")
+    rs1, rs2 = cfg.virtual_servers[0].real_servers
+    http, tcp, misc = rs1.checkers
+    assert (http.delay_loop, http.retry, http.delay_before_retry, http.connect_timeout, http.warmup,
+            http.virtualhost) == (7.0, 2, 0.5, 9.0, 1.0, "rs.example")
+    assert (tcp.retry, tcp.connect_timeout, misc.retry, misc.misc_timeout) == (4, 3.0, 4, 7.0)
+    (http2,) = rs2.checkers
+    assert (http2.delay_loop, http2.retry, http2.delay_before_retry, http2.connect_timeout, http2.virtualhost) == \
+        (20.0, 4, 3.0, 2.0, "vs.example")
+    assert any(n.startswith("k.conf:7: smtp_alert: hdslb sends no mail") for n in inactive_notices(cfg))
+
+
 # ---------------------------------------------------------------- HTTP basic authentication on the wire
 
 
