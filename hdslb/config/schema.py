@@ -17,7 +17,7 @@ from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
 from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
-from .kinds import (IFNAME, IP, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
+from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
                     LvsTimeouts, OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range, networks_of)
 from .syntax import Node
 
@@ -115,7 +115,23 @@ def _vsg_entry(node: Node) -> List[m.Endpoint]:
     if len(node.args) != 1:
         raise Bad("expects `IP PORT` or `IP-RANGE PORT` (10.0.0.1-9 80)", node.args[1] if node.args else None)
     port = Port().one(node.args[0])
+    if "/" in node.name:
+        return [m.Endpoint(ip, port) for ip in _vsg_network(node.keyword)]
     return [m.Endpoint(ip, port) for ip in ip_range(node.keyword)]
+
+
+def _vsg_network(tok) -> List[Any]:
+    """keepalived 2.2's `IP/LEN PORT` group member (check_data.c alloc_vsg_entry): every address of the network,
+    which must be written as the network (no host bits) and be longer than /0."""
+    try:
+        net = ipaddress.ip_network(tok.text, strict=True)
+    except ValueError as e:
+        raise Bad(f"{tok.text!r} is not a network ({e})", tok) from None
+    if net.prefixlen == 0:
+        raise Bad(f"{tok.text!r}: a /0 group member is every address", tok)
+    if net.num_addresses > MAX_RANGE:
+        raise Bad(f"{tok.text!r} covers {net.num_addresses} addresses, more than {MAX_RANGE}", tok)
+    return list(net)
 
 
 def _laddr_entry(node: Node) -> List[m.LocalAddress]:

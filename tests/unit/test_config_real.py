@@ -181,6 +181,10 @@ def _augeas(c):
     assert any(x.startswith("augeas-test_keepalived.conf:21: lvs_id: hdslb sends no mail") for x in n)
     assert any(x.startswith("augeas-test_keepalived.conf:23: vrrp_mcast_group4: VRRP is not part") for x in n)
     assert any(x.startswith("augeas-test_keepalived.conf:127: nat_mask: keepalived never used it") for x in n)
+    # keepalived 2.2's IP/LEN group member
+    assert [str(e) for e in c.virtual_server_groups["DNS_1"].members] == [
+        "192.168.0.1:22", "10.234.55.22:36", "10.234.55.23:36", "10.234.55.24:36", "10.234.55.25:36",
+        "10.45.58.59:27"]
 
 
 def _smtp_check(c):
@@ -227,6 +231,7 @@ LOADS = {
     "fanux-kubeinit.keepalived.conf": _fanux,
     "keepalived.conf.SMTP_CHECK": _smtp_check,
     "keepalived.conf.IPv6": _ipv6,
+    "augeas-test_keepalived.conf": _augeas,
 }
 
 
@@ -259,7 +264,6 @@ REFUSED = {
     # a DPVS SNAT source address under a health check (the tutorial's alpha-mode MISC_CHECK)
     "dpvs-tutorial-snat-misc.keepalived.conf": ["16:5: real_server: 123.1.2.2: a SNAT source address takes no "
                                                 "health check"],
-    "augeas-test_keepalived.conf": ["158:3: 10.45.58.59/32: '10.45.58.59/32' is not an IPv4 or IPv6 address"],
     # `lb_algo loadbalance` is no scheduler (IPVS would refuse the service); net_mask is no keepalived keyword
     "xusxlinux-master02.keepalived.conf": [
         "24:13: lb_algo: 'loadbalance' is not one of rr|wrr|lc|wlc|sh|dh|mh|conhash|fo",

@@ -205,6 +205,16 @@ def test_a_real_or_sorry_server_without_a_port_takes_the_virtual_servers():
         "(`real_server IP PORT`)"]
 
 
+def test_group_members_may_be_networks():
+    # keepalived 2.2 (check_data.c alloc_vsg_entry): IP/LEN is every address of the network, written as the network
+    cfg = load("virtual_server_group g {\n 10.1.0.0/30 80\n 10.9.9.9/32 53\n 2001:db8::/127 80\n}\n")
+    assert [str(e) for e in cfg.virtual_server_groups["g"].members] == [
+        "10.1.0.0:80", "10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80", "10.9.9.9:53", "[2001:db8::]:80",
+        "[2001:db8::1]:80"]
+    assert refused("virtual_server_group g {\n 10.1.0.1/30 80\n}\n") == [
+        "k.conf:2:2: 10.1.0.1/30: '10.1.0.1/30' is not a network (10.1.0.1/30 has host bits set)"]
+
+
 def test_checker_defaults_are_keepalived_s():
     # check_api.c queue_checker: retry 1, delay_before_retry 1 s; check_http.c: 3 s; check_misc.c: retry 0
     cfg = load(VS.format(body=" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n  }\n  HTTP_GET {\n  }\n"
