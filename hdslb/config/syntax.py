@@ -196,6 +196,14 @@ def _decomment(raw: str) -> Tuple[str, bool]:
             i += 2
             continue
         elif not quote and c in _COMMENT:
+            # the comment is dropped, but a `\` ending the line still continues it (keepalived scans on)
+            while i < n:
+                if raw[i] == "\\":
+                    if i + 1 >= n:
+                        return "".join(out).rstrip(), True
+                    i += 2
+                else:
+                    i += 1
             break
         out.append(c)
         i += 1

@@ -106,6 +106,13 @@ def test_multiline_parameter_becomes_lines():
     assert rs2.checkers[0].kind == "TCP_CHECK" and rs2.checkers[0].connect_timeout == 2.0
 
 
+def test_a_comment_does_not_end_a_continued_definition():
+    # keepalived's decomment() still sees the trailing `\` after a comment: the definition goes on
+    text = ("$CHECK=TCP_CHECK { \\\n connect_timeout 2 # two seconds \\\n }\n"
+            "virtual_server 10.0.0.1 80 {\n real_server 10.1.0.2 80 {\n  $CHECK\n }\n}\n")
+    assert load(text).virtual_servers[0].real_servers[0].checkers[0].connect_timeout == 2.0
+
+
 def test_parameters_reach_included_files(tmp_path):
     (tmp_path / "rs.conf").write_text("real_server $RIP 80 { weight 9 }\n")
     (tmp_path / "main.conf").write_text("$RIP=10.1.0.9\nvirtual_server 10.0.0.1 80 {\n include rs.conf\n}\n")
