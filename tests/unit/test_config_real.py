@@ -206,6 +206,35 @@ def _ipv6(c):
     assert [str(e) for e in c.virtual_server_groups["IPv6_group"].members][:2] == ["[ae00::2]:80", "[ae00::3]:80"]
 
 
+def _case_study(c):
+    http, https, smtp = c.virtual_servers
+    assert [(vs.key[1], vs.lb_algo, vs.persistence_timeout, vs.delay_loop) for vs in c.virtual_servers] == [
+        ("192.168.200.15:80", "wrr", 50, 30.0), ("192.168.200.15:443", "rr", 360, 20.0),
+        ("192.168.200.15:25", "wlc", 50, 15.0)]
+    assert str(http.sorry_server) == "192.168.100.100:80" and endpoints(http) == [
+        ("192.168.100.2", 80, 2), ("192.168.100.3", 80, 1)]
+    check = http.real_servers[0].checkers[0]
+    assert (len(check.url), check.retry, check.delay_before_retry, check.delay_loop) == (2, 3, 2.0, 30.0)
+    assert endpoints(smtp) == [("192.168.100.4", 25, 1), ("192.168.100.5", 25, 2)]
+
+
+def _case_study_ssl(c):
+    vs = one_vs(c)  # `SSL_GET` with its `{` on the next line
+    assert [(rs.checkers[0].kind, len(rs.checkers[0].url)) for rs in vs.real_servers] == \
+        [("SSL_GET", 2), ("SSL_GET", 1)]
+
+
+def _case_study_mixing(c):
+    assert [vs.key[1] for vs in c.virtual_servers] == ["192.168.200.10:80", "192.168.200.12:443"]
+    # `auth_pass k@l!ve1`: keepalived reads k@l (the rest is a comment); either way it is VRRP's, noticed
+    assert sum(": vrrp_instance: VRRP is not part of hdslb" in n for n in notices(c)) == 4
+
+
+def _lvs_syncd(c):
+    vs = one_vs(c)
+    assert vs.key == ("TCP", "192.168.200.19:80") and endpoints(vs) == [("192.168.201.100", 80, 1)]
+
+
 def _fanux(c):
     vs = one_vs(c)
     assert (vs.lb_algo, vs.persistence_timeout) == ("wlc", 600)
@@ -232,6 +261,10 @@ LOADS = {
     "keepalived.conf.SMTP_CHECK": _smtp_check,
     "keepalived.conf.IPv6": _ipv6,
     "augeas-test_keepalived.conf": _augeas,
+    "case_study_healthcheck.keepalived.conf": _case_study,
+    "case_study_healthcheck_ssl.keepalived.conf": _case_study_ssl,
+    "case_study_mixing.keepalived.conf": _case_study_mixing,
+    "keepalived.conf.vrrp.lvs_syncd": _lvs_syncd,
 }
 
 
