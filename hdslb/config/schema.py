@@ -422,12 +422,19 @@ _HTTP: Mapping[str, Spec] = {
     "virtualhost": Key(Str(), None),
 }
 
+_PER_SERVER_METHOD = _refused("every real server of a service is forwarded one way, the service's lb_kind: a "
+                              "server forwarded differently needs a service of its own")
+_SNMP_NAME = Key(Str(), None, na="hdslb exports its state as Prometheus metrics and over REST, not over SNMP")
+
 _REAL_SERVER = Block(m.RealServer, {
     "weight": Key(Int(0, 65535), 1),
     **_CHECK_DEFAULTS,
     "delay_loop": Key(Seconds(0.001, 86400), None),
     "virtualhost": Key(Str(), None),
     "smtp_alert": Key(Flag(), False, na=NO_MAIL),
+    "snmp_name": _SNMP_NAME,
+    "lvs_method": _PER_SERVER_METHOD,
+    "alpha": _refused("alpha is read per virtual_server here (every server of it starts down): set it there"),
     "inhibit_on_failure": Key(Flag(), False),
     "uthreshold": Key(Int(0, 2**31 - 1), None),
     "lthreshold": Key(Int(0, 2**31 - 1), None),
@@ -462,6 +469,17 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "delay_loop": Key(Seconds(1, 86400), 60.0),
     **_CHECK_DEFAULTS,
     "smtp_alert": Key(Flag(), False, na=NO_MAIL),
+    "snmp_name": _SNMP_NAME,
+    "ip_family": Key(Choice("inet", "inet6"), None, na="a service's address family is its addresses' (keepalived "
+                                                        "needs it only for fwmark services)"),
+    "hashed": Key(Flag(), False, na="IPVS's internal 'hashed' flag: hdslb looks every service up by hash"),
+    "weight": Key(Int(1, 65535), None, na="a virtual server's weight is for tracking by keepalived's VRRP "
+                                          "(track_process/track_file), which hdslb does not run"),
+    **dict.fromkeys(("flag-1", "flag-2", "flag-3"), _refused(
+        "write the scheduler flag by its name: sh-fallback / mh-fallback (flag-1), sh-port / mh-port (flag-2)")),
+    "persistence_engine": _refused("persistence engines (sip) are not implemented: persistence is by client address "
+                                   "(persistence_timeout, persistence_granularity)"),
+    "sorry_server_lvs_method": _PER_SERVER_METHOD,
     "lb_algo": Key(Choice(*SCHEDULERS, refuse={s: _LVS_ONLY for s in ("lblc", "lblcr", "sed", "nq", "ovf", "twos")}),
                    "wlc", aliases=("lvs_sched",)),
     "lb_kind": Key(Choice("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),

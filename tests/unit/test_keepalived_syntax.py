@@ -178,6 +178,25 @@ def test_what_would_change_traffic_if_ignored_is_refused(text, where, why):
     assert err.startswith(f"k.conf:{where}: ") and why in err
 
 
+def test_keepalived_service_and_server_options_that_do_nothing_here_are_noticed():
+    cfg = load("virtual_server 10.0.0.1 80 {\n ip_family inet\n hashed\n weight 3\n snmp_name web\n"
+               " real_server 10.1.0.1 80 {\n  snmp_name w1\n }\n}\n")
+    assert [n.split(": ")[1] for n in inactive_notices(cfg)] == ["ip_family", "hashed", "weight", "snmp_name",
+                                                                 "snmp_name"]
+
+
+@pytest.mark.parametrize("body,where,why", [
+    (" flag-1", "2:2: flag-1", "sh-fallback / mh-fallback (flag-1)"),
+    (" persistence_engine sip", "2:2: persistence_engine", "persistence engines (sip) are not implemented"),
+    (" sorry_server_lvs_method DR", "2:2: sorry_server_lvs_method", "forwarded one way, the service's lb_kind"),
+    (" real_server 10.1.0.1 80 {\n  lvs_method DR\n }", "3:3: lvs_method", "forwarded one way, the service's lb_kind"),
+    (" real_server 10.1.0.1 80 {\n  alpha\n }", "3:3: alpha", "set it there"),
+])
+def test_keepalived_service_and_server_options_hdslb_cannot_honour_are_refused(body, where, why):
+    (err,) = refused(VS.format(body=body))
+    assert err.startswith(f"k.conf:{where}: ") and why in err
+
+
 def test_dpvs_group_names_may_hold_colons():
     cfg = load("virtual_server_group 2001::1-80-TCP {\n 2001::1 80\n}\n"
                "virtual_server group 2001::1-80-TCP {\n lb_kind FNAT\n}\n")
