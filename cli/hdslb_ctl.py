@@ -249,7 +249,7 @@ def health_parser() -> argparse.ArgumentParser:
     hc.add_argument("-t", "--tcp-service", dest="tcp")
     hc.add_argument("-u", "--udp-service", dest="udp")
     hc.add_argument("-r", "--real-server", dest="real_server")
-    hc.add_argument("--kind", default="TCP_CHECK", help="TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, MISC_CHECK")
+    hc.add_argument("--kind", default="TCP_CHECK", help="TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, SMTP_CHECK, MISC_CHECK")
     hc.add_argument("--delay-loop", type=float, default=6)
     hc.add_argument("--inhibit", action="store_true", help="inhibit_on_failure: weight 0 instead of removal")
     hc.add_argument("params", nargs="*", metavar="KEY=VALUE",

@@ -437,6 +437,8 @@ CHECK_KINDS = {
     "SSL_GET": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
     "UDP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup",
                   "payload", "require_reply"),
+    "SMTP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup",
+                   "helo_name"),
     "MISC_CHECK": ("misc_path", "misc_timeout", "misc_dynamic", "retry", "delay_before_retry", "warmup"),
 }
 _TOKEN = re.compile(r"[A-Za-z0-9_.:/%+=@-]+")

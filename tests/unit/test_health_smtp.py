@@ -125,3 +125,13 @@ async def test_a_host_takes_the_checks_connect_options(smtp):
     assert check.hosts[0].connect_port is None and check.hosts[0].connect_timeout is None
     r = await check_smtp(check, rs)  # the check's port and 0.2 s timeout, the host's address
     assert not r.ok and r.reason == f"SMTP greeting from 127.0.0.1:{port} timed out after 0.2s"
+
+
+def test_an_smtp_check_can_be_added_at_run_time():
+    from hdslb.daemon import check_block
+
+    svc = {"proto": "tcp", "addr": "10.0.0.100", "port": 25}
+    text = check_block(svc, "192.168.100.2", 25, {"kind": "smtp_check", "params": {"helo_name": "lb1.example",
+                                                                                  "connect_port": 2525}})
+    (check,) = loads(text, name="t").virtual_servers[0].real_servers[0].checkers
+    assert (check.kind, check.helo_name, check.connect_port) == ("SMTP_CHECK", "lb1.example", 2525)
