@@ -60,6 +60,7 @@ class ServerState:
     since: float  # when it entered it
     last_failure: Optional[str] = None
     notified_weight: Optional[int] = None  # the weight the daemon was last told (None: not in the pool)
+    counted: int = 0  # what it adds to its service's `live` weight, as last counted (ServiceState.recount*)
 
     @property
     def rs_key(self) -> RsKey:
@@ -94,10 +95,25 @@ class ServiceState:
     vs: VirtualServer
     servers: Dict[RsKey, ServerState] = field(default_factory=dict)
     quorum_up: Optional[bool] = None
+    live: int = 0  # weight_sum() as last counted: kept up to date server by server (recount_one)
 
     def weight_sum(self) -> int:
         """keepalived's weigh_live_realservers: inhibited (weight 0) servers add nothing."""
         return sum(s.weight for s in self.servers.values() if s.alive)
+
+    def recount(self) -> int:
+        """Count every server's weight again (after a reload); returns `live`."""
+        for s in self.servers.values():
+            s.counted = s.weight if s.alive else 0
+        self.live = sum(s.counted for s in self.servers.values())
+        return self.live
+
+    def recount_one(self, srv: ServerState) -> None:
+        """One server changed (up/down, weight): `live` follows without summing the others, so weighing after
+        each of a big pool's changes costs O(1), not O(servers)."""
+        now = srv.weight if srv.alive else 0
+        self.live += now - srv.counted
+        srv.counted = now
 
     def as_dict(self) -> Dict[str, Any]:
         return {"quorum": None if self.quorum_up is None else ("up" if self.quorum_up else "down"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import resource
 import time
 from ipaddress import ip_address
@@ -13,8 +14,9 @@ from ipaddress import ip_address
 import hdslb.health.manager as manager
 from hdslb.health import CheckResult, HealthManager, pairs_of
 from hdslb.health.manager import FD_RESERVE, Slots
+from hdslb.health.state import ServerState
 from tests.unit.test_api_security import BASE, HarnessDaemon
-from tests.unit.test_health import Recorder, real, tcp_check, until, virtual
+from tests.unit.test_health import Recorder, Scripted, misc_check, real, tcp_check, until, virtual
 
 
 class Blackhole:
@@ -208,3 +210,66 @@ async def test_a_burst_of_health_verdicts_saves_the_model_once_and_stop_writes_t
     finally:
         await d.stop()
     assert d.saved_down == [1, 100] and d._save_handle is None
+
+
+# ---------------------------------------------------------------- quorum weighing
+
+
+async def test_a_big_pool_failing_server_by_server_is_weighed_per_change_not_per_server(monkeypatch):
+    """1000 servers of one virtual server fail one after another over many loop iterations: the quorum sum
+    follows each change without summing the whole pool again (that was 9 ms an iteration at 5,000 servers),
+    and quorum is lost exactly once, when the live weight falls below it."""
+    evaluations = [0]
+    weight = ServerState.weight.fget
+
+    def counting(self):
+        evaluations[0] += 1
+        return weight(self)
+
+    monkeypatch.setattr(ServerState, "weight", property(counting))
+    probe, rec = Scripted(), Recorder()
+    ports = range(60000, 61000)
+    for p in ports:
+        probe.ok[p] = False
+    servers = [real(p, tcp_check(warmup=0.5, retry=0)) for p in ports]
+    vs = virtual(*servers, quorum=500, hysteresis=0)
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe, rng=random.Random(7))
+    await mgr.start(pairs_of([vs]))
+    try:
+        await until(lambda: len(rec.changes) == 1000, timeout=10)
+        await until(lambda: rec.quorum, timeout=10)
+        assert rec.quorum == [(vs.key, True)]
+        svc = mgr._services[vs.key]
+        assert svc.live == svc.weight_sum() == 0
+        assert evaluations[0] < 5 * 1000, evaluations[0]  # ~1 per change; summing every time: > 100,000
+    finally:
+        await mgr.stop()
+
+
+async def test_the_live_weight_follows_dynamic_weights_failures_and_reloads():
+    probe, rec = Scripted(), Recorder()
+    a = real(61001, misc_check("true", dynamic=True, delay_loop=0.02), weight=2)
+    b = real(61002, tcp_check(delay_loop=0.02), weight=3)
+    c = real(61003, tcp_check(delay_loop=0.02), weight=4)
+    vs = virtual(a, b, c, quorum=5, hysteresis=0)
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe)
+    await mgr.start(pairs_of([vs]))
+    svc = mgr._services[vs.key]
+    try:
+        await until(lambda: probe.count(61001) >= 1)
+        assert svc.live == svc.weight_sum() == 9
+        probe.weight[61001] = 10
+        await until(lambda: svc.live == 17)
+        probe.ok[61002] = False
+        await until(lambda: svc.live == 14)
+        probe.weight[61001] = 0
+        probe.ok[61003] = False
+        await until(lambda: rec.quorum)
+        assert rec.quorum == [(vs.key, True)] and svc.live == svc.weight_sum() == 0
+        b2 = real(61002, tcp_check(delay_loop=0.02), weight=7)  # weight changed, still failing
+        mgr.update(pairs_of([virtual(a, b2, quorum=5, hysteresis=0)]))  # c removed
+        probe.ok[61002] = True
+        await until(lambda: len(rec.quorum) == 2)
+        assert rec.quorum[-1] == (vs.key, False) and svc.live == svc.weight_sum() == 7
+    finally:
+        await mgr.stop()
