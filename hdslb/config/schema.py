@@ -466,7 +466,7 @@ _REAL_SERVER = Block(m.RealServer, {
     check=_rs_check)
 
 _VIRTUAL_SERVER = Block(m.VirtualServer, {
-    "delay_loop": Key(Seconds(1, 86400), 60.0),
+    "delay_loop": Key(Seconds(0.001, 86400), 60.0),  # keepalived 2: fractional, as a checker's (read_timer)
     **_CHECK_DEFAULTS,
     "smtp_alert": Key(Flag(), False, na=NO_MAIL),
     "snmp_name": _SNMP_NAME,

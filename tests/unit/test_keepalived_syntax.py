@@ -241,6 +241,13 @@ def test_group_members_may_be_networks():
         "k.conf:2:2: 10.1.0.1/30: '10.1.0.1/30' is not a network (10.1.0.1/30 has host bits set)"]
 
 
+def test_a_virtual_servers_delay_loop_may_be_fractional():
+    # keepalived 2 (check_parser.c vs_delay_handler: read_timer), as a checker's own
+    cfg = load(VS.format(body=" delay_loop 0.5\n real_server 10.1.0.1 80 {\n  TCP_CHECK {\n  }\n }"))
+    vs = cfg.virtual_servers[0]
+    assert vs.delay_loop == 0.5 and vs.real_servers[0].checkers[0].delay_loop == 0.5
+
+
 def test_checker_defaults_are_keepalived_s():
     # check_api.c queue_checker: retry 1, delay_before_retry 1 s; check_http.c: 3 s; check_misc.c: retry 0
     cfg = load(VS.format(body=" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n  }\n  HTTP_GET {\n  }\n"
