@@ -370,6 +370,10 @@ _LVS_ONLY = "is an LVS scheduler hdslb does not implement; use one of " + "|".jo
 _SECONDS = Int(1, m.MAX_TIMEOUT_S, "seconds")
 
 
+def _opaque(reason: str) -> Block:
+    return Block(None, opaque=True, na=reason, multi=True)
+
+
 def _refused(reason: str) -> Block:
     """A keepalived keyword (a block or an option) that hdslb cannot honour and must not ignore: ignoring it would
     change which servers get traffic, so the file is refused at its line with this reason."""
@@ -393,6 +397,9 @@ _CHECK_COMMON: Mapping[str, Spec] = {
     "delay_before_retry": Key(Seconds(0, 3600), None),
     "delay_loop": Key(Seconds(0.001, 86400), None),
     "warmup": Key(Seconds(0, 86400), None),
+    "alpha": _refused("alpha is read per virtual_server here (every server of it starts down): set it there"),
+    "log_all_failures": _opaque("hdslb logs a checker's state changes; every failure is counted in health.list "
+                                "(failures, last_failure)"),
 }
 # keepalived 2: the same options on a real_server or virtual_server are its checkers' defaults
 _CHECK_DEFAULTS: Mapping[str, Spec] = {
@@ -407,6 +414,10 @@ _CONNECT: Mapping[str, Spec] = {
     "bindto": Key(IP(), None),
     "bind_port": Key(Port(), None),
     "connect_timeout": Key(Seconds(0.001, 3600), None),
+    "bind_if": _refused("probes leave by the route to the server: binding them to an interface is not implemented "
+                        "(bindto an address of it instead)"),
+    "fwmark": _refused("marking a check's packets (SO_MARK, for policy routing) is not implemented: the probes "
+                       "would take the main table's route"),
 }
 _HTTP: Mapping[str, Spec] = {
     "url": Block(m.HttpUrl, {
@@ -527,10 +538,6 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
 def _group(build: type, entry: Callable[[Node], List[Any]], entries_field: str, field_name: str) -> Block:
     return Block(build, header=named, entries=entry, entries_field=entries_field,
                  multi=True, collect="dict", key=lambda g: g.name, field=field_name)
-
-
-def _opaque(reason: str) -> Block:
-    return Block(None, opaque=True, na=reason, multi=True)
 
 
 

@@ -180,9 +180,9 @@ def test_what_would_change_traffic_if_ignored_is_refused(text, where, why):
 
 def test_keepalived_service_and_server_options_that_do_nothing_here_are_noticed():
     cfg = load("virtual_server 10.0.0.1 80 {\n ip_family inet\n hashed\n weight 3\n snmp_name web\n"
-               " real_server 10.1.0.1 80 {\n  snmp_name w1\n }\n}\n")
+               " real_server 10.1.0.1 80 {\n  snmp_name w1\n  TCP_CHECK {\n   log_all_failures true\n  }\n }\n}\n")
     assert [n.split(": ")[1] for n in inactive_notices(cfg)] == ["ip_family", "hashed", "weight", "snmp_name",
-                                                                 "snmp_name"]
+                                                                 "snmp_name", "log_all_failures"]
 
 
 @pytest.mark.parametrize("body,where,why", [
@@ -191,6 +191,9 @@ def test_keepalived_service_and_server_options_that_do_nothing_here_are_noticed(
     (" sorry_server_lvs_method DR", "2:2: sorry_server_lvs_method", "forwarded one way, the service's lb_kind"),
     (" real_server 10.1.0.1 80 {\n  lvs_method DR\n }", "3:3: lvs_method", "forwarded one way, the service's lb_kind"),
     (" real_server 10.1.0.1 80 {\n  alpha\n }", "3:3: alpha", "set it there"),
+    (" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n   alpha\n  }\n }", "4:4: alpha", "set it there"),
+    (" real_server 10.1.0.1 80 {\n  TCP_CHECK {\n   bind_if eth1\n  }\n }", "4:4: bind_if", "bindto an address"),
+    (" real_server 10.1.0.1 80 {\n  HTTP_GET {\n   fwmark 7\n  }\n }", "4:4: fwmark", "SO_MARK"),
 ])
 def test_keepalived_service_and_server_options_hdslb_cannot_honour_are_refused(body, where, why):
     (err,) = refused(VS.format(body=body))
