@@ -294,6 +294,7 @@ class HttpUrl:
     digest: Optional[str]  # md5 of the body, lower-case hex
     username: Optional[str] = None  # HTTP basic authentication (keepalived's url username/password)
     password: Optional[str] = None
+    virtualhost: Optional[str] = None  # this URL's Host header; None: the check's
 
     def accepts(self, code: int) -> bool:
         if not self.status_code:
@@ -333,6 +334,8 @@ class HttpCheck(NetChecker):
     url: Tuple[HttpUrl, ...]
     virtualhost: Optional[str]  # Host header; the virtual_server's unless set here
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    http_protocol: str = "1.0C"  # keepalived's: "1.0", "1.0C" (Connection: close) or "1.1"
+    enable_sni: bool = False  # SSL_GET: send the virtualhost as TLS SNI
 
 
 @dataclass(frozen=True)

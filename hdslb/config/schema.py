@@ -17,8 +17,9 @@ from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
 from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
-from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort, Kind,
-                    LvsTimeouts, OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range, networks_of)
+from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort,
+                    Kind, LvsTimeouts, OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range,
+                    networks_of)
 from .syntax import Node
 
 MISSING: Any = object()
@@ -429,8 +430,18 @@ _HTTP: Mapping[str, Spec] = {
         "password": Key(Str(r"[^\x00-\x1f\x7f]*", "a password (no control characters)"), None),
         "tls_compliant": Key(Flag(), False, na="hdslb's SSL_GET ends every probe the same way (a reset, no TLS "
                                                "close_notify) and judges only the status and digest"),
+        "virtualhost": Key(Str(), None),
+        **dict.fromkeys(("regex", "regex_no_match", "regex_options", "regex_stack", "regex_min_offset",
+                         "regex_max_offset", "regex_use_jit"), _refused(
+            "matching the body with a regex is not implemented: the check would pass on any body; use digest or "
+            "status_code, or a MISC_CHECK")),
     }, multi=True, check=_url_check),
     "virtualhost": Key(Str(), None),
+    # keepalived's request forms: 1.0, 1.0C (with Connection: close) and 1.1; hdslb sends Connection: close always
+    "http_protocol": Key(Choice("1.0", "1.0C", "1.1", fold=str.upper), "1.0C"),
+    "enable_sni": Key(Flag(), False),
+    "fast_recovery": _refused("fast_recovery (checking a down server every delay_before_retry) is not implemented: a "
+                              "recovered server would come back later than keepalived brings it"),
 }
 
 _PER_SERVER_METHOD = _refused("every real server of a service is forwarded one way, the service's lb_kind: a "
@@ -576,8 +587,9 @@ def _keepalived_global(kw: str) -> Optional[Block]:
         return _opaque("BFD is not part of hdslb; run keepalived's bfd process (or a routing daemon) alongside")
     if kw.startswith(("enable_snmp_", "snmp_")):
         return _opaque(_SNMP)
-    if kw.startswith(("checker_", "lvs_netlink_")) and kw.endswith(
-            ("_priority", "_no_swap", "_rlimit_rttime", "_process_name", "_rcv_bufs", "_rcv_bufs_force", "_cpu_affinity")):
+    if kw.startswith(("checker_", "lvs_netlink_")) and kw.endswith(("_priority", "_no_swap", "_rlimit_rttime",
+                                                                     "_process_name", "_rcv_bufs", "_rcv_bufs_force",
+                                                                     "_cpu_affinity")):
         return _opaque(_PROCESS)
     if kw in ("startup_script", "startup_script_timeout", "shutdown_script", "shutdown_script_timeout"):
         return _refused("hdslb runs no script at start or stop: run it from the service unit (ExecStartPre=, "

@@ -6,7 +6,9 @@ url passes without connecting. A status outside status_code (default 200-299) fa
 MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived
 without an SSL block, verifies no certificate: health is about the service answering, not about trust.
 We add `Connection: close` (keepalived's 1.0C) so no server holds the connection open after answering, and, when
-the url names a username (and password), `Authorization: Basic` with them.
+the url names a username (and password), `Authorization: Basic` with them. `http_protocol 1.1` asks in HTTP/1.1
+(still with Connection: close); a url's own virtualhost is its Host header; SSL_GET with enable_sni sends the
+virtualhost as TLS SNI.
 
 connect_timeout bounds the whole exchange for one URL (connect, request, response).
 """
@@ -97,16 +99,20 @@ class _BadResponse(Exception):
 
 
 async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, stage: list) -> Tuple[int, bytes]:
+    vhost = url.virtualhost or checker.virtualhost
+    sni = vhost if tls and checker.enable_sni and vhost else None  # keepalived's enable_sni: the virtualhost
     reader, writer = await asyncio.open_connection(
-        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip), limit=LINE_LIMIT)
+        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip), limit=LINE_LIMIT,
+        server_hostname=sni if tls else None)
     try:
         stage[0] = f"GET {url.path} from {hostport(ip, port)}"
-        host = checker.virtualhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port
+        host = vhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port
         auth = ""
         if url.username is not None:  # keepalived's url username/password: HTTP basic authentication
             token = base64.b64encode(f"{url.username}:{url.password or ''}".encode("utf-8")).decode("ascii")
             auth = f"Authorization: Basic {token}\r\n"
-        writer.write(f"GET {url.path} HTTP/1.0\r\nUser-Agent: KeepAliveClient\r\nHost: {host}\r\n{auth}"
+        version = "1.1" if checker.http_protocol == "1.1" else "1.0"
+        writer.write(f"GET {url.path} HTTP/{version}\r\nUser-Agent: KeepAliveClient\r\nHost: {host}\r\n{auth}"
                      f"Connection: close\r\n\r\n".encode("latin-1"))
         await writer.drain()
         code, headers = await _read_head(reader)

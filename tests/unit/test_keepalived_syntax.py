@@ -122,8 +122,8 @@ def test_parameters_reach_included_files(tmp_path):
 
 def test_standard_parameters(tmp_path):
     (tmp_path / "check.sh").write_text("")
-    (tmp_path / "main.conf").write_text(VS.format(body=" real_server 10.1.0.1 80 {\n MISC_CHECK {\n"
-                                                       '  misc_path "${_PWD}/check.sh ${_INSTANCE} $_INSTANCE"\n }\n }'))
+    body = ' real_server 10.1.0.1 80 {\n MISC_CHECK {\n  misc_path "${_PWD}/check.sh ${_INSTANCE} $_INSTANCE"\n }\n }'
+    (tmp_path / "main.conf").write_text(VS.format(body=body))
     from hdslb.config import load as load_file
     cfg = load_file(str(tmp_path / "main.conf"), config_id="lb7")
     # as in keepalived, `$NAME` ends at a blank, `,`, `)` or the line's end: before a `"` it needs `${NAME}`
@@ -348,3 +348,88 @@ def test_hdslb_ctl_check_config_id(tmp_path, capsys):
     assert main(["check", "-f", str(conf), "-i", "lb2"]) == 0
     assert main(["check", "-f", str(conf), "--config-id", "lb1"]) == 1
     assert f"{conf}:1:6: no_such_keyword: unknown keyword at the top level" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- HTTP_GET / SSL_GET request forms
+
+
+@pytest.fixture
+async def echo_port():
+    """Answers 200 with the request's HTTP version and Host header in the body."""
+    async def echo(request):
+        return web.Response(text=f"{request.version.major}.{request.version.minor} {request.headers.get('Host')}")
+
+    app = web.Application()
+    app.add_routes([web.get("/{tail:.*}", echo)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]
+    await runner.cleanup()
+
+
+def http_get(port, body):
+    cfg = load(f"virtual_server 10.0.0.1 80 {{\n virtualhost vs.example\n real_server 127.0.0.1 {port} {{\n"
+               f"  HTTP_GET {{\n{body}\n   connect_timeout 2\n  }}\n }}\n}}\n")
+    rs = cfg.virtual_servers[0].real_servers[0]
+    return rs.checkers[0], rs
+
+
+async def test_http_protocol_and_per_url_virtualhost(echo_port):
+    import hashlib
+
+    def digest(text):
+        return hashlib.md5(text.encode()).hexdigest()
+
+    # keepalived's http_protocol 1.1 asks in HTTP/1.1; a url's own virtualhost is its Host header
+    check, rs = http_get(echo_port, f"   http_protocol 1.1\n   url {{\n    path /a\n"
+                                    f"    digest {digest('1.1 vs.example')}\n   }}\n   url {{\n    path /b\n"
+                                    f"    virtualhost url.example\n    digest {digest('1.1 url.example')}\n   }}")
+    assert check.http_protocol == "1.1"
+    r = await check_http(check, rs)
+    assert r.ok, r.reason
+    check, rs = http_get(echo_port, f"   url {{\n    path /a\n    digest {digest('1.0 vs.example')}\n   }}")
+    assert check.http_protocol == "1.0C" and (await check_http(check, rs)).ok  # the default form
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_ssl_get_enable_sni_sends_the_virtualhost(tmp_path):
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=rs1"],
+                   check=True, capture_output=True)
+    seen = []
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.sni_callback = lambda sock, name, c: seen.append(name)
+
+    async def ok(request):
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.add_routes([web.get("/", ok)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        for sni, want in (("   enable_sni\n", "vs.example"), ("", None)):
+            cfg = load(f"virtual_server 10.0.0.1 443 {{\n virtualhost vs.example\n real_server 127.0.0.1 {port} {{\n"
+                       f"  SSL_GET {{\n{sni}   url {{\n    path /\n   }}\n   connect_timeout 2\n  }}\n }}\n}}\n")
+            rs = cfg.virtual_servers[0].real_servers[0]
+            assert (await check_http(rs.checkers[0], rs)).ok
+            assert seen[-1] == want
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("kw", ["regex ^ok", "regex_no_match down"])
+def test_body_regexes_are_refused(kw):
+    (err,) = refused(VS.format(body=f" real_server 10.1.0.1 80 {{\n  HTTP_GET {{\n   url {{\n    path /\n    {kw}\n"
+                                    "   }\n  }\n }"))
+    assert err.startswith(f"k.conf:6:5: {kw.split()[0]}: matching the body with a regex is not implemented")
