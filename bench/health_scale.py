@@ -9,7 +9,9 @@ is this host's), one asyncio server in it on port 80 that answers a TCP_CHECK (a
 (`HTTP/1.0 200 OK`), and an nftables rule that silently drops SYNs to 10.99.128.0/17: those real servers are
 blackholed (every probe to one runs into connect_timeout). The checker process runs in the namespace too: a config
 text with one virtual_server and N real_server blocks is loaded as the daemon loads it, and a HealthManager checks
-them with the probes hdslbd uses (hdslb.health.run_check), wrapped only to time each probe.
+them with the probes hdslbd uses (hdslb.health.run_check), wrapped only to time each probe. --kind misc runs a
+MISC_CHECK per server instead: /bin/true, or for a "blackholed" one a sleep that misc_timeout (= --connect-timeout)
+kills.
 
 What is measured, in the checker process while it checks for --seconds:
   - first round: time from start until every checker has finished its first probe (the checks are spread over
@@ -28,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,8 +61,12 @@ def config_text(n: int, blackholed: float, kind: str, delay_loop: float, timeout
         if kind == "tcp":
             check = (f"  TCP_CHECK {{\n   connect_timeout {timeout}\n   retry {retry}\n"
                      f"   delay_before_retry {dbr}\n  }}")
-        else:
+        elif kind == "http":
             check = (f"  HTTP_GET {{\n   url {{\n    path /health\n   }}\n   connect_timeout {timeout}\n"
+                     f"   retry {retry}\n   delay_before_retry {dbr}\n  }}")
+        else:  # a script that answers at once, or (blackholed) one that hangs until misc_timeout kills it
+            cmd = f"/bin/sleep {timeout * 10}" if i < down else "/bin/true"
+            check = (f"  MISC_CHECK {{\n   misc_path \"{cmd}\"\n   misc_timeout {timeout}\n"
                      f"   retry {retry}\n   delay_before_retry {dbr}\n  }}")
         lines.append(f" real_server {ip} {PORT} {{\n  weight 1\n{check}\n }}")
     lines.append("}")
@@ -102,6 +110,11 @@ async def _check(a) -> dict:
     parse_s = time.monotonic() - t
     pairs = pairs_of(cfg.virtual_servers)
     loop = asyncio.get_running_loop()
+    if a.debug:  # asyncio names every callback that held the loop 50 ms or more (stderr, printed by run())
+        import logging
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.05
     starts: dict = {}  # rs key -> [(start, end, ok)]
     inflight = [0, 0]  # now, peak
 
@@ -125,7 +138,7 @@ async def _check(a) -> dict:
     if a.max_concurrent:
         kw["max_concurrent"] = a.max_concurrent
     mgr = HealthManager(on_change, **kw)
-    lags, fds, status_s = [], [], []
+    lags, lag_at, fds, status_s = [], [], [], []
     stop = asyncio.Event()
 
     async def ticker():
@@ -133,6 +146,7 @@ async def _check(a) -> dict:
             t0 = loop.time()
             await asyncio.sleep(0.01)
             lags.append(loop.time() - t0 - 0.01)
+            lag_at.append(t0)
 
     async def sampler():
         while not stop.is_set():
@@ -146,10 +160,22 @@ async def _check(a) -> dict:
             status_s.append(time.perf_counter() - t0)
             await asyncio.sleep(1.0)
 
+    gc_pauses, gc_t = [], [0.0]
+
+    def gc_cb(phase, info):  # the collector's own pauses: with thousands of tasks a full one can stall the loop
+        if phase == "start":
+            gc_t[0] = time.perf_counter()
+        elif info.get("generation") == 2:
+            gc_pauses.append(time.perf_counter() - gc_t[0])
+
+    gc.callbacks.append(gc_cb)
     helpers = [asyncio.create_task(f()) for f in (ticker, sampler, status_poller)]
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = loop.time()
     await mgr.start(pairs)
+    if not a.no_freeze:  # as hdslbd's HeapSettler does once the model (and the checkers) are loaded
+        gc.collect()
+        gc.freeze()
     keys = [rs.key for _, rs in pairs]
     first_round = None
     while loop.time() - t0 < a.seconds:
@@ -159,9 +185,10 @@ async def _check(a) -> dict:
     wall = loop.time() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     eff = getattr(mgr, "slots", getattr(mgr, "_max_concurrent", a.max_concurrent))  # _max_concurrent: before slots
-    await mgr.stop()
-    stop.set()
+    stop.set()  # before stop(): cancelling thousands of checker tasks at shutdown is not what is measured
     await asyncio.gather(*helpers)
+    gc.callbacks.remove(gc_cb)
+    await mgr.stop()
 
     late = []
     for k, runs in starts.items():
@@ -189,6 +216,8 @@ async def _check(a) -> dict:
         "late_p50_s": round(pct(late, 0.5), 3), "late_p99_s": round(pct(late, 0.99), 3),
         "late_max_s": round(max(late, default=float("nan")), 3),
         "lag_p99_ms": round(pct(lags, 0.99) * 1e3, 1), "lag_max_ms": round(max(lags) * 1e3, 1),
+        "lag_max_at_s": round(lag_at[lags.index(max(lags))] - t0, 1),
+        "gc_full": len(gc_pauses), "gc_full_max_ms": round(max(gc_pauses, default=0) * 1e3, 1),
         "status_ms": round(statistics.median(status_s) * 1e3, 1) if status_s else None,
         "fds_peak": max(fds), "inflight_peak": inflight[1], "probes": probes,
         "probes_per_s": round(probes / wall, 1), "down_notices": changes[0],
@@ -227,6 +256,8 @@ def run(a) -> dict:
                   "--inner", *argv, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"checker process failed:\n{out.stderr[-3000:]}")
+        if a.debug:
+            print(out.stderr[-20000:], file=sys.stderr)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if server is not None:
@@ -249,8 +280,9 @@ def table(r: dict) -> str:
         ("config load", f"{r['parse_s']} s"),
         ("first round complete", f"{r['first_round_s']} s ({r['checked_once']} checked)"),
         ("answering servers' probes late p50/p99/max", f"{r['late_p50_s']} / {r['late_p99_s']} / {r['late_max_s']} s"),
-        ("loop lag p99 / max", f"{r['lag_p99_ms']} / {r['lag_max_ms']} ms"),
-        ("status() (daemon.status's health part)", f"{r['status_ms']} ms"),
+        ("loop lag p99 / max (at)", f"{r['lag_p99_ms']} / {r['lag_max_ms']} ms ({r['lag_max_at_s']} s)"),
+        ("full GC collections, longest", f"{r['gc_full']}, {r['gc_full_max_ms']} ms"),
+        ("status() (health.list's part)", f"{r['status_ms']} ms"),
         ("fds peak / probes in flight peak", f"{r['fds_peak']} / {r['inflight_peak']}"),
         ("probes, per second", f"{r['probes']}, {r['probes_per_s']}/s"),
         ("CPU over wall", f"{r['cpu_s']} s / {r['wall_s']} s"),
@@ -264,7 +296,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--servers", type=int, default=5000)
     p.add_argument("--blackholed", type=float, default=0.5, help="fraction of servers whose SYNs are dropped")
-    p.add_argument("--kind", choices=("tcp", "http"), default="tcp")
+    p.add_argument("--kind", choices=("tcp", "http", "misc"), default="tcp")
     p.add_argument("--delay-loop", type=float, default=6.0)
     p.add_argument("--connect-timeout", type=float, default=3.0)
     p.add_argument("--retry", type=int, default=1)
@@ -273,6 +305,10 @@ def main() -> int:
     p.add_argument("--max-concurrent", type=int, default=0, help="probe slots (0: the manager's default)")
     p.add_argument("--nofile", type=int, default=0, help="soft RLIMIT_NOFILE for the checker (0: inherited)")
     p.add_argument("--nofile-hard", type=int, default=0, help="hard RLIMIT_NOFILE for the checker (0: inherited)")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="leave the heap unfrozen (hdslbd freezes it after start: HDSLB_GC_FREEZE)")
+    p.add_argument("--profile", metavar="FILE", help="cProfile the checking process into FILE")
+    p.add_argument("--debug", action="store_true", help="asyncio debug: name callbacks that held the loop >= 50 ms")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -280,11 +316,19 @@ def main() -> int:
         asyncio.run(_serve())
         return 0
     if a.inner:
-        print(json.dumps(asyncio.run(_check(a))))
+        if a.profile:  # where the checking process's CPU goes (pstats file; `python -m pstats FILE`)
+            import cProfile
+            prof = cProfile.Profile()
+            r = prof.runcall(asyncio.run, _check(a))
+            prof.dump_stats(a.profile)
+        else:
+            r = asyncio.run(_check(a))
+        print(json.dumps(r))
         return 0
     if os.geteuid() != 0:
         print("health_scale needs root (a network namespace)", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`, kill: still remove the lab (finally)
     r = run(a)
     print(table(r))
     print(json.dumps(r))
