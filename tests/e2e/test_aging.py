@@ -356,7 +356,10 @@ def test_an_upgrade_from_the_single_table_layout_keeps_a_held_flow(upgrade_lb):
             "s.sendall(b'\\r\\n'); print(s.recv(100).split(b'\\r\\n')[0].decode())\n")
     p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", hold], stdout=subprocess.PIPE, text=True)
     lab.procs.append(p)
-    time.sleep(1)
+    # the held flow in the table before the kill: a second's sleep was not always enough on a loaded machine
+    deadline = time.monotonic() + 15
+    while not any(c["state"] == "established" for c in conns(lb, "tcp")) and time.monotonic() < deadline:
+        time.sleep(0.2)
     t0 = time.monotonic()
     subprocess.run(["kill", "-9", str(st["pid"])], check=True)
     assert _to_single_table_layout(st["pin_dir"], kind == "shared") >= 2, "the held flow's two entries"
