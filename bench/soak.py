@@ -48,7 +48,7 @@ DRAIN_WAIT = TCP_EST + 12
 # not the restarts they sometimes followed (captured on both sides of the balancer: 9 kill -9 restarts under
 # traffic dropped nothing): a /big download whose whole body landed in the socket buffer at once sits idle while
 # curl's --limit-rate pays it out (up to ~10 s, past TCP_EST), the sweep expires it, and its FIN is dropped with
-# its 8 retransmissions (tcp_orphan_retries: 5-7 within 6 s, then one at about +12, +25 and +51 s).
+# its 9 retransmissions (backoff from 0.2 s: 7 drops within 7 s, then one at about +13, +27 and +55 s).
 # drop_no_laddr: the ipvsadm service is built line by line as an operator does (-A, -a, then --add-laddr), and a
 # SYN of the curl loop aimed at it can arrive between the -a and the --add-laddr.
 EXPLAINED_DROPS = {"drop_no_dest", "drop_no_conn", "drop_no_laddr"}
