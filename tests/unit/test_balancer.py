@@ -271,3 +271,114 @@ def test_changing_the_scheduler_drops_the_old_one_s_flags_and_table_parameters(b
     with pytest.raises(HdslbError, match="sh-port is for scheduler sh, not mh"):
         bal.service_edit(dict(SVC, sched="mh", flags=["sh-port"]))  # named in the edit: refused, nothing changes
     assert (svc.sched, svc.flags, svc.sched_params, bal.dp.calls) == before
+
+
+# ---------------------------------------------------------------- health verdicts in a burst
+
+MH = {"proto": "tcp", "addr": "10.0.0.101", "port": 80}
+
+
+def mh_pool(b, n=8):
+    b.service_add(dict(MH, sched="mh", sched_params={"size": 4093}, persistent=60))
+    for i in range(n):
+        b.dest_add({"svc": MH, "addr": f"192.168.7.{1 + i}", "port": 80, "fwd": "fnat"})
+    return b.get_service(MH)
+
+
+def verdict(i, up, weight=None):
+    return ({"svc": MH, "addr": f"192.168.7.{1 + i}", "port": 80}, up, weight, "" if up else "TCP_CHECK: refused")
+
+
+BURST = [verdict(0, False), verdict(3, False), verdict(5, False), verdict(3, True, 4), verdict(6, False),
+         verdict(7, True, 3)]
+
+
+def calls_for(b, name, svc, since=0):
+    return [i for i, c in enumerate(b.dp.calls) if i >= since and c[0] == name
+            and (c[1][0] is svc if name == "sched_set" else c[1][0] == svc.svc_id)]
+
+
+def counting_builds(monkeypatch):
+    """Count the scheduling tables built (hdslb.sched.build_table: what an mh/conhash verdict costs)."""
+    from hdslb import sched
+
+    built = []
+    real = sched.build_table
+    monkeypatch.setattr(sched, "build_table", lambda name, *a, **kw: (built.append(name), real(name, *a, **kw))[1])
+    return built
+
+
+def test_a_burst_of_health_verdicts_builds_the_mh_table_once_as_one_by_one_would_end(bal, monkeypatch):
+    svc = mh_pool(bal)
+    one = Balancer(Recorder(), bal.ifaces)
+    mh_pool(one)
+    for v in BURST:
+        one.dest_health(*v)
+    n = len(bal.dp.calls)
+    built = counting_builds(monkeypatch)
+    out = bal.dest_health_many(BURST)
+    assert [type(r).__name__ for r in out] == ["Dest"] * len(BURST)
+    assert built == ["mh"]  # one by one: 6 builds
+    assert len(calls_for(bal, "sched_set", svc, n)) == 1
+    assert [c[0] for c in bal.dp.calls[n:]].count("hash_cells_set") == 1
+    assert last_table(bal).entries == last_table(one).entries
+    assert [(d.health, d.eff_weight) for d in svc.dests.values()] == \
+        [(d.health, d.eff_weight) for d in one.get_service(MH).dests.values()]
+
+
+def test_a_burst_flushes_the_down_servers_templates_after_the_table_no_longer_holds_them(bal):
+    svc = mh_pool(bal)
+    n = len(bal.dp.calls)
+    bal.dest_health_many(BURST)
+    table = calls_for(bal, "sched_set", svc, n)[0]
+    slots = {d.slot for d in svc.dests.values()}
+    flushed = calls_for(bal, "persist_flush", svc, n)
+    down = [svc.dests[(ipaddress.ip_address(f"192.168.7.{1 + i}"), 80)].slot for i in (0, 3, 5, 6)]
+    assert sorted(bal.dp.calls[i][1][1] for i in flushed) == sorted(down) and set(down) <= slots
+    assert all(i > table for i in flushed)  # after the table without them, as dest_del in a batch
+
+
+def test_a_burst_drops_a_verdict_for_a_server_removed_meanwhile(bal):
+    svc = mh_pool(bal)
+    bal.dest_del({"svc": MH, "addr": "192.168.7.4", "port": 80})
+    n = len(bal.dp.calls)
+    out = bal.dest_health_many(BURST)
+    assert isinstance(out[1], HdslbError) and out[1].errno == errno.ENOENT and isinstance(out[3], HdslbError)
+    assert [type(r).__name__ for i, r in enumerate(out) if i not in (1, 3)] == ["Dest"] * 4
+    assert len(calls_for(bal, "sched_set", svc, n)) == 1
+    assert sum(d.health == "down" for d in svc.dests.values()) == 3
+
+
+def test_a_burst_whose_table_cannot_be_built_gets_its_verdicts_one_by_one(bal):
+    """rr rings hold ring_max servers: a burst ending with three up cannot be built; one by one, the last verdict
+    alone is refused, as it would have been without the burst."""
+    b = Balancer(Recorder(), bal.ifaces, ring_max=2)
+    b.service_add(dict(SVC, sched="rr", persistent=60))
+    rs = [{"svc": SVC, "addr": f"192.168.100.{i}", "port": 80, "fwd": "fnat"} for i in (2, 3, 4)]
+    b.dest_add(rs[0])
+    b.dest_add(rs[1])
+    b.dest_health(rs[0], False, None, "down")
+    b.dest_add(rs[2])
+    svc = b.get_service(SVC)
+    n = len(b.dp.calls)
+    out = b.dest_health_many([(rs[1], False, None, "down"), (rs[0], True, None, ""), (rs[1], True, None, "")])
+    assert [isinstance(r, HdslbError) for r in out] == [False, False, True]
+    assert "rr: 3 real servers" in out[2].message
+    assert [d.health for d in svc.dests.values()] == ["up", "down", "up"]
+    assert sorted(last_table(b).entries) == sorted(svc.dests[(ipaddress.ip_address(f"192.168.100.{i}"), 80)].slot
+                                                   for i in (2, 4))
+    b3 = svc.dests[(ipaddress.ip_address("192.168.100.3"), 80)].slot
+    flushed = calls_for(b, "persist_flush", svc, n)
+    assert [b.dp.calls[i][1][1] for i in flushed] == [b3]  # once, by its own verdict, not twice
+
+
+def test_health_verdicts_in_a_caller_s_batch_build_its_tables_at_its_end(bal, monkeypatch):
+    svc = mh_pool(bal)
+    built = counting_builds(monkeypatch)
+    n = len(bal.dp.calls)
+    with bal.deferred():
+        for v in BURST:
+            bal.dest_health(*v)
+        assert built == [] and calls_for(bal, "sched_set", svc, n) == []
+        assert calls_for(bal, "persist_flush", svc, n) == []
+    assert built == ["mh"] and len(calls_for(bal, "persist_flush", svc, n)) == 4
