@@ -212,10 +212,6 @@ NOT_ACTED_ON_LB = {
     "waddr_group_name": "deny/allow address groups are not enforced by the fast path",
     "ha_suspend": "there is no VRRP here to suspend checkers with",
     "sorry_server_inhibit": "the sorry server is added with weight 1 and removed when quorum returns",
-    "notify_up": "state changes are logged and exported as metrics; no script is run",
-    "notify_down": "state changes are logged and exported as metrics; no script is run",
-    "quorum_up": "quorum changes are logged (and bring in the sorry_server); no script is run",
-    "quorum_down": "quorum changes are logged (and bring in the sorry_server); no script is run",
 }
 
 

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .model import Endpoint, IPAddress, IPNetwork
+from .model import Endpoint, IPAddress, IPNetwork, NotifyScript
 from .syntax import Token
 
 MAX_RANGE = 65536  # a range that expands past this is a typo, not a config
@@ -212,6 +212,52 @@ class Text(Kind):
 
     def many(self, args: Sequence[Token]) -> str:
         return " ".join(t.text for t in args)
+
+
+class Script(Kind):
+    """keepalived 2's `KEYWORD SCRIPT [USER [GROUP]]` (notify_up, quorum_up, …; lib/notify.c notify_script_init):
+    the line is split into words as keepalived does (single or double quotes group, backslash escapes), the first
+    is the command line and the next two the user and group to run it as. So `notify_up /x.sh up` names user
+    "up": arguments need the command quoted, `notify_up "/x.sh up"`. The user and group must exist, as keepalived
+    checks when it reads the line (it drops the script; hdslb refuses the line)."""
+
+    nargs = None
+    what = "SCRIPT [USER [GROUP]] (quote a command that has arguments)"
+
+    def many(self, args: Sequence[Token]) -> NotifyScript:
+        import grp
+        import pwd
+        import shlex
+
+        # a double-quoted token arrives unquoted: quote it again so the words keep their bounds
+        line = " ".join(shlex.quote(t.text) if t.kind == "string" else t.text for t in args)
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise Bad(f"cannot split {line!r}: {e}", args[0])
+        if not words or not words[0].strip():
+            raise Bad(f"expects {self.what}")
+        if len(words) > 3:
+            raise Bad(f"expects {self.what}, got extra {words[3]!r}: to pass arguments, quote the whole command "
+                      f"(notify_up \"/path/script arg\")", args[-1])
+        try:
+            cmd = shlex.split(words[0])
+        except ValueError as e:
+            raise Bad(f"cannot split the command {words[0]!r}: {e}", args[0])
+        if not cmd:
+            raise Bad(f"expects {self.what}", args[0])
+        if len(words) > 1:
+            try:
+                pwd.getpwnam(words[1])
+            except KeyError:
+                raise Bad(f"user {words[1]!r} does not exist (the words after an unquoted script are USER [GROUP], "
+                          f"as keepalived 2 reads them; to pass arguments, quote the whole command)", args[-1])
+        if len(words) > 2:
+            try:
+                grp.getgrnam(words[2])
+            except KeyError:
+                raise Bad(f"group {words[2]!r} does not exist", args[-1])
+        return NotifyScript(words[0], " ".join(words[1:]) or None)
 
 
 IFNAME = Str(r"[^\s/:]{1,15}", "an interface name (1-15 characters, no '/' or ':')")

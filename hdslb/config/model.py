@@ -378,6 +378,15 @@ class MiscCheck(Checker):
 
 
 @dataclass(frozen=True)
+class NotifyScript:
+    """keepalived's `notify_up|notify_down|quorum_up|quorum_down SCRIPT [USER [GROUP]]`: SCRIPT is one word or a
+    quoted command line (split into words like misc_path, run through no shell); USER [GROUP] run it as them."""
+
+    command: str
+    user: Optional[str] = None  # "USER" or "USER GROUP"; None: global_defs script_user, else hdslbd's own
+
+
+@dataclass(frozen=True)
 class RealServer:
     ip: IPAddress
     port: int  # 0 only under SNAT
@@ -385,8 +394,8 @@ class RealServer:
     inhibit_on_failure: bool  # on failure set weight 0 instead of removing the server
     uthreshold: Optional[int]  # upper conn threshold (None: unlimited)
     lthreshold: Optional[int]
-    notify_up: Optional[str]
-    notify_down: Optional[str]
+    notify_up: Optional[NotifyScript]  # run when its checks bring it up
+    notify_down: Optional[NotifyScript]  # run when its checks take it down
     checkers: Tuple[Checker, ...]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
     # keepalived 2's defaults for this server's checkers (None: the virtual server's, then the checker kind's);
@@ -432,8 +441,8 @@ class VirtualServer:
     omega: bool  # run quorum_down when the service is removed
     quorum: int
     hysteresis: int
-    quorum_up: Optional[str]
-    quorum_down: Optional[str]
+    quorum_up: Optional[NotifyScript]  # run when the live weight regains quorum + hysteresis
+    quorum_down: Optional[NotifyScript]  # run when it falls below quorum - hysteresis
     sorry_server: Optional[Endpoint]
     sorry_server_inhibit: bool
     inhibit_on_failure: bool

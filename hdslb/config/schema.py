@@ -18,8 +18,8 @@ from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
 from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort,
-                    Kind, LvsTimeouts, OnOff, OptionalInt, Port, Seconds, StatusCodes, Str, Text, ip_of, ip_range,
-                    networks_of)
+                    Kind, LvsTimeouts, OnOff, OptionalInt, Port, Script, Seconds, StatusCodes, Str, Text, ip_of,
+                    ip_range, networks_of)
 from .syntax import Node
 
 MISSING: Any = object()
@@ -460,8 +460,8 @@ _REAL_SERVER = Block(m.RealServer, {
     "inhibit_on_failure": Key(Flag(), False),
     "uthreshold": Key(Int(0, 2**31 - 1), None),
     "lthreshold": Key(Int(0, 2**31 - 1), None),
-    "notify_up": Key(Text(), None),
-    "notify_down": Key(Text(), None),
+    "notify_up": Key(Script(), None),
+    "notify_down": Key(Script(), None),
     "TCP_CHECK": _netcheck("TCP_CHECK", m.TcpCheck, {}),
     "HTTP_GET": _netcheck("HTTP_GET", m.HttpCheck, _HTTP),
     "SSL_GET": _netcheck("SSL_GET", m.HttpCheck, _HTTP),
@@ -524,8 +524,8 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "omega": Key(Flag(), False),
     "quorum": Key(Int(1, 2**31 - 1), 1),
     "hysteresis": Key(Int(0, 2**31 - 1), 0),
-    "quorum_up": Key(Text(), None),
-    "quorum_down": Key(Text(), None),
+    "quorum_up": Key(Script(), None),
+    "quorum_down": Key(Script(), None),
     "sorry_server": Key(IPPort(port_lo=0, port_optional=True), None),
     "sorry_server_inhibit": Key(Flag(), False),
     "inhibit_on_failure": Key(Flag(), False),

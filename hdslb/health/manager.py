@@ -33,6 +33,23 @@ in starts without quorum. Where the start state still differs from the pool (alp
 configured weight the pool does not have) the daemon is told at once, so after start the manager and the pool
 agree and the first probe result that differs produces a notice.
 
+Scripts (hdslb.health.notify): a real server's notify_up / notify_down and a virtual server's quorum_up /
+quorum_down run where keepalived runs them (check/ipwrapper.c), queued, never awaited:
+  - notify_up / notify_down when the server's checks bring it up or take it down; not for the state it starts in
+    (keepalived runs none at start unless global_defs rs_init_notifies, which hdslb refuses as unknown), with one
+    exception, keepalived's: under alpha, a server's first failed check runs notify_down (it started down,
+    unannounced; keepalived's update_svr_checker_state), once per server here (keepalived: once per checker).
+  - quorum_up / quorum_down when the live weight crosses quorum + hysteresis upwards / quorum - hysteresis (or 0)
+    downwards. At start (and for a virtual server a reload adds) only quorum_down, and only when the service has
+    a sorry_server and starts below quorum: keepalived's "Starting with quorum down" (update_quorum_state, init).
+  - A reload that removes an up real server runs its notify_down, one that removes a virtual server the
+    notify_down of its up servers and its quorum_down if it had quorum, omega or not (keepalived's
+    clear_diff_services); the scripts are the old configuration's. A reload that keeps a server runs none, and
+    later transitions run the new configuration's scripts.
+  - hdslbd stopping runs them only under omega (keepalived: "Only send non SNMP notifies when stopping if omega
+    set"), and stop() waits for them (hdslb.health.notify.STOP_GRACE).
+  - A restart that restores the previous daemon's verdicts (pool_state) is not a transition: nothing runs.
+
 Concurrency: a probe holds one socket (or one child process) while it runs, so at most `slots` probes run at
 once, first come first served (a slot is held for the probe only; timers and state cost no descriptors). As
 keepalived does for its checker process, the slots are sized to the checkers: every checker gets a slot of its own
@@ -59,6 +76,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 from hdslb.config.model import Checker, MiscCheck, RealServer, VirtualServer
 from hdslb.health.base import CheckResult, failed, hostport
+from hdslb.health.notify import Notifier
 from hdslb.health.probe import Probe, run_check
 from hdslb.health.state import CheckerState, PoolState, RsKey, ServerState, ServiceState, VsKey
 
@@ -87,12 +105,14 @@ class HealthManager:
                  probe: Probe = run_check, max_concurrent: Optional[int] = None,
                  script_user: Optional[str] = None, script_security: bool = False,
                  rng: Optional[random.Random] = None, pool_state: Optional[PoolStateOf] = None,
-                 quorum_lost: Optional[QuorumLostOf] = None):
+                 quorum_lost: Optional[QuorumLostOf] = None, notifier: Optional[Notifier] = None):
         """probe is replaceable for tests; max_concurrent fixes the probe slots (None: sized to the checkers and
         the file-descriptor limit, see "Concurrency" above); script_user is global_defs' default user for
         MISC_CHECK (`user` in the check wins), script_security its enable_script_security (see
         hdslb.health.misc.insecure_reason). pool_state and quorum_lost say what the daemon's pool holds, for
-        servers and virtual servers the manager starts checking (see "Where the manager starts from" above)."""
+        servers and virtual servers the manager starts checking (see "Where the manager starts from" above).
+        notifier runs the notify/quorum scripts (see "Scripts" above; replaceable for tests)."""
+        self._notifier = notifier if notifier is not None else Notifier()
         self._on_change = on_change
         self._on_quorum = on_quorum
         self._pool_state = pool_state
@@ -130,7 +150,8 @@ class HealthManager:
             self._quorum(svc)
 
     async def stop(self) -> None:
-        """Cancel every probe (MISC_CHECK children are killed), deliver omega notices, then return."""
+        """Cancel every probe (MISC_CHECK children are killed), deliver omega notices, let running scripts finish
+        (hdslb.health.notify.STOP_GRACE; then they are killed), then return."""
         if not self._running:
             return
         self._running = False
@@ -139,6 +160,8 @@ class HealthManager:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for svc in self._services.values():
+            if svc.vs.omega:
+                self._scripts_gone(svc)
             self._omega(svc, "hdslbd is stopping (omega)")
         try:
             await asyncio.wait_for(self._events.join(), STOP_DRAIN_TIMEOUT)
@@ -147,6 +170,7 @@ class HealthManager:
         self._dispatcher.cancel()
         await asyncio.gather(self._dispatcher, return_exceptions=True)
         self._dispatcher = None
+        await self._notifier.close()  # omega's scripts among them; what outlives STOP_GRACE is killed
 
     async def settle(self) -> None:
         """Wait until every notice queued so far has been delivered (after start(), update())."""
@@ -168,6 +192,7 @@ class HealthManager:
             svc = self._services.pop(key)
             self._cancel(svc.servers.values())
             if self._running:
+                self._scripts_gone(svc)
                 self._omega(svc, "virtual server removed (omega)")
         for key, (vs, rss) in wanted.items():
             svc = self._services.get(key)
@@ -177,7 +202,10 @@ class HealthManager:
                     svc.quorum_up = False  # its sorry server is in: regaining quorum takes it out
             svc.vs = vs
             for rk in [k for k in svc.servers if k not in rss]:
-                self._cancel([svc.servers.pop(rk)])
+                gone = svc.servers.pop(rk)
+                self._cancel([gone])
+                if self._running and gone.alive:
+                    self._script_rs(gone, False)  # keepalived: clear_service_rs on reload
             for rk, rs in rss.items():
                 srv = svc.servers.get(rk)
                 if srv is None:
@@ -267,7 +295,8 @@ class HealthManager:
         # What the daemon has: without pool_state, keepalived's assumption (in at the configured weight).
         told = rs.weight if pool is None else pool.weight if pool.up else None
         return ServerState(vs_key=vs.key, rs=rs, inhibit=rs.inhibit_on_failure or vs.inhibit_on_failure,
-                           checkers=checkers, alive=alive, since=time.time(), reason=reason, notified_weight=told)
+                           checkers=checkers, alive=alive, since=time.time(), reason=reason, notified_weight=told,
+                           alpha_pending=vs.alpha and not alive)
 
     def _begin(self, srv: ServerState) -> None:
         """Start a server's checker tasks; tell the daemon where the state it starts in differs from the pool's
@@ -370,6 +399,8 @@ class HealthManager:
                 cs.up = False
         cs.has_run = True
         self._reconcile(svc, srv, reason)
+        if srv.alpha_pending and not res.ok and not srv.alive:
+            self._script_rs(srv, False)  # keepalived: alpha's first failed check confirms the server down
         return delay
 
     def _reconcile(self, svc: ServiceState, srv: ServerState, reason: str) -> None:
@@ -380,6 +411,7 @@ class HealthManager:
             srv.since = time.time()
             srv.reason = reason
             self._tell(srv, alive, reason)
+            self._script_rs(srv, alive)
             self._quorum_soon(svc, srv)
         elif alive and srv.weight != srv.notified_weight:
             self._tell(srv, True, reason)
@@ -421,7 +453,9 @@ class HealthManager:
         if svc.quorum_up is None:
             svc.quorum_up = total >= gain
             if not svc.quorum_up:
-                self._quorum_changed(svc, True, f"starting with quorum down: weight {total} < {gain}")
+                # keepalived runs quorum_down at start only to go with the sorry server it puts in
+                self._quorum_changed(svc, True, f"starting with quorum down: weight {total} < {gain}",
+                                     script=vs.sorry_server is not None)
         elif not svc.quorum_up and total >= gain:
             svc.quorum_up = True
             self._quorum_changed(svc, False, f"gained quorum: weight {total} >= {vs.quorum}+{vs.hysteresis}")
@@ -429,10 +463,12 @@ class HealthManager:
             svc.quorum_up = False
             self._quorum_changed(svc, True, f"lost quorum: weight {total} < {vs.quorum}-{vs.hysteresis}")
 
-    def _quorum_changed(self, svc: ServiceState, lost: bool, why: str) -> None:
+    def _quorum_changed(self, svc: ServiceState, lost: bool, why: str, *, script: bool = True) -> None:
         (log.warning if lost else log.info)("virtual server %s %s", svc.vs, why)
         if self._on_quorum is not None:
             self._emit(self._on_quorum, svc.vs.key, lost)
+        if script:
+            self._script_vs(svc, not lost)
 
     def _omega(self, svc: ServiceState, reason: str) -> None:
         """keepalived's omega: report up servers down (removed, even if inhibited) and quorum lost."""
@@ -445,7 +481,36 @@ class HealthManager:
                 self._tell(srv, False, reason, remove=True)
         if svc.quorum_up:
             svc.quorum_up = False
-            self._quorum_changed(svc, True, reason)
+            self._quorum_changed(svc, True, reason, script=False)  # the scripts: _scripts_gone
+
+    # ------------------------------------------------------------ scripts (hdslb.health.notify)
+
+    def _script_rs(self, srv: ServerState, up: bool) -> None:
+        srv.alpha_pending = False
+        rs = srv.rs
+        self._notifier.run(("rs", srv.vs_key, srv.rs_key), "notify_up" if up else "notify_down",
+                           rs.notify_up if up else rs.notify_down,
+                           f"real server {hostport(*srv.rs_key)} of {srv.vs_key[1]}/{srv.vs_key[0]}",
+                           script_user=self._script_user, script_security=self._script_security)
+
+    def _script_vs(self, svc: ServiceState, up: bool) -> None:
+        vs = svc.vs
+        self._notifier.run(("vs", vs.key), "quorum_up" if up else "quorum_down", vs.quorum_up if up else vs.quorum_down,
+                           f"virtual server {vs}", script_user=self._script_user,
+                           script_security=self._script_security)
+
+    def _scripts_gone(self, svc: ServiceState) -> None:
+        """A virtual server removed (or hdslbd stopping under omega): notify_down for its up servers, quorum_down
+        if it had quorum, as keepalived's clear_service_vs does."""
+        for srv in svc.servers.values():
+            if srv.alive:
+                self._script_rs(srv, False)
+        if svc.quorum_up:
+            self._script_vs(svc, False)
+
+    @property
+    def notifier(self) -> Notifier:
+        return self._notifier
 
     # ------------------------------------------------------------ notices to the daemon
 

@@ -61,6 +61,8 @@ class ServerState:
     last_failure: Optional[str] = None
     notified_weight: Optional[int] = None  # the weight the daemon was last told (None: not in the pool)
     counted: int = 0  # what it adds to its service's `live` weight, as last counted (ServiceState.recount*)
+    # alpha: started down and no notify script has run for it yet; its first failed check runs notify_down
+    alpha_pending: bool = False
 
     @property
     def rs_key(self) -> RsKey:

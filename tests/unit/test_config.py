@@ -162,7 +162,7 @@ def test_keepalived_sample():
     assert [str(e) for e in cfg.endpoints(web)] == ["198.51.100.10:80", "198.51.100.11:80"]
     assert (web.persistence_timeout, web.persistence_granularity) == (300, 24)
     assert (web.alpha, web.omega, web.quorum, web.hysteresis) == (True, True, 2, 1)
-    assert web.quorum_up == "/usr/local/bin/vip-up web"
+    assert web.quorum_up == m.NotifyScript("/usr/local/bin/vip-up web")
     assert web.sorry_server == m.Endpoint(ip("10.10.16.250"), 8080)
     assert (web.daddr_group_name, web.syn_proxy) == ("blocked", True)
     rs = web.real_servers[0]

@@ -122,10 +122,10 @@ def _quorum(c):
         ("wrr", 900, True, True, 7, 2)
     assert endpoints(vs) == [(f"10.0.0.{i}", 8080, 1) for i in range(1, 11)]
     assert {(ch.kind, ch.connect_port) for rs in vs.real_servers for ch in rs.checkers} == {("TCP_CHECK", 80)}
-    # the scripts are not run, and the operator is told so at their lines
-    for line, kw in ((HEADER + 33, "quorum_up"), (HEADER + 34, "quorum_down")):
-        assert f"keepalived.conf.quorum:{line}:3: {kw}: accepted, not acted on: quorum changes are logged (and " \
-               "bring in the sorry_server); no script is run" in notices(c)
+    # the scripts run on quorum changes (hdslb.health.notify): no notice says they do not
+    assert (vs.quorum_up.command, vs.quorum_down.command) == ("/usr/local/sbin/quorum-up.sh",
+                                                              "/usr/local/sbin/quorum-down.sh")
+    assert not [n for n in notices(c) if "quorum_" in n]
 
 
 def _auth(c):
@@ -331,5 +331,5 @@ def test_dpvs_quoted_misc_path_loses_its_trailing_comment(tmp_path):
     (tmp_path / "k.conf").write_text(text)
     vs = one_vs(load(str(tmp_path / "k.conf"), config_id=ID))
     assert vs.real_servers[0].checkers[0].misc_path == "'exit'"
-    assert vs.quorum_up == "dpip addr add XXX;"
+    assert vs.quorum_up.command == "dpip addr add XXX;"
     assert ip_address("123.1.2.2") == vs.real_servers[0].ip
