@@ -190,8 +190,8 @@ def _farm(n: int) -> str:
 
 
 async def test_a_burst_of_health_verdicts_saves_the_model_once_and_stop_writes_the_last(tmp_path):
-    """50 of 100 servers go down at once: the pool takes each verdict at once, the model is saved once for the
-    burst (it was once per verdict: 2500 at 5000 real servers took 91 s), and stop() writes what is pending after
+    """50 of 100 servers go down at once: the pool takes them in the next loop iteration, the model is saved once for
+    the burst (it was once per verdict: 2500 at 5000 real servers took 91 s), and stop() writes what is pending after
     the omega notices (the other 50 reported down), as it did when every notice saved."""
     conf = tmp_path / "hdslb.conf"
     conf.write_text(_farm(100))
@@ -204,12 +204,16 @@ async def test_a_burst_of_health_verdicts_saves_the_model_once_and_stop_writes_t
         d.saved_down = []
         for i in range(50):
             await d._on_health(vs_key, (ip_address(f"192.168.1.{1 + i}"), 80), False, None, "TCP_CHECK: refused")
+        await asyncio.sleep(0)  # applied together (Daemon._on_health)
         svc = next(iter(d.bal.services.values()))
         assert sum(x.health == "down" for x in svc.dests.values()) == 50
-        assert d.saved_down == [1] and d._save_handle is not None
+        assert d.saved_down == [50]
+        await d._on_health(vs_key, (ip_address("192.168.1.51"), 80), False, None, "TCP_CHECK: refused")
+        await asyncio.sleep(0)
+        assert d.saved_down == [50] and d._save_handle is not None  # the save after it waits
     finally:
         await d.stop()
-    assert d.saved_down == [1, 100] and d._save_handle is None
+    assert d.saved_down == [50, 100] and d._save_handle is None
 
 
 # ---------------------------------------------------------------- quorum weighing

@@ -4,6 +4,7 @@ not, expire_quiescent_template turns the drain's answer around. Every change the
 again: ipvsadm -e / REST (dest_edit), the health checkers (dest_health, the daemon's callback), a reload that
 toggles expire_quiescent_template, a restart's restore."""
 
+import asyncio
 import re
 
 import pytest
@@ -147,8 +148,10 @@ async def test_the_health_callback_reaches_the_slot(tmp_path):
     dm = HarnessDaemon(conf, tmp_path)
     await dm.reload_config()
     await dm._on_health(("TCP", "10.0.0.100:80"), ("192.168.100.3", 80), False, 0, "inhibited")
+    await asyncio.sleep(0)  # verdicts apply in the next loop iteration (Daemon._on_health)
     assert no_persist_of(dm.bal, RS2) is True
     await dm._on_health(("TCP", "10.0.0.100:80"), ("192.168.100.3", 80), True, 1, "")
+    await asyncio.sleep(0)
     assert no_persist_of(dm.bal, RS2) is False
 
 
