@@ -17,6 +17,7 @@ from hdslb.health import HealthManager, pairs_of
 from hdslb.health.notify import OUTPUT_LIMIT, Notifier
 from hdslb.health.state import PoolState
 from tests.unit.test_health import LO, Recorder, Scripted, real, tcp_check, until, virtual
+from tests.unit.test_health_restore import probe  # noqa: F401 — a fixture
 
 
 class Runs:
@@ -345,3 +346,30 @@ def test_a_bad_line_is_refused_at_its_line(line, why):
     with pytest.raises(ConfigError) as e:
         _rs_line(line)
     assert ":3:" in str(e.value) and why in str(e.value)
+
+
+# ---------------------------------------------------------------- through hdslbd
+
+async def test_hdslbd_runs_the_files_scripts_and_a_reloads_new_ones(tmp_path, probe):  # noqa: F811
+    """The daemon's own health manager, its config file and reload: real scripts write what ran."""
+    from tests.unit.test_health_restore import CONF, daemon, stop
+
+    out = tmp_path / "ran"
+    sh = script(tmp_path / "n.sh", f'echo "$*" >> {out}\n')
+    scripted = CONF.replace("    real_server 192.168.100.2 80 {\n",
+                            f'    quorum_down "{sh} quorum_down"\n    quorum_up "{sh} quorum_up"\n'
+                            f'    real_server 192.168.100.2 80 {{\n        notify_down "{sh} down .2"\n'
+                            f'        notify_up "{sh} up .2"\n')
+    d = await daemon(tmp_path, scripted)
+    try:
+        probe["192.168.100.2"] = False
+        await until(lambda: out.exists() and out.read_text().count("\n") == 2)
+        assert sorted(out.read_text().splitlines()) == ["down .2", "quorum_down"]
+        v2 = scripted.replace("up .2", "up-v2 .2").replace(' quorum_up"', ' q-up-v2"')
+        (tmp_path / "hdslb.conf").write_text(v2)
+        await d.reload_config()
+        probe["192.168.100.2"] = True
+        await until(lambda: out.read_text().count("\n") == 4)
+        assert sorted(out.read_text().splitlines()[2:]) == ["q-up-v2", "up-v2 .2"]
+    finally:
+        await stop(d)
