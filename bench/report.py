@@ -191,9 +191,19 @@ def _fmt_memory(m: dict, what: str) -> str:
                                                      f"{m['conn6_map']['memlock_bytes'] / 2**10:.0f} KiB"
              if "conn6_map" in m else "n/a"],
             ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
-    rows += [[f"daemon {'runs' if name.startswith('aging sweep') else 'reads'} {name}",
-              f"{v['seconds']} s for {v['entries']} entries"] for name, v in m.get("scans", {}).items()]
+    rows += [[f"daemon {'runs' if name.startswith('aging sweep') else 'reads'} {name}", _fmt_scan(v)]
+             for name, v in m.get("scans", {}).items()]
     return table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections ({what})")
+
+
+def _fmt_scan(v: dict) -> str:
+    """One of 3a's scans: a timed read of the table ({entries, seconds}), or ipvsadm -Lnc's paged listing
+    (scale.conn_pages_cost: pages, lines, daemon and client seconds, the loop's longest stall)."""
+    if "pages" in v:
+        text = (f"{v['daemon_seconds']} s daemon + {v['client_seconds']} s client: {v['lines']} lines in "
+                f"{v['pages']} pages, loop held at most {v['longest_loop_stall_s']} s")
+        return text + (f" ({v['error']})" if v.get("error") else "")
+    return f"{v['seconds']} s for {v['entries']} entries"
 
 
 def fmt_scale(r: dict) -> str:

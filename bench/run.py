@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                 text = report.fmt_scale(res[name])
         except Exception as e:  # one section's failure must not cost the others
             traceback.print_exc()
-            res[name] = {"na": f"{type(e).__name__}: {e}"}
-            text = f"{name}: n/a ({res[name]['na']})"
+            if name in res:  # it ran, its table failed: the measurements are kept in the results file
+                res[name]["format_na"] = f"{type(e).__name__}: {e}"
+                text = f"{name}: table n/a ({res[name]['format_na']}; measurements in the results file)"
+            else:
+                res[name] = {"na": f"{type(e).__name__}: {e}"}
+                text = f"{name}: n/a ({res[name]['na']})"
             failed.append(name)
         else:  # a section that caught a part's failure (scale's memory, loads, ...) says so as {"na": reason}
             failed += [f"{name}.{k}" for k, v in res[name].items() if isinstance(v, dict) and "na" in v]

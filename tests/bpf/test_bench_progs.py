@@ -47,3 +47,48 @@ def test_a_part_of_a_section_that_failed_also_fails_the_run(monkeypatch, tmp_pat
     monkeypatch.setattr(report, "fmt_scale", lambda res: "scale")
     assert run.main([]) == 1
     assert [p.name for p in tmp_path.iterdir()] == [f"{report.today()}-partial.json"]
+
+
+def test_the_scale_tables_format_every_scan_the_memory_part_records():
+    """3a's scans hold timed reads ({entries, seconds}) and, since the paged -Lnc, conn_pages_cost's result (pages,
+    lines, daemon/client seconds): the table once failed on the latter (KeyError 'seconds') and the whole scale
+    section was lost. Formatted here from the day's committed full run with a pages scan added."""
+    import copy
+    import json
+    import pathlib
+
+    from bench import report
+
+    res = json.loads((pathlib.Path(report.__file__).parent / "results" / "2026-12-06.json").read_text())["scale"]
+    res = copy.deepcopy(res)
+    pages = {"pages": 50, "lines": 1000000, "reply_bytes": 123, "daemon_seconds": 7.5, "client_seconds": 4.1,
+             "longest_loop_stall_s": 0.031}
+    res["memory"]["scans"]["conn.list pages (ipvsadm -Lnc)"] = pages
+    res["memory_shared"]["scans"]["conn.list pages (ipvsadm -Lnc)"] = dict(pages, error="frame too big")
+    text = report.fmt_scale(res)
+    assert "7.5 s daemon + 4.1 s client: 1000000 lines in 50 pages, loop held at most 0.031 s" in text
+    assert "(frame too big)" in text
+
+
+def test_a_section_whose_table_fails_keeps_its_measurements(monkeypatch, tmp_path):
+    """A formatting bug must not throw away a section's minutes of measurements: they stay in the results file
+    (-partial, exit 1), with the formatting error beside them."""
+    import json
+    import pathlib
+    import types
+
+    from bench import report, run
+
+    parts = json.loads((pathlib.Path(report.__file__).parent / "results" / "2026-12-06.json").read_text())["scale"]
+    monkeypatch.setitem(__import__("sys").modules, "bench.scale", types.SimpleNamespace(run=lambda q, log: parts))
+    monkeypatch.setattr(run, "SECTIONS", ("scale",))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "chart", lambda res, path: "no chart in tests")
+
+    def broken(res):
+        raise KeyError("seconds")
+
+    monkeypatch.setattr(report, "fmt_scale", broken)
+    assert run.main([]) == 1
+    out = json.loads((tmp_path / f"{report.today()}-partial.json").read_text())
+    assert out["scale"]["memory"] == parts["memory"] and "KeyError" in out["scale"]["format_na"]
