@@ -85,6 +85,20 @@ def open_socket(checker: NetChecker, ip: IPAddress, kind: int) -> socket.socket:
     return sock
 
 
+def probe_socket(checker: NetChecker, rs: RealServer, kind: int, verb: str):
+    """(sock, ip, port, where) for a probe of rs: the socket open_socket() gives, the target and how messages
+    name it; or the failed CheckResult when the socket cannot be opened or bound (its reason starts with `verb`,
+    e.g. "connect to")."""
+    ip, port = target(checker, rs)
+    where = hostport(ip, port)
+    try:
+        return open_socket(checker, ip, kind), ip, port, where
+    except BindError as e:
+        return failed(f"{verb} {where}: {e.strerror}")
+    except OSError as e:
+        return failed(f"{verb} {where}: cannot open a socket: {os_reason(e)}")
+
+
 def close_without_time_wait(checker: NetChecker, sock) -> None:
     """Make the coming close() of a probe's TCP socket an abort (RST) when the checker binds a fixed bind_port.
 

@@ -17,8 +17,7 @@ import socket
 from typing import Optional, Tuple
 
 from hdslb.config.model import RealServer, SmtpCheck, SmtpHost
-from hdslb.health.base import (BindError, CheckResult, close_without_time_wait, failed, hostport, open_socket,
-                               os_reason, passed, seconds, target)
+from hdslb.health.base import (CheckResult, close_without_time_wait, failed, os_reason, passed, probe_socket, seconds)
 
 LINE_LIMIT = 4096  # bytes: the longest reply line read (RFC 5321 allows 512)
 MAX_REPLY_LINES = 100  # lines of one multi-line reply before it counts as nonsense
@@ -48,15 +47,11 @@ class _Failed(Exception):
 
 
 async def _dialogue(checker: SmtpCheck, rs: RealServer) -> CheckResult:
-    ip, port = target(checker, rs)
-    where = hostport(ip, port)
+    opened = probe_socket(checker, rs, socket.SOCK_STREAM, "connect to")
+    if isinstance(opened, CheckResult):
+        return opened
+    sock, ip, port, where = opened
     timeout = checker.connect_timeout
-    try:
-        sock = open_socket(checker, ip, socket.SOCK_STREAM)
-    except BindError as e:
-        return failed(f"connect to {where}: {e.strerror}")
-    except OSError as e:
-        return failed(f"connect to {where}: cannot open a socket: {os_reason(e)}")
     writer = None
     step = f"connect to {where}"
     try:

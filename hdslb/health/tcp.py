@@ -9,19 +9,14 @@ import asyncio
 import socket
 
 from hdslb.config.model import RealServer, TcpCheck
-from hdslb.health.base import (BindError, CheckResult, close_without_time_wait, failed, hostport, open_socket, os_reason,
-                               passed, seconds, target)
+from hdslb.health.base import (CheckResult, close_without_time_wait, failed, os_reason, passed, probe_socket, seconds)
 
 
 async def check_tcp(checker: TcpCheck, rs: RealServer) -> CheckResult:
-    ip, port = target(checker, rs)
-    where = hostport(ip, port)
-    try:
-        sock = open_socket(checker, ip, socket.SOCK_STREAM)
-    except BindError as e:
-        return failed(f"connect to {where}: {e.strerror}")
-    except OSError as e:
-        return failed(f"connect to {where}: cannot open a socket: {os_reason(e)}")
+    opened = probe_socket(checker, rs, socket.SOCK_STREAM, "connect to")
+    if isinstance(opened, CheckResult):
+        return opened
+    sock, ip, port, where = opened
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(ip), port)),
                                checker.connect_timeout)

@@ -16,22 +16,17 @@ import os
 import socket
 
 from hdslb.config.model import RealServer, UdpCheck
-from hdslb.health.base import (UDP_MAX_REPLY_LENGTH, BindError, CheckResult, failed, hostport, open_socket,
-                               os_reason, passed, seconds, target)
+from hdslb.health.base import (UDP_MAX_REPLY_LENGTH, CheckResult, failed, os_reason, passed, probe_socket, seconds)
 
 _RANDOM_PAYLOAD = 16  # bytes sent when no payload is configured
 
 
 async def check_udp(checker: UdpCheck, rs: RealServer) -> CheckResult:
-    ip, port = target(checker, rs)
-    where = hostport(ip, port)
+    opened = probe_socket(checker, rs, socket.SOCK_DGRAM, "UDP to")
+    if isinstance(opened, CheckResult):
+        return opened
+    sock, ip, port, where = opened
     timeout = checker.connect_timeout
-    try:
-        sock = open_socket(checker, ip, socket.SOCK_DGRAM)
-    except BindError as e:
-        return failed(f"UDP to {where}: {e.strerror}")
-    except OSError as e:
-        return failed(f"UDP to {where}: cannot open a socket: {os_reason(e)}")
     try:
         # connect() on a UDP socket only records the peer: it returns at once.
         sock.connect((str(ip), port))

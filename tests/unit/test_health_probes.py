@@ -92,3 +92,27 @@ async def test_a_malformed_response_is_a_failed_check_without_a_traceback(answer
     finally:
         server.close()
         await server.wait_closed()
+
+
+# ---------------------------------------------------------------- a socket that cannot be bound
+
+
+async def test_an_unusable_bindto_fails_each_kind_of_probe_with_its_reason():
+    """bindto an address this host does not have: each network checker fails at once, naming the target and the
+    local address it could not bind (TCP_CHECK and SMTP_CHECK as "connect to", UDP_CHECK as "UDP to")."""
+    from ipaddress import ip_address
+
+    from hdslb.health import check_udp
+    from hdslb.health.smtp import check_smtp
+    from tests.unit.test_health import udp_check
+    from tests.unit.test_health_smtp import smtp_rs
+
+    port = closed_port()
+    bad = "192.0.2.1"  # TEST-NET-1: never one of ours
+    r = await check_tcp(tcp_check(port, bindto=ip_address(bad)), real(port))
+    assert not r.ok and r.reason.startswith(f"connect to 127.0.0.1:{port}: cannot bind to {bad}:0"), r.reason
+    r = await check_udp(udp_check(port, bindto=ip_address(bad)), real(port))
+    assert not r.ok and r.reason.startswith(f"UDP to 127.0.0.1:{port}: cannot bind to {bad}:0"), r.reason
+    check, rs = smtp_rs(port, f"   bindto {bad}")
+    r = await check_smtp(check, rs)
+    assert not r.ok and r.reason.startswith(f"connect to 127.0.0.1:{port}: cannot bind to {bad}:0"), r.reason
