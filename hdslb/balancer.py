@@ -1034,8 +1034,10 @@ class Balancer:
         table_changed = (opts["sched"], opts["flags"], opts["sched_params"]) != \
             (svc.sched, svc.flags, svc.sched_params)
         persist_changed = (opts["persistent"], opts["netmask"]) != (svc.persistent, svc.netmask)
-        plan = self._plan(svc, sched_name=opts["sched"], flags=opts["flags"], params=opts["sched_params"]) \
-            if table_changed else None
+        plan = None
+        if table_changed:  # in a batch the table (and what it refuses) is built at the end, from the final servers
+            plan = TablePlan(table=None) if self._defer is not None else \
+                self._plan(svc, sched_name=opts["sched"], flags=opts["flags"], params=opts["sched_params"])
         svc.sched, svc.persistent, svc.netmask = opts["sched"], opts["persistent"], opts["netmask"]
         svc.flags, svc.sched_params = opts["flags"], opts["sched_params"]
         if plan is not None:
@@ -1211,8 +1213,11 @@ class Balancer:
         # LVS (__ip_vs_update_dest): a raised or removed upper threshold lifts the overload at once.
         if new.u_threshold == 0 or new.u_threshold > d.u_threshold:
             new.overloaded = False
-        plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()],
-                          overloaded={d.slot: new.overloaded})
+        # A batch: one table from the final real servers, built at its end (a reload changing the weights of
+        # 400 mh servers would otherwise build 400 tables of 64k entries).
+        plan = TablePlan(table=None, overloaded={d.slot: new.overloaded}) if self._defer is not None else \
+            self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()],
+                       overloaded={d.slot: new.overloaded})
         # With expire_quiescent_template a drain stops its templates from being honoured: they go at once.
         quiesced = keeps_persistent(d, self.expire_quiescent_template) and not keeps_persistent(
             new, self.expire_quiescent_template)

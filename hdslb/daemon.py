@@ -1314,19 +1314,32 @@ class Daemon:
         scratch.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
         sctx = _ScratchCtx(scratch)
         where = {w.key: w.where for w in want.values()}
-        for op, args in ops:
+        # Both runs are batches (Balancer.deferred): each touched service's table is built once, at the end, from
+        # its final real servers, not once per op (an mh or conhash table is 64k entries: 400 real servers cost
+        # 800 builds, 25 s). A table that cannot be built at the end refuses the dry run there, its error tagged
+        # with the last op that touched that service, which names the service's line.
+        try:
+            with scratch.deferred() as batch:
+                for i, (op, args) in enumerate(ops):
+                    batch.tag = i
+                    try:
+                        commands.dispatch(sctx, op, args)
+                    except HdslbError as e:
+                        e.tag = i
+                        batch.dirty.clear()  # refused: the scratch model's tables need not be built
+                        raise
+        except HdslbError as e:
+            op, args = ops[e.tag] if isinstance(getattr(e, "tag", None), int) else ("", {})
             try:
-                commands.dispatch(sctx, op, args)
-            except HdslbError as e:
-                try:
-                    key = scratch.svc_key(args.get("svc", args))
-                except HdslbError:
-                    key = None
-                raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
-                                          f"{e.message}; nothing was applied") from None
+                key = scratch.svc_key(args.get("svc", args))
+            except HdslbError:
+                key = None
+            raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
+                                      f"{e.message}; nothing was applied") from None
         self.bal.set_expire_quiescent_template(cfg.ipvs_defs.conn.expire_quiescent_template)
-        for op, args in ops:
-            commands.dispatch(self, op, args)
+        with self.bal.deferred():  # validated above: the tables built at its end can be built
+            for op, args in ops:
+                commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
         self.config, self.want = cfg, want
         self._save_state()

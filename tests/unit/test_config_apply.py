@@ -161,3 +161,229 @@ def test_options_not_acted_on_are_reported_and_acted_on_ones_are_not():
     for acted in ("persistence_timeout", "persistence_granularity", "lb_kind", "lb_algo", "mh-port",
                   "hash_table_size", "uthreshold", "src-range", "oif"):
         assert not any(f": {acted}: " in n for n in notices), acted
+
+
+# --- a config load builds each touched table once ---------------------------------------------------------------
+def mh_conf(servers: int, weight: int = 1, size: int = 251, other_weight: int = 1, extra: str = "") -> str:
+    """One mh service of `servers` real servers (line 5 is its virtual_server) and a wrr one beside it."""
+    rs = "".join(f"    real_server 192.168.1.{1 + i} 80 {{\n        weight {weight}\n    }}\n" for i in range(servers))
+    return ("local_address_group lg {\n    192.168.100.200 eth1\n}\n\n"
+            f"virtual_server 10.0.0.100 80 {{\n    lb_algo mh\n    hash_table_size {size}\n    lb_kind FNAT\n"
+            f"    laddr_group_name lg\n{rs}{extra}}}\n"
+            f"virtual_server 10.0.0.101 80 {{\n    lb_algo wrr\n    lb_kind FNAT\n    laddr_group_name lg\n"
+            f"    real_server 192.168.2.1 80 {{\n        weight {other_weight}\n    }}\n"
+            f"    real_server 192.168.2.2 80 {{\n        weight 1\n    }}\n}}\n")
+
+
+class MapState:
+    """A DataPath that keeps what the maps would hold at the end (not the writes): what packets can reach. Slots and
+    hash cells are named by what they hold (service, server), since where a table or a slot lands may differ."""
+
+    def __init__(self):
+        self.svc, self.dest, self.cells, self.sched, self.laddrs, self.local = {}, {}, {}, {}, {}, {}
+        self.snat, self.snat_count, self.flushed, self.held = {}, 0, [], {}
+
+    def service_set(self, svc):
+        self.svc[svc.svc_id] = (svc.proto, str(svc.addr), svc.port, svc.persistent, svc.persist_plen)
+
+    def service_del(self, svc):
+        self.svc.pop(svc.svc_id, None)
+        self.sched.pop(svc.svc_id, None)
+
+    def dest_set(self, svc, d, no_persist=False):
+        self.dest[d.slot] = (svc.svc_id, str(d.addr), d.port, d.fwd, d.eff_weight == 0, no_persist)
+        self.held[d.slot] = (str(d.addr), d.port)  # who a slot held last, for the template flushes after its clear
+
+    def dest_clear(self, d):
+        self.dest.pop(d.slot, None)
+
+    def hash_cells_set(self, first, entries):
+        self.cells.update((first + i, e) for i, e in enumerate(entries))
+
+    def sched_set(self, svc, table, hoff):
+        self.sched[svc.svc_id] = (table.kind, table.key, table.seed, hoff, len(table.entries),
+                                  None if table.kind == "hash" else list(table.entries))
+
+    def laddrs_set(self, svc, laddrs):
+        self.laddrs[svc.svc_id] = list(laddrs)
+
+    def local_set(self, addr, flags, ifindex):
+        self.local[str(addr)] = (flags, ifindex)
+
+    def local_del(self, addr):
+        self.local.pop(str(addr), None)
+
+    def snat_rule_set(self, i, svc):
+        self.snat[i] = svc.svc_id
+
+    def snat_rule_clear(self, i):
+        self.snat.pop(i, None)
+
+    def snat_count_set(self, n):
+        self.snat_count = n
+
+    def persist_flush(self, svc_id, slot):
+        self.flushed.append((svc_id, None if slot is None else self.held[slot]))
+
+    def final(self) -> dict:
+        def server(slot):
+            d = self.dest.get(slot)
+            return None if d is None else d[:3]
+
+        tables = {}
+        for sid, (kind, key, seed, hoff, n, ring) in self.sched.items():
+            entries = [self.cells.get(hoff + i) for i in range(n)] if kind == "hash" else ring
+            tables[sid] = (kind, key, seed, [server(s) for s in entries])
+        return {"svc": self.svc, "dests": sorted(self.dest.values()), "tables": tables, "laddrs": self.laddrs,
+                "local": self.local, "snat": (self.snat, self.snat_count)}
+
+
+def model(bal) -> dict:
+    """snapshot() without what differs by how many tables were built on the way: a service's table generation
+    (bumped per build) and where its hash cells and its servers' slots landed (the final maps are compared too)."""
+    from hdslb.balancer import snapshot
+
+    snap = snapshot(bal)
+    for v in snap["services"]:
+        v.pop("sched_gen")
+        v["hcells"] = v["hcells"] and v["hcells"][1]
+        for d in v["dests"]:
+            d.pop("slot")
+    return snap
+
+
+def one_by_one(bal, text: str, name: str = "lb.conf") -> None:
+    """What hdslbd's config apply did before batches: every op applied (and its table built) alone."""
+    cfg = loads(text, name=name)
+    want = desired(cfg, lambda ip: "eth1")
+    ops = plan(bal, want, bal.config_owned)
+    for op, args in ops:
+        if op == "service.add":
+            args["own_vip"] = True
+    bal.set_expire_quiescent_template(cfg.ipvs_defs.conn.expire_quiescent_template)
+    for op, args in ops:
+        commands.dispatch(_BalCtx(bal), op, args)
+    bal.config_owned = set(want)
+
+
+class _BalCtx:
+    def __init__(self, bal):
+        self.bal = bal
+
+    def resolve_soon(self):
+        pass
+
+    def announce(self, *a):
+        pass
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Scheduling tables built with at least one real server (an empty one costs nothing), per service address."""
+    from hdslb import sched
+
+    built = []
+    real = sched.build_table
+
+    def counting(name, dests, **kw):
+        dests = list(dests)
+        if dests:
+            built.append(name)
+        return real(name, dests, **kw)
+
+    monkeypatch.setattr(sched, "build_table", counting)
+    return built
+
+
+def harness(tmp_path, text):
+    from tests.unit.test_api_security import HarnessDaemon
+
+    conf = tmp_path / "lb.conf"
+    conf.write_text(text)
+    d = HarnessDaemon(conf, tmp_path)
+    d.bal = Balancer(MapState(), d.bal.ifaces)
+    return d, conf
+
+
+async def test_a_load_and_a_reload_build_each_touched_table_once(tmp_path, counted):
+    """40 mh servers: one table for each service at load and for the changed one at a reload, in the dry run and
+    once in the apply (they were built per real server: 40 + 40 + 2 + 2 here, 800 tables and 25 s for 400 mh
+    servers of 64k entries)."""
+    d, conf = harness(tmp_path, mh_conf(40))
+    await d.reload_config()
+    assert sorted(counted) == ["mh", "mh", "wrr", "wrr"]
+    counted.clear()
+    conf.write_text(mh_conf(41, weight=2))  # every weight changes and a server comes
+    await d.reload_config()
+    assert counted == ["mh", "mh"], "one mh table in the dry run, one in the apply; the wrr service is untouched"
+    counted.clear()
+    await d.reload_config()
+    assert counted == []
+
+
+async def test_batched_config_apply_gives_the_model_and_maps_of_one_op_at_a_time(tmp_path):
+    """The same files applied op by op (as before) and by hdslbd's batched apply: the same model and the same maps
+    (tables hold the same servers in the same places), at load and after reloads that add, remove and change
+    servers, change the scheduler's table and remove a service (and its templates go the same way)."""
+    texts = [mh_conf(12), mh_conf(10, weight=3, extra="    real_server 192.168.1.99 80 {\n        weight 2\n    }\n"),
+             mh_conf(10, weight=3, size=509, other_weight=4), mh_conf(10, weight=3, size=509, other_weight=4)
+             [:mh_conf(10).index("virtual_server 10.0.0.101")]]
+    d, conf = harness(tmp_path, texts[0])
+    old = Balancer(MapState(), d.bal.ifaces)
+    for i, text in enumerate(texts):
+        conf.write_text(text)
+        await d.reload_config()
+        one_by_one(old, text)
+        assert model(d.bal) == model(old), i
+        assert d.bal.dp.final() == old.dp.final(), i
+        assert sorted(d.bal.dp.flushed) == sorted(old.dp.flushed), i
+        if i == 3:
+            assert len(d.bal.services) == 1
+    assert d.bal.config_owned == old.config_owned
+
+
+async def test_a_reload_leaves_the_tables_of_unchanged_services_alone(tmp_path):
+    d, conf = harness(tmp_path, mh_conf(12))
+    await d.reload_config()
+    mh = d.bal.get_service({"proto": "tcp", "addr": "10.0.0.100", "port": 80})
+    gen, cells, flushed = mh.sched_gen, mh.hcells, len(d.bal.dp.flushed)
+    conf.write_text(mh_conf(12, other_weight=5))
+    await d.reload_config()
+    assert (mh.sched_gen, mh.hcells) == (gen, cells) and len(d.bal.dp.flushed) == flushed
+
+
+@pytest.mark.parametrize("text,line,what", [
+    # the table is refused at the batch's end (8 servers, 7 entries): the service's line
+    (mh_conf(8, size=7), 5, "8 real servers exceed the table size 7"),
+    # an op refused on its own (NAT46): still the line of its service
+    (mh_conf(3).replace("192.168.100.200 eth1", "fd00::200 eth1"), 5, "NAT46"),
+])
+async def test_a_refused_config_names_its_line_and_applies_nothing(tmp_path, text, line, what):
+    d, conf = harness(tmp_path, mh_conf(12))
+    await d.reload_config()
+    snap, maps = model(d.bal), d.bal.dp.final()
+    conf.write_text(text)
+    with pytest.raises(HdslbError) as e:
+        await d.reload_config()
+    assert f"lb.conf:{line}:" in e.value.message and what in e.value.message, e.value.message
+    assert "nothing was applied" in e.value.message
+    assert model(d.bal) == snap and d.bal.dp.final() == maps
+    # and a first load refused the same way leaves an empty model
+    (tmp_path / "first").mkdir()
+    d2, _ = harness(tmp_path / "first", text)
+    with pytest.raises(HdslbError) as e:
+        await d2.reload_config()
+    assert f"lb.conf:{line}:" in e.value.message and not d2.bal.services and d2.bal.dp.final()["dests"] == []
+
+
+async def test_a_reload_is_judged_by_the_tables_it_ends_with(tmp_path):
+    """12 servers to 5 in a table of 7: the file is good. Op by op, the table's new size came before the servers
+    went (12 > 7) and the reload was refused; a first load of the same file was not."""
+    d, conf = harness(tmp_path, mh_conf(12))
+    await d.reload_config()
+    conf.write_text(mh_conf(5, size=7))
+    await d.reload_config()
+    svc = d.bal.get_service({"proto": "tcp", "addr": "10.0.0.100", "port": 80})
+    assert (svc.sched_params, len(svc.dests)) == ({"size": 7}, 5)
+    table = d.bal.dp.final()["tables"][svc.svc_id][3]  # what the maps hold: 7 cells over the 5 servers
+    assert len(table) == 7 and {x[1] for x in table} == {str(x.addr) for x in svc.dests.values()}
