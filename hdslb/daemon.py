@@ -330,19 +330,6 @@ class _NullDataPath:
         return lambda *a, **kw: None
 
 
-class _ScratchCtx:
-    """Just enough of the daemon for commands to run against a scratch model during a dry run."""
-
-    def __init__(self, bal):
-        self.bal = bal
-
-    def resolve_soon(self):
-        pass
-
-    def announce(self, *a):
-        pass
-
-
 class MapDataPath:
     """The balancer model's DataPath over the BPF maps."""
 
@@ -1339,7 +1326,7 @@ class Daemon:
                            max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
         restore(scratch, snapshot(self.bal), tables=False)
         scratch.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
-        sctx = _ScratchCtx(scratch)
+        sctx = commands.ScratchCtx(scratch)
         where = {w.key: w.where for w in want.values()}
         # Both runs are batches (Balancer.deferred): each touched service's table is built once, at the end, from
         # its final real servers, not once per op (an mh or conhash table is 64k entries: 400 real servers cost

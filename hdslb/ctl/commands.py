@@ -450,8 +450,9 @@ BATCH_OPS = frozenset({
     "route.flush", "neigh.add", "neigh.del", "timeouts.set"})
 
 
-class _ScratchCtx:
-    """Just enough of the daemon for commands to run against a scratch model during a batch's dry run."""
+class ScratchCtx:
+    """Just enough of the daemon for commands to run against a scratch model: a batch's dry run, a config's
+    (hdslb.daemon.apply_config)."""
 
     def __init__(self, bal):
         self.bal = bal
@@ -564,7 +565,7 @@ def batch(ctx, a):
     scratch = ctx.bal.scratch(routes=any(op.startswith(("route.", "addr.")) for op, _ in ops),
                               neighs=any(op.startswith("neigh.") for op, _ in ops))
     try:
-        checked = run_batch(_ScratchCtx(scratch), ops)
+        checked = run_batch(ScratchCtx(scratch), ops)
     except HdslbError as e:
         raise _flush_index(e, len(ops)) from None
     if dry_run:

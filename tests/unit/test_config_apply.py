@@ -262,19 +262,8 @@ def one_by_one(bal, text: str, name: str = "lb.conf") -> None:
             args["own_vip"] = True
     bal.set_expire_quiescent_template(cfg.ipvs_defs.conn.expire_quiescent_template)
     for op, args in ops:
-        commands.dispatch(_BalCtx(bal), op, args)
+        commands.dispatch(commands.ScratchCtx(bal), op, args)
     bal.config_owned = set(want)
-
-
-class _BalCtx:
-    def __init__(self, bal):
-        self.bal = bal
-
-    def resolve_soon(self):
-        pass
-
-    def announce(self, *a):
-        pass
 
 
 @pytest.fixture
