@@ -634,8 +634,10 @@ class Daemon:
         self._verdicts_done = float("-inf")  # loop time the last application of verdicts ended
         self._verdict_cost = 0.0  # seconds it took
         self._resolve_handle = None
-        self._last_resolve = 0.0
-        self._last_save = 0.0
+        # -inf, not 0.0: monotonic time starts near 0 at boot, and a machine up for less than a coalescing delay
+        # would otherwise wait that delay before its first resolve or save
+        self._last_resolve = float("-inf")
+        self._last_save = float("-inf")
         self._save_cost = 0.0
         self._routes_packed = None  # (the routes rows, their msgpack bytes): see _save_state
         self._conn_cache = (0.0, None)

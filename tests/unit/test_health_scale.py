@@ -200,7 +200,7 @@ async def test_a_burst_of_health_verdicts_saves_the_model_once_and_stop_writes_t
     try:
         vs_key = next(iter(d.want.values())).vs_key
         d._save_cost = 3600.0  # a save "costs" an hour: every save after the first in the burst waits
-        d._last_save = 0.0
+        d._last_save = float("-inf")  # no save yet (0.0 would be "an hour ago" only on a machine up for an hour)
         d.saved_down = []
         for i in range(50):
             await d._on_health(vs_key, (ip_address(f"192.168.1.{1 + i}"), 80), False, None, "TCP_CHECK: refused")
