@@ -495,12 +495,16 @@ _ON_CREATED = frozenset({"service.edit", "dest.add", "dest.set", "dest.edit"})
 
 def only_creates(bal, ops: list) -> bool:
     """True when every op adds a service that does not exist yet (not a SNAT match service), or changes one of
-    those: a bulk load of new services (ipvsadm -R into an empty table, a REST PUT of a new service with its
-    real servers). Such a batch is undone by removing what it added, so it needs no dry run first."""
+    those, or adds a route: a bulk load of new services (ipvsadm -R into an empty table, a REST PUT of a new
+    service with its real servers) or of routes (dpip -b). Such a batch is undone by removing what it added, so
+    it needs no dry run first."""
     made = set()
+    routes = False
     try:
         for op, a in ops:
-            if op in _CREATES:
+            if op == "route.add":
+                routes = True
+            elif op in _CREATES:
                 if a.get("match") is not None:
                     return False
                 key = bal.svc_key(a)
@@ -514,7 +518,7 @@ def only_creates(bal, ops: list) -> bool:
                 return False
     except (HdslbError, TypeError, ValueError, AttributeError):
         return False  # the dry run names what is wrong with it
-    return bool(made)
+    return bool(made) or routes
 
 
 def run_batch(ctx, ops: list, undo_new: bool = False) -> list:
