@@ -15,12 +15,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, take_ctl_socket
+from cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, shell_words,
+                        take_ctl_socket)
 from hdslb import __version__
 from hdslb.ctl.client import Client
 from hdslb.errors import HdslbError
@@ -607,7 +607,7 @@ def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            words = shlex.split(raw, comments=True)
+            words = shell_words(raw, comments=True)
             if not words:
                 continue
             if words and words[0] == PROG:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, take_ctl_socket
+from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, shell_words, take_ctl_socket
 from hdslb import __version__
 from hdslb.config.model import MAX_TIMEOUT_S
 from hdslb.ctl.client import Client
@@ -604,9 +603,6 @@ def _build(line: _Line) -> Invocation:
     return Invocation(cmd, [("dest.edit", dest)])
 
 
-_QUOTING = re.compile(r"""['"\\#]""")
-
-
 def parse_restore(text: str) -> list[tuple[int, Invocation]]:
     """ipvsadm -R input (one command line per line, as -S writes them) -> (line number, Invocation) pairs.
 
@@ -617,8 +613,7 @@ def parse_restore(text: str) -> list[tuple[int, Invocation]]:
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            # shlex only where quoting can matter: it costs ~20 us a line, most of a 100k-line restore's parse
-            inv = parse(shlex.split(raw) if _QUOTING.search(raw) else raw.split())
+            inv = parse(shell_words(raw))
         except (UsageError, ValueError) as e:  # ValueError: shlex on an unbalanced quote
             raise UsageError(f"line {n}: {e}") from None
         if inv.command == "restore":
