@@ -2193,20 +2193,18 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             try:
-                zero = dict.fromkeys(STAT_FIELDS, 0)
                 n = sum(1 + len(s.dests) for s in self.bal.services.values())
                 if n < BATCH_STATS_ABOVE:  # a few lookups beat reading every slot of both arrays
                     svc_all = {s.svc_id: self.maps.svc_stats(s.svc_id) for s in self.bal.services.values()}
                     dest_all = {d.slot: self.maps.dest_stats(d.slot) for s in self.bal.services.values()
                                 for d in s.dests.values()}
-                else:
+                else:  # the slots with traffic only: an idle service or real server costs nothing here
                     svc_all, dest_all = self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")
-                cur = {}
-                for svc in self.bal.services.values():
-                    cur[("svc", svc.svc_id)] = svc_all.get(svc.svc_id, zero)
-                    for d in svc.dests.values():
-                        cur[("dest", d.slot)] = dest_all.get(d.slot, zero)
-                self.rates = rates_between(prev, cur, interval)
+                # Keyed by what has counted something (a missing key is all zeros): walking every service and real
+                # server instead cost 70 ms each interval at 10k x 10, with or without traffic.
+                cur = {("svc", k): v for k, v in svc_all.items()}
+                cur.update((("dest", k), v) for k, v in dest_all.items())
+                self.rates = rates_between(prev, cur, interval, missing_is_zero=True)
                 prev = cur
                 errors = dict(self.bal.refresh_errors)
                 overloaded = {(s.svc_id, d.slot) for s, d in self.bal.overloaded()}
@@ -2222,14 +2220,16 @@ class Daemon:
                 log.exception("rate estimation failed")
 
 
-def rates_between(prev: dict, cur: dict, dt: float) -> dict:
+def rates_between(prev: dict, cur: dict, dt: float, missing_is_zero: bool = False) -> dict:
     """Per-second rates (ipvsadm --rate: cps, in/out pps and bps) of every key in both counter snapshots. A
     counter that went back (zeroed) gives 0. Keys whose counters did not move share one all-zero dict, read
-    only: most of a big model is idle at any moment, and this runs over every service and real server."""
+    only: most of a big model is idle at any moment. missing_is_zero: snapshots that leave out all-zero
+    counters (the estimator's), so a key only in `cur` started counting from zero in the interval."""
     idle = dict.fromkeys(("cps", "inpps", "outpps", "inbps", "outbps"), 0)
+    zero = dict.fromkeys(STAT_FIELDS, 0) if missing_is_zero else None
     rates = {}
     for k, v in cur.items():
-        p = prev.get(k)
+        p = prev.get(k, zero)
         if p is None:
             continue
         if v == p:

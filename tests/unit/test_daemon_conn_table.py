@@ -187,3 +187,53 @@ async def test_the_daemons_columns_listing_is_built_off_the_event_loop():
         await t
         assert out["conns"] == [{"proto": 6}], out
         assert len(ticks) == 5 and ticks[-1] - ticks[0] < 0.25, f"{args}: the ticker ran while the listing was built"
+
+
+async def test_the_estimator_handles_only_what_counted_something():
+    """Past BATCH_STATS_ABOVE the estimator reads the stats arrays whole (all_stats: the slots with traffic) and
+    keeps rates for those only: an idle service or real server costs it nothing (it built a snapshot and a rate
+    for every one each interval: 70 ms at 10k x 10 idle). A real server that starts counting between two
+    readings gets its rate at the first (counted from zero); the rest read ZERO_RATES."""
+    import asyncio
+    import ipaddress
+
+    from hdslb.balancer import Balancer, Iface, NullDataPath
+    from hdslb.ctl.commands import ZERO_RATES
+    from hdslb.daemon import BATCH_STATS_ABOVE, Daemon
+
+    bal = Balancer(NullDataPath(), {"eth1": Iface("eth1", 3, b"\x04" * 6, 1500)})
+    n = BATCH_STATS_ABOVE // 10 + 1
+    for i in range(n):
+        svc = {"proto": "tcp", "addr": str(ipaddress.IPv4Address("10.200.0.0") + i), "port": 80}
+        bal.service_add(dict(svc, sched="rr"))
+        for j in range(10):
+            bal.dest_add({"svc": svc, "addr": str(ipaddress.IPv4Address("172.20.0.0") + i * 10 + j), "port": 80})
+    busy = next(iter(bal.services.values()))
+    slot = next(iter(busy.dests.values())).slot
+    z = dict.fromkeys(("conns", "inpkts", "outpkts", "inbytes", "outbytes"), 0)
+    reads = []
+
+    class Maps:
+        def all_stats(self, name):
+            reads.append(name)
+            k = len(reads) // 2  # readings so far: 0 before the first tick's pair
+            if name == "svc_stats":
+                return {busy.svc_id: dict(z, conns=4 * k)} if k else {}
+            return {slot: dict(z, conns=4 * k, inpkts=40 * k)} if k else {}
+
+    class Fake:
+        pass
+
+    d = Fake()
+    d.bal, d.maps, d.rates = bal, Maps(), {}
+    task = asyncio.ensure_future(Daemon._estimator(d, interval=0.05))
+    try:
+        while len(reads) < 4:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert set(d.rates) == {("svc", busy.svc_id), ("dest", slot)}, len(d.rates)
+    assert d.rates[("dest", slot)]["cps"] == 80 and d.rates[("dest", slot)]["inpps"] == 800
+    other = list(busy.dests.values())[1].slot
+    assert d.rates.get(("dest", other), ZERO_RATES) == ZERO_RATES
