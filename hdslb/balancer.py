@@ -646,6 +646,7 @@ class Balancer:
         # pass when asked and dropped by every change that can move it (each such change calls _sync_local)
         self._lidx: dict | None = None
         self._lbatch: dict | None = None  # inside _locals_once(): addresses whose local_map entry is written at its end
+        self._last_svc_key: tuple = (None, None)  # (raw proto/addr/port, svc_key) of the last service named
 
     # --- batches --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -888,10 +889,19 @@ class Balancer:
             raise invalid("service must be given as {proto, addr, port} or {match}")
         if a.get("match") is not None:
             return ("match", self.parse_match(a["match"]))
-        proto = a.get("proto")
+        proto, addr, port = a.get("proto"), a.get("addr"), a.get("port")
+        # The same service named by op after op (a bulk load's real servers: 3 parses of its address each) is
+        # parsed once; only exact str/str/int spellings are remembered (True == 1 must still be refused).
+        raw = (proto, addr, port) if type(proto) is str and type(addr) is str and type(port) is int else None
+        last = self._last_svc_key
+        if raw is not None and last[0] == raw:
+            return last[1]
         if not isinstance(proto, str) or proto not in PROTOS:
             raise invalid(f"invalid protocol {proto!r} (tcp or udp)")
-        return (proto, ip(a.get("addr"), "service address"), port_of(a.get("port"), "service port"))
+        key = (proto, ip(addr, "service address"), port_of(port, "service port"))
+        if raw is not None:
+            self._last_svc_key = (raw, key)
+        return key
 
     def get_service(self, a: dict) -> Service:
         key = self.svc_key(a)

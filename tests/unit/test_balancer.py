@@ -382,3 +382,23 @@ def test_health_verdicts_in_a_caller_s_batch_build_its_tables_at_its_end(bal, mo
         assert built == [] and calls_for(bal, "sched_set", svc, n) == []
         assert calls_for(bal, "persist_flush", svc, n) == []
     assert built == ["mh"] and len(calls_for(bal, "persist_flush", svc, n)) == 4
+
+
+def test_a_service_named_op_after_op_is_parsed_once_and_odd_spellings_are_still_refused(bal, monkeypatch):
+    """A bulk load names the same service in each of its real servers' ops (ipvsadm -R: 3 parses of its address
+    per line): the last service's key is remembered for the exact same str/str/int spelling. True == 1 in Python,
+    so a boolean port must not hit that memory: it is refused as before."""
+    import hdslb.balancer as balancer
+
+    bal.service_add(dict(SVC, sched="rr"))
+    parsed = []
+    real_ip = balancer.ip
+    monkeypatch.setattr(balancer, "ip", lambda v, what="address": parsed.append(what) or real_ip(v, what))
+    for i in range(10):
+        bal.dest_add({"svc": dict(SVC), "addr": f"192.168.100.{i + 2}", "port": 80})
+    assert parsed.count("service address") <= 1 and parsed.count("real server address") == 10
+    for bad in (dict(SVC, port=True), dict(SVC, port=80.0), dict(SVC, proto="tcp ")):
+        with pytest.raises(HdslbError):
+            bal.svc_key(bad)
+    assert bal.svc_key(dict(SVC, addr="10.0.0.101"))[1] == ipaddress.ip_address("10.0.0.101")
+    assert bal.get_service(dict(SVC)).port == 80
