@@ -702,7 +702,13 @@ class Balancer:
             ids = {id(r) for r in d.new_routes}
             self.routes = [x for x in self.routes if id(x) not in ids]
             for r in d.new_routes:
-                self._route_unindex(r, sync=d.routes_written)
+                self._route_unindex(r, sync=False)
+            if d.routes_written:  # the model whole first: a write failing again here must not leave it half undone
+                for net in dict.fromkeys(r.net for r in d.new_routes):
+                    try:
+                        self._sync_route(net)
+                    except Exception:  # what failed the batch (a full map) failing again: the entry stays as is
+                        pass
         for svc, _tag in list(d.dirty.values()):
             if id(svc) not in d.new:  # only_creates() let no other change into the batch
                 raise AssertionError(f"an undo_new batch changed the existing service {svc.key}")

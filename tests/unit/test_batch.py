@@ -316,6 +316,25 @@ def test_a_bulk_load_of_routes_skips_the_dry_run_and_is_undone_whole_when_refuse
             lpm.pop(a[0], None)
     assert lpm == {ipaddress.ip_network("10.2.0.0/16"): 5}, lpm
     assert rec.calls[writes:].count(("route_set", (ctx.bal.route_lookup(A("10.2.0.1")), 2))) == 1
+    # the map still full while the undo writes the old routes back: the model is undone whole all the same, and the
+    # refusal is the batch's own
+    Full.n, full_from = 0, 4
+
+    class StillFull(Full):
+        def __getattr__(self, name):
+            def call(*a):
+                if name == "route_set":
+                    Full.n += 1
+                    if Full.n >= full_from:
+                        raise HdslbError(errno.ENOSPC, "route4_map is full")
+                return getattr(rec, name)(*a)
+            return call
+
+    ctx.bal.dp = StillFull()
+    with pytest.raises(HdslbError) as e:
+        commands.dispatch(ctx, "batch", {"ops": ops[::-1]})
+    ctx.bal.dp = rec
+    assert e.value.index == 3 and state(ctx.bal) == before
     # accepted: each prefix written once, after every op
     writes = len(rec.calls)
     assert commands.dispatch(ctx, "batch", {"ops": ops}) == {"applied": 6, "warnings": []}
