@@ -35,32 +35,16 @@ def config_text(sched: str, services: int, servers: int, bump: int = 0) -> str:
 
 async def one(sched_name: str, services: int, servers: int) -> dict:
     from hdslb import sched
-    from hdslb.balancer import Balancer, Iface
-    from hdslb.daemon import Daemon, settings_from_args
+    from bench.harness import ifaces, quiet_daemon
+    from hdslb.balancer import Balancer, NullDataPath
 
     tmp = tempfile.mkdtemp(prefix="cf-load-")
     conf = os.path.join(tmp, "hdslb.conf")
     with open(conf, "w") as f:
         f.write(config_text(sched_name, services, servers))
 
-    class Null:
-        def __getattr__(self, name):
-            return lambda *x, **kw: None
-
-    class Bench(Daemon):
-        def _save_state(self):  # the model file is not what is measured
-            pass
-
-        def resolve_soon(self):
-            pass
-
-        def announce(self, *x):
-            pass
-
-    os.environ.pop("HDSLB_CTRL", None)
-    d = Bench(settings_from_args(["-f", conf, "eth0", "--state-dir", tmp]))
-    ifaces = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
-    d.bal = Balancer(Null(), ifaces, max_services=d.sizes.max_services, max_dests=d.sizes.max_dests,
+    d = quiet_daemon(conf, tmp)
+    d.bal = Balancer(NullDataPath(), ifaces(), max_services=d.sizes.max_services, max_dests=d.sizes.max_dests,
                      max_hash_cells=d.sizes.max_hash_cells)
     built = [0]
     real_build = sched.build_table

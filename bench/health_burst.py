@@ -55,32 +55,17 @@ def pct(xs, p):
 
 async def run(a) -> dict:
     from hdslb import sched
-    from hdslb.balancer import Balancer, Iface
-    from hdslb.daemon import Daemon, settings_from_args
+    from bench.harness import ifaces, quiet_daemon
+    from hdslb.balancer import Balancer, NullDataPath
 
     tmp = tempfile.mkdtemp(prefix="hb-burst-")
     conf = os.path.join(tmp, "hdslb.conf")
     with open(conf, "w") as f:
         f.write(config_text(a.services, a.servers, a.sched))
     fp = None
-    ifaces = {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500), "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)}
+    ifs = ifaces()
 
-    class Null:
-        def __getattr__(self, name):
-            return lambda *x: None
-
-    class Bench(Daemon):
-        def _save_state(self):  # the model file is not what is measured (it is saved coalesced anyway)
-            self._last_save = time.monotonic()
-
-        def resolve_soon(self):
-            pass
-
-        def announce(self, *x):
-            pass
-
-    os.environ.pop("HDSLB_CTRL", None)
-    d = Bench(settings_from_args(["-f", conf, "eth0", "--state-dir", tmp]))
+    d = quiet_daemon(conf, tmp)
     if a.maps:
         from hdslb.fastpath.loader import DEFAULT_PIN_ROOT, FastPath, Sizes, ensure_bpffs
         from hdslb.fastpath.maps import Maps
@@ -91,9 +76,9 @@ async def run(a) -> dict:
                             max_neigh=64, max_persist=4096))
         fp.load()
         d.maps = Maps(fp)
-        d.bal = Balancer(d._datapath(d.maps), ifaces, max_services=64, max_dests=4096)
+        d.bal = Balancer(d._datapath(d.maps), ifs, max_services=64, max_dests=4096)
     else:
-        d.bal = Balancer(Null(), ifaces)
+        d.bal = Balancer(NullDataPath(), ifs)
     try:
         t = time.perf_counter()
         with d.bal.deferred():  # one table per service, as ipvsadm -R loads (the load is not what is measured)
