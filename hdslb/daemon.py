@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from hdslb import __version__
-from hdslb.balancer import Balancer, Iface, restore, snapshot
+from hdslb.balancer import Balancer, Iface, pack_snapshot, restore, snapshot
 from hdslb.config.model import LVS_TIMEOUTS
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
@@ -53,7 +53,11 @@ IFACE_WATCH_S = 1.0  # how often the interfaces served are looked for (deleted, 
 # reused for CONN_SCAN_CACHE_S; the estimator re-evaluates thresholds and lc/wlc every ESTIMATOR_INTERVAL_S.
 ESTIMATOR_INTERVAL_S = 2.0
 CONN_SCAN_CACHE_S = 1.0
+# A change is saved at once, unless the last save was less than SAVE_SPACING x its cost ago (at least
+# SAVE_COALESCE_S): then it is saved with the changes that follow, when that time is up. Saving takes at most ~1/21 of
+# a burst; at 10k services x 10 real servers one save costs ~75 ms, so a daemon killed mid-burst loses ~1.5 s of it.
 SAVE_COALESCE_S = 0.05
+SAVE_SPACING = 20
 # The heap is frozen again only once changes have stopped for this long: settling inside a burst (a full collection
 # each time the model grew by a quarter) cost 10k REST PUTs of a service each 1.7 s (bench 3d: 9.6 -> 11.3 s).
 HEAP_QUIET_S = 2.0
@@ -639,7 +643,6 @@ class Daemon:
         self._last_resolve = float("-inf")
         self._last_save = float("-inf")
         self._save_cost = 0.0
-        self._routes_packed = None  # (the routes rows, their msgpack bytes): see _save_state
         self._conn_cache = (0.0, None)
         self._counts_cache = (0.0, None)
         self._laddr_cache: tuple | None = None  # (the _conns() list it was counted from, counts)
@@ -876,13 +879,13 @@ class Daemon:
         """Save the model: at once for a lone change, coalesced inside a burst.
 
         A bulk load (ipvsadm -R, 100k routes) would otherwise serialise the whole model once per line. A daemon
-        killed mid-burst can miss the changes of the last max(SAVE_COALESCE_S, 10 × one save) seconds.
+        killed mid-burst can miss the changes of the last max(SAVE_COALESCE_S, SAVE_SPACING × one save) seconds.
         """
         self._last_change = time.monotonic()
         if self._save_handle is not None:
             return
         # A big model costs more to save: wait long enough that saving stays a small share of a burst.
-        delay = max(SAVE_COALESCE_S, 10 * self._save_cost)
+        delay = max(SAVE_COALESCE_S, SAVE_SPACING * self._save_cost)
         if time.monotonic() - self._last_save > delay:
             self._save_state()
         else:
@@ -1074,22 +1077,13 @@ class Daemon:
         crashed daemon loses nothing that reached the page cache. A failed write (full or read-only file system)
         leaves the previous file in place, is logged, and does not fail the change that triggered it: forwarding
         does not depend on the file, only a restart does."""
-        import msgpack
-
         path = self.settings.state_file
         t0 = time.monotonic()
         tmp = f"{path}.{os.getpid()}.tmp"
-        snap = dict(snapshot(self.bal), checks=list(self.ctl_checks.values()))
+        extra = {"checks": list(self.ctl_checks.values())}
         if self.timeout_overrides:  # ipvsadm --set values; without them the file is as before --set existed
-            snap["timeouts"] = self.timeout_overrides
-        # One msgpack map, as packb would write it, but the routes' bytes are reused while the routes are the
-        # same rows (snapshot_routes keeps them until a route changes): 100k routes pack in 45 ms each save.
-        routes = snap.pop("routes")
-        if self._routes_packed is None or self._routes_packed[0] is not routes:
-            self._routes_packed = (routes, msgpack.packb(routes, use_bin_type=True))
-        pk = msgpack.Packer(use_bin_type=True)
-        data = b"".join([pk.pack_map_header(len(snap) + 1), *(pk.pack(k) + pk.pack(v) for k, v in snap.items()),
-                         pk.pack("routes"), self._routes_packed[1]])
+            extra["timeouts"] = self.timeout_overrides
+        data = pack_snapshot(self.bal, extra)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
