@@ -1219,7 +1219,7 @@ class Daemon:
         if cols is not None:
             # UDP flows of a removed real server go whatever their idle time (LVS expire_nodest_conn): a client
             # that keeps sending on one tuple would otherwise be sent to it for good
-            gone = cols.nodest_udp(Daemon.real_servers(self))
+            gone = cols.nodest_udp(lambda: Daemon.real_servers(self))
             removed = self.maps.remove_dead_requests(cols.sweep_requests(now, lim, gone))
         else:  # the columns' key hashing could not tell two keys apart: the per-entry reading
             dead = aging.expired_rows(self.maps.conn_aging_view(), now, lim)

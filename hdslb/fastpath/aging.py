@@ -331,16 +331,17 @@ class Columns:
         return r[dead], j[dead], last[dead]
 
     def nodest_udp(self, dests) -> "np.ndarray":
-        """The inbound UDP rows whose real server is gone: dests is every real server there is, (slot, address
-        as 16 bytes, is a SNAT source); a row is gone when its slot is none of theirs, or the slot's server now
-        has another address than the one the flow is rewritten to (the slot went to a new server). A SNAT
-        flow's rewrite is the outside host, so its slot alone is checked."""
+        """The inbound UDP rows whose real server is gone: dests() gives every real server there is, (slot,
+        address as 16 bytes, is a SNAT source), and is called only when the table has inbound UDP rows (a walk
+        of 100k real servers costs 45 ms, each sweep); a row is gone when its slot is none of theirs, or the
+        slot's server now has another address than the one the flow is rewritten to (the slot went to a new
+        server). A SNAT flow's rewrite is the outside host, so its slot alone is checked."""
         import numpy as np
 
         rows = np.flatnonzero(~self.out & (self.proto == socket.IPPROTO_UDP))
         if not len(rows):
             return rows
-        dests = sorted(dests)
+        dests = sorted(dests())
         ks = np.array([x[0] for x in dests], np.int64)
         slot = self.slot[rows].astype(np.int64)
         if not len(ks):
