@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import ipaddress
 import operator
 import re
@@ -121,6 +122,7 @@ def netmask_plen(netmask, version: int) -> int:
         raise invalid(f"illegal virtual server persistent mask {netmask!r} (a contiguous dotted mask)") from None
 
 
+@functools.lru_cache(maxsize=None)  # (plen, version): at most 162 answers; each service add asks (70 us each)
 def netmask_text(plen: int, version: int) -> str:
     """The canonical -M spelling ipvsadm prints: dotted for IPv4, the prefix length for IPv6."""
     if version == 4:

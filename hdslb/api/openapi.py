@@ -19,6 +19,7 @@ from jsonschema.exceptions import best_match
 from hdslb import __version__
 from hdslb.balancer import FWD_MODES, MAX_WEIGHT, ROUTE_SCOPES, SCHEDULERS
 from hdslb.config.model import LVS_TIMEOUTS, MAX_TIMEOUT_S
+from hdslb.net.addr import ip_address
 
 # --- formats ------------------------------------------------------------------------------------------
 # Custom formats (OpenAPI leaves `format` open): checked by the same code the model would run, so a body that
@@ -644,8 +645,10 @@ def _u(v, hi: int) -> bool:
 
 
 def _ip_ok(v) -> bool:
+    """A plain address (hdslb.net.addr's parser: 10x faster than ipaddress's, and the address is then remembered for
+    the request's own parse); anything it refuses goes to the schema, which words the refusal."""
     try:
-        return type(v) is str and bool(ipaddress.ip_address(v))
+        return type(v) is str and bool(ip_address(v))
     except ValueError:
         return False
 
