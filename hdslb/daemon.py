@@ -61,6 +61,9 @@ SAVE_SPACING = 20
 # The heap is frozen again only once changes have stopped for this long: settling inside a burst (a full collection
 # each time the model grew by a quarter) cost 10k REST PUTs of a service each 1.7 s (bench 3d: 9.6 -> 11.3 s).
 HEAP_QUIET_S = 2.0
+# Inside a burst the model's growth is looked at this often (model_size: 1 ms at 10k services), to freeze it as it
+# grows (hdslb.heap: CPython's own full collections would walk all of the burst's objects again and again).
+HEAP_GROWTH_CHECK_S = 0.5
 # Health verdicts (see _on_health): after an application that took VERDICT_SLOW_S or more (mh/conhash tables), the
 # next waits until VERDICT_SPACING x its cost has passed (at most VERDICT_WAIT_MAX_S): during a burst the rebuilds
 # take at most a third of the loop and each touched table is built once per application, not once per verdict.
@@ -632,6 +635,7 @@ class Daemon:
         self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
         self._save_handle = None
         self._heap_handle = None  # a pending heap settle, once changes go quiet (see _heap_soon)
+        self._heap_grown_at = float("-inf")  # when a burst last asked whether the model grew (see _state_changed)
         self._last_change = float("-inf")
         self._verdicts: list = []  # health verdicts not applied yet (see _on_health)
         self._verdict_handle = None
@@ -881,7 +885,10 @@ class Daemon:
         A bulk load (ipvsadm -R, 100k routes) would otherwise serialise the whole model once per line. A daemon
         killed mid-burst can miss the changes of the last max(SAVE_COALESCE_S, SAVE_SPACING × one save) seconds.
         """
-        self._last_change = time.monotonic()
+        self._last_change = now = time.monotonic()
+        if self._heap_handle is not None and now - self._heap_grown_at >= HEAP_GROWTH_CHECK_S:  # inside a burst
+            self._heap_grown_at = now
+            self.heap.grew(model_size(self.bal))
         if self._save_handle is not None:
             return
         # A big model costs more to save: wait long enough that saving stays a small share of a burst.
@@ -1108,8 +1115,11 @@ class Daemon:
         self._heap_soon()
 
     def _heap_soon(self) -> None:
-        """Freeze the model again (hdslb.heap) if it moved a lot, once no change has come for HEAP_QUIET_S."""
-        if not self.heap.enabled or self._heap_handle is not None:
+        """Freeze the model again (hdslb.heap) if it moved a lot, once no change has come for HEAP_QUIET_S (a burst
+        that keeps growing it is frozen as it goes, without a collection: see _state_changed)."""
+        if not self.heap.enabled:
+            return
+        if self._heap_handle is not None:
             return
         try:
             loop = asyncio.get_running_loop()
