@@ -21,6 +21,7 @@ the settle after it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -89,6 +90,30 @@ class HeapSettler:
                 "burst_freezes": self.burst_freezes,
                 "model_size": self.size,
                 "last_pause_ms": None if self.last_pause_s is None else round(self.last_pause_s * 1e3, 1)}
+
+
+_paused = 0  # collections_paused() entered and not left yet (on the event loop's thread)
+_resume = False  # whether the collector was on when the first of them began
+
+
+@contextlib.contextmanager
+def collections_paused():
+    """The cyclic collector off while a big reply is built and encoded (service.list or /metrics at 10k services x
+    10 real servers: ~1M short-lived objects with no cycles among them). CPython otherwise ran four full
+    collections per listing, each walking the reply built so far (15, 55, 95, 130 ms, the event loop held each
+    time), and could free none of it: reference counting does, once the reply is sent. Cycles others make meanwhile
+    are collected when it is back on. Nested and overlapping uses share one pause."""
+    global _paused, _resume
+    if _paused == 0:
+        _resume = gc.isenabled()
+        gc.disable()
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0 and _resume:
+            gc.enable()
 
 
 def model_size(b) -> int:

@@ -20,6 +20,7 @@ import time
 
 from hdslb.ctl import protocol
 from hdslb.errors import HdslbError
+from hdslb.heap import collections_paused
 
 log = logging.getLogger("hdslb.ctl")
 
@@ -133,7 +134,7 @@ class CtlServer:
                 finally:
                     self._inflight -= reserved
                     body = None
-                if not await self._send(writer, req_id, op, await self.handle(req_id, op, args)):
+                if not await self._send(writer, req_id, op, await self.handle(req_id, op, args, encode=True)):
                     abort = True
                     return
         except (ConnectionError, OSError):
@@ -169,10 +170,11 @@ class CtlServer:
         finally:
             self._refusing -= 1
 
-    async def _send(self, writer: asyncio.StreamWriter, req_id: int, op: str, rep: dict) -> bool:
-        """Write one reply; False when the peer did not take it within WRITE_TIMEOUT_S."""
+    async def _send(self, writer: asyncio.StreamWriter, req_id: int, op: str, rep: dict | bytes) -> bool:
+        """Write one reply (or its frame, already encoded); False when the peer did not take it within
+        WRITE_TIMEOUT_S."""
         try:
-            data = protocol.encode(rep)
+            data = rep if type(rep) is bytes else protocol.encode(rep)
         except protocol.ProtocolError as e:  # larger than a frame may be: the client could not read it either
             log.error("reply to %s not sent: %s", op, e)
             data = protocol.encode(protocol.reply_err(req_id, errno.EMSGSIZE, f"the reply to {op} is too large: {e}"))
@@ -190,11 +192,22 @@ class CtlServer:
             return False
         return True
 
-    async def handle(self, req_id: int, op: str, args: dict) -> dict:
+    async def handle(self, req_id: int, op: str, args: dict, encode: bool = False) -> dict | bytes:
+        """The reply to one request. A command answering with a coroutine (a big listing, built in chunks with
+        the loop served in between) is built with the cyclic collector paused; with encode, its reply comes back
+        as the encoded frame, made inside that pause, so the listing's objects are gone before the collector is
+        back (else it walks them all: see hdslb.heap.collections_paused)."""
         try:
             data = self.dispatch(op, args)
             if asyncio.iscoroutine(data):
-                data = await data
+                with collections_paused():
+                    rep = protocol.reply_ok(req_id, await data)
+                    if encode:
+                        try:
+                            return protocol.encode(rep)
+                        except Exception:  # too large, or not encodable: _send says which
+                            pass
+                    return rep
             return protocol.reply_ok(req_id, data)
         except HdslbError as e:
             return protocol.reply_err(req_id, e.errno, e.message, getattr(e, "index", None))

@@ -166,3 +166,54 @@ async def test_a_growing_burst_is_frozen_as_it_goes_without_a_collection(tmp_pat
     assert d.heap.burst_freezes == small
     await asyncio.sleep(0.6)  # quiet: the settle collects once and freezes everything
     assert d.heap.settles == 2 and len(collects) == 1 and _frozen(made)
+
+
+async def test_a_bulk_batch_runs_with_the_collector_paused_and_is_frozen_after(tmp_path, unfrozen, monkeypatch):
+    """ipvsadm -R of 10k x 10 is one batch: inside it CPython ran ten full collections (1.1 s), each walking what
+    the batch had made so far. A batch of BIG_BATCH_OPS ops or more runs with the collector off and what it made
+    is frozen right after (a small batch, a REST PUT of one service, changes nothing of the collector)."""
+    from hdslb import daemon as dm
+
+    d = _daemon(tmp_path)
+    d.heap.enabled = True
+    d.heap.settle(model_size(d.bal))
+    seen = []
+    real = commands.COMMANDS["dest.add"]
+    monkeypatch.setitem(commands.COMMANDS, "dest.add", lambda ctx, a: seen.append(gc.isenabled()) or real(ctx, a))
+
+    def batch(n_svc, base):
+        ops = []
+        for i in range(base, base + n_svc):
+            svc = {"proto": "tcp", "addr": f"10.2.{i // 256}.{i % 256}", "port": 80}
+            ops.append(["service.add", dict(svc, sched="rr")])
+            ops += [["dest.add", {"svc": svc, "addr": f"172.17.{(i * 10 + j) // 256}.{(i * 10 + j) % 256}",
+                                  "port": 80}] for j in range(10)]
+        return {"ops": ops}
+
+    big = batch(200, 0)
+    assert len(big["ops"]) >= dm.BIG_BATCH_OPS
+    d.dispatch("batch", big)
+    assert seen and not any(seen) and gc.isenabled(), "off inside the bulk batch, on again after it"
+    made = [x for s in d.bal.services.values() for x in s.dests.values()]
+    assert _frozen(made) and d.heap.burst_freezes == 1
+    seen.clear()
+    d.dispatch("batch", batch(2, 500))
+    assert seen and all(seen) and d.heap.burst_freezes == 1, "a small batch: the collector as it is"
+
+
+def test_collections_paused_nests_and_leaves_a_collector_that_was_off_off():
+    from hdslb.heap import collections_paused
+
+    assert gc.isenabled()
+    with collections_paused():
+        with collections_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "the outer pause still holds"
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collections_paused():
+            pass
+        assert not gc.isenabled(), "it was off before: it stays off"
+    finally:
+        gc.enable()
