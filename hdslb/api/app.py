@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import gzip
 import hmac
 import inspect
 import ipaddress
@@ -884,7 +883,7 @@ def _accepts_gzip(header: str) -> bool:
 
 
 async def get_metrics(request):
-    from hdslb.api.metrics import CONTENT_TYPE, render
+    from hdslb.api.metrics import CONTENT_TYPE, gzip_body, render
 
     # The daemon is read on the loop (a big service listing yielding to it; its series are made in a worker thread);
     # the text (~130 MB for 10k services x 10 real servers) is written and,
@@ -895,8 +894,7 @@ async def get_metrics(request):
         fams = await request.app[REGISTRY].collect_families_async()
 
         def write() -> bytes:
-            body = render(fams)
-            return gzip.compress(body, compresslevel=1) if gz else body
+            return gzip_body(fams) if gz else render(fams)
 
         body = await asyncio.get_running_loop().run_in_executor(None, write)
         del fams

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import zlib
 
 from hdslb.api import dispatch, dispatch_async
 
@@ -103,15 +104,26 @@ def _value(v) -> str:
     return repr(v)
 
 
-def render(families) -> bytes:
-    """The text exposition format 0.0.4 of families (a pure function: safe in a worker thread)."""
-    out = []
+def render_chunks(families):
+    """The text exposition format 0.0.4 of families, a family at a time as bytes (a pure function: safe in a worker
+    thread). At 10k services x 10 real servers the text is ~130 MB: made whole (the pieces, their str, its bytes)
+    a scrape held ~450 MB at its peak; a family at a time, a few MB (gzip_body compresses as they come)."""
     for f in families:
         name = f.sample_name
         doc = f.help.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {f.type}\n")
-        out.extend(f"{name}{lab} {_value(v)}\n" for lab, v in f.rows)
-    return "".join(out).encode()
+        yield "".join([f"# HELP {name} {doc}\n# TYPE {name} {f.type}\n",
+                       *(f"{name}{lab} {_value(v)}\n" for lab, v in f.rows)]).encode()
+
+
+def render(families) -> bytes:
+    """The whole text of render_chunks()."""
+    return b"".join(render_chunks(families))
+
+
+def gzip_body(families) -> bytes:
+    """render(families) gzipped (level 1: ~130 MB of text in ~1 s to ~4 MB), compressed a family at a time."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    return b"".join([*(z.compress(c) for c in render_chunks(families)), z.flush()])
 
 
 def _split_hostport(s: str) -> tuple[str, int]:
