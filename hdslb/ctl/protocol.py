@@ -43,6 +43,37 @@ def encode(msg: dict) -> bytes:
     return _HDR.pack(len(body)) + body
 
 
+async def encode_yielding(msg: dict, chunk: int = 500) -> bytes:
+    """encode(msg), byte for byte, with the event loop served between chunks of its long lists: a listing of
+    10k services x 10 real servers is a 27 MB frame that took 0.24 s to pack in one piece, every other client
+    (and the slow path) waiting. Maps are walked three levels deep (reply, data, its fields)."""
+    import asyncio
+
+    pk = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes] = []
+
+    async def put(v, depth: int) -> None:
+        if type(v) is dict and depth < 3:
+            parts.append(pk.pack_map_header(len(v)))
+            for k, x in v.items():
+                parts.append(pk.pack(k))
+                await put(x, depth + 1)
+        elif type(v) is list and len(v) > chunk:
+            parts.append(pk.pack_array_header(len(v)))
+            for i in range(0, len(v), chunk):
+                if i:
+                    await asyncio.sleep(0)
+                parts.append(b"".join(map(pk.pack, v[i:i + chunk])))
+        else:
+            parts.append(pk.pack(v))
+
+    await put(msg, 0)
+    body = b"".join(parts)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HDR.pack(len(body)) + body
+
+
 def frame_length(header: bytes) -> int:
     (n,) = _HDR.unpack(header)
     if n > MAX_FRAME:

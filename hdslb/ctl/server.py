@@ -195,8 +195,8 @@ class CtlServer:
     async def handle(self, req_id: int, op: str, args: dict, encode: bool = False) -> dict | bytes:
         """The reply to one request. A command answering with a coroutine (a big listing, built in chunks with
         the loop served in between) is built with the cyclic collector paused; with encode, its reply comes back
-        as the encoded frame, made inside that pause, so the listing's objects are gone before the collector is
-        back (else it walks them all: see hdslb.heap.collections_paused)."""
+        as the encoded frame, made inside that pause (so the listing's objects are gone before the collector is
+        back, else it walks them all: see hdslb.heap.collections_paused) and in chunks (encode_yielding)."""
         try:
             data = self.dispatch(op, args)
             if asyncio.iscoroutine(data):
@@ -204,7 +204,7 @@ class CtlServer:
                     rep = protocol.reply_ok(req_id, await data)
                     if encode:
                         try:
-                            return protocol.encode(rep)
+                            return await protocol.encode_yielding(rep)
                         except Exception:  # too large, or not encodable: _send says which
                             pass
                     return rep
