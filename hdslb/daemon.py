@@ -2212,7 +2212,9 @@ class Daemon:
                     dest_all = {d.slot: self.maps.dest_stats(d.slot) for s in self.bal.services.values()
                                 for d in s.dests.values()}
                 else:  # the slots with traffic only: an idle service or real server costs nothing here
-                    svc_all, dest_all = self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")
+                    # Both arrays read whole (~0.1 s at 10k x 10): in a worker thread, as service.list does.
+                    svc_all, dest_all = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: (self.maps.all_stats("svc_stats"), self.maps.all_stats("dest_stats")))
                 # Keyed by what has counted something (a missing key is all zeros): walking every service and real
                 # server instead cost 70 ms each interval at 10k x 10, with or without traffic.
                 cur = {("svc", k): v for k, v in svc_all.items()}

@@ -43,10 +43,12 @@ def encode(msg: dict) -> bytes:
     return _HDR.pack(len(body)) + body
 
 
-async def encode_yielding(msg: dict, chunk: int = 500) -> bytes:
+async def encode_yielding(msg: dict, chunk: int = 500, consume: bool = False) -> bytes:
     """encode(msg), byte for byte, with the event loop served between chunks of its long lists: a listing of
     10k services x 10 real servers is a 27 MB frame that took 0.24 s to pack in one piece, every other client
-    (and the slow path) waiting. Maps are walked three levels deep (reply, data, its fields)."""
+    (and the slow path) waiting. Maps are walked three levels deep (reply, data, its fields). With consume (the
+    caller's own reply, read by nothing else) each packed chunk's items are dropped from their list as it goes:
+    freeing 110k dicts at the end took another 0.2 s in one piece."""
     import asyncio
 
     pk = msgpack.Packer(use_bin_type=True)
@@ -63,7 +65,11 @@ async def encode_yielding(msg: dict, chunk: int = 500) -> bytes:
             for i in range(0, len(v), chunk):
                 if i:
                     await asyncio.sleep(0)
-                parts.append(b"".join(map(pk.pack, v[i:i + chunk])))
+                part = v[i:i + chunk]
+                parts.append(b"".join(map(pk.pack, part)))
+                if consume:
+                    v[i:i + chunk] = [None] * len(part)
+                part = None
         else:
             parts.append(pk.pack(v))
 

@@ -175,13 +175,8 @@ class CtlServer:
         WRITE_TIMEOUT_S."""
         try:
             data = rep if type(rep) is bytes else protocol.encode(rep)
-        except protocol.ProtocolError as e:  # larger than a frame may be: the client could not read it either
-            log.error("reply to %s not sent: %s", op, e)
-            data = protocol.encode(protocol.reply_err(req_id, errno.EMSGSIZE, f"the reply to {op} is too large: {e}"))
-        except Exception as e:  # a command returned something msgpack cannot carry: a bug, reported as one
-            log.exception("reply to %s cannot be encoded", op)
-            data = protocol.encode(protocol.reply_err(req_id, errno.EIO, f"internal error in {op}: "
-                                                                         f"reply cannot be encoded: {e}"))
+        except Exception as e:
+            data = protocol.encode(_unencodable(req_id, op, e))
         writer.write(data)
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_S):
@@ -204,9 +199,9 @@ class CtlServer:
                     rep = protocol.reply_ok(req_id, await data)
                     if encode:
                         try:
-                            return await protocol.encode_yielding(rep)
-                        except Exception:  # too large, or not encodable: _send says which
-                            pass
+                            return await protocol.encode_yielding(rep, consume=True)
+                        except Exception as e:  # rep is consumed: the refusal is the reply
+                            return _unencodable(req_id, op, e)
                     return rep
             return protocol.reply_ok(req_id, data)
         except HdslbError as e:
@@ -214,6 +209,16 @@ class CtlServer:
         except Exception as e:  # a bug in a command must not kill the daemon; it is logged and reported
             log.exception("op %s failed", op)
             return protocol.reply_err(req_id, errno.EIO, f"internal error in {op}: {e}")
+
+
+def _unencodable(req_id: int, op: str, e: Exception) -> dict:
+    """The reply instead of one that cannot be encoded."""
+    if isinstance(e, protocol.ProtocolError):  # larger than a frame may be: the client could not read it either
+        log.error("reply to %s not sent: %s", op, e)
+        return protocol.reply_err(req_id, errno.EMSGSIZE, f"the reply to {op} is too large: {e}")
+    # a command returned something msgpack cannot carry: a bug, reported as one
+    log.error("reply to %s cannot be encoded", op, exc_info=e)
+    return protocol.reply_err(req_id, errno.EIO, f"internal error in {op}: reply cannot be encoded: {e}")
 
 
 async def _discard(reader: asyncio.StreamReader, n: int) -> None:

@@ -213,8 +213,13 @@ async def test_the_estimator_handles_only_what_counted_something():
     z = dict.fromkeys(("conns", "inpkts", "outpkts", "inbytes", "outbytes"), 0)
     reads = []
 
+    import threading
+
+    on_loop = []
+
     class Maps:
         def all_stats(self, name):
+            on_loop.append(threading.current_thread() is threading.main_thread())
             reads.append(name)
             k = len(reads) // 2  # readings so far: 0 before the first tick's pair
             if name == "svc_stats":
@@ -233,6 +238,7 @@ async def test_the_estimator_handles_only_what_counted_something():
         await asyncio.sleep(0.01)
     finally:
         task.cancel()
+    assert on_loop and not any(on_loop), "the arrays are read whole in a worker thread, not on the event loop"
     assert set(d.rates) == {("svc", busy.svc_id), ("dest", slot)}, len(d.rates)
     assert d.rates[("dest", slot)]["cps"] == 80 and d.rates[("dest", slot)]["inpps"] == 800
     other = list(busy.dests.values())[1].slot

@@ -269,3 +269,24 @@ def test_a_long_reply_is_encoded_in_chunks_byte_for_byte():
     ticks.clear()
     asyncio.run(main({"data": {"services": list(range(5000))}}))
     assert len(ticks) >= 9, "the loop ran between the chunks"
+
+
+def test_a_big_listing_is_freed_as_it_is_packed_and_one_too_large_is_refused_whole(monkeypatch):
+    """encode_yielding(consume=True) drops each packed chunk from the reply's list (freeing 110k dicts at once took
+    0.2 s of the loop); the frame is the same. A listing over the frame limit is refused with EMSGSIZE, never sent
+    as the consumed list."""
+    import errno
+
+    from hdslb.ctl import protocol
+
+    msg = {"v": 1, "ok": True, "data": {"services": [{"n": i, "dests": [i] * 3} for i in range(1234)]}}
+    want = protocol.encode(msg)
+    assert asyncio.run(protocol.encode_yielding(msg, consume=True)) == want
+    assert msg["data"]["services"] == [None] * 1234
+
+    ctx = big_ctx()
+    server = CtlServer("/nonexistent", lambda op, a: commands.dispatch(ctx, op, a))
+    monkeypatch.setattr(protocol, "MAX_FRAME", 100_000)
+    rep = asyncio.run(server.handle(9, "service.list", {"svc": None}, encode=True))
+    assert type(rep) is dict and not rep["ok"] and rep["errno"] == errno.EMSGSIZE, rep
+    assert "too large" in rep["error"]
