@@ -1383,11 +1383,16 @@ class Daemon:
         path = self.settings.config_file
         if text is None and not path:
             raise HdslbError(errno.ENOENT, "hdslbd was started without -f: there is no config file to reload")
-        try:
+        def parse():
             # Text sent over the API (or the control socket) is not a file root wrote: it may not include files or
             # name programs to run (loads posted=True refuses them with EPERM, naming each line).
-            cfg = loads(text, name=POSTED_CONFIG_NAME, posted=True, config_id=self.settings.config_id) \
+            return loads(text, name=POSTED_CONFIG_NAME, posted=True, config_id=self.settings.config_id) \
                 if text is not None else load(path, self.settings.config_id)
+
+        try:
+            # In a worker thread: 4,000 virtual servers of 10 real servers parse in ~5 s, the event loop (health
+            # checks, the slow path, control calls) served meanwhile. What is read is applied on the loop below.
+            cfg = await asyncio.get_running_loop().run_in_executor(None, parse)
         except ConfigError as e:
             err = HdslbError(e.errno, f"{e}; nothing was applied")
             err.keyword, err.errors = e.keyword, e.errors  # the REST reply names the keyword and every error

@@ -136,3 +136,25 @@ def test_the_openapi_document_says_a_posted_config_is_not_saved():
     post = DOC["paths"]["/v2/config"]["post"]
     assert "not written to disk" in post["summary"] and "text/x-hdslb-conf" in post["requestBody"]["content"]
     assert {"403", "415"} <= set(post["responses"])
+
+
+async def test_the_file_is_parsed_in_a_worker_thread(tmp_path, monkeypatch):
+    """A big config (4,000 virtual servers x 10 real servers) takes ~5 s to parse: on the event loop that held
+    health checks, the slow path and every control call. The parse runs in a worker thread; what it read is
+    applied on the loop as before, and a file that does not parse still changes nothing."""
+    import threading
+
+    import hdslb.config as config
+
+    d, conf = await make(tmp_path, BASE)
+    threads = []
+    real = config.load
+    monkeypatch.setattr(config, "load", lambda *a, **k: threads.append(threading.current_thread()) or real(*a, **k))
+    conf.write_text(BASE.replace("weight 3", "weight 5"))
+    await d.reload_config()
+    assert threads and threads[0] is not threading.main_thread()
+    assert [x.weight for s in d.bal.services.values() for x in s.dests.values()] == [5]
+    conf.write_text(BASE.replace("weight 3", "weight 5 {"))
+    with pytest.raises(Exception, match="nothing was applied"):
+        await d.reload_config()
+    assert [x.weight for s in d.bal.services.values() for x in s.dests.values()] == [5]
