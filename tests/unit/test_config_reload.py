@@ -158,3 +158,29 @@ async def test_the_file_is_parsed_in_a_worker_thread(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="nothing was applied"):
         await d.reload_config()
     assert [x.weight for s in d.bal.services.values() for x in s.dests.values()] == [5]
+
+
+async def test_a_reload_runs_with_the_collector_paused_and_is_frozen_after(tmp_path, monkeypatch):
+    """4,000 virtual servers x 10 real servers are over a million objects: CPython walked them again each time
+    they grew by a quarter (bench.config_load: 8.7 -> 5.4 s for the load, 10.4 -> 4.9 s for a reload of the same
+    file). The parse and the apply run with the collector off; what the reload made is frozen after it."""
+    import gc
+
+    import hdslb.config as config
+
+    d, conf = await make(tmp_path, BASE)
+    d.heap.enabled = True
+    seen = []
+    real = config.load
+    monkeypatch.setattr(config, "load", lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k))
+    real_apply = d.apply_config
+    monkeypatch.setattr(d, "apply_config", lambda cfg: seen.append(gc.isenabled()) or real_apply(cfg))
+    before = d.heap.burst_freezes
+    monkeypatch.setattr(d.heap, "min_change", 1)
+    conf.write_text(BASE + BASE[BASE.index("virtual_server"):].replace("10.0.0.100", "10.0.0.101"))
+    try:
+        await d.reload_config()
+        assert seen == [False, False] and gc.isenabled()
+        assert d.heap.burst_freezes == before + 1, "the reload's model frozen after it"
+    finally:
+        gc.unfreeze()
