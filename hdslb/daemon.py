@@ -1126,9 +1126,7 @@ class Daemon:
     def _heap_soon(self) -> None:
         """Freeze the model again (hdslb.heap) if it moved a lot, once no change has come for HEAP_QUIET_S (a burst
         that keeps growing it is frozen as it goes, without a collection: see _state_changed)."""
-        if not self.heap.enabled:
-            return
-        if self._heap_handle is not None:
+        if not self.heap.enabled or self._heap_handle is not None:
             return
         try:
             loop = asyncio.get_running_loop()

@@ -94,6 +94,11 @@ class HeapSettler:
 
 _paused = 0  # collections_paused() entered and not left yet (on the event loop's thread)
 _resume = False  # whether the collector was on when the first of them began
+_collected_at = 0.0  # when the pause began, or when a long one last collected the young generations
+# Overlapping uses (two clients listing back to back, scrapes close together) could keep the collector off for
+# good, and cycles made meanwhile would never be freed: a pause held this long collects the young generations
+# (what was made during it) each time one of its uses ends.
+PAUSE_MAX_S = 10.0
 
 
 @contextlib.contextmanager
@@ -102,18 +107,24 @@ def collections_paused():
     10 real servers: ~1M short-lived objects with no cycles among them). CPython otherwise ran four full
     collections per listing, each walking the reply built so far (15, 55, 95, 130 ms, the event loop held each
     time), and could free none of it: reference counting does, once the reply is sent. Cycles others make meanwhile
-    are collected when it is back on. Nested and overlapping uses share one pause."""
-    global _paused, _resume
+    are collected when it is back on, or after PAUSE_MAX_S of a pause that overlapping uses keep going. Nested and
+    overlapping uses share one pause."""
+    global _paused, _resume, _collected_at
     if _paused == 0:
         _resume = gc.isenabled()
+        _collected_at = time.monotonic()
         gc.disable()
     _paused += 1
     try:
         yield
     finally:
         _paused -= 1
-        if _paused == 0 and _resume:
-            gc.enable()
+        if _paused == 0:
+            if _resume:
+                gc.enable()
+        elif _resume and time.monotonic() - _collected_at >= PAUSE_MAX_S:
+            _collected_at = time.monotonic()
+            gc.collect(1)
 
 
 def model_size(b) -> int:

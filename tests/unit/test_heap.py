@@ -217,3 +217,29 @@ def test_collections_paused_nests_and_leaves_a_collector_that_was_off_off():
         assert not gc.isenabled(), "it was off before: it stays off"
     finally:
         gc.enable()
+
+
+def test_overlapping_pauses_do_not_keep_cycles_forever(monkeypatch):
+    """Two clients listing back to back keep collections_paused() held without a break; once a pause has lasted
+    PAUSE_MAX_S, each use that ends collects the young generations, so cycles made meanwhile are freed."""
+    import weakref
+
+    from hdslb import heap
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(heap, "PAUSE_MAX_S", 0.0)
+    outer = heap.collections_paused()
+    outer.__enter__()
+    try:
+        a, b = Node(), Node()
+        a.peer, b.peer = b, a
+        ref = weakref.ref(a)
+        del a, b
+        with heap.collections_paused():
+            pass  # another use ends while the first still holds the pause
+        assert ref() is None and not gc.isenabled()
+    finally:
+        outer.__exit__(None, None, None)
+    assert gc.isenabled()
