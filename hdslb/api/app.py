@@ -267,8 +267,11 @@ def _vs_expand(s: dict) -> dict:
     return out
 
 
-async def _one_service(request: web.Request, ident: dict) -> dict:
-    return (await _call(request, "service.list", {"svc": ident}))["services"][0]
+async def _one_service(request: web.Request, ident: dict, brief: bool = False) -> dict:
+    """The service as service.list gives it; brief: the model's fields only (no stats, counts or rates read from
+    the maps), what a write plans from."""
+    args = {"svc": ident, "brief": True} if brief else {"svc": ident}
+    return (await _call(request, "service.list", args))["services"][0]
 
 
 # --- virtual servers ----------------------------------------------------------------------------------
@@ -350,7 +353,7 @@ async def create_vs(request):
         ident = {"match": _match_from(body["Match"], proto)}
         opts = _vs_opts({k: v for k, v in body.items() if k != "Match"}, 4)
         await _call(request, "service.add", {**ident, **opts}, field="Match")
-        svc = await _one_service(request, ident)
+        svc = await _one_service(request, ident, brief=True)
         vid = f"{MATCH_ID}{svc['svc_id']}"
         return _reply({"result": "created", "Id": vid}, 201, headers={"Location": f"/v2/vs/{vid}"})
     for f in ("Addr", "Port"):
@@ -401,7 +404,7 @@ async def _put_vs_with_rs(request, ident: dict, opts: dict, items: list, vid: st
     as PUT .../rs does) in one batch: all of it, or nothing."""
     async with request.app[LOCK]:
         try:
-            svc = await _one_service(request, ident)
+            svc = await _one_service(request, ident, brief=True)
         except ApiError as e:
             if e.status != 404 or "match" in ident:
                 raise
@@ -497,7 +500,7 @@ async def _rs_body(request):
 
 async def _rs_snapshot(request, ident: dict, body: dict):
     """Under the app lock: one snapshot of the service, and the items checked against it (duplicates, flags)."""
-    svc = await _one_service(request, ident)
+    svc = await _one_service(request, ident, brief=True)
     current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
     return current, _rs_items(body["Items"], svc["port"], "Items")
 
