@@ -2235,13 +2235,12 @@ class Daemon:
                 self.rates = rates_between(prev, cur, interval, missing_is_zero=True)
                 prev = cur
                 errors = dict(self.bal.refresh_errors)
-                overloaded = {(s.svc_id, d.slot) for s, d in self.bal.overloaded()}
-                self.bal.refresh_dynamic()
+                became = self.bal.refresh_dynamic()
                 for sid, why in self.bal.refresh_errors.items():
                     if errors.get(sid) != why:
                         log.warning("service %d: table rebuild refused, the old table stays: %s", sid, why)
-                for s, d in self.bal.overloaded():
-                    if (s.svc_id, d.slot) not in overloaded:
+                for s, d in became:
+                    if d.overloaded:
                         log.info("real server %s:%s overloaded (u_threshold %d): no new flows", d.addr, d.port,
                                  d.u_threshold)
             except Exception:

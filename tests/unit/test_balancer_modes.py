@@ -399,17 +399,18 @@ def test_overloaded_servers_leave_the_table_until_they_fall_below(bal):
     bal.refresh_dynamic()
     assert len(calls(bal, "sched_set")) == n, "nothing changed: no rebuild"
     counts[0] = (6, 4)  # active + inactive = 10: LVS's totalconns reaches u_threshold
-    bal.refresh_dynamic()
-    assert calls(bal, "sched_set")[-1][1][1].entries == [1] and bal.overloaded()
+    became = bal.refresh_dynamic()  # (what became overloaded: the daemon logs it)
+    assert calls(bal, "sched_set")[-1][1][1].entries == [1] and bal.overloaded() == became
+    assert [(s.svc_id, d.slot) for s, d in became] == [(bal.get_service(SVC).svc_id, 0)]
     counts[0] = (3, 3)
-    bal.refresh_dynamic()
+    assert bal.refresh_dynamic() == []  # still overloaded: nothing new to say
     assert calls(bal, "sched_set")[-1][1][1].entries == [1], "6 is not below l_threshold 5"
     counts[0] = (2, 2)
-    bal.refresh_dynamic()
+    assert bal.refresh_dynamic() == []
     assert sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1] and not bal.overloaded()
     # raising the upper threshold lifts an overload at once, as LVS's edit does
     counts[0] = (20, 0)
-    bal.refresh_dynamic()
+    assert len(bal.refresh_dynamic()) == 1
     assert bal.overloaded()
     bal.dest_edit({"svc": SVC, "addr": "192.168.100.2", "port": 80, "u_threshold": 100, "l_threshold": 5})
     assert not bal.overloaded() and sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1]
@@ -423,7 +424,7 @@ def test_a_refused_periodic_rebuild_keeps_the_old_table_and_says_why():
     b.cells.alloc(b.cells.largest())  # something else took every free cell
     b.conn_counts = lambda: {0: (5, 0)}
     n = len(calls(b, "sched_set"))
-    b.refresh_dynamic()
+    assert b.refresh_dynamic() == []
     svc = b.get_service(SVC)
     assert len(calls(b, "sched_set")) == n and not svc.dests[(A("192.168.100.2"), 80)].overloaded
     assert "contiguous" in b.refresh_errors[svc.svc_id]

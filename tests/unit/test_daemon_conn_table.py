@@ -243,3 +243,49 @@ async def test_the_estimator_handles_only_what_counted_something():
     assert d.rates[("dest", slot)]["cps"] == 80 and d.rates[("dest", slot)]["inpps"] == 800
     other = list(busy.dests.values())[1].slot
     assert d.rates.get(("dest", other), ZERO_RATES) == ZERO_RATES
+
+
+async def test_the_estimator_logs_a_real_server_once_when_it_becomes_overloaded(caplog):
+    """The estimator logs what refresh_dynamic found newly overloaded (it no longer walks every real server
+    before and after: 25 ms an interval at 10k x 10), once, not again while it stays overloaded."""
+    import asyncio
+    import logging
+
+    from hdslb.balancer import Balancer, Iface, NullDataPath
+    from hdslb.daemon import Daemon
+
+    bal = Balancer(NullDataPath(), {"eth1": Iface("eth1", 3, b"\x04" * 6, 1500)})
+    svc = {"proto": "tcp", "addr": "10.200.0.1", "port": 80}
+    bal.service_add(dict(svc, sched="rr"))
+    bal.dest_add({"svc": svc, "addr": "172.20.0.1", "port": 80, "u_threshold": 3})
+    bal.dest_add({"svc": svc, "addr": "172.20.0.2", "port": 80})
+    counts = {}
+    bal.conn_counts = lambda: counts
+    ticks = []
+    z = dict.fromkeys(("conns", "inpkts", "outpkts", "inbytes", "outbytes"), 0)
+
+    class Maps:
+        def svc_stats(self, svc_id):
+            ticks.append(svc_id)
+            return dict(z)
+
+        def dest_stats(self, slot):
+            return dict(z)
+
+    class Fake:
+        pass
+
+    d = Fake()
+    d.bal, d.maps, d.rates = bal, Maps(), {}
+    caplog.set_level(logging.INFO, logger="hdslb")
+    task = asyncio.ensure_future(Daemon._estimator(d, interval=0.02))
+    try:
+        while len(ticks) < 2:
+            await asyncio.sleep(0.01)
+        counts[0] = (2, 2)  # 4 >= u_threshold 3
+        while len(ticks) < 6:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    said = [r.getMessage() for r in caplog.records if "overloaded" in r.getMessage()]
+    assert said == ["real server 172.20.0.1:80 overloaded (u_threshold 3): no new flows"]
