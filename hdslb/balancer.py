@@ -643,6 +643,11 @@ class Balancer:
         self.conn_counts = lambda: {}
         self.config_owned: set[tuple] = set()  # service keys the config file declares (reload manages them)
         self._dyn_seen: dict[int, tuple] = {}  # svc id -> the conn counts its lc/wlc ring was built from
+        # Keys of the services refresh_dynamic looks at (an ordered set): every service given lc/wlc or a real
+        # server with an upper threshold is put here when that option is taken, whether or not the op then
+        # succeeds; refresh_dynamic drops those that no longer qualify. It walked every real server instead:
+        # 20 ms of the event loop every 2 s at 10k x 10 (most of an idle hdslbd's CPU).
+        self._dyn_keys: dict[tuple, None] = {}
         self.expire_quiescent_template = False  # ipvs_defs: drop a dest's templates when its weight drops to 0
         self.refresh_errors: dict[int, str] = {}  # svc id -> why its last periodic rebuild was refused
         self._defer: Deferred | None = None  # inside deferred(): rebuilds and LPM writes wait for the end
@@ -1056,6 +1061,8 @@ class Balancer:
             raise HdslbError(errno.EOPNOTSUPP, "SNAT services have no persistence (-p/-M): the source a client "
                                                "gets is already stable per connection; use -s sh to keep each "
                                                "inside host on one source address")
+        if sch in DYNAMIC_SCHEDS:
+            self._dyn_keys[key] = None
         return {"sched": sch, "persistent": pers, "netmask": netmask, "flags": list(flags),
                 "sched_params": dict(params)}
 
@@ -1192,6 +1199,8 @@ class Balancer:
             raise HdslbError(errno.ERANGE, f"lower threshold {out['l_threshold']} is above the upper threshold "
                                            f"{out['u_threshold']} (-y must not exceed -x)")
         self._check_fwd(svc, addr, port, fwd, current)
+        if out["u_threshold"]:
+            self._dyn_keys[svc.key] = None
         return out
 
     def _check_fwd(self, svc: Service, addr, port: int, fwd: str, current: Dest | None) -> None:
@@ -1441,9 +1450,13 @@ class Balancer:
         after to find them cost 25 ms an interval at 10k x 10)."""
         counts = None
         became: list[tuple[Service, Dest]] = []
-        for svc in list(self.services.values()):
-            dynamic = svc.sched in DYNAMIC_SCHEDS
-            if not svc.dests or not (dynamic or any(d.u_threshold or d.overloaded for d in svc.dests.values())):
+        for key in list(self._dyn_keys):
+            svc = self.services.get(key)
+            dynamic = svc is not None and svc.sched in DYNAMIC_SCHEDS
+            if svc is None or not (dynamic or any(d.u_threshold or d.overloaded for d in svc.dests.values())):
+                del self._dyn_keys[key]
+                continue
+            if not svc.dests:
                 continue
             counts = self.conn_counts() if counts is None else counts
             changed = {}
@@ -2073,6 +2086,8 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
         svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]
         b._ids_used.add(svc.svc_id)
         b.services[svc.key] = svc
+        if svc.sched in DYNAMIC_SCHEDS or any(d.u_threshold for d in svc.dests.values()):
+            b._dyn_keys[svc.key] = None
         if match is not None:
             b.snat_order.append(svc)
     b.addrs = [Addr(addr=A(a["addr"]), prefixlen=a["prefixlen"], ifname=a["ifname"], scope=a["scope"],
