@@ -2219,7 +2219,8 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             try:
-                n = sum(1 + len(s.dests) for s in self.bal.services.values())
+                # (the slots in use are the real servers: counting them per service walked 10k services, 3 ms)
+                n = len(self.bal.services) + len(self.bal._slots_used)
                 if n < BATCH_STATS_ABOVE:  # a few lookups beat reading every slot of both arrays
                     svc_all = {s.svc_id: self.maps.svc_stats(s.svc_id) for s in self.bal.services.values()}
                     dest_all = {d.slot: self.maps.dest_stats(d.slot) for s in self.bal.services.values()
