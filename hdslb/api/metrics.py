@@ -180,9 +180,14 @@ class HdslbCollector:
         thread (~950k samples at 10k services x 10 real servers); the small sections are read on the loop."""
         out = []
         try:
-            data = await dispatch_async(self.ctx, "service.list", {"svc": None})
+            box = [await dispatch_async(self.ctx, "service.list", {"svc": None})]
             health = self._health()
-            out += await asyncio.get_running_loop().run_in_executor(None, lambda: list(self._services(data, health)))
+
+            def series() -> list:
+                data = box.pop()  # the listing's last reference: freed in this thread (~0.1 s of the loop at 10k x 10)
+                return list(self._services(data, health))
+
+            out += await asyncio.get_running_loop().run_in_executor(None, series)
         except Exception as e:
             log.warning("metrics: services skipped: %s", e)
         return out + self._read_sections((self._fastpath, self._interfaces, self._slowpath))
