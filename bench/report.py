@@ -247,6 +247,10 @@ def fmt_scale(r: dict) -> str:
             rows.append(["REST 10k x PUT /v2/vs/{VipPort} with RSs", "n/a" if "na" in rp else f"{rp['seconds']} s",
                          rp.get("na", f"{rp.get('services_loaded')} services, {rp.get('rs_loaded')} RS"),
                          (rp.get("first_error") or "") + (" (budget hit)" if rp.get("timed_out") else "")])
+        rr = r.get("rest_resync", {})
+        if rr:
+            rows.append(["REST the same 10k PUTs again (nothing changed: a re-sync)", f"{rr['seconds']} s",
+                         f"{rr.get('services_loaded')} services", rr.get("first_error") or ""])
         parts.append(table(["load", "time", "loaded", "note"], rows, "3d. bulk loads against a running hdslbd"))
         ts = [x["target"] for x in (s, ro, re_, rp) if x and "target" in x]
         for key in ("memory_shared", "memory"):
