@@ -1,6 +1,7 @@
-"""The state file's bytes (pack_snapshot) reuse each service's packed row while nothing it was made from changed:
-they must always equal packing snapshot() afresh, whatever changed the model and by whichever path (a control op,
-a health verdict, or code setting a field directly), and an unchanged service must not be packed again."""
+"""The state file's bytes (pack_snapshot) reuse each service's packed row while nothing it was made from changed,
+and each route's (a Route is never changed in place): they must always equal packing snapshot() afresh, whatever
+changed the model and by whichever path (a control op, a health verdict, or code setting a field directly), and
+an unchanged service or route must not be packed again."""
 
 import random
 
@@ -44,6 +45,13 @@ def _ops(b: Balancer, rng: random.Random):
         lambda: b.neigh_add({"addr": f"192.168.9.{rng.randrange(1, 9)}", "lladdr": "02:00:00:00:00:09",
                              "ifname": "eth1"}),
         lambda: b.route_add({"prefix": f"20.{rng.randrange(250)}.0.0", "prefixlen": 16, "ifname": "eth1"}),
+        lambda: b.route_add({"prefix": f"20.{rng.randrange(250)}.0.0", "prefixlen": 16, "ifname": "eth1",
+                             "via": "192.168.1.1", "mtu": rng.choice([0, 1400]), "metric": rng.randrange(3)}),
+        lambda: b.route_set({"prefix": f"20.{rng.randrange(250)}.0.0", "prefixlen": 16, "ifname": "eth1",
+                             "mtu": rng.choice([0, 1300, 1400])}),
+        lambda: b.route_del({"prefix": f"20.{rng.randrange(250)}.0.0", "prefixlen": 16}),
+        lambda: b.addr_add({"addr": f"192.168.1.{rng.randrange(240, 250)}", "prefixlen": 24, "ifname": "eth1"}),
+        lambda: b.addr_del({"addr": f"192.168.1.{rng.randrange(240, 250)}", "prefixlen": 24, "ifname": "eth1"}),
         # what no control op does, but code could: a field set in place, a list or dict changed in place
         lambda: setattr(d, "reason", rng.choice(["", "set directly"])),
         lambda: setattr(d, "sorry", not d.sorry),
@@ -93,3 +101,26 @@ def test_an_unchanged_service_is_not_packed_again_and_a_changed_one_is(monkeypat
     got = pack_snapshot(b)
     assert made == [80], "only the service whose real server changed is made again"
     assert got == _fresh(b, {})
+
+
+def test_an_unchanged_route_is_not_packed_again_and_routes_do_not_change_in_place(monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    import hdslb.balancer as balancer
+
+    b = Balancer(Recorder(), dict(IFACES))
+    for i in range(5):
+        b.route_add({"prefix": f"20.{i}.0.0", "prefixlen": 16, "ifname": "eth1"})
+    pack_snapshot(b)
+    made = []
+    real = balancer._route_row
+    monkeypatch.setattr(balancer, "_route_row", lambda r: made.append(str(r.net)) or real(r))
+    b.route_add({"prefix": "20.9.0.0", "prefixlen": 16, "ifname": "eth1"})
+    b.route_set({"prefix": "20.2.0.0", "prefixlen": 16, "ifname": "eth1", "mtu": 1400})
+    got = pack_snapshot(b)
+    assert sorted(made) == ["20.2.0.0/16", "20.9.0.0/16"], "only the new and the changed route are made"
+    assert got == _fresh(b, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.routes[0].mtu = 1200  # the packed row kept on it could no longer say what it is
