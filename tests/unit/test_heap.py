@@ -243,3 +243,15 @@ def test_overlapping_pauses_do_not_keep_cycles_forever(monkeypatch):
     finally:
         outer.__exit__(None, None, None)
     assert gc.isenabled()
+
+
+def test_growth_after_a_shrink_counts_from_the_smaller_model(unfrozen):
+    """A flush (ipvsadm -C) and, before the heap settled, a new load: growth was counted from the size before the
+    flush, so nothing was frozen until the model was that big again, and CPython's full collections walked all of
+    the new load meanwhile (0.7 s of 10k REST PUTs right after a PATCH and a flush)."""
+    h = HeapSettler(enabled=True, min_change=100)
+    h.settle(10_000)
+    assert not h.grew(50)  # the flush: nothing to freeze, growth now counts from 50
+    assert not h.grew(120)
+    assert h.grew(200) and h.burst_freezes == 1 and h.frozen_size == 200
+    assert not h.grew(250) and h.grew(300)
