@@ -626,7 +626,6 @@ class Balancer:
         self._plens: Counter = Counter()  # (IP version, prefix length) -> routes: lookups walk lengths, not routes
         self._route_gen = 0  # bumped by every route change: what is cached from route lookups is valid for one gen
         self._rint = None  # index_routes(): (route gen, the _rindex it indexes, int index, prefix lengths by version)
-        self._routes_snap = None  # snapshot_routes(): (route gen, the routes list, its rows)
         self._routes_packed: tuple | None = None  # pack_snapshot(): (route gen, the routes list, their msgpack bytes)
         self._nh_cache: dict = {}  # real server address -> nexthop(), for wanted_nexthops
         self._nh_gen = -1
@@ -1483,9 +1482,6 @@ class Balancer:
             became += [(svc, d) for d in svc.dests.values() if changed.get(d.slot)]
         return became
 
-    def overloaded(self) -> list[tuple[Service, Dest]]:
-        return [(s, d) for s in self.services.values() for d in s.dests.values() if d.overloaded]
-
     # --- local addresses (FNAT sources) ---------------------------------------------------------
     def laddr_add(self, a: dict) -> Laddr:
         self._wgen += 1  # what wanted_nexthops() returns may change
@@ -1968,7 +1964,7 @@ class Balancer:
 def snapshot(b: Balancer) -> dict:
     """The whole model as plain data, with the ids, slots and hash cells the fast path's maps are indexed by."""
     return {"version": 1, "services": [_service_row(b, v) for v in b.services.values()], "addrs": _addr_rows(b),
-            "routes": snapshot_routes(b), "neighs": _neigh_rows(b)}
+            "routes": [_route_row(r) for r in b.routes], "neighs": _neigh_rows(b)}
 
 
 def _addr_rows(b: Balancer) -> list:
@@ -2031,18 +2027,6 @@ def pack_snapshot(b: Balancer, extra: dict | None = None) -> bytes:
     return b"".join([pk.pack_map_header(len(parts)), *(pk.pack(k) + v for k, v in parts.items())])
 
 
-def snapshot_routes(b: Balancer) -> list:
-    """The routes part of snapshot(), kept until the next route change (every change bumps _route_gen): the state
-    file is written after every change, and 100k routes cost 130 ms to turn into data each time. The list is
-    shared: read it, do not modify it."""
-    c = b._routes_snap
-    if c is not None and c[0] == b._route_gen and c[1] is b.routes:
-        return c[2]
-    rows = list(map(_route_row, b.routes))
-    b._routes_snap = (b._route_gen, b.routes, rows)
-    return rows
-
-
 def _route_row(r: Route) -> dict:
     s = ip_str
     return {"net": str(r.net), "ifname": r.ifname, "via": s(r.via) if r.via else None,
@@ -2051,9 +2035,10 @@ def _route_row(r: Route) -> dict:
 
 
 def _packed_routes(b: Balancer, pk) -> bytes:
-    """pk.pack(snapshot_routes(b)), byte for byte: reused while no route changed, and otherwise made of each
-    route's own packed row, kept on the (frozen) Route. A change among 100k routes made and packed every row
-    again for the next save: ~175 ms of the event loop, now the changed rows and one join (~10 MB kept)."""
+    """The routes part of snapshot(), packed, byte for byte: reused while no route changed (every change bumps
+    _route_gen), and otherwise made of each route's own packed row, kept on the (frozen) Route. A change among
+    100k routes made and packed every row again for the next save: 175-300 ms of the event loop, now the changed
+    rows and one join (~10 MB kept)."""
     c = b._routes_packed
     if c is not None and c[0] == b._route_gen and c[1] is b.routes:
         return c[2]

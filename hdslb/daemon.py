@@ -629,6 +629,7 @@ class Daemon:
         self._resolve_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.config = None  # the Config last applied
+        self._reload_lock = asyncio.Lock()  # reloads take turns (reload_config)
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
         self.health = None
         self.api = None
@@ -1380,12 +1381,9 @@ class Daemon:
         With the cyclic collector paused (hdslb.heap.collections_paused): a config of 4,000 virtual servers x 10
         real servers is over a million objects, and CPython walked them again each time they grew by a quarter
         (most of a reload's time in bench.config_load); what the reload made is frozen right after it."""
-        lock = self.__dict__.get("_reload_lock")
-        if lock is None:
-            lock = self._reload_lock = asyncio.Lock()
         # One reload at a time, applied in the order asked: the file is parsed in a worker thread, and a posted text
         # that parsed faster must not be applied before (and then under) the one posted before it.
-        async with lock:
+        async with self._reload_lock:
             with collections_paused():
                 out = await self._reload_config(text)
             self.heap.grew(model_size(self.bal))

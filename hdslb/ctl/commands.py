@@ -256,13 +256,18 @@ def service_list(ctx, a):
     return _list_reply(ctx, [_svc_data(ctx, s, counts, persist, stats) for s in svcs])
 
 
-async def _brief_chunked(ctx, svcs: list) -> dict:
+async def _in_chunks(svcs: list, build) -> list:
+    """[build(s) for s in svcs], LIST_CHUNK services at a time with the event loop served in between."""
     out = []
     for i in range(0, len(svcs), LIST_CHUNK):
         if i:
             await asyncio.sleep(0)
-        out += [_svc_brief(s) for s in svcs[i:i + LIST_CHUNK]]
-    return _list_reply(ctx, out)
+        out += [build(s) for s in svcs[i:i + LIST_CHUNK]]
+    return out
+
+
+async def _brief_chunked(ctx, svcs: list) -> dict:
+    return _list_reply(ctx, await _in_chunks(svcs, _svc_brief))
 
 
 async def _service_list_chunked(ctx, svcs: list) -> dict:
@@ -276,12 +281,7 @@ async def _service_list_chunked(ctx, svcs: list) -> dict:
 
     counts, laddrs, stats = await asyncio.get_running_loop().run_in_executor(None, reads)
     persist = _persist_counts(ctx) if any(s.persistent for s in svcs) else {}
-    out = []
-    for i in range(0, len(svcs), LIST_CHUNK):
-        if i:
-            await asyncio.sleep(0)
-        out += [_svc_data(ctx, s, counts, persist, stats, laddrs) for s in svcs[i:i + LIST_CHUNK]]
-    return _list_reply(ctx, out)
+    return _list_reply(ctx, await _in_chunks(svcs, lambda s: _svc_data(ctx, s, counts, persist, stats, laddrs)))
 
 
 @command("stats.zero")

@@ -389,6 +389,10 @@ def test_overload_follows_lvs():
     assert overload_next(d, 10**6) is False
 
 
+def _overloaded(bal) -> list:
+    return [(s, d) for s in bal.services.values() for d in s.dests.values() if d.overloaded]
+
+
 def test_overloaded_servers_leave_the_table_until_they_fall_below(bal):
     bal.service_add(dict(SVC, sched="rr"))
     bal.dest_add({"svc": SVC, "addr": "192.168.100.2", "port": 80, "u_threshold": 10, "l_threshold": 5})
@@ -400,20 +404,20 @@ def test_overloaded_servers_leave_the_table_until_they_fall_below(bal):
     assert len(calls(bal, "sched_set")) == n, "nothing changed: no rebuild"
     counts[0] = (6, 4)  # active + inactive = 10: LVS's totalconns reaches u_threshold
     became = bal.refresh_dynamic()  # (what became overloaded: the daemon logs it)
-    assert calls(bal, "sched_set")[-1][1][1].entries == [1] and bal.overloaded() == became
+    assert calls(bal, "sched_set")[-1][1][1].entries == [1] and _overloaded(bal) == became
     assert [(s.svc_id, d.slot) for s, d in became] == [(bal.get_service(SVC).svc_id, 0)]
     counts[0] = (3, 3)
     assert bal.refresh_dynamic() == []  # still overloaded: nothing new to say
     assert calls(bal, "sched_set")[-1][1][1].entries == [1], "6 is not below l_threshold 5"
     counts[0] = (2, 2)
     assert bal.refresh_dynamic() == []
-    assert sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1] and not bal.overloaded()
+    assert sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1] and not _overloaded(bal)
     # raising the upper threshold lifts an overload at once, as LVS's edit does
     counts[0] = (20, 0)
     assert len(bal.refresh_dynamic()) == 1
-    assert bal.overloaded()
+    assert _overloaded(bal)
     bal.dest_edit({"svc": SVC, "addr": "192.168.100.2", "port": 80, "u_threshold": 100, "l_threshold": 5})
-    assert not bal.overloaded() and sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1]
+    assert not _overloaded(bal) and sorted(calls(bal, "sched_set")[-1][1][1].entries) == [0, 1]
 
 
 def test_a_refused_periodic_rebuild_keeps_the_old_table_and_says_why():

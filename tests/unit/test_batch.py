@@ -792,10 +792,9 @@ def test_plain_python_check_of_put_vs_bodies_agrees_with_the_schema():
 
 def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
     """The saved model is what snapshot() says, byte for byte as data, after every kind of route change; the
-    routes' rows are reused between saves only while no route changed."""
+    routes' packed bytes are reused between saves only while no route changed."""
     import msgpack
 
-    from hdslb.balancer import snapshot_routes
     from hdslb.daemon import Daemon, settings_from_args
 
     d = Daemon(settings_from_args(["eth0", "--state-dir", str(tmp_path)]))
@@ -809,9 +808,11 @@ def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
             return msgpack.unpackb(f.read(), raw=False)
 
     def fresh():
-        b._routes_snap = None
-        want = dict(snapshot(b), checks=[])
-        return want
+        return dict(snapshot(b), checks=[])
+
+    def packed_routes():
+        saved()
+        return b._routes_packed[2]
 
     changes = [
         lambda: b.route_add({"prefix": "20.0.0.0", "prefixlen": 16, "ifname": "eth1"}),
@@ -824,14 +825,13 @@ def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
     ]
     assert saved() == fresh()
     for change in changes:
-        rows = snapshot_routes(b)
         change()
         got = saved()
         assert got == fresh()
         assert sorted(got) == sorted(["version", "services", "addrs", "routes", "neighs", "checks"])
-    rows = snapshot_routes(b)
+    routes = packed_routes()
     b.service_add({"proto": "udp", "addr": "10.0.0.1", "port": 53})
-    assert snapshot_routes(b) is rows, "no route changed: the same rows"
+    assert packed_routes() is routes, "no route changed: the same bytes"
     b.route_add({"prefix": "30.0.0.0", "prefixlen": 8, "ifname": "eth0"})
-    assert snapshot_routes(b) is not rows
+    assert packed_routes() is not routes
     assert saved()["routes"][-1]["net"] == "30.0.0.0/8"
