@@ -704,8 +704,10 @@ class Balancer:
 
     def _undo_new(self, d: Deferred) -> None:
         """Remove the services and routes an undo_new batch added. A service not published yet left nothing in the
-        maps (its slots are written when it is published): it leaves the model only; so do the routes while the
-        flush had not begun writing LPM entries, else each of their prefixes is written again from what is left."""
+        maps (its slots and local addresses are written when it is published): it leaves the model only; so do the
+        routes while the flush had not begun writing LPM entries, else each of their prefixes is written again from
+        what is left. Local addresses (local_map) are written at the end of the batch (_locals_once), after this,
+        from the model as it is then."""
         if d.new_routes:
             ids = {id(r) for r in d.new_routes}
             self.routes = [x for x in self.routes if id(x) not in ids]
@@ -731,11 +733,18 @@ class Balancer:
             self._ids_used.discard(svc.svc_id)
             for x in svc.dests.values():
                 self._slots_used.discard(x.slot)
+            for la in svc.laddrs:  # (marked already: the batch's end writes each from the model as it is now)
+                self._sync_local(la.addr)
+        # an index built inside the batch counted the removed services' local addresses
+        self._lidx = None
 
     def _write_slots(self, svc: Service) -> None:
-        """A service added in the batch, about to be published: its real servers' slots, before its table."""
+        """A service added in the batch, about to be published: its real servers' slots and its local addresses,
+        before its table."""
         for x in svc.dests.values():
             self._dest_write(svc, x)
+        if svc.laddrs:
+            self._push_laddrs(svc)
 
     def _dest_write(self, svc: Service, d: Dest) -> None:
         """A real server's slot, with what the fast path needs to know about its templates."""
@@ -1505,7 +1514,8 @@ class Balancer:
             raise nospace(f"too many local addresses for one service ({LADDR_MAX})")
         la = Laddr(addr=addr, ifname=ifc.name)
         svc.laddrs.append(la)
-        self._push_laddrs(svc)
+        if not self._hidden(svc):  # a service added in the batch gets them with its slots, when it is published
+            self._push_laddrs(svc)
         self._sync_local(addr)
         return la
 
@@ -1516,7 +1526,8 @@ class Balancer:
         for la in svc.laddrs:
             if la.addr == addr:
                 svc.laddrs.remove(la)
-                self._push_laddrs(svc)
+                if not self._hidden(svc):
+                    self._push_laddrs(svc)
                 self._sync_local(addr)
                 return
         raise notfound("No such local address")

@@ -1336,38 +1336,55 @@ class Daemon:
         for op, args in ops:
             if op == "service.add":
                 args["own_vip"] = True
-        # The dry run's model is an overlay (Balancer.scratch: a service is copied when an op first touches it), as a
-        # batch's: a full copy (snapshot + restore) cost 0.13 s of the event loop at 4,000 x 10, for any reload.
-        scratch = self.bal.scratch(routes=False, neighs=False)
-        scratch.expire_quiescent_template = cfg.ipvs_defs.conn.expire_quiescent_template
-        sctx = commands.ScratchCtx(scratch)
         where = {w.key: w.where for w in want.values()}
-        # Both runs are batches (Balancer.deferred): each touched service's table is built once, at the end, from
-        # its final real servers, not once per op (an mh or conhash table is 64k entries: 400 real servers cost
-        # 800 builds, 25 s). A table that cannot be built at the end refuses the dry run there, its error tagged
-        # with the last op that touched that service, which names the service's line.
-        try:
-            with scratch.deferred() as batch:
-                for i, (op, args) in enumerate(ops):
-                    batch.tag = i
-                    try:
-                        commands.dispatch(sctx, op, args)
-                    except HdslbError as e:
-                        e.tag = i
-                        batch.dirty.clear()  # refused: the scratch model's tables need not be built
-                        raise
-        except HdslbError as e:
-            op, args = ops[e.tag] if isinstance(getattr(e, "tag", None), int) else ("", {})
+
+        def refused(e: HdslbError, i, bal) -> HdslbError:
+            op, args = ops[i] if isinstance(i, int) else ("", {})
             try:
-                key = scratch.svc_key(args.get("svc", args))
+                key = bal.svc_key(args.get("svc", args))
             except HdslbError:
                 key = None
-            raise HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
-                                      f"{e.message}; nothing was applied") from None
-        self.bal.set_expire_quiescent_template(cfg.ipvs_defs.conn.expire_quiescent_template)
-        with self.bal.deferred():  # validated above: the tables built at its end can be built
-            for op, args in ops:
-                commands.dispatch(self, op, args)
+            return HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
+                                       f"{e.message}; nothing was applied")
+
+        quiescent = cfg.ipvs_defs.conn.expire_quiescent_template
+        if commands.only_creates(self.bal, ops):
+            # Only new services (a first load, or a reload that only adds): applied at once and, if anything is
+            # refused, in an op or in building a table at the end, undone by removing what was added (no dry run:
+            # half of a first load's hold of the event loop). Nothing of them was published or announced by then.
+            try:
+                commands.run_batch(self, ops, undo_new=True)
+            except HdslbError as e:
+                raise refused(e, commands.refused_index(e), self.bal) from None
+            # after the batch: the flag rewrites the servers it concerns, the new ones included; before it, a
+            # refused batch would have left it (and templates it drops) changed
+            self.bal.set_expire_quiescent_template(quiescent)
+        else:
+            # The dry run's model is an overlay (Balancer.scratch: a service is copied when an op first touches
+            # it), as a batch's: a full copy (snapshot + restore) cost 0.13 s of the event loop at 4,000 x 10.
+            scratch = self.bal.scratch(routes=False, neighs=False)
+            scratch.expire_quiescent_template = quiescent
+            sctx = commands.ScratchCtx(scratch)
+            # Both runs are batches (Balancer.deferred): each touched service's table is built once, at the end,
+            # from its final real servers, not once per op (an mh or conhash table is 64k entries: 400 real
+            # servers cost 800 builds, 25 s). A table that cannot be built at the end refuses the dry run there,
+            # its error tagged with the last op that touched that service, which names the service's line.
+            try:
+                with scratch.deferred() as batch:
+                    for i, (op, args) in enumerate(ops):
+                        batch.tag = i
+                        try:
+                            commands.dispatch(sctx, op, args)
+                        except HdslbError as e:
+                            e.tag = i
+                            batch.dirty.clear()  # refused: the scratch model's tables need not be built
+                            raise
+            except HdslbError as e:
+                raise refused(e, getattr(e, "tag", None), scratch) from None
+            self.bal.set_expire_quiescent_template(quiescent)
+            with self.bal.deferred():  # validated above: the tables built at its end can be built
+                for op, args in ops:
+                    commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
         self.config, self.want = cfg, want
         self._save_state()

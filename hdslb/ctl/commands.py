@@ -517,14 +517,14 @@ def _batch_ops(a) -> list:
 
 
 _CREATES = frozenset({"service.add", "service.set"})
-_ON_CREATED = frozenset({"service.edit", "dest.add", "dest.set", "dest.edit"})
+_ON_CREATED = frozenset({"service.edit", "dest.add", "dest.set", "dest.edit", "laddr.add"})
 
 
 def only_creates(bal, ops: list) -> bool:
     """True when every op adds a service that does not exist yet (not a SNAT match service), or changes one of
-    those, or adds a route: a bulk load of new services (ipvsadm -R into an empty table, a REST PUT of a new
-    service with its real servers) or of routes (dpip -b). Such a batch is undone by removing what it added, so
-    it needs no dry run first."""
+    those (its options, real servers, local addresses), or adds a route: a bulk load of new services (ipvsadm -R
+    into an empty table, a REST PUT of a new service with its real servers, a config's first load) or of routes
+    (dpip -b). Such a batch is undone by removing what it added, so it needs no dry run first."""
     made = set()
     routes = False
     try:
@@ -548,25 +548,49 @@ def only_creates(bal, ops: list) -> bool:
     return bool(made) or routes
 
 
+class _HeldAnnouncements:
+    """The daemon as an undo_new batch sees it: the gratuitous ARP / unsolicited NA of each new local address waits
+    until the batch is accepted. A batch refused later is undone, and its addresses must not have been claimed on
+    the wire meanwhile (neighbours would send their traffic for them here)."""
+
+    def __init__(self, ctx):
+        self._ctx, self.held = ctx, []
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def announce(self, *a):
+        self.held.append(a)
+
+
 def run_batch(ctx, ops: list, undo_new: bool = False) -> list:
     """Apply ops in order with the balancer's rebuilds deferred to the end; a refusal carries .index, the position
     of the op it belongs to (for a table built at the end: the last op that touched that service)."""
     results = []
+    run = _HeldAnnouncements(ctx) if undo_new else ctx
     with ctx.bal.deferred(undo_new=undo_new) as d:
         for i, (op, args) in enumerate(ops):
             d.tag = i
             try:
-                results.append(COMMANDS[op](ctx, args))
+                results.append(COMMANDS[op](run, args))
             except HdslbError as e:
                 e.index = i
                 raise
+    if undo_new:
+        for a in run.held:
+            ctx.announce(*a)
     return results
 
 
+def refused_index(e: HdslbError):
+    """The position of the op a run_batch refusal belongs to: set by the op, or (a table that cannot be built at
+    the end, a map write refused while publishing) the tag of the last op that touched that service."""
+    i = getattr(e, "index", None)
+    return getattr(e, "tag", None) if i is None else i
+
+
 def _flush_index(e: HdslbError, n: int) -> HdslbError:
-    """A refusal raised by the deferred rebuilds at the end names the op through its tag."""
-    if getattr(e, "index", None) is None:
-        e.index = getattr(e, "tag", None)
+    e.index = refused_index(e)
     return e
 
 

@@ -388,7 +388,6 @@ class Maps:
             _put_addr(v.a[i].addr, ip)
             v.a[i].ifindex = ifindex
             v.a[i].af = _af(ip)
-            v.a[i].af = _af(ip)
         t[ct.c_uint32(svc_id)] = v
 
     def _local_key(self, ip: IPAddr):

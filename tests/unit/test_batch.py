@@ -236,6 +236,31 @@ def test_a_batch_of_new_services_is_applied_without_a_dry_run_and_undone_whole(m
     assert len(ctx.bal.services) == 3
 
 
+def test_a_refused_batch_of_new_services_with_local_addresses_wrote_and_announced_nothing():
+    """Local addresses of a new service are written with its slots when it is published, and announced (gratuitous
+    ARP) once the batch stands: a batch refused after them (undone, no dry run) claimed nothing on the wire."""
+    ctx = Ctx()
+    said = []
+    ctx.announce = lambda *a: said.append(a)
+    mine = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
+    ops = [["service.add", dict(mine, sched="rr")],
+           ["laddr.add", {"svc": mine, "addr": "192.168.100.1", "ifname": "eth1"}],
+           ["dest.add", {"svc": mine, "addr": "192.168.1.1", "port": 80, "fwd": "fnat"}]]
+    assert commands.only_creates(ctx.bal, ops)
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    bad = ["dest.add", {"svc": mine, "addr": "192.168.1.2", "port": 8080, "fwd": "dr"}]
+    with pytest.raises(HdslbError) as e:
+        commands.dispatch(ctx, "batch", {"ops": ops + [bad]})
+    assert e.value.index == 3 and state(ctx.bal) == before
+    # (the batch's end writes each address it touched from the model: here, that it is not ours)
+    assert ctx.bal.dp.calls[writes:] == [("local_del", (A("192.168.100.1"),))]
+    assert said == [] and not ctx.bal.is_local(A("192.168.100.1"))
+    commands.dispatch(ctx, "batch", {"ops": ops})
+    names = [n for n, _ in ctx.bal.dp.calls[writes:]]
+    assert names.index("laddrs_set") < names.index("service_set") and "local_set" in names
+    assert said == [("192.168.100.1", "eth1")] and ctx.bal.is_local(A("192.168.100.1"))
+
+
 def test_only_new_services_skip_the_dry_run():
     ctx = Ctx()
     ctx.bal.service_add({"proto": "tcp", "addr": "10.9.9.9", "port": 80})
@@ -244,9 +269,11 @@ def test_only_new_services_skip_the_dry_run():
     mine = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
     assert commands.only_creates(ctx.bal, [add, ["dest.add", {"svc": mine, "addr": "192.168.1.1"}],
                                            ["dest.edit", {"svc": mine, "addr": "192.168.1.1", "weight": 3}],
+                                           ["laddr.add", {"svc": mine, "addr": "192.168.100.1", "ifname": "eth1"}],
                                            ["service.edit", dict(mine, sched="wrr")]])
     for ops in ([["service.add", old]],                                        # exists
                 [add, ["dest.add", {"svc": old, "addr": "192.168.1.1"}]],      # touches an existing service
+                [add, ["laddr.add", {"svc": old, "addr": "192.168.100.1", "ifname": "eth1"}]],
                 [add, add],                                                    # the second add is refused
                 [add, ["dest.del", {"svc": mine, "addr": "192.168.1.1"}]],     # not a creation
                 [add, ["route.del", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0"}]],
