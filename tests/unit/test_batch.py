@@ -769,6 +769,28 @@ def test_wanted_nexthops_follows_every_change_it_caches_over():
     assert b.wanted_nexthops() == {}
 
 
+def test_wanted_nexthops_asked_inside_a_refused_batch_of_new_services_forgets_them():
+    """The daemon's resolvers may ask for the wanted next hops while a batch runs (dest.add kicks them at once
+    outside a burst): once a refused batch of new services is undone, its real servers are not wanted."""
+    ctx = Ctx()
+    ctx.bal.route_add({"prefix": "192.168.0.0", "prefixlen": 24, "ifname": "eth1"})
+    ctx.resolve_soon = ctx.bal.wanted_nexthops
+    mine = {"proto": "tcp", "addr": "10.0.0.1", "port": 80}
+    ops = [["service.add", dict(mine, sched="rr")],
+           ["dest.add", {"svc": mine, "addr": "192.168.0.5", "port": 80}],
+           ["dest.add", {"svc": mine, "addr": "192.168.0.6", "port": 8080, "fwd": "dr"}]]
+    assert commands.only_creates(ctx.bal, ops)
+    with pytest.raises(HdslbError):  # refused at an op
+        commands.dispatch(ctx, "batch", {"ops": ops})
+    assert not ctx.bal.services and ctx.bal.wanted_nexthops() == {}
+    # refused at the end (8 servers for a table of 7), after the last op's kick
+    ops = [["service.add", dict(mine, sched="mh", sched_params={"size": 7})]] + \
+          [["dest.add", {"svc": mine, "addr": f"192.168.0.{i}", "port": 80}] for i in range(1, 9)]
+    with pytest.raises(HdslbError):
+        commands.dispatch(ctx, "batch", {"ops": ops})
+    assert not ctx.bal.services and ctx.bal.wanted_nexthops() == {}
+
+
 def test_plain_python_fast_path_never_accepts_what_the_schema_refuses():
     from hdslb.api import openapi
 
