@@ -2070,7 +2070,8 @@ def _packed_service(b: Balancer, v: Service, pk) -> bytes:
     while they compare equal: the state file is written after every change, and at 10k services x 10 real servers
     making and packing every row took 240 ms each time; comparing them takes ~40 ms (the real servers' values are
     gathered and compared by C loops). Whatever path changed a field, the row is made anew."""
-    state = (_SVC_STATE(v), tuple(v.flags), tuple(v.sched_params.items()), v.key in b.config_owned,
+    owned = b.config_owned  # (a service's key is hashed only when some are owned: ipvsadm- and REST-made)
+    state = (_SVC_STATE(v), tuple(v.flags), tuple(v.sched_params.items()), bool(owned) and v.key in owned,
              list(map(_LADDR_STATE, v.laddrs)), list(map(_DEST_STATE, v.dests.values())))
     c = v.__dict__.get("_packed")
     if c is None or c[0] != state:
