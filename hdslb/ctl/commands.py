@@ -555,6 +555,7 @@ class _HeldAnnouncements:
 
     def __init__(self, ctx):
         self._ctx, self.held = ctx, []
+        self.bal, self.resolve_soon = ctx.bal, ctx.resolve_soon  # what every op uses: no __getattr__ call
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
