@@ -37,6 +37,29 @@ class Ctx:
         pass
 
 
+def random_change(ctx, rng, one, r: float, ops_below: float, batches_below: float) -> bool:
+    """A step of a randomized model test: r < ops_below applies one op made by one(), r < batches_below a batch of
+    1-5 of them (applied whole, or refused whole: its dry run, or its creates undone); a refusal raises
+    HdslbError. False: the step is the caller's."""
+    if r < ops_below:
+        op, a = one()
+        commands.dispatch(ctx, op, a)
+    elif r < batches_below:
+        commands.dispatch(ctx, "batch", {"ops": [one() for _ in range(rng.randrange(1, 6))]})
+    else:
+        return False
+    return True
+
+
+def restarted(bal: Balancer, **attrs) -> Balancer:
+    """A restart's model: a new Balancer restored from bal's snapshot (attrs set on it before)."""
+    b = Balancer(Recorder(), dict(IFACES))
+    for k, v in attrs.items():
+        setattr(b, k, v)
+    restore(b, snapshot(bal))
+    return b
+
+
 class ModelClient:
     """Stands in for hdslb.ctl.client.Client: runs each request through the command registry of a real model, and
     carries refusals back as the control socket does (errno, message, index)."""

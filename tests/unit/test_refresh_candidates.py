@@ -6,12 +6,10 @@ would never have its overload detected."""
 
 import random
 
-from hdslb.balancer import DYNAMIC_SCHEDS, Balancer, restore, snapshot
-from hdslb.ctl import commands
+from hdslb.balancer import DYNAMIC_SCHEDS, Balancer
 from hdslb.errors import HdslbError
 
-from .test_balancer import Recorder
-from .test_batch import IFACES, Ctx
+from .test_batch import Ctx, random_change, restarted
 
 
 def _needs(b: Balancer) -> set:
@@ -61,20 +59,12 @@ def test_refresh_candidates_cover_the_walk_after_every_change():
             lambda: dest_op("dest.del"),
         ])()
 
-    def restart():
-        b = Balancer(Recorder(), dict(IFACES))
-        restore(b, snapshot(ctx.bal))
-        ctx.bal = b
-
     applied = refused = 0
     for step in range(3000):
         r = rng.random()
         try:
-            if r < 0.6:
-                op, a = one()
-                commands.dispatch(ctx, op, a)
-            elif r < 0.85:  # a batch: applied whole, or refused whole (dry run, or undone creates)
-                commands.dispatch(ctx, "batch", {"ops": [one() for _ in range(rng.randrange(1, 6))]})
+            if random_change(ctx, rng, one, r, 0.6, 0.85):
+                pass
             elif r < 0.95:  # the estimator's pass, with connection counts that overload some servers
                 counts.clear()
                 counts.update({slot: (rng.randrange(0, 8), 0) for slot in range(40)})
@@ -82,7 +72,7 @@ def test_refresh_candidates_cover_the_walk_after_every_change():
                 bal().refresh_dynamic()
                 assert set(bal()._dyn_keys) <= set(bal().services), "refresh keeps keys of live services only"
             else:
-                restart()
+                ctx.bal = restarted(ctx.bal)
                 bal().conn_counts = lambda: counts
             applied += 1
         except HdslbError:

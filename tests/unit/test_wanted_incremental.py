@@ -6,12 +6,11 @@ answer what a walk of the whole model says."""
 
 import random
 
-from hdslb.balancer import Balancer, restore, snapshot
+from hdslb.balancer import Balancer
 from hdslb.ctl import commands
 from hdslb.errors import HdslbError
 
-from .test_balancer import Recorder
-from .test_batch import IFACES, Ctx
+from .test_batch import Ctx, random_change, restarted
 
 
 def _walk(b: Balancer) -> dict:
@@ -33,11 +32,7 @@ def test_wanted_nexthops_answer_the_walk_after_every_change():
     rng = random.Random(11)
     ctx = Ctx()
 
-    def fresh(b: Balancer) -> Balancer:
-        b.WANTED_STALE_ABOVE_S = float("inf")  # never served stale here: every answer is checked
-        return b
-
-    fresh(ctx.bal)
+    ctx.bal.WANTED_STALE_ABOVE_S = float("inf")  # never served stale here: every answer is checked
     asked = [0]
 
     def kick():  # the daemon's resolvers, kicked by dest.add, ask at once (also inside a batch)
@@ -88,11 +83,8 @@ def test_wanted_nexthops_answer_the_walk_after_every_change():
     for step in range(3000):
         r = rng.random()
         try:
-            if r < 0.55:
-                op, a = one()
-                commands.dispatch(ctx, op, a)
-            elif r < 0.75:  # a batch: applied whole, or refused whole (dry run, or undone creates)
-                commands.dispatch(ctx, "batch", {"ops": [one() for _ in range(rng.randrange(1, 6))]})
+            if random_change(ctx, rng, one, r, 0.55, 0.75):
+                pass
             elif r < 0.85:  # new services only: no dry run, undone whole when refused
                 ops = []
                 for _ in range(rng.randrange(1, 4)):
@@ -103,9 +95,7 @@ def test_wanted_nexthops_answer_the_walk_after_every_change():
                     ops.append(["dest.add", {"svc": s, "addr": rs(), "port": 99, "fwd": "dr"}])
                 commands.dispatch(ctx, "batch", {"ops": ops})
             elif r < 0.87:  # a restart: the model restored from its snapshot
-                b = fresh(Balancer(Recorder(), dict(IFACES)))
-                restore(b, snapshot(ctx.bal))
-                ctx.bal = b
+                ctx.bal = restarted(ctx.bal, WANTED_STALE_ABOVE_S=float("inf"))
             applied += 1
         except HdslbError:
             refused += 1
