@@ -156,7 +156,9 @@ def _svc_data(ctx, svc, conn_counts, persist_counts, stats=None, laddr_counts=No
 
 
 def _sort_key(s):
-    return (s.proto, s.addr.version, s.addr, s.port, str(s.match or ""))
+    # the address as its int (ordered as the address is, within a version): sorting 10k services compared
+    # IPv4Address objects in Python ~140k times, 44 ms of the event loop per listing; ints compare in C
+    return (s.proto, s.addr.version, int(s.addr), s.port, str(s.match or ""))
 
 
 def _persist_counts(ctx) -> dict:

@@ -907,3 +907,30 @@ def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
     b.route_add({"prefix": "30.0.0.0", "prefixlen": 8, "ifname": "eth0"})
     assert packed_routes() is not routes
     assert saved()["routes"][-1]["net"] == "30.0.0.0/8"
+
+
+def test_listings_order_services_by_protocol_family_address_port_then_match():
+    """service.list and laddr.list order (ipvsadm -L's): protocol, address family, address, port, then SNAT match;
+    the sort compares addresses as ints (IPv4Address objects compare in Python: 44 ms a listing of 10k)."""
+    from types import SimpleNamespace
+
+    rng = random.Random(3)
+    ctx = Ctx()
+    ctx.sizes = SimpleNamespace(max_conns=1 << 20)
+    made = []
+    for i in range(60):
+        proto = rng.choice(["tcp", "udp"])
+        addr = rng.choice([f"10.{rng.randrange(3)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                           f"fd00::{rng.randrange(1, 0xffff):x}", "9.255.255.255", "11.0.0.1", "::ffff:10.0.0.1"])
+        port = rng.randrange(1, 35000)
+        try:
+            ctx.bal.service_add({"proto": proto, "addr": addr, "port": port})
+        except HdslbError:
+            continue
+        made.append((proto, A(addr).version, A(addr), port, ""))
+    ctx.bal.service_add({"match": {"proto": "tcp", "src_range": "10.9.0.1-10.9.0.9"}})
+    made.append(("tcp", 4, A("0.0.0.0"), 0, str(ctx.bal.services[next(k for k in ctx.bal.services
+                                                                      if k[0] == "match")].match)))
+    got = [(s["proto"], A(s["addr"]).version, A(s["addr"]), s["port"])
+           for s in commands.dispatch(ctx, "service.list", {"brief": True})["services"]]
+    assert got == [m[:4] for m in sorted(made)]
