@@ -170,28 +170,32 @@ class CtlServer:
         finally:
             self._refusing -= 1
 
-    async def _send(self, writer: asyncio.StreamWriter, req_id: int, op: str, rep: dict | bytes) -> bool:
-        """Write one reply (or its frame, already encoded); False when the peer did not take it within
-        WRITE_TIMEOUT_S."""
+    async def _send(self, writer: asyncio.StreamWriter, req_id: int, op: str, rep: dict | list) -> bool:
+        """Write one reply (or its frame, already encoded, as pieces); False when the peer did not take it within
+        WRITE_TIMEOUT_S. A frame in pieces is written a piece at a time, each taken by the transport (or the
+        peer) before the next: a 27 MB frame written in one call held the loop up to 54 ms copying it."""
         try:
-            data = rep if type(rep) is bytes else protocol.encode(rep)
+            parts = rep if type(rep) is list else [protocol.encode(rep)]
         except Exception as e:
-            data = protocol.encode(_unencodable(req_id, op, e))
-        writer.write(data)
+            parts = [protocol.encode(_unencodable(req_id, op, e))]
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await writer.drain()
+                for i in range(len(parts)):
+                    writer.write(parts[i])
+                    parts[i] = b""  # (each piece freed once the transport holds it)
+                    await writer.drain()
         except TimeoutError:
             log.warning("control socket: a client did not read its reply within %g s; connection dropped",
                         WRITE_TIMEOUT_S)
             return False
         return True
 
-    async def handle(self, req_id: int, op: str, args: dict, encode: bool = False) -> dict | bytes:
+    async def handle(self, req_id: int, op: str, args: dict, encode: bool = False) -> dict | list:
         """The reply to one request. A command answering with a coroutine (a big listing, built in chunks with
         the loop served in between) is built with the cyclic collector paused; with encode, its reply comes back
-        as the encoded frame, made inside that pause (so the listing's objects are gone before the collector is
-        back, else it walks them all: see hdslb.heap.collections_paused) and in chunks (encode_yielding)."""
+        as the encoded frame's pieces, made inside that pause (so the listing's objects are gone before the
+        collector is back, else it walks them all: see hdslb.heap.collections_paused) and in chunks
+        (protocol.encode_parts)."""
         try:
             data = self.dispatch(op, args)
             if asyncio.iscoroutine(data):
@@ -199,7 +203,7 @@ class CtlServer:
                     rep = protocol.reply_ok(req_id, await data)
                     if encode:
                         try:
-                            return await protocol.encode_yielding(rep, consume=True)
+                            return await protocol.encode_parts(rep, consume=True)
                         except Exception as e:  # rep is consumed: the refusal is the reply
                             return _unencodable(req_id, op, e)
                     return rep
