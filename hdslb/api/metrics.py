@@ -183,11 +183,14 @@ class HdslbCollector:
             box = [await dispatch_async(self.ctx, "service.list", {"svc": None})]
             health = self._health()
 
-            def series() -> list:
+            def series() -> None:
                 data = box.pop()  # the listing's last reference: freed in this thread (~0.1 s of the loop at 10k x 10)
-                return list(self._services(data, health))
+                box.append(list(self._services(data, health)))
+                # (handed over in the box, not returned: the executor's future would hold the series too, and
+                # could be the one to let go of them last, on the loop, after the text is written)
 
-            out += await asyncio.get_running_loop().run_in_executor(None, series)
+            await asyncio.get_running_loop().run_in_executor(None, series)
+            out += box.pop()
         except Exception as e:
             log.warning("metrics: services skipped: %s", e)
         return out + self._read_sections((self._fastpath, self._interfaces, self._slowpath))

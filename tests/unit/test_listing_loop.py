@@ -36,6 +36,20 @@ def big_ctx(maps_cls=FakeMaps) -> FakeCtx:
     return ctx
 
 
+async def ticking(ticks: list, coro):
+    """Await coro with a task beside it that appends to ticks each time the event loop runs it."""
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await asyncio.sleep(0)
+
+    t = asyncio.ensure_future(ticker())
+    try:
+        return await coro
+    finally:
+        t.cancel()
+
+
 class BatchMaps(FakeMaps):
     """A datapath whose stats arrays can be read whole, as hdslb.fastpath.maps.Maps.all_stats (non-zero slots)."""
 
@@ -227,19 +241,10 @@ def test_a_big_reply_is_written_a_piece_at_a_time_with_the_loop_served_between()
             await asyncio.sleep(0)  # a transport above its high-water mark: the peer reads meanwhile
 
     async def main():
-        async def ticker():
-            while True:
-                ticks.append(1)
-                await asyncio.sleep(0)
+        rep = await server.handle(7, "service.list", {"svc": None}, encode=True)
+        assert await server._send(Writer(), 7, "service.list", rep)
 
-        t = asyncio.ensure_future(ticker())
-        try:
-            rep = await server.handle(7, "service.list", {"svc": None}, encode=True)
-            assert await server._send(Writer(), 7, "service.list", rep)
-        finally:
-            t.cancel()
-
-    asyncio.run(main())
+    asyncio.run(ticking(ticks, main()))
     want = protocol.encode(protocol.reply_ok(7, commands.dispatch(big_ctx(), "service.list", {"svc": None})))
     assert b"".join(w for _, w in writes) == want
     assert len(writes) > 3 and max(len(w) for _, w in writes) < len(want) // 2, [len(w) for _, w in writes]
@@ -288,17 +293,8 @@ def test_a_long_reply_is_encoded_in_chunks_byte_for_byte():
 
     ticks = []
 
-    async def main(msg):
-        async def ticker():
-            while True:
-                ticks.append(1)
-                await asyncio.sleep(0)
-
-        t = asyncio.ensure_future(ticker())
-        try:
-            return await protocol.encode_yielding(msg)
-        finally:
-            t.cancel()
+    def main(msg):
+        return ticking(ticks, protocol.encode_yielding(msg))
 
     for _ in range(40):
         msg = {"v": 1, "id": 3, "ok": True, "data": {"services": [value(2) for _ in range(rnd.choice([0, 5, 2300]))],
