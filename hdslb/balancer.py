@@ -743,12 +743,19 @@ class Balancer:
             self._wtouch(svc)
             for x in svc.dests.values():
                 self._slots_used.discard(x.slot)
-            for la in svc.laddrs:  # (marked already: the batch's end writes each from the model as it is now)
-                self._sync_local(la.addr)
         # an index built inside the batch counted the removed services' local addresses, and a wanted-next-hops
         # answer made inside it (the resolvers' kick) their real servers
         self._lidx = None
         self._wgen += 1
+
+    def after_batch(self, fn, *args) -> None:
+        """Run fn(*args) once the running batch stands (with the rest of its end's work), at once outside a batch.
+        A batch refused and undone never runs it: what fn says about the batch (a gratuitous ARP claiming one of its
+        new local addresses) must not be said for a change that did not happen."""
+        if self._defer is not None:
+            self._defer.post.append((fn, args))
+        else:
+            fn(*args)
 
     def _write_slots(self, svc: Service) -> None:
         """A service added in the batch, about to be published: its real servers' slots and its local addresses,

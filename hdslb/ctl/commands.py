@@ -337,7 +337,7 @@ def dest_del(ctx, a):
 @command("laddr.add")
 def laddr_add(ctx, a):
     ctx.bal.laddr_add(a)
-    ctx.announce(a.get("addr"), a.get("ifname"))
+    ctx.bal.after_batch(ctx.announce, a.get("addr"), a.get("ifname"))
 
 
 @command("laddr.del")
@@ -357,7 +357,7 @@ def laddr_list(ctx, a):
 @command("addr.add")
 def addr_add(ctx, a):
     ad = ctx.bal.addr_add(a)
-    ctx.announce(str(ad.addr), ad.ifname)
+    ctx.bal.after_batch(ctx.announce, str(ad.addr), ad.ifname)
     ctx.resolve_soon()
 
 
@@ -555,38 +555,18 @@ def only_creates(bal, ops: list) -> bool:
     return bool(made) or routes
 
 
-class _HeldAnnouncements:
-    """The daemon as an undo_new batch sees it: the gratuitous ARP / unsolicited NA of each new local address waits
-    until the batch is accepted. A batch refused later is undone, and its addresses must not have been claimed on
-    the wire meanwhile (neighbours would send their traffic for them here)."""
-
-    def __init__(self, ctx):
-        self._ctx, self.held = ctx, []
-        self.bal, self.resolve_soon = ctx.bal, ctx.resolve_soon  # what every op uses: no __getattr__ call
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def announce(self, *a):
-        self.held.append(a)
-
-
 def run_batch(ctx, ops: list, undo_new: bool = False) -> list:
     """Apply ops in order with the balancer's rebuilds deferred to the end; a refusal carries .index, the position
     of the op it belongs to (for a table built at the end: the last op that touched that service)."""
     results = []
-    run = _HeldAnnouncements(ctx) if undo_new else ctx
     with ctx.bal.deferred(undo_new=undo_new) as d:
         for i, (op, args) in enumerate(ops):
             d.tag = i
             try:
-                results.append(COMMANDS[op](run, args))
+                results.append(COMMANDS[op](ctx, args))
             except HdslbError as e:
                 e.index = i
                 raise
-    if undo_new:
-        for a in run.held:
-            ctx.announce(*a)
     return results
 
 

@@ -43,11 +43,6 @@ def encode(msg: dict) -> bytes:
     return _HDR.pack(len(body)) + body
 
 
-async def encode_yielding(msg: dict, chunk: int = 200, consume: bool = False) -> bytes:
-    """encode(msg), byte for byte, with the event loop served between chunks of its long lists (encode_parts)."""
-    return b"".join(await encode_parts(msg, chunk, consume))
-
-
 async def encode_parts(msg: dict, chunk: int = 200, consume: bool = False) -> list[bytes]:
     """encode(msg) as the pieces whose concatenation it is, made with the event loop served between chunks of
     its long lists: a listing of 10k services x 10 real servers is a 27 MB frame that took 0.24 s to pack in one

@@ -369,7 +369,7 @@ async def test_a_refused_config_names_its_line_and_applies_nothing(tmp_path, tex
 
 async def test_a_first_load_has_no_dry_run_and_a_refusal_takes_back_what_it_added(tmp_path, monkeypatch):
     """A config of only new services (a first load, a reload that only adds) is applied at once, without the dry
-    run on a scratch model (half of a first load's hold of the event loop: 2.0 -> 1.3 s at 4,000 x 10). Refused
+    run on a scratch model (about a second less of the event loop at 4,000 x 10). Refused
     anywhere, its services are taken out again: nothing reached the maps (local addresses included) and nothing
     was announced on the wire; accepted, each new local address is announced once the batch stands."""
     from hdslb.balancer import Balancer as B

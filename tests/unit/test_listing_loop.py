@@ -274,7 +274,7 @@ def test_metrics_are_made_with_the_collector_paused(monkeypatch):
 
 
 def test_a_long_reply_is_encoded_in_chunks_byte_for_byte():
-    """protocol.encode_yielding: the same frame as protocol.encode, with the loop served between chunks of a long
+    """protocol.encode_parts: the same frame as protocol.encode, with the loop served between chunks of a long
     list (a 10k x 10 listing packed in one piece held the loop 0.24 s), whatever the values are."""
     import random
 
@@ -294,7 +294,10 @@ def test_a_long_reply_is_encoded_in_chunks_byte_for_byte():
     ticks = []
 
     def main(msg):
-        return ticking(ticks, protocol.encode_yielding(msg))
+        async def joined():
+            return b"".join(await protocol.encode_parts(msg))
+
+        return ticking(ticks, joined())
 
     for _ in range(40):
         msg = {"v": 1, "id": 3, "ok": True, "data": {"services": [value(2) for _ in range(rnd.choice([0, 5, 2300]))],
@@ -306,7 +309,7 @@ def test_a_long_reply_is_encoded_in_chunks_byte_for_byte():
 
 
 def test_a_big_listing_is_freed_as_it_is_packed_and_one_too_large_is_refused_whole(monkeypatch):
-    """encode_yielding(consume=True) drops each packed chunk from the reply's list (freeing 110k dicts at once took
+    """encode_parts(consume=True) drops each packed chunk from the reply's list (freeing 110k dicts at once took
     0.2 s of the loop); the frame is the same. A listing over the frame limit is refused with EMSGSIZE, never sent
     as the consumed list."""
     import errno
@@ -315,7 +318,7 @@ def test_a_big_listing_is_freed_as_it_is_packed_and_one_too_large_is_refused_who
 
     msg = {"v": 1, "ok": True, "data": {"services": [{"n": i, "dests": [i] * 3} for i in range(1234)]}}
     want = protocol.encode(msg)
-    assert asyncio.run(protocol.encode_yielding(msg, consume=True)) == want
+    assert b"".join(asyncio.run(protocol.encode_parts(msg, consume=True))) == want
     assert msg["data"]["services"] == [None] * 1234
 
     ctx = big_ctx()
