@@ -6,7 +6,7 @@ KREL := $(shell uname -r)
 APT_PKGS := python3-bpfcc python3-venv linux-headers-amd64 libbpf1 iproute2 nftables curl nginx-light iperf3 ethtool procps util-linux
 STAMP := $(VENV)/.setup-stamp
 
-BENCH_PKGS := wrk haproxy bpftool netsniff-ng gcc
+BENCH_PKGS := wrk haproxy bpftool netsniff-ng gcc linux-perf
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: setup test test-unit test-bpf test-e2e demo bench bench-quick soak clean

@@ -28,7 +28,11 @@ import ctypes as ct
 import ipaddress
 import os
 import socket
+import shutil
+import signal
 import statistics
+import subprocess
+import tempfile
 import time
 
 from bench import ref_progs
@@ -47,6 +51,66 @@ A = ipaddress.ip_address
 
 TARGET_EST = 1.3  # established <= 1.3 x minimal
 TARGET_NEW = 3.0  # new flow <= 3 x minimal
+
+# Table 1j: the kernel symbols perf samples on the bench CPU, grouped. First match wins; idle is left out.
+PROFILE_IDLE = ("pv_native_safe_halt", "native_safe_halt", "default_idle", "poll_idle", "acpi_idle", "cpuidle",
+                "do_idle", "mwait_idle")
+PROFILE_GROUPS = [
+    ("XDP program (its own instructions)", ("bpf_prog_",)),
+    ("conn table (hash, bucket walk, key compare, insert, LRU lists)",
+     ("htab_", "__htab", "lookup_nulls_elem_raw", "lookup_elem_raw", "memcmp", "jhash", "bpf_lru", "__bpf_lru",
+      "bpf_percpu_lru", "bpf_common_lru", "pcpu_", "copy_map_value", "alloc_htab_elem", "free_htab_elem",
+      "htab_elem", "check_and_free", "bpf_obj_free")),
+    ("locks", ("_raw_spin", "native_queued_spin", "queued_spin", "__raw_spin")),
+    ("return thunks (SRSO mitigation)", ("srso_", "__x86_return_thunk", "retbleed_", "entry_untrain_ret")),
+    ("test-run loop (BPF_PROG_TEST_RUN itself)", ("bpf_test_", "__local_bh_enable_ip", "bpf_dispatcher_",
+                                                  "xdp_test_run", "bpf_prog_test_run", "local_bh", "__rcu_read")),
+]
+
+
+def profile_group(sym: str) -> str:
+    for name, prefixes in PROFILE_GROUPS:
+        if sym.startswith(prefixes):
+            return name
+    return "other (helpers, kernel)"
+
+
+def parse_perf_report(text: str) -> dict[str, float]:
+    """`perf report --stdio --sort sym` lines ("  12.40%  [k] htab_map_hash") -> {symbol: percent}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith("%") and parts[1] in ("[k]", "[.]"):
+            try:
+                out[" ".join(parts[2:])] = out.get(" ".join(parts[2:]), 0.0) + float(parts[0][:-1])
+            except ValueError:
+                continue
+    return out
+
+
+def profile_shares(syms: dict[str, float], ns: float) -> dict:
+    """Idle left out, the rest grouped (PROFILE_GROUPS) and scaled to the case's ns/packet."""
+    busy = {s: p for s, p in syms.items() if not s.startswith(PROFILE_IDLE)}
+    total = sum(busy.values())
+    if total <= 0:
+        return {"groups": [], "top": []}
+    groups: dict[str, float] = {}
+    for s, p in busy.items():
+        g = profile_group(s)
+        groups[g] = groups.get(g, 0.0) + p
+    order = [g for g, _ in PROFILE_GROUPS] + ["other (helpers, kernel)"]
+    return {"groups": [{"group": g, "pct": round(100 * groups[g] / total, 1), "ns": round(ns * groups[g] / total, 1)}
+                       for g in order if g in groups],
+            "top": [{"sym": s, "pct": round(100 * p / total, 1), "ns": round(ns * p / total, 1)}
+                    for s, p in sorted(busy.items(), key=lambda x: -x[1])[:12]]}
+
+
+def srso_state() -> str:
+    try:
+        with open("/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 def _mac(m: str) -> bytes:
@@ -71,6 +135,7 @@ class _Bench:
         self.chain_repeat = 20_000 if quick else 50_000  # new flows per run (x2 entries, x runs: map size)
         self.fp = None
         self.maps = None
+        self.profiles: list[dict] = []
 
     # -- hdslb setup --------------------------------------------------------------------------
     def load(self):
@@ -154,6 +219,46 @@ class _Bench:
         return {"case": name, "ns": ns, "runs": runs, "method": f"repeat {self.repeat}, median of {self.runs}",
                 "check": "; ".join(problems) or "ok"}
 
+    def loop_for(self, fd: int, pkt: bytes, secs: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < secs:
+            run_xdp(fd, pkt, self.repeat)
+
+    def profile(self, name: str, loop, ns: float) -> dict:
+        """perf samples on this (pinned) CPU while loop() runs, grouped by kernel symbol (table 1j): where a
+        case's nanoseconds go inside the kernel, which the stage programs (1b) can only show from outside."""
+        try:
+            return self._profile(name, loop, ns)
+        except Exception as e:  # a view on the figures, not one: its failure must not cost the section
+            return {"case": name, "na": f"{type(e).__name__}: {e}"}
+
+    def _profile(self, name: str, loop, ns: float) -> dict:
+        perf = shutil.which("perf")
+        if perf is None:
+            return {"case": name, "na": "perf not installed (linux-perf)"}
+        cpu = sorted(os.sched_getaffinity(0))[0]
+        with tempfile.TemporaryDirectory(prefix="hdslb-perf-") as d:
+            data = os.path.join(d, "perf.data")
+            p = subprocess.Popen([perf, "record", "-q", "-F", "10000", "-C", str(cpu), "-o", data], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+            try:
+                time.sleep(0.5)  # perf is recording once its events are open; the first loops fill any gap
+                loop()
+            finally:
+                p.send_signal(signal.SIGINT)
+                _, err = p.communicate(timeout=60)
+            if p.returncode not in (0, -signal.SIGINT) or not os.path.exists(data):
+                return {"case": name, "na": f"perf record failed: {err.decode(errors='replace')[-200:]}"}
+            rep = subprocess.run([perf, "report", "-i", data, "--stdio", "--sort", "sym"], capture_output=True,
+                                 text=True, timeout=120)
+        syms = parse_perf_report(rep.stdout)
+        if not syms:
+            return {"case": name, "na": f"perf report gave no samples: {rep.stderr[-200:]}"}
+        out = {"case": name, "ns": ns, **profile_shares(syms, ns)}
+        self.log(f"  profile {name}: " + ", ".join(f"{g['group'].split(' (')[0]} {g['ns']:.0f} ns"
+                                                  for g in out["groups"]))
+        return out
+
     def single_runs(self, prog_fd: int, pkts: list[bytes], want: int | None) -> tuple[list[int], int]:
         ds, bad = [], 0
         for p in pkts:
@@ -216,6 +321,12 @@ class _Bench:
             r = self.hdslb_case(name, pkt, verdict, counter)
             out["hdslb"].append(r)
             self.log(f"  {name:<34} {r['ns']:7.1f} ns  {r['check']}")
+        # where the time goes inside the kernel (table 1j): the yardstick and hdslb's established path
+        secs = 1.0 if self.quick else 2.0
+        self.profiles.append(self.profile("reference: minimal", lambda: self.loop_for(ref["ref_minimal"][0], tcp_ack, secs),
+                                          minimal))
+        self.profiles.append(self.profile(cases[0][0], lambda: self.loop_for(fd, cases[0][1], secs),
+                                          out["hdslb"][0]["ns"]))
 
         # new flows, warm: a ring of two services whose SYNs become new SYNs to each other (module doc)
         new_ns, new_runs, check = self.new_flow_chain()
@@ -260,6 +371,7 @@ class _Bench:
         est = max(r["ns"] for r in out["hdslb"] if r["case"].startswith("established"))
         self.setup()
         out["minimal_ns"] = minimal
+        out["profile"] = {"srso": srso_state(), "cases": self.profiles}
         out["targets"] = [
             _target("established (worst direction) <= 1.3 x minimal", est / minimal, TARGET_EST),
             _target("new flow <= 3 x minimal", new_ns / minimal, TARGET_NEW),
@@ -316,17 +428,25 @@ class _Bench:
         m.set_route(ipaddress.ip_network("10.0.0.0/24"), LO_IFINDEX, None, None, 1500, False)
         m.set_neigh(A(VIP), _mac(LB_MAC), LO_IFINDEX, permanent=True)
         runs, problems = [], []
-        for r in range(self.runs):
+
+        def chain(r: int) -> int:
             m.set_laddrs(TCP_SVC, [(A(f"192.168.101.{r + 1}"), LO_IFINDEX)])
             m.set_laddrs(svc_b, [(A(f"192.168.102.{r + 1}"), LO_IFINDEX)])
             syn = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src="10.3.0.1", dst=VIP)
                         / TCP(sport=30000 + r, dport=80, flags="S"))
             before = m.counters()
-            runs.append(run_xdp(self.fp.prog_fd, syn, self.chain_repeat)[2])
+            ns = run_xdp(self.fp.prog_fd, syn, self.chain_repeat)[2]
             after = m.counters()
             for c in ("conn_new", "verdict_tx"):
                 if after[c] - before[c] != self.chain_repeat:
                     problems.append(f"run {r}: {c} moved {after[c] - before[c]} of {self.chain_repeat}")
+            return ns
+
+        for r in range(self.runs):
+            runs.append(chain(r))
+        # three more runs under perf (table 1j): the table stays under its size (no evictions in the profile)
+        self.profiles.append(self.profile("new TCP flow (chained SYNs)",
+                                          lambda: [chain(self.runs + i) for i in range(3)], statistics.median(runs)))
         m.del_service(socket.IPPROTO_TCP, A(RS[0]), 80, svc_b)
         m.del_route(ipaddress.ip_network("10.0.0.0/24"))
         m.del_neigh(A(VIP))

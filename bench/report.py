@@ -94,6 +94,20 @@ def fmt_prog_cost(r: dict) -> str:
     if rows:
         parts.append(table(["conn table", "one CPU ns/pkt", "both CPUs at once ns/pkt"], rows,
                            "1i. one established flow on both CPUs at once: both read a shared value (written at most once a jiffy)"))
+    prof = r.get("profile") or {}
+    rows = []
+    for c in prof.get("cases", []):
+        if "na" in c:
+            rows.append([c["case"], "n/a", "", "", c["na"]])
+            continue
+        top = ", ".join(f"{t['sym']} {t['ns']:.0f}" for t in c["top"][:4])
+        for i, g in enumerate(c["groups"]):
+            rows.append([c["case"] if i == 0 else "", g["group"], _f(g["ns"], "{:.1f}"), _f(g["pct"], "{:.0f}%"),
+                         top if i == 0 else ""])
+    if rows:
+        parts.append(table(["case", "where (kernel symbols, grouped)", "ns/pkt", "share", "top symbols (ns)"], rows,
+                           "1j. where the time goes: perf samples on the bench CPU, idle left out, scaled to the "
+                           f"case's ns/packet (return stack overflow mitigation: {prof.get('srso', 'unknown')})"))
     parts.append(targets_table(r["targets"], "1f. targets"))
     return "\n\n".join(parts)
 
