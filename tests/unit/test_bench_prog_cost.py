@@ -1,6 +1,7 @@
-"""Table 1j of `make bench`: perf's per-symbol samples on the bench CPU, grouped and scaled to a case's ns/packet.
-The parsing and grouping are what turn a perf report into the figures the README quotes; tested on a report of the
-shape perf prints (taken from a run of the established case on this machine kind)."""
+"""Section 1 of `make bench` (bench/prog_cost.py), the parts that need no BPF: how a case's ratio to the minimal
+program is taken (each run beside one of the minimal's), and table 1j (perf's per-symbol samples on the bench CPU,
+grouped and scaled to a case's ns/packet), tested on a report of the shape perf prints (taken from a run of the
+established case on this machine kind)."""
 
 import json
 import pathlib
@@ -100,3 +101,24 @@ def test_a_profile_that_breaks_is_na_not_the_sections_failure(monkeypatch):
     monkeypatch.setattr(prog_cost.subprocess, "Popen", broken)
     out = prog_cost._Bench(True, lambda *a: None).profile("x", lambda: None, 1.0)
     assert out["case"] == "x" and "no such file" in out["na"]
+
+
+def test_a_case_is_timed_beside_the_minimal_program_so_a_slow_spell_moves_both(monkeypatch):
+    """The box slows down while a case runs (1x, 1.5x, 2x): each of the case's runs is paired with a run of the
+    minimal program made just before it, and the ratio is the median of the pairs', not the case's median over a
+    minimal measured earlier at full speed (that would read 120 / 30 = 4 x)."""
+    drift = iter([1.0, 1.5, 2.0])  # one step per pair: the minimal run and the case run after it
+    calls = []
+
+    def fake_run_xdp(fd, pkt, repeat):
+        calls.append(fd)
+        return 2, pkt, round(30 * next(drift))  # the minimal program: 30 ns at full speed
+
+    monkeypatch.setattr(prog_cost, "run_xdp", fake_run_xdp)
+    b = prog_cost._Bench(True, lambda *a: None)
+    b.minimal = (7, b"pkt")
+    case = iter([80, 120, 160])  # the case: 80 ns at full speed
+    runs, mins, ratio = b.paired(lambda: (calls.append("case"), next(case))[1])
+    assert calls == [7, "case", 7, "case", 7, "case"]
+    assert runs == [80, 120, 160] and mins == [30, 45, 60]
+    assert abs(ratio - 80 / 30) < 1e-9
