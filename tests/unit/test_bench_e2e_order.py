@@ -1,0 +1,68 @@
+"""Section 2 of `make bench` (bench/e2e.py): the UDP targets are ratios between peers, so those peers' UDP is
+measured in one sequence forward then back, each peer's figure the mean of its two passes. Tested with stand-in
+peers on a box whose speed falls steadily: the ratios come out as if it had not."""
+
+from bench import e2e
+
+
+class FakePeer:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def setup(self):
+        self.log.append(("setup", self.name))
+
+    def teardown(self):
+        self.log.append(("teardown", self.name))
+
+
+def _udp(rate, t):
+    m = rate * (1 - 0.05 * t)  # the box slows by 5 % a measurement
+    return {"mpps": m, "windows_mpps": [m], "gen_mpps": 3.0, "spread": [0.5, 0.5], "misaddressed": 0}
+
+
+def test_the_udp_peers_go_forward_then_back_and_a_steady_drift_cancels(monkeypatch):
+    bench = e2e.E2E(True, lambda *a: None)
+    bench.floor_mpps = 3.0
+    log, clock = [], iter(range(100))
+    true = {"plain routing": 1.0, "nftables DNAT": 0.6, "bare XDP redirect (native)": 2.4,
+            "hdslb FNAT (native)": 2.1, "HAProxy (TCP mode)": None}
+    monkeypatch.setattr(bench, "udp", lambda peer: (log.append(("udp", peer.name)), _udp(true[peer.name], next(clock)))[1])
+    made = [((lambda b, n=n: FakePeer(n, log)), {"peer": n, "udp": None if n in bench.UDP_ABBA else {"na": "x"}})
+            for n in true]
+    bench.udp_abba(made)
+    order = [n for what, n in log if what == "udp"]
+    fwd = ["plain routing", "nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)"]
+    assert order == fwd + fwd[::-1]
+    assert log.count(("setup", "hdslb FNAT (native)")) == log.count(("teardown", "hdslb FNAT (native)")) == 2
+    rows = {row["peer"]: row for _, row in made}
+    assert rows["HAProxy (TCP mode)"]["udp"] == {"na": "x"}  # not one of the sequence's peers: left as it was
+    got = {n: rows[n]["udp"]["mpps"] for n in fwd}
+    # each peer's two passes sit around the sequence's middle: every figure is its true rate x the same factor
+    for n in fwd:
+        assert abs(got[n] / got["plain routing"] - true[n] / true["plain routing"]) < 1e-9
+    assert rows["hdslb FNAT (native)"]["udp"]["passes_mpps"] == [round(2.1 * 0.85, 3), round(2.1 * (1 - 0.05 * 4), 3)]
+    assert len(rows["hdslb FNAT (native)"]["udp"]["windows_mpps"]) == 2
+    assert rows["hdslb FNAT (native)"]["udp"]["lb_only_mpps"] > 0
+    # the targets read the combined figures
+    t = {x["name"]: x for x in e2e.targets([row for _, row in made])}
+    assert t["hdslb native udp_mpps >= 2.5 x plain routing"]["value"] == round(2.1, 2)
+
+
+def test_a_pass_that_fails_makes_the_peers_udp_na_not_half_a_figure(monkeypatch):
+    bench = e2e.E2E(True, lambda *a: None)
+    calls = []
+
+    def udp(peer):
+        calls.append(peer.name)
+        if len(calls) == 3:  # the back pass of nftables DNAT
+            raise e2e.NA("nothing delivered")
+        return _udp(1.0, 0)
+
+    monkeypatch.setattr(bench, "udp", udp)
+    made = [((lambda b, n=n: FakePeer(n, [])), {"peer": n, "udp": None}) for n in ("plain routing", "nftables DNAT")]
+    bench.udp_abba(made)
+    rows = {row["peer"]: row for _, row in made}
+    assert rows["nftables DNAT"]["udp"] == {"na": "nothing delivered"}
+    assert rows["plain routing"]["udp"]["mpps"] == 1.0
+    assert e2e.combine_passes([], None) == {"na": "not measured"}
