@@ -145,16 +145,20 @@ def fmt_e2e(r: dict) -> str:
                  if fl.get("mpps") else "2. end to end, two-arm netns lab")
     rows = []
     for x in rows_:
-        u = x.get("udp", {})
+        u = x.get("udp") or {"na": "not measured"}
         rows.append([x["peer"],
                      "n/a" if "na" in u else _f(u.get("mpps"), "{:.3f}"),
                      "" if "na" in u else _f(u.get("gen_mpps")),
                      "" if "na" in u else _f(u.get("lb_ns"), "{:.0f}"),
                      "" if "na" in u else _f(u.get("lb_only_mpps")),
                      "" if "na" in u else "/".join(f"{s:.2f}" for s in u.get("spread", [])),
-                     u.get("na", "") + (f"hdslbd CPU {u['daemon_cpu_pct']}%" if "daemon_cpu_pct" in u else "")])
+                     u.get("na", "") + (f"hdslbd CPU {u['daemon_cpu_pct']}%" if "daemon_cpu_pct" in u else "")
+                     + ("passes (forward, back): " + " / ".join(f"{m:.3f}" for m in u["passes_mpps"])
+                        if "passes_mpps" in u else "")])
     parts.append(table(["peer", "delivered Mpps", "sent Mpps", "LB ns/pkt (est.)", "LB-only Mpps (est.)",
-                        "spread rs1/rs2", "note"], rows, "2a. UDP packets/s delivered to the real servers"))
+                        "spread rs1/rs2", "note"], rows,
+                       "2a. UDP packets/s delivered to the real servers (the peers the UDP targets compare: the mean "
+                       "of two passes after the per-peer loop, forward then back)"))
     for key, label in E2E_COLS:
         rows = []
         nft = _metric(by.get("nftables DNAT", {}).get(key), key)
