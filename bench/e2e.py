@@ -598,48 +598,83 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
         return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
                 "retransmits": end.get("sum_sent", {}).get("retransmits")}
 
-    def _median_cps(self, fn) -> dict:
+    def _median_cps(self, fn, runs: int = CPS_RUNS) -> dict:
         """conn/s moves ±10 % from one 5-second run to the next (more with the light endpoints): the median of
-        CPS_RUNS runs, with every run's figure kept beside it."""
-        results = [fn() for _ in range(1 if self.quick else CPS_RUNS)]
+        `runs` runs (of an even count, the mean of the middle two), with every run's figure kept beside it."""
+        results = [fn() for _ in range(1 if self.quick else runs)]
         results.sort(key=lambda r: r["cps"])
         med = dict(results[len(results) // 2])
+        if len(results) % 2 == 0:
+            med["cps"] = statistics.mean(r["cps"] for r in results[len(results) // 2 - 1:len(results) // 2 + 1])
         med["runs"] = [round(r["cps"]) for r in results]
         return med
 
     # -- run ----------------------------------------------------------------------------------
-    # The UDP targets are ratios between these peers. Measured in the per-peer loop they would be minutes apart,
-    # and this VM's speed drifts by tens of percent within minutes: their UDP is measured in one sequence after
-    # the loop instead, forward then back (A B C D E E D C B A), each peer's figure the mean of its two passes.
-    # Both passes' mean sits at the sequence's middle for every peer, so a drift linear in time moves all alike.
-    UDP_ABBA = ("plain routing", "nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)",
-                "hdslb FNAT (native, --conn-table shared)")
+    # The UDP and conn/s targets are ratios between peers. Measured in the per-peer loop they would be minutes
+    # apart, and this VM's speed drifts by tens of percent within minutes: those metrics of the peers the targets
+    # compare are measured in one sequence after the loop instead, forward then back (A B C D E E D C B A, a
+    # peer's metrics in reverse order too), each figure the mean of its two passes. Every measurement's two passes
+    # sit symmetrically about the sequence's middle, so a drift linear in time moves all alike.
+    ABBA = {"udp": ("plain routing", "nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)",
+                    "hdslb FNAT (native, --conn-table shared)"),
+            "cps": ("plain routing", "nftables DNAT", "hdslb FNAT (native)", "hdslb FNAT (native, --conn-table shared)"),
+            "cps_light": ("plain routing", "nftables DNAT", "hdslb FNAT (native)",
+                          "hdslb FNAT (native, --conn-table shared)")}
+    ABBA_CPS_RUNS = 2  # conn/s runs a pass (the loop's CPS_RUNS in all, and one more)
 
-    def udp_abba(self, made: list) -> None:
-        """UDP of the UDP_ABBA peers among made ([(maker, row)] of the loop), forward then back; fills row["udp"]."""
-        seq = [(mk, row) for mk, row in made if row["peer"] in self.UDP_ABBA and row.get("udp") is None]
-        got: dict[int, list] = {id(row): [] for _, row in seq}
-        for n, (mk, row) in enumerate(seq + seq[::-1]):
+    def later(self, name: str) -> tuple:
+        """The metrics of peer `name` measured after the loop (abba), not in it."""
+        return tuple(k for k, names in self.ABBA.items() if name in names)
+
+    def abba(self, made: list) -> None:
+        """The ABBA metrics of made ([(maker, row)] of the loop), forward then back; fills their rows."""
+        seq = [(mk, row, keys) for mk, row in made
+               if (keys := tuple(k for k in self.later(row["peer"]) if row.get(k) is None))]
+        got: dict[tuple, list] = {(id(row), k): [] for _, row, keys in seq for k in keys}
+        for n, (mk, row, keys) in enumerate(seq + seq[::-1]):
             peer = mk(self)
+            results: dict = {}
+            failed = None
             try:
                 peer.setup()
-                r = self.udp(peer)
-            except NA as e:
-                r = {"na": str(e)}
+                # the back pass mirrors the forward one measurement by measurement, a peer's metrics included
+                for k in (keys if n < len(seq) else keys[::-1]):
+                    results[k] = self._abba_one(peer, k)
             except Exception as e:
-                r = {"na": f"{type(e).__name__}: {str(e).strip()[-200:]}"}
+                failed = {"na": f"setup failed: {type(e).__name__}: {str(e).strip()[-200:]}"}
             finally:
                 try:
                     peer.teardown()
                 except Exception as e:
                     self.log(f"  {peer.name}: teardown: {e}")
-            got[id(row)].append(r)
-            self.log(f"  {peer.name:<28} {'udp, pass ' + ('1' if n < len(seq) else '2'):<14} {_short(r)}")
-        for _, row in seq:
-            row["udp"] = combine_passes(got[id(row)], self.floor_mpps)
+            for k in (keys if n < len(seq) else keys[::-1]):
+                r = results.get(k) or failed or {"na": "not measured"}
+                got[(id(row), k)].append(r)
+                self.log(f"  {peer.name:<28} {k + ', pass ' + ('1' if n < len(seq) else '2'):<14} {_short(r)}")
+        for _, row, keys in seq:
+            for k in keys:
+                passes = got[(id(row), k)]
+                row[k] = combine_passes(passes, self.floor_mpps) if k == "udp" else combine_cps(passes)
+
+    def _abba_one(self, peer: Peer, key: str) -> dict:
+        cpu0, t0 = _cpu_s(peer.pid), time.monotonic()
+        try:
+            if key == "udp":
+                r = self.udp(peer)
+            else:
+                fn = self.cps if key == "cps" else self.cps_light
+                r = self._median_cps(lambda: fn(peer), runs=self.ABBA_CPS_RUNS)
+        except NA as e:
+            return {"na": str(e)}
+        except Exception as e:
+            return {"na": f"{type(e).__name__}: {str(e).strip()[-200:]}"}
+        cpu1 = _cpu_s(peer.pid)
+        if cpu0 is not None and cpu1 is not None:
+            r["daemon_cpu_pct"] = round(100 * (cpu1 - cpu0) / (time.monotonic() - t0), 1)
+        return r
 
     def measure(self, peer: Peer, later: tuple = ()) -> dict:
-        """Every metric of one peer; those in `later` are left None (measured after the loop: udp_abba)."""
+        """Every metric of one peer; those in `later` are left None (measured after the loop: abba)."""
         row: dict = {"peer": peer.name, "kind": peer.kind}
         try:
             peer.setup()
@@ -697,10 +732,10 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
                 peer = mk(self)
                 if peers and not any(p in peer.name for p in peers):
                     continue
-                row = self.measure(peer, later=("udp",) if peer.name in self.UDP_ABBA else ())
+                row = self.measure(peer, later=self.later(peer.name))
                 out["rows"].append(row)
                 made.append((mk, row))
-            self.udp_abba(made)
+            self.abba(made)
         finally:
             self.teardown()
         out["targets"] = targets(out["rows"])
@@ -710,7 +745,7 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
 
 
 def combine_passes(passes: list[dict], floor_mpps: float | None) -> dict:
-    """One peer's UDP from its forward and back passes (E2E.udp_abba): the mean rate, every window kept; n/a
+    """One peer's UDP from its forward and back passes (E2E.abba): the mean rate, every window kept; n/a
     unless every pass measured."""
     bad = [r["na"] for r in passes if "na" in r]
     if bad or not passes:
@@ -725,6 +760,21 @@ def combine_passes(passes: list[dict], floor_mpps: float | None) -> dict:
         lb_ns = 1e3 / mpps - 1e3 / floor_mpps
         out["lb_ns"] = lb_ns
         out["lb_only_mpps"] = 1e3 / lb_ns if lb_ns > 0 else None
+    return out
+
+
+def combine_cps(passes: list[dict]) -> dict:
+    """One peer's conn/s from its forward and back passes (E2E.abba): the mean of the passes' figures, every run
+    kept; n/a unless every pass measured."""
+    bad = [r["na"] for r in passes if "na" in r]
+    if bad or not passes:
+        return {"na": bad[0] if bad else "not measured"}
+    out = dict(passes[0])
+    out.update(cps=statistics.mean(r["cps"] for r in passes), passes=[round(r["cps"]) for r in passes],
+               runs=[x for r in passes for x in r.get("runs", [round(r["cps"])])],
+               errors=" ".join(r["errors"] for r in passes if r.get("errors")), order="forward and back (A B ... B A)")
+    if all("daemon_cpu_pct" in r for r in passes):
+        out["daemon_cpu_pct"] = round(statistics.mean(r["daemon_cpu_pct"] for r in passes), 1)
     return out
 
 

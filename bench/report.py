@@ -157,19 +157,21 @@ def fmt_e2e(r: dict) -> str:
                         if "passes_mpps" in u else "")])
     parts.append(table(["peer", "delivered Mpps", "sent Mpps", "LB ns/pkt (est.)", "LB-only Mpps (est.)",
                         "spread rs1/rs2", "note"], rows,
-                       "2a. UDP packets/s delivered to the real servers (the peers the UDP targets compare: the mean "
-                       "of two passes after the per-peer loop, forward then back)"))
+                       "2a. UDP packets/s delivered to the real servers (the peers the targets compare, here and in 2c: "
+                       "the mean of two passes after the per-peer loop, forward then back)"))
     for key, label in E2E_COLS:
         rows = []
-        nft = _metric(by.get("nftables DNAT", {}).get(key), key)
-        rt = _metric(by.get("plain routing", {}).get(key), key)
+        nft = _metric((by.get("nftables DNAT") or {}).get(key), key)
+        rt = _metric((by.get("plain routing") or {}).get(key), key)
         for x in rows_:
-            m = x.get(key, {})
+            m = x.get(key) or {}
             v = _metric(m, key)
             note = m.get("na", "") if m else ""
             if m and m.get("errors"):
                 note += f"errors: {m['errors']}"
-            if m and len(m.get("runs", ())) > 1:
+            if m and "passes" in m:
+                note += f" passes (forward, back) {'/'.join(map(str, m['passes']))}, runs {'/'.join(map(str, m['runs']))}"
+            elif m and len(m.get("runs", ())) > 1:
                 note += f" median of {'/'.join(map(str, m['runs']))}"
             if m and "daemon_cpu_pct" in m:
                 note += f" hdslbd CPU {m['daemon_cpu_pct']}%"

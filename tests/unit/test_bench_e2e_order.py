@@ -1,11 +1,13 @@
-"""Section 2 of `make bench` (bench/e2e.py): the UDP targets are ratios between peers, so those peers' UDP is
-measured in one sequence forward then back, each peer's figure the mean of its two passes. Tested with stand-in
-peers on a box whose speed falls steadily: the ratios come out as if it had not."""
+"""Section 2 of `make bench` (bench/e2e.py): the UDP and conn/s targets are ratios between peers, so those peers'
+UDP and conn/s are measured in one sequence forward then back, each figure the mean of its two passes. Tested with
+stand-in peers on a box whose speed falls steadily: the ratios come out as if it had not."""
 
 from bench import e2e
 
 
 class FakePeer:
+    pid = None  # no control-plane process whose CPU is counted
+
     def __init__(self, name, log):
         self.name, self.log = name, log
 
@@ -28,9 +30,18 @@ def test_the_udp_peers_go_forward_then_back_and_a_steady_drift_cancels(monkeypat
     true = {"plain routing": 1.0, "nftables DNAT": 0.6, "bare XDP redirect (native)": 2.4,
             "hdslb FNAT (native)": 2.1, "HAProxy (TCP mode)": None}
     monkeypatch.setattr(bench, "udp", lambda peer: (log.append(("udp", peer.name)), _udp(true[peer.name], next(clock)))[1])
-    made = [((lambda b, n=n: FakePeer(n, log)), {"peer": n, "udp": None if n in bench.UDP_ABBA else {"na": "x"}})
+    cps_true = {"plain routing": 30000, "nftables DNAT": 20000, "hdslb FNAT (native)": 27000}
+
+    def cps(peer):  # the same clock: each conn/s run is one more step of the drift
+        log.append(("cps", peer.name))
+        return {"cps": cps_true[peer.name] * (1 - 0.05 * next(clock)), "errors": ""}
+
+    monkeypatch.setattr(bench, "cps", cps)
+    monkeypatch.setattr(bench, "cps_light", cps)
+    made = [((lambda b, n=n: FakePeer(n, log)),
+             {"peer": n, **{k: (None if n in bench.ABBA[k] else {"na": "x"}) for k in ("udp", "cps", "cps_light")}})
             for n in true]
-    bench.udp_abba(made)
+    bench.abba(made)
     order = [n for what, n in log if what == "udp"]
     fwd = ["plain routing", "nftables DNAT", "bare XDP redirect (native)", "hdslb FNAT (native)"]
     assert order == fwd + fwd[::-1]
@@ -41,12 +52,25 @@ def test_the_udp_peers_go_forward_then_back_and_a_steady_drift_cancels(monkeypat
     # each peer's two passes sit around the sequence's middle: every figure is its true rate x the same factor
     for n in fwd:
         assert abs(got[n] / got["plain routing"] - true[n] / true["plain routing"]) < 1e-9
-    assert rows["hdslb FNAT (native)"]["udp"]["passes_mpps"] == [round(2.1 * 0.85, 3), round(2.1 * (1 - 0.05 * 4), 3)]
+    # hdslb's UDP is the 8th measurement (after routing's three, nftables' three, the redirect's one) and the 13th
+    assert rows["hdslb FNAT (native)"]["udp"]["passes_mpps"] == [round(2.1 * (1 - 0.05 * 7), 3),
+                                                                round(2.1 * (1 - 0.05 * 12), 3)]
     assert len(rows["hdslb FNAT (native)"]["udp"]["windows_mpps"]) == 2
     assert rows["hdslb FNAT (native)"]["udp"]["lb_only_mpps"] > 0
+    # conn/s the same way: each pass's figure (the mean of its runs) around the sequence's middle
+    cps_fwd = [n for n in fwd if n in cps_true for _ in ("cps", "cps_light")]  # quick: one run of each a pass
+    assert [n for what, n in log if what == "cps"] == cps_fwd + cps_fwd[::-1]
+    measured = [(what, n) for what, n in log if what in ("udp", "cps")]
+    assert measured[len(measured) // 2:] == measured[:len(measured) // 2][::-1]  # the back pass mirrors the forward
+    ratio = rows["hdslb FNAT (native)"]["cps"]["cps"] / rows["nftables DNAT"]["cps"]["cps"]
+    assert abs(ratio - 27000 / 20000) < 1e-9
+    assert len(rows["hdslb FNAT (native)"]["cps"]["passes"]) == 2
+    assert len(rows["hdslb FNAT (native)"]["cps_light"]["runs"]) == 2  # quick: one run a pass
+    assert rows["bare XDP redirect (native)"]["cps"] == {"na": "x"}  # conn/s of a one-way program: not in it
     # the targets read the combined figures
     t = {x["name"]: x for x in e2e.targets([row for _, row in made])}
     assert t["hdslb native udp_mpps >= 2.5 x plain routing"]["value"] == round(2.1, 2)
+    assert t["hdslb native cps >= 1.5 x nftables DNAT"]["value"] == round(27000 / 20000, 2)
 
 
 def test_a_pass_that_fails_makes_the_peers_udp_na_not_half_a_figure(monkeypatch):
@@ -60,8 +84,11 @@ def test_a_pass_that_fails_makes_the_peers_udp_na_not_half_a_figure(monkeypatch)
         return _udp(1.0, 0)
 
     monkeypatch.setattr(bench, "udp", udp)
-    made = [((lambda b, n=n: FakePeer(n, [])), {"peer": n, "udp": None}) for n in ("plain routing", "nftables DNAT")]
-    bench.udp_abba(made)
+    monkeypatch.setattr(bench, "cps", lambda peer: {"cps": 1000.0, "errors": ""})
+    monkeypatch.setattr(bench, "cps_light", lambda peer: {"cps": 1000.0, "errors": ""})
+    made = [((lambda b, n=n: FakePeer(n, [])), {"peer": n, "udp": None, "cps": None, "cps_light": None})
+            for n in ("plain routing", "nftables DNAT")]
+    bench.abba(made)
     rows = {row["peer"]: row for _, row in made}
     assert rows["nftables DNAT"]["udp"] == {"na": "nothing delivered"}
     assert rows["plain routing"]["udp"]["mpps"] == 1.0
