@@ -93,3 +93,26 @@ def test_a_pass_that_fails_makes_the_peers_udp_na_not_half_a_figure(monkeypatch)
     assert rows["nftables DNAT"]["udp"] == {"na": "nothing delivered"}
     assert rows["plain routing"]["udp"]["mpps"] == 1.0
     assert e2e.combine_passes([], None) == {"na": "not measured"}
+
+
+def test_table_2g_compares_flow_counts_measured_in_the_same_minute():
+    """The targets' peers get their main UDP figure after the loop (forward and back), minutes away from their
+    by-flows runs: 2g's base column is the 1024-flow run made beside the 8k and 32k ones, not the main figure."""
+    from bench import report
+
+    assert e2e.E2E.FLOW_COUNTS[0] == 1024
+    row = {"peer": "hdslb FNAT (native)", "udp": {"mpps": 3.0, "gen_mpps": 3.0, "spread": [0.5, 0.5]},
+           "udp_flows": {"by_flows": {"1024": 2.0, "8192": 1.5, "32768": 1.0}}}
+    text = report.fmt_e2e({"rows": [row], "targets": []})
+    part = text[text.index("2g."):]
+    line = next(x for x in part.splitlines() if x.startswith("hdslb FNAT (native)"))
+    assert line.split()[3:] == ["2.000", "1.500", "1.000", "0.50"]  # 32768 / 1024 of the same minute, not 1.0 / 3.0
+    header = next(x for x in part.splitlines() if x.startswith("peer"))
+    assert header.split() == ["peer", "1024", "flows", "8192", "flows", "32768", "flows", "32768", "/", "1024"]
+    assert "same minute" in part.splitlines()[0]
+    # a run from before (no 1024 in by_flows) still reads against the main figure
+    old = dict(row, udp_flows={"by_flows": {"8192": 1.5, "32768": 1.0}})
+    part = report.fmt_e2e({"rows": [old], "targets": []}).split("2g.")[1]
+    line = next(x for x in part.splitlines() if x.startswith("hdslb"))
+    assert line.split()[3:] == ["3.000", "1.500", "1.000", "0.33"]
+    assert "same minute" not in part.splitlines()[0]
