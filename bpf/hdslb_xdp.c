@@ -232,6 +232,14 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
+static __always_inline void count_n(__u32 idx, __u64 n)
+{
+	__u64 *c = counters.lookup(&idx);
+
+	if (c)
+		*c += n;
+}
+
 static __always_inline int drop(__u32 reason)
 {
 	count(reason);
@@ -2341,6 +2349,9 @@ int hdslb_sweep(struct xdp_md *ctx)
 			removed++;
 		else if (w1 == T6 && conn_delete(T6, &k1) == 0)
 			removed++;
+		/* counted here, with the deletes: a count of the table read meanwhile never sees entries gone that
+		 * conn_expired does not hold yet (the daemon's evicted figure is what was inserted less both) */
+		count_n(CNT_CONN_EXPIRED, removed);
 		r->removed = removed;
 	}
 	return XDP_DROP;

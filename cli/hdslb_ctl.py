@@ -403,7 +403,11 @@ def cmd_status(ns) -> int:
         return 0  # what status said above stands
     ct = stats.get("conn_table") or {}
     if "entries" in ct:
-        print(f"  connections:    {ct['entries']} entries in use")
+        line = f"  connections:    {ct['entries']} entries in use"
+        if ct.get("evicted"):
+            line += (f"; {ct['evicted']} evicted by the full table's LRU since it was made (idle connections cut:"
+                     f" --max-conns)")
+        print(line)
     print(f"  slow path:      {slowpath_line(stats.get('slowpath'))}")
     return 0
 

@@ -74,6 +74,8 @@ VERDICT_WAIT_MAX_S = 0.5
 RESOLVE_COALESCE_S = 0.2
 POSTED_CONFIG_NAME = "<posted config>"  # how errors name text sent by POST /v2/config or config.reload
 SWEEP_CPU_SHARE = 0.1  # the aging sweep may use at most this share of one CPU
+EVICTION_LOG_S = 60.0  # the full conn table's evictions are logged at most this often ...
+EVICTION_LOG_MIN = 16  # ... and only when at least this many more were proved since (see Daemon.evicted)
 BATCH_STATS_ABOVE = 2048  # services + real servers beyond which the estimator reads the stats arrays whole  # re-probe learned next hops this often (the slow-path issue brings real aging)
 
 
@@ -653,6 +655,9 @@ class Daemon:
         self._counts_cache = (0.0, None)
         self._laddr_cache: tuple | None = None  # (the _conns() list it was counted from, counts)
         self._entries_cache = (0.0, None, 0.0)
+        self._evicted = 0  # the most the counts so far prove the conn tables' LRU evicted (Maps._evicted_bound)
+        self._evicted_logged: int | None = None  # that figure when last logged (None: not looked at yet)
+        self._evicted_logged_at = float("-inf")
         self._pkt_socks: dict[str, socket.socket] = {}
         self._na_socks: dict[str, socket.socket] = {}
 
@@ -1192,18 +1197,48 @@ class Daemon:
         return n
 
     def conn_table(self) -> dict:
-        c = self.maps.counters()
         fam = self.conn_table_entries_by_family()
-        entries = sum(fam.values())
-        expired = c["conn_expired"]
-        # Every new flow inserts two entries, DR and TUNNEL flows one; what is neither alive nor removed (swept,
-        # reclaimed, replaced by a reused tuple) was evicted by the LRU.
-        inserted = 2 * c["conn_new"] - self.maps.single_entry_flows()
+        c = self.maps.counters()
         # size: both tables (IPv4, IPv6 + NAT64) together
         return {"size": self.sizes.max_conns + self.sizes.conn6_entries(), "size4": self.sizes.max_conns,
-                "size6": self.sizes.conn6_entries(), "kind": self.sizes.conn_table, "entries": entries,
+                "size6": self.sizes.conn6_entries(), "kind": self.sizes.conn_table, "entries": sum(fam.values()),
                 "entries4": fam.get(4, 0), "entries6": fam.get(6, 0),
-                "expired": expired, "evicted": max(0, inserted - entries - expired)}
+                "expired": c["conn_expired"], "evicted": Daemon.evicted(self)}
+
+    def evicted(self) -> int:
+        """Entries the full conn tables' LRU evicted (idle flows it cut), since the tables were made: what flows
+        inserted (two entries a flow, DR and TUNNEL one) less what is alive and what was removed (swept,
+        reclaimed, replaced by a reused tuple), as proved by the latest count of the tables (Maps._evicted_bound:
+        a lower bound). Never decreases while hdslbd runs, as /metrics' counter must not."""
+        bound = self.maps.evicted_bound
+        if bound is not None and bound > self._evicted:
+            self._evicted = bound
+        return self._evicted
+
+    def _note_evictions(self) -> None:
+        """After a sweep (which counted the tables): log when the LRU evicted entries since the last look, at most
+        every EVICTION_LOG_S. The first look takes what earlier daemons' tables evicted as the base."""
+        n = Daemon.evicted(self)
+        if self.maps.evicted_bound is None:
+            return
+        if self._evicted_logged is None:
+            self._evicted_logged = n
+            if n:
+                log.info("connection tables: their LRU evicted %d entries before this start", n)
+            return
+        now = time.monotonic()
+        if n - self._evicted_logged < EVICTION_LOG_MIN or now - self._evicted_logged_at < EVICTION_LOG_S:
+            return
+        fam = self.maps.last_count or {}
+        since = "since hdslbd started" if self._evicted_logged_at == float("-inf") else \
+            f"in the last {now - self._evicted_logged_at:.0f} s"
+        log.warning("connection table full: its LRU evicted %d entries %s (%d in all): the least recently used "
+                    "flows, whose next packet finds no entry (TCP: dropped); in use: %d of %d IPv4 entries, %d of %d IPv6. Size the tables for the "
+                    "connections you carry: --max-conns / --max-conns6 (conn_pool_size / conn6_pool_size), "
+                    "or --conn-table shared for more entries in the same memory; either needs a restart with "
+                    "--fresh", n - self._evicted_logged, since, n, fam.get(4, 0), self.sizes.max_conns,
+                    fam.get(6, 0), self.sizes.conn6_entries())
+        self._evicted_logged, self._evicted_logged_at = n, now
 
     def idle_limits(self, unit=lambda seconds: seconds):
         """The idle timeouts as hdslb.fastpath.aging.Limits, converted by `unit` (seconds by default)."""
@@ -1242,8 +1277,7 @@ class Daemon:
         else:  # the columns' key hashing could not tell two keys apart: the per-entry reading
             dead = aging.expired_rows(self.maps.conn_aging_view(), now, lim)
             removed = self.maps.remove_dead_flows(dead) if dead else 0
-        if removed:
-            self.maps.add_counter("conn_expired", removed)
+        if removed:  # (hdslb_sweep counts them in conn_expired itself)
             self._conn_cache = (0.0, None)
             self._counts_cache = (0.0, None)
         if cols is not None:
@@ -1314,6 +1348,7 @@ class Daemon:
             t0 = time.monotonic()
             try:
                 await loop.run_in_executor(None, self.sweep)
+                self._note_evictions()
             except Exception:
                 log.exception("connection aging sweep failed")
             pause = max(self.settings.aging_interval, (time.monotonic() - t0) / SWEEP_CPU_SHARE)

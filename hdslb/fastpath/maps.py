@@ -78,6 +78,10 @@ class Maps:
         self.conn_shared = not hasattr(self.t["conn4_map"].Leaf(), "__len__")
         self.counter_names = abi.counter_names()
         self.batch_cells = True  # BPF_MAP_UPDATE_BATCH for hash_cells; off after the first refusal
+        # What the last count of the conn tables (conn_entries_by_family, or the sweep's read) found: the entries
+        # per family, and at least how many entries the tables' LRU had evicted by then (see _evicted_bound)
+        self.last_count: dict[int, int] | None = None
+        self.evicted_bound: int | None = None
 
     def _table(self, name: str):
         t = self.t.get(name)
@@ -535,13 +539,23 @@ class Maps:
         t = self.t["counters"]
         return {name: [int(x) for x in t[ct.c_uint32(i)]] for i, name in enumerate(self.counter_names)}
 
-    def add_counter(self, name: str, n: int) -> None:
-        """Counters the daemon owns (e.g. conn_expired) live beside the program's so they survive restarts."""
-        t = self.t["counters"]
-        k = ct.c_uint32(self.counter_names.index(name))
-        v = t[k]
-        v[0] += n
-        t[k] = v
+    def counter(self, name: str) -> int:
+        return int(sum(self.t["counters"][ct.c_uint32(self.counter_names.index(name))]))
+
+    def inserted_entries(self) -> int:
+        """Entries the fast path's flows have inserted into the conn tables: two a flow, one for DR and TUNNEL."""
+        return 2 * self.counter("conn_new") - self.single_entry_flows()
+
+    def _evicted_bound(self, inserted_before: int, counts: dict[int, int]) -> None:
+        """Record a count of the tables and what it proves about the LRU's evictions. Entries leave a table in
+        three ways: removed and counted in conn_expired by the program (the sweep's deletes included), or evicted
+        by the LRU, which nothing counts. What flows had inserted before the count, less the entries the count
+        found, less what conn_expired holds after it, is therefore at most what was evicted: an entry inserted
+        during the walk is not among those inserted before it, an entry removed during it is in conn_expired
+        after it, and one the walk saw twice only lowers the figure. A lower bound, never an overestimate
+        (a count reused while flows are made, or taken while the sweep deletes, used to read as evictions)."""
+        self.last_count = counts
+        self.evicted_bound = max(0, inserted_before - sum(counts.values()) - self.counter("conn_expired"))
 
     # The conn tables (bpf/hdslb_xdp.c): IPv4 flows in conn4_map, IPv6 and NAT64 flows in conn6_map. An IPv4
     # tuple is looked for in both (a NAT64 flow's reply key is IPv4 but lives in conn6_map).
@@ -648,6 +662,7 @@ class Maps:
         """Entries per conn table: 4 (conn4_map, IPv4 flows), 6 (conn6_map, IPv6 and NAT64 flows). Each table
         evicts on its own when full, so each is worth watching against its size."""
         out = {}
+        inserted = self.inserted_entries()  # before the walk (see _evicted_bound)
         for name in self.CONN_MAPS:
             n = 0
             for batch in self._batches(name):
@@ -656,6 +671,7 @@ class Maps:
                     break
                 n += batch[2]
             out[FastPath.CONN_MAPS[name][0]] = n
+        self._evicted_bound(inserted, out)
         return out
 
     # conn_key and conn_val as bytes (bpf/include/hdslb_abi.h); the loader checks the sizes against the C.
@@ -679,21 +695,28 @@ class Maps:
 
     def _aging_buffers(self):
         """(key bytes, value bytes, CPUs) of both conn tables, batch by batch, in conn6_map's wide layout (the
-        views are reused by the next batch)."""
+        views are reused by the next batch). A walk read to its end also counts the tables (last_count)."""
+        inserted = self.inserted_entries()  # before the walk (see _evicted_bound)
+        counts = {}
         for name in self.CONN_MAPS:
             self._check_conn_layout(name)
             t = self.t[name]
+            fam = FastPath.CONN_MAPS[name][0]
+            counts[fam] = 0
             ncpu = 1 if self.conn_shared else len(t.Leaf())
             ks, vs = ct.sizeof(t.Key), ct.sizeof(t.sLeaf if hasattr(t, "sLeaf") else t.Leaf)
             widen = aging.widen if name == "conn4_map" else (lambda k, v, n: (k, v))
             for batch in self._batches(name):
                 if batch is None:  # no batch ops: the same from a key-by-key walk
                     items = [(bytes(k), bytes(v)) for k, v in t.items()]
+                    counts[fam] += len(items)
                     yield (*widen(b"".join(k for k, _ in items), b"".join(v for _, v in items), ncpu), ncpu)
                     break
                 keys, vals, n = batch
+                counts[fam] += n
                 yield (*widen(memoryview(keys).cast("B")[:n * ks], memoryview(vals).cast("B")[:n * vs * ncpu], ncpu),
                        ncpu)
+        self._evicted_bound(inserted, counts)
 
     def conn_aging_view(self) -> list[tuple]:
         """What the aging sweep and the connection counts need of every entry, unpacked straight from the batch

@@ -364,7 +364,7 @@ def test_evicted_counts_only_what_the_lru_evicted(fastpath, maps, bal):
         assert run(fastpath, syn(f"10.1.0.{i + 1}", 43000 + i))[0] == XDP_TX
     for i in range(20):
         assert run(fastpath, syn(f"10.2.0.{i + 1}", 44000 + i, dport=81))[0] == XDP_TX
-    d = types.SimpleNamespace(maps=maps, sizes=fastpath.sizes, _entries_cache=(0.0, None, 0.0))
+    d = types.SimpleNamespace(maps=maps, sizes=fastpath.sizes, _entries_cache=(0.0, None, 0.0), _evicted=0)
     d.conn_table_entries_by_family = lambda: Daemon.conn_table_entries_by_family(d)
     ct_ = Daemon.conn_table(d)
     assert (ct_["entries"], ct_["expired"], ct_["evicted"]) == (70, 0, 0)
@@ -372,6 +372,47 @@ def test_evicted_counts_only_what_the_lru_evicted(fastpath, maps, bal):
     for k in list(t.keys())[:5]:                           # entries the LRU took for newer ones
         del t[k]
     assert Daemon.conn_table(d)["evicted"] == 5
+
+
+def test_evicted_is_not_fooled_by_a_reused_count_nor_by_the_sweeps_deletes(fastpath, maps, bal):
+    """evicted was the inserted entries as of now less a count of the table and conn_expired. A big table's
+    count is reused for up to 5 s (it reads the whole table), so every flow made since read as evicted, and
+    the /metrics counter went up and then back down; and the sweep's deletes reached conn_expired only after
+    all of them were done, so a count taken meanwhile read them as evicted too. Now the count is what proves
+    the figure (what was inserted before it, less what it found, less conn_expired after it), and hdslb_sweep
+    counts each delete in the kernel as it makes it."""
+    import time
+    import types
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+    from hdslb.fastpath import aging
+
+    from .test_fastpath import _age_conns
+
+    bal.service_add(dict(SVC, sched="rr"))
+    bal.dest_add({"svc": SVC, "addr": RSS[1], "port": 80, "fwd": "fnat"})
+    bal.laddr_add({"svc": SVC, "addr": "192.168.100.200", "ifname": "lo"})
+    for i in range(10):
+        assert run(fastpath, syn(f"10.2.0.{i + 1}", 44000 + i))[0] == XDP_TX
+    d = types.SimpleNamespace(maps=maps, sizes=fastpath.sizes, _entries_cache=(0.0, None, 0.0), _evicted=0,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    d.conn_table_entries_by_family = lambda: Daemon.conn_table_entries_by_family(d)
+    assert (Daemon.conn_table(d)["entries"], Daemon.conn_table(d)["evicted"]) == (20, 0)
+    d._entries_cache = (time.monotonic(), d._entries_cache[1], 1.0)   # a count that took 1 s: reused for 5 s
+    for i in range(10, 25):
+        assert run(fastpath, syn(f"10.2.0.{i + 1}", 44000 + i))[0] == XDP_TX
+    ct_ = Daemon.conn_table(d)
+    assert (ct_["entries"], ct_["evicted"]) == (20, 0), "the reused count is 15 flows old; nothing was evicted"
+
+    _age_conns(maps, 3600)                                             # every flow idle past its timeout
+    now = maps.clock.mono_to_jiffies(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    dead = aging.expired_rows(maps.conn_aging_view(), now, Daemon.idle_limits(d, maps.clock.seconds_to_jiffies))
+    before = maps.counter("conn_expired")
+    assert maps.remove_dead_flows(dead) == 50
+    assert maps.counter("conn_expired") == before + 50, "counted by hdslb_sweep as it deletes, not afterwards"
+    d._entries_cache = (0.0, None, 0.0)
+    ct_ = Daemon.conn_table(d)
+    assert (ct_["entries"], ct_["expired"], ct_["evicted"]) == (0, 50, 0)
 
 
 def test_a_udp_flow_whose_server_was_removed_is_scheduled_afresh(fastpath, maps, bal):

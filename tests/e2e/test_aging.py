@@ -216,12 +216,25 @@ def test_a_udp_client_on_one_tuple_follows_when_its_server_is_removed(small_lb):
 @pytest.mark.root
 def test_full_table_keeps_serving_and_reports_evictions(small_lb):
     lab, lb = small_lb
+    # the earlier tests of this daemon made and swept flows (timeouts, resets, a removed server) in a table
+    # never full: none of that may read as an eviction
+    assert lb.call("stats.get")["conn_table"]["evicted"] == 0
+    assert "connection table full" not in lb.log()
     answered = udp_flows(lab, 5000, first_port=40000)
     assert answered == 5000, "every flow is served although the table holds 1000 entries"
     t = lb.call("stats.get")["conn_table"]
     assert (t["size4"], t["size6"], t["size"]) == (1000, 256, 1256) and t["entries"] <= 1000
     assert t["entries4"] == t["entries"] and t["entries6"] == 0, "IPv4 flows fill conn4_map only"
     assert t["evicted"] >= 2 * 5000 - 1000 - t["expired"] - 50, t
+    # the operator hears of it: hdslbd's log after the next sweep (every 0.5 s here), and hdslb-ctl status
+    deadline = time.monotonic() + 10
+    while "connection table full" not in lb.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (line,) = [x for x in lb.log().splitlines() if "connection table full" in x]
+    assert "WARNING" in line and "IPv4 entries" in line and "--max-conns" in line, line
+    evicted = int(line.split("its LRU evicted ")[1].split()[0])  # (logged once a minute: maybe mid-flood)
+    assert 16 <= evicted <= lb.call("stats.get")["conn_table"]["evicted"], line
+    assert "evicted by the full table's LRU" in lb.ctl("status").stdout
     lines = curl_loop(lab, f"http://{VIP}/", 20)
     assert "FAIL" not in lines and len(lines) == 20
 

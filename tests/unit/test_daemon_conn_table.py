@@ -146,7 +146,8 @@ def test_sweep_and_counts_fall_back_to_the_reference_when_the_columns_cannot_be_
     d = types.SimpleNamespace(maps=maps, settings=types.SimpleNamespace(
         timeouts={"syn_recv": 30, "established": 90, "fin_wait": 7, "close": 3, "udp": 300}),
         _conn_cache=None, _counts_cache=(0.0, None))
-    assert Daemon.sweep(d) == 2 and gone == [dead_in, dead_out] and counted == [("conn_expired", 2)]
+    # hdslb_sweep counts what it deletes in conn_expired itself, in the kernel: the daemon adds nothing
+    assert Daemon.sweep(d) == 2 and gone == [dead_in, dead_out] and counted == []
     assert Daemon.conn_counts(d) == {7: (1, 0), 8: (1, 0)}
 
 
@@ -289,3 +290,57 @@ async def test_the_estimator_logs_a_real_server_once_when_it_becomes_overloaded(
         task.cancel()
     said = [r.getMessage() for r in caplog.records if "overloaded" in r.getMessage()]
     assert said == ["real server 172.20.0.1:80 overloaded (u_threshold 3): no new flows"]
+
+
+def _evictions(bound=None, entries4=900):
+    maps = types.SimpleNamespace(evicted_bound=bound, last_count={4: entries4, 6: 0})
+    return types.SimpleNamespace(maps=maps, sizes=types.SimpleNamespace(max_conns=1000, conn6_entries=lambda: 256),
+                                 _evicted=0, _evicted_logged=None, _evicted_logged_at=float("-inf"))
+
+
+def test_evicted_never_decreases():
+    """/metrics exports it as a counter: a lower figure from a later count (a count reads a live table) would be
+    read by Prometheus as a reset, and rate() would count the whole figure again."""
+    d = _evictions()
+    assert Daemon.evicted(d) == 0, "no count yet"
+    for bound, want in ((40, 40), (35, 40), (0, 40), (52, 52)):
+        d.maps.evicted_bound = bound
+        assert Daemon.evicted(d) == want
+
+
+def test_evictions_are_logged_when_they_grow_at_most_once_a_minute(caplog, monkeypatch):
+    import logging
+
+    from hdslb import daemon
+
+    clock = [1000.0]
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: clock[0])
+    d = _evictions()
+    caplog.set_level(logging.INFO, logger=daemon.log.name)
+    Daemon._note_evictions(d)
+    assert caplog.records == [], "no count of the tables yet: nothing known"
+    d.maps.evicted_bound = 300                        # evicted before this daemon started: the base, said once
+    Daemon._note_evictions(d)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "connection tables: their LRU evicted 300 entries before this start")]
+    caplog.clear()
+    d.maps.evicted_bound = 300 + daemon.EVICTION_LOG_MIN - 1   # within a count's error: not a warning
+    Daemon._note_evictions(d)
+    assert caplog.records == []
+    d.maps.evicted_bound = 1300
+    Daemon._note_evictions(d)
+    (r,) = caplog.records
+    assert r.levelname == "WARNING"
+    msg = r.getMessage()
+    assert msg.startswith("connection table full: its LRU evicted 1000 entries since hdslbd started (1300 in all)")
+    assert "in use: 900 of 1000 IPv4 entries, 0 of 256 IPv6" in msg and "--max-conns" in msg, msg
+    caplog.clear()
+    clock[0] += daemon.EVICTION_LOG_S - 1             # more, within the minute: held back
+    d.maps.evicted_bound = 2000
+    Daemon._note_evictions(d)
+    assert caplog.records == []
+    clock[0] += 1
+    Daemon._note_evictions(d)
+    (r,) = caplog.records
+    assert r.getMessage().startswith(f"connection table full: its LRU evicted 700 entries in the last "
+                                     f"{daemon.EVICTION_LOG_S:.0f} s (2000 in all)")
