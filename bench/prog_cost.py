@@ -127,8 +127,9 @@ def _pkts():
 
 
 class _Bench:
-    def __init__(self, quick: bool, log, conn_table: str = "percpu"):
+    def __init__(self, quick: bool, log, conn_table: str = "percpu", max_conns: int = 1 << 20):
         self.conn_table = conn_table
+        self.max_conns = max_conns
         self.quick = quick
         self.log = log
         self.repeat = 200_000 if quick else 1_000_000
@@ -147,7 +148,7 @@ class _Bench:
 
         ensure_bpffs(DEFAULT_PIN_ROOT)
         self.fp = FastPath(os.path.join(DEFAULT_PIN_ROOT, f"bench-cost-{os.getpid()}-{self.conn_table}"),
-                           Sizes(max_conns=1 << 20, max_services=64, max_dests=256, max_local=64, max_routes=256,
+                           Sizes(max_conns=self.max_conns, max_services=64, max_dests=256, max_local=64, max_routes=256,
                                  max_neigh=64, conn_table=self.conn_table))
         self.fp.load()
         self.maps = Maps(self.fp)
@@ -712,6 +713,92 @@ def contention(quick: bool, log) -> list[dict]:
     return out
 
 
+FLOOD_TABLE = 4096            # table 1k: entries in the table the flood fills
+FLOOD_IDLE = (100, 400, 1000)  # established connections idle through the flood (two entries each)
+FLOOD_ACTIVE = 100            # and connections that send a packet (the client's ACK) ...
+FLOOD_TOUCH = 500             # ... every this many flood SYNs
+FLOOD_TIMES = 4               # the flood: this many times the table, in entries (a SYN makes two)
+
+
+def flood(quick: bool, log) -> list[dict]:
+    """A SYN flood from spoofed sources (one packet a flow) against a full table, per conn table kind: which
+    established connections lose an entry. Which entries a full table gives up is the kernel's LRU's choice (an
+    active and an inactive list, new entries batched per CPU), so this measures it for one realistic pattern
+    (bench/README.md, 1k): idle connections are not spared by a flood that overflows the table. Each case: idle
+    connections (SYN, the server's SYN-ACK, the client's ACK) and FLOOD_ACTIVE sending ones, then FLOOD_TIMES x
+    the table in spoofed SYNs, on the CPU that made the connections or on another (a multi-queue NIC spreads a
+    flood over every CPU), then each connection's client-side and server-side entries probed with an ACK
+    (XDP_TX: still there)."""
+    import random
+
+    cpus = sorted(os.sched_getaffinity(0))
+    Ether, IP, TCP, UDP = _pkts()
+
+    def tcp(src, dst, sport, dport, flags, smac=CLIENT_MAC):
+        return bytes(Ether(src=smac, dst=LB_MAC) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+    rnd = random.Random(7)
+    nflood = FLOOD_TIMES * FLOOD_TABLE // 2
+    spoofed = [tcp(f"11.{a >> 16}.{(a >> 8) & 255}.{a & 255}", VIP, 1024 + rnd.getrandbits(15), 80, "S")
+               for a in (rnd.getrandbits(24) for _ in range(nflood))]
+    idle_counts = FLOOD_IDLE[1:2] if quick else FLOOD_IDLE
+    places = [("same", cpus[0], cpus[0])] + ([("other", cpus[0], cpus[1])] if len(cpus) > 1 and not quick else [])
+    old = os.sched_getaffinity(0)
+    out = []
+    for table in ("percpu", "shared"):
+        b = _Bench(quick, log, table, max_conns=FLOOD_TABLE)
+        try:
+            b.load()
+            for idle in idle_counts:
+                for place, made_on, flood_on in places:
+                    b.setup()
+                    for name in b.maps.CONN_MAPS:
+                        t = b.maps.t[name]
+                        for k in list(t.keys()):
+                            del t[k]
+                    fd = b.fp.prog_fd
+                    os.sched_setaffinity(0, {made_on})
+                    conns = []
+                    for i in range(idle + FLOOD_ACTIVE):
+                        src, sport = f"10.3.{i // 200}.{i % 200 + 1}", 20000 + i
+                        v, o, _ = run_xdp(fd, tcp(src, VIP, sport, 80, "S"), 1)
+                        if v != XDP_TX:
+                            raise RuntimeError(f"a connection's SYN: {VERDICTS.get(v, v)}")
+                        fwd = Ether(o)
+                        ack = tcp(src, VIP, sport, 80, "A")
+                        back = tcp(fwd[IP].dst, fwd[IP].src, 80, fwd[TCP].sport, "A", RS_MAC)
+                        run_xdp(fd, tcp(fwd[IP].dst, fwd[IP].src, 80, fwd[TCP].sport, "SA", RS_MAC), 1)
+                        run_xdp(fd, ack, 1)
+                        conns.append((ack, back))
+                    active = conns[idle:]
+                    inserted = b.maps.inserted_entries()
+                    os.sched_setaffinity(0, {flood_on})
+                    for j, pkt in enumerate(spoofed):
+                        run_xdp(fd, pkt, 1)
+                        if j % FLOOD_TOUCH == FLOOD_TOUCH - 1:
+                            for ack, _ in active:
+                                run_xdp(fd, ack, 1)
+                    made = b.maps.inserted_entries() - inserted
+                    entries = sum(b.maps.conn_entries_by_family().values())
+                    lost_c = sum(run_xdp(fd, ack, 1)[0] != XDP_TX for ack, _ in conns[:idle])
+                    lost_s = sum(run_xdp(fd, back, 1)[0] != XDP_TX for _, back in conns[:idle])
+                    lost_a = sum(run_xdp(fd, ack, 1)[0] != XDP_TX or run_xdp(fd, back, 1)[0] != XDP_TX
+                                 for ack, back in active)
+                    row = {"table": table, "flood_on": place, "idle": idle, "idle_lost_client": lost_c,
+                           "idle_lost_server": lost_s, "active": FLOOD_ACTIVE, "active_lost": lost_a,
+                           "flood_syns": nflood, "flood_entries": made, "entries": entries, "size": FLOOD_TABLE}
+                    out.append(row)
+                    log(f"  flood ({table}, {place} CPU): {idle} idle connections lost {lost_c} client / {lost_s} "
+                        f"server entries, {lost_a} of {FLOOD_ACTIVE} sending ones lost one; the flood made {made} "
+                        f"entries in a table of {FLOOD_TABLE}")
+        except Exception as e:  # one table's failure must not cost the other's rows
+            out.append({"table": table, "na": f"{type(e).__name__}: {e}"})
+        finally:
+            os.sched_setaffinity(0, old)
+            b.close()
+    return out
+
+
 def _pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(len(s) * p / 100))]
@@ -737,6 +824,10 @@ def run(quick: bool = False, log=print) -> dict:
         res["contention"] = contention(quick, log)
     except Exception as e:  # a second opinion: its failure must not cost the section
         res["contention"] = [{"na": f"{type(e).__name__}: {e}"}]
+    try:
+        res["flood"] = flood(quick, log)
+    except Exception as e:  # nor this one's
+        res["flood"] = [{"na": f"{type(e).__name__}: {e}"}]
     res["cpu"] = cpu
     res["seconds"] = round(time.monotonic() - t0, 1)
     return res

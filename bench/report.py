@@ -94,6 +94,15 @@ def fmt_prog_cost(r: dict) -> str:
     if rows:
         parts.append(table(["conn table", "one CPU ns/pkt", "both CPUs at once ns/pkt"], rows,
                            "1i. one established flow on both CPUs at once: both read a shared value (written at most once a jiffy)"))
+    rows = [[x["table"], x["flood_on"], x["idle"], f"{x['idle_lost_client']} / {x['idle_lost_server']}",
+             f"{x['active_lost']} of {x['active']}", f"{x['flood_entries']} into {x['size']}"]
+            for x in r.get("flood", []) if "na" not in x]
+    rows += [[x["table"], "n/a", "", "", "", x["na"]] for x in r.get("flood", []) if "na" in x]
+    if rows:
+        parts.append(table(["conn table", "flood on CPU", "idle conns", "idle lost: client / server entry",
+                            "sending conns lost", "flood entries"], rows,
+                           "1k. a SYN flood from spoofed sources, 4 x a full table: which established connections "
+                           "lose an entry (the kernel's LRU)"))
     prof = r.get("profile") or {}
     rows = []
     for c in prof.get("cases", []):

@@ -103,3 +103,17 @@ def test_a_section_whose_table_fails_keeps_its_measurements(monkeypatch, tmp_pat
     assert run.main([]) == 1
     out = json.loads((tmp_path / f"{report.today()}-partial.json").read_text())
     assert out["scale"]["memory"] == parts["memory"] and "KeyError" in out["scale"]["format_na"]
+
+
+def test_the_flood_table_runs_on_both_table_kinds():
+    """Table 1k (bench/prog_cost.flood) builds its own small-table programs: it must keep working, whatever the
+    kernel's LRU decides (the figures themselves are not pinned: they are the kernel's)."""
+    from bench import prog_cost
+
+    rows = prog_cost.flood(True, lambda *a: None)
+    assert {r["table"] for r in rows} == {"percpu", "shared"} and not [r for r in rows if "na" in r], rows
+    for r in rows:
+        assert r["flood_entries"] >= 2 * r["flood_syns"] - 64, r       # the flood made its entries
+        assert r["entries"] <= r["size"] < r["flood_entries"], r        # into a table it overflowed
+        assert 0 <= r["idle_lost_client"] <= r["idle"] and 0 <= r["idle_lost_server"] <= r["idle"], r
+        assert 0 <= r["active_lost"] <= r["active"], r

@@ -122,3 +122,17 @@ def test_a_case_is_timed_beside_the_minimal_program_so_a_slow_spell_moves_both(m
     assert calls == [7, "case", 7, "case", 7, "case"]
     assert runs == [80, 120, 160] and mins == [30, 45, 60]
     assert abs(ratio - 80 / 30) < 1e-9
+
+
+def test_table_1k_shows_each_flood_case_and_a_table_kind_that_could_not_run():
+    res = json.loads((pathlib.Path(__file__).parents[2] / "bench/results/2026-12-06.json").read_text())["prog_cost"]
+    res["flood"] = [{"table": "percpu", "flood_on": "other", "idle": 400, "idle_lost_client": 256,
+                     "idle_lost_server": 250, "active": 100, "active_lost": 3, "flood_syns": 8192,
+                     "flood_entries": 16384, "entries": 4096, "size": 4096},
+                    {"table": "shared", "na": "RuntimeError: a connection's SYN: XDP_DROP"}]
+    text = report.fmt_prog_cost(res)
+    part = text[text.index("1k."):text.index("1f.")]
+    row = next(line for line in part.splitlines() if line.startswith("percpu"))
+    assert row.split()[:4] == ["percpu", "other", "400", "256"] and "250" in row and "3 of 100" in row, row
+    assert "16384 into 4096" in row
+    assert "a connection's SYN: XDP_DROP" in part
