@@ -1233,7 +1233,8 @@ class Daemon:
         since = "since hdslbd started" if self._evicted_logged_at == float("-inf") else \
             f"in the last {now - self._evicted_logged_at:.0f} s"
         log.warning("connection table full: its LRU evicted %d entries %s (%d in all): the least recently used "
-                    "flows, whose next packet finds no entry (TCP: dropped); in use: %d of %d IPv4 entries, %d of %d IPv6. Size the tables for the "
+                    "flows, whose next packet finds no entry (TCP: dropped); in use: %d of %d IPv4 entries, %d of "
+                    "%d IPv6. Size the tables for the "
                     "connections you carry: --max-conns / --max-conns6 (conn_pool_size / conn6_pool_size), "
                     "or --conn-table shared for more entries in the same memory; either needs a restart with "
                     "--fresh", n - self._evicted_logged, since, n, fam.get(4, 0), self.sizes.max_conns,
