@@ -621,7 +621,10 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
                     "hdslb FNAT (native, --conn-table shared)"),
             "cps": ("plain routing", "nftables DNAT", "hdslb FNAT (native)", "hdslb FNAT (native, --conn-table shared)"),
             "cps_light": ("plain routing", "nftables DNAT", "hdslb FNAT (native)",
-                          "hdslb FNAT (native, --conn-table shared)")}
+                          "hdslb FNAT (native, --conn-table shared)"),
+            # table 2g compares the two table kinds at 8k and 32k flows: one pass a peer, minutes apart, put
+            # either kind ahead by up to 30 % in turn over the runs
+            "udp_flows": FLOW_PEERS}
     ABBA_CPS_RUNS = 2  # conn/s runs a pass (the loop's CPS_RUNS in all, and one more)
 
     def later(self, name: str) -> tuple:
@@ -656,13 +659,16 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
         for _, row, keys in seq:
             for k in keys:
                 passes = got[(id(row), k)]
-                row[k] = combine_passes(passes, self.floor_mpps) if k == "udp" else combine_cps(passes)
+                row[k] = (combine_passes(passes, self.floor_mpps) if k == "udp" else
+                          combine_flows(passes) if k == "udp_flows" else combine_cps(passes))
 
     def _abba_one(self, peer: Peer, key: str) -> dict:
         cpu0, t0 = _cpu_s(peer.pid), time.monotonic()
         try:
             if key == "udp":
                 r = self.udp(peer)
+            elif key == "udp_flows":
+                r = self.udp_flows(peer)
             else:
                 fn = self.cps if key == "cps" else self.cps_light
                 r = self._median_cps(lambda: fn(peer), runs=self.ABBA_CPS_RUNS)
@@ -763,6 +769,17 @@ def combine_passes(passes: list[dict], floor_mpps: float | None) -> dict:
         out["lb_ns"] = lb_ns
         out["lb_only_mpps"] = 1e3 / lb_ns if lb_ns > 0 else None
     return out
+
+
+def combine_flows(passes: list[dict]) -> dict:
+    """One peer's UDP by concurrent flows from its forward and back passes (E2E.abba): each flow count's mean
+    rate, every pass kept; n/a unless every pass measured."""
+    bad = [r["na"] for r in passes if "na" in r]
+    if bad or not passes:
+        return {"na": bad[0] if bad else "not measured"}
+    counts = list(passes[0]["by_flows"])
+    return {"by_flows": {c: round(statistics.mean(r["by_flows"][c] for r in passes), 3) for c in counts},
+            "passes": {c: [r["by_flows"][c] for r in passes] for c in counts}, "order": "forward and back (A B ... B A)"}
 
 
 def combine_cps(passes: list[dict]) -> dict:

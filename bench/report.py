@@ -189,10 +189,11 @@ def fmt_e2e(r: dict) -> str:
                          _f(v / nft) if v is not None and nft else "", _f(v / rt) if v is not None and rt else "",
                          note.strip()])
         parts.append(table(["peer", label, "x nft DNAT", "x routing", "note"], rows, E2E_TITLES[key]))
-    rows, same_minute = [], False
+    rows, same_minute, abba = [], False, False
     for x in rows_:
         fl = dict((x.get("udp_flows") or {}).get("by_flows") or {})
         same_minute |= "1024" in fl
+        abba |= bool(fl) and "order" in x["udp_flows"]
         # the 1024-flow figure of the same minute when the run measured one (since the main UDP figure of the
         # targets' peers is measured after the loop), else the main figure
         base = fl.pop("1024", None) or _metric(x.get("udp"), "udp")
@@ -204,7 +205,9 @@ def fmt_e2e(r: dict) -> str:
                                   if (x.get("udp_flows") or {}).get("by_flows")) if c != "1024"]
         parts.append(table(["peer", "1024 flows"] + [f"{c} flows" for c in counts] + [f"{counts[-1]} / 1024"], rows,
                            "2g. UDP Mpps by concurrent flows (live-frames generator, source ports"
-                           + ("; the columns of a row measured in the same minute)" if same_minute else ")")))
+                           + ("; the columns of a row measured in the same minute" if same_minute else "")
+                           + ("; the peers forward and back, each figure the mean of its two passes" if abba else "")
+                           + ")"))
     parts.append(targets_table(r["targets"], "2f. targets (measured = ratio of delivered rates; LB-only est. in brackets)"))
     return "\n\n".join(parts)
 

@@ -39,7 +39,8 @@ def test_the_udp_peers_go_forward_then_back_and_a_steady_drift_cancels(monkeypat
     monkeypatch.setattr(bench, "cps", cps)
     monkeypatch.setattr(bench, "cps_light", cps)
     made = [((lambda b, n=n: FakePeer(n, log)),
-             {"peer": n, **{k: (None if n in bench.ABBA[k] else {"na": "x"}) for k in ("udp", "cps", "cps_light")}})
+             {"peer": n, **{k: (None if n in bench.ABBA[k] else {"na": "x"}) for k in ("udp", "cps", "cps_light")},
+              "udp_flows": {"na": "measured in the loop here"}})
             for n in true]
     bench.abba(made)
     order = [n for what, n in log if what == "udp"]
@@ -93,6 +94,43 @@ def test_a_pass_that_fails_makes_the_peers_udp_na_not_half_a_figure(monkeypatch)
     assert rows["nftables DNAT"]["udp"] == {"na": "nothing delivered"}
     assert rows["plain routing"]["udp"]["mpps"] == 1.0
     assert e2e.combine_passes([], None) == {"na": "not measured"}
+
+
+def test_the_by_flows_runs_of_the_two_table_kinds_go_forward_and_back_too(monkeypatch):
+    """Table 2g compares per-CPU and shared tables at 8k and 32k flows: each peer's by-flows runs are in the
+    sequence after the loop, each flow count's figure the mean of its two passes, so a drift cancels there too."""
+    bench = e2e.E2E(True, lambda *a: None)
+    log, clock = [], iter(range(100))
+    true = {"nftables DNAT": (0.7, 0.6), "bare XDP redirect (native)": (2.7, 2.7), "hdslb FNAT (native)": (2.0, 1.2),
+            "hdslb FNAT (native, --conn-table shared)": (2.0, 1.6), "plain routing": None}
+
+    def flows(peer):
+        t = next(clock)
+        log.append(("flows", peer.name))
+        if true[peer.name] is None:
+            raise e2e.NA("measured for " + ", ".join(e2e.E2E.FLOW_PEERS))
+        return {"by_flows": {str(n): v * (1 - 0.05 * t) for n, v in zip((1024, 8192), true[peer.name])}}
+
+    monkeypatch.setattr(bench, "udp_flows", flows)
+    made = [((lambda b, n=n: FakePeer(n, log)),
+             {"peer": n, "udp": {"na": "x"}, "cps": {"na": "x"}, "cps_light": {"na": "x"},
+              "udp_flows": None if n in bench.ABBA["udp_flows"] else {"na": "x"}}) for n in true]
+    bench.abba(made)
+    fwd = [n for n in true if true[n] is not None]
+    assert [n for what, n in log if what == "flows"] == fwd + fwd[::-1]
+    rows = {row["peer"]: row for _, row in made}
+    assert rows["plain routing"]["udp_flows"] == {"na": "x"}
+    per_cpu, shared = rows["hdslb FNAT (native)"]["udp_flows"], rows["hdslb FNAT (native, --conn-table shared)"]["udp_flows"]
+    assert len(per_cpu["passes"]["8192"]) == 2 and per_cpu["order"].startswith("forward and back")
+    # the per-CPU peer is measured 3rd and 6th, the shared one 4th and 5th: the same mean drift
+    assert abs(shared["by_flows"]["8192"] / per_cpu["by_flows"]["8192"] - 1.6 / 1.2) < 0.002  # rounded to 3 places
+    assert per_cpu["by_flows"]["1024"] == round(2.0 * (1 - 0.05 * 3.5), 3)  # clock 2 and 5: the middle, 3.5
+    # a failed pass makes the peer's figures n/a, not half a figure
+    assert e2e.combine_flows([{"by_flows": {"1024": 1.0}}, {"na": "nothing delivered"}]) == {"na": "nothing delivered"}
+    from bench import report
+
+    part = report.fmt_e2e({"rows": [row for _, row in made], "targets": []}).split("2g.")[1]
+    assert "forward and back" in part.splitlines()[0]
 
 
 def test_table_2g_compares_flow_counts_measured_in_the_same_minute():
