@@ -779,7 +779,8 @@ def combine_flows(passes: list[dict]) -> dict:
         return {"na": bad[0] if bad else "not measured"}
     counts = list(passes[0]["by_flows"])
     return {"by_flows": {c: round(statistics.mean(r["by_flows"][c] for r in passes), 3) for c in counts},
-            "passes": {c: [r["by_flows"][c] for r in passes] for c in counts}, "order": "forward and back (A B ... B A)"}
+            "passes": {c: [r["by_flows"][c] for r in passes] for c in counts},
+            "order": "forward and back (A B ... B A)"}
 
 
 def combine_cps(passes: list[dict]) -> dict:

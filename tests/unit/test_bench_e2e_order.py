@@ -120,7 +120,8 @@ def test_the_by_flows_runs_of_the_two_table_kinds_go_forward_and_back_too(monkey
     assert [n for what, n in log if what == "flows"] == fwd + fwd[::-1]
     rows = {row["peer"]: row for _, row in made}
     assert rows["plain routing"]["udp_flows"] == {"na": "x"}
-    per_cpu, shared = rows["hdslb FNAT (native)"]["udp_flows"], rows["hdslb FNAT (native, --conn-table shared)"]["udp_flows"]
+    per_cpu = rows["hdslb FNAT (native)"]["udp_flows"]
+    shared = rows["hdslb FNAT (native, --conn-table shared)"]["udp_flows"]
     assert len(per_cpu["passes"]["8192"]) == 2 and per_cpu["order"].startswith("forward and back")
     # the per-CPU peer is measured 3rd and 6th, the shared one 4th and 5th: the same mean drift
     assert abs(shared["by_flows"]["8192"] / per_cpu["by_flows"]["8192"] - 1.6 / 1.2) < 0.002  # rounded to 3 places
