@@ -870,7 +870,7 @@ def _targets_of(by: dict, me: dict | None, label: str) -> list[dict]:
             res.append({"name": name, "value": None, "limit": factor, "pass": None,
                         "na": "missing measurement"})
             continue
-        entry = {"name": name, "value": round(a / b, 2), "limit": factor, "pass": a / b >= factor}
+        entry = {"name": name, "value": round(a / b, 4), "limit": factor, "pass": a / b >= factor}
         # What a program that does nothing but redirect reaches on the same ratio: the most any XDP balancer
         # could show with this generator and lab (a limit above it cannot be met by the balancer's own work).
         ceil = by.get("bare XDP redirect (native)")

@@ -805,7 +805,7 @@ def _pct(xs: list[int], p: float) -> float:
 
 
 def _target(name: str, value: float, limit: float) -> dict:
-    return {"name": name, "value": round(value, 2), "limit": limit, "pass": value <= limit}
+    return {"name": name, "value": round(value, 4), "limit": limit, "pass": value <= limit}
 
 
 def run(quick: bool = False, log=print) -> dict:

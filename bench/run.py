@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 import traceback
 
-from bench import report
+from bench import history, report
 
 SECTIONS = ("prog_cost", "e2e", "scale", "slowpath")
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def commit(root: str) -> str | None:
+    """The checkout's commit, "+changes" when tracked files outside bench/results differ from it."""
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        st = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                             ":(exclude)bench/results"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+changes" if st.stdout.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass
 
-    res: dict = {"date": report.today(), "machine": report.machine(), "quick": a.quick}
+    res: dict = {"date": report.today(), "started": time.strftime("%H:%M"), "commit": commit(root),
+                 "machine": report.machine(), "quick": a.quick}
     _log(f"hdslb bench {res['date']}  {res['machine']}  {'(quick)' if a.quick else ''}")
     t0 = time.monotonic()
     printed, failed = [], []
@@ -88,9 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         printed.append(text)
     res["seconds"] = round(time.monotonic() - t0, 1)
     # A run with a failed section is not the day's result: it goes beside it (-partial), never over it.
-    jp, pp, err = report.write(res, partial=bool(a.only or a.peers or failed))
+    partial = bool(a.only or a.peers or failed)
+    jp, pp, err = report.write(res, partial=partial)
+    if not (partial or a.quick):  # only a full run counts towards the targets' record
+        history.record(res)
     _log("\n== summary ==\n")
     _log("\n\n".join(printed))
+    try:
+        _log("\n" + history.text(history.summary(history.load())))
+    except history.HistoryError as e:
+        _log(f"\ntargets over the runs on record: n/a ({e})")
     _log("\n== README block ==\n")
     _log(report.markdown(res))
     _log(f"\nresults: {jp}" + (f"\nchart:   {pp}" if pp else f"\nchart:   n/a ({err})") + f"\ntook {res['seconds']} s")

@@ -404,7 +404,7 @@ def _ipvsadm_restore(peer, lab, quick: bool, log, measure=None) -> dict:
     elif refused:
         out["note"] = f"{len(refused)} of {nlines} lines refused; first reasons: {out['refusals']}"
     out["target"] = {"name": f"10k services + 100k RS via ipvsadm -R <= {TARGET_LOAD_S:.0f} s",
-                     "value": round(took, 1) if not timed_out else None, "limit": TARGET_LOAD_S,
+                     "value": round(took, 2) if not timed_out else None, "limit": TARGET_LOAD_S,
                      "pass": (not timed_out and not refused and took <= TARGET_LOAD_S)}
     log(f"  ipvsadm -R {n_svc} services/{n_svc * rs_per} RS: {took:.1f} s, {svcs} services loaded, "
         f"{len(refused)} lines refused{' (budget hit)' if timed_out else ''} {out['refusals']}")
@@ -580,7 +580,7 @@ def _routes(lab, quick: bool, log) -> dict:
            "rate_per_s": round(loaded / took) if took else None,
            # kept for the report's columns: one batch has no per-1k marks
            "rate_first_1k_per_s": round(loaded / took) if took else None, "rate_last_1k_per_s": None}
-    out["target"] = {"name": f"100k routes <= {TARGET_LOAD_S:.0f} s", "value": round(took, 1) if not timed_out else None,
+    out["target"] = {"name": f"100k routes <= {TARGET_LOAD_S:.0f} s", "value": round(took, 2) if not timed_out else None,
                      "limit": TARGET_LOAD_S, "pass": (not timed_out and err is None and loaded == n
                                                       and took <= TARGET_LOAD_S)}
     log(f"  routes: {loaded} loaded in {took:.1f} s with dpip -b{' (budget hit)' if timed_out else ''}"
@@ -661,7 +661,7 @@ def _rest(lab, quick: bool, log, bulk: bool, resync: bool = False) -> dict:
         return out
     out["target"] = {"name": f"10k services + 100k RS via REST ({'PATCH /v2/vs' if bulk else 'PUT per service'}) "
                              f"<= {TARGET_LOAD_S:.0f} s",
-                     "value": round(took, 1) if done == n_svc else None, "limit": TARGET_LOAD_S,
+                     "value": round(took, 2) if done == n_svc else None, "limit": TARGET_LOAD_S,
                      "pass": done == n_svc and first_err is None and took <= TARGET_LOAD_S}
     log(f"  REST {'PATCH /v2/vs' if bulk else 'PUT per service'}: {done} services (+{done * rs_per} RS) in {took:.1f} s"
         + (f"; stopped: {first_err}" if first_err else "") + (" (budget hit)" if out["timed_out"] else ""))

@@ -117,3 +117,54 @@ def test_the_flood_table_runs_on_both_table_kinds():
         assert r["entries"] <= r["size"] < r["flood_entries"], r        # into a table it overflowed
         assert 0 <= r["idle_lost_client"] <= r["idle"] and 0 <= r["idle_lost_server"] <= r["idle"], r
         assert 0 <= r["active_lost"] <= r["active"], r
+
+
+def test_a_full_run_is_recorded_in_the_targets_history_and_a_partial_or_quick_one_is_not(monkeypatch, tmp_path):
+    """The README's ranges come from bench/results/targets.jsonl: each full run appends its targets, with its
+    commit and start time; a --quick run, a --only/--peers run or one with a failed section never does."""
+    import json
+    import types
+
+    from bench import history, report, run
+
+    targets = [{"name": "established (worst direction) <= 1.3 x minimal", "value": 2.7, "limit": 1.3, "pass": False}]
+    _stub_section(monkeypatch, "prog_cost", types.SimpleNamespace(run=lambda q, log: {"targets": targets}))
+    monkeypatch.setattr(run, "SECTIONS", ("prog_cost",))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "chart", lambda res, path: "no chart in tests")
+    monkeypatch.setattr(report, "fmt_prog_cost", lambda res: "1. per-packet cost")
+    log = tmp_path / "targets.jsonl"
+    monkeypatch.setattr(history, "LOG", log)
+    assert run.main(["--quick"]) == 0 and run.main(["--only", "prog_cost"]) == 0
+    assert not log.exists()
+    assert run.main([]) == 0
+    (line,) = log.read_text().splitlines()
+    e = json.loads(line)
+    assert e["targets"] == targets and e["date"] == report.today() and len(e["started"]) == 5
+    assert e["commit"] and e["commit"] == json.loads((tmp_path / f"{report.today()}.json").read_text())["commit"]
+
+
+def test_the_commit_says_when_tracked_files_differ_from_it(tmp_path):
+    """A run's commit is only a fair label when the checkout is that commit; edits to tracked files are flagged
+    (results files excepted: a run writes them)."""
+    import subprocess
+
+    from bench import run
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "t.jsonl").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "t")
+    clean = run.commit(str(tmp_path))
+    assert clean and "+" not in clean
+    (tmp_path / "bench" / "results" / "t.jsonl").write_text("{}\n{}\n")
+    (tmp_path / "untracked.py").write_text("")
+    assert run.commit(str(tmp_path)) == clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert run.commit(str(tmp_path)) == clean + "+changes"
+    assert run.commit(str(tmp_path / "nowhere")) is None
