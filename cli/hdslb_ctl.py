@@ -61,18 +61,41 @@ def cmd_up(ns) -> int:
     return 1
 
 
+def _not_this_daemon(ns, st: dict) -> str | None:
+    """Why the hdslbd answering on the control socket is not the instance `down`'s options name, or None. The
+    options name an instance for the case of no daemon; with one running they must agree with it, else `down
+    --instance b` without b's socket would stop whichever instance the default socket reaches."""
+    pin_dir, state_file = st.get("pin_dir") or "", st.get("state_file")
+    instance = st.get("instance") or os.path.basename(pin_dir.rstrip("/"))
+    if ns.instance is not None and ns.instance != instance:
+        return f"--instance {ns.instance}, but it serves instance {instance}"
+    if ns.pin_root is not None and os.path.realpath(ns.pin_root) != os.path.realpath(os.path.dirname(pin_dir)):
+        return f"--pin-root {ns.pin_root}, but its pins are in {pin_dir}"
+    if ns.state_dir is not None and state_file and \
+            os.path.realpath(ns.state_dir) != os.path.realpath(os.path.dirname(state_file)):
+        return f"--state-dir {ns.state_dir}, but its saved model is {state_file}"
+    return None
+
+
 def cmd_down(ns) -> int:
+    from hdslb.daemon import instance_error
+
+    if ns.instance is not None and instance_error(ns.instance):  # ("..": the pin root's parent, removed)
+        print(f"hdslb-ctl: --instance: {instance_error(ns.instance)}", file=sys.stderr)
+        return 2
     ctl = protocol.resolve_socket(ns.ctl_socket)
     try:
         st = Client(ctl, timeout=10).call("daemon.status")
+        why = _not_this_daemon(ns, st)
+        if why:
+            print(f"hdslb-ctl: the hdslbd on {ctl} (pid {st['pid']}) is not the instance given: {why}; nothing "
+                  "was stopped (name that instance's control socket with --ctl-socket or HDSLB_CTRL)",
+                  file=sys.stderr)
+            return 2
         Client(ctl, timeout=10).call("daemon.shutdown", {"detach": True})
     except DaemonUnreachable as e:
         # No daemon (kill -9, a crash): what it left behind is taken down all the same.
-        from hdslb.daemon import Settings, down_offline, instance_error, instance_name
-
-        if ns.instance is not None and instance_error(ns.instance):  # ("..": the pin root's parent, removed)
-            print(f"hdslb-ctl: --instance: {instance_error(ns.instance)}", file=sys.stderr)
-            return 2
+        from hdslb.daemon import Settings, down_offline, instance_name
 
         settings = Settings(interfaces=[], ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                             pin_root=ns.pin_root, state_dir=ns.state_dir)

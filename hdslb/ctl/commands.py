@@ -842,7 +842,9 @@ def conn_list(ctx, a):
 
 @command("daemon.status")
 def daemon_status(ctx, a):
+    settings = getattr(ctx, "settings", None)
     return {"version": __version__, "pid": ctx.pid, "ctl_socket": ctx.ctl_path, "pin_dir": ctx.pin_dir,
+            "instance": getattr(settings, "instance", None), "state_file": getattr(settings, "state_file", None),
             "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
             "ready": getattr(ctx, "ready", True), "gone": sorted(getattr(ctx, "ifaces_gone", ())),
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),

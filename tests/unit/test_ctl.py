@@ -179,3 +179,31 @@ def test_status_shows_the_slow_path_against_its_bounds():
                                     "unres_qbytes": 8388608}})
     assert line == ("2 AF_XDP socket(s); 12 neighbours (10 learned, at most 8192); 0 of 8388608 bytes queued for "
                     "unresolved next hops; neigh_table_full 3")
+
+
+def test_status_names_the_instance_its_pins_and_saved_model_so_down_can_tell_it_is_the_one_named(tmp_path):
+    """hdslb-ctl down compares --instance/--pin-root/--state-dir with what the answering hdslbd reports."""
+    import argparse
+
+    from cli import hdslb_ctl
+    from hdslb.balancer import Balancer
+    from hdslb.ctl import commands
+    from hdslb.daemon import Daemon, settings_from_args
+
+    from .test_balancer import Recorder
+    from .test_batch import IFACES
+
+    d = Daemon(settings_from_args(["eth0", "--instance", "lb5", "--state-dir", str(tmp_path / "state"),
+                                   "--pin-root", str(tmp_path / "bpffs")]))
+    d.bal = Balancer(Recorder(), dict(IFACES), max_services=16, max_dests=64)
+    st = commands.dispatch(d, "daemon.status", {})
+    assert (st["instance"], st["pin_dir"], st["state_file"]) == (
+        "lb5", str(tmp_path / "bpffs" / "lb5"), str(tmp_path / "state" / "lb5.state"))
+
+    def ns(**kw):
+        return argparse.Namespace(**{"instance": None, "pin_root": None, "state_dir": None, **kw})
+
+    assert hdslb_ctl._not_this_daemon(ns(instance="lb5", pin_root=str(tmp_path / "bpffs"),
+                                         state_dir=str(tmp_path / "state")), st) is None
+    assert hdslb_ctl._not_this_daemon(ns(instance="lb6"), st) == "--instance lb6, but it serves instance lb5"
+    assert "but its pins are in" in hdslb_ctl._not_this_daemon(ns(pin_root=str(tmp_path)), st)

@@ -908,6 +908,42 @@ def test_down_without_a_daemon_refuses_an_instance_outside_the_pin_root(instance
     assert removed == [str(tmp_path / "bpffs" / "lb1")]
 
 
+class RunningDaemon(RefusingClient):
+    """A live hdslbd of instance lb0 (pins in /run/hdslb/bpffs/lb0): records what down asks of it."""
+
+    asked: list = []
+
+    def call(self, op, args=None, **kw):
+        RunningDaemon.asked.append(op)
+        if op == "daemon.status":
+            return {"pid": 4242, "interfaces": {"eth0": "native"}, "pin_dir": "/run/hdslb/bpffs/lb0",
+                    "instance": "lb0", "state_file": "/run/hdslb/state/lb0.state"}
+        return None
+
+
+@pytest.mark.parametrize("given, why", [
+    (["--instance", "lb1"], "--instance lb1, but it serves instance lb0"),
+    (["--pin-root", "/srv/bpffs"], "--pin-root /srv/bpffs, but its pins are in /run/hdslb/bpffs/lb0"),
+    (["--state-dir", "/var/lib/hdslb"], "--state-dir /var/lib/hdslb, but its saved model is /run/hdslb/state/lb0"),
+    (["--instance", "../x"], "invalid instance name"),
+])
+def test_down_stops_a_running_daemon_only_when_it_is_the_instance_named(given, why, monkeypatch, capsys):
+    """down --instance b without b's control socket reached the default socket's hdslbd and stopped it (pins and
+    saved model removed): the options that name an instance must agree with the daemon that answers."""
+    RunningDaemon.asked = []
+    monkeypatch.setattr(ctl_cli, "Client", RunningDaemon)
+    monkeypatch.setattr(ctl_cli.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    assert ctl_cli.main(["down", *given, "--ctl-socket", "/run/hdslb/lb0.ctrl"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "daemon.shutdown" not in RunningDaemon.asked, err
+    if "invalid" not in why:
+        assert "nothing was stopped" in err
+    for agree in ([], ["--instance", "lb0"], ["--pin-root", "/run/hdslb/bpffs/", "--state-dir", "/run/hdslb/state"]):
+        RunningDaemon.asked = []
+        assert ctl_cli.main(["down", *agree, "--ctl-socket", "/run/hdslb/lb0.ctrl"]) == 0
+        assert RunningDaemon.asked == ["daemon.status", "daemon.shutdown"]
+
+
 # Valid REST requests that conflict with the state: the status, and nothing changed.
 REST_CONFLICTS = [
     ("POST", "/v2/vs", {"Addr": "10.0.0.100", "Port": 80, "Proto": "tcp"}, 409),
