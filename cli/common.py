@@ -10,6 +10,7 @@ import ipaddress
 import re
 import shlex
 import sys
+from types import SimpleNamespace
 from typing import Callable
 
 from hdslb.ctl.client import DaemonUnreachable
@@ -77,13 +78,15 @@ def guarded(run: Callable[[], int], daemon_prefix: str, prog: str) -> int:
 
 
 def run_lines(client, lines: list, run_alone: Callable, report: Callable[[str], None], warn: Callable[[str], None],
-              noun: str) -> bool:
+              noun: str, expects: Callable | None = None) -> bool:
     """Run the lines of ipvsadm -R / dpip -b: [(line number, Invocation)]. A run of lines that only change rules
     goes as one batch request; a line that reads (a listing, -Z, show) runs alone, in its place, through
     run_alone(invocation). When reads split the changes into several batches, all the changes are first checked
     together on the daemon's scratch copy (a dry run), so a refused change still leaves everything as it was.
     A failure is reported as `line N: reason; <what was applied>` through report (a read that fails after
-    changes were applied, say -Z of a service that is not there, says which); returns False then."""
+    changes were applied says which); returns False then. expects(invocation) gives, for a line that reads, batch
+    ops that fail as that read would and change nothing (-Z of a service that is not there: an edit naming only
+    the service); they join the dry run in the line's place, so such a read refuses the whole input up front."""
     from hdslb.ctl.commands import BATCH_OPS
 
     segments: list = []  # [True, [(n, inv), ...]] for a run of changes, [False, [(n, inv)]] for a line alone
@@ -106,8 +109,17 @@ def run_lines(client, lines: list, run_alone: Callable, report: Callable[[str], 
         i = getattr(e, "index", None)
         return f"line {where[i]}: " if isinstance(i, int) and 0 <= i < len(where) else ""
 
-    if sum(change for change, _ in segments) > 1:
-        ops, where = ops_of([x for change, run in segments if change for x in run])
+    checks: list = []  # the dry run: every change, and the reads' expectations in their places
+    n_changes = n_expected = 0
+    for change, run in segments:
+        if change:
+            checks += run
+            n_changes += 1
+        elif expects is not None and (exp := expects(run[0][1])):
+            checks.append((run[0][0], SimpleNamespace(requests=exp)))
+            n_expected += 1
+    if n_changes > 1 or (n_changes and n_expected):
+        ops, where = ops_of(checks)
         if ops:
             try:
                 client.batch(ops, dry_run=True)

@@ -991,6 +991,13 @@ def execute(client, inv: Invocation, write=None) -> str:
     return render(inv, data)
 
 
+def _read_expects(inv: Invocation) -> list:
+    """A read line that names a service (-L/-Z/--get-laddr -t ...) fails when the service is not there at that
+    point of the restore; an edit that names only the service fails the same way and changes nothing, so the dry
+    run refuses the restore before any line of it is applied."""
+    return [("service.edit", dict(a["svc"])) for _, a in inv.requests if isinstance(a.get("svc"), dict)]
+
+
 def _restore(client, batch: list[tuple[int, Invocation]]) -> int:
     """Send the rule lines as one batch (each a request inside it): the daemon checks them all on a copy of its
     rules, then applies them, each touched service's table rebuilt once. A refused line is reported as
@@ -999,7 +1006,7 @@ def _restore(client, batch: list[tuple[int, Invocation]]) -> int:
     the changes around them are checked together first (run_lines)."""
     ok = run_lines(client, batch, lambda inv: sys.stdout.write(execute(client, inv)),
                    lambda msg: print(msg, file=sys.stderr), lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr),
-                   "restore")
+                   "restore", _read_expects)
     return EXIT_OK if ok else EXIT_USAGE
 
 

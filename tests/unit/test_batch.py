@@ -175,6 +175,26 @@ def test_restore_with_reads_between_changes_checks_every_change_first(model, mon
     assert ("tcp", A("10.0.0.2"), 80) in ctx.bal.services
 
 
+@pytest.mark.parametrize("text, bad", [
+    ("-A -t 10.0.0.1:80 -s rr\n-Z -t 10.0.0.7:80\n", 2),
+    ("-A -t 10.0.0.1:80 -s rr\n-L -n -t 10.0.0.7:80\n-A -t 10.0.0.2:80 -s rr\n", 2),
+    ("-A -t 10.0.0.1:80 -s rr\n--get-laddr -t 10.0.0.7:80\n", 2),
+    ("-A -t 10.0.0.1:80 -s rr\n-D -t 10.0.0.1:80\n-Z -t 10.0.0.1:80\n-A -t 10.0.0.2:80 -s rr\n", 3),  # removed before
+])
+def test_a_read_of_a_service_that_will_not_be_there_refuses_the_restore_before_any_change(model, monkeypatch, capsys,
+                                                                                          text, bad):
+    """A read line runs in its place, after the changes before it were applied: -Z or -L of a service that is not
+    there at that point failed with "the changes up to line 1 were applied". The dry run now checks such a read
+    with the changes (an edit naming only the service, which changes nothing), so nothing is applied."""
+    ctx, client = model
+    before, writes = state(ctx.bal), len(ctx.bal.dp.calls)
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert ipvsadm.main(["-R"]) == 2
+    assert capsys.readouterr().err == f"line {bad}: No such service; nothing of the restore was applied\n"
+    assert client.calls == ["batch"], "the dry run refused it: nothing else was sent"
+    assert state(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
+
+
 def test_restore_table_refused_at_the_end_names_the_last_line_of_that_service(model, monkeypatch, capsys):
     ctx, client = model
     ctx.bal.cells = type(ctx.bal.cells)(600)  # one 251-cell Maglev table and room to rebuild it; not two
