@@ -1778,11 +1778,17 @@ class Balancer:
 
     def route_set(self, a: dict) -> Route:
         r = self._route_from(a)
+        others = []
         for x in self._rindex.get(r.net, ()):
             if not x.local and x.metric == r.metric:
                 self._route_remove(x)
                 self._route_insert(r)
                 return r
+            if not x.local:
+                others.append(x.metric)
+        if others:  # set replaces the route of that metric (0 unless given), as `ip route replace` matches it
+            raise notfound(f"route {r.net} metric {r.metric} not found (it has metric "
+                           f"{', '.join(map(str, sorted(others)))}: name it with `metric`)")
         raise notfound(f"route {r.net} not found")
 
     def route_del(self, a: dict) -> None:

@@ -156,6 +156,21 @@ def test_route_metric_and_longest_prefix(bal):
     assert bal.route_lookup(ipaddress.ip_address("10.2.3.4")).ifname == "eth0"
 
 
+def test_route_set_replaces_the_route_of_its_metric_and_names_the_metrics_there_are(bal):
+    """dpip route set of a route added with a metric, the metric left out, answered "not found" for a route the
+    operator could see in `route show`; it now names the metrics that prefix has."""
+    bal.route_add({"prefix": "10.12.0.0", "prefixlen": 16, "ifname": "eth0", "metric": 3})
+    with pytest.raises(HdslbError) as e:
+        bal.route_set({"prefix": "10.12.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 1300})
+    assert e.value.message == "route 10.12.0.0/16 metric 0 not found (it has metric 3: name it with `metric`)"
+    bal.route_set({"prefix": "10.12.0.0", "prefixlen": 16, "ifname": "eth1", "mtu": 1300, "metric": 3})
+    (r,) = bal.routes
+    assert (r.ifname, r.mtu, r.metric) == ("eth1", 1300, 3)
+    with pytest.raises(HdslbError) as e:
+        bal.route_set({"prefix": "10.13.0.0", "prefixlen": 16, "ifname": "eth0"})
+    assert e.value.message == "route 10.13.0.0/16 not found"
+
+
 def test_service_delete_releases_ids_and_local_addresses(bal):
     quick_start(bal)
     bal.service_del(SVC)
