@@ -631,6 +631,7 @@ class Daemon:
         self._resolve_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.config = None  # the Config last applied
+        self.start_config = None  # the Config this start applied first: what its options read only at start are
         self._reload_lock = asyncio.Lock()  # reloads take turns (reload_config)
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
         self.health = None
@@ -1423,6 +1424,8 @@ class Daemon:
                     commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
         self.config, self.want = cfg, want
+        if self.start_config is None:
+            self.start_config = cfg
         self._save_state()
         if ops:
             log.info("config %s applied: %d changes", cfg.source, len(ops))
@@ -1444,6 +1447,7 @@ class Daemon:
 
     async def _reload_config(self, text: str | None) -> dict:
         from hdslb.config import ConfigError, diff, load, loads
+        from hdslb.config.diff import since_start
 
         path = self.settings.config_file
         if text is None and not path:
@@ -1472,10 +1476,15 @@ class Daemon:
             raise HdslbError(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}") from None
         if text is not None:
             self._refuse_posted_security_changes(cfg)
-        restart = [_option_line(c) for c in changes.init_changed if not not_acted_on(c.path)] if changes else []
+        # What acts only from the next start is told against what this start runs, not against the last file
+        # accepted: a reload that puts back the running <init> values then needs no restart.
+        at_start = since_start(self.start_config, cfg) if self.start_config is not None else None
+        init = at_start.init_changed if at_start else ()
+        restart = [_option_line(c) for c in init if not not_acted_on(c.path)]
         idle_init = [f"{_option_line(c)}: accepted, not acted on: {not_acted_on(c.path)}"
-                     for c in (changes.init_changed if changes else ()) if not_acted_on(c.path)]
-        live, idle, later = self._sort_live_options(changes.options_changed if changes else (), cfg)
+                     for c in init if not_acted_on(c.path)]
+        live, idle, _ = self._sort_live_options(changes.options_changed if changes else (), cfg)
+        _, _, later = self._sort_live_options(at_start.options_changed if at_start else (), cfg)
         restart += later
         idle = idle_init + idle
         new_log = self._open_log_file(cfg) if any(c.path == "global_defs.log_file" for c in live) else None

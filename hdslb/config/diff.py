@@ -97,6 +97,17 @@ def _service(vs: VirtualServer) -> VirtualServer:
     return dataclasses.replace(vs, real_servers=())
 
 
+def since_start(start: Config, new: Config) -> ConfigDiff:
+    """The options `new` changes against the config a daemon started with (no services compared): what acts only
+    from a start is judged against what runs, whatever files were accepted in between."""
+    live, init = [], []
+    for change in _options(start.settings, new.settings):
+        (init if change.needs_restart else live).append(change)
+    return ConfigDiff(vs_added=(), vs_removed=(), vs_changed=(), rs_added=(), rs_removed=(), rs_changed=(),
+                      laddr_added=(), laddr_removed=(), acl_changed=(), options_changed=tuple(live),
+                      init_changed=tuple(init))
+
+
 def _options(old: Dict[str, Setting], new: Dict[str, Setting]):
     """Settings outside the LB declarations, compared as written (a default that is spelled out still counts)."""
     for path in list(dict.fromkeys(list(old) + list(new))):

@@ -233,3 +233,30 @@ async def test_the_diff_and_the_notices_are_worked_out_in_the_worker_thread(tmp_
     assert where == ["diff", "notices"]
     assert [line.split(": ", 1)[1] for line in r["applied"]] == ["ipvs_defs.tcp.timeout.established: 90 -> 91"]
     assert "ipvs_defs.tcp.timeout.time_wait: (unset) -> 9: accepted, not acted on" in "\n".join(r["not_acted_on"])
+
+
+CTRL = """ctrl_defs {
+    ipc_msg {
+        <init> unix_domain /run/hdslb/a.ctrl
+    }
+}
+"""
+
+
+async def test_what_needs_a_restart_is_judged_against_what_this_start_runs(tmp_path):
+    """An <init> change is accepted and named as needing a restart; a later reload that puts the running value back
+    needs none. It was diffed against the last file accepted, so putting it back was reported as a change (b -> a),
+    and a second unrelated reload forgot the pending one."""
+    d, conf = await make(tmp_path, BASE + CTRL)
+    conf.write_text(BASE + CTRL.replace("a.ctrl", "b.ctrl"))
+    r = await d.reload_config()
+    assert [x.split(": ", 1)[1] for x in r["needs_restart"]] == [
+        "ctrl_defs.ipc_msg.unix_domain: /run/hdslb/a.ctrl -> /run/hdslb/b.ctrl"]
+    conf.write_text(BASE.replace("weight 3", "weight 4") + CTRL.replace("a.ctrl", "b.ctrl"))
+    r = await d.reload_config()  # an unrelated change: the restart is still pending
+    assert [x.split(": ", 1)[1] for x in r["needs_restart"]] == [
+        "ctrl_defs.ipc_msg.unix_domain: /run/hdslb/a.ctrl -> /run/hdslb/b.ctrl"]
+    assert any("weight" in x for x in r["applied"])
+    conf.write_text(BASE + CTRL)
+    r = await d.reload_config()
+    assert r["needs_restart"] == []
