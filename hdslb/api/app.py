@@ -242,7 +242,8 @@ def _stats(stats: dict, rates: dict) -> dict:
 
 def _rs_expand(d: dict) -> dict:
     return {"Spec": {"ip": d["addr"], "port": d["port"], "weight": d["weight"], "mode": d["fwd"].upper(),
-                     "inhibited": False, "overloaded": bool(d.get("overloaded"))},
+                     "inhibited": (d.get("health") or {}).get("state") == "down",  # out of rotation by its check
+                     "overloaded": bool(d.get("overloaded"))},
             "Stats": _stats(d.get("stats") or {}, d.get("rates") or {}),
             "ActiveConns": d.get("active", 0), "InactConns": d.get("inactive", 0),
             "UThreshold": d.get("u_threshold", 0), "LThreshold": d.get("l_threshold", 0)}
@@ -411,7 +412,7 @@ async def _put_vs_with_rs(request, ident: dict, opts: dict, items: list, vid: st
             svc = None
         port = svc["port"] if svc is not None else ident["port"]
         current = {_rs_key(d["addr"], d["port"], port): d for d in svc["dests"]} if svc is not None else {}
-        plan = _upserts(ident, current, _rs_items(items, port, "RSs.Items"))
+        plan = _upserts(ident, current, _rs_items(items, port, "RSs.Items", current))
         made = svc is None
         plan.steps.insert(0, _Step("created" if made else "updated", None, "service.add" if made else "service.edit",
                                    {**ident, **opts}))
@@ -502,18 +503,30 @@ async def _rs_snapshot(request, ident: dict, body: dict):
     """Under the app lock: one snapshot of the service, and the items checked against it (duplicates, flags)."""
     svc = await _one_service(request, ident, brief=True)
     current = {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
-    return current, _rs_items(body["Items"], svc["port"], "Items")
+    return current, _rs_items(body["Items"], svc["port"], "Items", current)
 
 
-def _rs_items(body_items: list, svc_port: int, where: str) -> list:
-    """(field, key, item) per listed real server; duplicates and unsupported flags refused before anything."""
+def _flag_now(cur: dict | None, flag: str) -> bool:
+    """What GET shows for a server's flag: inhibited while its health check holds it out of rotation, overloaded
+    while its -x/-y thresholds do."""
+    if cur is None:
+        return False
+    return (cur.get("health") or {}).get("state") == "down" if flag == "inhibited" else bool(cur.get("overloaded"))
+
+
+def _rs_items(body_items: list, svc_port: int, where: str, current: dict | None = None) -> list:
+    """(field, key, item) per listed real server; duplicates and unsupported flags refused before anything. A flag
+    is the server's state, set by its health check or its thresholds: true is refused (501) unless the server is
+    in that state now (a client sending back what GET showed)."""
     items, seen = [], {}
     for i, it in enumerate(body_items):
         f = f"{where}[{i}]"
-        for flag in ("inhibited", "overloaded"):
-            if it.get(flag):
-                raise ApiError(501, errno.EOPNOTSUPP, f"{f}.{flag}: not implemented by this fast path", f"{f}.{flag}")
         key = _rs_key(it["ip"], it.get("port"), svc_port)
+        for flag in ("inhibited", "overloaded"):
+            if it.get(flag) and not _flag_now((current or {}).get(key), flag):
+                raise ApiError(501, errno.EOPNOTSUPP, f"{f}.{flag}: not implemented by this fast path (it is the "
+                                                      f"server's state, set by its health check or thresholds)",
+                               f"{f}.{flag}")
         if key in seen:
             raise ApiError(400, errno.EINVAL, f"{f}: {_hostport(key)} is listed twice (also {where}[{seen[key]}])",
                            f)
@@ -619,7 +632,8 @@ def _delete_item_matches(f: str, it: dict, cur: dict) -> None:
     flags) as their zero values, and a client may send back what GET showed: those are fine. Any other value
     says the caller means some other server state, and is refused rather than silently ignored."""
     have = {"weight": {0, cur.get("conf_weight", cur["weight"]), cur["weight"]},
-            "mode": {"", cur["fwd"].upper()}, "inhibited": {False}, "overloaded": {False, bool(cur.get("overloaded"))}}
+            "mode": {"", cur["fwd"].upper()}, "inhibited": {False, _flag_now(cur, "inhibited")},
+            "overloaded": {False, _flag_now(cur, "overloaded")}}
     for k, ok in have.items():
         if k in it and (it[k].upper() if k == "mode" and isinstance(it[k], str) else it[k]) not in ok:
             raise ApiError(400, errno.EINVAL, f"{f}.{k}: {it[k]!r} is not this server's ({_hostport_of(cur)}); "

@@ -158,8 +158,10 @@ SCHEMAS = {
             "mode": {"type": "string", "enum": MODES,
                      "description": "forwarding method FNAT DR NAT TUNNEL SNAT (ipvsadm -b -g -m -i -J); absent: "
                                     "FNAT when added (SNAT under a Match service), unchanged when updated"},
-            "inhibited": {"type": "boolean", "description": "health-check inhibition; true is 501"},
-            "overloaded": {"type": "boolean", "description": "set by -x/-y thresholds, not by clients: true is 501"},
+            "inhibited": {"type": "boolean", "description": "held out of rotation by its health check, not set by "
+                                                           "clients: true is 501 unless the server is so now"},
+            "overloaded": {"type": "boolean", "description": "set by -x/-y thresholds, not by clients: true is 501 "
+                                                            "unless the server is so now"},
         },
     },
     "RealServerTinyList": {
@@ -233,7 +235,9 @@ SCHEMAS = {
         "properties": {
             "Spec": {"type": "object", "required": ["ip", "port", "weight", "mode"],
                      "properties": {"ip": IP, "port": UINT16, "weight": UINT16, "mode": {"type": "string"},
-                                    "inhibited": {"type": "boolean"}, "overloaded": {"type": "boolean"}}},
+                                    "inhibited": {"type": "boolean", "description": "held out of rotation by "
+                                                                                    "its health check"},
+                                    "overloaded": {"type": "boolean"}}},
             "Stats": _ref("ServerStats"),
             "ActiveConns": UINT64, "InactConns": UINT64,
             "UThreshold": UINT32, "LThreshold": UINT32,

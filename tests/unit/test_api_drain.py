@@ -54,3 +54,34 @@ def test_upserts_reads_conf_weight_when_service_list_sends_it():
     assert [s.what for s in _upserts(SVC, drained, item).steps] == ["updated"]
     older = {key: {"addr": "10.1.0.1", "port": 80, "weight": 0, "fwd": "fnat"}}  # no conf_weight: weight is it
     assert _upserts(SVC, older, item).unchanged == [key]
+
+
+async def test_a_server_its_health_check_holds_down_is_shown_inhibited(down_ctx):
+    """dpvs-agent's RS spec has `inhibited`: a server its health check took out of rotation, kept in the list. It
+    was always false; the REST listing now says which server is down by its check (and only that one)."""
+    async with TestClient(TestServer(make_app(down_ctx))) as c:
+        b = await expect(await c.get(VS + "/rs"), 200)
+    spec = {x["Spec"]["ip"]: x["Spec"] for x in b["Items"]}
+    assert spec["192.168.100.3"]["inhibited"] is True and spec["192.168.100.2"]["inhibited"] is False
+    down_ctx.bal.dest_health({"svc": SVC, "addr": "192.168.100.3", "port": 80}, True, None, "checker up")
+    async with TestClient(TestServer(make_app(down_ctx))) as c:
+        b = await expect(await c.get(VS + "/rs"), 200)
+    assert not any(x["Spec"]["inhibited"] for x in b["Items"])
+
+
+async def test_what_get_shows_can_be_sent_back_but_a_client_cannot_inhibit_a_server(down_ctx):
+    """A controller's read-modify-write sends the Spec back as GET showed it: inhibited true for the server that is
+    down is its state, accepted; asking it of a server that is up is still 501 (the health check sets it)."""
+    async with TestClient(TestServer(make_app(down_ctx))) as c:
+        items = [x["Spec"] for x in (await expect(await c.get(VS + "/rs"), 200))["Items"]]
+        assert (await expect(await c.put(VS + "/rs", json={"Items": items}), 200))["unchanged"]
+        assert (await expect(await c.post(VS + "/rs", json={"Items": items}), 200))["unchanged"]
+        assert await expect(await c.put(VS, json={"RSs": {"Items": items}}), 200)
+        r = await c.put(VS + "/rs", json={"Items": [{"ip": "192.168.100.2", "inhibited": True}]})
+        await expect(r, 501, field="Items[0].inhibited")
+        r = await c.request("DELETE", VS + "/rs", json={"Items": [{"ip": "192.168.100.2", "port": 80,
+                                                                     "inhibited": True}]})
+        await expect(r, 501, field="Items[0].inhibited")
+        r = await c.request("DELETE", VS + "/rs", json={"Items": [{"ip": "192.168.100.3", "port": 80,
+                                                                     "inhibited": True}]})
+        assert (await expect(r, 200))["removed"] == ["192.168.100.3:80"]  # named as GET shows it
