@@ -112,6 +112,21 @@ async def _call(request: web.Request, op: str, args: dict, field: str | None = N
         raise ApiError(status, e.errno, e.message, field or getattr(e, "keyword", None), **extra) from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.loads keeps the last of a key given twice in one object ({"Items": [...], "Items": []} would apply
+    nothing and say applied): such a body is refused. (~0.05 s more on PATCH /v2/vs's 10k x 10 body.)"""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"key {dup!r} is given twice in one object")
+    return d
+
+
 async def _body(request: web.Request, schema: str, required: bool = True):
     raw = await request.read()
     if not raw.strip():
@@ -120,7 +135,9 @@ async def _body(request: web.Request, schema: str, required: bool = True):
         body = {}
     else:
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise ApiError(400, errno.EINVAL, f"request body: {e}") from None
         except ValueError as e:
             raise ApiError(400, errno.EINVAL, f"request body is not JSON: {e}") from None
         except RecursionError:

@@ -50,6 +50,22 @@ async def test_deeply_nested_json_is_400(client):
     assert "nested too deeply" in (await expect(r, 400))["error"]
 
 
+@pytest.mark.parametrize("method,path,raw", [
+    ("PATCH", "/v2/vs", b'{"Items": [{"Addr": "10.0.0.9", "Port": 80, "Proto": "tcp"}], "Items": []}'),
+    ("PUT", VS + "/rs", b'{"Items": [{"ip": "192.168.100.9", "weight": 2, "weight": 0}]}'),
+    ("POST", "/v2/vs", b'{"Addr": "10.0.0.9", "Port": 80, "Port": 81, "Proto": "tcp"}'),
+])
+async def test_a_key_given_twice_in_one_object_is_400(client, method, path, raw):
+    """JSON parsers keep the last of a repeated key: the PATCH above read as no items at all and answered "applied",
+    a weight given twice would be whichever came last. Refused, naming the key; nothing changed."""
+    before = list(client.ctx.bal.dp.calls)
+    r = await client.request(method, path, data=raw, headers={"Content-Type": "application/json"})
+    b = await expect(r, 400)
+    assert "is given twice in one object" in b["error"] and ("'Items'" in b["error"] or "'weight'" in b["error"]
+                                                            or "'Port'" in b["error"]), b
+    assert client.ctx.bal.dp.calls == before
+
+
 async def test_a_mac_with_a_trailing_newline_is_refused(client):
     body = {"addr": "10.0.0.1", "lladdr": "02:00:00:00:00:01\n", "device": "eth0"}
     b = await expect(await client.put("/v2/neigh", json=body), 400, field="lladdr")
