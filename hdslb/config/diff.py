@@ -81,10 +81,7 @@ def diff(old: Config, new: Config) -> ConfigDiff:
             if groups_old.get(name) != groups_new.get(name):
                 acl_changed.append(name)
 
-    live, init = [], []
-    for change in _options(old.settings, new.settings):
-        (init if change.needs_restart else live).append(change)
-
+    live, init = _split_options(old, new)
     return ConfigDiff(
         vs_added=tuple(new_vs[k] for k in new_vs if k not in old_vs),
         vs_removed=tuple(old_vs[k] for k in old_vs if k not in new_vs),
@@ -100,12 +97,18 @@ def _service(vs: VirtualServer) -> VirtualServer:
 def since_start(start: Config, new: Config) -> ConfigDiff:
     """The options `new` changes against the config a daemon started with (no services compared): what acts only
     from a start is judged against what runs, whatever files were accepted in between."""
-    live, init = [], []
-    for change in _options(start.settings, new.settings):
-        (init if change.needs_restart else live).append(change)
+    live, init = _split_options(start, new)
     return ConfigDiff(vs_added=(), vs_removed=(), vs_changed=(), rs_added=(), rs_removed=(), rs_changed=(),
                       laddr_added=(), laddr_removed=(), acl_changed=(), options_changed=tuple(live),
                       init_changed=tuple(init))
+
+
+def _split_options(old: Config, new: Config) -> tuple[list, list]:
+    """The changed options: (those applied on a reload, those that need a restart)."""
+    live, init = [], []
+    for change in _options(old.settings, new.settings):
+        (init if change.needs_restart else live).append(change)
+    return live, init
 
 
 def _options(old: Dict[str, Setting], new: Dict[str, Setting]):
