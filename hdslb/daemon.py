@@ -1455,6 +1455,7 @@ class Daemon:
         from hdslb.config.apply import inactive_notices, not_acted_on
 
         running = self.config  # (changed only by a reload, and reloads take turns)
+        start = self.start_config  # (set by the first config applied, before any reload)
 
         def parse():
             # Text sent over the API (or the control socket) is not a file root wrote: it may not include files or
@@ -1462,12 +1463,15 @@ class Daemon:
             cfg = loads(text, name=POSTED_CONFIG_NAME, posted=True, config_id=self.settings.config_id) \
                 if text is not None else load(path, self.settings.config_id)
             # What only compares configs is worked out here too: ~0.45 s of the loop at 4,000 x 10.
-            return cfg, (diff(running, cfg) if running is not None else None), inactive_notices(cfg)
+            # What acts only from the next start is told against what this start runs, not against the last file
+            # accepted: a reload that puts back the running <init> values then needs no restart.
+            return (cfg, (diff(running, cfg) if running is not None else None),
+                    (since_start(start, cfg) if start is not None else None), inactive_notices(cfg))
 
         try:
             # In a worker thread: 4,000 virtual servers of 10 real servers parse in ~5 s, the event loop (health
             # checks, the slow path, control calls) served meanwhile. What is read is applied on the loop below.
-            cfg, changes, notices = await asyncio.get_running_loop().run_in_executor(None, parse)
+            cfg, changes, at_start, notices = await asyncio.get_running_loop().run_in_executor(None, parse)
         except ConfigError as e:
             err = HdslbError(e.errno, f"{e}; nothing was applied")
             err.keyword, err.errors = e.keyword, e.errors  # the REST reply names the keyword and every error
@@ -1476,9 +1480,6 @@ class Daemon:
             raise HdslbError(e.errno or errno.EIO, f"cannot read {path}: {e.strerror}") from None
         if text is not None:
             self._refuse_posted_security_changes(cfg)
-        # What acts only from the next start is told against what this start runs, not against the last file
-        # accepted: a reload that puts back the running <init> values then needs no restart.
-        at_start = since_start(self.start_config, cfg) if self.start_config is not None else None
         init = at_start.init_changed if at_start else ()
         restart = [_option_line(c) for c in init if not not_acted_on(c.path)]
         idle_init = [f"{_option_line(c)}: accepted, not acted on: {not_acted_on(c.path)}"
