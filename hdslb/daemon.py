@@ -734,16 +734,21 @@ class Daemon:
             self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
         if adopt:
             self._prune_to_model()
-            log.info("adopted pinned state: %d services, %d connection entries",
-                     len(self.bal.services), self.maps.conn_entries())
+            log.info("adopted pinned state: %d services, %d connection entries%s", len(self.bal.services),
+                     self.maps.conn_entries(), " (those of the set-aside tables are copied in next)"
+                     if self.fp.conn_moves else "")
         self._save_state()
         try:
+            if self.fp.conn_moves:  # another --conn-table or size: the pinned flows go into the new tables
+                await self._move_conns(loop, final=False)
             for name in ifaces:
                 try:
                     self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
                 except XdpAttachError as e:  # one line naming the interface and the way out, not a traceback
                     raise HdslbError(errno.EOPNOTSUPP, str(e)) from None
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
+            if self.fp.conn_moves:  # what the old program added or moved on while the first copy ran
+                await self._move_conns(loop, final=True)
             if self.fp.legacy_conn_pin:  # an upgrade from the single-table layout: its flows move over now
                 try:
                     await loop.run_in_executor(None, self.fp.migrate_legacy_conns)
@@ -1169,6 +1174,8 @@ class Daemon:
         if self.slow is not None:
             self.slow.register()  # the new program has its own XSKMAP
         old.close()
+        if new.conn_moves:  # set-aside tables whose copy failed at the start: copied now
+            await self._move_conns(loop, final=True)
         log.info("datapath reloaded: new program attached to %s", ", ".join(self.xdp_modes))
         return {"interfaces": dict(self.xdp_modes), "conn_entries": self.maps.conn_entries()}
 
@@ -1179,6 +1186,26 @@ class Daemon:
     def slowpath_neigh(self) -> dict:
         """The slow path's neighbour table and unresolved queues against their bounds (/metrics gauges)."""
         return dict(self.slow.stats()["neigh"]) if self.slow is not None else {}
+
+    async def _move_conns(self, loop, final: bool) -> None:
+        """Copy the connections of conn tables pinned with another kind or size into this start's (see
+        FastPath.move_conns): before attaching, and once more after it. A failed copy is logged and the old
+        tables stay pinned, so the next start copies them again."""
+        t0 = time.monotonic()
+        try:
+            r = await loop.run_in_executor(None, self.fp.move_conns, final)
+        except OSError as e:
+            log.error("could not copy the connections of the set-aside connection tables (%s): they stay pinned "
+                      "and the next start copies them again", e)
+            return
+        log.info("connection tables: %d entries copied into the new %s tables %s (%d already there as new or "
+                 "newer%s) in %.1f s%s", r.copied, self.sizes.conn_table,
+                 "after attaching" if final else "before attaching", r.kept,
+                 f", {r.dropped} oldest left out: the new tables are smaller" if r.dropped else "",
+                 time.monotonic() - t0, "; the old tables are unpinned" if final else "")
+        if r.dropped:
+            log.warning("%d connection entries did not fit the smaller connection tables and were left out (the "
+                        "oldest); their flows are scheduled anew or dropped as flows without an entry", r.dropped)
 
     def conn_table_entries(self) -> int:
         """Entries in the conn table. Counting reads the whole table (1.3 s at 1M connections, on the event

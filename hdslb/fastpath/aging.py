@@ -159,13 +159,13 @@ def counts_rows(recs: list[tuple]) -> dict[int, tuple[int, int]]:
 _MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5, 0x94D049BB133111EB)
 
 
-def _hash_rows(a):
-    """A 64-bit hash of each 40-byte row (five 8-byte words mixed), for sorting and matching keys."""
+def hash_rows(a):
+    """A 64-bit hash of each row of 8 to 40 bytes (its 8-byte words mixed), for sorting and matching keys."""
     import numpy as np
 
-    w = a.view("<u8")
+    w = np.ascontiguousarray(a).view("<u8")
     h = w[:, 0] * np.uint64(_MIX[0])
-    for i in range(1, 5):
+    for i in range(1, w.shape[1]):
         h = ((h ^ (h >> np.uint64(29))) * np.uint64(_MIX[i])) ^ w[:, i]
     return h ^ (h >> np.uint64(32))
 
@@ -225,7 +225,7 @@ class Columns:
         if not parts:
             parts = [Columns.extract(b"", b"", 1)]
         cols = {f: np.concatenate([p[f] for p in parts]) for f in cls.FIELDS}
-        kh = _hash_rows(cols["keys"])
+        kh = hash_rows(cols["keys"])
         n = len(kh)
         order = np.argsort(kh, kind="stable")
         sh = kh[order]
@@ -256,7 +256,7 @@ class Columns:
             return np.zeros(0, np.int64)
         order = np.argsort(self._khash, kind="stable")
         sh = self._khash[order]
-        ph = _hash_rows(self.partner)
+        ph = hash_rows(self.partner)
         pos = np.minimum(np.searchsorted(sh, ph), n - 1)
         cand = order[pos]
         hit = (sh[pos] == ph) & np.all(self.keys[cand] == self.partner, axis=1)
@@ -368,7 +368,7 @@ class Columns:
         if len(closing) and len(cand):
             order = np.argsort(self._khash[closing])
             skh = self._khash[closing][order]
-            ph = _hash_rows(self.partner[cand])
+            ph = hash_rows(self.partner[cand])
             pos = np.minimum(np.searchsorted(skh, ph), len(skh) - 1)
             hit = skh[pos] == ph
             ci, oi = cand[hit], closing[order[pos[hit]]]

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -174,6 +175,10 @@ class FastPath:
         self.sweep_fn = None  # hdslb_sweep (see bpf/hdslb_xdp.c), loaded with the program
         self.sweep_batch = 0
         self.legacy_conn_pin: str | None = None  # an adopted single-table conn_map, until migrate_legacy_conns()
+        # conn maps pinned with another --conn-table or size, set aside as NAME_oldN (newest first), until
+        # move_conns(final=True) has copied their connections into the new ones: {name: [paths]}
+        self.conn_moves: dict[str, list[str]] = {}
+        self._conn_renamed: list[tuple[str, str]] = []  # (pin, its set-aside path) done by this load()
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
     @property
@@ -210,7 +215,8 @@ class FastPath:
     LEGACY_CONN_PIN = "conn_map"  # one table for both families, before conn4_map/conn6_map
 
     def has_pins(self) -> bool:
-        return any(os.path.exists(os.path.join(self.pin_dir, n)) for n in (*self.CONN_MAPS, self.LEGACY_CONN_PIN))
+        return (any(os.path.exists(os.path.join(self.pin_dir, n)) for n in (*self.CONN_MAPS, self.LEGACY_CONN_PIN))
+                or any(self._old_conn_pins(n) for n in self.CONN_MAPS))
 
     def load(self, adopt: bool = False) -> None:
         """Compile and load the program.
@@ -228,17 +234,22 @@ class FastPath:
             raise ValueError(f"conn table {table!r}: expected one of {', '.join(CONN_TABLES)}")
         map_type = BPF_MAP_TYPE_LRU_HASH if table == "shared" else BPF_MAP_TYPE_LRU_PERCPU_HASH
         fds: dict[str, int] = {}
+        self.conn_moves, self._conn_renamed = {}, []
         try:
             if adopt and self.has_pins():
                 legacy = os.path.join(self.pin_dir, self.LEGACY_CONN_PIN)
                 if os.path.exists(legacy):
                     self._check_legacy(lib, legacy, map_type)
                     self.legacy_conn_pin = legacy  # its connections move over once attached (migrate_legacy_conns)
-                for name in self.CONN_MAPS:
-                    if self.legacy_conn_pin and not os.path.exists(os.path.join(self.pin_dir, name)):
-                        fds[name] = self._create_conn_map(lib, name, map_type)
-                    else:
-                        fds[name] = self._open_conn_map(lib, name, map_type)
+                try:
+                    for name in self.CONN_MAPS:
+                        if self.legacy_conn_pin and not os.path.exists(os.path.join(self.pin_dir, name)):
+                            fds[name] = self._create_conn_map(lib, name, map_type)
+                        else:
+                            fds[name] = self._open_conn_map(lib, name, map_type, fds)
+                except BaseException:
+                    self._undo_conn_renames(fds)
+                    raise
             else:
                 if os.path.isdir(self.pin_dir):
                     shutil.rmtree(self.pin_dir)
@@ -268,6 +279,7 @@ class FastPath:
                     self.close()
                     self.fn = self.sweep_fn = None
                     self._unpin_new(pinned_before)
+                    self._undo_conn_renames(fds)
                     for name, fd in held.items():
                         path = os.path.join(self.pin_dir, name)
                         if os.path.exists(path):
@@ -400,19 +412,94 @@ class FastPath:
     def _conn_entries(self, name: str) -> int:
         return self.sizes.max_conns if self.CONN_MAPS[name][0] == 4 else self.sizes.conn6_entries()
 
-    def _open_conn_map(self, lib, name: str, map_type: int) -> int:
-        """The pinned conn map `name` of a previous daemon, checked to be of this table kind and size."""
+    OLD_CONN_PIN = re.compile(r"(conn[46]_map)_old([0-9]+)")  # NAME_oldN: a conn map set aside, see conn_moves
+
+    def _old_conn_pins(self, name: str) -> list[str]:
+        """The set-aside pins of conn map `name` whose connections are still to be copied, newest first."""
+        try:
+            names = os.listdir(self.pin_dir)
+        except OSError:
+            return []
+        found = [(int(m.group(2)), n) for n in names if (m := self.OLD_CONN_PIN.fullmatch(n)) and m.group(1) == name]
+        return [os.path.join(self.pin_dir, n) for _, n in sorted(found, reverse=True)]
+
+    def _open_conn_map(self, lib, name: str, map_type: int, fds: dict) -> int:
+        """The pinned conn map `name` of a previous daemon. One of another table kind or size is set aside
+        (NAME_oldN) and a new one made in its place: its connections are copied over by move_conns(). One of
+        another key or value size is returned as it is, for _check_pinned_sizes to refuse."""
         path = os.path.join(self.pin_dir, name)
+        olds = self._old_conn_pins(name)
+        if not os.path.exists(path) and olds:  # a start that died between setting one aside and making the new one
+            self.conn_moves[name] = olds
+            return self._create_conn_map(lib, name, map_type)
         fd = lib.bpf_obj_get(path.encode())
         if fd < 0:
             raise OSError(ctypes.get_errno(), f"cannot open pinned connection map {path}")
-        pinned = _fdinfo_int(fd, "map_type")
-        if pinned is not None and pinned != map_type:
-            os.close(fd)
-            have = "shared" if pinned == BPF_MAP_TYPE_LRU_HASH else "percpu"
-            raise RuntimeError(f"the pinned connection table in {self.pin_dir} is --conn-table {have}, not "
-                               f"{self.sizes.conn_table}: start with --fresh to discard its connections and change it")
-        return fd  # its size is checked with every other pinned map's (_check_pinned_sizes)
+        _fam, ks, vs = self.CONN_MAPS[name]
+        have = {f: _fdinfo_int(fd, f) for f in ("map_type", "key_size", "value_size", "max_entries")}
+        want = {"map_type": map_type, "key_size": ks, "value_size": vs, "max_entries": self._conn_entries(name)}
+        if (have["key_size"], have["value_size"]) != (ks, vs) or have == want or None in have.values():
+            if olds:
+                self.conn_moves[name] = olds
+            return fd  # its size is checked with every other pinned map's (_check_pinned_sizes)
+        os.close(fd)
+        kind = {BPF_MAP_TYPE_LRU_HASH: "shared", BPF_MAP_TYPE_LRU_PERCPU_HASH: "percpu"}.get(have["map_type"])
+        if kind is None:
+            raise RuntimeError(f"the pinned {name} in {self.pin_dir} is a map of type {have['map_type']}, not a "
+                               f"connection table: start with --fresh to discard the pinned state")
+        n = max((int(self.OLD_CONN_PIN.fullmatch(os.path.basename(p)).group(2)) for p in olds), default=0) + 1
+        aside = os.path.join(self.pin_dir, f"{name}_old{n}")
+        os.rename(path, aside)
+        self._conn_renamed.append((path, aside))
+        log.warning("%s: pinned as --conn-table %s with %d entries, this start asks for %s with %d: its "
+                    "connections are copied into a new table (the old one stays pinned as %s until they are)",
+                    name, kind, have["max_entries"], self.sizes.conn_table, want["max_entries"], aside)
+        self.conn_moves[name] = [aside, *olds]
+        fds[name] = self._create_conn_map(lib, name, map_type)
+        return fds[name]
+
+    def _undo_conn_renames(self, fds: dict) -> None:
+        """A load() that fails puts back the conn maps it set aside (and drops the new ones it made for them)."""
+        for path, aside in reversed(self._conn_renamed):
+            name = os.path.basename(path)
+            if name in fds:
+                os.close(fds.pop(name))
+            try:
+                if os.path.exists(path):
+                    os.unlink(path)
+                os.rename(aside, path)
+            except OSError as e:
+                log.error("cannot put %s back as %s: %s", aside, path, e)
+        self._conn_renamed, self.conn_moves = [], {}
+
+    def move_conns(self, final: bool) -> "conn_move.MoveResult":
+        """Copy the connections of conn maps set aside by load() (another --conn-table or size) into the new
+        ones: called before the new program is attached (final=False: the old program still forwards) and
+        after it (final=True: what the old one added meanwhile; then the old pins go). See conn_move."""
+        from bcc.libbcc import lib
+
+        from hdslb.fastpath import conn_move
+
+        total = conn_move.MoveResult()
+        ncpu = possible_cpus()
+        dst_copies = 1 if self.sizes.conn_table == "shared" else ncpu
+        for name, olds in list(self.conn_moves.items()):
+            _fam, ks, vs = self.CONN_MAPS[name]
+            for path in olds:  # newest first: an older table's entry is copied only where it is newer
+                fd = lib.bpf_obj_get(path.encode())
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), f"cannot open the set-aside connection map {path}")
+                try:
+                    copies = 1 if _fdinfo_int(fd, "map_type") == BPF_MAP_TYPE_LRU_HASH else ncpu
+                    total += conn_move.move(lib, fd, copies, self.bpf[name].map_fd, dst_copies, ks, vs,
+                                            self._conn_entries(name), ncpu, name)
+                finally:
+                    os.close(fd)
+            if final:
+                for path in olds:
+                    os.unlink(path)
+                del self.conn_moves[name]
+        return total
 
     # The option that sizes a pinned map, for the refusal's message (the rest have fixed sizes).
     SIZE_OPTIONS = {"conn4_map": "--max-conns (conn_pool_size)", "conn6_map": "--max-conns6 (conn6_pool_size)",

@@ -1,6 +1,7 @@
 """Restarts that lose no flow: kill -9 of the daemon, a datapath reload, and the connection table under pressure."""
 
 import hashlib
+import os
 import signal
 import subprocess
 import time
@@ -400,3 +401,30 @@ def test_a_restart_in_another_xdp_mode_switches_the_mode(lab_up):
         assert mode() == code and lb.call("daemon.status")["interfaces"] == {"veth-lb0": want}
         lines = curl_loop(lab, f"http://{VIP}/", 4)
         assert len(lines) == 4 and "FAIL" not in lines, lines
+
+
+@pytest.mark.root
+def test_a_restart_with_another_conn_table_kind_or_size_keeps_the_flows(lab_up):
+    """--conn-table and --max-conns are fixed when the connection tables are made (a map's type and size are), so
+    a restart asking for others used to be refused unless --fresh threw every flow away. Now the pinned tables
+    are set aside, new ones made and the connections copied over, before and after the new program is attached:
+    downloads running across a stop and start into a bigger shared table, and another back to the default
+    per-CPU one, complete intact, new connections work throughout, and the old tables' pins are gone."""
+    lab, lb, servers, _ = lab_up
+    transfers = start_transfers(lab, TRANSFERS)
+    time.sleep(2)
+    for extra, kind, size in ((("--conn-table", "shared", "--max-conns", "524288"), "shared", 524288),
+                              ((), "percpu", 262144)):
+        pid = daemon_pid(lb)
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        wait_gone(pid)
+        lb.up("veth-lb0", *extra)
+        table = lb.call("stats.get")["conn_table"]
+        assert (table["kind"], table["size4"]) == (kind, size)
+        assert table["entries"] >= 2 * TRANSFERS, table  # each running download's two entries came over
+        assert f"entries copied into the new {kind} tables after attaching" in lb.log()
+        assert sorted(n for n in os.listdir(lab.pin_dir) if n.startswith("conn")) == ["conn4_map", "conn6_map",
+                                                                                      "conn_single"]
+        lines = curl_loop(lab, f"http://{VIP}/", 4)
+        assert len(lines) == 4 and "FAIL" not in lines, lines
+    check_transfers(transfers, servers)

@@ -102,7 +102,7 @@ def test_a_hash_collision_hands_the_sweep_to_the_reference(monkeypatch):
     kbuf, vbuf = b"".join(k for k, _ in ents), b"".join(v for _, v in ents)
     import numpy as np
 
-    monkeypatch.setattr(aging, "_hash_rows", lambda a: np.zeros(len(a), np.uint64))
+    monkeypatch.setattr(aging, "hash_rows", lambda a: np.zeros(len(a), np.uint64))
     assert aging.Columns.from_batches([aging.Columns.extract(kbuf, vbuf, 2)]) is None
 
 
