@@ -689,6 +689,7 @@ class Daemon:
         snap = None if s.fresh else self._read_state()
         if snap is not None:
             self._check_snapshot_ifaces(snap, ifaces)
+            self._check_snapshot_sizes(snap)
         adopt = snap is not None and self.fp.has_pins()
         if self.fp.has_pins() and not adopt:
             log.warning("discarding pinned state in %s (--fresh)", self.pin_dir)
@@ -749,6 +750,8 @@ class Daemon:
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
             if self.fp.conn_moves:  # what the old program added or moved on while the first copy ran
                 await self._move_conns(loop, final=True)
+            if self.fp.resized:  # maps made anew at another size, written by the model: the old ones go
+                log.info("resized maps in use, the old ones unpinned: %s", ", ".join(self.fp.finish_resize()))
             if self.fp.legacy_conn_pin:  # an upgrade from the single-table layout: its flows move over now
                 try:
                     await loop.run_in_executor(None, self.fp.migrate_legacy_conns)
@@ -1065,6 +1068,27 @@ class Daemon:
             return self._unusable_state(f"does not hold a valid model ({why})")
         return snap
 
+    def _check_snapshot_sizes(self, snap: dict) -> None:
+        """The saved model's service ids, real-server slots and hash-table cells index maps this start sizes
+        (--max-services, --max-dests, --max-hash-cells): a start whose sizes leave some of them out is refused
+        before anything is loaded, naming the option and the least it can be."""
+        need = {"--max-services": 0, "--max-dests": 0, "--max-hash-cells": 0}
+        for v in snap["services"]:
+            need["--max-services"] = max(need["--max-services"], v["svc_id"] + 1)
+            for d in v["dests"]:
+                need["--max-dests"] = max(need["--max-dests"], d["slot"] + 1)
+            if v.get("hcells"):
+                need["--max-hash-cells"] = max(need["--max-hash-cells"], v["hcells"][0] + v["hcells"][1])
+        have = {"--max-services": self.sizes.max_services, "--max-dests": self.sizes.max_dests,
+                "--max-hash-cells": self.sizes.max_hash_cells}
+        short = [f"{opt} {have[opt]} (it uses up to {need[opt]}: {opt} {need[opt]} at least)"
+                 for opt in need if need[opt] > have[opt]]
+        if short:
+            raise HdslbError(errno.EINVAL, (
+                f"the saved model {self.settings.state_file} does not fit {'; '.join(short)}; nothing was changed. "
+                f"Start with sizes that hold it, remove services or real servers first, or start with --fresh to "
+                f"discard the saved state"))
+
     def _check_snapshot_ifaces(self, snap: dict, ifaces: dict) -> None:
         """The saved model's entries on an interface this start does not name (a restart with fewer interfaces)
         cannot be restored: refused before anything is loaded, naming the interfaces and what uses them."""
@@ -1162,6 +1186,7 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         new = FastPath(self.pin_dir, self.sizes)
+        new.allow_resize = False  # the sizes are the running ones; maps made anew would need the model written
         await loop.run_in_executor(None, new.load, True)
         for name, mode in self.xdp_modes.items():
             await loop.run_in_executor(None, new.attach, name, mode)
@@ -1264,8 +1289,8 @@ class Daemon:
                     "flows, whose next packet finds no entry (TCP: dropped); in use: %d of %d IPv4 entries, %d of "
                     "%d IPv6. Size the tables for the "
                     "connections you carry: --max-conns / --max-conns6 (conn_pool_size / conn6_pool_size), "
-                    "or --conn-table shared for more entries in the same memory; either needs a restart with "
-                    "--fresh", n - self._evicted_logged, since, n, fam.get(4, 0), self.sizes.max_conns,
+                    "or --conn-table shared for more entries in the same memory; either takes a restart, which "
+                    "copies the connections into the new tables", n - self._evicted_logged, since, n, fam.get(4, 0), self.sizes.max_conns,
                     fam.get(6, 0), self.sizes.conn6_entries())
         self._evicted_logged, self._evicted_logged_at = n, now
 

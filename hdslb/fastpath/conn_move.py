@@ -48,17 +48,16 @@ class MoveResult:
         return self
 
 
-def read_folded(lib, fd: int, key_size: int, val_size: int, copies: int, what: str):
-    """Every entry of a conn table with a filled-in copy, as (keys (n, key_size) uint8, values (n, val_size)
-    uint8) folded to one value each (fold), read with BPF_MAP_LOOKUP_BATCH (lib: bcc's libbcc) and folded batch
-    by batch: a per-CPU table's copies are never all held at once. A live table's walk may see a key twice: it
-    is then copied twice."""
+def batches(lib, fd: int, key_size: int, raw_size: int, what: str):
+    """A map's entries read with BPF_MAP_LOOKUP_BATCH, as (keys (n, key_size), values (n, raw_size)) uint8 views
+    of buffers the next batch reuses (raw_size: the value as user space reads it, every CPU's copy of a per-CPU
+    map's, each rounded up to 8 bytes). lib: bcc's libbcc."""
     import numpy as np
 
     keys = (ctypes.c_uint8 * (key_size * BATCH))()
-    vals = (ctypes.c_uint8 * (val_size * copies * BATCH))()
+    vals = (ctypes.c_uint8 * (raw_size * BATCH))()
     token, nxt, cnt = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-    ks, ms, first = [], [], True
+    first = True
     while True:
         cnt.value = BATCH
         res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token), ctypes.byref(nxt),
@@ -68,12 +67,49 @@ def read_folded(lib, fd: int, key_size: int, val_size: int, copies: int, what: s
             raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {what}: {os.strerror(err)}")
         n = cnt.value
         if n:
-            ok, M = fold(np.frombuffer(vals, np.uint8, n * copies * val_size).reshape(n, copies, val_size))
-            ks.append(np.frombuffer(keys, np.uint8, n * key_size).reshape(n, key_size)[ok].copy())
-            ms.append(M[ok])
+            yield (np.frombuffer(keys, np.uint8, n * key_size).reshape(n, key_size),
+                   np.frombuffer(vals, np.uint8, n * raw_size).reshape(n, raw_size))
         if res != 0:
-            break
+            return
         token.value, first = nxt.value, False
+
+
+def read_raw(lib, fd: int, key_size: int, raw_size: int, what: str):
+    """Every entry of a map (see batches) as two arrays."""
+    import numpy as np
+
+    ks, vs = [], []
+    for K, V in batches(lib, fd, key_size, raw_size, what):
+        ks.append(K.copy())
+        vs.append(V.copy())
+    return (np.concatenate(ks) if ks else np.zeros((0, key_size), np.uint8),
+            np.concatenate(vs) if vs else np.zeros((0, raw_size), np.uint8))
+
+
+def write_raw(lib, fd: int, K, V, what: str) -> None:
+    """Write entries (rows of keys and raw values, see batches) with BPF_MAP_UPDATE_BATCH, BATCH at a time."""
+    import numpy as np
+
+    for start in range(0, len(K), BATCH):
+        kb = np.ascontiguousarray(K[start:start + BATCH]).tobytes()
+        vb = np.ascontiguousarray(V[start:start + BATCH]).tobytes()
+        c = ctypes.c_uint32(min(BATCH, len(K) - start))
+        if lib.bpf_update_batch(fd, kb, vb, ctypes.byref(c)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"BPF_MAP_UPDATE_BATCH on {what}: {os.strerror(e)}")
+
+
+def read_folded(lib, fd: int, key_size: int, val_size: int, copies: int, what: str):
+    """Every entry of a conn table with a filled-in copy, as (keys (n, key_size) uint8, values (n, val_size)
+    uint8) folded to one value each (fold) batch by batch: a per-CPU table's copies are never all held at once.
+    A live table's walk may see a key twice: it is then copied twice."""
+    import numpy as np
+
+    ks, ms = [], []
+    for K, V in batches(lib, fd, key_size, val_size * copies, what):
+        ok, M = fold(V.reshape(len(V), copies, val_size))
+        ks.append(K[ok].copy())
+        ms.append(M[ok])
     K = np.concatenate(ks) if ks else np.zeros((0, key_size), np.uint8)
     M = np.concatenate(ms) if ms else np.zeros((0, val_size), np.uint8)
     return K, M
@@ -180,12 +216,5 @@ def move(lib, src_fd: int, src_copies: int, dst_fd: int, dst_copies: int, key_si
     K, M = read_folded(lib, src_fd, key_size, val_size, src_copies, what + " (the old table)")
     dK, dM = read_folded(lib, dst_fd, key_size, val_size, dst_copies, what)
     idx, kept, dropped = plan(K, M, dK, dM, limit(capacity, ncpus))
-    for start in range(0, len(idx), BATCH):
-        part = idx[start:start + BATCH]
-        kb = np.ascontiguousarray(K[part]).tobytes()
-        vb = np.ascontiguousarray(spread(M[part], dst_copies)).tobytes()
-        c = ctypes.c_uint32(len(part))
-        if lib.bpf_update_batch(dst_fd, kb, vb, ctypes.byref(c)) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"BPF_MAP_UPDATE_BATCH on {what}: {os.strerror(e)}")
+    write_raw(lib, dst_fd, K[idx], spread(M[idx], dst_copies).reshape(len(idx), dst_copies * val_size), what)
     return MoveResult(copied=len(idx), kept=kept, dropped=dropped)

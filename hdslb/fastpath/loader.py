@@ -22,6 +22,8 @@ log = logging.getLogger("hdslb.fastpath")
 DEFAULT_PIN_ROOT = "/run/hdslb/bpffs"
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 CONN_TABLES = ("percpu", "shared")  # --conn-table: a value per CPU (the default), or one for all
@@ -179,6 +181,11 @@ class FastPath:
         # move_conns(final=True) has copied their connections into the new ones: {name: [paths]}
         self.conn_moves: dict[str, list[str]] = {}
         self._conn_renamed: list[tuple[str, str]] = []  # (pin, its set-aside path) done by this load()
+        # other maps pinned with another size (--max-services, ...), set aside as NAME_old1 until finish_resize():
+        # {name: path}; the daemon's model rewrites the tables it owns, the fast path's own state is copied
+        self.resized: dict[str, str] = {}
+        self.allow_resize = True  # False: a pin of another size is refused (a reload has no model to write them)
+        self._resize_renamed: list[tuple[str, str]] = []
         self.attached: dict[str, int] = {}  # ifname -> XDP flags used
 
     @property
@@ -255,11 +262,19 @@ class FastPath:
                     shutil.rmtree(self.pin_dir)
                 os.makedirs(self.pin_dir)
                 self._create_conn_maps(lib, map_type, fds)
+            if adopt and self.allow_resize:
+                try:
+                    self._set_aside_resized()
+                except BaseException:
+                    self._undo_resize_renames()
+                    self._undo_conn_renames(fds)
+                    raise
             pinned_before = set(os.listdir(self.pin_dir))  # bcc pins the maps it creates as it compiles
             held: dict[str, int] = {}  # counter maps of another layout set aside: {name: fd}, re-pinned on failure
             try:
                 self._compile(BPF, fds, adopt, pinned_before)
                 if adopt:
+                    self._copy_resized()
                     reset = self._check_pinned_sizes()
                     if reset:  # counters of another version's layout: new empty ones, the flows kept
                         for name in reset:
@@ -280,6 +295,7 @@ class FastPath:
                     self.fn = self.sweep_fn = None
                     self._unpin_new(pinned_before)
                     self._undo_conn_renames(fds)
+                    self._undo_resize_renames()
                     for name, fd in held.items():
                         path = os.path.join(self.pin_dir, name)
                         if os.path.exists(path):
@@ -500,6 +516,108 @@ class FastPath:
                     os.unlink(path)
                 del self.conn_moves[name]
         return total
+
+    # Maps sized by an option other than the conn tables': {name: Sizes field}. A restart asking for another size
+    # makes them anew. What the control plane owns (services, real servers, local addresses, scheduling tables) is
+    # written again from the saved model before the program is attached (restore() rewrites every entry it owns);
+    # what the fast path itself writes (COPIED: counters, round-robin cursors, persistence templates) is copied.
+    RESIZABLE = {**{n: "max_services" for n in ("svc_map", "sched_map", "sched_cursor", "laddr_map", "svc_stats")},
+                 **{n: "max_dests" for n in ("dest_map", "dest_stats")},
+                 "hash_cells": "max_hash_cells", "persist_map": "max_persist"}
+    COPIED = ("svc_stats", "dest_stats", "sched_cursor", "persist_map")
+
+    def _set_aside_resized(self) -> None:
+        """Before compiling: set aside (NAME_old1) each RESIZABLE pin whose size is not what this start asks for,
+        so bcc makes it anew at the new size. A NAME_old1 already there is a resize a start did not finish: the
+        map beside it was made by that start and is made again."""
+        self.resized, self._resize_renamed = {}, []
+        for name, opt in self.RESIZABLE.items():
+            path = os.path.join(self.pin_dir, name)
+            aside = f"{path}_old1"
+            if os.path.exists(aside):
+                if os.path.exists(path):
+                    os.unlink(path)
+                self.resized[name] = aside
+                continue
+            if not os.path.exists(path):
+                continue
+            fd = _libbcc().bpf_obj_get(path.encode())
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), f"cannot open pinned map {path}")
+            try:
+                have = _fdinfo_int(fd, "max_entries")
+            finally:
+                os.close(fd)
+            want = getattr(self.sizes, opt)
+            if have is None or have == want:
+                continue
+            os.rename(path, aside)
+            self._resize_renamed.append((path, aside))
+            self.resized[name] = aside
+            log.warning("%s: pinned with %d entries, this start asks for %d (%s): made anew; %s", name, have, want,
+                        self.SIZE_OPTIONS[name], "its entries are copied over" if name in self.COPIED else
+                        "the saved model writes its entries again")
+
+    def _copy_resized(self) -> None:
+        """After compiling: copy the fast path's own state (COPIED) from the set-aside maps into the new ones, the
+        entries that fit: array slots below the new size, and of the persistence templates the latest-expiring.
+        A set-aside map of another type, key or value size than this build's is refused (an upgrade that also
+        changed its layout: the previous version must be started again, or --fresh)."""
+        import numpy as np
+
+        from hdslb.fastpath import conn_move
+
+        lib = _libbcc()
+        ncpu = possible_cpus()
+        for name, aside in self.resized.items():
+            t = self.bpf[name]
+            fd = lib.bpf_obj_get(aside.encode())
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), f"cannot open the set-aside map {aside}")
+            try:
+                fields = ("map_type", "key_size", "value_size")
+                have, want = ({f: _fdinfo_int(x, f) for f in fields} for x in (fd, t.map_fd))
+                if have != want:
+                    raise RuntimeError(f"the pinned {name} in {self.pin_dir} was made by another hdslb version "
+                                       f"({have} against this build's {want}) and is to be resized: start the "
+                                       f"version that made it again, or start with --fresh to discard the "
+                                       f"pinned state")
+                if name not in self.COPIED:
+                    continue
+                per_cpu = want["map_type"] in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH)
+                raw = ((want["value_size"] + 7) // 8 * 8) * ncpu if per_cpu else want["value_size"]
+                K, V = conn_move.read_raw(lib, fd, want["key_size"], raw, aside)
+                n_new = int(t.max_entries)
+                if name == "persist_map":  # the templates expiring last, as many as the LRU table holds
+                    fill = conn_move.limit(n_new, ncpu)
+                    if len(K) > fill:
+                        order = np.argsort(V[:, 8:16].copy().view("<u8")[:, 0])[::-1][:fill]
+                        K, V = K[order], V[order]
+                else:  # arrays: the slots the new size has
+                    keep = K.copy().view("<u4")[:, 0] < n_new
+                    K, V = K[keep], V[keep]
+                conn_move.write_raw(lib, t.map_fd, K, V, name)
+            finally:
+                os.close(fd)
+
+    def _undo_resize_renames(self) -> None:
+        for path, aside in reversed(self._resize_renamed):
+            try:
+                if os.path.exists(path):
+                    os.unlink(path)
+                os.rename(aside, path)
+            except OSError as e:
+                log.error("cannot put %s back as %s: %s", aside, path, e)
+        self._resize_renamed, self.resized = [], {}
+
+    def finish_resize(self) -> list[str]:
+        """Once the new program runs (and the model has written the new maps): unpin the set-aside ones."""
+        done = sorted(self.resized)
+        for aside in self.resized.values():
+            if os.path.exists(aside):
+                os.unlink(aside)
+        self.resized, self._resize_renamed = {}, []
+        return done
 
     # The option that sizes a pinned map, for the refusal's message (the rest have fixed sizes).
     SIZE_OPTIONS = {"conn4_map": "--max-conns (conn_pool_size)", "conn6_map": "--max-conns6 (conn6_pool_size)",

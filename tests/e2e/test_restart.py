@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from .conftest import HDSLB_CTL
 from .test_fnat import LADDR, curl_loop
 
 VIP = "192.168.100.100"
@@ -427,4 +428,47 @@ def test_a_restart_with_another_conn_table_kind_or_size_keeps_the_flows(lab_up):
                                                                                       "conn_single"]
         lines = curl_loop(lab, f"http://{VIP}/", 4)
         assert len(lines) == 4 and "FAIL" not in lines, lines
+    check_transfers(transfers, servers)
+
+
+@pytest.mark.root
+def test_a_restart_with_other_map_sizes_keeps_services_flows_and_counters(lab_up):
+    """--max-services and --max-dests size maps made at the first start; a restart asking for others used to be
+    refused without --fresh. Now those maps are made anew: the saved model writes the services, real servers and
+    scheduling tables again, and the counters and cursors the fast path keeps are copied. Downloads running across
+    the restarts complete, the services and their counters are as before; sizes too small for the saved model
+    are refused before anything is touched, naming the option and the least it can be."""
+    lab, lb, servers, _ = lab_up
+    transfers = start_transfers(lab, TRANSFERS)
+    time.sleep(2)
+
+    def listing():
+        return [ln.split()[:4] for ln in lb.ipvsadm("-Ln").stdout.splitlines()]
+
+    def conns():
+        return sum(int(ln.split()[2]) for ln in lb.ipvsadm("-Ln", "--stats").stdout.splitlines()
+                   if ln.startswith(("TCP", "UDP")))
+
+    before, conns_before = listing(), conns()
+    assert conns_before >= TRANSFERS
+    for extra in (("--max-services", "8192", "--max-dests", "131072", "--max-hash-cells", "4194304"), ()):
+        pid = daemon_pid(lb)
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        wait_gone(pid)
+        lb.up("veth-lb0", *extra)
+        assert listing() == before and conns() >= conns_before
+        assert "resized maps in use, the old ones unpinned" in lb.log()
+        assert not [n for n in os.listdir(lab.pin_dir) if n.endswith("_old1")]
+        lines = curl_loop(lab, f"http://{VIP}/", 4)
+        assert len(lines) == 4 and "FAIL" not in lines, lines
+    pid = daemon_pid(lb)
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    wait_gone(pid)
+    pins_before = sorted(os.listdir(lab.pin_dir))
+    r = lb.run(HDSLB_CTL + ["up", "veth-lb0", "--max-services", "1", "--pin-root", str(lab.pin_dir.parent),
+                               "--log-file", str(lab.workdir / "hdslbd.log")], check=False)
+    assert r.returncode != 0 and "--max-services 1 (it uses up to 2: --max-services 2 at least)" in r.stdout + r.stderr
+    assert sorted(os.listdir(lab.pin_dir)) == pins_before
+    lb.up("veth-lb0")
+    assert listing() == before
     check_transfers(transfers, servers)
