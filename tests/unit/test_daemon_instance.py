@@ -153,3 +153,32 @@ def test_a_restart_naming_fewer_interfaces_than_the_model_uses_is_refused_naming
     msg = e.value.message
     assert "eth1 (addresses, routes)" in msg and d.settings.state_file in msg and "eth0 eth1" in msg, msg
     assert "--fresh" in msg
+
+
+def test_a_start_whose_sizes_do_not_hold_the_saved_model_is_refused_naming_the_least_they_can_be(tmp_path):
+    """Maps of another size are made anew and the saved model written into them; service ids, real-server slots
+    and hash-table cells past the new sizes could not be, so such a start is refused before anything is loaded,
+    naming each option too small and the least it can be (it failed inside the restore)."""
+    from hdslb.balancer import Balancer, snapshot
+
+    from .test_balancer import Recorder
+    from .test_batch import IFACES
+
+    bal = Balancer(Recorder(), dict(IFACES))
+    for port in (80, 81, 82):
+        bal.service_add({"proto": "tcp", "addr": "10.0.0.1", "port": port, "sched": "mh"})
+        for i in range(3):
+            bal.dest_add({"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": port}, "addr": f"10.1.0.{i + 1}",
+                          "port": 80})
+    snap = snapshot(bal)
+    cells = max(v["hcells"][0] + v["hcells"][1] for v in snap["services"])
+    _daemon(tmp_path)._check_snapshot_sizes(snap)  # the defaults hold it
+    exact = _daemon(tmp_path, "--max-services", "3", "--max-dests", "9", "--max-hash-cells", str(cells))
+    exact._check_snapshot_sizes(snap)  # nor sizes it just fits
+    with pytest.raises(HdslbError) as e:
+        _daemon(tmp_path, "--max-services", "2", "--max-dests", "8")._check_snapshot_sizes(snap)
+    msg = e.value.message
+    assert "--max-services 2 (it uses up to 3: --max-services 3 at least)" in msg, msg
+    assert "--max-dests 8 (it uses up to 9: --max-dests 9 at least)" in msg and "--fresh" in msg, msg
+    with pytest.raises(HdslbError, match=rf"--max-hash-cells 256 \(it uses up to {cells}"):
+        _daemon(tmp_path, "--max-hash-cells", "256")._check_snapshot_sizes(snap)
