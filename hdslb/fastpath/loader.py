@@ -367,7 +367,7 @@ class FastPath:
 
         from bcc.libbcc import lib
 
-        from hdslb.fastpath import aging
+        from hdslb.fastpath import aging, conn_move
 
         path, self.legacy_conn_pin = self.legacy_conn_pin, None
         if not path:
@@ -378,47 +378,27 @@ class FastPath:
         shared = self.sizes.conn_table == "shared"
         ncpu = 1 if shared else possible_cpus()
         kl, vl = self.LEGACY_KEY_SIZE, self.LEGACY_VAL_SIZE
-        n_batch = 4096
-        keys = (ctypes.c_uint8 * (kl * n_batch))()
-        vals = (ctypes.c_uint8 * (vl * ncpu * n_batch))()
-        token, nxt, cnt = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
-        moved, first = 0, True
+        moved = 0
         try:
-            while True:
-                cnt.value = n_batch
-                res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token), ctypes.byref(nxt),
-                                           ctypes.addressof(keys), ctypes.addressof(vals), ctypes.byref(cnt))
-                err = ctypes.get_errno()
-                if res != 0 and err != errno.ENOENT:
-                    raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {path}: {os.strerror(err)}")
-                n = cnt.value
-                if n:
-                    K = np.frombuffer(keys, np.uint8, n * kl).reshape(n, kl)
-                    V = np.frombuffer(vals, np.uint8, n * ncpu * vl).reshape(n, ncpu, vl)
-                    wk = np.concatenate([K[:, 32:40], K[:, 0:32]], axis=1)        # head first, then addresses
-                    wv = np.concatenate([V[:, :, 32:72], V[:, :, 0:32]], axis=2)
-                    flags = np.bitwise_or.reduce(wv[:, :, aging.V_FLAGS], axis=1)
-                    v4 = (wk[:, aging.K_AF] == 4) & ((flags & abi.CONN_F_XLAT) == 0)
-                    for name, sel in (("conn4_map", v4), ("conn6_map", ~v4)):
-                        m = int(sel.sum())
-                        if not m:
-                            continue
-                        if name == "conn4_map":
-                            ok = np.concatenate([wk[sel, :8], wk[sel, aging.K_SADDR:aging.K_SADDR + 4],
-                                                 wk[sel, aging.K_DADDR:aging.K_DADDR + 4]], axis=1)
-                            ov = np.concatenate([wv[sel][:, :, :aging.V_SADDR + 4],
-                                                 wv[sel][:, :, aging.V_DADDR:aging.V_DADDR + 4]], axis=2)
-                        else:
-                            ok, ov = wk[sel], wv[sel]
-                        kb, vb = np.ascontiguousarray(ok).tobytes(), np.ascontiguousarray(ov).tobytes()
-                        c = ctypes.c_uint32(m)
-                        if lib.bpf_update_batch(self.bpf[name].map_fd, kb, vb, ctypes.byref(c)) != 0:
-                            e = ctypes.get_errno()
-                            raise OSError(e, f"BPF_MAP_UPDATE_BATCH on {name}: {os.strerror(e)}")
-                        moved += m
-                if res != 0:
-                    break
-                token.value, first = nxt.value, False
+            for K, V in conn_move.batches(lib, fd, kl, vl * ncpu, path):
+                V = V.reshape(len(V), ncpu, vl)
+                wk = np.concatenate([K[:, 32:40], K[:, 0:32]], axis=1)        # head first, then addresses
+                wv = np.concatenate([V[:, :, 32:72], V[:, :, 0:32]], axis=2)
+                flags = np.bitwise_or.reduce(wv[:, :, aging.V_FLAGS], axis=1)
+                v4 = (wk[:, aging.K_AF] == 4) & ((flags & abi.CONN_F_XLAT) == 0)
+                for name, sel in (("conn4_map", v4), ("conn6_map", ~v4)):
+                    m = int(sel.sum())
+                    if not m:
+                        continue
+                    if name == "conn4_map":
+                        ok = np.concatenate([wk[sel, :8], wk[sel, aging.K_SADDR:aging.K_SADDR + 4],
+                                             wk[sel, aging.K_DADDR:aging.K_DADDR + 4]], axis=1)
+                        ov = np.concatenate([wv[sel][:, :, :aging.V_SADDR + 4],
+                                             wv[sel][:, :, aging.V_DADDR:aging.V_DADDR + 4]], axis=2)
+                    else:
+                        ok, ov = wk[sel], wv[sel]
+                    conn_move.write_raw(lib, self.bpf[name].map_fd, ok, ov.reshape(m, -1), name)
+                    moved += m
         finally:
             os.close(fd)
         os.unlink(path)
@@ -476,16 +456,10 @@ class FastPath:
 
     def _undo_conn_renames(self, fds: dict) -> None:
         """A load() that fails puts back the conn maps it set aside (and drops the new ones it made for them)."""
-        for path, aside in reversed(self._conn_renamed):
-            name = os.path.basename(path)
-            if name in fds:
-                os.close(fds.pop(name))
-            try:
-                if os.path.exists(path):
-                    os.unlink(path)
-                os.rename(aside, path)
-            except OSError as e:
-                log.error("cannot put %s back as %s: %s", aside, path, e)
+        for path, _aside in self._conn_renamed:
+            if os.path.basename(path) in fds:
+                os.close(fds.pop(os.path.basename(path)))
+        _put_back(self._conn_renamed)
         self._conn_renamed, self.conn_moves = [], {}
 
     def move_conns(self, final: bool) -> "conn_move.MoveResult":
@@ -601,13 +575,7 @@ class FastPath:
                 os.close(fd)
 
     def _undo_resize_renames(self) -> None:
-        for path, aside in reversed(self._resize_renamed):
-            try:
-                if os.path.exists(path):
-                    os.unlink(path)
-                os.rename(aside, path)
-            except OSError as e:
-                log.error("cannot put %s back as %s: %s", aside, path, e)
+        _put_back(self._resize_renamed)
         self._resize_renamed, self.resized = [], {}
 
     def finish_resize(self) -> list[str]:
@@ -778,6 +746,17 @@ class FastPath:
             self.bpf.cleanup()
             self.bpf = None
             release_freed_heap()
+
+
+def _put_back(renamed: list[tuple[str, str]]) -> None:
+    """Undo pin renames [(pin, set-aside path)], last first: whatever was made at the pin is unpinned."""
+    for path, aside in reversed(renamed):
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            os.rename(aside, path)
+        except OSError as e:
+            log.error("cannot put %s back as %s: %s", aside, path, e)
 
 
 def release_freed_heap() -> None:

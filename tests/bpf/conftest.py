@@ -2,6 +2,7 @@
 
 import ctypes as ct
 import os
+import shutil
 
 import pytest
 
@@ -31,6 +32,19 @@ def fastpath_of():
     for fp in built.values():
         fp.close()
         fp.unpin()
+
+
+@pytest.fixture
+def own_pin(request):
+    """A pin directory for a test's own FastPath loads (never the session builds' pins), emptied before and
+    removed after."""
+    ensure_bpffs(DEFAULT_PIN_ROOT)
+    path = os.path.join(DEFAULT_PIN_ROOT, f"pytest-{request.node.module.__name__.rsplit('.', 1)[-1]}-{os.getpid()}")
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    yield path
+    if os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 @pytest.fixture

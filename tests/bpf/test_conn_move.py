@@ -88,17 +88,6 @@ def keys(fp, name):
     return [bytes(k) for k in fp.table(name).keys()]
 
 
-@pytest.fixture
-def pin():
-    loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
-    path = os.path.join(loader.DEFAULT_PIN_ROOT, f"pytest-connmove-{os.getpid()}")
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    yield path
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-
-
 def start(pin, table, max_conns, max_conns6=256, adopt=True, bpf_dir=None):
     fp = loader.FastPath(pin, loader.Sizes(max_conns=max_conns, max_conns6=max_conns6, conn_table=table, **SMALL),
                          **({"bpf_dir": bpf_dir} if bpf_dir else {}))
@@ -110,7 +99,8 @@ def pins(pin):
     return sorted(n for n in os.listdir(pin) if n.startswith(("conn4_map", "conn6_map")))
 
 
-def test_a_restart_with_another_table_kind_or_size_keeps_the_connections(pin, tmp_path):
+def test_a_restart_with_another_table_kind_or_size_keeps_the_connections(own_pin, tmp_path):
+    pin = own_pin
     ncpu = loader.possible_cpus()
     empty4 = bytes(abi.CONN4_VAL_SIZE)
     fin = key4(CLIENT, 40000, VIP, 80)                 # an IPv4 flow's two entries, its copies on two CPUs

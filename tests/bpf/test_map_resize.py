@@ -15,17 +15,6 @@ from hdslb.fastpath import abi, conn_move, loader
 SMALL = dict(max_conns=1024, max_conns6=256, max_local=64, max_routes=256, max_neigh=64)
 
 
-@pytest.fixture
-def pin():
-    loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
-    path = os.path.join(loader.DEFAULT_PIN_ROOT, f"pytest-resize-{os.getpid()}")
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    yield path
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-
-
 def start(pin, services, dests, cells=4096, persist=256, adopt=True, bpf_dir=None):
     fp = loader.FastPath(pin, loader.Sizes(max_services=services, max_dests=dests, max_hash_cells=cells,
                                            max_persist=persist, **SMALL), **({"bpf_dir": bpf_dir} if bpf_dir else {}))
@@ -68,7 +57,8 @@ def olds(pin):
     return sorted(n for n in os.listdir(pin) if n.endswith("_old1"))
 
 
-def test_a_restart_with_other_map_sizes_keeps_what_the_fast_path_wrote(pin, tmp_path):
+def test_a_restart_with_other_map_sizes_keeps_what_the_fast_path_wrote(own_pin, tmp_path):
+    pin = own_pin
     ncpu = loader.possible_cpus()
     fps = []
     try:
