@@ -228,7 +228,7 @@ def _fmt_memory(m: dict, what: str) -> str:
                                                      f"{m['conn6_map']['memlock_bytes'] / 2**10:.0f} KiB"
              if "conn6_map" in m else "n/a"],
             ["fill (chained SYNs)", f"{m['fill_seconds']} s, {m['fill_ns_per_conn']} ns/conn, drops {m['fill_drops'] or 'none'}"]]
-    rows += [[f"daemon {'runs' if name.startswith('aging sweep') else 'reads'} {name}", _fmt_scan(v)]
+    rows += [[f"daemon {'runs' if name.startswith(('aging sweep', 'a restart')) else 'reads'} {name}", _fmt_scan(v)]
              for name, v in m.get("scans", {}).items()]
     return table(["memory", "value"], rows, f"3a. memory at {m['connections']} connections ({what})")
 
@@ -240,6 +240,9 @@ def _fmt_scan(v: dict) -> str:
         text = (f"{v['daemon_seconds']} s daemon + {v['client_seconds']} s client: {v['lines']} lines in "
                 f"{v['pages']} pages, loop held at most {v['longest_loop_stall_s']} s")
         return text + (f" ({v['error']})" if v.get("error") else "")
+    if "first_seconds" in v:  # a restart into the other table kind (scale.restart_into_other_kind)
+        return (f"{v['first_seconds']} s + {v['second_seconds']} s copying {v['entries']} entries "
+                f"({v['load_seconds']} s compile and set-aside before)")
     return f"{v['seconds']} s for {v['entries']} entries"
 
 

@@ -151,6 +151,7 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
             n = fn()
             scans[name] = {"entries": n, "seconds": round(time.monotonic() - t0, 2)}
         scans["conn.list pages (ipvsadm -Lnc: columns snapshot, 20k-entry pages encoded)"] = conn_pages_cost(maps)
+        scans.update(restart_into_other_kind(fp))
         # The aging sweep with every flow past its timeout (the clock moved a day on): scan, pairing, and the
         # removal of all of them (hdslb_sweep in the kernel), as the daemon runs it.
         import types
@@ -192,6 +193,30 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
         fp.close()
         fp.unpin()
     return res
+
+
+def restart_into_other_kind(fp) -> dict:
+    """A restart asking for the other --conn-table on these pins, as hdslbd makes it: the loader sets the full
+    table aside and makes the new one (timed with its compile), then the copy before attaching and the pass
+    after (nothing attached here: the second pass finds every entry already there)."""
+    from hdslb.fastpath.loader import FastPath, Sizes
+
+    other = "shared" if fp.sizes.conn_table == "percpu" else "percpu"
+    new = FastPath(fp.pin_dir, Sizes(**{**fp.sizes.__dict__, "conn_table": other}))
+    try:
+        t0 = time.monotonic()
+        new.load(adopt=True)
+        t1 = time.monotonic()
+        first = new.move_conns(final=False)
+        t2 = time.monotonic()
+        second = new.move_conns(final=True)
+        t3 = time.monotonic()
+    finally:
+        new.close()
+    return {f"a restart into a {other} table (compile + set aside, copy before attaching, pass after)": {
+        "entries": first.copied, "seconds": round(t3 - t1, 2), "load_seconds": round(t1 - t0, 2),
+        "first_seconds": round(t2 - t1, 2), "second_seconds": round(t3 - t2, 2), "dropped": first.dropped,
+        "second_kept": second.kept}}
 
 
 def conn_pages_cost(maps, old: bool = False) -> dict:

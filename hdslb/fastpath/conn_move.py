@@ -17,8 +17,8 @@ conn_val, whatever the table kind; only how many copies an entry has differs:
   looks (another CPU takes it over on its first packet there);
 - per-CPU to per-CPU: each copy folded the same way, then spread like a shared value: CPU numbering may differ
   after a reboot, and the fold is what any reader of the entry sees.
-When the new table is smaller than the live entries, the newest entries are kept (up to limit(): an LRU table
-evicts before it is quite full) and the rest counted as dropped.
+When the new table cannot take every live entry, the newest entries are kept (up to limit(): an LRU table evicts
+before it is quite full) and the rest counted as dropped.
 """
 
 from __future__ import annotations
@@ -162,9 +162,9 @@ def limit(capacity: int, ncpus: int) -> int:
     CPU takes free elements from the common list into a list of its own, target_free = (capacity / possible CPUs
     / 2) clamped to 1..128 at a time, and one that finds fewer than that there evicts to make them up, while the
     other CPUs' lists may still hold some (kernel/bpf/bpf_lru_list.c). A move leaves that much room per CPU
-    free, and at least 1/16 of the table."""
+    free: 256 entries of a big table on 2 CPUs."""
     target_free = min(128, max(1, capacity // max(1, ncpus) // 2))
-    return max(0, capacity - max(capacity // 16, ncpus * target_free))
+    return max(0, capacity - ncpus * target_free)
 
 
 def plan(src_K, src_M, dst_K, dst_M, fill: int):

@@ -81,8 +81,8 @@ def test_keys_are_matched_by_their_bytes_even_when_hashes_collide(monkeypatch):
 
 
 def test_a_move_leaves_room_for_the_lru_lists_of_every_cpu():
-    # 1/16 of a big table; for a small one each CPU's free list (half its share, at most 128)
-    assert conn_move.limit(1 << 20, 2) == (1 << 20) - (1 << 16)
+    # each CPU's free list: half its share of the table, at most 128
+    assert conn_move.limit(1 << 20, 2) == (1 << 20) - 256
     assert conn_move.limit(1 << 20, 4096) == (1 << 20) - 4096 * 128
     assert conn_move.limit(256, 2) == 256 - 2 * 64
     assert conn_move.limit(512, 2) == 512 - 2 * 128
