@@ -97,8 +97,11 @@ def cmd_down(ns) -> int:
         # No daemon (kill -9, a crash): what it left behind is taken down all the same.
         from hdslb.daemon import Settings, down_offline, instance_name
 
+        from hdslb.daemon import DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR
+
         settings = Settings(interfaces=[], ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                            pin_root=ns.pin_root, state_dir=ns.state_dir)
+                            pin_root=ns.pin_root or os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
+                            state_dir=ns.state_dir or DEFAULT_STATE_DIR)
         done = down_offline(settings)
         if not done:
             print(f"hdslb-ctl: {e}; and nothing of instance {settings.instance} is left (no pins in "
@@ -472,10 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Where the instance's pins and model are, for a down with no daemon to ask (as given to up / hdslbd).
     from hdslb.daemon import DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR
 
-    dn.add_argument("--pin-root", default=os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
-                    help="with no hdslbd running: the --pin-root it was started with")
-    dn.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                    help="with no hdslbd running: the --state-dir it was started with")
+    # No defaults here: with a daemon answering, only the options given are held against what it reports (a
+    # daemon started with --state-dir D is stopped by a plain `down`); the defaults serve the no-daemon case.
+    dn.add_argument("--pin-root", help="with no hdslbd running: the --pin-root it was started with (default "
+                                       f"$HDSLB_PIN_ROOT, else {DEFAULT_PIN_ROOT})")
+    dn.add_argument("--state-dir", help=f"with no hdslbd running: the --state-dir it was started with (default "
+                                        f"{DEFAULT_STATE_DIR})")
     dn.add_argument("--instance", help="with no hdslbd running: the --instance it was started with")
     sub.add_parser("status", help="what runs where").set_defaults(func=cmd_status)
     sub.add_parser("top", help="live view of services, real servers, rates and drops (--interval, --count)")

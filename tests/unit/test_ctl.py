@@ -207,3 +207,27 @@ def test_status_names_the_instance_its_pins_and_saved_model_so_down_can_tell_it_
                                          state_dir=str(tmp_path / "state")), st) is None
     assert hdslb_ctl._not_this_daemon(ns(instance="lb6"), st) == "--instance lb6, but it serves instance lb5"
     assert "but its pins are in" in hdslb_ctl._not_this_daemon(ns(pin_root=str(tmp_path)), st)
+
+
+def test_a_plain_down_stops_a_daemon_started_with_its_own_pin_root_and_state_dir(tmp_path):
+    """Only the options `down` is given are held against the answering hdslbd: the parser's defaults (the default
+    pin root and state directory, for the no-daemon case) made a plain `hdslb-ctl down` refuse every daemon started
+    with --state-dir or --pin-root ("nothing was stopped"): make bench's peers were left running, and the next
+    peer measured through them."""
+    from cli import hdslb_ctl
+    from hdslb.balancer import Balancer
+    from hdslb.ctl import commands
+    from hdslb.daemon import Daemon, settings_from_args
+
+    from .test_balancer import Recorder
+    from .test_batch import IFACES
+
+    d = Daemon(settings_from_args(["eth0", "--state-dir", str(tmp_path / "state"), "--pin-root",
+                                   str(tmp_path / "bpffs")]))
+    d.bal = Balancer(Recorder(), dict(IFACES), max_services=16, max_dests=64)
+    st = commands.dispatch(d, "daemon.status", {})
+    parse = hdslb_ctl.build_parser().parse_args
+    assert hdslb_ctl._not_this_daemon(parse(["down"]), st) is None
+    assert hdslb_ctl._not_this_daemon(parse(["down", "--state-dir", str(tmp_path / "state")]), st) is None
+    assert "but its saved model is" in hdslb_ctl._not_this_daemon(parse(["down", "--state-dir", "/run/x"]), st)
+    assert "but its pins are in" in hdslb_ctl._not_this_daemon(parse(["down", "--pin-root", "/run/y"]), st)
