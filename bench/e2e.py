@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import socket
+import signal
 import statistics
 import subprocess
 import sys
@@ -328,7 +329,21 @@ class Hdslb(Peer):
         return self.lab.add_path(nx.RUN_DIR / f"bench-state-{self.lab.prefix}")
 
     def teardown(self):
-        self.lab.lb_run(HDSLB_CTL + ["down"], check=False, timeout=60)
+        r = self.lab.lb_run(HDSLB_CTL + ["down"], check=False, timeout=60)
+        if r.returncode == 0:
+            return
+        # The next peer must not be measured through this one: stop the daemon we started and detach its program
+        # (what down should have done), then say so loudly.
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for ifname in ("veth-lb0", "veth-lb1"):
+            self.lab.lb_run(["ip", "link", "set", "dev", ifname, "xdp", "off"], check=False)
+            self.lab.lb_run(["ip", "link", "set", "dev", ifname, "xdpgeneric", "off"], check=False)
+        raise RuntimeError(f"hdslb-ctl down exited {r.returncode}: {(r.stderr or r.stdout).strip()}; hdslbd "
+                           f"{self.pid} stopped by SIGTERM and XDP detached instead")
 
 
 # --------------------------------------------------------------------------- the bench
