@@ -7,7 +7,8 @@ two rate-limited /big downloads in a loop (checked by sha256), a UDP request/res
 source ports, a second curl loop to a service that comes and goes, and a ping to the VIP.
 Churn (one step every few seconds, in a fixed cycle): ipvsadm services and real servers added and removed,
 weight changes and drains, REST adds and deletes, a server stopped and started (its health check flaps),
-`hdslb-ctl reload` of an edited config, `reload --datapath`, `ipvsadm -Z`, and `kill -9` + restart.
+`hdslb-ctl reload` of an edited config, `reload --datapath`, `ipvsadm -Z`, and `kill -9` + restart (each into the
+other `--conn-table`, so the pinned connections are copied into a table of the other kind under the churn).
 Observation every --interval seconds: RSS, fds, asyncio tasks when exposed, connection entries, neighbour
 table size, drops by reason, health states against which servers run, ActiveConn/InActConn against the
 established connections the servers really have, warnings/errors/tracebacks in the log.
@@ -218,6 +219,7 @@ class Soak:
         self.t0 = time.monotonic()
         self.epoch0 = time.time()
         self.restarts: list[float] = []  # t of every restart of hdslbd
+        self.conn_table = "percpu"  # each kill -9 restart asks for the other kind: the connections are copied over
         self.variant = 0
         self.nginx: dict[int, Nginx] = {}
         self.traffic: dict[str, subprocess.Popen] = {}
@@ -266,7 +268,7 @@ class Soak:
     def up(self) -> None:
         self.run(CTL + ["up", "veth-lb0", "veth-lb1", "--xdp-mode", "native", "--pin-root",
                         str(self.lab.pin_dir.parent), "--log-file", str(self.log_path), "-f", str(self.conf),
-                        "--aging-interval", "1"], check=True, timeout=180)
+                        "--aging-interval", "1", "--conn-table", self.conn_table], check=True, timeout=180)
 
     def setup(self) -> None:
         lab = self.lab
@@ -391,9 +393,14 @@ class Soak:
             pid = self.call("daemon.status")["pid"]
             os.kill(pid, signal.SIGKILL)
             time.sleep(2)
+            self.conn_table = "shared" if self.conn_table == "percpu" else "percpu"
             self.up()
             self.restarts.append(self.t)
-            return f"killed {pid}, now {self.call('daemon.status')['pid']}"
+            table = self.call("stats.get")["conn_table"]
+            copied = re.findall(r"(\d+) entries copied into the new \w+ tables (before|after) attaching",
+                                self.log_text())[-2:]
+            return (f"killed {pid}, now {self.call('daemon.status')['pid']} with a {table['kind']} table "
+                    f"(asked {self.conn_table}; entries copied: {', '.join(f'{n} {w}' for n, w in copied)})")
 
         cycle = [add_churn_svc, weights, rest_add, flap_down, drain, reload, del_churn_rs, zero, flap_up,
                  rest_del_rs, undrain, readd_churn_rs, reload_dp, self.cps_burst, reload, rest_del, del_churn_svc]
@@ -622,6 +629,9 @@ class Soak:
                   f"{ {k: lines.count(k) for k in sorted(set(lines)) if k != 'FAIL'} }")
             fails = [float(r[0].replace(",", ".")) - self.epoch0 for r in rows if r[1] == "FAIL"]
             print(f"    failures by the churn step just before them: {self.attribute(fails)}")
+            at_restart = [t for t in fails if self.attribute([t]).get("kill -9 + restart")]
+            if at_restart:  # a restart must lose nothing: when, against the restarts' events above
+                print(f"    those around a kill -9 + restart at t = {[round(t, 1) for t in at_restart]}")
         want = hashlib.sha256(b"".join([self.nginx[1].big_sha256.encode()])).hexdigest()  # noqa: F841
         for i in range(2):
             rows = [ln.split(None, 1) for ln in (w / f"traffic-big{i}.log").read_text(errors="replace").splitlines()]
