@@ -1290,7 +1290,8 @@ class Daemon:
                     "%d IPv6. Size the tables for the "
                     "connections you carry: --max-conns / --max-conns6 (conn_pool_size / conn6_pool_size), "
                     "or --conn-table shared for more entries in the same memory; either takes a restart, which "
-                    "copies the connections into the new tables", n - self._evicted_logged, since, n, fam.get(4, 0), self.sizes.max_conns,
+                    "copies the connections into the new tables", n - self._evicted_logged, since, n, fam.get(4, 0),
+                    self.sizes.max_conns,
                     fam.get(6, 0), self.sizes.conn6_entries())
         self._evicted_logged, self._evicted_logged_at = n, now
 

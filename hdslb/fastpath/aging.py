@@ -159,6 +159,40 @@ def counts_rows(recs: list[tuple]) -> dict[int, tuple[int, int]]:
 _MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5, 0x94D049BB133111EB)
 
 
+def fold(V):
+    """Conn values (n, copies, size: one copy for a shared table, one per CPU otherwise; the head is the same in
+    either table's values) as one value each: (kept (n,) bool: some copy is filled in, values (n, size)): the newest
+    filled-in copy (the first CPU's of equals) with the furthest state any filled-in copy has seen and
+    CONN_F_WAS_EST if any has it, as the fast path's conn_newest() folds them."""
+    import numpy as np
+
+    n, copies, size = V.shape
+    valid, best = newest_copy(V)
+    out = V[np.arange(n), best].copy()
+    if copies > 1:
+        out[:, V_STATE] = np.where(valid, V[:, :, V_STATE], 0).max(axis=1)
+        was = np.bitwise_or.reduce(np.where(valid, V[:, :, V_FLAGS], 0), axis=1) & abi.CONN_F_WAS_EST
+        out[:, V_FLAGS] |= was.astype(np.uint8)
+    return valid.any(axis=1), out
+
+
+def newest_copy(V):
+    """Of conn values (n, copies, size): which copies are filled in (n, copies) and, per entry, the copy with the
+    largest last_seen among them (the first of equals; 0 where none is)."""
+    import numpy as np
+
+    valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
+    last = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
+    return valid, np.where(valid, last.astype(np.int64), -1).argmax(axis=1)
+
+
+def last_seen(M):
+    """The last_seen field of folded values (n, size)."""
+    import numpy as np
+
+    return np.ascontiguousarray(M[:, V_LAST:V_LAST + 8]).view("<u8")[:, 0]
+
+
 def hash_rows(a):
     """A 64-bit hash of each row of 8 to 40 bytes (its 8-byte words mixed), for sorting and matching keys."""
     import numpy as np
@@ -194,14 +228,8 @@ class Columns:
         n = len(kbuf) // KEY_SIZE
         K = np.frombuffer(kbuf, np.uint8, n * KEY_SIZE).reshape(n, KEY_SIZE)
         V = np.frombuffer(vbuf, np.uint8, n * ncpu * VAL_SIZE).reshape(n, ncpu, VAL_SIZE)
-        valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
-        last_all = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
-        # the newest filled-in copy: the first CPU with the largest last_seen among the filled-in ones
-        best = np.where(valid, last_all.astype(np.int64), -1).argmax(axis=1)
-        idx = np.flatnonzero(valid.any(axis=1))
-        best = best[idx]
-        bv = V[idx, best]  # (m, 72): the newest copy's bytes
-        K = K[idx]
+        ok, bv = fold(V)  # the newest filled-in copy's bytes, with the furthest state any copy has seen
+        bv, K = bv[ok], K[ok]
         flags = bv[:, V_FLAGS]
         proto = K[:, K_PROTO].copy()
         af = K[:, K_AF].astype(np.int16)
@@ -213,8 +241,8 @@ class Columns:
         partner[:, 2:4] = bv[:, V_SPORT:V_SPORT + 2]
         partner[:, K_PROTO] = proto
         partner[:, K_AF] = af
-        return {"keys": np.ascontiguousarray(K), "partner": partner, "last": last_all[idx, best],
-                "state": np.where(valid, V[:, :, V_STATE], 0)[idx].max(axis=1),
+        return {"keys": np.ascontiguousarray(K), "partner": partner, "last": last_seen(bv),
+                "state": bv[:, V_STATE].copy(),
                 "out": (flags & abi.CONN_F_OUT) != 0, "proto": proto,
                 "slot": np.ascontiguousarray(bv[:, V_SLOT:V_SLOT + 4]).view("<u4")[:, 0]}
 
@@ -401,9 +429,7 @@ class ListColumns(Columns):
         cols = Columns.extract(kbuf, vbuf, ncpu)
         n = len(kbuf) // KEY_SIZE
         V = np.frombuffer(vbuf, np.uint8, n * ncpu * VAL_SIZE).reshape(n, ncpu, VAL_SIZE)
-        valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
-        last_all = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
-        best = np.where(valid, last_all.astype(np.int64), -1).argmax(axis=1)  # as Columns.extract picks it
+        valid, best = newest_copy(V)  # as Columns.extract picks it
         idx = np.flatnonzero(valid.any(axis=1))
         best = best[idx]
         bv = V[idx, best]

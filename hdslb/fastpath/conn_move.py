@@ -29,9 +29,8 @@ import os
 from dataclasses import dataclass
 
 from hdslb.fastpath import abi
-from hdslb.fastpath.aging import hash_rows
+from hdslb.fastpath.aging import fold, hash_rows, last_seen  # noqa: F401 (fold, last_seen: this module's API too)
 
-V_FLAGS, V_STATE, V_LAST = 22, 23, 32  # struct conn_val's head, the same in conn4_val (hdslb_abi.h)
 BATCH = 4096
 
 
@@ -113,29 +112,6 @@ def read_folded(lib, fd: int, key_size: int, val_size: int, copies: int, what: s
     K = np.concatenate(ks) if ks else np.zeros((0, key_size), np.uint8)
     M = np.concatenate(ms) if ms else np.zeros((0, val_size), np.uint8)
     return K, M
-
-
-def fold(V):
-    """Values (n, copies, size) as one value each: (kept (n,) bool: some copy is filled in, values (n, size)):
-    the newest filled-in copy with the furthest state and CONN_F_WAS_EST of any copy."""
-    import numpy as np
-
-    n, copies, size = V.shape
-    valid = (V[:, :, V_FLAGS] & abi.CONN_F_VALID) != 0
-    last = np.ascontiguousarray(V[:, :, V_LAST:V_LAST + 8]).view("<u8")[..., 0]
-    best = np.where(valid, last.astype(np.int64), -1).argmax(axis=1)
-    out = V[np.arange(n), best].copy()
-    if copies > 1:
-        out[:, V_STATE] = np.where(valid, V[:, :, V_STATE], 0).max(axis=1)
-        was = np.bitwise_or.reduce(np.where(valid, V[:, :, V_FLAGS], 0), axis=1) & abi.CONN_F_WAS_EST
-        out[:, V_FLAGS] |= was.astype(np.uint8)
-    return valid.any(axis=1), out
-
-
-def last_seen(M):
-    import numpy as np
-
-    return np.ascontiguousarray(M[:, V_LAST:V_LAST + 8]).view("<u8")[:, 0]
 
 
 def match(src_K, dst_K):
