@@ -422,18 +422,39 @@ _BLASTER = textwrap.dedent("""
 """)
 
 
+def _live_frames_allowed(lab, fd: int) -> bool:
+    """Whether this kernel lets us transmit live frames: some builds refuse BPF_F_TEST_XDP_LIVE_FRAMES with EPERM
+    (6.18.44-fc-v1300 does, fc-v1272 did not), and the rates are then measured with the blaster instead."""
+    box: dict = {}
+
+    def probe():
+        try:
+            _live_frames(fd, frame(0), lab.xa_ifindex, 1)
+            box["ok"] = True
+        except PermissionError:
+            box["ok"] = False
+
+    call_in_netns(lab.ns, probe)
+    return box["ok"]
+
+
 class _Generator:
-    """64-byte frames into xb as fast as this machine allows: live frames (native), a Python blaster (generic)."""
+    """64-byte frames into xb as fast as this machine allows: live frames (native, where the kernel allows them),
+    else a Python blaster on an AF_PACKET socket."""
 
     def __init__(self, lab, seconds: float):
         self.lab, self.seconds, self.sent = lab, seconds, 0
         self._stop = threading.Event()
         self._err: BaseException | None = None
         self._thread = self._proc = None
+        self.kind = "blaster"
         if lab.mode == "native":
             from bcc import BPF
 
             self._fd = lab.bpf.load_func("xdp_tx", BPF.XDP).fd
+            if _live_frames_allowed(lab, self._fd):
+                self.kind = "live frames"
+        if self.kind == "live frames":
             self._thread = threading.Thread(target=self._live, daemon=True)
             self._thread.start()
         else:
@@ -497,13 +518,13 @@ def _measure(lab, reflect: bool, seconds: float = 1.5) -> dict:
         os.sched_setaffinity(0, affinity)
         umem.close()
     return {"offered": gen.sent / seconds, "rx": n / dt, "tx": st["tx_completed"] / dt,
-            "ring_full": st["rx_ring_full"], "fill_empty": st["rx_fill_ring_empty_descs"]}
+            "ring_full": st["rx_ring_full"], "fill_empty": st["rx_fill_ring_empty_descs"], "gen": gen.kind}
 
 
 def test_rates_64_byte_frames(lab):
     rx = _measure(lab, reflect=False)
     rf = _measure(lab, reflect=True)
-    print(f"\n[{lab.mode}] offered {rx['offered'] / 1e3:.0f} kpps: rx-only {rx['rx'] / 1e3:.0f} kpps "
+    print(f"\n[{lab.mode}, {rx['gen']}] offered {rx['offered'] / 1e3:.0f} kpps: rx-only {rx['rx'] / 1e3:.0f} kpps "
           f"(dropped: rx ring full {rx['ring_full']}, fill empty {rx['fill_empty']}); "
           f"reflect rx {rf['rx'] / 1e3:.0f} kpps, tx {rf['tx'] / 1e3:.0f} kpps "
           f"(offered {rf['offered'] / 1e3:.0f} kpps)")
