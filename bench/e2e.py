@@ -6,7 +6,9 @@ One lab, one run, every peer configured for the same VIP (10.0.0.100) and the sa
     client ns ── veth ── LB ns (the peer under test) ── veth ── switch ns (bench_sink on sw-lb1) ── bridge ── rsN
 
 - UDP packets/s: the live-frames generator (bench/livegen.py) transmits 64-byte UDP frames to VIP:9 (to
-  the first real server for the peers that do not balance) from 1024 source ports on the client's eth0.
+  the first real server for the peers that do not balance) from 1024 source ports on the client's eth0;
+  on a kernel that refuses live frames, the XDP broadcast loop of bench/loopgen.py does (slower per frame,
+  the same "one core" arrangement; the results' settings name the generator used).
   bench_sink on the switch port facing the LB counts, per real server, frames that arrive addressed to
   that server's IP and MAC, and drops them, so nothing behind the LB is ever the bottleneck. The
   generator runs in the client's namespace on one CPU and the whole path (generator, veth, LB, sink)
@@ -426,11 +428,11 @@ class E2E:
         return livegen.udp_frame(lab.lb_ifaces["veth-lb0"].mac, lab.client.mac, lab.client.ip, dst_ip, UDP_PORT)
 
     def _pump(self, frame: bytes, gen=None) -> dict:
-        """Generator on CPU 0 in the client namespace (the live-frames one unless `gen` makes another from
+        """Generator on CPU 0 in the client namespace (livegen.make's unless `gen` makes another from
         (ns, ifname, frame)); sink counts over `windows` windows after a warm-up."""
         rates, per = [], None
         if gen is None:
-            g = livegen.LiveGen(self.lab.cl_ns, "eth0", frame, cpu=0, nflows=1024).start()
+            g = livegen.make(self.lab.cl_ns, "eth0", frame, cpu=0, nflows=1024).start()
         else:
             g = gen(self.lab.cl_ns, "eth0", frame).start()
         try:
@@ -502,7 +504,7 @@ class E2E:
         try:
             for n in self.FLOW_COUNTS:
                 r = self._pump(self._frame(peer.udp_dst),
-                               gen=lambda ns, ifname, frame: livegen.LiveGen(ns, ifname, frame, cpu=0, nflows=n))
+                               gen=lambda ns, ifname, frame: livegen.make(ns, ifname, frame, cpu=0, nflows=n))
                 out[str(n)] = round(r["mpps"], 3)
         finally:
             self.windows = windows
@@ -763,7 +765,8 @@ print(sum(x for x, _ in r) / {secs}, sum(y for _, y in r))
             self.teardown()
         out["targets"] = targets(out["rows"])
         out["settings"] = {"warmup_s": self.warmup, "window_s": self.window, "windows": self.windows,
-                           "tcp_seconds": self.tcp_secs, "flows": 1024, "frame_bytes": 64}
+                           "tcp_seconds": self.tcp_secs, "flows": 1024, "frame_bytes": 64,
+                           "generator": livegen.generator_name()}
         return out
 
 

@@ -69,9 +69,18 @@ def targets_of(res: dict) -> list[dict]:
 
 
 def entry(res: dict) -> dict:
-    return {"date": res["date"], "started": res.get("started"), "commit": res.get("commit"),
-            "machine": {k: res["machine"].get(k) for k in ("cpu", "nproc", "kernel")},
-            "seconds": res.get("seconds"), "targets": targets_of(res)}
+    e = {"date": res["date"], "started": res.get("started"), "commit": res.get("commit"),
+         "machine": {k: res["machine"].get(k) for k in ("cpu", "nproc", "kernel")},
+         "seconds": res.get("seconds"), "targets": targets_of(res)}
+    gen = ((res.get("e2e") or {}).get("settings") or {}).get("generator")
+    if gen:
+        e["generator"] = gen
+    return e
+
+
+def generator(run: dict) -> str:
+    """The UDP generator a run's e2e section used; runs recorded before it was named used live frames."""
+    return run.get("generator") or "live frames"
 
 
 def record(res: dict, path: Path | None = None) -> dict:
@@ -118,8 +127,9 @@ def summary(runs: list[dict], last: int = LAST) -> dict:
     range, and in how many of the runs that checked it the target was met."""
     if not runs:
         return {"runs": [], "targets": {}}
-    k = kind(runs[-1]["machine"])
-    sel = [r for r in runs if kind(r["machine"]) == k][-last:]
+    # the UDP ratios move with the generator (another floor in every peer): runs of another one are not mixed in
+    k = kind(runs[-1]["machine"]), generator(runs[-1])
+    sel = [r for r in runs if (kind(r["machine"]), generator(r)) == k][-last:]
     out: dict[str, dict] = {}
     for r in sel:
         for t in r["targets"]:
@@ -199,7 +209,8 @@ def text(summ: dict) -> str:
         return "targets over the runs on record: none recorded yet"
     m = summ["runs"][-1]["machine"]
     title = (f"targets over the last {len(summ['runs'])} full runs on this machine kind ({m['nproc']} vCPU "
-             f"{m['cpu']}, kernel {m['kernel']}; {_period(summ)}; bench/results/targets.jsonl)")
+             f"{m['cpu']}, kernel {m['kernel']}, UDP from the {generator(summ['runs'][-1])} generator; "
+             f"{_period(summ)}; bench/results/targets.jsonl)")
     return table(["target", "latest", f"last {len(summ['runs'])} runs", "result (runs met)"],
                  table_rows(summ), title)
 

@@ -149,7 +149,8 @@ def fmt_e2e(r: dict) -> str:
     by = {x["peer"]: x for x in rows_}
     parts = []
     fl = r.get("floor", {})
-    parts.append(f"2. end to end, two-arm netns lab (64-byte UDP from the live-frames generator; "
+    gen = r.get("settings", {}).get("generator", "live frames")
+    parts.append(f"2. end to end, two-arm netns lab (64-byte UDP from the {gen} generator; "
                  f"generator+sink floor {fl.get('mpps', 0):.2f} Mpps = {1e3 / fl['mpps']:.0f} ns/pkt)"
                  if fl.get("mpps") else "2. end to end, two-arm netns lab")
     rows = []
@@ -204,7 +205,7 @@ def fmt_e2e(r: dict) -> str:
         counts = [c for c in next(x["udp_flows"]["by_flows"] for x in rows_
                                   if (x.get("udp_flows") or {}).get("by_flows")) if c != "1024"]
         parts.append(table(["peer", "1024 flows"] + [f"{c} flows" for c in counts] + [f"{counts[-1]} / 1024"], rows,
-                           "2g. UDP Mpps by concurrent flows (live-frames generator, source ports"
+                           f"2g. UDP Mpps by concurrent flows ({gen} generator, source ports"
                            + ("; the columns of a row measured in the same minute" if same_minute else "")
                            + ("; the peers forward and back, each figure the mean of its two passes" if abba else "")
                            + ")"))

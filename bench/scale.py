@@ -345,7 +345,7 @@ def daemon_loads(quick: bool, log) -> dict:
                ("dest.edit", {"svc": svc, "addr": lab.servers[0].ip, "port": e2e.UDP_PORT, "weight": 1})]
         with Client(path) as c:
             res["latency_idle"] = _latency(c, ops, n)
-            g = livegen.LiveGen(lab.cl_ns, "eth0", bench._frame(e2e.VIP), cpu=0).start()
+            g = livegen.make(lab.cl_ns, "eth0", bench._frame(e2e.VIP), cpu=0).start()
             try:
                 time.sleep(0.5)
                 c0, t0 = sum(ref_progs.sink_counts()[:-1]), time.monotonic()

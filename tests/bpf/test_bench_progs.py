@@ -1,6 +1,8 @@
 """The bench's reference programs (make bench, never make test) compile against the fast path's shared headers
 and pass the verifier: a header change that breaks them must fail here, not in the next benchmark run."""
 
+import os
+
 from bcc import BPF
 
 from bench import ref_progs
@@ -168,3 +170,63 @@ def test_the_commit_says_when_tracked_files_differ_from_it(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert run.commit(str(tmp_path)) == clean + "+changes"
     assert run.commit(str(tmp_path / "nowhere")) is None
+
+
+def test_the_loop_generator_sends_from_many_ports_and_stops_clean(monkeypatch):
+    """bench/loopgen.py stands in for live frames where the kernel refuses them (EPERM on 6.18.44-fc-v1300):
+    its frames must reach the interface's peer at a rate, carry the asked range of source ports, stop when
+    told (the loop drained) and leave nothing behind in the namespace; livegen.make picks it exactly then."""
+    import socket
+    import time
+
+    from bench import livegen, loopgen
+    from hdslb.lab import netns as nx
+
+    cl, lb = f"lg{os.getpid() % 100000}c", f"lg{os.getpid() % 100000}l"
+    nx.netns_add(cl)
+    try:
+        nx.netns_add(lb)
+        nx.veth_add(cl, "eth0", lb, "veth-lb0")
+        nx.link_up(cl, "eth0")
+        nx.link_up(lb, "veth-lb0")
+        frame = livegen.udp_frame("02:00:00:00:00:02", "02:00:00:00:00:01", "10.9.0.1", "10.9.0.100",
+                                  ref_progs.SINK_PORT)
+        # 1. into the bench's sink on the peer: a rate, and nothing more once stopped
+        sink = ref_progs.compile_refs().load_func(b"bench_sink", BPF.XDP)
+        livegen.in_netns(lb, BPF.attach_xdp, "veth-lb0", sink, loopgen.XDP_FLAGS_DRV_MODE)
+        c0 = ref_progs.sink_counts()[ref_progs.SINK_OTHER]
+        g = loopgen.LoopGen(cl, "eth0", frame, cpu=0, nflows=1024).start()
+        assert nx.link_exists(cl, "lg0") and nx.link_exists(cl, "lg1")
+        time.sleep(0.3)
+        g.stop()
+        time.sleep(0.1)
+        c1 = ref_progs.sink_counts()[ref_progs.SINK_OTHER]
+        time.sleep(0.2)
+        assert ref_progs.sink_counts()[ref_progs.SINK_OTHER] == c1  # drained
+        assert c1 - c0 >= 10_000 and g.sent >= c1 - c0 - loopgen.POPULATION and g.rate > 0
+        assert not nx.link_exists(cl, "lg0") and not nx.link_exists(cl, "lg1")
+        livegen.in_netns(lb, BPF.remove_xdp, "veth-lb0", loopgen.XDP_FLAGS_DRV_MODE)
+        # 2. the source ports: 8 flows from 20000, seen by a packet socket on the peer (GRO gives veth its NAPI)
+        nx.sh(["ip", "netns", "exec", lb, "ethtool", "-K", "veth-lb0", "gro", "on"])
+        s = nx.ns_socket(lb, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        s.bind(("veth-lb0", 0))
+        s.settimeout(2)
+        ports = set()
+        with loopgen.LoopGen(cl, "eth0", frame, cpu=0, nflows=8, sport_base=20000):
+            for _ in range(400):
+                pkt = s.recv(128)
+                if len(pkt) >= 36 and pkt[12:14] == b"\x08\x00" and pkt[23] == socket.IPPROTO_UDP:
+                    ports.add(int.from_bytes(pkt[34:36], "big"))
+        s.close()
+        assert ports <= set(range(20000, 20008)) and len(ports) >= 6, ports
+        assert not nx.link_exists(cl, "lg0")
+    finally:
+        nx.netns_del(lb)
+        nx.netns_del(cl)
+    # 3. the choice
+    monkeypatch.setattr(livegen, "_LIVE_ALLOWED", False)
+    assert isinstance(livegen.make(cl, "eth0", frame), loopgen.LoopGen) and livegen.generator_name() == "XDP loop"
+    monkeypatch.setattr(livegen, "_LIVE_ALLOWED", True)
+    g = livegen.make(cl, "eth0", frame)
+    assert isinstance(g, livegen.LiveGen) and livegen.generator_name() == "live frames"
+    os.close(g.prog_fd)

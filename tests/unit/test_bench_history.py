@@ -86,6 +86,26 @@ def test_the_summary_reads_the_last_runs_of_the_newest_runs_machine_kind():
     assert rows["established flow ≤ 1.3 × the minimal parse+rewrite+TX program"][2] == "2.40–3.10 ×"
 
 
+def test_runs_of_another_udp_generator_are_not_mixed_into_the_ranges():
+    """A kernel that refuses live frames makes the e2e section use the XDP loop generator, whose heavier floor
+    compresses every UDP ratio: the ranges cover the newest run's generator only (older records name none:
+    live frames)."""
+    def run(gen, udp, started):
+        r = _res(udp=udp, started=started)
+        if gen:
+            r["e2e"]["settings"] = {"generator": gen}
+        return history.entry(r)
+
+    runs = [run(None, 2.4, "01:00"), run("live frames", 2.3, "02:00"), run("XDP loop", 1.9, "03:00"),
+            run("XDP loop", 1.95, "04:00")]
+    assert "generator" not in runs[0] and runs[2]["generator"] == "XDP loop"
+    s = history.summary(runs)
+    assert s["targets"][UDP]["values"] == [1.9, 1.95] and len(s["runs"]) == 2
+    assert "UDP from the XDP loop generator" in history.text(s)
+    s = history.summary(runs[:2])
+    assert s["targets"][UDP]["values"] == [2.4, 2.3] and "UDP from the live frames generator" in history.text(s)
+
+
 def test_a_value_that_rounds_to_its_limit_shows_the_digits_that_tell_them_apart():
     """2.496 × routing is a miss; printed as 2.50 beside "missed" it would read as a pass."""
     runs = [history.entry(_res(udp=2.4963, put=10.04)), history.entry(_res(udp=2.2, put=9.96))]
