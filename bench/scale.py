@@ -15,7 +15,8 @@
   parsing included. Each load has a time budget; what did not finish in it is reported with the count
   loaded, not extrapolated silently.
 - Control-op latency: service.list / dest.edit / daemon.status round trips on the control socket while
-  the live-frames generator pushes UDP through the balancer, and idle for comparison.
+  the UDP generator (livegen.make: live frames, or the XDP loop) pushes UDP through the balancer, and idle for
+  comparison.
 - Listing at scale (3f), with the 10k x 10 of `ipvsadm -R` loaded: the round trip of what ipvsadm -Ln, hdslb-ctl
   top and a Prometheus scrape ask (service.list, stats.get, conn.list, GET /metrics), and `daemon.status` p50 /
   p99 / max on a second connection while another client lists back to back (or scrapes /metrics back to back):
