@@ -88,7 +88,7 @@ def profile(pc: dict) -> str:
     cases = pc["profile"]["cases"]
 
     def cell(case, prefix):
-        v = next(g["ns"] for g in case["groups"] if g["group"].startswith(prefix))
+        v = next((g["ns"] for g in case["groups"] if g["group"].startswith(prefix)), 0)  # no samples: absent
         return "–" if round(v) == 0 else f"{v:.0f}"
 
     rows = [[label, *[cell(c, p) for c in cases]] for label, p in PROFILE_ROWS]

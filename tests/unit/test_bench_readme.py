@@ -37,6 +37,15 @@ def test_the_tables_name_the_generator_and_mark_what_a_peer_does_not_do():
     assert "(live frames)" in readme.flows(res["e2e"])
 
 
+def test_a_profile_group_without_samples_is_a_dash():
+    """perf leaves out a group it sampled nothing in (a new flow's locks, in one run): the cell is "–", not an error."""
+    res = json.loads(_latest_full_run().read_text())
+    for c in res["prog_cost"]["profile"]["cases"]:
+        c["groups"] = [g for g in c["groups"] if not g["group"].startswith("locks")]
+    locks = next(line for line in readme.profile(res["prog_cost"]).splitlines() if line.startswith("| locks"))
+    assert locks == "| locks | – | – | – |"
+
+
 def test_a_file_that_is_not_a_full_runs_results_exits_2_with_its_name(tmp_path, capsys):
     bad = tmp_path / "2026-12-07-quick.json"
     bad.write_text(json.dumps({"date": "2026-12-07", "e2e": {"rows": []}}))
