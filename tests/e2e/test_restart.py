@@ -472,3 +472,57 @@ def test_a_restart_with_other_map_sizes_keeps_services_flows_and_counters(lab_up
     lb.up("veth-lb0")
     assert listing() == before
     check_transfers(transfers, servers)
+
+
+@pytest.mark.root
+def test_reload_datapath_copies_a_set_aside_table_that_a_start_left_pinned(lab_up):
+    """A start whose copy into new connection tables failed logs it and leaves the set-aside table pinned
+    (conn4_map_old1) for the next start to copy; `reload --datapath`, which loads the maps afresh, finds it too and
+    copies it once the new program is attached. The pin is made here as such a start leaves it: a shared table of
+    the conn4_map layout holding one connection the running table lacks (a live one's value, another client
+    port); after the reload the running table holds it, the pin is gone, and the downloads never noticed."""
+    import ctypes as ct
+
+    import numpy as np
+
+    from hdslb.fastpath import conn_move, loader
+
+    lab, lb, servers, _ = lab_up
+    transfers = start_transfers(lab, 4)
+    time.sleep(2)
+    lib = loader._libbcc()
+    _fam, ks, vs = loader.FastPath.CONN_MAPS["conn4_map"]
+    live = lib.bpf_obj_get(os.path.join(lab.pin_dir, "conn4_map").encode())
+    assert live >= 0
+    old = lib.bcc_create_map(loader.BPF_MAP_TYPE_LRU_HASH, b"conn4_map", ks, vs, 262144, 0)
+    assert old >= 0
+    try:
+        ncpu = loader.possible_cpus()
+        K, M = conn_move.read_folded(lib, live, ks, vs, ncpu, "conn4_map")
+        assert len(K) >= 8  # the downloads' entries, both directions
+        key = K[:1].copy()
+        key[0, 0:2] = (0, 1)  # port 1 (network order): no running connection has it
+        assert not any(bytes(k) == bytes(key[0]) for k in K)
+        conn_move.write_raw(lib, old, key, M[:1], "conn4_map_old1")
+        path = os.path.join(lab.pin_dir, "conn4_map_old1")
+        assert lib.bpf_obj_pin(old, path.encode()) == 0
+        r = lb.ctl("reload", "--datapath")
+        assert "connection entries kept" in r.stdout
+        assert "conn4_map_old1" not in os.listdir(lab.pin_dir)
+        assert "entries copied into the new percpu tables after attaching" in lb.log()
+        got = ct.create_string_buffer(vs * ncpu)
+        kb = ct.create_string_buffer(bytes(key[0]), ks)
+        assert lib.bpf_lookup_elem(live, kb, got) == 0, "the set-aside entry is in the running table"
+        copies = np.frombuffer(got.raw, np.uint8).reshape(ncpu, vs)
+        assert any(bytes(c) == bytes(M[0]) for c in copies)
+        lib.bpf_delete_elem(live, kb)
+        lines = curl_loop(lab, f"http://{VIP}/", 4)
+        assert len(lines) == 4 and "FAIL" not in lines, lines
+        check_transfers(transfers, servers)
+    finally:
+        os.close(old)
+        os.close(live)
+        try:
+            os.unlink(os.path.join(lab.pin_dir, "conn4_map_old1"))
+        except FileNotFoundError:
+            pass
