@@ -101,3 +101,35 @@ def test_hash_rows_takes_the_compact_and_the_wide_keys():
     assert aging.hash_rows(keys(1, 2)).shape == (2,)
     assert aging.hash_rows(np.zeros((3, 40), np.uint8)).shape == (3,)
     assert aging.hash_rows(keys(1))[0] != aging.hash_rows(keys(2))[0]
+
+
+async def test_a_copy_that_fails_is_logged_and_leaves_the_daemon_running(caplog):
+    """hdslbd's start copies set-aside tables before and after the attach (Daemon._move_conns): a copy the kernel
+    refuses is an error line saying the old tables stay pinned for the next start, never an exception that would
+    stop a daemon already forwarding; a copy that works says what it copied and when."""
+    import asyncio
+    import errno
+    import logging
+    import types
+
+    from hdslb.daemon import Daemon
+
+    def refused(final):
+        raise OSError(errno.ENOMEM, "BPF_MAP_UPDATE_BATCH on conn4_map: Cannot allocate memory")
+
+    me = types.SimpleNamespace(fp=types.SimpleNamespace(move_conns=refused),
+                               sizes=types.SimpleNamespace(conn_table="shared"))
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.INFO, logger="hdslb"):
+        await Daemon._move_conns(me, loop, final=True)
+    err = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(err) == 1 and "Cannot allocate memory" in err[0].getMessage()
+    assert "they stay pinned and the next start copies them again" in err[0].getMessage()
+    caplog.clear()
+    me.fp.move_conns = lambda final: conn_move.MoveResult(copied=5, kept=2, dropped=1)
+    with caplog.at_level(logging.INFO, logger="hdslb"):
+        await Daemon._move_conns(me, loop, final=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("5 entries copied into the new shared tables before attaching (2 already there" in m and
+               "1 oldest left out" in m for m in msgs), msgs
+    assert any(r.levelno == logging.WARNING and "did not fit the smaller" in r.getMessage() for r in caplog.records)
