@@ -72,14 +72,18 @@ def entry(res: dict) -> dict:
     e = {"date": res["date"], "started": res.get("started"), "commit": res.get("commit"),
          "machine": {k: res["machine"].get(k) for k in ("cpu", "nproc", "kernel")},
          "seconds": res.get("seconds"), "targets": targets_of(res)}
-    gen = ((res.get("e2e") or {}).get("settings") or {}).get("generator")
-    if gen:
-        e["generator"] = gen
+    if res.get("e2e"):
+        e["generator"] = e2e_generator(res["e2e"])
     return e
 
 
+def e2e_generator(e2e: dict) -> str:
+    """The UDP generator an e2e section's results name; results from before it was named used live frames."""
+    return (e2e.get("settings") or {}).get("generator") or "live frames"
+
+
 def generator(run: dict) -> str:
-    """The UDP generator a run's e2e section used; runs recorded before it was named used live frames."""
+    """The UDP generator a recorded run used; runs recorded before it was named used live frames."""
     return run.get("generator") or "live frames"
 
 

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.history import e2e_generator
+
 NA = "n/a"
 
 
@@ -102,8 +104,7 @@ def _peer(name: str) -> str:
 
 
 def e2e(r: dict) -> str:
-    gen = {"live frames": "live frames", "XDP loop": "XDP loop"}.get(r.get("settings", {}).get("generator"),
-                                                                      "live frames")
+    gen = e2e_generator(r)
 
     def v(x, key, field, fmt):
         m = x.get(key) or {}
@@ -118,7 +119,7 @@ def e2e(r: dict) -> str:
 
 
 def flows(r: dict) -> str:
-    gen = r.get("settings", {}).get("generator", "live frames")
+    gen = e2e_generator(r)
     got = [(x["peer"], x["udp_flows"]["by_flows"]) for x in r["rows"]
            if (x.get("udp_flows") or {}).get("by_flows")]
     counts = list(got[0][1])

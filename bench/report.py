@@ -149,7 +149,9 @@ def fmt_e2e(r: dict) -> str:
     by = {x["peer"]: x for x in rows_}
     parts = []
     fl = r.get("floor", {})
-    gen = r.get("settings", {}).get("generator", "live frames")
+    from bench.history import e2e_generator
+
+    gen = e2e_generator(r)
     parts.append(f"2. end to end, two-arm netns lab (64-byte UDP from the {gen} generator; "
                  f"generator+sink floor {fl.get('mpps', 0):.2f} Mpps = {1e3 / fl['mpps']:.0f} ns/pkt)"
                  if fl.get("mpps") else "2. end to end, two-arm netns lab")

@@ -174,7 +174,7 @@ def test_the_commit_says_when_tracked_files_differ_from_it(tmp_path):
 
 def test_the_loop_generator_sends_from_many_ports_and_stops_clean(monkeypatch):
     """bench/loopgen.py stands in for live frames where the kernel refuses them (EPERM on 6.18.44-fc-v1300):
-    its frames must reach the interface's peer at a rate, carry the asked range of source ports, stop when
+    its frames must keep reaching the interface's peer (no rate asserted: the bench measures that), carry the asked range of source ports, stop when
     told (the loop drained) and leave nothing behind in the namespace; livegen.make picks it exactly then."""
     import socket
     import time
@@ -203,7 +203,8 @@ def test_the_loop_generator_sends_from_many_ports_and_stops_clean(monkeypatch):
         c1 = ref_progs.sink_counts()[ref_progs.SINK_OTHER]
         time.sleep(0.2)
         assert ref_progs.sink_counts()[ref_progs.SINK_OTHER] == c1  # drained
-        assert c1 - c0 >= 10_000 and g.sent >= c1 - c0 - loopgen.POPULATION and g.rate > 0
+        # the loop went round (far more frames than were put in), and it counted what reached the peer
+        assert c1 - c0 > 10 * loopgen.POPULATION and g.sent >= c1 - c0 - loopgen.POPULATION and g.rate > 0
         assert not nx.link_exists(cl, "lg0") and not nx.link_exists(cl, "lg1")
         livegen.in_netns(lb, BPF.remove_xdp, "veth-lb0", loopgen.XDP_FLAGS_DRV_MODE)
         # 2. the source ports: 8 flows from 20000, seen by a packet socket on the peer (GRO gives veth its NAPI)

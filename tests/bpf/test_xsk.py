@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from bench import livegen
 from hdslb.lab import netns as nx
 from hdslb.slowpath.xsk import Umem, XskSocket, call_in_netns
 
@@ -387,22 +388,6 @@ async def test_tx_held_while_link_down_then_sent_by_the_loop(lab, cap):
 
 # --- rates (printed, never asserted) ------------------------------------------------------------------------------
 
-_BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-
-
-def _live_frames(prog_fd: int, pkt: bytes, ifindex: int, repeat: int) -> None:
-    """Transmit pkt `repeat` times out of ifindex via BPF_PROG_TEST_RUN live frames (a program returning XDP_TX)."""
-    from hdslb.fastpath.testrun import _SYS_BPF, BPF_PROG_TEST_RUN, _libc, _TestAttr, _XdpMd
-
-    data = ct.create_string_buffer(pkt, len(pkt))
-    ctx = _XdpMd(0, len(pkt), 0, ifindex, 0, 0)
-    attr = _TestAttr(prog_fd=prog_fd, data_in=ct.addressof(data), data_size_in=len(pkt), repeat=repeat,
-                     ctx_in=ct.addressof(ctx), ctx_size_in=ct.sizeof(ctx), flags=_BPF_F_TEST_XDP_LIVE_FRAMES)
-    if _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"live frames: {os.strerror(err)}")
-
-
 _BLASTER = textwrap.dedent("""
     import os, socket, sys, time
     if os.cpu_count() > 1:
@@ -422,22 +407,6 @@ _BLASTER = textwrap.dedent("""
 """)
 
 
-def _live_frames_allowed(lab, fd: int) -> bool:
-    """Whether this kernel lets us transmit live frames: some builds refuse BPF_F_TEST_XDP_LIVE_FRAMES with EPERM
-    (6.18.44-fc-v1300 does, fc-v1272 did not), and the rates are then measured with the blaster instead."""
-    box: dict = {}
-
-    def probe():
-        try:
-            _live_frames(fd, frame(0), lab.xa_ifindex, 1)
-            box["ok"] = True
-        except PermissionError:
-            box["ok"] = False
-
-    call_in_netns(lab.ns, probe)
-    return box["ok"]
-
-
 class _Generator:
     """64-byte frames into xb as fast as this machine allows: live frames (native, where the kernel allows them),
     else a Python blaster on an AF_PACKET socket."""
@@ -452,7 +421,7 @@ class _Generator:
             from bcc import BPF
 
             self._fd = lab.bpf.load_func("xdp_tx", BPF.XDP).fd
-            if _live_frames_allowed(lab, self._fd):
+            if livegen.live_frames_allowed():  # some kernel builds refuse them (EPERM): the blaster then
                 self.kind = "live frames"
         if self.kind == "live frames":
             self._thread = threading.Thread(target=self._live, daemon=True)
@@ -467,7 +436,7 @@ class _Generator:
                 os.sched_setaffinity(0, {0})  # this thread only: the consumer keeps the other CPUs
             end = time.monotonic() + self.seconds
             while time.monotonic() < end and not self._stop.is_set():
-                _live_frames(self._fd, frame(0), self.lab.xa_ifindex, 20000)
+                livegen.run_live(self._fd, frame(0), 20000, self.lab.xa_ifindex)
                 self.sent += 20000
 
         try:

@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _latest_full_run() -> Path:
     runs = [p for p in (ROOT / "bench" / "results").glob("*.json") if p.stem.count("-") == 2]  # not -quick/-partial
-    return max(runs, key=lambda p: json.loads(p.read_text()).get("date", "") + (json.loads(p.read_text()).get(
-        "started") or ""))
+
+    def started(p: Path) -> str:
+        res = json.loads(p.read_text())
+        return res.get("date", "") + (res.get("started") or "")
+
+    return max(runs, key=started)
 
 
 def test_the_readme_shows_every_table_of_the_latest_full_run():
