@@ -211,14 +211,20 @@ class Dest:
     health_weight: int | None = None  # weight a checker asked for (misc_dynamic, inhibit_on_failure: 0)
     reason: str = ""                  # last failure reason, for ipvsadm/REST/metrics
     sorry: bool = False               # a sorry_server added while the service's quorum is lost
+    held: bool = False                # out of the pool while its service's sorry server stands in (see hold_for_sorry)
     overloaded: bool = False          # LVS IP_VS_DEST_F_OVERLOAD: above u_threshold, from the estimator's counts
 
     @property
-    def eff_weight(self) -> int:
-        """The weight scheduling uses: configured, unless health checking overrides it."""
+    def pool_weight(self) -> int:
+        """The weight configuration and health checking give it: configured, unless health checking overrides it."""
         if self.health == "down":
             return 0
         return self.weight if self.health_weight is None else self.health_weight
+
+    @property
+    def eff_weight(self) -> int:
+        """The weight scheduling uses: pool_weight, or 0 while held out for a sorry server."""
+        return 0 if self.held else self.pool_weight
 
 
 def keeps_persistent(d: Dest, expire_quiescent_template: bool) -> bool:
@@ -229,7 +235,7 @@ def keeps_persistent(d: Dest, expire_quiescent_template: bool) -> bool:
     is down by its health check or a checker set its weight to 0 (keepalived's inhibit_on_failure, a
     misc_dynamic 0), the LVS pitfall expire_quiescent_template exists for: our checker knows the server failed.
     The fast path reads the answer as DEST_F_NO_PERSIST."""
-    if d.health == "down" or d.health_weight == 0:
+    if d.health == "down" or d.health_weight == 0 or d.held:
         return False
     return not (expire_quiescent_template and d.eff_weight == 0)
 
@@ -960,7 +966,7 @@ class Balancer:
         for d in dests:
             active, inactive = counts.get(d.slot, (0, 0))
             flags = sched.DestFlag.OVERLOADED if overloaded.get(d.slot, d.overloaded) else sched.DestFlag.NONE
-            if d.health == "down":
+            if d.health == "down" or d.held:
                 flags |= sched.DestFlag.DOWN
             weight = d.weight if d.health_weight is None else d.health_weight
             out.append(sched.Dest(slot_id=d.slot, weight=weight, flags=flags, addr=d.addr, port=d.port,
@@ -1346,6 +1352,10 @@ class Balancer:
         if d is None:
             raise notfound("No such destination")
         self._wtouch(svc)
+        last_sorry = d.sorry and not any(x.sorry for x in svc.dests.values() if x is not d)
+        if last_sorry and self._defer is None:  # with the servers it held back: one table
+            with self.deferred():
+                return self.dest_del(a)
         if self._defer is not None:
             # The slot is cleared, its templates dropped and the slot handed out again only after the batch's
             # tables no longer hold it.
@@ -1355,6 +1365,8 @@ class Balancer:
             if svc.match is None:
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
             self._defer.post.append((self._slots_used.discard, (d.slot,)))
+            if last_sorry:  # however it goes (quorum back, a reload, by hand), the servers it stood in for return
+                self._hold(svc, False)
             return
         plan = self._plan(svc, dests=[x for x in svc.dests.values() if x is not d])
         del svc.dests[key]
@@ -1447,6 +1459,29 @@ class Balancer:
                 except HdslbError as e:
                     out[i] = e
         return out
+
+    def hold_for_sorry(self, ident, held: bool) -> list[Dest]:
+        """keepalived's perform_quorum_state: while a service's sorry server stands in for its lost quorum, its other
+        real servers are out of the pool (no new flows, their persistence templates void, existing flows go on),
+        and one whose check passes meanwhile stays out; once quorum is back they return together. Holds (held=True)
+        or releases every real server of the service but its sorry servers, its table built once. Returns the
+        real servers that changed."""
+        return self._hold(self.get_service(ident), held)
+
+    def _hold(self, svc: Service, held: bool) -> list[Dest]:
+        moved = [d for d in svc.dests.values() if not d.sorry and d.held != held]
+        if not moved:
+            return moved
+        with self.deferred():
+            for d in moved:
+                lost = keeps_persistent(d, self.expire_quiescent_template)
+                d.held = held
+                if not self._hidden(svc):
+                    self._dest_write(svc, d)
+                self._touch(svc)
+                if held and lost and svc.match is None:  # once no table can lead a new flow to it
+                    self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
+        return moved
 
     def dest_warnings(self, svc: Service, d: Dest) -> list[str]:
         """Things that will stop this real server from working that the operator can fix now (not refused: the
@@ -2064,7 +2099,7 @@ def _service_row(b: Balancer, v: Service) -> dict:
         "own_vip": v.own_vip, "config_owned": v.key in b.config_owned,
         "dests": [{"addr": s(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight, "slot": d.slot,
                    "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "health": d.health,
-                   "health_weight": d.health_weight, "reason": d.reason, "sorry": d.sorry}
+                   "health_weight": d.health_weight, "reason": d.reason, "sorry": d.sorry, "held": d.held}
                   for d in v.dests.values()],
         "laddrs": [{"addr": s(la.addr), "ifname": la.ifname} for la in v.laddrs],
     }
@@ -2074,7 +2109,7 @@ def _service_row(b: Balancer, v: Service) -> dict:
 _SVC_STATE = operator.attrgetter("proto", "addr", "port", "sched", "svc_id", "persistent", "netmask", "sched_gen",
                                  "own_vip", "match", "hcells")
 _DEST_STATE = operator.attrgetter("addr", "port", "fwd", "weight", "slot", "u_threshold", "l_threshold", "health",
-                                  "health_weight", "reason", "sorry")
+                                  "health_weight", "reason", "sorry", "held")
 _LADDR_STATE = operator.attrgetter("addr", "ifname")
 
 
@@ -2162,7 +2197,8 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
         for d in v["dests"]:
             dest = Dest(addr=A(d["addr"]), port=d["port"], fwd=d["fwd"], weight=d["weight"], slot=d["slot"],
                         u_threshold=d["u_threshold"], l_threshold=d["l_threshold"], health=d.get("health", "up"),
-                        health_weight=d.get("health_weight"), reason=d.get("reason", ""), sorry=d.get("sorry", False))
+                        health_weight=d.get("health_weight"), reason=d.get("reason", ""), sorry=d.get("sorry", False),
+                        held=d.get("held", False))
             svc.dests[(dest.addr, dest.port)] = dest
             b._slots_used.add(dest.slot)
         svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]

@@ -1775,7 +1775,7 @@ class Daemon:
         down = [d for d in dests if d.health == "down"]
         if down:
             return PoolState(False, None, down[0].reason)
-        weights = {d.eff_weight for d in dests}
+        weights = {d.pool_weight for d in dests}  # a server held out for a sorry server is still up at its weight
         return PoolState(True, weights.pop() if len(weights) == 1 else None)
 
     def _quorum_lost(self, vs_key) -> bool:
@@ -1918,7 +1918,10 @@ class Daemon:
 
     def _set_sorry(self, ident, fwd, where, want, why: str) -> bool:
         """Make the service's sorry server `want` ((addr, port), as WantService.sorry) or none: other sorry servers
-        go, the wanted one comes in if it is not there. Returns whether the model changed."""
+        go, the wanted one comes in if it is not there (on the service's forwarding method: a reload may have
+        changed it), and, as keepalived does, the other real servers are out of the pool while a sorry server is
+        in and come back with quorum (Balancer.hold_for_sorry); all of it one table build. Returns whether the
+        model changed."""
         changed = False
         try:
             svc = self.bal.get_service(ident)
@@ -1926,6 +1929,17 @@ class Daemon:
         except HdslbError as e:
             log.error("sorry server for %s: %s", where, e.message)
             return changed
+        try:
+            with self.bal.deferred():
+                changed = self._sorry_ops(svc, ident, fwd or "fnat", where, key, why)
+        except HdslbError as e:  # a table the batch could not build (the model keeps what was applied)
+            log.error("sorry server for %s: %s", where, e.message)
+            changed = True
+        return changed
+
+    def _sorry_ops(self, svc, ident, fwd: str, where: str, key, why: str) -> bool:
+        changed = False
+        was_held = {id(d): d.held for d in svc.dests.values()}
         for d in [d for d in svc.dests.values() if d.sorry and (d.addr, d.port) != key]:
             try:
                 self.bal.dest_del({"svc": ident, "addr": str(d.addr), "port": d.port})
@@ -1934,17 +1948,35 @@ class Daemon:
                 continue
             changed = True
             log.info("%s %s: sorry server %s removed", where, why, _endpoint(d.addr, d.port))
-        if key is not None and key not in svc.dests:
+        cur = svc.dests.get(key) if key is not None else None
+        if key is not None and cur is None:
             try:
-                d = self.bal.dest_add({"svc": ident, "addr": str(key[0]), "port": key[1], "fwd": fwd or "fnat",
-                                       "weight": 1})
+                d = self.bal.dest_add({"svc": ident, "addr": str(key[0]), "port": key[1], "fwd": fwd, "weight": 1})
             except HdslbError as e:
                 log.error("sorry server for %s: %s", where, e.message)
-                return changed
-            d.sorry = True
-            changed = True
-            self.resolve_soon()
-            log.warning("%s %s: sorry server %s takes new flows", where, why, _endpoint(key[0], key[1]))
+            else:
+                d.sorry = True
+                changed = True
+                self.resolve_soon()
+                log.warning("%s %s: sorry server %s takes new flows", where, why, _endpoint(key[0], key[1]))
+        elif cur is not None and cur.sorry and cur.fwd != fwd:
+            try:
+                self.bal.dest_edit({"svc": ident, "addr": str(key[0]), "port": key[1], "fwd": fwd})
+            except HdslbError as e:
+                log.error("sorry server for %s: %s", where, e.message)
+            else:
+                changed = True
+                self.resolve_soon()
+                log.info("%s: sorry server %s now forwards by %s", where, _endpoint(key[0], key[1]), fwd)
+        held = any(d.sorry for d in svc.dests.values())
+        self.bal.hold_for_sorry(ident, held)  # (the last sorry server's removal released them already)
+        moved = [d for d in svc.dests.values() if not d.sorry and was_held.get(id(d), False) != d.held]
+        changed |= bool(moved)
+        alive = [d for d in moved if d.health == "up"]  # a server down by its check was out already
+        if alive:
+            names = ", ".join(_endpoint(d.addr, d.port) for d in alive[:8]) + (" ..." if len(alive) > 8 else "")
+            log.warning("%s %s: %d real server(s) %s: %s", where, why, len(alive),
+                        "out of the pool while the sorry server stands in" if held else "back in the pool", names)
         return changed
 
     def _sync_sorry(self) -> None:

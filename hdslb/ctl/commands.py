@@ -120,7 +120,7 @@ def _stats_readers(ctx, svcs) -> tuple:
 
 def _dest_brief(d) -> dict:
     return {"addr": str(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.eff_weight, "conf_weight": d.weight,
-            "health": {"state": d.health, "reason": d.reason, "sorry": d.sorry},
+            "health": {"state": d.health, "reason": d.reason, "sorry": d.sorry, "held": d.held},
             "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "overloaded": d.overloaded}
 
 
