@@ -432,6 +432,15 @@ def _proto(name: str) -> int:
     return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}[name]
 
 
+def _member_port(ident: dict, fwd: str | None, rs_port) -> int:
+    """The port of the model's real server a health-check identity (real server port rs_port) stands for in the
+    service `ident`: the service's own for DR and TUNNEL (a group's member, see config.apply.desired) and for a
+    server written without a port (0), else rs_port."""
+    if fwd in ("dr", "tunnel") and "port" in ident:
+        return ident["port"]
+    return rs_port or ident.get("port", 0)
+
+
 def _endpoint(addr, port) -> str:
     a = ipaddress.ip_address(str(addr))
     return f"[{a}]:{port}" if a.version == 6 else f"{a}:{port}"
@@ -1755,10 +1764,11 @@ class Daemon:
     def _dests_of(self, vs_key, rs_key) -> list:
         """The model's dests a health-check identity (virtual server, real server) stands for."""
         out = []
-        for ident, _, _ in self._services_of(vs_key):
+        for ident, fwd, _ in self._services_of(vs_key):
             try:
                 svc = self.bal.get_service(ident)
-                d = svc.dests.get(self.bal._dest_key(svc, {"addr": str(rs_key[0]), "port": rs_key[1]}))
+                d = svc.dests.get(self.bal._dest_key(svc, {"addr": str(rs_key[0]),
+                                                           "port": _member_port(ident, fwd, rs_key[1])}))
             except HdslbError:
                 continue
             if d is not None and not d.sorry:
@@ -1878,8 +1888,8 @@ class Daemon:
             return
         ops, what = [], []
         for vs_key, rs_key, up, weight, reason in verdicts:
-            for ident, _, where in self._services_of(vs_key):  # today's services: one removed meanwhile has none
-                port = rs_key[1] or ident["port"]
+            for ident, fwd, where in self._services_of(vs_key):  # today's services: one removed meanwhile has none
+                port = _member_port(ident, fwd, rs_key[1])
                 ops.append(({"svc": ident, "addr": str(rs_key[0]), "port": port}, up, weight, reason))
                 what.append((where, rs_key[0], port, up, reason))
         t0 = time.perf_counter()

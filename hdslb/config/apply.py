@@ -109,7 +109,10 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
                 ss = vs.sorry_server
                 svc.sorry = (str(ss.ip), 0 if match is not None else (ss.port or port))
             for rs in vs.real_servers:
-                rport = 0 if match is not None else (rs.port or port)
+                # keepalived (ipvswrapper.c ipvs_group_cmd): in a group, DR and TUN real servers are on each
+                # member's port (neither rewrites ports); NAT and FNAT ones where written (no port: the member's)
+                rport = 0 if match is not None else port if vs.group is not None and fwd in ("dr", "tunnel") \
+                    else (rs.port or port)
                 svc.dests[(str(rs.ip), rport)] = WantDest(
                     addr=str(rs.ip), port=rport, weight=rs.weight,
                     u_threshold=rs.uthreshold or 0, l_threshold=rs.lthreshold or 0)
@@ -260,8 +263,6 @@ def _vs_option_inactive(path: str, st, cfg, vs_at: dict) -> str | None:
     vs = vs_at.get((owner.where.file, owner.where.line, owner.where.col)) if owner is not None else None
     if vs is None or path.count("[") > 1:  # a real_server's or a check's option
         return None
-    if st.keyword == "persistence_granularity" and not vs.persistence_timeout:
-        return "without persistence_timeout there is no persistence for it to group clients by"
     if st.keyword == "hash_table_size" and not hashed(vs.lb_algo):
         return f"lb_algo {vs.lb_algo} builds no hash table (sh, dh, mh and conhash do)"
     return None

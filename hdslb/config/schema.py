@@ -193,12 +193,22 @@ def _url_check(node: Node, url: m.HttpUrl, ctx) -> m.HttpUrl:
 
 def _fill_ports(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
     """keepalived (check_data.c, validate_check_config): a real server or sorry server written without a port
-    takes the virtual server's. A group or SNAT service has no one port to give: there a port must be written."""
+    takes the virtual server's. In a `virtual_server group` one written without a port (or with port 0, as
+    keepalived reads it) takes each member's (ipvswrapper.c: port 0 is the virtual port), kept here as port 0;
+    its network checks then need a connect_port. A SNAT service has no one port to give: there a port must be
+    written."""
     label = " ".join(a.text for a in node.args)
     rss, seen = [], {}
     for rs in vs.real_servers:
         filled = rs.port is None
-        if filled:
+        if vs.group is not None and rs.port in (None, 0):
+            rs = _replace(rs, port=0)
+            for c in rs.checkers:
+                if hasattr(c, "connect_port") and c.connect_port is None:
+                    ctx.error(c.where if getattr(c, "where", None) else rs.where, "connect_port",
+                              f"real_server {rs.ip} has no port of its own (it takes each member's of group "
+                              f"{vs.group}): its {c.kind} needs a connect_port")
+        elif filled:
             if vs.port is None:
                 ctx.error(rs.where, "real_server", f"{rs.ip}: needs a port: virtual_server {label} has no single "
                                                    f"port to give it (`real_server IP PORT`)")
@@ -213,7 +223,9 @@ def _fill_ports(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
         seen[rs.key] = (rs.where, filled)
         rss.append(rs)
     sorry = vs.sorry_server
-    if sorry is not None and sorry.port is None:
+    if sorry is not None and vs.group is not None and sorry.port in (None, 0):
+        sorry = m.Endpoint(sorry.ip, 0)  # each member's port
+    elif sorry is not None and sorry.port is None:
         if vs.port is None:
             ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server",
                       f"needs a port: virtual_server {label} has no single port to give it")
@@ -248,11 +260,11 @@ def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
             and vs.persistence_granularity > 32:
         ctx.error(ctx.where_of(node, "persistence_granularity"), "persistence_granularity",
                   f"/{vs.persistence_granularity} is longer than an IPv4 address")
-    if vs.sorry_server is not None and vs.sorry_server.port == 0 and kind != "SNAT":
+    if vs.sorry_server is not None and vs.sorry_server.port == 0 and kind != "SNAT" and vs.group is None:
         ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server", "port 0 is only for SNAT services")
     rss = []
     for rs in vs.real_servers:
-        if rs.port == 0 and kind != "SNAT" and vs.port != 0:
+        if rs.port == 0 and kind != "SNAT" and vs.port != 0 and vs.group is None:
             ctx.error(rs.where, "real_server", f"{rs.ip} port 0 is only for SNAT services (lb_kind SNAT)")
         if kind in ("NAT", "DR", "TUNNEL") and vs.ip is not None and rs.ip.version != vs.ip.version:
             ctx.error(rs.where, "real_server", f"IPv{rs.ip.version} real server behind an IPv{vs.ip.version} "
@@ -267,7 +279,9 @@ def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
             ctx.ref(kw, name, ctx.where_of(node, kw))
     if vs.group is not None:
         ctx.ref("virtual_server group", vs.group, node.args[1].where)
-    return _replace(vs, real_servers=tuple(rss))
+    # keepalived (check_parser.c pgr_handler): persistence_granularity alone turns persistence on, for 360 s
+    pto = vs.persistence_timeout or (360 if vs.persistence_granularity is not None else 0)
+    return _replace(vs, real_servers=tuple(rss), persistence_timeout=pto)
 
 
 def _match_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:

@@ -1,5 +1,5 @@
 """Every option the file sets either acts or is named with the reason it does not: the ones the review found
-accepted in silence (device queues/promisc/mtu, sa_pool, granularity without persistence, hash_table_size under a
+accepted in silence (device queues/promisc/mtu, sa_pool, hash_table_size under a
 scheduler without a table, <init> on virtual_server options, quorum scripts)."""
 
 import pytest
@@ -35,9 +35,16 @@ def test_sa_pool_hash_size_is_noticed():
     assert "per-CPU ranges" in one("sa_pool {\n pool_hash_size 16\n}\n", "pool_hash_size")
 
 
-def test_granularity_without_persistence_is_noticed():
-    assert "persistence_timeout" in one(VS.format(body="persistence_granularity 24"), "persistence_granularity")
-    assert not notices(VS.format(body="persistence_timeout 60\n persistence_granularity 24"))
+def test_granularity_without_a_timeout_turns_persistence_on_as_keepalived_does():
+    # check_parser.c pgr_handler: "if (!vs->persistence_timeout) vs->persistence_timeout = 360"
+    assert not notices(VS.format(body="persistence_granularity 24"))
+    [want] = desired(loads(VS.format(body="persistence_granularity 24")), lambda ip: "eth0").values()
+    assert (want.persistent, want.netmask) == (360, "255.255.255.0")
+    [want] = desired(loads(VS.format(body="persistence_timeout 60\n persistence_granularity 24")),
+                     lambda ip: "eth0").values()
+    assert (want.persistent, want.netmask) == (60, "255.255.255.0")
+    [want] = desired(loads(VS.format(body="lb_algo rr")), lambda ip: "eth0").values()
+    assert want.persistent is None
 
 
 @pytest.mark.parametrize("algo,noticed", [("rr", True), ("wlc", True), ("mh", False), ("conhash", False),

@@ -227,11 +227,15 @@ def test_a_real_or_sorry_server_without_a_port_takes_the_virtual_servers():
     assert refused(VS.format(body=" real_server 10.1.0.1 {\n }\n real_server 10.1.0.1 80 {\n }")) == [
         "k.conf:4:2: real_server: duplicate real_server 10.1.0.1:80 in virtual_server 10.0.0.1 80 (first at "
         "k.conf:2:2)"]
-    # a group has no one port to give
+    # a group has no one port to give: each member gives its own (kept as port 0, keepalived's "the virtual port"),
+    # and the server's checks must say where to connect
+    cfg = load("virtual_server_group g {\n 10.0.0.1 80\n 10.0.0.2 81\n}\nvirtual_server group g {\n"
+               " real_server 10.1.0.1 {\n }\n}\n")
+    assert [(str(rs.ip), rs.port) for rs in cfg.virtual_servers[0].real_servers] == [("10.1.0.1", 0)]
     assert refused("virtual_server_group g {\n 10.0.0.1 80\n 10.0.0.2 81\n}\nvirtual_server group g {\n"
-                   " real_server 10.1.0.1 {\n }\n}\n") == [
-        "k.conf:6:2: real_server: 10.1.0.1: needs a port: virtual_server group g has no single port to give it "
-        "(`real_server IP PORT`)"]
+                   " real_server 10.1.0.1 {\n  TCP_CHECK {\n  }\n }\n}\n") == [
+        "k.conf:7:3: connect_port: real_server 10.1.0.1 has no port of its own (it takes each member's of group g): "
+        "its TCP_CHECK needs a connect_port"]
 
 
 def test_group_members_may_be_networks():
