@@ -657,11 +657,12 @@ def _version(addr: str) -> int:
 
 
 def _sorted_services(services: list[dict], nosort: bool) -> list[dict]:
-    """ipvs_cmp_services: family, protocol, address, port."""
+    """ipvs_cmp_services: family, protocol, address, port; the SNAT match services first, as the daemon lists
+    them: in the order they are tried (first match wins), which -S must keep for -R to restore it."""
     if nosort:
         return list(services)
-    return sorted(services, key=lambda s: (_version(s["addr"]), PROTO_NUMBERS.get(s["proto"], 0),
-                                           int(ipaddress.ip_address(s["addr"])), s["port"]))
+    return sorted(services, key=lambda s: (0,) if s.get("match") else (
+        1, _version(s["addr"]), PROTO_NUMBERS.get(s["proto"], 0), int(ipaddress.ip_address(s["addr"])), s["port"]))
 
 
 def _sorted_dests(dests: list[dict], nosort: bool) -> list[dict]:

@@ -156,14 +156,22 @@ def _svc_data(ctx, svc, conn_counts, persist_counts, stats=None, laddr_counts=No
 
 
 def _sort_key(s):
-    """A listing's order (ipvsadm -L's): protocol, family, address, port, SNAT match. Made once per service (what
-    it is made of names the service and never changes) and kept on it, with the address as its int (ordered as the
-    address, within a version): sorting 10k services compared IPv4Address objects in Python ~140k times (44 ms of
-    the event loop per listing), and making the keys took ~20 ms more; ints compare in C."""
+    """A listing's order of VIP services (ipvsadm -L's): protocol, family, address, port. Made once per service
+    (what it is made of names the service and never changes) and kept on it, with the address as its int (ordered
+    as the address, within a version): sorting 10k services compared IPv4Address objects in Python ~140k times
+    (44 ms of the event loop per listing), and making the keys took ~20 ms more; ints compare in C."""
     k = s.__dict__.get("_sort_key")
     if k is None:
-        k = s.__dict__["_sort_key"] = (s.proto, s.addr.version, int(s.addr), s.port, str(s.match or ""))
+        k = s.__dict__["_sort_key"] = (s.proto, s.addr.version, int(s.addr), s.port)
     return k
+
+
+def _listed(bal) -> list:
+    """Every service in a listing's order: the SNAT match services first, in the order the fast path tries them
+    (snat_order: creation order, first match wins), then the VIP services by _sort_key. Matches are never sorted by
+    what they match: ipvsadm -S writes them in this order and -R creates them in it, so a save and restore keeps
+    which rule wins, and -Ln shows it."""
+    return list(bal.snat_order) + sorted((s for s in bal.services.values() if s.match is None), key=_sort_key)
 
 
 def _persist_counts(ctx) -> dict:
@@ -247,7 +255,7 @@ def service_list(ctx, a):
     if type(brief) is not bool:
         raise invalid(f"service.list: brief must be true or false, not {brief!r}")
     one = _opt_svc(ctx, a)
-    svcs = [one] if one else sorted(ctx.bal.services.values(), key=_sort_key)
+    svcs = [one] if one else _listed(ctx.bal)
     if brief:
         # No map is read: answered on the loop at once, even for a service on a table of a million connections
         # (the REST writes' snapshot of a service before their plan: 0.5 ms a request with the counts and stats).

@@ -419,6 +419,59 @@ def test_restore_prints_warnings_with_their_line(model, monkeypatch, capsys):
     assert err.startswith("ipvsadm: warning: line 2: no route to 192.168.1.1")
 
 
+def _first_match(bal: Balancer, proto: str, src: str, dst: str):
+    """The SNAT service a packet from inside takes: the first rule of snat_order (the fast path's rule array, in
+    its order) whose protocol and ranges hold it."""
+    def within(r, a):
+        return r is None or r[0] <= A(a) <= r[1]
+    return next((s for s in bal.snat_order if s.match.proto == proto and within(s.match.src, src)
+                 and within(s.match.dst, dst)), None)
+
+
+def test_save_and_restore_keep_which_snat_match_wins(monkeypatch, capsys):
+    """Match services are tried in creation order, first match wins: -Ln lists them in that order and -S writes
+    them in it, so -R creates them in it again. (Sorted by what they match, the /24 came before the host, the
+    restore made it the first rule, and the host's traffic took the /24's source address.)"""
+    from .test_api import FakeCtx
+    ctx = FakeCtx()
+    ctx.bal.service_add({"proto": "tcp", "addr": "10.9.9.9", "port": 80, "sched": "wrr"})
+    for tool in (ipvsadm, dpip):
+        monkeypatch.setattr(tool, "Client", ModelClient(ctx))
+    for ad in ("203.0.113.1/24", "203.0.113.2/24"):
+        assert dpip.main(["addr", "add", ad, "dev", "eth0", "sapool"]) == 0
+    host, net, udp = ("proto=tcp,src-range=10.1.0.100", "proto=tcp,src-range=10.1.0.1-10.1.0.254",
+                      "proto=udp,src-range=10.1.0.1-10.1.0.254")
+    for m, sa in ((udp, "203.0.113.1"), (host, "203.0.113.2"), (net, "203.0.113.1")):
+        assert ipvsadm.main(["-A", "-H", m, "-s", "rr"]) == 0
+        assert ipvsadm.main(["-a", "-H", m, "-r", f"{sa}:0"]) == 0
+    order = [str(s.match) for s in ctx.bal.snat_order]
+    assert order == [udp, host, net]
+    assert list(_first_match(ctx.bal, "tcp", "10.1.0.100", "198.51.100.1").dests)[0][0] == A("203.0.113.2")
+    capsys.readouterr()
+    assert ipvsadm.main(["-Ln"]) == 0
+    assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MATCH")] == [
+        "MATCH udp,from=10.1.0.1-10.1.0.254 rr", "MATCH tcp,from=10.1.0.100 rr", "MATCH tcp,from=10.1.0.1-10.1.0.254 rr"]
+    assert ipvsadm.main(["-Sn"]) == 0
+    saved = capsys.readouterr().out
+    assert [ln for ln in saved.splitlines() if ln.startswith("-A -H")] == [f"-A -H {m} -s rr" for m in order]
+    monkeypatch.setattr("sys.stdin", io.StringIO("-C\n" + saved))
+    assert ipvsadm.main(["-R"]) == 0
+    assert [str(s.match) for s in ctx.bal.snat_order] == order
+    assert list(_first_match(ctx.bal, "tcp", "10.1.0.100", "198.51.100.1").dests)[0][0] == A("203.0.113.2"), \
+        "the host's rule still wins after the restore"
+    assert list(_first_match(ctx.bal, "tcp", "10.1.0.7", "198.51.100.1").dests)[0][0] == A("203.0.113.1")
+    # and the fast path's rule array holds them in that order
+    rules = {}
+    for name, args in ctx.bal.dp.calls:
+        if name == "snat_rule_set":
+            rules[args[0]] = str(args[1].match)
+    assert [rules[i] for i in range(3)] == order
+    # the VIP service of the fixture is listed after them, and saved again the same
+    capsys.readouterr()
+    assert ipvsadm.main(["-Sn"]) == 0
+    assert capsys.readouterr().out == saved
+
+
 # --- deferred rebuilds ------------------------------------------------------------------------------
 def _ops():
     """Adds, edits and deletes over ring and hash services, with a slot freed and one taken in the same batch."""
