@@ -584,7 +584,9 @@ def _build(line: _Line) -> Invocation:
     default_fwd = "snat" if line.match is not None else DEFAULT_FWD
     if line.match is not None:
         port = port or 0
-    # No port: the service's. Direct routing and tunnelling cannot change the port, so theirs is forced.
+    # No port: the service's. Direct routing and tunnelling cannot change the port, so theirs is forced (for -a
+    # and -e, as ipvsadm; not for -d, as ipvsadm). An -e with no method keeps the server's own: the daemon's
+    # dest.edit then takes the port of a DR or TUNNEL server as the service's itself.
     elif port is None or (line.fwd or (DEFAULT_FWD if cmd == "add-server" else None)) in ("dr", "tunnel"):
         port = svc["port"]
     dest = {"svc": svc, "addr": str(addr), "port": port}

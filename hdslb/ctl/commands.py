@@ -317,9 +317,27 @@ def dest_add(ctx, a):
     return {"warnings": warnings} if warnings else None
 
 
+def _edit_target(bal, a: dict) -> dict:
+    """A DR or TUNNEL server has the service's port whatever port it was added with (ipvsadm forces it for -a and
+    -e alike, and ipvsadm -a here does): an edit naming another port, with no server there, means the server at the
+    service's port when the method it ends with (the one given, else its own) is one of those two. dest.set (REST
+    upserts) keeps exact ports: a server it does not find there is added."""
+    try:
+        svc = bal.get_service(a.get("svc"))
+        addr, port = bal._dest_key(svc, a)
+    except HdslbError:
+        return a  # refused by dest_edit with its own message
+    if svc.match is not None or port == svc.port or (addr, port) in svc.dests:
+        return a
+    d = svc.dests.get((addr, svc.port))
+    if d is not None and (a.get("fwd") or d.fwd) in ("dr", "tunnel"):
+        return {**a, "port": svc.port}
+    return a
+
+
 @command("dest.edit")
 def dest_edit(ctx, a):
-    d = ctx.bal.dest_edit(a)
+    d = ctx.bal.dest_edit(_edit_target(ctx.bal, a))
     warnings = ctx.bal.dest_warnings(ctx.bal.get_service(a.get("svc")), d)
     return {"warnings": warnings} if warnings else None
 

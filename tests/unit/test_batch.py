@@ -472,6 +472,43 @@ def test_save_and_restore_keep_which_snat_match_wins(monkeypatch, capsys):
     assert capsys.readouterr().out == saved
 
 
+def test_edit_of_a_dr_or_tunnel_server_names_it_by_any_port_as_its_add_did(monkeypatch, capsys):
+    """ipvsadm forces a DR/TUNNEL server's port to the service's for -a and -e alike: the line that added it
+    edits it, with no method given (the server's own is kept) or with -g/-i; a NAT server's port stays its own;
+    -d does not force (nor does ipvsadm); REST's dest.set still adds a server it does not find at that port."""
+    from .test_api import FakeCtx
+    ctx = FakeCtx()
+    monkeypatch.setattr(ipvsadm, "Client", ModelClient(ctx))
+    ctx.bal.route_add({"prefix": "10.0.1.0", "prefixlen": 24, "ifname": "eth1"})
+    svc = ctx.bal.services
+    for line in ("-A -t 10.0.0.1:80 -s rr", "-a -t 10.0.0.1:80 -r 10.0.1.1:8080 -g",
+                 "-a -t 10.0.0.1:80 -r 10.0.1.2:8080 -m", "-a -t 10.0.0.1:80 -r 10.0.1.3:8080 -i"):
+        assert ipvsadm.main(line.split()) == 0
+    dests = svc[("tcp", A("10.0.0.1"), 80)].dests
+    assert sorted((str(a), p) for a, p in dests) == [("10.0.1.1", 80), ("10.0.1.2", 8080), ("10.0.1.3", 80)]
+    assert ipvsadm.main("-e -t 10.0.0.1:80 -r 10.0.1.1:8080 -w 3".split()) == 0
+    assert ipvsadm.main("-e -t 10.0.0.1:80 -r 10.0.1.3:8080 -x 9".split()) == 0
+    assert ipvsadm.main("-e -t 10.0.0.1:80 -r 10.0.1.2:8080 -w 5".split()) == 0
+    d1, d2, d3 = dests[(A("10.0.1.1"), 80)], dests[(A("10.0.1.2"), 8080)], dests[(A("10.0.1.3"), 80)]
+    assert (d1.fwd, d1.weight, d2.fwd, d2.weight, d3.fwd, d3.u_threshold) == ("dr", 3, "nat", 5, "tunnel", 9)
+    # given, the method decides: -g/-i force the port as -a does, -m does not (no NAT server is at 8080)
+    assert ipvsadm.main("-e -t 10.0.0.1:80 -r 10.0.1.1:8080 -g -w 4".split()) == 0
+    assert d1.weight == 4
+    capsys.readouterr()
+    assert ipvsadm.main("-e -t 10.0.0.1:80 -r 10.0.1.1:8080 -m -w 6".split()) == 1
+    assert ipvsadm.main("-d -t 10.0.0.1:80 -r 10.0.1.1:8080".split()) == 1
+    assert capsys.readouterr().err == "No such destination\nNo such destination\n"
+    assert d1.weight == 4 and (A("10.0.1.1"), 80) in dests
+    # in a restore's batch too
+    monkeypatch.setattr("sys.stdin", io.StringIO("-e -t 10.0.0.1:80 -r 10.0.1.1:8080 -w 7\n"))
+    assert ipvsadm.main(["-R"]) == 0
+    assert d1.weight == 7
+    # dest.set (REST bulk upserts) keeps exact ports: not there, the server is added
+    assert commands.dispatch(ctx, "dest.set", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
+                                               "addr": "10.0.1.1", "port": 8080, "fwd": "nat"}) == {"result": "added"}
+    assert dests[(A("10.0.1.1"), 8080)].fwd == "nat" and d1.fwd == "dr" and d1.weight == 7
+
+
 # --- deferred rebuilds ------------------------------------------------------------------------------
 def _ops():
     """Adds, edits and deletes over ring and hash services, with a slot freed and one taken in the same batch."""
