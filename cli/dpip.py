@@ -466,10 +466,12 @@ def parse(argv: list[str]) -> Invocation:
 
 
 def format_addrs(data: dict) -> str:
-    """DPVS addr.c addr_dump; no broadcast address, lifetimes are always forever."""
+    """DPVS addr.c addr_dump; no broadcast address, lifetimes are always forever. Where DPVS ends a sapool
+    address's second line with its pool's figures (` sa_used N sa_free N sa_miss N`), hdslb, which keeps no per-
+    address pool (the fast path picks a free source port per flow), ends it with ` sapool`."""
     return "".join(
         f"{AF_NAMES[a['af']]} {a['addr']}/{a['prefixlen']} scope {a['scope']} {a['ifname']}\n"
-        f"     valid_lft forever preferred_lft forever\n"
+        f"     valid_lft forever preferred_lft forever{' sapool' if a.get('sapool') else ''}\n"
         for a in data["addrs"])
 
 

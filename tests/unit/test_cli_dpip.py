@@ -242,6 +242,24 @@ def test_addr_show_matches_dpvs():
         "inet 192.168.100.100/24 scope global dpdk0\n"
         "     valid_lft forever preferred_lft forever\n"
         "inet6 2001:db8::1/64 scope link dpdk0\n"
+        "     valid_lft forever preferred_lft forever sapool\n")
+
+
+def test_addr_show_marks_sapool_addresses(monkeypatch, capsys):
+    """Over the daemon's own addr.list: DPVS ends a sapool address's line with its pool's figures; hdslb keeps
+    none per address, so the word says which addresses SNAT may hand out as sources."""
+    from .test_api import FakeCtx
+    from .test_batch import ModelClient
+    ctx = FakeCtx()
+    monkeypatch.setattr(dpip, "Client", ModelClient(ctx))
+    assert dpip.main(["addr", "add", "203.0.113.1/24", "dev", "eth0", "sapool"]) == 0
+    assert dpip.main(["addr", "add", "203.0.113.2/24", "dev", "eth0"]) == 0
+    capsys.readouterr()
+    assert dpip.main(["addr", "show"]) == 0
+    assert capsys.readouterr().out == (
+        "inet 203.0.113.1/24 scope global eth0\n"
+        "     valid_lft forever preferred_lft forever sapool\n"
+        "inet 203.0.113.2/24 scope global eth0\n"
         "     valid_lft forever preferred_lft forever\n")
 
 
