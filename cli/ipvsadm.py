@@ -195,7 +195,8 @@ def _tokens(argv: list[str]):
             for word in argv[i:]:
                 yield None, word
             return
-        if _NEGATIVE.fullmatch(tok):  # no option is a digit: a number (--set's values), refused as a value
+        if _NEGATIVE.fullmatch(tok) and tok[1] not in _BY_SHORT and tok[1] not in _UNSUPPORTED_SHORT:
+            # a number (--set's values), refused as a value; -6 is ipvsadm's --ipv6, refused as that option
             yield None, tok
         elif tok.startswith("--"):
             name, eq, val = tok[2:].partition("=")

@@ -66,6 +66,15 @@ def test_a_negative_number_is_still_an_unknown_option_elsewhere():
         ipvsadm.parse(["-L", "-5"])
 
 
+@pytest.mark.parametrize("argv", [["-L", "-6"], ["-6", "-L"], ["-Ln", "-6"], ["-Ln6"], ["--set", "-6", "0", "0"]])
+def test_minus_6_is_ipvsadms_ipv6_option_not_a_number(argv):
+    """-6 is an option of ipvsadm's (--ipv6, for -f services): refused by name with the reason, as --ipv6 is,
+    not taken for a negative number."""
+    with pytest.raises(UsageError, match=r"^-6 \(--ipv6\): not supported by hdslb: it only applies to "
+                                         r"firewall-mark services"):
+        ipvsadm.parse(argv)
+
+
 def test_restore_takes_set_lines_in_its_batch(client, capsys, monkeypatch):
     """ipvsadm -R runs every command line it reads, --set included (-S never writes one: timeouts are not rules)."""
     monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80 -s rr\n--set 0 0 2\n"))
