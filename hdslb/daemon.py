@@ -1721,7 +1721,8 @@ class Daemon:
             return override
         if not self.settings.config_file:
             return ""
-        with open(self.settings.config_file) as f:
+        # as the loader reads it (bytes, UTF-8), with a comment's stray non-UTF-8 bytes shown as U+FFFD
+        with open(self.settings.config_file, encoding="utf-8", errors="replace") as f:
             return f.read()
 
     # --- health checks --------------------------------------------------------------------------

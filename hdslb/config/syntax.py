@@ -12,6 +12,8 @@ node name), `@^ID` only when it is not; `$NAME=TEXT` defines a parameter (a trai
 line) and `$NAME` or `${NAME}` later in the text is replaced by it (`$_PWD`: the directory of the file being read,
 `$_INSTANCE`: the config id). A `{` may sit on the line after its keyword. `include GLOB` is replaced by the tokens
 of the files it names, relative to the including file, which is why it works anywhere, even inside a block.
+A file is read as bytes, as keepalived reads it: bytes that are not UTF-8 may sit in a comment; elsewhere they are an
+error at their line and column.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Params:
         out: List[Tuple[int, str]] = []
         for lineno, raw in enumerate(text.splitlines(), 1):
             line, cont = _decomment(raw)
+            _utf8_only(line, Where(file, lineno, 1))
             if self._open is not None:
                 if not line.strip():
                     self._open = None
@@ -210,6 +213,24 @@ def _decomment(raw: str) -> Tuple[str, bool]:
     return "".join(out).rstrip(), False
 
 
+_UNDECODED = re.compile("[\udc80-\udcff]+")  # bytes that were not UTF-8, as decode(errors="surrogateescape") keeps them
+
+
+def decode(data: bytes) -> str:
+    """A config file's bytes as text. keepalived reads bytes, so a stray byte in a comment is nothing to it; here
+    bytes that are not UTF-8 are kept (as lone surrogates) for the reader to refuse where they matter: outside
+    comments (_utf8_only), after _decomment has dropped those."""
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _utf8_only(line: str, where: Where) -> None:
+    m = _UNDECODED.search(line)
+    if m is not None:
+        shown = "".join(f"\\x{ord(c) - 0xdc00:02x}" for c in m.group())
+        raise ConfigError(Where(where.file, where.line, m.start() + 1), "encoding",
+                          f"bytes {shown} are not UTF-8 (only a comment may hold such bytes): write the file as UTF-8")
+
+
 def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Token]:
     """Split one file's text; ends with an EOF token. Raises ConfigError for an unterminated string."""
     toks: List[Token] = []
@@ -275,9 +296,9 @@ class Reader:
         if len(stack) >= MAX_INCLUDE_DEPTH:
             raise ConfigError(at.where, "include", f"includes nested deeper than {MAX_INCLUDE_DEPTH}")
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            with open(path, "rb") as f:
+                text = decode(f.read())
+        except OSError as e:
             if at is None:
                 raise ConfigError(Where(path, 0, 0), "file", f"cannot read: {_why(e)}") from None
             raise ConfigError(at.where, "include", f"cannot read {path}: {_why(e)}") from None

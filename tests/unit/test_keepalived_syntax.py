@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from hdslb.config import ConfigError, loads
+from hdslb.config import load as config_load
 from hdslb.config.apply import inactive_notices
 from hdslb.config.model import HttpCheck, HttpUrl
 from hdslb.health import check_http
@@ -437,3 +438,42 @@ def test_body_regexes_are_refused(kw):
     (err,) = refused(VS.format(body=f" real_server 10.1.0.1 80 {{\n  HTTP_GET {{\n   url {{\n    path /\n    {kw}\n"
                                     "   }\n  }\n }"))
     assert err.startswith(f"k.conf:6:5: {kw.split()[0]}: matching the body with a regex is not implemented")
+
+
+# ---------------------------------------------------------------- bytes that are not UTF-8
+
+
+def test_bytes_that_are_not_utf8_in_a_comment_are_ignored(tmp_path):
+    # keepalived reads bytes: a Latin-1 comment (an old file's author name, say) means nothing to it
+    f = tmp_path / "k.conf"
+    f.write_bytes(b"! Ren\xe9's services\nvirtual_server 10.0.0.1 80 { # \xff\xfe\n real_server 10.1.0.1 80 {\n"
+                  b"  weight 3 ! caf\xe9\n }\n}\n")
+    cfg = config_load(str(f))
+    assert weights(cfg) == [("10.1.0.1", 3)]
+
+
+def test_bytes_that_are_not_utf8_elsewhere_are_refused_where_they_are(tmp_path):
+    f = tmp_path / "k.conf"
+    f.write_bytes(b"virtual_server 10.0.0.1 80 {\n real_server 10.1.0.1 80 {\n  weight 3\n"
+                  b"  MISC_CHECK { misc_path \"/bin/chk caf\xe9\xff\" } # \xe9\n }\n}\n")
+    with pytest.raises(ConfigError) as ei:
+        config_load(str(f))
+    e = ei.value
+    assert (e.file, e.line, e.col, e.keyword) == (str(f), 4, 39, "encoding")
+    assert e.reason.startswith("bytes \\xe9\\xff are not UTF-8")
+    # in an included file too, and in a parameter's definition
+    (tmp_path / "inc.conf").write_bytes(b"$W=3\xa0\nvirtual_server 10.0.0.1 80 {\n}\n")
+    f.write_text("include inc.conf\n")
+    with pytest.raises(ConfigError) as ei:
+        config_load(str(f))
+    assert str(ei.value).startswith(f"{tmp_path / 'inc.conf'}:1:5: encoding: bytes \\xa0 are not UTF-8")
+
+
+async def test_config_get_shows_a_file_with_a_stray_byte_in_a_comment(tmp_path):
+    from tests.unit.test_api_security import BASE, HarnessDaemon
+
+    conf = tmp_path / "hdslb.conf"
+    conf.write_bytes(b"# \xe9\n" + BASE.encode())
+    d = HarnessDaemon(conf, tmp_path)
+    await d.reload_config()
+    assert d.config_text() == "# \ufffd\n" + BASE
