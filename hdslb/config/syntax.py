@@ -11,7 +11,9 @@ themselves); a line starting `@ID` is kept only when ID is the config id (keepal
 node name), `@^ID` only when it is not; `$NAME=TEXT` defines a parameter (a trailing `\` continues TEXT on the next
 line) and `$NAME` or `${NAME}` later in the text is replaced by it (`$_PWD`: the directory of the file being read,
 `$_INSTANCE`: the config id). A `{` may sit on the line after its keyword. `include GLOB` is replaced by the tokens
-of the files it names, relative to the including file, which is why it works anywhere, even inside a block.
+of the files it names, relative to the including file, which is why it works anywhere, even inside a block; its
+argument is one word taken whole, braces and all (`conf.d/{web,db}/*.conf`: glob(3)'s GLOB_BRACE, as keepalived
+globs), and what the glob matches that is not a regular, non-executable file is skipped with a notice.
 A file is read as bytes, as keepalived reads it: bytes that are not UTF-8 may sit in a comment; elsewhere they are an
 error at their line and column.
 """
@@ -23,10 +25,11 @@ import glob
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .model import ConfigError, Where
+from .model import ConfigError, Notice, Where
 
 WORD, STRING, LBRACE, RBRACE, SEMI, INIT, EOL, EOF = "word", "string", "{", "}", ";", "<init>", "eol", "eof"
 
@@ -264,11 +267,39 @@ def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Toke
                 while i < n and not line[i].isspace() and line[i] not in _PUNCT and line[i] != '"':
                     i += 1
                 word = line[start:i]
+                at_start = len(toks) < 1 or toks[-1].kind in (EOL, SEMI, LBRACE, RBRACE)
                 toks.append(Token(INIT if word == "<init>" else WORD, word, Where(file, lineno, start + 1)))
+                if word == "include" and at_start:
+                    i = _include_arg(line, i, file, lineno, toks)
         toks.append(Token(EOL, "", Where(file, lineno, len(line) + 1)))
     nlines = len(text.splitlines())
     toks.append(Token(EOF, "", Where(file, nlines + 1, 1)))
     return toks
+
+
+def _include_arg(line: str, i: int, file: str, lineno: int, toks: List[Token]) -> int:
+    """The word after `include`, taken whole: braces in it are the glob's (`conf.d/{web,db}/*.conf`, keepalived's
+    GLOB_BRACE), not a block. It ends at a blank, or at a `;` or a `}` outside its braces (so `{ include x.conf }`
+    still closes the block). A quoted name is an ordinary string. Returns where the tokenizer goes on."""
+    n = len(line)
+    while i < n and line[i].isspace():
+        i += 1
+    if i >= n or line[i] == '"':
+        return i
+    start, depth = i, 0
+    while i < n:
+        c = line[i]
+        if c == "\\" and i + 1 < n:
+            i += 2
+            continue
+        if c.isspace() or c == '"' or (depth == 0 and c in ";}"):
+            break
+        depth += c == "{"
+        depth -= c == "}"
+        i += 1
+    if i > start:
+        toks.append(Token(WORD, line[start:i], Where(file, lineno, start + 1)))
+    return i
 
 
 class Reader:
@@ -276,6 +307,7 @@ class Reader:
 
     def __init__(self, allow_include: bool = True, config_id: Optional[str] = None) -> None:
         self.files: List[str] = []
+        self.notices: List[Notice] = []  # what an include's glob matched and was skipped (keepalived skips it too)
         self.allow_include = allow_include  # False: text from the network (see loader.loads posted=True)
         # `@ID` lines and `$NAME` definitions, shared by every file read (a definition holds in the files included
         # after it, as in keepalived)
@@ -325,12 +357,45 @@ class Reader:
                     j += 1
                 if len(args) != 1:
                     raise ConfigError(t.where, "include", "expects exactly one file name or glob")
-                for path in _glob(args[0], base_dir):
+                for path in self._matches(args[0], base_dir):
                     out.extend(self._file(path, stack, args[0]))
                 i = j
                 continue
             out.append(t)
             i += 1
+        return out
+
+    def _matches(self, arg: Token, base_dir: str) -> List[str]:
+        """The files `include ARG` reads, in order. As keepalived's read_conf_file (glob with GLOB_BRACE): what a
+        pattern matches that is a directory, not a regular file, or executable is skipped, with a notice here (a
+        conf.d/ holding an old/ directory or a script loads); a pattern matching nothing is fine (an empty conf.d/).
+        A plain name must be a readable config file: missing, a directory or executable, it is an error here."""
+        alternatives = _braces(arg)
+        patterns = [os.path.join(base_dir, os.path.expanduser(p)) for p in alternatives]
+        braced = "{" in re.sub(r"\\.", "", arg.text)
+        if not braced and not glob.has_magic(patterns[0]):
+            path = patterns[0]
+            if not os.path.exists(path):
+                raise ConfigError(arg.where, "include", f"{path}: no such file")
+            why = _not_a_config_file(path)
+            if why is not None:
+                hint = f"include the files in it (`include {arg.text.rstrip('/')}/*.conf`)" if why == "is a directory" \
+                    else "chmod a-x it" if why == "is executable" else "include a regular file"
+                raise ConfigError(arg.where, "include", f"{path} {why}: keepalived reads only regular, non-executable "
+                                                        f"files as config; {hint}")
+            return [path]
+        out: List[str] = []
+        for pattern in patterns:
+            # glob(3) sorts each brace alternative's matches; the alternatives stay in the order written
+            for path in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else \
+                    [pattern] if os.path.lexists(pattern) else []:
+                why = _not_a_config_file(path)
+                if why is None:
+                    out.append(path)
+                else:
+                    self.notices.append(Notice(arg.where.file, arg.where.line, "include",
+                                               f"skipped {path}: {why} (as keepalived does; only regular, "
+                                               f"non-executable files are read)"))
         return out
 
 
@@ -339,14 +404,61 @@ def _starts_statement(out: Sequence[Token]) -> bool:
     return not out or out[-1].kind in (EOL, SEMI, LBRACE, RBRACE)
 
 
-def _glob(arg: Token, base_dir: str) -> List[str]:
-    pattern = os.path.join(base_dir, os.path.expanduser(arg.text))
-    if glob.has_magic(pattern):
-        # keepalived: a pattern matching nothing is fine (an empty conf.d/).
-        return sorted(glob.glob(pattern))
-    if not os.path.exists(pattern):
-        raise ConfigError(arg.where, "include", f"{pattern}: no such file")
-    return [pattern]
+def _not_a_config_file(path: str) -> Optional[str]:
+    """Why keepalived would not read `path` as config (read_conf_file: a directory, or not a regular non-executable
+    file), or None. A path that cannot be stat'ed is left to the read, which names the reason."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+        return "is executable"
+    return None
+
+
+MAX_BRACE_ALTERNATIVES = 1024  # a brace pattern's expansions: `{a,b}{c,d}…` multiplies
+
+
+def _braces(arg: Token) -> List[str]:
+    r"""csh-style brace expansion, as glob(3)'s GLOB_BRACE does it (Python's glob has none): `{a,b}.conf` is a.conf
+    and b.conf, `{foo/{,cat,dog},bar}` foo/, foo/cat, foo/dog and bar (keepalived.conf(5)), in that order; `\{`,
+    `\}` and `\,` are the characters. A name without braces is itself. An unbalanced brace is an error."""
+    text = arg.text
+    open_at, depth, commas, i = -1, 0, [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                open_at, commas = i, []
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(arg.where, "include", f"{text!r}: '}}' without a matching '{{'")
+            if depth == 0:
+                cuts = [open_at] + commas + [i]
+                head, tail = text[:open_at], text[i + 1:]
+                out: List[str] = []
+                for a, b in zip(cuts, cuts[1:]):
+                    word = head + text[a + 1:b] + tail
+                    out.extend(_braces(Token(arg.kind, word, arg.where)))
+                    if len(out) > MAX_BRACE_ALTERNATIVES:
+                        raise ConfigError(arg.where, "include", f"{text!r} expands to more than "
+                                                                f"{MAX_BRACE_ALTERNATIVES} names")
+                return out
+        elif c == "," and depth == 1:
+            commas.append(i)
+        i += 1
+    if depth:
+        raise ConfigError(arg.where, "include", f"{text!r}: '{{' without a matching '}}'")
+    return [re.sub(r"\\([{},])", r"\1", text)]
 
 
 def _why(e: Exception) -> str:

@@ -253,6 +253,83 @@ def test_include_inside_a_block_and_from_loads(tmp_path):
     assert str(ei.value) == "<string>:2:5: include: expects exactly one file name or glob"
 
 
+def _vs_file(path, ip):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"virtual_server {ip} 80 {{\n    real_server 10.9.0.1 80 {{\n    }}\n}}\n")
+
+
+def test_include_glob_skips_directories_and_executables_with_a_notice(tmp_path):
+    # keepalived's read_conf_file: what a glob matches that is a directory, or not a regular non-executable file,
+    # is skipped; here each skip is a notice (`check`, start, reload), not a refusal of the whole file
+    _vs_file(tmp_path / "conf.d" / "10-web.conf", "10.0.0.1")
+    (tmp_path / "conf.d" / "old").mkdir()
+    (tmp_path / "conf.d" / "old" / "x.conf").write_text("frobnicate yes\n")
+    script = tmp_path / "conf.d" / "gen.sh"
+    script.write_text("#!/bin/sh\necho 'virtual_server 10.0.0.9 80 {'\n")
+    script.chmod(0o755)
+    os.mkfifo(tmp_path / "conf.d" / "pipe")
+    main = tmp_path / "main.conf"
+    main.write_text("! services\ninclude conf.d/*\n")
+    cfg = load(str(main))
+    assert [str(v) for v in cfg.virtual_servers] == ["10.0.0.1:80/TCP"]
+    assert [os.path.basename(f) for f in cfg.files] == ["main.conf", "10-web.conf"]
+    skipped = [str(n) for n in cfg.notices]
+    assert skipped == [f"{main}:2: include: skipped {tmp_path}/conf.d/{name}: {why} (as keepalived does; only "
+                       f"regular, non-executable files are read)"
+                       for name, why in (("gen.sh", "is executable"), ("old", "is a directory"),
+                                         ("pipe", "is not a regular file"))]
+    from hdslb.config.apply import inactive_notices
+    assert inactive_notices(cfg)[:3] == skipped  # what `hdslb-ctl check` prints as notices
+
+
+def test_include_of_a_named_directory_or_executable_is_an_error_at_its_line(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    script = tmp_path / "gen.sh"
+    script.write_text("virtual_server 10.0.0.9 80 {\n}\n")
+    script.chmod(0o700)
+    main = tmp_path / "main.conf"
+    main.write_text("global_defs {\n}\n  include conf.d\n")
+    with pytest.raises(ConfigError) as ei:
+        load(str(main))
+    assert str(ei.value) == (f"{main}:3:11: include: {tmp_path}/conf.d is a directory: keepalived reads only "
+                             f"regular, non-executable files as config; include the files in it (`include "
+                             f"conf.d/*.conf`)")
+    main.write_text("include gen.sh\n")
+    with pytest.raises(ConfigError) as ei:
+        load(str(main))
+    assert str(ei.value).startswith(f"{main}:1:9: include: {tmp_path}/gen.sh is executable:")
+
+
+def test_include_expands_braces_as_glob_brace(tmp_path):
+    for name, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"), ("web/1", "10.0.0.3"), ("web/2", "10.0.0.4"),
+                     ("db/1", "10.0.0.5"), ("other/1", "10.0.0.6"), ("c", "10.0.0.7")):
+        _vs_file(tmp_path / f"{name}.conf", ip)
+    main = tmp_path / "main.conf"
+    # the alternatives in the order written, each one's matches sorted; a missing alternative is no error
+    main.write_text("include {b,a,missing}.conf\ninclude {web,db}/*.conf ! a comment ends it\n")
+    cfg = load(str(main))
+    assert [str(v.ip) for v in cfg.virtual_servers] == ["10.0.0.2", "10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+    # nested, with an empty alternative (keepalived.conf(5)'s `{foo/{,cat,dog},bar}`); `web/` is a directory
+    main.write_text("include {web/{,1.conf},c.conf}\n")
+    cfg = load(str(main))
+    assert [str(v.ip) for v in cfg.virtual_servers] == ["10.0.0.3", "10.0.0.7"]
+    assert [n.reason.split(":")[0] for n in cfg.notices] == [f"skipped {tmp_path}/web/"]
+    # inside a block on one line, and before a `;`, the braces are still the block's
+    (tmp_path / "rs.conf").write_text("real_server 10.1.0.1 80 {\n    weight 4\n}\n")
+    (tmp_path / "rs2.conf").write_text("real_server 10.1.0.2 80 {\n    weight 5\n}\n")
+    cfg = loads("virtual_server 10.0.0.8 80 { include rs{,2}.conf }\nvirtual_server 10.0.0.9 80 {\n"
+                "    include rs.conf; lb_algo rr\n}\n", base_dir=str(tmp_path))
+    assert [(str(rs.ip), rs.weight) for rs in cfg.virtual_servers[0].real_servers] == [("10.1.0.1", 4),
+                                                                                       ("10.1.0.2", 5)]
+    assert cfg.virtual_servers[1].lb_algo == "rr"
+
+
+def test_include_with_an_unclosed_brace_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        loads("global_defs {\n}\ninclude conf.d/{web,db/*.conf\n", name="t.conf", base_dir=str(tmp_path))
+    assert str(ei.value) == "t.conf:3:9: include: 'conf.d/{web,db/*.conf': '{' without a matching '}'"
+
+
 # ---------------------------------------------------------------- syntax and values
 
 
