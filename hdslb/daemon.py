@@ -451,7 +451,7 @@ CHECK_KINDS = {
     "HTTP_GET": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
     "SSL_GET": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup"),
     "UDP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup",
-                  "payload", "require_reply"),
+                  "payload", "require_reply", "min_reply_length", "max_reply_length"),
     "SMTP_CHECK": ("connect_timeout", "connect_port", "connect_ip", "retry", "delay_before_retry", "warmup",
                    "helo_name"),
     "MISC_CHECK": ("misc_path", "misc_timeout", "misc_dynamic", "retry", "delay_before_retry", "warmup"),

@@ -302,6 +302,9 @@ class HttpUrl:
         return any(lo <= code <= hi for lo, hi in self.status_code)
 
 
+UDP_MAX_REPLY_LENGTH = 255  # UDP_CHECK max_reply_length default (check_udp.c: UINT8_MAX)
+
+
 @dataclass(frozen=True)
 class Checker:
     """What every checker shares; the health module runs them."""
@@ -344,6 +347,9 @@ class UdpCheck(NetChecker):
     # None: any outcome but ICMP port-unreachable counts as up; b"": a reply is needed; else its prefix.
     require_reply: Optional[bytes]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    # keepalived's bounds (check_udp.c) on a reply judged against require_reply DATA: shorter or longer fails
+    min_reply_length: int = 0
+    max_reply_length: int = UDP_MAX_REPLY_LENGTH
 
 
 @dataclass(frozen=True)

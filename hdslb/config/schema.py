@@ -400,10 +400,25 @@ _NOT_A_CHECKER = "is a keepalived health checker hdslb does not implement (it ha
                  "health"
 
 
-def _netcheck(kind: str, build: type, extra: Mapping[str, Spec]) -> Block:
+def _netcheck(kind: str, build: type, extra: Mapping[str, Spec], check=None) -> Block:
     """TCP_CHECK, HTTP_GET, SSL_GET and UDP_CHECK share keepalived's connect options."""
     return Block(build, {**_CHECK_COMMON, **_CONNECT, **extra}, multi=True, field="checkers",
-                 fixed={"kind": kind})
+                 fixed={"kind": kind}, check=check)
+
+
+def _udp_check(node: Node, c: m.UdpCheck, ctx) -> m.UdpCheck:
+    """keepalived (check_udp.c): min_reply_length above max_reply_length fails every probe, and the two are read only
+    when a reply is compared with require_reply DATA."""
+    if c.min_reply_length > c.max_reply_length:
+        ctx.error(ctx.where_of(node, "min_reply_length"), "min_reply_length",
+                  f"{c.min_reply_length} is above max_reply_length {c.max_reply_length}: every reply would fail the "
+                  f"check")
+    elif not c.require_reply:
+        for child in node.body or ():
+            if child.name in ("min_reply_length", "max_reply_length"):
+                ctx.notice(child.where, child.name, "accepted, not acted on: a reply's length is judged only with "
+                                                    "`require_reply DATA` (as keepalived judges it)")
+    return c
 
 
 # None: from the real server, the virtual server, or the checker kind's default (_inherit)
@@ -482,7 +497,9 @@ _REAL_SERVER = Block(m.RealServer, {
     "UDP_CHECK": _netcheck("UDP_CHECK", m.UdpCheck, {
         "payload": Key(Hex(), None),
         "require_reply": Key(Hex(optional=True), None),
-    }),
+        "min_reply_length": Key(Int(0, 65535, "bytes"), 0),
+        "max_reply_length": Key(Int(0, 65535, "bytes"), m.UDP_MAX_REPLY_LENGTH),
+    }, check=_udp_check),
     "SMTP_CHECK": _netcheck("SMTP_CHECK", m.SmtpCheck, {
         "helo_name": Key(Str(r"[^\x00-\x1f\x7f]+", "a name to send in HELO"), "smtpchecker.keepalived.org"),
         # keepalived's older form: one dialogue per host, each host's connect options over the check's own

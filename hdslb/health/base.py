@@ -21,7 +21,6 @@ DEFAULT_DELAY_LOOP = 60.0  # "delay timer for checker polling (60 seconds if not
 DEFAULT_RETRY = 1  # "Default: 1 unless specified below" (MISC_CHECK: 0, DNS_CHECK: 3)
 DEFAULT_DELAY_BEFORE_RETRY = 1.0  # "3 seconds for HTTP_GET and SSL_GET, and 1 second otherwise"
 DEFAULT_STATUS_CODES = ((200, 299),)  # url status_code: "Default is 200-299"
-UDP_MAX_REPLY_LENGTH = 255  # UDP_CHECK max_reply_length default (check_udp.c: UINT8_MAX)
 
 
 @dataclass(frozen=True)

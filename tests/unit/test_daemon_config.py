@@ -186,6 +186,17 @@ def test_check_block_renders_a_parsable_one_server_config():
     assert vs.delay_loop == 1 and rs.inhibit_on_failure and rs.checkers[0].url[0].path == "/health"
 
 
+def test_check_block_carries_udp_reply_lengths():
+    from hdslb.config import loads
+    from hdslb.daemon import check_block
+
+    svc = {"proto": "udp", "addr": "10.0.0.100", "port": 53}
+    text = check_block(svc, "192.168.100.2", 53, {"kind": "UDP_CHECK", "params": {
+        "payload": "01", "require_reply": "01", "min_reply_length": 12, "max_reply_length": 512}})
+    [c] = loads(text, name="t").virtual_servers[0].real_servers[0].checkers
+    assert (c.require_reply, c.min_reply_length, c.max_reply_length) == (b"\x01", 12, 512)
+
+
 @pytest.mark.parametrize("a", [
     {"kind": "PING"},
     {"kind": "TCP_CHECK", "params": {"connect_timeout": "1 }\nvirtual_server 1.2.3.4 1 {"}},

@@ -297,6 +297,28 @@ async def test_udp_require_reply(udp_server):
     assert not r.ok and r.reason == f"reply from 127.0.0.1:{echo} starts 01 (want ff)"
 
 
+async def test_udp_reply_length_bounds(udp_server):
+    """keepalived's check_udp_reply: with require_reply DATA, a reply shorter than min_reply_length or longer than
+    max_reply_length (default 255) fails; enough is read to see that a reply is longer."""
+    echo = await udp_server(lambda d: d)
+    want = b"\x01"
+    ok = [(b"\x01" * 4, 4, 4), (b"\x01" * 255, 0, 255), (b"\x01" * 1000, 0, 1000), (b"\x01" * 3, 0, 65535)]
+    for payload, lo, hi in ok:
+        r = await check_udp(udp_check(echo, payload, require_reply=want, min_reply_length=lo, max_reply_length=hi),
+                            real())
+        assert r.ok, (len(payload), lo, hi, r.reason)
+    r = await check_udp(udp_check(echo, b"\x01" * 3, require_reply=want, min_reply_length=4), real())
+    assert not r.ok and r.reason == f"3-byte reply from 127.0.0.1:{echo} is shorter than 4 bytes (min_reply_length)"
+    r = await check_udp(udp_check(echo, b"\x01" * 256, require_reply=want), real())
+    assert not r.ok and r.reason == f"reply from 127.0.0.1:{echo} is longer than 255 bytes (max_reply_length)"
+    r = await check_udp(udp_check(echo, b"\x01" * 1001, require_reply=want, max_reply_length=1000), real())
+    assert not r.ok and r.reason == f"reply from 127.0.0.1:{echo} is longer than 1000 bytes (max_reply_length)"
+    # without DATA keepalived judges no length: any reply passes
+    r = await check_udp(udp_check(echo, b"\x01" * 3, require_reply=b"", min_reply_length=4, max_reply_length=2),
+                        real())
+    assert r.ok
+
+
 async def test_udp_silence_passes_only_without_require_reply(udp_server):
     silent = await udp_server(lambda d: None)
     r = await check_udp(udp_check(silent, b"\x00", connect_timeout=0.1), real())

@@ -477,3 +477,40 @@ async def test_config_get_shows_a_file_with_a_stray_byte_in_a_comment(tmp_path):
     d = HarnessDaemon(conf, tmp_path)
     await d.reload_config()
     assert d.config_text() == "# \ufffd\n" + BASE
+
+
+# ---------------------------------------------------------------- UDP_CHECK reply lengths (check_udp.c)
+
+
+def udp(body):
+    return VS.format(body=f" protocol UDP\n real_server 10.1.0.1 53 {{\n  UDP_CHECK {{\n   {body}\n  }}\n }}")
+
+
+def test_udp_reply_lengths_are_read_and_default_as_keepalived():
+    [c] = load(udp("require_reply 01\n   min_reply_length 4\n   max_reply_length 1400")) \
+        .virtual_servers[0].real_servers[0].checkers
+    assert (c.min_reply_length, c.max_reply_length) == (4, 1400)
+    [c] = load(udp("require_reply 01")).virtual_servers[0].real_servers[0].checkers
+    assert (c.min_reply_length, c.max_reply_length) == (0, 255)  # udp_check_handler's defaults (max UINT8_MAX)
+    assert not [n for n in inactive_notices(load(udp("require_reply 01\n   max_reply_length 0")))]
+
+
+@pytest.mark.parametrize("body,error", [
+    ("max_reply_length 65536", "k.conf:6:21: max_reply_length: 65536 is out of range, expects an integer 0..65535 "
+                               "(bytes)"),
+    ("min_reply_length -1", "k.conf:6:21: min_reply_length: -1 is out of range, expects an integer 0..65535 (bytes)"),
+    ("min_reply_length 300", "k.conf:6:21: min_reply_length: 300 is above max_reply_length 255: every reply would "
+                             "fail the check"),
+    ("max_reply_length 8\n   min_reply_length 9", "k.conf:7:21: min_reply_length: 9 is above max_reply_length 8: "
+                                                  "every reply would fail the check"),
+])
+def test_udp_reply_lengths_are_checked(body, error):
+    assert refused(udp(f"require_reply 01\n   {body}"))[0] == error
+
+
+def test_udp_reply_lengths_without_reply_data_are_noticed():
+    # keepalived reads them only when a reply is compared with require_reply DATA (udp_check_thread)
+    for head in ("", "require_reply\n   "):
+        got = inactive_notices(load(udp(f"{head}min_reply_length 2\n   max_reply_length 9")))
+        assert [n.split(": ")[1] for n in got] == ["min_reply_length", "max_reply_length"]
+        assert "only with `require_reply DATA`" in got[0]
