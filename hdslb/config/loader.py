@@ -49,6 +49,7 @@ def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, 
 # is refused by the Reader (it would splice any file's words into the text, and errors would echo them).
 POSTED_REFUSED = {
     "MISC_CHECK": "runs a program",
+    "SSL": "reads certificate and key files",
     "misc_path": "names a program to run",
     "notify_up": "names a script",
     "notify_down": "names a script",
@@ -137,6 +138,7 @@ def _build(nodes: List[Node], source: str, files: List[str], read_notices: List[
     top = _Scope(path="", label="", marked=False, init_only=False, na=False)
     fields = _read_children(ROOT, None, nodes, top, ctx)
     _link(fields, ctx)
+    _ssl_to_checkers(fields, ctx)
     if ctx.errors:
         first = ctx.errors[0]
         first.errors = tuple(ctx.errors)
@@ -362,6 +364,29 @@ def _timeouts_agree(fields: Dict[str, Any], ctx: _Ctx) -> None:
             ctx.error(lvs.where, "lvs_timeouts", f"{name} {secs} differs from `{st.keyword} {st.value}` at {st.where} "
                                                  f"({LVS_TIMEOUT_PATHS[name]}), the same timeout: set it in one "
                                                  f"place, or to the same value in both")
+
+
+def _ssl_to_checkers(fields: Dict[str, Any], ctx: _Ctx) -> None:
+    """keepalived's SSL block is the one TLS context of every SSL_GET: each SSL_GET checker carries it (so a reload
+    that changes it restarts them, as it would any changed setting of theirs)."""
+    tls = fields["ssl"]
+    if tls is None:
+        return
+    used = False
+    vss = []
+    for vs in fields["virtual_servers"]:
+        rss = []
+        for rs in vs.real_servers:
+            if any(c.kind == "SSL_GET" for c in rs.checkers):
+                used = True
+                rs = dataclasses.replace(rs, checkers=tuple(dataclasses.replace(c, tls=tls) if c.kind == "SSL_GET"
+                                                            else c for c in rs.checkers))
+            rss.append(rs)
+        vss.append(dataclasses.replace(vs, real_servers=tuple(rss)) if rss != list(vs.real_servers) else vs)
+    fields["virtual_servers"] = tuple(vss)
+    if not used:
+        ctx.notice(tls.where, "SSL", "accepted, not acted on: no SSL_GET in this configuration uses it (checks added "
+                                     "with check.add do not either)")
 
 
 def _link(fields: Dict[str, Any], ctx: _Ctx) -> None:

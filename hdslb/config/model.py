@@ -333,12 +333,29 @@ class TcpCheck(NetChecker):
 
 
 @dataclass(frozen=True)
+class SslDefs:
+    """keepalived's top-level `SSL { }` block (check_parser.c): the TLS context every SSL_GET uses. The client
+    certificate (with its key, and the key's password) is presented to servers that ask for one; the CA is loaded,
+    and, as in keepalived, verifies nothing."""
+
+    password: Optional[str]
+    ca: Optional[str]
+    certificate: Optional[str]
+    key: Optional[str]
+    where: Optional[Where] = field(default=None, compare=False, repr=False)
+
+    def __repr__(self) -> str:  # no password in logs or tracebacks
+        return f"SslDefs(ca={self.ca!r}, certificate={self.certificate!r}, key={self.key!r})"
+
+
+@dataclass(frozen=True)
 class HttpCheck(NetChecker):
     url: Tuple[HttpUrl, ...]
     virtualhost: Optional[str]  # Host header; the virtual_server's unless set here
     where: Optional[Where] = field(default=None, compare=False, repr=False)
     http_protocol: str = "1.0C"  # keepalived's: "1.0", "1.0C" (Connection: close) or "1.1"
     enable_sni: bool = False  # SSL_GET: send the virtualhost as TLS SNI
+    tls: Optional[SslDefs] = None  # SSL_GET: the file's SSL block (set by the loader); None: no client certificate
 
 
 @dataclass(frozen=True)
@@ -530,6 +547,7 @@ class Config:
     local_address_groups: Mapping[str, LocalAddressGroup]
     deny_address_groups: Mapping[str, AddressGroup]
     allow_address_groups: Mapping[str, AddressGroup]
+    ssl: Optional[SslDefs]  # keepalived's SSL block; its SSL_GET checkers carry it too (HttpCheck.tls)
     notices: Tuple[Notice, ...] = field(compare=False)
     settings: Mapping[str, Setting] = field(compare=False, repr=False)
 

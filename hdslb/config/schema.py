@@ -191,6 +191,30 @@ def _url_check(node: Node, url: m.HttpUrl, ctx) -> m.HttpUrl:
     return url
 
 
+def _ssl_check(node: Node, tls: m.SslDefs, ctx) -> m.SslDefs:
+    """keepalived's SSL block (check_ssl.c build_ssl_ctx): a certificate, key or CA that does not load stops
+    keepalived at start; here the file is refused at the line naming it. The key is the certificate's: a key
+    alone presents nothing."""
+    from hdslb.health.http import tls_client_context, tls_problem
+
+    if tls.key is not None and tls.certificate is None:
+        ctx.error(ctx.where_of(node, "key"), "key", "needs `certificate`: it is the client certificate's key")
+        return tls
+    bad = tls_problem(tls)
+    if bad is not None:
+        keyword, reason = bad
+        ctx.error(ctx.where_of(node, keyword), keyword, reason)
+        return tls
+    tls_client_context(tls)  # loads: the first probe does not pay for it
+    if tls.ca is not None:
+        ctx.notice(ctx.where_of(node, "ca"), "ca", "accepted, not acted on: loaded, but, as keepalived, SSL_GET "
+                                                   "verifies no server certificate: it judges the answer, not trust")
+    if tls.password is not None and tls.certificate is None:
+        ctx.notice(ctx.where_of(node, "password"), "password", "accepted, not acted on: it unlocks a `key`, and there "
+                                                               "is none")
+    return tls
+
+
 def _fill_ports(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
     """keepalived (check_data.c, validate_check_config): a real server or sorry server written without a port
     takes the virtual server's. In a `virtual_server group` one written without a port (or with port 0, as
@@ -779,6 +803,13 @@ ROOT = Block(None, {
     "deny_address_group": _group(m.AddressGroup, _net_entry, "networks", "deny_address_groups"),
     "allow_address_group": _group(m.AddressGroup, _net_entry, "networks", "allow_address_groups"),
     "virtual_server": _VIRTUAL_SERVER,
+    # keepalived's TLS context for SSL_GET: the client certificate every SSL_GET presents (loader: _ssl_to_checkers)
+    "SSL": Block(m.SslDefs, {
+        "password": Key(Str(), None),
+        "ca": Key(PATH, None),
+        "certificate": Key(PATH, None),
+        "key": Key(PATH, None),
+    }, default=None, field="ssl", check=_ssl_check),
     # other daemons' blocks, so one keepalived.conf can serve both
     "vrrp_instance": _opaque(VRRP),
     "vrrp_sync_group": _opaque(VRRP),
@@ -797,7 +828,9 @@ ROOT = Block(None, {
 
 # Top-level keywords whose content the reload diff compares as objects rather than as settings.
 LB_ROOTS = frozenset({"virtual_server", "virtual_server_group", "local_address_group", "deny_address_group",
-                      "allow_address_group"})
+                      "allow_address_group",
+                      # in every SSL_GET checker: a change restarts them, and no password is listed as an option
+                      "SSL"})
 
 
 def lookup(block: Block) -> Dict[str, Tuple[str, Spec]]:

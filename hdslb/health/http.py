@@ -3,8 +3,10 @@
 As keepalived (check_http.c): one connection per URL, an HTTP/1.0 GET with `User-Agent: KeepAliveClient`
 and `Host: <virtualhost>` or, without one, `Host: <IP>:<port>`. Every URL must pass; a checker with no
 url passes without connecting. A status outside status_code (default 200-299) fails; with a digest, the
-MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived
-without an SSL block, verifies no certificate: health is about the service answering, not about trust.
+MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived,
+verifies no certificate: health is about the service answering, not about trust. With keepalived's top-level
+`SSL { certificate; key; password; ca }` block, every SSL_GET presents that client certificate to a server that
+asks for one (mutual TLS); the CA is loaded and, as in keepalived, checks nothing.
 We add `Connection: close` (keepalived's 1.0C) so no server holds the connection open after answering, and, when
 the url names a username (and password), `Authorization: Basic` with them. `http_protocol 1.1` asks in HTTP/1.1
 (still with Connection: close); a url's own virtualhost is its Host header; SSL_GET with enable_sni sends the
@@ -19,9 +21,10 @@ import asyncio
 import base64
 import hashlib
 import ssl
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
-from hdslb.config.model import HttpCheck, HttpUrl, RealServer
+from hdslb.config.model import HttpCheck, HttpUrl, RealServer, SslDefs
 from hdslb.health.base import (DEFAULT_STATUS_CODES, CheckResult, close_without_time_wait, failed, hostport, local_addr,
                                os_reason, passed, seconds, target)
 
@@ -35,11 +38,81 @@ def _tls_context() -> ssl.SSLContext:
     """One shared client context that accepts any certificate (building a context per probe is costly)."""
     global _insecure_ctx
     if _insecure_ctx is None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        _insecure_ctx = ctx
+        _insecure_ctx = _accept_any()
     return _insecure_ctx
+
+
+def _accept_any() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# SSL block -> (the files' stat when loaded, its context): built once, again only when a file changes on disk (a
+# renewed certificate is presented from the next probe, as keepalived's next reload would)
+_client_ctx: Dict[SslDefs, Tuple[tuple, ssl.SSLContext]] = {}
+
+
+def _files(tls: SslDefs):
+    return (("certificate", tls.certificate), ("key", tls.key), ("ca", tls.ca))
+
+
+def _stamp(tls: SslDefs) -> tuple:
+    out = []
+    for _, path in _files(tls):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        out.append((st.st_mtime_ns, st.st_size, st.st_ino) if st else None)
+    return tuple(out)
+
+
+def tls_client_context(tls: Optional[SslDefs]) -> ssl.SSLContext:
+    """The context an SSL_GET connects with: the shared accept-anything one, or, with an SSL block, one presenting
+    its client certificate (keepalived's build_ssl_ctx: SSL_CTX_use_certificate_chain_file, the key with its
+    password, the CA's verify locations, and no SSL_VERIFY_PEER). Raises OSError/ssl.SSLError if a file does not
+    load."""
+    if tls is None or (tls.certificate is None and tls.ca is None):
+        return _tls_context()
+    stamp = _stamp(tls)
+    hit = _client_ctx.get(tls)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    ctx = _accept_any()
+    if tls.certificate is not None:
+        ctx.load_cert_chain(tls.certificate, tls.key, password=tls.password if tls.password is not None else "")
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=tls.ca)
+    _client_ctx[tls] = (stamp, ctx)
+    return ctx
+
+
+def tls_problem(tls: SslDefs) -> Optional[Tuple[str, str]]:
+    """(keyword, why) for the SSL block's file that does not load, or None: for the loader to refuse it at its line."""
+    for keyword, path in _files(tls):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            return keyword, f"cannot read {path}: {os_reason(e)}"
+    ctx = _accept_any()
+    if tls.certificate is not None:
+        try:
+            ctx.load_cert_chain(tls.certificate, tls.key, password=tls.password if tls.password is not None else "")
+        except (ssl.SSLError, OSError, ValueError) as e:
+            key = f" with key {tls.key}" if tls.key else " (its key in the same file)"
+            want = "a PEM certificate and its private key" + (", and the key's password" if tls.password else "")
+            return "certificate", f"{tls.certificate}{key} does not load: {getattr(e, 'reason', None) or e} ({want})"
+    if tls.ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=tls.ca)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            return "ca", f"{tls.ca} does not load as PEM CA certificates: {getattr(e, 'reason', None) or e}"
+    return None
 
 
 def want_codes(url: HttpUrl) -> str:
@@ -63,8 +136,13 @@ async def check_http(checker: HttpCheck, rs: RealServer) -> CheckResult:
 
 async def _check_url(checker: HttpCheck, rs: RealServer, url: HttpUrl) -> CheckResult:
     ip, port = target(checker, rs)
-    tls = checker.kind == "SSL_GET"
     where = hostport(ip, port)
+    tls = None
+    if checker.kind == "SSL_GET":
+        try:
+            tls = tls_client_context(checker.tls)
+        except (ssl.SSLError, OSError, ValueError) as e:  # a file of the SSL block changed on disk since the load
+            return failed(f"the SSL block's certificate no longer loads: {getattr(e, 'reason', None) or e}")
     stage = [f"connect to {where}"]  # the step a timeout interrupts, for the reason
     try:
         code, body = await asyncio.wait_for(_fetch(checker, ip, port, url, tls, stage), checker.connect_timeout)
@@ -98,12 +176,13 @@ class _BadResponse(Exception):
     pass
 
 
-async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: bool, stage: list) -> Tuple[int, bytes]:
+async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: Optional[ssl.SSLContext],
+                 stage: list) -> Tuple[int, bytes]:
     vhost = url.virtualhost or checker.virtualhost
-    sni = vhost if tls and checker.enable_sni and vhost else None  # keepalived's enable_sni: the virtualhost
+    sni = vhost if tls is not None and checker.enable_sni and vhost else None  # keepalived's enable_sni: the virtualhost
     reader, writer = await asyncio.open_connection(
-        str(ip), port, ssl=_tls_context() if tls else None, local_addr=local_addr(checker, ip), limit=LINE_LIMIT,
-        server_hostname=sni if tls else None)
+        str(ip), port, ssl=tls, local_addr=local_addr(checker, ip), limit=LINE_LIMIT,
+        server_hostname=sni if tls is not None else None)
     try:
         stage[0] = f"GET {url.path} from {hostport(ip, port)}"
         host = vhost or hostport(ip, port)  # keepalived: a virtualhost is sent without a port

@@ -519,8 +519,9 @@ def test_table_fields_match_the_dataclasses():
     def visit(block, path):
         if block.build is not None and dataclasses.is_dataclass(block.build) and block.entries is None:
             names = {f.name for f in dataclasses.fields(block.build)}
-            # script_security: MiscCheck's copy of global_defs enable_script_security, set by the health manager
-            given = set(block.fixed) | {"where", "ip", "port", "group", "name", "match", "script_security"}
+            # script_security: MiscCheck's copy of global_defs enable_script_security, set by the health manager;
+            # tls: an SSL_GET's copy of the top-level SSL block, set by the loader
+            given = set(block.fixed) | {"where", "ip", "port", "group", "name", "match", "script_security", "tls"}
             filled = set()
             for kw, child in block.children.items():
                 if child.na or (isinstance(child, Block) and child.build is None):

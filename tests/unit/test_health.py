@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -252,6 +253,43 @@ async def test_ssl_get_accepts_a_self_signed_certificate(tmp_path):
         assert (await check_http(http_check(url("/ok", digest=good), kind="SSL_GET"), real(port))).ok
         r = await check_http(http_check(url("/health", 200), kind="SSL_GET"), real(port))
         assert r.reason == "HTTP 503 from /health (want 200)"
+    finally:
+        await runner.cleanup()
+
+
+def _cert(tmp_path, name, *extra):
+    key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}", *extra],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_ssl_get_presents_the_ssl_blocks_client_certificate(tmp_path):
+    """keepalived's SSL { certificate; key; password }: every SSL_GET presents that certificate, so a server that
+    asks for one (mutual TLS) answers the check; without it the handshake fails and so does the check."""
+    from hdslb.config.model import SslDefs
+
+    server_cert, server_key = _cert(tmp_path, "rs1", "-nodes")
+    client_cert, client_key = _cert(tmp_path, "lb", "-passout", "pass:s3cret")  # an encrypted key
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(server_cert, server_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(client_cert)
+    runner, port = await _serve(_app(), ctx)
+    try:
+        tls = SslDefs(password="s3cret", ca=None, certificate=client_cert, key=client_key)
+        r = await check_http(http_check(url("/ok"), kind="SSL_GET", tls=tls), real(port))
+        assert r.ok, r.reason
+        assert not (await check_http(http_check(url("/ok"), kind="SSL_GET"), real(port))).ok
+        # the CA is loaded but, as in keepalived, verifies nothing: the server's certificate is not from it
+        tls = SslDefs(password="s3cret", ca=client_cert, certificate=client_cert, key=client_key)
+        assert (await check_http(http_check(url("/ok"), kind="SSL_GET", tls=tls), real(port))).ok
+        # the files are loaded again when they change on disk (a renewed certificate): one gone fails the probe
+        os.remove(client_key)
+        r = await check_http(http_check(url("/ok"), kind="SSL_GET", tls=tls), real(port))
+        assert not r.ok and r.reason.startswith("the SSL block's certificate no longer loads:"), r.reason
     finally:
         await runner.cleanup()
 

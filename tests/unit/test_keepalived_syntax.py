@@ -514,3 +514,72 @@ def test_udp_reply_lengths_without_reply_data_are_noticed():
         got = inactive_notices(load(udp(f"{head}min_reply_length 2\n   max_reply_length 9")))
         assert [n.split(": ")[1] for n in got] == ["min_reply_length", "max_reply_length"]
         assert "only with `require_reply DATA`" in got[0]
+
+
+# ---------------------------------------------------------------- the SSL block (check_parser.c, check_ssl.c)
+
+SSL_VS = VS.format(body=" real_server 10.1.0.1 443 {\n  SSL_GET {\n   url { path / }\n  }\n  HTTP_GET {\n"
+                        "   url { path / }\n  }\n }")
+
+
+@pytest.fixture
+def client_cert(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    key, cert = tmp_path / "lb-key.pem", tmp_path / "lb.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=lb", "-passout",
+                    "pass:s3cret"], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_ssl_block_is_every_ssl_gets_tls_context(client_cert):
+    cert, key = client_cert
+    cfg = load(f"SSL {{\n password s3cret\n ca {cert}\n certificate {cert}\n key {key}\n}}\n" + SSL_VS)
+    ssl_get, http_get = cfg.virtual_servers[0].real_servers[0].checkers
+    assert (ssl_get.tls.certificate, ssl_get.tls.key, ssl_get.tls.password, ssl_get.tls.ca) == (cert, key, "s3cret",
+                                                                                                cert)
+    assert http_get.tls is None
+    assert "s3cret" not in repr(ssl_get)
+    # the CA verifies nothing, in keepalived either: said, not hidden
+    assert [n.split(": ", 2)[1] for n in inactive_notices(cfg)] == ["ca"]
+    # without an SSL_GET the block does nothing, and says so
+    got = inactive_notices(load(f"SSL {{\n certificate {cert}\n key {key}\n password s3cret\n}}\n"))
+    assert got == ["k.conf:1: SSL: accepted, not acted on: no SSL_GET in this configuration uses it (checks added "
+                   "with check.add do not either)"]
+
+
+def test_ssl_block_files_that_do_not_load_are_refused_at_their_line(client_cert, tmp_path):
+    cert, key = client_cert
+    errs = refused(f"SSL {{\n certificate {cert}\n key {key}\n password wrong\n}}\n" + SSL_VS)
+    assert errs[0].startswith(f"k.conf:2:14: certificate: {cert} with key {key} does not load:")
+    assert errs[0].endswith("(a PEM certificate and its private key, and the key's password)")
+    assert refused(f"SSL {{\n key {key}\n}}\n")[0] == "k.conf:2:6: key: needs `certificate`: it is the client " \
+                                                     "certificate's key"
+    assert refused(f"SSL {{\n certificate {tmp_path}/none.pem\n}}\n")[0] == \
+        f"k.conf:2:14: certificate: cannot read {tmp_path}/none.pem: No such file or directory"
+    assert refused(f"SSL {{\n ca {key}\n}}\n")[0].startswith(f"k.conf:2:5: ca: {key} does not load as PEM CA "
+                                                             f"certificates")
+    assert refused("SSL {\n ca etc/ca.pem\n}\n")[0] == "k.conf:2:5: ca: 'etc/ca.pem' is not an absolute path"
+
+
+def test_ssl_block_is_not_an_unknown_keyword_and_a_posted_config_may_not_have_one(client_cert):
+    cert, key = client_cert
+    errs = refused(f"SSL {{\n certificate {cert}\n key {key}\n password s3cret\n}}\n", posted=True)
+    assert errs == ["k.conf:1:1: SSL: reads certificate and key files: a configuration sent over the API may not "
+                    "read files or run programs; put it in the config file on disk and reload from the file "
+                    "(SIGHUP / systemctl reload hdslb)"]
+
+
+def test_a_changed_ssl_block_restarts_the_ssl_gets_and_lists_no_password(client_cert):
+    from hdslb.config import diff
+
+    cert, key = client_cert
+    block = f"SSL {{\n certificate {cert}\n key {key}\n password s3cret\n}}\n"
+    a, b = load(block + SSL_VS), load(SSL_VS)
+    d = diff(a, b)
+    assert [(old.checkers[0].tls is not None, new.checkers[0].tls) for _, old, new in d.rs_changed] == [(True, None)]
+    assert d.options_changed == () and d.init_changed == ()
