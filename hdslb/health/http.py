@@ -179,7 +179,7 @@ class _BadResponse(Exception):
 async def _fetch(checker: HttpCheck, ip, port: int, url: HttpUrl, tls: Optional[ssl.SSLContext],
                  stage: list) -> Tuple[int, bytes]:
     vhost = url.virtualhost or checker.virtualhost
-    sni = vhost if tls is not None and checker.enable_sni and vhost else None  # keepalived's enable_sni: the virtualhost
+    sni = vhost if tls is not None and checker.enable_sni and vhost else None  # keepalived's enable_sni: vhost
     reader, writer = await asyncio.open_connection(
         str(ip), port, ssl=tls, local_addr=local_addr(checker, ip), limit=LINE_LIMIT,
         server_hostname=sni if tls is not None else None)
