@@ -1320,6 +1320,10 @@ class Balancer:
         if d is None:
             raise notfound("No such destination")
         opts = self._dest_opts(a, svc, key[0], key[1], d)
+        if a.get("weight") is not None and d.health_weight is not None:
+            # A weight given now is the weight, until a misc_dynamic script sets another (as ipvsadm -e on a
+            # server keepalived weighs); a stale checker weight must not pin it.
+            opts["health_weight"] = None
         new = dataclasses.replace(d, **opts)
         # LVS (__ip_vs_update_dest): a raised or removed upper threshold lifts the overload at once.
         if new.u_threshold == 0 or new.u_threshold > d.u_threshold:

@@ -443,7 +443,11 @@ class HealthManager:
         else:
             log.warning("real server %s is down%s: %s", where, " (inhibited: weight 0)" if weight == 0 else "",
                         reason)
-        self._emit(self._on_change, srv.vs_key, srv.rs_key, up, weight, reason)
+        # An up verdict names a weight only when a misc_dynamic script set one: else the server is up at the
+        # weight its owner gives it (the config, or ipvsadm -e / REST since), which the checker's copy of the
+        # configured weight must not pin (it did: a drain by hand after one flap never reached the fast path).
+        sent = (weight if srv.dynamic else None) if up else weight
+        self._emit(self._on_change, srv.vs_key, srv.rs_key, up, sent, reason)
 
     def _quorum(self, svc: ServiceState, recount: bool = True) -> None:
         """Weigh the service (recount=False: `live` is already up to date) and act on quorum gained or lost."""

@@ -76,6 +76,11 @@ class ServerState:
         return max(0, min(MAX_WEIGHT, w))
 
     @property
+    def dynamic(self) -> bool:
+        """A misc_dynamic checker has set the weight (it then overrides the configured one)."""
+        return any(c.dynamic_weight is not None for c in self.checkers)
+
+    @property
     def failures(self) -> int:
         return max((c.failures for c in self.checkers), default=0)
 

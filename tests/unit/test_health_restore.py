@@ -33,7 +33,7 @@ async def test_a_server_the_pool_holds_down_starts_down_and_a_pass_brings_it_bac
         assert not mgr.is_up(vs.key, rs.key) and "TCP_CHECK: refused" in mgr.server(vs.key, rs.key).reason
         probe.ok[141] = True
         await until(lambda: rec.changes)
-        assert rec.states() == [(True, 4)]
+        assert rec.states() == [(True, None)]  # up at the weight the pool's owner gives it (no misc_dynamic here)
     finally:
         await mgr.stop()
 
@@ -66,7 +66,7 @@ async def test_where_the_pool_differs_the_daemon_is_told_at_start():
     try:
         await mgr.settle()
         assert sorted((k[1], up, w) for k, up, w, _ in rec.changes) == [
-            (143, True, 2), (144, True, 5), (145, True, 3), (146, False, None)]
+            (143, True, None), (144, True, None), (145, True, None), (146, False, None)]
     finally:
         await mgr.stop()
 
@@ -269,5 +269,53 @@ async def test_restart_with_a_new_weight_uses_it(tmp_path, probe):
     try:
         await new.health.settle()
         assert dests(new)[RS3].eff_weight == 7
+    finally:
+        await stop(new)
+
+
+# ---------------------------------------------------------------- a weight given by hand after a flap
+
+PLAIN = CONF.replace("    quorum 2\n", "").replace("    sorry_server 192.168.100.9 80\n", "")
+
+
+async def test_a_weight_given_by_hand_after_a_flap_is_the_weight(tmp_path, probe):
+    """An up verdict used to carry the checker's copy of the configured weight, kept as health_weight over the
+    server's own: after one flap, ipvsadm -e -w 0 (a drain) and REST weight changes said done and never reached
+    the fast path."""
+    d = await daemon(tmp_path, PLAIN)
+    try:
+        await d.health.settle()
+        probe["192.168.100.2"] = False
+        await until(lambda: dests(d)[RS2].health == "down")
+        probe["192.168.100.2"] = True
+        await until(lambda: dests(d)[RS2].health == "up")
+        await d.health.settle()
+        assert dests(d)[RS2].eff_weight == 1
+        d.dispatch("dest.edit", {"svc": SVC, "addr": "192.168.100.2", "port": 80, "weight": 0})
+        assert dests(d)[RS2].eff_weight == 0
+        last = [a for name, a in d.bal.dp.calls if name == "dest_set" and a[1] is dests(d)[RS2]][-1]
+        assert last[1].eff_weight == 0  # written as drained
+        d.dispatch("dest.edit", {"svc": SVC, "addr": "192.168.100.2", "port": 80, "weight": 4})
+        assert dests(d)[RS2].eff_weight == 4
+        probe["192.168.100.2"] = False  # another flap keeps the weight given by hand
+        await until(lambda: dests(d)[RS2].health == "down")
+        probe["192.168.100.2"] = True
+        await until(lambda: dests(d)[RS2].health == "up")
+        assert dests(d)[RS2].eff_weight == 4
+    finally:
+        await stop(d)
+
+
+async def test_a_stale_checker_weight_from_an_older_daemon_does_not_pin_the_weight(tmp_path, probe):
+    old = await daemon(tmp_path, PLAIN)
+    await old.health.settle()
+    old.bal.dest_health({"svc": SVC, "addr": "192.168.100.2", "port": 80}, True, 1, "")  # as older daemons told it
+    snap = snapshot(old.bal)
+    await stop(old)
+    new = await daemon(tmp_path, PLAIN, snap)
+    try:
+        await new.health.settle()
+        new.dispatch("dest.edit", {"svc": SVC, "addr": "192.168.100.2", "port": 80, "weight": 0})
+        assert dests(new)[RS2].eff_weight == 0
     finally:
         await stop(new)
