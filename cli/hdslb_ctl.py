@@ -158,9 +158,17 @@ def cmd_check(ns) -> int:
     if errors:
         return 1
     from hdslb.config import load
-    from hdslb.config.apply import inactive_notices
+    from hdslb.config.apply import dry_run, inactive_notices
 
     cfg = load(ns.config, ns.config_id)
+    try:
+        errors = dry_run(cfg)  # what the model refuses, as a start or reload would
+    except HdslbError as e:  # the plan itself (an undefined group, ...)
+        errors = [e.message]
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        return 1
     for n in inactive_notices(cfg):
         print(f"notice: {n}")
     conn = cfg.ipvs_defs.conn

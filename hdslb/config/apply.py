@@ -266,3 +266,62 @@ def _vs_option_inactive(path: str, st, cfg, vs_at: dict) -> str | None:
     if st.keyword == "hash_table_size" and not hashed(vs.lb_algo):
         return f"lb_algo {vs.lb_algo} builds no hash table (sh, dh, mh and conhash do)"
     return None
+
+
+class _AnyIfaces(dict):
+    """Interfaces for a dry run of a file that names none (netif_defs): any name is one, as the daemon's own
+    command line may give it."""
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str)
+
+    def __missing__(self, name):
+        from hdslb.balancer import Iface
+
+        self[name] = Iface(name, 2 + len(self), b"\x02\x00\x00\x00\x00\x01", 1500)
+        return self[name]
+
+
+def dry_run(cfg, max_services: int = 1 << 20, max_dests: int = 1 << 24) -> list[str]:
+    """What the daemon's model refuses of the file, found by loading it into an empty model over no datapath
+    (hdslb-ctl check: `keepalived -t` for what parsing alone cannot see, such as an mh table size that is not
+    prime or a local address on an interface the file does not attach). The errors name the virtual server's
+    line, as a start or reload refusing them would. Interfaces: the file's netif_defs devices, else any."""
+    from hdslb.balancer import Balancer, Iface, NullDataPath
+    from hdslb.ctl import commands
+
+    names = cfg.netif_defs.interfaces
+    ifaces = {n: Iface(n, 2 + i, bytes([2, 0, 0, 0, 0, i + 1]), 1500) for i, n in enumerate(names)} if names \
+        else _AnyIfaces()
+    bal = Balancer(NullDataPath(), ifaces, max_services=max_services, max_dests=max_dests)
+    first = names[0] if names else "eth0"
+    want = desired(cfg, lambda addr: first)
+    # a SNAT service's source addresses are sapool addresses dpip adds at run time (dpip.conf, a script): taken as
+    # there, since the file cannot say whether they will be
+    for w in want.values():
+        if w.match is not None:
+            for addr, _ in w.dests:
+                if addr != "0.0.0.0" and not any(str(ad.addr) == addr for ad in bal.addrs):
+                    bal.addr_add({"addr": addr, "prefixlen": 32, "ifname": first, "sapool": True})
+    ops = plan(bal, want, set())
+    where = {w.key: w.where for w in want.values()}
+    ctx = commands.ScratchCtx(bal)
+    try:
+        with bal.deferred() as batch:
+            for i, (op, args) in enumerate(ops):
+                batch.tag = i
+                try:
+                    commands.dispatch(ctx, op, args)
+                except HdslbError as e:
+                    e.tag = i
+                    batch.dirty.clear()
+                    raise
+    except HdslbError as e:
+        i = getattr(e, "tag", None)
+        op, args = ops[i] if isinstance(i, int) and 0 <= i < len(ops) else ("", {})
+        try:
+            key = bal.svc_key(args.get("svc", args))
+        except HdslbError:
+            key = None
+        return [f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: {e.message}"]
+    return []

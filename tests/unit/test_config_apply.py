@@ -424,3 +424,34 @@ async def test_a_reload_is_judged_by_the_tables_it_ends_with(tmp_path):
     assert (svc.sched_params, len(svc.dests)) == ({"size": 7}, 5)
     table = d.bal.dp.final()["tables"][svc.svc_id][3]  # what the maps hold: 7 cells over the 5 servers
     assert len(table) == 7 and {x[1] for x in table} == {str(x.addr) for x in svc.dests.values()}
+
+
+# ---------------------------------------------------------------- hdslb-ctl check: what the model refuses too
+
+NETIF = "netif_defs {\n    <init> device eth0 {\n    }\n    <init> device eth1 {\n    }\n}\n"
+
+
+@pytest.mark.parametrize("change,says", [
+    (("lb_algo wrr", "lb_algo mh\n    hash_table_size 100"), "table size 100 is not a prime"),
+    (("192.168.100.200 eth1", "192.168.100.200 lb9"), "device 'lb9' is not managed"),
+])
+def test_check_refuses_what_a_start_would_refuse(tmp_path, capsys, change, says):
+    """It only parsed: `check` said OK, then `up -f` (and a reload) refused the file."""
+    from cli.hdslb_ctl import main
+
+    conf = tmp_path / "lb.conf"
+    conf.write_text(NETIF + BASE)
+    assert main(["check", "-f", str(conf)]) == 0
+    assert f"{conf}: OK" in capsys.readouterr().out
+    conf.write_text(NETIF + BASE.replace(*change))
+    assert main(["check", "-f", str(conf)]) == 1
+    err = capsys.readouterr().err
+    assert says in err and f"{conf}:11:1: " in err  # the virtual_server's line, as the daemon names it
+
+
+def test_check_takes_any_interface_when_the_file_names_none(tmp_path, capsys):
+    from cli.hdslb_ctl import main
+
+    conf = tmp_path / "lb.conf"
+    conf.write_text(BASE.replace("192.168.100.200 eth1", "192.168.100.200 bond7"))  # the command line's, maybe
+    assert main(["check", "-f", str(conf)]) == 0
