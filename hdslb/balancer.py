@@ -1296,6 +1296,9 @@ class Balancer:
         if not (svc.match is not None and key[0] == ANY4):  # SNAT's 0.0.0.0:0: the src of the route taken
             unicast(key[0], "real server address")
         opts = self._dest_opts(a, svc, key[0], key[1], None)
+        if any(la.addr == key[0] for la in svc.laddrs):
+            raise invalid(f"{key[0]} is a local address of this service (the balancer's own source toward the "
+                          f"real servers), so it cannot be a real server too")
         slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
         self._wtouch(svc)
@@ -1571,6 +1574,13 @@ class Balancer:
             raise invalid("IPv4 local addresses for an IPv6 service serve NAT64, which is FullNAT only")
         if any(la.addr == addr for la in svc.laddrs):
             raise exists("Local address already exists")
+        if addr == svc.addr:
+            raise invalid(f"{addr} is the service's VIP: a local address is the source FullNAT gives the real "
+                          f"servers, and their replies to the VIP would be taken for new client connections; give "
+                          f"an address of the balancer's own on the real servers' side")
+        if any(d.addr == addr for d in svc.dests.values()):
+            raise invalid(f"{addr} is a real server of this service: a local address is the balancer's own source "
+                          f"toward the real servers")
         if len(svc.laddrs) >= LADDR_MAX:
             raise nospace(f"too many local addresses for one service ({LADDR_MAX})")
         la = Laddr(addr=addr, ifname=ifc.name)

@@ -417,3 +417,23 @@ def test_a_service_named_op_after_op_is_parsed_once_and_odd_spellings_are_still_
             bal.svc_key(bad)
     assert bal.svc_key(dict(SVC, addr="10.0.0.101"))[1] == ipaddress.ip_address("10.0.0.101")
     assert bal.get_service(dict(SVC)).port == 80
+
+
+def test_a_local_address_cannot_be_the_vip_or_a_real_server(bal):
+    """FullNAT's source toward the real servers: the VIP there made 2 of 3 new connections hang in SYN_RECV (the
+    servers' replies to the VIP were taken for new client traffic), a real server's address all of those to it."""
+    quick_start(bal)
+    before = snapshot_of(bal)
+    for addr, says in (("10.0.0.100", "is the service's VIP"), ("192.168.100.2", "is a real server")):
+        with pytest.raises(HdslbError) as e:
+            bal.laddr_add({"svc": SVC, "addr": addr, "ifname": "eth1"})
+        assert e.value.errno == errno.EINVAL and says in e.value.message
+    with pytest.raises(HdslbError, match="is a local address of this service"):
+        bal.dest_add({"svc": SVC, "addr": "192.168.100.200", "port": 80, "fwd": "fnat"})
+    assert snapshot_of(bal) == before
+
+
+def snapshot_of(b):
+    from hdslb.balancer import snapshot
+
+    return snapshot(b)
