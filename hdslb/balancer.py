@@ -335,48 +335,83 @@ class Neigh:
 
 
 class IdPool(set):
-    """The ids (service ids, real-server slots) in use, with the lowest id that may be free remembered, so
-    handing out the lowest free id stays O(1) amortised in a bulk load (a plain scan from 0 made loading 100k
-    real servers quadratic)."""
+    """The ids (service ids, real-server slots) in use, and the order to hand free ones out in: never-used ids
+    first (from `hwm`, one above the highest ever used), then freed ones, longest free first. A freed id rests as
+    long as the pool allows because flows outlive what they were made for: a deleted service's connections keep
+    its id and its servers' slots in the conn table until they end, and a new service given them at once showed
+    those flows' connection counts and traffic as its own (and lc/wlc scheduled by them). Both steps are O(1)
+    amortised, so a bulk load of 100k real servers stays linear."""
 
     def __init__(self, *a):
         super().__init__(*a)
-        self.low = 0
+        self.hwm = max(self) + 1 if self else 0
+        self.freed: list[int] = []  # in the order freed; [self.head:] are candidates (some may be in use again)
+        self.head = 0
+
+    def add(self, i) -> None:
+        super().add(i)
+        if i >= self.hwm:
+            self.hwm = i + 1
+
+    def update(self, *its) -> None:
+        for it in its:
+            for i in it:
+                self.add(i)
 
     def discard(self, i) -> None:
-        super().discard(i)
-        if i < self.low:
-            self.low = i
+        if i in self:
+            super().discard(i)
+            self.freed.append(i)
 
     def remove(self, i) -> None:
         super().remove(i)
-        if i < self.low:
-            self.low = i
+        self.freed.append(i)
 
     def clear(self) -> None:
+        self.freed.extend(sorted(self))
         super().clear()
-        self.low = 0
 
     def copy(self) -> "IdPool":
         c = IdPool(self)
-        c.low = self.low
+        c.hwm, c.freed, c.head = self.hwm, self.freed[self.head:], 0
         return c
 
+    def _holes(self, limit: int) -> None:
+        """Ids below hwm that are free but were never freed here (a model restored from its saved state): they
+        join the queue, lowest first, once nothing else is left."""
+        queued = set(self.freed[self.head:])
+        self.freed.extend(i for i in range(min(self.hwm, limit)) if i not in self and i not in queued)
+
     def lowest_free(self, limit: int):
-        i = self.low
-        while i in self:
-            i += 1
-        self.low = i  # every id below i is in use
-        return i if i < limit else None
+        """The id to hand out next (the caller adds it), or None when all below limit are in use."""
+        if self.hwm < limit:
+            return self.hwm
+        for _ in range(2):
+            while self.head < len(self.freed):
+                i = self.freed[self.head]
+                if i not in self and i < limit:
+                    return i
+                self.head += 1
+            if self.head > 4096:  # compact the consumed part
+                del self.freed[:self.head]
+                self.head = 0
+            self._holes(limit)
+        return None
 
 
 class _OverlayPool:
     """An IdPool seen through a dry run: ids taken and given back are recorded here, the base is never written,
-    so a scratch model costs what the batch changes, not what the model holds."""
+    so a scratch model costs what the batch changes, not what the model holds. It hands out the ids the base
+    would, in the same order."""
 
     def __init__(self, base: IdPool):
         self.base, self.added, self.removed = base, set(), set()
-        self.low = base.low
+        self.hwm = base.hwm
+        self.pos = base.head  # next candidate in base.freed
+        self.freed: list[int] = []  # freed in the dry run, in order
+        self.fpos = 0
+        self.holes: list[int] | None = None
+        self.hpos = 0
 
     def __contains__(self, i) -> bool:
         return i in self.added or (i in self.base and i not in self.removed)
@@ -393,21 +428,41 @@ class _OverlayPool:
             self.removed.discard(i)
         else:
             self.added.add(i)
+        if i >= self.hwm:
+            self.hwm = i + 1
 
     def discard(self, i) -> None:
+        if i not in self:
+            return
         if i in self.added:
             self.added.discard(i)
-        elif i in self.base:
+        else:
             self.removed.add(i)
-        if i < self.low:
-            self.low = i
+        self.freed.append(i)
 
     def lowest_free(self, limit: int):
-        i = self.low
-        while i in self:
-            i += 1
-        self.low = i
-        return i if i < limit else None
+        if self.hwm < limit:
+            return self.hwm
+        bf = self.base.freed
+        while self.pos < len(bf):
+            i = bf[self.pos]
+            if i not in self and i < limit:
+                return i
+            self.pos += 1
+        while self.fpos < len(self.freed):
+            i = self.freed[self.fpos]
+            if i not in self and i < limit:
+                return i
+            self.fpos += 1
+        if self.holes is None:
+            queued = set(bf[self.base.head:]) | set(self.freed)
+            self.holes = [i for i in range(min(self.hwm, limit)) if i not in self and i not in queued]
+        while self.hpos < len(self.holes):
+            i = self.holes[self.hpos]
+            if i not in self:
+                return i
+            self.hpos += 1
+        return None
 
 
 _MISSING = object()

@@ -445,7 +445,12 @@ def test_a_udp_flow_whose_server_was_removed_is_scheduled_afresh(fastpath, maps,
     svc = bal.get_service(usvc)
     freed = next(x.slot for x in svc.dests.values() if str(x.addr) == gone)
     bal.dest_del({"svc": usvc, "addr": gone, "port": 53})
-    bal.dest_add({"svc": usvc, "addr": RSS[2], "port": 53, "fwd": "fnat"})
+    # a freed slot rests while never-used ones remain (Balancer's IdPool): with none left, it is reused
+    limit, bal.max_dests = bal.max_dests, bal._slots_used.hwm
+    try:
+        bal.dest_add({"svc": usvc, "addr": RSS[2], "port": 53, "fwd": "fnat"})
+    finally:
+        bal.max_dests = limit
     assert next(x.slot for x in svc.dests.values() if str(x.addr) == RSS[2]) == freed, "the new server's slot"
     d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
                               settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))

@@ -682,18 +682,48 @@ def test_route_batch_writes_each_prefix_once():
 
 
 # --- what keeps bulk loads linear -------------------------------------------------------------------
-def test_id_pool_hands_out_the_lowest_free_id():
+def test_id_pool_hands_out_never_used_ids_first_then_the_longest_free():
     p = IdPool()
-    assert [Balancer._peek(p, 10, "x") for _ in range(1)] == [0]
+    assert Balancer._peek(p, 10, "x") == 0
     p.update(range(5))
     assert Balancer._peek(p, 10, "x") == 5
     p.discard(2)
-    assert Balancer._peek(p, 10, "x") == 2
-    p.add(2)
+    p.discard(0)
+    assert Balancer._peek(p, 10, "x") == 5  # 2 and 0 rest: their flows may still name them
     p.update(range(5, 10))
+    assert Balancer._peek(p, 10, "x") == 2  # nothing never used is left: the one freed first
+    p.add(2)
+    assert Balancer._peek(p, 10, "x") == 0
+    p.add(0)
     with pytest.raises(HdslbError) as e:
         Balancer._peek(p, 10, "real server slot")
     assert e.value.errno == errno.ENOSPC and "--max-dests" in e.value.message
+    restored = IdPool({1, 3, 7})  # a model read back: its holes come last, lowest first
+    assert Balancer._peek(restored, 8, "x") == 0 and Balancer._peek(restored, 9, "x") == 8
+
+
+def test_a_deleted_services_ids_and_slots_are_not_handed_to_the_next_one():
+    """Its flows keep its id and its servers' slots in the conn table until they end: a service made at once
+    with them showed those flows' connections and traffic as its own (and lc/wlc counted them)."""
+    b = Balancer(Recorder(), dict(IFACES))
+    b.service_add({"proto": "tcp", "addr": "10.0.0.120", "port": 80, "sched": "rr"})
+    for n in (2, 3):
+        b.dest_add({"svc": {"proto": "tcp", "addr": "10.0.0.120", "port": 80}, "addr": f"192.168.100.{n}",
+                    "port": 80})
+    old = b.get_service({"proto": "tcp", "addr": "10.0.0.120", "port": 80})
+    old_ids = ({old.svc_id}, {d.slot for d in old.dests.values()})
+    b.service_del({"proto": "tcp", "addr": "10.0.0.120", "port": 80})
+    svc = {"proto": "tcp", "addr": "10.0.0.121", "port": 80}
+    b.service_add(dict(svc, sched="wlc"))
+    for n in (3, 2):
+        b.dest_add({"svc": svc, "addr": f"192.168.100.{n}", "port": 80})
+    new = b.get_service(svc)
+    assert not {new.svc_id} & old_ids[0] and not {d.slot for d in new.dests.values()} & old_ids[1]
+    # the same through a batch's dry run (a scratch model hands out what the model would)
+    scratch = b.scratch()
+    scratch.service_del(svc)
+    scratch.service_add(dict(svc, sched="rr"))
+    assert scratch.get_service(svc).svc_id not in {new.svc_id} | old_ids[0]
 
 
 def test_route_lookup_is_longest_prefix_then_metric_then_first_added():
