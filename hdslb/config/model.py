@@ -412,7 +412,7 @@ class NotifyScript:
 @dataclass(frozen=True)
 class RealServer:
     ip: IPAddress
-    port: int  # 0 only under SNAT
+    port: int  # 0 only under SNAT, or in a `virtual_server group`: each member's port
     weight: int  # 0..65535; 0 keeps existing conns but schedules nothing new
     inhibit_on_failure: bool  # on failure set weight 0 instead of removing the server
     uthreshold: Optional[int]  # upper conn threshold (None: unlimited)
