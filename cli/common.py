@@ -7,6 +7,7 @@ Everything here sits around that shape so the parsers and formatters stay free o
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import sys
@@ -60,6 +61,28 @@ def ip_or_none(text: str, version: int | None = None):
     return a if version in (None, a.version) and not getattr(a, "scope_id", None) else None
 
 
+def closed_stdout_quiet(run: Callable[[], int]) -> int:
+    """Run a tool's main; when whoever reads its output has gone (`hdslb-ctl status | head -1`, `ipvsadm -Ln |
+    grep -q VIP`), end quietly with status 0, as hdslb-ctl top does: the reader has what it wanted. Without this
+    the write's BrokenPipeError became "[Errno 32] Broken pipe" and exit 1 (or a traceback), and output still
+    buffered at exit an "Exception ignored ... BrokenPipeError" line. Pending output is flushed here, where its
+    failure can be caught; stdout then points at /dev/null so the interpreter's own flush at exit is silent
+    (Python's documented recipe for SIGPIPE)."""
+    try:
+        try:
+            return run()
+        finally:  # (also on SystemExit: argparse's --help and usage errors exit after writing)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (tests, embedding)
+            pass
+        return EXIT_OK
+
+
 def guarded(run: Callable[[], int], daemon_prefix: str, prog: str) -> int:
     """Run the daemon-talking part of a tool and map every way it can fail to a message on stderr and exit 1.
 
@@ -72,6 +95,8 @@ def guarded(run: Callable[[], int], daemon_prefix: str, prog: str) -> int:
         print(f"{daemon_prefix}{e.message}", file=sys.stderr)
     except DaemonUnreachable as e:
         print(str(e), file=sys.stderr)
+    except BrokenPipeError:  # our stdout's reader went away, not the daemon: closed_stdout_quiet's business
+        raise
     except (ProtocolError, OSError) as e:  # OSError: permission denied on the socket, timeouts, resets
         print(f"{prog}: {e}", file=sys.stderr)
     return EXIT_FAIL

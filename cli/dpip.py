@@ -19,8 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, shell_words,
-                        take_ctl_socket)
+from cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, closed_stdout_quiet, guarded, ip_or_none, run_lines,
+                        shell_words, take_ctl_socket)
 from hdslb import __version__
 from hdslb.ctl.client import Client
 from hdslb.errors import HdslbError
@@ -673,6 +673,10 @@ def execute(client, inv: Invocation) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return closed_stdout_quiet(lambda: _main(argv))  # `| head`: no "Broken pipe", no traceback
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         path, argv = take_ctl_socket(argv)

@@ -405,6 +405,8 @@ def decap_main(argv: list[str]) -> int:
         print(f"hdslb-ctl: decap {ns.action}: {e}", file=sys.stderr)
     except NetlinkError as e:  # the interface vanished between two netlink calls, or a permission
         print(f"hdslb-ctl: decap {ns.action}: netlink: {os.strerror(e.code) if e.code else e}", file=sys.stderr)
+    except BrokenPipeError:  # our stdout's reader went away (| head): main ends quietly
+        raise
     except OSError as e:
         print(f"hdslb-ctl: decap {ns.action}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
               file=sys.stderr)
@@ -498,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cli.common import closed_stdout_quiet
+
+    return closed_stdout_quiet(lambda: _main(argv))  # `hdslb-ctl status | head -1`: no "Broken pipe"
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --ctl-socket is accepted anywhere on the line, as for ipvsadm and dpip.
     ctl = None
@@ -532,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     except HdslbError as e:
         print(f"hdslb-ctl: {e.message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # our stdout's reader went away (| head): main ends quietly
+        raise
     except (protocol.ProtocolError, OSError) as e:  # a daemon that does not answer, a garbled reply, EACCES
         print(f"hdslb-ctl: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from cli.common import EXIT_OK, EXIT_USAGE, UsageError, guarded, ip_or_none, run_lines, shell_words, take_ctl_socket
+from cli.common import (EXIT_OK, EXIT_USAGE, UsageError, closed_stdout_quiet, guarded, ip_or_none, run_lines,
+                        shell_words, take_ctl_socket)
 from hdslb import __version__
 from hdslb.config.model import MAX_TIMEOUT_S
 from hdslb.ctl.client import Client
@@ -1015,6 +1016,10 @@ def _restore(client, batch: list[tuple[int, Invocation]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return closed_stdout_quiet(lambda: _main(argv))  # `| head`: no "Broken pipe", no traceback
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         path, argv = take_ctl_socket(argv)
