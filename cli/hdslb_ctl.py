@@ -277,6 +277,22 @@ def cmd_health(ns) -> int:
         return 2
 
 
+def _delay_loop(text: str) -> float:
+    """--delay-loop: seconds, more than 0. Refused here so the message names the option and echoes what was typed:
+    argparse's float passed -1 on as -1.0, and the daemon said "'-1.0' is not a number"."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if math.isnan(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: seconds, more than 0")
+    return v
+
+
 def health_parser() -> argparse.ArgumentParser:
     hc = argparse.ArgumentParser(prog="hdslb-ctl health", description="show health checks, or add/del one at run time")
     hc.add_argument("action", choices=("show", "add", "del"))
@@ -284,7 +300,8 @@ def health_parser() -> argparse.ArgumentParser:
     hc.add_argument("-u", "--udp-service", dest="udp")
     hc.add_argument("-r", "--real-server", dest="real_server")
     hc.add_argument("--kind", default="TCP_CHECK", help="TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, SMTP_CHECK, MISC_CHECK")
-    hc.add_argument("--delay-loop", type=float, default=6)
+    hc.add_argument("--delay-loop", type=_delay_loop, default=6, metavar="SECONDS",
+                    help="seconds between checks, more than 0 (default 6)")
     hc.add_argument("--inhibit", action="store_true", help="inhibit_on_failure: weight 0 instead of removal")
     hc.add_argument("params", nargs="*", metavar="KEY=VALUE",
                     help="checker options, e.g. connect_timeout=1 connect_port=8080 path=/health status_code=200")

@@ -1847,7 +1847,9 @@ class Daemon:
         try:
             loads(text, name="check.add")
         except ConfigError as e:
-            raise HdslbError(errno.EINVAL, f"invalid check: {e.reason if hasattr(e, 'reason') else e}") from None
+            # the option refused and why (the block's file position means nothing to the caller)
+            what = f"{e.keyword}: {e.reason}" if hasattr(e, "reason") else str(e)
+            raise HdslbError(errno.EINVAL, f"invalid check: {what}") from None
         self.ctl_checks[key] = {"key": key, "svc": ident, "addr": str(d.addr), "port": d.port, "text": text}
         await self._start_health()
         return {"key": key}

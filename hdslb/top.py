@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None, ctl_socket: str | None = None, out=None)
     out = out or sys.stdout
     p = build_parser()
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if ns.interval <= 0:
-        p.error("--interval must be positive")
+    if not 0 < ns.interval < float("inf"):  # (nan too: time.sleep() refuses it with a traceback)
+        p.error("--interval must be a number of seconds, more than 0")
     if ns.count < 0:
         p.error("--count must be 0 (forever) or more")
     live = out.isatty() and os.environ.get("TERM") != "dumb"

@@ -83,8 +83,9 @@ class Seconds(Kind):
         self.what = f"seconds {lo:g}..{hi:g}"
 
     def one(self, tok: Token) -> float:
-        # ASCII digits, as int_of: float() also reads "٣", "３.5" and "1_0" (keepalived's strtod does not)
-        if not re.fullmatch(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", tok.text):
+        # ASCII digits, as int_of: float() also reads "٣", "３.5" and "1_0" (keepalived's strtod does not). A sign
+        # is read so that -1 is told it is out of range: "'-1' is not a number" misled.
+        if not re.fullmatch(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", tok.text):
             raise Bad(f"{tok.text!r} is not a number, expects {self.what}", tok)
         v = float(tok.text)
         if not self.lo <= v <= self.hi:
