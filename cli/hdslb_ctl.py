@@ -246,7 +246,11 @@ def cmd_health(ns) -> int:
                 print(f"{vs}  quorum {v.get('quorum')}/{v.get('quorum_needed')}")
                 for rs, r in v.get("real_servers", {}).items():
                     reason = f"  ({r.get('reason')})" if r.get("reason") else ""
-                    print(f"  -> {rs:<28} {r.get('state', '?'):<5} weight {r.get('weight')}{reason}")
+                    # the pool's weight (ipvsadm -e -w since start changes it); the checks' own copy of the
+                    # configured weight only when the daemon does not say (older, or the pool lacks the server)
+                    weight = r["pool_weight"] if r.get("pool_weight") is not None else \
+                        f"{r.get('weight')} (configured)"
+                    print(f"  -> {rs:<28} {r.get('state', '?'):<5} weight {weight}{reason}")
             return 0
         if not (ns.tcp or ns.udp) or not ns.real_server:
             print("hdslb-ctl: health add/del need -t|-u VIP:PORT and -r RS[:PORT]", file=sys.stderr)

@@ -1789,6 +1789,12 @@ class Daemon:
         weights = {d.pool_weight for d in dests}  # a server held out for a sorry server is still up at its weight
         return PoolState(True, weights.pop() if len(weights) == 1 else None)
 
+    def pool_weight(self, vs_key, rs_key) -> int | None:
+        """The weight the pool has a checked real server at (as ipvsadm -Ln shows it: 0 while down or held out for
+        a sorry server), for health.list; None when the model does not have it or its services disagree."""
+        weights = {d.eff_weight for d in self._dests_of(vs_key, rs_key)}
+        return weights.pop() if len(weights) == 1 else None
+
     def _quorum_lost(self, vs_key) -> bool:
         """The pool shows the virtual server's quorum lost: its sorry server is in."""
         for ident, _, _ in self._services_of(vs_key):

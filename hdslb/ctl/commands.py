@@ -910,7 +910,11 @@ def check_del(ctx, a):
 
 @command("health.list")
 def health_list(ctx, a):
-    return {"health": ctx.health.status() if ctx.health is not None else {}}
+    if ctx.health is None:
+        return {"health": {}}
+    # each server's pool_weight: the model's, which an ipvsadm -e -w since start changed and the checker's copy of
+    # the configured weight does not follow
+    return {"health": ctx.health.status(pool_weight=getattr(ctx, "pool_weight", None))}
 
 
 @command("daemon.shutdown")

@@ -78,7 +78,7 @@ from hdslb.config.model import Checker, MiscCheck, RealServer, VirtualServer
 from hdslb.health.base import CheckResult, failed, hostport
 from hdslb.health.notify import Notifier
 from hdslb.health.probe import Probe, run_check
-from hdslb.health.state import CheckerState, PoolState, RsKey, ServerState, ServiceState, VsKey
+from hdslb.health.state import CheckerState, PoolState, PoolWeightOf, RsKey, ServerState, ServiceState, VsKey
 
 log = logging.getLogger("hdslb.health")
 
@@ -92,6 +92,7 @@ Pair = Tuple[VirtualServer, RealServer]
 # and REST listeners and their clients, state and log files.
 FD_RESERVE = 256
 SLOT_WAIT_WARN_EVERY = 60.0  # seconds between two "probes waited for a slot" warnings
+NOT_CHECKED = "not checked yet"  # the reason of a server up at start, until every checker of it has run
 STOP_DRAIN_TIMEOUT = 5.0  # seconds stop() waits for the daemon's callbacks: a stuck one must not block shutdown
 
 
@@ -244,9 +245,12 @@ class HealthManager:
 
     # ------------------------------------------------------------ queries
 
-    def status(self) -> Dict[str, Any]:
-        """{"10.0.0.1:80/TCP": {"quorum", "weight", …, "real_servers": {"192.168.100.2:80": {...}}}}."""
-        return {str(svc.vs): svc.as_dict() for svc in self._services.values()}
+    def status(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
+        """{"10.0.0.1:80/TCP": {"quorum", "weight", …, "real_servers": {"192.168.100.2:80": {...}}}}. pool_weight
+        (vs_key, rs_key) -> the weight the daemon's pool has the server at, reported as each server's pool_weight:
+        the manager's own "weight" is its checks' (the configured one, or misc_dynamic's), which a weight set by
+        hand since (ipvsadm -e -w) does not change."""
+        return {str(svc.vs): svc.as_dict(pool_weight) for svc in self._services.values()}
 
     def server(self, vs_key: VsKey, rs_key: RsKey) -> ServerState:
         return self._services[vs_key].servers[rs_key]
@@ -286,7 +290,7 @@ class HealthManager:
         if not checkers:
             reason = "no checkers: always up"
         elif alive:
-            reason = "not checked yet"
+            reason = NOT_CHECKED  # until every checker has passed once (_record)
         elif vs.alpha:
             reason = "alpha: down until every check has passed"
         else:
@@ -399,6 +403,11 @@ class HealthManager:
                 cs.up = False
         cs.has_run = True
         self._reconcile(svc, srv, reason)
+        if res.ok and srv.alive and srv.reason == NOT_CHECKED and all(x.has_run for x in srv.checkers):
+            # Up since start and now checked by every checker: say so. Only the reason shown changes (health.list,
+            # hdslb-ctl health show kept "not checked yet" for a server that had passed every check since start);
+            # nothing changed for the daemon, so no verdict and no script.
+            srv.reason = reason
         if srv.alpha_pending and not res.ok and not srv.alive:
             self._script_rs(srv, False)  # keepalived: alpha's first failed check confirms the server down
         return delay

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from hdslb.config.model import Checker, IPAddress, RealServer, VirtualServer
 from hdslb.health.base import hostport
 
 VsKey = Tuple[str, str]  # VirtualServer.key: ("TCP", "10.0.0.1:80") or ("TCP", "group web")
 RsKey = Tuple[IPAddress, int]  # RealServer.key
+PoolWeightOf = Callable[[VsKey, RsKey], Optional[int]]  # the weight the daemon's pool has a server at, if known
 
 MAX_WEIGHT = 65535
 
@@ -88,11 +89,17 @@ class ServerState:
     def last_check(self) -> Optional[float]:
         return max((c.last_check for c in self.checkers if c.last_check is not None), default=None)
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {"state": "up" if self.alive else "down", "weight": self.weight, "inhibit": self.inhibit,
-                "reason": self.reason, "since": self.since, "last_failure": self.last_failure,
-                "last_check": self.last_check, "failures": self.failures,
-                "checkers": [c.as_dict() for c in self.checkers]}
+    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
+        """weight: the weight its checks give it (configured, or a misc_dynamic script's); with pool_weight, also
+        "pool_weight": the weight the daemon's pool has it at now (ipvsadm -e since, 0 while down or held out for
+        a sorry server), None when the pool does not have it or the services it stands for disagree."""
+        out = {"state": "up" if self.alive else "down", "weight": self.weight, "inhibit": self.inhibit,
+               "reason": self.reason, "since": self.since, "last_failure": self.last_failure,
+               "last_check": self.last_check, "failures": self.failures,
+               "checkers": [c.as_dict() for c in self.checkers]}
+        if pool_weight is not None:
+            out["pool_weight"] = pool_weight(self.vs_key, self.rs_key)
+        return out
 
 
 @dataclass
@@ -122,7 +129,7 @@ class ServiceState:
         self.live += now - srv.counted
         srv.counted = now
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
         return {"quorum": None if self.quorum_up is None else ("up" if self.quorum_up else "down"),
                 "weight": self.weight_sum(), "quorum_needed": self.vs.quorum, "hysteresis": self.vs.hysteresis,
-                "real_servers": {hostport(*k): s.as_dict() for k, s in self.servers.items()}}
+                "real_servers": {hostport(*k): s.as_dict(pool_weight) for k, s in self.servers.items()}}

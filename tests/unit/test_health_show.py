@@ -1,0 +1,129 @@
+"""What `hdslb-ctl health show` (health.list) says about a real server: why it is in its state, and its weight.
+
+A server up since start said "(not checked yet)" for as long as it kept passing: its reason was set only when its
+state changed. And its weight was the checker's copy of the configured one, stale after an `ipvsadm -e -w`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from cli import hdslb_ctl
+from hdslb.api import dispatch_async
+from hdslb.config.model import NotifyScript
+from hdslb.ctl import commands
+from hdslb.health import CheckResult, HealthManager, pairs_of
+from hdslb.health.state import PoolState
+from tests.unit.test_health import Recorder, misc_check, real, tcp_check, until, virtual
+from tests.unit.test_health_notify import Runs
+from tests.unit.test_health_restore import CONF, SVC, daemon, probe, stop  # noqa: F401 — probe is a fixture
+
+# ---------------------------------------------------------------- the reason
+
+
+async def test_a_server_up_since_start_shows_its_passing_check_once_every_checker_has_run_and_nothing_is_told():
+    misc_may_run = asyncio.Event()
+
+    async def checks(checker, rs):
+        if checker.kind == "MISC_CHECK":
+            await misc_may_run.wait()
+            return CheckResult(True, "exited 0")
+        return CheckResult(True, f"connected to {rs.ip}:{rs.port}")
+
+    rec, runs = Recorder(), Runs()
+    rs = dataclasses.replace(real(150, tcp_check(delay_loop=0.02), misc_check("true", delay_loop=0.02)),
+                             notify_up=NotifyScript("up"), notify_down=NotifyScript("down"))
+    vs = virtual(rs)
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=checks, notifier=runs)
+    await mgr.start(pairs_of([vs]))
+    try:
+        srv = mgr.server(vs.key, rs.key)
+        await until(lambda: srv.checkers[0].has_run)
+        assert srv.reason == "not checked yet"  # one of its two checkers has not run yet
+        misc_may_run.set()
+        await until(lambda: all(c.has_run for c in srv.checkers))
+        await until(lambda: srv.reason != "not checked yet")
+        assert srv.reason in ("MISC_CHECK: exited 0", "TCP_CHECK: connected to 127.0.0.1:150")
+        shown = mgr.status()[str(vs)]["real_servers"]["127.0.0.1:150"]
+        assert (shown["state"], shown["reason"]) == ("up", srv.reason)
+        await mgr.settle()
+        assert (rec.changes, runs.runs) == ([], [])  # it was up and still is: no verdict, no notify_up
+    finally:
+        await mgr.stop()
+
+
+async def test_a_server_restored_up_keeps_the_reason_of_the_pool_until_checked_and_a_failure_still_counts():
+    """A restart that restores a server up starts it "not checked yet" too; a failed probe within its retries is
+    not a passing reason to show."""
+    results = {"ok": False}
+
+    async def checks(checker, rs):
+        return CheckResult(results["ok"], "fine" if results["ok"] else "refused")
+
+    rec = Recorder()
+    rs = real(151, tcp_check(retry=100, delay_before_retry=0.01, delay_loop=0.02), weight=4)
+    vs = virtual(rs)
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=checks, pool_state=lambda v, r: PoolState(True, 4))
+    await mgr.start(pairs_of([vs]))
+    try:
+        srv = mgr.server(vs.key, rs.key)
+        await until(lambda: srv.checkers[0].failures >= 2)
+        assert srv.alive and srv.reason == "not checked yet"
+        results["ok"] = True
+        await until(lambda: srv.reason == "TCP_CHECK: fine")
+        await mgr.settle()
+        assert rec.changes == []
+    finally:
+        await mgr.stop()
+
+
+# ---------------------------------------------------------------- the weight
+
+
+class DaemonClient:
+    """hdslb-ctl's Client, answered by a HarnessDaemon's commands in this process."""
+
+    daemon = None
+
+    def __init__(self, path=None, timeout=None):
+        pass
+
+    def call(self, op, args=None):
+        return commands.dispatch(self.daemon, op, args or {})
+
+
+async def test_health_show_prints_the_weight_the_pool_has_the_server_at(tmp_path, probe, monkeypatch, capsys):  # noqa: F811
+    d = await daemon(tmp_path, CONF)
+    try:
+        vs = "10.0.0.100:80/TCP"
+        await until(lambda: all(s["last_check"] for s in d.health.status()[vs]["real_servers"].values()))
+        await d.health.settle()
+        await dispatch_async(d, "dest.edit", {"svc": SVC, "addr": "192.168.100.2", "port": 80, "weight": 5})
+        shown = (await dispatch_async(d, "health.list", {}))["health"][vs]["real_servers"]["192.168.100.2:80"]
+        assert (shown["pool_weight"], shown["weight"]) == (5, 1)  # the pool's, and the checks' configured one
+        assert shown["reason"] == "TCP_CHECK: fine"
+
+        DaemonClient.daemon = d
+        monkeypatch.setattr(hdslb_ctl, "Client", DaemonClient)
+        assert hdslb_ctl.main(["health", "show"]) == 0
+        out = capsys.readouterr().out
+        assert "192.168.100.2:80             up    weight 5  (TCP_CHECK: fine)" in out
+        assert "192.168.100.3:80             up    weight 1  (TCP_CHECK: fine)" in out
+        assert "not checked yet" not in out
+    finally:
+        await stop(d)
+
+
+def test_health_show_labels_the_checks_weight_when_the_daemon_does_not_give_the_pools(monkeypatch, capsys):
+    class Older(DaemonClient):  # an hdslbd without pool_weight, or a server its pool does not have
+        def call(self, op, args=None):
+            return {"health": {"10.0.0.1:80/TCP": {"quorum": "up", "quorum_needed": 1, "real_servers": {
+                "10.0.0.2:80": {"state": "up", "weight": 3, "reason": "TCP_CHECK: fine"},
+                "10.0.0.3:80": {"state": "up", "weight": 2, "pool_weight": None, "reason": ""}}}}}
+
+    monkeypatch.setattr(hdslb_ctl, "Client", Older)
+    assert hdslb_ctl.main(["health", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "10.0.0.2:80                  up    weight 3 (configured)  (TCP_CHECK: fine)" in out
+    assert "10.0.0.3:80                  up    weight 2 (configured)\n" in out
