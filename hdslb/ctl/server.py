@@ -51,7 +51,7 @@ class CtlServer:
             # bind() gives the file 0777 & ~umask; nobody can connect before listen(), which start_unix_server
             # calls, so setting the mode first leaves no moment where another user could get a connection in.
             os.chmod(self.path, SOCKET_MODE)
-            self.server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self.server = await asyncio.start_unix_server(self._accept, sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -83,13 +83,15 @@ class CtlServer:
         self._conns[writer] = time.monotonic()
         return True
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A new connection, served by a task of our own. Handed to asyncio as a coroutine, its task got a
+        done-callback (Python < 3.12) that calls task.exception(), which raises on a task cancelled: a connection
+        still open when hdslbd exits (asyncio.run cancels it; `hdslb-ctl up` polls while a start fails) logged an
+        "Exception in callback ... CancelledError" traceback. Cancelled at exit is a normal end; a failure in the
+        handler is logged by _serve_conn itself."""
+        task = asyncio.get_running_loop().create_task(self._serve_conn(reader, writer))
         self._tasks.add(task)
-        try:
-            await self._serve_conn(reader, writer)
-        finally:
-            self._tasks.discard(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         abort = False  # close without flushing: a peer that does not read would keep the transport forever

@@ -261,3 +261,27 @@ async def test_stop_does_not_wait_for_idle_clients(tmp_path):
     await asyncio.wait_for(s.stop(), 2)
     assert await asyncio.wait_for(r.read(), 2) == b""
     w.close()
+
+
+def test_a_connection_cancelled_at_exit_logs_no_traceback(tmp_path, caplog):
+    """`hdslb-ctl up -f CONF` with a file that fails to load: hdslbd's start raised with up's status poll
+    connected, asyncio.run cancelled that connection's task, and asyncio's done-callback for a client_connected_cb
+    coroutine (Python < 3.12) called task.exception() on it: an "Exception in callback ... CancelledError"
+    traceback in the log, above the real error, in the lines `up` prints. A connection cancelled at exit is normal."""
+    import logging
+
+    async def start_that_fails():
+        s = CtlServer(str(tmp_path / "ctl.sock"), _dispatch)
+        await s.start()
+        r, w = await asyncio.open_unix_connection(s.path)
+        assert (await _ask(s.path, _frame("echo", {"a": 1})))["data"] == {"a": 1}
+        for _ in range(200):  # the idle connection's handler waits for a request
+            if s._tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert s._tasks
+        raise HdslbError(errno.ENODEV, "no such interface: nosuch0")
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(HdslbError):
+        asyncio.run(start_that_fails())
+    assert [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
