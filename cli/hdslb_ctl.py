@@ -37,14 +37,15 @@ def cmd_up(ns) -> int:
     logfile = ns.log_file or log_path(ctl)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     with open(logfile, "ab") as lf:
+        start = os.fstat(lf.fileno()).st_size  # what earlier runs wrote: not this start's to show
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + UP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines of {logfile}:", file=sys.stderr)
-            with open(logfile, errors="replace") as f:
-                sys.stderr.writelines(f.readlines()[-15:])
+            print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines it wrote to {logfile}:",
+                  file=sys.stderr)
+            sys.stderr.writelines(_log_since(logfile, start)[-15:])
             return 1
         try:
             st = Client(ctl, timeout=5).call("daemon.status")
@@ -59,6 +60,16 @@ def cmd_up(ns) -> int:
         time.sleep(0.2)
     print(f"hdslb-ctl: hdslbd did not answer on {ctl} within {UP_TIMEOUT_S:.0f} s (log: {logfile})", file=sys.stderr)
     return 1
+
+
+def _log_since(path: str, offset: int) -> list[str]:
+    """The lines of the log from byte `offset` on: what the daemon just started wrote, without an earlier run's
+    lines above them (a reused --log-file showed old errors as this start's). A log truncated or rotated meanwhile
+    is read whole."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size >= offset:
+            f.seek(offset)
+        return f.read().decode(errors="replace").splitlines(keepends=True)
 
 
 def _not_this_daemon(ns, st: dict) -> str | None:

@@ -231,3 +231,34 @@ def test_a_plain_down_stops_a_daemon_started_with_its_own_pin_root_and_state_dir
     assert hdslb_ctl._not_this_daemon(parse(["down", "--state-dir", str(tmp_path / "state")]), st) is None
     assert "but its saved model is" in hdslb_ctl._not_this_daemon(parse(["down", "--state-dir", "/run/x"]), st)
     assert "but its pins are in" in hdslb_ctl._not_this_daemon(parse(["down", "--pin-root", "/run/y"]), st)
+
+
+def test_a_failed_up_shows_only_what_this_start_wrote_to_a_reused_log(tmp_path, monkeypatch, capsys):
+    """`up --log-file` appends: the lines shown when hdslbd exits at once were the file's last 15, so an earlier
+    run's errors (three "lb1 already runs XDP program") stood above this start's "no such interface"."""
+    from cli import hdslb_ctl
+
+    log = tmp_path / "d.log"
+    log.write_text("".join(f"old run: lb1 already runs XDP program {i}\n" for i in range(3)))
+
+    class Exits:
+        returncode = 1
+
+        def __init__(self, argv, stdout=None, **kw):
+            stdout.write(b"hdslbd ERROR hdslb: no such interface: nosuch0\n")
+            stdout.flush()
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exits)
+    assert hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "up", "--log-file", str(log), "nosuch0"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("hdslbd ERROR hdslb: no such interface: nosuch0\n")
+    assert "old run" not in err and "hdslbd exited with status 1" in err
+    assert "old run: lb1 already runs XDP program 2" in log.read_text()  # the file keeps them
+
+    log.write_text("")  # truncated meanwhile (logrotate's copytruncate): what is there is this start's
+    assert hdslb_ctl._log_since(str(log), 1000) == []
+    log.write_text("a\nb\n")
+    assert hdslb_ctl._log_since(str(log), 100) == ["a\n", "b\n"] and hdslb_ctl._log_since(str(log), 2) == ["b\n"]
