@@ -258,12 +258,19 @@ def _stats(stats: dict, rates: dict) -> dict:
 
 
 def _rs_expand(d: dict) -> dict:
-    return {"Spec": {"ip": d["addr"], "port": d["port"], "weight": d["weight"], "mode": d["fwd"].upper(),
-                     "inhibited": (d.get("health") or {}).get("state") == "down",  # out of rotation by its check
-                     "overloaded": bool(d.get("overloaded"))},
+    """A real server as dpvs-agent shows one. Spec is what a client writes, so it can be sent back as it is: its
+    weight is the configured one (service.list's conf_weight) and `inhibited` says a health check holds the
+    server out, as dpvs-agent keeps them (its flag never touches the weight). Showing the effective weight there
+    (0 while down) made a GET -> PUT echo a drain to 0 that outlived the server's recovery. The weight scheduling
+    uses now (0 while down, held out for a sorry server, or a checker's dynamic weight) is EffectiveWeight,
+    outside Spec with the other read-only state. (An older service.list sends no conf_weight: weight is it.)"""
+    return {"Spec": {"ip": d["addr"], "port": d["port"], "weight": d.get("conf_weight", d["weight"]),
+                     "mode": d["fwd"].upper(),
+                     "inhibited": _flag_now(d, "inhibited"), "overloaded": _flag_now(d, "overloaded")},
             "Stats": _stats(d.get("stats") or {}, d.get("rates") or {}),
             "ActiveConns": d.get("active", 0), "InactConns": d.get("inactive", 0),
-            "UThreshold": d.get("u_threshold", 0), "LThreshold": d.get("l_threshold", 0)}
+            "UThreshold": d.get("u_threshold", 0), "LThreshold": d.get("l_threshold", 0),
+            "EffectiveWeight": d["weight"]}
 
 
 def _laddr_expand(la: dict) -> dict:
@@ -457,7 +464,9 @@ async def patch_vs(request):
                         ipaddress.ip_address(it["Addr"]).version)
         ops.append(["service.set", {**ident, **opts}])
         where.append(f)
-        for rf, rkey, rit in _rs_items(it.get("RSs", {"Items": []})["Items"], it["Port"], f"{f}.RSs.Items"):
+        rs_items = it.get("RSs", {"Items": []})["Items"]
+        for rf, rkey, rit in _rs_items(rs_items, it["Port"], f"{f}.RSs.Items",
+                                       await _flag_state(request, ident, rs_items)):
             dargs = {"svc": ident, "addr": str(rkey[0]), "port": rkey[1]}
             if "weight" in rit:
                 dargs["weight"] = rit["weight"]
@@ -476,6 +485,21 @@ async def patch_vs(request):
                            f) from None
     warnings = [f"{where[w['index']]}: {w['warning']}" for w in (data or {}).get("warnings", ())]
     return _reply({"result": "applied", "services": len(seen), "real_servers": n_rs, "warnings": warnings})
+
+
+async def _flag_state(request, ident: dict, rs_items: list) -> dict | None:
+    """The servers of a PATCH item's service, read only when an item says inhibited or overloaded true (what GET
+    showed of a server so now, sent back): _rs_items accepts the flag if the server is in that state. A bulk load
+    with no flags set reads nothing."""
+    if not any(r.get("inhibited") or r.get("overloaded") for r in rs_items):
+        return None
+    try:
+        svc = await _one_service(request, ident, brief=True)
+    except ApiError as e:
+        if e.status != 404:
+            raise
+        return None
+    return {_rs_key(d["addr"], d["port"], svc["port"]): d for d in svc["dests"]}
 
 
 async def delete_vs(request):
@@ -564,8 +588,9 @@ def _upserts(ident: dict, current: dict, items: list) -> _Plan:
         cur = current.get(key)
         if cur is not None:
             # service.list's "weight" is the effective one (0 while a health check has the server down); a
-            # request's weight is the configured one, so that is what it is compared with: a drain to 0 of a
-            # server that is down must still be kept. (An older service.list sends no conf_weight.)
+            # request's weight is the configured one (what GET's Spec shows), so that is what it is compared
+            # with: a drain to 0 of a server that is down must still be kept, and an echo of GET changes nothing.
+            # (An older service.list sends no conf_weight.)
             cur = {**cur, "weight": cur.get("conf_weight", cur["weight"])}
         if cur is None:
             plan.steps.append(_Step("added", key, "dest.add", {**dargs, **given}, f))

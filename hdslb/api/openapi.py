@@ -154,7 +154,8 @@ SCHEMAS = {
             "ip": IP,
             "port": dict(UINT16, description="0 or absent: the service's port"),
             "weight": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT,
-                       "description": "absent: 1 when added, unchanged when updated (PUT)"},
+                       "description": "the configured weight (0 drains the server); absent: 1 when added, "
+                                      "unchanged when updated (PUT). A health check's verdict never changes it"},
             "mode": {"type": "string", "enum": MODES,
                      "description": "forwarding method FNAT DR NAT TUNNEL SNAT (ipvsadm -b -g -m -i -J); absent: "
                                     "FNAT when added (SNAT under a Match service), unchanged when updated"},
@@ -234,13 +235,22 @@ SCHEMAS = {
         "type": "object", "required": ["Spec", "Stats"],
         "properties": {
             "Spec": {"type": "object", "required": ["ip", "port", "weight", "mode"],
-                     "properties": {"ip": IP, "port": UINT16, "weight": UINT16, "mode": {"type": "string"},
+                     "description": "what a client writes (RealServerSpecTiny): sent back as it is, it changes "
+                                    "nothing",
+                     "properties": {"ip": IP, "port": UINT16,
+                                    "weight": dict(UINT16, description="the configured weight, kept while a health "
+                                                                       "check holds the server out (inhibited); "
+                                                                       "EffectiveWeight is what scheduling uses"),
+                                    "mode": {"type": "string"},
                                     "inhibited": {"type": "boolean", "description": "held out of rotation by "
                                                                                     "its health check"},
                                     "overloaded": {"type": "boolean"}}},
             "Stats": _ref("ServerStats"),
             "ActiveConns": UINT64, "InactConns": UINT64,
             "UThreshold": UINT32, "LThreshold": UINT32,
+            "EffectiveWeight": dict(UINT16, readOnly=True, description=(
+                "hdslb extension, read-only: the weight scheduling uses now: 0 while inhibited or held out for a "
+                "sorry server, a checker's dynamic weight (misc_dynamic), else Spec.weight")),
         },
     },
     "RealServerExpandList": {
