@@ -164,6 +164,9 @@ def _vs_ident(request: web.Request) -> dict:
     if len(parts) != 3:
         raise ApiError(400, errno.EINVAL, bad, "VipPort")
     addr, port, proto = parts
+    if "%" in addr:  # ipaddress takes a %zone; the model refuses it (400 without naming VipPort)
+        raise ApiError(400, errno.EINVAL, f"{bad} ({addr!r} is a scoped IPv6 address: a %zone is not taken)",
+                       "VipPort")
     try:
         ip = ipaddress.ip_address(addr.strip("[]"))
     except ValueError:

@@ -83,3 +83,32 @@ async def test_an_authorization_header_that_is_not_utf8_is_401_not_500():
         data = await asyncio.wait_for(rd.read(4000), 5)
         wr.close()
     assert data.startswith(b"HTTP/1.1 401"), data[:200]
+
+
+ZONED = "fe80::1%eth1"
+
+
+@pytest.mark.parametrize("method,path,body,field", [
+    ("PUT", VS + "/rs", {"Items": [{"ip": ZONED}]}, "Items[0].ip"),
+    ("POST", VS + "/rs", {"Items": [{"ip": "192.168.100.2"}, {"ip": ZONED, "port": 80}]}, "Items[1].ip"),
+    ("DELETE", VS + "/rs", {"Items": [{"ip": ZONED}]}, "Items[0].ip"),
+    ("PUT", VS, {"RSs": {"Items": [{"ip": ZONED}]}}, "RSs.Items[0].ip"),
+    ("PATCH", "/v2/vs", {"Items": [{"Addr": "2001:db8::1", "Port": 80, "Proto": "tcp",
+                                    "RSs": {"Items": [{"ip": ZONED}]}}]}, "Items[0].RSs.Items[0].ip"),
+    ("PATCH", "/v2/vs", {"Items": [{"Addr": ZONED, "Port": 80, "Proto": "tcp"}]}, "Items[0].Addr"),
+    ("POST", "/v2/vs", {"Addr": ZONED, "Port": 80, "Proto": "tcp"}, "Addr"),
+    ("PUT", VS + "/laddr", {"addr": ZONED, "device": "eth1"}, "addr"),
+    ("PUT", "/v2/neigh", {"addr": ZONED, "lladdr": "02:00:00:00:00:09", "device": "eth1"}, "addr"),
+    ("PUT", "/v2/device/eth1/route", {"dst": "2001:db8::/64", "gateway": ZONED}, "gateway"),
+    ("PUT", "/v2/device/eth1/route", {"dst": "fe80::%eth1/64"}, "dst"),
+    ("PUT", "/v2/device/eth1/addr", {"addr": ZONED + "/64"}, "addr"),  # was taken, the zone silently dropped
+    ("GET", "/v2/vs/fe80::1%25eth1-80-tcp", None, "VipPort"),
+])
+async def test_a_scoped_ipv6_address_is_400_naming_the_field(client, method, path, body, field):
+    """ipaddress takes fe80::1%eth1 (so did the schema's ip format); the model keys on the address bytes and refuses
+    it. A real server's address reached the handlers' own parse first and was a 500; now every address field
+    refuses a %zone in the schema, naming the field, and nothing changes."""
+    before, dests = list(client.ctx.bal.dp.calls), client.ctx.dests()
+    b = await expect(await client.request(method, path, json=body), 400, field=field)
+    assert "scoped IPv6" in b["error"]
+    assert client.ctx.bal.dp.calls == before and client.ctx.dests() == dests
