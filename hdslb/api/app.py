@@ -194,7 +194,9 @@ async def _ident(request: web.Request) -> dict:
     if not _ascii_digits(sid):
         raise ApiError(400, errno.EINVAL, f"VipPort {vp!r}: a SNAT service is match-ID (its Id in GET /v2/vs)",
                        "VipPort")
-    data = await _call(request, "service.list", {"svc": None})
+    # Brief: the model's fields are all an id needs; a full listing scanned the conn table (connection counts,
+    # local addresses' connections) and read every service's stats just to find one id, on every request.
+    data = await _call(request, "service.list", {"svc": None, "brief": True})
     for s in data["services"]:
         if s.get("match") and s.get("svc_id") == int(sid):
             return {"match": s["match"]}

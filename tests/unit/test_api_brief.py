@@ -119,3 +119,32 @@ async def test_rest_reads_still_show_the_counters(ctx):
         b = await expect(await c.get(VS), 200)
     assert "dest_stats" in ctx.reads and "conn_counts" in ctx.reads
     assert b["Items"][0]["Stats"]["Conns"] == 30
+
+
+SNAT = {"Proto": "tcp", "Match": {"Src": {"Start": "10.1.0.0", "End": "10.1.0.255"}}}
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("PUT", "/v2/vs/match-1/rs", {"Items": [{"ip": "192.168.100.250"}]}, 200),
+    ("POST", "/v2/vs/match-1/rs", {"Items": [{"ip": "192.168.100.250"}]}, 200),
+    ("PUT", "/v2/vs/match-1", {"SchedName": "sh"}, 200),
+    ("DELETE", "/v2/vs/match-1", None, 200),
+    ("DELETE", "/v2/vs/match-7", None, 404),
+])
+async def test_a_snat_service_is_found_by_its_id_without_reading_counters(ctx, method, path, body, status):
+    """match-ID is resolved from the model (a brief listing): it was a full listing of every service, the conn
+    table's counts and every service's stats read on each request to find one id."""
+    ctx.bal.addr_add({"addr": "192.168.100.250", "prefixlen": 24, "ifname": "eth1", "sapool": True})
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        assert (await expect(await c.post("/v2/vs", json=SNAT), 201))["Id"] == "match-1"
+        ctx.strict = True
+        await expect(await c.request(method, path, json=body), status)
+    assert ctx.reads == []
+
+
+async def test_a_snat_services_listing_reads_the_counters_once(ctx):
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        await expect(await c.post("/v2/vs", json=SNAT), 201)
+        ctx.reads.clear()
+        b = await expect(await c.get("/v2/vs/match-1/rs"), 200)
+    assert b == {"Items": []} and ctx.reads.count("conn_counts") == 1
