@@ -382,7 +382,14 @@ async def create_vs(request):
                 raise ApiError(400, errno.EINVAL, f"{f}: a SNAT (Match) service has no VIP", f)
         ident = {"match": _match_from(body["Match"], proto)}
         opts = _vs_opts({k: v for k, v in body.items() if k != "Match"}, 4)
-        await _call(request, "service.add", {**ident, **opts}, field="Match")
+        try:  # an unknown InIfName/OutIfName is a bad field value (400), as a laddr's or neighbour's device
+            await _call(request, "service.add", {**ident, **opts}, field="Match", device_in_body=True)
+        except ApiError as e:
+            if e.errno == errno.ENODEV:
+                e.field = next((f"Match.{k}" for k, v in (("InIfName", ident["match"]["iif"]),
+                                                           ("OutIfName", ident["match"]["oif"]))
+                                if v and repr(v) in e.message), e.field)
+            raise
         svc = await _one_service(request, ident, brief=True)
         vid = f"{MATCH_ID}{svc['svc_id']}"
         return _reply({"result": "created", "Id": vid}, 201, headers={"Location": f"/v2/vs/{vid}"})

@@ -415,6 +415,20 @@ async def test_unknown_device_in_body_is_400_naming_it(client):
                      field="device")
     assert b["errno"] == errno.ENODEV
     await expect(await client.put(VS + "/laddr", json={"addr": "192.168.100.9"}), 400, field="device")
+    b = await expect(await client.put("/v2/neigh", json={"addr": "192.168.100.9", "lladdr": "02:00:00:00:00:09",
+                                                          "device": "eth9"}), 400, field="device")
+    assert b["errno"] == errno.ENODEV
+
+
+@pytest.mark.parametrize("match,field", [({"Src": {"Start": "10.0.0.2"}, "InIfName": "eth9"}, "Match.InIfName"),
+                                         ({"InIfName": "eth1", "OutIfName": "eth9"}, "Match.OutIfName")])
+async def test_unknown_device_in_a_snat_match_is_400_naming_it(client, match, field):
+    """POST /v2/vs with a Match naming an interface the balancer is not attached to was 404 (ENODEV as if the URL
+    named the device); the body names it, so it is a bad field value, as a local address's device."""
+    before = list(client.ctx.bal.dp.calls)
+    b = await expect(await client.post("/v2/vs", json={"Proto": "tcp", "Match": match}), 400, field=field)
+    assert b["errno"] == errno.ENODEV and "'eth9'" in b["error"]
+    assert client.ctx.bal.dp.calls == before and not client.ctx.bal.snat_order
 
 
 # --- devices ----------------------------------------------------------------------------------------
