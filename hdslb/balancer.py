@@ -169,6 +169,9 @@ def _match_range(text, what: str):
     if not isinstance(text, str):
         raise invalid(f"{what} must be a string like 192.168.0.1-192.168.0.254")
     t = text.strip()
+    if t.count(":") > 1 or t.startswith("["):  # an IPv6 address (one colon at most is IPv4's :PORT)
+        raise HdslbError(errno.EOPNOTSUPP, f"{what} {text!r}: SNAT is IPv4 only (the fast path's SNAT rules "
+                                           f"hold IPv4 ranges)")
     if ":" in t:
         t, _, ports = t.partition(":")
         if ports not in ("", "0", "0-0"):

@@ -326,6 +326,28 @@ def test_snat_match_is_the_identity_and_its_sources_are_sapool_addresses(bal):
         bal.laddr_add({"svc": {"match": MATCH}, "addr": "203.0.113.9", "ifname": "eth0"})
 
 
+@pytest.mark.parametrize("rng,err,why", [
+    ("2001:db8::1", errno.EOPNOTSUPP, "IPv4 only"),  # was "port ranges are not supported": split at its first colon
+    ("2001:db8::1-2001:db8::9", errno.EOPNOTSUPP, "IPv4 only"),
+    ("::", errno.EOPNOTSUPP, "IPv4 only"),
+    ("[2001:db8::1]:0", errno.EOPNOTSUPP, "IPv4 only"),
+    ("10.0.0.1-10.0.0.9:80", errno.EOPNOTSUPP, "port ranges"),  # an IPv4 range with ports: still the port refusal
+    ("10.0.0.1:x", errno.EOPNOTSUPP, "port ranges"),
+])
+@pytest.mark.parametrize("key", ["src_range", "dst_range"])
+def test_a_snat_match_range_is_ipv4_only(bal, key, rng, err, why):
+    before = frozen(bal)
+    with pytest.raises(HdslbError) as e:
+        bal.service_add({"match": {"proto": "tcp", key: rng}})
+    assert e.value.errno == err and why in e.value.message, e.value.message
+    assert frozen(bal) == before
+
+
+def test_a_snat_match_range_may_end_in_the_any_port(bal):
+    bal.service_add({"match": {"proto": "tcp", "src_range": "10.0.0.1-10.0.0.9:0-0"}})
+    assert [str(s.match) for s in bal.snat_order] == ["proto=tcp,src-range=10.0.0.1-10.0.0.9"]
+
+
 # --- persistence ------------------------------------------------------------------------------------
 def test_persistence_reaches_the_service_entry_and_templates_go_with_their_server(bal):
     bal.service_add(dict(SVC, sched="rr", persistent=300, netmask="255.255.255.0"))
