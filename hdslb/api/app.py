@@ -939,18 +939,23 @@ async def get_openapi(request):
 
 
 def _accepts_gzip(header: str) -> bool:
-    """Accept-Encoding names gzip (or *) with a non-zero q."""
+    """Accept-Encoding takes gzip: gzip named with a non-zero q, or, gzip not named, * with one. A coding named
+    outright wins over * wherever either stands (RFC 9110 12.5.3): "*;q=0, gzip" takes gzip, "gzip;q=0, *"
+    does not. (It read the first of them only.) A q that is not a number counts as 0."""
+    q = {}
     for item in header.split(","):
         coding, *params = (p.strip().lower() for p in item.split(";"))
         if coding in ("gzip", "*"):
+            weight = 1.0
             for p in params:
                 if p.startswith("q="):
                     try:
-                        return float(p[2:]) > 0
+                        weight = float(p[2:])
                     except ValueError:
-                        return False
-            return True
-    return False
+                        weight = 0.0
+            q.setdefault(coding, weight)
+    weight = q.get("gzip", q.get("*", 0.0))
+    return weight > 0
 
 
 async def get_metrics(request):

@@ -206,6 +206,28 @@ async def test_gzip_when_the_scraper_accepts_it(ctx):
     assert 'hdslb_connections_total{local_address="10.0.0.100",local_port="80",proto="TCP"} 30' in text
 
 
+@pytest.mark.parametrize("header,gz", [
+    ("*;q=0, gzip", True),          # gzip named outright wins over * (it read "*;q=0" first and stopped)
+    ("*;q=0, gzip;q=0.5", True),
+    ("identity, *;q=0, GZIP", True),
+    ("gzip;q=0, *", False),         # ... and so does its refusal
+    ("*", True), ("*;q=0", False), ("deflate, *;q=0.1", True),
+    ("gzip", True), ("gzip;q=0", False), ("gzip;q=0.000", False), ("gzip;q=x", False),
+    ("identity", False), ("", False), ("br, deflate", False),
+])
+def test_accepts_gzip_by_rfc_9110(header, gz):
+    from hdslb.api.app import _accepts_gzip
+
+    assert _accepts_gzip(header) is gz
+
+
+async def test_gzip_named_beside_a_refused_wildcard_is_gzipped(ctx):
+    async with TestClient(TestServer(make_app(ctx))) as c:
+        r = await c.get("/metrics", headers={"Accept-Encoding": "*;q=0, gzip"}, auto_decompress=False)
+        assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+        assert b"hdslb_connections_total" in gzip.decompress(await r.read())
+
+
 def test_exposition_format_rules(ctx):
     """One HELP and one TYPE per family, before its samples; counters end in _total; no series twice;
     label values escaped (quotes, backslashes, newlines) so that a parser gets them back exactly."""
