@@ -1909,6 +1909,21 @@ static __always_inline int xlat46(struct xdp_md *ctx, struct iphdr *iph, struct 
 		return drop(CNT_DROP_MALFORMED_L4);
 	if (tot < ihl)
 		return drop(CNT_DROP_MALFORMED_IP);
+	{
+		/* The datagram grows by the IPv6 header less its own (RFC 7915): one that would no longer fit the
+		 * egress MTU is answered as a router would (DF: fragmentation needed, with the MTU less 20, from the
+		 * address it was sent to) or dropped (drop_too_big), before anything is counted or tracked. */
+		__u32 oif = cv->ifindex;
+		struct iface_val *ov = iface_map.lookup(&oif);
+
+		if (ov && ov->mtu > sizeof(struct ipv6hdr) &&
+		    (__u32)(tot - ihl) + sizeof(struct ipv6hdr) > ov->mtu) {
+			if (iph->frag_off & bpf_htons(0x4000))
+				return icmp_too_big4(ctx, l2len,
+						     ov->mtu - (sizeof(struct ipv6hdr) - sizeof(struct iphdr)), ihl != 20);
+			return drop(CNT_DROP_TOO_BIG);
+		}
+	}
 	conn_touch(cv, th);
 	account(cv, tot);
 	{

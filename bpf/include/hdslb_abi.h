@@ -401,10 +401,10 @@ enum hdslb_counter {
 	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
 	CNT_CONN_L2_FILLED, /* a connection created without a MAC found it in the neighbour table */
 	CNT_PERSIST_HIT,    /* a new connection followed its client's persistence template */
-	CNT_DROP_TOO_BIG,   /* TUNNEL: the encapsulated packet would exceed the egress MTU */
+	CNT_DROP_TOO_BIG,   /* TUNNEL, NAT64 replies: the packet would exceed the egress MTU (and has no DF) */
 	CNT_DROP_NO_SRC,    /* TUNNEL: no outer source (dpip route ... src, or a local address of the service) */
-	CNT_ICMP_TOO_BIG,   /* TUNNEL: a packet too big for the encapsulation answered with ICMP fragmentation
-			     * needed (IPv4 with DF) or ICMPv6 Packet Too Big (IPv6) */
+	CNT_ICMP_TOO_BIG,   /* TUNNEL, NAT64 replies: a packet too big for the encapsulation (or, NAT64, for IPv6)
+			     * answered with ICMP fragmentation needed (IPv4 with DF) or ICMPv6 Packet Too Big */
 	CNT_CONN_REUSED,    /* a SYN on a finished flow's tuple, or on a flow whose real server takes no new flows:
 			     * the old entries are dropped and the SYN scheduled afresh (LVS conn_reuse_mode,
 			     * expire_nodest_conn) */

@@ -14,6 +14,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
+from scapy.utils import checksum
 
 from hdslb import sched
 from hdslb.fastpath import abi
@@ -414,6 +415,41 @@ def test_nat64_udp_reply_without_checksum_is_dropped(fastpath, m):
     r = Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP) / UDP(sport=53, dport=out[UDP].sport, chksum=0) / b"x"
     assert run(fastpath, r)[0] == XDP_DROP
     assert m.counters()["drop_malformed_l4"] == 1
+
+
+@pytest.mark.parametrize("df", [True, False])
+def test_a_nat64_reply_too_big_for_ipv6_is_answered_or_dropped(fastpath, m, df):
+    """An IPv4 reply grows by 20 bytes into IPv6: one that would no longer fit the client side's MTU left
+    bigger than the link (dropped past the balancer, with no trace). With DF the server is told, as a router
+    would tell it (fragmentation needed, MTU less 20, from the local address it sent to); without, it is dropped
+    and counted. One that fits still goes."""
+    service(fastpath, UDP_, VIP6, 53)
+    dest(m, 0, RS1, 53, "fnat")
+    ring(fastpath, 0, [0])
+    m.set_laddrs(0, [(A(LIP), LO_IFINDEX)])
+    m.set_iface(LO_IFINDEX, LB_MAC, 1500)
+    v, out = run(fastpath, c6(sport=43002, dport=53, proto="udp"))
+    assert v == XDP_TX
+    lport = out[UDP].sport
+    flags = "DF" if df else 0
+    fits = Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP, flags=flags) / UDP(sport=53, dport=lport) / (b"a" * 1452)
+    v, back = run(fastpath, fits)
+    assert v == XDP_TX and back[IPv6].plen == 1460 and len(back[IPv6]) == 1500
+    big = Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP, flags=flags) / UDP(sport=53, dport=lport) / (b"b" * 1472)
+    before = m.counters()
+    v, err = run(fastpath, big)
+    after = m.counters()
+    if df:
+        assert v == XDP_TX and IPv6 not in err
+        assert (err[IP].src, err[IP].dst, err[ICMP].type, err[ICMP].code, err[ICMP].nexthopmtu) == \
+            (LIP, RS1, 3, 4, 1480)
+        assert err[Ether].dst == RS_MAC
+        assert bytes(err[ICMP].payload)[:28] == bytes(big[IP])[:28], "quotes the server's header and 8 bytes"
+        assert checksum(bytes(err[IP])[:20]) == 0 and checksum(bytes(err[ICMP])) == 0
+        assert after["icmp_too_big"] == before["icmp_too_big"] + 1
+    else:
+        assert v == XDP_DROP
+        assert after["drop_too_big"] == before["drop_too_big"] + 1
 
 
 # --- SNAT -----------------------------------------------------------------------------------------------------
