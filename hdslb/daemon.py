@@ -1427,7 +1427,7 @@ class Daemon:
 
     def apply_config(self, cfg) -> list[str]:
         """Bring the config-owned services to what `cfg` declares; all or nothing. Returns the ops applied."""
-        from hdslb.config.apply import desired, plan
+        from hdslb.config.apply import desired, plan, refusal, run_tagged
 
         self._apply_verdicts()  # the verdicts received so far belong to the model this config is planned against
         want = desired(cfg, self._default_ifname)
@@ -1438,13 +1438,7 @@ class Daemon:
         where = {w.key: w.where for w in want.values()}
 
         def refused(e: HdslbError, i, bal) -> HdslbError:
-            op, args = ops[i] if isinstance(i, int) else ("", {})
-            try:
-                key = bal.svc_key(args.get("svc", args))
-            except HdslbError:
-                key = None
-            return HdslbError(e.errno, f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: "
-                                       f"{e.message}; nothing was applied")
+            return HdslbError(e.errno, f"{refusal(e, i, ops, where, cfg.source, bal)}; nothing was applied")
 
         quiescent = cfg.ipvs_defs.conn.expire_quiescent_template
         if commands.only_creates(self.bal, ops):
@@ -1469,15 +1463,7 @@ class Daemon:
             # servers cost 800 builds, 25 s). A table that cannot be built at the end refuses the dry run there,
             # its error tagged with the last op that touched that service, which names the service's line.
             try:
-                with scratch.deferred() as batch:
-                    for i, (op, args) in enumerate(ops):
-                        batch.tag = i
-                        try:
-                            commands.dispatch(sctx, op, args)
-                        except HdslbError as e:
-                            e.tag = i
-                            batch.dirty.clear()  # refused: the scratch model's tables need not be built
-                            raise
+                run_tagged(scratch, sctx, ops)
             except HdslbError as e:
                 raise refused(e, getattr(e, "tag", None), scratch) from None
             self.bal.set_expire_quiescent_template(quiescent)

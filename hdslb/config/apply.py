@@ -305,23 +305,35 @@ def dry_run(cfg, max_services: int = 1 << 20, max_dests: int = 1 << 24) -> list[
                     bal.addr_add({"addr": addr, "prefixlen": 32, "ifname": first, "sapool": True})
     ops = plan(bal, want, set())
     where = {w.key: w.where for w in want.values()}
-    ctx = commands.ScratchCtx(bal)
     try:
-        with bal.deferred() as batch:
-            for i, (op, args) in enumerate(ops):
-                batch.tag = i
-                try:
-                    commands.dispatch(ctx, op, args)
-                except HdslbError as e:
-                    e.tag = i
-                    batch.dirty.clear()
-                    raise
+        run_tagged(bal, commands.ScratchCtx(bal), ops)
     except HdslbError as e:
-        i = getattr(e, "tag", None)
-        op, args = ops[i] if isinstance(i, int) and 0 <= i < len(ops) else ("", {})
-        try:
-            key = bal.svc_key(args.get("svc", args))
-        except HdslbError:
-            key = None
-        return [f"{where.get(key, cfg.source)}: {op} {args.get('addr', '')}: {e.message}"]
+        return [refusal(e, getattr(e, "tag", None), ops, where, cfg.source, bal)]
     return []
+
+
+def run_tagged(bal, ctx, ops: list) -> None:
+    """The ops as one batch on bal through ctx (Balancer.deferred: each touched service's table built once, at the
+    end, from its final real servers). A refusal raises its HdslbError with .tag, the index of the op it belongs
+    to: a table that cannot be built at the end is tagged with the last op that touched that service."""
+    from hdslb.ctl import commands
+
+    with bal.deferred() as batch:
+        for i, (op, args) in enumerate(ops):
+            batch.tag = i
+            try:
+                commands.dispatch(ctx, op, args)
+            except HdslbError as e:
+                e.tag = i
+                batch.dirty.clear()  # refused: the model's tables need not be built
+                raise
+
+
+def refusal(e: HdslbError, i, ops: list, where: dict, source, bal) -> str:
+    """A refused config op as the daemon and `check` report it: the line of the virtual_server it belongs to."""
+    op, args = ops[i] if isinstance(i, int) and 0 <= i < len(ops) else ("", {})
+    try:
+        key = bal.svc_key(args.get("svc", args))
+    except HdslbError:
+        key = None
+    return f"{where.get(key, source)}: {op} {args.get('addr', '')}: {e.message}"
