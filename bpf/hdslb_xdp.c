@@ -2003,6 +2003,42 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
 	return xmit_conn6(ctx, eth, ip6, th, uh, &iv);
 }
 
+/*
+ * NAT (masquerade): an ICMP error about a packet we forwarded to a real server (client:cport -> RS:port), sent by
+ * the server or a router past us, is addressed to the client and routed back through us, never to an address of
+ * ours (FNAT's errors go to the local address and are punted as such). Like LVS (ip_vs_out_icmp) it must reach
+ * the client translated (from the VIP, quoting client:cport -> VIP:vport), which the slow path does. Does the
+ * error at q (the quoted IPv4 header, inside the frame up to data_end and the datagram up to end) quote a TCP or
+ * UDP packet of a NAT flow, i.e. is the quoted packet's reverse (RS:port -> client:cport) a NAT reply entry?
+ * Only ICMP errors not to us ask this: the established path never pays for it.
+ */
+static __always_inline int icmp_quotes_nat4(struct iphdr *q, void *data_end, void *end)
+{
+	struct conn4_key qk = {};
+	struct conn_val *cv;
+	__be16 *ports;
+	__u32 qlen;
+
+	if ((void *)(q + 1) > data_end || (void *)(q + 1) > end)
+		return 0;
+	if (q->version != 4 || q->ihl < 5 || (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP) ||
+	    (q->frag_off & bpf_htons(0x1fff)))
+		return 0; /* a later fragment quotes no ports */
+	qlen = q->ihl * 4;
+	barrier_var(qlen); /* keep the mask: a bounded offset for the verifier (ihl is 5..15) */
+	ports = (void *)q + (qlen & 0x3f);
+	if ((void *)(ports + 2) > data_end || (void *)(ports + 2) > end)
+		return 0;
+	qk.saddr.v4 = q->daddr;
+	qk.daddr.v4 = q->saddr;
+	qk.sport = ports[1];
+	qk.dport = ports[0];
+	qk.proto = q->protocol;
+	qk.af = HDSLB_AF_INET;
+	cv = conn_find(T4, &qk);
+	return cv && (cv->flags & CONN_F_OUT) && cv->fwd == FWD_NAT;
+}
+
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
 	struct iphdr *iph;
@@ -2047,9 +2083,12 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 				return xmit_conn4(ctx, eth, iph, 0, 0, ic, cv);
 		}
 		/* ICMP to our addresses is the slow path's (when it runs): echo requests are answered there;
-		 * errors quoting a balanced flow are translated for its client. */
+		 * errors quoting a balanced flow are translated for its client. So are errors to a NAT flow's
+		 * client about a packet we sent its real server (icmp_quotes_nat4). */
 		if ((ic->type == ICMP_ECHO || ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED) &&
-		    !frag && local_lookup4(iph->daddr) && (inv = iface_map.lookup(&in_if))) {
+		    !frag && (local_lookup4(iph->daddr) ||
+			      (ic->type != ICMP_ECHO && icmp_quotes_nat4((struct iphdr *)(ic + 1), data_end, nh->end))) &&
+		    (inv = iface_map.lookup(&in_if))) {
 			__u32 key = xsk_key(ctx, inv);
 
 			if (slowpath_up(key)) {

@@ -179,6 +179,81 @@ def test_nat_rewrites_destination_in_and_source_on_replies(fastpath, m):
     assert m.conn_entries() == 2
 
 
+@pytest.fixture
+def slowpath_up(fastpath):
+    """An AF_XDP socket (on lo, copy mode) in the XSKMAP slot BPF_PROG_TEST_RUN's packets map to (interface slot
+    0, queue 0), as the daemon's slow path registers its sockets: punts become XDP_REDIRECT. Closing the socket
+    removes the entry."""
+    from hdslb.slowpath.xsk import XskSocket
+
+    x = XskSocket("lo", 0)
+    fastpath.table("xsks")[ct.c_int(0)] = ct.c_int(x.fd)
+    yield x
+    x.close()
+
+
+def _icmp_error(src, dst, quoted, kind=3, code=4):
+    icmp = ICMP(type=kind, code=code, nexthopmtu=1400) if kind == 3 else ICMP(type=kind, code=code)
+    return Ether(src=RS_MAC, dst=LB) / IP(src=src, dst=dst) / icmp / bytes(quoted)[:28]
+
+
+def _delta(m, fn):
+    before = m.counters()
+    r = fn()
+    after = m.counters()
+    return r, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("kind", [3, 11])
+def test_nat_error_from_the_real_server_to_the_client_goes_to_the_slow_path(fastpath, m, slowpath_up, proto, kind):
+    """NAT: the real server's (or a router's past us) error about a packet we forwarded to it is addressed to the
+    client, not to us, and routed back through the balancer. It quotes client:cport -> RS:port, whose reverse is
+    the flow's reply entry: punted (punt_icmp), for the slow path to send on translated, as LVS does
+    (ip_vs_out_icmp); passing it would hand the client an error from the server's address quoting it."""
+    service(fastpath, TCP_ if proto == "tcp" else UDP_, VIP, 80)
+    dest(m, 0, RS1, 8080, "nat")
+    ring(fastpath, 0, [0])
+    v, out = run(fastpath, c4(sport=41000, proto=proto))
+    assert v == XDP_TX and (out[IP].src, out[IP].dst) == (CLIENT, RS1)
+    (v, _), d = _delta(m, lambda: run(fastpath, _icmp_error(RS1, CLIENT, out[IP], kind=kind, code=4 if kind == 3 else 0)))
+    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_icmp") == 1 and "pass_not_ours" not in d, d
+
+
+def test_icmp_errors_to_other_hosts_quoting_no_nat_flow_are_left_to_the_kernel(fastpath, m, slowpath_up):
+    """Only an error quoting a NAT flow is taken: one quoting no flow, a FullNAT flow (its errors come to the
+    local address), a later fragment or a truncated quote is routed by the kernel as before (pass_not_ours)."""
+    service(fastpath, TCP_, VIP, 80)
+    dest(m, 0, RS1, 8080, "nat")
+    ring(fastpath, 0, [0])
+    service(fastpath, TCP_, VIP, 81, svc_id=1)
+    dest(m, 1, RS2, 8081, "fnat", svc_id=1)
+    ring(fastpath, 1, [1])
+    m.set_laddrs(1, [(A(LIP), LO_IFINDEX)])
+    v, nat = run(fastpath, c4(sport=41000))
+    assert v == XDP_TX
+    v, fnat = run(fastpath, c4(sport=41001, dport=81))
+    assert v == XDP_TX and fnat[IP].src == LIP
+    nat_ip = bytes(nat[IP])
+    later_frag = IP(nat_ip[:20])
+    later_frag.frag = 10
+    del later_frag.chksum
+    cases = {
+        "no flow": IP(src=CLIENT, dst=RS1) / TCP(sport=41999, dport=8080),
+        "no flow (the flow's own direction)": IP(src=RS1, dst=CLIENT) / TCP(sport=8080, dport=41000),
+        "fnat flow": fnat[IP],
+        "later fragment": bytes(later_frag)[:20] + nat_ip[20:],
+        "no ports": nat_ip[:20],
+    }
+    for name, quoted in cases.items():
+        (v, _), d = _delta(m, lambda: run(fastpath, _icmp_error(RS1, "10.0.0.9", quoted)))
+        assert v == XDP_PASS and d.get("pass_not_ours") == 1 and "punt_icmp" not in d, (name, d)
+    # the NAT flow's error itself with the slow path down: the kernel's, as before
+    slowpath_up.close()
+    (v, _), d = _delta(m, lambda: run(fastpath, _icmp_error(RS1, CLIENT, nat[IP])))
+    assert v == XDP_PASS and d.get("pass_not_ours") == 1, d
+
+
 def test_nat_v6_udp(fastpath, m):
     service(fastpath, UDP_, VIP6, 53)
     dest(m, 0, RS61, 5353, "nat")
