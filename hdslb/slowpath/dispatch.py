@@ -9,6 +9,7 @@ lists of one Actions, so their order does not matter). handle() never raises on 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -40,7 +41,7 @@ class Actions:
     tx: list = field(default_factory=list)  # (ifname, frame bytes), in order
     neigh_updates: list = field(default_factory=list)  # (ip, mac bytes, ifname, permanent)
     neigh_deletes: list = field(default_factory=list)  # (ip, ifname)
-    icmp_errors: list = field(default_factory=list)  # (ifname, packets.IcmpError) addressed to us: for translation
+    icmp_errors: list = field(default_factory=list)  # (ifname, packets.IcmpError) for translation (to_local: to us)
     counters: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -362,12 +363,19 @@ class SlowPath:
             act.count("rx_other")
             act.count("malformed")
             return
-        if ip.proto != P.IPPROTO_ICMP or not is_local(self.model, ip.dst) or ip.is_fragment:
+        if ip.proto != P.IPPROTO_ICMP or ip.is_fragment:
             act.count("rx_other")
             act.count("unexpected")
             return
         icmp = ip.payload
         kind = icmp[0] if icmp else -1
+        # Not to us: only an error the fast path punted because it quotes a NAT flow (a real server's error about
+        # a packet we forwarded to it, addressed to the client); everything else stays unexpected.
+        local = is_local(self.model, ip.dst)
+        if not local and kind not in (P.ICMP_DEST_UNREACH, P.ICMP_TIME_EXCEEDED):
+            act.count("rx_other")
+            act.count("unexpected")
+            return
         if kind == P.ICMP_ECHO:
             act.count("rx_icmp_echo")
             if ip.src.is_multicast or ip.src.is_unspecified or ip.src == P.V4_BCAST:
@@ -384,7 +392,7 @@ class SlowPath:
             if err is None:
                 act.count("malformed")
             else:
-                act.icmp_errors.append((ifc.name, err))
+                act.icmp_errors.append((ifc.name, err if local else dataclasses.replace(err, to_local=False)))
                 act.count("icmp_error")
         else:
             act.count("rx_other")

@@ -151,7 +151,12 @@ class SlowPathRunner:
         on its path, the client itself), about a packet we sent the client (VIP:vport -> client:cport): the error
         the real server would have got (from the address it sends the flow to, LIP or the client, quoting
         RS:port -> that address), as LVS forwards it, so path-MTU discovery works for what servers send. DR and
-        TUNNEL flows' replies do not cross the balancer: nothing of theirs is rewritten here."""
+        TUNNEL flows' replies do not cross the balancer: nothing of theirs is rewritten here.
+
+        NAT (masquerade): the real server's error about a packet we forwarded to it (client:cport -> RS:port) is
+        addressed to the client itself and only routed through us (err.to_local False); it is translated like the
+        FullNAT one (from the VIP, quoting client:cport -> VIP:vport) when it quotes a NAT flow, and left
+        otherwise."""
         import struct
 
         from hdslb.slowpath import packets as P
@@ -165,6 +170,8 @@ class SlowPathRunner:
             return None  # (NAT64: the other side is IPv6; an unresolved next hop: no MAC to send to)
         if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
             return None
+        if not err.to_local and not (back["out"] and back.get("fwd") == "nat"):
+            return None  # not to us: only a NAT flow's error to its client is ours to translate
         # Either way the entry's rewrite says where the error goes: from to_saddr (the VIP; LIP or, NAT, the
         # client) to to_daddr (the client; the real server), quoting what to_daddr sent: to_daddr:to_dport ->
         # to_saddr:to_sport.

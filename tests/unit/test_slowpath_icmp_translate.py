@@ -1,7 +1,9 @@
 """ICMP errors about a balanced flow, translated by the slow path: a real server's error about a packet we sent
 it goes to the client as if the VIP had sent it; an error from the client's side (a router on the way to the
 client, the client itself) about a packet we sent the client goes to the real server, as LVS forwards it, so
-path-MTU discovery works for what the servers send (downloads)."""
+path-MTU discovery works for what the servers send (downloads). NAT (masquerade): the real server's error is
+addressed to the client itself, routed through the balancer and punted by the fast path only because it quotes a
+NAT flow; the dispatcher takes it although it is not to us, and it is translated like the FullNAT one."""
 
 import ipaddress
 import types
@@ -11,6 +13,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
 from scapy.layers.l2 import Ether
 
 from hdslb.slowpath import packets as P
+from hdslb.slowpath.dispatch import SlowPath
 from hdslb.slowpath.runner import SlowPathRunner
 
 A = ipaddress.ip_address
@@ -98,3 +101,89 @@ def test_an_error_about_a_flow_the_balancer_does_not_rewrite_is_left(fwd):
 def test_an_error_quoting_no_flow_is_left():
     sent = IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40001)
     assert SlowPathRunner.translate_icmp_error(_runner(_flow(6, "fnat")), _error(ROUTER, VIP, sent)) is None
+
+
+# --- NAT: an error routed through us to the client, dispatcher and runner together ---------------------------
+class _Sock:
+    def __init__(self):
+        self.sent = []
+
+    def send_batch(self, frames):
+        self.sent += frames
+
+
+def _nat_runner(entries: dict):
+    """A real SlowPath (dispatcher) over a stand-in model where VIP and LIP are ours, and a runner carrying out
+    its Actions on stand-in sockets per interface, over a stand-in conn table."""
+    base = _runner(entries)
+    ifaces = {"eth0": types.SimpleNamespace(name="eth0", ifindex=5, mac=LBMAC),
+              "eth1": types.SimpleNamespace(name="eth1", ifindex=7, mac=LBMAC)}
+    model = types.SimpleNamespace(ifaces=ifaces, neighs={},
+                                  local_reasons=lambda a: (0x8, 0) if str(a) in (VIP, LIP) else (0, 0))
+    r = SlowPathRunner.__new__(SlowPathRunner)
+    r.d = types.SimpleNamespace(maps=base.d.maps, bal=model)
+    r.sp = SlowPath(model, proactive=False)
+    r.socks = {("eth0", 0): _Sock(), ("eth1", 0): _Sock()}
+    r.dirty, r.translated = {}, 0
+    return r
+
+
+def _nat_error_frame(outer_src, outer_dst, quoted, kind=3):
+    icmp = ICMP(type=3, code=4, nexthopmtu=1400) if kind == 3 else ICMP(type=11, code=0)
+    return bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=outer_src, dst=outer_dst) / icmp / bytes(quoted)[:28])
+
+
+@pytest.mark.parametrize("kind", [3, 11])
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_nat_real_servers_error_to_the_client_is_translated_and_sent_to_the_client(l4, kind):
+    """NAT: RS sends its "fragmentation needed" (or a router past us its time exceeded) about client:40000 ->
+    RS:80 to the client; the fast path punts it on eth1. It leaves on the client's interface (eth0) from the VIP,
+    quoting client:40000 -> VIP:80, the packet the client sent, as LVS's ip_vs_out_icmp does."""
+    proto = 6 if l4 is TCP else 17
+    r = _nat_runner(_flow(proto, "nat"))
+    sent = IP(src=CLIENT, dst=RS, flags="DF", len=1500) / l4(sport=40000, dport=80)
+    act = r.sp.handle("eth1", _nat_error_frame(RS, CLIENT, sent, kind))
+    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
+    r.carry_out(act)
+    assert r.translated == 1 and not r.socks[("eth1", 0)].sent
+    (frame,) = r.socks[("eth0", 0)].sent
+    p = Ether(frame)
+    assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
+    assert (p[IP].src, p[IP].dst, p[ICMP].type) == (VIP, CLIENT, kind)
+    if kind == 3:
+        assert (p[ICMP].code, p[ICMP].nexthopmtu) == (4, 1400)
+    q = p[IPerror]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, inner.sport, inner.dport) == (CLIENT, VIP, 40000, 80)
+    chk = IP(bytes(p[IP]))
+    del chk[IP].chksum
+    del chk[ICMP].chksum
+    chk = IP(bytes(chk))
+    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+
+
+def test_an_error_not_to_us_is_translated_only_for_a_nat_flow():
+    """The dispatcher takes an error not to us on the fast path's word; the runner still translates it only when
+    the quote's reverse is a NAT reply entry: not an FNAT flow's (those errors come to LIP), not a NAT flow's
+    inbound entry, not a quote of no flow."""
+    flows = {**_flow(6, "fnat", lport=2001), **_flow(6, "nat")}  # the NAT inbound entry wins the shared key
+    r = _nat_runner(flows)
+    for quoted in (IP(src=LIP, dst=RS) / TCP(sport=2001, dport=80),  # FNAT: reverse is its reply entry
+                   IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40000),  # reverse is the inbound entry
+                   IP(src=CLIENT, dst=RS) / TCP(sport=40001, dport=80)):  # no flow
+        act = r.sp.handle("eth1", _nat_error_frame(RS, "10.0.0.9", quoted))
+        assert act.counters["icmp_error"] == 1
+        r.carry_out(act)
+    assert r.translated == 0 and not any(s.sent for s in r.socks.values())
+    # the same FNAT error addressed to LIP (to us) is translated, as before
+    r.carry_out(r.sp.handle("eth1", _nat_error_frame(RS, LIP, IP(src=LIP, dst=RS) / TCP(sport=2001, dport=80))))
+    assert r.translated == 1
+
+
+def test_anything_else_not_to_us_stays_unexpected():
+    r = _nat_runner(_flow(6, "nat"))
+    for frame in (bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=RS, dst=CLIENT) / ICMP(type=8) / b"x"),
+                  bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=RS, dst=CLIENT) / ICMP(type=0) / b"x"),
+                  bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=RS, dst=CLIENT) / TCP(sport=80, dport=40000))):
+        act = r.sp.handle("eth1", frame)
+        assert act.counters["unexpected"] == 1 and not act.icmp_errors, frame
