@@ -174,6 +174,37 @@ def test_nat_servers_see_the_client_and_reply_through_the_balancer(lab2):
     assert re.search(r"192\.168\.100\.2:80\s+Masq\s+1\s", out) and re.search(r"192\.168\.100\.3:53\s+Masq\s", out), out
 
 
+def test_nat_real_servers_icmp_error_reaches_the_client_translated(lab2):
+    """A NAT real server's "fragmentation needed" about a packet of a flow (client:cport -> RS:80) is addressed to
+    the client and routed back through the balancer, not to an address of ours: the fast path punts it because it
+    quotes the flow and the slow path sends it on as the client must see it, from the VIP and quoting
+    client:cport -> VIP:80 (LVS: ip_vs_out_icmp), so the client's path-MTU discovery works."""
+    from .test_slowpath import CLIENT_ICMP, SERVER_ICMP
+
+    lab, lb, _, _ = lab2
+    nat_services(lb)
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", CLIENT_ICMP, VIP_NAT],
+                         stdout=subprocess.PIPE, text=True)
+    lab.procs.append(p)
+    cport = int(p.stdout.readline())
+    flow = None
+    for _ in range(30):  # conn.list reuses a scan for a second
+        flow = next((c for c in lb.call("conn.list")["conns"]
+                     if not c["out"] and c["daddr"] == VIP_NAT and c["sport"] == cport), None)
+        if flow is not None:
+            break
+        time.sleep(0.2)
+    assert flow is not None and flow["to_saddr"] == lab.client.ip, flow
+    before = lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"]
+    rs_index = lab.server_ips.index(flow["to_daddr"]) + 1
+    # from the server to the client, quoting client:cport -> RS:80 as the server received it
+    lab.server_run(rs_index, ["python3", "-c", SERVER_ICMP, lab.client.ip, flow["to_daddr"], str(cport)])
+    out, _ = p.communicate(timeout=15)
+    assert out.split() == ["3", "4", "1400", VIP_NAT, lab.client.ip, VIP_NAT, str(cport), "80"], \
+        (out, diag(lab, lb))
+    assert lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"] == before + 1
+
+
 def forget_neigh(lb, addr, ifname):
     """Make the balancer forget a neighbour it may have learned (from ARP the fast path answered): dpip neigh
     del only knows static entries, so pin one and delete it, which removes the address from the neighbour map."""
