@@ -397,7 +397,7 @@ enum hdslb_counter {
 			   * timeout (the daemon's sweep; the program reclaiming a local port) or a finished flow
 			   * whose tuple a new SYN reuses */
 	CNT_PUNT_ARP,     /* ARP or IPv6 neighbour discovery for an owned address handed to the slow path (AF_XDP) */
-	CNT_PUNT_ICMP,    /* ICMP echo to an owned address handed to the slow path */
+	CNT_PUNT_ICMP,    /* ICMP echo to an owned address, or an ICMP error to translate, handed to the slow path */
 	CNT_PUNT_NO_NEIGH, /* rewritten packet whose next hop has no MAC yet, queued by the slow path */
 	CNT_CONN_L2_FILLED, /* a connection created without a MAC found it in the neighbour table */
 	CNT_PERSIST_HIT,    /* a new connection followed its client's persistence template */
