@@ -27,7 +27,6 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 CONN_TABLES = ("percpu", "shared")  # --conn-table: a value per CPU (the default), or one for all
-BPF_FS_MAGIC = "bpf"
 
 
 @dataclass
@@ -124,28 +123,24 @@ def _fd_memlock(fd: int) -> int | None:
     return _fdinfo_int(fd, "memlock")
 
 
-def _mount_type(path: str) -> str | None:
-    """Filesystem type of the mount point exactly at `path`, from this process's mountinfo."""
-    real = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if fields[4] == real:
-                found = right.split()[0]
-    return found
-
-
 def ensure_bpffs(root: str) -> None:
-    """Make `root` a bpffs mount if it is not one already.
+    """Make `root` a bpffs mount if it is not on one already.
 
     Inside `ip netns exec` /sys is remounted, so /sys/fs/bpf is not usable there; a bpffs mounted under
-    /run before `ip netns exec` runs is inherited, so pins made through it outlive this process.
+    /run before `ip netns exec` runs is inherited, so pins made through it outlive this process. A directory on
+    a bpffs (statfs, not only a mount point: `--pin-root /run/hdslb/bpffs/mine`) is used as it is: a bpffs
+    mounted over it inside `ip netns exec` lived in that command's mount namespace only, so a daemon killed with
+    -9 took its pins with it and the next start found its XDP program attached with no maps to adopt.
     """
+    from hdslb.fastpath.decap import _in_private_mount_ns, is_bpffs
+
     os.makedirs(root, exist_ok=True)
-    if _mount_type(root) == BPF_FS_MAGIC:
+    if is_bpffs(root):
         return
+    if _in_private_mount_ns():
+        log.warning("%s is not on a bpffs and this process has a mount namespace of its own (as under `ip netns "
+                    "exec`): a bpffs mounted here goes with it, and the pins with it; mount one there beforehand "
+                    "(mount -t bpf bpf %s) for flows to outlive a crash", root, root)
     subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
     log.info("mounted bpffs at %s", root)
 

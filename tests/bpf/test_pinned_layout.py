@@ -129,3 +129,20 @@ def test_a_refusal_puts_counters_of_another_version_back(pin_dir):
     finally:
         fp.close()
     assert _max_entries(os.path.join(pin_dir, "counters")) == 3, "the previous version's counters, as they were"
+
+
+def test_a_pin_root_under_a_bpffs_is_used_as_it_is(pin_dir, monkeypatch):
+    """`--pin-root /run/hdslb/bpffs/NAME` (a directory on the bpffs, not a mount point) got a bpffs of its own
+    mounted over it: under `ip netns exec` that mount lived in the command's mount namespace, so kill -9 took the
+    pins with it, the restart found its XDP program attached with no maps to adopt, and `down` left it running."""
+    calls = []
+    monkeypatch.setattr(loader.subprocess, "run", lambda *a, **kw: calls.append(a))
+    sub = os.path.join(pin_dir, "instance")
+    loader.ensure_bpffs(sub)
+    assert calls == [] and os.path.isdir(sub)
+    outside = f"/tmp/pytest-not-bpffs-{os.getpid()}"
+    try:
+        loader.ensure_bpffs(outside)
+        assert calls and calls[0][0][:3] == ["mount", "-t", "bpf"]  # not on a bpffs: mounted, as before
+    finally:
+        os.rmdir(outside)
