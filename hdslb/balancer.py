@@ -1313,13 +1313,13 @@ class Balancer:
         if fwd == "snat":
             raise invalid("SNAT real servers (-J) belong to SNAT match services (-H), not to a VIP service")
         if addr.version != svc.addr.version:
-            if fwd != "fnat":
-                raise HdslbError(errno.EOPNOTSUPP, f"an IPv{addr.version} real server behind an IPv{svc.addr.version} "
-                                                   f"service needs FullNAT (-b): only FNAT translates families")
-            if svc.addr.version == 4:
+            if svc.addr.version == 4:  # before the method: -b would not help (it said "needs FullNAT (-b)")
                 raise HdslbError(errno.EOPNOTSUPP, "NAT46 (IPv4 service, IPv6 real servers) is not implemented; "
                                                    "NAT64 is: an IPv6 service with IPv4 real servers and IPv4 "
                                                    "local addresses")
+            if fwd != "fnat":
+                raise HdslbError(errno.EOPNOTSUPP, f"an IPv{addr.version} real server behind an IPv{svc.addr.version} "
+                                                   f"service needs FullNAT (-b): only FNAT translates families")
         fam = self._rs_family_without(svc, current)
         if fam is not None and fam != addr.version:
             raise invalid(f"this service's real servers and local addresses are IPv{fam}; an IPv{addr.version} "

@@ -164,6 +164,8 @@ def with_dests(b):
     ({"svc": SVC, "addr": "192.168.100.2", "port": 8080, "fwd": "dr"}, errno.EINVAL, "cannot rewrite ports"),
     ({"svc": SVC, "addr": "192.168.100.2", "port": 8080, "fwd": "tunnel"}, errno.EINVAL, "cannot rewrite ports"),
     ({"svc": SVC, "addr": "2001:db8::2", "port": 80, "fwd": "fnat"}, errno.EOPNOTSUPP, "NAT46"),
+    # not "needs FullNAT (-b)", which -b then refuses: NAT46 is the reason whatever the method
+    ({"svc": SVC, "addr": "2001:db8::2", "port": 80, "fwd": "nat"}, errno.EOPNOTSUPP, "NAT46"),
     ({"svc": SVC6, "addr": "192.168.100.2", "port": 80, "fwd": "dr"}, errno.EOPNOTSUPP, "needs FullNAT"),
     ({"svc": SVC6, "addr": "192.168.100.2", "port": 80, "fwd": "nat"}, errno.EOPNOTSUPP, "needs FullNAT"),
     ({"svc": SVC, "addr": "192.168.100.2", "port": 80, "fwd": "snat"}, errno.EINVAL, "belong to SNAT match"),
