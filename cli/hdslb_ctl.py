@@ -460,6 +460,9 @@ def cmd_status(ns) -> int:
         else:
             print(f"  attached:       {ifname} ({mode} XDP)")
     print(f"  services:       {st['services']}")
+    if st.get("save_error"):
+        print(f"  SAVED MODEL BEHIND: {st['state_file']}: {st['save_error']}; a restart now would drop what it lacks "
+              f"(retried every few seconds)")
     ct = st.get("conn_table")
     if ct:
         mem = f", {ct['memlock_bytes'] / 2**20:.1f} MiB" if ct.get("memlock_bytes") else ""

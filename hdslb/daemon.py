@@ -58,6 +58,7 @@ CONN_SCAN_CACHE_S = 1.0
 # a burst; at 10k services x 10 real servers one save costs ~75 ms, so a daemon killed mid-burst loses ~1.5 s of it.
 SAVE_COALESCE_S = 0.05
 SAVE_SPACING = 20
+SAVE_RETRY_S = 5.0  # a save that failed (a full or read-only file system) is tried again this often
 # The heap is frozen again only once changes have stopped for this long: settling inside a burst (a full collection
 # each time the model grew by a quarter) cost 10k REST PUTs of a service each 1.7 s (bench 3d: 9.6 -> 11.3 s).
 HEAP_QUIET_S = 2.0
@@ -648,6 +649,8 @@ class Daemon:
         self.slow = None  # SlowPathRunner when AF_XDP works
         self.ctl_checks: dict[str, dict] = {}  # checks added with check.add: key -> {svc, addr, port, text}
         self._save_handle = None
+        self.save_error: str | None = None  # why the last save failed (and since when); None: the file is current
+        self._save_retry = None
         self._heap_handle = None  # a pending heap settle, once changes go quiet (see _heap_soon)
         self._heap_grown_at = float("-inf")  # when a burst last asked whether the model grew (see _state_changed)
         self._last_change = float("-inf")
@@ -809,6 +812,23 @@ class Daemon:
         self.ready = True
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
+    def _final_save(self) -> None:
+        """At a stop: a coalesced save still pending is made; one that failed is tried once more; a model that
+        still cannot be saved is said loudly (the next start would drop what the file lacks)."""
+        if self._save_handle is not None:  # a coalesced save, the omega notices' included
+            self._save_handle.cancel()
+            self._deferred_save()
+        elif self.save_error is not None:  # the last save failed: one more try before the model goes
+            self._save_state()
+        if self._save_retry is not None:  # no retry is coming now
+            self._save_retry.cancel()
+            self._save_retry = None
+        if self.save_error is not None:
+            log.error("stopping with the saved model %s behind the running one (%s): a start now adopts the pinned "
+                      "maps with the older model and removes what it lacks (established flows go on); save it "
+                      "first (free space on that file system, start with another --state-dir) or re-apply after "
+                      "the start", self.settings.state_file, self.save_error)
+
     async def stop(self) -> None:
         if self._heap_handle is not None:
             self._heap_handle.cancel()
@@ -819,9 +839,7 @@ class Daemon:
         if self.health is not None:
             await self.health.stop()
         self._apply_verdicts()  # the omega notices, if their application was still waiting
-        if self._save_handle is not None:  # a coalesced save, the omega notices' included
-            self._save_handle.cancel()
-            self._deferred_save()
+        self._final_save()
         if self.api is not None:
             from hdslb.api.app import stop_api
 
@@ -949,7 +967,8 @@ class Daemon:
                  | {v.addr for v in svcs if v.own_vip})
         pruned.update(self.maps.prune_addresses(local, {r.net for r in b.routes}))
         if any(pruned.values()):
-            log.warning("pinned maps held changes the saved model missed (a crash before they were saved): "
+            log.warning("pinned maps held changes the saved model missed (a crash before they were saved, or a save "
+                        "that failed): "
                         "removed %d services, %d tables, %d real servers, %d local addresses and %d routes",
                         pruned["services"], pruned["tables"], pruned["dests"], pruned["addresses"],
                         pruned["routes"])
@@ -1131,6 +1150,23 @@ class Daemon:
             f"attached program keeps forwarding). Either {first_choice}, or start with --fresh to discard the "
             f"pinned state (services, connections, counters) and start empty."))
 
+    def _save_retry_soon(self) -> None:
+        """A failed save is tried again every SAVE_RETRY_S, not only at the next change: space freed meanwhile
+        must reach the file before a restart reads it."""
+        if getattr(self, "_save_retry", None) is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test calling it directly)
+            return
+
+        def retry():
+            self._save_retry = None
+            if self.save_error is not None:
+                self._save_state()
+
+        self._save_retry = loop.call_later(SAVE_RETRY_S, retry)
+
     def _save_state(self) -> None:
         """Write the model for a restarted daemon: whole or not at all (temp file, then rename over the old one).
 
@@ -1156,14 +1192,18 @@ class Daemon:
                 os.unlink(tmp)
             except OSError:
                 pass
-            if not getattr(self, "_save_failing", False):
+            if self.save_error is None:
                 log.error("cannot save the model to %s: %s; a restart now would adopt the pinned maps with the last "
-                          "model saved (said once; a line follows when saving works again)", path, e.strerror or e)
-            self._save_failing = True
+                          "model saved and drop what it lacks (said once; retried every %g s; a line follows when "
+                          "saving works again; `hdslb-ctl status` shows it meanwhile)", path, e.strerror or e,
+                          SAVE_RETRY_S)
+            self.save_error = f"{e.strerror or e} (since {time.strftime('%H:%M:%S')})" \
+                if self.save_error is None else self.save_error
+            self._save_retry_soon()
             return
-        if getattr(self, "_save_failing", False):
+        if self.save_error is not None:
             log.warning("model saved to %s again", path)
-            self._save_failing = False
+            self.save_error = None
         self._last_save = time.monotonic()
         self._save_cost = self._last_save - t0
         self._heap_soon()

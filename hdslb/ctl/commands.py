@@ -877,7 +877,8 @@ def daemon_status(ctx, a):
             "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
                            "size6": ctx.sizes.conn6_entries(),
                            "memlock_bytes": getattr(getattr(ctx, "fp", None), "conn_memlock", None)},
-            "heap": ctx.heap.status() if getattr(ctx, "heap", None) is not None else None}
+            "heap": ctx.heap.status() if getattr(ctx, "heap", None) is not None else None,
+            "save_error": getattr(ctx, "save_error", None)}
 
 
 @command("daemon.reload_datapath")

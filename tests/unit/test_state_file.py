@@ -3,6 +3,7 @@ version's, unreadable, unwritable. With pinned maps forwarding, a file that cann
 with a message naming it and the way out; it used to be "ignored", and the daemon then threw the pinned
 services and flows away and came up empty."""
 
+import asyncio
 import logging
 import os
 
@@ -132,3 +133,49 @@ def test_the_state_file_is_root_only(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(d.settings.state_file).st_mode & 0o777 == 0o600
+
+
+async def test_a_failed_save_is_retried_shown_and_made_at_the_stop(tmp_path, monkeypatch, caplog):
+    """A full state file system: the change was acknowledged and forwarded, the save failed, and nothing tried it
+    again but the next change, nor did a stop; the next start adopted the pins with the older model and removed
+    the acknowledged service ("a crash before they were saved"), with space long since freed."""
+    from hdslb import daemon as daemon_mod
+    from hdslb.ctl import commands
+
+    monkeypatch.setattr(daemon_mod, "SAVE_RETRY_S", 0.05)
+    d = _daemon(tmp_path)
+    _model(d)
+    real_replace = os.replace
+    full = {"on": True}
+
+    def replace(src, dst):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    d.bal.service_add({"proto": "udp", "addr": "10.0.0.2", "port": 53, "sched": "rr"})
+    d._save_state()
+    assert "No space left" in d.save_error
+    d.pid, d.ctl_path, d.pin_dir, d.xdp_modes, d.started = 1, "x", "y", {}, 0
+    d.sizes = type("S", (), {"conn_table": "percpu", "max_conns": 1, "conn6_entries": lambda self: 1})()
+    assert "No space left" in commands.dispatch(d, "daemon.status", {})["save_error"]
+    full["on"] = False  # space freed: the retry saves it with no change made
+    for _ in range(100):
+        if d.save_error is None:
+            break
+        await asyncio.sleep(0.02)
+    assert d.save_error is None and len(_daemon(tmp_path)._read_state()["services"]) == 2
+    # at a stop: one more try, and a loud line when it still fails
+    full["on"] = True
+    d.bal.service_add({"proto": "udp", "addr": "10.0.0.3", "port": 53, "sched": "rr"})
+    d._save_state()
+    full["on"] = False
+    d._final_save()
+    assert d.save_error is None and len(_daemon(tmp_path)._read_state()["services"]) == 3
+    full["on"] = True
+    d.bal.service_add({"proto": "udp", "addr": "10.0.0.4", "port": 53, "sched": "rr"})
+    d._save_state()
+    with caplog.at_level(logging.ERROR):
+        d._final_save()
+    assert "stopping with the saved model" in caplog.text and d._save_retry is None
