@@ -14,6 +14,7 @@ rule array (snat_map + cfg_map.snat_rules), first match wins, kept in creation o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -335,6 +336,9 @@ class Neigh:
     addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     lladdr: bytes
     ifname: str
+
+
+GONE_SLOTS_MAX = 16384  # removed real servers whose slot a re-add of the same one gets back
 
 
 class IdPool(set):
@@ -709,6 +713,9 @@ class Balancer:
         self._gateways: Counter = Counter()  # (via, ifname) -> routes using it, for SNAT's next hops
         self.neighs: dict[object, Neigh] = {}
         self._slots_used: IdPool = IdPool()
+        # (service key, address, port) -> the slot a removed real server had, newest last: added again, it gets that
+        # slot back while no one took it, so the flows it still has count for it again (LVS's dest trash)
+        self._gone_slots: collections.OrderedDict = collections.OrderedDict()
         self._ids_used: IdPool = IdPool()
         # dest slot -> (active, inactive) connections, for lc/wlc and thresholds; the daemon plugs in the fast
         # path's view (a conn table scan, refreshed once per estimator period).
@@ -829,6 +836,20 @@ class Balancer:
         if svc.laddrs:
             self._push_laddrs(svc)
 
+    def _slot_gone(self, svc: Service, d: Dest) -> None:
+        k = (svc.key, d.addr, d.port)
+        self._gone_slots[k] = d.slot
+        self._gone_slots.move_to_end(k)
+        while len(self._gone_slots) > GONE_SLOTS_MAX:
+            self._gone_slots.popitem(last=False)
+
+    def _slot_back(self, svc: Service, addr, port):
+        """The slot of the same real server of the same service removed before, if no one has taken it since."""
+        slot = self._gone_slots.pop((svc.key, addr, port), None)
+        if slot is None or slot in self._slots_used or slot >= self.max_dests:
+            return None
+        return slot
+
     def _dest_write(self, svc: Service, d: Dest) -> None:
         """A real server's slot, with what the fast path needs to know about its templates."""
         self.dp.dest_set(svc, d, not keeps_persistent(d, self.expire_quiescent_template))
@@ -944,6 +965,7 @@ class Balancer:
                 self.addrs, self.routes, self._rindex, self._plens, self._gateways)
         b.neighs = dict(self.neighs) if neighs else self.neighs
         b._slots_used, b._ids_used = _OverlayPool(self._slots_used), _OverlayPool(self._ids_used)
+        b._gone_slots = collections.OrderedDict(self._gone_slots)
         b.config_owned = set(self.config_owned)
         b.expire_quiescent_template = self.expire_quiescent_template
         return b
@@ -1229,6 +1251,7 @@ class Balancer:
         for d in svc.dests.values():
             self.dp.dest_clear(d)
             self._slots_used.discard(d.slot)
+            self._slot_gone(svc, d)
         if svc.match is None:
             self.dp.persist_flush(svc.svc_id, None)
         if svc.hcells:
@@ -1357,7 +1380,9 @@ class Balancer:
         if any(la.addr == key[0] for la in svc.laddrs):
             raise invalid(f"{key[0]} is a local address of this service (the balancer's own source toward the "
                           f"real servers), so it cannot be a real server too")
-        slot = self._peek(self._slots_used, self.max_dests, "real server slot")
+        slot = self._slot_back(svc, key[0], key[1])
+        if slot is None:
+            slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
         self._wtouch(svc)
         if self._defer is not None:  # a batch: one table from the final real servers, built at its end
@@ -1430,6 +1455,7 @@ class Balancer:
             if svc.match is None:
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
             self._defer.post.append((self._slots_used.discard, (d.slot,)))
+            self._defer.post.append((self._slot_gone, (svc, d)))
             if last_sorry:  # however it goes (quorum back, a reload, by hand), the servers it stood in for return
                 self._hold(svc, False)
             return
@@ -1442,6 +1468,7 @@ class Balancer:
         if svc.match is None:
             self.dp.persist_flush(svc.svc_id, d.slot)
         self._slots_used.discard(d.slot)
+        self._slot_gone(svc, d)
 
     def dest_health(self, a: dict, up: bool, weight: int | None, reason: str) -> Dest:
         """A health checker's verdict: down servers get no new flows (existing ones continue, as in LVS), and

@@ -1074,3 +1074,28 @@ def test_listings_order_services_by_protocol_family_address_port_then_match():
     got = [(s["proto"], A(s["addr"]).version, A(s["addr"]), s["port"])
            for s in commands.dispatch(ctx, "service.list", {"brief": True})["services"]]
     assert got == [m[:4] for m in sorted(made)]
+
+
+def test_a_real_server_removed_and_added_again_gets_its_slot_back():
+    """LVS keeps a removed server in its trash and a re-add takes it back with its connections; with slots resting
+    before reuse, `ipvsadm -d` then `-a` of the same server gave it a new slot, and its running flows (which name
+    the old one) vanished from its ActiveConn. Another server still never gets a resting slot."""
+    b = Balancer(Recorder(), dict(IFACES))
+    svc = {"proto": "tcp", "addr": "10.0.0.120", "port": 80}
+    b.service_add(dict(svc, sched="rr"))
+    for n in (2, 3):
+        b.dest_add({"svc": svc, "addr": f"192.168.100.{n}", "port": 80, "fwd": "nat"})
+    slot3 = b.get_service(svc).dests[(ipaddress.ip_address("192.168.100.3"), 80)].slot
+    b.dest_del({"svc": svc, "addr": "192.168.100.3", "port": 80})
+    assert b.dest_add({"svc": svc, "addr": "192.168.100.4", "port": 80, "fwd": "nat"}).slot != slot3
+    assert b.dest_add({"svc": svc, "addr": "192.168.100.3", "port": 80, "fwd": "nat"}).slot == slot3
+    # the same through a whole service's removal (ipvsadm -D then -A, -a), and in a batch's dry run
+    slots = {d.addr: d.slot for d in b.get_service(svc).dests.values()}
+    b.service_del(svc)
+    scratch = b.scratch()
+    scratch.service_add(dict(svc, sched="rr"))
+    assert scratch.dest_add({"svc": svc, "addr": "192.168.100.2", "port": 80, "fwd": "nat"}).slot == \
+        slots[ipaddress.ip_address("192.168.100.2")]
+    b.service_add(dict(svc, sched="rr"))
+    assert b.dest_add({"svc": svc, "addr": "192.168.100.2", "port": 80, "fwd": "nat"}).slot == \
+        slots[ipaddress.ip_address("192.168.100.2")]
