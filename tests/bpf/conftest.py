@@ -77,6 +77,19 @@ def maps(fastpath):
     return m
 
 
+@pytest.fixture
+def slowpath_up(fastpath):
+    """An AF_XDP socket (on lo, copy mode) in the XSKMAP slot BPF_PROG_TEST_RUN's packets map to (interface slot
+    0, queue 0), as the daemon's slow path registers its sockets: punts become XDP_REDIRECT. Closing the socket
+    removes the entry."""
+    from hdslb.slowpath.xsk import XskSocket
+
+    x = XskSocket("lo", 0)
+    fastpath.table("xsks")[ct.c_int(0)] = ct.c_int(x.fd)
+    yield x
+    x.close()
+
+
 def on_cpu(cpu, fn):
     """fn() run with this thread pinned to `cpu`: BPF_PROG_TEST_RUN runs the program on the caller's CPU."""
     old = os.sched_getaffinity(0)

@@ -179,19 +179,6 @@ def test_nat_rewrites_destination_in_and_source_on_replies(fastpath, m):
     assert m.conn_entries() == 2
 
 
-@pytest.fixture
-def slowpath_up(fastpath):
-    """An AF_XDP socket (on lo, copy mode) in the XSKMAP slot BPF_PROG_TEST_RUN's packets map to (interface slot
-    0, queue 0), as the daemon's slow path registers its sockets: punts become XDP_REDIRECT. Closing the socket
-    removes the entry."""
-    from hdslb.slowpath.xsk import XskSocket
-
-    x = XskSocket("lo", 0)
-    fastpath.table("xsks")[ct.c_int(0)] = ct.c_int(x.fd)
-    yield x
-    x.close()
-
-
 def _icmp_error(src, dst, quoted, kind=3, code=4):
     icmp = ICMP(type=kind, code=code, nexthopmtu=1400) if kind == 3 else ICMP(type=kind, code=code)
     return Ether(src=RS_MAC, dst=LB) / IP(src=src, dst=dst) / icmp / bytes(quoted)[:28]
