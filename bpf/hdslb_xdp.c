@@ -2208,16 +2208,148 @@ static __always_inline int ipv6_exthdr(__u8 nh)
 	       nh == 135 /* Mobility */ || nh == 139 /* HIP */ || nh == 140 /* Shim6 */ || nh == 253 || nh == 254;
 }
 
+/* IPv6 neighbour discovery (RFC 4861) answered in XDP while no slow path runs. */
+#define ND_HOP_LIMIT 255
+#define ND_OPT_SLLA 1      /* source link-layer address option */
+#define ND_OPT_TLLA 2      /* target link-layer address option */
+#define NA_F_SOLICITED 0x40
+#define NA_F_OVERRIDE 0x20
+#define ND_NS_MAX 128      /* the longest solicitation answered here: 24 bytes and up to 13 option units */
+#define ND_NA_LEN 32       /* the advertisement: 24 bytes and the target link-layer address option */
+
 /*
- * IPv6: TCP and UDP to v6 services are balanced like IPv4 (and NAT64-translated where the real server is v4).
- * What the slow path owns goes to it: echo requests to our addresses, neighbour solicitations for them and
- * advertisements sent to them. Extension headers are not walked, so a packet to one of our addresses that
- * starts with one (Hop-by-Hop, Routing, Destination Options, Mobility, HIP, Shim6, experimental; a fragment
- * header too) cannot be balanced, and is dropped and counted (drop_ipv6_exthdr, drop_fragment) rather than
- * passed: the kernel would answer it for a VIP (a RST, an unreachable, or a local listener on the VIP), so one
- * option header would be enough to reach the host past the balancer. No legitimate sender needs them towards
- * a VIP (MLD's Hop-by-Hop goes to multicast groups, not to our addresses). ESP and AH are upper layers here:
- * IPsec to the host's own addresses stays the kernel's. The same headers to anyone else go to the kernel.
+ * The fallback of the slow path's neighbour solicitation handling (dispatch._ns, and hdslbd's answer_ns with
+ * --no-slowpath), as handle_arp's is of its ARP: while no slow-path socket serves the interface (a daemon
+ * restarting or killed), a solicitation for an address owned here gets its advertisement from XDP, since the
+ * kernel does not hold our addresses and would leave it unanswered: an IPv6 VIP would go unreachable as soon as
+ * its clients' neighbour entries expired. Answered only when valid (RFC 4861 7.1.1): hop limit 255, code 0, a
+ * correct checksum, at least 24 bytes and whole options (none of length 0), no multicast source; a DAD probe
+ * (from ::) to a multicast group and without a source link-layer option. A solicitation is answered to its
+ * sender (at its source link-layer address, else its Ethernet source) with Solicited and Override; a DAD probe to
+ * all nodes with Override only, defending the address as the slow path does (and as ARP probes are answered).
+ * Rewritten in place, the frame cut or grown to the advertisement (VLAN tags kept), and sent back (XDP_TX).
+ * Returns the verdict, or -1 when it is not answered (the frame untouched: for the kernel, which discards it).
+ */
+static __always_inline int nd_answer(struct xdp_md *ctx, struct ipv6hdr *ip6, struct iface_val *ifv)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *icmp = (__u8 *)(ip6 + 1);
+	__u32 plen = bpf_ntohs(ip6->payload_len);
+	__u32 l2len = (__u32)((void *)ip6 - data);
+	__u32 next = 24, sum, len, want;
+	__u8 dmac[6];
+	struct ethhdr *eth = data;
+	int slla = 0, dad;
+
+	if (l2len != 14 && l2len != 18 && l2len != 22)
+		return -1;
+	if ((void *)(eth + 1) > data_end || (void *)(icmp + 24) > data_end)
+		return -1;
+	if (ip6->hop_limit != ND_HOP_LIMIT || icmp[1] != 0 || plen < 24 || plen > ND_NS_MAX || (plen & 7))
+		return -1;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, 0); /* both addresses */
+	sum = bpf_csum_diff(0, 0, (__be32 *)icmp, 24, sum);
+#pragma unroll
+	for (int i = 3; i < ND_NS_MAX / 8; i++) {
+		__u8 *opt = icmp + i * 8;
+
+		if (i * 8 >= plen)
+			break;
+		if ((void *)(opt + 8) > data_end)
+			return -1;
+		sum = bpf_csum_diff(0, 0, (__be32 *)opt, 8, sum);
+		if (i * 8 == next) { /* an option starts here */
+			if (!opt[1])
+				return -1;
+			next += opt[1] * 8;
+			if (opt[0] == ND_OPT_SLLA && opt[1] == 1) {
+				__builtin_memcpy(dmac, opt + 2, 6);
+				slla = 1;
+			}
+		}
+	}
+	if (next != plen) /* the last option runs past the message */
+		return -1;
+	sum = hcsum_add(sum, bpf_htonl(plen));
+	sum = hcsum_add(sum, bpf_htonl(IPPROTO_ICMPV6));
+	if (hcsum_fold32(sum) != 0xffff)
+		return -1;
+	dad = !(ip6->saddr.in6_u.u6_addr32[0] | ip6->saddr.in6_u.u6_addr32[1] | ip6->saddr.in6_u.u6_addr32[2] |
+		ip6->saddr.in6_u.u6_addr32[3]);
+	if (dad) {
+		if (slla || ip6->daddr.in6_u.u6_addr8[0] != 0xff)
+			return -1;
+		dmac[0] = dmac[1] = 0x33; /* ff02::1's */
+		dmac[2] = dmac[3] = dmac[4] = 0;
+		dmac[5] = 1;
+	} else {
+		if (ip6->saddr.in6_u.u6_addr8[0] == 0xff)
+			return -1;
+		if (!slla)
+			__builtin_memcpy(dmac, eth->h_source, 6);
+		if (mac_group(dmac))
+			return -1;
+	}
+
+	/* The addresses are written from the frame itself: growing or cutting the tail moves neither the IPv6
+	 * header nor the first 24 bytes of the message, the target among them. */
+	len = (__u32)((long)data_end - (long)data);
+	want = l2len + sizeof(struct ipv6hdr) + ND_NA_LEN;
+	barrier_var(len);
+	if (len != want && bpf_xdp_adjust_tail(ctx, (int)want - (int)len))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	barrier_var(l2len); /* keep the bound for the verifier */
+	eth = data;
+	ip6 = data + (l2len & 0x3f);
+	icmp = (__u8 *)(ip6 + 1);
+	if ((void *)(eth + 1) > data_end || (void *)(icmp + ND_NA_LEN) > data_end)
+		return drop(CNT_DROP_MALFORMED_L4); /* cannot happen: the frame was just made that long */
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, ifv->mac, 6);
+	*(__be32 *)ip6 = bpf_htonl(0x60000000); /* version 6, traffic class and flow label 0 */
+	ip6->payload_len = bpf_htons(ND_NA_LEN);
+	ip6->nexthdr = IPPROTO_ICMPV6;
+	ip6->hop_limit = ND_HOP_LIMIT;
+	if (dad) { /* to all nodes, ff02::1 */
+		ip6->daddr.in6_u.u6_addr32[0] = bpf_htonl(0xff020000);
+		ip6->daddr.in6_u.u6_addr32[1] = 0;
+		ip6->daddr.in6_u.u6_addr32[2] = 0;
+		ip6->daddr.in6_u.u6_addr32[3] = bpf_htonl(1);
+	} else { /* back to the sender */
+		__builtin_memcpy(ip6->daddr.in6_u.u6_addr8, ip6->saddr.in6_u.u6_addr8, 16);
+	}
+	__builtin_memcpy(ip6->saddr.in6_u.u6_addr8, icmp + 8, 16); /* from the target */
+	icmp[0] = ICMPV6_NA_;
+	icmp[1] = 0;
+	icmp[2] = icmp[3] = 0; /* the checksum, below */
+	icmp[4] = dad ? NA_F_OVERRIDE : NA_F_SOLICITED | NA_F_OVERRIDE; /* not a router */
+	icmp[5] = icmp[6] = icmp[7] = 0;
+	icmp[24] = ND_OPT_TLLA;
+	icmp[25] = 1;
+	__builtin_memcpy(icmp + 26, ifv->mac, 6);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)icmp, ND_NA_LEN, sum);
+	sum = hcsum_add(sum, bpf_htonl(ND_NA_LEN));
+	sum = hcsum_add(sum, bpf_htonl(IPPROTO_ICMPV6));
+	*(__sum16 *)(icmp + 2) = ~hcsum_fold32(sum);
+	count(CNT_ND_REPLY);
+	return XDP_TX;
+}
+
+/*
+ * IPv6: TCP and UDP to v6 services are balanced like IPv4 (and NAT64-translated where the real server is v4). What
+ * the slow path owns goes to it: echo requests to our addresses, neighbour solicitations for them and
+ * advertisements sent to them. Without a slow path, solicitations for them are answered here (nd_answer).
+ * Extension headers are not walked, so a packet to one of our addresses that starts with one (Hop-by-Hop, Routing,
+ * Destination Options, Mobility, HIP, Shim6, experimental; a fragment header too) cannot be balanced, and is
+ * dropped and counted (drop_ipv6_exthdr, drop_fragment) rather than passed: the kernel would answer it for a VIP
+ * (a RST, an unreachable, or a local listener on the VIP), so one option header would be enough to reach the host
+ * past the balancer. No legitimate sender needs them towards a VIP (MLD's Hop-by-Hop goes to multicast groups, not
+ * to our addresses). ESP and AH are upper layers here: IPsec to the host's own addresses stays the kernel's. The
+ * same headers to anyone else go to the kernel.
  */
 static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
@@ -2233,6 +2365,7 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	__u8 *icmp;
 	__u32 in_if = ctx->ingress_ifindex;
 	struct iface_val *inv;
+	struct local_val *lv = 0;
 	int ours = 0;
 
 	if (parse_ip6hdr(nh, data_end, &ip6) < 0)
@@ -2308,16 +2441,26 @@ icmp6:
 	icmp = (__u8 *)(ip6 + 1);
 	if ((void *)(icmp + 8) > data_end || (void *)(icmp + 8) > nh->end)
 		return drop(CNT_DROP_MALFORMED_L4);
-	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_)
+	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_) {
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
-	else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end && (void *)(icmp + 24) <= nh->end)
-		ours = local_lookup6(icmp + 8) != 0; /* the target address */
+	} else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end && (void *)(icmp + 24) <= nh->end) {
+		lv = local_lookup6(icmp + 8); /* the target address */
+		ours = lv != 0;
+	}
 	if (ours && (inv = iface_map.lookup(&in_if))) {
 		__u32 key = xsk_key(ctx, inv);
+		int action;
 
 		if (slowpath_up(key)) {
 			count(icmp[0] == ICMPV6_ECHO_REQUEST_ ? CNT_PUNT_ICMP : CNT_PUNT_ARP);
 			return xsks.redirect_map(key, XDP_PASS);
+		}
+		/* no slow path: a solicitation for an address owned on this interface (handle_arp's rule) is
+		 * answered here */
+		if (lv && (!lv->ifindex || lv->ifindex == in_if)) {
+			action = nd_answer(ctx, ip6, inv);
+			if (action >= 0)
+				return action;
 		}
 	}
 pass:

@@ -415,6 +415,8 @@ enum hdslb_counter {
 			     * TUNNEL "too big" that would be answered to such a source */
 	CNT_DROP_IPV6_EXTHDR, /* IPv6 to one of our addresses starting with an extension header the fast path does not
 			       * walk (Hop-by-Hop, Routing, Destination Options, ...): not balanced, and not the kernel's */
+	CNT_ND_REPLY,       /* IPv6 neighbour solicitation for an owned address answered in XDP (no slow path up):
+			     * ARP_REPLY's counterpart */
 	CNT_MAX,
 };
 

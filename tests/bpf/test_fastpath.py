@@ -193,6 +193,141 @@ def test_arp_request_for_an_owned_address_is_answered(fastpath, maps):
     assert run(fastpath, other)[0] == XDP_PASS
 
 
+# --- IPv6 neighbour discovery without the slow path (XDP's fallback, as for ARP) --------------------------------
+CLIENT6, VIP6, OTHER6 = "fd00::1", "fd00::100", "fd00::77"
+SNODE = "ff02::1:ff00:100"  # VIP6's solicited-node group
+
+
+def ns(tgt=VIP6, src=CLIENT6, dst=SNODE, hlim=255, opts=None, eth_src=CLIENT_MAC, vlan=None, **icmp):
+    """A neighbour solicitation; opts defaults to a source link-layer option with the Ethernet source (none from ::)."""
+    from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr
+
+    if opts is None:
+        opts = b"" if src == "::" else ICMPv6NDOptSrcLLAddr(lladdr=eth_src)
+    l2 = Ether(src=eth_src, dst="33:33:ff:00:01:00" if dst.startswith("ff") else LB_MAC_S)
+    if vlan is not None:
+        l2 = l2 / Dot1Q(vlan=vlan)
+    return l2 / IPv6(src=src, dst=dst, hlim=hlim) / ICMPv6ND_NS(tgt=tgt, **icmp) / opts
+
+
+def own_v6(maps, ifindex=LO_IFINDEX):
+    maps.set_local(A(VIP6), 0x1, ifindex)
+
+
+def assert_na(p, dst, dmac, solicited, l2len=14):
+    """An advertisement for VIP6 from our MAC, as the slow path would send it, its checksum as scapy computes it."""
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr
+
+    assert (p[Ether].src, p[Ether].dst) == (LB_MAC_S, dmac)
+    assert (p[IPv6].src, p[IPv6].dst, p[IPv6].hlim, p[IPv6].plen, p[IPv6].nh) == (VIP6, dst, 255, 32, 58)
+    assert (p[IPv6].tc, p[IPv6].fl) == (0, 0)
+    na = p[ICMPv6ND_NA]
+    assert (na.type, na.code, na.R, na.S, na.O, na.tgt) == (136, 0, 0, int(solicited), 1, VIP6)
+    assert na[ICMPv6NDOptDstLLAddr].lladdr == LB_MAC_S and na[ICMPv6NDOptDstLLAddr].len == 1
+    assert len(bytes(p)) == l2len + 40 + 32, "the frame is exactly the advertisement"
+    q = p.copy()
+    del q[ICMPv6ND_NA].cksum
+    assert Ether(bytes(q))[ICMPv6ND_NA].cksum == na.cksum, "ICMPv6 checksum"
+
+
+def test_ns_for_an_owned_v6_address_is_answered_without_the_slow_path(fastpath, maps):
+    """The daemon down (no slow-path socket): nothing else answers for a VIP (the kernel does not hold it), so
+    XDP does, as it answers ARP: an IPv6 VIP stayed unreachable once a client's neighbour entry expired."""
+    own_v6(maps)
+    before = maps.counters()
+    v, p = run(fastpath, ns())
+    assert VERDICTS[v] == "XDP_TX", p.show(dump=True)
+    assert_na(p, CLIENT6, CLIENT_MAC, solicited=True)
+    d = delta(before, maps.counters())
+    assert d.get("nd_reply") == 1 and d.get("verdict_tx") == 1 and "pass_ipv6" not in d, d
+
+
+@pytest.mark.parametrize("case", ["unicast without lladdr", "lladdr and another option", "link padding", "vlan",
+                                  "lladdr other than the ethernet source"])
+def test_ns_shapes_the_advertisement_answers(fastpath, maps, case):
+    """Grown (24-byte NS), cut (a longer NS, trailing link padding), tagged: always the 32-byte advertisement."""
+    from scapy.layers.inet6 import ICMPv6NDOptSrcLLAddr
+
+    own_v6(maps)
+    l2len, dmac = 14, CLIENT_MAC
+    if case == "unicast without lladdr":  # a reachability probe may omit it: answered to the Ethernet source
+        pkt = ns(dst=VIP6, opts=b"")
+    elif case == "lladdr and another option":  # an unknown option (a nonce) first: skipped, the lladdr found
+        pkt = ns(opts=bytes([14, 1]) + b"\xab" * 6 + bytes(ICMPv6NDOptSrcLLAddr(lladdr=CLIENT_MAC)))
+    elif case == "link padding":
+        pkt = bytes(ns()) + b"\0" * 10
+    elif case == "vlan":
+        pkt, l2len = ns(vlan=7), 18
+    else:
+        pkt, dmac = ns(opts=ICMPv6NDOptSrcLLAddr(lladdr="02:cc:00:00:00:99")), "02:cc:00:00:00:99"
+    v, p = run(fastpath, pkt)
+    assert v == XDP_TX, p.show(dump=True)
+    assert_na(p, CLIENT6, dmac, solicited=True, l2len=l2len)
+    if case == "vlan":
+        assert p[Dot1Q].vlan == 7
+
+
+def test_a_dad_probe_for_an_owned_v6_address_is_defended(fastpath, maps):
+    """From :: (duplicate address detection): to all nodes, not solicited, as the slow path (and hdslbd with
+    --no-slowpath) answers it and as an ARP probe for a VIP is answered: a host probing our address is told."""
+    own_v6(maps)
+    v, p = run(fastpath, ns(src="::"))
+    assert v == XDP_TX, p.show(dump=True)
+    assert_na(p, "ff02::1", "33:33:00:00:00:01", solicited=False)
+
+
+def _bad_checksum():
+    raw = bytearray(bytes(ns()))
+    raw[14 + 40 + 2] ^= 0xff
+    return bytes(raw)
+
+
+NOT_ANSWERED = [
+    ("target not ours", lambda: ns(tgt=OTHER6, dst="ff02::1:ff00:77")),
+    ("hop limit 64", lambda: ns(hlim=64)),  # RFC 4861 7.1.1: maybe from off-link
+    ("bad checksum", _bad_checksum),
+    ("code 1", lambda: ns(code=1)),
+    ("zero-length option", lambda: ns(opts=bytes([1, 0]) + b"\0" * 6)),
+    ("option past the message", lambda: ns(opts=bytes([1, 2]) + bytes.fromhex(CLIENT_MAC.replace(":", "")))),
+    ("length not a multiple of 8", lambda: ns(opts=bytes([1, 1, 2, 3]))),
+    ("truncated message", lambda: Ether(src=CLIENT_MAC, dst="33:33:ff:00:01:00") / IPv6(src=CLIENT6, dst=SNODE, hlim=255)
+     / bytes(ns()[IPv6].payload)[:20]),
+    ("multicast source", lambda: ns(src="ff02::5")),
+    ("dad with a lladdr", lambda: ns(src="::", opts=bytes([1, 1]) + b"\x02\xcc\0\0\0\x01")),
+    ("dad to a unicast address", lambda: ns(src="::", dst=VIP6)),
+    ("group ethernet source, no lladdr", lambda: ns(dst=VIP6, opts=b"", eth_src="03:00:00:00:00:01")),
+]
+
+
+@pytest.mark.parametrize("desc,make", NOT_ANSWERED, ids=[c[0] for c in NOT_ANSWERED])
+def test_an_invalid_or_foreign_ns_is_not_answered(fastpath, maps, desc, make):
+    """Left to the kernel unchanged (which discards what RFC 4861 calls invalid), as the slow path drops them."""
+    own_v6(maps)  # only VIP6 is ours
+    raw = bytes(make())
+    v, out, _ = run_xdp(fastpath.prog_fd, raw)
+    assert (VERDICTS[v], out) == ("XDP_PASS", raw), desc
+    assert maps.counters()["nd_reply"] == 0
+
+
+def test_an_ns_for_an_address_owned_on_another_interface_is_not_answered(fastpath, maps):
+    """handle_arp's rule: an address bound to another interface is answered there, not here."""
+    own_v6(maps, ifindex=LO_IFINDEX + 41)
+    raw = bytes(ns())
+    assert run_xdp(fastpath.prog_fd, raw)[:2] == (XDP_PASS, raw)
+    own_v6(maps, ifindex=0)  # 0: every interface (a config VIP)
+    assert run_xdp(fastpath.prog_fd, raw)[0] == XDP_TX
+
+
+def test_with_the_slow_path_up_an_ns_is_still_punted(fastpath, maps, slowpath_up):
+    own_v6(maps)
+    before = maps.counters()
+    v, _, _ = run_xdp(fastpath.prog_fd, bytes(ns()))
+    d = delta(before, maps.counters())
+    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_arp") == 1 and "nd_reply" not in d, d
+    slowpath_up.close()  # the daemon dies: answered in XDP from the next one
+    assert run_xdp(fastpath.prog_fd, bytes(ns()))[0] == XDP_TX
+
+
 def test_vlan_tagged_syn_is_balanced(fastpath, maps):
     setup_service(maps)
     pkt = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / Dot1Q(vlan=7) / IP(src=CLIENT, dst=VIP) / TCP(sport=45000, dport=80, flags="S")
@@ -359,13 +494,12 @@ def test_kni_host_route_hands_a_vip_to_the_kernel(fastpath, maps):
 
 
 def test_ipv6_passes_to_the_kernel_while_no_slow_path_serves_it(fastpath, maps):
-    """Echo and NS for an owned v6 address go to the slow path only when its socket is registered."""
+    """Echo for an owned v6 address goes to the slow path only when its socket is registered (an NS is then
+    answered in XDP: see test_ns_for_an_owned_v6_address_is_answered_without_the_slow_path)."""
     maps.set_local(A("fd00::100"), 0x1, LO_IFINDEX)
-    from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS
+    from scapy.layers.inet6 import ICMPv6EchoRequest
 
     for pkt in (Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6EchoRequest(),
-                Ether(src=CLIENT_MAC, dst="33:33:ff:00:01:00") / IPv6(src="fd00::1", dst="ff02::1:ff00:100") /
-                ICMPv6ND_NS(tgt="fd00::100"),
                 bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100"))[:30]):
         raw = bytes(pkt)
         v, out, _ = run_xdp(fastpath.prog_fd, raw)
