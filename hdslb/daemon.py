@@ -2255,12 +2255,13 @@ class Daemon:
                   (0x30, 0, 0, 54), (0x15, 1, 0, 135), (0x15, 0, 1, 136), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0))
 
     def _open_na_listeners(self) -> None:
-        """Without the slow path nothing in XDP speaks IPv6 neighbour discovery: the program passes it to the
-        kernel, where a packet socket per interface hears it. Advertisements teach real servers' next hops
-        (solicited ones to our address, and those a server multicasts in answer to an NS from ::); solicitations
-        for our own addresses (VIPs, local addresses: the kernel does not hold them) are answered, as XDP
-        answers ARP for IPv4. With the slow path, both go to it directly when addressed to us; the multicast
-        advertisements still arrive here and are handed to it."""
+        """Without the slow path XDP passes IPv6 neighbour advertisements to the kernel, where a packet socket
+        per interface hears them: they teach real servers' next hops (solicited ones to our address, and those a
+        server multicasts in answer to an NS from ::). Solicitations for our own addresses (VIPs, local
+        addresses: the kernel does not hold them) are answered in XDP itself (nd_answer, as ARP), so that a
+        dead daemon leaves none unanswered; answer_ns only sees the ones XDP left to the kernel. With the slow
+        path, both go to it directly when addressed to us; the multicast advertisements still arrive here and
+        are handed to it."""
         import ctypes
 
         loop = asyncio.get_running_loop()
