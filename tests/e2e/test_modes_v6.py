@@ -6,7 +6,7 @@ VIP6 fd00:10::100 balances to the servers' v6 addresses from the v6 local addres
 fd00:10::101 balances to their v4 addresses from the v4 local address 192.168.100.200; VIP6_NAT
 fd00:10::102 masquerades to their v6 addresses (their default route is fd00:100::254, owned by the
 balancer). The client only has IPv6 towards the VIPs (curl -6). The balancer runs with the slow path, which answers neighbour
-solicitations for its v6 addresses (ND is not done in XDP).
+solicitations for its v6 addresses (XDP answers them itself while no slow path runs: the last test kills the daemon).
 """
 
 from __future__ import annotations
@@ -141,3 +141,38 @@ def test_nat_v6_servers_see_the_client_and_reply_through_the_balancer(lab6):
     assert st["outpkts"] > 0, "replies crossed the balancer"
     out = lb.ipvsadm("-Ln").stdout
     assert re.search(r"\[fd00:100::3\]:80\s+Masq\s+1\s", out), out
+
+
+VIP6_UP = "fd00:10::103"
+
+
+def test_a_v6_vip_stays_reachable_while_no_daemon_runs(lab6):
+    """kill -9 of hdslbd: a client that lost its neighbour entry for an IPv6 VIP solicits it again and XDP
+    answers (nd_reply), as it answers ARP for IPv4. It used to pass the solicitation to the kernel, which does not
+    hold the VIP: with the slow path dead nobody answered and the VIP was unreachable until the daemon was back."""
+    import os
+    import subprocess
+    import time
+
+    lab, lb, servers = lab6
+    lb.dpip("-6", "addr", "add", f"{VIP6_UP}/128", "dev", "veth-lb0")
+    lb.ipvsadm("-A", "-t", f"[{VIP6_UP}]:80", "-s", "rr")
+    for s in lab.servers:
+        lb.ipvsadm("-a", "-t", f"[{VIP6_UP}]:80", "-r", f"[{s.ip6}]:80", "-b")
+    lb.ipvsadm("--add-laddr", "-z", LADDR6, "-t", f"[{VIP6_UP}]:80", "-F", "veth-lb1")
+    r = curl6(lab, f"http://[{VIP6_UP}]/")
+    assert r.returncode == 0 and r.stdout, f"curl -6 exit {r.returncode}\n{diag(lab, lb)}"
+    before = lb.call("stats.get")["counters"]["nd_reply"]
+    pid = lb.call("daemon.status")["pid"]
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    try:
+        while os.path.exists(f"/proc/{pid}/task") and len(os.listdir(f"/proc/{pid}/task")) > 1:
+            time.sleep(0.05)  # its AF_XDP sockets (the slow path) go with its last thread
+        time.sleep(0.2)
+        modes.nx.sh(["ip", "-n", lab.cl_ns, "-6", "neigh", "del", VIP6_UP, "dev", "eth0"], check=False)
+        r = curl6(lab, f"http://[{VIP6_UP}]/")
+        neigh = modes.nx.sh(["ip", "-n", lab.cl_ns, "-6", "neigh"], check=False).stdout
+        assert r.returncode == 0 and r.stdout, f"curl -6 exit {r.returncode} with no daemon\n{neigh}"
+    finally:
+        lb.up("veth-lb0", "veth-lb1")
+    assert lb.call("stats.get")["counters"]["nd_reply"] > before, "answered by XDP"
