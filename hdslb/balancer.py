@@ -2266,6 +2266,26 @@ def _packed_routes(b: Balancer, pk) -> bytes:
     return out
 
 
+def _saved_dest_ok(d: dict) -> None:
+    """A saved real server's fields the model checks when it builds tables: checked on the check-only restore too,
+    so a bad one refuses the start before anything is opened, not half way through the real restore."""
+    def uint(name, hi):
+        v = d.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+            raise invalid(f"real server {d.get('addr')}: {name} {v!r} is not an integer 0..{hi}")
+
+    uint("weight", MAX_WEIGHT)
+    uint("port", 65535)
+    uint("slot", 0xFFFFFFFE)
+    uint("u_threshold", 2**31 - 1)
+    uint("l_threshold", 2**31 - 1)
+    if d.get("fwd") not in FWD_MODES:
+        raise invalid(f"real server {d.get('addr')}: forwarding method {d.get('fwd')!r} is not one of {FWD_MODES}")
+    hw = d.get("health_weight")
+    if hw is not None and (not isinstance(hw, int) or isinstance(hw, bool) or not 0 <= hw <= MAX_WEIGHT):
+        raise invalid(f"real server {d.get('addr')}: health_weight {hw!r} is not an integer 0..{MAX_WEIGHT}")
+
+
 def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
     """Rebuild the model from a snapshot and rewrite every map entry it owns (idempotent for pinned maps).
 
@@ -2294,6 +2314,7 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
         if v.get("config_owned"):
             b.config_owned.add(svc.key)
         for d in v["dests"]:
+            _saved_dest_ok(d)
             dest = Dest(addr=A(d["addr"]), port=d["port"], fwd=d["fwd"], weight=d["weight"], slot=d["slot"],
                         u_threshold=d["u_threshold"], l_threshold=d["l_threshold"], health=d.get("health", "up"),
                         health_weight=d.get("health_weight"), reason=d.get("reason", ""), sorry=d.get("sorry", False),

@@ -48,7 +48,15 @@ def _model(d: Daemon) -> bytes:
 def _bad_files(good: bytes) -> dict:
     snap = msgpack.unpackb(good, raw=False)
     no_dests = dict(snap, services=[{k: v for k, v in snap["services"][0].items() if k != "dests"}])
+
+    def dest_field(k, v):  # well-formed, but a real server's field the model would refuse (the scheduler did,
+        svc = snap["services"][0]  # mid-restore, after the maps were opened, naming neither file nor --fresh)
+        return msgpack.packb(dict(snap, services=[dict(svc, dests=[dict(d, **{k: v}) for d in svc.get("dests", [])])]))
     return {
+        "bad weight": (dest_field("weight", "x"), "does not hold a valid model"),
+        "weight out of range": (dest_field("weight", 70000), "does not hold a valid model"),
+        "bad method": (dest_field("fwd", "teleport"), "does not hold a valid model"),
+        "bad threshold": (dest_field("u_threshold", -1), "does not hold a valid model"),
         "empty": (b"", "is empty"),
         "truncated": (good[: len(good) // 2], "undecodable"),
         "garbage": (b"\x00GARBAGE\xff" * 10, "not a saved model"),
