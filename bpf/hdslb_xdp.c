@@ -1913,11 +1913,11 @@ static __always_inline int xlat46(struct xdp_md *ctx, struct iphdr *iph, struct 
 		/* The datagram grows by the IPv6 header less its own (RFC 7915): one that would no longer fit the
 		 * egress MTU is answered as a router would (DF: fragmentation needed, with the MTU less 20, from the
 		 * address it was sent to) or dropped (drop_too_big), before anything is counted or tracked. */
-		__u32 oif = cv->ifindex;
-		struct iface_val *ov = iface_map.lookup(&oif);
+		__u32 oif = cv->ifindex, grown = (__u32)(tot - ihl) + sizeof(struct ipv6hdr);
+		/* up to 1280 bytes fits any IPv6 link (RFC 8200): most replies never look the MTU up */
+		struct iface_val *ov = grown > 1280 ? iface_map.lookup(&oif) : 0;
 
-		if (ov && ov->mtu > sizeof(struct ipv6hdr) &&
-		    (__u32)(tot - ihl) + sizeof(struct ipv6hdr) > ov->mtu) {
+		if (ov && ov->mtu > sizeof(struct ipv6hdr) && grown > ov->mtu) {
 			if (iph->frag_off & bpf_htons(0x4000))
 				return icmp_too_big4(ctx, l2len,
 						     ov->mtu - (sizeof(struct ipv6hdr) - sizeof(struct iphdr)), ihl != 20);

@@ -389,7 +389,7 @@ class IdPool(set):
         queued = set(self.freed[self.head:])
         self.freed.extend(i for i in range(min(self.hwm, limit)) if i not in self and i not in queued)
 
-    def lowest_free(self, limit: int):
+    def next_free(self, limit: int):
         """The id to hand out next (the caller adds it), or None when all below limit are in use."""
         if self.hwm < limit:
             return self.hwm
@@ -447,7 +447,7 @@ class _OverlayPool:
             self.removed.add(i)
         self.freed.append(i)
 
-    def lowest_free(self, limit: int):
+    def next_free(self, limit: int):
         if self.hwm < limit:
             return self.hwm
         bf = self.base.freed
@@ -985,7 +985,7 @@ class Balancer:
     @staticmethod
     def _peek(used: set[int], limit: int, what: str) -> int:
         if isinstance(used, (IdPool, _OverlayPool)):
-            i = used.lowest_free(limit)
+            i = used.next_free(limit)
             if i is not None:
                 return i
         else:
@@ -2267,23 +2267,19 @@ def _packed_routes(b: Balancer, pk) -> bytes:
 
 
 def _saved_dest_ok(d: dict) -> None:
-    """A saved real server's fields the model checks when it builds tables: checked on the check-only restore too,
-    so a bad one refuses the start before anything is opened, not half way through the real restore."""
-    def uint(name, hi):
-        v = d.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
-            raise invalid(f"real server {d.get('addr')}: {name} {v!r} is not an integer 0..{hi}")
-
-    uint("weight", MAX_WEIGHT)
-    uint("port", 65535)
-    uint("slot", 0xFFFFFFFE)
-    uint("u_threshold", 2**31 - 1)
-    uint("l_threshold", 2**31 - 1)
+    """A saved real server's fields the model checks when it builds tables (_dest_opts' checks): checked on the
+    check-only restore too, so a bad one refuses the start before anything is opened, not half way through the
+    real restore."""
+    where = f"real server {d.get('addr')}"
+    _uint(d.get("weight"), f"{where}: weight", MAX_WEIGHT)
+    _uint(d.get("port"), f"{where}: port", 65535)
+    _uint(d.get("slot"), f"{where}: slot", 0xFFFFFFFE)
+    _uint(d.get("u_threshold"), f"{where}: u_threshold")
+    _uint(d.get("l_threshold"), f"{where}: l_threshold")
+    if d.get("health_weight") is not None:
+        _uint(d.get("health_weight"), f"{where}: health_weight", MAX_WEIGHT)
     if d.get("fwd") not in FWD_MODES:
-        raise invalid(f"real server {d.get('addr')}: forwarding method {d.get('fwd')!r} is not one of {FWD_MODES}")
-    hw = d.get("health_weight")
-    if hw is not None and (not isinstance(hw, int) or isinstance(hw, bool) or not 0 <= hw <= MAX_WEIGHT):
-        raise invalid(f"real server {d.get('addr')}: health_weight {hw!r} is not an integer 0..{MAX_WEIGHT}")
+        raise invalid(f"{where}: forwarding method {d.get('fwd')!r} is not one of {', '.join(FWD_MODES)}")
 
 
 def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
