@@ -88,6 +88,15 @@ def _not_this_daemon(ns, st: dict) -> str | None:
     return None
 
 
+def _orphans() -> list[tuple[str, str, int]]:
+    from hdslb.fastpath import loader
+
+    try:
+        return loader.orphaned_fastpaths()
+    except OSError:  # an interface or map went meanwhile: nothing to name
+        return []
+
+
 def cmd_down(ns) -> int:
     from hdslb.daemon import instance_error
 
@@ -114,12 +123,22 @@ def cmd_down(ns) -> int:
                             pin_root=ns.pin_root or os.environ.get("HDSLB_PIN_ROOT", DEFAULT_PIN_ROOT),
                             state_dir=ns.state_dir or DEFAULT_STATE_DIR)
         done = down_offline(settings)
+        # Nothing of the instance attached here: is an hdslb fast path still forwarding that nothing can reach
+        # (its pins removed or gone with a mount namespace, no daemon holding its maps)? `down` cannot tell whose
+        # it was, so it is named with the command that detaches it rather than taken down unasked.
+        orphans = [] if any(ln.startswith("detached") for ln in done) else _orphans()
         if not done:
             print(f"hdslb-ctl: {e}; and nothing of instance {settings.instance} is left (no pins in "
                   f"{settings.pin_dir}, no {settings.state_file})", file=sys.stderr)
-            return 1
-        print(f"hdslbd is not running ({e}); " + "; ".join(done))
-        return 0
+        else:
+            print(f"hdslbd is not running ({e}); " + "; ".join(done))
+        for name, mode, prog_id in orphans:
+            off = "xdpgeneric" if mode == "generic" else "xdp"
+            print(f"hdslb-ctl: {name} still runs XDP program id {prog_id}, an hdslb fast path nothing can reach: "
+                  f"none of its maps is pinned on a bpffs here or held by a process, so no hdslbd can adopt or "
+                  f"detach it and it forwards with the tables it had. Detach it with `ip link set dev {name} {off} "
+                  f"off`", file=sys.stderr)
+        return 1 if orphans or not done else 0
     pid = st["pid"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -885,6 +885,114 @@ def our_xdp_links(ours: set[int]) -> list[tuple[str, str, int]]:
     return out
 
 
+# What makes an XDP program an hdslb fast path: its function name and maps only hdslb_xdp.c declares together.
+FASTPATH_PROG = "xdp_main"
+FASTPATH_MAPS = frozenset({"svc_map", "conn4_map", "cfg_map", "local_map"})
+
+
+def map_name(map_id: int) -> str | None:
+    """The name of a loaded map (struct bpf_map_info: name[16] at 24), None when it is gone."""
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    lib.bpf_map_get_fd_by_id.restype = ctypes.c_int
+    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    fd = lib.bpf_map_get_fd_by_id(map_id)
+    if fd < 0:
+        return None
+    try:
+        info = _obj_info(fd)
+        return None if info is None else info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _bpffs_mounts() -> list[str]:
+    """Every bpffs mounted in this mount namespace (/proc/self/mountinfo: the fifth field is the mount point, the
+    type follows the ' - ' separator; spaces in a mount point are written as \\040)."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                if post.split(" ", 1)[0] == "bpf":
+                    out.append(pre.split(" ")[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+def _pinned_anywhere() -> set[int]:
+    """Ids of the maps pinned anywhere on a bpffs of this mount namespace."""
+    lib = _libbcc()
+    ids: set[int] = set()
+    for root in _bpffs_mounts():
+        for top, _dirs, files in os.walk(root):
+            for name in files:
+                fd = lib.bpf_obj_get(os.path.join(top, name).encode())
+                if fd < 0:
+                    continue
+                try:
+                    kind = _fdinfo_int(fd, "map_type")  # a pinned program or link has no map_type
+                    info = _obj_info(fd) if kind is not None else None
+                    if info is not None:
+                        ids.add(int.from_bytes(info.raw[4:8], "little"))
+                finally:
+                    os.close(fd)
+    return ids
+
+
+def _held_by_processes() -> set[int]:
+    """Ids of the maps some process holds a descriptor of (/proc/PID/fdinfo's map_id lines): a running daemon's,
+    pinned or not."""
+    ids: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("map_id:"):
+                            ids.add(int(line.split()[1]))
+                            break
+            except (OSError, ValueError):
+                continue
+    return ids
+
+
+def orphaned_fastpaths() -> list[tuple[str, str, int]]:
+    """(interface, mode, program id) of every hdslb fast path attached in this network namespace that nothing can
+    reach any more: none of its maps is pinned on a bpffs here or held by a process. Such a program goes on
+    forwarding with the tables it had (its pins were removed, or lived on a bpffs that went with a mount namespace)
+    and no daemon can adopt, change or detach it; `hdslb-ctl down` names it."""
+    from pyroute2 import IPRoute
+
+    from hdslb.fastpath import xdp_pass
+
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    found = []
+    for name in names:
+        try:
+            mode, prog_id = xdp_pass.query(name)
+        except OSError:
+            continue
+        info = prog_info(prog_id) if prog_id else None
+        if info is None or info[0] != FASTPATH_PROG:
+            continue
+        if FASTPATH_MAPS <= {map_name(m) for m in info[1]}:
+            found.append((name, mode, prog_id, info[1]))
+    if not found:
+        return []
+    reachable = _pinned_anywhere() | _held_by_processes()
+    return [(name, mode, prog_id) for name, mode, prog_id, maps in found if not maps & reachable]
+
+
 class XdpAttachError(RuntimeError):
     """An interface refused the program: the message names it, the mode and what to do."""
 

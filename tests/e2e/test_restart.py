@@ -312,6 +312,34 @@ def test_down_with_no_daemon_takes_down_what_it_left(lab_up):
 
 
 @pytest.mark.root
+def test_down_names_a_fast_path_whose_pins_are_gone(lab_up):
+    """After a kill -9 whose pins were lost as well (removed, or on a bpffs that went with a mount namespace), the
+    program went on forwarding with its old tables and `down` said "nothing of instance ... is left". It now names
+    the interface and program, an hdslb fast path that nothing can reach, with the command that detaches it (and
+    does not detach it unasked: whose it was cannot be told); the command works."""
+    import re
+    import shutil
+
+    from .test_fnat import quick_start
+
+    lab, lb, servers, _ = lab_up
+    pid, prog = daemon_pid(lb), xdp_prog_id(lab)
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    wait_gone(pid)
+    shutil.rmtree(lab.pin_dir)
+    r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"veth-lb0 still runs XDP program id {prog}, an hdslb fast path nothing can reach" in r.stderr, r.stderr
+    assert xdp_prog_id(lab) == prog  # named, not detached
+    cmd = re.search(r"`(ip link set dev veth-lb0 xdp\S* off)`", r.stderr).group(1)
+    lab.lb_run(cmd.split())
+    assert xdp_prog_id(lab) is None
+    r = lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), check=False)
+    assert r.returncode == 1 and "nothing of instance" in r.stderr and "still runs" not in r.stderr, r.stderr
+    quick_start(lb, lab, VIP, "veth-lb0", "veth-lb0", two_arm=False)
+
+
+@pytest.mark.root
 def test_an_interface_recreated_while_hdslbd_runs_is_attached_again(tmp_path):
     """A veth pair deleted and made again (or a driver reloaded) comes back with a new ifindex and no XDP program;
     hdslbd went on as if attached (status said so) and nothing forwarded there until someone restarted it. It
