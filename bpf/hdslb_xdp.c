@@ -2010,7 +2010,10 @@ static __always_inline int new_conn6(struct xdp_md *ctx, struct ethhdr *eth, str
  * the client translated (from the VIP, quoting client:cport -> VIP:vport), which the slow path does. Does the
  * error at q (the quoted IPv4 header, inside the frame up to data_end and the datagram up to end) quote a TCP or
  * UDP packet of a NAT flow, i.e. is the quoted packet's reverse (RS:port -> client:cport) a NAT reply entry?
- * Only ICMP errors not to us ask this: the established path never pays for it.
+ * SNAT is the same seen from the other side: an inside host's error about a reply we translated for it (outside
+ * server:port -> host:hport) is addressed to the outside server and must leave from the sapool address, quoting
+ * server:port -> sapool:port, as netfilter's NAT does for related ICMP; the quote's reverse is then the flow's
+ * forward (inside -> outside) SNAT entry. Only ICMP errors not to us ask this: the established path never pays.
  */
 static __always_inline int icmp_quotes_nat4(struct iphdr *q, void *data_end, void *end)
 {
@@ -2036,7 +2039,9 @@ static __always_inline int icmp_quotes_nat4(struct iphdr *q, void *data_end, voi
 	qk.proto = q->protocol;
 	qk.af = HDSLB_AF_INET;
 	cv = conn_find(T4, &qk);
-	return cv && (cv->flags & CONN_F_OUT) && cv->fwd == FWD_NAT;
+	if (!cv)
+		return 0;
+	return (cv->flags & CONN_F_OUT) ? cv->fwd == FWD_NAT : cv->fwd == FWD_SNAT;
 }
 
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)

@@ -156,7 +156,8 @@ class SlowPathRunner:
         NAT (masquerade): the real server's error about a packet we forwarded to it (client:cport -> RS:port) is
         addressed to the client itself and only routed through us (err.to_local False); it is translated like the
         FullNAT one (from the VIP, quoting client:cport -> VIP:vport) when it quotes a NAT flow, and left
-        otherwise."""
+        otherwise. SNAT: an inside host's error about a reply we translated for it goes on to the outside server
+        from the sapool address, quoting server:port -> sapool:port (netfilter NAT's related-ICMP handling)."""
         import struct
 
         from hdslb.slowpath import packets as P
@@ -168,10 +169,16 @@ class SlowPathRunner:
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
         if back is None or back.get("need_l2") or back["to_saddr"].version != 4 or back["to_daddr"].version != 4:
             return None  # (NAT64: the other side is IPv6; an unresolved next hop: no MAC to send to)
-        if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
+        fwd = back.get("fwd")
+        if not back["out"] and fwd not in ("fnat", "nat", "snat"):
             return None
-        if not err.to_local and not (back["out"] and back.get("fwd") == "nat"):
-            return None  # not to us: only a NAT flow's error to its client is ours to translate
+        # Not to us, only routed through: a NAT flow's error to its client (from its real server), or a SNAT
+        # inside host's error to the outside server about a reply we translated for it (the quote's reverse is the
+        # flow's forward entry: it leaves from the sapool address, quoting server:port -> sapool:port). A SNAT
+        # forward entry is never a to-us error's: what reaches our sapool address quotes the reply side.
+        snat_fwd = not back["out"] and fwd == "snat"
+        if err.to_local and snat_fwd or not err.to_local and not (snat_fwd or back["out"] and fwd == "nat"):
+            return None
         # Either way the entry's rewrite says where the error goes: from to_saddr (the VIP; LIP or, NAT, the
         # client) to to_daddr (the client; the real server), quoting what to_daddr sent: to_daddr:to_dport ->
         # to_saddr:to_sport.

@@ -267,6 +267,56 @@ def test_snat_inside_hosts_reach_the_outside_from_the_sapool_address(lab2):
     assert "192.168.100.2-192.168.100.9" in out, out
 
 
+INSIDE_ICMP = """
+import socket, struct, sys
+def csum(b):
+    b += b'\\0' * (len(b) % 2); s = sum(struct.unpack('!%dH' % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+outside, me = sys.argv[1], sys.argv[2]
+t = socket.create_connection((outside, 80), timeout=5); hport = t.getsockname()[1]
+inner = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 1500, 1, 0x4000, 63, 6, 0, socket.inet_aton(outside), socket.inet_aton(me))
+inner = inner[:10] + struct.pack('!H', csum(inner)) + inner[12:]
+inner += struct.pack('!HHI', 80, hport, 12345)
+icmp = struct.pack('!BBHHH', 3, 4, 0, 0, 1400) + inner
+icmp = icmp[:2] + struct.pack('!H', csum(icmp)) + icmp[4:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto(icmp, (outside, 0))
+print(hport)
+"""
+
+
+def test_snat_inside_hosts_icmp_error_reaches_the_outside_from_the_sapool_address(lab2):
+    """An inside host's ICMP error about a reply we translated for it (outside:80 -> host:hport) is addressed to
+    the outside server and routed through us. It left as it was, from the host's private address and quoting a
+    flow the server never had; now the fast path punts it (the quote's reverse is the flow's SNAT entry) and it
+    leaves from the sapool address quoting outside:80 -> sapool:port, as netfilter's NAT translates related ICMP."""
+    from .test_slowpath import PRINT_UNREACH
+
+    lab, lb, _, _ = lab2
+    snat_services(lb)
+    lb.dpip("neigh", "add", lab.client.ip, "lladdr", lab.client.mac, "dev", "veth-lb0")
+    listen = ("import socket, struct\nr = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n"
+              "r.settimeout(8)\nprint('ready', flush=True)\n" + PRINT_UNREACH)
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cl_ns, "python3", "-c", listen], stdout=subprocess.PIPE,
+                         text=True)
+    lab.procs.append(p)
+    assert p.stdout.readline().strip() == "ready"
+    before = lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"]
+    me = lab.server(1).ip
+    hport = int(lab.server_run(1, ["python3", "-c", INSIDE_ICMP, lab.client.ip, me]).stdout)
+    flow = None
+    for _ in range(30):  # conn.list reuses a scan for a second
+        flow = next((c for c in lb.call("conn.list")["conns"]
+                     if not c["out"] and c["saddr"] == me and c["sport"] == hport), None)
+        if flow is not None:
+            break
+        time.sleep(0.2)
+    assert flow is not None and flow["to_saddr"] == SAPOOL, flow
+    out, _ = p.communicate(timeout=15)
+    assert out.split() == ["3", "4", "1400", SAPOOL, lab.client.ip, SAPOOL, "80", str(flow["to_sport"])], \
+        (out, diag(lab, lb))
+    assert lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"] == before + 1
+
+
 def test_weight_zero_drains_a_server_while_its_live_connection_finishes(lab2):
     lab, lb, servers, _ = lab2
     fnat_service(lb, VIP_FNAT)

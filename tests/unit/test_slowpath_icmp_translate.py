@@ -187,3 +187,52 @@ def test_anything_else_not_to_us_stays_unexpected():
                   bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=RS, dst=CLIENT) / TCP(sport=80, dport=40000))):
         act = r.sp.handle("eth1", frame)
         assert act.counters["unexpected"] == 1 and not act.icmp_errors, frame
+
+
+# --- SNAT: an inside host's error about a reply we translated for it --------------------------------------------
+INSIDE, OUTSIDE, SAPOOL = "192.168.100.5", "10.0.0.1", "10.0.0.254"
+
+
+def _snat_flow(proto):
+    """inside:33000 -> outside:80 leaving from SAPOOL:5000 by eth0; the reply comes back to SAPOOL:5000."""
+    fwd = {"to_saddr": A(SAPOOL), "to_sport": 5000, "to_daddr": A(OUTSIDE), "to_dport": 80, "out": False,
+           "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
+    reply = {"to_saddr": A(OUTSIDE), "to_sport": 80, "to_daddr": A(INSIDE), "to_dport": 33000, "out": True,
+             "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
+    return {(proto, INSIDE, 33000, OUTSIDE, 80): fwd, (proto, OUTSIDE, 80, SAPOOL, 5000): reply}
+
+
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_snat_inside_hosts_error_leaves_from_the_sapool_address(l4):
+    """SNAT: the inside host cannot take a reply we translated for it (outside:80 -> inside:33000; a closed UDP
+    port, a TCP stack's error) and sends its error to the outside server, routed through us. Passed on as it was,
+    it carried the private address outside and quoted a flow the server never had; as netfilter's NAT does, it
+    leaves from the sapool address quoting outside:80 -> SAPOOL:5000, the packet the server sent."""
+    proto = 6 if l4 is TCP else 17
+    r = _nat_runner(_snat_flow(proto))
+    received = IP(src=OUTSIDE, dst=INSIDE) / l4(sport=80, dport=33000)
+    act = r.sp.handle("eth1", _nat_error_frame(INSIDE, OUTSIDE, received))
+    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
+    r.carry_out(act)
+    assert r.translated == 1 and not r.socks[("eth1", 0)].sent
+    (frame,) = r.socks[("eth0", 0)].sent
+    p = Ether(frame)
+    assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
+    assert (p[IP].src, p[IP].dst, p[ICMP].type, p[ICMP].code) == (SAPOOL, OUTSIDE, 3, 4)
+    q = p[IPerror]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, inner.sport, inner.dport) == (OUTSIDE, SAPOOL, 80, 5000)
+    chk = IP(bytes(p[IP]))
+    del chk[IP].chksum
+    del chk[ICMP].chksum
+    chk = IP(bytes(chk))
+    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+
+
+def test_a_snat_forward_entry_never_answers_an_error_to_us():
+    """An error addressed to one of our addresses whose quote's reverse is a SNAT forward entry quotes a packet
+    we sent an inside host: nothing on that path addresses its errors to us, so it is left."""
+    r = _nat_runner(_snat_flow(6))
+    received = IP(src=OUTSIDE, dst=INSIDE) / TCP(sport=80, dport=33000)
+    r.carry_out(r.sp.handle("eth1", _nat_error_frame(INSIDE, VIP, received)))
+    assert r.translated == 0 and not any(s.sent for s in r.socks.values())
