@@ -278,7 +278,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         except (ConfigError, OSError) as e:
             p.exit(2, f"hdslbd: {e}\n")
         interfaces = interfaces or list(cfg.netif_defs.interfaces)
-        explicit_ctl = explicit_ctl or cfg.ctrl_defs.ctl_socket
+        # the file's unix_domain only where it writes one: the keyword's default stood over $HDSLB_CTRL
+        explicit_ctl = explicit_ctl or cfg.ctl_socket
         if ns.max_conns is None and cfg.ipvs_defs.conn.conn_pool_size:  # the command line wins, also at 262144
             max_conns = cfg.ipvs_defs.conn.conn_pool_size
         conn_table = conn_table or cfg.ipvs_defs.conn.conn_table

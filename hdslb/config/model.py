@@ -551,6 +551,13 @@ class Config:
     notices: Tuple[Notice, ...] = field(compare=False)
     settings: Mapping[str, Setting] = field(compare=False, repr=False)
 
+    @property
+    def ctl_socket(self) -> Optional[str]:
+        """The control socket the file names (`ctrl_defs { ipc_msg { unix_domain PATH } }`), or None where it names
+        none: the keyword's default must not stand over $HDSLB_CTRL, which selects the instance when the file is
+        silent (hdslbd and `hdslb-ctl up` resolve --ctl-socket, then this, then $HDSLB_CTRL, then the default)."""
+        return self.ctrl_defs.ctl_socket if "ctrl_defs.ipc_msg.unix_domain" in self.settings else None
+
     def endpoints(self, vs: VirtualServer) -> Tuple[Endpoint, ...]:
         """The (VIP, port) pairs a virtual_server answers on: one, or its group's members."""
         if vs.group is not None:

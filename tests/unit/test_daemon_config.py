@@ -71,6 +71,25 @@ def test_config_file_supplies_interfaces_socket_and_table_size(tmp_path, monkeyp
     assert settings_from_args(["eth0"]).max_conns == 262144
 
 
+def test_hdslb_ctrl_selects_the_socket_when_the_file_names_none(tmp_path, monkeypatch):
+    """$HDSLB_CTRL selects the instance of `hdslbd -f FILE` whose file has no `unix_domain`: unix_domain's default
+    used to stand over it, so hdslbd served /var/run/hdslb_ctrl (another instance's socket and pins) while every
+    tool given the same environment talked to the socket it named. A file that names its socket still wins over
+    the environment, the command line over both."""
+    conf = tmp_path / "lb.conf"
+    conf.write_text("netif_defs {\n  <init> device eth7 {\n  }\n}\n")
+    monkeypatch.setenv("HDSLB_CTRL", "/run/hdslb/blue.ctrl")
+    s = settings_from_args(["-f", str(conf)])
+    assert (s.ctl_socket, s.instance) == ("/run/hdslb/blue.ctrl", "blue")
+    monkeypatch.delenv("HDSLB_CTRL")
+    assert settings_from_args(["-f", str(conf)]).ctl_socket == "/var/run/hdslb_ctrl"
+    conf.write_text("netif_defs {\n  <init> device eth7 {\n  }\n}\n"
+                    "ctrl_defs {\n  ipc_msg {\n    <init> unix_domain /run/hdslb/x.ctrl\n  }\n}\n")
+    monkeypatch.setenv("HDSLB_CTRL", "/run/hdslb/blue.ctrl")
+    assert settings_from_args(["-f", str(conf)]).ctl_socket == "/run/hdslb/x.ctrl"
+    assert settings_from_args(["-f", str(conf), "--ctl-socket", "/tmp/y"]).ctl_socket == "/tmp/y"
+
+
 def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
     """--conn-table picks the conn map's values (per CPU, the default, or one shared); the config's conn_table
     supplies it when the command line does not, and a bad value is refused with the line."""
