@@ -22,8 +22,35 @@ def log_path(ctl_socket: str) -> str:
     return os.path.join("/run/hdslb", instance_name(ctl_socket) + ".log")
 
 
+def config_socket(path: str | None, config_id: str | None = None) -> str | None:
+    """The control socket a config file names (`ctrl_defs { ipc_msg { unix_domain PATH } }`), or None: none named,
+    or the file does not read (hdslbd then refuses it, naming the line). Read as hdslbd reads it (includes, `@ID`
+    lines, `$NAME` parameters), statements only: up must serve the socket hdslbd -f would, without building the
+    whole file twice (seconds for thousands of virtual servers)."""
+    if not path:
+        return None
+    from hdslb.config.model import ConfigError
+    from hdslb.config.syntax import Reader, parse
+
+    try:
+        nodes = parse(Reader(config_id=config_id).read_file(path))
+    except (ConfigError, OSError):
+        return None
+    level = nodes
+    for name in ("ctrl_defs", "ipc_msg"):
+        level = [c for n in level if n.name == name for c in (n.body or ())]
+    found = [n for n in level if n.name == "unix_domain" and len(n.args) == 1 and n.body is None]
+    # (one written twice, or not a path, is refused by hdslbd at its line: no socket to guess then)
+    if len(found) == 1 and found[0].args[0].text.startswith("/"):
+        return found[0].args[0].text
+    return None
+
+
 def cmd_up(ns) -> int:
-    ctl = protocol.resolve_socket(ns.ctl_socket)
+    # --ctl-socket, else the file's unix_domain, else $HDSLB_CTRL, else the default: the order hdslbd -f FILE
+    # resolves it in. The socket is always passed on (hdslbd's own --ctl-socket), so it has to be this one.
+    ctl = ns.ctl_socket or config_socket(getattr(ns, "config_file", None), getattr(ns, "config_id", None)) or \
+        protocol.resolve_socket(None)
     try:
         st = Client(ctl, timeout=5).call("daemon.status")
         print(f"hdslb-ctl: hdslbd (pid {st['pid']}) already serves {ctl}", file=sys.stderr)

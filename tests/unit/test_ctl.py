@@ -169,6 +169,48 @@ def test_hdslb_ctl_up_passes_every_hdslbd_option_on_as_given(tmp_path, monkeypat
     assert started[-1][3:] == ["eth7", "--ctl-socket", sock]
 
 
+def test_hdslb_ctl_up_serves_the_socket_the_config_names(tmp_path, monkeypatch, capsys):
+    """`hdslb-ctl up -f FILE` whose FILE names its control socket (ctrl_defs { ipc_msg { unix_domain PATH } }) starts
+    hdslbd on that socket, as `hdslbd -f FILE` does: up always passed its own resolved socket (the default, else
+    $HDSLB_CTRL) as --ctl-socket, which beat the file's, so the socket the README says acts was silently ignored.
+    --ctl-socket on up's command line still wins; a file that names none leaves $HDSLB_CTRL and the default."""
+    from cli import hdslb_ctl
+
+    started = []
+
+    class Exited:
+        returncode = 3
+
+        def __init__(self, argv, **kw):
+            started.append(argv)
+
+        def poll(self):
+            return 3
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exited)
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    named = str(tmp_path / "named.sock")
+    conf = tmp_path / "lb.conf"
+    conf.write_text(f"ctrl_defs {{\n  ipc_msg {{\n    <init> unix_domain {named}\n  }}\n}}\n")
+    log = str(tmp_path / "d.log")
+
+    def ctl_of(argv):
+        assert hdslb_ctl.main(argv) == 1
+        a = started[-1]
+        return a[a.index("--ctl-socket") + 1]
+
+    assert ctl_of(["up", "--log-file", log, "-f", str(conf), "eth7"]) == named
+    monkeypatch.setenv("HDSLB_CTRL", str(tmp_path / "env.sock"))
+    assert ctl_of(["up", "--log-file", log, "-f", str(conf), "eth7"]) == named
+    assert ctl_of(["--ctl-socket", str(tmp_path / "cli.sock"), "up", "--log-file", log, "-f", str(conf), "eth7"]) == \
+        str(tmp_path / "cli.sock")
+    conf.write_text("neigh_defs {\n  timeout 30\n}\n")
+    assert ctl_of(["up", "--log-file", log, "-f", str(conf), "eth7"]) == str(tmp_path / "env.sock")
+    conf.write_text("neigh_defs {\n")  # broken: hdslbd refuses it, naming the line; up does not guess a socket
+    assert ctl_of(["up", "--log-file", log, "-f", str(conf), "eth7"]) == str(tmp_path / "env.sock")
+    capsys.readouterr()
+
+
 def test_status_shows_the_slow_path_against_its_bounds():
     from cli.hdslb_ctl import slowpath_line
 
