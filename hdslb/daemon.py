@@ -293,6 +293,14 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                         for path, st in cfg.settings.items() if path.startswith("neigh_defs") and st.applies]
         log_level = log_level or DPVS_LOG_LEVELS.get(cfg.global_defs.log_level.upper(), "info")
         log_file = cfg.global_defs.log_file
+        if log_file is not None:
+            # opened here, as a reload opens a changed one before applying it: logging.basicConfig failed with a
+            # traceback naming no line (and check cannot know the file system hdslbd will run on)
+            try:
+                open(log_file, "a").close()
+            except OSError as e:
+                p.exit(2, f"hdslbd: {cfg.settings['global_defs.log_file'].where}: log_file: cannot open {log_file}: "
+                          f"{e.strerror}\n")
         neigh = (cfg.neigh_defs.timeout, cfg.neigh_defs.unres_queue_length, cfg.ipv4_defs.default_ttl)
         timeouts = timeouts_of(cfg)
         if not interfaces:

@@ -90,6 +90,20 @@ def test_hdslb_ctrl_selects_the_socket_when_the_file_names_none(tmp_path, monkey
     assert settings_from_args(["-f", str(conf), "--ctl-socket", "/tmp/y"]).ctl_socket == "/tmp/y"
 
 
+def test_a_log_file_that_cannot_be_opened_exits_2_naming_the_line(tmp_path, capsys):
+    """global_defs log_file in a directory that does not exist (or is not writable): hdslbd used to die in
+    logging.basicConfig with a Python traceback and no line, while a reload of the same file names the line and
+    refuses it. Now the start is refused the same way, before anything is attached."""
+    conf = tmp_path / "lb.conf"
+    conf.write_text(f"global_defs {{\n    log_file {tmp_path}/no/such/dir/hdslb.log\n}}\n")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-f", str(conf), "eth0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{conf}:2:" in err and "log_file: cannot open" in err and "Traceback" not in err
+    conf.write_text(f"global_defs {{\n    log_file {tmp_path}/hdslb.log\n}}\n")
+    assert settings_from_args(["-f", str(conf), "eth0"]).log_file == f"{tmp_path}/hdslb.log"
+
+
 def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
     """--conn-table picks the conn map's values (per CPU, the default, or one shared); the config's conn_table
     supplies it when the command line does not, and a bad value is refused with the line."""
