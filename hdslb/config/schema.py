@@ -397,6 +397,8 @@ KNI = "XDP_PASS to the kernel is the KNI: traffic that is not for a service goes
       "interface, and no extra device is created"
 QUEUES_TO_CPUS = "XDP runs on the CPU servicing each RX queue's interrupt; place queues with IRQ affinity, " \
                  "not per-port queue lists"
+NO_FDIR = "no flow director rules are needed: " + SHARED_CONNS
+FDIR_MODES = ("perfect", "signature", "none", "perfect_mac_vlan", "perfect_tunnel")  # DPVS's (dpvs.conf.items)
 KERNEL_FORWARDS = "packets not for a service are passed to the kernel (XDP_PASS); its forwarding sysctl decides"
 NO_LCORES = "there are no lcores to message: the controller writes BPF maps directly"
 NO_MAIL = "hdslb sends no mail and runs no VRRP; state changes are logged and exported as metrics"
@@ -662,6 +664,14 @@ ROOT = Block(None, {
         "log_async_mode": Key(OnOff(), False, na="logging is the controller's; there is no async DPDK log ring"),
         "script_user": Key(Text(), None),
         "enable_script_security": Key(Flag(), False),
+        # DPVS's own (dpvs.conf.items), so a dpvs.conf loads: DPVS's parser skips what it does not know, hdslb
+        # refuses unknown keywords (a typo must not pass), so every keyword DPVS documents is known here
+        "daemon": Key(Flag(), False, na="hdslbd runs in the foreground for systemd (Type=notify); `hdslb-ctl up` "
+                                        "starts it in the background"),
+        "pdump": Key(OnOff(), False, init=True, na="DPDK's packet capture of its ports: the interfaces are the "
+                                                   "kernel's, capture with tcpdump (what XDP sends back or "
+                                                   "redirects itself does not reach it: use xdpdump)"),
+        "kni": Key(OnOff(), True, init=True, na=KNI),
         # keepalived's LVS timeouts (ipvsadm --set's three); a timeout also set in ipvs_defs must agree (loader)
         "lvs_timeouts": Key(LvsTimeouts(tuple(m.LVS_TIMEOUTS), m.MAX_TIMEOUT_S), ()),
         # keepalived's own globals, so a keepalived.conf loads as it is
@@ -674,10 +684,14 @@ ROOT = Block(None, {
     "netif_defs": Block(m.NetifDefs, {
         "pktpool_size": Key(Int(1023, 2**31 - 1), 1048575, na=NO_MBUF_POOL, init=True),
         "pktpool_cache": Key(Int(32, 8192), 256, na=NO_MBUF_POOL, init=True),
+        # DPVS's newer spelling of every device's `fdir { mode }`
+        "fdir_mode": Key(Choice(*FDIR_MODES), "perfect", init=True, na=NO_FDIR),
         "device": Block(m.Device, {
             "rx": Block(m.QueueConf, {
                 "queue_number": Key(Int(1, 4096), None),
                 "descriptor_number": Key(Int(16, 65536), 128, na=RINGS),
+                "max_burst_size": Key(Int(1, 4096), 32, na="DPDK's receive burst: the driver hands XDP one "
+                                                           "packet at a time"),
                 "rss": Key(Choice("all", "ip", "tcp", "udp", "sctp", "ether", "port", "tunnel"), "all", na=RSS),
             }),
             "tx": Block(m.QueueConf, {
@@ -685,11 +699,14 @@ ROOT = Block(None, {
                 "descriptor_number": Key(Int(16, 65536), 128, na=RINGS),
             }),
             "fdir": Block(None, {
-                "mode": Key(Choice("perfect", "signature"), "perfect"),
+                "filter": Key(OnOff(), True, init=True),
+                "mode": Key(Choice(*FDIR_MODES), "perfect"),
                 "pballoc": Key(Choice("64k", "128k", "256k"), "64k"),
                 "status": Key(Choice("close", "matched", "always"), "matched"),
-            }, na="no flow director rules are needed: " + SHARED_CONNS),
+            }, na=NO_FDIR),
             "promisc_mode": Key(Flag(), False),
+            "allmulticast": Key(Flag(), False, na="hdslb does not change the interface's flags (`ip link set DEV "
+                                                  "allmulticast on`)"),
             "mtu": Key(Int(68, 65535), None),
             "kni_name": Key(IFNAME, None, na=KNI),
         }, header=_ifname, multi=True, key=lambda d: d.name, init=True),
@@ -699,14 +716,18 @@ ROOT = Block(None, {
             "primary": Key(IFNAME, None),
             "numa_node": Key(Int(0, 63), 0),
             "kni_name": Key(IFNAME, None),
+            "options": Key(Text(), None),  # DPDK bonding PMD options (dedicated_queues=off)
         }, header=_ifname, multi=True, init=True,
             na="hdslb builds no bonds: create it in the kernel (`ip link add NAME type bond`) and "
                "name it in a device block"),
     }),
     "worker_defs": Block(m.WorkerDefs, {
         "worker": Block(m.Worker, {
-            "type": Key(Choice("master", "slave", refuse={"kni": "workers are not needed: " + KNI}), required=True),
+            # kni: DPVS's optional worker for KNI packets (tx queues only); accepted, not acted on, as every worker
+            "type": Key(Choice("master", "slave", "kni"), required=True),
             "cpu_id": Key(Int(0, 4095), required=True),
+            "icmp_redirect_core": Key(Flag(), False, na="DPVS steers ICMP to one lcore because its conns are per "
+                                                        "lcore; " + SHARED_CONNS),
             "port": Block(None, {
                 "rx_queue_ids": Key(IntList(0, 4095), ()),
                 "tx_queue_ids": Key(IntList(0, 4095), ()),
@@ -738,11 +759,18 @@ ROOT = Block(None, {
         "forwarding": Key(OnOff(), False, na=KERNEL_FORWARDS),
         "route6": Block(None, {
             "method": Key(Choice("hlist", "lpm"), "hlist", init=True),
-            "recycle_time": Key(Int(1, 3600), 10),
+            "recycle_time": Key(Int(1, 36000), 10),
+            "lpm": Block(None, {
+                "lpm6_max_rules": Key(Int(16, 2**31 - 1), 1024, init=True),
+                "lpm6_num_tbl8s": Key(Int(16, 2**31 - 1), 65536, init=True),
+                "rt6_array_size": Key(Int(16, 2**31 - 1), 65536, init=True),
+                "rt6_hash_bucket": Key(Int(2, 2**31 - 1), 256, init=True),
+            }),
         }, na="IPv6 routes live in one LPM trie map; there is no method to choose or table to recycle"),
     }),
     "ctrl_defs": Block(m.CtrlDefs, {
         "lcore_msg": Block(None, {
+            "bucket_number": Key(Int(1, 2**24), 256, init=True),
             "ring_size": Key(Int(1, 2**24), 4096, init=True),
             "sync_msg_timeout_us": Key(Int(1, 2**32 - 1), 2000),
             "priority_level": Key(Choice("low", "norm", "high", "ign"), "low"),
@@ -786,6 +814,7 @@ ROOT = Block(None, {
                     "timestamp": Key(Flag(), False),
                 }),
                 "defer_rs_syn": Key(Flag(), False),
+                "close_client_window": Key(Flag(), False, na="SYN proxy is not implemented yet"),
                 "rs_syn_max_retry": Key(Int(1, 255), 3),
                 "ack_storm_thresh": Key(Int(1, 65535), 10),
                 "max_ack_saved": Key(Int(1, 255), 3),
@@ -796,7 +825,12 @@ ROOT = Block(None, {
     }),
     "sa_pool": Block(m.SaPoolDefs, {
         "pool_hash_size": Key(Int(1, 65536), 16),
+        "flow_enable": Key(OnOff(), True, na="DPVS steers a local address's replies to their lcore with flow rules; "
+                                             + SHARED_CONNS),
     }),
+    "ipset_defs": Block(None, {
+        "ipset_hash_pool_size": Key(Int(1, 2**31 - 1), 131072, init=True),
+    }, na="hdslb has no ipset module (DPVS's ipset-based ACLs and traffic control); its hash pool sizes nothing"),
     # keepalived-style load-balancer declarations
     "virtual_server_group": _group(m.VirtualServerGroup, _vsg_entry, "members", "virtual_server_groups"),
     "local_address_group": _group(m.LocalAddressGroup, _laddr_entry, "addresses", "local_address_groups"),
