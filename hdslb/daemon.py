@@ -726,6 +726,7 @@ class Daemon:
                     f"the interface, and attaching would replace it. Nothing was changed. Stop that one first; a "
                     f"program nobody runs any more goes with `ip link set dev {name} xdp off` (xdpgeneric off for "
                     f"generic mode)"))
+        self._made_model = snap is None and not adopt  # the saved model below is this start's: a failed one removes it
         if snap is None and not adopt:
             # New pins get a model from the start (empty until the first change): a daemon killed before its first
             # save must not leave pins without one, which the next start would have to refuse.
@@ -788,14 +789,7 @@ class Daemon:
                 log.info("REST API and /metrics on http://%s/v2 (token %s)", s.api_listen,
                          "required" if s.api_token else "not set")
         except Exception as e:
-            if adopt:
-                # The pinned state is the previous daemon's, forwarding until now: never torn down by a start that
-                # failed (a port in use, an interface that refused). What was attached runs the same maps.
-                log.error("start failed (%s): the fast path stays attached with its pinned state; fix the cause "
-                          "and start again", e.message if isinstance(e, HdslbError) else e)
-            else:
-                self.fp.detach_all()
-                self.fp.unpin()
+            await self._start_failed(adopt, e)
             raise
         self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging()),
                        asyncio.create_task(self._watch_ifaces())]
@@ -812,14 +806,63 @@ class Daemon:
         if self.slow is None:
             self._tasks.append(asyncio.create_task(self._resolver()))
         self._open_na_listeners()
-        if s.config_file:
-            from hdslb.config import load
-
-            self.apply_config(load(s.config_file, s.config_id))
-        await self._start_health()
+        await self._start_config(adopt)
         self.heap.maybe_settle(model_size(self.bal))
         self.ready = True
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
+
+    async def _start_config(self, adopt: bool) -> None:
+        """The last step of a start: the config file's services, then the health checks. A file refused here (what
+        check cannot know: --max-services, the interfaces given, a file changed since the settings were read)
+        fails the start as any failure after attaching does."""
+        s = self.settings
+        try:
+            if s.config_file:
+                from hdslb.config import load
+
+                self.apply_config(load(s.config_file, s.config_id))
+            await self._start_health()
+        except Exception as e:
+            await self._start_failed(adopt, e)
+            raise
+
+    async def _start_failed(self, adopt: bool, e: BaseException) -> None:
+        """A start that fails once attached stops what it started (the control socket goes with it) and, unless it
+        adopted them, detaches and unpins what it made: a fresh start refused by its config file used to exit with
+        the program attached, the maps pinned and a dead control socket left behind, for the next start to adopt
+        an instance nobody meant to run."""
+        if self.health is not None:
+            await self.health.stop()
+            self.health = None
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.slow is not None:
+            await self.slow.close()
+            self.slow = None
+        self._close_na_listeners()
+        if self.api is not None:
+            from hdslb.api.app import stop_api
+
+            await stop_api(self.api)
+            self.api = None
+        if self.ctl:
+            await self.ctl.stop()
+        if adopt:
+            # The pinned state is the previous daemon's, forwarding until now: never torn down by a start that
+            # failed (a port in use, an interface that refused, a config refused). What was attached runs the
+            # same maps.
+            log.error("start failed (%s): the fast path stays attached with its pinned state; fix the cause "
+                      "and start again", e.message if isinstance(e, HdslbError) else e)
+        else:
+            self.fp.detach_all()
+            self.fp.unpin()
+            if getattr(self, "_made_model", False):  # (the empty model it saved: a saved one it restored stays)
+                try:
+                    os.unlink(self.settings.state_file)
+                except FileNotFoundError:
+                    pass
 
     def _final_save(self) -> None:
         """At a stop: a coalesced save still pending is made; one that failed is tried once more; a model that

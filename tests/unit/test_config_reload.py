@@ -2,6 +2,7 @@
 not_acted_on. Nothing changed in the file is silently dropped."""
 
 import logging
+import os
 
 import pytest
 
@@ -260,3 +261,54 @@ async def test_what_needs_a_restart_is_judged_against_what_this_start_runs(tmp_p
     conf.write_text(BASE + CTRL)
     r = await d.reload_config()
     assert r["needs_restart"] == []
+
+
+class _Pins:
+    """What a start made: an attached program and pinned maps (records their removal)."""
+
+    def __init__(self):
+        self.detached = self.unpinned = False
+
+    def detach_all(self):
+        self.detached = True
+
+    def unpin(self):
+        self.unpinned = True
+
+
+class _Ctl:
+    def __init__(self):
+        self.stopped = False
+
+    async def stop(self):
+        self.stopped = True
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+async def test_a_start_whose_config_is_refused_leaves_nothing_it_made(tmp_path, adopt, caplog):
+    """A fresh start whose file parses but is refused when applied (here: more services than --max-services, which
+    `check` cannot know) used to exit with its XDP program attached, its maps pinned and its control socket file
+    left, for the next start to adopt an instance nobody meant to run. It now detaches and unpins what it made, as
+    any other start failing after the attach does, and stops its control socket; a start that adopted the previous
+    daemon's pins leaves them forwarding and says so."""
+    from hdslb.errors import HdslbError
+
+    conf = tmp_path / "hdslb.conf"
+    conf.write_text(BASE + BASE.split("}\n", 1)[1].replace("10.0.0.100", "10.0.0.101").replace("lg {", "lg2 {")
+                    .replace("name lg", "name lg2").replace("192.168.100.200", "192.168.100.201"))
+    d = HarnessDaemon(conf, tmp_path)
+    from hdslb.balancer import Balancer
+    from tests.unit.test_api import Recorder
+
+    d.bal = Balancer(Recorder(), d.bal.ifaces, max_services=1)
+    d.fp, d.ctl = _Pins(), _Ctl()
+    d._made_model = not adopt  # a fresh start saved an empty model for its new pins
+    with open(d.settings.state_file, "w") as f:
+        f.write("the model this start saved")
+    with pytest.raises(HdslbError, match="no free service id"):
+        await d._start_config(adopt)
+    assert d.ctl.stopped
+    assert (d.fp.detached, d.fp.unpinned) == (not adopt, not adopt)
+    assert os.path.exists(d.settings.state_file) == adopt
+    assert ("the fast path stays attached with its pinned state" in caplog.text) == adopt
+    assert not d.bal.services  # the refused file left nothing in the model either
