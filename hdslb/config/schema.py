@@ -397,6 +397,8 @@ KNI = "XDP_PASS to the kernel is the KNI: traffic that is not for a service goes
       "interface, and no extra device is created"
 QUEUES_TO_CPUS = "XDP runs on the CPU servicing each RX queue's interrupt; place queues with IRQ affinity, " \
                  "not per-port queue lists"
+LINK_LOCAL = "hdslb makes no IPv6 link-local address: the kernel's interface has its own (the addr_gen_mode and " \
+             "stable_secret sysctls of net.ipv6.conf.DEV)"
 NO_FDIR = "no flow director rules are needed: " + SHARED_CONNS
 FDIR_MODES = ("perfect", "signature", "none", "perfect_mac_vlan", "perfect_tunnel")  # DPVS's (dpvs.conf.items)
 KERNEL_FORWARDS = "packets not for a service are passed to the kernel (XDP_PASS); its forwarding sysctl decides"
@@ -697,6 +699,7 @@ ROOT = Block(None, {
             "tx": Block(m.QueueConf, {
                 "queue_number": Key(Int(1, 4096), None),
                 "descriptor_number": Key(Int(16, 65536), 128, na=RINGS),
+                "mbuf_fast_free": Key(OnOff(), True, init=True, na=NO_MBUF_POOL),
             }),
             "fdir": Block(None, {
                 "filter": Key(OnOff(), True, init=True),
@@ -757,6 +760,9 @@ ROOT = Block(None, {
     "ipv6_defs": Block(m.Ipv6Defs, {
         "disable": Key(OnOff(), False),
         "forwarding": Key(OnOff(), False, na=KERNEL_FORWARDS),
+        # DPVS's link-local address generation for its ports: the interfaces here are the kernel's, with its own
+        "addr_gen_mode": Key(Choice("eui64", "none", "stable-privacy", "random"), "eui64", na=LINK_LOCAL),
+        "stable_secret": Key(Str(r"[0-9a-fA-F:]+", "an IPv6-address-shaped secret"), None, na=LINK_LOCAL),
         "route6": Block(None, {
             "method": Key(Choice("hlist", "lpm"), "hlist", init=True),
             "recycle_time": Key(Int(1, 36000), 10),

@@ -558,6 +558,9 @@ netif_defs {
             <init> filter on
             mode perfect_mac_vlan
         }
+        tx {
+            <init> mbuf_fast_free on
+        }
         allmulticast
     }
     <init> bonding bond0 {
@@ -580,6 +583,8 @@ ipset_defs {
     <init> ipset_hash_pool_size 131072
 }
 ipv6_defs {
+    addr_gen_mode stable-privacy
+    stable_secret 2001:db8::1
     route6 {
         recycle_time 36000
         lpm {
@@ -614,17 +619,22 @@ def test_dpvs_own_keywords_load_with_the_reason_they_do_nothing():
     cfg = loads(DPVS_ONLY, "dpvs.conf")
     assert cfg.netif_defs.interfaces == ("eth0",) and cfg.worker_defs.fastpath_cpus == frozenset({1})
     said = {n.keyword: n.line for n in cfg.notices}
-    for kw, line in (("pdump", 2), ("kni", 3), ("daemon", 4), ("fdir_mode", 7), ("max_burst_size", 10),
-                     ("fdir", 12), ("allmulticast", 16), ("bonding", 18), ("icmp_redirect_core", 27),
-                     ("ipset_defs", 34), ("route6", 38), ("lcore_msg", 49), ("close_client_window", 56),
-                     ("flow_enable", 61)):
-        assert said.get(kw) == line, (kw, said.get(kw))
+
+    def line_of(*words):  # the line whose statement starts with these words (`<init>` aside)
+        return next(i for i, ln in enumerate(DPVS_ONLY.splitlines(), 1)
+                    if ln.replace("<init>", "").split()[:len(words)] == list(words))
+
+    for kw in ("pdump", "kni", "daemon", "fdir_mode", "max_burst_size", "fdir", "mbuf_fast_free", "allmulticast",
+               "bonding", "icmp_redirect_core", "ipset_defs", "addr_gen_mode", "stable_secret", "route6",
+               "lcore_msg", "close_client_window", "flow_enable"):
+        assert said.get(kw) == line_of(kw), (kw, said.get(kw))
     lines = inactive_notices(cfg)
-    assert any(x.startswith("dpvs.conf:30:9: type: accepted, not acted on") for x in lines)  # the kni worker
+    assert any(x.startswith(f"dpvs.conf:{line_of('type', 'kni')}:9: type: accepted, not acted on") for x in lines)
     # still type-checked: a bad value is refused at its line
-    with pytest.raises(ConfigError, match=r"dpvs.conf:7:22: fdir_mode: 'exact' is not one of perfect"):
+    with pytest.raises(ConfigError, match=rf"dpvs.conf:{line_of('fdir_mode')}:22: fdir_mode: 'exact' is not one of"):
         loads(DPVS_ONLY.replace("fdir_mode perfect", "fdir_mode exact"), "dpvs.conf")
-    with pytest.raises(ConfigError, match=r"dpvs.conf:61:5: flow_enabel: unknown keyword in sa_pool; did you mean"):
+    with pytest.raises(ConfigError, match=rf"dpvs.conf:{line_of('flow_enable')}:5: flow_enabel: unknown keyword in "
+                                          rf"sa_pool; did you mean"):
         loads(DPVS_ONLY.replace("flow_enable", "flow_enabel"), "dpvs.conf")
 
 
