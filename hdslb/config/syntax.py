@@ -7,7 +7,7 @@ No keyword is known here; schema.py gives them meaning. The grammar, as keepaliv
 
 Lines are read as keepalived's parser (lib/parser.c read_line) reads them, so a keepalived.conf means the same:
 `!` and `#` start a comment anywhere outside a double-quoted string (`\#` and `\!` are the characters
-themselves); a line starting `@ID` is kept only when ID is the config id (keepalived -i; by default the host's
+themselves); a word starting with `<` (but `<init>`) starts DPVS's inline range comment, which ends at the next `>`; a line starting `@ID` is kept only when ID is the config id (keepalived -i; by default the host's
 node name), `@^ID` only when it is not; `$NAME=TEXT` defines a parameter (a trailing `\` continues TEXT on the next
 line) and `$NAME` or `${NAME}` later in the text is replaced by it (`$_PWD`: the directory of the file being read,
 `$_INSTANCE`: the config id). A `{` may sit on the line after its keyword. `include GLOB` is replaced by the tokens
@@ -262,6 +262,14 @@ def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Toke
                     raise ConfigError(Where(file, lineno, start + 1), '"', "unterminated string")
                 toks.append(Token(STRING, "".join(buf), Where(file, lineno, start + 1)))
                 i += 1
+            elif c == "<" and not _is_init(line, i):
+                # DPVS's inline range comment (dpvs.conf: "using '<' and '>', put comment in between"), as its
+                # items file writes `queue_number 6 <16, 0-16>`: to the next `>` on the line
+                end = line.find(">", i)
+                if end < 0:
+                    raise ConfigError(Where(file, lineno, i + 1), "<", "unterminated range comment: a `<` starts a "
+                                      "DPVS inline comment, which ends with `>` on the same line")
+                i = end + 1
             else:
                 start = i
                 while i < n and not line[i].isspace() and line[i] not in _PUNCT and line[i] != '"':
@@ -275,6 +283,12 @@ def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Toke
     nlines = len(text.splitlines())
     toks.append(Token(EOF, "", Where(file, nlines + 1, 1)))
     return toks
+
+
+def _is_init(line: str, i: int) -> bool:
+    """Whether the word at line[i] is the `<init>` marker (not a DPVS `<…>` comment)."""
+    end = i + len("<init>")
+    return line.startswith("<init>", i) and (end >= len(line) or line[end].isspace() or line[end] in _PUNCT)
 
 
 def _include_arg(line: str, i: int, file: str, lineno: int, toks: List[Token]) -> int:

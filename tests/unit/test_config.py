@@ -356,6 +356,21 @@ virtual_server match out { lb_kind SNAT; src-range 192.168.1.1-192.168.1.9; real
     assert snat.real_servers[0].port == 0
 
 
+def test_dpvs_inline_range_comments_are_comments():
+    """dpvs.conf's own header: 'inline range comment: using < and >, put comment in between' (its items file writes
+    `queue_number 6 <16, 0-16>`). hdslb read them as extra values and refused the line; `<init>` stays a marker,
+    a quoted "<x>" a value, and a `<` whose `>` never comes on its line is an error there."""
+    cfg = loads("netif_defs {\n    <init> device eth0 {\n        rx {\n            queue_number 6 <16, 0-16>\n"
+                "        }\n    }\n}\nneigh_defs {\n    <init> unres_queue_length 64 <128, 16-8192>\n"
+                "    timeout <60, 1-3600> 30\n}\nglobal_defs {\n    log_level INFO <none>\n    log_file \"/tmp/<x>\"\n}\n")
+    assert cfg.netif_defs.device[0].rx.queue_number == 6
+    assert (cfg.neigh_defs.unres_queue_length, cfg.neigh_defs.timeout) == (64, 30)
+    assert cfg.settings["neigh_defs.unres_queue_length"].marked_init
+    assert (cfg.global_defs.log_level, cfg.global_defs.log_file) == ("INFO", "/tmp/<x>")
+    with pytest.raises(ConfigError, match=r"<string>:2:16: <: unterminated"):
+        loads("neigh_defs {\n    timeout 30 <60, 1-3600\n}\n")
+
+
 def test_address_ranges():
     cfg = loads("""
 virtual_server_group g6 {
