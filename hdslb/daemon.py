@@ -1564,12 +1564,34 @@ class Daemon:
                     commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
         self.config, self.want = cfg, want
+        self._warn_unrouted(want)
         if self.start_config is None:
             self.start_config = cfg
         self._save_state()
         if ops:
             log.info("config %s applied: %d changes", cfg.source, len(ops))
         return [f"{op} {args}" for op, args in ops]
+
+    def _warn_unrouted(self, want: dict) -> None:
+        """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the
+        saved model), and the fast path sends a new flow only where a dpip route leads (drop_no_route), while the
+        health checks, leaving through the kernel, pass. A file started alone used to forward nothing, silently."""
+        import ipaddress
+
+        missing: dict = {}
+        for w in want.values():
+            if w.match is not None:  # SNAT: its real servers are source addresses
+                continue
+            for addr, _ in w.dests:
+                if addr not in missing and self.bal.route_lookup(ipaddress.ip_address(addr)) is None:
+                    missing[addr] = w.where
+        if missing:
+            (first, where), n = next(iter(missing.items())), len(missing)
+            log.warning("%d real server%s no route (%s of virtual_server at %s%s): new flows to %s are dropped "
+                        "(drop_no_route) until one leads there, e.g. `dpip route add NET/LEN dev IF` (or `dpip addr "
+                        "add ADDR/LEN dev IF`, whose net route covers the subnet); routes are kept across restarts",
+                        n, " has" if n == 1 else "s have", first, where, f", and {n - 1} more" if n > 1 else "",
+                        "it" if n == 1 else "them")
 
     async def reload_config(self, text: str | None = None) -> dict:
         """Reload: parse the file (or `text`), apply the difference, report <init> changes needing a restart.

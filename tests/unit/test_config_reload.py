@@ -312,3 +312,19 @@ async def test_a_start_whose_config_is_refused_leaves_nothing_it_made(tmp_path, 
     assert os.path.exists(d.settings.state_file) == adopt
     assert ("the fast path stays attached with its pinned state" in caplog.text) == adopt
     assert not d.bal.services  # the refused file left nothing in the model either
+
+
+async def test_real_servers_without_a_route_are_named_when_the_file_is_applied(tmp_path, caplog):
+    """The file declares services but no routes (those are dpip's, kept in the saved model): a real server with no
+    route gets no new flow (the fast path routes by dpip routes only; drop_no_route), though its health checks,
+    which leave through the kernel, pass. conf/single-nic.conf started alone (as its header said) forwarded
+    nothing and nothing said why. Applying a file now names the real servers without a route."""
+    caplog.set_level(logging.WARNING)
+    d, conf = await make(tmp_path, BASE)
+    assert "1 real server has no route" in caplog.text and "192.168.100.2" in caplog.text
+    assert f"{conf}:7:1" in caplog.text and "dpip route add" in caplog.text
+    caplog.clear()
+    d.bal.route_add({"prefix": "192.168.100.0/24", "ifname": "eth1"})
+    conf.write_text(BASE.replace("weight 3", "weight 4"))
+    await d.reload_config()
+    assert "no route" not in caplog.text
