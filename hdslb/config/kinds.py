@@ -328,7 +328,7 @@ class Granularity(Kind):
 
     def one(self, tok: Token) -> int:
         if _digits(tok.text):
-            v = int(tok.text)
+            v = int_of(tok, "a prefix length 0..128")
             if not 0 <= v <= 128:
                 raise Bad(f"{v} is not a prefix length 0..128", tok)
             return v
@@ -365,9 +365,14 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+MAX_DIGITS = 40  # longer than any value the table takes; Python will not read one of 4300+ digits at all
+
+
 def int_of(tok: Token, what: str = "an integer") -> int:
     if not re.fullmatch(r"-?[0-9]+", tok.text):
         raise Bad(f"{tok.text!r} is not an integer, expects {what}", tok)
+    if len(tok.text.lstrip("-0")) > MAX_DIGITS:  # int() raised ValueError past 4300 digits: a traceback, no line
+        raise Bad(f"{tok.text[:12]}… ({len(tok.text)} digits) is out of range, expects {what}", tok)
     return int(tok.text)
 
 

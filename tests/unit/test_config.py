@@ -371,6 +371,21 @@ def test_dpvs_inline_range_comments_are_comments():
         loads("neigh_defs {\n    timeout 30 <60, 1-3600\n}\n")
 
 
+@pytest.mark.parametrize("text,where", [
+    ("neigh_defs {{\n timeout {n}\n}}\n", "2:10"),
+    ("virtual_server 10.0.0.1 {n} {{\n}}\n", "1:25"),
+    ("virtual_server 10.0.0.1 80 {{\n persistence_granularity {n}\n}}\n", "2:26"),
+    ("worker_defs {{\n worker a {{\n type slave\n cpu_id 1\n port eth0 {{\n rx_queue_ids 1,{n}\n }}\n }}\n}}\n", "6:15"),
+])
+def test_a_number_of_thousands_of_digits_is_out_of_range_not_a_crash(text, where):
+    """Python refuses to read an integer of more than 4300 digits (ValueError, not a refusal): check, a start and
+    a reload died with a traceback instead of naming the line (a SIGHUP reload's exception was never retrieved)."""
+    with pytest.raises(ConfigError) as e:
+        loads(text.format(n="9" * 5000), "t.conf")
+    assert str(e.value).startswith(f"t.conf:{where}:") and "out of range" in str(e.value)
+    assert len(str(e.value)) < 300  # the value is not echoed whole
+
+
 def test_address_ranges():
     cfg = loads("""
 virtual_server_group g6 {
