@@ -1817,6 +1817,8 @@ class Daemon:
                      f"; needs restart: {', '.join(r['needs_restart'])}" if r["needs_restart"] else "")
         except HdslbError as e:
             log.error("reload refused: %s", e.message)
+        except Exception:  # a bug, not a refusal: said where the operator looks (the task's exception was never read)
+            log.exception("reload failed (a bug, not a refusal: please report it); check what runs with ipvsadm -Ln")
         finally:
             sd_notify("READY=1")
 
