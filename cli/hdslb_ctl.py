@@ -197,6 +197,8 @@ def cmd_reload(ns) -> int:
         print(f"  needs a restart to take effect: {opt}")
     for opt in r.get("not_acted_on", ()):
         print(f"  accepted, not acted on: {opt}")
+    for line in r.get("warnings", ()):
+        print(f"  warning: {line}")
     if r.get("note"):
         print(f"  {r['note']}")
     return 0

@@ -653,6 +653,7 @@ class Daemon:
         self.start_config = None  # the Config this start applied first: what its options read only at start are
         self._reload_lock = asyncio.Lock()  # reloads take turns (reload_config)
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
+        self.config_warnings: list[str] = []  # what applying the file found wrong but not refused (real servers unrouted)
         self.health = None
         self.api = None
         self.slow = None  # SlowPathRunner when AF_XDP works
@@ -1564,7 +1565,7 @@ class Daemon:
                     commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
         self.config, self.want = cfg, want
-        self._warn_unrouted(want)
+        self.config_warnings = self._warn_unrouted(want)
         if self.start_config is None:
             self.start_config = cfg
         self._save_state()
@@ -1572,7 +1573,7 @@ class Daemon:
             log.info("config %s applied: %d changes", cfg.source, len(ops))
         return [f"{op} {args}" for op, args in ops]
 
-    def _warn_unrouted(self, want: dict) -> None:
+    def _warn_unrouted(self, want: dict) -> list[str]:
         """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the
         saved model), and the fast path sends a new flow only where a dpip route leads (drop_no_route), while the
         health checks, leaving through the kernel, pass. A file started alone used to forward nothing, silently."""
@@ -1590,13 +1591,15 @@ class Daemon:
                 seen.add(addr)
                 if self.bal.route_lookup(ipaddress.ip_address(addr)) is None:
                     missing[addr] = w.where
-        if missing:
-            (first, where), n = next(iter(missing.items())), len(missing)
-            log.warning("%d real server%s no route (%s of virtual_server at %s%s): new flows to %s are dropped "
-                        "(drop_no_route) until one leads there, e.g. `dpip route add NET/LEN dev IF` (or `dpip addr "
-                        "add ADDR/LEN dev IF`, whose net route covers the subnet); routes are kept across restarts",
-                        n, " has" if n == 1 else "s have", first, where, f", and {n - 1} more" if n > 1 else "",
-                        "it" if n == 1 else "them")
+        if not missing:
+            return []
+        (first, where), n = next(iter(missing.items())), len(missing)
+        line = (f"{n} real server{' has' if n == 1 else 's have'} no route ({first} of virtual_server at {where}"
+                f"{f', and {n - 1} more' if n > 1 else ''}): new flows to {'it' if n == 1 else 'them'} are dropped "
+                f"(drop_no_route) until one leads there, e.g. `dpip route add NET/LEN dev IF` (or `dpip addr add "
+                f"ADDR/LEN dev IF`, whose net route covers the subnet); routes are kept across restarts")
+        log.warning("%s", line)
+        return [line]
 
     async def reload_config(self, text: str | None = None) -> dict:
         """Reload: parse the file (or `text`), apply the difference, report <init> changes needing a restart.
@@ -1666,7 +1669,8 @@ class Daemon:
         for n in notices:
             log.info("config: %s", n)
         await self._start_health()
-        out = {"applied": applied, "needs_restart": restart, "not_acted_on": idle}
+        out = {"applied": applied, "needs_restart": restart, "not_acted_on": idle,
+               "warnings": list(self.config_warnings)}
         # GET /v2/config and config.get show what runs: the posted text until the file is read again.
         self.config_text_override = text
         if text is not None:

@@ -324,10 +324,13 @@ async def test_real_servers_without_a_route_are_named_when_the_file_is_applied(t
     assert "1 real server has no route" in caplog.text and "192.168.100.2" in caplog.text
     assert f"{conf}:7:1" in caplog.text and "dpip route add" in caplog.text
     caplog.clear()
+    r = await d.reload_config()  # hdslb-ctl reload prints it too
+    assert len(r["warnings"]) == 1 and "192.168.100.2" in r["warnings"][0]
+    caplog.clear()
     d.bal.route_add({"prefix": "192.168.100.0/24", "ifname": "eth1"})
     conf.write_text(BASE.replace("weight 3", "weight 4"))
-    await d.reload_config()
-    assert "no route" not in caplog.text
+    r = await d.reload_config()
+    assert "no route" not in caplog.text and r["warnings"] == []
 
 
 async def test_a_sighup_reload_that_fails_unexpectedly_says_so_in_the_log(tmp_path, caplog):
