@@ -22,35 +22,39 @@ def log_path(ctl_socket: str) -> str:
     return os.path.join("/run/hdslb", instance_name(ctl_socket) + ".log")
 
 
-def config_socket(path: str | None, config_id: str | None = None) -> str | None:
-    """The control socket a config file names (`ctrl_defs { ipc_msg { unix_domain PATH } }`), or None: none named,
-    or the file does not read (hdslbd then refuses it, naming the line). Read as hdslbd reads it (includes, `@ID`
-    lines, `$NAME` parameters), statements only: up must serve the socket hdslbd -f would, without building the
-    whole file twice (seconds for thousands of virtual servers)."""
+def config_paths(path: str | None, config_id: str | None = None) -> dict:
+    """The paths a config file names that `up` must know before hdslbd runs: its control socket (`ctrl_defs {
+    ipc_msg { unix_domain PATH } }`) and its log (`global_defs { log_file PATH }`), as {"unix_domain": …,
+    "log_file": …} for those written once with an absolute path. Empty if the file does not read (hdslbd then
+    refuses it, naming the line). Read as hdslbd reads it (includes, `@ID` lines, `$NAME` parameters), statements
+    only: up must use what hdslbd -f will, without building the whole file twice (seconds for thousands of
+    virtual servers)."""
     if not path:
-        return None
+        return {}
     from hdslb.config.model import ConfigError
     from hdslb.config.syntax import Reader, parse
 
     try:
         nodes = parse(Reader(config_id=config_id).read_file(path))
     except (ConfigError, OSError):
-        return None
-    level = nodes
-    for name in ("ctrl_defs", "ipc_msg"):
-        level = [c for n in level if n.name == name for c in (n.body or ())]
-    found = [n for n in level if n.name == "unix_domain" and len(n.args) == 1 and n.body is None]
-    # (one written twice, or not a path, is refused by hdslbd at its line: no socket to guess then)
-    if len(found) == 1 and found[0].args[0].text.startswith("/"):
-        return found[0].args[0].text
-    return None
+        return {}
+    out = {}
+    for *blocks, key in (("ctrl_defs", "ipc_msg", "unix_domain"), ("global_defs", "log_file")):
+        level = nodes
+        for name in blocks:
+            level = [c for n in level if n.name == name for c in (n.body or ())]
+        found = [n for n in level if n.name == key and len(n.args) == 1 and n.body is None]
+        # (one written twice, or not a path, is refused by hdslbd at its line: nothing to guess then)
+        if len(found) == 1 and found[0].args[0].text.startswith("/"):
+            out[key] = found[0].args[0].text
+    return out
 
 
 def cmd_up(ns) -> int:
     # --ctl-socket, else the file's unix_domain, else $HDSLB_CTRL, else the default: the order hdslbd -f FILE
     # resolves it in. The socket is always passed on (hdslbd's own --ctl-socket), so it has to be this one.
-    ctl = ns.ctl_socket or config_socket(getattr(ns, "config_file", None), getattr(ns, "config_id", None)) or \
-        protocol.resolve_socket(None)
+    named = config_paths(getattr(ns, "config_file", None), getattr(ns, "config_id", None))
+    ctl = ns.ctl_socket or named.get("unix_domain") or protocol.resolve_socket(None)
     try:
         st = Client(ctl, timeout=5).call("daemon.status")
         print(f"hdslb-ctl: hdslbd (pid {st['pid']}) already serves {ctl}", file=sys.stderr)
@@ -63,16 +67,23 @@ def cmd_up(ns) -> int:
             argv += [opt, str(getattr(ns, dest))] if takes_value else [opt] if getattr(ns, dest) else []
     logfile = ns.log_file or log_path(ctl)
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
+    # The file's log_file is where hdslbd logs (the redirected output then holds little but a crash): a failed
+    # start's reason is shown from there, not from an empty --log-file.
+    daemon_log = named.get("log_file")
+    logs = [(p, _size(p)) for p in dict.fromkeys(x for x in (daemon_log, logfile) if x)]
     with open(logfile, "ab") as lf:
-        start = os.fstat(lf.fileno()).st_size  # what earlier runs wrote: not this start's to show
+        logs = [(p, os.fstat(lf.fileno()).st_size if p == logfile else off) for p, off in logs]  # earlier runs' lines
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + UP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines it wrote to {logfile}:",
-                  file=sys.stderr)
-            sys.stderr.writelines(_log_since(logfile, start)[-15:])
+            said = [(p, _log_since(p, off)) for p, off in logs if os.path.exists(p)]
+            said = [(p, lines) for p, lines in said if lines] or [(logfile, [])]
+            for p, lines in said:
+                print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines it wrote to {p}:",
+                      file=sys.stderr)
+                sys.stderr.writelines(lines[-15:])
             return 1
         try:
             st = Client(ctl, timeout=5).call("daemon.status")
@@ -80,13 +91,20 @@ def cmd_up(ns) -> int:
             # checks still start, any of which can fail); an older hdslbd without it says attached
             if st.get("ready", st.get("attached")):
                 modes = ", ".join(f"{k} ({v})" for k, v in st["interfaces"].items())
-                print(f"hdslbd pid {st['pid']} attached to {modes}; control socket {ctl}; log {logfile}")
+                print(f"hdslbd pid {st['pid']} attached to {modes}; control socket {ctl}; log {daemon_log or logfile}")
                 return 0
         except DaemonUnreachable:
             pass
         time.sleep(0.2)
     print(f"hdslb-ctl: hdslbd did not answer on {ctl} within {UP_TIMEOUT_S:.0f} s (log: {logfile})", file=sys.stderr)
     return 1
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _log_since(path: str, offset: int) -> list[str]:

@@ -211,6 +211,35 @@ def test_hdslb_ctl_up_serves_the_socket_the_config_names(tmp_path, monkeypatch, 
     capsys.readouterr()
 
 
+def test_a_failed_up_shows_the_lines_hdslbd_wrote_to_the_configs_log_file(tmp_path, monkeypatch, capsys):
+    """hdslbd logs to the file's global_defs log_file; what up redirects (--log-file, /run/hdslb/<instance>.log)
+    then holds nothing of a refused start, and up printed 'last lines it wrote to …:' followed by nothing: the
+    reason (a refused virtual_server, an interface running another program) was only in the other file."""
+    from cli import hdslb_ctl
+
+    daemon_log = tmp_path / "hdslb.log"
+    daemon_log.write_text("an earlier run's line\n")
+    conf = tmp_path / "lb.conf"
+    conf.write_text(f"global_defs {{\n    log_file {daemon_log}\n}}\n")
+
+    class Refused:
+        returncode = 1
+
+        def __init__(self, argv, **kw):
+            with open(daemon_log, "a") as f:
+                f.write("ERROR hdslb: lb.conf:9:1: service.add 10.0.0.1: refused\n")
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Refused)
+    rc = hdslb_ctl.main(["--ctl-socket", str(tmp_path / "s.sock"), "up", "--log-file", str(tmp_path / "out.log"),
+                         "-f", str(conf), "eth7"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"last lines it wrote to {daemon_log}:" in err and "lb.conf:9:1: service.add" in err
+    assert "an earlier run's line" not in err
+
+
 def test_status_shows_the_slow_path_against_its_bounds():
     from cli.hdslb_ctl import slowpath_line
 
