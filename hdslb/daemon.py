@@ -848,7 +848,9 @@ class Daemon:
 
             await stop_api(self.api)
             self.api = None
-        if self.ctl:
+        # only a socket this start made: one that failed to start (the path a regular file, or another hdslbd's
+        # live socket) is not ours to remove
+        if self.ctl and self.ctl.server is not None:
             await self.ctl.stop()
         if adopt:
             # The pinned state is the previous daemon's, forwarding until now: never torn down by a start that

@@ -277,6 +277,8 @@ class _Pins:
 
 
 class _Ctl:
+    server = object()  # started
+
     def __init__(self):
         self.stopped = False
 
@@ -345,3 +347,34 @@ async def test_a_sighup_reload_that_fails_unexpectedly_says_so_in_the_log(tmp_pa
     d.reload_config = broken
     await d._reload_logged()
     assert "reload failed" in caplog.text and "a bug" in caplog.text
+
+
+@pytest.mark.parametrize("what", ["a regular file", "another daemon's socket"])
+async def test_a_start_whose_control_socket_failed_leaves_that_path_alone(tmp_path, what):
+    """The control socket path refused at start (a regular file there, or another hdslbd answering on it): the
+    failed start must not remove it on its way out (it never made it)."""
+    import socket
+
+    from hdslb.ctl.server import CtlServer
+    from hdslb.errors import HdslbError
+
+    conf = tmp_path / "hdslb.conf"
+    conf.write_text(BASE)
+    d = HarnessDaemon(conf, tmp_path)
+    path = tmp_path / "ctl"
+    other = None
+    if what == "a regular file":
+        path.write_text("keep me")
+    else:
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))
+        other.listen(1)
+    d.fp, d.ctl = _Pins(), CtlServer(str(path), d.dispatch)
+    try:
+        with pytest.raises(HdslbError) as e:
+            await d.ctl.start()
+        await d._start_failed(False, e.value)
+        assert path.exists() and d.fp.detached
+    finally:
+        if other is not None:
+            other.close()
