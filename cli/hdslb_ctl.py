@@ -239,7 +239,8 @@ def cmd_check(ns) -> int:
 
     cfg = load(ns.config, ns.config_id)
     try:
-        errors = dry_run(cfg)  # what the model refuses, as a start or reload would
+        # what the model refuses, as a start or reload would, at the limits hdslbd will have
+        errors = dry_run(cfg, max_services=ns.max_services, max_dests=ns.max_dests)
     except HdslbError as e:  # the plan itself (an undefined group, ...)
         errors = [e.message]
     for e in errors:
@@ -580,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-f", "--config", required=True)
     ck.add_argument("-i", "--config-id", metavar="ID", help="as keepalived -i: which `@ID` lines apply (default: the "
                                                             "node name, up to its first dot)")
+    # the model's limits hdslbd will run with: a file past them is refused at start, so check says so first
+    from hdslb.daemon import DEFAULT_MAX_DESTS, DEFAULT_MAX_SERVICES
+
+    ck.add_argument("--max-services", type=int, default=DEFAULT_MAX_SERVICES,
+                    help=f"as given to hdslbd (default {DEFAULT_MAX_SERVICES})")
+    ck.add_argument("--max-dests", type=int, default=DEFAULT_MAX_DESTS,
+                    help=f"as given to hdslbd (default {DEFAULT_MAX_DESTS})")
     ck.set_defaults(func=cmd_check)
     dn = sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd")
     dn.set_defaults(func=cmd_down)

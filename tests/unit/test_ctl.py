@@ -240,6 +240,27 @@ def test_a_failed_up_shows_the_lines_hdslbd_wrote_to_the_configs_log_file(tmp_pa
     assert "an earlier run's line" not in err
 
 
+def test_check_judges_the_file_at_hdslbds_limits(tmp_path, capsys):
+    """check dry-ran the file on a model of a million services and 16M real servers, so a file past hdslbd's
+    default --max-services (4096) or --max-dests was 'OK' and the start that followed (the unit's ExecStartPre
+    then ExecStart) was refused. check now uses hdslbd's defaults and takes the same two options."""
+    from cli import hdslb_ctl
+
+    conf = tmp_path / "many.conf"
+    conf.write_text("".join(f"virtual_server 10.0.{i // 250}.{i % 250 + 1} 80 {{\n lb_kind DR\n"
+                            f" real_server 10.1.0.1 80 {{\n }}\n}}\n" for i in range(5)))
+    assert hdslb_ctl.main(["check", "-f", str(conf), "--max-services", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"{conf}:21:1: service.add 10.0.0.5: no free service id (limit 4" in err
+    assert hdslb_ctl.main(["check", "-f", str(conf), "--max-services", "5"]) == 0
+    assert hdslb_ctl.main(["check", "-f", str(conf), "--max-dests", "4"]) == 1
+    assert "--max-dests" in capsys.readouterr().err
+    from hdslb.daemon import DEFAULT_MAX_DESTS, DEFAULT_MAX_SERVICES
+
+    args = hdslb_ctl.build_parser().parse_args(["check", "-f", str(conf)])
+    assert (args.max_services, args.max_dests) == (DEFAULT_MAX_SERVICES, DEFAULT_MAX_DESTS)
+
+
 def test_status_shows_the_slow_path_against_its_bounds():
     from cli.hdslb_ctl import slowpath_line
 
