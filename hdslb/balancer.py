@@ -216,6 +216,10 @@ class Dest:
     reason: str = ""                  # last failure reason, for ipvsadm/REST/metrics
     sorry: bool = False               # a sorry_server added while the service's quorum is lost
     held: bool = False                # out of the pool while its service's sorry server stands in (see hold_for_sorry)
+    # down by its check under inhibit_on_failure: keepalived keeps such a server in LVS at weight 0, where its flows go
+    # on as a drained server's do; without it keepalived removes the server, and LVS's expire_nodest_conn moves its
+    # UDP flows (Daemon.real_servers leaves it out for the sweep)
+    inhibited: bool = False
     overloaded: bool = False          # LVS IP_VS_DEST_F_OVERLOAD: above u_threshold, from the estimator's counts
 
     @property
@@ -1480,13 +1484,13 @@ class Balancer:
         if d is None:
             raise notfound("No such destination")
         new = dataclasses.replace(d, health="up" if up else "down", health_weight=weight if up else None,
-                                  reason="" if up else reason)
+                                  reason="" if up else reason, inhibited=not up and weight == 0)
         went_down = d.health == "up" and not up
         lost = keeps_persistent(d, self.expire_quiescent_template) and not keeps_persistent(
             new, self.expire_quiescent_template)
         flush = (went_down or lost) and svc.match is None
         if self._defer is not None:  # a batch: one table from the final states, built at its end
-            d.health, d.health_weight, d.reason = new.health, new.health_weight, new.reason
+            d.health, d.health_weight, d.reason, d.inhibited = new.health, new.health_weight, new.reason, new.inhibited
             if not self._hidden(svc):
                 self._dest_write(svc, d)
             self._touch(svc)
@@ -1494,7 +1498,7 @@ class Balancer:
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
             return d
         plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()])
-        d.health, d.health_weight, d.reason = new.health, new.health_weight, new.reason
+        d.health, d.health_weight, d.reason, d.inhibited = new.health, new.health_weight, new.reason, new.inhibited
         self._dest_write(svc, d)
         self._commit(svc, plan)
         if flush:
@@ -1518,13 +1522,13 @@ class Balancer:
                 except HdslbError as e:
                     out[i] = e
             return out
-        before: dict = {}  # id(svc) -> {id(dest): (dest, health, health_weight, reason)} before the burst
+        before: dict = {}  # id(svc) -> {id(dest): (dest, health, health_weight, reason, inhibited)} before the burst
         mine: dict = {}    # id(svc) -> indexes of its verdicts
         flushes: dict = {}  # id(svc) -> ids of the template flushes its verdicts queued in batch.post
 
         def refused(svc, _err) -> None:
-            for x, health, health_weight, reason in before[id(svc)].values():
-                x.health, x.health_weight, x.reason = health, health_weight, reason
+            for x, health, health_weight, reason, inhibited in before[id(svc)].values():
+                x.health, x.health_weight, x.reason, x.inhibited = health, health_weight, reason, inhibited
                 self._dest_write(svc, x)
             gone = flushes.get(id(svc), set())
             batch.post[:] = [p for p in batch.post if id(p) not in gone]
@@ -1543,7 +1547,8 @@ class Balancer:
                     svc = self.get_service(a.get("svc") if isinstance(a, dict) else None)
                     x = svc.dests.get(self._dest_key(svc, a))
                     if x is not None:
-                        before.setdefault(id(svc), {}).setdefault(id(x), (x, x.health, x.health_weight, x.reason))
+                        before.setdefault(id(svc), {}).setdefault(id(x), (x, x.health, x.health_weight, x.reason,
+                                                                              x.inhibited))
                         mine.setdefault(id(svc), []).append(i)
                     n = len(batch.post)
                     out[i] = self.dest_health(*v)
@@ -2198,7 +2203,8 @@ def _service_row(b: Balancer, v: Service) -> dict:
         "own_vip": v.own_vip, "config_owned": v.key in b.config_owned,
         "dests": [{"addr": s(d.addr), "port": d.port, "fwd": d.fwd, "weight": d.weight, "slot": d.slot,
                    "u_threshold": d.u_threshold, "l_threshold": d.l_threshold, "health": d.health,
-                   "health_weight": d.health_weight, "reason": d.reason, "sorry": d.sorry, "held": d.held}
+                   "health_weight": d.health_weight, "reason": d.reason, "sorry": d.sorry, "held": d.held,
+                   "inhibited": d.inhibited}
                   for d in v.dests.values()],
         "laddrs": [{"addr": s(la.addr), "ifname": la.ifname} for la in v.laddrs],
     }
@@ -2208,7 +2214,7 @@ def _service_row(b: Balancer, v: Service) -> dict:
 _SVC_STATE = operator.attrgetter("proto", "addr", "port", "sched", "svc_id", "persistent", "netmask", "sched_gen",
                                  "own_vip", "match", "hcells")
 _DEST_STATE = operator.attrgetter("addr", "port", "fwd", "weight", "slot", "u_threshold", "l_threshold", "health",
-                                  "health_weight", "reason", "sorry", "held")
+                                  "health_weight", "reason", "sorry", "held", "inhibited")
 _LADDR_STATE = operator.attrgetter("addr", "ifname")
 
 
@@ -2314,7 +2320,7 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
             dest = Dest(addr=A(d["addr"]), port=d["port"], fwd=d["fwd"], weight=d["weight"], slot=d["slot"],
                         u_threshold=d["u_threshold"], l_threshold=d["l_threshold"], health=d.get("health", "up"),
                         health_weight=d.get("health_weight"), reason=d.get("reason", ""), sorry=d.get("sorry", False),
-                        held=d.get("held", False))
+                        held=d.get("held", False), inhibited=d.get("inhibited", False))
             svc.dests[(dest.addr, dest.port)] = dest
             b._slots_used.add(dest.slot)
         svc.laddrs = [Laddr(addr=A(la["addr"]), ifname=la["ifname"]) for la in v["laddrs"]]

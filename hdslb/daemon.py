@@ -1444,11 +1444,16 @@ class Daemon:
         return removed
 
     def real_servers(self) -> list[tuple[int, bytes, bool]]:
-        """(slot, address as 16 bytes, is a SNAT source) of every real server, drained ones included. Read from
-        the sweep's thread: the dicts are copied whole first (one C call each, atomic under the GIL)."""
+        """(slot, address as 16 bytes, is a SNAT source) of every real server there is for the UDP sweep (LVS's
+        expire_nodest_conn): drained ones and ones inhibit_on_failure keeps in at weight 0 included, but not one
+        down by its health check without it, which keepalived would have removed (the model keeps it only to bring
+        it back when its check passes). Read from the sweep's thread: the dicts are copied whole first (one C call
+        each, atomic under the GIL)."""
         out = []
         for s in list(self.bal.services.values()):
             for d in list(s.dests.values()):
+                if d.health == "down" and not d.inhibited:
+                    continue
                 out.append((d.slot, d.addr.packed.ljust(16, b"\0"), s.match is not None))
         return out
 
