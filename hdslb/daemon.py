@@ -1866,6 +1866,7 @@ class Daemon:
             # restarts the checkers it touches; their servers keep their state)
             self.health.set_script_policy(gd.script_user, gd.enable_script_security)
             self.health.update(pairs)
+            self._hold_down()
             self._sync_sorry()
             return
         if not any(rs.checkers for _, rs in pairs) and not any(w.sorry for w in self.want.values()):
@@ -1879,6 +1880,34 @@ class Daemon:
                                     quorum_lost=self._quorum_lost)
         await self.health.start(pairs)
         self._sync_sorry()
+
+    def _hold_down(self) -> None:
+        """Servers their checks hold down are down in the pool: a reload may have added one back (it was removed by
+        hand meanwhile, `ipvsadm -d`), up at its configured weight, and a checker that is down already has no
+        transition to report, so it stayed in rotation for good. keepalived's reload adds only the servers its
+        checkers hold alive."""
+        ops, what = [], []
+        for vs_key, rs_key, weight, reason in self.health.down():
+            for ident, fwd, where in self._services_of(vs_key):
+                a = {"svc": ident, "addr": str(rs_key[0]), "port": _member_port(ident, fwd, rs_key[1])}
+                try:
+                    svc = self.bal.get_service(ident)
+                    d = svc.dests.get(self.bal._dest_key(svc, a))
+                except HdslbError:
+                    continue
+                if d is not None and not d.sorry and (d.health == "up" or d.inhibited != (weight == 0)):
+                    ops.append((a, False, weight, reason))
+                    what.append((where, d.health == "up"))
+        if not ops:
+            return
+        for (a, _, weight, reason), (where, was_up), r in zip(ops, what, self.bal.dest_health_many(ops)):
+            if isinstance(r, HdslbError):
+                log.warning("health %s %s:%s: %s", where, a["addr"], a["port"], r.message)
+            elif was_up:
+                log.warning("real server %s:%s of %s is back in the pool but its health check holds it down: %s "
+                            "until the check passes (%s)", a["addr"], a["port"], where,
+                            "at weight 0 (inhibit_on_failure)" if weight == 0 else "out of rotation", reason)
+        self._state_changed()
 
     def _dests_of(self, vs_key, rs_key) -> list:
         """The model's dests a health-check identity (virtual server, real server) stands for."""

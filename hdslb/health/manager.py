@@ -261,6 +261,13 @@ class HealthManager:
     def quorum_up(self, vs_key: VsKey) -> Optional[bool]:
         return self._services[vs_key].quorum_up
 
+    def down(self) -> List[Tuple[VsKey, RsKey, Optional[int], str]]:
+        """(vs_key, rs_key, weight, reason) of every server its checks hold down, as its last notice said: weight
+        0 under inhibit_on_failure (in at weight 0), None (out). For the daemon to hold them down again where the
+        pool got them back without a transition (a reload adding a server removed by hand)."""
+        return [(svc.vs.key, srv.rs_key, 0 if srv.inhibit else None, srv.reason)
+                for svc in self._services.values() for srv in svc.servers.values() if not srv.alive]
+
     # ------------------------------------------------------------ servers and their tasks
 
     def set_script_policy(self, script_user: Optional[str], script_security: bool) -> None:
