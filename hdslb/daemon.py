@@ -469,9 +469,12 @@ CHECK_KINDS = {
 _TOKEN = re.compile(r"[A-Za-z0-9_.:/%+=@-]+")
 
 
-def check_block(svc: dict, addr: str, port: int, a: dict) -> str:
+def check_block(svc: dict, addr: str, port: int, a: dict, weight: int = 1) -> str:
     """A one-server keepalived block for check.add, so run-time checks are parsed and validated exactly like
-    the file's. Values are restricted to plain tokens: nothing can inject configuration text."""
+    the file's. Values are restricted to plain tokens: nothing can inject configuration text. `weight` is the
+    server's weight when the check is added: what it counts for in its virtual server's quorum and what a
+    misc_dynamic exit 0 puts back (without it keepalived's default, 1, made one healthy server of weight 5 count
+    1, which could take a whole service's quorum away and send every new flow to its sorry server)."""
     from hdslb.errors import invalid
 
     kind = str(a.get("kind", "TCP_CHECK")).upper()
@@ -518,7 +521,7 @@ def check_block(svc: dict, addr: str, port: int, a: dict) -> str:
         f"    protocol {svc['proto'].upper()}",
         f"    delay_loop {tok('delay_loop', delay)}",
         "    lb_kind FNAT",
-        f"    real_server {addr} {port} {{", *extra,
+        f"    real_server {addr} {port} {{", f"        weight {int(weight)}", *extra,
         f"        {kind} {{", *body, "        }", "    }", "}", ""])
 
 
@@ -1994,7 +1997,7 @@ class Daemon:
             raise HdslbError(errno.ENOENT, "No such destination")
         ident = {"proto": svc.proto, "addr": str(svc.addr), "port": svc.port}
         key = f"{svc.proto}:{_endpoint(svc.addr, svc.port)}/{_endpoint(d.addr, d.port)}"
-        text = check_block(ident, str(d.addr), d.port, a)
+        text = check_block(ident, str(d.addr), d.port, a, d.weight)
         from hdslb.config import ConfigError, loads
 
         try:
