@@ -1,6 +1,6 @@
 """MISC_CHECK: run the operator's command and judge its exit status, as keepalived's check_misc.c does.
 
-  exit 0         up; with misc_dynamic the weight goes back to the configured one
+  exit 0         up; with misc_dynamic the weight stays as the script last set it ("weight unchanged")
   exit 1         down
   exit 2..255    with misc_dynamic: up, weight = status - 2 (0..253); without: down
   killed/timeout down; after misc_timeout the command's process group gets SIGTERM, then SIGKILL 2 s later
@@ -65,8 +65,9 @@ async def check_misc(checker: MiscCheck, rs: RealServer) -> CheckResult:
     if status < 0:
         return failed(f"MISC_CHECK {name} was killed by signal {-status}")
     if status == 0:
-        # keepalived resets a dynamic weight to the configured one on exit 0.
-        return passed(f"MISC_CHECK {name} exited 0", rs.weight if checker.misc_dynamic else None)
+        # keepalived.conf(5) for misc_dynamic: "exit status 0: svc check success, weight unchanged" (check_misc.c
+        # sets a weight for 2..255 only); the configured weight comes back when the script exits 2 + that weight.
+        return passed(f"MISC_CHECK {name} exited 0")
     if checker.misc_dynamic and 2 <= status <= 255:
         return passed(f"MISC_CHECK {name} exited {status}: weight {status - 2}", status - 2)
     return failed(f"MISC_CHECK {name} exited {status}")

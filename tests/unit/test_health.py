@@ -390,7 +390,9 @@ async def test_misc_dynamic_weights():
     assert r.ok and r.weight == 10
     assert (await check_misc(misc_check("sh -c 'exit 2'", dynamic=True), rs)).weight == 0
     assert (await check_misc(misc_check("sh -c 'exit 255'", dynamic=True), rs)).weight == 253
-    assert (await check_misc(misc_check("sh -c 'exit 0'", dynamic=True), rs)).weight == 7  # back to configured
+    # keepalived's check_misc.c and keepalived.conf(5): "exit status 0: svc check success, weight unchanged" (it
+    # was set back to the configured weight, so a script answering 0 for "no change" undid its own weights)
+    assert (await check_misc(misc_check("sh -c 'exit 0'", dynamic=True), rs)).weight is None
     assert not (await check_misc(misc_check("sh -c 'exit 1'", dynamic=True), rs)).ok
 
 
@@ -522,6 +524,25 @@ async def test_misc_dynamic_sets_weight_through_the_manager():
         await until(lambda: rec.changes)
         assert rec.states() == [(True, 10)]
         assert mgr.status()[str(vs)]["weight"] == 10
+    finally:
+        await mgr.stop()
+
+
+async def test_misc_dynamic_exit_0_leaves_the_weight_the_script_set():
+    """keepalived: exit 0 is "success, weight unchanged"; only 2..255 set a weight."""
+    probe, rec = Scripted(), Recorder()
+    rs = real(85, misc_check("x", dynamic=True, delay_loop=0.02), weight=1)
+    vs = virtual(rs)
+    probe.weight[85] = 10
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe)
+    await mgr.start(pairs_of([vs]))
+    try:
+        await until(lambda: rec.changes)
+        probe.weight[85] = None  # exit 0
+        n = probe.count(85)
+        await until(lambda: probe.count(85) >= n + 3)
+        await mgr.settle()
+        assert rec.states() == [(True, 10)] and mgr.status()[str(vs)]["weight"] == 10
     finally:
         await mgr.stop()
 
