@@ -1997,6 +1997,13 @@ class Daemon:
             raise HdslbError(errno.ENOENT, "No such destination")
         ident = {"proto": svc.proto, "addr": str(svc.addr), "port": svc.port}
         key = f"{svc.proto}:{_endpoint(svc.addr, svc.port)}/{_endpoint(d.addr, d.port)}"
+        filed = self._file_checked(d)
+        if filed is not None:
+            # The added check would stand in for the file's (one set of checks per server and virtual server),
+            # silently dropping them and the server's notify scripts, inhibit_on_failure and misc_dynamic weight.
+            raise HdslbError(errno.EEXIST, f"{_endpoint(d.addr, d.port)} of {svc.proto} "
+                                           f"{_endpoint(svc.addr, svc.port)} is checked by the config file ({filed}): "
+                                           f"change its checks there and reload")
         text = check_block(ident, str(d.addr), d.port, a, d.weight)
         from hdslb.config import ConfigError, loads
 
@@ -2009,6 +2016,17 @@ class Daemon:
         self.ctl_checks[key] = {"key": key, "svc": ident, "addr": str(d.addr), "port": d.port, "text": text}
         await self._start_health()
         return {"key": key}
+
+    def _file_checked(self, dest) -> str | None:
+        """Where the config file declares the checks of `dest` (FILE:LINE:COL of its real_server), or None."""
+        if self.config is None:
+            return None
+        from hdslb.health import pairs_of
+
+        for vs, rs in pairs_of(self.config.virtual_servers):
+            if rs.checkers and any(x is dest for x in self._dests_of(vs.key, rs.key)):
+                return str(rs.where) if rs.where is not None else f"real_server {rs.ip} {rs.port}"
+        return None
 
     async def del_check(self, a: dict) -> None:
         svc = self.bal.get_service(a.get("svc"))
