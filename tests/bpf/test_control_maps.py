@@ -460,6 +460,40 @@ def test_a_udp_flow_whose_server_was_removed_is_scheduled_afresh(fastpath, maps,
         assert server_of(sport) == (RSS[2] if was == gone else stays), sport
 
 
+def test_a_udp_flow_whose_server_failed_its_check_is_scheduled_afresh_an_inhibited_ones_is_not(fastpath, maps, bal):
+    """keepalived removes a server that fails its check (LVS's expire_nodest_conn then moves its UDP flows) unless
+    inhibit_on_failure keeps it in at weight 0, where its flows go on as a drained server's do. The model keeps a
+    failed server (to bring it back), so the sweep has to count it as gone: a client sending on one tuple stayed on
+    it for good (found in a netns lab, hdslb/daemon.py Daemon.real_servers)."""
+    import types
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    usvc = {"proto": "udp", "addr": VIP, "port": 53}
+    bal.service_add(dict(usvc, sched="rr"))
+    for rs in RSS[:3]:
+        bal.dest_add({"svc": usvc, "addr": rs, "port": 53, "fwd": "fnat"})
+    bal.laddr_add({"svc": usvc, "addr": "192.168.100.200", "ifname": "lo"})
+
+    def server_of(sport):
+        pkt = Ether(src="02:cc:00:00:00:01", dst=LB) / IP(src=CLIENT, dst=VIP) / UDP(sport=sport, dport=53) / b"q"
+        v, out = run(fastpath, pkt)
+        assert v == XDP_TX
+        return out[IP].dst
+
+    first = {sport: server_of(sport) for sport in range(6000, 6006)}
+    failed, inhibited, fine = RSS[0], RSS[1], RSS[2]
+    assert set(first.values()) == {failed, inhibited, fine}
+    bal.dest_health({"svc": usvc, "addr": failed, "port": 53}, False, None, "connect refused")
+    bal.dest_health({"svc": usvc, "addr": inhibited, "port": 53}, False, 0, "connect refused")
+    d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    assert Daemon.sweep(d) == 2 * sum(1 for s in first.values() if s == failed)
+    for sport, was in first.items():
+        now = server_of(sport)
+        assert now == (fine if was == failed else was), (sport, was, now)
+
+
 @pytest.mark.parametrize("name,spread", [("rr", True), ("wrr", True), ("wlc", False), ("lc", False), ("fo", False)])
 def test_the_model_marks_rr_and_wrr_rings_spread_and_leaves_lc_wlc_fo_at_entry_0(fastpath, maps, bal, name, spread):
     """sched_tbl.flags SCHED_F_SPREAD reaches the map through Balancer -> MapDataPath.sched_set -> Maps.set_sched (a
