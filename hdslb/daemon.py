@@ -1882,9 +1882,12 @@ class Daemon:
                                     script_security=gd.enable_script_security, pool_state=self._pool_state,
                                     quorum_lost=self._quorum_lost)
         await self.health.start(pairs)
+        # alpha's servers (the manager tells of them too), and a model saved before Dest.inhibited: the servers
+        # inhibit_on_failure holds get it
+        self._hold_down(start=True)
         self._sync_sorry()
 
-    def _hold_down(self) -> None:
+    def _hold_down(self, start: bool = False) -> None:
         """Servers their checks hold down are down in the pool: a reload may have added one back (it was removed by
         hand meanwhile, `ipvsadm -d`), up at its configured weight, and a checker that is down already has no
         transition to report, so it stayed in rotation for good. keepalived's reload adds only the servers its
@@ -1906,7 +1909,7 @@ class Daemon:
         for (a, _, weight, reason), (where, was_up), r in zip(ops, what, self.bal.dest_health_many(ops)):
             if isinstance(r, HdslbError):
                 log.warning("health %s %s:%s: %s", where, a["addr"], a["port"], r.message)
-            elif was_up:
+            elif was_up and not start:
                 log.warning("real server %s:%s of %s is back in the pool but its health check holds it down: %s "
                             "until the check passes (%s)", a["addr"], a["port"], where,
                             "at weight 0 (inhibit_on_failure)" if weight == 0 else "out of rotation", reason)

@@ -51,3 +51,27 @@ async def test_inhibit_on_failure_puts_it_back_inhibited(tmp_path, probe):  # no
         assert (x.health, x.eff_weight, x.inhibited) == ("down", 0, True)
     finally:
         await stop(d)
+
+
+async def test_a_start_from_an_older_saved_model_marks_inhibited_servers(tmp_path, probe):  # noqa: F811
+    """A model saved before Dest.inhibited has none: the start sets it for the servers inhibit_on_failure holds at
+    weight 0 (else their UDP flows would be expired as a removed server's until the next reload)."""
+    from hdslb.balancer import snapshot
+
+    text = PLAIN.replace("    laddr_group_name lg\n", "    laddr_group_name lg\n    inhibit_on_failure\n")
+    probe["192.168.100.2"] = False
+    old = await daemon(tmp_path, text)
+    await until(lambda: dests(old)[RS2].health == "down")
+    await old.health.settle()
+    snap = snapshot(old.bal)
+    await stop(old)
+    for v in snap["services"]:
+        for x in v["dests"]:
+            x.pop("inhibited", None)  # as an older hdslbd saved it
+    new = await daemon(tmp_path, text, snap)
+    try:
+        await new.health.settle()
+        x = dests(new)[RS2]
+        assert (x.health, x.inhibited) == ("down", True)
+    finally:
+        await stop(new)
