@@ -703,6 +703,9 @@ class Balancer:
         self._nh_gen: tuple | None = None  # the (route gen, interfaces) _nh_cache holds for
         self.wanted_cost = 0.0  # seconds the last wanted_nexthops() took: the daemon spaces its resolver kicks by it
         self._wgen = 0  # bumped by changes of real server addresses, local addresses and SNAT services
+        # addresses of the real servers dest_add made, drained by the daemon after each control op: a server its
+        # health check holds down must not come back up because someone added it again (Daemon._hold_down)
+        self.added_addrs: list = []
         self._wanted: tuple | None = None  # ((wgen, route gen), result) of the last wanted_nexthops()
         self._wanted_at = 0.0
         # wanted_nexthops()'s union of the services' real servers' next hops, kept up to date by the services whose
@@ -1389,6 +1392,7 @@ class Balancer:
             slot = self._peek(self._slots_used, self.max_dests, "real server slot")
         d = Dest(addr=key[0], port=key[1], slot=slot, **opts)
         self._wtouch(svc)
+        self.added_addrs.append(key[0])  # (a refused add leaves nothing to look at: Daemon._hold_down finds no dest)
         if self._defer is not None:  # a batch: one table from the final real servers, built at its end
             self._slots_used.add(slot)
             svc.dests[key] = d

@@ -985,6 +985,9 @@ class Daemon:
         else:
             result = commands.dispatch(self, op, args)
         if not commands.is_read_only(op):
+            added, self.bal.added_addrs = self.bal.added_addrs, []
+            if added and self.health is not None:
+                self._hold_down(addrs=set(added))  # ipvsadm -a of a server its check holds down: down
             self._state_changed()
         return result
 
@@ -1861,6 +1864,7 @@ class Daemon:
         from hdslb.config.model import GlobalDefs
         from hdslb.health import HealthManager
 
+        self.bal.added_addrs.clear()  # what a start or reload added: all of it is looked at below (_hold_down)
         pairs = self._health_pairs()
         gd = self.config.global_defs if self.config is not None else GlobalDefs("INFO", None, None, False)
         self._release_unchecked(pairs)
@@ -1887,13 +1891,13 @@ class Daemon:
         self._hold_down(start=True)
         self._sync_sorry()
 
-    def _hold_down(self, start: bool = False) -> None:
-        """Servers their checks hold down are down in the pool: a reload may have added one back (it was removed by
-        hand meanwhile, `ipvsadm -d`), up at its configured weight, and a checker that is down already has no
-        transition to report, so it stayed in rotation for good. keepalived's reload adds only the servers its
-        checkers hold alive."""
+    def _hold_down(self, start: bool = False, addrs=None) -> None:
+        """Servers their checks hold down are down in the pool: a reload or a control op (`ipvsadm -a`, REST, a
+        batch; `addrs`: the addresses it added) may have added one back after it was removed by hand (`ipvsadm -d`),
+        up at its weight, and a checker that is down already has no transition to report, so it stayed in rotation
+        for good. keepalived's reload adds only the servers its checkers hold alive."""
         ops, what = [], []
-        for vs_key, rs_key, weight, reason in self.health.down():
+        for vs_key, rs_key, weight, reason in self.health.down(addrs):
             for ident, fwd, where in self._services_of(vs_key):
                 a = {"svc": ident, "addr": str(rs_key[0]), "port": _member_port(ident, fwd, rs_key[1])}
                 try:

@@ -74,7 +74,7 @@ import resource
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from hdslb.config.model import Checker, MiscCheck, RealServer, VirtualServer
+from hdslb.config.model import Checker, IPAddress, MiscCheck, RealServer, VirtualServer
 from hdslb.health.base import CheckResult, failed, hostport
 from hdslb.health.notify import Notifier
 from hdslb.health.probe import Probe, run_check
@@ -131,6 +131,7 @@ class HealthManager:
         self._slots = Slots(1)
         self._quorum_due: Dict[VsKey, Tuple[ServiceState, Dict[int, ServerState]]] = {}  # services to weigh
         self._warned_wait = -SLOT_WAIT_WARN_EVERY
+        self._down_index: Optional[Dict[IPAddress, list]] = None  # see down(); None: to be rebuilt
 
     # ------------------------------------------------------------ lifecycle
 
@@ -186,6 +187,7 @@ class HealthManager:
         re-add failed RS instantly on reload"). Removed servers get no notice: the reload itself removes
         them from the pool.
         """
+        self._down_index = None
         wanted: Dict[VsKey, Tuple[VirtualServer, Dict[RsKey, RealServer]]] = {}
         for vs, rs in pairs:
             wanted.setdefault(vs.key, (vs, {}))[1][rs.key] = rs
@@ -261,12 +263,23 @@ class HealthManager:
     def quorum_up(self, vs_key: VsKey) -> Optional[bool]:
         return self._services[vs_key].quorum_up
 
-    def down(self) -> List[Tuple[VsKey, RsKey, Optional[int], str]]:
-        """(vs_key, rs_key, weight, reason) of every server its checks hold down, as its last notice said: weight
-        0 under inhibit_on_failure (in at weight 0), None (out). For the daemon to hold them down again where the
-        pool got them back without a transition (a reload adding a server removed by hand)."""
-        return [(svc.vs.key, srv.rs_key, 0 if srv.inhibit else None, srv.reason)
-                for svc in self._services.values() for srv in svc.servers.values() if not srv.alive]
+    def down(self, addrs: Optional[Iterable[IPAddress]] = None) -> List[Tuple[VsKey, RsKey, Optional[int], str]]:
+        """(vs_key, rs_key, weight, reason) of every server its checks hold down (of those at `addrs`, if given), as
+        its last notice said: weight 0 under inhibit_on_failure (in at weight 0), None (out). For the daemon to hold
+        them down again where the pool got them back without a transition (a reload, or ipvsadm -a, adding a server
+        removed by hand). By address from an index rebuilt only after a server went up or down, or a reload: the
+        daemon asks after every control op that added a real server (10k REST PUTs, one each)."""
+        if self._down_index is None:
+            index: Dict[IPAddress, list] = {}
+            for svc in self._services.values():
+                for srv in svc.servers.values():
+                    if not srv.alive:
+                        index.setdefault(srv.rs_key[0], []).append((svc.vs.key, srv))
+            self._down_index = index
+        idx = self._down_index
+        keys = idx.keys() if addrs is None else {a for a in addrs if a in idx}
+        return [(vs_key, srv.rs_key, 0 if srv.inhibit else None, srv.reason)
+                for a in keys for vs_key, srv in idx[a] if not srv.alive]
 
     # ------------------------------------------------------------ servers and their tasks
 
@@ -424,6 +437,7 @@ class HealthManager:
         alive = all(cs.up for cs in srv.checkers)
         if alive != srv.alive:
             srv.alive = alive
+            self._down_index = None
             srv.since = time.time()
             srv.reason = reason
             self._tell(srv, alive, reason)
@@ -494,6 +508,7 @@ class HealthManager:
         """keepalived's omega: report up servers down (removed, even if inhibited) and quorum lost."""
         if not svc.vs.omega:
             return
+        self._down_index = None
         for srv in svc.servers.values():
             if srv.alive:
                 srv.alive = False

@@ -75,3 +75,27 @@ async def test_a_start_from_an_older_saved_model_marks_inhibited_servers(tmp_pat
         assert (x.health, x.inhibited) == ("down", True)
     finally:
         await stop(new)
+
+
+async def test_a_server_added_by_hand_while_its_check_holds_it_down_comes_in_down(tmp_path, probe):  # noqa: F811
+    """`ipvsadm -d` then `ipvsadm -a` (or a REST PUT, a batch) of a server its check holds down: it came back up at
+    its weight, in rotation for good (health show: down, yet weight 1), as a reload did."""
+    from hdslb.api import dispatch_async
+
+    d = await _down_then_deleted_by_hand(tmp_path, probe, PLAIN)
+    try:
+        await dispatch_async(d, "dest.add", {"svc": SVC, "addr": "192.168.100.2", "port": 80, "fwd": "fnat"})
+        x = dests(d)[RS2]
+        assert (x.health, x.eff_weight) == ("down", 0)
+        await dispatch_async(d, "dest.del", {"svc": SVC, "addr": "192.168.100.2", "port": 80})
+        await dispatch_async(d, "batch", {"ops": [["dest.add", {"svc": SVC, "addr": "192.168.100.2", "port": 80,
+                                                                "fwd": "fnat", "weight": 3}]]})
+        x = dests(d)[RS2]
+        assert (x.health, x.eff_weight, x.weight) == ("down", 0, 3)
+        await dispatch_async(d, "dest.add", {"svc": SVC, "addr": "192.168.100.7", "port": 80, "fwd": "fnat"})
+        assert dests(d)[(RS2[0].__class__("192.168.100.7"), 80)].health == "up", "no check watches it"
+        probe["192.168.100.2"] = True
+        await until(lambda: dests(d)[RS2].health == "up")
+        assert dests(d)[RS2].eff_weight == 3
+    finally:
+        await stop(d)
