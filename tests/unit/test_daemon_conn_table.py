@@ -344,3 +344,56 @@ def test_evictions_are_logged_when_they_grow_at_most_once_a_minute(caplog, monke
     (r,) = caplog.records
     assert r.getMessage().startswith(f"connection table full: its LRU evicted 700 entries in the last "
                                      f"{daemon.EVICTION_LOG_S:.0f} s (2000 in all)")
+
+
+async def test_the_estimator_reads_adopted_counters_as_a_base_not_as_one_interval_of_traffic():
+    """After a restart the counters are the pinned maps' totals (everything the previous daemon counted). The
+    first reading is only the base rates are taken from: ipvsadm --rate right after a restart showed the whole
+    total as one interval's traffic (25 CPS and 153 pps after 51 connections, 2 s after `hdslb-ctl up`, with no
+    traffic at all). Found by restarting hdslbd in a netns lab and running ipvsadm -Ln --rate."""
+    import asyncio
+
+    from hdslb.balancer import Balancer, Iface, NullDataPath
+    from hdslb.ctl.commands import ZERO_RATES
+    from hdslb.daemon import Daemon
+
+    bal = Balancer(NullDataPath(), {"eth1": Iface("eth1", 3, b"\x04" * 6, 1500)})
+    svc = {"proto": "tcp", "addr": "10.200.0.1", "port": 80}
+    bal.service_add(dict(svc, sched="rr"))
+    bal.dest_add({"svc": svc, "addr": "172.20.0.1", "port": 80})
+    slot = next(iter(bal.get_service(svc).dests.values())).slot
+    total = {"conns": 1_000_000, "inpkts": 6_000_000, "outpkts": 4_000_000, "inbytes": 9 * 10**8,
+             "outbytes": 8 * 10**8}
+    moved = {"n": 0}  # 10 new connections from the third reading on
+    ticks = []
+
+    class Maps:
+        def svc_stats(self, svc_id):
+            ticks.append(svc_id)
+            return dict(total, conns=total["conns"] + 10 * moved["n"])
+
+        def dest_stats(self, s):
+            return dict(total, conns=total["conns"] + 10 * moved["n"])
+
+    class Fake:
+        pass
+
+    d = Fake()
+    d.bal, d.maps, d.rates = bal, Maps(), {}
+    task = asyncio.ensure_future(Daemon._estimator(d, interval=0.05))
+    seen = []
+    try:
+        for n in (1, 2):  # the first reading (the base), then a second with nothing moved
+            while len(ticks) < n:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)
+            seen.append(dict(d.rates.get(("svc", bal.get_service(svc).svc_id), ZERO_RATES)))
+        moved["n"] = 1
+        while len(ticks) < 3:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+    assert seen == [ZERO_RATES, ZERO_RATES], "nothing moved since the start: no rate"
+    assert d.rates[("svc", bal.get_service(svc).svc_id)]["cps"] == 200  # 10 connections in 0.05 s
+    assert d.rates[("dest", slot)]["cps"] == 200
