@@ -1228,6 +1228,7 @@ class Balancer:
         table_changed = (opts["sched"], opts["flags"], opts["sched_params"]) != \
             (svc.sched, svc.flags, svc.sched_params)
         persist_changed = (opts["persistent"], opts["netmask"]) != (svc.persistent, svc.netmask)
+        was_plen = svc.persist_plen if svc.persistent else None
         plan = None
         if table_changed:  # in a batch the table (and what it refuses) is built at the end, from the final servers
             plan = TablePlan(table=None) if self._defer is not None else \
@@ -1238,8 +1239,11 @@ class Balancer:
             self._commit(svc, plan)
         if persist_changed and not self._hidden(svc):
             self.dp.service_set(svc)
-            if svc.match is None:
-                self.dp.persist_flush(svc.svc_id, None)  # templates keyed by the old mask, or no longer wanted
+            # Templates keyed by the old mask, or no longer wanted, go. A new -p alone keeps them, as LVS's
+            # ip_vs_edit_service does: each runs out at the time it was given and is renewed with the new
+            # timeout; flushing them moved every persistent client to a server scheduled afresh on a timeout tweak.
+            if svc.match is None and was_plen != (svc.persist_plen if svc.persistent else None):
+                self.dp.persist_flush(svc.svc_id, None)
         return svc
 
     def service_del(self, a: dict) -> None:

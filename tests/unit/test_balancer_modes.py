@@ -380,6 +380,27 @@ def test_persistence_reaches_the_service_entry_and_templates_go_with_their_serve
     assert calls(bal, "persist_flush") == [("persist_flush", (svc.svc_id, None))]
 
 
+def test_a_new_persistence_timeout_alone_keeps_the_templates(bal):
+    """ipvsadm -E -t VIP:PORT -p 600 (or a reload changing persistence_timeout) keeps every client on its server, as
+    LVS's ip_vs_edit_service leaves templates alone: the new timeout reaches svc_map and renewals take it. Flushing
+    them moved each persistent client to a server scheduled afresh (found in a netns lab: a client went rs1, rs2,
+    rs1 over three -E -p edits). A new mask, or persistence turned off, still voids them."""
+    bal.service_add(dict(SVC, sched="rr", persistent=300, netmask="255.255.255.0"))
+    svc = bal.get_service(SVC)
+    bal.dest_add({"svc": SVC, "addr": "192.168.100.2", "port": 80})
+    bal.dp.calls.clear()
+    bal.service_edit(dict(SVC, persistent=600))
+    assert svc.persistent == 600 and calls(bal, "service_set"), "the new timeout reaches svc_map"
+    assert not calls(bal, "persist_flush")
+    bal.service_edit(dict(SVC, netmask="24"))  # the same mask written as a prefix length
+    assert not calls(bal, "persist_flush")
+    bal.service_edit(dict(SVC, persistent=60, netmask="255.255.0.0"))
+    assert calls(bal, "persist_flush") == [("persist_flush", (svc.svc_id, None))]
+    bal.dp.calls.clear()
+    bal.service_edit(dict(SVC, persistent=0))
+    assert calls(bal, "persist_flush") == [("persist_flush", (svc.svc_id, None))]
+
+
 def test_expire_quiescent_template_drops_templates_on_drain(bal):
     bal.expire_quiescent_template = True
     bal.service_add(dict(SVC, sched="rr", persistent=60))
