@@ -1475,9 +1475,16 @@ class Daemon:
         from hdslb.fastpath import aging
 
         svcs = {s.svc_id: s for s in list(self.bal.services.values()) if s.persistent}
-        if not svcs or not len(cols) or now_ns < getattr(self, "_templates_due_ns", 0):
+        if not svcs or not len(cols):
             return 0
-        self._templates_due_ns = now_ns + min(s.persistent for s in svcs.values()) * 10**9 // 4
+        # When the next look is due is worked out from the -p values there are now, not stored from those of the
+        # last look: after -p 60 became -p 8 (or a service with a shorter -p came) the next look was still 15 s
+        # away, and a template of the new 8 s ran out under its client's live connection (its next connection
+        # scheduled afresh, maybe elsewhere) before the sweep renewed it.
+        if now_ns - getattr(self, "_templates_looked_ns", -1 << 63) < min(s.persistent for s in svcs.values()) \
+                * 10**9 // 4:
+            return 0
+        self._templates_looked_ns = now_ns
         temps = [t for t in self.maps.persists() if t["svc_id"] in svcs
                  and t["expires_ns"] - now_ns < svcs[t["svc_id"]].persistent * 10**9 // 2]
         if not temps:

@@ -327,6 +327,39 @@ def test_a_template_lives_while_a_connection_it_scheduled_does(fastpath, maps, b
     assert {c["dest_slot"] for c in maps.conns() if str(c["saddr"]).startswith("10.1.2.")} == {first}
 
 
+def test_a_shorter_persistence_timeout_is_looked_after_at_its_own_pace(fastpath, maps, bal):
+    """The sweep looks at the templates every quarter of the shortest -p, so none runs out between two looks. That
+    pace is the -p there is now: after -p 60 became -p 8 the next look was still 15 s away (it was stored from the
+    last look's -p), and an 8 s template ran out under its client's live connection, whose next connection was
+    then scheduled afresh (found in a netns lab: the template was gone from ipvsadm -Lnc for ~2 s of a 16 s
+    connection)."""
+    import time
+    import types
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    bal.service_add(dict(SVC, sched="rr", persistent=60))
+    bal.dest_add({"svc": SVC, "addr": RSS[0], "port": 80, "fwd": "dr"})
+    assert run(fastpath, syn("10.1.2.3", 42000))[0] == XDP_TX
+    ack = syn("10.1.2.3", 42000)
+    ack[TCP].flags = "A"
+    assert run(fastpath, ack)[0] == XDP_TX
+    d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    Daemon.sweep(d)                                                    # a look at the templates (-p 60)
+    bal.service_edit(dict(SVC, persistent=8))
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    pt = maps.t["persist_map"]
+    for k in list(pt.keys()):                                          # 3 s left of an 8 s template
+        v = pt[k]
+        v.expires = now + 3 * 10**9
+        pt[k] = v
+    time.sleep(2.1)                                                    # a quarter of the new -p on
+    Daemon.sweep(d)
+    [t] = maps.persists()
+    assert t["expires_ns"] >= now + 8 * 10**9, "renewed at the new -p's pace: its client has a live connection"
+
+
 def test_renewing_templates_never_brings_back_one_deleted_meanwhile(fastpath, maps, bal, monkeypatch):
     """The sweep renews templates from a thread while the daemon may delete them (a real server removed): a
     template deleted between the read and the write stays deleted, the others are renewed."""
