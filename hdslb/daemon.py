@@ -2268,6 +2268,7 @@ class Daemon:
         """Every entry (ipvsadm -Lnc shows the inbound ones). An entry's state is its flow's (a reset or FIN from
         the real server closes the flow: hdslb.fastpath.aging.flow_state), and its idle time the flow's, as the
         sweep times them."""
+        from hdslb.fastpath import aging
         from hdslb.fastpath.abi import conn_states
 
         names = conn_states()
@@ -2293,7 +2294,7 @@ class Daemon:
                 last = max(last, p["last_seen_ns"])
             idle = max(0, (now - last) // 10**9)  # a stamp converted from jiffies may lie a tick ahead of now
             out.append({k: (str(v) if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else v)
-                        for k, v in c.items()} | {"state": names[state] if state < len(names) else "?",
+                        for k, v in c.items()} | {"state": aging.state_name(names, c["proto"], state),
                                                   "idle_s": idle,
                                                   "expire_s": max(0, lim.of(c["proto"], state) - idle)})
         return out

@@ -438,6 +438,19 @@ class ListColumns(Columns):
         return cols
 
 
+ICMP_PROTOS = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+
+
+def state_name(names, proto: int, state: int) -> str:
+    """A listed entry's state by name. An ICMP flow (SNAT of echo) has the state a UDP flow has (CS_UDP: one state,
+    timed by the udp timeout) but is named for its protocol, as LVS names it ("ICMP"): ipvsadm -Lnc printed it as
+    a UDP flow."""
+    if state >= len(names):
+        return "?"
+    name = names[state]
+    return "icmp" if name == "udp" and proto in ICMP_PROTOS else name
+
+
 # Every field of a conn.list entry, in the order the dict-based listing (Daemon.conn_list) gives them.
 LIST_FIELDS = ("proto", "af", "saddr", "sport", "daddr", "dport", "to_saddr", "to_sport", "to_daddr", "to_dport",
                "out", "state", "svc_id", "dest_slot", "last_seen_ns", "cpu", "idle_s", "expire_s")
@@ -525,7 +538,7 @@ class Listing:
                 s = memo[raw] = ntop(socket.AF_INET, raw) if fam == 4 else str(ipaddress.IPv6Address(raw))
             return s
 
-        names, nn = self.names, len(self.names)
+        names = self.names
         proto, out, state = c.proto[r].tolist(), c.out[r].tolist(), self.state[r].tolist()
         svc, slot, last = c.svc_id[r].tolist(), c.slot[r].tolist(), self.last_ns[r].tolist()
         cpu = [None] * len(r) if self.shared else c.cpu[r].tolist()
@@ -536,7 +549,7 @@ class Listing:
             out_list.append({"proto": proto[i], "af": f, "saddr": addr(sa, i, f), "sport": sport[i],
                              "daddr": addr(da, i, f), "dport": dport[i], "to_saddr": addr(tsa, i, t),
                              "to_sport": to_sport[i], "to_daddr": addr(tda, i, t), "to_dport": to_dport[i],
-                             "out": out[i], "state": names[state[i]] if state[i] < nn else "?",
+                             "out": out[i], "state": state_name(names, proto[i], state[i]),
                              "svc_id": svc[i], "dest_slot": slot[i], "last_seen_ns": last[i], "cpu": cpu[i],
                              "idle_s": idle[i], "expire_s": expire[i]})
         return out_list

@@ -147,6 +147,26 @@ def test_random_tables_list_as_the_dict_path(seed, ncpu, monkeypatch):
     assert inbound.entries() == [c for c in old if not c["out"]]
 
 
+@pytest.mark.parametrize("ncpu,shared", [(1, True), (2, False)])
+def test_an_icmp_flow_is_listed_as_icmp_not_as_udp(ncpu, shared, monkeypatch):
+    """A SNAT'd ping is one flow in the UDP state (CS_UDP, the udp timeout); ipvsadm -Lnc printed it as
+    `[1]icmp 300s UDP ...` (seen in a netns lab). Listed by its protocol, as LVS names the state ("ICMP"), by both
+    listing paths; a UDP flow stays "udp"."""
+    now = 10_000_000
+    rnd = random.Random(3)
+    ents = []
+    for i, proto in enumerate((socket.IPPROTO_ICMP, socket.IPPROTO_UDP, socket.IPPROTO_ICMPV6)):
+        af = 6 if proto == socket.IPPROTO_ICMPV6 else 4
+        cl, out, rs = (_addr(rnd, af) for _ in range(3))
+        copy = VAL.pack(7 + i, 0, 7, b"\x02" * 6, b"\x04" * 6, 1, VALID, abi.conn_states().index("udp"), 3, 1,
+                        now - 5, out, rs)
+        ents.append((KEY.pack(7 + i, 0, proto, af, 0, cl, rs), copy + bytes(aging.VAL_SIZE) * (ncpu - 1)))
+    old = _old(ents, ncpu, shared, to_ns(now), monkeypatch)
+    new = _listing(ents, ncpu, shared, to_ns(now)).entries()
+    assert [c["state"] for c in new] == [c["state"] for c in old] == ["icmp", "udp", "icmp"]
+    assert new == old
+
+
 def test_max_bytes_bounds_the_encoded_size():
     now = 10_000_000
     ents = _every_state_pair(2, now)
