@@ -829,6 +829,13 @@ def conn_list(ctx, a):
     refused (EMSGSIZE, naming paging) when that could not fit in a control frame; paged (limit, offset, cursor:
     see _conn_page_args), a page of a snapshot read once per listing, with total, cursor and next (the offset of
     the next page, None after the last)."""
+    # Flags are checked whether or not the listing is paged (_conn_page_args checks only a paged one's): unpaged,
+    # {"inbound": 1} and {"templates_only": "no"} were taken, and inbound was not honoured at all (both
+    # directions came back).
+    for flag in ("inbound", "templates_only"):
+        if type(a.get(flag, False)) is not bool:
+            raise invalid(f"conn.list: {flag} must be true or false, not {a.get(flag)!r}")
+    inbound = a.get("inbound", False)
     p = _conn_page_args(a)
     fn = getattr(ctx, "persist_list", None)
     templates = fn() if fn is not None else []
@@ -841,7 +848,7 @@ def conn_list(ctx, a):
 
         async def whole():
             loop = asyncio.get_running_loop()
-            lst = await loop.run_in_executor(None, listing, False)
+            lst = await loop.run_in_executor(None, listing, inbound)
             nbytes = lst.max_bytes()
             from hdslb.ctl import protocol
             if nbytes > protocol.MAX_FRAME - 4096:
@@ -850,7 +857,7 @@ def conn_list(ctx, a):
 
         return whole()
     if p is not None:  # a context without snapshots (tests, a dry run): pages of its list
-        conns = ctx.conn_list()
+        conns = [c for c in ctx.conn_list() if not (p["inbound"] and c["out"])]
         off = p["offset"]
         page = conns[off:off + p["limit"]]
         nxt = off + len(page) if off + len(page) < len(conns) else None
@@ -860,10 +867,10 @@ def conn_list(ctx, a):
     if off_loop is not None:  # a big table is read in a worker thread, the loop keeps serving
 
         async def listed():
-            return {"conns": await off_loop(), "templates": templates}
+            return {"conns": [c for c in await off_loop() if not (inbound and c["out"])], "templates": templates}
 
         return listed()
-    return {"conns": ctx.conn_list(), "templates": templates}
+    return {"conns": [c for c in ctx.conn_list() if not (inbound and c["out"])], "templates": templates}
 
 
 @command("daemon.status")

@@ -274,6 +274,25 @@ async def test_an_unknown_cursor_is_refused():
     assert e.value.errno == errno.ESTALE and d.reads == 0
 
 
+@pytest.mark.parametrize("args", [{"inbound": 1}, {"inbound": "yes"}, {"templates_only": "x"},
+                                  {"templates_only": 1, "limit": 5}])
+async def test_conn_list_flags_are_checked_paged_or_not(args):
+    """An op refuses a value of the wrong type before doing anything (README, Control operations): unpaged,
+    conn.list took {"inbound": 1} and {"templates_only": "x"} (the paging check never ran)."""
+    d = FakeDaemon(_unique(_table(6, 2, 20)[0]))
+    with pytest.raises(HdslbError) as e:
+        await _call(d, args)
+    assert e.value.errno == errno.EINVAL and next(iter(k for k in args if k != "limit")) in e.value.message
+    assert d.reads == 0
+
+
+async def test_an_unpaged_inbound_listing_lists_the_client_direction_only():
+    """inbound: true asked unpaged came back with both directions (the flag reached paged listings only)."""
+    d = FakeDaemon(_unique(_table(6, 2, 40)[0]))
+    got = await _call(d, {"inbound": True})
+    assert got["conns"] == [c for c in d.conn_listing().entries() if not c["out"]] and got["conns"]
+
+
 async def test_an_unpaged_listing_too_large_for_a_frame_is_refused_naming_paging(monkeypatch):
     ents, _ = _table(7, 2, 300)
     d = FakeDaemon(_unique(ents))
