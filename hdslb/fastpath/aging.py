@@ -358,15 +358,19 @@ class Columns:
             dead = np.flatnonzero(idle > limit)
         return r[dead], j[dead], last[dead]
 
+    # What a client keeps sending on one tuple without a handshake that could move it: UDP, and ICMP echo (a SNAT'd
+    # ping keeps its identifier for as long as it runs)
+    NODEST_PROTOS = (socket.IPPROTO_UDP, socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+
     def nodest_udp(self, dests) -> "np.ndarray":
-        """The inbound UDP rows whose real server is gone: dests() gives every real server there is, (slot,
-        address as 16 bytes, is a SNAT source), and is called only when the table has inbound UDP rows (a walk
+        """The inbound UDP (and ICMP echo) rows whose real server is gone: dests() gives every real server there is,
+        (slot, address as 16 bytes, is a SNAT source), and is called only when the table has such rows (a walk
         of 100k real servers costs 45 ms, each sweep); a row is gone when its slot is none of theirs, or the
         slot's server now has another address than the one the flow is rewritten to (the slot went to a new
         server). A SNAT flow's rewrite is the outside host, so its slot alone is checked."""
         import numpy as np
 
-        rows = np.flatnonzero(~self.out & (self.proto == socket.IPPROTO_UDP))
+        rows = np.flatnonzero(~self.out & np.isin(self.proto, self.NODEST_PROTOS))
         if not len(rows):
             return rows
         dests = sorted(dests())

@@ -527,6 +527,40 @@ def test_a_udp_flow_whose_server_failed_its_check_is_scheduled_afresh_an_inhibit
         assert now == (fine if was == failed else was), (sport, was, now)
 
 
+def test_a_snat_ping_whose_source_address_was_removed_is_scheduled_afresh(fastpath, maps, bal):
+    """A ping through SNAT keeps its identifier, so, like a UDP client on one tuple, it never goes idle: once its
+    sapool address was taken out of the SNAT service (ipvsadm -d ... -J), its echoes went on leaving from that
+    address for as long as it ran (the sweep's nodest check looked at UDP flows only). It is scheduled afresh
+    onto a source the service still has."""
+    import types
+
+    from scapy.layers.inet import ICMP
+
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    for a in ("10.0.0.253", "10.0.0.254"):
+        bal.addr_add({"addr": a, "prefixlen": 24, "ifname": "lo", "sapool": True})
+    bal.neigh_add({"addr": "10.0.0.1", "lladdr": "02:99:00:00:00:09", "ifname": "lo"})
+    match = {"proto": "icmp", "src_range": "192.168.100.2-192.168.100.9", "oif": "lo"}
+    bal.service_add({"match": match, "sched": "rr"})
+    for a in ("10.0.0.253", "10.0.0.254"):
+        bal.dest_add({"svc": {"match": match}, "addr": a, "port": 0})
+
+    def source_of(ident):
+        v, out = run(fastpath, Ether(src="02:55:00:00:00:02", dst=LB) / IP(src="192.168.100.2", dst="10.0.0.1") /
+                     ICMP(type=8, id=ident, seq=1))
+        assert v == XDP_TX
+        return out[IP].src
+
+    first = {ident: source_of(ident) for ident in (100, 101, 102, 103)}
+    assert set(first.values()) == {"10.0.0.253", "10.0.0.254"}
+    bal.dest_del({"svc": {"match": match}, "addr": "10.0.0.253", "port": 0})
+    d = types.SimpleNamespace(maps=maps, bal=bal, _conn_cache=None, _counts_cache=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)))
+    assert Daemon.sweep(d) == 2 * sum(1 for s in first.values() if s == "10.0.0.253")
+    assert {ident: source_of(ident) for ident in first} == dict.fromkeys(first, "10.0.0.254")
+
+
 @pytest.mark.parametrize("name,spread", [("rr", True), ("wrr", True), ("wlc", False), ("lc", False), ("fo", False)])
 def test_the_model_marks_rr_and_wrr_rings_spread_and_leaves_lc_wlc_fo_at_entry_0(fastpath, maps, bal, name, spread):
     """sched_tbl.flags SCHED_F_SPREAD reaches the map through Balancer -> MapDataPath.sched_set -> Maps.set_sched (a
