@@ -1453,12 +1453,16 @@ class Daemon:
         """(slot, address as 16 bytes, is a SNAT source) of every real server there is for the UDP sweep (LVS's
         expire_nodest_conn): drained ones and ones inhibit_on_failure keeps in at weight 0 included, but not one
         down by its health check without it, which keepalived would have removed (the model keeps it only to bring
-        it back when its check passes). Read from the sweep's thread: the dicts are copied whole first (one C call
-        each, atomic under the GIL)."""
+        it back when its check passes). A server alpha holds down until its first checks pass has failed nothing:
+        its flows go on (after a restart every server of an alpha service is such a one for a while, and a restart
+        loses no flow). Read from the sweep's thread: the dicts are copied whole first (one C call each, atomic
+        under the GIL)."""
+        from hdslb.health.manager import ALPHA_PENDING
+
         out = []
         for s in list(self.bal.services.values()):
             for d in list(s.dests.values()):
-                if d.health == "down" and not d.inhibited:
+                if d.health == "down" and not d.inhibited and d.reason != ALPHA_PENDING:
                     continue
                 out.append((d.slot, d.addr.packed.ljust(16, b"\0"), s.match is not None))
         return out

@@ -93,6 +93,8 @@ Pair = Tuple[VirtualServer, RealServer]
 FD_RESERVE = 256
 SLOT_WAIT_WARN_EVERY = 60.0  # seconds between two "probes waited for a slot" warnings
 NOT_CHECKED = "not checked yet"  # the reason of a server up at start, until every checker of it has run
+# the reason of a server alpha keeps down until its first checks pass: out of the pool, though nothing failed yet
+ALPHA_PENDING = "alpha: down until every check has passed"
 STOP_DRAIN_TIMEOUT = 5.0  # seconds stop() waits for the daemon's callbacks: a stuck one must not block shutdown
 
 
@@ -312,7 +314,7 @@ class HealthManager:
         elif alive:
             reason = NOT_CHECKED  # until every checker has passed once (_record)
         elif vs.alpha:
-            reason = "alpha: down until every check has passed"
+            reason = ALPHA_PENDING
         else:
             reason = "down when checking began" + (f" ({pool.reason})" if pool.reason else "") + \
                      ": up once every check has passed"

@@ -50,3 +50,13 @@ def test_inhibited_survives_a_restart():
     again = make()
     restore(again, snapshot(bal))
     assert _listed(again) == {"192.168.100.3", "192.168.100.4"}
+
+
+def test_a_server_alpha_holds_down_before_its_first_checks_keeps_its_flows():
+    """alpha starts every server of its service down until its checks pass, also after a restart that adopted a
+    running fast path: nothing failed, so the sweep must not reschedule their UDP flows (a restart loses no flow)."""
+    from hdslb.health.manager import ALPHA_PENDING
+
+    bal = _bal()
+    bal.dest_health({"svc": USVC, "addr": "192.168.100.2", "port": 53}, False, None, ALPHA_PENDING)
+    assert _listed(bal) == {"192.168.100.2", "192.168.100.3", "192.168.100.4"}
