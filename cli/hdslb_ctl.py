@@ -615,16 +615,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from cli.common import UsageError, take_ctl_socket
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --ctl-socket is accepted anywhere on the line, as for ipvsadm and dpip.
-    ctl = None
-    if "--ctl-socket" in argv:
-        i = argv.index("--ctl-socket")
-        if i + 1 >= len(argv):
-            print("hdslb-ctl: --ctl-socket needs a path", file=sys.stderr)
-            return 2
-        ctl = argv[i + 1]
-        del argv[i:i + 2]
+    # --ctl-socket PATH or --ctl-socket=PATH, anywhere on the line, as for ipvsadm and dpip (the same code). Only
+    # the spaced form was taken out here: the = form went on to argparse, whose value was then overwritten with
+    # None, so `hdslb-ctl --ctl-socket=B down` stopped the instance on the default socket.
+    try:
+        ctl, argv = take_ctl_socket(argv)
+    except UsageError as e:
+        print(f"hdslb-ctl: {e}", file=sys.stderr)
+        return 2
     if argv[:1] == ["top"]:
         from hdslb import top
 

@@ -354,3 +354,39 @@ def test_a_failed_up_shows_only_what_this_start_wrote_to_a_reused_log(tmp_path, 
     assert hdslb_ctl._log_since(str(log), 1000) == []
     log.write_text("a\nb\n")
     assert hdslb_ctl._log_since(str(log), 100) == ["a\n", "b\n"] and hdslb_ctl._log_since(str(log), 2) == ["b\n"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--ctl-socket={sock}", "status"],
+    ["status", "--ctl-socket={sock}"],
+    ["status", "--ctl-socket", "{sock}"],
+    ["--ctl-socket", "{sock}", "status"],
+])
+def test_hdslb_ctl_ctl_socket_equals_form_reaches_the_socket_named(argv, tmp_path, monkeypatch, capsys):
+    """`--ctl-socket=PATH`, which ipvsadm and dpip take (argparse's own spelling too), must select that socket
+    anywhere on the line. Before, `hdslb-ctl --ctl-socket=PATH down` parsed it and then dropped it for the
+    default socket: it stopped whichever instance /var/run/hdslb_ctrl serves; after the subcommand it was an
+    'unrecognized arguments' error."""
+    from cli import hdslb_ctl
+
+    sock = str(tmp_path / "b.sock")
+    seen = []
+
+    class FakeClient:
+        def __init__(self, path, timeout=None):
+            seen.append(path)
+
+        def call(self, op, args=None):
+            raise DaemonUnreachable(f"cannot reach hdslbd at {seen[-1]}")
+
+    monkeypatch.delenv(protocol.ENV_CTL_SOCKET, raising=False)
+    monkeypatch.setattr(hdslb_ctl, "Client", FakeClient)
+    rc = hdslb_ctl.main([a.format(sock=sock) for a in argv])
+    assert rc == 3 and seen == [sock], capsys.readouterr().err
+
+
+def test_hdslb_ctl_ctl_socket_equals_empty_is_a_usage_error(capsys):
+    from cli import hdslb_ctl
+
+    assert hdslb_ctl.main(["--ctl-socket=", "status"]) == 2
+    assert "--ctl-socket needs a path" in capsys.readouterr().err
