@@ -326,7 +326,15 @@ def _in_private_mount_ns() -> bool:
 
 
 def ensure_pin_root(pin_root: str) -> None:
-    """Make sure pins under pin_root land in a bpffs that outlives this process."""
+    """Make sure pins under pin_root land in a bpffs that outlives this process. A pin root not made yet inside a
+    bpffs (`--pin-root /run/hdslb/bpffs/site`, as hdslbd takes one) is made there: only its nearest existing
+    directory can say where it will be (statfs of a missing path fails, which read as 'not a bpffs')."""
+    if not os.path.exists(pin_root):
+        above = os.path.dirname(os.path.abspath(pin_root))
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if is_bpffs(above):
+            os.makedirs(pin_root, exist_ok=True)
     if is_bpffs(pin_root):
         return
     if _in_private_mount_ns():
@@ -341,11 +349,20 @@ def ensure_pin_root(pin_root: str) -> None:
 
 @contextlib.contextmanager
 def _locked(pin_root: str):
-    """One decap up/down at a time per pin root (two at once on one interface would race on its pins)."""
-    lock_path = os.path.join(os.path.dirname(pin_root.rstrip("/")) or "/", ".decap.lock")
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """One decap up/down at a time per pin root (two at once on one interface would race on its pins): a flock
+    on the pin root's directory itself. A lock file beside it failed wherever that parent takes no file: a pin
+    root inside a bpffs (its regular files are refused, EPERM) or /sys/fs/bpf (sysfs, EACCES), so every decap
+    command failed there. No pin root yet: nothing is pinned to race on (up makes it before locking)."""
+    try:
+        fd = os.open(pin_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
         yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- interfaces and addresses

@@ -397,3 +397,23 @@ def test_fuzzed_headers_match_what_the_kernel_would_do(prog, maps):
         elif want == "decap" and c != "drop_ecn" and inner_fits(raw, info[0] + info[1], info[2], info[3]):
             problems.append((raw, f"{c}, though the kernel would decapsulate it"))
     assert not problems, f"{len(problems)} of 3000, e.g. {problems[0][1]}:\n{show(problems[0][0])}"
+
+
+def test_a_pin_root_inside_a_bpffs_works_for_up_down_and_show(monkeypatch):
+    """`--pin-root` may name a directory on a bpffs, as hdslbd's does (`/run/hdslb/bpffs/site`), or a bpffs
+    mount whose parent takes no files (`/sys/fs/bpf`). The lock file went beside the pin root, so there every
+    decap command failed with EPERM/EACCES on `<parent>/.decap.lock` (a bpffs holds no regular files, sysfs takes
+    none); and under `ip netns exec` a pin root not made yet inside a bpffs was refused as 'not a bpffs mount'."""
+    ensure_bpffs(decap.DEFAULT_PIN_ROOT)
+    root = os.path.join(decap.DEFAULT_PIN_ROOT, f"pytest-decap-root-{os.getpid()}", "site")
+    try:
+        with pytest.raises(decap.DecapError, match="no decap instance on lo"):
+            decap.down("lo", root)  # nothing there: said so, not an OSError on a lock file
+        assert decap.show(None, root) == []
+        monkeypatch.setattr(decap, "_in_private_mount_ns", lambda: True)  # as under ip netns exec
+        decap.ensure_pin_root(root)
+        assert decap.is_bpffs(root)
+        with decap._locked(root):
+            assert os.listdir(root) == []  # the lock leaves no file among the pins
+    finally:
+        shutil.rmtree(os.path.dirname(root), ignore_errors=True)
