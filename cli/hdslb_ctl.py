@@ -313,8 +313,33 @@ def _rs_arg(spec: str) -> tuple:
     return addr, _port_of(port, spec, "real server")
 
 
+HEALTH_DEFAULTS = {"kind": "TCP_CHECK", "delay_loop": 6}
+
+
+def _health_unused(ns) -> str | None:
+    """What a `health` command line gives that its action would not use, as ipvsadm refuses an option its command
+    does not take: `show -t VIP` read like a filter and listed every check, `del ... --kind HTTP_GET` like removing
+    that kind only (del removes the server's check.add check whatever its kind), -t with -u took -t."""
+    if ns.tcp and ns.udp:
+        return "give one of -t and -u"
+    given = {"-t": ns.tcp, "-u": ns.udp, "-r": ns.real_server, "--kind": ns.kind, "--delay-loop": ns.delay_loop,
+             "--inhibit": ns.inhibit, "KEY=VALUE": ns.params}
+    unused = {"show": list(given), "del": ["--kind", "--delay-loop", "--inhibit", "KEY=VALUE"]}.get(ns.action, [])
+    for opt in unused:
+        if given[opt] not in (None, False, []):
+            return f"health {ns.action} takes no {opt}" + (" (it shows every check)" if ns.action == "show" else "")
+    return None
+
+
 def cmd_health(ns) -> int:
     ctl = protocol.resolve_socket(ns.ctl_socket)
+    unused = _health_unused(ns)
+    if unused:
+        print(f"hdslb-ctl: {unused}", file=sys.stderr)
+        return 2
+    for k, v in HEALTH_DEFAULTS.items():
+        if getattr(ns, k) is None:
+            setattr(ns, k, v)
     try:
         if ns.action == "show":
             st = Client(ctl).call("health.list")["health"]
@@ -381,8 +406,9 @@ def health_parser() -> argparse.ArgumentParser:
     hc.add_argument("-t", "--tcp-service", dest="tcp")
     hc.add_argument("-u", "--udp-service", dest="udp")
     hc.add_argument("-r", "--real-server", dest="real_server")
-    hc.add_argument("--kind", default="TCP_CHECK", help="TCP_CHECK, HTTP_GET, SSL_GET, UDP_CHECK, SMTP_CHECK, MISC_CHECK")
-    hc.add_argument("--delay-loop", type=_delay_loop, default=6, metavar="SECONDS",
+    # (no argparse defaults for --kind and --delay-loop: add fills them in, show and del refuse them when given)
+    hc.add_argument("--kind", help="TCP_CHECK (the default), HTTP_GET, SSL_GET, UDP_CHECK, SMTP_CHECK, MISC_CHECK")
+    hc.add_argument("--delay-loop", type=_delay_loop, metavar="SECONDS",
                     help="seconds between checks, more than 0 (default 6)")
     hc.add_argument("--inhibit", action="store_true", help="inhibit_on_failure: weight 0 instead of removal")
     hc.add_argument("params", nargs="*", metavar="KEY=VALUE",

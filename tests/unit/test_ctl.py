@@ -390,3 +390,47 @@ def test_hdslb_ctl_ctl_socket_equals_empty_is_a_usage_error(capsys):
 
     assert hdslb_ctl.main(["--ctl-socket=", "status"]) == 2
     assert "--ctl-socket needs a path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["health", "add", "-t", "10.0.0.1:80", "-u", "10.0.0.1:53", "-r", "10.0.0.2"], "one of -t and -u"),
+    (["health", "del", "-t", "10.0.0.1:80", "-u", "10.0.0.1:53", "-r", "10.0.0.2"], "one of -t and -u"),
+    (["health", "show", "-t", "10.0.0.1:80"], "health show takes no -t"),
+    (["health", "show", "-r", "10.0.0.2"], "health show takes no -r"),
+    (["health", "show", "--kind", "HTTP_GET"], "health show takes no --kind"),
+    (["health", "show", "connect_timeout=1"], "health show takes no KEY=VALUE"),
+    (["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2", "--kind", "HTTP_GET"], "health del takes no --kind"),
+    (["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2", "--delay-loop", "3"], "health del takes no --delay-loop"),
+    (["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2", "--inhibit"], "health del takes no --inhibit"),
+])
+def test_health_options_a_command_does_not_use_are_refused(argv, message, monkeypatch, capsys):
+    """What `health show` or `health del` cannot act on is refused (exit 2, nothing sent), as ipvsadm refuses an
+    option its command does not take: `health show -t VIP` looked like a filter and listed everything, `health
+    del … --kind HTTP_GET` like deleting that kind only (del removes the server's check.add check whatever its
+    kind), and -t with -u silently used -t."""
+    from cli import hdslb_ctl
+
+    monkeypatch.setattr(hdslb_ctl, "Client", lambda *a, **k: pytest.fail("nothing may be sent"))
+    assert hdslb_ctl.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_health_add_defaults_still_apply(monkeypatch, capsys):
+    from cli import hdslb_ctl
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            pass
+
+        def call(self, op, args=None):
+            sent.append((op, args))
+            return {"key": "k"}
+
+    monkeypatch.setattr(hdslb_ctl, "Client", FakeClient)
+    assert hdslb_ctl.main(["health", "add", "-t", "10.0.0.1:80", "-r", "10.0.0.2:80"]) == 0
+    assert sent[0][1]["kind"] == "TCP_CHECK" and sent[0][1]["delay_loop"] == 6
+    assert hdslb_ctl.main(["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2:80"]) == 0
+    assert sent[1] == ("check.del", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
+                                     "addr": "10.0.0.2", "port": 80})
