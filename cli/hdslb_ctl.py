@@ -16,10 +16,17 @@ from hdslb.errors import HdslbError
 UP_TIMEOUT_S = 90.0  # a bcc compile takes ~2 s alone, much more on a loaded 2-core CI machine
 
 
-def log_path(ctl_socket: str) -> str:
-    from hdslb.daemon import instance_name
+RUN_DIR = "/run/hdslb"
 
-    return os.path.join("/run/hdslb", instance_name(ctl_socket) + ".log")
+
+def log_path(ctl_socket: str, instance: str | None = None) -> str:
+    """The default daemon log, /run/hdslb/<instance>.log: --instance when given, else the name the control
+    socket gives (as hdslbd names its instance), so two instances never share a log."""
+    from hdslb.daemon import instance_error, instance_name
+
+    if instance is None or instance_error(instance):  # (a bad one is hdslbd's to refuse, into the socket's log)
+        instance = instance_name(ctl_socket)
+    return os.path.join(RUN_DIR, instance + ".log")
 
 
 def config_paths(path: str | None, config_id: str | None = None) -> dict:
@@ -65,7 +72,7 @@ def cmd_up(ns) -> int:
     for dest, (opt, takes_value) in ns.forward.items():  # the options given, as given
         if hasattr(ns, dest):
             argv += [opt, str(getattr(ns, dest))] if takes_value else [opt] if getattr(ns, dest) else []
-    logfile = ns.log_file or log_path(ctl)
+    logfile = ns.log_file or log_path(ctl, getattr(ns, "instance", None))
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     # The file's log_file is where hdslbd logs (the redirected output then holds little but a crash): a failed
     # start's reason is shown from there, not from an empty --log-file.

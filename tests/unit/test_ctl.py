@@ -434,3 +434,29 @@ def test_health_add_defaults_still_apply(monkeypatch, capsys):
     assert hdslb_ctl.main(["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2:80"]) == 0
     assert sent[1] == ("check.del", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
                                      "addr": "10.0.0.2", "port": 80})
+
+
+def test_hdslb_ctl_up_logs_to_the_instance_named(tmp_path, monkeypatch, capsys):
+    """The default log is /run/hdslb/<instance>.log (README): with --instance, that instance's name, not the one
+    the control socket's name would give (two instances whose sockets share a base name wrote into one log)."""
+    from cli import hdslb_ctl
+
+    logs = []
+
+    class Proc:
+        returncode = 1
+
+        def __init__(self, argv, stdout=None, **kw):
+            logs.append(stdout.name)
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Proc)
+    monkeypatch.setattr(hdslb_ctl, "Client", lambda *a, **k: type("C", (), {
+        "call": lambda self, op, args=None: (_ for _ in ()).throw(DaemonUnreachable("no"))})())
+    monkeypatch.setattr(hdslb_ctl, "RUN_DIR", str(tmp_path))
+    hdslb_ctl.main(["--ctl-socket", str(tmp_path / "a" / "ctl"), "up", "eth9", "--instance", "blue"])
+    hdslb_ctl.main(["--ctl-socket", str(tmp_path / "a" / "ctl"), "up", "eth9"])
+    hdslb_ctl.main(["--ctl-socket", str(tmp_path / "a" / "ctl"), "up", "eth9", "--instance", "../x"])
+    assert logs == [str(tmp_path / "blue.log"), str(tmp_path / "ctl.log"), str(tmp_path / "ctl.log")]
