@@ -217,7 +217,7 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
     add("--slowpath", action="store_true",
         help="serve ARP/ND, ICMP and unresolved next hops from the AF_XDP slow path (the default)")
     add("--no-slowpath", action="store_true",
-        help="no AF_XDP slow path: ARP answered in XDP, next hops probed over a packet socket, "
+        help="no AF_XDP slow path: ARP and IPv6 ND answered in XDP, next hops probed over a packet socket, "
              "packets to unresolved next hops dropped until resolved")
     return forward
 
