@@ -2178,8 +2178,13 @@ class Balancer:
 
     def neigh_del(self, a: dict) -> None:
         addr = ip(a.get("addr"))
+        # A device given names the entry's interface (`dpip neigh del ADDR dev IF`): it was ignored, so a wrong or
+        # unknown one removed the entry of another interface and said nothing. Checked as neigh_add checks it.
+        ifc = self.iface(a["ifname"]) if a.get("ifname") is not None else None
         if addr not in self.neighs:
             raise notfound(f"neighbour {addr} not found")
+        if ifc is not None and self.neighs[addr].ifname != ifc.name:
+            raise notfound(f"neighbour {addr} not found on {ifc.name} (it is on {self.neighs[addr].ifname})")
         del self.neighs[addr]
         self.dp.neigh_del(addr)
 

@@ -852,7 +852,8 @@ async def put_neigh(request):
 
 async def delete_neigh(request):
     body = await _body(request, "NeighRef")
-    await _call(request, "neigh.del", {"addr": str(ipaddress.ip_address(body["addr"]))})
+    await _call(request, "neigh.del", {"addr": str(ipaddress.ip_address(body["addr"])), "ifname": body.get("device")},
+                device_in_body=True)
     return _changed("deleted", 200)
 
 

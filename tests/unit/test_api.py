@@ -497,6 +497,12 @@ async def test_neigh_routes(client, ctx):
                  400, field="lladdr")
     await expect(await client.put("/v2/neigh", json={"addr": "192.168.100.3", "lladdr": "02:00:00:00:00:03",
                                                      "device": "eth7"}), 400, field="device")
+    # a device given names the entry's interface: another's, or one not run, removes nothing
+    await expect(await client.delete("/v2/neigh", json={"addr": "192.168.100.2", "device": "eth0"}), 404)
+    await expect(await client.delete("/v2/neigh", json={"addr": "192.168.100.2", "device": "eth7"}), 400,
+                 field="device")
+    await expect(await client.delete("/v2/neigh", json={"addr": "192.168.100.2", "device": "eth1"}), 200)
+    await client.put("/v2/neigh", json={"addr": "192.168.100.2", "lladdr": "02:00:00:00:00:02", "device": "eth1"})
     await expect(await client.delete("/v2/neigh", json={"addr": "192.168.100.2"}), 200)
     await expect(await client.delete("/v2/neigh", json={"addr": "192.168.100.2"}), 404)
 

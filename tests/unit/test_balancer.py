@@ -440,3 +440,23 @@ def snapshot_of(b):
     from hdslb.balancer import snapshot
 
     return snapshot(b)
+
+
+def test_neigh_del_with_a_device_removes_only_that_devices_entry(bal):
+    """`dpip neigh del ADDR dev IF` (REST DELETE /v2/neigh with device) names the interface: the static entry of
+    another interface stays, and an interface the balancer does not run on is refused as neigh add refuses it.
+    Before, the device was ignored: `neigh del 192.168.100.2 dev nosuch0` (or `dev eth0` for an eth1 entry)
+    removed the entry and exited 0."""
+    bal.neigh_add({"addr": "192.168.100.2", "lladdr": "02:00:00:00:00:02", "ifname": "eth1"})
+    with pytest.raises(HdslbError) as e:
+        bal.neigh_del({"addr": "192.168.100.2", "ifname": "eth0"})
+    assert e.value.errno == errno.ENOENT and "on eth1" in e.value.message
+    with pytest.raises(HdslbError) as e:
+        bal.neigh_del({"addr": "192.168.100.2", "ifname": "nosuch0"})
+    assert e.value.errno == errno.ENODEV
+    assert ipaddress.ip_address("192.168.100.2") in bal.neighs
+    bal.neigh_del({"addr": "192.168.100.2", "ifname": "eth1"})
+    assert ipaddress.ip_address("192.168.100.2") not in bal.neighs
+    bal.neigh_add({"addr": "192.168.100.2", "lladdr": "02:00:00:00:00:02", "ifname": "eth1"})
+    bal.neigh_del({"addr": "192.168.100.2"})  # no device: the address's entry, wherever it is
+    assert ipaddress.ip_address("192.168.100.2") not in bal.neighs
