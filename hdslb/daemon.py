@@ -656,6 +656,8 @@ class Daemon:
         self.start_config = None  # the Config this start applied first: what its options read only at start are
         self._reload_lock = asyncio.Lock()  # reloads take turns (reload_config)
         self.want: dict = {}  # its services, as hdslb.config.apply.desired returned them
+        # dests the saved model had up (and their ids), until the first health start (_pool_state)
+        self._restored_up: tuple = ([], set())
         self.config_warnings: list[str] = []  # what applying the file found wrong but not refused (real servers unrouted)
         self.health = None
         self.api = None
@@ -757,8 +759,7 @@ class Daemon:
                             max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
         self.bal.conn_counts = self.conn_counts
         if snap is not None:
-            restore(self.bal, snap)
-            self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
+            self._restore_model(snap)
         if adopt:
             self._prune_to_model()
             log.info("adopted pinned state: %d services, %d connection entries%s", len(self.bal.services),
@@ -815,6 +816,15 @@ class Daemon:
         self.ready = True
         log.info("hdslbd %s ready: control socket %s, pins %s", __version__, self.ctl_path, self.pin_dir)
 
+    def _restore_model(self, snap: dict) -> None:
+        """The saved model into the empty pool, with the run-time checks and, until the first health start, the
+        real servers the previous daemon had in rotation: their verdict stands for alpha (_pool_state). By id, the
+        dests kept alive with them: a set lookup per server at 100k of them."""
+        restore(self.bal, snap)
+        self.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
+        up = [d for svc in self.bal.services.values() for d in svc.dests.values() if d.health == "up" and not d.sorry]
+        self._restored_up = (up, {id(d) for d in up})
+
     async def _start_config(self, adopt: bool) -> None:
         """The last step of a start: the config file's services, then the health checks. A file refused here (what
         check cannot know: --max-services, the interfaces given, a file changed since the settings were read)
@@ -826,6 +836,7 @@ class Daemon:
 
                 self.apply_config(load(s.config_file, s.config_id))
             await self._start_health()
+            self._restored_up = ([], set())  # (also when nothing is checked yet: a later reload's servers are new)
         except Exception as e:
             await self._start_failed(adopt, e)
             raise
@@ -1896,7 +1907,10 @@ class Daemon:
         self.health = HealthManager(self._on_health, self._on_quorum, script_user=gd.script_user,
                                     script_security=gd.enable_script_security, pool_state=self._pool_state,
                                     quorum_lost=self._quorum_lost)
-        await self.health.start(pairs)
+        try:
+            await self.health.start(pairs)
+        finally:
+            self._restored_up = ([], set())  # (servers added later, by a reload or ipvsadm, are alpha's again)
         # alpha's servers (the manager tells of them too), and a model saved before Dest.inhibited: the servers
         # inhibit_on_failure holds get it
         self._hold_down(start=True)
@@ -1955,7 +1969,11 @@ class Daemon:
         if down:
             return PoolState(False, None, down[0].reason)
         weights = {d.pool_weight for d in dests}  # a server held out for a sorry server is still up at its weight
-        return PoolState(True, weights.pop() if len(weights) == 1 else None)
+        # At the first health start after a restart, a server the restored model has up was in rotation under the
+        # previous daemon (its checks passed, or it was in before they were added): alpha does not take it out.
+        ids = self._restored_up[1]
+        restored = bool(ids) and all(id(d) in ids for d in dests)
+        return PoolState(True, weights.pop() if len(weights) == 1 else None, restored=restored)
 
     def pool_weight(self, vs_key, rs_key) -> int | None:
         """The weight the pool has a checked real server at (as ipvsadm -Ln shows it: 0 while down or held out for

@@ -300,8 +300,10 @@ class HealthManager:
 
     def _new_server(self, vs: VirtualServer, rs: RealServer) -> ServerState:
         pool = self._pool_state(vs.key, rs.key) if self._pool_state is not None else None
-        # alpha: down until checked, whatever the pool holds; else as the pool has it (keepalived: up).
-        up = not vs.alpha and (pool is None or pool.up)
+        # alpha: down until checked, unless the previous daemon's verdict had it in rotation (a restart loses no
+        # server: with a quorum, taking every server out would send all new flows to the sorry server until the
+        # first checks ran); else as the pool has it (keepalived: up).
+        up = (pool is None or pool.up) and (not vs.alpha or (pool is not None and pool.restored))
         checkers = [CheckerState(c, up=up) for c in self._checkers(rs)]
         alive = all(c.up for c in checkers)
         if alive and pool is not None and pool.weight is not None and pool.weight != rs.weight:

@@ -27,6 +27,7 @@ class PoolState(NamedTuple):
     up: bool
     weight: Optional[int] = None
     reason: str = ""  # why it is down, as the daemon recorded it
+    restored: bool = False  # up by the previous daemon's verdict (a restart's restored model): alpha keeps it up
 
 
 @dataclass

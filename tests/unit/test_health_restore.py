@@ -58,11 +58,12 @@ async def test_where_the_pool_differs_the_daemon_is_told_at_start():
     nocheck = real(143, weight=2)  # down in the pool, but nothing checks it: up
     stale = real(144, tcp_check(), weight=5)  # in at a weight the config no longer says
     unknown = real(145, tcp_check(), weight=3)  # in, at a weight the services disagree on
-    alpha = real(146, tcp_check(), weight=1)
+    alpha = real(146, tcp_check(), weight=1)  # in the pool, not from a restart (the config just added it)
+    kept = real(148, tcp_check(), weight=1)  # in rotation under the previous daemon (a restart's restored model)
     pool = {143: PoolState(False, None, "was checked"), 144: PoolState(True, 1), 145: PoolState(True, None),
-            146: PoolState(True, 1)}
+            146: PoolState(True, 1), 148: PoolState(True, 1, restored=True)}
     mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe, pool_state=lambda v, r: pool[r[1]])
-    await mgr.start(pairs_of([virtual(nocheck, stale, unknown), virtual(alpha, port=81, alpha=True)]))
+    await mgr.start(pairs_of([virtual(nocheck, stale, unknown), virtual(alpha, kept, port=81, alpha=True)]))
     try:
         await mgr.settle()
         assert sorted((k[1], up, w) for k, up, w, _ in rec.changes) == [
@@ -164,6 +165,8 @@ def probe(monkeypatch):
     answers = {}  # address -> ok
 
     async def scripted(checker, rs):
+        if answers.get("gate") is not None:  # an asyncio.Event: no check ends until it is set
+            await answers["gate"].wait()
         ok = answers.get(str(rs.ip), True)
         return CheckResult(ok, "fine" if ok else "refused")
 
@@ -181,8 +184,7 @@ async def daemon(tmp_path, text, snap=None):
     conf.write_text(text)
     d = HarnessDaemon(conf, tmp_path)
     if snap is not None:
-        restore(d.bal, snap)
-        d.ctl_checks = {c["key"]: c for c in snap.get("checks", [])}
+        d._restore_model(snap)
     from hdslb.config import load
 
     d.apply_config(load(str(conf)))
@@ -270,6 +272,40 @@ async def test_restart_with_a_new_weight_uses_it(tmp_path, probe):
         await new.health.settle()
         assert dests(new)[RS3].eff_weight == 7
     finally:
+        await stop(new)
+
+
+async def test_a_restart_keeps_alphas_servers_in_rotation_until_a_check_fails(tmp_path, probe):
+    """alpha starts a server down until its checks pass. After a restart it took every server the previous daemon
+    had in rotation out too: with a quorum, the sorry server took every new flow (and persistence templates went)
+    until the first checks ran, up to a delay_loop later. A server the restored model has up keeps its verdict
+    (nothing failed); one the restart's config adds is alpha's; a failure still takes a kept one out."""
+    alpha = CONF.replace("    quorum 2\n", "    quorum 2\n    alpha\n")
+    old = await daemon(tmp_path, alpha)
+    await until(lambda: dests(old)[RS2].health == "up" and dests(old)[RS3].health == "up" and SORRY not in dests(old))
+    snap = snapshot(old.bal)
+    await stop(old)
+    probe["gate"] = hang = asyncio.Event()
+    more = alpha.replace("    real_server 192.168.100.3 80 {", """    real_server 192.168.100.4 80 {
+        weight 1
+        TCP_CHECK {
+            delay_loop 0.02
+            warmup 0
+            retry 0
+        }
+    }
+    real_server 192.168.100.3 80 {""")
+    new = await daemon(tmp_path, more, snap)
+    try:
+        await asyncio.sleep(0.05)
+        ds = dests(new)
+        assert (ds[RS2].health, ds[RS3].health) == ("up", "up") and SORRY not in ds, ds
+        assert ds[(ip_address("192.168.100.4"), 80)].health == "down"  # new: alpha's
+        probe["192.168.100.2"] = False
+        hang.set()
+        await until(lambda: dests(new)[RS2].health == "down")
+    finally:
+        hang.set()
         await stop(new)
 
 
