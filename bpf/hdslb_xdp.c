@@ -307,6 +307,38 @@ static __always_inline int slowpath_up(__u32 key)
 }
 
 /*
+ * ICMP handed to the slow path (echo requests to our addresses, errors to translate) shares each interface
+ * queue's AF_XDP ring with ARP, neighbour discovery and the answers to the slow path's own probes, and Python
+ * serves ~20-30k frames a second. Unbounded, one host pinging a VIP as fast as it can filled the ring: ARP
+ * requests for the VIP and the real servers' answers to our probes were lost with the echoes, next hops went
+ * FAILED and most new connections failed until the flood stopped. So ICMP gets at most ICMP_PUNT_RATE frames a
+ * second (bursts of ICMP_PUNT_BURST) over all CPUs, as Linux bounds what ICMP it sends (icmp_msgs_per_sec,
+ * icmp_msgs_burst); the rest is dropped and counted (drop_icmp_ratelimit). A GCRA bucket: `tat` is when the
+ * bucket is next empty. Shared by the CPUs without a lock: a race lets a packet more through, nothing worse.
+ * Not pinned: a restarted program starts with a full bucket.
+ */
+#define ICMP_PUNT_RATE 2000
+#define ICMP_PUNT_BURST 200
+#define ICMP_PUNT_COST (1000000000ULL / ICMP_PUNT_RATE)
+
+BPF_ARRAY(icmp_punt_tat, __u64, 1);
+
+static __always_inline int icmp_punt_allowed(void)
+{
+	__u32 zero = 0;
+	__u64 *tat = icmp_punt_tat.lookup(&zero);
+	__u64 now = bpf_ktime_get_ns(), t;
+
+	if (!tat)
+		return 1;
+	t = *tat > now ? *tat : now;
+	if (t - now > (ICMP_PUNT_BURST - 1) * ICMP_PUNT_COST)
+		return 0;
+	*tat = t + ICMP_PUNT_COST;
+	return 1;
+}
+
+/*
  * Learn sender IP -> MAC from ARP, unless an operator pinned that neighbour with dpip neigh add. Only a real
  * unicast host is learned, as the slow path does (dispatch._learnable): not a martian sender address (0.0.0.0
  * is an ARP probe's, RFC 5227: answered, never learned), not a group or all-zero MAC, and not one of our own
@@ -2097,6 +2129,8 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 			__u32 key = xsk_key(ctx, inv);
 
 			if (slowpath_up(key)) {
+				if (!icmp_punt_allowed())
+					return drop(CNT_DROP_ICMP_RATELIMIT);
 				count(CNT_PUNT_ICMP);
 				return xsks.redirect_map(key, XDP_PASS);
 			}
@@ -2457,6 +2491,8 @@ icmp6:
 		int action;
 
 		if (slowpath_up(key)) {
+			if (icmp[0] == ICMPV6_ECHO_REQUEST_ && !icmp_punt_allowed())
+				return drop(CNT_DROP_ICMP_RATELIMIT);
 			count(icmp[0] == ICMPV6_ECHO_REQUEST_ ? CNT_PUNT_ICMP : CNT_PUNT_ARP);
 			return xsks.redirect_map(key, XDP_PASS);
 		}

@@ -417,6 +417,9 @@ enum hdslb_counter {
 			       * walk (Hop-by-Hop, Routing, Destination Options, ...): not balanced, and not the kernel's */
 	CNT_ND_REPLY,       /* IPv6 neighbour solicitation for an owned address answered in XDP (no slow path up):
 			     * ARP_REPLY's counterpart */
+	CNT_DROP_ICMP_RATELIMIT, /* ICMP to an owned address (echo, an error to translate) over what the slow path is
+				  * given (ICMP_PUNT_RATE a second): dropped so a ping flood cannot crowd ARP, ND and
+				  * probe replies out of its socket */
 	CNT_MAX,
 };
 
