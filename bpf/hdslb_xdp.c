@@ -2236,6 +2236,8 @@ not_balanced:
 }
 
 /* ICMPv6 types the slow path answers for owned addresses. */
+#define ICMPV6_DEST_UNREACH_ 1
+#define ICMPV6_TIME_EXCEED_ 3
 #define ICMPV6_ECHO_REQUEST_ 128
 #define ICMPV6_NS_ 135
 #define ICMPV6_NA_ 136
@@ -2480,7 +2482,10 @@ icmp6:
 	icmp = (__u8 *)(ip6 + 1);
 	if ((void *)(icmp + 8) > data_end || (void *)(icmp + 8) > nh->end)
 		return drop(CNT_DROP_MALFORMED_L4);
-	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_) {
+	/* Echo, NA and errors (destination unreachable, packet too big, time exceeded: about a flow we rewrote, the
+	 * slow path sends them on translated) to our addresses; NS by their target. */
+	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_ || icmp[0] == ICMPV6_DEST_UNREACH_ ||
+	    icmp[0] == ICMPV6_PKT_TOOBIG_ || icmp[0] == ICMPV6_TIME_EXCEED_) {
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
 	} else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end && (void *)(icmp + 24) <= nh->end) {
 		lv = local_lookup6(icmp + 8); /* the target address */
@@ -2491,9 +2496,11 @@ icmp6:
 		int action;
 
 		if (slowpath_up(key)) {
-			if (icmp[0] == ICMPV6_ECHO_REQUEST_ && !icmp_punt_allowed())
+			int nd = icmp[0] == ICMPV6_NS_ || icmp[0] == ICMPV6_NA_;
+
+			if (!nd && !icmp_punt_allowed())
 				return drop(CNT_DROP_ICMP_RATELIMIT);
-			count(icmp[0] == ICMPV6_ECHO_REQUEST_ ? CNT_PUNT_ICMP : CNT_PUNT_ARP);
+			count(nd ? CNT_PUNT_ARP : CNT_PUNT_ICMP);
 			return xsks.redirect_map(key, XDP_PASS);
 		}
 		/* no slow path: a solicitation for an address owned on this interface (handle_arp's rule) is

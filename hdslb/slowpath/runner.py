@@ -162,8 +162,10 @@ class SlowPathRunner:
 
         from hdslb.slowpath import packets as P
 
-        if err.af != 4 or err.inner_sport is None:
+        if err.inner_sport is None:
             return None
+        if err.af == 6:
+            return self._translate_icmp6_error(err)
         # The entry keyed by the quoted packet's reverse: for a packet to a real server (RS:port -> LIP:lport),
         # the flow's reply entry; for a packet to a client (client:cport -> VIP:vport), its inbound entry.
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
@@ -198,6 +200,35 @@ class SlowPathRunner:
         if ifname is None:
             return None
         return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
+
+    def _translate_icmp6_error(self, err) -> tuple[str, bytes] | None:
+        """translate_icmp_error for IPv6 (FullNAT v6): Packet Too Big, destination unreachable or time exceeded
+        about a packet we rewrote, sent on as the other side must see it. IPv6 routers never fragment, so without
+        this a smaller MTU between the balancer and the servers (or the clients) was a path-MTU black hole for
+        every v6 flow, where IPv4 was translated. The quoted header and ports are rewritten; the quoted L4
+        checksum is left (nobody checks a quote's). NAT64 (the other side IPv4) and a NAT server's errors to its client (not to us: not punted) are left."""
+        import struct
+
+        from hdslb.slowpath import packets as P
+
+        if not err.to_local:
+            return None
+        back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
+        if back is None or back.get("need_l2") or back["to_saddr"].version != 6 or back["to_daddr"].version != 6:
+            return None
+        if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
+            return None
+        esrc, esport, edst, edport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
+        q = bytearray(err.quoted)
+        q[8:24], q[24:40] = edst.packed, esrc.packed
+        q[P.IPV6_HLEN:P.IPV6_HLEN + 4] = struct.pack("!HH", edport, esport)
+        icmp = bytearray(struct.pack("!BBHI", err.type, err.code, 0, err.mtu or 0)) + q
+        icmp[2:4] = struct.pack("!H", P.icmp6_checksum(esrc, edst, bytes(icmp)))
+        ip6 = P.ipv6_header(esrc, edst, P.IPPROTO_ICMPV6, len(icmp), hlim=self.sp.ttl)
+        ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
+        if ifname is None:
+            return None
+        return ifname, back["dmac"] + back["smac"] + b"\x86\xdd" + ip6 + bytes(icmp)
 
     def kick(self) -> None:
         self._kick.set()

@@ -236,3 +236,72 @@ def test_a_snat_forward_entry_never_answers_an_error_to_us():
     received = IP(src=OUTSIDE, dst=INSIDE) / TCP(sport=80, dport=33000)
     r.carry_out(r.sp.handle("eth1", _nat_error_frame(INSIDE, VIP, received)))
     assert r.translated == 0 and not any(s.sent for s in r.socks.values())
+
+
+# --- IPv6 (FullNAT v6): the same translations; found in a lab, where a real server's Packet Too Big about a v6
+# flow never reached the client (the fast path passed it to the kernel, the runner took IPv4 only)
+CLIENT6, VIP6, LIP6, RS6, ROUTER6 = "fd00:10::1", "fd00:10::100", "fd00:100::fe", "fd00:100::2", "fd00:10::fe"
+
+
+def _flow6(proto, lport=2000):
+    inbound = {"to_saddr": A(LIP6), "to_sport": lport, "to_daddr": A(RS6), "to_dport": 80, "out": False,
+               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
+    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
+             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
+    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS6, 80, LIP6, lport): reply}
+
+
+def _runner6(entries):
+    r = _runner(entries)
+    r._translate_icmp6_error = lambda err: SlowPathRunner._translate_icmp6_error(r, err)
+    return r
+
+
+def _error6(src, dst, quoted, mtu=1280):
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+
+    p = IPv6(src=src, dst=dst) / ICMPv6PacketTooBig(mtu=mtu) / bytes(quoted)[:48]
+    return P.parse_icmp6_error(bytes(p)[40:])
+
+
+def _check6(frame, ifname, want_ifname, src, dst, qsrc, qdst, qsport, qdport, l4):
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPerror6, IPv6, TCPerror as _T, UDPerror as _U
+
+    assert ifname == want_ifname
+    p = Ether(frame)
+    assert (p[IPv6].src, p[IPv6].dst, p[IPv6].nh) == (src, dst, 58)
+    assert p[ICMPv6PacketTooBig].mtu == 1280
+    q = p[IPerror6]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, inner.sport, inner.dport) == (qsrc, qdst, qsport, qdport)
+    chk = Ether(frame)
+    del chk[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(chk))[ICMPv6PacketTooBig].cksum == p[ICMPv6PacketTooBig].cksum, "ICMPv6 checksum"
+    assert p[IPv6].plen == len(bytes(p[IPv6].payload))
+
+
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_v6_packet_too_big_from_the_server_side_goes_to_the_client(l4):
+    from scapy.layers.inet6 import IPv6
+
+    proto = 6 if l4 is TCP else 17
+    sent = IPv6(src=LIP6, dst=RS6, plen=1400) / l4(sport=2000, dport=80)
+    out = SlowPathRunner.translate_icmp_error(_runner6(_flow6(proto)), _error6(RS6, LIP6, sent))
+    assert out is not None, "translated"
+    _check6(out[1], out[0], "eth0", VIP6, CLIENT6, CLIENT6, VIP6, 40000, 80, l4)
+
+
+def test_a_v6_packet_too_big_from_the_client_side_goes_to_the_real_server():
+    from scapy.layers.inet6 import IPv6
+
+    sent = IPv6(src=VIP6, dst=CLIENT6, plen=1400) / TCP(sport=80, dport=40000)
+    out = SlowPathRunner.translate_icmp_error(_runner6(_flow6(6)), _error6(ROUTER6, VIP6, sent))
+    assert out is not None, "translated"
+    _check6(out[1], out[0], "eth1", LIP6, RS6, RS6, LIP6, 80, 2000, TCP)
+
+
+def test_a_v6_error_quoting_no_flow_is_left():
+    from scapy.layers.inet6 import IPv6
+
+    sent = IPv6(src=LIP6, dst=RS6) / TCP(sport=2999, dport=80)
+    assert SlowPathRunner.translate_icmp_error(_runner6(_flow6(6)), _error6(RS6, LIP6, sent)) is None
