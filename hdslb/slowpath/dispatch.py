@@ -119,6 +119,24 @@ def owned_on(model, addr, ifname: str) -> bool:
     return bool(flags) and (ifindex == 0 or ifindex == model.ifaces[ifname].ifindex)
 
 
+_ZERONET = ipaddress.ip_network("0.0.0.0/8")
+
+
+def martian_source(model, ip) -> bool:
+    """A source address no host on a link can have, which Linux drops before answering anything
+    (ip_route_input_slow, fib_validate_source): unspecified, 0/8, loopback, multicast, the limited broadcast,
+    an IPv4-mapped IPv6 address, or one of our own addresses. An echo reply or ARP reply to it would go to
+    nobody, to a whole group or back to ourselves (the fast path drops such openers too: drop_martian)."""
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+        return True
+    if ip.version == 4:
+        if ip == P.V4_BCAST or ip in _ZERONET:
+            return True
+    elif ip.ipv4_mapped is not None:
+        return True
+    return is_local(model, ip)
+
+
 def _unspecified(version: int):
     return P.V4_ANY if version == 4 else P.V6_ANY
 
@@ -267,7 +285,8 @@ class SlowPath:
         if is_local(self.model, ip):
             act.count("addr_conflict")  # someone else answers for our address: log-worthy, never learned
             return False
-        return True
+        # 0/8, loopback, IPv4-mapped: never a neighbour (XDP's arp_learn skips them too)
+        return not martian_source(self.model, ip)
 
     # --- classification -------------------------------------------------------------------------
     def _handle(self, ifname: str, frame: bytes, act: Actions) -> None:
@@ -312,7 +331,11 @@ class SlowPath:
         learnable = self._learnable(arp.spa, arp.sha, act)
         if arp.op == P.ARPOP_REQUEST:
             act.count("rx_arp_request")
-            if ours:
+            # An ARP probe (RFC 5227: from 0.0.0.0) is answered; a request from another martian sender is not,
+            # as Linux (its route lookup for the sender fails). One from an address of ours is a conflict
+            # (counted by _learnable) and still answered, so the other host learns the address is taken.
+            if ours and (arp.spa == P.V4_ANY or is_local(self.model, arp.spa)
+                         or not martian_source(self.model, arp.spa)):
                 reply = P.retag(P.arp_reply(ifc.mac, arp.tpa, arp.sha, arp.spa), eth.tags)
                 act.send(ifc.name, reply, "arp_reply")
             # The asker is talking to us, so it is worth an entry; anyone else's request (gratuitous ARP
@@ -378,7 +401,7 @@ class SlowPath:
             return
         if kind == P.ICMP_ECHO:
             act.count("rx_icmp_echo")
-            if ip.src.is_multicast or ip.src.is_unspecified or ip.src == P.V4_BCAST:
+            if martian_source(self.model, ip.src):
                 act.count("unexpected")
                 return
             reply = P.icmp_echo_reply(frame, smac=ifc.mac, ttl=self.ttl)
@@ -417,7 +440,7 @@ class SlowPath:
             act.count("malformed")
             return
         if rx == "icmp6_echo":
-            if not is_local(self.model, ip6.dst) or ip6.src.is_multicast or ip6.src.is_unspecified:
+            if not is_local(self.model, ip6.dst) or martian_source(self.model, ip6.src):
                 act.count("unexpected")
                 return
             reply = P.icmp6_echo_reply(frame, smac=ifc.mac, hlim=self.ttl)

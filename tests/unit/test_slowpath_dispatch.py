@@ -533,3 +533,32 @@ def test_unresolved_frame_carrying_our_source_mac_is_not_mistaken_for_a_loop(sp)
     act = sp.handle("eth1", frame)
     assert act.counters["rx_unresolved"] == 1 and act.counters["unres_queued"] == 1
     assert act.counters.get("unexpected", 0) == 0
+
+
+# Found in a netns lab: echo requests from 127.0.0.1, from the VIP itself and from 0.0.0.8 were answered (a reply
+# to loopback or to ourselves sent onto the wire), and an ARP request from 255.255.255.255 got a reply addressed
+# to it. Linux drops these martian sources before answering anything.
+@pytest.mark.parametrize("src", ["127.0.0.1", "10.0.0.100", "192.168.100.200", "0.1.2.3", "255.255.255.255",
+                                 "224.0.0.1"])
+def test_echo_from_a_martian_source_is_not_answered(sp, src):
+    act = sp.handle("eth0", ping("10.0.0.100", src=src))
+    assert not act.tx and act.counters["unexpected"] == 1 and act.counters["icmp_echo_reply"] == 0
+
+
+@pytest.mark.parametrize("src", ["::1", "2001:db8::100", "::ffff:1.2.3.4", "ff02::1"])
+def test_icmp6_echo_from_a_martian_source_is_not_answered(sp, src):
+    req = bytes(Ether(dst=M0, src=CLIENT) / IPv6(src=src, dst="2001:db8::100") / ICMPv6EchoRequest(id=1, seq=2))
+    act = sp.handle("eth0", req)
+    assert not act.tx and act.counters["unexpected"] == 1
+
+
+@pytest.mark.parametrize("spa", ["127.0.0.1", "255.255.255.255", "224.0.0.5", "0.1.2.3"])
+def test_arp_request_from_a_martian_sender_is_not_answered(sp, spa):
+    act = sp.handle("eth0", arp_req("10.0.0.100", spa=spa))
+    assert not act.tx and not act.neigh_updates
+
+
+def test_arp_probe_and_a_conflicting_claim_are_still_answered(sp):
+    assert sp.handle("eth0", arp_req("10.0.0.100", spa="0.0.0.0")).tx
+    act = sp.handle("eth0", arp_req("10.0.0.100", spa="10.0.0.100"))
+    assert act.tx and act.counters["addr_conflict"] == 1
