@@ -120,6 +120,7 @@ def owned_on(model, addr, ifname: str) -> bool:
 
 
 _ZERONET = ipaddress.ip_network("0.0.0.0/8")
+CONFLICT_LOG_INTERVAL = 60.0  # seconds between log lines about the same address claimed by the same MAC
 
 
 def martian_source(model, ip) -> bool:
@@ -153,6 +154,7 @@ class SlowPath:
         self.proactive = proactive
         self.counters: Counter = Counter({k: 0 for k in COUNTERS})
         self._static_seen = None  # (the model's neighs dict, its length) at the last sync of static entries
+        self._conflicts_logged: dict = {}  # (address, MAC) -> when an address conflict was last logged
         self.static_syncs = 0  # full syncs of static entries done (each costs one pass over them)
 
     # --- entry points ---------------------------------------------------------------------------
@@ -276,17 +278,33 @@ class SlowPath:
         """Sender address of an ARP request / NS for target on ifname: the model's one rule (Balancer.probe_source)."""
         return self.model.probe_source(target, ifname)
 
-    def _learnable(self, ip, mac: bytes, act: Actions) -> bool:
+    def _learnable(self, ip, mac: bytes, act: Actions, ifname: str = "?") -> bool:
         """A neighbour may be learned at ip/mac: a real unicast host that is not claiming one of our addresses."""
         if ip.is_unspecified or ip.is_multicast or not P.is_unicast_mac(mac):
             return False
         if ip == P.V4_BCAST:
             return False
         if is_local(self.model, ip):
-            act.count("addr_conflict")  # someone else answers for our address: log-worthy, never learned
+            self._conflict(ip, mac, ifname, act)  # someone else answers for our address: never learned
             return False
         # 0/8, loopback, IPv4-mapped: never a neighbour (XDP's arp_learn skips them too)
         return not martian_source(self.model, ip)
+
+    def _conflict(self, ip, mac: bytes, ifname: str, act: Actions) -> None:
+        """Another host claims an address of ours (its ARP/NS sender or NA target): counted (addr_conflict) and
+        logged, at most once a minute per address and MAC, naming the MAC, so an operator whose VIP another box
+        took (a duplicate address, a keepalived peer still holding it) sees who, not only a counter moving."""
+        act.count("addr_conflict")
+        now = self.now()
+        key = (ip, bytes(mac) if mac else b"")
+        last = self._conflicts_logged.get(key)
+        if last is not None and now - last < CONFLICT_LOG_INTERVAL:
+            return
+        if len(self._conflicts_logged) >= 1024:  # bounded whatever a hostile segment sends
+            self._conflicts_logged.clear()
+        self._conflicts_logged[key] = now
+        log.warning("slow path: %s is ours but %s on %s claims it (address conflict; counted addr_conflict)",
+                    ip, P.mac_str(mac) if mac else "a host", ifname)
 
     # --- classification -------------------------------------------------------------------------
     def _handle(self, ifname: str, frame: bytes, act: Actions) -> None:
@@ -328,7 +346,7 @@ class SlowPath:
             act.count("unexpected")
             return
         ours = owned_on(self.model, arp.tpa, ifc.name)
-        learnable = self._learnable(arp.spa, arp.sha, act)
+        learnable = self._learnable(arp.spa, arp.sha, act, ifc.name)
         if arp.op == P.ARPOP_REQUEST:
             act.count("rx_arp_request")
             # An ARP probe (RFC 5227: from 0.0.0.0) is answered; a request from another martian sender is not,
@@ -480,7 +498,7 @@ class SlowPath:
             dst, dmac, solicited = P.ALL_NODES, P.mcast_mac(P.ALL_NODES), False
         else:
             dst, dmac, solicited = ip6.src, nd.lladdr or eth.src, True
-            if nd.lladdr is not None and self._learnable(ip6.src, nd.lladdr, act):
+            if nd.lladdr is not None and self._learnable(ip6.src, nd.lladdr, act, ifc.name):
                 self._apply(self.neigh.learn(ip6.src, nd.lladdr, ifc.name, confirmed=False, create=True), act)
         na = P.retag(P.nd_na(ifc.mac, nd.target, dst, dmac, solicited=solicited, override=True), eth.tags)
         act.send(ifc.name, na, "nd_na")
@@ -490,7 +508,7 @@ class SlowPath:
             act.count("malformed")  # RFC 4861 7.1.2
             return
         if is_local(self.model, nd.target):
-            act.count("addr_conflict")
+            self._conflict(nd.target, nd.lladdr or eth.src, ifc.name, act)
             return
         if nd.lladdr is not None and not P.is_unicast_mac(nd.lladdr):
             act.count("malformed")

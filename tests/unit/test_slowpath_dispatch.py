@@ -562,3 +562,23 @@ def test_arp_probe_and_a_conflicting_claim_are_still_answered(sp):
     assert sp.handle("eth0", arp_req("10.0.0.100", spa="0.0.0.0")).tx
     act = sp.handle("eth0", arp_req("10.0.0.100", spa="10.0.0.100"))
     assert act.tx and act.counters["addr_conflict"] == 1
+
+
+def test_an_address_conflict_is_logged_naming_the_mac_once_a_minute(sp, clock, caplog):
+    """Found in a lab: a host sending gratuitous ARP for the VIP only moved the addr_conflict counter; nothing told
+    the operator which box took the VIP."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="hdslb.slowpath")
+    for _ in range(3):
+        sp.handle("eth0", arp_req("10.0.0.100", spa="10.0.0.100"))
+    lines = [r.getMessage() for r in caplog.records if "conflict" in r.getMessage()]
+    assert len(lines) == 1 and "10.0.0.100" in lines[0] and CLIENT in lines[0] and "eth0" in lines[0], lines
+    assert sp.counters["addr_conflict"] == 3
+    clock.advance(61)
+    sp.handle("eth0", arp_req("10.0.0.100", spa="10.0.0.100"))
+    na = bytes(Ether(dst=M0, src=RS2) / IPv6(src="2001:db8::100", dst="ff02::1", hlim=255) /
+               ICMPv6ND_NA(tgt="2001:db8::100", R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=RS2))
+    sp.handle("eth0", na)
+    lines = [r.getMessage() for r in caplog.records if "conflict" in r.getMessage()]
+    assert len(lines) == 3 and "2001:db8::100" in lines[2] and RS2 in lines[2], lines
