@@ -654,6 +654,41 @@ class Maps:
                     best, cpu = v, i
         return best, cpu, state
 
+    def conn_remac(self, old: bytes, new: bytes, ifindex: int) -> int:
+        """Point every connection entry that sends to next-hop MAC `old` out of ifindex at `new` instead; returns
+        the entries changed.
+
+        An entry keeps its next hop's MAC from its first packet (the cached L2 result, DPVS fast_xmit), so when a
+        real server or gateway answers from another MAC (a replaced server, a VRRP failover, a migrated VM) new
+        flows follow the neighbour table while established ones went on sending to the old MAC until they ended
+        (a UDP flow the client kept busy: never). The slow path calls this when it writes a moved MAC. The walk
+        is batched; the writes are BPF_EXIST (an entry removed meanwhile stays removed). A packet that updates an
+        entry between the read and the write loses that update (its last-seen time, a state step), which the
+        next packet redoes: rare, and far better than a flow sent to a MAC that is gone."""
+        changed = 0
+        for name in self.CONN_MAPS:
+            t = self.t[name]
+            hits = []
+            for batch in self._batches(name):
+                if batch is None:
+                    items = ((k, v) for k, v in t.items())
+                else:
+                    keys, vals, n = batch
+                    items = ((keys[i], vals[i]) for i in range(n))
+                for k, v in items:
+                    copies = self._copies(v)
+                    if any(c.flags & abi.CONN_F_VALID and not c.flags & abi.CONN_F_NEED_L2 and c.ifindex == ifindex
+                           and ct.string_at(ct.addressof(c.dmac), 6) == old for c in copies):
+                        hits.append((type(k).from_buffer_copy(k), type(v).from_buffer_copy(v)))
+                if batch is None:
+                    break
+            for k, v in hits:
+                for c in self._copies(v):
+                    if c.ifindex == ifindex and ct.string_at(ct.addressof(c.dmac), 6) == old:
+                        _put_mac(c.dmac, new)
+                changed += _bpf_update_elem(t.map_fd, ct.byref(k), ct.byref(v), 2) == 0
+        return changed
+
     def conn_entries(self) -> int:
         """Entries in both conn tables."""
         return sum(self.conn_entries_by_family().values())

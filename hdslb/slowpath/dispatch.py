@@ -31,7 +31,9 @@ COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_reques
             # the unresolved queues' byte cap; neighbour map writes that failed (the runner retries them)
             "neigh_table_full", "neigh_gc_forced", "unres_bytes_full", "neigh_write_failed",
             # ARP replies / neighbour advertisements about a neighbour we never asked for: not learned
-            "neigh_unsolicited")
+            "neigh_unsolicited",
+            # connection entries moved to a next hop's new MAC (the runner, when a real server's MAC moved)
+            "conn_remac")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes as ct
 import glob
+import ipaddress
 import logging
 import os
 import time
@@ -54,6 +55,7 @@ class SlowPathRunner:
         self._tick_task: asyncio.Task | None = None
         self._kick = asyncio.Event()
         self.translated = 0  # ICMP errors about balanced flows forwarded to their clients
+        self.macs: dict = {}  # wanted next hop -> (MAC, ifindex) last written to the fast path (see _note_mac)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -76,8 +78,12 @@ class SlowPathRunner:
         # Neighbours the fast path already holds (a previous daemon's, the kernel's) are adopted, not relearned.
         # Those beyond gc_thresh3 are deleted from the map (nothing would age them there).
         by_index = {i.ifindex: i.name for i in self.d.bal.ifaces.values()}
+        held = [n for n in self.d.maps.neighs() if not n["permanent"] and n["ifindex"] in by_index]
+        # what established connections were made with, so a MAC that moved while no daemon ran is followed too
+        self.macs = {ipaddress.ip_address(n["addr"]): (bytes.fromhex(n["lladdr"].replace(":", "")), n["ifindex"])
+                     for n in held}
         self.carry_out(self.sp.adopt((n["addr"], bytes.fromhex(n["lladdr"].replace(":", "")), by_index[n["ifindex"]])
-                                     for n in self.d.maps.neighs() if not n["permanent"] and n["ifindex"] in by_index))
+                                     for n in held))
         self._tick_task = asyncio.create_task(self._ticker())
         log.info("slow path: %d AF_XDP sockets on %s", len(self.socks), ", ".join(sorted({k[0] for k in self.socks})))
 
@@ -127,6 +133,7 @@ class SlowPathRunner:
                 if ifc is None:
                     return True  # the interface went away: nothing to write
                 self.d.maps.set_neigh(ip, mac, ifc.ifindex, permanent=permanent)
+                self._note_mac(ip, mac, ifc.ifindex)
             return True
         except Exception as e:  # the map full (E2BIG/ENOMEM), a map swapped during a datapath reload, ...
             if not self.dirty:
@@ -134,6 +141,46 @@ class SlowPathRunner:
             self.dirty[ip] = op
             self.sp.counters["neigh_write_failed"] += 1
             return False
+
+    def _note_mac(self, ip, mac: bytes, ifindex: int) -> None:
+        """A next hop the balancer sends flows to (a real server, a gateway: NeighTable.wanted) got a MAC written;
+        if it had another one on the same interface, established connections still carry the old one (each
+        entry keeps its first packet's MAC): move them (Maps.conn_remac, a walk of the tables, in a worker
+        thread). Only wanted next hops are remembered, so the memory is bounded by the model, not by what a
+        segment sends."""
+        wanted = self.neigh.wanted
+        if ip not in wanted and ip not in self.macs:
+            return
+        old = self.macs.get(ip)
+        self.macs[ip] = (bytes(mac), ifindex)
+        if old is None or old[1] != ifindex or old[0] == bytes(mac):
+            return
+        self.remac(ip, old[0], bytes(mac), ifindex)
+
+    def remac(self, ip, old: bytes, new: bytes, ifindex: int) -> None:
+        from hdslb.slowpath import packets as P
+
+        def done(n):
+            self.sp.counters["conn_remac"] += n
+            log.warning("slow path: next hop %s moved from %s to %s: %d connection entries follow it", ip,
+                        P.mac_str(old), P.mac_str(new), n)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not inside the daemon's loop (tests, tools): do it here
+            done(self.d.maps.conn_remac(old, new, ifindex))
+            return
+        fut = loop.run_in_executor(None, self.d.maps.conn_remac, old, new, ifindex)
+
+        def finished(f):
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                log.error("slow path: moving connections of %s to its new MAC failed: %s", ip, f.exception())
+                return
+            done(f.result())
+
+        fut.add_done_callback(finished)
 
     def retry_dirty(self, limit: int = RETRY_PER_TICK) -> int:
         """Retry up to limit pending map writes, oldest first; returns how many landed."""
@@ -245,6 +292,9 @@ class SlowPathRunner:
             self._kick.clear()
             try:
                 self.carry_out(self.sp.tick())
+                if len(self.macs) > len(self.neigh.wanted) + 64:  # next hops no longer wanted: forgotten
+                    wanted = self.neigh.wanted
+                    self.macs = {a: m for a, m in self.macs.items() if a in wanted}
                 if self.dirty:
                     self.retry_dirty()
             except Exception:

@@ -329,3 +329,36 @@ def test_all_unresolved_queues_together_are_bounded_in_bytes(bal, clock):
         clock.advance(1)
     assert tbl.unres_bytes == 0
     assert sp.handle("eth0", fnat_frame(dst="192.168.100.20")).counters["unres_queued"] == 1
+
+
+# --- established connections follow a moved MAC ----------------------------------------------------------------
+class RemacMaps(FlakyMaps):
+    def __init__(self):
+        super().__init__()
+        self.remacs: list = []
+
+    def conn_remac(self, old, new, ifindex):
+        self.remacs.append((old, new, ifindex))
+        return 7
+
+
+def test_a_wanted_next_hop_whose_mac_moved_takes_its_connections_along(bal, caplog):
+    """Found in a lab: a real server's MAC changed; the neighbour table followed, new flows worked, but a busy UDP
+    flow's entry kept the old MAC and every request timed out. The runner now moves the connections when it
+    writes a wanted next hop's new MAC; a client's MAC moving (not wanted) costs no walk of the tables."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="hdslb.slowpath")
+    d = SimpleNamespace(bal=bal, maps=RemacMaps(), sizes=SimpleNamespace(max_neigh=64))
+    r = SlowPathRunner(d)
+    rs, client = A("192.168.100.2"), A("192.168.100.9")
+    r.neigh.wanted = {rs: "eth1"}
+    old, new = bytes.fromhex("525400000002"), bytes.fromhex("0242deadbe01")
+    r.carry_out(Actions(neigh_updates=[(rs, old, "eth1", False), (client, old, "eth1", False)]))
+    assert d.maps.remacs == [], "a first MAC moves nothing"
+    r.carry_out(Actions(neigh_updates=[(rs, old, "eth1", False)]))
+    assert d.maps.remacs == [], "the same MAC again moves nothing"
+    r.carry_out(Actions(neigh_updates=[(rs, new, "eth1", False), (client, new, "eth1", False)]))
+    assert d.maps.remacs == [(old, new, 3)]
+    assert r.stats()["counters"]["conn_remac"] == 7
+    assert any("192.168.100.2 moved" in m and "7 connection entries" in m for m in caplog.messages), caplog.messages
