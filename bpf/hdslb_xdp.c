@@ -404,6 +404,27 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 			return xsks.redirect_map(key, XDP_PASS);
 		}
 	}
+	/* A neighbour we send to announcing another MAC (a gratuitous ARP from a replaced or failed-over server, or
+	 * any ARP it sends): the slow path takes it, as Linux updates an existing entry from any ARP of its sender,
+	 * so new and established flows follow at once, not after the entry's timeout and re-probes. Only for a
+	 * learned entry on this interface whose MAC differs: everything else stays the kernel's (this one ARP it
+	 * does not see; its own entry is re-confirmed by its usual probes). */
+	if (!lv && (a->op == bpf_htons(ARPOP_REQUEST_) || a->op == bpf_htons(ARPOP_REPLY_))) {
+		struct neigh_key nk = {};
+		struct neigh_val *nv;
+
+		nk.addr.v4 = a->spa;
+		nk.af = HDSLB_AF_INET;
+		nv = neigh_map.lookup(&nk);
+		if (nv && !(nv->flags & NEIGH_F_PERMANENT) && nv->ifindex == ifindex && !mac_eq(nv->mac, a->sha)) {
+			__u32 key = xsk_key(ctx, ifv);
+
+			if (slowpath_up(key)) {
+				count(CNT_PUNT_ARP);
+				return xsks.redirect_map(key, XDP_PASS);
+			}
+		}
+	}
 	if (a->op == bpf_htons(ARPOP_REQUEST_)) {
 		if (!lv)
 			goto pass;
