@@ -307,34 +307,38 @@ static __always_inline int slowpath_up(__u32 key)
 }
 
 /*
- * ICMP handed to the slow path (echo requests to our addresses, errors to translate) shares each interface
- * queue's AF_XDP ring with ARP, neighbour discovery and the answers to the slow path's own probes, and Python
- * serves ~20-30k frames a second. Unbounded, one host pinging a VIP as fast as it can filled the ring: ARP
- * requests for the VIP and the real servers' answers to our probes were lost with the echoes, next hops went
- * FAILED and most new connections failed until the flood stopped. So ICMP gets at most ICMP_PUNT_RATE frames a
- * second (bursts of ICMP_PUNT_BURST) over all CPUs, as Linux bounds what ICMP it sends (icmp_msgs_per_sec,
- * icmp_msgs_burst); the rest is dropped and counted (drop_icmp_ratelimit). A GCRA bucket: `tat` is when the
- * bucket is next empty. Shared by the CPUs without a lock: a race lets a packet more through, nothing worse.
- * Not pinned: a restarted program starts with a full bucket.
+ * What is handed to the slow path shares each interface queue's AF_XDP ring: ARP, neighbour discovery, the answers
+ * to the slow path's own probes, ICMP. Python serves ~20-30k frames a second, so one host flooding it starved the
+ * rest: pinging a VIP at ~100 kpps, or sending ~40 kpps of ARP requests for it from made-up senders, lost the
+ * real servers' answers to our probes with the flood, next hops went FAILED and about half the new connections
+ * failed until the flood stopped. Two budgets, PUNT_RATE frames a second each (bursts of PUNT_BURST) over all
+ * CPUs, as Linux bounds the ICMP it sends (icmp_msgs_per_sec, icmp_msgs_burst):
+ *   PUNT_ICMP   ICMP to our addresses (echo, errors to translate): beyond it dropped (drop_icmp_ratelimit);
+ *   PUNT_NEIGH  ARP requests and IPv6 solicitations for our addresses: beyond it answered here as when no slow
+ *               path runs (arp_reply, nd_reply), without learning the asker.
+ * The answers to the slow path's own probes are never limited. A GCRA bucket per budget: the value is when the
+ * bucket is next empty. Shared by the CPUs without a lock: a race lets a packet more through, nothing worse. Not
+ * pinned: a restarted program starts with full buckets.
  */
-#define ICMP_PUNT_RATE 2000
-#define ICMP_PUNT_BURST 200
-#define ICMP_PUNT_COST (1000000000ULL / ICMP_PUNT_RATE)
+#define PUNT_RATE 2000
+#define PUNT_BURST 200
+#define PUNT_COST (1000000000ULL / PUNT_RATE)
+#define PUNT_ICMP 0
+#define PUNT_NEIGH 1
 
-BPF_ARRAY(icmp_punt_tat, __u64, 1);
+BPF_ARRAY(punt_tat, __u64, 2);
 
-static __always_inline int icmp_punt_allowed(void)
+static __always_inline int punt_allowed(__u32 budget)
 {
-	__u32 zero = 0;
-	__u64 *tat = icmp_punt_tat.lookup(&zero);
+	__u64 *tat = punt_tat.lookup(&budget);
 	__u64 now = bpf_ktime_get_ns(), t;
 
 	if (!tat)
 		return 1;
 	t = *tat > now ? *tat : now;
-	if (t - now > (ICMP_PUNT_BURST - 1) * ICMP_PUNT_COST)
+	if (t - now > (PUNT_BURST - 1) * PUNT_COST)
 		return 0;
-	*tat = t + ICMP_PUNT_COST;
+	*tat = t + PUNT_COST;
 	return 1;
 }
 
@@ -378,6 +382,7 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 	struct iface_val *ifv;
 	struct local_val *lv;
 	__be32 tpa;
+	int busy = 0;
 
 	if ((void *)(a + 1) > data_end)
 		return drop(CNT_DROP_MALFORMED_ARP);
@@ -400,8 +405,12 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 		__u32 key = xsk_key(ctx, ifv);
 
 		if (slowpath_up(key)) {
-			count(CNT_PUNT_ARP);
-			return xsks.redirect_map(key, XDP_PASS);
+			if (lv && a->op == bpf_htons(ARPOP_REQUEST_) && !punt_allowed(PUNT_NEIGH)) {
+				busy = 1; /* a flood: answered below, the asker not learned */
+			} else {
+				count(CNT_PUNT_ARP);
+				return xsks.redirect_map(key, XDP_PASS);
+			}
 		}
 	}
 	/* A neighbour we send to announcing another MAC (a gratuitous ARP from a replaced or failed-over server, or
@@ -428,7 +437,10 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 	if (a->op == bpf_htons(ARPOP_REQUEST_)) {
 		if (!lv)
 			goto pass;
-		arp_learn(a->spa, a->sha, ifindex);
+		/* (with the slow path up the neighbour table is its own: entries written behind its back would never
+		 * be aged, and a flood from made-up senders would fill the map) */
+		if (!busy)
+			arp_learn(a->spa, a->sha, ifindex);
 		tpa = a->tpa;
 		__builtin_memcpy(a->tha, a->sha, 6);
 		a->tpa = a->spa;
@@ -2150,7 +2162,7 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 			__u32 key = xsk_key(ctx, inv);
 
 			if (slowpath_up(key)) {
-				if (!icmp_punt_allowed())
+				if (!punt_allowed(PUNT_ICMP))
 					return drop(CNT_DROP_ICMP_RATELIMIT);
 				count(CNT_PUNT_ICMP);
 				return xsks.redirect_map(key, XDP_PASS);
@@ -2519,13 +2531,16 @@ icmp6:
 		if (slowpath_up(key)) {
 			int nd = icmp[0] == ICMPV6_NS_ || icmp[0] == ICMPV6_NA_;
 
-			if (!nd && !icmp_punt_allowed())
+			if (!nd && !punt_allowed(PUNT_ICMP))
 				return drop(CNT_DROP_ICMP_RATELIMIT);
-			count(nd ? CNT_PUNT_ARP : CNT_PUNT_ICMP);
-			return xsks.redirect_map(key, XDP_PASS);
+			/* a flood of solicitations: answered below, as ARP is (handle_arp) */
+			if (icmp[0] != ICMPV6_NS_ || punt_allowed(PUNT_NEIGH)) {
+				count(nd ? CNT_PUNT_ARP : CNT_PUNT_ICMP);
+				return xsks.redirect_map(key, XDP_PASS);
+			}
 		}
-		/* no slow path: a solicitation for an address owned on this interface (handle_arp's rule) is
-		 * answered here */
+		/* no slow path (or a flood of solicitations, above): one for an address owned on this interface
+		 * (handle_arp's rule) is answered here */
 		if (lv && (!lv->ifindex || lv->ifindex == in_if)) {
 			action = nd_answer(ctx, ip6, inv);
 			if (action >= 0)

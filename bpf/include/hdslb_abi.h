@@ -418,8 +418,8 @@ enum hdslb_counter {
 	CNT_ND_REPLY,       /* IPv6 neighbour solicitation for an owned address answered in XDP (no slow path up):
 			     * ARP_REPLY's counterpart */
 	CNT_DROP_ICMP_RATELIMIT, /* ICMP to an owned address (echo, an error to translate) over what the slow path is
-				  * given (ICMP_PUNT_RATE a second): dropped so a ping flood cannot crowd ARP, ND and
-				  * probe replies out of its socket */
+				  * given (PUNT_RATE a second): dropped so a ping flood cannot crowd ARP, ND and
+				  * probe replies out of its socket (ARP/NS beyond theirs are answered in XDP) */
 	CNT_MAX,
 };
 

@@ -67,7 +67,7 @@ def maps(fastpath):
             del t[k]
     for name, n in (("counters", len(m.counter_names)), ("svc_stats", 64), ("dest_stats", 256),
                     ("sched_cursor", 64), ("lport_cursor", 1), ("snat_map", 16), ("conn_single", 1),
-                    ("icmp_punt_tat", 1)):
+                    ("punt_tat", 2)):
         t = fastpath.table(name)
         for i in range(n):
             t[ct.c_uint32(i)] = t.Leaf()
