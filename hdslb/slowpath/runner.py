@@ -56,6 +56,8 @@ class SlowPathRunner:
         self._kick = asyncio.Event()
         self.translated = 0  # ICMP errors about balanced flows forwarded to their clients
         self.macs: dict = {}  # wanted next hop -> (MAC, ifindex) last written to the fast path (see _note_mac)
+        self._remac_busy = False  # a conn_remac walk runs (remac)
+        self._remac_waiting: dict = {}  # (old MAC, ifindex) -> (next hop, new MAC) asked for while one ran
 
     # --- lifecycle ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -158,6 +160,10 @@ class SlowPathRunner:
         self.remac(ip, old[0], bytes(mac), ifindex)
 
     def remac(self, ip, old: bytes, new: bytes, ifindex: int) -> None:
+        """Move the connections on `old` to `new` (Maps.conn_remac) in a worker thread, one walk at a time: a next
+        hop that flaps between two MACs (a server answering ARP from two NICs) would otherwise start a walk of
+        the whole table per flap, piling up behind each other. Requests made meanwhile wait, one per old MAC and
+        interface (a later one for the same old MAC replaces its target), so they are bounded by the next hops."""
         from hdslb.slowpath import packets as P
 
         def done(n):
@@ -170,15 +176,23 @@ class SlowPathRunner:
         except RuntimeError:  # not inside the daemon's loop (tests, tools): do it here
             done(self.d.maps.conn_remac(old, new, ifindex))
             return
+        if self._remac_busy:
+            self._remac_waiting[(old, ifindex)] = (ip, new)
+            return
+        self._remac_busy = True
         fut = loop.run_in_executor(None, self.d.maps.conn_remac, old, new, ifindex)
 
         def finished(f):
-            if f.cancelled():
-                return
-            if f.exception() is not None:
-                log.error("slow path: moving connections of %s to its new MAC failed: %s", ip, f.exception())
-                return
-            done(f.result())
+            self._remac_busy = False
+            if not f.cancelled():
+                if f.exception() is not None:
+                    log.error("slow path: moving connections of %s to its new MAC failed: %s", ip, f.exception())
+                else:
+                    done(f.result())
+            if self._remac_waiting:
+                (o, i), (nip, n) = next(iter(self._remac_waiting.items()))
+                del self._remac_waiting[(o, i)]
+                self.remac(nip, o, n, i)
 
         fut.add_done_callback(finished)
 

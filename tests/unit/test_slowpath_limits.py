@@ -362,3 +362,33 @@ def test_a_wanted_next_hop_whose_mac_moved_takes_its_connections_along(bal, capl
     assert d.maps.remacs == [(old, new, 3)]
     assert r.stats()["counters"]["conn_remac"] == 7
     assert any("192.168.100.2 moved" in m and "7 connection entries" in m for m in caplog.messages), caplog.messages
+
+
+async def test_moves_of_a_flapping_mac_run_one_walk_at_a_time(bal):
+    """A next hop flapping between two MACs (a server answering ARP from two NICs) started a walk of the whole
+    table per flap, each in its own worker thread, piling up. One walk runs at a time; what is asked meanwhile
+    waits, one request per old MAC (a later one replaces its target), and runs after, in order."""
+    import asyncio
+    import threading
+
+    gate = threading.Event()
+
+    class Slow(RemacMaps):
+        def conn_remac(self, old, new, ifindex):
+            gate.wait(5)
+            return super().conn_remac(old, new, ifindex)
+
+    d = SimpleNamespace(bal=bal, maps=Slow(), sizes=SimpleNamespace(max_neigh=64))
+    r = SlowPathRunner(d)
+    rs = A("192.168.100.2")
+    r.neigh.wanted = {rs: "eth1"}
+    a, b = bytes.fromhex("525400000002"), bytes.fromhex("0242deadbe01")
+    for mac in (a, b, a, b, a, b):  # five moves while the first walk is held
+        r.carry_out(Actions(neigh_updates=[(rs, mac, "eth1", False)]))
+    assert r._remac_busy and len(r._remac_waiting) == 2  # a->b running; b->a and a->b waiting, one each
+    gate.set()
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if not r._remac_busy and not r._remac_waiting:
+            break
+    assert d.maps.remacs == [(a, b, 3), (b, a, 3), (a, b, 3)], d.maps.remacs  # ends on b, the MAC written last
