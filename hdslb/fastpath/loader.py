@@ -802,14 +802,21 @@ def pinned_map_ids(pin_dir: str) -> set[int]:
     return ids
 
 
+def _fd_by_id(call: str, obj_id: int) -> int:
+    """A descriptor of the loaded program or map with this id (libbcc's bpf_prog/map_get_fd_by_id), < 0 if gone."""
+    from bcc import libbcc
+
+    fn = getattr(libbcc.lib, call)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_uint32]
+    return fn(obj_id)
+
+
 def prog_info(prog_id: int) -> tuple[str, set[int]] | None:
     """(name, ids of the maps it uses) of a loaded program, None when it is gone."""
     from bcc import libbcc
 
-    lib = libbcc.lib
-    lib.bpf_prog_get_fd_by_id.restype = ctypes.c_int
-    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    fd = _fd_by_id("bpf_prog_get_fd_by_id", prog_id)
     if fd < 0:
         return None
     try:
@@ -892,12 +899,7 @@ FASTPATH_MAPS = frozenset({"svc_map", "conn4_map", "cfg_map", "local_map"})
 
 def map_name(map_id: int) -> str | None:
     """The name of a loaded map (struct bpf_map_info: name[16] at 24), None when it is gone."""
-    from bcc import libbcc
-
-    lib = libbcc.lib
-    lib.bpf_map_get_fd_by_id.restype = ctypes.c_int
-    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    fd = lib.bpf_map_get_fd_by_id(map_id)
+    fd = _fd_by_id("bpf_map_get_fd_by_id", map_id)
     if fd < 0:
         return None
     try:

@@ -179,7 +179,7 @@ def test_nat_real_servers_icmp_error_reaches_the_client_translated(lab2):
     the client and routed back through the balancer, not to an address of ours: the fast path punts it because it
     quotes the flow and the slow path sends it on as the client must see it, from the VIP and quoting
     client:cport -> VIP:80 (LVS: ip_vs_out_icmp), so the client's path-MTU discovery works."""
-    from .test_slowpath import CLIENT_ICMP, SERVER_ICMP
+    from .test_slowpath import CLIENT_ICMP, SERVER_ICMP, inbound_flow
 
     lab, lb, _, _ = lab2
     nat_services(lb)
@@ -187,13 +187,7 @@ def test_nat_real_servers_icmp_error_reaches_the_client_translated(lab2):
                          stdout=subprocess.PIPE, text=True)
     lab.procs.append(p)
     cport = int(p.stdout.readline())
-    flow = None
-    for _ in range(30):  # conn.list reuses a scan for a second
-        flow = next((c for c in lb.call("conn.list")["conns"]
-                     if not c["out"] and c["daddr"] == VIP_NAT and c["sport"] == cport), None)
-        if flow is not None:
-            break
-        time.sleep(0.2)
+    flow = inbound_flow(lb, daddr=VIP_NAT, sport=cport)
     assert flow is not None and flow["to_saddr"] == lab.client.ip, flow
     before = lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"]
     rs_index = lab.server_ips.index(flow["to_daddr"]) + 1
@@ -289,7 +283,7 @@ def test_snat_inside_hosts_icmp_error_reaches_the_outside_from_the_sapool_addres
     the outside server and routed through us. It left as it was, from the host's private address and quoting a
     flow the server never had; now the fast path punts it (the quote's reverse is the flow's SNAT entry) and it
     leaves from the sapool address quoting outside:80 -> sapool:port, as netfilter's NAT translates related ICMP."""
-    from .test_slowpath import PRINT_UNREACH
+    from .test_slowpath import PRINT_UNREACH, inbound_flow
 
     lab, lb, _, _ = lab2
     snat_services(lb)
@@ -303,13 +297,7 @@ def test_snat_inside_hosts_icmp_error_reaches_the_outside_from_the_sapool_addres
     before = lb.call("stats.get")["slowpath"]["counters"]["icmp_error_translated"]
     me = lab.server(1).ip
     hport = int(lab.server_run(1, ["python3", "-c", INSIDE_ICMP, lab.client.ip, me]).stdout)
-    flow = None
-    for _ in range(30):  # conn.list reuses a scan for a second
-        flow = next((c for c in lb.call("conn.list")["conns"]
-                     if not c["out"] and c["saddr"] == me and c["sport"] == hport), None)
-        if flow is not None:
-            break
-        time.sleep(0.2)
+    flow = inbound_flow(lb, saddr=me, sport=hport)
     assert flow is not None and flow["to_saddr"] == SAPOOL, flow
     out, _ = p.communicate(timeout=15)
     assert out.split() == ["3", "4", "1400", SAPOOL, lab.client.ip, SAPOOL, "80", str(flow["to_sport"])], \

@@ -257,6 +257,18 @@ except OSError as e:
     print('none', e)
 """
 
+def inbound_flow(lb, **match):
+    """The inbound connection entry whose fields have the values given (conn.list reuses a scan for a second, so a
+    flow just made may take that long to show), or None after 6 s."""
+    for _ in range(30):
+        flow = next((c for c in lb.call("conn.list")["conns"]
+                     if not c["out"] and all(c[k] == v for k, v in match.items())), None)
+        if flow is not None:
+            return flow
+        time.sleep(0.2)
+    return None
+
+
 CLIENT_ICMP = """
 import socket, struct, sys, time
 t = socket.create_connection((sys.argv[1], 80)); print(t.getsockname()[1], flush=True)
@@ -332,11 +344,7 @@ def test_icmp_error_from_the_client_side_is_sent_on_to_the_real_server(sp_lab):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lab.procs.append(c)
     cport = int(c.stdout.readline())
-    for _ in range(30):  # conn.list reuses a scan for a second
-        flow = next((x for x in lb.call("conn.list")["conns"] if not x["out"] and x["sport"] == cport), None)
-        if flow is not None:
-            break
-        time.sleep(0.2)
+    flow = inbound_flow(lb, sport=cport)
     rs_index = lab.server_ips.index(flow["to_daddr"]) + 1
     s = subprocess.Popen(["ip", "netns", "exec", lab.server(rs_index).ns, "python3", "-c", SERVER_LISTEN],
                          stdout=subprocess.PIPE, text=True)

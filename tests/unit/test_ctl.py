@@ -14,6 +14,23 @@ from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
 
 
+
+def exited_popen(monkeypatch, hdslb_ctl) -> list:
+    """hdslbd as `up` starts it, replaced by a process that has already exited 3: the argv of each start."""
+    started = []
+
+    class Exited:
+        returncode = 3
+
+        def __init__(self, argv, **kw):
+            started.append(argv)
+
+        def poll(self):
+            return 3
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exited)
+    return started
+
 def test_frame_round_trip():
     msg = protocol.request(7, "service.add", {"proto": "tcp", "addr": "10.0.0.1", "port": 80})
     raw = protocol.encode(msg)
@@ -143,18 +160,7 @@ def test_hdslb_ctl_up_passes_every_hdslbd_option_on_as_given(tmp_path, monkeypat
     named = {a.dest for a in daemon.build_parser()._actions for o in a.option_strings if o in given}
     assert named == every, f"options this test does not give: {every - named}"  # a new option joins the test
 
-    started = []
-
-    class Exited:
-        returncode = 3
-
-        def __init__(self, argv, **kw):
-            started.append(argv)
-
-        def poll(self):
-            return 3
-
-    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exited)
+    started = exited_popen(monkeypatch, hdslb_ctl)
     sock = str(tmp_path / "none.sock")
     log = str(tmp_path / "d.log")
     assert hdslb_ctl.main(["--ctl-socket", sock, "up", "--log-file", log, *given]) == 1
@@ -176,18 +182,7 @@ def test_hdslb_ctl_up_serves_the_socket_the_config_names(tmp_path, monkeypatch, 
     --ctl-socket on up's command line still wins; a file that names none leaves $HDSLB_CTRL and the default."""
     from cli import hdslb_ctl
 
-    started = []
-
-    class Exited:
-        returncode = 3
-
-        def __init__(self, argv, **kw):
-            started.append(argv)
-
-        def poll(self):
-            return 3
-
-    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Exited)
+    started = exited_popen(monkeypatch, hdslb_ctl)
     monkeypatch.delenv("HDSLB_CTRL", raising=False)
     named = str(tmp_path / "named.sock")
     conf = tmp_path / "lb.conf"

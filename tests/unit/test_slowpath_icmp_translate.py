@@ -45,6 +45,15 @@ def _flow(proto, fwd, lport=2000):
     return {(proto, CLIENT, 40000, VIP, 80): inbound, (proto, RS, 80, src, sport): reply}
 
 
+def assert_checksums(p):
+    """The error's IP and ICMP checksums are what scapy computes for its bytes."""
+    chk = IP(bytes(p[IP]))
+    del chk[IP].chksum
+    del chk[ICMP].chksum
+    chk = IP(bytes(chk))
+    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+
+
 def _error(outer_src, outer_dst, quoted, mtu=1400):
     icmp = bytes(ICMP(type=3, code=4, nexthopmtu=mtu) / bytes(quoted)[:28])
     return P.parse_icmp_error(icmp)
@@ -69,11 +78,7 @@ def test_an_error_from_the_client_side_goes_to_the_real_server(fwd, l4):
     q = p[IPerror]
     inner = q[TCPerror] if l4 is TCP else q[UDPerror]
     assert (q.src, q.dst, inner.sport, inner.dport) == (RS, peer, 80, 2000 if fwd == "fnat" else 40000)
-    chk = IP(bytes(p[IP]))
-    del chk[IP].chksum
-    del chk[ICMP].chksum
-    chk = IP(bytes(chk))
-    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+    assert_checksums(p)
     q2 = IP(bytes(q)[:20])
     del q2.chksum
     assert IP(bytes(q2)).chksum == q.chksum, "the quoted header's checksum is the rewritten header's"
@@ -155,11 +160,7 @@ def test_a_nat_real_servers_error_to_the_client_is_translated_and_sent_to_the_cl
     q = p[IPerror]
     inner = q[TCPerror] if l4 is TCP else q[UDPerror]
     assert (q.src, q.dst, inner.sport, inner.dport) == (CLIENT, VIP, 40000, 80)
-    chk = IP(bytes(p[IP]))
-    del chk[IP].chksum
-    del chk[ICMP].chksum
-    chk = IP(bytes(chk))
-    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+    assert_checksums(p)
 
 
 def test_an_error_not_to_us_is_translated_only_for_a_nat_flow():
@@ -222,11 +223,7 @@ def test_a_snat_inside_hosts_error_leaves_from_the_sapool_address(l4):
     q = p[IPerror]
     inner = q[TCPerror] if l4 is TCP else q[UDPerror]
     assert (q.src, q.dst, inner.sport, inner.dport) == (OUTSIDE, SAPOOL, 80, 5000)
-    chk = IP(bytes(p[IP]))
-    del chk[IP].chksum
-    del chk[ICMP].chksum
-    chk = IP(bytes(chk))
-    assert (p[IP].chksum, p[ICMP].chksum) == (chk[IP].chksum, chk[ICMP].chksum)
+    assert_checksums(p)
 
 
 def test_a_snat_forward_entry_never_answers_an_error_to_us():
