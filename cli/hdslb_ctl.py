@@ -87,6 +87,13 @@ def cmd_up(ns) -> int:
         if proc.poll() is not None:
             said = [(p, _log_since(p, off)) for p, off in logs if os.path.exists(p)]
             said = [(p, lines) for p, lines in said if lines] or [(logfile, [])]
+            if proc.returncode == 2:
+                # hdslbd refused its command line or config (argparse's exit 2): its own "hdslbd: ..." lines say
+                # why, without the usage text above them, and up exits 2 as a bad command does
+                why = [ln for _, lines in said for ln in lines if ln.startswith("hdslbd: ")]
+                if why:
+                    sys.stderr.writelines(why[-5:])
+                    return 2
             for p, lines in said:
                 print(f"hdslb-ctl: hdslbd exited with status {proc.returncode}; last lines it wrote to {p}:",
                       file=sys.stderr)

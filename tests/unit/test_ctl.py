@@ -455,3 +455,26 @@ def test_hdslb_ctl_up_logs_to_the_instance_named(tmp_path, monkeypatch, capsys):
     hdslb_ctl.main(["--ctl-socket", str(tmp_path / "a" / "ctl"), "up", "eth9"])
     hdslb_ctl.main(["--ctl-socket", str(tmp_path / "a" / "ctl"), "up", "eth9", "--instance", "../x"])
     assert logs == [str(tmp_path / "blue.log"), str(tmp_path / "ctl.log"), str(tmp_path / "ctl.log")]
+
+
+def test_hdslb_ctl_up_says_why_hdslbd_refused_its_options_and_exits_2(tmp_path, monkeypatch, capsys):
+    """An option hdslbd refuses (a range up's parser does not know) made up exit 1 and print hdslbd's whole usage
+    text above the one line that says why; it prints that line and exits 2, as a bad command does."""
+    from cli import hdslb_ctl
+
+    class Refused:
+        returncode = 2
+
+        def __init__(self, argv, stdout=None, **kw):
+            stdout.write(b"usage: hdslbd [-h] [--ctl-socket CTL_SOCKET]\n              [IFACE ...]\n"
+                         b"hdslbd: error: --max-conns must be at least 256\n")
+            stdout.flush()
+
+        def poll(self):
+            return 2
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Refused)
+    rc = hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "up", "lo", "--max-conns", "0",
+                         "--log-file", str(tmp_path / "d.log")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "hdslbd: error: --max-conns must be at least 256\n", (rc, err)
