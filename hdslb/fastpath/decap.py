@@ -593,8 +593,14 @@ def down(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> DecapStatus:
 
 def _remove_instance_dir(pin_dir: str) -> None:
     shutil.rmtree(pin_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.dirname(pin_dir))  # the namespace's directory, once its last instance is gone
+    # the namespace's directory once its last instance is gone, then `<pin root>/decap` once the last namespace's
+    # is (each rmdir fails on a directory still in use, which stays)
+    ns_dir = os.path.dirname(pin_dir)
+    for d in (ns_dir, os.path.dirname(ns_dir)):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 def _status(ifname: str, ns: str, pin_dir: str, read_maps: bool = True) -> DecapStatus:

@@ -1,6 +1,7 @@
 """hdslb-ctl decap: usage errors exit 2 before anything touches the kernel; the pure helpers and the show layout."""
 
 import ipaddress
+import os
 
 import pytest
 
@@ -123,3 +124,19 @@ def test_instance_dirs_are_per_namespace_and_interface():
     assert decap.instance_dir("eth0", "/run/hdslb/bpffs", netns="rs1") == "/run/hdslb/bpffs/decap/rs1/eth0"
     with pytest.raises(ValueError):
         decap.instance_dir("../x", netns="rs1")
+
+
+def test_the_last_instance_down_leaves_no_empty_directories(tmp_path):
+    """`decap down` of the last instance left an empty `<pin root>/decap` behind (found by the README audit): the
+    namespace's directory goes with its last instance and `decap` with the last namespace's."""
+    from hdslb.fastpath import decap
+
+    root = str(tmp_path)
+    a, b = decap.instance_dir("eth0", root, "ns1"), decap.instance_dir("eth1", root, "ns2")
+    for d in (a, b):
+        os.makedirs(d)
+        open(os.path.join(d, "prog"), "w").close()
+    decap._remove_instance_dir(a)
+    assert sorted(os.listdir(os.path.join(root, "decap"))) == ["ns2"]  # another namespace's instance stays
+    decap._remove_instance_dir(b)
+    assert os.listdir(root) == []
