@@ -249,16 +249,21 @@ def inactive_notices(cfg) -> list[str]:
         why = not_acted_on(path)
         if why is None and path.startswith("virtual_server["):
             why = NOT_ACTED_ON_LB.get(st.keyword) or _vs_option_inactive(path, st, cfg, vs_at)
-        if why is not None:
+        if why is INIT_ON_VS:  # the option acts; only its marker does not
+            out.append(f"{st.where}: {st.keyword}: applies; its `<init>` is not acted on: {why}")
+        elif why is not None:
             out.append(f"{st.where}: {st.keyword}: accepted, not acted on: {why}")
     return out
+
+
+INIT_ON_VS = ("`<init>` marks *_defs options that need a restart; virtual_server options are applied on every reload, "
+              "with or without it")
 
 
 def _vs_option_inactive(path: str, st, cfg, vs_at: dict) -> str | None:
     """Why a virtual_server option that acts in general does nothing where it is written, or None."""
     if st.marked_init and "]." in path:
-        return ("`<init>` marks *_defs options that need a restart; virtual_server options are applied on every "
-                "reload, with or without it")
+        return INIT_ON_VS
     owner = cfg.settings.get(path.split("].", 1)[0] + "]")
     vs = vs_at.get((owner.where.file, owner.where.line, owner.where.col)) if owner is not None else None
     if vs is None or path.count("[") > 1:  # a real_server's or a check's option
