@@ -113,7 +113,9 @@ async def _call(request: web.Request, op: str, args: dict, field: str | None = N
 
 
 class _DuplicateKey(ValueError):
-    pass
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} is given twice in one object")
+        self.key = key  # the reply's field
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -123,7 +125,7 @@ def _unique_keys(pairs: list) -> dict:
     if len(d) != len(pairs):
         seen = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _DuplicateKey(f"key {dup!r} is given twice in one object")
+        raise _DuplicateKey(dup)
     return d
 
 
@@ -137,7 +139,7 @@ async def _body(request: web.Request, schema: str, required: bool = True):
         try:
             body = json.loads(raw, object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
-            raise ApiError(400, errno.EINVAL, f"request body: {e}") from None
+            raise ApiError(400, errno.EINVAL, f"request body: {e}", e.key) from None
         except ValueError as e:
             raise ApiError(400, errno.EINVAL, f"request body is not JSON: {e}") from None
         except RecursionError:

@@ -63,6 +63,7 @@ async def test_a_key_given_twice_in_one_object_is_400(client, method, path, raw)
     b = await expect(r, 400)
     assert "is given twice in one object" in b["error"] and ("'Items'" in b["error"] or "'weight'" in b["error"]
                                                             or "'Port'" in b["error"]), b
+    assert b["field"] in ("Items", "weight", "Port"), b  # (it was null: the README audit)
     assert client.ctx.bal.dp.calls == before
 
 
