@@ -2109,6 +2109,33 @@ static __always_inline int icmp_quotes_nat4(struct iphdr *q, void *data_end, voi
 	return (cv->flags & CONN_F_OUT) ? cv->fwd == FWD_NAT : cv->fwd == FWD_SNAT;
 }
 
+/* icmp_quotes_nat4 for IPv6 NAT: does the ICMPv6 error quoting the IPv6 header at q quote a TCP or UDP packet of a
+ * NAT flow (the quote's reverse, RS:port -> client:cport, a NAT reply entry)? IPv6 routers never fragment, so a
+ * smaller MTU on the servers' side was a path-MTU black hole for what clients send a NAT v6 service. Only errors
+ * not to us ask this. */
+static __always_inline int icmp_quotes_nat6(struct ipv6hdr *q, void *data_end, void *end)
+{
+	struct conn_key qk = {};
+	struct conn_val *cv;
+	__be16 *ports;
+
+	if ((void *)(q + 1) > data_end || (void *)(q + 1) > end)
+		return 0;
+	if (q->nexthdr != IPPROTO_TCP && q->nexthdr != IPPROTO_UDP)
+		return 0;
+	ports = (void *)(q + 1);
+	if ((void *)(ports + 2) > data_end || (void *)(ports + 2) > end)
+		return 0;
+	__builtin_memcpy(qk.saddr.b, q->daddr.in6_u.u6_addr8, 16);
+	__builtin_memcpy(qk.daddr.b, q->saddr.in6_u.u6_addr8, 16);
+	qk.sport = ports[1];
+	qk.dport = ports[0];
+	qk.proto = q->nexthdr;
+	qk.af = HDSLB_AF_INET6;
+	cv = conn_find(T6, &qk);
+	return cv && (cv->flags & CONN_F_OUT) && cv->fwd == FWD_NAT;
+}
+
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
 	struct iphdr *iph;
@@ -2517,9 +2544,12 @@ icmp6:
 		return drop(CNT_DROP_MALFORMED_L4);
 	/* Echo, NA and errors (destination unreachable, packet too big, time exceeded: about a flow we rewrote, the
 	 * slow path sends them on translated) to our addresses; NS by their target. */
-	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_ || icmp[0] == ICMPV6_DEST_UNREACH_ ||
-	    icmp[0] == ICMPV6_PKT_TOOBIG_ || icmp[0] == ICMPV6_TIME_EXCEED_) {
+	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_) {
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
+	} else if (icmp[0] == ICMPV6_DEST_UNREACH_ || icmp[0] == ICMPV6_PKT_TOOBIG_ || icmp[0] == ICMPV6_TIME_EXCEED_) {
+		/* to us; or, NAT, a real server's error to its client about a packet we forwarded (icmp_quotes_nat6) */
+		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0 ||
+		       icmp_quotes_nat6((struct ipv6hdr *)(icmp + 8), data_end, nh->end);
 	} else if (icmp[0] == ICMPV6_NS_ && (void *)(icmp + 24) <= data_end && (void *)(icmp + 24) <= nh->end) {
 		lv = local_lookup6(icmp + 8); /* the target address */
 		ours = lv != 0;

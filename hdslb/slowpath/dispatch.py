@@ -475,14 +475,14 @@ class SlowPath:
                 return
             (self._ns if rx == "nd_ns" else self._na)(ifc, eth, ip6, nd, act)
         elif rx == "icmp_error":
-            if not is_local(self.model, ip6.dst):
-                act.count("unexpected")
-                return
+            # not to us: only a NAT real server's error to its client, punted because it quotes a NAT flow (the
+            # runner translates it only when it does)
+            local = is_local(self.model, ip6.dst)
             err = P.parse_icmp6_error(ip6.payload)
             if err is None:
                 act.count("malformed")
             else:
-                act.icmp_errors.append((ifc.name, err))
+                act.icmp_errors.append((ifc.name, err if local else dataclasses.replace(err, to_local=False)))
                 act.count("icmp_error")
         else:
             act.count("unexpected")

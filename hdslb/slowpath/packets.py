@@ -317,7 +317,7 @@ class IcmpError:
     inner_sport: int | None  # first two L4 bytes as a port (TCP/UDP), else None
     inner_dport: int | None
     quoted: bytes  # the inner IP header and the first 8 bytes of its L4 header
-    # addressed to an address of ours; False: an IPv4 error routed through us to a NAT flow's client (the fast
+    # addressed to an address of ours; False: an error routed through us to a NAT flow's client (the fast
     # path punts those only when they quote a NAT flow), translated only as such (SlowPathRunner)
     to_local: bool = True
 

@@ -267,18 +267,20 @@ class SlowPathRunner:
         about a packet we rewrote, sent on as the other side must see it. IPv6 routers never fragment, so without
         this a smaller MTU between the balancer and the servers (or the clients) was a path-MTU black hole for
         every v6 flow, where IPv4 was translated. The quoted header and ports are rewritten; the quoted L4
-        checksum is left (nobody checks a quote's). NAT64 (the other side IPv4) and a NAT server's errors to its client (not to us: not punted) are left."""
+        checksum is left (nobody checks a quote's). NAT64 (the other side IPv4) is left; a NAT real server's error
+        to its client (routed through us, punted because it quotes a NAT flow) goes to the client from the VIP, as
+        IPv4's does."""
         import struct
 
         from hdslb.slowpath import packets as P
 
-        if not err.to_local:
-            return None
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
         if back is None or back.get("need_l2") or back["to_saddr"].version != 6 or back["to_daddr"].version != 6:
             return None
         if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
             return None
+        if not err.to_local and not (back["out"] and back.get("fwd") == "nat"):
+            return None  # not to us: only a NAT flow's error to its client is ours to translate
         esrc, esport, edst, edport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
         q = bytearray(err.quoted)
         q[8:24], q[24:40] = edst.packed, esrc.packed

@@ -254,6 +254,30 @@ def test_nat_v6_udp(fastpath, m):
     checksums_ok(back)
 
 
+def test_nat_v6_error_from_the_real_server_to_the_client_goes_to_the_slow_path(fastpath, m, slowpath_up):
+    """NAT over IPv6, as IPv4's test above: a Packet Too Big about client -> RS (from the server or a router on its
+    side) is addressed to the client and routed through us; it quotes a NAT flow, so it is punted for the slow
+    path to translate (it was passed, and the client never learnt the smaller MTU: IPv6 routers do not
+    fragment). One quoting no flow stays the kernel's."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    service(fastpath, UDP_, VIP6, 53)
+    dest(m, 0, RS61, 5353, "nat")
+    ring(fastpath, 0, [0])
+    v, out = run(fastpath, c6(sport=4444, dport=53, proto="udp", payload=b"q"))
+    assert v == XDP_TX and (out[IPv6].src, out[IPv6].dst) == (CLIENT6, RS61)
+
+    def ptb(quoted):
+        return Ether(src=RS_MAC, dst=LB) / IPv6(src=RS61, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) / \
+            bytes(quoted)[:48]
+
+    (v, _), d = _delta(m, lambda: run(fastpath, ptb(out[IPv6])))
+    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_icmp") == 1, d
+    other = IPv6(src=CLIENT6, dst=RS61) / UDP(sport=4445, dport=5353)
+    (v, _), d = _delta(m, lambda: run(fastpath, ptb(other)))
+    assert v == XDP_PASS and "punt_icmp" not in d, d
+
+
 # --- TUNNEL ---------------------------------------------------------------------------------------------------
 
 def _tunnel_setup(fastpath, m, src=TUNSRC, mtu=1500):

@@ -302,3 +302,42 @@ def test_a_v6_error_quoting_no_flow_is_left():
 
     sent = IPv6(src=LIP6, dst=RS6) / TCP(sport=2999, dport=80)
     assert SlowPathRunner.translate_icmp_error(_runner6(_flow6(6)), _error6(RS6, LIP6, sent)) is None
+
+
+def _nat_flow6(proto):
+    """NAT v6: client:40000 -> VIP:80 to RS:80 with the client's address kept; the reply entry RS -> client."""
+    inbound = {"to_saddr": A(CLIENT6), "to_sport": 40000, "to_daddr": A(RS6), "to_dport": 80, "out": False,
+               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "nat", "need_l2": False}
+    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
+             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "nat", "need_l2": False}
+    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS6, 80, CLIENT6, 40000): reply}
+
+
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_nat_v6_real_servers_error_to_the_client_is_translated(l4):
+    """NAT over IPv6: a Packet Too Big about client:40000 -> RS:80 (from the server, or a router on the servers'
+    side) is addressed to the client and only routed through us. The fast path passed it to the kernel, so the
+    client never learnt the smaller MTU (IPv6 routers do not fragment: a black hole for what it sends); now it is
+    punted when it quotes a NAT flow, taken by the dispatcher though not to us, and sent to the client from the
+    VIP quoting client:40000 -> VIP:80, as IPv4's is. A FullNAT flow's error not to us is still left."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+
+    proto = 6 if l4 is TCP else 17
+    r = _nat_runner(_nat_flow6(proto))
+    r.d.bal.local_reasons = lambda a: (0x8, 0) if str(a) in (VIP6, LIP6) else (0, 0)
+    sent = IPv6(src=CLIENT6, dst=RS6, plen=1400) / l4(sport=40000, dport=80)
+    frame = bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src=RS6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280)
+                  / bytes(sent)[:48])
+    act = r.sp.handle("eth1", frame)
+    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
+    r.carry_out(act)
+    assert r.translated == 1
+    (out,) = r.socks[("eth0", 0)].sent
+    _check6(out, "eth0", "eth0", VIP6, CLIENT6, CLIENT6, VIP6, 40000, 80, l4)
+    # the same not to us, quoting a FullNAT flow: left
+    r2 = _nat_runner(_flow6(proto))
+    r2.d.bal.local_reasons = r.d.bal.local_reasons
+    fnat = IPv6(src=LIP6, dst=RS6) / l4(sport=2000, dport=80)
+    r2.carry_out(r2.sp.handle("eth1", bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src=RS6, dst="fd00:10::9")
+                                            / ICMPv6PacketTooBig(mtu=1280) / bytes(fnat)[:48])))
+    assert r2.translated == 0 and not any(s.sent for s in r2.socks.values())
