@@ -361,6 +361,70 @@ def icmp_frag_needed(mtu: int, quoted: bytes) -> bytes:
     return _with_csum(m, checksum(m))
 
 
+# --- NAT64: ICMP errors across families (RFC 7915 4.2 and 5.2) ------------------------------------------
+IPV6_MIN_MTU = 1280
+IPV4_MIN_MTU = 68
+# RFC 1191's plateaus: the next-hop MTU of a router that sends "fragmentation needed" with the field zero
+_MTU_PLATEAUS = (32000, 17914, 8166, 4352, 2002, 1492, 1006, 508, 296, IPV4_MIN_MTU)
+
+
+def icmp4_to_icmp6(t: int, code: int, mtu: int | None, quoted_len: int) -> tuple[int, int, int] | None:
+    """An ICMPv4 error as (type, code, 32-bit field) of the ICMPv6 error its IPv6 side must get (RFC 7915 4.2);
+    None for what is not translated (host precedence violation, unknown codes). quoted_len: the quoted
+    datagram's total length, for a "fragmentation needed" whose router left the MTU zero (RFC 1191 plateaus)."""
+    if t == ICMP_TIME_EXCEEDED:
+        return ICMPV6_TIME_EXCEED, code, 0
+    if t != ICMP_DEST_UNREACH:
+        return None
+    if code == ICMP_FRAG_NEEDED:
+        if not mtu:
+            mtu = next((m for m in _MTU_PLATEAUS if m < quoted_len), IPV4_MIN_MTU)
+        return ICMPV6_PKT_TOOBIG, 0, max(mtu + IPV6_HLEN - IPV4_HLEN, IPV6_MIN_MTU)
+    if code == 2:  # protocol unreachable: a parameter problem pointing at the Next Header field
+        return ICMPV6_PARAMPROB, 1, 6
+    if code == 3:
+        return ICMPV6_DEST_UNREACH, 4, 0  # port unreachable
+    if code in (9, 10, 13, 15):
+        return ICMPV6_DEST_UNREACH, 1, 0  # administratively prohibited
+    if code in (0, 1, 5, 6, 7, 8, 11, 12):
+        return ICMPV6_DEST_UNREACH, 0, 0  # no route to destination
+    return None
+
+
+def icmp6_to_icmp4(t: int, code: int, mtu: int | None) -> tuple[int, int, int] | None:
+    """An ICMPv6 error as (type, code, 32-bit field) of the ICMPv4 error its IPv4 side must get (RFC 7915 5.2);
+    None for what is not translated."""
+    if t == ICMPV6_TIME_EXCEED:
+        return ICMP_TIME_EXCEEDED, code, 0
+    if t == ICMPV6_PKT_TOOBIG:
+        return ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, min(max((mtu or 0) - (IPV6_HLEN - IPV4_HLEN), IPV4_MIN_MTU),
+                                                         0xFFFF)
+    if t == ICMPV6_DEST_UNREACH and code in (0, 1, 2, 3, 4):
+        return ICMP_DEST_UNREACH, {0: 1, 1: 10, 2: 1, 3: 1, 4: 3}[code], 0  # no route/beyond scope/address: host
+    return None
+
+
+def quote_4to6(quoted: bytes, src, dst, sport: int, dport: int) -> bytes:
+    """A quoted IPv4 header and its first 8 L4 bytes as the IPv6 packet src:sport -> dst:dport they were
+    translated from (RFC 7915 4.3): payload length, hop limit, traffic class and protocol carried over."""
+    ihl = (quoted[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", quoted, 2)[0]
+    l4 = struct.pack("!HH", sport, dport) + quoted[ihl + 4:ihl + 8]
+    return ipv6_header(src, dst, quoted[9], max(total - ihl, 0), hlim=quoted[8], tc=quoted[1]) + l4
+
+
+def quote_6to4(quoted: bytes, src, dst, sport: int, dport: int) -> bytes:
+    """A quoted IPv6 header and its first 8 L4 bytes as the IPv4 packet src:sport -> dst:dport they were
+    translated from (RFC 7915 5.3; DF set, as the fast path sets it). A quoted UDP checksum is zeroed ("none"):
+    it was the other family's."""
+    plen, nh, hlim = struct.unpack_from("!HBB", quoted, 4)
+    tc = (struct.unpack_from("!I", quoted, 0)[0] >> 20) & 0xFF
+    l4 = struct.pack("!HH", sport, dport) + quoted[IPV6_HLEN + 4:IPV6_HLEN + 8]
+    if nh == IPPROTO_UDP:
+        l4 = l4[:6] + b"\0\0"
+    return ipv4_header(src, dst, nh, min(plen, 0xFFFF - IPV4_HLEN), ttl=hlim, tos=tc, df=True) + l4
+
+
 # --- IPv6 / ICMPv6 / ND ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IPv6:

@@ -218,20 +218,23 @@ class SlowPathRunner:
         addressed to the client itself and only routed through us (err.to_local False); it is translated like the
         FullNAT one (from the VIP, quoting client:cport -> VIP:vport) when it quotes a NAT flow, and left
         otherwise. SNAT: an inside host's error about a reply we translated for it goes on to the outside server
-        from the sapool address, quoting server:port -> sapool:port (netfilter NAT's related-ICMP handling)."""
+        from the sapool address, quoting server:port -> sapool:port (netfilter NAT's related-ICMP handling).
+        NAT64: the error changes family on the way (_translate_icmp_xlat)."""
         import struct
 
         from hdslb.slowpath import packets as P
 
         if err.inner_sport is None:
             return None
-        if err.af == 6:
-            return self._translate_icmp6_error(err)
         # The entry keyed by the quoted packet's reverse: for a packet to a real server (RS:port -> LIP:lport),
         # the flow's reply entry; for a packet to a client (client:cport -> VIP:vport), its inbound entry.
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
-        if back is None or back.get("need_l2") or back["to_saddr"].version != 4 or back["to_daddr"].version != 4:
-            return None  # (NAT64: the other side is IPv6; an unresolved next hop: no MAC to send to)
+        if back is None or back.get("need_l2"):
+            return None  # (an unresolved next hop: no MAC to send to)
+        if back["to_saddr"].version != err.af:
+            return self._translate_icmp_xlat(err, back)
+        if err.af == 6:
+            return self._translate_icmp6_error(err, back)
         fwd = back.get("fwd")
         if not back["out"] and fwd not in ("fnat", "nat", "snat"):
             return None
@@ -262,21 +265,17 @@ class SlowPathRunner:
             return None
         return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
 
-    def _translate_icmp6_error(self, err) -> tuple[str, bytes] | None:
+    def _translate_icmp6_error(self, err, back: dict) -> tuple[str, bytes] | None:
         """translate_icmp_error for IPv6 (FullNAT v6): Packet Too Big, destination unreachable or time exceeded
         about a packet we rewrote, sent on as the other side must see it. IPv6 routers never fragment, so without
         this a smaller MTU between the balancer and the servers (or the clients) was a path-MTU black hole for
         every v6 flow, where IPv4 was translated. The quoted header and ports are rewritten; the quoted L4
-        checksum is left (nobody checks a quote's). NAT64 (the other side IPv4) is left; a NAT real server's error
-        to its client (routed through us, punted because it quotes a NAT flow) goes to the client from the VIP, as
-        IPv4's does."""
+        checksum is left (nobody checks a quote's). A NAT real server's error to its client (routed through us,
+        punted because it quotes a NAT flow) goes to the client from the VIP, as IPv4's does."""
         import struct
 
         from hdslb.slowpath import packets as P
 
-        back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
-        if back is None or back.get("need_l2") or back["to_saddr"].version != 6 or back["to_daddr"].version != 6:
-            return None
         if not back["out"] and back.get("fwd") not in ("fnat", "nat"):
             return None
         if not err.to_local and not (back["out"] and back.get("fwd") == "nat"):
@@ -292,6 +291,44 @@ class SlowPathRunner:
         if ifname is None:
             return None
         return ifname, back["dmac"] + back["smac"] + b"\x86\xdd" + ip6 + bytes(icmp)
+
+    def _translate_icmp_xlat(self, err, back: dict) -> tuple[str, bytes] | None:
+        """translate_icmp_error for NAT64, whose two sides are of two families (RFC 7915 4.2, 5.2): a real server's
+        (or a router's on its side) ICMPv4 error to the local address goes to the IPv6 client from the VIP as the
+        ICMPv6 error it stands for (fragmentation needed: Packet Too Big with the MTU + 20), and a Packet Too Big,
+        unreachable or time exceeded from the client's side about a reply we translated goes to the real server
+        from the local address as ICMPv4 (MTU - 20), quoting what each was sent as it sent it. Without it a
+        smaller MTU on either side of a NAT64 service was a path-MTU black hole (the error reached the slow path,
+        to an address of ours, and was dropped there)."""
+        import struct
+
+        from hdslb.slowpath import packets as P
+
+        if not err.to_local or back.get("fwd") != "fnat" or back["to_daddr"].version == err.af:
+            return None  # NAT64 is FullNAT; nothing routed through us is ours to translate across families
+        esrc, esport, edst, edport = back["to_saddr"], back["to_sport"], back["to_daddr"], back["to_dport"]
+        if err.af == 4:
+            kind = P.icmp4_to_icmp6(err.type, err.code, err.mtu, struct.unpack_from("!H", err.quoted, 2)[0])
+            if kind is None:
+                return None
+            q = P.quote_4to6(err.quoted, edst, esrc, edport, esport)
+            icmp = bytearray(struct.pack("!BBHI", kind[0], kind[1], 0, kind[2]) + q)
+            icmp[2:4] = struct.pack("!H", P.icmp6_checksum(esrc, edst, bytes(icmp)))
+            l3 = P.ipv6_header(esrc, edst, P.IPPROTO_ICMPV6, len(icmp), hlim=self.sp.ttl)
+            ethertype = b"\x86\xdd"
+        else:
+            kind = P.icmp6_to_icmp4(err.type, err.code, err.mtu)
+            if kind is None:
+                return None
+            q = P.quote_6to4(err.quoted, edst, esrc, edport, esport)
+            icmp = bytearray(struct.pack("!BBHI", kind[0], kind[1], 0, kind[2]) + q)
+            icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
+            l3 = P.ipv4_header(esrc, edst, P.IPPROTO_ICMP, len(icmp), ttl=self.sp.ttl)
+            ethertype = b"\x08\x00"
+        ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
+        if ifname is None:
+            return None
+        return ifname, back["dmac"] + back["smac"] + ethertype + l3 + bytes(icmp)
 
     def kick(self) -> None:
         self._kick.set()

@@ -420,6 +420,52 @@ def test_nat64_translates_headers_both_ways(fastpath, m, proto):
     checksums_ok(out)
 
 
+def test_nat64_icmp_errors_are_punted_and_translated_across_families(fastpath, m, slowpath_up):
+    """NAT64 and path MTU, over the real tables: a router on the servers' side answers "fragmentation needed" to
+    LIP about what we translated from the client, and one on the client's side Packet Too Big to the VIP about a
+    reply. Both are punted (to our addresses) and the slow path finds the flow by the quote (the IPv4 reply key
+    lives in conn6_map) and sends each to the other side in its family: ICMPv6 to the client from the VIP,
+    ICMPv4 to the server from LIP. The slow path dropped both (a black hole on either side)."""
+    import types
+
+    from scapy.layers.inet import IPerror, TCPerror
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPerror6
+
+    from hdslb.slowpath import packets as P
+    from hdslb.slowpath.runner import SlowPathRunner
+
+    service(fastpath, TCP_, VIP6, 80)
+    dest(m, 0, RS1, 8080, "fnat")
+    ring(fastpath, 0, [0])
+    m.set_local(A(VIP6), 0x1, 0)
+    m.set_local(A(LIP), 0x2, 0)
+    v, out = run(fastpath, c6(sport=43100, payload=b"GET /"))
+    assert v == XDP_TX and (out[IP].src, out[IP].dst) == (LIP, RS1)
+    lport = out[TCP].sport
+    v, back = run(fastpath, Ether(src=RS_MAC, dst=LB) / IP(src=RS1, dst=LIP) / TCP(sport=8080, dport=lport, flags="SA"))
+    assert v == XDP_TX and back[IPv6].dst == CLIENT6
+    frag_needed = _icmp_error(RS1, LIP, out[IP])
+    ptb = Ether(src=CL_MAC, dst=LB) / IPv6(src="fd00:10::fe", dst=VIP6) / ICMPv6PacketTooBig(mtu=1400) / \
+        bytes(back[IPv6])[:48]
+    for pkt in (frag_needed, ptb):
+        (v, _), d = _delta(m, lambda: run(fastpath, pkt))
+        assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_icmp") == 1, d
+    r = types.SimpleNamespace(d=types.SimpleNamespace(
+        maps=m, bal=types.SimpleNamespace(ifaces={"lo": types.SimpleNamespace(name="lo", ifindex=LO_IFINDEX)})),
+        sp=types.SimpleNamespace(ttl=64))
+    r._translate_icmp_xlat = types.MethodType(SlowPathRunner._translate_icmp_xlat, r)
+    ifname, frame = SlowPathRunner.translate_icmp_error(r, P.parse_icmp_error(bytes(frag_needed[ICMP])))
+    e = Ether(frame)
+    assert (e[IPv6].src, e[IPv6].dst, e[ICMPv6PacketTooBig].mtu) == (VIP6, CLIENT6, 1420)
+    assert (e[IPerror6].src, e[IPerror6].dst, e[IPerror6][TCPerror].sport, e[IPerror6][TCPerror].dport) == \
+        (CLIENT6, VIP6, 43100, 80)
+    ifname, frame = SlowPathRunner.translate_icmp_error(r, P.parse_icmp6_error(bytes(ptb[ICMPv6PacketTooBig])))
+    e = Ether(frame)
+    assert (e[IP].src, e[IP].dst, e[ICMP].type, e[ICMP].code, e[ICMP].nexthopmtu) == (LIP, RS1, 3, 4, 1380)
+    assert (e[IPerror].src, e[IPerror].dst, e[IPerror][TCPerror].sport, e[IPerror][TCPerror].dport) == \
+        (RS1, LIP, 8080, lport)
+
+
 def _entries(fp):
     return {name: len(list(fp.table(name).keys())) for name in ("conn4_map", "conn6_map")}
 

@@ -31,7 +31,10 @@ def _runner(entries: dict):
     d = types.SimpleNamespace(maps=types.SimpleNamespace(conn_get=conn_get),
                               bal=types.SimpleNamespace(ifaces={"eth1": types.SimpleNamespace(name="eth1", ifindex=7),
                                                                 "eth0": types.SimpleNamespace(name="eth0", ifindex=5)}))
-    return types.SimpleNamespace(d=d, sp=types.SimpleNamespace(ttl=64))
+    r = types.SimpleNamespace(d=d, sp=types.SimpleNamespace(ttl=64))
+    for name in ("_translate_icmp6_error", "_translate_icmp_xlat"):
+        setattr(r, name, types.MethodType(getattr(SlowPathRunner, name), r))
+    return r
 
 
 def _flow(proto, fwd, lport=2000):
@@ -248,12 +251,6 @@ def _flow6(proto, lport=2000):
     return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS6, 80, LIP6, lport): reply}
 
 
-def _runner6(entries):
-    r = _runner(entries)
-    r._translate_icmp6_error = lambda err: SlowPathRunner._translate_icmp6_error(r, err)
-    return r
-
-
 def _error6(src, dst, quoted, mtu=1280):
     from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 
@@ -283,7 +280,7 @@ def test_a_v6_packet_too_big_from_the_server_side_goes_to_the_client(l4):
 
     proto = 6 if l4 is TCP else 17
     sent = IPv6(src=LIP6, dst=RS6, plen=1400) / l4(sport=2000, dport=80)
-    out = SlowPathRunner.translate_icmp_error(_runner6(_flow6(proto)), _error6(RS6, LIP6, sent))
+    out = SlowPathRunner.translate_icmp_error(_runner(_flow6(proto)), _error6(RS6, LIP6, sent))
     assert out is not None, "translated"
     _check6(out[1], out[0], "eth0", VIP6, CLIENT6, CLIENT6, VIP6, 40000, 80, l4)
 
@@ -292,7 +289,7 @@ def test_a_v6_packet_too_big_from_the_client_side_goes_to_the_real_server():
     from scapy.layers.inet6 import IPv6
 
     sent = IPv6(src=VIP6, dst=CLIENT6, plen=1400) / TCP(sport=80, dport=40000)
-    out = SlowPathRunner.translate_icmp_error(_runner6(_flow6(6)), _error6(ROUTER6, VIP6, sent))
+    out = SlowPathRunner.translate_icmp_error(_runner(_flow6(6)), _error6(ROUTER6, VIP6, sent))
     assert out is not None, "translated"
     _check6(out[1], out[0], "eth1", LIP6, RS6, RS6, LIP6, 80, 2000, TCP)
 
@@ -301,7 +298,7 @@ def test_a_v6_error_quoting_no_flow_is_left():
     from scapy.layers.inet6 import IPv6
 
     sent = IPv6(src=LIP6, dst=RS6) / TCP(sport=2999, dport=80)
-    assert SlowPathRunner.translate_icmp_error(_runner6(_flow6(6)), _error6(RS6, LIP6, sent)) is None
+    assert SlowPathRunner.translate_icmp_error(_runner(_flow6(6)), _error6(RS6, LIP6, sent)) is None
 
 
 def _nat_flow6(proto):
@@ -341,3 +338,112 @@ def test_a_nat_v6_real_servers_error_to_the_client_is_translated(l4):
     r2.carry_out(r2.sp.handle("eth1", bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src=RS6, dst="fd00:10::9")
                                             / ICMPv6PacketTooBig(mtu=1280) / bytes(fnat)[:48])))
     assert r2.translated == 0 and not any(s.sent for s in r2.socks.values())
+
+
+# --- NAT64: an IPv6 client, IPv4 real servers; the errors change family (RFC 7915 4.2, 5.2) ------------------
+def _flow64(proto, lport=2000):
+    """client6:40000 -> VIP6:80 to RS:80 from LIP:lport; the reply entry (IPv4 key) writes IPv6 addresses."""
+    inbound = {"to_saddr": A(LIP), "to_sport": lport, "to_daddr": A(RS), "to_dport": 80, "out": False,
+               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
+    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
+             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
+    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS, 80, LIP, lport): reply}
+
+
+def _icmp6_checksum_ok(p, layer):
+    from scapy.layers.inet6 import IPv6
+
+    chk = IPv6(bytes(p[IPv6]))
+    del chk[layer].cksum
+    return IPv6(bytes(chk))[layer].cksum == p[layer].cksum
+
+
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_nat64_servers_fragmentation_needed_reaches_the_client_as_packet_too_big(l4):
+    """A router on the servers' side cannot take what we translated from the client (LIP:2000 -> RS:80, 1400
+    bytes, DF): its "fragmentation needed" (MTU 1300) reaches LIP. It was dropped (the runner took one family),
+    so the client kept sending 1420-byte IPv6 packets into a black hole; it now gets Packet Too Big with MTU
+    1320 from the VIP, quoting client6:40000 -> VIP6:80 with the payload length it sent."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPerror6, IPv6
+
+    proto = 6 if l4 is TCP else 17
+    sent = IP(src=LIP, dst=RS, flags="DF", len=1400, ttl=63) / l4(sport=2000, dport=80)
+    out = SlowPathRunner.translate_icmp_error(_runner(_flow64(proto)), _error(RS, LIP, sent, mtu=1300))
+    assert out is not None, "translated"
+    ifname, frame = out
+    p = Ether(frame)
+    assert ifname == "eth0" and (p.dst, p.src, p.type) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01", 0x86DD)
+    assert (p[IPv6].src, p[IPv6].dst, p[IPv6].nh) == (VIP6, CLIENT6, 58)
+    assert p[IPv6].plen == len(bytes(p[IPv6].payload))
+    assert p[ICMPv6PacketTooBig].mtu == 1320
+    q = p[IPerror6]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, q.nh, q.plen, q.hlim) == (CLIENT6, VIP6, proto, 1380, 63)
+    assert (inner.sport, inner.dport) == (40000, 80)
+    assert _icmp6_checksum_ok(p, ICMPv6PacketTooBig)
+
+
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_a_packet_too_big_from_a_nat64_clients_side_reaches_the_server_as_fragmentation_needed(l4):
+    """Downloads: the server's 1500-byte IPv4 reply leaves us as 1520 bytes of IPv6 (VIP6:80 -> client6:40000)
+    and a router on the client's path with MTU 1480 answers Packet Too Big to the VIP. The server must hear
+    "fragmentation needed" with MTU 1460 from LIP, quoting RS:80 -> LIP:2000 as it sent it."""
+    from scapy.layers.inet6 import IPv6
+
+    proto = 6 if l4 is TCP else 17
+    sent = IPv6(src=VIP6, dst=CLIENT6, plen=1480, hlim=60) / l4(sport=80, dport=40000)
+    out = SlowPathRunner.translate_icmp_error(_runner(_flow64(proto)), _error6(ROUTER6, VIP6, sent, mtu=1480))
+    assert out is not None, "translated"
+    ifname, frame = out
+    p = Ether(frame)
+    assert ifname == "eth1" and (p.dst, p.type) == ("02:55:00:00:00:02", 0x0800)
+    assert (p[IP].src, p[IP].dst, p[ICMP].type, p[ICMP].code, p[ICMP].nexthopmtu) == (LIP, RS, 3, 4, 1460)
+    q = p[IPerror]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, q.proto, q.len, q.ttl, q.flags) == (RS, LIP, proto, 1500, 60, 2)
+    assert (inner.sport, inner.dport) == (80, 2000)
+    if l4 is UDP:
+        assert inner.chksum == 0
+    assert_checksums(p)
+    q2 = IP(bytes(q)[:20])
+    del q2.chksum
+    assert IP(bytes(q2)).chksum == q.chksum, "the quoted header's checksum is the translated header's"
+
+
+@pytest.mark.parametrize("v4,v6", [((3, 3), (1, 4)), ((3, 1), (1, 0)), ((3, 13), (1, 1)), ((11, 0), (3, 0)),
+                                   ((3, 2), (4, 1))], ids=["port", "host", "prohibited", "ttl", "protocol"])
+def test_nat64_error_kinds_map_as_rfc7915_says(v4, v6):
+    """Server side to client: port unreachable stays port unreachable, host unreachable is no route, filtered
+    is administratively prohibited, TTL exceeded is hop limit exceeded, protocol unreachable a parameter problem
+    at the Next Header field. The client's side to the server: the reverse for those ICMPv6 has."""
+    from scapy.layers.inet6 import IPv6
+
+    r = _runner(_flow64(17))
+    icmp = bytes(ICMP(type=v4[0], code=v4[1]) / bytes(IP(src=LIP, dst=RS) / UDP(sport=2000, dport=80))[:28])
+    ifname, frame = SlowPathRunner.translate_icmp_error(r, P.parse_icmp_error(icmp))
+    p = Ether(frame)
+    assert ifname == "eth0" and (p[IPv6].payload.type, p[IPv6].payload.code) == v6
+    if v6[0] == 4:
+        assert bytes(p[IPv6].payload)[4:8] == (6).to_bytes(4, "big"), "points at the Next Header field"
+    assert P.icmp6_to_icmp4(1, 4, None) == (3, 3, 0) and P.icmp6_to_icmp4(1, 0, None) == (3, 1, 0)
+    assert P.icmp6_to_icmp4(3, 1, None) == (11, 1, 0) and P.icmp6_to_icmp4(1, 1, None) == (3, 10, 0)
+
+
+def test_nat64_edge_cases():
+    """A router that leaves the MTU zero (pre-RFC 1191): the plateau below the quoted length, + 20; an MTU that
+    would go under IPv6's 1280 is 1280 (the client cannot go lower) and one under IPv4's 68 is 68; a code with
+    no IPv6 counterpart (host precedence violation) and an error routed through us are left."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+
+    r = _runner(_flow64(6))
+    sent = IP(src=LIP, dst=RS, flags="DF", len=1500) / TCP(sport=2000, dport=80)
+    _, frame = SlowPathRunner.translate_icmp_error(r, _error(RS, LIP, sent, mtu=0))
+    assert Ether(frame)[ICMPv6PacketTooBig].mtu == 1492 + 20
+    _, frame = SlowPathRunner.translate_icmp_error(r, _error(RS, LIP, sent, mtu=576))
+    assert Ether(frame)[ICMPv6PacketTooBig].mtu == 1280
+    assert P.icmp6_to_icmp4(2, 0, 60) == (3, 4, 68)
+    prec = P.parse_icmp_error(bytes(ICMP(type=3, code=14) / bytes(sent)[:28]))
+    assert SlowPathRunner.translate_icmp_error(r, prec) is None
+    import dataclasses
+    routed = dataclasses.replace(_error(RS, LIP, sent), to_local=False)
+    assert SlowPathRunner.translate_icmp_error(r, routed) is None
