@@ -29,8 +29,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# The tiers wait on real time far more than they compute (daemons starting, timeouts running out, traffic): two
+# pytest-xdist workers, each taking a whole file at a time (a module's lab is shared by its tests), the longest
+# tier first so the short files even out the end. TEST_JOBS=1 runs them one after another, in one process.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q tests/unit tests/bpf tests/e2e
+	$(PY) -m pytest -q $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) tests/e2e tests/bpf tests/unit
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
