@@ -643,17 +643,23 @@ def largenum(n: int, exact: bool) -> str:
     return f"{n // 10**12:8d}T"
 
 
-def _port_name(port: int, proto: str) -> str:
+def _port_name(port: int, proto: str, rule: bool = False) -> str:
+    """The service name of a port, as getservbyport gives it. For a rule (-S) only a name that -R reads back as
+    this port: /etc/services lists some names twice (dicom is 104 and 11112/tcp), and getservbyname gives the
+    first, so `:dicom` written for 11112 was restored as 104."""
     try:
-        return socket.getservbyport(port, proto)
+        name = socket.getservbyport(port, proto)
+        if rule and socket.getservbyname(name, proto) != port:
+            return str(port)
+        return name
     except (OSError, OverflowError):
         return str(port)
 
 
-def addrport(addr: str, port: int, proto: str, numeric: bool) -> str:
+def addrport(addr: str, port: int, proto: str, numeric: bool, rule: bool = False) -> str:
     """ipvsadm's addrport_to_anyname, minus reverse DNS: addresses always stay numeric."""
     host = f"[{addr}]" if ":" in addr else addr
-    return f"{host}:{port if numeric else _port_name(port, proto)}"
+    return f"{host}:{port if numeric else _port_name(port, proto, rule)}"
 
 
 def _version(addr: str) -> int:
@@ -771,7 +777,8 @@ def format_save(data: dict, fmt: Format) -> str:
         if s.get("match"):
             svc = f"-H {match_text(s['match'], rule=True)}"
         else:
-            svc = f"{'-t' if s['proto'] == 'tcp' else '-u'} {addrport(s['addr'], s['port'], s['proto'], fmt.numeric)}"
+            svc = (f"{'-t' if s['proto'] == 'tcp' else '-u'} "
+                   f"{addrport(s['addr'], s['port'], s['proto'], fmt.numeric, rule=True)}")
         line = f"-A {svc} -s {s['sched']}"
         flags = sched_flags_text(s.get("flags") or [], s.get("sched_params") or {})
         if flags:
@@ -782,7 +789,7 @@ def format_save(data: dict, fmt: Format) -> str:
                 line += f" -M {s['netmask']}"
         out.append(line)
         for d in _sorted_dests(s["dests"], fmt.nosort):
-            line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric)} "
+            line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric, rule=True)} "
                     f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d.get('conf_weight', d['weight'])}")
             if d.get("u_threshold"):
                 line += f" -x {d['u_threshold']}"

@@ -406,6 +406,36 @@ def test_save_writes_the_configured_weight_not_the_one_a_health_check_set():
     assert re.search(r"192\.168\.100\.3:80 +FullNat +0 ", render(["-L", "-n"], data)), "listed as it runs"
 
 
+def test_save_names_a_port_only_when_the_name_reads_back_as_that_port(monkeypatch):
+    """/etc/services lists dicom twice (104/tcp and 11112/tcp): getservbyport(11112) says dicom, getservbyname(dicom)
+    says 104. -S wrote `:dicom` for a DICOM service on 11112 and -R restored it on port 104: the service moved."""
+    names = {("dicom", "tcp"): 104, ("http", "tcp"): 80}
+    ports = {(104, "tcp"): "dicom", (11112, "tcp"): "dicom", (80, "tcp"): "http"}
+
+    def byname(name, proto):
+        if (name, proto) not in names:
+            raise OSError("service/proto not found")
+        return names[(name, proto)]
+
+    def byport(port, proto):
+        if (port, proto) not in ports:
+            raise OSError("port/proto not found")
+        return ports[(port, proto)]
+
+    monkeypatch.setattr(socket, "getservbyname", byname)
+    monkeypatch.setattr(socket, "getservbyport", byport)
+    data = {"services": [service("tcp", "10.0.0.100", 11112, "rr", [dest("192.168.100.2", 11112, "nat"),
+                                                                     dest("192.168.100.3", 104, "nat")])]}
+    saved = render(["-S"], data)
+    assert saved == ("-A -t 10.0.0.100:11112 -s rr\n"
+                     "-a -t 10.0.0.100:11112 -r 192.168.100.2:11112 -m -w 1\n"
+                     "-a -t 10.0.0.100:11112 -r 192.168.100.3:dicom -m -w 1\n")
+    sent = [r for _, inv in ipvsadm.parse_restore(saved) for r in inv.requests]
+    assert [(a.get("port"), a.get("svc", {}).get("port")) for _, a in sent] == [(11112, None), (11112, 11112),
+                                                                                (104, 11112)]
+    assert "TCP  10.0.0.100:dicom rr" in render(["-L"], data), "-L names ports as ipvsadm does"
+
+
 def test_restore_rejects_bad_lines_with_their_number():
     with pytest.raises(UsageError, match=r"^line 3: illegal weight specified$"):
         ipvsadm.parse_restore("# saved\n-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.0.0.2 -w x\n")
