@@ -488,6 +488,13 @@ def _timeout_value(text: str) -> int:
 
 def parse(argv: list[str]) -> Invocation:
     """One ipvsadm command line (without the program name) -> an Invocation. Raises UsageError."""
+    for word in argv:
+        if not word.isascii():
+            try:
+                word.encode()
+            except UnicodeEncodeError:  # a byte that is not UTF-8, which argv and stdin keep as a surrogate escape
+                shown = word.encode(errors="surrogateescape").decode("ascii", errors="backslashreplace")
+                raise UsageError(f"illegal argument `{shown}' (not UTF-8)") from None
     line = _Line(command="list" if not argv else None)
     for opt, val in _tokens(argv):
         if opt is None:

@@ -546,3 +546,20 @@ def test_main_restore_with_a_bad_line_sends_nothing(client, capsys, monkeypatch)
     assert ipvsadm.main(["-R"]) == 2
     assert client.calls == []
     assert capsys.readouterr().err == "line 2: Illegal 'weight' option with the 'add-service' command\n"
+
+
+@pytest.mark.parametrize("argv, shown", [(["-A", "-t", "10.0.0.1:80", "-s", "rr\udcff"], "rr\\xff"),
+                                         (["-P", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth\udcff0"], "eth\\xff0")])
+def test_main_argument_that_is_not_utf8_is_a_usage_error(client, capsys, argv, shown):
+    """A byte that is not UTF-8 (argv holds it as a surrogate escape) cannot go into a control frame: msgpack's
+    UnicodeEncodeError came out of ipvsadm as a traceback, exit 1. Now it is refused as a bad argument."""
+    assert ipvsadm.main(argv) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err == f"illegal argument `{shown}' (not UTF-8)\n"
+
+
+def test_main_restore_line_that_is_not_utf8_names_the_line_and_sends_nothing(client, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80 -s rr\n-A -t 10.0.0.2:80 -s wrr\udcff\n"))
+    assert ipvsadm.main(["-R"]) == 2
+    assert client.calls == []
+    assert capsys.readouterr().err == "line 2: illegal argument `wrr\\xff' (not UTF-8)\n"
