@@ -12,6 +12,7 @@ first), and an edit (-E or -e) keeps whatever the line does not mention (see _bu
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import socket
@@ -1010,6 +1011,42 @@ def execute(client, inv: Invocation, write=None) -> str:
     return render(inv, data)
 
 
+# libipvs's ipvs_strerror words some refusals by the call that got them, where the daemon has one message: a real
+# server or local address command naming a missing service says "Service not defined" (the service commands say
+# "No such service"), and DPVS's -Q names a missing local address with a capital L. Only the daemon's plain
+# message is reworded; a more precise one stands.
+_STRERROR = {
+    **{(op, errno.ESRCH, "No such service"): "Service not defined"
+       for op in ("dest.add", "dest.edit", "dest.del", "laddr.add", "laddr.del")},
+    ("laddr.del", errno.ENOENT, "No such local address"): "No such Local address",
+}
+
+
+def _worded(e: HdslbError, op: str) -> HdslbError:
+    e.message = _STRERROR.get((op, e.errno, e.message), e.message)
+    return e
+
+
+class _Libipvs:
+    """The daemon client as ipvsadm's libipvs: refusals worded by ipvs_strerror (a batch's by the op refused)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def call(self, op: str, args: dict | None = None):
+        try:
+            return self._client.call(op, args)
+        except HdslbError as e:
+            raise _worded(e, op) from None
+
+    def batch(self, ops: list, dry_run: bool = False):
+        try:
+            return self._client.batch(ops, dry_run=True) if dry_run else self._client.batch(ops)
+        except HdslbError as e:
+            i = getattr(e, "index", None)
+            raise (_worded(e, ops[i][0]) if isinstance(i, int) and 0 <= i < len(ops) else e) from None
+
+
 def _read_expects(inv: Invocation) -> list:
     """A read line that names a service (-L/-Z/--get-laddr -t ...) fails when the service is not there at that
     point of the restore; an edit that names only the service fails the same way and changes nothing, so the dry
@@ -1047,7 +1084,8 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_OK
 
     def run() -> int:
-        with Client(path) as client:
+        with Client(path) as daemon:
+            client = _Libipvs(daemon)
             if batch is not None:
                 return _restore(client, batch)
             sys.stdout.write(execute(client, inv, sys.stdout.write))

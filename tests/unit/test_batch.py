@@ -134,7 +134,8 @@ def test_restore_bad_line_in_the_middle_applies_nothing(model, monkeypatch, caps
     text = RESTORE.replace("-a -u 10.0.0.2:53 -r 192.168.1.3:53 -b", "-a -u 10.0.0.7:53 -r 192.168.1.3:53 -b")
     monkeypatch.setattr("sys.stdin", io.StringIO(text))
     assert ipvsadm.main(["-R"]) == 2
-    assert capsys.readouterr().err == "line 5: No such service; nothing of the restore was applied\n"
+    # an -a line naming a missing service: ipvsadm's words for it
+    assert capsys.readouterr().err == "line 5: Service not defined; nothing of the restore was applied\n"
     assert client.calls == ["batch"]
     assert state(ctx.bal) == before, "nothing of the batch reached the model"
     assert len(ctx.bal.dp.calls) == writes, "nor the maps"
@@ -160,7 +161,8 @@ def test_restore_with_reads_between_changes_checks_every_change_first(model, mon
     monkeypatch.setattr("sys.stdin", io.StringIO(
         "-A -t 10.0.0.1:80 -s rr\n-Z\n-A -t 10.0.0.2:80 -s rr\n-a -t 10.0.0.3:80 -r 192.168.1.1 -b\n"))
     assert ipvsadm.main(["-R"]) == 2
-    assert capsys.readouterr().err == "line 4: No such service; nothing of the restore was applied\n"
+    # an -a line naming a missing service: ipvsadm's words for it
+    assert capsys.readouterr().err == "line 4: Service not defined; nothing of the restore was applied\n"
     assert client.calls == ["batch"], "the dry run refused it: nothing else was sent"
     assert state(ctx.bal) == before and len(ctx.bal.dp.calls) == writes
     # accepted: the lines run in order, -Z in its place between the two batches (on a service the first made)

@@ -548,8 +548,10 @@ def test_main_restore_with_a_bad_line_sends_nothing(client, capsys, monkeypatch)
     assert capsys.readouterr().err == "line 2: Illegal 'weight' option with the 'add-service' command\n"
 
 
-@pytest.mark.parametrize("argv, shown", [(["-A", "-t", "10.0.0.1:80", "-s", "rr\udcff"], "rr\\xff"),
-                                         (["-P", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth\udcff0"], "eth\\xff0")])
+@pytest.mark.parametrize("argv, shown", [
+    (["-A", "-t", "10.0.0.1:80", "-s", "rr\udcff"], "rr\\xff"),
+    (["-P", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth\udcff0"], "eth\\xff0"),
+])
 def test_main_argument_that_is_not_utf8_is_a_usage_error(client, capsys, argv, shown):
     """A byte that is not UTF-8 (argv holds it as a surrogate escape) cannot go into a control frame: msgpack's
     UnicodeEncodeError came out of ipvsadm as a traceback, exit 1. Now it is refused as a bad argument."""
@@ -563,3 +565,40 @@ def test_main_restore_line_that_is_not_utf8_names_the_line_and_sends_nothing(cli
     assert ipvsadm.main(["-R"]) == 2
     assert client.calls == []
     assert capsys.readouterr().err == "line 2: illegal argument `wrr\\xff' (not UTF-8)\n"
+
+
+@pytest.mark.parametrize("argv, op", [
+    (["-a", "-t", "10.0.0.1:80", "-r", "10.0.0.2"], "dest.add"),
+    (["-e", "-t", "10.0.0.1:80", "-r", "10.0.0.2", "-w", "2"], "dest.edit"),
+    (["-d", "-t", "10.0.0.1:80", "-r", "10.0.0.2"], "dest.del"),
+    (["-P", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth0"], "laddr.add"),
+    (["-Q", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth0"], "laddr.del"),
+])
+def test_main_server_commands_on_a_missing_service_say_service_not_defined(client, capsys, argv, op):
+    """libipvs's ipvs_strerror words ESRCH by the call: "Service not defined" for a real server or local address
+    command (-a/-e/-d/-P/-Q), "No such service" for the service commands. Scripts written against ipvsadm match
+    the former; hdslb printed the daemon's "No such service" for every command."""
+    client.fail[op] = HdslbError(errno.ESRCH, "No such service")
+    assert ipvsadm.main(argv) == 1
+    assert capsys.readouterr().err == "Service not defined\n"
+
+
+def test_main_service_commands_keep_no_such_service_and_other_reasons_stand(client, capsys):
+    client.fail["service.edit"] = HdslbError(errno.ESRCH, "No such service")
+    assert ipvsadm.main(["-E", "-t", "10.0.0.1:80", "-s", "rr"]) == 1
+    assert capsys.readouterr().err == "No such service\n"
+    client.fail["laddr.del"] = HdslbError(errno.ENOENT, "No such local address")
+    assert ipvsadm.main(["-Q", "-t", "10.0.0.1:80", "-z", "10.0.0.9", "-F", "eth0"]) == 1
+    assert capsys.readouterr().err == "No such Local address\n"  # DPVS's ipvs_strerror, capital L
+    client.fail["dest.add"] = HdslbError(errno.ESRCH, "something more precise")
+    assert ipvsadm.main(["-a", "-t", "10.0.0.1:80", "-r", "10.0.0.2"]) == 1
+    assert capsys.readouterr().err == "something more precise\n"
+
+
+def test_main_restore_words_the_refused_line_as_ipvsadm(client, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.2:80 -r 10.0.0.3 -m\n"))
+    err = HdslbError(errno.ESRCH, "No such service")
+    err.index = 1
+    client.fail["batch"] = err
+    assert ipvsadm.main(["-R"]) == 2
+    assert capsys.readouterr().err == "line 2: Service not defined; nothing of the restore was applied\n"
