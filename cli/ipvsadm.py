@@ -437,15 +437,20 @@ def parse_sched_flags(text: str) -> tuple[list, dict]:
                                  f"{'|'.join(SCHED_PARAM_NAMES)}=N)")
             params[name] = n
         elif name in SCHED_FLAG_NAMES:
-            flags.append(name)
+            flags.append(name)  # (bits in LVS: a flag given twice is set once, see _flag_bits)
         else:
             raise UsageError(f"invalid scheduler flag `{item}' ({', '.join(SCHED_FLAG_NAMES)}, or "
                              f"{'|'.join(SCHED_PARAM_NAMES)}=N)")
-    return flags, params
+    return _flag_bits(flags), params
+
+
+def _flag_bits(flags) -> list:
+    """LVS's scheduler flags are bits: each once, in the order ipvsadm's print_sched_flags prints them."""
+    return [f for f in SCHED_FLAG_NAMES if f in flags] + sorted({f for f in flags if f not in SCHED_FLAG_NAMES})
 
 
 def sched_flags_text(flags: list, params: dict) -> str:
-    return ",".join(list(flags) + [f"{k}={v}" for k, v in sorted((params or {}).items())])
+    return ",".join(_flag_bits(flags) + [f"{k}={v}" for k, v in sorted((params or {}).items())])
 
 
 def _check_table(command: str, given: list[str]) -> None:

@@ -128,6 +128,20 @@ def test_sched_flags_are_shown_as_lvs_does():
         "TCP  10.0.0.100:80 mh (mh-port,size=4093) persistent 300 mask 255.255.255.0"
 
 
+def test_sched_flags_are_bits_listed_and_saved_in_ipvsadms_order():
+    """LVS's scheduler flags are bits, printed by ipvsadm's print_sched_flags in one order (sh-fallback before
+    sh-port): `--sched-flags sh-port,sh-fallback,sh-port` was kept as written, duplicate included, and -Ln showed
+    `(sh-port,sh-fallback,sh-port)` where ipvsadm shows `(sh-fallback,sh-port)`."""
+    (_, args), = requests("-A", "-t", "10.0.0.100:80", "-s", "sh",
+                          "--sched-flags", "sh-port,size=512,sh-fallback,sh-port")
+    assert args["flags"] == ["sh-fallback", "sh-port"]
+    s = {**service("tcp", "10.0.0.100", 80, "sh", []), "flags": ["sh-port", "sh-fallback", "sh-port"],
+         "sched_params": {"size": 512}}
+    assert render(["-Ln"], {"services": [s]}).splitlines()[3] == "TCP  10.0.0.100:80 sh (sh-fallback,sh-port,size=512)"
+    assert render(["-Sn"], {"services": [s]}) == \
+        "-A -t 10.0.0.100:80 -s sh --sched-flags sh-fallback,sh-port,size=512\n"
+
+
 def test_persistent_conn_view():
     d = {**dest("192.168.100.2", 80, weight=2, active=3, inactive=4), "persist_conns": 7}
     lines = render(["-Ln", "--persistent-conn"], {"services": [service("tcp", "10.0.0.100", 80, "rr", [d])]})
