@@ -88,6 +88,7 @@ _OPTIONS = (
     _Opt("m", "masquerading", option="forwarding-method", value="nat"),
     _Opt("b", "fullnat", option="forwarding-method", value="fnat"),
     _Opt("J", "snat", option="forwarding-method", value="snat"),
+    _Opt(None, "tun-type", REQUIRED, option="tun-type"),
     _Opt("w", "weight", REQUIRED, option="weight"),
     _Opt("x", "u-threshold", REQUIRED, option="u-threshold"),
     _Opt("y", "l-threshold", REQUIRED, option="l-threshold"),
@@ -103,12 +104,14 @@ _OPTIONS = (
     _Opt("z", "laddr", REQUIRED, option="local-address"),
     _Opt("F", "ifname", REQUIRED, option="ifname"),
     _Opt(None, "timeout", option="timeout"),
+    _Opt(None, "tun-info", option="tun-info"),
 )
 _BY_SHORT = {o.short: o for o in _OPTIONS if o.short}
 _BY_LONG = {o.long: o for o in _OPTIONS}
 
 # Options of LVS's and DPVS's ipvsadm that hdslb does not have: refused by name with the reason (not as a typo).
 _SYNC = "connection sync daemons are not needed: flows live in pinned BPF maps and survive a restart of hdslbd"
+_GUE = "it is for GUE and GRE tunnels; hdslb's tunnels (-i) are IPIP, 6in6 for IPv6 (--tun-type ipip)"
 _UNSUPPORTED = {
     ("f", "fwmark-service"): "firewall-mark services need netfilter marks, which the XDP fast path never sees",
     ("6", "ipv6"): "it only applies to firewall-mark services (-f), which hdslb does not have",
@@ -124,6 +127,7 @@ _UNSUPPORTED = {
     ("k", "blklst"): "deny lists are not supported",
     (None, "start-daemon"): _SYNC, (None, "stop-daemon"): _SYNC, (None, "daemon"): _SYNC,
     (None, "mcast-interface"): _SYNC, (None, "syncid"): _SYNC,
+    (None, "tun-port"): _GUE, (None, "tun-nocsum"): _GUE, (None, "tun-csum"): _GUE, (None, "tun-remcsum"): _GUE,
 }
 _UNSUPPORTED_SHORT = {short: (long, why) for (short, long), why in _UNSUPPORTED.items() if short}
 _UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}
@@ -132,24 +136,25 @@ _UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}
 #   +  compulsory    x  illegal    1  exclusive (only one '1' option may be given)    .  optional
 _COLUMNS = ("numeric", "connection", "service-address", "scheduler", "persistent", "netmask", "real-server",
             "forwarding-method", "weight", "u-threshold", "l-threshold", "stats", "rate", "thresholds",
-            "nosort", "exact", "local-address", "ifname", "sched-flags", "persistent-conn", "timeout")
+            "nosort", "exact", "local-address", "ifname", "sched-flags", "persistent-conn", "timeout", "tun-type",
+            "tun-info")
 _LEGAL = {cmd: row.split() for cmd, row in {
-    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F sf pc tot
-    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x",
-    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x",
-    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x  x  .  1",
-    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x",
-    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x",
-    "set":            "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
-    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x",
-    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x",
-    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x",
+    #                 -n -c svc -s -p -M -r fwd -w -x -y st rt thr srt ex -z -F sf pc tot tt ti
+    "add-service":    "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x   x  x",
+    "edit-service":   "x  x  +   .  .  .  x  x   x  x  x  x  x  x   x   x  x  x  .  x  x   x  x",
+    "delete-service": "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "flush":          "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "list":           ".  1  1   x  x  x  x  x   x  x  x  .  .  .   .   .  x  x  x  .  1   x  .",
+    "add-server":     "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x   .  x",
+    "delete-server":  "x  x  +   x  x  x  +  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "edit-server":    "x  x  +   x  x  x  +  .   .  .  .  x  x  x   x   x  x  x  x  x  x   .  x",
+    "set":            "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "restore":        "x  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "save":           ".  x  x   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "zero":           "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
+    "add-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x   x  x",
+    "del-laddr":      "x  x  +   x  x  x  x  x   x  x  x  x  x  x   x   x  +  +  x  x  x   x  x",
+    "get-laddr":      "x  x  .   x  x  x  x  x   x  x  x  x  x  x   x   x  x  x  x  x  x   x  x",
 }.items()}
 
 # LVS scheduler flags (ipvsadm --sched-flags, upstream's -b, which DPVS gave to FullNAT) and hdslb's table
@@ -170,6 +175,7 @@ class Format:
     exact: bool = False
     nosort: bool = False
     persistent_conn: bool = False
+    tun_info: bool = False
 
 
 @dataclass
@@ -365,6 +371,11 @@ def _take(line: _Line, opt: _Opt, val: str | None) -> None:
         line.server = val
     elif name == "forwarding-method":
         line.fwd = opt.value
+    elif name == "tun-type":  # ipvsadm 1.31's; its -S writes `--tun-type ipip` on every tunnel line
+        if val in ("gue", "gre"):
+            raise UsageError(f"--tun-type {val}: not supported by hdslb: {_GUE}")
+        if val != "ipip":
+            raise UsageError("illegal tunnel type specified")
     elif name == "weight":
         line.weight = _number(val, 0, 65535)
         if line.weight is None:
@@ -533,7 +544,7 @@ def _build(line: _Line) -> Invocation:
     given = set(line.given)
     fmt = Format(numeric="numeric" in given, stats="stats" in given, rate="rate" in given,
                  thresholds="thresholds" in given, exact="exact" in given, nosort="nosort" in given,
-                 persistent_conn="persistent-conn" in given)
+                 persistent_conn="persistent-conn" in given, tun_info="tun-info" in given)
     cmd = line.command
     svc = None
     if line.match is not None:
@@ -591,6 +602,8 @@ def _build(line: _Line) -> Invocation:
         return Invocation(cmd, [("service.edit", args)])
 
     # add-server, edit-server, delete-server
+    if "tun-type" in given and line.fwd != "tunnel":  # (an -e without -i too, as ipvsadm's default there is -g)
+        raise UsageError("Tunnel options conflict with forward method")
     parsed = parse_addr_port(line.server, line.proto)
     if parsed is None:
         raise UsageError("illegal real server address[:port] specified")
@@ -707,6 +720,9 @@ def _title(fmt: Format) -> list[str]:
     elif fmt.persistent_conn:
         return [f"{head:<33} {'Weight':<9} {'PersistConn':<11} {'ActiveConn':<10} {'InActConn':<10}",
                 "  -> RemoteAddress:Port"]
+    elif fmt.tun_info:
+        return [f"{head} Scheduler Flags",
+                "  -> RemoteAddress:Port           Forward TunnelInfo    Weight ActiveConn InActConn"]
     else:
         return [f"{head} Scheduler Flags",
                 "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
@@ -760,12 +776,16 @@ def _dest_line(s: dict, d: dict, fmt: Format) -> str:
     if fmt.persistent_conn:
         return (f"  -> {name:<28} {d['weight']:<9} {d.get('persist_conns', 0):<11} "
                 f"{d['active']:<10} {d['inactive']:<10}")
+    if fmt.tun_info:  # ipvsadm 1.31's fwd_tun_info: the tunnel type, n/a for the other methods
+        tun = "ipip" if d["fwd"] == "tunnel" else "n/a"
+        return (f"  -> {name:<28} {FWD_NAMES.get(d['fwd'], d['fwd']):<7} {tun:<13} {d['weight']:<6} "
+                f"{d['active']:<10} {d['inactive']:<10}")
     return (f"  -> {name:<28} {FWD_NAMES.get(d['fwd'], d['fwd']):<7} {d['weight']:<6} "
             f"{d['active']:<10} {d['inactive']:<10}")
 
 
 def format_list(data: dict, fmt: Format, header: bool = True) -> str:
-    """-L / -Ln / --stats / --rate / --thresholds / --persistent-conn (given together, the first of these is the
+    """-L / -Ln / --stats / --rate / --thresholds / --persistent-conn / --tun-info (given together, the first is the
     layout, as in ipvsadm's print_title). `header` is off for -L -t (ipvsadm's list_service). Nothing but
     DPVS's lines: scripts parse them (whether a server is overloaded is in REST and /metrics)."""
     out = []
@@ -934,6 +954,7 @@ Options:
   --fullnat      -b                   fullnat mode
   --snat         -J                   SNAT mode
   --masquerading -m                   masquerading (NAT)
+  --tun-type     type                 with -i: ipip (the only type: IPIP, 6in6 for IPv6)
   --weight       -w weight            capacity of real server
   --u-threshold  -x uthreshold        upper threshold of connections
   --l-threshold  -y lthreshold        lower threshold of connections
@@ -944,6 +965,7 @@ Options:
   --exact        -X                   expand numbers (display exact values)
   --thresholds                        output of thresholds information
   --persistent-conn                   output of persistent connection info (with -c: templates only)
+  --tun-info                          output of tunnel information
   --nosort                            disable sorting output of service/server entries
   --sort                              does nothing, for backwards compatibility
   --numeric      -n                   numeric output of addresses and ports
