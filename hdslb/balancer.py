@@ -1165,8 +1165,9 @@ class Balancer:
         for k, v in params.items():
             if k not in allowed:
                 raise invalid(f"scheduler {sch} takes no parameter {k!r} (it takes: {', '.join(sorted(allowed)) or 'none'})")
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise invalid(f"scheduler parameter {k} must be a non-negative integer, got {v!r}")
+            # 32 bits, as ipvsadm's --sched-flags reads them: what the daemon holds, -S writes and -R restores
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFFFFFF:
+                raise invalid(f"scheduler parameter {k} must be an integer 0..4294967295, got {v!r}")
         pers = a.get("persistent")
         if pers == 0 and not isinstance(pers, bool):
             pers = None

@@ -1,7 +1,13 @@
 """Control commands for the new modes: warnings on accepted-but-not-yet-working real servers, templates next to
 connections, and what service.list tells ipvsadm/REST about matches, tables, overload and count staleness."""
 
+import errno
+
+import pytest
+
+from cli import ipvsadm
 from hdslb.ctl import commands
+from hdslb.errors import HdslbError
 
 from .test_api import FakeCtx
 
@@ -55,3 +61,19 @@ def test_conn_list_carries_templates():
     ctx.persist_list = lambda: [tmpl]
     assert commands.dispatch(ctx, "conn.list", {}) == {"conns": ctx.conns, "templates": [tmpl]}
     assert commands.dispatch(ctx, "conn.list", {"templates_only": True}) == {"conns": [], "templates": [tmpl]}
+
+
+def test_scheduler_parameters_the_daemon_takes_are_ones_ipvsadm_restores():
+    """conhash's replicas and lc/wlc's horizon had no upper bound over the control socket and REST: a service made
+    with replicas=2**32 was saved by ipvsadm -S as `--sched-flags replicas=4294967296`, and -R refused that line
+    (--sched-flags takes 32-bit values), so the save could not be restored. The daemon now takes 0..2**32-1."""
+    ctx = FakeCtx()
+    for sched, params in (("conhash", {"replicas": 2**32}), ("wlc", {"horizon": 2**40})):
+        with pytest.raises(HdslbError) as e:
+            commands.dispatch(ctx, "service.add", dict(SVC, sched=sched, sched_params=params))
+        assert e.value.errno == errno.EINVAL and "4294967295" in e.value.message
+    assert not ctx.bal.services
+    commands.dispatch(ctx, "service.add", dict(SVC, sched="conhash", sched_params={"replicas": 2**32 - 1}))
+    saved = ipvsadm.format_save(commands.dispatch(ctx, "service.list", {}), ipvsadm.Format(numeric=True))
+    assert saved == "-A -t 10.0.0.100:80 -s conhash --sched-flags replicas=4294967295\n"
+    assert ipvsadm.parse_restore(saved)[0][1].requests[0][1]["sched_params"] == {"replicas": 2**32 - 1}
