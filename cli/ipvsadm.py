@@ -112,6 +112,7 @@ _BY_LONG = {o.long: o for o in _OPTIONS}
 # Options of LVS's and DPVS's ipvsadm that hdslb does not have: refused by name with the reason (not as a typo).
 _SYNC = "connection sync daemons are not needed: flows live in pinned BPF maps and survive a restart of hdslbd"
 _GUE = "it is for GUE and GRE tunnels; hdslb's tunnels (-i) are IPIP, 6in6 for IPv6 (--tun-type ipip)"
+_ALLOW = "allow lists are not supported (filter before the balancer, e.g. nftables on the uplink)"
 _UNSUPPORTED = {
     ("f", "fwmark-service"): "firewall-mark services need netfilter marks, which the XDP fast path never sees",
     ("6", "ipv6"): "it only applies to firewall-mark services (-f), which hdslb does not have",
@@ -128,6 +129,20 @@ _UNSUPPORTED = {
     (None, "start-daemon"): _SYNC, (None, "stop-daemon"): _SYNC, (None, "daemon"): _SYNC,
     (None, "mcast-interface"): _SYNC, (None, "syncid"): _SYNC,
     (None, "tun-port"): _GUE, (None, "tun-nocsum"): _GUE, (None, "tun-csum"): _GUE, (None, "tun-remcsum"): _GUE,
+    (None, "mcast-group"): _SYNC, (None, "mcast-port"): _SYNC, (None, "mcast-ttl"): _SYNC, (None, "sync-maxlen"): _SYNC,
+    # DPVS 1.9's (its -1 and -2, --icmpv6-service's and --whtlst's, stay numbers here, as --set takes them)
+    (None, "sctp-service"): "SCTP services are not balanced (TCP and UDP)",
+    (None, "icmpv6-service"): "ICMPv6 virtual services are not balanced (ICMPv6 to a VIP is answered by the slow path)",
+    ("O", "add-whtlst"): _ALLOW, ("W", "get-whtlst"): _ALLOW, (None, "del-whtlst"): _ALLOW, (None, "whtlst"): _ALLOW,
+    (None, "cpu"): "listings are not per CPU: -Lnc shows each connection's CPU, [N], in its first column",
+    (None, "expire-quiescent"): "it is one setting for every service: `expire_quiescent_template` in hdslb.conf's "
+                                "ipvs_defs conn block (keepalived's)",
+    (None, "dest-check"): "passive real server checks are not supported; health checks are hdslb.conf's checkers",
+    (None, "conn-timeout"): "per-service connection timeouts are not supported; --set tcp tcpfin udp sets them for "
+                            "every service",
+    (None, "proxy-protocol"): "the PROXY protocol header is not inserted; NAT (-m) and DR (-g) servers see the "
+                              "client's address",
+    (None, "quic"): "QUIC connection-id scheduling is not supported",
 }
 _UNSUPPORTED_SHORT = {short: (long, why) for (short, long), why in _UNSUPPORTED.items() if short}
 _UNSUPPORTED_LONG = {long: why for (_, long), why in _UNSUPPORTED.items()}

@@ -167,6 +167,18 @@ def test_usage_errors(argv, message):
     (["--start-daemon", "master"], "--start-daemon: not supported by hdslb: connection sync daemons are not needed"),
     (["-U", "-t", "10.0.0.1:80", "-k", "1.2.3.4"], "-U (--add-blklst): not supported by hdslb: deny lists"),
     (["-Lnc", "--sockpair", "x"], "--sockpair: not supported by hdslb"),
+    # DPVS 1.9's and LVS 1.31's newer ones: "unknown option" read as a typo in a script brought over
+    (["-A", "-t", "10.0.0.1:80", "--conn-timeout", "60"], "--conn-timeout: not supported by hdslb: per-service"),
+    (["-A", "-t", "10.0.0.1:80", "--proxy-protocol", "v2"], "--proxy-protocol: not supported by hdslb: "),
+    (["-E", "-t", "10.0.0.1:80", "--expire-quiescent"], "--expire-quiescent: not supported by hdslb: "),
+    (["-A", "-t", "10.0.0.1:80", "--dest-check", "default"], "--dest-check: not supported by hdslb: "),
+    (["-A", "-t", "10.0.0.1:80", "--quic"], "--quic: not supported by hdslb: "),
+    (["-A", "--sctp-service", "10.0.0.1:80"], "--sctp-service: not supported by hdslb: "),
+    (["-A", "--icmpv6-service", "[2001:db8::1]:0"], "--icmpv6-service: not supported by hdslb: "),
+    (["-O", "-t", "10.0.0.1:80", "-2", "1.2.3.4"], "-O (--add-whtlst): not supported by hdslb: allow lists"),
+    (["-W"], "-W (--get-whtlst): not supported by hdslb: allow lists"),
+    (["-G", "--cpu", "1"], "--cpu: not supported by hdslb: "),
+    (["--sync-maxlen", "1400"], "--sync-maxlen: not supported by hdslb: connection sync daemons"),
     (["-A", "-t", "10.0.0.1:80", "--frobnicate"], "--frobnicate: unknown option"),
 ])
 def test_options_of_lvs_and_dpvs_that_hdslb_lacks_are_named_with_the_reason(argv, start):
