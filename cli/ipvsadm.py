@@ -818,7 +818,9 @@ def format_save(data: dict, fmt: Format) -> str:
     """-S: one command line per service, real server and local address, readable by -R.
 
     ipvsadm writes services and real servers only; the local addresses are added because a FullNAT service
-    restored without them cannot forward.
+    restored without them cannot forward. Real servers come in the daemon's order, not sorted as ipvsadm writes
+    them: it is the order the schedulers walk (fo's tie, sh/dh's bucket layout, as LVS's), so -R, adding them in
+    that order, builds the same tables.
     """
     out = []
     for s in _sorted_services(data["services"], fmt.nosort):
@@ -836,7 +838,7 @@ def format_save(data: dict, fmt: Format) -> str:
             if not _full_mask(s.get("netmask"), _version(s["addr"])):
                 line += f" -M {s['netmask']}"
         out.append(line)
-        for d in _sorted_dests(s["dests"], fmt.nosort):
+        for d in s["dests"]:
             line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric, rule=True)} "
                     f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d.get('conf_weight', d['weight'])}")
             if d.get("u_threshold"):

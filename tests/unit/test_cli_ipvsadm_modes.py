@@ -5,7 +5,9 @@ import pytest
 
 from cli import ipvsadm
 from cli.common import UsageError
+from hdslb.ctl import commands
 
+from .test_api import FakeCtx
 from .test_cli_ipvsadm import FakeClient, dest, render, requests, service
 
 VIP = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
@@ -245,6 +247,32 @@ def test_save_restore_round_trip_of_every_mode():
 
 
 # ---------------------------------------------------------------------------------------------- main
+@pytest.mark.parametrize("sched", ["fo", "sh", "dh", "rr"])
+def test_save_keeps_the_order_the_schedulers_walk_so_restore_builds_the_same_table(sched):
+    """fo sends every new flow to the first of the highest-weight servers, sh and dh lay their buckets out in the
+    servers' order (as LVS): the order they were added is part of the table. -S wrote them sorted by address, so
+    -S, -C, -R of an fo pair added .30 then .2 moved every new flow to .2, and an sh service's clients all moved.
+    -S now writes them in the daemon's order (-L still sorts, as ipvsadm)."""
+    ctx = FakeCtx()
+    commands.dispatch(ctx, "service.add", dict(VIP, sched=sched))
+    for addr in ("192.168.1.30", "192.168.1.2", "192.168.1.10"):
+        commands.dispatch(ctx, "dest.add", {"svc": VIP, "addr": addr, "port": 80, "fwd": "nat"})
+
+    def table(c):
+        slots = {d.slot: str(d.addr) for d in c.bal.services[next(iter(c.bal.services))].dests.values()}
+        return [slots[s] for s in [x for x in c.bal.dp.calls if x[0] == "sched_set"][-1][1][1].entries]
+
+    listed = commands.dispatch(ctx, "service.list", {})
+    saved = ipvsadm.format_save(listed, ipvsadm.Format(numeric=True))
+    assert [ln.split()[4] for ln in saved.splitlines()[1:]] == ["192.168.1.30:80", "192.168.1.2:80", "192.168.1.10:80"]
+    assert [ln.split()[1] for ln in ipvsadm.format_list(listed, ipvsadm.Format(numeric=True)).splitlines()[4:]] == \
+        ["192.168.1.2:80", "192.168.1.10:80", "192.168.1.30:80"]
+    again = FakeCtx()
+    commands.dispatch(again, "batch", {"ops": [[op, a] for _, inv in ipvsadm.parse_restore(saved)
+                                               for op, a in inv.requests]})
+    assert table(again) == table(ctx)
+
+
 def test_warnings_go_to_stderr_and_the_change_stands(monkeypatch, capsys):
     fake = FakeClient(replies={"dest.add": {"warnings": ["no outer source address for the tunnel to 1.2.3.4"]}})
     monkeypatch.setattr(ipvsadm, "Client", fake)
