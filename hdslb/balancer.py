@@ -1763,6 +1763,15 @@ class Balancer:
         else:
             self.dp.local_del(addr)
 
+    def own_config_vips(self, keys) -> None:
+        """The config file's virtual servers own their VIPs (service_add's own_vip): also one the file adopts after
+        it was made again by hand (ipvsadm -C then -R, -D then -A), which its own add would have given that."""
+        for key in keys:
+            svc = self.services.get(key)
+            if svc is not None and svc.match is None and not svc.own_vip:
+                svc.own_vip = True
+                self._sync_local(svc.addr)
+
     def is_local(self, addr) -> bool:
         """An interface address or a local address of some service (a config VIP alone is not)."""
         return bool(self._local_index().get(addr, _NOT_LOCAL)[0] & (LOCAL_IFADDR | LOCAL_LADDR))

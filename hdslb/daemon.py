@@ -1599,6 +1599,7 @@ class Daemon:
                 for op, args in ops:
                     commands.dispatch(self, op, args)
         self.bal.config_owned = set(want)
+        self.bal.own_config_vips(want)  # (a service made again by ipvsadm and adopted here owned no VIP)
         self.config, self.want = cfg, want
         self.config_warnings = self._warn_unrouted(want)
         if self.start_config is None:

@@ -1,11 +1,15 @@
 """A reload acts on every changed option it can (timeouts, logging) and names the rest: applied, needs_restart or
 not_acted_on. Nothing changed in the file is silently dropped."""
 
+import asyncio
 import logging
 import os
+from ipaddress import ip_address
 
 import pytest
 
+from cli import ipvsadm
+from hdslb.balancer import LOCAL_VIP
 from tests.unit.test_api_security import BASE, HarnessDaemon
 
 TIMEOUTS = """ipvs_defs {
@@ -378,3 +382,26 @@ async def test_a_start_whose_control_socket_failed_leaves_that_path_alone(tmp_pa
     finally:
         if other is not None:
             other.close()
+
+
+async def _call(d, op, args):
+    r = d.dispatch(op, args)  # as the control socket runs an op
+    return await r if asyncio.iscoroutine(r) else r
+
+
+async def test_a_config_service_restored_by_ipvsadm_owns_its_vip_again_once_the_config_adopts_it(tmp_path):
+    """A file's virtual server owns its VIP (ARP/ND answered without `dpip addr add`). `ipvsadm -S`, `-C`, `-R`
+    (or -D then -A) makes it again by hand, without that; the reload that adopts it back as the file's kept it
+    unowned: ipvsadm -Ln showed the service as before while its VIP went unanswered once the router's ARP entry
+    aged out, reload after reload (the state file kept it so across restarts too). Adoption now owns the VIP."""
+    d, conf = await make(tmp_path, BASE)
+    vip = ip_address("10.0.0.100")
+    assert d.bal.local_reasons(vip)[0] & LOCAL_VIP
+    saved = ipvsadm.format_save(await _call(d, "service.list", {}), ipvsadm.Format(numeric=True))
+    await _call(d, "batch", {"ops": [["service.flush", {}]] + [[op, a] for _, inv in ipvsadm.parse_restore(saved)
+                                                              for op, a in inv.requests]})
+    assert not d.bal.local_reasons(vip)[0] & LOCAL_VIP, "made by hand: a VIP of ipvsadm's needs dpip addr add"
+    await d.reload_config()
+    assert d.bal.config_owned == {("tcp", vip, 80)}
+    assert d.bal.local_reasons(vip)[0] & LOCAL_VIP
+    assert ("local_set", (vip, LOCAL_VIP, 0)) in d.bal.dp.calls[-3:]
