@@ -818,9 +818,10 @@ def format_save(data: dict, fmt: Format) -> str:
     """-S: one command line per service, real server and local address, readable by -R.
 
     ipvsadm writes services and real servers only; the local addresses are added because a FullNAT service
-    restored without them cannot forward. Real servers come in the daemon's order, not sorted as ipvsadm writes
-    them: it is the order the schedulers walk (fo's tie, sh/dh's bucket layout, as LVS's), so -R, adding them in
-    that order, builds the same tables.
+    restored without them cannot forward. A sorry server that a lost quorum put in is left out, as a check's weight
+    0 is (the configured weight is written): both are the health checks' doing. Real servers come in the daemon's
+    order, not sorted as ipvsadm writes them: it is the order the schedulers walk (fo's tie, sh/dh's bucket layout,
+    as LVS's), so -R, adding them in that order, builds the same tables.
     """
     out = []
     for s in _sorted_services(data["services"], fmt.nosort):
@@ -839,6 +840,8 @@ def format_save(data: dict, fmt: Format) -> str:
                 line += f" -M {s['netmask']}"
         out.append(line)
         for d in s["dests"]:
+            if (d.get("health") or {}).get("sorry"):
+                continue  # put in by a lost quorum and taken out with it, not configuration
             line = (f"-a {svc} -r {addrport(d['addr'], d['port'], s['proto'], fmt.numeric, rule=True)} "
                     f"{FWD_SWITCHES.get(d['fwd'], '-g')} -w {d.get('conf_weight', d['weight'])}")
             if d.get("u_threshold"):

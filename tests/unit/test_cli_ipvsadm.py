@@ -418,6 +418,22 @@ def test_save_writes_the_configured_weight_not_the_one_a_health_check_set():
     assert re.search(r"192\.168\.100\.3:80 +FullNat +0 ", render(["-L", "-n"], data)), "listed as it runs"
 
 
+def test_save_leaves_out_the_sorry_server_a_lost_quorum_put_in():
+    """While a virtual server's quorum is lost its sorry_server is in the pool (keepalived's), put there and taken
+    out by the health checks, not configuration. -S wrote it as a real server like the others: -S, -C, -R made it
+    one for good, and when quorum came back it stayed in rotation, serving its sorry page to a share of the
+    clients. -S saves configuration, as it saves the configured weight of a server a check holds down."""
+    held = {**dest("192.168.100.3", 80, weight=0), "conf_weight": 1,
+            "health": {"state": "up", "reason": "", "sorry": False, "held": True}}
+    sorry = {**dest("192.168.100.9", 80), "conf_weight": 1,
+             "health": {"state": "up", "reason": "", "sorry": True, "held": False}}
+    data = {"services": [service("tcp", "10.0.0.100", 80, "wrr", [dest("192.168.100.2", 80, weight=0), held, sorry])]}
+    assert render(["-S", "-n"], data) == ("-A -t 10.0.0.100:80 -s wrr\n"
+                                          "-a -t 10.0.0.100:80 -r 192.168.100.2:80 -b -w 0\n"
+                                          "-a -t 10.0.0.100:80 -r 192.168.100.3:80 -b -w 1\n")
+    assert "192.168.100.9:80" in render(["-L", "-n"], data), "listed as it runs"
+
+
 def test_save_names_a_port_only_when_the_name_reads_back_as_that_port(monkeypatch):
     """/etc/services lists dicom twice (104/tcp and 11112/tcp): getservbyport(11112) says dicom, getservbyname(dicom)
     says 104. -S wrote `:dicom` for a DICOM service on 11112 and -R restored it on port 104: the service moved."""
