@@ -580,8 +580,8 @@ def _build(line: _Line) -> Invocation:
             return Invocation(cmd, [("conn.list", {"templates_only": True} if fmt.persistent_conn else {})],
                               "conns", fmt)
         return Invocation(cmd, [("service.list", {"svc": svc})], "service" if svc else "services", fmt)
-    if cmd == "save":
-        return Invocation(cmd, [("service.list", {"svc": None})], "save", fmt)
+    if cmd == "save":  # rules only: the model, none of the maps' counts and stats (a scan of the conn table)
+        return Invocation(cmd, [("service.list", {"svc": None, "brief": True})], "save", fmt)
     if cmd == "restore":
         return Invocation(cmd)
     if cmd == "flush":

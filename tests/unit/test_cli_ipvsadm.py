@@ -100,7 +100,7 @@ def requests(*argv):
     (["-G"], [("laddr.list", {"svc": None})]),
     (["-G", "-t", "192.168.100.100:80"], [("laddr.list", {"svc": VIP})]),
     (["-Lnc"], [("conn.list", {})]),
-    (["-S", "-n"], [("service.list", {"svc": None})]),
+    (["-S", "-n"], [("service.list", {"svc": None, "brief": True})]),
 ])
 def test_parse_requests(argv, expected):
     assert requests(*argv) == expected
