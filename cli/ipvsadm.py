@@ -579,7 +579,9 @@ def _build(line: _Line) -> Invocation:
             # -c lists connections and persistence templates; with --persistent-conn, templates only (DPVS)
             return Invocation(cmd, [("conn.list", {"templates_only": True} if fmt.persistent_conn else {})],
                               "conns", fmt)
-        return Invocation(cmd, [("service.list", {"svc": svc})], "service" if svc else "services", fmt)
+        # (no layout shows the local addresses' connections, -G's CONNS: counting them reads the whole conn table)
+        return Invocation(cmd, [("service.list", {"svc": svc, "laddr_conns": False})], "service" if svc else "services",
+                          fmt)
     if cmd == "save":  # rules only: the model, none of the maps' counts and stats (a scan of the conn table)
         return Invocation(cmd, [("service.list", {"svc": None, "brief": True})], "save", fmt)
     if cmd == "restore":

@@ -51,7 +51,7 @@ _ROUTE = ("af", "prefix", "prefixlen", "via", "src", "ifname", "mtu", "metric", 
 _SVC_KEYS = frozenset(_SVC)
 ARG_KEYS: dict[str, frozenset] = {op: frozenset(keys) for op, keys in {
     "service.add": _SVC_OPTS, "service.edit": _SVC_OPTS, "service.set": _SVC_OPTS, "service.del": _SVC,
-    "service.flush": (), "service.list": ("svc", "brief"), "stats.zero": ("svc",),
+    "service.flush": (), "service.list": ("svc", "brief", "laddr_conns"), "stats.zero": ("svc",),
     "dest.add": _DEST, "dest.edit": _DEST, "dest.set": _DEST, "dest.del": ("svc", "addr", "port"),
     "laddr.add": ("svc", "addr", "ifname"), "laddr.del": ("svc", "addr", "ifname"), "laddr.list": ("svc",),
     "addr.add": ("addr", "prefixlen", "ifname", "scope", "sapool"), "addr.del": ("addr", "prefixlen", "ifname"),
@@ -251,9 +251,11 @@ def _list_reply(ctx, services: list) -> dict:
 
 @command("service.list")
 def service_list(ctx, a):
-    brief = a.get("brief", False)
+    brief, laddr_conns = a.get("brief", False), a.get("laddr_conns", True)
     if type(brief) is not bool:
         raise invalid(f"service.list: brief must be true or false, not {brief!r}")
+    if type(laddr_conns) is not bool:
+        raise invalid(f"service.list: laddr_conns must be true or false, not {laddr_conns!r}")
     one = _opt_svc(ctx, a)
     svcs = [one] if one else _listed(ctx.bal)
     if brief:
@@ -263,12 +265,15 @@ def service_list(ctx, a):
             else _brief_chunked(ctx, svcs)
     # On the event loop, a listing of many services is built in chunks; the daemon's (lists_off_loop) also reads
     # the conn table's counts in a worker thread for one service: at 1M connections they take seconds.
+    # laddr_conns false (ipvsadm -L, whose layouts do not show them): the local addresses' connection counts are
+    # not read (0), which walks the whole conn table entry by entry (15-22 s at a million connections)
     if _loop_running() and (len(svcs) > LIST_CHUNK or getattr(ctx, "lists_off_loop", False)):
-        return _service_list_chunked(ctx, svcs)
+        return _service_list_chunked(ctx, svcs, laddr_conns)
     counts = ctx.conn_counts()
     persist = _persist_counts(ctx) if any(s.persistent for s in svcs) else {}
     stats = _stats_readers(ctx, svcs)
-    return _list_reply(ctx, [_svc_data(ctx, s, counts, persist, stats) for s in svcs])
+    per = None if laddr_conns else {}
+    return _list_reply(ctx, [_svc_data(ctx, s, counts, persist, stats, per) for s in svcs])
 
 
 async def _in_chunks(svcs: list, build) -> list:
@@ -285,13 +290,13 @@ async def _brief_chunked(ctx, svcs: list) -> dict:
     return _list_reply(ctx, await _in_chunks(svcs, _svc_brief))
 
 
-async def _service_list_chunked(ctx, svcs: list) -> dict:
+async def _service_list_chunked(ctx, svcs: list, laddr_conns: bool = True) -> dict:
     """service.list of many services without holding the event loop: the stats arrays are read in a worker
     thread (the batched map reads are ctypes calls, which release the GIL), then LIST_CHUNK services are built
     at a time with the loop served in between. The services are those of the call's start; a real server
     removed meanwhile is not listed, one changed meanwhile is listed as it is when its chunk is built."""
     def reads():  # what scans the maps (the conn table's counts, the stats arrays): in a worker thread
-        return (ctx.conn_counts(), ctx.laddr_conns() if any(s.laddrs for s in svcs) else {},
+        return (ctx.conn_counts(), ctx.laddr_conns() if laddr_conns and any(s.laddrs for s in svcs) else {},
                 _stats_readers(ctx, svcs))
 
     counts, laddrs, stats = await asyncio.get_running_loop().run_in_executor(None, reads)

@@ -47,10 +47,10 @@ def requests(*argv):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], [("service.list", {"svc": None})]),
-    (["-Ln"], [("service.list", {"svc": None})]),
-    (["-l", "-n", "--sort"], [("service.list", {"svc": None})]),
-    (["-L", "-t", "192.168.100.100:80"], [("service.list", {"svc": VIP})]),
+    ([], [("service.list", {"svc": None, "laddr_conns": False})]),
+    (["-Ln"], [("service.list", {"svc": None, "laddr_conns": False})]),
+    (["-l", "-n", "--sort"], [("service.list", {"svc": None, "laddr_conns": False})]),
+    (["-L", "-t", "192.168.100.100:80"], [("service.list", {"svc": VIP, "laddr_conns": False})]),
     (["-A", "-t", "192.168.100.100:80", "-s", "rr"],
      [("service.add", {**VIP, "sched": "rr", "persistent": None, "netmask": None, "flags": []})]),
     # default scheduler wlc; -p without a value is 300; clustered short options with an attached argument
@@ -513,7 +513,7 @@ def test_main_lists(client, capsys):
     client.replies["service.list"] = TUTORIAL
     assert ipvsadm.main(["-Ln", "--ctl-socket", "/tmp/x.sock"]) == 0
     assert client.path == "/tmp/x.sock"
-    assert client.calls == [("service.list", {"svc": None})]
+    assert client.calls == [("service.list", {"svc": None, "laddr_conns": False})]
     assert capsys.readouterr().out.startswith("IP Virtual Server version 1.2.1 (size=4096)\n")
 
 
