@@ -2010,6 +2010,11 @@ class Daemon:
                 log.info("real server %s:%s of %s has no health check any more: up, weight %d", d.addr, d.port,
                          _endpoint(svc.addr, svc.port), d.weight)
 
+    def health_services(self, vs_key) -> list[dict]:
+        """The idents of the services a health-check identity stands for (a virtual_server_group's: each member's):
+        /metrics gives every one of them an hdslb_backend_up series."""
+        return [ident for ident, _, _ in self._services_of(vs_key)]
+
     def _services_of(self, vs_key):
         """(service ident, fwd, where) of every service a health-check identity stands for."""
         # Indexed once per config and set of checks: start and reload ask for every real server, and a scan of

@@ -135,21 +135,25 @@ def _split_hostport(s: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), int(port)
 
 
-def health_index(status: dict) -> dict:
-    """health.status() -> {(PROTO, vip, vport, rip, rport): up}. Group-defined services have no single VIP: skipped."""
+def health_index(status: dict, services_of=None) -> dict:
+    """health.status() -> {(PROTO, vip, vport, rip, rport): up}. A check whose identity names no single VIP (a
+    virtual_server_group's, "group web/TCP") stands for every service services_of((PROTO, "group web")) gives (the
+    daemon's health_services: service idents); without it such a check is skipped."""
     out = {}
     for vs, st in (status or {}).items():
+        hp, _, proto = vs.rpartition("/")
         try:
-            hp, _, proto = vs.rpartition("/")
-            vip, vport = _split_hostport(hp)
+            vips = [_split_hostport(hp)]
         except ValueError:
-            continue
+            idents = services_of((proto.upper(), hp)) if services_of is not None else ()
+            vips = [(str(ipaddress.ip_address(i["addr"])), i["port"]) for i in idents if i.get("addr") is not None]
         for rs, rst in (st.get("real_servers") or {}).items():
             try:
                 rip, rport = _split_hostport(rs)
             except ValueError:
                 continue
-            out[(proto.upper(), vip, vport, rip, rport)] = rst.get("state") == "up"
+            for vip, vport in vips:
+                out[(proto.upper(), vip, vport, rip, rport)] = rst.get("state") == "up"
     return out
 
 
@@ -255,8 +259,9 @@ class HdslbCollector:
         status = getattr(checker, "status", None)
         if not callable(status):
             return None
+        services_of = getattr(self.ctx, "health_services", None)
         try:
-            return health_index(status())
+            return health_index(status(), services_of if callable(services_of) else None)
         except Exception as e:
             log.warning("metrics: health status skipped: %s", e)
             return None

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from hdslb.api.app import make_app
-from hdslb.api.metrics import HdslbCollector, health_index
+from hdslb.api.metrics import HdslbCollector, health_index, render
 from tests.unit.test_api import COUNTERS, FakeCtx, quick_start
 
 SVC_L = {"local_address": "10.0.0.100", "local_port": "80", "proto": "TCP"}
@@ -316,3 +316,30 @@ async def test_a_gzipped_scrape_is_written_a_family_at_a_time(ctx, monkeypatch):
         r = await c.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
         assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
         assert gzip.decompress(await r.read()).startswith(b"# HELP ")
+
+
+async def test_backend_up_covers_every_service_of_a_virtual_server_group(tmp_path):
+    """A virtual_server_group's checks watch the real servers of every member service: hdslb_backend_up has a
+    series for each of them (it had none: the check's identity, "group web", names no single VIP, so an alert on
+    hdslb_backend_up == 0 never saw a group's servers go down)."""
+    from tests.unit.test_api_security import HarnessDaemon
+
+    conf = tmp_path / "hdslb.conf"
+    conf.write_text("virtual_server_group web {\n  10.0.0.100 80\n  10.0.0.101 80\n}\n"
+                    "virtual_server group web {\n  lb_kind DR\n  real_server 192.168.100.2 80 {\n  }\n}\n"
+                    "virtual_server 10.0.0.102 80 {\n  lb_kind DR\n  real_server 192.168.100.3 80 {\n  }\n}\n")
+    d = HarnessDaemon(conf, tmp_path)
+    await d.reload_config()
+
+    class Health:  # what the checkers of that config report (none run here: no probe leaves this test)
+        def status(self):
+            return {"group web/TCP": {"real_servers": {"192.168.100.2:80": {"state": "down"}}},
+                    "10.0.0.102:80/TCP": {"real_servers": {"192.168.100.3:80": {"state": "up"}}}}
+
+    d.health = Health()
+    text = (await HdslbCollector(d).collect_families_async())
+    up = {(s.labels["local_address"], s.labels["remote_address"]): s.value
+          for f in text_string_to_metric_families(render(text).decode()) if f.name == "hdslb_backend_up"
+          for s in f.samples}
+    assert up == {("10.0.0.100", "192.168.100.2"): 0, ("10.0.0.101", "192.168.100.2"): 0,
+                  ("10.0.0.102", "192.168.100.3"): 1}
