@@ -474,8 +474,12 @@ async def patch_vs(request):
         if key in seen:
             raise ApiError(400, errno.EINVAL, f"{f}: {_vs_id(**ident)} is listed twice (also Items[{seen[key]}])", f)
         seen[key] = i
-        opts = _vs_opts({k: v for k, v in it.items() if k not in ("Addr", "Port", "Proto", "RSs")},
-                        ipaddress.ip_address(it["Addr"]).version)
+        try:
+            opts = _vs_opts({k: v for k, v in it.items() if k not in ("Addr", "Port", "Proto", "RSs")},
+                            ipaddress.ip_address(it["Addr"]).version)
+        except ApiError as e:  # "Netmask: ..." names the option; which of the items has it is the field
+            e.field, e.message = f"{f}.{e.field}", f"{f}.{e.message}"
+            raise
         ops.append(["service.set", {**ident, **opts}])
         where.append(f)
         rs_items = it.get("RSs", {"Items": []})["Items"]

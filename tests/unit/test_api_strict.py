@@ -72,3 +72,16 @@ async def test_unknown_query_parameters_are_400_naming_them(client, method, path
 async def test_dpvs_agents_query_parameters_are_taken(client, method, path):
     kw = {"json": {"Items": [{"ip": "192.168.100.3", "weight": 2}]}} if method == "PUT" else {}
     await expect(await client.request(method, path, **kw), 200)
+
+
+@pytest.mark.parametrize("opt,status,field", [({"ConnTimeout": 5}, 501, "Items[1].ConnTimeout"),
+                                              ({"Netmask": 64}, 400, "Items[1].Netmask"),
+                                              ({"Netmask": "255.0.255.0"}, 400, "Items[1].Netmask")])
+async def test_a_bulk_items_refused_option_is_named_by_its_item(client, opt, status, field):
+    """PATCH /v2/vs names a refused item by field (Items[i]...): a bad option of the 2nd service of a 10k bulk was
+    named "ConnTimeout" or "Netmask" alone, with nothing saying which of the 10k items had it."""
+    n = len(client.ctx.bal.services)
+    items = [{"Addr": "10.0.1.1", "Port": 80, "Proto": "tcp"}, {"Addr": "10.0.1.2", "Port": 80, "Proto": "tcp", **opt}]
+    b = await expect(await client.patch("/v2/vs", json={"Items": items}), status, field=field)
+    assert b["error"].startswith(field + ": ")
+    assert len(client.ctx.bal.services) == n
