@@ -329,9 +329,11 @@ def _netmask_in(v, version: int) -> str:
     if v in (None, "", 0):
         return ""
     if isinstance(v, str):
-        if not v.isascii() or (version == 4 and "." in v and _contiguous_plen(v) is None):
-            raise ApiError(400, errno.EINVAL, f"Netmask: {v!r} is not a mask (ones, then zeros) or a prefix length",
-                           "Netmask")
+        # Checked here as the model checks it (its refusal would name no field): ipvsadm -M's dotted mask (ones, then
+        # zeros) or /N or N for IPv4, a prefix length 1..128 for IPv6.
+        if not v.isascii() or _plen_of(v, version) is None:
+            raise ApiError(400, errno.EINVAL, f"Netmask: {v!r} is not a mask (ones, then zeros) or a prefix length "
+                                              f"({'0..32' if version == 4 else '1..128'})", "Netmask")
         return v
     full = 32 if version == 4 else 128
     if 1 <= v <= full:
@@ -349,8 +351,13 @@ def _netmask_in(v, version: int) -> str:
 
 def _contiguous_plen(text: str) -> int | None:
     """The prefix length of a dotted IPv4 netmask (ones, then zeros: the model's rule), or None."""
+    return _plen_of(text, 4)
+
+
+def _plen_of(text: str, version: int) -> int | None:
+    """The prefix length the model reads in a -M text of that family, or None where it refuses it."""
     try:
-        return netmask_plen(text, 4)
+        return netmask_plen(text, version)
     except HdslbError:
         return None
 

@@ -55,3 +55,11 @@ async def test_a_bad_netmask_is_400_naming_it(client, bad):
 
 async def test_a_host_mask_is_not_a_netmask(client):
     await expect(await client.put(V4, json={"Netmask": "0.0.0.255"}), 400, field="Netmask")
+
+
+@pytest.mark.parametrize("path,bad", [(V4, "abc"), (V4, "33"), (V4, "/40"), (V6, "ffff::"), (V6, "0"), (V6, "129")])
+async def test_a_netmask_string_the_model_refuses_is_400_naming_it(client, path, bad):
+    """A string Netmask went to the model unchecked unless it was a dotted IPv4 mask: the model's refusal came back
+    with field null."""
+    await expect(await client.put(path, json={"Timeout": 60, "Netmask": bad}), 400, field="Netmask")
+    assert not any(str(s.addr) in ("10.0.0.9", "2001:db8::9") for s in client.ctx.bal.services.values())
