@@ -36,6 +36,7 @@ log = logging.getLogger("hdslb.api")
 # 400 when the body does (a bad field value); see _call.
 STATUS = {
     errno.EINVAL: 400,
+    errno.ERANGE: 400,  # values out of order (a lower threshold above the upper one)
     errno.EPERM: 403,  # e.g. a posted config that includes a file or runs a program
     errno.ESRCH: 404,
     errno.ENOENT: 404,
@@ -931,7 +932,14 @@ async def reload_config(request):
                                           f"{e.start})") from None
     if not text.strip():
         raise ApiError(400, errno.EINVAL, "request body: the configuration text is empty")
-    changes = await _ctx_hook(request, "reload_config", text)
+    try:
+        changes = await _ctx_hook(request, "reload_config", text)
+    except ApiError as e:
+        # Something the posted text names and the model does not have (an interface hdslbd does not run on): the
+        # body is at fault, FILE:LINE in the message, not a missing /v2/config (404).
+        if e.status == 404:
+            e.status = 400
+        raise
     return _reply({"result": "reloaded", **({"changes": changes} if changes is not None else {})})
 
 

@@ -1,0 +1,40 @@
+"""POST /v2/config: a posted config the daemon refuses is the body's fault, whatever refused it (the parser, or the
+model while applying it): a 400 carrying FILE:LINE, and nothing applied."""
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hdslb.api.app import make_app
+from tests.unit.test_api import CONF, expect
+from tests.unit.test_api_security import BASE, HarnessDaemon
+
+
+@pytest.fixture
+async def api(tmp_path):
+    conf = tmp_path / "hdslb.conf"
+    conf.write_text(BASE)
+    d = HarnessDaemon(conf, tmp_path)
+    await d.reload_config()
+    async with TestClient(TestServer(make_app(d))) as c:
+        yield d, c
+    if d.health is not None:
+        await d.health.stop()
+
+
+def dests(d):
+    return {(str(x.addr), x.port): (x.weight, x.fwd, x.l_threshold) for s in d.bal.services.values()
+            for x in s.dests.values()}
+
+
+@pytest.mark.parametrize("old,new,line", [
+    # the model refuses a lower threshold without an upper one (ERANGE): it was a 500 "internal" error
+    ("weight 3", "weight 4\n        lthreshold 20", "<posted config>:7:1"),
+    # a local address on an interface hdslbd does not run on (ENODEV): it was a 404, as if /v2/config were missing
+    ("192.168.100.200 eth1", "192.168.100.200 eth7", "<posted config>:7:1"),
+])
+async def test_a_posted_config_the_model_refuses_is_400_and_applies_nothing(api, old, new, line):
+    d, c = api
+    before, text = dests(d), d.config_text()
+    b = await expect(await c.post("/v2/config", data=BASE.replace(old, new), headers=CONF), 400)
+    assert b["error"].startswith(line) and "nothing was applied" in b["error"]
+    assert dests(d) == before and d.config_text() == text
