@@ -908,7 +908,6 @@ class Daemon:
         if self.health is not None:
             await self.health.stop()
         self._apply_verdicts()  # the omega notices, if their application was still waiting
-        self._final_save()
         if self.api is not None:
             from hdslb.api.app import stop_api
 
@@ -920,6 +919,9 @@ class Daemon:
             await self.slow.close()
         if self.ctl:
             await self.ctl.stop()
+        # Saved once nothing takes requests any more: the control socket and the REST API answered while the stop
+        # waited above (a scrape in flight, the slow path closing), and a change acknowledged then must be saved.
+        self._final_save()
         for sk in self._pkt_socks.values():
             sk.close()
         self._close_na_listeners()
