@@ -1087,7 +1087,11 @@ def _query_refusal(request: web.Request) -> ApiError | None:
     route = request.match_info.route.resource
     schemas = openapi.query_schemas(route.canonical if route is not None else request.path, request.method)
     known = frozenset(schemas)
-    extra = sorted(set(request.query) - known)
+    names = [k for k, _ in request.query.items()]
+    if len(names) != len(set(names)):  # MultiDict.get reads the first: ?limit=1&limit=5000 paged by 1
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        return ApiError(400, errno.EINVAL, f"query parameter {twice} is given twice", twice)
+    extra = sorted(set(names) - known)
     if not extra:
         # A flag taken for dpvs-agent clients and otherwise ignored (?stats=, ?verbose=) is still a flag:
         # ?stats=maybe is refused as the flags that act (?sapool=) are.

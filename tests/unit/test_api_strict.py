@@ -85,3 +85,12 @@ async def test_a_bulk_items_refused_option_is_named_by_its_item(client, opt, sta
     b = await expect(await client.patch("/v2/vs", json={"Items": items}), status, field=field)
     assert b["error"].startswith(field + ": ")
     assert len(client.ctx.bal.services) == n
+
+
+@pytest.mark.parametrize("path,name", [("/v2/conns?limit=1&offset=0&limit=5000", "limit"),
+                                       ("/v2/neigh?af=4&af=6", "af"), ("/v2/vs?stats=true&stats=false", "stats")])
+async def test_a_query_parameter_given_twice_is_400_naming_it(client, path, name):
+    """Only the first of a repeated parameter was read (?limit=1&limit=5000 paged by 1, ?af=4&af=6 listed IPv4
+    only): as a key given twice in a JSON body, it is refused."""
+    b = await expect(await client.get(path), 400, field=name)
+    assert "twice" in b["error"]
