@@ -1085,7 +1085,8 @@ def _query_refusal(request: web.Request) -> ApiError | None:
     if not request.query or getattr(request.match_info, "http_exception", None) is not None:
         return None
     route = request.match_info.route.resource
-    schemas = openapi.query_schemas(route.canonical if route is not None else request.path, request.method)
+    schemas = openapi.query_schemas(route.canonical if route is not None else request.path,
+                                    "GET" if request.method == "HEAD" else request.method)
     known = frozenset(schemas)
     names = [k for k, _ in request.query.items()]
     if len(names) != len(set(names)):  # MultiDict.get reads the first: ?limit=1&limit=5000 paged by 1
@@ -1144,7 +1145,10 @@ def make_app(ctx, token: str | None = None) -> web.Application:
     app[LOCK] = asyncio.Lock()
     app[REGISTRY] = HdslbCollector(ctx)  # per app: no process-global counters, read at scrape time
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        if method == "GET":  # and HEAD, as every HTTP server must (RFC 9110 9.1): haproxy's httpchk HEAD probes
+            app.router.add_get(path, handler, allow_head=True)
+        else:
+            app.router.add_route(method, path, handler)
     return app
 
 

@@ -94,3 +94,13 @@ async def test_a_query_parameter_given_twice_is_400_naming_it(client, path, name
     only): as a key given twice in a JSON body, it is refused."""
     b = await expect(await client.get(path), 400, field=name)
     assert "twice" in b["error"]
+
+
+@pytest.mark.parametrize("path,status", [("/v2/health", 200), ("/v2/conns?limit=5", 200), ("/metrics", 200),
+                                         ("/v2/vs/10.0.0.1-80-tcp", 404), ("/v2/conns?limt=5", 400)])
+async def test_head_is_answered_as_get_without_a_body(client, path, status):
+    """HEAD, which every HTTP server must answer as GET (RFC 9110 9.1; haproxy's `option httpchk HEAD /v2/health`
+    is a common liveness probe), was a 405."""
+    r = await client.head(path)
+    assert r.status == status and await r.read() == b""
+    assert r.headers["Content-Type"] == (await client.get(path)).headers["Content-Type"]
