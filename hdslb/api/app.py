@@ -58,6 +58,7 @@ CONFIG_TYPE = "text/x-hdslb-conf"  # POST /v2/config: the keepalived-style text
 CONFIG_PATH = "/v2/config"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
+VALIDATE_INLINE_MAX = 64 << 10  # bytes of a body validated on the event loop (jsonschema: ~30-60 ms at most)
 CONNS_DEFAULT_LIMIT = 100
 CONNS_MAX_LIMIT = 10000
 
@@ -146,7 +147,12 @@ async def _body(request: web.Request, schema: str, required: bool = True):
         except RecursionError:
             raise ApiError(400, errno.EINVAL, "request body is not JSON this API takes: nested too deeply") from None
     try:
-        openapi.validate(schema, body)
+        if len(raw) > VALIDATE_INLINE_MAX:
+            # jsonschema is pure Python: a 10k x 10 bulk it must judge (a wrong field, or options beyond the plain
+            # check's) takes it seconds, which must not stop the daemon's loop (health checks, the control socket)
+            await asyncio.get_running_loop().run_in_executor(None, openapi.validate, schema, body)
+        else:
+            openapi.validate(schema, body)
     except openapi.BodyError as e:
         raise ApiError(400, errno.EINVAL, e.message, e.field) from None
     except RecursionError:
