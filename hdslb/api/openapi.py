@@ -680,10 +680,13 @@ def _ip_ok(v) -> bool:
         return False
 
 
-_RS_KEYS = frozenset(("ip", "port", "weight", "mode"))
-_BULK_KEYS = frozenset(("Addr", "Port", "Proto", "SchedName", "RSs"))
+# The keys the plain check knows (the common ones, and what dpvs-agent's Go client always sends: its flags' zero
+# values); any other goes to the schema.
+_RS_KEYS = frozenset(("ip", "port", "weight", "mode", "inhibited", "overloaded"))
+_BULK_KEYS = frozenset(("Addr", "Port", "Proto", "SchedName", "Timeout", "RSs"))
 _BULK_PROTOS = ("tcp", "udp", "TCP", "UDP", 6, 17)
-_TINY_KEYS = frozenset(("SchedName", "RSs"))
+_TINY_KEYS = frozenset(("SchedName", "Timeout", "RSs"))
+_TIMEOUT_MAX = VS_OPTIONS["Timeout"]["maximum"]
 
 
 def _rs_list_ok(rss) -> bool:
@@ -693,9 +696,15 @@ def _rs_list_ok(rss) -> bool:
         if type(it) is not dict or not it.keys() <= _RS_KEYS or not _ip_ok(it.get("ip")):
             return False
         if ("port" in it and not _u(it["port"], 65535)) or ("weight" in it and not _u(it["weight"], MAX_WEIGHT)) \
-                or ("mode" in it and it["mode"] not in MODES):
+                or ("mode" in it and it["mode"] not in MODES) \
+                or ("inhibited" in it and type(it["inhibited"]) is not bool) \
+                or ("overloaded" in it and type(it["overloaded"]) is not bool):
             return False
     return True
+
+
+def _timeout_ok(d: dict) -> bool:
+    return "Timeout" not in d or _u(d["Timeout"], _TIMEOUT_MAX)
 
 
 def _plainly_valid(name: str, body) -> bool:
@@ -706,14 +715,15 @@ def _plainly_valid(name: str, body) -> bool:
         return _rs_list_ok(body)
     if name == "VirtualServerSpecTiny":  # PUT /v2/vs/{VipPort}, commonly a scheduler and the real servers
         return (type(body) is dict and body.keys() <= _TINY_KEYS and body.get("SchedName", "rr") in SCHEDULERS
-                and ("RSs" not in body or _rs_list_ok(body["RSs"])))
+                and _timeout_ok(body) and ("RSs" not in body or _rs_list_ok(body["RSs"])))
     if name != "VirtualServerBulk" or type(body) is not dict or body.keys() != {"Items"} \
             or type(body["Items"]) is not list:
         return False
     for it in body["Items"]:
         if type(it) is not dict or not it.keys() <= _BULK_KEYS or not _ip_ok(it.get("Addr")) \
                 or not _u(it.get("Port"), 65535) or it.get("Proto") not in _BULK_PROTOS \
-                or it.get("SchedName", "rr") not in SCHEDULERS or ("RSs" in it and not _rs_list_ok(it["RSs"])):
+                or it.get("SchedName", "rr") not in SCHEDULERS or not _timeout_ok(it) \
+                or ("RSs" in it and not _rs_list_ok(it["RSs"])):
             return False
     return True
 
