@@ -256,6 +256,12 @@ class HealthManager:
         hand since (ipvsadm -e -w) does not change."""
         return {str(svc.vs): svc.as_dict(pool_weight) for svc in self._services.values()}
 
+    def up_states(self) -> List[Tuple[VsKey, RsKey, bool]]:
+        """(vs key, rs key, up) of every checked real server: what /metrics needs, read on the event loop in a few ms
+        where status() builds a dict per server and checker (~1 s at 100k servers)."""
+        return [(vs_key, rs_key, srv.alive) for vs_key, svc in self._services.items()  # (vs.key: made on each read)
+                for rs_key, srv in svc.servers.items()]
+
     def server(self, vs_key: VsKey, rs_key: RsKey) -> ServerState:
         return self._services[vs_key].servers[rs_key]
 
