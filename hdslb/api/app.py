@@ -384,8 +384,18 @@ def _vs_opts(body: dict, version: int = 4) -> dict:
 
 
 async def list_vs(request):
-    data = await _call(request, "service.list", {"svc": None})
-    return _reply({"Items": [_vs_expand(s) for s in data["services"]]})
+    # The listing yields to the loop as it is built; turning it into dpvs-agent's shapes and JSON (1.4 s and 1.0 s
+    # at 10k services x 10 real servers, 38 MB) is done, and the listing freed, in a worker thread, with the cyclic
+    # collector paused (~1M short-lived objects), as a /metrics scrape does.
+    with collections_paused():
+        box = [await _call(request, "service.list", {"svc": None})]
+
+        def encode() -> bytes:
+            services = box.pop()["services"]  # the listing's last reference: freed in this thread
+            return _dumps({"Items": [_vs_expand(s) for s in services]}).encode()
+
+        body = await asyncio.get_running_loop().run_in_executor(None, encode)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 async def create_vs(request):

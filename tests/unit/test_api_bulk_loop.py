@@ -65,3 +65,26 @@ def test_the_plain_check_still_leaves_every_fault_to_the_schema(name, body, fiel
     with pytest.raises(openapi.BodyError) as e:
         openapi.validate(name, body)
     assert e.value.field == field
+
+
+async def test_get_v2_vs_is_shaped_and_encoded_off_the_event_loop(monkeypatch):
+    """GET /v2/vs turned the listing into dpvs-agent's shapes and JSON on the event loop: 1.4 s and 1.0 s at 10k
+    services x 10 real servers (38 MB, measured here), the daemon standing still meanwhile."""
+    from hdslb.api import app as api_app
+
+    loop_thread = threading.get_ident()
+    seen = []
+    expand = api_app._vs_expand
+
+    def recording(s):
+        seen.append(threading.get_ident())
+        return expand(s)
+
+    monkeypatch.setattr(api_app, "_vs_expand", recording)
+    async with serving(quick_start(FakeCtx())) as c:
+        r = await c.get("/v2/vs")
+        body = await expect(r, 200)
+        assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+    openapi._validator("VirtualServerList").validate(body)
+    assert [v["Id"] for v in body["Items"]] == ["10.0.0.100-80-tcp"]
+    assert seen and loop_thread not in seen, "shaped on the event loop"
