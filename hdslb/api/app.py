@@ -822,17 +822,23 @@ def _route_args(name: str, body: dict) -> dict:
             "metric": body.get("metric"), "scope": body.get("scope")}
 
 
+def _route_expand(r: dict) -> dict:
+    return {"dst": f"{r['prefix']}/{r['prefixlen']}", "gateway": r["via"], "prefixSrc": r["src"],
+            "device": r["ifname"], "scope": r["scope"], "mtu": r["mtu"], "metric": r["metric"], "proto": r["proto"],
+            "flags": r["flags"]}
+
+
 async def list_device_route(request):
     name = request.match_info["name"]
     await _call(request, "addr.list", {"ifname": name})  # refuses an unknown device (ENODEV -> 404)
-    out = []
-    for af in (4, 6):
-        for r in (await _call(request, "route.list", {"af": af}))["routes"]:
-            if r["ifname"] == name:
-                out.append({"dst": f"{r['prefix']}/{r['prefixlen']}", "gateway": r["via"], "prefixSrc": r["src"],
-                            "device": r["ifname"], "scope": r["scope"], "mtu": r["mtu"], "metric": r["metric"],
-                            "proto": r["proto"], "flags": r["flags"]})
-    return _reply({"Items": out})
+    box = [[(await _call(request, "route.list", {"af": af}))["routes"] for af in (4, 6)]]
+
+    def encode() -> bytes:  # in a worker thread: 0.8 s at 50k routes on the loop, as GET /v2/vs's
+        return _dumps({"Items": [_route_expand(r) for routes in box.pop() for r in routes
+                                 if r["ifname"] == name]}).encode()
+
+    body = await asyncio.get_running_loop().run_in_executor(None, encode)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 async def put_device_route(request):

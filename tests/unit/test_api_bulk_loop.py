@@ -88,3 +88,27 @@ async def test_get_v2_vs_is_shaped_and_encoded_off_the_event_loop(monkeypatch):
     openapi._validator("VirtualServerList").validate(body)
     assert [v["Id"] for v in body["Items"]] == ["10.0.0.100-80-tcp"]
     assert seen and loop_thread not in seen, "shaped on the event loop"
+
+
+async def test_a_devices_routes_are_shaped_and_encoded_off_the_event_loop(monkeypatch):
+    """GET /v2/device/{name}/route made each route's dict and the JSON on the event loop: 0.8 s at 50k routes
+    (measured here; the README speaks of 100k), on top of route.list's 0.2 s."""
+    from hdslb.api import app as api_app
+
+    loop_thread = threading.get_ident()
+    seen = []
+    expand = api_app._route_expand
+
+    def recording(r):
+        seen.append(threading.get_ident())
+        return expand(r)
+
+    monkeypatch.setattr(api_app, "_route_expand", recording)
+    async with serving(quick_start(FakeCtx())) as c:
+        c.ctx.bal.route_add({"af": 4, "prefix": "10.9.0.0", "prefixlen": 16, "ifname": "eth0"})
+        r = await c.get("/v2/device/eth0/route")
+        body = await expect(r, 200)
+        assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+    openapi._validator("RouteList").validate(body)
+    assert "10.9.0.0/16" in {x["dst"] for x in body["Items"]}
+    assert seen and loop_thread not in seen, "shaped on the event loop"
