@@ -971,6 +971,11 @@ async def get_health(request):
     except Exception as e:  # health must answer whatever is broken; the reason is the answer
         log.warning("health: daemon.status failed: %s", e)
         return _reply({"state": "Failure", "msg": f"daemon.status failed: {e}"}, 503)
+    if st.get("ready") is False:
+        # REST answers from before the config file is applied and the checks started (seconds at thousands of
+        # virtual servers): not Ok yet, and a 503 for a probe that reads the status alone
+        return _reply({"state": "Warning", "msg": "starting: the configuration and health checks are not applied "
+                                                  "yet", **st}, 503)
     if st.get("attached"):
         state, msg = "Ok", "attached to " + ", ".join(f"{k} ({v})" for k, v in st.get("interfaces", {}).items())
     else:

@@ -542,7 +542,8 @@ PATHS = {
     "/v2/health": {
         "get": _op("getHealth", "is the daemon up and attached", ["daemon.status"],
                    {"200": _json("Health", "state Ok or Warning (not attached)"),
-                    "503": _json("Health", "state Failure")}),
+                    "503": _json("Health", "state Failure, or Warning while hdslbd is starting (its config and "
+                                           "health checks not applied yet)")}),
     },
     "/v2/openapi.json": {
         "get": _op("getOpenapi", "this document", [],

@@ -104,3 +104,15 @@ async def test_head_is_answered_as_get_without_a_body(client, path, status):
     r = await client.head(path)
     assert r.status == status and await r.read() == b""
     assert r.headers["Content-Type"] == (await client.get(path)).headers["Content-Type"]
+
+
+async def test_health_is_not_ok_before_the_daemon_is_ready(client):
+    """hdslbd serves REST before its config file is applied and its checks started (seconds at thousands of virtual
+    servers): /v2/health said Ok meanwhile, and a probe or a VRRP track script trusting it put a balancer with no
+    services in service."""
+    client.ctx.ready = False
+    r = await client.get("/v2/health")
+    b = await r.json()
+    assert r.status == 503 and b["state"] == "Warning" and "starting" in b["msg"] and b["ready"] is False
+    client.ctx.ready = True
+    assert (await expect(await client.get("/v2/health"), 200))["state"] == "Ok"
