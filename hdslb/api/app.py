@@ -976,8 +976,14 @@ async def get_health(request):
         # virtual servers): not Ok yet, and a 503 for a probe that reads the status alone
         return _reply({"state": "Warning", "msg": "starting: the configuration and health checks are not applied "
                                                   "yet", **st}, 503)
-    if st.get("attached"):
-        state, msg = "Ok", "attached to " + ", ".join(f"{k} ({v})" for k, v in st.get("interfaces", {}).items())
+    gone = st.get("gone") or []
+    on = ", ".join(f"{k} ({v})" for k, v in st.get("interfaces", {}).items() if k not in gone)
+    if st.get("attached") and gone:  # deleted, its XDP program with it: nothing arriving there is balanced
+        state, msg = "Warning", (f"interface{'s' if len(gone) > 1 else ''} {', '.join(gone)} gone, and the XDP "
+                                 f"program with {'them' if len(gone) > 1 else 'it'} (attached again when back); "
+                                 f"attached to {on or 'no other'}")
+    elif st.get("attached"):
+        state, msg = "Ok", f"attached to {on}"
     else:
         state, msg = "Warning", "the XDP program is attached to no interface"
     return _reply({"state": state, "msg": msg, **st})

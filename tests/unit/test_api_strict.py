@@ -116,3 +116,13 @@ async def test_health_is_not_ok_before_the_daemon_is_ready(client):
     assert r.status == 503 and b["state"] == "Warning" and "starting" in b["msg"] and b["ready"] is False
     client.ctx.ready = True
     assert (await expect(await client.get("/v2/health"), 200))["state"] == "Ok"
+
+
+async def test_health_is_not_ok_while_an_interface_is_gone(client):
+    """An interface deleted takes its XDP program with it (hdslbd attaches again when it comes back; daemon.status
+    lists it under gone): /v2/health still said Ok, attached to it."""
+    client.ctx.ifaces_gone = {"eth1"}
+    b = await expect(await client.get("/v2/health"), 200)
+    assert b["state"] == "Warning" and "eth1" in b["msg"] and "gone" in b["msg"] and b["gone"] == ["eth1"]
+    client.ctx.ifaces_gone = set()
+    assert (await expect(await client.get("/v2/health"), 200))["state"] == "Ok"
