@@ -651,9 +651,10 @@ def _removal(ident: dict, key: tuple, cur: dict, f: str | None) -> _Step:
 async def _apply(request, plan: _Plan, status: int = 200, **head) -> web.Response:
     """Send the steps as one batch command: the daemon checks them all on a copy of its model, then applies them
     (each touched service's table rebuilt once). A refused step is reported by its field; nothing was changed."""
+    data = None
     if plan.steps:
         try:
-            await dispatch_async(request.app[CTX], "batch", {"ops": [[st.op, st.args] for st in plan.steps]})
+            data = await dispatch_async(request.app[CTX], "batch", {"ops": [[st.op, st.args] for st in plan.steps]})
         except HdslbError as e:
             i = getattr(e, "index", None)
             st = plan.steps[i] if isinstance(i, int) and 0 <= i < len(plan.steps) else None
@@ -670,6 +671,9 @@ async def _apply(request, plan: _Plan, status: int = 200, **head) -> web.Respons
         if st.key is not None:
             out[st.what].append(_hostport(st.key))
     out["unchanged"] = [_hostport(k) for k in plan.unchanged]
+    # what was accepted but cannot work yet (a DR server with no route to it), by server, as ipvsadm and PATCH say
+    out["warnings"] = [f"{_hostport(plan.steps[w['index']].key) if plan.steps[w['index']].key else 'the service'}: "
+                       f"{w['warning']}" for w in (data or {}).get("warnings", ())]
     return _reply(out, status)
 
 

@@ -381,6 +381,8 @@ SCHEMAS = {
                        "with RSs also created or updated the service",
         "properties": {**{k: {"type": "array", "items": {"type": "string"}}
                           for k in ("added", "updated", "removed", "unchanged")},
+                       "warnings": {"type": "array", "items": {"type": "string"},
+                                    "description": "accepted changes that cannot work yet, by server"},
                        "result": {"enum": ["created", "updated"]}, "Id": {"type": "string"}},
     },
 }

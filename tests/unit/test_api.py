@@ -312,7 +312,7 @@ async def test_put_rs_adds_and_updates_only_what_is_given(client, ctx):
     ]})
     body = await expect(r, 200)
     assert body == {"added": ["192.168.100.4:80"], "updated": ["192.168.100.2:80"], "removed": [],
-                    "unchanged": ["192.168.100.3:80"]}
+                    "unchanged": ["192.168.100.3:80"], "warnings": []}
     assert ctx.dests() == {("192.168.100.2", 80): (5, "fnat"), ("192.168.100.3", 80): (2, "fnat"),
                            ("192.168.100.4", 80): (1, "fnat")}
 
@@ -322,7 +322,7 @@ async def test_post_rs_replaces_the_set(client, ctx):
                                                        {"ip": "192.168.100.9", "port": 8080}]})
     body = await expect(r, 200)
     assert body == {"added": ["192.168.100.9:8080"], "updated": ["192.168.100.3:80"],
-                    "removed": ["192.168.100.2:80"], "unchanged": []}
+                    "removed": ["192.168.100.2:80"], "unchanged": [], "warnings": []}
     assert ctx.dests() == {("192.168.100.3", 80): (3, "fnat"), ("192.168.100.9", 8080): (1, "fnat")}
     # additions go in before removals: the service is never left short during the swap
     muts = ctx.mutations()

@@ -4,6 +4,7 @@ that names another state refused, a range with an End but no Start refused, unkn
 
 import pytest
 
+from hdslb.api import openapi
 from tests.unit.test_api import VS, FakeCtx, expect, quick_start, serving
 
 
@@ -126,3 +127,20 @@ async def test_health_is_not_ok_while_an_interface_is_gone(client):
     assert b["state"] == "Warning" and "eth1" in b["msg"] and "gone" in b["msg"] and b["gone"] == ["eth1"]
     client.ctx.ifaces_gone = set()
     assert (await expect(await client.get("/v2/health"), 200))["state"] == "Ok"
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("PUT", VS + "/rs", {"Items": [{"ip": "172.16.0.1", "mode": "DR"}]}),
+    ("POST", VS + "/rs", {"Items": [{"ip": "192.168.100.2"}, {"ip": "172.16.0.1", "mode": "DR"}]}),
+    ("PUT", VS, {"RSs": {"Items": [{"ip": "172.16.0.1", "mode": "DR"}]}}),
+    ("PUT", "/v2/vs/10.0.0.9-80-tcp", {"SchedName": "rr", "RSs": {"Items": [{"ip": "172.16.0.1", "mode": "DR"}]}}),
+])
+async def test_a_real_servers_warnings_are_in_the_reply(client, method, path, body):
+    """A change accepted that cannot work yet (a DR server with no route to it) is warned about by ipvsadm (on
+    stderr) and PATCH /v2/vs (warnings): PUT/POST .../rs and PUT /v2/vs with RSs answered 200 and said nothing."""
+    r = await client.request(method, path, json=body)
+    b = await r.json()
+    assert r.status in (200, 201), b
+    assert b["warnings"] == ["172.16.0.1:80: no route to 172.16.0.1: DR needs the real server on a directly "
+                             "connected network"]
+    openapi._validator("SetChange").validate(b)
