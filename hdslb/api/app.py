@@ -58,6 +58,9 @@ CONFIG_TYPE = "text/x-hdslb-conf"  # POST /v2/config: the keepalived-style text
 CONFIG_PATH = "/v2/config"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
+# What a stop gives requests in flight before closing them: a scrape or listing at 10k services takes ~3 s;
+# aiohttp's own default (60 s) let one client with a half-sent body hold hdslbd's stop for a minute.
+API_SHUTDOWN_S = 5.0
 VALIDATE_INLINE_MAX = 64 << 10  # bytes of a body validated on the event loop (jsonschema: ~30-60 ms at most)
 CONNS_DEFAULT_LIMIT = 100
 CONNS_MAX_LIMIT = 10000
@@ -1219,7 +1222,8 @@ async def start_api(ctx, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tok
                                        f"loopback it needs a bearer token (set an API token, or bind 127.0.0.1)")
     # The access log records the request line only (aiohttp's default format): never the Authorization header.
     access = logging.getLogger("hdslb.api.access") if access_log else None
-    runner = web.AppRunner(make_app(ctx, token), access_log=access, access_log_class=AccessLog)
+    runner = web.AppRunner(make_app(ctx, token), access_log=access, access_log_class=AccessLog,
+                           shutdown_timeout=API_SHUTDOWN_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
