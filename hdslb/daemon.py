@@ -309,7 +309,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if api_listen is not None and (not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}", api_listen)
                                    or int(api_listen.rpartition(":")[2]) > 65535):
         p.error(f"invalid --api-listen {ns.api_listen!r} (HOST:PORT, [V6]:PORT or off)")
-    token = os.environ.get("HDSLB_API_TOKEN")
+    token = (os.environ.get("HDSLB_API_TOKEN") or "").strip()  # as the file's: no client can send a newline
     if ns.api_token_file:
         try:
             with open(ns.api_token_file) as f:

@@ -287,3 +287,13 @@ def test_check_says_what_the_configs_conn_table_will_take():
         "~257 MiB of kernel memory")
     big = conn_table_line(1 << 21, "percpu", 64, 64 * gib).splitlines()
     assert big[0].endswith("on 64 possible CPUs") and big[1].startswith("notice: the connection tables take 8.5 GiB")
+
+
+@pytest.mark.parametrize("env,token", [("s3cret\n", "s3cret"), ("  s3cret  ", "s3cret"), (" \n", None)])
+def test_the_api_token_from_the_environment_is_read_as_from_a_file(monkeypatch, env, token):
+    """--api-token-file's token is stripped; HDSLB_API_TOKEN's was not: a trailing newline (EnvironmentFile, a
+    token pasted with its line end) made a token no client can send (it strips what it sends), every request
+    401, and a blank one a token required but never matched."""
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    monkeypatch.setenv("HDSLB_API_TOKEN", env)
+    assert settings_from_args(["eth0"]).api_token == token
