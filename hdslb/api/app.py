@@ -46,6 +46,7 @@ STATUS = {
     errno.EBUSY: 409,
     errno.EOPNOTSUPP: 501,
     errno.ENOSPC: 507,
+    errno.ESTALE: 410,  # a /v2/conns snapshot gone (kept 60 s after its last page)
 }
 # The errno carried by refusals that come from HTTP itself rather than from a command.
 HTTP_ERRNO = {401: errno.EACCES, 404: errno.ENOENT, 405: errno.EOPNOTSUPP, 413: errno.E2BIG}
@@ -919,9 +920,20 @@ async def list_conns(request):
     limit = _qint(request, "limit", CONNS_DEFAULT_LIMIT, 1, CONNS_MAX_LIMIT)
     # A page of the daemon's shared REST snapshot (conn.list's paging): offset 0 reads the table anew, a later
     # offset reads the snapshot the last offset-0 page made while it lives (60 s after its last page), so a client
-    # walking the offsets sees one consistent table, read once, not once per page.
-    page = await _call(request, "conn.list", {"offset": offset, "limit": limit, "shared": True})
-    return _reply({"Items": page["conns"], "total": page["total"], "offset": offset, "limit": limit})
+    # walking the offsets sees one consistent table, read once, not once per page. Another client's offset 0
+    # replaces the shared one: each reply names its snapshot, and ?snapshot= pages that one (conn.list's cursor).
+    snapshot = request.query.get("snapshot")
+    args = {"cursor": snapshot} if snapshot else {"shared": True}
+    try:
+        page = await _call(request, "conn.list", {"offset": offset, "limit": limit, **args},
+                           field="snapshot" if snapshot else None)
+    except ApiError as e:
+        if e.errno == errno.ESTALE:  # (conn.list words it for its own cursor)
+            e.message = (f"snapshot {snapshot!r} is unknown or no longer kept (60 s after its last page, a few at "
+                         f"most): start the walk again at offset 0 without ?snapshot=")
+        raise
+    return _reply({"Items": page["conns"], "total": page["total"], "offset": offset, "limit": limit,
+                   "snapshot": page.get("cursor")})
 
 
 async def _ctx_hook(request, name: str, *args):

@@ -363,7 +363,10 @@ SCHEMAS = {
     "ConnPage": {
         "type": "object", "required": ["Items", "total", "offset", "limit"],
         "properties": {"Items": {"type": "array", "items": _ref("Conn")},
-                       "total": UINT64, "offset": UINT64, "limit": UINT64},
+                       "total": UINT64, "offset": UINT64, "limit": UINT64,
+                       "snapshot": {"type": ["string", "null"],
+                                    "description": "the snapshot this page was read from: give it as ?snapshot= "
+                                                   "for the next pages of the same walk"}},
     },
     "Health": {
         "type": "object", "required": ["state", "msg"],
@@ -396,6 +399,7 @@ ERROR_RESPONSES = {
     "403": "Forbidden: a posted config that includes a file or runs a program (EPERM), or, without a token, a Host "
            "that is not loopback",
     "409": "Conflict: it exists already, differently (EEXIST)",
+    "410": "Gone: the /v2/conns snapshot named is no longer kept (ESTALE): start again at offset 0",
     "415": "UnsupportedMediaType: a POST, or a PUT/PATCH/DELETE with a body, must say Content-Type: "
            "application/json (text/x-hdslb-conf for POST /v2/config)",
     "501": "NotImplemented: valid, but this fast path does not do it yet (EOPNOTSUPP)",
@@ -528,7 +532,8 @@ PATHS = {
     },
     "/v2/conns": {
         "get": _op("listConns", "connection table entries, one per direction, paged", ["conn.list"],
-                   {"200": _json("ConnPage", "a page of connections")}, ("400",), params=("offset", "limit")),
+                   {"200": _json("ConnPage", "a page of connections")}, ("400", "410"),
+                   params=("offset", "limit", "snapshot")),
     },
     "/v2/config": {
         "get": _op("getConfig", "the running configuration (keepalived-style text)", ["ctx.config_text"],
@@ -599,6 +604,10 @@ PARAMETERS = {
                            "own health checks set inhibited servers' weights, and the request is applied as any other"),
     "offset": _qparam("offset", {"type": "integer", "minimum": 0}, "first entry (default 0)"),
     "limit": _qparam("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "entries per page (default 100)"),
+    "snapshot": _qparam("snapshot", {"type": "string"}, "a previous page's snapshot: this page is read from it "
+                                                        "(410 once it is gone: start again at offset 0); without "
+                                                        "it, offset 0 makes a new shared snapshot and other offsets "
+                                                        "read the newest"),
     "device": _qparam("device", {"type": "string"}, "only this interface"),
     "af": _qparam("af", {"type": "integer", "enum": [4, 6]}, "only this address family"),
 }

@@ -719,6 +719,7 @@ class ConnSnapshots:
         self.ttl, self.cap, self.clock = ttl, cap, clock or time.monotonic
         self._snaps = collections.OrderedDict()  # cursor -> [listing, last used]
         self.shared: str | None = None
+        self._walked: set = set()  # cursors read past their first page: a shared one a walk is on is kept
 
     def _expire(self) -> None:
         now = self.clock()
@@ -736,7 +737,9 @@ class ConnSnapshots:
         cursor = secrets.token_hex(8)
         self._snaps[cursor] = [listing, self.clock()]
         if shared:
-            if self.shared is not None:
+            # The one it replaces goes, unless a client is walking it (REST's ?snapshot=): then the TTL and the
+            # cap see to it, and the walk goes on in it rather than in this one.
+            if self.shared is not None and self.shared not in self._walked:
                 self.drop(self.shared)
             self.shared = cursor
         while len(self._snaps) > self.cap:
@@ -752,6 +755,7 @@ class ConnSnapshots:
                                            f"listing again without a cursor")
         ent[1] = self.clock()
         self._snaps.move_to_end(cursor)
+        self._walked.add(cursor)
         return ent[0]
 
     def get_shared(self):
@@ -760,6 +764,7 @@ class ConnSnapshots:
 
     def drop(self, cursor: str) -> None:
         self._snaps.pop(cursor, None)
+        self._walked.discard(cursor)
         if cursor == self.shared:
             self.shared = None
 
@@ -822,8 +827,8 @@ async def _conn_pages(ctx, p: dict, templates: list) -> dict:
     off, n = p["offset"], len(listing)
     page = await loop.run_in_executor(None, listing.entries, off, off + p["limit"]) if off < n else []
     nxt = off + len(page) if off + len(page) < n else None
-    if nxt is None and not p["shared"]:  # a cursor listing read to its end: its memory goes at once
-        snaps.drop(cursor)
+    if nxt is None and not p["shared"] and cursor != snaps.shared:  # a cursor listing read to its end: its memory
+        snaps.drop(cursor)                                            # goes at once (REST's shared one stays)
     return {"conns": page, "templates": templates if p["cursor"] is None else [], "total": n, "offset": off,
             "cursor": cursor, "next": nxt}
 
