@@ -1950,12 +1950,16 @@ class Balancer:
 
     def route_del(self, a: dict) -> None:
         r = self._route_from(a, any_dev=True)  # DPVS deletes by prefix; dev narrows it when given
-        for x in list(self._rindex.get(r.net, ())):
-            if not x.local and r.ifname in (None, x.ifname) and (r.via is None or x.via == r.via) and (
-                    not a.get("metric") or x.metric == r.metric):
-                self._route_remove(x)
-                return
-        raise HdslbError(errno.ESRCH, f"route {r.net}{' dev ' + r.ifname if r.ifname else ''} not found")
+        # a metric given (0 too) names the route; without one the lowest metric goes (the one in use), as
+        # `ip route del` takes the first of its list sorted by metric
+        metric = a.get("metric")
+        cands = [x for x in self._rindex.get(r.net, ()) if not x.local and r.ifname in (None, x.ifname) and (
+            r.via is None or x.via == r.via) and (metric is None or x.metric == r.metric)]
+        if cands:
+            self._route_remove(min(cands, key=lambda x: x.metric))
+            return
+        raise HdslbError(errno.ESRCH, f"route {r.net}{' dev ' + r.ifname if r.ifname else ''}"
+                                      f"{'' if metric is None else f' metric {r.metric}'} not found")
 
     def route_flush(self, a: dict) -> None:
         af = a.get("af")

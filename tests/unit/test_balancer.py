@@ -192,6 +192,22 @@ def test_route_delete_by_prefix_alone(bal):
     assert not bal.routes
 
 
+def test_route_delete_with_a_metric_removes_that_metric_and_without_one_the_lowest(bal):
+    """`dpip route del P metric 0` with routes of metric 10 (added first) and 0 removed the metric-10 one: a metric
+    of 0 was read as no metric given, and the first route added went. A metric given, 0 included, names the route;
+    without one the lowest metric goes, the one in use, as `ip route del` takes the first of its sorted list."""
+    bal.route_add({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": "eth0", "via": "10.0.0.1", "metric": 10})
+    bal.route_add({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": "eth0", "via": "10.0.0.2"})
+    bal.route_del({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": None, "metric": 0})
+    assert [(str(r.via), r.metric) for r in bal.routes] == [("10.0.0.1", 10)]
+    with pytest.raises(HdslbError) as e:
+        bal.route_del({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": None, "metric": 0})
+    assert (e.value.errno, e.value.message) == (errno.ESRCH, "route 172.16.0.0/16 metric 0 not found")
+    bal.route_add({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": "eth0", "via": "10.0.0.2", "metric": 5})
+    bal.route_del({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": None})
+    assert [(str(r.via), r.metric) for r in bal.routes] == [("10.0.0.1", 10)]
+
+
 def test_snapshot_restore_keeps_ids_slots_and_rewrites_the_maps(bal):
     from hdslb.balancer import restore, snapshot
 
