@@ -1832,7 +1832,23 @@ class Balancer:
         gone = [r for r in self.routes if r.ifname == ad.ifname and (
             (r.local and r.net.network_address == ad.addr) or (not r.local and r.src == ad.addr))]
         for r in gone:
+            heir = self._net_route_heir(r)
+            if heir is not None:  # added first, so the prefix's fast-path entry is rewritten, never missing
+                self._route_insert(dataclasses.replace(r, src=heir.addr))
             self._route_remove(r)
+
+    def _net_route_heir(self, r: Route) -> Addr | None:
+        """The address a connected net route passes to when the address it names as src goes: another address on
+        that interface and net (whose add found the route there and made none), as Linux promotes a secondary.
+        Without one every server on the net would lose its route while an address on it stays."""
+        if r.local or r.via is not None or r.scope != "link" or any(
+                x is not r and x.ifname == r.ifname and not x.local for x in self._rindex.get(r.net, ())):
+            return None
+        for other in self.addrs:
+            if (other.ifname == r.ifname and other.addr.version == r.net.version and other.addr != r.src
+                    and other.prefixlen == r.net.prefixlen and other.addr in r.net):
+                return other
+        return None
 
     def addr_flush(self, a: dict) -> None:
         ifname = a.get("ifname")

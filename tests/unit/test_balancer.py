@@ -130,6 +130,27 @@ def test_address_delete_takes_any_prefix_length_unless_one_is_given(bal):
     assert not bal.addrs
 
 
+def test_address_delete_hands_its_net_route_to_another_address_on_that_net(bal):
+    """Two addresses on one net share the net route the first made (the second's add finds it there, as DPVS's
+    EDPVS_EXIST): deleting the first (renumbering: add the new, delete the old) removed that route while the second
+    stayed, so every real server on the net was dropped (drop_no_route) with `addr show` still listing a /24 there.
+    The route now passes to the remaining address, as Linux promotes a secondary; with none left it goes."""
+    bal.addr_add({"addr": "192.168.100.254", "prefixlen": 24, "ifname": "eth0"})
+    bal.addr_add({"addr": "192.168.100.253", "prefixlen": 24, "ifname": "eth0"})
+    bal.addr_add({"addr": "192.168.100.252", "prefixlen": 25, "ifname": "eth0"})  # another net: not its heir
+    net = ipaddress.ip_network("192.168.100.0/24")
+    bal.dp.calls.clear()
+    bal.addr_del({"addr": "192.168.100.254", "ifname": "eth0"})
+    assert [(str(r.src), r.ifname, r.scope) for r in bal.routes if r.net == net] == [
+        ("192.168.100.253", "eth0", "link")]
+    # the fast path's entry is rewritten in place, never deleted in between (a new flow then would be dropped)
+    writes = [(c[0], c[1][0]) for c in bal.dp.calls if c[0] in ("route_set", "route_del")]
+    assert ("route_del", net) not in writes and writes[-1][0] == "route_set" and writes[-1][1].src == \
+        ipaddress.ip_address("192.168.100.253")
+    bal.addr_del({"addr": "192.168.100.253", "ifname": "eth0"})
+    assert not [r for r in bal.routes if r.net == net] and bal.dp.calls[-1] == ("route_del", (net,))
+
+
 def test_snat_real_server_any_address_is_still_taken(bal):
     """0.0.0.0:0 under a SNAT match service means: the src of the route taken (not refused as unspecified)."""
     m = {"match": {"proto": "tcp", "src-range": "192.168.100.2-192.168.100.254", "oif": "eth0"}}
