@@ -481,6 +481,7 @@ def neigh_list(ctx, a):
     ifname, af = _list_filter(ctx, a)
     slow = getattr(ctx, "slow", None)
     if slow is not None:  # the slow path's table knows states (incomplete, probing, stale ...)
+        slow.carry_out(slow.sp.sync_static())  # the static entries as the model has them now, not at the next tick
         return {"neighs": slow.sp.show(ifname, af)}
     by_index = {i.ifindex: i.name for i in ctx.bal.ifaces.values()}
     out = []

@@ -191,6 +191,13 @@ class SlowPath:
             act.count("error")
         return self._account(act)
 
+    def sync_static(self) -> Actions:
+        """Mirror the model's static neighbours now (a full sync): what `dpip neigh show` lists right after a
+        `neigh add` or `del` must be that change, not wait for the next frame or tick."""
+        act = Actions()
+        self._sync_static(act)
+        return self._account(act)
+
     def adopt(self, neighs) -> Actions:
         """Take over what the fast path's neighbour map already holds ((ip, mac, ifname) each, at start); those
         beyond gc_thresh3 are deleted from the map, where nothing would ever age them."""

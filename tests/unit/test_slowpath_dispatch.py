@@ -322,6 +322,29 @@ def test_static_neighbour_wins_and_follows_the_model(sp, bal):
     assert act.counters["arp_request"] == 1 and act.counters["unres_queued"] == 1
 
 
+def test_neigh_show_lists_a_static_neighbour_as_soon_as_it_is_added_or_changed(sp, bal):
+    """`dpip neigh add ...; dpip neigh show` listed nothing (the slow path's table mirrors the model's static
+    entries on its next frame or tick, up to 0.25 s later), and after `neigh del` + `neigh add` with a new MAC it
+    listed the old MAC: a script checking its change read the wrong answer. neigh.list mirrors them first."""
+    from types import SimpleNamespace
+
+    from hdslb.ctl import commands
+
+    carried = []
+    ctx = SimpleNamespace(bal=bal, slow=SimpleNamespace(sp=sp, carry_out=carried.append))
+
+    def listed():
+        return [(n["addr"], n["lladdr"], n["flags"]) for n in commands.COMMANDS["neigh.list"](ctx, {})["neighs"]]
+
+    bal.neigh_add({"addr": "192.168.100.3", "lladdr": RS3, "ifname": "eth1"})
+    assert listed() == [("192.168.100.3", RS3, ["static"])]
+    bal.neigh_del({"addr": "192.168.100.3"})
+    bal.neigh_add({"addr": "192.168.100.3", "lladdr": RS2, "ifname": "eth1"})
+    assert listed() == [("192.168.100.3", RS2, ["static"])]
+    bal.neigh_del({"addr": "192.168.100.3"})
+    assert listed() == [] and carried
+
+
 def test_proactive_tick_resolves_every_real_server(bal, clock):
     sp = SlowPath(bal, NeighTable(now=clock), now=clock)
     act = sp.tick()
