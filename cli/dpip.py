@@ -235,14 +235,20 @@ def _global_options(argv: list[str]) -> tuple[dict, list[str]]:
 _NO_FORCE = "-F (force) is not taken: no command here has a forced form"
 
 
+_INTERVAL_RE = re.compile(r"[0-9]{1,9}(\.[0-9]+)?")  # seconds; float() also reads nan, inf, 1e400 and 1_0
+
+
 def _sample_option(ch: str, val: str) -> float | int:
-    try:
-        num = float(val) if ch == "i" else int(val)
-        if num <= 0:
-            raise ValueError
-    except ValueError:
-        raise _fail(f"invalid {'interval' if ch == 'i' else 'count'}: {val!r}") from None
+    ok = _INTERVAL_RE.fullmatch(val) if ch == "i" else _digits(val)
+    num = (float(val) if ch == "i" else int(val)) if ok else 0
+    if num <= 0:
+        raise _fail(f"invalid {'interval' if ch == 'i' else 'count'}: {val!r}")
     return num
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: int() and str.isdigit() also take "٨٠" (80), " 80" and "8_0"."""
+    return text.isascii() and text.isdigit()
 
 
 def _family(name: str) -> int:
@@ -286,7 +292,7 @@ def _ip(text: str, af: int | None, what: str):
 
 
 def _uint(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not _digits(text):
         raise _fail(f"invalid {what} '{text}'")
     return int(text)
 
@@ -341,7 +347,7 @@ def _parse_route(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
     if prefix is None:
         raise _fail("missing prefix")
     # DPVS's parser: onlink is output only (a route without via is on-link), proto is not kept (shown as auto)
-    if "proto" in kw and kw["proto"] not in ROUTE_PROTOS and not kw["proto"].isdigit():
+    if "proto" in kw and kw["proto"] not in ROUTE_PROTOS and not _digits(kw["proto"]):
         raise _fail(f"invalid proto '{kw['proto']}' ({' | '.join(ROUTE_PROTOS)} | NUM)")
     if kw.get("tos", "0") != "0":
         raise _fail(f"tos {kw['tos']} is not supported: routes here match on the destination alone")
@@ -415,7 +421,7 @@ def _cpu_of(name: str | None) -> int | None | bool:
         return False
     if name == "cpu":
         return None
-    if not name[3:].isdigit():
+    if not _digits(name[3:]):
         raise _fail(f"invalid CPU-NAME '{name}' (cpu or cpuN)")
     return int(name[3:])
 
