@@ -1954,8 +1954,8 @@ class Balancer:
         others = []
         for x in self._rindex.get(r.net, ()):
             if not x.local and x.metric == r.metric:
+                self._route_insert(r)  # first: the prefix's LPM entry is overwritten, never missing in between
                 self._route_remove(x)
-                self._route_insert(r)
                 return r
             if not x.local:
                 others.append(x.metric)

@@ -192,6 +192,19 @@ def test_route_set_replaces_the_route_of_its_metric_and_names_the_metrics_there_
     assert e.value.message == "route 10.13.0.0/16 not found"
 
 
+def test_route_set_rewrites_the_fast_path_entry_in_place(bal):
+    """`dpip route set P via NEWGW` deleted P's LPM entry, then wrote the new one: between the two map writes a new
+    flow to P fell to a less specific route (another gateway, or drop_no_route with none). The entry is now
+    overwritten, never missing."""
+    bal.route_add({"prefix": "0.0.0.0", "prefixlen": 0, "ifname": "eth0", "via": "10.0.0.1"})
+    bal.route_add({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": "eth1", "via": "10.1.0.1"})
+    bal.dp.calls.clear()
+    bal.route_set({"prefix": "172.16.0.0", "prefixlen": 16, "ifname": "eth1", "via": "10.1.0.2"})
+    assert [c[0] for c in bal.dp.calls] == ["route_set"] * len(bal.dp.calls)
+    assert bal.dp.calls[-1][1][0].via == ipaddress.ip_address("10.1.0.2")
+    assert [str(r.via) for r in bal.routes] == ["10.0.0.1", "10.1.0.2"]
+
+
 def test_service_delete_releases_ids_and_local_addresses(bal):
     quick_start(bal)
     bal.service_del(SVC)
