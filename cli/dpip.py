@@ -356,6 +356,8 @@ def _parse_route(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
             raise _fail(f"local is scope host, not scope {kw['scope']}")
         kw["scope"] = "host"
     if prefix == "default":
+        if af is None:  # as DPVS's parser: the gateway's (else the source's) family, IPv4 without either
+            af = next((a.version for a in map(ip_or_none, (kw.get("via"), kw.get("src"))) if a is not None), None)
         net = ipaddress.ip_network("::/0" if af == 6 else "0.0.0.0/0")
     else:
         try:

@@ -53,6 +53,13 @@ def requests(*argv):
     (["-6", "route", "add", "default", "via", "2001:db8::ff", "dev", "dpdk0"],
      ("route.add", {"af": 6, "prefix": "::", "prefixlen": 0, "via": "2001:db8::ff", "src": None,
                     "ifname": "dpdk0", "mtu": None, "metric": None, "scope": None})),
+    # DPVS takes default's family from the gateway (or source) when no -4/-6 names it
+    (["route", "add", "default", "via", "2001:db8::ff", "dev", "dpdk0"],
+     ("route.add", {"af": 6, "prefix": "::", "prefixlen": 0, "via": "2001:db8::ff", "src": None,
+                    "ifname": "dpdk0", "mtu": None, "metric": None, "scope": None})),
+    (["route", "del", "default", "src", "2001:db8::1"],
+     ("route.del", {"af": 6, "prefix": "::", "prefixlen": 0, "via": None, "src": "2001:db8::1",
+                    "ifname": None, "mtu": None, "metric": None, "scope": None})),
     (["route", "add", "10.1.1.1", "dev", "dpdk0", "scope", "kni_host"],
      ("route.add", {"af": 4, "prefix": "10.1.1.1", "prefixlen": 32, "via": None, "src": None, "ifname": "dpdk0",
                     "mtu": None, "metric": None, "scope": "kni_host"})),
