@@ -1942,8 +1942,15 @@ class Balancer:
         else:
             self._sync_route(net)
 
+    def _check_gateway(self, r: Route) -> None:
+        """A gateway that is an address of ours would never resolve (nothing answers our own ARP/ND): every new flow
+        the route takes would wait for its MAC and be dropped. Refused, as Linux refuses a local gateway."""
+        if r.via is not None and self._local_index().get(r.via, _NOT_LOCAL)[0]:
+            raise invalid(f"gateway {r.via} is an address of this balancer: a route goes via a neighbour")
+
     def route_add(self, a: dict) -> Route:
         r = self._route_from(a)
+        self._check_gateway(r)
         if any(x.metric == r.metric and not x.local for x in self._rindex.get(r.net, ())):
             raise exists(f"route {r.net} metric {r.metric} already exists")
         self._route_insert(r)
@@ -1951,6 +1958,7 @@ class Balancer:
 
     def route_set(self, a: dict) -> Route:
         r = self._route_from(a)
+        self._check_gateway(r)
         others = []
         for x in self._rindex.get(r.net, ()):
             if not x.local and x.metric == r.metric:

@@ -110,6 +110,11 @@ def test_unknown_scheduler_is_refused_like_ipvsadm(bal):
     ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "224.0.0.1"}, errno.EINVAL),
     ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 100000}, errno.EINVAL),
     ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "mtu": 40}, errno.EINVAL),
+    # a gateway of ours: its MAC is never resolved (nothing answers us for our own address), so every new flow the
+    # route takes would wait for it and be dropped; Linux refuses it too ("Nexthop has invalid gateway")
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth0", "via": "10.0.0.100"}, errno.EINVAL),
+    ("route_add", {"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth1", "via": "192.168.100.200"}, errno.EINVAL),
+    ("route_set", {"prefix": "10.0.0.0", "prefixlen": 24, "ifname": "eth0", "via": "10.0.0.100"}, errno.EINVAL),
     ("addr_del", {"addr": "10.0.0.100", "prefixlen": 8, "ifname": "eth0"}, errno.EADDRNOTAVAIL),
 ])
 def test_refused_changes_change_nothing(bal, op, args, err):
