@@ -27,6 +27,7 @@ from hdslb.errors import HdslbError
 from hdslb.heap import HeapSettler, collections_paused, model_size
 from hdslb.fastpath.loader import CONN_TABLES, XdpAttachError
 from hdslb.fastpath.maps import STAT_FIELDS
+from hdslb.net.link import link_mtu
 
 log = logging.getLogger("hdslb")
 
@@ -962,22 +963,44 @@ class Daemon:
         of the same command line), which reads the interfaces afresh and attaches as any restart does."""
         while True:
             await asyncio.sleep(interval)
-            for name, ifc in list(self.bal.ifaces.items()):
+            if self._check_ifaces():
+                return
+
+    def _check_ifaces(self, index_of=None, mtu_of=None) -> bool:
+        """One look at the interfaces served (see _watch_ifaces); True when hdslbd restarts to attach again. An MTU
+        changed (ip link set IF mtu N) is followed: the model (dpip link show, route show) and the fast path's
+        interface entry, whose MTU the TUNNEL too-big check reads, held the start's."""
+        index_of = index_of or socket.if_nametoindex
+        mtu_of = mtu_of or link_mtu
+        for slot, (name, ifc) in enumerate(list(self.bal.ifaces.items())):  # slots as start() wrote them
+            try:
+                index = index_of(name)
+            except OSError:
+                if name not in self.ifaces_gone:
+                    self.ifaces_gone.add(name)
+                    log.error("interface %s is gone, and the XDP program with it; hdslbd attaches again when it "
+                              "comes back", name)
+                continue
+            if index != ifc.ifindex:
+                log.warning("interface %s is back (ifindex %d, was %d): restarting hdslbd to attach to it; "
+                            "services and connections are kept", name, index, ifc.ifindex)
+                self.reexec = True
+                self._stop.set()
+                return True
+            self.ifaces_gone.discard(name)
+            try:
+                mtu = mtu_of(name)
+            except OSError:
+                continue
+            if mtu != ifc.mtu:
                 try:
-                    index = socket.if_nametoindex(name)
-                except OSError:
-                    if name not in self.ifaces_gone:
-                        self.ifaces_gone.add(name)
-                        log.error("interface %s is gone, and the XDP program with it; hdslbd attaches again when it "
-                                  "comes back", name)
+                    self.maps.set_iface(ifc.ifindex, ifc.mac, mtu, xsk_slot=slot)
+                except Exception as e:  # the watch must go on (a map swapped by a datapath reload): next look retries
+                    log.warning("interface %s: MTU %d not written to the fast path yet: %s", name, mtu, e)
                     continue
-                if index != ifc.ifindex:
-                    log.warning("interface %s is back (ifindex %d, was %d): restarting hdslbd to attach to it; "
-                                "services and connections are kept", name, index, ifc.ifindex)
-                    self.reexec = True
-                    self._stop.set()
-                    return
-                self.ifaces_gone.discard(name)
+                log.info("interface %s: MTU %d (was %d), followed by the fast path", name, mtu, ifc.mtu)
+                ifc.mtu = mtu
+        return False
 
     def request_shutdown(self, detach: bool) -> None:
         self._detach_on_stop = detach

@@ -8,7 +8,10 @@ directory) gives the unknown values below rather than another device's state.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import struct
 
 SYSFS_NET = "/sys/class/net"
 
@@ -52,3 +55,14 @@ def link_facts(name: str, ifindex: int, root: str = SYSFS_NET) -> dict:
             "numa": max(_int(_read(os.path.join(base, "device", "numa_node")), 0), 0),
             "rxq": sum(q.startswith("rx-") for q in queues),
             "txq": sum(q.startswith("tx-") for q in queues)}
+
+
+SIOCGIFMTU = 0x8921  # struct ifreq: the name (16 bytes), then ifr_mtu (int) in a 24-byte union
+
+
+def link_mtu(name: str) -> int:
+    """The interface's MTU now, from the kernel of the namespace we run in (SIOCGIFMTU: sysfs may be another
+    namespace's). Raises OSError when there is no such interface."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16si12x", name.encode()[:15], 0)
+        return struct.unpack("16si12x", fcntl.ioctl(s.fileno(), SIOCGIFMTU, req))[1]

@@ -54,3 +54,43 @@ def test_link_list_carries_the_facts(monkeypatch):
     (link,) = commands.COMMANDS["link.list"](ctx, {})["links"]
     assert (link["state"], link["speed"], link["duplex"], link["rxq"], link["txq"]) == (
         "UP", 10000, "full-duplex", 1, 1)
+
+
+def test_link_mtu_reads_the_kernels_mtu():
+    from hdslb.net.link import link_mtu
+
+    assert link_mtu("lo") == int(open("/sys/class/net/lo/mtu").read())
+
+
+def test_the_daemon_follows_an_interface_mtu_change():
+    """`ip link set eth1 mtu 1400` on a running balancer: `dpip link show` and `route show` kept saying 1500, and
+    the fast path's TUNNEL check kept the start's MTU (a tunnelled packet of 1400..1500 bytes was sent on and lost
+    instead of answered with fragmentation needed). The interface watch now follows the MTU into the model and the
+    fast path's interface entry."""
+    from hdslb.balancer import Balancer, Iface
+    from hdslb.daemon import Daemon
+
+    from .test_balancer import Recorder
+
+    d = Daemon.__new__(Daemon)
+    d.bal = Balancer(Recorder(), {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500),
+                                  "eth1": Iface("eth1", 3, b"\x04" * 6, 1500)})
+    d.ifaces_gone = set()
+    written = []
+    d.maps = SimpleNamespace(set_iface=lambda *a, **kw: written.append((a, kw)))
+    mtus = {"eth0": 1500, "eth1": 1400}
+    assert d._check_ifaces(index_of={"eth0": 2, "eth1": 3}.__getitem__, mtu_of=mtus.__getitem__) is False
+    assert written == [((3, b"\x04" * 6, 1400), {"xsk_slot": 1})]
+    assert d.bal.ifaces["eth1"].mtu == 1400
+    ctx = SimpleNamespace(bal=d.bal, xdp_modes={}, link_stats=lambda name: {})
+    assert [lk["mtu"] for lk in commands.COMMANDS["link.list"](ctx, {})["links"]] == [1500, 1400]
+    d._check_ifaces(index_of={"eth0": 2, "eth1": 3}.__getitem__, mtu_of=mtus.__getitem__)
+    assert len(written) == 1, "written once per change"
+
+    def refused(*a, **kw):
+        raise OSError(9, "Bad file descriptor")
+
+    d.maps = SimpleNamespace(set_iface=refused)  # a write refused: the watch goes on and tries again later
+    mtus["eth0"] = 9000
+    assert d._check_ifaces(index_of={"eth0": 2, "eth1": 3}.__getitem__, mtu_of=mtus.__getitem__) is False
+    assert d.bal.ifaces["eth0"].mtu == 1500
