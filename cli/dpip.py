@@ -68,7 +68,7 @@ Parameters:
 """,
     "route": f"""\
 Usage:
-    {PROG} route {{ show | flush | help }}
+    {PROG} route {{ show [ dev IFNAME ] | flush | help }}
     {PROG} route {{ add | del | set }} ROUTE
 Parameters:
     ROUTE      := PREFIX [ via ADDR ] [ dev IFNAME ] [ OPTIONS ]
@@ -339,9 +339,12 @@ def _parse_addr(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
 
 
 def _parse_route(cmd: str, args: list[str], af: int | None) -> tuple[str, dict]:
-    if cmd in ("show", "flush"):
+    if cmd == "show":  # DPVS's route show takes dev: the routes leaving by that device
+        _, kw = _keywords(args, ("dev",), operand=False)
+        return "route.list", {"af": af or 4, **({"ifname": kw["dev"]} if "dev" in kw else {})}
+    if cmd == "flush":
         _keywords(args, (), operand=False)
-        return ("route.list" if cmd == "show" else "route.flush"), {"af": af or 4}
+        return "route.flush", {"af": af or 4}
     prefix, kw = _keywords(args, ("via", "dev", "src", "mtu", "metric", "scope", "tos", "proto"),
                            ("local", "onlink"))
     if prefix is None:

@@ -56,7 +56,8 @@ ARG_KEYS: dict[str, frozenset] = {op: frozenset(keys) for op, keys in {
     "laddr.add": ("svc", "addr", "ifname"), "laddr.del": ("svc", "addr", "ifname"), "laddr.list": ("svc",),
     "addr.add": ("addr", "prefixlen", "ifname", "scope", "sapool"), "addr.del": ("addr", "prefixlen", "ifname"),
     "addr.flush": ("ifname",), "addr.list": ("ifname", "af"),
-    "route.add": _ROUTE, "route.set": _ROUTE, "route.del": _ROUTE, "route.flush": ("af",), "route.list": ("af",),
+    "route.add": _ROUTE, "route.set": _ROUTE, "route.del": _ROUTE, "route.flush": ("af",),
+    "route.list": ("af", "ifname"),
     "neigh.add": ("addr", "lladdr", "ifname"), "neigh.del": ("addr", "ifname"), "neigh.list": ("ifname", "af"),
     "link.list": ("ifname",), "batch": ("ops", "dry_run"),
     "timeouts.get": (), "stats.get": (),  # (timeouts.set names its unknown timeout itself)
@@ -453,10 +454,13 @@ def route_flush(ctx, a):
 @command("route.list")
 def route_list(ctx, a):
     af = _route_args(a).get("af") or 4
+    ifname = a.get("ifname")  # dpip route show dev IF: the routes leaving by IF (an unknown one is refused)
+    if ifname is not None:
+        ctx.bal.iface(ifname)
     zero = "0.0.0.0" if af == 4 else "::"
     out = []
     for r in ctx.bal.routes:
-        if r.net.version != af:
+        if r.net.version != af or ifname not in (None, r.ifname):
             continue
         out.append({"af": af, "prefix": str(r.net.network_address), "prefixlen": r.net.prefixlen,
                     "via": str(r.via) if r.via else zero, "src": str(r.src) if r.src else zero,

@@ -79,6 +79,7 @@ def requests(*argv):
                     "mtu": None, "metric": None, "scope": None})),
     (["route", "show"], ("route.list", {"af": 4})),
     (["-6", "route", "show"], ("route.list", {"af": 6})),
+    (["route", "show", "dev", "dpdk0"], ("route.list", {"af": 4, "ifname": "dpdk0"})),  # DPVS filters by device
     (["--family", "inet6", "route", "flush"], ("route.flush", {"af": 6})),
     (["neigh", "add", "192.168.100.2", "lladdr", "52:54:0:AA:bb:cc", "dev", "veth-lb0"],
      ("neigh.add", {"addr": "192.168.100.2", "lladdr": "52:54:00:aa:bb:cc", "ifname": "veth-lb0"})),
@@ -166,6 +167,7 @@ def test_help_and_version_send_nothing():
     (["route", "add", "10.0.0.0/16", "dev", "eth0", "scope", "site"],
      "dpip: invalid scope 'site' (host | link | global | kni_host)"),
     (["route", "show", "table", "main"], "dpip: unexpected argument 'table'"),
+    (["route", "flush", "dev", "eth0"], "dpip: unexpected argument 'dev'"),
     (["route", "add", "10.0.0.0/16", "dev", "eth0", "tos", "16"],
      "dpip: tos 16 is not supported: routes here match on the destination alone"),
     (["route", "add", "10.0.0.0/16", "dev", "eth0", "proto", "kernel"],
@@ -543,3 +545,25 @@ def test_batch_and_restore_lines_split_exactly_as_a_shell_would_and_plain_lines_
                              'addr add 10.0.0.1/24 dev "eth0"\n')
     assert [inv.requests[0][0] for _, inv in lines] == ["route.add", "route.add", "addr.add"]
     assert calls == ["route add 10.2.0.0/16 dev eth1 # second", 'addr add 10.0.0.1/24 dev "eth0"']
+
+
+def test_route_show_dev_lists_the_routes_leaving_by_that_device():
+    """DPVS's `dpip route show dev IF` lists IF's routes; here it was refused ("unexpected argument 'dev'")."""
+    from types import SimpleNamespace
+
+    from hdslb.balancer import Balancer, Iface
+    from hdslb.ctl import commands
+
+    from .test_balancer import Recorder
+
+    bal = Balancer(Recorder(), {"eth0": Iface("eth0", 2, b"\x02" * 6, 1500),
+                                "eth1": Iface("eth1", 3, b"\x04" * 6, 9000)})
+    bal.route_add({"prefix": "10.0.0.0", "prefixlen": 8, "ifname": "eth0"})
+    bal.route_add({"prefix": "10.1.0.0", "prefixlen": 16, "ifname": "eth1"})
+    ctx = SimpleNamespace(bal=bal)
+    inv = dpip.parse(["route", "show", "dev", "eth1"])
+    assert dpip.render(inv, commands.COMMANDS[inv.requests[0][0]](ctx, inv.requests[0][1])) == (
+        "inet 10.1.0.0/16 via 0.0.0.0 src 0.0.0.0 dev eth1 mtu 9000 tos 0 scope link metric 0 proto auto \n")
+    with pytest.raises(HdslbError) as e:
+        commands.COMMANDS["route.list"](ctx, {"af": 4, "ifname": "eth9"})
+    assert e.value.errno == errno.ENODEV

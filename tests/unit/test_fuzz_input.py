@@ -185,7 +185,7 @@ OPS = {
                   {"af": "enum", "prefix": "ip", "prefixlen": "uint", "ifname": "ifname", "via": "ip"},
                   ("prefix",)),
     "route.flush": ({"af": 6}, {"af": "enum"}, ()),
-    "route.list": ({"af": 4}, {"af": "enum"}, ()),
+    "route.list": ({"af": 4, "ifname": "eth0"}, {"af": "enum", "ifname": "ifname"}, ()),
     "neigh.add": ({"addr": "10.0.0.19", "lladdr": "02:00:00:00:00:19", "ifname": "eth0"},
                   {"addr": "ip", "lladdr": "mac", "ifname": "ifname"}, ("addr", "lladdr", "ifname")),
     "neigh.del": ({"addr": "10.0.0.9"}, {"addr": "ip"}, ("addr",)),
