@@ -642,9 +642,26 @@ def run_batch(client, lines: list[tuple[int, Invocation]]) -> int:
     """Changes (add/del/set/flush) go as one batch request; a show runs alone, in its place (the changes around
     it checked together first). A refused line is reported as `dpip: line N: reason`, exit 1, and nothing of
     the batch is applied."""
+    from hdslb.ctl.commands import BATCH_OPS  # the control ops (heavy): imported for batches only
 
     def alone(inv):
         sys.stdout.write(execute(client, inv) if inv.requests else render(inv, None))
+
+    # A show naming a device the daemon does not serve would fail after the changes before it were applied: the
+    # devices the shows name are checked first (addr.list refuses an unknown one, changing nothing).
+    if any(op not in BATCH_OPS for _, inv in lines for op, _ in inv.requests):
+        checked = set()
+        for n, inv in lines:
+            for op, args in inv.requests:
+                dev = args.get("ifname")
+                if op in BATCH_OPS or dev is None or dev in checked:
+                    continue
+                try:
+                    client.call("addr.list", {"ifname": dev})
+                except HdslbError as e:
+                    print(f"{PROG}: line {n}: {e.message}; nothing of the batch was applied", file=sys.stderr)
+                    return EXIT_FAIL
+                checked.add(dev)
 
     ok = run_lines(client, lines, alone, lambda msg: print(f"{PROG}: {msg}", file=sys.stderr),
                    lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr), "batch")

@@ -1101,3 +1101,19 @@ def test_a_real_server_removed_and_added_again_gets_its_slot_back():
     b.service_add(dict(svc, sched="rr"))
     assert b.dest_add({"svc": svc, "addr": "192.168.100.2", "port": 80, "fwd": "nat"}).slot == \
         slots[ipaddress.ip_address("192.168.100.2")]
+
+
+def test_dpip_batch_show_of_an_unknown_device_applies_nothing(model, tmp_path, capsys):
+    """`route add ...`, `addr show dev nope`, `route add ...`: the first route was applied, then the show failed
+    ("the changes up to line 1 were applied"), though a refused line of dpip -b applies nothing of the batch. The
+    devices the reads name are now checked before any change is sent."""
+    ctx, client = model
+    f = tmp_path / "b"
+    f.write_text("route add 20.0.0.0/24 dev eth1\naddr show dev nosuch0\nroute add 20.0.1.0/24 dev eth1\n")
+    before = state(ctx.bal)
+    assert dpip.main(["-b", str(f)]) == 1
+    assert capsys.readouterr().err.startswith("dpip: line 2: device 'nosuch0' is not managed by this balancer")
+    assert state(ctx.bal) == before and not ctx.bal.routes
+    f.write_text("route add 20.0.0.0/24 dev eth1\naddr show dev eth0\nroute show dev eth1\n")
+    assert dpip.main(["-b", str(f)]) == 0
+    assert [str(r.net) for r in ctx.bal.routes] == ["20.0.0.0/24"]
