@@ -638,6 +638,26 @@ def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]
     return out
 
 
+def _read_batch(name: str) -> str:
+    """The text of dpip -b's file ('-': stdin), as UTF-8; one that is not is a usage error naming the line (it was
+    a UnicodeDecodeError traceback)."""
+    try:
+        if name == "-":
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        else:
+            with open(name, "rb") as f:
+                raw = f.read()
+    except OSError as e:
+        raise _fail(f"cannot read {name}: {e.strerror}") from None
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise _fail(f"line {line}: not UTF-8 text (byte {e.start})") from None
+
+
 def run_batch(client, lines: list[tuple[int, Invocation]]) -> int:
     """Changes (add/del/set/flush) go as one batch request; a show runs alone, in its place (the changes around
     it checked together first). A refused line is reported as `dpip: line N: reason`, exit 1, and nothing of
@@ -712,11 +732,7 @@ def _main(argv: list[str] | None) -> int:
         lines = None
         if inv.batch is not None:
             af = _global_options(argv)[0]["af"]
-            try:
-                text = sys.stdin.read() if inv.batch == "-" else open(inv.batch).read()
-            except OSError as e:
-                raise _fail(f"cannot read {inv.batch}: {e.strerror}") from None
-            lines = parse_batch(text, af)
+            lines = parse_batch(_read_batch(inv.batch), af)
     except UsageError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE

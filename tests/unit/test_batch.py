@@ -1117,3 +1117,17 @@ def test_dpip_batch_show_of_an_unknown_device_applies_nothing(model, tmp_path, c
     f.write_text("route add 20.0.0.0/24 dev eth1\naddr show dev eth0\nroute show dev eth1\n")
     assert dpip.main(["-b", str(f)]) == 0
     assert [str(r.net) for r in ctx.bal.routes] == ["20.0.0.0/24"]
+
+
+def test_dpip_batch_file_that_is_not_utf8_is_a_usage_error_naming_the_line(model, tmp_path, capsys, monkeypatch):
+    """`dpip -b FILE` with a byte that is not UTF-8 died with a UnicodeDecodeError traceback (exit 1)."""
+    ctx, client = model
+    client.calls.clear()
+    f = tmp_path / "b"
+    f.write_bytes(b"route add 20.0.0.0/24 dev eth1\n# caf\xe9\n")
+    assert dpip.main(["-b", str(f)]) == 2
+    assert capsys.readouterr().err == "dpip: line 2: not UTF-8 text (byte 36)\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\n"), encoding="utf-8"))
+    assert dpip.main(["-b", "-"]) == 2
+    assert capsys.readouterr().err == "dpip: line 1: not UTF-8 text (byte 0)\n"
+    assert client.calls == [] and not ctx.bal.routes
