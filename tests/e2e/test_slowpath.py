@@ -156,6 +156,28 @@ def test_route_flush_and_re_add_moves_traffic(sp_lab):
 
 
 @pytest.mark.root
+def test_renumbering_keeps_the_connected_route(sp_lab):
+    """Add a new address on the servers' net, delete the old one that made the net route: the route passes to the
+    new address (it was deleted with the old one, and every new flow to the servers was dropped, drop_no_route)."""
+    lab, lb, _ = sp_lab
+    lb.dpip("route", "flush")  # the net route as the VIP's address makes it (another test may have replaced it)
+    lb.dpip("addr", "del", f"{VIP}/24", "dev", "veth-lb0")
+    lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
+    lb.dpip("addr", "add", "192.168.100.97/24", "dev", "veth-lb0")
+    lb.dpip("addr", "del", f"{VIP}/24", "dev", "veth-lb0")
+    lb.dpip("addr", "add", f"{VIP}/32", "dev", "veth-lb0")  # the VIP alone, as a host address
+    try:
+        routes = lb.dpip("route", "show").stdout
+        assert "inet 192.168.100.0/24 via 0.0.0.0 src 192.168.100.97 dev veth-lb0" in routes, routes
+        assert "FAIL" not in curl_loop(lab, f"http://{VIP}/", 4)
+    finally:
+        lb.dpip("addr", "del", f"{VIP}/32", "dev", "veth-lb0")
+        lb.dpip("addr", "add", f"{VIP}/24", "dev", "veth-lb0")
+        lb.dpip("addr", "del", "192.168.100.97/24", "dev", "veth-lb0")
+    assert "inet 192.168.100.0/24 via 0.0.0.0 src 192.168.100.100 dev veth-lb0" in lb.dpip("route", "show").stdout
+
+
+@pytest.mark.root
 def test_kni_host_route_gives_an_address_to_the_kernel(sp_lab):
     lab, lb, _ = sp_lab
     assert "FAIL" not in curl_loop(lab, f"http://{VIP}/", 2)
