@@ -424,6 +424,29 @@ def test_missing_route_neighbour_or_laddr_is_counted(fastpath, maps):
     assert maps.counters()["conn_new"] == 0
 
 
+def test_new_flows_take_the_longest_prefix_and_established_ones_keep_their_next_hop(fastpath, maps):
+    """dpip routes in the LPM trie as new flows see them: a /32 host route beats the /24, a /0 default catches what
+    no other covers; deleting the more specific hands the next new flow to the less specific at once, while an
+    established flow keeps the next hop it was made with (README: a DPVS connection holds its route)."""
+    gw, gw_mac = "192.168.100.254", "02:66:00:00:00:fe"
+    setup_service(maps)
+    maps.set_neigh(A(gw), bytes.fromhex(gw_mac.replace(":", "")), LO_IFINDEX, permanent=True)
+    host = ipaddress.ip_network(f"{RS1}/32")
+    maps.set_route(host, LO_IFINDEX, A(gw), None, 1500, False)
+    v, p = run(fastpath, syn(sport=49000))
+    assert v == XDP_TX and (p[IP].dst, p[Ether].dst) == (RS1, gw_mac), "the /32 via the gateway, not the /24"
+    maps.del_route(host)
+    v, p = run(fastpath, syn(sport=49001))
+    assert v == XDP_TX and p[Ether].dst == RS_MAC, "the /24 on-link at once"
+    v, p = run(fastpath, syn(sport=49000, flags="A"))
+    assert v == XDP_TX and p[Ether].dst == gw_mac, "the established flow keeps its next hop"
+    maps.del_route(ipaddress.ip_network("192.168.100.0/24"))
+    maps.set_route(ipaddress.ip_network("0.0.0.0/0"), LO_IFINDEX, A(gw), None, 1500, False)
+    v, p = run(fastpath, syn(sport=49002))
+    assert v == XDP_TX and p[Ether].dst == gw_mac, "the default route"
+    assert maps.counters()["drop_no_route"] == 0
+
+
 def test_abi_sizes_match_the_compiled_program(fastpath):
     import ctypes
 
