@@ -614,9 +614,10 @@ def render(inv: Invocation, data) -> str:
 def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]]:
     """dpip -b input: one command per line (no program name), '#' comments (whole lines, or from a word that starts
     with '#' to the end of the line, as a shell reads them) and blank lines skipped, words split as a shell would
-    -> (line number, Invocation). Every line is parsed before anything is sent."""
+    -> (line number, Invocation). A line ending in a backslash goes on on the next one, as ip -batch reads it (the
+    command is named by its first line). Every line is parsed before anything is sent."""
     out = []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    for n, raw in _joined_lines(text):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
@@ -636,6 +637,22 @@ def parse_batch(text: str, af: int | None = None) -> list[tuple[int, Invocation]
             raise _fail(f"line {n}: -b, -i and -c are not taken inside a batch")
         out.append((n, inv))
     return out
+
+
+def _joined_lines(text: str):
+    """(number of its first line, line) of text, a line ending in a backslash joined to the next (iproute2's
+    getcmdline drops the backslash and the newline)."""
+    start, parts = None, []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if start is None:
+            start = n
+        if raw.endswith("\\"):
+            parts.append(raw[:-1])
+            continue
+        yield start, "".join(parts) + raw
+        start, parts = None, []
+    if parts:
+        yield start, "".join(parts)
 
 
 def _read_batch(name: str) -> str:

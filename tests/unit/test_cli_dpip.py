@@ -567,3 +567,15 @@ def test_route_show_dev_lists_the_routes_leaving_by_that_device():
     with pytest.raises(HdslbError) as e:
         commands.COMMANDS["route.list"](ctx, {"af": 4, "ifname": "eth9"})
     assert e.value.errno == errno.ENODEV
+
+
+def test_batch_line_ending_in_a_backslash_goes_on_on_the_next_as_ip_batch_reads_it():
+    """A long route split with `\\` (ip -batch files do it) was "No escaped character", exit 2."""
+    lines = dpip.parse_batch("route add 10.0.0.0/16 via 10.1.0.1 \\\n    dev eth0 metric 5\n# done\nroute show\n")
+    assert [(n, inv.requests) for n, inv in lines] == [
+        (1, [("route.add", {"af": 4, "prefix": "10.0.0.0", "prefixlen": 16, "via": "10.1.0.1", "src": None,
+                            "ifname": "eth0", "mtu": None, "metric": 5, "scope": None})]),
+        (4, [("route.list", {"af": 4})])]
+    with pytest.raises(UsageError) as e:
+        dpip.parse_batch("route show\nroute add 10.0.0.0/16 \\\n dev eth0 mtu big\n")
+    assert str(e.value) == "dpip: line 2: invalid mtu 'big'"
