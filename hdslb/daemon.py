@@ -727,12 +727,7 @@ class Daemon:
         for name in ifaces:
             other = await loop.run_in_executor(None, loader.foreign_xdp, name, ours)
             if other is not None:
-                raise HdslbError(errno.EBUSY, (
-                    f"{name} already runs XDP program id {other[0]} ({other[1]}), which is not this instance's (it "
-                    f"uses none of the maps pinned in {self.pin_dir}): another hdslbd instance or another tool owns "
-                    f"the interface, and attaching would replace it. Nothing was changed. Stop that one first; a "
-                    f"program nobody runs any more goes with `ip link set dev {name} xdp off` (xdpgeneric off for "
-                    f"generic mode)"))
+                raise HdslbError(errno.EBUSY, loader.foreign_xdp_message(name, other[0], other[1], self.pin_dir))
         self._made_model = snap is None and not adopt  # the saved model below is this start's: a failed one removes it
         if snap is None and not adopt:
             # New pins get a model from the start (empty until the first change): a daemon killed before its first
@@ -774,7 +769,7 @@ class Daemon:
                 try:
                     self.xdp_modes[name] = await loop.run_in_executor(None, self.fp.attach, name, s.xdp_mode)
                 except XdpAttachError as e:  # one line naming the interface and the way out, not a traceback
-                    raise HdslbError(errno.EOPNOTSUPP, str(e)) from None
+                    raise HdslbError(e.code, str(e)) from None
                 log.info("attached to %s (%s mode)", name, self.xdp_modes[name])
             if self.fp.conn_moves:  # what the old program added or moved on while the first copy ran
                 await self._move_conns(loop, final=True)
@@ -1334,8 +1329,17 @@ class Daemon:
         new = FastPath(self.pin_dir, self.sizes)
         new.allow_resize = False  # the sizes are the running ones; maps made anew would need the model written
         await loop.run_in_executor(None, new.load, True)
-        for name, mode in self.xdp_modes.items():
-            await loop.run_in_executor(None, new.attach, name, mode)
+        try:
+            for name, mode in self.xdp_modes.items():
+                await loop.run_in_executor(None, new.attach, name, mode)
+        except Exception as e:  # (another program on an interface: named) the running program goes on everywhere
+            for name in list(new.attached):
+                await loop.run_in_executor(None, self.fp.attach, name, self.xdp_modes[name])
+            new.attached.clear()
+            new.close()
+            if isinstance(e, XdpAttachError):
+                raise HdslbError(e.code, str(e)) from None
+            raise
         old, self.fp = self.fp, new
         self.maps = Maps(new)
         kni = self.bal.dp.kni

@@ -673,57 +673,94 @@ class FastPath:
     def attach(self, ifname: str, mode: str = "auto") -> str:
         """Attach to `ifname`, atomically replacing a program already there in the same mode; returns the mode used.
 
-        The caller has made sure what runs there is this instance's (a restart's predecessor). auto keeps the mode
-        that program runs in. Another mode asked for explicitly (a restart with a changed --xdp-mode) cannot be
-        attached over it (the kernel runs one mode at a time): the old one is detached first, packets in between
-        reaching the kernel's stack, and put back if the new mode fails."""
-        from bcc import BPF
-
-        from hdslb.fastpath import xdp_pass
-
+        Only this instance's program (one using its pinned maps: a restart's predecessor, the one a datapath reload
+        swaps out) is replaced. Another program there, found now or attached since (a second instance or another
+        tool starting at the same moment: both saw the interface free, and the later attach replaced the other's
+        program), is refused (XdpForeignError) and keeps running: the kernel swaps only over the program looked at.
+        auto keeps the mode that program runs in. Another mode asked for explicitly (a restart with a changed
+        --xdp-mode) cannot be attached over it (the kernel runs one mode at a time): the old one is detached first,
+        packets in between reaching the kernel's stack, and put back if the new mode fails."""
         flags_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-        current, _prog = xdp_pass.query(ifname)
-        fallback = mode == "auto" and current not in flags_of  # a first attach may fall back to generic
-        if mode == "auto":
-            mode = current if current in flags_of else "generic" if is_veth(ifname) else "native"
-        flags = flags_of[mode]
-        if current in flags_of and current != mode:
-            log.warning("%s runs XDP in %s mode; switching to %s (packets in between reach the kernel's stack)",
-                        ifname, current, mode)
-            BPF.remove_xdp(ifname, flags_of[current])
-            try:
-                BPF.attach_xdp(ifname, self.fn, flags)
-            except Exception:
-                BPF.attach_xdp(ifname, self.fn, flags_of[current])
-                self.attached[ifname] = flags_of[current]
-                log.error("%s: %s mode refused; attached again in %s mode", ifname, mode, current)
-                raise
-        else:
-            try:
-                BPF.attach_xdp(ifname, self.fn, flags)
-            except Exception as e:
-                if not (fallback and mode == "native"):
-                    raise XdpAttachError(
-                        f"{ifname}: the driver refused XDP in {mode} mode ({e})"
-                        + ("; --xdp-mode generic works on any interface (slower)" if mode == "native" else "")
-                    ) from None
-                # The driver has no native XDP (or refuses it as configured: LRO on, an MTU too large): the
-                # generic hook runs on any interface, as `ip link set xdp` users expect of auto.
-                log.warning("%s: native XDP refused (%s); attaching in generic mode", ifname, e)
-                mode, flags = "generic", XDP_FLAGS_SKB_MODE
+        current, old_fd = self._own_program(ifname)
+        try:
+            fallback = mode == "auto" and current not in flags_of  # a first attach may fall back to generic
+            if mode == "auto":
+                mode = current if current in flags_of else "generic" if is_veth(ifname) else "native"
+            flags = flags_of[mode]
+            if current in flags_of and current != mode:
+                log.warning("%s runs XDP in %s mode; switching to %s (packets in between reach the kernel's stack)",
+                            ifname, current, mode)
+                self._swap(ifname, -1, flags_of[current], old_fd)
                 try:
-                    BPF.attach_xdp(ifname, self.fn, flags)
-                except Exception as e2:
-                    raise XdpAttachError(f"{ifname}: the kernel refused XDP in native and in generic mode "
-                                         f"({e2})") from None
+                    self._swap(ifname, self.fn.fd, flags)
+                except Exception:
+                    self._swap(ifname, self.fn.fd, flags_of[current])
+                    self.attached[ifname] = flags_of[current]
+                    log.error("%s: %s mode refused; attached again in %s mode", ifname, mode, current)
+                    raise
+            else:
+                try:
+                    self._swap(ifname, self.fn.fd, flags, old_fd)
+                except XdpForeignError:
+                    raise
+                except Exception as e:
+                    if not (fallback and mode == "native"):
+                        raise XdpAttachError(
+                            f"{ifname}: the driver refused XDP in {mode} mode ({e})"
+                            + ("; --xdp-mode generic works on any interface (slower)" if mode == "native" else "")
+                        ) from None
+                    # The driver has no native XDP (or refuses it as configured: LRO on, an MTU too large): the
+                    # generic hook runs on any interface, as `ip link set xdp` users expect of auto.
+                    log.warning("%s: native XDP refused (%s); attaching in generic mode", ifname, e)
+                    mode, flags = "generic", XDP_FLAGS_SKB_MODE
+                    try:
+                        self._swap(ifname, self.fn.fd, flags)
+                    except XdpForeignError:
+                        raise
+                    except Exception as e2:
+                        raise XdpAttachError(f"{ifname}: the kernel refused XDP in native and in generic mode "
+                                             f"({e2})") from None
+        finally:
+            if old_fd >= 0:
+                os.close(old_fd)
         self.attached[ifname] = flags
         return mode
 
-    def detach(self, ifname: str) -> None:
-        from bcc import BPF
+    def _own_program(self, ifname: str) -> tuple[str | None, int]:
+        """(mode, descriptor) of the program ifname runs, which must be this instance's (else XdpForeignError);
+        (None, -1) when it runs none. The caller closes the descriptor."""
+        from hdslb.fastpath import xdp_pass
 
+        current, prog_id = xdp_pass.query(ifname)
+        if not prog_id:
+            return None, -1
+        info = prog_info(prog_id)
+        if info is not None and not info[1] & pinned_map_ids(self.pin_dir):
+            raise XdpForeignError(foreign_xdp_message(ifname, prog_id, info[0], self.pin_dir))
+        fd = _fd_by_id("bpf_prog_get_fd_by_id", prog_id)
+        return (current, fd) if fd >= 0 else (None, -1)  # (detached meanwhile: none is expected there)
+
+    def _swap(self, ifname: str, fd: int, flags: int, expected_fd: int = -1) -> None:
+        """xdp_pass.swap: fd in place of the program expected_fd (-1: none); another one there is named."""
+        from hdslb.fastpath import xdp_pass
+
+        try:
+            xdp_pass.swap(ifname, fd, flags, expected_fd)
+        except FileExistsError:
+            _mode, prog_id = xdp_pass.query(ifname)
+            info = prog_info(prog_id) if prog_id else None
+            if info is None:
+                raise XdpForeignError(f"{ifname}: its XDP program changed while hdslbd attached; nothing was "
+                                      f"changed, start again") from None
+            raise XdpForeignError(foreign_xdp_message(ifname, prog_id, info[0], self.pin_dir)) from None
+
+    def detach(self, ifname: str) -> None:
+        """Detach this program from ifname; one that replaced it there (another instance's, another tool's) stays."""
         flags = self.attached.pop(ifname, 0)
-        BPF.remove_xdp(ifname, flags)
+        try:
+            self._swap(ifname, -1, flags, self.fn.fd)
+        except XdpForeignError as e:
+            log.warning("%s not detached: %s", ifname, e)
 
     def detach_all(self) -> None:
         for ifname in list(self.attached):
@@ -997,6 +1034,21 @@ def orphaned_fastpaths() -> list[tuple[str, str, int]]:
 
 class XdpAttachError(RuntimeError):
     """An interface refused the program: the message names it, the mode and what to do."""
+
+    code = errno.EOPNOTSUPP
+
+
+class XdpForeignError(XdpAttachError):
+    """The interface runs another instance's or another tool's XDP program, which attaching would replace."""
+
+    code = errno.EBUSY
+
+
+def foreign_xdp_message(ifname: str, prog_id: int, prog_name: str, pin_dir: str) -> str:
+    return (f"{ifname} already runs XDP program id {prog_id} ({prog_name or '?'}), which is not this instance's (it "
+            f"uses none of the maps pinned in {pin_dir}): another hdslbd instance or another tool owns the interface, "
+            f"and attaching would replace it. Nothing was changed. Stop that one first; a program nobody runs any "
+            f"more goes with `ip link set dev {ifname} xdp off` (xdpgeneric off for generic mode)")
 
 
 def is_veth(ifname: str) -> bool:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import errno
 import os
 import platform
+import socket
 import struct
 import sys
 
@@ -30,6 +32,7 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1  # generic (skb) mode
 XDP_FLAGS_DRV_MODE = 1 << 2  # native (driver) mode: what veth needs for the peer's NAPI
 XDP_FLAGS_HW_MODE = 1 << 3
+XDP_FLAGS_REPLACE = 1 << 4  # only over the program IFLA_XDP_EXPECTED_FD names (-1: none), else EEXIST
 
 # IFLA_XDP_ATTACHED values, as reported by the kernel.
 XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi"}
@@ -113,6 +116,31 @@ def attach(ifname: str, generic: bool = False) -> None:
                      xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
     finally:
         os.close(fd)  # the netlink attachment keeps the program alive
+
+
+class _XdpAttachOpts(ctypes.Structure):
+    """libbpf's struct bpf_xdp_attach_opts (libbpf 1.x): its size, then the program expected in place."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
+
+
+def swap(ifname: str, fd: int, flags: int, expected_fd: int = -1) -> None:
+    """Set ifname's XDP program to fd (-1: remove it) in the mode of flags, atomically and only while the program
+    there is expected_fd's (-1: none runs there): another program attached since the caller looked is never
+    replaced or removed, the kernel refuses (FileExistsError). libbpf's netlink call, not pyroute2's synchronous
+    one, which refuses to run inside an event loop (hdslbd's stop detaches from the loop)."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(_XdpAttachOpts)]
+    lib.bpf_xdp_attach.restype = ctypes.c_int
+    try:
+        ifindex = socket.if_nametoindex(ifname)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {ifname!r} in this network namespace") from None
+    # (libbpf reads old_prog_fd 0 as "none given": -1, the kernel's "none attached", is what REPLACE then expects)
+    opts = _XdpAttachOpts(sz=ctypes.sizeof(_XdpAttachOpts), old_prog_fd=max(expected_fd, 0))
+    err = lib.bpf_xdp_attach(ifindex, fd, flags | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+    if err < 0:
+        raise OSError(-err, os.strerror(-err))
 
 
 def detach(ifname: str, generic: bool = False) -> None:

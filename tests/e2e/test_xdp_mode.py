@@ -57,3 +57,5 @@ def test_native_refused_is_one_line_naming_generic_and_auto_falls_back(dummy_ns)
     assert r.returncode == 0, (r.stdout, r.stderr, (tmp_path / "hdslbd.log").read_text())
     assert xdp().get("mode") == 2, xdp()  # XDP_ATTACHED_SKB: generic
     assert "native XDP refused" in (tmp_path / "hdslbd.log").read_text()
+    r = run(*HDSLB_CTL, "down", "--ctl-socket", tmp_path / f"xm{os.getpid()}.ctrl", "--state-dir", tmp_path / "state")
+    assert "XDP detached from xm0" in r.stdout and not xdp(), (r.stdout, xdp())  # (detached from the event loop)
