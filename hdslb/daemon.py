@@ -902,7 +902,10 @@ class Daemon:
             self._resolve_handle.cancel()
             self._resolve_handle = None
         if self.health is not None:
-            await self.health.stop()
+            # omega: only when the service ends (`down`). A plain stop (a restart, an upgrade) leaves the fast path
+            # forwarding with this pool, and the next start adopts it: reporting its servers down took them out of
+            # rotation (and brought the sorry server in) for every new flow until the new daemon's checks passed.
+            await self.health.stop(ending=self._detach_on_stop)
         self._apply_verdicts()  # the omega notices, if their application was still waiting
         if self.api is not None:
             from hdslb.api.app import stop_api

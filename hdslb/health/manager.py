@@ -12,7 +12,9 @@ keepalived's rules, as its checker epilogues (check_tcp.c, check_udp.c, check_mi
   - Quorum: the weights of the up real servers are summed. Quorum is gained at >= quorum + hysteresis and
     lost at < quorum - hysteresis (or at 0). It starts as whatever the initial weights say.
   - omega: when the daemon stops or a virtual server is removed, its up real servers are reported down
-    and its quorum lost, so the daemon can run the down/quorum_down actions.
+    and its quorum lost, so the daemon can run the down/quorum_down actions. hdslbd's stop is not the service's
+    end (the fast path goes on forwarding, the restarted daemon adopts the pool): only `hdslb-ctl down` stops
+    the manager as ending (stop(ending=True)).
 
 The daemon hears about changes through two callbacks, called one at a time and in order from one
 dispatcher task (a slow callback delays later notices, never a probe):
@@ -47,7 +49,8 @@ quorum_down run where keepalived runs them (check/ipwrapper.c), queued, never aw
     clear_diff_services); the scripts are the old configuration's. A reload that keeps a server runs none, and
     later transitions run the new configuration's scripts.
   - hdslbd stopping runs them only under omega (keepalived: "Only send non SNMP notifies when stopping if omega
-    set"), and stop() waits for them (hdslb.health.notify.STOP_GRACE).
+    set"), and only when the service ends with it (`down`), and stop() waits for them
+    (hdslb.health.notify.STOP_GRACE).
   - A restart that restores the previous daemon's verdicts (pool_state) is not a transition: nothing runs.
 
 Concurrency: a probe holds one socket (or one child process) while it runs, so at most `slots` probes run at
@@ -153,9 +156,11 @@ class HealthManager:
                 self._begin(srv)
             self._quorum(svc)
 
-    async def stop(self) -> None:
+    async def stop(self, ending: bool = True) -> None:
         """Cancel every probe (MISC_CHECK children are killed), deliver omega notices, let running scripts finish
-        (hdslb.health.notify.STOP_GRACE; then they are killed), then return."""
+        (hdslb.health.notify.STOP_GRACE; then they are killed), then return. ending False: the pool outlives the
+        manager (hdslbd stopping while its fast path goes on forwarding, for a restart to adopt): omega has nothing
+        to report or run, the service is not going away."""
         if not self._running:
             return
         self._running = False
@@ -163,7 +168,7 @@ class HealthManager:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for svc in self._services.values():
+        for svc in self._services.values() if ending else ():
             if svc.vs.omega:
                 self._scripts_gone(svc)
             self._omega(svc, "hdslbd is stopping (omega)")

@@ -355,3 +355,23 @@ async def test_a_stale_checker_weight_from_an_older_daemon_does_not_pin_the_weig
         assert dests(new)[RS2].eff_weight == 0
     finally:
         await stop(new)
+
+
+async def test_a_stop_under_omega_leaves_the_pool_forwarding_for_the_restart(tmp_path, probe):
+    """hdslbd stopped (SIGTERM: a restart, an upgrade) under omega used to report every up server down and quorum lost
+    to its own pool, and save that: the fast path, which goes on forwarding, sent every new flow of the service to
+    the sorry server (dropped them, without one) until the restarted daemon's checks had passed again. The service
+    does not end with the control plane; `hdslb-ctl down` does end it, and omega applies there."""
+    text = CONF.replace("    quorum 2\n", "    quorum 2\n    omega\n")
+    old = await daemon(tmp_path, text)
+    await old.health.settle()
+    await old.stop()
+    assert [dests(old)[k].health for k in (RS2, RS3)] == ["up", "up"] and SORRY not in dests(old)
+    new = await daemon(tmp_path, text, snapshot(old.bal))
+    try:
+        await new.health.settle()
+        assert [dests(new)[k].health for k in (RS2, RS3)] == ["up", "up"] and SORRY not in dests(new)
+        new._detach_on_stop = True  # hdslb-ctl down
+    finally:
+        await new.stop()
+    assert [dests(new)[k].health for k in (RS2, RS3)] == ["down", "down"] and dests(new)[SORRY].sorry
