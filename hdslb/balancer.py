@@ -740,6 +740,10 @@ class Balancer:
         # addr -> (LOCAL_* flags, ifname or None): local_reasons() for every address that is ours, built in one
         # pass when asked and dropped by every change that can move it (each such change calls _sync_local)
         self._lidx: dict | None = None
+        # address -> interface of local addresses no service has any more (a reload changed the group, ipvsadm -Q,
+        # a service removed): still ours, ARP/ND answered, while connections use them (the daemon releases them
+        # once none does), or the real servers' replies to those flows found nobody once their ARP entry aged
+        self.retired_laddrs: dict = {}
         self._lbatch: dict | None = None  # inside _locals_once(): addresses whose local_map entry is written at its end
         self._last_svc_key: tuple = (None, None)  # (raw proto/addr/port, svc_key) of the last service named
 
@@ -974,6 +978,7 @@ class Balancer:
         b._slots_used, b._ids_used = _OverlayPool(self._slots_used), _OverlayPool(self._ids_used)
         b._gone_slots = collections.OrderedDict(self._gone_slots)
         b.config_owned = set(self.config_owned)
+        b.retired_laddrs = dict(self.retired_laddrs)
         b.expire_quiescent_template = self.expire_quiescent_template
         return b
 
@@ -1277,7 +1282,7 @@ class Balancer:
         self._dyn_seen.pop(svc.svc_id, None)
         self.refresh_errors.pop(svc.svc_id, None)
         for la in laddrs:
-            self._sync_local(la.addr)
+            self._retire_laddr(la)
         if svc.own_vip:
             self._sync_local(svc.addr)
 
@@ -1698,9 +1703,26 @@ class Balancer:
                 svc.laddrs.remove(la)
                 if not self._hidden(svc):
                     self._push_laddrs(svc)
-                self._sync_local(addr)
+                self._retire_laddr(la)
                 return
         raise notfound("No such local address")
+
+    def _retire_laddr(self, la: Laddr) -> None:
+        """A local address left a service: its flows go on (their entries name it), so it stays ours until the daemon
+        finds none uses it (release_laddrs); one still another service's is kept the same way, harmlessly."""
+        self.retired_laddrs.setdefault(la.addr, la.ifname)
+        self._sync_local(la.addr)
+
+    def release_laddrs(self, in_use) -> list:
+        """Retired local addresses no connection uses any more (in_use: the addresses connections use) stop being
+        ours (unless something else makes them so); returns them."""
+        gone = [a for a in self.retired_laddrs if a not in in_use]
+        if gone:
+            self._wgen += 1  # what wanted_nexthops() returns may change
+        for a in gone:
+            del self.retired_laddrs[a]
+            self._sync_local(a)
+        return gone
 
     def _push_laddrs(self, svc: Service) -> None:
         self.dp.laddrs_set(svc, [(la.addr, self.ifaces[la.ifname].ifindex) for la in svc.laddrs])
@@ -1728,6 +1750,9 @@ class Balancer:
                 if svc.own_vip:
                     flags, ifname = idx.get(svc.addr, _NOT_LOCAL)
                     idx[svc.addr] = (flags | LOCAL_VIP, ifname)
+            for addr, lifname in self.retired_laddrs.items():
+                flags, ifname = idx.get(addr, _NOT_LOCAL)
+                idx[addr] = (flags | LOCAL_LADDR, ifname if ifname is not None else lifname)
             self._lidx = idx
         return idx
 
@@ -2232,7 +2257,12 @@ class Balancer:
 def snapshot(b: Balancer) -> dict:
     """The whole model as plain data, with the ids, slots and hash cells the fast path's maps are indexed by."""
     return {"version": 1, "services": [_service_row(b, v) for v in b.services.values()], "addrs": _addr_rows(b),
-            "routes": [_route_row(r) for r in b.routes], "neighs": _neigh_rows(b)}
+            "routes": [_route_row(r) for r in b.routes], "neighs": _neigh_rows(b),
+            "retired_laddrs": _retired_rows(b)}
+
+
+def _retired_rows(b: Balancer) -> list:
+    return [{"addr": ip_str(a), "ifname": ifname} for a, ifname in b.retired_laddrs.items()]
 
 
 def _addr_rows(b: Balancer) -> list:
@@ -2292,7 +2322,8 @@ def pack_snapshot(b: Balancer, extra: dict | None = None) -> bytes:
     parts = {"version": pk.pack(1),
              "services": b"".join([pk.pack_array_header(len(b.services)),
                                    *(_packed_service(b, v, pk) for v in b.services.values())]),
-             "addrs": pk.pack(_addr_rows(b)), "routes": _packed_routes(b, pk), "neighs": pk.pack(_neigh_rows(b))}
+             "addrs": pk.pack(_addr_rows(b)), "routes": _packed_routes(b, pk), "neighs": pk.pack(_neigh_rows(b)),
+             "retired_laddrs": pk.pack(_retired_rows(b))}
     parts.update((k, pk.pack(v)) for k, v in (extra or {}).items())
     return b"".join([pk.pack_map_header(len(parts)), *(pk.pack(k) + v for k, v in parts.items())])
 
@@ -2398,6 +2429,8 @@ def restore(b: Balancer, snap: dict, tables: bool = True) -> None:
     b._wunion = None
     b.neighs = {A(n["addr"]): Neigh(addr=A(n["addr"]), lladdr=bytes.fromhex(n["lladdr"]), ifname=n["ifname"])
                 for n in snap["neighs"]}
+    # (a model saved before there were any has none; one of an interface no longer attached is not kept)
+    b.retired_laddrs = {A(r["addr"]): r["ifname"] for r in snap.get("retired_laddrs", ()) if r["ifname"] in b.ifaces}
     if not tables:
         return
     # Rewrite what the maps hold for this model: tables before the entries that lead packets to them.

@@ -684,6 +684,7 @@ class Daemon:
         self._counts_cache = (0.0, None)
         self._laddr_cache: tuple | None = None  # (the _conns() list it was counted from, counts)
         self._entries_cache = (0.0, None, 0.0)
+        self._laddrs_in_use: set | None = None  # retired local addresses' use, as the last sweep found it
         self._evicted = 0  # the most the counts so far prove the conn tables' LRU evicted (Maps._evicted_bound)
         self._evicted_logged: int | None = None  # that figure when last logged (None: not looked at yet)
         self._evicted_logged_at = float("-inf")
@@ -1059,7 +1060,7 @@ class Daemon:
                                           {d.slot for v in svcs for d in v.dests.values()})
         b = self.bal
         local = ({ad.addr for ad in b.addrs} | {la.addr for v in svcs for la in v.laddrs}
-                 | {v.addr for v in svcs if v.own_vip})
+                 | {v.addr for v in svcs if v.own_vip} | set(b.retired_laddrs))
         pruned.update(self.maps.prune_addresses(local, {r.net for r in b.routes}))
         if any(pruned.values()):
             log.warning("pinned maps held changes the saved model missed (a crash before they were saved, or a save "
@@ -1490,6 +1491,8 @@ class Daemon:
             self._counts_cache = (0.0, None)
         if cols is not None:
             Daemon.keep_templates(self, cols, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            if getattr(getattr(self, "bal", None), "retired_laddrs", None):  # released on the loop (_aging)
+                self._laddrs_in_use = cols.reply_daddrs()
         return removed
 
     def real_servers(self) -> list[tuple[int, bytes, bool]]:
@@ -1573,9 +1576,21 @@ class Daemon:
             try:
                 await loop.run_in_executor(None, self.sweep)
                 self._note_evictions()
+                self._release_laddrs()
             except Exception:
                 log.exception("connection aging sweep failed")
             pause = max(self.settings.aging_interval, (time.monotonic() - t0) / SWEEP_CPU_SHARE)
+
+    def _release_laddrs(self) -> None:
+        """Local addresses no service has any more stop being ours once the last sweep found no flow using them."""
+        in_use, self._laddrs_in_use = self._laddrs_in_use, None
+        if in_use is None or not self.bal.retired_laddrs:
+            return
+        gone = self.bal.release_laddrs({a for a in self.bal.retired_laddrs if a.packed.ljust(16, b"\0") in in_use})
+        if gone:
+            log.info("local addresses no service has and no connection uses any more are no longer ours: %s",
+                     ", ".join(map(str, gone)))
+            self._state_changed()
 
     # --- the configuration file ---------------------------------------------------------------------
     def _default_ifname(self, addr):

@@ -362,6 +362,13 @@ class Columns:
     # ping keeps its identifier for as long as it runs)
     NODEST_PROTOS = (socket.IPPROTO_UDP, socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
 
+    def reply_daddrs(self) -> set:
+        """The addresses reply entries are keyed to (a FullNAT flow's local address, a SNAT flow's source address;
+        a NAT flow's client), as 16 bytes each (IPv4 zero-padded)."""
+        import numpy as np
+
+        return {bytes(r) for r in np.unique(self.keys[self.out, K_DADDR:K_DADDR + 16], axis=0)}
+
     def nodest_udp(self, dests) -> "np.ndarray":
         """The inbound UDP (and ICMP echo) rows whose real server is gone: dests() gives every real server there is,
         (slot, address as 16 bytes, is a SNAT source), and is called only when the table has such rows (a walk

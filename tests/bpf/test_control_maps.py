@@ -570,3 +570,50 @@ def test_the_model_marks_rr_and_wrr_rings_spread_and_leaves_lc_wlc_fo_at_entry_0
         bal.dest_add({"svc": SVC, "addr": rs, "port": 80, "fwd": "dr"})
     v = maps.t["sched_map"][ct.c_uint32(bal.get_service(SVC).svc_id)]
     assert v.len >= 1 and v.flags == (abi.SCHED_F_SPREAD if spread else 0)
+
+
+def test_a_local_address_taken_from_its_services_stays_ours_while_its_flows_last(fastpath, maps, bal):
+    """A reload that changed a local_address_group (or ipvsadm --del-laddr, or removing the service) took the
+    address out of local_map at once: ARP for it went unanswered, and each FullNAT flow through it (its entries
+    still there) stalled for good once the real server's ARP entry for it aged. It stays ours, ARP answered, until
+    a sweep finds no flow using it, and a restart keeps it so (the saved model has it)."""
+    import types
+
+    from scapy.layers.l2 import ARP
+
+    from hdslb.balancer import restore, snapshot
+    from hdslb.daemon import DEFAULT_TIMEOUTS, Daemon
+
+    laddr = "192.168.100.200"
+    bal.service_add(dict(SVC, sched="rr"))
+    bal.dest_add({"svc": SVC, "addr": RSS[0], "port": 80, "fwd": "fnat"})
+    bal.laddr_add({"svc": SVC, "addr": laddr, "ifname": "lo"})
+    v, out = run(fastpath, syn())
+    assert v == XDP_TX and out[IP].src == laddr
+
+    def arp_answered():
+        who = Ether(src=mac_of(RSS[0]), dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=mac_of(RSS[0]), psrc=RSS[0], pdst=laddr)
+        v, out = run(fastpath, who)
+        return v == XDP_TX and out[ARP].op == 2 and out[ARP].psrc == laddr
+
+    assert arp_answered()
+    bal.laddr_del({"svc": SVC, "addr": laddr})
+    assert arp_answered(), "its flow goes on"
+    again = Balancer(bal.dp, bal.ifaces, max_services=64, max_dests=256,
+                     max_hash_cells=fastpath.sizes.max_hash_cells)
+    restore(again, snapshot(bal))  # a restart, which prunes what the model lacks from the adopted maps
+    Daemon._prune_to_model(types.SimpleNamespace(bal=again, maps=maps))
+    assert A(laddr) in again.retired_laddrs and arp_answered()
+    d = types.SimpleNamespace(maps=maps, bal=again, _conn_cache=None, _counts_cache=None, _laddrs_in_use=None,
+                              settings=types.SimpleNamespace(timeouts=dict(DEFAULT_TIMEOUTS)),
+                              _state_changed=lambda: None)
+    Daemon.sweep(d)
+    Daemon._release_laddrs(d)
+    assert arp_answered() and A(laddr) in again.retired_laddrs, "a flow still uses it"
+    for name in maps.CONN_MAPS:  # the flow ended (swept)
+        for k in list(maps.t[name].keys()):
+            del maps.t[name][k]
+    Daemon.sweep(d)
+    Daemon._release_laddrs(d)
+    assert not arp_answered() and not again.retired_laddrs

@@ -214,7 +214,10 @@ def test_service_delete_releases_ids_and_local_addresses(bal):
     quick_start(bal)
     bal.service_del(SVC)
     assert not bal.services and not bal._slots_used and not bal._ids_used
-    assert ("local_del", (ipaddress.ip_address("192.168.100.200"),)) in bal.dp.calls
+    la = ipaddress.ip_address("192.168.100.200")
+    assert ("local_del", (la,)) not in bal.dp.calls and la in bal.retired_laddrs  # while its flows last
+    assert bal.release_laddrs({la}) == [] and bal.release_laddrs(set()) == [la]  # (the sweep found none)
+    assert ("local_del", (la,)) in bal.dp.calls
 
 
 def test_edit_changes_only_what_it_mentions(bal):

@@ -1044,7 +1044,7 @@ def test_state_file_reuses_the_routes_part_until_a_route_changes(tmp_path):
         change()
         got = saved()
         assert got == fresh()
-        assert sorted(got) == sorted(["version", "services", "addrs", "routes", "neighs", "checks"])
+        assert sorted(got) == sorted(["version", "services", "addrs", "routes", "neighs", "retired_laddrs", "checks"])
     routes = packed_routes()
     b.service_add({"proto": "udp", "addr": "10.0.0.1", "port": 53})
     assert packed_routes() is routes, "no route changed: the same bytes"

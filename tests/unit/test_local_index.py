@@ -50,6 +50,9 @@ def scan(b, addr):
                 ifindex = ifindex or b.ifaces[la.ifname].ifindex
         if svc.own_vip and svc.addr == addr:
             flags |= LOCAL_VIP
+    if addr in b.retired_laddrs:  # a local address no service has, kept while its flows last
+        flags |= LOCAL_LADDR
+        ifindex = ifindex or b.ifaces[b.retired_laddrs[addr]].ifindex
     return flags, ifindex
 
 
@@ -62,7 +65,7 @@ def svc(i):
 
 def random_op(b, rng):
     """One change that can move an address's reasons; refused ones (exists, not found) are fine."""
-    k = rng.randrange(6)
+    k = rng.randrange(7)
     a = rng.choice(POOL)
     if k == 0:
         return b.addr_add, {"addr": a, "prefixlen": 32, "ifname": rng.choice(list(IFACES)), "sapool": rng.random() < .3}
@@ -74,7 +77,10 @@ def random_op(b, rng):
         return b.service_del, svc(rng.randrange(12))
     if k == 4:
         return b.laddr_add, {"svc": svc(rng.randrange(12)), "addr": a, "ifname": rng.choice(list(IFACES))}
-    return b.laddr_del, {"svc": svc(rng.randrange(12)), "addr": a}
+    if k == 5:
+        return b.laddr_del, {"svc": svc(rng.randrange(12)), "addr": a}
+    # the sweep found no flow through the retired local addresses but these
+    return b.release_laddrs, {ipaddress.ip_address(x) for x in POOL if rng.random() < .5}
 
 
 def check(b):

@@ -24,7 +24,8 @@ def _walk(b: Balancer) -> dict:
             nh = b.nexthop(d.addr)
             if nh and nh[0].version == d.addr.version and nh[1] in b.ifaces and not nh[0].is_unspecified:
                 want.setdefault(nh[0], nh[1])
-    ours = {a.addr for a in b.addrs} | {la.addr for s in b.services.values() for la in s.laddrs}
+    ours = {a.addr for a in b.addrs} | {la.addr for s in b.services.values() for la in s.laddrs} | \
+        set(b.retired_laddrs)
     return {nh: ifname for nh, ifname in want.items() if nh not in ours}
 
 

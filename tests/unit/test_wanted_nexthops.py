@@ -12,7 +12,8 @@ from .test_batch import IFACES
 def _walk(b: Balancer) -> dict:
     """The rule, walked from scratch: every real server's next hop, SNAT gateways and small dst-ranges, on a
     served interface, not unspecified, not one of our own addresses."""
-    local = {ad.addr for ad in b.addrs} | {la.addr for s in b.services.values() for la in s.laddrs}
+    local = {ad.addr for ad in b.addrs} | {la.addr for s in b.services.values() for la in s.laddrs} | \
+        set(b.retired_laddrs)
     want = {}
 
     def add(nh, ifname):
