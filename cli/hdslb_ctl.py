@@ -564,6 +564,11 @@ def cmd_status(ns) -> int:
     for ifname, mode in st["interfaces"].items():
         if ifname in st.get("gone", ()):
             print(f"  NOT ATTACHED:   {ifname}: the interface is gone (attached again when it comes back)")
+        elif ifname in st.get("lost", {}):
+            other = st["lost"][ifname]
+            print(f"  NOT ATTACHED:   {ifname}: " + (f"XDP program id {other} of another tool runs there (once it is "
+                                                     f"stopped, " if other else "no XDP program on the interface (")
+                  + "hdslb-ctl reload --datapath attaches it again)")
         else:
             print(f"  attached:       {ifname} ({mode} XDP)")
     print(f"  services:       {st['services']}")

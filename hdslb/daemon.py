@@ -648,6 +648,9 @@ class Daemon:
         self.heap = HeapSettler()  # main() turns it on: the model's objects kept out of full collections
         self.reexec = False  # stop, then exec hdslbd again (an interface it serves was recreated): see main()
         self.ifaces_gone: set[str] = set()
+        # interface -> the XDP program id it runs instead of ours (0: none): detached or replaced behind our back
+        self.ifaces_lost: dict[str, int] = {}
+        self._swapping = False  # a datapath reload is attaching its program (the id changes under _watch_ifaces)
         self.rates: dict = {}
         self._stop = asyncio.Event()
         self._detach_on_stop = False
@@ -964,6 +967,9 @@ class Daemon:
             await asyncio.sleep(interval)
             if self._check_ifaces():
                 return
+            for name in list(self.bal.ifaces):
+                if name not in self.ifaces_gone:
+                    await self._watch_program(name)
 
     def _check_ifaces(self, index_of=None, mtu_of=None) -> bool:
         """One look at the interfaces served (see _watch_ifaces); True when hdslbd restarts to attach again. An MTU
@@ -1000,6 +1006,31 @@ class Daemon:
                 log.info("interface %s: MTU %d (was %d), followed by the fast path", name, mtu, ifc.mtu)
                 ifc.mtu = mtu
         return False
+
+    async def _watch_program(self, name: str) -> None:
+        """An interface whose program was detached (`ip link set dev IF xdp off`) or replaced by another tool's
+        forwards nothing of ours, and status went on saying attached: logged once and shown NOT ATTACHED until it
+        runs ours again (`hdslb-ctl reload --datapath` attaches it, refusing another tool's program)."""
+        from hdslb.fastpath import xdp_pass
+
+        fp = self.fp
+        if name not in self.xdp_modes or self._swapping:
+            return
+        try:
+            _mode, prog = await asyncio.get_running_loop().run_in_executor(None, xdp_pass.query, name)
+        except Exception:  # (gone meanwhile: the next look says so; netlink refused: the next look asks again)
+            return
+        if self._swapping or self.fp is not fp:  # a datapath reload swapped programs meanwhile: look again
+            return
+        if prog == fp.prog_id():
+            if self.ifaces_lost.pop(name, None) is not None:
+                log.info("%s runs hdslbd's XDP program again", name)
+            return
+        if name not in self.ifaces_lost:
+            log.error("%s no longer runs hdslbd's XDP program (%s): nothing is balanced there; `hdslb-ctl reload "
+                      "--datapath` attaches it again", name,
+                      f"program id {prog} runs there now" if prog else "it was detached")
+        self.ifaces_lost[name] = prog or 0
 
     def request_shutdown(self, detach: bool) -> None:
         self._detach_on_stop = detach
@@ -1333,6 +1364,7 @@ class Daemon:
         new = FastPath(self.pin_dir, self.sizes)
         new.allow_resize = False  # the sizes are the running ones; maps made anew would need the model written
         await loop.run_in_executor(None, new.load, True)
+        self._swapping = True
         try:
             for name, mode in self.xdp_modes.items():
                 await loop.run_in_executor(None, new.attach, name, mode)
@@ -1344,6 +1376,8 @@ class Daemon:
             if isinstance(e, XdpAttachError):
                 raise HdslbError(e.code, str(e)) from None
             raise
+        finally:
+            self._swapping = False
         old, self.fp = self.fp, new
         self.maps = Maps(new)
         kni = self.bal.dp.kni

@@ -895,6 +895,7 @@ def daemon_status(ctx, a):
             "instance": getattr(settings, "instance", None), "state_file": getattr(settings, "state_file", None),
             "interfaces": dict(ctx.xdp_modes), "attached": bool(ctx.xdp_modes),
             "ready": getattr(ctx, "ready", True), "gone": sorted(getattr(ctx, "ifaces_gone", ())),
+            "lost": dict(getattr(ctx, "ifaces_lost", {})),
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
             "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
                            "size6": ctx.sizes.conn6_entries(),

@@ -167,6 +167,7 @@ class FastPath:
         self.bpf_dir = Path(bpf_dir)
         self.bpf = None
         self.fn = None
+        self._prog_id: int | None = None
         self.conn_memlock: int | None = None  # kernel memory of both conn tables, from fdinfo, after load()
         self.conn_memlock_by_map: dict[str, int] = {}
         self.sweep_fn = None  # hdslb_sweep (see bpf/hdslb_xdp.c), loaded with the program
@@ -725,6 +726,13 @@ class FastPath:
                 os.close(old_fd)
         self.attached[ifname] = flags
         return mode
+
+    def prog_id(self) -> int | None:
+        """The kernel's id of this build's XDP program (what an interface it is attached to reports)."""
+        if self._prog_id is None and self.fn is not None:
+            info = _obj_info(self.fn.fd)
+            self._prog_id = int.from_bytes(info.raw[4:8], "little") if info is not None else None  # bpf_prog_info.id
+        return self._prog_id
 
     def _own_program(self, ifname: str) -> tuple[str | None, int]:
         """(mode, descriptor) of the program ifname runs, which must be this instance's (else XdpForeignError);

@@ -431,6 +431,23 @@ def test_a_restart_in_another_xdp_mode_switches_the_mode(lab_up):
         lines = curl_loop(lab, f"http://{VIP}/", 4)
         assert len(lines) == 4 and "FAIL" not in lines, lines
 
+    # Detached behind hdslbd's back: status said attached while nothing was balanced. It says so (the watch looks
+    # every second), and a datapath reload attaches the program again.
+    lab.lb_run(["ip", "link", "set", "dev", "veth-lb0", "xdp", "off"])
+    deadline = time.monotonic() + 30
+    while "veth-lb0" not in lb.call("daemon.status")["lost"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = lb.ctl("status").stdout
+    assert "NOT ATTACHED:   veth-lb0: no XDP program on the interface" in out, out
+    assert "veth-lb0 no longer runs hdslbd's XDP program" in lb.log()
+    lb.ctl("reload", "--datapath")
+    deadline = time.monotonic() + 30
+    while "veth-lb0" in lb.call("daemon.status")["lost"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "attached:       veth-lb0 (native XDP)" in lb.ctl("status").stdout
+    lines = curl_loop(lab, f"http://{VIP}/", 4)
+    assert len(lines) == 4 and "FAIL" not in lines, lines
+
 
 @pytest.mark.root
 def test_a_restart_with_another_conn_table_kind_or_size_keeps_the_flows(lab_up):
