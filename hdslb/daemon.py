@@ -847,7 +847,7 @@ class Daemon:
         the program attached, the maps pinned and a dead control socket left behind, for the next start to adopt
         an instance nobody meant to run."""
         if self.health is not None:
-            await self.health.stop()
+            await self.health.stop(ending=False)  # (omega: neither the adopted pool nor one never served ends here)
             self.health = None
         for t in self._tasks:
             t.cancel()

@@ -375,3 +375,14 @@ async def test_a_stop_under_omega_leaves_the_pool_forwarding_for_the_restart(tmp
     finally:
         await new.stop()
     assert [dests(new)[k].health for k in (RS2, RS3)] == ["down", "down"] and dests(new)[SORRY].sorry
+
+
+async def test_a_start_that_fails_under_omega_leaves_the_adopted_pool(tmp_path, probe):
+    """A restart that fails once its checks run (its REST port taken, its config refused) leaves the fast path it
+    adopted forwarding; under omega its clean-up reported every server down to that pool all the same."""
+    text = CONF.replace("    quorum 2\n", "    quorum 2\n    omega\n")
+    d = await daemon(tmp_path, text)
+    await d.health.settle()
+    await d._start_failed(True, RuntimeError("the REST port is taken"))
+    d._apply_verdicts()
+    assert [dests(d)[k].health for k in (RS2, RS3)] == ["up", "up"] and SORRY not in dests(d)
