@@ -320,6 +320,8 @@ class IcmpError:
     # addressed to an address of ours; False: an error routed through us to a NAT flow's client (the fast
     # path punts those only when they quote a NAT flow), translated only as such (SlowPathRunner)
     to_local: bool = True
+    # who sent the error (a router, a host): a SNAT inside host gets an outside router's error from that router
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @property
     def frag_needed(self) -> bool:

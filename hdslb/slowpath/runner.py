@@ -218,8 +218,10 @@ class SlowPathRunner:
         addressed to the client itself and only routed through us (err.to_local False); it is translated like the
         FullNAT one (from the VIP, quoting client:cport -> VIP:vport) when it quotes a NAT flow, and left
         otherwise. SNAT: an inside host's error about a reply we translated for it goes on to the outside server
-        from the sapool address, quoting server:port -> sapool:port (netfilter NAT's related-ICMP handling).
-        NAT64: the error changes family on the way (_translate_icmp_xlat)."""
+        from the sapool address, quoting server:port -> sapool:port (netfilter NAT's related-ICMP handling); an
+        outside router's error to the sapool address about what an inside host sent goes on to that host from the
+        router, as netfilter and DPVS's SNAT (which rewrite only its destination) deliver it. NAT64: the error
+        changes family on the way (_translate_icmp_xlat)."""
         import struct
 
         from hdslb.slowpath import packets as P
@@ -259,7 +261,10 @@ class SlowPathRunner:
             q[ihl + 6:ihl + 8] = b"\0\0"  # the quoted UDP checksum no longer matches; 0 means "none"
         icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, err.mtu or 0)) + q
         icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
-        ip = P.ipv4_header(esrc, edst, 1, len(icmp), ttl=self.sp.ttl)
+        # A SNAT reply entry's error came from the outside (the server, or a router on the way: traceroute from
+        # inside hosts names each hop): it keeps its sender, only its destination and quote are translated.
+        sender = err.src if back["out"] and fwd == "snat" and err.src is not None else esrc
+        ip = P.ipv4_header(sender, edst, 1, len(icmp), ttl=self.sp.ttl)
         ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
         if ifname is None:
             return None

@@ -120,14 +120,14 @@ class _Sock:
         self.sent += frames
 
 
-def _nat_runner(entries: dict):
-    """A real SlowPath (dispatcher) over a stand-in model where VIP and LIP are ours, and a runner carrying out
-    its Actions on stand-in sockets per interface, over a stand-in conn table."""
+def _nat_runner(entries: dict, ours=(VIP, LIP)):
+    """A real SlowPath (dispatcher) over a stand-in model where VIP and LIP (or ours) are ours, and a runner carrying
+    out its Actions on stand-in sockets per interface, over a stand-in conn table."""
     base = _runner(entries)
     ifaces = {"eth0": types.SimpleNamespace(name="eth0", ifindex=5, mac=LBMAC),
               "eth1": types.SimpleNamespace(name="eth1", ifindex=7, mac=LBMAC)}
     model = types.SimpleNamespace(ifaces=ifaces, neighs={},
-                                  local_reasons=lambda a: (0x8, 0) if str(a) in (VIP, LIP) else (0, 0))
+                                  local_reasons=lambda a: (0x8, 0) if str(a) in ours else (0, 0))
     r = SlowPathRunner.__new__(SlowPathRunner)
     r.d = types.SimpleNamespace(maps=base.d.maps, bal=model)
     r.sp = SlowPath(model, proactive=False)
@@ -236,6 +236,32 @@ def test_a_snat_forward_entry_never_answers_an_error_to_us():
     received = IP(src=OUTSIDE, dst=INSIDE) / TCP(sport=80, dport=33000)
     r.carry_out(r.sp.handle("eth1", _nat_error_frame(INSIDE, VIP, received)))
     assert r.translated == 0 and not any(s.sent for s in r.socks.values())
+
+
+@pytest.mark.parametrize("kind", [3, 11])
+@pytest.mark.parametrize("l4", [TCP, UDP])
+def test_an_outside_routers_error_reaches_the_snat_inside_host_from_that_router(l4, kind):
+    """SNAT, the other way: a router on the outside path cannot forward what the inside host sent (SAPOOL:5000 ->
+    outside:80; a smaller MTU, a TTL run out under traceroute) and tells the sapool address. The inside host gets
+    it quoting its own packet (inside:33000 -> outside:80) and from the router that sent it, as netfilter's NAT and
+    DPVS's SNAT (which rewrite only the destination) deliver it. It came from the outside server's address, so a
+    traceroute from inside showed the destination at every hop."""
+    proto = 6 if l4 is TCP else 17
+    router = "198.51.100.1"  # a hop between the balancer and the outside server
+    r = _nat_runner(_snat_flow(proto), ours=(SAPOOL,))
+    sent = IP(src=SAPOOL, dst=OUTSIDE, flags="DF", len=1500) / l4(sport=5000, dport=80)
+    act = r.sp.handle("eth0", _nat_error_frame(router, SAPOOL, sent, kind))
+    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
+    r.carry_out(act)
+    assert r.translated == 1 and not r.socks[("eth0", 0)].sent
+    (frame,) = r.socks[("eth1", 0)].sent
+    p = Ether(frame)
+    assert (p.dst, p.src) == ("02:55:00:00:00:02", "02:aa:00:00:00:01")
+    assert (p[IP].src, p[IP].dst, p[ICMP].type) == (router, INSIDE, kind)
+    q = p[IPerror]
+    inner = q[TCPerror] if l4 is TCP else q[UDPerror]
+    assert (q.src, q.dst, inner.sport, inner.dport) == (INSIDE, OUTSIDE, 33000, 80)
+    assert_checksums(p)
 
 
 # --- IPv6 (FullNAT v6): the same translations; found in a lab, where a real server's Packet Too Big about a v6
