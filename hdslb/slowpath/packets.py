@@ -333,6 +333,10 @@ class IcmpError:
 def _ports(proto: int, l4: bytes):
     if proto in (IPPROTO_TCP, IPPROTO_UDP, 132):  # 132: SCTP has ports in the same place
         return struct.unpack_from("!HH", l4, 0)
+    if proto == IPPROTO_ICMP and l4[0] in (ICMP_ECHO, ICMP_ECHOREPLY):
+        # as the fast path keys a SNAT'd ping: the echo id is a request's source port, a reply's destination port
+        ident = struct.unpack_from("!H", l4, 4)[0]
+        return (ident, 0) if l4[0] == ICMP_ECHO else (0, ident)
     return None, None
 
 

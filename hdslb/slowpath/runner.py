@@ -256,7 +256,16 @@ class SlowPathRunner:
         q[12:16], q[16:20] = edst.packed, esrc.packed
         q[10:12] = b"\0\0"
         q[10:12] = struct.pack("!H", P.checksum(bytes(q[:ihl])))
-        q[ihl:ihl + 4] = struct.pack("!HH", edport, esport)
+        if err.inner_proto == P.IPPROTO_ICMP:
+            # a SNAT'd ping: its echo id is the port on the side the fast path keys it (a request's source), and
+            # the quoted echo checksum follows it (RFC 1624), so the host's ping matches the quote to its socket
+            old_id, cks = struct.unpack_from("!H", q, ihl + 4)[0], struct.unpack_from("!H", q, ihl + 2)[0]
+            new_id = edport if q[ihl] == P.ICMP_ECHO else esport
+            s = (~cks & 0xFFFF) + (~old_id & 0xFFFF) + new_id
+            s = (s & 0xFFFF) + (s >> 16)
+            q[ihl + 2:ihl + 6] = struct.pack("!HH", ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF, new_id)
+        else:
+            q[ihl:ihl + 4] = struct.pack("!HH", edport, esport)
         if err.inner_proto == 17 and len(q) >= ihl + 8:
             q[ihl + 6:ihl + 8] = b"\0\0"  # the quoted UDP checksum no longer matches; 0 means "none"
         icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, err.mtu or 0)) + q

@@ -264,6 +264,37 @@ def test_an_outside_routers_error_reaches_the_snat_inside_host_from_that_router(
     assert_checksums(p)
 
 
+@pytest.mark.parametrize("kind", [3, 11])
+def test_an_outside_error_about_a_snat_ping_reaches_the_inside_host(kind):
+    """An inside host's ping leaves SNAT'd (inside id 33000 -> SAPOOL id 5000; the fast path's ICMP flows key the
+    echo id as the request's source port). A router that cannot reach the destination (or whose TTL ran out under
+    `traceroute -I`/mtr) tells the sapool address, quoting the echo request as it left. The error was dropped (a
+    quote without TCP/UDP ports matched no flow): the inside host's ping waited in silence. It now reaches the
+    host from the router, quoting its own request (its id, the quoted ICMP checksum updated with it), as
+    netfilter's NAT delivers it."""
+    router = "198.51.100.1"
+    fwd = {"to_saddr": A(SAPOOL), "to_sport": 5000, "to_daddr": A(OUTSIDE), "to_dport": 0, "out": False,
+           "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
+    reply = {"to_saddr": A(OUTSIDE), "to_sport": 0, "to_daddr": A(INSIDE), "to_dport": 33000, "out": True,
+             "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
+    r = _nat_runner({(1, INSIDE, 33000, OUTSIDE, 0): fwd, (1, OUTSIDE, 0, SAPOOL, 5000): reply}, ours=(SAPOOL,))
+    sent = IP(src=SAPOOL, dst=OUTSIDE, ttl=1) / ICMP(type=8, id=5000, seq=7) / b"pingdata"
+    act = r.sp.handle("eth0", _nat_error_frame(router, SAPOOL, sent, kind))
+    assert act.counters["icmp_error"] == 1, act.counters
+    r.carry_out(act)
+    assert r.translated == 1
+    (frame,) = r.socks[("eth1", 0)].sent
+    p = Ether(frame)
+    assert (p[IP].src, p[IP].dst, p[ICMP].type) == (router, INSIDE, kind)
+    q = p[IPerror]
+    assert (q.src, q.dst) == (INSIDE, OUTSIDE)
+    echo = bytes(q.payload)[:8]
+    assert echo[0] == 8 and int.from_bytes(echo[4:6], "big") == 33000 and int.from_bytes(echo[6:8], "big") == 7
+    as_sent = bytes(IP(src=INSIDE, dst=OUTSIDE, ttl=1) / ICMP(type=8, id=33000, seq=7) / b"pingdata")[20:28]
+    assert echo == as_sent, "the quoted echo header is the inside host's, checksum included"
+    assert_checksums(p)
+
+
 # --- IPv6 (FullNAT v6): the same translations; found in a lab, where a real server's Packet Too Big about a v6
 # flow never reached the client (the fast path passed it to the kernel, the runner took IPv4 only)
 CLIENT6, VIP6, LIP6, RS6, ROUTER6 = "fd00:10::1", "fd00:10::100", "fd00:100::fe", "fd00:100::2", "fd00:10::fe"
