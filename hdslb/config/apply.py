@@ -52,15 +52,19 @@ class WantService:
     @property
     def key(self) -> tuple:
         if self.match is not None:
-            m = self.match
-            return ("match", Match(proto=m["proto"], src=_match_range(m["src_range"], "src-range"),
-                                   dst=_match_range(m["dst_range"], "dst-range"), iif=m["iif"], oif=m["oif"]))
+            return match_key(self.match)
         return (self.proto, ipaddress.ip_address(self.addr), self.port)
 
     def svc_args(self) -> dict:
         """service.add / service.edit arguments; 0 and empty values say "none" (an edit keeps what is None)."""
         return dict(self.ident, sched=self.sched, persistent=self.persistent or 0, netmask=self.netmask or "",
                     flags=list(self.flags), sched_params=dict(self.sched_params))
+
+
+def match_key(m: dict) -> tuple:
+    """A SNAT service's key as the file spells its match (interfaces by the names written, none looked up)."""
+    return ("match", Match(proto=m["proto"], src=_match_range(m["src_range"], "src-range"),
+                           dst=_match_range(m["dst_range"], "dst-range"), iif=m["iif"], oif=m["oif"]))
 
 
 def desired(cfg, default_ifname) -> dict[tuple, WantService]:
@@ -337,8 +341,15 @@ def run_tagged(bal, ctx, ops: list) -> None:
 def refusal(e: HdslbError, i, ops: list, where: dict, source, bal) -> str:
     """A refused config op as the daemon and `check` report it: the line of the virtual_server it belongs to."""
     op, args = ops[i] if isinstance(i, int) and 0 <= i < len(ops) else ("", {})
+    svc = args.get("svc", args)
     try:
-        key = bal.svc_key(args.get("svc", args))
+        key = bal.svc_key(svc)
     except HdslbError:
-        key = None
-    return f"{where.get(key, source)}: {op} {args.get('addr', '')}: {e.message}"
+        # the op's service cannot be named by the model (a SNAT match on an interface it does not manage): by
+        # the match as the file wrote it, the key `where` has
+        try:
+            key = match_key(svc["match"]) if isinstance(svc, dict) and isinstance(svc.get("match"), dict) else None
+        except (HdslbError, KeyError):
+            key = None
+    what = f"{op} {args['addr']}" if args.get("addr") else op
+    return f"{where.get(key, source)}: {what}: {e.message}"

@@ -449,6 +449,22 @@ def test_check_refuses_what_a_start_would_refuse(tmp_path, capsys, change, says)
     assert says in err and f"{conf}:11:1: " in err  # the virtual_server's line, as the daemon names it
 
 
+@pytest.mark.parametrize("kw", ["iif", "oif"])
+def test_check_names_the_line_of_a_snat_match_on_an_unknown_interface(tmp_path, capsys, kw):
+    """A SNAT match naming an interface the balancer does not manage was refused without a line
+    (`lb.conf: service.add : device 'lb9' is not managed ...`): the refusal's service could not be named again
+    from the op's arguments (the same interface lookup failed), so no virtual_server was found for it."""
+    from cli.hdslb_ctl import main
+
+    conf = tmp_path / "lb.conf"
+    conf.write_text(NETIF + BASE + f"virtual_server match out {{\n    lb_kind SNAT\n    protocol UDP\n"
+                                   f"    {kw} lb9\n    real_server 0.0.0.0 0 {{\n    }}\n}}\n")
+    line = conf.read_text().splitlines().index("virtual_server match out {") + 1
+    assert main(["check", "-f", str(conf)]) == 1
+    err = capsys.readouterr().err
+    assert "device 'lb9' is not managed" in err and f"{conf}:{line}:1: service.add: " in err, err
+
+
 def test_check_takes_any_interface_when_the_file_names_none(tmp_path, capsys):
     from cli.hdslb_ctl import main
 
