@@ -340,6 +340,8 @@ def _match_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
 
 def _snat_range(text: str):
     """DPVS RANGE (IP or IP1-IP2, an optional :0-0); the model re-checks it, this reports it at its line."""
+    if text.count(":") > 1 or text.startswith("["):  # IPv6 (IPv4's :PORT has one colon at most), as the model says
+        raise ValueError(f"{text!r}: SNAT is IPv4 only")
     addrs, _, ports = text.partition(":")
     if ports not in ("", "0", "0-0"):
         raise ValueError(f"{text!r}: port ranges are not supported by the fast path's SNAT rules")
