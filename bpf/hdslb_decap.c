@@ -60,6 +60,8 @@ struct tunnel {
 };
 
 #define ECN_NOT_ECT 0
+#define ECN_ECT_1 1
+#define ECN_ECT_0 2
 #define ECN_CE 3
 #define IPV6_ECN_SHIFT 20 /* ECN bits in the first 32-bit word of an IPv6 header (host order) */
 
@@ -261,14 +263,24 @@ static __always_inline int inner_ok(void *inner, void *data_end, const struct tu
 }
 
 /*
- * RFC 6040 decapsulation, as Linux tunnels do it: a congestion mark (CE) a router put on the outer header
- * must survive on the inner one, or the sender never slows down. Outer CE over an ECN-capable inner packet
- * marks it CE (IPv4: with an incremental header checksum update, RFC 1624); outer CE over a Not-ECT inner
- * packet cannot be signalled and is dropped. Returns 0, or -1 to drop.
+ * RFC 6040 decapsulation, as Linux tunnels do it (INET_ECN_decapsulate): a congestion mark (CE) a router put on
+ * the outer header must survive on the inner one, or the sender never slows down. Outer CE over an ECN-capable
+ * inner packet marks it CE; outer CE over a Not-ECT inner packet cannot be signalled and is dropped. Outer ECT(1)
+ * over an ECT(0) inner packet makes it ECT(1) (figure 4: an L4S AQM on the tunnel path marks so). IPv4 gets an
+ * incremental header checksum update (RFC 1624). Returns 0, or -1 to drop.
  */
+static __always_inline __u8 ecn_after(__u8 outer, __u8 inner)
+{
+	if (outer == ECN_CE)
+		return ECN_CE;
+	return outer == ECN_ECT_1 && inner == ECN_ECT_0 ? ECN_ECT_1 : inner;
+}
+
 static __always_inline int ecn_decap(void *inner, void *data_end, const struct tunnel *t)
 {
-	if (t->outer_ecn != ECN_CE)
+	__u8 ecn, want;
+
+	if (t->outer_ecn != ECN_CE && t->outer_ecn != ECN_ECT_1)
 		return 0;
 	if (t->inner_proto == IPPROTO_IPIP) {
 		struct iphdr *iph = inner;
@@ -277,10 +289,14 @@ static __always_inline int ecn_decap(void *inner, void *data_end, const struct t
 
 		if ((void *)(iph + 1) > data_end)
 			return -1;
-		if ((iph->tos & 3) == ECN_NOT_ECT)
+		ecn = iph->tos & 3;
+		if (t->outer_ecn == ECN_CE && ecn == ECN_NOT_ECT)
 			return -1;
+		want = ecn_after(t->outer_ecn, ecn);
+		if (want == ecn)
+			return 0;
 		old = *(__u16 *)iph; /* version/ihl and tos, as they sit in the header */
-		iph->tos |= ECN_CE;
+		iph->tos = (iph->tos & ~3) | want;
 		new = *(__u16 *)iph;
 		sum = (__u16)~iph->check;
 		sum += (__u16)~old;
@@ -293,9 +309,11 @@ static __always_inline int ecn_decap(void *inner, void *data_end, const struct t
 
 		if ((void *)(w + 1) > data_end)
 			return -1;
-		if (((bpf_ntohl(*w) >> IPV6_ECN_SHIFT) & 3) == ECN_NOT_ECT)
+		ecn = (bpf_ntohl(*w) >> IPV6_ECN_SHIFT) & 3;
+		if (t->outer_ecn == ECN_CE && ecn == ECN_NOT_ECT)
 			return -1;
-		*w |= bpf_htonl(ECN_CE << IPV6_ECN_SHIFT);
+		want = ecn_after(t->outer_ecn, ecn);
+		*w = (*w & ~bpf_htonl(3 << IPV6_ECN_SHIFT)) | bpf_htonl((__u32)want << IPV6_ECN_SHIFT);
 	}
 	return 0;
 }

@@ -137,6 +137,16 @@ ECN = [
      IPv6(src=CLIENT6, dst=VIP6, tc=0x29, fl=0x12345) / UDP(), IPv6(src=CLIENT6, dst=VIP6, tc=0x2B, fl=0x12345) / UDP()),
     ("outer ce in ipv4, inner ipv6 ect(0) becomes ce", out4(tos=0x03),
      IPv6(src=CLIENT6, dst=VIP6, tc=0x02) / UDP(), IPv6(src=CLIENT6, dst=VIP6, tc=0x03) / UDP()),
+    # RFC 6040 figure 4 (Linux's INET_ECN_decapsulate since L4S): an outer ECT(1) over an ECT(0) inner one is
+    # ECT(1) (an L4S AQM on the tunnel path marks that way); it reached the kernel as ECT(0)
+    ("outer ect(1), inner ipv4 ect(0) becomes ect(1)", out4(tos=0x01),
+     IP(src=CLIENT4, dst=VIP4, tos=0xB8 | 0x02) / TCP(dport=80), IP(src=CLIENT4, dst=VIP4, tos=0xB8 | 0x01) / TCP(dport=80)),
+    ("outer ect(1) in ipv4, inner ipv6 ect(0) becomes ect(1)", out4(tos=0x01),
+     IPv6(src=CLIENT6, dst=VIP6, tc=0x2A, fl=0x12345) / UDP(), IPv6(src=CLIENT6, dst=VIP6, tc=0x29, fl=0x12345) / UDP()),
+    ("outer ect(1) in ipv6, inner ipv4 not-ect stays not-ect", out6(tc=0x01),
+     IP(src=CLIENT4, dst=VIP4, tos=0x00) / UDP(), IP(src=CLIENT4, dst=VIP4, tos=0x00) / UDP()),
+    ("outer ect(0), inner ipv6 ect(1) stays ect(1)", out6(tc=0x02),
+     IPv6(src=CLIENT6, dst=VIP6, tc=0x01) / UDP(), IPv6(src=CLIENT6, dst=VIP6, tc=0x01) / UDP()),
 ]
 
 
