@@ -88,8 +88,10 @@ def unpack_key(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def parse_addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An --addr value; ValueError with the reason when it is not a usable unicast address."""
     a = ipaddress.ip_address(text.strip("[]"))
-    if a.is_multicast or a.is_unspecified:
+    if a.is_multicast or a.is_unspecified or a == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{text} is not a unicast address")
+    if a.version == 6 and a.ipv4_mapped is not None:
+        raise ValueError(f"{text} is IPv4-mapped, never a packet's destination: give {a.ipv4_mapped}")
     return a
 
 

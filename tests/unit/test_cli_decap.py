@@ -40,6 +40,10 @@ def exit_code(argv):
     (["decap", "up", "eth0", "--addr", "rs1.example.com"], "invalid --addr 'rs1.example.com'"),
     (["decap", "up", "eth0", "--addr", "224.0.0.1"], "224.0.0.1 is not a unicast address"),
     (["decap", "up", "eth0", "--addr", "::"], ":: is not a unicast address"),
+    # the limited broadcast was taken: every host on the link could have its tunnel packets opened here
+    (["decap", "up", "eth0", "--addr", "255.255.255.255"], "255.255.255.255 is not a unicast address"),
+    # an IPv4-mapped address is never an IPv6 packet's destination on the wire: it was taken and never matched
+    (["decap", "up", "eth0", "--addr", "::ffff:192.168.100.2"], "IPv4-mapped"),
     (["decap", "up", "averyverylongname0"], "bad interface name 'averyverylongname0'"),
     (["decap", "down", "eth/0"], "bad interface name 'eth/0'"),
     (["decap", "show", ".."], "bad interface name '..'"),
