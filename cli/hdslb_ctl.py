@@ -486,6 +486,9 @@ def format_decap(st) -> list[str]:
     """One instance as `show` prints it."""
     if st.attached:
         state = f"{st.attached_mode} XDP, prog id {st.prog_id}"
+    elif st.moved_to is not None:
+        state = (f"NOT ATTACHED to {st.ifname}: its program runs on {st.moved_to} ({st.moved_mode} XDP; renamed?); "
+                 f"`hdslb-ctl decap down {st.ifname}` detaches it there")
     elif not st.iface_exists:
         state = "NOT ATTACHED: the interface is gone (hdslb-ctl decap down removes the pins)"
     elif st.attached_prog_id is not None:
@@ -511,7 +514,9 @@ def cmd_decap(ns) -> int:
         print(f"  pinned at {st.pin_dir}")
     elif ns.action == "down":
         st = decap.down(ns.iface, ns.pin_root)
-        what = f"detached from {st.ifname}" if st.attached else f"was no longer attached to {st.ifname}"
+        what = f"detached from {st.ifname}" if st.attached else \
+            f"detached from {st.moved_to} ({st.ifname} renamed)" if st.moved_to else \
+            f"was no longer attached to {st.ifname}"
         print(f"decap {what}; pins removed from {st.pin_dir}")
     elif ns.action == "zero":
         decap.zero(ns.iface, ns.pin_root)

@@ -389,6 +389,25 @@ def xdp_state(ifname: str) -> tuple[str | None, int | None]:
     return xdp_pass.query(ifname)
 
 
+def link_names() -> list[str]:
+    """Every interface of this network namespace, by name."""
+    with _ipr() as ipr:
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+def find_attached(prog_id: int) -> tuple[str, str] | None:
+    """(interface, XDP mode) of this namespace that runs program prog_id, or None: an instance's interface renamed
+    since `up` (ip link set name, a udev rule) still runs its program under the new name."""
+    for name in link_names():
+        try:
+            mode, pid = xdp_state(name)
+        except Exception:  # gone between the listing and the query
+            continue
+        if pid == prog_id:
+            return name, mode
+    return None
+
+
 def host_addresses(which: str = "all", ifname: str | None = None) -> list:
     """This namespace's addresses a tunnel may be addressed to: every address (`all`) or ifname's (`iface`).
 
@@ -495,6 +514,8 @@ class DecapStatus:
     iface_exists: bool
     addrs: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)
+    moved_to: str | None = None  # the interface running our program when it is not ifname (renamed since `up`)
+    moved_mode: str | None = None
 
     @property
     def attached(self) -> bool:
@@ -503,7 +524,7 @@ class DecapStatus:
     def as_dict(self) -> dict:
         return {"ifname": self.ifname, "netns": self.netns, "pin_dir": self.pin_dir, "prog_id": self.prog_id,
                 "attached": self.attached, "mode": self.attached_mode, "attached_prog_id": self.attached_prog_id,
-                "iface_exists": self.iface_exists, "addrs": [str(a) for a in self.addrs],
+                "iface_exists": self.iface_exists, "moved_to": self.moved_to, "addrs": [str(a) for a in self.addrs],
                 "counters": dict(self.counters)}
 
 
@@ -587,6 +608,8 @@ def down(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> DecapStatus:
         st = _status(ifname, ns, pin_dir, read_maps=False)
         if st.attached:
             detach(ifname, st.attached_mode)
+        elif st.moved_to is not None:
+            detach(st.moved_to, st.moved_mode)
         elif st.attached_prog_id is not None:
             log.warning("%s runs XDP program id %s, not ours: left attached", ifname, st.attached_prog_id)
         _remove_instance_dir(pin_dir)
@@ -611,6 +634,8 @@ def _status(ifname: str, ns: str, pin_dir: str, read_maps: bool = True) -> Decap
     cur_mode, cur_id = xdp_state(ifname) if exists else (None, None)
     ours = cur_id is not None and cur_id == prog_id
     st = DecapStatus(ifname, ns, pin_dir, prog_id, cur_mode if ours else None, cur_id, exists)
+    if prog_id is not None and not ours:
+        st.moved_to, st.moved_mode = find_attached(prog_id) or (None, None)
     if read_maps:
         with PinnedMaps(pin_dir) as maps:
             st.addrs = maps.addrs()

@@ -9,6 +9,9 @@ from cli import hdslb_ctl
 from hdslb.fastpath import decap
 
 
+REAL_DOWN = decap.down  # (no_kernel stubs it; the rename test runs it over faked kernel calls)
+
+
 @pytest.fixture(autouse=True)
 def no_kernel(monkeypatch):
     """A usage error must be caught before any kernel call: these would fail the test if reached."""
@@ -144,3 +147,31 @@ def test_the_last_instance_down_leaves_no_empty_directories(tmp_path):
     assert sorted(os.listdir(os.path.join(root, "decap"))) == ["ns2"]  # another namespace's instance stays
     decap._remove_instance_dir(b)
     assert os.listdir(root) == []
+
+
+def test_an_instance_whose_interface_was_renamed_is_found_and_taken_down_where_it_runs(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """`decap up eth0`, then eth0 renamed (ip link set name, a udev rule): the program kept decapsulating on the new
+    name, but `decap show` said 'the interface is gone' and `decap down eth0` removed the pins and said 'was no longer
+    attached', leaving a program no decap command could see any more (and `decap up` on the new name refused it as
+    another tool's). Both now find it by its pinned program id on whatever interface runs it."""
+    root = str(tmp_path)
+    pin_dir = decap.instance_dir("eth0", root, "rs1")
+    os.makedirs(pin_dir)
+    links = {"lan0": ("generic", 12), "eth1": (None, None)}  # eth0 is now lan0
+    detached = []
+    monkeypatch.setattr(decap, "_require_root", lambda: None)
+    monkeypatch.setattr(decap, "netns_name", lambda: "rs1")
+    monkeypatch.setattr(decap, "pinned_prog_id", lambda d: 12)
+    monkeypatch.setattr(decap, "ifindex", lambda n: 7 if n in links else None)
+    monkeypatch.setattr(decap, "xdp_state", lambda n: links[n])
+    monkeypatch.setattr(decap, "link_names", lambda: list(links))
+    monkeypatch.setattr(decap, "detach", lambda n, mode: detached.append((n, mode)))
+    monkeypatch.setattr(decap, "down", REAL_DOWN)
+    (st,) = [decap._status("eth0", "rs1", pin_dir, read_maps=False)]
+    assert (st.attached, st.moved_to) == (False, "lan0")
+    assert hdslb_ctl.format_decap(st)[0] == ("eth0: NOT ATTACHED to eth0: its program runs on lan0 (generic XDP; "
+                                             "renamed?); `hdslb-ctl decap down eth0` detaches it there")
+    assert hdslb_ctl.main(["decap", "down", "eth0", "--pin-root", root]) == 0
+    assert detached == [("lan0", "generic")] and not os.path.exists(pin_dir)
+    assert "decap detached from lan0 (eth0 renamed)" in capsys.readouterr().out
