@@ -171,6 +171,19 @@ class SlowPath:
             act.count("error")
         return self._account(act)
 
+    def send_routed(self, frame: bytes) -> Actions:
+        """A frame we made whose destination's MAC no entry holds (a TUNNEL client's ICMP error): routed and
+        resolved as a rewritten frame with an unresolved next hop is (queued while its ARP is answered)."""
+        act = Actions()
+        try:
+            self._sync_static(act, full=False)
+            eth = P.parse_eth(frame)
+            self._unresolved(eth, frame, frame[eth.l2len:], act)
+        except Exception:  # a bug must cost one frame, never the daemon
+            log.exception("slow path: routing a frame of ours (%d bytes) raised", len(frame))
+            act.count("error")
+        return self._account(act)
+
     def handle_batch(self, ifname: str, frames) -> Actions:
         """A batch from one socket (XskSocket.attach_loop's callback): one Actions for all of it."""
         act = Actions()

@@ -31,6 +31,7 @@ ARPOP_REQUEST = 1
 ARPOP_REPLY = 2
 
 IPPROTO_ICMP = 1
+IPPROTO_IPIP = 4
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
@@ -322,6 +323,9 @@ class IcmpError:
     to_local: bool = True
     # who sent the error (a router, a host): a SNAT inside host gets an outside router's error from that router
     src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    # TUNNEL: the real server the quoted IPIP packet was sent to; inner_* and quoted are then the client's packet
+    # inside it (what the router quoted of it)
+    tunnel: ipaddress.IPv4Address | None = None
 
     @property
     def frag_needed(self) -> bool:
@@ -354,8 +358,18 @@ def parse_icmp_error(icmp: bytes) -> IcmpError | None:
     # the quoted header's checksum and total length are not checked: routers may have changed it in flight
     if vihl >> 4 != 4 or ihl < IPV4_HLEN or len(inner) < ihl + 8:
         return None
-    sport, dport = _ports(proto, inner[ihl:ihl + 8])
     frag_needed = t == ICMP_DEST_UNREACH and code == ICMP_FRAG_NEEDED
+    enc = inner[ihl:]
+    eihl = (enc[0] & 0x0F) * 4
+    if proto == IPPROTO_IPIP and enc[0] >> 4 == 4 and eihl >= IPV4_HLEN and len(enc) >= eihl + 8:
+        # an IPIP packet (TUNNEL) quoted with the client's packet inside (RFC 1812 routers quote up to 576 bytes;
+        # an 8-byte quote stops inside its header and says nothing about the flow)
+        sport, dport = _ports(enc[9], enc[eihl:eihl + 8])
+        return IcmpError(af=4, type=t, code=code, mtu=mtu if frag_needed else None,
+                         inner_src=ipaddress.IPv4Address(enc[12:16]), inner_dst=ipaddress.IPv4Address(enc[16:20]),
+                         inner_proto=enc[9], inner_sport=sport, inner_dport=dport, quoted=bytes(enc[:eihl + 8]),
+                         tunnel=ipaddress.IPv4Address(inner[16:20]))
+    sport, dport = _ports(proto, inner[ihl:ihl + 8])
     return IcmpError(af=4, type=t, code=code, mtu=mtu if frag_needed else None,
                      inner_src=ipaddress.IPv4Address(inner[12:16]), inner_dst=ipaddress.IPv4Address(inner[16:20]),
                      inner_proto=proto, inner_sport=sport, inner_dport=dport, quoted=bytes(inner[:ihl + 8]))

@@ -113,9 +113,13 @@ class SlowPathRunner:
             self._write(u)
         for _ifname, err in act.icmp_errors:
             out = self.translate_icmp_error(err)
-            if out is not None:
+            if out is None:
+                continue
+            self.translated += 1
+            if out[0] is None:  # no MAC known for its destination: routed and resolved as an unresolved next hop
+                self.carry_out(self.sp.send_routed(out[1]))
+            else:
                 act.tx.append(out)
-                self.translated += 1
         for ifname, frames in act.by_iface().items():
             sock = self.socks.get((ifname, 0))
             if sock is not None:
@@ -203,9 +207,10 @@ class SlowPathRunner:
             done += self._write(op)
         return done
 
-    def translate_icmp_error(self, err) -> tuple[str, bytes] | None:
+    def translate_icmp_error(self, err) -> tuple[str | None, bytes] | None:
         """An ICMP error about a packet of a balanced flow that we rewrote, rewritten as its other side must see it
-        and framed for that side's interface; None when it quotes no such flow.
+        and framed for that side's interface (no interface: a frame to route, _translate_icmp_tunnel's); None when it
+        quotes no such flow.
 
         From a real server, about a packet we sent it (LIP:lport -> RS:port): the error the client would have got
         without the balancer (from the VIP, quoting client:cport -> VIP:vport). From the client's side (a router
@@ -228,6 +233,8 @@ class SlowPathRunner:
 
         if err.inner_sport is None:
             return None
+        if err.tunnel is not None:
+            return self._translate_icmp_tunnel(err)
         # The entry keyed by the quoted packet's reverse: for a packet to a real server (RS:port -> LIP:lport),
         # the flow's reply entry; for a packet to a client (client:cport -> VIP:vport), its inbound entry.
         back = self.d.maps.conn_get(err.inner_proto, err.inner_dst, err.inner_dport, err.inner_src, err.inner_sport)
@@ -278,6 +285,33 @@ class SlowPathRunner:
         if ifname is None:
             return None
         return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
+
+    def _translate_icmp_tunnel(self, err) -> tuple[None, bytes] | None:
+        """TUNNEL: a router between us and a real server cannot forward an IPIP packet we sent (a smaller MTU, a
+        TTL run out) and tells the outer source, quoting the client's packet inside it. As LVS (ip_vs_in_icmp's
+        IPIP case) the client gets the error from the VIP quoting its own packet, "fragmentation needed" with the
+        MTU less the outer header (only when the client set DF, as LVS), so path-MTU discovery works past the
+        balancer; without it the client's large packets were lost for good. The client's MAC is nowhere in a
+        TUNNEL flow (one entry, toward the server): the frame goes out with none, routed and resolved as a
+        rewritten packet with an unresolved next hop is (returned with ifname None)."""
+        import struct
+
+        from hdslb.slowpath import packets as P
+
+        if not err.to_local:
+            return None
+        fwd = self.d.maps.conn_get(err.inner_proto, err.inner_src, err.inner_sport, err.inner_dst, err.inner_dport)
+        if fwd is None or fwd.get("fwd") != "tunnel" or fwd["out"] or fwd["to_daddr"] != err.tunnel:
+            return None
+        info = 0
+        if err.mtu is not None:
+            if not struct.unpack_from("!H", err.quoted, 6)[0] & 0x4000:
+                return None  # the client does no path-MTU discovery: nothing it can act on
+            info = err.mtu - P.IPV4_HLEN if err.mtu > 68 + P.IPV4_HLEN else err.mtu
+        icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, info)) + err.quoted
+        icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
+        ip = P.ipv4_header(err.inner_dst, err.inner_src, P.IPPROTO_ICMP, len(icmp), ttl=self.sp.ttl)
+        return None, bytes(6) + bytes(6) + b"\x08\x00" + ip + bytes(icmp)
 
     def _translate_icmp6_error(self, err, back: dict) -> tuple[str, bytes] | None:
         """translate_icmp_error for IPv6 (FullNAT v6): Packet Too Big, destination unreachable or time exceeded

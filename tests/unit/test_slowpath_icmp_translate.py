@@ -295,6 +295,42 @@ def test_an_outside_error_about_a_snat_ping_reaches_the_inside_host(kind):
     assert_checksums(p)
 
 
+# --- TUNNEL: a router between the balancer and a real server, about an IPIP packet we sent -----------------------
+TUNSRC = "192.168.100.254"
+
+
+@pytest.mark.parametrize("kind", [3, 11])
+def test_a_routers_error_about_our_ipip_packet_reaches_the_client_from_the_vip(kind):
+    """TUNNEL across routers (its use: real servers in another network): a hop on the way to the real server whose
+    MTU is smaller than the encapsulated packet says "fragmentation needed" (1400) to the tunnel's outer source,
+    quoting the IPIP packet with the client's header inside. It was dropped (the quote has no ports of its own), so
+    the client never learnt the path MTU and its large segments were lost for good. As LVS (ip_vs_in_icmp's IPIP
+    case) the client now gets the error from the VIP, quoting its own packet, with the MTU less the 20 bytes the
+    tunnel adds; other errors (a TTL run out) go to it as they are."""
+    from scapy.layers.l2 import Ether as E
+
+    entries = {(6, CLIENT, 40000, VIP, 80): {
+        "to_saddr": A(TUNSRC), "to_sport": 40000, "to_daddr": A(RS), "to_dport": 80, "out": False, "ifindex": 7,
+        "dmac": RMAC, "smac": LBMAC, "fwd": "tunnel", "need_l2": False}}
+    r = _nat_runner(entries, ours=(TUNSRC,))
+    r.d.bal.nexthop = lambda a: (a, "eth0")
+    r.d.bal.neighs = {A(CLIENT): types.SimpleNamespace(lladdr=CMAC, ifname="eth0")}
+    client_pkt = IP(src=CLIENT, dst=VIP, flags="DF", len=1500, id=9) / TCP(sport=40000, dport=80, flags="A")
+    sent = IP(src=TUNSRC, dst=RS, proto=4, flags="DF", len=1520) / client_pkt
+    icmp = ICMP(type=3, code=4, nexthopmtu=1400) if kind == 3 else ICMP(type=11, code=0)
+    frame = bytes(E(src=RMAC, dst=LBMAC) / IP(src="192.168.100.99", dst=TUNSRC) / icmp / bytes(sent)[:68])
+    r.carry_out(r.sp.handle("eth1", frame))
+    assert r.translated == 1
+    (out,) = r.socks[("eth0", 0)].sent
+    p = E(out)
+    assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
+    assert (p[IP].src, p[IP].dst, p[ICMP].type) == (VIP, CLIENT, kind)
+    if kind == 3:
+        assert (p[ICMP].code, p[ICMP].nexthopmtu) == (4, 1380)
+    assert bytes(p[ICMP].payload)[:28] == bytes(client_pkt)[:28], "quotes the client's own header and 8 bytes"
+    assert_checksums(p)
+
+
 # --- IPv6 (FullNAT v6): the same translations; found in a lab, where a real server's Packet Too Big about a v6
 # flow never reached the client (the fast path passed it to the kernel, the runner took IPv4 only)
 CLIENT6, VIP6, LIP6, RS6, ROUTER6 = "fd00:10::1", "fd00:10::100", "fd00:100::fe", "fd00:100::2", "fd00:10::fe"
