@@ -32,6 +32,7 @@ ARPOP_REPLY = 2
 
 IPPROTO_ICMP = 1
 IPPROTO_IPIP = 4
+IPPROTO_IPV6 = 41
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
@@ -323,9 +324,9 @@ class IcmpError:
     to_local: bool = True
     # who sent the error (a router, a host): a SNAT inside host gets an outside router's error from that router
     src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    # TUNNEL: the real server the quoted IPIP packet was sent to; inner_* and quoted are then the client's packet
-    # inside it (what the router quoted of it)
-    tunnel: ipaddress.IPv4Address | None = None
+    # TUNNEL: the real server the quoted IPIP / 6in6 packet was sent to; inner_* and quoted are then the client's
+    # packet inside it (what the router quoted of it)
+    tunnel: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @property
     def frag_needed(self) -> bool:
@@ -518,6 +519,14 @@ def parse_icmp6_error(icmp: bytes) -> IcmpError | None:
     if inner[0] >> 4 != 6:
         return None
     nh = inner[6]
+    enc = inner[IPV6_HLEN:]
+    if nh == IPPROTO_IPV6 and len(enc) >= IPV6_HLEN + 8 and enc[0] >> 4 == 6:
+        # a 6in6 packet (TUNNEL) quoted with the client's packet inside, as parse_icmp_error's IPIP case
+        sport, dport = _ports(enc[6], enc[IPV6_HLEN:IPV6_HLEN + 8])
+        return IcmpError(af=6, type=t, code=code, mtu=word if t == ICMPV6_PKT_TOOBIG else None,
+                         inner_src=ipaddress.IPv6Address(enc[8:24]), inner_dst=ipaddress.IPv6Address(enc[24:40]),
+                         inner_proto=enc[6], inner_sport=sport, inner_dport=dport, quoted=bytes(enc[:IPV6_HLEN + 8]),
+                         tunnel=ipaddress.IPv6Address(inner[24:40]))
     sport, dport = _ports(nh, inner[IPV6_HLEN:IPV6_HLEN + 8])
     return IcmpError(af=6, type=t, code=code, mtu=word if t == ICMPV6_PKT_TOOBIG else None,
                      inner_src=ipaddress.IPv6Address(inner[8:24]), inner_dst=ipaddress.IPv6Address(inner[24:40]),

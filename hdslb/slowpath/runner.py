@@ -287,8 +287,8 @@ class SlowPathRunner:
         return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
 
     def _translate_icmp_tunnel(self, err) -> tuple[None, bytes] | None:
-        """TUNNEL: a router between us and a real server cannot forward an IPIP packet we sent (a smaller MTU, a
-        TTL run out) and tells the outer source, quoting the client's packet inside it. As LVS (ip_vs_in_icmp's
+        """TUNNEL: a router between us and a real server cannot forward an IPIP (or 6in6) packet we sent (a smaller
+        MTU, a TTL run out) and tells the outer source, quoting the client's packet inside it. As LVS (ip_vs_in_icmp's
         IPIP case) the client gets the error from the VIP quoting its own packet, "fragmentation needed" with the
         MTU less the outer header (only when the client set DF, as LVS), so path-MTU discovery works past the
         balancer; without it the client's large packets were lost for good. The client's MAC is nowhere in a
@@ -304,6 +304,13 @@ class SlowPathRunner:
         if fwd is None or fwd.get("fwd") != "tunnel" or fwd["out"] or fwd["to_daddr"] != err.tunnel:
             return None
         info = 0
+        if err.af == 6:  # Packet Too Big: the outer header's 40 bytes less, never under the minimum MTU
+            if err.mtu is not None:
+                info = max(err.mtu - P.IPV6_HLEN, P.IPV6_MIN_MTU)
+            icmp = bytearray(struct.pack("!BBHI", err.type, err.code, 0, info)) + err.quoted
+            icmp[2:4] = struct.pack("!H", P.icmp6_checksum(err.inner_dst, err.inner_src, bytes(icmp)))
+            l3 = P.ipv6_header(err.inner_dst, err.inner_src, P.IPPROTO_ICMPV6, len(icmp), hlim=self.sp.ttl)
+            return None, bytes(12) + b"\x86\xdd" + l3 + bytes(icmp)
         if err.mtu is not None:
             if not struct.unpack_from("!H", err.quoted, 6)[0] & 0x4000:
                 return None  # the client does no path-MTU discovery: nothing it can act on
@@ -311,7 +318,7 @@ class SlowPathRunner:
         icmp = bytearray(struct.pack("!BBHHH", err.type, err.code, 0, 0, info)) + err.quoted
         icmp[2:4] = struct.pack("!H", P.checksum(bytes(icmp)))
         ip = P.ipv4_header(err.inner_dst, err.inner_src, P.IPPROTO_ICMP, len(icmp), ttl=self.sp.ttl)
-        return None, bytes(6) + bytes(6) + b"\x08\x00" + ip + bytes(icmp)
+        return None, bytes(12) + b"\x08\x00" + ip + bytes(icmp)
 
     def _translate_icmp6_error(self, err, back: dict) -> tuple[str, bytes] | None:
         """translate_icmp_error for IPv6 (FullNAT v6): Packet Too Big, destination unreachable or time exceeded

@@ -540,3 +540,32 @@ def test_nat64_edge_cases():
     import dataclasses
     routed = dataclasses.replace(_error(RS, LIP, sent), to_local=False)
     assert SlowPathRunner.translate_icmp_error(r, routed) is None
+
+
+def test_a_routers_packet_too_big_about_our_6in6_packet_reaches_the_client_from_the_vip():
+    """The 6in6 form of the IPIP case above: IPv6 routers never fragment, so a hop between the balancer and a
+    TUNNEL real server with a smaller MTU answers every encapsulated full-sized packet with Packet Too Big to the
+    outer source. Dropped, the client's large packets were a black hole; it now gets Packet Too Big from the VIP
+    quoting its own packet, with the MTU less the 40-byte outer header (at least 1280)."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+
+    entries = {(6, CLIENT6, 40000, VIP6, 80): {
+        "to_saddr": A(LIP6), "to_sport": 40000, "to_daddr": A(RS6), "to_dport": 80, "out": False, "ifindex": 7,
+        "dmac": RMAC, "smac": LBMAC, "fwd": "tunnel", "need_l2": False}}
+    r = _nat_runner(entries, ours=(LIP6,))
+    r.d.bal.nexthop = lambda a: (a, "eth0")
+    r.d.bal.neighs = {A(CLIENT6): types.SimpleNamespace(lladdr=CMAC, ifname="eth0")}
+    client_pkt = IPv6(src=CLIENT6, dst=VIP6, plen=1460) / TCP(sport=40000, dport=80, flags="A")
+    sent = IPv6(src=LIP6, dst=RS6, nh=41, plen=1500) / client_pkt
+    frame = bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src="fd00:100::99", dst=LIP6) / ICMPv6PacketTooBig(mtu=1400)
+                  / bytes(sent)[:88])
+    r.carry_out(r.sp.handle("eth1", frame))
+    assert r.translated == 1
+    (out,) = r.socks[("eth0", 0)].sent
+    p = Ether(out)
+    assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
+    assert (p[IPv6].src, p[IPv6].dst, p[ICMPv6PacketTooBig].mtu) == (VIP6, CLIENT6, 1360)
+    assert bytes(p[ICMPv6PacketTooBig].payload)[:48] == bytes(client_pkt)[:48]
+    chk = IPv6(bytes(p[IPv6]))
+    del chk[ICMPv6PacketTooBig].cksum
+    assert IPv6(bytes(chk))[ICMPv6PacketTooBig].cksum == p[ICMPv6PacketTooBig].cksum
