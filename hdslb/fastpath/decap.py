@@ -558,6 +558,10 @@ def up(ifname: str, mode: str = "auto", addrs: Sequence = (), host_addrs: str = 
         old_id = pinned_prog_id(pin_dir) if existed else None
         cur_mode, cur_id = xdp_state(ifname)
         if cur_id is not None and cur_id != old_id:
+            other = _instance_of(cur_id, pin_root, ns)
+            if other is not None:
+                raise DecapError(f"{ifname} runs the decap program of instance {other} (the interface was renamed "
+                                 f"since `decap up {other}`): `hdslb-ctl decap down {other}` first")
             raise DecapError(f"{ifname} already runs XDP program id {cur_id} ({cur_mode}), which is not this "
                              f"decap instance's; remove it first (ip link set dev {ifname} xdp off), "
                              "one interface holds one XDP program")
@@ -595,6 +599,18 @@ def up(ifname: str, mode: str = "auto", addrs: Sequence = (), host_addrs: str = 
     log.info("decap on %s (%s XDP), prog id %d, pins %s", ifname, used, prog_id, pin_dir)
     return DecapStatus(ifname, ns, pin_dir, prog_id, used, prog_id, True,
                        sorted(want, key=lambda a: (a.version, a)))
+
+
+def _instance_of(prog_id: int, pin_root: str, ns: str) -> str | None:
+    """The interface name of this namespace's decap instance whose pinned program is prog_id, or None."""
+    base = os.path.join(pin_root, "decap", ns)
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+        try:
+            if pinned_prog_id(os.path.join(base, name)) == prog_id:
+                return name
+        except OSError:
+            continue
+    return None
 
 
 def down(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> DecapStatus:

@@ -9,7 +9,7 @@ from cli import hdslb_ctl
 from hdslb.fastpath import decap
 
 
-REAL_DOWN = decap.down  # (no_kernel stubs it; the rename test runs it over faked kernel calls)
+REAL_UP, REAL_DOWN = decap.up, decap.down  # (no_kernel stubs them; the rename tests run them over faked kernel calls)
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +175,19 @@ def test_an_instance_whose_interface_was_renamed_is_found_and_taken_down_where_i
     assert hdslb_ctl.main(["decap", "down", "eth0", "--pin-root", root]) == 0
     assert detached == [("lan0", "generic")] and not os.path.exists(pin_dir)
     assert "decap detached from lan0 (eth0 renamed)" in capsys.readouterr().out
+
+
+def test_up_on_the_renamed_interface_names_the_instance_that_runs_there(tmp_path, monkeypatch):
+    """`decap up lan0` after eth0 (an instance) was renamed lan0 refused the program as another tool's and told the
+    operator to `xdp off` it behind the instance's back; it names the instance to take down instead."""
+    root = str(tmp_path)
+    os.makedirs(decap.instance_dir("eth0", root, "rs1"))
+    monkeypatch.setattr(decap, "_require_root", lambda: None)
+    monkeypatch.setattr(decap, "netns_name", lambda: "rs1")
+    monkeypatch.setattr(decap, "ensure_pin_root", lambda r: None)
+    monkeypatch.setattr(decap, "ifindex", lambda n: 7)
+    monkeypatch.setattr(decap, "host_addresses", lambda which, ifname: [ipaddress.ip_address("10.0.0.2")])
+    monkeypatch.setattr(decap, "xdp_state", lambda n: ("generic", 12))
+    monkeypatch.setattr(decap, "pinned_prog_id", lambda d: 12 if d.endswith("/eth0") else None)
+    with pytest.raises(decap.DecapError, match=r"runs the decap program of instance eth0 .*decap down eth0` first"):
+        REAL_UP("lan0", pin_root=root)
