@@ -67,20 +67,25 @@ def test_the_plain_check_still_leaves_every_fault_to_the_schema(name, body, fiel
     assert e.value.field == field
 
 
+def threads_calling(monkeypatch, module, name: str) -> list:
+    """The threads module.name is called on from now on, one entry a call."""
+    seen, fn = [], getattr(module, name)
+
+    def recording(*a, **kw):
+        seen.append(threading.get_ident())
+        return fn(*a, **kw)
+
+    monkeypatch.setattr(module, name, recording)
+    return seen
+
+
 async def test_get_v2_vs_is_shaped_and_encoded_off_the_event_loop(monkeypatch):
     """GET /v2/vs turned the listing into dpvs-agent's shapes and JSON on the event loop: 1.4 s and 1.0 s at 10k
     services x 10 real servers (38 MB, measured here), the daemon standing still meanwhile."""
     from hdslb.api import app as api_app
 
     loop_thread = threading.get_ident()
-    seen = []
-    expand = api_app._vs_expand
-
-    def recording(s):
-        seen.append(threading.get_ident())
-        return expand(s)
-
-    monkeypatch.setattr(api_app, "_vs_expand", recording)
+    seen = threads_calling(monkeypatch, api_app, "_vs_expand")
     async with serving(quick_start(FakeCtx())) as c:
         r = await c.get("/v2/vs")
         body = await expect(r, 200)
@@ -96,14 +101,7 @@ async def test_a_devices_routes_are_shaped_and_encoded_off_the_event_loop(monkey
     from hdslb.api import app as api_app
 
     loop_thread = threading.get_ident()
-    seen = []
-    expand = api_app._route_expand
-
-    def recording(r):
-        seen.append(threading.get_ident())
-        return expand(r)
-
-    monkeypatch.setattr(api_app, "_route_expand", recording)
+    seen = threads_calling(monkeypatch, api_app, "_route_expand")
     async with serving(quick_start(FakeCtx())) as c:
         c.ctx.bal.route_add({"af": 4, "prefix": "10.9.0.0", "prefixlen": 16, "ifname": "eth0"})
         r = await c.get("/v2/device/eth0/route")

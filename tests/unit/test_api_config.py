@@ -6,19 +6,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from hdslb.api.app import make_app
 from tests.unit.test_api import CONF, expect
-from tests.unit.test_api_security import BASE, HarnessDaemon
+from tests.unit.test_api_security import BASE, daemon  # noqa: F401 (daemon: the fixture, a harness daemon over BASE)
 
 
 @pytest.fixture
-async def api(tmp_path):
-    conf = tmp_path / "hdslb.conf"
-    conf.write_text(BASE)
-    d = HarnessDaemon(conf, tmp_path)
-    await d.reload_config()
-    async with TestClient(TestServer(make_app(d))) as c:
-        yield d, c
-    if d.health is not None:
-        await d.health.stop()
+async def api(daemon):  # noqa: F811
+    async with TestClient(TestServer(make_app(daemon))) as c:
+        yield daemon, c
 
 
 def dests(d):

@@ -19,12 +19,8 @@ from hdslb.errors import HdslbError
 VIP = {"proto": "tcp", "addr": "192.168.100.100", "port": 80}
 
 
-@pytest.fixture(autouse=True)
-def services_db(monkeypatch):
-    """A fixed /etc/services, so port names do not depend on the machine."""
-    names = {("http", "tcp"): 80, ("http", "udp"): 80, ("domain", "udp"): 53}
-    ports = {(v, p): n for (n, p), v in names.items()}
-
+def fake_services(monkeypatch, names: dict, ports: dict) -> None:
+    """getservbyname/getservbyport over the given tables: {(name, proto): port}, {(port, proto): name}."""
     def byname(name, proto):
         if (name, proto) not in names:
             raise OSError("service/proto not found")
@@ -37,6 +33,13 @@ def services_db(monkeypatch):
 
     monkeypatch.setattr(socket, "getservbyname", byname)
     monkeypatch.setattr(socket, "getservbyport", byport)
+
+
+@pytest.fixture(autouse=True)
+def services_db(monkeypatch):
+    """A fixed /etc/services, so port names do not depend on the machine."""
+    names = {("http", "tcp"): 80, ("http", "udp"): 80, ("domain", "udp"): 53}
+    fake_services(monkeypatch, names, {(v, p): n for (n, p), v in names.items()})
 
 
 def requests(*argv):
@@ -438,20 +441,7 @@ def test_save_names_a_port_only_when_the_name_reads_back_as_that_port(monkeypatc
     """/etc/services lists dicom twice (104/tcp and 11112/tcp): getservbyport(11112) says dicom, getservbyname(dicom)
     says 104. -S wrote `:dicom` for a DICOM service on 11112 and -R restored it on port 104: the service moved."""
     names = {("dicom", "tcp"): 104, ("http", "tcp"): 80}
-    ports = {(104, "tcp"): "dicom", (11112, "tcp"): "dicom", (80, "tcp"): "http"}
-
-    def byname(name, proto):
-        if (name, proto) not in names:
-            raise OSError("service/proto not found")
-        return names[(name, proto)]
-
-    def byport(port, proto):
-        if (port, proto) not in ports:
-            raise OSError("port/proto not found")
-        return ports[(port, proto)]
-
-    monkeypatch.setattr(socket, "getservbyname", byname)
-    monkeypatch.setattr(socket, "getservbyport", byport)
+    fake_services(monkeypatch, names, {(104, "tcp"): "dicom", (11112, "tcp"): "dicom", (80, "tcp"): "http"})
     data = {"services": [service("tcp", "10.0.0.100", 11112, "rr", [dest("192.168.100.2", 11112, "nat"),
                                                                      dest("192.168.100.3", 104, "nat")])]}
     saved = render(["-S"], data)

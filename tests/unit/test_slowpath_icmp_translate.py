@@ -136,6 +136,17 @@ def _nat_runner(entries: dict, ours=(VIP, LIP)):
     return r
 
 
+def _carried(r, in_if: str, frame: bytes, out_if: str) -> bytes:
+    """The dispatcher takes one ICMP error arriving on in_if and the runner translates it: the one frame it sends,
+    on out_if (nothing goes back out of in_if)."""
+    act = r.sp.handle(in_if, frame)
+    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
+    r.carry_out(act)
+    assert r.translated == 1 and (in_if == out_if or not r.socks[(in_if, 0)].sent)
+    (out,) = r.socks[(out_if, 0)].sent
+    return out
+
+
 def _nat_error_frame(outer_src, outer_dst, quoted, kind=3):
     icmp = ICMP(type=3, code=4, nexthopmtu=1400) if kind == 3 else ICMP(type=11, code=0)
     return bytes(Ether(src=RMAC, dst=LBMAC) / IP(src=outer_src, dst=outer_dst) / icmp / bytes(quoted)[:28])
@@ -150,12 +161,7 @@ def test_a_nat_real_servers_error_to_the_client_is_translated_and_sent_to_the_cl
     proto = 6 if l4 is TCP else 17
     r = _nat_runner(_flow(proto, "nat"))
     sent = IP(src=CLIENT, dst=RS, flags="DF", len=1500) / l4(sport=40000, dport=80)
-    act = r.sp.handle("eth1", _nat_error_frame(RS, CLIENT, sent, kind))
-    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
-    r.carry_out(act)
-    assert r.translated == 1 and not r.socks[("eth1", 0)].sent
-    (frame,) = r.socks[("eth0", 0)].sent
-    p = Ether(frame)
+    p = Ether(_carried(r, "eth1", _nat_error_frame(RS, CLIENT, sent, kind), "eth0"))
     assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
     assert (p[IP].src, p[IP].dst, p[ICMP].type) == (VIP, CLIENT, kind)
     if kind == 3:
@@ -215,12 +221,7 @@ def test_a_snat_inside_hosts_error_leaves_from_the_sapool_address(l4):
     proto = 6 if l4 is TCP else 17
     r = _nat_runner(_snat_flow(proto))
     received = IP(src=OUTSIDE, dst=INSIDE) / l4(sport=80, dport=33000)
-    act = r.sp.handle("eth1", _nat_error_frame(INSIDE, OUTSIDE, received))
-    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
-    r.carry_out(act)
-    assert r.translated == 1 and not r.socks[("eth1", 0)].sent
-    (frame,) = r.socks[("eth0", 0)].sent
-    p = Ether(frame)
+    p = Ether(_carried(r, "eth1", _nat_error_frame(INSIDE, OUTSIDE, received), "eth0"))
     assert (p.dst, p.src) == ("02:cc:00:00:00:01", "02:aa:00:00:00:01")
     assert (p[IP].src, p[IP].dst, p[ICMP].type, p[ICMP].code) == (SAPOOL, OUTSIDE, 3, 4)
     q = p[IPerror]
@@ -250,12 +251,7 @@ def test_an_outside_routers_error_reaches_the_snat_inside_host_from_that_router(
     router = "198.51.100.1"  # a hop between the balancer and the outside server
     r = _nat_runner(_snat_flow(proto), ours=(SAPOOL,))
     sent = IP(src=SAPOOL, dst=OUTSIDE, flags="DF", len=1500) / l4(sport=5000, dport=80)
-    act = r.sp.handle("eth0", _nat_error_frame(router, SAPOOL, sent, kind))
-    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
-    r.carry_out(act)
-    assert r.translated == 1 and not r.socks[("eth0", 0)].sent
-    (frame,) = r.socks[("eth1", 0)].sent
-    p = Ether(frame)
+    p = Ether(_carried(r, "eth0", _nat_error_frame(router, SAPOOL, sent, kind), "eth1"))
     assert (p.dst, p.src) == ("02:55:00:00:00:02", "02:aa:00:00:00:01")
     assert (p[IP].src, p[IP].dst, p[ICMP].type) == (router, INSIDE, kind)
     q = p[IPerror]
@@ -279,12 +275,7 @@ def test_an_outside_error_about_a_snat_ping_reaches_the_inside_host(kind):
              "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
     r = _nat_runner({(1, INSIDE, 33000, OUTSIDE, 0): fwd, (1, OUTSIDE, 0, SAPOOL, 5000): reply}, ours=(SAPOOL,))
     sent = IP(src=SAPOOL, dst=OUTSIDE, ttl=1) / ICMP(type=8, id=5000, seq=7) / b"pingdata"
-    act = r.sp.handle("eth0", _nat_error_frame(router, SAPOOL, sent, kind))
-    assert act.counters["icmp_error"] == 1, act.counters
-    r.carry_out(act)
-    assert r.translated == 1
-    (frame,) = r.socks[("eth1", 0)].sent
-    p = Ether(frame)
+    p = Ether(_carried(r, "eth0", _nat_error_frame(router, SAPOOL, sent, kind), "eth1"))
     assert (p[IP].src, p[IP].dst, p[ICMP].type) == (router, INSIDE, kind)
     q = p[IPerror]
     assert (q.src, q.dst) == (INSIDE, OUTSIDE)
@@ -418,11 +409,7 @@ def test_a_nat_v6_real_servers_error_to_the_client_is_translated(l4):
     sent = IPv6(src=CLIENT6, dst=RS6, plen=1400) / l4(sport=40000, dport=80)
     frame = bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src=RS6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280)
                   / bytes(sent)[:48])
-    act = r.sp.handle("eth1", frame)
-    assert act.counters["icmp_error"] == 1 and act.counters["unexpected"] == 0, act.counters
-    r.carry_out(act)
-    assert r.translated == 1
-    (out,) = r.socks[("eth0", 0)].sent
+    out = _carried(r, "eth1", frame, "eth0")
     _check6(out, "eth0", "eth0", VIP6, CLIENT6, CLIENT6, VIP6, 40000, 80, l4)
     # the same not to us, quoting a FullNAT flow: left
     r2 = _nat_runner(_flow6(proto))
