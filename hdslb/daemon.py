@@ -318,13 +318,15 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         except OSError as e:
             p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
     ctl = protocol.resolve_socket(explicit_ctl)
+    # Absolute from where hdslbd was started: bcc cannot open a pinned map by a relative PIN_DIR (a fresh start died
+    # compiling, a restart was refused as a changed map layout), and status names them to other working directories.
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
-                    pin_root=ns.pin_root, xdp_mode=ns.xdp_mode, max_conns=max_conns or DEFAULT_MAX_CONNS,
+                    pin_root=os.path.abspath(ns.pin_root), xdp_mode=ns.xdp_mode, max_conns=max_conns or DEFAULT_MAX_CONNS,
                     max_conns6=max_conns6 or 0,
                     conn_table=conn_table or "percpu", lport_min=lo,
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file,
                     config_id=ns.config_id, fresh=ns.fresh,
-                    state_dir=ns.state_dir, timeouts=timeouts, aging_interval=ns.aging_interval,
+                    state_dir=os.path.abspath(ns.state_dir), timeouts=timeouts, aging_interval=ns.aging_interval,
                     api_listen=api_listen, api_token=token or None, log_file=log_file,
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
                     slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,

@@ -297,3 +297,17 @@ def test_the_api_token_from_the_environment_is_read_as_from_a_file(monkeypatch, 
     monkeypatch.delenv("HDSLB_CTRL", raising=False)
     monkeypatch.setenv("HDSLB_API_TOKEN", env)
     assert settings_from_args(["eth0"]).api_token == token
+
+
+def test_a_relative_pin_root_and_state_dir_are_taken_from_where_hdslbd_was_started(tmp_path, monkeypatch):
+    """`hdslb-ctl up eth0 --pin-root pins` passed the relative path on to the program's PIN_DIR, which bcc cannot
+    open: a fresh start died in a compile-error traceback, and a restart over the pins was refused as "a map layout
+    or size changed? start with --fresh" (which discards every flow). Both directories are made absolute as given,
+    so status and down name them wherever they run."""
+    monkeypatch.delenv("HDSLB_CTRL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    s = settings_from_args(["eth0", "--pin-root", "pins", "--state-dir", "./state"])
+    assert s.pin_dir == str(tmp_path / "pins" / "hdslb_ctrl")
+    assert s.state_file == str(tmp_path / "state" / "hdslb_ctrl.state")
+    monkeypatch.setenv("HDSLB_PIN_ROOT", "bpf")  # the environment's default alike
+    assert settings_from_args(["eth0"]).pin_dir == str(tmp_path / "bpf" / "hdslb_ctrl")
