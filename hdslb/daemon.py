@@ -746,8 +746,14 @@ class Daemon:
                         "connections and counters start empty", self.pin_dir, s.state_file, len(snap["services"]))
         try:
             await loop.run_in_executor(None, self.fp.load, adopt)
-        except RuntimeError as e:  # the pinned maps do not fit this build (sizes, table kind, layout): named
-            raise HdslbError(errno.EINVAL, str(e)) from None
+        except (RuntimeError, OSError) as e:
+            # RuntimeError: the pinned maps do not fit this build (sizes, table kind, layout); OSError: a map the
+            # kernel cannot make (a connection table too large, its estimate named). In one line, not a traceback;
+            # a fresh start removes what it made (the empty model saved above, its pin directory), an adopting one
+            # had its pins put back by load().
+            err = HdslbError(getattr(e, "errno", None) or errno.EINVAL, getattr(e, "strerror", None) or str(e))
+            await self._start_failed(adopt, err)
+            raise err from None
         self.maps = Maps(self.fp)
         self.maps.set_cfg(s.lport_min, s.lport_max)
         if snap is not None:

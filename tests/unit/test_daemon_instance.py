@@ -182,3 +182,28 @@ def test_a_start_whose_sizes_do_not_hold_the_saved_model_is_refused_naming_the_l
     assert "--max-dests 8 (it uses up to 9: --max-dests 9 at least)" in msg and "--fresh" in msg, msg
     with pytest.raises(HdslbError, match=rf"--max-hash-cells 256 \(it uses up to {cells}"):
         _daemon(tmp_path, "--max-hash-cells", "256")._check_snapshot_sizes(snap)
+
+
+async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_leaving_nothing(tmp_path, monkeypatch):
+    """`hdslb-ctl up eth0 --max-conns 400000000`: the kernel cannot allocate the connection table. The loader's
+    message (the estimate, the CPU count, the option to lower) came out as a traceback, and the start left the
+    empty model it had saved and its pin directory, so the next start restored a model nobody ran. The start is
+    refused as an HdslbError (main logs it in one line) and leaves nothing it made."""
+    from hdslb.balancer import Iface
+    from hdslb.fastpath import loader
+
+    class NoRoom(loader.FastPath):
+        def load(self, adopt):
+            os.makedirs(self.pin_dir, exist_ok=True)  # as load() makes it before creating the maps
+            raise OSError(errno.E2BIG, "cannot create the IPv4 connection map: 400000000 entries need ~72279 MiB of "
+                                       "kernel memory; lower --max-conns (conn_pool_size)")
+
+    monkeypatch.setattr(D, "read_ifaces", lambda names: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500) for n in names})
+    monkeypatch.setattr(loader, "FastPath", NoRoom)
+    monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
+    d = _daemon(tmp_path)
+    with pytest.raises(HdslbError) as e:
+        await d.run()
+    assert e.value.errno == errno.E2BIG and "lower --max-conns" in e.value.message, e.value.message
+    assert not os.path.exists(d.settings.state_file), "the empty model this start saved is gone"
+    assert not os.path.exists(d.pin_dir)
