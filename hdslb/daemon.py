@@ -584,10 +584,21 @@ def _option_line(c) -> str:
     return f"{c.where.file}:{c.where.line}: {c.path}: {val(c.old)} -> {val(c.new)}"
 
 
+def log_file_handler(path: str) -> logging.Handler:
+    """The handler of global_defs' log_file: it follows the path, so a log renamed by logrotate (its default
+    `create` mode) is written anew at the path instead of into the renamed file for ever."""
+    import logging.handlers
+
+    return logging.handlers.WatchedFileHandler(path)
+
+
 def swap_log_handler(root: logging.Logger, new: logging.Handler) -> None:
     """Send the log to `new` in place of the handler main() set up (a plain StreamHandler or FileHandler, with
     its format); handlers others added (a test's capture, journald) stay."""
-    mine = [h for h in root.handlers if type(h) in (logging.StreamHandler, logging.FileHandler)]
+    import logging.handlers
+
+    mine = [h for h in root.handlers
+            if type(h) in (logging.StreamHandler, logging.FileHandler, logging.handlers.WatchedFileHandler)]
     if mine:
         new.setFormatter(mine[0].formatter)
     root.addHandler(new)
@@ -1840,7 +1851,7 @@ class Daemon:
         if path is None:
             return logging.StreamHandler(sys.stderr)
         try:
-            return logging.FileHandler(path)
+            return log_file_handler(path)
         except OSError as e:
             raise HdslbError(e.errno or errno.EIO, f"{cfg.settings['global_defs.log_file'].where}: log_file: cannot "
                                                    f"open {path}: {e.strerror}; nothing was applied") from None
@@ -2794,7 +2805,8 @@ def main(argv: list[str] | None = None) -> int:
     # show: the REST access log writes a record per request (10k in a bulk load).
     logging.logThreads = logging.logMultiprocessing = logging.logProcesses = False
     logging.basicConfig(level=settings.log_level.upper(),
-                        **({"filename": settings.log_file} if settings.log_file else {"stream": sys.stderr}),
+                        handlers=[log_file_handler(settings.log_file) if settings.log_file
+                                  else logging.StreamHandler(sys.stderr)],
                         format=f"%(asctime)s hdslbd[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
         print("hdslbd: must run as root (loads XDP programs)", file=sys.stderr)

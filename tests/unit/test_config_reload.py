@@ -91,6 +91,34 @@ async def test_log_file_is_reopened_on_reload(tmp_path, root_logging):
     assert "after the reload" in log_path.read_text()
 
 
+async def test_a_log_file_moved_away_by_logrotate_is_written_anew(tmp_path, root_logging):
+    """logrotate renames global_defs' log_file (its default create mode) and hdslbd went on writing into the renamed
+    file for ever: the log at the configured path stayed empty, and a SIGHUP (the usual postrotate) did not reopen
+    an unchanged log_file. Its handler now follows the path (as a WatchedFileHandler does), at start as after a
+    reload."""
+    d, conf = await make(tmp_path, BASE)
+    log_path = tmp_path / "hdslb.log"
+    conf.write_text(BASE.replace("log_level INFO", f"log_level INFO\n    log_file {log_path}"))
+    await d.reload_config()
+    logging.getLogger("hdslb.test").warning("before the rotation")
+    os.rename(log_path, tmp_path / "hdslb.log.1")
+    logging.getLogger("hdslb.test").warning("after the rotation")
+    for h in root_logging.handlers:
+        h.flush()
+    assert "before the rotation" in (tmp_path / "hdslb.log.1").read_text()
+    assert "after the rotation" in log_path.read_text()
+    # main()'s handler for a log_file read at start follows it the same way
+    from hdslb.daemon import log_file_handler
+
+    h = log_file_handler(str(tmp_path / "start.log"))
+    try:
+        os.rename(tmp_path / "start.log", tmp_path / "start.log.1")
+        h.emit(logging.makeLogRecord({"msg": "after"}))
+        assert (tmp_path / "start.log").read_text() == "after\n"
+    finally:
+        h.close()
+
+
 async def test_a_log_file_that_cannot_be_opened_refuses_the_reload(tmp_path, root_logging):
     d, conf = await make(tmp_path, BASE)
     handlers = list(root_logging.handlers)
