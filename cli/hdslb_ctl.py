@@ -254,7 +254,8 @@ def cmd_check(ns) -> int:
     cfg = load(ns.config, ns.config_id)
     try:
         # what the model refuses, as a start or reload would, at the limits hdslbd will have
-        errors = dry_run(cfg, max_services=ns.max_services, max_dests=ns.max_dests)
+        errors = dry_run(cfg, max_services=ns.max_services, max_dests=ns.max_dests,
+                         max_hash_cells=ns.max_hash_cells)
     except HdslbError as e:  # the plan itself (an undefined group, ...)
         errors = [e.message]
     for e in errors:
@@ -616,6 +617,23 @@ def slowpath_line(sp: dict | None) -> str:
     return line
 
 
+def _limit(opt: str):
+    """check's --max-services, --max-dests, --max-hash-cells: refused where hdslbd refuses them (exit 2), since a
+    verdict at a limit hdslbd does not start with says nothing about the start."""
+    from hdslb.daemon import limit_error
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        why = limit_error(opt, value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdslb-ctl", description="control an hdslb balancer instance")
     p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
@@ -632,12 +650,15 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-i", "--config-id", metavar="ID", help="as keepalived -i: which `@ID` lines apply (default: the "
                                                             "node name, up to its first dot)")
     # the model's limits hdslbd will run with: a file past them is refused at start, so check says so first
+    from hdslb.balancer import DEFAULT_HASH_CELLS
     from hdslb.daemon import DEFAULT_MAX_DESTS, DEFAULT_MAX_SERVICES
 
-    ck.add_argument("--max-services", type=int, default=DEFAULT_MAX_SERVICES,
+    ck.add_argument("--max-services", type=_limit("--max-services"), default=DEFAULT_MAX_SERVICES,
                     help=f"as given to hdslbd (default {DEFAULT_MAX_SERVICES})")
-    ck.add_argument("--max-dests", type=int, default=DEFAULT_MAX_DESTS,
+    ck.add_argument("--max-dests", type=_limit("--max-dests"), default=DEFAULT_MAX_DESTS,
                     help=f"as given to hdslbd (default {DEFAULT_MAX_DESTS})")
+    ck.add_argument("--max-hash-cells", type=_limit("--max-hash-cells"), default=DEFAULT_HASH_CELLS,
+                    help=f"as given to hdslbd (default {DEFAULT_HASH_CELLS})")
     ck.set_defaults(func=cmd_check)
     dn = sub.add_parser("down", help="detach the XDP program, remove pinned state, stop hdslbd")
     dn.set_defaults(func=cmd_down)

@@ -145,6 +145,20 @@ def instance_error(name: str) -> str | None:
             f"the instance's pin directory and state file)")
 
 
+# The model's limits, as hdslbd and `hdslb-ctl check` (which judges a file at them) take them: option -> (least,
+# most, why the most)
+MODEL_LIMITS = {"--max-services": (1, MAX_SERVICES_LIMIT, " (service ids are 16 bits in the fast path's connection "
+                                                          "entries)"),
+                "--max-dests": (1, MAX_DESTS_LIMIT, ""),
+                "--max-hash-cells": (256, 1 << 26, "")}
+
+
+def limit_error(opt: str, value: int) -> str | None:
+    """Why `value` cannot be the model limit `opt` (MODEL_LIMITS), or None."""
+    lo, hi, why = MODEL_LIMITS[opt]
+    return None if lo <= value <= hi else f"must be within {lo}..{hi}{why}"
+
+
 def parse_lport_range(s: str) -> tuple[int, int]:
     m = re.fullmatch(r"([0-9]+)-([0-9]+)", s or "")  # (\d would take "١-٢")
     if not m:
@@ -256,15 +270,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         p.error("--aging-interval must be a number of seconds, more than 0 and at most 86400")
     if ns.instance is not None and instance_error(ns.instance):
         p.error(f"--instance: {instance_error(ns.instance)}")
-    if not 256 <= ns.max_hash_cells <= 1 << 26:
-        p.error("--max-hash-cells must be within 256..67108864")
     if not 64 <= ns.max_persist <= 1 << 24:
         p.error("--max-persist must be within 64..16777216")
-    if not 1 <= ns.max_services <= MAX_SERVICES_LIMIT:
-        p.error(f"--max-services must be within 1..{MAX_SERVICES_LIMIT} (service ids are 16 bits in the fast "
-                f"path's connection entries)")
-    if not 1 <= ns.max_dests <= MAX_DESTS_LIMIT:
-        p.error(f"--max-dests must be within 1..{MAX_DESTS_LIMIT}")
+    for opt, v in (("--max-hash-cells", ns.max_hash_cells), ("--max-services", ns.max_services),
+                   ("--max-dests", ns.max_dests)):
+        if limit_error(opt, v):
+            p.error(f"{opt} {limit_error(opt, v)}")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
     conn_table, max_conns6 = ns.conn_table, ns.max_conns6
     log_level, log_file = ns.log_level, None

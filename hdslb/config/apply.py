@@ -291,7 +291,7 @@ class _AnyIfaces(dict):
         return self[name]
 
 
-def dry_run(cfg, max_services: int = 1 << 20, max_dests: int = 1 << 24) -> list[str]:
+def dry_run(cfg, max_services: int = 1 << 20, max_dests: int = 1 << 24, max_hash_cells: int | None = None) -> list[str]:
     """What the daemon's model refuses of the file, found by loading it into an empty model over no datapath
     (hdslb-ctl check: `keepalived -t` for what parsing alone cannot see, such as an mh table size that is not
     prime or a local address on an interface the file does not attach). The errors name the virtual server's
@@ -302,7 +302,8 @@ def dry_run(cfg, max_services: int = 1 << 20, max_dests: int = 1 << 24) -> list[
     names = cfg.netif_defs.interfaces
     ifaces = {n: Iface(n, 2 + i, bytes([2, 0, 0, 0, 0, i + 1]), 1500) for i, n in enumerate(names)} if names \
         else _AnyIfaces()
-    bal = Balancer(NullDataPath(), ifaces, max_services=max_services, max_dests=max_dests)
+    bal = Balancer(NullDataPath(), ifaces, max_services=max_services, max_dests=max_dests,
+                   **({"max_hash_cells": max_hash_cells} if max_hash_cells is not None else {}))
     first = names[0] if names else "eth0"
     want = desired(cfg, lambda addr: first)
     # a SNAT service's source addresses are sapool addresses dpip adds at run time (dpip.conf, a script): taken as

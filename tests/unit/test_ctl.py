@@ -478,3 +478,23 @@ def test_hdslb_ctl_up_says_why_hdslbd_refused_its_options_and_exits_2(tmp_path, 
                          "--log-file", str(tmp_path / "d.log")])
     err = capsys.readouterr().err
     assert rc == 2 and err == "hdslbd: error: --max-conns must be at least 256\n", (rc, err)
+
+
+def test_check_takes_hdslbds_hash_cells_and_refuses_limits_hdslbd_refuses(tmp_path, capsys):
+    """The unit runs `check` before `hdslbd`, given the same limits. check had no --max-hash-cells, so a file whose
+    mh tables do not fit hdslbd's --max-hash-cells was OK and its start refused; and it took limits hdslbd refuses
+    (--max-services 0, -5, 100000000: every file OK or every service refused, nothing said about the option)."""
+    from cli import hdslb_ctl
+
+    conf = tmp_path / "mh.conf"
+    conf.write_text("virtual_server 10.0.0.1 80 {\n lb_algo mh\n lb_kind DR\n real_server 10.1.0.1 80 {\n }\n}\n")
+    assert hdslb_ctl.main(["check", "-f", str(conf)]) == 0
+    capsys.readouterr()
+    assert hdslb_ctl.main(["check", "-f", str(conf), "--max-hash-cells", "1024"]) == 1
+    assert f"{conf}:1:1: service.add 10.0.0.1: mh: table size 65537 exceeds" in capsys.readouterr().err
+    for argv in (["--max-services", "0"], ["--max-services", "100000000"], ["--max-dests", "-5"],
+                 ["--max-hash-cells", "10"]):
+        with pytest.raises(SystemExit) as e:
+            hdslb_ctl.main(["check", "-f", str(conf), *argv])
+        assert e.value.code == 2
+        assert f"argument {argv[0]}: must be within" in capsys.readouterr().err, argv
