@@ -540,15 +540,20 @@ def check_block(svc: dict, addr: str, port: int, a: dict, weight: int = 1) -> st
 
 
 def sd_notify(state: str) -> bool:
-    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; a no-op outside systemd."""
+    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; a no-op outside systemd. False when it could not
+    (no NOTIFY_SOCKET, or one that is gone): as sd_notify(3), never an error the daemon dies of."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at NOTIFY_SOCKET=%s: %s", os.environ.get("NOTIFY_SOCKET"), e.strerror or e)
+        return False
     return True
 
 

@@ -311,3 +311,21 @@ def test_a_relative_pin_root_and_state_dir_are_taken_from_where_hdslbd_was_start
     assert s.state_file == str(tmp_path / "state" / "hdslb_ctrl.state")
     monkeypatch.setenv("HDSLB_PIN_ROOT", "bpf")  # the environment's default alike
     assert settings_from_args(["eth0"]).pin_dir == str(tmp_path / "bpf" / "hdslb_ctrl")
+
+
+@pytest.mark.parametrize("where", ["no such path", "nobody listening"])
+def test_sd_notify_to_a_socket_that_is_gone_is_not_fatal(tmp_path, monkeypatch, where):
+    """NOTIFY_SOCKET naming a socket that is gone (inherited from a unit by a shell, a container's stale one, a
+    systemd restarted meanwhile): the READY=1 after a successful start raised out of Daemon.run(), and hdslbd died
+    with a traceback, the fast path attached, no final save; a SIGHUP's RELOADING=1 killed the reload. As
+    sd_notify(3), it now says it could not (False) and the daemon goes on."""
+    import socket as s
+
+    from hdslb.daemon import sd_notify
+
+    path = str(tmp_path / "notify")
+    if where == "nobody listening":
+        with s.socket(s.AF_UNIX, s.SOCK_DGRAM) as srv:
+            srv.bind(path)  # closed at once: the file stays, nobody reads it
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert sd_notify("READY=1") is False
