@@ -328,6 +328,13 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                 token = f.read().strip()
         except OSError as e:
             p.error(f"cannot read --api-token-file {ns.api_token_file}: {e.strerror}")
+    if api_listen is not None and not token:
+        from hdslb.api.app import is_loopback
+
+        host = api_listen.rpartition(":")[0]
+        if not is_loopback(host.strip("[]")):  # (start_api refuses it too, but only once compiled and attached)
+            p.error(f"--api-listen {api_listen}: away from loopback the REST API needs a bearer token "
+                    f"(--api-token-file FILE or $HDSLB_API_TOKEN), or bind 127.0.0.1")
     ctl = protocol.resolve_socket(explicit_ctl)
     # Absolute from where hdslbd was started: bcc cannot open a pinned map by a relative PIN_DIR (a fresh start died
     # compiling, a restart was refused as a changed map layout), and status names them to other working directories.

@@ -329,3 +329,20 @@ def test_sd_notify_to_a_socket_that_is_gone_is_not_fatal(tmp_path, monkeypatch, 
             srv.bind(path)  # closed at once: the file stays, nobody reads it
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     assert sd_notify("READY=1") is False
+
+
+def test_a_rest_api_off_loopback_without_a_token_is_a_usage_error(monkeypatch, capsys):
+    """`hdslb-ctl up eth0 --api-listen 0.0.0.0:53225` with no token: the refusal came from the REST server's start,
+    after the compile and the attach (seconds later, exit 1, a restart leaving the daemon dead over its pins, and
+    systemd restarting it in a loop). It is a bad command line, known before anything is touched: exit 2 in one
+    line, as the other option errors."""
+    monkeypatch.delenv("HDSLB_API_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "--api-listen", "0.0.0.0:53225"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-listen 0.0.0.0:53225" in err and "--api-token-file" in err, err
+    for ok in ("127.0.0.1:1", "[::1]:1", "localhost:1", "off"):
+        settings_from_args(["eth0", "--api-listen", ok])
+    monkeypatch.setenv("HDSLB_API_TOKEN", "s3cret")
+    assert settings_from_args(["eth0", "--api-listen", "0.0.0.0:53225"]).api_token == "s3cret"
