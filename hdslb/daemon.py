@@ -997,7 +997,13 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_logged()))
         await self._stop.wait()
-        sd_notify("STOPPING=1")
+        if self.reexec:
+            # to systemd a re-exec (same pid) is a reload: READY=1 follows from the new start. STOPPING=1 had it take
+            # the service for one shutting down, ignore that READY=1 and SIGKILL it once TimeoutStopSec ran out.
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\n"
+                      f"STATUS=re-executing to attach to an interface that came back")
+        else:
+            sd_notify("STOPPING=1")
         await self.stop()
 
     async def _watch_ifaces(self, interval: float = IFACE_WATCH_S) -> None:

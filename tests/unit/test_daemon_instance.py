@@ -207,3 +207,42 @@ async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_le
     assert e.value.errno == errno.E2BIG and "lower --max-conns" in e.value.message, e.value.message
     assert not os.path.exists(d.settings.state_file), "the empty model this start saved is gone"
     assert not os.path.exists(d.pin_dir)
+
+
+@pytest.mark.parametrize("reexec", [False, True])
+async def test_systemd_is_told_a_reexec_is_a_reload_not_a_stop(tmp_path, monkeypatch, reexec):
+    """An interface deleted and made again: hdslbd re-executes itself (same pid) to attach again. It told systemd
+    STOPPING=1 on the way, as for a real stop; systemd then takes a Type=notify service for one shutting down
+    (deactivating, stop-sigterm), ignores the READY=1 of the re-executed daemon and SIGKILLs it when
+    TimeoutStopSec runs out. A re-exec now says RELOADING=1 (READY=1 follows from the new start); a stop still
+    says STOPPING=1."""
+    import socket as s
+
+    path = str(tmp_path / "notify")
+    srv = s.socket(s.AF_UNIX, s.SOCK_DGRAM)
+    srv.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    d = _daemon(tmp_path)
+
+    async def start():
+        d.bal = type("Bal", (), {"services": {}})()
+        d.reexec = reexec  # as _check_ifaces sets it, or a SIGTERM
+        d._stop.set()
+
+    async def stop():
+        pass
+
+    d.start, d.stop = start, stop
+    try:
+        await d.run()
+        srv.setblocking(False)
+        said = []
+        while True:
+            try:
+                said.append(srv.recv(4096).decode())
+            except BlockingIOError:
+                break
+    finally:
+        srv.close()
+    assert said[0].startswith("READY=1")
+    assert ("STOPPING=1" in said[-1]) == (not reexec) and ("RELOADING=1" in said[-1]) == reexec, said
