@@ -82,6 +82,16 @@ def cmd_up(ns) -> int:
         logs = [(p, os.fstat(lf.fileno()).st_size if p == logfile else off) for p, off in logs]  # earlier runs' lines
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    try:
+        return _wait_ready(proc, ctl, logs, logfile, daemon_log)
+    except KeyboardInterrupt:  # Ctrl-C: hdslbd, in a session of its own, is not interrupted with us
+        print(f"hdslb-ctl: interrupted; hdslbd pid {proc.pid} goes on starting in the background (log "
+              f"{daemon_log or logfile}; hdslb-ctl status shows it, hdslb-ctl down stops it)", file=sys.stderr)
+        return 130
+
+
+def _wait_ready(proc, ctl: str, logs: list, logfile: str, daemon_log: str | None) -> int:
+    """Until hdslbd answers ready (0) or exits (its exit, with what it wrote to its logs), or UP_TIMEOUT_S."""
     deadline = time.monotonic() + UP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -682,7 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cli.common import closed_stdout_quiet
 
-    return closed_stdout_quiet(lambda: _main(argv))  # `hdslb-ctl status | head -1`: no "Broken pipe"
+    try:
+        return closed_stdout_quiet(lambda: _main(argv))  # `hdslb-ctl status | head -1`: no "Broken pipe"
+    except KeyboardInterrupt:  # Ctrl-C while waiting on the daemon or a compile: one line, a shell's SIGINT status
+        print("hdslb-ctl: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

@@ -498,3 +498,38 @@ def test_check_takes_hdslbds_hash_cells_and_refuses_limits_hdslbd_refuses(tmp_pa
             hdslb_ctl.main(["check", "-f", str(conf), *argv])
         assert e.value.code == 2
         assert f"argument {argv[0]}: must be within" in capsys.readouterr().err, argv
+
+
+def test_ctrl_c_while_up_waits_says_the_daemon_goes_on_starting(tmp_path, monkeypatch, capsys):
+    """Ctrl-C on `hdslb-ctl up` while it waited for hdslbd (a compile takes seconds) printed a KeyboardInterrupt
+    traceback, and nothing said that the daemon, in a session of its own, went on starting and attaching. It now
+    says so in one line (the pid, the log, how to stop it) and exits 130, as a shell reports SIGINT; the other
+    commands end on Ctrl-C in one line as well."""
+    from cli import hdslb_ctl
+
+    class Starting:
+        pid, returncode = 4242, None
+
+        def __init__(self, argv, **kw):
+            pass
+
+        def poll(self):
+            return None
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hdslb_ctl.subprocess, "Popen", Starting)
+    monkeypatch.setattr(hdslb_ctl.time, "sleep", interrupted)
+    log = str(tmp_path / "d.log")
+    assert hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "up", "--log-file", log, "eth7"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "hdslbd pid 4242" in err and log in err and "hdslb-ctl down" in err, err
+
+    def status_interrupted(ns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hdslb_ctl, "cmd_status", status_interrupted)
+    assert hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "status"]) == 130
+    assert capsys.readouterr().err == "hdslb-ctl: interrupted\n"
