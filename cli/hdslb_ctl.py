@@ -451,7 +451,9 @@ def decap_parser() -> argparse.ArgumentParser:
     sp = dp.add_subparsers(dest="action", required=True, metavar="{up,down,show,zero}")
 
     def common(p):
-        p.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, help=f"bpffs root for the pins (default {DEFAULT_PIN_ROOT})")
+        # absolute: bcc cannot make or open pins by a relative PIN_DIR (the compile failed, blaming a map layout)
+        p.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, type=os.path.abspath,
+                       help=f"bpffs root for the pins (default {DEFAULT_PIN_ROOT})")
 
     up = sp.add_parser("up", help="attach (or refresh) the decap program on IFACE")
     up.add_argument("iface", metavar="IFACE")

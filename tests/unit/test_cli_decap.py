@@ -191,3 +191,24 @@ def test_up_on_the_renamed_interface_names_the_instance_that_runs_there(tmp_path
     monkeypatch.setattr(decap, "pinned_prog_id", lambda d: 12 if d.endswith("/eth0") else None)
     with pytest.raises(decap.DecapError, match=r"runs the decap program of instance eth0 .*decap down eth0` first"):
         REAL_UP("lan0", pin_root=root)
+
+
+@pytest.mark.parametrize("action", [["up", "eth0"], ["down", "eth0"], ["zero", "eth0"], ["show"]])
+def test_a_relative_pin_root_is_taken_from_where_the_command_runs(monkeypatch, tmp_path, action):
+    """`hdslb-ctl decap up eth0 --pin-root bpffs/x` (run from /run/hdslb) passed the relative path into the
+    program's PIN_DIR: bcc could not make the pins ("failed to mkdir bpffs/x/decap/...") and the compile failed,
+    with advice to `decap down` first as if a map layout had changed. Every decap command takes it as absolute."""
+    seen = []
+
+    def reached(*args):
+        seen.append(args[-1])
+        if action[0] == "up":
+            return decap.DecapStatus("eth0", "rs1", "d", 7, "generic", 7, True, [])
+        if action[0] == "down":
+            return decap.DecapStatus("eth0", "rs1", "d", 7, "generic", 7, True, [])
+        return []
+
+    monkeypatch.setattr(decap, action[0], reached)
+    monkeypatch.chdir(tmp_path)
+    exit_code(["decap", *action, "--pin-root", "bpffs/x"])
+    assert seen == [str(tmp_path / "bpffs" / "x")]
