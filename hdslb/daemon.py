@@ -2823,9 +2823,31 @@ def down_offline(settings: Settings) -> list[str]:
         except FileNotFoundError:
             pass
         d._remove_stale_saves()
+        if _dead_socket(settings.ctl_socket):  # (its lock held here: no daemon of the instance is starting on it)
+            os.unlink(settings.ctl_socket)
+            done.append(f"removed the dead control socket {settings.ctl_socket}")
     finally:
         d._release_locks()
     return done
+
+
+def _dead_socket(path: str) -> bool:
+    """True for a unix socket file nobody listens on (a killed daemon's); never for another kind of file."""
+    import stat
+
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,3 +246,29 @@ async def test_systemd_is_told_a_reexec_is_a_reload_not_a_stop(tmp_path, monkeyp
         srv.close()
     assert said[0].startswith("READY=1")
     assert ("STOPPING=1" in said[-1]) == (not reexec) and ("RELOADING=1" in said[-1]) == reexec, said
+
+
+def test_down_without_a_daemon_removes_the_dead_control_socket_too(tmp_path):
+    """After kill -9 (or a crash), `hdslb-ctl down` removed the pins and the saved model but left the control socket
+    file, with nobody behind it: `[ -S /var/run/hdslb_ctrl ]` and the like still said an instance was there. The
+    socket goes with the rest when nothing answers on it; a live one (another process serving the path) stays."""
+    import socket
+
+    from hdslb.daemon import down_offline
+
+    ctl = str(tmp_path / "lb.ctrl")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(ctl)
+    dead.close()  # the file stays, as a killed daemon leaves it
+    s = settings_from_args(["eth0", "--ctl-socket", ctl, "--state-dir", str(tmp_path / "state"), "--pin-root",
+                            str(tmp_path / "bpf")])
+    done = down_offline(s)
+    assert not os.path.exists(ctl) and any(ctl in line for line in done), done
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(ctl)
+    live.listen(1)
+    try:
+        assert down_offline(s) == [] and os.path.exists(ctl)
+    finally:
+        live.close()
+        os.unlink(ctl)
