@@ -72,7 +72,8 @@ def cmd_up(ns) -> int:
     for dest, (opt, takes_value) in ns.forward.items():  # the options given, as given
         if hasattr(ns, dest):
             argv += [opt, str(getattr(ns, dest))] if takes_value else [opt] if getattr(ns, dest) else []
-    logfile = ns.log_file or log_path(ctl, getattr(ns, "instance", None))
+    # (absolute: a bare file name's directory is '', which makedirs refuses, and the path is printed)
+    logfile = os.path.abspath(ns.log_file or log_path(ctl, getattr(ns, "instance", None)))
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     # The file's log_file is where hdslbd logs (the redirected output then holds little but a crash): a failed
     # start's reason is shown from there, not from an empty --log-file.

@@ -533,3 +533,17 @@ def test_ctrl_c_while_up_waits_says_the_daemon_goes_on_starting(tmp_path, monkey
     monkeypatch.setattr(hdslb_ctl, "cmd_status", status_interrupted)
     assert hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "status"]) == 130
     assert capsys.readouterr().err == "hdslb-ctl: interrupted\n"
+
+
+def test_up_takes_a_log_file_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    """`hdslb-ctl up eth0 --log-file up.log` failed before starting anything with "[Errno 2] No such file or
+    directory: ''" (the directory of a bare file name is '', which makedirs refuses). The log is made in the working
+    directory, and named by its absolute path."""
+    from cli import hdslb_ctl
+
+    exited_popen(monkeypatch, hdslb_ctl)
+    monkeypatch.chdir(tmp_path)
+    assert hdslb_ctl.main(["--ctl-socket", str(tmp_path / "none.sock"), "up", "--log-file", "up.log", "eth7"]) == 1
+    err = capsys.readouterr().err
+    assert f"hdslbd exited with status 3; last lines it wrote to {tmp_path / 'up.log'}" in err, err
+    assert (tmp_path / "up.log").exists()
