@@ -2850,6 +2850,12 @@ def _dead_socket(path: str) -> bool:
     return False
 
 
+def reexec_argv(argv: list[str]) -> list[str]:
+    """The command line a re-exec runs: this one without --fresh (or an abbreviation argparse takes for it), since
+    what this daemon made and changed is what the re-executed one must adopt, not discard."""
+    return [a for a in argv if not (a.startswith("--f") and "--fresh".startswith(a))]
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     # The pid is written into the format once, and records skip the thread/process lookups the format does not
@@ -2871,7 +2877,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if d.reexec:  # the same command line, the same pid (systemd's MAINPID): it adopts what this one left
         logging.shutdown()
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        os.execv(sys.executable, [sys.executable, *reexec_argv(sys.orig_argv[1:])])
     return 0
 
 

@@ -272,3 +272,19 @@ def test_down_without_a_daemon_removes_the_dead_control_socket_too(tmp_path):
     finally:
         live.close()
         os.unlink(ctl)
+
+
+def test_a_reexec_does_not_run_fresh_again():
+    """`hdslb-ctl up eth0 --fresh`, services added with ipvsadm, then the interface deleted and made again (a driver
+    reload): hdslbd logged "restarting hdslbd to attach to it; services and connections are kept" and re-executed
+    its own command line, --fresh included, which discarded the pinned maps and saved an empty model: every service
+    and connection was gone. The re-exec runs the command line without --fresh (nor an abbreviation argparse
+    takes for it); the rest stays as given."""
+    from hdslb.daemon import reexec_argv
+
+    orig = ["-m", "hdslb.daemon", "eth0", "--fresh", "--state-dir", "/s", "--fre", "-f", "/etc/hdslb.conf",
+            "--xdp-mode", "generic"]
+    assert reexec_argv(orig) == ["-m", "hdslb.daemon", "eth0", "--state-dir", "/s", "-f", "/etc/hdslb.conf",
+                                 "--xdp-mode", "generic"]
+    parse = D.build_parser().parse_args
+    assert parse(orig[2:]).fresh is True and parse(reexec_argv(orig)[2:]).fresh is False
