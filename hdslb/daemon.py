@@ -2875,6 +2875,10 @@ def main(argv: list[str] | None = None) -> int:
     except HdslbError as e:
         log.error("%s", e.message)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the start finished (after it, SIGINT stops the daemon as SIGTERM)
+        log.error("interrupted during the start: what it made so far stays, as after kill -9 (the next start "
+                  "adopts it; hdslb-ctl down removes it)")
+        return 130
     if d.reexec:  # the same command line, the same pid (systemd's MAINPID): it adopts what this one left
         logging.shutdown()
         os.execv(sys.executable, [sys.executable, *reexec_argv(sys.orig_argv[1:])])

@@ -288,3 +288,18 @@ def test_a_reexec_does_not_run_fresh_again():
                                  "--xdp-mode", "generic"]
     parse = D.build_parser().parse_args
     assert parse(orig[2:]).fresh is True and parse(reexec_argv(orig)[2:]).fresh is False
+
+
+def test_ctrl_c_during_a_foreground_start_is_one_line_not_a_traceback(tmp_path, monkeypatch, caplog, capsys):
+    """hdslbd run by hand, Ctrl-C while it compiled: a CancelledError and a KeyboardInterrupt traceback. The start
+    stops as kill -9 would stop it (README: the next start adopts what it made; `hdslb-ctl down` removes it); that is
+    now said in one line, exit 130."""
+    async def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.Daemon, "run", interrupted)
+    monkeypatch.setattr(D.os, "geteuid", lambda: 0)
+    rc = D.main(["eth0", "--state-dir", str(tmp_path / "state"), "--pin-root", str(tmp_path / "bpf")])
+    assert rc == 130
+    assert "interrupted during the start" in caplog.text and "hdslb-ctl down" in caplog.text, caplog.text
+    assert "Traceback" not in capsys.readouterr().err
