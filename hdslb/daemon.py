@@ -277,6 +277,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         if limit_error(opt, v):
             p.error(f"{opt} {limit_error(opt, v)}")
     interfaces, explicit_ctl, max_conns, notices = list(ns.interfaces), ns.ctl_socket, ns.max_conns, []
+    iface_where = {}  # the netif_defs line of each interface the file gives (none given on the command line)
     conn_table, max_conns6 = ns.conn_table, ns.max_conns6
     log_level, log_file = ns.log_level, None
     neigh = (60.0, 128, 64)
@@ -289,7 +290,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
             cfg = load(ns.config_file, ns.config_id)
         except (ConfigError, OSError) as e:
             p.exit(2, f"hdslbd: {e}\n")
-        interfaces = interfaces or list(cfg.netif_defs.interfaces)
+        if not interfaces:
+            interfaces = list(cfg.netif_defs.interfaces)
+            iface_where = {d.name: str(d.where) for d in cfg.netif_defs.device if d.where is not None}
         # the file's unix_domain only where it writes one: the keyword's default stood over $HDSLB_CTRL
         explicit_ctl = explicit_ctl or cfg.ctl_socket
         if ns.max_conns is None and cfg.ipvs_defs.conn.conn_pool_size:  # the command line wins, also at 262144
@@ -349,7 +352,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     neigh_timeout=neigh[0], unres_queue_length=neigh[1], default_ttl=neigh[2],
                     slowpath=not ns.no_slowpath, max_hash_cells=ns.max_hash_cells,
                     max_persist=ns.max_persist, max_services=ns.max_services, max_dests=ns.max_dests,
-                    extra={"notices": notices, "log_level_from_cli": ns.log_level is not None})
+                    extra={"notices": notices, "log_level_from_cli": ns.log_level is not None,
+                           "iface_where": iface_where})
 
 
 def _check_saved_timeouts(saved) -> None:
@@ -564,7 +568,9 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def read_ifaces(names: list[str]) -> dict[str, Iface]:
+def read_ifaces(names: list[str], where: dict[str, str] | None = None) -> dict[str, Iface]:
+    """The interfaces by name; `where`: the config line that named each (netif_defs), for the refusal of one
+    missing."""
     from pyroute2 import IPRoute
 
     out = {}
@@ -572,6 +578,8 @@ def read_ifaces(names: list[str]) -> dict[str, Iface]:
         for name in names:
             links = ipr.link_lookup(ifname=name)
             if not links:
+                if where and name in where:
+                    raise HdslbError(errno.ENODEV, f"{where[name]}: device {name}: no such interface")
                 raise HdslbError(errno.ENODEV, f"no such interface: {name}")
             link = ipr.link("get", index=links[0])[0]
             mac = bytes(int(x, 16) for x in link.get_attr("IFLA_ADDRESS").split(":"))
@@ -752,7 +760,7 @@ class Daemon:
         self._remove_stale_saves()
         loop = asyncio.get_running_loop()
         # pyroute2's synchronous API refuses to run inside an event loop; netlink work goes to a thread.
-        ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces)
+        ifaces = await loop.run_in_executor(None, read_ifaces, s.interfaces, s.extra.get("iface_where"))
         self.fp = FastPath(self.pin_dir, self.sizes)
         snap = None if s.fresh else self._read_state()
         if snap is not None:

@@ -198,7 +198,7 @@ async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_le
             raise OSError(errno.E2BIG, "cannot create the IPv4 connection map: 400000000 entries need ~72279 MiB of "
                                        "kernel memory; lower --max-conns (conn_pool_size)")
 
-    monkeypatch.setattr(D, "read_ifaces", lambda names: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500) for n in names})
+    monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500) for n in names})
     monkeypatch.setattr(loader, "FastPath", NoRoom)
     monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
     d = _daemon(tmp_path)
