@@ -1004,6 +1004,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_logged()))
+        # keepalived dumps its data / stats on these: by default they would end hdslbd at once, without its stop
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, lambda name=sig.name: log.warning(
+                "%s ignored: hdslbd writes no dump file (keepalived's habit); its state is shown by hdslb-ctl "
+                "status, ipvsadm -Ln [--stats] and hdslb-ctl health show", name))
         await self._stop.wait()
         if self.reexec:
             # to systemd a re-exec (same pid) is a reload: READY=1 follows from the new start. STOPPING=1 had it take

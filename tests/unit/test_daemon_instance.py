@@ -2,6 +2,7 @@
 or state file refuse before touching anything, the temp files of saves cut short, a state file gone while pins
 forward."""
 
+import asyncio
 import errno
 import os
 
@@ -303,3 +304,34 @@ def test_ctrl_c_during_a_foreground_start_is_one_line_not_a_traceback(tmp_path, 
     assert rc == 130
     assert "interrupted during the start" in caplog.text and "hdslb-ctl down" in caplog.text, caplog.text
     assert "Traceback" not in capsys.readouterr().err
+
+
+async def test_keepalived_dump_signals_do_not_kill_the_daemon(tmp_path, monkeypatch, caplog):
+    """keepalived dumps its data on SIGUSR1 and its stats on SIGUSR2; an operator's habit `kill -USR1 $(pidof
+    hdslbd)` met no handler, and the default action ended hdslbd at once, without its stop (a coalesced save still
+    pending was lost, and the restart removed what the saved model lacked from the fast path). They are answered
+    with a log line naming what shows that state."""
+    import signal
+
+    caught = []
+    before = {sig: signal.signal(sig, lambda s, f: caught.append(s)) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    d = _daemon(tmp_path)
+
+    async def start():
+        d.bal = type("Bal", (), {"services": {}})()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(os.kill, os.getpid(), signal.SIGUSR1)
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGUSR2)
+        loop.call_later(0.2, d._stop.set)
+
+    async def stop():
+        pass
+
+    d.start, d.stop = start, stop
+    try:
+        await d.run()
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+    assert caught == [], "the daemon left SIGUSR1/SIGUSR2 to their default action (the process ends)"
+    assert "SIGUSR1" in caplog.text and "SIGUSR2" in caplog.text and "ipvsadm -Ln" in caplog.text, caplog.text
