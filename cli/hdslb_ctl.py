@@ -578,6 +578,8 @@ def cmd_status(ns) -> int:
         print(f"hdslb-ctl: {e}", file=sys.stderr)
         return 3  # like systemctl status: not running
     print(f"hdslbd {st['version']} pid {st['pid']} up {st['uptime_s']} s")
+    if st.get("ready") is False:  # the socket answers before the start has finished
+        print("  starting:       not ready yet: the config file, REST API and health checks are still being started")
     print(f"  control socket: {st['ctl_socket']}")
     print(f"  pinned maps:    {st['pin_dir']}")
     for ifname, mode in st["interfaces"].items():

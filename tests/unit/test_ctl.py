@@ -547,3 +547,30 @@ def test_up_takes_a_log_file_in_the_working_directory(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert f"hdslbd exited with status 3; last lines it wrote to {tmp_path / 'up.log'}" in err, err
     assert (tmp_path / "up.log").exists()
+
+
+def test_status_says_a_daemon_that_is_still_starting_is_not_ready(monkeypatch, capsys):
+    """The control socket answers before the start has finished (the config file, the REST API and the health checks
+    come after it): `status` looked the same as for a running instance, so a script waiting on `hdslb-ctl status`
+    went on before the file's services were there. It says the daemon is starting until it is ready (up waits for
+    that)."""
+    from cli import hdslb_ctl
+
+    st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
+          "interfaces": {"eth0": "native"}, "services": 0, "ready": False}
+
+    class Fake:
+        def __init__(self, path, timeout=None):
+            pass
+
+        def call(self, op, args=None):
+            if op == "daemon.status":
+                return st
+            raise DaemonUnreachable("gone")
+
+    monkeypatch.setattr(hdslb_ctl, "Client", Fake)
+    assert hdslb_ctl.main(["status"]) == 0
+    assert "starting" in capsys.readouterr().out
+    st["ready"] = True
+    assert hdslb_ctl.main(["status"]) == 0
+    assert "starting" not in capsys.readouterr().out
