@@ -788,12 +788,18 @@ class Daemon:
                         "connections and counters start empty", self.pin_dir, s.state_file, len(snap["services"]))
         try:
             await loop.run_in_executor(None, self.fp.load, adopt)
-        except (RuntimeError, OSError) as e:
+        except Exception as e:
             # RuntimeError: the pinned maps do not fit this build (sizes, table kind, layout); OSError: a map the
-            # kernel cannot make (a connection table too large, its estimate named). In one line, not a traceback;
-            # a fresh start removes what it made (the empty model saved above, its pin directory), an adopting one
-            # had its pins put back by load().
-            err = HdslbError(getattr(e, "errno", None) or errno.EINVAL, getattr(e, "strerror", None) or str(e))
+            # kernel cannot make (a connection table too large, its estimate named); bcc's bare Exception: the
+            # program does not compile (clang's errors above it: kernel headers missing, ...). In one line, not a
+            # traceback; a fresh start removes what it made (the empty model saved above, its pin directory), an
+            # adopting one had its pins put back by load().
+            if not isinstance(e, (RuntimeError, OSError)) and type(e) is not Exception:
+                raise  # a bug, not a refusal: its traceback is wanted
+            why = getattr(e, "strerror", None) or str(e)
+            if type(e) is Exception:
+                why = f"cannot load the XDP program: {why}"
+            err = HdslbError(getattr(e, "errno", None) or errno.EINVAL, why)
             await self._start_failed(adopt, err)
             raise err from None
         self.maps = Maps(self.fp)

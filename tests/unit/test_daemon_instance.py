@@ -335,3 +335,27 @@ async def test_keepalived_dump_signals_do_not_kill_the_daemon(tmp_path, monkeypa
             signal.signal(sig, h)
     assert caught == [], "the daemon left SIGUSR1/SIGUSR2 to their default action (the process ends)"
     assert "SIGUSR1" in caplog.text and "SIGUSR2" in caplog.text and "ipvsadm -Ln" in caplog.text, caplog.text
+
+
+async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_path, monkeypatch):
+    """bcc's compile failing on a fresh start (kernel headers missing on a new box, a clang too old) raised bcc's bare
+    Exception out of Daemon.start(): a traceback after clang's errors, the empty model and the new pins left for the
+    next start to adopt. Refused in one line, as a map the kernel cannot make is, leaving nothing."""
+    from hdslb.balancer import Iface
+    from hdslb.fastpath import loader
+
+    class NoCompile(loader.FastPath):
+        def load(self, adopt):
+            os.makedirs(self.pin_dir, exist_ok=True)
+            open(os.path.join(self.pin_dir, "conn4_map"), "w").close()  # the conn maps are pinned before the compile
+            raise Exception("Failed to compile BPF module b'/opt/hdslb/bpf/hdslb_xdp.c'")
+
+    monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500)
+                                                                     for n in names})
+    monkeypatch.setattr(loader, "FastPath", NoCompile)
+    monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
+    d = _daemon(tmp_path)
+    with pytest.raises(HdslbError) as e:
+        await d.run()
+    assert "Failed to compile BPF module" in e.value.message, e.value.message
+    assert not os.path.exists(d.settings.state_file) and not os.path.exists(d.pin_dir)
