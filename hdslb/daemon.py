@@ -256,6 +256,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     ns = p.parse_args(argv)
     if not ns.interfaces and not ns.config_file:
         p.error("no interface given (name one or more, or use -f with a netif_defs section)")
+    if ns.config_id is not None and not ns.config_file:
+        p.error("-i/--config-id picks the `@ID` lines of -f's file: it takes -f CONFIG (the instance is --instance)")
     try:
         lo, hi = parse_lport_range(ns.lport_range)
     except ValueError as e:

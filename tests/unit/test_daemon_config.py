@@ -366,3 +366,12 @@ def test_a_netif_defs_device_that_does_not_exist_is_named_at_its_line(tmp_path, 
     s = settings_from_args(["nosuch1", "-f", str(conf)])  # the command line's, not the file's
     with pytest.raises(HdslbError, match="^no such interface: nosuch1$"):
         read_ifaces(s.interfaces, s.extra["iface_where"])
+
+
+def test_a_config_id_without_a_config_file_is_a_usage_error(capsys):
+    """`hdslbd eth0 -i lb2` (or `hdslb-ctl up eth0 -i lb2`): -i picks the `@ID` lines of -f's file, and without -f
+    it was taken and did nothing, so an operator who meant `-f` (or thought -i named an instance) was told nothing.
+    Refused as ipvsadm refuses an option its command does not take."""
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "-i", "lb2"])
+    assert e.value.code == 2 and "-i/--config-id" in capsys.readouterr().err
