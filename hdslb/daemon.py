@@ -2817,11 +2817,18 @@ def down_offline(settings: Settings) -> list[str]:
     Returns what was done, one line each (empty: there was nothing of the instance). Refused while a daemon of the
     instance holds its lock (one starting, or not answering)."""
     from hdslb.fastpath import loader, xdp_pass
+    from hdslb.fastpath.decap import is_bpffs
 
     d = Daemon(settings)
     d._take_locks()
     done = []
     try:
+        if os.path.isdir(d.pin_dir) and not is_bpffs(d.pin_dir):
+            # pins live on a bpffs only: a --pin-root given wrong (/var/lib, --instance mysql) must not have down
+            # remove a tree that was never hdslb's
+            raise HdslbError(errno.EINVAL, (
+                f"{d.pin_dir} is not on a bpffs, so it holds no pinned maps: it is not removed and nothing was "
+                f"changed (is --pin-root {settings.pin_root} the one hdslbd was started with?)"))
         ours = loader.pinned_map_ids(d.pin_dir)
         here = loader.our_xdp_links(ours) if ours else []
         elsewhere = loader.progs_using(ours) - {prog_id for _, _, prog_id in here} if ours else set()

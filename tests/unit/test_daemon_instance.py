@@ -359,3 +359,24 @@ async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_p
         await d.run()
     assert "Failed to compile BPF module" in e.value.message, e.value.message
     assert not os.path.exists(d.settings.state_file) and not os.path.exists(d.pin_dir)
+
+
+def test_down_without_a_daemon_never_removes_a_directory_that_holds_no_pins(tmp_path):
+    """`hdslb-ctl down --pin-root /var/lib --instance mysql` (a wrong --pin-root, no daemon running) removed
+    /var/lib/mysql whole, reporting "removed the pinned maps": pins live on a bpffs only, and the directory was
+    taken down without a look. A directory not on a bpffs is refused, naming it, and nothing is changed (the saved
+    model included)."""
+    from hdslb.daemon import down_offline
+
+    victim = tmp_path / "lib" / "mysql"
+    victim.mkdir(parents=True)
+    (victim / "ibdata1").write_text("precious")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mysql.state").write_text("a model")
+    s = settings_from_args(["eth0", "--ctl-socket", str(tmp_path / "x.ctrl"), "--instance", "mysql",
+                            "--pin-root", str(tmp_path / "lib"), "--state-dir", str(state)])
+    with pytest.raises(HdslbError) as e:
+        down_offline(s)
+    assert str(victim) in e.value.message and "bpffs" in e.value.message, e.value.message
+    assert (victim / "ibdata1").read_text() == "precious" and (state / "mysql.state").exists()
