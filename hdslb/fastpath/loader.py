@@ -137,6 +137,10 @@ def ensure_bpffs(root: str) -> None:
     os.makedirs(root, exist_ok=True)
     if is_bpffs(root):
         return
+    if os.listdir(root):  # a mount over it would hide what it holds from every process (/run/hdslb, /var/lib, ...)
+        raise OSError(errno.ENOTEMPTY, f"--pin-root {root} is neither on a bpffs nor empty: mounting a bpffs there "
+                                       f"would hide what it holds; give a directory on a bpffs (the default "
+                                       f"{DEFAULT_PIN_ROOT}, or one below it) or an empty one")
     if _in_private_mount_ns():
         log.warning("%s is not on a bpffs and this process has a mount namespace of its own (as under `ip netns "
                     "exec`): a bpffs mounted here goes with it, and the pins with it; mount one there beforehand "
@@ -778,7 +782,11 @@ class FastPath:
                 log.warning("detach %s: %s", ifname, e)
 
     def unpin(self) -> None:
-        if os.path.isdir(self.pin_dir):
+        from hdslb.fastpath.decap import is_bpffs
+
+        # only on a bpffs, where pins live: a start that failed before its pin root was one (refused above) must not
+        # remove a directory of that name elsewhere
+        if os.path.isdir(self.pin_dir) and is_bpffs(self.pin_dir):
             shutil.rmtree(self.pin_dir)
 
     def close(self) -> None:

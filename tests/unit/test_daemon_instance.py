@@ -191,7 +191,7 @@ async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_le
     empty model it had saved and its pin directory, so the next start restored a model nobody ran. The start is
     refused as an HdslbError (main logs it in one line) and leaves nothing it made."""
     from hdslb.balancer import Iface
-    from hdslb.fastpath import loader
+    from hdslb.fastpath import decap, loader
 
     class NoRoom(loader.FastPath):
         def load(self, adopt):
@@ -202,6 +202,7 @@ async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_le
     monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500) for n in names})
     monkeypatch.setattr(loader, "FastPath", NoRoom)
     monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
+    monkeypatch.setattr(decap, "is_bpffs", lambda path: True)  # (the pin directory load() makes is on a bpffs)
     d = _daemon(tmp_path)
     with pytest.raises(HdslbError) as e:
         await d.run()
@@ -342,7 +343,7 @@ async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_p
     Exception out of Daemon.start(): a traceback after clang's errors, the empty model and the new pins left for the
     next start to adopt. Refused in one line, as a map the kernel cannot make is, leaving nothing."""
     from hdslb.balancer import Iface
-    from hdslb.fastpath import loader
+    from hdslb.fastpath import decap, loader
 
     class NoCompile(loader.FastPath):
         def load(self, adopt):
@@ -354,6 +355,7 @@ async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_p
                                                                      for n in names})
     monkeypatch.setattr(loader, "FastPath", NoCompile)
     monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
+    monkeypatch.setattr(decap, "is_bpffs", lambda path: True)  # (the pin directory load() makes is on a bpffs)
     d = _daemon(tmp_path)
     with pytest.raises(HdslbError) as e:
         await d.run()
@@ -380,3 +382,27 @@ def test_down_without_a_daemon_never_removes_a_directory_that_holds_no_pins(tmp_
         down_offline(s)
     assert str(victim) in e.value.message and "bpffs" in e.value.message, e.value.message
     assert (victim / "ibdata1").read_text() == "precious" and (state / "mysql.state").exists()
+
+
+def test_a_pin_root_that_is_not_a_bpffs_is_never_mounted_over_nor_cleaned(tmp_path, monkeypatch):
+    """`hdslbd eth0 --pin-root /run/hdslb` (one level short of /run/hdslb/bpffs) or `--pin-root /var/lib`: a pin root
+    not on a bpffs was made one by mounting a bpffs over it, whatever it held: the instance's state files and locks
+    (or a system directory) vanished under the mount for every process until someone unmounted it. A non-empty
+    directory is refused instead, naming it; an empty one is still mounted. And a start failing there no longer
+    removes PIN_ROOT/INSTANCE, which is no pin directory of ours off a bpffs."""
+    from hdslb.fastpath import decap, loader
+
+    mounted = []
+    monkeypatch.setattr(loader.subprocess, "run", lambda argv, check: mounted.append(argv[-1]))
+    monkeypatch.setattr(decap, "_in_private_mount_ns", lambda: False)
+    busy = tmp_path / "hdslb"
+    (busy / "state").mkdir(parents=True)
+    with pytest.raises(OSError) as e:
+        loader.ensure_bpffs(str(busy))
+    assert e.value.errno == errno.ENOTEMPTY and str(busy) in e.value.strerror and mounted == [], e.value
+    loader.ensure_bpffs(str(tmp_path / "empty"))
+    assert mounted == [str(tmp_path / "empty")]
+    (busy / "inst").mkdir()
+    (busy / "inst" / "keep").write_text("not a pin")
+    loader.FastPath(str(busy / "inst")).unpin()
+    assert (busy / "inst" / "keep").exists()
