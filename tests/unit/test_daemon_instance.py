@@ -184,14 +184,29 @@ def test_a_start_whose_sizes_do_not_hold_the_saved_model_is_refused_naming_the_l
     with pytest.raises(HdslbError, match=rf"--max-hash-cells 256 \(it uses up to {cells}"):
         _daemon(tmp_path, "--max-hash-cells", "256")._check_snapshot_sizes(snap)
 
+async def _fresh_start_failing(monkeypatch, tmp_path, fastpath_cls):
+    """A fresh start over one stand-in interface whose FastPath is fastpath_cls: (the daemon, the HdslbError raised)."""
+    from hdslb.balancer import Iface
+    from hdslb.fastpath import decap, loader
+
+    monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500)
+                                                                     for n in names})
+    monkeypatch.setattr(loader, "FastPath", fastpath_cls)
+    monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
+    monkeypatch.setattr(decap, "is_bpffs", lambda path: True)  # (the pin directory load() makes is on a bpffs)
+    d = _daemon(tmp_path)
+    with pytest.raises(HdslbError) as e:
+        await d.run()
+    return d, e
+
+
 
 async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_leaving_nothing(tmp_path, monkeypatch):
     """`hdslb-ctl up eth0 --max-conns 400000000`: the kernel cannot allocate the connection table. The loader's
     message (the estimate, the CPU count, the option to lower) came out as a traceback, and the start left the
     empty model it had saved and its pin directory, so the next start restored a model nobody ran. The start is
     refused as an HdslbError (main logs it in one line) and leaves nothing it made."""
-    from hdslb.balancer import Iface
-    from hdslb.fastpath import decap, loader
+    from hdslb.fastpath import loader
 
     class NoRoom(loader.FastPath):
         def load(self, adopt):
@@ -199,13 +214,7 @@ async def test_a_fresh_start_whose_maps_cannot_be_made_is_refused_in_one_line_le
             raise OSError(errno.E2BIG, "cannot create the IPv4 connection map: 400000000 entries need ~72279 MiB of "
                                        "kernel memory; lower --max-conns (conn_pool_size)")
 
-    monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500) for n in names})
-    monkeypatch.setattr(loader, "FastPath", NoRoom)
-    monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
-    monkeypatch.setattr(decap, "is_bpffs", lambda path: True)  # (the pin directory load() makes is on a bpffs)
-    d = _daemon(tmp_path)
-    with pytest.raises(HdslbError) as e:
-        await d.run()
+    d, e = await _fresh_start_failing(monkeypatch, tmp_path, NoRoom)
     assert e.value.errno == errno.E2BIG and "lower --max-conns" in e.value.message, e.value.message
     assert not os.path.exists(d.settings.state_file), "the empty model this start saved is gone"
     assert not os.path.exists(d.pin_dir)
@@ -342,8 +351,7 @@ async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_p
     """bcc's compile failing on a fresh start (kernel headers missing on a new box, a clang too old) raised bcc's bare
     Exception out of Daemon.start(): a traceback after clang's errors, the empty model and the new pins left for the
     next start to adopt. Refused in one line, as a map the kernel cannot make is, leaving nothing."""
-    from hdslb.balancer import Iface
-    from hdslb.fastpath import decap, loader
+    from hdslb.fastpath import loader
 
     class NoCompile(loader.FastPath):
         def load(self, adopt):
@@ -351,14 +359,7 @@ async def test_a_fresh_start_whose_program_does_not_compile_leaves_nothing(tmp_p
             open(os.path.join(self.pin_dir, "conn4_map"), "w").close()  # the conn maps are pinned before the compile
             raise Exception("Failed to compile BPF module b'/opt/hdslb/bpf/hdslb_xdp.c'")
 
-    monkeypatch.setattr(D, "read_ifaces", lambda names, where=None: {n: Iface(n, 2, b"\2\0\0\0\0\1", 1500)
-                                                                     for n in names})
-    monkeypatch.setattr(loader, "FastPath", NoCompile)
-    monkeypatch.setattr(loader, "foreign_xdp", lambda name, ours: None)
-    monkeypatch.setattr(decap, "is_bpffs", lambda path: True)  # (the pin directory load() makes is on a bpffs)
-    d = _daemon(tmp_path)
-    with pytest.raises(HdslbError) as e:
-        await d.run()
+    d, e = await _fresh_start_failing(monkeypatch, tmp_path, NoCompile)
     assert "Failed to compile BPF module" in e.value.message, e.value.message
     assert not os.path.exists(d.settings.state_file) and not os.path.exists(d.pin_dir)
 
