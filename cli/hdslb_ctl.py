@@ -593,6 +593,10 @@ def cmd_status(ns) -> int:
         else:
             print(f"  attached:       {ifname} ({mode} XDP)")
     print(f"  services:       {st['services']}")
+    kept = st.get("retired_laddrs") or []
+    if kept:  # taken out of every service while connections used them: still answered until those end
+        shown = ", ".join(kept[:8]) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
+        print(f"  local addresses kept for their connections (no service has them): {shown}")
     if st.get("save_error"):
         print(f"  SAVED MODEL BEHIND: {st['state_file']}: {st['save_error']}; a restart now would drop what it lacks "
               f"(retried every few seconds)")

@@ -574,3 +574,49 @@ def test_status_says_a_daemon_that_is_still_starting_is_not_ready(monkeypatch, c
     st["ready"] = True
     assert hdslb_ctl.main(["status"]) == 0
     assert "starting" not in capsys.readouterr().out
+
+
+def test_status_names_local_addresses_kept_for_their_connections(monkeypatch, capsys):
+    """A local address taken out of every service stays the balancer's while connections use it (then is let go,
+    logged); nothing showed it meanwhile (ipvsadm -G lists services' addresses, dpip addr show the interfaces'):
+    `status` names them, at most 8 then a count."""
+    from cli import hdslb_ctl
+
+    st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
+          "interfaces": {"eth0": "native"}, "services": 1, "retired_laddrs": []}
+
+    class Fake:
+        def __init__(self, path, timeout=None):
+            pass
+
+        def call(self, op, args=None):
+            if op == "daemon.status":
+                return st
+            raise DaemonUnreachable("gone")
+
+    monkeypatch.setattr(hdslb_ctl, "Client", Fake)
+    assert hdslb_ctl.main(["status"]) == 0
+    assert "kept for their connections" not in capsys.readouterr().out
+    st["retired_laddrs"] = [f"192.168.100.{i}" for i in range(200, 210)]
+    assert hdslb_ctl.main(["status"]) == 0
+    assert ("  local addresses kept for their connections (no service has them): 192.168.100.200, 192.168.100.201, "
+            "192.168.100.202, 192.168.100.203, 192.168.100.204, 192.168.100.205, 192.168.100.206, 192.168.100.207 "
+            "and 2 more\n") in capsys.readouterr().out
+
+
+async def test_daemon_status_lists_a_local_address_kept_for_its_connections(tmp_path):
+    """What the status line above reads: `ipvsadm --del-laddr` of a service's only local address (its flows may
+    still use it) leaves it listed by daemon.status until the sweep finds none."""
+    from hdslb.ctl import commands
+    from tests.unit.test_fuzz_input import SVC, dispatch_async, make_daemon
+
+    d = await make_daemon(tmp_path)
+    try:
+        assert (await dispatch_async(d, "daemon.status", {}))["retired_laddrs"] == []
+        commands.dispatch(d, "laddr.del", {"svc": SVC, "addr": "192.168.100.200"})
+        assert (await dispatch_async(d, "daemon.status", {}))["retired_laddrs"] == ["192.168.100.200"]
+        d.bal.release_laddrs(set())
+        assert (await dispatch_async(d, "daemon.status", {}))["retired_laddrs"] == []
+    finally:
+        if d.health is not None:
+            await d.health.stop()
