@@ -1705,7 +1705,7 @@ class Daemon:
 
     def apply_config(self, cfg) -> list[str]:
         """Bring the config-owned services to what `cfg` declares; all or nothing. Returns the ops applied."""
-        from hdslb.config.apply import desired, plan, refusal, run_tagged
+        from hdslb.config.apply import desired, op_line, plan, refusal, run_tagged
 
         self._apply_verdicts()  # the verdicts received so far belong to the model this config is planned against
         want = desired(cfg, self._default_ifname)
@@ -1757,7 +1757,7 @@ class Daemon:
         self._save_state()
         if ops:
             log.info("config %s applied: %d changes", cfg.source, len(ops))
-        return [f"{op} {args}" for op, args in ops]
+        return [op_line(op, args) for op, args in ops]
 
     def _warn_unrouted(self, want: dict) -> list[str]:
         """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the

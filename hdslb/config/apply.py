@@ -339,6 +339,41 @@ def run_tagged(bal, ctx, ops: list) -> None:
                 raise
 
 
+def _endpoint_text(addr, port) -> str:
+    host = f"[{addr}]" if ":" in str(addr) else str(addr)
+    return host if port is None else f"{host}:{port}"
+
+
+def _value_text(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={_value_text(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value_text(x) for x in v)
+    return str(v)
+
+
+def op_line(op: str, args: dict) -> str:
+    """A control op as `hdslb-ctl reload` lists the changes it applied, one readable line (it printed the op's
+    Python dict): `dest.edit tcp 10.0.0.100:80 192.168.100.2:80 weight=4`, `service.add match
+    proto=tcp,src_range=... sched=rr`."""
+    a = dict(args)
+    svc = a.pop("svc", None)
+    if svc is None and op.startswith("service.") and ("match" in a or "addr" in a):
+        svc = {k: a.pop(k) for k in ("match", "proto", "addr", "port") if k in a}
+    parts = [op]
+    if isinstance(svc, dict):
+        if isinstance(svc.get("match"), dict):
+            parts.append(f"match {_value_text(svc['match'])}")
+        else:
+            parts.append(f"{svc.get('proto', '?')} {_endpoint_text(svc.get('addr'), svc.get('port'))}")
+    if "addr" in a:
+        parts.append(_endpoint_text(a.pop("addr"), a.pop("port", None)))
+    parts += [f"{k}={_value_text(v)}" for k, v in a.items() if v is not None]
+    return " ".join(parts)
+
+
 def refusal(e: HdslbError, i, ops: list, where: dict, source, bal) -> str:
     """A refused config op as the daemon and `check` report it: the line of the virtual_server it belongs to."""
     op, args = ops[i] if isinstance(i, int) and 0 <= i < len(ops) else ("", {})

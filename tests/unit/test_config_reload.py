@@ -433,3 +433,23 @@ async def test_a_config_service_restored_by_ipvsadm_owns_its_vip_again_once_the_
     assert d.bal.config_owned == {("tcp", vip, 80)}
     assert d.bal.local_reasons(vip)[0] & LOCAL_VIP
     assert ("local_set", (vip, LOCAL_VIP, 0)) in d.bal.dp.calls[-3:]
+
+
+async def test_reload_lists_the_changes_it_applied_as_readable_lines(tmp_path):
+    """`hdslb-ctl reload` printed each change as the op's Python dict (`dest.edit {'svc': {'proto': 'tcp', ...`):
+    one line each now, the service and the server by address, then what changes."""
+    from hdslb.config.apply import op_line
+
+    d, conf = await make(tmp_path, BASE)
+    conf.write_text(BASE.replace("weight 3", "weight 4"))
+    r = await d.reload_config()
+    assert r["applied"] and all("{" not in x and "'" not in x for x in r["applied"]), r["applied"]
+    assert any(x.startswith("dest.") and "weight=4" in x for x in r["applied"]), r["applied"]
+    assert op_line("dest.edit", {"svc": {"proto": "tcp", "addr": "2001:db8::1", "port": 80}, "addr": "2001:db8::2",
+                                 "port": 8080, "weight": 4, "fwd": "fnat"}) == \
+        "dest.edit tcp [2001:db8::1]:80 [2001:db8::2]:8080 weight=4 fwd=fnat"
+    assert op_line("service.add", {"match": {"proto": "tcp", "src_range": "10.1.0.0-10.1.0.255"}, "sched": "rr",
+                                   "flags": ["sh-port"], "persistent": None}) == \
+        "service.add match proto=tcp,src_range=10.1.0.0-10.1.0.255 sched=rr flags=sh-port"
+    assert op_line("laddr.del", {"svc": {"proto": "udp", "addr": "10.0.0.1", "port": 53}, "addr": "192.168.0.9",
+                                 "ifname": "eth1"}) == "laddr.del udp 10.0.0.1:53 192.168.0.9 ifname=eth1"
