@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from hdslb import __version__
 from hdslb.ctl import protocol
 from hdslb.ctl.client import Client, DaemonUnreachable
 from hdslb.daemon import add_daemon_options
@@ -655,6 +656,7 @@ def _limit(opt: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdslb-ctl", description="control an hdslb balancer instance")
+    p.add_argument("--version", action="version", version=f"hdslb-ctl {__version__}")
     p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="compile and attach the XDP program, start hdslbd in the background")

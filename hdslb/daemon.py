@@ -43,6 +43,7 @@ DEFAULT_STATE_DIR = "/run/hdslb/state"
 # One hdslbd per set of pinned maps and per state file: flock()ed files here (tmpfs, root's; released when the
 # process dies, kill -9 included).
 LOCK_DIR = "/run/hdslb/lock"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # DPVS/HDSLB global_defs log_level names -> Python logging levels
 DPVS_LOG_LEVELS = {"EMERG": "error", "ALERT": "error", "CRIT": "error", "ERR": "error", "WARNING": "warning",
                    "NOTICE": "info", "INFO": "info", "DEBUG": "debug"}
@@ -172,8 +173,15 @@ def parse_lport_range(s: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdslbd", description="hdslb daemon (runs in the foreground)")
     p.add_argument("--ctl-socket", help=f"control socket (default ${protocol.ENV_CTL_SOCKET} or {protocol.DEFAULT_CTL_SOCKET})")
+    p.add_argument("--version", action="version", version=f"hdslbd {__version__}")
     add_daemon_options(p)
     return p
+
+
+def _log_level_arg(text: str) -> str:
+    """--log-level: Python's names in any case, or the DPVS names global_defs log_level takes (ERR, NOTICE, ...)."""
+    low = text.lower()
+    return low if low in LOG_LEVELS else DPVS_LOG_LEVELS.get(text.upper(), text)
 
 
 def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dict[str, tuple[str, bool]]:
@@ -219,8 +227,9 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
     add("--max-persist", type=int, default=65536, help="persistence templates (ipvsadm -p), LRU (default 65536)")
     add("--lport-range", default=f"{DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]}",
         help=f"FNAT local port range MIN-MAX (default {DEFAULT_LPORT_RANGE[0]}-{DEFAULT_LPORT_RANGE[1]})")
-    add("--log-level", choices=("debug", "info", "warning", "error"),
-        help="default: global_defs log_level from -f, else info")
+    add("--log-level", type=_log_level_arg, choices=LOG_LEVELS,
+        help="debug, info, warning or error, any case, or a DPVS name (ERR, NOTICE, ...); default: global_defs "
+             "log_level from -f, else info")
     add("--fresh", action="store_true",
         help="discard pinned state left by a previous daemon instead of adopting it")
     add("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the model is saved for restarts (default {DEFAULT_STATE_DIR})")

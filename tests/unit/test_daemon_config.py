@@ -375,3 +375,22 @@ def test_a_config_id_without_a_config_file_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         settings_from_args(["eth0", "-i", "lb2"])
     assert e.value.code == 2 and "-i/--config-id" in capsys.readouterr().err
+
+
+def test_log_level_takes_any_case_and_dpvs_names_and_both_tools_say_their_version(capsys):
+    """`--log-level DEBUG` (global_defs log_level's spelling) was refused while the file's DEBUG was taken, and
+    neither hdslbd nor hdslb-ctl had --version."""
+    from cli import hdslb_ctl
+    from hdslb import __version__
+
+    assert [settings_from_args(["--log-level", v, "lo"]).log_level for v in ("DEBUG", "Warning", "ERR", "NOTICE")] \
+        == ["debug", "warning", "error", "info"]
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["--log-level", "loud", "lo"])
+    assert e.value.code == 2 and "invalid choice: 'loud'" in capsys.readouterr().err
+    from hdslb.daemon import build_parser
+
+    for parser, name in ((hdslb_ctl.build_parser(), "hdslb-ctl"), (build_parser(), "hdslbd")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--version"])
+        assert e.value.code == 0 and capsys.readouterr().out == f"{name} {__version__}\n"
