@@ -429,7 +429,8 @@ def _delay_loop(text: str) -> float:
 
 def health_parser() -> argparse.ArgumentParser:
     hc = argparse.ArgumentParser(prog="hdslb-ctl health", description="show health checks, or add/del one at run time")
-    hc.add_argument("action", choices=("show", "add", "del"))
+    # (alone, as ipvsadm alone lists: show; a required one read "required: action, KEY=VALUE", KEY=VALUE being optional)
+    hc.add_argument("action", nargs="?", default="show", choices=("show", "add", "del"))
     hc.add_argument("-t", "--tcp-service", dest="tcp")
     hc.add_argument("-u", "--udp-service", dest="udp")
     hc.add_argument("-r", "--real-server", dest="real_server")

@@ -620,3 +620,24 @@ async def test_daemon_status_lists_a_local_address_kept_for_its_connections(tmp_
     finally:
         if d.health is not None:
             await d.health.stop()
+
+
+def test_health_alone_shows_the_checks(monkeypatch, capsys):
+    """`hdslb-ctl health` alone said "the following arguments are required: action, KEY=VALUE" (KEY=VALUE is
+    optional); as ipvsadm alone lists, it shows."""
+    from cli import hdslb_ctl
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            pass
+
+        def call(self, op, args=None):
+            sent.append(op)
+            return {"health": {}}
+
+    monkeypatch.setattr(hdslb_ctl, "Client", FakeClient)
+    assert hdslb_ctl.main(["health"]) == 0 and sent == ["health.list"]
+    assert hdslb_ctl.main(["health", "-t", "10.0.0.1:80"]) == 2
+    assert "health show takes no -t" in capsys.readouterr().err
