@@ -549,16 +549,8 @@ def test_up_takes_a_log_file_in_the_working_directory(tmp_path, monkeypatch, cap
     assert (tmp_path / "up.log").exists()
 
 
-def test_status_says_a_daemon_that_is_still_starting_is_not_ready(monkeypatch, capsys):
-    """The control socket answers before the start has finished (the config file, the REST API and the health checks
-    come after it): `status` looked the same as for a running instance, so a script waiting on `hdslb-ctl status`
-    went on before the file's services were there. It says the daemon is starting until it is ready (up waits for
-    that)."""
-    from cli import hdslb_ctl
-
-    st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
-          "interfaces": {"eth0": "native"}, "services": 0, "ready": False}
-
+def answer_status(monkeypatch, hdslb_ctl, st: dict) -> None:
+    """hdslb-ctl's client answers daemon.status with st (a dict the test may change between calls), nothing else."""
     class Fake:
         def __init__(self, path, timeout=None):
             pass
@@ -569,6 +561,19 @@ def test_status_says_a_daemon_that_is_still_starting_is_not_ready(monkeypatch, c
             raise DaemonUnreachable("gone")
 
     monkeypatch.setattr(hdslb_ctl, "Client", Fake)
+
+
+def test_status_says_a_daemon_that_is_still_starting_is_not_ready(monkeypatch, capsys):
+    """The control socket answers before the start has finished (the config file, the REST API and the health checks
+    come after it): `status` looked the same as for a running instance, so a script waiting on `hdslb-ctl status`
+    went on before the file's services were there. It says the daemon is starting until it is ready (up waits for
+    that)."""
+    from cli import hdslb_ctl
+
+    st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
+          "interfaces": {"eth0": "native"}, "services": 0, "ready": False}
+
+    answer_status(monkeypatch, hdslb_ctl, st)
     assert hdslb_ctl.main(["status"]) == 0
     assert "starting" in capsys.readouterr().out
     st["ready"] = True
@@ -585,16 +590,7 @@ def test_status_names_local_addresses_kept_for_their_connections(monkeypatch, ca
     st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
           "interfaces": {"eth0": "native"}, "services": 1, "retired_laddrs": []}
 
-    class Fake:
-        def __init__(self, path, timeout=None):
-            pass
-
-        def call(self, op, args=None):
-            if op == "daemon.status":
-                return st
-            raise DaemonUnreachable("gone")
-
-    monkeypatch.setattr(hdslb_ctl, "Client", Fake)
+    answer_status(monkeypatch, hdslb_ctl, st)
     assert hdslb_ctl.main(["status"]) == 0
     assert "kept for their connections" not in capsys.readouterr().out
     st["retired_laddrs"] = [f"192.168.100.{i}" for i in range(200, 210)]
