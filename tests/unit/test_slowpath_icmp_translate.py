@@ -37,15 +37,24 @@ def _runner(entries: dict):
     return r
 
 
+def _pair(proto, fwd, client, vip, src, server, cport=40000, vport=80, sport=2000, svport=80, out_on=(5, CMAC),
+          in_on=(7, RMAC)) -> dict:
+    """Both entries of a flow as conn_get gives them: client:cport -> vip:vport is sent on as src:sport ->
+    server:svport (by in_on's interface and MAC); the reply server:svport -> src:sport goes back as vip:vport ->
+    client:cport (by out_on's)."""
+    def entry(to, out, on):
+        return {"to_saddr": A(to[0]), "to_sport": to[1], "to_daddr": A(to[2]), "to_dport": to[3], "out": out,
+                "ifindex": on[0], "dmac": on[1], "smac": LBMAC, "fwd": fwd, "need_l2": False}
+
+    return {(proto, client, cport, vip, vport): entry((src, sport, server, svport), False, in_on),
+            (proto, server, svport, src, sport): entry((vip, vport, client, cport), True, out_on)}
+
+
 def _flow(proto, fwd, lport=2000):
     """A flow client:40000 -> VIP:80 to RS:80, FullNAT through LIP:lport or NAT, both entries."""
-    src = LIP if fwd == "fnat" else CLIENT
-    sport = lport if fwd == "fnat" else 40000
-    inbound = {"to_saddr": A(src), "to_sport": sport, "to_daddr": A(RS), "to_dport": 80, "out": False,
-               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": fwd, "need_l2": False}
-    reply = {"to_saddr": A(VIP), "to_sport": 80, "to_daddr": A(CLIENT), "to_dport": 40000, "out": True,
-             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": fwd, "need_l2": False}
-    return {(proto, CLIENT, 40000, VIP, 80): inbound, (proto, RS, 80, src, sport): reply}
+    if fwd == "fnat":
+        return _pair(proto, fwd, CLIENT, VIP, LIP, RS, sport=lport)
+    return _pair(proto, fwd, CLIENT, VIP, CLIENT, RS, sport=40000)
 
 
 def assert_checksums(p):
@@ -205,11 +214,8 @@ INSIDE, OUTSIDE, SAPOOL = "192.168.100.5", "10.0.0.1", "10.0.0.254"
 
 def _snat_flow(proto):
     """inside:33000 -> outside:80 leaving from SAPOOL:5000 by eth0; the reply comes back to SAPOOL:5000."""
-    fwd = {"to_saddr": A(SAPOOL), "to_sport": 5000, "to_daddr": A(OUTSIDE), "to_dport": 80, "out": False,
-           "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
-    reply = {"to_saddr": A(OUTSIDE), "to_sport": 80, "to_daddr": A(INSIDE), "to_dport": 33000, "out": True,
-             "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
-    return {(proto, INSIDE, 33000, OUTSIDE, 80): fwd, (proto, OUTSIDE, 80, SAPOOL, 5000): reply}
+    return _pair(proto, "snat", INSIDE, OUTSIDE, SAPOOL, OUTSIDE, cport=33000, sport=5000, out_on=(7, RMAC),
+                 in_on=(5, CMAC))
 
 
 @pytest.mark.parametrize("l4", [TCP, UDP])
@@ -269,11 +275,8 @@ def test_an_outside_error_about_a_snat_ping_reaches_the_inside_host(kind):
     host from the router, quoting its own request (its id, the quoted ICMP checksum updated with it), as
     netfilter's NAT delivers it."""
     router = "198.51.100.1"
-    fwd = {"to_saddr": A(SAPOOL), "to_sport": 5000, "to_daddr": A(OUTSIDE), "to_dport": 0, "out": False,
-           "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
-    reply = {"to_saddr": A(OUTSIDE), "to_sport": 0, "to_daddr": A(INSIDE), "to_dport": 33000, "out": True,
-             "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "snat", "need_l2": False}
-    r = _nat_runner({(1, INSIDE, 33000, OUTSIDE, 0): fwd, (1, OUTSIDE, 0, SAPOOL, 5000): reply}, ours=(SAPOOL,))
+    r = _nat_runner(_pair(1, "snat", INSIDE, OUTSIDE, SAPOOL, OUTSIDE, cport=33000, vport=0, sport=5000, svport=0,
+                          out_on=(7, RMAC), in_on=(5, CMAC)), ours=(SAPOOL,))
     sent = IP(src=SAPOOL, dst=OUTSIDE, ttl=1) / ICMP(type=8, id=5000, seq=7) / b"pingdata"
     p = Ether(_carried(r, "eth0", _nat_error_frame(router, SAPOOL, sent, kind), "eth1"))
     assert (p[IP].src, p[IP].dst, p[ICMP].type) == (router, INSIDE, kind)
@@ -328,11 +331,7 @@ CLIENT6, VIP6, LIP6, RS6, ROUTER6 = "fd00:10::1", "fd00:10::100", "fd00:100::fe"
 
 
 def _flow6(proto, lport=2000):
-    inbound = {"to_saddr": A(LIP6), "to_sport": lport, "to_daddr": A(RS6), "to_dport": 80, "out": False,
-               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
-    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
-             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
-    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS6, 80, LIP6, lport): reply}
+    return _pair(proto, "fnat", CLIENT6, VIP6, LIP6, RS6, sport=lport)
 
 
 def _error6(src, dst, quoted, mtu=1280):
@@ -387,11 +386,7 @@ def test_a_v6_error_quoting_no_flow_is_left():
 
 def _nat_flow6(proto):
     """NAT v6: client:40000 -> VIP:80 to RS:80 with the client's address kept; the reply entry RS -> client."""
-    inbound = {"to_saddr": A(CLIENT6), "to_sport": 40000, "to_daddr": A(RS6), "to_dport": 80, "out": False,
-               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "nat", "need_l2": False}
-    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
-             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "nat", "need_l2": False}
-    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS6, 80, CLIENT6, 40000): reply}
+    return _pair(proto, "nat", CLIENT6, VIP6, CLIENT6, RS6, sport=40000)
 
 
 @pytest.mark.parametrize("l4", [TCP, UDP])
@@ -423,11 +418,7 @@ def test_a_nat_v6_real_servers_error_to_the_client_is_translated(l4):
 # --- NAT64: an IPv6 client, IPv4 real servers; the errors change family (RFC 7915 4.2, 5.2) ------------------
 def _flow64(proto, lport=2000):
     """client6:40000 -> VIP6:80 to RS:80 from LIP:lport; the reply entry (IPv4 key) writes IPv6 addresses."""
-    inbound = {"to_saddr": A(LIP), "to_sport": lport, "to_daddr": A(RS), "to_dport": 80, "out": False,
-               "ifindex": 7, "dmac": RMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
-    reply = {"to_saddr": A(VIP6), "to_sport": 80, "to_daddr": A(CLIENT6), "to_dport": 40000, "out": True,
-             "ifindex": 5, "dmac": CMAC, "smac": LBMAC, "fwd": "fnat", "need_l2": False}
-    return {(proto, CLIENT6, 40000, VIP6, 80): inbound, (proto, RS, 80, LIP, lport): reply}
+    return _pair(proto, "fnat", CLIENT6, VIP6, LIP, RS, sport=lport)
 
 
 def _icmp6_checksum_ok(p, layer):
