@@ -62,6 +62,14 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # What a stop gives requests in flight before closing them: a scrape or listing at 10k services takes ~3 s;
 # aiohttp's own default (60 s) let one client with a half-sent body hold hdslbd's stop for a minute.
 API_SHUTDOWN_S = 5.0
+# What one client may hold. Every REST connection is a file descriptor of hdslbd, which its health probes need too
+# (the soft RLIMIT_NOFILE under systemd is 1024 unless raised): aiohttp alone keeps an idle connection, or one
+# whose request head never completes, for an hour, and reads any number of bodies at once.
+MAX_CONNS = 128  # connections at once; one more closes the longest-idle, or is itself closed when all are busy
+KEEPALIVE_S = 75.0  # an idle connection, or a request head not complete, is closed after this (nginx's keepalive)
+BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this of its head: 408 otherwise
+SMALL_BODY = 1 << 20  # bodies this small are always read; larger ones share INFLIGHT_MAX (as the control socket's)
+INFLIGHT_MAX = MAX_FRAME  # bytes of large bodies being read or handled at once, all connections together
 VALIDATE_INLINE_MAX = 64 << 10  # bytes of a body validated on the event loop (jsonschema: ~30-60 ms at most)
 CONNS_DEFAULT_LIMIT = 100
 CONNS_MAX_LIMIT = 10000
@@ -71,6 +79,7 @@ CTX = _AppKey("hdslb_ctx", object) if _AppKey else "hdslb_ctx"
 TOKEN = _AppKey("hdslb_token", object) if _AppKey else "hdslb_token"
 LOCK = _AppKey("hdslb_lock", asyncio.Lock) if _AppKey else "hdslb_lock"
 REGISTRY = _AppKey("hdslb_registry", object) if _AppKey else "hdslb_registry"
+LIMITS = _AppKey("hdslb_limits", object) if _AppKey else "hdslb_limits"
 
 
 class ApiError(Exception):
@@ -1170,7 +1179,42 @@ async def _guard(request: web.Request, handler):
     refused = _media_refusal(request) or _query_refusal(request)
     if refused is not None:
         return _error(refused.status, refused.errno, refused.message, refused.field)
+    limits: _Limits = request.app[LIMITS]
+    limits.busy(request.protocol)
+    held = 0
     try:
+        if request.body_exists and getattr(request.match_info, "http_exception", None) is None:
+            held = limits.admit_body(request.content_length)
+            if held < 0:
+                resp = _error(503, errno.EBUSY, f"busy: {limits.inflight} bytes of other large request bodies are "
+                                                f"being taken (at most {INFLIGHT_MAX} at once); retry",
+                              headers={"Retry-After": "1"})
+                return await _closing(request, resp)  # its body is not read
+        return await _handled(request, handler)
+    finally:
+        limits.release_body(held)
+        limits.idle(request.protocol)
+
+
+async def _closing(request: web.Request, resp: web.Response) -> web.Response:
+    """Send resp, then close the connection without reading what is left of the request's body (aiohttp would
+    otherwise read and discard it for up to 10 s)."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
+    return resp
+
+
+async def _handled(request: web.Request, handler):
+    try:
+        if request.body_exists and getattr(request.match_info, "http_exception", None) is None:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):
+                    await request.read()  # kept by the request: the handler's read() returns it
+            except TimeoutError:
+                resp = _error(408, errno.ETIMEDOUT, f"request body not received whole within {BODY_TIMEOUT_S:g} s")
+                return await _closing(request, resp)  # the rest of the body is not waited for
         return await handler(request)
     except ApiError as e:
         return _error(e.status, e.errno, e.message, e.field, **e.extra)
@@ -1196,6 +1240,7 @@ def make_app(ctx, token: str | None = None) -> web.Application:
     app[TOKEN] = token or None
     app[LOCK] = asyncio.Lock()
     app[REGISTRY] = HdslbCollector(ctx)  # per app: no process-global counters, read at scrape time
+    app[LIMITS] = _Limits()
     for method, path, handler in ROUTES:
         if method == "GET":  # and HEAD, as every HTTP server must (RFC 9110 9.1): haproxy's httpchk HEAD probes
             app.router.add_get(path, handler, allow_head=True)
@@ -1213,6 +1258,82 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name may resolve anywhere
+
+
+class _Limits:
+    """What all REST clients together may hold: MAX_CONNS connections (past it the longest-idle one is closed to
+    make room, or the new one when every other is in a request), and INFLIGHT_MAX bytes of large bodies.
+    "Idle" is a connection between requests or still sending its request head; a request being handled (its
+    body being read included, which BODY_TIMEOUT_S bounds) is busy and never closed from here."""
+
+    def __init__(self):
+        self.idle_since: dict = {}  # RequestHandler -> loop time it went idle; absent while busy
+        self.inflight = 0
+        self._server = None
+        self._warned = 0.0
+
+    def watch(self, server) -> None:
+        """Count the connections of an aiohttp web Server (AppRunner.server): each one it accepts passes admit()."""
+        self._server = server
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler, transport):
+            made(handler, transport)
+            self._admit(handler, transport)
+
+        def connection_lost(handler, exc=None):
+            self.idle_since.pop(handler, None)
+            lost(handler, exc)
+
+        server.connection_made, server.connection_lost = connection_made, connection_lost  # the handler calls these
+
+    def _admit(self, handler, transport) -> None:
+        now = asyncio.get_running_loop().time()
+        self.idle_since[handler] = now
+        conns = self._server.connections
+        if len(conns) <= MAX_CONNS:
+            return
+        idle = [(t, i, h) for i, (h, t) in enumerate(self.idle_since.items()) if h is not handler]
+        if idle:
+            since, _, victim = min(idle)
+            self._warn(now, "REST: %d connections (at most %d); closing one idle for %.0f s", len(conns), MAX_CONNS,
+                       now - since)
+            self.idle_since.pop(victim, None)
+            victim.force_close()
+            if victim.transport is not None:
+                victim.transport.close()
+        else:
+            self._warn(now, "REST: %d connections, every other one in a request; closing the new one from %s",
+                       len(conns), transport.get_extra_info("peername"))
+            self.idle_since.pop(handler, None)
+            handler.force_close()
+            transport.close()
+
+    def _warn(self, now: float, msg: str, *args) -> None:
+        if now - self._warned >= 60.0:  # a flood logs once a minute, not per connection
+            self._warned = now
+            log.warning(msg, *args)
+
+    def busy(self, handler) -> None:
+        self.idle_since.pop(handler, None)
+
+    def idle(self, handler) -> None:
+        if self._server is not None and handler in self._server.connections:
+            self.idle_since[handler] = asyncio.get_running_loop().time()
+
+    def admit_body(self, length: int | None) -> int:
+        """Bytes reserved for a body of `length` (None: chunked, bounded by client_max_size), 0 for a small one,
+        or -1 when large bodies already hold INFLIGHT_MAX."""
+        size = MAX_FRAME if length is None else length
+        if size <= SMALL_BODY:
+            return 0
+        if self.inflight and self.inflight + size > INFLIGHT_MAX:
+            return -1
+        self.inflight += size
+        return size
+
+    def release_body(self, held: int) -> None:
+        self.inflight -= held
 
 
 class AccessLog(AbstractAccessLogger):
@@ -1234,9 +1355,11 @@ async def start_api(ctx, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tok
                                        f"loopback it needs a bearer token (set an API token, or bind 127.0.0.1)")
     # The access log records the request line only (aiohttp's default format): never the Authorization header.
     access = logging.getLogger("hdslb.api.access") if access_log else None
-    runner = web.AppRunner(make_app(ctx, token), access_log=access, access_log_class=AccessLog,
-                           shutdown_timeout=API_SHUTDOWN_S)
+    app = make_app(ctx, token)
+    runner = web.AppRunner(app, access_log=access, access_log_class=AccessLog, shutdown_timeout=API_SHUTDOWN_S,
+                           keepalive_timeout=KEEPALIVE_S)
     await runner.setup()
+    app[LIMITS].watch(runner.server)
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as e:
