@@ -865,6 +865,29 @@ class Balancer:
         """A real server's slot, with what the fast path needs to know about its templates."""
         self.dp.dest_set(svc, d, not keeps_persistent(d, self.expire_quiescent_template))
 
+    def _dest_write_ordered(self, svc: Service, d: Dest) -> bool:
+        """Write d's slot around the table change that follows (a _commit): a slot that says "drained" (weight 0 by
+        hand, down, held for a sorry server) must not reach the fast path while the service's live table still names
+        it, or pick_dest refuses the slot the table picks and drops the new flow (drop_no_dest) until the new table
+        lands: 25-160 ms for an mh or conhash table, a reload's whole batch. A usable slot is written now (before a
+        table that names it again); a drained one after the table: returns True when the caller writes it after its
+        _commit, and inside a batch it is written once the batch's tables stand (if d is still the service's)."""
+        if self._hidden(svc):
+            return False
+        if d.eff_weight != 0:
+            self._dest_write(svc, d)
+            return False
+        if self._defer is None:
+            return True
+        self._defer.post.append((self._dest_write_if_current, (svc, d)))
+        return False
+
+    def _dest_write_if_current(self, svc: Service, d: Dest) -> None:
+        """A deferred slot write, skipped when the batch removed the real server or its service meanwhile (its slot
+        is cleared, maybe handed to another real server)."""
+        if self.services.get(svc.key) is svc and svc.dests.get((d.addr, d.port)) is d:
+            self._dest_write(svc, d)
+
     def set_expire_quiescent_template(self, on: bool) -> None:
         """ipvs_defs conn expire_quiescent_template, from the config at start and on every reload. The flag of the
         servers it concerns (drained by their weight) is written again; turning it on also drops their templates,
@@ -1442,9 +1465,10 @@ class Balancer:
             new, self.expire_quiescent_template)
         for k, v in opts.items():
             setattr(d, k, v)
-        if not self._hidden(svc):
-            self._dest_write(svc, d)
+        late = self._dest_write_ordered(svc, d)
         self._commit(svc, plan)
+        if late:
+            self._dest_write(svc, d)
         if quiesced and svc.match is None:
             if self._defer is not None:
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
@@ -1505,16 +1529,17 @@ class Balancer:
         flush = (went_down or lost) and svc.match is None
         if self._defer is not None:  # a batch: one table from the final states, built at its end
             d.health, d.health_weight, d.reason, d.inhibited = new.health, new.health_weight, new.reason, new.inhibited
-            if not self._hidden(svc):
-                self._dest_write(svc, d)
+            self._dest_write_ordered(svc, d)
             self._touch(svc)
             if flush:  # once no table of the batch can lead a new flow to it (dest_del's order)
                 self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
             return d
         plan = self._plan(svc, dests=[new if x is d else x for x in svc.dests.values()])
         d.health, d.health_weight, d.reason, d.inhibited = new.health, new.health_weight, new.reason, new.inhibited
-        self._dest_write(svc, d)
+        late = self._dest_write_ordered(svc, d)
         self._commit(svc, plan)
+        if late:
+            self._dest_write(svc, d)
         if flush:
             self.dp.persist_flush(svc.svc_id, d.slot)
         return d
@@ -1587,8 +1612,7 @@ class Balancer:
             for d in moved:
                 lost = keeps_persistent(d, self.expire_quiescent_template)
                 d.held = held
-                if not self._hidden(svc):
-                    self._dest_write(svc, d)
+                self._dest_write_ordered(svc, d)
                 self._touch(svc)
                 if held and lost and svc.match is None:  # once no table can lead a new flow to it
                     self._defer.post.append((self.dp.persist_flush, (svc.svc_id, d.slot)))
