@@ -296,12 +296,12 @@ async def _service_list_chunked(ctx, svcs: list, laddr_conns: bool = True) -> di
     thread (the batched map reads are ctypes calls, which release the GIL), then LIST_CHUNK services are built
     at a time with the loop served in between. The services are those of the call's start; a real server
     removed meanwhile is not listed, one changed meanwhile is listed as it is when its chunk is built."""
-    def reads():  # what scans the maps (the conn table's counts, the stats arrays): in a worker thread
+    def reads():  # what scans the maps (the conn table's counts, the stats arrays, the persistence templates: a
+        # full persist_map is 65,536 entries and more, ~0.5 s a read): in a worker thread
         return (ctx.conn_counts(), ctx.laddr_conns() if laddr_conns and any(s.laddrs for s in svcs) else {},
-                _stats_readers(ctx, svcs))
+                _stats_readers(ctx, svcs), _persist_counts(ctx) if any(s.persistent for s in svcs) else {})
 
-    counts, laddrs, stats = await asyncio.get_running_loop().run_in_executor(None, reads)
-    persist = _persist_counts(ctx) if any(s.persistent for s in svcs) else {}
+    counts, laddrs, stats, persist = await asyncio.get_running_loop().run_in_executor(None, reads)
     return _list_reply(ctx, await _in_chunks(svcs, lambda s: _svc_data(ctx, s, counts, persist, stats, laddrs)))
 
 
@@ -853,16 +853,28 @@ def conn_list(ctx, a):
     inbound = a.get("inbound", False)
     p = _conn_page_args(a)
     fn = getattr(ctx, "persist_list", None)
-    templates = fn() if fn is not None else []
-    if a.get("templates_only"):
-        return {"conns": [], "templates": templates}
     listing = getattr(ctx, "conn_listing", None)
-    if listing is not None:  # the daemon: snapshots of the table's columns, built in a worker thread
+    if listing is not None:
+        # the daemon: the templates (a full persist_map: 65,536 entries and more) are read in a worker thread, as
+        # the connections' snapshots are; on the loop they held it ~1.5 s a listing
+        async def templates_off_loop() -> list:
+            return await asyncio.get_running_loop().run_in_executor(None, fn) if fn is not None else []
+
+        if a.get("templates_only"):
+            async def only():
+                return {"conns": [], "templates": await templates_off_loop()}
+
+            return only()
         if p is not None:
-            return _conn_pages(ctx, p, templates)
+            async def paged():
+                # (the later pages of a cursor carry no templates: only the first page reads them)
+                return await _conn_pages(ctx, p, await templates_off_loop() if p["cursor"] is None else [])
+
+            return paged()
 
         async def whole():
             loop = asyncio.get_running_loop()
+            templates = await templates_off_loop()
             lst = await loop.run_in_executor(None, listing, inbound)
             nbytes = lst.max_bytes()
             from hdslb.ctl import protocol
@@ -871,6 +883,9 @@ def conn_list(ctx, a):
             return {"conns": await loop.run_in_executor(None, lst.entries), "templates": templates}
 
         return whole()
+    templates = fn() if fn is not None else []
+    if a.get("templates_only"):
+        return {"conns": [], "templates": templates}
     if p is not None:  # a context without snapshots (tests, a dry run): pages of its list
         conns = [c for c in ctx.conn_list() if not (p["inbound"] and c["out"])]
         off = p["offset"]
