@@ -503,9 +503,13 @@ def _netmask(text: str, version: int) -> str:
             raise UsageError("illegal ipv6 netmask specified")
         return str(n)
     try:
-        # ipaddress checks the mask is contiguous; the address check keeps "-M 24" out, as inet_aton would.
-        ipaddress.IPv4Address(text)
-        return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
+        # The address parse keeps "-M 24" out, as inet_aton would; the ones must come first, as the fast path masks
+        # by a prefix length: a host mask (0.0.0.255, which ipaddress reads as /24) is refused, not turned around.
+        mask = int(ipaddress.IPv4Address(text))
+        host = ~mask & 0xFFFFFFFF
+        if host & (host + 1):
+            raise ValueError(text)
+        return str(ipaddress.IPv4Address(mask))
     except ValueError:
         raise UsageError("illegal virtual server persistent mask specified") from None
 

@@ -333,7 +333,12 @@ class Granularity(Kind):
                 raise Bad(f"{v} is not a prefix length 0..128", tok)
             return v
         try:
-            return ipaddress.IPv4Network(f"0.0.0.0/{tok.text}").prefixlen
+            # ones, then zeros: ipaddress alone reads a host mask (0.0.0.255) as the /24 it is the inverse of
+            mask = int(ipaddress.IPv4Address(tok.text))
+            host = ~mask & 0xFFFFFFFF
+            if host & (host + 1):
+                raise ValueError(tok.text)
+            return 32 - host.bit_length()
         except ValueError:
             raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
 

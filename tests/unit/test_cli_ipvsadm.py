@@ -150,6 +150,10 @@ def test_parse_views_and_formats():
     (["-A", "-t", "192.168.100.100:80", "-p", "soon"], "invalid timeout value `soon' specified"),
     (["-A", "-t", "192.168.100.100:80", "-M", "255.0.255.0"], "illegal virtual server persistent mask specified"),
     (["-A", "-t", "192.168.100.100:80", "-M", "24"], "illegal virtual server persistent mask specified"),
+    # a host mask is no persistence mask: it used to be read as the /24 it is the inverse of (the daemon and REST
+    # refuse it)
+    (["-A", "-t", "192.168.100.100:80", "-p", "-M", "0.0.0.255"], "illegal virtual server persistent mask specified"),
+    (["-E", "-t", "192.168.100.100:80", "-M", "0.0.255.255"], "illegal virtual server persistent mask specified"),
     (["-A", "-t", "[2001:db8::1]:80", "-M", "129"], "illegal ipv6 netmask specified"),
     (["-P", "-t", "192.168.100.100:80", "-z", "nope", "-F", "eth0"], "illegal local address"),
     (["-L", "junk"], "unexpected argument junk"),

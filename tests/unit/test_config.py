@@ -386,6 +386,17 @@ def test_a_number_of_thousands_of_digits_is_out_of_range_not_a_crash(text, where
     assert len(str(e.value)) < 300  # the value is not echoed whole
 
 
+@pytest.mark.parametrize("mask", ["0.0.0.255", "0.0.255.255", "255.0.255.0"])
+def test_persistence_granularity_is_a_mask_of_ones_then_zeros(mask):
+    """A host mask (0.0.0.255) was read as the /24 it is the inverse of (ipaddress takes either), where ipvsadm -M,
+    REST and the model refuse it: refused, naming the line."""
+    with pytest.raises(ConfigError) as e:
+        loads(f"virtual_server 10.0.0.1 80 {{\n persistence_granularity {mask}\n}}\n", "t.conf")
+    assert str(e.value).startswith("t.conf:2:26: persistence_granularity:") and mask in str(e.value)
+    good = loads("virtual_server 10.0.0.1 80 {\n persistence_granularity 255.255.254.0\n}\n", "t.conf")
+    assert good.virtual_servers[0].persistence_granularity == 23
+
+
 def test_address_ranges():
     cfg = loads("""
 virtual_server_group g6 {
