@@ -605,6 +605,13 @@ def _build(line: _Line) -> Invocation:
     if cmd in ("add-service", "edit-service"):
         if line.match is None and svc["port"] == 0 and line.persistent is None:
             raise UsageError("Zero port specified for no-match and non-persistent service")
+        # ipvsadm's parse_sched_flags: sh-* flags need sh, mh-* flags mh (a usage error, exit 2). The scheduler is
+        # known when the line names it, or on -A (the default wlc); an -E without -s keeps the service's, which
+        # the daemon checks the flags against.
+        sched_now = line.sched or (DEFAULT_SCHED if cmd == "add-service" else None)
+        for f in line.sched_flags or []:
+            if sched_now is not None and f.split("-", 1)[0] != sched_now:
+                raise UsageError(f"incompatible scheduler flag `{f}'")
         version = 4 if line.match is not None else line.svc[0].version
         netmask = None if line.netmask is None else _netmask(line.netmask, version)
         if cmd == "add-service":

@@ -155,6 +155,11 @@ def test_parse_views_and_formats():
     (["-A", "-t", "192.168.100.100:80", "-p", "-M", "0.0.0.255"], "illegal virtual server persistent mask specified"),
     (["-E", "-t", "192.168.100.100:80", "-M", "0.0.255.255"], "illegal virtual server persistent mask specified"),
     (["-A", "-t", "[2001:db8::1]:80", "-M", "129"], "illegal ipv6 netmask specified"),
+    # ipvsadm 1.31's parse_sched_flags: a flag of another scheduler is a usage error (exit 2), not a daemon refusal
+    (["-A", "-t", "192.168.100.100:80", "-s", "sh", "--sched-flags", "mh-port"], "incompatible scheduler flag `mh-port'"),
+    (["-A", "-t", "192.168.100.100:80", "--sched-flags", "sh-port"], "incompatible scheduler flag `sh-port'"),
+    (["-E", "-t", "192.168.100.100:80", "-s", "mh", "--sched-flags", "mh-port,sh-fallback"],
+     "incompatible scheduler flag `sh-fallback'"),
     (["-P", "-t", "192.168.100.100:80", "-z", "nope", "-F", "eth0"], "illegal local address"),
     (["-L", "junk"], "unexpected argument junk"),
     (["-L", "--bogus"], "--bogus: unknown option"),
