@@ -1643,12 +1643,17 @@ class Balancer:
             return r.src
         return next((la.addr for la in svc.laddrs if la.addr.version == d.addr.version), None)
 
-    def refresh_dynamic(self) -> list[tuple[Service, Dest]]:
+    def wants_counts(self) -> bool:
+        """Whether refresh_dynamic may read the connection counts (some service is lc/wlc or has a u_threshold), so
+        the daemon reads them, off its event loop, only then."""
+        return bool(self._dyn_keys)
+
+    def refresh_dynamic(self, counts: dict | None = None) -> list[tuple[Service, Dest]]:
         """Periodic (the daemon's estimator): re-evaluate thresholds and rebuild the tables of services whose
-        dests' overload state changed, and the lc/wlc rings whose connection counts moved. Returns the real
-        servers it found overloaded that were not (the daemon logs them: walking every real server before and
-        after to find them cost 25 ms an interval at 10k x 10)."""
-        counts = None
+        dests' overload state changed, and the lc/wlc rings whose connection counts moved. counts: the connection
+        counts to use (read now through conn_counts when not given). Returns the real servers it found overloaded
+        that were not (the daemon logs them: walking every real server before and after to find them cost 25 ms
+        an interval at 10k x 10)."""
         became: list[tuple[Service, Dest]] = []
         for key in list(self._dyn_keys):
             svc = self.services.get(key)

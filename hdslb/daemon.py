@@ -740,6 +740,7 @@ class Daemon:
         self._save_cost = 0.0
         self._conn_cache = (0.0, None)
         self._counts_cache = (0.0, None)
+        self._sched_counts = (0.0, None)  # (monotonic time, counts) the estimator last read for lc/wlc and thresholds
         self._laddr_cache: tuple | None = None  # (the _conns() list it was counted from, counts)
         self._entries_cache = (0.0, None, 0.0)
         self._laddrs_in_use: set | None = None  # retired local addresses' use, as the last sweep found it
@@ -824,7 +825,7 @@ class Daemon:
             self.maps.set_iface(ifc.ifindex, ifc.mac, ifc.mtu, xsk_slot=slot)
         self.bal = Balancer(self._datapath(self.maps), ifaces, max_services=self.sizes.max_services,
                             max_dests=self.sizes.max_dests, max_hash_cells=self.sizes.max_hash_cells)
-        self.bal.conn_counts = self.conn_counts
+        self.bal.conn_counts = self.sched_counts
         if snap is not None:
             self._restore_model(snap)
         if adopt:
@@ -2412,6 +2413,15 @@ class Daemon:
         self._counts_cache = (time.monotonic(), counts)
         return counts
 
+    def sched_counts(self) -> dict[int, tuple[int, int]]:
+        """conn_counts() as the scheduling model reads them (lc/wlc rings, u_threshold): the estimator's last reading,
+        made in a worker thread, while it is no older than counts_staleness() says counts may be; else read now.
+        A dest change of an lc/wlc service on a big table then costs no scan on the event loop."""
+        at, counts = self._sched_counts
+        if counts is not None and time.monotonic() - at <= self.counts_staleness():
+            return counts
+        return self.conn_counts()
+
     def laddr_conns(self) -> dict:
         """(svc id, local address) -> connections through it (ipvsadm -G, laddr.list), counted once per conn
         table scan: service.list asks for every service, and formatting each entry's address per service made
@@ -2792,7 +2802,15 @@ class Daemon:
                     self.rates = rates_between(prev, cur, interval, missing_is_zero=True)
                 prev = cur
                 errors = dict(self.bal.refresh_errors)
-                became = self.bal.refresh_dynamic()
+                counts = None
+                if self.bal.wants_counts():
+                    # The connection counts scan the whole conn table (2.8 s at 1M connections): in a worker
+                    # thread, as listings read them. On the loop, every interval with any lc/wlc service (wlc is
+                    # the default scheduler) or u_threshold held ARP/ND, health checks and control calls that long.
+                    fresh = getattr(self, "conn_counts", None) or self.bal.conn_counts
+                    counts = await asyncio.get_running_loop().run_in_executor(None, fresh)
+                    self._sched_counts = (time.monotonic(), counts)
+                became = self.bal.refresh_dynamic(counts)
                 for sid, why in self.bal.refresh_errors.items():
                     if errors.get(sid) != why:
                         log.warning("service %d: table rebuild refused, the old table stays: %s", sid, why)
