@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from hdslb.balancer import Match, _match_range, netmask_text
 from hdslb.errors import HdslbError, invalid
 
+from .schema import granularity_v6_error
+
 LB_KIND = {"FNAT": "fnat", "DR": "dr", "NAT": "nat", "TUNNEL": "tunnel", "SNAT": "snat"}
 
 
@@ -103,6 +105,10 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
             addr = str(ep.ip) if ep else "0.0.0.0"
             port = ep.port if ep else 0
             netmask = None
+            if vs.persistence_granularity is not None and ep is not None and ep.ip.version == 6:
+                why = granularity_v6_error(vs.persistence_granularity)  # (a group's IPv6 member: the schema
+                if why:                                                # checked a plain virtual_server)
+                    raise invalid(f"{where}: persistence_granularity: {why} (member {ep.ip})")
             if vs.persistence_granularity is not None and ep is not None and \
                     vs.persistence_granularity < ep.ip.max_prefixlen:
                 netmask = netmask_text(vs.persistence_granularity, ep.ip.version)

@@ -321,8 +321,15 @@ class IPPort(Kind):
         return Endpoint(ip_of(args[0]), self.port.one(args[1]) if len(args) > 1 else None)
 
 
+class DottedMask(int):
+    """A persistence_granularity written as a dotted IPv4 netmask, as its prefix length: an IPv6 virtual server
+    refuses it (keepalived's pgr_handler reads a prefix length 1..128 there), where as a prefix length 255.255.255.0
+    would have grouped IPv6 clients by /24, nearly all of them into one template."""
+
+
 class Granularity(Kind):
-    """keepalived writes a netmask for IPv4 and a prefix length for IPv6; both become a prefix length."""
+    """keepalived writes a netmask for IPv4 and a prefix length for IPv6; both become a prefix length (a netmask's
+    as a DottedMask, so the virtual server's family can refuse it)."""
 
     what = "a netmask (255.255.255.0) or a prefix length"
 
@@ -338,7 +345,7 @@ class Granularity(Kind):
             host = ~mask & 0xFFFFFFFF
             if host & (host + 1):
                 raise ValueError(tok.text)
-            return 32 - host.bit_length()
+            return DottedMask(32 - host.bit_length())
         except ValueError:
             raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
 

@@ -17,9 +17,9 @@ from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
 from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
-from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, Flag, Granularity, Hex, Int, IntList, IPPort,
-                    Kind, LvsTimeouts, OnOff, OptionalInt, Port, Script, Seconds, StatusCodes, Str, Text, ip_of,
-                    ip_range, networks_of)
+from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, DottedMask, Flag, Granularity, Hex, Int,
+                    IntList, IPPort, Kind, LvsTimeouts, OnOff, OptionalInt, Port, Script, Seconds, StatusCodes, Str,
+                    Text, ip_of, ip_range, networks_of)
 from .syntax import Node
 
 MISSING: Any = object()
@@ -69,6 +69,17 @@ Spec = Union[Key, Block]
 
 
 # ---------------------------------------------------------------- headers and list entries
+
+
+def granularity_v6_error(g) -> str:
+    """Why an IPv6 virtual server cannot take this persistence_granularity, or "": keepalived reads a prefix length
+    1..128 there (pgr_handler); a dotted IPv4 netmask would have meant /24 of IPv6, one template for nearly every
+    client."""
+    if isinstance(g, DottedMask):
+        return "an IPv6 virtual server takes a prefix length 1..128, not an IPv4 netmask"
+    if not 1 <= g <= 128:
+        return f"{g} is not an IPv6 prefix length 1..128"
+    return ""
 
 
 def named(node: Node, kind: Kind = NAME) -> Dict[str, Any]:
@@ -284,6 +295,10 @@ def _vs_check(node: Node, vs: m.VirtualServer, ctx) -> m.VirtualServer:
             and vs.persistence_granularity > 32:
         ctx.error(ctx.where_of(node, "persistence_granularity"), "persistence_granularity",
                   f"/{vs.persistence_granularity} is longer than an IPv4 address")
+    if vs.persistence_granularity is not None and vs.ip is not None and vs.ip.version == 6:
+        why = granularity_v6_error(vs.persistence_granularity)
+        if why:
+            ctx.error(ctx.where_of(node, "persistence_granularity"), "persistence_granularity", why)
     if vs.sorry_server is not None and vs.sorry_server.port == 0 and kind != "SNAT" and vs.group is None:
         ctx.error(ctx.where_of(node, "sorry_server"), "sorry_server", "port 0 is only for SNAT services")
     rss = []

@@ -397,6 +397,43 @@ def test_persistence_granularity_is_a_mask_of_ones_then_zeros(mask):
     assert good.virtual_servers[0].persistence_granularity == 23
 
 
+V6_VS = """virtual_server 2001:db8::100 80 {{
+    lb_algo rr
+    lb_kind DR
+    persistence_timeout 300
+    persistence_granularity {g}
+    real_server 2001:db8::2 80 {{
+        weight 1
+    }}
+}}
+"""
+
+
+@pytest.mark.parametrize("g, why", [("255.255.255.0", "takes a prefix length 1..128, not an IPv4 netmask"),
+                                    ("0", "0 is not an IPv6 prefix length 1..128")])
+def test_an_ipv6_virtual_server_takes_a_prefix_length_for_its_granularity(g, why):
+    """keepalived's pgr_handler reads an IPv6 virtual server's persistence_granularity as a prefix length 1..128. A
+    dotted netmask there (a block copied from an IPv4 service) was taken as /24 of IPv6: nearly every client in one
+    template, so every IPv6 client on one real server. Refused naming the line, for a group's IPv6 member too."""
+    from hdslb.config.apply import desired
+    from hdslb.errors import HdslbError
+
+    with pytest.raises(ConfigError) as e:
+        loads(V6_VS.format(g=g), "t.conf")
+    assert str(e.value).startswith("t.conf:5:29: persistence_granularity:") and why in str(e.value)
+    cfg = loads(V6_VS.format(g="64"), "t.conf")
+    assert [s.netmask for s in desired(cfg, lambda ip: "eth0").values()] == ["64"]
+    group = """virtual_server_group g {{\n    10.0.0.1 80\n    2001:db8::100 80\n}}
+virtual_server group g {{\n    lb_kind FNAT\n    persistence_granularity {g}
+    real_server 192.168.1.2 80 {{\n        weight 1\n    }}\n}}\n"""
+    cfg = loads(group.format(g="255.255.255.0"), "t.conf")
+    with pytest.raises(HdslbError) as e:
+        desired(cfg, lambda ip: "eth0")
+    assert e.value.message.startswith("t.conf:5:") and "not an IPv4 netmask (member 2001:db8::100)" in e.value.message
+    want = desired(loads(group.format(g="24"), "t.conf"), lambda ip: "eth0")
+    assert sorted(str(s.netmask) for s in want.values()) == ["24", "255.255.255.0"]
+
+
 def test_address_ranges():
     cfg = loads("""
 virtual_server_group g6 {
