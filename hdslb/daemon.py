@@ -393,6 +393,8 @@ class MapDataPath:
         self.m = maps
         self.ifindex = ifindex  # interface name (or None: any) -> ifindex, for SNAT rules
         self.kni: set = set()  # prefixes routed scope kni_host (the fast path checks the trie only when any)
+        self._flushes: set = set()  # (svc_id, slot or None) whose persistence templates go at the next pass
+        self._flushing = False      # a pass is scheduled or running
 
     def service_set(self, svc):
         if svc.match is not None:
@@ -435,10 +437,46 @@ class MapDataPath:
         self.m.set_cfg(snat_rules=n)
 
     def persist_flush(self, svc_id, slot):
+        """Remove the templates of a service (of one of its real servers when slot is given). Each removal reads the
+        whole persist_map (65,536 templates at the default size: ~0.15 s): one per real server of a burst of health
+        verdicts or of a reload held the event loop that long each (a rack of 200 going down: ~30 s). On the event
+        loop the requests of one iteration are gathered and removed in one pass, in a worker thread. Nothing waits
+        for it: the fast path already ignores every template a flush is for (its server's slot cleared or flagged
+        DEST_F_NO_PERSIST, its service gone or persistent by another mask), the pass only frees them and takes them
+        out of the listings. Without a running loop (tests, tools) they go at once."""
+        self._flushes.add((svc_id, slot))
         try:
-            self.m.del_persists(svc_id, slot)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush(self._take_flushes())
+            return
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush_off_loop, loop)
+
+    def _take_flushes(self) -> set:
+        pairs, self._flushes = self._flushes, set()
+        return pairs
+
+    def _flush(self, pairs) -> None:
+        try:
+            self.m.del_persists_many(pairs)
         except RuntimeError as e:  # a program without persist_map has no templates to flush
             log.debug("persist flush: %s", e)
+
+    def _flush_off_loop(self, loop) -> None:
+        """One pass over what was asked since the last one (taken on the loop's thread), then the next if more came."""
+        fut = loop.run_in_executor(None, self._flush, self._take_flushes())
+
+        def done(f):
+            if not f.cancelled() and f.exception() is not None:
+                log.error("persistence template flush failed: %s", f.exception())
+            if self._flushes and not loop.is_closed():
+                loop.call_soon(self._flush_off_loop, loop)
+            else:
+                self._flushing = False
+
+        fut.add_done_callback(done)
 
     def laddrs_set(self, svc, laddrs):
         self.m.set_laddrs(svc.svc_id, laddrs)

@@ -353,10 +353,18 @@ class Maps:
 
     def del_persists(self, svc_id: int, slot: int | None = None) -> int:
         """Delete a service's templates (only those leading to `slot` when given); returns how many."""
+        return self.del_persists_many({(svc_id, slot)})
+
+    def del_persists_many(self, pairs) -> int:
+        """del_persists for every (svc_id, slot or None) of pairs in one read of the map; returns how many."""
+        pairs = set(pairs)
+        whole = {svc_id for svc_id, slot in pairs if slot is None}
+        if not pairs:
+            return 0
         t = self._table("persist_map")
         gone = 0
         for k, v in self._persist_items():
-            if k.svc_id == svc_id and (slot is None or v.dest_slot == slot):
+            if k.svc_id in whole or (k.svc_id, v.dest_slot) in pairs:
                 try:
                     del t[k]
                     gone += 1
