@@ -466,7 +466,13 @@ class MapDataPath:
 
     def _flush_off_loop(self, loop) -> None:
         """One pass over what was asked since the last one (taken on the loop's thread), then the next if more came."""
-        fut = loop.run_in_executor(None, self._flush, self._take_flushes())
+        pairs = self._take_flushes()
+        try:
+            fut = loop.run_in_executor(None, self._flush, pairs)
+        except RuntimeError:  # the daemon is stopping (its executor shut down): here, then
+            self._flushing = False
+            self._flush(pairs)
+            return
 
         def done(f):
             if not f.cancelled() and f.exception() is not None:

@@ -90,3 +90,20 @@ def test_without_a_running_loop_templates_go_at_once():
     d = next(iter(svc.dests.values()))
     b.dest_del({"svc": SVC, "addr": str(d.addr), "port": 80})
     assert maps.passes == [({(svc.svc_id, d.slot)}, True)]
+
+
+def test_a_flush_asked_while_stopping_still_runs():
+    """hdslbd stopping: the loop's executor is shut down; the pass runs on the loop's thread, as flushes did."""
+    b, maps = model()
+    svc = b.get_service(SVC)
+    d = next(iter(svc.dests.values()))
+
+    async def main():
+        await asyncio.get_running_loop().shutdown_default_executor()
+        b.dest_del({"svc": SVC, "addr": str(d.addr), "port": 80})
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+
+    asyncio.run(main())
+    assert maps.passes == [({(svc.svc_id, d.slot)}, True)]
+    assert not b.dp._flushing
