@@ -784,7 +784,8 @@ class Daemon:
         self._save_cost = 0.0
         self._conn_cache = (0.0, None)
         self._counts_cache = (0.0, None)
-        self._sched_counts = (0.0, None)  # (monotonic time, counts) the estimator last read for lc/wlc and thresholds
+        # (monotonic time, counts, seconds the scan took) the estimator last read for lc/wlc and thresholds
+        self._sched_counts = (0.0, None, 0.0)
         self._laddr_cache: tuple | None = None  # (the _conns() list it was counted from, counts)
         self._entries_cache = (0.0, None, 0.0)
         self._laddrs_in_use: set | None = None  # retired local addresses' use, as the last sweep found it
@@ -2461,10 +2462,11 @@ class Daemon:
 
     def sched_counts(self) -> dict[int, tuple[int, int]]:
         """conn_counts() as the scheduling model reads them (lc/wlc rings, u_threshold): the estimator's last reading,
-        made in a worker thread, while it is no older than counts_staleness() says counts may be; else read now.
-        A dest change of an lc/wlc service on a big table then costs no scan on the event loop."""
-        at, counts = self._sched_counts
-        if counts is not None and time.monotonic() - at <= self.counts_staleness():
+        made in a worker thread, while it is no older than counts_staleness() says counts may be, plus what that scan
+        took (the next reading is that much later: 2.8 s at 1M connections); else read now. A dest change of an
+        lc/wlc service on a big table then costs no scan on the event loop."""
+        at, counts, took = self._sched_counts
+        if counts is not None and time.monotonic() - at <= self.counts_staleness() + took:
             return counts
         return self.conn_counts()
 
@@ -2854,8 +2856,9 @@ class Daemon:
                     # thread, as listings read them. On the loop, every interval with any lc/wlc service (wlc is
                     # the default scheduler) or u_threshold held ARP/ND, health checks and control calls that long.
                     fresh = getattr(self, "conn_counts", None) or self.bal.conn_counts
+                    began = time.monotonic()
                     counts = await asyncio.get_running_loop().run_in_executor(None, fresh)
-                    self._sched_counts = (time.monotonic(), counts)
+                    self._sched_counts = (time.monotonic(), counts, time.monotonic() - began)
                 became = self.bal.refresh_dynamic(counts)
                 for sid, why in self.bal.refresh_errors.items():
                     if errors.get(sid) != why:

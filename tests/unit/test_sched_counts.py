@@ -23,7 +23,7 @@ SVC = {"proto": "tcp", "addr": "10.200.0.1", "port": 80}
 def daemon_like(scans: list):
     """A Daemon's estimator state over a wlc service: conn_counts() records the thread each scan ran on."""
     bal = Balancer(NullDataPath(), {"eth1": Iface("eth1", 3, b"\x04" * 6, 1500)})
-    d = types.SimpleNamespace(bal=bal, rates={}, _sched_counts=(0.0, None))
+    d = types.SimpleNamespace(bal=bal, rates={}, _sched_counts=(0.0, None, 0.0))
     z = dict.fromkeys(("conns", "inpkts", "outpkts", "inbytes", "outbytes"), 0)
     d.maps = types.SimpleNamespace(svc_stats=lambda i: dict(z), dest_stats=lambda s: dict(z))
     d.counts = {}
@@ -61,7 +61,7 @@ def test_the_estimator_reads_the_counts_off_the_loop_and_builds_the_rings_from_t
     scans.clear()
     asyncio.run(_ticks(d, 2, scans))
     assert scans and not any(scans), "the conn table was scanned on the event loop's thread"
-    assert d._sched_counts[1] == d.counts
+    assert d._sched_counts[1] == d.counts and d._sched_counts[2] >= 0
     assert d.bal._dyn_seen[svc.svc_id] == ((40, 0), (0, 0)), "the wlc ring was rebuilt from that reading"
 
 
@@ -70,11 +70,15 @@ def test_a_real_server_change_uses_the_estimators_reading_while_fresh():
     d = daemon_like(scans)
     svc = d.bal.get_service(SVC)
     first = next(iter(svc.dests.values())).slot
-    d._sched_counts = (time.monotonic(), {first: (40, 0)})
+    d._sched_counts = (time.monotonic(), {first: (40, 0)}, 0.0)
     scans.clear()
     d.bal.dest_add({"svc": SVC, "addr": "172.20.0.3", "port": 80})  # on the loop: no scan
     assert scans == []
-    d._sched_counts = (time.monotonic() - 10, {first: (40, 0)})     # stale: read now
+    # a big table: the last scan took 5 s, so the next reading comes 2 s + 5 s after it; 6 s old is still the latest
+    d._sched_counts = (time.monotonic() - 6, {first: (40, 0)}, 5.0)
+    d.bal.dest_edit({"svc": SVC, "addr": "172.20.0.3", "port": 80, "weight": 3})
+    assert scans == []
+    d._sched_counts = (time.monotonic() - 10, {first: (40, 0)}, 0.0)  # stale: read now
     d.bal.dest_edit({"svc": SVC, "addr": "172.20.0.3", "port": 80, "weight": 2})
     assert scans == [True]
 
