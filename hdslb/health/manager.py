@@ -4,7 +4,11 @@ keepalived's rules, as its checker epilogues (check_tcp.c, check_udp.c, check_mi
 
   - Each checker of each (virtual server, real server) pair is its own task. The first probe waits a
     random 0..warmup seconds (warmup unset: 0..delay_loop; 0: at once), so a thousand servers are not all
-    probed in the same instant. After that, delay_loop between probes.
+    probed in the same instant. After that, delay_loop between probes. A checker that starts down (alpha, a
+    server the pool had down, a down server's checkers changed by a reload) holds its server out of the pool
+    until its first probe passes: without warmup its first probe waits 0..DOWN_FIRST_PROBE seconds, as
+    keepalived launches every checker BOOTSTRAP_DELAY (1 s) after it starts or reloads, not up to delay_loop
+    (60 s by default) with the server out of rotation, or the sorry server in, all that time.
   - A failing checker that is up retries `retry` times, delay_before_retry apart, before it is declared
     down. A checker that is already down is not retried: it is probed again after delay_loop.
   - alpha: checkers start down, so real servers stay out of the pool until every checker has passed once.
@@ -99,6 +103,8 @@ NOT_CHECKED = "not checked yet"  # the reason of a server up at start, until eve
 # the reason of a server alpha keeps down until its first checks pass: out of the pool, though nothing failed yet
 ALPHA_PENDING = "alpha: down until every check has passed"
 STOP_DRAIN_TIMEOUT = 5.0  # seconds stop() waits for the daemon's callbacks: a stuck one must not block shutdown
+# seconds within which, without warmup, a checker that starts down is first probed (keepalived's BOOTSTRAP_DELAY)
+DOWN_FIRST_PROBE = 1.0
 
 
 def pairs_of(virtual_servers: Iterable[VirtualServer]) -> List[Pair]:
@@ -382,7 +388,7 @@ class HealthManager:
 
     async def _run(self, srv: ServerState, cs: CheckerState) -> None:
         svc = self._services[srv.vs_key]
-        delay = self._first_delay(cs.checker)
+        delay = self._first_delay(cs.checker, down=not cs.up and not cs.has_run)
         while True:
             await asyncio.sleep(delay)
             if self._slots.full:
@@ -404,8 +410,13 @@ class HealthManager:
             log.warning("health: all %d probe slots busy, %d probes waiting: checks run later than delay_loop "
                         "(said at most once a minute)", self._slots.size, self._slots.waiting + 1)
 
-    def _first_delay(self, c: Checker) -> float:
-        limit = c.delay_loop if c.warmup is None else c.warmup
+    def _first_delay(self, c: Checker, down: bool = False) -> float:
+        """Random 0..warmup; warmup unset: 0..delay_loop for a checker that starts up (its server is in the pool
+        meanwhile), 0..DOWN_FIRST_PROBE for one that starts down (its server is out until the probe passes)."""
+        if c.warmup is not None:
+            limit = c.warmup
+        else:
+            limit = min(c.delay_loop, DOWN_FIRST_PROBE) if down else c.delay_loop
         return self._rng.uniform(0, limit) if limit > 0 else 0.0
 
     # ------------------------------------------------------------ keepalived's state rules

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -480,6 +481,32 @@ async def test_alpha_starts_down_and_does_not_retry():
         assert rec.states() == [(False, None), (True, None)]  # up at the weight the pool gives it
         await until(lambda: len(rec.quorum) == 2)
         assert rec.quorum[-1] == (vs.key, False)
+    finally:
+        await mgr.stop()
+
+
+class _Latest(random.Random):
+    """The latest first probe the manager may choose: uniform() gives its upper bound."""
+
+    def uniform(self, a, b):
+        return b
+
+
+async def test_alpha_without_warmup_probes_its_down_servers_at_once():
+    """keepalived launches every checker 1 s after start (BOOTSTRAP_DELAY + a random warmup, none unset). Spread over
+    delay_loop instead, an alpha server waited up to delay_loop (60 s by default) out of the pool, or with the
+    sorry server in, before its first probe could bring it in. A server that starts up is still spread."""
+    probe, rec = Scripted(), Recorder()
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe, rng=_Latest())
+    down = real(84, tcp_check(warmup=None, delay_loop=60.0))
+    up = real(85, tcp_check(warmup=None, delay_loop=60.0))
+    alpha, plain = virtual(down, alpha=True), virtual(up, port=81)
+    await mgr.start(pairs_of([alpha, plain]))
+    try:
+        await until(lambda: mgr.is_up(alpha.key, down.key))
+        await mgr.settle()
+        assert rec.states(down.key) == [(False, None), (True, None)]
+        assert probe.count(85) == 0 and mgr.is_up(plain.key, up.key)  # up meanwhile: its probe within delay_loop
     finally:
         await mgr.stop()
 
