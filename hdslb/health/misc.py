@@ -10,14 +10,15 @@ session and process group so a timeout kills the whole tree, and no stdin/stdout
 can neither block on a full pipe nor fill a log.
 
 As keepalived: the check's `user USER [GROUP]`, else global_defs script_user, else the daemon's own user (root)
-runs the command; with global_defs enable_script_security a command that would run as root is not run when it,
-or a directory on its path, can be changed by anyone but root (insecure_reason); the check then fails with that
-reason.
+runs the command, in GROUP, else the user's own group, and no other group; with global_defs enable_script_security
+a command that would run as root is not run when it, or a directory on its path, can be changed by anyone but root
+(insecure_reason); the check then fails with that reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 import pwd
 import shlex
@@ -115,13 +116,20 @@ def insecure_reason(program: str) -> Optional[str]:
 
 
 def _credentials(user: Optional[str]) -> dict:
-    """`user NAME [[:]GROUP]` → subprocess user=/group=; nothing when unset (run as the daemon)."""
+    """`user NAME [[:]GROUP]` → subprocess user=/group=/extra_groups=; nothing when unset (run as the daemon).
+
+    As keepalived's set_privileges (lib/notify.c): the group is GROUP, else NAME's own primary group ("If GROUPNAME
+    is not specified, the group of the user is used"), and it is the only supplementary group (setgroups(1, &gid)).
+    Setting the uid alone left the command in hdslbd's group, root: a script run as `nobody` could read and write
+    whatever group root may (a 0640 root:root key, the config)."""
     if not user:
         return {}
     words = user.split()
-    creds = {"user": words[0]}
-    if len(words) > 1 and words[1].lstrip(":"):
-        creds["group"] = words[1].lstrip(":")
+    group = words[1].lstrip(":") if len(words) > 1 else ""
+    gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(words[0]).pw_gid  # KeyError: unknown, said so
+    creds = {"user": words[0], "group": gid}
+    if os.geteuid() == 0:  # setgroups needs CAP_SETGID; a daemon not root cannot change users anyway
+        creds["extra_groups"] = [gid]
     return creds
 
 

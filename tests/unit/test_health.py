@@ -409,6 +409,30 @@ async def test_misc_missing_program():
     assert not r.ok and r.reason.startswith("MISC_CHECK cannot run /nonexistent/check")
 
 
+def _nobody():
+    import pwd
+
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="runs a command as nobody: needs root and nobody")
+async def test_misc_check_as_a_user_runs_in_that_users_group_alone():
+    """keepalived's set_privileges: `user NAME` without GROUP runs in NAME's own group, and in no other (setgroups(1,
+    &gid)). With the uid set alone the check ran in group root, reading and writing what group root may."""
+    gid = _nobody().pw_gid
+
+    def alone_in(g):
+        return f"sh -c '[ \"$(id -g)\" = {g} ] && [ \"$(id -G)\" = {g} ]'"
+
+    r = await check_misc(dataclasses.replace(misc_check(alone_in(gid)), user="nobody"), real())
+    assert r.ok, f"{r.reason}: not in group {gid} alone"
+    r = await check_misc(dataclasses.replace(misc_check(alone_in(0)), user="nobody root"), real())
+    assert r.ok, f"{r.reason}: not in group 0, the GROUP given, alone"
+
+
 async def test_run_check_dispatches_on_kind(listener):
     assert (await run_check(tcp_check(port_of(listener)), real())).ok
     assert (await run_check(misc_check("true"), real())).ok

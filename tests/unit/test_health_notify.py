@@ -295,6 +295,18 @@ async def test_enable_script_security_refuses_a_writable_script_as_misc_check_do
     assert out.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a script as nobody: needs root")
+async def test_a_script_run_as_a_user_runs_in_that_users_group_alone(caplog):
+    """As MISC_CHECK (hdslb.health.misc._credentials): keepalived's set_privileges, not group root."""
+    import pwd
+
+    gid = pwd.getpwnam("nobody").pw_gid
+    with caplog.at_level(logging.INFO, "hdslb.health"):
+        await Notifier().run("k", "notify_up", NotifyScript("sh -c 'echo $(id -g) $(id -G)'", "nobody"),
+                             "real server r")
+    assert f"sh exited 0; output: '{gid} {gid}'" in caplog.text, caplog.text  # (it said '0 0')
+
+
 async def test_one_servers_scripts_run_in_order(tmp_path):
     go, log_ = tmp_path / "go", tmp_path / "log"
     down = script(tmp_path / "down.sh", f"while [ ! -e {go} ]; do sleep 0.01; done; echo down >> {log_}\n")
