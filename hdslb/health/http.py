@@ -2,8 +2,9 @@
 
 As keepalived (check_http.c): one connection per URL, an HTTP/1.0 GET with `User-Agent: KeepAliveClient`
 and `Host: <virtualhost>` or, without one, `Host: <IP>:<port>`. Every URL must pass; a checker with no
-url passes without connecting. A status outside status_code (default 200-299) fails; with a digest, the
-MD5 of the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived,
+url passes without connecting. A status outside status_code (default 200-299) fails, and so does a response
+whose headers never end (the connection closed first: keepalived's "no data received"); with a digest, the MD5 of
+the body (up to Content-Length) must equal it. SSL_GET does the same over TLS and, like keepalived,
 verifies no certificate: health is about the service answering, not about trust. With keepalived's top-level
 `SSL { certificate; key; password; ca }` block, every SSL_GET presents that client certificate to a server that
 asks for one (mutual TLS); the CA is loaded and, as in keepalived, checks nothing.
@@ -223,8 +224,12 @@ async def _read_head(reader: asyncio.StreamReader) -> Tuple[int, dict]:
     headers = {}
     while True:
         h = await _line(reader, "header line")
-        if h in (b"\r\n", b"\n", b""):
+        if h in (b"\r\n", b"\n"):
             break
+        if not h.endswith(b"\n"):
+            # keepalived's extract_html finds no end of the headers: "no data received", a failed check. A server
+            # that dies after its status line (a crash, a proxy giving up) is not one that answered 200.
+            raise _BadResponse("connection closed before the end of the headers")
         name, _, value = h.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(parts[1]), headers

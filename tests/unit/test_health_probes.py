@@ -79,6 +79,7 @@ async def answering(answer: bytes):
     (b"HTTP/1.0 200 " + b"O" * 70000 + b"\r\n\r\n", "status line longer than 65536 bytes"),
     (b"HTTP/1.0 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length -1"),
     (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n", "chunk size b'-5\\r\\n'"),
+    (b"HTTP/1.0 200 OK\r\nContent-Le", "connection closed before the end of the headers"),
 ])
 async def test_a_malformed_response_is_a_failed_check_without_a_traceback(answer, why, caplog):
     server = await answering(answer)
@@ -89,6 +90,21 @@ async def test_a_malformed_response_is_a_failed_check_without_a_traceback(answer
         assert not r.ok
         assert r.reason == f"malformed HTTP response to GET / from 127.0.0.1:{port_of(server)}: {why}"
         assert not [rec for rec in caplog.records if rec.exc_info]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 200 OK\r\n", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nServ"])
+async def test_a_response_cut_before_the_end_of_its_headers_fails_without_a_digest_too(answer):
+    """Without a digest only the status is judged, but a server that closes after its status line (it crashed, a
+    proxy gave up) did not answer: this passed as HTTP 200. keepalived finds no end of headers in it (extract_html):
+    "no data received", a failed check."""
+    server = await answering(answer)
+    try:
+        r = await run_check(http_check(url("/", 200), port=port_of(server)), real())
+        assert not r.ok and r.reason == f"malformed HTTP response to GET / from 127.0.0.1:{port_of(server)}: " \
+            "connection closed before the end of the headers", r.reason
     finally:
         server.close()
         await server.wait_closed()
