@@ -2189,8 +2189,13 @@ class Daemon:
         weights = {d.eff_weight for d in self._dests_of(vs_key, rs_key)}
         return weights.pop() if len(weights) == 1 else None
 
-    def _quorum_lost(self, vs_key) -> bool:
-        """The pool shows the virtual server's quorum lost: its sorry server is in."""
+    def _quorum_lost(self, vs_key) -> bool | None:
+        """What the pool shows of a virtual server's quorum, for the health manager starting to weigh it: True, lost
+        (its sorry server is in); False, held (a restart adopted the service, which has a sorry server and none in:
+        the previous daemon had quorum, and a weight between quorum - hysteresis and quorum + hysteresis keeps it);
+        None, the pool cannot say (the manager weighs the servers, as keepalived does at start)."""
+        ids = self._restored_up[1]
+        restored = False
         for ident, _, _ in self._services_of(vs_key):
             try:
                 svc = self.bal.get_service(ident)
@@ -2198,7 +2203,10 @@ class Daemon:
                 continue
             if any(d.sorry for d in svc.dests.values()):
                 return True
-        return False
+            restored = restored or any(id(d) in ids for d in svc.dests.values())
+        if restored and any(w.sorry for w in self.want.values() if tuple(w.vs_key) == tuple(vs_key)):
+            return False
+        return None
 
     def _release_unchecked(self, pairs) -> None:
         """A dest no checker watches any more (its check removed from the config or with check.del, possibly

@@ -34,10 +34,12 @@ Where the manager starts from. Without pool_state/quorum_lost (keepalived withou
 is assumed to be in the pool at its configured weight, and the daemon is told about every server that starts
 down (alpha) and every virtual server that starts without quorum. With them (hdslbd after a restart restores
 the previous daemon's verdicts), a new server starts as the pool has it: one the pool holds down starts down
-(every checker must pass once to bring it back, as under alpha), and a virtual server whose sorry server is
-in starts without quorum. Where the start state still differs from the pool (alpha; no checkers, so up; a
-configured weight the pool does not have) the daemon is told at once, so after start the manager and the pool
-agree and the first probe result that differs produces a notice.
+(every checker must pass once to bring it back, as under alpha), a virtual server whose sorry server is in starts
+without quorum, and one the pool shows with quorum (a sorry server configured, none in) starts with it, so a weight
+between quorum - hysteresis and quorum + hysteresis keeps it, as it kept it in the daemon before. Where the start
+state still differs from the pool (alpha; no checkers, so up; a configured weight the pool does not have) the
+daemon is told at once, so after start the manager and the pool agree and the first probe result that differs
+produces a notice.
 
 Scripts (hdslb.health.notify): a real server's notify_up / notify_down and a virtual server's quorum_up /
 quorum_down run where keepalived runs them (check/ipwrapper.c), queued, never awaited:
@@ -92,7 +94,9 @@ log = logging.getLogger("hdslb.health")
 OnChange = Callable[[VsKey, RsKey, bool, Optional[int], str], Any]  # may be a coroutine function
 OnQuorum = Callable[[VsKey, bool], Any]
 PoolStateOf = Callable[[VsKey, RsKey], Optional[PoolState]]  # None: the pool does not have it (yet)
-QuorumLostOf = Callable[[VsKey], bool]  # True: the pool shows the quorum lost (its sorry server is in)
+# True: the pool shows the quorum lost (its sorry server is in); False: held (a restart adopted it, no sorry server in);
+# None: the pool cannot say (weigh the servers)
+QuorumLostOf = Callable[[VsKey], Optional[bool]]
 Pair = Tuple[VirtualServer, RealServer]
 
 # Descriptors left for the daemon itself beside the probes: pinned maps and programs, AF_XDP sockets, the control
@@ -214,8 +218,11 @@ class HealthManager:
             svc = self._services.get(key)
             if svc is None:
                 svc = self._services[key] = ServiceState(vs)
-                if self._quorum_lost is not None and self._quorum_lost(key):
-                    svc.quorum_up = False  # its sorry server is in: regaining quorum takes it out
+                lost = self._quorum_lost(key) if self._quorum_lost is not None else None
+                if lost is not None:
+                    # as the pool has it: its sorry server in (regaining quorum takes it out), or quorum held across
+                    # a restart (in the hysteresis band it stays; weighed afresh, it was lost there)
+                    svc.quorum_up = not lost
             svc.vs = vs
             for rk in [k for k in svc.servers if k not in rss]:
                 gone = svc.servers.pop(rk)

@@ -386,3 +386,29 @@ async def test_a_start_that_fails_under_omega_leaves_the_adopted_pool(tmp_path, 
     await d._start_failed(True, RuntimeError("the REST port is taken"))
     d._apply_verdicts()
     assert [dests(d)[k].health for k in (RS2, RS3)] == ["up", "up"] and SORRY not in dests(d)
+
+
+async def test_a_restart_keeps_the_quorum_of_a_service_in_its_hysteresis_band(tmp_path, probe):
+    """quorum 2, hysteresis 1: gained at weight 3, lost below 1. With .2 down the weight is 2: the previous daemon kept
+    quorum (no sorry server in). The restart weighed the adopted pool as a fresh start does (>= quorum + hysteresis)
+    and lost it: the sorry server took every new flow, .3 (up, passing) was held out and quorum_down ran, because of
+    the restart alone, until the weight reached 3 again. The pool shows the quorum: no sorry server in."""
+    text = CONF.replace("    quorum 2\n", "    quorum 2\n    hysteresis 1\n    quorum_down /bin/false\n") \
+        .replace("        weight 1\n", "        weight 2\n")
+    old = await daemon(tmp_path, text)
+    await old.health.settle()
+    probe["192.168.100.2"] = False
+    await until(lambda: dests(old)[RS2].health == "down")
+    await old.health.settle()
+    assert old.health.quorum_up(("TCP", "10.0.0.100:80")) and SORRY not in dests(old)  # weight 1: in the band
+    snap = snapshot(old.bal)
+    await stop(old)
+    new = await daemon(tmp_path, text, snap)
+    try:
+        await until(lambda: new.health.server(("TCP", "10.0.0.100:80"), RS3).last_check is not None)
+        await new.health.settle()
+        assert new.health.quorum_up(("TCP", "10.0.0.100:80")) and SORRY not in dests(new)
+        assert dests(new)[RS3].health == "up" and dests(new)[RS3].eff_weight == 2  # not held for a sorry server
+        assert new.health.notifier.runs == 0  # no quorum_down: nothing changed but the daemon
+    finally:
+        await stop(new)
