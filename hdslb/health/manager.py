@@ -348,7 +348,7 @@ class HealthManager:
         told = rs.weight if pool is None else pool.weight if pool.up else None
         return ServerState(vs_key=vs.key, rs=rs, inhibit=rs.inhibit_on_failure or vs.inhibit_on_failure,
                            checkers=checkers, alive=alive, since=time.time(), reason=reason, notified_weight=told,
-                           alpha_pending=vs.alpha and not alive)
+                           alpha_pending=vs.alpha and not alive, started_down=not alive)
 
     def _begin(self, srv: ServerState) -> None:
         """Start a server's checker tasks; tell the daemon where the state it starts in differs from the pool's
@@ -461,6 +461,14 @@ class HealthManager:
             # hdslb-ctl health show kept "not checked yet" for a server that had passed every check since start);
             # nothing changed for the daemon, so no verdict and no script.
             srv.reason = reason
+        if srv.started_down and not res.ok and not srv.alive:
+            # Down since checking began, and now a check says why: show that (health.list, hdslb-ctl health show said
+            # "alpha: down until every check has passed" for as long as an alpha server kept failing, and logged
+            # nothing, so nothing said what failed). Only the reason shown changes: no verdict, the state is the same.
+            srv.started_down = False
+            srv.reason = reason
+            log.warning("real server %s of %s/%s stays down: %s", hostport(*srv.rs_key), srv.vs_key[1], srv.vs_key[0],
+                        reason)
         if srv.alpha_pending and not res.ok and not srv.alive:
             self._script_rs(srv, False)  # keepalived: alpha's first failed check confirms the server down
         return delay
@@ -470,6 +478,7 @@ class HealthManager:
         alive = all(cs.up for cs in srv.checkers)
         if alive != srv.alive:
             srv.alive = alive
+            srv.started_down = False
             self._down_index = None
             srv.since = time.time()
             srv.reason = reason

@@ -65,6 +65,9 @@ class ServerState:
     counted: int = 0  # what it adds to its service's `live` weight, as last counted (ServiceState.recount*)
     # alpha: started down and no notify script has run for it yet; its first failed check runs notify_down
     alpha_pending: bool = False
+    # down since checking began (alpha, or the pool had it down) and its reason still says only that: its first
+    # failed check gives the reason shown
+    started_down: bool = False
 
     @property
     def rs_key(self) -> RsKey:

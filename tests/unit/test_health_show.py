@@ -127,3 +127,33 @@ def test_health_show_labels_the_checks_weight_when_the_daemon_does_not_give_the_
     out = capsys.readouterr().out
     assert "10.0.0.2:80                  up    weight 3 (configured)  (TCP_CHECK: fine)" in out
     assert "10.0.0.3:80                  up    weight 2 (configured)\n" in out
+
+
+async def test_a_server_down_since_start_shows_and_logs_its_first_failed_check(caplog):
+    """An alpha server (and one the pool had down at a restart) is down until its checks pass. While they kept
+    failing, health show said "alpha: down until every check has passed" (or the previous daemon's reason) and
+    nothing was logged: nothing said what failed. Its first failed check is its reason now; nothing is told."""
+    import logging
+
+    from tests.unit.test_health import Scripted
+
+    probe, rec = Scripted(), Recorder()
+    probe.ok[160] = probe.ok[161] = False
+    alpha_rs, kept_rs = real(160, tcp_check(delay_loop=0.02)), real(161, tcp_check(delay_loop=0.02))
+    alpha, kept = virtual(alpha_rs, alpha=True), virtual(kept_rs, port=81)
+    pool = {160: None, 161: PoolState(False, None, "TCP_CHECK: refused yesterday")}
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=probe, pool_state=lambda v, r: pool[r[1]])
+    with caplog.at_level(logging.WARNING, "hdslb.health"):
+        await mgr.start(pairs_of([alpha, kept]))
+        try:
+            await until(lambda: probe.count(160) >= 2 and probe.count(161) >= 2)
+            for vs, rs in ((alpha, alpha_rs), (kept, kept_rs)):
+                shown = mgr.status()[str(vs)]["real_servers"][f"127.0.0.1:{rs.port}"]
+                assert (shown["state"], shown["reason"]) == ("down", f"TCP_CHECK: port {rs.port} says no")
+            await mgr.settle()
+            assert rec.states(kept_rs.key) == []  # down as the pool has it: nothing to tell
+        finally:
+            await mgr.stop()
+    said = [r.getMessage() for r in caplog.records if "stays down" in r.getMessage()]
+    assert sorted(said) == [f"real server 127.0.0.1:{p} of 10.0.0.1:{v}/TCP stays down: TCP_CHECK: port {p} says no"
+                            for p, v in ((160, 80), (161, 81))]
