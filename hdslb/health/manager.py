@@ -455,7 +455,10 @@ class HealthManager:
                 cs.retry_it = 0
                 cs.up = False
         cs.has_run = True
+        told = srv.notified_weight
         self._reconcile(svc, srv, reason)
+        if res.weight is not None and srv.alive and srv.notified_weight != told:
+            srv.reason = reason  # a misc_dynamic weight moved it: say so, not the exit that set the one before
         if res.ok and srv.alive and srv.reason == NOT_CHECKED and all(x.has_run for x in srv.checkers):
             # Up since start and now checked by every checker: say so. Only the reason shown changes (health.list,
             # hdslb-ctl health show kept "not checked yet" for a server that had passed every check since start);

@@ -575,6 +575,29 @@ async def test_misc_dynamic_sets_weight_through_the_manager():
         await until(lambda: rec.changes)
         assert rec.states() == [(True, 10)]
         assert mgr.status()[str(vs)]["weight"] == 10
+        assert mgr.server(vs.key, rs.key).reason == "MISC_CHECK: MISC_CHECK sh exited 12: weight 10"
+    finally:
+        await mgr.stop()
+
+
+async def test_misc_dynamic_a_new_weight_is_the_reason_shown():
+    """health show said why the server was at its weight: the exit that set the first one, for good ("exited 12:
+    weight 10" at weight 5)."""
+    rec, weight = Recorder(), {"w": 10}
+
+    async def script(checker, rs):
+        return CheckResult(True, f"exited {weight['w'] + 2}: weight {weight['w']}", weight["w"])
+
+    mgr = HealthManager(rec.on_change, rec.on_quorum, probe=script)
+    rs = real(85, misc_check("x", dynamic=True, delay_loop=0.01), weight=1)
+    vs = virtual(rs)
+    await mgr.start(pairs_of([vs]))
+    try:
+        await until(lambda: rec.changes)
+        weight["w"] = 5
+        await until(lambda: len(rec.changes) == 2)
+        assert rec.states() == [(True, 10), (True, 5)]
+        assert mgr.server(vs.key, rs.key).reason == "MISC_CHECK: exited 7: weight 5"
     finally:
         await mgr.stop()
 
