@@ -375,7 +375,10 @@ def cmd_health(ns) -> int:
             for vs, v in st.items():
                 print(f"{vs}  quorum {v.get('quorum')}/{v.get('quorum_needed')}")
                 for rs, r in v.get("real_servers", {}).items():
-                    reason = f"  ({r.get('reason')})" if r.get("reason") else ""
+                    why = [r.get("reason")] if r.get("reason") else []
+                    if r.get("held"):  # up, at weight 0: the lost quorum, not its check, keeps it out
+                        why.insert(0, "held out while the sorry server stands in")
+                    reason = f"  ({'; '.join(why)})" if why else ""
                     # the pool's weight (ipvsadm -e -w since start changes it); the checks' own copy of the
                     # configured weight only when the daemon does not say (older, or the pool lacks the server)
                     weight = r["pool_weight"] if r.get("pool_weight") is not None else \

@@ -2189,6 +2189,10 @@ class Daemon:
         weights = {d.eff_weight for d in self._dests_of(vs_key, rs_key)}
         return weights.pop() if len(weights) == 1 else None
 
+    def pool_held(self, vs_key, rs_key) -> bool:
+        """The pool holds a checked real server out while its service's sorry server stands in, for health.list."""
+        return any(d.held for d in self._dests_of(vs_key, rs_key))
+
     def _quorum_lost(self, vs_key) -> bool | None:
         """What the pool shows of a virtual server's quorum, for the health manager starting to weigh it: True, lost
         (its sorry server is in); False, held (a restart adopted the service, which has a sorry server and none in:

@@ -955,7 +955,9 @@ def health_list(ctx, a):
         return {"health": {}}
     # each server's pool_weight: the model's, which an ipvsadm -e -w since start changed and the checker's copy of
     # the configured weight does not follow
-    return {"health": ctx.health.status(pool_weight=getattr(ctx, "pool_weight", None))}
+    # and whether it is held out of the pool while its sorry server stands in (its weight 0 there, though up)
+    return {"health": ctx.health.status(pool_weight=getattr(ctx, "pool_weight", None),
+                                        held=getattr(ctx, "pool_held", None))}
 
 
 @command("daemon.shutdown")

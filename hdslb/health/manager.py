@@ -87,7 +87,8 @@ from hdslb.config.model import Checker, IPAddress, MiscCheck, RealServer, Virtua
 from hdslb.health.base import CheckResult, failed, hostport
 from hdslb.health.notify import Notifier
 from hdslb.health.probe import Probe, run_check
-from hdslb.health.state import CheckerState, PoolState, PoolWeightOf, RsKey, ServerState, ServiceState, VsKey
+from hdslb.health.state import (CheckerState, HeldOf, PoolState, PoolWeightOf, RsKey, ServerState, ServiceState,
+                                VsKey)
 
 log = logging.getLogger("hdslb.health")
 
@@ -267,12 +268,13 @@ class HealthManager:
 
     # ------------------------------------------------------------ queries
 
-    def status(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
+    def status(self, pool_weight: Optional[PoolWeightOf] = None, held: Optional[HeldOf] = None) -> Dict[str, Any]:
         """{"10.0.0.1:80/TCP": {"quorum", "weight", …, "real_servers": {"192.168.100.2:80": {...}}}}. pool_weight
         (vs_key, rs_key) -> the weight the daemon's pool has the server at, reported as each server's pool_weight:
         the manager's own "weight" is its checks' (the configured one, or misc_dynamic's), which a weight set by
-        hand since (ipvsadm -e -w) does not change."""
-        return {str(svc.vs): svc.as_dict(pool_weight) for svc in self._services.values()}
+        hand since (ipvsadm -e -w) does not change. held (vs_key, rs_key) -> whether the pool holds the server out
+        for its sorry server, reported as "held"."""
+        return {str(svc.vs): svc.as_dict(pool_weight, held) for svc in self._services.values()}
 
     def up_states(self) -> List[Tuple[VsKey, RsKey, bool]]:
         """(vs key, rs key, up) of every checked real server: what /metrics needs, read on the event loop in a few ms

@@ -15,6 +15,7 @@ from hdslb.health.base import hostport
 VsKey = Tuple[str, str]  # VirtualServer.key: ("TCP", "10.0.0.1:80") or ("TCP", "group web")
 RsKey = Tuple[IPAddress, int]  # RealServer.key
 PoolWeightOf = Callable[[VsKey, RsKey], Optional[int]]  # the weight the daemon's pool has a server at, if known
+HeldOf = Callable[[VsKey, RsKey], bool]  # the daemon's pool holds the server out while its sorry server stands in
 
 MAX_WEIGHT = 65535
 
@@ -93,16 +94,19 @@ class ServerState:
     def last_check(self) -> Optional[float]:
         return max((c.last_check for c in self.checkers if c.last_check is not None), default=None)
 
-    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
+    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None, held: Optional[HeldOf] = None) -> Dict[str, Any]:
         """weight: the weight its checks give it (configured, or a misc_dynamic script's); with pool_weight, also
         "pool_weight": the weight the daemon's pool has it at now (ipvsadm -e since, 0 while down or held out for
-        a sorry server), None when the pool does not have it or the services it stands for disagree."""
+        a sorry server), None when the pool does not have it or the services it stands for disagree; with held,
+        also "held": up, but out of the pool while its virtual server's sorry server stands in (quorum lost)."""
         out = {"state": "up" if self.alive else "down", "weight": self.weight, "inhibit": self.inhibit,
                "reason": self.reason, "since": self.since, "last_failure": self.last_failure,
                "last_check": self.last_check, "failures": self.failures,
                "checkers": [c.as_dict() for c in self.checkers]}
         if pool_weight is not None:
             out["pool_weight"] = pool_weight(self.vs_key, self.rs_key)
+        if held is not None:  # (one down by its checks is out for that; one held is at pool weight 0: asked only then)
+            out["held"] = self.alive and out.get("pool_weight", 0) == 0 and held(self.vs_key, self.rs_key)
         return out
 
 
@@ -133,7 +137,7 @@ class ServiceState:
         self.live += now - srv.counted
         srv.counted = now
 
-    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None) -> Dict[str, Any]:
+    def as_dict(self, pool_weight: Optional[PoolWeightOf] = None, held: Optional[HeldOf] = None) -> Dict[str, Any]:
         return {"quorum": None if self.quorum_up is None else ("up" if self.quorum_up else "down"),
                 "weight": self.weight_sum(), "quorum_needed": self.vs.quorum, "hysteresis": self.vs.hysteresis,
-                "real_servers": {hostport(*k): s.as_dict(pool_weight) for k, s in self.servers.items()}}
+                "real_servers": {hostport(*k): s.as_dict(pool_weight, held) for k, s in self.servers.items()}}

@@ -17,7 +17,8 @@ from hdslb.health import CheckResult, HealthManager, pairs_of
 from hdslb.health.state import PoolState
 from tests.unit.test_health import Recorder, misc_check, real, tcp_check, until, virtual
 from tests.unit.test_health_notify import Runs
-from tests.unit.test_health_restore import CONF, SVC, daemon, probe, stop  # noqa: F401 — probe is a fixture
+from tests.unit.test_health_restore import (CONF, RS3, SORRY, SVC, daemon, dests, probe,  # noqa: F401 — a fixture
+                                           stop)
 
 # ---------------------------------------------------------------- the reason
 
@@ -157,3 +158,23 @@ async def test_a_server_down_since_start_shows_and_logs_its_first_failed_check(c
     said = [r.getMessage() for r in caplog.records if "stays down" in r.getMessage()]
     assert sorted(said) == [f"real server 127.0.0.1:{p} of 10.0.0.1:{v}/TCP stays down: TCP_CHECK: port {p} says no"
                             for p, v in ((160, 80), (161, 81))]
+
+
+async def test_health_show_says_a_server_is_held_out_for_the_sorry_server(tmp_path, probe, monkeypatch, capsys):  # noqa: F811
+    """Quorum lost: the servers still up leave the pool with the sorry server in. health show printed such a one as
+    "up weight 0 (TCP_CHECK: fine)", nothing saying why a passing server had no weight."""
+    probe["192.168.100.2"] = False  # quorum 2 of weights 1 + 1: lost, the sorry server in, .3 held out
+    d = await daemon(tmp_path, CONF)
+    try:
+        await until(lambda: SORRY in dests(d) and dests(d)[RS3].held)
+        await until(lambda: d.health.server(("TCP", "10.0.0.100:80"), RS3).reason == "TCP_CHECK: fine")
+        shown = (await dispatch_async(d, "health.list", {}))["health"]["10.0.0.100:80/TCP"]["real_servers"]
+        assert (shown["192.168.100.3:80"]["held"], shown["192.168.100.2:80"]["held"]) == (True, False)
+        DaemonClient.daemon = d
+        monkeypatch.setattr(hdslb_ctl, "Client", DaemonClient)
+        assert hdslb_ctl.main(["health", "show"]) == 0
+        out = capsys.readouterr().out
+        assert "192.168.100.3:80             up    weight 0  (held out while the sorry server stands in; " \
+               "TCP_CHECK: fine)" in out, out
+    finally:
+        await stop(d)
