@@ -340,7 +340,7 @@ def _rs_arg(spec: str) -> tuple:
     return addr, _port_of(port, spec, "real server")
 
 
-HEALTH_DEFAULTS = {"kind": "TCP_CHECK", "delay_loop": 6}
+HEALTH_DEFAULTS = {"delay_loop": 6}  # and --kind: UDP_CHECK for a -u service, else TCP_CHECK (cmd_health)
 
 
 def _health_unused(ns) -> str | None:
@@ -367,6 +367,8 @@ def cmd_health(ns) -> int:
     for k, v in HEALTH_DEFAULTS.items():
         if getattr(ns, k) is None:
             setattr(ns, k, v)
+    if ns.kind is None:  # a TCP_CHECK of a UDP service (DNS, syslog) is refused by every healthy server: all down
+        ns.kind = "UDP_CHECK" if ns.udp else "TCP_CHECK"
     try:
         if ns.action == "show":
             st = Client(ctl).call("health.list")["health"]
@@ -438,7 +440,8 @@ def health_parser() -> argparse.ArgumentParser:
     hc.add_argument("-u", "--udp-service", dest="udp")
     hc.add_argument("-r", "--real-server", dest="real_server")
     # (no argparse defaults for --kind and --delay-loop: add fills them in, show and del refuse them when given)
-    hc.add_argument("--kind", help="TCP_CHECK (the default), HTTP_GET, SSL_GET, UDP_CHECK, SMTP_CHECK, MISC_CHECK")
+    hc.add_argument("--kind", help="TCP_CHECK (the default for -t), HTTP_GET, SSL_GET, UDP_CHECK (the default for -u), "
+                    "SMTP_CHECK, MISC_CHECK")
     hc.add_argument("--delay-loop", type=_delay_loop, metavar="SECONDS",
                     help="seconds between checks, more than 0 (default 6)")
     hc.add_argument("--inhibit", action="store_true", help="inhibit_on_failure: weight 0 instead of removal")

@@ -557,7 +557,8 @@ def check_block(svc: dict, addr: str, port: int, a: dict, weight: int = 1) -> st
     1, which could take a whole service's quorum away and send every new flow to its sorry server)."""
     from hdslb.errors import invalid
 
-    kind = str(a.get("kind", "TCP_CHECK")).upper()
+    # no kind: the service's own protocol's check (a TCP_CHECK of a UDP service is refused by every healthy server)
+    kind = str(a["kind"] if "kind" in a else "UDP_CHECK" if svc.get("proto") == "udp" else "TCP_CHECK").upper()
     if kind not in CHECK_KINDS:
         raise invalid(f"unknown check kind {kind!r} ({', '.join(CHECK_KINDS)})")
     params = a.get("params") or {}

@@ -429,6 +429,12 @@ def test_health_add_defaults_still_apply(monkeypatch, capsys):
     assert hdslb_ctl.main(["health", "del", "-t", "10.0.0.1:80", "-r", "10.0.0.2:80"]) == 0
     assert sent[1] == ("check.del", {"svc": {"proto": "tcp", "addr": "10.0.0.1", "port": 80},
                                      "addr": "10.0.0.2", "port": 80})
+    # a UDP service's check is a UDP_CHECK unless --kind says otherwise: a TCP_CHECK of a UDP-only server (DNS) is
+    # refused by every healthy one, and took them all out of rotation
+    assert hdslb_ctl.main(["health", "add", "-u", "10.0.0.1:53", "-r", "10.0.0.2:53"]) == 0
+    assert sent[2][1]["kind"] == "UDP_CHECK"
+    assert hdslb_ctl.main(["health", "add", "-u", "10.0.0.1:53", "-r", "10.0.0.2:53", "--kind", "TCP_CHECK"]) == 0
+    assert sent[3][1]["kind"] == "TCP_CHECK"
 
 
 def test_hdslb_ctl_up_logs_to_the_instance_named(tmp_path, monkeypatch, capsys):

@@ -230,6 +230,17 @@ def test_check_block_carries_udp_reply_lengths():
     assert (c.require_reply, c.min_reply_length, c.max_reply_length) == (b"\x01", 12, 512)
 
 
+def test_check_block_without_a_kind_checks_the_services_protocol():
+    """check.add without a kind: a TCP_CHECK for a TCP service, a UDP_CHECK for a UDP one (a TCP_CHECK of a UDP-only
+    server is refused however healthy it is)."""
+    from hdslb.config import loads
+    from hdslb.daemon import check_block
+
+    for proto, kind in (("tcp", "TCP_CHECK"), ("udp", "UDP_CHECK")):
+        text = check_block({"proto": proto, "addr": "10.0.0.100", "port": 53}, "192.168.100.2", 53, {})
+        assert [c.kind for c in loads(text, name="t").virtual_servers[0].real_servers[0].checkers] == [kind]
+
+
 @pytest.mark.parametrize("a", [
     {"kind": "PING"},
     {"kind": "TCP_CHECK", "params": {"connect_timeout": "1 }\nvirtual_server 1.2.3.4 1 {"}},
