@@ -375,7 +375,11 @@ def cmd_health(ns) -> int:
             if not st:
                 print("no health checks")
             for vs, v in st.items():
-                print(f"{vs}  quorum {v.get('quorum')}/{v.get('quorum_needed')}")
+                # the live weight beside the quorum: "up/3" alone hid why a service kept (or lost) it, 2 being within
+                # a hysteresis of 1 (gained at 4, lost below 2)
+                live = f" (weight {v['weight']}" + (f", hysteresis {v['hysteresis']}" if v.get("hysteresis") else "") \
+                    + ")" if v.get("weight") is not None else ""
+                print(f"{vs}  quorum {v.get('quorum')}/{v.get('quorum_needed')}{live}")
                 for rs, r in v.get("real_servers", {}).items():
                     why = [r.get("reason")] if r.get("reason") else []
                     if r.get("held"):  # up, at weight 0: the lost quorum, not its check, keeps it out

@@ -126,6 +126,7 @@ def test_health_show_labels_the_checks_weight_when_the_daemon_does_not_give_the_
     monkeypatch.setattr(hdslb_ctl, "Client", Older)
     assert hdslb_ctl.main(["health", "show"]) == 0
     out = capsys.readouterr().out
+    assert "10.0.0.1:80/TCP  quorum up/1\n" in out  # (no live weight given: none shown)
     assert "10.0.0.2:80                  up    weight 3 (configured)  (TCP_CHECK: fine)" in out
     assert "10.0.0.3:80                  up    weight 2 (configured)\n" in out
 
@@ -162,7 +163,8 @@ async def test_a_server_down_since_start_shows_and_logs_its_first_failed_check(c
 
 async def test_health_show_says_a_server_is_held_out_for_the_sorry_server(tmp_path, probe, monkeypatch, capsys):  # noqa: F811
     """Quorum lost: the servers still up leave the pool with the sorry server in. health show printed such a one as
-    "up weight 0 (TCP_CHECK: fine)", nothing saying why a passing server had no weight."""
+    "up weight 0 (TCP_CHECK: fine)", nothing saying why a passing server had no weight; and the service as
+    "quorum down/2", not the live weight that lost it."""
     probe["192.168.100.2"] = False  # quorum 2 of weights 1 + 1: lost, the sorry server in, .3 held out
     d = await daemon(tmp_path, CONF)
     try:
@@ -176,5 +178,6 @@ async def test_health_show_says_a_server_is_held_out_for_the_sorry_server(tmp_pa
         out = capsys.readouterr().out
         assert "192.168.100.3:80             up    weight 0  (held out while the sorry server stands in; " \
                "TCP_CHECK: fine)" in out, out
+        assert "10.0.0.100:80/TCP  quorum down/2 (weight 1)\n" in out, out  # the live weight that lost it
     finally:
         await stop(d)
