@@ -3,14 +3,25 @@
 import time
 import types
 
+import pytest
+
 from hdslb.daemon import Daemon
 
 
-def _daemon(count_s: float):
+@pytest.fixture
+def clock(monkeypatch):
+    """The daemon module's clock, advanced only by the counts themselves: a loaded machine (a sleep of 60 ms taking
+    300) must not change what the cache decides."""
+    now = [1000.0]
+    monkeypatch.setattr("hdslb.daemon.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def _daemon(clock, count_s: float):
     state = {"n": 0}
 
     def conn_entries():
-        time.sleep(count_s)
+        clock[0] += count_s
         state["n"] += 1
         return state["n"]
 
@@ -19,16 +30,18 @@ def _daemon(count_s: float):
     return d, state
 
 
-def test_a_cheap_count_is_always_fresh():
-    d, _ = _daemon(0.0)
+def test_a_cheap_count_is_always_fresh(clock):
+    d, _ = _daemon(clock, 0.0)
     assert [Daemon.conn_table_entries(d) for _ in range(3)] == [1, 2, 3]
 
 
-def test_an_expensive_count_is_reused_for_twenty_times_its_cost():
-    d, state = _daemon(0.06)                 # reused for 1.2 s
+def test_an_expensive_count_is_reused_for_twenty_times_its_cost(clock):
+    d, state = _daemon(clock, 0.06)          # reused for 1.2 s
     assert Daemon.conn_table_entries(d) == 1
     assert Daemon.conn_table_entries(d) == 1 and state["n"] == 1
-    d._entries_cache = (d._entries_cache[0] - 1.3, *d._entries_cache[1:])  # 1.3 s later
+    clock[0] += 1.1
+    assert Daemon.conn_table_entries(d) == 1  # 1.1 s later: still the count
+    clock[0] += 0.2                           # 1.3 s later
     assert Daemon.conn_table_entries(d) == 2
 
 
