@@ -657,6 +657,50 @@ static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
 }
 
 /*
+ * The client's SYN on a flow whose handshake the real server refused or cut (its reset, or FIN, is in the reply
+ * entry: only a flow that never completed its handshake gets here, conn_reusable schedules the others afresh):
+ * the reply entry starts over at SYN_RECV, as LVS moves CLOSE back to SYN_RECV on a SYN. The server's SYN-ACK
+ * would do it (conn_restart), but reads only its own CPU's copy, and the reset may have crossed another CPU
+ * (the server's packets are spread over the CPUs by whoever sent them: veth, RPS): that copy's CLOSE was then
+ * the flow's state for good, so the connection the server accepted next was inactive, timed by the close
+ * timeout and swept after a few idle seconds. Every copy of the reply entry is read and each one that says
+ * FIN_WAIT or CLOSE is set back, here where only SYNs that find an entry pay. The entry at the reply key is
+ * this flow's only if it points back at the client (a full table's LRU may have given the port to another).
+ */
+static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_addr *b);
+
+static __always_inline void conn_restart_reply(int t4, void *k, struct conn_val *cv)
+{
+	const struct conn_key *kh = k; /* the head both key layouts share */
+	struct conn_key rk = {};       /* big enough for either table's key */
+	union hdslb_addr client = ck_addr(t4, k, 0), to;
+	struct conn_val *o;
+
+	if (cv->fwd != FWD_FNAT && cv->fwd != FWD_NAT && cv->fwd != FWD_SNAT)
+		return;
+	conn_partner_key(t4, &rk, k, cv);
+#ifdef CONN_SHARED
+	o = conn_lookup(t4, &rk);
+	if (o && (o->flags & (CONN_F_VALID | CONN_F_OUT)) == (CONN_F_VALID | CONN_F_OUT) &&
+	    (o->state == CS_FIN_WAIT || o->state == CS_CLOSE) && o->dport == kh->sport) {
+		to = cv_addr(t4, o, 1);
+		if (addr_eq(&to, &client))
+			o->state = CS_SYN_RECV;
+	}
+#else
+	for (__u32 cpu = 0; cpu < HDSLB_NR_CPUS; cpu++) {
+		o = bpf_map_lookup_percpu_elem(CONN_MAP(t4), &rk, cpu);
+		if (!o || (o->flags & (CONN_F_VALID | CONN_F_OUT)) != (CONN_F_VALID | CONN_F_OUT) ||
+		    (o->state != CS_FIN_WAIT && o->state != CS_CLOSE) || o->dport != kh->sport)
+			continue;
+		to = cv_addr(t4, o, 1);
+		if (addr_eq(&to, &client))
+			o->state = CS_SYN_RECV;
+	}
+#endif
+}
+
+/*
  * A new handshake on an entry whose last one ended: the client's SYN, or the server's SYN-ACK, on an entry in
  * FIN_WAIT or CLOSE that conn_reusable kept (the client retransmits its SYN after a reset cut the handshake;
  * the server answers a SYN on a tuple it had reset). As in LVS's table (a SYN moves CLOSE to SYN_RECV), the
@@ -677,6 +721,8 @@ static __always_inline void conn_restart(int t4, void *k, struct conn_val *cv, s
 	if (!th->ack && state != CS_FIN_WAIT && state != CS_CLOSE)
 		conn_newest(t4, k, &state, &was_est);
 #endif
+	if (!th->ack)
+		conn_restart_reply(t4, k, cv);
 	if (state != CS_FIN_WAIT && state != CS_CLOSE)
 		return;
 	cv->state = CS_SYN_RECV;

@@ -747,6 +747,31 @@ def test_a_server_answering_a_new_handshake_on_a_tuple_it_reset_starts_it_over(f
     assert maps.conn_aging_columns().expired(_now(maps), _lim(maps)) == []
 
 
+@needs_two_cpus
+def test_a_server_s_refusal_on_another_cpu_does_not_close_the_handshake_it_accepts_next(fastpath, maps):
+    """The server's reset of a SYN crossed CPU 1 (the server's packets are spread over the CPUs by whoever sent
+    them: veth, RPS); the client's SYN on the same tuple, the server's SYN-ACK and the client's ACK cross CPU 0.
+    The connection is ESTABLISHED, active and timed as such: CPU 1's CLOSE no longer stays the flow's state (it
+    was swept after the close timeout's few idle seconds, its later packets dropped)."""
+    from hdslb.fastpath import aging
+
+    setup_service(maps)
+    maps.set_idle_timeouts(TIMEOUTS)
+    _, p = on_cpu(0, lambda: run(fastpath, syn(sport=50250)))
+    lport = p[TCP].sport
+    assert on_cpu(1, lambda: run(fastpath, _server(lport, "RA")))[0] == XDP_TX
+    assert on_cpu(0, lambda: run(fastpath, syn(sport=50250)))[1][TCP].sport == lport
+    assert on_cpu(0, lambda: run(fastpath, _server(lport, "SA")))[0] == XDP_TX
+    assert on_cpu(0, lambda: run(fastpath, syn(sport=50250, flags="A")))[0] == XDP_TX
+    assert sorted((c["out"], c["state"]) for c in maps.conns()) == [(False, 2), (True, 1)]
+    assert maps.conn_aging_columns().counts() == aging.counts_rows(maps.conn_aging_view()) == {0: (1, 0)}
+    assert [(c["state"], c["expire_s"]) for c in _daemon_conn_list(maps) if not c["out"]] == [("established", 90)]
+    _age_conns(maps, 10)                                   # past close (3 s), within established (90 s)
+    now, lim = _now(maps), _lim(maps)
+    assert maps.conn_aging_columns().expired(now, lim) == aging.expired_rows(maps.conn_aging_view(), now, lim) == []
+    assert on_cpu(1, lambda: run(fastpath, syn(sport=50250, flags="PA", payload=b"x")))[0] == XDP_TX
+
+
 @pytest.mark.parametrize("flags,timeout", [("R", "close"), ("RA", "close"), ("FA", "fin_wait")])
 def test_the_server_closing_a_flow_ends_it_as_the_client_closing_it_would(fastpath, maps, flags, timeout):
     """LVS's state follows the real server's packets too (a reset from it: CLOSE; its FIN: FIN_WAIT). A flow the
