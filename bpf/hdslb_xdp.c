@@ -610,15 +610,31 @@ static __always_inline int conn_reusable(int t4, void *k, struct conn_val *cv, s
 	return !d || !(d->flags & DEST_F_VALID) || (d->flags & DEST_F_DRAIN) || d->svc_id != cv->svc_id;
 }
 
-/* Remove a flow's inbound entry and, for the modes that have one, its reply entry. */
+static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_addr *b);
+
+/*
+ * Remove a flow's inbound entry and, for the modes that have one, its reply entry: the entry at the reply key
+ * only if it is this flow's (it points back at the client). A full table's LRU evicts entries one by one: the
+ * flow's reply entry may be gone and its local port held by another client's flow since, whose reply entry
+ * removed here handed the port out again while that flow's inbound entry still sent to it (two flows on one
+ * tuple at the real server, the answers to one going to the other's client).
+ */
 static __always_inline void conn_expire(int t4, void *k, struct conn_val *cv)
 {
-	struct conn_key rk = {}; /* big enough for either table's key */
+	const struct conn_key *kh = k; /* the head both key layouts share */
+	struct conn_key rk = {};       /* big enough for either table's key */
+	union hdslb_addr client = ck_addr(t4, k, 0), to;
+	struct conn_val *o;
+	__u8 state, was_est;
 
 	if (cv->fwd == FWD_FNAT || cv->fwd == FWD_NAT || cv->fwd == FWD_SNAT) {
 		conn_partner_key(t4, &rk, k, cv);
-		if (conn_delete(t4, &rk) == 0)
-			count(CNT_CONN_EXPIRED);
+		o = conn_newest(t4, &rk, &state, &was_est);
+		if (o && (o->flags & CONN_F_OUT) && o->dport == kh->sport) {
+			to = cv_addr(t4, o, 1);
+			if (addr_eq(&to, &client) && conn_delete(t4, &rk) == 0)
+				count(CNT_CONN_EXPIRED);
+		}
 	}
 	if (conn_delete(t4, k) == 0)
 		count(CNT_CONN_EXPIRED);
@@ -667,8 +683,6 @@ static __always_inline void tcp_track(struct conn_val *cv, struct tcphdr *th)
  * FIN_WAIT or CLOSE is set back, here where only SYNs that find an entry pay. The entry at the reply key is
  * this flow's only if it points back at the client (a full table's LRU may have given the port to another).
  */
-static __always_inline int addr_eq(const union hdslb_addr *a, const union hdslb_addr *b);
-
 static __always_inline void conn_restart_reply(int t4, void *k, struct conn_val *cv)
 {
 	const struct conn_key *kh = k; /* the head both key layouts share */

@@ -747,6 +747,30 @@ def test_a_server_answering_a_new_handshake_on_a_tuple_it_reset_starts_it_over(f
     assert maps.conn_aging_columns().expired(_now(maps), _lim(maps)) == []
 
 
+def test_a_reused_tuple_leaves_the_reply_entry_another_flow_holds_on_its_old_port_alone(fastpath, maps):
+    """A full table's LRU evicted a finished flow's reply entry (its inbound entry left), and another client's flow
+    took that local port to the same server since. The first client reusing its port (scheduled afresh) removes
+    its own entry only: the other flow's reply entry stays, so that port is not handed out twice (the server's
+    answers on it went to the first client's new flow, and the other client's went nowhere)."""
+    setup_service(maps)
+    maps.set_cfg(2000, 2000)
+    assert run(fastpath, syn(sport=52000))[1][TCP].sport == 2000
+    run(fastpath, _server(2000, "SA"))
+    run(fastpath, syn(sport=52000, flags="A"))
+    run(fastpath, syn(sport=52000, flags="FA"))            # finished: a SYN on this tuple is scheduled afresh
+    t = maps.t["conn4_map"]
+    reply = [k for k in t.keys() if socket.ntohs(k.sport) == 80 and socket.ntohs(k.dport) == 2000]
+    assert len(reply) == 1
+    del t[reply[0]]                                        # what the LRU evicts of a full table
+    assert run(fastpath, syn(sport=52001))[1][TCP].sport == 2000   # the port is free: another flow takes it
+    expired = maps.counters()["conn_expired"]
+    v, _ = run(fastpath, syn(sport=52000))                 # the first client reuses its port
+    assert v == XDP_DROP and maps.counters()["drop_lport_exhausted"] == 1  # the one port is the other flow's
+    assert maps.counters()["conn_reused"] == 1 and maps.counters()["conn_expired"] == expired + 1
+    v, p = run(fastpath, _server(2000, "SA"))
+    assert v == XDP_TX and p[TCP].dport == 52001, "the server's answer goes to the flow that holds the port"
+
+
 @needs_two_cpus
 def test_a_server_s_refusal_on_another_cpu_does_not_close_the_handshake_it_accepts_next(fastpath, maps):
     """The server's reset of a SYN crossed CPU 1 (the server's packets are spread over the CPUs by whoever sent
