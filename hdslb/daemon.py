@@ -2076,7 +2076,12 @@ class Daemon:
             return override
         if not self.settings.config_file:
             return ""
-        # as the loader reads it (bytes, UTF-8), with a comment's stray non-UTF-8 bytes shown as U+FFFD
+        # The text the running config was read from, not the file as it is now: a reload the file's new text failed
+        # (or an edit not reloaded yet) leaves the old config running, and GET /v2/config showed the new text as it.
+        # As the loader read it (bytes, UTF-8), with a comment's stray non-UTF-8 bytes shown as U+FFFD.
+        cfg = self.config
+        if cfg is not None and cfg.text is not None and cfg.source == self.settings.config_file:
+            return cfg.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         with open(self.settings.config_file, encoding="utf-8", errors="replace") as f:
             return f.read()
 

@@ -26,7 +26,7 @@ def load(path: str, config_id: Optional[str] = None) -> Config:
     config_id: what keepalived's `@ID` lines are matched against (keepalived -i); None: the node name."""
     reader = Reader(config_id=config_id)
     nodes = parse(reader.read_file(path))
-    return _build(nodes, path, reader.files, reader.notices)
+    return _build(nodes, path, reader.files, reader.notices, reader.text)
 
 
 def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, posted: bool = False,
@@ -42,7 +42,7 @@ def loads(text: str, name: str = "<string>", base_dir: Optional[str] = None, *, 
     nodes = parse(reader.read_text(text, name, base_dir))
     if posted:
         _refuse_posted(nodes)
-    return _build(nodes, name, [name] + reader.files, reader.notices)
+    return _build(nodes, name, [name] + reader.files, reader.notices, text)
 
 
 # What a posted configuration may not contain, and why: each reads a file or runs a program as root. `include`
@@ -132,7 +132,8 @@ class _Ctx:
         return node.where
 
 
-def _build(nodes: List[Node], source: str, files: List[str], read_notices: List[Notice] = ()) -> Config:
+def _build(nodes: List[Node], source: str, files: List[str], read_notices: List[Notice] = (),
+           text: Optional[str] = None) -> Config:
     ctx = _Ctx()
     ctx.notices.extend(read_notices)  # the reader's (files an include skipped), before the keywords'
     top = _Scope(path="", label="", marked=False, init_only=False, na=False)
@@ -144,7 +145,7 @@ def _build(nodes: List[Node], source: str, files: List[str], read_notices: List[
         first.errors = tuple(ctx.errors)
         raise first
     return Config(source=source, files=tuple(dict.fromkeys(files)), notices=tuple(ctx.notices),
-                  settings=dict(ctx.settings), **fields)
+                  settings=dict(ctx.settings), text=text, **fields)
 
 
 def _read_children(spec: Block, owner: Optional[Node], body: List[Node], scope: _Scope, ctx: _Ctx) -> Dict[str, Any]:

@@ -550,6 +550,9 @@ class Config:
     ssl: Optional[SslDefs]  # keepalived's SSL block; its SSL_GET checkers carry it too (HttpCheck.tls)
     notices: Tuple[Notice, ...] = field(compare=False)
     settings: Mapping[str, Setting] = field(compare=False, repr=False)
+    # the top file's text as it was read for this Config (what GET /v2/config shows while it runs: the file on disk
+    # may have been edited since, or refused by a reload); None where no file was read
+    text: Optional[str] = field(default=None, compare=False, repr=False)
 
     @property
     def ctl_socket(self) -> Optional[str]:

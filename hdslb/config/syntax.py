@@ -321,6 +321,7 @@ class Reader:
 
     def __init__(self, allow_include: bool = True, config_id: Optional[str] = None) -> None:
         self.files: List[str] = []
+        self.text: Optional[str] = None  # the top file's text as read (its stray bytes kept as surrogates)
         self.notices: List[Notice] = []  # what an include's glob matched and was skipped (keepalived skips it too)
         self.allow_include = allow_include  # False: text from the network (see loader.loads posted=True)
         # `@ID` lines and `$NAME` definitions, shared by every file read (a definition holds in the files included
@@ -349,6 +350,8 @@ class Reader:
                 raise ConfigError(Where(path, 0, 0), "file", f"cannot read: {_why(e)}") from None
             raise ConfigError(at.where, "include", f"cannot read {path}: {_why(e)}") from None
         self.files.append(path)
+        if at is None:
+            self.text = text
         toks = tokenize(text, path, self.params)
         toks.pop()  # EOF: only the outermost file's end ends the config
         return self._expand(toks, os.path.dirname(path), stack + (real,))

@@ -613,7 +613,7 @@ def test_table_fields_match_the_dataclasses():
                 visit(child, f"{path}.{kw}")
 
     visit(ROOT, "")
-    top = {f.name for f in dataclasses.fields(m.Config)} - {"source", "files", "notices", "settings"}
+    top = {f.name for f in dataclasses.fields(m.Config)} - {"source", "files", "notices", "settings", "text"}
     assert top == {c.field or kw for kw, c in ROOT.children.items()
                    if not (isinstance(c, Block) and c.build is None)}
 
