@@ -1803,9 +1803,12 @@ class Daemon:
             except HdslbError as e:
                 raise refused(e, getattr(e, "tag", None), scratch) from None
             self.bal.set_expire_quiescent_template(quiescent)
+            dynamic = self._checker_weights(ops)
             with self.bal.deferred():  # validated above: the tables built at its end can be built
                 for op, args in ops:
                     commands.dispatch(self, op, args)
+                for a, weight in dynamic:
+                    self.bal.dest_health(a, True, weight, "")
         self.bal.config_owned = set(want)
         self.bal.own_config_vips(want)  # (a service made again by ipvsadm and adopted here owned no VIP)
         self.config, self.want = cfg, want
@@ -1816,6 +1819,26 @@ class Daemon:
         if ops:
             log.info("config %s applied: %d changes", cfg.source, len(ops))
         return [op_line(op, args) for op, args in ops]
+
+    def _checker_weights(self, ops: list) -> list[tuple[dict, int]]:
+        """The real servers a config's dest.edit ops change that are up at a weight their misc_dynamic check set,
+        with that weight. dest.edit takes the weight it is given as the weight (as ipvsadm -e does), so a reload
+        that changed such a server's configured weight, thresholds or lb_kind put it back at the configured weight,
+        a script's 0 included (back in rotation), and for good: the checker, having told that weight once, tells
+        it again only when it changes. keepalived's reload carries the server's effective weight over
+        (ipwrapper.c clear_diff_rs), so the checker's weight is put back in the same batch."""
+        out = []
+        for op, args in ops:
+            if op != "dest.edit":
+                continue
+            try:
+                svc = self.bal.get_service(args["svc"])
+                d = svc.dests.get(self.bal._dest_key(svc, args))
+            except HdslbError:
+                continue
+            if d is not None and d.health == "up" and d.health_weight is not None:
+                out.append(({"svc": args["svc"], "addr": args["addr"], "port": args["port"]}, d.health_weight))
+        return out
 
     def _warn_unrouted(self, want: dict) -> list[str]:
         """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the
