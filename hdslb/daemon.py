@@ -1767,7 +1767,9 @@ class Daemon:
 
         self._apply_verdicts()  # the verdicts received so far belong to the model this config is planned against
         want = desired(cfg, self._default_ifname)
-        ops = plan(self.bal, want, self.bal.config_owned)
+        # against what the file applied last wanted (none at a start): what was set by hand since stands where the
+        # file did not change it (apply.plan)
+        ops = plan(self.bal, want, self.bal.config_owned, self.want if self.config is not None else None)
         for op, args in ops:
             if op == "service.add":
                 args["own_vip"] = True

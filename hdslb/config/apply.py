@@ -133,11 +133,19 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
     return out
 
 
-def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[str, dict]]:
+def plan(bal, want: dict[tuple, WantService], owned: set[tuple],
+         prev: dict[tuple, WantService] | None = None) -> list[tuple[str, dict]]:
     """Ops that turn the config-owned part of `bal` into `want`.
 
     Services the config does not own (made with ipvsadm) are left alone unless the file now declares them,
     in which case the file takes them over.
+
+    prev: what the file applied last wanted (a reload's), None at a start. As keepalived's reload compares the old
+    config with the new one (ipwrapper.c clear_diff_services / clear_diff_rs), a service's scheduler and persistence
+    and a real server's weight, thresholds and forwarding method are set where the file changed them since (or the
+    file did not have that service or server): a value set by hand since (`ipvsadm -e -w 0`, a drain; `ipvsadm -E
+    -s rr`) stands through a reload that leaves it alone, as a `--set` timeout does. A real server or service
+    missing from the model (removed by hand) is added again.
     """
     ops: list[tuple[str, dict]] = []
     for key in sorted(owned - set(want), key=str):
@@ -148,11 +156,19 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
         cur = bal.services.get(key)
         if cur is None:
             ops.append(("service.add", svc_args))
-            cur_dests, cur_laddrs = {}, {}
+            old, cur_dests, cur_laddrs = None, {}, {}
         else:
-            if (cur.sched, cur.persistent, cur.netmask, cur.flags, cur.sched_params) != \
-                    (w.sched, w.persistent, w.netmask, w.flags, w.sched_params):
-                ops.append(("service.edit", svc_args))
+            old = prev.get(key) if prev is not None else None
+            # the scheduler (with its flags and table size) and persistence (with its mask), each where it differs
+            # from the model and the file changed it (or the file did not have the service)
+            edit = {}
+            for fields, have in ((("sched", "flags", "sched_params"), (cur.sched, cur.flags, cur.sched_params)),
+                                 (("persistent", "netmask"), (cur.persistent, cur.netmask))):
+                wanted = tuple(getattr(w, f) for f in fields)
+                if have != wanted and (old is None or tuple(getattr(old, f) for f in fields) != wanted):
+                    edit.update((f, svc_args[f]) for f in fields)
+            if edit:
+                ops.append(("service.edit", dict(w.ident, **edit)))
             # A sorry_server in the pool belongs to health checking (it is there while quorum is lost), not to the
             # file; but one the file no longer names goes now, or it would take new flows for good (the daemon
             # puts the new one in if quorum is still lost).
@@ -169,8 +185,19 @@ def plan(bal, want: dict[tuple, WantService], owned: set[tuple]) -> list[tuple[s
             d = cur_dests.get(dk)
             if d is None:
                 ops.append(("dest.add", args))
-            elif (d.fwd, d.weight, d.u_threshold, d.l_threshold) != (w.fwd, wd.weight, wd.u_threshold, wd.l_threshold):
-                ops.append(("dest.edit", args))
+                continue
+            od = old.dests.get(dk) if old is not None else None
+            # (fwd, weight, thresholds) as the model has them, as the file has them, as the file had them
+            edit = {}
+            for fields, have, wanted, had in (
+                    (("fwd",), (d.fwd,), (w.fwd,), None if od is None else (old.fwd,)),
+                    (("weight",), (d.weight,), (wd.weight,), None if od is None else (od.weight,)),
+                    (("u_threshold", "l_threshold"), (d.u_threshold, d.l_threshold),  # together: l <= u
+                     (wd.u_threshold, wd.l_threshold), None if od is None else (od.u_threshold, od.l_threshold))):
+                if have != wanted and had != wanted:
+                    edit.update(zip(fields, wanted))
+            if edit:
+                ops.append(("dest.edit", {"svc": w.ident, "addr": wd.addr, "port": wd.port, **edit}))
         for addr in sorted(set(cur_laddrs) - set(w.laddrs)):
             ops.append(("laddr.del", {"svc": w.ident, "addr": addr}))
         for addr, ifname in w.laddrs.items():

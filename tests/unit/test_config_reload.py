@@ -453,3 +453,40 @@ async def test_reload_lists_the_changes_it_applied_as_readable_lines(tmp_path):
         "service.add match proto=tcp,src_range=10.1.0.0-10.1.0.255 sched=rr flags=sh-port"
     assert op_line("laddr.del", {"svc": {"proto": "udp", "addr": "10.0.0.1", "port": 53}, "addr": "192.168.0.9",
                                  "ifname": "eth1"}) == "laddr.del udp 10.0.0.1:53 192.168.0.9 ifname=eth1"
+
+
+async def test_values_set_by_hand_stand_through_a_reload_that_leaves_them_alone(tmp_path):
+    """A real server drained by hand (`ipvsadm -e -w 0`) was put back at the file's weight by the next reload, one that
+    only added another virtual server: in rotation again mid-maintenance; `ipvsadm -E -s rr` went back the same way.
+    keepalived's reload compares the old config with the new one, so what was set by hand stands until the file
+    changes that value (as a `--set` timeout does here); what the file changes it sets."""
+    svc = {"proto": "tcp", "addr": "10.0.0.100", "port": 80}
+    rs = {"svc": svc, "addr": "192.168.100.2", "port": 80}
+
+    def state(d):
+        s = d.bal.get_service(svc)
+        x = s.dests[(ip_address("192.168.100.2"), 80)]
+        return s.sched, x.weight, x.u_threshold, x.l_threshold
+
+    d, conf = await make(tmp_path, BASE)
+    await _call(d, "dest.edit", dict(rs, weight=0, u_threshold=100))  # ipvsadm -e -w 0 -x 100
+    await _call(d, "service.edit", dict(svc, sched="rr"))  # ipvsadm -E -s rr
+    other = BASE + BASE.split("}\n", 2)[2].replace("10.0.0.100", "10.0.0.101").replace("192.168.100.2", "192.168.100.5")
+    conf.write_text(other)
+    r = await d.reload_config()
+    assert all("10.0.0.100:80" not in x for x in r["applied"]), r["applied"]
+    assert state(d) == ("rr", 0, 100, 0)
+    conf.write_text(other.replace("weight 3", "weight 4", 1))  # the file changes the weight: it wins for that
+    await d.reload_config()
+    assert state(d) == ("rr", 4, 100, 0)
+    other = other.replace("weight 3", "weight 4", 1).replace("lb_algo wrr", "lb_algo wrr\n    persistence_timeout 60", 1)
+    conf.write_text(other)  # persistence, not the scheduler: the one set by hand stands
+    await d.reload_config()
+    assert state(d) == ("rr", 4, 100, 0) and d.bal.get_service(svc).persistent == 60
+    conf.write_text(other.replace("weight 4", "weight 4\n        uthreshold 50\n        lthreshold 5", 1)
+                    .replace("lb_algo wrr", "lb_algo wlc", 1))
+    await d.reload_config()
+    assert state(d) == ("wlc", 4, 50, 5)
+    await _call(d, "dest.del", rs)  # ipvsadm -d: the file puts it back, at the file's values
+    await d.reload_config()
+    assert state(d) == ("wlc", 4, 50, 5)
