@@ -192,6 +192,44 @@ class Choice(Kind):
             raise Bad(f"{tok.text!r} is not {self.what}", tok) from None
 
 
+class LbKind(Choice):
+    """`lb_kind`/`lvs_method`: a forwarding method, which keepalived 2.1+ lets a TUN service follow with its
+    encapsulation, `TUN [type ipip|gue|gre] [port N] [nocsum|csum|remcsum]` (check_parser.c svr_forwarding_handler).
+    TUNNEL here is IP in IP (IPIP, IPv6 in IPv6 for an IPv6 service), keepalived's `type ipip`, which with its one
+    checksum option, `nocsum` (the default; ipip takes no other), loads as written. GUE and GRE put another header
+    in front that a real server set up for IPIP does not take off, so they are refused, not dropped."""
+
+    nargs, min_args = None, 1
+
+    def many(self, args: Sequence[Token]) -> str:
+        value, rest = self.one(args[0]), list(args[1:])
+        if rest and value != "TUNNEL":
+            raise Bad(f"expects {self.what}, got extra {rest[0].text!r} (tunnel options follow TUN only)", rest[0])
+        i = 0
+        while i < len(rest):
+            t = rest[i]
+            if t.text == "type":
+                if i + 1 >= len(rest):
+                    raise Bad("`type` needs a tunnel type: ipip", t)
+                kind = rest[i + 1]
+                if kind.text in ("gue", "gre"):
+                    raise Bad(f"tunnel type {kind.text} is not implemented: TUNNEL encapsulates IP in IP (type "
+                              f"ipip), which a real server expecting {kind.text.upper()} would not take off", kind)
+                if kind.text != "ipip":
+                    raise Bad(f"{kind.text!r} is not a tunnel type (ipip; gue and gre are not implemented)", kind)
+                i += 2
+            elif t.text == "nocsum":
+                i += 1
+            elif t.text in ("csum", "remcsum"):
+                raise Bad(f"{t.text}: an ipip tunnel takes no checksum option (keepalived refuses it too); it is for "
+                          f"gue and gre, which are not implemented", t)
+            elif t.text == "port":
+                raise Bad("`port` is a GUE tunnel's, and TUNNEL encapsulates IP in IP (type ipip)", t)
+            else:
+                raise Bad(f"{t.text!r} is not a tunnel option (type ipip, nocsum)", t)
+        return value
+
+
 class Str(Kind):
     what = "a value"
 

@@ -18,8 +18,8 @@ from hdslb.fastpath.loader import CONN_TABLES
 
 from . import model as m
 from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, DottedMask, Flag, Granularity, Hex, Int,
-                    IntList, IPPort, Kind, LvsTimeouts, OnOff, OptionalInt, Port, Script, Seconds, StatusCodes, Str,
-                    Text, ip_of, ip_range, networks_of)
+                    IntList, IPPort, Kind, LbKind, LvsTimeouts, OnOff, OptionalInt, Port, Script, Seconds, StatusCodes,
+                    Str, Text, ip_of, ip_range, networks_of)
 from .syntax import Node
 
 MISSING: Any = object()
@@ -580,7 +580,7 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "sorry_server_lvs_method": _PER_SERVER_METHOD,
     "lb_algo": Key(Choice(*SCHEDULERS, refuse={s: _LVS_ONLY for s in ("lblc", "lblcr", "sed", "nq", "ovf", "twos")}),
                    "wlc", aliases=("lvs_sched",)),
-    "lb_kind": Key(Choice("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),
+    "lb_kind": Key(LbKind("NAT", "DR", "TUNNEL", "FNAT", "SNAT", aliases={"TUN": "TUNNEL"}),
                    "NAT", aliases=("lvs_method",)),
     "protocol": Key(Choice("TCP", "UDP", "ICMP",
                            refuse={"SCTP": "is not handled by the XDP fast path (TCP and UDP are)"}), "TCP"),

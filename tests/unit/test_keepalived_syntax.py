@@ -583,3 +583,29 @@ def test_a_changed_ssl_block_restarts_the_ssl_gets_and_lists_no_password(client_
     d = diff(a, b)
     assert [(old.checkers[0].tls is not None, new.checkers[0].tls) for _, old, new in d.rs_changed] == [(True, None)]
     assert d.options_changed == () and d.init_changed == ()
+
+
+# ---------------------------------------------------------------- TUN's encapsulation (keepalived 2.1+)
+
+
+@pytest.mark.parametrize("method", ["TUN type ipip", "TUN type ipip nocsum", "TUN nocsum", "TUN"])
+def test_a_tun_service_may_name_its_ipip_encapsulation(method):
+    """keepalived 2.1+ writes a TUN service's encapsulation after the method (check_parser.c svr_forwarding_handler):
+    `lvs_method TUN type ipip` was refused as "got extra 'type'", though ipip is what TUNNEL does here."""
+    for kw in ("lb_kind", "lvs_method"):
+        cfg = load(VS.format(body=f" {kw} {method}\n real_server 10.1.0.1 80 {{\n }}"))
+        assert cfg.virtual_servers[0].lb_kind == "TUNNEL"
+
+
+@pytest.mark.parametrize("method,word,says", [
+    ("TUN type gue port 6080", "gue", "tunnel type gue is not implemented"),
+    ("TUN type gre", "gre", "tunnel type gre is not implemented"),
+    ("TUN type ipip csum", "csum", "an ipip tunnel takes no checksum option"),
+    ("TUN port 6080", "port", "`port` is a GUE tunnel's"),
+    ("TUN type", "type", "`type` needs a tunnel type"),
+    ("DR type ipip", "type", "got extra 'type' (tunnel options follow TUN only)"),
+])
+def test_another_encapsulation_is_refused_at_its_word(method, word, says):
+    errs = refused(VS.format(body=f" lvs_method {method}\n real_server 10.1.0.1 80 {{\n }}"))
+    col = len(" lvs_method ") + method.index(word) + 1
+    assert errs[0].startswith(f"k.conf:2:{col}: lvs_method: ") and says in errs[0], errs
