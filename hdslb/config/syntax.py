@@ -27,7 +27,7 @@ import re
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .model import ConfigError, Notice, Where
 
@@ -84,9 +84,10 @@ class Params:
     defs: Dict[str, List[str]] = field(default_factory=dict)  # name -> its lines (one unless continued with `\`)
     _open: Optional[str] = None  # the multi-line definition being read
 
-    def lines(self, text: str, file: str) -> List[Tuple[int, str]]:
-        """(line number, text to tokenize) for each line of `text`, as keepalived would see it."""
-        out: List[Tuple[int, str]] = []
+    def lines(self, text: str, file: str) -> Iterator[Tuple[int, str]]:
+        """(line number, text to tokenize) for each line of `text`, as keepalived would see it. A generator: a line
+        is read (its definitions made, its parameters replaced) only once the lines before it, and the files they
+        include, have been, as keepalived reads them."""
         for lineno, raw in enumerate(text.splitlines(), 1):
             line, cont = _decomment(raw)
             _utf8_only(line, Where(file, lineno, 1))
@@ -103,9 +104,8 @@ class Params:
             if cont:
                 line += "\\"  # a `\` ends the line: only a definition continues; elsewhere it stays a character
             for text_ in self._line(line, Where(file, lineno, 1), file):
-                out.append((lineno, text_))
+                yield lineno, text_
         self._open = None
-        return out
 
     def _line(self, line: str, where: Where, file: str) -> List[str]:
         pending, out, n = [line], [], 0
@@ -236,52 +236,61 @@ def _utf8_only(line: str, where: Where) -> None:
 
 def tokenize(text: str, file: str, params: Optional[Params] = None) -> List[Token]:
     """Split one file's text; ends with an EOF token. Raises ConfigError for an unterminated string."""
-    toks: List[Token] = []
     if params is None:
         params = Params(config_id=default_config_id())
+    toks = [t for line in _line_tokens(text, file, params) for t in line]
+    toks.append(Token(EOF, "", Where(file, len(text.splitlines()) + 1, 1)))
+    return toks
+
+
+def _line_tokens(text: str, file: str, params: Params) -> Iterator[List[Token]]:
+    """The tokens of each line of `text` (each list ends with the line's EOL), one line at a time: what a line
+    defines (`$NAME=`) holds from the next, after whatever the lines before included."""
     if text.startswith("\ufeff"):  # a byte-order mark some editors write: not part of the first keyword
         text = text[1:]
-    lineno = 0
     for lineno, line in params.lines(text, file):
-        i, n = 0, len(line)
-        while i < n:
-            c = line[i]
-            if c.isspace():
-                i += 1
-            elif c in _PUNCT:
-                toks.append(Token(_PUNCT[c], c, Where(file, lineno, i + 1)))
-                i += 1
-            elif c == '"':
-                start, i, buf = i, i + 1, []
-                while i < n and line[i] != '"':
-                    if line[i] == "\\" and i + 1 < n:
-                        i += 1
-                    buf.append(line[i])
+        yield _tokenize_line(line, lineno, file)
+
+
+def _tokenize_line(line: str, lineno: int, file: str) -> List[Token]:
+    toks: List[Token] = []
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if c.isspace():
+            i += 1
+        elif c in _PUNCT:
+            toks.append(Token(_PUNCT[c], c, Where(file, lineno, i + 1)))
+            i += 1
+        elif c == '"':
+            start, i, buf = i, i + 1, []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n:
                     i += 1
-                if i >= n:
-                    raise ConfigError(Where(file, lineno, start + 1), '"', "unterminated string")
-                toks.append(Token(STRING, "".join(buf), Where(file, lineno, start + 1)))
+                buf.append(line[i])
                 i += 1
-            elif c == "<" and not _is_init(line, i):
-                # DPVS's inline range comment (dpvs.conf: "using '<' and '>', put comment in between"), as its
-                # items file writes `queue_number 6 <16, 0-16>`: to the next `>` on the line
-                end = line.find(">", i)
-                if end < 0:
-                    raise ConfigError(Where(file, lineno, i + 1), "<", "unterminated range comment: a `<` starts a "
-                                      "DPVS inline comment, which ends with `>` on the same line")
-                i = end + 1
-            else:
-                start = i
-                while i < n and not line[i].isspace() and line[i] not in _PUNCT and line[i] != '"':
-                    i += 1
-                word = line[start:i]
-                at_start = len(toks) < 1 or toks[-1].kind in (EOL, SEMI, LBRACE, RBRACE)
-                toks.append(Token(INIT if word == "<init>" else WORD, word, Where(file, lineno, start + 1)))
-                if word == "include" and at_start:
-                    i = _include_arg(line, i, file, lineno, toks)
-        toks.append(Token(EOL, "", Where(file, lineno, len(line) + 1)))
-    nlines = len(text.splitlines())
-    toks.append(Token(EOF, "", Where(file, nlines + 1, 1)))
+            if i >= n:
+                raise ConfigError(Where(file, lineno, start + 1), '"', "unterminated string")
+            toks.append(Token(STRING, "".join(buf), Where(file, lineno, start + 1)))
+            i += 1
+        elif c == "<" and not _is_init(line, i):
+            # DPVS's inline range comment (dpvs.conf: "using '<' and '>', put comment in between"), as its
+            # items file writes `queue_number 6 <16, 0-16>`: to the next `>` on the line
+            end = line.find(">", i)
+            if end < 0:
+                raise ConfigError(Where(file, lineno, i + 1), "<", "unterminated range comment: a `<` starts a "
+                                  "DPVS inline comment, which ends with `>` on the same line")
+            i = end + 1
+        else:
+            start = i
+            while i < n and not line[i].isspace() and line[i] not in _PUNCT and line[i] != '"':
+                i += 1
+            word = line[start:i]
+            at_start = not toks or toks[-1].kind in (SEMI, LBRACE, RBRACE)
+            toks.append(Token(INIT if word == "<init>" else WORD, word, Where(file, lineno, start + 1)))
+            if word == "include" and at_start:
+                i = _include_arg(line, i, file, lineno, toks)
+    toks.append(Token(EOL, "", Where(file, lineno, len(line) + 1)))
     return toks
 
 
@@ -324,8 +333,9 @@ class Reader:
         self.text: Optional[str] = None  # the top file's text as read (its stray bytes kept as surrogates)
         self.notices: List[Notice] = []  # what an include's glob matched and was skipped (keepalived skips it too)
         self.allow_include = allow_include  # False: text from the network (see loader.loads posted=True)
-        # `@ID` lines and `$NAME` definitions, shared by every file read (a definition holds in the files included
-        # after it, as in keepalived)
+        # `@ID` lines and `$NAME` definitions, shared by every file read in file order, as in keepalived: a definition
+        # holds in the lines after it and in what they include, and one made in an included file holds after its
+        # include line
         self.params = Params(config_id=default_config_id() if config_id is None else config_id)
 
     def read_file(self, path: str) -> List[Token]:
@@ -333,7 +343,7 @@ class Reader:
 
     def read_text(self, text: str, name: str, base_dir: str) -> List[Token]:
         stack = (os.path.realpath(name),) if os.path.exists(name) else ()
-        return self._expand(tokenize(text, name, self.params), base_dir, stack)
+        return self._read(text, name, base_dir, stack) + [Token(EOF, "", Where(name, len(text.splitlines()) + 1, 1))]
 
     def _file(self, path: str, stack: Tuple[str, ...], at: Optional[Token]) -> List[Token]:
         real = os.path.realpath(path)
@@ -352,12 +362,22 @@ class Reader:
         self.files.append(path)
         if at is None:
             self.text = text
-        toks = tokenize(text, path, self.params)
-        toks.pop()  # EOF: only the outermost file's end ends the config
-        return self._expand(toks, os.path.dirname(path), stack + (real,))
+        return self._read(text, path, os.path.dirname(path), stack + (real,))  # (no EOF: the outermost file's ends it)
 
-    def _expand(self, toks: List[Token], base_dir: str, stack: Tuple[str, ...]) -> List[Token]:
+    def _read(self, text: str, file: str, base_dir: str, stack: Tuple[str, ...]) -> List[Token]:
+        """A file's tokens with its includes spliced in, line by line, as keepalived reads it: an included file is
+        read where its `include` line is, so it sees the `$NAME`s defined above that line (not the values defined
+        later in the including file), and what it defines holds in the lines after the include."""
         out: List[Token] = []
+        for line in _line_tokens(text, file, self.params):
+            self._expand(line, base_dir, stack, out)
+        return out
+
+    def _expand(self, toks: List[Token], base_dir: str, stack: Tuple[str, ...], out: List[Token]) -> None:
+        """Append one line's tokens to `out`, an `include` statement replaced by the tokens of what it names."""
+        if not any(t.text == "include" for t in toks):  # (nearly every line)
+            out.extend(toks)
+            return
         i = 0
         while i < len(toks):
             t = toks[i]
@@ -380,7 +400,6 @@ class Reader:
                 continue
             out.append(t)
             i += 1
-        return out
 
     def _matches(self, arg: Token, base_dir: str) -> List[str]:
         """The files `include ARG` reads, in order. As keepalived's read_conf_file (glob with GLOB_BRACE): what a

@@ -121,6 +121,23 @@ def test_parameters_reach_included_files(tmp_path):
     assert weights(load_file(str(tmp_path / "main.conf"))) == [("10.1.0.9", 9)]
 
 
+def test_parameters_are_read_in_file_order_across_includes(tmp_path):
+    """keepalived reads an included file where its `include` line is (lib/parser.c): the file sees the values defined
+    above that line, and what it defines holds below it. hdslb read the whole including file first: a site file of
+    definitions included at the top left `$VIP` unreplaced ("'$VIP' is not an IPv4 or IPv6 address"), and a template
+    included twice with `$PORT` set before each got the last value both times (both real servers on 443)."""
+    from hdslb.config import load as load_file
+
+    (tmp_path / "site.conf").write_text("$VIP=10.0.0.9\n")
+    (tmp_path / "rs.tmpl").write_text("real_server 10.1.0.1 $PORT {\n weight $W\n}\n$W=2\n")
+    (tmp_path / "main.conf").write_text("include site.conf\n$W=1\n"
+                                        "$PORT=80\nvirtual_server $VIP $PORT {\n include rs.tmpl\n}\n"
+                                        "$PORT=443\nvirtual_server $VIP $PORT {\n include rs.tmpl\n}\n")
+    cfg = load_file(str(tmp_path / "main.conf"))
+    assert [(vs.key[1], [(str(rs.ip), rs.port, rs.weight) for rs in vs.real_servers]) for vs in cfg.virtual_servers] \
+        == [("10.0.0.9:80", [("10.1.0.1", 80, 1)]), ("10.0.0.9:443", [("10.1.0.1", 443, 2)])]
+
+
 def test_standard_parameters(tmp_path):
     (tmp_path / "check.sh").write_text("")
     body = ' real_server 10.1.0.1 80 {\n MISC_CHECK {\n  misc_path "${_PWD}/check.sh ${_INSTANCE} $_INSTANCE"\n }\n }'
