@@ -1738,17 +1738,30 @@ class Balancer:
 
     def _retire_laddr(self, la: Laddr) -> None:
         """A local address left a service: its flows go on (their entries name it), so it stays ours until the daemon
-        finds none uses it (release_laddrs); one still another service's is kept the same way, harmlessly."""
+        finds none uses it (release_laddrs). One another service still has (a local_address_group every service
+        shares) is noted the same way, as finding that out here would walk every service for each address a batch
+        takes out; kept_laddrs and release_laddrs leave those out."""
         self.retired_laddrs.setdefault(la.addr, la.ifname)
         self._sync_local(la.addr)
 
+    def _held_laddrs(self) -> set:
+        return {la.addr for svc in self.services.values() for la in svc.laddrs}
+
+    def kept_laddrs(self) -> list:
+        """The local addresses no service has any more, kept (ARP/ND answered) while connections use them."""
+        held = self._held_laddrs() if self.retired_laddrs else ()
+        return [a for a in self.retired_laddrs if a not in held]
+
     def release_laddrs(self, in_use) -> list:
         """Retired local addresses no connection uses any more (in_use: the addresses connections use) stop being
-        ours (unless something else makes them so); returns them."""
-        gone = [a for a in self.retired_laddrs if a not in in_use]
+        ours (unless something else makes them so); returns them. Those a service has (again, or still) are its
+        own: they leave the retired ones without being named (they stay ours)."""
+        held = self._held_laddrs()
+        back = [a for a in self.retired_laddrs if a in held]
+        gone = [a for a in self.retired_laddrs if a not in held and a not in in_use]
         if gone:
             self._wgen += 1  # what wanted_nexthops() returns may change
-        for a in gone:
+        for a in back + gone:
             del self.retired_laddrs[a]
             self._sync_local(a)
         return gone

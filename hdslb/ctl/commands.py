@@ -913,7 +913,7 @@ def daemon_status(ctx, a):
             "lost": dict(getattr(ctx, "ifaces_lost", {})),
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
             # local addresses no service has any more, kept (ARP/ND answered) while connections use them
-            "retired_laddrs": sorted(map(str, getattr(ctx.bal, "retired_laddrs", ()))),
+            "retired_laddrs": sorted(map(str, ctx.bal.kept_laddrs())),
             "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
                            "size6": ctx.sizes.conn6_entries(),
                            "memlock_bytes": getattr(getattr(ctx, "fp", None), "conn_memlock", None)},

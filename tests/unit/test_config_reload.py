@@ -490,3 +490,27 @@ async def test_values_set_by_hand_stand_through_a_reload_that_leaves_them_alone(
     await _call(d, "dest.del", rs)  # ipvsadm -d: the file puts it back, at the file's values
     await d.reload_config()
     assert state(d) == ("wlc", 4, 50, 5)
+
+
+async def test_removing_one_service_of_a_shared_local_address_group_does_not_list_its_addresses_as_kept(tmp_path, caplog):
+    """DPVS configs give every virtual server one local_address_group. A reload removing one of them listed the
+    group's addresses in `hdslb-ctl status` as "kept for their connections (no service has them)", and the next sweep
+    logged them "no longer ours", while every other service still had them (and they stayed ours)."""
+    two = BASE + BASE.split("}\n", 2)[2].replace("10.0.0.100", "10.0.0.101")
+    d, conf = await make(tmp_path, two)
+    laddr = ip_address("192.168.100.200")
+    conf.write_text(BASE)
+    await d.reload_config()
+    assert (await _call(d, "daemon.status", {}))["retired_laddrs"] == []
+    d._laddrs_in_use = set()  # the sweep found no connection using it
+    with caplog.at_level(logging.INFO):
+        d._release_laddrs()
+    assert "no longer ours" not in caplog.text
+    assert d.bal.local_reasons(laddr)[0] and not d.bal.retired_laddrs
+    conf.write_text(BASE.split("virtual_server")[0])  # the last service that has it goes: kept for its flows
+    await d.reload_config()
+    assert (await _call(d, "daemon.status", {}))["retired_laddrs"] == ["192.168.100.200"]
+    d._laddrs_in_use = set()
+    with caplog.at_level(logging.INFO):
+        d._release_laddrs()
+    assert "no longer ours: 192.168.100.200" in caplog.text and not d.bal.local_reasons(laddr)[0]
