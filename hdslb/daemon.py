@@ -1057,6 +1057,12 @@ class Daemon:
         self._release_locks()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A SIGHUP while starting (systemctl reload, kill -HUP: the start compiles, attaches and loads the file, some
+        # seconds) took its default action and ended hdslbd half started. It is held, and the file read again once
+        # the start has applied it.
+        held_hup: list = []
+        loop.add_signal_handler(signal.SIGHUP, held_hup.append, True)
         try:
             await self.start()
         except BaseException:
@@ -1064,10 +1070,12 @@ class Daemon:
             raise
         sd_notify(f"READY=1\nSTATUS=serving {len(self.bal.services)} services on {', '.join(self.xdp_modes)}\n"
                   f"MAINPID={os.getpid()}")
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_logged()))
+        if held_hup:
+            log.info("a SIGHUP came while starting: reloading the config file now")
+            asyncio.ensure_future(self._reload_logged())
         # keepalived dumps its data / stats on these: by default they would end hdslbd at once, without its stop
         for sig in (signal.SIGUSR1, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda name=sig.name: log.warning(

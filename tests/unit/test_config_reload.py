@@ -514,3 +514,49 @@ async def test_removing_one_service_of_a_shared_local_address_group_does_not_lis
     with caplog.at_level(logging.INFO):
         d._release_laddrs()
     assert "no longer ours: 192.168.100.200" in caplog.text and not d.bal.local_reasons(laddr)[0]
+
+
+HUP_WHILE_STARTING = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from tests.unit.test_api_security import BASE, HarnessDaemon
+
+tmp = Path(sys.argv[1])
+conf = tmp / "hdslb.conf"
+conf.write_text(BASE)
+
+
+class Starting(HarnessDaemon):
+    async def start(self):  # as Daemon.start ends: the file applied; meanwhile a SIGHUP, and the file edited
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.05)
+        from hdslb.config import load
+        self.apply_config(load(str(conf)))
+        conf.write_text(BASE.replace("weight 3", "weight 5"))
+
+    async def _reload_logged(self):
+        await super()._reload_logged()
+        self._stop.set()
+
+    async def stop(self):
+        pass
+
+
+d = Starting(conf, tmp)
+asyncio.run(d.run())
+print([x.weight for s in d.bal.services.values() for x in s.dests.values()])
+"""
+
+
+def test_a_sighup_while_starting_is_a_reload_once_started_not_the_end_of_hdslbd(tmp_path):
+    """SIGHUP's handler was installed once the start had finished; before (the start compiles, attaches and loads the
+    file: seconds), a `systemctl reload` or `kill -HUP` took the signal's default action and ended hdslbd half
+    started. It is held, and the file is read again once the start has applied it."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", HUP_WHILE_STARTING, str(tmp_path)], cwd=root, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "[5]", "the file as it is after the start: reloaded"
