@@ -299,7 +299,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
 
         try:
             cfg = load(ns.config_file, ns.config_id)
-        except (ConfigError, OSError) as e:
+        except ConfigError as e:
+            p.exit(2, "".join(f"hdslbd: {x}\n" for x in e.errors))  # every error, as check prints them
+        except OSError as e:
             p.exit(2, f"hdslbd: {e}\n")
         if not interfaces:
             interfaces = list(cfg.netif_defs.interfaces)
@@ -1920,7 +1922,10 @@ class Daemon:
             # checks, the slow path, control calls) served meanwhile. What is read is applied on the loop below.
             cfg, changes, at_start, notices = await asyncio.get_running_loop().run_in_executor(None, parse)
         except ConfigError as e:
-            err = HdslbError(e.errno, f"{e}; nothing was applied")
+            # every error the file has, as check prints them (keepalived logs each): the first as ever, then a line
+            # each (a reload showed only the first, so a file with three typos took three reloads to mend)
+            more = "".join(f"\n{x}" for x in e.errors[1:])
+            err = HdslbError(e.errno, f"{e}; nothing was applied{more}")
             err.keyword, err.errors = e.keyword, e.errors  # the REST reply names the keyword and every error
             raise err from None
         except OSError as e:
@@ -2097,7 +2102,8 @@ class Daemon:
             log.info("reload: %d changes%s", len(r["applied"]),
                      f"; needs restart: {', '.join(r['needs_restart'])}" if r["needs_restart"] else "")
         except HdslbError as e:
-            log.error("reload refused: %s", e.message)
+            for line in e.message.splitlines():  # (a refused file: one line per error)
+                log.error("reload refused: %s", line)
         except Exception:  # a bug, not a refusal: said where the operator looks (the task's exception was never read)
             log.exception("reload failed (a bug, not a refusal: please report it); check what runs with ipvsadm -Ln")
         finally:

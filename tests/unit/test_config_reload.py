@@ -560,3 +560,28 @@ def test_a_sighup_while_starting_is_a_reload_once_started_not_the_end_of_hdslbd(
                        text=True, timeout=60, env=dict(os.environ, PYTHONPATH=root))
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "[5]", "the file as it is after the start: reloaded"
+
+
+async def test_a_refused_reload_and_start_name_every_error_of_the_file(tmp_path, caplog, capsys):
+    """`hdslb-ctl check` lists every error (as `keepalived -t`), but a reload (hdslb-ctl reload, SIGHUP's log) and
+    hdslbd -f named only the first: a file with two typos took two refused reloads to find them."""
+    from hdslb.daemon import settings_from_args
+
+    d, conf = await make(tmp_path, BASE)
+    conf.write_text(BASE.replace("weight 3", "weight 3x").replace("lb_algo wrr", "lb_algo wrrr"))
+    bad = [f"{conf}:8:13: lb_algo: 'wrrr' is not one of", f"{conf}:12:16: weight: '3x' is not an integer"]
+    from hdslb.errors import HdslbError
+
+    with pytest.raises(HdslbError) as ei:
+        await d.reload_config()
+    lines = ei.value.message.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(bad[0]) and lines[0].endswith("; nothing was applied")
+    assert lines[1].startswith(bad[1])
+    with caplog.at_level(logging.ERROR):
+        await d._reload_logged()  # SIGHUP's
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert [m.split(": ", 1)[1][:len(b)] for m, b in zip(logged, bad)] == bad and len(logged) == 2
+    with pytest.raises(SystemExit):
+        settings_from_args(["-f", str(conf), "eth0"])
+    err = capsys.readouterr().err.splitlines()
+    assert [e[len("hdslbd: "):][:len(b)] for e, b in zip(err, bad)] == bad and len(err) == 2
