@@ -501,13 +501,19 @@ def _why(e: Exception) -> str:
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
+# Deeper than any keyword table block (netif_defs > device > rx is 3; virtual_server > real_server > HTTP_GET > url
+# 4): blocks nested this deep are braces gone missing, as a generated file whose real_server blocks lack their `}`
+# (1,200 of them ended the parser's recursion with a RecursionError traceback instead of a FILE:LINE).
+MAX_NESTING = 32
+
+
 def parse(toks: List[Token]) -> List[Node]:
     """Turn tokens into statements. Raises ConfigError for a stray or missing brace."""
-    nodes, pos = _body(toks, 0, None)
+    nodes, pos = _body(toks, 0, None, ())
     return nodes
 
 
-def _body(toks: List[Token], pos: int, opener: Optional[Node]) -> Tuple[List[Node], int]:
+def _body(toks: List[Token], pos: int, opener: Optional[Node], open_: Tuple[Node, ...]) -> Tuple[List[Node], int]:
     nodes: List[Node] = []
     while True:
         t = toks[pos]
@@ -541,7 +547,12 @@ def _body(toks: List[Token], pos: int, opener: Optional[Node]) -> Tuple[List[Nod
             look += 1
         if toks[look].kind == LBRACE:
             node.lbrace = toks[look]
-            node.body, pos = _body(toks, look + 1, node)
+            if len(open_) >= MAX_NESTING:
+                chain = ", ".join(f"{n.name} at " + (f"line {n.where.line}" if n.where.file == node.where.file
+                                                      else f"{n.where.file}:{n.where.line}") for n in open_[:3])
+                raise ConfigError(node.lbrace.where, node.name, f"blocks nested more than {MAX_NESTING} deep: a '}}' "
+                                  f"is missing above (still open: {chain}, …)")
+            node.body, pos = _body(toks, look + 1, node, open_ + (node,))
         elif toks[pos].kind == INIT:
             raise ConfigError(toks[pos].where, "<init>", "must come first on its line")
         nodes.append(node)

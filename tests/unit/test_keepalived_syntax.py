@@ -626,3 +626,23 @@ def test_another_encapsulation_is_refused_at_its_word(method, word, says):
     errs = refused(VS.format(body=f" lvs_method {method}\n real_server 10.1.0.1 80 {{\n }}"))
     col = len(" lvs_method ") + method.index(word) + 1
     assert errs[0].startswith(f"k.conf:2:{col}: lvs_method: ") and says in errs[0], errs
+
+
+# ---------------------------------------------------------------- braces gone missing
+
+
+def test_real_server_blocks_missing_their_closing_braces_are_named_not_a_traceback(tmp_path):
+    """A generated file whose real_server blocks lack their `}` nests each in the one before: 1,200 of them ended the
+    parser's recursion with a RecursionError traceback (hdslb-ctl check, hdslbd -f; a reload logged "a bug"), where
+    every parse error names its FILE:LINE."""
+    from hdslb.config import check
+
+    rs = "".join(f" real_server 10.1.{i // 250}.{i % 250 + 1} 80 {{\n  weight 1\n" for i in range(1200))
+    conf = tmp_path / "lb.conf"
+    conf.write_text("virtual_server 10.0.0.1 80 {\n" + rs + "}\n")
+    errs = check(str(conf))
+    assert len(errs) == 1 and errs[0].startswith(f"{conf}:64:27: real_server: blocks nested more than 32 deep: a "
+                                                 f"'}}' is missing above (still open: virtual_server at line 1, "
+                                                 f"real_server at line 2, real_server at line 4"), errs
+    # nesting as deep as any real file goes is fine
+    assert load(VS.format(body=" real_server 10.1.0.1 80 {\n HTTP_GET {\n url {\n path /\n }\n }\n }")).virtual_servers
