@@ -637,18 +637,25 @@ _SNMP = "hdslb exports its state as Prometheus metrics and over REST, not over S
 _KEEPALIVED_GLOBALS = {
     # keepalived 2.x global_defs keywords with no bearing on hdslb's services, by reason
     **dict.fromkeys(("smtp_helo_name", "smtp_alert", "smtp_alert_vrrp", "smtp_alert_checker", "no_email_faults",
+                     "no_checker_emails",
                      "notify_fifo", "notify_fifo_script", "lvs_notify_fifo", "lvs_notify_fifo_script",
                      "checker_log_all_failures"), NO_MAIL),
     **dict.fromkeys(("dynamic_interfaces", "default_interface", "max_auto_priority", "min_auto_priority_delay",
-                     "log_unknown_vrids", "disable_local_igmp", "fifo_write_vrrp_states_on_reload"), VRRP),
-    **dict.fromkeys(("process_names", "process_name", "use_pid_dir", "instance", "umask", "linkbeat_use_polling",
+                     "log_unknown_vrids", "disable_local_igmp", "fifo_write_vrrp_states_on_reload", "vmac_prefix",
+                     "vmac_addr_prefix", "nftables", "nftables_priority", "nftables_ifindex"), VRRP),
+    # keepalived's nftables rules that mark a virtual_server_group's packets for an fwmark service
+    **dict.fromkeys(("nftables_ipvs", "nftables_ipvs_priority", "nftables_ipvs_start_fwmark", "nftables_counters"),
+                    "hdslb adds no netfilter rules: XDP runs before netfilter, and fwmark services are refused"),
+    **dict.fromkeys(("process_names", "process_name", "lvs_process_name", "use_pid_dir", "instance", "umask",
+                     "linkbeat_use_polling",
                      "random_seed", "reload_check_config", "reload_time_file", "reload_repeat", "reload_file",
                      "config_save_dir", "include_check", "tmp_config_directory", "data_use_instance",
                      "process_monitor_rcv_bufs", "process_monitor_rcv_bufs_force"), _PROCESS),
     **dict.fromkeys(("enable_traps", "enable_dbus", "dbus_service_name", "snmp_socket"), _SNMP),
     "lvs_sync_daemon": "hdslb has no connection sync daemon: a standby balancer that takes over starts without the "
                        "active one's flows (established connections through it are reset)",
-    **dict.fromkeys(("lvs_flush", "lvs_flush_onstop"),
+    # lvs_flush_on_stop is keepalived 2.1.5+'s spelling of lvs_flush_onstop
+    **dict.fromkeys(("lvs_flush", "lvs_flush_onstop", "lvs_flush_on_stop"),
                     "there is no kernel IPVS table to flush: hdslb starts from its own model and leaves services made "
                     "with ipvsadm alone on reload"),
 }
@@ -664,12 +671,16 @@ def _keepalived_global(kw: str) -> Optional[Block]:
     if kw.startswith(("enable_snmp_", "snmp_")):
         return _opaque(_SNMP)
     if kw.startswith(("checker_", "lvs_netlink_")) and kw.endswith(("_priority", "_no_swap", "_rlimit_rttime",
+                                                                     "_rlimit_rtime",  # (its pre-2020 spelling)
                                                                      "_process_name", "_rcv_bufs", "_rcv_bufs_force",
                                                                      "_cpu_affinity")):
         return _opaque(_PROCESS)
     if kw in ("startup_script", "startup_script_timeout", "shutdown_script", "shutdown_script_timeout"):
         return _refused("hdslb runs no script at start or stop: run it from the service unit (ExecStartPre=, "
                         "ExecStopPost=), so it is not silently skipped")
+    if kw == "rs_init_notifies":
+        return _refused("hdslb runs no notify_up/notify_down script for the state a real server starts in (only for "
+                        "its changes), so the start-time notifies would not be sent")
     reason = _KEEPALIVED_GLOBALS.get(kw)
     return _opaque(reason) if reason is not None else None
 
@@ -881,6 +892,10 @@ ROOT = Block(None, {
     "linkbeat_use_polling": _opaque(VRRP),
     "net_namespace": _refused("hdslb serves the network namespace it is started in: start it there "
                               "(ip netns exec NAME hdslbd …) rather than have it ignore this"),
+    "net_namespace_ipvs": _refused("hdslb balances in the network namespace it is started in: start it in that "
+                                   "namespace (ip netns exec NAME hdslbd …) rather than have it ignore this"),
+    # keepalived's other top-level (root) keywords, about its own processes
+    **{kw: _opaque(_PROCESS) for kw in ("instance", "use_pid_dir", "child_wait_time", "namespace_with_ipsets")},
 }, others=lambda kw: _opaque(VRRP) if kw.startswith("vrrp_") else None)
 
 # Top-level keywords whose content the reload diff compares as objects rather than as settings.

@@ -175,6 +175,25 @@ def test_keepalived_globals_are_accepted_with_their_reason():
         assert any(n.startswith(f"k.conf:{line}: {kw}: ") and reason in n for n in notes), (kw, notes)
 
 
+def test_keepalived_2_globals_and_root_keywords_load_with_their_reason():
+    """keepalived 2.2's own keywords (core/global_parser.c init_global_keywords) that were refused as unknown: the
+    current spelling lvs_flush_on_stop (lvs_flush_onstop is deprecated since 2.1.5), its nftables options, the mail
+    option no_checker_emails, VRRP's vmac prefixes, the deprecated *_rlimit_rtime and lvs_process_name, and the
+    root keywords instance, use_pid_dir, child_wait_time and namespace_with_ipsets (hdslb took instance and use_pid_dir
+    inside global_defs only, where keepalived does not read them)."""
+    cfg = load("instance lb1\nuse_pid_dir\nchild_wait_time 5\nnamespace_with_ipsets\nglobal_defs {\n"
+               " lvs_flush_on_stop VS\n nftables keepalived\n nftables_ipvs\n no_checker_emails\n vmac_prefix 02:00\n"
+               " checker_rlimit_rtime 10000\n lvs_process_name lvs\n}\n")
+    notes = inactive_notices(cfg)
+    for line, kw, reason in ((1, "instance", "process tuning"), (2, "use_pid_dir", "process tuning"),
+                             (3, "child_wait_time", "process tuning"), (4, "namespace_with_ipsets", "process tuning"),
+                             (6, "lvs_flush_on_stop", "no kernel IPVS table"), (7, "nftables", "VRRP is not part"),
+                             (8, "nftables_ipvs", "no netfilter rules"), (9, "no_checker_emails", "no mail"),
+                             (10, "vmac_prefix", "VRRP is not part"), (11, "checker_rlimit_rtime", "process tuning"),
+                             (12, "lvs_process_name", "process tuning")):
+        assert any(n.startswith(f"k.conf:{line}: {kw}: ") and reason in n for n in notes), (kw, notes)
+
+
 def test_unknown_globals_are_still_refused():
     assert refused("global_defs {\n router_idd x\n}\n") == [
         "k.conf:2:2: router_idd: unknown keyword in global_defs; did you mean `router_id`?"]
@@ -186,6 +205,8 @@ NOT_RUN = "health checker hdslb does not implement"
 @pytest.mark.parametrize("text,where,why", [
     ("global_defs {\n startup_script /bin/true\n}\n", "2:2: startup_script", "hdslb runs no script at start"),
     ("net_namespace blue\n", "1:1: net_namespace", "serves the network namespace it is started in"),
+    ("net_namespace_ipvs blue\n", "1:1: net_namespace_ipvs", "balances in the network namespace it is started in"),
+    ("global_defs {\n rs_init_notifies\n}\n", "2:2: rs_init_notifies", "for the state a real server starts in"),
     (VS.format(body=" real_server 10.1.0.1 80 {\n  DNS_CHECK {\n  }\n }"), "3:3: DNS_CHECK", NOT_RUN),
     (VS.format(body=" real_server 10.1.0.1 80 {\n  BFD_CHECK {\n  }\n }"), "3:3: BFD_CHECK", NOT_RUN),
     (VS.format(body=" real_server 10.1.0.1 80 {\n  FILE_CHECK {\n  }\n }"), "3:3: FILE_CHECK", NOT_RUN),
