@@ -307,6 +307,8 @@ def _vs_option_inactive(path: str, st, cfg, vs_at: dict) -> str | None:
         return None
     if st.keyword == "hash_table_size" and not hashed(vs.lb_algo):
         return f"lb_algo {vs.lb_algo} builds no hash table (sh, dh, mh and conhash do)"
+    if st.keyword == "hash_target" and vs.lb_algo != "conhash":
+        return f"it is conhash's hash key, and lb_algo is {vs.lb_algo}"
     return None
 
 

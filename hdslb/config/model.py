@@ -478,6 +478,7 @@ class VirtualServer:
     waddr_group_name: Optional[str]  # allow_address_group
     real_servers: Tuple[RealServer, ...]
     where: Optional[Where] = field(default=None, compare=False, repr=False)
+    hash_target: Optional[str] = None  # DPVS keepalived's conhash key: "sip", what conhash hashes (source address)
     # keepalived 2's defaults for every checker of the service (None: the checker kind's)
     retry: Optional[int] = None
     delay_before_retry: Optional[float] = None  # seconds

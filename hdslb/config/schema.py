@@ -610,6 +610,15 @@ _VIRTUAL_SERVER = Block(m.VirtualServer, {
     "syn_proxy": Key(Flag(), False),
     "establish_timeout": Key(Int(1, 3600, "seconds"), None),
     "laddr_group_name": Key(NAME, None),
+    # DPVS keepalived's (tools/keepalived check_parser.c): its VIP's device, a bandwidth limit, conhash's key
+    "vip_bind_dev": Key(IFNAME, None, na="a virtual server's VIP is the balancer's on every interface hdslbd attaches "
+                                         "(ARP/ND answered there): there is no device to add it to, as DPVS's keepalived "
+                                         "does"),
+    **dict.fromkeys(("bps", "limit_proportion"), Key(Text(), None, na="per-service bandwidth limits are not "
+                                                                      "implemented: the service's traffic is not "
+                                                                      "limited")),
+    "hash_target": Key(Choice("sip", refuse={"qid": "(QUIC connection id) is not implemented: conhash hashes the "
+                                                    "client's source address (hash_target sip)"}), None),
     "daddr_group_name": Key(NAME, None),
     "waddr_group_name": Key(NAME, None),
     "real_server": _REAL_SERVER,
@@ -890,6 +899,9 @@ ROOT = Block(None, {
     "garp_group": _opaque(VRRP),
     "bfd_instance": _opaque("BFD is not part of hdslb; run keepalived's bfd process (or a routing daemon) alongside"),
     "linkbeat_use_polling": _opaque(VRRP),
+    # DPVS keepalived's tunnel devices (dpip tunnel add)
+    "tunnel_group": _opaque("hdslb makes no tunnel devices: create them in the kernel (ip link add NAME type ipip|gre "
+                            "…) and attach hdslbd to them"),
     "net_namespace": _refused("hdslb serves the network namespace it is started in: start it there "
                               "(ip netns exec NAME hdslbd …) rather than have it ignore this"),
     "net_namespace_ipvs": _refused("hdslb balances in the network namespace it is started in: start it in that "

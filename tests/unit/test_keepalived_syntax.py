@@ -667,3 +667,26 @@ def test_real_server_blocks_missing_their_closing_braces_are_named_not_a_traceba
                                                  f"real_server at line 2, real_server at line 4"), errs
     # nesting as deep as any real file goes is fine
     assert load(VS.format(body=" real_server 10.1.0.1 80 {\n HTTP_GET {\n url {\n path /\n }\n }\n }")).virtual_servers
+
+
+# ---------------------------------------------------------------- DPVS keepalived's own service keywords
+
+
+def test_dpvs_keepalived_service_keywords_load_with_their_reason():
+    """DPVS's keepalived (tools/keepalived check_parser.c) has a virtual server's vip_bind_dev, bps, limit_proportion
+    and hash_target, and a top-level tunnel_group: a DPVS keepalived.conf using them did not load ("unknown
+    keyword"), though the README says one loads as it is."""
+    cfg = load("tunnel_group tg {\n tunnel_entry t1 {\n  kind ipip\n  remote 10.9.0.1\n }\n}\n"
+               "virtual_server 10.0.0.1 80 {\n lb_algo conhash\n lb_kind FNAT\n vip_bind_dev dpdk0\n bps 1000\n"
+               " limit_proportion 50\n hash_target sip\n real_server 10.1.0.1 80 {\n }\n}\n"
+               "virtual_server 10.0.0.1 81 {\n hash_target sip\n real_server 10.1.0.1 81 {\n }\n}\n")
+    notes = inactive_notices(cfg)
+    for line, kw, reason in ((1, "tunnel_group", "no tunnel devices"), (10, "vip_bind_dev", "every interface"),
+                             (11, "bps", "bandwidth limits are not implemented"),
+                             (12, "limit_proportion", "bandwidth limits are not implemented"),
+                             (18, "hash_target", "conhash's hash key, and lb_algo is wlc")):
+        assert any(n.startswith(f"k.conf:{line}:") and f" {kw}: " in n and reason in n for n in notes), (kw, notes)
+    assert not any(n.startswith("k.conf:13:") for n in notes), "conhash hashes the source address: sip acts"
+    assert cfg.virtual_servers[0].hash_target == "sip"
+    (err,) = refused(VS.format(body=" lb_algo conhash\n hash_target qid\n real_server 10.1.0.1 80 {\n }"))
+    assert err.startswith("k.conf:3:14: hash_target: 'qid' (QUIC connection id) is not implemented")
