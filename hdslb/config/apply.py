@@ -127,9 +127,14 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
                     addr=str(rs.ip), port=rport, weight=rs.weight,
                     u_threshold=rs.uthreshold or 0, l_threshold=rs.lthreshold or 0)
             try:
-                out[svc.key] = svc
+                key = svc.key
             except HdslbError as e:  # a range the schema let through but the model refuses
                 raise HdslbError(e.errno, f"{where}: {e.message}") from None
+            if key in out:  # (a VIP served twice is refused by the loader; two SNAT services can match alike)
+                raise invalid(f"{where}: virtual_server match {vs.match} matches what virtual_server at "
+                              f"{out[key].where} matches (protocol, src-range, dst-range, iif, oif): one of them "
+                              f"would never be used")
+            out[key] = svc
     return out
 
 

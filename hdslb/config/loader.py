@@ -401,6 +401,8 @@ def _link(fields: Dict[str, Any], ctx: _Ctx) -> None:
     served: Dict[Tuple[str, m.Endpoint], m.VirtualServer] = {}
     groups = fields["virtual_server_groups"]
     for vs in fields["virtual_servers"]:
+        if vs.match is not None:  # a SNAT service has no VIP (two with the same match: apply.desired says so)
+            continue
         if vs.group is not None:
             endpoints = groups[vs.group].members if vs.group in groups else ()
         else:

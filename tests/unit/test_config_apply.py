@@ -471,3 +471,33 @@ def test_check_takes_any_interface_when_the_file_names_none(tmp_path, capsys):
     conf = tmp_path / "lb.conf"
     conf.write_text(BASE.replace("192.168.100.200 eth1", "192.168.100.200 bond7"))  # the command line's, maybe
     assert main(["check", "-f", str(conf)]) == 0
+
+
+def _snat(name, src):
+    return (f"virtual_server match {name} {{\n    lb_kind SNAT\n    protocol TCP\n    src-range {src}\n    oif eth0\n"
+            f"    real_server 0.0.0.0 0 {{\n    }}\n}}\n")
+
+
+async def test_two_snat_services_of_one_protocol_load_and_two_alike_are_refused_at_the_line(tmp_path, capsys):
+    """A file with two SNAT `virtual_server match` services of one protocol (other source ranges) did not load: the
+    check that no VIP:port is served twice took every match service for the VIP None:None and crashed formatting it
+    (AttributeError, no FILE:LINE; hdslb-ctl check and hdslbd -f died with a traceback, a reload logged "a bug").
+    Two that match alike are refused naming both, instead of the second silently replacing the first."""
+    from cli.hdslb_ctl import main
+    from tests.unit.test_api_security import HarnessDaemon
+
+    conf = tmp_path / "lb.conf"
+    conf.write_text(NETIF + BASE + _snat("a", "10.8.0.0-10.8.0.255") + _snat("b", "10.9.0.0-10.9.0.255"))
+    assert main(["check", "-f", str(conf)]) == 0, capsys.readouterr().err
+    d = HarnessDaemon(conf, tmp_path)
+    await d.reload_config()
+    assert sum(1 for key in d.bal.services if key[0] == "match") == 2
+    conf.write_text(NETIF + BASE + _snat("a", "10.8.0.0-10.8.0.255") + _snat("b", "10.8.0.0-10.8.0.255"))
+    second = conf.read_text().splitlines().index("virtual_server match b {") + 1
+    assert main(["check", "-f", str(conf)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{conf}:{second}:1: virtual_server match b matches what virtual_server at {conf}:"), err
+    with pytest.raises(HdslbError) as ei:
+        await d.reload_config()
+    assert ei.value.message.startswith(f"{conf}:{second}:1: virtual_server match b matches")
+    assert sum(1 for key in d.bal.services if key[0] == "match") == 2  # nothing applied
