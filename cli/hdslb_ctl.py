@@ -261,7 +261,7 @@ def cmd_check(ns) -> int:
     if errors:
         return 1
     from hdslb.config import load
-    from hdslb.config.apply import dry_run, inactive_notices
+    from hdslb.config.apply import desired, dry_run, inactive_notices, laddr_warnings
 
     cfg = load(ns.config, ns.config_id)
     try:
@@ -276,6 +276,8 @@ def cmd_check(ns) -> int:
         return 1
     for n in inactive_notices(cfg):
         print(f"notice: {n}")
+    for w in laddr_warnings(desired(cfg, lambda addr: "-")):  # what a start or reload would warn of, too
+        print(f"warning: {w}")
     conn = cfg.ipvs_defs.conn
     print(conn_table_line(conn.conn_pool_size, conn.conn_table, entries6=conn.conn6_pool_size))
     print(f"{ns.config}: OK")

@@ -1773,7 +1773,7 @@ class Daemon:
 
     def apply_config(self, cfg) -> list[str]:
         """Bring the config-owned services to what `cfg` declares; all or nothing. Returns the ops applied."""
-        from hdslb.config.apply import desired, op_line, plan, refusal, run_tagged
+        from hdslb.config.apply import desired, laddr_warnings, op_line, plan, refusal, run_tagged
 
         self._apply_verdicts()  # the verdicts received so far belong to the model this config is planned against
         want = desired(cfg, self._default_ifname)
@@ -1825,6 +1825,9 @@ class Daemon:
         self.bal.own_config_vips(want)  # (a service made again by ipvsadm and adopted here owned no VIP)
         self.config, self.want = cfg, want
         self.config_warnings = self._warn_unrouted(want)
+        for line in laddr_warnings(want):
+            log.warning("%s", line)
+            self.config_warnings.append(line)
         if self.start_config is None:
             self.start_config = cfg
         self._save_state()

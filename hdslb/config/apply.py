@@ -138,6 +138,25 @@ def desired(cfg, default_ifname) -> dict[tuple, WantService]:
     return out
 
 
+def laddr_warnings(want: dict[tuple, WantService]) -> list[str]:
+    """The file's FNAT virtual servers with real servers but no local address of their family (no
+    `laddr_group_name`, or a group of the other family): the fast path drops each of their new flows (drop_no_laddr),
+    silently, while their health checks, leaving through the kernel, pass. One line per virtual server and family."""
+    import ipaddress
+
+    out: dict = {}
+    for w in want.values():
+        if w.fwd != "fnat" or w.match is not None:
+            continue
+        have = {ipaddress.ip_address(a).version for a in w.laddrs}
+        for fam in sorted({ipaddress.ip_address(d.addr).version for d in w.dests.values()} - have):
+            out.setdefault((w.where, fam), (
+                f"{w.where}: virtual_server is lb_kind FNAT with IPv{fam} real servers and no IPv{fam} local address "
+                f"(laddr_group_name): each new flow is dropped (drop_no_laddr) until a local_address_group gives it "
+                f"one"))
+    return list(out.values())
+
+
 def plan(bal, want: dict[tuple, WantService], owned: set[tuple],
          prev: dict[tuple, WantService] | None = None) -> list[tuple[str, dict]]:
     """Ops that turn the config-owned part of `bal` into `want`.

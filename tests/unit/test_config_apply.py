@@ -501,3 +501,32 @@ async def test_two_snat_services_of_one_protocol_load_and_two_alike_are_refused_
         await d.reload_config()
     assert ei.value.message.startswith(f"{conf}:{second}:1: virtual_server match b matches")
     assert sum(1 for key in d.bal.services if key[0] == "match") == 2  # nothing applied
+
+
+async def test_an_fnat_virtual_server_without_a_local_address_is_warned_about(tmp_path, capsys):
+    """An FNAT virtual_server with no laddr_group_name (a DPVS keepalived.conf trimmed of its local_address_group, a
+    typo'd group line) loaded in silence: check said OK, the reload reported nothing, and the fast path dropped every
+    new flow (drop_no_laddr) while the health checks, leaving through the kernel, passed. check, a start and a reload
+    now warn of it, naming the virtual_server's line; a NAT64 service (IPv6 VIP, IPv4 servers and local addresses)
+    is not warned of."""
+    from cli.hdslb_ctl import main
+    from tests.unit.test_api_security import HarnessDaemon
+
+    bare = BASE.replace("    laddr_group_name lg\n", "")
+    nat64 = ("virtual_server 2001:db8::1 80 {\n    lb_kind FNAT\n    laddr_group_name lg\n"
+             "    real_server 192.168.100.7 80 {\n    }\n}\n")
+    conf = tmp_path / "lb.conf"
+    conf.write_text(NETIF + bare + nat64)
+    line = conf.read_text().splitlines().index("virtual_server 10.0.0.100 80 {") + 1
+    assert main(["check", "-f", str(conf)]) == 0
+    out = capsys.readouterr().out
+    warned = [x for x in out.splitlines() if x.startswith("warning: ")]
+    assert warned == [f"warning: {conf}:{line}:1: virtual_server is lb_kind FNAT with IPv4 real servers and no IPv4 "
+                      f"local address (laddr_group_name): each new flow is dropped (drop_no_laddr) until a "
+                      f"local_address_group gives it one"], out
+    d = HarnessDaemon(conf, tmp_path)
+    r = await d.reload_config()
+    assert [w for w in r["warnings"] if "drop_no_laddr" in w] == [warned[0][len("warning: "):]]
+    conf.write_text(NETIF + BASE + nat64)
+    r = await d.reload_config()
+    assert not [w for w in r["warnings"] if "drop_no_laddr" in w]
