@@ -1591,6 +1591,24 @@ static __always_inline __u32 conn_install(int t4, struct xdp_md *ctx, struct eth
 }
 
 /*
+ * Is the frame addressed to the MAC of the interface it came in on? Only such a frame opens a flow. Linux drops a
+ * frame for another host (PACKET_OTHERHOST) before IP sees it, and LVS leaves broadcast and multicast frames to
+ * the stack (ip_vs_in: "remote client: only PACKET_HOST"); DPVS drops the others' too. Here a frame flooded by a
+ * switch, seen in promiscuous mode (tcpdump) or sent to the broadcast MAC opened a flow, duplicating another
+ * balancer's, and its reply entry took the frame's destination as its source MAC (back_l2): the answers went out
+ * from ff:ff:ff:ff:ff:ff, or from another host's MAC, teaching the switch to send that host's traffic here. Asked
+ * only where a flow would open (an established packet never pays it); such a frame goes to the kernel, which
+ * drops it as Linux does.
+ */
+static __always_inline int l2_not_ours(struct xdp_md *ctx, struct ethhdr *eth)
+{
+	__u32 in_if = ctx->ingress_ifindex;
+	struct iface_val *ifv = iface_map.lookup(&in_if);
+
+	return ifv && !mac_eq(eth->h_dest, ifv->mac);
+}
+
+/*
  * The first packet of a would-be flow from a source no flow can have: a martian address, its own destination
  * (a land attack: the server would answer itself) or any other address of ours (Linux's fib_validate_source
  * refuses a local source from the wire too: only a spoofer sends it), a group Ethernet source (the reply
@@ -1766,7 +1784,7 @@ static __always_inline int try_snat4(struct xdp_md *ctx, struct ethhdr *eth, str
 	if (!rt || (rt->flags & ROUTE_F_KNI))
 		return XDP_PASS;
 	svc = snat_match(ctx, iph, k->proto, cfg->snat_rules, rt->ifindex);
-	if (svc < 0)
+	if (svc < 0 || l2_not_ours(ctx, eth))
 		return XDP_PASS;
 	*matched = 1;
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
@@ -2343,6 +2361,10 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 		}
 		goto not_balanced;
 	}
+	if (l2_not_ours(ctx, eth)) {
+		count(CNT_PASS_NOT_OURS);
+		return XDP_PASS;
+	}
 	/* Only a SYN opens a TCP flow; anything else without a connection is stale or forged. */
 	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);
@@ -2585,7 +2607,7 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh
 	sk.proto = k.proto;
 	sk.af = HDSLB_AF_INET6;
 	sv = svc_map.lookup(&sk);
-	if (!sv)
+	if (!sv || l2_not_ours(ctx, eth))
 		goto pass;
 	if (th && !tcp_opens(th))
 		return drop(CNT_DROP_NO_CONN);

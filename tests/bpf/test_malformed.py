@@ -327,6 +327,33 @@ def test_tunnel_fragmentation_needed_is_never_sent_to_broadcast(fastpath, m):
     refused(fastpath, m, big6, "drop_martian")
 
 
+@pytest.mark.parametrize("dmac", ["02:bb:00:00:00:09", "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:64", "33:33:00:00:01:00"],
+                         ids=["another-host", "broadcast", "multicast4", "multicast6"])
+@pytest.mark.parametrize("where", ["tcp", "udp", "ipv6", "nat64", "snat"])
+def test_a_frame_for_another_mac_opens_nothing(fastpath, m, dmac, where):
+    """Linux drops a frame for another host, LVS leaves broadcast and multicast ones to the stack: a frame flooded
+    by a switch, seen in promiscuous mode or sent to the broadcast MAC opened a flow (another balancer's twin) whose
+    replies left from the frame's destination MAC, ff:ff:ff:ff:ff:ff or another host's (the switch then sends that
+    host's traffic here). It goes to the kernel, which drops it."""
+    l2 = Ether(src=CL_MAC, dst=dmac)
+    counter = "pass_not_ours"
+    if where == "snat":
+        _snat_lab(m)
+        pkt = Ether(src=RS_MAC, dst=dmac) / IP(src="192.168.100.2", dst="10.0.0.1") / TCP(sport=5345, dport=80, flags="S")
+    elif where in ("tcp", "udp"):
+        pkt = l2 / IP(src=CLIENT, dst=VIP) / (TCP(sport=5345, dport=80, flags="S") if where == "tcp" else
+                                              UDP(sport=5345, dport=53) / b"q")
+    else:
+        pkt = l2 / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=5345, dport=80 if where == "ipv6" else 8080, flags="S")
+        counter = "pass_ipv6"
+    refused(fastpath, m, pkt, counter, verdict=XDP_PASS)
+    # the same frame to our MAC opens the flow, and its replies leave from our MAC
+    to_us = pkt.copy()
+    to_us[Ether].dst = LB
+    v, out = run(fastpath, to_us)
+    assert v == XDP_TX and out.src == LB, (VERDICTS[v], out.summary())
+
+
 def test_a_good_source_still_opens_a_flow(fastpath, m):
     """The checks above leave ordinary clients alone, 240.0.0.0/4 included (Linux routes it)."""
     for src in (CLIENT, "1.2.3.4", "240.0.0.1", "223.255.255.255"):
