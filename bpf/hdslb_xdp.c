@@ -291,13 +291,23 @@ static __always_inline struct local_val *local_lookup4(__be32 addr)
 	return local_map.lookup(&lk);
 }
 
-/* The XSKMAP key of the slow-path socket serving this packet's interface and queue. */
+/* A key past the XSKMAP: no socket, so what would be punted is handled as with no slow path. */
+#define XSK_KEY_NONE (MAX_IFACES * XSK_MAX_QUEUES)
+
+/*
+ * The XSKMAP key of the slow-path socket serving this packet's interface and queue. An AF_XDP socket takes only
+ * frames of the queue it is bound to (the kernel drops a frame redirected to it from another queue, counted
+ * nowhere), and the slow path binds at most XSK_MAX_QUEUES of an interface's queues: a frame received on a later
+ * queue of a NIC with more (one per core is common) has no socket, and is answered or passed as when no slow
+ * path runs. It went to queue 0's socket and was lost: pings, path-MTU errors and IPv6 solicitations for our
+ * addresses that RSS spread there (half of them on a 32-queue NIC) were never seen.
+ */
 static __always_inline __u32 xsk_key(struct xdp_md *ctx, struct iface_val *ifv)
 {
 	__u32 q = ctx->rx_queue_index;
 
 	if (q >= XSK_MAX_QUEUES)
-		q = 0;
+		return XSK_KEY_NONE;
 	return (__u32)ifv->xsk_slot * XSK_MAX_QUEUES + q;
 }
 
@@ -411,6 +421,8 @@ static __always_inline int handle_arp(struct xdp_md *ctx, struct hdr_cursor *nh,
 				count(CNT_PUNT_ARP);
 				return xsks.redirect_map(key, XDP_PASS);
 			}
+		} else if (slowpath_up((__u32)ifv->xsk_slot * XSK_MAX_QUEUES)) {
+			busy = 1; /* a queue the slow path does not serve: answered below, its table left alone */
 		}
 	}
 	/* A neighbour we send to announcing another MAC (a gratuitous ARP from a replaced or failed-over server, or

@@ -47,11 +47,12 @@ class _XdpMd(ctypes.Structure):
     ]
 
 
-def run_xdp(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int | None = None):
+def run_xdp(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int | None = None, rx_queue: int = 0):
     """Run an XDP program once (or `repeat` times) on `packet`.
 
     Returns (verdict, output bytes, mean duration ns). With ingress_ifindex the program sees that
-    interface as ctx->ingress_ifindex (it must exist in the caller's network namespace).
+    interface as ctx->ingress_ifindex (it must exist in the caller's network namespace) and rx_queue as
+    ctx->rx_queue_index (one of the interface's receive queues).
     """
     inbuf = ctypes.create_string_buffer(bytes(packet), len(packet))
     outbuf = ctypes.create_string_buffer(len(packet) + 512)
@@ -64,7 +65,7 @@ def run_xdp(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int |
     attr.repeat = repeat
     ctx = None
     if ingress_ifindex is not None:
-        ctx = _XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)
+        ctx = _XdpMd(0, len(packet), 0, ingress_ifindex, rx_queue, 0)
         attr.ctx_in = ctypes.addressof(ctx)
         attr.ctx_size_in = ctypes.sizeof(ctx)
     rc = _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))

@@ -29,10 +29,14 @@ TICK_S = 0.25
 RETRY_PER_TICK = 256  # failed neighbour-map writes retried per tick: a map that stays full costs this, no more
 
 
-def rx_queues(ifname: str) -> int:
+def rx_queue_count(ifname: str) -> int:
     """Receive queues the interface exposes (veth shows more than it activates: binding tells)."""
-    n = len(glob.glob(f"/sys/class/net/{ifname}/queues/rx-*"))
-    return max(1, min(n, XSK_MAX_QUEUES))
+    return len(glob.glob(f"/sys/class/net/{ifname}/queues/rx-*"))
+
+
+def rx_queues(ifname: str) -> int:
+    """The queues the slow path tries to serve: at most XSK_MAX_QUEUES (the fast path's XSKMAP block per interface)."""
+    return max(1, min(rx_queue_count(ifname), XSK_MAX_QUEUES))
 
 
 # Per-socket counters stats.get and /metrics carry: ours, then the kernel's (XDP_STATISTICS). rx_ring_full and
@@ -66,6 +70,13 @@ class SlowPathRunner:
 
         loop = asyncio.get_running_loop()
         for ifc in self.d.bal.ifaces.values():
+            total = rx_queue_count(ifc.name)
+            if total > XSK_MAX_QUEUES:
+                log.warning("slow path: %s has %d receive queues, the slow path serves the first %d: on the others "
+                            "ARP and neighbour solicitations for our addresses are answered in XDP, pings to them "
+                            "go unanswered and ICMP errors about flows (path MTU) are not translated; "
+                            "'ethtool -L %s combined %d' keeps every queue served", ifc.name, total, XSK_MAX_QUEUES,
+                            ifc.name, XSK_MAX_QUEUES)
             for q in range(rx_queues(ifc.name)):
                 try:
                     sock = XskSocket(ifc.name, q)

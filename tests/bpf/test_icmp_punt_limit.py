@@ -4,14 +4,20 @@ of 30 new connections fail, ~40 kpps of ARP requests for it from made-up senders
 overflowed while probe replies were lost). ICMP beyond its budget is dropped; ARP requests and solicitations
 beyond theirs are answered in XDP, as when no slow path runs."""
 
+import secrets
+import socket
 import time
 
+import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from hdslb.fastpath.testrun import VERDICTS, run_xdp
+from hdslb.lab import netns as nx
+from hdslb.slowpath.xsk import call_in_netns
 
+from .conftest import LB_MAC
 from .test_fastpath import CLIENT, CLIENT_MAC, LB_MAC_S, VIP, delta, own_v6, setup_service, VIP6, CLIENT6
 
 BURST = 200  # PUNT_BURST in bpf/hdslb_xdp.c
@@ -102,3 +108,55 @@ def test_an_ns_flood_is_answered_in_xdp_beyond_the_slow_paths_share(fastpath, ma
     v, _, _ = run_xdp(fastpath.prog_fd, bytes(ns()))
     d = delta(before, maps.counters())
     assert VERDICTS[v] == "XDP_TX" and d.get("nd_reply") == 1 and "punt_arp" not in d, d
+
+
+@pytest.fixture
+def many_queues(maps):
+    """A NIC with more receive queues than the slow path serves (XSK_MAX_QUEUES, 16): a veth with 20 in a namespace
+    of its own, entered in iface_map with the test run's XSKMAP slot (whose queue 0 the slowpath_up socket holds).
+    Yields (namespace, ifindex); BPF_PROG_TEST_RUN takes the interface only from inside its namespace."""
+    ns = f"hq{secrets.token_hex(3)}"
+    nx.netns_add(ns)
+    try:
+        nx.sh(["ip", "-n", ns, "link", "add", "mq0", "numrxqueues", "20", "type", "veth", "peer", "name", "mq1"])
+        ifindex = call_in_netns(ns, lambda: socket.if_nametoindex("mq0"))
+        maps.set_iface(ifindex, LB_MAC, 1500)
+        yield ns, ifindex
+    finally:
+        nx.netns_del(ns)
+
+
+def test_a_queue_the_slow_path_does_not_serve_is_answered_as_without_it(fastpath, maps, slowpath_up, many_queues):
+    """An AF_XDP socket takes frames of its own queue only: what arrived on queue 17 went to queue 0's socket and
+    the kernel dropped it there, so on a NIC with more than 16 queues the pings, ICMP errors and solicitations for
+    our addresses that RSS spread past queue 15 were lost without a trace (counted as punted). There XDP now does
+    what it does with no slow path: ARP and ND answered (the asker not learned behind the slow path's back), ICMP
+    to the kernel."""
+    import ipaddress
+
+    ns, ifindex = many_queues
+    setup_service(maps)
+    maps.set_local(ipaddress.ip_address(VIP), 0x1, ifindex)
+    own_v6(maps, ifindex)
+
+    def on_queue(pkt, q):
+        before = maps.counters()
+        v, out, _ = call_in_netns(ns, lambda: run_xdp(fastpath.prog_fd, bytes(pkt), ingress_ifindex=ifindex,
+                                                      rx_queue=q))
+        return VERDICTS[v], Ether(out), delta(before, maps.counters())
+
+    arp = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc="10.9.9.8", pdst=VIP)
+    echo = Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / ICMP(type=8, id=1, seq=1)
+    from .test_fastpath import ns as solicit
+    for q in (0, 15):  # served (queue 15: no socket in this test, so answered as without a slow path)
+        v, _, d = on_queue(arp, q)
+        assert (v, d.get("punt_arp")) == (("XDP_REDIRECT", 1) if q == 0 else ("XDP_TX", None)), (q, v, d)
+    v, out, d = on_queue(arp, 17)
+    assert v == "XDP_TX" and out[ARP].op == 2 and out[ARP].psrc == VIP and d.get("arp_reply") == 1, (v, d)
+    assert "punt_arp" not in d and "arp_learn" not in d, d
+    assert ipaddress.ip_address("10.9.9.8") not in {n["addr"] for n in maps.neighs()}, "not learned behind the slow path"
+    v, _, d = on_queue(echo, 17)
+    assert v == "XDP_PASS" and d.get("pass_local") == 1 and "punt_icmp" not in d, (v, d)
+    v, _, d = on_queue(solicit(), 17)
+    assert v == "XDP_TX" and d.get("nd_reply") == 1 and "punt_arp" not in d, (v, d)
+    assert on_queue(echo, 0)[0] == "XDP_REDIRECT"
