@@ -2535,9 +2535,33 @@ static __always_inline int nd_answer(struct xdp_md *ctx, struct ipv6hdr *ip6, st
 }
 
 /*
+ * A neighbour we send to, announcing another MAC in a Neighbor Advertisement that is not addressed to us: the
+ * unsolicited one to all nodes a host sends when its link-layer address changes (RFC 4861 7.2.6: a real server's
+ * NIC replaced, a failover). The slow path takes it, as handle_arp hands it a gratuitous ARP, and follows it as
+ * Linux does (an existing entry takes the new MAC when the Override flag says so); passed to the kernel, flows to
+ * that server kept going to the old MAC until the entry's timeout and re-probes. Only for a learned entry on this
+ * interface whose MAC differs from the advertisement's target link-layer option (its first option, as senders
+ * write it); a stranger's advertisement stays the kernel's.
+ */
+static __always_inline int na_moved(const __u8 *icmp, void *data_end, void *end, __u32 ifindex)
+{
+	struct neigh_key nk = {};
+	struct neigh_val *nv;
+
+	if ((void *)(icmp + 32) > data_end || (void *)(icmp + 32) > end)
+		return 0;
+	if (icmp[24] != ND_OPT_TLLA || icmp[25] != 1)
+		return 0;
+	__builtin_memcpy(nk.addr.b, icmp + 8, 16);
+	nk.af = HDSLB_AF_INET6;
+	nv = neigh_map.lookup(&nk);
+	return nv && !(nv->flags & NEIGH_F_PERMANENT) && nv->ifindex == ifindex && !mac_eq(nv->mac, icmp + 26);
+}
+
+/*
  * IPv6: TCP and UDP to v6 services are balanced like IPv4 (and NAT64-translated where the real server is v4). What
  * the slow path owns goes to it: echo requests to our addresses, neighbour solicitations for them and
- * advertisements sent to them. Without a slow path, solicitations for them are answered here (nd_answer).
+ * advertisements sent to them (or moving a neighbour's MAC: na_moved). Without a slow path, solicitations for them are answered here (nd_answer).
  * Extension headers are not walked, so a packet to one of our addresses that starts with one (Hop-by-Hop, Routing,
  * Destination Options, Mobility, HIP, Shim6, experimental; a fragment header too) cannot be balanced, and is
  * dropped and counted (drop_ipv6_exthdr, drop_fragment) rather than passed: the kernel would answer it for a VIP
@@ -2637,9 +2661,11 @@ icmp6:
 	if ((void *)(icmp + 8) > data_end || (void *)(icmp + 8) > nh->end)
 		return drop(CNT_DROP_MALFORMED_L4);
 	/* Echo, NA and errors (destination unreachable, packet too big, time exceeded: about a flow we rewrote, the
-	 * slow path sends them on translated) to our addresses; NS by their target. */
-	if (icmp[0] == ICMPV6_ECHO_REQUEST_ || icmp[0] == ICMPV6_NA_) {
+	 * slow path sends them on translated) to our addresses; NS by their target; an NA moving a neighbour's MAC. */
+	if (icmp[0] == ICMPV6_ECHO_REQUEST_) {
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0;
+	} else if (icmp[0] == ICMPV6_NA_) {
+		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0 || na_moved(icmp, data_end, nh->end, in_if);
 	} else if (icmp[0] == ICMPV6_DEST_UNREACH_ || icmp[0] == ICMPV6_PKT_TOOBIG_ || icmp[0] == ICMPV6_TIME_EXCEED_) {
 		/* to us; or, NAT, a real server's error to its client about a packet we forwarded (icmp_quotes_nat6) */
 		ours = local_lookup6(ip6->daddr.in6_u.u6_addr8) != 0 ||
