@@ -885,6 +885,50 @@ static __always_inline struct ethhdr *reshape_for_error(struct xdp_md *ctx, int 
 	return eth;
 }
 
+/*
+ * The VLAN tags (up to two, 4 bytes each) of a frame whose L2 header is l2len bytes, read before it is reshaped, to
+ * put back with retag_error. tags[1] is read whatever the depth: the caller has at least 20 bytes in the frame.
+ */
+static __always_inline int error_tags(struct xdp_md *ctx, __be32 tags[2])
+{
+	void *data = (void *)(long)ctx->data;
+
+	if (data + 20 > (void *)(long)ctx->data_end)
+		return -1;
+	__builtin_memcpy(tags, data + 12, 8);
+	return 0;
+}
+
+/*
+ * An error built untagged by reshape_for_error goes back the way the frame it answers came: on its VLAN, with its
+ * one or two tags, as ARP and ND answers are sent (left untagged it landed on the native VLAN and never reached a
+ * tagged client: a path-MTU black hole). The frame grows by the tags and the MACs move in front of them; the
+ * ethertype the error wrote stays last. Returns 0, or -1 when the frame cannot grow.
+ */
+static __always_inline int retag_error(struct xdp_md *ctx, __u32 l2len, const __be32 tags[2])
+{
+	void *data, *data_end;
+	__u8 macs[12];
+
+	if (l2len == sizeof(struct ethhdr))
+		return 0;
+	data = (void *)(long)ctx->data;
+	if (data + 12 > (void *)(long)ctx->data_end)
+		return -1;
+	__builtin_memcpy(macs, data, 12);
+	if (bpf_xdp_adjust_head(ctx, l2len == 18 ? -4 : -8))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + 22 > data_end)
+		return -1;
+	__builtin_memcpy(data, macs, 12);
+	__builtin_memcpy(data + 12, &tags[0], 4);
+	if (l2len == 22)
+		__builtin_memcpy(data + 16, &tags[1], 4);
+	return 0;
+}
+
 /* The error quoting quote bytes of the client's datagram (a constant at each call: sizes the verifier can check). */
 static __always_inline int icmp_too_big4_quote(struct xdp_md *ctx, __u32 l2len, __u32 mtu, const int quote)
 {
@@ -894,14 +938,14 @@ static __always_inline int icmp_too_big4_quote(struct xdp_md *ctx, __u32 l2len, 
 	struct iphdr *iph;
 	struct icmphdr *ic;
 	__u8 cmac[6], lmac[6];
-	__be32 client, vip;
+	__be32 client, vip, tags[2];
 	int delta;
 
 	if (l2len != 14 && l2len != 18 && l2len != 22)
 		return drop(CNT_DROP_TOO_BIG);
 	barrier_var(l2len); /* keep the bound below for the verifier */
 	iph = data + (l2len & 0x3f);
-	if ((void *)(eth + 1) > data_end || (void *)iph + quote > data_end)
+	if ((void *)(eth + 1) > data_end || (void *)iph + quote > data_end || error_tags(ctx, tags))
 		return drop(CNT_DROP_TOO_BIG);
 	__builtin_memcpy(cmac, eth->h_source, 6);
 	__builtin_memcpy(lmac, eth->h_dest, 6);
@@ -935,6 +979,8 @@ static __always_inline int icmp_too_big4_quote(struct xdp_md *ctx, __u32 l2len, 
 	ic->un.frag.__unused = 0;
 	ic->un.frag.mtu = bpf_htons((__u16)mtu);
 	ic->checksum = hcsum_fold32(bpf_csum_diff(0, 0, (__be32 *)ic, sizeof(*ic) + quote, 0)) ^ 0xffff;
+	if (retag_error(ctx, l2len, tags))
+		return drop(CNT_DROP_TOO_BIG);
 	count(CNT_ICMP_TOO_BIG);
 	return XDP_TX;
 }
@@ -1870,6 +1916,7 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	__u8 *ic;
 	__u8 cmac[6], lmac[6];
 	struct in6_addr client, vip;
+	__be32 tags[2];
 	__u32 sum;
 	int delta;
 
@@ -1877,7 +1924,7 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 		return drop(CNT_DROP_TOO_BIG);
 	barrier_var(l2len);
 	ip6 = data + (l2len & 0x3f);
-	if ((void *)(eth + 1) > data_end || (void *)ip6 + TOO_BIG_QUOTE6 > data_end)
+	if ((void *)(eth + 1) > data_end || (void *)ip6 + TOO_BIG_QUOTE6 > data_end || error_tags(ctx, tags))
 		return drop(CNT_DROP_TOO_BIG);
 	__builtin_memcpy(cmac, eth->h_source, 6);
 	__builtin_memcpy(lmac, eth->h_dest, 6);
@@ -1914,6 +1961,8 @@ static __always_inline int icmp_too_big6(struct xdp_md *ctx, __u32 l2len, __u32 
 	sum = bpf_csum_diff(0, 0, (__be32 *)(ic + 512), 512, sum);
 	sum = bpf_csum_diff(0, 0, (__be32 *)(ic + 1024), 8 + TOO_BIG_QUOTE6 - 1024, sum);
 	*(__sum16 *)(ic + 2) = hcsum_fold32(sum) ^ 0xffff;
+	if (retag_error(ctx, l2len, tags))
+		return drop(CNT_DROP_TOO_BIG);
 	count(CNT_ICMP_TOO_BIG);
 	return XDP_TX;
 }

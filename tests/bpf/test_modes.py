@@ -940,6 +940,41 @@ def test_tunnel_answers_a_too_big_df_packet_with_fragmentation_needed(fastpath, 
     assert c["icmp_too_big"] == 1 and c["drop_too_big"] == 0
 
 
+def _tagged(pkt, vlans):
+    """pkt's IP part in a frame with `vlans` 802.1Q tags (two: QinQ, 802.1ad outside)."""
+    l3 = pkt[IP] if IP in pkt else pkt[IPv6]
+    l2 = Ether(src=pkt[Ether].src, dst=pkt[Ether].dst, type=0x88A8 if vlans == 2 else 0x8100)
+    for i in range(vlans):
+        l2 = l2 / Dot1Q(vlan=10 + i, type=0x8100 if i + 1 < vlans else (0x0800 if IP in pkt else 0x86DD))
+    return l2 / l3
+
+
+@pytest.mark.parametrize("vlans", [1, 2])
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_too_big_answer_goes_back_on_the_clients_vlan(fastpath, m, family, vlans):
+    """The fragmentation needed (Packet Too Big) a tagged client gets for a packet too big for the tunnel goes back
+    with its VLAN tags, as ARP and ND answers do: it left untagged, onto the native VLAN, and never reached the
+    client (a path-MTU black hole for every client behind a tag)."""
+    if family == 4:
+        _tunnel_setup(fastpath, m, mtu=1500)
+        run(fastpath, c4(sport=40110))
+        big = Ether(src=CL_MAC, dst=LB) / IP(src=CLIENT, dst=VIP, flags="DF") / \
+            TCP(sport=40110, dport=80, flags="A", seq=1001) / (b"z" * 1460)
+    else:
+        _tunnel6_setup(fastpath, m)
+        run(fastpath, c6(sport=40110))
+        big = c6(sport=40110, flags="A", payload=b"z" * 1440)
+    pkt = _tagged(big, vlans)
+    v, out = run(fastpath, pkt)
+    assert VERDICTS[v] == "XDP_TX" and m.counters()["icmp_too_big"] == 1
+    assert (out[Ether].src, out[Ether].dst, out[Ether].type) == (LB, CL_MAC, pkt[Ether].type)
+    assert bytes(out)[12:14 + 4 * vlans] == bytes(pkt)[12:14 + 4 * vlans], "the client's tags, in its order"
+    _, ref = run(fastpath, big)
+    assert bytes(out)[14 + 4 * vlans:] == bytes(ref)[14:], "the error an untagged client gets"
+    if family == 4:
+        checksums_ok(out)
+
+
 def test_last_seen_converts_to_the_daemons_clock(fastpath, m):
     """conn_val.last_seen is bpf_jiffies64(); Maps hands it out as CLOCK_MONOTONIC ns, as aging expects."""
     import time
