@@ -455,7 +455,8 @@ class SlowPath:
             if err is None:
                 act.count("malformed")
             else:
-                act.icmp_errors.append((ifc.name, dataclasses.replace(err, to_local=local, src=ip.src)))
+                act.icmp_errors.append((ifc.name, dataclasses.replace(err, to_local=local, src=ip.src,
+                                                                      tags=eth.tags)))
                 act.count("icmp_error")
         else:
             act.count("rx_other")
@@ -502,7 +503,7 @@ class SlowPath:
             if err is None:
                 act.count("malformed")
             else:
-                act.icmp_errors.append((ifc.name, err if local else dataclasses.replace(err, to_local=False)))
+                act.icmp_errors.append((ifc.name, dataclasses.replace(err, to_local=local, tags=eth.tags)))
                 act.count("icmp_error")
         else:
             act.count("unexpected")

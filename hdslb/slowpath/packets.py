@@ -327,6 +327,9 @@ class IcmpError:
     # TUNNEL: the real server the quoted IPIP / 6in6 packet was sent to; inner_* and quoted are then the client's
     # packet inside it (what the router quoted of it)
     tunnel: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    # the VLAN tag block (Eth.tags) of the frame it came in: the translated error keeps it, as the fast path keeps
+    # the tags of every packet of the flow it forwards (TUNNEL's encapsulated packets excepted: they leave untagged)
+    tags: bytes = b""
 
     @property
     def frag_needed(self) -> bool:

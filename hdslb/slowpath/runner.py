@@ -295,7 +295,7 @@ class SlowPathRunner:
         ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
         if ifname is None:
             return None
-        return ifname, back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp)
+        return ifname, P.retag(back["dmac"] + back["smac"] + b"\x08\x00" + ip + bytes(icmp), err.tags)
 
     def _translate_icmp_tunnel(self, err) -> tuple[None, bytes] | None:
         """TUNNEL: a router between us and a real server cannot forward an IPIP (or 6in6) packet we sent (a smaller
@@ -356,7 +356,7 @@ class SlowPathRunner:
         ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
         if ifname is None:
             return None
-        return ifname, back["dmac"] + back["smac"] + b"\x86\xdd" + ip6 + bytes(icmp)
+        return ifname, P.retag(back["dmac"] + back["smac"] + b"\x86\xdd" + ip6 + bytes(icmp), err.tags)
 
     def _translate_icmp_xlat(self, err, back: dict) -> tuple[str, bytes] | None:
         """translate_icmp_error for NAT64, whose two sides are of two families (RFC 7915 4.2, 5.2): a real server's
@@ -394,7 +394,7 @@ class SlowPathRunner:
         ifname = next((i.name for i in self.d.bal.ifaces.values() if i.ifindex == back["ifindex"]), None)
         if ifname is None:
             return None
-        return ifname, back["dmac"] + back["smac"] + ethertype + l3 + bytes(icmp)
+        return ifname, P.retag(back["dmac"] + back["smac"] + ethertype + l3 + bytes(icmp), err.tags)
 
     def kick(self) -> None:
         self._kick.set()

@@ -477,6 +477,19 @@ def test_icmp_frag_needed_is_handed_over_for_translation(sp):
     assert err6.af == 6 and err6.mtu == 1280
 
 
+def test_an_icmp_error_on_a_vlan_is_handed_over_with_its_tags(sp):
+    """The translated error leaves with them (SlowPathRunner), as the flow's own packets keep theirs."""
+    inner = bytes(IP(src="192.168.100.200", dst="192.168.100.2") / TCP(sport=40000, dport=80))[:28]
+    frame = bytes(Ether(dst=M1, src=RS2) / Dot1Q(vlan=7) / IP(src="192.168.100.1", dst="192.168.100.200") /
+                  ICMP(type=3, code=4, nexthopmtu=1400) / inner)
+    (_, err), = sp.handle("eth1", frame).icmp_errors
+    assert err.tags == bytes.fromhex("81000007") and err.mtu == 1400
+    v6 = bytes(Ether(dst=M0, src=CLIENT) / Dot1Q(vlan=9) / IPv6(src="2001:db8::1", dst="2001:db8::100") /
+               ICMPv6PacketTooBig(mtu=1280) / bytes(IPv6(src="2001:db8::100", dst="2001:db8::9") / UDP())[:48])
+    (_, err6), = sp.handle("eth0", v6).icmp_errors
+    assert err6.tags == bytes.fromhex("81000009") and err6.to_local
+
+
 # --- announce -------------------------------------------------------------------------------------
 def test_announce(sp):
     ifname, f = only(sp.announce("10.0.0.200", "eth1"), "announce")

@@ -547,3 +547,28 @@ def test_a_routers_packet_too_big_about_our_6in6_packet_reaches_the_client_from_
     chk = IPv6(bytes(p[IPv6]))
     del chk[ICMPv6PacketTooBig].cksum
     assert IPv6(bytes(chk))[ICMPv6PacketTooBig].cksum == p[ICMPv6PacketTooBig].cksum
+
+
+@pytest.mark.parametrize("tags", [bytes.fromhex("81000007"), bytes.fromhex("88a8000a8100000b")], ids=["dot1q", "qinq"])
+@pytest.mark.parametrize("kind", ["fnat", "fnat6", "nat64"])
+def test_a_translated_error_keeps_the_vlan_tags_it_came_with(kind, tags):
+    """The fast path rewrites a flow's MACs and keeps its VLAN tags, so both sides of a tagged one-arm balancer share
+    the tag; the error about the flow is sent on with the tags it came with. It left untagged, onto the native
+    VLAN, and a tagged client never learnt its path MTU (a black hole for its large packets)."""
+    import dataclasses
+
+    from scapy.layers.inet6 import IPv6
+
+    if kind == "fnat":
+        sent = IP(src=LIP, dst=RS, flags="DF") / TCP(sport=2000, dport=80)
+        r, err = _runner(_flow(6, "fnat")), _error(RS, LIP, sent)
+    elif kind == "fnat6":
+        sent = IPv6(src=LIP6, dst=RS6, plen=1400) / TCP(sport=2000, dport=80)
+        r, err = _runner(_flow6(6)), _error6(RS6, LIP6, sent)
+    else:
+        sent = IP(src=LIP, dst=RS, flags="DF", len=1400, ttl=63) / TCP(sport=2000, dport=80)
+        r, err = _runner(_flow64(6)), _error(RS, LIP, sent, mtu=1300)
+    plain = SlowPathRunner.translate_icmp_error(r, err)
+    assert plain is not None and Ether(plain[1]).type in (0x0800, 0x86DD)
+    ifname, frame = SlowPathRunner.translate_icmp_error(r, dataclasses.replace(err, tags=tags))
+    assert ifname == plain[0] and frame == plain[1][:12] + tags + plain[1][12:]
