@@ -413,8 +413,8 @@ class SlowPath:
             act.count("no_route")
             return
         nh_ip, oif = nh
-        if eth.tags:
-            frame = frame[:12] + frame[12 + len(eth.tags):]  # egress is untagged, as the fast path sends
+        # the frame keeps its VLAN tags, as the fast path keeps them on the flow's later packets (it rewrites MACs
+        # only; TUNNEL's encapsulated frames come untagged)
         mac, ev = self.neigh.resolve(nh_ip, oif, frame)
         self._apply(ev, act)
         if mac is not None:

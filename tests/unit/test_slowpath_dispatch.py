@@ -183,6 +183,20 @@ def test_unresolved_frame_is_queued_then_sent_when_the_reply_comes(sp):
     assert ifname == "eth1" and Ether(out).dst == RS2 and Ether(out).src == M1
 
 
+def test_an_unresolved_frame_keeps_its_vlan_tags_as_the_fast_path_does(sp):
+    """The fast path rewrites a flow's MACs and keeps its tags: a flow's first packet, punted while its next hop had no
+    MAC, left the slow path untagged and the rest of the flow tagged, so on a tagged one-arm balancer the first SYN
+    (or datagram) to a new real server was lost."""
+    untagged = fnat_frame(payload=b"x")
+    frame = untagged[:12] + bytes.fromhex("81000007") + untagged[12:]
+    assert only(sp.handle("eth0", frame), "arp_request")[0] == "eth1"
+    act = sp.handle("eth1", arp_rep("192.168.100.2", RS2, "192.168.100.200", M1))
+    ifname, out = only(act, "unres_sent")
+    assert ifname == "eth1" and out == bytes.fromhex("525400000002") + MAC1 + frame[12:]
+    ifname, out = only(sp.handle("eth0", frame), "nexthop_known")
+    assert out == bytes.fromhex("525400000002") + MAC1 + frame[12:] and Ether(out)[Dot1Q].vlan == 7
+
+
 def test_unresolved_via_a_gateway_asks_for_the_gateway(sp, bal):
     bal.route_add({"prefix": "0.0.0.0", "prefixlen": 0, "ifname": "eth0", "via": "10.0.0.1"})
     _, probe = only(sp.handle("eth0", fnat_frame(dst="203.0.113.5", src="10.0.0.100")), "arp_request")
