@@ -73,6 +73,13 @@ BCAST4 = ipaddress.IPv4Address("255.255.255.255")
 _MAC = re.compile(r"[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{1,2}){5}")
 
 
+def link_local(mac: bytes) -> ipaddress.IPv6Address:
+    """fe80::/64 with the modified EUI-64 interface identifier of mac (RFC 4291 2.5.1 and appendix A): the
+    link-local address Linux gives an Ethernet interface by default (addr_gen_mode eui64)."""
+    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + eui)
+
+
 def _or_default(v, default):
     """An option's value, or its default when not given (None, or the empty text): not when it is False, 0, [] or
     {}, which are no scheduler, method or scope and are refused as the values they are."""
@@ -2128,10 +2135,14 @@ class Balancer:
         """Sender address of an ARP request / neighbour solicitation for `target` on `ifname` (one rule for the
         daemon's prober and the slow path): the route's src (the operator's, or the one `dpip addr add` gave
         its net route); else an address of ours on
-        that interface, one whose prefix covers target first; else a local address there; else the unspecified
-        address (answered like a duplicate-address probe). VIPs of DR and TUNNEL services are never used: their
-        real servers hold those addresses on lo and drop a request from them as a martian, so the next hop would
-        never resolve."""
+        that interface, one whose prefix covers target first; else a local address there; else, for ARP, the
+        unspecified address (an RFC 5227 probe, answered to our MAC) and, for IPv6, the interface's link-local
+        address (fe80:: with the modified EUI-64 of its MAC, the kernel's default one), as Linux's ndisc_solicit
+        sends it: an NS from :: is a duplicate-address probe, answered to all nodes without the Solicited flag
+        (never proof of reachability: the entry went STALE, DELAY, FAILED over and over) and, sent unicast to
+        re-confirm the entry, invalid (RFC 4861 7.1.1: discarded). VIPs of DR and TUNNEL services are never
+        used: their real servers hold those addresses on lo and drop a request from them as a martian, so the
+        next hop would never resolve."""
         v = target.version
         held = {s.addr for s in self.services.values()
                 if any(d.fwd in ("dr", "tunnel") for d in s.dests.values())}
@@ -2150,6 +2161,8 @@ class Balancer:
             for la in svc.laddrs:
                 if la.ifname == ifname and la.addr.version == v and la.addr not in held:
                     return la.addr
+        if v == 6 and ifname in self.ifaces:
+            return link_local(self.ifaces[ifname].mac)
         return ipaddress.ip_address("0.0.0.0" if v == 4 else "::")
 
     SNAT_PROBE_RANGE = 256  # a SNAT dst-range this small has each of its next hops resolved ahead

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from hdslb.balancer import Balancer, Iface
+from hdslb.balancer import Balancer, Iface, link_local
 from hdslb.daemon import Daemon, settings_from_args
 from hdslb.slowpath import packets as P
 
@@ -78,11 +78,13 @@ def test_probe_sends_a_neighbour_solicitation_from_our_address(d):
     assert nd.lladdr == LB1_MAC
 
 
-def test_without_an_address_of_ours_the_solicitation_comes_from_unspecified(d):
-    assert d._source_for("eth1", A("fd00:100::2")) == A("::")
+def test_without_an_address_of_ours_the_solicitation_comes_from_the_link_local_address(d):
+    # as Linux's ndisc_solicit: from :: it would be a duplicate-address probe, answered to all nodes unsolicited
+    lla = link_local(LB1_MAC)
+    assert lla.is_link_local and d._source_for("eth1", A("fd00:100::2")) == lla
     d._probe("eth1", A("fd00:100::2"))
     ip6 = P.parse_ipv6(d._pkt_socks["eth1"].sent[-1][14:])
-    assert ip6.src == A("::")
+    assert ip6.src == lla and P.parse_nd(ip6.payload).lladdr == LB1_MAC
 
 
 def test_ipv4_next_hops_are_still_arp_probed(d):

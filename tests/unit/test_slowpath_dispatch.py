@@ -270,6 +270,33 @@ def test_ipv6_unresolved_uses_multicast_ns_then_na(sp):
     assert sp.neigh.get("2001:db8::5").state is State.REACHABLE
 
 
+def test_ipv6_next_hop_with_no_address_of_ours_there_is_solicited_from_the_link_local(sp, bal, clock):
+    """No IPv6 address of ours on eth1 (a DR/TUNNEL server, or a v6 VIP from a config file): the solicitation
+    comes from eth1's link-local address with our link-layer address, as Linux's ndisc_solicit sends it. From ::
+    it was a duplicate-address probe: the server answered to all nodes without the Solicited flag (never
+    REACHABLE), and the unicast re-probe from :: is invalid (RFC 4861 7.1.1), so the entry went FAILED again and
+    again while new flows were dropped."""
+    bal.route_add({"prefix": "2001:db8:1::", "prefixlen": 64, "ifname": "eth1"})
+    lla = "fe80::ff:fe00:a01"  # MAC1 02:00:00:00:0a:01 as modified EUI-64
+    assert sp.probe_source(A("2001:db8:1::5"), "eth1") == A(lla)
+    frame = fnat_frame(dst="2001:db8:1::5", src="2001:db8::9", v6=True)
+    ifname, ns = only(sp.handle("eth0", frame), "nd_ns")
+    n = Ether(ns)
+    assert (ifname, n[IPv6].src, n[IPv6].dst) == ("eth1", lla, "ff02::1:ff00:5")
+    assert n[ICMPv6ND_NS].tgt == "2001:db8:1::5" and n[ICMPv6NDOptSrcLLAddr].lladdr == M1
+    # the server answers the link-local address at our MAC (the kernel's; the NA listener hands it over)
+    na = bytes(Ether(dst=M1, src=RS2) / IPv6(src="2001:db8:1::5", dst=lla, hlim=255) /
+               ICMPv6ND_NA(S=1, O=1, tgt="2001:db8:1::5") / ICMPv6NDOptDstLLAddr(lladdr=RS2))
+    act = sp.handle("eth1", na)
+    _, out = only(act, "unres_sent")
+    assert out == bytes.fromhex("525400000002") + MAC1 + frame[12:]
+    assert sp.neigh.get("2001:db8:1::5").state is State.REACHABLE
+    # re-confirmed later by a unicast solicitation, still from the link-local address (never from ::)
+    clock.advance(3600)
+    probes = [Ether(f) for _, f in sp.tick().tx + sp.handle("eth0", frame).tx if Ether(f).haslayer(ICMPv6ND_NS)]
+    assert probes and all(p[IPv6].src == lla and p.haslayer(ICMPv6NDOptSrcLLAddr) for p in probes)
+
+
 # --- learning and static neighbours ---------------------------------------------------------------
 def test_gratuitous_arp_moves_a_known_server_to_its_new_mac(sp):
     sp.handle("eth0", fnat_frame())  # we ask for the server ...
