@@ -1783,6 +1783,11 @@ class Balancer:
         flags, ifname = self._local_index().get(addr, _NOT_LOCAL)
         return flags, (self.ifaces[ifname].ifindex if ifname is not None else 0)
 
+    def owned_vips(self) -> dict:
+        """VIP -> the interface it is answered on (None: every attached interface), for every VIP the balancer
+        answers ARP/ND for as a config-declared VIP (own_vip) and holds by no other title."""
+        return {a: ifname for a, (flags, ifname) in self._local_index().items() if flags == LOCAL_VIP}
+
     def _local_index(self) -> dict:
         """local_reasons() of every address that is ours, in one walk of the addresses and services: the interface
         is the address's own, else the first service's (in service order) that has it as a local address."""

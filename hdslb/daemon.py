@@ -1776,6 +1776,7 @@ class Daemon:
         from hdslb.config.apply import desired, laddr_warnings, op_line, plan, refusal, run_tagged
 
         self._apply_verdicts()  # the verdicts received so far belong to the model this config is planned against
+        vips_before = self.bal.owned_vips()
         want = desired(cfg, self._default_ifname)
         # against what the file applied last wanted (none at a start): what was set by hand since stands where the
         # file did not change it (apply.plan)
@@ -1823,6 +1824,7 @@ class Daemon:
                     self.bal.dest_health(a, True, weight, "")
         self.bal.config_owned = set(want)
         self.bal.own_config_vips(want)  # (a service made again by ipvsadm and adopted here owned no VIP)
+        self._announce_vips(vips_before)
         self.config, self.want = cfg, want
         self.config_warnings = self._warn_unrouted(want)
         for line in laddr_warnings(want):
@@ -1854,6 +1856,18 @@ class Daemon:
             if d is not None and d.health == "up" and d.health_weight is not None:
                 out.append(({"svc": args["svc"], "addr": args["addr"], "port": args["port"]}, d.health_weight))
         return out
+
+    def _announce_vips(self, before: dict) -> None:
+        """The VIPs a config made ours (its virtual servers own their VIPs: ARP/ND answered for them on every
+        interface) are announced there, a gratuitous ARP or an unsolicited NA each, as DPVS does when it takes an
+        address and keepalived when it takes a VIP: a router or client whose cache still holds the VIP at the host
+        that had it before (another balancer, the old box) moves to us at once, not after its entry's timeout and
+        probes. Local addresses and dpip addresses are announced by their own adds."""
+        for vip, ifname in self.bal.owned_vips().items():
+            if vip in before:
+                continue
+            for name in ([ifname] if ifname is not None else list(self.bal.ifaces)):
+                self.announce(str(vip), name)
 
     def _warn_unrouted(self, want: dict) -> list[str]:
         """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the

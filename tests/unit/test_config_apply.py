@@ -402,7 +402,9 @@ async def test_a_first_load_has_no_dry_run_and_a_refusal_takes_back_what_it_adde
     assert sorted(maps["laddrs"]) == sorted(s.svc_id for s in d.bal.services.values())
     assert all(v == [(ip_address("192.168.100.200"), 3)] for v in maps["laddrs"].values()), maps["laddrs"]
     assert maps["local"]["192.168.100.200"][0] & LOCAL_LADDR
-    assert said == [("192.168.100.200", "eth1")] * 2
+    # the local address after each service's batch; then the two VIPs the file made ours, on every interface
+    assert said == [("192.168.100.200", "eth1")] * 2 + [(vip, ifn) for vip in ("10.0.0.100", "10.0.0.101")
+                                                        for ifn in ("eth0", "eth1")]
     # a reload that only adds a service: no dry run either; one that changes a weight has one
     conf.write_text(mh_conf(3) + "virtual_server 10.0.0.103 80 {\n    lb_algo rr\n    lb_kind FNAT\n"
                                  "    laddr_group_name lg\n    real_server 192.168.3.1 80 {\n    }\n}\n")
@@ -411,6 +413,32 @@ async def test_a_first_load_has_no_dry_run_and_a_refusal_takes_back_what_it_adde
     conf.write_text(mh_conf(3, other_weight=4))
     await d.reload_config()
     assert dry == [1] and len(d.bal.services) == 2
+
+
+async def test_a_vip_a_config_makes_ours_is_announced_once_on_every_interface(tmp_path):
+    """A config's virtual servers own their VIPs (ARP/ND answered on every interface), but only their local
+    addresses were announced: a router still holding a moved VIP at the box that had it kept sending there until
+    its entry timed out. Each VIP the file makes ours now gets a gratuitous ARP / unsolicited NA on each interface
+    (once for a VIP of several services; none again at a reload that keeps it; an interface address is announced
+    by its dpip addr add)."""
+    six = ("local_address_group lg6 {\n    fd00:100::200 eth1\n}\n"
+           "virtual_server fd00:10::100 80 {\n    lb_algo rr\n    lb_kind FNAT\n    laddr_group_name lg6\n"
+           "    real_server fd00:100::2 80 {\n    }\n}\n"
+           "virtual_server fd00:10::100 443 {\n    lb_algo rr\n    lb_kind FNAT\n    laddr_group_name lg6\n"
+           "    real_server fd00:100::2 443 {\n    }\n}\n")
+    d, conf = harness(tmp_path, six)
+    said = []
+    d.announce = lambda *a: said.append(a)
+    await d.reload_config()
+    assert sorted(said) == sorted([("fd00:100::200", "eth1")] * 2 + [("fd00:10::100", "eth0"), ("fd00:10::100", "eth1")])
+    said.clear()
+    await d.reload_config()
+    assert said == [], "nothing new: nothing announced"
+    # a reload that adds services: only their VIPs, not the ones kept
+    conf.write_text(six + mh_conf(1))
+    await d.reload_config()
+    assert sorted(said) == sorted([("192.168.100.200", "eth1")] * 2 + [(vip, ifn) for vip in ("10.0.0.100", "10.0.0.101")
+                                                                       for ifn in ("eth0", "eth1")])
 
 
 async def test_a_reload_is_judged_by_the_tables_it_ends_with(tmp_path):
