@@ -747,6 +747,7 @@ class Balancer:
         # addr -> (LOCAL_* flags, ifname or None): local_reasons() for every address that is ours, built in one
         # pass when asked and dropped by every change that can move it (each such change calls _sync_local)
         self._lidx: dict | None = None
+        self._owned = None  # (the local index, owned_addresses() of it)
         # address -> interface of local addresses no service has any more (a reload changed the group, ipvsadm -Q,
         # a service removed): still ours, ARP/ND answered, while connections use them (the daemon releases them
         # once none does), or the real servers' replies to those flows found nobody once their ARP entry aged
@@ -1782,6 +1783,14 @@ class Balancer:
         ARP/ND answers both follow this one rule."""
         flags, ifname = self._local_index().get(addr, _NOT_LOCAL)
         return flags, (self.ifaces[ifname].ifindex if ifname is not None else 0)
+
+    def owned_addresses(self) -> dict:
+        """Address -> the interface it is answered on (None: every attached interface), for every address that is
+        ours. The same dict until the model's addresses change (then a new one): read it, do not modify it."""
+        idx = self._local_index()
+        if self._owned is None or self._owned[0] is not idx:
+            self._owned = (idx, {a: ifname for a, (_flags, ifname) in idx.items()})
+        return self._owned[1]
 
     def owned_vips(self) -> dict:
         """VIP -> the interface it is answered on (None: every attached interface), for every VIP the balancer

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from hdslb import __version__
 from hdslb.balancer import Balancer, Iface, pack_snapshot, restore
+from hdslb.net.mcast import Memberships, wanted_groups
 from hdslb.config.model import LVS_TIMEOUTS
 from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
@@ -797,6 +798,9 @@ class Daemon:
         self._evicted_logged_at = float("-inf")
         self._pkt_socks: dict[str, socket.socket] = {}
         self._na_socks: dict[str, socket.socket] = {}
+        # solicited-node groups of our IPv6 addresses, joined through the kernel so it reports them over MLD
+        self._mld = Memberships()
+        self._mld_index = None  # the model's local index the memberships were last synced to
 
     def _datapath(self, maps) -> MapDataPath:
         def ifindex(name):
@@ -913,7 +917,7 @@ class Daemon:
             await self._start_failed(adopt, e)
             raise
         self._tasks = [asyncio.create_task(self._estimator()), asyncio.create_task(self._aging()),
-                       asyncio.create_task(self._watch_ifaces())]
+                       asyncio.create_task(self._watch_ifaces()), asyncio.create_task(self._watch_mld())]
         if s.slowpath:
             from hdslb.slowpath.runner import SlowPathRunner
 
@@ -973,6 +977,8 @@ class Daemon:
             await self.slow.close()
             self.slow = None
         self._close_na_listeners()
+        self._mld.close()
+        self._mld_index = None
         if self.api is not None:
             from hdslb.api.app import stop_api
 
@@ -1044,6 +1050,8 @@ class Daemon:
         for sk in self._pkt_socks.values():
             sk.close()
         self._close_na_listeners()
+        self._mld.close()
+        self._mld_index = None
         if self.fp:
             if self._detach_on_stop:
                 self.fp.detach_all()
@@ -1105,6 +1113,23 @@ class Daemon:
             for name in list(self.bal.ifaces):
                 if name not in self.ifaces_gone:
                     await self._watch_program(name)
+
+    async def _watch_mld(self, interval: float = IFACE_WATCH_S) -> None:
+        """Keep the solicited-node groups of our IPv6 addresses joined (hdslb.net.mcast): synced within a second of
+        an address taken or given up (a VIP, a local address, a dpip address)."""
+        while True:
+            try:
+                self.sync_mld()
+            except Exception:
+                log.exception("solicited-node group memberships")
+            await asyncio.sleep(interval)
+
+    def sync_mld(self) -> None:
+        owned = self.bal.owned_addresses()
+        if owned is self._mld_index:  # unchanged since the last sync (the model rebuilds it on any change)
+            return
+        self._mld_index = owned
+        self._mld.sync(wanted_groups(owned, self.bal.ifaces), {n: i.ifindex for n, i in self.bal.ifaces.items()})
 
     def _check_ifaces(self, index_of=None, mtu_of=None) -> bool:
         """One look at the interfaces served (see _watch_ifaces); True when hdslbd restarts to attach again. An MTU

@@ -176,3 +176,62 @@ def test_a_v6_vip_stays_reachable_while_no_daemon_runs(lab6):
     finally:
         lb.up("veth-lb0", "veth-lb1")
     assert lb.call("stats.get")["counters"]["nd_reply"] > before, "answered by XDP"
+
+
+def test_a_v6_vip_behind_a_switch_snooping_mld_is_reachable():
+    """A switch that snoops MLD with a querier (a bridge here, multicast_querier on) forwards a solicited-node group
+    only to the ports that reported it. The kernel reports the groups of the addresses it holds, not of our VIPs and
+    local addresses: the client's solicitation for the VIP never reached the balancer and the VIP was unreachable
+    (curl: connection failed, the client's entry FAILED). hdslbd now joins those groups through the kernel, which
+    reports them."""
+    import time
+
+    from hdslb.lab.servers import start_nginx
+    from hdslb.lab.topology import OneArm
+
+    vip, laddr = "fd00:100::100", "fd00:100::200"
+    lab = OneArm(n_servers=1, ipv6=True)
+    lab.setup()
+    lb = Balancer(lab)
+    try:
+        start_nginx(lab)
+        modes.nx.sh(["ip", "-n", lab.sw_ns, "link", "set", lab.bridge, "type", "bridge", "mcast_snooping", "1",
+                     "mcast_querier", "1"])
+        lb.ctl("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent),
+               "--log-file", str(lab.workdir / "hdslbd.log"))
+        lb.dpip("-6", "addr", "add", f"{vip}/64", "dev", "veth-lb0")
+        lb.ipvsadm("-A", "-t", f"[{vip}]:80", "-s", "rr")
+        lb.ipvsadm("-a", "-t", f"[{vip}]:80", "-r", f"[{lab.servers[0].ip6}]:80", "-b")
+        lb.ipvsadm("--add-laddr", "-z", laddr, "-t", f"[{vip}]:80", "-F", "veth-lb0")
+
+        def lb_groups():
+            out = modes.nx.sh(["bridge", "-n", lab.sw_ns, "mdb", "show"], check=False).stdout
+            return {ln.split(" grp ")[1].split()[0] for ln in out.splitlines() if " port sw-lb0 " in ln}
+
+        want = {"ff02::1:ff00:100", "ff02::1:ff00:200"}  # the VIP's and the local address's groups
+        for _ in range(100):  # reported once joined (hdslbd syncs its memberships every second)
+            if want <= lb_groups():
+                break
+            time.sleep(0.1)
+        assert want <= lb_groups(), modes.nx.sh(["bridge", "-n", lab.sw_ns, "mdb", "show"], check=False).stdout
+        modes.nx.sh(["ip", "-n", lab.cl_ns, "-6", "neigh", "flush", "all"], check=False)
+        r = curl6(lab, f"http://[{vip}]/")
+        assert r.returncode == 0 and r.stdout.split()[0] == "rs1", f"curl -6 exit {r.returncode}\n{diag(lab, lb)}"
+        # an address given up is left
+        lb.dpip("-6", "addr", "add", "fd00:100::150/128", "dev", "veth-lb0")
+        for _ in range(100):
+            if "ff02::1:ff00:150" in lb_groups():
+                break
+            time.sleep(0.1)
+        assert "ff02::1:ff00:150" in lb_groups()
+        lb.dpip("-6", "addr", "del", "fd00:100::150/128", "dev", "veth-lb0")
+        for _ in range(100):
+            if "ff02::1:ff00:150" not in lb_groups():
+                break
+            time.sleep(0.1)
+        assert "ff02::1:ff00:150" not in lb_groups() and want <= lb_groups()
+    finally:
+        try:
+            lb.down()
+        finally:
+            lab.teardown()
