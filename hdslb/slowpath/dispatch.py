@@ -33,7 +33,9 @@ COUNTERS = ("rx", *(f"rx_{k}" for k in RX_KINDS), "tx", "arp_reply", "arp_reques
             # ARP replies / neighbour advertisements about a neighbour we never asked for: not learned
             "neigh_unsolicited",
             # connection entries moved to a next hop's new MAC (the runner, when a real server's MAC moved)
-            "conn_remac")
+            "conn_remac",
+            # ARP/ND about a neighbour heard on another interface than the one its entry (or route) is on: ignored
+            "neigh_other_iface")
 
 
 @dataclass

@@ -236,6 +236,13 @@ class NeighTable:
         create: make an entry if there is none (things addressed to us); otherwise only update existing ones.
         mac None (an NA without a target link-layer option) can only confirm an entry that has a MAC.
         PERMANENT entries are never changed.
+        ifname: where it was heard. Linux keeps a neighbour table per interface, so what one interface hears never
+        touches another's entry; this table (as the fast path's map) is keyed by address alone, so an entry stays
+        on the interface it was made for (resolve() moves it when its route moves), and a next hop wanted on
+        another interface is not made here. Else a host on the client side asking for the VIP "from" a real
+        server's address (or advertising it) moved that server's entry to its own MAC until the next tick
+        re-resolved it: repeated, a share of the server's new connections failed and its established ones
+        were moved to that MAC (counted neigh_other_iface, ignored).
         """
         ip = ipaddress.ip_address(ip)
         ev = NeighEvents()
@@ -243,6 +250,10 @@ class NeighTable:
         e = self.entries.get(ip)
         if e is not None and e.permanent:
             self.stats["ignored_permanent"] += 1
+            return ev
+        if (e.ifname if e is not None else self.wanted.get(ip, ifname)) != ifname:
+            ev.counters["neigh_other_iface"] += 1
+            self.stats["other_iface"] += 1
             return ev
         if e is None:
             if not create or mac is None or not self._room(now, ev):
@@ -257,14 +268,13 @@ class NeighTable:
             ev.updates.append((e.ip, e.mac, e.ifname, False))
             self._flush(e, ev)
             return ev
-        if mac is not None and (mac != e.mac or ifname != e.ifname):
+        if mac is not None and mac != e.mac:
             if not override:
                 # RFC 4861 7.2.5: a different MAC without the override flag is not taken, but casts doubt
                 if e.state is State.REACHABLE:
                     e.state, e.updated = State.STALE, now
                 return ev
             # The MAC moved (a server replaced, a VRRP failover): traffic follows the new one at once.
-            # (the map is keyed by address alone, so the update also moves it to the new interface)
             self.stats["mac_changed"] += 1
             e.mac, e.ifname, e.state, e.updated, e.probes = mac, ifname, new_state, now, 0
             ev.updates.append((e.ip, e.mac, e.ifname, False))

@@ -227,11 +227,22 @@ def test_route_moved_to_another_interface(tbl):
     assert tbl.get(IP).ifname == "eth0"
 
 
-def test_learned_on_another_interface_moves_the_entry(tbl):
+def test_heard_on_another_interface_never_touches_the_entry(tbl):
+    """Linux keeps a table per interface: an ARP or NA heard on eth0 about an address whose entry is on eth1 (a host
+    on the client side claiming a real server's address) changes nothing; only a route moving moves it
+    (test_route_moved_to_another_interface). It used to move the entry there, with the other host's MAC."""
     tbl.learn(IP, MAC1, "eth1", confirmed=True)
-    ev = tbl.learn(IP, MAC1, "eth0", confirmed=True)
-    assert ev.updates == [(IP, MAC1, "eth0", False)] and not ev.deletes
-    assert tbl.get(IP).ifname == "eth0"
+    for mac in (MAC1, MAC2):
+        ev = tbl.learn(IP, mac, "eth0", confirmed=True)
+        assert not ev.updates and not ev.deletes and ev.counters["neigh_other_iface"] == 1
+    e = tbl.get(IP)
+    assert (e.ifname, e.mac, e.state) == ("eth1", MAC1, State.REACHABLE)
+    # nor is a next hop wanted on eth1 made on eth0 by what eth0 hears
+    other = ipaddress.ip_address("192.168.100.3")
+    tbl.keep_wanted({other: "eth1"})
+    tbl.remove(other)
+    ev = tbl.learn(other, MAC2, "eth0", confirmed=False)
+    assert not ev.updates and tbl.get(other) is None
 
 
 def test_adopt_takes_over_map_entries_as_stale(tbl, clock):
