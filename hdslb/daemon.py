@@ -931,6 +931,13 @@ class Daemon:
         if self.slow is None:
             self._tasks.append(asyncio.create_task(self._resolver()))
         self._open_na_listeners()
+        if snap is not None and not adopt:
+            # A saved model restored into new maps (after a reboot, onto another NIC or box): its addresses are
+            # taken afresh, and announced as their adds announce them (DPVS's dpip addr add at its start, keepalived
+            # taking its VIPs), so routers still holding them at a MAC this box no longer has (a NIC or box
+            # replaced) move at once, not after their entries' timeout (hours on some routers). An adopted
+            # start kept the fast path answering at the same MAC: nothing to say.
+            self._announce_new({}, self.bal.owned_addresses())
         await self._start_config(adopt)
         self.heap.maybe_settle(model_size(self.bal))
         self.ready = True
@@ -1849,7 +1856,7 @@ class Daemon:
                     self.bal.dest_health(a, True, weight, "")
         self.bal.config_owned = set(want)
         self.bal.own_config_vips(want)  # (a service made again by ipvsadm and adopted here owned no VIP)
-        self._announce_vips(vips_before)
+        self._announce_new(vips_before, self.bal.owned_vips())
         self.config, self.want = cfg, want
         self.config_warnings = self._warn_unrouted(want)
         for line in laddr_warnings(want):
@@ -1882,17 +1889,18 @@ class Daemon:
                 out.append(({"svc": args["svc"], "addr": args["addr"], "port": args["port"]}, d.health_weight))
         return out
 
-    def _announce_vips(self, before: dict) -> None:
-        """The VIPs a config made ours (its virtual servers own their VIPs: ARP/ND answered for them on every
-        interface) are announced there, a gratuitous ARP or an unsolicited NA each, as DPVS does when it takes an
-        address and keepalived when it takes a VIP: a router or client whose cache still holds the VIP at the host
-        that had it before (another balancer, the old box) moves to us at once, not after its entry's timeout and
-        probes. Local addresses and dpip addresses are announced by their own adds."""
-        for vip, ifname in self.bal.owned_vips().items():
-            if vip in before:
+    def _announce_new(self, before, owned: dict) -> None:
+        """A gratuitous ARP or an unsolicited NA for each address of owned ({address: interface, None for every
+        one}) not in before, on each interface it is answered on, as DPVS does when it takes an address and
+        keepalived when it takes a VIP: a router or client whose cache still holds it at the host that had it
+        before (another balancer, the old box) moves to us at once, not after its entry's timeout and probes.
+        The VIPs a config makes ours (apply_config) and a restored model's addresses (start) come here; local
+        addresses and dpip addresses added at run time are announced by their own adds."""
+        for addr, ifname in owned.items():
+            if addr in before:
                 continue
             for name in ([ifname] if ifname is not None else list(self.bal.ifaces)):
-                self.announce(str(vip), name)
+                self.announce(str(addr), name)
 
     def _warn_unrouted(self, want: dict) -> list[str]:
         """Name the file's real servers that have no route: the file declares no routes (they are dpip's, kept in the

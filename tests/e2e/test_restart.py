@@ -571,3 +571,51 @@ def test_reload_datapath_copies_a_set_aside_table_that_a_start_left_pinned(lab_u
             os.unlink(os.path.join(lab.pin_dir, "conn4_map_old1"))
         except FileNotFoundError:
             pass
+
+
+@pytest.mark.root
+def test_a_model_restored_after_a_reboot_announces_its_addresses():
+    """After a reboot (/run emptied: no pins, no program) hdslbd restores the saved model of its --state-dir into new
+    maps. Its addresses were taken again silently: a router holding a VIP at a MAC this box no longer has (a NIC or
+    the box replaced) went on sending there until its entry expired. Each is announced now (gratuitous ARP,
+    unsolicited NA), as its add announced it and DPVS's dpip addr add at its start does."""
+    from hdslb.lab import netns as nx
+    from hdslb.lab.topology import OneArm
+
+    from .conftest import Balancer
+
+    vip4, vip6 = "192.168.100.100", "fd00:100::100"
+    lab = OneArm(n_servers=1, ipv6=True)
+    lab.setup()
+    lb = Balancer(lab)
+    up = ("up", "veth-lb0", "--xdp-mode", "native", "--pin-root", str(lab.pin_dir.parent), "--state-dir",
+          str(lab.workdir / "state"), "--log-file", str(lab.workdir / "hdslbd.log"))
+    try:
+        lb.ctl(*up)
+        lb.dpip("addr", "add", f"{vip4}/32", "dev", "veth-lb0")
+        lb.dpip("-6", "addr", "add", f"{vip6}/128", "dev", "veth-lb0")
+        pins = lb.call("daemon.status")["pin_dir"]
+        # the reboot: the daemon, its program and its pins gone; the saved model on disk kept
+        os.kill(daemon_pid(lb), signal.SIGKILL)
+        nx.sh(["ip", "-n", lab.lb_ns, "link", "set", "dev", "veth-lb0", "xdp", "off"])
+        subprocess.run(["rm", "-rf", pins], check=True)
+        # the client still has the VIPs at the MAC of the NIC the box had before
+        old = "02:de:ad:be:ef:01"
+        for fam, vip in (("-4", vip4), ("-6", vip6)):
+            nx.sh(["ip", "-n", lab.cl_ns, fam, "neigh", "replace", vip, "lladdr", old, "dev", "eth0", "nud", "stale"])
+        lb.ctl(*up)
+        assert "restoring the saved model" in lb.log()
+        deadline = time.monotonic() + 10  # a bound for the announcement to be heard, not a measurement
+        while True:
+            out = {fam: nx.sh(["ip", "-n", lab.cl_ns, fam, "neigh", "show", vip], check=False).stdout
+                   for fam, vip in (("-4", vip4), ("-6", vip6))}
+            if all(lab.lb_mac in o for o in out.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert all(lab.lb_mac in o for o in out.values()), out
+    finally:
+        try:
+            lb.ctl("down", "--pin-root", str(lab.pin_dir.parent), "--state-dir", str(lab.workdir / "state"),
+                   check=False)
+        finally:
+            lab.teardown()
