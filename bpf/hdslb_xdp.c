@@ -2275,6 +2275,51 @@ static __always_inline int icmp_quotes_nat6(struct ipv6hdr *q, void *data_end, v
 	return cv && (cv->flags & CONN_F_OUT) && cv->fwd == FWD_NAT;
 }
 
+/*
+ * Echo requests to an owned address answered here while no slow path serves the interface (a daemon restarting or
+ * killed, --no-slowpath), as handle_arp and nd_answer answer ARP and solicitations: the kernel does not hold our
+ * addresses, so a VIP stopped answering ping for the whole restart, and never did with --no-slowpath (DPVS and
+ * Linux answer it). Rewritten in place and sent back (XDP_TX): addresses and MACs swapped, TTL / hop limit 64
+ * (DPVS's default_ttl), the type made a reply; both checksums updated incrementally (a request with a bad ICMP
+ * checksum gets a reply with a bad one, which its sender discards). Not for a martian or own source, an IPv4
+ * header with options or a fragment (left to the kernel, as before). The slow path, when it runs, answers instead.
+ */
+#define ECHO_TTL 64
+
+static __always_inline int echo_answer4(struct ethhdr *eth, struct iphdr *iph, struct icmphdr *ic,
+					struct iface_val *ifv)
+{
+	__be32 a = iph->saddr;
+	__be16 old = *(__be16 *)&iph->ttl; /* ttl and protocol: one 16-bit word of the header checksum */
+
+	iph->saddr = iph->daddr;
+	iph->daddr = a;
+	iph->ttl = ECHO_TTL;
+	hcsum_replace2(&iph->check, old, *(__be16 *)&iph->ttl);
+	hcsum_replace2(&ic->checksum, bpf_htons(ICMP_ECHO << 8), bpf_htons(ICMP_ECHOREPLY << 8));
+	ic->type = ICMP_ECHOREPLY;
+	__builtin_memcpy(eth->h_dest, eth->h_source, 6);
+	__builtin_memcpy(eth->h_source, ifv->mac, 6);
+	count(CNT_ECHO_REPLY);
+	return XDP_TX;
+}
+
+/* echo_answer4 for ICMPv6 (128 -> 129): swapping the addresses leaves the pseudo-header's sum as it was. */
+static __always_inline int echo_answer6(struct ethhdr *eth, struct ipv6hdr *ip6, __u8 *icmp, struct iface_val *ifv)
+{
+	struct in6_addr a = ip6->saddr;
+
+	ip6->saddr = ip6->daddr;
+	ip6->daddr = a;
+	ip6->hop_limit = ECHO_TTL;
+	hcsum_replace2((__sum16 *)(icmp + 2), bpf_htons(128 << 8), bpf_htons(129 << 8));
+	icmp[0] = 129;
+	__builtin_memcpy(eth->h_dest, eth->h_source, 6);
+	__builtin_memcpy(eth->h_source, ifv->mac, 6);
+	count(CNT_ECHO_REPLY);
+	return XDP_TX;
+}
+
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
 {
 	struct iphdr *iph;
@@ -2333,6 +2378,10 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh
 				count(CNT_PUNT_ICMP);
 				return xsks.redirect_map(key, XDP_PASS);
 			}
+			/* no slow path: an echo request to an owned address is answered here (echo_answer4) */
+			if (ic->type == ICMP_ECHO && ic->code == 0 && iph->ihl == 5 && !martian4(iph->saddr) &&
+			    !mac_group(eth->h_source) && local_lookup4(iph->daddr) && !local_lookup4(iph->saddr))
+				return echo_answer4(eth, iph, ic, inv);
 		}
 		if (!frag && ic->type == ICMP_ECHO) {
 			cfg = cfg_map.lookup(&zero);
@@ -2738,6 +2787,12 @@ icmp6:
 				return xsks.redirect_map(key, XDP_PASS);
 			}
 		}
+		/* no slow path: an echo request to an owned address is answered here (echo_answer4; before
+		 * nd_answer, whose tail adjustment leaves no packet pointer usable after it) */
+		if (icmp[0] == ICMPV6_ECHO_REQUEST_ && icmp[1] == 0 &&
+		    !martian6(ip6->saddr.in6_u.u6_addr32) && !mac_group(eth->h_source) &&
+		    !local_lookup6(ip6->saddr.in6_u.u6_addr8))
+			return echo_answer6(eth, ip6, icmp, inv);
 		/* no slow path (or a flood of solicitations, above): one for an address owned on this interface
 		 * (handle_arp's rule) is answered here */
 		if (lv && (!lv->ifindex || lv->ifindex == in_if)) {

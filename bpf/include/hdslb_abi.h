@@ -420,6 +420,8 @@ enum hdslb_counter {
 	CNT_DROP_ICMP_RATELIMIT, /* ICMP to an owned address (echo, an error to translate) over what the slow path is
 				  * given (PUNT_RATE a second): dropped so a ping flood cannot crowd ARP, ND and
 				  * probe replies out of its socket (ARP/NS beyond theirs are answered in XDP) */
+	CNT_ECHO_REPLY,     /* ICMP/ICMPv6 echo request to an owned address answered in XDP (no slow path up):
+			     * ARP_REPLY's and ND_REPLY's counterpart for ping */
 	CNT_MAX,
 };
 

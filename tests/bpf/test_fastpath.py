@@ -161,7 +161,7 @@ FIXTURES = [
     ("udp length below header", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / UDP(dport=80, len=4), XDP_DROP, "drop_malformed_l4"),
     ("ack without a connection", syn(sport=44000, flags="A"), XDP_DROP, "drop_no_conn"),
     ("fragment to a vip", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, flags="MF") / TCP(dport=80), XDP_DROP, "drop_fragment"),
-    ("icmp to a vip goes to the kernel", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, proto=1) / (b"\x08\x00" + b"\x00" * 6), XDP_PASS, "pass_local"),
+    ("icmp other than echo to a vip goes to the kernel", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP, proto=1) / (b"\x0d\x00" + b"\x00" * 6), XDP_PASS, "pass_local"),
     ("service port we do not balance", Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(src=CLIENT, dst=VIP) / TCP(dport=81, flags="S"), XDP_PASS, "pass_local"),
 ]
 
@@ -326,6 +326,81 @@ def test_with_the_slow_path_up_an_ns_is_still_punted(fastpath, maps, slowpath_up
     assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_arp") == 1 and "nd_reply" not in d, d
     slowpath_up.close()  # the daemon dies: answered in XDP from the next one
     assert run_xdp(fastpath.prog_fd, bytes(ns()))[0] == XDP_TX
+
+
+# --- ICMP echo without the slow path (XDP's fallback, as for ARP and ND) ------------------------------------------
+def echo4(**ip):
+    from scapy.layers.inet import ICMP
+
+    return Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IP(**dict(dict(src=CLIENT, dst=VIP, ttl=9, id=77), **ip)) / \
+        ICMP(id=5, seq=6) / (b"x" * 37)
+
+
+def echo6(src=CLIENT6, dst=VIP6):
+    from scapy.layers.inet6 import ICMPv6EchoRequest
+
+    return Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src=src, dst=dst, hlim=9, tc=0x28) / \
+        ICMPv6EchoRequest(id=5, seq=6, data=b"y" * 37)
+
+
+def test_echo_to_an_owned_address_is_answered_without_the_slow_path(fastpath, maps):
+    """The daemon down (restarting, killed) or --no-slowpath: the kernel does not hold our addresses, so nobody
+    answered a ping to a VIP; XDP does now, as it answers ARP and solicitations for it."""
+    from scapy.layers.inet import ICMP
+    from scapy.layers.inet6 import ICMPv6EchoReply
+
+    setup_service(maps)
+    own_v6(maps)
+    before = maps.counters()
+    v, p = run(fastpath, echo4())
+    assert VERDICTS[v] == "XDP_TX", p.show(dump=True)
+    assert (p.src, p.dst, p[IP].src, p[IP].dst, p[IP].ttl, p[IP].id) == (LB_MAC_S, CLIENT_MAC, VIP, CLIENT, 64, 77)
+    assert (p[ICMP].type, p[ICMP].code, p[ICMP].id, p[ICMP].seq, p[ICMP].load) == (0, 0, 5, 6, b"x" * 37)
+    q = p.copy()
+    del q[IP].chksum, q[ICMP].chksum
+    q = Ether(bytes(q))
+    assert (p[IP].chksum, p[ICMP].chksum) == (q[IP].chksum, q[ICMP].chksum), "checksums as a full recompute"
+    v, p = run(fastpath, echo6())
+    assert VERDICTS[v] == "XDP_TX", p.show(dump=True)
+    r = p[ICMPv6EchoReply]
+    assert (p.src, p.dst, p[IPv6].src, p[IPv6].dst, p[IPv6].hlim) == (LB_MAC_S, CLIENT_MAC, VIP6, CLIENT6, 64)
+    assert (r.type, r.code, r.id, r.seq, r.data) == (129, 0, 5, 6, b"y" * 37)
+    q = p.copy()
+    del q[ICMPv6EchoReply].cksum
+    assert Ether(bytes(q))[ICMPv6EchoReply].cksum == r.cksum, "ICMPv6 checksum"
+    d = delta(before, maps.counters())
+    assert d.get("echo_reply") == 2 and d.get("verdict_tx") == 2, d
+
+
+ECHO_NOT_ANSWERED = [
+    ("to an address not ours", lambda: echo4(dst="10.0.0.77")),
+    ("v6 to an address not ours", lambda: echo6(dst=OTHER6)),
+    ("from a martian source", lambda: echo4(src="127.0.0.1")),
+    ("from one of our own addresses", lambda: echo4(src=LIP)),
+    ("v6 from a multicast source", lambda: echo6(src="ff02::1")),
+    ("with IP options", lambda: echo4(options=[b"\x94\x04\x00\x00"])),
+    ("a fragment", lambda: echo4(flags="MF")),
+]
+
+
+@pytest.mark.parametrize("desc,make", ECHO_NOT_ANSWERED, ids=[c[0] for c in ECHO_NOT_ANSWERED])
+def test_an_echo_the_fallback_does_not_answer_is_left_to_the_kernel(fastpath, maps, desc, make):
+    setup_service(maps)
+    own_v6(maps)
+    raw = bytes(make())
+    v, out, _ = run_xdp(fastpath.prog_fd, raw)
+    assert (VERDICTS[v], out) == ("XDP_PASS", raw), desc
+    assert maps.counters()["echo_reply"] == 0
+
+
+def test_with_the_slow_path_up_an_echo_is_still_punted(fastpath, maps, slowpath_up):
+    setup_service(maps)
+    before = maps.counters()
+    v, _, _ = run_xdp(fastpath.prog_fd, bytes(echo4()))
+    d = delta(before, maps.counters())
+    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_icmp") == 1 and "echo_reply" not in d, d
+    slowpath_up.close()  # the daemon dies: answered in XDP from the next one
+    assert run_xdp(fastpath.prog_fd, bytes(echo4()))[0] == XDP_TX
 
 
 def test_vlan_tagged_syn_is_balanced(fastpath, maps):
@@ -517,12 +592,13 @@ def test_kni_host_route_hands_a_vip_to_the_kernel(fastpath, maps):
 
 
 def test_ipv6_passes_to_the_kernel_while_no_slow_path_serves_it(fastpath, maps):
-    """Echo for an owned v6 address goes to the slow path only when its socket is registered (an NS is then
-    answered in XDP: see test_ns_for_an_owned_v6_address_is_answered_without_the_slow_path)."""
+    """ICMPv6 for an owned v6 address that XDP does not answer itself (an NS and an echo request are: see
+    test_ns_for_an_owned_v6_address_is_answered_without_the_slow_path and
+    test_echo_to_an_owned_address_is_answered_without_the_slow_path) goes to the kernel while no slow path runs."""
     maps.set_local(A("fd00::100"), 0x1, LO_IFINDEX)
-    from scapy.layers.inet6 import ICMPv6EchoRequest
+    from scapy.layers.inet6 import ICMPv6EchoReply
 
-    for pkt in (Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6EchoRequest(),
+    for pkt in (Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6EchoReply(),
                 bytes(Ether(src=CLIENT_MAC, dst=LB_MAC_S) / IPv6(src="fd00::1", dst="fd00::100"))[:30]):
         raw = bytes(pkt)
         v, out, _ = run_xdp(fastpath.prog_fd, raw)
