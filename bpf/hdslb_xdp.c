@@ -360,9 +360,11 @@ static __always_inline int punt_allowed(__u32 budget)
  */
 static __always_inline void arp_learn(__be32 ip, const __u8 *mac, __u32 ifindex)
 {
+	struct route4_key rk = { .prefixlen = 32, .addr = ip };
 	struct neigh_key nk = {};
 	struct neigh_val nv = {};
 	struct neigh_val *old;
+	struct route_val *rt;
 
 	if (martian4(ip) || mac_group(mac) || !(mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))
 		return;
@@ -372,6 +374,13 @@ static __always_inline void arp_learn(__be32 ip, const __u8 *mac, __u32 ifindex)
 	nk.af = HDSLB_AF_INET;
 	old = neigh_map.lookup(&nk);
 	if (old && (old->flags & NEIGH_F_PERMANENT))
+		return;
+	/* Linux keeps a table per interface; this map is keyed by address alone, so what one interface hears about an
+	 * address routed out of another (a host on the client side asking for the VIP "from" a real server's address)
+	 * would move that next hop to its MAC. Not learned here: the slow path's rule (neigh_other_iface), by the
+	 * route, or without one by the interface the entry is on. */
+	rt = route4_map.lookup(&rk);
+	if (rt ? rt->ifindex != ifindex : old && old->ifindex != ifindex)
 		return;
 	__builtin_memcpy(nv.mac, mac, 6);
 	nv.flags = NEIGH_F_LEARNED;

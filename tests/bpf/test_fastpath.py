@@ -193,6 +193,32 @@ def test_arp_request_for_an_owned_address_is_answered(fastpath, maps):
     assert run(fastpath, other)[0] == XDP_PASS
 
 
+def test_arp_about_an_address_routed_out_of_another_interface_is_not_learned(fastpath, maps):
+    """Without the slow path XDP learns ARP senders. A host on one interface asking for the VIP "from" a real
+    server's address routed out of another would move that server's next hop to its own MAC (the map is keyed by
+    address alone; Linux keeps a table per interface): not learned, as the slow path refuses it."""
+    other = LO_IFINDEX + 41
+    maps.set_local(A(VIP), 0x1, 0)  # answered on every interface
+    maps.set_route(ipaddress.ip_network("192.168.100.0/24"), other, None, None, 1500, False)
+    maps.set_neigh(A(RS1), bytes.fromhex(RS_MAC.replace(":", "")), other, permanent=False)
+    req = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=RS1, pdst=VIP)
+    assert run(fastpath, req)[0] == XDP_TX, "still answered"
+    learned = {str(n["addr"]): n["lladdr"] for n in maps.neighs()}
+    assert learned[RS1] == RS_MAC, "the server's entry kept"
+    # nor made for an address routed elsewhere, nor moved without a route away from the interface it is on
+    req2 = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=RS2, pdst=VIP)
+    run(fastpath, req2)
+    maps.set_neigh(A("172.16.0.9"), bytes.fromhex(RS_MAC.replace(":", "")), other, permanent=False)
+    run(fastpath, Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc="172.16.0.9",
+                                                                      pdst=VIP))
+    learned = {str(n["addr"]): n["lladdr"] for n in maps.neighs()}
+    assert RS2 not in learned and learned["172.16.0.9"] == RS_MAC, learned
+    # routed out of this interface: learned, as before
+    maps.set_route(ipaddress.ip_network("192.168.100.0/24"), LO_IFINDEX, None, None, 1500, False)
+    run(fastpath, req)
+    assert {str(n["addr"]): n["lladdr"] for n in maps.neighs()}[RS1] == CLIENT_MAC
+
+
 # --- IPv6 neighbour discovery without the slow path (XDP's fallback, as for ARP) --------------------------------
 CLIENT6, VIP6, OTHER6 = "fd00::1", "fd00::100", "fd00::77"
 SNODE = "ff02::1:ff00:100"  # VIP6's solicited-node group
