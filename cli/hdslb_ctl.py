@@ -279,9 +279,26 @@ def cmd_check(ns) -> int:
     for w in laddr_warnings(desired(cfg, lambda addr: "-")):  # what a start or reload would warn of, too
         print(f"warning: {w}")
     conn = cfg.ipvs_defs.conn
-    print(conn_table_line(conn.conn_pool_size, conn.conn_table, entries6=conn.conn6_pool_size))
+    ncpus = _possible_cpus()
+    from hdslb.fastpath.loader import conn_table_refusal
+
+    why = conn_table_refusal(conn.conn_table, ncpus)
+    if why:  # hdslbd refuses to start with it (unless its --conn-table stands over the file's)
+        print(f"{cfg.settings['ipvs_defs.conn.conn_table'].where}: conn_table {conn.conn_table}: {why}",
+              file=sys.stderr)
+        return 1
+    print(conn_table_line(conn.conn_pool_size, conn.conn_table, ncpus, entries6=conn.conn6_pool_size))
     print(f"{ns.config}: OK")
     return 0
+
+
+def _possible_cpus() -> int:
+    from hdslb.fastpath import loader
+
+    try:
+        return loader.possible_cpus()
+    except Exception:  # no bcc here: the CPUs this process sees, a lower bound
+        return os.cpu_count() or 1
 
 
 def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_total: int | None = None,
@@ -292,16 +309,17 @@ def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_tota
     from hdslb.fastpath import loader
 
     if ncpus is None:
-        try:
-            ncpus = loader.possible_cpus()
-        except Exception:
-            ncpus = os.cpu_count() or 1
+        ncpus = _possible_cpus()
     mem_total = loader._mem_total() if mem_total is None else mem_total
+    label = table
+    if table == "auto":  # what hdslbd will pick on this machine
+        table = "percpu" if ncpus <= loader.PERCPU_MAX_CPUS else "shared"
+        label = conn_kind_text({"kind": table, "auto_cpus": ncpus})
     sizes = loader.Sizes(max_conns=entries, max_conns6=entries6 or 0, conn_table=table)
     need = loader.conn_tables_estimate(sizes, ncpus)
     line = (f"connection tables: {entries} IPv4 entries (conn_pool_size) + {sizes.conn6_entries()} IPv6 "
-            f"(conn6_pool_size), {table}: ~{need / 2**20:.0f} MiB of kernel memory"
-            + (f" on {ncpus} possible CPUs" if table == "percpu" else ""))
+            f"(conn6_pool_size), {label}: ~{need / 2**20:.0f} MiB of kernel memory"
+            + (f" on {ncpus} possible CPUs" if table == "percpu" and label == table else ""))
     advice = loader.conn_table_advice(sizes, ncpus, table, mem_total)
     return line + (f"\nnotice: {advice}" if advice else "")
 
@@ -618,7 +636,7 @@ def cmd_status(ns) -> int:
     if ct:
         mem = f", {ct['memlock_bytes'] / 2**20:.1f} MiB" if ct.get("memlock_bytes") else ""
         six = f" + {ct['size6']} IPv6" if ct.get("size6") else ""
-        print(f"  conn table:     {ct['kind']}, {ct['size']} IPv4{six} entries{mem}")
+        print(f"  conn table:     {conn_kind_text(ct)}, {ct['size']} IPv4{six} entries{mem}")
     try:
         stats = Client(protocol.resolve_socket(ns.ctl_socket), timeout=10).call("stats.get")
     except (HdslbError, DaemonUnreachable, protocol.ProtocolError, OSError):
@@ -632,6 +650,12 @@ def cmd_status(ns) -> int:
         print(line)
     print(f"  slow path:      {slowpath_line(stats.get('slowpath'))}")
     return 0
+
+
+def conn_kind_text(ct: dict) -> str:
+    """The conn table kind in use, and what auto picked it by: "shared (auto: 64 possible CPUs)"."""
+    n = ct.get("auto_cpus")
+    return ct["kind"] + (f" (auto: {n} possible CPUs)" if n is not None else "")
 
 
 def slowpath_line(sp: dict | None) -> str:

@@ -26,7 +26,7 @@ from hdslb.ctl import commands, protocol
 from hdslb.ctl.server import CtlServer
 from hdslb.errors import HdslbError
 from hdslb.heap import HeapSettler, collections_paused, model_size
-from hdslb.fastpath.loader import CONN_TABLES, XdpAttachError
+from hdslb.fastpath.loader import CONN_TABLE_CHOICES, PERCPU_MAX_CPUS, XdpAttachError
 from hdslb.fastpath.maps import STAT_FIELDS
 from hdslb.net.link import link_mtu
 
@@ -94,7 +94,8 @@ class Settings:
     xdp_mode: str = "auto"
     max_conns: int = 262144
     max_conns6: int = 0  # 0: max_conns / 4 (Sizes.conn6_entries)
-    conn_table: str = "percpu"  # the conn map's values: one per CPU, or one shared ("shared")
+    conn_table: str = "percpu"  # the conn map's values: one per CPU, or one shared ("shared"); resolved from auto
+    conn_table_auto_cpus: int | None = None  # the possible CPUs --conn-table auto picked conn_table by; None: asked
     lport_min: int = DEFAULT_LPORT_RANGE[0]
     lport_max: int = DEFAULT_LPORT_RANGE[1]
     log_level: str = "info"
@@ -214,9 +215,10 @@ def add_daemon_options(p: argparse.ArgumentParser, defaults: bool = True) -> dic
     add("--max-conns6", type=int,
         help="IPv6 and NAT64 connection table entries (default: a quarter of --max-conns; "
              "conn6_pool_size in the config)")
-    add("--conn-table", choices=CONN_TABLES,
-        help="connection values per CPU (the default: no cache line shared on the hot path; memory grows "
-             "with the CPU count) or one shared value an entry (conn_table in the config)")
+    add("--conn-table", choices=CONN_TABLE_CHOICES,
+        help=f"connection values per CPU (no cache line shared on the hot path; memory grows with the CPU "
+             f"count; at most {PERCPU_MAX_CPUS} possible CPUs), one shared value an entry, or auto (the default): "
+             f"percpu up to {PERCPU_MAX_CPUS} possible CPUs, shared above (conn_table in the config)")
     add("--max-hash-cells", type=int, default=1 << 21,
         help="cells for every sh/dh/mh/conhash table together (4 bytes each; a rebuild needs room for "
              "the new table beside the old; default 2097152)")
@@ -334,6 +336,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         timeouts = timeouts_of(cfg)
         if not interfaces:
             p.error(f"{ns.config_file}: no interface in netif_defs and none given")
+    conn_table, auto_cpus = _resolve_conn_table(p, ns, conn_table or "auto", cfg if ns.config_file else None)
     api_listen = None if ns.api_listen in ("off", "none", "") else ns.api_listen
     if api_listen is not None and (not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}", api_listen)
                                    or int(api_listen.rpartition(":")[2]) > 65535):
@@ -358,7 +361,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     return Settings(interfaces=interfaces, ctl_socket=ctl, instance=ns.instance or instance_name(ctl),
                     pin_root=os.path.abspath(ns.pin_root), xdp_mode=ns.xdp_mode, max_conns=max_conns or DEFAULT_MAX_CONNS,
                     max_conns6=max_conns6 or 0,
-                    conn_table=conn_table or "percpu", lport_min=lo,
+                    conn_table=conn_table, conn_table_auto_cpus=auto_cpus, lport_min=lo,
                     lport_max=hi, log_level=log_level or "info", config_file=ns.config_file,
                     config_id=ns.config_id, fresh=ns.fresh,
                     state_dir=os.path.abspath(ns.state_dir), timeouts=timeouts, aging_interval=ns.aging_interval,
@@ -368,6 +371,20 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                     max_persist=ns.max_persist, max_services=ns.max_services, max_dests=ns.max_dests,
                     extra={"notices": notices, "log_level_from_cli": ns.log_level is not None,
                            "iface_where": iface_where})
+
+
+def _resolve_conn_table(p, ns, asked: str, cfg) -> tuple[str, int | None]:
+    """The conn table kind this start runs with, and the possible CPU count when auto picked it. A per-CPU table
+    asked for on more possible CPUs than it is built for is refused here, before anything is compiled or touched
+    (exit 2, naming the CPU count, the limit and the shared table; the config's line when the file asked)."""
+    from hdslb.fastpath import loader
+
+    ncpus = loader.possible_cpus()
+    why = loader.conn_table_refusal(asked, ncpus)
+    if why:
+        st = cfg.settings.get("ipvs_defs.conn.conn_table") if cfg is not None and ns.conn_table is None else None
+        p.exit(2, f"hdslbd: {f'{st.where}: conn_table' if st is not None else '--conn-table'} {asked}: {why}\n")
+    return loader.resolve_conn_table(asked, ncpus), (ncpus if asked == "auto" else None)
 
 
 def _check_saved_timeouts(saved) -> None:
@@ -818,6 +835,9 @@ class Daemon:
         s = self.settings
         for n in s.extra.get("notices", []):
             log.info("config: %s", n)
+        if s.conn_table_auto_cpus is not None:
+            log.info("connection table: %s (--conn-table auto: %d possible CPUs; per-CPU up to %d)", s.conn_table,
+                     s.conn_table_auto_cpus, loader.PERCPU_MAX_CPUS)
         # Before anything is read or touched: a second daemon on these pins or this state file must not adopt,
         # re-attach, discard (--fresh) or, failing later, tear down what the first one runs.
         self._take_locks()

@@ -206,7 +206,7 @@ class CtrlDefs:
 class ConnDefs:
     conn_pool_size: int  # entries in the IPv4 conn map (its max_entries)
     conn6_pool_size: Optional[int]  # entries in the IPv6/NAT64 conn map; None: conn_pool_size / 4 (hdslb's own)
-    conn_table: str  # "percpu": a value per CPU in each entry; "shared": one (hdslb's own keyword)
+    conn_table: str  # "percpu": a value per CPU in each entry; "shared": one; "auto": by the CPU count (hdslb's own)
     conn_init_timeout: int  # seconds a conn lives before its protocol state is known
     expire_quiescent_template: bool  # drop persistence templates whose dest has weight 0
 

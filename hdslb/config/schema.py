@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from hdslb.ctl.protocol import DEFAULT_CTL_SOCKET
-from hdslb.fastpath.loader import CONN_TABLES
+from hdslb.fastpath.loader import CONN_TABLE_CHOICES
 
 from . import model as m
 from .kinds import (IFNAME, IP, MAX_RANGE, NAME, PATH, Bad, Choice, DottedMask, Flag, Granularity, Hex, Int,
@@ -827,8 +827,9 @@ ROOT = Block(None, {
             "conn_pool_size": Key(Int(1024, 2**28), 2097152, init=True),
             # hdslb's own: IPv6 and NAT64 flows have a table of their own (hdslbd --max-conns6)
             "conn6_pool_size": Key(Int(256, 2**28), None, init=True),
-            # hdslb's own: the conn map's values per CPU or one shared (hdslbd --conn-table)
-            "conn_table": Key(Choice(*CONN_TABLES), CONN_TABLES[0], init=True),
+            # hdslb's own: the conn map's values per CPU or one shared, or auto: by the possible CPU count
+            # (hdslbd --conn-table)
+            "conn_table": Key(Choice(*CONN_TABLE_CHOICES), "auto", init=True),
             "conn_pool_cache": Key(Int(1, 8192), 256, init=True,
                                    na="conns are entries of one BPF map; there is no per-core mempool cache"),
             "conn_init_timeout": Key(_SECONDS, 3),

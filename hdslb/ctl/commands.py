@@ -914,7 +914,9 @@ def daemon_status(ctx, a):
             "services": len(ctx.bal.services), "uptime_s": ctx.uptime(),
             # local addresses no service has any more, kept (ARP/ND answered) while connections use them
             "retired_laddrs": sorted(map(str, ctx.bal.kept_laddrs())),
-            "conn_table": {"kind": ctx.sizes.conn_table, "size": ctx.sizes.max_conns,
+            # auto_cpus: the possible CPUs --conn-table auto picked the kind by (None: the kind was asked for)
+            "conn_table": {"kind": ctx.sizes.conn_table, "auto_cpus": getattr(settings, "conn_table_auto_cpus", None),
+                           "size": ctx.sizes.max_conns,
                            "size6": ctx.sizes.conn6_entries(),
                            "memlock_bytes": getattr(getattr(ctx, "fp", None), "conn_memlock", None)},
             "heap": ctx.heap.status() if getattr(ctx, "heap", None) is not None else None,

@@ -26,7 +26,13 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
-CONN_TABLES = ("percpu", "shared")  # --conn-table: a value per CPU (the default), or one for all
+CONN_TABLES = ("percpu", "shared")  # the conn maps' kinds: a value per CPU, or one for all
+CONN_TABLE_CHOICES = ("auto", *CONN_TABLES)  # --conn-table / conn_table: auto (the default) picks by the CPU count
+# The most possible CPUs a per-CPU conn table is built for. The program walks every CPU's copy of a flow in loops
+# the verifier walks unrolled, with a state per CPU seen so far: xdp_main takes 617k of its 1M instructions on 8
+# CPUs, 824k on 11, and is refused from 12 ("BPF program is too large"); 8 keeps a margin for the program to grow.
+# Above it auto picks the shared table and an explicit percpu is refused (it would also take 3.2 KB an entry on 64).
+PERCPU_MAX_CPUS = 8
 
 
 @dataclass
@@ -63,6 +69,28 @@ def possible_cpus() -> int:
     from bcc.utils import get_possible_cpus
 
     return len(get_possible_cpus())
+
+
+def conn_table_refusal(asked: str, ncpus: int) -> str | None:
+    """Why the conn table kind asked for cannot run on this many possible CPUs (None: it can)."""
+    if asked != "percpu" or ncpus <= PERCPU_MAX_CPUS:
+        return None
+    return (f"this host has {ncpus} possible CPUs, more than the {PERCPU_MAX_CPUS} a per-CPU connection table is "
+            f"built for (its program would be too large for the kernel's verifier): use --conn-table shared "
+            f"(conn_table shared), or auto, which picks it")
+
+
+def resolve_conn_table(asked: str, ncpus: int) -> str:
+    """The conn table kind a start runs with: auto is percpu up to PERCPU_MAX_CPUS possible CPUs, shared above;
+    percpu or shared as asked (percpu above the limit raises ValueError with conn_table_refusal's reason)."""
+    if asked not in CONN_TABLE_CHOICES:
+        raise ValueError(f"conn table {asked!r}: expected one of {', '.join(CONN_TABLE_CHOICES)}")
+    why = conn_table_refusal(asked, ncpus)
+    if why:
+        raise ValueError(why)
+    if asked == "auto":
+        return "percpu" if ncpus <= PERCPU_MAX_CPUS else "shared"
+    return asked
 
 
 def conn_table_estimate(entries: int, ncpus: int, table: str = "percpu", family: int = 4) -> int:

@@ -45,3 +45,20 @@ def test_sweep_loads_as_far_as_xdp_main(ceiling_build):
     assert ceiling_build.fn is not None and ceiling_build.fn.fd >= 0
     assert ceiling_build.sweep_fn is not None and ceiling_build.sweep_fn.fd >= 0
     assert ceiling_build.sweep_batch == loader.sweep_batch("percpu", XDP_MAIN_MAX_CPUS) >= 1
+
+
+@pytest.mark.parametrize("ncpus", [loader.PERCPU_MAX_CPUS, 256])
+def test_the_table_auto_picks_loads_at_the_limit_and_far_above(ncpus):
+    """--conn-table auto (the default) picks percpu up to PERCPU_MAX_CPUS possible CPUs, within what the per-CPU
+    program loads with (a margin below XDP_MAIN_MAX_CPUS), and shared above, which loads whatever the count.
+    Before, the default was percpu whatever the count: hdslbd did not start on 10 or more possible CPUs."""
+    assert loader.PERCPU_MAX_CPUS < XDP_MAIN_MAX_CPUS
+    kind = loader.resolve_conn_table("auto", ncpus)
+    assert kind == ("percpu" if ncpus <= loader.PERCPU_MAX_CPUS else "shared")
+    fp = _load_with_cpus(ncpus, kind)
+    try:
+        assert fp.fn is not None and fp.fn.fd >= 0 and fp.sweep_fn is not None and fp.sweep_fn.fd >= 0
+        assert fp.sweep_batch == 32  # the sweep's full batch up to the limit (its speed at 1M flows is benchmarked)
+    finally:
+        fp.close()
+        fp.unpin()

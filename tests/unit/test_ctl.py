@@ -606,6 +606,35 @@ def test_status_names_local_addresses_kept_for_their_connections(monkeypatch, ca
             "and 2 more\n") in capsys.readouterr().out
 
 
+def test_status_shows_the_conn_table_kind_auto_picked(monkeypatch, capsys):
+    """--conn-table auto (the default) picks the kind by the possible CPUs: status says which, and why."""
+    from cli import hdslb_ctl
+
+    st = {"version": "0.1.0", "pid": 42, "uptime_s": 1.0, "ctl_socket": "/x", "pin_dir": "/p/x",
+          "interfaces": {"eth0": "native"}, "services": 1,
+          "conn_table": {"kind": "shared", "auto_cpus": 64, "size": 262144, "size6": 65536}}
+    answer_status(monkeypatch, hdslb_ctl, st)
+    assert hdslb_ctl.main(["status"]) == 0
+    assert "  conn table:     shared (auto: 64 possible CPUs), 262144 IPv4 + 65536 IPv6 entries\n" in capsys.readouterr().out
+    st["conn_table"] = {"kind": "percpu", "auto_cpus": None, "size": 262144, "size6": 65536}  # asked for
+    assert hdslb_ctl.main(["status"]) == 0
+    assert "  conn table:     percpu, 262144 IPv4 + 65536 IPv6 entries\n" in capsys.readouterr().out
+
+
+async def test_daemon_status_says_what_auto_picked_the_conn_table_by(tmp_path):
+    from tests.unit.test_fuzz_input import dispatch_async, make_daemon
+
+    d = await make_daemon(tmp_path)
+    try:
+        d.settings.conn_table_auto_cpus = 64
+        assert (await dispatch_async(d, "daemon.status", {}))["conn_table"]["auto_cpus"] == 64
+        d.settings.conn_table_auto_cpus = None
+        assert (await dispatch_async(d, "daemon.status", {}))["conn_table"]["auto_cpus"] is None
+    finally:
+        if d.health is not None:
+            await d.health.stop()
+
+
 async def test_daemon_status_lists_a_local_address_kept_for_its_connections(tmp_path):
     """What the status line above reads: `ipvsadm --del-laddr` of a service's only local address (its flows may
     still use it) leaves it listed by daemon.status until the sweep finds none."""

@@ -104,9 +104,12 @@ def test_a_log_file_that_cannot_be_opened_exits_2_naming_the_line(tmp_path, caps
     assert settings_from_args(["-f", str(conf), "eth0"]).log_file == f"{tmp_path}/hdslb.log"
 
 
-def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
-    """--conn-table picks the conn map's values (per CPU, the default, or one shared); the config's conn_table
-    supplies it when the command line does not, and a bad value is refused with the line."""
+def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys, monkeypatch):
+    """--conn-table picks the conn map's values (per CPU, the default on this many CPUs, or one shared); the
+    config's conn_table supplies it when the command line does not, and a bad value is refused with the line."""
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 2)
     assert settings_from_args(["eth0"]).conn_table == "percpu"
     assert settings_from_args(["eth0", "--conn-table", "shared"]).conn_table == "shared"
     conf = tmp_path / "lb.conf"
@@ -122,14 +125,87 @@ def test_conn_table_kind_from_the_command_line_or_the_config(tmp_path, capsys):
     assert e.value.code == 2 and f"{conf}:3:" in capsys.readouterr().err
 
 
-def test_the_daemon_sizes_its_conn_table_as_told():
+def test_the_daemon_sizes_its_conn_table_as_told(monkeypatch):
     from hdslb.daemon import Daemon
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 2)
 
     assert Daemon(settings_from_args(["eth0", "--conn-table", "shared"])).sizes.conn_table == "shared"
     assert Daemon(settings_from_args(["eth0"])).sizes.conn_table == "percpu"
     d = Daemon(settings_from_args(["eth0", "--max-conns", "65536", "--max-conns6", "4096"]))
     assert (d.sizes.max_conns, d.sizes.conn6_entries()) == (65536, 4096)
     assert Daemon(settings_from_args(["eth0", "--max-conns", "65536"])).sizes.conn6_entries() == 16384
+
+
+@pytest.mark.parametrize("ncpus,kind", [(1, "percpu"), (2, "percpu"), (8, "percpu"), (9, "shared"), (12, "shared"),
+                                         (64, "shared"), (256, "shared")])
+def test_auto_picks_the_conn_table_kind_by_the_possible_cpus(tmp_path, monkeypatch, ncpus, kind):
+    """The per-CPU table is built for at most 8 possible CPUs (its program grows with the count: refused by the
+    verifier from 12, the sweep from 10): with no --conn-table, hdslbd on most servers died in a verifier dump.
+    auto, the default and the config's, is percpu up to 8 possible CPUs and shared above; the count auto went by
+    is kept for the log and status; an explicit kind is taken as asked (auto_cpus None)."""
+    from hdslb.daemon import Daemon
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "possible_cpus", lambda: ncpus)
+    for argv in (["eth0"], ["eth0", "--conn-table", "auto"]):
+        s = settings_from_args(argv)
+        assert (s.conn_table, s.conn_table_auto_cpus) == (kind, ncpus)
+        assert Daemon(s).sizes.conn_table == kind
+    conf = tmp_path / "lb.conf"
+    for text in ("ipvs_defs {\n  conn {\n    conn_table auto\n  }\n}\n", "ipvs_defs {\n  conn {\n  }\n}\n"):
+        conf.write_text(text)
+        s = settings_from_args(["-f", str(conf), "eth0"])
+        assert (s.conn_table, s.conn_table_auto_cpus) == (kind, ncpus)
+    s = settings_from_args(["eth0", "--conn-table", "shared"])
+    assert (s.conn_table, s.conn_table_auto_cpus) == ("shared", None)
+
+
+def test_a_per_cpu_table_on_more_cpus_than_it_is_built_for_is_refused_before_the_start(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--conn-table percpu on 64 possible CPUs compiled, then died in a 1M-instruction verifier dump naming
+    nothing an operator can act on. It is refused while the command line is read (exit 2, as hdslb-ctl up reports
+    hdslbd's own refusals: its "hdslbd: " line), one line naming the CPU count, the limit and the shared table;
+    from the config, naming its line; the command line's shared stands over the file's percpu."""
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 64)
+    monkeypatch.setattr(loader.FastPath, "load", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["eth0", "--conn-table", "percpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("hdslbd: --conn-table percpu: ")
+    assert "64 possible CPUs" in err and "more than the 8" in err and "--conn-table shared" in err
+    conf = tmp_path / "lb.conf"
+    conf.write_text("ipvs_defs {\n  conn {\n    conn_table percpu\n  }\n}\n")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-f", str(conf), "eth0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"hdslbd: {conf}:3:5: conn_table percpu: this host has 64 possible")
+    assert settings_from_args(["-f", str(conf), "eth0", "--conn-table", "shared"]).conn_table == "shared"
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 8)  # at the limit: taken
+    assert settings_from_args(["eth0", "--conn-table", "percpu"]).conn_table == "percpu"
+
+
+def test_check_says_which_table_auto_picks_and_refuses_a_per_cpu_one_on_too_many_cpus(tmp_path, monkeypatch, capsys):
+    from cli import hdslb_ctl
+    from hdslb.fastpath import loader
+
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 64)
+    conf = tmp_path / "lb.conf"
+    conf.write_text("ipvs_defs {\n  conn {\n    conn_pool_size 1048576\n  }\n}\n")
+    assert hdslb_ctl.main(["check", "-f", str(conf)]) == 0
+    assert ("connection tables: 1048576 IPv4 entries (conn_pool_size) + 262144 IPv6 (conn6_pool_size), shared (auto: "
+            "64 possible CPUs): ~172 MiB of kernel memory\n") in capsys.readouterr().out
+    conf.write_text("ipvs_defs {\n  conn {\n    conn_table percpu\n  }\n}\n")
+    assert hdslb_ctl.main(["check", "-f", str(conf)]) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith(f"{conf}:3:5: conn_table percpu: this host has 64 possible CPUs, more than the 8")
+    assert "OK" not in out.out
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 2)
+    assert hdslb_ctl.main(["check", "-f", str(conf)]) == 0
+    assert "percpu: ~" in capsys.readouterr().out
 
 
 def test_ipv6_table_size_from_the_command_line_or_the_config(tmp_path, capsys):
