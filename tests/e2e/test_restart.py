@@ -455,18 +455,25 @@ def test_a_restart_with_another_conn_table_kind_or_size_keeps_the_flows(lab_up):
     a restart asking for others used to be refused unless --fresh threw every flow away. Now the pinned tables
     are set aside, new ones made and the connections copied over, before and after the new program is attached:
     downloads running across a stop and start into a bigger shared table, and another back to the default
-    per-CPU one, complete intact, new connections work throughout, and the old tables' pins are gone."""
+    (--conn-table auto: per-CPU up to 8 possible CPUs, the shared pins then copied as for an asked kind),
+    complete intact, new connections work throughout, and the old tables' pins are gone."""
+    from hdslb.fastpath import loader
+
     lab, lb, servers, _ = lab_up
+    ncpus = loader.possible_cpus()
+    auto = loader.resolve_conn_table("auto", ncpus)
     transfers = start_transfers(lab, TRANSFERS)
     time.sleep(2)
     for extra, kind, size in ((("--conn-table", "shared", "--max-conns", "524288"), "shared", 524288),
-                              ((), "percpu", 262144)):
+                              ((), auto, 262144)):
         pid = daemon_pid(lb)
         subprocess.run(["kill", "-TERM", str(pid)], check=True)
         wait_gone(pid)
         lb.up("veth-lb0", *extra)
         table = lb.call("stats.get")["conn_table"]
         assert (table["kind"], table["size4"]) == (kind, size)
+        shown = f"{kind} (auto: {ncpus} possible CPUs)" if not extra else kind
+        assert f"conn table:     {shown}, {size} IPv4" in lb.ctl("status").stdout
         assert table["entries"] >= 2 * TRANSFERS, table  # each running download's two entries came over
         assert f"entries copied into the new {kind} tables after attaching" in lb.log()
         assert sorted(n for n in os.listdir(lab.pin_dir) if n.startswith("conn")) == ["conn4_map", "conn6_map",
