@@ -29,10 +29,13 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 CONN_TABLES = ("percpu", "shared")  # the conn maps' kinds: a value per CPU, or one for all
 CONN_TABLE_CHOICES = ("auto", *CONN_TABLES)  # --conn-table / conn_table: auto (the default) picks by the CPU count
 # The most possible CPUs a per-CPU conn table is built for. The program walks every CPU's copy of a flow in loops
-# the verifier walks unrolled, with a state per CPU seen so far: xdp_main takes 617k of its 1M instructions on 8
-# CPUs, 824k on 11, and is refused from 12 ("BPF program is too large"); 8 keeps a margin for the program to grow.
-# Above it auto picks the shared table and an explicit percpu is refused (it would also take 3.2 KB an entry on 64).
-PERCPU_MAX_CPUS = 8
+# clang unrolls at each place they are inlined, and the verifier walks them with a state per CPU seen so far: the
+# program grows with the CPU count in size and with its square in the verifier's work. Measured (tests/bpf/
+# test_many_cpus.py keeps it): xdp_main loads on up to 6 CPUs; on 7 its jumps no longer fit the 16 bits of an
+# instruction's offset once the verifier has expanded it ("cannot be patched due to 16-bit range", ENOMEM), before
+# the 1M-instruction limit that stopped it on 12. 4 keeps a margin for the program to grow. Above it auto picks the
+# shared table and an explicit percpu is refused (its values would also take 48 B per CPU an entry: 3.2 KB on 64).
+PERCPU_MAX_CPUS = 4
 
 
 @dataclass

@@ -138,12 +138,12 @@ def test_the_daemon_sizes_its_conn_table_as_told(monkeypatch):
     assert Daemon(settings_from_args(["eth0", "--max-conns", "65536"])).sizes.conn6_entries() == 16384
 
 
-@pytest.mark.parametrize("ncpus,kind", [(1, "percpu"), (2, "percpu"), (8, "percpu"), (9, "shared"), (12, "shared"),
+@pytest.mark.parametrize("ncpus,kind", [(1, "percpu"), (2, "percpu"), (4, "percpu"), (5, "shared"), (12, "shared"),
                                          (64, "shared"), (256, "shared")])
 def test_auto_picks_the_conn_table_kind_by_the_possible_cpus(tmp_path, monkeypatch, ncpus, kind):
-    """The per-CPU table is built for at most 8 possible CPUs (its program grows with the count: refused by the
-    verifier from 12, the sweep from 10): with no --conn-table, hdslbd on most servers died in a verifier dump.
-    auto, the default and the config's, is percpu up to 8 possible CPUs and shared above; the count auto went by
+    """The per-CPU table is built for at most 4 possible CPUs (its program grows with the count: refused by the
+    kernel from 7): with no --conn-table, hdslbd on most servers died in a verifier dump.
+    auto, the default and the config's, is percpu up to 4 possible CPUs and shared above; the count auto went by
     is kept for the log and status; an explicit kind is taken as asked (auto_cpus None)."""
     from hdslb.daemon import Daemon
     from hdslb.fastpath import loader
@@ -176,7 +176,7 @@ def test_a_per_cpu_table_on_more_cpus_than_it_is_built_for_is_refused_before_the
         settings_from_args(["eth0", "--conn-table", "percpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("hdslbd: --conn-table percpu: ")
-    assert "64 possible CPUs" in err and "more than the 8" in err and "--conn-table shared" in err
+    assert "64 possible CPUs" in err and "more than the 4" in err and "--conn-table shared" in err
     conf = tmp_path / "lb.conf"
     conf.write_text("ipvs_defs {\n  conn {\n    conn_table percpu\n  }\n}\n")
     with pytest.raises(SystemExit) as e:
@@ -184,7 +184,7 @@ def test_a_per_cpu_table_on_more_cpus_than_it_is_built_for_is_refused_before_the
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"hdslbd: {conf}:3:5: conn_table percpu: this host has 64 possible")
     assert settings_from_args(["-f", str(conf), "eth0", "--conn-table", "shared"]).conn_table == "shared"
-    monkeypatch.setattr(loader, "possible_cpus", lambda: 8)  # at the limit: taken
+    monkeypatch.setattr(loader, "possible_cpus", lambda: 4)  # at the limit: taken
     assert settings_from_args(["eth0", "--conn-table", "percpu"]).conn_table == "percpu"
 
 
@@ -201,7 +201,7 @@ def test_check_says_which_table_auto_picks_and_refuses_a_per_cpu_one_on_too_many
     conf.write_text("ipvs_defs {\n  conn {\n    conn_table percpu\n  }\n}\n")
     assert hdslb_ctl.main(["check", "-f", str(conf)]) == 1
     out = capsys.readouterr()
-    assert out.err.startswith(f"{conf}:3:5: conn_table percpu: this host has 64 possible CPUs, more than the 8")
+    assert out.err.startswith(f"{conf}:3:5: conn_table percpu: this host has 64 possible CPUs, more than the 4")
     assert "OK" not in out.out
     monkeypatch.setattr(loader, "possible_cpus", lambda: 2)
     assert hdslb_ctl.main(["check", "-f", str(conf)]) == 0
