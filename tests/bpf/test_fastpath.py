@@ -344,16 +344,6 @@ def test_an_ns_for_an_address_owned_on_another_interface_is_not_answered(fastpat
     assert run_xdp(fastpath.prog_fd, raw)[0] == XDP_TX
 
 
-def test_with_the_slow_path_up_an_ns_is_still_punted(fastpath, maps, slowpath_up):
-    own_v6(maps)
-    before = maps.counters()
-    v, _, _ = run_xdp(fastpath.prog_fd, bytes(ns()))
-    d = delta(before, maps.counters())
-    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_arp") == 1 and "nd_reply" not in d, d
-    slowpath_up.close()  # the daemon dies: answered in XDP from the next one
-    assert run_xdp(fastpath.prog_fd, bytes(ns()))[0] == XDP_TX
-
-
 # --- ICMP echo without the slow path (XDP's fallback, as for ARP and ND) ------------------------------------------
 def echo4(**ip):
     from scapy.layers.inet import ICMP
@@ -419,14 +409,22 @@ def test_an_echo_the_fallback_does_not_answer_is_left_to_the_kernel(fastpath, ma
     assert maps.counters()["echo_reply"] == 0
 
 
-def test_with_the_slow_path_up_an_echo_is_still_punted(fastpath, maps, slowpath_up):
-    setup_service(maps)
+@pytest.mark.parametrize("what", ["ns", "echo"])
+def test_with_the_slow_path_up_it_is_still_punted(fastpath, maps, slowpath_up, what):
+    """An NS for an owned address and an echo to a VIP go to the slow path while it runs, answered in XDP only
+    without it."""
+    if what == "ns":
+        own_v6(maps)
+        raw, punt, answered = bytes(ns()), "punt_arp", "nd_reply"
+    else:
+        setup_service(maps)
+        raw, punt, answered = bytes(echo4()), "punt_icmp", "echo_reply"
     before = maps.counters()
-    v, _, _ = run_xdp(fastpath.prog_fd, bytes(echo4()))
+    v, _, _ = run_xdp(fastpath.prog_fd, raw)
     d = delta(before, maps.counters())
-    assert VERDICTS[v] == "XDP_REDIRECT" and d.get("punt_icmp") == 1 and "echo_reply" not in d, d
+    assert VERDICTS[v] == "XDP_REDIRECT" and d.get(punt) == 1 and answered not in d, d
     slowpath_up.close()  # the daemon dies: answered in XDP from the next one
-    assert run_xdp(fastpath.prog_fd, bytes(echo4()))[0] == XDP_TX
+    assert run_xdp(fastpath.prog_fd, raw)[0] == XDP_TX
 
 
 def test_vlan_tagged_syn_is_balanced(fastpath, maps):
