@@ -11,11 +11,12 @@ Per service (labels local_address, local_port, proto):
 Per real server (labels local_address, local_port, remote_address, remote_port, proto):
     hdslb_backend_connections_total, hdslb_backend_{incoming,outgoing}_{packets,bytes}_total,
     hdslb_backend_connections_active, hdslb_backend_connections_inactive, hdslb_backend_weight,
-    hdslb_backend_up (only when the daemon runs health checkers)
+    hdslb_backend_up (only when the daemon runs health checkers),
+    hdslb_backend_persistent_connections (persistent services: live templates, ipvsadm's PersistConn)
 Fast path:
     hdslb_fastpath_packets_total{reason}   every fast-path counter (rx, verdict_*, pass_*, drop_*, ...)
     hdslb_fastpath_cpu_packets_total{cpu}  rx per CPU
-    hdslb_conn_table_entries, hdslb_conn_table_size
+    hdslb_conn_table_entries, hdslb_conn_table_size, hdslb_persist_table_size
     hdslb_interface_{receive,transmit}_{packets,bytes}_total{ifname}, hdslb_interface_{pass,drop}_packets_total
     hdslb_slowpath_frames_total{counter[, ifname]}  (only when the daemon has a slow path)
     hdslb_slowpath_socket_frames_total{ifname, queue, counter}  its AF_XDP sockets, the kernel's drops included
@@ -223,6 +224,10 @@ class HdslbCollector:
         up = Family("hdslb_backend_up", "gauge", "1 while every health checker of the real server passes", RS_LABELS)
         overloaded = Family("hdslb_backend_overloaded", "gauge",
                             "1 while above its upper connection threshold (-x): no new flows", RS_LABELS)
+        # persistent services only: with hdslb_persist_table_size, what tells a full template table (its LRU then
+        # evicts live templates, and their clients lose their server) before it fills
+        persist = Family("hdslb_backend_persistent_connections", "gauge",
+                         "Live persistence templates leading to the real server (PersistConn)", RS_LABELS)
         traffic_rs = [(rs[stem], key) for stem, key, _ in TRAFFIC]
         traffic_svc = [(svc[stem], key) for stem, key, _ in TRAFFIC]
         for s in data["services"]:
@@ -244,13 +249,15 @@ class HdslbCollector:
                 inactive.add_row(rl, d.get("inactive", 0))
                 weight.add_row(rl, d["weight"])
                 overloaded.add_row(rl, 1 if d.get("overloaded") else 0)
+                if s.get("persistent"):
+                    persist.add_row(rl, d.get("persist_conns", 0))
                 if health is not None:
                     h = health.get((proto, s["addr"], s["port"], d["addr"], d["port"]))
                     if h is not None:
                         up.add_row(rl, 1 if h else 0)
         yield from svc.values()
         yield from rs.values()
-        yield from (active, inactive, weight, overloaded)
+        yield from (active, inactive, weight, overloaded, persist)
         if health is not None:
             yield up
 
@@ -327,6 +334,11 @@ class HdslbCollector:
         yield Family("hdslb_conn_table_entries", "gauge", "Connection table entries in use (one per direction)",
                      value=entries)
         yield Family("hdslb_conn_table_size", "gauge", "Connection table capacity (entries)", value=size)
+        max_persist = getattr(getattr(self.ctx, "sizes", None), "max_persist", None)
+        if max_persist:
+            yield Family("hdslb_persist_table_size", "gauge",
+                         "Persistence template table capacity (--max-persist; full, its LRU evicts live templates)",
+                         value=max_persist)
         # A full table makes room by evicting its least recently used entries (idle flows break): alert on this.
         if table.get("evicted") is not None:
             yield Family("hdslb_conn_table_evicted", "counter",

@@ -75,6 +75,20 @@ def test_fastpath_counters_and_conn_table(ctx):
     assert val(m, "hdslb_conn_table_size") == 4096
 
 
+def test_persistent_services_export_their_templates_against_the_table_size(ctx):
+    """A full template table's LRU evicts live templates (their clients move): PersistConn per real server and the
+    table's size are what an alert compares (sum of the one over the other)."""
+    m = scrape(ctx)
+    assert "hdslb_backend_persistent_connections" not in m, "not persistent: no series"
+    assert val(m, "hdslb_persist_table_size") == ctx.sizes.max_persist
+    ctx.bal.service_edit({"proto": "tcp", "addr": "10.0.0.100", "port": 80, "persistent": 300})
+    slots = {str(d.addr): d.slot for d in ctx.svc().dests.values()}
+    ctx.persist_list = lambda: [{"dest_slot": slots["192.168.100.2"]}] * 3 + [{"dest_slot": slots["192.168.100.3"]}]
+    m = scrape(ctx)
+    assert val(m, "hdslb_backend_persistent_connections", **rs_l("192.168.100.2")) == 3
+    assert val(m, "hdslb_backend_persistent_connections", **rs_l("192.168.100.3")) == 1
+
+
 def test_conn_table_per_family(ctx):
     """Each table evicts on its own when full: entries and size per table, beside the totals."""
     ctx.conn_table = lambda: {"size": 5120, "size4": 4096, "size6": 1024, "entries": 7, "entries4": 5,
