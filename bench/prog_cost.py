@@ -126,6 +126,24 @@ def _pkts():
     return Ether, IP, TCP, UDP
 
 
+CHAIN_SVC = 2  # service B of the chained-SYN loop (RS[0]:80 -> VIP:80)
+
+
+def chain_services(m) -> int:
+    """The chained-SYN loop's services over a _Bench.setup(): A (VIP:80 -> RS[0]:80) and B (RS[0]:80 -> VIP:80),
+    so each rewritten SYN comes back in as the next new flow; returns B's id (the caller gives each its local
+    addresses). Both next hops resolve to the balancer's own MAC: only a frame addressed to the interface opens a
+    flow (a SYN sent on to RS_MAC goes to the kernel, pass_not_ours, and the loop measured a pass)."""
+    m.set_service(socket.IPPROTO_TCP, A(RS[0]), 80, CHAIN_SVC)
+    m.set_dest(8, A(VIP), 80, "fnat", CHAIN_SVC, drain=False)
+    m.set_sched(CHAIN_SVC, [8], 1)
+    m.set_sched(TCP_SVC, [0], 1)
+    m.set_route(ipaddress.ip_network("10.0.0.0/24"), LO_IFINDEX, None, None, 1500, False)
+    m.set_neigh(A(VIP), _mac(LB_MAC), LO_IFINDEX, permanent=True)
+    m.set_neigh(A(RS[0]), _mac(LB_MAC), LO_IFINDEX, permanent=True)
+    return CHAIN_SVC
+
+
 class _Bench:
     def __init__(self, quick: bool, log, conn_table: str = "percpu", max_conns: int = 1 << 20):
         self.conn_table = conn_table
@@ -442,13 +460,7 @@ class _Bench:
         Ether, IP, TCP, UDP = _pkts()
         m = self.maps
         self.setup()
-        svc_b = 2
-        m.set_service(socket.IPPROTO_TCP, A(RS[0]), 80, svc_b)
-        m.set_dest(8, A(VIP), 80, "fnat", svc_b, drain=False)
-        m.set_sched(svc_b, [8], 1)
-        m.set_sched(TCP_SVC, [0], 1)
-        m.set_route(ipaddress.ip_network("10.0.0.0/24"), LO_IFINDEX, None, None, 1500, False)
-        m.set_neigh(A(VIP), _mac(LB_MAC), LO_IFINDEX, permanent=True)
+        svc_b = chain_services(m)
         problems = []
 
         def chain(r: int) -> int:

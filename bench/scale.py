@@ -117,14 +117,9 @@ def memory(quick: bool, log, table: str = "percpu") -> dict:
         b.fp, b.maps = fp, maps
         b.setup()
         A = ipaddress.ip_address
-        maps.set_service(socket.IPPROTO_TCP, A(pc.RS[0]), 80, 2)
-        maps.set_dest(8, A(pc.VIP), 80, "fnat", 2, drain=False)
-        maps.set_sched(2, [8], 1)
-        maps.set_sched(pc.TCP_SVC, [0], 1)
-        maps.set_route(ipaddress.ip_network("10.0.0.0/24"), pc.LO_IFINDEX, None, None, 1500, False)
-        maps.set_neigh(A(pc.VIP), pc._mac(pc.LB_MAC), pc.LO_IFINDEX, permanent=True)
+        svc_b = pc.chain_services(maps)
         maps.set_laddrs(pc.TCP_SVC, [(A(f"192.168.101.{i + 1}"), pc.LO_IFINDEX) for i in range(16)])
-        maps.set_laddrs(2, [(A(f"192.168.102.{i + 1}"), pc.LO_IFINDEX) for i in range(16)])
+        maps.set_laddrs(svc_b, [(A(f"192.168.102.{i + 1}"), pc.LO_IFINDEX) for i in range(16)])
         from scapy.layers.inet import IP, TCP
         from scapy.layers.l2 import Ether
 
