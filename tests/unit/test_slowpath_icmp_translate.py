@@ -293,6 +293,18 @@ def test_an_outside_error_about_a_snat_ping_reaches_the_inside_host(kind):
 TUNSRC = "192.168.100.254"
 
 
+def _tunnel_runner(client: str, vip: str, tunsrc: str, rs: str):
+    """A _nat_runner over one TUNNEL flow client:40000 -> vip:80, encapsulated from tunsrc (ours) to rs, with the
+    client reachable on eth0: what a router's error about the encapsulated packet is translated against."""
+    entries = {(6, client, 40000, vip, 80): {
+        "to_saddr": A(tunsrc), "to_sport": 40000, "to_daddr": A(rs), "to_dport": 80, "out": False, "ifindex": 7,
+        "dmac": RMAC, "smac": LBMAC, "fwd": "tunnel", "need_l2": False}}
+    r = _nat_runner(entries, ours=(tunsrc,))
+    r.d.bal.nexthop = lambda a: (a, "eth0")
+    r.d.bal.neighs = {A(client): types.SimpleNamespace(lladdr=CMAC, ifname="eth0")}
+    return r
+
+
 @pytest.mark.parametrize("kind", [3, 11])
 def test_a_routers_error_about_our_ipip_packet_reaches_the_client_from_the_vip(kind):
     """TUNNEL across routers (its use: real servers in another network): a hop on the way to the real server whose
@@ -303,12 +315,7 @@ def test_a_routers_error_about_our_ipip_packet_reaches_the_client_from_the_vip(k
     tunnel adds; other errors (a TTL run out) go to it as they are."""
     from scapy.layers.l2 import Ether as E
 
-    entries = {(6, CLIENT, 40000, VIP, 80): {
-        "to_saddr": A(TUNSRC), "to_sport": 40000, "to_daddr": A(RS), "to_dport": 80, "out": False, "ifindex": 7,
-        "dmac": RMAC, "smac": LBMAC, "fwd": "tunnel", "need_l2": False}}
-    r = _nat_runner(entries, ours=(TUNSRC,))
-    r.d.bal.nexthop = lambda a: (a, "eth0")
-    r.d.bal.neighs = {A(CLIENT): types.SimpleNamespace(lladdr=CMAC, ifname="eth0")}
+    r = _tunnel_runner(CLIENT, VIP, TUNSRC, RS)
     client_pkt = IP(src=CLIENT, dst=VIP, flags="DF", len=1500, id=9) / TCP(sport=40000, dport=80, flags="A")
     sent = IP(src=TUNSRC, dst=RS, proto=4, flags="DF", len=1520) / client_pkt
     icmp = ICMP(type=3, code=4, nexthopmtu=1400) if kind == 3 else ICMP(type=11, code=0)
@@ -527,12 +534,7 @@ def test_a_routers_packet_too_big_about_our_6in6_packet_reaches_the_client_from_
     quoting its own packet, with the MTU less the 40-byte outer header (at least 1280)."""
     from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 
-    entries = {(6, CLIENT6, 40000, VIP6, 80): {
-        "to_saddr": A(LIP6), "to_sport": 40000, "to_daddr": A(RS6), "to_dport": 80, "out": False, "ifindex": 7,
-        "dmac": RMAC, "smac": LBMAC, "fwd": "tunnel", "need_l2": False}}
-    r = _nat_runner(entries, ours=(LIP6,))
-    r.d.bal.nexthop = lambda a: (a, "eth0")
-    r.d.bal.neighs = {A(CLIENT6): types.SimpleNamespace(lladdr=CMAC, ifname="eth0")}
+    r = _tunnel_runner(CLIENT6, VIP6, LIP6, RS6)
     client_pkt = IPv6(src=CLIENT6, dst=VIP6, plen=1460) / TCP(sport=40000, dport=80, flags="A")
     sent = IPv6(src=LIP6, dst=RS6, nh=41, plen=1500) / client_pkt
     frame = bytes(Ether(src=RMAC, dst=LBMAC) / IPv6(src="fd00:100::99", dst=LIP6) / ICMPv6PacketTooBig(mtu=1400)
