@@ -73,8 +73,8 @@ class SlowPathRunner:
             total = rx_queue_count(ifc.name)
             if total > XSK_MAX_QUEUES:
                 log.warning("slow path: %s has %d receive queues, the slow path serves the first %d: on the others "
-                            "ARP and neighbour solicitations for our addresses are answered in XDP, pings to them "
-                            "go unanswered and ICMP errors about flows (path MTU) are not translated; "
+                            "ARP, neighbour solicitations and pings for our addresses are answered in XDP, and ICMP "
+                            "errors about flows (path MTU) are not translated; "
                             "'ethtool -L %s combined %d' keeps every queue served", ifc.name, total, XSK_MAX_QUEUES,
                             ifc.name, XSK_MAX_QUEUES)
             for q in range(rx_queues(ifc.name)):
