@@ -313,7 +313,7 @@ def conn_table_line(entries: int, table: str, ncpus: int | None = None, mem_tota
     mem_total = loader._mem_total() if mem_total is None else mem_total
     label = table
     if table == "auto":  # what hdslbd will pick on this machine
-        table = "percpu" if ncpus <= loader.PERCPU_MAX_CPUS else "shared"
+        table = loader.resolve_conn_table("auto", ncpus)
         label = conn_kind_text({"kind": table, "auto_cpus": ncpus})
     sizes = loader.Sizes(max_conns=entries, max_conns6=entries6 or 0, conn_table=table)
     need = loader.conn_tables_estimate(sizes, ncpus)
